@@ -1,0 +1,40 @@
+# The one place that cimports scipy's BLAS. Row-major, fused float32/float64
+# wrappers; every other module calls these, never cython_blas directly.
+#
+# BLAS is column-major and a row-major matrix is its transpose there, so the
+# row-major C = op(A) @ op(B) is the column-major C^T = op(B)^T @ op(A)^T:
+# gemm(op_b, op_a, n, m, k, alpha, B, ldb, A, lda, beta, C, ldc).
+# Dimensions are C int: callers guarantee they fit (checked in Python).
+
+from cython cimport floating
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
+
+
+cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
+                      floating alpha, const floating* a, int lda,
+                      const floating* b, int ldb,
+                      floating beta, floating* c, int ldc) noexcept nogil:
+    """Row-major C (m, n) = alpha * op(A) @ op(B) + beta * C."""
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &alpha, <float*>b, &ldb,
+              <float*>a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &alpha, <double*>b, &ldb,
+              <double*>a, &lda, &beta, c, &ldc)
+
+
+cdef inline void gemv(bint trans_a, int m, int n, floating alpha,
+                      const floating* a, int lda, const floating* x,
+                      floating beta, floating* y) noexcept nogil:
+    """Row-major y = alpha * op(A) @ x + beta * y, A of shape (m, n), unit strides."""
+    # A row-major (m, n) is column-major (n, m): flip the transpose flag.
+    cdef char t = b'N' if trans_a else b'T'
+    cdef int one = 1
+    if floating is float:
+        sgemv(&t, &n, &m, &alpha, <float*>a, &lda, <float*>x, &one,
+              &beta, y, &one)
+    else:
+        dgemv(&t, &n, &m, &alpha, <double*>a, &lda, <double*>x, &one,
+              &beta, y, &one)

@@ -1,0 +1,111 @@
+"""Argument and array checks shared by every public class.
+
+All user-facing error messages are made here or in the classes; the kernels
+check nothing. Messages name the class, the argument, what was expected and
+what was got.
+"""
+import numbers
+
+import numpy as np
+
+# BLAS dimensions are C ints. Module-level so the tests can lower it to reach
+# the code paths that split or re-lay work for huge inputs.
+BLAS_INT_MAX = 2**31 - 1
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_int(owner, name, value, minimum=1):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(owner, name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_dropout(owner, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: dropout must be a float in [0, 1), got {type(value).__name__}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{owner}: dropout must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_dtype(owner, dtype):
+    """float32 or float64; None means float32 (PyTorch's default)."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in _FLOAT_DTYPES:
+        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dt
+
+
+def check_seed(owner, seed):
+    """None, a non-negative int or a numpy Generator -> a Generator."""
+    if seed is None or isinstance(seed, np.random.Generator):
+        return np.random.default_rng(seed)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{owner}: seed must be None, an int or a numpy.random.Generator, "
+                        f"got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{owner}: seed must be >= 0, got {seed}")
+    return np.random.default_rng(int(seed))
+
+
+def _is_torch_tensor(value):
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def to_numpy(owner, name, value):
+    """Any array-like (numpy, torch tensor, nested lists) -> a real numeric ndarray.
+
+    Does not copy when it need not; never returns bool, complex, object or
+    string arrays.
+    """
+    if not isinstance(value, np.ndarray):
+        if _is_torch_tensor(value):
+            value = value.detach().cpu()
+            try:
+                value = value.numpy()
+            except TypeError:  # a dtype numpy lacks, such as bfloat16
+                value = value.double().numpy()
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{owner}: {name} must be array-like, got {type(value).__name__} "
+                            f"that numpy cannot convert ({exc})") from None
+    if value.dtype.kind not in "fiu":
+        raise TypeError(f"{owner}: {name} must have a real numeric dtype, got {value.dtype}")
+    return value
+
+
+def as_float_array(owner, name, value, dtype):
+    """A C-contiguous array of the layer's dtype (a copy only if needed)."""
+    return np.ascontiguousarray(to_numpy(owner, name, value), dtype=dtype)
+
+
+def check_lengths(owner, lengths, batch, steps):
+    """lengths: B integers in [1, T] -> a contiguous int64 array."""
+    arr = to_numpy(owner, "lengths", lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{owner}: lengths must be integers, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"{owner}: expected lengths of shape ({batch},), got {arr.shape}")
+    if batch and (arr.min() < 1 or arr.max() > steps):
+        raise ValueError(f"{owner}: lengths must lie in [1, {steps}] (the number of steps), "
+                         f"got values from {arr.min()} to {arr.max()}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def shape_str(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"

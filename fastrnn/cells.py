@@ -1,0 +1,174 @@
+"""Single-step cells: RNNCell, GRUCell and LSTMCell (PyTorch semantics).
+
+A cell call is the streaming path: one step for a batch (B, D) or one
+unbatched frame (D,). It runs the same kernel as the layers with T = 1.
+"""
+import numpy as np
+
+from fastrnn import _forward
+from fastrnn import _validation as v
+from fastrnn._module import RecurrentWeights
+from fastrnn._validation import shape_str
+
+
+class _CellBase(RecurrentWeights):
+    _has_cell_state = False
+
+    def __init__(self, kind, input_size, hidden_size, bias, dtype, seed):
+        super().__init__()
+        owner = type(self).__name__
+        cfg = self._config
+        cfg["input_size"] = v.check_int(owner, "input_size", input_size)
+        cfg["hidden_size"] = v.check_int(owner, "hidden_size", hidden_size)
+        cfg["bias"] = v.check_bool(owner, "bias", bias)
+        cfg["dtype"] = v.check_dtype(owner, dtype)
+        rng = v.check_seed(owner, seed)
+        gates = {"gru": 3, "lstm": 4}.get(kind, 1)
+        if gates * cfg["hidden_size"] > v.BLAS_INT_MAX or cfg["input_size"] > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: input_size {input_size} / hidden_size {hidden_size} "
+                             f"too large for 32-bit BLAS ints")
+        self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
+                    cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def _repr_options(self):
+        cfg, opts = self._config, []
+        if not cfg["bias"]:
+            opts.append(("bias", False))
+        if cfg["dtype"] != np.float32:
+            opts.append(("dtype", cfg["dtype"].name))
+        return opts
+
+    def __call__(self, x, hx=None):
+        owner = type(self).__name__
+        cfg = self._config
+        dtype, D, H = cfg["dtype"], cfg["input_size"], cfg["hidden_size"]
+        x = v.as_float_array(owner, "input", x, dtype)
+        if x.ndim not in (1, 2) or x.shape[-1] != D:
+            raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
+                             f"got {shape_str(x.shape)}")
+        batched = x.ndim == 2
+        x = x.reshape(-1, D)
+        B = x.shape[0]
+        if B > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
+        h, c = self._state(hx, B, batched)
+        if B > 0:
+            bias_x, bias_h = self._kernel_biases()[0]
+            G = self._gates
+            # h is both the state the kernel updates and its output
+            _forward.forward_layer(
+                cell=self._kernel_code, T=1, B=B, batch_first=False,
+                x=x, w_ih=self._w_ih[0], w_hh=self._w_hh[0], bias_x=bias_x, bias_h=bias_h,
+                h=h[None], c=None if c is None else c[None],
+                gx=np.empty((B, G * H), dtype),
+                gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.GRU else None,
+                out=h.reshape(-1), out_stride_t=0, out_stride_b=H,
+                lengths=None, max_rows=v.BLAS_INT_MAX)
+        if not batched:
+            h = h[0]
+            c = None if c is None else c[0]
+        return (h, c) if self._has_cell_state else h
+
+    def _state(self, hx, B, batched):
+        """Fresh (B, H) state arrays holding hx (or zeros)."""
+        owner = type(self).__name__
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        expected = (B, H) if batched else (H,)
+        names = ("h", "c") if self._has_cell_state else ("hx",)
+        if hx is None:
+            states = [np.zeros((B, H), dtype) for _ in names]
+        else:
+            if self._has_cell_state:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError(f"{owner}: hx must be a tuple (h, c) of arrays of shape "
+                                    f"{shape_str(expected)}, got {type(hx).__name__}")
+                parts = hx
+            else:
+                if isinstance(hx, (tuple, list)):
+                    raise TypeError(f"{owner}: hx must be one array of shape "
+                                    f"{shape_str(expected)}, got a {type(hx).__name__}")
+                parts = (hx,)
+            states = []
+            for name, part in zip(names, parts):
+                arr = v.to_numpy(owner, name, part)
+                if arr.shape != expected:
+                    raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
+                                     f"got {shape_str(arr.shape)}")
+                states.append(np.array(arr.reshape(B, H), dtype=dtype, order="C"))
+        return states[0], (states[1] if self._has_cell_state else None)
+
+
+_CELL_DOC = """{summary}
+
+    Parameters
+    ----------
+    input_size : int
+        Number of input features, D.
+    hidden_size : int
+        Number of features of the hidden state, H.
+    bias : bool, default True
+        If False, there are no ``bias_ih`` / ``bias_hh`` parameters.{extra_params}
+    dtype : {{'float32', 'float64'}}, default 'float32'
+    seed : None, int or numpy.random.Generator
+        Source of the initial weights, ~ U(-1/sqrt(H), 1/sqrt(H)).
+
+    Call
+    ----
+    ``{call}``
+
+    x : array-like of shape (B, D) or (D,)
+    hx : {hx_doc}, optional (zeros if omitted)
+
+    Returns
+    -------
+    {returns_doc}
+
+    Notes
+    -----
+    Parameters ``weight_ih`` (G * H, D), ``weight_hh`` (G * H, H), ``bias_ih``,
+    ``bias_hh`` (G * H,), as PyTorch's; the equations are those of
+    :class:`fastrnn.{layer}`.
+"""
+
+
+class RNNCell(_CellBase):
+    __doc__ = _CELL_DOC.format(
+        summary="One step of an Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh).",
+        extra_params="\n    nonlinearity : {'tanh', 'relu'}, default 'tanh'",
+        call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
+        returns_doc="h : ndarray of shape (B, H) or (H,)", layer="RNN")
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
+                 dtype="float32", seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', "
+                             f"got {nonlinearity!r}")
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, bias, dtype, seed)
+        self._config["nonlinearity"] = nonlinearity
+
+    def _repr_options(self):
+        opts = super()._repr_options()
+        if self._config["nonlinearity"] != "tanh":
+            opts.append(("nonlinearity", self._config["nonlinearity"]))
+        return opts
+
+
+class GRUCell(_CellBase):
+    __doc__ = _CELL_DOC.format(
+        summary="One step of a GRU (gate blocks r, z, n).", extra_params="",
+        call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
+        returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", seed=None):
+        super().__init__("gru", input_size, hidden_size, bias, dtype, seed)
+
+
+class LSTMCell(_CellBase):
+    __doc__ = _CELL_DOC.format(
+        summary="One step of an LSTM (gate blocks i, f, g, o).", extra_params="",
+        call="h, c = cell(x, hx=None)", hx_doc="tuple (h, c) of arrays of shape (B, H) or (H,)",
+        returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")
+    _has_cell_state = True
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", seed=None):
+        super().__init__("lstm", input_size, hidden_size, bias, dtype, seed)

@@ -1,0 +1,292 @@
+"""Whole-sequence layers: RNN, GRU and LSTM, stacked, bidirectional and of
+variable length, with PyTorch's names, shapes, gate orders and results."""
+import warnings
+
+import numpy as np
+
+from fastrnn import _forward
+from fastrnn import _validation as v
+from fastrnn._module import RecurrentWeights
+from fastrnn._validation import shape_str
+
+
+class _RNNBase(RecurrentWeights):
+    _has_cell_state = False
+
+    def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
+                 dropout, bidirectional, dtype, seed):
+        super().__init__()
+        owner = type(self).__name__
+        cfg = self._config
+        cfg["input_size"] = v.check_int(owner, "input_size", input_size)
+        cfg["hidden_size"] = v.check_int(owner, "hidden_size", hidden_size)
+        cfg["num_layers"] = v.check_int(owner, "num_layers", num_layers)
+        cfg["bias"] = v.check_bool(owner, "bias", bias)
+        cfg["batch_first"] = v.check_bool(owner, "batch_first", batch_first)
+        cfg["dropout"] = v.check_dropout(owner, dropout)
+        cfg["bidirectional"] = v.check_bool(owner, "bidirectional", bidirectional)
+        cfg["dtype"] = v.check_dtype(owner, dtype)
+        rng = v.check_seed(owner, seed)
+        dirs = 2 if cfg["bidirectional"] else 1
+        gates = {"gru": 3, "lstm": 4}.get(kind, 1)
+        if dirs * gates * cfg["hidden_size"] > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: hidden_size {hidden_size} is too large: "
+                             f"{dirs} x {gates} x hidden_size must fit a 32-bit BLAS int")
+        if cfg["input_size"] > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: input_size {input_size} is too large for a 32-bit BLAS int")
+        if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
+            warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
+                          f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
+        self._rng = rng  # also the source of dropout masks in training
+
+        def names(k, d):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}")
+
+        self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
+                    cfg["bias"], cfg["dtype"], rng, names)
+
+    def _repr_options(self):
+        cfg, opts = self._config, []
+        defaults = {"num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0,
+                    "bidirectional": False}
+        for key, default in defaults.items():
+            if cfg[key] != default:
+                opts.append((key, cfg[key]))
+        if cfg["dtype"] != np.float32:
+            opts.append(("dtype", cfg["dtype"].name))
+        return opts
+
+    # --- forward ------------------------------------------------------------
+    def __call__(self, x, hx=None, lengths=None):
+        owner = type(self).__name__
+        cfg = self._config
+        dtype, H, L = cfg["dtype"], cfg["hidden_size"], cfg["num_layers"]
+        dirs = 2 if cfg["bidirectional"] else 1
+
+        x = v.as_float_array(owner, "input", x, dtype)
+        layout = "(B, T, {0}) or (T, {0})" if cfg["batch_first"] else "(T, B, {0}) or (T, {0})"
+        if x.ndim not in (2, 3) or x.shape[-1] != cfg["input_size"]:
+            raise ValueError(f"{owner}: expected input of shape "
+                             f"{layout.format(cfg['input_size'])}, got {shape_str(x.shape)}")
+        batched = x.ndim == 3
+        batch_first = cfg["batch_first"] and batched
+        if not batched:
+            x = x[:, None, :]
+        T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+        if T == 0:
+            raise ValueError(f"{owner}: expected at least one time step, got input of shape "
+                             f"{shape_str(x.shape if batched else x.shape[::2])}")
+        if B > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
+
+        if lengths is not None:
+            if not batched:
+                raise ValueError(f"{owner}: lengths needs batched input; for one unbatched "
+                                 f"sequence pass input[:length] instead")
+            lengths = v.check_lengths(owner, lengths, B, T)
+        h_n, c_n = self._initial_state(hx, B, batched)
+
+        out = np.empty((B, T, dirs * H) if batch_first else (T, B, dirs * H), dtype)
+        if B > 0:
+            self._run(x, T, B, batch_first, h_n, c_n, out, lengths)
+
+        if not batched:
+            out, h_n = out[:, 0], h_n[:, 0]
+            c_n = None if c_n is None else c_n[:, 0]
+        return (out, (h_n, c_n)) if self._has_cell_state else (out, h_n)
+
+    def _initial_state(self, hx, B, batched):
+        """Fresh (layers * dirs, B, H) state arrays holding hx (or zeros)."""
+        owner = type(self).__name__
+        cfg = self._config
+        dirs = 2 if cfg["bidirectional"] else 1
+        shape = (cfg["num_layers"] * dirs, B, cfg["hidden_size"])
+        expected = shape if batched else (shape[0], shape[2])
+        names = ("h_0", "c_0") if self._has_cell_state else ("hx",)
+        if hx is None:
+            states = [np.zeros(shape, cfg["dtype"]) for _ in names]
+        else:
+            if self._has_cell_state:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of arrays of shape "
+                                    f"{shape_str(expected)}, got {type(hx).__name__}")
+                parts = hx
+            else:
+                if isinstance(hx, (tuple, list)):
+                    raise TypeError(f"{owner}: hx must be one array of shape "
+                                    f"{shape_str(expected)}, got a {type(hx).__name__}")
+                parts = (hx,)
+            states = []
+            for name, part in zip(names, parts):
+                arr = v.to_numpy(owner, name, part)
+                if arr.shape != expected:
+                    raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
+                                     f"got {shape_str(arr.shape)}")
+                # our own copy: the kernels update it in place into h_n / c_n
+                states.append(np.array(arr.reshape(shape), dtype=cfg["dtype"], order="C"))
+        return states[0], (states[1] if self._has_cell_state else None)
+
+    def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths):
+        """Run every layer; x is (T, B, D) or (B, T, D) C-contiguous."""
+        cfg = self._config
+        dtype, H, L = cfg["dtype"], cfg["hidden_size"], cfg["num_layers"]
+        dirs = 2 if cfg["bidirectional"] else 1
+        N = dirs * self._gates * H
+        if batch_first and B > 1 and T * N > v.BLAS_INT_MAX:
+            # the per-step GEMM would need a leading dimension T * N beyond the
+            # BLAS int range: run time-major and lay the output out at the end
+            out_tm = np.empty((T, B, dirs * H), dtype)
+            self._run(np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
+                      h_n, c_n, out_tm, lengths)
+            out[...] = out_tm.transpose(1, 0, 2)
+            return
+        rows = T * B
+        gx = np.empty((rows, N), dtype)
+        gh = np.empty(B * self._gates * H, dtype) if self._kernel_code == _forward.GRU else None
+        if batch_first:
+            stride_t, stride_b = dirs * H, T * dirs * H
+        else:
+            stride_t, stride_b = B * dirs * H, dirs * H
+        layer_in = x.reshape(rows, -1)
+        spare = None
+        for k, (bias_x, bias_h) in enumerate(self._kernel_biases()):
+            layer_out = out if k == L - 1 else (spare if spare is not None
+                                                else np.empty((rows, dirs * H), dtype))
+            _forward.forward_layer(
+                cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
+                x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k],
+                bias_x=bias_x, bias_h=bias_h,
+                h=h_n[k * dirs:(k + 1) * dirs],
+                c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
+                gx=gx, gh=gh, out=layer_out.reshape(-1),
+                out_stride_t=stride_t, out_stride_b=stride_b,
+                lengths=lengths, max_rows=v.BLAS_INT_MAX)
+            # the buffer this layer read becomes the next one's output
+            spare = layer_in if k > 0 else None
+            layer_in = layer_out.reshape(rows, -1)
+
+
+_LAYER_DOC = """{summary}
+
+    Parameters
+    ----------
+    input_size : int
+        Number of features of each step of the input, D.
+    hidden_size : int
+        Number of features of the hidden state, H.
+    num_layers : int, default 1
+        Number of stacked layers; layer k > 0 reads the output of layer k - 1.{extra_params}
+    bias : bool, default True
+        If False, the layer has no ``bias_ih_l*`` / ``bias_hh_l*`` parameters.
+    batch_first : bool, default False
+        If True, batched input and output are (B, T, ·) instead of (T, B, ·).
+        States are always (num_layers * dirs, B, H).
+    dropout : float in [0, 1), default 0
+        Dropout on the outputs of every layer but the last, in training only;
+        inference (calling the layer) never drops.
+    bidirectional : bool, default False
+        If True, a second direction runs over the reversed sequence; outputs
+        are concatenated on the feature axis, forward first.
+    dtype : {{'float32', 'float64'}}, default 'float32'
+    seed : None, int or numpy.random.Generator
+        Source of the initial weights (and of dropout masks in training).
+
+    Call
+    ----
+    ``{call}``
+
+    x : array-like of shape (T, B, D), (B, T, D) if batch_first, or (T, D)
+        Converted to the layer's dtype (any real dtype, any memory order).
+    hx : {hx_doc}, optional
+        Initial state, zeros if omitted; (num_layers * dirs, H) for unbatched x.
+    lengths : array-like of B ints in [1, T], optional
+        Valid steps of each sequence, in any order. Each sequence runs only
+        over its valid steps (the reverse direction too), padded output steps
+        are zero, and the final state is each sequence's own last state:
+        PyTorch's packed-sequence results, without packing.
+
+    Returns
+    -------
+    out : ndarray of shape (T, B, dirs * H) (or (B, T, ·), or (T, dirs * H))
+        Hidden state of the last layer at every step.
+    {returns_doc}
+
+    Notes
+    -----
+    {math}
+
+    Parameters are named as PyTorch's: ``weight_ih_l{{k}}`` (G * H, in),
+    ``weight_hh_l{{k}}`` (G * H, H), ``bias_ih_l{{k}}``, ``bias_hh_l{{k}}``
+    (G * H,), with ``_reverse`` for the second direction; {gates}. All start
+    ~ U(-1/sqrt(H), 1/sqrt(H)). A PyTorch module's ``state_dict()`` loads with
+    ``load_state_dict``.
+"""
+
+
+class RNN(_RNNBase):
+    __doc__ = _LAYER_DOC.format(
+        summary="Elman RNN over whole sequences, with tanh or ReLU.",
+        extra_params="\n    nonlinearity : {'tanh', 'relu'}, default 'tanh'",
+        call="out, h_n = rnn(x, hx=None, lengths=None)",
+        hx_doc="array of shape (num_layers * dirs, B, H)",
+        returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
+        math=".. math:: h_t = \\mathrm{act}(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})",
+        gates="G = 1")
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32",
+                 seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, dtype, seed)
+        self._config["nonlinearity"] = nonlinearity
+
+    def _repr_options(self):
+        opts = super()._repr_options()
+        if self._config["nonlinearity"] != "tanh":
+            opts.insert(0, ("nonlinearity", self._config["nonlinearity"]))
+        return opts
+
+
+class GRU(_RNNBase):
+    __doc__ = _LAYER_DOC.format(
+        summary="Gated recurrent unit over whole sequences (PyTorch's 'reset after' form).",
+        extra_params="",
+        call="out, h_n = gru(x, hx=None, lengths=None)",
+        hx_doc="array of shape (num_layers * dirs, B, H)",
+        returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
+        math=(".. math::\n\n"
+              "        r_t = \\sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr})\\\\\n"
+              "        z_t = \\sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz})\\\\\n"
+              "        n_t = \\tanh(W_{in} x_t + b_{in} + r_t \\odot (W_{hn} h_{t-1} + b_{hn}))\\\\\n"
+              "        h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}"),
+        gates="G = 3, gate blocks in the order r, z, n")
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, dtype, seed)
+
+
+class LSTM(_RNNBase):
+    __doc__ = _LAYER_DOC.format(
+        summary="Long short-term memory over whole sequences.",
+        extra_params="",
+        call="out, (h_n, c_n) = lstm(x, hx=None, lengths=None)",
+        hx_doc="tuple (h_0, c_0) of arrays of shape (num_layers * dirs, B, H)",
+        returns_doc=("(h_n, c_n) : tuple of ndarrays of shape (num_layers * dirs, B, H)"),
+        math=(".. math::\n\n"
+              "        i_t = \\sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi})\\\\\n"
+              "        f_t = \\sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf})\\\\\n"
+              "        g_t = \\tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg})\\\\\n"
+              "        o_t = \\sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho})\\\\\n"
+              "        c_t = f_t \\odot c_{t-1} + i_t \\odot g_t,\\quad h_t = o_t \\odot \\tanh(c_t)"),
+        gates="G = 4, gate blocks in the order i, f, g, o")
+    _has_cell_state = True
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, dtype, seed)
