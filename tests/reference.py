@@ -1,0 +1,90 @@
+"""A slow, readable NumPy reference of every cell and layer, written from the
+equations (PyTorch's), used as the oracle of the tests.
+
+It shares no code with fastrnn and works differently on purpose: in float64,
+one sequence at a time, each over only its own valid steps, and the reverse
+direction on an explicitly reversed copy of the sequence.
+"""
+import numpy as np
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+
+def sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def cell_step(kind, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One step for a batch: x (B, D), h and c (B, H) -> new (h, c)."""
+    if kind in ("rnn_tanh", "rnn_relu"):
+        a = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+        return (np.tanh(a) if kind == "rnn_tanh" else np.maximum(a, 0.0)), c
+    if kind == "gru":
+        x_r, x_z, x_n = np.split(x @ w_ih.T + b_ih, 3, axis=-1)
+        h_r, h_z, h_n = np.split(h @ w_hh.T + b_hh, 3, axis=-1)
+        r = sigmoid(x_r + h_r)
+        z = sigmoid(x_z + h_z)
+        n = np.tanh(x_n + r * h_n)
+        return (1.0 - z) * n + z * h, c
+    if kind == "lstm":
+        i, f, g, o = np.split(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh, 4, axis=-1)
+        c_new = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        return sigmoid(o) * np.tanh(c_new), c_new
+    raise ValueError(kind)
+
+
+def _params64(params, names, hidden_size, gates):
+    w_ih, w_hh, b_ih, b_hh = (params.get(n) for n in names)
+    zeros = np.zeros(gates * hidden_size)
+    return (np.asarray(w_ih, np.float64), np.asarray(w_hh, np.float64),
+            zeros if b_ih is None else np.asarray(b_ih, np.float64),
+            zeros if b_hh is None else np.asarray(b_hh, np.float64))
+
+
+def cell_forward(kind, params, x, h, c=None):
+    """A cell call: x (B, D), h, c (B, H); params named weight_ih, ... ."""
+    hidden_size = np.asarray(params["weight_hh"]).shape[1]
+    p = _params64(params, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                  hidden_size, GATES[kind])
+    return cell_step(kind, np.asarray(x, np.float64), np.asarray(h, np.float64),
+                     None if c is None else np.asarray(c, np.float64), *p)
+
+
+def layer_forward(kind, params, x, h0, c0=None, num_layers=1, bidirectional=False,
+                  lengths=None):
+    """A whole layer, time-major: x (T, B, D), h0 and c0 (layers * dirs, B, H).
+
+    Returns out (T, B, dirs * H) with zeros past each length, h_n, c_n.
+    """
+    x = np.asarray(x, np.float64)
+    T, B, _ = x.shape
+    dirs = 2 if bidirectional else 1
+    H = h0.shape[-1]
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    out = np.zeros((T, B, dirs * H))
+    h_n = np.zeros_like(h0, dtype=np.float64)
+    c_n = np.zeros_like(h0, dtype=np.float64)
+    for b in range(B):
+        seq = x[:lengths[b], b]                      # (len, D): valid steps only
+        for k in range(num_layers):
+            direction_outputs = []
+            for d in range(dirs):
+                sfx = f"_l{k}" + ("_reverse" if d else "")
+                p = _params64(params, [n + sfx for n in ("weight_ih", "weight_hh",
+                                                         "bias_ih", "bias_hh")],
+                              H, GATES[kind])
+                h = np.asarray(h0[k * dirs + d, b:b + 1], np.float64)
+                c = None if c0 is None else np.asarray(c0[k * dirs + d, b:b + 1], np.float64)
+                steps = seq if d == 0 else seq[::-1]
+                hs = []
+                for x_t in steps:
+                    h, c = cell_step(kind, x_t[None], h, c, *p)
+                    hs.append(h[0])
+                hs = np.array(hs)
+                direction_outputs.append(hs if d == 0 else hs[::-1])
+                h_n[k * dirs + d, b] = h[0]
+                if c is not None:
+                    c_n[k * dirs + d, b] = c[0]
+            seq = np.concatenate(direction_outputs, axis=-1)
+        out[:lengths[b], b] = seq
+    return out, h_n, (c_n if c0 is not None else None)

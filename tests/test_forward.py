@@ -1,0 +1,244 @@
+"""Layers and cells against the NumPy reference (tests/reference.py)."""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _validation
+from reference import cell_forward, layer_forward
+
+KINDS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
+
+
+def make_layer(kind, D, H, **kw):
+    if kind.startswith("rnn"):
+        return fastrnn.RNN(D, H, nonlinearity=kind[4:], **kw)
+    return {"gru": fastrnn.GRU, "lstm": fastrnn.LSTM}[kind](D, H, **kw)
+
+
+def make_cell(kind, D, H, **kw):
+    if kind.startswith("rnn"):
+        return fastrnn.RNNCell(D, H, nonlinearity=kind[4:], **kw)
+    return {"gru": fastrnn.GRUCell, "lstm": fastrnn.LSTMCell}[kind](D, H, **kw)
+
+
+def check_layer(kind, dtype, T, B, D, H, num_layers=1, bidirectional=False, batch_first=False,
+                bias=True, use_lengths=False, use_h0=True, unbatched=False, seed=0, close=None):
+    rng = np.random.default_rng(seed)
+    layer = make_layer(kind, D, H, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, bias=bias, dtype=dtype, seed=seed)
+    dirs = 2 if bidirectional else 1
+    x = rng.standard_normal((T, B, D))
+    h0 = rng.standard_normal((num_layers * dirs, B, H)) if use_h0 else None
+    c0 = rng.standard_normal((num_layers * dirs, B, H)) if use_h0 and kind == "lstm" else None
+    lengths = rng.integers(1, T + 1, size=B) if use_lengths else None
+    # the reference sees exactly the values the layer sees
+    x = x.astype(dtype)
+    zeros = np.zeros((num_layers * dirs, B, H))
+    ref_h0 = zeros if h0 is None else h0.astype(dtype)
+    ref_c0 = None if kind != "lstm" else (zeros if c0 is None else c0.astype(dtype))
+    ref_out, ref_h, ref_c = layer_forward(kind, layer.state_dict(), x, ref_h0, ref_c0,
+                                          num_layers, bidirectional, lengths)
+
+    hx = None if h0 is None else ((h0, c0) if kind == "lstm" else h0)
+    if unbatched:
+        assert B == 1 and not use_lengths
+        hx = None if hx is None else (tuple(a[:, 0] for a in hx) if kind == "lstm" else hx[:, 0])
+        result = layer(x[:, 0], hx)
+        ref_out, ref_h = ref_out[:, 0], ref_h[:, 0]
+        ref_c = None if ref_c is None else ref_c[:, 0]
+    else:
+        xin = x.transpose(1, 0, 2) if batch_first else x
+        result = layer(xin, hx, lengths=lengths)
+        if batch_first:
+            ref_out = ref_out.transpose(1, 0, 2)
+    out, state = result
+    h_n, c_n = state if kind == "lstm" else (state, None)
+    assert out.dtype == np.dtype(dtype) and h_n.dtype == np.dtype(dtype)
+    close(out, ref_out, dtype)
+    close(h_n, ref_h, dtype)
+    if kind == "lstm":
+        close(c_n, ref_c, dtype)
+
+
+EDGE_CASES = [
+    dict(T=1, B=1, D=1, H=1),
+    dict(T=1, B=3, D=2, H=5),
+    dict(T=7, B=1, D=3, H=1),
+    dict(T=5, B=2, D=1, H=3, num_layers=3),
+    dict(T=6, B=4, D=3, H=7, num_layers=2, bidirectional=True, use_lengths=True),
+    dict(T=6, B=4, D=3, H=7, num_layers=2, bidirectional=True, use_lengths=True,
+         batch_first=True),
+    dict(T=4, B=1, D=3, H=7, bidirectional=True, unbatched=True),
+    dict(T=4, B=3, D=5, H=3, bias=False, use_h0=False),
+    dict(T=9, B=5, D=7, H=7, num_layers=2, batch_first=True),
+    dict(T=1, B=4, D=3, H=3, bidirectional=True, use_lengths=True),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_layer_edge_cases(kind, dtype, case, close):
+    check_layer(kind, dtype, close=close, **case)
+
+
+def random_case(seed):
+    rng = np.random.default_rng(1000 + seed)
+    B = int(rng.integers(1, 6))
+    return dict(T=int(rng.integers(1, 13)), B=B, D=int(rng.integers(1, 10)),
+                H=int(rng.integers(1, 10)), num_layers=int(rng.integers(1, 4)),
+                bidirectional=bool(rng.integers(2)), batch_first=bool(rng.integers(2)),
+                bias=bool(rng.integers(4)), use_lengths=bool(rng.integers(2)),
+                use_h0=bool(rng.integers(4)), seed=seed)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seed", range(12))
+def test_layer_random_configs(kind, dtype, seed, close):
+    check_layer(kind, dtype, close=close, **random_case(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_realistic_size_float32(kind, close):
+    """float32 accumulation error at a production-like size stays within 1e-5."""
+    check_layer(kind, "float32", T=40, B=8, D=48, H=96, num_layers=2, bidirectional=True,
+                use_lengths=True, close=close)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("use_h", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("B,D,H", [(1, 1, 1), (3, 4, 7), (6, 16, 32)])
+def test_cells(kind, dtype, batched, use_h, bias, B, D, H, close):
+    rng = np.random.default_rng(B * 100 + D * 10 + H)
+    cell = make_cell(kind, D, H, bias=bias, dtype=dtype, seed=3)
+    x = rng.standard_normal((B, D)).astype(dtype)
+    h = rng.standard_normal((B, H)).astype(dtype) if use_h else np.zeros((B, H), dtype)
+    c = rng.standard_normal((B, H)).astype(dtype) if use_h else np.zeros((B, H), dtype)
+    ref_h, ref_c = cell_forward(kind, cell.state_dict(), x, h, c if kind == "lstm" else None)
+    hx = (h, c) if kind == "lstm" else h
+    if not batched:
+        x, hx, ref_h = x[0], (tuple(a[0] for a in hx) if kind == "lstm" else hx[0]), ref_h[0]
+        ref_c = None if ref_c is None else ref_c[0]
+    result = cell(x, hx if use_h else None)
+    got_h, got_c = result if kind == "lstm" else (result, None)
+    assert got_h.dtype == np.dtype(dtype)
+    close(got_h, ref_h, dtype)
+    if kind == "lstm":
+        close(got_c, ref_c, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cell_equals_one_step_of_layer(kind):
+    """A cell and a one-layer sequence with the same weights agree step by step."""
+    rng = np.random.default_rng(7)
+    layer = make_layer(kind, 5, 6, dtype="float64", seed=1)
+    cell = make_cell(kind, 5, 6, dtype="float64")
+    cell.load_state_dict({k[:-3]: v for k, v in layer.state_dict().items()})
+    x = rng.standard_normal((8, 3, 5))
+    out, _ = layer(x)
+    state = None
+    for t in range(8):
+        state = cell(x[t], state)
+        h = state[0] if kind == "lstm" else state
+        np.testing.assert_allclose(h, out[t], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_blas_int_limit_paths(kind, batch_first, monkeypatch):
+    """With a tiny BLAS int limit the input GEMM is split into row chunks and
+    batch-first input takes the time-major route: results must not change."""
+    rng = np.random.default_rng(3)
+    layer = make_layer(kind, 4, 5, num_layers=2, bidirectional=True, batch_first=batch_first,
+                       dtype="float64", seed=2)
+    x = rng.standard_normal((6, 7, 4))
+    T, B = (7, 6) if batch_first else (6, 7)
+    lengths = rng.integers(1, T + 1, size=B)
+    expected = layer(x, lengths=lengths)
+    monkeypatch.setattr(_validation, "BLAS_INT_MAX", 8)
+    got = layer(x, lengths=lengths)
+    np.testing.assert_array_equal(got[0], expected[0])
+    for g, e in zip(np.atleast_1d(got[1]), np.atleast_1d(expected[1])):
+        np.testing.assert_array_equal(g, e)
+    monkeypatch.setattr(_validation, "BLAS_INT_MAX", 5)
+    with pytest.raises(ValueError, match="batch size 6|batch size 7"):
+        layer(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_first_is_a_transpose(kind):
+    rng = np.random.default_rng(5)
+    tm = make_layer(kind, 3, 4, num_layers=2, bidirectional=True, seed=9)
+    bf = make_layer(kind, 3, 4, num_layers=2, bidirectional=True, batch_first=True, seed=9)
+    x = rng.standard_normal((5, 6, 3))
+    lengths = [5, 1, 3, 5, 2, 4]
+    out_tm, s_tm = tm(x, lengths=lengths)
+    out_bf, s_bf = bf(x.transpose(1, 0, 2), lengths=lengths)
+    np.testing.assert_allclose(out_bf.transpose(1, 0, 2), out_tm, rtol=0, atol=1e-6)
+    assert out_bf.flags.c_contiguous
+
+
+def test_initialisation_is_pytorch_uniform_and_seeded():
+    layer = fastrnn.LSTM(10, 25, num_layers=2, bidirectional=True, seed=42)
+    bound = 1 / np.sqrt(25)
+    values = np.concatenate([p.ravel() for p in layer.state_dict().values()])
+    assert values.min() >= -bound and values.max() <= bound
+    assert abs(values.std() - bound / np.sqrt(3)) < 0.01 * bound  # std of U(-b, b)
+    again = fastrnn.LSTM(10, 25, num_layers=2, bidirectional=True, seed=42)
+    other = fastrnn.LSTM(10, 25, num_layers=2, bidirectional=True, seed=43)
+    from_gen = fastrnn.LSTM(10, 25, num_layers=2, bidirectional=True,
+                            seed=np.random.default_rng(42))
+    for name, value in layer.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name], value)
+        np.testing.assert_array_equal(from_gen.state_dict()[name], value)
+        assert not np.array_equal(other.state_dict()[name], value)
+
+
+def test_parameter_names_and_shapes_follow_pytorch():
+    gru = fastrnn.GRU(3, 4, num_layers=2, bidirectional=True)
+    expected = {}
+    for k, in_size in enumerate([3, 8]):
+        for sfx in ("", "_reverse"):
+            expected[f"weight_ih_l{k}{sfx}"] = (12, in_size)
+            expected[f"weight_hh_l{k}{sfx}"] = (12, 4)
+            expected[f"bias_ih_l{k}{sfx}"] = (12,)
+            expected[f"bias_hh_l{k}{sfx}"] = (12,)
+    assert {k: v.shape for k, v in gru.state_dict().items()} == expected
+    assert list(gru.state_dict()) == list(expected)
+    cell = fastrnn.LSTMCell(3, 4, bias=False)
+    assert {k: v.shape for k, v in cell.state_dict().items()} == {
+        "weight_ih": (16, 3), "weight_hh": (16, 4)}
+    assert gru.weight_hh_l1_reverse.shape == (12, 4)
+
+
+def test_state_dict_round_trip_and_copies():
+    a = fastrnn.GRU(3, 4, num_layers=2, seed=1)
+    b = fastrnn.GRU(3, 4, num_layers=2, seed=2)
+    sd = a.state_dict()
+    b.load_state_dict(sd)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    np.testing.assert_array_equal(a(x)[0], b(x)[0])
+    sd["weight_ih_l0"][...] = 0  # the dict holds copies
+    np.testing.assert_array_equal(a(x)[0], b(x)[0])
+    assert not np.array_equal(a.weight_ih_l0, 0)
+
+
+def test_float64_state_dict_into_float32_layer():
+    src = fastrnn.LSTM(3, 4, dtype="float64", seed=1)
+    dst = fastrnn.LSTM(3, 4, seed=2)
+    dst.load_state_dict(src.state_dict())
+    for name, value in dst.state_dict().items():
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, src.state_dict()[name].astype(np.float32))
+
+
+def test_repr():
+    assert repr(fastrnn.LSTM(3, 4)) == "LSTM(3, 4)"
+    assert (repr(fastrnn.RNN(3, 4, num_layers=2, nonlinearity="relu", bidirectional=True,
+                             dtype="float64"))
+            == "RNN(3, 4, nonlinearity='relu', num_layers=2, bidirectional=True, dtype='float64')")
+    assert repr(fastrnn.GRUCell(2, 5, bias=False)) == "GRUCell(2, 5, bias=False)"

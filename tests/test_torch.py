@@ -1,0 +1,136 @@
+"""Cross-checks against PyTorch CPU: weights copied across, same numbers.
+
+Skipped when torch is missing; .ci/run installs torch==2.13.0 so they run in CI.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import fastrnn
+
+torch = pytest.importorskip("torch")
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CLASSES = [("RNN", "tanh"), ("RNN", "relu"), ("GRU", None), ("LSTM", None)]
+
+
+def pair(name, nonlinearity, D, H, dtype, **kw):
+    """A torch module and a fastrnn layer with the same weights."""
+    extra = {"nonlinearity": nonlinearity} if nonlinearity else {}
+    tmod = getattr(torch.nn, name)(D, H, dtype=TORCH_DTYPES[dtype], **extra, **kw)
+    fmod = getattr(fastrnn, name)(D, H, dtype=dtype, **extra, **kw)
+    fmod.load_state_dict(tmod.state_dict())  # the PyTorch state_dict loads directly
+    return tmod, fmod
+
+
+def to_np(t):
+    return t.detach().numpy()
+
+
+OPTIONS = list(itertools.product([1, 2], [False, True], [False, True], [True, False],
+                                 [False, True]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias,use_lengths", OPTIONS)
+@pytest.mark.parametrize("name,nonlinearity", CLASSES)
+def test_layer_matches_torch(name, nonlinearity, num_layers, bidirectional, batch_first, bias,
+                             use_lengths, dtype, close):
+    T, B, D, H = 7, 4, 5, 6
+    rng = np.random.default_rng(num_layers * 8 + bidirectional * 4 + batch_first * 2 + bias)
+    tmod, fmod = pair(name, nonlinearity, D, H, dtype, num_layers=num_layers,
+                      bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    dirs = 2 if bidirectional else 1
+    x = rng.standard_normal((B, T, D) if batch_first else (T, B, D)).astype(dtype)
+    h0 = rng.standard_normal((num_layers * dirs, B, H)).astype(dtype)
+    c0 = rng.standard_normal((num_layers * dirs, B, H)).astype(dtype)
+    hx = (h0, c0) if name == "LSTM" else h0
+    t_hx = tuple(map(torch.from_numpy, hx)) if name == "LSTM" else torch.from_numpy(hx)
+    lengths = rng.integers(1, T + 1, size=B) if use_lengths else None
+    if use_lengths:
+        lengths[0] = T  # so that pad_packed_sequence gives back all T steps
+    with torch.no_grad():
+        if use_lengths:
+            packed = pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(lengths),
+                                          batch_first=batch_first, enforce_sorted=False)
+            t_out, t_state = tmod(packed, t_hx)
+            t_out, _ = pad_packed_sequence(t_out, batch_first=batch_first)
+        else:
+            t_out, t_state = tmod(torch.from_numpy(x), t_hx)
+    out, state = fmod(x, hx, lengths=lengths)
+    close(out, to_np(t_out), dtype)
+    if name == "LSTM":
+        close(state[0], to_np(t_state[0]), dtype)
+        close(state[1], to_np(t_state[1]), dtype)
+    else:
+        close(state, to_np(t_state), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,nonlinearity", CLASSES)
+def test_unbatched_and_default_state_match_torch(name, nonlinearity, dtype, close):
+    tmod, fmod = pair(name, nonlinearity, 3, 4, dtype, num_layers=2, bidirectional=True)
+    x = np.random.default_rng(1).standard_normal((6, 3)).astype(dtype)
+    with torch.no_grad():
+        t_out, t_state = tmod(torch.from_numpy(x))
+    out, state = fmod(x)
+    close(out, to_np(t_out), dtype)
+    t_h = t_state[0] if name == "LSTM" else t_state
+    h = state[0] if name == "LSTM" else state
+    assert h.shape == (4, 4)
+    close(h, to_np(t_h), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("name,nonlinearity", [("RNNCell", "tanh"), ("RNNCell", "relu"),
+                                               ("GRUCell", None), ("LSTMCell", None)])
+def test_cells_match_torch(name, nonlinearity, batched, bias, dtype, close):
+    D, H, B = 5, 7, 3
+    extra = {"nonlinearity": nonlinearity} if nonlinearity else {}
+    tcell = getattr(torch.nn, name)(D, H, bias=bias, dtype=TORCH_DTYPES[dtype], **extra)
+    fcell = getattr(fastrnn, name)(D, H, bias=bias, dtype=dtype, **extra)
+    fcell.load_state_dict(tcell.state_dict())
+    rng = np.random.default_rng(2)
+    shape = (B,) if batched else ()
+    x = rng.standard_normal(shape + (D,)).astype(dtype)
+    h = rng.standard_normal(shape + (H,)).astype(dtype)
+    c = rng.standard_normal(shape + (H,)).astype(dtype)
+    hx = (h, c) if name == "LSTMCell" else h
+    t_hx = tuple(map(torch.from_numpy, hx)) if name == "LSTMCell" else torch.from_numpy(hx)
+    with torch.no_grad():
+        expected = tcell(torch.from_numpy(x), t_hx)
+        expected_default = tcell(torch.from_numpy(x))
+    got, got_default = fcell(x, hx), fcell(x)
+    if name == "LSTMCell":
+        for g, e in zip(got + got_default, expected + expected_default):
+            close(g, to_np(e), dtype)
+    else:
+        close(got, to_np(expected), dtype)
+        close(got_default, to_np(expected_default), dtype)
+
+
+@pytest.mark.parametrize("name,nonlinearity", CLASSES)
+def test_export_to_torch(name, nonlinearity, close):
+    """Our state_dict loads into the PyTorch module and gives the same numbers."""
+    extra = {"nonlinearity": nonlinearity} if nonlinearity else {}
+    fmod = getattr(fastrnn, name)(4, 5, num_layers=2, bidirectional=True, seed=3, **extra)
+    tmod = getattr(torch.nn, name)(4, 5, num_layers=2, bidirectional=True, **extra)
+    tmod.load_state_dict({k: torch.from_numpy(v) for k, v in fmod.state_dict().items()})
+    x = np.random.default_rng(4).standard_normal((6, 2, 4)).astype(np.float32)
+    with torch.no_grad():
+        t_out, _ = tmod(torch.from_numpy(x))
+    close(fmod(x)[0], to_np(t_out), "float32")
+
+
+def test_torch_tensors_as_inputs(close):
+    tmod, fmod = pair("LSTM", None, 3, 4, "float32")
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    h0, c0 = torch.randn(1, 2, 4), torch.randn(1, 2, 4)
+    with torch.no_grad():
+        t_out, _ = tmod(x, (h0, c0))
+    out, _ = fmod(x, (h0, c0), lengths=torch.tensor([5, 5]))
+    close(out, to_np(t_out), "float32")
