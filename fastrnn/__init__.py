@@ -6,6 +6,15 @@ BLAS do the work; names, shapes, gate orders and initialisation are
 PyTorch's, so a PyTorch ``state_dict()`` loads directly.
 """
 from fastrnn._version import __version__
+
+try:
+    from fastrnn import _forward  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on how it was installed
+    raise ImportError(
+        "fastrnn's compiled kernels are missing: install with 'pip install .', or build in "
+        "place with 'python setup.py build_ext --inplace'. If you installed it and are in the "
+        "source tree, Python is importing the unbuilt sources: run from another directory or "
+        "use the 'pytest' command rather than 'python -m pytest'.") from exc
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
 
