@@ -1,4 +1,6 @@
-"""``python -m fastrnn``: run each layer forward on random data and time it."""
+"""``fastrnn demo`` (or ``python -m fastrnn``): run each layer forward on
+random data and time it."""
+import argparse
 import platform
 import time
 
@@ -41,5 +43,13 @@ def main():
     print(f"{repr(cell) + ' one step, batch 1':<45} {us:>10.1f} us")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    parser = argparse.ArgumentParser(prog="fastrnn", description=__doc__)
+    parser.add_argument("command", nargs="?", default="demo", choices=["demo"],
+                        help="what to run (default: demo)")
+    parser.parse_args(argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()
