@@ -19,6 +19,7 @@ directives = {
 
 extensions = [
     Extension("fastrnn._forward", ["fastrnn/_forward.pyx"]),
+    Extension("fastrnn._backward", ["fastrnn/_backward.pyx"]),
 ]
 
 setup(

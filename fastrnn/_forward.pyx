@@ -1,17 +1,21 @@
 # Forward kernels: one call runs one layer (both directions) over a whole
 # sequence, or one cell step (a layer with T = 1).
 #
-# Layout. The layer input x is a (R, D) block of rows, R = T * B, either
-# time-major (row t * B + b) or batch-first (row b * T + t). The input
-# projection of every row and both directions is one GEMM into gx, shape
-# (R, dirs * G * H); the time loop then finds step t, batch b of direction d
-# at gx + t * gx_stride_t + b * gx_stride_b + d * G * H, so batch-first input
-# is never transposed. The output is addressed the same way.
+# Layout. Every per-step buffer is a block of R = T * B rows in one row
+# order, the input's: time-major (row t * B + b) or batch-first (row
+# b * T + t), so batch-first input is never transposed. Step t, batch b is
+# row t * row_t + b * row_b; direction d owns a column block of each buffer.
+#   x    (R, D)            layer input
+#   gx   (R, dirs * G * H) input projection of every row and direction: one
+#                          GEMM before the loop
+#   out  (R, dirs * H)     h of every step
+#   acts (R, dirs * S * H) training only: activations saved for backward
+#   h_prev, c_prev (R, dirs * H) training only: the state before each step
 #
 # Per step: one recurrent product (gemv at batch 1) accumulated into the
-# step's slice of gx (GRU: into a (B, 3H) workspace, because r multiplies
-# only the recurrent part of n), then one fused pass over the rows.
-# The state arrays h, c are updated in place and end as h_n, c_n.
+# step's rows of gx (GRU: into a (B, 3H) workspace, since r multiplies only
+# the recurrent part of n), then one fused pass over the rows. The state
+# arrays h, c are updated in place and end as h_n, c_n.
 #
 # Variable lengths: row b is active at step t iff t < lengths[b]. An inactive
 # row keeps its state and gets a zero output, which gives PyTorch's packed
@@ -23,27 +27,14 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
 from fastrnn._blas cimport gemm, gemv
-from fastrnn._gates cimport rnn_tanh_row, rnn_relu_row, gru_row, lstm_row
-
-cdef enum:
-    _RNN_TANH = 0
-    _RNN_RELU = 1
-    _GRU = 2
-    _LSTM = 3
+from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
+                             rnn_tanh_row, rnn_relu_row, gru_row, lstm_row)
 
 # exported to Python so that the cell codes are defined once
-RNN_TANH = _RNN_TANH
-RNN_RELU = _RNN_RELU
-GRU = _GRU
-LSTM = _LSTM
-
-
-cdef inline Py_ssize_t _num_gates(int cell) noexcept nogil:
-    if cell == _LSTM:
-        return 4
-    if cell == _GRU:
-        return 3
-    return 1
+CELL_RNN_TANH = RNN_TANH
+CELL_RNN_RELU = RNN_RELU
+CELL_GRU = GRU
+CELL_LSTM = LSTM
 
 
 cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
@@ -66,26 +57,36 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
 
 
 cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
-                         Py_ssize_t H,
-                         floating* gx, Py_ssize_t gx_stride_t, Py_ssize_t gx_stride_b,
-                         const floating* w_hh, const floating* b_hh,
-                         floating* h, floating* c, floating* gh,
-                         floating* out, Py_ssize_t out_stride_t,
-                         Py_ssize_t out_stride_b,
+                         Py_ssize_t H, Py_ssize_t dirs,
+                         Py_ssize_t row_t, Py_ssize_t row_b,
+                         floating* gx, const floating* w_hh, const floating* b_hh,
+                         floating* h, floating* c, floating* gh, floating* out,
+                         floating* acts, floating* h_prev, floating* c_prev,
                          const int64_t* lengths) noexcept nogil:
-    cdef Py_ssize_t GH = _num_gates(cell) * H
-    cdef Py_ssize_t s, t, b
+    """One direction over all steps; every buffer pointer is already offset to
+    this direction's column block."""
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t gx_cols = dirs * GH
+    cdef Py_ssize_t h_cols = dirs * H
+    cdef Py_ssize_t acts_cols = dirs * num_saved(cell) * H
+    cdef Py_ssize_t s, t, b, row
     cdef floating* g_t
-    cdef floating* out_t
     cdef floating* out_row
+    cdef floating* acts_row = NULL
     cdef floating one = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
-        g_t = gx + t * gx_stride_t
-        out_t = out + t * out_stride_t
+        g_t = gx + t * row_t * gx_cols
+
+        if h_prev != NULL:  # training: keep the state this step starts from
+            for b in range(B):
+                row = t * row_t + b * row_b
+                memcpy(h_prev + row * h_cols, h + b * H, H * sizeof(floating))
+                if c_prev != NULL:
+                    memcpy(c_prev + row * h_cols, c + b * H, H * sizeof(floating))
 
         # recurrent product
-        if cell == _GRU:
+        if cell == GRU:
             for b in range(B):
                 if b_hh != NULL:
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
@@ -100,22 +101,25 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             gemv(False, <int>GH, <int>H, one, w_hh, <int>H, h, one, g_t)
         else:
             gemm(False, True, <int>B, <int>GH, <int>H, one, h, <int>H,
-                 w_hh, <int>H, one, g_t, <int>gx_stride_b)
+                 w_hh, <int>H, one, g_t, <int>(row_b * gx_cols))
 
         # fused gate pass, row by row
         for b in range(B):
-            out_row = out_t + b * out_stride_b
+            row = t * row_t + b * row_b
+            out_row = out + row * h_cols
             if lengths != NULL and t >= lengths[b]:
                 memset(out_row, 0, H * sizeof(floating))
                 continue
-            if cell == _LSTM:
-                lstm_row(g_t + b * gx_stride_b, h + b * H, c + b * H, out_row, H)
-            elif cell == _GRU:
-                gru_row(g_t + b * gx_stride_b, gh + b * GH, h + b * H, out_row, H)
-            elif cell == _RNN_TANH:
-                rnn_tanh_row(g_t + b * gx_stride_b, h + b * H, out_row, H)
+            if acts != NULL:
+                acts_row = acts + row * acts_cols
+            if cell == LSTM:
+                lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H)
+            elif cell == GRU:
+                gru_row(gx + row * gx_cols, gh + b * GH, h + b * H, out_row, acts_row, H)
+            elif cell == RNN_TANH:
+                rnn_tanh_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H)
             else:
-                rnn_relu_row(g_t + b * gx_stride_b, h + b * H, out_row, H)
+                rnn_relu_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H)
 
 
 def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
@@ -128,48 +132,53 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                   floating[:, :, ::1] c,
                   floating[:, ::1] gx,
                   floating[::1] gh,
-                  floating[::1] out,
-                  Py_ssize_t out_stride_t,
-                  Py_ssize_t out_stride_b,
+                  floating[:, ::1] out,
                   const int64_t[::1] lengths,
+                  floating[:, ::1] acts,
+                  floating[:, ::1] h_prev,
+                  floating[:, ::1] c_prev,
                   Py_ssize_t max_rows):
     """Run one layer (all its directions) forward over a whole sequence.
 
-    Shapes (dirs directions, G gates, N = dirs * G * H; all checked by the
-    caller): x (T * B, D) rows in time-major or batch-first order; w_ih
-    (N, D); w_hh (N, H); bias_x (N,) added to the input projection or None;
-    bias_h (N,) GRU recurrent bias or None (other cells fold it into bias_x);
-    h, c (dirs, B, H) initial state in, final state out (c None unless LSTM);
-    gx (T * B, N) workspace; gh (B * G * H,) GRU workspace or None; out, a
-    flat buffer where step t, batch b, direction d starts at
-    t * out_stride_t + b * out_stride_b + d * H; lengths (B,) or None;
-    max_rows caps the rows of one input-projection GEMM (BLAS int range).
+    Shapes (R = T * B rows in time-major or batch-first order, dirs
+    directions, G gates, N = dirs * G * H; all checked by the caller):
+    x (R, D); w_ih (N, D); w_hh (N, H); bias_x (N,) added to the input
+    projection, or None; bias_h (N,) the GRU's recurrent bias, or None (other
+    cells fold it into bias_x); h, c (dirs, B, H) the initial state in, the
+    final state out (c None unless LSTM); gx (R, N) workspace; gh (B * G * H,)
+    GRU workspace or None; out (R, dirs * H); lengths (B,) or None.
+    Training saves (None in inference): acts (R, dirs * S * H), h_prev and
+    c_prev (R, dirs * H). max_rows caps the rows of one input-projection GEMM
+    (BLAS int range).
     """
     cdef Py_ssize_t dirs = h.shape[0]
     cdef Py_ssize_t H = h.shape[2]
-    cdef Py_ssize_t GH = _num_gates(cell) * H
-    cdef Py_ssize_t N = dirs * GH
-    cdef Py_ssize_t D = x.shape[1]
-    cdef Py_ssize_t gx_stride_t = N if batch_first else B * N
-    cdef Py_ssize_t gx_stride_b = T * N if batch_first else N
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t S = num_saved(cell) * H
+    cdef Py_ssize_t row_t = 1 if batch_first else B
+    cdef Py_ssize_t row_b = T if batch_first else 1
     cdef Py_ssize_t d
     cdef const floating* bias_x_ptr = NULL if bias_x is None else &bias_x[0]
     cdef const floating* bias_h_ptr = NULL if bias_h is None else &bias_h[0]
     cdef floating* c_ptr = NULL if c is None else &c[0, 0, 0]
     cdef floating* gh_ptr = NULL if gh is None else &gh[0]
+    cdef floating* acts_ptr = NULL if acts is None else &acts[0, 0]
+    cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
+    cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
     if T == 0 or B == 0:
         return
     with nogil:
-        _project_inputs(&x[0, 0], T * B, D, &w_ih[0, 0], N, bias_x_ptr,
-                        &gx[0, 0], max_rows)
+        _project_inputs(&x[0, 0], T * B, x.shape[1], &w_ih[0, 0], dirs * GH,
+                        bias_x_ptr, &gx[0, 0], max_rows)
         for d in range(dirs):
-            _run_direction(cell, d == 1, T, B, H,
-                           &gx[0, 0] + d * GH, gx_stride_t, gx_stride_b,
-                           &w_hh[d * GH, 0],
-                           NULL if bias_h_ptr == NULL else bias_h_ptr + d * GH,
-                           &h[d, 0, 0],
-                           NULL if c_ptr == NULL else c_ptr + d * B * H,
-                           gh_ptr,
-                           &out[0] + d * H, out_stride_t, out_stride_b,
-                           len_ptr)
+            _run_direction(
+                cell, d == 1, T, B, H, dirs, row_t, row_b,
+                &gx[0, 0] + d * GH, &w_hh[d * GH, 0],
+                NULL if bias_h_ptr == NULL else bias_h_ptr + d * GH,
+                &h[d, 0, 0], NULL if c_ptr == NULL else c_ptr + d * B * H,
+                gh_ptr, &out[0, 0] + d * H,
+                NULL if acts_ptr == NULL else acts_ptr + d * S,
+                NULL if h_prev_ptr == NULL else h_prev_ptr + d * H,
+                NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
+                len_ptr)

@@ -1,6 +1,7 @@
 # Activations and the fused per-row gate arithmetic of every cell, inlined
 # into the time loops. Each function updates one batch row of the state in
-# place and writes the new h to the output row. Equations (PyTorch's):
+# place and writes the new h to the output row; in training (acts != NULL)
+# it also saves the activations backward needs. Equations (PyTorch's):
 #   RNN:  h' = act(g)                          g = x W_ih^T + b_ih + h W_hh^T + b_hh
 #   GRU:  r = s(gx_r + gh_r), z = s(gx_z + gh_z), n = tanh(gx_n + r * gh_n)
 #         h' = (1 - z) * n + z * h              gx = x W_ih^T + b_ih, gh = h W_hh^T + b_hh
@@ -9,6 +10,29 @@
 
 from cython cimport floating
 from libc.math cimport exp, expf, tanh, tanhf
+
+# cell kinds, shared by the forward and backward kernels
+cdef enum:
+    RNN_TANH = 0
+    RNN_RELU = 1
+    GRU = 2
+    LSTM = 3
+
+
+cdef inline Py_ssize_t num_gates(int cell) noexcept nogil:
+    """G: gate blocks of W_ih / W_hh."""
+    if cell == LSTM:
+        return 4
+    if cell == GRU:
+        return 3
+    return 1
+
+
+cdef inline Py_ssize_t num_saved(int cell) noexcept nogil:
+    """S / H: activations saved per step for backward (GRU adds W_hn h + b_hn)."""
+    if cell == LSTM or cell == GRU:
+        return 4
+    return 1
 
 
 cdef inline floating sigmoid(floating v) noexcept nogil:
@@ -31,27 +55,34 @@ cdef inline floating relu(floating v) noexcept nogil:
 
 
 cdef inline void rnn_tanh_row(const floating* g, floating* h, floating* out,
-                              Py_ssize_t H) noexcept nogil:
+                              floating* acts, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating v
     for j in range(H):
         v = tanh_(g[j])
         h[j] = v
         out[j] = v
+    if acts != NULL:
+        for j in range(H):
+            acts[j] = h[j]
 
 
 cdef inline void rnn_relu_row(const floating* g, floating* h, floating* out,
-                              Py_ssize_t H) noexcept nogil:
+                              floating* acts, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating v
     for j in range(H):
         v = relu(g[j])
         h[j] = v
         out[j] = v
+    if acts != NULL:
+        for j in range(H):
+            acts[j] = h[j]
 
 
 cdef inline void gru_row(const floating* gx, const floating* gh, floating* h,
-                         floating* out, Py_ssize_t H) noexcept nogil:
+                         floating* out, floating* acts, Py_ssize_t H) noexcept nogil:
+    """acts: r, z, n and gh_n = W_hn h + b_hn."""
     cdef Py_ssize_t j
     cdef floating r, z, n, v
     for j in range(H):
@@ -61,10 +92,16 @@ cdef inline void gru_row(const floating* gx, const floating* gh, floating* h,
         v = (1 - z) * n + z * h[j]
         h[j] = v
         out[j] = v
+        if acts != NULL:
+            acts[j] = r
+            acts[H + j] = z
+            acts[2 * H + j] = n
+            acts[3 * H + j] = gh[2 * H + j]
 
 
 cdef inline void lstm_row(const floating* g, floating* h, floating* c,
-                          floating* out, Py_ssize_t H) noexcept nogil:
+                          floating* out, floating* acts, Py_ssize_t H) noexcept nogil:
+    """acts: i, f, g, o."""
     cdef Py_ssize_t j
     cdef floating i, f, u, o, c_new, v
     for j in range(H):
@@ -77,3 +114,8 @@ cdef inline void lstm_row(const floating* g, floating* h, floating* c,
         v = o * tanh_(c_new)
         h[j] = v
         out[j] = v
+        if acts != NULL:
+            acts[j] = i
+            acts[H + j] = f
+            acts[2 * H + j] = u
+            acts[3 * H + j] = o

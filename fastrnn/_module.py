@@ -8,22 +8,25 @@ of it. They change only through load_state_dict or attribute assignment,
 which validate and copy, so a layer can never hold a wrong-shaped or
 half-loaded parameter, and no caller's array is ever aliased.
 """
+import threading
 from collections import namedtuple
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 
-from fastrnn import _forward
+from fastrnn import _backward, _forward
+from fastrnn import _validation as v
 from fastrnn._validation import shape_str, to_numpy
 
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
 
 # kernel code and number of gates of each cell kind
 CELL_KINDS = {
-    "rnn_tanh": (_forward.RNN_TANH, 1),
-    "rnn_relu": (_forward.RNN_RELU, 1),
-    "gru": (_forward.GRU, 3),
-    "lstm": (_forward.LSTM, 4),
+    "rnn_tanh": (_forward.CELL_RNN_TANH, 1),
+    "rnn_relu": (_forward.CELL_RNN_RELU, 1),
+    "gru": (_forward.CELL_GRU, 3),
+    "lstm": (_forward.CELL_LSTM, 4),
 }
 
 
@@ -140,40 +143,62 @@ class Module:
 
 
 class RecurrentWeights(Module):
-    """Weight storage and kernel call of a stack of recurrent layers.
+    """Weights, gradients and the kernel drivers of a stack of recurrent layers.
 
     ``layers`` x ``dirs`` blocks of (W_ih, W_hh, b_ih, b_hh), each kind stacked
     over directions in one (dirs * G * H, ...) array per layer: the input
-    projection of both directions is then one GEMM.
+    projection of both directions is then one GEMM. Gradients have the same
+    layout and names.
     """
 
-    def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names):
+    def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
+               dropout=0.0):
         """Allocate, register under ``names(layer, direction)`` and initialise."""
         code, gates = CELL_KINDS[kind]
-        self._kernel_code = code
-        self._gates = gates
+        self._kernel_code, self._gates = code, gates
+        self._layers, self._dirs, self._dropout, self._rng = layers, dirs, dropout, rng
         GH = gates * hidden_size
-        w_ih, w_hh, b_ih, b_hh = [], [], [], []
+        params = {"w_ih": [], "w_hh": [], "b_ih": [], "b_hh": []}
+        grads = {"w_ih": [], "w_hh": [], "b_ih": [], "b_hh": []}
+        grad_views = {}
         for k in range(layers):
             in_size = input_size if k == 0 else dirs * hidden_size
-            w_ih.append(np.empty((dirs * GH, in_size), dtype))
-            w_hh.append(np.empty((dirs * GH, hidden_size), dtype))
-            b_ih.append(np.empty(dirs * GH, dtype) if bias else None)
-            b_hh.append(np.empty(dirs * GH, dtype) if bias else None)
+            shapes = {"w_ih": (dirs * GH, in_size), "w_hh": (dirs * GH, hidden_size),
+                      "b_ih": (dirs * GH,), "b_hh": (dirs * GH,)}
+            for key, shape in shapes.items():
+                present = bias or key.startswith("w")
+                params[key].append(np.empty(shape, dtype) if present else None)
+                grads[key].append(np.zeros(shape, dtype) if present else None)
             for d in range(dirs):
                 rows = slice(d * GH, (d + 1) * GH)
-                w_name, h_name, bi_name, bh_name = names(k, d)
-                self._register(w_name, w_ih[k][rows])
-                self._register(h_name, w_hh[k][rows])
-                if bias:
-                    self._register(bi_name, b_ih[k][rows])
-                    self._register(bh_name, b_hh[k][rows])
-        self._w_ih, self._w_hh, self._b_ih, self._b_hh = w_ih, w_hh, b_ih, b_hh
+                for key, name in zip(("w_ih", "w_hh", "b_ih", "b_hh"), names(k, d)):
+                    if params[key][k] is not None:
+                        self._register(name, params[key][k][rows])
+                        grad_views[name] = grads[key][k][rows]
+        self._w_ih, self._w_hh, self._b_ih, self._b_hh = (params[k] for k in params)
+        self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[k] for k in grads)
+        self._grads = MappingProxyType(grad_views)
+        self._grad_lock = threading.Lock()
         self._bias_cache = (-1, None)
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for slot in self._slots.values():
             slot[...] = rng.uniform(-bound, bound, size=slot.shape)
+
+    @property
+    def grads(self):
+        """Accumulated gradients: same names and shapes as ``state_dict()``.
+
+        A read-only mapping of writeable arrays: ``backprop`` adds into them,
+        ``zero_grad()`` clears them, and gradient clipping may scale them.
+        """
+        return self._grads
+
+    def zero_grad(self):
+        """Set every accumulated gradient to zero."""
+        with self._grad_lock:
+            for g in self._grads.values():
+                g[...] = 0
 
     def _kernel_biases(self):
         """Per layer (bias_x, bias_h): the bias added to the input projection and
@@ -184,9 +209,212 @@ class RecurrentWeights(Module):
             for b_ih, b_hh in zip(self._b_ih, self._b_hh):
                 if b_ih is None:
                     terms.append((None, None))
-                elif self._kernel_code == _forward.GRU:
+                elif self._kernel_code == _forward.CELL_GRU:
                     terms.append((b_ih, b_hh))
                 else:
                     terms.append((b_ih + b_hh, None))
             self._bias_cache = (self._version, terms)
         return terms
+
+    def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
+        """Run every layer; x is (T, B, D) or (B, T, D) C-contiguous.
+
+        Returns None, or in training the tape backward needs: the row order and,
+        per layer, its input, the saved activations and states, the dropout mask
+        applied to its output.
+        """
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        L, dirs = self._layers, self._dirs
+        N = dirs * self._gates * H
+        if batch_first and B > 1 and T * N > v.BLAS_INT_MAX:
+            # the per-step GEMM would need a leading dimension T * N beyond the
+            # BLAS int range: run time-major and lay the output out at the end
+            out_tm = np.empty((T, B, dirs * H), dtype)
+            tape = self._run(np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
+                             h_n, c_n, out_tm, lengths, train)
+            out[...] = out_tm.transpose(1, 0, 2)
+            return tape
+        rows = T * B
+        is_gru = self._kernel_code == _forward.CELL_GRU
+        is_lstm = self._kernel_code == _forward.CELL_LSTM
+        gx = np.empty((rows, N), dtype)
+        gh = np.empty(B * self._gates * H, dtype) if is_gru else None
+        layer_in = x.reshape(rows, -1)
+        if train and lengths is not None:
+            # padding never reaches results; zero it so that it cannot reach the
+            # weight gradients either (0 * NaN is NaN)
+            layer_in = layer_in.copy()
+            layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
+        tape = {"batch_first": batch_first, "lengths": lengths, "version": self._version,
+                "layers": []} if train else None
+        spare = None
+        for k, (bias_x, bias_h) in enumerate(self._kernel_biases()):
+            last = k == L - 1
+            if last:
+                layer_out = out.reshape(rows, -1)
+            elif spare is not None:
+                layer_out = spare
+            else:
+                layer_out = np.empty((rows, dirs * H), dtype)
+            saves = {}
+            if train:
+                saves = {"acts": np.empty((rows, dirs * (4 if is_gru or is_lstm else 1) * H),
+                                          dtype),
+                         "h_prev": np.empty((rows, dirs * H), dtype),
+                         "c_prev": np.empty((rows, dirs * H), dtype) if is_lstm else None}
+            _forward.forward_layer(
+                cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
+                x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k],
+                bias_x=bias_x, bias_h=bias_h,
+                h=h_n[k * dirs:(k + 1) * dirs],
+                c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
+                gx=gx, gh=gh, out=layer_out, lengths=lengths,
+                acts=saves.get("acts"), h_prev=saves.get("h_prev"),
+                c_prev=saves.get("c_prev"), max_rows=v.BLAS_INT_MAX)
+            if train:
+                saves["x"] = layer_in
+                saves["mask"] = None
+                if not last and self._dropout > 0:
+                    p = self._dropout
+                    mask = (self._rng.random(layer_out.shape) >= p) * np.asarray(1 / (1 - p), dtype)
+                    saves["mask"] = mask.astype(dtype, copy=False)
+                    layer_out = layer_out * saves["mask"]
+                tape["layers"].append(saves)
+                spare = None   # every layer input is kept for backward
+            else:
+                # the buffer this layer read becomes the next one's output
+                spare = layer_in if k > 0 else None
+            layer_in = layer_out
+        return tape
+
+    def _backward(self, tape, T, B, dout, dh, dc):
+        """BPTT through every layer of a tape from ``_run(train=True)``.
+
+        dout (R, dirs * H) the gradient of the top layer's output in the tape's
+        row order; dh, dc (layers * dirs, B, H) the gradients of the final
+        states, updated in place into those of the initial states. Adds the
+        parameter gradients into ``grads`` and returns dx (R, D).
+        """
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        dirs, is_gru = self._dirs, self._kernel_code == _forward.CELL_GRU
+        batch_first, lengths = tape["batch_first"], tape["lengths"]
+        rows = T * B
+        N = dirs * self._gates * H
+        dgx = np.empty((rows, N), dtype)
+        dgh = np.empty((rows, N), dtype) if is_gru else None
+        for k in reversed(range(self._layers)):
+            saves = tape["layers"][k]
+            if k < self._layers - 1 and saves["mask"] is not None:
+                dout = dout * saves["mask"]
+            _backward.backward_layer(
+                cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
+                acts=saves["acts"], h_prev=saves["h_prev"], c_prev=saves["c_prev"],
+                w_hh=self._w_hh[k], dout=dout,
+                dh=dh[k * dirs:(k + 1) * dirs],
+                dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
+                dgx=dgx, dgh=dgh, lengths=lengths)
+            with self._grad_lock:
+                _backward.weight_grads(
+                    x=saves["x"], h_prev=saves["h_prev"], dgx=dgx, dgh=dgh,
+                    dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
+                    db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
+            dout = np.empty((rows, self._w_ih[k].shape[1]), dtype)
+            _backward.input_grad(dgx=dgx, w_ih=self._w_ih[k], dx=dout, max_rows=v.BLAS_INT_MAX)
+        return dout
+
+
+class Backprop:
+    """The backward of one ``forward_train`` call of a layer.
+
+    ``dx, dhx = backprop(dout, dstate=None)``; see ``forward_train``. It keeps
+    its own saved tensors (never the arrays returned to the caller, who may
+    change those), so several can be alive at once, and it can run once.
+    """
+
+    def __init__(self, module, call, tape):
+        self._module = module
+        self._tape = tape
+        self._T, self._B, self._batched = call.T, call.B, call.batched
+        self._batch_first = call.batch_first
+        self._x_shape = call.x.shape if call.batched else (call.T, call.x.shape[-1])
+        self._out_shape = call.out.shape if call.batched else (call.T, call.out.shape[-1])
+        self._state_shape = call.h_n.shape if call.batched else (call.h_n.shape[0],
+                                                                 call.h_n.shape[2])
+        self._version = module._version
+        self._used = False
+        self._lock = threading.Lock()
+
+    def __call__(self, dout, dstate=None):
+        module = self._module
+        owner = f"{type(module).__name__}.backprop"
+        cfg = module._config
+        dtype, has_c = cfg["dtype"], module._kernel_code == _forward.CELL_LSTM
+        dout = v.as_float_array(owner, "dout", dout, dtype)
+        if dout.shape != self._out_shape:
+            raise ValueError(f"{owner}: expected dout of the output's shape "
+                             f"{shape_str(self._out_shape)}, got {shape_str(dout.shape)}")
+        dh, dc = self._state_grads(owner, dstate, dtype, has_c)
+        with self._lock:
+            if self._used:
+                raise RuntimeError(f"{owner}: this backprop has already run; call "
+                                   f"forward_train again for another backward pass")
+            if module._version != self._version:
+                raise RuntimeError(f"{owner}: the parameters changed after forward_train "
+                                   f"(load_state_dict or an optimizer step); the saved "
+                                   f"activations no longer match them")
+            self._used = True
+            tape, self._tape = self._tape, None  # free the saves when done
+        T, B = self._T, self._B
+        full = (self._state_shape[0], B, self._state_shape[-1])
+        dh, dc = dh.reshape(full), (None if dc is None else dc.reshape(full))
+        if B == 0:
+            dx = np.zeros(self._x_shape, dtype)
+        else:
+            if not self._batched:
+                dout = dout[:, None, :]
+            # to the tape's row order (it differs only on the huge batch-first route)
+            tape_bf = tape["batch_first"]
+            if tape_bf != self._batch_first:
+                dout = dout.transpose(1, 0, 2)
+            dx = module._backward(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
+                                  dh, dc)
+            dx = dx.reshape((B, T, -1) if tape_bf else (T, B, -1))
+            if tape_bf != self._batch_first:
+                dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+            dx = dx.reshape(self._x_shape)
+        dh, dc = dh.reshape(self._state_shape), (None if dc is None
+                                                 else dc.reshape(self._state_shape))
+        return dx, ((dh, dc) if has_c else dh)
+
+    def _state_grads(self, owner, dstate, dtype, has_c):
+        """Fresh arrays for the gradients of the final state (zeros where None)."""
+        names = ("dh_n", "dc_n") if has_c else ("dh_n",)
+        if dstate is None:
+            parts = (None,) * len(names)
+        elif has_c:
+            if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
+                raise TypeError(f"{owner}: dstate must be None or a tuple (dh_n, dc_n), "
+                                f"got {type(dstate).__name__}")
+            parts = dstate
+        else:
+            if isinstance(dstate, (tuple, list)):
+                raise TypeError(f"{owner}: dstate must be None or one array of shape "
+                                f"{shape_str(self._state_shape)}, got a {type(dstate).__name__}")
+            parts = (dstate,)
+        grads = []
+        for name, part in zip(names, parts):
+            if part is None:
+                grads.append(np.zeros(self._state_shape, dtype))
+                continue
+            arr = to_numpy(owner, name, part)
+            if arr.shape != self._state_shape:
+                raise ValueError(f"{owner}: expected {name} of the state's shape "
+                                 f"{shape_str(self._state_shape)}, got {shape_str(arr.shape)}")
+            grads.append(np.array(arr, dtype=dtype, order="C"))
+        return grads[0], (grads[1] if has_c else None)
+
+
+def _padding_mask(T, B, batch_first, lengths):
+    """Boolean (T, B) (or (B, T)) mask of the padded steps."""
+    mask = np.arange(T)[:, None] >= lengths[None, :]
+    return mask.T if batch_first else mask

@@ -61,9 +61,9 @@ class _CellBase(RecurrentWeights):
                 x=x, w_ih=self._w_ih[0], w_hh=self._w_hh[0], bias_x=bias_x, bias_h=bias_h,
                 h=h[None], c=None if c is None else c[None],
                 gx=np.empty((B, G * H), dtype),
-                gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.GRU else None,
-                out=h.reshape(-1), out_stride_t=0, out_stride_b=H,
-                lengths=None, max_rows=v.BLAS_INT_MAX)
+                gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.CELL_GRU else None,
+                out=h, lengths=None, acts=None, h_prev=None, c_prev=None,
+                max_rows=v.BLAS_INT_MAX)
         if not batched:
             h = h[0]
             c = None if c is None else c[0]

@@ -4,10 +4,18 @@ import warnings
 
 import numpy as np
 
-from fastrnn import _forward
 from fastrnn import _validation as v
-from fastrnn._module import RecurrentWeights
+from fastrnn._module import Backprop, RecurrentWeights
 from fastrnn._validation import shape_str
+
+
+class _Call:
+    """A validated call: converted input, sizes, fresh output and state arrays."""
+    __slots__ = ("x", "T", "B", "batched", "batch_first", "lengths", "h_n", "c_n", "out")
+
+    def __init__(self, x, T, B, batched, batch_first, lengths, h_n, c_n, out):
+        self.x, self.T, self.B, self.batched, self.batch_first = x, T, B, batched, batch_first
+        self.lengths, self.h_n, self.c_n, self.out = lengths, h_n, c_n, out
 
 
 class _RNNBase(RecurrentWeights):
@@ -37,14 +45,13 @@ class _RNNBase(RecurrentWeights):
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
-        self._rng = rng  # also the source of dropout masks in training
-
         def names(k, d):
             sfx = f"_l{k}" + ("_reverse" if d else "")
             return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}")
 
+        # rng also draws the dropout masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
-                    cfg["bias"], cfg["dtype"], rng, names)
+                    cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"])
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -59,10 +66,41 @@ class _RNNBase(RecurrentWeights):
 
     # --- forward ------------------------------------------------------------
     def __call__(self, x, hx=None, lengths=None):
+        call = self._prepare(x, hx, lengths)
+        if call.B > 0:
+            self._run(call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n, call.out,
+                      call.lengths)
+        return self._results(call)
+
+    def forward_train(self, x, hx=None, lengths=None):
+        """Forward in training mode: the results of a call, and a ``backprop``.
+
+        Returns
+        -------
+        (out, state), backprop
+            ``out`` and ``state`` as from calling the layer (dropout applied
+            between layers). ``dx, dhx = backprop(dout, dstate=None)`` runs
+            BPTT: ``dout`` is the gradient of ``out`` (same shape), ``dstate``
+            that of ``state`` (``h_n``, or ``(h_n, c_n)`` for LSTM, either part
+            may be None) or None. It adds the parameter gradients into
+            ``self.grads`` and returns ``dx`` (shaped like ``x``) and ``dhx``,
+            the gradient of the initial state in the structure of ``state``
+            (the zero initial state's when ``hx`` was None). Each backprop
+            holds its own saved tensors and may be called once.
+        """
+        call = self._prepare(x, hx, lengths)
+        tape = None
+        if call.B > 0:
+            tape = self._run(call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
+                             call.out, call.lengths, train=True)
+        return self._results(call), Backprop(self, call, tape)
+
+    def _prepare(self, x, hx, lengths):
+        """Validate and convert a call's arguments; allocate its outputs."""
         owner = type(self).__name__
         cfg = self._config
-        dtype, H, L = cfg["dtype"], cfg["hidden_size"], cfg["num_layers"]
-        dirs = 2 if cfg["bidirectional"] else 1
+        dtype, H = cfg["dtype"], cfg["hidden_size"]
+        dirs = self._dirs
 
         x = v.as_float_array(owner, "input", x, dtype)
         layout = "(B, T, {0}) or (T, {0})" if cfg["batch_first"] else "(T, B, {0}) or (T, {0})"
@@ -79,19 +117,18 @@ class _RNNBase(RecurrentWeights):
                              f"{shape_str(x.shape if batched else x.shape[::2])}")
         if B > v.BLAS_INT_MAX:
             raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
-
         if lengths is not None:
             if not batched:
                 raise ValueError(f"{owner}: lengths needs batched input; for one unbatched "
                                  f"sequence pass input[:length] instead")
             lengths = v.check_lengths(owner, lengths, B, T)
         h_n, c_n = self._initial_state(hx, B, batched)
-
         out = np.empty((B, T, dirs * H) if batch_first else (T, B, dirs * H), dtype)
-        if B > 0:
-            self._run(x, T, B, batch_first, h_n, c_n, out, lengths)
+        return _Call(x, T, B, batched, batch_first, lengths, h_n, c_n, out)
 
-        if not batched:
+    def _results(self, call):
+        out, h_n, c_n = call.out, call.h_n, call.c_n
+        if not call.batched:
             out, h_n = out[:, 0], h_n[:, 0]
             c_n = None if c_n is None else c_n[:, 0]
         return (out, (h_n, c_n)) if self._has_cell_state else (out, h_n)
@@ -126,46 +163,6 @@ class _RNNBase(RecurrentWeights):
                 # our own copy: the kernels update it in place into h_n / c_n
                 states.append(np.array(arr.reshape(shape), dtype=cfg["dtype"], order="C"))
         return states[0], (states[1] if self._has_cell_state else None)
-
-    def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths):
-        """Run every layer; x is (T, B, D) or (B, T, D) C-contiguous."""
-        cfg = self._config
-        dtype, H, L = cfg["dtype"], cfg["hidden_size"], cfg["num_layers"]
-        dirs = 2 if cfg["bidirectional"] else 1
-        N = dirs * self._gates * H
-        if batch_first and B > 1 and T * N > v.BLAS_INT_MAX:
-            # the per-step GEMM would need a leading dimension T * N beyond the
-            # BLAS int range: run time-major and lay the output out at the end
-            out_tm = np.empty((T, B, dirs * H), dtype)
-            self._run(np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
-                      h_n, c_n, out_tm, lengths)
-            out[...] = out_tm.transpose(1, 0, 2)
-            return
-        rows = T * B
-        gx = np.empty((rows, N), dtype)
-        gh = np.empty(B * self._gates * H, dtype) if self._kernel_code == _forward.GRU else None
-        if batch_first:
-            stride_t, stride_b = dirs * H, T * dirs * H
-        else:
-            stride_t, stride_b = B * dirs * H, dirs * H
-        layer_in = x.reshape(rows, -1)
-        spare = None
-        for k, (bias_x, bias_h) in enumerate(self._kernel_biases()):
-            layer_out = out if k == L - 1 else (spare if spare is not None
-                                                else np.empty((rows, dirs * H), dtype))
-            _forward.forward_layer(
-                cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
-                x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k],
-                bias_x=bias_x, bias_h=bias_h,
-                h=h_n[k * dirs:(k + 1) * dirs],
-                c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
-                gx=gx, gh=gh, out=layer_out.reshape(-1),
-                out_stride_t=stride_t, out_stride_b=stride_b,
-                lengths=lengths, max_rows=v.BLAS_INT_MAX)
-            # the buffer this layer read becomes the next one's output
-            spare = layer_in if k > 0 else None
-            layer_in = layer_out.reshape(rows, -1)
-
 
 _LAYER_DOC = """{summary}
 

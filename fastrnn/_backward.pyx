@@ -1,0 +1,247 @@
+# Backward kernels (BPTT) for one layer, both directions, in the layout of
+# _forward.pyx (R = T * B rows in the input's order, direction d owns a
+# column block of each buffer).
+#
+# The time loop does only what must be sequential: per step the elementwise
+# backward of every row, writing the pre-activation gradients dG_t, and
+# dh_prev = dG_t . W_hh (a gemv at batch 1). Everything else is one large
+# GEMM or reduction over all R rows after the loop (weight_grads,
+# input_grad): dW_ih = dGx^T X, dW_hh = dGh^T H_prev, db = column sums,
+# dX = dGx W_ih.
+#
+# GRU: the input side and the recurrent side of n differ (r multiplies only
+# the recurrent part), so the GRU has two gradient buffers, dgx and dgh;
+# for the other cells they are the same buffer.
+
+from cython cimport floating
+from libc.stdint cimport int64_t
+from libc.string cimport memset
+
+from fastrnn._blas cimport gemm, gemv
+from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
+                             tanh_)
+
+
+# Per-row elementwise backward. dh holds dL/dh_t on entry (carried plus this
+# step's output gradient) and the part of dL/dh_{t-1} that does not go
+# through W_hh on exit (the GEMM adds the rest). dc likewise for the LSTM.
+
+cdef inline void _rnn_tanh_back(const floating* acts, floating* dh, floating* dg,
+                                Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(H):
+        dg[j] = dh[j] * (1 - acts[j] * acts[j])
+        dh[j] = 0
+
+
+cdef inline void _rnn_relu_back(const floating* acts, floating* dh, floating* dg,
+                                Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(H):
+        dg[j] = dh[j] if acts[j] > 0 else 0
+        dh[j] = 0
+
+
+cdef inline void _gru_back(const floating* acts, const floating* h_prev, floating* dh,
+                           floating* dgx, floating* dgh, Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating r, z, n, hn, d, dn, dz, dr
+    for j in range(H):
+        r = acts[j]
+        z = acts[H + j]
+        n = acts[2 * H + j]
+        hn = acts[3 * H + j]
+        d = dh[j]
+        dn = d * (1 - z) * (1 - n * n)
+        dz = d * (h_prev[j] - n) * z * (1 - z)
+        dr = dn * hn * r * (1 - r)
+        dgx[j] = dr
+        dgx[H + j] = dz
+        dgx[2 * H + j] = dn
+        dgh[j] = dr
+        dgh[H + j] = dz
+        dgh[2 * H + j] = dn * r
+        dh[j] = d * z
+
+
+cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floating* dh,
+                            floating* dc, floating* dg, Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating i, f, g, o, tc, d, dc_t
+    for j in range(H):
+        i = acts[j]
+        f = acts[H + j]
+        g = acts[2 * H + j]
+        o = acts[3 * H + j]
+        tc = tanh_(f * c_prev[j] + i * g)   # tanh(c_t), recomputed
+        d = dh[j]
+        dc_t = dc[j] + d * o * (1 - tc * tc)
+        dg[j] = dc_t * g * i * (1 - i)
+        dg[H + j] = dc_t * c_prev[j] * f * (1 - f)
+        dg[2 * H + j] = dc_t * i * (1 - g * g)
+        dg[3 * H + j] = d * tc * o * (1 - o)
+        dc[j] = dc_t * f
+        dh[j] = 0
+
+
+cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
+                          Py_ssize_t H, Py_ssize_t dirs,
+                          Py_ssize_t row_t, Py_ssize_t row_b,
+                          const floating* acts, const floating* h_prev,
+                          const floating* c_prev, const floating* w_hh,
+                          const floating* dout, floating* dh, floating* dc,
+                          floating* dgx, floating* dgh,
+                          const int64_t* lengths) noexcept nogil:
+    """One direction, steps in the reverse of the forward order; pointers are
+    offset to this direction's column block."""
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t g_cols = dirs * GH
+    cdef Py_ssize_t h_cols = dirs * H
+    cdef Py_ssize_t a_cols = dirs * num_saved(cell) * H
+    cdef Py_ssize_t s, t, b, j, row
+    cdef floating* dh_b
+    cdef const floating* dout_row
+    cdef floating one = 1
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        for b in range(B):
+            row = t * row_t + b * row_b
+            if lengths != NULL and t >= lengths[b]:
+                # the state passed through this step unchanged: so does dh
+                memset(dgx + row * g_cols, 0, GH * sizeof(floating))
+                if dgh != dgx:
+                    memset(dgh + row * g_cols, 0, GH * sizeof(floating))
+                continue
+            dh_b = dh + b * H
+            dout_row = dout + row * h_cols
+            for j in range(H):
+                dh_b[j] += dout_row[j]
+            if cell == LSTM:
+                _lstm_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
+                           dgx + row * g_cols, H)
+            elif cell == GRU:
+                _gru_back(acts + row * a_cols, h_prev + row * h_cols, dh_b,
+                          dgx + row * g_cols, dgh + row * g_cols, H)
+            elif cell == RNN_TANH:
+                _rnn_tanh_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
+            else:
+                _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
+        # dh_{t-1} += dG_t . W_hh
+        if B == 1:
+            gemv(True, <int>GH, <int>H, one, w_hh, <int>H,
+                 dgh + t * row_t * g_cols, one, dh)
+        else:
+            gemm(False, False, <int>B, <int>H, <int>GH, one,
+                 dgh + t * row_t * g_cols, <int>(row_b * g_cols), w_hh, <int>H,
+                 one, dh, <int>H)
+
+
+def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
+                   const floating[:, ::1] acts,
+                   const floating[:, ::1] h_prev,
+                   const floating[:, ::1] c_prev,
+                   const floating[:, ::1] w_hh,
+                   const floating[:, ::1] dout,
+                   floating[:, :, ::1] dh,
+                   floating[:, :, ::1] dc,
+                   floating[:, ::1] dgx,
+                   floating[:, ::1] dgh,
+                   const int64_t[::1] lengths):
+    """The BPTT time loop of one layer.
+
+    acts, h_prev, c_prev: the forward's saves; w_hh (dirs * G * H, H);
+    dout (R, dirs * H) the gradient of the layer's output; dh, dc (dirs, B, H)
+    the gradient of the final state in, of the initial state out (dc None
+    unless LSTM); dgx (R, dirs * G * H) pre-activation gradients out (zero on
+    padded steps); dgh the same for the recurrent side (GRU) or None.
+    """
+    cdef Py_ssize_t dirs = dh.shape[0]
+    cdef Py_ssize_t H = dh.shape[2]
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t S = num_saved(cell) * H
+    cdef Py_ssize_t row_t = 1 if batch_first else B
+    cdef Py_ssize_t row_b = T if batch_first else 1
+    cdef Py_ssize_t d
+    cdef const floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
+    cdef floating* dc_ptr = NULL if dc is None else &dc[0, 0, 0]
+    cdef floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
+    cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
+    if T == 0 or B == 0:
+        return
+    with nogil:
+        for d in range(dirs):
+            _back_direction(
+                cell, d == 1, T, B, H, dirs, row_t, row_b,
+                &acts[0, 0] + d * S, &h_prev[0, 0] + d * H,
+                NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
+                &w_hh[d * GH, 0], &dout[0, 0] + d * H,
+                &dh[d, 0, 0], NULL if dc_ptr == NULL else dc_ptr + d * B * H,
+                &dgx[0, 0] + d * GH, dgh_ptr + d * GH, len_ptr)
+
+
+cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols,
+                       floating* out) noexcept nogil:
+    """out (cols,) += sum over rows of a (rows, cols)."""
+    cdef Py_ssize_t r, j
+    for r in range(rows):
+        for j in range(cols):
+            out[j] += a[r * cols + j]
+
+
+def weight_grads(*, const floating[:, ::1] x,
+                 const floating[:, ::1] h_prev,
+                 const floating[:, ::1] dgx,
+                 const floating[:, ::1] dgh,
+                 floating[:, ::1] dw_ih,
+                 floating[:, ::1] dw_hh,
+                 floating[::1] db_ih,
+                 floating[::1] db_hh,
+                 Py_ssize_t max_rows):
+    """Accumulate one layer's weight gradients over all steps, both directions:
+    dw_ih (N, D) += dgx^T x; per direction dw_hh (G * H, H) += dgh^T h_prev;
+    db_ih += column sums of dgx, db_hh of dgh (biases None when absent).
+    dgh None means dgh = dgx. Sums over more than max_rows rows are chunked."""
+    cdef Py_ssize_t R = x.shape[0]
+    cdef Py_ssize_t D = x.shape[1]
+    cdef Py_ssize_t N = dgx.shape[1]
+    cdef Py_ssize_t H = dw_hh.shape[1]
+    cdef Py_ssize_t dirs = h_prev.shape[1] // H
+    cdef Py_ssize_t GH = N // dirs
+    cdef Py_ssize_t d, start, n
+    cdef const floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
+    cdef floating one = 1
+    if R == 0:
+        return
+    with nogil:
+        start = 0
+        while start < R:
+            n = min(max_rows, R - start)
+            gemm(True, False, <int>N, <int>D, <int>n, one, &dgx[start, 0], <int>N,
+                 &x[start, 0], <int>D, one, &dw_ih[0, 0], <int>D)
+            for d in range(dirs):
+                gemm(True, False, <int>GH, <int>H, <int>n, one,
+                     dgh_ptr + start * N + d * GH, <int>N,
+                     &h_prev[start, 0] + d * H, <int>(dirs * H),
+                     one, &dw_hh[d * GH, 0], <int>H)
+            start += n
+    if db_ih is not None:
+        with nogil:
+            _column_sums(&dgx[0, 0], R, N, &db_ih[0])
+            _column_sums(dgh_ptr, R, N, &db_hh[0])
+
+
+def input_grad(*, const floating[:, ::1] dgx, const floating[:, ::1] w_ih,
+               floating[:, ::1] dx, Py_ssize_t max_rows):
+    """dx (R, D) = dgx (R, N) @ w_ih (N, D), in chunks of <= max_rows rows."""
+    cdef Py_ssize_t R = dgx.shape[0]
+    cdef Py_ssize_t N = dgx.shape[1]
+    cdef Py_ssize_t D = w_ih.shape[1]
+    cdef Py_ssize_t start = 0, n
+    if R == 0:
+        return
+    with nogil:
+        while start < R:
+            n = min(max_rows, R - start)
+            gemm(False, False, <int>n, <int>D, <int>N, <floating>1, &dgx[start, 0], <int>N,
+                 &w_ih[0, 0], <int>D, <floating>0, &dx[start, 0], <int>D)
+            start += n

@@ -1,0 +1,202 @@
+"""BPTT gradients against central finite differences (float64)."""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _validation
+from test_forward import KINDS, make_cell, make_layer
+
+EPS = 1e-6
+TOL = 1e-7  # relative to the largest gradient; central differences give ~1e-9
+
+
+def numeric_grad(loss, array):
+    """Central differences of loss() with respect to every entry of array."""
+    grad = np.zeros(array.shape)
+    for idx in np.ndindex(array.shape):
+        keep = array[idx]
+        array[idx] = keep + EPS
+        up = loss()
+        array[idx] = keep - EPS
+        down = loss()
+        array[idx] = keep
+        grad[idx] = (up - down) / (2 * EPS)
+    return grad
+
+
+def assert_grad(analytic, numeric, what):
+    scale = max(1.0, np.abs(numeric).max())
+    err = np.abs(analytic - numeric).max()
+    assert err <= TOL * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def layer_loss_setup(layer, kind, x, hx, lengths, seed):
+    """A random linear loss of out and of the final state, and its gradients."""
+    rng = np.random.default_rng(seed)
+    (out, state), _ = layer.forward_train(x, hx, lengths=lengths)
+    w_out = rng.standard_normal(out.shape)
+    states = state if kind == "lstm" else (state,)
+    w_state = [rng.standard_normal(s.shape) for s in states]
+    dropout_seed = int(rng.integers(1 << 30))
+
+    def forward():
+        layer._rng = np.random.default_rng(dropout_seed)  # the same dropout masks each time
+        return layer.forward_train(x, hx, lengths=lengths)
+
+    def loss():
+        (out, state), _ = forward()
+        states = state if kind == "lstm" else (state,)
+        return float((out * w_out).sum() + sum((s * w).sum() for s, w in zip(states, w_state)))
+
+    def analytic():
+        layer.zero_grad()
+        _, backprop = forward()
+        dstate = tuple(w_state) if kind == "lstm" else w_state[0]
+        return backprop(w_out, dstate)
+
+    return loss, analytic
+
+
+def check_layer_grads(kind, T, B, D, H, num_layers=1, bidirectional=False, batch_first=False,
+                      bias=True, use_lengths=False, unbatched=False, dropout=0.0, seed=0,
+                      after_build=None):
+    rng = np.random.default_rng(seed)
+    layer = make_layer(kind, D, H, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, bias=bias, dropout=dropout, dtype="float64",
+                       seed=seed)
+    if after_build is not None:
+        after_build()
+    dirs = 2 if bidirectional else 1
+    x = rng.standard_normal((B, T, D) if batch_first else (T, B, D))
+    hshape = (num_layers * dirs, B, H)
+    hx = tuple(rng.standard_normal(hshape) for _ in range(2 if kind == "lstm" else 1))
+    if unbatched:
+        x = x[:, 0]
+        hx = tuple(h[:, 0] for h in hx)
+    hx = hx if kind == "lstm" else hx[0]
+    lengths = rng.integers(1, T + 1, size=B) if use_lengths else None
+    loss, analytic = layer_loss_setup(layer, kind, x, hx, lengths, seed)
+
+    dx, dhx = analytic()
+    for name, slot in layer._slots.items():
+        def perturbed_loss():
+            layer._version += 1  # parameters were written behind load_state_dict's back
+            return loss()
+        numeric = numeric_grad(perturbed_loss, slot)
+        layer._version += 1
+        assert_grad(layer.grads[name], numeric, name)
+    assert_grad(dx, numeric_grad(loss, x), "input")
+    for name, h, dh in zip(("h0", "c0"), hx if kind == "lstm" else (hx,),
+                           dhx if kind == "lstm" else (dhx,)):
+        assert_grad(dh, numeric_grad(loss, h), name)
+
+
+CASES = [
+    dict(T=1, B=1, D=1, H=1),
+    dict(T=4, B=2, D=3, H=3),
+    dict(T=5, B=3, D=2, H=3, num_layers=2, bidirectional=True, use_lengths=True),
+    dict(T=5, B=3, D=2, H=3, num_layers=2, bidirectional=True, use_lengths=True,
+         batch_first=True),
+    dict(T=4, B=1, D=3, H=2, bidirectional=True, unbatched=True),
+    dict(T=3, B=2, D=3, H=2, bias=False, num_layers=2),
+    dict(T=4, B=3, D=2, H=3, num_layers=3, dropout=0.4),
+    dict(T=6, B=1, D=2, H=4, use_lengths=True),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_layer_gradients_match_finite_differences(kind, case):
+    check_layer_grads(kind, **case)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_on_the_huge_batch_first_route(kind, monkeypatch):
+    """The time-major detour for huge batch-first inputs gives the same gradients."""
+    check_layer_grads(kind, T=4, B=3, D=2, H=2, num_layers=2, bidirectional=True,
+                      batch_first=True, use_lengths=True,
+                      after_build=lambda: monkeypatch.setattr(_validation, "BLAS_INT_MAX", 8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batched", [True, False])
+def test_cell_gradients_match_finite_differences(kind, batched):
+    rng = np.random.default_rng(4)
+    cell = make_cell(kind, 3, 4, dtype="float64", seed=1)
+    shape = (2,) if batched else ()
+    x = rng.standard_normal(shape + (3,))
+    states = [rng.standard_normal(shape + (4,)) for _ in range(2 if kind == "lstm" else 1)]
+    weights = [rng.standard_normal(shape + (4,)) for _ in states]
+    hx = tuple(states) if kind == "lstm" else states[0]
+
+    def loss():
+        out = cell(x, hx)
+        outs = out if kind == "lstm" else (out,)
+        return float(sum((o * w).sum() for o, w in zip(outs, weights)))
+
+    cell.zero_grad()
+    _, backprop = cell.forward_train(x, hx)
+    dx, dhx = backprop(tuple(weights) if kind == "lstm" else weights[0])
+    for name, slot in cell._slots.items():
+        def perturbed_loss():
+            cell._version += 1
+            return loss()
+        assert_grad(cell.grads[name], numeric_grad(perturbed_loss, slot), name)
+        cell._version += 1
+    assert_grad(dx, numeric_grad(loss, x), "input")
+    for s, ds in zip(states, dhx if kind == "lstm" else (dhx,)):
+        assert_grad(ds, numeric_grad(loss, s), "state")
+
+
+def test_gradients_accumulate_and_zero_grad_clears():
+    layer = fastrnn.GRU(3, 4, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    (out, _), backprop = layer.forward_train(x)
+    backprop(np.ones_like(out))
+    once = {k: g.copy() for k, g in layer.grads.items()}
+    (out, _), backprop = layer.forward_train(x)
+    backprop(np.ones_like(out))
+    for k, g in layer.grads.items():
+        np.testing.assert_allclose(g, 2 * once[k], rtol=1e-13, atol=0)
+    layer.zero_grad()
+    assert all(not g.any() for g in layer.grads.values())
+
+
+def test_forward_train_matches_inference_without_dropout():
+    layer = fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True, seed=0)
+    x = np.random.default_rng(1).standard_normal((6, 4, 3))
+    (out, (h, c)), _ = layer.forward_train(x, lengths=[6, 2, 4, 1])
+    out2, (h2, c2) = layer(x, lengths=[6, 2, 4, 1])
+    np.testing.assert_array_equal(out, out2)
+    np.testing.assert_array_equal(h, h2)
+    np.testing.assert_array_equal(c, c2)
+
+
+def test_dropout_only_in_training_and_seeded():
+    make = lambda: fastrnn.GRU(3, 8, num_layers=3, dropout=0.5, seed=7)  # noqa: E731
+    x = np.random.default_rng(1).standard_normal((5, 4, 3))
+    a, b = make(), make()
+    inference, _ = a(x)
+    (train_a, _), _ = a.forward_train(x)
+    (train_b, _), _ = b.forward_train(x)
+    np.testing.assert_array_equal(train_a, train_b)         # same seed, same masks
+    assert not np.allclose(train_a, inference)              # masks act in training
+    np.testing.assert_array_equal(a(x)[0], inference)       # never in inference
+
+
+def test_padding_values_never_reach_gradients():
+    layer = fastrnn.LSTM(2, 3, bidirectional=True, dtype="float64", seed=0)
+    x = np.random.default_rng(2).standard_normal((5, 2, 2))
+    x_nan = x.copy()
+    x_nan[3:, 1] = np.nan                                   # padding of sequence 1
+    results = []
+    for inp in (x, x_nan):
+        layer.zero_grad()
+        (out, _), backprop = layer.forward_train(inp, lengths=[5, 3])
+        dx, _ = backprop(np.ones_like(out))
+        results.append((out, dx, {k: g.copy() for k, g in layer.grads.items()}))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert not results[1][1][3:, 1].any()                   # padded input gets zero gradient
+    for k in results[0][2]:
+        np.testing.assert_array_equal(results[0][2][k], results[1][2][k])
