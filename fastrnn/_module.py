@@ -175,6 +175,13 @@ class RecurrentWeights(Module):
                     if params[key][k] is not None:
                         self._register(name, params[key][k][rows])
                         grad_views[name] = grads[key][k][rows]
+        # The storage owners are read-only, so that the public views can never be
+        # made writeable again (numpy checks the owner); the slots, made before,
+        # stay writeable for load_state_dict and the optimizers.
+        for arrays in params.values():
+            for arr in arrays:
+                if arr is not None:
+                    arr.flags.writeable = False
         self._w_ih, self._w_hh, self._b_ih, self._b_hh = (params[k] for k in params)
         self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[k] for k in grads)
         self._grads = MappingProxyType(grad_views)

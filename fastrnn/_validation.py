@@ -45,7 +45,8 @@ def check_dtype(owner, dtype):
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt not in _FLOAT_DTYPES:
+    # `is None` first: numpy compares None equal to float64
+    if dt is None or dt not in _FLOAT_DTYPES:
         raise ValueError(f"{owner}: dtype must be 'float32' or 'float64', got {dtype!r}")
     return dt
 
@@ -90,8 +91,12 @@ def to_numpy(owner, name, value):
 
 
 def as_float_array(owner, name, value, dtype):
-    """A C-contiguous array of the layer's dtype (a copy only if needed)."""
-    return np.ascontiguousarray(to_numpy(owner, name, value), dtype=dtype)
+    """A C-contiguous array of the layer's dtype (a copy only if needed).
+
+    np.asarray keeps the number of dimensions; np.ascontiguousarray would make
+    a 0-D input 1-D.
+    """
+    return np.asarray(to_numpy(owner, name, value), dtype=dtype, order="C")
 
 
 def check_lengths(owner, lengths, batch, steps):

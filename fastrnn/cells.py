@@ -3,11 +3,13 @@
 A cell call is the streaming path: one step for a batch (B, D) or one
 unbatched frame (D,). It runs the same kernel as the layers with T = 1.
 """
+from types import SimpleNamespace
+
 import numpy as np
 
 from fastrnn import _forward
 from fastrnn import _validation as v
-from fastrnn._module import RecurrentWeights
+from fastrnn._module import Backprop, RecurrentWeights
 from fastrnn._validation import shape_str
 
 
@@ -39,19 +41,8 @@ class _CellBase(RecurrentWeights):
         return opts
 
     def __call__(self, x, hx=None):
-        owner = type(self).__name__
-        cfg = self._config
-        dtype, D, H = cfg["dtype"], cfg["input_size"], cfg["hidden_size"]
-        x = v.as_float_array(owner, "input", x, dtype)
-        if x.ndim not in (1, 2) or x.shape[-1] != D:
-            raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
-                             f"got {shape_str(x.shape)}")
-        batched = x.ndim == 2
-        x = x.reshape(-1, D)
-        B = x.shape[0]
-        if B > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
-        h, c = self._state(hx, B, batched)
+        x, B, batched, h, c = self._prepare(x, hx)
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
         if B > 0:
             bias_x, bias_h = self._kernel_biases()[0]
             G = self._gates
@@ -64,6 +55,49 @@ class _CellBase(RecurrentWeights):
                 gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.CELL_GRU else None,
                 out=h, lengths=None, acts=None, h_prev=None, c_prev=None,
                 max_rows=v.BLAS_INT_MAX)
+        return self._results(h, c, batched)
+
+    def forward_train(self, x, hx=None):
+        """One step in training mode: the result of a call, and a ``backprop``.
+
+        Returns
+        -------
+        h, backprop (RNNCell, GRUCell) or (h, c), backprop (LSTMCell)
+            ``dx, dhx = backprop(dh)`` (LSTMCell: ``backprop((dh, dc))``, either
+            part may be None) takes the gradient of the new state, adds the
+            parameter gradients into ``self.grads`` and returns the gradients of
+            ``x`` and of the previous state, in the structure of the state.
+            It may be called once.
+        """
+        x, B, batched, h, c = self._prepare(x, hx)
+        H = self._config["hidden_size"]
+        h_n, c_n = h[None], (None if c is None else c[None])
+        out = np.empty((1, B, H), self._config["dtype"])
+        tape = None
+        if B > 0:
+            tape = self._run(x[None], 1, B, False, h_n, c_n, out, None, train=True)
+        call = SimpleNamespace(T=1, B=B, batched=True, batch_first=False, x=x[None], out=out,
+                               h_n=h_n)
+        return self._results(h, c, batched), _CellBackprop(self, Backprop(self, call, tape),
+                                                            batched, B)
+
+    def _prepare(self, x, hx):
+        owner = type(self).__name__
+        cfg = self._config
+        dtype, D = cfg["dtype"], cfg["input_size"]
+        x = v.as_float_array(owner, "input", x, dtype)
+        if x.ndim not in (1, 2) or x.shape[-1] != D:
+            raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
+                             f"got {shape_str(x.shape)}")
+        batched = x.ndim == 2
+        x = x.reshape(-1, D)
+        B = x.shape[0]
+        if B > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
+        h, c = self._state(hx, B, batched)
+        return x, B, batched, h, c
+
+    def _results(self, h, c, batched):
         if not batched:
             h = h[0]
             c = None if c is None else c[0]
@@ -96,6 +130,46 @@ class _CellBase(RecurrentWeights):
                                      f"got {shape_str(arr.shape)}")
                 states.append(np.array(arr.reshape(B, H), dtype=dtype, order="C"))
         return states[0], (states[1] if self._has_cell_state else None)
+
+
+class _CellBackprop:
+    """A cell's backprop: the gradient of the new state in, those of the input
+    and of the previous state out (the layer backward with T = 1)."""
+
+    def __init__(self, cell, layer_backprop, batched, B):
+        self._cell, self._inner, self._batched, self._B = cell, layer_backprop, batched, B
+
+    def __call__(self, dstate):
+        cell = self._cell
+        owner = f"{type(cell).__name__}.backprop"
+        H, dtype = cell._config["hidden_size"], cell._config["dtype"]
+        shape = (self._B, H) if self._batched else (H,)
+        if cell._has_cell_state:
+            if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
+                raise TypeError(f"{owner}: expected a tuple (dh, dc) of arrays of shape "
+                                f"{shape_str(shape)}, got {type(dstate).__name__}")
+            parts = dict(zip(("dh", "dc"), dstate))
+        else:
+            if isinstance(dstate, (tuple, list)):
+                raise TypeError(f"{owner}: expected one array dh of shape {shape_str(shape)}, "
+                                f"got a {type(dstate).__name__}")
+            parts = {"dh": dstate}
+        grads = {}
+        for name, part in parts.items():
+            if part is None:
+                grads[name] = np.zeros((1, self._B, H), dtype)
+                continue
+            arr = v.as_float_array(owner, name, part, dtype)
+            if arr.shape != shape:
+                raise ValueError(f"{owner}: expected {name} of the state's shape "
+                                 f"{shape_str(shape)}, got {shape_str(arr.shape)}")
+            grads[name] = arr.reshape(1, self._B, H)
+        dstate_inner = (None, grads["dc"]) if cell._has_cell_state else None
+        dx, dhx = self._inner(grads["dh"], dstate_inner)
+        dx = dx[0] if self._batched else dx[0, 0]
+        dhx = dhx if cell._has_cell_state else (dhx,)
+        dhx = tuple(d[0] if self._batched else d[0, 0] for d in dhx)
+        return dx, (dhx if cell._has_cell_state else dhx[0])
 
 
 _CELL_DOC = """{summary}

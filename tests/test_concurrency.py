@@ -1,0 +1,127 @@
+"""Threads calling one module at once get exactly the results of calling it
+one call at a time: the kernels release the GIL, so the calls really overlap,
+and every call must use its own workspace and state."""
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from fastrnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+T, B, D, H = 50, 8, 32, 64
+WORKERS = 8
+N_INPUTS = 8
+ROUNDS = 2
+
+
+def flat(res):
+    """(out, h_n), (out, (h_n, c_n)), h or (h, c) -> a flat tuple of arrays."""
+    if not isinstance(res, tuple):
+        return (res,)
+    first, second = res
+    return (first, *second) if isinstance(second, tuple) else (first, second)
+
+
+def layer_inputs(m, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, D) if m.batch_first else (T, B, D)).astype(m.dtype)
+    dirs = 2 if m.bidirectional else 1
+    h = rng.standard_normal((m.num_layers * dirs, B, H)).astype(m.dtype)
+    hx = (h, np.tanh(h[::-1])) if isinstance(m, LSTM) else h
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[0] = T
+    return x, hx, lengths
+
+
+def cell_inputs(m, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, D)).astype(m.dtype)
+    h = rng.standard_normal((B, H)).astype(m.dtype)
+    return x, ((h, np.tanh(h[::-1])) if isinstance(m, LSTMCell) else h)
+
+
+def check_concurrent_equals_sequential(calls):
+    """calls: a list of zero-argument functions. Runs each once alone, then all
+    of them ROUNDS times, shuffled, on WORKERS threads, and compares bitwise."""
+    expected = [flat(f()) for f in calls]
+    jobs = list(range(len(calls))) * ROUNDS
+    random.Random(0).shuffle(jobs)
+    with ThreadPoolExecutor(WORKERS) as pool:
+        got = list(pool.map(lambda i: flat(calls[i]()), jobs))
+    for i, res in zip(jobs, got):
+        assert len(res) == len(expected[i])
+        for a, b in zip(res, expected[i]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert np.array_equal(a, b), f"call {i} differs when run concurrently"
+
+
+def make_layer(cls, dtype, batch_first, seed=0):
+    return cls(D, H, num_layers=2, bidirectional=True, batch_first=batch_first,
+               dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("cls", [RNN, GRU, LSTM])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_called_from_many_threads(cls, dtype, batch_first):
+    m = make_layer(cls, dtype, batch_first)
+    inputs = [layer_inputs(m, seed) for seed in range(N_INPUTS)]
+    calls = [lambda x=x, hx=hx, lengths=lengths: m(x, hx, lengths=lengths)
+             for x, hx, lengths in inputs]
+    calls += [lambda x=x: m(x) for x, _, _ in inputs[:4]]  # no state, all full length
+    check_concurrent_equals_sequential(calls)
+
+
+@pytest.mark.parametrize("cls", [RNNCell, GRUCell, LSTMCell])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cell_called_from_many_threads(cls, dtype):
+    m = cls(D, H, dtype=dtype, seed=0)
+    inputs = [cell_inputs(m, seed) for seed in range(4 * N_INPUTS)]
+    calls = [lambda x=x, hx=hx: m(x, hx) for x, hx in inputs]
+    calls += [lambda x=x: m(x[0]) for x, _ in inputs[:8]]  # unbatched, no state
+    check_concurrent_equals_sequential(calls)
+
+
+@pytest.mark.parametrize("cls", [RNN, GRU, LSTM])
+def test_first_calls_of_a_fresh_layer_from_many_threads(cls):
+    """The first calls build the cached kernel biases; racing them must not matter."""
+    twin = make_layer(cls, "float32", False)
+    inputs = [layer_inputs(twin, seed) for seed in range(WORKERS)]
+    expected = [flat(twin(x, hx, lengths=lengths)) for x, hx, lengths in inputs]
+    for _ in range(5):
+        fresh = make_layer(cls, "float32", False)
+        with ThreadPoolExecutor(WORKERS) as pool:
+            got = list(pool.map(lambda args: flat(fresh(args[0], args[1], lengths=args[2])),
+                                inputs))
+        for res, exp in zip(got, expected):
+            assert all(np.array_equal(a, b) for a, b in zip(res, exp))
+
+
+def test_different_modules_at_once():
+    modules = [make_layer(RNN, "float32", True, seed=1), make_layer(GRU, "float64", False, seed=2),
+               make_layer(LSTM, "float32", False, seed=3), RNNCell(D, H, nonlinearity="relu", seed=4),
+               GRUCell(D, H, dtype="float64", seed=5), LSTMCell(D, H, seed=6)]
+    calls = []
+    for k, m in enumerate(modules):
+        for seed in range(4):
+            if isinstance(m, (RNN, GRU, LSTM)):
+                x, hx, lengths = layer_inputs(m, 100 * k + seed)
+                calls.append(lambda m=m, x=x, hx=hx, lengths=lengths: m(x, hx, lengths=lengths))
+            else:
+                x, hx = cell_inputs(m, 100 * k + seed)
+                calls.append(lambda m=m, x=x, hx=hx: m(x, hx))
+    check_concurrent_equals_sequential(calls)
+
+
+@pytest.mark.parametrize("cls", [RNN, GRU, LSTM])
+def test_shared_input_arrays_across_threads(cls):
+    """Many threads reading the same x and hx arrays at once leave them intact."""
+    m = make_layer(cls, "float32", False)
+    x, hx, lengths = layer_inputs(m, 0)
+    for a in (x, *(hx if isinstance(hx, tuple) else (hx,)), lengths):
+        a.setflags(write=False)
+    copies = [a.copy() for a in (x, *(hx if isinstance(hx, tuple) else (hx,)))]
+    check_concurrent_equals_sequential([lambda: m(x, hx, lengths=lengths)] * WORKERS)
+    for a, c in zip((x, *(hx if isinstance(hx, tuple) else (hx,))), copies):
+        assert np.array_equal(a, c)
