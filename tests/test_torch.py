@@ -134,3 +134,77 @@ def test_torch_tensors_as_inputs(close):
         t_out, _ = tmod(x, (h0, c0))
     out, _ = fmod(x, (h0, c0), lengths=torch.tensor([5, 5]))
     close(out, to_np(t_out), "float32")
+
+
+GRAD_OPTIONS = list(itertools.product([1, 2], [False, True], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,use_lengths", GRAD_OPTIONS)
+@pytest.mark.parametrize("name,nonlinearity", CLASSES)
+def test_gradients_match_torch_autograd(name, nonlinearity, num_layers, bidirectional,
+                                        batch_first, use_lengths):
+    T, B, D, H = 6, 3, 4, 5
+    dtype = "float64"
+    rng = np.random.default_rng(num_layers * 4 + bidirectional * 2 + batch_first)
+    tmod, fmod = pair(name, nonlinearity, D, H, dtype, num_layers=num_layers,
+                      bidirectional=bidirectional, batch_first=batch_first)
+    dirs = 2 if bidirectional else 1
+    x = rng.standard_normal((B, T, D) if batch_first else (T, B, D))
+    states = [rng.standard_normal((num_layers * dirs, B, H))
+              for _ in range(2 if name == "LSTM" else 1)]
+    lengths = rng.integers(1, T + 1, size=B) if use_lengths else None
+    if use_lengths:
+        lengths[0] = T
+    w_out = rng.standard_normal((B, T, dirs * H) if batch_first else (T, B, dirs * H))
+    w_states = [rng.standard_normal(s.shape) for s in states]
+
+    tx = torch.tensor(x, requires_grad=True)
+    tstates = [torch.tensor(s, requires_grad=True) for s in states]
+    t_hx = tuple(tstates) if name == "LSTM" else tstates[0]
+    if use_lengths:
+        packed = pack_padded_sequence(tx, torch.from_numpy(lengths), batch_first=batch_first,
+                                      enforce_sorted=False)
+        t_out, t_state = tmod(packed, t_hx)
+        t_out, _ = pad_packed_sequence(t_out, batch_first=batch_first)
+    else:
+        t_out, t_state = tmod(tx, t_hx)
+    t_states = t_state if name == "LSTM" else (t_state,)
+    loss = (t_out * torch.from_numpy(w_out)).sum() + sum(
+        (s * torch.from_numpy(w)).sum() for s, w in zip(t_states, w_states))
+    loss.backward()
+
+    hx = tuple(states) if name == "LSTM" else states[0]
+    _, backprop = fmod.forward_train(x, hx, lengths=lengths)
+    dx, dhx = backprop(w_out, tuple(w_states) if name == "LSTM" else w_states[0])
+    tol = dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol)
+    for got, t in zip(dhx if name == "LSTM" else (dhx,), tstates):
+        np.testing.assert_allclose(got, t.grad.numpy(), **tol)
+    for pname, param in tmod.named_parameters():
+        np.testing.assert_allclose(fmod.grads[pname], param.grad.numpy(), **tol, err_msg=pname)
+
+
+@pytest.mark.parametrize("name,nonlinearity", [("RNNCell", "tanh"), ("RNNCell", "relu"),
+                                               ("GRUCell", None), ("LSTMCell", None)])
+def test_cell_gradients_match_torch_autograd(name, nonlinearity):
+    extra = {"nonlinearity": nonlinearity} if nonlinearity else {}
+    tcell = getattr(torch.nn, name)(4, 5, dtype=torch.float64, **extra)
+    fcell = getattr(fastrnn, name)(4, 5, dtype="float64", **extra)
+    fcell.load_state_dict(tcell.state_dict())
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 4))
+    states = [rng.standard_normal((3, 5)) for _ in range(2 if name == "LSTMCell" else 1)]
+    weights = [rng.standard_normal((3, 5)) for _ in states]
+    tx = torch.tensor(x, requires_grad=True)
+    tstates = [torch.tensor(s, requires_grad=True) for s in states]
+    t_new = tcell(tx, tuple(tstates) if name == "LSTMCell" else tstates[0])
+    t_new = t_new if name == "LSTMCell" else (t_new,)
+    sum((s * torch.from_numpy(w)).sum() for s, w in zip(t_new, weights)).backward()
+    _, backprop = fcell.forward_train(x, tuple(states) if name == "LSTMCell" else states[0])
+    dx, dhx = backprop(tuple(weights) if name == "LSTMCell" else weights[0])
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for got, t in zip(dhx if name == "LSTMCell" else (dhx,), tstates):
+        np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    for pname, param in tcell.named_parameters():
+        np.testing.assert_allclose(fcell.grads[pname], param.grad.numpy(), rtol=1e-10,
+                                   atol=1e-12, err_msg=pname)
