@@ -39,6 +39,9 @@ class Module:
         object.__setattr__(self, "_slots", {})    # name -> writeable view of our storage
         object.__setattr__(self, "_public", {})   # name -> read-only view of the same
         self._version = 0                         # bumped whenever parameters change
+        self._trainable = []                      # (writeable flat parameter, its gradient)
+        self._grads = MappingProxyType({})
+        self._grad_lock = threading.Lock()
 
     # --- configuration and parameters as attributes -------------------------
     def __getattr__(self, name):
@@ -60,10 +63,38 @@ class Module:
         object.__setattr__(self, name, value)
 
     def _register(self, name, storage_view):
-        self._slots[name] = storage_view
+        # a view of its own, so that it stays writeable after _lock_storage
+        self._slots[name] = storage_view.view()
         public = storage_view.view()
         public.flags.writeable = False
         self._public[name] = public
+
+    def _lock_storage(self, storage, grad):
+        """Make a parameter storage array read-only at its owner, so that no
+        public view can be made writeable again (numpy checks the owner); keep
+        a writeable view of it, paired with its gradient, for the optimizers.
+        Call after registering the views of the storage."""
+        self._trainable.append((storage.view(), grad))
+        storage.flags.writeable = False
+
+    @property
+    def grads(self):
+        """Accumulated gradients: same names and shapes as ``state_dict()``.
+
+        A read-only mapping of writeable arrays: backprop adds into them,
+        ``zero_grad()`` clears them, and gradient clipping may scale them.
+        """
+        return self._grads
+
+    def zero_grad(self):
+        """Set every accumulated gradient to zero."""
+        with self._grad_lock:
+            for _, grad in self._trainable:
+                grad[...] = 0
+
+    def _parameters_changed(self):
+        """Called after parameters were written in place (optimizer steps)."""
+        self._version += 1
 
     # --- state dict ---------------------------------------------------------
     def state_dict(self):
@@ -122,7 +153,8 @@ class Module:
             if value.shape != slot.shape:
                 raise ValueError(f"{owner}: expected {name} of shape {shape_str(slot.shape)}, "
                                  f"got {shape_str(value.shape)}")
-            value = value.astype(self.dtype)
+            with np.errstate(over="ignore"):  # overflow is reported just below
+                value = value.astype(self.dtype)
             if not np.isfinite(value).all():
                 raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf) "
                                  f"after conversion to {self.dtype}")
@@ -175,37 +207,18 @@ class RecurrentWeights(Module):
                     if params[key][k] is not None:
                         self._register(name, params[key][k][rows])
                         grad_views[name] = grads[key][k][rows]
-        # The storage owners are read-only, so that the public views can never be
-        # made writeable again (numpy checks the owner); the slots, made before,
-        # stay writeable for load_state_dict and the optimizers.
-        for arrays in params.values():
-            for arr in arrays:
+        for key in params:
+            for arr, grad in zip(params[key], grads[key]):
                 if arr is not None:
-                    arr.flags.writeable = False
+                    self._lock_storage(arr, grad)
         self._w_ih, self._w_hh, self._b_ih, self._b_hh = (params[k] for k in params)
         self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[k] for k in grads)
         self._grads = MappingProxyType(grad_views)
-        self._grad_lock = threading.Lock()
         self._bias_cache = (-1, None)
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for slot in self._slots.values():
             slot[...] = rng.uniform(-bound, bound, size=slot.shape)
-
-    @property
-    def grads(self):
-        """Accumulated gradients: same names and shapes as ``state_dict()``.
-
-        A read-only mapping of writeable arrays: ``backprop`` adds into them,
-        ``zero_grad()`` clears them, and gradient clipping may scale them.
-        """
-        return self._grads
-
-    def zero_grad(self):
-        """Set every accumulated gradient to zero."""
-        with self._grad_lock:
-            for g in self._grads.values():
-                g[...] = 0
 
     def _kernel_biases(self):
         """Per layer (bias_x, bias_h): the bias added to the input projection and

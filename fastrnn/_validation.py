@@ -102,6 +102,8 @@ def as_float_array(owner, name, value, dtype):
 def check_lengths(owner, lengths, batch, steps):
     """lengths: B integers in [1, T] -> a contiguous int64 array."""
     arr = to_numpy(owner, "lengths", lengths)
+    if arr.size == 0 and arr.dtype.kind == "f":  # numpy makes [] float64
+        arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{owner}: lengths must be integers, got dtype {arr.dtype}")
     if arr.shape != (batch,):

@@ -95,6 +95,22 @@ class _RNNBase(RecurrentWeights):
                              call.out, call.lengths, train=True)
         return self._results(call), Backprop(self, call, tape)
 
+    # Sequential protocol (see fastrnn.nn): batch-first sequences in and out
+    def _seq_infer(self, x):
+        if self._config["batch_first"]:
+            return self(x)[0]
+        return np.ascontiguousarray(self(np.swapaxes(x, 0, 1))[0].swapaxes(0, 1))
+
+    def _seq_train(self, x):
+        swap = not self._config["batch_first"]
+        (out, _), backprop = self.forward_train(np.swapaxes(x, 0, 1) if swap else x)
+
+        def backprop_seq(dy):
+            dx, _ = backprop(np.swapaxes(dy, 0, 1) if swap else dy)
+            return np.swapaxes(dx, 0, 1) if swap else dx
+
+        return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
+
     def _prepare(self, x, hx, lengths):
         """Validate and convert a call's arguments; allocate its outputs."""
         owner = type(self).__name__

@@ -1,0 +1,315 @@
+"""Optimizers with PyTorch's update maths and defaults, gradient clipping and
+learning-rate schedules.
+
+An optimizer takes modules (any fastrnn layer, cell, Linear, or a
+Sequential), or is bound to a model by ``Sequential.compile``. It updates
+each module's parameters from its accumulated ``grads``:
+
+    opt = fastrnn.optim.Adam([lstm, head], lr=1e-3)
+    ...backprop...
+    opt.step(); opt.zero_grad()
+"""
+import math
+import numbers
+
+import numpy as np
+
+
+def _modules_of(params):
+    """Flatten modules / Sequentials / lists of them to parameter owners."""
+    if params is None:
+        return []
+    if hasattr(params, "_modules_with_parameters"):
+        return list(params._modules_with_parameters())
+    if hasattr(params, "_trainable"):
+        return [params]
+    if isinstance(params, (list, tuple)):
+        return [m for p in params for m in _modules_of(p)]
+    raise TypeError(f"optimizer: params must be fastrnn modules, a Sequential or a list of "
+                    f"them, got {type(params).__name__}")
+
+
+def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value >= high):
+        bound = f"({low}" if low_open else f"[{low}"
+        raise ValueError(f"{owner}: {name} must lie in {bound}, "
+                         f"{'inf' if high is None else high}), got {value}")
+    return float(value)
+
+
+class Optimizer:
+    """Base: holds the (parameter, gradient) pairs and per-parameter state."""
+
+    def __init__(self, params, lr):
+        self.lr = _check_number(type(self).__name__, "lr", lr)
+        self._modules = []
+        self._pairs = []
+        self._state = []
+        self.step_count = 0
+        self.add(params)
+
+    def add(self, params):
+        """Add the parameters of more modules (a module is added once)."""
+        for module in _modules_of(params):
+            if any(module is m for m in self._modules):
+                continue
+            self._modules.append(module)
+            for param, grad in module._trainable:
+                self._pairs.append((param, grad))
+                self._state.append({})
+
+    @property
+    def bound(self):
+        return bool(self._pairs)
+
+    def zero_grad(self):
+        for module in self._modules:
+            module.zero_grad()
+
+    def step(self):
+        """One update of every parameter from its gradient."""
+        self.step_count += 1
+        for (param, grad), state in zip(self._pairs, self._state):
+            self._update(param, grad.astype(param.dtype, copy=True), state)
+        for module in self._modules:
+            module._parameters_changed()
+
+    def state_dict(self):
+        """Hyper-parameters, step count and per-parameter state (copies)."""
+        return {"lr": self.lr, "step_count": self.step_count,
+                "state": [{k: val.copy() for k, val in s.items()} for s in self._state]}
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, PyTorch's ``torch.optim.SGD``.
+
+    g = grad + weight_decay * p; with momentum, b = momentum * b + (1 - dampening) * g
+    (b = g at the first step), g = g + momentum * b if nesterov else b;
+    p -= lr * g.
+    """
+
+    def __init__(self, params=None, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        self.momentum = _check_number("SGD", "momentum", momentum)
+        self.dampening = _check_number("SGD", "dampening", dampening)
+        self.weight_decay = _check_number("SGD", "weight_decay", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")
+        self.nesterov = bool(nesterov)
+        super().__init__(params, lr)
+
+    def _update(self, p, g, state):
+        if self.weight_decay:
+            g += self.weight_decay * p
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p -= self.lr * g
+
+
+class Adam(Optimizer):
+    """Adam, PyTorch's ``torch.optim.Adam`` (weight_decay as L2 on the gradient).
+
+    m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2;
+    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+    """
+    _decoupled = False
+
+    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False):
+        owner = type(self).__name__
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{owner}: betas must be a pair of numbers, got {betas!r}")
+        self.betas = tuple(_check_number(owner, "betas", b, high=1.0) for b in betas)
+        self.eps = _check_number(owner, "eps", eps)
+        self.weight_decay = _check_number(owner, "weight_decay", weight_decay)
+        self.amsgrad = bool(amsgrad)
+        super().__init__(params, lr)
+
+    def _update(self, p, g, state):
+        beta1, beta2 = self.betas
+        if self.weight_decay:
+            if self._decoupled:
+                p *= 1 - self.lr * self.weight_decay
+            else:
+                g += self.weight_decay * p
+        if not state:
+            state["exp_avg"] = np.zeros_like(p)
+            state["exp_avg_sq"] = np.zeros_like(p)
+            if self.amsgrad:
+                state["max_exp_avg_sq"] = np.zeros_like(p)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        if self.amsgrad:
+            np.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+            v = state["max_exp_avg_sq"]
+        t = self.step_count
+        step_size = self.lr / (1 - beta1 ** t)
+        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** t) + self.eps
+        p -= step_size * m / denom
+
+
+class AdamW(Adam):
+    """AdamW, PyTorch's ``torch.optim.AdamW``: decoupled weight decay
+    p *= 1 - lr * weight_decay before the Adam update (default 1e-2)."""
+    _decoupled = True
+
+    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, PyTorch's ``torch.optim.RMSprop``.
+
+    s = alpha s + (1 - alpha) g^2 (centered: minus the squared running mean
+    of g); with momentum, b = momentum b + g / (sqrt(s) + eps), p -= lr b;
+    else p -= lr g / (sqrt(s) + eps).
+    """
+
+    def __init__(self, params=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False):
+        self.alpha = _check_number("RMSprop", "alpha", alpha)
+        self.eps = _check_number("RMSprop", "eps", eps)
+        self.weight_decay = _check_number("RMSprop", "weight_decay", weight_decay)
+        self.momentum = _check_number("RMSprop", "momentum", momentum)
+        self.centered = bool(centered)
+        super().__init__(params, lr)
+
+    def _update(self, p, g, state):
+        if self.weight_decay:
+            g += self.weight_decay * p
+        if not state:
+            state["square_avg"] = np.zeros_like(p)
+            if self.centered:
+                state["grad_avg"] = np.zeros_like(p)
+            if self.momentum > 0:
+                state["momentum_buffer"] = np.zeros_like(p)
+        sq = state["square_avg"]
+        sq *= self.alpha
+        sq += (1 - self.alpha) * g * g
+        if self.centered:
+            ga = state["grad_avg"]
+            ga *= self.alpha
+            ga += (1 - self.alpha) * g
+            avg = np.sqrt(sq - ga * ga) + self.eps
+        else:
+            avg = np.sqrt(sq) + self.eps
+        if self.momentum > 0:
+            buf = state["momentum_buffer"]
+            buf *= self.momentum
+            buf += g / avg
+            p -= self.lr * buf
+        else:
+            p -= self.lr * g / avg
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+
+
+def get_optimizer(optimizer):
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
+        return OPTIMIZERS[optimizer.lower()]()
+    raise ValueError(f"optimizer must be a fastrnn optimizer or one of {sorted(OPTIMIZERS)}, "
+                     f"got {optimizer!r}")
+
+
+# --- gradient clipping -----------------------------------------------------------
+def _grads(params):
+    return [grad for module in _modules_of(params) for _, grad in module._trainable]
+
+
+def clip_grad_norm(params, max_norm, error_if_nonfinite=False):
+    """Scale all gradients together so that their global L2 norm is at most
+    ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
+    max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
+    grads = _grads(params)
+    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+    if error_if_nonfinite and not math.isfinite(total):
+        raise ValueError(f"clip_grad_norm: the total gradient norm is {total}")
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g *= scale
+    return total
+
+
+def clip_grad_value(params, clip_value):
+    """Clamp every gradient element into [-clip_value, clip_value]."""
+    clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
+    for g in _grads(params):
+        np.clip(g, -clip_value, clip_value, out=g)
+
+
+# --- learning-rate schedules -----------------------------------------------------
+class LRScheduler:
+    """Base: ``step()`` once per epoch (``fit`` does it when given as a callback)."""
+
+    def __init__(self, optimizer):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(self).__name__}: expected a fastrnn optimizer, "
+                            f"got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.base_lr = optimizer.lr
+        self.epoch = 0
+
+    def step(self):
+        self.epoch += 1
+        self.optimizer.lr = self._lr(self.epoch)
+        return self.optimizer.lr
+
+    # callback protocol
+    def on_epoch_end(self, model, epoch, logs):
+        self.step()
+
+
+class StepLR(LRScheduler):
+    """lr = base_lr * gamma ** (epoch // step_size)."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1):
+        super().__init__(optimizer)
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral) \
+                or step_size < 1:
+            raise ValueError(f"StepLR: step_size must be a positive int, got {step_size!r}")
+        self.step_size, self.gamma = int(step_size), _check_number("StepLR", "gamma", gamma)
+
+    def _lr(self, epoch):
+        return self.base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class ExponentialLR(LRScheduler):
+    """lr = base_lr * gamma ** epoch."""
+
+    def __init__(self, optimizer, gamma):
+        super().__init__(optimizer)
+        self.gamma = _check_number("ExponentialLR", "gamma", gamma)
+
+    def _lr(self, epoch):
+        return self.base_lr * self.gamma ** epoch
+
+
+class CosineAnnealingLR(LRScheduler):
+    """lr = eta_min + (base_lr - eta_min) (1 + cos(pi epoch / T_max)) / 2."""
+
+    def __init__(self, optimizer, T_max, eta_min=0.0):
+        super().__init__(optimizer)
+        if isinstance(T_max, bool) or not isinstance(T_max, numbers.Integral) or T_max < 1:
+            raise ValueError(f"CosineAnnealingLR: T_max must be a positive int, got {T_max!r}")
+        self.T_max, self.eta_min = int(T_max), _check_number("CosineAnnealingLR", "eta_min",
+                                                             eta_min)
+
+    def _lr(self, epoch):
+        return self.eta_min + (self.base_lr - self.eta_min) * (
+            1 + math.cos(math.pi * epoch / self.T_max)) / 2
