@@ -18,8 +18,8 @@ directives = {
 }
 
 extensions = [
-    Extension("fastrnn._forward", ["fastrnn/_forward.pyx"]),
-    Extension("fastrnn._backward", ["fastrnn/_backward.pyx"]),
+    Extension("fastrnn._forward", ["fastrnn/_forward.pyx"], include_dirs=["fastrnn"]),
+    Extension("fastrnn._backward", ["fastrnn/_backward.pyx"], include_dirs=["fastrnn"]),
 ]
 
 setup(

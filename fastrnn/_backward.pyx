@@ -17,9 +17,10 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
-from fastrnn._blas cimport gemm, gemv
+from fastrnn._blas cimport (gemm, gemv, one_thread_block, GEMM_ONE_THREAD_MNK,
+                           GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
-                             tanh_)
+                             tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 
 # Per-row elementwise backward. dh holds dL/dh_t on entry (carried plus this
@@ -84,6 +85,26 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
         dh[j] = 0
 
 
+cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
+                          const floating* dg, Py_ssize_t ldg, const floating* w_hh,
+                          floating* dh) noexcept nogil:
+    """dh (B, H) += dg (B, GH; rows ldg apart) @ w_hh (GH, H), summed over
+    blocks of gates small enough for OpenBLAS to stay on this thread."""
+    cdef Py_ssize_t start, n
+    cdef Py_ssize_t block = one_thread_block(H, GEMV_ONE_THREAD_MN) if B == 1 else \
+        one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
+    cdef floating one = 1
+    start = 0
+    while start < GH:
+        n = min(block, GH - start)
+        if B == 1:
+            gemv(True, <int>n, <int>H, one, w_hh + start * H, <int>H, dg + start, one, dh)
+        else:
+            gemm(False, False, <int>B, <int>H, <int>n, one, dg + start, <int>ldg,
+                 w_hh + start * H, <int>H, one, dh, <int>H)
+        start += n
+
+
 cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           Py_ssize_t H, Py_ssize_t dirs,
                           Py_ssize_t row_t, Py_ssize_t row_b,
@@ -101,7 +122,6 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     cdef Py_ssize_t s, t, b, j, row
     cdef floating* dh_b
     cdef const floating* dout_row
-    cdef floating one = 1
     for s in range(T):
         t = s if reverse else T - 1 - s
         for b in range(B):
@@ -126,14 +146,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _rnn_tanh_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
             else:
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
-        # dh_{t-1} += dG_t . W_hh
-        if B == 1:
-            gemv(True, <int>GH, <int>H, one, w_hh, <int>H,
-                 dgh + t * row_t * g_cols, one, dh)
-        else:
-            gemm(False, False, <int>B, <int>H, <int>GH, one,
-                 dgh + t * row_t * g_cols, <int>(row_b * g_cols), w_hh, <int>H,
-                 one, dh, <int>H)
+        _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh)
 
 
 def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
@@ -166,9 +179,11 @@ def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
     cdef floating* dc_ptr = NULL if dc is None else &dc[0, 0, 0]
     cdef floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
+    cdef unsigned int fpenv
     if T == 0 or B == 0:
         return
     with nogil:
+        fpenv = fastrnn_flush_denormals()
         for d in range(dirs):
             _back_direction(
                 cell, d == 1, T, B, H, dirs, row_t, row_b,
@@ -177,6 +192,7 @@ def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                 &w_hh[d * GH, 0], &dout[0, 0] + d * H,
                 &dh[d, 0, 0], NULL if dc_ptr == NULL else dc_ptr + d * B * H,
                 &dgx[0, 0] + d * GH, dgh_ptr + d * GH, len_ptr)
+        fastrnn_restore_fpenv(fpenv)
 
 
 cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols,

@@ -38,3 +38,19 @@ cdef inline void gemv(bint trans_a, int m, int n, floating alpha,
     else:
         dgemv(&t, &n, &m, &alpha, <double*>a, &lda, <double*>x, &one,
               &beta, y, &one)
+
+
+# OpenBLAS runs a gemm on one thread when m * n * k <= 65536 * 4 and a gemv
+# when m * n < 2304 * 4 (interface/gemm.c, gemv.c). The per-step products of
+# a recurrence are cut into blocks under these bounds: waking threads every
+# step costs more than the step (3-6x slower training measured on 2 cores).
+cdef enum:
+    GEMM_ONE_THREAD_MNK = 262144
+    GEMV_ONE_THREAD_MN = 9215
+
+
+cdef inline Py_ssize_t one_thread_block(Py_ssize_t other, Py_ssize_t limit) noexcept nogil:
+    """The largest block of one dimension whose product with ``other`` stays
+    within ``limit`` (at least 1)."""
+    cdef Py_ssize_t block = limit // other if other > 0 else limit
+    return block if block > 0 else 1

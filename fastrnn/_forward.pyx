@@ -26,9 +26,11 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
-from fastrnn._blas cimport gemm, gemv
+from fastrnn._blas cimport (gemm, gemv, one_thread_block, GEMM_ONE_THREAD_MNK,
+                           GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
-                             rnn_tanh_row, rnn_relu_row, gru_row, lstm_row)
+                             rnn_tanh_row, rnn_relu_row, gru_row, lstm_row,
+                             fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 # exported to Python so that the cell codes are defined once
 CELL_RNN_TANH = RNN_TANH
@@ -54,6 +56,26 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
         gemm(False, True, <int>n_rows, <int>N, <int>D, <floating>1,
              x + start * D, <int>D, w_ih, <int>D, beta, gx + start * N, <int>N)
         start += n_rows
+
+
+cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
+                             const floating* h, const floating* w_hh,
+                             floating* g, Py_ssize_t ldg) noexcept nogil:
+    """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T, in blocks of gate
+    columns small enough for OpenBLAS to stay on this thread."""
+    cdef Py_ssize_t start, n
+    cdef Py_ssize_t block = one_thread_block(H, GEMV_ONE_THREAD_MN) if B == 1 else \
+        one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
+    cdef floating one = 1
+    start = 0
+    while start < GH:
+        n = min(block, GH - start)
+        if B == 1:
+            gemv(False, <int>n, <int>H, one, w_hh + start * H, <int>H, h, one, g + start)
+        else:
+            gemm(False, True, <int>B, <int>n, <int>H, one, h, <int>H,
+                 w_hh + start * H, <int>H, one, g + start, <int>ldg)
+        start += n
 
 
 cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
@@ -92,16 +114,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
                 else:
                     memset(gh + b * GH, 0, GH * sizeof(floating))
-            if B == 1:
-                gemv(False, <int>GH, <int>H, one, w_hh, <int>H, h, one, gh)
-            else:
-                gemm(False, True, <int>B, <int>GH, <int>H, one, h, <int>H,
-                     w_hh, <int>H, one, gh, <int>GH)
-        elif B == 1:
-            gemv(False, <int>GH, <int>H, one, w_hh, <int>H, h, one, g_t)
+            _recurrent_product(B, GH, H, h, w_hh, gh, GH)
         else:
-            gemm(False, True, <int>B, <int>GH, <int>H, one, h, <int>H,
-                 w_hh, <int>H, one, g_t, <int>(row_b * gx_cols))
+            _recurrent_product(B, GH, H, h, w_hh, g_t, row_b * gx_cols)
 
         # fused gate pass, row by row
         for b in range(B):
@@ -166,9 +181,11 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
     cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
     cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
+    cdef unsigned int fpenv
     if T == 0 or B == 0:
         return
     with nogil:
+        fpenv = fastrnn_flush_denormals()
         _project_inputs(&x[0, 0], T * B, x.shape[1], &w_ih[0, 0], dirs * GH,
                         bias_x_ptr, &gx[0, 0], max_rows)
         for d in range(dirs):
@@ -182,3 +199,4 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                 NULL if h_prev_ptr == NULL else h_prev_ptr + d * H,
                 NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
                 len_ptr)
+        fastrnn_restore_fpenv(fpenv)

@@ -11,6 +11,11 @@
 from cython cimport floating
 from libc.math cimport exp, expf, tanh, tanhf
 
+cdef extern from "_fpenv.h":
+    unsigned int fastrnn_flush_denormals() noexcept nogil
+    void fastrnn_restore_fpenv(unsigned int old) noexcept nogil
+
+
 # cell kinds, shared by the forward and backward kernels
 cdef enum:
     RNN_TANH = 0

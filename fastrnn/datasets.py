@@ -1,0 +1,40 @@
+"""Small public-domain data sets shipped with fastrnn (see data/README.md)."""
+from importlib import resources
+
+import numpy as np
+
+
+def _read_text(name):
+    return resources.files("fastrnn").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def load_sunspots():
+    """Yearly mean sunspot numbers 1700-2008 (NOAA NGDC; public domain).
+
+    Returns
+    -------
+    years : ndarray of shape (309,), int
+    values : ndarray of shape (309,), float64
+    """
+    rows = [line.split(",") for line in _read_text("sunspots.csv").splitlines()[1:] if line]
+    table = np.array(rows, dtype=np.float64)
+    return table[:, 0].astype(np.int64), table[:, 1]
+
+
+def load_hamlet():
+    """Shakespeare's Hamlet, Acts I and II, as one plain-text string (public domain)."""
+    return _read_text("hamlet_acts_1_2.txt")
+
+
+def windows(series, steps):
+    """Sliding windows for one-step-ahead forecasting.
+
+    Returns x of shape (N - steps, steps, 1), the windows, and y of shape
+    (N - steps, 1), the value after each window.
+    """
+    series = np.asarray(series, dtype=np.float64)
+    if series.ndim != 1 or not 0 < steps < len(series):
+        raise ValueError(f"windows: expected a 1-D series longer than steps={steps}, "
+                         f"got shape {series.shape}")
+    idx = np.arange(steps)[None, :] + np.arange(len(series) - steps)[:, None]
+    return series[idx][..., None], series[steps:, None]

@@ -1,0 +1,1 @@
+"""Runnable examples: ``fastrnn sunspots``, ``fastrnn adding``, ``fastrnn charlm``."""
