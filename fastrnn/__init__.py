@@ -17,12 +17,12 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
         "use the 'pytest' command rather than 'python -m pytest'.") from exc
 from fastrnn import losses, optim
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
-from fastrnn.layers import GRU, LSTM, RNN
+from fastrnn.layers import GRU, LSTM, RNN, tbptt
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Loss, MSELoss
 from fastrnn.model import Callback, EarlyStopping, History, Sequential, load
 from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
 
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
            "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "EarlyStopping", "Callback",
-           "History", "load", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
+           "History", "load", "tbptt", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
            "BCEWithLogitsLoss", "losses", "optim", "__version__"]

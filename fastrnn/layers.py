@@ -180,6 +180,48 @@ class _RNNBase(RecurrentWeights):
                 states.append(np.array(arr.reshape(shape), dtype=cfg["dtype"], order="C"))
         return states[0], (states[1] if self._has_cell_state else None)
 
+def tbptt(layer, x, steps, hx=None):
+    """Truncated BPTT over a long stream, one line per chunk.
+
+    Splits ``x`` along time into chunks of ``steps`` steps and runs
+    ``layer.forward_train`` on each, starting from the state the previous
+    chunk ended with. The state is carried forward, the gradient is not (a
+    chunk's backprop stops at its first step).
+
+    Parameters
+    ----------
+    layer : RNN, GRU or LSTM
+    x : array-like, the whole stream, laid out as ``layer`` expects
+    steps : int, the chunk length (the last chunk may be shorter)
+    hx : the initial state, or None for zeros
+
+    Yields
+    ------
+    (time, out, backprop)
+        ``time`` the slice of steps the chunk covers (index targets with it),
+        ``out`` the chunk's output, and its ``backprop(dout, dstate=None)``.
+
+    Examples
+    --------
+    >>> for time, out, backprop in fastrnn.tbptt(lstm, x, steps=50):
+    ...     loss, dout = mse.value_and_grad(out, y[time])
+    ...     backprop(dout); opt.step(); opt.zero_grad()
+    """
+    if not isinstance(layer, _RNNBase):
+        raise TypeError(f"tbptt: layer must be an RNN, GRU or LSTM, got {type(layer).__name__}")
+    steps = v.check_int("tbptt", "steps", steps)
+    x = v.to_numpy("tbptt", "x", x)
+    time_axis = 1 if layer.batch_first and x.ndim == 3 else 0
+    if x.ndim not in (2, 3):
+        raise ValueError(f"tbptt: expected x with 2 or 3 dimensions, got {shape_str(x.shape)}")
+    state = hx
+    for start in range(0, x.shape[time_axis], steps):
+        time = slice(start, min(start + steps, x.shape[time_axis]))
+        chunk = x[:, time] if time_axis == 1 else x[time]
+        (out, state), backprop = layer.forward_train(chunk, state)
+        yield time, out, backprop
+
+
 _LAYER_DOC = """{summary}
 
     Parameters

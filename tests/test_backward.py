@@ -200,3 +200,35 @@ def test_padding_values_never_reach_gradients():
     assert not results[1][1][3:, 1].any()                   # padded input gets zero gradient
     for k in results[0][2]:
         np.testing.assert_array_equal(results[0][2][k], results[1][2][k])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_tbptt_carries_state_not_gradient(kind, batch_first):
+    rng = np.random.default_rng(11)
+    layer = make_layer(kind, 3, 4, num_layers=2, batch_first=batch_first, dtype="float64",
+                       seed=5)
+    x = rng.standard_normal((2, 23, 3) if batch_first else (23, 2, 3))
+    full_out, _ = layer(x)
+    chunks = list(fastrnn.tbptt(layer, x, steps=5))
+    assert [c[0] for c in chunks] == [slice(0, 5), slice(5, 10), slice(10, 15), slice(15, 20),
+                                      slice(20, 23)]
+    axis = 1 if batch_first else 0
+    np.testing.assert_allclose(np.concatenate([c[1] for c in chunks], axis=axis), full_out,
+                               rtol=0, atol=1e-14)
+    # the gradient of a chunk is that of forward_train on the chunk alone, from
+    # the carried state treated as a constant
+    time, out, backprop = chunks[2]
+    dout = rng.standard_normal(out.shape)
+    layer.zero_grad()
+    dx, _ = backprop(dout)
+    got = {k: g.copy() for k, g in layer.grads.items()}
+    prefix = x[:, :10] if batch_first else x[:10]
+    _, state = layer(prefix)
+    layer.zero_grad()
+    (out2, _), backprop2 = layer.forward_train(x[:, time] if batch_first else x[time], state)
+    dx2, _ = backprop2(dout)
+    np.testing.assert_allclose(out, out2, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(dx, dx2, rtol=0, atol=1e-14)
+    for k, g in layer.grads.items():
+        np.testing.assert_allclose(got[k], g, rtol=0, atol=1e-14)

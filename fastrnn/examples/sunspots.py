@@ -16,6 +16,7 @@ numbers (1700-2008, NOAA, public domain) scaled to [0, 1], in windows of 10
 years predicting the next. Run: ``fastrnn sunspots`` (or ``fastrnn demo``).
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -81,7 +82,7 @@ def _save_plot(history, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return f"loss plot saved to {path}"
+    return f"loss plot saved to {os.path.abspath(path)}"
 
 
 def cli(argv=None):
