@@ -8,6 +8,7 @@ output needs no transpose.
 import numbers
 
 import numpy as np
+from scipy.special import expit
 
 from fastrnn import _validation as v
 from fastrnn._validation import shape_str
@@ -101,6 +102,8 @@ class CrossEntropyLoss(Loss):
         if pred.ndim < 1 or pred.shape[:-1] != target.shape:
             raise ValueError(f"{owner}: expected pred of shape (..., C) and target of shape "
                              f"(...), got {shape_str(pred.shape)} and {shape_str(target.shape)}")
+        if pred.size == 0:
+            raise ValueError(f"{owner}: got empty pred and target")
         n_classes = pred.shape[-1]
         valid = target != self.ignore_index
         if valid.any() and (target[valid].min() < 0 or target[valid].max() >= n_classes):
@@ -143,7 +146,7 @@ class BCEWithLogitsLoss(Loss):
         scale = 1 + (w - 1) * target
         softplus_neg = np.logaddexp(0, -pred)
         values = (1 - target) * pred + scale * softplus_neg
-        sig_neg = 1 / (1 + np.exp(pred))                        # sigmoid(-x)
+        sig_neg = expit(-pred)                                  # sigmoid(-x), no overflow
         grad = ((1 - target) - scale * sig_neg) / pred.dtype.type(pred.size)
         return float(values.mean()), grad.astype(pred.dtype, copy=False)
 

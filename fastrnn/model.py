@@ -8,8 +8,8 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
+import uuid
 import zipfile
 
 import numpy as np
@@ -96,7 +96,7 @@ class EarlyStopping(Callback):
                 self.best_weights = model.state_dict()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= max(self.patience, 1):  # Keras: `patience` epochs without improvement
             self.stopped_epoch = epoch
             model.stop_training = True
 
@@ -244,6 +244,14 @@ class Sequential:
         opt = get_optimizer(optimizer)
         if not opt.bound:
             opt.add(self)
+        else:
+            missing = [m for m in self._modules_with_parameters()
+                       if not any(m is o for o in opt._modules)]
+            if missing:
+                raise ValueError(f"Sequential.compile: the optimizer was built for other "
+                                 f"parameters and would not train {missing}; pass an "
+                                 f"optimizer built without params (it is bound here), or "
+                                 f"one built with this model")
         self.optimizer = opt
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -319,8 +327,12 @@ class Sequential:
             x_val, y_val = self._as_input(validation_data[0]), np.asarray(validation_data[1])
             self._check_pair(x_val, y_val)
         elif validation_split:
-            split = v.check_dropout("Sequential.fit", validation_split)  # a float in [0, 1)
-            n_val = int(len(x) * split)
+            split = validation_split
+            if isinstance(split, bool) or not isinstance(split, (int, float)) \
+                    or not 0 <= split < 1:
+                raise ValueError(f"Sequential.fit: validation_split must be a float in [0, 1), "
+                                 f"got {split!r}")
+            n_val = len(x) - int(math.floor(len(x) * (1.0 - split)))  # Keras' rounding
             if n_val == 0 or n_val == len(x):
                 raise ValueError(f"Sequential.fit: validation_split={split} leaves "
                                  f"{len(x) - n_val} training and {n_val} validation samples")
@@ -384,10 +396,10 @@ class Sequential:
         arrays = {f"weights/{k}": val for k, val in self.state_dict().items()}
         arrays["config"] = np.array(json.dumps(config))
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        # a fresh name beside the target (default permissions, unlike mkstemp's 0600)
+        tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 np.savez(f, **arrays)
             os.replace(tmp, path)
         except BaseException:
@@ -397,34 +409,58 @@ class Sequential:
 
     @classmethod
     def load(cls, path):
-        """Rebuild a model saved with ``save`` (weights exact; not compiled)."""
+        """Rebuild a model saved with ``save`` (weights exact; not compiled).
+
+        Raises FileNotFoundError for a missing file and ValueError for anything
+        that is not a complete, consistent fastrnn model file.
+        """
         path = os.fspath(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"fastrnn.load: {path!r} is not a readable fastrnn model file "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"fastrnn.load: {path!r} holds a single array, not a fastrnn "
+                             f"model file")
+        try:
+            with data:
                 config = json.loads(str(data["config"][()]))
                 weights = {k[len("weights/"):]: data[k] for k in data.files
                            if k.startswith("weights/")}
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile,
+            return cls._from_config(config, weights)
+        except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile,
                 json.JSONDecodeError) as exc:
-            raise ValueError(f"fastrnn.load: {path!r} is not a readable fastrnn model file "
-                             f"({type(exc).__name__}: {exc})") from None
+            message = str(exc)
+            if not message.startswith("fastrnn.load"):
+                message = (f"fastrnn.load: {path!r} is not a valid fastrnn model file "
+                           f"({type(exc).__name__}: {message})")
+            raise ValueError(message) from None
+
+    @classmethod
+    def _from_config(cls, config, weights):
         if not isinstance(config, dict) or config.get("format") != _FORMAT:
-            raise ValueError(f"fastrnn.load: {path!r} is not a fastrnn Sequential file")
+            raise ValueError("fastrnn.load: not a fastrnn Sequential file (format field)")
+        entries = config.get("layers")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("fastrnn.load: the file lists no layers")
         layers = []
-        for i, entry in enumerate(config.get("layers", [])):
+        for i, entry in enumerate(entries):
             name = entry.get("class") if isinstance(entry, dict) else None
             if name not in _LAYER_CLASSES or not isinstance(entry.get("config"), dict):
-                raise ValueError(f"fastrnn.load: layer {i} of {path!r} names an unknown "
-                                 f"class {name!r}")
+                raise ValueError(f"fastrnn.load: layer {i} names an unknown class {name!r}")
             try:
                 layers.append(_LAYER_CLASSES[name](**entry["config"]))
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"fastrnn.load: layer {i} ({name}) of {path!r} has a bad "
-                                 f"configuration: {exc}") from None
+                raise ValueError(f"fastrnn.load: layer {i} ({name}) has a bad configuration: "
+                                 f"{exc}") from None
         model = cls(layers)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"fastrnn.load: the weights do not fit the layers: {exc}") from None
         return model
 
 

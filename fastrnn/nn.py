@@ -10,6 +10,7 @@ batch-first, (B, T, features).
 from types import MappingProxyType
 
 import numpy as np
+from scipy.special import expit
 
 from fastrnn import _validation as v
 from fastrnn._module import Module
@@ -142,6 +143,8 @@ class Dropout(_Stateless):
         p = self._config["p"]
         if p == 0:
             return x, lambda dy: dy
+        if x.dtype.kind != "f":  # integer features: scale in floating point
+            x = x.astype(np.result_type(x.dtype, np.float32))
         mask = (self._rng.random(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
         return x * mask, lambda dy: dy * mask
 
@@ -179,7 +182,7 @@ class Sigmoid(_Activation):
     """1 / (1 + exp(-x)), elementwise."""
 
     def _seq_infer(self, x):
-        return 1 / (1 + np.exp(-x))
+        return expit(x)  # no overflow warning at large |x|
 
     def _derivative(self, x, y):
         return y * (1 - y)

@@ -79,7 +79,7 @@ class Optimizer:
     def state_dict(self):
         """Hyper-parameters, step count and per-parameter state (copies)."""
         return {"lr": self.lr, "step_count": self.step_count,
-                "state": [{k: val.copy() for k, val in s.items()} for s in self._state]}
+                "state": [{k: np.copy(val) for k, val in s.items()} for s in self._state]}
 
 
 class SGD(Optimizer):
@@ -141,10 +141,12 @@ class Adam(Optimizer):
             else:
                 g += self.weight_decay * p
         if not state:
+            state["step"] = 0    # per parameter, as PyTorch: one added later starts at 1
             state["exp_avg"] = np.zeros_like(p)
             state["exp_avg_sq"] = np.zeros_like(p)
             if self.amsgrad:
                 state["max_exp_avg_sq"] = np.zeros_like(p)
+        state["step"] += 1
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m *= beta1
         m += (1 - beta1) * g
@@ -153,7 +155,7 @@ class Adam(Optimizer):
         if self.amsgrad:
             np.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
             v = state["max_exp_avg_sq"]
-        t = self.step_count
+        t = state["step"]
         step_size = self.lr / (1 - beta1 ** t)
         denom = np.sqrt(v) / math.sqrt(1 - beta2 ** t) + self.eps
         p -= step_size * m / denom
