@@ -29,7 +29,7 @@ from libc.string cimport memcpy, memset
 from fastrnn._blas cimport (gemm, gemv, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
-                             rnn_tanh_row, rnn_relu_row, gru_row, lstm_row,
+                             rnn_row, gru_row, lstm_row,
                              fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 # exported to Python so that the cell codes are defined once
@@ -131,10 +131,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H)
             elif cell == GRU:
                 gru_row(gx + row * gx_cols, gh + b * GH, h + b * H, out_row, acts_row, H)
-            elif cell == RNN_TANH:
-                rnn_tanh_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H)
             else:
-                rnn_relu_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H)
+                rnn_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H,
+                        cell == RNN_RELU)
 
 
 def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,

@@ -59,30 +59,17 @@ cdef inline floating relu(floating v) noexcept nogil:
     return 0 if v < 0 else v
 
 
-cdef inline void rnn_tanh_row(const floating* g, floating* h, floating* out,
-                              floating* acts, Py_ssize_t H) noexcept nogil:
+cdef inline void rnn_row(const floating* g, floating* h, floating* out,
+                         floating* acts, Py_ssize_t H, bint use_relu) noexcept nogil:
+    """acts: h' itself (the derivative of tanh or relu needs only the output)."""
     cdef Py_ssize_t j
     cdef floating v
     for j in range(H):
-        v = tanh_(g[j])
+        v = relu(g[j]) if use_relu else tanh_(g[j])
         h[j] = v
         out[j] = v
-    if acts != NULL:
-        for j in range(H):
-            acts[j] = h[j]
-
-
-cdef inline void rnn_relu_row(const floating* g, floating* h, floating* out,
-                              floating* acts, Py_ssize_t H) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef floating v
-    for j in range(H):
-        v = relu(g[j])
-        h[j] = v
-        out[j] = v
-    if acts != NULL:
-        for j in range(H):
-            acts[j] = h[j]
+        if acts != NULL:
+            acts[j] = v
 
 
 cdef inline void gru_row(const floating* gx, const floating* gh, floating* h,

@@ -373,7 +373,12 @@ class Backprop:
         if dout.shape != self._out_shape:
             raise ValueError(f"{owner}: expected dout of the output's shape "
                              f"{shape_str(self._out_shape)}, got {shape_str(dout.shape)}")
-        dh, dc = self._state_grads(owner, dstate, dtype, has_c)
+        names = ("dh_n", "dc_n") if has_c else ("dh_n",)
+        T, B = self._T, self._B
+        full = (self._state_shape[0], B, self._state_shape[-1])
+        grads = v.state_arrays(owner, "dstate", dstate, names, self._state_shape, dtype,
+                               full_shape=full, optional_parts=True)
+        dh, dc = grads[0], (grads[1] if has_c else None)
         with self._lock:
             if self._used:
                 raise RuntimeError(f"{owner}: this backprop has already run; call "
@@ -384,9 +389,6 @@ class Backprop:
                                    f"activations no longer match them")
             self._used = True
             tape, self._tape = self._tape, None  # free the saves when done
-        T, B = self._T, self._B
-        full = (self._state_shape[0], B, self._state_shape[-1])
-        dh, dc = dh.reshape(full), (None if dc is None else dc.reshape(full))
         if B == 0:
             dx = np.zeros(self._x_shape, dtype)
         else:
@@ -405,33 +407,6 @@ class Backprop:
         dh, dc = dh.reshape(self._state_shape), (None if dc is None
                                                  else dc.reshape(self._state_shape))
         return dx, ((dh, dc) if has_c else dh)
-
-    def _state_grads(self, owner, dstate, dtype, has_c):
-        """Fresh arrays for the gradients of the final state (zeros where None)."""
-        names = ("dh_n", "dc_n") if has_c else ("dh_n",)
-        if dstate is None:
-            parts = (None,) * len(names)
-        elif has_c:
-            if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
-                raise TypeError(f"{owner}: dstate must be None or a tuple (dh_n, dc_n), "
-                                f"got {type(dstate).__name__}")
-            parts = dstate
-        else:
-            if isinstance(dstate, (tuple, list)):
-                raise TypeError(f"{owner}: dstate must be None or one array of shape "
-                                f"{shape_str(self._state_shape)}, got a {type(dstate).__name__}")
-            parts = (dstate,)
-        grads = []
-        for name, part in zip(names, parts):
-            if part is None:
-                grads.append(np.zeros(self._state_shape, dtype))
-                continue
-            arr = to_numpy(owner, name, part)
-            if arr.shape != self._state_shape:
-                raise ValueError(f"{owner}: expected {name} of the state's shape "
-                                 f"{shape_str(self._state_shape)}, got {shape_str(arr.shape)}")
-            grads.append(np.array(arr, dtype=dtype, order="C"))
-        return grads[0], (grads[1] if has_c else None)
 
 
 def _padding_mask(T, B, batch_first, lengths):

@@ -99,6 +99,41 @@ def as_float_array(owner, name, value, dtype):
     return np.asarray(to_numpy(owner, name, value), dtype=dtype, order="C")
 
 
+def state_arrays(owner, arg, value, names, expected, dtype, full_shape=None,
+                 optional_parts=False):
+    """Fresh C-contiguous arrays of ``dtype`` for a state argument.
+
+    ``value`` is None (all zeros), one array (one name) or a tuple of
+    ``len(names)`` arrays, each of shape ``expected``; they come back reshaped
+    to ``full_shape``. With ``optional_parts`` a part may be None (zeros).
+    """
+    full_shape = expected if full_shape is None else full_shape
+    if value is None:
+        parts = (None,) * len(names)
+    elif len(names) > 1:
+        if not isinstance(value, (tuple, list)) or len(value) != len(names):
+            raise TypeError(f"{owner}: {arg} must be a tuple ({', '.join(names)}) of arrays of "
+                            f"shape {shape_str(expected)}, got {type(value).__name__}")
+        parts = value
+    else:
+        if isinstance(value, (tuple, list)):
+            raise TypeError(f"{owner}: {arg} must be one array of shape {shape_str(expected)}, "
+                            f"got a {type(value).__name__}")
+        parts = (value,)
+    arrays = []
+    for name, part in zip(names, parts):
+        if part is None and (value is None or optional_parts):
+            arrays.append(np.zeros(full_shape, dtype))
+            continue
+        arr = to_numpy(owner, name, part)
+        if arr.shape != expected:
+            raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
+                             f"got {shape_str(arr.shape)}")
+        # our own copy: the kernels update states in place
+        arrays.append(np.array(arr.reshape(full_shape), dtype=dtype, order="C"))
+    return arrays
+
+
 def check_lengths(owner, lengths, batch, steps):
     """lengths: B integers in [1, T] -> a contiguous int64 array."""
     arr = to_numpy(owner, "lengths", lengths)

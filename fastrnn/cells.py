@@ -105,30 +105,11 @@ class _CellBase(RecurrentWeights):
 
     def _state(self, hx, B, batched):
         """Fresh (B, H) state arrays holding hx (or zeros)."""
-        owner = type(self).__name__
-        dtype, H = self._config["dtype"], self._config["hidden_size"]
-        expected = (B, H) if batched else (H,)
+        H = self._config["hidden_size"]
         names = ("h", "c") if self._has_cell_state else ("hx",)
-        if hx is None:
-            states = [np.zeros((B, H), dtype) for _ in names]
-        else:
-            if self._has_cell_state:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"{owner}: hx must be a tuple (h, c) of arrays of shape "
-                                    f"{shape_str(expected)}, got {type(hx).__name__}")
-                parts = hx
-            else:
-                if isinstance(hx, (tuple, list)):
-                    raise TypeError(f"{owner}: hx must be one array of shape "
-                                    f"{shape_str(expected)}, got a {type(hx).__name__}")
-                parts = (hx,)
-            states = []
-            for name, part in zip(names, parts):
-                arr = v.to_numpy(owner, name, part)
-                if arr.shape != expected:
-                    raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
-                                     f"got {shape_str(arr.shape)}")
-                states.append(np.array(arr.reshape(B, H), dtype=dtype, order="C"))
+        states = v.state_arrays(type(self).__name__, "hx", hx, names,
+                                (B, H) if batched else (H,), self._config["dtype"],
+                                full_shape=(B, H))
         return states[0], (states[1] if self._has_cell_state else None)
 
 
@@ -144,26 +125,10 @@ class _CellBackprop:
         owner = f"{type(cell).__name__}.backprop"
         H, dtype = cell._config["hidden_size"], cell._config["dtype"]
         shape = (self._B, H) if self._batched else (H,)
-        if cell._has_cell_state:
-            if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
-                raise TypeError(f"{owner}: expected a tuple (dh, dc) of arrays of shape "
-                                f"{shape_str(shape)}, got {type(dstate).__name__}")
-            parts = dict(zip(("dh", "dc"), dstate))
-        else:
-            if isinstance(dstate, (tuple, list)):
-                raise TypeError(f"{owner}: expected one array dh of shape {shape_str(shape)}, "
-                                f"got a {type(dstate).__name__}")
-            parts = {"dh": dstate}
-        grads = {}
-        for name, part in parts.items():
-            if part is None:
-                grads[name] = np.zeros((1, self._B, H), dtype)
-                continue
-            arr = v.as_float_array(owner, name, part, dtype)
-            if arr.shape != shape:
-                raise ValueError(f"{owner}: expected {name} of the state's shape "
-                                 f"{shape_str(shape)}, got {shape_str(arr.shape)}")
-            grads[name] = arr.reshape(1, self._B, H)
+        names = ("dh", "dc") if cell._has_cell_state else ("dh",)
+        grads = dict(zip(names, v.state_arrays(owner, "the state gradient", dstate, names,
+                                               shape, dtype, full_shape=(1, self._B, H),
+                                               optional_parts=True)))
         dstate_inner = (None, grads["dc"]) if cell._has_cell_state else None
         dx, dhx = self._inner(grads["dh"], dstate_inner)
         dx = dx[0] if self._batched else dx[0, 0]

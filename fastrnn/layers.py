@@ -151,34 +151,14 @@ class _RNNBase(RecurrentWeights):
 
     def _initial_state(self, hx, B, batched):
         """Fresh (layers * dirs, B, H) state arrays holding hx (or zeros)."""
-        owner = type(self).__name__
         cfg = self._config
-        dirs = 2 if cfg["bidirectional"] else 1
-        shape = (cfg["num_layers"] * dirs, B, cfg["hidden_size"])
-        expected = shape if batched else (shape[0], shape[2])
+        shape = (cfg["num_layers"] * self._dirs, B, cfg["hidden_size"])
         names = ("h_0", "c_0") if self._has_cell_state else ("hx",)
-        if hx is None:
-            states = [np.zeros(shape, cfg["dtype"]) for _ in names]
-        else:
-            if self._has_cell_state:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"{owner}: hx must be a tuple (h_0, c_0) of arrays of shape "
-                                    f"{shape_str(expected)}, got {type(hx).__name__}")
-                parts = hx
-            else:
-                if isinstance(hx, (tuple, list)):
-                    raise TypeError(f"{owner}: hx must be one array of shape "
-                                    f"{shape_str(expected)}, got a {type(hx).__name__}")
-                parts = (hx,)
-            states = []
-            for name, part in zip(names, parts):
-                arr = v.to_numpy(owner, name, part)
-                if arr.shape != expected:
-                    raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
-                                     f"got {shape_str(arr.shape)}")
-                # our own copy: the kernels update it in place into h_n / c_n
-                states.append(np.array(arr.reshape(shape), dtype=cfg["dtype"], order="C"))
+        states = v.state_arrays(type(self).__name__, "hx", hx, names,
+                                shape if batched else (shape[0], shape[2]), cfg["dtype"],
+                                full_shape=shape)
         return states[0], (states[1] if self._has_cell_state else None)
+
 
 def tbptt(layer, x, steps, hx=None):
     """Truncated BPTT over a long stream, one line per chunk.
