@@ -232,3 +232,50 @@ def test_tbptt_carries_state_not_gradient(kind, batch_first):
     np.testing.assert_allclose(dx, dx2, rtol=0, atol=1e-14)
     for k, g in layer.grads.items():
         np.testing.assert_allclose(got[k], g, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backprop_bad_inputs(kind):
+    layer = make_layer(kind, 3, 4, num_layers=2, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    (out, state), backprop = layer.forward_train(x)
+    with pytest.raises(ValueError, match=r"expected dout of the output's shape \(5, 2, 4\), "
+                                         r"got \(5, 2, 3\)"):
+        backprop(np.ones((5, 2, 3)))
+    with pytest.raises(TypeError, match="dout must have a real numeric dtype"):
+        backprop(np.ones((5, 2, 4), complex))
+    if kind == "lstm":
+        with pytest.raises(TypeError, match=r"dstate must be a tuple \(dh_n, dc_n\)"):
+            backprop(np.ones_like(out), np.ones((2, 2, 4)))
+    else:
+        with pytest.raises(TypeError, match="dstate must be one array"):
+            backprop(np.ones_like(out), (np.ones((2, 2, 4)),))
+    with pytest.raises(ValueError, match=r"expected dh_n of shape \(2, 2, 4\), got \(2, 4\)"):
+        backprop(np.ones_like(out), (np.ones((2, 4)), None) if kind == "lstm" else np.ones((2, 4)))
+    # a refused call does not use the backprop up; a successful one does
+    dx, _ = backprop(np.ones_like(out))
+    assert dx.shape == x.shape
+    with pytest.raises(RuntimeError, match="already run"):
+        backprop(np.ones_like(out))
+
+
+def test_backprop_refuses_after_parameters_changed():
+    layer = fastrnn.GRU(3, 4, seed=0)
+    (out, _), backprop = layer.forward_train(np.ones((2, 1, 3)))
+    layer.load_state_dict(fastrnn.GRU(3, 4, seed=1).state_dict())
+    with pytest.raises(RuntimeError, match="parameters changed after forward_train"):
+        backprop(np.ones_like(out))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cell_backprop_bad_inputs(kind):
+    cell = make_cell(kind, 3, 4, seed=0)
+    _, backprop = cell.forward_train(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"expected dh of shape \(2, 4\), got \(4,\)"):
+        backprop((np.ones(4), None) if kind == "lstm" else np.ones(4))
+    if kind == "lstm":
+        with pytest.raises(TypeError, match=r"must be a tuple \(dh, dc\)"):
+            backprop(np.ones((2, 4)))
+    backprop((np.ones((2, 4)), None) if kind == "lstm" else np.ones((2, 4)))
+    with pytest.raises(RuntimeError, match="already run"):
+        backprop((np.ones((2, 4)), None) if kind == "lstm" else np.ones((2, 4)))
