@@ -9,7 +9,8 @@
 #   gx   (R, dirs * G * H) input projection of every row and direction: one
 #                          GEMM before the loop
 #   out  (R, dirs * H)     h of every step
-#   acts (R, dirs * S * H) training only: activations saved for backward
+#   acts (R, dirs * S * H) activations saved for backward; in inference one
+#                          scratch row (1, dirs * S * H), rewritten every row
 #   h_prev, c_prev (R, dirs * H) training only: the state before each step
 #
 # Per step: one recurrent product (gemv at batch 1) accumulated into the
@@ -83,18 +84,18 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          Py_ssize_t row_t, Py_ssize_t row_b,
                          floating* gx, const floating* w_hh, const floating* b_hh,
                          floating* h, floating* c, floating* gh, floating* out,
-                         floating* acts, floating* h_prev, floating* c_prev,
+                         floating* acts, Py_ssize_t acts_stride,
+                         floating* h_prev, floating* c_prev,
                          const int64_t* lengths) noexcept nogil:
     """One direction over all steps; every buffer pointer is already offset to
     this direction's column block."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
-    cdef Py_ssize_t acts_cols = dirs * num_saved(cell) * H
     cdef Py_ssize_t s, t, b, row
     cdef floating* g_t
     cdef floating* out_row
-    cdef floating* acts_row = NULL
+    cdef floating* acts_row
     cdef floating one = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
@@ -125,8 +126,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             if lengths != NULL and t >= lengths[b]:
                 memset(out_row, 0, H * sizeof(floating))
                 continue
-            if acts != NULL:
-                acts_row = acts + row * acts_cols
+            acts_row = acts + row * acts_stride
             if cell == LSTM:
                 lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H)
             elif cell == GRU:
@@ -149,6 +149,7 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                   floating[:, ::1] out,
                   const int64_t[::1] lengths,
                   floating[:, ::1] acts,
+                  bint train,
                   floating[:, ::1] h_prev,
                   floating[:, ::1] c_prev,
                   Py_ssize_t max_rows):
@@ -160,9 +161,10 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
     projection, or None; bias_h (N,) the GRU's recurrent bias, or None (other
     cells fold it into bias_x); h, c (dirs, B, H) the initial state in, the
     final state out (c None unless LSTM); gx (R, N) workspace; gh (B * G * H,)
-    GRU workspace or None; out (R, dirs * H); lengths (B,) or None.
-    Training saves (None in inference): acts (R, dirs * S * H), h_prev and
-    c_prev (R, dirs * H). max_rows caps the rows of one input-projection GEMM
+    GRU workspace or None; out (R, dirs * H); lengths (B,) or None;
+    acts (R, dirs * S * H) in training, a (1, dirs * S * H) scratch row in
+    inference. Training saves (None in inference): h_prev and c_prev
+    (R, dirs * H). max_rows caps the rows of one input-projection GEMM
     (BLAS int range).
     """
     cdef Py_ssize_t dirs = h.shape[0]
@@ -176,7 +178,8 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
     cdef const floating* bias_h_ptr = NULL if bias_h is None else &bias_h[0]
     cdef floating* c_ptr = NULL if c is None else &c[0, 0, 0]
     cdef floating* gh_ptr = NULL if gh is None else &gh[0]
-    cdef floating* acts_ptr = NULL if acts is None else &acts[0, 0]
+    cdef floating* acts_ptr = &acts[0, 0]
+    cdef Py_ssize_t acts_stride = acts.shape[1] if train else 0
     cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
     cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
@@ -194,7 +197,7 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                 NULL if bias_h_ptr == NULL else bias_h_ptr + d * GH,
                 &h[d, 0, 0], NULL if c_ptr == NULL else c_ptr + d * B * H,
                 gh_ptr, &out[0, 0] + d * H,
-                NULL if acts_ptr == NULL else acts_ptr + d * S,
+                acts_ptr + d * S, acts_stride,
                 NULL if h_prev_ptr == NULL else h_prev_ptr + d * H,
                 NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
                 len_ptr)

@@ -276,12 +276,11 @@ class RecurrentWeights(Module):
                 layer_out = spare
             else:
                 layer_out = np.empty((rows, dirs * H), dtype)
-            saves = {}
+            saved_cols = dirs * (4 if is_gru or is_lstm else 1) * H
+            saves = {"acts": np.empty((rows if train else 1, saved_cols), dtype)}
             if train:
-                saves = {"acts": np.empty((rows, dirs * (4 if is_gru or is_lstm else 1) * H),
-                                          dtype),
-                         "h_prev": np.empty((rows, dirs * H), dtype),
-                         "c_prev": np.empty((rows, dirs * H), dtype) if is_lstm else None}
+                saves["h_prev"] = np.empty((rows, dirs * H), dtype)
+                saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
             _forward.forward_layer(
                 cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
                 x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k],
@@ -289,7 +288,7 @@ class RecurrentWeights(Module):
                 h=h_n[k * dirs:(k + 1) * dirs],
                 c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
                 gx=gx, gh=gh, out=layer_out, lengths=lengths,
-                acts=saves.get("acts"), h_prev=saves.get("h_prev"),
+                acts=saves["acts"], train=train, h_prev=saves.get("h_prev"),
                 c_prev=saves.get("c_prev"), max_rows=v.BLAS_INT_MAX)
             if train:
                 saves["x"] = layer_in

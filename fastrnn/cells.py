@@ -46,6 +46,7 @@ class _CellBase(RecurrentWeights):
         if B > 0:
             bias_x, bias_h = self._kernel_biases()[0]
             G = self._gates
+            S = 4 * H if G > 1 else H
             # h is both the state the kernel updates and its output
             _forward.forward_layer(
                 cell=self._kernel_code, T=1, B=B, batch_first=False,
@@ -53,7 +54,8 @@ class _CellBase(RecurrentWeights):
                 h=h[None], c=None if c is None else c[None],
                 gx=np.empty((B, G * H), dtype),
                 gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.CELL_GRU else None,
-                out=h, lengths=None, acts=None, h_prev=None, c_prev=None,
+                out=h, lengths=None, acts=np.empty((1, S), dtype), train=False,
+                h_prev=None, c_prev=None,
                 max_rows=v.BLAS_INT_MAX)
         return self._results(h, c, batched)
 
