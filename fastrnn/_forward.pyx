@@ -30,7 +30,7 @@ from libc.string cimport memcpy, memset
 from fastrnn._blas cimport (gemm, gemv, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
-                             rnn_row, gru_row, lstm_row,
+                             rnn_row, gru_row, lstm_row, sigmoid, tanh_,
                              fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 # exported to Python so that the cell codes are defined once
@@ -202,3 +202,13 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                 NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
                 len_ptr)
         fastrnn_restore_fpenv(fpenv)
+
+
+def activations(*, const float[::1] x, float[::1] sigmoid_out, float[::1] tanh_out):
+    """The float32 sigmoid and tanh exactly as the kernels compute them,
+    elementwise over x (for the accuracy tests)."""
+    cdef Py_ssize_t j
+    with nogil:
+        for j in range(x.shape[0]):
+            sigmoid_out[j] = sigmoid(x[j])
+            tanh_out[j] = tanh_(x[j])

@@ -1,0 +1,76 @@
+"""Accuracy of the float32 activations over their whole input range.
+
+The kernels compute float32 sigmoid and tanh with their own polynomials
+(fastrnn/_gates.pxd). These tests sweep float32 bit patterns across every
+binade, positive and negative, and bound the error against float64 libm.
+"""
+import numpy as np
+import pytest
+
+from fastrnn import _forward
+
+
+def run(x):
+    x = np.ascontiguousarray(x, np.float32)
+    s, t = np.empty_like(x), np.empty_like(x)
+    _forward.activations(x=x, sigmoid_out=s, tanh_out=t)
+    return s, t
+
+
+def all_finite_floats(stride=251):
+    """Every stride-th positive finite float32 (all binades, denormals too),
+    and their negatives."""
+    bits = np.arange(0, 0x7F800000, stride, dtype=np.uint32)
+    pos = bits.view(np.float32)
+    return np.concatenate([pos, -pos])
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    x = all_finite_floats()
+    s, t = run(x)
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref_s = 1 / (1 + np.exp(-x64))
+    return x, s, t, ref_s, np.tanh(x64)
+
+
+def test_sigmoid_absolute_error(sweep):
+    x, s, _, ref, _ = sweep
+    assert np.abs(s - ref).max() <= 1.5e-7                     # ~1 float32 ulp at 0.5-1
+    assert s.min() >= 0 and s.max() <= 1
+
+
+def test_sigmoid_relative_error_in_the_negative_tail(sweep):
+    """1 / (1 + e^-x) keeps relative accuracy where sigmoid is tiny (ORT's
+    0.5 + p/q form does not); flush-to-zero territory excepted."""
+    x, s, _, ref, _ = sweep
+    tail = (x < 0) & (ref > 1e-37)
+    rel = np.abs(s[tail] - ref[tail]) / ref[tail]
+    assert rel.max() <= 2e-6
+
+
+def test_tanh_relative_error(sweep):
+    """tanh stays accurate relative to its value near 0 (no cancellation)."""
+    x, _, t, _, ref = sweep
+    nonzero = np.abs(ref) > 1e-30
+    rel = np.abs(t[nonzero] - ref[nonzero]) / np.abs(ref[nonzero])
+    assert rel.max() <= 4 * np.finfo(np.float32).eps             # within 4 ulp
+    assert np.abs(t - ref).max() <= 1.2e-7
+    assert np.abs(t).max() <= 1
+
+
+def test_tanh_is_odd_and_exact_at_zero():
+    x = np.float32([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0])
+    _, t = run(x)
+    np.testing.assert_array_equal(t[::2], -t[1::2])
+    assert t[0] == 0 and np.signbit(t[1])
+
+
+def test_special_values():
+    s, t = run(np.float32([np.nan, np.inf, -np.inf, 88.0, -88.0, 1e30, -1e30]))
+    assert np.isnan(s[0]) and np.isnan(t[0])                    # NaN propagates
+    assert s[1] == 1 and 0 <= s[2] < 1e-37     # 1 / (1 + e^88): a denormal, 0 under FTZ
+    np.testing.assert_array_equal(t[1:3], [1, -1])
+    np.testing.assert_array_equal(t[3:], [1, -1, 1, -1])
+    assert s[3] == 1 and 0 <= s[4] < 1e-37
