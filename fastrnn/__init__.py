@@ -8,7 +8,7 @@ PyTorch's, so a PyTorch ``state_dict()`` loads directly.
 from fastrnn._version import __version__
 
 try:
-    from fastrnn import _forward  # noqa: F401
+    from fastrnn import _kernels  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on how it was installed
     raise ImportError(
         "fastrnn's compiled kernels are missing: install with 'pip install .', or build in "

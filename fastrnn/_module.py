@@ -15,7 +15,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from fastrnn import _backward, _forward
+from fastrnn._kernels import backward as _backward
+from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
 from fastrnn._validation import shape_str, to_numpy
 
@@ -306,7 +307,7 @@ class RecurrentWeights(Module):
             layer_in = layer_out
         return tape
 
-    def _backward(self, tape, T, B, dout, dh, dc):
+    def _bptt(self, tape, T, B, dout, dh, dc):
         """BPTT through every layer of a tape from ``_run(train=True)``.
 
         dout (R, dirs * H) the gradient of the top layer's output in the tape's
@@ -397,7 +398,7 @@ class Backprop:
             tape_bf = tape["batch_first"]
             if tape_bf != self._batch_first:
                 dout = dout.transpose(1, 0, 2)
-            dx = module._backward(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
+            dx = module._bptt(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
                                   dh, dc)
             dx = dx.reshape((B, T, -1) if tape_bf else (T, B, -1))
             if tape_bf != self._batch_first:

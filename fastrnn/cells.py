@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from fastrnn import _forward
+from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
 from fastrnn._module import Backprop, RecurrentWeights
 from fastrnn._validation import shape_str

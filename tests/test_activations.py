@@ -4,16 +4,26 @@ The kernels compute float32 sigmoid and tanh with their own polynomials
 (fastrnn/_gates.pxd). These tests sweep float32 bit patterns across every
 binade, positive and negative, and bound the error against float64 libm.
 """
+import importlib
+
 import numpy as np
 import pytest
 
-from fastrnn import _forward
+from fastrnn import _kernels
+
+# both builds of the kernels where this CPU runs both (setup.py, _kernels.py)
+BUILDS = ["fastrnn._forward"] + (["fastrnn._forward_avx2"] if _kernels.SIMD == "avx2" else [])
 
 
-def run(x):
+@pytest.fixture(scope="module", params=BUILDS)
+def kernels(request):
+    return importlib.import_module(request.param)
+
+
+def run(x, kernels=_kernels.forward):
     x = np.ascontiguousarray(x, np.float32)
     s, t = np.empty_like(x), np.empty_like(x)
-    _forward.activations(x=x, sigmoid_out=s, tanh_out=t)
+    kernels.activations(x=x, sigmoid_out=s, tanh_out=t)
     return s, t
 
 
@@ -26,9 +36,9 @@ def all_finite_floats(stride=251):
 
 
 @pytest.fixture(scope="module")
-def sweep():
+def sweep(kernels):
     x = all_finite_floats()
-    s, t = run(x)
+    s, t = run(x, kernels)
     x64 = x.astype(np.float64)
     with np.errstate(over="ignore"):
         ref_s = 1 / (1 + np.exp(-x64))
@@ -60,15 +70,15 @@ def test_tanh_relative_error(sweep):
     assert np.abs(t).max() <= 1
 
 
-def test_tanh_is_odd_and_exact_at_zero():
+def test_tanh_is_odd_and_exact_at_zero(kernels):
     x = np.float32([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 3.0, -3.0])
-    _, t = run(x)
+    _, t = run(x, kernels)
     np.testing.assert_array_equal(t[::2], -t[1::2])
     assert t[0] == 0 and np.signbit(t[1])
 
 
-def test_special_values():
-    s, t = run(np.float32([np.nan, np.inf, -np.inf, 88.0, -88.0, 1e30, -1e30]))
+def test_special_values(kernels):
+    s, t = run(np.float32([np.nan, np.inf, -np.inf, 88.0, -88.0, 1e30, -1e30]), kernels)
     assert np.isnan(s[0]) and np.isnan(t[0])                    # NaN propagates
     assert s[1] == 1 and 0 <= s[2] < 1e-37     # 1 / (1 + e^88): a denormal, 0 under FTZ
     np.testing.assert_array_equal(t[1:3], [1, -1])
