@@ -61,9 +61,12 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
 
 cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                              const floating* h, const floating* w_hh,
+                             const floating* w_hh_t, Py_ssize_t ld_t,
                              floating* g, Py_ssize_t ldg) noexcept nogil:
     """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T, in blocks of gate
-    columns small enough for OpenBLAS to stay on this thread."""
+    columns small enough for OpenBLAS to stay on this thread. Batch 1 uses
+    gemv on w_hh (GH, H); larger batches gemm on its transpose w_hh_t (H, GH;
+    rows ld_t apart), which OpenBLAS multiplies faster (no transposed operand)."""
     cdef Py_ssize_t start, n
     cdef Py_ssize_t block = one_thread_block(H, GEMV_ONE_THREAD_MN) if B == 1 else \
         one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
@@ -74,15 +77,16 @@ cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
         if B == 1:
             gemv(False, <int>n, <int>H, one, w_hh + start * H, <int>H, h, one, g + start)
         else:
-            gemm(False, True, <int>B, <int>n, <int>H, one, h, <int>H,
-                 w_hh + start * H, <int>H, one, g + start, <int>ldg)
+            gemm(False, False, <int>B, <int>n, <int>H, one, h, <int>H,
+                 w_hh_t + start, <int>ld_t, one, g + start, <int>ldg)
         start += n
 
 
 cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          Py_ssize_t H, Py_ssize_t dirs,
                          Py_ssize_t row_t, Py_ssize_t row_b,
-                         floating* gx, const floating* w_hh, const floating* b_hh,
+                         floating* gx, const floating* w_hh, const floating* w_hh_t,
+                         const floating* b_hh,
                          floating* h, floating* c, floating* gh, floating* out,
                          floating* acts, Py_ssize_t acts_stride,
                          floating* h_prev, floating* c_prev,
@@ -115,9 +119,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
                 else:
                     memset(gh + b * GH, 0, GH * sizeof(floating))
-            _recurrent_product(B, GH, H, h, w_hh, gh, GH)
+            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, gh, GH)
         else:
-            _recurrent_product(B, GH, H, h, w_hh, g_t, row_b * gx_cols)
+            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols)
 
         # fused gate pass, row by row
         for b in range(B):
@@ -140,6 +144,7 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                   const floating[:, ::1] x,
                   const floating[:, ::1] w_ih,
                   const floating[:, ::1] w_hh,
+                  const floating[:, ::1] w_hh_t,
                   const floating[::1] bias_x,
                   const floating[::1] bias_h,
                   floating[:, :, ::1] h,
@@ -158,7 +163,8 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
     Shapes (R = T * B rows in time-major or batch-first order, dirs
     directions, G gates, N = dirs * G * H; all checked by the caller):
     x (R, D); w_ih (N, D); w_hh (N, H); bias_x (N,) added to the input
-    projection, or None; bias_h (N,) the GRU's recurrent bias, or None (other
+    projection, or None; w_hh_t (H, N) its transpose, direction d in columns
+    d * G * H onwards; bias_h (N,) the GRU's recurrent bias, or None (other
     cells fold it into bias_x); h, c (dirs, B, H) the initial state in, the
     final state out (c None unless LSTM); gx (R, N) workspace; gh (B * G * H,)
     GRU workspace or None; out (R, dirs * H); lengths (B,) or None;
@@ -193,7 +199,7 @@ def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
         for d in range(dirs):
             _run_direction(
                 cell, d == 1, T, B, H, dirs, row_t, row_b,
-                &gx[0, 0] + d * GH, &w_hh[d * GH, 0],
+                &gx[0, 0] + d * GH, &w_hh[d * GH, 0], &w_hh_t[0, 0] + d * GH,
                 NULL if bias_h_ptr == NULL else bias_h_ptr + d * GH,
                 &h[d, 0, 0], NULL if c_ptr == NULL else c_ptr + d * B * H,
                 gh_ptr, &out[0, 0] + d * H,

@@ -215,26 +215,29 @@ class RecurrentWeights(Module):
         self._w_ih, self._w_hh, self._b_ih, self._b_hh = (params[k] for k in params)
         self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[k] for k in grads)
         self._grads = MappingProxyType(grad_views)
-        self._bias_cache = (-1, None)
+        self._weights_cache = (-1, None)
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for slot in self._slots.values():
             slot[...] = rng.uniform(-bound, bound, size=slot.shape)
 
-    def _kernel_biases(self):
-        """Per layer (bias_x, bias_h): the bias added to the input projection and
-        the GRU's recurrent bias (other cells fold b_hh into bias_x)."""
-        version, terms = self._bias_cache
+    def _kernel_weights(self):
+        """Per layer (bias_x, bias_h, w_hh_t) as the forward kernel takes them:
+        the bias added to the input projection, the GRU's recurrent bias (other
+        cells fold b_hh into bias_x), and W_hh transposed to (H, dirs * G * H).
+        Derived from the parameters, cached until they change."""
+        version, terms = self._weights_cache
         if version != self._version:
             terms = []
-            for b_ih, b_hh in zip(self._b_ih, self._b_hh):
+            for b_ih, b_hh, w_hh in zip(self._b_ih, self._b_hh, self._w_hh):
+                w_hh_t = np.ascontiguousarray(w_hh.T)
                 if b_ih is None:
-                    terms.append((None, None))
+                    terms.append((None, None, w_hh_t))
                 elif self._kernel_code == _forward.CELL_GRU:
-                    terms.append((b_ih, b_hh))
+                    terms.append((b_ih, b_hh, w_hh_t))
                 else:
-                    terms.append((b_ih + b_hh, None))
-            self._bias_cache = (self._version, terms)
+                    terms.append((b_ih + b_hh, None, w_hh_t))
+            self._weights_cache = (self._version, terms)
         return terms
 
     def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
@@ -269,7 +272,7 @@ class RecurrentWeights(Module):
         tape = {"batch_first": batch_first, "lengths": lengths, "version": self._version,
                 "layers": []} if train else None
         spare = None
-        for k, (bias_x, bias_h) in enumerate(self._kernel_biases()):
+        for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights()):
             last = k == L - 1
             if last:
                 layer_out = out.reshape(rows, -1)
@@ -284,7 +287,7 @@ class RecurrentWeights(Module):
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
             _forward.forward_layer(
                 cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
-                x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k],
+                x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k], w_hh_t=w_hh_t,
                 bias_x=bias_x, bias_h=bias_h,
                 h=h_n[k * dirs:(k + 1) * dirs],
                 c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],

@@ -44,13 +44,14 @@ class _CellBase(RecurrentWeights):
         x, B, batched, h, c = self._prepare(x, hx)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         if B > 0:
-            bias_x, bias_h = self._kernel_biases()[0]
+            bias_x, bias_h, w_hh_t = self._kernel_weights()[0]
             G = self._gates
             S = 4 * H if G > 1 else H
             # h is both the state the kernel updates and its output
             _forward.forward_layer(
                 cell=self._kernel_code, T=1, B=B, batch_first=False,
-                x=x, w_ih=self._w_ih[0], w_hh=self._w_hh[0], bias_x=bias_x, bias_h=bias_h,
+                x=x, w_ih=self._w_ih[0], w_hh=self._w_hh[0], w_hh_t=w_hh_t,
+                bias_x=bias_x, bias_h=bias_h,
                 h=h[None], c=None if c is None else c[None],
                 gx=np.empty((B, G * H), dtype),
                 gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.CELL_GRU else None,
