@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
         "source tree, Python is importing the unbuilt sources: run from another directory or "
         "use the 'pytest' command rather than 'python -m pytest'.") from exc
 from fastrnn import losses, optim
+from fastrnn._parallel import get_num_threads, set_num_threads
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN, tbptt
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Loss, MSELoss
@@ -25,4 +26,5 @@ from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
            "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "EarlyStopping", "Callback",
            "History", "load", "tbptt", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
-           "BCEWithLogitsLoss", "losses", "optim", "__version__"]
+           "BCEWithLogitsLoss", "losses", "optim", "set_num_threads", "get_num_threads",
+           "__version__"]

@@ -88,11 +88,13 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* gx, const floating* w_hh, const floating* w_hh_t,
                          const floating* b_hh,
                          floating* h, floating* c, floating* gh, floating* out,
-                         floating* acts, Py_ssize_t acts_stride,
+                         floating* acts, Py_ssize_t acts_t, Py_ssize_t acts_b,
                          floating* h_prev, floating* c_prev,
                          const int64_t* lengths) noexcept nogil:
-    """One direction over all steps; every buffer pointer is already offset to
-    this direction's column block."""
+    """One direction over all steps for B batch rows. Every buffer pointer is
+    already offset to this direction's column block and the first batch row;
+    row_t, row_b step between the rows of (t, b). acts: row (t, b) at
+    t * acts_t + b * acts_b (acts_t = 0 for the inference scratch)."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -100,7 +102,6 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     cdef floating* g_t
     cdef floating* out_row
     cdef floating* acts_row
-    cdef floating one = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
         g_t = gx + t * row_t * gx_cols
@@ -130,7 +131,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             if lengths != NULL and t >= lengths[b]:
                 memset(out_row, 0, H * sizeof(floating))
                 continue
-            acts_row = acts + row * acts_stride
+            acts_row = acts + t * acts_t + b * acts_b
             if cell == LSTM:
                 lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H)
             elif cell == GRU:
@@ -140,73 +141,91 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                         cell == RNN_RELU)
 
 
-def forward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
-                  const floating[:, ::1] x,
-                  const floating[:, ::1] w_ih,
-                  const floating[:, ::1] w_hh,
-                  const floating[:, ::1] w_hh_t,
-                  const floating[::1] bias_x,
-                  const floating[::1] bias_h,
-                  floating[:, :, ::1] h,
-                  floating[:, :, ::1] c,
-                  floating[:, ::1] gx,
-                  floating[::1] gh,
-                  floating[:, ::1] out,
-                  const int64_t[::1] lengths,
-                  floating[:, ::1] acts,
-                  bint train,
-                  floating[:, ::1] h_prev,
-                  floating[:, ::1] c_prev,
-                  Py_ssize_t max_rows):
-    """Run one layer (all its directions) forward over a whole sequence.
+def project(*, const floating[:, ::1] x, const floating[:, ::1] w_ih,
+            const floating[::1] bias_x, floating[:, ::1] gx, Py_ssize_t max_rows):
+    """gx (R, N) = x (R, D) @ w_ih^T + bias_x: the input projection of every
+    step, batch row and direction of a layer in one GEMM (bias_x may be None;
+    GEMMs of at most max_rows rows, the BLAS int range)."""
+    cdef const floating* bias_ptr = NULL if bias_x is None else &bias_x[0]
+    cdef unsigned int fpenv
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        fpenv = fastrnn_flush_denormals()
+        _project_inputs(&x[0, 0], x.shape[0], x.shape[1], &w_ih[0, 0], w_ih.shape[0],
+                        bias_ptr, &gx[0, 0], max_rows)
+        fastrnn_restore_fpenv(fpenv)
+
+
+def recur(*, int cell, Py_ssize_t T, bint batch_first,
+          Py_ssize_t d_lo, Py_ssize_t d_hi, Py_ssize_t b_lo, Py_ssize_t b_hi,
+          const floating[:, ::1] w_hh,
+          const floating[:, ::1] w_hh_t,
+          const floating[::1] bias_h,
+          floating[:, :, ::1] h,
+          floating[:, :, ::1] c,
+          floating[:, ::1] gx,
+          floating[:, ::1] gh,
+          floating[:, ::1] out,
+          const int64_t[::1] lengths,
+          floating[:, ::1] acts,
+          bint train,
+          floating[:, ::1] h_prev,
+          floating[:, ::1] c_prev):
+    """The time loops of directions [d_lo, d_hi) for batch rows [b_lo, b_hi)
+    of one layer, after ``project``. Calls on disjoint (direction, batch row)
+    ranges touch disjoint memory and may run in parallel threads.
 
     Shapes (R = T * B rows in time-major or batch-first order, dirs
     directions, G gates, N = dirs * G * H; all checked by the caller):
-    x (R, D); w_ih (N, D); w_hh (N, H); bias_x (N,) added to the input
-    projection, or None; w_hh_t (H, N) its transpose, direction d in columns
-    d * G * H onwards; bias_h (N,) the GRU's recurrent bias, or None (other
-    cells fold it into bias_x); h, c (dirs, B, H) the initial state in, the
-    final state out (c None unless LSTM); gx (R, N) workspace; gh (B * G * H,)
-    GRU workspace or None; out (R, dirs * H); lengths (B,) or None;
-    acts (R, dirs * S * H) in training, a (1, dirs * S * H) scratch row in
-    inference. Training saves (None in inference): h_prev and c_prev
-    (R, dirs * H). max_rows caps the rows of one input-projection GEMM
-    (BLAS int range).
+    w_hh (N, H); w_hh_t (H, N) its transpose; bias_h (N,) the GRU's
+    recurrent bias or None; h, c (dirs, B, H) the initial state in, the final
+    state out (c None unless LSTM); gx (R, N) from ``project``; gh
+    (dirs, B * G * H) GRU workspace or None; out (R, dirs * H); lengths (B,)
+    or None; acts (R, dirs * S * H) in training, a (B, dirs * S * H) scratch
+    in inference. Training saves (None in inference): h_prev, c_prev
+    (R, dirs * H).
     """
     cdef Py_ssize_t dirs = h.shape[0]
+    cdef Py_ssize_t B = h.shape[1]
     cdef Py_ssize_t H = h.shape[2]
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t S = num_saved(cell) * H
     cdef Py_ssize_t row_t = 1 if batch_first else B
     cdef Py_ssize_t row_b = T if batch_first else 1
+    cdef Py_ssize_t gx_cols = dirs * GH
+    cdef Py_ssize_t h_cols = dirs * H
+    cdef Py_ssize_t acts_cols = dirs * S
+    cdef Py_ssize_t acts_t = row_t * acts_cols if train else 0
+    cdef Py_ssize_t acts_b = row_b * acts_cols if train else acts_cols
+    cdef Py_ssize_t first = b_lo * row_b       # the first row of this batch range
     cdef Py_ssize_t d
-    cdef const floating* bias_x_ptr = NULL if bias_x is None else &bias_x[0]
     cdef const floating* bias_h_ptr = NULL if bias_h is None else &bias_h[0]
     cdef floating* c_ptr = NULL if c is None else &c[0, 0, 0]
-    cdef floating* gh_ptr = NULL if gh is None else &gh[0]
-    cdef floating* acts_ptr = &acts[0, 0]
-    cdef Py_ssize_t acts_stride = acts.shape[1] if train else 0
+    cdef floating* gh_ptr = NULL if gh is None else &gh[0, 0]
     cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
     cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
     cdef unsigned int fpenv
-    if T == 0 or B == 0:
+    if T == 0 or b_hi <= b_lo:
         return
     with nogil:
         fpenv = fastrnn_flush_denormals()
-        _project_inputs(&x[0, 0], T * B, x.shape[1], &w_ih[0, 0], dirs * GH,
-                        bias_x_ptr, &gx[0, 0], max_rows)
-        for d in range(dirs):
+        for d in range(d_lo, d_hi):
             _run_direction(
-                cell, d == 1, T, B, H, dirs, row_t, row_b,
-                &gx[0, 0] + d * GH, &w_hh[d * GH, 0], &w_hh_t[0, 0] + d * GH,
+                cell, d == 1, T, b_hi - b_lo, H, dirs, row_t, row_b,
+                &gx[0, 0] + first * gx_cols + d * GH, &w_hh[d * GH, 0],
+                &w_hh_t[0, 0] + d * GH,
                 NULL if bias_h_ptr == NULL else bias_h_ptr + d * GH,
-                &h[d, 0, 0], NULL if c_ptr == NULL else c_ptr + d * B * H,
-                gh_ptr, &out[0, 0] + d * H,
-                acts_ptr + d * S, acts_stride,
-                NULL if h_prev_ptr == NULL else h_prev_ptr + d * H,
-                NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
-                len_ptr)
+                &h[d, b_lo, 0],
+                NULL if c_ptr == NULL else c_ptr + (d * B + b_lo) * H,
+                NULL if gh_ptr == NULL else gh_ptr + (d * B + b_lo) * GH,
+                &out[0, 0] + first * h_cols + d * H,
+                &acts[0, 0] + (first * acts_cols if train else b_lo * acts_cols) + d * S,
+                acts_t, acts_b,
+                NULL if h_prev_ptr == NULL else h_prev_ptr + first * h_cols + d * H,
+                NULL if c_prev_ptr == NULL else c_prev_ptr + first * h_cols + d * H,
+                NULL if len_ptr == NULL else len_ptr + b_lo)
         fastrnn_restore_fpenv(fpenv)
 
 

@@ -8,6 +8,7 @@ of it. They change only through load_state_dict or attribute assignment,
 which validate and copy, so a layer can never hold a wrong-shaped or
 half-loaded parameter, and no caller's array is ever aliased.
 """
+import contextlib
 import threading
 from collections import namedtuple
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import numpy as np
 
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
+from fastrnn import _parallel
 from fastrnn import _validation as v
 from fastrnn._validation import shape_str, to_numpy
 
@@ -259,10 +261,10 @@ class RecurrentWeights(Module):
             out[...] = out_tm.transpose(1, 0, 2)
             return tape
         rows = T * B
-        is_gru = self._kernel_code == _forward.CELL_GRU
-        is_lstm = self._kernel_code == _forward.CELL_LSTM
         gx = np.empty((rows, N), dtype)
-        gh = np.empty(B * self._gates * H, dtype) if is_gru else None
+        gh = (np.empty((dirs, B * self._gates * H), dtype)
+              if self._kernel_code == _forward.CELL_GRU else None)
+        parts = _parallel.split(dirs, B, T * B * N * (H + 20))
         layer_in = x.reshape(rows, -1)
         if train and lengths is not None:
             # padding never reaches results; zero it so that it cannot reach the
@@ -271,6 +273,20 @@ class RecurrentWeights(Module):
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
         tape = {"batch_first": batch_first, "lengths": lengths, "version": self._version,
                 "layers": []} if train else None
+        # in parallel, fastrnn's threads do all the work, BLAS at one thread
+        with _parallel.blas_at_one_thread if len(parts) > 1 else contextlib.nullcontext():
+            self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
+                             gx, gh, parts, tape)
+        return tape
+
+    def _run_layers(self, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx, gh,
+                    parts, tape):
+        """The layers of ``_run``, in the parts ``_parallel.split`` chose."""
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        L, dirs = self._layers, self._dirs
+        rows = T * B
+        is_gru = self._kernel_code == _forward.CELL_GRU
+        is_lstm = self._kernel_code == _forward.CELL_LSTM
         spare = None
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights()):
             last = k == L - 1
@@ -281,19 +297,28 @@ class RecurrentWeights(Module):
             else:
                 layer_out = np.empty((rows, dirs * H), dtype)
             saved_cols = dirs * (4 if is_gru or is_lstm else 1) * H
-            saves = {"acts": np.empty((rows if train else 1, saved_cols), dtype)}
+            saves = {"acts": np.empty((rows if train else B, saved_cols), dtype)}
             if train:
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
-            _forward.forward_layer(
-                cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
-                x=layer_in, w_ih=self._w_ih[k], w_hh=self._w_hh[k], w_hh_t=w_hh_t,
-                bias_x=bias_x, bias_h=bias_h,
-                h=h_n[k * dirs:(k + 1) * dirs],
-                c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
-                gx=gx, gh=gh, out=layer_out, lengths=lengths,
-                acts=saves["acts"], train=train, h_prev=saves.get("h_prev"),
-                c_prev=saves.get("c_prev"), max_rows=v.BLAS_INT_MAX)
+            def project(r0, r1, k=k, bias_x=bias_x, layer_in=layer_in):
+                _forward.project(x=layer_in[r0:r1], w_ih=self._w_ih[k], bias_x=bias_x,
+                                 gx=gx[r0:r1], max_rows=v.BLAS_INT_MAX)
+
+            _parallel.run_parts(project, _parallel.row_halves(rows, parts))
+            h_k = h_n[k * dirs:(k + 1) * dirs]
+            c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
+
+            def recur(d_lo, d_hi, b_lo, b_hi, k=k, bias_h=bias_h, w_hh_t=w_hh_t, h_k=h_k,
+                      c_k=c_k, layer_out=layer_out, saves=saves):
+                _forward.recur(
+                    cell=self._kernel_code, T=T, batch_first=batch_first,
+                    d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi,
+                    w_hh=self._w_hh[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
+                    gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves["acts"],
+                    train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"))
+
+            _parallel.run_parts(recur, parts)
             if train:
                 saves["x"] = layer_in
                 saves["mask"] = None
@@ -308,7 +333,6 @@ class RecurrentWeights(Module):
                 # the buffer this layer read becomes the next one's output
                 spare = layer_in if k > 0 else None
             layer_in = layer_out
-        return tape
 
     def _bptt(self, tape, T, B, dout, dh, dc):
         """BPTT through every layer of a tape from ``_run(train=True)``.

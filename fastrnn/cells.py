@@ -47,17 +47,18 @@ class _CellBase(RecurrentWeights):
             bias_x, bias_h, w_hh_t = self._kernel_weights()[0]
             G = self._gates
             S = 4 * H if G > 1 else H
+            gx = np.empty((B, G * H), dtype)
+            _forward.project(x=x, w_ih=self._w_ih[0], bias_x=bias_x, gx=gx,
+                             max_rows=v.BLAS_INT_MAX)
             # h is both the state the kernel updates and its output
-            _forward.forward_layer(
-                cell=self._kernel_code, T=1, B=B, batch_first=False,
-                x=x, w_ih=self._w_ih[0], w_hh=self._w_hh[0], w_hh_t=w_hh_t,
-                bias_x=bias_x, bias_h=bias_h,
-                h=h[None], c=None if c is None else c[None],
-                gx=np.empty((B, G * H), dtype),
-                gh=np.empty(B * G * H, dtype) if self._kernel_code == _forward.CELL_GRU else None,
-                out=h, lengths=None, acts=np.empty((1, S), dtype), train=False,
-                h_prev=None, c_prev=None,
-                max_rows=v.BLAS_INT_MAX)
+            _forward.recur(
+                cell=self._kernel_code, T=1, batch_first=False, d_lo=0, d_hi=1, b_lo=0, b_hi=B,
+                w_hh=self._w_hh[0], w_hh_t=w_hh_t, bias_h=bias_h,
+                h=h[None], c=None if c is None else c[None], gx=gx,
+                gh=np.empty((1, B * G * H), dtype) if self._kernel_code == _forward.CELL_GRU
+                else None,
+                out=h, lengths=None, acts=np.empty((B, S), dtype), train=False,
+                h_prev=None, c_prev=None)
         return self._results(h, c, batched)
 
     def forward_train(self, x, hx=None):

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+import fastrnn
 from fastrnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 T, B, D, H = 50, 8, 32, 64
@@ -125,3 +126,31 @@ def test_shared_input_arrays_across_threads(cls):
     check_concurrent_equals_sequential([lambda: m(x, hx, lengths=lengths)] * WORKERS)
     for a, c in zip((x, *(hx if isinstance(hx, tuple) else (hx,))), copies):
         assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("cls", [fastrnn.RNN, fastrnn.GRU, fastrnn.LSTM])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_parallel_parts_give_the_serial_results(cls, bidirectional, monkeypatch):
+    """Directions or batch halves in two threads: the same numbers as one
+    thread (the per-row arithmetic is identical; BLAS sums may round apart)."""
+    from fastrnn import _parallel
+    rng = np.random.default_rng(0)
+    layer = cls(6, 16, num_layers=2, bidirectional=bidirectional, batch_first=True,
+                dtype="float64", seed=1)
+    x = rng.standard_normal((7, 9, 6))
+    lengths = rng.integers(1, 10, size=7)
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    serial = layer(x, lengths=lengths)
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
+    assert len(_parallel.split(2 if bidirectional else 1, 7, 1)) == 2
+    parallel = layer(x, lengths=lengths)
+    np.testing.assert_allclose(parallel[0], serial[0], rtol=0, atol=1e-13)
+    for p, s in zip(np.atleast_1d(parallel[1]), np.atleast_1d(serial[1])):
+        np.testing.assert_allclose(p, s, rtol=0, atol=1e-13)
+
+
+def test_set_num_threads_validates():
+    with pytest.raises(ValueError, match="set_num_threads: expected an int >= 1"):
+        fastrnn.set_num_threads(0)
+    fastrnn.set_num_threads(fastrnn.get_num_threads())
