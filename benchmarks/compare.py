@@ -4,7 +4,7 @@
 
 For each case: median milliseconds of inference (forward, no gradient) and
 of a training step (forward + backward of a summed output, gradients of the
-weights and the input), interleaving the libraries, and the max abs
+weights and the input), the libraries interleaved in blocks, and the max abs
 difference of the outputs. The full grid of PERFORMANCE.md is issue 4's.
 """
 import argparse
@@ -21,16 +21,22 @@ CASES = [  # name, class, B, T, D, H
 ]
 
 
-def median_ms(fns, repeats):
-    """Interleaved repeats of several callables; median ms of each."""
+def median_ms(fns, repeats, block=5):
+    """Median ms of each callable, interleaved in blocks.
+
+    Each round runs ``block`` consecutive calls of every callable in turn and
+    drops the first of each block: a library's idle threads keep spinning for
+    a while after its calls (OpenMP, OpenBLAS) and would otherwise tax the
+    next library's first call, not a cost either pays in steady use.
+    """
     times = [[] for _ in fns]
-    for fn in fns:
-        fn()
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // (block - 1))):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
+            for j in range(block):
+                start = time.perf_counter()
+                fn()
+                if j:
+                    times[i].append(time.perf_counter() - start)
     return [1e3 * float(np.median(t)) for t in times]
 
 

@@ -149,7 +149,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
         _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh)
 
 
-def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
+def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
+                   Py_ssize_t d_lo, Py_ssize_t d_hi, Py_ssize_t b_lo, Py_ssize_t b_hi,
                    const floating[:, ::1] acts,
                    const floating[:, ::1] h_prev,
                    const floating[:, ::1] c_prev,
@@ -160,7 +161,8 @@ def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
                    floating[:, ::1] dgx,
                    floating[:, ::1] dgh,
                    const int64_t[::1] lengths):
-    """The BPTT time loop of one layer.
+    """The BPTT time loops of directions [d_lo, d_hi), batch rows [b_lo, b_hi)
+    of one layer; calls on disjoint ranges may run in parallel threads.
 
     acts, h_prev, c_prev: the forward's saves; w_hh (dirs * G * H, H);
     dout (R, dirs * H) the gradient of the layer's output; dh, dc (dirs, B, H)
@@ -169,42 +171,50 @@ def backward_layer(*, int cell, Py_ssize_t T, Py_ssize_t B, bint batch_first,
     padded steps); dgh the same for the recurrent side (GRU) or None.
     """
     cdef Py_ssize_t dirs = dh.shape[0]
+    cdef Py_ssize_t B = dh.shape[1]
     cdef Py_ssize_t H = dh.shape[2]
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t S = num_saved(cell) * H
     cdef Py_ssize_t row_t = 1 if batch_first else B
     cdef Py_ssize_t row_b = T if batch_first else 1
+    cdef Py_ssize_t first = b_lo * row_b    # the first row of this batch range
+    cdef Py_ssize_t g_cols = dirs * GH
+    cdef Py_ssize_t h_cols = dirs * H
     cdef Py_ssize_t d
     cdef const floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef floating* dc_ptr = NULL if dc is None else &dc[0, 0, 0]
     cdef floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
     cdef unsigned int fpenv
-    if T == 0 or B == 0:
+    if T == 0 or b_hi <= b_lo:
         return
     with nogil:
         fpenv = fastrnn_flush_denormals()
-        for d in range(dirs):
+        for d in range(d_lo, d_hi):
             _back_direction(
-                cell, d == 1, T, B, H, dirs, row_t, row_b,
-                &acts[0, 0] + d * S, &h_prev[0, 0] + d * H,
-                NULL if c_prev_ptr == NULL else c_prev_ptr + d * H,
-                &w_hh[d * GH, 0], &dout[0, 0] + d * H,
-                &dh[d, 0, 0], NULL if dc_ptr == NULL else dc_ptr + d * B * H,
-                &dgx[0, 0] + d * GH, dgh_ptr + d * GH, len_ptr)
+                cell, d == 1, T, b_hi - b_lo, H, dirs, row_t, row_b,
+                &acts[0, 0] + first * dirs * S + d * S,
+                &h_prev[0, 0] + first * h_cols + d * H,
+                NULL if c_prev_ptr == NULL else c_prev_ptr + first * h_cols + d * H,
+                &w_hh[d * GH, 0], &dout[0, 0] + first * h_cols + d * H,
+                &dh[d, b_lo, 0],
+                NULL if dc_ptr == NULL else dc_ptr + (d * B + b_lo) * H,
+                &dgx[0, 0] + first * g_cols + d * GH, dgh_ptr + first * g_cols + d * GH,
+                NULL if len_ptr == NULL else len_ptr + b_lo)
         fastrnn_restore_fpenv(fpenv)
 
 
-cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols,
+cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lda,
                        floating* out) noexcept nogil:
-    """out (cols,) += sum over rows of a (rows, cols)."""
+    """out (cols,) += sum over rows of a (rows, cols; rows lda apart)."""
     cdef Py_ssize_t r, j
     for r in range(rows):
         for j in range(cols):
-            out[j] += a[r * cols + j]
+            out[j] += a[r * lda + j]
 
 
-def weight_grads(*, const floating[:, ::1] x,
+def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
+                 const floating[:, ::1] x,
                  const floating[:, ::1] h_prev,
                  const floating[:, ::1] dgx,
                  const floating[:, ::1] dgh,
@@ -213,37 +223,45 @@ def weight_grads(*, const floating[:, ::1] x,
                  floating[::1] db_ih,
                  floating[::1] db_hh,
                  Py_ssize_t max_rows):
-    """Accumulate one layer's weight gradients over all steps, both directions:
-    dw_ih (N, D) += dgx^T x; per direction dw_hh (G * H, H) += dgh^T h_prev;
-    db_ih += column sums of dgx, db_hh of dgh (biases None when absent).
-    dgh None means dgh = dgx. Sums over more than max_rows rows are chunked."""
+    """Accumulate one layer's weight gradients over all steps for the gate
+    columns [n_lo, n_hi) of N = dirs * G * H (rows of dw_ih and dw_hh):
+    dw_ih += dgx^T x; dw_hh (per direction) += dgh^T h_prev; db_ih, db_hh +=
+    column sums of dgx, dgh (biases None when absent; dgh None means dgx).
+    Calls on disjoint column ranges may run in parallel threads. Sums over
+    more than max_rows rows are chunked (BLAS int range)."""
     cdef Py_ssize_t R = x.shape[0]
     cdef Py_ssize_t D = x.shape[1]
     cdef Py_ssize_t N = dgx.shape[1]
     cdef Py_ssize_t H = dw_hh.shape[1]
     cdef Py_ssize_t dirs = h_prev.shape[1] // H
     cdef Py_ssize_t GH = N // dirs
-    cdef Py_ssize_t d, start, n
+    cdef Py_ssize_t d, start, n, lo, hi
     cdef const floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     cdef floating one = 1
-    if R == 0:
+    if R == 0 or n_hi <= n_lo:
         return
     with nogil:
         start = 0
         while start < R:
             n = min(max_rows, R - start)
-            gemm(True, False, <int>N, <int>D, <int>n, one, &dgx[start, 0], <int>N,
-                 &x[start, 0], <int>D, one, &dw_ih[0, 0], <int>D)
+            gemm(True, False, <int>(n_hi - n_lo), <int>D, <int>n, one,
+                 &dgx[start, 0] + n_lo, <int>N, &x[start, 0], <int>D,
+                 one, &dw_ih[n_lo, 0], <int>D)
             for d in range(dirs):
-                gemm(True, False, <int>GH, <int>H, <int>n, one,
-                     dgh_ptr + start * N + d * GH, <int>N,
+                # the part of [n_lo, n_hi) in direction d's block [d GH, (d + 1) GH)
+                lo = max(n_lo, d * GH)
+                hi = min(n_hi, (d + 1) * GH)
+                if hi <= lo:
+                    continue
+                gemm(True, False, <int>(hi - lo), <int>H, <int>n, one,
+                     dgh_ptr + start * N + lo, <int>N,
                      &h_prev[start, 0] + d * H, <int>(dirs * H),
-                     one, &dw_hh[d * GH, 0], <int>H)
+                     one, &dw_hh[lo, 0], <int>H)
             start += n
     if db_ih is not None:
         with nogil:
-            _column_sums(&dgx[0, 0], R, N, &db_ih[0])
-            _column_sums(dgh_ptr, R, N, &db_hh[0])
+            _column_sums(&dgx[0, 0] + n_lo, R, n_hi - n_lo, N, &db_ih[n_lo])
+            _column_sums(dgh_ptr + n_lo, R, n_hi - n_lo, N, &db_hh[n_lo])
 
 
 def input_grad(*, const floating[:, ::1] dgx, const floating[:, ::1] w_ih,

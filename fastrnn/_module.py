@@ -343,31 +343,50 @@ class RecurrentWeights(Module):
         parameter gradients into ``grads`` and returns dx (R, D).
         """
         dtype, H = self._config["dtype"], self._config["hidden_size"]
-        dirs, is_gru = self._dirs, self._kernel_code == _forward.CELL_GRU
-        batch_first, lengths = tape["batch_first"], tape["lengths"]
-        rows = T * B
-        N = dirs * self._gates * H
+        rows, N = T * B, self._dirs * self._gates * H
         dgx = np.empty((rows, N), dtype)
-        dgh = np.empty((rows, N), dtype) if is_gru else None
-        for k in reversed(range(self._layers)):
-            saves = tape["layers"][k]
-            if k < self._layers - 1 and saves["mask"] is not None:
-                dout = dout * saves["mask"]
+        dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
+        parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
+        with _parallel.blas_at_one_thread if len(parts) > 1 else contextlib.nullcontext():
+            for k in reversed(range(self._layers)):
+                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts)
+        return dout
+
+    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts):
+        """Layer k of ``_bptt``: the backward time loops, then the weight and
+        input gradients, each in the parts ``_parallel.split`` chose."""
+        dirs, rows = self._dirs, T * B
+        saves = tape["layers"][k]
+        if k < self._layers - 1 and saves["mask"] is not None:
+            dout = dout * saves["mask"]
+
+        def loops(d_lo, d_hi, b_lo, b_hi):
             _backward.backward_layer(
-                cell=self._kernel_code, T=T, B=B, batch_first=batch_first,
+                cell=self._kernel_code, T=T, batch_first=tape["batch_first"],
+                d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi,
                 acts=saves["acts"], h_prev=saves["h_prev"], c_prev=saves["c_prev"],
                 w_hh=self._w_hh[k], dout=dout,
                 dh=dh[k * dirs:(k + 1) * dirs],
                 dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
-                dgx=dgx, dgh=dgh, lengths=lengths)
-            with self._grad_lock:
-                _backward.weight_grads(
-                    x=saves["x"], h_prev=saves["h_prev"], dgx=dgx, dgh=dgh,
-                    dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
-                    db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
-            dout = np.empty((rows, self._w_ih[k].shape[1]), dtype)
-            _backward.input_grad(dgx=dgx, w_ih=self._w_ih[k], dx=dout, max_rows=v.BLAS_INT_MAX)
-        return dout
+                dgx=dgx, dgh=dgh, lengths=tape["lengths"])
+
+        def weights(n_lo, n_hi):
+            _backward.weight_grads(
+                n_lo=n_lo, n_hi=n_hi, x=saves["x"], h_prev=saves["h_prev"], dgx=dgx,
+                dgh=dgh, dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
+                db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
+
+        dx = np.empty((rows, self._w_ih[k].shape[1]), self._config["dtype"])
+
+        def inputs(r0, r1):
+            _backward.input_grad(dgx=dgx[r0:r1], w_ih=self._w_ih[k], dx=dx[r0:r1],
+                                 max_rows=v.BLAS_INT_MAX)
+
+        _parallel.run_parts(loops, parts)
+        with self._grad_lock:
+            _parallel.run_parts(weights, _parallel.row_halves(dgx.shape[1], parts))
+        _parallel.run_parts(inputs, _parallel.row_halves(rows, parts))
+        return dx
 
 
 class Backprop:

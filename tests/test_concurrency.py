@@ -139,15 +139,25 @@ def test_parallel_parts_give_the_serial_results(cls, bidirectional, monkeypatch)
                 dtype="float64", seed=1)
     x = rng.standard_normal((7, 9, 6))
     lengths = rng.integers(1, 10, size=7)
+    dout = rng.standard_normal((7, 9, 32 if bidirectional else 16))
+
+    def run():
+        layer.zero_grad()
+        (out, state), backprop = layer.forward_train(x, lengths=lengths)
+        dx, dhx = backprop(dout)
+        grads = {k: g.copy() for k, g in layer.grads.items()}
+        return [layer(x, lengths=lengths)[0], out, dx, *np.atleast_1d(dhx)], grads
+
     monkeypatch.setattr(_parallel, "_threads", 1)
-    serial = layer(x, lengths=lengths)
+    serial, serial_grads = run()
     monkeypatch.setattr(_parallel, "_threads", 2)
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
     assert len(_parallel.split(2 if bidirectional else 1, 7, 1)) == 2
-    parallel = layer(x, lengths=lengths)
-    np.testing.assert_allclose(parallel[0], serial[0], rtol=0, atol=1e-13)
-    for p, s in zip(np.atleast_1d(parallel[1]), np.atleast_1d(serial[1])):
-        np.testing.assert_allclose(p, s, rtol=0, atol=1e-13)
+    parallel, parallel_grads = run()
+    for p, s in zip(parallel, serial):
+        np.testing.assert_allclose(p, s, rtol=0, atol=1e-12)
+    for k in serial_grads:
+        np.testing.assert_allclose(parallel_grads[k], serial_grads[k], rtol=0, atol=1e-12)
 
 
 def test_set_num_threads_validates():
