@@ -5,6 +5,7 @@
     fastrnn adding     example 2: the adding problem, RNN vs GRU vs LSTM
     fastrnn charlm     example 3: a character-level GRU language model
     fastrnn timing     time a forward pass of each layer on random data
+    fastrnn bench      fastrnn against PyTorch / ONNX Runtime / TensorFlow (--help)
 """
 import platform
 import sys
@@ -46,9 +47,10 @@ def timing(argv=None):
 
 
 def _commands():
+    from fastrnn import bench
     from fastrnn.examples import adding_problem, char_lm, sunspots
     return {"demo": sunspots.cli, "sunspots": sunspots.cli, "adding": adding_problem.cli,
-            "charlm": char_lm.cli, "timing": timing}
+            "charlm": char_lm.cli, "timing": timing, "bench": bench.main}
 
 
 def cli(argv=None):

@@ -87,11 +87,12 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
 
 cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                           const floating* dg, Py_ssize_t ldg, const floating* w_hh,
-                          floating* dh) noexcept nogil:
+                          floating* dh, Py_ssize_t gemv_rows) noexcept nogil:
     """dh (B, H) += dg (B, GH; rows ldg apart) @ w_hh (GH, H), summed over
-    blocks of gates small enough for OpenBLAS to stay on this thread."""
+    blocks of gates small enough for OpenBLAS to stay on this thread (batch 1:
+    gemv_rows gates per call)."""
     cdef Py_ssize_t start, n
-    cdef Py_ssize_t block = one_thread_block(H, GEMV_ONE_THREAD_MN) if B == 1 else \
+    cdef Py_ssize_t block = gemv_rows if B == 1 else \
         one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
     cdef floating one = 1
     start = 0
@@ -112,7 +113,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const floating* c_prev, const floating* w_hh,
                           const floating* dout, floating* dh, floating* dc,
                           floating* dgx, floating* dgh,
-                          const int64_t* lengths) noexcept nogil:
+                          const int64_t* lengths, Py_ssize_t gemv_rows) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block."""
     cdef Py_ssize_t GH = num_gates(cell) * H
@@ -146,7 +147,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _rnn_tanh_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
             else:
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
-        _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh)
+        _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
+                        gemv_rows)
 
 
 def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
@@ -160,7 +162,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
                    floating[:, :, ::1] dc,
                    floating[:, ::1] dgx,
                    floating[:, ::1] dgh,
-                   const int64_t[::1] lengths):
+                   const int64_t[::1] lengths,
+                   bint blas_held):
     """The BPTT time loops of directions [d_lo, d_hi), batch rows [b_lo, b_hi)
     of one layer; calls on disjoint ranges may run in parallel threads.
 
@@ -169,6 +172,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
     the gradient of the final state in, of the initial state out (dc None
     unless LSTM); dgx (R, dirs * G * H) pre-activation gradients out (zero on
     padded steps); dgh the same for the recurrent side (GRU) or None.
+    blas_held: the caller holds BLAS at one thread (see _forward.recur).
     """
     cdef Py_ssize_t dirs = dh.shape[0]
     cdef Py_ssize_t B = dh.shape[1]
@@ -185,6 +189,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
     cdef floating* dc_ptr = NULL if dc is None else &dc[0, 0, 0]
     cdef floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
+    cdef Py_ssize_t gemv_rows = GH if blas_held else one_thread_block(H, GEMV_ONE_THREAD_MN)
     cdef unsigned int fpenv
     if T == 0 or b_hi <= b_lo:
         return
@@ -200,7 +205,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
                 &dh[d, b_lo, 0],
                 NULL if dc_ptr == NULL else dc_ptr + (d * B + b_lo) * H,
                 &dgx[0, 0] + first * g_cols + d * GH, dgh_ptr + first * g_cols + d * GH,
-                NULL if len_ptr == NULL else len_ptr + b_lo)
+                NULL if len_ptr == NULL else len_ptr + b_lo, gemv_rows)
         fastrnn_restore_fpenv(fpenv)
 
 

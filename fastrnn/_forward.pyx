@@ -62,13 +62,14 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
 cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                              const floating* h, const floating* w_hh,
                              const floating* w_hh_t, Py_ssize_t ld_t,
-                             floating* g, Py_ssize_t ldg) noexcept nogil:
-    """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T, in blocks of gate
-    columns small enough for OpenBLAS to stay on this thread. Batch 1 uses
-    gemv on w_hh (GH, H); larger batches gemm on its transpose w_hh_t (H, GH;
-    rows ld_t apart), which OpenBLAS multiplies faster (no transposed operand)."""
+                             floating* g, Py_ssize_t ldg, Py_ssize_t gemv_rows) noexcept nogil:
+    """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T. Batch 1: gemv on w_hh
+    (GH, H), gemv_rows rows per call; larger batches: gemm on its transpose
+    w_hh_t (H, GH; rows ld_t apart), which OpenBLAS multiplies faster (no
+    transposed operand), in blocks of gate columns small enough for OpenBLAS
+    to stay on this thread."""
     cdef Py_ssize_t start, n
-    cdef Py_ssize_t block = one_thread_block(H, GEMV_ONE_THREAD_MN) if B == 1 else \
+    cdef Py_ssize_t block = gemv_rows if B == 1 else \
         one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
     cdef floating one = 1
     start = 0
@@ -90,7 +91,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* h, floating* c, floating* gh, floating* out,
                          floating* acts, Py_ssize_t acts_t, Py_ssize_t acts_b,
                          floating* h_prev, floating* c_prev,
-                         const int64_t* lengths) noexcept nogil:
+                         const int64_t* lengths, Py_ssize_t gemv_rows) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
@@ -120,9 +121,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
                 else:
                     memset(gh + b * GH, 0, GH * sizeof(floating))
-            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, gh, GH)
+            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, gh, GH, gemv_rows)
         else:
-            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols)
+            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols,
+                               gemv_rows)
 
         # fused gate pass, row by row
         for b in range(B):
@@ -171,7 +173,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
           floating[:, ::1] acts,
           bint train,
           floating[:, ::1] h_prev,
-          floating[:, ::1] c_prev):
+          floating[:, ::1] c_prev,
+          bint blas_held):
     """The time loops of directions [d_lo, d_hi) for batch rows [b_lo, b_hi)
     of one layer, after ``project``. Calls on disjoint (direction, batch row)
     ranges touch disjoint memory and may run in parallel threads.
@@ -184,7 +187,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
     (dirs, B * G * H) GRU workspace or None; out (R, dirs * H); lengths (B,)
     or None; acts (R, dirs * S * H) in training, a (B, dirs * S * H) scratch
     in inference. Training saves (None in inference): h_prev, c_prev
-    (R, dirs * H).
+    (R, dirs * H). blas_held: the caller holds BLAS at one thread, so a
+    batch-1 gemv need not be cut into single-thread blocks.
     """
     cdef Py_ssize_t dirs = h.shape[0]
     cdef Py_ssize_t B = h.shape[1]
@@ -206,6 +210,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
     cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
     cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
+    cdef Py_ssize_t gemv_rows = GH if blas_held else one_thread_block(H, GEMV_ONE_THREAD_MN)
     cdef unsigned int fpenv
     if T == 0 or b_hi <= b_lo:
         return
@@ -225,7 +230,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
                 acts_t, acts_b,
                 NULL if h_prev_ptr == NULL else h_prev_ptr + first * h_cols + d * H,
                 NULL if c_prev_ptr == NULL else c_prev_ptr + first * h_cols + d * H,
-                NULL if len_ptr == NULL else len_ptr + b_lo)
+                NULL if len_ptr == NULL else len_ptr + b_lo, gemv_rows)
         fastrnn_restore_fpenv(fpenv)
 
 
@@ -237,3 +242,36 @@ def activations(*, const float[::1] x, float[::1] sigmoid_out, float[::1] tanh_o
         for j in range(x.shape[0]):
             sigmoid_out[j] = sigmoid(x[j])
             tanh_out[j] = tanh_(x[j])
+
+
+def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_ssize_t d_hi,
+               Py_ssize_t b_lo, Py_ssize_t b_hi, const floating[:, ::1] w_hh,
+               const floating[:, ::1] w_hh_t, floating[:, :, ::1] h, floating[:, ::1] gx,
+               floating[:, ::1] gh):
+    """The per-step recurrent products of ``recur`` alone, without the gate
+    math (the benchmark's GEMM-only limit; same arguments as recur, BLAS
+    held at one thread)."""
+    cdef Py_ssize_t dirs = h.shape[0]
+    cdef Py_ssize_t B = h.shape[1]
+    cdef Py_ssize_t H = h.shape[2]
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t row_t = 1 if batch_first else B
+    cdef Py_ssize_t row_b = T if batch_first else 1
+    cdef Py_ssize_t first = b_lo * row_b
+    cdef Py_ssize_t d, s, t
+    cdef floating* target
+    if T == 0 or b_hi <= b_lo:
+        return
+    with nogil:
+        for d in range(d_lo, d_hi):
+            for s in range(T):
+                t = T - 1 - s if d == 1 else s
+                if gh is not None:
+                    target = &gh[0, 0] + (d * B + b_lo) * GH
+                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], &w_hh[d * GH, 0],
+                                       &w_hh_t[0, 0] + d * GH, dirs * GH, target, GH, GH)
+                else:
+                    target = &gx[0, 0] + (first + t * row_t) * dirs * GH + d * GH
+                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], &w_hh[d * GH, 0],
+                                       &w_hh_t[0, 0] + d * GH, dirs * GH, target,
+                                       row_b * dirs * GH, GH)

@@ -8,7 +8,6 @@ of it. They change only through load_state_dict or attribute assignment,
 which validate and copy, so a layer can never hold a wrong-shaped or
 half-loaded parameter, and no caller's array is ever aliased.
 """
-import contextlib
 import threading
 from collections import namedtuple
 from collections.abc import Mapping
@@ -273,8 +272,8 @@ class RecurrentWeights(Module):
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
         tape = {"batch_first": batch_first, "lengths": lengths, "version": self._version,
                 "layers": []} if train else None
-        # in parallel, fastrnn's threads do all the work, BLAS at one thread
-        with _parallel.blas_at_one_thread if len(parts) > 1 else contextlib.nullcontext():
+        # fastrnn's threads do all the work, BLAS at one thread
+        with _parallel.blas_at_one_thread:
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, parts, tape)
         return tape
@@ -316,7 +315,8 @@ class RecurrentWeights(Module):
                     d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi,
                     w_hh=self._w_hh[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves["acts"],
-                    train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"))
+                    train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"),
+                    blas_held=_parallel.blas_at_one_thread.held)
 
             _parallel.run_parts(recur, parts)
             if train:
@@ -347,7 +347,7 @@ class RecurrentWeights(Module):
         dgx = np.empty((rows, N), dtype)
         dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
         parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
-        with _parallel.blas_at_one_thread if len(parts) > 1 else contextlib.nullcontext():
+        with _parallel.blas_at_one_thread:
             for k in reversed(range(self._layers)):
                 dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts)
         return dout
@@ -368,7 +368,8 @@ class RecurrentWeights(Module):
                 w_hh=self._w_hh[k], dout=dout,
                 dh=dh[k * dirs:(k + 1) * dirs],
                 dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
-                dgx=dgx, dgh=dgh, lengths=tape["lengths"])
+                dgx=dgx, dgh=dgh, lengths=tape["lengths"],
+                blas_held=_parallel.blas_at_one_thread.held)
 
         def weights(n_lo, n_hi):
             _backward.weight_grads(

@@ -54,14 +54,16 @@ def get_num_threads():
 
 
 class _BlasAtOneThread:
-    """Context: scipy's BLAS at one thread while any fastrnn parallel call
-    runs; its previous setting is restored when the last one ends."""
+    """Context: scipy's BLAS at one thread while any fastrnn layer call runs;
+    its previous setting is restored when the last one ends. ``held`` tells
+    whether there was a BLAS to hold (threadpoolctl found it)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
         self._libs = None
         self._saved = []
+        self.held = False
 
     def _find_libs(self):
         try:
@@ -82,6 +84,7 @@ class _BlasAtOneThread:
             if self._depth == 0:
                 if self._libs is None:
                     self._libs = self._find_libs()
+                    self.held = bool(self._libs)
                 self._saved = [lib.num_threads for lib in self._libs]
                 for lib in self._libs:
                     lib.set_num_threads(1)

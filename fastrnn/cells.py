@@ -58,7 +58,7 @@ class _CellBase(RecurrentWeights):
                 gh=np.empty((1, B * G * H), dtype) if self._kernel_code == _forward.CELL_GRU
                 else None,
                 out=h, lengths=None, acts=np.empty((B, S), dtype), train=False,
-                h_prev=None, c_prev=None)
+                h_prev=None, c_prev=None, blas_held=False)
         return self._results(h, c, batched)
 
     def forward_train(self, x, hx=None):

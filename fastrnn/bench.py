@@ -1,0 +1,304 @@
+"""fastrnn against its peers on the grid of PERFORMANCE.md, in one process.
+
+    python -m fastrnn.bench [--threads 2] [--dtype float32] [--quick] [--cases a,b]
+    fastrnn bench ...
+
+For every case, with the same random weights loaded into each library:
+median milliseconds of inference and of a training step (forward + backward
+of a summed output, gradients of the weights and the input) for fastrnn,
+PyTorch CPU, ONNX Runtime and TensorFlow/Keras where installed; the speed-up
+of fastrnn over the fastest peer; the max abs error of each library's output
+against a float64 reference (PyTorch in float64, else fastrnn's); and the
+ratio of fastrnn's time to the GEMM-only limit, the same GEMM calls through
+the same BLAS without the gate math. Libraries are interleaved in blocks of
+calls (see median_ms).
+"""
+import argparse
+import math
+import platform
+import time
+from collections import namedtuple
+
+import numpy as np
+
+import fastrnn
+from fastrnn import _parallel
+from fastrnn import _validation as v
+from fastrnn._kernels import forward as _forward
+
+Case = namedtuple("Case", "name cell B T D H layers bidirectional train heavy")
+
+CASES = [
+    Case("stream-b1-h32", "LSTM", 1, 100, 16, 32, 1, False, True, False),
+    Case("seed-keras-b32-h50", "RNN", 32, 50, 1, 50, 2, False, True, False),
+    Case("b32-h128", "LSTM", 32, 100, 64, 128, 1, False, True, False),
+    Case("b32-h128-gru", "GRU", 32, 100, 64, 128, 1, False, True, False),
+    Case("b32-h128-rnn", "RNN", 32, 100, 64, 128, 1, False, True, False),
+    Case("b64-h512", "LSTM", 64, 100, 256, 512, 1, False, True, True),
+    Case("b1-t1000-h256", "GRU", 1, 1000, 64, 256, 1, False, True, False),
+    Case("b256-h64", "LSTM", 256, 50, 32, 64, 1, False, True, False),
+    Case("step-b1-lstm", "LSTM", 1, 1, 64, 128, 1, False, False, False),
+    Case("step-b1-gru", "GRU", 1, 1, 64, 128, 1, False, False, False),
+    Case("stream-b1-h64", "GRU", 1, 100, 64, 64, 1, False, False, False),
+    Case("stream-b1-h256", "GRU", 1, 100, 64, 256, 1, False, False, False),
+    Case("bidir-b1-gru", "GRU", 1, 128, 384, 256, 1, True, False, False),
+    Case("bidir-b1-lstm", "LSTM", 1, 128, 384, 256, 1, True, False, False),
+    Case("stack2-b32", "LSTM", 32, 60, 293, 128, 2, True, False, False),
+    Case("imdb-b64", "GRU", 64, 150, 125, 100, 1, False, True, False),
+    Case("long-b8", "LSTM", 8, 2000, 256, 256, 2, False, False, True),
+    Case("wide-b500", "LSTM", 500, 5, 510, 32, 1, False, False, False),
+    Case("ds2-b20", "GRU", 20, 300, 800, 800, 1, False, True, True),
+]
+QUICK = {"stream-b1-h32", "seed-keras-b32-h50", "b32-h128", "b32-h128-gru", "b32-h128-rnn",
+         "step-b1-lstm", "stream-b1-h64", "bidir-b1-gru"}
+
+
+def median_ms(fns, repeats, block=5, pause=0.25):
+    """Median ms of each callable, interleaved in blocks.
+
+    Each round runs ``block`` consecutive calls of every callable in turn,
+    after a pause, and drops the first call of each block. A library's idle
+    threads keep spinning after its calls (OpenBLAS ~0.1 s, OpenMP and ONNX
+    Runtime pools too) and would tax the next library's calls: the pause lets
+    them go to sleep, so each library is timed as it runs alone in a process.
+    """
+    times = [[] for _ in fns]
+    for _ in range(max(1, math.ceil(repeats / (block - 1)))):
+        for i, fn in enumerate(fns):
+            time.sleep(pause)
+            for j in range(block):
+                start = time.perf_counter()
+                fn()
+                if j:
+                    times[i].append(time.perf_counter() - start)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+# --- the libraries ---------------------------------------------------------------
+def fastrnn_runner(case, state_dict, x, dtype):
+    layer = getattr(fastrnn, case.cell)(case.D, case.H, num_layers=case.layers,
+                                        bidirectional=case.bidirectional, dtype=dtype)
+    layer.load_state_dict(state_dict)
+
+    def infer():
+        return layer(x)[0]
+
+    def train():
+        (out, _), backprop = layer.forward_train(x)
+        backprop(np.ones_like(out))
+
+    return infer, train, gemm_only(layer, x)
+
+
+def gemm_only(layer, x):
+    """The GEMM calls of a fastrnn forward alone: each layer's input
+    projection and its per-step recurrent products, split as the layer splits
+    them, no gate math."""
+    T, B = x.shape[:2]
+    dirs, H = layer._dirs, layer.hidden_size
+    N = dirs * layer._gates * H
+    dtype = layer.dtype
+    gx = np.empty((T * B, N), dtype)
+    gh = np.empty((dirs, B * layer._gates * H), dtype) if layer._gates == 3 else None
+    h = np.zeros((dirs, B, H), dtype)
+    inputs = [x.reshape(T * B, -1)] + [np.zeros((T * B, dirs * H), dtype)] * (layer._layers - 1)
+    parts = _parallel.split(dirs, B, T * B * N * (H + 20))
+
+    def run():
+        with _parallel.blas_at_one_thread:
+            for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights()):
+                _parallel.run_parts(
+                    lambda r0, r1: _forward.project(x=inputs[k][r0:r1], w_ih=layer._w_ih[k],
+                                                    bias_x=bias_x, gx=gx[r0:r1],
+                                                    max_rows=v.BLAS_INT_MAX),
+                    _parallel.row_halves(T * B, parts))
+                _parallel.run_parts(
+                    lambda d_lo, d_hi, b_lo, b_hi: _forward.gemm_limit(
+                        cell=layer._kernel_code, T=T, batch_first=False, d_lo=d_lo, d_hi=d_hi,
+                        b_lo=b_lo, b_hi=b_hi, w_hh=layer._w_hh[k], w_hh_t=w_hh_t, h=h, gx=gx,
+                        gh=gh), parts)
+
+    return run
+
+
+def torch_runner(case, state_dict, x, dtype, threads):
+    import torch
+    torch.set_num_threads(threads)
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    module = getattr(torch.nn, case.cell)(case.D, case.H, num_layers=case.layers,
+                                          bidirectional=case.bidirectional, dtype=tdtype)
+    module.load_state_dict({k: torch.from_numpy(val) for k, val in state_dict.items()})
+    tx = torch.from_numpy(x)
+
+    def infer():
+        with torch.inference_mode():
+            return module(tx)[0].numpy()
+
+    def train():
+        xg = tx.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        module(xg)[0].sum().backward()
+
+    return infer, train
+
+
+def ort_runner(case, state_dict, x, threads):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    dirs = 2 if case.bidirectional else 1
+    order = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}[case.cell]  # to i,o,f,c / z,r,h
+
+    def reorder(w):
+        blocks = np.split(w, len(order), axis=0)
+        return np.concatenate([blocks[i] for i in order], axis=0)
+
+    nodes, inits = [], []
+    current = "X"
+    for k in range(case.layers):
+        sfx = [f"_l{k}", f"_l{k}_reverse"][:dirs]
+        W = np.stack([reorder(state_dict["weight_ih" + s]) for s in sfx])
+        R = np.stack([reorder(state_dict["weight_hh" + s]) for s in sfx])
+        Bias = np.stack([np.concatenate([reorder(state_dict["bias_ih" + s]),
+                                         reorder(state_dict["bias_hh" + s])]) for s in sfx])
+        names = [f"W{k}", f"R{k}", f"B{k}"]
+        inits += [numpy_helper.from_array(a.astype(np.float32), n)
+                  for a, n in zip((W, R, Bias), names)]
+        attrs = {"hidden_size": case.H,
+                 "direction": "bidirectional" if case.bidirectional else "forward"}
+        if case.cell == "GRU":
+            attrs["linear_before_reset"] = 1
+        nodes.append(helper.make_node(case.cell, [current] + names, [f"Y{k}"], **attrs))
+        # Y (T, dirs, B, H) -> (T, B, dirs * H)
+        nodes.append(helper.make_node("Transpose", [f"Y{k}"], [f"Yt{k}"], perm=[0, 2, 1, 3]))
+        inits.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"shape{k}"))
+        current = "OUT" if k == case.layers - 1 else f"H{k}"
+        nodes.append(helper.make_node("Reshape", [f"Yt{k}", f"shape{k}"], [current]))
+    graph = helper.make_graph(
+        nodes, "bench", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("OUT", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    x32 = x.astype(np.float32)
+
+    def infer():
+        return session.run(None, {"X": x32})[0]
+
+    return infer
+
+
+# --- the run -----------------------------------------------------------------------
+def available(name):
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+def run_case(case, dtype, threads, repeats):
+    rng = np.random.default_rng(0)
+    ref_layer = getattr(fastrnn, case.cell)(case.D, case.H, num_layers=case.layers,
+                                            bidirectional=case.bidirectional, seed=0)
+    state_dict = {k: val.astype(dtype) for k, val in ref_layer.state_dict().items()}
+    x = rng.standard_normal((case.T, case.B, case.D)).astype(dtype)
+    if case.heavy:
+        repeats = max(4, repeats // 5)
+
+    infer_fns = {}
+    train_fns = {}
+    f_infer, f_train, limit = fastrnn_runner(case, state_dict, x, dtype)
+    infer_fns["fastrnn"], train_fns["fastrnn"] = f_infer, f_train
+    infer_fns["limit"] = limit
+    if available("torch"):
+        t_infer, t_train = torch_runner(case, state_dict, x, dtype, threads)
+        infer_fns["torch"], train_fns["torch"] = t_infer, t_train
+    if available("onnxruntime") and available("onnx") and dtype == "float32":
+        infer_fns["ORT"] = ort_runner(case, state_dict, x, threads)
+
+    # accuracy against float64 (PyTorch's when installed, independent of fastrnn)
+    x64, sd64 = x.astype(np.float64), {k: val.astype(np.float64) for k, val in state_dict.items()}
+    if available("torch"):
+        reference = torch_runner(case, sd64, x64, "float64", threads)[0]()
+    else:
+        reference = fastrnn_runner(case, sd64, x64, "float64")[0]()
+    errors = {name: float(np.abs(np.asarray(fn(), np.float64) - reference).max())
+              for name, fn in infer_fns.items() if name != "limit"}
+
+    names = list(infer_fns)
+    infer_ms = dict(zip(names, median_ms([infer_fns[n] for n in names], repeats)))
+    train_ms = {}
+    if case.train:
+        names = list(train_fns)
+        train_ms = dict(zip(names, median_ms([train_fns[n] for n in names],
+                                             max(4, repeats // 2))))
+    return infer_ms, train_ms, errors
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastrnn.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--quick", action="store_true", help="a subset of small cases")
+    parser.add_argument("--cases", default="", help="comma-separated case names")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    from threadpoolctl import threadpool_limits
+    fastrnn.set_num_threads(args.threads)
+    cases = [c for c in CASES if (not args.quick or c.name in QUICK)
+             and (not args.cases or c.name in args.cases.split(","))]
+    peers = [p for p, mod in (("torch", "torch"), ("ORT", "onnxruntime")) if available(mod)]
+    versions = [f"fastrnn {fastrnn.__version__}"]
+    if "torch" in peers:
+        import torch
+        versions.append(f"torch {torch.__version__}")
+    if "ORT" in peers:
+        import onnxruntime
+        versions.append(f"onnxruntime {onnxruntime.__version__}")
+    print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} threads, {args.dtype}, "
+          f"median ms (blocks of 5 calls after a pause), {time.strftime('%Y-%m-%d')}")
+    header = (f"{'case':<20}{'fastrnn':>9}" + "".join(f"{p:>9}" for p in peers)
+              + f"{'speed-up':>9}{'limit':>8}{'/limit':>7}  max abs error vs float64")
+    print(header)
+    speedups, train_rows = [], []
+    with threadpool_limits(args.threads, user_api="blas"):
+        for case in cases:
+            infer_ms, train_ms, errors = run_case(case, args.dtype, args.threads, args.repeats)
+            peer_ms = [infer_ms[p] for p in peers if p in infer_ms]
+            speedup = min(peer_ms) / infer_ms["fastrnn"] if peer_ms else float("nan")
+            if peer_ms:
+                speedups.append(speedup)
+            errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
+            print(f"{case.name:<20}{infer_ms['fastrnn']:>9.3f}"
+                  + "".join(f"{infer_ms.get(p, float('nan')):>9.3f}" for p in peers)
+                  + f"{speedup:>8.2f}x{infer_ms['limit']:>8.3f}"
+                  + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}  {errs}", flush=True)
+            if train_ms:
+                train_rows.append((case.name, train_ms))
+    if speedups:
+        print(f"inference: geometric mean speed-up over the fastest peer "
+              f"{math.exp(np.mean(np.log(speedups))):.2f}x, worst {min(speedups):.2f}x")
+    if train_rows:
+        print(f"\ntraining step (forward + backward)\n{'case':<20}{'fastrnn':>9}"
+              + ("" if "torch" not in peers else f"{'torch':>9}{'speed-up':>9}"))
+        ratios = []
+        for name, ms in train_rows:
+            line = f"{name:<20}{ms['fastrnn']:>9.3f}"
+            if "torch" in ms:
+                ratios.append(ms["torch"] / ms["fastrnn"])
+                line += f"{ms['torch']:>9.3f}{ratios[-1]:>8.2f}x"
+            print(line, flush=True)
+        if ratios:
+            print(f"training: geometric mean speed-up over PyTorch "
+                  f"{math.exp(np.mean(np.log(ratios))):.2f}x, worst {min(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
