@@ -192,6 +192,75 @@ def ort_runner(case, state_dict, x, threads):
     return infer
 
 
+def keras_runner(case, state_dict, x, threads):
+    """Keras 3 on TensorFlow: the same weights converted to Keras' layout
+    (kernels transposed; GRU gate blocks z, r, h and reset_after=True;
+    PyTorch's two biases summed where Keras has one), compiled tf.functions."""
+    import os
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # already initialised in this process
+        pass
+    import keras
+
+    def keras_weights(sfx):
+        w_ih, w_hh = state_dict["weight_ih" + sfx], state_dict["weight_hh" + sfx]
+        b_ih, b_hh = state_dict["bias_ih" + sfx], state_dict["bias_hh" + sfx]
+        if case.cell == "GRU":
+            def zrn(a):
+                r, z, n = np.split(a, 3, axis=0)
+                return np.concatenate([z, r, n], axis=0)
+            return [zrn(w_ih).T, zrn(w_hh).T, np.stack([zrn(b_ih), zrn(b_hh)])]
+        return [w_ih.T, w_hh.T, b_ih + b_hh]
+
+    def make(k):
+        kwargs = dict(units=case.H, return_sequences=True)
+        if case.cell == "GRU":
+            return keras.layers.GRU(reset_after=True, **kwargs)
+        if case.cell == "LSTM":
+            return keras.layers.LSTM(**kwargs)
+        return keras.layers.SimpleRNN(**kwargs)
+
+    inputs = keras.Input((case.T, case.D), batch_size=case.B)
+    y, recurrent = inputs, []
+    for k in range(case.layers):
+        layer = make(k)
+        if case.bidirectional:
+            layer = keras.layers.Bidirectional(layer, merge_mode="concat")
+        y = layer(y)
+        recurrent.append(layer)
+    model = keras.Model(inputs, y)
+    for k, layer in enumerate(recurrent):
+        if case.bidirectional:
+            layer.forward_layer.set_weights(keras_weights(f"_l{k}"))
+            layer.backward_layer.set_weights(keras_weights(f"_l{k}_reverse"))
+        else:
+            layer.set_weights(keras_weights(f"_l{k}"))
+    xb = tf.constant(np.ascontiguousarray(x.transpose(1, 0, 2)).astype(np.float32))
+
+    @tf.function(jit_compile=False)
+    def forward(inp):
+        return model(inp, training=False)
+
+    @tf.function(jit_compile=False)
+    def train_step(inp):
+        with tf.GradientTape() as tape:
+            tape.watch(inp)
+            total = tf.reduce_sum(model(inp, training=True))
+        return tape.gradient(total, model.trainable_variables + [inp])
+
+    def infer():
+        return np.ascontiguousarray(forward(xb).numpy().transpose(1, 0, 2))
+
+    def train():
+        train_step(xb)
+
+    return infer, train
+
+
 # --- the run -----------------------------------------------------------------------
 def available(name):
     try:
@@ -220,6 +289,8 @@ def run_case(case, dtype, threads, repeats):
         infer_fns["torch"], train_fns["torch"] = t_infer, t_train
     if available("onnxruntime") and available("onnx") and dtype == "float32":
         infer_fns["ORT"] = ort_runner(case, state_dict, x, threads)
+    if available("tensorflow") and available("keras") and dtype == "float32":
+        infer_fns["TF"], train_fns["TF"] = keras_runner(case, state_dict, x, threads)
 
     # accuracy against float64 (PyTorch's when installed, independent of fastrnn)
     x64, sd64 = x.astype(np.float64), {k: val.astype(np.float64) for k, val in state_dict.items()}
@@ -254,7 +325,8 @@ def main(argv=None):
     fastrnn.set_num_threads(args.threads)
     cases = [c for c in CASES if (not args.quick or c.name in QUICK)
              and (not args.cases or c.name in args.cases.split(","))]
-    peers = [p for p, mod in (("torch", "torch"), ("ORT", "onnxruntime")) if available(mod)]
+    peers = [p for p, mod in (("torch", "torch"), ("ORT", "onnxruntime"), ("TF", "tensorflow"))
+             if available(mod)]
     versions = [f"fastrnn {fastrnn.__version__}"]
     if "torch" in peers:
         import torch
@@ -262,6 +334,9 @@ def main(argv=None):
     if "ORT" in peers:
         import onnxruntime
         versions.append(f"onnxruntime {onnxruntime.__version__}")
+    if "TF" in peers:
+        import tensorflow
+        versions.append(f"tensorflow {tensorflow.__version__}")
     print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} threads, {args.dtype}, "
           f"median ms (blocks of 5 calls after a pause), {time.strftime('%Y-%m-%d')}")
     header = (f"{'case':<20}{'fastrnn':>9}" + "".join(f"{p:>9}" for p in peers)
@@ -286,18 +361,19 @@ def main(argv=None):
         print(f"inference: geometric mean speed-up over the fastest peer "
               f"{math.exp(np.mean(np.log(speedups))):.2f}x, worst {min(speedups):.2f}x")
     if train_rows:
+        train_peers = [p for p in ("torch", "TF") if p in peers]
         print(f"\ntraining step (forward + backward)\n{'case':<20}{'fastrnn':>9}"
-              + ("" if "torch" not in peers else f"{'torch':>9}{'speed-up':>9}"))
-        ratios = []
+              + "".join(f"{p:>9}{'x':>7}" for p in train_peers))
+        ratios = {p: [] for p in train_peers}
         for name, ms in train_rows:
             line = f"{name:<20}{ms['fastrnn']:>9.3f}"
-            if "torch" in ms:
-                ratios.append(ms["torch"] / ms["fastrnn"])
-                line += f"{ms['torch']:>9.3f}{ratios[-1]:>8.2f}x"
+            for p in train_peers:
+                ratios[p].append(ms[p] / ms["fastrnn"])
+                line += f"{ms[p]:>9.3f}{ratios[p][-1]:>6.2f}x"
             print(line, flush=True)
-        if ratios:
-            print(f"training: geometric mean speed-up over PyTorch "
-                  f"{math.exp(np.mean(np.log(ratios))):.2f}x, worst {min(ratios):.2f}x")
+        for p, r in ratios.items():
+            print(f"training: geometric mean speed-up over {p} "
+                  f"{math.exp(np.mean(np.log(r))):.2f}x, worst {min(r):.2f}x")
 
 
 if __name__ == "__main__":
