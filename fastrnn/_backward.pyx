@@ -17,8 +17,7 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
-from fastrnn._blas cimport (gemm, gemv, one_thread_block, GEMM_ONE_THREAD_MNK,
-                           GEMV_ONE_THREAD_MN)
+from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -87,17 +86,14 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
 
 cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                           const floating* dg, Py_ssize_t ldg, const floating* w_hh,
-                          floating* dh, Py_ssize_t gemv_rows) noexcept nogil:
+                          floating* dh, Py_ssize_t cols) noexcept nogil:
     """dh (B, H) += dg (B, GH; rows ldg apart) @ w_hh (GH, H), summed over
-    blocks of gates small enough for OpenBLAS to stay on this thread (batch 1:
-    gemv_rows gates per call)."""
+    blocks of ``cols`` gates per BLAS call (see _blas.step_block)."""
     cdef Py_ssize_t start, n
-    cdef Py_ssize_t block = gemv_rows if B == 1 else \
-        one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
     cdef floating one = 1
     start = 0
     while start < GH:
-        n = min(block, GH - start)
+        n = min(cols, GH - start)
         if B == 1:
             gemv(True, <int>n, <int>H, one, w_hh + start * H, <int>H, dg + start, one, dh)
         else:
@@ -113,7 +109,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const floating* c_prev, const floating* w_hh,
                           const floating* dout, floating* dh, floating* dc,
                           floating* dgx, floating* dgh,
-                          const int64_t* lengths, Py_ssize_t gemv_rows) noexcept nogil:
+                          const int64_t* lengths, Py_ssize_t cols) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block."""
     cdef Py_ssize_t GH = num_gates(cell) * H
@@ -148,7 +144,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             else:
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
         _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
-                        gemv_rows)
+                        cols)
 
 
 def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
@@ -189,7 +185,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
     cdef floating* dc_ptr = NULL if dc is None else &dc[0, 0, 0]
     cdef floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
-    cdef Py_ssize_t gemv_rows = GH if blas_held else one_thread_block(H, GEMV_ONE_THREAD_MN)
+    cdef Py_ssize_t cols = step_block(b_hi - b_lo, H, GH, blas_held)
     cdef unsigned int fpenv
     if T == 0 or b_hi <= b_lo:
         return
@@ -205,7 +201,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
                 &dh[d, b_lo, 0],
                 NULL if dc_ptr == NULL else dc_ptr + (d * B + b_lo) * H,
                 &dgx[0, 0] + first * g_cols + d * GH, dgh_ptr + first * g_cols + d * GH,
-                NULL if len_ptr == NULL else len_ptr + b_lo, gemv_rows)
+                NULL if len_ptr == NULL else len_ptr + b_lo, cols)
         fastrnn_restore_fpenv(fpenv)
 
 

@@ -57,3 +57,20 @@ cdef inline Py_ssize_t one_thread_block(Py_ssize_t other, Py_ssize_t limit) noex
     within ``limit`` (at least 1)."""
     cdef Py_ssize_t block = limit // other if other > 0 else limit
     return block if block > 0 else 1
+
+
+cdef inline Py_ssize_t step_block(Py_ssize_t B, Py_ssize_t H, Py_ssize_t GH,
+                                  bint blas_held) noexcept nogil:
+    """Gate columns per BLAS call in a per-step product of h (B, H) with a
+    (H, GH) weight. Batch 1 (gemv): all of them when BLAS is held at one
+    thread, else single-thread blocks. Batch > 1 (gemm): when held, blocks of
+    64-256 columns keeping m * n * k near 1e6, where OpenBLAS runs fastest
+    (PERFORMANCE.md: 3x over one call at H = 256-512); else single-thread
+    blocks."""
+    cdef Py_ssize_t block
+    if B == 1:
+        return GH if blas_held else one_thread_block(H, GEMV_ONE_THREAD_MN)
+    if not blas_held:
+        return one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
+    block = 1000000 // (B * H)
+    return min(max(block, 64), 256)

@@ -27,8 +27,7 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
-from fastrnn._blas cimport (gemm, gemv, one_thread_block, GEMM_ONE_THREAD_MNK,
-                           GEMV_ONE_THREAD_MN)
+from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
                              rnn_row, gru_row, lstm_row, sigmoid, tanh_,
                              fastrnn_flush_denormals, fastrnn_restore_fpenv)
@@ -62,19 +61,16 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
 cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                              const floating* h, const floating* w_hh,
                              const floating* w_hh_t, Py_ssize_t ld_t,
-                             floating* g, Py_ssize_t ldg, Py_ssize_t gemv_rows) noexcept nogil:
-    """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T. Batch 1: gemv on w_hh
-    (GH, H), gemv_rows rows per call; larger batches: gemm on its transpose
-    w_hh_t (H, GH; rows ld_t apart), which OpenBLAS multiplies faster (no
-    transposed operand), in blocks of gate columns small enough for OpenBLAS
-    to stay on this thread."""
+                             floating* g, Py_ssize_t ldg, Py_ssize_t cols) noexcept nogil:
+    """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T, ``cols`` gate columns
+    per BLAS call (see _blas.step_block). Batch 1: gemv on w_hh (GH, H);
+    larger batches: gemm on its transpose w_hh_t (H, GH; rows ld_t apart),
+    which OpenBLAS multiplies faster (no transposed operand)."""
     cdef Py_ssize_t start, n
-    cdef Py_ssize_t block = gemv_rows if B == 1 else \
-        one_thread_block(B * H, GEMM_ONE_THREAD_MNK)
     cdef floating one = 1
     start = 0
     while start < GH:
-        n = min(block, GH - start)
+        n = min(cols, GH - start)
         if B == 1:
             gemv(False, <int>n, <int>H, one, w_hh + start * H, <int>H, h, one, g + start)
         else:
@@ -91,7 +87,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* h, floating* c, floating* gh, floating* out,
                          floating* acts, Py_ssize_t acts_t, Py_ssize_t acts_b,
                          floating* h_prev, floating* c_prev,
-                         const int64_t* lengths, Py_ssize_t gemv_rows) noexcept nogil:
+                         const int64_t* lengths, Py_ssize_t cols) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
@@ -121,10 +117,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
                 else:
                     memset(gh + b * GH, 0, GH * sizeof(floating))
-            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, gh, GH, gemv_rows)
+            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, gh, GH, cols)
         else:
             _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols,
-                               gemv_rows)
+                               cols)
 
         # fused gate pass, row by row
         for b in range(B):
@@ -210,7 +206,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
     cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
     cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
     cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
-    cdef Py_ssize_t gemv_rows = GH if blas_held else one_thread_block(H, GEMV_ONE_THREAD_MN)
+    cdef Py_ssize_t cols = step_block(b_hi - b_lo, H, GH, blas_held)
     cdef unsigned int fpenv
     if T == 0 or b_hi <= b_lo:
         return
@@ -230,7 +226,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
                 acts_t, acts_b,
                 NULL if h_prev_ptr == NULL else h_prev_ptr + first * h_cols + d * H,
                 NULL if c_prev_ptr == NULL else c_prev_ptr + first * h_cols + d * H,
-                NULL if len_ptr == NULL else len_ptr + b_lo, gemv_rows)
+                NULL if len_ptr == NULL else len_ptr + b_lo, cols)
         fastrnn_restore_fpenv(fpenv)
 
 
@@ -269,9 +265,11 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_
                 if gh is not None:
                     target = &gh[0, 0] + (d * B + b_lo) * GH
                     _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], &w_hh[d * GH, 0],
-                                       &w_hh_t[0, 0] + d * GH, dirs * GH, target, GH, GH)
+                                       &w_hh_t[0, 0] + d * GH, dirs * GH, target, GH,
+                                       step_block(b_hi - b_lo, H, GH, True))
                 else:
                     target = &gx[0, 0] + (first + t * row_t) * dirs * GH + d * GH
                     _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], &w_hh[d * GH, 0],
                                        &w_hh_t[0, 0] + d * GH, dirs * GH, target,
-                                       row_b * dirs * GH, GH)
+                                       row_b * dirs * GH,
+                                       step_block(b_hi - b_lo, H, GH, True))
