@@ -1,6 +1,6 @@
-"""asv benchmarks: forward inference and training steps over the grid of
-PERFORMANCE.md, a single cell step, one fit epoch of the seeds' model, and
-the peak memory of inference on a long sequence.
+"""asv benchmarks: forward inference and training steps over the team's
+benchmark grid (shared/PERFORMANCE.md), a single cell step, one fit epoch of
+the seeds' model, and the peak memory of inference on a long sequence.
 
     asv run --python=same --quick      # the installed fastrnn, each case once
     asv continuous main HEAD           # compare two commits (builds them)

@@ -1,5 +1,5 @@
-# Backward kernels (BPTT) for one layer, both directions, in the layout of
-# _forward.pyx (R = T * B rows in the input's order, direction d owns a
+# Backward kernels (BPTT) of a layer, for a range of directions and batch
+# rows (two ranges may run in parallel threads), in the layout of _forward.pyx (R = T * B rows in the input's order, direction d owns a
 # column block of each buffer).
 #
 # The time loop does only what must be sequential: per step the elementwise
@@ -18,7 +18,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastrnn._blas cimport gemm, gemv, step_block
-from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
+from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, num_gates, num_saved,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 
@@ -149,14 +149,14 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
 
 def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
                    Py_ssize_t d_lo, Py_ssize_t d_hi, Py_ssize_t b_lo, Py_ssize_t b_hi,
-                   const floating[:, ::1] acts,
-                   const floating[:, ::1] h_prev,
+                   const floating[:, ::1] acts not None,
+                   const floating[:, ::1] h_prev not None,
                    const floating[:, ::1] c_prev,
-                   const floating[:, ::1] w_hh,
-                   const floating[:, ::1] dout,
-                   floating[:, :, ::1] dh,
+                   const floating[:, ::1] w_hh not None,
+                   const floating[:, ::1] dout not None,
+                   floating[:, :, ::1] dh not None,
                    floating[:, :, ::1] dc,
-                   floating[:, ::1] dgx,
+                   floating[:, ::1] dgx not None,
                    floating[:, ::1] dgh,
                    const int64_t[::1] lengths,
                    bint blas_held):
@@ -206,21 +206,25 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
 
 
 cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lda,
-                       floating* out) noexcept nogil:
-    """out (cols,) += sum over rows of a (rows, cols; rows lda apart)."""
+                       floating* out, floating* out2) noexcept nogil:
+    """out (cols,) += sum over rows of a (rows, cols; rows lda apart); the same
+    sums added to out2 too unless it is NULL."""
     cdef Py_ssize_t r, j
     for r in range(rows):
         for j in range(cols):
             out[j] += a[r * lda + j]
+        if out2 != NULL:
+            for j in range(cols):
+                out2[j] += a[r * lda + j]
 
 
 def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
-                 const floating[:, ::1] x,
-                 const floating[:, ::1] h_prev,
-                 const floating[:, ::1] dgx,
+                 const floating[:, ::1] x not None,
+                 const floating[:, ::1] h_prev not None,
+                 const floating[:, ::1] dgx not None,
                  const floating[:, ::1] dgh,
-                 floating[:, ::1] dw_ih,
-                 floating[:, ::1] dw_hh,
+                 floating[:, ::1] dw_ih not None,
+                 floating[:, ::1] dw_hh not None,
                  floating[::1] db_ih,
                  floating[::1] db_hh,
                  Py_ssize_t max_rows):
@@ -259,14 +263,17 @@ def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
                      &h_prev[start, 0] + d * H, <int>(dirs * H),
                      one, &dw_hh[lo, 0], <int>H)
             start += n
-    if db_ih is not None:
+    if db_ih is not None and db_hh is not None:
         with nogil:
-            _column_sums(&dgx[0, 0] + n_lo, R, n_hi - n_lo, N, &db_ih[n_lo])
-            _column_sums(dgh_ptr + n_lo, R, n_hi - n_lo, N, &db_hh[n_lo])
+            if dgh is None:  # b_hh's gradient is b_ih's: one pass for both
+                _column_sums(&dgx[0, 0] + n_lo, R, n_hi - n_lo, N, &db_ih[n_lo], &db_hh[n_lo])
+            else:
+                _column_sums(&dgx[0, 0] + n_lo, R, n_hi - n_lo, N, &db_ih[n_lo], NULL)
+                _column_sums(dgh_ptr + n_lo, R, n_hi - n_lo, N, &db_hh[n_lo], NULL)
 
 
-def input_grad(*, const floating[:, ::1] dgx, const floating[:, ::1] w_ih,
-               floating[:, ::1] dx, Py_ssize_t max_rows):
+def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_ih not None,
+               floating[:, ::1] dx not None, Py_ssize_t max_rows):
     """dx (R, D) = dgx (R, N) @ w_ih (N, D), in chunks of <= max_rows rows."""
     cdef Py_ssize_t R = dgx.shape[0]
     cdef Py_ssize_t N = dgx.shape[1]

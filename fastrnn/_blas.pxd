@@ -41,12 +41,12 @@ cdef inline void gemv(bint trans_a, int m, int n, floating alpha,
 
 
 # OpenBLAS runs a gemm on one thread when m * n * k <= 65536 * 4 and a gemv
-# when m * n < 2304 * 4 (interface/gemm.c, gemv.c). The per-step gemm of a
-# recurrence is cut into blocks under the first bound: waking threads every
-# step costs more than the step (3-6x slower training measured on 2 cores),
-# and such blocks also skip OpenBLAS's packing. A gemv is cut under the second
-# only when the caller cannot hold BLAS at one thread (small blocks make it
-# ~3.5x slower: 34 vs 9.5 us for 768 x 256).
+# when m * n < 2304 * 4 (interface/gemm.c, gemv.c). When the caller cannot
+# hold BLAS at one thread (cells), the per-step products are cut into blocks
+# under these bounds: waking threads every step costs more than the step
+# (3-6x slower training measured on 2 cores). When it can (layers), a gemv is
+# one call (small blocks make it ~3.5x slower: 34 vs 9.5 us for 768 x 256) and
+# a gemm is cut into the blocks OpenBLAS runs fastest (step_block).
 cdef enum:
     GEMM_ONE_THREAD_MNK = 262144
     GEMV_ONE_THREAD_MN = 9215
@@ -65,9 +65,12 @@ cdef inline Py_ssize_t step_block(Py_ssize_t B, Py_ssize_t H, Py_ssize_t GH,
     (H, GH) weight. Batch 1 (gemv): all of them when BLAS is held at one
     thread, else single-thread blocks. Batch > 1 (gemm): when held, blocks of
     64-256 columns keeping m * n * k near 1e6, where OpenBLAS runs fastest
-    (PERFORMANCE.md: 3x over one call at H = 256-512); else single-thread
-    blocks."""
+    (the team's shared/PERFORMANCE.md measured 3x over one call at H = 256-512;
+    b64-h512 LSTM inference went from ~265 to ~170 ms); else single-thread
+    blocks. The backward pass uses the same blocks for its reduction."""
     cdef Py_ssize_t block
+    if B <= 0 or H <= 0:
+        return 1  # nothing to multiply
     if B == 1:
         return GH if blas_held else one_thread_block(H, GEMV_ONE_THREAD_MN)
     if not blas_held:

@@ -1,5 +1,7 @@
-# Forward kernels: one call runs one layer (both directions) over a whole
-# sequence, or one cell step (a layer with T = 1).
+# Forward kernels of a layer (or a cell: a layer with T = 1): ``project``, the
+# input projection of every step and direction in one GEMM, then ``recur``,
+# the time loops of a range of directions and batch rows (two such ranges
+# may run in parallel threads).
 #
 # Layout. Every per-step buffer is a block of R = T * B rows in one row
 # order, the input's: time-major (row t * B + b) or batch-first (row
@@ -9,8 +11,8 @@
 #   gx   (R, dirs * G * H) input projection of every row and direction: one
 #                          GEMM before the loop
 #   out  (R, dirs * H)     h of every step
-#   acts (R, dirs * S * H) activations saved for backward; in inference one
-#                          scratch row (1, dirs * S * H), rewritten every row
+#   acts (R, dirs * S * H) activations saved for backward; in inference a
+#                          scratch (B, dirs * S * H), one row per batch row
 #   h_prev, c_prev (R, dirs * H) training only: the state before each step
 #
 # Per step: one recurrent product (gemv at batch 1) accumulated into the
@@ -139,8 +141,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                         cell == RNN_RELU)
 
 
-def project(*, const floating[:, ::1] x, const floating[:, ::1] w_ih,
-            const floating[::1] bias_x, floating[:, ::1] gx, Py_ssize_t max_rows):
+def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih not None,
+            const floating[::1] bias_x, floating[:, ::1] gx not None, Py_ssize_t max_rows):
     """gx (R, N) = x (R, D) @ w_ih^T + bias_x: the input projection of every
     step, batch row and direction of a layer in one GEMM (bias_x may be None;
     GEMMs of at most max_rows rows, the BLAS int range)."""
@@ -157,16 +159,16 @@ def project(*, const floating[:, ::1] x, const floating[:, ::1] w_ih,
 
 def recur(*, int cell, Py_ssize_t T, bint batch_first,
           Py_ssize_t d_lo, Py_ssize_t d_hi, Py_ssize_t b_lo, Py_ssize_t b_hi,
-          const floating[:, ::1] w_hh,
-          const floating[:, ::1] w_hh_t,
+          const floating[:, ::1] w_hh not None,
+          const floating[:, ::1] w_hh_t not None,
           const floating[::1] bias_h,
-          floating[:, :, ::1] h,
+          floating[:, :, ::1] h not None,
           floating[:, :, ::1] c,
-          floating[:, ::1] gx,
+          floating[:, ::1] gx not None,
           floating[:, ::1] gh,
-          floating[:, ::1] out,
+          floating[:, ::1] out not None,
           const int64_t[::1] lengths,
-          floating[:, ::1] acts,
+          floating[:, ::1] acts not None,
           bint train,
           floating[:, ::1] h_prev,
           floating[:, ::1] c_prev,
@@ -230,7 +232,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
         fastrnn_restore_fpenv(fpenv)
 
 
-def activations(*, const float[::1] x, float[::1] sigmoid_out, float[::1] tanh_out):
+def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None, float[::1] tanh_out not None):
     """The float32 sigmoid and tanh exactly as the kernels compute them,
     elementwise over x (for the accuracy tests)."""
     cdef Py_ssize_t j
@@ -241,12 +243,12 @@ def activations(*, const float[::1] x, float[::1] sigmoid_out, float[::1] tanh_o
 
 
 def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_ssize_t d_hi,
-               Py_ssize_t b_lo, Py_ssize_t b_hi, const floating[:, ::1] w_hh,
-               const floating[:, ::1] w_hh_t, floating[:, :, ::1] h, floating[:, ::1] gx,
+               Py_ssize_t b_lo, Py_ssize_t b_hi, const floating[:, ::1] w_hh not None,
+               const floating[:, ::1] w_hh_t not None, floating[:, :, ::1] h not None, floating[:, ::1] gx not None,
                floating[:, ::1] gh):
     """The per-step recurrent products of ``recur`` alone, without the gate
-    math (the benchmark's GEMM-only limit; same arguments as recur, BLAS
-    held at one thread)."""
+    math: the benchmark's GEMM-only limit. Arguments as recur's of the same
+    names; BLAS held at one thread."""
     cdef Py_ssize_t dirs = h.shape[0]
     cdef Py_ssize_t B = h.shape[1]
     cdef Py_ssize_t H = h.shape[2]

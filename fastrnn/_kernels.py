@@ -11,7 +11,10 @@ def _cpu_has_avx2_fma():
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:
-        return False
+        try:  # numpy < 2
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return False
     return bool(features.get("AVX2") and features.get("FMA3"))
 
 
@@ -20,7 +23,10 @@ def _load():
     if choice not in ("auto", "baseline", "avx2"):
         raise ImportError(f"fastrnn: FASTRNN_SIMD must be 'auto', 'baseline' or 'avx2', "
                           f"got {choice!r}")
-    if choice != "baseline" and (choice == "avx2" or _cpu_has_avx2_fma()):
+    if choice == "avx2" and not _cpu_has_avx2_fma():
+        raise ImportError("fastrnn: FASTRNN_SIMD=avx2, but this CPU lacks AVX2 or FMA "
+                          "(the build would stop on an illegal instruction)")
+    if choice != "baseline" and _cpu_has_avx2_fma():
         try:
             from fastrnn import _backward_avx2 as backward
             from fastrnn import _forward_avx2 as forward

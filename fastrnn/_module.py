@@ -23,12 +23,13 @@ from fastrnn._validation import shape_str, to_numpy
 
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
 
-# kernel code and number of gates of each cell kind
+# kernel code, gate blocks G, and activations saved per step (in units of H;
+# must match _gates.num_saved) of each cell kind
 CELL_KINDS = {
-    "rnn_tanh": (_forward.CELL_RNN_TANH, 1),
-    "rnn_relu": (_forward.CELL_RNN_RELU, 1),
-    "gru": (_forward.CELL_GRU, 3),
-    "lstm": (_forward.CELL_LSTM, 4),
+    "rnn_tanh": (_forward.CELL_RNN_TANH, 1, 1),
+    "rnn_relu": (_forward.CELL_RNN_RELU, 1, 1),
+    "gru": (_forward.CELL_GRU, 3, 4),
+    "lstm": (_forward.CELL_LSTM, 4, 4),
 }
 
 
@@ -166,6 +167,14 @@ class Module:
         self._version += 1
         return LoadResult(missing, unexpected)
 
+    def __reduce__(self):
+        """Pickle as constructor arguments, parameters and random state, so
+        that the copy rebuilds its storage and behaves identically
+        (accumulated gradients are not kept)."""
+        config = {k: (val.name if isinstance(val, np.dtype) else val)
+                  for k, val in self._config.items()}
+        return _rebuild, (type(self), config, self.state_dict(), getattr(self, "_rng", None))
+
     def __repr__(self):
         cfg = self._config
         args = [str(cfg["input_size"]), str(cfg["hidden_size"])]
@@ -174,6 +183,14 @@ class Module:
 
     def _repr_options(self):
         return []
+
+
+def _rebuild(cls, config, state_dict, rng):
+    module = cls(**config)
+    module.load_state_dict(state_dict)
+    if rng is not None:
+        module._rng = rng
+    return module
 
 
 class RecurrentWeights(Module):
@@ -188,8 +205,8 @@ class RecurrentWeights(Module):
     def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
                dropout=0.0):
         """Allocate, register under ``names(layer, direction)`` and initialise."""
-        code, gates = CELL_KINDS[kind]
-        self._kernel_code, self._gates = code, gates
+        self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
+        gates = self._gates
         self._layers, self._dirs, self._dropout, self._rng = layers, dirs, dropout, rng
         GH = gates * hidden_size
         params = {"w_ih": [], "w_hh": [], "b_ih": [], "b_hh": []}
@@ -227,8 +244,9 @@ class RecurrentWeights(Module):
         the bias added to the input projection, the GRU's recurrent bias (other
         cells fold b_hh into bias_x), and W_hh transposed to (H, dirs * G * H).
         Derived from the parameters, cached until they change."""
-        version, terms = self._weights_cache
-        if version != self._version:
+        cached_version, terms = self._weights_cache
+        version = self._version  # read once: a concurrent update bumps it again
+        if cached_version != version:
             terms = []
             for b_ih, b_hh, w_hh in zip(self._b_ih, self._b_hh, self._w_hh):
                 w_hh_t = np.ascontiguousarray(w_hh.T)
@@ -238,7 +256,7 @@ class RecurrentWeights(Module):
                     terms.append((b_ih, b_hh, w_hh_t))
                 else:
                     terms.append((b_ih + b_hh, None, w_hh_t))
-            self._weights_cache = (self._version, terms)
+            self._weights_cache = (version, terms)
         return terms
 
     def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
@@ -249,7 +267,7 @@ class RecurrentWeights(Module):
         applied to its output.
         """
         dtype, H = self._config["dtype"], self._config["hidden_size"]
-        L, dirs = self._layers, self._dirs
+        dirs = self._dirs
         N = dirs * self._gates * H
         if batch_first and B > 1 and T * N > v.BLAS_INT_MAX:
             # the per-step GEMM would need a leading dimension T * N beyond the
@@ -270,8 +288,7 @@ class RecurrentWeights(Module):
             # weight gradients either (0 * NaN is NaN)
             layer_in = layer_in.copy()
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
-        tape = {"batch_first": batch_first, "lengths": lengths, "version": self._version,
-                "layers": []} if train else None
+        tape = {"batch_first": batch_first, "lengths": lengths, "layers": []} if train else None
         # fastrnn's threads do all the work, BLAS at one thread
         with _parallel.blas_at_one_thread:
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
@@ -284,7 +301,6 @@ class RecurrentWeights(Module):
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
         rows = T * B
-        is_gru = self._kernel_code == _forward.CELL_GRU
         is_lstm = self._kernel_code == _forward.CELL_LSTM
         spare = None
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights()):
@@ -295,7 +311,7 @@ class RecurrentWeights(Module):
                 layer_out = spare
             else:
                 layer_out = np.empty((rows, dirs * H), dtype)
-            saved_cols = dirs * (4 if is_gru or is_lstm else 1) * H
+            saved_cols = dirs * self._saved * H
             saves = {"acts": np.empty((rows if train else B, saved_cols), dtype)}
             if train:
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
@@ -304,7 +320,7 @@ class RecurrentWeights(Module):
                 _forward.project(x=layer_in[r0:r1], w_ih=self._w_ih[k], bias_x=bias_x,
                                  gx=gx[r0:r1], max_rows=v.BLAS_INT_MAX)
 
-            _parallel.run_parts(project, _parallel.row_halves(rows, parts))
+            _parallel.run_parts(project, _parallel.halves(rows, parts))
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
 
@@ -385,8 +401,8 @@ class RecurrentWeights(Module):
 
         _parallel.run_parts(loops, parts)
         with self._grad_lock:
-            _parallel.run_parts(weights, _parallel.row_halves(dgx.shape[1], parts))
-        _parallel.run_parts(inputs, _parallel.row_halves(rows, parts))
+            _parallel.run_parts(weights, _parallel.halves(dgx.shape[1], parts))
+        _parallel.run_parts(inputs, _parallel.halves(rows, parts))
         return dx
 
 

@@ -6,7 +6,7 @@ whole time loop in one thread with no per-step synchronisation (a per-step
 wake-up would cost more than the step). The kernels release the GIL and keep
 their per-step BLAS calls single-threaded, so the parts do not contend.
 
-While such a call runs, scipy's BLAS (the one the kernels call) is held at one
+While a layer call runs, scipy's BLAS (the one the kernels call) is held at one
 thread, and fastrnn splits the large products between its own threads too:
 OpenBLAS's idle threads spin for a while after a threaded call and would
 compete with fastrnn's for the cores (measured on 2 cores: GRU b32-h128
@@ -37,11 +37,11 @@ MIN_PARALLEL_WORK = 4_000_000
 
 
 def set_num_threads(n):
-    """Threads fastrnn may use for one layer call (1 disables parallel work).
+    """Threads fastrnn may use for one layer call: 1, or 2 to run the two
+    directions or two halves of the batch at once (more are not used yet).
 
     Also set by the environment variable FASTRNN_NUM_THREADS; the default is
-    min(cores, 2). BLAS's own threads, for the large input projections, are
-    set as usual (OPENBLAS_NUM_THREADS or threadpoolctl).
+    min(cores, 2).
     """
     global _threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -73,10 +73,11 @@ class _BlasAtOneThread:
             return []
         blas = [lib for lib in ThreadpoolController().lib_controllers
                 if lib.user_api == "blas"]
-        # scipy's wheels ship their own OpenBLAS beside the package (scipy.libs);
-        # elsewhere (a system BLAS) hold every BLAS
+        # scipy's wheels ship their own OpenBLAS beside the package, in
+        # scipy.libs/; elsewhere (a system BLAS shared with numpy) hold them all
         scipy_dir = os.path.dirname(os.path.abspath(scipy.__file__))
-        own = [lib for lib in blas if lib.filepath.startswith(scipy_dir)]
+        own = [lib for lib in blas
+               if lib.filepath.startswith((scipy_dir + ".libs" + os.sep, scipy_dir + os.sep))]
         return own or blas
 
     def __enter__(self):
@@ -86,8 +87,13 @@ class _BlasAtOneThread:
                     self._libs = self._find_libs()
                     self.held = bool(self._libs)
                 self._saved = [lib.num_threads for lib in self._libs]
-                for lib in self._libs:
-                    lib.set_num_threads(1)
+                try:
+                    for lib in self._libs:
+                        lib.set_num_threads(1)
+                except BaseException:
+                    for lib, n in zip(self._libs, self._saved):
+                        lib.set_num_threads(n)
+                    raise
             self._depth += 1
 
     def __exit__(self, *exc):
@@ -99,6 +105,19 @@ class _BlasAtOneThread:
 
 
 blas_at_one_thread = _BlasAtOneThread()
+
+
+def _after_fork_in_child():
+    """A forked child has no worker thread, and locks may have been copied
+    held: start afresh (multiprocessing's fork, gunicorn --preload)."""
+    global _pool, _pool_lock, blas_at_one_thread
+    _pool = None
+    _pool_lock = threading.Lock()
+    blas_at_one_thread = _BlasAtOneThread()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _get_pool():
@@ -122,12 +141,12 @@ def split(dirs, batch, work):
     return [(0, dirs, 0, batch)]
 
 
-def row_halves(rows, parts):
-    """Split [0, rows) into as many contiguous ranges as there are parts."""
+def halves(n, parts):
+    """Split [0, n) (rows or columns) into as many contiguous ranges as there
+    are parts."""
     if len(parts) == 1:
-        return [(0, rows)]
-    half = rows // 2
-    return [(0, half), (half, rows)]
+        return [(0, n)]
+    return [(0, n // 2), (n // 2, n)]
 
 
 def run_parts(fn, parts):

@@ -90,13 +90,18 @@ def to_numpy(owner, name, value):
     return value
 
 
-def as_float_array(owner, name, value, dtype):
-    """A C-contiguous array of the layer's dtype (a copy only if needed).
+def as_float_array(owner, name, value, dtype, own_copy=False):
+    """A C-contiguous array of the layer's dtype (a copy only if needed, or
+    always one of our own with ``own_copy``: never the caller's memory, which
+    they may change later; a torch tensor's .numpy() shares it).
 
     np.asarray keeps the number of dimensions; np.ascontiguousarray would make
     a 0-D input 1-D.
     """
-    return np.asarray(to_numpy(owner, name, value), dtype=dtype, order="C")
+    arr = np.asarray(to_numpy(owner, name, value), dtype=dtype, order="C")
+    if own_copy and (arr is value or not arr.flags.owndata):
+        arr = arr.copy()
+    return arr
 
 
 def state_arrays(owner, arg, value, names, expected, dtype, full_shape=None,

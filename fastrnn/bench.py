@@ -1,4 +1,5 @@
-"""fastrnn against its peers on the grid of PERFORMANCE.md, in one process.
+"""fastrnn against its peers on the team's benchmark grid (shared/PERFORMANCE.md),
+in one process.
 
     python -m fastrnn.bench [--threads 2] [--dtype float32] [--quick] [--cases a,b]
     fastrnn bench ...
@@ -99,7 +100,8 @@ def gemm_only(layer, x):
     N = dirs * layer._gates * H
     dtype = layer.dtype
     gx = np.empty((T * B, N), dtype)
-    gh = np.empty((dirs, B * layer._gates * H), dtype) if layer._gates == 3 else None
+    gh = (np.empty((dirs, B * layer._gates * H), dtype)
+          if layer._kernel_code == _forward.CELL_GRU else None)
     h = np.zeros((dirs, B, H), dtype)
     inputs = [x.reshape(T * B, -1)] + [np.zeros((T * B, dirs * H), dtype)] * (layer._layers - 1)
     parts = _parallel.split(dirs, B, T * B * N * (H + 20))
@@ -111,7 +113,7 @@ def gemm_only(layer, x):
                     lambda r0, r1: _forward.project(x=inputs[k][r0:r1], w_ih=layer._w_ih[k],
                                                     bias_x=bias_x, gx=gx[r0:r1],
                                                     max_rows=v.BLAS_INT_MAX),
-                    _parallel.row_halves(T * B, parts))
+                    _parallel.halves(T * B, parts))
                 _parallel.run_parts(
                     lambda d_lo, d_hi, b_lo, b_hi: _forward.gemm_limit(
                         cell=layer._kernel_code, T=T, batch_first=False, d_lo=d_lo, d_hi=d_hi,
@@ -143,7 +145,6 @@ def torch_runner(case, state_dict, x, dtype, threads):
 
 
 def ort_runner(case, state_dict, x, threads):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -361,7 +362,8 @@ def main(argv=None):
         print(f"inference: geometric mean speed-up over the fastest peer "
               f"{math.exp(np.mean(np.log(speedups))):.2f}x, worst {min(speedups):.2f}x")
     if train_rows:
-        train_peers = [p for p in ("torch", "TF") if p in peers]
+        train_peers = [p for p in ("torch", "TF")
+                       if all(p in ms for _, ms in train_rows)]
         print(f"\ntraining step (forward + backward)\n{'case':<20}{'fastrnn':>9}"
               + "".join(f"{p:>9}{'x':>7}" for p in train_peers))
         ratios = {p: [] for p in train_peers}

@@ -9,7 +9,7 @@ import numpy as np
 
 from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
-from fastrnn._module import Backprop, RecurrentWeights
+from fastrnn._module import CELL_KINDS, Backprop, RecurrentWeights
 from fastrnn._validation import shape_str
 
 
@@ -25,7 +25,7 @@ class _CellBase(RecurrentWeights):
         cfg["bias"] = v.check_bool(owner, "bias", bias)
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
-        gates = {"gru": 3, "lstm": 4}.get(kind, 1)
+        gates = CELL_KINDS[kind][1]
         if gates * cfg["hidden_size"] > v.BLAS_INT_MAX or cfg["input_size"] > v.BLAS_INT_MAX:
             raise ValueError(f"{owner}: input_size {input_size} / hidden_size {hidden_size} "
                              f"too large for 32-bit BLAS ints")
@@ -46,7 +46,7 @@ class _CellBase(RecurrentWeights):
         if B > 0:
             bias_x, bias_h, w_hh_t = self._kernel_weights()[0]
             G = self._gates
-            S = 4 * H if G > 1 else H
+            S = self._saved * H
             gx = np.empty((B, G * H), dtype)
             _forward.project(x=x, w_ih=self._w_ih[0], bias_x=bias_x, gx=gx,
                              max_rows=v.BLAS_INT_MAX)
@@ -73,7 +73,7 @@ class _CellBase(RecurrentWeights):
             ``x`` and of the previous state, in the structure of the state.
             It may be called once.
         """
-        x, B, batched, h, c = self._prepare(x, hx)
+        x, B, batched, h, c = self._prepare(x, hx, own_copy=True)
         H = self._config["hidden_size"]
         h_n, c_n = h[None], (None if c is None else c[None])
         out = np.empty((1, B, H), self._config["dtype"])
@@ -85,11 +85,11 @@ class _CellBase(RecurrentWeights):
         return self._results(h, c, batched), _CellBackprop(self, Backprop(self, call, tape),
                                                             batched, B)
 
-    def _prepare(self, x, hx):
+    def _prepare(self, x, hx, own_copy=False):
         owner = type(self).__name__
         cfg = self._config
         dtype, D = cfg["dtype"], cfg["input_size"]
-        x = v.as_float_array(owner, "input", x, dtype)
+        x = v.as_float_array(owner, "input", x, dtype, own_copy)
         if x.ndim not in (1, 2) or x.shape[-1] != D:
             raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
                              f"got {shape_str(x.shape)}")

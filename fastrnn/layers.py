@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from fastrnn import _validation as v
-from fastrnn._module import Backprop, RecurrentWeights
+from fastrnn._module import CELL_KINDS, Backprop, RecurrentWeights
 from fastrnn._validation import shape_str
 
 
@@ -36,7 +36,7 @@ class _RNNBase(RecurrentWeights):
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
         dirs = 2 if cfg["bidirectional"] else 1
-        gates = {"gru": 3, "lstm": 4}.get(kind, 1)
+        gates = CELL_KINDS[kind][1]
         if dirs * gates * cfg["hidden_size"] > v.BLAS_INT_MAX:
             raise ValueError(f"{owner}: hidden_size {hidden_size} is too large: "
                              f"{dirs} x {gates} x hidden_size must fit a 32-bit BLAS int")
@@ -88,7 +88,7 @@ class _RNNBase(RecurrentWeights):
             (the zero initial state's when ``hx`` was None). Each backprop
             holds its own saved tensors and may be called once.
         """
-        call = self._prepare(x, hx, lengths)
+        call = self._prepare(x, hx, lengths, own_copy=True)
         tape = None
         if call.B > 0:
             tape = self._run(call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
@@ -111,14 +111,15 @@ class _RNNBase(RecurrentWeights):
 
         return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
 
-    def _prepare(self, x, hx, lengths):
-        """Validate and convert a call's arguments; allocate its outputs."""
+    def _prepare(self, x, hx, lengths, own_copy=False):
+        """Validate and convert a call's arguments; allocate its outputs.
+        own_copy: x must not share memory with the caller's (training keeps it)."""
         owner = type(self).__name__
         cfg = self._config
         dtype, H = cfg["dtype"], cfg["hidden_size"]
         dirs = self._dirs
 
-        x = v.as_float_array(owner, "input", x, dtype)
+        x = v.as_float_array(owner, "input", x, dtype, own_copy)
         layout = "(B, T, {0}) or (T, {0})" if cfg["batch_first"] else "(T, B, {0}) or (T, {0})"
         if x.ndim not in (2, 3) or x.shape[-1] != cfg["input_size"]:
             raise ValueError(f"{owner}: expected input of shape "

@@ -137,7 +137,12 @@ class BCEWithLogitsLoss(Loss):
     """
 
     def __init__(self, pos_weight=None):
-        self.pos_weight = None if pos_weight is None else np.asarray(pos_weight, np.float64)
+        if pos_weight is not None:
+            pos_weight = v.to_numpy("BCEWithLogitsLoss", "pos_weight", pos_weight)
+            pos_weight = pos_weight.astype(np.float64)
+            if not (np.isfinite(pos_weight).all() and (pos_weight >= 0).all()):
+                raise ValueError("BCEWithLogitsLoss: pos_weight must be finite and >= 0")
+        self.pos_weight = pos_weight
 
     def value_and_grad(self, pred, target):
         pred, target = self._pair(pred, target)

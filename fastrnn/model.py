@@ -6,21 +6,22 @@ the protocol of fastrnn.nn (recurrent layers adapt to it whatever their
 """
 import json
 import math
+import numbers
 import os
 import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Mapping
 
 import numpy as np
 
 from fastrnn import _validation as v
 from fastrnn._version import __version__
-from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.losses import get_loss
 from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
-from fastrnn.optim import Optimizer, clip_grad_norm, clip_grad_value, get_optimizer
+from fastrnn.optim import clip_grad_norm, clip_grad_value, get_optimizer
 
 # the classes a saved model may name: loading builds nothing else
 _LAYER_CLASSES = {cls.__name__: cls for cls in (RNN, GRU, LSTM, Linear, Dropout, LastStep,
@@ -75,6 +76,8 @@ class EarlyStopping(Callback):
                  restore_best_weights=False):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real):
+            raise TypeError(f"EarlyStopping: min_delta must be a number, got {min_delta!r}")
         self.monitor = monitor
         self.min_delta = abs(float(min_delta))
         self.patience = v.check_int("EarlyStopping", "patience", patience, minimum=0)
@@ -172,6 +175,13 @@ class Sequential:
         self.clip_grad_norm = self.clip_grad_value = None
         self.stop_training = False
 
+    def __getstate__(self):
+        # The optimizer holds views of the layers' parameter storage, which a
+        # copy does not share: pickle the model uncompiled (compile again).
+        state = self.__dict__.copy()
+        state["optimizer"] = None
+        return state
+
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
@@ -188,8 +198,8 @@ class Sequential:
 
     def load_state_dict(self, state_dict, strict=True):
         """Load '{index}.{name}' parameters; checks everything before copying."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"Sequential: load_state_dict expects a dict, "
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Sequential: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
         expected = self.state_dict()
         missing = [k for k in expected if k not in state_dict]
@@ -228,9 +238,10 @@ class Sequential:
     def predict(self, x, batch_size=None):
         """Inference over x in batches (all at once if batch_size is None)."""
         x = self._as_input(x)
+        if batch_size is not None:
+            batch_size = v.check_int("Sequential.predict", "batch_size", batch_size)
         if batch_size is None or len(x) <= batch_size:
             return self(x)
-        batch_size = v.check_int("Sequential.predict", "batch_size", batch_size)
         return np.concatenate([self(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
     # --- training -----------------------------------------------------------
@@ -283,6 +294,8 @@ class Sequential:
     def evaluate(self, x, y, batch_size=None):
         """Mean loss over (x, y) with the inference path (dropout off)."""
         self._require_compiled("evaluate")
+        if batch_size is not None:
+            batch_size = v.check_int("Sequential.evaluate", "batch_size", batch_size)
         x, y = self._as_input(x), np.asarray(y)
         self._check_pair(x, y)
         if batch_size is None or len(x) <= batch_size:
@@ -328,7 +341,7 @@ class Sequential:
             self._check_pair(x_val, y_val)
         elif validation_split:
             split = validation_split
-            if isinstance(split, bool) or not isinstance(split, (int, float)) \
+            if isinstance(split, bool) or not isinstance(split, numbers.Real) \
                     or not 0 <= split < 1:
                 raise ValueError(f"Sequential.fit: validation_split must be a float in [0, 1), "
                                  f"got {split!r}")

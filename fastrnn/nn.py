@@ -203,9 +203,9 @@ class LastStep(_Stateless):
                                                       bidirectional)}
 
     def _check(self, x):
-        if x.ndim != 3:
-            raise ValueError(f"LastStep: expected a batch-first sequence of shape (B, T, F), "
-                             f"got {shape_str(x.shape)}")
+        if x.ndim != 3 or x.shape[1] == 0:
+            raise ValueError(f"LastStep: expected a batch-first sequence of shape (B, T, F) "
+                             f"with T >= 1, got {shape_str(x.shape)}")
         if self._config["bidirectional"] and x.shape[2] % 2:
             raise ValueError(f"LastStep: bidirectional input needs an even feature size, "
                              f"got {x.shape[2]}")

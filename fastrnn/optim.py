@@ -30,8 +30,10 @@ def _modules_of(params):
 
 
 def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{owner}: {name} must be a number, got NaN")
     if value < low or (low_open and value == low) or (high is not None and value >= high):
         bound = f"({low}" if low_open else f"[{low}"
         raise ValueError(f"{owner}: {name} must lie in {bound}, "

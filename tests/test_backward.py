@@ -279,3 +279,19 @@ def test_cell_backprop_bad_inputs(kind):
     backprop((np.ones((2, 4)), None) if kind == "lstm" else np.ones((2, 4)))
     with pytest.raises(RuntimeError, match="already run"):
         backprop((np.ones((2, 4)), None) if kind == "lstm" else np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_changing_the_input_after_forward_train_does_not_change_gradients(kind):
+    layer = make_layer(kind, 3, 4, dtype="float64", seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    (out, _), backprop = layer.forward_train(x)
+    layer.zero_grad()
+    backprop(np.ones_like(out))
+    expected = {k: g.copy() for k, g in layer.grads.items()}
+    (out, _), backprop = layer.forward_train(x)
+    x[...] = 0                                  # the caller reuses its buffer
+    layer.zero_grad()
+    backprop(np.ones_like(out))
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, expected[k])

@@ -164,3 +164,29 @@ def test_set_num_threads_validates():
     with pytest.raises(ValueError, match="set_num_threads: expected an int >= 1"):
         fastrnn.set_num_threads(0)
     fastrnn.set_num_threads(fastrnn.get_num_threads())
+
+
+def test_a_forked_child_can_run_parallel_calls():
+    """The worker thread does not survive fork(); the child must make its own
+    (it used to wait forever for the parent's)."""
+    import multiprocessing
+    from fastrnn import _parallel
+    layer = fastrnn.GRU(8, 32, bidirectional=True, seed=0)
+    x = np.random.default_rng(0).standard_normal((50, 4, 8)).astype(np.float32)
+    old = _parallel.MIN_PARALLEL_WORK
+    _parallel.MIN_PARALLEL_WORK = 0
+    try:
+        expected, _ = layer(x)          # the parent starts its worker
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            result = pool.apply_async(_child_forward, (layer, x))
+            got = result.get(timeout=60)
+    finally:
+        _parallel.MIN_PARALLEL_WORK = old
+    np.testing.assert_array_equal(got, expected)
+
+
+def _child_forward(layer, x):
+    from fastrnn import _parallel
+    _parallel.MIN_PARALLEL_WORK = 0
+    return layer(x)[0]
