@@ -2,6 +2,7 @@
 import os
 import platform
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -34,7 +35,9 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     SIMD_VARIANTS["_avx2"] = ["-mavx2", "-mfma"]
 
 extensions = [
-    Extension(f"fastrnn.{name}{suffix}", [f"fastrnn/{name}{suffix}.pyx"], include_dirs=["fastrnn"],
+    Extension(f"fastrnn.{name}{suffix}", [f"fastrnn/{name}{suffix}.pyx"],
+              include_dirs=["fastrnn", numpy.get_include()],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
               extra_compile_args=COMPILE_ARGS + flags)
     for name in ("_forward", "_backward")
     for suffix, flags in SIMD_VARIANTS.items()

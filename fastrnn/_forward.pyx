@@ -25,9 +25,15 @@
 # semantics in both directions (the reverse direction of a short sequence
 # starts from h0 at its own last step).
 
+cimport numpy as cnp
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
+
+import numpy as np
+
+cnp.import_array()
 
 from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
@@ -275,3 +281,149 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_
                                        &w_hh_t[0, 0] + d * GH, dirs * GH, target,
                                        row_b * dirs * GH,
                                        step_block(b_hi - b_lo, H, GH, True))
+
+
+# --- the streaming path: one step of a cell, with as little work as possible ---
+
+cdef void _axpy_product(const floating* v, Py_ssize_t K, const floating* w_t,
+                        Py_ssize_t N, floating* y) noexcept nogil:
+    """y (N,) += v (K,) @ w_t (K, N): a loop over w_t's rows the compiler
+    vectorises (for a cell's sizes, cheaper than a BLAS call, and it never
+    wakes BLAS threads)."""
+    cdef Py_ssize_t k, n
+    cdef floating vk
+    for k in range(K):
+        vk = v[k]
+        for n in range(N):
+            y[n] += vk * w_t[k * N + n]
+
+
+cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
+                     const floating* w_ih_t, const floating* w_hh_t,
+                     const floating* bias_x, const floating* bias_h,
+                     floating* h, floating* c, floating* work) noexcept nogil:
+    """h, c (H,) hold the state in and get the state out; work holds
+    G * H (gx) + G * H (gh) + S * H (acts) values."""
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef floating* gx = work
+    cdef floating* gh = work + GH
+    cdef floating* acts = work + 2 * GH
+    if bias_x != NULL:
+        memcpy(gx, bias_x, GH * sizeof(floating))
+    else:
+        memset(gx, 0, GH * sizeof(floating))
+    _axpy_product(x, D, w_ih_t, GH, gx)
+    if cell == GRU:
+        if bias_h != NULL:
+            memcpy(gh, bias_h, GH * sizeof(floating))
+        else:
+            memset(gh, 0, GH * sizeof(floating))
+        _axpy_product(h, H, w_hh_t, GH, gh)
+        gru_row(gx, gh, h, h, acts, H)
+    else:
+        _axpy_product(h, H, w_hh_t, GH, gx)
+        if cell == LSTM:
+            lstm_row(gx, h, c, h, acts, H)
+        else:
+            rnn_row(gx, h, h, acts, H, cell == RNN_RELU)
+
+
+cdef inline bint _plain(object a, int typenum, Py_ssize_t n):
+    """a is a C-contiguous 1-D ndarray of the given dtype and length."""
+    return (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == n
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
+
+
+cdef class CellStep:
+    """One unbatched step of a cell for the common case, from Python in about a
+    microsecond: the streaming path of ``RNNCell/GRUCell/LSTMCell.__call__``.
+
+    Built from the cell's parameters (it keeps transposed copies; the cell
+    builds a new one when they change). ``step(x, hx)`` returns None unless
+    x is a C-contiguous 1-D array of the cell's dtype and input size and hx is
+    None or such arrays of the hidden size (a tuple (h, c) for LSTM); the
+    caller then takes the general path, which validates and converts.
+    """
+    cdef int cell, typenum
+    cdef Py_ssize_t D, H, GH, S, itemsize
+    cdef object w_ih_t, w_hh_t, bias_x, bias_h   # keep the arrays alive
+    cdef char* w_ih_t_ptr
+    cdef char* w_hh_t_ptr
+    cdef char* bias_x_ptr
+    cdef char* bias_h_ptr
+    cdef bint has_c
+
+    def __init__(self, int cell, w_ih, w_hh, bias_x, bias_h):
+        self.cell = cell
+        self.w_ih_t = np.ascontiguousarray(w_ih.T)
+        self.w_hh_t = np.ascontiguousarray(w_hh.T)
+        self.bias_x = None if bias_x is None else np.ascontiguousarray(bias_x)
+        self.bias_h = None if bias_h is None else np.ascontiguousarray(bias_h)
+        self.typenum = cnp.PyArray_TYPE(<cnp.ndarray>self.w_ih_t)
+        self.itemsize = cnp.PyArray_ITEMSIZE(<cnp.ndarray>self.w_ih_t)
+        self.D = w_ih.shape[1]
+        self.H = w_hh.shape[1]
+        self.GH = w_hh.shape[0]
+        self.S = num_saved(cell) * self.H
+        self.has_c = cell == LSTM
+        self.w_ih_t_ptr = <char*>cnp.PyArray_DATA(<cnp.ndarray>self.w_ih_t)
+        self.w_hh_t_ptr = <char*>cnp.PyArray_DATA(<cnp.ndarray>self.w_hh_t)
+        self.bias_x_ptr = NULL if bias_x is None else \
+            <char*>cnp.PyArray_DATA(<cnp.ndarray>self.bias_x)
+        self.bias_h_ptr = NULL if bias_h is None else \
+            <char*>cnp.PyArray_DATA(<cnp.ndarray>self.bias_h)
+
+    def step(self, x, hx):
+        cdef cnp.npy_intp dims[1]
+        cdef cnp.ndarray h_out, c_out = None
+        cdef object h_in = None, c_in = None
+        cdef char* work
+        if not _plain(x, self.typenum, self.D):
+            return None
+        if hx is not None:
+            if self.has_c:
+                if type(hx) is not tuple or len(<tuple>hx) != 2:
+                    return None
+                h_in, c_in = (<tuple>hx)[0], (<tuple>hx)[1]
+                if not _plain(c_in, self.typenum, self.H):
+                    return None
+            else:
+                h_in = hx
+            if not _plain(h_in, self.typenum, self.H):
+                return None
+        dims[0] = self.H
+        # fresh outputs (the caller's state is never written), holding the
+        # state in, updated in place by the kernel
+        if h_in is None:
+            h_out = cnp.PyArray_ZEROS(1, dims, self.typenum, 0)
+        else:
+            h_out = cnp.PyArray_NewCopy(<cnp.ndarray>h_in, cnp.NPY_CORDER)
+        if self.has_c:
+            if c_in is None:
+                c_out = cnp.PyArray_ZEROS(1, dims, self.typenum, 0)
+            else:
+                c_out = cnp.PyArray_NewCopy(<cnp.ndarray>c_in, cnp.NPY_CORDER)
+        work = <char*>PyMem_Malloc((2 * self.GH + self.S) * self.itemsize)
+        if work == NULL:
+            raise MemoryError()
+        with nogil:
+            if self.typenum == cnp.NPY_FLOAT32:
+                _cell_step(self.cell, self.D, self.H,
+                           <float*>cnp.PyArray_DATA(<cnp.ndarray>x),
+                           <float*>self.w_ih_t_ptr, <float*>self.w_hh_t_ptr,
+                           <float*>self.bias_x_ptr, <float*>self.bias_h_ptr,
+                           <float*>cnp.PyArray_DATA(h_out),
+                           NULL if c_out is None else <float*>cnp.PyArray_DATA(c_out),
+                           <float*>work)
+            else:
+                _cell_step(self.cell, self.D, self.H,
+                           <double*>cnp.PyArray_DATA(<cnp.ndarray>x),
+                           <double*>self.w_ih_t_ptr, <double*>self.w_hh_t_ptr,
+                           <double*>self.bias_x_ptr, <double*>self.bias_h_ptr,
+                           <double*>cnp.PyArray_DATA(h_out),
+                           NULL if c_out is None else <double*>cnp.PyArray_DATA(c_out),
+                           <double*>work)
+        PyMem_Free(work)
+        return (h_out, c_out) if self.has_c else h_out

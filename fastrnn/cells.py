@@ -31,6 +31,7 @@ class _CellBase(RecurrentWeights):
                              f"too large for 32-bit BLAS ints")
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        self._stepper_cache = (-1, None)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -41,6 +42,17 @@ class _CellBase(RecurrentWeights):
         return opts
 
     def __call__(self, x, hx=None):
+        # the streaming path: one frame, plain arrays (see _forward.CellStep)
+        version, stepper = self._stepper_cache
+        if version != self._version:
+            version = self._version
+            bias_x, bias_h, _ = self._kernel_weights()[0]
+            stepper = _forward.CellStep(self._kernel_code, self._w_ih[0], self._w_hh[0],
+                                        bias_x, bias_h)
+            self._stepper_cache = (version, stepper)
+        result = stepper.step(x, hx)
+        if result is not None:
+            return result
         x, B, batched, h, c = self._prepare(x, hx)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         if B > 0:

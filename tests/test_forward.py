@@ -242,3 +242,37 @@ def test_repr():
                              dtype="float64"))
             == "RNN(3, 4, nonlinearity='relu', num_layers=2, bidirectional=True, dtype='float64')")
     assert repr(fastrnn.GRUCell(2, 5, bias=False)) == "GRUCell(2, 5, bias=False)"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_streaming_path_equals_general_path(kind, dtype, bias, close):
+    """Plain unbatched frames take the CellStep fast path; other inputs the
+    general one: the same numbers, the caller's state untouched, and a
+    parameter change seen at once."""
+    rng = np.random.default_rng(11)
+    cell = make_cell(kind, 5, 7, bias=bias, dtype=dtype, seed=1)
+    x = rng.standard_normal(5).astype(dtype)
+    state = tuple(rng.standard_normal(7).astype(dtype) for _ in range(2 if kind == "lstm" else 1))
+    hx = state if kind == "lstm" else state[0]
+    keep = [s.copy() for s in state]
+    fast = cell(x, hx)
+    general = cell(x[None], tuple(s[None] for s in state) if kind == "lstm" else hx[None])
+    for f, g in zip(fast if kind == "lstm" else (fast,), general if kind == "lstm" else (general,)):
+        assert f.shape == (7,) and f.dtype == np.dtype(dtype)
+        close(f, g[0], dtype)
+    for s, k in zip(state, keep):
+        np.testing.assert_array_equal(s, k)                      # hx untouched
+    strided = np.repeat(x, 2)[::2]                               # not contiguous: general path
+    close(np.asarray(cell(strided, hx)[0] if kind == "lstm" else cell(strided, hx)),
+          np.asarray(fast[0] if kind == "lstm" else fast), dtype)
+    ref_h, _ = cell_forward(kind, cell.state_dict(), x[None], state[0][None],
+                            state[1][None] if kind == "lstm" else None)
+    close(fast[0] if kind == "lstm" else fast, ref_h[0], dtype)
+    zero = {k: np.zeros_like(v) for k, v in cell.state_dict().items()}
+    cell.load_state_dict(zero)                                    # the cached step must follow
+    after = cell(x, hx)
+    ref_h, _ = cell_forward(kind, zero, x[None], state[0][None],
+                            state[1][None] if kind == "lstm" else None)
+    close(after[0] if kind == "lstm" else after, ref_h[0], dtype)
