@@ -18,7 +18,8 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastrnn._blas cimport gemm, gemv, step_block
-from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, num_gates, num_saved,
+from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, num_gates, num_saved, axpy_product,
+                             AXPY_MAX,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 
@@ -91,6 +92,9 @@ cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
     blocks of ``cols`` gates per BLAS call (see _blas.step_block)."""
     cdef Py_ssize_t start, n
     cdef floating one = 1
+    if B == 1 and GH * H <= AXPY_MAX:
+        axpy_product(dg, GH, w_hh, H, H, dh)
+        return
     start = 0
     while start < GH:
         n = min(cols, GH - start)

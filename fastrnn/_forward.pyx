@@ -37,7 +37,8 @@ cnp.import_array()
 
 from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
-                             rnn_row, gru_row, lstm_row, sigmoid, tanh_,
+                             rnn_row, gru_row, lstm_row, sigmoid, tanh_, axpy_product,
+                             AXPY_MAX,
                              fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 # exported to Python so that the cell codes are defined once
@@ -76,6 +77,9 @@ cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
     which OpenBLAS multiplies faster (no transposed operand)."""
     cdef Py_ssize_t start, n
     cdef floating one = 1
+    if B == 1 and GH * H <= AXPY_MAX:
+        axpy_product(h, H, w_hh_t, ld_t, GH, g)
+        return
     start = 0
     while start < GH:
         n = min(cols, GH - start)
@@ -285,19 +289,6 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_
 
 # --- the streaming path: one step of a cell, with as little work as possible ---
 
-cdef void _axpy_product(const floating* v, Py_ssize_t K, const floating* w_t,
-                        Py_ssize_t N, floating* y) noexcept nogil:
-    """y (N,) += v (K,) @ w_t (K, N): a loop over w_t's rows the compiler
-    vectorises (for a cell's sizes, cheaper than a BLAS call, and it never
-    wakes BLAS threads)."""
-    cdef Py_ssize_t k, n
-    cdef floating vk
-    for k in range(K):
-        vk = v[k]
-        for n in range(N):
-            y[n] += vk * w_t[k * N + n]
-
-
 cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
                      const floating* w_ih_t, const floating* w_hh_t,
                      const floating* bias_x, const floating* bias_h,
@@ -312,16 +303,16 @@ cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
         memcpy(gx, bias_x, GH * sizeof(floating))
     else:
         memset(gx, 0, GH * sizeof(floating))
-    _axpy_product(x, D, w_ih_t, GH, gx)
+    axpy_product(x, D, w_ih_t, GH, GH, gx)
     if cell == GRU:
         if bias_h != NULL:
             memcpy(gh, bias_h, GH * sizeof(floating))
         else:
             memset(gh, 0, GH * sizeof(floating))
-        _axpy_product(h, H, w_hh_t, GH, gh)
+        axpy_product(h, H, w_hh_t, GH, GH, gh)
         gru_row(gx, gh, h, h, acts, H)
     else:
-        _axpy_product(h, H, w_hh_t, GH, gx)
+        axpy_product(h, H, w_hh_t, GH, GH, gx)
         if cell == LSTM:
             lstm_row(gx, h, c, h, acts, H)
         else:

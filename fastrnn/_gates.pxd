@@ -154,3 +154,21 @@ cdef inline void lstm_row(const floating* g, floating* h, floating* c,
         acts[H + j] = f
         acts[2 * H + j] = u
         acts[3 * H + j] = o
+
+
+# Below this many multiply-adds a batch-1 product is a plain loop, not a BLAS
+# call (for small sizes the call costs more than the arithmetic).
+cdef enum:
+    AXPY_MAX = 65536
+
+
+cdef inline void axpy_product(const floating* v, Py_ssize_t K, const floating* w,
+                              Py_ssize_t ldw, Py_ssize_t N, floating* y) noexcept nogil:
+    """y (N,) += v (K,) @ w (K, N; rows ldw apart), as a loop over w's rows
+    that the compiler vectorises."""
+    cdef Py_ssize_t k, n
+    cdef floating vk
+    for k in range(K):
+        vk = v[k]
+        for n in range(N):
+            y[n] += vk * w[k * ldw + n]

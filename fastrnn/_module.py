@@ -8,6 +8,7 @@ of it. They change only through load_state_dict or attribute assignment,
 which validate and copy, so a layer can never hold a wrong-shaped or
 half-loaded parameter, and no caller's array is ever aliased.
 """
+import contextlib
 import threading
 from collections import namedtuple
 from collections.abc import Mapping
@@ -289,14 +290,17 @@ class RecurrentWeights(Module):
             layer_in = layer_in.copy()
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
         tape = {"batch_first": batch_first, "lengths": lengths, "layers": []} if train else None
-        # fastrnn's threads do all the work, BLAS at one thread
-        with _parallel.blas_at_one_thread:
+        # fastrnn's threads do all the work, BLAS at one thread when it matters
+        hold = _parallel.hold_blas(parts, rows, N, max(layer_in.shape[1], dirs * H), B,
+                                   self._gates * H, H)
+        with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
+            held = hold and _parallel.blas_at_one_thread.held
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                             gx, gh, parts, tape)
+                             gx, gh, parts, held, tape)
         return tape
 
     def _run_layers(self, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx, gh,
-                    parts, tape):
+                    parts, held, tape):
         """The layers of ``_run``, in the parts ``_parallel.split`` chose."""
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
@@ -332,7 +336,7 @@ class RecurrentWeights(Module):
                     w_hh=self._w_hh[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves["acts"],
                     train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"),
-                    blas_held=_parallel.blas_at_one_thread.held)
+                    blas_held=held)
 
             _parallel.run_parts(recur, parts)
             if train:
@@ -363,12 +367,15 @@ class RecurrentWeights(Module):
         dgx = np.empty((rows, N), dtype)
         dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
         parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
-        with _parallel.blas_at_one_thread:
+        in_cols = max(self._w_ih[0].shape[1], self._dirs * H)
+        hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
+        with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
+            held = hold and _parallel.blas_at_one_thread.held
             for k in reversed(range(self._layers)):
-                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts)
+                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held)
         return dout
 
-    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts):
+    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held):
         """Layer k of ``_bptt``: the backward time loops, then the weight and
         input gradients, each in the parts ``_parallel.split`` chose."""
         dirs, rows = self._dirs, T * B
@@ -384,8 +391,7 @@ class RecurrentWeights(Module):
                 w_hh=self._w_hh[k], dout=dout,
                 dh=dh[k * dirs:(k + 1) * dirs],
                 dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
-                dgx=dgx, dgh=dgh, lengths=tape["lengths"],
-                blas_held=_parallel.blas_at_one_thread.held)
+                dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held)
 
         def weights(n_lo, n_hi):
             _backward.weight_grads(
