@@ -278,6 +278,10 @@ class RecurrentWeights(Module):
                              h_n, c_n, out_tm, lengths, train)
             out[...] = out_tm.transpose(1, 0, 2)
             return tape
+        window = _window_steps(B, N, dtype)
+        if not train and dirs == 1 and T > window:
+            self._run_windows(x, T, B, batch_first, h_n, c_n, out, lengths, window)
+            return None
         rows = T * B
         gx = np.empty((rows, N), dtype)
         gh = (np.empty((dirs, B * self._gates * H), dtype)
@@ -298,6 +302,24 @@ class RecurrentWeights(Module):
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, parts, held, tape)
         return tape
+
+    def _run_windows(self, x, T, B, batch_first, h_n, c_n, out, lengths, window):
+        """Inference of a unidirectional stack over time windows, the state
+        carried from one to the next (h_n, c_n are updated in place): the
+        same numbers, and memory for the input projections and the layers
+        between bounded by the window, not the sequence."""
+        for t0 in range(0, T, window):
+            t1 = min(T, t0 + window)
+            if batch_first:
+                x_w = np.ascontiguousarray(x[:, t0:t1])
+                out_w = np.empty((B, t1 - t0, out.shape[2]), out.dtype)
+            else:
+                x_w, out_w = x[t0:t1], out[t0:t1]
+            # a sequence already ended is inactive for the whole window
+            len_w = None if lengths is None else np.clip(lengths - t0, 0, t1 - t0)
+            self._run(x_w, t1 - t0, B, batch_first, h_n, c_n, out_w, len_w)
+            if batch_first:
+                out[:, t0:t1] = out_w
 
     def _run_layers(self, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx, gh,
                     parts, held, tape):
@@ -476,6 +498,17 @@ class Backprop:
         dh, dc = dh.reshape(self._state_shape), (None if dc is None
                                                  else dc.reshape(self._state_shape))
         return dx, ((dh, dc) if has_c else dh)
+
+
+# Inference of a unidirectional stack runs in time windows whose input
+# projection takes about this much memory (module-level for the tests).
+WINDOW_BYTES = 8 << 20
+
+
+def _window_steps(B, N, dtype):
+    """Steps per window: the input projection of a window within
+    WINDOW_BYTES, and at least 64 steps (fewer windows cost more calls)."""
+    return max(64, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
 
 
 def _padding_mask(T, B, batch_first, lengths):

@@ -276,3 +276,26 @@ def test_cell_streaming_path_equals_general_path(kind, dtype, bias, close):
     ref_h, _ = cell_forward(kind, zero, x[None], state[0][None],
                             state[1][None] if kind == "lstm" else None)
     close(after[0] if kind == "lstm" else after, ref_h[0], dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_windowed_inference_equals_whole_sequence(kind, batch_first, monkeypatch):
+    """Long unidirectional inference runs in time windows with the state
+    carried over (bounded memory): the same numbers as one pass."""
+    from fastrnn import _module
+    rng = np.random.default_rng(4)
+    layer = make_layer(kind, 3, 5, num_layers=2, batch_first=batch_first, dtype="float64",
+                       seed=2)
+    T, B = 150, 4
+    x = rng.standard_normal((B, T, 3) if batch_first else (T, B, 3))
+    lengths = np.array([150, 1, 70, 130])
+    hx = rng.standard_normal((2, B, 5))
+    hx = (hx, rng.standard_normal((2, B, 5))) if kind == "lstm" else hx
+    whole = layer(x, hx, lengths=lengths)
+    monkeypatch.setattr(_module, "WINDOW_BYTES", 1)              # windows of 64 steps
+    assert _module._window_steps(B, 5, "float64") == 64
+    windowed = layer(x, hx, lengths=lengths)
+    np.testing.assert_allclose(windowed[0], whole[0], rtol=0, atol=1e-13)
+    for w, v in zip(np.atleast_1d(windowed[1]), np.atleast_1d(whole[1])):
+        np.testing.assert_allclose(w, v, rtol=0, atol=1e-13)
