@@ -88,3 +88,18 @@ def layer_forward(kind, params, x, h0, c0=None, num_layers=1, bidirectional=Fals
             seq = np.concatenate(direction_outputs, axis=-1)
         out[:lengths[b], b] = seq
     return out, h_n, (c_n if c0 is not None else None)
+
+
+def numeric_grad(loss, array, eps=1e-6):
+    """Central differences of loss() with respect to every entry of array,
+    which is perturbed in place and restored."""
+    grad = np.zeros(array.shape)
+    for idx in np.ndindex(array.shape):
+        keep = array[idx]
+        array[idx] = keep + eps
+        up = loss()
+        array[idx] = keep - eps
+        down = loss()
+        array[idx] = keep
+        grad[idx] = (up - down) / (2 * eps)
+    return grad

@@ -4,24 +4,10 @@ import pytest
 
 import fastrnn
 from fastrnn import _validation
+from reference import numeric_grad
 from test_forward import KINDS, make_cell, make_layer
 
-EPS = 1e-6
 TOL = 1e-7  # relative to the largest gradient; central differences give ~1e-9
-
-
-def numeric_grad(loss, array):
-    """Central differences of loss() with respect to every entry of array."""
-    grad = np.zeros(array.shape)
-    for idx in np.ndindex(array.shape):
-        keep = array[idx]
-        array[idx] = keep + EPS
-        up = loss()
-        array[idx] = keep - EPS
-        down = loss()
-        array[idx] = keep
-        grad[idx] = (up - down) / (2 * EPS)
-    return grad
 
 
 def assert_grad(analytic, numeric, what):

@@ -14,6 +14,7 @@ import pytest
 
 import fastrnn
 from fastrnn import optim
+from reference import numeric_grad
 
 try:
     import torch
@@ -41,19 +42,6 @@ def tt(a, grad=False):
     """A torch tensor holding a copy of a."""
     return torch.tensor(np.array(a), requires_grad=grad)
 
-
-def numeric_grad(f, array, eps=1e-6):
-    """Central differences of f() with respect to every entry of array (in place)."""
-    grad = np.zeros(array.shape)
-    for idx in np.ndindex(array.shape):
-        keep = array[idx]
-        array[idx] = keep + eps
-        up = f()
-        array[idx] = keep - eps
-        down = f()
-        array[idx] = keep
-        grad[idx] = (up - down) / (2 * eps)
-    return grad
 
 
 def assert_fd(analytic, numeric, what="", tol=1e-7):
