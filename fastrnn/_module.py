@@ -265,7 +265,8 @@ class RecurrentWeights(Module):
 
         Returns None, or in training the tape backward needs: the row order and,
         per layer, its input, the saved activations and states, the dropout mask
-        applied to its output.
+        applied to its output. Long unidirectional inference runs in time
+        windows (_run_windows).
         """
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         dirs = self._dirs

@@ -7,6 +7,7 @@ is what ``Sequential`` drives: ``_seq_infer(x) -> y`` (inference) and
 parameter gradients accumulate into ``grads``). Sequence arrays are
 batch-first, (B, T, features).
 """
+import contextlib
 from types import MappingProxyType
 
 import numpy as np
@@ -98,6 +99,7 @@ class _Stateless:
     """A layer without parameters (nothing to train, save or load)."""
     _trainable = ()
     _version = 0
+    _grad_lock = contextlib.nullcontext()
 
     def _parameters_changed(self):
         pass

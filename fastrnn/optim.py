@@ -9,6 +9,7 @@ each module's parameters from its accumulated ``grads``:
     ...backprop...
     opt.step(); opt.zero_grad()
 """
+import contextlib
 import math
 import numbers
 
@@ -71,11 +72,15 @@ class Optimizer:
             module.zero_grad()
 
     def step(self):
-        """One update of every parameter from its gradient."""
+        """One update of every parameter from its gradient (each module's
+        gradients read under its lock, so no backprop adds meanwhile)."""
         self.step_count += 1
-        for (param, grad), state in zip(self._pairs, self._state):
-            self._update(param, grad.astype(param.dtype, copy=True), state)
+        pairs = iter(zip(self._pairs, self._state))
         for module in self._modules:
+            with module._grad_lock:
+                for _ in module._trainable:
+                    (param, grad), state = next(pairs)
+                    self._update(param, grad.astype(param.dtype, copy=True), state)
             module._parameters_changed()
 
     def state_dict(self):
@@ -231,30 +236,32 @@ def get_optimizer(optimizer):
 
 
 # --- gradient clipping -----------------------------------------------------------
-def _grads(params):
-    return [grad for module in _modules_of(params) for _, grad in module._trainable]
-
-
 def clip_grad_norm(params, max_norm, error_if_nonfinite=False):
     """Scale all gradients together so that their global L2 norm is at most
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
-    grads = _grads(params)
-    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
-    if error_if_nonfinite and not math.isfinite(total):
-        raise ValueError(f"clip_grad_norm: the total gradient norm is {total}")
-    scale = max_norm / (total + 1e-6)
-    if scale < 1:
-        for g in grads:
-            g *= scale
+    modules = _modules_of(params)
+    with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
+        for module in modules:
+            locks.enter_context(module._grad_lock)
+        grads = [grad for module in modules for _, grad in module._trainable]
+        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+        if error_if_nonfinite and not math.isfinite(total):
+            raise ValueError(f"clip_grad_norm: the total gradient norm is {total}")
+        scale = max_norm / (total + 1e-6)
+        if scale < 1:
+            for g in grads:
+                g *= scale
     return total
 
 
 def clip_grad_value(params, clip_value):
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
-    for g in _grads(params):
-        np.clip(g, -clip_value, clip_value, out=g)
+    for module in _modules_of(params):
+        with module._grad_lock:
+            for _, grad in module._trainable:
+                np.clip(grad, -clip_value, clip_value, out=grad)
 
 
 # --- learning-rate schedules -----------------------------------------------------
