@@ -1,0 +1,122 @@
+"""Stateful streaming: feed a sequence a frame or a chunk at a time.
+
+A ``Stream`` wraps a unidirectional recurrent layer or a ``Sequential`` model
+and keeps the recurrent state between calls, so that feeding a sequence in
+pieces gives the outputs of one call on the whole of it. The state can be
+read (for a checkpoint), set, and reset; a Stream pickles with its model and
+state.
+"""
+import numpy as np
+
+from fastrnn import _validation as v
+from fastrnn.layers import _RNNBase
+from fastrnn.model import Sequential
+from fastrnn.nn import LastStep
+
+
+class Stream:
+    """Stateful inference over a stream.
+
+    Parameters
+    ----------
+    model : RNN, GRU, LSTM or Sequential
+        Its recurrent layers must be unidirectional (a reverse direction
+        needs the whole sequence).
+
+    Examples
+    --------
+    >>> stream = fastrnn.Stream(lstm)          # lstm(input_size=16, ...)
+    >>> for frame in frames:                   # frames: (T, 16)
+    ...     h = stream.step(frame)             # (hidden_size,) per frame
+    >>> saved = stream.state; stream.reset(); stream.state = saved
+    """
+
+    def __init__(self, model):
+        if isinstance(model, _RNNBase):
+            recurrent = [model]
+        elif isinstance(model, Sequential):
+            recurrent = [layer for layer in model.layers if isinstance(layer, _RNNBase)]
+            last = max((i for i, layer in enumerate(model.layers)
+                        if isinstance(layer, _RNNBase)), default=-1)
+            if any(isinstance(layer, LastStep) for layer in model.layers[:last]):
+                raise ValueError("Stream: a LastStep before a recurrent layer cannot stream "
+                                 "(the layer after it would need the whole sequence)")
+        else:
+            raise TypeError(f"Stream: expected an RNN, GRU, LSTM or Sequential, "
+                            f"got {type(model).__name__}")
+        for layer in recurrent:
+            if layer.bidirectional:
+                raise ValueError(f"Stream: {layer!r} is bidirectional; its reverse direction "
+                                 f"needs the whole sequence, so it cannot stream")
+        self.model = model
+        self._recurrent = recurrent
+        self._state = [None] * len(recurrent)
+
+    # --- state ----------------------------------------------------------------
+    def reset(self):
+        """Forget the state: the next call starts from zeros."""
+        self._state = [None] * len(self._recurrent)
+
+    @property
+    def state(self):
+        """Copies of the state after the last call, one entry per recurrent
+        layer: its h_n (or (h_n, c_n) for LSTM), None before the first call."""
+        return [None if s is None else
+                (tuple(a.copy() for a in s) if isinstance(s, tuple) else s.copy())
+                for s in self._state]
+
+    @state.setter
+    def state(self, value):
+        if not isinstance(value, (list, tuple)) or len(value) != len(self._recurrent):
+            raise TypeError(f"Stream: state must be a list of {len(self._recurrent)} entries "
+                            f"(one per recurrent layer), got {type(value).__name__}")
+        # checked by the layers on the next call; keep copies so that later
+        # changes to the caller's arrays do not reach the stream
+        self._state = [None if s is None else
+                       (tuple(np.array(a) for a in s) if isinstance(s, (tuple, list))
+                        else np.array(s)) for s in value]
+
+    # --- feeding --------------------------------------------------------------
+    def __call__(self, chunk):
+        """Feed a chunk of steps: for a layer, laid out as the layer takes a
+        sequence ((T, B, D), (B, T, D) with batch_first, or (T, D)); for a
+        Sequential, (B, T, features). Returns the chunk's outputs."""
+        if isinstance(self.model, _RNNBase):
+            out, self._state[0] = self.model(chunk, self._state[0])
+            return out
+        new_state = list(self._state)
+        x = chunk
+        k = 0
+        for layer in self.model.layers:
+            if isinstance(layer, _RNNBase):
+                if not layer.batch_first:
+                    x = np.swapaxes(v.to_numpy("Stream", "chunk", x), 0, 1)
+                out, new_state[k] = layer(x, self._state[k])
+                x = out if layer.batch_first else np.swapaxes(out, 0, 1)
+                k += 1
+            else:
+                x = layer._seq_infer(x)
+        self._state = new_state   # only once every layer has succeeded
+        return x
+
+    def step(self, frame):
+        """Feed one frame: (D,) for one stream, or (B, D) for a batch of
+        streams; returns the output for that frame, (out,) or (B, out)."""
+        frame = v.to_numpy("Stream", "frame", frame)
+        if frame.ndim not in (1, 2):
+            raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
+                             f"got {frame.shape}")
+        if isinstance(self.model, _RNNBase):
+            if frame.ndim == 1:
+                return self(frame[None])[0]
+            seq = frame[:, None] if self.model.batch_first else frame[None]
+            out = self(seq)
+            return out[:, 0] if self.model.batch_first else out[0]
+        batch = frame[None] if frame.ndim == 1 else frame
+        out = self(batch[:, None])
+        out = out[:, 0] if out.ndim == 3 else out
+        return out[0] if frame.ndim == 1 else out
+
+    def __repr__(self):
+        started = any(s is not None for s in self._state)
+        return f"Stream({self.model!r}, {'started' if started else 'fresh'})"

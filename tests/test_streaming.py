@@ -1,0 +1,94 @@
+"""Streaming: feeding a sequence in pieces gives the outputs of one call."""
+import pickle
+
+import numpy as np
+import pytest
+
+import fastrnn
+from test_forward import KINDS, make_layer
+
+
+def split_points(T, rng):
+    cuts = sorted(rng.choice(np.arange(1, T), size=3, replace=False))
+    return [0, *cuts, T]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_chunks_equal_one_call(kind, batch_first):
+    rng = np.random.default_rng(0)
+    layer = make_layer(kind, 3, 5, num_layers=2, batch_first=batch_first, dtype="float64",
+                       seed=1)
+    T, B = 17, 3
+    x = rng.standard_normal((B, T, 3) if batch_first else (T, B, 3))
+    whole, whole_state = layer(x)
+    stream = fastrnn.Stream(layer)
+    pieces = []
+    for t0, t1 in zip(*(lambda p: (p[:-1], p[1:]))(split_points(T, rng))):
+        pieces.append(stream(x[:, t0:t1] if batch_first else x[t0:t1]))
+    got = np.concatenate(pieces, axis=1 if batch_first else 0)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=1e-13)
+    for a, b in zip(np.atleast_1d(stream.state[0]), np.atleast_1d(whole_state)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frames_equal_one_call_and_state_round_trips(kind):
+    rng = np.random.default_rng(1)
+    layer = make_layer(kind, 4, 6, dtype="float64", seed=2)
+    x = rng.standard_normal((12, 4))                          # one unbatched stream
+    whole, _ = layer(x)
+    stream = fastrnn.Stream(layer)
+    outs = [stream.step(frame) for frame in x[:5]]
+    checkpoint = stream.state
+    outs += [stream.step(frame) for frame in x[5:]]
+    np.testing.assert_allclose(np.array(outs), whole, rtol=0, atol=1e-13)
+    stream.state = checkpoint                                  # resume from step 5
+    again = [stream.step(frame) for frame in x[5:]]
+    np.testing.assert_allclose(np.array(again), whole[5:], rtol=0, atol=1e-13)
+    copy = pickle.loads(pickle.dumps(stream))                  # model and state travel
+    stream.state = checkpoint
+    copy.state = checkpoint
+    np.testing.assert_array_equal(copy.step(x[5]), stream.step(x[5]))
+    stream.reset()
+    np.testing.assert_allclose(stream.step(x[0]), whole[0], rtol=0, atol=1e-13)
+
+
+def test_sequential_model_streams():
+    rng = np.random.default_rng(2)
+    model = fastrnn.Sequential([fastrnn.GRU(2, 8, batch_first=True, seed=0),
+                                fastrnn.Dropout(0.5, seed=1),
+                                fastrnn.LSTM(8, 6, seed=2),      # time-major inside: adapted
+                                fastrnn.Linear(6, 1, seed=3)])
+    x = rng.standard_normal((3, 20, 2))
+    whole = model(x)
+    stream = fastrnn.Stream(model)
+    got = np.concatenate([stream(x[:, :7]), stream(x[:, 7:8]), stream(x[:, 8:])], axis=1)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=1e-5)
+    stream.reset()
+    frames = np.stack([stream.step(x[:, t]) for t in range(20)], axis=1)
+    np.testing.assert_allclose(frames, whole, rtol=0, atol=1e-5)
+
+
+def test_bad_uses_are_refused_and_the_stream_stays_usable():
+    lstm = fastrnn.LSTM(3, 4, seed=0)
+    with pytest.raises(ValueError, match="bidirectional"):
+        fastrnn.Stream(fastrnn.GRU(3, 4, bidirectional=True))
+    with pytest.raises(TypeError, match="Stream: expected an RNN, GRU, LSTM or Sequential"):
+        fastrnn.Stream(fastrnn.Linear(3, 4))
+    with pytest.raises(ValueError, match="LastStep before a recurrent layer"):
+        fastrnn.Stream(fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True),
+                                           fastrnn.LastStep(), fastrnn.GRU(4, 4)]))
+    stream = fastrnn.Stream(lstm)
+    out = stream.step(np.ones(3, np.float32))
+    good = stream.state
+    with pytest.raises(TypeError, match="state must be a list of 1 entries"):
+        stream.state = good[0]
+    stream.state = [(np.ones((1, 5)), np.ones((1, 5)))]        # wrong hidden size
+    with pytest.raises(ValueError, match=r"LSTM: expected h_0 of shape \(1, 4\)"):
+        stream.step(np.ones(3, np.float32))
+    stream.state = good                                        # still usable
+    np.testing.assert_array_equal(stream.state[0][0], good[0][0])
+    with pytest.raises(ValueError, match=r"expected a frame of shape \(D,\) or \(B, D\)"):
+        stream.step(np.ones((1, 1, 3)))
+    assert out.shape == (4,)
