@@ -208,3 +208,43 @@ def test_cell_gradients_match_torch_autograd(name, nonlinearity):
     for pname, param in tcell.named_parameters():
         np.testing.assert_allclose(fcell.grads[pname], param.grad.numpy(), rtol=1e-10,
                                    atol=1e-12, err_msg=pname)
+
+
+MODULES = [("RNN", dict(nonlinearity="relu", num_layers=2, bidirectional=True)),
+           ("GRU", dict(num_layers=2, batch_first=True, bias=False)),
+           ("LSTM", dict(num_layers=3, dropout=0.25, bidirectional=True)),
+           ("RNNCell", dict(nonlinearity="tanh")), ("GRUCell", dict(bias=False)),
+           ("LSTMCell", dict())]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,kwargs", MODULES)
+def test_from_torch_and_back(name, kwargs, dtype, close):
+    tmod = getattr(torch.nn, name)(4, 5, dtype=TORCH_DTYPES[dtype], **kwargs).eval()
+    fmod = fastrnn.from_torch(tmod)
+    assert type(fmod).__name__ == name and fmod.dtype == np.dtype(dtype)
+    for key, value in kwargs.items():
+        assert getattr(fmod, key) == value
+    rng = np.random.default_rng(0)
+    cell = name.endswith("Cell")
+    x = rng.standard_normal((3, 4) if cell else (6, 3, 4)).astype(dtype)
+    with torch.no_grad():
+        expected = tmod(torch.from_numpy(x))
+    got = fmod(x)
+    pick = (lambda r: r[0]) if name in ("LSTMCell",) or not cell else (lambda r: r)
+    close(pick(got), pick(expected).numpy(), dtype)
+    back = fastrnn.to_torch(fmod)
+    assert type(back) is type(tmod)
+    for key, value in tmod.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+
+
+def test_from_torch_refuses_what_it_cannot_represent():
+    with pytest.raises(ValueError, match="proj_size=3; fastrnn does not implement"):
+        fastrnn.from_torch(torch.nn.LSTM(4, 5, proj_size=3))
+    with pytest.raises(ValueError, match="dtype torch.float16"):
+        fastrnn.from_torch(torch.nn.GRU(4, 5).half())
+    with pytest.raises(TypeError, match="from_torch: expected a torch.nn RNN"):
+        fastrnn.from_torch(torch.nn.Linear(4, 5))
+    with pytest.raises(TypeError, match="to_torch: expected a fastrnn RNN"):
+        fastrnn.to_torch(fastrnn.Linear(4, 5))
