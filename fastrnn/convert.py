@@ -165,3 +165,126 @@ def from_keras(layer, dtype="float32"):
     result.load_state_dict({f"{key}_l0{sfx}": value for sfx, params in parts
                             for key, value in params.items()})
     return result
+
+
+# --- ONNX --------------------------------------------------------------------------
+# gate blocks from PyTorch's order to ONNX's: LSTM i,f,g,o -> i,o,f,c; GRU r,z,n -> z,r,h
+_ONNX_GATES = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
+
+
+def to_onnx(layer, path=None, lengths=False, opset=17):
+    """An ONNX model computing a fastrnn RNN/GRU/LSTM layer (one ONNX node per
+    layer, weights as initializers; GRU with linear_before_reset=1, PyTorch's
+    form).
+
+    Graph inputs: ``X`` laid out as the layer takes batched input ((T, B, D),
+    or (B, T, D) with batch_first; T and B symbolic), ``initial_h`` (and
+    ``initial_c`` for LSTM) of shape (num_layers * dirs, B, H), and with
+    ``lengths=True`` ``sequence_lens`` (int32, (B,)): PyTorch's packed
+    semantics, as the layer's ``lengths``. Outputs: ``Y`` (as the layer's
+    output), ``Y_h`` (and ``Y_c``): the final state, which a streaming caller
+    feeds back as the next ``initial_h``/``initial_c``.
+
+    Parameters
+    ----------
+    layer : fastrnn RNN, GRU or LSTM
+    path : str or path-like, optional; where to save the model as well
+    lengths : bool, default False; add the ``sequence_lens`` input
+    opset : int, default 17
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise ImportError("fastrnn: to_onnx needs the onnx package (pip install onnx)") from None
+    kind = type(layer).__name__
+    if kind not in _LAYERS:
+        raise TypeError(f"to_onnx: expected a fastrnn RNN, GRU or LSTM, got {kind}")
+    cfg = layer._config
+    H, L = cfg["hidden_size"], cfg["num_layers"]
+    dirs = 2 if cfg["bidirectional"] else 1
+    elem = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}[cfg["dtype"].name]
+    order = _ONNX_GATES[kind]
+    params = layer.state_dict()
+
+    def reorder(a):
+        blocks = np.split(a, len(order), axis=0)
+        return np.concatenate([blocks[i] for i in order], axis=0)
+
+    nodes, inits = [], []
+
+    def const(name, values):
+        inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    x_name = "X"
+    if cfg["batch_first"]:
+        nodes.append(helper.make_node("Transpose", ["X"], ["X_tm"], perm=[1, 0, 2]))
+        x_name = "X_tm"
+    state_names = ["initial_h"] + (["initial_c"] if kind == "LSTM" else [])
+    final_h, final_c = [], []
+    current = x_name
+    for k in range(L):
+        sfx = [f"_l{k}", f"_l{k}_reverse"][:dirs]
+        W = np.stack([reorder(params["weight_ih" + s]) for s in sfx])
+        R = np.stack([reorder(params["weight_hh" + s]) for s in sfx])
+        node_inputs = [current, f"W{k}", f"R{k}"]
+        inits += [numpy_helper.from_array(W, f"W{k}"), numpy_helper.from_array(R, f"R{k}")]
+        if cfg["bias"]:
+            Bias = np.stack([np.concatenate([reorder(params["bias_ih" + s]),
+                                             reorder(params["bias_hh" + s])]) for s in sfx])
+            inits.append(numpy_helper.from_array(Bias, f"B{k}"))
+            node_inputs.append(f"B{k}")
+        else:
+            node_inputs.append("")
+        node_inputs.append("sequence_lens" if lengths else "")
+        bounds = [const(f"s{k}", [k * dirs]), const(f"e{k}", [(k + 1) * dirs]),
+                  const(f"a{k}", [0])]
+        for state in state_names:   # this layer's rows of the stacked state
+            nodes.append(helper.make_node("Slice", [state, *bounds], [f"{state}_{k}"]))
+            node_inputs.append(f"{state}_{k}")
+        outputs = [f"Y{k}", f"Yh{k}"] + ([f"Yc{k}"] if kind == "LSTM" else [])
+        attrs = {"hidden_size": H,
+                 "direction": "bidirectional" if dirs == 2 else "forward"}
+        if kind == "GRU":
+            attrs["linear_before_reset"] = 1
+        if kind == "RNN":
+            attrs["activations"] = ["Relu" if cfg["nonlinearity"] == "relu" else "Tanh"] * dirs
+        nodes.append(helper.make_node(kind, node_inputs, outputs, **attrs))
+        final_h.append(f"Yh{k}")
+        if kind == "LSTM":
+            final_c.append(f"Yc{k}")
+        # Y (T, dirs, B, H) -> (T, B, dirs * H), the next layer's input
+        nodes.append(helper.make_node("Transpose", [f"Y{k}"], [f"Yt{k}"], perm=[0, 2, 1, 3]))
+        current = f"H{k}"
+        nodes.append(helper.make_node("Reshape", [f"Yt{k}", const(f"shape{k}", [0, 0, -1])],
+                                      [current]))
+    if cfg["batch_first"]:
+        nodes.append(helper.make_node("Transpose", [current], ["Y"], perm=[1, 0, 2]))
+    else:
+        nodes.append(helper.make_node("Identity", [current], ["Y"]))
+    nodes.append(helper.make_node("Concat", final_h, ["Y_h"], axis=0))
+    if kind == "LSTM":
+        nodes.append(helper.make_node("Concat", final_c, ["Y_c"], axis=0))
+
+    seq_dims = ["B", "T"] if cfg["batch_first"] else ["T", "B"]
+    state_shape = [L * dirs, "B", H]
+    inputs = [helper.make_tensor_value_info("X", elem, seq_dims + [cfg["input_size"]])]
+    inputs += [helper.make_tensor_value_info(n, elem, state_shape) for n in state_names]
+    if lengths:
+        inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
+    outputs = [helper.make_tensor_value_info("Y", elem, seq_dims + [dirs * H]),
+               helper.make_tensor_value_info("Y_h", elem, state_shape)]
+    if kind == "LSTM":
+        outputs.append(helper.make_tensor_value_info("Y_c", elem, state_shape))
+    graph = helper.make_graph(nodes, f"fastrnn_{kind}", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="fastrnn")
+    onnx.checker.check_model(model)
+    if path is not None:
+        onnx.save(model, path)
+    return model
