@@ -22,12 +22,12 @@ from fastrnn.layers import GRU, LSTM, RNN, tbptt
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Loss, MSELoss
 from fastrnn.model import Callback, EarlyStopping, History, Sequential, load
 from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
-from fastrnn.convert import from_keras, from_torch, to_onnx, to_torch
+from fastrnn.convert import from_keras, from_onnx, from_torch, to_onnx, to_torch
 from fastrnn.streaming import Stream
 
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
            "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "EarlyStopping", "Callback",
            "History", "load", "tbptt", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
            "BCEWithLogitsLoss", "losses", "optim", "set_num_threads", "get_num_threads", "Stream", "from_torch", "to_torch",
-           "from_keras", "to_onnx",
+           "from_keras", "to_onnx", "from_onnx",
            "__version__"]

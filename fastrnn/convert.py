@@ -288,3 +288,102 @@ def to_onnx(layer, path=None, lengths=False, opset=17):
     if path is not None:
         onnx.save(model, path)
     return model
+
+
+def from_onnx(model, dtype="float32"):
+    """fastrnn layers for the RNN, GRU and LSTM nodes of an ONNX model.
+
+    Returns a list with one single-layer fastrnn layer per recurrent node, in
+    graph order, time-major (ONNX's layout 0). Every attribute is honoured or
+    refused with a ValueError naming it: peepholes (P), ``clip``,
+    ``input_forget``, activations other than the defaults (Relu for RNN is
+    fine), GRU ``linear_before_reset=0`` (not implemented yet), direction
+    "reverse" alone, ``layout=1``; weights must be initializers.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto, or a path to an .onnx file
+    dtype : {'float32', 'float64'}, default 'float32'
+    """
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError:
+        raise ImportError("fastrnn: from_onnx needs the onnx package (pip install onnx)") from None
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(model)
+        except Exception as exc:  # onnx raises several kinds for a damaged file
+            raise ValueError(f"from_onnx: cannot read an ONNX model from {model!r}: "
+                             f"{exc}") from None
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in _LAYERS:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        where = f"from_onnx: {node.op_type} node {node.name or node.output[0]!r}"
+
+        def refuse(what, why):
+            raise ValueError(f"{where}: {what}: {why}")
+
+        direction = attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "bidirectional"):
+            refuse(f"direction={direction!r}", "fastrnn runs 'forward' or 'bidirectional'")
+        if attrs.get("layout", 0) != 0:
+            refuse("layout=1", "batch-first ONNX nodes are not supported (ORT rejects them too)")
+        if "clip" in attrs:
+            refuse(f"clip={attrs['clip']}", "cell clipping is not implemented")
+        if attrs.get("input_forget", 0):
+            refuse("input_forget=1", "coupled input/forget gates are not implemented")
+        if node.op_type == "GRU" and attrs.get("linear_before_reset", 0) != 1:
+            refuse("linear_before_reset=0", "the 'reset before' GRU is not implemented yet "
+                   "(fastrnn's GRU is PyTorch's, linear_before_reset=1)")
+        dirs = 2 if direction == "bidirectional" else 1
+        names = [a.decode() if isinstance(a, bytes) else a
+                 for a in attrs.get("activations", [])]
+        defaults = {"RNN": [["Tanh"], ["Relu"]], "GRU": [["Sigmoid", "Tanh"]],
+                    "LSTM": [["Sigmoid", "Tanh", "Tanh"]]}[node.op_type]
+        nonlinearity = "tanh"
+        if names:
+            per_dir = len(names) // dirs
+            groups = [names[i * per_dir:(i + 1) * per_dir] for i in range(dirs)]
+            if any(g != groups[0] for g in groups) or groups[0] not in defaults:
+                refuse(f"activations={names}", "fastrnn implements "
+                       f"{' or '.join(str(d) for d in defaults)} per direction")
+            if groups[0] == ["Relu"]:
+                nonlinearity = "relu"
+        if attrs.get("activation_alpha") or attrs.get("activation_beta"):
+            refuse("activation_alpha/beta", "parametrised activations are not implemented")
+        inputs = list(node.input) + [""] * (8 - len(node.input))
+        if node.op_type == "LSTM" and inputs[7]:
+            refuse("P (peepholes)", "peephole connections are not implemented")
+        for i, what in ((1, "W"), (2, "R"), (3, "B")):
+            if inputs[i] and inputs[i] not in weights:
+                refuse(what, f"{inputs[i]!r} is not an initializer; fastrnn imports constant "
+                       f"weights")
+        W, R = weights[inputs[1]], weights[inputs[2]]
+        H = int(attrs.get("hidden_size", R.shape[-1]))
+        inverse = np.argsort(_ONNX_GATES[node.op_type])   # ONNX gate order -> PyTorch's
+
+        def back(a):
+            blocks = np.split(a, len(inverse), axis=0)
+            return np.concatenate([blocks[i] for i in inverse], axis=0)
+
+        kwargs = {"bidirectional": dirs == 2, "bias": bool(inputs[3]), "dtype": dtype}
+        if node.op_type == "RNN":
+            kwargs["nonlinearity"] = nonlinearity
+        layer = _LAYERS[node.op_type](W.shape[-1], H, **kwargs)
+        state = {}
+        for d, sfx in enumerate(["_l0", "_l0_reverse"][:dirs]):
+            state["weight_ih" + sfx] = back(W[d])
+            state["weight_hh" + sfx] = back(R[d])
+            if inputs[3]:
+                b_w, b_r = np.split(weights[inputs[3]][d], 2)
+                state["bias_ih" + sfx], state["bias_hh" + sfx] = back(b_w), back(b_r)
+        layer.load_state_dict(state)
+        layers.append(layer)
+    if not layers:
+        raise ValueError("from_onnx: the model has no RNN, GRU or LSTM node")
+    return layers

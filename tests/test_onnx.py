@@ -59,3 +59,66 @@ def test_onnx_state_outputs_stream():
 def test_to_onnx_refuses_non_layers():
     with pytest.raises(TypeError, match="to_onnx: expected a fastrnn RNN, GRU or LSTM"):
         fastrnn.to_onnx(fastrnn.GRUCell(3, 4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_onnx_round_trip(kind, bidirectional, bias):
+    layer = make_layer(kind, 4, 5, bidirectional=bidirectional, bias=bias, seed=3)
+    back, = fastrnn.from_onnx(fastrnn.to_onnx(layer))
+    assert repr(back) == repr(layer)
+    for name, value in layer.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[name], value)
+
+
+def test_from_onnx_stacked_model_gives_one_layer_per_node():
+    layer = fastrnn.GRU(3, 4, num_layers=3, seed=0)
+    layers = fastrnn.from_onnx(fastrnn.to_onnx(layer))
+    assert [type(l).__name__ for l in layers] == ["GRU"] * 3
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    y = x
+    for l in layers:
+        y, _ = l(y)
+    np.testing.assert_allclose(y, layer(x)[0], rtol=0, atol=1e-6)
+
+
+def _node_model(op, attrs=None, extra_inputs=(), initialized=True):
+    from onnx import TensorProto, helper, numpy_helper
+    G = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, G * 2, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, G * 2, 2)).astype(np.float32), "R")]
+    if not initialized:
+        inits = inits[1:]
+    node = helper.make_node(op, ["X", "W", "R", *extra_inputs], ["Y"], hidden_size=2,
+                            **(attrs or {}))
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [4, 1, 3])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op,attrs,extra,message", [
+    ("LSTM", {"clip": 3.0}, (), "clip=3.0"),
+    ("LSTM", {"input_forget": 1}, (), "input_forget=1"),
+    ("GRU", {}, (), "linear_before_reset=0"),
+    ("RNN", {"direction": "reverse"}, (), "direction='reverse'"),
+    ("LSTM", {"activations": ["HardSigmoid", "Tanh", "Tanh"]}, (), "activations="),
+    ("LSTM", {}, ("", "", "", "", "P"), r"P \(peepholes\)"),
+])
+def test_from_onnx_refuses_unsupported_attributes(op, attrs, extra, message):
+    with pytest.raises(ValueError, match=f"from_onnx: {op} node .*{message}"):
+        fastrnn.from_onnx(_node_model(op, attrs, extra))
+
+
+def test_from_onnx_bad_models():
+    with pytest.raises(ValueError, match="not an initializer"):
+        fastrnn.from_onnx(_node_model("RNN", initialized=False))
+    from onnx import helper
+    empty = helper.make_model(helper.make_graph([], "g", [], []))
+    with pytest.raises(ValueError, match="no RNN, GRU or LSTM node"):
+        fastrnn.from_onnx(empty)
+    with pytest.raises(ValueError, match="cannot read an ONNX model"):
+        fastrnn.from_onnx(__file__)
