@@ -1,0 +1,62 @@
+"""Batch scoring on a real distributed.LocalCluster of worker processes
+(skipped without dask/distributed)."""
+import numpy as np
+import pytest
+
+import fastrnn
+
+da = pytest.importorskip("dask.array")
+dd = pytest.importorskip("dask.dataframe")
+distributed = pytest.importorskip("distributed")
+import fastrnn.dask as fdask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as c:
+            yield c
+
+
+def seed_model():
+    return fastrnn.Sequential([fastrnn.GRU(2, 8, batch_first=True, seed=0),
+                               fastrnn.LastStep(), fastrnn.Linear(8, 1, seed=1)])
+
+
+def test_predict_on_a_cluster_equals_local_predict(client):
+    model = seed_model()
+    x = np.random.default_rng(0).standard_normal((230, 12, 2)).astype(np.float32)
+    scores = fdask.predict(model, da.from_array(x, chunks=(50, 12, 2)))
+    assert scores.chunks[0] == (50, 50, 50, 50, 30)
+    got = scores.compute()
+    np.testing.assert_allclose(got, model.predict(x), rtol=0, atol=1e-6)
+    workers = client.run(lambda: 1)
+    assert len(workers) == 2                              # the work went to processes
+
+
+def test_predict_a_layer_and_a_dataframe(client):
+    layer = fastrnn.LSTM(2, 4, batch_first=True, seed=3)
+    x = np.random.default_rng(1).standard_normal((40, 5, 2)).astype(np.float32)
+    got = fdask.predict(layer, da.from_array(x, chunks=(16, 5, 2))).compute()
+    np.testing.assert_allclose(got, layer(x)[0], rtol=0, atol=1e-6)
+    import pandas as pd
+    model = seed_model()
+    frame = pd.DataFrame(x.reshape(40, 10), columns=[f"c{i}" for i in range(10)])
+    scores = fdask.predict_dataframe(model, dd.from_pandas(frame, npartitions=3), steps=5,
+                                     features=2).compute()
+    assert list(scores.columns) == ["out_0"] and (scores.index == frame.index).all()
+    np.testing.assert_allclose(scores["out_0"].to_numpy(), model.predict(x)[:, 0], rtol=0,
+                               atol=1e-6)
+
+
+def test_bad_arguments():
+    model = seed_model()
+    with pytest.raises(TypeError, match="x must be a dask array"):
+        fdask.predict(model, np.zeros((2, 3, 2)))
+    with pytest.raises(TypeError, match="model must be a fastrnn Sequential"):
+        fdask.predict(fastrnn.Linear(2, 1), da.zeros((2, 3, 2)))
+    with pytest.raises(ValueError, match="expected 5 x 2 = 10 columns, got 3"):
+        import pandas as pd
+        fdask.predict_dataframe(model, dd.from_pandas(pd.DataFrame(np.zeros((4, 3))),
+                                                      npartitions=1), steps=5, features=2)
