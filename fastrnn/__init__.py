@@ -31,3 +31,11 @@ __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dr
            "BCEWithLogitsLoss", "losses", "optim", "set_num_threads", "get_num_threads", "Stream", "from_torch", "to_torch",
            "from_keras", "to_onnx", "from_onnx",
            "__version__"]
+
+
+def __getattr__(name):
+    # fastrnn.dask is imported on first use: dask is an optional dependency
+    if name == "dask":
+        import importlib
+        return importlib.import_module("fastrnn.dask")
+    raise AttributeError(f"module 'fastrnn' has no attribute {name!r}")
