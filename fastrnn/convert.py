@@ -90,6 +90,8 @@ def _keras_direction(layer, backward=False):
     one Keras SimpleRNN / GRU / LSTM layer (``backward``: a Bidirectional's
     reverse half, which Keras runs with go_backwards=True)."""
     kind = type(layer).__name__
+    if kind not in ("SimpleRNN", "GRU", "LSTM"):
+        raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU or LSTM inside, got {kind}")
     cfg = layer.get_config()
     expected = {"SimpleRNN": {"activation": "tanh"},
                 "GRU": {"activation": "tanh", "recurrent_activation": "sigmoid"},
@@ -136,10 +138,10 @@ def from_keras(layer, dtype="float32"):
     """A fastrnn layer equal to a Keras 3 SimpleRNN, GRU (reset_after=True),
     LSTM, or Bidirectional(merge_mode='concat') of one of them.
 
-    The result is batch-first, as Keras is. A Keras layer with
-    ``return_sequences=False`` returns the last step: follow the fastrnn
-    layer with ``fastrnn.LastStep()`` (``LastStep(bidirectional=True)`` for a
-    Bidirectional), as fastrnn layers always return the whole sequence.
+    The result is batch-first, as Keras is. It computes what the Keras layer
+    computes: for ``return_sequences=True`` the fastrnn layer itself; for
+    ``return_sequences=False`` (the last step only) a
+    ``Sequential([layer, LastStep(bidirectional=...)])``.
     """
     kind = type(layer).__name__
     if kind == "Bidirectional":
@@ -164,6 +166,10 @@ def from_keras(layer, dtype="float32"):
                            dtype=dtype)
     result.load_state_dict({f"{key}_l0{sfx}": value for sfx, params in parts
                             for key, value in params.items()})
+    if not config["return_sequences"]:
+        from fastrnn.model import Sequential
+        from fastrnn.nn import LastStep
+        return Sequential([result, LastStep(bidirectional=kind == "Bidirectional")])
     return result
 
 

@@ -51,3 +51,17 @@ def test_from_keras_refuses_what_it_cannot_represent():
             fastrnn.from_keras(layer)
     with pytest.raises(TypeError, match="from_keras: expected a Keras SimpleRNN"):
         fastrnn.from_keras(keras.layers.Dense(3))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
+def test_return_sequences_false_gives_the_last_step(kind, bidirectional):
+    x = np.random.default_rng(3).standard_normal((2, 6, 4)).astype(np.float32)
+    layer = {"SimpleRNN": keras.layers.SimpleRNN, "GRU": keras.layers.GRU,
+             "LSTM": keras.layers.LSTM}[kind](5, return_sequences=False)
+    if bidirectional:
+        layer = keras.layers.Bidirectional(layer)
+    expected = np.asarray(layer(x))
+    converted = fastrnn.from_keras(layer)
+    assert isinstance(converted, fastrnn.Sequential)
+    np.testing.assert_allclose(converted(x), expected, rtol=0, atol=2e-6)
