@@ -35,7 +35,8 @@ import numpy as np
 
 cnp.import_array()
 
-from fastrnn._blas cimport gemm, gemv, step_block
+from fastrnn._blas cimport (gemm, gemv, step_block, GEMM_ONE_THREAD_MNK,
+                           GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
                              rnn_row, gru_row, lstm_row, sigmoid, tanh_, axpy_product,
                              AXPY_MAX,
@@ -46,6 +47,11 @@ CELL_RNN_TANH = RNN_TANH
 CELL_RNN_RELU = RNN_RELU
 CELL_GRU = GRU
 CELL_LSTM = LSTM
+# and the bounds under which the kernels' BLAS calls stay on one thread, and
+# below which a batch-1 step is a loop (_parallel.hold_blas reads them)
+GEMM_ONE_THREAD = GEMM_ONE_THREAD_MNK
+GEMV_ONE_THREAD = GEMV_ONE_THREAD_MN
+AXPY_LIMIT = AXPY_MAX
 
 
 cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,

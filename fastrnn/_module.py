@@ -208,6 +208,12 @@ class RecurrentWeights(Module):
         """Allocate, register under ``names(layer, direction)`` and initialise."""
         self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
         gates = self._gates
+        owner = type(self).__name__
+        if dirs * gates * hidden_size > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: hidden_size {hidden_size} is too large: "
+                             f"{dirs} x {gates} x hidden_size must fit a 32-bit BLAS int")
+        if input_size > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: input_size {input_size} is too large for a 32-bit BLAS int")
         self._layers, self._dirs, self._dropout, self._rng = layers, dirs, dropout, rng
         GH = gates * hidden_size
         params = {"w_ih": [], "w_hh": [], "b_ih": [], "b_hh": []}
@@ -329,6 +335,8 @@ class RecurrentWeights(Module):
         L, dirs = self._layers, self._dirs
         rows = T * B
         is_lstm = self._kernel_code == _forward.CELL_LSTM
+        saved_cols = dirs * self._saved * H
+        scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
         spare = None
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights()):
             last = k == L - 1
@@ -338,8 +346,7 @@ class RecurrentWeights(Module):
                 layer_out = spare
             else:
                 layer_out = np.empty((rows, dirs * H), dtype)
-            saved_cols = dirs * self._saved * H
-            saves = {"acts": np.empty((rows if train else B, saved_cols), dtype)}
+            saves = {"acts": np.empty((rows, saved_cols), dtype) if train else scratch}
             if train:
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
@@ -366,9 +373,7 @@ class RecurrentWeights(Module):
                 saves["x"] = layer_in
                 saves["mask"] = None
                 if not last and self._dropout > 0:
-                    p = self._dropout
-                    mask = (self._rng.random(layer_out.shape) >= p) * np.asarray(1 / (1 - p), dtype)
-                    saves["mask"] = mask.astype(dtype, copy=False)
+                    saves["mask"] = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)
                     layer_out = layer_out * saves["mask"]
                 tape["layers"].append(saves)
                 spare = None   # every layer input is kept for backward
@@ -499,6 +504,11 @@ class Backprop:
         dh, dc = dh.reshape(self._state_shape), (None if dc is None
                                                  else dc.reshape(self._state_shape))
         return dx, ((dh, dc) if has_c else dh)
+
+
+def dropout_mask(rng, shape, p, dtype):
+    """Inverted dropout: 0 with probability p, else 1 / (1 - p)."""
+    return (rng.random(shape) >= p).astype(dtype) / np.asarray(1 - p, dtype)
 
 
 # Inference of a unidirectional stack runs in time windows whose input

@@ -16,6 +16,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from fastrnn._kernels import forward as _forward
+
 
 def _default_threads():
     value = os.environ.get("FASTRNN_NUM_THREADS")
@@ -107,22 +109,16 @@ class _BlasAtOneThread:
 blas_at_one_thread = _BlasAtOneThread()
 
 
-# OpenBLAS's bounds for running a call on one thread (see _blas.pxd), and the
-# size below which a batch-1 step is a plain loop, not a BLAS call
-_GEMM_ONE_THREAD_MNK = 65536 * 4
-_GEMV_ONE_THREAD_MN = 2304 * 4
-_AXPY_MAX = 65536
-
-
 def hold_blas(parts, rows, n_cols, in_cols, batch, gates_h, hidden):
     """Whether a layer call should hold BLAS at one thread: when it runs in
     parts, or when one of its BLAS calls is large enough for OpenBLAS to
-    thread (holding costs ~10 us, a small call need not pay it)."""
-    if len(parts) > 1 or rows * n_cols * in_cols > _GEMM_ONE_THREAD_MNK:
+    thread (holding costs ~10 us, a small call need not pay it). The bounds
+    are the kernels' own (_blas.pxd, _gates.pxd)."""
+    if len(parts) > 1 or rows * n_cols * in_cols > _forward.GEMM_ONE_THREAD:
         return True
-    if batch == 1:
-        return _AXPY_MAX < gates_h * hidden and gates_h * hidden >= _GEMV_ONE_THREAD_MN
-    return batch * gates_h * hidden > _GEMM_ONE_THREAD_MNK
+    if batch == 1:   # a loop below AXPY_LIMIT, else gemv
+        return gates_h * hidden > max(_forward.AXPY_LIMIT, _forward.GEMV_ONE_THREAD)
+    return batch * gates_h * hidden > _forward.GEMM_ONE_THREAD
 
 
 def _after_fork_in_child():

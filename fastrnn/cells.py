@@ -9,7 +9,7 @@ import numpy as np
 
 from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
-from fastrnn._module import CELL_KINDS, Backprop, RecurrentWeights
+from fastrnn._module import Backprop, RecurrentWeights
 from fastrnn._validation import shape_str
 
 
@@ -25,10 +25,6 @@ class _CellBase(RecurrentWeights):
         cfg["bias"] = v.check_bool(owner, "bias", bias)
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
-        gates = CELL_KINDS[kind][1]
-        if gates * cfg["hidden_size"] > v.BLAS_INT_MAX or cfg["input_size"] > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: input_size {input_size} / hidden_size {hidden_size} "
-                             f"too large for 32-bit BLAS ints")
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         self._stepper_cache = (-1, None)
@@ -54,23 +50,10 @@ class _CellBase(RecurrentWeights):
         if result is not None:
             return result
         x, B, batched, h, c = self._prepare(x, hx)
-        dtype, H = self._config["dtype"], self._config["hidden_size"]
-        if B > 0:
-            bias_x, bias_h, w_hh_t = self._kernel_weights()[0]
-            G = self._gates
-            S = self._saved * H
-            gx = np.empty((B, G * H), dtype)
-            _forward.project(x=x, w_ih=self._w_ih[0], bias_x=bias_x, gx=gx,
-                             max_rows=v.BLAS_INT_MAX)
-            # h is both the state the kernel updates and its output
-            _forward.recur(
-                cell=self._kernel_code, T=1, batch_first=False, d_lo=0, d_hi=1, b_lo=0, b_hi=B,
-                w_hh=self._w_hh[0], w_hh_t=w_hh_t, bias_h=bias_h,
-                h=h[None], c=None if c is None else c[None], gx=gx,
-                gh=np.empty((1, B * G * H), dtype) if self._kernel_code == _forward.CELL_GRU
-                else None,
-                out=h, lengths=None, acts=np.empty((B, S), dtype), train=False,
-                h_prev=None, c_prev=None, blas_held=False)
+        if B > 0:   # the layers' driver with T = 1; h, c become the new state
+            self._run(x[None], 1, B, False, h[None], None if c is None else c[None],
+                      np.empty((1, B, self._config["hidden_size"]), self._config["dtype"]),
+                      None)
         return self._results(h, c, batched)
 
     def forward_train(self, x, hx=None):

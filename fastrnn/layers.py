@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from fastrnn import _validation as v
-from fastrnn._module import CELL_KINDS, Backprop, RecurrentWeights
+from fastrnn._module import Backprop, RecurrentWeights
 from fastrnn._validation import shape_str
 
 
@@ -36,15 +36,10 @@ class _RNNBase(RecurrentWeights):
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
         dirs = 2 if cfg["bidirectional"] else 1
-        gates = CELL_KINDS[kind][1]
-        if dirs * gates * cfg["hidden_size"] > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: hidden_size {hidden_size} is too large: "
-                             f"{dirs} x {gates} x hidden_size must fit a 32-bit BLAS int")
-        if cfg["input_size"] > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: input_size {input_size} is too large for a 32-bit BLAS int")
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
+
         def names(k, d):
             sfx = f"_l{k}" + ("_reverse" if d else "")
             return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}")

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.special import expit
 
 from fastrnn import _validation as v
-from fastrnn._module import Module
+from fastrnn._module import Module, dropout_mask
 from fastrnn._validation import shape_str
 
 
@@ -81,16 +81,19 @@ class Linear(Module):
     def _seq_train(self, x):
         x = self._check(x)
         y = self(x)
-        weight = self._slots["weight"].copy()  # the weights this forward used
+        version = self._version
 
         def backprop(dy):
+            if self._version != version:
+                raise RuntimeError("Linear.backprop: the parameters changed after the forward "
+                                   "(load_state_dict or an optimizer step)")
             x2 = x.reshape(-1, x.shape[-1])
             dy2 = dy.reshape(-1, dy.shape[-1])
             with self._grad_lock:
                 np.add(self._grads["weight"], dy2.T @ x2, out=self._grads["weight"])
                 if "bias" in self._grads:
                     np.add(self._grads["bias"], dy2.sum(axis=0), out=self._grads["bias"])
-            return dy @ weight
+            return dy @ self._slots["weight"]
 
         return y, backprop
 
@@ -147,7 +150,7 @@ class Dropout(_Stateless):
             return x, lambda dy: dy
         if x.dtype.kind != "f":  # integer features: scale in floating point
             x = x.astype(np.result_type(x.dtype, np.float32))
-        mask = (self._rng.random(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
+        mask = dropout_mask(self._rng, x.shape, p, x.dtype)
         return x * mask, lambda dy: dy * mask
 
 

@@ -283,14 +283,16 @@ def test_linear_backprop_matches_torch_autograd(dtype, shape):
     assert not any(g.any() for g in lin.grads.values())
 
 
-def test_linear_backprop_uses_the_weights_of_its_forward():
+def test_linear_backprop_refuses_after_parameters_changed():
+    """As the recurrent layers' backprop: the weights of the forward or an error."""
     lin = fastrnn.Linear(3, 2, dtype="float64", seed=0)
-    w0 = lin.weight.copy()
-    x = np.ones((4, 3))
+    x, dy = np.ones((4, 3)), np.ones((4, 2))
+    _, backprop = lin._seq_train(x)
+    assert np.array_equal(backprop(dy), dy @ lin.weight)
     _, backprop = lin._seq_train(x)
     lin.load_state_dict({"weight": np.zeros((2, 3))}, strict=False)
-    dy = np.ones((4, 2))
-    assert np.array_equal(backprop(dy), dy @ w0)
+    with pytest.raises(RuntimeError, match="Linear.backprop: the parameters changed"):
+        backprop(dy)
 
 
 @pytest.mark.parametrize("n_in", [1, 4, 64])
