@@ -11,14 +11,17 @@
 #
 # GRU: the input side and the recurrent side of n differ (r multiplies only
 # the recurrent part), so the GRU has two gradient buffers, dgx and dgh;
-# for the other cells they are the same buffer.
+# for the other cells they are the same buffer. The reset-before GRU needs
+# d(r * h) = dG_n W_hn before it has dG_r: a product between two passes
+# over the rows, parked in dG_r's own columns.
 
 from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastrnn._blas cimport gemm, gemv, step_block
-from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, num_gates, num_saved, axpy_product,
+from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
+                             axpy_product,
                              AXPY_MAX,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -65,6 +68,34 @@ cdef inline void _gru_back(const floating* acts, const floating* h_prev, floatin
         dh[j] = d * z
 
 
+cdef inline void _gru_reset_back_zn(const floating* acts, const floating* h_prev,
+                                   floating* dh, floating* dg, Py_ssize_t H) noexcept nogil:
+    """Reset-before GRU, first pass: dG_z, dG_n; dG_r zeroed for the product
+    that fills it with d(r * h)."""
+    cdef Py_ssize_t j
+    cdef floating z, n, d
+    for j in range(H):
+        z = acts[H + j]
+        n = acts[2 * H + j]
+        d = dh[j]
+        dg[j] = 0
+        dg[H + j] = d * (h_prev[j] - n) * z * (1 - z)
+        dg[2 * H + j] = d * (1 - z) * (1 - n * n)
+        dh[j] = d * z
+
+
+cdef inline void _gru_reset_back_r(const floating* acts, const floating* h_prev,
+                                   floating* dh, floating* dg, Py_ssize_t H) noexcept nogil:
+    """Second pass: dG_r from d(r * h), which dG_r's columns hold."""
+    cdef Py_ssize_t j
+    cdef floating r, drh
+    for j in range(H):
+        r = acts[j]
+        drh = dg[j]
+        dg[j] = drh * h_prev[j] * r * (1 - r)
+        dh[j] += drh * r
+
+
 cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floating* dh,
                             floating* dc, floating* dg, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
@@ -87,8 +118,8 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
 
 cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                           const floating* dg, Py_ssize_t ldg, const floating* w_hh,
-                          floating* dh, Py_ssize_t cols) noexcept nogil:
-    """dh (B, H) += dg (B, GH; rows ldg apart) @ w_hh (GH, H), summed over
+                          floating* dh, Py_ssize_t ldh, Py_ssize_t cols) noexcept nogil:
+    """dh (B, H; rows ldh apart) += dg (B, GH; rows ldg apart) @ w_hh (GH, H), summed over
     blocks of ``cols`` gates per BLAS call (see _blas.step_block)."""
     cdef Py_ssize_t start, n
     cdef floating one = 1
@@ -102,7 +133,7 @@ cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
             gemv(True, <int>n, <int>H, one, w_hh + start * H, <int>H, dg + start, one, dh)
         else:
             gemm(False, False, <int>B, <int>H, <int>n, one, dg + start, <int>ldg,
-                 w_hh + start * H, <int>H, one, dh, <int>H)
+                 w_hh + start * H, <int>H, one, dh, <int>ldh)
         start += n
 
 
@@ -143,12 +174,28 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             elif cell == GRU:
                 _gru_back(acts + row * a_cols, h_prev + row * h_cols, dh_b,
                           dgx + row * g_cols, dgh + row * g_cols, H)
+            elif cell == GRU_RESET_BEFORE:
+                _gru_reset_back_zn(acts + row * a_cols, h_prev + row * h_cols, dh_b,
+                                   dgx + row * g_cols, H)
             elif cell == RNN_TANH:
                 _rnn_tanh_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
             else:
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
-        _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
-                        cols)
+        if cell == GRU_RESET_BEFORE:
+            # d(r * h) = dG_n W_hn into dG_r's columns, then dG_r itself
+            _recurrent_grad(B, H, H, dgx + t * row_t * g_cols + 2 * H, row_b * g_cols,
+                            w_hh + 2 * H * H, dgx + t * row_t * g_cols, row_b * g_cols, cols)
+            for b in range(B):
+                if lengths != NULL and t >= lengths[b]:
+                    continue
+                row = t * row_t + b * row_b
+                _gru_reset_back_r(acts + row * a_cols, h_prev + row * h_cols, dh + b * H,
+                                  dgx + row * g_cols, H)
+            _recurrent_grad(B, 2 * H, H, dgx + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
+                            H, cols)
+        else:
+            _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
+                            H, cols)
 
 
 def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
@@ -225,6 +272,7 @@ cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_s
 def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
                  const floating[:, ::1] x not None,
                  const floating[:, ::1] h_prev not None,
+                 const floating[:, ::1] reset_acts,
                  const floating[:, ::1] dgx not None,
                  const floating[:, ::1] dgh,
                  floating[:, ::1] dw_ih not None,
@@ -236,16 +284,20 @@ def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
     columns [n_lo, n_hi) of N = dirs * G * H (rows of dw_ih and dw_hh):
     dw_ih += dgx^T x; dw_hh (per direction) += dgh^T h_prev; db_ih, db_hh +=
     column sums of dgx, dgh (biases None when absent; dgh None means dgx).
-    Calls on disjoint column ranges may run in parallel threads. Sums over
-    more than max_rows rows are chunked (BLAS int range)."""
+    The reset-before GRU passes its saved acts (R, dirs * 4H) as reset_acts:
+    the rows of W_hn then take r * h from them instead of h_prev (None
+    otherwise). Calls on disjoint column ranges may run in parallel threads.
+    Sums over more than max_rows rows are chunked (BLAS int range)."""
     cdef Py_ssize_t R = x.shape[0]
     cdef Py_ssize_t D = x.shape[1]
     cdef Py_ssize_t N = dgx.shape[1]
     cdef Py_ssize_t H = dw_hh.shape[1]
     cdef Py_ssize_t dirs = h_prev.shape[1] // H
     cdef Py_ssize_t GH = N // dirs
-    cdef Py_ssize_t d, start, n, lo, hi
+    cdef Py_ssize_t d, start, n, lo, hi, n_gate
     cdef const floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
+    cdef const floating* rh_ptr = NULL if reset_acts is None else &reset_acts[0, 0] + 3 * H
+    cdef Py_ssize_t ld_rh = 0 if reset_acts is None else reset_acts.shape[1]
     cdef floating one = 1
     if R == 0 or n_hi <= n_lo:
         return
@@ -260,12 +312,18 @@ def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
                 # the part of [n_lo, n_hi) in direction d's block [d GH, (d + 1) GH)
                 lo = max(n_lo, d * GH)
                 hi = min(n_hi, (d + 1) * GH)
-                if hi <= lo:
-                    continue
-                gemm(True, False, <int>(hi - lo), <int>H, <int>n, one,
-                     dgh_ptr + start * N + lo, <int>N,
-                     &h_prev[start, 0] + d * H, <int>(dirs * H),
-                     one, &dw_hh[lo, 0], <int>H)
+                # reset before: W_hn's rows [n_gate, (d + 1) GH) multiply r * h
+                n_gate = hi if rh_ptr == NULL else max(lo, min(hi, d * GH + 2 * H))
+                if n_gate > lo:
+                    gemm(True, False, <int>(n_gate - lo), <int>H, <int>n, one,
+                         dgh_ptr + start * N + lo, <int>N,
+                         &h_prev[start, 0] + d * H, <int>(dirs * H),
+                         one, &dw_hh[lo, 0], <int>H)
+                if hi > n_gate:
+                    gemm(True, False, <int>(hi - n_gate), <int>H, <int>n, one,
+                         dgh_ptr + start * N + n_gate, <int>N,
+                         rh_ptr + start * ld_rh + d * (ld_rh // dirs), <int>ld_rh,
+                         one, &dw_hh[n_gate, 0], <int>H)
             start += n
     if db_ih is not None and db_hh is not None:
         with nogil:

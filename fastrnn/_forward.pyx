@@ -17,7 +17,10 @@
 #
 # Per step: one recurrent product (gemv at batch 1) accumulated into the
 # step's rows of gx (GRU: into a (B, 3H) workspace, since r multiplies only
-# the recurrent part of n), then one fused pass over the rows. The state
+# the recurrent part of n), then one fused pass over the rows. The
+# reset-before GRU needs r before its n product: the r, z product into gx,
+# a pass writing r, z and r * h to acts, the n product of r * h into gx,
+# then the pass that finishes the rows. The state
 # arrays h, c are updated in place and end as h_n, c_n.
 #
 # Variable lengths: row b is active at step t iff t < lengths[b]. An inactive
@@ -37,8 +40,9 @@ cnp.import_array()
 
 from fastrnn._blas cimport (gemm, gemv, step_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
-from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, num_gates, num_saved,
-                             rnn_row, gru_row, lstm_row, sigmoid, tanh_, axpy_product,
+from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
+                             num_saved, rnn_row, gru_row, gru_reset_gates_row, gru_reset_row,
+                             lstm_row, sigmoid, tanh_, axpy_product,
                              AXPY_MAX,
                              fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -47,6 +51,7 @@ CELL_RNN_TANH = RNN_TANH
 CELL_RNN_RELU = RNN_RELU
 CELL_GRU = GRU
 CELL_LSTM = LSTM
+CELL_GRU_RESET_BEFORE = GRU_RESET_BEFORE
 # and the bounds under which the kernels' BLAS calls stay on one thread, and
 # below which a batch-1 step is a loop (_parallel.hold_blas reads them)
 GEMM_ONE_THREAD = GEMM_ONE_THREAD_MNK
@@ -74,10 +79,10 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
 
 
 cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
-                             const floating* h, const floating* w_hh,
+                             const floating* h, Py_ssize_t ldh, const floating* w_hh,
                              const floating* w_hh_t, Py_ssize_t ld_t,
                              floating* g, Py_ssize_t ldg, Py_ssize_t cols) noexcept nogil:
-    """g (B, GH; rows ldg apart) += h (B, H) @ w_hh^T, ``cols`` gate columns
+    """g (B, GH; rows ldg apart) += h (B, H; rows ldh apart) @ w_hh^T, ``cols`` gate columns
     per BLAS call (see _blas.step_block). Batch 1: gemv on w_hh (GH, H);
     larger batches: gemm on its transpose w_hh_t (H, GH; rows ld_t apart),
     which OpenBLAS multiplies faster (no transposed operand)."""
@@ -92,7 +97,7 @@ cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
         if B == 1:
             gemv(False, <int>n, <int>H, one, w_hh + start * H, <int>H, h, one, g + start)
         else:
-            gemm(False, False, <int>B, <int>n, <int>H, one, h, <int>H,
+            gemm(False, False, <int>B, <int>n, <int>H, one, h, <int>ldh,
                  w_hh_t + start, <int>ld_t, one, g + start, <int>ldg)
         start += n
 
@@ -135,9 +140,20 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
                 else:
                     memset(gh + b * GH, 0, GH * sizeof(floating))
-            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, gh, GH, cols)
+            _recurrent_product(B, GH, H, h, H, w_hh, w_hh_t, dirs * GH, gh, GH, cols)
+        elif cell == GRU_RESET_BEFORE:
+            # r, z; then n from r * h, computed for every row (a row past its
+            # length gets values it never uses, and the product needs them all)
+            _recurrent_product(B, 2 * H, H, h, H, w_hh, w_hh_t, dirs * GH, g_t,
+                               row_b * gx_cols, cols)
+            for b in range(B):
+                row = t * row_t + b * row_b
+                gru_reset_gates_row(gx + row * gx_cols, h + b * H,
+                                    acts + t * acts_t + b * acts_b, H)
+            _recurrent_product(B, H, H, acts + t * acts_t + 3 * H, acts_b, w_hh + 2 * H * H,
+                               w_hh_t + 2 * H, dirs * GH, g_t + 2 * H, row_b * gx_cols, cols)
         else:
-            _recurrent_product(B, GH, H, h, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols,
+            _recurrent_product(B, GH, H, h, H, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols,
                                cols)
 
         # fused gate pass, row by row
@@ -152,6 +168,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H)
             elif cell == GRU:
                 gru_row(gx + row * gx_cols, gh + b * GH, h + b * H, out_row, acts_row, H)
+            elif cell == GRU_RESET_BEFORE:
+                gru_reset_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H)
             else:
                 rnn_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H,
                         cell == RNN_RELU)
@@ -282,12 +300,14 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_
                 t = T - 1 - s if d == 1 else s
                 if gh is not None:
                     target = &gh[0, 0] + (d * B + b_lo) * GH
-                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], &w_hh[d * GH, 0],
+                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], H, &w_hh[d * GH, 0],
                                        &w_hh_t[0, 0] + d * GH, dirs * GH, target, GH,
                                        step_block(b_hi - b_lo, H, GH, True))
                 else:
+                    # (the reset-before GRU's two products, r z and n, have
+                    # the sizes of this one)
                     target = &gx[0, 0] + (first + t * row_t) * dirs * GH + d * GH
-                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], &w_hh[d * GH, 0],
+                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], H, &w_hh[d * GH, 0],
                                        &w_hh_t[0, 0] + d * GH, dirs * GH, target,
                                        row_b * dirs * GH,
                                        step_block(b_hi - b_lo, H, GH, True))
@@ -317,6 +337,11 @@ cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
             memset(gh, 0, GH * sizeof(floating))
         axpy_product(h, H, w_hh_t, GH, GH, gh)
         gru_row(gx, gh, h, h, acts, H)
+    elif cell == GRU_RESET_BEFORE:
+        axpy_product(h, H, w_hh_t, GH, 2 * H, gx)
+        gru_reset_gates_row(gx, h, acts, H)
+        axpy_product(acts + 3 * H, H, w_hh_t + 2 * H, GH, H, gx + 2 * H)
+        gru_reset_row(gx, h, h, acts, H)
     else:
         axpy_product(h, H, w_hh_t, GH, GH, gx)
         if cell == LSTM:

@@ -7,6 +7,8 @@
 #   RNN:  h' = act(g)                          g = x W_ih^T + b_ih + h W_hh^T + b_hh
 #   GRU:  r = s(gx_r + gh_r), z = s(gx_z + gh_z), n = tanh(gx_n + r * gh_n)
 #         h' = (1 - z) * n + z * h              gx = x W_ih^T + b_ih, gh = h W_hh^T + b_hh
+#   GRU reset before (Keras reset_after=False, ONNX linear_before_reset=0):
+#         r, z as above, n = tanh(gx_n + (r * h) W_hn^T + b_hn), h' as above
 #   LSTM: i, f, o = s(g_i), s(g_f), s(g_o); u = tanh(g_g)
 #         c' = f * c + i * u, h' = o * tanh(c')
 
@@ -26,20 +28,22 @@ cdef enum:
     RNN_RELU = 1
     GRU = 2
     LSTM = 3
+    GRU_RESET_BEFORE = 4
 
 
 cdef inline Py_ssize_t num_gates(int cell) noexcept nogil:
     """G: gate blocks of W_ih / W_hh."""
     if cell == LSTM:
         return 4
-    if cell == GRU:
+    if cell == GRU or cell == GRU_RESET_BEFORE:
         return 3
     return 1
 
 
 cdef inline Py_ssize_t num_saved(int cell) noexcept nogil:
-    """S / H: activations saved per step for backward (GRU adds W_hn h + b_hn)."""
-    if cell == LSTM or cell == GRU:
+    """S / H: activations saved per step for backward (the GRU adds W_hn h +
+    b_hn, the reset-before GRU r * h)."""
+    if cell != RNN_TANH and cell != RNN_RELU:
         return 4
     return 1
 
@@ -133,6 +137,34 @@ cdef inline void gru_row(const floating* gx, const floating* gh, floating* h,
         acts[H + j] = z
         acts[2 * H + j] = n
         acts[3 * H + j] = gh[2 * H + j]
+
+
+cdef inline void gru_reset_gates_row(const floating* g, const floating* h, floating* acts,
+                                     Py_ssize_t H) noexcept nogil:
+    """The reset-before GRU's first pass, once g holds x W_ih^T + h W_hr,z^T
+    and the biases: acts r, z and r * h (which the n product then reads)."""
+    cdef Py_ssize_t j
+    cdef floating r
+    for j in range(H):
+        r = sigmoid(g[j])
+        acts[j] = r
+        acts[H + j] = sigmoid(g[H + j])
+        acts[3 * H + j] = r * h[j]
+
+
+cdef inline void gru_reset_row(const floating* g, floating* h, floating* out,
+                               floating* acts, Py_ssize_t H) noexcept nogil:
+    """Its second pass, once g's n block holds gx_n + (r * h) W_hn^T + b_hn:
+    acts n; z from the first pass."""
+    cdef Py_ssize_t j
+    cdef floating z, n, v
+    for j in range(H):
+        z = acts[H + j]
+        n = tanh_(g[2 * H + j])
+        v = (1 - z) * n + z * h[j]
+        h[j] = v
+        out[j] = v
+        acts[2 * H + j] = n
 
 
 cdef inline void lstm_row(const floating* g, floating* h, floating* c,

@@ -30,8 +30,24 @@ CELL_KINDS = {
     "rnn_tanh": (_forward.CELL_RNN_TANH, 1, 1),
     "rnn_relu": (_forward.CELL_RNN_RELU, 1, 1),
     "gru": (_forward.CELL_GRU, 3, 4),
+    "gru_reset_before": (_forward.CELL_GRU_RESET_BEFORE, 3, 4),
     "lstm": (_forward.CELL_LSTM, 4, 4),
 }
+
+
+RESET_AFTER_DOC = """
+    reset_after : bool, default True
+        Where the reset gate acts. True: on W_hn h + b_hn, as PyTorch, Keras'
+        default and ONNX ``linear_before_reset=1``. False: on h before the
+        product, n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), as Keras'
+        ``reset_after=False`` and ONNX's default ``linear_before_reset=0``
+        (no PyTorch equivalent). Keyword only, after PyTorch's arguments."""
+
+
+def gru_kind(owner, reset_after):
+    """The checked reset_after flag of a GRU and its CELL_KINDS key."""
+    flag = v.check_bool(owner, "reset_after", reset_after)
+    return flag, ("gru" if flag else "gru_reset_before")
 
 
 class Module:
@@ -249,7 +265,7 @@ class RecurrentWeights(Module):
     def _kernel_weights(self):
         """Per layer (bias_x, bias_h, w_hh_t) as the forward kernel takes them:
         the bias added to the input projection, the GRU's recurrent bias (other
-        cells fold b_hh into bias_x), and W_hh transposed to (H, dirs * G * H).
+        cells, the reset-before GRU too, fold b_hh into bias_x), and W_hh transposed to (H, dirs * G * H).
         Derived from the parameters, cached until they change."""
         cached_version, terms = self._weights_cache
         version = self._version  # read once: a concurrent update bumps it again
@@ -394,16 +410,18 @@ class RecurrentWeights(Module):
         rows, N = T * B, self._dirs * self._gates * H
         dgx = np.empty((rows, N), dtype)
         dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
+        reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
         parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
         in_cols = max(self._w_ih[0].shape[1], self._dirs * H)
         hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             for k in reversed(range(self._layers)):
-                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held)
+                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
+                                        reset_before)
         return dout
 
-    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held):
+    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before):
         """Layer k of ``_bptt``: the backward time loops, then the weight and
         input gradients, each in the parts ``_parallel.split`` chose."""
         dirs, rows = self._dirs, T * B
@@ -423,7 +441,8 @@ class RecurrentWeights(Module):
 
         def weights(n_lo, n_hi):
             _backward.weight_grads(
-                n_lo=n_lo, n_hi=n_hi, x=saves["x"], h_prev=saves["h_prev"], dgx=dgx,
+                n_lo=n_lo, n_hi=n_hi, x=saves["x"], h_prev=saves["h_prev"],
+                reset_acts=saves["acts"] if reset_before else None, dgx=dgx,
                 dgh=dgh, dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
                 db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
-from fastrnn._module import Backprop, RecurrentWeights
+from fastrnn._module import RESET_AFTER_DOC, Backprop, RecurrentWeights, gru_kind
 from fastrnn._validation import shape_str
 
 
@@ -193,12 +193,21 @@ class RNNCell(_CellBase):
 
 class GRUCell(_CellBase):
     __doc__ = _CELL_DOC.format(
-        summary="One step of a GRU (gate blocks r, z, n).", extra_params="",
+        summary="One step of a GRU (gate blocks r, z, n).", extra_params=RESET_AFTER_DOC,
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
 
-    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", seed=None):
-        super().__init__("gru", input_size, hidden_size, bias, dtype, seed)
+    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", seed=None, *,
+                 reset_after=True):
+        reset_after, kind = gru_kind("GRUCell", reset_after)
+        super().__init__(kind, input_size, hidden_size, bias, dtype, seed)
+        self._config["reset_after"] = reset_after
+
+    def _repr_options(self):
+        opts = super()._repr_options()
+        if not self._config["reset_after"]:
+            opts.append(("reset_after", False))
+        return opts
 
 
 class LSTMCell(_CellBase):

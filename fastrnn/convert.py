@@ -3,8 +3,8 @@
 PyTorch: ``from_torch(module)`` builds the fastrnn layer or cell equivalent
 to a ``torch.nn.RNN/GRU/LSTM/RNNCell/GRUCell/LSTMCell`` (configuration and
 weights; the names and layouts are the same), ``to_torch(layer)`` the
-reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (reset_after=True),
-LSTM and Bidirectional. The frameworks are imported only when called.
+reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (either
+reset_after), LSTM and Bidirectional. ONNX: ``to_onnx`` / ``from_onnx``. The frameworks are imported only when called.
 Options fastrnn does not implement are refused by name, never dropped.
 """
 import numpy as np
@@ -73,6 +73,9 @@ def to_torch(layer):
     if name not in {**_LAYERS, **_CELLS}:
         raise TypeError(f"to_torch: expected a fastrnn RNN, GRU, LSTM or cell, got {name}")
     cfg = dict(layer._config)
+    if not cfg.pop("reset_after", True):
+        raise ValueError(f"to_torch: {name} has reset_after=False; PyTorch has only the "
+                         f"reset-after GRU (export it with to_onnx instead)")
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.pop("dtype").name]
     size = (cfg.pop("input_size"), cfg.pop("hidden_size"))
     module = getattr(torch.nn, name)(*size, dtype=dtype, **cfg)
@@ -109,9 +112,6 @@ def _keras_direction(layer, backward=False):
     if cfg.get("dropout") or cfg.get("recurrent_dropout"):
         _keras_refuse(layer, "dropout / recurrent_dropout", "Keras' per-step input and "
                       "recurrent dropout differ from fastrnn's between-layer dropout")
-    if kind == "GRU" and not cfg.get("reset_after", True):
-        _keras_refuse(layer, "reset_after=False", "the 'reset before' GRU is not implemented "
-                      "yet (fastrnn's GRU is PyTorch's, Keras' reset_after=True)")
     weights = layer.get_weights()
     kernel, recurrent = weights[0], weights[1]
     bias = weights[2] if cfg.get("use_bias", True) else None
@@ -124,19 +124,23 @@ def _keras_direction(layer, backward=False):
         return np.concatenate([r, z, n], axis=0)
 
     params = {"weight_ih": reorder(kernel.T), "weight_hh": reorder(recurrent.T)}
+    reset_after = kind != "GRU" or bool(cfg.get("reset_after", True))
     if bias is not None:
-        if kind == "GRU":  # (2, 3U): input and recurrent biases
+        if kind == "GRU" and reset_after:  # (2, 3U): input and recurrent biases
             params["bias_ih"], params["bias_hh"] = reorder(bias[0]), reorder(bias[1])
         else:              # one bias: PyTorch's two summed
-            params["bias_ih"], params["bias_hh"] = bias, np.zeros_like(bias)
+            params["bias_ih"], params["bias_hh"] = reorder(bias), np.zeros_like(bias)
     name = {"SimpleRNN": "RNN", "GRU": "GRU", "LSTM": "LSTM"}[kind]
-    return name, params, {"input_size": kernel.shape[0], "hidden_size": units,
-                          "bias": bias is not None, "return_sequences": cfg["return_sequences"]}
+    config = {"input_size": kernel.shape[0], "hidden_size": units, "bias": bias is not None,
+              "return_sequences": cfg["return_sequences"]}
+    if kind == "GRU":
+        config["reset_after"] = reset_after
+    return name, params, config
 
 
 def from_keras(layer, dtype="float32"):
-    """A fastrnn layer equal to a Keras 3 SimpleRNN, GRU (reset_after=True),
-    LSTM, or Bidirectional(merge_mode='concat') of one of them.
+    """A fastrnn layer equal to a Keras 3 SimpleRNN, GRU (``reset_after`` True
+    or False, kept), LSTM, or Bidirectional(merge_mode='concat') of one of them.
 
     The result is batch-first, as Keras is. It computes what the Keras layer
     computes: for ``return_sequences=True`` the fastrnn layer itself; for
@@ -161,9 +165,10 @@ def from_keras(layer, dtype="float32"):
     else:
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM or Bidirectional, "
                         f"got {kind}")
+    options = {"reset_after": config["reset_after"]} if name == "GRU" else {}
     result = _LAYERS[name](config["input_size"], config["hidden_size"], bias=config["bias"],
                            batch_first=True, bidirectional=kind == "Bidirectional",
-                           dtype=dtype)
+                           dtype=dtype, **options)
     result.load_state_dict({f"{key}_l0{sfx}": value for sfx, params in parts
                             for key, value in params.items()})
     if not config["return_sequences"]:
@@ -180,8 +185,8 @@ _ONNX_GATES = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
 
 def to_onnx(layer, path=None, lengths=False, opset=17):
     """An ONNX model computing a fastrnn RNN/GRU/LSTM layer (one ONNX node per
-    layer, weights as initializers; GRU with linear_before_reset=1, PyTorch's
-    form).
+    layer, weights as initializers; a GRU's ``linear_before_reset`` is 1 for
+    reset_after=True, PyTorch's form, and 0 for reset_after=False).
 
     Graph inputs: ``X`` laid out as the layer takes batched input ((T, B, D),
     or (B, T, D) with batch_first; T and B symbolic), ``initial_h`` (and
@@ -257,7 +262,7 @@ def to_onnx(layer, path=None, lengths=False, opset=17):
         attrs = {"hidden_size": H,
                  "direction": "bidirectional" if dirs == 2 else "forward"}
         if kind == "GRU":
-            attrs["linear_before_reset"] = 1
+            attrs["linear_before_reset"] = int(cfg["reset_after"])
         if kind == "RNN":
             attrs["activations"] = ["Relu" if cfg["nonlinearity"] == "relu" else "Tanh"] * dirs
         nodes.append(helper.make_node(kind, node_inputs, outputs, **attrs))
@@ -303,8 +308,7 @@ def from_onnx(model, dtype="float32"):
     graph order, time-major (ONNX's layout 0). Every attribute is honoured or
     refused with a ValueError naming it: peepholes (P), ``clip``,
     ``input_forget``, activations other than the defaults (Relu for RNN is
-    fine), GRU ``linear_before_reset=0`` (not implemented yet), direction
-    "reverse" alone, ``layout=1``; weights must be initializers.
+    fine), direction "reverse" alone, ``layout=1``; weights must be initializers.
 
     Parameters
     ----------
@@ -343,9 +347,8 @@ def from_onnx(model, dtype="float32"):
             refuse(f"clip={attrs['clip']}", "cell clipping is not implemented")
         if attrs.get("input_forget", 0):
             refuse("input_forget=1", "coupled input/forget gates are not implemented")
-        if node.op_type == "GRU" and attrs.get("linear_before_reset", 0) != 1:
-            refuse("linear_before_reset=0", "the 'reset before' GRU is not implemented yet "
-                   "(fastrnn's GRU is PyTorch's, linear_before_reset=1)")
+        if node.op_type == "GRU" and attrs.get("linear_before_reset", 0) not in (0, 1):
+            refuse(f"linear_before_reset={attrs['linear_before_reset']}", "must be 0 or 1")
         dirs = 2 if direction == "bidirectional" else 1
         names = [a.decode() if isinstance(a, bytes) else a
                  for a in attrs.get("activations", [])]
@@ -380,6 +383,8 @@ def from_onnx(model, dtype="float32"):
         kwargs = {"bidirectional": dirs == 2, "bias": bool(inputs[3]), "dtype": dtype}
         if node.op_type == "RNN":
             kwargs["nonlinearity"] = nonlinearity
+        if node.op_type == "GRU":   # ONNX's default is reset before (0)
+            kwargs["reset_after"] = attrs.get("linear_before_reset", 0) == 1
         layer = _LAYERS[node.op_type](W.shape[-1], H, **kwargs)
         state = {}
         for d, sfx in enumerate(["_l0", "_l0_reverse"][:dirs]):

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from fastrnn import _validation as v
-from fastrnn._module import Backprop, RecurrentWeights
+from fastrnn._module import RESET_AFTER_DOC, Backprop, RecurrentWeights, gru_kind
 from fastrnn._validation import shape_str
 
 
@@ -283,8 +283,9 @@ class RNN(_RNNBase):
 
 class GRU(_RNNBase):
     __doc__ = _LAYER_DOC.format(
-        summary="Gated recurrent unit over whole sequences (PyTorch's 'reset after' form).",
-        extra_params="",
+        summary="Gated recurrent unit over whole sequences (by default PyTorch's "
+                "'reset after' form).",
+        extra_params=RESET_AFTER_DOC,
         call="out, h_n = gru(x, hx=None, lengths=None)",
         hx_doc="array of shape (num_layers * dirs, B, H)",
         returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
@@ -292,13 +293,24 @@ class GRU(_RNNBase):
               "        r_t = \\sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr})\\\\\n"
               "        z_t = \\sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz})\\\\\n"
               "        n_t = \\tanh(W_{in} x_t + b_{in} + r_t \\odot (W_{hn} h_{t-1} + b_{hn}))\\\\\n"
-              "        h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}"),
+              "        h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}\n\n"
+              "    With ``reset_after=False``, "
+              "n_t = tanh(W_in x_t + b_in + W_hn (r_t * h_{t-1}) + b_hn)."),
         gates="G = 3, gate blocks in the order r, z, n")
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype="float32", seed=None):
-        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first,
+                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, *,
+                 reset_after=True):
+        reset_after, kind = gru_kind("GRU", reset_after)
+        super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed)
+        self._config["reset_after"] = reset_after
+
+    def _repr_options(self):
+        opts = super()._repr_options()
+        if not self._config["reset_after"]:
+            opts.append(("reset_after", False))
+        return opts
 
 
 class LSTM(_RNNBase):

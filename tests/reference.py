@@ -7,7 +7,7 @@ direction on an explicitly reversed copy of the sequence.
 """
 import numpy as np
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "gru_reset_before": 3, "lstm": 4}
 
 
 def sigmoid(a):
@@ -25,6 +25,15 @@ def cell_step(kind, x, h, c, w_ih, w_hh, b_ih, b_hh):
         r = sigmoid(x_r + h_r)
         z = sigmoid(x_z + h_z)
         n = np.tanh(x_n + r * h_n)
+        return (1.0 - z) * n + z * h, c
+    if kind == "gru_reset_before":
+        # Keras' reset_after=False: r multiplies h before W_hn
+        x_r, x_z, x_n = np.split(x @ w_ih.T + b_ih, 3, axis=-1)
+        w_hr, w_hz, w_hn = np.split(w_hh, 3, axis=0)
+        b_hr, b_hz, b_hn = np.split(b_hh, 3)
+        r = sigmoid(x_r + h @ w_hr.T + b_hr)
+        z = sigmoid(x_z + h @ w_hz.T + b_hz)
+        n = np.tanh(x_n + (r * h) @ w_hn.T + b_hn)
         return (1.0 - z) * n + z * h, c
     if kind == "lstm":
         i, f, g, o = np.split(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh, 4, axis=-1)

@@ -152,7 +152,8 @@ def test_bad_seed(cls, seed, exc, msg):
 
 @pytest.mark.parametrize("cls, arg", [(c, a) for c in LAYERS
                                       for a in ("batch_first", "bidirectional", "bias")]
-                         + [(c, "bias") for c in CELLS])
+                         + [(c, "bias") for c in CELLS]
+                         + [(GRU, "reset_after"), (GRUCell, "reset_after")])
 @pytest.mark.parametrize("value", [1, 0, "yes", None])
 def test_non_bool_flag(cls, arg, value):
     with pytest.raises(TypeError, match=f"{arg} must be a bool, got {type(value).__name__}"):

@@ -6,18 +6,22 @@ import fastrnn
 from fastrnn import _validation
 from reference import cell_forward, layer_forward
 
-KINDS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
+KINDS = ["rnn_tanh", "rnn_relu", "gru", "gru_reset_before", "lstm"]
 
 
 def make_layer(kind, D, H, **kw):
     if kind.startswith("rnn"):
         return fastrnn.RNN(D, H, nonlinearity=kind[4:], **kw)
+    if kind == "gru_reset_before":
+        return fastrnn.GRU(D, H, reset_after=False, **kw)
     return {"gru": fastrnn.GRU, "lstm": fastrnn.LSTM}[kind](D, H, **kw)
 
 
 def make_cell(kind, D, H, **kw):
     if kind.startswith("rnn"):
         return fastrnn.RNNCell(D, H, nonlinearity=kind[4:], **kw)
+    if kind == "gru_reset_before":
+        return fastrnn.GRUCell(D, H, reset_after=False, **kw)
     return {"gru": fastrnn.GRUCell, "lstm": fastrnn.LSTMCell}[kind](D, H, **kw)
 
 

@@ -17,11 +17,14 @@ def keras_layer(kind, **kw):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("use_bias", [True, False])
-@pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "GRU-reset-before", "LSTM"])
 def test_from_keras_gives_keras_outputs(kind, use_bias, bidirectional):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 7, 4)).astype(np.float32)
-    layer = keras_layer(kind, use_bias=use_bias)
+    if kind == "GRU-reset-before":
+        layer = keras_layer("GRU", use_bias=use_bias, reset_after=False)
+    else:
+        layer = keras_layer(kind, use_bias=use_bias)
     if bidirectional:
         layer = keras.layers.Bidirectional(layer, merge_mode="concat")
     expected = np.asarray(layer(x))                      # builds it with random weights
@@ -33,14 +36,15 @@ def test_from_keras_gives_keras_outputs(kind, use_bias, bidirectional):
     expected = np.asarray(layer(x))
     converted = fastrnn.from_keras(layer)
     assert converted.batch_first and converted.bidirectional == bidirectional
+    if kind.startswith("GRU"):
+        assert converted.reset_after == (kind == "GRU")
     out, _ = converted(x)
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
 
 
 def test_from_keras_refuses_what_it_cannot_represent():
     x = np.zeros((1, 2, 3), np.float32)
-    cases = [(keras_layer("GRU", reset_after=False), "reset_after=False"),
-             (keras_layer("LSTM", activation="relu"), "activation='relu'"),
+    cases = [(keras_layer("LSTM", activation="relu"), "activation='relu'"),
              (keras_layer("SimpleRNN", go_backwards=True), "go_backwards=True"),
              (keras_layer("LSTM", dropout=0.2), "dropout"),
              (keras.layers.Bidirectional(keras_layer("GRU"), merge_mode="sum"),

@@ -103,7 +103,7 @@ def _node_model(op, attrs=None, extra_inputs=(), initialized=True):
 @pytest.mark.parametrize("op,attrs,extra,message", [
     ("LSTM", {"clip": 3.0}, (), "clip=3.0"),
     ("LSTM", {"input_forget": 1}, (), "input_forget=1"),
-    ("GRU", {}, (), "linear_before_reset=0"),
+    ("GRU", {"linear_before_reset": 2}, (), "linear_before_reset=2"),
     ("RNN", {"direction": "reverse"}, (), "direction='reverse'"),
     ("LSTM", {"activations": ["HardSigmoid", "Tanh", "Tanh"]}, (), "activations="),
     ("LSTM", {}, ("", "", "", "", "P"), r"P \(peepholes\)"),
@@ -111,6 +111,45 @@ def _node_model(op, attrs=None, extra_inputs=(), initialized=True):
 def test_from_onnx_refuses_unsupported_attributes(op, attrs, extra, message):
     with pytest.raises(ValueError, match=f"from_onnx: {op} node .*{message}"):
         fastrnn.from_onnx(_node_model(op, attrs, extra))
+
+
+@pytest.mark.parametrize("linear_before_reset", [None, 0, 1])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_from_onnx_gru_node_matches_onnx_runtime(linear_before_reset, direction):
+    """A GRU node written by hand (not by to_onnx): both reset forms (ONNX's
+    default is 0, reset before), biases and sequence_lens."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(5)
+    dirs, H, D, T, B = (2 if direction == "bidirectional" else 1), 4, 3, 6, 3
+    W = rng.uniform(-0.8, 0.8, (dirs, 3 * H, D)).astype(np.float32)
+    R = rng.uniform(-0.8, 0.8, (dirs, 3 * H, H)).astype(np.float32)
+    Bias = rng.uniform(-0.5, 0.5, (dirs, 6 * H)).astype(np.float32)
+    attrs = {"hidden_size": H, "direction": direction}
+    if linear_before_reset is not None:
+        attrs["linear_before_reset"] = linear_before_reset
+    node = helper.make_node("GRU", ["X", "W", "R", "B", "sequence_lens", "initial_h"],
+                            ["Y", "Y_h"], **attrs)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, B, D]),
+         helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, [B]),
+         helper.make_tensor_value_info("initial_h", TensorProto.FLOAT, [dirs, B, H])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R"),
+                     numpy_helper.from_array(Bias, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    lengths = np.array([6, 2, 4], np.int32)
+    h0 = rng.standard_normal((dirs, B, H)).astype(np.float32)
+    y, y_h = run(model, {"X": x, "sequence_lens": lengths, "initial_h": h0})
+    layer, = fastrnn.from_onnx(model)
+    assert layer.reset_after == (linear_before_reset == 1)
+    out, h_n = layer(x, h0, lengths=lengths)
+    # ONNX's Y is (T, dirs, B, H)
+    np.testing.assert_allclose(out, y.transpose(0, 2, 1, 3).reshape(T, B, dirs * H),
+                               rtol=0, atol=3e-6)
+    np.testing.assert_allclose(h_n, y_h, rtol=0, atol=3e-6)
 
 
 def test_from_onnx_bad_models():

@@ -248,3 +248,6 @@ def test_from_torch_refuses_what_it_cannot_represent():
         fastrnn.from_torch(torch.nn.Linear(4, 5))
     with pytest.raises(TypeError, match="to_torch: expected a fastrnn RNN"):
         fastrnn.to_torch(fastrnn.Linear(4, 5))
+    for module in (fastrnn.GRU(3, 4, reset_after=False), fastrnn.GRUCell(3, 4, reset_after=False)):
+        with pytest.raises(ValueError, match="to_torch: GRU(Cell)? has reset_after=False"):
+            fastrnn.to_torch(module)

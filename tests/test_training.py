@@ -940,6 +940,7 @@ def _rich_model(dtype):
         fastrnn.Dropout(0.2, seed=1),
         fastrnn.GRU(8, 5, bias=False, dtype=dtype, seed=2),
         fastrnn.Tanh(),
+        fastrnn.GRU(5, 5, reset_after=False, dtype=dtype, seed=6),
         fastrnn.LSTM(5, 3, num_layers=2, dropout=0.1, bidirectional=True, dtype=dtype, seed=3),
         fastrnn.LastStep(bidirectional=True),
         fastrnn.Linear(6, 4, dtype=dtype, seed=4),
@@ -1368,6 +1369,7 @@ def test_modules_and_models_pickle_to_identical_behaviour():
         (fastrnn.GRU(3, 4, batch_first=True, dtype="float64", seed=2), seq, lambda m, x: m(x)[0]),
         (fastrnn.RNN(3, 4, nonlinearity="relu", bias=False, seed=3), seq, lambda m, x: m(x)[0]),
         (fastrnn.GRUCell(3, 4, seed=4), seq[0], lambda m, x: m(x)),
+        (fastrnn.GRUCell(3, 4, reset_after=False, seed=6), seq[0], lambda m, x: m(x)),
         (fastrnn.Linear(3, 2, seed=5), seq, lambda m, x: m(x)),
     ]
     for module, x, output in cases:
