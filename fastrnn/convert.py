@@ -181,6 +181,11 @@ def from_keras(layer, dtype="float32"):
 # --- ONNX --------------------------------------------------------------------------
 # gate blocks from PyTorch's order to ONNX's: LSTM i,f,g,o -> i,o,f,c; GRU r,z,n -> z,r,h
 _ONNX_GATES = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
+# ops that only move, slice or reshape tensors between recurrent nodes (the
+# glue of stacked or exported models); any other op computes something that
+# the returned layers would not, so from_onnx refuses it unless told otherwise
+_ONNX_GLUE_OPS = {"Transpose", "Reshape", "Slice", "Squeeze", "Unsqueeze", "Concat", "Identity",
+                  "Constant", "ConstantOfShape", "Shape", "Gather", "Cast", "Expand", "Split"}
 
 
 def to_onnx(layer, path=None, lengths=False, opset=17):
@@ -301,11 +306,15 @@ def to_onnx(layer, path=None, lengths=False, opset=17):
     return model
 
 
-def from_onnx(model, dtype="float32"):
+def from_onnx(model, dtype="float32", other_ops="raise"):
     """fastrnn layers for the RNN, GRU and LSTM nodes of an ONNX model.
 
     Returns a list with one single-layer fastrnn layer per recurrent node, in
-    graph order, time-major (ONNX's layout 0). Every attribute is honoured or
+    graph order, time-major (ONNX's layout 0). Ops that only move tensors
+    (Transpose, Reshape, Slice, Concat, ...) may sit between them; any other
+    op (a Gemm head, an activation) raises a ValueError naming it, since the
+    layers alone would not compute the model, unless ``other_ops="ignore"``
+    (then the caller runs those parts). Every attribute is honoured or
     refused with a ValueError naming it: peepholes (P), ``clip``,
     ``input_forget``, activations other than the defaults (Relu for RNN is
     fine), direction "reverse" alone, ``layout=1``; weights must be initializers.
@@ -314,7 +323,10 @@ def from_onnx(model, dtype="float32"):
     ----------
     model : onnx.ModelProto, or a path to an .onnx file
     dtype : {'float32', 'float64'}, default 'float32'
+    other_ops : {'raise', 'ignore'}, default 'raise'
     """
+    if other_ops not in ("raise", "ignore"):
+        raise ValueError(f"from_onnx: other_ops must be 'raise' or 'ignore', got {other_ops!r}")
     try:
         import onnx
         from onnx import helper, numpy_helper
@@ -330,6 +342,11 @@ def from_onnx(model, dtype="float32"):
     layers = []
     for node in model.graph.node:
         if node.op_type not in _LAYERS:
+            if other_ops == "raise" and node.op_type not in _ONNX_GLUE_OPS:
+                raise ValueError(f"from_onnx: unsupported op {node.op_type!r} (node "
+                                 f"{node.name or node.output[0]!r}): fastrnn imports the RNN, "
+                                 f"GRU and LSTM nodes; pass other_ops='ignore' to import them "
+                                 f"and run the rest of the graph yourself")
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         where = f"from_onnx: {node.op_type} node {node.name or node.output[0]!r}"

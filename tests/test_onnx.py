@@ -161,3 +161,17 @@ def test_from_onnx_bad_models():
         fastrnn.from_onnx(empty)
     with pytest.raises(ValueError, match="cannot read an ONNX model"):
         fastrnn.from_onnx(__file__)
+
+
+def test_from_onnx_refuses_ops_it_would_drop():
+    """An op that computes (here a Relu after the LSTM) is named, not
+    silently left out; other_ops='ignore' imports the recurrent node anyway."""
+    from onnx import helper
+    model = _node_model("LSTM")
+    model.graph.node.append(helper.make_node("Relu", ["Y"], ["Z"], name="head"))
+    with pytest.raises(ValueError, match="from_onnx: unsupported op 'Relu' \\(node 'head'\\)"):
+        fastrnn.from_onnx(model)
+    layer, = fastrnn.from_onnx(model, other_ops="ignore")
+    assert isinstance(layer, fastrnn.LSTM)
+    with pytest.raises(ValueError, match="other_ops must be 'raise' or 'ignore', got 'drop'"):
+        fastrnn.from_onnx(model, other_ops="drop")
