@@ -449,3 +449,225 @@ cdef class CellStep:
                            <double*>work)
         PyMem_Free(work)
         return (h_out, c_out) if self.has_c else h_out
+
+
+# --- the lean path of a layer call: small inference in one Cython call ---
+
+cdef bint _blas_hold_needed(Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t in_cols,
+                            Py_ssize_t batch, Py_ssize_t gates_h,
+                            Py_ssize_t hidden) noexcept nogil:
+    """Whether one of a layer call's BLAS calls is large enough for OpenBLAS
+    to thread (then the call holds BLAS at one thread; see _parallel)."""
+    if rows * n_cols * in_cols > GEMM_ONE_THREAD_MNK:
+        return True
+    if batch == 1:   # a loop below AXPY_MAX, else gemv
+        return gates_h * hidden > max(<Py_ssize_t>AXPY_MAX, <Py_ssize_t>GEMV_ONE_THREAD_MN)
+    return batch * gates_h * hidden > GEMM_ONE_THREAD_MNK
+
+
+def blas_hold_needed(Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t in_cols, Py_ssize_t batch,
+                     Py_ssize_t gates_h, Py_ssize_t hidden):
+    return _blas_hold_needed(rows, n_cols, in_cols, batch, gates_h, hidden)
+
+
+cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_ssize_t B,
+                     Py_ssize_t D, Py_ssize_t H, bint batch_first, const floating* x,
+                     const floating** w_ih, const floating** w_hh, const floating** w_hh_t,
+                     const floating** bias_x, const floating** bias_h,
+                     floating* h, floating* c, floating* out, floating* work) noexcept nogil:
+    """Every layer and direction of an inference call in this thread, with
+    the functions and block sizes of the general path (BLAS not held), so
+    the numbers are the same. h, c (L * dirs, B, H) hold the initial state
+    and end as the final one; work: see SequenceRunner.run."""
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t N = dirs * GH
+    cdef Py_ssize_t rows = T * B
+    cdef Py_ssize_t row_t = 1 if batch_first else B
+    cdef Py_ssize_t row_b = T if batch_first else 1
+    cdef Py_ssize_t S = num_saved(cell) * H
+    cdef Py_ssize_t cols = step_block(B, H, GH, False)
+    cdef floating* gx = work
+    cdef floating* gh = gx + rows * N
+    cdef floating* acts = gh + dirs * B * GH
+    cdef floating* between = acts + B * dirs * S     # two (rows, dirs * H) buffers
+    cdef const floating* layer_in = x
+    cdef floating* layer_out
+    cdef Py_ssize_t k, d, in_cols = D
+    for k in range(L):
+        layer_out = out if k == L - 1 else between + (k % 2) * rows * dirs * H
+        _project_inputs(layer_in, rows, in_cols, w_ih[k], N, bias_x[k], gx, rows)
+        for d in range(dirs):
+            _run_direction(cell, d == 1, T, B, H, dirs, row_t, row_b, gx + d * GH,
+                           w_hh[k] + d * GH * H, w_hh_t[k] + d * GH,
+                           NULL if bias_h[k] == NULL else bias_h[k] + d * GH,
+                           h + (k * dirs + d) * B * H,
+                           NULL if c == NULL else c + (k * dirs + d) * B * H,
+                           gh + d * B * GH, layer_out + d * H,
+                           acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols)
+        layer_in = layer_out
+        in_cols = dirs * H
+
+
+cdef inline object _state_copy(object a, int typenum, Py_ssize_t ndim, cnp.npy_intp* dims):
+    """A fresh C-contiguous copy of a (a plain ndarray of exactly these
+    dtype and dims), or None when a is anything else."""
+    cdef Py_ssize_t i
+    if (type(a) is not cnp.ndarray or cnp.PyArray_TYPE(<cnp.ndarray>a) != typenum
+            or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim):
+        return None
+    for i in range(ndim):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, i) != dims[i]:
+            return None
+    return cnp.PyArray_NewCopy(<cnp.ndarray>a, cnp.NPY_CORDER)
+
+
+cdef class SequenceRunner:
+    """The lean path of ``RNN/GRU/LSTM.__call__``: a small inference call
+    (one thread, BLAS calls too small for OpenBLAS to thread) in one Cython
+    call, without the general path's per-call Python work (about 15 us).
+
+    Built from the layer's kernel weights (the layer builds a new one when
+    they change). ``run(x, hx)`` returns None unless x is a C-contiguous
+    ndarray of the layer's dtype and input size, hx None or plain arrays of
+    the exact state shape (a tuple (h, c) for LSTM), and the call is small;
+    the caller then takes the general path, which validates and converts.
+    """
+    cdef int cell, typenum
+    cdef Py_ssize_t L, dirs, D, H, S, itemsize
+    cdef bint batch_first, has_c
+    cdef double max_work
+    cdef object keep                   # the weight arrays, alive while we point at them
+    cdef const void** ptrs             # w_ih, w_hh, w_hh_t, bias_x, bias_h: L each
+
+    def __cinit__(self):
+        self.ptrs = NULL
+
+    def __init__(self, int cell, Py_ssize_t dirs, bint batch_first, w_ih, w_hh, kernel_weights,
+                 double max_work):
+        cdef Py_ssize_t k, j
+        cdef object arr
+        self.cell = cell
+        self.L = len(w_ih)
+        self.dirs = dirs
+        self.batch_first = batch_first
+        self.D = w_ih[0].shape[1]
+        self.H = w_hh[0].shape[1]
+        self.S = num_saved(cell) * self.H
+        self.has_c = cell == LSTM
+        self.max_work = max_work
+        self.typenum = cnp.PyArray_TYPE(<cnp.ndarray>w_ih[0])
+        self.itemsize = cnp.PyArray_ITEMSIZE(<cnp.ndarray>w_ih[0])
+        self.ptrs = <const void**>PyMem_Malloc(5 * self.L * sizeof(void*))
+        if self.ptrs == NULL:
+            raise MemoryError()
+        self.keep = []
+        for k in range(self.L):
+            bias_x, bias_h, w_hh_t = kernel_weights[k]
+            for j, arr in enumerate((w_ih[k], w_hh[k], w_hh_t, bias_x, bias_h)):
+                if arr is None:
+                    self.ptrs[j * self.L + k] = NULL
+                    continue
+                arr = np.ascontiguousarray(arr)
+                self.keep.append(arr)
+                self.ptrs[j * self.L + k] = cnp.PyArray_DATA(<cnp.ndarray>arr)
+
+    def __dealloc__(self):
+        PyMem_Free(self.ptrs)
+
+    def run(self, x, hx):
+        cdef cnp.ndarray xa, out, h, c = None
+        cdef cnp.npy_intp dims[3]
+        cdef cnp.npy_intp sdims[3]
+        cdef Py_ssize_t T, B, GH, N, rows, in_cols, ndim, work_size
+        cdef bint batched, batch_first
+        cdef char* work
+        cdef object h_in = None, c_in = None
+        cdef unsigned int fpenv
+        if type(x) is not cnp.ndarray:
+            return None
+        xa = <cnp.ndarray>x
+        ndim = cnp.PyArray_NDIM(xa)
+        if (cnp.PyArray_TYPE(xa) != self.typenum or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
+                or (ndim != 2 and ndim != 3) or cnp.PyArray_DIM(xa, ndim - 1) != self.D):
+            return None
+        batched = ndim == 3
+        batch_first = self.batch_first and batched
+        if not batched:
+            T, B = cnp.PyArray_DIM(xa, 0), 1
+        elif batch_first:
+            T, B = cnp.PyArray_DIM(xa, 1), cnp.PyArray_DIM(xa, 0)
+        else:
+            T, B = cnp.PyArray_DIM(xa, 0), cnp.PyArray_DIM(xa, 1)
+        GH = num_gates(self.cell) * self.H
+        N = self.dirs * GH
+        rows = T * B
+        # the widest input of a layer: the input projections' inner dimension
+        in_cols = self.D if self.L == 1 else max(self.D, self.dirs * self.H)
+        # the general path would run this call in one part without holding BLAS
+        if (T == 0 or B == 0 or <double>rows * N * (self.H + 20) >= self.max_work
+                or _blas_hold_needed(rows, N, in_cols, B, GH, self.H)):
+            return None
+        # the states: fresh arrays holding hx (or zeros)
+        sdims[0] = self.L * self.dirs
+        sdims[1] = B
+        sdims[2] = self.H
+        if not batched:
+            sdims[1] = self.H
+        if hx is not None:
+            if self.has_c:
+                if type(hx) is not tuple or len(<tuple>hx) != 2:
+                    return None
+                h_in, c_in = (<tuple>hx)[0], (<tuple>hx)[1]
+            else:
+                h_in = hx
+            h = _state_copy(h_in, self.typenum, 3 if batched else 2, sdims)
+            if h is None:
+                return None
+            if self.has_c:
+                c = _state_copy(c_in, self.typenum, 3 if batched else 2, sdims)
+                if c is None:
+                    return None
+        else:
+            h = cnp.PyArray_ZEROS(3 if batched else 2, sdims, self.typenum, 0)
+            if self.has_c:
+                c = cnp.PyArray_ZEROS(3 if batched else 2, sdims, self.typenum, 0)
+        if batched:
+            dims[0] = cnp.PyArray_DIM(xa, 0)
+            dims[1] = cnp.PyArray_DIM(xa, 1)
+            dims[2] = self.dirs * self.H
+        else:
+            dims[0] = T
+            dims[1] = self.dirs * self.H
+        out = cnp.PyArray_EMPTY(3 if batched else 2, dims, self.typenum, 0)
+        # gx (rows, N), gh (dirs, B * GH), acts (B, dirs * S), two layer buffers
+        work_size = rows * N + self.dirs * B * GH + B * self.dirs * self.S
+        if self.L > 1:
+            work_size += 2 * rows * self.dirs * self.H
+        work = <char*>PyMem_Malloc(work_size * self.itemsize)
+        if work == NULL:
+            raise MemoryError()
+        with nogil:
+            fpenv = fastrnn_flush_denormals()
+            if self.typenum == cnp.NPY_FLOAT32:
+                _run_small(self.cell, self.L, self.dirs, T, B, self.D, self.H, batch_first,
+                           <const float*>cnp.PyArray_DATA(xa),
+                           <const float**>self.ptrs, <const float**>self.ptrs + self.L,
+                           <const float**>self.ptrs + 2 * self.L,
+                           <const float**>self.ptrs + 3 * self.L,
+                           <const float**>self.ptrs + 4 * self.L,
+                           <float*>cnp.PyArray_DATA(h),
+                           NULL if c is None else <float*>cnp.PyArray_DATA(c),
+                           <float*>cnp.PyArray_DATA(out), <float*>work)
+            else:
+                _run_small(self.cell, self.L, self.dirs, T, B, self.D, self.H, batch_first,
+                           <const double*>cnp.PyArray_DATA(xa),
+                           <const double**>self.ptrs, <const double**>self.ptrs + self.L,
+                           <const double**>self.ptrs + 2 * self.L,
+                           <const double**>self.ptrs + 3 * self.L,
+                           <const double**>self.ptrs + 4 * self.L,
+                           <double*>cnp.PyArray_DATA(h),
+                           NULL if c is None else <double*>cnp.PyArray_DATA(c),
+                           <double*>cnp.PyArray_DATA(out), <double*>work)
+            fastrnn_restore_fpenv(fpenv)
+        PyMem_Free(work)
+        return (out, (h, c)) if self.has_c else (out, h)

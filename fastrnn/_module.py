@@ -318,8 +318,9 @@ class RecurrentWeights(Module):
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
         tape = {"batch_first": batch_first, "lengths": lengths, "layers": []} if train else None
         # fastrnn's threads do all the work, BLAS at one thread when it matters
-        hold = _parallel.hold_blas(parts, rows, N, max(layer_in.shape[1], dirs * H), B,
-                                   self._gates * H, H)
+        # the widest input of a layer: the inner dimension of the input GEMMs
+        in_cols = layer_in.shape[1] if self._layers == 1 else max(layer_in.shape[1], dirs * H)
+        hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,

@@ -113,12 +113,9 @@ def hold_blas(parts, rows, n_cols, in_cols, batch, gates_h, hidden):
     """Whether a layer call should hold BLAS at one thread: when it runs in
     parts, or when one of its BLAS calls is large enough for OpenBLAS to
     thread (holding costs ~10 us, a small call need not pay it). The bounds
-    are the kernels' own (_blas.pxd, _gates.pxd)."""
-    if len(parts) > 1 or rows * n_cols * in_cols > _forward.GEMM_ONE_THREAD:
-        return True
-    if batch == 1:   # a loop below AXPY_LIMIT, else gemv
-        return gates_h * hidden > max(_forward.AXPY_LIMIT, _forward.GEMV_ONE_THREAD)
-    return batch * gates_h * hidden > _forward.GEMM_ONE_THREAD
+    are the kernels' own (_forward.blas_hold_needed)."""
+    return len(parts) > 1 or _forward.blas_hold_needed(rows, n_cols, in_cols, batch, gates_h,
+                                                       hidden)
 
 
 def _after_fork_in_child():

@@ -4,7 +4,9 @@ import warnings
 
 import numpy as np
 
+from fastrnn import _parallel
 from fastrnn import _validation as v
+from fastrnn._kernels import forward as _forward
 from fastrnn._module import RESET_AFTER_DOC, Backprop, RecurrentWeights, gru_kind
 from fastrnn._validation import shape_str
 
@@ -47,6 +49,7 @@ class _RNNBase(RecurrentWeights):
         # rng also draws the dropout masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"])
+        self._runner_cache = (-1, None)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -61,11 +64,25 @@ class _RNNBase(RecurrentWeights):
 
     # --- forward ------------------------------------------------------------
     def __call__(self, x, hx=None, lengths=None):
+        if lengths is None:   # the lean path of small calls (_forward.SequenceRunner)
+            result = self._sequence_runner().run(x, hx)
+            if result is not None:
+                return result
         call = self._prepare(x, hx, lengths)
         if call.B > 0:
             self._run(call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n, call.out,
                       call.lengths)
         return self._results(call)
+
+    def _sequence_runner(self):
+        version, runner = self._runner_cache
+        if version != self._version:
+            version = self._version   # read once, as in _kernel_weights
+            runner = _forward.SequenceRunner(
+                self._kernel_code, self._dirs, self._config["batch_first"], self._w_ih,
+                self._w_hh, self._kernel_weights(), _parallel.MIN_PARALLEL_WORK)
+            self._runner_cache = (version, runner)
+        return runner
 
     def forward_train(self, x, hx=None, lengths=None):
         """Forward in training mode: the results of a call, and a ``backprop``.

@@ -170,7 +170,7 @@ def test_blas_int_limit_paths(kind, batch_first, monkeypatch):
         np.testing.assert_array_equal(g, e)
     monkeypatch.setattr(_validation, "BLAS_INT_MAX", 5)
     with pytest.raises(ValueError, match="batch size 6|batch size 7"):
-        layer(x)
+        layer(x, lengths=lengths)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -303,3 +303,88 @@ def test_windowed_inference_equals_whole_sequence(kind, batch_first, monkeypatch
     np.testing.assert_allclose(windowed[0], whole[0], rtol=0, atol=1e-13)
     for w, v in zip(np.atleast_1d(windowed[1]), np.atleast_1d(whole[1])):
         np.testing.assert_allclose(w, v, rtol=0, atol=1e-13)
+
+
+# Batch-1 recurrent products below _forward.AXPY_LIMIT are vectorised loops in
+# column blocks (64 float32 / 32 float64 columns, then 8 / 4, then single
+# columns): these sizes reach every block width and tail, in both dtypes.
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("H", [1, 9, 27, 75, 130])
+def test_batch_one_products_every_block_width(kind, dtype, H, close):
+    check_layer(kind, dtype, T=5, B=1, D=11, H=H, close=close)
+    check_layer(kind, dtype, T=3, B=1, D=11, H=H, unbatched=True, close=close)
+    cell = make_cell(kind, 11, H, dtype=dtype, seed=2)
+    rng = np.random.default_rng(H)
+    x, h, c = (rng.standard_normal(n).astype(dtype) for n in (11, H, H))
+    ref_h, ref_c = cell_forward(kind, cell.state_dict(), x[None], h[None],
+                                c[None] if kind == "lstm" else None)
+    got = cell(x, (h, c) if kind == "lstm" else h)
+    close(got[0] if kind == "lstm" else got, ref_h[0], dtype)
+    if kind == "lstm":
+        close(got[1], ref_c[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,unbatched,with_hx", [
+    (1, False, False, False, True), (1, False, True, True, True), (2, True, True, False, True),
+    (3, False, False, False, False), (2, True, False, True, False), (1, True, True, False, True)])
+def test_lean_path_equals_general_path(kind, dtype, num_layers, bidirectional, batch_first,
+                                       unbatched, with_hx):
+    """Small calls take SequenceRunner (one Cython call); lengths covering
+    every step send the same call down the general path: the numbers must
+    be bit-identical, and the caller's arrays untouched."""
+    rng = np.random.default_rng(11)
+    layer = make_layer(kind, 5, 6, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, dtype=dtype, seed=4)
+    dirs = 2 if bidirectional else 1
+    T, B = 7, 3
+    if unbatched:
+        x = rng.standard_normal((T, 5)).astype(dtype)
+        shape = (num_layers * dirs, 6)
+    else:
+        x = rng.standard_normal((B, T, 5) if batch_first else (T, B, 5)).astype(dtype)
+        shape = (num_layers * dirs, B, 6)
+    hx = None
+    if with_hx:
+        hx = tuple(rng.standard_normal(shape).astype(dtype) for _ in range(2))
+        hx = hx if kind == "lstm" else hx[0]
+    keep = [a.copy() for a in np.atleast_1d(*(hx if kind == "lstm" else (hx,)))] if with_hx else []
+    lean = layer._sequence_runner().run(x, hx)
+    assert lean is not None                      # this call is small: the lean path takes it
+    got = layer(x, hx)
+    if unbatched:
+        general = layer(x[None] if batch_first else x[:, None], None if hx is None else
+                        (tuple(a[:, None] for a in hx) if kind == "lstm" else hx[:, None]),
+                        lengths=[T])
+        general = (general[0][0] if batch_first else general[0][:, 0],
+                   tuple(a[:, 0] for a in general[1]) if kind == "lstm" else general[1][:, 0])
+    else:
+        general = layer(x, hx, lengths=[T] * B)
+    for result in (lean, got):
+        np.testing.assert_array_equal(result[0], general[0])
+        states = result[1] if kind == "lstm" else (result[1],)
+        expected = general[1] if kind == "lstm" else (general[1],)
+        for a, b in zip(states, expected):
+            assert a.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(a, b)
+    if with_hx:
+        for a, b in zip(keep, np.atleast_1d(*(hx if kind == "lstm" else (hx,)))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_lean_path_declines_what_it_does_not_handle():
+    layer = fastrnn.LSTM(5, 6, seed=0)
+    runner = layer._sequence_runner()
+    x = np.zeros((4, 2, 5), np.float32)
+    assert runner.run(x, None) is not None
+    assert runner.run(x.astype(np.float64), None) is None          # dtype to convert
+    assert runner.run(np.asfortranarray(x), None) is None          # memory order
+    assert runner.run(x.tolist(), None) is None                     # not an array
+    assert runner.run(np.zeros((4, 2, 3), np.float32), None) is None  # wrong size: the general
+    assert runner.run(x, (np.zeros((1, 2, 6), np.float32), None)) is None   # path raises
+    assert runner.run(x, np.zeros((1, 2, 6), np.float32)) is None   # LSTM needs (h, c)
+    assert runner.run(np.zeros((4000, 64, 5), np.float32), None) is None  # large: parallel
+    with pytest.raises(ValueError, match="expected input of shape"):
+        layer(np.zeros((4, 2, 3), np.float32))
