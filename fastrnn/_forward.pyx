@@ -165,9 +165,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 continue
             acts_row = acts + t * acts_t + b * acts_b
             if cell == LSTM:
-                lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H)
+                lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H, H)
             elif cell == GRU:
-                gru_row(gx + row * gx_cols, gh + b * GH, h + b * H, out_row, acts_row, H)
+                gru_row(gx + row * gx_cols, gh + b * GH, h + b * H, h + b * H, out_row,
+                        acts_row, H, H)
             elif cell == GRU_RESET_BEFORE:
                 gru_reset_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H)
             else:
@@ -266,6 +267,147 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
         fastrnn_restore_fpenv(fpenv)
 
 
+# --- batch 1 on two cores: the hidden units split, a barrier per step ---
+
+cdef extern from *:
+    """
+    #include <sched.h>
+    static inline long fastrnn_load_acquire(const long* p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void fastrnn_store_release(long* p, long v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    static inline void fastrnn_pause(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
+    }
+    """
+    long fastrnn_load_acquire(const long* p) noexcept nogil
+    void fastrnn_store_release(long* p, long v) noexcept nogil
+    void fastrnn_pause() noexcept nogil
+    int sched_yield() noexcept nogil
+
+
+cdef enum:
+    SYNC_SLOT = 16        # longs per counter: 128 bytes, never a shared cache line
+    SPINS_BEFORE_YIELD = 20000
+
+
+cdef class StepSync:
+    """The two parts' step counters and an abort flag, for one split call."""
+    cdef void* raw
+    cdef long* slots      # [part 0 steps done] [part 1 steps done] [abort]
+
+    def __cinit__(self):
+        self.raw = PyMem_Malloc((3 * SYNC_SLOT + 16) * sizeof(long))
+        if self.raw == NULL:
+            raise MemoryError()
+        # align to 128 bytes
+        self.slots = <long*>((<size_t>self.raw + 127) & ~(<size_t>127))
+        memset(self.slots, 0, 3 * SYNC_SLOT * sizeof(long))
+
+    def abort(self):
+        """Release the other part from its waits (this part failed)."""
+        fastrnn_store_release(self.slots + 2 * SYNC_SLOT, 1)
+
+    def __dealloc__(self):
+        PyMem_Free(self.raw)
+
+
+cdef bint _step_barrier(long* slots, int part, long steps) noexcept nogil:
+    """Publish that ``part`` has done ``steps`` steps and wait until the other
+    part has too: spinning (a step takes microseconds), yielding the core if
+    the other part is slow to come. False if a part aborted."""
+    cdef long* other = slots + (1 - part) * SYNC_SLOT
+    cdef long spins = 0
+    fastrnn_store_release(slots + part * SYNC_SLOT, steps)
+    while fastrnn_load_acquire(other) < steps:
+        if fastrnn_load_acquire(slots + 2 * SYNC_SLOT) != 0:
+            return False
+        spins += 1
+        if spins < SPINS_BEFORE_YIELD:
+            fastrnn_pause()
+        else:
+            sched_yield()
+    return True
+
+
+cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssize_t hi,
+                     const floating* gx, const floating* w_part, const floating* w_part_t,
+                     const floating* bias_part, floating* h, floating* c, floating* work,
+                     floating* out, long* sync, int part) noexcept nogil:
+    """Batch 1, one direction: hidden units [lo, hi) of every step, while the
+    other part does the rest. Step t reads the whole h_{t-1} (h at t = 0,
+    then out's row t - 1), so both parts pass a barrier after every step.
+    This part's gate rows of W_hh come packed: w_part (G * u, H) and its
+    transpose w_part_t (u = hi - lo units; gate k's rows k * u...), so that
+    its product is one call on contiguous weights. work: (2 G + S) * u,
+    this part's own gate values and activations. Ends with this part's
+    units of h (and c) holding the final state."""
+    cdef Py_ssize_t G = num_gates(cell)
+    cdef Py_ssize_t GH = G * H
+    cdef Py_ssize_t u = hi - lo
+    cdef Py_ssize_t Gu = G * u
+    cdef Py_ssize_t t, k
+    cdef const floating* h_prev
+    cdef floating* out_row
+    cdef floating* g = work                 # the gate pre-activations (GRU: recurrent side)
+    cdef floating* g_in = work + Gu         # GRU: the input side
+    cdef floating* acts = work + 2 * Gu
+    cdef floating* target = g_in if cell != GRU else g
+    cdef floating one = 1
+    cdef bint use_loop = Gu * H <= AXPY_MAX
+    for t in range(T):
+        h_prev = h if t == 0 else out + (t - 1) * H
+        out_row = out + t * H
+        for k in range(G):
+            memcpy(g_in + k * u, gx + t * GH + k * H + lo, u * sizeof(floating))
+        if cell == GRU:
+            if bias_part != NULL:
+                memcpy(g, bias_part, Gu * sizeof(floating))
+            else:
+                memset(g, 0, Gu * sizeof(floating))
+        if use_loop:
+            axpy_product(h_prev, H, w_part_t, Gu, Gu, target)
+        else:
+            gemv(False, <int>Gu, <int>H, one, w_part, <int>H, h_prev, one, target)
+        if cell == LSTM:
+            lstm_row(g_in, out_row + lo, c + lo, out_row + lo, acts, u, u)
+        elif cell == GRU:
+            gru_row(g_in, g, h_prev + lo, out_row + lo, out_row + lo, acts, u, u)
+        else:
+            rnn_row(g_in, out_row + lo, out_row + lo, acts, u, cell == RNN_RELU)
+        if not _step_barrier(sync, part, t + 1):
+            return
+    memcpy(h + lo, out + (T - 1) * H + lo, u * sizeof(floating))
+
+
+def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t lo, Py_ssize_t hi,
+                const floating[:, ::1] w_part not None, const floating[:, ::1] w_part_t not None,
+                const floating[::1] bias_part, floating[:, :, ::1] h not None,
+                floating[:, :, ::1] c, const floating[:, ::1] gx not None,
+                floating[::1] work not None, floating[:, ::1] out not None,
+                StepSync sync not None, int part):
+    """Inference of one unidirectional layer at batch 1, hidden units [lo, hi)
+    of it; the other part (``part`` 0 or 1) must run at the same time, in
+    another thread, on the other units: the two pass a barrier after every
+    step. h, c (1, 1, H) the state in and out (c None unless LSTM); gx
+    (T, G * H) after ``project``; out (T, H); w_part (G * u, H) this part's
+    rows of every gate block of W_hh, w_part_t its transpose, bias_part its
+    part of the GRU's recurrent bias (or None); work ((2 G + S) * u,). Not
+    for the reset-before GRU, whose n product needs all of r * h mid-step."""
+    cdef Py_ssize_t H = h.shape[2]
+    cdef unsigned int fpenv
+    with nogil:
+        fpenv = fastrnn_flush_denormals()
+        _run_units(cell, T, H, lo, hi, &gx[0, 0], &w_part[0, 0], &w_part_t[0, 0],
+                   NULL if bias_part is None else &bias_part[0], &h[0, 0, 0],
+                   NULL if c is None else &c[0, 0, 0], &work[0], &out[0, 0], sync.slots, part)
+        fastrnn_restore_fpenv(fpenv)
+
+
 def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None, float[::1] tanh_out not None):
     """The float32 sigmoid and tanh exactly as the kernels compute them,
     elementwise over x (for the accuracy tests)."""
@@ -336,7 +478,7 @@ cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
         else:
             memset(gh, 0, GH * sizeof(floating))
         axpy_product(h, H, w_hh_t, GH, GH, gh)
-        gru_row(gx, gh, h, h, acts, H)
+        gru_row(gx, gh, h, h, h, acts, H, H)
     elif cell == GRU_RESET_BEFORE:
         axpy_product(h, H, w_hh_t, GH, 2 * H, gx)
         gru_reset_gates_row(gx, h, acts, H)
@@ -345,7 +487,7 @@ cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
     else:
         axpy_product(h, H, w_hh_t, GH, GH, gx)
         if cell == LSTM:
-            lstm_row(gx, h, c, h, acts, H)
+            lstm_row(gx, h, c, h, acts, H, H)
         else:
             rnn_row(gx, h, h, acts, H, cell == RNN_RELU)
 
@@ -531,11 +673,15 @@ cdef class SequenceRunner:
     ndarray of the layer's dtype and input size, hx None or plain arrays of
     the exact state shape (a tuple (h, c) for LSTM), and the call is small;
     the caller then takes the general path, which validates and converts.
+    max_work: the work from which the general path runs in two parts;
+    split_steps: the steps from which a batch-1 call splits its hidden units
+    between two threads (_parallel.unit_halves).
     """
     cdef int cell, typenum
     cdef Py_ssize_t L, dirs, D, H, S, itemsize
     cdef bint batch_first, has_c
     cdef double max_work
+    cdef Py_ssize_t split_steps
     cdef object keep                   # the weight arrays, alive while we point at them
     cdef const void** ptrs             # w_ih, w_hh, w_hh_t, bias_x, bias_h: L each
 
@@ -543,7 +689,7 @@ cdef class SequenceRunner:
         self.ptrs = NULL
 
     def __init__(self, int cell, Py_ssize_t dirs, bint batch_first, w_ih, w_hh, kernel_weights,
-                 double max_work):
+                 double max_work, Py_ssize_t split_steps):
         cdef Py_ssize_t k, j
         cdef object arr
         self.cell = cell
@@ -555,6 +701,7 @@ cdef class SequenceRunner:
         self.S = num_saved(cell) * self.H
         self.has_c = cell == LSTM
         self.max_work = max_work
+        self.split_steps = split_steps
         self.typenum = cnp.PyArray_TYPE(<cnp.ndarray>w_ih[0])
         self.itemsize = cnp.PyArray_ITEMSIZE(<cnp.ndarray>w_ih[0])
         self.ptrs = <const void**>PyMem_Malloc(5 * self.L * sizeof(void*))
@@ -605,6 +752,7 @@ cdef class SequenceRunner:
         in_cols = self.D if self.L == 1 else max(self.D, self.dirs * self.H)
         # the general path would run this call in one part without holding BLAS
         if (T == 0 or B == 0 or <double>rows * N * (self.H + 20) >= self.max_work
+                or (B == 1 and T >= self.split_steps)
                 or _blas_hold_needed(rows, N, in_cols, B, GH, self.H)):
             return None
         # the states: fresh arrays holding hx (or zeros)

@@ -121,16 +121,19 @@ cdef inline void rnn_row(const floating* g, floating* h, floating* out,
         acts[j] = v
 
 
-cdef inline void gru_row(const floating* gx, const floating* gh, floating* h,
-                         floating* out, floating* acts, Py_ssize_t H) noexcept nogil:
-    """acts: r, z, n and gh_n = W_hn h + b_hn."""
+cdef inline void gru_row(const floating* gx, const floating* gh, const floating* h_old,
+                         floating* h, floating* out, floating* acts, Py_ssize_t units,
+                         Py_ssize_t H) noexcept nogil:
+    """acts: r, z, n and gh_n = W_hn h + b_hn. ``units`` of the H (the gate
+    blocks' stride) from the pointers on; h_old the state before the step
+    (may be h itself)."""
     cdef Py_ssize_t j
     cdef floating r, z, n, v
-    for j in range(H):
+    for j in range(units):
         r = sigmoid(gx[j] + gh[j])
         z = sigmoid(gx[H + j] + gh[H + j])
         n = tanh_(gx[2 * H + j] + r * gh[2 * H + j])
-        v = (1 - z) * n + z * h[j]
+        v = (1 - z) * n + z * h_old[j]
         h[j] = v
         out[j] = v
         acts[j] = r
@@ -168,11 +171,13 @@ cdef inline void gru_reset_row(const floating* g, floating* h, floating* out,
 
 
 cdef inline void lstm_row(const floating* g, floating* h, floating* c,
-                          floating* out, floating* acts, Py_ssize_t H) noexcept nogil:
-    """acts: i, f, g, o."""
+                          floating* out, floating* acts, Py_ssize_t units,
+                          Py_ssize_t H) noexcept nogil:
+    """acts: i, f, g, o. ``units`` of the H (the gate blocks' stride) from the
+    pointers on."""
     cdef Py_ssize_t j
     cdef floating i, f, u, o, c_new, v
-    for j in range(H):
+    for j in range(units):
         i = sigmoid(g[j])
         f = sigmoid(g[H + j])
         u = tanh_(g[2 * H + j])

@@ -257,6 +257,7 @@ class RecurrentWeights(Module):
         self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[k] for k in grads)
         self._grads = MappingProxyType(grad_views)
         self._weights_cache = (-1, None)
+        self._unit_cache = {}
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for slot in self._slots.values():
@@ -281,6 +282,26 @@ class RecurrentWeights(Module):
                     terms.append((b_ih + b_hh, None, w_hh_t))
             self._weights_cache = (version, terms)
         return terms
+
+    def _unit_weights(self, k, lo, hi):
+        """Layer k's recurrent weights for hidden units [lo, hi) of a
+        unit-split call (_forward.recur_units): the rows of every gate block,
+        packed (G * u, H), their transpose, and the GRU's recurrent bias
+        likewise (else None). Cached until the parameters change."""
+        version = self._version
+        cache = self._unit_cache
+        if cache.get("version") != version:
+            cache = {"version": version}
+        key = (k, lo, hi)
+        if key not in cache:
+            H = self._config["hidden_size"]
+            rows = np.concatenate([np.arange(g * H + lo, g * H + hi) for g in range(self._gates)])
+            w_part = np.ascontiguousarray(self._w_hh[k][rows])
+            bias_h = self._kernel_weights()[k][1]
+            cache[key] = (w_part, np.ascontiguousarray(w_part.T),
+                          None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
+        self._unit_cache = cache
+        return cache[key]
 
     def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
         """Run every layer; x is (T, B, D) or (B, T, D) C-contiguous.
@@ -310,6 +331,10 @@ class RecurrentWeights(Module):
         gh = (np.empty((dirs, B * self._gates * H), dtype)
               if self._kernel_code == _forward.CELL_GRU else None)
         parts = _parallel.split(dirs, B, T * B * N * (H + 20))
+        units = None
+        if (not train and dirs == 1 and B == 1 and lengths is None
+                and self._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
+            units = _parallel.unit_halves(T, H, self._gates)
         layer_in = x.reshape(rows, -1)
         if train and lengths is not None:
             # padding never reaches results; zero it so that it cannot reach the
@@ -320,11 +345,12 @@ class RecurrentWeights(Module):
         # fastrnn's threads do all the work, BLAS at one thread when it matters
         # the widest input of a layer: the inner dimension of the input GEMMs
         in_cols = layer_in.shape[1] if self._layers == 1 else max(layer_in.shape[1], dirs * H)
-        hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
+        hold = units is not None or _parallel.hold_blas(parts, rows, N, in_cols, B,
+                                                        self._gates * H, H)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                             gx, gh, parts, held, tape)
+                             gx, gh, parts, held, tape, units)
         return tape
 
     def _run_windows(self, x, T, B, batch_first, h_n, c_n, out, lengths, window):
@@ -346,8 +372,10 @@ class RecurrentWeights(Module):
                 out[:, t0:t1] = out_w
 
     def _run_layers(self, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx, gh,
-                    parts, held, tape):
-        """The layers of ``_run``, in the parts ``_parallel.split`` chose."""
+                    parts, held, tape, units=None):
+        """The layers of ``_run``, in the parts ``_parallel.split`` chose, or
+        with the hidden units split between two threads (``units``, bounds
+        from _parallel.unit_halves)."""
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
         rows = T * B
@@ -385,7 +413,19 @@ class RecurrentWeights(Module):
                     train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"),
                     blas_held=held)
 
-            _parallel.run_parts(recur, parts)
+            def recur_units(part, sync, k=k, h_k=h_k, c_k=c_k, layer_out=layer_out):
+                lo, hi = units[part], units[part + 1]
+                w_part, w_part_t, bias_part = self._unit_weights(k, lo, hi)
+                work = np.empty((2 * self._gates + self._saved) * (hi - lo), dtype)
+                _forward.recur_units(
+                    cell=self._kernel_code, T=T, lo=lo, hi=hi, w_part=w_part,
+                    w_part_t=w_part_t, bias_part=bias_part, h=h_k, c=c_k, gx=gx, work=work,
+                    out=layer_out, sync=sync, part=part)
+
+            if units is None:
+                _parallel.run_parts(recur, parts)
+            else:
+                _parallel.run_pair(recur_units)
             if train:
                 saves["x"] = layer_in
                 saves["mask"] = None

@@ -49,7 +49,7 @@ class _RNNBase(RecurrentWeights):
         # rng also draws the dropout masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"])
-        self._runner_cache = (-1, None)
+        self._runner_cache = (None, None)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -75,13 +75,18 @@ class _RNNBase(RecurrentWeights):
         return self._results(call)
 
     def _sequence_runner(self):
-        version, runner = self._runner_cache
-        if version != self._version:
-            version = self._version   # read once, as in _kernel_weights
+        key, runner = self._runner_cache
+        if key != (self._version, _parallel.get_num_threads()):
+            key = (self._version, _parallel.get_num_threads())  # read once
+            H = self._config["hidden_size"]
+            split_steps = _parallel.unit_split_steps(H, self._gates)
+            if self._dirs != 1 or self._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
+                split_steps = None
             runner = _forward.SequenceRunner(
                 self._kernel_code, self._dirs, self._config["batch_first"], self._w_ih,
-                self._w_hh, self._kernel_weights(), _parallel.MIN_PARALLEL_WORK)
-            self._runner_cache = (version, runner)
+                self._w_hh, self._kernel_weights(), _parallel.MIN_PARALLEL_WORK,
+                2**62 if split_steps is None else split_steps)
+            self._runner_cache = (key, runner)
         return runner
 
     def forward_train(self, x, hx=None, lengths=None):
