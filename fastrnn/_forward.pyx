@@ -192,8 +192,87 @@ def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih no
         fastrnn_restore_fpenv(fpenv)
 
 
-def recur(*, int cell, Py_ssize_t T, bint batch_first,
-          Py_ssize_t d_lo, Py_ssize_t d_hi, Py_ssize_t b_lo, Py_ssize_t b_hi,
+# --- the time loops of a layer, in one or two parts ---
+
+cdef extern from "_worker.h":
+    ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
+    int fastrnn_worker_claim() noexcept nogil
+    void fastrnn_worker_run(fastrnn_job_fn fn, void* arg) noexcept nogil
+    void fastrnn_run_two(fastrnn_job_fn fn, void* arg) noexcept nogil
+    void fastrnn_cpu_pause() noexcept nogil
+    int sched_yield() noexcept nogil
+
+
+cdef struct RecurJob:
+    # what recur's two parts share (data pointers of the memoryviews'
+    # dtype) and each part's directions and batch rows [lo, hi)
+    int cell
+    bint is_double, train, blas_held
+    Py_ssize_t T, B, H, dirs, row_t, row_b
+    void* gx
+    const void* w_hh
+    const void* w_hh_t
+    const void* bias_h
+    void* h
+    void* c
+    void* gh
+    void* out
+    void* acts
+    void* h_prev
+    void* c_prev
+    const int64_t* lengths
+    Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
+
+
+cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
+                      const floating* w_hh_t, const floating* bias_h, floating* h,
+                      floating* c, floating* gh, floating* out, floating* acts,
+                      floating* h_prev, floating* c_prev) noexcept nogil:
+    cdef Py_ssize_t d_lo = j.ranges[part][0], d_hi = j.ranges[part][1]
+    cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
+    cdef Py_ssize_t H = j.H, dirs = j.dirs, B = j.B
+    cdef Py_ssize_t GH = num_gates(j.cell) * H
+    cdef Py_ssize_t S = num_saved(j.cell) * H
+    cdef Py_ssize_t gx_cols = dirs * GH, h_cols = dirs * H, acts_cols = dirs * S
+    cdef Py_ssize_t acts_t = j.row_t * acts_cols if j.train else 0
+    cdef Py_ssize_t acts_b = j.row_b * acts_cols if j.train else acts_cols
+    cdef Py_ssize_t first = b_lo * j.row_b       # the first row of this batch range
+    cdef Py_ssize_t cols, d
+    cdef unsigned int fpenv
+    if d_hi <= d_lo or b_hi <= b_lo:
+        return
+    cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
+    fpenv = fastrnn_flush_denormals()   # per thread: the worker sets its own
+    for d in range(d_lo, d_hi):
+        _run_direction(
+            j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
+            gx + first * gx_cols + d * GH, w_hh + d * GH * H, w_hh_t + d * GH,
+            NULL if bias_h == NULL else bias_h + d * GH,
+            h + (d * B + b_lo) * H,
+            NULL if c == NULL else c + (d * B + b_lo) * H,
+            NULL if gh == NULL else gh + (d * B + b_lo) * GH,
+            out + first * h_cols + d * H,
+            acts + (first * acts_cols if j.train else b_lo * acts_cols) + d * S,
+            acts_t, acts_b,
+            NULL if h_prev == NULL else h_prev + first * h_cols + d * H,
+            NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
+            NULL if j.lengths == NULL else j.lengths + b_lo, cols)
+    fastrnn_restore_fpenv(fpenv)
+
+
+cdef void _recur_job(void* arg, int part) noexcept nogil:
+    cdef RecurJob* j = <RecurJob*>arg
+    if j.is_double:
+        _recur_part(j, part, <double*>j.gx, <const double*>j.w_hh, <const double*>j.w_hh_t,
+                    <const double*>j.bias_h, <double*>j.h, <double*>j.c, <double*>j.gh,
+                    <double*>j.out, <double*>j.acts, <double*>j.h_prev, <double*>j.c_prev)
+    else:
+        _recur_part(j, part, <float*>j.gx, <const float*>j.w_hh, <const float*>j.w_hh_t,
+                    <const float*>j.bias_h, <float*>j.h, <float*>j.c, <float*>j.gh,
+                    <float*>j.out, <float*>j.acts, <float*>j.h_prev, <float*>j.c_prev)
+
+
+def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           const floating[:, ::1] w_hh not None,
           const floating[:, ::1] w_hh_t not None,
           const floating[::1] bias_h,
@@ -208,9 +287,10 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
           floating[:, ::1] h_prev,
           floating[:, ::1] c_prev,
           bint blas_held):
-    """The time loops of directions [d_lo, d_hi) for batch rows [b_lo, b_hi)
-    of one layer, after ``project``. Calls on disjoint (direction, batch row)
-    ranges touch disjoint memory and may run in parallel threads.
+    """The time loops of one layer, after ``project``, in one or two parts:
+    ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
+    on disjoint memory. A second part runs at the same time on the worker
+    thread (_worker.h), or after the first when another call owns it.
 
     Shapes (R = T * B rows in time-major or batch-first order, dirs
     directions, G gates, N = dirs * G * H; all checked by the caller):
@@ -223,71 +303,55 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first,
     (R, dirs * H). blas_held: the caller holds BLAS at one thread, so a
     batch-1 gemv need not be cut into single-thread blocks.
     """
-    cdef Py_ssize_t dirs = h.shape[0]
-    cdef Py_ssize_t B = h.shape[1]
-    cdef Py_ssize_t H = h.shape[2]
-    cdef Py_ssize_t GH = num_gates(cell) * H
-    cdef Py_ssize_t S = num_saved(cell) * H
-    cdef Py_ssize_t row_t = 1 if batch_first else B
-    cdef Py_ssize_t row_b = T if batch_first else 1
-    cdef Py_ssize_t gx_cols = dirs * GH
-    cdef Py_ssize_t h_cols = dirs * H
-    cdef Py_ssize_t acts_cols = dirs * S
-    cdef Py_ssize_t acts_t = row_t * acts_cols if train else 0
-    cdef Py_ssize_t acts_b = row_b * acts_cols if train else acts_cols
-    cdef Py_ssize_t first = b_lo * row_b       # the first row of this batch range
-    cdef Py_ssize_t d
-    cdef const floating* bias_h_ptr = NULL if bias_h is None else &bias_h[0]
-    cdef floating* c_ptr = NULL if c is None else &c[0, 0, 0]
-    cdef floating* gh_ptr = NULL if gh is None else &gh[0, 0]
-    cdef floating* h_prev_ptr = NULL if h_prev is None else &h_prev[0, 0]
-    cdef floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
-    cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
-    cdef Py_ssize_t cols = step_block(b_hi - b_lo, H, GH, blas_held)
-    cdef unsigned int fpenv
-    if T == 0 or b_hi <= b_lo:
+    cdef RecurJob job
+    cdef Py_ssize_t p, i
+    if T == 0 or h.shape[1] == 0:
         return
+    job.cell = cell
+    job.is_double = floating is double
+    job.train = train
+    job.blas_held = blas_held
+    job.T = T
+    job.B = h.shape[1]
+    job.H = h.shape[2]
+    job.dirs = h.shape[0]
+    job.row_t = 1 if batch_first else job.B
+    job.row_b = T if batch_first else 1
+    job.gx = &gx[0, 0]
+    job.w_hh = &w_hh[0, 0]
+    job.w_hh_t = &w_hh_t[0, 0]
+    job.bias_h = NULL if bias_h is None else &bias_h[0]
+    job.h = &h[0, 0, 0]
+    job.c = NULL if c is None else &c[0, 0, 0]
+    job.gh = NULL if gh is None else &gh[0, 0]
+    job.out = &out[0, 0]
+    job.acts = &acts[0, 0]
+    job.h_prev = NULL if h_prev is None else &h_prev[0, 0]
+    job.c_prev = NULL if c_prev is None else &c_prev[0, 0]
+    job.lengths = NULL if lengths is None else &lengths[0]
+    for p in range(2):
+        for i in range(4):
+            job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
     with nogil:
-        fpenv = fastrnn_flush_denormals()
-        for d in range(d_lo, d_hi):
-            _run_direction(
-                cell, d == 1, T, b_hi - b_lo, H, dirs, row_t, row_b,
-                &gx[0, 0] + first * gx_cols + d * GH, &w_hh[d * GH, 0],
-                &w_hh_t[0, 0] + d * GH,
-                NULL if bias_h_ptr == NULL else bias_h_ptr + d * GH,
-                &h[d, b_lo, 0],
-                NULL if c_ptr == NULL else c_ptr + (d * B + b_lo) * H,
-                NULL if gh_ptr == NULL else gh_ptr + (d * B + b_lo) * GH,
-                &out[0, 0] + first * h_cols + d * H,
-                &acts[0, 0] + (first * acts_cols if train else b_lo * acts_cols) + d * S,
-                acts_t, acts_b,
-                NULL if h_prev_ptr == NULL else h_prev_ptr + first * h_cols + d * H,
-                NULL if c_prev_ptr == NULL else c_prev_ptr + first * h_cols + d * H,
-                NULL if len_ptr == NULL else len_ptr + b_lo, cols)
-        fastrnn_restore_fpenv(fpenv)
+        if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
+            fastrnn_run_two(_recur_job, &job)
+        else:
+            _recur_job(&job, 0)
 
 
 # --- batch 1 on two cores: the hidden units split, a barrier per step ---
 
 cdef extern from *:
     """
-    #include <sched.h>
     static inline long fastrnn_load_acquire(const long* p) {
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }
     static inline void fastrnn_store_release(long* p, long v) {
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
     }
-    static inline void fastrnn_pause(void) {
-    #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-    #endif
-    }
     """
     long fastrnn_load_acquire(const long* p) noexcept nogil
     void fastrnn_store_release(long* p, long v) noexcept nogil
-    void fastrnn_pause() noexcept nogil
-    int sched_yield() noexcept nogil
 
 
 cdef enum:
@@ -295,43 +359,19 @@ cdef enum:
     SPINS_BEFORE_YIELD = 20000
 
 
-cdef class StepSync:
-    """The two parts' step counters and an abort flag, for one split call."""
-    cdef void* raw
-    cdef long* slots      # [part 0 steps done] [part 1 steps done] [abort]
-
-    def __cinit__(self):
-        self.raw = PyMem_Malloc((3 * SYNC_SLOT + 16) * sizeof(long))
-        if self.raw == NULL:
-            raise MemoryError()
-        # align to 128 bytes
-        self.slots = <long*>((<size_t>self.raw + 127) & ~(<size_t>127))
-        memset(self.slots, 0, 3 * SYNC_SLOT * sizeof(long))
-
-    def abort(self):
-        """Release the other part from its waits (this part failed)."""
-        fastrnn_store_release(self.slots + 2 * SYNC_SLOT, 1)
-
-    def __dealloc__(self):
-        PyMem_Free(self.raw)
-
-
-cdef bint _step_barrier(long* slots, int part, long steps) noexcept nogil:
+cdef void _step_barrier(long* slots, int part, long steps) noexcept nogil:
     """Publish that ``part`` has done ``steps`` steps and wait until the other
     part has too: spinning (a step takes microseconds), yielding the core if
-    the other part is slow to come. False if a part aborted."""
+    the other part is slow to come."""
     cdef long* other = slots + (1 - part) * SYNC_SLOT
     cdef long spins = 0
     fastrnn_store_release(slots + part * SYNC_SLOT, steps)
     while fastrnn_load_acquire(other) < steps:
-        if fastrnn_load_acquire(slots + 2 * SYNC_SLOT) != 0:
-            return False
         spins += 1
         if spins < SPINS_BEFORE_YIELD:
-            fastrnn_pause()
+            fastrnn_cpu_pause()
         else:
             sched_yield()
-    return True
 
 
 cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssize_t hi,
@@ -359,6 +399,7 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
     cdef floating* target = g_in if cell != GRU else g
     cdef floating one = 1
     cdef bint use_loop = Gu * H <= AXPY_MAX
+    cdef unsigned int fpenv = fastrnn_flush_denormals()
     for t in range(T):
         h_prev = h if t == 0 else out + (t - 1) * H
         out_row = out + t * H
@@ -379,33 +420,89 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
             gru_row(g_in, g, h_prev + lo, out_row + lo, out_row + lo, acts, u, u)
         else:
             rnn_row(g_in, out_row + lo, out_row + lo, acts, u, cell == RNN_RELU)
-        if not _step_barrier(sync, part, t + 1):
-            return
+        _step_barrier(sync, part, t + 1)
     memcpy(h + lo, out + (T - 1) * H + lo, u * sizeof(floating))
+    fastrnn_restore_fpenv(fpenv)
 
 
-def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t lo, Py_ssize_t hi,
-                const floating[:, ::1] w_part not None, const floating[:, ::1] w_part_t not None,
-                const floating[::1] bias_part, floating[:, :, ::1] h not None,
-                floating[:, :, ::1] c, const floating[:, ::1] gx not None,
-                floating[::1] work not None, floating[:, ::1] out not None,
-                StepSync sync not None, int part):
-    """Inference of one unidirectional layer at batch 1, hidden units [lo, hi)
-    of it; the other part (``part`` 0 or 1) must run at the same time, in
-    another thread, on the other units: the two pass a barrier after every
-    step. h, c (1, 1, H) the state in and out (c None unless LSTM); gx
-    (T, G * H) after ``project``; out (T, H); w_part (G * u, H) this part's
-    rows of every gate block of W_hh, w_part_t its transpose, bias_part its
-    part of the GRU's recurrent bias (or None); work ((2 G + S) * u,). Not
+cdef struct UnitJob:
+    int cell
+    bint is_double
+    Py_ssize_t T, H
+    Py_ssize_t bounds[3]
+    const void* gx
+    void* h
+    void* c
+    void* out
+    const void* w_part[2]
+    const void* w_part_t[2]
+    const void* bias_part[2]
+    void* work[2]
+    long* sync
+
+
+cdef void _unit_job(void* arg, int part) noexcept nogil:
+    cdef UnitJob* j = <UnitJob*>arg
+    if j.is_double:
+        _run_units(j.cell, j.T, j.H, j.bounds[part], j.bounds[part + 1],
+                   <const double*>j.gx, <const double*>j.w_part[part],
+                   <const double*>j.w_part_t[part], <const double*>j.bias_part[part],
+                   <double*>j.h, <double*>j.c, <double*>j.work[part], <double*>j.out,
+                   j.sync, part)
+    else:
+        _run_units(j.cell, j.T, j.H, j.bounds[part], j.bounds[part + 1],
+                   <const float*>j.gx, <const float*>j.w_part[part],
+                   <const float*>j.w_part_t[part], <const float*>j.bias_part[part],
+                   <float*>j.h, <float*>j.c, <float*>j.work[part], <float*>j.out,
+                   j.sync, part)
+
+
+def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
+                const floating[:, ::1] w_part0 not None, const floating[:, ::1] w_part_t0 not None,
+                const floating[::1] bias_part0, floating[::1] work0 not None,
+                const floating[:, ::1] w_part1 not None, const floating[:, ::1] w_part_t1 not None,
+                const floating[::1] bias_part1, floating[::1] work1 not None,
+                floating[:, :, ::1] h not None, floating[:, :, ::1] c,
+                const floating[:, ::1] gx not None, floating[:, ::1] out not None):
+    """Inference of one unidirectional layer at batch 1 with its hidden units
+    split: [0, mid) here, [mid, H) on the worker thread at the same time,
+    the two passing a barrier after every step. Returns False, having done
+    nothing, when another call owns the worker (then run ``recur``).
+
+    h, c (1, 1, H) the state in and out (c None unless LSTM); gx (T, G * H)
+    after ``project``; out (T, H); per part (0, 1): w_part (G * u, H) its
+    rows of every gate block of W_hh, w_part_t the transpose, bias_part its
+    part of the GRU's recurrent bias (or None), work ((2 G + S) * u,). Not
     for the reset-before GRU, whose n product needs all of r * h mid-step."""
-    cdef Py_ssize_t H = h.shape[2]
-    cdef unsigned int fpenv
+    cdef UnitJob job
+    cdef long sync_raw[3 * SYNC_SLOT + 16]
+    cdef bint claimed
+    job.cell = cell
+    job.is_double = floating is double
+    job.T = T
+    job.H = h.shape[2]
+    job.bounds[0] = 0
+    job.bounds[1] = mid
+    job.bounds[2] = job.H
+    job.gx = &gx[0, 0]
+    job.h = &h[0, 0, 0]
+    job.c = NULL if c is None else &c[0, 0, 0]
+    job.out = &out[0, 0]
+    job.w_part[0] = &w_part0[0, 0]
+    job.w_part[1] = &w_part1[0, 0]
+    job.w_part_t[0] = &w_part_t0[0, 0]
+    job.w_part_t[1] = &w_part_t1[0, 0]
+    job.bias_part[0] = NULL if bias_part0 is None else &bias_part0[0]
+    job.bias_part[1] = NULL if bias_part1 is None else &bias_part1[0]
+    job.work[0] = &work0[0]
+    job.work[1] = &work1[0]
+    job.sync = <long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
+    memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long))
     with nogil:
-        fpenv = fastrnn_flush_denormals()
-        _run_units(cell, T, H, lo, hi, &gx[0, 0], &w_part[0, 0], &w_part_t[0, 0],
-                   NULL if bias_part is None else &bias_part[0], &h[0, 0, 0],
-                   NULL if c is None else &c[0, 0, 0], &work[0], &out[0, 0], sync.slots, part)
-        fastrnn_restore_fpenv(fpenv)
+        claimed = fastrnn_worker_claim()
+        if claimed:
+            fastrnn_worker_run(_unit_job, &job)
+    return claimed
 
 
 def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None, float[::1] tanh_out not None):
@@ -418,41 +515,75 @@ def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None,
             tanh_out[j] = tanh_(x[j])
 
 
-def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, Py_ssize_t d_lo, Py_ssize_t d_hi,
-               Py_ssize_t b_lo, Py_ssize_t b_hi, const floating[:, ::1] w_hh not None,
-               const floating[:, ::1] w_hh_t not None, floating[:, :, ::1] h not None, floating[:, ::1] gx not None,
+cdef void _limit_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
+                      const floating* w_hh_t, floating* h, floating* gh) noexcept nogil:
+    cdef Py_ssize_t d_lo = j.ranges[part][0], d_hi = j.ranges[part][1]
+    cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
+    cdef Py_ssize_t H = j.H, dirs = j.dirs, B = j.B
+    cdef Py_ssize_t GH = num_gates(j.cell) * H
+    cdef Py_ssize_t first = b_lo * j.row_b
+    cdef Py_ssize_t cols = step_block(b_hi - b_lo, H, GH, True)
+    cdef Py_ssize_t d, s, t
+    if d_hi <= d_lo or b_hi <= b_lo:
+        return
+    for d in range(d_lo, d_hi):
+        for s in range(j.T):
+            t = j.T - 1 - s if d == 1 else s
+            if gh != NULL:
+                _recurrent_product(b_hi - b_lo, GH, H, h + (d * B + b_lo) * H, H,
+                                   w_hh + d * GH * H, w_hh_t + d * GH, dirs * GH,
+                                   gh + (d * B + b_lo) * GH, GH, cols)
+            else:
+                # (the reset-before GRU's two products, r z and n, have the
+                # sizes of this one)
+                _recurrent_product(b_hi - b_lo, GH, H, h + (d * B + b_lo) * H, H,
+                                   w_hh + d * GH * H, w_hh_t + d * GH, dirs * GH,
+                                   gx + (first + t * j.row_t) * dirs * GH + d * GH,
+                                   j.row_b * dirs * GH, cols)
+
+
+cdef void _limit_job(void* arg, int part) noexcept nogil:
+    cdef RecurJob* j = <RecurJob*>arg
+    if j.is_double:
+        _limit_part(j, part, <double*>j.gx, <const double*>j.w_hh, <const double*>j.w_hh_t,
+                    <double*>j.h, <double*>j.gh)
+    else:
+        _limit_part(j, part, <float*>j.gx, <const float*>j.w_hh, <const float*>j.w_hh_t,
+                    <float*>j.h, <float*>j.gh)
+
+
+def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, parts,
+               const floating[:, ::1] w_hh not None, const floating[:, ::1] w_hh_t not None,
+               floating[:, :, ::1] h not None, floating[:, ::1] gx not None,
                floating[:, ::1] gh):
     """The per-step recurrent products of ``recur`` alone, without the gate
-    math: the benchmark's GEMM-only limit. Arguments as recur's of the same
-    names; BLAS held at one thread."""
-    cdef Py_ssize_t dirs = h.shape[0]
-    cdef Py_ssize_t B = h.shape[1]
-    cdef Py_ssize_t H = h.shape[2]
-    cdef Py_ssize_t GH = num_gates(cell) * H
-    cdef Py_ssize_t row_t = 1 if batch_first else B
-    cdef Py_ssize_t row_b = T if batch_first else 1
-    cdef Py_ssize_t first = b_lo * row_b
-    cdef Py_ssize_t d, s, t
-    cdef floating* target
-    if T == 0 or b_hi <= b_lo:
+    math, in the same parts on the same threads: the benchmark's GEMM-only
+    limit. Arguments as recur's of the same names; BLAS held at one thread."""
+    cdef RecurJob job
+    cdef Py_ssize_t p, i
+    if T == 0 or h.shape[1] == 0:
         return
+    job.cell = cell
+    job.is_double = floating is double
+    job.T = T
+    job.B = h.shape[1]
+    job.H = h.shape[2]
+    job.dirs = h.shape[0]
+    job.row_t = 1 if batch_first else job.B
+    job.row_b = T if batch_first else 1
+    job.gx = &gx[0, 0]
+    job.w_hh = &w_hh[0, 0]
+    job.w_hh_t = &w_hh_t[0, 0]
+    job.h = &h[0, 0, 0]
+    job.gh = NULL if gh is None else &gh[0, 0]
+    for p in range(2):
+        for i in range(4):
+            job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
     with nogil:
-        for d in range(d_lo, d_hi):
-            for s in range(T):
-                t = T - 1 - s if d == 1 else s
-                if gh is not None:
-                    target = &gh[0, 0] + (d * B + b_lo) * GH
-                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], H, &w_hh[d * GH, 0],
-                                       &w_hh_t[0, 0] + d * GH, dirs * GH, target, GH,
-                                       step_block(b_hi - b_lo, H, GH, True))
-                else:
-                    # (the reset-before GRU's two products, r z and n, have
-                    # the sizes of this one)
-                    target = &gx[0, 0] + (first + t * row_t) * dirs * GH + d * GH
-                    _recurrent_product(b_hi - b_lo, GH, H, &h[d, b_lo, 0], H, &w_hh[d * GH, 0],
-                                       &w_hh_t[0, 0] + d * GH, dirs * GH, target,
-                                       row_b * dirs * GH,
-                                       step_block(b_hi - b_lo, H, GH, True))
+        if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
+            fastrnn_run_two(_limit_job, &job)
+        else:
+            _limit_job(&job, 0)
 
 
 # --- the streaming path: one step of a cell, with as little work as possible ---

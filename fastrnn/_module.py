@@ -283,6 +283,21 @@ class RecurrentWeights(Module):
             self._weights_cache = (version, terms)
         return terms
 
+    def _recur_units(self, k, T, units, h_k, c_k, gx, layer_out):
+        """Layer k at batch 1 with its hidden units split at units[1] between
+        this thread and the worker; False if the worker was busy."""
+        dtype = self._config["dtype"]
+        args = {}
+        for part in (0, 1):
+            lo, hi = units[part], units[part + 1]
+            w_part, w_part_t, bias_part = self._unit_weights(k, lo, hi)
+            args.update({f"w_part{part}": w_part, f"w_part_t{part}": w_part_t,
+                         f"bias_part{part}": bias_part,
+                         f"work{part}": np.empty((2 * self._gates + self._saved) * (hi - lo),
+                                                 dtype)})
+        return _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k, c=c_k,
+                                    gx=gx, out=layer_out, **args)
+
     def _unit_weights(self, k, lo, hi):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
         unit-split call (_forward.recur_units): the rows of every gate block,
@@ -403,29 +418,13 @@ class RecurrentWeights(Module):
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
 
-            def recur(d_lo, d_hi, b_lo, b_hi, k=k, bias_h=bias_h, w_hh_t=w_hh_t, h_k=h_k,
-                      c_k=c_k, layer_out=layer_out, saves=saves):
+            if units is None or not self._recur_units(k, T, units, h_k, c_k, gx, layer_out):
                 _forward.recur(
-                    cell=self._kernel_code, T=T, batch_first=batch_first,
-                    d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi,
+                    cell=self._kernel_code, T=T, batch_first=batch_first, parts=parts,
                     w_hh=self._w_hh[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves["acts"],
                     train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"),
                     blas_held=held)
-
-            def recur_units(part, sync, k=k, h_k=h_k, c_k=c_k, layer_out=layer_out):
-                lo, hi = units[part], units[part + 1]
-                w_part, w_part_t, bias_part = self._unit_weights(k, lo, hi)
-                work = np.empty((2 * self._gates + self._saved) * (hi - lo), dtype)
-                _forward.recur_units(
-                    cell=self._kernel_code, T=T, lo=lo, hi=hi, w_part=w_part,
-                    w_part_t=w_part_t, bias_part=bias_part, h=h_k, c=c_k, gx=gx, work=work,
-                    out=layer_out, sync=sync, part=part)
-
-            if units is None:
-                _parallel.run_parts(recur, parts)
-            else:
-                _parallel.run_pair(recur_units)
             if train:
                 saves["x"] = layer_in
                 saves["mask"] = None

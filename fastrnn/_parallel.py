@@ -152,14 +152,14 @@ def split(dirs, batch, work):
     return [(0, dirs, 0, batch)]
 
 
-# A batch-1 unidirectional layer splits its hidden units between two threads
-# that meet at a barrier after every step (~0.3 us) when a step has at least
-# UNIT_SPLIT_MIN_MACS recurrent multiply-adds and the call UNIT_SPLIT_MIN_WORK:
-# handing a part to the worker costs ~50 us, which smaller calls do not win
-# back (measured, GRU 64->64, T=100: 158 us in one thread, 283 us split;
-# GRU 64->256, T=1000: 12.4 ms, 5.5 ms split).
-UNIT_SPLIT_MIN_MACS = 32768
-UNIT_SPLIT_MIN_WORK = 2_000_000
+# A batch-1 unidirectional layer splits its hidden units between this thread
+# and the kernels' worker (_worker.h), which meet at a barrier after every
+# step, when a step has at least UNIT_SPLIT_MIN_MACS recurrent multiply-adds
+# and the call UNIT_SPLIT_MIN_WORK. The barrier and the exchange of h cost
+# ~1 us per step on this 2-core VM (LSTM 16->32 T=100: 52 us in one thread,
+# 148 us split; GRU 64->128: 424 vs 483 us; GRU 64->256: 1230 vs 950 us).
+UNIT_SPLIT_MIN_MACS = 131072
+UNIT_SPLIT_MIN_WORK = 1_000_000
 
 
 def unit_split_steps(H, gates):
@@ -180,27 +180,6 @@ def unit_halves(T, H, gates):
         return None
     mid = min(H - 1, max(8, (H // 2 + 4) // 8 * 8))
     return [0, mid, H]
-
-
-def run_pair(fn):
-    """fn(part, sync) for parts 0 (here) and 1 (the worker) at the same time,
-    for kernels that synchronise every step through ``sync``
-    (_forward.StepSync). A part that fails before its kernel starts releases
-    the other from its waits; the first error is re-raised."""
-    sync = _forward.StepSync()
-
-    def part(p):
-        try:
-            fn(p, sync)
-        except BaseException:
-            sync.abort()
-            raise
-
-    future = _get_pool().submit(part, 1)
-    try:
-        part(0)
-    finally:
-        future.result()
 
 
 def halves(n, parts):

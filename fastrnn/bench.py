@@ -114,11 +114,9 @@ def gemm_only(layer, x):
                                                     bias_x=bias_x, gx=gx[r0:r1],
                                                     max_rows=v.BLAS_INT_MAX),
                     _parallel.halves(T * B, parts))
-                _parallel.run_parts(
-                    lambda d_lo, d_hi, b_lo, b_hi: _forward.gemm_limit(
-                        cell=layer._kernel_code, T=T, batch_first=False, d_lo=d_lo, d_hi=d_hi,
-                        b_lo=b_lo, b_hi=b_hi, w_hh=layer._w_hh[k], w_hh_t=w_hh_t, h=h, gx=gx,
-                        gh=gh), parts)
+                _forward.gemm_limit(cell=layer._kernel_code, T=T, batch_first=False,
+                                    parts=parts, w_hh=layer._w_hh[k], w_hh_t=w_hh_t, h=h,
+                                    gx=gx, gh=gh)
 
     return run
 
