@@ -38,7 +38,7 @@ import numpy as np
 
 cnp.import_array()
 
-from fastrnn._blas cimport (gemm, gemv, step_block, GEMM_ONE_THREAD_MNK,
+from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
                              num_saved, rnn_row, gru_row, gru_reset_gates_row, gru_reset_row,
@@ -743,14 +743,23 @@ def blas_hold_needed(Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t in_cols, Py_
     return _blas_hold_needed(rows, n_cols, in_cols, batch, gates_h, hidden)
 
 
+cdef enum:
+    # multiply-adds of an input projection up to which the lean path takes a
+    # call without holding BLAS (~10-80 us); OpenBLAS may thread it. Measured
+    # on GRU 64->64 T=100 batch 1: 127 us in row blocks that stay on one
+    # thread (the blocks' packing costs), ~100 us in one call.
+    LEAN_MAX_PROJECTION = 8000000
+
+
 cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_ssize_t B,
                      Py_ssize_t D, Py_ssize_t H, bint batch_first, const floating* x,
                      const floating** w_ih, const floating** w_hh, const floating** w_hh_t,
                      const floating** bias_x, const floating** bias_h,
                      floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """Every layer and direction of an inference call in this thread, with
-    the functions and block sizes of the general path (BLAS not held), so
-    the numbers are the same. h, c (L * dirs, B, H) hold the initial state
+    the functions and per-step block sizes of the general path (BLAS not
+    held: OpenBLAS may thread an input projection, which splits rows or
+    columns, not the sums), so the numbers are the same. h, c (L * dirs, B, H) hold the initial state
     and end as the final one; work: see SequenceRunner.run."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t N = dirs * GH
@@ -881,10 +890,13 @@ cdef class SequenceRunner:
         rows = T * B
         # the widest input of a layer: the input projections' inner dimension
         in_cols = self.D if self.L == 1 else max(self.D, self.dirs * self.H)
-        # the general path would run this call in one part without holding BLAS
+        # small: the general path would run it in one part, the per-step
+        # products stay on one thread without holding BLAS, and the input
+        # projections are small
         if (T == 0 or B == 0 or <double>rows * N * (self.H + 20) >= self.max_work
                 or (B == 1 and T >= self.split_steps)
-                or _blas_hold_needed(rows, N, in_cols, B, GH, self.H)):
+                or _blas_hold_needed(0, N, in_cols, B, GH, self.H)
+                or <double>rows * N * in_cols > LEAN_MAX_PROJECTION):
             return None
         # the states: fresh arrays holding hx (or zeros)
         sdims[0] = self.L * self.dirs

@@ -4,6 +4,7 @@ import pytest
 
 import fastrnn
 from fastrnn import _validation
+from fastrnn._kernels import forward as _forward
 from reference import cell_forward, layer_forward
 
 KINDS = ["rnn_tanh", "rnn_relu", "gru", "gru_reset_before", "lstm"]
@@ -388,3 +389,24 @@ def test_lean_path_declines_what_it_does_not_handle():
     assert runner.run(np.zeros((4000, 64, 5), np.float32), None) is None  # large: parallel
     with pytest.raises(ValueError, match="expected input of shape"):
         layer(np.zeros((4, 2, 3), np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind,D,H,T,B", [("gru", 64, 64, 100, 1), ("lstm", 200, 40, 60, 2),
+                                          ("rnn_tanh", 300, 100, 40, 3)])
+def test_lean_path_with_row_blocked_projection(kind, D, H, T, B, dtype, close):
+    """Input projections beyond one-thread GEMM size run on the lean path
+    too (without holding BLAS): against the reference, and the same numbers
+    as the general path (lengths covering every step)."""
+    layer = make_layer(kind, D, H, dtype=dtype, seed=5)
+    rng = np.random.default_rng(D)
+    x = rng.standard_normal((T, B, D)).astype(dtype)
+    assert T * B * layer._gates * H * D > _forward.GEMM_ONE_THREAD   # OpenBLAS may thread it
+    lean = layer._sequence_runner().run(x, None)
+    assert lean is not None
+    zeros = np.zeros((1, B, H))
+    ref_out, ref_h, ref_c = layer_forward(kind, layer.state_dict(), x, zeros,
+                                          zeros if kind == "lstm" else None)
+    close(lean[0], ref_out, dtype)
+    close(lean[1][0] if kind == "lstm" else lean[1], ref_h, dtype)
+    np.testing.assert_array_equal(lean[0], layer(x, lengths=[T] * B)[0])
