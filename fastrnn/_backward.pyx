@@ -34,7 +34,7 @@ cdef inline void _rnn_tanh_back(const floating* acts, floating* dh, floating* dg
                                 Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(H):
-        dg[j] = dh[j] * (1 - acts[j] * acts[j])
+        dg[j] = dh[j] * (<floating>1 - acts[j] * acts[j])
         dh[j] = 0
 
 
@@ -56,9 +56,9 @@ cdef inline void _gru_back(const floating* acts, const floating* h_prev, floatin
         n = acts[2 * H + j]
         hn = acts[3 * H + j]
         d = dh[j]
-        dn = d * (1 - z) * (1 - n * n)
-        dz = d * (h_prev[j] - n) * z * (1 - z)
-        dr = dn * hn * r * (1 - r)
+        dn = d * (<floating>1 - z) * (<floating>1 - n * n)
+        dz = d * (h_prev[j] - n) * z * (<floating>1 - z)
+        dr = dn * hn * r * (<floating>1 - r)
         dgx[j] = dr
         dgx[H + j] = dz
         dgx[2 * H + j] = dn
@@ -79,8 +79,8 @@ cdef inline void _gru_reset_back_zn(const floating* acts, const floating* h_prev
         n = acts[2 * H + j]
         d = dh[j]
         dg[j] = 0
-        dg[H + j] = d * (h_prev[j] - n) * z * (1 - z)
-        dg[2 * H + j] = d * (1 - z) * (1 - n * n)
+        dg[H + j] = d * (h_prev[j] - n) * z * (<floating>1 - z)
+        dg[2 * H + j] = d * (<floating>1 - z) * (<floating>1 - n * n)
         dh[j] = d * z
 
 
@@ -92,7 +92,7 @@ cdef inline void _gru_reset_back_r(const floating* acts, const floating* h_prev,
     for j in range(H):
         r = acts[j]
         drh = dg[j]
-        dg[j] = drh * h_prev[j] * r * (1 - r)
+        dg[j] = drh * h_prev[j] * r * (<floating>1 - r)
         dh[j] += drh * r
 
 
@@ -107,11 +107,11 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
         o = acts[3 * H + j]
         tc = tanh_(f * c_prev[j] + i * g)   # tanh(c_t), recomputed
         d = dh[j]
-        dc_t = dc[j] + d * o * (1 - tc * tc)
-        dg[j] = dc_t * g * i * (1 - i)
-        dg[H + j] = dc_t * c_prev[j] * f * (1 - f)
-        dg[2 * H + j] = dc_t * i * (1 - g * g)
-        dg[3 * H + j] = d * tc * o * (1 - o)
+        dc_t = dc[j] + d * o * (<floating>1 - tc * tc)
+        dg[j] = dc_t * g * i * (<floating>1 - i)
+        dg[H + j] = dc_t * c_prev[j] * f * (<floating>1 - f)
+        dg[2 * H + j] = dc_t * i * (<floating>1 - g * g)
+        dg[3 * H + j] = d * tc * o * (<floating>1 - o)
         dc[j] = dc_t * f
         dh[j] = 0
 

@@ -133,7 +133,7 @@ cdef inline void gru_row(const floating* gx, const floating* gh, const floating*
         r = sigmoid(gx[j] + gh[j])
         z = sigmoid(gx[H + j] + gh[H + j])
         n = tanh_(gx[2 * H + j] + r * gh[2 * H + j])
-        v = (1 - z) * n + z * h_old[j]
+        v = (<floating>1 - z) * n + z * h_old[j]
         h[j] = v
         out[j] = v
         acts[j] = r
@@ -164,7 +164,7 @@ cdef inline void gru_reset_row(const floating* g, floating* h, floating* out,
     for j in range(H):
         z = acts[H + j]
         n = tanh_(g[2 * H + j])
-        v = (1 - z) * n + z * h[j]
+        v = (<floating>1 - z) * n + z * h[j]
         h[j] = v
         out[j] = v
         acts[2 * H + j] = n
