@@ -42,6 +42,10 @@ extensions = [
     for name in ("_forward", "_backward")
     for suffix, flags in SIMD_VARIANTS.items()
 ]
+# the kernels' shared worker thread (no arithmetic: built once)
+extensions.append(Extension("fastrnn._worker", ["fastrnn/_worker.pyx"],
+                            include_dirs=["fastrnn"], extra_compile_args=["-pthread"],
+                            extra_link_args=["-pthread"]))
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives),

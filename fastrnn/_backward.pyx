@@ -20,6 +20,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastrnn._blas cimport gemm, gemv, step_block
+from fastrnn._worker cimport run_two
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
                              axpy_product,
                              AXPY_MAX,
@@ -198,8 +199,68 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                             H, cols)
 
 
-def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
-                   Py_ssize_t d_lo, Py_ssize_t d_hi, Py_ssize_t b_lo, Py_ssize_t b_hi,
+cdef struct BackJob:
+    # what backward_layer's two parts share and each part's ranges
+    int cell
+    bint is_double
+    Py_ssize_t T, B, H, dirs, row_t, row_b, cols_held
+    const void* acts
+    const void* h_prev
+    const void* c_prev
+    const void* w_hh
+    const void* dout
+    void* dh
+    void* dc
+    void* dgx
+    void* dgh
+    const int64_t* lengths
+    bint blas_held
+    Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
+
+
+cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
+                     const floating* c_prev, const floating* w_hh, const floating* dout,
+                     floating* dh, floating* dc, floating* dgx, floating* dgh) noexcept nogil:
+    cdef Py_ssize_t d_lo = j.ranges[part][0], d_hi = j.ranges[part][1]
+    cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
+    cdef Py_ssize_t H = j.H, dirs = j.dirs, B = j.B
+    cdef Py_ssize_t GH = num_gates(j.cell) * H
+    cdef Py_ssize_t S = num_saved(j.cell) * H
+    cdef Py_ssize_t first = b_lo * j.row_b    # the first row of this batch range
+    cdef Py_ssize_t g_cols = dirs * GH, h_cols = dirs * H
+    cdef Py_ssize_t cols, d
+    cdef unsigned int fpenv
+    if d_hi <= d_lo or b_hi <= b_lo:
+        return
+    cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
+    fpenv = fastrnn_flush_denormals()    # per thread: the worker sets its own
+    for d in range(d_lo, d_hi):
+        _back_direction(
+            j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
+            acts + first * dirs * S + d * S,
+            h_prev + first * h_cols + d * H,
+            NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
+            w_hh + d * GH * H, dout + first * h_cols + d * H,
+            dh + (d * B + b_lo) * H,
+            NULL if dc == NULL else dc + (d * B + b_lo) * H,
+            dgx + first * g_cols + d * GH, dgh + first * g_cols + d * GH,
+            NULL if j.lengths == NULL else j.lengths + b_lo, cols)
+    fastrnn_restore_fpenv(fpenv)
+
+
+cdef void _back_job(void* arg, int part) noexcept nogil:
+    cdef BackJob* j = <BackJob*>arg
+    if j.is_double:
+        _back_part(j, part, <const double*>j.acts, <const double*>j.h_prev,
+                   <const double*>j.c_prev, <const double*>j.w_hh, <const double*>j.dout,
+                   <double*>j.dh, <double*>j.dc, <double*>j.dgx, <double*>j.dgh)
+    else:
+        _back_part(j, part, <const float*>j.acts, <const float*>j.h_prev,
+                   <const float*>j.c_prev, <const float*>j.w_hh, <const float*>j.dout,
+                   <float*>j.dh, <float*>j.dc, <float*>j.dgx, <float*>j.dgh)
+
+
+def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    const floating[:, ::1] acts not None,
                    const floating[:, ::1] h_prev not None,
                    const floating[:, ::1] c_prev,
@@ -211,8 +272,9 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
                    floating[:, ::1] dgh,
                    const int64_t[::1] lengths,
                    bint blas_held):
-    """The BPTT time loops of directions [d_lo, d_hi), batch rows [b_lo, b_hi)
-    of one layer; calls on disjoint ranges may run in parallel threads.
+    """The BPTT time loops of one layer in one or two parts: ``parts`` a
+    list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
+    at the same time on the worker thread (or after the first).
 
     acts, h_prev, c_prev: the forward's saves; w_hh (dirs * G * H, H);
     dout (R, dirs * H) the gradient of the layer's output; dh, dc (dirs, B, H)
@@ -221,39 +283,37 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first,
     padded steps); dgh the same for the recurrent side (GRU) or None.
     blas_held: the caller holds BLAS at one thread (see _forward.recur).
     """
-    cdef Py_ssize_t dirs = dh.shape[0]
-    cdef Py_ssize_t B = dh.shape[1]
-    cdef Py_ssize_t H = dh.shape[2]
-    cdef Py_ssize_t GH = num_gates(cell) * H
-    cdef Py_ssize_t S = num_saved(cell) * H
-    cdef Py_ssize_t row_t = 1 if batch_first else B
-    cdef Py_ssize_t row_b = T if batch_first else 1
-    cdef Py_ssize_t first = b_lo * row_b    # the first row of this batch range
-    cdef Py_ssize_t g_cols = dirs * GH
-    cdef Py_ssize_t h_cols = dirs * H
-    cdef Py_ssize_t d
-    cdef const floating* c_prev_ptr = NULL if c_prev is None else &c_prev[0, 0]
-    cdef floating* dc_ptr = NULL if dc is None else &dc[0, 0, 0]
-    cdef floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
-    cdef const int64_t* len_ptr = NULL if lengths is None else &lengths[0]
-    cdef Py_ssize_t cols = step_block(b_hi - b_lo, H, GH, blas_held)
-    cdef unsigned int fpenv
-    if T == 0 or b_hi <= b_lo:
+    cdef BackJob job
+    cdef Py_ssize_t p, i
+    if T == 0 or dh.shape[1] == 0:
         return
+    job.cell = cell
+    job.is_double = floating is double
+    job.T = T
+    job.B = dh.shape[1]
+    job.H = dh.shape[2]
+    job.dirs = dh.shape[0]
+    job.row_t = 1 if batch_first else job.B
+    job.row_b = T if batch_first else 1
+    job.acts = &acts[0, 0]
+    job.h_prev = &h_prev[0, 0]
+    job.c_prev = NULL if c_prev is None else &c_prev[0, 0]
+    job.w_hh = &w_hh[0, 0]
+    job.dout = &dout[0, 0]
+    job.dh = &dh[0, 0, 0]
+    job.dc = NULL if dc is None else &dc[0, 0, 0]
+    job.dgx = &dgx[0, 0]
+    job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
+    job.lengths = NULL if lengths is None else &lengths[0]
+    job.blas_held = blas_held
+    for p in range(2):
+        for i in range(4):
+            job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
     with nogil:
-        fpenv = fastrnn_flush_denormals()
-        for d in range(d_lo, d_hi):
-            _back_direction(
-                cell, d == 1, T, b_hi - b_lo, H, dirs, row_t, row_b,
-                &acts[0, 0] + first * dirs * S + d * S,
-                &h_prev[0, 0] + first * h_cols + d * H,
-                NULL if c_prev_ptr == NULL else c_prev_ptr + first * h_cols + d * H,
-                &w_hh[d * GH, 0], &dout[0, 0] + first * h_cols + d * H,
-                &dh[d, b_lo, 0],
-                NULL if dc_ptr == NULL else dc_ptr + (d * B + b_lo) * H,
-                &dgx[0, 0] + first * g_cols + d * GH, dgh_ptr + first * g_cols + d * GH,
-                NULL if len_ptr == NULL else len_ptr + b_lo, cols)
-        fastrnn_restore_fpenv(fpenv)
+        if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
+            run_two(_back_job, &job)
+        else:
+            _back_job(&job, 0)
 
 
 cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lda,
@@ -269,7 +329,77 @@ cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_s
                 out2[j] += a[r * lda + j]
 
 
-def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
+cdef struct WeightJob:
+    bint is_double
+    Py_ssize_t R, D, N, H, dirs, max_rows, ld_rh
+    const void* x
+    const void* h_prev
+    const void* rh          # reset-before GRU: r * h in the saved acts, else NULL
+    const void* dgx
+    const void* dgh
+    void* dw_ih
+    void* dw_hh
+    void* db_ih
+    void* db_hh
+    bint separate_dgh       # dgh is its own buffer (GRU), not dgx
+    Py_ssize_t cols[2][2]   # per part: gate columns [n_lo, n_hi)
+
+
+cdef void _weight_part(WeightJob* j, int part, const floating* x, const floating* h_prev,
+                       const floating* rh, const floating* dgx, const floating* dgh,
+                       floating* dw_ih, floating* dw_hh, floating* db_ih,
+                       floating* db_hh) noexcept nogil:
+    cdef Py_ssize_t n_lo = j.cols[part][0], n_hi = j.cols[part][1]
+    cdef Py_ssize_t R = j.R, D = j.D, N = j.N, H = j.H, dirs = j.dirs
+    cdef Py_ssize_t GH = N // dirs
+    cdef Py_ssize_t d, start, n, lo, hi, n_gate
+    cdef floating one = 1
+    if R == 0 or n_hi <= n_lo:
+        return
+    start = 0
+    while start < R:
+        n = min(j.max_rows, R - start)
+        gemm(True, False, <int>(n_hi - n_lo), <int>D, <int>n, one,
+             dgx + start * N + n_lo, <int>N, x + start * D, <int>D,
+             one, dw_ih + n_lo * D, <int>D)
+        for d in range(dirs):
+            # the part of [n_lo, n_hi) in direction d's block [d GH, (d + 1) GH)
+            lo = max(n_lo, d * GH)
+            hi = min(n_hi, (d + 1) * GH)
+            # reset before: W_hn's rows [n_gate, (d + 1) GH) multiply r * h
+            n_gate = hi if rh == NULL else max(lo, min(hi, d * GH + 2 * H))
+            if n_gate > lo:
+                gemm(True, False, <int>(n_gate - lo), <int>H, <int>n, one,
+                     dgh + start * N + lo, <int>N,
+                     h_prev + start * dirs * H + d * H, <int>(dirs * H),
+                     one, dw_hh + lo * H, <int>H)
+            if hi > n_gate:
+                gemm(True, False, <int>(hi - n_gate), <int>H, <int>n, one,
+                     dgh + start * N + n_gate, <int>N,
+                     rh + start * j.ld_rh + d * (j.ld_rh // dirs), <int>j.ld_rh,
+                     one, dw_hh + n_gate * H, <int>H)
+        start += n
+    if db_ih != NULL and db_hh != NULL:
+        if not j.separate_dgh:  # b_hh's gradient is b_ih's: one pass for both
+            _column_sums(dgx + n_lo, R, n_hi - n_lo, N, db_ih + n_lo, db_hh + n_lo)
+        else:
+            _column_sums(dgx + n_lo, R, n_hi - n_lo, N, db_ih + n_lo, NULL)
+            _column_sums(dgh + n_lo, R, n_hi - n_lo, N, db_hh + n_lo, NULL)
+
+
+cdef void _weight_job(void* arg, int part) noexcept nogil:
+    cdef WeightJob* j = <WeightJob*>arg
+    if j.is_double:
+        _weight_part(j, part, <const double*>j.x, <const double*>j.h_prev,
+                     <const double*>j.rh, <const double*>j.dgx, <const double*>j.dgh,
+                     <double*>j.dw_ih, <double*>j.dw_hh, <double*>j.db_ih, <double*>j.db_hh)
+    else:
+        _weight_part(j, part, <const float*>j.x, <const float*>j.h_prev,
+                     <const float*>j.rh, <const float*>j.dgx, <const float*>j.dgh,
+                     <float*>j.dw_ih, <float*>j.dw_hh, <float*>j.db_ih, <float*>j.db_hh)
+
+
+def weight_grads(*, parts,
                  const floating[:, ::1] x not None,
                  const floating[:, ::1] h_prev not None,
                  const floating[:, ::1] reset_acts,
@@ -280,72 +410,94 @@ def weight_grads(*, Py_ssize_t n_lo, Py_ssize_t n_hi,
                  floating[::1] db_ih,
                  floating[::1] db_hh,
                  Py_ssize_t max_rows):
-    """Accumulate one layer's weight gradients over all steps for the gate
-    columns [n_lo, n_hi) of N = dirs * G * H (rows of dw_ih and dw_hh):
-    dw_ih += dgx^T x; dw_hh (per direction) += dgh^T h_prev; db_ih, db_hh +=
-    column sums of dgx, dgh (biases None when absent; dgh None means dgx).
+    """Accumulate one layer's weight gradients over all steps: dw_ih += dgx^T
+    x; dw_hh (per direction) += dgh^T h_prev; db_ih, db_hh += column sums of
+    dgx, dgh (biases None when absent; dgh None means dgx). ``parts``: one or
+    two ranges [n_lo, n_hi) of the N = dirs * G * H gate columns (rows of
+    dw_ih and dw_hh); a second runs at the same time on the worker thread.
     The reset-before GRU passes its saved acts (R, dirs * 4H) as reset_acts:
     the rows of W_hn then take r * h from them instead of h_prev (None
-    otherwise). Calls on disjoint column ranges may run in parallel threads.
-    Sums over more than max_rows rows are chunked (BLAS int range)."""
-    cdef Py_ssize_t R = x.shape[0]
-    cdef Py_ssize_t D = x.shape[1]
-    cdef Py_ssize_t N = dgx.shape[1]
-    cdef Py_ssize_t H = dw_hh.shape[1]
-    cdef Py_ssize_t dirs = h_prev.shape[1] // H
-    cdef Py_ssize_t GH = N // dirs
-    cdef Py_ssize_t d, start, n, lo, hi, n_gate
-    cdef const floating* dgh_ptr = &dgx[0, 0] if dgh is None else &dgh[0, 0]
-    cdef const floating* rh_ptr = NULL if reset_acts is None else &reset_acts[0, 0] + 3 * H
-    cdef Py_ssize_t ld_rh = 0 if reset_acts is None else reset_acts.shape[1]
-    cdef floating one = 1
-    if R == 0 or n_hi <= n_lo:
+    otherwise). Sums over more than max_rows rows are chunked (BLAS int range)."""
+    cdef WeightJob job
+    cdef Py_ssize_t p
+    job.is_double = floating is double
+    job.R = x.shape[0]
+    job.D = x.shape[1]
+    job.N = dgx.shape[1]
+    job.H = dw_hh.shape[1]
+    job.dirs = h_prev.shape[1] // job.H
+    job.max_rows = max_rows
+    if job.R == 0:
         return
+    job.x = &x[0, 0]
+    job.h_prev = &h_prev[0, 0]
+    job.rh = NULL if reset_acts is None else &reset_acts[0, 0] + 3 * job.H
+    job.ld_rh = 0 if reset_acts is None else reset_acts.shape[1]
+    job.dgx = &dgx[0, 0]
+    job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
+    job.separate_dgh = dgh is not None
+    job.dw_ih = &dw_ih[0, 0]
+    job.dw_hh = &dw_hh[0, 0]
+    job.db_ih = NULL if db_ih is None else &db_ih[0]
+    job.db_hh = NULL if db_hh is None else &db_hh[0]
+    for p in range(2):
+        job.cols[p][0] = parts[p][0] if p < len(parts) else 0
+        job.cols[p][1] = parts[p][1] if p < len(parts) else 0
     with nogil:
-        start = 0
-        while start < R:
-            n = min(max_rows, R - start)
-            gemm(True, False, <int>(n_hi - n_lo), <int>D, <int>n, one,
-                 &dgx[start, 0] + n_lo, <int>N, &x[start, 0], <int>D,
-                 one, &dw_ih[n_lo, 0], <int>D)
-            for d in range(dirs):
-                # the part of [n_lo, n_hi) in direction d's block [d GH, (d + 1) GH)
-                lo = max(n_lo, d * GH)
-                hi = min(n_hi, (d + 1) * GH)
-                # reset before: W_hn's rows [n_gate, (d + 1) GH) multiply r * h
-                n_gate = hi if rh_ptr == NULL else max(lo, min(hi, d * GH + 2 * H))
-                if n_gate > lo:
-                    gemm(True, False, <int>(n_gate - lo), <int>H, <int>n, one,
-                         dgh_ptr + start * N + lo, <int>N,
-                         &h_prev[start, 0] + d * H, <int>(dirs * H),
-                         one, &dw_hh[lo, 0], <int>H)
-                if hi > n_gate:
-                    gemm(True, False, <int>(hi - n_gate), <int>H, <int>n, one,
-                         dgh_ptr + start * N + n_gate, <int>N,
-                         rh_ptr + start * ld_rh + d * (ld_rh // dirs), <int>ld_rh,
-                         one, &dw_hh[n_gate, 0], <int>H)
-            start += n
-    if db_ih is not None and db_hh is not None:
-        with nogil:
-            if dgh is None:  # b_hh's gradient is b_ih's: one pass for both
-                _column_sums(&dgx[0, 0] + n_lo, R, n_hi - n_lo, N, &db_ih[n_lo], &db_hh[n_lo])
-            else:
-                _column_sums(&dgx[0, 0] + n_lo, R, n_hi - n_lo, N, &db_ih[n_lo], NULL)
-                _column_sums(dgh_ptr + n_lo, R, n_hi - n_lo, N, &db_hh[n_lo], NULL)
+        if job.cols[1][1] > job.cols[1][0]:
+            run_two(_weight_job, &job)
+        else:
+            _weight_job(&job, 0)
+
+
+cdef struct InputJob:
+    bint is_double
+    const void* dgx
+    const void* w_ih
+    void* dx
+    Py_ssize_t N, D, max_rows
+    Py_ssize_t rows[2][2]
+
+
+cdef void _input_part(InputJob* j, int part, const floating* dgx, const floating* w_ih,
+                      floating* dx) noexcept nogil:
+    cdef Py_ssize_t start = j.rows[part][0], end = j.rows[part][1], n
+    cdef Py_ssize_t N = j.N, D = j.D
+    while start < end:
+        n = min(j.max_rows, end - start)
+        gemm(False, False, <int>n, <int>D, <int>N, <floating>1, dgx + start * N, <int>N,
+             w_ih, <int>D, <floating>0, dx + start * D, <int>D)
+        start += n
+
+
+cdef void _input_job(void* arg, int part) noexcept nogil:
+    cdef InputJob* j = <InputJob*>arg
+    if j.is_double:
+        _input_part(j, part, <const double*>j.dgx, <const double*>j.w_ih, <double*>j.dx)
+    else:
+        _input_part(j, part, <const float*>j.dgx, <const float*>j.w_ih, <float*>j.dx)
 
 
 def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_ih not None,
-               floating[:, ::1] dx not None, Py_ssize_t max_rows):
-    """dx (R, D) = dgx (R, N) @ w_ih (N, D), in chunks of <= max_rows rows."""
-    cdef Py_ssize_t R = dgx.shape[0]
-    cdef Py_ssize_t N = dgx.shape[1]
-    cdef Py_ssize_t D = w_ih.shape[1]
-    cdef Py_ssize_t start = 0, n
-    if R == 0:
+               floating[:, ::1] dx not None, Py_ssize_t max_rows, parts):
+    """dx (R, D) = dgx (R, N) @ w_ih (N, D), in chunks of <= max_rows rows;
+    ``parts``: one or two row ranges, a second on the worker thread."""
+    cdef InputJob job
+    cdef Py_ssize_t p
+    if dgx.shape[0] == 0:
         return
+    job.is_double = floating is double
+    job.dgx = &dgx[0, 0]
+    job.w_ih = &w_ih[0, 0]
+    job.dx = &dx[0, 0]
+    job.N = dgx.shape[1]
+    job.D = w_ih.shape[1]
+    job.max_rows = max_rows
+    for p in range(2):
+        job.rows[p][0] = parts[p][0] if p < len(parts) else 0
+        job.rows[p][1] = parts[p][1] if p < len(parts) else 0
     with nogil:
-        while start < R:
-            n = min(max_rows, R - start)
-            gemm(False, False, <int>n, <int>D, <int>N, <floating>1, &dgx[start, 0], <int>N,
-                 &w_ih[0, 0], <int>D, <floating>0, &dx[start, 0], <int>D)
-            start += n
+        if job.rows[1][1] > job.rows[1][0]:
+            run_two(_input_job, &job)
+        else:
+            _input_job(&job, 0)

@@ -38,6 +38,7 @@ import numpy as np
 
 cnp.import_array()
 
+from fastrnn._worker cimport run_pair, run_two, cpu_pause
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
@@ -176,30 +177,64 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                         cell == RNN_RELU)
 
 
-def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih not None,
-            const floating[::1] bias_x, floating[:, ::1] gx not None, Py_ssize_t max_rows):
-    """gx (R, N) = x (R, D) @ w_ih^T + bias_x: the input projection of every
-    step, batch row and direction of a layer in one GEMM (bias_x may be None;
-    GEMMs of at most max_rows rows, the BLAS int range)."""
-    cdef const floating* bias_ptr = NULL if bias_x is None else &bias_x[0]
+cdef struct ProjectJob:
+    bint is_double
+    const void* x
+    const void* w_ih
+    const void* bias
+    void* gx
+    Py_ssize_t D, N, max_rows
+    Py_ssize_t rows[2][2]       # per part: first row, end
+
+
+cdef void _project_job(void* arg, int part) noexcept nogil:
+    cdef ProjectJob* j = <ProjectJob*>arg
+    cdef Py_ssize_t r0 = j.rows[part][0], r1 = j.rows[part][1]
     cdef unsigned int fpenv
+    if r1 <= r0:
+        return
+    fpenv = fastrnn_flush_denormals()
+    if j.is_double:
+        _project_inputs(<const double*>j.x + r0 * j.D, r1 - r0, j.D, <const double*>j.w_ih,
+                        j.N, <const double*>j.bias, <double*>j.gx + r0 * j.N, j.max_rows)
+    else:
+        _project_inputs(<const float*>j.x + r0 * j.D, r1 - r0, j.D, <const float*>j.w_ih,
+                        j.N, <const float*>j.bias, <float*>j.gx + r0 * j.N, j.max_rows)
+    fastrnn_restore_fpenv(fpenv)
+
+
+def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih not None,
+            const floating[::1] bias_x, floating[:, ::1] gx not None, Py_ssize_t max_rows,
+            parts):
+    """gx (R, N) = x (R, D) @ w_ih^T + bias_x: the input projection of every
+    step, batch row and direction of a layer (bias_x may be None; GEMMs of at
+    most max_rows rows, the BLAS int range). ``parts``: one or two row ranges
+    (r0, r1); a second runs at the same time on the worker thread."""
+    cdef ProjectJob job
+    cdef Py_ssize_t p
     if x.shape[0] == 0:
         return
+    job.is_double = floating is double
+    job.x = &x[0, 0]
+    job.w_ih = &w_ih[0, 0]
+    job.bias = NULL if bias_x is None else &bias_x[0]
+    job.gx = &gx[0, 0]
+    job.D = x.shape[1]
+    job.N = w_ih.shape[0]
+    job.max_rows = max_rows
+    for p in range(2):
+        job.rows[p][0] = parts[p][0] if p < len(parts) else 0
+        job.rows[p][1] = parts[p][1] if p < len(parts) else 0
     with nogil:
-        fpenv = fastrnn_flush_denormals()
-        _project_inputs(&x[0, 0], x.shape[0], x.shape[1], &w_ih[0, 0], w_ih.shape[0],
-                        bias_ptr, &gx[0, 0], max_rows)
-        fastrnn_restore_fpenv(fpenv)
+        if job.rows[1][1] > job.rows[1][0]:
+            run_two(_project_job, &job)
+        else:
+            _project_job(&job, 0)
 
 
 # --- the time loops of a layer, in one or two parts ---
 
-cdef extern from "_worker.h":
-    ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
-    int fastrnn_worker_claim() noexcept nogil
-    void fastrnn_worker_run(fastrnn_job_fn fn, void* arg) noexcept nogil
-    void fastrnn_run_two(fastrnn_job_fn fn, void* arg) noexcept nogil
-    void fastrnn_cpu_pause() noexcept nogil
+cdef extern from "<sched.h>":
     int sched_yield() noexcept nogil
 
 
@@ -334,7 +369,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
             job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
     with nogil:
         if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
-            fastrnn_run_two(_recur_job, &job)
+            run_two(_recur_job, &job)
         else:
             _recur_job(&job, 0)
 
@@ -369,7 +404,7 @@ cdef void _step_barrier(long* slots, int part, long steps) noexcept nogil:
     while fastrnn_load_acquire(other) < steps:
         spins += 1
         if spins < SPINS_BEFORE_YIELD:
-            fastrnn_cpu_pause()
+            cpu_pause()
         else:
             sched_yield()
 
@@ -463,11 +498,13 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
                 const floating[:, ::1] w_part1 not None, const floating[:, ::1] w_part_t1 not None,
                 const floating[::1] bias_part1, floating[::1] work1 not None,
                 floating[:, :, ::1] h not None, floating[:, :, ::1] c,
-                const floating[:, ::1] gx not None, floating[:, ::1] out not None):
+                const floating[:, ::1] gx not None, floating[:, ::1] out not None,
+                long long wait_ns):
     """Inference of one unidirectional layer at batch 1 with its hidden units
     split: [0, mid) here, [mid, H) on the worker thread at the same time,
     the two passing a barrier after every step. Returns False, having done
-    nothing, when another call owns the worker (then run ``recur``).
+    nothing, when another call owns the worker or it did not take its part
+    within wait_ns (then run ``recur``).
 
     h, c (1, 1, H) the state in and out (c None unless LSTM); gx (T, G * H)
     after ``project``; out (T, H); per part (0, 1): w_part (G * u, H) its
@@ -499,9 +536,7 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     job.sync = <long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
     memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long))
     with nogil:
-        claimed = fastrnn_worker_claim()
-        if claimed:
-            fastrnn_worker_run(_unit_job, &job)
+        claimed = run_pair(_unit_job, &job, wait_ns)
     return claimed
 
 
@@ -581,7 +616,7 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, parts,
             job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
     with nogil:
         if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
-            fastrnn_run_two(_limit_job, &job)
+            run_two(_limit_job, &job)
         else:
             _limit_job(&job, 0)
 

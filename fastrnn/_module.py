@@ -296,7 +296,8 @@ class RecurrentWeights(Module):
                          f"work{part}": np.empty((2 * self._gates + self._saved) * (hi - lo),
                                                  dtype)})
         return _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k, c=c_k,
-                                    gx=gx, out=layer_out, **args)
+                                    gx=gx, out=layer_out, wait_ns=_parallel.UNIT_SPLIT_WAIT_NS,
+                                    **args)
 
     def _unit_weights(self, k, lo, hi):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
@@ -410,11 +411,8 @@ class RecurrentWeights(Module):
             if train:
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
-            def project(r0, r1, k=k, bias_x=bias_x, layer_in=layer_in):
-                _forward.project(x=layer_in[r0:r1], w_ih=self._w_ih[k], bias_x=bias_x,
-                                 gx=gx[r0:r1], max_rows=v.BLAS_INT_MAX)
-
-            _parallel.run_parts(project, _parallel.halves(rows, parts))
+            _forward.project(x=layer_in, w_ih=self._w_ih[k], bias_x=bias_x, gx=gx,
+                             max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(rows, parts))
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
 
@@ -469,33 +467,22 @@ class RecurrentWeights(Module):
         if k < self._layers - 1 and saves["mask"] is not None:
             dout = dout * saves["mask"]
 
-        def loops(d_lo, d_hi, b_lo, b_hi):
-            _backward.backward_layer(
-                cell=self._kernel_code, T=T, batch_first=tape["batch_first"],
-                d_lo=d_lo, d_hi=d_hi, b_lo=b_lo, b_hi=b_hi,
-                acts=saves["acts"], h_prev=saves["h_prev"], c_prev=saves["c_prev"],
-                w_hh=self._w_hh[k], dout=dout,
-                dh=dh[k * dirs:(k + 1) * dirs],
-                dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
-                dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held)
-
-        def weights(n_lo, n_hi):
-            _backward.weight_grads(
-                n_lo=n_lo, n_hi=n_hi, x=saves["x"], h_prev=saves["h_prev"],
-                reset_acts=saves["acts"] if reset_before else None, dgx=dgx,
-                dgh=dgh, dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
-                db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
-
-        dx = np.empty((rows, self._w_ih[k].shape[1]), self._config["dtype"])
-
-        def inputs(r0, r1):
-            _backward.input_grad(dgx=dgx[r0:r1], w_ih=self._w_ih[k], dx=dx[r0:r1],
-                                 max_rows=v.BLAS_INT_MAX)
-
-        _parallel.run_parts(loops, parts)
+        _backward.backward_layer(
+            cell=self._kernel_code, T=T, batch_first=tape["batch_first"], parts=parts,
+            acts=saves["acts"], h_prev=saves["h_prev"], c_prev=saves["c_prev"],
+            w_hh=self._w_hh[k], dout=dout,
+            dh=dh[k * dirs:(k + 1) * dirs],
+            dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
+            dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held)
         with self._grad_lock:
-            _parallel.run_parts(weights, _parallel.halves(dgx.shape[1], parts))
-        _parallel.run_parts(inputs, _parallel.halves(rows, parts))
+            _backward.weight_grads(
+                parts=_parallel.halves(dgx.shape[1], parts), x=saves["x"],
+                h_prev=saves["h_prev"], reset_acts=saves["acts"] if reset_before else None,
+                dgx=dgx, dgh=dgh, dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
+                db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
+        dx = np.empty((rows, self._w_ih[k].shape[1]), self._config["dtype"])
+        _backward.input_grad(dgx=dgx, w_ih=self._w_ih[k], dx=dx, max_rows=v.BLAS_INT_MAX,
+                             parts=_parallel.halves(rows, parts))
         return dx
 
 

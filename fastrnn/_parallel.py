@@ -1,10 +1,13 @@
-"""Both cores on independent recurrences.
+"""How a layer call uses both cores (the kernels run the parts: the calling
+thread one, the kernels' C worker thread, _worker.h, the other).
 
 The time loop of a layer cannot be split across steps, but its directions,
 and the rows of its batch, are independent recurrences: each part runs its
-whole time loop in one thread with no per-step synchronisation (a per-step
-wake-up would cost more than the step). The kernels release the GIL and keep
-their per-step BLAS calls single-threaded, so the parts do not contend.
+whole time loop with no per-step synchronisation. At batch 1 a big enough
+step splits its hidden units instead, the two parts meeting at a barrier
+every step. The input projections and the BPTT weight and input gradients
+split by rows or columns. The kernels release the GIL and keep their
+per-step BLAS calls single-threaded, so the parts do not contend.
 
 While a layer call runs, scipy's BLAS (the one the kernels call) is held at one
 thread, and fastrnn splits the large products between its own threads too:
@@ -14,7 +17,6 @@ inference 6.5 -> 4.2 ms with the split, no gain without holding BLAS).
 """
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from fastrnn._kernels import forward as _forward
 
@@ -30,8 +32,6 @@ def _default_threads():
 
 
 _threads = _default_threads()
-_pool = None
-_pool_lock = threading.Lock()
 
 # Below this many multiply-adds (plus gate work) a recurrence runs in one
 # thread: handing half to the worker costs tens of microseconds.
@@ -119,24 +119,14 @@ def hold_blas(parts, rows, n_cols, in_cols, batch, gates_h, hidden):
 
 
 def _after_fork_in_child():
-    """A forked child has no worker thread, and locks may have been copied
-    held: start afresh (multiprocessing's fork, gunicorn --preload)."""
-    global _pool, _pool_lock, blas_at_one_thread
-    _pool = None
-    _pool_lock = threading.Lock()
+    """The lock may have been copied held: start afresh in a forked child
+    (multiprocessing's fork, gunicorn --preload). The C worker resets itself."""
+    global blas_at_one_thread
     blas_at_one_thread = _BlasAtOneThread()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _get_pool():
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastrnn")
-        return _pool
 
 
 def split(dirs, batch, work):
@@ -160,6 +150,10 @@ def split(dirs, batch, work):
 # 148 us split; GRU 64->128: 424 vs 483 us; GRU 64->256: 1230 vs 950 us).
 UNIT_SPLIT_MIN_MACS = 131072
 UNIT_SPLIT_MIN_WORK = 1_000_000
+# How long a unit split waits for the worker to take its part before the
+# layer runs in one thread instead (a worker asleep may take that long to
+# wake on a virtual machine; a split step is >= ~10 us).
+UNIT_SPLIT_WAIT_NS = 200_000
 
 
 def unit_split_steps(H, gates):
@@ -188,17 +182,3 @@ def halves(n, parts):
     if len(parts) == 1:
         return [(0, n)]
     return [(0, n // 2), (n // 2, n)]
-
-
-def run_parts(fn, parts):
-    """fn(*part) for every part: the first in this thread, the others in the
-    worker; returns when all are done (re-raising the first error)."""
-    if len(parts) == 1:
-        fn(*parts[0])
-        return
-    futures = [_get_pool().submit(fn, *part) for part in parts[1:]]
-    try:
-        fn(*parts[0])
-    finally:
-        for future in futures:
-            future.result()

@@ -10,7 +10,10 @@
  *
  * One caller at a time owns the worker (fastrnn_worker_claim); a caller
  * that cannot claim it runs both parts itself (or, for the unit split, the
- * whole layer in one thread). After fork() the child starts afresh. */
+ * whole layer in one thread). Part 1 goes to whoever takes it first: a
+ * caller whose part 0 is done before the worker woke runs part 1 itself,
+ * so a sleeping or descheduled worker never makes a call slower than one
+ * thread. After fork() the child starts afresh. */
 #ifndef FASTRNN_WORKER_H
 #define FASTRNN_WORKER_H
 
@@ -27,12 +30,16 @@ static struct {
     pthread_mutex_t mutex;
     pthread_cond_t cond;
     long claimed;        /* 1 while a caller owns the worker */
-    long posted;         /* jobs posted, and finished (done) */
-    long done;
+    long posted;         /* id of the last job posted */
+    long taken;          /* id of the last job whose part 1 someone took */
+    long done;           /* id of the last job whose part 1 the worker finished */
     int started;         /* the thread exists in this process */
     int failed;          /* it could not be started: callers run alone */
     int sleeping;        /* the thread waits on cond (guarded by mutex) */
     int atfork;          /* the fork handler is registered */
+    long by_worker;      /* parts 1 the worker ran, */
+    long by_caller;      /* the callers ran themselves, */
+    long withdrawn;      /* and unit splits withdrawn (statistics) */
     fastrnn_job_fn fn;
     void* arg;
 } fastrnn_worker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -49,8 +56,15 @@ static inline long long fastrnn_clock_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* Take part 1 of job `job` (the worker or the caller, whoever comes first). */
+static inline int fastrnn_take(long job) {
+    long expected = job - 1;
+    return __atomic_compare_exchange_n(&fastrnn_worker.taken, &expected, job, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 static void* fastrnn_worker_main(void* unused) {
-    long seen = 0, spins;
+    long seen = 0, spins, job;
     long long deadline;
     (void)unused;
     for (;;) {
@@ -67,9 +81,14 @@ static void* fastrnn_worker_main(void* unused) {
                 pthread_mutex_unlock(&fastrnn_worker.mutex);
             }
         }
-        seen = __atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE);
-        fastrnn_worker.fn(fastrnn_worker.arg, 1);
-        __atomic_store_n(&fastrnn_worker.done, seen, __ATOMIC_RELEASE);
+        job = __atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE);
+        seen = job;
+        /* the job's fn and arg stay valid while its part 1 is untaken or ours */
+        if (fastrnn_take(job)) {
+            fastrnn_worker.by_worker++;
+            fastrnn_worker.fn(fastrnn_worker.arg, 1);
+            __atomic_store_n(&fastrnn_worker.done, job, __ATOMIC_RELEASE);
+        }
     }
     return NULL;
 }
@@ -80,6 +99,7 @@ static void fastrnn_worker_after_fork(void) {
     pthread_cond_init(&fastrnn_worker.cond, NULL);
     fastrnn_worker.claimed = 0;
     fastrnn_worker.posted = 0;
+    fastrnn_worker.taken = 0;
     fastrnn_worker.done = 0;
     fastrnn_worker.started = 0;
     fastrnn_worker.sleeping = 0;
@@ -119,10 +139,13 @@ static int fastrnn_worker_claim(void) {
     return 1;
 }
 
-/* With the worker claimed: fn(arg, 1) there, fn(arg, 0) here; returns when
- * both are done and releases the worker. */
-static void fastrnn_worker_run(fastrnn_job_fn fn, void* arg) {
-    long job, spins = 0;
+static void fastrnn_release(void) {
+    __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
+}
+
+/* With the worker claimed: offer fn(arg, 1) to the worker; returns the job id. */
+static long fastrnn_post(fastrnn_job_fn fn, void* arg) {
+    long job;
     fastrnn_worker.fn = fn;
     fastrnn_worker.arg = arg;
     pthread_mutex_lock(&fastrnn_worker.mutex);
@@ -131,25 +154,63 @@ static void fastrnn_worker_run(fastrnn_job_fn fn, void* arg) {
     if (fastrnn_worker.sleeping)
         pthread_cond_signal(&fastrnn_worker.cond);
     pthread_mutex_unlock(&fastrnn_worker.mutex);
-    fn(arg, 0);
+    return job;
+}
+
+/* Wait until the worker has finished part 1 of `job`. */
+static void fastrnn_wait_done(long job) {
+    long spins = 0;
     while (__atomic_load_n(&fastrnn_worker.done, __ATOMIC_ACQUIRE) != job) {
         if (++spins < FASTRNN_WAIT_SPINS)
             fastrnn_cpu_pause();
         else
             sched_yield();
     }
-    __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
 }
 
-/* Both parts: on the worker when it can be claimed, else one after the
- * other here (for parts that do not wait for each other). */
+/* Parts that do not wait for each other: fn(arg, 0) here while the worker
+ * may take fn(arg, 1); if it has not taken it by the time part 0 is done
+ * (asleep, or its core busy), this thread runs part 1 as well. */
 static void fastrnn_run_two(fastrnn_job_fn fn, void* arg) {
-    if (fastrnn_worker_claim()) {
-        fastrnn_worker_run(fn, arg);
-    } else {
+    long job;
+    if (!fastrnn_worker_claim()) {
         fn(arg, 0);
         fn(arg, 1);
+        return;
     }
+    job = fastrnn_post(fn, arg);
+    fn(arg, 0);
+    if (fastrnn_take(job)) {
+        fastrnn_worker.by_caller++;
+        fn(arg, 1);
+    } else
+        fastrnn_wait_done(job);
+    fastrnn_release();
+}
+
+/* Parts that meet at barriers: both must run at once. Offers part 1 to the
+ * worker and waits up to wait_ns for it to take it; returns 0 (having run
+ * nothing) if it did not, else runs part 0 here and returns 1 when both
+ * are done. */
+static int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) {
+    long job;
+    long long deadline;
+    if (!fastrnn_worker_claim())
+        return 0;
+    job = fastrnn_post(fn, arg);
+    deadline = fastrnn_clock_ns() + wait_ns;
+    while (__atomic_load_n(&fastrnn_worker.taken, __ATOMIC_ACQUIRE) != job) {
+        fastrnn_cpu_pause();
+        if (fastrnn_clock_ns() > deadline && fastrnn_take(job)) {
+            fastrnn_worker.withdrawn++;
+            fastrnn_release();   /* withdrawn: nobody runs it */
+            return 0;
+        }
+    }
+    fn(arg, 0);
+    fastrnn_wait_done(job);
+    fastrnn_release();
+    return 1;
 }
 
 #endif

@@ -109,11 +109,8 @@ def gemm_only(layer, x):
     def run():
         with _parallel.blas_at_one_thread:
             for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights()):
-                _parallel.run_parts(
-                    lambda r0, r1: _forward.project(x=inputs[k][r0:r1], w_ih=layer._w_ih[k],
-                                                    bias_x=bias_x, gx=gx[r0:r1],
-                                                    max_rows=v.BLAS_INT_MAX),
-                    _parallel.halves(T * B, parts))
+                _forward.project(x=inputs[k], w_ih=layer._w_ih[k], bias_x=bias_x, gx=gx,
+                                 max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(T * B, parts))
                 _forward.gemm_limit(cell=layer._kernel_code, T=T, batch_first=False,
                                     parts=parts, w_hh=layer._w_hh[k], w_hh_t=w_hh_t, h=h,
                                     gx=gx, gh=gh)

@@ -38,6 +38,8 @@ def count_pairs(monkeypatch):
     kernels = _CountingKernels()
     monkeypatch.setattr(_module, "_forward", kernels)
     monkeypatch.setattr(_parallel, "_threads", 2)
+    # wait for the worker however slow it is to wake, so that every split runs
+    monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 10**10)
     return kernels.split_calls
 
 
@@ -113,3 +115,19 @@ def test_no_split_where_it_does_not_pay(count_pairs):
     fastrnn.GRU(8, 256, seed=0)(np.zeros((50, 1, 8), np.float32), lengths=[40])
     fastrnn.GRU(8, 256, seed=0)(np.zeros((50, 1, 8), np.float32))       # the control: splits
     assert len(count_pairs) == 1
+
+
+def test_split_withdrawn_when_the_worker_is_slow(monkeypatch):
+    """With no time to wait, the worker rarely takes its part in time: the
+    caller withdraws it and the layer runs in one thread, with the same
+    results either way (within the split's rounding)."""
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    layer = fastrnn.GRU(16, 300, dtype="float64", seed=7)
+    x = np.random.default_rng(1).standard_normal((40, 1, 16))
+    monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 10**10)
+    expected = layer(x)
+    monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 0)
+    for _ in range(20):
+        got = layer(x)
+        for a, b in zip(_flat(got), _flat(expected)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)

@@ -1,0 +1,8 @@
+# The kernels' one worker thread (implemented in _worker.h, exported by
+# _worker.pyx so that every kernel module shares the same thread).
+
+ctypedef void (*job_fn)(void* arg, int part) noexcept nogil
+
+cdef void run_two(job_fn fn, void* arg) noexcept nogil
+cdef bint run_pair(job_fn fn, void* arg, long long wait_ns) noexcept nogil
+cdef void cpu_pause() noexcept nogil

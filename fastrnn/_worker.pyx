@@ -1,0 +1,36 @@
+# The kernels' one worker thread: see _worker.h. Its functions live in this
+# module only, so that the forward and backward kernels (and both their
+# builds) share one thread; they reach them through _worker.pxd.
+
+cdef extern from "_worker.h":
+    ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
+    void fastrnn_run_two(fastrnn_job_fn fn, void* arg) noexcept nogil
+    int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) noexcept nogil
+    void fastrnn_cpu_pause() noexcept nogil
+    struct fastrnn_worker_state "__typeof__(fastrnn_worker)":
+        long by_worker, by_caller, withdrawn
+    fastrnn_worker_state fastrnn_worker
+
+
+def stats():
+    """(parts the worker ran, parts callers ran themselves because the worker
+    had not taken them in time, unit splits withdrawn): how often the second
+    core really helped, since start (or fork). Counted without locks: about."""
+    return fastrnn_worker.by_worker, fastrnn_worker.by_caller, fastrnn_worker.withdrawn
+
+
+cdef void run_two(job_fn fn, void* arg) noexcept nogil:
+    """fn(arg, 0) here and fn(arg, 1) on the worker if it takes it in time,
+    else here too: for parts that do not wait for each other."""
+    fastrnn_run_two(<fastrnn_job_fn>fn, arg)
+
+
+cdef bint run_pair(job_fn fn, void* arg, long long wait_ns) noexcept nogil:
+    """fn(arg, 0) here and fn(arg, 1) on the worker at the same time (parts
+    that meet at barriers); False, having run nothing, when the worker is
+    owned by another call or does not take the job within wait_ns."""
+    return fastrnn_run_pair(<fastrnn_job_fn>fn, arg, wait_ns) != 0
+
+
+cdef void cpu_pause() noexcept nogil:
+    fastrnn_cpu_pause()
