@@ -391,28 +391,35 @@ cdef extern from *:
 
 cdef enum:
     SYNC_SLOT = 16        # longs per counter: 128 bytes, never a shared cache line
-    SPINS_BEFORE_YIELD = 20000
+    # pauses between yields at a barrier (~2 us): if the scheduler puts both
+    # parts on one core, each step then costs two yields instead of a time
+    # slice (measured: 10-14 ms instead of 0.9 ms for GRU 64->256, T=100,
+    # now and then on this shared VM); with a core each, a yield that finds
+    # nothing else to run returns at once
+    SPINS_BETWEEN_YIELDS = 64
 
 
-cdef void _step_barrier(long* slots, int part, long steps) noexcept nogil:
+cdef long _step_barrier(long* slots, int part, long steps) noexcept nogil:
     """Publish that ``part`` has done ``steps`` steps and wait until the other
-    part has too: spinning (a step takes microseconds), yielding the core if
-    the other part is slow to come."""
+    part has too: spinning (a step takes microseconds), with a yield every
+    SPINS_BETWEEN_YIELDS pauses in case the other part waits for this core.
+    Returns the number of yields."""
     cdef long* other = slots + (1 - part) * SYNC_SLOT
     cdef long spins = 0
     fastrnn_store_release(slots + part * SYNC_SLOT, steps)
     while fastrnn_load_acquire(other) < steps:
         spins += 1
-        if spins < SPINS_BEFORE_YIELD:
+        if spins % SPINS_BETWEEN_YIELDS:
             cpu_pause()
         else:
             sched_yield()
+    return spins // SPINS_BETWEEN_YIELDS
 
 
 cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssize_t hi,
                      const floating* gx, const floating* w_part, const floating* w_part_t,
                      const floating* bias_part, floating* h, floating* c, floating* work,
-                     floating* out, long* sync, int part) noexcept nogil:
+                     floating* out, long* sync, int part, long* waits) noexcept nogil:
     """Batch 1, one direction: hidden units [lo, hi) of every step, while the
     other part does the rest. Step t reads the whole h_{t-1} (h at t = 0,
     then out's row t - 1), so both parts pass a barrier after every step.
@@ -420,7 +427,8 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
     transpose w_part_t (u = hi - lo units; gate k's rows k * u...), so that
     its product is one call on contiguous weights. work: (2 G + S) * u,
     this part's own gate values and activations. Ends with this part's
-    units of h (and c) holding the final state."""
+    units of h (and c) holding the final state. waits[0] counts the yields
+    at the barriers (steps where the other part was not running)."""
     cdef Py_ssize_t G = num_gates(cell)
     cdef Py_ssize_t GH = G * H
     cdef Py_ssize_t u = hi - lo
@@ -455,7 +463,7 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
             gru_row(g_in, g, h_prev + lo, out_row + lo, out_row + lo, acts, u, u)
         else:
             rnn_row(g_in, out_row + lo, out_row + lo, acts, u, cell == RNN_RELU)
-        _step_barrier(sync, part, t + 1)
+        waits[0] += _step_barrier(sync, part, t + 1)
     memcpy(h + lo, out + (T - 1) * H + lo, u * sizeof(floating))
     fastrnn_restore_fpenv(fpenv)
 
@@ -474,6 +482,7 @@ cdef struct UnitJob:
     const void* bias_part[2]
     void* work[2]
     long* sync
+    long waits[2]           # per part: yields at the barriers
 
 
 cdef void _unit_job(void* arg, int part) noexcept nogil:
@@ -483,13 +492,13 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                    <const double*>j.gx, <const double*>j.w_part[part],
                    <const double*>j.w_part_t[part], <const double*>j.bias_part[part],
                    <double*>j.h, <double*>j.c, <double*>j.work[part], <double*>j.out,
-                   j.sync, part)
+                   j.sync, part, &j.waits[part])
     else:
         _run_units(j.cell, j.T, j.H, j.bounds[part], j.bounds[part + 1],
                    <const float*>j.gx, <const float*>j.w_part[part],
                    <const float*>j.w_part_t[part], <const float*>j.bias_part[part],
                    <float*>j.h, <float*>j.c, <float*>j.work[part], <float*>j.out,
-                   j.sync, part)
+                   j.sync, part, &j.waits[part])
 
 
 def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
@@ -502,9 +511,10 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
                 long long wait_ns):
     """Inference of one unidirectional layer at batch 1 with its hidden units
     split: [0, mid) here, [mid, H) on the worker thread at the same time,
-    the two passing a barrier after every step. Returns False, having done
+    the two passing a barrier after every step. Returns 0, having done
     nothing, when another call owns the worker or it did not take its part
-    within wait_ns (then run ``recur``).
+    within wait_ns (then run ``recur``); 1 when done; 2 when done but the
+    parts often had to wait for each other (they shared a core).
 
     h, c (1, 1, H) the state in and out (c None unless LSTM); gx (T, G * H)
     after ``project``; out (T, H); per part (0, 1): w_part (G * u, H) its
@@ -534,10 +544,16 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     job.work[0] = &work0[0]
     job.work[1] = &work1[0]
     job.sync = <long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
+    job.waits[0] = 0
+    job.waits[1] = 0
     memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long))
     with nogil:
         claimed = run_pair(_unit_job, &job, wait_ns)
-    return claimed
+    if not claimed:
+        return 0
+    # the parts waited for each other at more than a quarter of the steps:
+    # they did not have a core each (another program, or the scheduler)
+    return 2 if job.waits[0] + job.waits[1] > T // 4 else 1
 
 
 def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None, float[::1] tanh_out not None):

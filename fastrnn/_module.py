@@ -287,17 +287,24 @@ class RecurrentWeights(Module):
         """Layer k at batch 1 with its hidden units split at units[1] between
         this thread and the worker; False if the worker was busy."""
         dtype = self._config["dtype"]
+        per_unit = 2 * self._gates + self._saved
+        # one buffer, the parts' work areas a cache line apart (no false sharing)
+        gap = 64 // np.dtype(dtype).itemsize
+        work = np.empty(per_unit * units[2] + gap, dtype)
         args = {}
         for part in (0, 1):
             lo, hi = units[part], units[part + 1]
             w_part, w_part_t, bias_part = self._unit_weights(k, lo, hi)
+            start = per_unit * lo + part * gap
             args.update({f"w_part{part}": w_part, f"w_part_t{part}": w_part_t,
                          f"bias_part{part}": bias_part,
-                         f"work{part}": np.empty((2 * self._gates + self._saved) * (hi - lo),
-                                                 dtype)})
-        return _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k, c=c_k,
-                                    gx=gx, out=layer_out, wait_ns=_parallel.UNIT_SPLIT_WAIT_NS,
-                                    **args)
+                         f"work{part}": work[start:start + per_unit * (hi - lo)]})
+        outcome = _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k,
+                                       c=c_k, gx=gx, out=layer_out,
+                                       wait_ns=_parallel.UNIT_SPLIT_WAIT_NS, **args)
+        if outcome == 2:
+            _parallel.unit_split_contended()
+        return outcome != 0
 
     def _unit_weights(self, k, lo, hi):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
@@ -365,6 +372,8 @@ class RecurrentWeights(Module):
                                                         self._gates * H, H)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
+            if not held:   # the parts' per-step gemv must not be threaded by BLAS
+                units = None
             self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, parts, held, tape, units)
         return tape

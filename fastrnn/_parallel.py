@@ -165,14 +165,29 @@ def unit_split_steps(H, gates):
     return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
 
 
+# After a split whose parts kept waiting for each other (they had no core
+# each: the machine was busy), this many batch-1 calls run in one thread.
+UNIT_SPLIT_BACKOFF = 16
+_backoff = 0
+
+
+def unit_split_contended():
+    global _backoff
+    _backoff = UNIT_SPLIT_BACKOFF
+
+
 def unit_halves(T, H, gates):
     """Bounds [0, mid, H] of the two threads' hidden units for a batch-1
     unidirectional layer, or None when it should run in one thread. mid is a
-    multiple of 8 (whole vectors for each part)."""
+    multiple of 16 (whole float32 cache lines for each part's units)."""
+    global _backoff
     steps = unit_split_steps(H, gates)
     if steps is None or T < steps:
         return None
-    mid = min(H - 1, max(8, (H // 2 + 4) // 8 * 8))
+    if _backoff > 0:   # unsynchronised: a lost update costs one call's choice
+        _backoff -= 1
+        return None
+    mid = min(H - 1, max(16, (H // 2 + 8) // 16 * 16))
     return [0, mid, H]
 
 

@@ -19,10 +19,12 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <errno.h>
+#include <signal.h>
 #include <time.h>
 
 #define FASTRNN_WORKER_SPIN_NS 300000LL
-#define FASTRNN_WAIT_SPINS 20000L
+#define FASTRNN_WAIT_SPINS 64L    /* pauses between yields while waiting for part 1 */
 
 typedef void (*fastrnn_job_fn)(void* arg, int part);
 
@@ -36,7 +38,7 @@ static struct {
     int started;         /* the thread exists in this process */
     int failed;          /* it could not be started: callers run alone */
     int sleeping;        /* the thread waits on cond (guarded by mutex) */
-    int atfork;          /* the fork handler is registered */
+    int atfork;          /* the fork handler is registered (at import) */
     long by_worker;      /* parts 1 the worker ran, */
     long by_caller;      /* the callers ran themselves, */
     long withdrawn;      /* and unit splits withdrawn (statistics) */
@@ -105,35 +107,47 @@ static void fastrnn_worker_after_fork(void) {
     fastrnn_worker.sleeping = 0;
 }
 
+/* At import: the fork handler, registered before any caller can claim the
+ * worker (a fork between a claim and the registration would leave the
+ * child's worker claimed for ever). 0 on failure: callers then run alone. */
+static int fastrnn_worker_init(void) {
+    if (pthread_atfork(NULL, NULL, fastrnn_worker_after_fork) != 0) {
+        fastrnn_worker.failed = 1;
+        return 0;
+    }
+    fastrnn_worker.atfork = 1;
+    return 1;
+}
+
 /* Try to own the worker (starting it on first use); 0 if another caller
  * owns it or it cannot run. */
 static int fastrnn_worker_claim(void) {
     long expected = 0;
     pthread_t thread;
     pthread_attr_t attr;
-    if (fastrnn_worker.failed)
+    sigset_t all, old;
+    int err;
+    if (__atomic_load_n(&fastrnn_worker.failed, __ATOMIC_RELAXED) || !fastrnn_worker.atfork)
         return 0;
     if (!__atomic_compare_exchange_n(&fastrnn_worker.claimed, &expected, 1, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return 0;
     if (!fastrnn_worker.started) {
-        if (!fastrnn_worker.atfork) {
-            if (pthread_atfork(NULL, NULL, fastrnn_worker_after_fork) != 0) {
-                fastrnn_worker.failed = 1;
-                __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
-                return 0;
-            }
-            fastrnn_worker.atfork = 1;
-        }
+        /* the thread takes no signals: they stay with the program's threads */
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&thread, &attr, fastrnn_worker_main, NULL) != 0) {
-            pthread_attr_destroy(&attr);
-            fastrnn_worker.failed = 1;
+        err = pthread_create(&thread, &attr, fastrnn_worker_main, NULL);
+        pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (err != 0) {
+            /* EAGAIN (a thread limit) may pass: try again on a later call */
+            if (err != EAGAIN)
+                __atomic_store_n(&fastrnn_worker.failed, 1, __ATOMIC_RELAXED);
             __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
             return 0;
         }
-        pthread_attr_destroy(&attr);
         fastrnn_worker.started = 1;
     }
     return 1;
@@ -161,7 +175,7 @@ static long fastrnn_post(fastrnn_job_fn fn, void* arg) {
 static void fastrnn_wait_done(long job) {
     long spins = 0;
     while (__atomic_load_n(&fastrnn_worker.done, __ATOMIC_ACQUIRE) != job) {
-        if (++spins < FASTRNN_WAIT_SPINS)
+        if (++spins % FASTRNN_WAIT_SPINS)
             fastrnn_cpu_pause();
         else
             sched_yield();
@@ -193,14 +207,19 @@ static void fastrnn_run_two(fastrnn_job_fn fn, void* arg) {
  * nothing) if it did not, else runs part 0 here and returns 1 when both
  * are done. */
 static int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) {
-    long job;
+    long job, spins;
     long long deadline;
     if (!fastrnn_worker_claim())
         return 0;
     job = fastrnn_post(fn, arg);
     deadline = fastrnn_clock_ns() + wait_ns;
+    spins = 0;
     while (__atomic_load_n(&fastrnn_worker.taken, __ATOMIC_ACQUIRE) != job) {
-        fastrnn_cpu_pause();
+        /* yield now and then: a worker woken on this core needs it */
+        if (++spins % 1024 == 0)
+            sched_yield();
+        else
+            fastrnn_cpu_pause();
         if (fastrnn_clock_ns() > deadline && fastrnn_take(job)) {
             fastrnn_worker.withdrawn++;
             fastrnn_release();   /* withdrawn: nobody runs it */

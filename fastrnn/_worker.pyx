@@ -7,6 +7,7 @@ cdef extern from "_worker.h":
     void fastrnn_run_two(fastrnn_job_fn fn, void* arg) noexcept nogil
     int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) noexcept nogil
     void fastrnn_cpu_pause() noexcept nogil
+    int fastrnn_worker_init() noexcept nogil
     struct fastrnn_worker_state "__typeof__(fastrnn_worker)":
         long by_worker, by_caller, withdrawn
     fastrnn_worker_state fastrnn_worker
@@ -34,3 +35,6 @@ cdef bint run_pair(job_fn fn, void* arg, long long wait_ns) noexcept nogil:
 
 cdef void cpu_pause() noexcept nogil:
     fastrnn_cpu_pause()
+
+
+fastrnn_worker_init()   # the fork handler, before any call can claim the worker

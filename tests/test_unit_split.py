@@ -38,8 +38,11 @@ def count_pairs(monkeypatch):
     kernels = _CountingKernels()
     monkeypatch.setattr(_module, "_forward", kernels)
     monkeypatch.setattr(_parallel, "_threads", 2)
-    # wait for the worker however slow it is to wake, so that every split runs
+    # wait for the worker however slow it is to wake, and never back off
+    # after a contended split, so that every split runs
     monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 10**10)
+    monkeypatch.setattr(_parallel, "UNIT_SPLIT_BACKOFF", 0)
+    monkeypatch.setattr(_parallel, "_backoff", 0)
     return kernels.split_calls
 
 
@@ -114,6 +117,20 @@ def test_no_split_where_it_does_not_pay(count_pairs):
     fastrnn.GRU(8, 256, reset_after=False, seed=0)(np.zeros((50, 1, 8), np.float32))
     fastrnn.GRU(8, 256, seed=0)(np.zeros((50, 1, 8), np.float32), lengths=[40])
     fastrnn.GRU(8, 256, seed=0)(np.zeros((50, 1, 8), np.float32))       # the control: splits
+    assert len(count_pairs) == 1
+
+
+def test_split_backs_off_after_contention(count_pairs, monkeypatch):
+    """A split whose parts kept waiting for each other makes the next
+    UNIT_SPLIT_BACKOFF batch-1 calls run in one thread."""
+    monkeypatch.setattr(_parallel, "UNIT_SPLIT_BACKOFF", 3)
+    layer = fastrnn.GRU(8, 256, seed=0)
+    x = np.zeros((50, 1, 8), np.float32)
+    _parallel.unit_split_contended()
+    for _ in range(3):
+        layer(x)
+    assert not count_pairs
+    layer(x)
     assert len(count_pairs) == 1
 
 
