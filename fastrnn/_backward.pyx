@@ -20,7 +20,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastrnn._blas cimport gemm, gemv, step_block
-from fastrnn._worker cimport run_two
+from fastrnn._worker cimport run_parts
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
                              axpy_product,
                              AXPY_MAX,
@@ -284,7 +284,6 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     blas_held: the caller holds BLAS at one thread (see _forward.recur).
     """
     cdef BackJob job
-    cdef Py_ssize_t p, i
     if T == 0 or dh.shape[1] == 0:
         return
     job.cell = cell
@@ -306,14 +305,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
     job.blas_held = blas_held
-    for p in range(2):
-        for i in range(4):
-            job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
-    with nogil:
-        if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
-            run_two(_back_job, &job)
-        else:
-            _back_job(&job, 0)
+    run_parts(_back_job, &job, &job.ranges[0][0], 4, parts)
 
 
 cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lda,
@@ -419,7 +411,6 @@ def weight_grads(*, parts,
     the rows of W_hn then take r * h from them instead of h_prev (None
     otherwise). Sums over more than max_rows rows are chunked (BLAS int range)."""
     cdef WeightJob job
-    cdef Py_ssize_t p
     job.is_double = floating is double
     job.R = x.shape[0]
     job.D = x.shape[1]
@@ -440,14 +431,7 @@ def weight_grads(*, parts,
     job.dw_hh = &dw_hh[0, 0]
     job.db_ih = NULL if db_ih is None else &db_ih[0]
     job.db_hh = NULL if db_hh is None else &db_hh[0]
-    for p in range(2):
-        job.cols[p][0] = parts[p][0] if p < len(parts) else 0
-        job.cols[p][1] = parts[p][1] if p < len(parts) else 0
-    with nogil:
-        if job.cols[1][1] > job.cols[1][0]:
-            run_two(_weight_job, &job)
-        else:
-            _weight_job(&job, 0)
+    run_parts(_weight_job, &job, &job.cols[0][0], 2, parts)
 
 
 cdef struct InputJob:
@@ -483,7 +467,6 @@ def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_
     """dx (R, D) = dgx (R, N) @ w_ih (N, D), in chunks of <= max_rows rows;
     ``parts``: one or two row ranges, a second on the worker thread."""
     cdef InputJob job
-    cdef Py_ssize_t p
     if dgx.shape[0] == 0:
         return
     job.is_double = floating is double
@@ -493,11 +476,4 @@ def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_
     job.N = dgx.shape[1]
     job.D = w_ih.shape[1]
     job.max_rows = max_rows
-    for p in range(2):
-        job.rows[p][0] = parts[p][0] if p < len(parts) else 0
-        job.rows[p][1] = parts[p][1] if p < len(parts) else 0
-    with nogil:
-        if job.rows[1][1] > job.rows[1][0]:
-            run_two(_input_job, &job)
-        else:
-            _input_job(&job, 0)
+    run_parts(_input_job, &job, &job.rows[0][0], 2, parts)

@@ -38,7 +38,7 @@ import numpy as np
 
 cnp.import_array()
 
-from fastrnn._worker cimport run_pair, run_two, cpu_pause
+from fastrnn._worker cimport run_pair, run_parts, cpu_pause
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
@@ -211,7 +211,6 @@ def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih no
     most max_rows rows, the BLAS int range). ``parts``: one or two row ranges
     (r0, r1); a second runs at the same time on the worker thread."""
     cdef ProjectJob job
-    cdef Py_ssize_t p
     if x.shape[0] == 0:
         return
     job.is_double = floating is double
@@ -222,14 +221,7 @@ def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih no
     job.D = x.shape[1]
     job.N = w_ih.shape[0]
     job.max_rows = max_rows
-    for p in range(2):
-        job.rows[p][0] = parts[p][0] if p < len(parts) else 0
-        job.rows[p][1] = parts[p][1] if p < len(parts) else 0
-    with nogil:
-        if job.rows[1][1] > job.rows[1][0]:
-            run_two(_project_job, &job)
-        else:
-            _project_job(&job, 0)
+    run_parts(_project_job, &job, &job.rows[0][0], 2, parts)
 
 
 # --- the time loops of a layer, in one or two parts ---
@@ -339,7 +331,6 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     batch-1 gemv need not be cut into single-thread blocks.
     """
     cdef RecurJob job
-    cdef Py_ssize_t p, i
     if T == 0 or h.shape[1] == 0:
         return
     job.cell = cell
@@ -364,14 +355,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.h_prev = NULL if h_prev is None else &h_prev[0, 0]
     job.c_prev = NULL if c_prev is None else &c_prev[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
-    for p in range(2):
-        for i in range(4):
-            job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
-    with nogil:
-        if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
-            run_two(_recur_job, &job)
-        else:
-            _recur_job(&job, 0)
+    run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts)
 
 
 # --- batch 1 on two cores: the hidden units split, a barrier per step ---
@@ -611,7 +595,6 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, parts,
     math, in the same parts on the same threads: the benchmark's GEMM-only
     limit. Arguments as recur's of the same names; BLAS held at one thread."""
     cdef RecurJob job
-    cdef Py_ssize_t p, i
     if T == 0 or h.shape[1] == 0:
         return
     job.cell = cell
@@ -627,14 +610,7 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.w_hh_t = &w_hh_t[0, 0]
     job.h = &h[0, 0, 0]
     job.gh = NULL if gh is None else &gh[0, 0]
-    for p in range(2):
-        for i in range(4):
-            job.ranges[p][i] = parts[p][i] if p < len(parts) else 0
-    with nogil:
-        if job.ranges[1][1] > job.ranges[1][0] and job.ranges[1][3] > job.ranges[1][2]:
-            run_two(_limit_job, &job)
-        else:
-            _limit_job(&job, 0)
+    run_parts(_limit_job, &job, &job.ranges[0][0], 4, parts)
 
 
 # --- the streaming path: one step of a cell, with as little work as possible ---

@@ -195,7 +195,10 @@ class Module:
     def __repr__(self):
         cfg = self._config
         args = [str(cfg["input_size"]), str(cfg["hidden_size"])]
-        args += [f"{k}={v!r}" for k, v in self._repr_options()]
+        options = self._repr_options()
+        if cfg.get("reset_after") is False:   # the GRUs' non-default form
+            options.append(("reset_after", False))
+        args += [f"{k}={v!r}" for k, v in options]
         return f"{type(self).__name__}({', '.join(args)})"
 
     def _repr_options(self):

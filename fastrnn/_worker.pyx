@@ -38,3 +38,24 @@ cdef void cpu_pause() noexcept nogil:
 
 
 fastrnn_worker_init()   # the fork handler, before any call can claim the worker
+
+
+cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
+                   parts) except -1:
+    """The dispatch of every two-part kernel entry: copy ``parts`` (one or two
+    tuples of ``width`` values, (lo, hi) pairs) into the job's ranges (2 x
+    width), then run fn without the GIL: part 0 alone, or both parts through
+    run_two when the second part's ranges are all non-empty."""
+    cdef Py_ssize_t p, i
+    cdef bint two = len(parts) > 1
+    for p in range(2):
+        for i in range(width):
+            ranges[p * width + i] = parts[p][i] if p < len(parts) else 0
+    for i in range(0, width, 2):
+        two = two and ranges[width + i + 1] > ranges[width + i]
+    with nogil:
+        if two:
+            run_two(fn, arg)
+        else:
+            fn(arg, 0)
+    return 0

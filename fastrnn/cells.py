@@ -203,12 +203,6 @@ class GRUCell(_CellBase):
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed)
         self._config["reset_after"] = reset_after
 
-    def _repr_options(self):
-        opts = super()._repr_options()
-        if not self._config["reset_after"]:
-            opts.append(("reset_after", False))
-        return opts
-
 
 class LSTMCell(_CellBase):
     __doc__ = _CELL_DOC.format(

@@ -328,12 +328,6 @@ class GRU(_RNNBase):
                          dropout, bidirectional, dtype, seed)
         self._config["reset_after"] = reset_after
 
-    def _repr_options(self):
-        opts = super()._repr_options()
-        if not self._config["reset_after"]:
-            opts.append(("reset_after", False))
-        return opts
-
 
 class LSTM(_RNNBase):
     __doc__ = _LAYER_DOC.format(
