@@ -1,6 +1,7 @@
-"""asv benchmarks: forward inference and training steps over the team's
-benchmark grid (shared/PERFORMANCE.md), a single cell step, one fit epoch of
-the seeds' model, and the peak memory of inference on a long sequence.
+"""asv benchmarks: forward inference and training steps over the benchmark
+grid (fastrnn.bench.CASES; benchmarks/README.md says what each case stands
+for), a single cell step, one fit epoch of the sunspot model of example 1,
+and the peak memory of inference on a long sequence.
 
     asv run --python=same --quick      # the installed fastrnn, each case once
     asv continuous main HEAD           # compare two commits (builds them)
@@ -86,7 +87,8 @@ class LongSequenceMemory:
 
 
 class SeedModelEpoch:
-    """One fit epoch of the seeds' Keras model on the sunspot windows."""
+    """One fit epoch of example 1's model (the Keras sunspot model) on the
+    sunspot windows."""
     timeout = 120
 
     def setup(self):

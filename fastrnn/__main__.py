@@ -1,12 +1,10 @@
 """The ``fastrnn`` command (also ``python -m fastrnn`` outside the source tree).
 
-    fastrnn demo       train the seeds' Keras sunspot model (example 1)
-    fastrnn sunspots   the same, with options (--epochs, --plot, --seed)
-    fastrnn adding     example 2: the adding problem, RNN vs GRU vs LSTM
-    fastrnn charlm     example 3: a character-level GRU language model
-    fastrnn timing     time a forward pass of each layer on random data
-    fastrnn bench      fastrnn against PyTorch / ONNX Runtime / TensorFlow (--help)
+``fastrnn --help`` lists the commands; ``fastrnn <command> --help`` shows a
+command's options. :func:`cli` returns the exit status (0 done, 2 a usage
+error) rather than exiting, so it can be called from Python.
 """
+import argparse
 import platform
 import sys
 import time
@@ -14,6 +12,52 @@ import time
 import numpy as np
 
 import fastrnn
+
+# (name, one-line description, module and function that runs it with the rest of argv;
+# module None: this one)
+COMMANDS = [
+    ("demo", "example 1 with its default options (the same as 'sunspots')",
+     "fastrnn.examples.sunspots", "cli"),
+    ("sunspots", "example 1: a Keras sunspot model (two SimpleRNN(50)) in fastrnn",
+     "fastrnn.examples.sunspots", "cli"),
+    ("adding", "example 2: the adding problem, RNN vs GRU vs LSTM",
+     "fastrnn.examples.adding_problem", "cli"),
+    ("charlm", "example 3: a character-level GRU language model on Hamlet",
+     "fastrnn.examples.char_lm", "cli"),
+    ("timing", "time a forward pass of each layer on random data (a few seconds)",
+     None, "timing"),
+    ("bench", "compare fastrnn with PyTorch, ONNX Runtime and TensorFlow",
+     "fastrnn.bench", "main"),
+]
+
+USAGE = "usage: fastrnn [-h] [--version] <command> [options]"
+
+
+def help_text():
+    width = max(len(name) for name, *_ in COMMANDS) + 2
+    commands = "\n".join(f"  {name:<{width}}{description}" for name, description, *_ in COMMANDS)
+    return f"""{USAGE}
+
+Fast CPU RNN, GRU and LSTM layers with PyTorch semantics: the examples, a
+timing of the layers, and the benchmark against the peer libraries.
+
+commands:
+{commands}
+
+options:
+  -h, --help  show this help and exit
+  --version   show fastrnn's version and the kernel build in use, and exit
+
+'fastrnn <command> --help' shows a command's options. With no command,
+fastrnn prints this help to stderr and exits with status 2, as for an
+unknown command or option: a usage error, so a script whose command is
+missing fails instead of passing without doing anything.
+"""
+
+
+def version_text():
+    from fastrnn._kernels import SIMD
+    return f"fastrnn {fastrnn.__version__} ({SIMD} kernels)"
 
 
 def median_ms(fn, repeats):
@@ -28,10 +72,17 @@ def median_ms(fn, repeats):
 
 def timing(argv=None):
     T, B, D, H = 100, 32, 64, 128
+    parser = argparse.ArgumentParser(
+        prog="fastrnn timing",
+        description=f"Median time of a forward pass of RNN, GRU, LSTM and a 2-layer "
+                    f"bidirectional LSTM over T={T} steps, batch B={B}, input D={D}, "
+                    f"hidden H={H}, float32, on random data (20 calls each), and of one "
+                    f"batch-1 LSTMCell(16, 32) step (2000 calls). For the comparison "
+                    f"with other libraries see 'fastrnn bench'.")
+    parser.parse_args(argv)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, D)).astype(np.float32)
-    print(f"fastrnn {fastrnn.__version__} on {platform.machine()}, "
-          f"Python {platform.python_version()}")
+    print(f"{version_text()} on {platform.machine()}, Python {platform.python_version()}")
     print(f"forward of one layer over T={T} steps, batch B={B}, input D={D}, hidden H={H}, "
           f"float32")
     for layer in (fastrnn.RNN(D, H, seed=0), fastrnn.GRU(D, H, seed=0),
@@ -46,22 +97,42 @@ def timing(argv=None):
     print(f"  {repr(cell) + ', one step, batch 1':<50} {us:8.1f} us")
 
 
-def _commands():
-    from fastrnn import bench
-    from fastrnn.examples import adding_problem, char_lm, sunspots
-    return {"demo": sunspots.cli, "sunspots": sunspots.cli, "adding": adding_problem.cli,
-            "charlm": char_lm.cli, "timing": timing, "bench": bench.main}
+def _exit_status(code):
+    """The status a ``SystemExit(code)`` would give the shell."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def cli(argv=None):
+    """Run ``fastrnn`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    import importlib
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = _commands()
     if not argv:
-        argv = ["demo"]
-    if argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(__doc__)
-        return 0 if argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:]) or 0
+        print(help_text(), end="", file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    if name in ("-h", "--help"):
+        print(help_text(), end="")
+        return 0
+    if name == "--version":
+        print(version_text())
+        return 0
+    commands = {command: (module, function) for command, _, module, function in COMMANDS}
+    if name not in commands:
+        kind = "option" if name.startswith("-") else "command"
+        print(f"fastrnn: unknown {kind} '{name}'\n\n{help_text()}", end="", file=sys.stderr)
+        return 2
+    module, function = commands[name]
+    run = getattr(importlib.import_module(module), function) if module else globals()[function]
+    try:
+        return _exit_status(run(rest))
+    except SystemExit as exit:  # a command's argparse: --help (0) or a usage error (2)
+        return _exit_status(exit.code)
 
 
 if __name__ == "__main__":

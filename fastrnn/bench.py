@@ -1,22 +1,47 @@
-"""fastrnn against its peers on the team's benchmark grid (shared/PERFORMANCE.md),
-in one process.
+"""fastrnn against its peers on the benchmark grid, in one process.
 
-    python -m fastrnn.bench [--threads 2] [--dtype float32] [--quick] [--cases a,b]
-    fastrnn bench ...
+    fastrnn bench [--threads N] [--dtype DTYPE] [--quick | --cases NAMES] [--repeats N]
+    python -m fastrnn.bench ...     (the same, outside the source tree)
 
-For every case, with the same random weights loaded into each library:
-median milliseconds of inference and of a training step (forward + backward
-of a summed output, gradients of the weights and the input) for fastrnn,
-PyTorch CPU, ONNX Runtime and TensorFlow/Keras where installed; the speed-up
-of fastrnn over the fastest peer; the max abs error of each library's output
-against a float64 reference (PyTorch in float64, else fastrnn's); and the
-ratio of fastrnn's time to the GEMM-only limit, the same GEMM calls through
-the same BLAS without the gate math. Libraries are interleaved in blocks of
-calls (see median_ms).
+``fastrnn bench --help`` lists the grid (:data:`CASES`: cell and shape of
+each case); ``benchmarks/README.md`` in the source tree says what each case
+stands for and why it is in the grid.
+
+For every case, with the same random weights (a seeded fastrnn layer's
+``state_dict``) loaded into each library and the same random time-major
+input, zero initial state:
+
+- inference: median milliseconds of a forward pass over the whole sequence
+  for fastrnn, PyTorch CPU, ONNX Runtime and TensorFlow/Keras, whichever are
+  installed, and the speed-up of fastrnn over the fastest of them;
+- ``limit`` and ``/limit``: the GEMM-only limit (:func:`gemm_only`: the same
+  input-projection and recurrent products as fastrnn's forward, through the
+  same routines and BLAS, split over the same threads, without the gate math)
+  and fastrnn's time over it;
+- the max abs error of each library's output against a float64 reference
+  (PyTorch in float64 when installed, independent of fastrnn; else fastrnn in
+  float64);
+- for the cases marked ``train``, a second table: a training step (forward,
+  then backward of the summed output: gradients of every weight and of the
+  input) in fastrnn, PyTorch and TensorFlow, and each peer's time over
+  fastrnn's.
+
+The peers: PyTorch's ``nn.RNN``/``GRU``/``LSTM`` under ``inference_mode``
+with ``torch.set_num_threads(threads)``; ONNX Runtime on a graph of one ONNX
+RNN/GRU/LSTM node per layer (weights as initializers, gate blocks reordered,
+GRU with ``linear_before_reset=1`` as in PyTorch), ``threads`` intra-op
+threads, inference only; Keras 3 on TensorFlow with the weights converted to
+Keras' layout (GRU ``reset_after=True``), called in a compiled
+``tf.function`` without XLA, ``threads`` intra-op threads. ONNX Runtime and
+TensorFlow run in float32 only. NumPy's BLAS is held at ``threads``
+(threadpoolctl) and fastrnn runs on ``threads`` (:func:`fastrnn.set_num_threads`).
+Libraries are interleaved in blocks of calls after a pause (see
+:func:`median_ms`), so each is timed as if alone in the process.
 """
 import argparse
 import math
 import platform
+import textwrap
 import time
 from collections import namedtuple
 
@@ -307,20 +332,83 @@ def run_case(case, dtype, threads, repeats):
     return infer_ms, train_ms, errors
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastrnn.bench",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--quick", action="store_true", help="a subset of small cases")
-    parser.add_argument("--cases", default="", help="comma-separated case names")
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args(argv)
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _case_names(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated case names, got {text!r}")
+    valid = [c.name for c in CASES]
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown case{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+            f"the cases are: {', '.join(valid)}")
+    return names
+
+
+def _case_list():
+    lines = []
+    for c in CASES:
+        extras = ([f"{c.layers} layers"] * (c.layers > 1) + ["bidirectional"] * c.bidirectional
+                  + ["train"] * c.train + ["quick"] * (c.name in QUICK)
+                  + ["heavy"] * c.heavy)
+        lines.append(f"  {c.name:<19}{c.cell:<5}T={c.T:<5}B={c.B:<4}D={c.D:<4}H={c.H:<5}"
+                     f"{', '.join(extras)}".rstrip())
+    return "\n".join(lines)
+
+
+def build_parser(prog="fastrnn bench"):
+    """The command line of the benchmark (``prog`` is the name its usage shows)."""
+    result = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "fastrnn against PyTorch, ONNX Runtime and TensorFlow/Keras (those installed) on "
+            "the benchmark grid, the same weights in every library. For each case: median ms "
+            "of inference in each library, fastrnn's speed-up over the fastest peer, "
+            "fastrnn's time over its GEMM-only limit (the same GEMMs without the gate math), "
+            "the max abs error against float64; for the 'train' cases, a training step "
+            "(forward + backward).", 78),
+        epilog=textwrap.fill(
+            "cases (cell, steps T, batch B, input size D, hidden size H; 'train': the training "
+            "step is timed too; 'quick': in --quick; 'heavy': a fifth of the repeats):", 78)
+        + "\n" + _case_list())
+    result.add_argument("--threads", type=_positive_int, default=2, metavar="N",
+                        help="threads for fastrnn, for each peer and for NumPy's BLAS "
+                             "(default 2)")
+    result.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="float32 (default) or float64; ONNX Runtime and TensorFlow run "
+                             "in float32 only and are left out at float64")
+    selection = result.add_mutually_exclusive_group()
+    selection.add_argument("--quick", action="store_true",
+                           help="only the cases marked 'quick' below (small and fast)")
+    selection.add_argument("--cases", type=_case_names, metavar="NAMES",
+                           help="comma-separated names of the cases to run, from the list "
+                                "below (default: every case)")
+    result.add_argument("--repeats", type=_positive_int, default=20, metavar="N",
+                        help="timed calls per library and case for inference (default 20); "
+                             "half as many for a training step, a fifth for a heavy case, "
+                             "at least 4")
+    return result
+
+
+def main(argv=None, prog="fastrnn bench"):
+    """Run the benchmark with the command-line arguments ``argv`` (default
+    ``sys.argv[1:]``) and print its tables."""
+    args = build_parser(prog).parse_args(argv)
+    cases = [c for c in CASES if (c.name in QUICK if args.quick
+                                  else args.cases is None or c.name in args.cases)]
 
     from threadpoolctl import threadpool_limits
     fastrnn.set_num_threads(args.threads)
-    cases = [c for c in CASES if (not args.quick or c.name in QUICK)
-             and (not args.cases or c.name in args.cases.split(","))]
     peers = [p for p, mod in (("torch", "torch"), ("ORT", "onnxruntime"), ("TF", "tensorflow"))
              if available(mod)]
     versions = [f"fastrnn {fastrnn.__version__}"]
@@ -333,7 +421,8 @@ def main(argv=None):
     if "TF" in peers:
         import tensorflow
         versions.append(f"tensorflow {tensorflow.__version__}")
-    print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} threads, {args.dtype}, "
+    print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} "
+          f"thread{'s' * (args.threads > 1)}, {args.dtype}, "
           f"median ms (blocks of 5 calls after a pause), {time.strftime('%Y-%m-%d')}")
     header = (f"{'case':<20}{'fastrnn':>9}" + "".join(f"{p:>9}" for p in peers)
               + f"{'speed-up':>9}{'limit':>8}{'/limit':>7}  max abs error vs float64")
@@ -374,4 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m fastrnn.bench")

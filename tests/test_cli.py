@@ -1,0 +1,168 @@
+"""The ``fastrnn`` command line: help, version, usage errors and every
+subcommand's own ``--help``. Nothing here trains a model or runs a benchmark:
+the heavy entry points are replaced by a function that fails the test."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastrnn
+from fastrnn import __main__ as cli_module
+from fastrnn import bench
+from fastrnn._kernels import SIMD
+from fastrnn.__main__ import cli
+from fastrnn.examples import adding_problem, char_lm, sunspots
+
+COMMANDS = ["demo", "sunspots", "adding", "charlm", "timing", "bench"]
+
+
+def _heavy(*args, **kwargs):
+    raise AssertionError("the command line ran heavy work (training, timing or a benchmark)")
+
+
+@pytest.fixture(autouse=True)
+def no_heavy_work(monkeypatch):
+    for module in (sunspots, adding_problem, char_lm):
+        monkeypatch.setattr(module, "main", _heavy)
+    monkeypatch.setattr(bench, "run_case", _heavy)
+    monkeypatch.setattr(bench, "available", lambda name: False)  # no peer imports
+    monkeypatch.setattr(cli_module, "median_ms", _heavy)
+
+
+def run(argv, capsys):
+    """Exit status, stdout and stderr of ``fastrnn *argv`` in this process."""
+    try:
+        status = cli(argv)
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _commands_listed(text):
+    """Each command on its own line of the command list, with a description."""
+    return all(re.search(rf"^  {name}\s+\w", text, re.M) for name in COMMANDS)
+
+
+# --- the top level -----------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_a_usage_text(capsys, flag):
+    status, out, err = run([flag], capsys)
+    assert status == 0 and err == ""
+    assert out.startswith("usage: fastrnn ")
+    assert _commands_listed(out)
+    assert re.search(r"^  -h, --help\s+\w", out, re.M)
+    assert re.search(r"^  --version\s+\w", out, re.M)
+    assert "``" not in out                    # no raw reStructuredText
+    assert "exits with status 2" in out       # the no-command behaviour is documented
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    status, out, err = run([], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("usage: fastrnn ") and _commands_listed(err)
+
+
+def test_unknown_command(capsys):
+    status, out, err = run(["xyz"], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("fastrnn: unknown command 'xyz'\n")
+    assert _commands_listed(err)
+
+
+def test_unknown_top_level_option(capsys):
+    status, out, err = run(["--nosuch"], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("fastrnn: unknown option '--nosuch'\n")
+
+
+def test_version(capsys):
+    status, out, err = run(["--version"], capsys)
+    assert status == 0 and err == ""
+    assert out == f"fastrnn {fastrnn.__version__} ({SIMD} kernels)\n"
+
+
+# --- every subcommand --------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_its_own_help(capsys, command, flag):
+    status, out, err = run([command, flag], capsys)
+    assert status == 0 and err == ""
+    assert out.startswith("usage: ")
+    assert "-h, --help" in out
+
+
+@pytest.mark.parametrize("command", ["timing", "bench"])
+def test_help_names_the_command(capsys, command):
+    _, out, _ = run([command, "--help"], capsys)
+    assert out.startswith(f"usage: fastrnn {command} ")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_rejects_an_unknown_option(capsys, command):
+    status, out, err = run([command, "--nosuch"], capsys)
+    assert status == 2 and out == ""
+    assert "unrecognized arguments: --nosuch" in err
+
+
+# --- fastrnn bench -----------------------------------------------------------------
+def test_bench_help_describes_every_option_and_lists_the_cases(capsys):
+    _, out, _ = run(["bench", "--help"], capsys)
+    assert "python -m fastrnn.bench" not in out
+    for option in ("--threads", "--dtype", "--quick", "--cases", "--repeats"):
+        # the option's line carries a description (after the metavar, if any)
+        assert re.search(rf"^  {option}(?: \S+)?\s{{2,}}\w", out, re.M), option
+    for case in bench.CASES:
+        line = next((ln for ln in out.splitlines() if ln.split()[:1] == [case.name]), None)
+        assert line is not None, case.name
+        for part in (case.cell, f"T={case.T}", f"B={case.B}", f"D={case.D}", f"H={case.H}"):
+            assert part in line.split(), (case.name, part)
+
+
+@pytest.mark.parametrize("cases", ["nosuch", "b32-h128,nosuch"])
+def test_bench_unknown_case_is_an_error(capsys, cases):
+    status, out, err = run(["bench", "--cases", cases], capsys)
+    assert status == 2 and out == ""
+    assert "unknown case 'nosuch'" in err
+    assert all(case.name in err for case in bench.CASES)
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--repeats", "0"], ["--cases", ""],
+                                  ["--quick", "--cases", "b32-h128"],
+                                  ["--dtype", "float16"]])
+def test_bench_rejects_bad_options(capsys, argv):
+    status, out, err = run(["bench"] + argv, capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("usage: fastrnn bench ")
+
+
+# --- the installed console script ------------------------------------------------------
+def _console_script():
+    script = Path(sys.executable).with_name("fastrnn")
+    if not script.exists():
+        pytest.skip("the fastrnn console script is not installed beside this Python")
+    return str(script)
+
+
+def test_console_script_usage_errors_and_version(tmp_path):
+    script = _console_script()
+    alone = subprocess.run([script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert alone.returncode == 2 and alone.stdout == ""
+    assert alone.stderr.startswith("usage: fastrnn ")
+    unknown = subprocess.run([script, "xyz"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("fastrnn: unknown command 'xyz'")
+    version = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+    assert version.returncode == 0
+    assert version.stdout.startswith(f"fastrnn {fastrnn.__version__} ")
+
+
+def test_python_m_fastrnn_bench_help_names_itself(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastrnn.bench", "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: python -m fastrnn.bench ")
