@@ -65,7 +65,7 @@ cdef inline Py_ssize_t step_block(Py_ssize_t B, Py_ssize_t H, Py_ssize_t GH,
     (H, GH) weight. Batch 1 (gemv): all of them when BLAS is held at one
     thread, else single-thread blocks. Batch > 1 (gemm): when held, blocks of
     64-256 columns keeping m * n * k near 1e6, where OpenBLAS runs fastest
-    (the team's shared/PERFORMANCE.md measured 3x over one call at H = 256-512;
+    (measured: 3x over one call at H = 256-512;
     b64-h512 LSTM inference went from ~265 to ~170 ms); else single-thread
     blocks. The backward pass uses the same blocks for its reduction."""
     cdef Py_ssize_t block

@@ -650,9 +650,16 @@ cdef void _cell_step(int cell, Py_ssize_t D, Py_ssize_t H, const floating* x,
             rnn_row(gx, h, h, acts, H, cell == RNN_RELU)
 
 
+cdef inline bint _behaved(cnp.ndarray a, int typenum):
+    """a holds values of the given dtype in native byte order, aligned: the
+    type number alone does not tell '>f4' from '<f4'."""
+    return cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISBEHAVED_RO(a)
+
+
 cdef inline bint _plain(object a, int typenum, Py_ssize_t n):
-    """a is a C-contiguous 1-D ndarray of the given dtype and length."""
-    return (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+    """a is a C-contiguous 1-D ndarray of the given dtype (native byte order)
+    and length."""
+    return (type(a) is cnp.ndarray and _behaved(<cnp.ndarray>a, typenum)
             and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1
             and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == n
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
@@ -770,24 +777,16 @@ def blas_hold_needed(Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t in_cols, Py_
     return _blas_hold_needed(rows, n_cols, in_cols, batch, gates_h, hidden)
 
 
-cdef enum:
-    # multiply-adds of an input projection up to which the lean path takes a
-    # call without holding BLAS (~10-80 us); OpenBLAS may thread it. Measured
-    # on GRU 64->64 T=100 batch 1: 127 us in row blocks that stay on one
-    # thread (the blocks' packing costs), ~100 us in one call.
-    LEAN_MAX_PROJECTION = 8000000
-
-
 cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_ssize_t B,
                      Py_ssize_t D, Py_ssize_t H, bint batch_first, const floating* x,
                      const floating** w_ih, const floating** w_hh, const floating** w_hh_t,
                      const floating** bias_x, const floating** bias_h,
                      floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """Every layer and direction of an inference call in this thread, with
-    the functions and per-step block sizes of the general path (BLAS not
-    held: OpenBLAS may thread an input projection, which splits rows or
-    columns, not the sums), so the numbers are the same. h, c (L * dirs, B, H) hold the initial state
-    and end as the final one; work: see SequenceRunner.run."""
+    the functions and per-step block sizes of the general path (its BLAS
+    calls all stay on one thread), so the numbers are the same. h, c
+    (L * dirs, B, H) hold the initial state and end as the final one; work:
+    see SequenceRunner.run."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t N = dirs * GH
     cdef Py_ssize_t rows = T * B
@@ -821,7 +820,7 @@ cdef inline object _state_copy(object a, int typenum, Py_ssize_t ndim, cnp.npy_i
     """A fresh C-contiguous copy of a (a plain ndarray of exactly these
     dtype and dims), or None when a is anything else."""
     cdef Py_ssize_t i
-    if (type(a) is not cnp.ndarray or cnp.PyArray_TYPE(<cnp.ndarray>a) != typenum
+    if (type(a) is not cnp.ndarray or not _behaved(<cnp.ndarray>a, typenum)
             or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim):
         return None
     for i in range(ndim):
@@ -901,7 +900,7 @@ cdef class SequenceRunner:
             return None
         xa = <cnp.ndarray>x
         ndim = cnp.PyArray_NDIM(xa)
-        if (cnp.PyArray_TYPE(xa) != self.typenum or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
+        if (not _behaved(xa, self.typenum) or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
                 or (ndim != 2 and ndim != 3) or cnp.PyArray_DIM(xa, ndim - 1) != self.D):
             return None
         batched = ndim == 3
@@ -917,13 +916,14 @@ cdef class SequenceRunner:
         rows = T * B
         # the widest input of a layer: the input projections' inner dimension
         in_cols = self.D if self.L == 1 else max(self.D, self.dirs * self.H)
-        # small: the general path would run it in one part, the per-step
-        # products stay on one thread without holding BLAS, and the input
-        # projections are small
+        # small: the general path would run it in one part, and no BLAS call
+        # is large enough for OpenBLAS to thread. (Its results depend on its
+        # thread count for some CPU kernels, and another thread's call may be
+        # holding it at one thread: a call that let it thread would then give
+        # different last bits alone and among others.)
         if (T == 0 or B == 0 or <double>rows * N * (self.H + 20) >= self.max_work
                 or (B == 1 and T >= self.split_steps)
-                or _blas_hold_needed(0, N, in_cols, B, GH, self.H)
-                or <double>rows * N * in_cols > LEAN_MAX_PROJECTION):
+                or _blas_hold_needed(rows, N, in_cols, B, GH, self.H)):
             return None
         # the states: fresh arrays holding hx (or zeros)
         sdims[0] = self.L * self.dirs

@@ -9,11 +9,13 @@ every step. The input projections and the BPTT weight and input gradients
 split by rows or columns. The kernels release the GIL and keep their
 per-step BLAS calls single-threaded, so the parts do not contend.
 
-While a layer call runs, scipy's BLAS (the one the kernels call) is held at one
-thread, and fastrnn splits the large products between its own threads too:
-OpenBLAS's idle threads spin for a while after a threaded call and would
-compete with fastrnn's for the cores (measured on 2 cores: GRU b32-h128
-inference 6.5 -> 4.2 ms with the split, no gain without holding BLAS).
+fastrnn's threads do the parallel work, and scipy's BLAS (the one the
+kernels call) runs at one thread under them: OpenBLAS's idle threads spin for
+a while after a threaded call and would compete with fastrnn's for the cores
+(measured on 2 cores: GRU b32-h128 inference 6.5 -> 4.2 ms with the split, no
+gain without holding BLAS). Holding it also keeps results reproducible: with
+some OpenBLAS kernels (e.g. its Haswell sgemm) a product threaded over two
+threads rounds differently from the same product on one.
 """
 import os
 import threading
@@ -56,23 +58,36 @@ def get_num_threads():
 
 
 class _BlasAtOneThread:
-    """Context: scipy's BLAS at one thread while any fastrnn layer call runs;
-    its previous setting is restored when the last one ends. ``held`` tells
-    whether there was a BLAS to hold (threadpoolctl found it)."""
+    """Context: scipy's BLAS at one thread while a fastrnn call that needs it
+    runs. ``held`` tells whether there was a BLAS to hold (threadpoolctl
+    found it).
+
+    scipy's wheels ship an OpenBLAS of their own (numpy's is another
+    library), which only scipy.linalg and fastrnn call. That one is taken to
+    one thread the first time a call needs it and kept there: setting and
+    restoring it around every call from many threads is not reliable (with
+    OpenBLAS 0.3.30 a thread that restored the count keeps using its own
+    value, so concurrent calls ran threaded, and rounded differently, while
+    another call was holding). A BLAS shared with numpy (system builds) is
+    held only while fastrnn calls run, its setting restored when the last
+    one ends.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
         self._libs = None
+        self._private = False
         self._saved = []
         self.held = False
 
     def _find_libs(self):
+        """scipy's BLAS libraries and whether they are scipy's own."""
         try:
             import scipy
             from threadpoolctl import ThreadpoolController
         except ImportError:
-            return []
+            return [], False
         blas = [lib for lib in ThreadpoolController().lib_controllers
                 if lib.user_api == "blas"]
         # scipy's wheels ship their own OpenBLAS beside the package, in
@@ -80,14 +95,19 @@ class _BlasAtOneThread:
         scipy_dir = os.path.dirname(os.path.abspath(scipy.__file__))
         own = [lib for lib in blas
                if lib.filepath.startswith((scipy_dir + ".libs" + os.sep, scipy_dir + os.sep))]
-        return own or blas
+        return (own, True) if own else (blas, False)
 
     def __enter__(self):
         with self._lock:
+            if self._libs is None:
+                self._libs, self._private = self._find_libs()
+                self.held = bool(self._libs)
+                if self._private:
+                    for lib in self._libs:
+                        lib.set_num_threads(1)
+            if self._private:
+                return self
             if self._depth == 0:
-                if self._libs is None:
-                    self._libs = self._find_libs()
-                    self.held = bool(self._libs)
                 self._saved = [lib.num_threads for lib in self._libs]
                 try:
                     for lib in self._libs:
@@ -97,8 +117,11 @@ class _BlasAtOneThread:
                         lib.set_num_threads(n)
                     raise
             self._depth += 1
+        return self
 
     def __exit__(self, *exc):
+        if self._private:
+            return
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
