@@ -2,14 +2,17 @@
 under PyTorch's names, state_dict / load_state_dict, and the weight storage
 the kernels read.
 
-Parameters live in one flat buffer per layer and kind (both directions
-stacked, the layout the kernels want); the public arrays are read-only views
-of it. They change only through load_state_dict or attribute assignment,
-which validate and copy, so a layer can never hold a wrong-shaped or
-half-loaded parameter, and no caller's array is ever aliased.
+Parameters live in flat storage arrays (for a recurrent layer one per layer
+and kind, both directions stacked: the layout the kernels want); the public
+arrays are read-only views of them. A module's parameters form one
+``ParamSet`` that is never written once made: ``load_state_dict``, attribute
+assignment and optimizer steps build a new set from copies and swap it in
+whole, and every call takes the current set once and computes with it alone.
+So a call never sees a half-loaded or half-updated set, whatever other
+threads do meanwhile, no caller's array is ever aliased, and a failed load
+leaves the module unchanged.
 """
 import contextlib
-import threading
 from collections import namedtuple
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -20,6 +23,7 @@ from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
 from fastrnn import _parallel
 from fastrnn import _validation as v
+from fastrnn._locks import ForkSafeLock
 from fastrnn._validation import shape_str, to_numpy
 
 LoadResult = namedtuple("LoadResult", ["missing_keys", "unexpected_keys"])
@@ -50,25 +54,53 @@ def gru_kind(owner, reset_after):
     return flag, ("gru" if flag else "gru_reset_before")
 
 
+class ParamSet:
+    """One set of a module's parameters, read-only for good.
+
+    ``storages`` the flat storage arrays, ``views`` name -> read-only view of
+    its part of a storage, ``version`` counts the sets the module has had,
+    ``cache`` holds what the kernels derive from this set (transposed
+    weights, folded biases, runners): it can never go stale, since the set
+    never changes.
+    """
+    __slots__ = ("version", "storages", "views", "cache")
+
+    def __init__(self, version, storages, names):
+        for storage in storages:
+            storage.flags.writeable = False
+        self.version = version
+        self.storages = tuple(storages)
+        self.views = {name: (self.storages[i] if rows is None else self.storages[i][rows])
+                      for name, (i, rows) in names.items()}
+        self.cache = {}
+
+
 class Module:
-    """Base of every public class: configuration and named parameters."""
+    """Base of every public class: configuration and named parameters.
+
+    A subclass's constructor adds its storage arrays (``_add_storage``),
+    names the parameters in them (``_register``), initialises them, then
+    calls ``_seal_parameters`` to make them the first ParamSet.
+    """
 
     def __init__(self):
         # set through object: our __setattr__ reads these
         object.__setattr__(self, "_config", {})
-        object.__setattr__(self, "_slots", {})    # name -> writeable view of our storage
-        object.__setattr__(self, "_public", {})   # name -> read-only view of the same
-        self._version = 0                         # bumped whenever parameters change
-        self._trainable = []                      # (writeable flat parameter, its gradient)
+        object.__setattr__(self, "_names", {})    # name -> (storage index, rows or None)
+        self._draft = []                          # storages under construction
+        self._params = None                       # the current ParamSet
+        self._trainable = ()                      # the gradient of each storage
         self._grads = MappingProxyType({})
-        self._grad_lock = threading.Lock()
+        # guards the gradients (backprop adds, clipping scales, zero_grad)
+        # and the swap of parameter sets (loads and optimizer steps)
+        self._grad_lock = ForkSafeLock()
 
     # --- configuration and parameters as attributes -------------------------
     def __getattr__(self, name):
         # only reached when ordinary lookup fails
         d = self.__dict__
-        if name in d.get("_public", ()):
-            return d["_public"][name]
+        if name in d.get("_names", ()) and d.get("_params") is not None:
+            return d["_params"].views[name]
         if name in d.get("_config", ()):
             return d["_config"][name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -77,25 +109,38 @@ class Module:
         if name in self._config:
             raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction; "
                                  f"create a new {type(self).__name__} to change it")
-        if name in self._slots:
+        if name in self._names:
             self.load_state_dict({name: value}, strict=False)
             return
         object.__setattr__(self, name, value)
 
-    def _register(self, name, storage_view):
-        # a view of its own, so that it stays writeable after _lock_storage
-        self._slots[name] = storage_view.view()
-        public = storage_view.view()
-        public.flags.writeable = False
-        self._public[name] = public
+    def _add_storage(self, storage, grad):
+        """A storage array being built, with its gradient; returns its index."""
+        self._draft.append(storage)
+        self._trainable = self._trainable + (grad,)
+        return len(self._draft) - 1
 
-    def _lock_storage(self, storage, grad):
-        """Make a parameter storage array read-only at its owner, so that no
-        public view can be made writeable again (numpy checks the owner); keep
-        a writeable view of it, paired with its gradient, for the optimizers.
-        Call after registering the views of the storage."""
-        self._trainable.append((storage.view(), grad))
-        storage.flags.writeable = False
+    def _register(self, name, index, rows=None):
+        """Name rows ``rows`` (a slice, or None for all) of storage ``index``."""
+        self._names[name] = (index, rows)
+
+    def _seal_parameters(self):
+        """The initialised storages become the first parameter set."""
+        self._params = ParamSet(0, self._draft, self._names)
+        del self._draft
+
+    @property
+    def _version(self):
+        return self._params.version
+
+    def _swap_parameters(self, update):
+        """Build the next parameter set: ``update(storages)`` writes into
+        fresh copies of the current storages, which then replace them whole.
+        The caller holds ``_grad_lock`` (one update at a time)."""
+        current = self._params
+        storages = [s.copy() for s in current.storages]
+        update(storages)
+        self._params = ParamSet(current.version + 1, storages, self._names)
 
     @property
     def grads(self):
@@ -109,12 +154,8 @@ class Module:
     def zero_grad(self):
         """Set every accumulated gradient to zero."""
         with self._grad_lock:
-            for _, grad in self._trainable:
+            for grad in self._trainable:
                 grad[...] = 0
-
-    def _parameters_changed(self):
-        """Called after parameters were written in place (optimizer steps)."""
-        self._version += 1
 
     # --- state dict ---------------------------------------------------------
     def state_dict(self):
@@ -125,7 +166,7 @@ class Module:
         dict of str to ndarray
             Independent copies: changing them does not change the module.
         """
-        return {name: slot.copy() for name, slot in self._slots.items()}
+        return {name: view.copy() for name, view in self._params.views.items()}
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy parameters in from a mapping of name to array.
@@ -133,7 +174,9 @@ class Module:
         Accepts numpy arrays, torch tensors (a PyTorch module's ``state_dict()``
         loads directly) or anything array-like of a real dtype; values are
         converted to the module's dtype. Every name, shape and value is checked
-        before anything is copied, so on error the module is unchanged.
+        before anything is copied, so on error the module is unchanged. The
+        new values replace the old as one set: a call running in another
+        thread meanwhile computes with the old set or the new, never a mix.
 
         Parameters
         ----------
@@ -159,19 +202,22 @@ class Module:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{owner}: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
-        missing = [name for name in self._slots if name not in state_dict]
-        unexpected = [key for key in state_dict if key not in self._slots]
+        names = self._names
+        missing = [name for name in names if name not in state_dict]
+        unexpected = [key for key in state_dict if key not in names]
         if strict and (missing or unexpected):
             raise ValueError(f"{owner}: load_state_dict: missing keys {missing}, "
                              f"unexpected keys {unexpected}; expected exactly "
-                             f"{list(self._slots)}")
+                             f"{list(names)}")
         converted = {}
-        for name, slot in self._slots.items():
+        views = self._params.views
+        for name in names:
             if name not in state_dict:
                 continue
             value = to_numpy(owner, f"state_dict[{name!r}]", state_dict[name])
-            if value.shape != slot.shape:
-                raise ValueError(f"{owner}: expected {name} of shape {shape_str(slot.shape)}, "
+            expected = views[name].shape
+            if value.shape != expected:
+                raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
                                  f"got {shape_str(value.shape)}")
             with np.errstate(over="ignore"):  # overflow is reported just below
                 value = value.astype(self.dtype)
@@ -179,9 +225,14 @@ class Module:
                 raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf) "
                                  f"after conversion to {self.dtype}")
             converted[name] = value
-        for name, value in converted.items():
-            np.copyto(self._slots[name], value)
-        self._version += 1
+
+        def write(storages):
+            for name, value in converted.items():
+                index, rows = names[name]
+                storages[index][slice(None) if rows is None else rows] = value
+
+        with self._grad_lock:
+            self._swap_parameters(write)
         return LoadResult(missing, unexpected)
 
     def __reduce__(self):
@@ -235,47 +286,58 @@ class RecurrentWeights(Module):
             raise ValueError(f"{owner}: input_size {input_size} is too large for a 32-bit BLAS int")
         self._layers, self._dirs, self._dropout, self._rng = layers, dirs, dropout, rng
         GH = gates * hidden_size
-        params = {"w_ih": [], "w_hh": [], "b_ih": [], "b_hh": []}
-        grads = {"w_ih": [], "w_hh": [], "b_ih": [], "b_hh": []}
+        kinds = ("w_ih", "w_hh", "b_ih", "b_hh")
+        # storage index of each kind and layer (None: no bias)
+        index = {key: [None] * layers for key in kinds}
+        grads = {key: [None] * layers for key in kinds}
+        for key in kinds:
+            if key.startswith("b") and not bias:
+                continue
+            for k in range(layers):
+                in_size = input_size if k == 0 else dirs * hidden_size
+                shape = {"w_ih": (dirs * GH, in_size), "w_hh": (dirs * GH, hidden_size),
+                         "b_ih": (dirs * GH,), "b_hh": (dirs * GH,)}[key]
+                grads[key][k] = np.zeros(shape, dtype)
+                index[key][k] = self._add_storage(np.empty(shape, dtype), grads[key][k])
         grad_views = {}
         for k in range(layers):
-            in_size = input_size if k == 0 else dirs * hidden_size
-            shapes = {"w_ih": (dirs * GH, in_size), "w_hh": (dirs * GH, hidden_size),
-                      "b_ih": (dirs * GH,), "b_hh": (dirs * GH,)}
-            for key, shape in shapes.items():
-                present = bias or key.startswith("w")
-                params[key].append(np.empty(shape, dtype) if present else None)
-                grads[key].append(np.zeros(shape, dtype) if present else None)
             for d in range(dirs):
                 rows = slice(d * GH, (d + 1) * GH)
-                for key, name in zip(("w_ih", "w_hh", "b_ih", "b_hh"), names(k, d)):
-                    if params[key][k] is not None:
-                        self._register(name, params[key][k][rows])
+                for key, name in zip(kinds, names(k, d)):
+                    if index[key][k] is not None:
+                        self._register(name, index[key][k], rows)
                         grad_views[name] = grads[key][k][rows]
-        for key in params:
-            for arr, grad in zip(params[key], grads[key]):
-                if arr is not None:
-                    self._lock_storage(arr, grad)
-        self._w_ih, self._w_hh, self._b_ih, self._b_hh = (params[k] for k in params)
-        self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[k] for k in grads)
+        self._storage_index = tuple(index[key] for key in kinds)
+        self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[key] for key in kinds)
         self._grads = MappingProxyType(grad_views)
-        self._weights_cache = (-1, None)
-        self._unit_cache = {}
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
-        for slot in self._slots.values():
-            slot[...] = rng.uniform(-bound, bound, size=slot.shape)
+        for i, rows in self._names.values():
+            part = self._draft[i][rows]
+            part[...] = rng.uniform(-bound, bound, size=part.shape)
+        self._seal_parameters()
 
-    def _kernel_weights(self):
+    def _weights(self, params):
+        """(w_ih, w_hh, b_ih, b_hh) of a parameter set: per kind a list over
+        layers of its storage arrays, (dirs * G * H, ...) each (None: no bias)."""
+        cached = params.cache.get("weights")
+        if cached is None:
+            cached = params.cache["weights"] = tuple(
+                [None if i is None else params.storages[i] for i in per_layer]
+                for per_layer in self._storage_index)
+        return cached
+
+    def _kernel_weights(self, params):
         """Per layer (bias_x, bias_h, w_hh_t) as the forward kernel takes them:
         the bias added to the input projection, the GRU's recurrent bias (other
-        cells, the reset-before GRU too, fold b_hh into bias_x), and W_hh transposed to (H, dirs * G * H).
-        Derived from the parameters, cached until they change."""
-        cached_version, terms = self._weights_cache
-        version = self._version  # read once: a concurrent update bumps it again
-        if cached_version != version:
+        cells, the reset-before GRU too, fold b_hh into bias_x), and W_hh
+        transposed to (H, dirs * G * H). Derived from a parameter set, kept
+        with it."""
+        terms = params.cache.get("kernel")
+        if terms is None:
             terms = []
-            for b_ih, b_hh, w_hh in zip(self._b_ih, self._b_hh, self._w_hh):
+            _, w_hh_all, b_ih_all, b_hh_all = self._weights(params)
+            for b_ih, b_hh, w_hh in zip(b_ih_all, b_hh_all, w_hh_all):
                 w_hh_t = np.ascontiguousarray(w_hh.T)
                 if b_ih is None:
                     terms.append((None, None, w_hh_t))
@@ -283,10 +345,10 @@ class RecurrentWeights(Module):
                     terms.append((b_ih, b_hh, w_hh_t))
                 else:
                     terms.append((b_ih + b_hh, None, w_hh_t))
-            self._weights_cache = (version, terms)
+            params.cache["kernel"] = terms
         return terms
 
-    def _recur_units(self, k, T, units, h_k, c_k, gx, layer_out):
+    def _recur_units(self, params, k, T, units, h_k, c_k, gx, layer_out):
         """Layer k at batch 1 with its hidden units split at units[1] between
         this thread and the worker; False if the worker was busy."""
         dtype = self._config["dtype"]
@@ -297,7 +359,7 @@ class RecurrentWeights(Module):
         args = {}
         for part in (0, 1):
             lo, hi = units[part], units[part + 1]
-            w_part, w_part_t, bias_part = self._unit_weights(k, lo, hi)
+            w_part, w_part_t, bias_part = self._unit_weights(params, k, lo, hi)
             start = per_unit * lo + part * gap
             args.update({f"w_part{part}": w_part, f"w_part_t{part}": w_part_t,
                          f"bias_part{part}": bias_part,
@@ -309,28 +371,24 @@ class RecurrentWeights(Module):
             _parallel.unit_split_contended()
         return outcome != 0
 
-    def _unit_weights(self, k, lo, hi):
+    def _unit_weights(self, params, k, lo, hi):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
         unit-split call (_forward.recur_units): the rows of every gate block,
         packed (G * u, H), their transpose, and the GRU's recurrent bias
-        likewise (else None). Cached until the parameters change."""
-        version = self._version
-        cache = self._unit_cache
-        if cache.get("version") != version:
-            cache = {"version": version}
-        key = (k, lo, hi)
-        if key not in cache:
+        likewise (else None). Kept with the parameter set."""
+        key = ("units", k, lo, hi)
+        if key not in params.cache:
             H = self._config["hidden_size"]
             rows = np.concatenate([np.arange(g * H + lo, g * H + hi) for g in range(self._gates)])
-            w_part = np.ascontiguousarray(self._w_hh[k][rows])
-            bias_h = self._kernel_weights()[k][1]
-            cache[key] = (w_part, np.ascontiguousarray(w_part.T),
-                          None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
-        self._unit_cache = cache
-        return cache[key]
+            w_part = np.ascontiguousarray(self._weights(params)[1][k][rows])
+            bias_h = self._kernel_weights(params)[k][1]
+            params.cache[key] = (w_part, np.ascontiguousarray(w_part.T),
+                                 None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
+        return params.cache[key]
 
-    def _run(self, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
-        """Run every layer; x is (T, B, D) or (B, T, D) C-contiguous.
+    def _run(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
+        """Run every layer with the parameter set ``params`` (the caller took
+        it once: ``self._params``); x is (T, B, D) or (B, T, D) C-contiguous.
 
         Returns None, or in training the tape backward needs: the row order and,
         per layer, its input, the saved activations and states, the dropout mask
@@ -344,13 +402,13 @@ class RecurrentWeights(Module):
             # the per-step GEMM would need a leading dimension T * N beyond the
             # BLAS int range: run time-major and lay the output out at the end
             out_tm = np.empty((T, B, dirs * H), dtype)
-            tape = self._run(np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
+            tape = self._run(params, np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
                              h_n, c_n, out_tm, lengths, train)
             out[...] = out_tm.transpose(1, 0, 2)
             return tape
         window = _window_steps(B, N, dtype)
         if not train and dirs == 1 and T > window:
-            self._run_windows(x, T, B, batch_first, h_n, c_n, out, lengths, window)
+            self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths, window)
             return None
         rows = T * B
         gx = np.empty((rows, N), dtype)
@@ -367,7 +425,8 @@ class RecurrentWeights(Module):
             # weight gradients either (0 * NaN is NaN)
             layer_in = layer_in.copy()
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
-        tape = {"batch_first": batch_first, "lengths": lengths, "layers": []} if train else None
+        tape = ({"params": params, "batch_first": batch_first, "lengths": lengths, "layers": []}
+                if train else None)
         # fastrnn's threads do all the work, BLAS at one thread when it matters
         # the widest input of a layer: the inner dimension of the input GEMMs
         in_cols = layer_in.shape[1] if self._layers == 1 else max(layer_in.shape[1], dirs * H)
@@ -377,11 +436,11 @@ class RecurrentWeights(Module):
             held = hold and _parallel.blas_at_one_thread.held
             if not held:   # the parts' per-step gemv must not be threaded by BLAS
                 units = None
-            self._run_layers(layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
+            self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, parts, held, tape, units)
         return tape
 
-    def _run_windows(self, x, T, B, batch_first, h_n, c_n, out, lengths, window):
+    def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
         """Inference of a unidirectional stack over time windows, the state
         carried from one to the next (h_n, c_n are updated in place): the
         same numbers, and memory for the input projections and the layers
@@ -395,12 +454,12 @@ class RecurrentWeights(Module):
                 x_w, out_w = x[t0:t1], out[t0:t1]
             # a sequence already ended is inactive for the whole window
             len_w = None if lengths is None else np.clip(lengths - t0, 0, t1 - t0)
-            self._run(x_w, t1 - t0, B, batch_first, h_n, c_n, out_w, len_w)
+            self._run(params, x_w, t1 - t0, B, batch_first, h_n, c_n, out_w, len_w)
             if batch_first:
                 out[:, t0:t1] = out_w
 
-    def _run_layers(self, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx, gh,
-                    parts, held, tape, units=None):
+    def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
+                    gx, gh, parts, held, tape, units=None):
         """The layers of ``_run``, in the parts ``_parallel.split`` chose, or
         with the hidden units split between two threads (``units``, bounds
         from _parallel.unit_halves)."""
@@ -411,7 +470,8 @@ class RecurrentWeights(Module):
         saved_cols = dirs * self._saved * H
         scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
         spare = None
-        for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights()):
+        w_ih_all, w_hh_all = self._weights(params)[:2]
+        for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             last = k == L - 1
             if last:
                 layer_out = out.reshape(rows, -1)
@@ -423,15 +483,16 @@ class RecurrentWeights(Module):
             if train:
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
-            _forward.project(x=layer_in, w_ih=self._w_ih[k], bias_x=bias_x, gx=gx,
+            _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
                              max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(rows, parts))
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
 
-            if units is None or not self._recur_units(k, T, units, h_k, c_k, gx, layer_out):
+            if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
+                                                      layer_out):
                 _forward.recur(
                     cell=self._kernel_code, T=T, batch_first=batch_first, parts=parts,
-                    w_hh=self._w_hh[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
+                    w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves["acts"],
                     train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"),
                     blas_held=held)
@@ -462,18 +523,21 @@ class RecurrentWeights(Module):
         dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
         reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
         parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
-        in_cols = max(self._w_ih[0].shape[1], self._dirs * H)
+        w_ih_all, w_hh_all = self._weights(tape["params"])[:2]
+        in_cols = max(w_ih_all[0].shape[1], self._dirs * H)
         hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             for k in reversed(range(self._layers)):
                 dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
-                                        reset_before)
+                                        reset_before, w_ih_all[k], w_hh_all[k])
         return dout
 
-    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before):
-        """Layer k of ``_bptt``: the backward time loops, then the weight and
-        input gradients, each in the parts ``_parallel.split`` chose."""
+    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
+                    w_ih, w_hh):
+        """Layer k of ``_bptt`` (its weights of the tape's parameter set
+        w_ih, w_hh): the backward time loops, then the weight and input
+        gradients, each in the parts ``_parallel.split`` chose."""
         dirs, rows = self._dirs, T * B
         saves = tape["layers"][k]
         if k < self._layers - 1 and saves["mask"] is not None:
@@ -482,7 +546,7 @@ class RecurrentWeights(Module):
         _backward.backward_layer(
             cell=self._kernel_code, T=T, batch_first=tape["batch_first"], parts=parts,
             acts=saves["acts"], h_prev=saves["h_prev"], c_prev=saves["c_prev"],
-            w_hh=self._w_hh[k], dout=dout,
+            w_hh=w_hh, dout=dout,
             dh=dh[k * dirs:(k + 1) * dirs],
             dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
             dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held)
@@ -492,8 +556,8 @@ class RecurrentWeights(Module):
                 h_prev=saves["h_prev"], reset_acts=saves["acts"] if reset_before else None,
                 dgx=dgx, dgh=dgh, dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
                 db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
-        dx = np.empty((rows, self._w_ih[k].shape[1]), self._config["dtype"])
-        _backward.input_grad(dgx=dgx, w_ih=self._w_ih[k], dx=dx, max_rows=v.BLAS_INT_MAX,
+        dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
+        _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
                              parts=_parallel.halves(rows, parts))
         return dx
 
@@ -515,9 +579,11 @@ class Backprop:
         self._out_shape = call.out.shape if call.batched else (call.T, call.out.shape[-1])
         self._state_shape = call.h_n.shape if call.batched else (call.h_n.shape[0],
                                                                  call.h_n.shape[2])
-        self._version = module._version
+        # the parameter set of the forward; None for an empty batch (no tape)
+        self._params = None if tape is None else tape["params"]
+        self._version = module._version if tape is None else self._params.version
         self._used = False
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def __call__(self, dout, dstate=None):
         module = self._module

@@ -133,11 +133,13 @@ def gemm_only(layer, x):
 
     def run():
         with _parallel.blas_at_one_thread:
-            for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights()):
-                _forward.project(x=inputs[k], w_ih=layer._w_ih[k], bias_x=bias_x, gx=gx,
+            params = layer._params
+            w_ih, w_hh = layer._weights(params)[:2]
+            for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights(params)):
+                _forward.project(x=inputs[k], w_ih=w_ih[k], bias_x=bias_x, gx=gx,
                                  max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(T * B, parts))
                 _forward.gemm_limit(cell=layer._kernel_code, T=T, batch_first=False,
-                                    parts=parts, w_hh=layer._w_hh[k], w_hh_t=w_hh_t, h=h,
+                                    parts=parts, w_hh=w_hh[k], w_hh_t=w_hh_t, h=h,
                                     gx=gx, gh=gh)
 
     return run

@@ -27,7 +27,6 @@ class _CellBase(RecurrentWeights):
         rng = v.check_seed(owner, seed)
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        self._stepper_cache = (-1, None)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -39,22 +38,26 @@ class _CellBase(RecurrentWeights):
 
     def __call__(self, x, hx=None):
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
-        version, stepper = self._stepper_cache
-        if version != self._version:
-            version = self._version
-            bias_x, bias_h, _ = self._kernel_weights()[0]
-            stepper = _forward.CellStep(self._kernel_code, self._w_ih[0], self._w_hh[0],
-                                        bias_x, bias_h)
-            self._stepper_cache = (version, stepper)
-        result = stepper.step(x, hx)
+        params = self._params   # one parameter set for the whole call
+        result = self._stepper(params).step(x, hx)
         if result is not None:
             return result
         x, B, batched, h, c = self._prepare(x, hx)
         if B > 0:   # the layers' driver with T = 1; h, c become the new state
-            self._run(x[None], 1, B, False, h[None], None if c is None else c[None],
+            self._run(params, x[None], 1, B, False, h[None], None if c is None else c[None],
                       np.empty((1, B, self._config["hidden_size"]), self._config["dtype"]),
                       None)
         return self._results(h, c, batched)
+
+    def _stepper(self, params):
+        """The streaming path's kernel state for a parameter set (kept with it)."""
+        stepper = params.cache.get("stepper")
+        if stepper is None:
+            bias_x, bias_h, _ = self._kernel_weights(params)[0]
+            w_ih, w_hh = self._weights(params)[:2]
+            stepper = params.cache["stepper"] = _forward.CellStep(
+                self._kernel_code, w_ih[0], w_hh[0], bias_x, bias_h)
+        return stepper
 
     def forward_train(self, x, hx=None):
         """One step in training mode: the result of a call, and a ``backprop``.
@@ -74,7 +77,8 @@ class _CellBase(RecurrentWeights):
         out = np.empty((1, B, H), self._config["dtype"])
         tape = None
         if B > 0:
-            tape = self._run(x[None], 1, B, False, h_n, c_n, out, None, train=True)
+            tape = self._run(self._params, x[None], 1, B, False, h_n, c_n, out, None,
+                             train=True)
         call = SimpleNamespace(T=1, B=B, batched=True, batch_first=False, x=x[None], out=out,
                                h_n=h_n)
         return self._results(h, c, batched), _CellBackprop(self, Backprop(self, call, tape),

@@ -49,7 +49,6 @@ class _RNNBase(RecurrentWeights):
         # rng also draws the dropout masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"])
-        self._runner_cache = (None, None)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -64,29 +63,31 @@ class _RNNBase(RecurrentWeights):
 
     # --- forward ------------------------------------------------------------
     def __call__(self, x, hx=None, lengths=None):
+        params = self._params   # one parameter set for the whole call
         if lengths is None:   # the lean path of small calls (_forward.SequenceRunner)
-            result = self._sequence_runner().run(x, hx)
+            result = self._sequence_runner(params).run(x, hx)
             if result is not None:
                 return result
         call = self._prepare(x, hx, lengths)
         if call.B > 0:
-            self._run(call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n, call.out,
-                      call.lengths)
+            self._run(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
+                      call.out, call.lengths)
         return self._results(call)
 
-    def _sequence_runner(self):
-        key, runner = self._runner_cache
-        if key != (self._version, _parallel.get_num_threads()):
-            key = (self._version, _parallel.get_num_threads())  # read once
+    def _sequence_runner(self, params):
+        threads = _parallel.get_num_threads()
+        key = ("runner", threads)
+        runner = params.cache.get(key)
+        if runner is None:
             H = self._config["hidden_size"]
             split_steps = _parallel.unit_split_steps(H, self._gates)
             if self._dirs != 1 or self._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
                 split_steps = None
-            runner = _forward.SequenceRunner(
-                self._kernel_code, self._dirs, self._config["batch_first"], self._w_ih,
-                self._w_hh, self._kernel_weights(), _parallel.MIN_PARALLEL_WORK,
+            w_ih, w_hh = self._weights(params)[:2]
+            runner = params.cache[key] = _forward.SequenceRunner(
+                self._kernel_code, self._dirs, self._config["batch_first"], w_ih, w_hh,
+                self._kernel_weights(params), _parallel.MIN_PARALLEL_WORK,
                 2**62 if split_steps is None else split_steps)
-            self._runner_cache = (key, runner)
         return runner
 
     def forward_train(self, x, hx=None, lengths=None):
@@ -108,8 +109,8 @@ class _RNNBase(RecurrentWeights):
         call = self._prepare(x, hx, lengths, own_copy=True)
         tape = None
         if call.B > 0:
-            tape = self._run(call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
-                             call.out, call.lengths, train=True)
+            tape = self._run(self._params, call.x, call.T, call.B, call.batch_first, call.h_n,
+                             call.c_n, call.out, call.lengths, train=True)
         return self._results(call), Backprop(self, call, tape)
 
     # Sequential protocol (see fastrnn.nn): batch-first sequences in and out

@@ -48,11 +48,10 @@ class Linear(Module):
             shapes["bias"] = (cfg["out_features"],)
         grads = {}
         for name, shape in shapes.items():
-            storage = np.empty(shape, cfg["dtype"])
             grads[name] = np.zeros(shape, cfg["dtype"])
-            self._register(name, storage)
-            storage[...] = rng.uniform(-bound, bound, size=shape)
-            self._lock_storage(storage, grads[name])
+            storage = rng.uniform(-bound, bound, size=shape).astype(cfg["dtype"])
+            self._register(name, self._add_storage(storage, grads[name]))
+        self._seal_parameters()
         self._grads = MappingProxyType(grads)
 
     def __repr__(self):
@@ -70,20 +69,29 @@ class Linear(Module):
         return x
 
     def __call__(self, x):
-        x = self._check(x)
-        y = x @ self._slots["weight"].T
-        if "bias" in self._slots:
-            y += self._slots["bias"]
+        return self._forward(self._check(x), self._params)
+
+    @staticmethod
+    def _forward(x, params):
+        """y of x under one parameter set (taken once per call)."""
+        y = x @ params.views["weight"].T
+        if "bias" in params.views:
+            y += params.views["bias"]
         return y
 
     _seq_infer = __call__
 
     def _seq_train(self, x):
         x = self._check(x)
-        y = self(x)
-        version = self._version
+        params = self._params
+        y = self._forward(x, params)
+        version, y_shape = params.version, y.shape
 
         def backprop(dy):
+            dy = v.to_numpy("Linear.backprop", "dy", dy)
+            if dy.shape != y_shape:
+                raise ValueError(f"Linear.backprop: expected dy of the output's shape "
+                                 f"{shape_str(y_shape)}, got {shape_str(dy.shape)}")
             if self._version != version:
                 raise RuntimeError("Linear.backprop: the parameters changed after the forward "
                                    "(load_state_dict or an optimizer step)")
@@ -93,7 +101,7 @@ class Linear(Module):
                 np.add(self._grads["weight"], dy2.T @ x2, out=self._grads["weight"])
                 if "bias" in self._grads:
                     np.add(self._grads["bias"], dy2.sum(axis=0), out=self._grads["bias"])
-            return dy @ self._slots["weight"]
+            return dy @ params.views["weight"]
 
         return y, backprop
 
@@ -103,9 +111,6 @@ class _Stateless:
     _trainable = ()
     _version = 0
     _grad_lock = contextlib.nullcontext()
-
-    def _parameters_changed(self):
-        pass
 
     def zero_grad(self):
         pass

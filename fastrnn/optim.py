@@ -43,12 +43,12 @@ def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
 
 
 class Optimizer:
-    """Base: holds the (parameter, gradient) pairs and per-parameter state."""
+    """Base: holds the modules and per-parameter state (one entry per
+    storage array of each module, in the module's order)."""
 
     def __init__(self, params, lr):
         self.lr = _check_number(type(self).__name__, "lr", lr)
         self._modules = []
-        self._pairs = []
         self._state = []
         self.step_count = 0
         self.add(params)
@@ -59,29 +59,35 @@ class Optimizer:
             if any(module is m for m in self._modules):
                 continue
             self._modules.append(module)
-            for param, grad in module._trainable:
-                self._pairs.append((param, grad))
-                self._state.append({})
+            self._state.extend({} for _ in module._trainable)
 
     @property
     def bound(self):
-        return bool(self._pairs)
+        return bool(self._state)
 
     def zero_grad(self):
         for module in self._modules:
             module.zero_grad()
 
     def step(self):
-        """One update of every parameter from its gradient (each module's
-        gradients read under its lock, so no backprop adds meanwhile)."""
+        """One update of every parameter from its gradient. Each module's
+        gradients are read under its lock (no backprop adds meanwhile), and
+        its updated parameters replace the old as one set: a call running
+        in another thread computes with the old set or the new, never a mix."""
         self.step_count += 1
-        pairs = iter(zip(self._pairs, self._state))
+        states = iter(self._state)
         for module in self._modules:
-            with module._grad_lock:
-                for _ in module._trainable:
-                    (param, grad), state = next(pairs)
+            grads = module._trainable
+            module_states = [next(states) for _ in grads]
+            if not grads:
+                continue
+
+            def update(storages):
+                for param, grad, state in zip(storages, grads, module_states):
                     self._update(param, grad.astype(param.dtype, copy=True), state)
-            module._parameters_changed()
+
+            with module._grad_lock:
+                module._swap_parameters(update)
 
     def state_dict(self):
         """Hyper-parameters, step count and per-parameter state (copies)."""
@@ -244,7 +250,7 @@ def clip_grad_norm(params, max_norm, error_if_nonfinite=False):
     with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
         for module in modules:
             locks.enter_context(module._grad_lock)
-        grads = [grad for module in modules for _, grad in module._trainable]
+        grads = [grad for module in modules for grad in module._trainable]
         total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
         if error_if_nonfinite and not math.isfinite(total):
             raise ValueError(f"clip_grad_norm: the total gradient norm is {total}")
@@ -260,7 +266,7 @@ def clip_grad_value(params, clip_value):
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
     for module in _modules_of(params):
         with module._grad_lock:
-            for _, grad in module._trainable:
+            for grad in module._trainable:
                 np.clip(grad, -clip_value, clip_value, out=grad)
 
 

@@ -70,3 +70,163 @@ def test_sequential_and_stream_read_the_other_byte_order():
     for t in range(4):
         np.testing.assert_allclose(other.step(swapped(x[0, t])), native.step(x[0, t]),
                                    rtol=tol, atol=tol)
+
+
+# --- one consistent parameter set per call -----------------------------------------
+
+def _two_weight_sets(module, seed):
+    """The module's state dict and another of the same shapes."""
+    rng = np.random.default_rng(seed)
+    first = module.state_dict()
+    second = {k: rng.uniform(-0.5, 0.5, size=v.shape).astype(v.dtype) for k, v in first.items()}
+    return first, second
+
+
+def _check_calls_see_one_set(module, call, seconds=1.0):
+    """While one thread keeps loading two weight sets in turn, every result
+    of ``call`` from the other threads equals the result under one of them."""
+    import threading
+    import time
+    first, second = _two_weight_sets(module, 7)
+    expected = []
+    for weights in (first, second):
+        module.load_state_dict(weights)
+        expected.append([a.copy() for a in flat(call())])
+    stop = threading.Event()
+    torn, done = [], []
+
+    def swap():
+        while not stop.is_set():
+            module.load_state_dict(first)
+            module.load_state_dict(second)
+
+    def serve():
+        n = 0
+        while not stop.is_set():
+            got = flat(call())
+            if not any(all(np.array_equal(g, e) for g, e in zip(got, exp)) for exp in expected):
+                torn.append(got)
+            n += 1
+        done.append(n)
+
+    threads = [threading.Thread(target=swap)] + [threading.Thread(target=serve)
+                                                 for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert sum(done) > 20
+    assert not torn, f"{len(torn)} of {sum(done)} results mixed the two weight sets"
+
+
+@pytest.mark.parametrize("case", ["lean", "general", "bidirectional", "cell", "cell-batched",
+                                  "linear", "train-forward"])
+def test_calls_never_mix_old_and_new_parameters(case):
+    rng = np.random.default_rng(3)
+    if case in ("lean", "general", "train-forward"):
+        module = LSTM(8, 16, num_layers=2, seed=0)
+        x = rng.standard_normal((20, 4, 8)).astype(np.float32)
+        if case == "lean":
+            def call(): return module(x)
+        elif case == "general":
+            def call(): return module(x, lengths=[20, 19, 5, 20])
+        else:
+            def call(): return module.forward_train(x)[0]
+    elif case == "bidirectional":
+        from fastrnn import _parallel
+        module = GRU(8, 32, bidirectional=True, seed=0)
+        x = rng.standard_normal((60, 8, 8)).astype(np.float32)
+        assert len(_parallel.split(2, 8, 60 * 8 * 192 * 52)) == fastrnn.get_num_threads()
+        def call(): return module(x)
+    elif case.startswith("cell"):
+        module = GRUCell(8, 16, seed=0)
+        x = rng.standard_normal((3, 8) if case == "cell-batched" else 8).astype(np.float32)
+        def call(): return module(x)
+    else:
+        module = fastrnn.Linear(8, 5, seed=0)
+        x = rng.standard_normal((3, 4, 8)).astype(np.float32)
+        def call(): return module(x)
+    _check_calls_see_one_set(module, call)
+
+
+@pytest.mark.parametrize("opt_class", [fastrnn.optim.SGD, fastrnn.optim.Adam])
+def test_an_optimizer_step_never_writes_the_weights_a_call_holds(opt_class):
+    """A call takes the module's current parameter set once; a step builds a
+    new set, so the arrays a running call reads never change under it."""
+    layer = GRU(4, 6, seed=0)
+    head = fastrnn.Linear(6, 2, seed=1)
+    opt = opt_class([layer, head], lr=0.1)
+    x = np.random.default_rng(0).standard_normal((5, 2, 4)).astype(np.float32)
+    (out, _), backprop = layer.forward_train(x)
+    backprop(np.ones_like(out))
+    for module in (layer, head):
+        with module._grad_lock:
+            for g in module._trainable:
+                g[...] = 1
+    held = [(m, m._params, [s.copy() for s in m._params.storages]) for m in (layer, head)]
+    opt.step()
+    for module, params, copies in held:
+        assert module._params is not params            # a new set was swapped in
+        for storage, copy in zip(params.storages, copies):
+            np.testing.assert_array_equal(storage, copy)  # the old one is untouched
+            assert not storage.flags.writeable
+        assert any(not np.array_equal(a, b) for a, b in
+                   zip(module._params.storages, params.storages))
+
+
+def test_public_parameters_stay_read_only():
+    layer = LSTM(3, 4, seed=0)
+    w = layer.weight_hh_l0
+    with pytest.raises(ValueError):
+        w[0, 0] = 1.0
+    with pytest.raises(ValueError):
+        w.flags.writeable = True
+
+
+# --- fork ----------------------------------------------------------------------------
+
+def _train_once(layer, opt, queue):
+    x = np.ones((3, 2, 4), np.float32)
+    (out, _), backprop = layer.forward_train(x)
+    backprop(np.ones_like(out))
+    opt.step()
+    layer.load_state_dict(layer.state_dict())
+    queue.put("done")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_a_child_forked_while_a_lock_is_held_does_not_hang():
+    """Every lock fastrnn owns is made anew in a forked child: one copied
+    while another thread of the parent held it would never be released."""
+    import multiprocessing
+    import threading
+    layer = GRU(4, 6, seed=0)
+    opt = fastrnn.optim.SGD([layer], lr=0.1)
+    (out, _), backprop = layer.forward_train(np.ones((3, 2, 4), np.float32))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_locks():
+        with layer._grad_lock, backprop._lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold_locks)
+    holder.start()
+    held.wait()
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_train_once, args=(layer, opt, queue))
+        child.start()
+        child.join(timeout=30)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+            child.join()
+    finally:
+        release.set()
+        holder.join()
+    assert not hung, "the forked child waited on a lock copied held"
+    assert child.exitcode == 0 and queue.get(timeout=5) == "done"

@@ -1,0 +1,45 @@
+"""Locks that survive fork().
+
+A child process made by fork() while another thread of the parent held a
+lock would inherit it held, with no thread left to release it: the child's
+first backprop, optimizer step or load would wait forever (multiprocessing's
+"fork" start method, gunicorn --preload, Dask's forking workers). Every lock
+fastrnn owns is a ``ForkSafeLock``: the child replaces each with a fresh one.
+The C worker thread and the BLAS hold reset themselves likewise
+(``_worker.h``, ``_parallel``).
+"""
+import os
+import threading
+import weakref
+
+_live = weakref.WeakSet()
+
+
+class ForkSafeLock:
+    """A ``threading.Lock`` for ``with`` blocks, made anew in a forked child."""
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def locked(self):
+        return self._lock.locked()
+
+
+def _reset_in_child():
+    # the child has only the thread that called fork(): no lock can be in
+    # use by a thread of its own
+    for lock in list(_live):
+        lock._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
