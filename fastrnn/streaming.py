@@ -60,7 +60,9 @@ class Stream:
     @property
     def state(self):
         """Copies of the state after the last call, one entry per recurrent
-        layer: its h_n (or (h_n, c_n) for LSTM), None before the first call."""
+        layer: its h_n (or (h_n, c_n) for LSTM) of shape (num_layers, B, H)
+        however the stream was fed (frames or chunks, one stream or a batch),
+        None before the first call."""
         return [None if s is None else
                 (tuple(a.copy() for a in s) if isinstance(s, tuple) else s.copy())
                 for s in self._state]
@@ -71,33 +73,61 @@ class Stream:
             raise TypeError(f"Stream: state must be a list of {len(self._recurrent)} entries "
                             f"(one per recurrent layer), got {type(value).__name__}")
         # checked by the layers on the next call; keep copies so that later
-        # changes to the caller's arrays do not reach the stream
+        # changes to the caller's arrays do not reach the stream. (num_layers, H),
+        # one stream's state, is stored as (num_layers, 1, H).
         self._state = [None if s is None else
-                       (tuple(np.array(a) for a in s) if isinstance(s, (tuple, list))
-                        else np.array(s)) for s in value]
+                       (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
+                        else _batched_state(s)) for s in value]
 
     # --- feeding --------------------------------------------------------------
+    def _run_layer(self, k, layer, x):
+        """Recurrent layer k on x from the stream's state: (out, new state).
+        The state is kept batched, (num_layers, B, H); an unbatched x (one
+        stream) takes it as (num_layers, H), which needs B = 1."""
+        state = self._state[k]
+        batched = np.ndim(x) == 3
+        if state is not None and not batched:
+            parts = state if isinstance(state, tuple) else (state,)
+            if any(a.ndim == 3 and a.shape[1] != 1 for a in parts):
+                raise ValueError(f"Stream: the state holds {parts[0].shape[1]} streams; an "
+                                 f"unbatched chunk or frame feeds one (pass a batch of "
+                                 f"{parts[0].shape[1]}, or reset the stream)")
+            state = tuple(_one_stream(a) for a in parts) if isinstance(state, tuple) \
+                else _one_stream(state)
+        out, new = layer(x, state)
+        new = tuple(_batched_state(a) for a in new) if isinstance(new, tuple) \
+            else _batched_state(new)
+        return out, new
+
     def __call__(self, chunk):
         """Feed a chunk of steps: for a layer, laid out as the layer takes a
         sequence ((T, B, D), (B, T, D) with batch_first, or (T, D)); for a
-        Sequential, (B, T, features). Returns the chunk's outputs."""
+        Sequential, (B, T, features), or (T, features) for one stream.
+        Returns the chunk's outputs. Chunks and frames (``step``) mix in any
+        order."""
         if isinstance(self.model, _RNNBase):
-            out, self._state[0] = self.model(chunk, self._state[0])
+            out, self._state[0] = self._run_layer(0, self.model, chunk)
             return out
+        x = v.to_numpy("Stream", "chunk", chunk)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"Stream: expected a chunk of shape (B, T, features) or "
+                             f"(T, features), got {v.shape_str(x.shape)}")
+        one_stream = x.ndim == 2
+        if one_stream:
+            x = x[None]
         new_state = list(self._state)
-        x = chunk
         k = 0
         for layer in self.model.layers:
             if isinstance(layer, _RNNBase):
                 if not layer.batch_first:
-                    x = np.swapaxes(v.to_numpy("Stream", "chunk", x), 0, 1)
-                out, new_state[k] = layer(x, self._state[k])
+                    x = np.swapaxes(x, 0, 1)
+                out, new_state[k] = self._run_layer(k, layer, x)
                 x = out if layer.batch_first else np.swapaxes(out, 0, 1)
                 k += 1
             else:
                 x = layer._seq_infer(x)
         self._state = new_state   # only once every layer has succeeded
-        return x
+        return x[0] if one_stream else x
 
     def step(self, frame):
         """Feed one frame: (D,) for one stream, or (B, D) for a batch of
@@ -105,7 +135,7 @@ class Stream:
         frame = v.to_numpy("Stream", "frame", frame)
         if frame.ndim not in (1, 2):
             raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
-                             f"got {frame.shape}")
+                             f"got {v.shape_str(frame.shape)}")
         if isinstance(self.model, _RNNBase):
             if frame.ndim == 1:
                 return self(frame[None])[0]
@@ -113,10 +143,21 @@ class Stream:
             out = self(seq)
             return out[:, 0] if self.model.batch_first else out[0]
         batch = frame[None] if frame.ndim == 1 else frame
-        out = self(batch[:, None])
-        out = out[:, 0] if out.ndim == 3 else out
+        out = self(batch[:, None])             # (B, 1, features): one step
+        out = out[:, 0] if out.ndim == 3 else out   # a LastStep dropped the time axis
         return out[0] if frame.ndim == 1 else out
 
     def __repr__(self):
         started = any(s is not None for s in self._state)
         return f"Stream({self.model!r}, {'started' if started else 'fresh'})"
+
+
+def _batched_state(a):
+    """A state array as the stream keeps it: a copy, (num_layers, B, H)."""
+    a = np.array(a)
+    return a[:, None] if a.ndim == 2 else a
+
+
+def _one_stream(a):
+    """(num_layers, 1, H) -> (num_layers, H), for an unbatched call."""
+    return a[:, 0] if a.ndim == 3 else a

@@ -230,3 +230,46 @@ def test_a_child_forked_while_a_lock_is_held_does_not_hang():
         holder.join()
     assert not hung, "the forked child waited on a lock copied held"
     assert child.exitcode == 0 and queue.get(timeout=5) == "done"
+
+
+# --- streams mixing frames and chunks -------------------------------------------------
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_stream_mixes_frames_and_chunks_in_any_order(batch_first):
+    model = fastrnn.Sequential([LSTM(3, 8, batch_first=batch_first, seed=0),
+                                GRU(8, 5, batch_first=True, seed=1),
+                                fastrnn.Linear(5, 2, seed=2)])
+    x = np.random.default_rng(0).standard_normal((1, 9, 3)).astype(np.float32)
+    whole = model.predict(x)[0]                          # (9, 2)
+    stream = fastrnn.Stream(model)
+    got = [stream.step(x[0, 0])]                         # a 1-D frame
+    got += list(stream(x[:, 1:4])[0])                    # a batched chunk
+    got += [stream.step(x[:, 4])[0]]                     # a (1, D) frame
+    got += list(stream(x[0, 5:7]))                       # an unbatched chunk (T, D)
+    got += [stream.step(x[0, 7]), stream.step(x[0, 8])]
+    np.testing.assert_allclose(np.array(got), whole, rtol=2e-6, atol=2e-6)
+    assert all(a.shape == (1, 1, 8) for a in stream.state[0])   # always (layers, B, H)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_stream_mixes_unbatched_and_batched_feeding(batch_first):
+    layer = GRU(3, 4, batch_first=batch_first, seed=0)
+    x = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32)
+    whole, _ = layer(x)
+    stream = fastrnn.Stream(layer)
+    got = [stream.step(x[0])]                                     # (D,)
+    chunk = x[None, 1:3] if batch_first else x[1:3, None]         # batched, B = 1
+    out = stream(chunk)
+    got += list(out[0] if batch_first else out[:, 0])
+    got += list(stream(x[3:5]))                                   # unbatched (T, D)
+    got += [stream.step(x[5][None])[0]]                           # (1, D)
+    np.testing.assert_allclose(np.array(got), whole, rtol=2e-6, atol=2e-6)
+
+
+def test_an_unbatched_frame_after_a_batch_of_streams_is_refused_clearly():
+    stream = fastrnn.Stream(GRU(3, 4, seed=0))
+    stream.step(np.ones((2, 3), np.float32))                      # two streams
+    with pytest.raises(ValueError, match="state holds 2 streams; an unbatched"):
+        stream.step(np.ones(3, np.float32))
+    assert stream.state[0].shape == (1, 2, 4)                     # unchanged, usable
+    stream.step(np.ones((2, 3), np.float32))
