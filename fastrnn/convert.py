@@ -7,7 +7,12 @@ reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (either
 reset_after), LSTM and Bidirectional. ONNX: ``to_onnx`` / ``from_onnx``. The frameworks are imported only when called.
 Options fastrnn does not implement are refused by name, never dropped.
 """
+import math
+import os
+import stat
+
 import numpy as np
+from fastrnn._validation import check_dtype, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
 
@@ -306,112 +311,702 @@ def to_onnx(layer, path=None, lengths=False, opset=17):
     return model
 
 
+# --- from_onnx: reading, checking, layout ---------------------------------------------
+# Bounds on what from_onnx reads and builds (module-level so that the tests can lower
+# them). A model is one self-contained file of at most _ONNX_MAX_FILE_BYTES (protobuf's
+# own limit for one message). The layers built from it hold at most _ONNX_LAYER_FACTOR
+# times the model's size plus _ONNX_LAYER_SLACK bytes, counting each layer's parameters
+# in the requested dtype plus _ONNX_LAYER_OVERHEAD for the object itself (about 9 KB
+# measured for a small bidirectional LSTM): 8 covers int8 weights imported as float64;
+# more can only come from nodes sharing weights, or from a flood of tiny nodes.
+_ONNX_MAX_FILE_BYTES = 2**31
+_ONNX_LAYER_FACTOR = 8
+_ONNX_LAYER_SLACK = 64 * 2**20
+_ONNX_LAYER_OVERHEAD = 16 * 2**10
+_ONNX_DOMAINS = ("", "ai.onnx")
+_ONNX_GATE_COUNT = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_ONNX_INPUTS = {"RNN": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
+                "GRU": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
+                "LSTM": ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")}
+_ONNX_OUTPUTS = {"RNN": ("Y", "Y_h"), "GRU": ("Y", "Y_h"), "LSTM": ("Y", "Y_h", "Y_c")}
+_ONNX_ACTIVATIONS = {"RNN": [["Tanh"], ["Relu"]], "GRU": [["Sigmoid", "Tanh"]],
+                     "LSTM": [["Sigmoid", "Tanh", "Tanh"]]}
+# weight storage: TensorProto data type name -> (bytes per value in raw_data, the typed
+# field holding the values otherwise); real floating-point and integer types only
+_ONNX_WEIGHT_TYPES = {"FLOAT": (4, "float_data"), "DOUBLE": (8, "double_data"),
+                      "FLOAT16": (2, "int32_data"), "BFLOAT16": (2, "int32_data"),
+                      "INT8": (1, "int32_data"), "UINT8": (1, "int32_data"),
+                      "INT16": (2, "int32_data"), "UINT16": (2, "int32_data"),
+                      "INT32": (4, "int32_data"), "UINT32": (4, "uint64_data"),
+                      "INT64": (8, "int64_data"), "UINT64": (8, "uint64_data")}
+
+
+def _onnx_module(caller):
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ImportError(f"fastrnn: {caller} needs the onnx package (pip install onnx)") from None
+    return onnx, numpy_helper
+
+
+def _clip(text, limit=60):
+    """A name for a message: at most about ``limit`` characters of it, the
+    start and the end."""
+    if len(text) <= limit:
+        return text
+    dots = b"..." if isinstance(text, bytes) else "..."   # bytes: a name not in UTF-8
+    return text[:limit // 2] + dots + text[len(text) - limit // 2:]
+
+
+def _dims_str(dims):
+    dims = list(dims[:9])
+    if len(dims) > 8:
+        return "(" + ", ".join(str(d) for d in dims[:8]) + ", ...)"
+    return shape_str(dims)
+
+
+def _read_at_most(file, limit):
+    """The file's bytes, read in pieces (``read(n)`` would allocate n bytes at
+    once), stopping once more than ``limit`` have come."""
+    pieces, total = [], 0
+    while total <= limit:
+        piece = file.read(min(2**26, limit + 1 - total))
+        if not isinstance(piece, bytes):
+            raise TypeError(f"from_onnx: expected a binary file object, got one whose read() "
+                            f"returns {type(piece).__name__}")
+        if not piece:
+            break
+        pieces.append(piece)
+        total += len(piece)
+    return b"".join(pieces)
+
+
+def _onnx_read(model, onnx):
+    """(ModelProto, size in bytes) from a ModelProto, a path or a binary file object;
+    a file is read only if it is regular and within _ONNX_MAX_FILE_BYTES, without
+    following external-data references."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.ByteSize()
+    limit = _ONNX_MAX_FILE_BYTES
+    if isinstance(model, (str, bytes, os.PathLike)):
+        path = os.fsdecode(model)
+
+        def cannot(why):
+            raise ValueError(f"from_onnx: cannot read an ONNX model from {_clip(path, 200)!r}: "
+                             f"{why}")
+
+        if "\0" in path:
+            cannot("the path holds a NUL character")
+        try:
+            # a directory, FIFO or device (/dev/zero) is refused before it is opened
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                cannot("not a regular file")
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size > limit:
+                    cannot(f"the file has {size} bytes, more than the limit of {limit} "
+                           f"(protobuf's limit for one model)")
+                data = file.read(size + 1)   # one more shows a file that grew
+        except OSError as exc:
+            cannot(exc.strerror or str(exc))
+        ext = os.path.splitext(path)[1]
+        fmt = onnx.serialization.registry.get_format_from_file_extension(ext) or "protobuf"
+    elif hasattr(model, "read"):
+        path, fmt = repr(model), "protobuf"
+        data = _read_at_most(model, limit)
+    else:
+        raise TypeError(f"from_onnx: expected an onnx.ModelProto or a path to an .onnx file, "
+                        f"got {type(model).__name__}")
+    if len(data) > limit:
+        raise ValueError(f"from_onnx: cannot read an ONNX model from {_clip(path, 200)!r}: more "
+                         f"than {limit} bytes (protobuf's limit for one model)")
+    try:
+        return onnx.load_model_from_string(data, format=fmt), len(data)
+    except Exception as exc:   # the parsers raise several kinds for a damaged file
+        raise ValueError(f"from_onnx: cannot read an ONNX model from {_clip(path, 200)!r}: "
+                         f"{type(exc).__name__}: {_clip(str(exc), 300)}") from None
+
+
+def _onnx_op(node):
+    """The op's name, prefixed with its domain when not ONNX's own."""
+    if node.domain in _ONNX_DOMAINS:
+        return node.op_type
+    return f"{node.domain}.{node.op_type}"
+
+
+def _onnx_label(node, index):
+    if node.name:
+        return repr(_clip(node.name))
+    if node.output and node.output[0]:
+        return repr(_clip(node.output[0]))
+    return f"number {index}"
+
+
+def _onnx_describe(attr, A):
+    """What an attribute holds, for a message: 'a float (4.7)', 'a tensor', ..."""
+    def values(items, fmt=str):
+        items = list(items[:9])
+        text = ", ".join(fmt(x) for x in items[:8]) + (", ..." if len(items) > 8 else "")
+        return f"[{text}]"
+
+    text = lambda s: repr(_clip(s.decode("utf-8", "replace")))
+    kinds = {A.FLOAT: lambda: f"a float ({attr.f:.7g})", A.INT: lambda: f"an int ({attr.i})",
+             A.STRING: lambda: f"a string ({text(attr.s)})",
+             A.FLOATS: lambda: f"a list of floats ({values(attr.floats, '{:.7g}'.format)})",
+             A.INTS: lambda: f"a list of ints ({values(attr.ints)})",
+             A.STRINGS: lambda: f"a list of strings ({values(attr.strings, text)})",
+             A.TENSOR: lambda: "a tensor", A.GRAPH: lambda: "a graph",
+             A.SPARSE_TENSOR: lambda: "a sparse tensor", A.TENSORS: lambda: "a list of tensors",
+             A.GRAPHS: lambda: "a list of graphs",
+             A.SPARSE_TENSORS: lambda: "a list of sparse tensors",
+             A.TYPE_PROTO: lambda: "a type", A.TYPE_PROTOS: lambda: "a list of types"}
+    if attr.type in kinds:
+        return kinds[attr.type]()
+    return "an attribute without a type" if attr.type == A.UNDEFINED else \
+        f"an attribute of unknown type {attr.type}"
+
+
+def _onnx_attributes(node, op, where, A):
+    """The node's attributes by name, each of the type ONNX defines for it;
+    an unknown, repeated or mistyped attribute raises."""
+    spec = {"activation_alpha": A.FLOATS, "activation_beta": A.FLOATS,
+            "activations": A.STRINGS, "clip": A.FLOAT, "direction": A.STRING,
+            "hidden_size": A.INT, "layout": A.INT}
+    spec.update({"GRU": {"linear_before_reset": A.INT},
+                 "LSTM": {"input_forget": A.INT}}.get(op, {}))
+    expected = {A.INT: "an int", A.FLOAT: "a float", A.STRING: "a string",
+                A.FLOATS: "a list of floats", A.STRINGS: "a list of strings"}
+    decode = lambda s: s.decode("utf-8", "replace")
+    read = {A.INT: lambda a: a.i, A.FLOAT: lambda a: a.f, A.STRING: lambda a: decode(a.s),
+            A.FLOATS: lambda a: list(a.floats),
+            A.STRINGS: lambda a: [decode(s) for s in a.strings]}
+    values = {}
+    for attr in node.attribute:
+        name = attr.name
+        if name not in spec:
+            raise ValueError(f"{where}: attribute {_clip(name)!r}: not an attribute of ONNX "
+                             f"{op} (its attributes: {', '.join(sorted(spec))})")
+        if name in values:
+            count = sum(1 for other in node.attribute if other.name == name)
+            raise ValueError(f"{where}: attribute {name}: given {count} times")
+        if attr.type != spec[name]:
+            raise TypeError(f"{where}: attribute {name}: expected {expected[spec[name]]}, "
+                            f"got {_onnx_describe(attr, A)}")
+        values[name] = read[attr.type](attr)
+    return values
+
+
+class _OnnxNode:
+    """One checked recurrent node: what from_onnx builds from it."""
+
+    def __init__(self, index, node, op, where):
+        self.index, self.node, self.op, self.where = index, node, op, where
+        self.tensors = {}           # 'W', 'R', 'B' -> TensorProto, checked
+        self.kwargs = {}
+        self.dirs = self.hidden_size = self.input_size = None
+        self.batch_first = False
+        self.layout_reason = ""     # why the node is batch-first, for messages
+
+    def values(self):
+        return sum(math.prod(t.dims) for t in self.tensors.values())
+
+
+def _onnx_weight(plan, what, name, initializers, counts, onnx):
+    """The initializer a node reads as input ``what`` (W, R or B): stored in the
+    model, of a real data type (checked here; its shape and size by the caller)."""
+    where, TensorProto = plan.where, onnx.TensorProto
+    if counts.get(name, 0) > 1:
+        raise ValueError(f"{where}: input {what}: {counts[name]} initializers are named "
+                         f"{_clip(name)!r}")
+    if name not in initializers:
+        if counts.get(name):
+            raise ValueError(f"{where}: input {what}: {_clip(name)!r} is a sparse initializer; "
+                             f"fastrnn imports dense weights")
+        raise ValueError(f"{where}: input {what}: {_clip(name)!r} is not an initializer; "
+                         f"fastrnn imports constant weights")
+    tensor = initializers[name]
+    if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data):
+        raise ValueError(f"{where}: input {what}: initializer {_clip(name)!r} keeps its data "
+                         f"outside the model (external data); fastrnn imports only weights "
+                         f"stored in the model itself")
+    if tensor.HasField("segment"):
+        raise ValueError(f"{where}: input {what}: initializer {_clip(name)!r} is one segment "
+                         f"of a tensor; fastrnn imports whole tensors")
+    try:
+        type_name = TensorProto.DataType.Name(tensor.data_type)
+    except ValueError:
+        type_name = "UNDEFINED"
+    if type_name == "UNDEFINED":
+        raise ValueError(f"{where}: input {what}: unknown data type {tensor.data_type}")
+    if type_name not in _ONNX_WEIGHT_TYPES:
+        raise TypeError(f"{where}: input {what}: data type {type_name}: fastrnn imports real "
+                        f"floating-point or integer weights")
+    return tensor
+
+
+def _onnx_check_data(plan, what, tensor):
+    """The values the initializer holds are as many as its dims say (counted
+    from the bytes and fields present: nothing is allocated)."""
+    count = math.prod(tensor.dims)
+    itemsize, field = _ONNX_WEIGHT_TYPES[tensor.DataType.Name(tensor.data_type)]
+    shape = _dims_str(tensor.dims)
+    if tensor.HasField("raw_data"):
+        if len(tensor.raw_data) != count * itemsize:
+            raise ValueError(f"{plan.where}: input {what}: initializer {_clip(tensor.name)!r} "
+                             f"holds {len(tensor.raw_data)} bytes of data, expected {count} "
+                             f"values {shape} of {itemsize} bytes")
+    elif len(getattr(tensor, field)) != count:
+        raise ValueError(f"{plan.where}: input {what}: initializer {_clip(tensor.name)!r} "
+                         f"holds {len(getattr(tensor, field))} values, expected {count} "
+                         f"values {shape}")
+
+
+def _onnx_plan(index, node, op, initializers, counts, onnx):
+    """Check one RNN/GRU/LSTM node completely (attributes, inputs, outputs, the
+    weights' types, shapes and stored sizes) without converting anything."""
+    where = f"from_onnx: {op} node {_onnx_label(node, index)}"
+    plan = _OnnxNode(index, node, op, where)
+
+    def refuse(what, why):
+        raise ValueError(f"{where}: {what}: {why}")
+
+    attrs = _onnx_attributes(node, op, where, onnx.AttributeProto)
+    direction = attrs.get("direction", "forward")
+    if direction not in ("forward", "bidirectional"):
+        refuse(f"direction={_clip(direction)!r}", "fastrnn runs 'forward' or 'bidirectional'")
+    layout = attrs.get("layout", 0)
+    if layout == 1:
+        refuse("layout=1", "batch-first ONNX nodes are not supported (ORT rejects them too)")
+    if layout != 0:
+        refuse(f"layout={layout}", "must be 0 or 1")
+    if "clip" in attrs:
+        refuse(f"clip={float(format(attrs['clip'], '.7g'))!r}",
+               "cell clipping is not implemented")
+    if attrs.get("input_forget", 0) == 1:
+        refuse("input_forget=1", "coupled input/forget gates are not implemented")
+    for key in ("input_forget", "linear_before_reset"):
+        if attrs.get(key, 0) not in (0, 1):
+            refuse(f"{key}={attrs[key]}", "must be 0 or 1")
+    dirs = 2 if direction == "bidirectional" else 1
+    names = attrs.get("activations", [])
+    per_dir = len(_ONNX_ACTIVATIONS[op][0])
+    nonlinearity = "tanh"
+    if names:
+        if len(names) != per_dir * dirs:
+            refuse("attribute activations", f"expected {per_dir * dirs} names ({per_dir} per "
+                   f"direction), got {len(names)}")
+        groups = [names[i * per_dir:(i + 1) * per_dir] for i in range(dirs)]
+        if any(g != groups[0] for g in groups) or groups[0] not in _ONNX_ACTIVATIONS[op]:
+            refuse(f"activations={[_clip(n) for n in names]}", "fastrnn implements "
+                   f"{' or '.join(str(d) for d in _ONNX_ACTIVATIONS[op])} per direction")
+        nonlinearity = "relu" if groups[0] == ["Relu"] else "tanh"
+    if attrs.get("activation_alpha") or attrs.get("activation_beta"):
+        refuse("activation_alpha/beta", "parametrised activations are not implemented")
+    if "hidden_size" in attrs and attrs["hidden_size"] < 1:
+        refuse("attribute hidden_size", f"expected a positive int, got {attrs['hidden_size']}")
+
+    labels, given = _ONNX_INPUTS[op], len(node.input)
+    if given > len(labels):
+        refuse(f"expected at most {len(labels)} inputs ({', '.join(labels)})", f"got {given}")
+    if len(node.output) > len(_ONNX_OUTPUTS[op]):
+        refuse(f"expected at most {len(_ONNX_OUTPUTS[op])} outputs "
+               f"({', '.join(_ONNX_OUTPUTS[op])})", f"got {len(node.output)}")
+    inputs = list(node.input) + [""] * (len(labels) - given)
+    for i in range(3):
+        if not inputs[i]:
+            why = f"the node has {given} input{'s' if given != 1 else ''}" if i >= given \
+                else "its name is empty"
+            refuse(f"input {labels[i]}", f"missing ({why})")
+    if op == "LSTM" and inputs[7]:
+        refuse("P (peepholes)", "peephole connections are not implemented")
+
+    G = _ONNX_GATE_COUNT[op]
+    gates = "H" if G == 1 else f"{G}*H"
+    R = _onnx_weight(plan, "R", inputs[2], initializers, counts, onnx)
+    if "hidden_size" in attrs:
+        H = attrs["hidden_size"]
+        if list(R.dims) != [dirs, G * H, H]:
+            refuse("input R", f"expected shape ({dirs}, {gates}, H) = ({dirs}, {G * H}, {H}) "
+                   f"(direction {direction!r}, hidden_size {H}), got {_dims_str(R.dims)}")
+        source = f"hidden_size {H}"
+    else:   # ONNX lets hidden_size be left out: R's shape gives it
+        if len(R.dims) != 3 or R.dims[0] != dirs or R.dims[2] < 1 \
+                or R.dims[1] != G * R.dims[2]:
+            refuse("input R", f"expected shape ({dirs}, {gates}, H) (direction {direction!r}, "
+                   f"H >= 1), got {_dims_str(R.dims)}")
+        H = R.dims[2]
+        source = f"H = {H} from R"
+    _onnx_check_data(plan, "R", R)
+    W = _onnx_weight(plan, "W", inputs[1], initializers, counts, onnx)
+    if len(W.dims) != 3 or W.dims[0] != dirs or W.dims[1] != G * H or W.dims[2] < 1:
+        hint = ", input size D >= 1" if len(W.dims) == 3 and W.dims[2] < 1 else ""
+        refuse("input W", f"expected shape ({dirs}, {gates}, D) = ({dirs}, {G * H}, D) "
+               f"(direction {direction!r}, {source}{hint}), got {_dims_str(W.dims)}")
+    _onnx_check_data(plan, "W", W)
+    plan.tensors = {"W": W, "R": R}
+    if inputs[3]:
+        B = _onnx_weight(plan, "B", inputs[3], initializers, counts, onnx)
+        if list(B.dims) != [dirs, 2 * G * H]:
+            refuse("input B", f"expected shape ({dirs}, {2 * G}*H) = ({dirs}, {2 * G * H}) "
+                   f"(direction {direction!r}, {source}), got {_dims_str(B.dims)}")
+        _onnx_check_data(plan, "B", B)
+        plan.tensors["B"] = B
+    plan.dirs, plan.hidden_size, plan.input_size = dirs, H, W.dims[2]
+    plan.kwargs = {"bidirectional": dirs == 2, "bias": bool(inputs[3])}
+    if op == "RNN":
+        plan.kwargs["nonlinearity"] = nonlinearity
+    if op == "GRU":   # ONNX's default is reset before (0)
+        plan.kwargs["reset_after"] = attrs.get("linear_before_reset", 0) == 1
+    return plan
+
+
+def _onnx_layouts(graph, plans, initializers, counts, onnx, numpy_helper):
+    """Decide each recurrent node's layout from the glue around it (see
+    from_onnx's Notes), or refuse a model whose layout no layer reproduces.
+
+    Works on node indices and tensor names only, in time and memory linear in
+    the graph's size (no recursion: Identity chains and node chains may be long).
+    """
+    A, TensorProto = onnx.AttributeProto, onnx.TensorProto
+    nodes = graph.node
+    alias = {}   # an Identity's output -> its input
+    for node in nodes:
+        if _onnx_op(node) == "Identity" and len(node.input) == 1 and len(node.output) == 1 \
+                and node.input[0] and node.output[0]:
+            alias[node.output[0]] = node.input[0]
+    resolved = {}
+
+    def root(name):
+        path = []
+        while name in alias and name not in resolved and len(path) <= len(alias):
+            path.append(name)
+            name = alias[name]
+        name = resolved.get(name, name)
+        for step in path:
+            resolved[step] = name
+        return name
+
+    made, uses = {}, {}   # tensor -> index of the node making it; -> [(index, input slot)]
+    for k, node in enumerate(nodes):
+        if _onnx_op(node) == "Identity" and node.output and node.output[0] in alias:
+            continue
+        for name in node.output:
+            if name:
+                made.setdefault(name, k)
+        for slot, name in enumerate(node.input):
+            if name:
+                uses.setdefault(root(name), []).append((k, slot))
+    outputs = {}
+    for value in graph.output:
+        outputs.setdefault(root(value.name), value.name)
+    recurrent = {plan.index: plan for plan in plans}
+
+    def ints_attribute(node, name):
+        for attr in node.attribute:
+            if attr.name == name:
+                return tuple(attr.ints) if attr.type == A.INTS and len(attr.ints) <= 8 else None
+        return None
+
+    def int_attribute(node, name, default):
+        for attr in node.attribute:
+            if attr.name == name:
+                return attr.i if attr.type == A.INT else None
+        return default
+
+    def small_ints(name):
+        """The values of a constant int64 tensor of at most 8 values, else None."""
+        name = root(name)
+        tensor = None
+        if name in initializers and counts.get(name) == 1:
+            tensor = initializers[name]
+        elif name in made and _onnx_op(nodes[made[name]]) == "Constant":
+            for attr in nodes[made[name]].attribute:
+                if attr.name == "value_ints" and attr.type == A.INTS and len(attr.ints) <= 8:
+                    return tuple(attr.ints)
+                if attr.name == "value" and attr.type == A.TENSOR:
+                    tensor = attr.t
+        if tensor is None or tensor.data_type != TensorProto.INT64 or len(tensor.dims) > 8 \
+                or any(d < 0 for d in tensor.dims) or math.prod(tensor.dims) > 8 \
+                or tensor.data_location == TensorProto.EXTERNAL or tensor.HasField("segment"):
+            return None
+        count = math.prod(tensor.dims)
+        stored = len(tensor.raw_data) // 8 if tensor.HasField("raw_data") \
+            else len(tensor.int64_data)
+        if stored != count or (tensor.HasField("raw_data") and len(tensor.raw_data) % 8):
+            return None
+        return tuple(int(x) for x in numpy_helper.to_array(tensor).ravel())
+
+    def perm(k):
+        return ints_attribute(nodes[k], "perm") if _onnx_op(nodes[k]) == "Transpose" else None
+
+    def out(k):
+        node = nodes[k]
+        return root(node.output[0]) if node.output and node.output[0] else None
+
+    def users(name):
+        """Who reads a tensor's values: (node index, input slot), or (None, name)
+        for a graph output. Shape and Size read only its shape (exporters size
+        the next node's zero state so), which is the same in either layout."""
+        found = [(k, slot) for k, slot in uses.get(name, ())
+                 if _onnx_op(nodes[k]) not in ("Shape", "Size")]
+        return found + ([(None, outputs[name])] if name in outputs else [])
+
+    def label(k, slot):
+        if k is None:
+            return f"graph output {_clip(slot)!r}"
+        return f"{_onnx_op(nodes[k])} node {_onnx_label(nodes[k], k)}"
+
+    def merges(k, slot, plan):
+        """The tensor (T, B, dirs * H) that node k makes of Y when it starts
+        merging the directions (Transpose(0, 2, 1, 3) then Reshape to
+        (0, 0, -1), or Squeeze of axis 1 when there is one direction): a list
+        of (merged tensor or None, who uses Y otherwise)."""
+        node = nodes[k]
+        if slot == 0 and perm(k) == (0, 2, 1, 3) and out(k) is not None:
+            found = []
+            width = plan.dirs * plan.hidden_size
+            for k2, slot2 in users(out(k)):
+                reshape = k2 is not None and slot2 == 0 and _onnx_op(nodes[k2]) == "Reshape" \
+                    and len(nodes[k2].input) == 2 and out(k2) is not None \
+                    and small_ints(nodes[k2].input[1]) in ((0, 0, -1), (0, 0, width)) \
+                    and int_attribute(nodes[k2], "allowzero", 0) == 0
+                found.append((out(k2), None) if reshape else (None, label(k2, slot2)))
+            return found
+        if slot == 0 and plan.dirs == 1 and _onnx_op(node) == "Squeeze" \
+                and out(k) is not None:
+            axes = small_ints(node.input[1]) if len(node.input) > 1 and node.input[1] \
+                else ints_attribute(node, "axes")
+            if axes in ((1,), (-3,)):
+                return [(out(k), None)]
+        return [(None, label(k, slot))]
+
+    # every use of each node's Y: time-major, transposed to batch-first, or the X of
+    # the next recurrent node (a link: that node continues this one's layout)
+    link, time_major, batch_first, refeeds = {}, {}, {}, {}
+    for plan in plans:
+        k0 = plan.index
+        time_major[k0], batch_first[k0], refeeds[k0] = [], [], []
+        y = out(k0)
+        if y is None:
+            continue
+        for k, slot in users(y):
+            found = [(None, label(k, slot))] if k is None else merges(k, slot, plan)
+            for merged, other in found:
+                if merged is None:
+                    time_major[k0].append(other)
+                    continue
+                for k2, slot2 in users(merged):
+                    if k2 in recurrent and slot2 == 0:
+                        link.setdefault(k2, plan)
+                    elif k2 is not None and slot2 == 0 and perm(k2) == (1, 0, 2) \
+                            and out(k2) is not None:
+                        for k3, slot3 in users(out(k2)):
+                            if k3 in recurrent and slot3 == 0:
+                                refeeds[k0].append(label(k3, slot3))
+                            else:
+                                batch_first[k0].append(label(k3, slot3))
+                    else:
+                        time_major[k0].append(label(k2, slot2))
+
+    # a node is batch-first when its X is the Transpose(1, 0, 2) of a tensor, or when
+    # it continues (through a link) a chain that starts so
+    for plan in plans:
+        x = root(plan.node.input[0])
+        if plan.index not in link and x in made and perm(made[x]) == (1, 0, 2):
+            source = nodes[made[x]].input[0] if nodes[made[x]].input else ""
+            plan.batch_first = True
+            plan.layout_reason = f"Transpose perm=[1, 0, 2] of {_clip(source)!r}"
+    decided = {plan.index: plan for plan in plans if plan.index not in link}
+    for plan in plans:
+        chain, seen = [], set()
+        while plan.index not in decided:
+            if plan.index in seen:
+                names = ", ".join(_onnx_label(p.node, p.index) for p in chain[:4])
+                raise ValueError(f"{plan.where}: input X: the recurrent nodes form a cycle "
+                                 f"(through {names}); an ONNX graph is acyclic")
+            chain.append(plan)
+            seen.add(plan.index)
+            plan = link[plan.index]
+        head = f"{plan.op} node {_onnx_label(plan.node, plan.index)}"
+        for member in chain:
+            member.batch_first = plan.batch_first
+            member.layout_reason = f"in the chain of recurrent nodes from {head}, which " \
+                                   f"reads {plan.layout_reason}"
+            decided[member.index] = member
+
+    for k, before in link.items():   # X is the merged Y of the node before
+        plan, width = recurrent[k], before.dirs * before.hidden_size
+        if plan.input_size != width:
+            raise ValueError(f"{plan.where}: input W: expected input size D = {width} (X is "
+                             f"the output of {before.op} node "
+                             f"{_onnx_label(before.node, before.index)}, of width dirs * H), "
+                             f"got D = {plan.input_size}")
+
+    def listed(items):
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    for plan in plans:
+        k0 = plan.index
+        why = "; a fastrnn layer takes and returns one layout, so no layer computes this"
+        if plan.batch_first and (time_major[k0] or refeeds[k0]):
+            raise ValueError(f"{plan.where}: output Y: the node reads X batch-first "
+                             f"({plan.layout_reason}) but its output is used time-major "
+                             f"({listed(time_major[k0] + refeeds[k0])}){why}")
+        if not plan.batch_first and batch_first[k0]:
+            raise ValueError(f"{plan.where}: output Y: the node reads X time-major but its "
+                             f"output is transposed to batch-first "
+                             f"({listed(batch_first[k0])}){why}")
+
+
 def from_onnx(model, dtype="float32", other_ops="raise"):
     """fastrnn layers for the RNN, GRU and LSTM nodes of an ONNX model.
 
     Returns a list with one single-layer fastrnn layer per recurrent node, in
-    graph order, time-major (ONNX's layout 0). Ops that only move tensors
+    graph order. Applied as the graph connects them (for a stack, one after
+    the other, each on the previous one's output) on the data the model takes,
+    they compute the model's ``Y``, in its layout (see Notes), and each
+    layer's final state is its node's ``Y_h`` (and ``Y_c``). Ops that only move tensors
     (Transpose, Reshape, Slice, Concat, ...) may sit between them; any other
     op (a Gemm head, an activation) raises a ValueError naming it, since the
     layers alone would not compute the model, unless ``other_ops="ignore"``
     (then the caller runs those parts). Every attribute is honoured or
     refused with a ValueError naming it: peepholes (P), ``clip``,
     ``input_forget``, activations other than the defaults (Relu for RNN is
-    fine), direction "reverse" alone, ``layout=1``; weights must be initializers.
+    fine), direction "reverse" alone, ``layout=1``; weights must be
+    initializers stored in the model.
 
     Parameters
     ----------
-    model : onnx.ModelProto, or a path to an .onnx file
+    model : onnx.ModelProto, a path to an .onnx file, or a binary file object
     dtype : {'float32', 'float64'}, default 'float32'
+        The layers' dtype; weights stored as any real floating-point or
+        integer type are converted to it.
     other_ops : {'raise', 'ignore'}, default 'raise'
+
+    Returns
+    -------
+    list of RNN, GRU or LSTM
+
+    Raises
+    ------
+    TypeError
+        For an argument of the wrong type, an attribute of the wrong type
+        (``hidden_size=4.7``, ``hidden_size="4"``) or weights of a data type
+        that is not real floating-point or integer (string, bool, complex).
+    ValueError
+        For a file that cannot be read, an unsupported op or attribute, a
+        missing input, weights of the wrong shape or with fewer (or more)
+        values stored than their dims declare, non-finite weights, external
+        data, or a model over the bounds below. Each message names the node
+        and the attribute or input, what was expected and what was got.
+
+    Notes
+    -----
+    **Layout.** An ONNX recurrent node is time-major: X is (T, B, D) and Y is
+    (T, dirs, B, H). A node becomes a ``batch_first=True`` layer when the
+    model feeds it batch-first data: its X is the Transpose (perm [1, 0, 2])
+    of a tensor (the layer takes that tensor), or it continues a chain of
+    recurrent nodes (each X the previous node's merged Y) that starts so.
+    This is how ``to_onnx`` and PyTorch's exporter write ``batch_first``
+    layers. Such a node's Y must leave batch-first too: merged to
+    (T, B, dirs * H) (Transpose perm [0, 2, 1, 3] then Reshape to [0, 0, -1],
+    or Squeeze of axis 1 with one direction), then transposed back with perm
+    [1, 0, 2], or fed to the next node of the chain (or not used at all).
+    Every other node is a time-major layer, taking X as the node does; its
+    Y, if used as it is, is the layer's output (T, B, dirs * H) with the
+    directions split out. Ops that read only Y's shape (Shape, Size) do not
+    count. A model whose layout changes across a node (batch-first input and
+    time-major output, or the reverse) is refused with a ValueError naming
+    the node, since a fastrnn layer takes and returns one layout; so is a
+    node whose W does not fit the width of the node output it reads.
+
+    **Untrusted files.** Every attribute's type, every weight's data type
+    and shape, and every weight's stored size (bytes or values present in the
+    file) are checked against each other before anything is converted or
+    built, so a damaged or hostile file raises a ValueError or TypeError
+    quickly: a file is read only if it is a regular file of at most 2 GiB
+    (protobuf's limit for one model), external data is refused by name
+    (never read), and the layers built hold at most 8 times the model's size
+    plus 64 MiB (parameters in ``dtype`` and the objects themselves), so
+    memory and time stay proportional to the file's size.
+
+    Examples
+    --------
+    >>> layer = fastrnn.LSTM(3, 4, batch_first=True)
+    >>> back, = fastrnn.from_onnx(fastrnn.to_onnx(layer))
+    >>> back.batch_first
+    True
     """
     if other_ops not in ("raise", "ignore"):
         raise ValueError(f"from_onnx: other_ops must be 'raise' or 'ignore', got {other_ops!r}")
-    try:
-        import onnx
-        from onnx import helper, numpy_helper
-    except ImportError:
-        raise ImportError("fastrnn: from_onnx needs the onnx package (pip install onnx)") from None
-    if not isinstance(model, onnx.ModelProto):
-        try:
-            model = onnx.load(model)
-        except Exception as exc:  # onnx raises several kinds for a damaged file
-            raise ValueError(f"from_onnx: cannot read an ONNX model from {model!r}: "
-                             f"{exc}") from None
-    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    layers = []
-    for node in model.graph.node:
-        if node.op_type not in _LAYERS:
-            if other_ops == "raise" and node.op_type not in _ONNX_GLUE_OPS:
-                raise ValueError(f"from_onnx: unsupported op {node.op_type!r} (node "
-                                 f"{node.name or node.output[0]!r}): fastrnn imports the RNN, "
-                                 f"GRU and LSTM nodes; pass other_ops='ignore' to import them "
-                                 f"and run the rest of the graph yourself")
+    dtype = check_dtype("from_onnx", dtype)
+    onnx, numpy_helper = _onnx_module("from_onnx")
+    model, size = _onnx_read(model, onnx)
+    graph = model.graph
+    initializers, counts = {}, {}
+    for tensor in graph.initializer:
+        initializers.setdefault(tensor.name, tensor)
+        counts[tensor.name] = counts.get(tensor.name, 0) + 1
+    for sparse in graph.sparse_initializer:
+        counts[sparse.values.name] = counts.get(sparse.values.name, 0) + 1
+
+    # 1. check every recurrent node, converting and building nothing
+    plans = []
+    for index, node in enumerate(graph.node):
+        op = _onnx_op(node)
+        if op not in _LAYERS:
+            if other_ops == "raise" and op not in _ONNX_GLUE_OPS:
+                raise ValueError(f"from_onnx: unsupported op {_clip(op)!r} (node "
+                                 f"{_onnx_label(node, index)}): fastrnn imports the RNN, GRU "
+                                 f"and LSTM nodes; pass other_ops='ignore' to import them and "
+                                 f"run the rest of the graph yourself")
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        where = f"from_onnx: {node.op_type} node {node.name or node.output[0]!r}"
-
-        def refuse(what, why):
-            raise ValueError(f"{where}: {what}: {why}")
-
-        direction = attrs.get("direction", b"forward")
-        direction = direction.decode() if isinstance(direction, bytes) else direction
-        if direction not in ("forward", "bidirectional"):
-            refuse(f"direction={direction!r}", "fastrnn runs 'forward' or 'bidirectional'")
-        if attrs.get("layout", 0) != 0:
-            refuse("layout=1", "batch-first ONNX nodes are not supported (ORT rejects them too)")
-        if "clip" in attrs:
-            refuse(f"clip={attrs['clip']}", "cell clipping is not implemented")
-        if attrs.get("input_forget", 0):
-            refuse("input_forget=1", "coupled input/forget gates are not implemented")
-        if node.op_type == "GRU" and attrs.get("linear_before_reset", 0) not in (0, 1):
-            refuse(f"linear_before_reset={attrs['linear_before_reset']}", "must be 0 or 1")
-        dirs = 2 if direction == "bidirectional" else 1
-        names = [a.decode() if isinstance(a, bytes) else a
-                 for a in attrs.get("activations", [])]
-        defaults = {"RNN": [["Tanh"], ["Relu"]], "GRU": [["Sigmoid", "Tanh"]],
-                    "LSTM": [["Sigmoid", "Tanh", "Tanh"]]}[node.op_type]
-        nonlinearity = "tanh"
-        if names:
-            per_dir = len(names) // dirs
-            groups = [names[i * per_dir:(i + 1) * per_dir] for i in range(dirs)]
-            if any(g != groups[0] for g in groups) or groups[0] not in defaults:
-                refuse(f"activations={names}", "fastrnn implements "
-                       f"{' or '.join(str(d) for d in defaults)} per direction")
-            if groups[0] == ["Relu"]:
-                nonlinearity = "relu"
-        if attrs.get("activation_alpha") or attrs.get("activation_beta"):
-            refuse("activation_alpha/beta", "parametrised activations are not implemented")
-        inputs = list(node.input) + [""] * (8 - len(node.input))
-        if node.op_type == "LSTM" and inputs[7]:
-            refuse("P (peepholes)", "peephole connections are not implemented")
-        for i, what in ((1, "W"), (2, "R"), (3, "B")):
-            if inputs[i] and inputs[i] not in weights:
-                refuse(what, f"{inputs[i]!r} is not an initializer; fastrnn imports constant "
-                       f"weights")
-        W, R = weights[inputs[1]], weights[inputs[2]]
-        H = int(attrs.get("hidden_size", R.shape[-1]))
-        inverse = np.argsort(_ONNX_GATES[node.op_type])   # ONNX gate order -> PyTorch's
+        plans.append(_onnx_plan(index, node, op, initializers, counts, onnx))
+    if not plans:
+        raise ValueError("from_onnx: the model has no RNN, GRU or LSTM node")
+    # 2. the layout of each, from the glue around it
+    _onnx_layouts(graph, plans, initializers, counts, onnx, numpy_helper)
+    # 3. the memory the layers will take, against the model's size
+    need = sum(plan.values() * dtype.itemsize + _ONNX_LAYER_OVERHEAD for plan in plans)
+    limit = _ONNX_LAYER_FACTOR * size + _ONNX_LAYER_SLACK
+    if need > limit:
+        slack = f" plus {_ONNX_LAYER_SLACK / 2**20:.0f} MiB" if _ONNX_LAYER_SLACK else ""
+        raise ValueError(f"from_onnx: the {len(plans)} recurrent node"
+                         f"{'s' if len(plans) != 1 else ''} would build layers of "
+                         f"{need / 2**20:.1f} MiB, more than the limit of {limit / 2**20:.1f} "
+                         f"MiB ({_ONNX_LAYER_FACTOR} times the model's size{slack}); "
+                         f"nodes sharing weights count them once each")
+    # 4. the weights in dtype, all checked finite before any layer is built
+    states = []
+    for plan in plans:
+        inverse = np.argsort(_ONNX_GATES[plan.op])   # ONNX gate order -> PyTorch's
+        arrays = {}
+        for what, tensor in plan.tensors.items():
+            with np.errstate(over="ignore", invalid="ignore"):
+                value = numpy_helper.to_array(tensor).astype(dtype)
+            if not np.isfinite(value).all():
+                raise ValueError(f"{plan.where}: input {what}: non-finite values (NaN or inf) "
+                                 f"after conversion to {dtype.name}")
+            arrays[what] = value
 
         def back(a):
             blocks = np.split(a, len(inverse), axis=0)
             return np.concatenate([blocks[i] for i in inverse], axis=0)
 
-        kwargs = {"bidirectional": dirs == 2, "bias": bool(inputs[3]), "dtype": dtype}
-        if node.op_type == "RNN":
-            kwargs["nonlinearity"] = nonlinearity
-        if node.op_type == "GRU":   # ONNX's default is reset before (0)
-            kwargs["reset_after"] = attrs.get("linear_before_reset", 0) == 1
-        layer = _LAYERS[node.op_type](W.shape[-1], H, **kwargs)
         state = {}
-        for d, sfx in enumerate(["_l0", "_l0_reverse"][:dirs]):
-            state["weight_ih" + sfx] = back(W[d])
-            state["weight_hh" + sfx] = back(R[d])
-            if inputs[3]:
-                b_w, b_r = np.split(weights[inputs[3]][d], 2)
+        for d, sfx in enumerate(["_l0", "_l0_reverse"][:plan.dirs]):
+            state["weight_ih" + sfx] = back(arrays["W"][d])
+            state["weight_hh" + sfx] = back(arrays["R"][d])
+            if "B" in arrays:
+                b_w, b_r = np.split(arrays["B"][d], 2)
                 state["bias_ih" + sfx], state["bias_hh" + sfx] = back(b_w), back(b_r)
+        states.append(state)
+    # 5. the layers
+    layers = []
+    for plan, state in zip(plans, states):
+        layer = _LAYERS[plan.op](plan.input_size, plan.hidden_size,
+                                 batch_first=plan.batch_first, dtype=dtype, **plan.kwargs)
         layer.load_state_dict(state)
         layers.append(layer)
-    if not layers:
-        raise ValueError("from_onnx: the model has no RNN, GRU or LSTM node")
     return layers

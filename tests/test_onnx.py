@@ -64,8 +64,10 @@ def test_to_onnx_refuses_non_layers():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_from_onnx_round_trip(kind, bidirectional, bias):
-    layer = make_layer(kind, 4, 5, bidirectional=bidirectional, bias=bias, seed=3)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_from_onnx_round_trip(kind, bidirectional, bias, batch_first):
+    layer = make_layer(kind, 4, 5, bidirectional=bidirectional, bias=bias,
+                       batch_first=batch_first, seed=3)
     back, = fastrnn.from_onnx(fastrnn.to_onnx(layer))
     assert repr(back) == repr(layer)
     for name, value in layer.state_dict().items():
@@ -175,3 +177,363 @@ def test_from_onnx_refuses_ops_it_would_drop():
     assert isinstance(layer, fastrnn.LSTM)
     with pytest.raises(ValueError, match="other_ops must be 'raise' or 'ignore', got 'drop'"):
         fastrnn.from_onnx(model, other_ops="drop")
+
+
+# --- layout: the imported layers compute what the file computes ------------------------
+def _chain(layers, x, h0, c0=None):
+    """Run the imported layers one after the other, each on its rows of the
+    stacked initial state; returns (output, stacked h_n[, stacked c_n])."""
+    rows, h_n, c_n = 0, [], []
+    for layer in layers:
+        dirs = 2 if layer.bidirectional else 1
+        hx = h0[rows:rows + dirs]
+        if c0 is not None:
+            x, (h, c) = layer(x, (hx, c0[rows:rows + dirs]))
+            c_n.append(c)
+        else:
+            x, h = layer(x, hx)
+        h_n.append(h)
+        rows += dirs
+    states = [np.concatenate(h_n)] + ([np.concatenate(c_n)] if c0 is not None else [])
+    return [x] + states
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_from_onnx_reproduces_the_file(kind, batch_first, bidirectional, num_layers, tmp_path):
+    """from_onnx(to_onnx(layer)) read back from the file: the layers, chained
+    on data laid out as the file takes it, give ONNX Runtime's outputs on that
+    file and the original layer's."""
+    rng = np.random.default_rng(7)
+    layer = make_layer(kind, 3, 4, num_layers=num_layers, bidirectional=bidirectional,
+                       batch_first=batch_first, seed=11)
+    path = tmp_path / "layer.onnx"
+    model = fastrnn.to_onnx(layer, path)
+    layers = fastrnn.from_onnx(path)
+    assert [l.batch_first for l in layers] == [batch_first] * num_layers
+    T, B, dirs = 6, 2, 2 if bidirectional else 1
+    x = rng.standard_normal((B, T, 3) if batch_first else (T, B, 3)).astype(np.float32)
+    h0 = rng.standard_normal((num_layers * dirs, B, 4)).astype(np.float32)
+    c0 = rng.standard_normal((num_layers * dirs, B, 4)).astype(np.float32)
+    feeds = {"X": x, "initial_h": h0}
+    if kind == "lstm":
+        feeds["initial_c"] = c0
+    expected = run(model, feeds)
+    got = _chain(layers, x, h0, c0 if kind == "lstm" else None)
+    out, state = layer(x, (h0, c0) if kind == "lstm" else h0)
+    original = [out] + (list(state) if kind == "lstm" else [state])
+    for g, e, o in zip(got, expected, original):
+        np.testing.assert_allclose(g, e, rtol=0, atol=3e-6)
+        np.testing.assert_array_equal(g, o)
+
+
+@pytest.mark.parametrize("module_name", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_from_onnx_reproduces_pytorch_exports(module_name, batch_first, bidirectional):
+    """A file written by PyTorch's exporter (Squeeze or Transpose+Reshape after
+    each node, a Transpose before and after for batch_first) imports as
+    layers that give ONNX Runtime's and PyTorch's outputs."""
+    torch = pytest.importorskip("torch")
+    import io
+    import warnings
+    torch.manual_seed(0)
+    module = getattr(torch.nn, module_name)(3, 4, num_layers=2, batch_first=batch_first,
+                                             bidirectional=bidirectional)
+    x = np.random.default_rng(2).standard_normal((2, 5, 3) if batch_first else (5, 2, 3))
+    x = x.astype(np.float32)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.from_numpy(x),), buffer, dynamo=False,
+                          input_names=["X"], output_names=["Y", "Y_h"])
+    model = onnx.load_model_from_string(buffer.getvalue())
+    layers = fastrnn.from_onnx(model)
+    assert [l.batch_first for l in layers] == [batch_first] * 2
+    y = x
+    for l in layers:
+        y, _ = l(y)
+    np.testing.assert_allclose(y, run(model, {"X": x})[0], rtol=0, atol=3e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(y, module(torch.from_numpy(x))[0].numpy(), rtol=0,
+                                   atol=3e-6)
+
+
+def _replace_node(model, old_op, old_perm, new_node):
+    """The model with its (single) node of op ``old_op`` (and perm) replaced."""
+    from onnx import helper
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for i, node in enumerate(copy.graph.node):
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if node.op_type == old_op and (old_perm is None or perm == [old_perm]) \
+                and list(node.output) == ["Y"]:
+            copy.graph.node[i].CopyFrom(helper.make_node(new_node[0], list(node.input), ["Y"],
+                                                         **new_node[1]))
+            return copy
+    raise AssertionError("node not found")
+
+
+def test_from_onnx_refuses_a_layout_change():
+    """A model that takes batch-first input and returns time-major output (or
+    the reverse) is not one fastrnn layer: refused, naming the node."""
+    batch_first = fastrnn.to_onnx(fastrnn.LSTM(3, 4, batch_first=True, seed=0))
+    time_major_out = _replace_node(batch_first, "Transpose", [1, 0, 2], ("Identity", {}))
+    with pytest.raises(ValueError, match=r"from_onnx: LSTM node 'Y0': output Y: the node "
+                                         r"reads X batch-first .* but its output is used "
+                                         r"time-major \(graph output 'Y'\)"):
+        fastrnn.from_onnx(time_major_out)
+    stacked = fastrnn.to_onnx(fastrnn.RNN(3, 4, num_layers=2, batch_first=True, seed=0))
+    stacked_time_major_out = _replace_node(stacked, "Transpose", [1, 0, 2], ("Identity", {}))
+    with pytest.raises(ValueError, match=r"from_onnx: RNN node 'Y1': output Y: the node reads "
+                                         r"X batch-first \(in the chain of recurrent nodes "
+                                         r"from RNN node 'Y0', which reads Transpose "
+                                         r"perm=\[1, 0, 2\] of 'X'\) but its output is used "
+                                         r"time-major"):
+        fastrnn.from_onnx(stacked_time_major_out)
+    time_major = fastrnn.to_onnx(fastrnn.GRU(3, 4, seed=0))
+    batch_first_out = _replace_node(time_major, "Identity", None,
+                                    ("Transpose", {"perm": [1, 0, 2]}))
+    with pytest.raises(ValueError, match=r"from_onnx: GRU node 'Y0': output Y: the node "
+                                         r"reads X time-major but its output is transposed "
+                                         r"to batch-first \(graph output 'Y'\)"):
+        fastrnn.from_onnx(batch_first_out)
+
+
+def test_from_onnx_time_major_node_feeding_a_batch_first_one():
+    """X -> LSTM -> Squeeze -> Transpose(1, 0, 2) -> LSTM -> Squeeze ->
+    Transpose(1, 0, 2) -> Y: the first node is time-major, the second reads
+    the first's output as batch-first data; chained, the layers give Y."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(8)
+    weights = {"W0": (1, 16, 3), "R0": (1, 16, 4), "W1": (1, 16, 4), "R1": (1, 16, 4)}
+    inits = [numpy_helper.from_array(rng.uniform(-1, 1, shape).astype(np.float32), name)
+             for name, shape in weights.items()]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis"))
+    nodes = [helper.make_node("LSTM", ["X", "W0", "R0"], ["y0"], name="first", hidden_size=4),
+             helper.make_node("Squeeze", ["y0", "axis"], ["m0"]),
+             helper.make_node("Transpose", ["m0"], ["x1"], perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["x1", "W1", "R1"], ["y1"], name="second", hidden_size=4),
+             helper.make_node("Squeeze", ["y1", "axis"], ["m1"]),
+             helper.make_node("Transpose", ["m1"], ["Y"], perm=[1, 0, 2])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 2, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    first, second = fastrnn.from_onnx(model)
+    assert (first.batch_first, second.batch_first) == (False, True)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    np.testing.assert_allclose(second(first(x)[0])[0], run(model, {"X": x})[0], rtol=0,
+                               atol=3e-6)
+
+
+def test_from_onnx_batch_first_node_without_y():
+    """A batch-first model that outputs only the final state (Y unused) gives a
+    batch_first layer: fed the file's batch-first input, its h_n is Y_h."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(4)
+    W = rng.uniform(-1, 1, (2, 12, 3)).astype(np.float32)
+    R = rng.uniform(-1, 1, (2, 12, 4)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["X"], ["X_tm"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["X_tm", "W", "R"], ["", "Y_h"], hidden_size=4,
+                              direction="bidirectional", linear_before_reset=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 5, 3])],
+        [helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    layer, = fastrnn.from_onnx(model)
+    assert layer.batch_first
+    np.testing.assert_allclose(layer(x)[1], run(model, {"X": x})[0], rtol=0, atol=3e-6)
+
+
+# --- malformed nodes: ValueError / TypeError naming node, input or attribute -------------
+def _malformed(W=None, R=None, B=None, inputs=("X", "W", "R"), **attrs):
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    tensors = {"W": rng.standard_normal((1, 8, 3)).astype(np.float32) if W is None else W,
+               "R": rng.standard_normal((1, 8, 2)).astype(np.float32) if R is None else R,
+               "B": B}
+    inits = [value if isinstance(value, TensorProto) else numpy_helper.from_array(value, key)
+             for key, value in tensors.items() if value is not None]
+    attrs = {"hidden_size": 2, **attrs}
+    node = helper.make_node("LSTM", list(inputs), ["Y"], name="bad", **attrs)
+    graph = helper.make_graph([node], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _raw_tensor(name, dims, data_type, raw=b""):
+    from onnx import TensorProto
+    tensor = TensorProto(name=name, data_type=data_type, raw_data=raw)
+    tensor.dims.extend(dims)
+    return tensor
+
+
+def _external_W():
+    from onnx import TensorProto
+    tensor = _raw_tensor("W", [1, 8, 3], TensorProto.FLOAT)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../w.bin")
+    return tensor
+
+
+def _string_W():
+    from onnx import TensorProto
+    tensor = _raw_tensor("W", [1, 8, 3], TensorProto.STRING)
+    tensor.ClearField("raw_data")
+    tensor.string_data.extend([b"x"] * 24)
+    return tensor
+
+
+def _h_tensor():
+    from onnx import numpy_helper
+    return numpy_helper.from_array(np.array([2], np.int64), "h")
+
+
+LSTM_BAD = r"from_onnx: LSTM node 'bad': "
+F = np.float32
+
+
+MALFORMED = {   # id: (model, error, message after "from_onnx: LSTM node 'bad': ")
+    "missing_W": (lambda: _malformed(inputs=("X",)), ValueError,
+                  r"input W: missing \(the node has 1 input\)"),
+    "bidirectional_one_direction_W": (
+        lambda: _malformed(direction="bidirectional", R=np.ones((2, 8, 2), F)), ValueError,
+        r"input W: expected shape \(2, 4\*H, D\) = \(2, 8, D\) \(direction 'bidirectional', "
+        r"hidden_size 2\), got \(1, 8, 3\)"),
+    "scalar_W": (lambda: _malformed(W=np.float32(1.0)), ValueError,
+                 r"input W: expected shape \(1, 4\*H, D\) = \(1, 8, D\) .*got \(\)"),
+    "vector_B": (lambda: _malformed(B=np.ones(16, F), inputs=("X", "W", "R", "B")), ValueError,
+                 r"input B: expected shape \(1, 8\*H\) = \(1, 16\) .*got \(16,\)"),
+    "indivisible_gate_rows": (
+        lambda: _malformed(W=np.ones((1, 7, 3), F)), ValueError,
+        r"input W: expected shape \(1, 4\*H, D\) = \(1, 8, D\) .*got \(1, 7, 3\)"),
+    "string_tensor": (
+        lambda: _malformed(_string_W()), TypeError,
+        r"input W: data type STRING: fastrnn imports real floating-point or integer weights"),
+    "unknown_data_type": (lambda: _malformed(_raw_tensor("W", [1, 8, 3], 77, b"\0" * 96)),
+                          ValueError, r"input W: unknown data type 77"),
+    "hidden_size_list": (
+        lambda: _malformed(hidden_size=[2, 2]), TypeError,
+        r"attribute hidden_size: expected an int, got a list of ints \(\[2, 2\]\)"),
+    "hidden_size_tensor": (lambda: _malformed(hidden_size=_h_tensor()), TypeError,
+                           r"attribute hidden_size: expected an int, got a tensor"),
+    "hidden_size_float": (lambda: _malformed(hidden_size=4.7), TypeError,
+                          r"attribute hidden_size: expected an int, got a float \(4.7\)"),
+    "hidden_size_string": (lambda: _malformed(hidden_size="4"), TypeError,
+                           r"attribute hidden_size: expected an int, got a string \('4'\)"),
+    "hidden_size_not_R": (
+        lambda: _malformed(hidden_size=3), ValueError,
+        r"input R: expected shape \(1, 4\*H, H\) = \(1, 12, 3\) \(direction 'forward', "
+        r"hidden_size 3\), got \(1, 8, 2\)"),
+    "external_data": (
+        lambda: _malformed(_external_W()), ValueError,
+        r"input W: initializer 'W' keeps its data outside the model \(external data\)"),
+    "raw_data_short": (
+        lambda: _malformed(_raw_tensor("W", [1, 8, 3], 1, b"\0" * 95)), ValueError,
+        r"input W: initializer 'W' holds 95 bytes of data, expected 24 values \(1, 8, 3\) "
+        r"of 4 bytes"),
+    "infinite_R": (
+        lambda: _malformed(R=np.full((1, 8, 2), np.inf, F)), ValueError,
+        r"input R: non-finite values \(NaN or inf\) after conversion to float32"),
+    "W_overflows_float32": (
+        lambda: _malformed(W=np.full((1, 8, 3), 1e300)), ValueError,
+        r"input W: non-finite values \(NaN or inf\) after conversion to float32"),
+    "clip_before_input_forget": (lambda: _malformed(clip=1.0, input_forget=1), ValueError,
+                                 r"clip=1.0: cell clipping is not implemented"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_from_onnx_malformed_node(case):
+    make, error, message = MALFORMED[case]
+    with pytest.raises(error, match=LSTM_BAD + message):
+        fastrnn.from_onnx(make())
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16", "float64", "int8", "int32",
+                                    "uint16", "int64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_from_onnx_converts_real_initializers(stored, dtype):
+    """Weights stored as any real floating or integer type load, converted."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    low = 0 if stored.startswith("uint") else -3
+    W = rng.integers(low, 4, (1, 8, 3)).astype(np.float64)
+    R = rng.integers(0, 4, (1, 8, 2)).astype(np.float64)
+    if stored == "bfloat16":
+        make = lambda a, name: helper.make_tensor(name, TensorProto.BFLOAT16, a.shape,
+                                                  a.ravel().tolist())
+    else:
+        make = lambda a, name: numpy_helper.from_array(a.astype(stored), name)
+    model = _malformed(make(W, "W"), make(R, "R"))
+    layer, = fastrnn.from_onnx(model, dtype=dtype)
+    assert layer.dtype == np.dtype(dtype)
+    order = [0, 2, 3, 1]   # ONNX's i, o, f, c -> PyTorch's i, f, g, o
+    blocks = lambda a: np.concatenate([a[0][2 * i:2 * i + 2] for i in order])
+    np.testing.assert_array_equal(layer.weight_ih_l0, blocks(W))
+    np.testing.assert_array_equal(layer.weight_hh_l0, blocks(R))
+
+
+def test_from_onnx_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match=r"from_onnx: expected an onnx.ModelProto or a path "
+                                        r"to an .onnx file, got int"):
+        fastrnn.from_onnx(3)
+    with pytest.raises(ValueError, match=r"from_onnx: dtype must be 'float32' or 'float64', "
+                                         r"got 'float16'"):
+        fastrnn.from_onnx(_malformed(), dtype="float16")
+    with pytest.raises(ValueError, match=r"from_onnx: cannot read an ONNX model from '.*': "
+                                         r"not a regular file"):
+        fastrnn.from_onnx(tmp_path)
+    with pytest.raises(ValueError, match=r"from_onnx: cannot read an ONNX model from "
+                                         r"'a\\x00b': the path holds a NUL character"):
+        fastrnn.from_onnx("a\0b")
+    with pytest.raises(ValueError, match=r"from_onnx: cannot read an ONNX model from "
+                                         r"'.*missing.onnx': No such file or directory"):
+        fastrnn.from_onnx(tmp_path / "missing.onnx")
+    import io    # a binary file object is read as a path is
+    layer = fastrnn.GRU(3, 4, batch_first=True, seed=0)
+    back, = fastrnn.from_onnx(io.BytesIO(fastrnn.to_onnx(layer).SerializeToString()))
+    assert repr(back) == repr(layer)
+    with pytest.raises(TypeError, match=r"from_onnx: expected a binary file object, got one "
+                                        r"whose read\(\) returns str"):
+        fastrnn.from_onnx(io.StringIO("text"))
+
+
+def test_from_onnx_bounds_the_file_and_the_layers(tmp_path, monkeypatch):
+    """A file over the size limit is not read; layers beyond the budget (here
+    many nodes sharing one large weight) are not built."""
+    from fastrnn import convert
+    from onnx import TensorProto, helper, numpy_helper
+    path = tmp_path / "model.onnx"
+    fastrnn.to_onnx(fastrnn.LSTM(3, 4, seed=0), path)
+    monkeypatch.setattr(convert, "_ONNX_MAX_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=r"from_onnx: cannot read an ONNX model from '.*': "
+                                         rf"the file has {path.stat().st_size} bytes, more "
+                                         r"than the limit"):
+        fastrnn.from_onnx(path)
+    monkeypatch.undo()
+    rng = np.random.default_rng(0)
+    H, D = 64, 256
+    W = numpy_helper.from_array(rng.standard_normal((1, 4 * H, D)).astype(np.float32), "W")
+    R = numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32), "R")
+    nodes = [helper.make_node("LSTM", ["X", "W", "R"], [f"Y{i}"], name=f"n{i}", hidden_size=H)
+             for i in range(50)]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("Y0", TensorProto.FLOAT, None)],
+                              initializer=[W, R])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert len(fastrnn.from_onnx(model)) == 50          # 16 MiB of layers from a 330 KB model
+    monkeypatch.setattr(convert, "_ONNX_LAYER_SLACK", 0)
+    with pytest.raises(ValueError, match=r"from_onnx: the 50 recurrent nodes would build "
+                                         r"layers of 16.\d MiB, more than the limit of "
+                                         r"2.\d MiB \(8 times the model's size\)"):
+        fastrnn.from_onnx(model)
