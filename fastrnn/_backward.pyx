@@ -20,7 +20,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastrnn._blas cimport gemm, gemv, step_block
-from fastrnn._worker cimport run_parts
+from fastrnn._worker cimport Interrupt, interrupted, interrupt_block_rows, run_parts
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
                              axpy_product,
                              AXPY_MAX,
@@ -145,9 +145,11 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const floating* c_prev, const floating* w_hh,
                           const floating* dout, floating* dh, floating* dc,
                           floating* dgx, floating* dgh,
-                          const int64_t* lengths, Py_ssize_t cols) noexcept nogil:
+                          const int64_t* lengths, Py_ssize_t cols,
+                          Interrupt* interrupt) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
-    offset to this direction's column block."""
+    offset to this direction's column block. Leaves early, its outputs
+    partial, when the call is interrupted."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t g_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -156,6 +158,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     cdef floating* dh_b
     cdef const floating* dout_row
     for s in range(T):
+        if interrupted(interrupt):
+            return
         t = s if reverse else T - 1 - s
         for b in range(B):
             row = t * row_t + b * row_b
@@ -216,6 +220,7 @@ cdef struct BackJob:
     const int64_t* lengths
     bint blas_held
     Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
+    Interrupt interrupt
 
 
 cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
@@ -244,7 +249,7 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             dh + (d * B + b_lo) * H,
             NULL if dc == NULL else dc + (d * B + b_lo) * H,
             dgx + first * g_cols + d * GH, dgh + first * g_cols + d * GH,
-            NULL if j.lengths == NULL else j.lengths + b_lo, cols)
+            NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -305,7 +310,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
     job.blas_held = blas_held
-    run_parts(_back_job, &job, &job.ranges[0][0], 4, parts)
+    run_parts(_back_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
 cdef void _column_sums(const floating* a, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lda,
@@ -335,6 +340,7 @@ cdef struct WeightJob:
     void* db_hh
     bint separate_dgh       # dgh is its own buffer (GRU), not dgx
     Py_ssize_t cols[2][2]   # per part: gate columns [n_lo, n_hi)
+    Interrupt interrupt
 
 
 cdef void _weight_part(WeightJob* j, int part, const floating* x, const floating* h_prev,
@@ -346,11 +352,16 @@ cdef void _weight_part(WeightJob* j, int part, const floating* x, const floating
     cdef Py_ssize_t GH = N // dirs
     cdef Py_ssize_t d, start, n, lo, hi, n_gate
     cdef floating one = 1
+    # blocks of the sum over rows, the same for every part (one row: a
+    # multiply-add per weight)
+    cdef Py_ssize_t block = interrupt_block_rows(N * (D + H), j.max_rows)
     if R == 0 or n_hi <= n_lo:
         return
     start = 0
     while start < R:
-        n = min(j.max_rows, R - start)
+        if interrupted(&j.interrupt, True):
+            return
+        n = min(block, R - start)
         gemm(True, False, <int>(n_hi - n_lo), <int>D, <int>n, one,
              dgx + start * N + n_lo, <int>N, x + start * D, <int>D,
              one, dw_ih + n_lo * D, <int>D)
@@ -431,7 +442,7 @@ def weight_grads(*, parts,
     job.dw_hh = &dw_hh[0, 0]
     job.db_ih = NULL if db_ih is None else &db_ih[0]
     job.db_hh = NULL if db_hh is None else &db_hh[0]
-    run_parts(_weight_job, &job, &job.cols[0][0], 2, parts)
+    run_parts(_weight_job, &job, &job.cols[0][0], 2, parts, &job.interrupt)
 
 
 cdef struct InputJob:
@@ -441,14 +452,18 @@ cdef struct InputJob:
     void* dx
     Py_ssize_t N, D, max_rows
     Py_ssize_t rows[2][2]
+    Interrupt interrupt
 
 
 cdef void _input_part(InputJob* j, int part, const floating* dgx, const floating* w_ih,
                       floating* dx) noexcept nogil:
     cdef Py_ssize_t start = j.rows[part][0], end = j.rows[part][1], n
     cdef Py_ssize_t N = j.N, D = j.D
+    cdef Py_ssize_t block = interrupt_block_rows(N * D, j.max_rows)
     while start < end:
-        n = min(j.max_rows, end - start)
+        if interrupted(&j.interrupt, True):
+            return
+        n = min(block, end - start)
         gemm(False, False, <int>n, <int>D, <int>N, <floating>1, dgx + start * N, <int>N,
              w_ih, <int>D, <floating>0, dx + start * D, <int>D)
         start += n
@@ -476,4 +491,4 @@ def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_
     job.N = dgx.shape[1]
     job.D = w_ih.shape[1]
     job.max_rows = max_rows
-    run_parts(_input_job, &job, &job.rows[0][0], 2, parts)
+    run_parts(_input_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)

@@ -38,7 +38,8 @@ import numpy as np
 
 cnp.import_array()
 
-from fastrnn._worker cimport run_pair, run_parts, cpu_pause
+from fastrnn._worker cimport (Interrupt, interrupted, interrupt_block_rows, run_pair,
+                             run_parts, cpu_pause)
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
@@ -63,16 +64,21 @@ AXPY_LIMIT = AXPY_MAX
 cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
                           const floating* w_ih, Py_ssize_t N,
                           const floating* bias, floating* gx,
-                          Py_ssize_t max_rows) noexcept nogil:
-    """gx (rows, N) = x (rows, D) @ w_ih^T + bias, in chunks of <= max_rows rows."""
+                          Py_ssize_t max_rows, Interrupt* interrupt) noexcept nogil:
+    """gx (rows, N) = x (rows, D) @ w_ih^T + bias, in blocks of <= max_rows rows
+    (interrupt_block_rows when the call can be interrupted, NULL: never)."""
     cdef Py_ssize_t r, start, n_rows
     cdef floating beta = 0
     if bias != NULL:
         beta = 1
         for r in range(rows):
             memcpy(gx + r * N, bias, N * sizeof(floating))
+    if interrupt != NULL:
+        max_rows = interrupt_block_rows(N * D, max_rows)
     start = 0
     while start < rows:
+        if interrupted(interrupt, True):
+            return
         n_rows = min(max_rows, rows - start)
         gemm(False, True, <int>n_rows, <int>N, <int>D, <floating>1,
              x + start * D, <int>D, w_ih, <int>D, beta, gx + start * N, <int>N)
@@ -111,11 +117,13 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* h, floating* c, floating* gh, floating* out,
                          floating* acts, Py_ssize_t acts_t, Py_ssize_t acts_b,
                          floating* h_prev, floating* c_prev,
-                         const int64_t* lengths, Py_ssize_t cols) noexcept nogil:
+                         const int64_t* lengths, Py_ssize_t cols,
+                         Interrupt* interrupt) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
-    t * acts_t + b * acts_b (acts_t = 0 for the inference scratch)."""
+    t * acts_t + b * acts_b (acts_t = 0 for the inference scratch). Leaves
+    early, its outputs partial, when the call is interrupted (NULL: never)."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -124,6 +132,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     cdef floating* out_row
     cdef floating* acts_row
     for s in range(T):
+        if interrupted(interrupt):
+            return
         t = T - 1 - s if reverse else s
         g_t = gx + t * row_t * gx_cols
 
@@ -185,6 +195,7 @@ cdef struct ProjectJob:
     void* gx
     Py_ssize_t D, N, max_rows
     Py_ssize_t rows[2][2]       # per part: first row, end
+    Interrupt interrupt
 
 
 cdef void _project_job(void* arg, int part) noexcept nogil:
@@ -196,10 +207,12 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
     fpenv = fastrnn_flush_denormals()
     if j.is_double:
         _project_inputs(<const double*>j.x + r0 * j.D, r1 - r0, j.D, <const double*>j.w_ih,
-                        j.N, <const double*>j.bias, <double*>j.gx + r0 * j.N, j.max_rows)
+                        j.N, <const double*>j.bias, <double*>j.gx + r0 * j.N, j.max_rows,
+                        &j.interrupt)
     else:
         _project_inputs(<const float*>j.x + r0 * j.D, r1 - r0, j.D, <const float*>j.w_ih,
-                        j.N, <const float*>j.bias, <float*>j.gx + r0 * j.N, j.max_rows)
+                        j.N, <const float*>j.bias, <float*>j.gx + r0 * j.N, j.max_rows,
+                        &j.interrupt)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -221,7 +234,7 @@ def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih no
     job.D = x.shape[1]
     job.N = w_ih.shape[0]
     job.max_rows = max_rows
-    run_parts(_project_job, &job, &job.rows[0][0], 2, parts)
+    run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
 
 
 # --- the time loops of a layer, in one or two parts ---
@@ -249,6 +262,7 @@ cdef struct RecurJob:
     void* c_prev
     const int64_t* lengths
     Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
+    Interrupt interrupt
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
@@ -283,7 +297,7 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
             acts_t, acts_b,
             NULL if h_prev == NULL else h_prev + first * h_cols + d * H,
             NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
-            NULL if j.lengths == NULL else j.lengths + b_lo, cols)
+            NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -355,7 +369,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.h_prev = NULL if h_prev is None else &h_prev[0, 0]
     job.c_prev = NULL if c_prev is None else &c_prev[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
-    run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts)
+    run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
 # --- batch 1 on two cores: the hidden units split, a barrier per step ---
@@ -803,7 +817,7 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
     cdef Py_ssize_t k, d, in_cols = D
     for k in range(L):
         layer_out = out if k == L - 1 else between + (k % 2) * rows * dirs * H
-        _project_inputs(layer_in, rows, in_cols, w_ih[k], N, bias_x[k], gx, rows)
+        _project_inputs(layer_in, rows, in_cols, w_ih[k], N, bias_x[k], gx, rows, NULL)
         for d in range(dirs):
             _run_direction(cell, d == 1, T, B, H, dirs, row_t, row_b, gx + d * GH,
                            w_hh[k] + d * GH * H, w_hh_t[k] + d * GH,
@@ -811,7 +825,7 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
                            h + (k * dirs + d) * B * H,
                            NULL if c == NULL else c + (k * dirs + d) * B * H,
                            gh + d * B * GH, layer_out + d * H,
-                           acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols)
+                           acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols, NULL)
         layer_in = layer_out
         in_cols = dirs * H
 

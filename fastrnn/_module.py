@@ -526,18 +526,29 @@ class RecurrentWeights(Module):
         w_ih_all, w_hh_all = self._weights(tape["params"])[:2]
         in_cols = max(w_ih_all[0].shape[1], self._dirs * H)
         hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
+        # the weight gradients of this backprop, added to ``grads`` only when
+        # every layer is done: an interrupted backprop (Ctrl-C) adds nothing
+        sums = [[None if g is None else np.zeros_like(g) for g in kind]
+                for kind in (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)]
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             for k in reversed(range(self._layers)):
                 dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
-                                        reset_before, w_ih_all[k], w_hh_all[k])
+                                        reset_before, w_ih_all[k], w_hh_all[k],
+                                        [kind[k] for kind in sums])
+        with self._grad_lock:
+            for kind, grads in zip(sums, (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)):
+                for total, grad in zip(kind, grads):
+                    if grad is not None:
+                        grad += total
         return dout
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
-                    w_ih, w_hh):
+                    w_ih, w_hh, sums):
         """Layer k of ``_bptt`` (its weights of the tape's parameter set
-        w_ih, w_hh): the backward time loops, then the weight and input
-        gradients, each in the parts ``_parallel.split`` chose."""
+        w_ih, w_hh): the backward time loops, then the weight gradients
+        (into ``sums``: dw_ih, dw_hh, db_ih, db_hh) and the input gradient,
+        each in the parts ``_parallel.split`` chose."""
         dirs, rows = self._dirs, T * B
         saves = tape["layers"][k]
         if k < self._layers - 1 and saves["mask"] is not None:
@@ -550,12 +561,11 @@ class RecurrentWeights(Module):
             dh=dh[k * dirs:(k + 1) * dirs],
             dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
             dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held)
-        with self._grad_lock:
-            _backward.weight_grads(
-                parts=_parallel.halves(dgx.shape[1], parts), x=saves["x"],
-                h_prev=saves["h_prev"], reset_acts=saves["acts"] if reset_before else None,
-                dgx=dgx, dgh=dgh, dw_ih=self._dw_ih[k], dw_hh=self._dw_hh[k],
-                db_ih=self._db_ih[k], db_hh=self._db_hh[k], max_rows=v.BLAS_INT_MAX)
+        _backward.weight_grads(
+            parts=_parallel.halves(dgx.shape[1], parts), x=saves["x"],
+            h_prev=saves["h_prev"], reset_acts=saves["acts"] if reset_before else None,
+            dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2], db_hh=sums[3],
+            max_rows=v.BLAS_INT_MAX)
         dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
         _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
                              parts=_parallel.halves(rows, parts))

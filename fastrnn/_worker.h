@@ -52,6 +52,14 @@ static inline void fastrnn_cpu_pause(void) {
 #endif
 }
 
+/* the interrupt flag of a call, read by every part of it (_worker.pxd) */
+static inline int fastrnn_load_int(const int* p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline void fastrnn_store_int(int* p, int v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
 static inline long long fastrnn_clock_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

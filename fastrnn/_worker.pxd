@@ -6,5 +6,25 @@ ctypedef void (*job_fn)(void* arg, int part) noexcept nogil
 cdef void run_two(job_fn fn, void* arg) noexcept nogil
 cdef bint run_pair(job_fn fn, void* arg, long long wait_ns) noexcept nogil
 cdef void cpu_pause() noexcept nogil
+
+# A long call's time loops look at ``interrupted`` once per step: the thread
+# that made the call (when it is Python's main thread) takes the GIL every
+# INTERRUPT_POLL_NS or so to run the signal handlers (Ctrl-C), and a handler
+# that raised stops every part of the call at its next step.
+cdef struct Interrupt:
+    int stop                  # a handler raised: every part leaves its loop
+    bint polls                # the caller is Python's main thread
+    unsigned long caller      # its pthread id: only it polls
+    int countdown             # steps until it next reads the clock
+    long long next_ns         # when it next takes the GIL
+
+cdef enum:
+    # multiply-adds of one block of a long call's large products (input
+    # projection, input and weight gradients: ~3-5 ms on one core), between
+    # which it looks at ``interrupted`` too
+    INTERRUPT_BLOCK_MACS = 134217728
+
+cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
+cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
-                   parts) except -1
+                   parts, Interrupt* interrupt=*) except -1

@@ -2,7 +2,22 @@
 # module only, so that the forward and backward kernels (and both their
 # builds) share one thread; they reach them through _worker.pxd.
 
+import os
+import threading
+
+cdef extern from "<pthread.h>":
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self() noexcept nogil
+
+cdef extern from "Python.h":
+    # declared here without an exception clause: the pending exception it
+    # sets must stay set for run_parts to raise, not be handled on the spot
+    int PyErr_CheckSignals() noexcept
+
 cdef extern from "_worker.h":
+    long long fastrnn_clock_ns() noexcept nogil
+    int fastrnn_load_int(const int* p) noexcept nogil
+    void fastrnn_store_int(int* p, int v) noexcept nogil
     ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
     void fastrnn_run_two(fastrnn_job_fn fn, void* arg) noexcept nogil
     int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) noexcept nogil
@@ -40,14 +55,77 @@ cdef void cpu_pause() noexcept nogil:
 fastrnn_worker_init()   # the fork handler, before any call can claim the worker
 
 
+cdef enum:
+    # how often the calling thread runs the signal handlers during a call:
+    # Ctrl-C is answered within about this time (taking the GIL costs ~1 us)
+    INTERRUPT_POLL_NS = 20000000
+    # steps between two readings of the clock (~20 ns each)
+    INTERRUPT_STEPS_PER_CLOCK = 8
+
+cdef unsigned long _main_thread = threading.main_thread().ident
+
+
+def _after_fork_in_child():
+    # the child's main thread is the one that forked
+    global _main_thread
+    _main_thread = threading.main_thread().ident
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
+    """Whether the call must stop: a signal handler raised (the exception is
+    pending and run_parts raises it). Cheap: one load on most steps; the
+    clock is read every few steps, or at once with read_clock (between
+    blocks of a large product)."""
+    cdef long long now
+    if it == NULL:
+        return False
+    if fastrnn_load_int(&it.stop):
+        return True
+    if not it.polls or pthread_self() != it.caller:
+        return False
+    it.countdown -= 1
+    if it.countdown > 0 and not read_clock:
+        return False
+    it.countdown = INTERRUPT_STEPS_PER_CLOCK
+    now = fastrnn_clock_ns()
+    if now < it.next_ns:
+        return False
+    with gil:
+        if PyErr_CheckSignals() != 0:
+            fastrnn_store_int(&it.stop, 1)
+            return True
+    it.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS
+    return False
+
+
+cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil:
+    """Rows of one block of a large product: about INTERRUPT_BLOCK_MACS
+    multiply-adds, at most max_rows (the BLAS int range), at least 1. It
+    depends on the whole product's shape only, never on how it is split
+    between threads, so the sums come out the same either way."""
+    cdef Py_ssize_t rows = INTERRUPT_BLOCK_MACS // max(<Py_ssize_t>1, macs_per_row)
+    return max(<Py_ssize_t>1, min(rows, max_rows))
+
+
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
-                   parts) except -1:
+                   parts, Interrupt* interrupt=NULL) except -1:
     """The dispatch of every two-part kernel entry: copy ``parts`` (one or two
     tuples of ``width`` values, (lo, hi) pairs) into the job's ranges (2 x
     width), then run fn without the GIL: part 0 alone, or both parts through
-    run_two when the second part's ranges are all non-empty."""
+    run_two when the second part's ranges are all non-empty. With an
+    ``interrupt`` (a field of the job its parts poll), raise the exception a
+    signal handler raised meanwhile; the call's outputs are then partial."""
     cdef Py_ssize_t p, i
     cdef bint two = len(parts) > 1
+    if interrupt != NULL:
+        interrupt.stop = 0
+        interrupt.caller = pthread_self()
+        interrupt.polls = interrupt.caller == _main_thread
+        interrupt.countdown = INTERRUPT_STEPS_PER_CLOCK
+        interrupt.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS
     for p in range(2):
         for i in range(width):
             ranges[p * width + i] = parts[p][i] if p < len(parts) else 0
@@ -58,4 +136,6 @@ cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
             run_two(fn, arg)
         else:
             fn(arg, 0)
+    if interrupt != NULL and interrupt.stop:
+        return -1    # the signal handler's exception is pending
     return 0

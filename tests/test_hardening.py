@@ -273,3 +273,67 @@ def test_an_unbatched_frame_after_a_batch_of_streams_is_refused_clearly():
         stream.step(np.ones(3, np.float32))
     assert stream.state[0].shape == (1, 2, 4)                     # unchanged, usable
     stream.step(np.ones((2, 3), np.float32))
+
+
+# --- Ctrl-C during long calls ----------------------------------------------------------
+
+def _interrupt_after(seconds):
+    """Send SIGINT to this process after ``seconds``, from a helper thread."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def fire():
+        time.sleep(seconds)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+@pytest.mark.parametrize("what", ["bidirectional inference", "training forward", "backprop"])
+def test_long_calls_answer_ctrl_c_and_stay_usable(what):
+    """A long call runs the signal handlers every ~20 ms: Ctrl-C interrupts a
+    bidirectional inference, a training forward or a backprop that would run
+    for seconds, and leaves the layer as it was (no gradient half added)."""
+    import threading
+    import time
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+    layer = RNN(32, 1536, bidirectional=True, seed=0)
+    rng = np.random.default_rng(0)
+    T = 3000 if what == "bidirectional inference" else 1500
+    x = rng.standard_normal((T, 4, 32)).astype(np.float32)
+    start = time.perf_counter()
+    layer(x[: T // 10])   # a tenth of the work: the whole would take ~10x
+    whole = 10 * (time.perf_counter() - start)
+    if what == "backprop":
+        (out, _), backprop = layer.forward_train(x)
+        dout = np.ones_like(out)
+    if what == "backprop":
+        whole *= 2                 # a backprop does about twice a forward's work
+    delay, bound = 0.1, 0.5
+    if whole < delay + 2 * bound:
+        pytest.skip(f"this machine runs the call in ~{whole:.2f} s: too short to tell")
+    weights_before = layer.state_dict()
+    thread = _interrupt_after(delay)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        if what == "bidirectional inference":
+            layer(x)
+        elif what == "training forward":
+            layer.forward_train(x)
+        else:
+            backprop(dout)
+        time.sleep(5)   # not reached unless the call ignored the signal
+    latency = time.perf_counter() - start - delay
+    thread.join()
+    assert latency < bound, f"Ctrl-C answered after {latency:.2f} s"
+    assert all(np.array_equal(a, layer.state_dict()[k]) for k, a in weights_before.items())
+    assert all(not g.any() for g in layer.grads.values())
+    small = x[:3]
+    np.testing.assert_array_equal(layer(small)[0], RNN(32, 1536, bidirectional=True,
+                                                       seed=0)(small)[0])
