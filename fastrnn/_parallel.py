@@ -17,6 +17,7 @@ gain without holding BLAS). Holding it also keeps results reproducible: with
 some OpenBLAS kernels (e.g. its Haswell sgemm) a product threaded over two
 threads rounds differently from the same product on one.
 """
+import numbers
 import os
 import threading
 
@@ -48,9 +49,12 @@ def set_num_threads(n):
     min(cores, 2).
     """
     global _threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"set_num_threads: expected an int >= 1, got {type(n).__name__} "
+                        f"{n!r}")
+    if n < 1:
         raise ValueError(f"set_num_threads: expected an int >= 1, got {n!r}")
-    _threads = n
+    _threads = int(n)
 
 
 def get_num_threads():

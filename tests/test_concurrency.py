@@ -163,7 +163,15 @@ def test_parallel_parts_give_the_serial_results(cls, bidirectional, monkeypatch)
 def test_set_num_threads_validates():
     with pytest.raises(ValueError, match="set_num_threads: expected an int >= 1"):
         fastrnn.set_num_threads(0)
-    fastrnn.set_num_threads(fastrnn.get_num_threads())
+    for bad in ("2", 2.0, True, None):
+        with pytest.raises(TypeError, match="set_num_threads: expected an int >= 1"):
+            fastrnn.set_num_threads(bad)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(np.int64(1))        # numpy ints, like other int arguments
+        assert fastrnn.get_num_threads() == 1 and type(fastrnn.get_num_threads()) is int
+    finally:
+        fastrnn.set_num_threads(before)
 
 
 def test_a_forked_child_can_run_parallel_calls():
