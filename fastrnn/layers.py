@@ -189,36 +189,43 @@ def tbptt(layer, x, steps, hx=None):
 
     Parameters
     ----------
-    layer : RNN, GRU or LSTM
+    layer : RNN, GRU or LSTM, unidirectional
+        (a reverse direction would need the steps after a chunk).
     x : array-like, the whole stream, laid out as ``layer`` expects
     steps : int, the chunk length (the last chunk may be shorter)
     hx : the initial state, or None for zeros
 
     Yields
     ------
-    (time, out, backprop)
-        ``time`` the slice of steps the chunk covers (index targets with it),
+    (index, out, backprop)
+        ``index`` selects the chunk's steps from any array laid out like
+        ``x``, e.g. the targets: ``x[index]`` is the chunk (a slice of the
+        time axis, or ``(slice(None), steps)`` for batch-first ``x``);
         ``out`` the chunk's output, and its ``backprop(dout, dstate=None)``.
 
     Examples
     --------
-    >>> for time, out, backprop in fastrnn.tbptt(lstm, x, steps=50):
-    ...     loss, dout = mse.value_and_grad(out, y[time])
+    >>> for index, out, backprop in fastrnn.tbptt(lstm, x, steps=50):
+    ...     loss, dout = mse.value_and_grad(out, y[index])
     ...     backprop(dout); opt.step(); opt.zero_grad()
     """
     if not isinstance(layer, _RNNBase):
         raise TypeError(f"tbptt: layer must be an RNN, GRU or LSTM, got {type(layer).__name__}")
+    if layer.bidirectional:
+        raise ValueError(f"tbptt: {layer!r} is bidirectional; its reverse direction needs "
+                         f"the steps after each chunk, so it cannot be truncated in time")
     steps = v.check_int("tbptt", "steps", steps)
     x = v.to_numpy("tbptt", "x", x)
-    time_axis = 1 if layer.batch_first and x.ndim == 3 else 0
     if x.ndim not in (2, 3):
         raise ValueError(f"tbptt: expected x with 2 or 3 dimensions, got {shape_str(x.shape)}")
+    batch_first = layer.batch_first and x.ndim == 3
+    T = x.shape[1] if batch_first else x.shape[0]
     state = hx
-    for start in range(0, x.shape[time_axis], steps):
-        time = slice(start, min(start + steps, x.shape[time_axis]))
-        chunk = x[:, time] if time_axis == 1 else x[time]
-        (out, state), backprop = layer.forward_train(chunk, state)
-        yield time, out, backprop
+    for start in range(0, T, steps):
+        time = slice(start, min(start + steps, T))
+        index = (slice(None), time) if batch_first else time
+        (out, state), backprop = layer.forward_train(x[index], state)
+        yield index, out, backprop
 
 
 _LAYER_DOC = """{summary}

@@ -201,8 +201,11 @@ def test_tbptt_carries_state_not_gradient(kind, batch_first):
     x = rng.standard_normal((2, 23, 3) if batch_first else (23, 2, 3))
     full_out, _ = layer(x)
     chunks = list(fastrnn.tbptt(layer, x, steps=5))
-    assert [c[0] for c in chunks] == [slice(0, 5), slice(5, 10), slice(10, 15), slice(15, 20),
-                                      slice(20, 23)]
+    steps = [slice(0, 5), slice(5, 10), slice(10, 15), slice(15, 20), slice(20, 23)]
+    # the index selects a chunk's steps from arrays laid out like x
+    assert [c[0] for c in chunks] == [(slice(None), s) if batch_first else s for s in steps]
+    for index, out, _ in chunks:
+        assert out.shape[:2] == x[index].shape[:2]
     axis = 1 if batch_first else 0
     np.testing.assert_allclose(np.concatenate([c[1] for c in chunks], axis=axis), full_out,
                                rtol=0, atol=1e-14)
@@ -216,12 +219,18 @@ def test_tbptt_carries_state_not_gradient(kind, batch_first):
     prefix = x[:, :10] if batch_first else x[:10]
     _, state = layer(prefix)
     layer.zero_grad()
-    (out2, _), backprop2 = layer.forward_train(x[:, time] if batch_first else x[time], state)
+    (out2, _), backprop2 = layer.forward_train(x[time], state)
     dx2, _ = backprop2(dout)
     np.testing.assert_allclose(out, out2, rtol=0, atol=1e-14)
     np.testing.assert_allclose(dx, dx2, rtol=0, atol=1e-14)
     for k, g in layer.grads.items():
         np.testing.assert_allclose(got[k], g, rtol=0, atol=1e-14)
+
+
+def test_tbptt_refuses_a_bidirectional_layer():
+    layer = fastrnn.GRU(3, 4, bidirectional=True, seed=0)
+    with pytest.raises(ValueError, match="tbptt: .* is bidirectional; its reverse direction"):
+        next(fastrnn.tbptt(layer, np.zeros((6, 2, 3)), steps=2))
 
 
 @pytest.mark.parametrize("kind", KINDS)
