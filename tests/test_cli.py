@@ -94,10 +94,11 @@ def test_every_command_has_its_own_help(capsys, command, flag):
     assert "-h, --help" in out
 
 
-@pytest.mark.parametrize("command", ["timing", "bench"])
+@pytest.mark.parametrize("command", ["timing", "bench", "sunspots", "adding", "charlm", "demo"])
 def test_help_names_the_command(capsys, command):
     _, out, _ = run([command, "--help"], capsys)
-    assert out.startswith(f"usage: fastrnn {command} ")
+    name = "sunspots" if command == "demo" else command     # demo runs example 1
+    assert out.startswith(f"usage: fastrnn {name} ")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

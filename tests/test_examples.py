@@ -20,7 +20,7 @@ def test_sunspot_model_beats_the_naive_forecast(tmp_path, capsys):
     plot = tmp_path / "loss.png"
     history, val_mse, naive_mse = sunspots.main(epochs=50, plot=str(plot), verbose=0)
     assert len(history.history["val_loss"]) == 50
-    assert val_mse < 0.6 * naive_mse            # seeds' Keras model: 0.0101 vs 0.0304
+    assert val_mse < 0.6 * naive_mse            # the Keras original: 0.0101 vs 0.0304
     out = capsys.readouterr().out
     assert "naive last-value" in out
     assert plot.exists() or "matplotlib is not installed" in out

@@ -1,6 +1,6 @@
-"""Example 1: the seeds' Keras model, trained with fastrnn on yearly sunspots.
+"""Example 1: a Keras sunspot model (two SimpleRNN(50)), trained with fastrnn.
 
-The Keras original (seed notes):
+The Keras original:
 
     model = Sequential()
     model.add(SimpleRNN(units=50, return_sequences=True, input_shape=(X.shape[1], 1)))
@@ -86,11 +86,13 @@ def _save_plot(history, path):
 
 
 def cli(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=50)
+    parser = argparse.ArgumentParser(prog="fastrnn sunspots",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=50, help="training epochs (default 50)")
     parser.add_argument("--plot", default="sunspots_loss.png",
                         help="where to save the loss plot ('' for none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the weights and shuffling (default 0)")
     args = parser.parse_args(argv)
     main(args.epochs, args.plot, args.seed)
 
