@@ -1,0 +1,457 @@
+"""A corpus of damaged and hostile model files: each must give a quick
+ValueError naming what is wrong, in bounded time and memory.
+
+Every file is loaded in ONE child process whose address space is limited
+(RLIMIT_AS) to a modest bound above what importing fastrnn takes, and the
+child times each load. A loader that allocates what a file claims before
+checking it, or inflates a zip bomb, fails here with a MemoryError or by
+taking too long; one that lets a raw exception through fails on its type.
+"""
+import io
+import json
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastrnn
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="measures the address space through /proc")
+
+# what the child may map beyond its size after importing fastrnn
+MEMORY_BOUND = 256 << 20
+SECONDS_PER_LOAD = 1.0
+FORMAT = "fastrnn.Sequential/1"
+
+
+# --- building files -------------------------------------------------------------------------
+def _jsonable(config):
+    return {k: (v.name if isinstance(v, np.dtype) else v) for k, v in config.items()}
+
+
+def _model():
+    return fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=True, seed=0), fastrnn.LastStep(),
+                               fastrnn.Linear(4, 2, seed=1)])
+
+
+def _entries(model):
+    return [{"class": type(layer).__name__, "config": _jsonable(layer._config)}
+            for layer in model.layers]
+
+
+def _config(entries):
+    return {"format": FORMAT, "fastrnn_version": fastrnn.__version__, "layers": entries}
+
+
+def _npz(path, config, arrays, raw_config=None):
+    """A file as save writes it, from a config (dict or raw JSON text) and arrays."""
+    text = raw_config if raw_config is not None else json.dumps(config)
+    np.savez(path, config=np.array(text), **{f"weights/{k}": v for k, v in arrays.items()})
+
+
+def _good_arrays():
+    return _model().state_dict()
+
+
+def _changed(index, **changes):
+    """The good model's file with layer `index`'s configuration changed."""
+    entries = _entries(_model())
+    entries[index]["config"].update(changes)
+    return lambda path: _npz(path, _config(entries), _good_arrays())
+
+
+def _npy_bytes(array):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_header(shape, descr, fortran_order=False):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": fortran_order,
+                                               "shape": shape})
+    return buf.getvalue()
+
+
+def _zip(path, members, compression=zipfile.ZIP_STORED):
+    """members: (name or ZipInfo, bytes) pairs, written as they are."""
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+
+
+def _config_member(config):
+    return ("config.npy", _npy_bytes(np.array(json.dumps(config))))
+
+
+def _good_members(drop=()):
+    members = [_config_member(_config(_entries(_model())))]
+    members += [(f"weights/{k}.npy", _npy_bytes(v)) for k, v in _good_arrays().items()
+                if k not in drop]
+    return members
+
+
+def _bomb(path, name, shape, extra_members=(), config=None):
+    """A member `name` of zeros (a valid .npy of `shape`, float32) deflated."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for member, data in extra_members:
+            zf.writestr(member, data)
+        if config is not None:
+            zf.writestr(*_config_member(config))
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as out:
+            out.write(_npy_header(shape, "<f4"))
+            zeros = bytes(16 << 20)
+            left = int(np.prod(shape)) * 4
+            while left:
+                out.write(zeros[:min(left, len(zeros))])
+                left -= min(left, len(zeros))
+
+
+def _bomb_weight(path):
+    linear = {"class": "Linear", "config": {"in_features": 8192, "out_features": 8192,
+                                            "bias": False, "dtype": "float32"}}
+    _bomb(path, "weights/0.weight.npy", (8192, 8192), config=_config([linear]))
+
+
+def _bomb_extra_member(path):
+    _bomb(path, "weights/9.weight.npy", (4096, 4096), extra_members=_good_members())
+
+
+def _lying_weight_header(path):
+    linear = {"class": "Linear", "config": {"in_features": 100000, "out_features": 100000,
+                                            "bias": False, "dtype": "float32"}}
+    _zip(path, [_config_member(_config([linear])),
+                ("weights/0.weight.npy", _npy_header((100000, 100000), "<f4") + bytes(24))])
+
+
+def _lying_config_header(path):
+    _zip(path, [("config.npy", _npy_header((), "<U500000000") + b"{}".ljust(64, b"\0"))]
+         + _good_members()[1:])
+
+
+def _truncated(fraction=None, cut=None):
+    def make(path):
+        _npz(path, _config(_entries(_model())), _good_arrays())
+        data = path.read_bytes()
+        path.write_bytes(data[:int(len(data) * fraction)] if fraction else data[:-cut])
+    return make
+
+
+def _corrupted_weight_data(path):
+    _npz(path, _config(_entries(_model())), _good_arrays())
+    data = bytearray(path.read_bytes())
+    header = _npy_header((2, 4), "<f4")
+    at = data.index(header) + len(header)          # Linear's weight: the first (2, 4) array
+    data[at + 5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _sizes_lie(path):
+    """The central directory claims 2 GiB for every member."""
+    _npz(path, _config(_entries(_model())), _good_arrays())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        data[at + 20:at + 28] = struct.pack("<2L", 2**31, 2**31)
+        at = data.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(data))
+
+
+def _deep_json(depth):
+    return "[" * depth + "]" * depth
+
+
+def _deep_in_layer(path):
+    entries = _entries(_model())
+    entries[0]["config"]["input_size"] = "@"
+    text = json.dumps(_config(entries)).replace('"@"', _deep_json(100000))
+    _npz(path, None, _good_arrays(), raw_config=text)
+
+
+def _deep_in_dtype(path):
+    """Nested just within what json parses: deeper than a repr in a message may go."""
+    entries = _entries(_model())
+    entries[2]["config"]["dtype"] = "@"
+    text = json.dumps(_config(entries)).replace('"@"', _deep_json(980))
+    _npz(path, None, _good_arrays(), raw_config=text)
+
+
+def _huge_config(path):
+    text = json.dumps(_config(_entries(_model())))
+    _npz(path, None, _good_arrays(), raw_config=text[:-1] + " " * (2 << 20) + "}")
+
+
+def _many_members(path):
+    _zip(path, _good_members() + [(f"weights/x{i}.npy", b"") for i in range(20000)])
+
+
+def _big_directory(path):
+    members = []
+    for i in range(3000):
+        info = zipfile.ZipInfo(f"weights/{i}.w.npy")
+        info.comment = b"c" * 1000
+        members.append((info, b""))
+    _zip(path, _good_members() + members)
+
+
+def _member_with(name, data):
+    return lambda path: _zip(path, _good_members() + [(name, data)])
+
+
+def _member_replaced(name, data):
+    return lambda path: _zip(path, [(member, data if member == name else old)
+                                    for member, old in _good_members()])
+
+
+def _lzma_member(path):
+    members = _good_members()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members[:-1]:
+            zf.writestr(name, data)
+        zf.writestr(members[-1][0], members[-1][1], compress_type=zipfile.ZIP_LZMA)
+
+
+def _encrypted_member(path):
+    """The last member marked encrypted (zipfile writes no encryption)."""
+    _zip(path, _good_members())
+    data = bytearray(path.read_bytes())
+    name = b"weights/2.bias.npy"
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.rindex(signature, 0, data.rindex(name))
+        data[at + flags_at] |= 0x1
+    path.write_bytes(bytes(data))
+
+
+def _duplicate_member(path):
+    members = _good_members()
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        _zip(path, members + [members[-1]])
+
+
+def _weights(**replace):
+    def make(path):
+        arrays = _good_arrays()
+        for key, value in replace.items():
+            key = key.replace("__", ".")
+            if value is None:
+                del arrays[key]
+            else:
+                arrays[key] = value
+        _npz(path, _config(_entries(_model())), arrays)
+    return make
+
+
+def _write_npy(path):
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+
+
+def _config_entries(entries):
+    return lambda path: _npz(path, _config(entries), _good_arrays())
+
+
+# name -> (builder, regex the ValueError's message must match); None: loads
+CASES = {
+    "good": (lambda path: _model().save(path), None),
+    "huge_hidden_size": (_changed(0, hidden_size=10000),
+                         r"layer 0 \(LSTM, input_size=3, hidden_size=10000, num_layers=1, "
+                         r"bias=True, bidirectional=False\) calls for 4 arrays of 400,200,000 "
+                         r"values, but the file holds 4 arrays of 144 values for it"),
+    "huge_hidden_size_20000": (_changed(0, hidden_size=20000),
+                               r"hidden_size=20000.* calls for 4 arrays of 1,600,400,000 "
+                               r"values, but the file holds 4 arrays of 144"),
+    "huge_num_layers": (_changed(0, num_layers=100000),
+                        r"num_layers=100000, .* calls for 400,000 arrays of [0-9,]+ values, "
+                        r"but the file holds 4 arrays of 144"),
+    "huge_linear": (_changed(2, in_features=10**9, out_features=10**9),
+                    r"layer 2 \(Linear, in_features=1000000000, out_features=1000000000, "
+                    r"bias=True\) calls for 2 arrays of 1,000,000,001,000,000,000 values"),
+    "zip_bomb_weight": (_bomb_weight,
+                        r"member 'weights/0.weight.npy' would inflate from [0-9,]+ to "
+                        r"268,435,584 bytes \(ratio [0-9,]+:1, more than 100:1\): a zip bomb"),
+    "zip_bomb_extra_member": (_bomb_extra_member,
+                              r"member 'weights/9.weight.npy' would inflate .* a zip bomb"),
+    "lying_npy_header": (_lying_weight_header,
+                         r"member 'weights/0.weight.npy': its header declares shape "
+                         r"\(100000, 100000\) of float32 \(40,000,000,000 bytes\), but the "
+                         r"member holds 24 bytes of data"),
+    "lying_config_header": (_lying_config_header,
+                            r"member 'config.npy': its header declares shape \(\) of <U500000000 "
+                            r"\(2,000,000,000 bytes\), but the member holds 64"),
+    "truncated_half": (_truncated(fraction=0.5),
+                       r"not a complete zip archive \(no end-of-central-directory record"),
+    "truncated_tail": (_truncated(cut=30),
+                       r"not a complete zip archive \(no end-of-central-directory record"),
+    "corrupted_weight_data": (_corrupted_weight_data, r"BadZipFile: Bad CRC-32"),
+    "sizes_lie": (_sizes_lie, r"member 'config.npy' declares 2,147,483,648 compressed bytes, "
+                              r"more than the file's [0-9,]+"),
+    "random_bytes": (lambda path: path.write_bytes(
+        np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()),
+        r"it is not a zip \(.npz\) archive"),
+    "random_bytes_after_zip_magic": (lambda path: path.write_bytes(
+        b"PK\x03\x04" + np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8)
+        .tobytes()), r"not a complete zip archive"),
+    "empty": (lambda path: path.write_bytes(b""), r"the file is empty"),
+    "npy_file": (_write_npy, r"it holds a single .npy array, not a fastrnn model \(.npz\)"),
+    "deep_json": (lambda path: _npz(path, None, _good_arrays(), raw_config=_deep_json(200000)),
+                  r"its configuration \(JSON\) is nested too deeply"),
+    "deep_json_in_layer": (_deep_in_layer, r"its configuration \(JSON\) is nested too deeply"),
+    "deep_json_in_dtype": (_deep_in_dtype, r"its configuration \(JSON\) is nested too deeply "
+                                           r"\(more than 8 levels\)"),
+    "huge_integer": (_changed(0, hidden_size=10**4000),
+                     r"layer 0 \(LSTM, input_size=3, hidden_size=about 10\^4000, .*\) calls for "
+                     r"4 arrays of about 10\^8000 values, but the file holds 4 arrays of 144"),
+    "shallow_list_for_an_int": (_changed(0, input_size=[[[[1]]]]),
+                                r"layer 0 \(LSTM\) has a bad configuration: LSTM: input_size "
+                                r"must be an int, got list"),
+    "huge_config": (_huge_config, r"its configuration has 2,097,[0-9]+ characters, more than "
+                                  r"1,048,576"),
+    "config_not_json": (lambda path: _npz(path, None, _good_arrays(), raw_config="{nope"),
+                        r"its configuration is not valid JSON \(Expecting property name"),
+    "config_a_number": (lambda path: _zip(path, [("config.npy", _npy_bytes(np.array(5.0)))]),
+                        r"member 'config.npy' holds float64 data, not the configuration's "
+                        r"JSON text"),
+    "config_a_list": (lambda path: _npz(path, None, _good_arrays(), raw_config="[1, 2]"),
+                      r"its configuration should be a JSON object, got list"),
+    "wrong_format": (lambda path: _npz(path, dict(_config(_entries(_model())), format="keras"),
+                                       _good_arrays()),
+                     r"its 'format' should be 'fastrnn.Sequential/1', got 'keras'"),
+    "no_config": (lambda path: _zip(path, _good_members()[1:]),
+                  r"it has no configuration \(member 'config.npy'\)"),
+    "layers_a_dict": (lambda path: _npz(path, dict(_config([]), layers={"0": 1}), {}),
+                      r"its 'layers' should be a non-empty list, got \{'0': 1\}"),
+    "layers_empty": (lambda path: _npz(path, _config([]), {}),
+                     r"its 'layers' should be a non-empty list, got \[\]"),
+    "hidden_size_a_string": (_changed(0, hidden_size="4"),
+                             r"layer 0 \(LSTM\) has a bad configuration: LSTM: hidden_size must "
+                             r"be an int, got str"),
+    "num_layers_a_float": (_changed(0, num_layers=2.5),
+                           r"LSTM: num_layers must be an int, got float"),
+    "negative_hidden_size": (_changed(0, hidden_size=-4),
+                             r"LSTM: hidden_size must be >= 1, got -4"),
+    "bias_a_string": (_changed(2, bias="yes"), r"layer 2 \(Linear\) has a bad configuration: "
+                                               r"Linear: bias must be a bool, got str"),
+    "unknown_argument": (_changed(2, evil=1),
+                         r"layer 2 \(Linear\) has a bad configuration: got an unexpected "
+                         r"keyword argument 'evil'"),
+    "bad_dtype": (_changed(2, dtype="float16"),
+                  r"layer 2 \(Linear\) has a bad configuration: Linear: dtype must be "
+                  r"'float32' or 'float64', got 'float16'"),
+    "config_a_list_for_a_known_class": (_config_entries([{"class": "LSTM", "config": []}]),
+                                        r"layer 0 \(LSTM\) has a bad configuration: 'config' "
+                                        r"must be a JSON object of constructor arguments"),
+    "unknown_class": (_config_entries([{"class": "os.system", "config": {}}]),
+                      r"layer 0 names an unknown class 'os.system'"),
+    "missing_weight": (_weights(**{"0__bias_hh_l0": None}),
+                       r"layer 0 \(LSTM, .*\) calls for 4 arrays of 144 values, but the file "
+                       r"holds 3 arrays of 128 values for it"),
+    "renamed_weight": (_weights(**{"0__bias_hh_l0": None, "0__bias_hh_l9": np.zeros(16)}),
+                       r"layer 0 \(LSTM\): missing weights \['bias_hh_l0'\], unexpected "
+                       r"weights \['bias_hh_l9'\]"),
+    "weight_for_a_stateless_layer": (_weights(**{"1__weight": np.zeros(3)}),
+                                     r"layer 1 \(LastStep\) calls for 0 arrays of 0 values, but "
+                                     r"the file holds 1 array of 3 values for it"),
+    "weight_of_no_layer": (_weights(**{"7__weight": np.zeros(3), "junk": np.zeros(1)}),
+                           r"it holds weights \['7.weight', 'junk'\] that belong to none of its "
+                           r"3 layers"),
+    "nan_weights": (_weights(**{"2__weight": np.full((2, 4), np.nan)}),
+                    r"layer 2 \(Linear\): Linear: weight has non-finite values"),
+    "string_weights": (_weights(**{"2__weight": np.full((2, 4), "x")}),
+                       r"member 'weights/2.weight.npy' holds <U1 data; weights must be "
+                       r"float32 or float64"),
+    "integer_weights": (_weights(**{"2__weight": np.ones((2, 4), np.int64)}),
+                        r"member 'weights/2.weight.npy' holds int64 data; weights must be "
+                        r"float32 or float64"),
+    "object_weights": (_member_replaced("weights/2.weight.npy",
+                                        _npy_header((2, 4), "|O") + bytes(64)),
+                       r"member 'weights/2.weight.npy' holds object data \(pickle\)"),
+    "negative_shape": (_member_with("weights/5.w.npy", _npy_header((-2, 3), "<f4")),
+                       r"member 'weights/5.w.npy': its header declares the negative shape "
+                       r"\(-2, 3\)"),
+    "header_too_long": (_member_with("weights/5.w.npy", b"\x93NUMPY\x01\x00\xff\xff"
+                                     + b" " * 65535),
+                        r"member 'weights/5.w.npy' has a damaged .npy header"),
+    "not_npy": (_member_with("weights/5.w.npy", b"hello"),
+                r"member 'weights/5.w.npy' has a damaged .npy header"),
+    "foreign_member": (_member_with("readme.txt", b"hello"),
+                       r"it holds a member 'readme.txt' that is neither the configuration nor "
+                       r"a weight array"),
+    "many_members": (_many_members, r"it has 20,00[0-9] members, more than 10,000"),
+    "big_directory": (_big_directory, r"its zip directory takes [0-9,]+ bytes, more than "
+                                      r"2,097,152"),
+    "lzma_member": (_lzma_member, r"member 'weights/2.bias.npy' uses compression method 14; "
+                                  r"only stored \(0\) and deflated \(8\) members are read"),
+    "encrypted_member": (_encrypted_member, r"member 'weights/2.bias.npy' is encrypted"),
+    "duplicate_member": (_duplicate_member, r"it holds the member 'weights/2.bias.npy' twice"),
+}
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    import fastrnn
+
+    def mapped():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+
+    baseline = mapped()
+    bound = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (baseline + bound, resource.RLIM_INFINITY))
+    results = {}
+    for name, path in json.loads(sys.argv[2]).items():
+        start = time.perf_counter()
+        try:
+            fastrnn.load(path)
+            outcome = ("loaded", "")
+        except Exception as exc:
+            outcome = (type(exc).__name__, str(exc)[:3000])
+        results[name] = outcome + (time.perf_counter() - start,)
+    print("RESULTS " + json.dumps({"baseline": baseline, "results": results}))
+""")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hostile")
+    paths = {}
+    for name, (build, _) in CASES.items():
+        path = directory / f"{name}.npz"
+        build(path)
+        paths[name] = str(path)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(MEMORY_BOUND), json.dumps(paths)],
+                          capture_output=True, text=True, timeout=600, cwd=directory)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])["results"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_file_gives_a_quick_value_error(case, outcomes):
+    kind, message, seconds = outcomes[case]
+    expected = CASES[case][1]
+    if expected is None:
+        assert kind == "loaded", message
+    else:
+        assert kind == "ValueError", f"{kind}: {message[:500]}"
+        assert message.startswith("fastrnn.load: ") and "is not a valid fastrnn model file: " \
+            in message, message[:500]
+        assert re.search(expected, message), message[:500]
+        assert len(message) < 2000, message[:500]
+    assert seconds < SECONDS_PER_LOAD, f"{case} took {seconds:.2f} s"
+
+
+def test_the_corpus_files_fail_only_where_intended(tmp_path):
+    """The builders' untouched parts are sound: the good model's members load."""
+    _zip(tmp_path / "m.npz", _good_members())
+    loaded = fastrnn.load(tmp_path / "m.npz")
+    expected = _model()
+    assert all(np.array_equal(loaded.state_dict()[k], v) for k, v in expected.state_dict().items())

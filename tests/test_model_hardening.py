@@ -1,0 +1,345 @@
+"""Sequential and Linear hardening: long file names, clear errors for inputs of
+the wrong layout, one dtype per model, indexing and ``add``, and the loader's
+checks of a file's configuration against its arrays.
+
+The hostile-file corpus (bounded time and memory) is tests/test_hostile_files.py.
+"""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import model as model_module
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def _sequence_model(batch_first=True, dtype="float32"):
+    return fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=batch_first, dtype=dtype, seed=0),
+                               fastrnn.LastStep(), fastrnn.Linear(4, 2, dtype=dtype, seed=1)])
+
+
+# --- save: the temporary name fits wherever the target's name fits -----------------------
+def test_save_with_the_longest_file_name(tmp_path):
+    name = "m" * 250 + ".npz"            # 254 characters; most file systems allow 255
+    model = _sequence_model()
+    model.save(tmp_path / name)
+    assert _same_state(fastrnn.load(tmp_path / name), model)
+    other = _sequence_model(batch_first=False)
+    other.layers[2].load_state_dict({k: v + 1 for k, v in other.layers[2].state_dict().items()})
+    other.save(tmp_path / name)          # replaces the file whole
+    assert _same_state(fastrnn.load(tmp_path / name), other)
+    assert os.listdir(tmp_path) == [name]
+
+
+# --- Linear.backprop ---------------------------------------------------------------------
+@pytest.mark.parametrize("bad_shape", [(3, 2), (4, 3), (4,), (4, 2, 1)])
+def test_linear_backprop_checks_the_shape_of_dy(bad_shape):
+    layer = fastrnn.Linear(3, 2, seed=0)
+    y, backprop = layer._seq_train(np.ones((4, 3)))
+    assert y.shape == (4, 2)
+    expected = rf"Linear.backprop: expected dy of the output's shape \(4, 2\), got \({bad_shape[0]}"
+    with pytest.raises(ValueError, match=expected):
+        backprop(np.ones(bad_shape))
+    assert not any(g.any() for g in layer.grads.values())   # nothing accumulated
+    dx = backprop(np.ones((4, 2)))
+    assert dx.shape == (4, 3)
+    np.testing.assert_allclose(layer.grads["bias"], [4.0, 4.0])
+
+
+def test_linear_backprop_rejects_a_dy_that_is_not_numeric():
+    layer = fastrnn.Linear(3, 2, seed=0)
+    _, backprop = layer._seq_train(np.ones((4, 3)))
+    with pytest.raises(TypeError, match="Linear.backprop: dy must have a real numeric dtype"):
+        backprop(np.full((4, 2), "x"))
+
+
+# --- inputs of the wrong layout name the user's x -----------------------------------------
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_predict_of_a_vector_is_a_clear_value_error(batch_first):
+    model = _sequence_model(batch_first)
+    with pytest.raises(ValueError, match=r"Sequential.predict: expected x of shape \(N, T, 3\) "
+                                         r"\(batch-first sequences: samples, steps, features\), "
+                                         r"got \(3,\)"):
+        model.predict(np.ones(3))
+    with pytest.raises(ValueError, match=r"Sequential.predict: expected x of shape .*got \(\)"):
+        model.predict(np.float64(1.0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_predict_of_one_unbatched_sequence_names_the_input(batch_first):
+    model = _sequence_model(batch_first)
+    x = np.ones((5, 3))                  # one sequence of 5 steps, without the sample axis
+    message = (r"expected x of shape \(N, T, 3\) \(batch-first sequences: samples, steps, "
+               r"features\), got \(5, 3\); for one sequence pass x\[None\]")
+    with pytest.raises(ValueError, match=r"Sequential.predict: " + message):
+        model.predict(x)
+    with pytest.raises(ValueError, match=r"Sequential: " + message):
+        model(x)
+    model.compile()
+    with pytest.raises(ValueError, match=r"Sequential.fit: " + message):
+        model.fit(x, np.ones((5, 2)), verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.evaluate: " + message):
+        model.evaluate(x, np.ones((5, 2)))
+    with pytest.raises(ValueError, match=r"Sequential.train_step: " + message):
+        model.train_step(x, np.ones((5, 2)))
+    assert model.predict(x[None]).shape == (1, 2)
+
+
+def test_wrong_feature_count_is_reported_in_the_users_layout():
+    # a batch_first=False layer used to blame its own, transposed view of x
+    model = _sequence_model(batch_first=False)
+    with pytest.raises(ValueError, match=r"Sequential.predict: expected x of shape \(N, T, 3\) "
+                                         r".*got \(4, 5, 7\)$"):
+        model.predict(np.ones((4, 5, 7)))
+
+
+def test_feed_forward_model_needs_a_sample_axis():
+    model = fastrnn.Sequential([fastrnn.Linear(3, 2, seed=0), fastrnn.Tanh()])
+    with pytest.raises(ValueError, match=r"Sequential.predict: expected x of shape \(N, 3\) or "
+                                         r"\(N, T, 3\) \(samples first\), got \(3,\); for one "
+                                         r"sample pass x\[None\]"):
+        model.predict(np.ones(3), batch_size=2)
+    with pytest.raises(ValueError, match=r"got \(4, 2\)$"):
+        model.predict(np.ones((4, 2)))
+    assert model.predict(np.ones((4, 3))).shape == (4, 2)
+    assert model.predict(np.ones((4, 6, 3)), batch_size=3).shape == (4, 6, 2)
+
+
+# --- one dtype per model --------------------------------------------------------------------
+def test_mixed_dtypes_are_refused_at_construction():
+    with pytest.raises(ValueError, match=r"Sequential: the layers mix dtypes: layers\[0\] \(LSTM\) "
+                                         r"float64, layers\[2\] \(Linear\) float32; build every "
+                                         r"layer with the same dtype"):
+        fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=True, dtype="float64"),
+                            fastrnn.LastStep(), fastrnn.Linear(4, 1)])
+    with pytest.raises(ValueError, match=r"layers\[0\] \(GRU\) float32, layers\[1\] \(GRU\) "
+                                         r"float64"):
+        fastrnn.Sequential([fastrnn.GRU(3, 4), fastrnn.GRU(4, 4, dtype="float64")])
+    # one dtype, with parameter-free layers anywhere, is fine
+    model = fastrnn.Sequential([fastrnn.Dropout(0.1), fastrnn.GRU(3, 4, dtype="float64"),
+                                fastrnn.Tanh(), fastrnn.LastStep(),
+                                fastrnn.Linear(4, 1, dtype="float64")])
+    assert model.predict(np.ones((2, 5, 3))).dtype == np.float64
+
+
+def test_a_file_with_mixed_dtypes_is_refused(tmp_path):
+    a = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, dtype="float64"),
+                            fastrnn.LastStep()])
+    b = fastrnn.Sequential([fastrnn.Linear(4, 1)])
+    config = {"format": "fastrnn.Sequential/1", "fastrnn_version": fastrnn.__version__,
+              "layers": [{"class": type(layer).__name__,
+                          "config": model_module._jsonable(layer._config)}
+                         for layer in a.layers + b.layers]}
+    arrays = {f"weights/{k}": v for k, v in a.state_dict().items()}
+    arrays.update({f"weights/2.{k.split('.', 1)[1]}": v for k, v in b.state_dict().items()})
+    np.savez(tmp_path / "m.npz", config=np.array(json.dumps(config)), **arrays)
+    with pytest.raises(ValueError, match=r"fastrnn.load: .* the layers mix dtypes"):
+        fastrnn.load(tmp_path / "m.npz")
+
+
+# --- indexing, len, iter, add ---------------------------------------------------------------
+def _three():
+    return fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0), fastrnn.LastStep(),
+                               fastrnn.Linear(4, 2, seed=1)])
+
+
+def test_len_iter_and_integer_indexing():
+    model = _three()
+    assert len(model) == 3
+    assert list(model) == model.layers and all(a is b for a, b in zip(model, model.layers))
+    assert model[0] is model.layers[0] and model[2] is model.layers[2]
+    assert model[-1] is model.layers[2] and model[-3] is model.layers[0]
+    assert model[np.int64(1)] is model.layers[1]
+    for bad in (3, -4, 10**20):
+        with pytest.raises(IndexError, match=rf"Sequential: index {bad} is out of range for 3 "
+                                             rf"layers"):
+            model[bad]
+    for bad, got in (("0", "str"), (1.0, "float"), (True, "bool"), ([0], "list")):
+        with pytest.raises(TypeError, match=rf"Sequential: indices must be integers or slices, "
+                                            rf"got {got}"):
+            model[bad]
+
+
+def test_slices_are_sequentials_sharing_the_layers():
+    model = _three()
+    x = np.random.default_rng(0).standard_normal((5, 6, 3))
+    head, tail = model[:2], model[2:]
+    assert isinstance(head, fastrnn.Sequential) and len(head) == 2 and len(tail) == 1
+    assert head[0] is model[0] and tail[0] is model[2]
+    np.testing.assert_array_equal(tail.predict(head.predict(x)), model.predict(x))
+    assert [type(a) for a in model[::-1]] == [fastrnn.Linear, fastrnn.LastStep, fastrnn.GRU]
+    assert model[:].layers == model.layers and model[:].layers is not model.layers
+    # shared, as PyTorch's: training the slice trains the model's layers
+    before = model.state_dict()
+    tail.compile("mse", fastrnn.optim.SGD(lr=0.1))
+    tail.fit(head.predict(x), np.ones((5, 2)), epochs=1, verbose=0)
+    after = model.state_dict()
+    assert not np.array_equal(after["2.weight"], before["2.weight"])
+    assert np.array_equal(after["0.weight_ih_l0"], before["0.weight_ih_l0"])
+    assert "(0): Linear(4, 2)" in repr(tail)
+    with pytest.raises(ValueError, match=r"Sequential: the slice \[3:\] of 3 layers selects "
+                                         r"none; a Sequential needs at least one layer"):
+        model[3:]
+    with pytest.raises(ValueError, match=r"the slice \[0:2:-1\] of 3 layers selects none"):
+        model[0:2:-1]
+
+
+def test_add_appends_checked_layers():
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0)])
+    assert model.add(fastrnn.LastStep()) is None
+    model.add(fastrnn.Linear(4, 2, seed=1))
+    assert [type(layer) for layer in model] == [fastrnn.GRU, fastrnn.LastStep, fastrnn.Linear]
+    assert model.predict(np.ones((2, 5, 3))).shape == (2, 2)
+    with pytest.raises(TypeError, match=r"Sequential.add: layer is a ndarray, not a fastrnn "
+                                        r"layer"):
+        model.add(np.zeros(3))
+    with pytest.raises(TypeError, match=r"Sequential.add: layer is a Sequential, not a fastrnn "
+                                        r"layer"):
+        model.add(fastrnn.Sequential([fastrnn.Tanh()]))
+    with pytest.raises(ValueError, match=r"Sequential.add: the layers mix dtypes: .*layers\[3\] "
+                                         r"\(Linear\) float64"):
+        model.add(fastrnn.Linear(2, 2, dtype="float64"))
+    assert len(model) == 3                # nothing appended by the failed calls
+
+
+def test_add_after_compile_needs_a_new_compile():
+    model = fastrnn.Sequential([fastrnn.Linear(3, 4, seed=0)])
+    model.compile("mse", "sgd")
+    model.add(fastrnn.Linear(4, 2, seed=1))
+    # the old optimizer would not have trained the new layer
+    with pytest.raises(RuntimeError, match=r"Sequential.fit: call compile"):
+        model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    model.compile("mse", fastrnn.optim.SGD(lr=0.1))
+    before = model.state_dict()
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    assert not np.array_equal(model.state_dict()["1.weight"], before["1.weight"])
+
+
+def test_indexable_model_still_pickles_and_loads(tmp_path):
+    model = _three()
+    copy = pickle.loads(pickle.dumps(model))
+    assert len(copy) == 3 and _same_state(copy, model)
+    model[1:].save(tmp_path / "tail.npz")
+    loaded = fastrnn.load(tmp_path / "tail.npz")
+    assert [type(layer) for layer in loaded] == [fastrnn.LastStep, fastrnn.Linear]
+
+
+# --- the loader checks the configuration against the arrays --------------------------------
+def _write(path, config, arrays):
+    np.savez(path, config=np.array(json.dumps(config)),
+             **{f"weights/{k}": v for k, v in arrays.items()})
+
+
+def _config(*entries):
+    return {"format": "fastrnn.Sequential/1", "fastrnn_version": fastrnn.__version__,
+            "layers": list(entries)}
+
+
+def test_known_class_with_a_config_of_the_wrong_type(tmp_path):
+    _write(tmp_path / "m.npz", _config({"class": "LSTM", "config": []}), {})
+    with pytest.raises(ValueError, match=r"layer 0 \(LSTM\) has a bad configuration: 'config' "
+                                         r"must be a JSON object of constructor arguments, got "
+                                         r"list") as info:
+        fastrnn.load(tmp_path / "m.npz")
+    assert "unknown class" not in str(info.value)
+    _write(tmp_path / "m.npz", _config({"class": "Linear"}), {})
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear\) has a bad configuration: 'config' "
+                                         r"must be a JSON object of constructor arguments, got "
+                                         r"nothing"):
+        fastrnn.load(tmp_path / "m.npz")
+    _write(tmp_path / "m.npz", _config({"class": "Conv1d", "config": {}}), {})
+    with pytest.raises(ValueError, match=r"layer 0 names an unknown class 'Conv1d'"):
+        fastrnn.load(tmp_path / "m.npz")
+
+
+LAYOUT_CASES = [
+    (fastrnn.RNN, dict(input_size=3, hidden_size=5)),
+    (fastrnn.RNN, dict(input_size=1, hidden_size=7, num_layers=3, nonlinearity="relu",
+                       bidirectional=True)),
+    (fastrnn.GRU, dict(input_size=4, hidden_size=3, num_layers=2, bias=False)),
+    (fastrnn.GRU, dict(input_size=2, hidden_size=3, bidirectional=True, reset_after=False)),
+    (fastrnn.LSTM, dict(input_size=3, hidden_size=1, num_layers=2, bidirectional=True)),
+    (fastrnn.LSTM, dict(input_size=7, hidden_size=4, bias=False, bidirectional=True)),
+    (fastrnn.Linear, dict(in_features=3, out_features=5)),
+    (fastrnn.Linear, dict(in_features=1, out_features=2, bias=False)),
+    (fastrnn.Dropout, dict(p=0.3)),
+    (fastrnn.LastStep, dict(bidirectional=True)),
+    (fastrnn.Tanh, {}),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", LAYOUT_CASES)
+def test_parameter_layout_matches_the_layers(cls, kwargs):
+    """The loader predicts every layer's parameters from its configuration,
+    without building it: the prediction must be what the class builds."""
+    layer = cls(**kwargs)
+    layout = model_module._parameter_layout(cls.__name__, kwargs)
+    built = layer.state_dict()
+    assert dict(layout.shapes) == {k: v.shape for k, v in built.items()}
+    assert layout.arrays == len(built) and layout.values == sum(v.size for v in built.values())
+
+
+def test_absurd_sizes_are_counted_without_building(tmp_path):
+    layout = model_module._parameter_layout(
+        "LSTM", dict(input_size=10**12, hidden_size=10**12, num_layers=10**9))
+    assert layout.arrays == 4 * 10**9 and layout.values > 10**33
+    small = fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=True, seed=0)])
+    config = _config({"class": "LSTM", "config": dict(
+        model_module._jsonable(small.layers[0]._config), hidden_size=10**12)})
+    _write(tmp_path / "m.npz", config, small.state_dict())
+    with pytest.raises(ValueError, match=r"layer 0 \(LSTM, input_size=3, hidden_size="
+                                         r"1000000000000, num_layers=1, bias=True, "
+                                         r"bidirectional=False\) calls for 4 arrays of "
+                                         r"[0-9,]+ values, but the file holds 4 arrays of 144 "
+                                         r"values for it"):
+        fastrnn.load(tmp_path / "m.npz")
+
+
+def test_shapes_are_checked_one_by_one(tmp_path):
+    good = fastrnn.Linear(3, 2, seed=0).state_dict()
+    # the right number of values under the right names, in the wrong shape
+    _write(tmp_path / "m.npz", _config({"class": "Linear",
+                                        "config": {"in_features": 3, "out_features": 2}}),
+           {"0.weight": good["weight"].T, "0.bias": good["bias"]})
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear\): weight has shape \(2, 3\) in the "
+                                         r"configuration but \(3, 2\) in the file"):
+        fastrnn.load(tmp_path / "m.npz")
+    _write(tmp_path / "m.npz", _config({"class": "Linear",
+                                        "config": {"in_features": 3, "out_features": 2}}),
+           {"0.weight": good["weight"], "0.bias_": good["bias"]})
+    with pytest.raises(ValueError, match=r"layer 0 \(Linear\): missing weights \['bias'\], "
+                                         r"unexpected weights \['bias_'\]"):
+        fastrnn.load(tmp_path / "m.npz")
+
+
+def test_weights_of_other_dtypes_and_orders_load(tmp_path):
+    layer = fastrnn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, seed=0)
+    model = fastrnn.Sequential([layer, fastrnn.LastStep(bidirectional=True)])
+    config = _config(*({"class": type(m).__name__, "config": model_module._jsonable(m._config)}
+                       for m in model))
+    # big-endian float64 and Fortran order: converted to the layer's float32
+    arrays = {k: np.asfortranarray(v.astype(">f8")) for k, v in model.state_dict().items()}
+    _write(tmp_path / "m.npz", config, arrays)
+    loaded = fastrnn.load(tmp_path / "m.npz")
+    assert _same_state(loaded, model)
+    np.savez_compressed(tmp_path / "c.npz", config=np.array(json.dumps(config)),
+                        **{f"weights/{k}": v for k, v in model.state_dict().items()})
+    assert _same_state(fastrnn.load(tmp_path / "c.npz"), model)
+
+
+def test_load_refuses_what_is_not_a_regular_file(tmp_path):
+    with pytest.raises(ValueError, match=r"fastrnn.load: .* is not a regular file"):
+        fastrnn.load(tmp_path)
+    fifo = tmp_path / "fifo"
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"fastrnn.load: .* is not a regular file"):
+        fastrnn.load(fifo)     # and does not wait for a writer
