@@ -474,6 +474,7 @@ def sequential_models(draw):
     Dropout between some), then optionally LastStep, then optionally Linear;
     and its input size."""
     in_size = D = draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from(DTYPES))     # one dtype per model (Sequential refuses a mix)
     layers = []
     for i in range(draw(st.integers(1, 3))):
         if i and draw(st.integers(0, 3)) == 0:
@@ -483,7 +484,7 @@ def sequential_models(draw):
         num_layers, bidirectional = draw(st.integers(1, 3)), draw(st.booleans())
         layers.append(make_layer(kind, in_size, H, num_layers=num_layers,
                                  bidirectional=bidirectional, batch_first=draw(st.booleans()),
-                                 bias=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+                                 bias=draw(st.booleans()), dtype=dtype,
                                  dropout=0.25 if num_layers > 1 and draw(st.booleans()) else 0.0,
                                  seed=draw(seeds)))
         in_size = (2 if bidirectional else 1) * H
@@ -491,7 +492,7 @@ def sequential_models(draw):
         layers.append(fastrnn.LastStep(bidirectional=bidirectional))
     if draw(st.booleans()):
         layers.append(fastrnn.Linear(in_size, draw(st.integers(1, 4)), bias=draw(st.booleans()),
-                                     dtype=draw(st.sampled_from(DTYPES)), seed=draw(seeds)))
+                                     dtype=dtype, seed=draw(seeds)))
     return fastrnn.Sequential(layers), D
 
 
