@@ -15,20 +15,24 @@ except ImportError as exc:  # pragma: no cover - depends on how it was installed
         "place with 'python setup.py build_ext --inplace'. If you installed it and are in the "
         "source tree, Python is importing the unbuilt sources: run from another directory or "
         "use the 'pytest' command rather than 'python -m pytest'.") from exc
-from fastrnn import losses, optim
+from fastrnn import batching, callbacks, losses, metrics, optim
 from fastrnn._parallel import get_num_threads, set_num_threads
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN, tbptt
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Loss, MSELoss
-from fastrnn.model import Callback, EarlyStopping, History, Sequential, load
+from fastrnn.callbacks import (Callback, CSVLogger, EarlyStopping, History, LambdaCallback,
+                               LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
+                               TerminateOnNaN)
+from fastrnn.model import Sequential, load, save
 from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
 from fastrnn.convert import from_keras, from_onnx, from_torch, to_onnx, to_torch
 from fastrnn.streaming import Stream
 
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
            "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "EarlyStopping", "Callback",
-           "History", "load", "tbptt", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
-           "BCEWithLogitsLoss", "losses", "optim", "set_num_threads", "get_num_threads", "Stream", "from_torch", "to_torch",
+           "History", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau", "TerminateOnNaN",
+           "LearningRateScheduler", "LambdaCallback", "load", "save", "tbptt", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
+           "BCEWithLogitsLoss", "losses", "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads", "Stream", "from_torch", "to_torch",
            "from_keras", "to_onnx", "from_onnx",
            "__version__"]
 

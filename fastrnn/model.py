@@ -2,152 +2,29 @@
 
 Arrays are batch-first: sequences (N, T, features), as Keras'. Layers follow
 the protocol of fastrnn.nn (recurrent layers adapt to it whatever their
-``batch_first``).
+``batch_first``). ``fit``, ``evaluate`` and ``predict`` also take lists of
+sequences of different lengths and iterables of batches (see fastrnn.batching).
 """
-import inspect
-import json
 import math
 import numbers
 import os
-import reprlib
-import stat
-import struct
-import sys
-import time
-import uuid
-import zipfile
-import zlib
-from collections import namedtuple
 from collections.abc import Mapping
 
 import numpy as np
 
+from fastrnn import _saving
 from fastrnn import _validation as v
+from fastrnn import batching
+from fastrnn import metrics as metrics_module
 from fastrnn._validation import shape_str
-from fastrnn._version import __version__
-from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
-from fastrnn.losses import get_loss
-from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
+from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
+                               ProgressBar)
+from fastrnn.layers import _RNNBase
+from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
+from fastrnn.nn import LastStep, Linear
 from fastrnn.optim import clip_grad_norm, clip_grad_value, get_optimizer
 
-# the classes a saved model may name: loading builds nothing else
-_LAYER_CLASSES = {cls.__name__: cls for cls in (RNN, GRU, LSTM, Linear, Dropout, LastStep,
-                                                ReLU, Tanh, Sigmoid)}
-_FORMAT = "fastrnn.Sequential/1"
-
-
-class History:
-    """What ``fit`` returns: ``history.history['loss']`` (and ``'val_loss'``),
-    one value per epoch; ``history.epoch`` the epoch indices."""
-
-    def __init__(self):
-        self.history = {}
-        self.epoch = []
-
-    def _append(self, epoch, logs):
-        self.epoch.append(epoch)
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
-
-    def __repr__(self):
-        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
-
-
-class Callback:
-    """Hooks ``fit`` calls; set ``model.stop_training = True`` to stop."""
-
-    def on_train_begin(self, model):
-        pass
-
-    def on_epoch_end(self, model, epoch, logs):
-        pass
-
-    def on_train_end(self, model):
-        pass
-
-
-class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience``
-    epochs; with ``restore_best_weights``, end with the best epoch's weights.
-
-    Parameters
-    ----------
-    monitor : str, default 'val_loss'
-    min_delta : float, default 0
-    patience : int, default 0
-    mode : {'auto', 'min', 'max'}, default 'auto' (min for losses)
-    restore_best_weights : bool, default False
-    """
-
-    def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, mode="auto",
-                 restore_best_weights=False):
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real):
-            raise TypeError(f"EarlyStopping: min_delta must be a number, got {min_delta!r}")
-        self.monitor = monitor
-        self.min_delta = abs(float(min_delta))
-        self.patience = v.check_int("EarlyStopping", "patience", patience, minimum=0)
-        self.sign = -1.0 if mode == "max" else 1.0  # compare sign * value, smaller is better
-        self.restore_best_weights = bool(restore_best_weights)
-
-    def on_train_begin(self, model):
-        self.best, self.best_epoch, self.best_weights, self.wait = math.inf, None, None, 0
-        self.stopped_epoch = None
-
-    def on_epoch_end(self, model, epoch, logs):
-        if self.monitor not in logs:
-            raise ValueError(f"EarlyStopping: monitor {self.monitor!r} is not among the logged "
-                             f"values {sorted(logs)} (val_loss needs validation data)")
-        value = self.sign * logs[self.monitor]
-        if value < self.best - self.min_delta:
-            self.best, self.best_epoch, self.wait = value, epoch, 0
-            if self.restore_best_weights:
-                self.best_weights = model.state_dict()
-            return
-        self.wait += 1
-        if self.wait >= max(self.patience, 1):  # Keras: `patience` epochs without improvement
-            self.stopped_epoch = epoch
-            model.stop_training = True
-
-    def on_train_end(self, model):
-        if self.restore_best_weights and self.best_weights is not None:
-            model.load_state_dict(self.best_weights)
-
-
-class _ProgressBar:
-    """Keras-like progress: a bar with loss and time left on a terminal, one
-    line per epoch otherwise (logs, CI)."""
-
-    def __init__(self, verbose, epochs, steps, stream=None):
-        self.verbose, self.epochs, self.steps = verbose, epochs, steps
-        self.stream = stream or sys.stdout
-        self.live = verbose == 1 and hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def start_epoch(self, epoch):
-        self.t0 = time.perf_counter()
-        self.epoch = epoch
-
-    def update(self, step, loss):
-        if not self.live:
-            return
-        elapsed = time.perf_counter() - self.t0
-        left = elapsed / step * (self.steps - step)
-        done = int(30 * step / self.steps)
-        bar = "=" * max(done - 1, 0) + (">" if done < 30 else "=") + "." * (30 - done)
-        self.stream.write(f"\rEpoch {self.epoch + 1}/{self.epochs} [{bar}] {step}/{self.steps}"
-                          f" - loss: {loss:.4g} - ETA: {left:.1f}s ")
-        self.stream.flush()
-
-    def end_epoch(self, logs):
-        if self.verbose == 0:
-            return
-        elapsed = time.perf_counter() - self.t0
-        values = " - ".join(f"{k}: {val:.4g}" for k, val in logs.items())
-        prefix, pad = ("\r", " " * 10) if self.live else ("", "")
-        self.stream.write(f"{prefix}Epoch {self.epoch + 1}/{self.epochs} - {self.steps} steps "
-                          f"- {elapsed:.2f}s - {values}{pad}\n")
-        self.stream.flush()
+__all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save"]
 
 
 class Sequential:
@@ -169,7 +46,8 @@ class Sequential:
         activations and gradients to float32 while the float64 layers claimed
         float64 precision. Inputs of another dtype are converted by the layers.
     seed : None, int or numpy.random.Generator
-        Source of the shuffling in ``fit``.
+        Source of the shuffling in ``fit``. Its state is saved with the model
+        (see ``save``).
 
     Raises
     ------
@@ -182,8 +60,9 @@ class Sequential:
     --------
     >>> model = fastrnn.Sequential([fastrnn.RNN(1, 50, batch_first=True, seed=0),
     ...                             fastrnn.LastStep(), fastrnn.Linear(50, 1, seed=0)])
-    >>> model.compile(loss="mse", optimizer=fastrnn.optim.Adam(lr=1e-3))
+    >>> model.compile(loss="mse", optimizer=fastrnn.optim.Adam(lr=1e-3), metrics=["mae"])
     >>> history = model.fit(x, y, epochs=10, batch_size=32, validation_split=0.2)
+    >>> history.history["val_mae"][-1]
     >>> features = model[:2].predict(x)       # the LastStep's output, (N, 50)
     """
 
@@ -197,7 +76,10 @@ class Sequential:
         self._rng = v.check_seed("Sequential", seed)
         self.loss = self.optimizer = None
         self.clip_grad_norm = self.clip_grad_value = None
+        self._metric_specs = []        # (what compile got, weighted), in order
+        self._metrics = None           # the Metric objects, built at the first batch
         self.stop_training = False
+        self.history = None
 
     # --- the layers as a sequence -------------------------------------------
     def __len__(self):
@@ -246,12 +128,15 @@ class Sequential:
         _check_one_dtype("Sequential.add", self.layers + [layer])
         self.layers.append(layer)
         self.loss = self.optimizer = None
+        self._metric_specs, self._metrics = [], None
 
     def __getstate__(self):
         # The optimizer holds views of the layers' parameter storage, which a
         # copy does not share: pickle the model uncompiled (compile again).
+        # Metrics may be user functions (lambdas do not pickle): dropped too.
         state = self.__dict__.copy()
         state["optimizer"] = None
+        state["_metric_specs"], state["_metrics"], state["history"] = [], None, None
         return state
 
     def __repr__(self):
@@ -300,39 +185,174 @@ class Sequential:
         for layer in self._modules_with_parameters():
             layer.zero_grad()
 
+    # --- what the layers take -----------------------------------------------
+    def _dtype(self):
+        """The layers' dtype, or None if no layer has parameters."""
+        for layer in self.layers:
+            dtype = getattr(layer, "_config", {}).get("dtype")
+            if dtype is not None:
+                return dtype
+        return None
+
+    def _input_features(self):
+        """The feature size of x, fixed by the first layer with an input size."""
+        for layer in self.layers:
+            if isinstance(layer, Linear):
+                return layer.in_features
+            if isinstance(layer, _RNNBase):
+                return layer.input_size
+        return None
+
+    def _takes_sequences(self):
+        return any(isinstance(layer, (_RNNBase, LastStep)) for layer in self.layers)
+
     # --- inference ----------------------------------------------------------
     def __call__(self, x):
         """Inference on one batch (dropout off); x as for ``predict``."""
         return self._infer(self._check_x("Sequential", x))
 
-    def _infer(self, x):
+    def _infer(self, x, lengths=None):
         for layer in self.layers:
-            x = layer._seq_infer(x)
+            if lengths is None:
+                x = layer._seq_infer(x)
+            else:
+                x = _infer_with_lengths(layer, x, lengths)
+                if x.ndim < 3:      # past a LastStep: no steps left
+                    lengths = None
         return x
 
-    def predict(self, x, batch_size=None):
-        """Inference over x in batches (all at once if batch_size is None).
+    def _forward_train(self, x, lengths=None):
+        backprops = []
+        for layer in self.layers:
+            if lengths is None:
+                x, backprop = layer._seq_train(x)
+            else:
+                x, backprop = _train_with_lengths(layer, x, lengths)
+                if x.ndim < 3:
+                    lengths = None
+            backprops.append(backprop)
+        return x, backprops
 
-        x has the samples on its first axis: batch-first sequences
-        (N, T, features) if the model has a recurrent layer or a LastStep,
-        else (N, features) or (N, T, features). Pass one sample as ``x[None]``.
+    def predict(self, x, batch_size=None, steps=None):
+        """Inference (dropout off) over x, in batches.
+
+        Parameters
+        ----------
+        x : ndarray, list of sequences, or iterable of batches
+            Samples first: batch-first sequences (N, T, features) if the
+            model has a recurrent layer or a LastStep, else (N, features) or
+            (N, T, features); pass one sample as ``x[None]``. A list of
+            sequences (T_i, features) of different lengths runs each batch
+            padded, with ``lengths``. An iterable yields batches: arrays,
+            lists of sequences, or tuples whose first item is x.
+        batch_size : int, optional
+            Samples per call (all at once if None); not for iterables.
+        steps : int, optional
+            Batches to take from an iterable (all if None).
+
+        Returns
+        -------
+        ndarray of shape (N, ...), or a list of N arrays (T_i, ...)
+            A list when the sequences have different lengths and the output
+            has a step axis: each sequence's output without the padding.
+
+        Raises
+        ------
+        TypeError, ValueError
+            If x does not fit the model.
         """
-        x = self._check_x("Sequential.predict", x)
+        owner = "Sequential.predict"
         if batch_size is not None:
-            batch_size = v.check_int("Sequential.predict", "batch_size", batch_size)
-        if batch_size is None or len(x) <= batch_size:
-            return self._infer(x)
-        return np.concatenate([self._infer(x[i:i + batch_size])
-                               for i in range(0, len(x), batch_size)])
+            batch_size = v.check_int(owner, "batch_size", batch_size)
+        if steps is not None:
+            steps = v.check_int(owner, "steps", steps)
+        source = batching.make(owner, self, x, targets=False)
+        if isinstance(source, batching.IterableData):
+            if batch_size is not None:
+                raise ValueError(f"{owner}: batch_size does not apply to x as an iterable of "
+                                 f"batches (each batch is as the iterable gives it)")
+            batches = source.batches(steps)
+        else:
+            if steps is not None:
+                raise ValueError(f"{owner}: steps applies only to x as an iterable of batches")
+            if not source.ragged and (batch_size is None or len(source) <= batch_size):
+                return self._infer(source.x)
+            batches = source.batches(batch_size or len(source))
+        outputs, ragged = [], False
+        for batch in batches:
+            out = self._infer(batch.x, batch.lengths)
+            if out.ndim >= 3 and batch.lengths is not None:
+                ragged = True
+            outputs.append((out, batch.lengths))
+        if not outputs:
+            raise ValueError(f"{owner}: x gave no batches")
+        if not ragged:
+            return np.concatenate([out for out, _ in outputs])
+        return [out[i, :length] if lengths is not None else out[i]
+                for out, lengths in outputs
+                for i, length in enumerate(lengths if lengths is not None else [None] * len(out))]
 
     # --- training -----------------------------------------------------------
-    def compile(self, loss="mse", optimizer="adam", clip_grad_norm=None, clip_grad_value=None):
-        """Set the loss (a fastrnn loss or a name: 'mse', 'mae', 'huber',
-        'cross_entropy', 'bce_with_logits') and the optimizer (a fastrnn
-        optimizer, bound to this model's parameters if it has none, or a name:
-        'sgd', 'adam', 'adamw', 'rmsprop'); optionally clip the gradients by
-        global norm and/or by value before each step."""
-        self.loss = get_loss(loss)
+    def compile(self, loss="mse", optimizer="adam", clip_grad_norm=None, clip_grad_value=None,
+                metrics=None, weighted_metrics=None):
+        """Set the loss, the optimizer and the metrics.
+
+        Parameters
+        ----------
+        loss : Loss or str, default 'mse'
+            A fastrnn loss, or a name: 'mse', 'mae', 'huber', 'cross_entropy',
+            'bce_with_logits'. Its reduction must be 'mean' or 'sum'.
+        optimizer : Optimizer or str, default 'adam'
+            A fastrnn optimizer (bound to this model's parameters if it has
+            none; one bound already must cover them, e.g. a loaded model's
+            ``model.optimizer``, whose state is then kept), or a name: 'sgd',
+            'adam', 'adamw', 'rmsprop'.
+        clip_grad_norm, clip_grad_value : float, optional
+            Clip the gradients by global norm and/or by value before each step.
+        metrics : list, optional
+            Computed per batch and epoch, shown by the progress bar and kept
+            in ``History`` (``val_`` ones on validation data) and returned by
+            ``evaluate``: names ('accuracy', 'mae', 'rmse', ... see
+            fastrnn.metrics), ``fastrnn.metrics.Metric`` objects or functions
+            ``fn(y_true, y_pred)``. Not weighted by ``sample_weight`` or
+            ``class_weight`` (Keras' rule).
+        weighted_metrics : list, optional
+            Metrics that are weighted by them.
+
+        Returns
+        -------
+        Sequential
+            The model itself.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an unknown loss, optimizer or metric, a loss with
+            reduction='none', two metrics of the same name, or an optimizer
+            bound to other parameters.
+        """
+        owner = "Sequential.compile"
+        loss = get_loss(loss)
+        if loss.reduction == "none":
+            raise ValueError(f"{owner}: the loss's reduction must be 'mean' or 'sum' (training "
+                             f"needs one number per batch), got 'none'")
+        specs = []
+        for weighted, given in ((False, metrics), (True, weighted_metrics)):
+            if given is None:
+                continue
+            if isinstance(given, (str, metrics_module.Metric)) or callable(given):
+                given = [given]
+            if not isinstance(given, (list, tuple)):
+                name = "weighted_metrics" if weighted else "metrics"
+                raise TypeError(f"{owner}: {name} must be a list, got {type(given).__name__}")
+            specs.extend((identifier, weighted) for identifier in given)
+        seen = {"loss"}
+        for identifier, _ in specs:
+            name = metrics_module.check(owner, identifier)
+            if name in seen:
+                raise ValueError(f"{owner}: two metrics (or a metric and the loss) are named "
+                                 f"{name!r}; give one a name of its own")
+            seen.add(name)
         opt = get_optimizer(optimizer)
         if not opt.bound:
             opt.add(self)
@@ -344,25 +364,57 @@ class Sequential:
                                  f"parameters and would not train {missing}; pass an "
                                  f"optimizer built without params (it is bound here), or "
                                  f"one built with this model")
+        self.loss = loss
         self.optimizer = opt
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
+        self._metric_specs, self._metrics = specs, None
         return self
 
     def _require_compiled(self, what):
         if self.loss is None or self.optimizer is None:
             raise RuntimeError(f"Sequential.{what}: call compile(loss, optimizer) first")
 
-    def train_step(self, x, y):
-        """Forward, loss, backward and one optimizer step on one batch; returns the loss."""
+    def _metric_directions(self):
+        """Metric name -> 'up' / 'down' / None (for callbacks' mode='auto')."""
+        if self._metrics is not None:
+            return {m.name: m.direction for m, _ in self._metrics}
+        return {metrics_module.check("Sequential", identifier):
+                metrics_module.direction_of(identifier)
+                for identifier, _ in self._metric_specs}
+
+    @property
+    def metrics_names(self):
+        """'loss', then the names of the compiled metrics (what ``evaluate``
+        returns, in order)."""
+        return ["loss"] + [metrics_module.check("Sequential", identifier)
+                           for identifier, _ in self._metric_specs]
+
+    def train_step(self, x, y, sample_weight=None):
+        """Forward, loss, backward and one optimizer step on one batch.
+
+        Parameters
+        ----------
+        x, y : ndarray
+            One batch (as for ``fit``).
+        sample_weight : ndarray of shape (B,), optional
+
+        Returns
+        -------
+        float
+            The batch's loss (before the step). Metrics are not updated.
+        """
         self._require_compiled("train_step")
-        x = self._check_x("Sequential.train_step", x)
-        backprops = []
-        out = x
-        for layer in self.layers:
-            out, backprop = layer._seq_train(out)
-            backprops.append(backprop)
-        value, grad = self.loss.value_and_grad(out, y)
+        batch = batching.ArrayData("Sequential.train_step", self, x, y,
+                                      sample_weight).take(slice(None))
+        value, _, _, _ = self._train_batch(batch, batch.sample_weight)
+        return value
+
+    def _train_batch(self, batch, sample_weight):
+        """One step; returns (value, total, count, output)."""
+        out, backprops = self._forward_train(batch.x, batch.lengths)
+        total, count, grad = self.loss._terms(out, batch.y, sample_weight, batch.mask)
+        value, grad = _reduce(self.loss.reduction, total, count, grad)
         self.zero_grad()
         for backprop in reversed(backprops):
             grad = backprop(grad)
@@ -371,101 +423,281 @@ class Sequential:
         if self.clip_grad_value is not None:
             clip_grad_value(self, self.clip_grad_value)
         self.optimizer.step()
-        return value
+        return value, total, count, out
 
-    def evaluate(self, x, y, batch_size=None):
-        """Mean loss over (x, y) with the inference path (dropout off)."""
-        self._require_compiled("evaluate")
-        if batch_size is not None:
-            batch_size = v.check_int("Sequential.evaluate", "batch_size", batch_size)
-        x, y = self._check_x("Sequential.evaluate", x), np.asarray(y)
-        self._check_pair(x, y)
-        if batch_size is None or len(x) <= batch_size:
-            return self.loss(self._infer(x), y)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            total += (self.loss(self._infer(x[i:i + batch_size]), y[i:i + batch_size])
-                      * len(x[i:i + batch_size]))
-        return total / len(x)
+    # --- metrics ------------------------------------------------------------
+    def _reset_metrics(self):
+        if self._metrics is not None:
+            for metric, _ in self._metrics:
+                metric.reset_state()
 
-    def fit(self, x, y, epochs=1, batch_size=32, validation_split=0.0, validation_data=None,
-            shuffle=True, callbacks=None, verbose=1):
-        """Train; returns a History.
+    def _update_metrics(self, batch, out, sample_weight):
+        """Update every metric with the batch's counted steps only."""
+        if not self._metric_specs:
+            return
+        y = batch.y
+        if self._metrics is None:
+            logits = isinstance(self.loss, BCEWithLogitsLoss)
+            self._metrics = [(metrics_module.get(identifier, y, out, logits), weighted)
+                             for identifier, weighted in self._metric_specs]
+        keep = batch.mask
+        if isinstance(self.loss, CrossEntropyLoss) and y.dtype.kind in "iu":
+            ignored = y != self.loss.ignore_index
+            keep = ignored if keep is None else keep & ignored
+        if keep is not None and not keep.all():
+            if sample_weight is not None:
+                sample_weight = np.broadcast_to(
+                    sample_weight.reshape(sample_weight.shape + (1,) * (keep.ndim
+                                                                        - sample_weight.ndim)),
+                    keep.shape)[keep]
+            y, out = y[keep], out[keep]
+            if not len(y):
+                return
+        for metric, weighted in self._metrics:
+            metric.update_state(y, out, sample_weight if weighted else None)
+
+    def _metric_results(self):
+        if self._metrics is None:
+            return {}
+        return {metric.name: float(metric.result()) for metric, _ in self._metrics}
+
+    # --- evaluate -----------------------------------------------------------
+    def evaluate(self, x, y=None, batch_size=None, sample_weight=None, steps=None,
+                 callbacks=None, return_dict=False):
+        """The loss (and metrics) over (x, y) with the inference path (dropout off).
+
+        The loss is the mean over everything the loss averages (each batch
+        weighs what it holds: its samples, or its targets not ignored and
+        steps not padded), as if computed on all the data at once.
 
         Parameters
         ----------
-        x, y : arrays with the same first (sample) axis
-        epochs : int
-        batch_size : int
+        x, y, sample_weight
+            As for ``fit`` (x may be a list of sequences of different lengths
+            or, with y None, an iterable of batches).
+        batch_size : int, optional
+            Samples per call (all at once if None).
+        steps : int, optional
+            Batches to take from an iterable (all if None).
+        callbacks : list, optional
+            Their ``on_test_*`` hooks are called.
+        return_dict : bool, default False
+
+        Returns
+        -------
+        float, list or dict
+            The loss alone if the model has no metrics; else
+            ``[loss, metric, ...]`` in the order of ``metrics_names``; or a
+            dict of name to value with ``return_dict``.
+        """
+        owner = "Sequential.evaluate"
+        self._require_compiled("evaluate")
+        if batch_size is not None:
+            batch_size = v.check_int(owner, "batch_size", batch_size)
+        if steps is not None:
+            steps = v.check_int(owner, "steps", steps)
+        source = batching.make(owner, self, x, y, sample_weight)
+        callbacks = CallbackList(owner, callbacks, self)
+        callbacks.set_model()
+        logs = self._evaluate_source(owner, source, batch_size, steps, callbacks)
+        if return_dict:
+            return logs
+        if not self._metric_specs:
+            return logs["loss"]
+        return list(logs.values())
+
+    def _evaluate_source(self, owner, source, batch_size, steps, callbacks):
+        if isinstance(source, batching.IterableData):
+            batches = source.batches(steps)
+        else:
+            batches = source.batches(batch_size or len(source), steps=steps)
+        self._reset_metrics()
+        callbacks.call("on_test_begin", {})
+        running = callbacks.wants("on_test_batch_end")
+        mean = _LossMean(self.loss.reduction)
+        for step, batch in enumerate(batches):
+            callbacks.call("on_test_batch_begin", step, {})
+            out = self._infer(batch.x, batch.lengths)
+            total, count, _ = self.loss._terms(out, batch.y, batch.sample_weight, batch.mask)
+            mean.add(total, count, len(batch.x))
+            self._update_metrics(batch, out, batch.sample_weight)
+            if running:
+                callbacks.call("on_test_batch_end", step,
+                               {"loss": mean.result(), **self._metric_results()})
+        if not mean.batches:
+            raise ValueError(f"{owner}: the data gave no batches to evaluate (a generator "
+                             f"already consumed?)")
+        logs = {"loss": mean.result(), **self._metric_results()}
+        callbacks.call("on_test_end", logs)
+        return logs
+
+    # --- fit ----------------------------------------------------------------
+    def fit(self, x, y=None, epochs=1, batch_size=None, validation_split=0.0,
+            validation_data=None, shuffle=True, callbacks=None, verbose=1, class_weight=None,
+            sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None):
+        """Train; returns a History (also kept as ``model.history``).
+
+        Keras' loop: per epoch, shuffle, step through the batches, update the
+        metrics, validate, call the callbacks (see fastrnn.callbacks for their
+        order); stop when a callback sets ``model.stop_training``.
+
+        Parameters
+        ----------
+        x : ndarray, list of sequences, or iterable of batches
+            Arrays with the samples first; a list of N sequences (T_i,
+            features) of different lengths (each batch padded and run with
+            ``lengths``: padding reaches neither the state, the loss nor the
+            metrics); or, with y None, an iterable of ``(x, y)`` or
+            ``(x, y, sample_weight)`` batches (a generator for data larger
+            than memory). See fastrnn.batching.
+        y : ndarray or list of sequences
+            The targets: (N, ...), or per step a list of N arrays (T_i, ...)
+            matching ragged x.
+        epochs : int, default 1
+            The epoch to stop at: epochs ``initial_epoch`` to ``epochs - 1`` run.
+        batch_size : int, default 32
+            For arrays and lists of sequences.
         validation_split : float in [0, 1)
             Fraction of the samples, taken from the end before any shuffling
-            (Keras' rule), held out to compute ``val_loss`` each epoch.
-        validation_data : (x_val, y_val), optional; overrides validation_split
-        shuffle : bool
+            (Keras' rule), held out to compute ``val_loss`` (and ``val_``
+            metrics) each epoch.
+        validation_data : tuple or iterable, optional
+            ``(x_val, y_val)``, ``(x_val, y_val, sample_weight_val)`` or an
+            iterable of batches; overrides validation_split.
+        shuffle : bool, default True
             Shuffle the training samples every epoch (with the model's seed).
         callbacks : list, optional
-            EarlyStopping, learning-rate schedules, or any object with
-            ``on_train_begin / on_epoch_end / on_train_end``.
+            fastrnn.callbacks objects, learning-rate schedules, or any object
+            with some of the hooks.
         verbose : {0, 1, 2}
             0 silent, 1 progress bar (one line per epoch when not a terminal),
             2 one line per epoch.
+        class_weight : dict of int to float, optional
+            Weights each training sample by the weight of its class (Keras'
+            rule: the class is an integer target, or the argmax of a one-hot
+            target; classes not listed weigh 1). With a cross-entropy loss,
+            each step of per-step integer targets is weighted by its class.
+            The mean still divides by the unweighted count.
+        sample_weight : ndarray of shape (N,) or (N, T), optional
+            Weights each training sample (or step): its loss is multiplied by
+            it, and the mean divides by the unweighted count (Keras' rule).
+            Not with class_weight.
+        initial_epoch : int, default 0
+            The epoch to start at, to resume a run (see ``save``).
+        steps_per_epoch : int, optional
+            Batches per epoch. From an iterable, the batches continue across
+            epochs (one that starts over is started again when it runs out;
+            a generator that runs out stops training with a warning).
+        validation_steps : int, optional
+            Batches of an iterable ``validation_data`` per validation.
+
+        Returns
+        -------
+        History
+
+        Raises
+        ------
+        RuntimeError
+            If the model is not compiled.
+        TypeError, ValueError
+            For arguments of the wrong type or value, naming the argument.
         """
+        owner = "Sequential.fit"
         self._require_compiled("fit")
-        epochs = v.check_int("Sequential.fit", "epochs", epochs)
-        batch_size = v.check_int("Sequential.fit", "batch_size", batch_size)
+        epochs = v.check_int(owner, "epochs", epochs)
+        initial_epoch = v.check_int(owner, "initial_epoch", initial_epoch, minimum=0)
+        if batch_size is not None:
+            batch_size = v.check_int(owner, "batch_size", batch_size)
         if verbose not in (0, 1, 2):
-            raise ValueError(f"Sequential.fit: verbose must be 0, 1 or 2, got {verbose!r}")
-        x, y = self._check_x("Sequential.fit", x), np.asarray(y)
-        self._check_pair(x, y)
+            raise ValueError(f"{owner}: verbose must be 0, 1 or 2, got {verbose!r}")
+        if steps_per_epoch is not None:
+            steps_per_epoch = v.check_int(owner, "steps_per_epoch", steps_per_epoch)
+        if validation_steps is not None:
+            validation_steps = v.check_int(owner, "validation_steps", validation_steps)
+        if class_weight is not None and sample_weight is not None:
+            raise ValueError(f"{owner}: pass class_weight or sample_weight, not both")
+        table = None if class_weight is None else _class_weight_table(owner, class_weight)
+        source = batching.make(owner, self, x, y, sample_weight)
+        iterable = isinstance(source, batching.IterableData)
+        if iterable and batch_size is not None:
+            raise ValueError(f"{owner}: batch_size does not apply to x as an iterable of "
+                             f"batches (each batch is as the iterable gives it)")
+        batch_size = batch_size or 32
         if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise TypeError("Sequential.fit: validation_data must be a pair (x_val, y_val)")
-            x_val = self._check_x("Sequential.fit", validation_data[0], "validation x")
-            y_val = np.asarray(validation_data[1])
-            self._check_pair(x_val, y_val)
+            val = batching.validation(owner, self, validation_data)
         elif validation_split:
             split = validation_split
             if isinstance(split, bool) or not isinstance(split, numbers.Real) \
                     or not 0 <= split < 1:
-                raise ValueError(f"Sequential.fit: validation_split must be a float in [0, 1), "
+                raise ValueError(f"{owner}: validation_split must be a float in [0, 1), "
                                  f"got {split!r}")
-            n_val = len(x) - int(math.floor(len(x) * (1.0 - split)))  # Keras' rounding
-            if n_val == 0 or n_val == len(x):
-                raise ValueError(f"Sequential.fit: validation_split={split} leaves "
-                                 f"{len(x) - n_val} training and {n_val} validation samples")
-            x, x_val, y, y_val = x[:-n_val], x[-n_val:], y[:-n_val], y[-n_val:]
+            if iterable:
+                raise ValueError(f"{owner}: validation_split needs arrays; with an iterable "
+                                 f"of batches pass validation_data")
+            n = len(source)
+            n_val = n - int(math.floor(n * (1.0 - split)))  # Keras' rounding
+            if n_val == 0 or n_val == n:
+                raise ValueError(f"{owner}: validation_split={split} leaves "
+                                 f"{n - n_val} training and {n_val} validation samples")
+            source, val = source.split(n_val)
         else:
-            x_val = y_val = None
-        callbacks = list(callbacks or [])
-        history = History()
-        n = len(x)
-        steps = math.ceil(n / batch_size)
-        bar = _ProgressBar(verbose, epochs, steps)
+            val = None
+        if iterable:
+            steps = steps_per_epoch if steps_per_epoch is not None else source.length
+        else:
+            steps = -(-len(source) // batch_size)
+            if steps_per_epoch is not None:
+                steps = min(steps, steps_per_epoch)
+        callbacks = CallbackList(owner, callbacks, self)
+        history = self.history = History()
+        bar = ProgressBar(verbose, epochs, steps)
+        running = callbacks.wants("on_train_batch_end") or bar.live
+        reduction = self.loss.reduction
+        val_batch_size = max(batch_size, 256)
         self.stop_training = False
-        for cb in callbacks:
-            if hasattr(cb, "on_train_begin"):
-                cb.on_train_begin(self)
-        for epoch in range(epochs):
+        callbacks.set_model()
+        callbacks.train_begin()
+        logs = {}
+        for epoch in range(initial_epoch, epochs):
+            self._reset_metrics()
+            callbacks.call("on_epoch_begin", epoch, {})
             bar.start_epoch(epoch)
-            order = self._rng.permutation(n) if shuffle else np.arange(n)
-            total = 0.0
-            for step in range(steps):
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                total += self.train_step(x[idx], y[idx]) * len(idx)
-                bar.update(step + 1, total / min((step + 1) * batch_size, n))
-            logs = {"loss": total / n}
-            if x_val is not None:
-                logs["val_loss"] = self.evaluate(x_val, y_val, batch_size=max(batch_size, 256))
+            if iterable:
+                batches = source.batches(steps_per_epoch)
+            else:
+                order = self._rng.permutation(len(source)) if shuffle else None
+                batches = source.batches(batch_size, order, steps_per_epoch)
+            mean = _LossMean(reduction)
+            for step, batch in enumerate(batches):
+                callbacks.call("on_train_batch_begin", step, {})
+                weight = batch.sample_weight if table is None else \
+                    _class_weights(table, batch.y, self.loss)
+                _, total, count, out = self._train_batch(batch, weight)
+                mean.add(total, count, len(batch.x))
+                self._update_metrics(batch, out, weight)
+                if running:
+                    batch_logs = {"loss": mean.result(), **self._metric_results()}
+                    callbacks.call("on_train_batch_end", step, batch_logs)
+                    bar.update(step + 1, batch_logs)
+                bar.seen = step + 1
+                if self.stop_training:
+                    break
+            if iterable and source.ran_out:
+                batching.warn_ran_out(owner, "x")
+                self.stop_training = True
+                if not mean.batches:
+                    break
+            logs = {"loss": mean.result(), **self._metric_results()}
+            if val is not None:
+                val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
+                                                 callbacks)
+                logs.update({f"val_{key}": value for key, value in val_logs.items()})
+            callbacks.call("on_epoch_end", epoch, logs)
             history._append(epoch, logs)
             bar.end_epoch(logs)
-            for cb in callbacks:
-                if hasattr(cb, "on_epoch_end"):
-                    cb.on_epoch_end(self, epoch, logs)
             if self.stop_training:
                 break
-        for cb in callbacks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(self)
+        callbacks.train_end(logs)
         return history
 
     def _check_x(self, owner, x, name="x"):
@@ -475,15 +707,8 @@ class Sequential:
         (N, ..., features). Checked here so that the error names the user's x,
         not what a layer made of it."""
         x = v.to_numpy(owner, name, x)
-        features = None
-        for layer in self.layers:   # the first layer with an input size fixes it
-            if isinstance(layer, Linear):
-                features = layer.in_features
-                break
-            if isinstance(layer, _RNNBase):
-                features = layer.input_size
-                break
-        sequences = any(isinstance(layer, (_RNNBase, LastStep)) for layer in self.layers)
+        features = self._input_features()
+        sequences = self._takes_sequences()
         f = "features" if features is None else features
         right_features = features is None or (x.ndim > 0 and x.shape[-1] == features)
         if sequences and (x.ndim != 3 or not right_features):
@@ -497,89 +722,108 @@ class Sequential:
                              f"(samples first), got {shape_str(x.shape)}{hint}")
         return x
 
-    @staticmethod
-    def _check_pair(x, y):
-        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
-            raise ValueError(f"Sequential: x and y must have the same number of samples "
-                             f"(first axis), got shapes {x.shape} and {y.shape}")
-        if len(x) == 0:
-            raise ValueError("Sequential: got no samples")
+    # --- summary ------------------------------------------------------------
+    def summary(self, print_fn=None):
+        """Print the layers, their output shapes and parameter counts, and
+        the totals in values and bytes (Keras' ``model.summary()``).
+
+        Output shapes are symbolic: ``None`` for the samples and the steps,
+        which the layers do not fix.
+
+        Parameters
+        ----------
+        print_fn : callable, optional
+            Called with each line (default ``print``).
+        """
+        print_fn = print if print_fn is None else print_fn
+        rows = [("#", "Layer", "Output shape", "Param #")]
+        features = self._input_features()
+        shape = ["None", "None"] if self._takes_sequences() else ["None"]
+        total = nbytes = 0
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, _RNNBase):
+                features = layer._dirs * layer.hidden_size
+            elif isinstance(layer, Linear):
+                features = layer.out_features
+            elif isinstance(layer, LastStep):
+                shape = shape[:1]
+            views = _parameter_views(layer)
+            count = sum(view.size for view in views)
+            total += count
+            nbytes += sum(view.nbytes for view in views)
+            out = "(" + ", ".join(shape + ["?" if features is None else str(features)]) + ")"
+            rows.append((str(i), repr(layer), out, f"{count:,}"))
+        widths = [max(len(row[k]) for row in rows) for k in range(4)]
+        line = "  ".join("-" * w for w in widths)
+        print_fn("Sequential")
+        print_fn(line)
+        for j, row in enumerate(rows):
+            print_fn("  ".join([row[0].rjust(widths[0]), row[1].ljust(widths[1]),
+                                row[2].ljust(widths[2]), row[3].rjust(widths[3])]).rstrip())
+            if j == 0:
+                print_fn(line.replace("-", "="))
+        print_fn(line)
+        dtype = self._dtype()
+        kind = "" if dtype is None else f", {dtype.name}"
+        print_fn(f"Total params: {total:,} ({_bytes_text(nbytes)}{kind})")
+        if self.optimizer is not None:
+            state = [value for entry in self.optimizer._state for value in entry.values()
+                     if isinstance(value, np.ndarray)]
+            if state:
+                print_fn(f"Optimizer state: {sum(a.size for a in state):,} values "
+                         f"({_bytes_text(sum(a.nbytes for a in state))}, "
+                         f"{type(self.optimizer).__name__})")
 
     # --- files --------------------------------------------------------------
-    def save(self, path):
-        """Write the layers' configuration (JSON) and weights to one ``.npz`` file.
+    def save(self, path, include_optimizer=True):
+        """Write the model to one ``.npz`` file: the layers' configuration
+        (JSON), their weights and the random states.
 
-        No pickle: loading it cannot run code. Written to a temporary file of
+        With ``include_optimizer`` (and a compiled model) the file also holds
+        the training state: the loss, the metrics given by name or as
+        fastrnn metric objects, the gradient clipping, and the optimizer's
+        hyper-parameters, moments, step counts and attached schedules. The
+        random states (each layer's dropout generator and the model's
+        shuffling generator) are saved either way. ``fastrnn.load`` then
+        gives a compiled model, and ``fit(..., initial_epoch=k)`` goes on
+        exactly as an uninterrupted run would (same kernel build and thread
+        count). Metric functions and loss subclasses of your own are code,
+        which a file never holds: compile the loaded model again with them
+        and ``optimizer=model.optimizer`` to keep its state.
+
+        No pickle: loading cannot run code. Written to a temporary file of
         a short random name beside the target (so any name the target may
         have fits) and renamed over it, so an existing file is replaced whole
         or not at all.
-        """
-        config = {"format": _FORMAT, "fastrnn_version": __version__,
-                  "layers": [{"class": type(layer).__name__, "config": _jsonable(layer._config)}
-                             for layer in self.layers]}
-        arrays = {f"weights/{k}": val for k, val in self.state_dict().items()}
-        arrays["config"] = np.array(json.dumps(config))
-        path = os.fspath(path)
-        # default permissions, unlike mkstemp's 0600
-        tmp = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.tmp")
-        created = False
-        try:
-            with open(tmp, "xb") as f:
-                created = True
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if created and os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path):
-        """Rebuild a model saved with ``save`` (weights exact; not compiled).
-
-        Safe on untrusted files: nothing in a file can run code, and no file
-        can make loading allocate or read more than what it really holds.
-        Before anything is allocated, the loader reads the zip directory
-        (at most 10,000 members and 2 MiB of directory; only stored or
-        deflated members, none inflating more than 100 times its compressed
-        size), the header of every array (its shape and dtype must account for
-        its member's bytes exactly), and the JSON configuration (at most
-        1,048,576 characters), and checks every layer's configuration against
-        the arrays: their number, names, shapes and total count of values must
-        be what the layer would create. Only then are the layers built and the
-        arrays read, a bounded chunk at a time.
-
-        Loading takes time linear in the file's size, and memory at most
-        about four times the size of the model's parameters (which the file
-        must hold, no more than 100 times compressed) plus about 30 MiB.
 
         Parameters
         ----------
         path : str or os.PathLike
-
-        Returns
-        -------
-        Sequential
+        include_optimizer : bool, default True
 
         Raises
         ------
-        FileNotFoundError, PermissionError
-            If the file cannot be opened.
         ValueError
-            For anything that is not a complete, consistent fastrnn model
-            file, with a message naming what is wrong.
+            If the optimizer also trains modules outside this model (its
+            state could not be restored): save with include_optimizer=False.
         """
-        path = os.fspath(path)
-        refused = f"fastrnn.load: {path!r} is not a valid fastrnn model file: "
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO could block, a device never end
-            raise ValueError(refused + "it is not a regular file")
-        with open(path, "rb") as f:
-            try:
-                return _read_model(cls, f, os.fstat(f.fileno()).st_size)
-            except _BadFile as exc:
-                raise ValueError(refused + str(exc)) from None
-            except _FILE_ERRORS as exc:   # raised by zipfile, zlib or numpy on damaged data
-                raise ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}") from exc
+        _saving.save_model(self, path, include_optimizer=include_optimizer)
+
+    @classmethod
+    def load(cls, path):
+        """Rebuild a model saved with ``save`` (see ``fastrnn.load``).
+
+        Raises
+        ------
+        ValueError
+            If the file is not a valid fastrnn model file, or holds a single
+            layer rather than a Sequential.
+        """
+        model = _saving.load(path, cls)
+        if not isinstance(model, cls):
+            raise ValueError(f"Sequential.load: {os.fspath(path)!r} holds a single "
+                             f"{type(model).__name__}, not a Sequential; use fastrnn.load")
+        return model
 
 
 def _check_layer(owner, name, layer):
@@ -598,395 +842,180 @@ def _check_one_dtype(owner, layers):
                          f"the same dtype")
 
 
-def _jsonable(config):
-    return {k: (val.name if isinstance(val, np.dtype) else val) for k, val in config.items()}
+# --- layers run with lengths ----------------------------------------------------------
+def _train_with_lengths(layer, x, lengths):
+    """A layer's training forward on padded batch-first sequences."""
+    if isinstance(layer, _RNNBase):
+        swap = not layer.batch_first
+        (out, _), backprop = layer.forward_train(np.swapaxes(x, 0, 1) if swap else x,
+                                                 lengths=lengths)
+
+        def backprop_seq(dy):
+            dx, _ = backprop(np.swapaxes(dy, 0, 1) if swap else dy)
+            return np.swapaxes(dx, 0, 1) if swap else dx
+
+        return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
+    if isinstance(layer, LastStep):
+        return layer._seq_train(x, lengths)
+    return layer._seq_train(x)
+
+
+def _infer_with_lengths(layer, x, lengths):
+    if isinstance(layer, _RNNBase):
+        if layer.batch_first:
+            return layer(x, lengths=lengths)[0]
+        return np.ascontiguousarray(layer(np.swapaxes(x, 0, 1), lengths=lengths)[0]
+                                    .swapaxes(0, 1))
+    if isinstance(layer, LastStep):
+        return layer._seq_infer(x, lengths)
+    return layer._seq_infer(x)
+
+
+def _parameter_views(layer):
+    params = getattr(layer, "_params", None)
+    return [] if params is None else list(params.views.values())
+
+
+def _bytes_text(n):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+# --- losses over batches -----------------------------------------------------------------
+def _reduce(reduction, total, count, grad):
+    """The batch's value and the gradient of it."""
+    if reduction == "sum":
+        return total, grad
+    if count == 0:
+        return 0.0, np.zeros_like(grad)
+    return total / count, grad * grad.dtype.type(1.0 / count)
+
+
+class _LossMean:
+    """An epoch's (or evaluation's) loss from its batches: for 'mean', the
+    sum of the values over the sum of the counts (what one batch of all the
+    data would give); for 'sum', the batches' sums averaged by their samples
+    (Keras' rule)."""
+
+    def __init__(self, reduction):
+        self.reduction = reduction
+        self.total = self.count = 0.0
+        self.batches = 0
+
+    def add(self, total, count, samples):
+        self.batches += 1
+        if self.reduction == "sum":
+            self.total += total * samples
+            self.count += samples
+        else:
+            self.total += total
+            self.count += count
+
+    def result(self):
+        return self.total / self.count if self.count else 0.0
+
+
+# --- class weights -------------------------------------------------------------------------
+def _class_weight_table(owner, class_weight):
+    if not isinstance(class_weight, Mapping):
+        raise TypeError(f"{owner}: class_weight must be a dict of class index to weight, got "
+                        f"{type(class_weight).__name__}")
+    if not class_weight:
+        raise ValueError(f"{owner}: class_weight is empty")
+    for key, weight in class_weight.items():
+        if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
+            raise TypeError(f"{owner}: class_weight's keys must be int class indices, got "
+                            f"{key!r}")
+        if key < 0:
+            raise ValueError(f"{owner}: class_weight's keys must be class indices >= 0, got "
+                             f"{key}")
+        if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"{owner}: class_weight[{key}] must be a number, got {weight!r}")
+        if not math.isfinite(weight):
+            raise ValueError(f"{owner}: class_weight[{key}] must be finite, got {weight}")
+    table = np.ones(int(max(class_weight)) + 1)
+    for key, weight in class_weight.items():
+        table[int(key)] = float(weight)
+    return table
+
+
+def _class_weights(table, y, loss):
+    """Per-sample (or, for integer per-step targets of a cross-entropy, per
+    step) weights: Keras' class_weight_to_sample_weights."""
+    if isinstance(loss, CrossEntropyLoss) and y.dtype.kind in "iu":
+        labels = y.astype(np.int64)
+    else:
+        if y.ndim > 2:
+            raise ValueError(f"Sequential.fit: class_weight needs targets of shape (N,), (N, 1) "
+                             f"or one-hot (N, C) (or integer per-step targets with a "
+                             f"cross-entropy loss), got {shape_str(y.shape)}")
+        if y.ndim == 2:
+            y = y.argmax(axis=-1) if y.shape[1] != 1 else y[:, 0]
+        labels = np.round(y).astype(np.int64)
+    inside = (labels >= 0) & (labels < len(table))
+    return np.where(inside, table[np.where(inside, labels, 0)], 1.0)
+
+
+def save(obj, path, include_optimizer=True):
+    """Save a Sequential, or a single layer or cell, to one ``.npz`` file.
+
+    Parameters
+    ----------
+    obj : Sequential, layer or cell
+        Any fastrnn layer (RNN, GRU, LSTM, Linear, Dropout, LastStep, the
+        activations) or cell (RNNCell, GRUCell, LSTMCell).
+    path : str or os.PathLike
+    include_optimizer : bool, default True
+        For a Sequential: see ``Sequential.save``.
+
+    Raises
+    ------
+    TypeError
+        If obj is neither a Sequential nor a fastrnn layer or cell.
+    """
+    if isinstance(obj, Sequential):
+        obj.save(path, include_optimizer=include_optimizer)
+    else:
+        _saving.save_layer(obj, path)
 
 
 def load(path):
-    """Load a model written by ``Sequential.save``; safe on untrusted files
-    (see ``Sequential.load`` for the checks and the bounds on time and memory)."""
-    return Sequential.load(path)
+    """Load what ``save`` wrote: a Sequential (compiled if saved with its
+    optimizer), or a single layer or cell.
 
+    Safe on untrusted files: nothing in a file can run code, and no file can
+    make loading allocate or read more than what it really holds. Before
+    anything is allocated, the loader reads the zip directory (at most
+    10,000 members and 2 MiB of directory; only stored or deflated members,
+    none inflating more than 100 times its compressed size), the header of
+    every array (its shape and dtype must account for its member's bytes
+    exactly), and the JSON configuration (at most 1,048,576 characters), and
+    checks every layer's configuration against the arrays: their number,
+    names, shapes and total count of values must be what the layer would
+    create; the optimizer's arrays must be those its configuration keeps, of
+    their parameters' shapes and dtype. Only then are the layers built and
+    the arrays read, a bounded chunk at a time.
 
-# --- reading a model file --------------------------------------------------------------------
-# What `load` accepts; anything beyond is refused before it is read.
-_MAX_MEMBERS = 10_000              # arrays in a file (a deep bidirectional model has ~100)
-_MAX_DIRECTORY_BYTES = 2 << 20     # the zip's central directory, ~200 bytes per member
-_MAX_CONFIG_CHARS = 1 << 20        # the JSON configuration (a layer takes ~200)
-_MAX_CONFIG_DEPTH = 8              # nesting of the JSON (a saved model's is 4)
-_MAX_RATIO = 100                   # uncompressed / compressed size of a member (float
-_RATIO_SLACK = 4096                # weights deflate to ~1:1), beyond this many bytes
-_READ_CHUNK = 1 << 20              # bytes read from a member at a time
-_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+    Loading takes time linear in the file's size, and memory at most about
+    four times the size of the arrays the file holds (no more than 100 times
+    compressed) plus about 30 MiB.
 
-# what damaged zip or .npy data raises in zipfile, zlib and numpy (not MemoryError:
-# the checks leave only the memory a consistent file's arrays need)
-_FILE_ERRORS = (OSError, EOFError, ValueError, OverflowError, NotImplementedError,
-                struct.error, zipfile.BadZipFile, zlib.error)
+    Parameters
+    ----------
+    path : str or os.PathLike
 
-_brief = reprlib.Repr()
-_brief.maxstring = _brief.maxother = 60
-_brief.maxlevel = 3
+    Returns
+    -------
+    Sequential, layer or cell
 
-
-class _BadFile(ValueError):
-    """What is wrong with a model file; `load` puts the path before it."""
-
-
-def _clip(text, limit=300):
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _some(names, limit=5):
-    shown = _brief.repr(list(names[:limit]))
-    return shown if len(names) <= limit else f"{shown[:-1]}, and {len(names) - limit:,} more]"
-
-
-def _int_text(n, sep=""):
-    """An integer from a file for a message: exact unless absurdly long."""
-    if abs(n) < 10**30:
-        return f"{n:{sep}}"
-    return f"about {'-' if n < 0 else ''}10^{int(abs(n).bit_length() * math.log10(2))}"
-
-
-def _counted(n, word):
-    return f"{_int_text(n, ',')} {word}" + ("" if n == 1 else "s")
-
-
-def _read_model(cls, f, size):
-    """The checks and reads of `Sequential.load`, in that order, on an open file."""
-    if size == 0:
-        raise _BadFile("the file is empty")
-    head = f.read(6)
-    if head == b"\x93NUMPY":
-        raise _BadFile("it holds a single .npy array, not a fastrnn model (.npz) file")
-    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
-        raise _BadFile("it is not a zip (.npz) archive")
-    entries, directory_bytes = _zip_directory(f, size)
-    if entries > _MAX_MEMBERS:
-        raise _BadFile(f"it has {entries:,} members, more than {_MAX_MEMBERS:,}")
-    if directory_bytes > _MAX_DIRECTORY_BYTES:
-        raise _BadFile(f"its zip directory takes {directory_bytes:,} bytes, more than "
-                       f"{_MAX_DIRECTORY_BYTES:,}")
-    f.seek(0)
-    with zipfile.ZipFile(f) as zf:
-        members = _check_members(zf, size)
-        if "config.npy" not in members:
-            raise _BadFile("it has no configuration (member 'config.npy')")
-        headers = {name: _array_header(zf, info) for name, info in members.items()}
-        config = _read_config(zf, members["config.npy"], headers["config.npy"])
-        specs = _check_config(config)
-        weights = {name[len("weights/"):-len(".npy")]: (members[name], header)
-                   for name, header in headers.items() if name != "config.npy"}
-        per_layer = _match_weights(specs, weights)
-        layers = []
-        for i, (name, kwargs, _) in enumerate(specs):
-            try:
-                layers.append(_LAYER_CLASSES[name](**kwargs))
-            except (TypeError, ValueError) as exc:
-                raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
-                               f"{_clip(str(exc))}") from None
-        try:
-            model = cls(layers)
-        except (TypeError, ValueError) as exc:
-            raise _BadFile(str(exc)) from None
-        # layer by layer: at most one layer's arrays are held besides the model
-        for i, (layer, held) in enumerate(zip(layers, per_layer)):
-            if held:
-                part = {key: _read_array(zf, info, header) for key, (info, header) in held.items()}
-                try:
-                    layer.load_state_dict(part)
-                except (TypeError, ValueError) as exc:
-                    raise _BadFile(f"layer {i} ({type(layer).__name__}): {exc}") from None
-        return model
-
-
-def _zip_directory(f, size):
-    """(number of members, bytes of the central directory) from the zip's end
-    records, found as zipfile finds them, before zipfile reads the directory."""
-    end_size, locator_size, end64_size = 22, 20, 56
-    tail_start = max(size - end_size - 0xFFFF, 0)   # the record, then a comment < 64 KiB
-    f.seek(tail_start)
-    tail = f.read()
-    if len(tail) >= end_size and tail[-end_size:-end_size + 4] == b"PK\x05\x06" \
-            and tail[-2:] == b"\0\0":
-        at = len(tail) - end_size
-    else:
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or len(tail) - at < end_size:
-            raise _BadFile("it is not a complete zip archive (no end-of-central-directory "
-                           "record: truncated?)")
-    _, _, _, _, entries, directory_bytes, _, _ = struct.unpack("<4s4H2LH",
-                                                               tail[at:at + end_size])
-    record = tail_start + at
-    if record >= locator_size + end64_size:          # a zip64 record overrides the counts
-        f.seek(record - locator_size)
-        locator = f.read(locator_size)
-        if locator[:4] == b"PK\x06\x07":
-            f.seek(record - locator_size - end64_size)
-            end64 = f.read(end64_size)
-            if end64[:4] == b"PK\x06\x06":
-                entries, directory_bytes = struct.unpack("<QQ", end64[32:48])
-    return entries, directory_bytes
-
-
-def _check_members(zf, size):
-    """Member name -> ZipInfo, once every member is one `save` could write,
-    with sizes the file can hold and no bomb-like compression."""
-    infos = zf.infolist()
-    if len(infos) > _MAX_MEMBERS:
-        raise _BadFile(f"it has {len(infos):,} members, more than {_MAX_MEMBERS:,}")
-    members = {}
-    compressed = 0
-    for info in infos:
-        name = info.filename
-        shown = _brief.repr(name)
-        if name in members:
-            raise _BadFile(f"it holds the member {shown} twice")
-        if name != "config.npy" and not (name.startswith("weights/") and name.endswith(".npy")):
-            raise _BadFile(f"it holds a member {shown} that is neither the configuration nor "
-                           f"a weight array")
-        if info.flag_bits & 0x1:
-            raise _BadFile(f"member {shown} is encrypted")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise _BadFile(f"member {shown} uses compression method {info.compress_type}; only "
-                           f"stored (0) and deflated (8) members are read")
-        if info.compress_size > size - info.header_offset:
-            raise _BadFile(f"member {shown} declares {info.compress_size:,} compressed bytes, "
-                           f"more than the file's {size:,}")
-        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-            raise _BadFile(f"member {shown} is stored uncompressed but declares "
-                           f"{info.file_size:,} bytes for {info.compress_size:,}")
-        if info.file_size > _MAX_RATIO * info.compress_size + _RATIO_SLACK:
-            raise _BadFile(f"member {shown} would inflate from {info.compress_size:,} to "
-                           f"{info.file_size:,} bytes (ratio "
-                           f"{info.file_size // max(info.compress_size, 1):,}:1, more than "
-                           f"{_MAX_RATIO}:1): a zip bomb?")
-        compressed += info.compress_size
-        members[name] = info
-    if compressed > size:
-        raise _BadFile(f"its members declare {compressed:,} compressed bytes in all, more than "
-                       f"the file's {size:,} (overlapping members?)")
-    return members
-
-
-def _dtype_text(dtype):
-    return dtype.str if dtype.kind in "SUV" else dtype.name
-
-
-def _array_header(zf, info):
-    """(shape, fortran_order, dtype, data offset) of a .npy member, read from
-    its header alone; its shape and dtype must account for its bytes exactly."""
-    shown = _brief.repr(info.filename)
-    try:
-        with zf.open(info) as member:
-            version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-            else:
-                raise ValueError(f".npy format version {version} is not read")
-            offset = member.tell()
-    except (ValueError, TypeError, SyntaxError, RecursionError, EOFError, struct.error,
-            UnicodeError) as exc:
-        first_line = (str(exc).splitlines() or [""])[0]   # not numpy's advice to trust it
-        raise _BadFile(f"member {shown} has a damaged .npy header ({type(exc).__name__}: "
-                       f"{_clip(first_line)})") from None
-    if dtype.hasobject:
-        raise _BadFile(f"member {shown} holds object data (pickle), which is never loaded")
-    if info.filename == "config.npy":
-        if dtype.kind != "U":
-            raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data, not the "
-                           f"configuration's JSON text")
-    elif dtype.kind != "f" or dtype.itemsize not in (4, 8) or dtype.fields or dtype.subdtype:
-        raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data; weights must be "
-                       f"float32 or float64")
-    if any(n < 0 for n in shape):
-        raise _BadFile(f"member {shown}: its header declares the negative shape "
-                       f"{shape_str(shape)}")
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes != info.file_size - offset:
-        raise _BadFile(f"member {shown}: its header declares shape {shape_str(shape)} of "
-                       f"{_dtype_text(dtype)} ({nbytes:,} bytes), but the member holds "
-                       f"{max(info.file_size - offset, 0):,} bytes of data")
-    return shape, fortran, dtype, offset
-
-
-def _read_array(zf, info, header):
-    """The array of a checked member, read into its own buffer a chunk at a time."""
-    shape, fortran, dtype, offset = header
-    array = np.empty(shape[::-1] if fortran else shape, dtype)
-    flat = array.reshape(-1).view(np.uint8)
-    with zf.open(info) as member:
-        member.read(offset)
-        done = 0
-        while done < flat.size:
-            chunk = member.read(min(flat.size - done, _READ_CHUNK))
-            if not chunk:
-                raise _BadFile(f"member {_brief.repr(info.filename)} ends after {done:,} of its "
-                               f"{flat.size:,} bytes of data")
-            flat[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
-            done += len(chunk)
-        member.read(1)   # reaches the end of the member: zipfile checks its CRC-32
-    return array.T if fortran else array
-
-
-def _read_config(zf, info, header):
-    """The parsed JSON configuration, of bounded length and nesting."""
-    shape, _, dtype, _ = header
-    if shape != ():
-        raise _BadFile(f"member 'config.npy' holds an array of shape {shape_str(shape)}, not "
-                       f"the configuration's JSON text")
-    chars = dtype.itemsize // 4
-    if chars > _MAX_CONFIG_CHARS:
-        raise _BadFile(f"its configuration has {chars:,} characters, more than "
-                       f"{_MAX_CONFIG_CHARS:,}")
-    text = str(_read_array(zf, info, header)[()])
-    too_deep = _BadFile(f"its configuration (JSON) is nested too deeply (more than "
-                        f"{_MAX_CONFIG_DEPTH} levels)")
-    try:
-        config = json.loads(text)
-    except RecursionError:
-        raise too_deep from None
-    except ValueError as exc:
-        raise _BadFile(f"its configuration is not valid JSON ({_clip(str(exc))})") from None
-    # no deeper values reach the checks and messages below (repr recurses)
-    level = [config]
-    for _ in range(_MAX_CONFIG_DEPTH):
-        level = [child for value in level if isinstance(value, (list, dict))
-                 for child in (value.values() if isinstance(value, dict) else value)]
-    if any(isinstance(value, (list, dict)) for value in level):
-        raise too_deep
-    return config
-
-
-def _check_config(config):
-    """[(class name, constructor arguments, parameter layout)] of the layers
-    the configuration lists, checked without building anything."""
-    if not isinstance(config, dict):
-        raise _BadFile(f"its configuration should be a JSON object, got "
-                       f"{type(config).__name__}")
-    if config.get("format") != _FORMAT:
-        got = _brief.repr(config["format"]) if "format" in config else "nothing"
-        raise _BadFile(f"it is not a fastrnn Sequential file (its 'format' should be "
-                       f"{_FORMAT!r}, got {got})")
-    entries = config.get("layers")
-    if not isinstance(entries, list) or not entries:
-        got = _brief.repr(entries) if "layers" in config else "nothing"
-        raise _BadFile(f"its 'layers' should be a non-empty list, got {got}")
-    specs = []
-    for i, entry in enumerate(entries):
-        name = entry.get("class") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or name not in _LAYER_CLASSES:
-            raise _BadFile(f"layer {i} names an unknown class {_brief.repr(name)}")
-        kwargs = entry.get("config")
-        if not isinstance(kwargs, dict):
-            got = "nothing" if "config" not in entry else type(kwargs).__name__
-            raise _BadFile(f"layer {i} ({name}) has a bad configuration: 'config' must be a "
-                           f"JSON object of constructor arguments, got {got}")
-        try:
-            layout = _parameter_layout(name, kwargs)
-        except (TypeError, ValueError) as exc:
-            raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
-                           f"{_clip(str(exc))}") from None
-        specs.append((name, kwargs, layout))
-    return specs
-
-
-def _parameter_layout(name, kwargs):
-    """(number of arrays, number of values, iterator of (name, shape)) of the
-    parameters a layer of class `name` built with `kwargs` would hold, found
-    without building it: the counts are exact integers even for absurd sizes,
-    and the shapes are generated only when asked for. The arguments they
-    depend on are checked as the constructor checks them."""
-    params = inspect.signature(_LAYER_CLASSES[name]).bind(**kwargs)
-    params.apply_defaults()
-    args = params.arguments
-    if name in _GATES:
-        D = v.check_int(name, "input_size", args["input_size"])
-        H = v.check_int(name, "hidden_size", args["hidden_size"])
-        L = v.check_int(name, "num_layers", args["num_layers"])
-        bias = v.check_bool(name, "bias", args["bias"])
-        dirs = 2 if v.check_bool(name, "bidirectional", args["bidirectional"]) else 1
-        GH = _GATES[name] * H
-
-        def per_direction(in_size):
-            return GH * in_size + GH * H + (2 * GH if bias else 0)
-
-        arrays = L * dirs * (4 if bias else 2)
-        values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
-
-        def shapes():
-            for k in range(L):
-                in_size = D if k == 0 else dirs * H
-                for d in range(dirs):
-                    sfx = f"_l{k}" + ("_reverse" if d else "")
-                    yield f"weight_ih{sfx}", (GH, in_size)
-                    yield f"weight_hh{sfx}", (GH, H)
-                    if bias:
-                        yield f"bias_ih{sfx}", (GH,)
-                        yield f"bias_hh{sfx}", (GH,)
-        summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
-                   f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}")
-    elif name == "Linear":
-        n_in = v.check_int(name, "in_features", args["in_features"])
-        n_out = v.check_int(name, "out_features", args["out_features"])
-        bias = v.check_bool(name, "bias", args["bias"])
-        arrays, values = 1 + bias, n_out * n_in + (n_out if bias else 0)
-
-        def shapes():
-            yield "weight", (n_out, n_in)
-            if bias:
-                yield "bias", (n_out,)
-        summary = (f"in_features={_int_text(n_in)}, out_features={_int_text(n_out)}, "
-                   f"bias={bias}")
-    else:
-        arrays, values, summary = 0, 0, ""
-
-        def shapes():
-            return iter(())
-    return _Layout(arrays, values, shapes(), summary)
-
-
-# a layer's parameters as the loader predicts them (see _parameter_layout)
-_Layout = namedtuple("_Layout", ["arrays", "values", "shapes", "summary"])
-
-
-def _match_weights(specs, weights):
-    """Per layer, parameter name -> (ZipInfo, header), once the file holds
-    exactly the arrays the configuration calls for: counted first (cheap for
-    any size), then by name and shape."""
-    per_layer = [{} for _ in specs]
-    stray = []
-    for key, item in weights.items():
-        index, dot, name = key.partition(".")
-        if dot and index.isascii() and index.isdigit() and str(int(index)) == index \
-                and int(index) < len(specs):
-            per_layer[int(index)][name] = item
-        else:
-            stray.append(key)
-    if stray:
-        raise _BadFile(f"it holds weights {_some(stray)} that belong to none of its "
-                       f"{len(specs)} layers")
-    for i, ((name, _, layout), held) in enumerate(zip(specs, per_layer)):
-        arrays, values, shapes, summary = layout
-        held_values = sum(math.prod(header[0]) for _, header in held.values())
-        if arrays != len(held) or values != held_values:
-            described = f"{name}, {summary}" if summary else name
-            raise _BadFile(f"layer {i} ({described}) calls for {_counted(arrays, 'array')} of "
-                           f"{_counted(values, 'value')}, but the file holds "
-                           f"{_counted(len(held), 'array')} of "
-                           f"{_counted(held_values, 'value')} for it")
-        expected = dict(shapes)   # as many as the file holds, so bounded
-        missing = [key for key in expected if key not in held]
-        unexpected = [key for key in held if key not in expected]
-        if missing or unexpected:
-            raise _BadFile(f"layer {i} ({name}): missing weights {_some(missing)}, unexpected "
-                           f"weights {_some(unexpected)}")
-        for key, shape in expected.items():
-            got = held[key][1][0]
-            if tuple(got) != shape:
-                raise _BadFile(f"layer {i} ({name}): {key} has shape {shape_str(shape)} in the "
-                               f"configuration but {shape_str(got)} in the file")
-    return per_layer
+    Raises
+    ------
+    FileNotFoundError, PermissionError
+        If the file cannot be opened.
+    ValueError
+        For anything that is not a complete, consistent fastrnn model file,
+        with a message naming what is wrong.
+    """
+    return _saving.load(path, Sequential)

@@ -205,38 +205,46 @@ class LastStep(_Stateless):
     (Keras' ``return_sequences=False``). With ``bidirectional=True`` the input's
     features are [forward, reverse] halves and the reverse half is taken at the
     first step, where that direction ends: the result is both directions'
-    final states, as Keras' ``Bidirectional`` gives.
+    final states, as Keras' ``Bidirectional`` gives. In a ``Sequential`` run
+    on sequences of different lengths, each sequence's own last step is
+    taken (the step ``lengths[b] - 1``), not the padding after it.
     """
 
     def __init__(self, bidirectional=False):
         self._config = {"bidirectional": v.check_bool("LastStep", "bidirectional",
                                                       bidirectional)}
 
-    def _check(self, x):
+    def _check(self, x, lengths):
         if x.ndim != 3 or x.shape[1] == 0:
             raise ValueError(f"LastStep: expected a batch-first sequence of shape (B, T, F) "
                              f"with T >= 1, got {shape_str(x.shape)}")
         if self._config["bidirectional"] and x.shape[2] % 2:
             raise ValueError(f"LastStep: bidirectional input needs an even feature size, "
                              f"got {x.shape[2]}")
+        if lengths is None:
+            return np.full(x.shape[0], x.shape[1] - 1)
+        return v.check_lengths("LastStep", lengths, x.shape[0], x.shape[1]) - 1
 
-    def _seq_infer(self, x):
-        self._check(x)
+    def _seq_infer(self, x, lengths=None):
+        last = self._check(x, lengths)
+        rows = np.arange(x.shape[0])
         if not self._config["bidirectional"]:
-            return x[:, -1].copy()
+            return x[rows, last]
         half = x.shape[2] // 2
-        return np.concatenate([x[:, -1, :half], x[:, 0, half:]], axis=1)
+        return np.concatenate([x[rows, last, :half], x[:, 0, half:]], axis=1)
 
-    def _seq_train(self, x):
-        y = self._seq_infer(x)
+    def _seq_train(self, x, lengths=None):
+        last = self._check(x, lengths)
+        y = self._seq_infer(x, lengths)
+        rows = np.arange(x.shape[0])
 
         def backprop(dy):
             dx = np.zeros(x.shape, dy.dtype)
             if not self._config["bidirectional"]:
-                dx[:, -1] = dy
+                dx[rows, last] = dy
             else:
                 half = x.shape[2] // 2
-                dx[:, -1, :half] = dy[:, :half]
+                dx[rows, last, :half] = dy[:, :half]
                 dx[:, 0, half:] = dy[:, half:]
             return dx
 

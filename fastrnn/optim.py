@@ -44,14 +44,31 @@ def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
 
 class Optimizer:
     """Base: holds the modules and per-parameter state (one entry per
-    storage array of each module, in the module's order)."""
+    storage array of each module, in the module's order).
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore everything an
+    update depends on (hyper-parameters, moments, step counts and the
+    attached learning-rate schedules), so training resumes exactly where it
+    stopped; ``Sequential.save`` stores it in the model file.
+    """
+    _scalar_slots = ()     # per-parameter state held as ints (Adam's step)
 
     def __init__(self, params, lr):
         self.lr = _check_number(type(self).__name__, "lr", lr)
         self._modules = []
         self._state = []
         self.step_count = 0
+        self.schedules = []     # LRSchedulers made on this optimizer, in order
         self.add(params)
+
+    @property
+    def learning_rate(self):
+        """Keras' name of ``lr``."""
+        return self.lr
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.lr = _check_number(type(self).__name__, "learning_rate", value)
 
     def add(self, params):
         """Add the parameters of more modules (a module is added once)."""
@@ -89,10 +106,129 @@ class Optimizer:
             with module._grad_lock:
                 module._swap_parameters(update)
 
+    # --- saving and restoring -----------------------------------------------
+    def get_config(self):
+        """The hyper-parameters: the constructor's arguments other than
+        ``params``, current values (``lr`` as schedules left it)."""
+        return {"lr": self.lr}
+
+    def slots(self):
+        """The names of the arrays each parameter's state holds once it has
+        been updated (before, its state is empty)."""
+        return ()
+
     def state_dict(self):
-        """Hyper-parameters, step count and per-parameter state (copies)."""
-        return {"lr": self.lr, "step_count": self.step_count,
-                "state": [{k: np.copy(val) for k, val in s.items()} for s in self._state]}
+        """Everything an update depends on, as copies.
+
+        Returns
+        -------
+        dict
+            ``'class'`` (the optimizer's class name), ``'config'``
+            (``get_config()``), ``'step_count'``, ``'state'`` (one dict per
+            storage array of each module, in order: arrays of the storage's
+            shape and, for Adam, the int ``'step'``) and ``'schedules'``
+            (each attached schedule's ``state_dict()``).
+        """
+        return {"class": type(self).__name__, "config": self.get_config(),
+                "step_count": self.step_count,
+                "state": [{k: (np.copy(val) if isinstance(val, np.ndarray) else val)
+                           for k, val in s.items()} for s in self._state],
+                "schedules": [schedule.state_dict() for schedule in self.schedules]}
+
+    def load_state_dict(self, state_dict):
+        """Restore a ``state_dict()`` of an optimizer of the same class bound
+        to parameters of the same shapes (in the same order).
+
+        Everything is checked before anything changes; the arrays are
+        copied. The attached schedules are replaced by those of the state,
+        rebuilt on this optimizer.
+
+        Raises
+        ------
+        TypeError
+            If the state or a part of it has the wrong type.
+        ValueError
+            If it belongs to another class, or its shapes, names or values
+            do not fit this optimizer's parameters.
+        """
+        self._load_state(state_dict, copy=True)
+
+    def _load_state(self, state_dict, copy):
+        owner = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{owner}: expected a dict from state_dict(), got "
+                            f"{type(state_dict).__name__}")
+        expected = {"class", "config", "step_count", "state", "schedules"}
+        if set(state_dict) != expected:
+            raise ValueError(f"{owner}: expected the keys {sorted(expected)}, got "
+                             f"{sorted(state_dict)}")
+        if state_dict["class"] != type(self).__name__:
+            raise ValueError(f"{owner}: the state is of a {state_dict['class']!r} optimizer, "
+                             f"not a {type(self).__name__}")
+        config = state_dict["config"]
+        if not isinstance(config, dict):
+            raise TypeError(f"{owner}: config must be a dict, got {type(config).__name__}")
+        try:
+            fresh = type(self)(None, **config)   # checks every hyper-parameter
+        except TypeError as exc:
+            raise TypeError(f"{owner}: bad config: {exc}") from None
+        step_count = state_dict["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) \
+                or step_count < 0:
+            raise ValueError(f"{owner}: step_count must be an int >= 0, got {step_count!r}")
+        states = state_dict["state"]
+        storages = [storage for module in self._modules for storage in module._params.storages]
+        if not isinstance(states, (list, tuple)) or len(states) != len(storages):
+            got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
+            raise ValueError(f"{owner}: expected state for {len(storages)} parameter arrays, "
+                             f"got {got}")
+        slots = fresh.slots()
+        new_states = []
+        for i, (state, storage) in enumerate(zip(states, storages)):
+            if not isinstance(state, dict):
+                raise TypeError(f"{owner}: state[{i}] must be a dict, got "
+                                f"{type(state).__name__}")
+            names = set(slots) | set(fresh._scalar_slots)
+            if state and set(state) != names:
+                raise ValueError(f"{owner}: state[{i}] holds {sorted(state)}; a {type(self).__name__} "
+                                 f"with this config keeps {sorted(names)} (or nothing)")
+            new = {}
+            for name, value in state.items():
+                if name in fresh._scalar_slots:
+                    if isinstance(value, (bool, np.bool_)) or not isinstance(
+                            value, numbers.Integral) or not 1 <= value < 2**62:
+                        raise ValueError(f"{owner}: state[{i}][{name!r}] must be an int >= 1, "
+                                         f"got {value!r}")
+                    new[name] = int(value)
+                    continue
+                if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+                    raise TypeError(f"{owner}: state[{i}][{name!r}] must be a numeric ndarray, "
+                                    f"got {type(value).__name__}")
+                if value.shape != storage.shape:
+                    raise ValueError(f"{owner}: state[{i}][{name!r}] has shape {value.shape}, "
+                                     f"its parameter array {storage.shape}")
+                value = value.astype(storage.dtype, copy=copy)
+                if not np.isfinite(value).all():
+                    raise ValueError(f"{owner}: state[{i}][{name!r}] has non-finite values")
+                new[name] = value
+            new_states.append(new)
+        schedules = state_dict["schedules"]
+        if not isinstance(schedules, (list, tuple)):
+            raise TypeError(f"{owner}: schedules must be a list, got {type(schedules).__name__}")
+        old_schedules, self.schedules = self.schedules, []
+        try:
+            for i, item in enumerate(schedules):
+                _schedule_from_state(owner, f"schedules[{i}]", self, item)
+        except (TypeError, ValueError):
+            self.schedules = old_schedules
+            raise
+        for key, value in vars(fresh).items():
+            if key not in ("_modules", "_state", "step_count", "schedules"):
+                setattr(self, key, value)
+        self.step_count = int(step_count)
+        for state, new in zip(self._state, new_states):
+            state.clear()
+            state.update(new)
 
 
 class SGD(Optimizer):
@@ -112,6 +248,13 @@ class SGD(Optimizer):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")
         self.nesterov = bool(nesterov)
         super().__init__(params, lr)
+
+    def get_config(self):
+        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+                "weight_decay": self.weight_decay, "nesterov": self.nesterov}
+
+    def slots(self):
+        return ("momentum_buffer",) if self.momentum else ()
 
     def _update(self, p, g, state):
         if self.weight_decay:
@@ -145,6 +288,15 @@ class Adam(Optimizer):
         self.weight_decay = _check_number(owner, "weight_decay", weight_decay)
         self.amsgrad = bool(amsgrad)
         super().__init__(params, lr)
+
+    _scalar_slots = ("step",)
+
+    def get_config(self):
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "amsgrad": self.amsgrad}
+
+    def slots(self):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
     def _update(self, p, g, state):
         beta1, beta2 = self.betas
@@ -200,6 +352,15 @@ class RMSprop(Optimizer):
         self.momentum = _check_number("RMSprop", "momentum", momentum)
         self.centered = bool(centered)
         super().__init__(params, lr)
+
+    def get_config(self):
+        return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps,
+                "weight_decay": self.weight_decay, "momentum": self.momentum,
+                "centered": self.centered}
+
+    def slots(self):
+        return (("square_avg",) + (("grad_avg",) if self.centered else ())
+                + (("momentum_buffer",) if self.momentum > 0 else ()))
 
     def _update(self, p, g, state):
         if self.weight_decay:
@@ -272,7 +433,13 @@ def clip_grad_value(params, clip_value):
 
 # --- learning-rate schedules -----------------------------------------------------
 class LRScheduler:
-    """Base: ``step()`` once per epoch (``fit`` does it when given as a callback)."""
+    """Base: ``step()`` once per epoch (``fit`` does it when given as a callback).
+
+    A schedule attaches itself to its optimizer (``optimizer.schedules``):
+    the optimizer's ``state_dict`` holds the schedule's state, so a model
+    saved with its optimizer comes back with its schedules where they were;
+    pass ``model.optimizer.schedules`` to ``fit`` again to go on with them.
+    """
 
     def __init__(self, optimizer):
         if not isinstance(optimizer, Optimizer):
@@ -282,14 +449,30 @@ class LRScheduler:
         self.base_lr = optimizer.lr
         self.epoch = 0
 
+    def _attach(self):
+        self.optimizer.schedules.append(self)
+
     def step(self):
         self.epoch += 1
         self.optimizer.lr = self._lr(self.epoch)
         return self.optimizer.lr
 
+    def get_config(self):
+        """The constructor's arguments other than the optimizer."""
+        return {}
+
+    def state_dict(self):
+        """``{'class', 'config', 'epoch', 'base_lr'}``: what rebuilds it."""
+        return {"class": type(self).__name__, "config": self.get_config(),
+                "epoch": self.epoch, "base_lr": self.base_lr}
+
     # callback protocol
     def on_epoch_end(self, model, epoch, logs):
         self.step()
+
+    def __repr__(self):
+        args = "".join(f", {k}={val!r}" for k, val in self.get_config().items())
+        return f"{type(self).__name__}(optimizer{args}, epoch={self.epoch})"
 
 
 class StepLR(LRScheduler):
@@ -301,6 +484,10 @@ class StepLR(LRScheduler):
                 or step_size < 1:
             raise ValueError(f"StepLR: step_size must be a positive int, got {step_size!r}")
         self.step_size, self.gamma = int(step_size), _check_number("StepLR", "gamma", gamma)
+        self._attach()
+
+    def get_config(self):
+        return {"step_size": self.step_size, "gamma": self.gamma}
 
     def _lr(self, epoch):
         return self.base_lr * self.gamma ** (epoch // self.step_size)
@@ -312,6 +499,10 @@ class ExponentialLR(LRScheduler):
     def __init__(self, optimizer, gamma):
         super().__init__(optimizer)
         self.gamma = _check_number("ExponentialLR", "gamma", gamma)
+        self._attach()
+
+    def get_config(self):
+        return {"gamma": self.gamma}
 
     def _lr(self, epoch):
         return self.base_lr * self.gamma ** epoch
@@ -326,7 +517,42 @@ class CosineAnnealingLR(LRScheduler):
             raise ValueError(f"CosineAnnealingLR: T_max must be a positive int, got {T_max!r}")
         self.T_max, self.eta_min = int(T_max), _check_number("CosineAnnealingLR", "eta_min",
                                                              eta_min)
+        self._attach()
+
+    def get_config(self):
+        return {"T_max": self.T_max, "eta_min": self.eta_min}
 
     def _lr(self, epoch):
         return self.eta_min + (self.base_lr - self.eta_min) * (
             1 + math.cos(math.pi * epoch / self.T_max)) / 2
+
+
+SCHEDULES = {cls.__name__: cls for cls in (StepLR, ExponentialLR, CosineAnnealingLR)}
+
+
+def _schedule_from_state(owner, where, optimizer, state):
+    """Rebuild a schedule from its state_dict on `optimizer` (attached)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{owner}: {where} must be a dict, got {type(state).__name__}")
+    expected = {"class", "config", "epoch", "base_lr"}
+    if set(state) != expected:
+        raise ValueError(f"{owner}: {where} must have the keys {sorted(expected)}, got "
+                         f"{sorted(state)}")
+    cls = SCHEDULES.get(state["class"]) if isinstance(state["class"], str) else None
+    if cls is None:
+        raise ValueError(f"{owner}: {where} names an unknown schedule {state['class']!r}; "
+                         f"expected one of {sorted(SCHEDULES)}")
+    if not isinstance(state["config"], dict):
+        raise TypeError(f"{owner}: {where}['config'] must be a dict, got "
+                        f"{type(state['config']).__name__}")
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) \
+            or not 0 <= epoch < 2**62:
+        raise ValueError(f"{owner}: {where}['epoch'] must be an int >= 0, got {epoch!r}")
+    base_lr = _check_number(owner, f"{where}['base_lr']", state["base_lr"])
+    try:
+        schedule = cls(optimizer, **state["config"])
+    except TypeError as exc:
+        raise TypeError(f"{owner}: {where} has a bad config: {exc}") from None
+    schedule.epoch, schedule.base_lr = int(epoch), base_lr
+    return schedule

@@ -323,7 +323,8 @@ CASES = {
                       r"its configuration should be a JSON object, got list"),
     "wrong_format": (lambda path: _npz(path, dict(_config(_entries(_model())), format="keras"),
                                        _good_arrays()),
-                     r"its 'format' should be 'fastrnn.Sequential/1', got 'keras'"),
+                     r"its 'format' should be 'fastrnn/2' or 'fastrnn.Sequential/1', got "
+                     r"'keras'"),
     "no_config": (lambda path: _zip(path, _good_members()[1:]),
                   r"it has no configuration \(member 'config.npy'\)"),
     "layers_a_dict": (lambda path: _npz(path, dict(_config([]), layers={"0": 1}), {}),
@@ -383,7 +384,7 @@ CASES = {
                 r"member 'weights/5.w.npy' has a damaged .npy header"),
     "foreign_member": (_member_with("readme.txt", b"hello"),
                        r"it holds a member 'readme.txt' that is neither the configuration nor "
-                       r"a weight array"),
+                       r"a weight or optimizer array"),
     "many_members": (_many_members, r"it has 20,00[0-9] members, more than 10,000"),
     "big_directory": (_big_directory, r"its zip directory takes [0-9,]+ bytes, more than "
                                       r"2,097,152"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import model as model_module
+from fastrnn import _saving as saving_module
 
 
 def _same_state(a, b):
@@ -135,7 +135,7 @@ def test_a_file_with_mixed_dtypes_is_refused(tmp_path):
     b = fastrnn.Sequential([fastrnn.Linear(4, 1)])
     config = {"format": "fastrnn.Sequential/1", "fastrnn_version": fastrnn.__version__,
               "layers": [{"class": type(layer).__name__,
-                          "config": model_module._jsonable(layer._config)}
+                          "config": saving_module._jsonable(layer._config)}
                          for layer in a.layers + b.layers]}
     arrays = {f"weights/{k}": v for k, v in a.state_dict().items()}
     arrays.update({f"weights/2.{k.split('.', 1)[1]}": v for k, v in b.state_dict().items()})
@@ -280,19 +280,19 @@ def test_parameter_layout_matches_the_layers(cls, kwargs):
     """The loader predicts every layer's parameters from its configuration,
     without building it: the prediction must be what the class builds."""
     layer = cls(**kwargs)
-    layout = model_module._parameter_layout(cls.__name__, kwargs)
+    layout = saving_module._parameter_layout(cls.__name__, kwargs)
     built = layer.state_dict()
     assert dict(layout.shapes) == {k: v.shape for k, v in built.items()}
     assert layout.arrays == len(built) and layout.values == sum(v.size for v in built.values())
 
 
 def test_absurd_sizes_are_counted_without_building(tmp_path):
-    layout = model_module._parameter_layout(
+    layout = saving_module._parameter_layout(
         "LSTM", dict(input_size=10**12, hidden_size=10**12, num_layers=10**9))
     assert layout.arrays == 4 * 10**9 and layout.values > 10**33
     small = fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=True, seed=0)])
     config = _config({"class": "LSTM", "config": dict(
-        model_module._jsonable(small.layers[0]._config), hidden_size=10**12)})
+        saving_module._jsonable(small.layers[0]._config), hidden_size=10**12)})
     _write(tmp_path / "m.npz", config, small.state_dict())
     with pytest.raises(ValueError, match=r"layer 0 \(LSTM, input_size=3, hidden_size="
                                          r"1000000000000, num_layers=1, bias=True, "
@@ -322,7 +322,7 @@ def test_shapes_are_checked_one_by_one(tmp_path):
 def test_weights_of_other_dtypes_and_orders_load(tmp_path):
     layer = fastrnn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, seed=0)
     model = fastrnn.Sequential([layer, fastrnn.LastStep(bidirectional=True)])
-    config = _config(*({"class": type(m).__name__, "config": model_module._jsonable(m._config)}
+    config = _config(*({"class": type(m).__name__, "config": saving_module._jsonable(m._config)}
                        for m in model))
     # big-endian float64 and Fortran order: converted to the layer's float32
     arrays = {k: np.asfortranarray(v.astype(">f8")) for k, v in model.state_dict().items()}

@@ -967,7 +967,11 @@ def test_save_load_round_trip(dtype, tmp_path):
     assert np.array_equal(loaded.predict(x), model.predict(x))
     assert loaded.predict(x).dtype == np.dtype(dtype)
     assert fastrnn.Sequential.load(str(path)).state_dict().keys() == model.state_dict().keys()
-    # a loaded model is not compiled, but trains once compiled
+    # saved with its optimizer, a model comes back compiled; without, it does not
+    assert isinstance(loaded.optimizer, optim.Adam) and isinstance(loaded.loss, fastrnn.MSELoss)
+    assert np.isfinite(loaded.train_step(x, np.zeros((10, 2))))
+    model.save(path, include_optimizer=False)
+    loaded = fastrnn.load(path)
     with pytest.raises(RuntimeError, match="compile"):
         loaded.train_step(x, np.zeros((10, 2)))
     loaded.compile()
@@ -985,7 +989,7 @@ def test_saved_file_is_a_plain_npz(tmp_path):
         weights = {k[len("weights/"):]: data[k] for k in files if k != "config"}
     assert files == {"config"} | {f"weights/{k}" for k in model.state_dict()}
     assert all(w.dtype != object for w in weights.values())
-    assert config["format"] == "fastrnn.Sequential/1"
+    assert config["format"] == "fastrnn/2" and config["kind"] == "Sequential"
     assert [entry["class"] for entry in config["layers"]] == [type(layer).__name__
                                                               for layer in model.layers]
     assert all(np.array_equal(weights[k], v) for k, v in model.state_dict().items())

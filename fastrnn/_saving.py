@@ -1,0 +1,889 @@
+"""The model file: writing it, and reading it back safely.
+
+One ``.npz`` (a zip of ``.npy`` arrays, no pickle): ``config.npy`` holds the
+JSON description, ``weights/{layer}.{name}.npy`` the parameters, and
+``optimizer/{layer}.{name}.{slot}.npy`` the optimizer's per-parameter arrays
+(their shapes are those of the parameters). The JSON's ``format`` is
+``'fastrnn/2'``; files of ``'fastrnn.Sequential/1'`` (weights only) are still
+read.
+
+Reading trusts nothing: every size the file declares (zip directory, array
+headers, the layers' and the optimizer's configuration) is checked against
+the file itself before anything is allocated; see ``fastrnn.load``.
+"""
+import inspect
+import json
+import math
+import os
+import reprlib
+import stat
+import struct
+import uuid
+import warnings
+import zipfile
+import zlib
+from collections import namedtuple
+
+import numpy as np
+
+from fastrnn import _validation as v
+from fastrnn import losses as losses_module
+from fastrnn import metrics as metrics_module
+from fastrnn import optim
+from fastrnn._validation import shape_str
+from fastrnn._version import __version__
+from fastrnn.cells import GRUCell, LSTMCell, RNNCell
+from fastrnn.layers import GRU, LSTM, RNN
+from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
+
+FORMAT = "fastrnn/2"
+FORMAT_1 = "fastrnn.Sequential/1"     # read, no longer written
+
+# the classes a saved file may name: loading builds nothing else
+_SEQUENCE_LAYERS = (RNN, GRU, LSTM, Linear, Dropout, LastStep, ReLU, Tanh, Sigmoid)
+_LAYER_CLASSES = {cls.__name__: cls for cls in _SEQUENCE_LAYERS + (RNNCell, GRUCell, LSTMCell)}
+_OPTIMIZERS = {cls.__name__: cls for cls in (optim.SGD, optim.Adam, optim.AdamW,
+                                             optim.RMSprop)}
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+# What `load` accepts; anything beyond is refused before it is read.
+_MAX_MEMBERS = 10_000              # arrays in a file (a deep bidirectional model has ~100)
+_MAX_DIRECTORY_BYTES = 2 << 20     # the zip's central directory, ~200 bytes per member
+_MAX_CONFIG_CHARS = 1 << 20        # the JSON configuration (a layer takes ~200)
+_MAX_CONFIG_DEPTH = 8              # nesting of the JSON (a saved model's is at most 6)
+_MAX_RATIO = 100                   # uncompressed / compressed size of a member (float
+_RATIO_SLACK = 4096                # weights deflate to ~1:1), beyond this many bytes
+_READ_CHUNK = 1 << 20              # bytes read from a member at a time
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_CELL_GATES = {"RNNCell": 1, "GRUCell": 3, "LSTMCell": 4}
+
+# what damaged zip or .npy data raises in zipfile, zlib and numpy (not MemoryError:
+# the checks leave only the memory a consistent file's arrays need)
+_FILE_ERRORS = (OSError, EOFError, ValueError, OverflowError, NotImplementedError,
+                struct.error, zipfile.BadZipFile, zlib.error)
+# what numpy raises on a bad random-generator state
+_STATE_ERRORS = (TypeError, ValueError, KeyError, IndexError, OverflowError)
+
+_brief = reprlib.Repr()
+_brief.maxstring = _brief.maxother = 60
+_brief.maxlevel = 3
+
+
+class _BadFile(ValueError):
+    """What is wrong with a model file; `load` puts the path before it."""
+
+
+def _clip(text, limit=300):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _some(names, limit=5):
+    shown = _brief.repr(list(names[:limit]))
+    return shown if len(names) <= limit else f"{shown[:-1]}, and {len(names) - limit:,} more]"
+
+
+def _int_text(n, sep=""):
+    """An integer from a file for a message: exact unless absurdly long."""
+    if abs(n) < 10**30:
+        return f"{n:{sep}}"
+    return f"about {'-' if n < 0 else ''}10^{int(abs(n).bit_length() * math.log10(2))}"
+
+
+def _counted(n, word):
+    return f"{_int_text(n, ',')} {word}" + ("" if n == 1 else "s")
+
+
+
+
+# --- writing ------------------------------------------------------------------------------
+def _jsonable(config):
+    return {k: (val.name if isinstance(val, np.dtype) else val) for k, val in config.items()}
+
+
+def _layer_entry(layer):
+    return {"class": type(layer).__name__, "config": _jsonable(layer._config)}
+
+
+def _plain(value):
+    """A random generator's state as JSON values (arrays as lists)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _random_states(model, layers):
+    """The generators of the model (shuffling) and of the layers (dropout),
+    each saved once however many hold it (so shared ones stay shared)."""
+    generators, index = [], {}
+
+    def ref(generator):
+        if not isinstance(generator, np.random.Generator):
+            return None
+        state = generator.bit_generator.state
+        if state.get("bit_generator") not in _BIT_GENERATORS:
+            return None
+        if id(generator) not in index:
+            index[id(generator)] = len(generators)
+            generators.append(_plain(state))
+        return index[id(generator)]
+
+    return {"generators": generators,
+            "model": None if model is None else ref(getattr(model, "_rng", None)),
+            "layers": [ref(getattr(layer, "_rng", None)) for layer in layers]}
+
+
+def _training_state(model):
+    """(the JSON training section, the optimizer's arrays) of a compiled model."""
+    owner = "Sequential.save"
+    opt = model.optimizer
+    if _OPTIMIZERS.get(type(opt).__name__) is not type(opt):
+        raise ValueError(f"{owner}: the optimizer is a {type(opt).__name__}, which a file cannot "
+                         f"rebuild (only {sorted(_OPTIMIZERS)}); save(path, "
+                         f"include_optimizer=False)")
+    positions = []
+    for module in opt._modules:
+        found = [i for i, layer in enumerate(model.layers) if layer is module]
+        if not found:
+            raise ValueError(f"{owner}: the optimizer also trains a {type(module).__name__} that "
+                             f"is not in this model, whose state the file could not restore; "
+                             f"save(path, include_optimizer=False)")
+        positions.append(found[0])
+    loss = model.loss
+    loss_entry = None
+    if loss is not None:
+        if losses_module.LOSS_CLASSES.get(type(loss).__name__) is type(loss):
+            loss_entry = {"class": type(loss).__name__, "config": loss.get_config()}
+        else:
+            warnings.warn(f"{owner}: the loss is a {type(loss).__name__}, which a file cannot "
+                          f"rebuild: the loaded model needs compile(loss, "
+                          f"optimizer=model.optimizer)", stacklevel=3)
+    metric_entries = []
+    for identifier, weighted in model._metric_specs:
+        if isinstance(identifier, str):
+            metric_entries.append({"name": identifier, "weighted": weighted})
+        elif metrics_module.METRIC_CLASSES.get(type(identifier).__name__) is type(identifier):
+            metric_entries.append({"class": type(identifier).__name__,
+                                   "config": identifier.get_config(), "weighted": weighted})
+        else:
+            warnings.warn(f"{owner}: the metric {metrics_module.check(owner, identifier)!r} is "
+                          f"code, which a file does not hold: compile the loaded model again to "
+                          f"have it (optimizer=model.optimizer keeps the optimizer)",
+                          stacklevel=3)
+    arrays, scalars = {}, {}
+    states = iter(opt._state)
+    for i, module in zip(positions, opt._modules):
+        module_states = [next(states) for _ in module._trainable]
+        for name, (k, rows) in module._names.items():
+            for slot, value in module_states[k].items():
+                if isinstance(value, np.ndarray):
+                    arrays[f"optimizer/{i}.{name}.{slot}"] = value if rows is None else value[rows]
+                else:
+                    scalars.setdefault(f"{i}.{name}", {})[slot] = int(value)
+    clip = {key: (None if value is None else float(value)) for key, value in
+            (("clip_grad_norm", model.clip_grad_norm),
+             ("clip_grad_value", model.clip_grad_value))}
+    training = {"loss": loss_entry, "metrics": metric_entries, **clip,
+                "optimizer": {"class": type(opt).__name__, "config": opt.get_config(),
+                              "step_count": opt.step_count, "scalars": scalars,
+                              "schedules": [s.state_dict() for s in opt.schedules]}}
+    return training, arrays
+
+
+def save_model(model, path, include_optimizer=True):
+    """Write a Sequential (see ``Sequential.save``)."""
+    config = {"format": FORMAT, "fastrnn_version": __version__, "kind": "Sequential",
+              "layers": [_layer_entry(layer) for layer in model.layers],
+              "random": _random_states(model, model.layers)}
+    arrays = {f"weights/{k}": val for k, val in model.state_dict().items()}
+    if include_optimizer and model.optimizer is not None:
+        config["training"], optimizer_arrays = _training_state(model)
+        arrays.update(optimizer_arrays)
+    _write(path, config, arrays)
+
+
+def save_layer(layer, path):
+    """Write a single layer or cell (see ``fastrnn.save``)."""
+    name = type(layer).__name__
+    if _LAYER_CLASSES.get(name) is not type(layer):
+        raise TypeError(f"fastrnn.save: expected a Sequential or a fastrnn layer or cell "
+                        f"({', '.join(_LAYER_CLASSES)}), got {name}")
+    config = {"format": FORMAT, "fastrnn_version": __version__, "kind": "layer",
+              "layers": [_layer_entry(layer)], "random": _random_states(None, [layer])}
+    arrays = {f"weights/0.{k}": val for k, val in layer.state_dict().items()}
+    _write(path, config, arrays)
+
+
+def _write(path, config, arrays):
+    arrays = dict(arrays)
+    arrays["config"] = np.array(json.dumps(config))
+    path = os.fspath(path)
+    # default permissions, unlike mkstemp's 0600
+    tmp = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.tmp")
+    created = False
+    try:
+        with open(tmp, "xb") as f:
+            created = True
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if created and os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+# --- reading ------------------------------------------------------------------------------
+def load(path, sequential_cls):
+    """Read a file written by ``save_model`` or ``save_layer`` (see
+    ``fastrnn.load`` for the checks and the bounds on time and memory)."""
+    path = os.fspath(path)
+    refused = f"fastrnn.load: {path!r} is not a valid fastrnn model file: "
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO could block, a device never end
+        raise ValueError(refused + "it is not a regular file")
+    with open(path, "rb") as f:
+        try:
+            return _read(sequential_cls, f, os.fstat(f.fileno()).st_size)
+        except _BadFile as exc:
+            raise ValueError(refused + str(exc)) from None
+        except _FILE_ERRORS as exc:   # raised by zipfile, zlib or numpy on damaged data
+            raise ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}") from exc
+
+
+def _read(sequential_cls, f, size):
+    """The checks and reads of `load`, in that order, on an open file."""
+    if size == 0:
+        raise _BadFile("the file is empty")
+    head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise _BadFile("it holds a single .npy array, not a fastrnn model (.npz) file")
+    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise _BadFile("it is not a zip (.npz) archive")
+    entries, directory_bytes = _zip_directory(f, size)
+    if entries > _MAX_MEMBERS:
+        raise _BadFile(f"it has {entries:,} members, more than {_MAX_MEMBERS:,}")
+    if directory_bytes > _MAX_DIRECTORY_BYTES:
+        raise _BadFile(f"its zip directory takes {directory_bytes:,} bytes, more than "
+                       f"{_MAX_DIRECTORY_BYTES:,}")
+    f.seek(0)
+    with zipfile.ZipFile(f) as zf:
+        members = _check_members(zf, size)
+        if "config.npy" not in members:
+            raise _BadFile("it has no configuration (member 'config.npy')")
+        headers = {name: _array_header(zf, info) for name, info in members.items()}
+        config = _read_config(zf, members["config.npy"], headers["config.npy"])
+        described = _check_config(config)
+        specs = described.specs
+        weights, slots = {}, {}
+        for name, header in headers.items():
+            if name.startswith("weights/"):
+                weights[name[len("weights/"):-len(".npy")]] = (members[name], header)
+            elif name.startswith("optimizer/"):
+                slots[name[len("optimizer/"):-len(".npy")]] = (members[name], header)
+        per_layer = _match_weights(specs, weights)
+        training = described.training
+        if slots and (training is None or training.optimizer is None):
+            raise _BadFile(f"it holds optimizer arrays ({_some(sorted(slots))}) but no "
+                           f"optimizer configuration")
+        per_slot = {} if training is None else _match_slots(specs, training.optimizer, slots)
+        layers = []
+        for i, (name, kwargs, _) in enumerate(specs):
+            try:
+                layers.append(_LAYER_CLASSES[name](**kwargs))
+            except (TypeError, ValueError) as exc:
+                raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
+                               f"{_clip(str(exc))}") from None
+        if described.kind == "layer":
+            model = layers[0]
+        else:
+            try:
+                model = sequential_cls(layers)
+            except (TypeError, ValueError) as exc:
+                raise _BadFile(str(exc)) from None
+        # layer by layer: at most one layer's arrays are held besides the model
+        for i, (layer, held) in enumerate(zip(layers, per_layer)):
+            if held:
+                part = {key: _read_array(zf, info, header) for key, (info, header) in held.items()}
+                try:
+                    layer.load_state_dict(part)
+                except (TypeError, ValueError) as exc:
+                    raise _BadFile(f"layer {i} ({type(layer).__name__}): {exc}") from None
+        _restore_random(described.random, model if described.kind != "layer" else None, layers)
+        if training is not None:
+            _restore_training(zf, model, layers, training, per_slot)
+        return model
+
+
+# The checked configuration: kind 'Sequential' or 'layer', the layers'
+# (class, kwargs, layout), the random generators (built, with who holds them)
+# and the training section (checked, built where cheap) or None.
+_Described = namedtuple("_Described", ["kind", "specs", "random", "training"])
+_Training = namedtuple("_Training", ["loss", "metrics", "clip_grad_norm", "clip_grad_value",
+                                     "optimizer"])
+_OptimizerSpec = namedtuple("_OptimizerSpec", ["cls", "config", "instance", "step_count",
+                                               "scalars", "schedules"])
+
+
+def _check_config(config):
+    """The configuration, checked without building any layer."""
+    if not isinstance(config, dict):
+        raise _BadFile(f"its configuration should be a JSON object, got "
+                       f"{type(config).__name__}")
+    fmt = config.get("format")
+    if fmt not in (FORMAT, FORMAT_1):
+        got = _brief.repr(fmt) if "format" in config else "nothing"
+        raise _BadFile(f"it is not a fastrnn model file (its 'format' should be {FORMAT!r} "
+                       f"or {FORMAT_1!r}, got {got})")
+    kind = "Sequential" if fmt == FORMAT_1 else config.get("kind")
+    if kind not in ("Sequential", "layer"):
+        raise _BadFile(f"its 'kind' should be 'Sequential' or 'layer', got "
+                       f"{_brief.repr(kind) if 'kind' in config else 'nothing'}")
+    entries = config.get("layers")
+    if not isinstance(entries, list) or not entries:
+        got = _brief.repr(entries) if "layers" in config else "nothing"
+        raise _BadFile(f"its 'layers' should be a non-empty list, got {got}")
+    if kind == "layer" and len(entries) != 1:
+        raise _BadFile(f"it is a single layer's file but lists {len(entries):,} layers")
+    specs = []
+    for i, entry in enumerate(entries):
+        name = entry.get("class") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name not in _LAYER_CLASSES \
+                or (kind == "Sequential" and name not in _GATES and name.endswith("Cell")):
+            raise _BadFile(f"layer {i} names an unknown class {_brief.repr(name)}")
+        kwargs = entry.get("config")
+        if not isinstance(kwargs, dict):
+            got = "nothing" if "config" not in entry else type(kwargs).__name__
+            raise _BadFile(f"layer {i} ({name}) has a bad configuration: 'config' must be a "
+                           f"JSON object of constructor arguments, got {got}")
+        try:
+            layout = _parameter_layout(name, kwargs)
+        except (TypeError, ValueError) as exc:
+            raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
+                           f"{_clip(str(exc))}") from None
+        specs.append((name, kwargs, layout))
+    random = None if fmt == FORMAT_1 else _check_random(config.get("random"), len(specs))
+    training = None
+    if fmt != FORMAT_1 and config.get("training") is not None:
+        if kind == "layer":
+            raise _BadFile("a single layer's file holds a training section")
+        training = _check_training(config["training"])
+    return _Described(kind, specs, random, training)
+
+
+def _check_random(section, n_layers):
+    """(generators, model's index, layers' indices): generators rebuilt."""
+    if section is None:
+        return None
+    if not isinstance(section, dict) or set(section) != {"generators", "model", "layers"}:
+        raise _BadFile(f"its 'random' should be an object of 'generators', 'model' and "
+                       f"'layers', got {_brief.repr(section)}")
+    states, layers = section["generators"], section["layers"]
+    if not isinstance(states, list) or not isinstance(layers, list) or len(layers) != n_layers:
+        raise _BadFile(f"its 'random' should list generators and one entry per layer "
+                       f"({n_layers}), got {_brief.repr(section)}")
+    generators = []
+    for i, state in enumerate(states):
+        kind = state.get("bit_generator") if isinstance(state, dict) else None
+        if kind not in _BIT_GENERATORS:
+            raise _BadFile(f"random generator {i} names an unknown bit generator "
+                           f"{_brief.repr(kind)} (expected one of {list(_BIT_GENERATORS)})")
+        bit_generator = getattr(np.random, kind)()
+        try:
+            bit_generator.state = state
+        except _STATE_ERRORS as exc:
+            raise _BadFile(f"random generator {i} ({kind}) has a bad state: "
+                           f"{_clip(str(exc))}") from None
+        generators.append(np.random.Generator(bit_generator))
+    for where, ref in [("the model's", section["model"])] + [
+            (f"layer {i}'s", ref) for i, ref in enumerate(layers)]:
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int)
+                                or not 0 <= ref < len(generators)):
+            raise _BadFile(f"{where} random generator should be the index of one of the "
+                           f"{len(generators)} generators, got {_brief.repr(ref)}")
+    return generators, section["model"], layers
+
+
+def _restore_random(random, model, layers):
+    if random is None:
+        return
+    generators, model_ref, layer_refs = random
+    if model is not None and model_ref is not None:
+        model._rng = generators[model_ref]
+    for i, (layer, ref) in enumerate(zip(layers, layer_refs)):
+        if ref is None:
+            continue
+        if not hasattr(layer, "_rng"):
+            raise _BadFile(f"layer {i} ({type(layer).__name__}) has a random generator in the "
+                           f"file but draws no random numbers")
+        layer._rng = generators[ref]
+
+
+def _check_training(section):
+    """The training section: the loss and metrics built, the optimizer's
+    configuration checked (an unbound optimizer built from it)."""
+    expected = {"loss", "metrics", "clip_grad_norm", "clip_grad_value", "optimizer"}
+    if not isinstance(section, dict) or set(section) != expected:
+        got = sorted(section) if isinstance(section, dict) else type(section).__name__
+        raise _BadFile(f"its 'training' should be an object of {sorted(expected)}, got "
+                       f"{_brief.repr(got)}")
+    loss = None
+    entry = section["loss"]
+    if entry is not None:
+        name = entry.get("class") if isinstance(entry, dict) else None
+        cls = losses_module.LOSS_CLASSES.get(name) if isinstance(name, str) else None
+        if cls is None or not isinstance(entry.get("config"), dict):
+            raise _BadFile(f"its loss should name one of {sorted(losses_module.LOSS_CLASSES)} "
+                           f"with a 'config' object, got {_brief.repr(entry)}")
+        try:
+            loss = cls(**entry["config"])
+        except (TypeError, ValueError) as exc:
+            raise _BadFile(f"its loss ({name}) has a bad configuration: "
+                           f"{_clip(str(exc))}") from None
+        if loss.reduction == "none":
+            raise _BadFile(f"its loss ({name}) has reduction 'none', which training refuses")
+    metrics = []
+    if not isinstance(section["metrics"], list):
+        raise _BadFile(f"its metrics should be a list, got {_brief.repr(section['metrics'])}")
+    for i, entry in enumerate(section["metrics"]):
+        weighted = entry.get("weighted") if isinstance(entry, dict) else None
+        if not isinstance(weighted, bool):
+            raise _BadFile(f"metric {i} should be an object with 'weighted' true or false, got "
+                           f"{_brief.repr(entry)}")
+        try:
+            if set(entry) == {"name", "weighted"} and isinstance(entry["name"], str):
+                metrics_module.check("metric", entry["name"])
+                metrics.append((entry["name"], weighted))
+                continue
+            cls = metrics_module.METRIC_CLASSES.get(entry.get("class")) \
+                if isinstance(entry.get("class"), str) else None
+            if set(entry) != {"class", "config", "weighted"} or cls is None \
+                    or not isinstance(entry["config"], dict):
+                raise _BadFile(f"metric {i} should have a 'name', or a 'class' (one of "
+                               f"{sorted(metrics_module.METRIC_CLASSES)}) and a 'config', "
+                               f"got {_brief.repr(entry)}")
+            metrics.append((cls(**entry["config"]), weighted))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, _BadFile):
+                raise
+            raise _BadFile(f"metric {i} is bad: {_clip(str(exc))}") from None
+    clips = []
+    for key in ("clip_grad_norm", "clip_grad_value"):
+        value = section[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise _BadFile(f"its {key} should be a number >= 0 or null, got "
+                           f"{_brief.repr(value)}")
+        clips.append(value)
+    return _Training(loss, metrics, clips[0], clips[1],
+                     _check_optimizer(section["optimizer"]))
+
+
+def _check_optimizer(section):
+    expected = {"class", "config", "step_count", "scalars", "schedules"}
+    if not isinstance(section, dict) or set(section) != expected:
+        got = sorted(section) if isinstance(section, dict) else type(section).__name__
+        raise _BadFile(f"its optimizer should be an object of {sorted(expected)}, got "
+                       f"{_brief.repr(got)}")
+    name = section["class"]
+    cls = _OPTIMIZERS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise _BadFile(f"its optimizer names an unknown class {_brief.repr(name)} (expected "
+                       f"one of {sorted(_OPTIMIZERS)})")
+    if not isinstance(section["config"], dict):
+        raise _BadFile(f"its optimizer's config should be an object, got "
+                       f"{_brief.repr(section['config'])}")
+    try:
+        instance = cls(None, **section["config"])
+    except (TypeError, ValueError) as exc:
+        raise _BadFile(f"its optimizer ({name}) has a bad configuration: "
+                       f"{_clip(str(exc))}") from None
+    scalars = section["scalars"]
+    if not isinstance(scalars, dict) or not all(isinstance(item, dict)
+                                                for item in scalars.values()):
+        raise _BadFile(f"its optimizer's scalars should be an object of objects, got "
+                       f"{_brief.repr(scalars)}")
+    if not isinstance(section["schedules"], list):
+        raise _BadFile(f"its optimizer's schedules should be a list, got "
+                       f"{_brief.repr(section['schedules'])}")
+    return _OptimizerSpec(cls, section["config"], instance, section["step_count"], scalars,
+                          section["schedules"])
+
+
+def _match_slots(specs, optimizer, slots):
+    """(layer, parameter name) -> {slot: (ZipInfo, header)}, once every
+    optimizer array is one the configuration calls for: a slot the optimizer
+    keeps, of a parameter the layer has, of its shape and dtype; each
+    parameter with state has all of its slots, and its scalars."""
+    if optimizer is None:
+        return {}
+    expected_slots = optimizer.instance.slots()
+    scalar_slots = set(optimizer.instance._scalar_slots)
+    shapes = {}
+    for i, (name, kwargs, layout) in enumerate(specs):
+        if layout.arrays:
+            shapes[i] = (dict(_parameter_layout(name, kwargs).shapes),
+                         np.dtype(kwargs.get("dtype", "float32")))
+    held = {}
+    for key, item in slots.items():
+        index, _, rest = key.partition(".")
+        param, _, slot = rest.rpartition(".")
+        if not (index.isascii() and index.isdigit() and str(int(index)) == index
+                and int(index) in shapes and param in shapes[int(index)][0]
+                and slot in expected_slots):
+            raise _BadFile(f"it holds the optimizer array {_brief.repr(key)}, which is no slot "
+                           f"{list(expected_slots)} of a parameter of its layers")
+        i = int(index)
+        shape, dtype = shapes[i][0][param], shapes[i][1]
+        got_shape, _, got_dtype, _ = item[1]
+        if tuple(got_shape) != shape or got_dtype.newbyteorder("=") != dtype:
+            raise _BadFile(f"optimizer array {key!r} is {shape_str(got_shape)} of "
+                           f"{_dtype_text(got_dtype)}; its parameter is {shape_str(shape)} of "
+                           f"{dtype.name}")
+        held.setdefault((i, param), {})[slot] = item
+    for (i, param), got in held.items():
+        if set(got) != set(expected_slots):
+            raise _BadFile(f"layer {i}'s {param} has optimizer arrays {sorted(got)}; a "
+                           f"{optimizer.cls.__name__} with this configuration keeps "
+                           f"{sorted(expected_slots)}")
+    for key, values in optimizer.scalars.items():
+        index, _, param = key.partition(".")
+        if not (index.isascii() and index.isdigit() and str(int(index)) == index
+                and (int(index), param) in held and set(values) == scalar_slots):
+            raise _BadFile(f"its optimizer's scalars for {_brief.repr(key)} belong to no "
+                           f"parameter with optimizer arrays (or are not "
+                           f"{sorted(scalar_slots)})")
+    if scalar_slots:
+        missing = [f"{i}.{param}" for i, param in held if f"{i}.{param}" not in
+                   optimizer.scalars]
+        if missing:
+            raise _BadFile(f"its optimizer keeps {sorted(scalar_slots)} per parameter, missing "
+                           f"for {_some(missing)}")
+    return held
+
+
+def _restore_training(zf, model, layers, training, per_slot):
+    """Compile the model with the file's loss, metrics and optimizer, and
+    read the optimizer's state into it."""
+    model.loss = training.loss
+    model.clip_grad_norm = training.clip_grad_norm
+    model.clip_grad_value = training.clip_grad_value
+    model._metric_specs, model._metrics = list(training.metrics), None
+    spec = training.optimizer
+    if spec is None:
+        return
+    opt = spec.cls(None, **spec.config)
+    opt.add(model)
+    states = []
+    positions = {id(layer): i for i, layer in enumerate(layers)}
+    for module in opt._modules:
+        i = positions[id(module)]
+        storages = module._params.storages
+        by_storage = [[] for _ in storages]
+        for name, (k, rows) in module._names.items():
+            by_storage[k].append((name, rows))
+        for k, storage in enumerate(storages):
+            names = by_storage[k]
+            present = [name for name, _ in names if (i, name) in per_slot]
+            if not present:
+                states.append({})
+                continue
+            if len(present) != len(names):
+                absent = [name for name, _ in names if (i, name) not in per_slot]
+                raise _BadFile(f"layer {i} has optimizer state for {present} but not for "
+                               f"{absent}, which share one array of parameters")
+            state = {}
+            for slot in spec.instance.slots():
+                array = np.empty(storage.shape, storage.dtype)
+                for name, rows in names:
+                    info, header = per_slot[(i, name)][slot]
+                    array[slice(None) if rows is None else rows] = _read_array(zf, info, header)
+                state[slot] = array
+            scalars = [spec.scalars[f"{i}.{name}"] for name, _ in names if spec.scalars]
+            if scalars:
+                if any(item != scalars[0] for item in scalars):
+                    raise _BadFile(f"layer {i}'s parameters {[name for name, _ in names]} share "
+                                   f"one array but their optimizer scalars differ: {scalars}")
+                state.update(scalars[0])
+            states.append(state)
+    try:
+        opt._load_state({"class": spec.cls.__name__, "config": spec.config,
+                         "step_count": spec.step_count, "state": states,
+                         "schedules": spec.schedules}, copy=False)
+    except (TypeError, ValueError) as exc:
+        raise _BadFile(f"its optimizer state is bad: {_clip(str(exc))}") from None
+    model.optimizer = opt
+
+def _zip_directory(f, size):
+    """(number of members, bytes of the central directory) from the zip's end
+    records, found as zipfile finds them, before zipfile reads the directory."""
+    end_size, locator_size, end64_size = 22, 20, 56
+    tail_start = max(size - end_size - 0xFFFF, 0)   # the record, then a comment < 64 KiB
+    f.seek(tail_start)
+    tail = f.read()
+    if len(tail) >= end_size and tail[-end_size:-end_size + 4] == b"PK\x05\x06" \
+            and tail[-2:] == b"\0\0":
+        at = len(tail) - end_size
+    else:
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < end_size:
+            raise _BadFile("it is not a complete zip archive (no end-of-central-directory "
+                           "record: truncated?)")
+    _, _, _, _, entries, directory_bytes, _, _ = struct.unpack("<4s4H2LH",
+                                                               tail[at:at + end_size])
+    record = tail_start + at
+    if record >= locator_size + end64_size:          # a zip64 record overrides the counts
+        f.seek(record - locator_size)
+        locator = f.read(locator_size)
+        if locator[:4] == b"PK\x06\x07":
+            f.seek(record - locator_size - end64_size)
+            end64 = f.read(end64_size)
+            if end64[:4] == b"PK\x06\x06":
+                entries, directory_bytes = struct.unpack("<QQ", end64[32:48])
+    return entries, directory_bytes
+
+
+def _check_members(zf, size):
+    """Member name -> ZipInfo, once every member is one `save` could write,
+    with sizes the file can hold and no bomb-like compression."""
+    infos = zf.infolist()
+    if len(infos) > _MAX_MEMBERS:
+        raise _BadFile(f"it has {len(infos):,} members, more than {_MAX_MEMBERS:,}")
+    members = {}
+    compressed = 0
+    for info in infos:
+        name = info.filename
+        shown = _brief.repr(name)
+        if name in members:
+            raise _BadFile(f"it holds the member {shown} twice")
+        if name != "config.npy" and not (name.startswith(("weights/", "optimizer/"))
+                                         and name.endswith(".npy")):
+            raise _BadFile(f"it holds a member {shown} that is neither the configuration nor "
+                           f"a weight or optimizer array")
+        if info.flag_bits & 0x1:
+            raise _BadFile(f"member {shown} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _BadFile(f"member {shown} uses compression method {info.compress_type}; only "
+                           f"stored (0) and deflated (8) members are read")
+        if info.compress_size > size - info.header_offset:
+            raise _BadFile(f"member {shown} declares {info.compress_size:,} compressed bytes, "
+                           f"more than the file's {size:,}")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise _BadFile(f"member {shown} is stored uncompressed but declares "
+                           f"{info.file_size:,} bytes for {info.compress_size:,}")
+        if info.file_size > _MAX_RATIO * info.compress_size + _RATIO_SLACK:
+            raise _BadFile(f"member {shown} would inflate from {info.compress_size:,} to "
+                           f"{info.file_size:,} bytes (ratio "
+                           f"{info.file_size // max(info.compress_size, 1):,}:1, more than "
+                           f"{_MAX_RATIO}:1): a zip bomb?")
+        compressed += info.compress_size
+        members[name] = info
+    if compressed > size:
+        raise _BadFile(f"its members declare {compressed:,} compressed bytes in all, more than "
+                       f"the file's {size:,} (overlapping members?)")
+    return members
+
+
+def _dtype_text(dtype):
+    return dtype.str if dtype.kind in "SUV" else dtype.name
+
+
+def _array_header(zf, info):
+    """(shape, fortran_order, dtype, data offset) of a .npy member, read from
+    its header alone; its shape and dtype must account for its bytes exactly."""
+    shown = _brief.repr(info.filename)
+    try:
+        with zf.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f".npy format version {version} is not read")
+            offset = member.tell()
+    except (ValueError, TypeError, SyntaxError, RecursionError, EOFError, struct.error,
+            UnicodeError) as exc:
+        first_line = (str(exc).splitlines() or [""])[0]   # not numpy's advice to trust it
+        raise _BadFile(f"member {shown} has a damaged .npy header ({type(exc).__name__}: "
+                       f"{_clip(first_line)})") from None
+    if dtype.hasobject:
+        raise _BadFile(f"member {shown} holds object data (pickle), which is never loaded")
+    if info.filename == "config.npy":
+        if dtype.kind != "U":
+            raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data, not the "
+                           f"configuration's JSON text")
+    elif dtype.kind != "f" or dtype.itemsize not in (4, 8) or dtype.fields or dtype.subdtype:
+        what = "weights" if info.filename.startswith("weights/") else "optimizer arrays"
+        raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data; {what} must be "
+                       f"float32 or float64")
+    if any(n < 0 for n in shape):
+        raise _BadFile(f"member {shown}: its header declares the negative shape "
+                       f"{shape_str(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes != info.file_size - offset:
+        raise _BadFile(f"member {shown}: its header declares shape {shape_str(shape)} of "
+                       f"{_dtype_text(dtype)} ({nbytes:,} bytes), but the member holds "
+                       f"{max(info.file_size - offset, 0):,} bytes of data")
+    return shape, fortran, dtype, offset
+
+
+def _read_array(zf, info, header):
+    """The array of a checked member, read into its own buffer a chunk at a time."""
+    shape, fortran, dtype, offset = header
+    array = np.empty(shape[::-1] if fortran else shape, dtype)
+    flat = array.reshape(-1).view(np.uint8)
+    with zf.open(info) as member:
+        member.read(offset)
+        done = 0
+        while done < flat.size:
+            chunk = member.read(min(flat.size - done, _READ_CHUNK))
+            if not chunk:
+                raise _BadFile(f"member {_brief.repr(info.filename)} ends after {done:,} of its "
+                               f"{flat.size:,} bytes of data")
+            flat[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            done += len(chunk)
+        member.read(1)   # reaches the end of the member: zipfile checks its CRC-32
+    return array.T if fortran else array
+
+
+def _read_config(zf, info, header):
+    """The parsed JSON configuration, of bounded length and nesting."""
+    shape, _, dtype, _ = header
+    if shape != ():
+        raise _BadFile(f"member 'config.npy' holds an array of shape {shape_str(shape)}, not "
+                       f"the configuration's JSON text")
+    chars = dtype.itemsize // 4
+    if chars > _MAX_CONFIG_CHARS:
+        raise _BadFile(f"its configuration has {chars:,} characters, more than "
+                       f"{_MAX_CONFIG_CHARS:,}")
+    text = str(_read_array(zf, info, header)[()])
+    too_deep = _BadFile(f"its configuration (JSON) is nested too deeply (more than "
+                        f"{_MAX_CONFIG_DEPTH} levels)")
+    try:
+        config = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:
+        raise _BadFile(f"its configuration is not valid JSON ({_clip(str(exc))})") from None
+    # no deeper values reach the checks and messages below (repr recurses)
+    level = [config]
+    for _ in range(_MAX_CONFIG_DEPTH):
+        level = [child for value in level if isinstance(value, (list, dict))
+                 for child in (value.values() if isinstance(value, dict) else value)]
+    if any(isinstance(value, (list, dict)) for value in level):
+        raise too_deep
+    return config
+
+
+
+def _parameter_layout(name, kwargs):
+    """(number of arrays, number of values, iterator of (name, shape)) of the
+    parameters a layer of class `name` built with `kwargs` would hold, found
+    without building it: the counts are exact integers even for absurd sizes,
+    and the shapes are generated only when asked for. The arguments they
+    depend on are checked as the constructor checks them."""
+    params = inspect.signature(_LAYER_CLASSES[name]).bind(**kwargs)
+    params.apply_defaults()
+    args = params.arguments
+    if name in _GATES:
+        D = v.check_int(name, "input_size", args["input_size"])
+        H = v.check_int(name, "hidden_size", args["hidden_size"])
+        L = v.check_int(name, "num_layers", args["num_layers"])
+        bias = v.check_bool(name, "bias", args["bias"])
+        dirs = 2 if v.check_bool(name, "bidirectional", args["bidirectional"]) else 1
+        GH = _GATES[name] * H
+
+        def per_direction(in_size):
+            return GH * in_size + GH * H + (2 * GH if bias else 0)
+
+        arrays = L * dirs * (4 if bias else 2)
+        values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
+
+        def shapes():
+            for k in range(L):
+                in_size = D if k == 0 else dirs * H
+                for d in range(dirs):
+                    sfx = f"_l{k}" + ("_reverse" if d else "")
+                    yield f"weight_ih{sfx}", (GH, in_size)
+                    yield f"weight_hh{sfx}", (GH, H)
+                    if bias:
+                        yield f"bias_ih{sfx}", (GH,)
+                        yield f"bias_hh{sfx}", (GH,)
+        summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
+                   f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}")
+    elif name in _CELL_GATES:
+        D = v.check_int(name, "input_size", args["input_size"])
+        H = v.check_int(name, "hidden_size", args["hidden_size"])
+        bias = v.check_bool(name, "bias", args["bias"])
+        GH = _CELL_GATES[name] * H
+        arrays, values = (4 if bias else 2), GH * D + GH * H + (2 * GH if bias else 0)
+
+        def shapes():
+            yield "weight_ih", (GH, D)
+            yield "weight_hh", (GH, H)
+            if bias:
+                yield "bias_ih", (GH,)
+                yield "bias_hh", (GH,)
+        summary = f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, bias={bias}"
+    elif name == "Linear":
+        n_in = v.check_int(name, "in_features", args["in_features"])
+        n_out = v.check_int(name, "out_features", args["out_features"])
+        bias = v.check_bool(name, "bias", args["bias"])
+        arrays, values = 1 + bias, n_out * n_in + (n_out if bias else 0)
+
+        def shapes():
+            yield "weight", (n_out, n_in)
+            if bias:
+                yield "bias", (n_out,)
+        summary = (f"in_features={_int_text(n_in)}, out_features={_int_text(n_out)}, "
+                   f"bias={bias}")
+    else:
+        arrays, values, summary = 0, 0, ""
+
+        def shapes():
+            return iter(())
+    return _Layout(arrays, values, shapes(), summary)
+
+
+# a layer's parameters as the loader predicts them (see _parameter_layout)
+_Layout = namedtuple("_Layout", ["arrays", "values", "shapes", "summary"])
+
+
+def _match_weights(specs, weights):
+    """Per layer, parameter name -> (ZipInfo, header), once the file holds
+    exactly the arrays the configuration calls for: counted first (cheap for
+    any size), then by name and shape."""
+    per_layer = [{} for _ in specs]
+    stray = []
+    for key, item in weights.items():
+        index, dot, name = key.partition(".")
+        if dot and index.isascii() and index.isdigit() and str(int(index)) == index \
+                and int(index) < len(specs):
+            per_layer[int(index)][name] = item
+        else:
+            stray.append(key)
+    if stray:
+        raise _BadFile(f"it holds weights {_some(stray)} that belong to none of its "
+                       f"{len(specs)} layers")
+    for i, ((name, _, layout), held) in enumerate(zip(specs, per_layer)):
+        arrays, values, shapes, summary = layout
+        held_values = sum(math.prod(header[0]) for _, header in held.values())
+        if arrays != len(held) or values != held_values:
+            described = f"{name}, {summary}" if summary else name
+            raise _BadFile(f"layer {i} ({described}) calls for {_counted(arrays, 'array')} of "
+                           f"{_counted(values, 'value')}, but the file holds "
+                           f"{_counted(len(held), 'array')} of "
+                           f"{_counted(held_values, 'value')} for it")
+        expected = dict(shapes)   # as many as the file holds, so bounded
+        missing = [key for key in expected if key not in held]
+        unexpected = [key for key in held if key not in expected]
+        if missing or unexpected:
+            raise _BadFile(f"layer {i} ({name}): missing weights {_some(missing)}, unexpected "
+                           f"weights {_some(unexpected)}")
+        for key, shape in expected.items():
+            got = held[key][1][0]
+            if tuple(got) != shape:
+                raise _BadFile(f"layer {i} ({name}): {key} has shape {shape_str(shape)} in the "
+                               f"configuration but {shape_str(got)} in the file")
+    return per_layer

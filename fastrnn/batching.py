@@ -1,0 +1,407 @@
+"""Batching for a Sequential: arrays, ragged sequences and iterables of batches.
+
+``fit``, ``evaluate`` and ``predict`` take their data in three forms:
+
+- arrays with the samples first: ``x`` (N, T, features) or (N, features),
+  ``y`` (N, ...), optionally ``sample_weight`` (N,) or, for per-step
+  targets, (N, T);
+- ragged sequences: ``x`` a list of N arrays (T_i, features) of different
+  lengths, with ``y`` an array (N, ...) of one target per sequence or a list
+  of N arrays (T_i, ...) of one target per step. Each batch is padded with
+  zeros to its longest sequence and run with ``lengths``: no padded step
+  reaches the state, the loss or the metrics;
+- an iterable of batches (a generator, a list, any object with
+  ``__iter__``): each item a tuple ``(x, y)`` or ``(x, y, sample_weight)``
+  of arrays or ragged lists, for data larger than memory. ``predict`` also
+  takes items that are ``x`` alone.
+
+``pad`` pads sequences as ``fit`` does.
+"""
+import numbers
+import warnings
+from collections import namedtuple
+
+import numpy as np
+
+from fastrnn import _validation as v
+from fastrnn._validation import shape_str
+
+Batch = namedtuple("Batch", ["x", "y", "sample_weight", "lengths", "mask"])
+Batch.__doc__ = """One batch as the model runs it: x (B, T, ...) padded if ragged, y (B, ...)
+(padded per-step targets), sample_weight (B,) or (B, T) or None, lengths (B,) int64 or None
+(every sequence full), mask (B, T) bool of the steps that count for per-step targets, or
+None (all count)."""
+
+
+def pad(sequences, dtype=None):
+    """Pad sequences of different lengths with zeros at their ends.
+
+    Parameters
+    ----------
+    sequences : list of array-like of shape (T_i, ...)
+        The trailing shapes must agree.
+    dtype : dtype, optional
+        Of the result; by default the sequences' common type.
+
+    Returns
+    -------
+    padded : ndarray of shape (N, max T_i, ...)
+    lengths : ndarray of N int64
+
+    Raises
+    ------
+    TypeError
+        If ``sequences`` is not a list of arrays.
+    ValueError
+        If it is empty, a sequence has no steps, or the trailing shapes differ.
+
+    Examples
+    --------
+    >>> padded, lengths = fastrnn.batching.pad([np.ones((3, 2)), np.ones((5, 2))])
+    >>> padded.shape, lengths
+    ((2, 5, 2), array([3, 5]))
+    """
+    if not isinstance(sequences, (list, tuple)):
+        raise TypeError(f"pad: sequences must be a list of arrays, got "
+                        f"{type(sequences).__name__}")
+    arrays = [v.to_numpy("pad", f"sequences[{i}]", s) for i, s in enumerate(sequences)]
+    if not arrays:
+        raise ValueError("pad: got no sequences")
+    for i, a in enumerate(arrays):
+        if a.ndim == 0 or len(a) == 0:
+            raise ValueError(f"pad: sequences[{i}] has shape {shape_str(a.shape)}; every "
+                             f"sequence needs at least one step")
+        if a.shape[1:] != arrays[0].shape[1:]:
+            raise ValueError(f"pad: sequences[{i}] has shape {shape_str(a.shape)}, whose "
+                             f"trailing axes differ from sequences[0]'s "
+                             f"{shape_str(arrays[0].shape)}")
+    lengths = np.array([len(a) for a in arrays], np.int64)
+    dtype = np.result_type(*arrays) if dtype is None else np.dtype(dtype)
+    return _pad(arrays, lengths, dtype), lengths
+
+
+def _pad(arrays, lengths, dtype):
+    out = np.zeros((len(arrays), int(lengths.max())) + arrays[0].shape[1:], dtype)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
+    return out
+
+
+def _as_sequence_list(x):
+    """x as a list of arrays if it is ragged (a list or object array of
+    sequences whose shapes differ), else None."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != object or x.ndim != 1:
+            return None
+        items = list(x)
+    elif isinstance(x, (list, tuple)):
+        items = list(x)
+    else:
+        return None
+    if not items:
+        return None
+    arrays = []
+    for item in items:
+        try:
+            a = np.asarray(item)
+        except ValueError:          # an item that is itself ragged: not a sequence list
+            return None
+        if a.dtype == object:
+            return None
+        arrays.append(a)
+    if all(a.shape == arrays[0].shape for a in arrays):
+        return None
+    return arrays
+
+
+class ArrayData:
+    """Data held in memory: arrays, or ragged lists of sequences.
+
+    Parameters
+    ----------
+    owner : str
+        The method, for error messages ('Sequential.fit').
+    model : Sequential
+        Checks x as its layers take it.
+    x, y, sample_weight
+        See the module's description; y may be None (predict).
+    names : (str, str, str)
+        How the messages call x, y and sample_weight.
+    """
+
+    def __init__(self, owner, model, x, y=None, sample_weight=None,
+                 names=("x", "y", "sample_weight")):
+        self.owner = owner
+        x_name, y_name, w_name = names
+        ragged = _as_sequence_list(x)
+        self.ragged = ragged is not None
+        if self.ragged:
+            self.x = self._check_sequences(model, ragged, x_name)
+            self.lengths = np.array([len(a) for a in self.x], np.int64)
+            self.dtype = model._dtype() or np.result_type(np.float32, *self.x)
+            self.n = len(self.x)
+        else:
+            self.x = model._check_x(owner, x, x_name)
+            self.n = len(self.x)
+        self.y_ragged = False
+        self.y = None
+        if y is not None:
+            y_list = _as_sequence_list(y) if self.ragged else None
+            if y_list is not None:
+                self.y = self._check_step_targets(y_list, y_name)
+                self.y_ragged = True
+            else:
+                self.y = v.to_numpy(owner, y_name, y)
+                if self.y.ndim == 0 or len(self.y) != self.n:
+                    raise ValueError(f"Sequential: x and y must have the same number of "
+                                     f"samples (first axis), got {self.n} samples in x and "
+                                     f"y of shape {shape_str(self.y.shape)}")
+        if self.n == 0:
+            raise ValueError("Sequential: got no samples")
+        self.sample_weight = None
+        if sample_weight is not None:
+            self.sample_weight = self._check_weights(sample_weight, w_name)
+
+    def _check_sequences(self, model, arrays, name):
+        owner = self.owner
+        features = model._input_features()
+        for i, a in enumerate(arrays):
+            if a.dtype.kind not in "biuf":
+                raise TypeError(f"{owner}: {name}[{i}] must hold numbers, got dtype {a.dtype}")
+            if a.ndim != 2 or len(a) == 0 or (features is not None and a.shape[1] != features):
+                f = "features" if features is None else features
+                raise ValueError(f"{owner}: expected {name} as a list of sequences of shape "
+                                 f"(T_i, {f}) with T_i >= 1, got {name}[{i}] of shape "
+                                 f"{shape_str(a.shape)}")
+            if a.shape[1] != arrays[0].shape[1]:
+                raise ValueError(f"{owner}: the sequences of {name} differ in features: "
+                                 f"{name}[0] has {arrays[0].shape[1]}, {name}[{i}] has "
+                                 f"{a.shape[1]}")
+        if not model._takes_sequences():
+            raise ValueError(f"{owner}: {name} is a list of sequences of different lengths, "
+                             f"but the model has no recurrent layer or LastStep to take them")
+        return arrays
+
+    def _check_step_targets(self, arrays, name):
+        owner = self.owner
+        if len(arrays) != self.n:
+            raise ValueError(f"Sequential: x and y must have the same number of samples, got "
+                             f"{self.n} sequences in x and {len(arrays)} in {name}")
+        for i, (a, length) in enumerate(zip(arrays, self.lengths)):
+            if a.ndim == 0 or len(a) != length:
+                raise ValueError(f"{owner}: {name}[{i}] has shape {shape_str(a.shape)}, but "
+                                 f"x[{i}] has {length} steps (per-step targets need one per "
+                                 f"step)")
+            if a.shape[1:] != arrays[0].shape[1:]:
+                raise ValueError(f"{owner}: the per-step targets of {name} differ in shape: "
+                                 f"{name}[0] {shape_str(arrays[0].shape)}, {name}[{i}] "
+                                 f"{shape_str(a.shape)}")
+        return arrays
+
+    def _check_weights(self, weights, name):
+        owner = self.owner
+        w = v.to_numpy(owner, name, weights)
+        if w.dtype.kind not in "biuf":
+            raise TypeError(f"{owner}: {name} must hold numbers, got dtype {w.dtype}")
+        w = w.astype(np.float64)
+        if w.ndim == 2 and w.shape[1] == 1:
+            w = w[:, 0]
+        per_step = (not self.ragged and self.y is not None and self.y.ndim >= 2
+                    and w.ndim == 2 and w.shape == self.y.shape[:2])
+        if w.shape != (self.n,) and not per_step:
+            steps = "" if self.ragged else " or (N, T) for per-step targets"
+            raise ValueError(f"{owner}: expected {name} of shape ({self.n},){steps}, got "
+                             f"{shape_str(w.shape)}")
+        if not np.isfinite(w).all():
+            raise ValueError(f"{owner}: {name} must be finite")
+        return w
+
+    def __len__(self):
+        return self.n
+
+    def split(self, n_val):
+        """(training part, validation part): the last n_val samples held out."""
+        cut = self.n - n_val
+        return self._subset(slice(None, cut)), self._subset(slice(cut, None))
+
+    def _subset(self, part):
+        copy = object.__new__(ArrayData)
+        copy.__dict__.update(self.__dict__)
+        copy.x = self.x[part]
+        if self.ragged:
+            copy.lengths = self.lengths[part]
+        if self.y is not None:
+            copy.y = self.y[part]
+        if self.sample_weight is not None:
+            copy.sample_weight = self.sample_weight[part]
+        copy.n = len(copy.x)
+        return copy
+
+    def take(self, index):
+        """The Batch of the samples at ``index`` (an index array or a slice)."""
+        sw = None if self.sample_weight is None else self.sample_weight[index]
+        if not self.ragged:
+            return Batch(self.x[index], None if self.y is None else self.y[index], sw,
+                         None, None)
+        if isinstance(index, slice):
+            index = np.arange(self.n)[index]
+        lengths = self.lengths[index]
+        x = _pad([self.x[i] for i in index], lengths, self.dtype)
+        full = lengths.min() == lengths.max()
+        y = mask = None
+        if self.y is not None:
+            if self.y_ragged:
+                y = _pad([self.y[i] for i in index], lengths, self.y[0].dtype)
+                if not full:
+                    mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+            else:
+                y = self.y[index]
+        return Batch(x, y, sw, None if full else lengths, mask)
+
+    def batches(self, batch_size, order=None, steps=None):
+        """The batches in ``order`` (all samples in turn by default), at most
+        ``steps`` of them."""
+        count = -(-self.n // batch_size)
+        if steps is not None:
+            count = min(count, steps)
+        for step in range(count):
+            part = slice(step * batch_size, (step + 1) * batch_size)
+            yield self.take(part if order is None else order[part])
+
+
+class IterableData:
+    """Batches drawn from an iterable; see the module's description.
+
+    With ``steps`` per epoch, the batches continue from where the last epoch
+    stopped, and an iterable that starts over (``iter(data)`` a new
+    iterator) is started again when it runs out. Without, each epoch is one
+    pass over it. ``ran_out`` tells when a one-shot iterator (a generator)
+    ran out.
+    """
+
+    def __init__(self, owner, model, source, name="x", targets=True):
+        try:
+            iterator = iter(source)
+        except TypeError:
+            raise TypeError(f"{owner}: {name} must be an array, a list of sequences or an "
+                            f"iterable of batches, got {type(source).__name__}") from None
+        self.owner, self.model, self.name, self.targets = owner, model, name, targets
+        self.source = source
+        self.one_shot = iterator is source
+        self._iterator = iterator if self.one_shot else None
+        self.ran_out = False
+        try:
+            self.length = len(source)
+        except TypeError:
+            self.length = None
+
+    def batches(self, steps=None):
+        """One epoch's Batches."""
+        if steps is None:
+            iterator = self._iterator if self.one_shot else iter(self.source)
+            count = 0
+            for item in iterator:
+                count += 1
+                yield self._batch(item, count - 1)
+            if count == 0 and self.one_shot:
+                self.ran_out = True
+            return
+        fresh = False
+        for step in range(steps):
+            while True:
+                if self._iterator is None:
+                    self._iterator, fresh = iter(self.source), True
+                try:
+                    item = next(self._iterator)
+                    fresh = False
+                    break
+                except StopIteration:
+                    if self.one_shot or fresh:   # a generator, or an iterable with nothing
+                        self.ran_out = True
+                        return
+                    self._iterator = None
+            yield self._batch(item, step)
+
+    def _batch(self, item, step):
+        owner, where = self.owner, f"{self.name} batch {step}"
+        if not self.targets:
+            x = item[0] if isinstance(item, tuple) else item
+            return ArrayData(owner, self.model, x, names=(where, "y", "sample_weight")).take(
+                slice(None))
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise TypeError(f"{owner}: each batch of {self.name} must be a tuple (x, y) or "
+                            f"(x, y, sample_weight), got {_describe(item)} in batch {step}")
+        x, y = item[0], item[1]
+        sw = item[2] if len(item) == 3 else None
+        if y is None:
+            raise TypeError(f"{owner}: batch {step} of {self.name} has no targets (y is None)")
+        data = ArrayData(owner, self.model, x, y, sw,
+                         names=(f"x of {where}", f"y of {where}",
+                                f"sample_weight of {where}"))
+        return data.take(slice(None))
+
+
+def _describe(item):
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of {len(item)} items"
+    if isinstance(item, np.ndarray):
+        return f"an array of shape {shape_str(item.shape)}"
+    return f"a {type(item).__name__}"
+
+
+def make(owner, model, x, y=None, sample_weight=None, targets=True):
+    """ArrayData or IterableData for what fit / evaluate / predict got."""
+    if targets and y is None and not isinstance(x, np.ndarray) and _is_batches(x):
+        if sample_weight is not None:
+            raise ValueError(f"{owner}: sample_weight cannot go with x as an iterable of "
+                             f"batches; give each batch as (x, y, sample_weight)")
+        return IterableData(owner, model, x)
+    if not targets and not isinstance(x, np.ndarray) and _is_batches(x):
+        return IterableData(owner, model, x, targets=False)
+    if targets and y is None:
+        raise TypeError(f"{owner}: y is missing: pass the targets y with the array x, or x as "
+                        f"an iterable of (x, y) batches")
+    return ArrayData(owner, model, x, y, sample_weight)
+
+
+def _is_batches(x):
+    """x looks like an iterable of batches rather than array data."""
+    if isinstance(x, (str, bytes, numbers.Number)) or hasattr(x, "__array__") \
+            or hasattr(x, "__array_interface__"):
+        return False
+    if isinstance(x, (list, tuple)):
+        return bool(x) and all(isinstance(item, tuple) for item in x)
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
+def validation(owner, model, validation_data):
+    """The validation source for fit's validation_data."""
+    if isinstance(validation_data, np.ndarray) or not (
+            isinstance(validation_data, (tuple, list)) or _is_batches(validation_data)):
+        raise TypeError(f"{owner}: validation_data must be a pair (x_val, y_val), a triple "
+                        f"(x_val, y_val, sample_weight_val) or an iterable of batches, got "
+                        f"{_describe(validation_data)}")
+    pair = isinstance(validation_data, tuple) or (
+        isinstance(validation_data, list) and not all(isinstance(item, tuple)
+                                                      for item in validation_data))
+    if pair:
+        if len(validation_data) not in (2, 3):
+            raise TypeError(f"{owner}: validation_data must be a pair (x_val, y_val) or a "
+                            f"triple (x_val, y_val, sample_weight_val), got "
+                            f"{_describe(validation_data)}")
+        sw = validation_data[2] if len(validation_data) == 3 else None
+        return ArrayData(owner, model, validation_data[0], validation_data[1], sw,
+                         names=("validation x", "validation y", "validation sample_weight"))
+    return IterableData(owner, model, validation_data, name="validation_data")
+
+
+def warn_ran_out(owner, what):
+    """Keras' warning when a generator runs out before the epochs end."""
+    warnings.warn(f"{owner}: {what} ran out of batches; training stops. A generator runs "
+                  f"once: pass steps_per_epoch with enough batches for every epoch, or an "
+                  f"iterable that starts over (a list, or an object whose __iter__ returns a "
+                  f"new iterator)", stacklevel=3)
