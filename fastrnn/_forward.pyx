@@ -40,6 +40,11 @@ cnp.import_array()
 
 from fastrnn._worker cimport (Interrupt, interrupted, interrupt_block_rows, run_pair,
                              run_parts, cpu_pause)
+from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_ROW,
+                                  FASTRNN_MK_ZERO, FASTRNN_MK_ISA, FASTRNN_MK_LANES,
+                                  fastrnn_mk_pack, fastrnn_mk_packed_size, fastrnn_mk_groups,
+                                  packed_product, packed_product_groups,
+                                  unit_blocks_per_group)
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
@@ -62,13 +67,33 @@ AXPY_LIMIT = AXPY_MAX
 
 
 cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
-                          const floating* w_ih, Py_ssize_t N,
+                          const floating* w_ih, const Packed* packed, Py_ssize_t N,
                           const floating* bias, floating* gx,
                           Py_ssize_t max_rows, Interrupt* interrupt) noexcept nogil:
     """gx (rows, N) = x (rows, D) @ w_ih^T + bias, in blocks of <= max_rows rows
-    (interrupt_block_rows when the call can be interrupted, NULL: never)."""
-    cdef Py_ssize_t r, start, n_rows
+    (interrupt_block_rows when the call can be interrupted, NULL: never).
+    packed (float32): each direction's W_ih packed for the micro-kernel
+    (``pack_projection``), which then runs the product: every element one
+    chain from its bias, so a row's values never depend on the other rows."""
+    cdef Py_ssize_t r, start, n_rows, d, GH, dirs
     cdef floating beta = 0
+    if floating is float and packed != NULL:
+        GH = packed.gates * packed.units
+        dirs = N // GH
+        if interrupt != NULL:
+            max_rows = interrupt_block_rows(N * D, max_rows)
+        start = 0
+        while start < rows:
+            if interrupted(interrupt, True):
+                return
+            n_rows = min(max_rows, rows - start)
+            for d in range(dirs):
+                packed_product(n_rows, x + start * D, D, 1, packed + d, gx + start * N + d * GH,
+                               N, packed.units,
+                               FASTRNN_MK_ZERO if bias == NULL else FASTRNN_MK_FROM_ROW,
+                               NULL if bias == NULL else bias + d * GH)
+            start += n_rows
+        return
     if bias != NULL:
         beta = 1
         for r in range(rows):
@@ -113,7 +138,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          Py_ssize_t H, Py_ssize_t dirs,
                          Py_ssize_t row_t, Py_ssize_t row_b,
                          floating* gx, const floating* w_hh, const floating* w_hh_t,
-                         const floating* b_hh,
+                         const Packed* packed, const floating* b_hh,
                          floating* h, floating* c, floating* gh, floating* out,
                          floating* acts, Py_ssize_t acts_t, Py_ssize_t acts_b,
                          floating* h_prev, floating* c_prev,
@@ -123,7 +148,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
     t * acts_t + b * acts_b (acts_t = 0 for the inference scratch). Leaves
-    early, its outputs partial, when the call is interrupted (NULL: never)."""
+    early, its outputs partial, when the call is interrupted (NULL: never).
+    packed: this direction's W_hh packed for the micro-kernel (float32; the
+    reset-before GRU's r, z rows then its n rows), or NULL to multiply
+    through BLAS."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -151,18 +179,33 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
                 else:
                     memset(gh + b * GH, 0, GH * sizeof(floating))
-            _recurrent_product(B, GH, H, h, H, w_hh, w_hh_t, dirs * GH, gh, GH, cols)
+            if floating is float and packed != NULL:
+                packed_product(B, h, H, 1, packed, gh, GH, H, FASTRNN_MK_FROM_C, NULL)
+            else:
+                _recurrent_product(B, GH, H, h, H, w_hh, w_hh_t, dirs * GH, gh, GH, cols)
         elif cell == GRU_RESET_BEFORE:
             # r, z; then n from r * h, computed for every row (a row past its
             # length gets values it never uses, and the product needs them all)
-            _recurrent_product(B, 2 * H, H, h, H, w_hh, w_hh_t, dirs * GH, g_t,
-                               row_b * gx_cols, cols)
+            if floating is float and packed != NULL:
+                packed_product(B, h, H, 1, packed, g_t, row_b * gx_cols, H,
+                               FASTRNN_MK_FROM_C, NULL)
+            else:
+                _recurrent_product(B, 2 * H, H, h, H, w_hh, w_hh_t, dirs * GH, g_t,
+                                   row_b * gx_cols, cols)
             for b in range(B):
                 row = t * row_t + b * row_b
                 gru_reset_gates_row(gx + row * gx_cols, h + b * H,
                                     acts + t * acts_t + b * acts_b, H)
-            _recurrent_product(B, H, H, acts + t * acts_t + 3 * H, acts_b, w_hh + 2 * H * H,
-                               w_hh_t + 2 * H, dirs * GH, g_t + 2 * H, row_b * gx_cols, cols)
+            if floating is float and packed != NULL:
+                packed_product(B, acts + t * acts_t + 3 * H, acts_b, 1, packed + 1, g_t + 2 * H,
+                               row_b * gx_cols, H, FASTRNN_MK_FROM_C, NULL)
+            else:
+                _recurrent_product(B, H, H, acts + t * acts_t + 3 * H, acts_b,
+                                   w_hh + 2 * H * H, w_hh_t + 2 * H, dirs * GH, g_t + 2 * H,
+                                   row_b * gx_cols, cols)
+        elif floating is float and packed != NULL:
+            packed_product(B, h, H, 1, packed, g_t, row_b * gx_cols, H, FASTRNN_MK_FROM_C,
+                           NULL)
         else:
             _recurrent_product(B, GH, H, h, H, w_hh, w_hh_t, dirs * GH, g_t, row_b * gx_cols,
                                cols)
@@ -196,6 +239,8 @@ cdef struct ProjectJob:
     Py_ssize_t D, N, max_rows
     Py_ssize_t rows[2][2]       # per part: first row, end
     Interrupt interrupt
+    bint has_packed
+    Packed packed[2]            # float32: W_ih packed per direction
 
 
 cdef void _project_job(void* arg, int part) noexcept nogil:
@@ -207,23 +252,26 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
     fpenv = fastrnn_flush_denormals()
     if j.is_double:
         _project_inputs(<const double*>j.x + r0 * j.D, r1 - r0, j.D, <const double*>j.w_ih,
-                        j.N, <const double*>j.bias, <double*>j.gx + r0 * j.N, j.max_rows,
+                        NULL, j.N, <const double*>j.bias, <double*>j.gx + r0 * j.N, j.max_rows,
                         &j.interrupt)
     else:
         _project_inputs(<const float*>j.x + r0 * j.D, r1 - r0, j.D, <const float*>j.w_ih,
-                        j.N, <const float*>j.bias, <float*>j.gx + r0 * j.N, j.max_rows,
+                        j.packed if j.has_packed else NULL, j.N, <const float*>j.bias, <float*>j.gx + r0 * j.N, j.max_rows,
                         &j.interrupt)
     fastrnn_restore_fpenv(fpenv)
 
 
 def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih not None,
             const floating[::1] bias_x, floating[:, ::1] gx not None, Py_ssize_t max_rows,
-            parts):
+            parts, packed=None, Py_ssize_t hidden_size=0):
     """gx (R, N) = x (R, D) @ w_ih^T + bias_x: the input projection of every
     step, batch row and direction of a layer (bias_x may be None; GEMMs of at
     most max_rows rows, the BLAS int range). ``parts``: one or two row ranges
-    (r0, r1); a second runs at the same time on the worker thread."""
+    (r0, r1); a second runs at the same time on the worker thread. packed
+    (float32): ``pack_projection``'s arrays (with the layer's hidden_size);
+    the micro-kernel then runs the product."""
     cdef ProjectJob job
+    cdef Py_ssize_t d
     if x.shape[0] == 0:
         return
     job.is_double = floating is double
@@ -234,7 +282,98 @@ def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih no
     job.D = x.shape[1]
     job.N = w_ih.shape[0]
     job.max_rows = max_rows
+    job.has_packed = False
+    if floating is float and packed is not None:
+        if len(packed) > 2 or hidden_size < 1 or job.N % (len(packed) * hidden_size):
+            raise ValueError("project: packed does not fit w_ih")
+        for d in range(len(packed)):
+            _describe_packed(&job.packed[d], packed[d], job.D, hidden_size,
+                             job.N // len(packed) // hidden_size)
+        job.has_packed = True
     run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
+
+
+# --- weights packed for the micro-kernel (_microkernel.h) ---
+
+MICROKERNEL_ISA = FASTRNN_MK_ISA.decode()
+MICROKERNEL_LANES = FASTRNN_MK_LANES
+
+
+def pack_weights(const float[:, ::1] w not None, Py_ssize_t row0, Py_ssize_t units, int gates):
+    """Rows [row0, row0 + gates * units) of w (N, K), ``gates`` blocks of
+    ``units`` rows, packed for the micro-kernel as B (K, gates * units):
+    a float32 array (64-byte aligned) for ``recur``'s ``packed``."""
+    cdef Py_ssize_t K = w.shape[1]
+    cdef int ub = unit_blocks_per_group(gates)
+    cdef Py_ssize_t size = fastrnn_mk_packed_size(K, units, gates, ub)
+    cdef float[::1] out
+    if row0 < 0 or units < 1 or gates < 1 or row0 + gates * units > w.shape[0]:
+        raise ValueError(f"pack_weights: rows [{row0}, {row0} + {gates} x {units}) do not "
+                         f"fit a matrix of {w.shape[0]} rows")
+    buffer = np.empty(size + 16, np.float32)
+    start = (-(buffer.ctypes.data // 4)) % 16      # a 64-byte boundary
+    packed = buffer[start:start + size]
+    out = packed
+    with nogil:
+        fastrnn_mk_pack(&w[row0, 0], 1, K, K, units, gates, ub, &out[0])
+    return packed
+
+
+def group_units(int gates):
+    """Units of one packed group of a ``gates``-gate matrix: splits of the
+    units between threads fall on multiples of it."""
+    return FASTRNN_MK_LANES * unit_blocks_per_group(gates)
+
+
+def pack_recurrent(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
+    """A float32 layer's W_hh (dirs * G * H, H) packed per direction for
+    ``recur``: one array per direction, or two (the r, z rows and the n
+    rows) for the reset-before GRU, whose n product reads r * h."""
+    cdef Py_ssize_t G = num_gates(cell)
+    packs = []
+    for d in range(dirs):
+        if cell == GRU_RESET_BEFORE:
+            packs.append(pack_weights(w_hh, d * G * H, H, 2))
+            packs.append(pack_weights(w_hh, d * G * H + 2 * H, H, 1))
+        else:
+            packs.append(pack_weights(w_hh, d * G * H, H, G))
+    return packs
+
+
+cdef int _describe_packed(Packed* out, arr, Py_ssize_t K, Py_ssize_t units,
+                          int gates) except -1:
+    """The descriptor of a ``pack_weights`` array (kept alive by the caller)."""
+    cdef const float[::1] view = arr
+    out.gates = gates
+    out.ub = unit_blocks_per_group(gates)
+    out.nv = out.ub * gates
+    out.K = K
+    out.units = units
+    out.groups = fastrnn_mk_groups(units, out.ub)
+    if view.shape[0] != fastrnn_mk_packed_size(K, units, gates, out.ub):
+        raise ValueError("a packed array does not fit the layer's sizes")
+    out.panels = &view[0]
+    return 0
+
+
+cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dirs) except -1:
+    """Packed descriptors (into out, up to 4) of pack_recurrent's arrays."""
+    cdef Py_ssize_t i
+    cdef Py_ssize_t per_dir = 2 if cell == GRU_RESET_BEFORE else 1
+    if len(packs) != per_dir * dirs:
+        raise ValueError(f"expected {per_dir * dirs} packed arrays, got {len(packs)}")
+    for i in range(len(packs)):
+        _describe_packed(&out[i], packs[i], H, H,
+                         (2 if i % 2 == 0 else 1) if cell == GRU_RESET_BEFORE
+                         else <int>num_gates(cell))
+    return 0
+
+
+def pack_projection(w_ih, int cell, Py_ssize_t H, Py_ssize_t dirs):
+    """A float32 layer's W_ih (dirs * G * H, D) packed per direction for
+    ``project``."""
+    cdef Py_ssize_t G = num_gates(cell)
+    return [pack_weights(w_ih, d * G * H, H, <int>G) for d in range(dirs)]
 
 
 # --- the time loops of a layer, in one or two parts ---
@@ -263,6 +402,8 @@ cdef struct RecurJob:
     const int64_t* lengths
     Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt interrupt
+    int packs_per_dir           # 0: BLAS products; else Packed entries per direction
+    Packed packed[4]
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
@@ -288,6 +429,7 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
         _run_direction(
             j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
             gx + first * gx_cols + d * GH, w_hh + d * GH * H, w_hh_t + d * GH,
+            NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir],
             NULL if bias_h == NULL else bias_h + d * GH,
             h + (d * B + b_lo) * H,
             NULL if c == NULL else c + (d * B + b_lo) * H,
@@ -327,7 +469,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           bint train,
           floating[:, ::1] h_prev,
           floating[:, ::1] c_prev,
-          bint blas_held):
+          bint blas_held,
+          packed=None):
     """The time loops of one layer, after ``project``, in one or two parts:
     ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
     on disjoint memory. A second part runs at the same time on the worker
@@ -342,7 +485,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     or None; acts (R, dirs * S * H) in training, a (B, dirs * S * H) scratch
     in inference. Training saves (None in inference): h_prev, c_prev
     (R, dirs * H). blas_held: the caller holds BLAS at one thread, so a
-    batch-1 gemv need not be cut into single-thread blocks.
+    batch-1 gemv need not be cut into single-thread blocks. packed (float32
+    only): ``pack_recurrent``'s arrays for each direction, the per-step
+    products then run on the micro-kernel; None: through BLAS.
     """
     cdef RecurJob job
     if T == 0 or h.shape[1] == 0:
@@ -369,6 +514,10 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.h_prev = NULL if h_prev is None else &h_prev[0, 0]
     job.c_prev = NULL if c_prev is None else &c_prev[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
+    job.packs_per_dir = 0
+    if floating is float and packed is not None:
+        _fill_packed(job.packed, packed, cell, job.H, job.dirs)
+        job.packs_per_dir = len(packed) // job.dirs
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -416,6 +565,7 @@ cdef long _step_barrier(long* slots, int part, long steps) noexcept nogil:
 
 cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssize_t hi,
                      const floating* gx, const floating* w_part, const floating* w_part_t,
+                     const Packed* packed,
                      const floating* bias_part, floating* h, floating* c, floating* work,
                      floating* out, long* sync, int part, long* waits) noexcept nogil:
     """Batch 1, one direction: hidden units [lo, hi) of every step, while the
@@ -423,7 +573,9 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
     then out's row t - 1), so both parts pass a barrier after every step.
     This part's gate rows of W_hh come packed: w_part (G * u, H) and its
     transpose w_part_t (u = hi - lo units; gate k's rows k * u...), so that
-    its product is one call on contiguous weights. work: (2 G + S) * u,
+    its product is one call on contiguous weights; or, float32, packed: the
+    layer's W_hh packed for the micro-kernel, [lo, hi) then whole groups of
+    it. work: (2 G + S) * u,
     this part's own gate values and activations. Ends with this part's
     units of h (and c) holding the final state. waits[0] counts the yields
     at the barriers (steps where the other part was not running)."""
@@ -451,7 +603,12 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
                 memcpy(g, bias_part, Gu * sizeof(floating))
             else:
                 memset(g, 0, Gu * sizeof(floating))
-        if use_loop:
+        if floating is float and packed != NULL:
+            packed_product_groups(1, h_prev, H, 1, packed, lo // (packed.ub * FASTRNN_MK_LANES),
+                                  (hi + packed.ub * FASTRNN_MK_LANES - 1)
+                                  // (packed.ub * FASTRNN_MK_LANES),
+                                  lo, target, Gu, u, FASTRNN_MK_FROM_C, NULL)
+        elif use_loop:
             axpy_product(h_prev, H, w_part_t, Gu, Gu, target)
         else:
             gemv(False, <int>Gu, <int>H, one, w_part, <int>H, h_prev, one, target)
@@ -481,6 +638,8 @@ cdef struct UnitJob:
     void* work[2]
     long* sync
     long waits[2]           # per part: yields at the barriers
+    bint has_packed
+    Packed packed[4]
 
 
 cdef void _unit_job(void* arg, int part) noexcept nogil:
@@ -488,13 +647,14 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     if j.is_double:
         _run_units(j.cell, j.T, j.H, j.bounds[part], j.bounds[part + 1],
                    <const double*>j.gx, <const double*>j.w_part[part],
-                   <const double*>j.w_part_t[part], <const double*>j.bias_part[part],
+                   <const double*>j.w_part_t[part], NULL, <const double*>j.bias_part[part],
                    <double*>j.h, <double*>j.c, <double*>j.work[part], <double*>j.out,
                    j.sync, part, &j.waits[part])
     else:
         _run_units(j.cell, j.T, j.H, j.bounds[part], j.bounds[part + 1],
                    <const float*>j.gx, <const float*>j.w_part[part],
-                   <const float*>j.w_part_t[part], <const float*>j.bias_part[part],
+                   <const float*>j.w_part_t[part],
+                   &j.packed[0] if j.has_packed else NULL, <const float*>j.bias_part[part],
                    <float*>j.h, <float*>j.c, <float*>j.work[part], <float*>j.out,
                    j.sync, part, &j.waits[part])
 
@@ -506,7 +666,7 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
                 const floating[::1] bias_part1, floating[::1] work1 not None,
                 floating[:, :, ::1] h not None, floating[:, :, ::1] c,
                 const floating[:, ::1] gx not None, floating[:, ::1] out not None,
-                long long wait_ns):
+                long long wait_ns, packed=None):
     """Inference of one unidirectional layer at batch 1 with its hidden units
     split: [0, mid) here, [mid, H) on the worker thread at the same time,
     the two passing a barrier after every step. Returns 0, having done
@@ -518,7 +678,9 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     after ``project``; out (T, H); per part (0, 1): w_part (G * u, H) its
     rows of every gate block of W_hh, w_part_t the transpose, bias_part its
     part of the GRU's recurrent bias (or None), work ((2 G + S) * u,). Not
-    for the reset-before GRU, whose n product needs all of r * h mid-step."""
+    for the reset-before GRU, whose n product needs all of r * h mid-step.
+    packed (float32): the layer's ``pack_recurrent`` arrays, whose groups
+    then run the products (mid a multiple of ``group_units``)."""
     cdef UnitJob job
     cdef long sync_raw[3 * SYNC_SLOT + 16]
     cdef bint claimed
@@ -541,6 +703,10 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     job.bias_part[1] = NULL if bias_part1 is None else &bias_part1[0]
     job.work[0] = &work0[0]
     job.work[1] = &work1[0]
+    job.has_packed = False
+    if floating is float and packed is not None:
+        _fill_packed(job.packed, packed, cell, job.H, 1)
+        job.has_packed = True
     job.sync = <long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
     job.waits[0] = 0
     job.waits[1] = 0
@@ -578,7 +744,21 @@ cdef void _limit_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
     for d in range(d_lo, d_hi):
         for s in range(j.T):
             t = j.T - 1 - s if d == 1 else s
-            if gh != NULL:
+            if floating is float and j.packs_per_dir:
+                # the micro-kernel's products (the reset-before GRU's two
+                # have the sizes of one over all the gates)
+                packed_product(b_hi - b_lo, h + (d * B + b_lo) * H, H, 1,
+                               &j.packed[d * j.packs_per_dir],
+                               gh + (d * B + b_lo) * GH if gh != NULL else
+                               gx + (first + t * j.row_t) * dirs * GH + d * GH,
+                               GH if gh != NULL else j.row_b * dirs * GH, H,
+                               FASTRNN_MK_FROM_C, NULL)
+                if j.packs_per_dir == 2:
+                    packed_product(b_hi - b_lo, h + (d * B + b_lo) * H, H, 1,
+                                   &j.packed[d * 2 + 1],
+                                   gx + (first + t * j.row_t) * dirs * GH + d * GH + 2 * H,
+                                   j.row_b * dirs * GH, H, FASTRNN_MK_FROM_C, NULL)
+            elif gh != NULL:
                 _recurrent_product(b_hi - b_lo, GH, H, h + (d * B + b_lo) * H, H,
                                    w_hh + d * GH * H, w_hh_t + d * GH, dirs * GH,
                                    gh + (d * B + b_lo) * GH, GH, cols)
@@ -604,7 +784,7 @@ cdef void _limit_job(void* arg, int part) noexcept nogil:
 def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, parts,
                const floating[:, ::1] w_hh not None, const floating[:, ::1] w_hh_t not None,
                floating[:, :, ::1] h not None, floating[:, ::1] gx not None,
-               floating[:, ::1] gh):
+               floating[:, ::1] gh, packed=None):
     """The per-step recurrent products of ``recur`` alone, without the gate
     math, in the same parts on the same threads: the benchmark's GEMM-only
     limit. Arguments as recur's of the same names; BLAS held at one thread."""
@@ -624,6 +804,10 @@ def gemm_limit(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.w_hh_t = &w_hh_t[0, 0]
     job.h = &h[0, 0, 0]
     job.gh = NULL if gh is None else &gh[0, 0]
+    job.packs_per_dir = 0
+    if floating is float and packed is not None:
+        _fill_packed(job.packed, packed, cell, job.H, job.dirs)
+        job.packs_per_dir = len(packed) // job.dirs
     run_parts(_limit_job, &job, &job.ranges[0][0], 4, parts)
 
 
@@ -794,13 +978,15 @@ def blas_hold_needed(Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t in_cols, Py_
 cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_ssize_t B,
                      Py_ssize_t D, Py_ssize_t H, bint batch_first, const floating* x,
                      const floating** w_ih, const floating** w_hh, const floating** w_hh_t,
-                     const floating** bias_x, const floating** bias_h,
+                     const floating** bias_x, const floating** bias_h, const Packed* packed,
+                     const Packed* packed_ih,
                      floating* h, floating* c, floating* out, floating* work) noexcept nogil:
     """Every layer and direction of an inference call in this thread, with
     the functions and per-step block sizes of the general path (its BLAS
     calls all stay on one thread), so the numbers are the same. h, c
     (L * dirs, B, H) hold the initial state and end as the final one; work:
-    see SequenceRunner.run."""
+    see SequenceRunner.run. packed, packed_ih: NULL, or 4 (W_hh, see
+    RecurJob.packed) and 2 (W_ih, per direction) Packed per layer."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t N = dirs * GH
     cdef Py_ssize_t rows = T * B
@@ -817,10 +1003,14 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
     cdef Py_ssize_t k, d, in_cols = D
     for k in range(L):
         layer_out = out if k == L - 1 else between + (k % 2) * rows * dirs * H
-        _project_inputs(layer_in, rows, in_cols, w_ih[k], N, bias_x[k], gx, rows, NULL)
+        _project_inputs(layer_in, rows, in_cols, w_ih[k],
+                        NULL if packed == NULL else packed_ih + 2 * k, N, bias_x[k], gx, rows,
+                        NULL)
         for d in range(dirs):
             _run_direction(cell, d == 1, T, B, H, dirs, row_t, row_b, gx + d * GH,
                            w_hh[k] + d * GH * H, w_hh_t[k] + d * GH,
+                           NULL if packed == NULL else
+                           packed + 4 * k + (2 if cell == GRU_RESET_BEFORE else 1) * d,
                            NULL if bias_h[k] == NULL else bias_h[k] + d * GH,
                            h + (k * dirs + d) * B * H,
                            NULL if c == NULL else c + (k * dirs + d) * B * H,
@@ -864,12 +1054,16 @@ cdef class SequenceRunner:
     cdef Py_ssize_t split_steps
     cdef object keep                   # the weight arrays, alive while we point at them
     cdef const void** ptrs             # w_ih, w_hh, w_hh_t, bias_x, bias_h: L each
+    cdef Packed* packed                # float32: 4 per layer (pack_recurrent's), or NULL
+    cdef Packed* packed_ih             # float32: 2 per layer (pack_projection's), or NULL
 
     def __cinit__(self):
         self.ptrs = NULL
+        self.packed = NULL
+        self.packed_ih = NULL
 
     def __init__(self, int cell, Py_ssize_t dirs, bint batch_first, w_ih, w_hh, kernel_weights,
-                 double max_work, Py_ssize_t split_steps):
+                 double max_work, Py_ssize_t split_steps, packed=None, packed_ih=None):
         cdef Py_ssize_t k, j
         cdef object arr
         self.cell = cell
@@ -897,9 +1091,25 @@ cdef class SequenceRunner:
                 arr = np.ascontiguousarray(arr)
                 self.keep.append(arr)
                 self.ptrs[j * self.L + k] = cnp.PyArray_DATA(<cnp.ndarray>arr)
+        if packed is not None and self.typenum == cnp.NPY_FLOAT32:
+            self.packed = <Packed*>PyMem_Malloc(4 * self.L * sizeof(Packed))
+            if self.packed == NULL:
+                raise MemoryError()
+            self.packed_ih = <Packed*>PyMem_Malloc(2 * self.L * sizeof(Packed))
+            if self.packed_ih == NULL:
+                raise MemoryError()
+            for k in range(self.L):
+                self.keep.append(packed[k])
+                _fill_packed(self.packed + 4 * k, packed[k], cell, self.H, dirs)
+                self.keep.append(packed_ih[k])
+                for j in range(dirs):
+                    _describe_packed(self.packed_ih + 2 * k + j, packed_ih[k][j],
+                                     w_ih[k].shape[1], self.H, <int>num_gates(cell))
 
     def __dealloc__(self):
         PyMem_Free(self.ptrs)
+        PyMem_Free(self.packed)
+        PyMem_Free(self.packed_ih)
 
     def run(self, x, hx):
         cdef cnp.ndarray xa, out, h, c = None
@@ -986,7 +1196,8 @@ cdef class SequenceRunner:
                            <const float**>self.ptrs, <const float**>self.ptrs + self.L,
                            <const float**>self.ptrs + 2 * self.L,
                            <const float**>self.ptrs + 3 * self.L,
-                           <const float**>self.ptrs + 4 * self.L,
+                           <const float**>self.ptrs + 4 * self.L, self.packed,
+                           self.packed_ih,
                            <float*>cnp.PyArray_DATA(h),
                            NULL if c is None else <float*>cnp.PyArray_DATA(c),
                            <float*>cnp.PyArray_DATA(out), <float*>work)
@@ -996,7 +1207,7 @@ cdef class SequenceRunner:
                            <const double**>self.ptrs, <const double**>self.ptrs + self.L,
                            <const double**>self.ptrs + 2 * self.L,
                            <const double**>self.ptrs + 3 * self.L,
-                           <const double**>self.ptrs + 4 * self.L,
+                           <const double**>self.ptrs + 4 * self.L, NULL, NULL,
                            <double*>cnp.PyArray_DATA(h),
                            NULL if c is None else <double*>cnp.PyArray_DATA(c),
                            <double*>cnp.PyArray_DATA(out), <double*>work)

@@ -1,42 +1,64 @@
 """Picks the kernel build for this CPU.
 
-The Cython kernels are compiled twice (setup.py): for any CPU, and with AVX2
-and FMA. The second is used when the CPU has both, as numpy detects them;
-FASTRNN_SIMD=baseline forces the first (for comparison and testing).
+The Cython kernels are compiled three times on x86-64 (setup.py): for any
+CPU, with AVX2 and FMA, and with AVX-512 (F, BW, DQ, VL). The widest build
+the CPU has (as numpy detects it, which includes the operating system's
+support for the registers) is used; FASTRNN_SIMD=baseline, avx2 or avx512
+forces one (for comparison and testing).
 """
 import os
 
+BUILDS = ("baseline", "avx2", "avx512")
 
-def _cpu_has_avx2_fma():
+
+def _cpu_features():
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:
         try:  # numpy < 2
             from numpy.core._multiarray_umath import __cpu_features__ as features
         except ImportError:
-            return False
-    return bool(features.get("AVX2") and features.get("FMA3"))
+            return {}
+    return features
+
+
+def cpu_supports(build):
+    """Whether this CPU runs the given build's instructions."""
+    features = _cpu_features()
+    if build == "baseline":
+        return True
+    has_avx2 = bool(features.get("AVX2") and features.get("FMA3"))
+    if build == "avx2":
+        return has_avx2
+    return has_avx2 and all(features.get(name) for name in
+                            ("AVX512F", "AVX512BW", "AVX512DQ", "AVX512VL"))
+
+
+def _import(build):
+    import importlib
+    suffix = "" if build == "baseline" else "_" + build
+    forward = importlib.import_module("fastrnn._forward" + suffix)
+    backward = importlib.import_module("fastrnn._backward" + suffix)
+    return forward, backward
 
 
 def _load():
     choice = os.environ.get("FASTRNN_SIMD", "auto").lower()
-    if choice not in ("auto", "baseline", "avx2"):
-        raise ImportError(f"fastrnn: FASTRNN_SIMD must be 'auto', 'baseline' or 'avx2', "
-                          f"got {choice!r}")
-    if choice == "avx2" and not _cpu_has_avx2_fma():
-        raise ImportError("fastrnn: FASTRNN_SIMD=avx2, but this CPU lacks AVX2 or FMA "
-                          "(the build would stop on an illegal instruction)")
-    if choice != "baseline" and _cpu_has_avx2_fma():
-        try:
-            from fastrnn import _backward_avx2 as backward
-            from fastrnn import _forward_avx2 as forward
-            return forward, backward, "avx2"
-        except ImportError:
-            if choice == "avx2":
-                raise
-    from fastrnn import _backward as backward
-    from fastrnn import _forward as forward
-    return forward, backward, "baseline"
+    if choice not in ("auto",) + BUILDS:
+        raise ImportError(f"fastrnn: FASTRNN_SIMD must be 'auto', 'baseline', 'avx2' or "
+                          f"'avx512', got {choice!r}")
+    if choice != "auto":
+        if not cpu_supports(choice):
+            raise ImportError(f"fastrnn: FASTRNN_SIMD={choice}, but this CPU lacks its "
+                              f"instructions (the build would stop on an illegal instruction)")
+        return (*_import(choice), choice)
+    for build in reversed(BUILDS):
+        if cpu_supports(build):
+            try:
+                return (*_import(build), build)
+            except ImportError:   # not built here (another architecture)
+                continue
+    raise ImportError("fastrnn: no kernel build could be imported")
 
 
 forward, backward, SIMD = _load()

@@ -364,12 +364,41 @@ class RecurrentWeights(Module):
             args.update({f"w_part{part}": w_part, f"w_part_t{part}": w_part_t,
                          f"bias_part{part}": bias_part,
                          f"work{part}": work[start:start + per_unit * (hi - lo)]})
+        packed = self._packed_recurrent(params)
         outcome = _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k,
                                        c=c_k, gx=gx, out=layer_out,
-                                       wait_ns=_parallel.UNIT_SPLIT_WAIT_NS, **args)
+                                       wait_ns=_parallel.UNIT_SPLIT_WAIT_NS,
+                                       packed=None if packed is None else packed[k], **args)
         if outcome == 2:
             _parallel.unit_split_contended()
         return outcome != 0
+
+    def _packed_recurrent(self, params):
+        """Per layer, W_hh packed for the micro-kernel (_forward.pack_recurrent),
+        float32 only (None for float64: BLAS runs its products). Kept with
+        the parameter set."""
+        if self._config["dtype"] != np.float32:
+            return None
+        packs = params.cache.get("packed_hh")
+        if packs is None:
+            H = self._config["hidden_size"]
+            packs = params.cache["packed_hh"] = [
+                _forward.pack_recurrent(w_hh, self._kernel_code, H, self._dirs)
+                for w_hh in self._weights(params)[1]]
+        return packs
+
+    def _packed_projection(self, params):
+        """Per layer, W_ih packed for the micro-kernel per direction
+        (_forward.pack_projection), float32 only. Kept with the parameter set."""
+        if self._config["dtype"] != np.float32:
+            return None
+        packs = params.cache.get("packed_ih")
+        if packs is None:
+            H = self._config["hidden_size"]
+            packs = params.cache["packed_ih"] = [
+                _forward.pack_projection(w_ih, self._kernel_code, H, self._dirs)
+                for w_ih in self._weights(params)[0]]
+        return packs
 
     def _unit_weights(self, params, k, lo, hi):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
@@ -419,6 +448,11 @@ class RecurrentWeights(Module):
         if (not train and dirs == 1 and B == 1 and lengths is None
                 and self._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
             units = _parallel.unit_halves(T, H, self._gates)
+            if units is not None and dtype == np.float32:
+                # the micro-kernel's products come in whole groups of units
+                group = _forward.group_units(self._gates)
+                mid = round(units[1] / group) * group
+                units = [0, mid, H] if 0 < mid < H else None
         layer_in = x.reshape(rows, -1)
         if train and lengths is not None:
             # padding never reaches results; zero it so that it cannot reach the
@@ -471,6 +505,8 @@ class RecurrentWeights(Module):
         scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
         spare = None
         w_ih_all, w_hh_all = self._weights(params)[:2]
+        packed = self._packed_recurrent(params)
+        packed_ih = self._packed_projection(params)
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             last = k == L - 1
             if last:
@@ -484,7 +520,8 @@ class RecurrentWeights(Module):
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
             _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
-                             max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(rows, parts))
+                             max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(rows, parts),
+                             packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
 
@@ -495,7 +532,7 @@ class RecurrentWeights(Module):
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves["acts"],
                     train=train, h_prev=saves.get("h_prev"), c_prev=saves.get("c_prev"),
-                    blas_held=held)
+                    blas_held=held, packed=None if packed is None else packed[k])
             if train:
                 saves["x"] = layer_in
                 saves["mask"] = None

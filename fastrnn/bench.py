@@ -135,12 +135,17 @@ def gemm_only(layer, x):
         with _parallel.blas_at_one_thread:
             params = layer._params
             w_ih, w_hh = layer._weights(params)[:2]
+            packed_ih = layer._packed_projection(params)
+            packed_hh = layer._packed_recurrent(params)
             for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights(params)):
                 _forward.project(x=inputs[k], w_ih=w_ih[k], bias_x=bias_x, gx=gx,
-                                 max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(T * B, parts))
+                                 max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(T * B, parts),
+                                 packed=None if packed_ih is None else packed_ih[k],
+                                 hidden_size=H)
                 _forward.gemm_limit(cell=layer._kernel_code, T=T, batch_first=False,
                                     parts=parts, w_hh=w_hh[k], w_hh_t=w_hh_t, h=h,
-                                    gx=gx, gh=gh)
+                                    gx=gx, gh=gh,
+                                    packed=None if packed_hh is None else packed_hh[k])
 
     return run
 

@@ -87,7 +87,8 @@ class _RNNBase(RecurrentWeights):
             runner = params.cache[key] = _forward.SequenceRunner(
                 self._kernel_code, self._dirs, self._config["batch_first"], w_ih, w_hh,
                 self._kernel_weights(params), _parallel.MIN_PARALLEL_WORK,
-                2**62 if split_steps is None else split_steps)
+                2**62 if split_steps is None else split_steps, self._packed_recurrent(params),
+                self._packed_projection(params))
         return runner
 
     def forward_train(self, x, hx=None, lengths=None):

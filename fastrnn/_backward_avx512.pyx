@@ -1,0 +1,3 @@
+# The same kernels as _backward.pyx, compiled with AVX-512 (see setup.py);
+# fastrnn/_kernels.py imports this module instead on CPUs that have it.
+include "_backward.pyx"

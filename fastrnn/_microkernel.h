@@ -1,0 +1,305 @@
+/* fastrnn's own float32 micro-kernel: register-blocked tiles over weights
+ * packed once.
+ *
+ * Every product of the recurrent engine is C[m, n] = init + sum_k A[m, k] *
+ * B[k, n], with B a weight matrix packed when the parameters change, and A
+ * the step's state rows (or inputs, or gradients), read in place with any
+ * row and column stride. A tile holds MR rows x NV vectors of C in registers
+ * over the whole k loop: per k, NV vector loads of the packed panel, and per
+ * row one broadcast and NV fused multiply-adds.
+ *
+ * Determinism: every element of C is one chain, init then k = 0, 1, ... K-1
+ * in order, whatever the tile size, the tile's position, the batch or the
+ * thread that computes it. So a row's results never depend on the rows
+ * computed with it or on how the work is split. The AVX-512 and AVX2 builds
+ * run the same chains with the same fused multiply-add, so they agree bit
+ * for bit; the portable build rounds a * b + c in two steps (no FMA on
+ * baseline x86-64) and agrees to rounding.
+ *
+ * Packed layout. The columns of B come in groups; a group is NV vectors of
+ * W lanes (W = FASTRNN_MK_LANES: 16 AVX-512, 8 otherwise). Its panel holds,
+ * for each k, the NV vectors one after the other: panel[(k * NV + v) * W +
+ * lane]. Where the group's vectors land in a row of C is the caller's
+ * business (``coff``: a column offset per vector), and so is which lanes are
+ * real (``mask``: a bit per lane; lanes past the matrix are packed as zeros
+ * and never stored). For the gates of a unit block the vectors are the
+ * gates' blocks of the same W units, so one tile yields every gate of those
+ * units and the gate pass can run on them while they are in L1.
+ *
+ * This header is compiled into each kernel build (fastrnn/_forward*.pyx,
+ * _backward*.pyx); the build's flags choose the instruction set.
+ */
+#ifndef FASTRNN_MICROKERNEL_H
+#define FASTRNN_MICROKERNEL_H
+
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define FASTRNN_MK_LANES 16
+#define FASTRNN_MK_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTRNN_MK_LANES 8
+#define FASTRNN_MK_ISA "avx2"
+#else
+#define FASTRNN_MK_LANES 8
+#define FASTRNN_MK_ISA "portable"
+#endif
+
+/* vectors per tile row and rows per tile: MR x NV accumulators plus NV
+ * weight vectors and a broadcast fit the vector registers (32 zmm; 16 ymm) */
+#define FASTRNN_MK_MAX_NV 4
+#if defined(__AVX512F__)
+static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 16, 12, 8, 6};
+#elif defined(__AVX2__) && defined(__FMA__)
+static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 8, 5, 3, 2};
+#else
+static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 4, 4, 4, 4};
+#endif
+
+typedef unsigned int fastrnn_mask;          /* a bit per lane */
+#define FASTRNN_MK_FULL ((fastrnn_mask)((1u << FASTRNN_MK_LANES) - 1u))
+
+/* init: where the accumulators start */
+enum { FASTRNN_MK_ZERO = 0,     /* 0 */
+       FASTRNN_MK_FROM_C = 1,   /* C's current values (accumulate into C) */
+       FASTRNN_MK_FROM_ROW = 2  /* one row, ``init_row`` (+ coff), for every m: a bias */
+};
+
+/* ------------------------------------------------------------------------ */
+#if defined(__AVX512F__)
+
+typedef __m512 fastrnn_vec;
+static inline __attribute__((always_inline)) fastrnn_vec fastrnn_mk_load(
+        const float* p, fastrnn_mask m) {
+    return m == FASTRNN_MK_FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)m, p);
+}
+static inline __attribute__((always_inline)) void fastrnn_mk_store(
+        float* p, fastrnn_vec v, fastrnn_mask m) {
+    if (m == FASTRNN_MK_FULL) _mm512_storeu_ps(p, v);
+    else _mm512_mask_storeu_ps(p, (__mmask16)m, v);
+}
+#define FASTRNN_VZERO() _mm512_setzero_ps()
+#define FASTRNN_VLOAD_PANEL(p) _mm512_loadu_ps(p)
+#define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
+#define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+typedef __m256 fastrnn_vec;
+static inline __attribute__((always_inline)) __m256i fastrnn_mk_lanes(fastrnn_mask m) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int)m), bit);
+    return _mm256_cmpeq_epi32(bits, bit);
+}
+static inline __attribute__((always_inline)) fastrnn_vec fastrnn_mk_load(
+        const float* p, fastrnn_mask m) {
+    return m == FASTRNN_MK_FULL ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, fastrnn_mk_lanes(m));
+}
+static inline __attribute__((always_inline)) void fastrnn_mk_store(
+        float* p, fastrnn_vec v, fastrnn_mask m) {
+    if (m == FASTRNN_MK_FULL) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, fastrnn_mk_lanes(m), v);
+}
+#define FASTRNN_VZERO() _mm256_setzero_ps()
+#define FASTRNN_VLOAD_PANEL(p) _mm256_loadu_ps(p)
+#define FASTRNN_VBCAST(x) _mm256_set1_ps(x)
+#define FASTRNN_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+
+#else  /* portable: plain arrays the compiler may vectorise; a * b + c rounded twice */
+
+typedef struct { float x[FASTRNN_MK_LANES]; } fastrnn_vec;
+static inline fastrnn_vec fastrnn_mk_load(const float* p, fastrnn_mask m) {
+    fastrnn_vec v;
+    for (int l = 0; l < FASTRNN_MK_LANES; l++) v.x[l] = (m >> l) & 1u ? p[l] : 0.0f;
+    return v;
+}
+static inline void fastrnn_mk_store(float* p, fastrnn_vec v, fastrnn_mask m) {
+    for (int l = 0; l < FASTRNN_MK_LANES; l++) if ((m >> l) & 1u) p[l] = v.x[l];
+}
+static inline fastrnn_vec fastrnn_vzero(void) {
+    fastrnn_vec v;
+    for (int l = 0; l < FASTRNN_MK_LANES; l++) v.x[l] = 0.0f;
+    return v;
+}
+static inline fastrnn_vec fastrnn_vload_panel(const float* p) {
+    fastrnn_vec v;
+    memcpy(v.x, p, sizeof v.x);
+    return v;
+}
+static inline fastrnn_vec fastrnn_vbcast(float x) {
+    fastrnn_vec v;
+    for (int l = 0; l < FASTRNN_MK_LANES; l++) v.x[l] = x;
+    return v;
+}
+static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_vec c) {
+    for (int l = 0; l < FASTRNN_MK_LANES; l++) {
+        float prod = a.x[l] * b.x[l];   /* a separate statement: never contracted */
+        c.x[l] = c.x[l] + prod;
+    }
+    return c;
+}
+#define FASTRNN_VZERO() fastrnn_vzero()
+#define FASTRNN_VLOAD_PANEL(p) fastrnn_vload_panel(p)
+#define FASTRNN_VBCAST(x) fastrnn_vbcast(x)
+#define FASTRNN_VFMA(a, b, c) fastrnn_vmuladd(a, b, c)
+
+#endif
+
+/* One tile of MR rows x NV vectors (both compile-time constants). */
+#define FASTRNN_MK_TILE(MR, NV)                                                        \
+static void fastrnn_mk_tile_##MR##_##NV(                                             \
+        ptrdiff_t K, const float* a, ptrdiff_t a_rs, ptrdiff_t a_cs,                 \
+        const float* panel, float* c, ptrdiff_t ldc, const ptrdiff_t* coff,          \
+        const fastrnn_mask* mask, int init, const float* init_row) {                 \
+    fastrnn_vec acc[MR][NV];                                                         \
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                          \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                       \
+            if (init == FASTRNN_MK_FROM_C)                                           \
+                acc[m][v] = fastrnn_mk_load(c + m * ldc + coff[v], mask[v]);         \
+            else if (init == FASTRNN_MK_FROM_ROW)                                    \
+                acc[m][v] = fastrnn_mk_load(init_row + coff[v], mask[v]);            \
+            else                                                                     \
+                acc[m][v] = FASTRNN_VZERO();                                         \
+        }                                                                            \
+    }                                                                                \
+    for (ptrdiff_t k = 0; k < K; k++) {                                              \
+        fastrnn_vec w[NV];                                                           \
+        const float* a_k = a + k * a_cs;                                             \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                         \
+            w[v] = FASTRNN_VLOAD_PANEL(panel + (k * NV + v) * FASTRNN_MK_LANES);     \
+        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                      \
+            fastrnn_vec h = FASTRNN_VBCAST(a_k[m * a_rs]);                           \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                     \
+                acc[m][v] = FASTRNN_VFMA(h, w[v], acc[m][v]);                        \
+        }                                                                            \
+    }                                                                                \
+    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)                            \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                         \
+            fastrnn_mk_store(c + m * ldc + coff[v], acc[m][v], mask[v]);             \
+}
+
+/* every row count up to the largest tile of each vector count, so that the
+ * rows left over after whole tiles run the same chains */
+#define FASTRNN_MK_TILES_1_TO_4(NV) \
+    FASTRNN_MK_TILE(1, NV) FASTRNN_MK_TILE(2, NV) FASTRNN_MK_TILE(3, NV) FASTRNN_MK_TILE(4, NV)
+FASTRNN_MK_TILES_1_TO_4(1) FASTRNN_MK_TILES_1_TO_4(2) FASTRNN_MK_TILES_1_TO_4(3)
+FASTRNN_MK_TILES_1_TO_4(4)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+FASTRNN_MK_TILE(5, 1) FASTRNN_MK_TILE(6, 1) FASTRNN_MK_TILE(7, 1) FASTRNN_MK_TILE(8, 1)
+FASTRNN_MK_TILE(5, 2)
+#endif
+#if defined(__AVX512F__)
+FASTRNN_MK_TILE(9, 1) FASTRNN_MK_TILE(10, 1) FASTRNN_MK_TILE(11, 1) FASTRNN_MK_TILE(12, 1)
+FASTRNN_MK_TILE(13, 1) FASTRNN_MK_TILE(14, 1) FASTRNN_MK_TILE(15, 1) FASTRNN_MK_TILE(16, 1)
+FASTRNN_MK_TILE(6, 2) FASTRNN_MK_TILE(7, 2) FASTRNN_MK_TILE(8, 2) FASTRNN_MK_TILE(9, 2)
+FASTRNN_MK_TILE(10, 2) FASTRNN_MK_TILE(11, 2) FASTRNN_MK_TILE(12, 2)
+FASTRNN_MK_TILE(5, 3) FASTRNN_MK_TILE(6, 3) FASTRNN_MK_TILE(7, 3) FASTRNN_MK_TILE(8, 3)
+FASTRNN_MK_TILE(5, 4) FASTRNN_MK_TILE(6, 4)
+#endif
+
+typedef void (*fastrnn_mk_tile_fn)(ptrdiff_t, const float*, ptrdiff_t, ptrdiff_t,
+                                   const float*, float*, ptrdiff_t, const ptrdiff_t*,
+                                   const fastrnn_mask*, int, const float*);
+
+#define FASTRNN_MK_ENTRY(MR, NV) fastrnn_mk_tile_##MR##_##NV
+static const fastrnn_mk_tile_fn fastrnn_mk_table[FASTRNN_MK_MAX_NV][16] = {
+#if defined(__AVX512F__)
+    {FASTRNN_MK_ENTRY(1, 1), FASTRNN_MK_ENTRY(2, 1), FASTRNN_MK_ENTRY(3, 1), FASTRNN_MK_ENTRY(4, 1),
+     FASTRNN_MK_ENTRY(5, 1), FASTRNN_MK_ENTRY(6, 1), FASTRNN_MK_ENTRY(7, 1), FASTRNN_MK_ENTRY(8, 1),
+     FASTRNN_MK_ENTRY(9, 1), FASTRNN_MK_ENTRY(10, 1), FASTRNN_MK_ENTRY(11, 1),
+     FASTRNN_MK_ENTRY(12, 1), FASTRNN_MK_ENTRY(13, 1), FASTRNN_MK_ENTRY(14, 1),
+     FASTRNN_MK_ENTRY(15, 1), FASTRNN_MK_ENTRY(16, 1)},
+    {FASTRNN_MK_ENTRY(1, 2), FASTRNN_MK_ENTRY(2, 2), FASTRNN_MK_ENTRY(3, 2), FASTRNN_MK_ENTRY(4, 2),
+     FASTRNN_MK_ENTRY(5, 2), FASTRNN_MK_ENTRY(6, 2), FASTRNN_MK_ENTRY(7, 2), FASTRNN_MK_ENTRY(8, 2),
+     FASTRNN_MK_ENTRY(9, 2), FASTRNN_MK_ENTRY(10, 2), FASTRNN_MK_ENTRY(11, 2),
+     FASTRNN_MK_ENTRY(12, 2)},
+    {FASTRNN_MK_ENTRY(1, 3), FASTRNN_MK_ENTRY(2, 3), FASTRNN_MK_ENTRY(3, 3), FASTRNN_MK_ENTRY(4, 3),
+     FASTRNN_MK_ENTRY(5, 3), FASTRNN_MK_ENTRY(6, 3), FASTRNN_MK_ENTRY(7, 3), FASTRNN_MK_ENTRY(8, 3)},
+    {FASTRNN_MK_ENTRY(1, 4), FASTRNN_MK_ENTRY(2, 4), FASTRNN_MK_ENTRY(3, 4), FASTRNN_MK_ENTRY(4, 4),
+     FASTRNN_MK_ENTRY(5, 4), FASTRNN_MK_ENTRY(6, 4)},
+#elif defined(__AVX2__) && defined(__FMA__)
+    {FASTRNN_MK_ENTRY(1, 1), FASTRNN_MK_ENTRY(2, 1), FASTRNN_MK_ENTRY(3, 1), FASTRNN_MK_ENTRY(4, 1),
+     FASTRNN_MK_ENTRY(5, 1), FASTRNN_MK_ENTRY(6, 1), FASTRNN_MK_ENTRY(7, 1), FASTRNN_MK_ENTRY(8, 1)},
+    {FASTRNN_MK_ENTRY(1, 2), FASTRNN_MK_ENTRY(2, 2), FASTRNN_MK_ENTRY(3, 2), FASTRNN_MK_ENTRY(4, 2),
+     FASTRNN_MK_ENTRY(5, 2)},
+    {FASTRNN_MK_ENTRY(1, 3), FASTRNN_MK_ENTRY(2, 3), FASTRNN_MK_ENTRY(3, 3)},
+    {FASTRNN_MK_ENTRY(1, 4), FASTRNN_MK_ENTRY(2, 4)},
+#else
+    {FASTRNN_MK_ENTRY(1, 1), FASTRNN_MK_ENTRY(2, 1), FASTRNN_MK_ENTRY(3, 1), FASTRNN_MK_ENTRY(4, 1)},
+    {FASTRNN_MK_ENTRY(1, 2), FASTRNN_MK_ENTRY(2, 2), FASTRNN_MK_ENTRY(3, 2), FASTRNN_MK_ENTRY(4, 2)},
+    {FASTRNN_MK_ENTRY(1, 3), FASTRNN_MK_ENTRY(2, 3), FASTRNN_MK_ENTRY(3, 3), FASTRNN_MK_ENTRY(4, 3)},
+    {FASTRNN_MK_ENTRY(1, 4), FASTRNN_MK_ENTRY(2, 4), FASTRNN_MK_ENTRY(3, 4), FASTRNN_MK_ENTRY(4, 4)},
+#endif
+};
+
+/* C rows [0, M) of one column group: tiles of the largest row count, then
+ * one tile of the rows left. a(m, k) = a[m * a_rs + k * a_cs]; C row m at
+ * c + m * ldc; see the top of this file for the rest. */
+static inline void fastrnn_mk_rows_of_group(
+        ptrdiff_t M, int nv, ptrdiff_t K, const float* a, ptrdiff_t a_rs, ptrdiff_t a_cs,
+        const float* panel, float* c, ptrdiff_t ldc, const ptrdiff_t* coff,
+        const fastrnn_mask* mask, int init, const float* init_row) {
+    int mr = fastrnn_mk_rows[nv];
+    ptrdiff_t m = 0;
+    for (; m + mr <= M; m += mr)
+        fastrnn_mk_table[nv - 1][mr - 1](K, a + m * a_rs, a_rs, a_cs, panel, c + m * ldc, ldc,
+                                         coff, mask, init, init_row);
+    if (m < M)
+        fastrnn_mk_table[nv - 1][M - m - 1](K, a + m * a_rs, a_rs, a_cs, panel, c + m * ldc,
+                                            ldc, coff, mask, init, init_row);
+}
+
+/* Pack src's columns for the tiles: src(k, n) = src[k * s_k + n * s_n] for
+ * k < K, n < N; the N columns are ``gates`` blocks of ``units`` columns
+ * (column g * units + u: gate g of unit u). Group q holds unit blocks
+ * [q * ub, (q + 1) * ub) of W units each, every gate of them: vector v =
+ * b * gates + g (b the block within the group). Lanes past ``units`` are 0.
+ * out: fastrnn_mk_packed_size floats. */
+static inline ptrdiff_t fastrnn_mk_groups(ptrdiff_t units, int ub) {
+    ptrdiff_t blocks = (units + FASTRNN_MK_LANES - 1) / FASTRNN_MK_LANES;
+    return (blocks + ub - 1) / ub;
+}
+static inline ptrdiff_t fastrnn_mk_packed_size(ptrdiff_t K, ptrdiff_t units, int gates, int ub) {
+    return fastrnn_mk_groups(units, ub) * K * ub * gates * FASTRNN_MK_LANES;
+}
+static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrdiff_t K,
+                            ptrdiff_t units, int gates, int ub, float* out) {
+    ptrdiff_t groups = fastrnn_mk_groups(units, ub);
+    int nv = ub * gates;
+    for (ptrdiff_t q = 0; q < groups; q++) {
+        float* panel = out + q * K * nv * FASTRNN_MK_LANES;
+        for (ptrdiff_t k = 0; k < K; k++) {
+            for (int b = 0; b < ub; b++) {
+                for (int g = 0; g < gates; g++) {
+                    float* dst = panel + (k * nv + b * gates + g) * FASTRNN_MK_LANES;
+                    for (int l = 0; l < FASTRNN_MK_LANES; l++) {
+                        ptrdiff_t u = (q * ub + b) * FASTRNN_MK_LANES + l;
+                        dst[l] = u < units ? src[k * s_k + (g * units + u) * s_n] : 0.0f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* A group's column offsets in a C row laid out [gate][ld_gate] (gate g of
+ * unit u at g * ld_gate + u) and its lane masks. */
+static inline void fastrnn_mk_group_columns(ptrdiff_t q, ptrdiff_t units, int gates, int ub,
+                                            ptrdiff_t ld_gate, ptrdiff_t* coff,
+                                            fastrnn_mask* mask) {
+    for (int b = 0; b < ub; b++) {
+        ptrdiff_t u0 = (q * ub + b) * FASTRNN_MK_LANES;
+        ptrdiff_t left = units - u0;
+        fastrnn_mask m = left >= FASTRNN_MK_LANES ? FASTRNN_MK_FULL
+                       : left > 0 ? (fastrnn_mask)((1u << left) - 1u) : 0u;
+        for (int g = 0; g < gates; g++) {
+            coff[b * gates + g] = g * ld_gate + (left > 0 ? u0 : 0);
+            mask[b * gates + g] = m;
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,71 @@
+# The float32 micro-kernel (_microkernel.h) as the kernel modules use it:
+# weights packed once per parameter set (pack), products over them
+# (packed_product). Compiled into each kernel build; the build's flags pick
+# AVX-512, AVX2+FMA or the portable code.
+
+cdef extern from "_microkernel.h":
+    const int FASTRNN_MK_LANES
+    const int FASTRNN_MK_MAX_NV
+    const char* FASTRNN_MK_ISA
+    ctypedef unsigned int fastrnn_mask
+    const int FASTRNN_MK_ZERO
+    const int FASTRNN_MK_FROM_C
+    const int FASTRNN_MK_FROM_ROW
+    Py_ssize_t fastrnn_mk_groups(Py_ssize_t units, int ub) noexcept nogil
+    Py_ssize_t fastrnn_mk_packed_size(Py_ssize_t K, Py_ssize_t units, int gates,
+                                      int ub) noexcept nogil
+    void fastrnn_mk_pack(const float* src, Py_ssize_t s_k, Py_ssize_t s_n, Py_ssize_t K,
+                         Py_ssize_t units, int gates, int ub, float* out) noexcept nogil
+    void fastrnn_mk_group_columns(Py_ssize_t q, Py_ssize_t units, int gates, int ub,
+                                  Py_ssize_t ld_gate, Py_ssize_t* coff,
+                                  fastrnn_mask* mask) noexcept nogil
+    void fastrnn_mk_rows_of_group(Py_ssize_t M, int nv, Py_ssize_t K, const float* a,
+                                  Py_ssize_t a_rs, Py_ssize_t a_cs, const float* panel,
+                                  float* c, Py_ssize_t ldc, const Py_ssize_t* coff,
+                                  const fastrnn_mask* mask, int init,
+                                  const float* init_row) noexcept nogil
+
+
+cdef struct Packed:
+    # a weight matrix packed for the tiles: ``gates`` blocks of ``units``
+    # columns (gate g of unit u: column g * units + u), K deep, in groups of
+    # ``ub`` unit blocks (nv = ub * gates vectors per tile row)
+    const float* panels
+    Py_ssize_t K, units, groups
+    int gates, ub, nv
+
+
+cdef inline int unit_blocks_per_group(int gates) noexcept nogil:
+    """Unit blocks per group: as many as keep nv = ub * gates <= 4."""
+    return max(1, FASTRNN_MK_MAX_NV // gates)
+
+
+cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t a_rs,
+                                       Py_ssize_t a_cs, const Packed* p, Py_ssize_t q_lo,
+                                       Py_ssize_t q_hi, Py_ssize_t unit0, float* c,
+                                       Py_ssize_t ldc, Py_ssize_t ld_gate, int init,
+                                       const float* init_row) noexcept nogil:
+    """The columns of groups [q_lo, q_hi) of C rows [0, M) (ldc apart; gate g
+    of unit u at column g * ld_gate + u - unit0) = init + A @ B over the
+    packed B, A(m, k) = a[m * a_rs + k * a_cs]; init_row is indexed like a
+    row of C."""
+    cdef Py_ssize_t coff[4]
+    cdef fastrnn_mask mask[4]
+    cdef Py_ssize_t q, v
+    cdef Py_ssize_t panel_size = p.K * p.nv * FASTRNN_MK_LANES
+    for q in range(q_lo, q_hi):
+        fastrnn_mk_group_columns(q, p.units, p.gates, p.ub, ld_gate, coff, mask)
+        for v in range(p.nv):
+            coff[v] -= unit0
+        fastrnn_mk_rows_of_group(M, p.nv, p.K, a, a_rs, a_cs, p.panels + q * panel_size,
+                                 c, ldc, coff, mask, init, init_row)
+
+
+cdef inline void packed_product(Py_ssize_t M, const float* a, Py_ssize_t a_rs,
+                                Py_ssize_t a_cs, const Packed* p, float* c, Py_ssize_t ldc,
+                                Py_ssize_t ld_gate, int init,
+                                const float* init_row) noexcept nogil:
+    """All the columns: C rows [0, M) (ldc apart; gate g of unit u at column
+    g * ld_gate + u) = init + A @ B over the packed B."""
+    packed_product_groups(M, a, a_rs, a_cs, p, 0, p.groups, 0, c, ldc, ld_gate, init,
+                          init_row)

@@ -1,0 +1,84 @@
+"""The float32 engine: products on the micro-kernel over weights packed once.
+
+Every element of a product is one chain (its start value, then k = 0, 1, ...
+in order) whatever the tile, the batch or the thread that computes it, so a
+row's results are bit-identical alone or in any batch, at any thread count.
+"""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _parallel
+from fastrnn._kernels import forward as _forward
+
+KINDS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}),
+         ("GRU", {"reset_after": False}), ("LSTM", {})]
+
+
+def states(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def make(kind, options, D, H, **kw):
+    return getattr(fastrnn, kind)(D, H, seed=3, **options, **kw)
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+@pytest.mark.parametrize("H", [1, 7, 16, 17, 40, 130])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(kind, options, H, bidirectional):
+    rng = np.random.default_rng(H)
+    T, B, D = 6, 13, 5
+    layer = make(kind, options, D, H, num_layers=2, bidirectional=bidirectional)
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=B)
+    out, state = layer(x, lengths=lengths)
+    for b in (0, 5, B - 1):
+        for sub in ([b], [b, (b + 1) % B], list(range(b, B))):
+            out_b, state_b = layer(np.ascontiguousarray(x[:, sub]), lengths=lengths[sub])
+            np.testing.assert_array_equal(out_b[:, 0], out[:, b])
+            for s_b, s in zip(states(state_b), states(state)):
+                np.testing.assert_array_equal(s_b[:, 0], s[:, b])
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_thread_counts_give_the_same_bits(kind, options, monkeypatch):
+    rng = np.random.default_rng(0)
+    for T, B, D, H, bidirectional in [(40, 9, 6, 48, True), (40, 9, 6, 48, False),
+                                      (300, 1, 8, 256, False)]:
+        layer = make(kind, options, D, H, bidirectional=bidirectional)
+        x = rng.standard_normal((T, B, D)).astype(np.float32)
+        monkeypatch.setattr(_parallel, "_threads", 1)
+        one = layer(x)
+        monkeypatch.setattr(_parallel, "_threads", 2)
+        monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
+        two = layer(x)
+        np.testing.assert_array_equal(two[0], one[0])
+
+
+def test_the_build_runs_its_own_micro_kernel():
+    from fastrnn import _kernels
+    expected = {"baseline": "portable", "avx2": "avx2", "avx512": "avx512"}[_kernels.SIMD]
+    assert _forward.MICROKERNEL_ISA == expected
+
+
+@pytest.mark.parametrize("gates", [1, 2, 3, 4])
+@pytest.mark.parametrize("units", [1, 8, 15, 16, 17, 33, 70])
+def test_pack_weights_layout(gates, units):
+    """Group q, vector v = b * gates + g, lane l holds W[g * units + u, k]
+    for u = (q * ub + b) * lanes + l (zero past the units)."""
+    K = 5
+    w = np.arange(gates * units * K, dtype=np.float32).reshape(gates * units, K) + 1
+    packed = _forward.pack_weights(w, 0, units, gates)
+    lanes = _forward.MICROKERNEL_LANES
+    ub = max(1, 4 // gates)
+    groups = -(-(-(-units // lanes)) // ub)
+    panels = packed.reshape(groups, K, ub * gates, lanes)
+    for q in range(groups):
+        for b in range(ub):
+            for g in range(gates):
+                for lane in range(lanes):
+                    u = (q * ub + b) * lanes + lane
+                    want = w[g * units + u] if u < units else np.zeros(K, np.float32)
+                    np.testing.assert_array_equal(panels[q, :, b * gates + g, lane], want)
+    assert packed.ctypes.data % 64 == 0
