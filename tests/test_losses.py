@@ -8,6 +8,9 @@ import pytest
 import fastrnn
 from fastrnn import optim
 
+# Keras (TensorFlow) warns about numpy 2 internally
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def _torch():
     return pytest.importorskip("torch")

@@ -1,0 +1,255 @@
+"""Metrics: each against Keras' own metric on the same batches (with and
+without sample weights), the names compile resolves as Keras does, values in
+fit's History and progress line and in evaluate, and steps that must not
+count (ignored targets, padding) left out.
+"""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import metrics, optim
+
+# Keras (TensorFlow) warns about numpy 2 internally
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _keras():
+    return pytest.importorskip("keras")
+
+
+def _batches(rng, kind):
+    """Two batches of (y_true, y_pred) for a metric of this kind."""
+    out = []
+    for n in (5, 3):
+        if kind == "binary":
+            out.append((rng.integers(0, 2, (n, 3)).astype(np.float32),
+                        rng.random((n, 3)).astype(np.float32)))
+        elif kind == "categorical":
+            out.append((np.eye(6, dtype=np.float32)[rng.integers(0, 6, n)],
+                        rng.random((n, 6)).astype(np.float32)))
+        elif kind == "sparse":
+            out.append((rng.integers(0, 6, n), rng.random((n, 6)).astype(np.float32)))
+        elif kind == "sparse_steps":
+            out.append((rng.integers(0, 6, (n, 4)), rng.random((n, 4, 6)).astype(np.float32)))
+        elif kind == "regression":
+            out.append((rng.standard_normal((n, 2)).astype(np.float32),
+                        rng.standard_normal((n, 2)).astype(np.float32)))
+        else:   # regression per step
+            out.append((rng.standard_normal((n, 4, 2)).astype(np.float32),
+                        rng.standard_normal((n, 4, 2)).astype(np.float32)))
+    return out
+
+
+CASES = [
+    ("BinaryAccuracy", {}, "binary"),
+    ("BinaryAccuracy", {"threshold": 0.3}, "binary"),
+    ("CategoricalAccuracy", {}, "categorical"),
+    ("SparseCategoricalAccuracy", {}, "sparse"),
+    ("SparseCategoricalAccuracy", {}, "sparse_steps"),
+    ("TopKCategoricalAccuracy", {"k": 2}, "categorical"),
+    ("SparseTopKCategoricalAccuracy", {"k": 3}, "sparse"),
+    ("SparseTopKCategoricalAccuracy", {"k": 2}, "sparse_steps"),
+    ("MeanAbsoluteError", {}, "regression"),
+    ("MeanSquaredError", {}, "regression"),
+    ("RootMeanSquaredError", {}, "regression"),
+    ("MeanAbsoluteError", {}, "regression_steps"),
+    ("RootMeanSquaredError", {}, "regression_steps"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, kind", CASES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_metric_matches_keras(name, kwargs, kind, weighted):
+    keras = _keras()
+    rng = np.random.default_rng(abs(hash((name, kind))) % 1000)
+    ours = getattr(metrics, name)(**kwargs)
+    theirs = getattr(keras.metrics, name)(**kwargs)
+    for y_true, y_pred in _batches(rng, kind):
+        weight = rng.random(len(y_true)).astype(np.float32) if weighted else None
+        ours.update_state(y_true, y_pred, weight)
+        theirs.update_state(y_true, y_pred, sample_weight=weight)
+    assert ours.result() == pytest.approx(float(theirs.result()), rel=1e-5, abs=1e-7)
+    ours.reset_state()
+    assert ours.result() == 0.0
+
+
+def test_top_k_counts_ties_at_the_boundary_as_tensorflow():
+    keras = _keras()
+    y_true = np.array([0, 1, 2, 3])
+    y_pred = np.array([[0.5, 0.5, 0.5, 0.1], [0.9, 0.2, 0.2, 0.2], [0.3, 0.3, 0.1, 0.0],
+                       [0.1, 0.2, 0.3, 0.3]], np.float32)
+    ours = metrics.SparseTopKCategoricalAccuracy(k=1)
+    ours.update_state(y_true, y_pred)
+    theirs = keras.metrics.SparseTopKCategoricalAccuracy(k=1)
+    theirs.update_state(y_true, y_pred)
+    assert ours.result() == pytest.approx(float(theirs.result()))
+
+
+def test_sparse_targets_with_a_trailing_axis_and_binary_of_one_column():
+    acc = metrics.SparseCategoricalAccuracy()
+    acc.update_state(np.array([[1], [0]]), np.array([[0.1, 0.9], [0.2, 0.8]]))
+    assert acc.result() == 0.5
+    acc = metrics.BinaryAccuracy()
+    acc.update_state(np.array([1.0, 0.0, 1.0]), np.array([[0.7], [0.6], [0.2]]))
+    assert acc.result() == pytest.approx(1 / 3)
+
+
+# --- compile(metrics=...) -------------------------------------------------------------------
+def _dense_pair(n_in, n_out, seed=0):
+    """A fastrnn Linear model and a Keras Dense model with the same weights."""
+    keras = _keras()
+    layer = fastrnn.Linear(n_in, n_out, seed=seed)
+    model = fastrnn.Sequential([layer], seed=seed)
+    ref = keras.Sequential([keras.Input((n_in,)), keras.layers.Dense(n_out)])
+    ref.layers[0].set_weights([layer.weight.T.copy(), layer.bias.copy()])
+    return model, ref
+
+
+def test_fit_history_metrics_match_keras():
+    """Frozen weights (lr 0): History's metrics, and their val_ values, are
+    Keras' over batches of unequal size."""
+    keras = _keras()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((23, 4)).astype(np.float32)
+    y = rng.integers(0, 7, 23)
+    xv, yv = rng.standard_normal((9, 4)).astype(np.float32), rng.integers(0, 7, 9)
+    model, ref = _dense_pair(4, 7)
+    names = ["accuracy", "sparse_top_k_categorical_accuracy"]
+    model.compile(fastrnn.CrossEntropyLoss(), optim.SGD(lr=0.0), metrics=names)
+    ref.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=keras.optimizers.SGD(learning_rate=0.0), metrics=names)
+    ours = model.fit(x, y, epochs=1, batch_size=5, shuffle=False, verbose=0,
+                     validation_data=(xv, yv)).history
+    theirs = ref.fit(x, y, epochs=1, batch_size=5, shuffle=False, verbose=0,
+                     validation_data=(xv, yv)).history
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert ours[key][0] == pytest.approx(theirs[key][0], rel=1e-5), key
+
+
+def test_accuracy_resolves_as_keras_and_thresholds_logits_at_zero():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 3))
+    cases = [(fastrnn.BCEWithLogitsLoss(), 1, rng.integers(0, 2, (30, 1)).astype(float),
+              metrics.BinaryAccuracy, 0.0),
+             ("mse", 1, rng.integers(0, 2, (30, 1)).astype(float), metrics.BinaryAccuracy, 0.5),
+             (fastrnn.CrossEntropyLoss(), 4, rng.integers(0, 4, 30),
+              metrics.SparseCategoricalAccuracy, None),
+             ("mse", 4, np.eye(4)[rng.integers(0, 4, 30)], metrics.CategoricalAccuracy, None)]
+    for loss, n_out, y, cls, threshold in cases:
+        model = fastrnn.Sequential([fastrnn.Linear(3, n_out, dtype="float64", seed=0)])
+        model.compile(loss, optim.SGD(lr=0.0), metrics=["acc"])
+        history = model.fit(x, y, batch_size=30, verbose=0)
+        metric = model._metrics[0][0]
+        assert type(metric) is cls and metric.name == "acc"
+        if threshold is not None:
+            assert metric.threshold == threshold
+        fresh = cls() if threshold is None else cls(threshold=threshold)
+        fresh.update_state(y, model.predict(x))
+        assert history.history["acc"][0] == pytest.approx(fresh.result(), rel=1e-12)
+
+
+def test_user_functions_names_and_evaluate_forms(capsys):
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((12, 3)), rng.standard_normal((12, 2))
+    model = fastrnn.Sequential([fastrnn.Linear(3, 2, dtype="float64", seed=0)])
+
+    def max_error(y_true, y_pred):
+        return np.abs(y_true - y_pred).max(axis=-1)
+
+    def batch_scalar(y_true, y_pred):
+        return float(len(y_true))
+
+    model.compile("mse", optim.SGD(lr=0.0),
+                  metrics=["mae", "rmse", max_error, batch_scalar,
+                           metrics.MeanSquaredError(name="my_mse")])
+    assert model.metrics_names == ["loss", "mae", "rmse", "max_error", "batch_scalar", "my_mse"]
+    history = model.fit(x, y, batch_size=5, verbose=2)
+    line = capsys.readouterr().out
+    assert "mae: " in line and "max_error: " in line and "my_mse: " in line
+    pred = model.predict(x)
+    values = history.history
+    assert values["mae"][0] == pytest.approx(np.abs(pred - y).mean(), rel=1e-12)
+    assert values["rmse"][0] == pytest.approx(np.sqrt(((pred - y) ** 2).mean()), rel=1e-12)
+    assert values["my_mse"][0] == pytest.approx(values["loss"][0], rel=1e-12)
+    assert values["max_error"][0] == pytest.approx(np.abs(y - pred).max(axis=-1).mean(),
+                                                   rel=1e-12)
+    assert values["batch_scalar"][0] == pytest.approx((5 + 5 + 2) / 3)   # one value a batch
+    result = model.evaluate(x, y)
+    assert isinstance(result, list) and len(result) == 6
+    as_dict = model.evaluate(x, y, batch_size=4, return_dict=True)
+    assert list(as_dict) == model.metrics_names
+    assert as_dict["mae"] == pytest.approx(result[1], rel=1e-12)
+    plain = fastrnn.Sequential([fastrnn.Linear(3, 2, seed=0)]).compile("mse")
+    assert isinstance(plain.evaluate(x, y), float)
+
+
+def test_ignored_and_padded_steps_are_not_counted():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5, 2))
+    y = rng.integers(0, 3, (6, 5))
+    y[:, 3:] = -100
+    model = fastrnn.Sequential([fastrnn.GRU(2, 4, batch_first=True, dtype="float64", seed=0),
+                                fastrnn.Linear(4, 3, dtype="float64", seed=1)])
+    model.compile(fastrnn.CrossEntropyLoss(), optim.SGD(lr=0.0), metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=4, verbose=0)
+    pred = model.predict(x)
+    kept = y != -100
+    expected = (pred.argmax(-1)[kept] == y[kept]).mean()
+    assert history.history["accuracy"][0] == pytest.approx(expected, rel=1e-12)
+    # ragged sequences with per-step targets: only each sequence's own steps count
+    xs = [x[i, :n] for i, n in enumerate([5, 2, 4, 1, 3, 5])]
+    ys = [y[i, :n] % 3 for i, n in enumerate([5, 2, 4, 1, 3, 5])]
+    out = model.evaluate(xs, ys, batch_size=4, return_dict=True)
+    outputs = model.predict(xs)
+    right = np.concatenate([o.argmax(-1) == t for o, t in zip(outputs, ys)])
+    assert out["accuracy"] == pytest.approx(right.mean(), rel=1e-12)
+
+
+def test_weighted_metrics_use_the_sample_weights_as_keras():
+    keras = _keras()
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((10, 3)).astype(np.float32), rng.integers(0, 4, 10)
+    w = rng.random(10).astype(np.float32)
+    model, ref = _dense_pair(3, 4, seed=1)
+    model.compile(fastrnn.CrossEntropyLoss(), optim.SGD(lr=0.0),
+                  metrics=["accuracy"], weighted_metrics=[metrics.SparseCategoricalAccuracy(
+                      name="weighted_accuracy")])
+    ref.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                optimizer=keras.optimizers.SGD(learning_rate=0.0), metrics=["accuracy"],
+                weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(
+                    name="weighted_accuracy")])
+    ours = model.fit(x, y, sample_weight=w, batch_size=4, shuffle=False, verbose=0).history
+    theirs = ref.fit(x, y, sample_weight=w, batch_size=4, shuffle=False, verbose=0).history
+    for key in ("loss", "accuracy", "weighted_accuracy"):
+        assert ours[key][0] == pytest.approx(theirs[key][0], rel=1e-5), key
+
+
+def test_metric_errors():
+    model = fastrnn.Sequential([fastrnn.Linear(3, 2, seed=0)])
+    with pytest.raises(ValueError, match=r"Sequential.compile: unknown metric 'f1'; expected one "
+                                         r"of \["):
+        model.compile(metrics=["f1"])
+    with pytest.raises(TypeError, match=r"Sequential.compile: a metric must be a name, a "
+                                        r"fastrnn.metrics.Metric or a function .*got int"):
+        model.compile(metrics=[3])
+    with pytest.raises(ValueError, match=r"two metrics \(or a metric and the loss\) are named "
+                                         r"'mae'"):
+        model.compile(metrics=["mae", metrics.MeanAbsoluteError(name="mae")])
+    with pytest.raises(ValueError, match=r"named 'loss'"):
+        model.compile(metrics=[metrics.MeanSquaredError(name="loss")])
+    with pytest.raises(TypeError, match=r"Sequential.compile: metrics must be a list"):
+        model.compile(metrics=3.0)
+    with pytest.raises(ValueError, match=r"TopKCategoricalAccuracy: k must be >= 1"):
+        metrics.TopKCategoricalAccuracy(k=0)
+    with pytest.raises(TypeError, match=r"BinaryAccuracy: threshold must be a number"):
+        metrics.BinaryAccuracy(threshold="0.5")
+    with pytest.raises(ValueError, match=r"MeanAbsoluteError: expected y_true and y_pred of the "
+                                         r"same shape, got \(2, 3\) and \(2, 4\)"):
+        metrics.MeanAbsoluteError().update_state(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"SparseCategoricalAccuracy: expected y_true of shape "
+                                         r"\(2,\)"):
+        metrics.SparseCategoricalAccuracy().update_state(np.zeros((3,)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"MeanSquaredError: sample_weight of shape \(3,\) does "
+                                         r"not fit"):
+        metrics.MeanSquaredError().update_state(np.zeros((2, 3)), np.zeros((2, 3)), np.ones(3))
