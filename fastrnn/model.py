@@ -278,19 +278,19 @@ class Sequential:
             if not source.ragged and (batch_size is None or len(source) <= batch_size):
                 return self._infer(source.x)
             batches = source.batches(batch_size or len(source))
-        outputs, ragged = [], False
-        for batch in batches:
-            out = self._infer(batch.x, batch.lengths)
-            if out.ndim >= 3 and batch.lengths is not None:
-                ragged = True
-            outputs.append((out, batch.lengths))
+        outputs = [(self._infer(batch.x, batch.lengths), batch.lengths) for batch in batches]
         if not outputs:
             raise ValueError(f"{owner}: x gave no batches")
-        if not ragged:
+        if all(lengths is None or out.ndim < 3 for out, lengths in outputs) \
+                and len({out.shape[1:] for out, _ in outputs}) == 1:
             return np.concatenate([out for out, _ in outputs])
-        return [out[i, :length] if lengths is not None else out[i]
-                for out, lengths in outputs
-                for i, length in enumerate(lengths if lengths is not None else [None] * len(out))]
+        sequences = []          # per-step outputs of different lengths: one array each
+        for out, lengths in outputs:
+            if lengths is None or out.ndim < 3:
+                sequences.extend(out)
+            else:
+                sequences.extend(row[:length] for row, length in zip(out, lengths))
+        return sequences
 
     # --- training -----------------------------------------------------------
     def compile(self, loss="mse", optimizer="adam", clip_grad_norm=None, clip_grad_value=None,

@@ -54,6 +54,12 @@ class Linear(Module):
         self._seal_parameters()
         self._grads = MappingProxyType(grads)
 
+    def save(self, path):
+        """Write this layer to one ``.npz`` file (its configuration, weights
+        and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
+        from fastrnn.model import save   # model imports this module
+        save(self, path)
+
     def __repr__(self):
         cfg = self._config
         extra = "" if cfg["bias"] else ", bias=False"
@@ -125,6 +131,12 @@ class _Stateless:
 
     def __call__(self, x):
         return self._seq_infer(np.asarray(x))
+
+    def save(self, path):
+        """Write this layer to one ``.npz`` file (its configuration, weights
+        and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
+        from fastrnn.model import save   # model imports this module
+        save(self, path)
 
     def __repr__(self):
         args = ", ".join(f"{k}={val!r}" for k, val in self._config.items())

@@ -170,8 +170,8 @@ class Optimizer:
             raise TypeError(f"{owner}: config must be a dict, got {type(config).__name__}")
         try:
             fresh = type(self)(None, **config)   # checks every hyper-parameter
-        except TypeError as exc:
-            raise TypeError(f"{owner}: bad config: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{owner}: bad config: {exc}") from None
         step_count = state_dict["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) \
                 or step_count < 0:

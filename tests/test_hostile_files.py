@@ -394,6 +394,176 @@ CASES = {
     "duplicate_member": (_duplicate_member, r"it holds the member 'weights/2.bias.npy' twice"),
 }
 
+
+# --- files with training state (format 2): the optimizer's arrays and configuration ------------
+def _trained(bidirectional=False):
+    """A compiled model trained one epoch: its file holds Adam's moments and steps,
+    a schedule, the metrics and the random states."""
+    dirs = 2 if bidirectional else 1
+    model = fastrnn.Sequential([
+        fastrnn.LSTM(3, 4, batch_first=True, bidirectional=bidirectional, seed=0),
+        fastrnn.LastStep(bidirectional=bidirectional),
+        fastrnn.Linear(4 * dirs, 2, seed=1)], seed=2)
+    model.compile("mse", fastrnn.optim.Adam(lr=0.01), metrics=["mae"])
+    fastrnn.optim.StepLR(model.optimizer, step_size=2)
+    rng = np.random.default_rng(0)
+    model.fit(rng.standard_normal((8, 5, 3)), rng.standard_normal((8, 2)), batch_size=4,
+              verbose=0, callbacks=model.optimizer.schedules)
+    return model
+
+
+def _v2(edit=None, drop=(), add=(), replace=None, bidirectional=False):
+    """The trained model's file with its configuration edited (edit(config)),
+    members dropped, added or replaced."""
+    def make(path):
+        _trained(bidirectional).save(path)
+        with zipfile.ZipFile(path) as zf:
+            members = [(name, zf.read(name)) for name in zf.namelist()]
+        out = []
+        for name, data in members:
+            if name in drop:
+                continue
+            if name == "config.npy" and edit is not None:
+                config = json.loads(str(np.load(io.BytesIO(data))[()]))
+                edit(config)
+                data = _npy_bytes(np.array(json.dumps(config)))
+            out.append((name, (replace or {}).get(name, data)))
+        _zip(path, out + list(add))
+    return make
+
+
+def _edit_optimizer(**changes):
+    def edit(config):
+        config["training"]["optimizer"].update(changes)
+    return edit
+
+
+def _edit(path, value):
+    """Set config[path[0]][path[1]]... to value."""
+    def edit(config):
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+def _drop_scalars(config):
+    del config["training"]["optimizer"]["scalars"]["2.bias"]
+
+
+def _no_training(config):
+    config["training"] = None
+
+
+V2_CASES = {
+    "v2_good": (_v2(), None),
+    "v2_good_bidirectional": (_v2(bidirectional=True), None),
+    "optimizer_array_wrong_shape": (
+        _v2(replace={"optimizer/2.weight.exp_avg.npy": _npy_bytes(np.zeros((4, 2), "<f4"))}),
+        r"optimizer array '2.weight.exp_avg' is \(4, 2\) of float32; its parameter is "
+        r"\(2, 4\) of float32"),
+    "optimizer_array_wrong_dtype": (
+        _v2(replace={"optimizer/2.weight.exp_avg.npy": _npy_bytes(np.zeros((2, 4), "<f8"))}),
+        r"optimizer array '2.weight.exp_avg' is \(2, 4\) of float64; its parameter is "
+        r"\(2, 4\) of float32"),
+    "optimizer_array_lying_header": (
+        _v2(replace={"optimizer/2.weight.exp_avg.npy": _npy_header((100000, 100000), "<f4")
+                     + bytes(32)}),
+        r"member 'optimizer/2.weight.exp_avg.npy': its header declares shape \(100000, "
+        r"100000\) of float32 \(40,000,000,000 bytes\), but the member holds 32 bytes"),
+    "optimizer_array_bomb": (
+        lambda path: _bomb(path, "optimizer/2.weight.exp_avg.npy", (4096, 4096),
+                           extra_members=_good_members()),
+        r"member 'optimizer/2.weight.exp_avg.npy' would inflate .* a zip bomb"),
+    "optimizer_array_of_no_parameter": (
+        _v2(add=[("optimizer/2.nope.exp_avg.npy", _npy_bytes(np.zeros(2, "<f4")))]),
+        r"it holds the optimizer array '2.nope.exp_avg', which is no slot \['exp_avg', "
+        r"'exp_avg_sq'\] of a parameter of its layers"),
+    "optimizer_array_of_a_stateless_layer": (
+        _v2(add=[("optimizer/1.weight.exp_avg.npy", _npy_bytes(np.zeros(2, "<f4")))]),
+        r"it holds the optimizer array '1.weight.exp_avg', which is no slot"),
+    "optimizer_array_unknown_slot": (
+        _v2(add=[("optimizer/2.bias.momentum_buffer.npy", _npy_bytes(np.zeros(2, "<f4")))]),
+        r"it holds the optimizer array '2.bias.momentum_buffer', which is no slot"),
+    "optimizer_array_of_layer_99": (
+        _v2(add=[("optimizer/99.bias.exp_avg.npy", _npy_bytes(np.zeros(2, "<f4")))]),
+        r"it holds the optimizer array '99.bias.exp_avg', which is no slot"),
+    "optimizer_slot_missing": (
+        _v2(drop=("optimizer/2.weight.exp_avg_sq.npy",)),
+        r"layer 2's weight has optimizer arrays \['exp_avg'\]; a Adam with this configuration "
+        r"keeps \['exp_avg', 'exp_avg_sq'\]"),
+    "optimizer_half_of_a_shared_array": (
+        _v2(bidirectional=True, drop=("optimizer/0.weight_ih_l0_reverse.exp_avg.npy",
+                                      "optimizer/0.weight_ih_l0_reverse.exp_avg_sq.npy"),
+            edit=lambda c: c["training"]["optimizer"]["scalars"].pop("0.weight_ih_l0_reverse")),
+        r"layer 0 has optimizer state for \['weight_ih_l0'\] but not for "
+        r"\['weight_ih_l0_reverse'\], which share one array of parameters"),
+    "optimizer_arrays_without_configuration": (
+        _v2(edit=_no_training),
+        r"it holds optimizer arrays \(\['0.bias_hh_l0.exp_avg', .*\) but no optimizer "
+        r"configuration"),
+    "optimizer_unknown_class": (_v2(edit=_edit_optimizer(**{"class": "os.system"})),
+                                r"its optimizer names an unknown class 'os.system'"),
+    "optimizer_bad_config": (
+        _v2(edit=_edit(["training", "optimizer", "config", "betas"], [0.9, 2.0])),
+        r"its optimizer \(Adam\) has a bad configuration: Adam: betas must lie in"),
+    "optimizer_unknown_argument": (
+        _v2(edit=_edit(["training", "optimizer", "config", "evil"], 1)),
+        r"its optimizer \(Adam\) has a bad configuration: .*unexpected keyword argument "
+        r"'evil'"),
+    "optimizer_scalars_missing": (
+        _v2(edit=_drop_scalars),
+        r"its optimizer keeps \['step'\] per parameter, missing for \['2.bias'\]"),
+    "optimizer_step_not_an_int": (
+        _v2(edit=_edit(["training", "optimizer", "scalars", "2.bias", "step"], "many")),
+        r"its optimizer state is bad: Adam.load_state_dict: state\[[0-9]+\]\['step'\] must "
+        r"be an int >= 1, got 'many'"),
+    "optimizer_huge_step_count": (
+        _v2(edit=_edit_optimizer(step_count=-5)),
+        r"its optimizer state is bad: .*step_count must be an int >= 0, got -5"),
+    "optimizer_missing_keys": (
+        _v2(edit=_edit(["training", "optimizer"], {"class": "Adam"})),
+        r"its optimizer should be an object of \['class', 'config', 'scalars', 'schedules', "
+        r"'step_count'\]"),
+    "schedule_unknown_class": (
+        _v2(edit=_edit(["training", "optimizer", "schedules", 0, "class"], "Warmup")),
+        r"its optimizer state is bad: .*schedules\[0\] names an unknown schedule 'Warmup'"),
+    "schedule_bad_epoch": (
+        _v2(edit=_edit(["training", "optimizer", "schedules", 0, "epoch"], -1)),
+        r"schedules\[0\]\['epoch'\] must be an int >= 0, got -1"),
+    "loss_unknown_class": (_v2(edit=_edit(["training", "loss", "class"], "Hinge")),
+                           r"its loss should name one of \['BCEWithLogitsLoss', "),
+    "loss_bad_config": (_v2(edit=_edit(["training", "loss", "config", "reduction"], "max")),
+                        r"its loss \(MSELoss\) has a bad configuration: MSELoss: reduction "
+                        r"must be 'mean', 'sum' or 'none', got 'max'"),
+    "metric_unknown": (_v2(edit=_edit(["training", "metrics", 0, "name"], "f1")),
+                       r"metric 0 is bad: metric: unknown metric 'f1'"),
+    "clip_a_string": (_v2(edit=_edit(["training", "clip_grad_norm"], "1")),
+                      r"its clip_grad_norm should be a number >= 0 or null, got '1'"),
+    "random_unknown_bit_generator": (
+        _v2(edit=_edit(["random", "generators", 0, "bit_generator"], "RandomState")),
+        r"random generator 0 names an unknown bit generator 'RandomState'"),
+    "random_bad_state": (
+        _v2(edit=_edit(["random", "generators", 0, "state"], {"state": "x", "inc": 1})),
+        r"random generator 0 \(PCG64\) has a bad state"),
+    "random_bad_reference": (_v2(edit=_edit(["random", "layers", 0], 7)),
+                             r"layer 0's random generator should be the index of one of the "
+                             r"[0-9] generators, got 7"),
+    "random_for_a_layer_without": (_v2(edit=_edit(["random", "layers", 2], 0)),
+                                   r"layer 2 \(Linear\) has a random generator in the file but "
+                                   r"draws no random numbers"),
+    "kind_unknown": (_v2(edit=_edit(["kind"], "Graph")),
+                     r"its 'kind' should be 'Sequential' or 'layer', got 'Graph'"),
+    "single_layer_of_two_layers": (_v2(edit=_edit(["kind"], "layer")),
+                                   r"it is a single layer's file but lists 3 layers"),
+    "cell_in_a_sequential": (
+        _v2(edit=_edit(["layers", 0], {"class": "LSTMCell", "config": {
+            "input_size": 3, "hidden_size": 4}})),
+        r"layer 0 names an unknown class 'LSTMCell'"),
+}
+CASES.update(V2_CASES)
+
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import fastrnn

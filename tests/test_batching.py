@@ -1,0 +1,267 @@
+"""Data for fit / evaluate / predict: ragged sequences (padded per batch, run
+with lengths: no padded step reaches the state, the loss, the gradients or the
+metrics) and iterables of batches (generators, steps_per_epoch).
+
+The oracle for ragged batches is each sequence run alone, unpadded.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import batching, optim
+
+LENGTHS = [5, 2, 7, 1, 4, 7]
+
+
+def _sequences(features=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, features)) for n in LENGTHS]
+
+
+def _per_sequence_model():
+    return fastrnn.Sequential([
+        fastrnn.GRU(3, 4, num_layers=2, batch_first=True, dtype="float64", seed=0),
+        fastrnn.Tanh(),
+        fastrnn.LSTM(4, 3, bidirectional=True, dtype="float64", seed=1),   # time-major, adapted
+        fastrnn.LastStep(bidirectional=True),
+        fastrnn.Linear(6, 2, dtype="float64", seed=2)], seed=3)
+
+
+def _per_step_model():
+    return fastrnn.Sequential([
+        fastrnn.LSTM(3, 4, bidirectional=True, batch_first=True, dtype="float64", seed=0),
+        fastrnn.Linear(8, 5, dtype="float64", seed=1),
+        fastrnn.ReLU(),
+        fastrnn.RNN(5, 3, dtype="float64", seed=2),
+        fastrnn.Linear(3, 2, dtype="float64", seed=3)], seed=4)
+
+
+def _grads(model):
+    return {f"{i}.{k}": g.copy() for i, layer in enumerate(model.layers)
+            for k, g in getattr(layer, "grads", {}).items()}
+
+
+def _sum_loss_grads(model, batch, loss):
+    """Gradients of the summed loss over one Batch (the model's training path)."""
+    model.zero_grad()
+    out, backprops = model._forward_train(batch.x, batch.lengths)
+    _, _, grad = loss._terms(out, batch.y, None, batch.mask)
+    for backprop in reversed(backprops):
+        grad = backprop(grad)
+    return _grads(model)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_ragged_batch_equals_each_sequence_alone(per_step):
+    xs = _sequences()
+    rng = np.random.default_rng(1)
+    model = _per_step_model() if per_step else _per_sequence_model()
+    ys = [rng.standard_normal((n, 2)) for n in LENGTHS] if per_step else \
+        rng.standard_normal((len(LENGTHS), 2))
+    loss = fastrnn.MSELoss(reduction="sum")
+    data = batching.ArrayData("test", model, xs, ys)
+    assert data.ragged and data.y_ragged == per_step
+    batch = data.take(np.arange(len(xs)))
+    assert batch.lengths.tolist() == LENGTHS and batch.x.shape == (6, 7, 3)
+    assert (batch.mask is not None) == per_step
+    together = _sum_loss_grads(model, batch, loss)
+    alone = None
+    for i, x in enumerate(xs):
+        y = ys[i][None] if per_step else ys[i:i + 1]
+        one = _sum_loss_grads(model, batching.Batch(x[None], y, None, None, None), loss)
+        alone = one if alone is None else {k: alone[k] + v for k, v in one.items()}
+    for key, value in alone.items():
+        np.testing.assert_allclose(together[key], value, rtol=1e-10, atol=1e-12, err_msg=key)
+    # inference: the same outputs, each sequence's own (per step: without the padding)
+    outputs = model.predict(xs, batch_size=4)
+    for i, x in enumerate(xs):
+        expected = model.predict(x[None])[0]
+        np.testing.assert_allclose(outputs[i], expected, rtol=1e-12, atol=1e-14)
+    if per_step:
+        assert isinstance(outputs, list) and [len(o) for o in outputs] == LENGTHS
+    else:
+        assert isinstance(outputs, np.ndarray) and outputs.shape == (6, 2)
+
+
+def test_fit_on_ragged_sequences_and_its_loss():
+    xs = _sequences()
+    ys = np.random.default_rng(2).standard_normal((6, 2))
+    model = _per_sequence_model()
+    model.compile("mse", optim.SGD(lr=0.0), metrics=["mae"])
+    history = model.fit(xs, ys, batch_size=4, verbose=0, validation_data=(xs[:3], ys[:3]))
+    preds = np.concatenate([model.predict(x[None]) for x in xs])
+    assert history.history["loss"][0] == pytest.approx(((preds - ys) ** 2).mean(), rel=1e-12)
+    assert history.history["val_mae"][0] == pytest.approx(np.abs(preds[:3] - ys[:3]).mean(),
+                                                          rel=1e-12)
+    model.compile("mse", optim.Adam(lr=1e-2))
+    before = model.evaluate(xs, ys)
+    model.fit(xs, ys, epochs=20, batch_size=3, verbose=0)
+    assert model.evaluate(xs, ys) < before
+    # a list of sequences of one length is an array
+    same = [np.ones((4, 3)), np.zeros((4, 3))]
+    assert not batching.ArrayData("test", model, same, np.zeros((2, 2))).ragged
+
+
+def test_per_step_ragged_loss_counts_only_real_steps():
+    xs = _sequences()
+    rng = np.random.default_rng(3)
+    ys = [rng.integers(0, 2, n) for n in LENGTHS]
+    model = _per_step_model()
+    model.compile(fastrnn.CrossEntropyLoss(), optim.SGD(lr=0.0), metrics=["accuracy"])
+    logs = model.evaluate(xs, ys, batch_size=4, return_dict=True)
+    outputs = model.predict(xs)
+    values = np.concatenate([fastrnn.CrossEntropyLoss(reduction="none")(o, t)
+                             for o, t in zip(outputs, ys)])
+    assert logs["loss"] == pytest.approx(values.mean(), rel=1e-12)
+    right = np.concatenate([o.argmax(-1) == t for o, t in zip(outputs, ys)])
+    assert logs["accuracy"] == pytest.approx(right.mean(), rel=1e-12)
+
+
+def test_last_step_takes_each_sequences_own_last_step():
+    x = np.arange(2 * 4 * 2, dtype=float).reshape(2, 4, 2)
+    step = fastrnn.LastStep()
+    np.testing.assert_array_equal(step._seq_infer(x, np.array([2, 4])), [x[0, 1], x[1, 3]])
+    y, backprop = step._seq_train(x, np.array([1, 3]))
+    np.testing.assert_array_equal(y, [x[0, 0], x[1, 2]])
+    dx = backprop(np.ones((2, 2)))
+    assert dx[0, 0].all() and dx[1, 2].all() and dx.sum() == 4
+    both = fastrnn.LastStep(bidirectional=True)
+    np.testing.assert_array_equal(both._seq_infer(x, np.array([2, 4])),
+                                  [[x[0, 1, 0], x[0, 0, 1]], [x[1, 3, 0], x[1, 0, 1]]])
+    with pytest.raises(ValueError, match=r"LastStep: lengths must lie in \[1, 4\]"):
+        step._seq_infer(x, np.array([0, 4]))
+
+
+def test_pad():
+    padded, lengths = batching.pad([np.ones((3, 2)), 2 * np.ones((1, 2))])
+    assert padded.shape == (2, 3, 2) and lengths.tolist() == [3, 1]
+    assert padded[1, 0].tolist() == [2, 2] and not padded[1, 1:].any()
+    with pytest.raises(ValueError, match=r"pad: sequences\[1\] has shape \(0, 2\); every "
+                                         r"sequence needs at least one step"):
+        batching.pad([np.ones((3, 2)), np.ones((0, 2))])
+    with pytest.raises(ValueError, match=r"pad: sequences\[1\] has shape \(2, 3\), whose "
+                                         r"trailing axes differ"):
+        batching.pad([np.ones((3, 2)), np.ones((2, 3))])
+    with pytest.raises(TypeError, match=r"pad: sequences must be a list of arrays"):
+        batching.pad(np.ones((3, 2)))
+
+
+def test_ragged_errors():
+    model = _per_sequence_model().compile("mse", "sgd")
+    xs = _sequences()
+    with pytest.raises(ValueError, match=r"Sequential.fit: expected x as a list of sequences of "
+                                         r"shape \(T_i, 3\) with T_i >= 1, got x\[1\] of shape "
+                                         r"\(2, 4\)"):
+        model.fit([xs[0], np.ones((2, 4))], np.ones((2, 2)), verbose=0)
+    with pytest.raises(ValueError, match=r"x and y must have the same number of samples"):
+        model.fit(xs, np.ones((5, 2)), verbose=0)
+    step_model = _per_step_model().compile("mse", "sgd")
+    with pytest.raises(ValueError, match=r"Sequential.fit: y\[1\] has shape \(3, 2\), but x\[1\] "
+                                         r"has 2 steps"):
+        step_model.fit(xs, [np.ones((n + (i == 1), 2)) for i, n in enumerate(LENGTHS)],
+                       verbose=0)
+    dense = fastrnn.Sequential([fastrnn.Linear(3, 2)]).compile("mse", "sgd")
+    with pytest.raises(ValueError, match=r"x is a list of sequences of different lengths, but "
+                                         r"the model has no recurrent layer"):
+        dense.fit(xs, np.ones((6, 2)), verbose=0)
+
+
+# --- iterables of batches ----------------------------------------------------------------------
+def _regression(n=24):
+    rng = np.random.default_rng(4)
+    return rng.standard_normal((n, 5, 3)), rng.standard_normal((n, 2))
+
+
+def _small(seed=0):
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, dtype="float64", seed=seed),
+                                fastrnn.LastStep(),
+                                fastrnn.Linear(4, 2, dtype="float64", seed=seed + 1)],
+                               seed=seed + 2)
+    return model.compile("mse", optim.Adam(lr=1e-2), metrics=["mae"])
+
+
+def test_iterables_train_as_the_same_batches_of_arrays():
+    x, y = _regression()
+    arrays = _small()
+    history = arrays.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0,
+                         validation_data=(x[:8], y[:8]))
+    listed = _small()
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    history_list = listed.fit(batches, epochs=3, verbose=0, validation_data=[batches[0]])
+    assert history.history == history_list.history
+    assert all(np.array_equal(a, b) for a, b in zip(arrays.state_dict().values(),
+                                                    listed.state_dict().values()))
+
+    def generate():                        # a generator for all epochs: steps_per_epoch
+        while True:
+            for i in range(0, 24, 8):
+                yield x[i:i + 8], y[i:i + 8]
+
+    streamed = _small()
+    history_gen = streamed.fit(generate(), epochs=3, steps_per_epoch=3, verbose=0,
+                               validation_data=(x[:8], y[:8]))
+    assert history_gen.history == history.history
+    assert streamed.evaluate(iter(batches), return_dict=True) == \
+        arrays.evaluate(x, y, batch_size=8, return_dict=True)
+    np.testing.assert_array_equal(streamed.predict(b[0] for b in batches), arrays.predict(x))
+    np.testing.assert_array_equal(streamed.predict(iter(batches), steps=1), arrays.predict(x[:8]))
+
+
+def test_a_generator_that_runs_out_stops_training_with_a_warning():
+    x, y = _regression()
+    model = _small()
+
+    def once():
+        for i in range(0, 24, 8):
+            yield x[i:i + 8], y[i:i + 8], np.ones(8)
+
+    with pytest.warns(UserWarning, match=r"Sequential.fit: x ran out of batches; training "
+                                         r"stops"):
+        history = model.fit(once(), epochs=3, verbose=0)
+    assert history.epoch == [0]
+    with pytest.warns(UserWarning, match="ran out"):
+        history = model.fit(once(), epochs=3, steps_per_epoch=2, verbose=0)
+    assert history.epoch == [0, 1]            # the second epoch got one batch of two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # a list starts over: steps_per_epoch continues through it, round and round
+        history = model.fit([(x[:8], y[:8]), (x[8:16], y[8:16])], epochs=3, steps_per_epoch=3,
+                            verbose=0)
+    assert history.epoch == [0, 1, 2]
+
+
+def test_ragged_batches_from_an_iterable():
+    xs = _sequences()
+    ys = np.random.default_rng(5).standard_normal((6, 2))
+    model = _per_sequence_model().compile("mse", optim.SGD(lr=0.0))
+    history = model.fit([(xs[:4], ys[:4]), (xs[4:], ys[4:])], verbose=0)
+    preds = np.concatenate([model.predict(x[None]) for x in xs])
+    assert history.history["loss"][0] == pytest.approx(((preds - ys) ** 2).mean(), rel=1e-12)
+
+
+def test_iterable_errors():
+    x, y = _regression()
+    model = _small()
+    with pytest.raises(TypeError, match=r"Sequential.fit: each batch of x must be a tuple "
+                                        r"\(x, y\) or \(x, y, sample_weight\), got an array of "
+                                        r"shape \(5, 3\) in batch 0"):
+        model.fit(iter(x), verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.fit: batch_size does not apply to x as an "
+                                         r"iterable"):
+        model.fit([(x, y)], batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.fit: validation_split needs arrays"):
+        model.fit([(x, y)], validation_split=0.5, verbose=0)
+    with pytest.raises(TypeError, match=r"Sequential.fit: y is missing"):
+        model.fit(x, verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.fit: expected x of x batch 0 of shape"):
+        model.fit([(x[:, :, :2], y)], verbose=0)
+    with pytest.raises(TypeError, match=r"validation_data must be a pair \(x_val, y_val\), a "
+                                        r"triple .* or an iterable of batches"):
+        model.fit(x, y, validation_data=3, verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.evaluate: the data gave no batches"):
+        model.evaluate(iter([]))
+    with pytest.raises(ValueError, match=r"Sequential.predict: steps applies only to x as an "
+                                         r"iterable"):
+        model.predict(x, steps=2)

@@ -1,0 +1,251 @@
+"""Resumable training: optimizer state_dict / load_state_dict; save + load +
+fit(initial_epoch) continue bit for bit as an uninterrupted run (optimizer
+moments and step counts, schedules, dropout and shuffling generators); single
+layers and cells save and load; what a file cannot hold is said.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import optim
+
+OPTIMIZERS = [
+    (optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    (optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (optim.AdamW, dict(lr=1e-2)),
+    (optim.RMSprop, dict(lr=1e-3, momentum=0.5, centered=True)),
+]
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def _model(dtype="float32", seed=0):
+    return fastrnn.Sequential([
+        fastrnn.LSTM(3, 6, num_layers=2, dropout=0.3, batch_first=True, dtype=dtype,
+                     seed=seed),
+        fastrnn.Dropout(0.2, seed=seed + 1),
+        fastrnn.GRU(6, 5, dtype=dtype, seed=seed + 2),      # batch_first=False, adapted
+        fastrnn.LastStep(),
+        fastrnn.Linear(5, 2, dtype=dtype, seed=seed + 3)], seed=seed + 4)
+
+
+def _data(n=40):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, 7, 3)), rng.standard_normal((n, 2))
+
+
+def _compiled(cls, kwargs, dtype="float32", schedule=True):
+    model = _model(dtype)
+    model.compile("mse", cls(**kwargs), clip_grad_norm=5.0, metrics=["mae"])
+    if schedule:
+        optim.StepLR(model.optimizer, step_size=2, gamma=0.5)
+    return model
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+def test_optimizer_state_dict_round_trip_continues_exactly(cls, kwargs):
+    x, y = _data()
+    a = _compiled(cls, kwargs, schedule=False)
+    for i in range(6):
+        a.train_step(x[i::6], y[i::6])
+    b = _compiled(cls, kwargs, schedule=False)
+    for i in range(3):
+        b.train_step(x[i::6], y[i::6])
+    state = b.optimizer.state_dict()
+    c = _model()
+    c.load_state_dict(b.state_dict())
+    c.layers[0]._rng, c.layers[1]._rng = b.layers[0]._rng, b.layers[1]._rng
+    c.compile("mse", cls(**dict(kwargs, lr=123.0)), clip_grad_norm=5.0)
+    c.optimizer.load_state_dict(state)
+    assert c.optimizer.lr == kwargs["lr"] and c.optimizer.step_count == 3
+    for i in range(3, 6):
+        c.train_step(x[i::6], y[i::6])
+    assert _same(a, c)
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_save_load_and_fit_from_initial_epoch_is_bit_identical(cls, kwargs, dtype, tmp_path):
+    x, y = _data()
+    whole = _compiled(cls, kwargs, dtype)
+    full = whole.fit(x, y, epochs=5, batch_size=8, validation_split=0.25, verbose=0,
+                     callbacks=whole.optimizer.schedules)
+    part = _compiled(cls, kwargs, dtype)
+    part.fit(x, y, epochs=2, batch_size=8, validation_split=0.25, verbose=0,
+             callbacks=part.optimizer.schedules)
+    part.save(tmp_path / "ckpt.npz")
+    resumed = fastrnn.load(tmp_path / "ckpt.npz")
+    assert isinstance(resumed.optimizer, cls) and resumed.optimizer is not part.optimizer
+    assert [type(s) for s in resumed.optimizer.schedules] == [optim.StepLR]
+    assert resumed.metrics_names == ["loss", "mae"] and resumed.clip_grad_norm == 5.0
+    rest = resumed.fit(x, y, epochs=5, initial_epoch=2, batch_size=8, validation_split=0.25,
+                       verbose=0, callbacks=resumed.optimizer.schedules)
+    assert rest.epoch == [2, 3, 4]
+    for key, values in rest.history.items():
+        assert values == full.history[key][2:], key
+    assert _same(resumed, whole)
+    assert resumed.optimizer.lr == whole.optimizer.lr
+    assert resumed.optimizer.step_count == whole.optimizer.step_count
+
+
+def test_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path):
+    x, y = _data()
+    whole = _compiled(optim.Adam, dict(lr=1e-2))
+    whole.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=whole.optimizer.schedules)
+    first = _compiled(optim.Adam, dict(lr=1e-2))
+    first.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=[
+        *first.optimizer.schedules, fastrnn.ModelCheckpoint(tmp_path / "e{epoch}.npz",
+                                                            monitor="loss")])
+    resumed = fastrnn.load(tmp_path / "e2.npz")          # saved after epoch index 1
+    resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=8, verbose=0,
+                callbacks=resumed.optimizer.schedules)
+    assert _same(resumed, whole) and _same(first, whole)
+
+
+def test_shared_generators_stay_shared():
+    shared = np.random.default_rng(7)
+    model = fastrnn.Sequential([fastrnn.Linear(3, 3, seed=0), fastrnn.Dropout(0.5, seed=shared),
+                                fastrnn.Dropout(0.5, seed=shared)], seed=shared)
+    model.compile("mse", "sgd")
+    import io
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "m.npz")
+        model.save(path)
+        loaded = fastrnn.load(path)
+    assert loaded._rng is loaded.layers[1]._rng is loaded.layers[2]._rng
+    assert loaded._rng.random() == shared.random()
+    del io
+
+
+def test_save_without_the_optimizer_and_what_a_file_cannot_hold(tmp_path):
+    x, y = _data(16)
+    model = _compiled(optim.Adam, dict(lr=1e-2))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    model.save(tmp_path / "w.npz", include_optimizer=False)
+    loaded = fastrnn.load(tmp_path / "w.npz")
+    assert loaded.optimizer is None and loaded.loss is None and _same(loaded, model)
+
+    class MyLoss(fastrnn.MSELoss):
+        pass
+
+    model.compile(MyLoss(), model.optimizer, metrics=[lambda y_true, y_pred: y_pred.mean()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save(tmp_path / "custom.npz")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "the loss is a MyLoss" in messages and "the metric '<lambda>' is code" in messages
+    loaded = fastrnn.load(tmp_path / "custom.npz")
+    assert loaded.loss is None and isinstance(loaded.optimizer, optim.Adam)
+    with pytest.raises(RuntimeError, match="compile"):
+        loaded.fit(x, y, verbose=0)
+    loaded.compile(MyLoss(), optimizer=loaded.optimizer)      # keeps the restored state
+    assert loaded.optimizer.step_count == model.optimizer.step_count
+    loaded.fit(x, y, verbose=0)
+    # an optimizer that also trains a layer outside the model
+    outside = fastrnn.Linear(2, 2)
+    model.compile("mse", optim.SGD([model, outside]))
+    with pytest.raises(ValueError, match=r"Sequential.save: the optimizer also trains a Linear "
+                                         r"that is not in this model"):
+        model.save(tmp_path / "x.npz")
+    model.save(tmp_path / "x.npz", include_optimizer=False)
+
+
+def test_optimizer_load_state_dict_errors():
+    model = _compiled(optim.Adam, dict(lr=1e-2), schedule=False)
+    x, y = _data(8)
+    model.train_step(x, y)
+    state = model.optimizer.state_dict()
+    with pytest.raises(ValueError, match=r"SGD.load_state_dict: the state is of a 'Adam' "
+                                         r"optimizer, not a SGD"):
+        optim.SGD(model).load_state_dict(state)
+    other = optim.Adam(fastrnn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: expected state for 2 parameter "
+                                         r"arrays, got 14"):
+        other.load_state_dict(state)
+    fresh = optim.Adam(model)
+    broken = dict(state, state=[dict(s) for s in state["state"]])
+    broken["state"][0]["exp_avg"] = broken["state"][0]["exp_avg"][:1]
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] has shape"):
+        fresh.load_state_dict(broken)
+    broken["state"][0] = {"exp_avg": state["state"][0]["exp_avg"]}
+    with pytest.raises(ValueError, match=r"state\[0\] holds \['exp_avg'\]; a Adam with this "
+                                         r"config keeps"):
+        fresh.load_state_dict(broken)
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: bad config: Adam: betas must lie "
+                                         r"in"):
+        fresh.load_state_dict(dict(state, config=dict(state["config"], betas=[0.9, 1.5])))
+    with pytest.raises(TypeError, match=r"Adam.load_state_dict: bad config: .*unexpected"):
+        fresh.load_state_dict(dict(state, config=dict(state["config"], nope=1)))
+    with pytest.raises(TypeError, match=r"Adam.load_state_dict: expected a dict"):
+        fresh.load_state_dict([])
+    assert fresh.step_count == 0 and all(not s for s in fresh._state)   # unchanged
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 1
+    assert fresh.learning_rate == fresh.lr == 1e-2
+    fresh.learning_rate = 0.5
+    assert fresh.lr == 0.5
+
+
+# --- single layers and cells ------------------------------------------------------------------
+LAYERS = [
+    lambda: fastrnn.LSTM(3, 4, num_layers=2, dropout=0.2, bidirectional=True, seed=0),
+    lambda: fastrnn.GRU(3, 4, batch_first=True, reset_after=False, dtype="float64", seed=1),
+    lambda: fastrnn.RNN(3, 4, nonlinearity="relu", bias=False, seed=2),
+    lambda: fastrnn.LSTMCell(3, 4, seed=3),
+    lambda: fastrnn.GRUCell(3, 4, reset_after=False, seed=4),
+    lambda: fastrnn.RNNCell(3, 4, nonlinearity="relu", dtype="float64", seed=5),
+    lambda: fastrnn.Linear(3, 4, seed=6),
+    lambda: fastrnn.Dropout(0.3, seed=7),
+    lambda: fastrnn.LastStep(bidirectional=True),
+    lambda: fastrnn.Tanh(),
+]
+
+
+@pytest.mark.parametrize("make", LAYERS)
+def test_a_single_layer_or_cell_saves_and_loads(make, tmp_path):
+    layer = make()
+    path = tmp_path / "layer.npz"
+    fastrnn.save(layer, path)
+    loaded = fastrnn.load(path)
+    assert type(loaded) is type(layer) and repr(loaded) == repr(layer)
+    assert loaded._config == layer._config
+    for name, value in layer.state_dict().items():
+        assert np.array_equal(loaded.state_dict()[name], value)
+    x = np.random.default_rng(0).standard_normal((2, 5, 3) if "Cell" not in repr(layer)
+                                                 else (2, 3))
+    if isinstance(layer, fastrnn.LastStep):
+        x = np.random.default_rng(0).standard_normal((2, 5, 4))
+    result, expected = loaded(x), layer(x)
+    result = result[0] if isinstance(result, tuple) else result
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    assert np.array_equal(result, expected)
+    if hasattr(layer, "_rng"):                  # the random state came along
+        assert loaded._rng.random() == layer._rng.random()
+    with pytest.raises(ValueError, match=r"Sequential.load: .* holds a single "):
+        fastrnn.Sequential.load(path)
+
+
+def test_layer_save_methods(tmp_path):
+    linear = fastrnn.Linear(2, 3, seed=0)
+    linear.save(tmp_path / "l.npz")
+    assert np.array_equal(fastrnn.load(tmp_path / "l.npz").weight, linear.weight)
+    fastrnn.Dropout(0.1, seed=0).save(tmp_path / "d.npz")
+    assert isinstance(fastrnn.load(tmp_path / "d.npz"), fastrnn.Dropout)
+    with pytest.raises(TypeError, match=r"fastrnn.save: expected a Sequential or a fastrnn "
+                                        r"layer or cell"):
+        fastrnn.save(np.zeros(3), tmp_path / "z.npz")
+
+
+@pytest.mark.skipif(not hasattr(fastrnn.GRU, "save"), reason="Module.save is not in "
+                                                             "_module.py yet")
+def test_recurrent_layers_have_a_save_method(tmp_path):
+    gru = fastrnn.GRU(3, 4, seed=0)
+    gru.save(tmp_path / "g.npz")
+    assert np.array_equal(fastrnn.load(tmp_path / "g.npz").weight_hh_l0, gru.weight_hh_l0)
