@@ -343,3 +343,34 @@ def test_load_refuses_what_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=r"fastrnn.load: .* is not a regular file"):
         fastrnn.load(fifo)     # and does not wait for a writer
+
+
+# --- summary ----------------------------------------------------------------------------------
+def test_summary_lists_layers_shapes_and_counts(capsys):
+    model = fastrnn.Sequential([
+        fastrnn.LSTM(3, 8, num_layers=2, bidirectional=True, batch_first=True, seed=0),
+        fastrnn.Dropout(0.1), fastrnn.LastStep(bidirectional=True),
+        fastrnn.Linear(16, 4, seed=1), fastrnn.ReLU(), fastrnn.Linear(4, 1, seed=2)])
+    model.summary()
+    lines = capsys.readouterr().out.splitlines()
+    counts = [sum(v.size for v in layer.state_dict().values()) for layer in model]
+    rows = [line for line in lines if line[:1].strip().isdigit() or line[:2].strip().isdigit()]
+    assert len(rows) == len(model)
+    assert [int(row.split()[-1].replace(",", "")) for row in rows] == counts
+    shapes = ["(None, None, 16)", "(None, None, 16)", "(None, 16)", "(None, 4)", "(None, 4)",
+              "(None, 1)"]
+    assert all(shape in row for shape, row in zip(shapes, rows))
+    total = sum(counts)
+    assert f"Total params: {total:,} ({total * 4 / 1024:.2f} KiB, float32)" in lines
+    assert not any(line.startswith("Optimizer state") for line in lines)
+    model.compile("mse", "adam")
+    model.fit(np.zeros((4, 5, 3)), np.zeros((4, 1)), verbose=0)
+    captured = []
+    model.summary(print_fn=captured.append)
+    assert captured[-1] == f"Optimizer state: {2 * total:,} values ({2 * total * 4 / 1024:.2f} " \
+                           f"KiB, Adam)"
+    dense = fastrnn.Sequential([fastrnn.Tanh(), fastrnn.Linear(3, 2, dtype="float64", seed=0)])
+    lines = []
+    dense.summary(print_fn=lines.append)
+    assert any("(None, 3)" in line for line in lines) and lines[-1] == \
+        "Total params: 8 (64 bytes, float64)"
