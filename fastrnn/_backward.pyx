@@ -19,7 +19,12 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
+import numpy as np
+
 from fastrnn._blas cimport gemm, gemv, step_block
+from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
+                                  FASTRNN_MK_LANES, fastrnn_mk_groups, fastrnn_mk_pack,
+                                  fastrnn_mk_packed_size, k_block, packed_product)
 from fastrnn._worker cimport Interrupt, interrupted, interrupt_block_rows, run_parts
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
                              axpy_product,
@@ -146,10 +151,12 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const floating* dout, floating* dh, floating* dc,
                           floating* dgx, floating* dgh,
                           const int64_t* lengths, Py_ssize_t cols,
-                          Interrupt* interrupt) noexcept nogil:
+                          const Packed* packed, Interrupt* interrupt) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block. Leaves early, its outputs
-    partial, when the call is interrupted."""
+    partial, when the call is interrupted. packed (float32): this
+    direction's W_hh packed for dG . W_hh (``pack_backward``; the
+    reset-before GRU's n rows, then its r, z rows), or NULL for BLAS."""
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t g_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -188,19 +195,90 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
         if cell == GRU_RESET_BEFORE:
             # d(r * h) = dG_n W_hn into dG_r's columns, then dG_r itself
-            _recurrent_grad(B, H, H, dgx + t * row_t * g_cols + 2 * H, row_b * g_cols,
-                            w_hh + 2 * H * H, dgx + t * row_t * g_cols, row_b * g_cols, cols)
+            if floating is float and packed != NULL:
+                packed_product(B, dgx + t * row_t * g_cols + 2 * H, row_b * g_cols, 1, packed,
+                               dgx + t * row_t * g_cols, row_b * g_cols, H,
+                               FASTRNN_MK_FROM_C, NULL)
+            else:
+                _recurrent_grad(B, H, H, dgx + t * row_t * g_cols + 2 * H, row_b * g_cols,
+                                w_hh + 2 * H * H, dgx + t * row_t * g_cols, row_b * g_cols,
+                                cols)
             for b in range(B):
                 if lengths != NULL and t >= lengths[b]:
                     continue
                 row = t * row_t + b * row_b
                 _gru_reset_back_r(acts + row * a_cols, h_prev + row * h_cols, dh + b * H,
                                   dgx + row * g_cols, H)
-            _recurrent_grad(B, 2 * H, H, dgx + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
-                            H, cols)
+            if floating is float and packed != NULL:
+                packed_product(B, dgx + t * row_t * g_cols, row_b * g_cols, 1, packed + 1, dh,
+                               H, H, FASTRNN_MK_FROM_C, NULL)
+            else:
+                _recurrent_grad(B, 2 * H, H, dgx + t * row_t * g_cols, row_b * g_cols, w_hh,
+                                dh, H, cols)
         else:
-            _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
-                            H, cols)
+            if floating is float and packed != NULL:
+                packed_product(B, dgh + t * row_t * g_cols, row_b * g_cols, 1, packed, dh, H, H,
+                               FASTRNN_MK_FROM_C, NULL)
+            else:
+                _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
+                                H, cols)
+
+
+# --- weights packed for the micro-kernel: products dG . W (K the gate columns) ---
+
+def pack_rows(const float[:, :] w not None, Py_ssize_t row0, Py_ssize_t rows,
+              Py_ssize_t col0=0, Py_ssize_t cols=-1):
+    """Rows [row0, row0 + rows) and columns [col0, col0 + cols) (all by
+    default) of w (N, C; rows any stride apart, columns adjacent) packed for
+    the micro-kernel as B (K = rows, cols columns): for products dG . W and
+    the sums over rows of the weight gradients; float32, 64-byte aligned."""
+    cdef Py_ssize_t C = w.shape[1] - col0 if cols < 0 else cols
+    cdef Py_ssize_t size = fastrnn_mk_packed_size(rows, C, 1, 4)
+    cdef Py_ssize_t ld = w.strides[0] // sizeof(float)
+    cdef float[::1] out
+    if (row0 < 0 or rows < 1 or row0 + rows > w.shape[0] or col0 < 0 or C < 1
+            or col0 + C > w.shape[1] or w.strides[1] != sizeof(float)
+            or w.strides[0] % sizeof(float)):
+        raise ValueError(f"pack_rows: rows [{row0}, {row0 + rows}) and columns [{col0}, "
+                         f"{col0 + C}) do not fit a matrix of shape ({w.shape[0]}, {w.shape[1]})")
+    buffer = np.empty(size + 16, np.float32)
+    start = (-(buffer.ctypes.data // 4)) % 16      # a 64-byte boundary
+    packed = buffer[start:start + size]
+    out = packed
+    with nogil:
+        fastrnn_mk_pack(&w[row0, col0], ld, 1, rows, C, 1, 4, &out[0])
+    return packed
+
+
+def pack_backward(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
+    """A float32 layer's W_hh packed per direction for ``backward_layer``'s
+    dG . W_hh: one array per direction, or for the reset-before GRU two,
+    its n rows (for d(r * h)) and its r, z rows."""
+    cdef Py_ssize_t G = num_gates(cell)
+    packs = []
+    for d in range(dirs):
+        if cell == GRU_RESET_BEFORE:
+            packs.append(pack_rows(w_hh, d * G * H + 2 * H, H))
+            packs.append(pack_rows(w_hh, d * G * H, 2 * H))
+        else:
+            packs.append(pack_rows(w_hh, d * G * H, G * H))
+    return packs
+
+
+cdef int describe_rows(Packed* out, arr, Py_ssize_t K, Py_ssize_t C) except -1:
+    """The descriptor of a ``pack_rows`` array of K rows and C columns."""
+    cdef const float[::1] view = arr
+    out.gates = 1
+    out.ub = 4
+    out.nv = 4
+    out.K = K
+    out.units = C
+    out.groups = fastrnn_mk_groups(C, 4)
+    if view.shape[0] != fastrnn_mk_packed_size(K, C, 1, 4):
+        raise ValueError("a packed array does not fit the layer's sizes")
+    out.panels = &view[0]
+    out.group_stride = out.K * out.nv * FASTRNN_MK_LANES
+    return 0
 
 
 cdef struct BackJob:
@@ -221,6 +299,8 @@ cdef struct BackJob:
     bint blas_held
     Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt interrupt
+    int packs_per_dir           # 0: BLAS; else Packed entries per direction
+    Packed packed[4]
 
 
 cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
@@ -249,7 +329,8 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             dh + (d * B + b_lo) * H,
             NULL if dc == NULL else dc + (d * B + b_lo) * H,
             dgx + first * g_cols + d * GH, dgh + first * g_cols + d * GH,
-            NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt)
+            NULL if j.lengths == NULL else j.lengths + b_lo, cols,
+            NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir], &j.interrupt)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -276,7 +357,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    floating[:, ::1] dgx not None,
                    floating[:, ::1] dgh,
                    const int64_t[::1] lengths,
-                   bint blas_held):
+                   bint blas_held,
+                   packed=None):
     """The BPTT time loops of one layer in one or two parts: ``parts`` a
     list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
     at the same time on the worker thread (or after the first).
@@ -287,8 +369,11 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     unless LSTM); dgx (R, dirs * G * H) pre-activation gradients out (zero on
     padded steps); dgh the same for the recurrent side (GRU) or None.
     blas_held: the caller holds BLAS at one thread (see _forward.recur).
+    packed (float32): ``pack_backward``'s arrays per direction; the per-step
+    products then run on the micro-kernel.
     """
     cdef BackJob job
+    cdef Py_ssize_t i
     if T == 0 or dh.shape[1] == 0:
         return
     job.cell = cell
@@ -310,6 +395,16 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
     job.blas_held = blas_held
+    job.packs_per_dir = 0
+    if floating is float and packed is not None:
+        job.packs_per_dir = 2 if cell == GRU_RESET_BEFORE else 1
+        if len(packed) != job.packs_per_dir * job.dirs:
+            raise ValueError("backward_layer: packed does not fit the layer")
+        for i in range(len(packed)):
+            # K: the reset-before GRU's n rows (H), its r, z rows (2 H); else all G H
+            describe_rows(&job.packed[i], packed[i],
+                          (job.H if i % 2 == 0 else 2 * job.H) if cell == GRU_RESET_BEFORE
+                          else num_gates(cell) * job.H, job.H)
     run_parts(_back_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -341,6 +436,10 @@ cdef struct WeightJob:
     bint separate_dgh       # dgh is its own buffer (GRU), not dgx
     Py_ssize_t cols[2][2]   # per part: gate columns [n_lo, n_hi)
     Interrupt interrupt
+    bint has_packed         # float32: the sums over rows on the micro-kernel
+    Packed packed_x         # x packed (pack_rows), K = R
+    Packed packed_h[2]      # per direction h_prev's columns packed, K = R
+    Packed packed_rh[2]     # reset-before GRU: per direction r * h packed
 
 
 cdef void _weight_part(WeightJob* j, int part, const floating* x, const floating* h_prev,
@@ -390,12 +489,67 @@ cdef void _weight_part(WeightJob* j, int part, const floating* x, const floating
             _column_sums(dgh + n_lo, R, n_hi - n_lo, N, db_hh + n_lo, NULL)
 
 
+cdef enum:
+    # rows of one block of the weight gradients' sums over rows: its packed
+    # activations (WEIGHT_BLOCK_ROWS x D floats) stay in L2 while every tile
+    # of the block reads them
+    WEIGHT_BLOCK_ROWS = 256
+
+
+cdef void _weight_part_packed(WeightJob* j, int part, const float* dgx, const float* dgh,
+                              float* dw_ih, float* dw_hh, float* db_ih,
+                              float* db_hh) noexcept nogil:
+    """_weight_part on the micro-kernel: dW[n, :] += sum over rows r, in
+    order, of dG[r, n] * act[r, :], in blocks of rows continuing each
+    element's chain, so the sums do not depend on how the gate columns are
+    split between threads."""
+    cdef Py_ssize_t n_lo = j.cols[part][0], n_hi = j.cols[part][1]
+    cdef Py_ssize_t R = j.R, D = j.D, N = j.N, H = j.H, dirs = j.dirs
+    cdef Py_ssize_t GH = N // dirs
+    cdef Py_ssize_t d, r0, r1, lo, hi, n_gate
+    cdef Packed blk
+    if R == 0 or n_hi <= n_lo:
+        return
+    r0 = 0
+    while r0 < R:
+        if interrupted(&j.interrupt, True):
+            return
+        r1 = min(R, r0 + WEIGHT_BLOCK_ROWS)
+        blk = k_block(&j.packed_x, r0, r1)
+        packed_product(n_hi - n_lo, dgx + r0 * N + n_lo, 1, N, &blk, dw_ih + n_lo * D, D, D,
+                       FASTRNN_MK_FROM_C, NULL)
+        for d in range(dirs):
+            lo = max(n_lo, d * GH)
+            hi = min(n_hi, (d + 1) * GH)
+            # reset before: W_hn's rows [n_gate, (d + 1) GH) multiply r * h
+            n_gate = hi if not j.rh else max(lo, min(hi, d * GH + 2 * H))
+            if n_gate > lo:
+                blk = k_block(&j.packed_h[d], r0, r1)
+                packed_product(n_gate - lo, dgh + r0 * N + lo, 1, N, &blk, dw_hh + lo * H, H,
+                               H, FASTRNN_MK_FROM_C, NULL)
+            if hi > n_gate:
+                blk = k_block(&j.packed_rh[d], r0, r1)
+                packed_product(hi - n_gate, dgh + r0 * N + n_gate, 1, N, &blk,
+                               dw_hh + n_gate * H, H, H, FASTRNN_MK_FROM_C, NULL)
+        r0 = r1
+    if db_ih != NULL and db_hh != NULL:
+        if not j.separate_dgh:
+            _column_sums(dgx + n_lo, R, n_hi - n_lo, N, db_ih + n_lo, db_hh + n_lo)
+        else:
+            _column_sums(dgx + n_lo, R, n_hi - n_lo, N, db_ih + n_lo, NULL)
+            _column_sums(dgh + n_lo, R, n_hi - n_lo, N, db_hh + n_lo, NULL)
+
+
 cdef void _weight_job(void* arg, int part) noexcept nogil:
     cdef WeightJob* j = <WeightJob*>arg
     if j.is_double:
         _weight_part(j, part, <const double*>j.x, <const double*>j.h_prev,
                      <const double*>j.rh, <const double*>j.dgx, <const double*>j.dgh,
                      <double*>j.dw_ih, <double*>j.dw_hh, <double*>j.db_ih, <double*>j.db_hh)
+    elif j.has_packed:
+        _weight_part_packed(j, part, <const float*>j.dgx, <const float*>j.dgh,
+                            <float*>j.dw_ih, <float*>j.dw_hh, <float*>j.db_ih,
+                            <float*>j.db_hh)
     else:
         _weight_part(j, part, <const float*>j.x, <const float*>j.h_prev,
                      <const float*>j.rh, <const float*>j.dgx, <const float*>j.dgh,
@@ -412,7 +566,8 @@ def weight_grads(*, parts,
                  floating[:, ::1] dw_hh not None,
                  floating[::1] db_ih,
                  floating[::1] db_hh,
-                 Py_ssize_t max_rows):
+                 Py_ssize_t max_rows,
+                 packed=None):
     """Accumulate one layer's weight gradients over all steps: dw_ih += dgx^T
     x; dw_hh (per direction) += dgh^T h_prev; db_ih, db_hh += column sums of
     dgx, dgh (biases None when absent; dgh None means dgx). ``parts``: one or
@@ -420,8 +575,11 @@ def weight_grads(*, parts,
     dw_ih and dw_hh); a second runs at the same time on the worker thread.
     The reset-before GRU passes its saved acts (R, dirs * 4H) as reset_acts:
     the rows of W_hn then take r * h from them instead of h_prev (None
-    otherwise). Sums over more than max_rows rows are chunked (BLAS int range)."""
+    otherwise). Sums over more than max_rows rows are chunked (BLAS int range).
+    packed (float32): (x, [h_prev per direction], [r * h per direction] or
+    None) packed by ``pack_rows``; the micro-kernel then runs the sums."""
     cdef WeightJob job
+    cdef Py_ssize_t d
     job.is_double = floating is double
     job.R = x.shape[0]
     job.D = x.shape[1]
@@ -442,6 +600,15 @@ def weight_grads(*, parts,
     job.dw_hh = &dw_hh[0, 0]
     job.db_ih = NULL if db_ih is None else &db_ih[0]
     job.db_hh = NULL if db_hh is None else &db_hh[0]
+    job.has_packed = False
+    if floating is float and packed is not None:
+        packed_x, packed_h, packed_rh = packed
+        describe_rows(&job.packed_x, packed_x, job.R, job.D)
+        for d in range(job.dirs):
+            describe_rows(&job.packed_h[d], packed_h[d], job.R, job.H)
+            if packed_rh is not None:
+                describe_rows(&job.packed_rh[d], packed_rh[d], job.R, job.H)
+        job.has_packed = True
     run_parts(_weight_job, &job, &job.cols[0][0], 2, parts, &job.interrupt)
 
 
@@ -453,6 +620,8 @@ cdef struct InputJob:
     Py_ssize_t N, D, max_rows
     Py_ssize_t rows[2][2]
     Interrupt interrupt
+    bint has_packed
+    Packed packed               # float32: W_ih packed (pack_rows), K = N
 
 
 cdef void _input_part(InputJob* j, int part, const floating* dgx, const floating* w_ih,
@@ -464,8 +633,12 @@ cdef void _input_part(InputJob* j, int part, const floating* dgx, const floating
         if interrupted(&j.interrupt, True):
             return
         n = min(block, end - start)
-        gemm(False, False, <int>n, <int>D, <int>N, <floating>1, dgx + start * N, <int>N,
-             w_ih, <int>D, <floating>0, dx + start * D, <int>D)
+        if floating is float and j.has_packed:
+            packed_product(n, dgx + start * N, N, 1, &j.packed, dx + start * D, D, D,
+                           FASTRNN_MK_ZERO, NULL)
+        else:
+            gemm(False, False, <int>n, <int>D, <int>N, <floating>1, dgx + start * N, <int>N,
+                 w_ih, <int>D, <floating>0, dx + start * D, <int>D)
         start += n
 
 
@@ -478,9 +651,10 @@ cdef void _input_job(void* arg, int part) noexcept nogil:
 
 
 def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_ih not None,
-               floating[:, ::1] dx not None, Py_ssize_t max_rows, parts):
+               floating[:, ::1] dx not None, Py_ssize_t max_rows, parts, packed=None):
     """dx (R, D) = dgx (R, N) @ w_ih (N, D), in chunks of <= max_rows rows;
-    ``parts``: one or two row ranges, a second on the worker thread."""
+    ``parts``: one or two row ranges, a second on the worker thread. packed
+    (float32): ``pack_rows(w_ih, 0, N)``; the micro-kernel then runs it."""
     cdef InputJob job
     if dgx.shape[0] == 0:
         return
@@ -491,4 +665,8 @@ def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_
     job.N = dgx.shape[1]
     job.D = w_ih.shape[1]
     job.max_rows = max_rows
+    job.has_packed = False
+    if floating is float and packed is not None:
+        describe_rows(&job.packed, packed, job.N, job.D)
+        job.has_packed = True
     run_parts(_input_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)

@@ -353,6 +353,7 @@ cdef int _describe_packed(Packed* out, arr, Py_ssize_t K, Py_ssize_t units,
     if view.shape[0] != fastrnn_mk_packed_size(K, units, gates, out.ub):
         raise ValueError("a packed array does not fit the layer's sizes")
     out.panels = &view[0]
+    out.group_stride = out.K * out.nv * FASTRNN_MK_LANES
     return 0
 
 

@@ -32,7 +32,17 @@ cdef struct Packed:
     # ``ub`` unit blocks (nv = ub * gates vectors per tile row)
     const float* panels
     Py_ssize_t K, units, groups
+    Py_ssize_t group_stride     # floats from one group's panel to the next
     int gates, ub, nv
+
+
+cdef inline Packed k_block(const Packed* p, Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
+    """The same packed matrix restricted to its rows k0 <= k < k1 (a block
+    of the sum: continuing from C's values, the chains stay the same)."""
+    cdef Packed b = p[0]
+    b.panels = p.panels + k0 * p.nv * FASTRNN_MK_LANES
+    b.K = k1 - k0
+    return b
 
 
 cdef inline int unit_blocks_per_group(int gates) noexcept nogil:
@@ -52,7 +62,7 @@ cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t 
     cdef Py_ssize_t coff[4]
     cdef fastrnn_mask mask[4]
     cdef Py_ssize_t q, v
-    cdef Py_ssize_t panel_size = p.K * p.nv * FASTRNN_MK_LANES
+    cdef Py_ssize_t panel_size = p.group_stride
     for q in range(q_lo, q_hi):
         fastrnn_mk_group_columns(q, p.units, p.gates, p.ub, ld_gate, coff, mask)
         for v in range(p.nv):

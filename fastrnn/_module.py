@@ -387,6 +387,22 @@ class RecurrentWeights(Module):
                 for w_hh in self._weights(params)[1]]
         return packs
 
+    def _packed_backward(self, params):
+        """Per layer, (W_hh packed for dG . W_hh (_backward.pack_backward),
+        W_ih packed for dx = dG . W_ih (_backward.pack_rows)), float32 only.
+        Kept with the parameter set."""
+        if self._config["dtype"] != np.float32:
+            return None
+        packs = params.cache.get("packed_backward")
+        if packs is None:
+            H = self._config["hidden_size"]
+            w_ih_all, w_hh_all = self._weights(params)[:2]
+            packs = params.cache["packed_backward"] = [
+                (_backward.pack_backward(w_hh, self._kernel_code, H, self._dirs),
+                 _backward.pack_rows(w_ih, 0, w_ih.shape[0]))
+                for w_ih, w_hh in zip(w_ih_all, w_hh_all)]
+        return packs
+
     def _packed_projection(self, params):
         """Per layer, W_ih packed for the micro-kernel per direction
         (_forward.pack_projection), float32 only. Kept with the parameter set."""
@@ -561,6 +577,7 @@ class RecurrentWeights(Module):
         reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
         parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
         w_ih_all, w_hh_all = self._weights(tape["params"])[:2]
+        packed = self._packed_backward(tape["params"])
         in_cols = max(w_ih_all[0].shape[1], self._dirs * H)
         hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
         # the weight gradients of this backprop, added to ``grads`` only when
@@ -572,7 +589,8 @@ class RecurrentWeights(Module):
             for k in reversed(range(self._layers)):
                 dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
                                         reset_before, w_ih_all[k], w_hh_all[k],
-                                        [kind[k] for kind in sums])
+                                        [kind[k] for kind in sums],
+                                        None if packed is None else packed[k])
         with self._grad_lock:
             for kind, grads in zip(sums, (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)):
                 for total, grad in zip(kind, grads):
@@ -581,7 +599,7 @@ class RecurrentWeights(Module):
         return dout
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
-                    w_ih, w_hh, sums):
+                    w_ih, w_hh, sums, packed=None):
         """Layer k of ``_bptt`` (its weights of the tape's parameter set
         w_ih, w_hh): the backward time loops, then the weight gradients
         (into ``sums``: dw_ih, dw_hh, db_ih, db_hh) and the input gradient,
@@ -597,15 +615,27 @@ class RecurrentWeights(Module):
             w_hh=w_hh, dout=dout,
             dh=dh[k * dirs:(k + 1) * dirs],
             dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
-            dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held)
+            dgx=dgx, dgh=dgh, lengths=tape["lengths"], blas_held=held,
+            packed=None if packed is None else packed[0])
+        activations = None
+        if packed is not None:
+            # the sums over rows run on the micro-kernel, the activations packed
+            H = self._config["hidden_size"]
+            S = self._saved * H
+            activations = (
+                _backward.pack_rows(saves["x"], 0, rows),
+                [_backward.pack_rows(saves["h_prev"], 0, rows, d * H, H) for d in range(dirs)],
+                [_backward.pack_rows(saves["acts"], 0, rows, d * S + 3 * H, H)
+                 for d in range(dirs)] if reset_before else None)
         _backward.weight_grads(
             parts=_parallel.halves(dgx.shape[1], parts), x=saves["x"],
             h_prev=saves["h_prev"], reset_acts=saves["acts"] if reset_before else None,
             dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2], db_hh=sums[3],
-            max_rows=v.BLAS_INT_MAX)
+            max_rows=v.BLAS_INT_MAX, packed=activations)
         dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
         _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
-                             parts=_parallel.halves(rows, parts))
+                             parts=_parallel.halves(rows, parts),
+                             packed=None if packed is None else packed[1])
         return dx
 
 

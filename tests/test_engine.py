@@ -82,3 +82,55 @@ def test_pack_weights_layout(gates, units):
                     want = w[g * units + u] if u < units else np.zeros(K, np.float32)
                     np.testing.assert_array_equal(panels[q, :, b * gates + g, lane], want)
     assert packed.ctypes.data % 64 == 0
+
+
+def train_step(layer, x, lengths, dout):
+    layer.zero_grad()
+    (out, state), backprop = layer.forward_train(x, lengths=lengths)
+    dx, dstate = backprop(dout)
+    return out, dx, states(dstate), {k: g.copy() for k, g in layer.grads.items()}
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_rows_gradients_are_the_same_bits_alone_and_in_a_batch(kind, options,
+                                                                  bidirectional):
+    """dx and the initial state's gradient of a row do not depend on the
+    other rows of the batch."""
+    rng = np.random.default_rng(5)
+    T, B, D, H = 7, 11, 4, 37
+    layer = make(kind, options, D, H, num_layers=2, bidirectional=bidirectional)
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=B)
+    dout = rng.standard_normal((T, B, (2 if bidirectional else 1) * H)).astype(np.float32)
+    _, dx, dstate, _ = train_step(layer, x, lengths, dout)
+    for sub in ([3], [3, 4, 9], [0, 10]):
+        _, dx_s, dstate_s, _ = train_step(layer, np.ascontiguousarray(x[:, sub]), lengths[sub],
+                                          np.ascontiguousarray(dout[:, sub]))
+        np.testing.assert_array_equal(dx_s, dx[:, sub])
+        for a, b in zip(dstate_s, dstate):
+            np.testing.assert_array_equal(a, b[:, sub])
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gradients_are_the_same_bits_at_any_thread_count(kind, options, bidirectional,
+                                                         monkeypatch):
+    rng = np.random.default_rng(6)
+    T, B, D, H = 30, 8, 6, 40
+    layer = make(kind, options, D, H, num_layers=2, bidirectional=bidirectional)
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=B)
+    dout = rng.standard_normal((T, B, (2 if bidirectional else 1) * H)).astype(np.float32)
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    one = train_step(layer, x, lengths, dout)
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
+    assert len(_parallel.split(2 if bidirectional else 1, B, 1)) == 2
+    two = train_step(layer, x, lengths, dout)
+    np.testing.assert_array_equal(two[0], one[0])
+    np.testing.assert_array_equal(two[1], one[1])
+    for a, b in zip(two[2], one[2]):
+        np.testing.assert_array_equal(a, b)
+    for name in one[3]:
+        np.testing.assert_array_equal(two[3][name], one[3][name], err_msg=name)
