@@ -29,11 +29,12 @@ from fastrnn.convert import from_keras, from_onnx, from_torch, to_onnx, to_torch
 from fastrnn.streaming import Stream
 
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
-           "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "EarlyStopping", "Callback",
-           "History", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau", "TerminateOnNaN",
-           "LearningRateScheduler", "LambdaCallback", "load", "save", "tbptt", "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss",
-           "BCEWithLogitsLoss", "losses", "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads", "Stream", "from_torch", "to_torch",
-           "from_keras", "to_onnx", "from_onnx",
+           "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "History", "Callback",
+           "EarlyStopping", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau",
+           "TerminateOnNaN", "LearningRateScheduler", "LambdaCallback", "load", "save", "tbptt",
+           "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "losses",
+           "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads",
+           "Stream", "from_torch", "to_torch", "from_keras", "to_onnx", "from_onnx",
            "__version__"]
 
 

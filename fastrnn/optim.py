@@ -190,8 +190,9 @@ class Optimizer:
                                 f"{type(state).__name__}")
             names = set(slots) | set(fresh._scalar_slots)
             if state and set(state) != names:
-                raise ValueError(f"{owner}: state[{i}] holds {sorted(state)}; a {type(self).__name__} "
-                                 f"with this config keeps {sorted(names)} (or nothing)")
+                raise ValueError(f"{owner}: state[{i}] holds {sorted(state)}; a "
+                                 f"{type(self).__name__} with this config keeps "
+                                 f"{sorted(names)} (or nothing)")
             new = {}
             for name, value in state.items():
                 if name in fresh._scalar_slots:
