@@ -107,21 +107,15 @@ def test_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert _same(resumed, whole) and _same(first, whole)
 
 
-def test_shared_generators_stay_shared():
+def test_shared_generators_stay_shared(tmp_path):
     shared = np.random.default_rng(7)
     model = fastrnn.Sequential([fastrnn.Linear(3, 3, seed=0), fastrnn.Dropout(0.5, seed=shared),
                                 fastrnn.Dropout(0.5, seed=shared)], seed=shared)
     model.compile("mse", "sgd")
-    import io
-    import os
-    import tempfile
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "m.npz")
-        model.save(path)
-        loaded = fastrnn.load(path)
+    model.save(tmp_path / "m.npz")
+    loaded = fastrnn.load(tmp_path / "m.npz")
     assert loaded._rng is loaded.layers[1]._rng is loaded.layers[2]._rng
     assert loaded._rng.random() == shared.random()
-    del io
 
 
 def test_save_without_the_optimizer_and_what_a_file_cannot_hold(tmp_path):
