@@ -864,80 +864,172 @@ cdef inline bint _plain(object a, int typenum, Py_ssize_t n):
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a))
 
 
+cdef inline bint _plain_rows(object a, int typenum, Py_ssize_t ndim, Py_ssize_t B,
+                             Py_ssize_t n):
+    """a is a C-contiguous ndarray of the given dtype (native byte order),
+    of shape (n,) when ndim is 1, else (B, n)."""
+    if (type(a) is not cnp.ndarray or not _behaved(<cnp.ndarray>a, typenum)
+            or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+        return False
+    if ndim == 1:
+        return cnp.PyArray_DIM(<cnp.ndarray>a, 0) == n
+    return cnp.PyArray_DIM(<cnp.ndarray>a, 0) == B and cnp.PyArray_DIM(<cnp.ndarray>a, 1) == n
+
+
+cdef void _cell_rows(int cell, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, const float* x,
+                     const Packed* packed_ih, const Packed* packed_hh,
+                     const float* bias_x, const float* bias_h, float* h, float* c,
+                     float* work) noexcept nogil:
+    """One float32 step of B rows on the micro-kernel, with the layers'
+    chains (so the numbers are theirs at T = 1): h, c (B, H) hold the state
+    in and get the state out; work: B * (2 G H + S H) values."""
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t S = num_saved(cell) * H
+    cdef float* gx = work
+    cdef float* gh = work + B * GH
+    cdef float* acts = work + 2 * B * GH
+    cdef Py_ssize_t b
+    packed_product(B, x, D, 1, packed_ih, gx, GH, H,
+                   FASTRNN_MK_ZERO if bias_x == NULL else FASTRNN_MK_FROM_ROW, bias_x)
+    if cell == GRU:
+        packed_product(B, h, H, 1, packed_hh, gh, GH, H,
+                       FASTRNN_MK_ZERO if bias_h == NULL else FASTRNN_MK_FROM_ROW, bias_h)
+        for b in range(B):
+            gru_row(gx + b * GH, gh + b * GH, h + b * H, h + b * H, h + b * H, acts + b * S,
+                    H, H)
+    elif cell == GRU_RESET_BEFORE:
+        packed_product(B, h, H, 1, packed_hh, gx, GH, H, FASTRNN_MK_FROM_C, NULL)
+        for b in range(B):
+            gru_reset_gates_row(gx + b * GH, h + b * H, acts + b * S, H)
+        packed_product(B, acts + 3 * H, S, 1, packed_hh + 1, gx + 2 * H, GH, H,
+                       FASTRNN_MK_FROM_C, NULL)
+        for b in range(B):
+            gru_reset_row(gx + b * GH, h + b * H, h + b * H, acts + b * S, H)
+    else:
+        packed_product(B, h, H, 1, packed_hh, gx, GH, H, FASTRNN_MK_FROM_C, NULL)
+        for b in range(B):
+            if cell == LSTM:
+                lstm_row(gx + b * GH, h + b * H, c + b * H, h + b * H, acts + b * S, H, H)
+            else:
+                rnn_row(gx + b * GH, h + b * H, h + b * H, acts + b * S, H, cell == RNN_RELU)
+
+
+cdef enum:
+    # rows up to which a batched cell call takes the streaming path (one
+    # thread, no Python-side work): above, the layers' driver may split it
+    CELL_STEP_MAX_ROWS = 64
+
+
 cdef class CellStep:
-    """One unbatched step of a cell for the common case, from Python in about a
+    """One step of a cell for the common case, from Python in about a
     microsecond: the streaming path of ``RNNCell/GRUCell/LSTMCell.__call__``.
 
-    Built from the cell's parameters (it keeps transposed copies; the cell
-    builds a new one when they change). ``step(x, hx)`` returns None unless
-    x is a C-contiguous 1-D array of the cell's dtype and input size and hx is
-    None or such arrays of the hidden size (a tuple (h, c) for LSTM); the
-    caller then takes the general path, which validates and converts.
+    Built from the cell's parameters (the cell builds a new one when they
+    change): float32 cells run the micro-kernel over the packed weights the
+    layers use (``pack_projection``, ``pack_recurrent``), so a step gives
+    the layers' numbers; float64 cells take one unbatched frame through
+    loops over transposed copies. ``step(x, hx)`` returns None unless x is a
+    C-contiguous array of the cell's dtype, (D,) or (float32) (B, D) with B
+    up to CELL_STEP_MAX_ROWS, and hx None or such arrays of the state's
+    shape (a tuple (h, c) for LSTM); the caller then takes the general path,
+    which validates and converts.
     """
     cdef int cell, typenum
     cdef Py_ssize_t D, H, GH, S, itemsize
-    cdef object w_ih_t, w_hh_t, bias_x, bias_h   # keep the arrays alive
+    cdef object keep                           # the arrays we point into
     cdef char* w_ih_t_ptr
     cdef char* w_hh_t_ptr
     cdef char* bias_x_ptr
     cdef char* bias_h_ptr
-    cdef bint has_c
+    cdef bint has_c, packed
+    cdef Packed packed_ih
+    cdef Packed packed_hh[2]
 
-    def __init__(self, int cell, w_ih, w_hh, bias_x, bias_h):
+    def __init__(self, int cell, w_ih, w_hh, bias_x, bias_h, packed_ih=None, packed_hh=None):
         self.cell = cell
-        self.w_ih_t = np.ascontiguousarray(w_ih.T)
-        self.w_hh_t = np.ascontiguousarray(w_hh.T)
-        self.bias_x = None if bias_x is None else np.ascontiguousarray(bias_x)
-        self.bias_h = None if bias_h is None else np.ascontiguousarray(bias_h)
-        self.typenum = cnp.PyArray_TYPE(<cnp.ndarray>self.w_ih_t)
-        self.itemsize = cnp.PyArray_ITEMSIZE(<cnp.ndarray>self.w_ih_t)
+        self.typenum = cnp.PyArray_TYPE(<cnp.ndarray>w_ih)
+        self.itemsize = cnp.PyArray_ITEMSIZE(<cnp.ndarray>w_ih)
         self.D = w_ih.shape[1]
         self.H = w_hh.shape[1]
         self.GH = w_hh.shape[0]
         self.S = num_saved(cell) * self.H
         self.has_c = cell == LSTM
-        self.w_ih_t_ptr = <char*>cnp.PyArray_DATA(<cnp.ndarray>self.w_ih_t)
-        self.w_hh_t_ptr = <char*>cnp.PyArray_DATA(<cnp.ndarray>self.w_hh_t)
-        self.bias_x_ptr = NULL if bias_x is None else \
-            <char*>cnp.PyArray_DATA(<cnp.ndarray>self.bias_x)
-        self.bias_h_ptr = NULL if bias_h is None else \
-            <char*>cnp.PyArray_DATA(<cnp.ndarray>self.bias_h)
+        bias_x = None if bias_x is None else np.ascontiguousarray(bias_x)
+        bias_h = None if bias_h is None else np.ascontiguousarray(bias_h)
+        self.bias_x_ptr = NULL if bias_x is None else <char*>cnp.PyArray_DATA(<cnp.ndarray>bias_x)
+        self.bias_h_ptr = NULL if bias_h is None else <char*>cnp.PyArray_DATA(<cnp.ndarray>bias_h)
+        self.packed = packed_ih is not None and self.typenum == cnp.NPY_FLOAT32
+        if self.packed:
+            _describe_packed(&self.packed_ih, packed_ih[0], self.D, self.H,
+                             <int>num_gates(cell))
+            _fill_packed(self.packed_hh, packed_hh, cell, self.H, 1)
+            self.keep = (bias_x, bias_h, packed_ih, packed_hh)
+            self.w_ih_t_ptr = NULL
+            self.w_hh_t_ptr = NULL
+        else:
+            w_ih_t = np.ascontiguousarray(w_ih.T)
+            w_hh_t = np.ascontiguousarray(w_hh.T)
+            self.keep = (bias_x, bias_h, w_ih_t, w_hh_t)
+            self.w_ih_t_ptr = <char*>cnp.PyArray_DATA(<cnp.ndarray>w_ih_t)
+            self.w_hh_t_ptr = <char*>cnp.PyArray_DATA(<cnp.ndarray>w_hh_t)
 
     def step(self, x, hx):
-        cdef cnp.npy_intp dims[1]
+        cdef cnp.npy_intp dims[2]
         cdef cnp.ndarray h_out, c_out = None
         cdef object h_in = None, c_in = None
         cdef char* work
-        if not _plain(x, self.typenum, self.D):
+        cdef Py_ssize_t ndim, B
+        if type(x) is not cnp.ndarray:
+            return None
+        ndim = cnp.PyArray_NDIM(<cnp.ndarray>x)
+        if ndim == 2 and self.packed:
+            B = cnp.PyArray_DIM(<cnp.ndarray>x, 0)
+            if B > CELL_STEP_MAX_ROWS or B == 0:
+                return None
+        elif ndim == 1:
+            B = 1
+        else:
+            return None
+        if not _plain_rows(x, self.typenum, ndim, B, self.D):
             return None
         if hx is not None:
             if self.has_c:
                 if type(hx) is not tuple or len(<tuple>hx) != 2:
                     return None
                 h_in, c_in = (<tuple>hx)[0], (<tuple>hx)[1]
-                if not _plain(c_in, self.typenum, self.H):
+                if not _plain_rows(c_in, self.typenum, ndim, B, self.H):
                     return None
             else:
                 h_in = hx
-            if not _plain(h_in, self.typenum, self.H):
+            if not _plain_rows(h_in, self.typenum, ndim, B, self.H):
                 return None
-        dims[0] = self.H
+        dims[0] = B if ndim == 2 else self.H
+        dims[1] = self.H
         # fresh outputs (the caller's state is never written), holding the
         # state in, updated in place by the kernel
         if h_in is None:
-            h_out = cnp.PyArray_ZEROS(1, dims, self.typenum, 0)
+            h_out = cnp.PyArray_ZEROS(ndim, dims, self.typenum, 0)
         else:
             h_out = cnp.PyArray_NewCopy(<cnp.ndarray>h_in, cnp.NPY_CORDER)
         if self.has_c:
             if c_in is None:
-                c_out = cnp.PyArray_ZEROS(1, dims, self.typenum, 0)
+                c_out = cnp.PyArray_ZEROS(ndim, dims, self.typenum, 0)
             else:
                 c_out = cnp.PyArray_NewCopy(<cnp.ndarray>c_in, cnp.NPY_CORDER)
-        work = <char*>PyMem_Malloc((2 * self.GH + self.S) * self.itemsize)
+        work = <char*>PyMem_Malloc(B * (2 * self.GH + self.S) * self.itemsize)
         if work == NULL:
             raise MemoryError()
         with nogil:
-            if self.typenum == cnp.NPY_FLOAT32:
+            if self.packed:
+                _cell_rows(self.cell, B, self.D, self.H,
+                           <const float*>cnp.PyArray_DATA(<cnp.ndarray>x),
+                           &self.packed_ih, self.packed_hh,
+                           <float*>self.bias_x_ptr, <float*>self.bias_h_ptr,
+                           <float*>cnp.PyArray_DATA(h_out),
+                           NULL if c_out is None else <float*>cnp.PyArray_DATA(c_out),
+                           <float*>work)
+            elif self.typenum == cnp.NPY_FLOAT32:
                 _cell_step(self.cell, self.D, self.H,
                            <float*>cnp.PyArray_DATA(<cnp.ndarray>x),
                            <float*>self.w_ih_t_ptr, <float*>self.w_hh_t_ptr,

@@ -55,8 +55,11 @@ class _CellBase(RecurrentWeights):
         if stepper is None:
             bias_x, bias_h, _ = self._kernel_weights(params)[0]
             w_ih, w_hh = self._weights(params)[:2]
+            packed_ih, packed_hh = self._packed_projection(params), self._packed_recurrent(params)
             stepper = params.cache["stepper"] = _forward.CellStep(
-                self._kernel_code, w_ih[0], w_hh[0], bias_x, bias_h)
+                self._kernel_code, w_ih[0], w_hh[0], bias_x, bias_h,
+                None if packed_ih is None else packed_ih[0],
+                None if packed_hh is None else packed_hh[0])
         return stepper
 
     def forward_train(self, x, hx=None):

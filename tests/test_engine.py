@@ -134,3 +134,27 @@ def test_gradients_are_the_same_bits_at_any_thread_count(kind, options, bidirect
         np.testing.assert_array_equal(a, b)
     for name in one[3]:
         np.testing.assert_array_equal(two[3][name], one[3][name], err_msg=name)
+
+
+CELLS = [("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}), ("GRUCell", {}),
+         ("GRUCell", {"reset_after": False}), ("LSTMCell", {})]
+
+
+@pytest.mark.parametrize("kind,options", CELLS)
+@pytest.mark.parametrize("shape", [(5,), (1, 5), (4, 5), (64, 5)])
+def test_a_cell_step_gives_the_layers_bits(kind, options, shape):
+    """The streaming path takes (D,), (1, D) and small batches, and gives
+    exactly the numbers of the layer with the same weights at T = 1."""
+    cell = getattr(fastrnn, kind)(5, 19, seed=2, **options)
+    layer = getattr(fastrnn, kind[:-4])(5, 19, seed=9, **options)
+    layer.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    h = rng.standard_normal(shape[:-1] + (19,)).astype(np.float32)
+    hx = (h, np.tanh(h)) if kind == "LSTMCell" else h
+    assert cell._stepper(cell._params).step(x, hx) is not None    # the streaming path
+    got = states(cell(x, hx))
+    layer_hx = tuple(s[None] for s in states(hx))
+    _, want = layer(x[None], layer_hx if kind == "LSTMCell" else layer_hx[0])
+    for g, w in zip(got, states(want)):
+        np.testing.assert_array_equal(g, w[0])
