@@ -25,7 +25,8 @@ from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
                                   FASTRNN_MK_LANES, fastrnn_mk_groups, fastrnn_mk_pack,
                                   fastrnn_mk_packed_size, k_block, packed_product)
-from fastrnn._worker cimport Interrupt, interrupted, interrupt_block_rows, run_parts
+from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block_rows,
+                             run_parts)
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
                              axpy_product,
                              AXPY_MAX,
@@ -297,7 +298,7 @@ cdef struct BackJob:
     void* dgh
     const int64_t* lengths
     bint blas_held
-    Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
+    Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt interrupt
     int packs_per_dir           # 0: BLAS; else Packed entries per direction
     Packed packed[4]
@@ -434,7 +435,7 @@ cdef struct WeightJob:
     void* db_ih
     void* db_hh
     bint separate_dgh       # dgh is its own buffer (GRU), not dgx
-    Py_ssize_t cols[2][2]   # per part: gate columns [n_lo, n_hi)
+    Py_ssize_t cols[MAX_PARTS][2]   # per part: gate columns [n_lo, n_hi)
     Interrupt interrupt
     bint has_packed         # float32: the sums over rows on the micro-kernel
     Packed packed_x         # x packed (pack_rows), K = R
@@ -618,7 +619,7 @@ cdef struct InputJob:
     const void* w_ih
     void* dx
     Py_ssize_t N, D, max_rows
-    Py_ssize_t rows[2][2]
+    Py_ssize_t rows[MAX_PARTS][2]
     Interrupt interrupt
     bint has_packed
     Packed packed               # float32: W_ih packed (pack_rows), K = N

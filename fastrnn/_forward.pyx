@@ -38,8 +38,8 @@ import numpy as np
 
 cnp.import_array()
 
-from fastrnn._worker cimport (Interrupt, interrupted, interrupt_block_rows, run_pair,
-                             run_parts, cpu_pause)
+from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block_rows,
+                             run_team, run_parts, cpu_pause)
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_ROW,
                                   FASTRNN_MK_ZERO, FASTRNN_MK_ISA, FASTRNN_MK_LANES,
                                   fastrnn_mk_pack, fastrnn_mk_packed_size, fastrnn_mk_groups,
@@ -237,7 +237,7 @@ cdef struct ProjectJob:
     const void* bias
     void* gx
     Py_ssize_t D, N, max_rows
-    Py_ssize_t rows[2][2]       # per part: first row, end
+    Py_ssize_t rows[MAX_PARTS][2]   # per part: first row, end
     Interrupt interrupt
     bint has_packed
     Packed packed[2]            # float32: W_ih packed per direction
@@ -401,7 +401,7 @@ cdef struct RecurJob:
     void* h_prev
     void* c_prev
     const int64_t* lengths
-    Py_ssize_t ranges[2][4]     # per part: d_lo, d_hi, b_lo, b_hi
+    Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt interrupt
     int packs_per_dir           # 0: BLAS products; else Packed entries per direction
     Packed packed[4]
@@ -713,7 +713,7 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     job.waits[1] = 0
     memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long))
     with nogil:
-        claimed = run_pair(_unit_job, &job, wait_ns)
+        claimed = run_team(_unit_job, &job, 2, wait_ns)
     if not claimed:
         return 0
     # the parts waited for each other at more than a quarter of the steps:

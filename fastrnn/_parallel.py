@@ -24,14 +24,30 @@ import threading
 from fastrnn._kernels import forward as _forward
 
 
+# the most threads one call uses (the kernels' job size, _worker.pxd)
+MAX_THREADS = 64
+
+
+def _cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # not on Linux
+        return os.cpu_count() or 1
+
+
 def _default_threads():
     value = os.environ.get("FASTRNN_NUM_THREADS")
     if value is not None:
         try:
-            return max(1, int(value))
+            n = int(value)
         except ValueError:
-            raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int, got {value!r}")
-    return min(os.cpu_count() or 1, 2)
+            raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int >= 1, "
+                              f"got {value!r}") from None
+        if n < 1:
+            raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int >= 1, got {n}")
+        return min(n, MAX_THREADS)
+    return min(_cores(), MAX_THREADS)
 
 
 _threads = _default_threads()
@@ -42,11 +58,12 @@ MIN_PARALLEL_WORK = 4_000_000
 
 
 def set_num_threads(n):
-    """Threads fastrnn may use for one layer call: 1, or 2 to run the two
-    directions or two halves of the batch at once (more are not used yet).
+    """Threads fastrnn may use for one call (the calling thread and n - 1
+    workers), at most 64: the directions, ranges of the batch, of the
+    hidden units, of the rows of the large products run at once.
 
     Also set by the environment variable FASTRNN_NUM_THREADS; the default is
-    min(cores, 2).
+    the number of cores this process may run on (os.sched_getaffinity).
     """
     global _threads
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
@@ -54,7 +71,7 @@ def set_num_threads(n):
                         f"{n!r}")
     if n < 1:
         raise ValueError(f"set_num_threads: expected an int >= 1, got {n!r}")
-    _threads = int(n)
+    _threads = min(int(n), MAX_THREADS)
 
 
 def get_num_threads():
@@ -157,16 +174,20 @@ if hasattr(os, "register_at_fork"):
 
 
 def split(dirs, batch, work):
-    """Parts (d_lo, d_hi, b_lo, b_hi) to run in parallel: the two directions,
-    or two halves of the batch, or everything in one part."""
-    if _threads < 2 or work < MIN_PARALLEL_WORK:
+    """Parts (d_lo, d_hi, b_lo, b_hi) to run at once, one per thread: the
+    directions, each cut into ranges of the batch; everything in one part
+    below MIN_PARALLEL_WORK."""
+    n = _threads
+    if n < 2 or work < MIN_PARALLEL_WORK:
         return [(0, dirs, 0, batch)]
-    if dirs == 2:
-        return [(0, 1, 0, batch), (1, 2, 0, batch)]
-    if batch >= 2:
-        half = batch // 2
-        return [(0, dirs, 0, half), (0, dirs, half, batch)]
-    return [(0, dirs, 0, batch)]
+    per_direction = max(1, min(n // dirs, batch))
+    if dirs == 1 or per_direction > 1 or n < dirs:
+        dir_ranges = [(d, d + 1) for d in range(dirs)] if n >= dirs else [(0, dirs)]
+    else:
+        dir_ranges = [(d, d + 1) for d in range(dirs)]
+    parts = [(d_lo, d_hi, lo, hi) for d_lo, d_hi in dir_ranges
+             for lo, hi in chunks(batch, per_direction)]
+    return parts if len(parts) > 1 else [(0, dirs, 0, batch)]
 
 
 # A batch-1 unidirectional layer splits its hidden units between this thread
@@ -218,9 +239,13 @@ def unit_halves(T, H, gates):
     return [0, mid, H]
 
 
+def chunks(n, count):
+    """[0, n) cut into ``count`` contiguous ranges as even as can be."""
+    count = max(1, min(count, n)) if n > 0 else 1
+    return [(k * n // count, (k + 1) * n // count) for k in range(count)]
+
+
 def halves(n, parts):
     """Split [0, n) (rows or columns) into as many contiguous ranges as there
     are parts."""
-    if len(parts) == 1:
-        return [(0, n)]
-    return [(0, n // 2), (n // 2, n)]
+    return chunks(n, len(parts))

@@ -1,19 +1,25 @@
-/* One worker thread, in C, for the two parts of a layer's time loops.
+/* The kernels' worker threads, in C: a pool of up to FASTRNN_MAX_THREADS - 1
+ * threads that run the parts of a call beside the calling thread.
  *
- * The parts of a call (two directions, two halves of the batch, or two
- * halves of the hidden units that meet at a barrier every step) run as
- * fn(arg, 0) in the calling thread and fn(arg, 1) here. The worker never
- * touches Python, so it needs no GIL, and after a job it spins for
- * FASTRNN_WORKER_SPIN_NS watching for the next one before it sleeps: a
- * sleeping thread (and on a virtual machine, an idle core) takes tens of
- * microseconds or more to wake, which a call's second part would wait for.
+ * A call's work comes as ``nparts`` parts fn(arg, part). The calling thread
+ * posts the job and takes parts like any worker; each part goes to whoever
+ * takes it first (an atomic ticket holding the job's id and the next part),
+ * so a sleeping or descheduled worker never makes a call slower than its
+ * caller alone, and what a part computes never depends on who runs it.
+ * The workers never touch Python (no GIL); after a job they spin for
+ * FASTRNN_WORKER_SPIN_NS watching for the next before they sleep, since a
+ * sleeping thread (and on a virtual machine an idle core) takes tens of
+ * microseconds or more to wake.
  *
- * One caller at a time owns the worker (fastrnn_worker_claim); a caller
- * that cannot claim it runs both parts itself (or, for the unit split, the
- * whole layer in one thread). Part 1 goes to whoever takes it first: a
- * caller whose part 0 is done before the worker woke runs part 1 itself,
- * so a sleeping or descheduled worker never makes a call slower than one
- * thread. After fork() the child starts afresh. */
+ * A team job (fastrnn_run_team) is one whose parts meet at barriers, so all
+ * of them must run at once: the caller waits up to wait_ns for the workers
+ * to take every part, then lets them go; if they do not, it withdraws the
+ * job and nothing runs (the caller then runs the work another way).
+ *
+ * One caller at a time owns the pool (fastrnn_pool_claim); another caller
+ * meanwhile runs all its parts itself. The workers take no signals. After
+ * fork() the child starts afresh (no threads; the handler is registered at
+ * import, before any claim). */
 #ifndef FASTRNN_WORKER_H
 #define FASTRNN_WORKER_H
 
@@ -23,25 +29,34 @@
 #include <signal.h>
 #include <time.h>
 
+#define FASTRNN_MAX_THREADS 64
 #define FASTRNN_WORKER_SPIN_NS 300000LL
-#define FASTRNN_WAIT_SPINS 64L    /* pauses between yields while waiting for part 1 */
+#define FASTRNN_WAIT_SPINS 64L    /* pauses between yields while waiting */
+/* the ticket, one atomic word: job id << 16 | parts << 8 | next part. The
+ * part count travels with the id: read apart, a worker between two jobs
+ * could pair the old job's id with the new job's count */
+#define FASTRNN_PART_BITS 8
+#define FASTRNN_PART_MASK ((1L << FASTRNN_PART_BITS) - 1)
 
 typedef void (*fastrnn_job_fn)(void* arg, int part);
 
 static struct {
     pthread_mutex_t mutex;
     pthread_cond_t cond;
-    long claimed;        /* 1 while a caller owns the worker */
-    long posted;         /* id of the last job posted */
-    long taken;          /* id of the last job whose part 1 someone took */
-    long done;           /* id of the last job whose part 1 the worker finished */
-    int started;         /* the thread exists in this process */
-    int failed;          /* it could not be started: callers run alone */
-    int sleeping;        /* the thread waits on cond (guarded by mutex) */
-    int atfork;          /* the fork handler is registered (at import) */
-    long by_worker;      /* parts 1 the worker ran, */
-    long by_caller;      /* the callers ran themselves, */
-    long withdrawn;      /* and unit splits withdrawn (statistics) */
+    long claimed;          /* 1 while a caller owns the pool */
+    long posted;           /* id of the last job posted */
+    long ticket;           /* posted job's id << 16 | its parts << 8 | next part */
+    long remaining;        /* parts of the posted job not finished */
+    int nparts;            /* parts of the posted job */
+    int team;              /* its parts wait for ``go`` (barrier jobs) */
+    int go;                /* team job: 1 run, -1 withdrawn, 0 wait */
+    int started;           /* worker threads that exist in this process */
+    int failed;            /* threads could not be started: callers run alone */
+    int sleeping;          /* workers waiting on cond (guarded by mutex) */
+    int atfork;            /* the fork handler is registered (at import) */
+    long by_worker;        /* parts the workers ran, */
+    long by_caller;        /* the callers ran, */
+    long withdrawn;        /* and team jobs withdrawn (statistics, unsynchronised) */
     fastrnn_job_fn fn;
     void* arg;
 } fastrnn_worker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -66,11 +81,50 @@ static inline long long fastrnn_clock_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Take part 1 of job `job` (the worker or the caller, whoever comes first). */
+/* Take the next part of job `job`: its number, or -1 when none is left
+ * (or the job is over). */
 static inline int fastrnn_take(long job) {
-    long expected = job - 1;
-    return __atomic_compare_exchange_n(&fastrnn_worker.taken, &expected, job, 0,
-                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    long ticket = __atomic_load_n(&fastrnn_worker.ticket, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if ((ticket >> (2 * FASTRNN_PART_BITS)) != job)
+            return -1;
+        if ((ticket & FASTRNN_PART_MASK) >= ((ticket >> FASTRNN_PART_BITS) & FASTRNN_PART_MASK))
+            return -1;
+        if (__atomic_compare_exchange_n(&fastrnn_worker.ticket, &ticket, ticket + 1, 1,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return (int)(ticket & FASTRNN_PART_MASK);
+    }
+}
+
+static inline void fastrnn_wait_spin(long* spins) {
+    if (++*spins % FASTRNN_WAIT_SPINS)
+        fastrnn_cpu_pause();
+    else
+        sched_yield();
+}
+
+/* Run the parts of `job` this thread takes; a team part first waits for
+ * ``go`` (and runs nothing if the job was withdrawn). */
+static void fastrnn_run_taken(long job, int by_worker) {
+    int part;
+    long spins;
+    while ((part = fastrnn_take(job)) >= 0) {
+        if (fastrnn_worker.team) {
+            spins = 0;
+            while (__atomic_load_n(&fastrnn_worker.go, __ATOMIC_ACQUIRE) == 0)
+                fastrnn_wait_spin(&spins);
+            if (__atomic_load_n(&fastrnn_worker.go, __ATOMIC_ACQUIRE) < 0) {
+                __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+                continue;
+            }
+        }
+        if (by_worker)
+            fastrnn_worker.by_worker++;
+        else
+            fastrnn_worker.by_caller++;
+        fastrnn_worker.fn(fastrnn_worker.arg, part);
+        __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+    }
 }
 
 static void* fastrnn_worker_main(void* unused) {
@@ -81,43 +135,41 @@ static void* fastrnn_worker_main(void* unused) {
         deadline = fastrnn_clock_ns() + FASTRNN_WORKER_SPIN_NS;
         spins = 0;
         while (__atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE) == seen) {
-            fastrnn_cpu_pause();
-            if (++spins % 256 == 0 && fastrnn_clock_ns() > deadline) {
+            /* pauses, and a yield now and then: with more threads than
+             * cores the caller may be waiting for this core */
+            fastrnn_wait_spin(&spins);
+            if (spins % 256 == 0 && fastrnn_clock_ns() > deadline) {
                 pthread_mutex_lock(&fastrnn_worker.mutex);
-                fastrnn_worker.sleeping = 1;
+                fastrnn_worker.sleeping++;
                 while (__atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE) == seen)
                     pthread_cond_wait(&fastrnn_worker.cond, &fastrnn_worker.mutex);
-                fastrnn_worker.sleeping = 0;
+                fastrnn_worker.sleeping--;
                 pthread_mutex_unlock(&fastrnn_worker.mutex);
             }
         }
         job = __atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE);
         seen = job;
-        /* the job's fn and arg stay valid while its part 1 is untaken or ours */
-        if (fastrnn_take(job)) {
-            fastrnn_worker.by_worker++;
-            fastrnn_worker.fn(fastrnn_worker.arg, 1);
-            __atomic_store_n(&fastrnn_worker.done, job, __ATOMIC_RELEASE);
-        }
+        /* fn and arg stay valid while a part of the job is ours */
+        fastrnn_run_taken(job, 1);
     }
     return NULL;
 }
 
 static void fastrnn_worker_after_fork(void) {
-    /* the child has no worker thread; the parent's may have been mid-job */
+    /* the child has no worker threads; the parent's may have been mid-job */
     pthread_mutex_init(&fastrnn_worker.mutex, NULL);
     pthread_cond_init(&fastrnn_worker.cond, NULL);
     fastrnn_worker.claimed = 0;
     fastrnn_worker.posted = 0;
-    fastrnn_worker.taken = 0;
-    fastrnn_worker.done = 0;
+    fastrnn_worker.ticket = 0;
+    fastrnn_worker.remaining = 0;
     fastrnn_worker.started = 0;
     fastrnn_worker.sleeping = 0;
 }
 
 /* At import: the fork handler, registered before any caller can claim the
- * worker (a fork between a claim and the registration would leave the
- * child's worker claimed for ever). 0 on failure: callers then run alone. */
+ * pool (a fork between a claim and the registration would leave the
+ * child's pool claimed for ever). 0 on failure: callers then run alone. */
 static int fastrnn_worker_init(void) {
     if (pthread_atfork(NULL, NULL, fastrnn_worker_after_fork) != 0) {
         fastrnn_worker.failed = 1;
@@ -127,21 +179,24 @@ static int fastrnn_worker_init(void) {
     return 1;
 }
 
-/* Try to own the worker (starting it on first use); 0 if another caller
- * owns it or it cannot run. */
-static int fastrnn_worker_claim(void) {
+/* Try to own the pool with at least `workers` threads (started on first
+ * use); returns the number of workers available (0: run alone). */
+static int fastrnn_pool_claim(int workers) {
     long expected = 0;
     pthread_t thread;
     pthread_attr_t attr;
     sigset_t all, old;
     int err;
-    if (__atomic_load_n(&fastrnn_worker.failed, __ATOMIC_RELAXED) || !fastrnn_worker.atfork)
+    if (workers > FASTRNN_MAX_THREADS - 1)
+        workers = FASTRNN_MAX_THREADS - 1;
+    if (workers < 1 || __atomic_load_n(&fastrnn_worker.failed, __ATOMIC_RELAXED)
+            || !fastrnn_worker.atfork)
         return 0;
     if (!__atomic_compare_exchange_n(&fastrnn_worker.claimed, &expected, 1, 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return 0;
-    if (!fastrnn_worker.started) {
-        /* the thread takes no signals: they stay with the program's threads */
+    while (fastrnn_worker.started < workers) {
+        /* the threads take no signals: they stay with the program's threads */
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
         pthread_attr_init(&attr);
@@ -151,91 +206,112 @@ static int fastrnn_worker_claim(void) {
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (err != 0) {
             /* EAGAIN (a thread limit) may pass: try again on a later call */
-            if (err != EAGAIN)
+            if (err != EAGAIN && fastrnn_worker.started == 0)
                 __atomic_store_n(&fastrnn_worker.failed, 1, __ATOMIC_RELAXED);
-            __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
-            return 0;
+            break;
         }
-        fastrnn_worker.started = 1;
+        fastrnn_worker.started++;
     }
-    return 1;
+    if (fastrnn_worker.started == 0) {
+        __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
+        return 0;
+    }
+    return fastrnn_worker.started < workers ? fastrnn_worker.started : workers;
 }
 
 static void fastrnn_release(void) {
     __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
 }
 
-/* With the worker claimed: offer fn(arg, 1) to the worker; returns the job id. */
-static long fastrnn_post(fastrnn_job_fn fn, void* arg) {
+/* With the pool claimed: post a job of `nparts` parts; returns its id. A
+ * team job's part 0 is the caller's: only parts 1... are offered. */
+static long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team) {
     long job;
     fastrnn_worker.fn = fn;
     fastrnn_worker.arg = arg;
+    fastrnn_worker.nparts = nparts;
+    fastrnn_worker.team = team;
+    __atomic_store_n(&fastrnn_worker.go, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&fastrnn_worker.remaining, nparts, __ATOMIC_RELAXED);
     pthread_mutex_lock(&fastrnn_worker.mutex);
     job = fastrnn_worker.posted + 1;
+    __atomic_store_n(&fastrnn_worker.ticket,
+                     (job << (2 * FASTRNN_PART_BITS)) | ((long)nparts << FASTRNN_PART_BITS)
+                     | (team ? 1 : 0), __ATOMIC_RELEASE);
     __atomic_store_n(&fastrnn_worker.posted, job, __ATOMIC_RELEASE);
     if (fastrnn_worker.sleeping)
-        pthread_cond_signal(&fastrnn_worker.cond);
+        pthread_cond_broadcast(&fastrnn_worker.cond);
     pthread_mutex_unlock(&fastrnn_worker.mutex);
     return job;
 }
 
-/* Wait until the worker has finished part 1 of `job`. */
-static void fastrnn_wait_done(long job) {
+static void fastrnn_wait_finished(void) {
     long spins = 0;
-    while (__atomic_load_n(&fastrnn_worker.done, __ATOMIC_ACQUIRE) != job) {
-        if (++spins % FASTRNN_WAIT_SPINS)
-            fastrnn_cpu_pause();
-        else
-            sched_yield();
-    }
+    while (__atomic_load_n(&fastrnn_worker.remaining, __ATOMIC_ACQUIRE) != 0)
+        fastrnn_wait_spin(&spins);
 }
 
-/* Parts that do not wait for each other: fn(arg, 0) here while the worker
- * may take fn(arg, 1); if it has not taken it by the time part 0 is done
- * (asleep, or its core busy), this thread runs part 1 as well. */
-static void fastrnn_run_two(fastrnn_job_fn fn, void* arg) {
+/* Parts that do not wait for each other: fn(arg, p) for p < nparts, on
+ * this thread and up to `workers` workers, whoever takes each first. */
+static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers) {
     long job;
-    if (!fastrnn_worker_claim()) {
-        fn(arg, 0);
-        fn(arg, 1);
+    int p;
+    if (nparts > FASTRNN_MAX_THREADS)
+        nparts = FASTRNN_MAX_THREADS;   /* callers pass at most 64 */
+    if (nparts < 2 || fastrnn_pool_claim(workers < nparts - 1 ? workers : nparts - 1) == 0) {
+        for (p = 0; p < nparts; p++)
+            fn(arg, p);
         return;
     }
-    job = fastrnn_post(fn, arg);
-    fn(arg, 0);
-    if (fastrnn_take(job)) {
-        fastrnn_worker.by_caller++;
-        fn(arg, 1);
-    } else
-        fastrnn_wait_done(job);
+    job = fastrnn_post(fn, arg, nparts, 0);
+    fastrnn_run_taken(job, 0);
+    fastrnn_wait_finished();
     fastrnn_release();
 }
 
-/* Parts that meet at barriers: both must run at once. Offers part 1 to the
- * worker and waits up to wait_ns for it to take it; returns 0 (having run
- * nothing) if it did not, else runs part 0 here and returns 1 when both
- * are done. */
-static int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) {
-    long job, spins;
+/* Parts that meet at barriers: all nparts run at once, the caller one of
+ * them. Returns 0 (having run nothing) when the pool is owned by another
+ * caller, has too few workers, or they do not take their parts within
+ * wait_ns; else 1 when every part is done. */
+static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long wait_ns) {
+    long job, spins = 0;
     long long deadline;
-    if (!fastrnn_worker_claim())
+    int part, workers;
+    if (nparts < 2 || nparts > FASTRNN_MAX_THREADS)
         return 0;
-    job = fastrnn_post(fn, arg);
+    workers = fastrnn_pool_claim(nparts - 1);
+    if (workers < nparts - 1) {
+        if (workers > 0)        /* ours, but too few threads could start */
+            fastrnn_release();
+        return 0;
+    }
+    job = fastrnn_post(fn, arg, nparts, 1);
+    part = 0;                              /* the caller's own part */
     deadline = fastrnn_clock_ns() + wait_ns;
-    spins = 0;
-    while (__atomic_load_n(&fastrnn_worker.taken, __ATOMIC_ACQUIRE) != job) {
-        /* yield now and then: a worker woken on this core needs it */
-        if (++spins % 1024 == 0)
-            sched_yield();
-        else
-            fastrnn_cpu_pause();
-        if (fastrnn_clock_ns() > deadline && fastrnn_take(job)) {
-            fastrnn_worker.withdrawn++;
-            fastrnn_release();   /* withdrawn: nobody runs it */
-            return 0;
+    while ((__atomic_load_n(&fastrnn_worker.ticket, __ATOMIC_ACQUIRE)
+            & FASTRNN_PART_MASK) < nparts) {
+        fastrnn_wait_spin(&spins);
+        if (fastrnn_clock_ns() > deadline) {
+            /* withdraw: take the parts left, so that no late worker starts */
+            while (fastrnn_take(job) >= 0)
+                __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+            break;
         }
     }
-    fn(arg, 0);
-    fastrnn_wait_done(job);
+    if (__atomic_load_n(&fastrnn_worker.remaining, __ATOMIC_ACQUIRE) < nparts) {
+        /* some parts were withdrawn: the others run nothing */
+        __atomic_store_n(&fastrnn_worker.go, -1, __ATOMIC_RELEASE);
+        __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);   /* ours */
+        fastrnn_wait_finished();
+        fastrnn_worker.withdrawn++;
+        fastrnn_release();
+        return 0;
+    }
+    __atomic_store_n(&fastrnn_worker.go, 1, __ATOMIC_RELEASE);
+    fastrnn_worker.by_caller++;
+    fn(arg, part);
+    __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+    fastrnn_wait_finished();
     fastrnn_release();
     return 1;
 }

@@ -1,10 +1,12 @@
-# The kernels' one worker thread (implemented in _worker.h, exported by
-# _worker.pyx so that every kernel module shares the same thread).
+# The kernels' worker threads (implemented in _worker.h, exported by
+# _worker.pyx so that every kernel module shares the same pool).
 
 ctypedef void (*job_fn)(void* arg, int part) noexcept nogil
 
-cdef void run_two(job_fn fn, void* arg) noexcept nogil
-cdef bint run_pair(job_fn fn, void* arg, long long wait_ns) noexcept nogil
+cdef enum:
+    MAX_PARTS = 64            # parts of one job (= fastrnn's most threads)
+
+cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil
 cdef void cpu_pause() noexcept nogil
 
 # A long call's time loops look at ``interrupted`` once per step: the thread

@@ -1,6 +1,6 @@
-# The kernels' one worker thread: see _worker.h. Its functions live in this
-# module only, so that the forward and backward kernels (and both their
-# builds) share one thread; they reach them through _worker.pxd.
+# The kernels' worker threads: see _worker.h. Its functions live in this
+# module only, so that the forward and backward kernels (and all their
+# builds) share one pool; they reach them through _worker.pxd.
 
 import os
 import threading
@@ -19,8 +19,9 @@ cdef extern from "_worker.h":
     int fastrnn_load_int(const int* p) noexcept nogil
     void fastrnn_store_int(int* p, int v) noexcept nogil
     ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
-    void fastrnn_run_two(fastrnn_job_fn fn, void* arg) noexcept nogil
-    int fastrnn_run_pair(fastrnn_job_fn fn, void* arg, long long wait_ns) noexcept nogil
+    void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers) noexcept nogil
+    int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts,
+                         long long wait_ns) noexcept nogil
     void fastrnn_cpu_pause() noexcept nogil
     int fastrnn_worker_init() noexcept nogil
     struct fastrnn_worker_state "__typeof__(fastrnn_worker)":
@@ -29,23 +30,18 @@ cdef extern from "_worker.h":
 
 
 def stats():
-    """(parts the worker ran, parts callers ran themselves because the worker
-    had not taken them in time, unit splits withdrawn): how often the second
-    core really helped, since start (or fork). Counted without locks: about."""
+    """(parts the workers ran, parts the callers ran, team jobs withdrawn
+    because the workers did not all come in time): how often the other
+    cores really helped, since start (or fork). Counted without locks:
+    about."""
     return fastrnn_worker.by_worker, fastrnn_worker.by_caller, fastrnn_worker.withdrawn
 
 
-cdef void run_two(job_fn fn, void* arg) noexcept nogil:
-    """fn(arg, 0) here and fn(arg, 1) on the worker if it takes it in time,
-    else here too: for parts that do not wait for each other."""
-    fastrnn_run_two(<fastrnn_job_fn>fn, arg)
-
-
-cdef bint run_pair(job_fn fn, void* arg, long long wait_ns) noexcept nogil:
-    """fn(arg, 0) here and fn(arg, 1) on the worker at the same time (parts
-    that meet at barriers); False, having run nothing, when the worker is
-    owned by another call or does not take the job within wait_ns."""
-    return fastrnn_run_pair(<fastrnn_job_fn>fn, arg, wait_ns) != 0
+cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil:
+    """fn(arg, p) for p < nparts all at once (parts that meet at barriers),
+    this thread one of them; False, having run nothing, when the workers are
+    owned by another call or do not all take their parts within wait_ns."""
+    return fastrnn_run_team(<fastrnn_job_fn>fn, arg, nparts, wait_ns) != 0
 
 
 cdef void cpu_pause() noexcept nogil:
@@ -112,30 +108,29 @@ cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_row
 
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
                    parts, Interrupt* interrupt=NULL) except -1:
-    """The dispatch of every two-part kernel entry: copy ``parts`` (one or two
-    tuples of ``width`` values, (lo, hi) pairs) into the job's ranges (2 x
-    width), then run fn without the GIL: part 0 alone, or both parts through
-    run_two when the second part's ranges are all non-empty. With an
-    ``interrupt`` (a field of the job its parts poll), raise the exception a
-    signal handler raised meanwhile; the call's outputs are then partial."""
+    """The dispatch of every kernel entry that runs in parts: copy ``parts``
+    (up to MAX_PARTS tuples of ``width`` values, (lo, hi) pairs) into the
+    job's ranges (MAX_PARTS x width), then run fn(arg, p) for each part
+    without the GIL, on this thread and up to len(parts) - 1 workers (the
+    plan makes as many parts as threads).
+    With an ``interrupt`` (a field of the job its parts poll), raise the
+    exception a signal handler raised meanwhile; the call's outputs are then
+    partial."""
     cdef Py_ssize_t p, i
-    cdef bint two = len(parts) > 1
+    cdef int nparts = len(parts)
+    if nparts < 1 or nparts > MAX_PARTS:
+        raise ValueError(f"run_parts: expected 1 to {MAX_PARTS} parts, got {nparts}")
     if interrupt != NULL:
         interrupt.stop = 0
         interrupt.caller = pthread_self()
         interrupt.polls = interrupt.caller == _main_thread
         interrupt.countdown = INTERRUPT_STEPS_PER_CLOCK
         interrupt.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS
-    for p in range(2):
+    for p in range(nparts):
         for i in range(width):
-            ranges[p * width + i] = parts[p][i] if p < len(parts) else 0
-    for i in range(0, width, 2):
-        two = two and ranges[width + i + 1] > ranges[width + i]
+            ranges[p * width + i] = parts[p][i]
     with nogil:
-        if two:
-            run_two(fn, arg)
-        else:
-            fn(arg, 0)
+        fastrnn_run_parts(<fastrnn_job_fn>fn, arg, nparts, nparts - 1)
     if interrupt != NULL and interrupt.stop:
         return -1    # the signal handler's exception is pending
     return 0
