@@ -39,8 +39,9 @@ __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dr
 
 
 def __getattr__(name):
-    # fastrnn.dask is imported on first use: dask is an optional dependency
-    if name == "dask":
+    # fastrnn.dask and fastrnn.sklearn are imported on first use: dask and
+    # scikit-learn are optional dependencies
+    if name in ("dask", "sklearn"):
         import importlib
-        return importlib.import_module("fastrnn.dask")
+        return importlib.import_module("fastrnn." + name)
     raise AttributeError(f"module 'fastrnn' has no attribute {name!r}")

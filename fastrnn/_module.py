@@ -235,6 +235,13 @@ class Module:
             self._swap_parameters(write)
         return LoadResult(missing, unexpected)
 
+    def save(self, path):
+        """Write this layer or cell to one ``.npz`` file: its configuration,
+        weights and random state (no pickle); ``fastrnn.load`` rebuilds it.
+        See ``fastrnn.save``."""
+        from fastrnn.model import save   # fastrnn.model imports this module
+        save(self, path)
+
     def __reduce__(self):
         """Pickle as constructor arguments, parameters and random state, so
         that the copy rebuilds its storage and behaves identically

@@ -14,7 +14,7 @@ import re
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-PEERS = ("torch", "keras", "onnx", "onnxruntime", "dask", "distributed")
+PEERS = ("torch", "keras", "onnx", "onnxruntime", "dask", "distributed", "sklearn")
 
 
 def python_blocks():

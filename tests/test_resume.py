@@ -237,8 +237,6 @@ def test_layer_save_methods(tmp_path):
         fastrnn.save(np.zeros(3), tmp_path / "z.npz")
 
 
-@pytest.mark.skipif(not hasattr(fastrnn.GRU, "save"), reason="Module.save is not in "
-                                                             "_module.py yet")
 def test_recurrent_layers_have_a_save_method(tmp_path):
     gru = fastrnn.GRU(3, 4, seed=0)
     gru.save(tmp_path / "g.npz")
