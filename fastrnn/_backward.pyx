@@ -19,12 +19,11 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.string cimport memset
 
-import numpy as np
-
 from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
                                   FASTRNN_MK_LANES, fastrnn_mk_groups, fastrnn_mk_pack,
-                                  fastrnn_mk_packed_size, k_block, packed_product)
+                                  fastrnn_mk_packed_size, aligned_float32, k_block,
+                                  packed_product)
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block_rows,
                              run_parts)
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
@@ -242,9 +241,7 @@ def pack_rows(const float[:, :] w not None, Py_ssize_t row0, Py_ssize_t rows,
             or w.strides[0] % sizeof(float)):
         raise ValueError(f"pack_rows: rows [{row0}, {row0 + rows}) and columns [{col0}, "
                          f"{col0 + C}) do not fit a matrix of shape ({w.shape[0]}, {w.shape[1]})")
-    buffer = np.empty(size + 16, np.float32)
-    start = (-(buffer.ctypes.data // 4)) % 16      # a 64-byte boundary
-    packed = buffer[start:start + size]
+    packed = aligned_float32(size)
     out = packed
     with nogil:
         fastrnn_mk_pack(&w[row0, col0], ld, 1, rows, C, 1, 4, &out[0])

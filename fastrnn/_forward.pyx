@@ -43,7 +43,7 @@ from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_ROW,
                                   FASTRNN_MK_ZERO, FASTRNN_MK_ISA, FASTRNN_MK_LANES,
                                   fastrnn_mk_pack, fastrnn_mk_packed_size, fastrnn_mk_groups,
-                                  packed_product, packed_product_groups,
+                                  aligned_float32, packed_product, packed_product_groups,
                                   unit_blocks_per_group)
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
@@ -75,26 +75,13 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
     packed (float32): each direction's W_ih packed for the micro-kernel
     (``pack_projection``), which then runs the product: every element one
     chain from its bias, so a row's values never depend on the other rows."""
-    cdef Py_ssize_t r, start, n_rows, d, GH, dirs
+    cdef Py_ssize_t r, start, n_rows, d, GH = 0, dirs = 0
     cdef floating beta = 0
-    if floating is float and packed != NULL:
+    cdef bint on_kernel = floating is float and packed != NULL
+    if on_kernel:
         GH = packed.gates * packed.units
         dirs = N // GH
-        if interrupt != NULL:
-            max_rows = interrupt_block_rows(N * D, max_rows)
-        start = 0
-        while start < rows:
-            if interrupted(interrupt, True):
-                return
-            n_rows = min(max_rows, rows - start)
-            for d in range(dirs):
-                packed_product(n_rows, x + start * D, D, 1, packed + d, gx + start * N + d * GH,
-                               N, packed.units,
-                               FASTRNN_MK_ZERO if bias == NULL else FASTRNN_MK_FROM_ROW,
-                               NULL if bias == NULL else bias + d * GH)
-            start += n_rows
-        return
-    if bias != NULL:
+    elif bias != NULL:
         beta = 1
         for r in range(rows):
             memcpy(gx + r * N, bias, N * sizeof(floating))
@@ -105,8 +92,15 @@ cdef void _project_inputs(const floating* x, Py_ssize_t rows, Py_ssize_t D,
         if interrupted(interrupt, True):
             return
         n_rows = min(max_rows, rows - start)
-        gemm(False, True, <int>n_rows, <int>N, <int>D, <floating>1,
-             x + start * D, <int>D, w_ih, <int>D, beta, gx + start * N, <int>N)
+        if floating is float and on_kernel:
+            for d in range(dirs):
+                packed_product(n_rows, x + start * D, D, 1, packed + d, gx + start * N + d * GH,
+                               N, packed.units,
+                               FASTRNN_MK_ZERO if bias == NULL else FASTRNN_MK_FROM_ROW,
+                               NULL if bias == NULL else bias + d * GH)
+        else:
+            gemm(False, True, <int>n_rows, <int>N, <int>D, <floating>1,
+                 x + start * D, <int>D, w_ih, <int>D, beta, gx + start * N, <int>N)
         start += n_rows
 
 
@@ -310,9 +304,7 @@ def pack_weights(const float[:, ::1] w not None, Py_ssize_t row0, Py_ssize_t uni
     if row0 < 0 or units < 1 or gates < 1 or row0 + gates * units > w.shape[0]:
         raise ValueError(f"pack_weights: rows [{row0}, {row0} + {gates} x {units}) do not "
                          f"fit a matrix of {w.shape[0]} rows")
-    buffer = np.empty(size + 16, np.float32)
-    start = (-(buffer.ctypes.data // 4)) % 16      # a 64-byte boundary
-    packed = buffer[start:start + size]
+    packed = aligned_float32(size)
     out = packed
     with nogil:
         fastrnn_mk_pack(&w[row0, 0], 1, K, K, units, gates, ub, &out[0])

@@ -36,6 +36,15 @@ cdef struct Packed:
     int gates, ub, nv
 
 
+cdef inline object aligned_float32(Py_ssize_t size):
+    """An uninitialised float32 array of ``size`` values starting on a
+    64-byte boundary (a cache line: no vector load of a panel splits one)."""
+    from numpy import empty, float32
+    buffer = empty(size + 16, float32)
+    start = (-(buffer.ctypes.data // 4)) % 16
+    return buffer[start:start + size]
+
+
 cdef inline Packed k_block(const Packed* p, Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
     """The same packed matrix restricted to its rows k0 <= k < k1 (a block
     of the sum: continuing from C's values, the chains stay the same)."""
