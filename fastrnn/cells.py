@@ -145,6 +145,9 @@ class _CellBackprop:
 
 _CELL_DOC = """{summary}
 
+    Called as ``{call}``: the call's arguments are listed under Other
+    Parameters, its results under Returns.
+
     Parameters
     ----------
     input_size : int
@@ -157,12 +160,12 @@ _CELL_DOC = """{summary}
     seed : None, int or numpy.random.Generator
         Source of the initial weights, ~ U(-1/sqrt(H), 1/sqrt(H)).
 
-    Call
-    ----
-    ``{call}``
-
+    Other Parameters
+    ----------------
     x : array-like of shape (B, D) or (D,)
-    hx : {hx_doc}, optional (zeros if omitted)
+        Converted to the cell's dtype.
+    hx : {hx_doc}, optional
+        The previous state; zeros if omitted.
 
     Returns
     -------

@@ -231,6 +231,9 @@ def tbptt(layer, x, steps, hx=None):
 
 _LAYER_DOC = """{summary}
 
+    Called as ``{call}``: the call's arguments are listed under Other
+    Parameters, its results under Returns.
+
     Parameters
     ----------
     input_size : int
@@ -254,10 +257,8 @@ _LAYER_DOC = """{summary}
     seed : None, int or numpy.random.Generator
         Source of the initial weights (and of dropout masks in training).
 
-    Call
-    ----
-    ``{call}``
-
+    Other Parameters
+    ----------------
     x : array-like of shape (T, B, D), (B, T, D) if batch_first, or (T, D)
         Converted to the layer's dtype (any real dtype, any memory order).
     hx : {hx_doc}, optional
@@ -325,8 +326,8 @@ class GRU(_RNNBase):
               "        z_t = \\sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz})\\\\\n"
               "        n_t = \\tanh(W_{in} x_t + b_{in} + r_t \\odot (W_{hn} h_{t-1} + b_{hn}))\\\\\n"
               "        h_t = (1 - z_t) \\odot n_t + z_t \\odot h_{t-1}\n\n"
-              "    With ``reset_after=False``, "
-              "n_t = tanh(W_in x_t + b_in + W_hn (r_t * h_{t-1}) + b_hn)."),
+              "    With ``reset_after=False``, :math:`n_t = \\tanh(W_{in} x_t + b_{in} + "
+              "W_{hn} (r_t \\odot h_{t-1}) + b_{hn})`."),
         gates="G = 3, gate blocks in the order r, z, n")
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,

@@ -329,7 +329,7 @@ class Adam(Optimizer):
 
 class AdamW(Adam):
     """AdamW, PyTorch's ``torch.optim.AdamW``: decoupled weight decay
-    p *= 1 - lr * weight_decay before the Adam update (default 1e-2)."""
+    ``p *= 1 - lr * weight_decay`` before the Adam update (default 1e-2)."""
     _decoupled = True
 
     def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
