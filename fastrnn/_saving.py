@@ -1,19 +1,36 @@
 """The model file: writing it, and reading it back safely.
 
-One ``.npz`` (a zip of ``.npy`` arrays, no pickle): ``config.npy`` holds the
-JSON description, ``weights/{layer}.{name}.npy`` the parameters, and
-``optimizer/{layer}.{name}.{slot}.npy`` the optimizer's per-parameter arrays
-(their shapes are those of the parameters). The JSON's ``format`` is
-``'fastrnn/2'``; files of ``'fastrnn.Sequential/1'`` (weights only) are still
-read.
+Two containers of the same content, chosen by the path's extension when
+writing and by the content when reading:
+
+* ``.npz`` (a zip of ``.npy`` arrays, no pickle; any path not ending in
+  ``.safetensors``): ``config.npy`` holds the JSON description,
+  ``weights/{layer}.{name}.npy`` the parameters, and
+  ``optimizer/{layer}.{name}.{slot}.npy`` the optimizer's per-parameter
+  arrays (their shapes are those of the parameters).
+* ``.safetensors``: an 8-byte little-endian header length, a JSON header
+  (per tensor its dtype, shape and byte span; ``__metadata__`` a mapping of
+  strings), then the tensors' raw little-endian bytes, back to back. The
+  tensors are named as PyTorch names them: a single layer's as the module's
+  ``state_dict`` (``weight_ih_l0``), a Sequential's as ``nn.Sequential``'s
+  (``0.weight_ih_l0``); the optimizer's arrays under ``optimizer/`` (a name
+  no PyTorch module has). ``__metadata__`` holds ``'format': 'pt'`` (the
+  Hugging Face convention: PyTorch tensors) and ``'fastrnn'``: the JSON
+  description, as text.
+
+The JSON's ``format`` is ``'fastrnn/2'``; files of ``'fastrnn.Sequential/1'``
+(weights only) are still read.
 
 Reading trusts nothing: every size the file declares (zip directory, array
-headers, the layers' and the optimizer's configuration) is checked against
-the file itself before anything is allocated; see ``fastrnn.load``.
+headers, safetensors header and byte spans, the layers' and the optimizer's
+configuration) is checked against the file itself before anything is
+allocated; see ``fastrnn.load``. A safetensors file is memory-mapped and its
+tensors copied once, straight into the parameters.
 """
 import inspect
 import json
 import math
+import mmap
 import os
 import reprlib
 import stat
@@ -54,6 +71,18 @@ _MAX_CONFIG_DEPTH = 8              # nesting of the JSON (a saved model's is at 
 _MAX_RATIO = 100                   # uncompressed / compressed size of a member (float
 _RATIO_SLACK = 4096                # weights deflate to ~1:1), beyond this many bytes
 _READ_CHUNK = 1 << 20              # bytes read from a member at a time
+_MAX_HEADER_BYTES = 8 << 20      # a safetensors header: its JSON configuration (escaped)
+                                   # and ~100 bytes per tensor
+_SAFETENSORS_DEPTH = 3             # {name: {"shape": [...]}}: a safetensors header's nesting
+SAFETENSORS_SUFFIX = ".safetensors"
+_OPTIMIZER_PREFIX = "optimizer/"
+# safetensors dtypes: numpy's little-endian equivalent (None: none), and bytes per value
+_ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (None, 2),
+              "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
+              "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1),
+              "BOOL": ("?", 1), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
+              "F8_E8M0": (None, 1), "C64": (None, 8)}
+_ST_CODES = {"float64": "F64", "float32": "F32"}
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 _CELL_GATES = {"RNNCell": 1, "GRUCell": 3, "LSTMCell": 4}
 
@@ -217,22 +246,65 @@ def save_layer(layer, path):
     _write(path, config, arrays)
 
 
+def is_safetensors_path(path):
+    """Whether `save` writes `path` as safetensors: its name ends in
+    ``.safetensors`` (any case)."""
+    return os.fsdecode(os.fspath(path)).lower().endswith(SAFETENSORS_SUFFIX)
+
+
 def _write(path, config, arrays):
-    arrays = dict(arrays)
-    arrays["config"] = np.array(json.dumps(config))
+    """Write `config` and `arrays` (named as in the .npz) to `path`, in the
+    container its extension calls for, through a temporary file renamed
+    over it."""
     path = os.fspath(path)
+    if is_safetensors_path(path):
+        def write(f):
+            _write_safetensors(f, config, arrays)
+    else:
+        def write(f):
+            np.savez(f, **arrays, config=np.array(json.dumps(config)))
     # default permissions, unlike mkstemp's 0600
     tmp = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.tmp")
+    if isinstance(path, bytes):
+        tmp = os.fsencode(tmp)
     created = False
     try:
         with open(tmp, "xb") as f:
             created = True
-            np.savez(f, **arrays)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if created and os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _write_safetensors(f, config, arrays):
+    """The safetensors file: weights under PyTorch's names (a single layer's
+    without the layer index), optimizer arrays under 'optimizer/'."""
+    single = config["kind"] == "layer"
+    header = {"__metadata__": {"format": "pt", "fastrnn": json.dumps(config)}}
+    tensors = []
+    end = 0
+    for key, value in arrays.items():
+        if key.startswith("weights/"):
+            name = key[len("weights/"):]
+            if single:
+                name = name.partition(".")[2]
+        else:
+            name = key                         # 'optimizer/{layer}.{name}.{slot}'
+        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+        header[name] = {"dtype": _ST_CODES[value.dtype.name], "shape": list(value.shape),
+                        "data_offsets": [end, end + value.nbytes]}
+        end += value.nbytes
+        tensors.append(value)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)            # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for value in tensors:
+        f.write(value.reshape(-1).view(np.uint8).data)
+
 
 # --- reading ------------------------------------------------------------------------------
 def load(path, sequential_cls):
@@ -244,15 +316,29 @@ def load(path, sequential_cls):
         raise ValueError(refused + "it is not a regular file")
     with open(path, "rb") as f:
         try:
-            return _read(sequential_cls, f, os.fstat(f.fileno()).st_size)
+            size = os.fstat(f.fileno()).st_size
+            if _looks_safetensors(path, f, size):
+                return _read_safetensors(sequential_cls, f, size)
+            return _read(sequential_cls, f, size)
         except _BadFile as exc:
             raise ValueError(refused + str(exc)) from None
         except _FILE_ERRORS as exc:   # raised by zipfile, zlib or numpy on damaged data
             raise ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}") from exc
 
 
+def _looks_safetensors(path, f, size):
+    """A zip is read as .npz (no safetensors file within the bounds starts as
+    one); anything else as safetensors if its name ends in .safetensors or
+    its header (after the 8 bytes of its length) starts as JSON does."""
+    head = f.read(9)
+    f.seek(0)
+    if size == 0 or head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return False
+    return is_safetensors_path(path) or head[8:9] == b"{"
+
+
 def _read(sequential_cls, f, size):
-    """The checks and reads of `load`, in that order, on an open file."""
+    """The checks and reads of `load`, in that order, on an open .npz file."""
     if size == 0:
         raise _BadFile("the file is empty")
     head = f.read(6)
@@ -273,46 +359,293 @@ def _read(sequential_cls, f, size):
             raise _BadFile("it has no configuration (member 'config.npy')")
         headers = {name: _array_header(zf, info) for name, info in members.items()}
         config = _read_config(zf, members["config.npy"], headers["config.npy"])
-        described = _check_config(config)
-        specs = described.specs
         weights, slots = {}, {}
         for name, header in headers.items():
             if name.startswith("weights/"):
                 weights[name[len("weights/"):-len(".npy")]] = (members[name], header)
             elif name.startswith("optimizer/"):
                 slots[name[len("optimizer/"):-len(".npy")]] = (members[name], header)
-        per_layer = _match_weights(specs, weights)
-        training = described.training
-        if slots and (training is None or training.optimizer is None):
-            raise _BadFile(f"it holds optimizer arrays ({_some(sorted(slots))}) but no "
-                           f"optimizer configuration")
-        per_slot = {} if training is None else _match_slots(specs, training.optimizer, slots)
-        layers = []
-        for i, (name, kwargs, _) in enumerate(specs):
+
+        def read(info, header):
+            return _read_array(zf, info, header)
+
+        def fill(i, layer, held):
+            # layer by layer: at most one layer's arrays are held besides the model
+            part = {key: read(*item) for key, item in held.items()}
             try:
-                layers.append(_LAYER_CLASSES[name](**kwargs))
+                layer.load_state_dict(part)
             except (TypeError, ValueError) as exc:
-                raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
-                               f"{_clip(str(exc))}") from None
-        if described.kind == "layer":
-            model = layers[0]
+                raise _BadFile(f"layer {i} ({type(layer).__name__}): {exc}") from None
+
+        return _build(sequential_cls, config, weights, slots, fill, read)
+
+
+def _build(sequential_cls, config, weights, slots, fill, read):
+    """The model a file describes, from its parsed configuration and its
+    arrays, name -> (reference, header) for `fill(i, layer, held)` (which
+    loads layer i's arrays) and `read(reference, header)` (which gives an
+    optimizer array); the header's first element is the array's shape, its
+    third its dtype."""
+    described = _check_config(config)
+    specs = described.specs
+    per_layer = _match_weights(specs, weights)
+    training = described.training
+    if slots and (training is None or training.optimizer is None):
+        raise _BadFile(f"it holds optimizer arrays ({_some(sorted(slots))}) but no "
+                       f"optimizer configuration")
+    per_slot = {} if training is None else _match_slots(specs, training.optimizer, slots)
+    layers = []
+    for i, (name, kwargs, _) in enumerate(specs):
+        try:
+            layers.append(_LAYER_CLASSES[name](**kwargs))
+        except (TypeError, ValueError) as exc:
+            raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
+                           f"{_clip(str(exc))}") from None
+    if described.kind == "layer":
+        model = layers[0]
+    else:
+        try:
+            model = sequential_cls(layers)
+        except (TypeError, ValueError) as exc:
+            raise _BadFile(str(exc)) from None
+    for i, (layer, held) in enumerate(zip(layers, per_layer)):
+        if held:
+            fill(i, layer, held)
+    _restore_random(described.random, model if described.kind != "layer" else None, layers)
+    if training is not None:
+        _restore_training(read, model, layers, training, per_slot)
+    return model
+
+
+# --- safetensors ----------------------------------------------------------------------------
+# A checked tensor of a safetensors file: its shape, dtype code, and byte span in the data
+_Tensor = namedtuple("_Tensor", ["shape", "code", "begin", "end"])
+
+
+def _safetensors_header(f, size):
+    """(metadata, name -> _Tensor, offset of the data) of a safetensors file,
+    every size checked against the file's: the header's length and nesting,
+    each tensor's dtype, shape and byte span (inside the data, no overlaps,
+    no gaps), the metadata's values strings."""
+    if size == 0:
+        raise _BadFile("the file is empty")
+    if size < 8:
+        raise _BadFile(f"it has {_counted(size, 'byte')}, fewer than the 8 of a safetensors "
+                       f"header's length")
+    f.seek(0)
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > size - 8:
+        raise _BadFile(f"its safetensors header declares {length:,} bytes, more than the "
+                       f"{size - 8:,} after its length")
+    if length > _MAX_HEADER_BYTES:
+        raise _BadFile(f"its safetensors header takes {length:,} bytes, more than "
+                       f"{_MAX_HEADER_BYTES:,}")
+    raw = f.read(length)
+    too_deep = _BadFile(f"its safetensors header (JSON) is nested too deeply (more than "
+                        f"{_SAFETENSORS_DEPTH} levels)")
+
+    def unique(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise _BadFile(f"its safetensors header names {_brief.repr(key)} twice")
+            seen[key] = value
+        return seen
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except RecursionError:
+        raise too_deep from None
+    except UnicodeDecodeError as exc:
+        raise _BadFile(f"its safetensors header is not UTF-8 text ({_clip(str(exc))})") \
+            from None
+    except ValueError as exc:
+        if isinstance(exc, _BadFile):
+            raise
+        raise _BadFile(f"its safetensors header is not valid JSON ({_clip(str(exc))})") \
+            from None
+    if not isinstance(header, dict):
+        raise _BadFile(f"its safetensors header should be a JSON object, got "
+                       f"{type(header).__name__}")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise _BadFile(f"its __metadata__ should be an object of strings, got "
+                       f"{type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise _BadFile(f"its __metadata__ should map names to strings, got "
+                           f"{type(value).__name__} for {_brief.repr(key)}")
+    # no deeper values reach the checks and messages below (repr recurses)
+    level = [header]
+    for _ in range(_SAFETENSORS_DEPTH):
+        level = [child for value in level if isinstance(value, (list, dict))
+                 for child in (value.values() if isinstance(value, dict) else value)]
+    if any(isinstance(value, (list, dict)) for value in level):
+        raise too_deep
+    if len(header) > _MAX_MEMBERS:
+        raise _BadFile(f"it has {len(header):,} tensors, more than {_MAX_MEMBERS:,}")
+    data = size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        shown = _brief.repr(name)
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise _BadFile(f"tensor {shown} should be an object of 'dtype', 'shape' and "
+                           f"'data_offsets', got {_brief.repr(got)}")
+        code, shape, span = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(code, str) or code not in _ST_DTYPES:
+            raise _BadFile(f"tensor {shown} has the unknown dtype {_brief.repr(code)} "
+                           f"(safetensors' are {', '.join(_ST_DTYPES)})")
+        if not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise _BadFile(f"tensor {shown} should have a shape of integers >= 0, got "
+                           f"{_brief.repr(shape)}")
+        if not (isinstance(span, list) and len(span) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in span)
+                and 0 <= span[0] <= span[1]):
+            raise _BadFile(f"tensor {shown} should have data_offsets [begin, end] with 0 <= "
+                           f"begin <= end, got {_brief.repr(span)}")
+        begin, end = span
+        if end > data:
+            raise _BadFile(f"tensor {shown} spans bytes {_int_text(begin, ',')} to "
+                           f"{_int_text(end, ',')} of the data, which has {data:,}")
+        nbytes = math.prod(shape) * _ST_DTYPES[code][1]
+        if nbytes != end - begin:
+            raise _BadFile(f"tensor {shown} is {shape_str(shape)} of {code} "
+                           f"({_int_text(nbytes, ',')} bytes), but spans {end - begin:,} bytes")
+        tensors[name] = _Tensor(tuple(shape), code, begin, end)
+    at = 0
+    previous = None
+    for name, tensor in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if tensor.begin < at:
+            raise _BadFile(f"tensors {_brief.repr(previous)} and {_brief.repr(name)} overlap "
+                           f"(bytes {tensor.begin:,} to {min(at, tensor.end):,} of the data)")
+        if tensor.begin > at:
+            raise _BadFile(f"bytes {at:,} to {tensor.begin:,} of its data belong to no tensor")
+        at, previous = tensor.end, name
+    if at != data:
+        raise _BadFile(f"bytes {at:,} to {data:,} of its data belong to no tensor")
+    return metadata, tensors, 8 + length
+
+
+def _mapped(f, size):
+    """The file mapped read-only (None if empty: mmap refuses empty files)."""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+
+def _tensor_view(mapping, start, tensor):
+    """A read-only view of a tensor of a numpy dtype in the mapped file."""
+    dtype = np.dtype(_ST_DTYPES[tensor.code][0])
+    if mapping is None or tensor.end == tensor.begin:
+        return np.zeros(tensor.shape, dtype)
+    count = (tensor.end - tensor.begin) // dtype.itemsize
+    return np.frombuffer(mapping, dtype, count, start + tensor.begin).reshape(tensor.shape)
+
+
+def _release(mapping):
+    """Drop the mapped pages from memory (the file keeps them) and close the
+    mapping, unless arrays still view it (the last of them closes it)."""
+    if mapping is None:
+        return
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+    try:
+        mapping.close()
+    except BufferError:
+        pass
+
+
+def _read_safetensors(sequential_cls, f, size):
+    """The checks and reads of `load` on an open safetensors file."""
+    metadata, tensors, start = _safetensors_header(f, size)
+    text = metadata.get("fastrnn")
+    if text is None:
+        raise _BadFile("its __metadata__ holds no fastrnn description (key 'fastrnn'): a bare "
+                       "state dict (as PyTorch's save_file writes) loads with "
+                       "layer.load_state_dict(fastrnn.load_state_dict_file(path))")
+    if len(text) > _MAX_CONFIG_CHARS:
+        raise _BadFile(f"its configuration has {len(text):,} characters, more than "
+                       f"{_MAX_CONFIG_CHARS:,}")
+    config = _parse_config(text)
+    single = isinstance(config, dict) and config.get("kind") == "layer"
+    weights, slots = {}, {}
+    for name, tensor in tensors.items():
+        optimizer = name.startswith(_OPTIMIZER_PREFIX)
+        if tensor.code not in ("F32", "F64"):
+            what = "optimizer arrays" if optimizer else "weights"
+            raise _BadFile(f"tensor {_brief.repr(name)} holds {tensor.code} data; {what} must "
+                           f"be F32 or F64 (float32 or float64)")
+        item = (tensor, (tensor.shape, False, np.dtype(_ST_DTYPES[tensor.code][0]), None))
+        if optimizer:
+            slots[name[len(_OPTIMIZER_PREFIX):]] = item
         else:
-            try:
-                model = sequential_cls(layers)
-            except (TypeError, ValueError) as exc:
-                raise _BadFile(str(exc)) from None
-        # layer by layer: at most one layer's arrays are held besides the model
-        for i, (layer, held) in enumerate(zip(layers, per_layer)):
-            if held:
-                part = {key: _read_array(zf, info, header) for key, (info, header) in held.items()}
-                try:
-                    layer.load_state_dict(part)
-                except (TypeError, ValueError) as exc:
-                    raise _BadFile(f"layer {i} ({type(layer).__name__}): {exc}") from None
-        _restore_random(described.random, model if described.kind != "layer" else None, layers)
-        if training is not None:
-            _restore_training(zf, model, layers, training, per_slot)
-        return model
+            weights[f"0.{name}" if single else name] = item
+    mapping = _mapped(f, size)
+    try:
+        def read(tensor, header):
+            return _tensor_view(mapping, start, tensor)
+
+        def fill(i, layer, held):
+            _fill_parameters(i, layer, {key: read(*item) for key, item in held.items()})
+            if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED)     # at most a layer's pages stay in
+
+        return _build(sequential_cls, config, weights, slots, fill, read)
+    finally:
+        _release(mapping)
+
+
+def _fill_parameters(i, layer, arrays):
+    """Copy `arrays` (checked names and shapes) once, straight into a new
+    parameter set of a freshly built `layer`; refuse non-finite values."""
+    owner = type(layer).__name__
+    names = layer._names
+
+    def write(storages):
+        for name, value in arrays.items():
+            index, rows = names[name]
+            target = storages[index][slice(None) if rows is None else rows]
+            with np.errstate(over="ignore"):   # overflow is reported just below
+                target[...] = value
+            if not np.isfinite(target).all():
+                raise _BadFile(f"layer {i} ({owner}): {owner}: {name} has non-finite values "
+                               f"(NaN or inf) after conversion to {target.dtype}")
+
+    with layer._grad_lock:
+        layer._swap_parameters(write)
+
+
+def read_state_dict(path, owner="fastrnn.load_state_dict_file"):
+    """The tensors of a safetensors file, name -> ndarray (see
+    ``fastrnn.load_state_dict_file``)."""
+    path = os.fspath(path)
+    refused = f"{owner}: {path!r} is not a valid safetensors file: "
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(refused + "it is not a regular file")
+    with open(path, "rb") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            metadata, tensors, start = _safetensors_header(f, size)
+            for name, tensor in tensors.items():
+                if _ST_DTYPES[tensor.code][0] is None and tensor.code != "BF16":
+                    raise _BadFile(f"tensor {_brief.repr(name)} holds {tensor.code} data, "
+                                   f"which numpy does not represent")
+            skip = _OPTIMIZER_PREFIX if "fastrnn" in metadata else None
+            mapping = _mapped(f, size)
+            state = {}
+            for name, tensor in tensors.items():
+                if skip and name.startswith(skip):
+                    continue
+                if tensor.code == "BF16":      # the upper half of a float32
+                    bits = _tensor_view(mapping, start, tensor._replace(code="U16"))
+                    state[name] = (bits.astype("<u4") << 16).view("<f4")
+                else:
+                    state[name] = _tensor_view(mapping, start, tensor)
+            return state   # the views hold the mapping; the last one closes it
+        except _BadFile as exc:
+            raise ValueError(refused + str(exc)) from None
+        except (OSError, ValueError, OverflowError, struct.error) as exc:
+            raise ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}") from exc
 
 
 # The checked configuration: kind 'Sequential' or 'layer', the layers'
@@ -562,7 +895,7 @@ def _match_slots(specs, optimizer, slots):
     return held
 
 
-def _restore_training(zf, model, layers, training, per_slot):
+def _restore_training(read, model, layers, training, per_slot):
     """Compile the model with the file's loss, metrics and optimizer, and
     read the optimizer's state into it."""
     model.loss = training.loss
@@ -597,7 +930,7 @@ def _restore_training(zf, model, layers, training, per_slot):
                 array = np.empty(storage.shape, storage.dtype)
                 for name, rows in names:
                     info, header = per_slot[(i, name)][slot]
-                    array[slice(None) if rows is None else rows] = _read_array(zf, info, header)
+                    array[slice(None) if rows is None else rows] = read(info, header)
                 state[slot] = array
             scalars = [spec.scalars[f"{i}.{name}"] for name, _ in names if spec.scalars]
             if scalars:
@@ -757,7 +1090,11 @@ def _read_config(zf, info, header):
     if chars > _MAX_CONFIG_CHARS:
         raise _BadFile(f"its configuration has {chars:,} characters, more than "
                        f"{_MAX_CONFIG_CHARS:,}")
-    text = str(_read_array(zf, info, header)[()])
+    return _parse_config(str(_read_array(zf, info, header)[()]))
+
+
+def _parse_config(text):
+    """The parsed JSON configuration, of bounded nesting."""
     too_deep = _BadFile(f"its configuration (JSON) is nested too deeply (more than "
                         f"{_MAX_CONFIG_DEPTH} levels)")
     try:

@@ -24,7 +24,8 @@ from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import LastStep, Linear
 from fastrnn.optim import clip_grad_norm, clip_grad_value, get_optimizer
 
-__all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save"]
+__all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
+           "load_state_dict_file"]
 
 
 class Sequential:
@@ -776,8 +777,9 @@ class Sequential:
 
     # --- files --------------------------------------------------------------
     def save(self, path, include_optimizer=True):
-        """Write the model to one ``.npz`` file: the layers' configuration
-        (JSON), their weights and the random states.
+        """Write the model to one file: the layers' configuration (JSON),
+        their weights and the random states; a ``.safetensors`` file if the
+        path ends so, else a ``.npz`` (see ``fastrnn.save``).
 
         With ``include_optimizer`` (and a compiled model) the file also holds
         the training state: the loss, the metrics given by name or as
@@ -790,6 +792,11 @@ class Sequential:
         count). Metric functions and loss subclasses of your own are code,
         which a file never holds: compile the loaded model again with them
         and ``optimizer=model.optimizer`` to keep its state.
+
+        In a ``.safetensors`` file the optimizer's arrays are tensors named
+        ``optimizer/...``, which PyTorch's strict ``load_state_dict`` would
+        refuse as unexpected keys: save with ``include_optimizer=False`` for
+        a file that loads straight into an ``nn.Sequential``.
 
         No pickle: loading cannot run code. Written to a temporary file of
         a short random name beside the target (so any name the target may
@@ -959,7 +966,20 @@ def _class_weights(table, y, loss):
 
 
 def save(obj, path, include_optimizer=True):
-    """Save a Sequential, or a single layer or cell, to one ``.npz`` file.
+    """Save a Sequential, or a single layer or cell, to one file.
+
+    The path's extension chooses the format. A path ending in
+    ``.safetensors`` (any case) gets a safetensors file: the weights as
+    tensors under PyTorch's names (a single layer's exactly as its
+    ``state_dict``, ``weight_ih_l0``...; a Sequential's as ``nn.Sequential``'s,
+    ``0.weight_ih_l0``...), the optimizer's arrays as tensors under
+    ``optimizer/``, and in the header's ``__metadata__`` the model's JSON
+    description (key ``'fastrnn'``) and ``'format': 'pt'``. So
+    ``safetensors.torch.load_file(path)`` of a single layer's file is a
+    ``state_dict`` the PyTorch module loads with ``strict=True``. Any other
+    path, whatever its extension, gets the ``.npz`` format (a zip of
+    ``.npy`` arrays and the JSON), under exactly the name given. Both hold
+    the same content and ``fastrnn.load`` reads either, whatever the name.
 
     Parameters
     ----------
@@ -985,9 +1005,20 @@ def load(path):
     """Load what ``save`` wrote: a Sequential (compiled if saved with its
     optimizer), or a single layer or cell.
 
+    The content chooses the format, not the name: a zip is read as
+    ``.npz``; any other file as safetensors if its name ends in
+    ``.safetensors`` or it starts as one (a header length, then JSON). A safetensors file
+    without fastrnn's description (as PyTorch's ``save_file`` writes) is
+    refused with a pointer to ``load_state_dict_file``.
+
     Safe on untrusted files: nothing in a file can run code, and no file can
-    make loading allocate or read more than what it really holds. Before
-    anything is allocated, the loader reads the zip directory (at most
+    make loading allocate or read more than what it really holds. A
+    safetensors file's header (at most 8 MiB, JSON nested at most 3 deep,
+    ``__metadata__`` values strings) is checked first: each tensor's dtype
+    is one safetensors defines (F32 or F64 here), its shape's bytes are
+    exactly its byte span, and the spans cover the data without overlap or
+    gap. The file is then memory-mapped and each tensor copied once into
+    the parameters. An ``.npz``'s checks: the loader reads the zip directory (at most
     10,000 members and 2 MiB of directory; only stored or deflated members,
     none inflating more than 100 times its compressed size), the header of
     every array (its shape and dtype must account for its member's bytes
@@ -1019,3 +1050,38 @@ def load(path):
         with a message naming what is wrong.
     """
     return _saving.load(path, Sequential)
+
+
+def load_state_dict_file(path):
+    """The tensors of a ``.safetensors`` file as a state dict, for
+    ``load_state_dict``: how a file PyTorch wrote loads here.
+
+    ``safetensors.torch.save_file(torch_lstm.state_dict(), path)`` then
+    ``fastrnn.LSTM(...).load_state_dict(fastrnn.load_state_dict_file(path))``
+    (the layer's configuration must match the module's: the file holds
+    only tensors). Needs no ``safetensors`` package, and checks the file as
+    ``load`` does (header, dtypes, shapes against byte spans) before
+    mapping it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    dict of str to ndarray
+        In the file's order. Read-only arrays viewing the memory-mapped
+        file (copy one to change it; ``load_state_dict`` copies them into
+        the parameters), except BF16 tensors, converted to float32. Of a
+        fastrnn model file, the weights only (its ``optimizer/`` tensors are
+        left out), so a Sequential's file loads into a Sequential.
+
+    Raises
+    ------
+    FileNotFoundError, PermissionError
+        If the file cannot be opened.
+    ValueError
+        If it is not a valid safetensors file, or holds a dtype numpy does
+        not represent (the float8 types), with a message naming the problem.
+    """
+    return _saving.read_state_dict(path)

@@ -564,6 +564,196 @@ V2_CASES = {
 }
 CASES.update(V2_CASES)
 
+
+# --- safetensors files (names start with 'st_': written as .safetensors) -------------------------
+def _st_raw(header_bytes, data=b""):
+    """A safetensors file of exactly this header text and data."""
+    return lambda path: path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes
+                                         + data)
+
+
+def _st_header(path):
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]), data[8 + length:]
+
+
+def _st_write(path, header, data):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _st(edit=None, edit_data=None, build=lambda path: _model().save(path)):
+    """A good model's safetensors file, its header edited (edit(header), the
+    __metadata__ included) or its data (edit_data(bytearray, header))."""
+    def make(path):
+        build(path)
+        header, data = _st_header(path)
+        data = bytearray(data)
+        if edit is not None:
+            edit(header)
+        if edit_data is not None:
+            edit_data(data, header)
+        _st_write(path, header, bytes(data))
+    return make
+
+
+def _st_config(edit):
+    """Edit the fastrnn description in the __metadata__."""
+    def change(header):
+        config = json.loads(header["__metadata__"]["fastrnn"])
+        edit(config)
+        header["__metadata__"]["fastrnn"] = json.dumps(config)
+    return change
+
+
+def _st_tensor(name, **changes):
+    def change(header):
+        header[name].update(changes)
+    return change
+
+
+def _st_nan(data, header):
+    begin, end = header["2.weight"]["data_offsets"]
+    data[begin:end] = np.full((end - begin) // 4, np.nan, "<f4").tobytes()
+
+
+def _st_swap_offsets(header):
+    """Two tensors of the same size each spanning the other's bytes: fine;
+    then one moved onto the other: they overlap."""
+    header["0.bias_hh_l0"]["data_offsets"] = list(header["0.bias_ih_l0"]["data_offsets"])
+
+
+def _st_duplicate(path):
+    _model().save(path)
+    header, data = _st_header(path)
+    text = json.dumps(header)
+    entry = json.dumps({"2.bias": header["2.bias"]})[1:-1]
+    _st_raw(text[:-1].encode() + b", " + entry.encode() + b"}", data)(path)
+
+
+def _st_many_tensors(path):
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+              for i in range(20000)}
+    _st_write(path, header, b"")
+
+
+def _st_bare(path):
+    state = fastrnn.LSTM(3, 4, seed=0).state_dict()
+    header, end = {}, 0
+    for name, value in state.items():
+        header[name] = {"dtype": "F32", "shape": list(value.shape),
+                        "data_offsets": [end, end + value.nbytes]}
+        end += value.nbytes
+    _st_write(path, header, b"".join(value.tobytes() for value in state.values()))
+
+
+def _st_layer_with_optimizer(path):
+    fastrnn.Linear(2, 2, seed=0).save(path)
+    header, data = _st_header(path)
+    header["optimizer/0.weight.exp_avg"] = {"dtype": "F32", "shape": [2, 2],
+                                            "data_offsets": [len(data), len(data) + 16]}
+    _st_write(path, header, data + bytes(16))
+
+
+def _st_trained_wrong_optimizer_shape(header):
+    entry = header["optimizer/2.weight.exp_avg"]
+    entry["shape"] = entry["shape"][::-1]
+
+
+ST_CASES = {
+    "st_good": (lambda path: _model().save(path), None),
+    "st_good_layer": (lambda path: fastrnn.LSTM(3, 4, num_layers=2, bidirectional=True,
+                                                seed=0).save(path), None),
+    "st_good_trained": (lambda path: _trained(bidirectional=True).save(path), None),
+    "st_empty": (lambda path: path.write_bytes(b""), r"the file is empty"),
+    "st_too_short": (lambda path: path.write_bytes(b"\x02\0\0"),
+                     r"it has 3 bytes, fewer than the 8 of a safetensors header's length"),
+    "st_header_beyond_file": (lambda path: path.write_bytes(struct.pack("<Q", 2**40) + b"{}"),
+                              r"its safetensors header declares 1,099,511,627,776 bytes, more "
+                              r"than the 2 after its length"),
+    "st_huge_header": (_st_raw(b"{}" + b" " * (9 << 20)),
+                       r"its safetensors header takes 9,437,186 bytes, more than 8,388,608"),
+    "st_header_not_json": (_st_raw(b"{nope}"),
+                           r"its safetensors header is not valid JSON \(Expecting property"),
+    "st_header_not_utf8": (_st_raw(b'{"\xff": 1}'), r"its safetensors header is not UTF-8 text"),
+    "st_header_a_list": (_st_raw(b"[1, 2]"),
+                         r"its safetensors header should be a JSON object, got list"),
+    "st_deep_json": (_st_raw(b'{"a": ' + _deep_json(200000).encode() + b"}"),
+                     r"its safetensors header \(JSON\) is nested too deeply"),
+    "st_deep_shape": (_st(_st_tensor("2.bias", shape=[[[2]]])),
+                      r"its safetensors header \(JSON\) is nested too deeply \(more than 3 "
+                      r"levels\)"),
+    "st_duplicate_tensor": (_st_duplicate, r"its safetensors header names '2.bias' twice"),
+    "st_many_tensors": (_st_many_tensors, r"it has 20,000 tensors, more than 10,000"),
+    "st_tensor_extra_key": (_st(_st_tensor("2.bias", evil=1)),
+                            r"tensor '2.bias' should be an object of 'dtype', 'shape' and "
+                            r"'data_offsets', got \['data_offsets', 'dtype', 'evil', 'shape'\]"),
+    "st_dtype_unknown": (_st(_st_tensor("2.bias", dtype="F12")),
+                         r"tensor '2.bias' has the unknown dtype 'F12' \(safetensors' are F64, "
+                         r"F32, "),
+    "st_dtype_integer": (_st(_st_tensor("2.bias", dtype="I32")),
+                         r"tensor '2.bias' holds I32 data; weights must be F32 or F64"),
+    "st_negative_shape": (_st(_st_tensor("2.bias", shape=[-2])),
+                          r"tensor '2.bias' should have a shape of integers >= 0, got \[-2\]"),
+    "st_shape_a_string": (_st(_st_tensor("2.bias", shape="2")),
+                          r"tensor '2.bias' should have a shape of integers >= 0, got '2'"),
+    "st_shape_lies": (_st(_st_tensor("2.bias", shape=[100000, 100000])),
+                      r"tensor '2.bias' is \(100000, 100000\) of F32 \(40,000,000,000 bytes\), "
+                      r"but spans 8 bytes"),
+    "st_shape_huge": (_st(_st_tensor("2.bias", shape=[2**62, 2**62])),
+                      r"tensor '2.bias' is \(4611686018427387904, 4611686018427387904\) of F32 "
+                      r"\(about 10\^38 bytes\), but spans 8 bytes"),
+    "st_offsets_outside": (_st(_st_tensor("2.bias", data_offsets=[0, 2**40])),
+                           r"tensor '2.bias' spans bytes 0 to 1,099,511,627,776 of the data, "
+                           r"which has [0-9,]+"),
+    "st_offsets_reversed": (_st(_st_tensor("2.bias", data_offsets=[8, 0])),
+                            r"tensor '2.bias' should have data_offsets \[begin, end\] with 0 <= "
+                            r"begin <= end, got \[8, 0\]"),
+    "st_offsets_overlap": (_st(_st_swap_offsets),
+                           r"tensors '0.bias_(ih|hh)_l0' and '0.bias_(ih|hh)_l0' overlap "
+                           r"\(bytes [0-9,]+ to [0-9,]+ of the data\)"),
+    "st_trailing_bytes": (_st(edit_data=lambda data, header: data.extend(bytes(12))),
+                          r"bytes [0-9,]+ to [0-9,]+ of its data belong to no tensor"),
+    "st_nan_weights": (_st(edit_data=_st_nan),
+                       r"layer 2 \(Linear\): Linear: weight has non-finite values"),
+    "st_metadata_not_strings": (_st(lambda h: h["__metadata__"].update(
+        fastrnn=json.loads(h["__metadata__"]["fastrnn"]))),
+        r"its __metadata__ should map names to strings, got dict for 'fastrnn'"),
+    "st_metadata_a_number": (_st(lambda h: h["__metadata__"].update(format=1)),
+                             r"its __metadata__ should map names to strings, got int for "
+                             r"'format'"),
+    "st_metadata_a_list": (_st(lambda h: h.update(__metadata__=[])),
+                           r"its __metadata__ should be an object of strings, got list"),
+    "st_no_fastrnn_metadata": (_st_bare,
+                               r"its __metadata__ holds no fastrnn description \(key 'fastrnn'\)"),
+    "st_config_not_json": (_st(lambda h: h["__metadata__"].update(fastrnn="{nope")),
+                           r"its configuration is not valid JSON \(Expecting property name"),
+    "st_config_huge": (_st(lambda h: h["__metadata__"].update(
+        fastrnn=h["__metadata__"]["fastrnn"][:-1] + " " * (2 << 20) + "}")),
+        r"its configuration has 2,097,[0-9]+ characters, more than 1,048,576"),
+    "st_config_deep": (_st(lambda h: h["__metadata__"].update(fastrnn=_deep_json(100000))),
+                       r"its configuration \(JSON\) is nested too deeply"),
+    "st_huge_hidden_size": (_st(_st_config(lambda c: c["layers"][0]["config"].update(
+        hidden_size=10000))),
+        r"layer 0 \(LSTM, input_size=3, hidden_size=10000, .*\) calls for 4 arrays of "
+        r"400,200,000 values, but the file holds 4 arrays of 144 values for it"),
+    "st_renamed_weight": (_st(lambda h: h.update({"0.bias_hh_l9": h.pop("0.bias_hh_l0")})),
+                          r"layer 0 \(LSTM\): missing weights \['bias_hh_l0'\], unexpected "
+                          r"weights \['bias_hh_l9'\]"),
+    "st_optimizer_in_a_layer_file": (_st_layer_with_optimizer,
+                                     r"it holds optimizer arrays \(\['0.weight.exp_avg'\]\) but "
+                                     r"no optimizer configuration"),
+    "st_optimizer_wrong_shape": (_st(_st_trained_wrong_optimizer_shape,
+                                     build=lambda path: _trained().save(path)),
+                                 r"optimizer array '2.weight.exp_avg' is \(4, 2\) of float32; "
+                                 r"its parameter is \(2, 4\) of float32"),
+    "st_random_bytes": (lambda path: path.write_bytes(
+        np.random.default_rng(2).integers(0, 256, 4000, dtype=np.uint8).tobytes()),
+        r"its safetensors header declares [0-9,]+ bytes, more than the 3,992 after its length"),
+}
+CASES.update(ST_CASES)
+
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import fastrnn
@@ -595,7 +785,7 @@ def outcomes(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hostile")
     paths = {}
     for name, (build, _) in CASES.items():
-        path = directory / f"{name}.npz"
+        path = directory / (name + (".safetensors" if name.startswith("st_") else ".npz"))
         build(path)
         paths[name] = str(path)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(MEMORY_BOUND), json.dumps(paths)],
