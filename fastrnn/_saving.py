@@ -256,7 +256,7 @@ def _write(path, config, arrays):
     """Write `config` and `arrays` (named as in the .npz) to `path`, in the
     container its extension calls for, through a temporary file renamed
     over it."""
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))
     if is_safetensors_path(path):
         def write(f):
             _write_safetensors(f, config, arrays)
@@ -265,8 +265,6 @@ def _write(path, config, arrays):
             np.savez(f, **arrays, config=np.array(json.dumps(config)))
     # default permissions, unlike mkstemp's 0600
     tmp = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.tmp")
-    if isinstance(path, bytes):
-        tmp = os.fsencode(tmp)
     created = False
     try:
         with open(tmp, "xb") as f:
@@ -585,19 +583,23 @@ def _read_safetensors(sequential_cls, f, size):
         def read(tensor, header):
             return _tensor_view(mapping, start, tensor)
 
-        def fill(i, layer, held):
-            _fill_parameters(i, layer, {key: read(*item) for key, item in held.items()})
+        def drop_pages():      # at most one tensor's pages of the file stay in memory
             if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-                mapping.madvise(mmap.MADV_DONTNEED)     # at most a layer's pages stay in
+                mapping.madvise(mmap.MADV_DONTNEED)
+
+        def fill(i, layer, held):
+            _fill_parameters(i, layer, {key: read(*item) for key, item in held.items()},
+                             drop_pages)
 
         return _build(sequential_cls, config, weights, slots, fill, read)
     finally:
         _release(mapping)
 
 
-def _fill_parameters(i, layer, arrays):
+def _fill_parameters(i, layer, arrays, after_each):
     """Copy `arrays` (checked names and shapes) once, straight into a new
-    parameter set of a freshly built `layer`; refuse non-finite values."""
+    parameter set of a freshly built `layer`, calling `after_each()` after
+    each; refuse non-finite values."""
     owner = type(layer).__name__
     names = layer._names
 
@@ -610,6 +612,7 @@ def _fill_parameters(i, layer, arrays):
             if not np.isfinite(target).all():
                 raise _BadFile(f"layer {i} ({owner}): {owner}: {name} has non-finite values "
                                f"(NaN or inf) after conversion to {target.dtype}")
+            after_each()
 
     with layer._grad_lock:
         layer._swap_parameters(write)

@@ -619,8 +619,7 @@ def _st_nan(data, header):
 
 
 def _st_swap_offsets(header):
-    """Two tensors of the same size each spanning the other's bytes: fine;
-    then one moved onto the other: they overlap."""
+    """bias_hh_l0 moved onto bias_ih_l0's bytes (of the same size): they overlap."""
     header["0.bias_hh_l0"]["data_offsets"] = list(header["0.bias_ih_l0"]["data_offsets"])
 
 

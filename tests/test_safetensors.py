@@ -98,7 +98,7 @@ def test_without_the_optimizer_only_the_weights_are_tensors(tmp_path):
 def test_the_extension_chooses_the_format_and_the_content_the_reader(tmp_path):
     layer = fastrnn.GRU(2, 3, seed=0)
     for name in ("a.SafeTensors", "b.safetensors"):
-        fastrnn.save(layer, tmp_path / name)
+        fastrnn.save(layer, str(tmp_path / name).encode())      # bytes paths too
         assert not zipfile.is_zipfile(tmp_path / name)
     for name in ("c.npz", "d.bin", "e", "f.safetensors.npz"):
         fastrnn.save(layer, tmp_path / name)
