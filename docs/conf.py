@@ -4,6 +4,8 @@ Build with ``sphinx-build -W --keep-going -b html docs docs/_build/html``
 (warnings are errors) after ``pip install ".[docs]"``. The API reference is
 read from the docstrings (numpydoc) of the installed, built package.
 """
+from sphinx.util import inspect as _sphinx_inspect
+
 import fastrnn
 
 project = "fastrnn"
@@ -28,6 +30,17 @@ numpydoc_xref_param_type = False
 autodoc_member_order = "bysource"
 # signatures carry the type annotations; the descriptions stay in the docstrings
 autodoc_typehints = "signature"
+# numpy's input aliases by name, not expanded into their long unions
+autodoc_type_aliases = {"ArrayLike": "ArrayLike", "DTypeLike": "DTypeLike"}
+
+
+def _alias_name(self):
+    return self.name
+
+
+# Sphinx writes an alias inside a union (ArrayLike | None) as
+# "TypeAliasForwardRef('ArrayLike')"; its name alone is what the source says
+_sphinx_inspect.TypeAliasForwardRef.__repr__ = _alias_name
 autodoc_preserve_defaults = True
 
 exclude_patterns = ["_build"]

@@ -5,6 +5,10 @@ bidirectional, variable length) and single-step cells. Cython kernels with
 BLAS do the work; names, shapes, gate orders and initialisation are
 PyTorch's, so a PyTorch ``state_dict()`` loads directly.
 """
+from __future__ import annotations
+
+from types import ModuleType as _ModuleType
+
 from fastrnn._version import __version__
 
 try:
@@ -38,7 +42,7 @@ __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dr
            "__version__"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> _ModuleType:
     # fastrnn.dask and fastrnn.sklearn are imported on first use: dask and
     # scikit-learn are optional dependencies
     if name in ("dask", "sklearn"):

@@ -17,6 +17,8 @@ gain without holding BLAS). Holding it also keeps results reproducible: with
 some OpenBLAS kernels (e.g. its Haswell sgemm) a product threaded over two
 threads rounds differently from the same product on one.
 """
+from __future__ import annotations
+
 import numbers
 import os
 import threading
@@ -57,7 +59,7 @@ _threads = _default_threads()
 MIN_PARALLEL_WORK = 4_000_000
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Threads fastrnn may use for one call (the calling thread and n - 1
     workers), at most 64: the directions, ranges of the batch, of the
     hidden units, of the rows of the large products run at once.
@@ -74,7 +76,8 @@ def set_num_threads(n):
     _threads = min(int(n), MAX_THREADS)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
+    """The threads fastrnn may use for one call (see ``set_num_threads``)."""
     return _threads
 
 

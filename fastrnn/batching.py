@@ -17,11 +17,15 @@
 
 ``pad`` pads sequences as ``fit`` does.
 """
+from __future__ import annotations
+
 import numbers
 import warnings
 from collections import namedtuple
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn import _validation as v
 from fastrnn._validation import shape_str
@@ -33,7 +37,8 @@ Batch.__doc__ = """One batch as the model runs it: x (B, T, ...) padded if ragge
 None (all count)."""
 
 
-def pad(sequences, dtype=None):
+def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
+        ) -> tuple[np.ndarray, np.ndarray]:
     """Pad sequences of different lengths with zeros at their ends.
 
     Parameters

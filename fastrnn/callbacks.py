@@ -22,6 +22,8 @@ is a callback (the learning-rate schedules of ``fastrnn.optim`` are); a
 they take a second argument. The batch logs hold the epoch's running
 values: ``'loss'`` and the metrics over the batches so far.
 """
+from __future__ import annotations
+
 import csv
 import inspect
 import math
@@ -29,10 +31,15 @@ import numbers
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastrnn import _validation as v
+
+if TYPE_CHECKING:
+    from fastrnn.model import Sequential
 
 HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
          "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
@@ -45,7 +52,7 @@ class History:
     validation data), one value per epoch; ``history.epoch`` the epoch
     indices."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.history = {}
         self.epoch = []
 
@@ -66,40 +73,40 @@ class Callback:
     """
     model = None
 
-    def set_model(self, model):
+    def set_model(self, model: Sequential) -> None:
         """Called by ``fit`` before ``on_train_begin``."""
         self.model = model
 
-    def on_train_begin(self, model, logs=None):
+    def on_train_begin(self, model: Sequential, logs: dict[str, float] | None = None) -> None:
         """Training starts."""
 
-    def on_train_end(self, model, logs=None):
+    def on_train_end(self, model: Sequential, logs: dict[str, float] | None = None) -> None:
         """Training ends; ``logs`` are the last epoch's."""
 
-    def on_epoch_begin(self, model, epoch, logs):
+    def on_epoch_begin(self, model: Sequential, epoch: int, logs: dict[str, float]) -> None:
         """An epoch starts (``epoch`` counts from 0, or from ``initial_epoch``)."""
 
-    def on_epoch_end(self, model, epoch, logs):
+    def on_epoch_end(self, model: Sequential, epoch: int, logs: dict[str, float]) -> None:
         """An epoch ends: ``logs`` hold its loss and metrics (``val_`` ones
         with validation data); a callback may add to them."""
 
-    def on_train_batch_begin(self, model, batch, logs):
+    def on_train_batch_begin(self, model: Sequential, batch: int, logs: dict[str, float]) -> None:
         """A training batch starts (``batch`` counts from 0 in each epoch)."""
 
-    def on_train_batch_end(self, model, batch, logs):
+    def on_train_batch_end(self, model: Sequential, batch: int, logs: dict[str, float]) -> None:
         """A training batch ends: ``logs`` hold the epoch's running values."""
 
-    def on_test_begin(self, model, logs=None):
+    def on_test_begin(self, model: Sequential, logs: dict[str, float] | None = None) -> None:
         """Validation (or ``evaluate``) starts."""
 
-    def on_test_end(self, model, logs):
+    def on_test_end(self, model: Sequential, logs: dict[str, float]) -> None:
         """Validation (or ``evaluate``) ends: ``logs`` hold its results,
         without the ``val_`` prefix."""
 
-    def on_test_batch_begin(self, model, batch, logs):
+    def on_test_batch_begin(self, model: Sequential, batch: int, logs: dict[str, float]) -> None:
         """A validation batch starts."""
 
-    def on_test_batch_end(self, model, batch, logs):
+    def on_test_batch_end(self, model: Sequential, batch: int, logs: dict[str, float]) -> None:
         """A validation batch ends: ``logs`` hold the running values."""
 
 
@@ -268,8 +275,10 @@ class EarlyStopping(_MonitorCallback):
         At the end of an epoch, if ``monitor`` is not in the logs.
     """
 
-    def __init__(self, monitor="val_loss", min_delta=0.0, patience=0, mode="auto",
-                 restore_best_weights=False, baseline=None, start_from_epoch=0, verbose=0):
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
+                 mode: str = "auto", restore_best_weights: bool = False,
+                 baseline: float | None = None, start_from_epoch: int = 0,
+                 verbose: int = 0) -> None:
         super().__init__(monitor, mode, min_delta, baseline)
         self.patience = v.check_int("EarlyStopping", "patience", patience, minimum=0)
         self.start_from_epoch = v.check_int("EarlyStopping", "start_from_epoch",
@@ -337,8 +346,10 @@ class ModelCheckpoint(_MonitorCallback):
     verbose : {0, 1}, default 0
     """
 
-    def __init__(self, filepath, monitor="val_loss", save_best_only=False, mode="auto",
-                 initial_value_threshold=None, include_optimizer=True, verbose=0):
+    def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
+                 save_best_only: bool = False, mode: str = "auto",
+                 initial_value_threshold: float | None = None, include_optimizer: bool = True,
+                 verbose: int = 0) -> None:
         super().__init__(monitor, mode, 0.0, initial_value_threshold)
         try:
             self.filepath = os.fspath(filepath)
@@ -399,8 +410,9 @@ class ReduceLROnPlateau(_MonitorCallback):
     verbose : {0, 1}, default 0
     """
 
-    def __init__(self, monitor="val_loss", factor=0.1, patience=10, mode="auto",
-                 min_delta=1e-4, cooldown=0, min_lr=0.0, verbose=0):
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
+                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
+                 min_lr: float = 0.0, verbose: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
         owner = "ReduceLROnPlateau"
         for name, value in (("factor", factor), ("min_lr", min_lr)):
@@ -451,7 +463,7 @@ class TerminateOnNaN(Callback):
         Raise ``RuntimeError`` instead of stopping after the batch.
     """
 
-    def __init__(self, raise_error=False):
+    def __init__(self, raise_error: bool = False) -> None:
         self.raise_error = bool(raise_error)
 
     def on_train_batch_end(self, model, batch, logs):
@@ -479,7 +491,7 @@ class LearningRateScheduler(Callback):
     verbose : {0, 1}, default 0
     """
 
-    def __init__(self, schedule, verbose=0):
+    def __init__(self, schedule: Callable[..., float], verbose: int = 0) -> None:
         if not callable(schedule):
             raise TypeError(f"LearningRateScheduler: schedule must be callable, got "
                             f"{type(schedule).__name__}")
@@ -534,7 +546,8 @@ class CSVLogger(Callback):
         replacing it; for resumed training.
     """
 
-    def __init__(self, filename, separator=",", append=False):
+    def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
+                 append: bool = False) -> None:
         try:
             self.filename = os.fspath(filename)
         except TypeError:
@@ -591,8 +604,12 @@ class LambdaCallback(Callback):
     >>> log = fastrnn.LambdaCallback(on_epoch_end=lambda epoch, logs: losses.append(logs["loss"]))
     """
 
-    def __init__(self, on_epoch_begin=None, on_epoch_end=None, on_train_begin=None,
-                 on_train_end=None, on_train_batch_begin=None, on_train_batch_end=None):
+    def __init__(self, on_epoch_begin: Callable[..., Any] | None = None,
+                 on_epoch_end: Callable[..., Any] | None = None,
+                 on_train_begin: Callable[..., Any] | None = None,
+                 on_train_end: Callable[..., Any] | None = None,
+                 on_train_batch_begin: Callable[..., Any] | None = None,
+                 on_train_batch_end: Callable[..., Any] | None = None) -> None:
         functions = {"on_epoch_begin": on_epoch_begin, "on_epoch_end": on_epoch_end,
                      "on_train_begin": on_train_begin, "on_train_end": on_train_end,
                      "on_train_batch_begin": on_train_batch_begin,

@@ -3,9 +3,14 @@
 A cell call is the streaming path: one step for a batch (B, D) or one
 unbatched frame (D,). It runs the same kernel as the layers with T = 1.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
@@ -36,7 +41,9 @@ class _CellBase(RecurrentWeights):
             opts.append(("dtype", cfg["dtype"].name))
         return opts
 
-    def __call__(self, x, hx=None):
+    def __call__(self, x: ArrayLike,
+                 hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
         result = self._stepper(params).step(x, hx)
@@ -62,7 +69,10 @@ class _CellBase(RecurrentWeights):
                 None if packed_hh is None else packed_hh[0])
         return stepper
 
-    def forward_train(self, x, hx=None):
+    def forward_train(self, x: ArrayLike,
+                      hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
+                      ) -> tuple[np.ndarray | tuple[np.ndarray, np.ndarray],
+                                 Callable[..., Any]]:
         """One step in training mode: the result of a call, and a ``backprop``.
 
         Returns
@@ -186,8 +196,9 @@ class RNNCell(_CellBase):
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="RNN")
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
-                 dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', "
                              f"got {nonlinearity!r}")
@@ -207,8 +218,9 @@ class GRUCell(_CellBase):
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
 
-    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", seed=None, *,
-                 reset_after=True):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
+                 reset_after: bool = True) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed)
         self._config["reset_after"] = reset_after
@@ -221,5 +233,7 @@ class LSTMCell(_CellBase):
         returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")
     _has_cell_state = True
 
-    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed)

@@ -7,14 +7,22 @@ reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (either
 reset_after), LSTM and Bidirectional. ONNX: ``to_onnx`` / ``from_onnx``. The frameworks are imported only when called.
 Options fastrnn does not implement are refused by name, never dropped.
 """
+from __future__ import annotations
+
 import math
 import os
 import stat
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import DTypeLike
+
 from fastrnn._validation import check_dtype, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
+
+if TYPE_CHECKING:
+    from fastrnn.model import Sequential
 
 _LAYERS = {"RNN": RNN, "GRU": GRU, "LSTM": LSTM}
 _CELLS = {"RNNCell": RNNCell, "GRUCell": GRUCell, "LSTMCell": LSTMCell}
@@ -36,7 +44,7 @@ def _dtype_name(torch, dtype, what):
     return names[dtype]
 
 
-def from_torch(module):
+def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     """A fastrnn layer or cell equal to a PyTorch recurrent module.
 
     Parameters
@@ -45,8 +53,9 @@ def from_torch(module):
 
     Returns
     -------
-    The fastrnn class of the same name, with the same configuration, dtype
-    (float32 or float64) and weights, giving the same outputs.
+    RNN, GRU, LSTM, RNNCell, GRUCell or LSTMCell
+        The fastrnn class of the same name, with the same configuration,
+        dtype (float32 or float64) and weights, giving the same outputs.
     """
     torch = _torch()
     name = type(module).__name__
@@ -70,7 +79,7 @@ def from_torch(module):
     return result
 
 
-def to_torch(layer):
+def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     """The PyTorch module equal to a fastrnn layer or cell (same class name,
     configuration, dtype and weights)."""
     torch = _torch()
@@ -143,7 +152,7 @@ def _keras_direction(layer, backward=False):
     return name, params, config
 
 
-def from_keras(layer, dtype="float32"):
+def from_keras(layer: Any, dtype: DTypeLike = "float32") -> RNN | GRU | LSTM | Sequential:
     """A fastrnn layer equal to a Keras 3 SimpleRNN, GRU (``reset_after`` True
     or False, kept), LSTM, or Bidirectional(merge_mode='concat') of one of them.
 
@@ -193,7 +202,8 @@ _ONNX_GLUE_OPS = {"Transpose", "Reshape", "Slice", "Squeeze", "Unsqueeze", "Conc
                   "Constant", "ConstantOfShape", "Shape", "Gather", "Cast", "Expand", "Split"}
 
 
-def to_onnx(layer, path=None, lengths=False, opset=17):
+def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
+            lengths: bool = False, opset: int = 17) -> Any:
     """An ONNX model computing a fastrnn RNN/GRU/LSTM layer (one ONNX node per
     layer, weights as initializers; a GRU's ``linear_before_reset`` is 1 for
     reset_after=True, PyTorch's form, and 0 for reset_after=False).
@@ -859,7 +869,8 @@ def _onnx_layouts(graph, plans, initializers, counts, onnx, numpy_helper):
                              f"({listed(batch_first[k0])}){why}")
 
 
-def from_onnx(model, dtype="float32", other_ops="raise"):
+def from_onnx(model: Any, dtype: DTypeLike = "float32",
+              other_ops: str = "raise") -> list[RNN | GRU | LSTM]:
     """fastrnn layers for the RNN, GRU and LSTM nodes of an ONNX model.
 
     Returns a list with one single-layer fastrnn layer per recurrent node, in

@@ -11,9 +11,13 @@ on the whole array. To use a real cluster, connect a client first::
     client = Client("tcp://scheduler-address:8786")
     scores = fastrnn.dask.predict(model, sequences).compute()
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 
-from fastrnn.layers import _RNNBase
+from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
 
 
@@ -38,7 +42,7 @@ def _score(model, block, batch_size):
     return model._seq_infer(block)   # batch-first sequences in and out, as Sequential's
 
 
-def predict(model, x, batch_size=None):
+def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None = None) -> Any:
     """Score a Dask array of batch-first sequences, (N, T, features).
 
     Parameters
@@ -73,7 +77,8 @@ def predict(model, x, batch_size=None):
     return da.concatenate(blocks, axis=0)
 
 
-def predict_dataframe(model, df, steps, features, batch_size=None):
+def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
+                      features: int, batch_size: int | None = None) -> Any:
     """Score a Dask dataframe whose rows are flattened sequences: each row's
     ``steps * features`` numeric columns, step-major (all features of step 0,
     then of step 1, ...). Returns a Dask dataframe of the outputs, one row per

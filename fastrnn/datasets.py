@@ -1,14 +1,17 @@
 """Small public-domain data sets shipped with fastrnn (see data/README.md)."""
+from __future__ import annotations
+
 from importlib import resources
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def _read_text(name):
     return resources.files("fastrnn").joinpath("data", name).read_text(encoding="utf-8")
 
 
-def load_sunspots():
+def load_sunspots() -> tuple[np.ndarray, np.ndarray]:
     """Yearly mean sunspot numbers 1700-2008 (NOAA NGDC; public domain).
 
     Returns
@@ -21,12 +24,12 @@ def load_sunspots():
     return table[:, 0].astype(np.int64), table[:, 1]
 
 
-def load_hamlet():
+def load_hamlet() -> str:
     """Shakespeare's Hamlet, Acts I and II, as one plain-text string (public domain)."""
     return _read_text("hamlet_acts_1_2.txt")
 
 
-def windows(series, steps):
+def windows(series: ArrayLike, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Sliding windows for one-step-ahead forecasting.
 
     Returns x of shape (N - steps, steps, 1), the windows, and y of shape

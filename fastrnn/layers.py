@@ -1,8 +1,13 @@
 """Whole-sequence layers: RNN, GRU and LSTM, stacked, bidirectional and of
 variable length, with PyTorch's names, shapes, gate orders and results."""
+from __future__ import annotations
+
 import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn import _parallel
 from fastrnn import _validation as v
@@ -62,7 +67,10 @@ class _RNNBase(RecurrentWeights):
         return opts
 
     # --- forward ------------------------------------------------------------
-    def __call__(self, x, hx=None, lengths=None):
+    def __call__(self, x: ArrayLike,
+                 hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,
+                 lengths: ArrayLike | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         params = self._params   # one parameter set for the whole call
         if lengths is None:   # the lean path of small calls (_forward.SequenceRunner)
             result = self._sequence_runner(params).run(x, hx)
@@ -91,7 +99,11 @@ class _RNNBase(RecurrentWeights):
                 self._packed_projection(params))
         return runner
 
-    def forward_train(self, x, hx=None, lengths=None):
+    def forward_train(self, x: ArrayLike,
+                      hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,
+                      lengths: ArrayLike | None = None
+                      ) -> tuple[tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]],
+                                 Callable[..., Any]]:
         """Forward in training mode: the results of a call, and a ``backprop``.
 
         Returns
@@ -180,7 +192,9 @@ class _RNNBase(RecurrentWeights):
         return states[0], (states[1] if self._has_cell_state else None)
 
 
-def tbptt(layer, x, steps, hx=None):
+def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
+          hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
+          ) -> Iterator[tuple[Any, np.ndarray, Callable[..., Any]]]:
     """Truncated BPTT over a long stream, one line per chunk.
 
     Splits ``x`` along time into chunks of ``steps`` steps and runs
@@ -297,9 +311,11 @@ class RNN(_RNNBase):
         math=".. math:: h_t = \\mathrm{act}(W_{ih} x_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})",
         gates="G = 1")
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32",
-                 seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False,
+                 dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
@@ -330,9 +346,11 @@ class GRU(_RNNBase):
               "W_{hn} (r_t \\odot h_{t-1}) + b_{hn})`."),
         gates="G = 3, gate blocks in the order r, z, n")
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype="float32", seed=None, *,
-                 reset_after=True):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None, *,
+                 reset_after: bool = True) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed)
@@ -355,7 +373,9 @@ class LSTM(_RNNBase):
         gates="G = 4, gate blocks in the order i, f, g, o")
     _has_cell_state = True
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype="float32", seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed)

@@ -12,9 +12,13 @@ PyTorch's. ``Sequential.fit`` weights samples on top of this (its
 multiplied by its sample's weight and the mean divides by what the loss
 divides by without them.
 """
+from __future__ import annotations
+
 import numbers
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import expit
 
 from fastrnn import _validation as v
@@ -53,14 +57,15 @@ class Loss:
         How the per-element values combine, as PyTorch's ``reduction``.
     """
 
-    def __init__(self, reduction="mean"):
+    def __init__(self, reduction: str = "mean") -> None:
         self.reduction = _check_reduction(type(self).__name__, reduction)
 
-    def __call__(self, pred, target):
+    def __call__(self, pred: ArrayLike, target: ArrayLike) -> float | np.ndarray:
         """The loss of ``pred`` against ``target`` (see ``value_and_grad``)."""
         return self.value_and_grad(pred, target)[0]
 
-    def value_and_grad(self, pred, target):
+    def value_and_grad(self, pred: ArrayLike, target: ArrayLike
+                       ) -> tuple[float | np.ndarray, np.ndarray]:
         """The loss and its gradient with respect to ``pred``.
 
         Parameters
@@ -130,7 +135,7 @@ class Loss:
             raise ValueError(f"{owner}: got empty pred and target")
         return pred, target
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as JSON values (what ``save`` stores)."""
         return {"reduction": self.reduction}
 
@@ -184,7 +189,7 @@ class HuberLoss(Loss):
     reduction : {'mean', 'sum', 'none'}, default 'mean'
     """
 
-    def __init__(self, delta=1.0, reduction="mean"):
+    def __init__(self, delta: float = 1.0, reduction: str = "mean") -> None:
         if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta > 0:
             raise ValueError(f"HuberLoss: delta must be a positive number, got {delta!r}")
         self.delta = float(delta)
@@ -199,7 +204,7 @@ class HuberLoss(Loss):
         return (values.astype(pred.dtype, copy=False), None,
                 grad.astype(pred.dtype, copy=False))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"delta": self.delta, **super().get_config()}
 
     def _repr_args(self):
@@ -240,7 +245,8 @@ class CrossEntropyLoss(Loss):
     :math:`\\sum w_y` over the targets not ignored.
     """
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    def __init__(self, weight: ArrayLike | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0) -> None:
         owner = "CrossEntropyLoss"
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"{owner}: ignore_index must be an int, "
@@ -342,7 +348,7 @@ class CrossEntropyLoss(Loss):
         grad[valid] = d_logits
         return values, norm, grad
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"weight": None if self.weight is None else self.weight.tolist(),
                 "ignore_index": self.ignore_index, "label_smoothing": self.label_smoothing,
                 **super().get_config()}
@@ -376,7 +382,7 @@ class BCEWithLogitsLoss(Loss):
         \\ell = (1 - y)\\, x + (1 + (w - 1)\\, y) \\log(1 + e^{-x})
     """
 
-    def __init__(self, pos_weight=None, reduction="mean"):
+    def __init__(self, pos_weight: ArrayLike | None = None, reduction: str = "mean") -> None:
         if pos_weight is not None:
             pos_weight = v.to_numpy("BCEWithLogitsLoss", "pos_weight", pos_weight)
             pos_weight = pos_weight.astype(np.float64)
@@ -395,7 +401,7 @@ class BCEWithLogitsLoss(Loss):
         return (values.astype(pred.dtype, copy=False), None,
                 grad.astype(pred.dtype, copy=False))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         pos_weight = self.pos_weight
         return {"pos_weight": None if pos_weight is None else pos_weight.tolist(),
                 **super().get_config()}
@@ -415,7 +421,7 @@ LOSS_CLASSES = {cls.__name__: cls for cls in (MSELoss, L1Loss, HuberLoss, CrossE
                                               BCEWithLogitsLoss)}
 
 
-def get_loss(loss):
+def get_loss(loss: Loss | str) -> Loss:
     """A Loss from a Loss instance or a name such as 'mse'."""
     if isinstance(loss, Loss):
         return loss

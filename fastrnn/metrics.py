@@ -24,10 +24,15 @@ outputs as Keras chooses), ``'binary_accuracy'``, ``'categorical_accuracy'``,
 (``'BinaryAccuracy'``, ...), a ``Metric`` instance, or any function
 ``fn(y_true, y_pred)`` returning one value per sample (or one per batch).
 """
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fastrnn._validation import shape_str
 
@@ -48,19 +53,20 @@ class Metric:
     direction = "down"
     default_name = "metric"
 
-    def __init__(self, name=None):
+    def __init__(self, name: str | None = None) -> None:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{type(self).__name__}: name must be a str, got "
                             f"{type(name).__name__}")
         self.name = self.default_name if name is None else name
         self.reset_state()
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         """Forget every batch seen."""
         self._total = 0.0
         self._count = 0.0
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
+    def update_state(self, y_true: ArrayLike, y_pred: ArrayLike,
+                     sample_weight: ArrayLike | None = None) -> None:
         """Add a batch.
 
         Parameters
@@ -95,11 +101,11 @@ class Metric:
         self._total += float((values * weight).sum())
         self._count += float(weight.sum())
 
-    def result(self):
+    def result(self) -> float:
         """The weighted mean of the values seen (0.0 before any)."""
         return self._total / self._count if self._count else 0.0
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         """The constructor arguments, as JSON values (what ``save`` stores)."""
         return {"name": self.name}
 
@@ -160,7 +166,7 @@ class BinaryAccuracy(Metric):
     direction = "up"
     default_name = "binary_accuracy"
 
-    def __init__(self, name=None, threshold=0.5):
+    def __init__(self, name: str | None = None, threshold: float = 0.5) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
             raise TypeError(f"BinaryAccuracy: threshold must be a number, got "
                             f"{type(threshold).__name__}")
@@ -172,7 +178,7 @@ class BinaryAccuracy(Metric):
         _check_same_shape("BinaryAccuracy", y_true, y_pred)
         return _mean_last(y_true == (y_pred > self.threshold))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "threshold": self.threshold}
 
 
@@ -240,7 +246,7 @@ class TopKCategoricalAccuracy(Metric):
         _check_same_shape("TopKCategoricalAccuracy", y_true, y_pred)
         return _in_top_k("TopKCategoricalAccuracy", y_true.argmax(axis=-1), y_pred, self.k)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"k": self.k, "name": self.name}
 
 
@@ -264,7 +270,7 @@ class SparseTopKCategoricalAccuracy(Metric):
         owner = "SparseTopKCategoricalAccuracy"
         return _in_top_k(owner, _sparse_labels(owner, y_true, y_pred), y_pred, self.k)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"k": self.k, "name": self.name}
 
 
@@ -309,7 +315,7 @@ class RootMeanSquaredError(MeanSquaredError):
     """
     default_name = "root_mean_squared_error"
 
-    def result(self):
+    def result(self) -> float:
         return math.sqrt(super().result())
 
 
@@ -329,7 +335,8 @@ class MeanMetricWrapper(Metric):
     """
     direction = None
 
-    def __init__(self, fn, name=None, direction=None):
+    def __init__(self, fn: Callable[[np.ndarray, np.ndarray], Any], name: str | None = None,
+                 direction: str | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"MeanMetricWrapper: fn must be callable, got {type(fn).__name__}")
         if direction not in ("up", "down", None):
@@ -360,7 +367,7 @@ _NAMES.update(METRIC_CLASSES)
 _ACCURACY_NAMES = ("accuracy", "acc")
 
 
-def names():
+def names() -> list[str]:
     """The metric names ``compile`` accepts."""
     return sorted(set(_NAMES) | set(_ACCURACY_NAMES))
 

@@ -7,10 +7,16 @@ is what ``Sequential`` drives: ``_seq_infer(x) -> y`` (inference) and
 parameter gradients accumulate into ``grads``). Sequence arrays are
 batch-first, (B, T, features).
 """
+from __future__ import annotations
+
 import contextlib
+import os
+from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 from scipy.special import expit
 
 from fastrnn import _validation as v
@@ -34,7 +40,9 @@ class Linear(Module):
         PyTorch's default.
     """
 
-    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
         super().__init__()
         cfg = self._config
         cfg["in_features"] = v.check_int("Linear", "in_features", in_features)
@@ -54,7 +62,7 @@ class Linear(Module):
         self._seal_parameters()
         self._grads = MappingProxyType(grads)
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write this layer to one ``.npz`` file (its configuration, weights
         and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
         from fastrnn.model import save   # model imports this module
@@ -74,7 +82,7 @@ class Linear(Module):
                              f"got {shape_str(x.shape)}")
         return x
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         return self._forward(self._check(x), self._params)
 
     @staticmethod
@@ -118,21 +126,21 @@ class _Stateless:
     _version = 0
     _grad_lock = contextlib.nullcontext()
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         pass
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> None:
         if strict and state_dict:
             raise ValueError(f"{type(self).__name__}: has no parameters, got keys "
                              f"{list(state_dict)}")
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         return self._seq_infer(np.asarray(x))
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write this layer to one ``.npz`` file (its configuration, weights
         and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
         from fastrnn.model import save   # model imports this module
@@ -154,7 +162,7 @@ class Dropout(_Stateless):
         Source of the masks.
     """
 
-    def __init__(self, p=0.5, seed=None):
+    def __init__(self, p: float = 0.5, seed: int | np.random.Generator | None = None) -> None:
         self._config = {"p": v.check_dropout("Dropout", p)}
         self._rng = v.check_seed("Dropout", seed)
 
@@ -172,7 +180,7 @@ class Dropout(_Stateless):
 
 
 class _Activation(_Stateless):
-    def __init__(self):
+    def __init__(self) -> None:
         self._config = {}
 
     def _seq_train(self, x):
@@ -222,7 +230,7 @@ class LastStep(_Stateless):
     taken (the step ``lengths[b] - 1``), not the padding after it.
     """
 
-    def __init__(self, bidirectional=False):
+    def __init__(self, bidirectional: bool = False) -> None:
         self._config = {"bidirectional": v.check_bool("LastStep", "bidirectional",
                                                       bidirectional)}
 

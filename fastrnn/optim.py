@@ -9,11 +9,19 @@ each module's parameters from its accumulated ``grads``:
     ...backprop...
     opt.step(); opt.zero_grad()
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import numbers
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fastrnn._module import Module
+    from fastrnn.model import Sequential
 
 
 def _modules_of(params):
@@ -53,7 +61,8 @@ class Optimizer:
     """
     _scalar_slots = ()     # per-parameter state held as ints (Adam's step)
 
-    def __init__(self, params, lr):
+    def __init__(self, params: Module | Sequential | Iterable[Module | Sequential] | None,
+                 lr: float) -> None:
         self.lr = _check_number(type(self).__name__, "lr", lr)
         self._modules = []
         self._state = []
@@ -62,15 +71,15 @@ class Optimizer:
         self.add(params)
 
     @property
-    def learning_rate(self):
+    def learning_rate(self) -> float:
         """Keras' name of ``lr``."""
         return self.lr
 
     @learning_rate.setter
-    def learning_rate(self, value):
+    def learning_rate(self, value: float) -> None:
         self.lr = _check_number(type(self).__name__, "learning_rate", value)
 
-    def add(self, params):
+    def add(self, params: Module | Sequential | Iterable[Module | Sequential]) -> None:
         """Add the parameters of more modules (a module is added once)."""
         for module in _modules_of(params):
             if any(module is m for m in self._modules):
@@ -79,14 +88,14 @@ class Optimizer:
             self._state.extend({} for _ in module._trainable)
 
     @property
-    def bound(self):
+    def bound(self) -> bool:
         return bool(self._state)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         for module in self._modules:
             module.zero_grad()
 
-    def step(self):
+    def step(self) -> None:
         """One update of every parameter from its gradient. Each module's
         gradients are read under its lock (no backprop adds meanwhile), and
         its updated parameters replace the old as one set: a call running
@@ -107,7 +116,7 @@ class Optimizer:
                 module._swap_parameters(update)
 
     # --- saving and restoring -----------------------------------------------
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         """The hyper-parameters: the constructor's arguments other than
         ``params``, current values (``lr`` as schedules left it)."""
         return {"lr": self.lr}
@@ -117,7 +126,7 @@ class Optimizer:
         been updated (before, its state is empty)."""
         return ()
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Everything an update depends on, as copies.
 
         Returns
@@ -135,7 +144,7 @@ class Optimizer:
                            for k, val in s.items()} for s in self._state],
                 "schedules": [schedule.state_dict() for schedule in self.schedules]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()`` of an optimizer of the same class bound
         to parameters of the same shapes (in the same order).
 
@@ -240,8 +249,10 @@ class SGD(Optimizer):
     p -= lr * g.
     """
 
-    def __init__(self, params=None, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False):
+    def __init__(self, params: Module | Sequential | Iterable[Module | Sequential] | None = None,
+                 lr: float = 1e-3,
+                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False) -> None:
         self.momentum = _check_number("SGD", "momentum", momentum)
         self.dampening = _check_number("SGD", "dampening", dampening)
         self.weight_decay = _check_number("SGD", "weight_decay", weight_decay)
@@ -250,7 +261,7 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         super().__init__(params, lr)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
                 "weight_decay": self.weight_decay, "nesterov": self.nesterov}
 
@@ -279,8 +290,10 @@ class Adam(Optimizer):
     """
     _decoupled = False
 
-    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False):
+    def __init__(self, params: Module | Sequential | Iterable[Module | Sequential] | None = None,
+                 lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False) -> None:
         owner = type(self).__name__
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{owner}: betas must be a pair of numbers, got {betas!r}")
@@ -292,7 +305,7 @@ class Adam(Optimizer):
 
     _scalar_slots = ("step",)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay, "amsgrad": self.amsgrad}
 
@@ -332,8 +345,10 @@ class AdamW(Adam):
     ``p *= 1 - lr * weight_decay`` before the Adam update (default 1e-2)."""
     _decoupled = True
 
-    def __init__(self, params=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False):
+    def __init__(self, params: Module | Sequential | Iterable[Module | Sequential] | None = None,
+                 lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
@@ -345,8 +360,10 @@ class RMSprop(Optimizer):
     else p -= lr g / (sqrt(s) + eps).
     """
 
-    def __init__(self, params=None, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False):
+    def __init__(self, params: Module | Sequential | Iterable[Module | Sequential] | None = None,
+                 lr: float = 1e-2, alpha: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
+                 centered: bool = False) -> None:
         self.alpha = _check_number("RMSprop", "alpha", alpha)
         self.eps = _check_number("RMSprop", "eps", eps)
         self.weight_decay = _check_number("RMSprop", "weight_decay", weight_decay)
@@ -354,7 +371,7 @@ class RMSprop(Optimizer):
         self.centered = bool(centered)
         super().__init__(params, lr)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps,
                 "weight_decay": self.weight_decay, "momentum": self.momentum,
                 "centered": self.centered}
@@ -394,7 +411,7 @@ class RMSprop(Optimizer):
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
-def get_optimizer(optimizer):
+def get_optimizer(optimizer: Optimizer | str) -> Optimizer:
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
@@ -404,7 +421,8 @@ def get_optimizer(optimizer):
 
 
 # --- gradient clipping -----------------------------------------------------------
-def clip_grad_norm(params, max_norm, error_if_nonfinite=False):
+def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], max_norm: float,
+                   error_if_nonfinite: bool = False) -> float:
     """Scale all gradients together so that their global L2 norm is at most
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
@@ -423,7 +441,8 @@ def clip_grad_norm(params, max_norm, error_if_nonfinite=False):
     return total
 
 
-def clip_grad_value(params, clip_value):
+def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
+                    clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
     for module in _modules_of(params):
@@ -442,7 +461,7 @@ class LRScheduler:
     pass ``model.optimizer.schedules`` to ``fit`` again to go on with them.
     """
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected a fastrnn optimizer, "
                             f"got {type(optimizer).__name__}")
@@ -453,22 +472,22 @@ class LRScheduler:
     def _attach(self):
         self.optimizer.schedules.append(self)
 
-    def step(self):
+    def step(self) -> float:
         self.epoch += 1
         self.optimizer.lr = self._lr(self.epoch)
         return self.optimizer.lr
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         """The constructor's arguments other than the optimizer."""
         return {}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """``{'class', 'config', 'epoch', 'base_lr'}``: what rebuilds it."""
         return {"class": type(self).__name__, "config": self.get_config(),
                 "epoch": self.epoch, "base_lr": self.base_lr}
 
     # callback protocol
-    def on_epoch_end(self, model, epoch, logs):
+    def on_epoch_end(self, model: Sequential, epoch: int, logs: dict[str, float]) -> None:
         self.step()
 
     def __repr__(self):
@@ -479,7 +498,7 @@ class LRScheduler:
 class StepLR(LRScheduler):
     """lr = base_lr * gamma ** (epoch // step_size)."""
 
-    def __init__(self, optimizer, step_size, gamma=0.1):
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1) -> None:
         super().__init__(optimizer)
         if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral) \
                 or step_size < 1:
@@ -487,7 +506,7 @@ class StepLR(LRScheduler):
         self.step_size, self.gamma = int(step_size), _check_number("StepLR", "gamma", gamma)
         self._attach()
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"step_size": self.step_size, "gamma": self.gamma}
 
     def _lr(self, epoch):
@@ -497,12 +516,12 @@ class StepLR(LRScheduler):
 class ExponentialLR(LRScheduler):
     """lr = base_lr * gamma ** epoch."""
 
-    def __init__(self, optimizer, gamma):
+    def __init__(self, optimizer: Optimizer, gamma: float) -> None:
         super().__init__(optimizer)
         self.gamma = _check_number("ExponentialLR", "gamma", gamma)
         self._attach()
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
 
     def _lr(self, epoch):
@@ -512,7 +531,7 @@ class ExponentialLR(LRScheduler):
 class CosineAnnealingLR(LRScheduler):
     """lr = eta_min + (base_lr - eta_min) (1 + cos(pi epoch / T_max)) / 2."""
 
-    def __init__(self, optimizer, T_max, eta_min=0.0):
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0) -> None:
         super().__init__(optimizer)
         if isinstance(T_max, bool) or not isinstance(T_max, numbers.Integral) or T_max < 1:
             raise ValueError(f"CosineAnnealingLR: T_max must be a positive int, got {T_max!r}")
@@ -520,7 +539,7 @@ class CosineAnnealingLR(LRScheduler):
                                                              eta_min)
         self._attach()
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"T_max": self.T_max, "eta_min": self.eta_min}
 
     def _lr(self, epoch):

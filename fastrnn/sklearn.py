@@ -21,6 +21,8 @@ The network reads each sequence to its own last step; the head maps the final
 state of the last layer (both directions' final states when bidirectional) to
 the outputs: the regression targets, or one logit per class.
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import numbers
@@ -28,8 +30,10 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 try:
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -40,6 +44,12 @@ try:
 except ImportError:  # pragma: no cover - depends on what is installed
     raise ImportError('fastrnn.sklearn needs scikit-learn: pip install "fastrnn[sklearn]" '
                       '(or pip install scikit-learn)') from None
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Self
+    else:
+        from typing_extensions import Self
 
 from fastrnn import _parallel
 from fastrnn import _validation as v
@@ -432,11 +442,14 @@ class _SequenceEstimator(BaseEstimator):
 
     _stratify = False
 
-    def __init__(self, cell="lstm", hidden_size=32, num_layers=1, bidirectional=False,
-                 dropout=0.0, epochs=100, batch_size=32, lr=1e-3, optimizer="adam",
-                 clip_grad_norm=None, validation_split=None, early_stopping=False,
-                 patience=10, random_state=None, dtype="float32", n_threads=None,
-                 verbose=0):
+    def __init__(self, cell: str = "lstm", hidden_size: int = 32, num_layers: int = 1,
+                 bidirectional: bool = False, dropout: float = 0.0, epochs: int = 100,
+                 batch_size: int = 32, lr: float = 1e-3, optimizer: str = "adam",
+                 clip_grad_norm: float | None = None, validation_split: float | None = None,
+                 early_stopping: bool = False, patience: int = 10,
+                 random_state: int | np.random.RandomState | None = None,
+                 dtype: DTypeLike = "float32", n_threads: int | None = None,
+                 verbose: int = 0) -> None:
         self.cell = cell
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -527,7 +540,7 @@ class _SequenceEstimator(BaseEstimator):
         return count if limit is None else max(1, min(count, limit))
 
     # --- training -----------------------------------------------------------------------------
-    def fit(self, X, y):
+    def fit(self, X: ArrayLike | list[ArrayLike], y: ArrayLike) -> Self:
         """Train a new network on (X, y), from freshly drawn initial weights.
 
         Parameters
@@ -756,7 +769,7 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
         _check_samples(owner, n, len(y))
         return y.reshape(n, -1)
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X: ArrayLike | list[ArrayLike], y: ArrayLike) -> Self:
         """One epoch over (X, y): on the first call, a new network; then
         training goes on from where it stopped (weights and optimizer
         state). The structural hyper-parameters are read at the first call;
@@ -768,7 +781,7 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
         """
         return self._partial_fit(X, y, None)
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike | list[ArrayLike]) -> np.ndarray:
         """Predicted targets: (N,) if ``fit`` had a 1-D y, else (N, outputs);
         float64 (scikit-learn's convention), computed in the estimator's dtype.
 
@@ -864,7 +877,8 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
         _check_samples(owner, n, len(y))
         return np.searchsorted(self.classes_, y).astype(np.int64)
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X: ArrayLike | list[ArrayLike], y: ArrayLike,
+                    classes: ArrayLike | None = None) -> Self:
         """One epoch over (X, y): on the first call, a new network (pass
         ``classes``, every label the calls will see); then training goes on
         from where it stopped (weights and optimizer state). The structural
@@ -880,7 +894,7 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
                              f"to partial_fit (every label the calls will see)")
         return self._partial_fit(X, y, classes)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: ArrayLike | list[ArrayLike]) -> np.ndarray:
         """Class probabilities, (N, n_classes) float64, columns in the order of
         ``classes_``: the softmax of the network's logits.
 
@@ -890,13 +904,13 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
         """
         return np.exp(self.predict_log_proba(X))
 
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X: ArrayLike | list[ArrayLike]) -> np.ndarray:
         """Log of ``predict_proba``, computed stably from the logits."""
         logits = self._outputs(X).astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike | list[ArrayLike]) -> np.ndarray:
         """The most probable label of each sequence, (N,), from ``classes_``.
 
         Parameters

@@ -6,10 +6,15 @@ pieces gives the outputs of one call on the whole of it. The state can be
 read (for a checkpoint), set, and reset; a Stream pickles with its model and
 state.
 """
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
-from fastrnn.layers import _RNNBase
+from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
 from fastrnn.nn import LastStep
 
@@ -31,7 +36,7 @@ class Stream:
     >>> saved = stream.state; stream.reset(); stream.state = saved
     """
 
-    def __init__(self, model):
+    def __init__(self, model: RNN | GRU | LSTM | Sequential) -> None:
         if isinstance(model, _RNNBase):
             recurrent = [model]
         elif isinstance(model, Sequential):
@@ -53,12 +58,12 @@ class Stream:
         self._state = [None] * len(recurrent)
 
     # --- state ----------------------------------------------------------------
-    def reset(self):
+    def reset(self) -> None:
         """Forget the state: the next call starts from zeros."""
         self._state = [None] * len(self._recurrent)
 
     @property
-    def state(self):
+    def state(self) -> list[Any]:
         """Copies of the state after the last call, one entry per recurrent
         layer: its h_n (or (h_n, c_n) for LSTM) of shape (num_layers, B, H)
         however the stream was fed (frames or chunks, one stream or a batch),
@@ -68,7 +73,7 @@ class Stream:
                 for s in self._state]
 
     @state.setter
-    def state(self, value):
+    def state(self, value: list[Any]) -> None:
         if not isinstance(value, (list, tuple)) or len(value) != len(self._recurrent):
             raise TypeError(f"Stream: state must be a list of {len(self._recurrent)} entries "
                             f"(one per recurrent layer), got {type(value).__name__}")
@@ -99,7 +104,7 @@ class Stream:
             else _batched_state(new)
         return out, new
 
-    def __call__(self, chunk):
+    def __call__(self, chunk: ArrayLike) -> np.ndarray:
         """Feed a chunk of steps: for a layer, laid out as the layer takes a
         sequence ((T, B, D), (B, T, D) with batch_first, or (T, D)); for a
         Sequential, (B, T, features), or (T, features) for one stream.
@@ -129,7 +134,7 @@ class Stream:
         self._state = new_state   # only once every layer has succeeded
         return x[0] if one_stream else x
 
-    def step(self, frame):
+    def step(self, frame: ArrayLike) -> np.ndarray:
         """Feed one frame: (D,) for one stream, or (B, D) for a batch of
         streams; returns the output for that frame, (out,) or (B, out)."""
         frame = v.to_numpy("Stream", "frame", frame)
