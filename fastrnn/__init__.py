@@ -27,7 +27,7 @@ from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, L1Los
 from fastrnn.callbacks import (Callback, CSVLogger, EarlyStopping, History, LambdaCallback,
                                LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                                TerminateOnNaN)
-from fastrnn.model import Sequential, load, save
+from fastrnn.model import Sequential, load, load_state_dict_file, save
 from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
 from fastrnn.convert import from_keras, from_onnx, from_torch, to_onnx, to_torch
 from fastrnn.streaming import Stream
@@ -35,7 +35,7 @@ from fastrnn.streaming import Stream
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
            "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "History", "Callback",
            "EarlyStopping", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau",
-           "TerminateOnNaN", "LearningRateScheduler", "LambdaCallback", "load", "save", "tbptt",
+           "TerminateOnNaN", "LearningRateScheduler", "LambdaCallback", "load", "load_state_dict_file", "save", "tbptt",
            "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "losses",
            "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads",
            "Stream", "from_torch", "to_torch", "from_keras", "to_onnx", "from_onnx",

@@ -14,7 +14,8 @@ import re
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-PEERS = ("torch", "keras", "onnx", "onnxruntime", "dask", "distributed", "sklearn")
+PEERS = ("torch", "keras", "onnx", "onnxruntime", "dask", "distributed", "sklearn",
+         "safetensors")
 
 
 def python_blocks():
