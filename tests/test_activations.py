@@ -11,8 +11,9 @@ import pytest
 
 from fastrnn import _kernels
 
-# both builds of the kernels where this CPU runs both (setup.py, _kernels.py)
-BUILDS = ["fastrnn._forward"] + (["fastrnn._forward_avx2"] if _kernels.SIMD == "avx2" else [])
+# every build of the kernels this CPU runs (setup.py, _kernels.py)
+BUILDS = ["fastrnn._forward"] + [f"fastrnn._forward_{build}" for build in ("avx2", "avx512")
+                                 if _kernels.cpu_supports(build)]
 
 
 @pytest.fixture(scope="module", params=BUILDS)
