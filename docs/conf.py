@@ -45,7 +45,7 @@ autodoc_preserve_defaults = True
 
 exclude_patterns = ["_build"]
 templates_path = []
-html_static_path = []
+html_static_path = ["_static"]
 html_title = f"fastrnn {release}"
 try:
     import furo  # noqa: F401

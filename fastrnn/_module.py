@@ -12,12 +12,16 @@ So a call never sees a half-loaded or half-updated set, whatever other
 threads do meanwhile, no caller's array is ever aliased, and a failed load
 leaves the module unchanged.
 """
+from __future__ import annotations
+
 import contextlib
+import os
 from collections import namedtuple
 from collections.abc import Mapping
 from types import MappingProxyType
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
@@ -143,7 +147,7 @@ class Module:
         self._params = ParamSet(current.version + 1, storages, self._names)
 
     @property
-    def grads(self):
+    def grads(self) -> Mapping[str, np.ndarray]:
         """Accumulated gradients: same names and shapes as ``state_dict()``.
 
         A read-only mapping of writeable arrays: backprop adds into them,
@@ -151,14 +155,14 @@ class Module:
         """
         return self._grads
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Set every accumulated gradient to zero."""
         with self._grad_lock:
             for grad in self._trainable:
                 grad[...] = 0
 
     # --- state dict ---------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter, under PyTorch's names, in PyTorch's order.
 
         Returns
@@ -168,7 +172,8 @@ class Module:
         """
         return {name: view.copy() for name, view in self._params.views.items()}
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike],
+                        strict: bool = True) -> LoadResult:
         """Copy parameters in from a mapping of name to array.
 
         Accepts numpy arrays, torch tensors (a PyTorch module's ``state_dict()``
@@ -235,10 +240,10 @@ class Module:
             self._swap_parameters(write)
         return LoadResult(missing, unexpected)
 
-    def save(self, path):
-        """Write this layer or cell to one ``.npz`` file: its configuration,
-        weights and random state (no pickle); ``fastrnn.load`` rebuilds it.
-        See ``fastrnn.save``."""
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this layer or cell to one file (``.safetensors`` for a path
+        ending so, else ``.npz``): its configuration, weights and random
+        state (no pickle); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
         from fastrnn.model import save   # fastrnn.model imports this module
         save(self, path)
 

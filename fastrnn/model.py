@@ -5,12 +5,20 @@ the protocol of fastrnn.nn (recurrent layers adapt to it whatever their
 ``batch_first``). ``fit``, ``evaluate`` and ``predict`` also take lists of
 sequences of different lengths and iterables of batches (see fastrnn.batching).
 """
+from __future__ import annotations
+
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from fastrnn.losses import Loss
+    from fastrnn.optim import Optimizer
 
 from fastrnn import _saving
 from fastrnn import _validation as v
@@ -67,7 +75,8 @@ class Sequential:
     >>> features = model[:2].predict(x)       # the LastStep's output, (N, 50)
     """
 
-    def __init__(self, layers, seed=None):
+    def __init__(self, layers: list[Any] | tuple[Any, ...],
+                 seed: int | np.random.Generator | None = None) -> None:
         if not isinstance(layers, (list, tuple)) or not layers:
             raise TypeError("Sequential: layers must be a non-empty list of fastrnn layers")
         for i, layer in enumerate(layers):
@@ -83,13 +92,13 @@ class Sequential:
         self.history = None
 
     # --- the layers as a sequence -------------------------------------------
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.layers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.layers)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int | slice) -> Any:
         """``model[i]``: the layer (negative indices count from the end);
         ``model[i:j:k]``: a new, uncompiled Sequential of the same layer
         objects (not copies), as PyTorch's ``nn.Sequential``."""
@@ -110,7 +119,7 @@ class Sequential:
             raise IndexError(f"Sequential: index {index} is out of range for {n} layers")
         return self.layers[int(index)]
 
-    def add(self, layer):
+    def add(self, layer: Any) -> None:
         """Append a layer (Keras' ``Sequential.add``).
 
         The layer is checked as the constructor checks its layers. A compiled
@@ -148,13 +157,13 @@ class Sequential:
         return [layer for layer in self.layers if layer._trainable]
 
     # --- parameters ---------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter, named '{layer index}.{name}' as PyTorch's
         ``nn.Sequential``."""
         return {f"{i}.{name}": value for i, layer in enumerate(self.layers)
                 for name, value in layer.state_dict().items()}
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> Any:
         """Load '{index}.{name}' parameters; checks everything before copying."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Sequential: load_state_dict expects a mapping of name to array, "
@@ -182,7 +191,7 @@ class Sequential:
                     layer.load_state_dict(snapshot)
             raise
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         for layer in self._modules_with_parameters():
             layer.zero_grad()
 
@@ -208,7 +217,7 @@ class Sequential:
         return any(isinstance(layer, (_RNNBase, LastStep)) for layer in self.layers)
 
     # --- inference ----------------------------------------------------------
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         """Inference on one batch (dropout off); x as for ``predict``."""
         return self._infer(self._check_x("Sequential", x))
 
@@ -234,7 +243,8 @@ class Sequential:
             backprops.append(backprop)
         return x, backprops
 
-    def predict(self, x, batch_size=None, steps=None):
+    def predict(self, x: Any, batch_size: int | None = None,
+                steps: int | None = None) -> np.ndarray | list[np.ndarray]:
         """Inference (dropout off) over x, in batches.
 
         Parameters
@@ -294,8 +304,10 @@ class Sequential:
         return sequences
 
     # --- training -----------------------------------------------------------
-    def compile(self, loss="mse", optimizer="adam", clip_grad_norm=None, clip_grad_value=None,
-                metrics=None, weighted_metrics=None):
+    def compile(self, loss: str | Loss = "mse", optimizer: str | Optimizer = "adam",
+                clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
+                metrics: list[Any] | None = None,
+                weighted_metrics: list[Any] | None = None) -> None:
         """Set the loss, the optimizer and the metrics.
 
         Parameters
@@ -385,13 +397,14 @@ class Sequential:
                 for identifier, _ in self._metric_specs}
 
     @property
-    def metrics_names(self):
+    def metrics_names(self) -> list[str]:
         """'loss', then the names of the compiled metrics (what ``evaluate``
         returns, in order)."""
         return ["loss"] + [metrics_module.check("Sequential", identifier)
                            for identifier, _ in self._metric_specs]
 
-    def train_step(self, x, y, sample_weight=None):
+    def train_step(self, x: ArrayLike, y: ArrayLike,
+                   sample_weight: ArrayLike | None = None) -> Any:
         """Forward, loss, backward and one optimizer step on one batch.
 
         Parameters
@@ -463,8 +476,10 @@ class Sequential:
         return {metric.name: float(metric.result()) for metric, _ in self._metrics}
 
     # --- evaluate -----------------------------------------------------------
-    def evaluate(self, x, y=None, batch_size=None, sample_weight=None, steps=None,
-                 callbacks=None, return_dict=False):
+    def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None,
+                 sample_weight: ArrayLike | None = None, steps: int | None = None,
+                 callbacks: list[Any] | None = None,
+                 return_dict: bool = False) -> float | list[float] | dict[str, float]:
         """The loss (and metrics) over (x, y) with the inference path (dropout off).
 
         The loss is the mean over everything the loss averages (each batch
@@ -533,9 +548,13 @@ class Sequential:
         return logs
 
     # --- fit ----------------------------------------------------------------
-    def fit(self, x, y=None, epochs=1, batch_size=None, validation_split=0.0,
-            validation_data=None, shuffle=True, callbacks=None, verbose=1, class_weight=None,
-            sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None):
+    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int | None = None,
+            validation_split: float = 0.0, validation_data: Any = None, shuffle: bool = True,
+            callbacks: list[Any] | None = None, verbose: int = 1,
+            class_weight: Mapping[int, float] | None = None,
+            sample_weight: ArrayLike | None = None, initial_epoch: int = 0,
+            steps_per_epoch: int | None = None,
+            validation_steps: int | None = None) -> History:
         """Train; returns a History (also kept as ``model.history``).
 
         Keras' loop: per epoch, shuffle, step through the batches, update the
@@ -724,7 +743,7 @@ class Sequential:
         return x
 
     # --- summary ------------------------------------------------------------
-    def summary(self, print_fn=None):
+    def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
         """Print the layers, their output shapes and parameter counts, and
         the totals in values and bytes (Keras' ``model.summary()``).
 
@@ -776,7 +795,7 @@ class Sequential:
                          f"{type(self.optimizer).__name__})")
 
     # --- files --------------------------------------------------------------
-    def save(self, path, include_optimizer=True):
+    def save(self, path: str | os.PathLike, include_optimizer: bool = True) -> None:
         """Write the model to one file: the layers' configuration (JSON),
         their weights and the random states; a ``.safetensors`` file if the
         path ends so, else a ``.npz`` (see ``fastrnn.save``).
@@ -817,7 +836,7 @@ class Sequential:
         _saving.save_model(self, path, include_optimizer=include_optimizer)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike) -> Sequential:
         """Rebuild a model saved with ``save`` (see ``fastrnn.load``).
 
         Raises
@@ -965,7 +984,7 @@ def _class_weights(table, y, loss):
     return np.where(inside, table[np.where(inside, labels, 0)], 1.0)
 
 
-def save(obj, path, include_optimizer=True):
+def save(obj: Any, path: str | os.PathLike, include_optimizer: bool = True) -> None:
     """Save a Sequential, or a single layer or cell, to one file.
 
     The path's extension chooses the format. A path ending in
@@ -1001,7 +1020,7 @@ def save(obj, path, include_optimizer=True):
         _saving.save_layer(obj, path)
 
 
-def load(path):
+def load(path: str | os.PathLike) -> Any:
     """Load what ``save`` wrote: a Sequential (compiled if saved with its
     optimizer), or a single layer or cell.
 
@@ -1052,7 +1071,7 @@ def load(path):
     return _saving.load(path, Sequential)
 
 
-def load_state_dict_file(path):
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The tensors of a ``.safetensors`` file as a state dict, for
     ``load_state_dict``: how a file PyTorch wrote loads here.
 
