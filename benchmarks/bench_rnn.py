@@ -13,6 +13,8 @@ from fastrnn.bench import CASES
 
 CASE_NAMES = [c.name for c in CASES]
 TRAIN_NAMES = [c.name for c in CASES if c.train]
+# fastrnn's threads for one call (fastrnn.set_num_threads): one, and every core
+THREADS = sorted({1, fastrnn.get_num_threads()})
 
 
 def _layer_and_input(name):
@@ -24,36 +26,44 @@ def _layer_and_input(name):
 
 
 class Inference:
-    params = [CASE_NAMES]
-    param_names = ["case"]
+    params = [CASE_NAMES, THREADS]
+    param_names = ["case", "threads"]
     timeout = 120
 
-    def setup(self, name):
+    def setup(self, name, threads):
+        fastrnn.set_num_threads(threads)
         self.layer, self.x = _layer_and_input(name)
-        self.layer(self.x)  # warm caches (transposed weights, worker thread)
+        self.layer(self.x)  # warm caches (packed weights, worker threads)
 
-    def time_forward(self, name):
+    def teardown(self, name, threads):
+        fastrnn.set_num_threads(THREADS[-1])
+
+    def time_forward(self, name, threads):
         self.layer(self.x)
 
-    def peakmem_forward(self, name):
+    def peakmem_forward(self, name, threads):
         self.layer(self.x)
 
 
 class TrainingStep:
-    params = [TRAIN_NAMES]
-    param_names = ["case"]
+    params = [TRAIN_NAMES, THREADS]
+    param_names = ["case", "threads"]
     timeout = 300
 
-    def setup(self, name):
+    def setup(self, name, threads):
+        fastrnn.set_num_threads(threads)
         self.layer, self.x = _layer_and_input(name)
         (out, _), _ = self.layer.forward_train(self.x)
         self.dout = np.ones_like(out)
 
-    def time_train_step(self, name):
+    def teardown(self, name, threads):
+        fastrnn.set_num_threads(THREADS[-1])
+
+    def time_train_step(self, name, threads):
         (_, _), backprop = self.layer.forward_train(self.x)
         backprop(self.dout)
 
-    def peakmem_train_step(self, name):
+    def peakmem_train_step(self, name, threads):
         (_, _), backprop = self.layer.forward_train(self.x)
         backprop(self.dout)
 
