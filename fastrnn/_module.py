@@ -385,48 +385,39 @@ class RecurrentWeights(Module):
             _parallel.unit_split_contended()
         return outcome != 0
 
-    def _packed_recurrent(self, params):
-        """Per layer, W_hh packed for the micro-kernel (_forward.pack_recurrent),
-        float32 only (None for float64: BLAS runs its products). Kept with
-        the parameter set."""
+    def _packed(self, params, key, pack):
+        """float32: ``pack(w_ih, w_hh)`` for every layer, packed for the
+        micro-kernel once and kept with the parameter set under ``key``;
+        float64 (whose products BLAS runs): None."""
         if self._config["dtype"] != np.float32:
             return None
-        packs = params.cache.get("packed_hh")
+        packs = params.cache.get(key)
         if packs is None:
-            H = self._config["hidden_size"]
-            packs = params.cache["packed_hh"] = [
-                _forward.pack_recurrent(w_hh, self._kernel_code, H, self._dirs)
-                for w_hh in self._weights(params)[1]]
+            w_ih_all, w_hh_all = self._weights(params)[:2]
+            packs = params.cache[key] = [pack(w_ih, w_hh) for w_ih, w_hh in zip(w_ih_all,
+                                                                                 w_hh_all)]
         return packs
+
+    def _packed_recurrent(self, params):
+        """Per layer, W_hh packed for the per-step products (_forward.pack_recurrent)."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_hh", lambda w_ih, w_hh: _forward.pack_recurrent(
+            w_hh, self._kernel_code, H, self._dirs))
+
+    def _packed_projection(self, params):
+        """Per layer, W_ih packed per direction for the input projection
+        (_forward.pack_projection)."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_ih", lambda w_ih, w_hh: _forward.pack_projection(
+            w_ih, self._kernel_code, H, self._dirs))
 
     def _packed_backward(self, params):
         """Per layer, (W_hh packed for dG . W_hh (_backward.pack_backward),
-        W_ih packed for dx = dG . W_ih (_backward.pack_rows)), float32 only.
-        Kept with the parameter set."""
-        if self._config["dtype"] != np.float32:
-            return None
-        packs = params.cache.get("packed_backward")
-        if packs is None:
-            H = self._config["hidden_size"]
-            w_ih_all, w_hh_all = self._weights(params)[:2]
-            packs = params.cache["packed_backward"] = [
-                (_backward.pack_backward(w_hh, self._kernel_code, H, self._dirs),
-                 _backward.pack_rows(w_ih, 0, w_ih.shape[0]))
-                for w_ih, w_hh in zip(w_ih_all, w_hh_all)]
-        return packs
-
-    def _packed_projection(self, params):
-        """Per layer, W_ih packed for the micro-kernel per direction
-        (_forward.pack_projection), float32 only. Kept with the parameter set."""
-        if self._config["dtype"] != np.float32:
-            return None
-        packs = params.cache.get("packed_ih")
-        if packs is None:
-            H = self._config["hidden_size"]
-            packs = params.cache["packed_ih"] = [
-                _forward.pack_projection(w_ih, self._kernel_code, H, self._dirs)
-                for w_ih in self._weights(params)[0]]
-        return packs
+        W_ih packed for dx = dG . W_ih (_backward.pack_rows))."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_backward", lambda w_ih, w_hh: (
+            _backward.pack_backward(w_hh, self._kernel_code, H, self._dirs),
+            _backward.pack_rows(w_ih, 0, w_ih.shape[0])))
 
     def _unit_weights(self, params, k, lo, hi):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
@@ -489,14 +480,17 @@ class RecurrentWeights(Module):
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
         tape = ({"params": params, "batch_first": batch_first, "lengths": lengths, "layers": []}
                 if train else None)
-        # fastrnn's threads do all the work, BLAS at one thread when it matters
-        # the widest input of a layer: the inner dimension of the input GEMMs
+        # fastrnn's threads do all the work; float64's products go through
+        # BLAS, held at one thread when it matters (float32's run on the
+        # micro-kernel and call no BLAS). in_cols: the widest input of a
+        # layer, the inner dimension of the input GEMMs
+        uses_blas = dtype != np.float32
         in_cols = layer_in.shape[1] if self._layers == 1 else max(layer_in.shape[1], dirs * H)
-        hold = units is not None or _parallel.hold_blas(parts, rows, N, in_cols, B,
-                                                        self._gates * H, H)
+        hold = uses_blas and (units is not None or _parallel.hold_blas(
+            parts, rows, N, in_cols, B, self._gates * H, H))
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
-            if not held:   # the parts' per-step gemv must not be threaded by BLAS
+            if uses_blas and not held:   # the parts' per-step gemv must not be threaded
                 units = None
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, parts, held, tape, units)
@@ -591,7 +585,8 @@ class RecurrentWeights(Module):
         w_ih_all, w_hh_all = self._weights(tape["params"])[:2]
         packed = self._packed_backward(tape["params"])
         in_cols = max(w_ih_all[0].shape[1], self._dirs * H)
-        hold = _parallel.hold_blas(parts, rows, N, in_cols, B, self._gates * H, H)
+        hold = packed is None and _parallel.hold_blas(parts, rows, N, in_cols, B,
+                                                      self._gates * H, H)
         # the weight gradients of this backprop, added to ``grads`` only when
         # every layer is done: an interrupted backprop (Ctrl-C) adds nothing
         sums = [[None if g is None else np.zeros_like(g) for g in kind]

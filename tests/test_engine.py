@@ -130,8 +130,8 @@ def test_gradients_are_the_same_bits_at_any_thread_count(kind, options, bidirect
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
     for threads in THREADS:
         monkeypatch.setattr(_parallel, "_threads", threads)
-        assert len(_parallel.split(2 if bidirectional else 1, B, 1)) == min(threads, B * (
-            2 if bidirectional else 1)) or bidirectional
+        dirs = 2 if bidirectional else 1
+        assert len(_parallel.split(dirs, B, 1)) == dirs * max(1, min(threads // dirs, B))
         many = train_step(layer, x, lengths, dout)
         np.testing.assert_array_equal(many[0], one[0])
         np.testing.assert_array_equal(many[1], one[1])
