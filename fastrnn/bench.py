@@ -1,4 +1,4 @@
-"""fastrnn against its peers on the benchmark grid, in one process.
+"""fastrnn against its peers on the benchmark grid, each library in a process of its own.
 
     fastrnn bench [--threads N] [--dtype DTYPE] [--quick | --cases NAMES] [--repeats N]
     python -m fastrnn.bench ...     (the same, outside the source tree)
@@ -35,12 +35,21 @@ Keras' layout (GRU ``reset_after=True``), called in a compiled
 ``tf.function`` without XLA, ``threads`` intra-op threads. ONNX Runtime and
 TensorFlow run in float32 only. NumPy's BLAS is held at ``threads``
 (threadpoolctl) and fastrnn runs on ``threads`` (:func:`fastrnn.set_num_threads`).
-Libraries are interleaved in blocks of calls after a pause (see
-:func:`median_ms`), so each is timed as if alone in the process.
+Each library runs each case in a process of its own, started afresh
+(:func:`run_case`): no library's spinning thread pool, allocator or BLAS
+setting can tax another. Within a process, calls run in blocks after a
+pause (:func:`median_ms`).
 """
 import argparse
+import importlib.metadata
+import importlib.util
+import json
 import math
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import textwrap
 import time
 from collections import namedtuple
@@ -291,51 +300,120 @@ def keras_runner(case, state_dict, x, threads):
 
 # --- the run -----------------------------------------------------------------------
 def available(name):
+    """Whether module ``name`` is installed (found, not imported: the peers
+    are imported only in the processes that time them)."""
     try:
-        __import__(name)
-        return True
-    except ImportError:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
         return False
 
 
-def run_case(case, dtype, threads, repeats):
-    rng = np.random.default_rng(0)
+def _installed_version(module):
+    """The version of the distribution that provides ``module`` (tensorflow
+    may come as tensorflow-cpu), without importing it."""
+    for dist in importlib.metadata.packages_distributions().get(module, [module]):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "(version unknown)"
+
+
+PEER_MODULES = {"torch": ("torch",), "ORT": ("onnxruntime", "onnx"),
+                "TF": ("tensorflow", "keras")}
+
+
+def case_data(case, dtype):
+    """The weights (a seeded fastrnn layer's ``state_dict``) and the input of
+    ``case``: the same in every process that asks."""
     ref_layer = getattr(fastrnn, case.cell)(case.D, case.H, num_layers=case.layers,
                                             bidirectional=case.bidirectional, seed=0)
     state_dict = {k: val.astype(dtype) for k, val in ref_layer.state_dict().items()}
-    x = rng.standard_normal((case.T, case.B, case.D)).astype(dtype)
-    if case.heavy:
-        repeats = max(4, repeats // 5)
+    x = np.random.default_rng(0).standard_normal((case.T, case.B, case.D)).astype(dtype)
+    return state_dict, x
 
-    infer_fns = {}
-    train_fns = {}
-    f_infer, f_train, limit = fastrnn_runner(case, state_dict, x, dtype)
-    infer_fns["fastrnn"], train_fns["fastrnn"] = f_infer, f_train
-    infer_fns["limit"] = limit
-    if available("torch"):
-        t_infer, t_train = torch_runner(case, state_dict, x, dtype, threads)
-        infer_fns["torch"], train_fns["torch"] = t_infer, t_train
-    if available("onnxruntime") and available("onnx") and dtype == "float32":
-        infer_fns["ORT"] = ort_runner(case, state_dict, x, threads)
-    if available("tensorflow") and available("keras") and dtype == "float32":
-        infer_fns["TF"], train_fns["TF"] = keras_runner(case, state_dict, x, threads)
 
-    # accuracy against float64 (PyTorch's when installed, independent of fastrnn)
-    x64, sd64 = x.astype(np.float64), {k: val.astype(np.float64) for k, val in state_dict.items()}
-    if available("torch"):
-        reference = torch_runner(case, sd64, x64, "float64", threads)[0]()
-    else:
-        reference = fastrnn_runner(case, sd64, x64, "float64")[0]()
-    errors = {name: float(np.abs(np.asarray(fn(), np.float64) - reference).max())
-              for name, fn in infer_fns.items() if name != "limit"}
+def measure(case_name, library, dtype, threads, repeats, output_path):
+    """Time one library on one case, in the calling process (the child that
+    :func:`run_case` starts for it), save its output to ``output_path`` and
+    return ``{"infer": ms, "train": ms or None, "limit": ms or None}``.
+    ``library`` "reference" only computes the float64 reference output."""
+    from threadpoolctl import threadpool_limits
+    case = next(c for c in CASES if c.name == case_name)
+    fastrnn.set_num_threads(threads)
+    with threadpool_limits(threads, user_api="blas"):
+        if library == "reference":
+            state_dict, x = case_data(case, "float64")
+            if all(available(m) for m in PEER_MODULES["torch"]):
+                infer = torch_runner(case, state_dict, x, "float64", threads)[0]
+            else:
+                infer = fastrnn_runner(case, state_dict, x, "float64")[0]
+            np.save(output_path, np.asarray(infer(), np.float64))
+            return {}
+        state_dict, x = case_data(case, dtype)
+        train = limit = None
+        if library == "fastrnn":
+            infer, train, limit = fastrnn_runner(case, state_dict, x, dtype)
+        elif library == "torch":
+            infer, train = torch_runner(case, state_dict, x, dtype, threads)
+        elif library == "ORT":
+            infer = ort_runner(case, state_dict, x, threads)
+        else:
+            infer, train = keras_runner(case, state_dict, x, threads)
+        np.save(output_path, np.asarray(infer()))
+        if case.heavy:
+            repeats = max(4, repeats // 5)
+        timed = [infer] + ([limit] if limit is not None else [])
+        infer_ms = median_ms(timed, repeats)
+        train_ms = (median_ms([train], max(4, repeats // 2))[0]
+                    if case.train and train is not None else None)
+    return {"infer": infer_ms[0], "limit": infer_ms[1] if limit is not None else None,
+            "train": train_ms}
 
-    names = list(infer_fns)
-    infer_ms = dict(zip(names, median_ms([infer_fns[n] for n in names], repeats)))
-    train_ms = {}
-    if case.train:
-        names = list(train_fns)
-        train_ms = dict(zip(names, median_ms([train_fns[n] for n in names],
-                                             max(4, repeats // 2))))
+
+def _measure_in_child(spec):
+    """The child's entry: ``spec`` is the JSON of :func:`measure`'s
+    arguments; the result goes to stdout as the last line, in JSON."""
+    result = measure(**json.loads(spec))
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+
+
+def run_case(case, dtype, threads, repeats, peers):
+    """Time ``case`` in fastrnn and each of ``peers``, each library in a
+    process of its own (started afresh, so no library's thread pool or
+    allocator state taxes another), and return (inference ms, training ms,
+    max abs errors against float64) as dicts by library; inference also
+    has fastrnn's GEMM-only ``limit``."""
+    infer_ms, train_ms, errors = {}, {}, {}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with tempfile.TemporaryDirectory(prefix="fastrnn-bench-") as tmp:
+        outputs = {}
+        libraries = ["fastrnn"] + [p for p in peers if dtype == "float32" or p == "torch"]
+        for library in libraries + ["reference"]:
+            outputs[library] = os.path.join(tmp, f"{library}.npy")
+            spec = json.dumps(dict(case_name=case.name, library=library, dtype=dtype,
+                                   threads=threads, repeats=repeats,
+                                   output_path=outputs[library]))
+            done = subprocess.run(
+                [sys.executable, "-c",
+                 "import sys; from fastrnn.bench import _measure_in_child; "
+                 "_measure_in_child(sys.argv[1])", spec],
+                capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"fastrnn bench: {library} failed on {case.name} "
+                                   f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if library == "reference":
+                continue
+            infer_ms[library] = result["infer"]
+            if result["limit"] is not None:
+                infer_ms["limit"] = result["limit"]
+            if result["train"] is not None:
+                train_ms[library] = result["train"]
+        reference = np.load(outputs["reference"])
+        for library in libraries:
+            out = np.load(outputs[library]).astype(np.float64)
+            errors[library] = float(np.abs(out - reference).max())
     return infer_ms, train_ms, errors
 
 
@@ -414,20 +492,9 @@ def main(argv=None, prog="fastrnn bench"):
     cases = [c for c in CASES if (c.name in QUICK if args.quick
                                   else args.cases is None or c.name in args.cases)]
 
-    from threadpoolctl import threadpool_limits
-    fastrnn.set_num_threads(args.threads)
-    peers = [p for p, mod in (("torch", "torch"), ("ORT", "onnxruntime"), ("TF", "tensorflow"))
-             if available(mod)]
-    versions = [f"fastrnn {fastrnn.__version__}"]
-    if "torch" in peers:
-        import torch
-        versions.append(f"torch {torch.__version__}")
-    if "ORT" in peers:
-        import onnxruntime
-        versions.append(f"onnxruntime {onnxruntime.__version__}")
-    if "TF" in peers:
-        import tensorflow
-        versions.append(f"tensorflow {tensorflow.__version__}")
+    peers = [p for p, mods in PEER_MODULES.items() if all(available(m) for m in mods)]
+    versions = [f"fastrnn {fastrnn.__version__}"] + [
+        f"{PEER_MODULES[p][0]} {_installed_version(PEER_MODULES[p][0])}" for p in peers]
     print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} "
           f"thread{'s' * (args.threads > 1)}, {args.dtype}, "
           f"median ms (blocks of 5 calls after a pause), {time.strftime('%Y-%m-%d')}")
@@ -435,20 +502,20 @@ def main(argv=None, prog="fastrnn bench"):
               + f"{'speed-up':>9}{'limit':>8}{'/limit':>7}  max abs error vs float64")
     print(header)
     speedups, train_rows = [], []
-    with threadpool_limits(args.threads, user_api="blas"):
-        for case in cases:
-            infer_ms, train_ms, errors = run_case(case, args.dtype, args.threads, args.repeats)
-            peer_ms = [infer_ms[p] for p in peers if p in infer_ms]
-            speedup = min(peer_ms) / infer_ms["fastrnn"] if peer_ms else float("nan")
-            if peer_ms:
-                speedups.append(speedup)
-            errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
-            print(f"{case.name:<20}{infer_ms['fastrnn']:>9.3f}"
-                  + "".join(f"{infer_ms.get(p, float('nan')):>9.3f}" for p in peers)
-                  + f"{speedup:>8.2f}x{infer_ms['limit']:>8.3f}"
-                  + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}  {errs}", flush=True)
-            if train_ms:
-                train_rows.append((case.name, train_ms))
+    for case in cases:
+        infer_ms, train_ms, errors = run_case(case, args.dtype, args.threads, args.repeats,
+                                             peers)
+        peer_ms = [infer_ms[p] for p in peers if p in infer_ms]
+        speedup = min(peer_ms) / infer_ms["fastrnn"] if peer_ms else float("nan")
+        if peer_ms:
+            speedups.append(speedup)
+        errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
+        print(f"{case.name:<20}{infer_ms['fastrnn']:>9.3f}"
+              + "".join(f"{infer_ms.get(p, float('nan')):>9.3f}" for p in peers)
+              + f"{speedup:>8.2f}x{infer_ms['limit']:>8.3f}"
+              + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}  {errs}", flush=True)
+        if train_ms:
+            train_rows.append((case.name, train_ms))
     if speedups:
         print(f"inference: geometric mean speed-up over the fastest peer "
               f"{math.exp(np.mean(np.log(speedups))):.2f}x, worst {min(speedups):.2f}x")
