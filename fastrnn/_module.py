@@ -25,7 +25,7 @@ from numpy.typing import ArrayLike
 
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
-from fastrnn import _parallel
+from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._locks import ForkSafeLock
 from fastrnn._validation import shape_str, to_numpy
@@ -379,10 +379,10 @@ class RecurrentWeights(Module):
         packed = self._packed_recurrent(params)
         outcome = _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k,
                                        c=c_k, gx=gx, out=layer_out,
-                                       wait_ns=_parallel.UNIT_SPLIT_WAIT_NS,
+                                       wait_ns=_plan.UNIT_SPLIT_WAIT_NS,
                                        packed=None if packed is None else packed[k], **args)
         if outcome == 2:
-            _parallel.unit_split_contended()
+            _plan.unit_split_contended()
         return outcome != 0
 
     def _packed(self, params, key, pack):
@@ -445,8 +445,9 @@ class RecurrentWeights(Module):
         """
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         dirs = self._dirs
-        N = dirs * self._gates * H
-        if batch_first and B > 1 and T * N > v.BLAS_INT_MAX:
+        plan = _plan.forward_plan(self, T, B, batch_first=batch_first, train=train,
+                                  has_lengths=lengths is not None)
+        if plan.time_major:
             # the per-step GEMM would need a leading dimension T * N beyond the
             # BLAS int range: run time-major and lay the output out at the end
             out_tm = np.empty((T, B, dirs * H), dtype)
@@ -454,24 +455,14 @@ class RecurrentWeights(Module):
                              h_n, c_n, out_tm, lengths, train)
             out[...] = out_tm.transpose(1, 0, 2)
             return tape
-        window = _window_steps(B, N, dtype)
-        if not train and dirs == 1 and T > window:
-            self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths, window)
+        if plan.window is not None:
+            self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths, plan.window)
             return None
         rows = T * B
-        gx = np.empty((rows, N), dtype)
+        gx = np.empty((rows, dirs * self._gates * H), dtype)
         gh = (np.empty((dirs, B * self._gates * H), dtype)
               if self._kernel_code == _forward.CELL_GRU else None)
-        parts = _parallel.split(dirs, B, T * B * N * (H + 20))
-        units = None
-        if (not train and dirs == 1 and B == 1 and lengths is None
-                and self._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
-            units = _parallel.unit_halves(T, H, self._gates)
-            if units is not None and dtype == np.float32:
-                # the micro-kernel's products come in whole groups of units
-                group = _forward.group_units(self._gates)
-                mid = round(units[1] / group) * group
-                units = [0, mid, H] if 0 < mid < H else None
+        units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
         layer_in = x.reshape(rows, -1)
         if train and lengths is not None:
             # padding never reaches results; zero it so that it cannot reach the
@@ -480,20 +471,12 @@ class RecurrentWeights(Module):
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
         tape = ({"params": params, "batch_first": batch_first, "lengths": lengths, "layers": []}
                 if train else None)
-        # fastrnn's threads do all the work; float64's products go through
-        # BLAS, held at one thread when it matters (float32's run on the
-        # micro-kernel and call no BLAS). in_cols: the widest input of a
-        # layer, the inner dimension of the input GEMMs
-        uses_blas = dtype != np.float32
-        in_cols = layer_in.shape[1] if self._layers == 1 else max(layer_in.shape[1], dirs * H)
-        hold = uses_blas and (units is not None or _parallel.hold_blas(
-            parts, rows, N, in_cols, B, self._gates * H, H))
-        with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
-            held = hold and _parallel.blas_at_one_thread.held
-            if uses_blas and not held:   # the parts' per-step gemv must not be threaded
+        with _parallel.blas_at_one_thread if plan.hold_blas else contextlib.nullcontext():
+            held = plan.hold_blas and _parallel.blas_at_one_thread.held
+            if plan.hold_blas and not held:   # the parts' per-step gemv must not be threaded
                 units = None
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                             gx, gh, parts, held, tape, units)
+                             gx, gh, plan.parts, held, tape, units)
         return tape
 
     def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
@@ -516,9 +499,8 @@ class RecurrentWeights(Module):
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                     gx, gh, parts, held, tape, units=None):
-        """The layers of ``_run``, in the parts ``_parallel.split`` chose, or
-        with the hidden units split between two threads (``units``, bounds
-        from _parallel.unit_halves)."""
+        """The layers of ``_run``, in the plan's parts, or with the hidden
+        units split between two threads (``units``: the plan's bounds)."""
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
         rows = T * B
@@ -542,7 +524,7 @@ class RecurrentWeights(Module):
                 saves["h_prev"] = np.empty((rows, dirs * H), dtype)
                 saves["c_prev"] = np.empty((rows, dirs * H), dtype) if is_lstm else None
             _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
-                             max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(rows, parts),
+                             max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
                              packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
@@ -581,12 +563,10 @@ class RecurrentWeights(Module):
         dgx = np.empty((rows, N), dtype)
         dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
         reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
-        parts = _parallel.split(self._dirs, B, 2 * T * B * N * (H + 20))
+        plan = _plan.backward_plan(self, T, B)
+        parts, hold = plan.parts, plan.hold_blas
         w_ih_all, w_hh_all = self._weights(tape["params"])[:2]
         packed = self._packed_backward(tape["params"])
-        in_cols = max(w_ih_all[0].shape[1], self._dirs * H)
-        hold = packed is None and _parallel.hold_blas(parts, rows, N, in_cols, B,
-                                                      self._gates * H, H)
         # the weight gradients of this backprop, added to ``grads`` only when
         # every layer is done: an interrupted backprop (Ctrl-C) adds nothing
         sums = [[None if g is None else np.zeros_like(g) for g in kind]
@@ -610,7 +590,7 @@ class RecurrentWeights(Module):
         """Layer k of ``_bptt`` (its weights of the tape's parameter set
         w_ih, w_hh): the backward time loops, then the weight gradients
         (into ``sums``: dw_ih, dw_hh, db_ih, db_hh) and the input gradient,
-        each in the parts ``_parallel.split`` chose."""
+        each in the plan's parts."""
         dirs, rows = self._dirs, T * B
         saves = tape["layers"][k]
         if k < self._layers - 1 and saves["mask"] is not None:
@@ -635,13 +615,13 @@ class RecurrentWeights(Module):
                 [_backward.pack_rows(saves["acts"], 0, rows, d * S + 3 * H, H)
                  for d in range(dirs)] if reset_before else None)
         _backward.weight_grads(
-            parts=_parallel.halves(dgx.shape[1], parts), x=saves["x"],
+            parts=_plan.halves(dgx.shape[1], parts), x=saves["x"],
             h_prev=saves["h_prev"], reset_acts=saves["acts"] if reset_before else None,
             dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2], db_hh=sums[3],
             max_rows=v.BLAS_INT_MAX, packed=activations)
         dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
         _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
-                             parts=_parallel.halves(rows, parts),
+                             parts=_plan.halves(rows, parts),
                              packed=None if packed is None else packed[1])
         return dx
 
@@ -717,17 +697,6 @@ class Backprop:
 def dropout_mask(rng, shape, p, dtype):
     """Inverted dropout: 0 with probability p, else 1 / (1 - p)."""
     return (rng.random(shape) >= p).astype(dtype) / np.asarray(1 - p, dtype)
-
-
-# Inference of a unidirectional stack runs in time windows whose input
-# projection takes about this much memory (module-level for the tests).
-WINDOW_BYTES = 8 << 20
-
-
-def _window_steps(B, N, dtype):
-    """Steps per window: the input projection of a window within
-    WINDOW_BYTES, and at least 64 steps (fewer windows cost more calls)."""
-    return max(64, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
 
 
 def _padding_mask(T, B, batch_first, lengths):

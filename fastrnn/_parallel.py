@@ -1,13 +1,9 @@
-"""How a layer call uses both cores (the kernels run the parts: the calling
-thread one, the kernels' C worker thread, _worker.h, the other).
+"""The thread count of fastrnn's calls and scipy's BLAS under them.
 
-The time loop of a layer cannot be split across steps, but its directions,
-and the rows of its batch, are independent recurrences: each part runs its
-whole time loop with no per-step synchronisation. At batch 1 a big enough
-step splits its hidden units instead, the two parts meeting at a barrier
-every step. The input projections and the BPTT weight and input gradients
-split by rows or columns. The kernels release the GIL and keep their
-per-step BLAS calls single-threaded, so the parts do not contend.
+How a call is cut into parts, one per thread, is the plan's (_plan.py); the
+kernels run the parts on the calling thread and the pool of _worker.h, with
+the GIL released and their BLAS calls (float64) single-threaded, so the
+parts do not contend.
 
 fastrnn's threads do the parallel work, and scipy's BLAS (the one the
 kernels call) runs at one thread under them: OpenBLAS's idle threads spin for
@@ -53,11 +49,6 @@ def _default_threads():
 
 
 _threads = _default_threads()
-
-# Below this many multiply-adds (plus gate work) a recurrence runs in one
-# thread: handing half to the worker costs tens of microseconds.
-MIN_PARALLEL_WORK = 4_000_000
-
 
 def set_num_threads(n: int) -> None:
     """Threads fastrnn may use for one call (the calling thread and n - 1
@@ -174,81 +165,3 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def split(dirs, batch, work):
-    """Parts (d_lo, d_hi, b_lo, b_hi) to run at once, one per thread: the
-    directions, each cut into ranges of the batch; everything in one part
-    below MIN_PARALLEL_WORK."""
-    n = _threads
-    if n < 2 or work < MIN_PARALLEL_WORK:
-        return [(0, dirs, 0, batch)]
-    per_direction = max(1, min(n // dirs, batch))
-    if dirs == 1 or per_direction > 1 or n < dirs:
-        dir_ranges = [(d, d + 1) for d in range(dirs)] if n >= dirs else [(0, dirs)]
-    else:
-        dir_ranges = [(d, d + 1) for d in range(dirs)]
-    parts = [(d_lo, d_hi, lo, hi) for d_lo, d_hi in dir_ranges
-             for lo, hi in chunks(batch, per_direction)]
-    return parts if len(parts) > 1 else [(0, dirs, 0, batch)]
-
-
-# A batch-1 unidirectional layer splits its hidden units between this thread
-# and the kernels' worker (_worker.h), which meet at a barrier after every
-# step, when a step has at least UNIT_SPLIT_MIN_MACS recurrent multiply-adds
-# and the call UNIT_SPLIT_MIN_WORK. The barrier and the exchange of h cost
-# ~1 us per step on this 2-core VM (LSTM 16->32 T=100: 52 us in one thread,
-# 148 us split; GRU 64->128: 424 vs 483 us; GRU 64->256: 1230 vs 950 us).
-UNIT_SPLIT_MIN_MACS = 131072
-UNIT_SPLIT_MIN_WORK = 1_000_000
-# How long a unit split waits for the worker to take its part before the
-# layer runs in one thread instead (a worker asleep may take that long to
-# wake on a virtual machine; a split step is >= ~10 us).
-UNIT_SPLIT_WAIT_NS = 200_000
-
-
-def unit_split_steps(H, gates):
-    """The fewest steps from which a batch-1 unidirectional layer splits its
-    hidden units, or None if it never does (one thread, or small steps)."""
-    macs = gates * H * H
-    if _threads < 2 or macs < UNIT_SPLIT_MIN_MACS:
-        return None
-    return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
-
-
-# After a split whose parts kept waiting for each other (they had no core
-# each: the machine was busy), this many batch-1 calls run in one thread.
-UNIT_SPLIT_BACKOFF = 16
-_backoff = 0
-
-
-def unit_split_contended():
-    global _backoff
-    _backoff = UNIT_SPLIT_BACKOFF
-
-
-def unit_halves(T, H, gates):
-    """Bounds [0, mid, H] of the two threads' hidden units for a batch-1
-    unidirectional layer, or None when it should run in one thread. mid is a
-    multiple of 16 (whole float32 cache lines for each part's units)."""
-    global _backoff
-    steps = unit_split_steps(H, gates)
-    if steps is None or T < steps:
-        return None
-    if _backoff > 0:   # unsynchronised: a lost update costs one call's choice
-        _backoff -= 1
-        return None
-    mid = min(H - 1, max(16, (H // 2 + 8) // 16 * 16))
-    return [0, mid, H]
-
-
-def chunks(n, count):
-    """[0, n) cut into ``count`` contiguous ranges as even as can be."""
-    count = max(1, min(count, n)) if n > 0 else 1
-    return [(k * n // count, (k + 1) * n // count) for k in range(count)]
-
-
-def halves(n, parts):
-    """Split [0, n) (rows or columns) into as many contiguous ranges as there
-    are parts."""
-    return chunks(n, len(parts))

@@ -57,7 +57,7 @@ from collections import namedtuple
 import numpy as np
 
 import fastrnn
-from fastrnn import _parallel
+from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 
@@ -138,7 +138,7 @@ def gemm_only(layer, x):
           if layer._kernel_code == _forward.CELL_GRU else None)
     h = np.zeros((dirs, B, H), dtype)
     inputs = [x.reshape(T * B, -1)] + [np.zeros((T * B, dirs * H), dtype)] * (layer._layers - 1)
-    parts = _parallel.split(dirs, B, T * B * N * (H + 20))
+    parts = _plan.split(dirs, B, T * B * N * (H + 20))
 
     def run():
         with _parallel.blas_at_one_thread:
@@ -148,7 +148,7 @@ def gemm_only(layer, x):
             packed_hh = layer._packed_recurrent(params)
             for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights(params)):
                 _forward.project(x=inputs[k], w_ih=w_ih[k], bias_x=bias_x, gx=gx,
-                                 max_rows=v.BLAS_INT_MAX, parts=_parallel.halves(T * B, parts),
+                                 max_rows=v.BLAS_INT_MAX, parts=_plan.halves(T * B, parts),
                                  packed=None if packed_ih is None else packed_ih[k],
                                  hidden_size=H)
                 _forward.gemm_limit(cell=layer._kernel_code, T=T, batch_first=False,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import _parallel
+from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import RESET_AFTER_DOC, Backprop, RecurrentWeights, gru_kind
@@ -87,16 +87,12 @@ class _RNNBase(RecurrentWeights):
         key = ("runner", threads)
         runner = params.cache.get(key)
         if runner is None:
-            H = self._config["hidden_size"]
-            split_steps = _parallel.unit_split_steps(H, self._gates)
-            if self._dirs != 1 or self._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
-                split_steps = None
+            min_parallel_work, split_steps = _plan.runner_limits(self)
             w_ih, w_hh = self._weights(params)[:2]
             runner = params.cache[key] = _forward.SequenceRunner(
                 self._kernel_code, self._dirs, self._config["batch_first"], w_ih, w_hh,
-                self._kernel_weights(params), _parallel.MIN_PARALLEL_WORK,
-                2**62 if split_steps is None else split_steps, self._packed_recurrent(params),
-                self._packed_projection(params))
+                self._kernel_weights(params), min_parallel_work, split_steps,
+                self._packed_recurrent(params), self._packed_projection(params))
         return runner
 
     def forward_train(self, x: ArrayLike,

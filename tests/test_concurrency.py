@@ -133,7 +133,7 @@ def test_shared_input_arrays_across_threads(cls):
 def test_parallel_parts_give_the_serial_results(cls, bidirectional, monkeypatch):
     """Directions or batch halves in two threads: the same numbers as one
     thread (the per-row arithmetic is identical; BLAS sums may round apart)."""
-    from fastrnn import _parallel
+    from fastrnn import _parallel, _plan
     rng = np.random.default_rng(0)
     layer = cls(6, 16, num_layers=2, bidirectional=bidirectional, batch_first=True,
                 dtype="float64", seed=1)
@@ -151,8 +151,8 @@ def test_parallel_parts_give_the_serial_results(cls, bidirectional, monkeypatch)
     monkeypatch.setattr(_parallel, "_threads", 1)
     serial, serial_grads = run()
     monkeypatch.setattr(_parallel, "_threads", 2)
-    monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
-    assert len(_parallel.split(2 if bidirectional else 1, 7, 1)) == 2
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    assert len(_plan.split(2 if bidirectional else 1, 7, 1)) == 2
     parallel, parallel_grads = run()
     for p, s in zip(parallel, serial):
         np.testing.assert_allclose(p, s, rtol=0, atol=1e-12)
@@ -178,11 +178,11 @@ def test_a_forked_child_can_run_parallel_calls():
     """The worker thread does not survive fork(); the child must make its own
     (it used to wait forever for the parent's)."""
     import multiprocessing
-    from fastrnn import _parallel
+    from fastrnn import _plan
     layer = fastrnn.GRU(8, 32, bidirectional=True, seed=0)
     x = np.random.default_rng(0).standard_normal((50, 4, 8)).astype(np.float32)
-    old = _parallel.MIN_PARALLEL_WORK
-    _parallel.MIN_PARALLEL_WORK = 0
+    old = _plan.MIN_PARALLEL_WORK
+    _plan.MIN_PARALLEL_WORK = 0
     try:
         expected, _ = layer(x)          # the parent starts its worker
         ctx = multiprocessing.get_context("fork")
@@ -190,11 +190,11 @@ def test_a_forked_child_can_run_parallel_calls():
             result = pool.apply_async(_child_forward, (layer, x))
             got = result.get(timeout=60)
     finally:
-        _parallel.MIN_PARALLEL_WORK = old
+        _plan.MIN_PARALLEL_WORK = old
     np.testing.assert_array_equal(got, expected)
 
 
 def _child_forward(layer, x):
-    from fastrnn import _parallel
-    _parallel.MIN_PARALLEL_WORK = 0
+    from fastrnn import _plan
+    _plan.MIN_PARALLEL_WORK = 0
     return layer(x)[0]

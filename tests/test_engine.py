@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _parallel
+from fastrnn import _parallel, _plan
 from fastrnn._kernels import forward as _forward
 
 # thread counts tried, more than this machine's cores too (2 on the CI machine)
@@ -53,7 +53,7 @@ def test_thread_counts_give_the_same_bits(kind, options, monkeypatch):
         x = rng.standard_normal((T, B, D)).astype(np.float32)
         monkeypatch.setattr(_parallel, "_threads", 1)
         one = layer(x)
-        monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
+        monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
         for threads in THREADS:
             monkeypatch.setattr(_parallel, "_threads", threads)
             np.testing.assert_array_equal(layer(x)[0], one[0], err_msg=f"{threads} threads")
@@ -127,11 +127,11 @@ def test_gradients_are_the_same_bits_at_any_thread_count(kind, options, bidirect
     dout = rng.standard_normal((T, B, (2 if bidirectional else 1) * H)).astype(np.float32)
     monkeypatch.setattr(_parallel, "_threads", 1)
     one = train_step(layer, x, lengths, dout)
-    monkeypatch.setattr(_parallel, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
     for threads in THREADS:
         monkeypatch.setattr(_parallel, "_threads", threads)
         dirs = 2 if bidirectional else 1
-        assert len(_parallel.split(dirs, B, 1)) == dirs * max(1, min(threads // dirs, B))
+        assert len(_plan.split(dirs, B, 1)) == dirs * max(1, min(threads // dirs, B))
         many = train_step(layer, x, lengths, dout)
         np.testing.assert_array_equal(many[0], one[0])
         np.testing.assert_array_equal(many[1], one[1])

@@ -288,7 +288,7 @@ def test_cell_streaming_path_equals_general_path(kind, dtype, bias, close):
 def test_windowed_inference_equals_whole_sequence(kind, batch_first, monkeypatch):
     """Long unidirectional inference runs in time windows with the state
     carried over (bounded memory): the same numbers as one pass."""
-    from fastrnn import _module
+    from fastrnn import _plan
     rng = np.random.default_rng(4)
     layer = make_layer(kind, 3, 5, num_layers=2, batch_first=batch_first, dtype="float64",
                        seed=2)
@@ -298,8 +298,8 @@ def test_windowed_inference_equals_whole_sequence(kind, batch_first, monkeypatch
     hx = rng.standard_normal((2, B, 5))
     hx = (hx, rng.standard_normal((2, B, 5))) if kind == "lstm" else hx
     whole = layer(x, hx, lengths=lengths)
-    monkeypatch.setattr(_module, "WINDOW_BYTES", 1)              # windows of 64 steps
-    assert _module._window_steps(B, 5, "float64") == 64
+    monkeypatch.setattr(_plan, "WINDOW_BYTES", 1)              # windows of 64 steps
+    assert _plan.window_steps(B, 5, "float64") == 64
     windowed = layer(x, hx, lengths=lengths)
     np.testing.assert_allclose(windowed[0], whole[0], rtol=0, atol=1e-13)
     for w, v in zip(np.atleast_1d(windowed[1]), np.atleast_1d(whole[1])):

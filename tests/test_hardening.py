@@ -135,10 +135,10 @@ def test_calls_never_mix_old_and_new_parameters(case):
         else:
             def call(): return module.forward_train(x)[0]
     elif case == "bidirectional":
-        from fastrnn import _parallel
+        from fastrnn import _plan
         module = GRU(8, 32, bidirectional=True, seed=0)
         x = rng.standard_normal((60, 8, 8)).astype(np.float32)
-        assert len(_parallel.split(2, 8, 60 * 8 * 192 * 52)) == fastrnn.get_num_threads()
+        assert len(_plan.split(2, 8, 60 * 8 * 192 * 52)) == fastrnn.get_num_threads()
         def call(): return module(x)
     elif case.startswith("cell"):
         module = GRUCell(8, 16, seed=0)

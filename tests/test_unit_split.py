@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _parallel
+from fastrnn import _parallel, _plan
 from fastrnn._kernels import forward as _forward
 from reference import layer_forward
 from test_forward import make_layer
@@ -40,9 +40,9 @@ def count_pairs(monkeypatch):
     monkeypatch.setattr(_parallel, "_threads", 2)
     # wait for the worker however slow it is to wake, and never back off
     # after a contended split, so that every split runs
-    monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 10**10)
-    monkeypatch.setattr(_parallel, "UNIT_SPLIT_BACKOFF", 0)
-    monkeypatch.setattr(_parallel, "_backoff", 0)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    monkeypatch.setattr(_plan, "_backoff", 0)
     return kernels.split_calls
 
 
@@ -123,10 +123,10 @@ def test_no_split_where_it_does_not_pay(count_pairs):
 def test_split_backs_off_after_contention(count_pairs, monkeypatch):
     """A split whose parts kept waiting for each other makes the next
     UNIT_SPLIT_BACKOFF batch-1 calls run in one thread."""
-    monkeypatch.setattr(_parallel, "UNIT_SPLIT_BACKOFF", 3)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 3)
     layer = fastrnn.GRU(8, 256, seed=0)
     x = np.zeros((50, 1, 8), np.float32)
-    _parallel.unit_split_contended()
+    _plan.unit_split_contended()
     for _ in range(3):
         layer(x)
     assert not count_pairs
@@ -141,9 +141,9 @@ def test_split_withdrawn_when_the_worker_is_slow(monkeypatch):
     monkeypatch.setattr(_parallel, "_threads", 2)
     layer = fastrnn.GRU(16, 300, dtype="float64", seed=7)
     x = np.random.default_rng(1).standard_normal((40, 1, 16))
-    monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 10**10)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
     expected = layer(x)
-    monkeypatch.setattr(_parallel, "UNIT_SPLIT_WAIT_NS", 0)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 0)
     for _ in range(20):
         got = layer(x)
         for a, b in zip(_flat(got), _flat(expected)):

@@ -1,0 +1,239 @@
+"""The plan of a layer call: every dispatch decision in one place.
+
+How a call flows. A layer or cell call validates its arguments (layers.py,
+cells.py), takes one parameter set (``_module.ParamSet``) and asks this module
+how to run: :func:`forward_plan` for inference and the training forward,
+:func:`backward_plan` for BPTT, :func:`runner_limits` for the lean path of
+small calls (``_forward.SequenceRunner``, which applies the same limits in C
+without building a plan). A :class:`Plan` says
+
+- ``parts``: what each thread runs, (first direction, last direction + 1,
+  first batch row, last batch row + 1) per part, one part per thread; the
+  directions and batch rows of a layer are independent recurrences, so each
+  part runs its whole time loop with no per-step synchronisation;
+- ``units``: at batch 1, the hidden-unit bounds [0, mid, H] of two threads
+  that meet at a barrier after every step (``_forward.recur_units``), or None;
+- ``hold_blas``: whether scipy's BLAS must be held at one thread (float64
+  only: float32 calls no BLAS);
+- ``window``: steps per time window of a long unidirectional inference (the
+  state carried over; memory bounded by the window), or None;
+- ``time_major``: a batch-first call whose per-step products would need a
+  leading dimension beyond the BLAS int range runs time-major instead.
+
+``_module.RecurrentWeights`` then packs the weights once per parameter set
+(``_forward.pack_recurrent`` / ``pack_projection``, ``_backward.pack_*``) and
+hands the plan's parts to the kernels (``_forward.project``, ``recur``,
+``recur_units``; ``_backward.backward_layer``, ``weight_grads``,
+``input_grad``), which run them on the calling thread and the pool of
+``_worker.h`` and call the micro-kernels of ``_microkernel.h`` (float32) or
+BLAS (float64) on each part's rows.
+
+A plan depends only on the call's shape class, the layer's configuration,
+the thread count and the tuning constants below, not on the parameter
+values: plans are kept in one bounded cache keyed by all of these.
+
+The tuning constants of the Python side live here, each with the
+measurement that set it (those of the C side: ``_microkernel.h``, tile and
+block sizes; ``_worker.h``, spin times; ``_forward.pyx``, the BLAS bounds).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from fastrnn import _parallel
+from fastrnn import _validation as v
+from fastrnn._kernels import forward as _forward
+
+
+# --- tuning constants ---------------------------------------------------------------
+
+# Below this many multiply-adds (plus gate work) a recurrence runs in one
+# thread: handing a part to a worker costs tens of microseconds.
+MIN_PARALLEL_WORK = 4_000_000
+
+# A batch-1 unidirectional layer splits its hidden units between two threads,
+# which meet at a barrier after every step, when a step has at least
+# UNIT_SPLIT_MIN_MACS recurrent multiply-adds and the call UNIT_SPLIT_MIN_WORK.
+# The barrier and the exchange of h cost ~1 us per step on this 2-core VM
+# (LSTM 16->32 T=100: 52 us in one thread, 148 us split; GRU 64->128: 424 vs
+# 483 us; GRU 64->256: 1230 vs 950 us).
+UNIT_SPLIT_MIN_MACS = 131072
+UNIT_SPLIT_MIN_WORK = 1_000_000
+# How long a unit split waits for the worker to take its part before the
+# layer runs in one thread instead (a worker asleep may take that long to
+# wake on a virtual machine; a split step is >= ~10 us).
+UNIT_SPLIT_WAIT_NS = 200_000
+# After a split whose parts kept waiting for each other (they had no core
+# each: the machine was busy), this many batch-1 calls run in one thread.
+UNIT_SPLIT_BACKOFF = 16
+
+# Inference of a unidirectional stack runs in time windows whose input
+# projection takes about WINDOW_BYTES, and at least MIN_WINDOW_STEPS steps
+# (fewer windows cost more calls).
+WINDOW_BYTES = 8 << 20
+MIN_WINDOW_STEPS = 64
+
+# Plans kept at most (one per shape class; a new shape past this clears them).
+PLAN_CACHE_SIZE = 512
+
+
+class Plan(NamedTuple):
+    parts: list
+    units: list | None
+    hold_blas: bool
+    window: int | None
+    time_major: bool
+
+
+# --- the decisions --------------------------------------------------------------------
+
+def split(dirs, batch, work):
+    """Parts (d_lo, d_hi, b_lo, b_hi) to run at once, one per thread: the
+    directions, each cut into ranges of the batch; everything in one part
+    below MIN_PARALLEL_WORK."""
+    n = _parallel.get_num_threads()
+    if n < 2 or work < MIN_PARALLEL_WORK:
+        return [(0, dirs, 0, batch)]
+    per_direction = max(1, min(n // dirs, batch))
+    dir_ranges = [(d, d + 1) for d in range(dirs)] if n >= dirs else [(0, dirs)]
+    parts = [(d_lo, d_hi, lo, hi) for d_lo, d_hi in dir_ranges
+             for lo, hi in chunks(batch, per_direction)]
+    return parts if len(parts) > 1 else [(0, dirs, 0, batch)]
+
+
+def chunks(n, count):
+    """[0, n) cut into ``count`` contiguous ranges as even as can be."""
+    count = max(1, min(count, n)) if n > 0 else 1
+    return [(k * n // count, (k + 1) * n // count) for k in range(count)]
+
+
+def halves(n, parts):
+    """[0, n) (rows or columns of a large product) in as many contiguous
+    ranges as there are parts."""
+    return chunks(n, len(parts))
+
+
+def unit_split_steps(H, gates):
+    """The fewest steps from which a batch-1 unidirectional layer splits its
+    hidden units, or None if it never does (one thread, or small steps)."""
+    macs = gates * H * H
+    if _parallel.get_num_threads() < 2 or macs < UNIT_SPLIT_MIN_MACS:
+        return None
+    return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
+
+
+def unit_bounds(T, H, gates, group):
+    """Bounds [0, mid, H] of the two threads' hidden units for a batch-1
+    unidirectional layer, or None when it runs in one thread. mid falls on a
+    multiple of ``group`` (the micro-kernel's units per packed group; 16 for
+    the BLAS path: whole float32 cache lines for each part's units)."""
+    steps = unit_split_steps(H, gates)
+    if steps is None or T < steps:
+        return None
+    mid = min(H - 1, max(16, (H // 2 + 8) // 16 * 16))
+    if group > 1:
+        mid = round(mid / group) * group
+    return [0, mid, H] if 0 < mid < H else None
+
+
+_backoff = 0
+
+
+def unit_split_contended():
+    """A unit split found the other thread without a core: back off."""
+    global _backoff
+    _backoff = UNIT_SPLIT_BACKOFF
+
+
+def unit_split_allowed():
+    """Whether this batch-1 call may split (not while backing off)."""
+    global _backoff
+    if _backoff > 0:   # unsynchronised: a lost update costs one call's choice
+        _backoff -= 1
+        return False
+    return True
+
+
+def window_steps(B, N, dtype):
+    """Steps per window of a long unidirectional inference."""
+    return max(MIN_WINDOW_STEPS, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
+
+
+def _tuning():
+    return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, WINDOW_BYTES,
+            MIN_WINDOW_STEPS, _parallel.get_num_threads())
+
+
+_plans: dict = {}
+
+
+def _cached(key, build):
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.clear()
+        plan = _plans[key] = build()
+    return plan
+
+
+def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
+    """The plan of a forward call of ``layer`` (a RecurrentWeights) over T
+    steps of B rows; the hidden-unit split is subject to the backoff at each
+    call (``units`` says only that the shape allows it)."""
+    cfg = layer._config
+    key = ("forward", layer._kernel_code, layer._layers, layer._dirs, cfg["input_size"],
+           cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B, bool(batch_first), bool(train),
+           bool(has_lengths)) + _tuning()
+    return _cached(key, lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))
+
+
+def _forward_plan(layer, T, B, batch_first, train, has_lengths):
+    dtype, H, D = layer._config["dtype"], layer._config["hidden_size"], \
+        layer._config["input_size"]
+    dirs, gates = layer._dirs, layer._gates
+    N = dirs * gates * H
+    time_major = bool(batch_first and B > 1 and T * N > v.BLAS_INT_MAX)
+    window = window_steps(B, N, dtype)
+    if train or dirs != 1 or T <= window:
+        window = None   # (windowed, each window has a plan of its own)
+    parts = split(dirs, B, T * B * N * (H + 20))
+    units = None
+    if (not train and dirs == 1 and B == 1 and not has_lengths
+            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
+        group = _forward.group_units(gates) if dtype == np.float32 else 1
+        units = unit_bounds(T, H, gates, group)
+    hold = False
+    if dtype != np.float32:   # float32 calls no BLAS
+        in_cols = D if layer._layers == 1 else max(D, dirs * H)
+        hold = units is not None or _parallel.hold_blas(parts, T * B, N, in_cols, B,
+                                                        gates * H, H)
+    return Plan(parts, units, hold, window, time_major)
+
+
+def backward_plan(layer, T, B):
+    """The plan of BPTT over a tape of T steps of B rows."""
+    cfg = layer._config
+    key = ("backward", layer._kernel_code, layer._layers, layer._dirs, cfg["input_size"],
+           cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B) + _tuning()
+    return _cached(key, lambda: _backward_plan(layer, T, B))
+
+
+def _backward_plan(layer, T, B):
+    dtype, H, D = layer._config["dtype"], layer._config["hidden_size"], \
+        layer._config["input_size"]
+    N = layer._dirs * layer._gates * H
+    parts = split(layer._dirs, B, 2 * T * B * N * (H + 20))
+    hold = dtype != np.float32 and _parallel.hold_blas(
+        parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H)
+    return Plan(parts, None, hold, None, False)
+
+
+def runner_limits(layer):
+    """(work below which one thread runs, steps from which a batch-1 call
+    splits its units (2**62: never)) for the lean path's SequenceRunner."""
+    split_steps = unit_split_steps(layer._config["hidden_size"], layer._gates)
+    if layer._dirs != 1 or layer._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
+        split_steps = None
+    return MIN_PARALLEL_WORK, 2**62 if split_steps is None else split_steps

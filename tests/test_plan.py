@@ -1,0 +1,154 @@
+"""The plan (fastrnn/_plan.py): every choice it can make gives the numbers of
+the plain plan (one thread, the whole sequence at once, no unit split), on
+random shapes, in inference and training; and plans are cached by shape
+class, thread count and tuning, never by parameter values."""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _parallel, _plan
+
+KINDS = ["RNN", "GRU", "LSTM"]
+
+
+def _random_cases(seed, count):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        cases.append(dict(kind=KINDS[rng.integers(3)], D=int(rng.integers(1, 40)),
+                          H=int(rng.integers(1, 80)), T=int(rng.integers(1, 90)),
+                          B=int(rng.integers(1, 12)), layers=int(rng.integers(1, 3)),
+                          bidirectional=bool(rng.integers(2)), batch_first=bool(rng.integers(2)),
+                          lengths=bool(rng.integers(2))))
+    return cases
+
+
+# random shapes, and batch-1 unidirectional ones (the unit split's)
+CASES = _random_cases(20261201, 16) + [
+    dict(kind=kind, D=d, H=h, T=t, B=1, layers=layers, bidirectional=False,
+         batch_first=bf, lengths=False)
+    for kind, d, h, t, layers, bf in [("LSTM", 5, 57, 30, 1, False), ("GRU", 9, 40, 17, 2, True),
+                                       ("RNN", 3, 70, 25, 1, False), ("GRU", 12, 33, 9, 1, False)]]
+
+# each plan choice, forced by the tuning it reads
+CHOICES = {
+    "parts at 2 threads": dict(threads=2, MIN_PARALLEL_WORK=0),
+    "parts at 3 threads": dict(threads=3, MIN_PARALLEL_WORK=0),
+    "parts at 8 threads": dict(threads=8, MIN_PARALLEL_WORK=0),
+    "unit split": dict(threads=2, MIN_PARALLEL_WORK=0, UNIT_SPLIT_MIN_MACS=0,
+                       UNIT_SPLIT_MIN_WORK=0),
+    "time windows": dict(threads=1, WINDOW_BYTES=1, MIN_WINDOW_STEPS=7),
+    "windows in parts": dict(threads=2, MIN_PARALLEL_WORK=0, WINDOW_BYTES=1,
+                             MIN_WINDOW_STEPS=5),
+}
+
+
+def _force(monkeypatch, choice):
+    settings = dict(CHOICES[choice]) if choice else {"threads": 1}
+    monkeypatch.setattr(_parallel, "_threads", settings.pop("threads"))
+    # a unit split waits for its worker however slow it is to wake, never backs off
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+    for name, value in settings.items():
+        monkeypatch.setattr(_plan, name, value)
+
+
+def _run(case, dtype, train):
+    layer = getattr(fastrnn, case["kind"])(case["D"], case["H"], num_layers=case["layers"],
+                                           bidirectional=case["bidirectional"],
+                                           batch_first=case["batch_first"], dtype=dtype, seed=3)
+    rng = np.random.default_rng(5)
+    T, B = case["T"], case["B"]
+    x = rng.standard_normal((B, T, case["D"]) if case["batch_first"] else (T, B, case["D"]))
+    x = x.astype(dtype)
+    lengths = rng.integers(1, T + 1, B) if case["lengths"] else None
+    if lengths is not None:
+        lengths[0] = T
+    if not train:
+        out, state = layer(x, lengths=lengths)
+        return [out] + list(state if isinstance(state, tuple) else (state,))
+    (out, state), backprop = layer.forward_train(x, lengths=lengths)
+    dx, dstate = backprop(rng.standard_normal(out.shape).astype(dtype))
+    dstate = dstate if isinstance(dstate, tuple) else (dstate,)
+    return [out, dx, *dstate] + [layer.grads[name] for name in sorted(layer.grads)]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("choice", list(CHOICES))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_plan_choice_gives_the_plain_plans_numbers(choice, dtype, train, monkeypatch):
+    """float32 (the micro-kernel: one fixed FMA chain per element) bit for
+    bit; float64 (BLAS, whose blocking may change with the rows it gets)
+    within rounding."""
+    for case in CASES:
+        with monkeypatch.context() as m:
+            _force(m, None)
+            plain = _run(case, dtype, train)
+        with monkeypatch.context() as m:
+            _force(m, choice)
+            got = _run(case, dtype, train)
+        for a, b in zip(got, plain):
+            if dtype == "float32":
+                np.testing.assert_array_equal(a, b, err_msg=f"{choice}: {case}")
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12,
+                                           err_msg=f"{choice}: {case}")
+
+
+def test_the_forced_choices_are_the_ones_planned(monkeypatch):
+    """The forcing above reaches the plan: a test of a choice that never ran
+    could not fail."""
+    def planned(case, **kw):
+        layer = getattr(fastrnn, case["kind"])(case["D"], case["H"], num_layers=case["layers"],
+                                               bidirectional=case["bidirectional"], seed=0)
+        return _plan.forward_plan(layer, case["T"], case["B"], batch_first=case["batch_first"],
+                                  train=False, has_lengths=case["lengths"])
+    _force(monkeypatch, "unit split")
+    assert sum(planned(c).units is not None for c in CASES) >= 3
+    _force(monkeypatch, "time windows")
+    assert sum(planned(c).window is not None for c in CASES) >= 8
+    _force(monkeypatch, "parts at 3 threads")
+    assert sum(len(planned(c).parts) > 1 for c in CASES) >= 15
+    layer = fastrnn.LSTM(6, 40, seed=0)
+    _force(monkeypatch, "parts at 3 threads")
+    assert len(_plan.forward_plan(layer, 20, 9, batch_first=False, train=False,
+                                  has_lengths=False).parts) == 3
+    _force(monkeypatch, "unit split")
+    plan = _plan.forward_plan(layer, 20, 1, batch_first=False, train=False, has_lengths=False)
+    assert plan.units is not None and plan.units[0] < plan.units[1] < plan.units[2] == 40
+    _force(monkeypatch, "time windows")
+    assert _plan.forward_plan(layer, 20, 3, batch_first=False, train=False,
+                              has_lengths=False).window == 7
+    # training and bidirectional layers never run in windows
+    assert _plan.forward_plan(layer, 20, 3, batch_first=False, train=True,
+                              has_lengths=False).window is None
+    bi = fastrnn.LSTM(6, 40, bidirectional=True, seed=0)
+    assert _plan.forward_plan(bi, 20, 3, batch_first=False, train=False,
+                              has_lengths=False).window is None
+
+
+def test_plans_are_cached_by_shape_class_threads_and_tuning(monkeypatch):
+    monkeypatch.setattr(_plan, "_plans", {})
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    layer = fastrnn.GRU(5, 64, seed=0)
+    args = dict(batch_first=False, train=False, has_lengths=False)
+    first = _plan.forward_plan(layer, 50, 32, **args)
+    assert _plan.forward_plan(layer, 50, 32, **args) is first
+    # new parameter values: the same plan (it depends on shapes only)
+    layer.load_state_dict({k: v * 2 for k, v in layer.state_dict().items()})
+    assert _plan.forward_plan(layer, 50, 32, **args) is first
+    # another thread count or tuning: another plan
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    assert len(_plan.forward_plan(layer, 50, 32, **args).parts) == 1
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 10**15)
+    assert len(_plan.forward_plan(layer, 50, 32, **args).parts) == 1
+
+
+def test_the_plan_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(_plan, "_plans", {})
+    monkeypatch.setattr(_plan, "PLAN_CACHE_SIZE", 10)
+    layer = fastrnn.RNN(3, 4, seed=0)
+    for T in range(1, 40):
+        _plan.forward_plan(layer, T, 2, batch_first=False, train=False, has_lengths=False)
+        assert len(_plan._plans) <= 10
