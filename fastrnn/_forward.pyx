@@ -42,6 +42,7 @@ from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block
                              run_team, run_parts, cpu_pause)
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_ROW,
                                   FASTRNN_MK_ZERO, FASTRNN_MK_ISA, FASTRNN_MK_LANES,
+                                  FASTRNN_MK_MAX_NV, FASTRNN_MK_PEAK_CHAINS, fastrnn_mk_fma_loop,
                                   fastrnn_mk_pack, fastrnn_mk_packed_size, fastrnn_mk_groups,
                                   aligned_float32, packed_product, packed_product_groups,
                                   unit_blocks_per_group)
@@ -368,6 +369,73 @@ def pack_projection(w_ih, int cell, Py_ssize_t H, Py_ssize_t dirs):
     cdef Py_ssize_t G = num_gates(cell)
     return [pack_weights(w_ih, d * G * H, H, <int>G) for d in range(dirs)]
 
+
+
+# --- what the machine and the kernel reach (fastrnn bench prints both) ---
+
+def fma_peak_gflops(double seconds=0.25):
+    """One thread's float32 fused multiply-add peak, GFLOP/s: the best of 5
+    timings of a register-only FMA loop (nothing loaded or stored) of about
+    seconds / 5 each. The bound every float32 product here is judged by."""
+    import time
+    cdef long long iters = 1 << 16
+    cdef float sink = 0
+    cdef double flops_per_iter = 2.0 * FASTRNN_MK_PEAK_CHAINS * FASTRNN_MK_LANES
+    while True:   # calibrate: double the loop until it takes its share
+        start = time.perf_counter()
+        with nogil:
+            fastrnn_mk_fma_loop(iters, &sink)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds / 5 or iters >= (1 << 40):
+            break
+        iters *= 2
+    best = elapsed
+    for _ in range(4):
+        start = time.perf_counter()
+        with nogil:
+            fastrnn_mk_fma_loop(iters, &sink)
+        best = min(best, time.perf_counter() - start)
+    return iters * flops_per_iter / best / 1e9
+
+
+def product_gflops(Py_ssize_t M, Py_ssize_t K, int gates, Py_ssize_t units,
+                   double seconds=0.25):
+    """The per-step product kernel alone on one thread, GFLOP/s: C (M,
+    gates * units) += A (M, K) @ B with B (K, gates * units) packed as a
+    layer's W_hh^T is (the recurrent step of M batch rows; K = units = H),
+    the best of 5 timings of repeated products of about seconds / 5 each."""
+    import time
+    cdef Packed p
+    cdef Py_ssize_t reps = 1, r
+    if M < 1 or K < 1 or units < 1 or not 1 <= gates <= FASTRNN_MK_MAX_NV:
+        raise ValueError(f"product_gflops: expected M, K, units >= 1 and 1 <= gates <= "
+                         f"{FASTRNN_MK_MAX_NV}, got M={M}, K={K}, gates={gates}, units={units}")
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-0.1, 0.1, (gates * units, K)).astype(np.float32)
+    packed = pack_weights(w, 0, units, gates)
+    _describe_packed(&p, packed, K, units, gates)
+    cdef float[:, ::1] a = rng.uniform(-1, 1, (M, K)).astype(np.float32)
+    cdef float[:, ::1] c = np.zeros((M, gates * units), np.float32)
+    cdef double flops = 2.0 * M * K * gates * units
+    while True:
+        start = time.perf_counter()
+        with nogil:
+            for r in range(reps):
+                packed_product(M, &a[0, 0], K, 1, &p, &c[0, 0], gates * units, units,
+                               FASTRNN_MK_FROM_C, NULL)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds / 5 or reps >= (1 << 40):
+            break
+        reps *= 2
+    best = elapsed
+    for _ in range(4):
+        start = time.perf_counter()
+        with nogil:
+            for r in range(reps):
+                packed_product(M, &a[0, 0], K, 1, &p, &c[0, 0], gates * units, units,
+                               FASTRNN_MK_FROM_C, NULL)
+        best = min(best, time.perf_counter() - start)
+    return reps * flops / best / 1e9
 
 # --- the time loops of a layer, in one or two parts ---
 

@@ -302,4 +302,25 @@ static inline void fastrnn_mk_group_columns(ptrdiff_t q, ptrdiff_t units, int ga
     }
 }
 
+/* The float32 FMA peak of one thread: FASTRNN_MK_PEAK_CHAINS independent
+ * accumulators (enough to cover the FMA latency on every pipe), a fused
+ * multiply-add each per iteration, nothing loaded or stored in the loop.
+ * ``iters`` iterations do iters * CHAINS * LANES * 2 flops; the sum goes to
+ * *sink so that the loop is not optimised away. (The portable build has no
+ * FMA: its "peak" is its mul + add loop.) */
+#define FASTRNN_MK_PEAK_CHAINS 12
+static inline void fastrnn_mk_fma_loop(long long iters, float* sink) {
+    fastrnn_vec acc[FASTRNN_MK_PEAK_CHAINS];
+    fastrnn_vec w = FASTRNN_VBCAST(0.999999f), x = FASTRNN_VBCAST(1e-6f);
+    float total[FASTRNN_MK_LANES];
+    for (int j = 0; j < FASTRNN_MK_PEAK_CHAINS; j++) acc[j] = FASTRNN_VBCAST((float)j);
+    for (long long i = 0; i < iters; i++) {
+        _Pragma("GCC unroll 12") for (int j = 0; j < FASTRNN_MK_PEAK_CHAINS; j++)
+            acc[j] = FASTRNN_VFMA(acc[j], w, x);
+    }
+    for (int j = 1; j < FASTRNN_MK_PEAK_CHAINS; j++) acc[0] = FASTRNN_VFMA(acc[j], w, acc[0]);
+    fastrnn_mk_store(total, acc[0], FASTRNN_MK_FULL);
+    *sink = total[0];
+}
+
 #endif

@@ -19,6 +19,8 @@ cdef extern from "_microkernel.h":
     void fastrnn_mk_group_columns(Py_ssize_t q, Py_ssize_t units, int gates, int ub,
                                   Py_ssize_t ld_gate, Py_ssize_t* coff,
                                   fastrnn_mask* mask) noexcept nogil
+    const int FASTRNN_MK_PEAK_CHAINS
+    void fastrnn_mk_fma_loop(long long iters, float* sink) noexcept nogil
     void fastrnn_mk_rows_of_group(Py_ssize_t M, int nv, Py_ssize_t K, const float* a,
                                   Py_ssize_t a_rs, Py_ssize_t a_cs, const float* panel,
                                   float* c, Py_ssize_t ldc, const Py_ssize_t* coff,

@@ -18,6 +18,12 @@ input, zero initial state:
   input-projection and recurrent products as fastrnn's forward, through the
   same routines and BLAS, split over the same threads, without the gate math)
   and fastrnn's time over it;
+- ``peak`` and ``/peak``: the time the case's multiply-adds (:func:`case_flops`)
+  take at this machine's float32 FMA peak on ``threads`` threads (measured
+  first, on one thread, by a register-only FMA loop:
+  ``_forward.fma_peak_gflops``; printed above the table with the per-step
+  product kernel's own GFLOP/s, ``_forward.product_gflops``) and fastrnn's
+  time over it (float32 only);
 - the max abs error of each library's output against a float64 reference
   (PyTorch in float64 when installed, independent of fastrnn; else fastrnn in
   float64);
@@ -123,6 +129,18 @@ def fastrnn_runner(case, state_dict, x, dtype):
         backprop(np.ones_like(out))
 
     return infer, train, gemm_only(layer, x)
+
+
+def case_flops(case):
+    """The multiply-add flops of a case's forward: every layer's input
+    projection and recurrent products (2 flops per multiply-add)."""
+    dirs = 2 if case.bidirectional else 1
+    GH = {"LSTM": 4, "GRU": 3, "RNN": 1}[case.cell] * case.H
+    total = 0
+    for k in range(case.layers):
+        d_in = case.D if k == 0 else dirs * case.H
+        total += dirs * 2 * case.T * case.B * GH * (d_in + case.H)
+    return total
 
 
 def gemm_only(layer, x):
@@ -498,8 +516,17 @@ def main(argv=None, prog="fastrnn bench"):
     print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} "
           f"thread{'s' * (args.threads > 1)}, {args.dtype}, "
           f"median ms (blocks of 5 calls after a pause), {time.strftime('%Y-%m-%d')}")
+    peak = kernel = float("nan")
+    if args.dtype == "float32":
+        fastrnn.set_num_threads(1)
+        peak = _forward.fma_peak_gflops()
+        kernel = _forward.product_gflops(64, 512, 4, 512)
+        print(f"float32 FMA peak {peak:.0f} GFLOP/s per thread ({_forward.MICROKERNEL_ISA} "
+              f"register-only loop); the per-step product kernel {kernel:.0f} GFLOP/s on one "
+              f"thread ({kernel / peak:.0%} of peak; 64 x 512 @ 512 x 2048, the b64-h512 step)")
     header = (f"{'case':<20}{'fastrnn':>9}" + "".join(f"{p:>9}" for p in peers)
-              + f"{'speed-up':>9}{'limit':>8}{'/limit':>7}  max abs error vs float64")
+              + f"{'speed-up':>9}{'limit':>8}{'/limit':>7}{'peak':>8}{'/peak':>7}"
+              + "  max abs error vs float64")
     print(header)
     speedups, train_rows = [], []
     for case in cases:
@@ -510,10 +537,12 @@ def main(argv=None, prog="fastrnn bench"):
         if peer_ms:
             speedups.append(speedup)
         errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
+        peak_ms = case_flops(case) / (peak * 1e9 * args.threads) * 1e3
         print(f"{case.name:<20}{infer_ms['fastrnn']:>9.3f}"
               + "".join(f"{infer_ms.get(p, float('nan')):>9.3f}" for p in peers)
               + f"{speedup:>8.2f}x{infer_ms['limit']:>8.3f}"
-              + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}  {errs}", flush=True)
+              + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}"
+              + f"{peak_ms:>8.3f}{infer_ms['fastrnn'] / peak_ms:>7.2f}  {errs}", flush=True)
         if train_ms:
             train_rows.append((case.name, train_ms))
     if speedups:
