@@ -20,7 +20,7 @@ without building a plan). A :class:`Plan` says
 - ``time_major``: a batch-first call whose per-step products would need a
   leading dimension beyond the BLAS int range runs time-major instead.
 
-``_module.RecurrentWeights`` then packs the weights once per parameter set
+``_engine.RecurrentEngine`` then packs the weights once per parameter set
 (``_forward.pack_recurrent`` / ``pack_projection``, ``_backward.pack_*``) and
 hands the plan's parts to the kernels (``_forward.project``, ``recur``,
 ``recur_units``; ``_backward.backward_layer``, ``weight_grads``,
@@ -179,7 +179,7 @@ def _cached(key, build):
 
 
 def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
-    """The plan of a forward call of ``layer`` (a RecurrentWeights) over T
+    """The plan of a forward call of ``layer`` (a RecurrentEngine) over T
     steps of B rows; the hidden-unit split is subject to the backoff at each
     call (``units`` says only that the shape allows it)."""
     cfg = layer._config

@@ -14,11 +14,12 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
 from fastrnn import _validation as v
-from fastrnn._module import RESET_AFTER_DOC, Backprop, RecurrentWeights, gru_kind
+from fastrnn._engine import Backprop, RecurrentEngine
+from fastrnn._module import RESET_AFTER_DOC, gru_kind
 from fastrnn._validation import shape_str
 
 
-class _CellBase(RecurrentWeights):
+class _CellBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, bias, dtype, seed):

@@ -12,7 +12,8 @@ from numpy.typing import ArrayLike, DTypeLike
 from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import RESET_AFTER_DOC, Backprop, RecurrentWeights, gru_kind
+from fastrnn._engine import Backprop, RecurrentEngine
+from fastrnn._module import RESET_AFTER_DOC, gru_kind
 from fastrnn._validation import shape_str
 
 
@@ -25,7 +26,7 @@ class _Call:
         self.lengths, self.h_n, self.c_n, self.out = lengths, h_n, c_n, out
 
 
-class _RNNBase(RecurrentWeights):
+class _RNNBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,

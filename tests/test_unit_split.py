@@ -34,9 +34,9 @@ class _CountingKernels:
 
 @pytest.fixture
 def count_pairs(monkeypatch):
-    from fastrnn import _module
+    from fastrnn import _engine
     kernels = _CountingKernels()
-    monkeypatch.setattr(_module, "_forward", kernels)
+    monkeypatch.setattr(_engine, "_forward", kernels)
     monkeypatch.setattr(_parallel, "_threads", 2)
     # wait for the worker however slow it is to wake, and never back off
     # after a contended split, so that every split runs

@@ -1,0 +1,424 @@
+"""The kernel drivers of the recurrent layers and cells: how a call's plan
+(_plan.py) becomes kernel calls, and the training tape between the forward
+and BPTT.
+
+A layer's parameters are stored by ``_module.RecurrentWeights`` (named
+storage arrays, one immutable ``ParamSet`` per version; state_dict, the
+registry and pickling); ``RecurrentEngine`` adds the drivers and reads the
+storage only through ``_weights(params)`` and the configuration:
+
+- ``_run``: the forward of every layer (inference or the training forward):
+  asks ``_plan.forward_plan``, then per layer ``_forward.project`` (the input
+  projection of every step at once) and ``_forward.recur`` (the time loops,
+  one part per thread) or ``_forward.recur_units`` (batch 1, the hidden units
+  split between two threads); in training it records a :class:`Tape`;
+- ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
+  ``_backward.backward_layer`` (the reverse time loops), ``weight_grads`` and
+  ``input_grad``;
+- derived weights, computed once per parameter set and kept in its cache:
+  the folded biases and W_hh^T (``_kernel_weights``), and for float32 the
+  weights packed for the micro-kernel (``_packed_*``).
+
+The small calls skip all this: ``_forward.SequenceRunner`` (layers) and
+``_forward.CellStep`` (cells) run one-thread inference straight from plain
+arrays, with the same kernels and the plan's limits (``_plan.runner_limits``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastrnn._kernels import backward as _backward
+from fastrnn._kernels import forward as _forward
+from fastrnn import _parallel, _plan
+from fastrnn import _validation as v
+from fastrnn._locks import ForkSafeLock
+from fastrnn._module import ParamSet, RecurrentWeights, dropout_mask
+from fastrnn._validation import shape_str
+
+
+@dataclass(slots=True)
+class LayerTape:
+    """What BPTT needs of one layer's training forward: its input (R, D_in),
+    the activations saved per step (R, dirs * S * H; see _gates.pxd), the
+    states before each step (R, dirs * H; c_prev LSTM only) and the dropout
+    mask applied to its output (None: no dropout)."""
+    x: np.ndarray
+    acts: np.ndarray
+    h_prev: np.ndarray | None
+    c_prev: np.ndarray | None
+    mask: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class Tape:
+    """The record of a training forward: the parameter set it used, its row
+    order (batch-first or time-major), the lengths, and a LayerTape per layer."""
+    params: ParamSet
+    batch_first: bool
+    lengths: np.ndarray | None
+    layers: list = field(default_factory=list)
+
+
+class RecurrentEngine(RecurrentWeights):
+    """The kernel drivers of a stack of recurrent layers (see the module
+    docstring); layers and cells derive from it."""
+
+    def _kernel_weights(self, params):
+        """Per layer (bias_x, bias_h, w_hh_t) as the forward kernel takes them:
+        the bias added to the input projection, the GRU's recurrent bias (other
+        cells, the reset-before GRU too, fold b_hh into bias_x), and W_hh
+        transposed to (H, dirs * G * H). Derived from a parameter set, kept
+        with it."""
+        terms = params.cache.get("kernel")
+        if terms is None:
+            terms = []
+            _, w_hh_all, b_ih_all, b_hh_all = self._weights(params)
+            for b_ih, b_hh, w_hh in zip(b_ih_all, b_hh_all, w_hh_all):
+                w_hh_t = np.ascontiguousarray(w_hh.T)
+                if b_ih is None:
+                    terms.append((None, None, w_hh_t))
+                elif self._kernel_code == _forward.CELL_GRU:
+                    terms.append((b_ih, b_hh, w_hh_t))
+                else:
+                    terms.append((b_ih + b_hh, None, w_hh_t))
+            params.cache["kernel"] = terms
+        return terms
+
+    def _recur_units(self, params, k, T, units, h_k, c_k, gx, layer_out):
+        """Layer k at batch 1 with its hidden units split at units[1] between
+        this thread and the worker; False if the worker was busy."""
+        dtype = self._config["dtype"]
+        per_unit = 2 * self._gates + self._saved
+        # one buffer, the parts' work areas a cache line apart (no false sharing)
+        gap = 64 // np.dtype(dtype).itemsize
+        work = np.empty(per_unit * units[2] + gap, dtype)
+        args = {}
+        for part in (0, 1):
+            lo, hi = units[part], units[part + 1]
+            w_part, w_part_t, bias_part = self._unit_weights(params, k, lo, hi)
+            start = per_unit * lo + part * gap
+            args.update({f"w_part{part}": w_part, f"w_part_t{part}": w_part_t,
+                         f"bias_part{part}": bias_part,
+                         f"work{part}": work[start:start + per_unit * (hi - lo)]})
+        packed = self._packed_recurrent(params)
+        outcome = _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k,
+                                       c=c_k, gx=gx, out=layer_out,
+                                       wait_ns=_plan.UNIT_SPLIT_WAIT_NS,
+                                       packed=None if packed is None else packed[k], **args)
+        if outcome == 2:
+            _plan.unit_split_contended()
+        return outcome != 0
+
+    def _packed(self, params, key, pack):
+        """float32: ``pack(w_ih, w_hh)`` for every layer, packed for the
+        micro-kernel once and kept with the parameter set under ``key``;
+        float64 (whose products BLAS runs): None."""
+        if self._config["dtype"] != np.float32:
+            return None
+        packs = params.cache.get(key)
+        if packs is None:
+            w_ih_all, w_hh_all = self._weights(params)[:2]
+            packs = params.cache[key] = [pack(w_ih, w_hh) for w_ih, w_hh in zip(w_ih_all,
+                                                                                 w_hh_all)]
+        return packs
+
+    def _packed_recurrent(self, params):
+        """Per layer, W_hh packed for the per-step products (_forward.pack_recurrent)."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_hh", lambda w_ih, w_hh: _forward.pack_recurrent(
+            w_hh, self._kernel_code, H, self._dirs))
+
+    def _packed_projection(self, params):
+        """Per layer, W_ih packed per direction for the input projection
+        (_forward.pack_projection)."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_ih", lambda w_ih, w_hh: _forward.pack_projection(
+            w_ih, self._kernel_code, H, self._dirs))
+
+    def _packed_backward(self, params):
+        """Per layer, (W_hh packed for dG . W_hh (_backward.pack_backward),
+        W_ih packed for dx = dG . W_ih (_backward.pack_rows))."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_backward", lambda w_ih, w_hh: (
+            _backward.pack_backward(w_hh, self._kernel_code, H, self._dirs),
+            _backward.pack_rows(w_ih, 0, w_ih.shape[0])))
+
+    def _unit_weights(self, params, k, lo, hi):
+        """Layer k's recurrent weights for hidden units [lo, hi) of a
+        unit-split call (_forward.recur_units): the rows of every gate block,
+        packed (G * u, H), their transpose, and the GRU's recurrent bias
+        likewise (else None). Kept with the parameter set."""
+        key = ("units", k, lo, hi)
+        if key not in params.cache:
+            H = self._config["hidden_size"]
+            rows = np.concatenate([np.arange(g * H + lo, g * H + hi) for g in range(self._gates)])
+            w_part = np.ascontiguousarray(self._weights(params)[1][k][rows])
+            bias_h = self._kernel_weights(params)[k][1]
+            params.cache[key] = (w_part, np.ascontiguousarray(w_part.T),
+                                 None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
+        return params.cache[key]
+
+    def _run(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, train=False):
+        """Run every layer with the parameter set ``params`` (the caller took
+        it once: ``self._params``); x is (T, B, D) or (B, T, D) C-contiguous.
+
+        Returns None, or in training the tape backward needs: the row order and,
+        per layer, its input, the saved activations and states, the dropout mask
+        applied to its output. Long unidirectional inference runs in time
+        windows (_run_windows).
+        """
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        dirs = self._dirs
+        plan = _plan.forward_plan(self, T, B, batch_first=batch_first, train=train,
+                                  has_lengths=lengths is not None)
+        if plan.time_major:
+            # the per-step GEMM would need a leading dimension T * N beyond the
+            # BLAS int range: run time-major and lay the output out at the end
+            out_tm = np.empty((T, B, dirs * H), dtype)
+            tape = self._run(params, np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
+                             h_n, c_n, out_tm, lengths, train)
+            out[...] = out_tm.transpose(1, 0, 2)
+            return tape
+        if plan.window is not None:
+            self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths, plan.window)
+            return None
+        rows = T * B
+        gx = np.empty((rows, dirs * self._gates * H), dtype)
+        gh = (np.empty((dirs, B * self._gates * H), dtype)
+              if self._kernel_code == _forward.CELL_GRU else None)
+        units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
+        layer_in = x.reshape(rows, -1)
+        if train and lengths is not None:
+            # padding never reaches results; zero it so that it cannot reach the
+            # weight gradients either (0 * NaN is NaN)
+            layer_in = layer_in.copy()
+            layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
+        tape = Tape(params, batch_first, lengths, []) if train else None
+        with _parallel.blas_at_one_thread if plan.hold_blas else contextlib.nullcontext():
+            held = plan.hold_blas and _parallel.blas_at_one_thread.held
+            if plan.hold_blas and not held:   # the parts' per-step gemv must not be threaded
+                units = None
+            self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
+                             gx, gh, plan.parts, held, tape, units)
+        return tape
+
+    def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
+        """Inference of a unidirectional stack over time windows, the state
+        carried from one to the next (h_n, c_n are updated in place): the
+        same numbers, and memory for the input projections and the layers
+        between bounded by the window, not the sequence."""
+        for t0 in range(0, T, window):
+            t1 = min(T, t0 + window)
+            if batch_first:
+                x_w = np.ascontiguousarray(x[:, t0:t1])
+                out_w = np.empty((B, t1 - t0, out.shape[2]), out.dtype)
+            else:
+                x_w, out_w = x[t0:t1], out[t0:t1]
+            # a sequence already ended is inactive for the whole window
+            len_w = None if lengths is None else np.clip(lengths - t0, 0, t1 - t0)
+            self._run(params, x_w, t1 - t0, B, batch_first, h_n, c_n, out_w, len_w)
+            if batch_first:
+                out[:, t0:t1] = out_w
+
+    def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
+                    gx, gh, parts, held, tape, units=None):
+        """The layers of ``_run``, in the plan's parts, or with the hidden
+        units split between two threads (``units``: the plan's bounds)."""
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        L, dirs = self._layers, self._dirs
+        rows = T * B
+        is_lstm = self._kernel_code == _forward.CELL_LSTM
+        saved_cols = dirs * self._saved * H
+        scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
+        spare = None
+        w_ih_all, w_hh_all = self._weights(params)[:2]
+        packed = self._packed_recurrent(params)
+        packed_ih = self._packed_projection(params)
+        for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
+            last = k == L - 1
+            if last:
+                layer_out = out.reshape(rows, -1)
+            elif spare is not None:
+                layer_out = spare
+            else:
+                layer_out = np.empty((rows, dirs * H), dtype)
+            saves = LayerTape(
+                x=layer_in, acts=np.empty((rows, saved_cols), dtype) if train else scratch,
+                h_prev=np.empty((rows, dirs * H), dtype) if train else None,
+                c_prev=np.empty((rows, dirs * H), dtype) if train and is_lstm else None)
+            _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
+                             max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
+                             packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
+            h_k = h_n[k * dirs:(k + 1) * dirs]
+            c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
+
+            if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
+                                                      layer_out):
+                _forward.recur(
+                    cell=self._kernel_code, T=T, batch_first=batch_first, parts=parts,
+                    w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
+                    gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves.acts,
+                    train=train, h_prev=saves.h_prev, c_prev=saves.c_prev,
+                    blas_held=held, packed=None if packed is None else packed[k])
+            if train:
+                if not last and self._dropout > 0:
+                    saves.mask = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)
+                    layer_out = layer_out * saves.mask
+                tape.layers.append(saves)
+                spare = None   # every layer input is kept for backward
+            else:
+                # the buffer this layer read becomes the next one's output
+                spare = layer_in if k > 0 else None
+            layer_in = layer_out
+
+    def _bptt(self, tape, T, B, dout, dh, dc):
+        """BPTT through every layer of a tape from ``_run(train=True)``.
+
+        dout (R, dirs * H) the gradient of the top layer's output in the tape's
+        row order; dh, dc (layers * dirs, B, H) the gradients of the final
+        states, updated in place into those of the initial states. Adds the
+        parameter gradients into ``grads`` and returns dx (R, D).
+        """
+        dtype, H = self._config["dtype"], self._config["hidden_size"]
+        rows, N = T * B, self._dirs * self._gates * H
+        dgx = np.empty((rows, N), dtype)
+        dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
+        reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
+        plan = _plan.backward_plan(self, T, B)
+        parts, hold = plan.parts, plan.hold_blas
+        w_ih_all, w_hh_all = self._weights(tape.params)[:2]
+        packed = self._packed_backward(tape.params)
+        # the weight gradients of this backprop, added to ``grads`` only when
+        # every layer is done: an interrupted backprop (Ctrl-C) adds nothing
+        sums = [[None if g is None else np.zeros_like(g) for g in kind]
+                for kind in (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)]
+        with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
+            held = hold and _parallel.blas_at_one_thread.held
+            for k in reversed(range(self._layers)):
+                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
+                                        reset_before, w_ih_all[k], w_hh_all[k],
+                                        [kind[k] for kind in sums],
+                                        None if packed is None else packed[k])
+        with self._grad_lock:
+            for kind, grads in zip(sums, (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)):
+                for total, grad in zip(kind, grads):
+                    if grad is not None:
+                        grad += total
+        return dout
+
+    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
+                    w_ih, w_hh, sums, packed=None):
+        """Layer k of ``_bptt`` (its weights of the tape's parameter set
+        w_ih, w_hh): the backward time loops, then the weight gradients
+        (into ``sums``: dw_ih, dw_hh, db_ih, db_hh) and the input gradient,
+        each in the plan's parts."""
+        dirs, rows = self._dirs, T * B
+        saves = tape.layers[k]
+        if k < self._layers - 1 and saves.mask is not None:
+            dout = dout * saves.mask
+
+        _backward.backward_layer(
+            cell=self._kernel_code, T=T, batch_first=tape.batch_first, parts=parts,
+            acts=saves.acts, h_prev=saves.h_prev, c_prev=saves.c_prev,
+            w_hh=w_hh, dout=dout,
+            dh=dh[k * dirs:(k + 1) * dirs],
+            dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
+            dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
+            packed=None if packed is None else packed[0])
+        activations = None
+        if packed is not None:
+            # the sums over rows run on the micro-kernel, the activations packed
+            H = self._config["hidden_size"]
+            S = self._saved * H
+            activations = (
+                _backward.pack_rows(saves.x, 0, rows),
+                [_backward.pack_rows(saves.h_prev, 0, rows, d * H, H) for d in range(dirs)],
+                [_backward.pack_rows(saves.acts, 0, rows, d * S + 3 * H, H)
+                 for d in range(dirs)] if reset_before else None)
+        _backward.weight_grads(
+            parts=_plan.halves(dgx.shape[1], parts), x=saves.x,
+            h_prev=saves.h_prev, reset_acts=saves.acts if reset_before else None,
+            dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2], db_hh=sums[3],
+            max_rows=v.BLAS_INT_MAX, packed=activations)
+        dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
+        _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
+                             parts=_plan.halves(rows, parts),
+                             packed=None if packed is None else packed[1])
+        return dx
+
+
+class Backprop:
+    """The backward of one ``forward_train`` call of a layer.
+
+    ``dx, dhx = backprop(dout, dstate=None)``; see ``forward_train``. It keeps
+    its own saved tensors (never the arrays returned to the caller, who may
+    change those), so several can be alive at once, and it can run once.
+    """
+
+    def __init__(self, module, call, tape):
+        self._module = module
+        self._tape = tape
+        self._T, self._B, self._batched = call.T, call.B, call.batched
+        self._batch_first = call.batch_first
+        self._x_shape = call.x.shape if call.batched else (call.T, call.x.shape[-1])
+        self._out_shape = call.out.shape if call.batched else (call.T, call.out.shape[-1])
+        self._state_shape = call.h_n.shape if call.batched else (call.h_n.shape[0],
+                                                                 call.h_n.shape[2])
+        # the parameter set of the forward; None for an empty batch (no tape)
+        self._params = None if tape is None else tape.params
+        self._version = module._version if tape is None else self._params.version
+        self._used = False
+        self._lock = ForkSafeLock()
+
+    def __call__(self, dout, dstate=None):
+        module = self._module
+        owner = f"{type(module).__name__}.backprop"
+        cfg = module._config
+        dtype, has_c = cfg["dtype"], module._kernel_code == _forward.CELL_LSTM
+        dout = v.as_float_array(owner, "dout", dout, dtype)
+        if dout.shape != self._out_shape:
+            raise ValueError(f"{owner}: expected dout of the output's shape "
+                             f"{shape_str(self._out_shape)}, got {shape_str(dout.shape)}")
+        names = ("dh_n", "dc_n") if has_c else ("dh_n",)
+        T, B = self._T, self._B
+        full = (self._state_shape[0], B, self._state_shape[-1])
+        grads = v.state_arrays(owner, "dstate", dstate, names, self._state_shape, dtype,
+                               full_shape=full, optional_parts=True)
+        dh, dc = grads[0], (grads[1] if has_c else None)
+        with self._lock:
+            if self._used:
+                raise RuntimeError(f"{owner}: this backprop has already run; call "
+                                   f"forward_train again for another backward pass")
+            if module._version != self._version:
+                raise RuntimeError(f"{owner}: the parameters changed after forward_train "
+                                   f"(load_state_dict or an optimizer step); the saved "
+                                   f"activations no longer match them")
+            self._used = True
+            tape, self._tape = self._tape, None  # free the saves when done
+        if B == 0:
+            dx = np.zeros(self._x_shape, dtype)
+        else:
+            if not self._batched:
+                dout = dout[:, None, :]
+            # to the tape's row order (it differs only on the huge batch-first route)
+            tape_bf = tape.batch_first
+            if tape_bf != self._batch_first:
+                dout = dout.transpose(1, 0, 2)
+            dx = module._bptt(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
+                                  dh, dc)
+            dx = dx.reshape((B, T, -1) if tape_bf else (T, B, -1))
+            if tape_bf != self._batch_first:
+                dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+            dx = dx.reshape(self._x_shape)
+        dh, dc = dh.reshape(self._state_shape), (None if dc is None
+                                                 else dc.reshape(self._state_shape))
+        return dx, ((dh, dc) if has_c else dh)
+
+
+def _padding_mask(T, B, batch_first, lengths):
+    """Boolean (T, B) (or (B, T)) mask of the padded steps."""
+    mask = np.arange(T)[:, None] >= lengths[None, :]
+    return mask.T if batch_first else mask
