@@ -1,10 +1,13 @@
 """Build the Cython kernels. Metadata lives in pyproject.toml."""
 import os
-import platform
+import sysconfig
+import tempfile
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 # FASTRNN_DEBUG_CYTHON=1 turns bounds/None/initialisation checks back on.
 DEBUG = os.environ.get("FASTRNN_DEBUG_CYTHON", "0") == "1"
@@ -19,39 +22,93 @@ directives = {
     "language_level": 3,
 }
 
-# Flags that let the compiler vectorise the gate loops; neither changes a
-# result or NaN handling (unlike -ffast-math), neither targets a CPU.
-# -fno-trapping-math: the code never reads floating-point exception flags;
-#   without it GCC will not turn the activations' clamps into vector selects.
-# vect-max-version-for-alias-checks: an LSTM row reads and writes more
-#   arrays than GCC's default of 10 run-time overlap checks allows.
-COMPILE_ARGS = ["-fno-trapping-math", "--param=vect-max-version-for-alias-checks=64"]
+def target_machine():
+    """The CPU family the modules are for. sysconfig's platform follows a
+    cross build (cibuildwheel sets _PYTHON_HOST_PLATFORM to build x86-64 Mac
+    wheels on an arm64 Mac, and the reverse), where platform.machine() would
+    name the build machine; MSVC's target is VSCMD_ARG_TGT_ARCH."""
+    if os.name == "nt" and os.environ.get("VSCMD_ARG_TGT_ARCH"):
+        machine = os.environ["VSCMD_ARG_TGT_ARCH"].lower()
+    else:
+        machine = sysconfig.get_platform().rsplit("-", 1)[-1].lower()
+    return {"amd64": "x86_64", "x64": "x86_64"}.get(machine, machine)
+
 
 # Each kernel module is built for any x86-64 (SSE2) or other CPU, and on
 # x86-64 also as <name>_avx2 (AVX2 + FMA) and <name>_avx512 (AVX-512 F, BW,
 # DQ, VL), which fastrnn/_kernels.py imports at run time only on CPUs that
 # have them: the vectorised gate math runs ~4x faster with AVX2, and the
 # micro-kernel (_microkernel.h) does twice the multiply-adds per instruction
-# with AVX-512.
-SIMD_VARIANTS = {"": []}
-if platform.machine().lower() in ("x86_64", "amd64"):
-    SIMD_VARIANTS["_avx2"] = ["-mavx2", "-mfma"]
-    SIMD_VARIANTS["_avx512"] = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                                "-mavx512vl"]
+# with AVX-512. Not on arm64/aarch64 (nor in a macOS universal2 build: one
+# compiler call for both CPUs), where _kernels.py finds the portable build only.
+SIMD_BUILDS = [""] + (["_avx2", "_avx512"] if target_machine() == "x86_64" else [])
+
+# Flags per compiler family ("unix": GCC and Clang, on Linux, macOS and
+# MinGW; "msvc") and build. None changes a result or NaN handling (unlike
+# -ffast-math), and no build targets a CPU beyond its instruction set.
+# GCC and Clang:
+# -fno-trapping-math: the code never reads floating-point exception flags;
+#   without it GCC will not turn the activations' clamps into vector selects.
+# --param=vect-max-version-for-alias-checks=64 (GCC only: Clang warns about
+#   it): an LSTM row reads and writes more arrays than GCC's default of 10
+#   run-time overlap checks allows.
+# MSVC: /fp:precise, its default, keeps NaN handling; /arch:AVX2 and
+#   /arch:AVX512 let it use those instructions and FMA (it defines no
+#   __FMA__: _microkernel.h knows), and /fp:contract lets it fuse a * b + c
+#   as GCC does.
+SIMD_FLAGS = {
+    "unix": {"": [], "_avx2": ["-mavx2", "-mfma"],
+             "_avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                         "-mavx512vl"]},
+    "msvc": {"": [], "_avx2": ["/arch:AVX2", "/fp:contract"],
+             "_avx512": ["/arch:AVX512", "/fp:contract"]},
+}
+UNIX_FLAGS = ["-fno-trapping-math"]
+GCC_ONLY_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
+
+
+class BuildExt(build_ext):
+    """Gives each module the flags of the compiler that builds it."""
+
+    def build_extensions(self):
+        family = "msvc" if self.compiler.compiler_type == "msvc" else "unix"
+        common, threads = [], []
+        if family == "unix":
+            common = UNIX_FLAGS + [flag for flag in GCC_ONLY_FLAGS if self._takes(flag)]
+            threads = [] if os.name == "nt" else ["-pthread"]   # Win32 threads need no flag
+        for ext in self.extensions:
+            if ext.name == "fastrnn._worker":
+                ext.extra_compile_args = threads
+                ext.extra_link_args = threads
+            else:
+                build = ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
+                ext.extra_compile_args = common + SIMD_FLAGS[family][build]
+        super().build_extensions()
+
+    def _takes(self, flag):
+        """Whether the C compiler takes flag without a warning."""
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "flag.c")
+            with open(source, "w") as f:
+                f.write("int main(void) { return 0; }\n")
+            try:
+                self.compiler.compile([source], output_dir=tmp, extra_postargs=[flag, "-Werror"])
+            except CompileError:
+                return False
+        return True
+
 
 extensions = [
-    Extension(f"fastrnn.{name}{suffix}", [f"fastrnn/{name}{suffix}.pyx"],
+    Extension(f"fastrnn.{name}{build}", [f"fastrnn/{name}{build}.pyx"],
               include_dirs=["fastrnn", numpy.get_include()],
-              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-              extra_compile_args=COMPILE_ARGS + flags)
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
     for name in ("_forward", "_backward")
-    for suffix, flags in SIMD_VARIANTS.items()
+    for build in SIMD_BUILDS
 ]
 # the kernels' shared worker thread (no arithmetic: built once)
-extensions.append(Extension("fastrnn._worker", ["fastrnn/_worker.pyx"],
-                            include_dirs=["fastrnn"], extra_compile_args=["-pthread"],
-                            extra_link_args=["-pthread"]))
+extensions.append(Extension("fastrnn._worker", ["fastrnn/_worker.pyx"], include_dirs=["fastrnn"]))
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives),
+    cmdclass={"build_ext": BuildExt},
 )

@@ -439,8 +439,10 @@ def product_gflops(Py_ssize_t M, Py_ssize_t K, int gates, Py_ssize_t units,
 
 # --- the time loops of a layer, in one or two parts ---
 
-cdef extern from "<sched.h>":
-    int sched_yield() noexcept nogil
+cdef extern from "_portable.h":
+    void fastrnn_yield() noexcept nogil
+    long long fastrnn_load_acquire_ll(const long long* p) noexcept nogil
+    void fastrnn_store_release_ll(long long* p, long long v) noexcept nogil
 
 
 cdef struct RecurJob:
@@ -584,21 +586,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
 
 # --- batch 1 on two cores: the hidden units split, a barrier per step ---
 
-cdef extern from *:
-    """
-    static inline long fastrnn_load_acquire(const long* p) {
-        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
-    }
-    static inline void fastrnn_store_release(long* p, long v) {
-        __atomic_store_n(p, v, __ATOMIC_RELEASE);
-    }
-    """
-    long fastrnn_load_acquire(const long* p) noexcept nogil
-    void fastrnn_store_release(long* p, long v) noexcept nogil
-
-
 cdef enum:
-    SYNC_SLOT = 16        # longs per counter: 128 bytes, never a shared cache line
+    SYNC_SLOT = 16        # long longs per counter: 128 bytes, never a shared cache line
     # pauses between yields at a barrier (~2 us): if the scheduler puts both
     # parts on one core, each step then costs two yields instead of a time
     # slice (measured: 10-14 ms instead of 0.9 ms for GRU 64->256, T=100,
@@ -607,20 +596,20 @@ cdef enum:
     SPINS_BETWEEN_YIELDS = 64
 
 
-cdef long _step_barrier(long* slots, int part, long steps) noexcept nogil:
+cdef long long _step_barrier(long long* slots, int part, long long steps) noexcept nogil:
     """Publish that ``part`` has done ``steps`` steps and wait until the other
     part has too: spinning (a step takes microseconds), with a yield every
     SPINS_BETWEEN_YIELDS pauses in case the other part waits for this core.
     Returns the number of yields."""
-    cdef long* other = slots + (1 - part) * SYNC_SLOT
-    cdef long spins = 0
-    fastrnn_store_release(slots + part * SYNC_SLOT, steps)
-    while fastrnn_load_acquire(other) < steps:
+    cdef long long* other = slots + (1 - part) * SYNC_SLOT
+    cdef long long spins = 0
+    fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
+    while fastrnn_load_acquire_ll(other) < steps:
         spins += 1
         if spins % SPINS_BETWEEN_YIELDS:
             cpu_pause()
         else:
-            sched_yield()
+            fastrnn_yield()
     return spins // SPINS_BETWEEN_YIELDS
 
 
@@ -628,7 +617,7 @@ cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssi
                      const floating* gx, const floating* w_part, const floating* w_part_t,
                      const Packed* packed,
                      const floating* bias_part, floating* h, floating* c, floating* work,
-                     floating* out, long* sync, int part, long* waits) noexcept nogil:
+                     floating* out, long long* sync, int part, long long* waits) noexcept nogil:
     """Batch 1, one direction: hidden units [lo, hi) of every step, while the
     other part does the rest. Step t reads the whole h_{t-1} (h at t = 0,
     then out's row t - 1), so both parts pass a barrier after every step.
@@ -697,8 +686,8 @@ cdef struct UnitJob:
     const void* w_part_t[2]
     const void* bias_part[2]
     void* work[2]
-    long* sync
-    long waits[2]           # per part: yields at the barriers
+    long long* sync
+    long long waits[2]      # per part: yields at the barriers
     bint has_packed
     Packed packed[4]
 
@@ -743,7 +732,7 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     packed (float32): the layer's ``pack_recurrent`` arrays, whose groups
     then run the products (mid a multiple of ``group_units``)."""
     cdef UnitJob job
-    cdef long sync_raw[3 * SYNC_SLOT + 16]
+    cdef long long sync_raw[3 * SYNC_SLOT + 16]
     cdef bint claimed
     job.cell = cell
     job.is_double = floating is double
@@ -768,10 +757,10 @@ def recur_units(*, int cell, Py_ssize_t T, Py_ssize_t mid,
     if floating is float and packed is not None:
         _fill_packed(job.packed, packed, cell, job.H, 1)
         job.has_packed = True
-    job.sync = <long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
+    job.sync = <long long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
     job.waits[0] = 0
     job.waits[1] = 0
-    memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long))
+    memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long long))
     with nogil:
         claimed = run_team(_unit_job, &job, 2, wait_ns)
     if not claimed:

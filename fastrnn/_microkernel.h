@@ -35,11 +35,27 @@
 #include <stddef.h>
 #include <string.h>
 
+/* MSVC's /arch:AVX2 allows FMA but defines no __FMA__; it has __forceinline
+ * for always_inline and no unroll pragma (it unrolls by itself). The AVX
+ * macros are only ever defined on x86-64 (setup.py): on any other CPU this
+ * is the portable build, without <immintrin.h>. */
+#if defined(__AVX2__) && (defined(__FMA__) || (defined(_MSC_VER) && !defined(__clang__)))
+#define FASTRNN_MK_AVX2_FMA 1
+#endif
+#if defined(_MSC_VER) && !defined(__clang__)
+#define FASTRNN_ALWAYS_INLINE static __forceinline
+#define FASTRNN_UNROLL(n)
+#else
+#define FASTRNN_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define FASTRNN_PRAGMA(x) _Pragma(#x)
+#define FASTRNN_UNROLL(n) FASTRNN_PRAGMA(GCC unroll n)
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define FASTRNN_MK_LANES 16
 #define FASTRNN_MK_ISA "avx512"
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(FASTRNN_MK_AVX2_FMA)
 #include <immintrin.h>
 #define FASTRNN_MK_LANES 8
 #define FASTRNN_MK_ISA "avx2"
@@ -53,7 +69,7 @@
 #define FASTRNN_MK_MAX_NV 4
 #if defined(__AVX512F__)
 static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 16, 12, 8, 6};
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(FASTRNN_MK_AVX2_FMA)
 static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 8, 5, 3, 2};
 #else
 static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 4, 4, 4, 4};
@@ -72,11 +88,11 @@ enum { FASTRNN_MK_ZERO = 0,     /* 0 */
 #if defined(__AVX512F__)
 
 typedef __m512 fastrnn_vec;
-static inline __attribute__((always_inline)) fastrnn_vec fastrnn_mk_load(
+FASTRNN_ALWAYS_INLINE fastrnn_vec fastrnn_mk_load(
         const float* p, fastrnn_mask m) {
     return m == FASTRNN_MK_FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)m, p);
 }
-static inline __attribute__((always_inline)) void fastrnn_mk_store(
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
         float* p, fastrnn_vec v, fastrnn_mask m) {
     if (m == FASTRNN_MK_FULL) _mm512_storeu_ps(p, v);
     else _mm512_mask_storeu_ps(p, (__mmask16)m, v);
@@ -86,19 +102,19 @@ static inline __attribute__((always_inline)) void fastrnn_mk_store(
 #define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(FASTRNN_MK_AVX2_FMA)
 
 typedef __m256 fastrnn_vec;
-static inline __attribute__((always_inline)) __m256i fastrnn_mk_lanes(fastrnn_mask m) {
+FASTRNN_ALWAYS_INLINE __m256i fastrnn_mk_lanes(fastrnn_mask m) {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int)m), bit);
     return _mm256_cmpeq_epi32(bits, bit);
 }
-static inline __attribute__((always_inline)) fastrnn_vec fastrnn_mk_load(
+FASTRNN_ALWAYS_INLINE fastrnn_vec fastrnn_mk_load(
         const float* p, fastrnn_mask m) {
     return m == FASTRNN_MK_FULL ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, fastrnn_mk_lanes(m));
 }
-static inline __attribute__((always_inline)) void fastrnn_mk_store(
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
         float* p, fastrnn_vec v, fastrnn_mask m) {
     if (m == FASTRNN_MK_FULL) _mm256_storeu_ps(p, v);
     else _mm256_maskstore_ps(p, fastrnn_mk_lanes(m), v);
@@ -155,8 +171,8 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
         const float* panel, float* c, ptrdiff_t ldc, const ptrdiff_t* coff,          \
         const fastrnn_mask* mask, int init, const float* init_row) {                 \
     fastrnn_vec acc[MR][NV];                                                         \
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                          \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                       \
+    FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                                \
+        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++) {                             \
             if (init == FASTRNN_MK_FROM_C)                                           \
                 acc[m][v] = fastrnn_mk_load(c + m * ldc + coff[v], mask[v]);         \
             else if (init == FASTRNN_MK_FROM_ROW)                                    \
@@ -168,16 +184,16 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
     for (ptrdiff_t k = 0; k < K; k++) {                                              \
         fastrnn_vec w[NV];                                                           \
         const float* a_k = a + k * a_cs;                                             \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                         \
+        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
             w[v] = FASTRNN_VLOAD_PANEL(panel + (k * NV + v) * FASTRNN_MK_LANES);     \
-        _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++) {                      \
+        FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                            \
             fastrnn_vec h = FASTRNN_VBCAST(a_k[m * a_rs]);                           \
-            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                     \
+            FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                           \
                 acc[m][v] = FASTRNN_VFMA(h, w[v], acc[m][v]);                        \
         }                                                                            \
     }                                                                                \
-    _Pragma("GCC unroll 16") for (int m = 0; m < MR; m++)                            \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                         \
+    FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++)                                  \
+        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
             fastrnn_mk_store(c + m * ldc + coff[v], acc[m][v], mask[v]);             \
 }
 
@@ -187,7 +203,7 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
     FASTRNN_MK_TILE(1, NV) FASTRNN_MK_TILE(2, NV) FASTRNN_MK_TILE(3, NV) FASTRNN_MK_TILE(4, NV)
 FASTRNN_MK_TILES_1_TO_4(1) FASTRNN_MK_TILES_1_TO_4(2) FASTRNN_MK_TILES_1_TO_4(3)
 FASTRNN_MK_TILES_1_TO_4(4)
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || defined(FASTRNN_MK_AVX2_FMA)
 FASTRNN_MK_TILE(5, 1) FASTRNN_MK_TILE(6, 1) FASTRNN_MK_TILE(7, 1) FASTRNN_MK_TILE(8, 1)
 FASTRNN_MK_TILE(5, 2)
 #endif
@@ -220,7 +236,7 @@ static const fastrnn_mk_tile_fn fastrnn_mk_table[FASTRNN_MK_MAX_NV][16] = {
      FASTRNN_MK_ENTRY(5, 3), FASTRNN_MK_ENTRY(6, 3), FASTRNN_MK_ENTRY(7, 3), FASTRNN_MK_ENTRY(8, 3)},
     {FASTRNN_MK_ENTRY(1, 4), FASTRNN_MK_ENTRY(2, 4), FASTRNN_MK_ENTRY(3, 4), FASTRNN_MK_ENTRY(4, 4),
      FASTRNN_MK_ENTRY(5, 4), FASTRNN_MK_ENTRY(6, 4)},
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(FASTRNN_MK_AVX2_FMA)
     {FASTRNN_MK_ENTRY(1, 1), FASTRNN_MK_ENTRY(2, 1), FASTRNN_MK_ENTRY(3, 1), FASTRNN_MK_ENTRY(4, 1),
      FASTRNN_MK_ENTRY(5, 1), FASTRNN_MK_ENTRY(6, 1), FASTRNN_MK_ENTRY(7, 1), FASTRNN_MK_ENTRY(8, 1)},
     {FASTRNN_MK_ENTRY(1, 2), FASTRNN_MK_ENTRY(2, 2), FASTRNN_MK_ENTRY(3, 2), FASTRNN_MK_ENTRY(4, 2),

@@ -19,34 +19,35 @@
  * One caller at a time owns the pool (fastrnn_pool_claim); another caller
  * meanwhile runs all its parts itself. The workers take no signals. After
  * fork() the child starts afresh (no threads; the handler is registered at
- * import, before any claim). */
+ * import, before any claim). The threads, atomics and clock come from
+ * _portable.h (POSIX or Win32; GCC, Clang or MSVC). */
 #ifndef FASTRNN_WORKER_H
 #define FASTRNN_WORKER_H
 
-#include <pthread.h>
-#include <sched.h>
 #include <errno.h>
-#include <signal.h>
-#include <time.h>
+
+#include "_portable.h"
 
 #define FASTRNN_MAX_THREADS 64
 #define FASTRNN_WORKER_SPIN_NS 300000LL
-#define FASTRNN_WAIT_SPINS 64L    /* pauses between yields while waiting */
+#define FASTRNN_WAIT_SPINS 64LL   /* pauses between yields while waiting */
 /* the ticket, one atomic word: job id << 16 | parts << 8 | next part. The
  * part count travels with the id: read apart, a worker between two jobs
  * could pair the old job's id with the new job's count */
 #define FASTRNN_PART_BITS 8
-#define FASTRNN_PART_MASK ((1L << FASTRNN_PART_BITS) - 1)
+#define FASTRNN_PART_MASK ((1LL << FASTRNN_PART_BITS) - 1)
 
 typedef void (*fastrnn_job_fn)(void* arg, int part);
 
-static struct {
-    pthread_mutex_t mutex;
-    pthread_cond_t cond;
-    long claimed;          /* 1 while a caller owns the pool */
-    long posted;           /* id of the last job posted */
-    long ticket;           /* posted job's id << 16 | its parts << 8 | next part */
-    long remaining;        /* parts of the posted job not finished */
+/* long long throughout: a Windows long has 32 bits, and the ticket's job id
+ * must not wrap */
+typedef struct {
+    fastrnn_mutex mutex;
+    fastrnn_cond cond;
+    long long claimed;     /* 1 while a caller owns the pool */
+    long long posted;      /* id of the last job posted */
+    long long ticket;      /* posted job's id << 16 | its parts << 8 | next part */
+    long long remaining;   /* parts of the posted job not finished */
     int nparts;            /* parts of the posted job */
     int team;              /* its parts wait for ``go`` (barrier jobs) */
     int go;                /* team job: 1 run, -1 withdrawn, 0 wait */
@@ -54,67 +55,48 @@ static struct {
     int failed;            /* threads could not be started: callers run alone */
     int sleeping;          /* workers waiting on cond (guarded by mutex) */
     int atfork;            /* the fork handler is registered (at import) */
-    long by_worker;        /* parts the workers ran, */
-    long by_caller;        /* the callers ran, */
-    long withdrawn;        /* and team jobs withdrawn (statistics, unsynchronised) */
+    long long by_worker;   /* parts the workers ran, */
+    long long by_caller;   /* the callers ran, */
+    long long withdrawn;   /* and team jobs withdrawn (statistics, unsynchronised) */
     fastrnn_job_fn fn;
     void* arg;
-} fastrnn_worker = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} fastrnn_worker_t;
 
-static inline void fastrnn_cpu_pause(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-/* the interrupt flag of a call, read by every part of it (_worker.pxd) */
-static inline int fastrnn_load_int(const int* p) {
-    return __atomic_load_n(p, __ATOMIC_RELAXED);
-}
-static inline void fastrnn_store_int(int* p, int v) {
-    __atomic_store_n(p, v, __ATOMIC_RELAXED);
-}
-
-static inline long long fastrnn_clock_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
+static fastrnn_worker_t fastrnn_worker = {FASTRNN_MUTEX_INIT, FASTRNN_COND_INIT};
 
 /* Take the next part of job `job`: its number, or -1 when none is left
  * (or the job is over). */
-static inline int fastrnn_take(long job) {
-    long ticket = __atomic_load_n(&fastrnn_worker.ticket, __ATOMIC_ACQUIRE);
+static inline int fastrnn_take(long long job) {
+    long long ticket = fastrnn_load_acquire_ll(&fastrnn_worker.ticket);
     for (;;) {
         if ((ticket >> (2 * FASTRNN_PART_BITS)) != job)
             return -1;
         if ((ticket & FASTRNN_PART_MASK) >= ((ticket >> FASTRNN_PART_BITS) & FASTRNN_PART_MASK))
             return -1;
-        if (__atomic_compare_exchange_n(&fastrnn_worker.ticket, &ticket, ticket + 1, 1,
-                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        if (fastrnn_cas_ll(&fastrnn_worker.ticket, &ticket, ticket + 1))
             return (int)(ticket & FASTRNN_PART_MASK);
     }
 }
 
-static inline void fastrnn_wait_spin(long* spins) {
+static inline void fastrnn_wait_spin(long long* spins) {
     if (++*spins % FASTRNN_WAIT_SPINS)
         fastrnn_cpu_pause();
     else
-        sched_yield();
+        fastrnn_yield();
 }
 
 /* Run the parts of `job` this thread takes; a team part first waits for
  * ``go`` (and runs nothing if the job was withdrawn). */
-static void fastrnn_run_taken(long job, int by_worker) {
+static void fastrnn_run_taken(long long job, int by_worker) {
     int part;
-    long spins;
+    long long spins;
     while ((part = fastrnn_take(job)) >= 0) {
         if (fastrnn_worker.team) {
             spins = 0;
-            while (__atomic_load_n(&fastrnn_worker.go, __ATOMIC_ACQUIRE) == 0)
+            while (fastrnn_load_acquire_int(&fastrnn_worker.go) == 0)
                 fastrnn_wait_spin(&spins);
-            if (__atomic_load_n(&fastrnn_worker.go, __ATOMIC_ACQUIRE) < 0) {
-                __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+            if (fastrnn_load_acquire_int(&fastrnn_worker.go) < 0) {
+                fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);
                 continue;
             }
         }
@@ -123,42 +105,42 @@ static void fastrnn_run_taken(long job, int by_worker) {
         else
             fastrnn_worker.by_caller++;
         fastrnn_worker.fn(fastrnn_worker.arg, part);
-        __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+        fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);
     }
 }
 
-static void* fastrnn_worker_main(void* unused) {
-    long seen = 0, spins, job;
+FASTRNN_THREAD_MAIN(fastrnn_worker_main, unused) {
+    long long seen = 0, spins, job;
     long long deadline;
     (void)unused;
     for (;;) {
         deadline = fastrnn_clock_ns() + FASTRNN_WORKER_SPIN_NS;
         spins = 0;
-        while (__atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE) == seen) {
+        while (fastrnn_load_acquire_ll(&fastrnn_worker.posted) == seen) {
             /* pauses, and a yield now and then: with more threads than
              * cores the caller may be waiting for this core */
             fastrnn_wait_spin(&spins);
             if (spins % 256 == 0 && fastrnn_clock_ns() > deadline) {
-                pthread_mutex_lock(&fastrnn_worker.mutex);
+                fastrnn_mutex_lock(&fastrnn_worker.mutex);
                 fastrnn_worker.sleeping++;
-                while (__atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE) == seen)
-                    pthread_cond_wait(&fastrnn_worker.cond, &fastrnn_worker.mutex);
+                while (fastrnn_load_acquire_ll(&fastrnn_worker.posted) == seen)
+                    fastrnn_cond_wait(&fastrnn_worker.cond, &fastrnn_worker.mutex);
                 fastrnn_worker.sleeping--;
-                pthread_mutex_unlock(&fastrnn_worker.mutex);
+                fastrnn_mutex_unlock(&fastrnn_worker.mutex);
             }
         }
-        job = __atomic_load_n(&fastrnn_worker.posted, __ATOMIC_ACQUIRE);
+        job = fastrnn_load_acquire_ll(&fastrnn_worker.posted);
         seen = job;
         /* fn and arg stay valid while a part of the job is ours */
         fastrnn_run_taken(job, 1);
     }
-    return NULL;
+    return 0;
 }
 
 static void fastrnn_worker_after_fork(void) {
     /* the child has no worker threads; the parent's may have been mid-job */
-    pthread_mutex_init(&fastrnn_worker.mutex, NULL);
-    pthread_cond_init(&fastrnn_worker.cond, NULL);
+    fastrnn_mutex_reset(&fastrnn_worker.mutex);
+    fastrnn_cond_reset(&fastrnn_worker.cond);
     fastrnn_worker.claimed = 0;
     fastrnn_worker.posted = 0;
     fastrnn_worker.ticket = 0;
@@ -169,9 +151,10 @@ static void fastrnn_worker_after_fork(void) {
 
 /* At import: the fork handler, registered before any caller can claim the
  * pool (a fork between a claim and the registration would leave the
- * child's pool claimed for ever). 0 on failure: callers then run alone. */
+ * child's pool claimed for ever; Windows has no fork). 0 on failure:
+ * callers then run alone. */
 static int fastrnn_worker_init(void) {
-    if (pthread_atfork(NULL, NULL, fastrnn_worker_after_fork) != 0) {
+    if (fastrnn_atfork_child(fastrnn_worker_after_fork) != 0) {
         fastrnn_worker.failed = 1;
         return 0;
     }
@@ -182,79 +165,69 @@ static int fastrnn_worker_init(void) {
 /* Try to own the pool with at least `workers` threads (started on first
  * use); returns the number of workers available (0: run alone). */
 static int fastrnn_pool_claim(int workers) {
-    long expected = 0;
-    pthread_t thread;
-    pthread_attr_t attr;
-    sigset_t all, old;
+    long long expected = 0;
     int err;
     if (workers > FASTRNN_MAX_THREADS - 1)
         workers = FASTRNN_MAX_THREADS - 1;
-    if (workers < 1 || __atomic_load_n(&fastrnn_worker.failed, __ATOMIC_RELAXED)
-            || !fastrnn_worker.atfork)
+    if (workers < 1 || fastrnn_load_int(&fastrnn_worker.failed) || !fastrnn_worker.atfork)
         return 0;
-    if (!__atomic_compare_exchange_n(&fastrnn_worker.claimed, &expected, 1, 0,
-                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    if (!fastrnn_cas_ll(&fastrnn_worker.claimed, &expected, 1))
         return 0;
     while (fastrnn_worker.started < workers) {
-        /* the threads take no signals: they stay with the program's threads */
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        err = pthread_create(&thread, &attr, fastrnn_worker_main, NULL);
-        pthread_attr_destroy(&attr);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        /* detached; on POSIX the threads take no signals: they stay with
+         * the program's threads */
+        err = fastrnn_thread_start(fastrnn_worker_main, NULL);
         if (err != 0) {
             /* EAGAIN (a thread limit) may pass: try again on a later call */
             if (err != EAGAIN && fastrnn_worker.started == 0)
-                __atomic_store_n(&fastrnn_worker.failed, 1, __ATOMIC_RELAXED);
+                fastrnn_store_int(&fastrnn_worker.failed, 1);
             break;
         }
         fastrnn_worker.started++;
     }
     if (fastrnn_worker.started == 0) {
-        __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
+        fastrnn_store_release_ll(&fastrnn_worker.claimed, 0);
         return 0;
     }
     return fastrnn_worker.started < workers ? fastrnn_worker.started : workers;
 }
 
 static void fastrnn_release(void) {
-    __atomic_store_n(&fastrnn_worker.claimed, 0, __ATOMIC_RELEASE);
+    fastrnn_store_release_ll(&fastrnn_worker.claimed, 0);
 }
 
 /* With the pool claimed: post a job of `nparts` parts; returns its id. A
  * team job's part 0 is the caller's: only parts 1... are offered. */
-static long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team) {
-    long job;
+static long long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team) {
+    long long job;
     fastrnn_worker.fn = fn;
     fastrnn_worker.arg = arg;
     fastrnn_worker.nparts = nparts;
     fastrnn_worker.team = team;
-    __atomic_store_n(&fastrnn_worker.go, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&fastrnn_worker.remaining, nparts, __ATOMIC_RELAXED);
-    pthread_mutex_lock(&fastrnn_worker.mutex);
+    fastrnn_store_int(&fastrnn_worker.go, 0);
+    fastrnn_store_release_ll(&fastrnn_worker.remaining, nparts);
+    fastrnn_mutex_lock(&fastrnn_worker.mutex);
     job = fastrnn_worker.posted + 1;
-    __atomic_store_n(&fastrnn_worker.ticket,
-                     (job << (2 * FASTRNN_PART_BITS)) | ((long)nparts << FASTRNN_PART_BITS)
-                     | (team ? 1 : 0), __ATOMIC_RELEASE);
-    __atomic_store_n(&fastrnn_worker.posted, job, __ATOMIC_RELEASE);
+    fastrnn_store_release_ll(&fastrnn_worker.ticket,
+                             (job << (2 * FASTRNN_PART_BITS))
+                             | ((long long)nparts << FASTRNN_PART_BITS) | (team ? 1 : 0));
+    fastrnn_store_release_ll(&fastrnn_worker.posted, job);
     if (fastrnn_worker.sleeping)
-        pthread_cond_broadcast(&fastrnn_worker.cond);
-    pthread_mutex_unlock(&fastrnn_worker.mutex);
+        fastrnn_cond_broadcast(&fastrnn_worker.cond);
+    fastrnn_mutex_unlock(&fastrnn_worker.mutex);
     return job;
 }
 
 static void fastrnn_wait_finished(void) {
-    long spins = 0;
-    while (__atomic_load_n(&fastrnn_worker.remaining, __ATOMIC_ACQUIRE) != 0)
+    long long spins = 0;
+    while (fastrnn_load_acquire_ll(&fastrnn_worker.remaining) != 0)
         fastrnn_wait_spin(&spins);
 }
 
 /* Parts that do not wait for each other: fn(arg, p) for p < nparts, on
  * this thread and up to `workers` workers, whoever takes each first. */
 static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers) {
-    long job;
+    long long job;
     int p;
     if (nparts > FASTRNN_MAX_THREADS)
         nparts = FASTRNN_MAX_THREADS;   /* callers pass at most 64 */
@@ -274,8 +247,7 @@ static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int work
  * caller, has too few workers, or they do not take their parts within
  * wait_ns; else 1 when every part is done. */
 static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long wait_ns) {
-    long job, spins = 0;
-    long long deadline;
+    long long job, spins = 0, deadline;
     int part, workers;
     if (nparts < 2 || nparts > FASTRNN_MAX_THREADS)
         return 0;
@@ -288,29 +260,28 @@ static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long 
     job = fastrnn_post(fn, arg, nparts, 1);
     part = 0;                              /* the caller's own part */
     deadline = fastrnn_clock_ns() + wait_ns;
-    while ((__atomic_load_n(&fastrnn_worker.ticket, __ATOMIC_ACQUIRE)
-            & FASTRNN_PART_MASK) < nparts) {
+    while ((fastrnn_load_acquire_ll(&fastrnn_worker.ticket) & FASTRNN_PART_MASK) < nparts) {
         fastrnn_wait_spin(&spins);
         if (fastrnn_clock_ns() > deadline) {
             /* withdraw: take the parts left, so that no late worker starts */
             while (fastrnn_take(job) >= 0)
-                __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+                fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);
             break;
         }
     }
-    if (__atomic_load_n(&fastrnn_worker.remaining, __ATOMIC_ACQUIRE) < nparts) {
+    if (fastrnn_load_acquire_ll(&fastrnn_worker.remaining) < nparts) {
         /* some parts were withdrawn: the others run nothing */
-        __atomic_store_n(&fastrnn_worker.go, -1, __ATOMIC_RELEASE);
-        __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);   /* ours */
+        fastrnn_store_release_int(&fastrnn_worker.go, -1);
+        fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);   /* ours */
         fastrnn_wait_finished();
         fastrnn_worker.withdrawn++;
         fastrnn_release();
         return 0;
     }
-    __atomic_store_n(&fastrnn_worker.go, 1, __ATOMIC_RELEASE);
+    fastrnn_store_release_int(&fastrnn_worker.go, 1);
     fastrnn_worker.by_caller++;
     fn(arg, part);
-    __atomic_sub_fetch(&fastrnn_worker.remaining, 1, __ATOMIC_ACQ_REL);
+    fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);
     fastrnn_wait_finished();
     fastrnn_release();
     return 1;

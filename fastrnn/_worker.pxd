@@ -16,7 +16,7 @@ cdef void cpu_pause() noexcept nogil
 cdef struct Interrupt:
     int stop                  # a handler raised: every part leaves its loop
     bint polls                # the caller is Python's main thread
-    unsigned long caller      # its pthread id: only it polls
+    unsigned long long caller # its thread id (threading.get_ident()): only it polls
     int countdown             # steps until it next reads the clock
     long long next_ns         # when it next takes the GIL
 

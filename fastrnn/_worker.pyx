@@ -5,10 +5,6 @@
 import os
 import threading
 
-cdef extern from "<pthread.h>":
-    ctypedef unsigned long pthread_t
-    pthread_t pthread_self() noexcept nogil
-
 cdef extern from "Python.h":
     # declared here without an exception clause: the pending exception it
     # sets must stay set for run_parts to raise, not be handled on the spot
@@ -16,6 +12,7 @@ cdef extern from "Python.h":
 
 cdef extern from "_worker.h":
     long long fastrnn_clock_ns() noexcept nogil
+    unsigned long long fastrnn_thread_id() noexcept nogil
     int fastrnn_load_int(const int* p) noexcept nogil
     void fastrnn_store_int(int* p, int v) noexcept nogil
     ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
@@ -24,9 +21,9 @@ cdef extern from "_worker.h":
                          long long wait_ns) noexcept nogil
     void fastrnn_cpu_pause() noexcept nogil
     int fastrnn_worker_init() noexcept nogil
-    struct fastrnn_worker_state "__typeof__(fastrnn_worker)":
-        long by_worker, by_caller, withdrawn
-    fastrnn_worker_state fastrnn_worker
+    ctypedef struct fastrnn_worker_t:
+        long long by_worker, by_caller, withdrawn
+    fastrnn_worker_t fastrnn_worker
 
 
 def stats():
@@ -58,7 +55,7 @@ cdef enum:
     # steps between two readings of the clock (~20 ns each)
     INTERRUPT_STEPS_PER_CLOCK = 8
 
-cdef unsigned long _main_thread = threading.main_thread().ident
+cdef unsigned long long _main_thread = threading.main_thread().ident
 
 
 def _after_fork_in_child():
@@ -67,7 +64,8 @@ def _after_fork_in_child():
     _main_thread = threading.main_thread().ident
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):      # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
@@ -80,7 +78,7 @@ cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
         return False
     if fastrnn_load_int(&it.stop):
         return True
-    if not it.polls or pthread_self() != it.caller:
+    if not it.polls or fastrnn_thread_id() != it.caller:
         return False
     it.countdown -= 1
     if it.countdown > 0 and not read_clock:
@@ -122,7 +120,7 @@ cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
         raise ValueError(f"run_parts: expected 1 to {MAX_PARTS} parts, got {nparts}")
     if interrupt != NULL:
         interrupt.stop = 0
-        interrupt.caller = pthread_self()
+        interrupt.caller = fastrnn_thread_id()
         interrupt.polls = interrupt.caller == _main_thread
         interrupt.countdown = INTERRUPT_STEPS_PER_CLOCK
         interrupt.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS

@@ -1,6 +1,7 @@
 """Threads calling one module at once get exactly the results of calling it
 one call at a time: the kernels release the GIL, so the calls really overlap,
 and every call must use its own workspace and state."""
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -174,6 +175,7 @@ def test_set_num_threads_validates():
         fastrnn.set_num_threads(before)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here (Windows)")
 def test_a_forked_child_can_run_parallel_calls():
     """The worker thread does not survive fork(); the child must make its own
     (it used to wait forever for the parent's)."""

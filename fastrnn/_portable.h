@@ -1,0 +1,261 @@
+/* What the kernels need from the compiler and the operating system, in one
+ * place, for GCC and Clang (Linux, macOS, MinGW; any CPU) and MSVC (Windows
+ * x86-64, ARM64): atomics, a spin-wait hint, yielding, a monotonic clock,
+ * the calling thread's id, and the worker threads' mutex, condition variable,
+ * thread start and fork handler.
+ *
+ * Atomics: GCC's __atomic builtins; under MSVC, volatile accesses fenced
+ * against the compiler on x86-64 (whose loads and stores are already
+ * acquire and release) and Interlocked functions, full barriers, elsewhere.
+ * Counters that must not wrap are long long: a Windows long has 32 bits.
+ * Threads: POSIX, or Win32 under _WIN32 (slim reader/writer lock, condition
+ * variable, _beginthreadex; there is no fork there). */
+#ifndef FASTRNN_PORTABLE_H
+#define FASTRNN_PORTABLE_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#include <windows.h>
+#include <process.h>
+#else
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <time.h>
+#endif
+
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#define FASTRNN_MSVC 1
+#endif
+
+/* --- atomics ------------------------------------------------------------ */
+
+#if defined(FASTRNN_MSVC) && defined(_M_X64)
+static __forceinline int fastrnn_load_acquire_int(const int* p) {
+    int v = *(const volatile int*)p;
+    _ReadWriteBarrier();
+    return v;
+}
+static __forceinline long long fastrnn_load_acquire_ll(const long long* p) {
+    long long v = *(const volatile long long*)p;
+    _ReadWriteBarrier();
+    return v;
+}
+static __forceinline void fastrnn_store_release_int(int* p, int v) {
+    _ReadWriteBarrier();
+    *(volatile int*)p = v;
+}
+static __forceinline void fastrnn_store_release_ll(long long* p, long long v) {
+    _ReadWriteBarrier();
+    *(volatile long long*)p = v;
+}
+#elif defined(FASTRNN_MSVC)
+static __forceinline int fastrnn_load_acquire_int(const int* p) {
+    return (int)_InterlockedOr((volatile long*)p, 0);
+}
+static __forceinline long long fastrnn_load_acquire_ll(const long long* p) {
+    return _InterlockedOr64((volatile long long*)p, 0);
+}
+static __forceinline void fastrnn_store_release_int(int* p, int v) {
+    _InterlockedExchange((volatile long*)p, v);
+}
+static __forceinline void fastrnn_store_release_ll(long long* p, long long v) {
+    _InterlockedExchange64((volatile long long*)p, v);
+}
+#else
+static inline int fastrnn_load_acquire_int(const int* p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline long long fastrnn_load_acquire_ll(const long long* p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+static inline void fastrnn_store_release_int(int* p, int v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+static inline void fastrnn_store_release_ll(long long* p, long long v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+#endif
+
+/* an int flag that needs no ordering (aligned int accesses are atomic) */
+static inline int fastrnn_load_int(const int* p) {
+#if defined(FASTRNN_MSVC)
+    return *(const volatile int*)p;
+#else
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+#endif
+}
+static inline void fastrnn_store_int(int* p, int v) {
+#if defined(FASTRNN_MSVC)
+    *(volatile int*)p = v;
+#else
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+#endif
+}
+
+/* *p = desired if *p == *expected (acquire and release), else *expected =
+ * *p; whether it stored (a strong compare-and-swap: it fails only when *p
+ * differs) */
+static inline int fastrnn_cas_ll(long long* p, long long* expected, long long desired) {
+#if defined(FASTRNN_MSVC)
+    long long seen = _InterlockedCompareExchange64((volatile long long*)p, desired, *expected);
+    if (seen == *expected)
+        return 1;
+    *expected = seen;
+    return 0;
+#else
+    return __atomic_compare_exchange_n(p, expected, desired, 0, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_ACQUIRE);
+#endif
+}
+
+/* *p += v (acquire and release); the new value */
+static inline long long fastrnn_add_fetch_ll(long long* p, long long v) {
+#if defined(FASTRNN_MSVC)
+    return _InterlockedExchangeAdd64((volatile long long*)p, v) + v;
+#else
+    return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL);
+#endif
+}
+
+/* --- waiting ------------------------------------------------------------ */
+
+/* a hint inside a spin-wait loop */
+static inline void fastrnn_cpu_pause(void) {
+#if defined(FASTRNN_MSVC) && (defined(_M_X64) || defined(_M_IX86))
+    _mm_pause();
+#elif defined(FASTRNN_MSVC) && defined(_M_ARM64)
+    __yield();
+#elif defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* give the CPU to another thread that is ready to run, if any */
+static inline void fastrnn_yield(void) {
+#if defined(_WIN32)
+    SwitchToThread();
+#else
+    sched_yield();
+#endif
+}
+
+/* nanoseconds of a monotonic clock */
+static inline long long fastrnn_clock_ns(void) {
+#if defined(_WIN32)
+    static LARGE_INTEGER frequency;     /* fixed at boot; a race writes the same value */
+    LARGE_INTEGER now;
+    if (frequency.QuadPart == 0)
+        QueryPerformanceFrequency(&frequency);
+    QueryPerformanceCounter(&now);
+    return (now.QuadPart / frequency.QuadPart) * 1000000000LL
+           + (now.QuadPart % frequency.QuadPart) * 1000000000LL / frequency.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+#endif
+}
+
+/* the calling thread's id, as Python's threading.get_ident() gives it
+ * (pthread_t is an integer on Linux, a pointer on macOS; Windows: the
+ * thread id) */
+static inline unsigned long long fastrnn_thread_id(void) {
+#if defined(_WIN32)
+    return (unsigned long long)GetCurrentThreadId();
+#else
+    return (unsigned long long)(uintptr_t)pthread_self();
+#endif
+}
+
+/* --- threads ------------------------------------------------------------ */
+
+#if defined(_WIN32)
+typedef SRWLOCK fastrnn_mutex;
+typedef CONDITION_VARIABLE fastrnn_cond;
+#define FASTRNN_MUTEX_INIT SRWLOCK_INIT
+#define FASTRNN_COND_INIT CONDITION_VARIABLE_INIT
+static inline void fastrnn_mutex_lock(fastrnn_mutex* m) { AcquireSRWLockExclusive(m); }
+static inline void fastrnn_mutex_unlock(fastrnn_mutex* m) { ReleaseSRWLockExclusive(m); }
+static inline void fastrnn_cond_wait(fastrnn_cond* c, fastrnn_mutex* m) {
+    SleepConditionVariableSRW(c, m, INFINITE, 0);
+}
+static inline void fastrnn_cond_broadcast(fastrnn_cond* c) { WakeAllConditionVariable(c); }
+static inline void fastrnn_mutex_reset(fastrnn_mutex* m) { InitializeSRWLock(m); }
+static inline void fastrnn_cond_reset(fastrnn_cond* c) { InitializeConditionVariable(c); }
+/* a thread's main function: FASTRNN_THREAD_MAIN(name, arg) { ... return 0; } */
+#define FASTRNN_THREAD_MAIN(name, arg) static unsigned __stdcall name(void* arg)
+typedef unsigned (__stdcall *fastrnn_thread_main)(void*);
+#else
+typedef pthread_mutex_t fastrnn_mutex;
+typedef pthread_cond_t fastrnn_cond;
+#define FASTRNN_MUTEX_INIT PTHREAD_MUTEX_INITIALIZER
+#define FASTRNN_COND_INIT PTHREAD_COND_INITIALIZER
+static inline void fastrnn_mutex_lock(fastrnn_mutex* m) { pthread_mutex_lock(m); }
+static inline void fastrnn_mutex_unlock(fastrnn_mutex* m) { pthread_mutex_unlock(m); }
+static inline void fastrnn_cond_wait(fastrnn_cond* c, fastrnn_mutex* m) {
+    pthread_cond_wait(c, m);
+}
+static inline void fastrnn_cond_broadcast(fastrnn_cond* c) { pthread_cond_broadcast(c); }
+/* made anew (in a forked child, whose copy may have been held) */
+static inline void fastrnn_mutex_reset(fastrnn_mutex* m) { pthread_mutex_init(m, NULL); }
+static inline void fastrnn_cond_reset(fastrnn_cond* c) { pthread_cond_init(c, NULL); }
+#define FASTRNN_THREAD_MAIN(name, arg) static void* name(void* arg)
+typedef void* (*fastrnn_thread_main)(void*);
+#endif
+
+/* Start a detached thread running main(arg), with at least 1 MiB of stack
+ * (musl's default is 128 KiB, macOS's 512 KiB; glibc's 8 MiB and Windows'
+ * 1 MiB stay) and, on POSIX, every signal blocked: signals
+ * stay with the program's own threads. 0, or an errno value (EAGAIN: a
+ * thread limit, which may pass). */
+static inline int fastrnn_thread_start(fastrnn_thread_main main, void* arg) {
+#if defined(_WIN32)
+    uintptr_t handle = _beginthreadex(NULL, 1u << 20, main, arg, 0, NULL);
+    if (handle == 0)
+        return errno != 0 ? errno : EAGAIN;
+    CloseHandle((HANDLE)handle);
+    return 0;
+#else
+    pthread_t thread;
+    pthread_attr_t attr;
+    sigset_t all, old;
+    size_t stack = 0;
+    int err;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_attr_getstacksize(&attr, &stack) == 0 && stack < ((size_t)1 << 20))
+        pthread_attr_setstacksize(&attr, (size_t)1 << 20);
+    err = pthread_create(&thread, &attr, main, arg);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return err;
+#endif
+}
+
+/* Register child() to run in the child after fork(); 0 on success. Windows
+ * has no fork: nothing to do. */
+static inline int fastrnn_atfork_child(void (*child)(void)) {
+#if defined(_WIN32)
+    (void)child;
+    return 0;
+#else
+    return pthread_atfork(NULL, NULL, child);
+#endif
+}
+
+#endif
