@@ -331,7 +331,7 @@ static inline void fastrnn_mk_fma_loop(long long iters, float* sink) {
     float total[FASTRNN_MK_LANES];
     for (int j = 0; j < FASTRNN_MK_PEAK_CHAINS; j++) acc[j] = FASTRNN_VBCAST((float)j);
     for (long long i = 0; i < iters; i++) {
-        _Pragma("GCC unroll 12") for (int j = 0; j < FASTRNN_MK_PEAK_CHAINS; j++)
+        FASTRNN_UNROLL(12) for (int j = 0; j < FASTRNN_MK_PEAK_CHAINS; j++)
             acc[j] = FASTRNN_VFMA(acc[j], w, x);
     }
     for (int j = 1; j < FASTRNN_MK_PEAK_CHAINS; j++) acc[0] = FASTRNN_VFMA(acc[j], w, acc[0]);
