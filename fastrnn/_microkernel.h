@@ -13,8 +13,9 @@
  * thread that computes it. So a row's results never depend on the rows
  * computed with it or on how the work is split. The AVX-512 and AVX2 builds
  * run the same chains with the same fused multiply-add, so they agree bit
- * for bit; the portable build rounds a * b + c in two steps (no FMA on
- * baseline x86-64) and agrees to rounding.
+ * for bit; the portable build rounds a * b + c in two steps on x86-64 (no
+ * FMA on its baseline; GCC on AArch64 fuses them) and agrees to rounding.
+ * Within any one build a row's chains stay the same however it is run.
  *
  * Packed layout. The columns of B come in groups; a group is NV vectors of
  * W lanes (W = FASTRNN_MK_LANES: 16 AVX-512, 8 otherwise). Its panel holds,
@@ -152,7 +153,8 @@ static inline fastrnn_vec fastrnn_vbcast(float x) {
 }
 static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_vec c) {
     for (int l = 0; l < FASTRNN_MK_LANES; l++) {
-        float prod = a.x[l] * b.x[l];   /* a separate statement: never contracted */
+        float prod = a.x[l] * b.x[l];   /* two roundings on x86-64 (no FMA there); GCC
+                                            on AArch64 contracts it into one FMA */
         c.x[l] = c.x[l] + prod;
     }
     return c;
