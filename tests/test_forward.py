@@ -299,6 +299,7 @@ def test_windowed_inference_equals_whole_sequence(kind, batch_first, monkeypatch
     hx = (hx, rng.standard_normal((2, B, 5))) if kind == "lstm" else hx
     whole = layer(x, hx, lengths=lengths)
     monkeypatch.setattr(_plan, "WINDOW_BYTES", 1)              # windows of 64 steps
+    monkeypatch.setattr(_plan, "MIN_WINDOW_STEPS", 64)
     assert _plan.window_steps(B, 5, "float64") == 64
     windowed = layer(x, hx, lengths=lengths)
     np.testing.assert_allclose(windowed[0], whole[0], rtol=0, atol=1e-13)
