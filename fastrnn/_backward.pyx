@@ -487,11 +487,8 @@ cdef void _weight_part(WeightJob* j, int part, const floating* x, const floating
             _column_sums(dgh + n_lo, R, n_hi - n_lo, N, db_hh + n_lo, NULL)
 
 
-cdef enum:
-    # rows of one block of the weight gradients' sums over rows: its packed
-    # activations (WEIGHT_BLOCK_ROWS x D floats) stay in L2 while every tile
-    # of the block reads them
-    WEIGHT_BLOCK_ROWS = 256
+# rows of one block of the weight gradients' sums over rows (_tuning.h)
+from fastrnn._tuning cimport WEIGHT_BLOCK_ROWS
 
 
 cdef void _weight_part_packed(WeightJob* j, int part, const float* dgx, const float* dgh,

@@ -40,16 +40,13 @@ cdef inline void gemv(bint trans_a, int m, int n, floating alpha,
               &beta, y, &one)
 
 
-# OpenBLAS runs a gemm on one thread when m * n * k <= 65536 * 4 and a gemv
-# when m * n < 2304 * 4 (interface/gemm.c, gemv.c). When the caller cannot
-# hold BLAS at one thread (cells), the per-step products are cut into blocks
-# under these bounds: waking threads every step costs more than the step
-# (3-6x slower training measured on 2 cores). When it can (layers), a gemv is
-# one call (small blocks make it ~3.5x slower: 34 vs 9.5 us for 768 x 256) and
-# a gemm is cut into the blocks OpenBLAS runs fastest (step_block).
-cdef enum:
-    GEMM_ONE_THREAD_MNK = 262144
-    GEMV_ONE_THREAD_MN = 9215
+# OpenBLAS runs a gemm on one thread up to GEMM_ONE_THREAD_MNK and a gemv up
+# to GEMV_ONE_THREAD_MN (_tuning.h). When the caller cannot hold BLAS at one
+# thread (cells), the per-step products are cut into blocks under these
+# bounds. When it can (layers), a gemv is one call (small blocks make it
+# ~3.5x slower: 34 vs 9.5 us for 768 x 256) and a gemm is cut into the blocks
+# OpenBLAS runs fastest (step_block).
+from fastrnn._tuning cimport GEMM_ONE_THREAD_MNK, GEMV_ONE_THREAD_MN
 
 
 cdef inline Py_ssize_t one_thread_block(Py_ssize_t other, Py_ssize_t limit) noexcept nogil:

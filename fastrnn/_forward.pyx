@@ -588,12 +588,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
 
 cdef enum:
     SYNC_SLOT = 16        # long longs per counter: 128 bytes, never a shared cache line
-    # pauses between yields at a barrier (~2 us): if the scheduler puts both
-    # parts on one core, each step then costs two yields instead of a time
-    # slice (measured: 10-14 ms instead of 0.9 ms for GRU 64->256, T=100,
-    # now and then on this shared VM); with a core each, a yield that finds
-    # nothing else to run returns at once
-    SPINS_BETWEEN_YIELDS = 64
+
+# pauses between yields at a barrier (_tuning.h)
+from fastrnn._tuning cimport SPINS_BETWEEN_YIELDS
 
 
 cdef long long _step_barrier(long long* slots, int part, long long steps) noexcept nogil:

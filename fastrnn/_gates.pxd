@@ -193,10 +193,9 @@ cdef inline void lstm_row(const floating* g, floating* h, floating* c,
         acts[3 * H + j] = o
 
 
-# Below this many multiply-adds a batch-1 product is a plain loop, not a BLAS
-# call (for small sizes the call costs more than the arithmetic).
-cdef enum:
-    AXPY_MAX = 65536
+# Below AXPY_MAX multiply-adds (_tuning.h) a batch-1 product is a plain loop,
+# not a BLAS call.
+from fastrnn._tuning cimport AXPY_MAX
 
 
 cdef inline void _axpy_columns(const floating* v, Py_ssize_t K, const floating* w,

@@ -29,8 +29,7 @@
 #include "_portable.h"
 
 #define FASTRNN_MAX_THREADS 64
-#define FASTRNN_WORKER_SPIN_NS 300000LL
-#define FASTRNN_WAIT_SPINS 64LL   /* pauses between yields while waiting */
+#include "_tuning.h"   /* FASTRNN_WORKER_SPIN_NS, FASTRNN_WAIT_SPINS */
 /* the ticket, one atomic word: job id << 16 | parts << 8 | next part. The
  * part count travels with the id: read apart, a worker between two jobs
  * could pair the old job's id with the new job's count */

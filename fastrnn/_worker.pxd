@@ -20,11 +20,9 @@ cdef struct Interrupt:
     int countdown             # steps until it next reads the clock
     long long next_ns         # when it next takes the GIL
 
-cdef enum:
-    # multiply-adds of one block of a long call's large products (input
-    # projection, input and weight gradients: ~3-5 ms on one core), between
-    # which it looks at ``interrupted`` too
-    INTERRUPT_BLOCK_MACS = 134217728
+# a long call's large products run in blocks of INTERRUPT_BLOCK_MACS
+# multiply-adds (_tuning.h), between which it looks at ``interrupted`` too
+from fastrnn._tuning cimport INTERRUPT_BLOCK_MACS
 
 cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
 cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil

@@ -48,12 +48,9 @@ cdef void cpu_pause() noexcept nogil:
 fastrnn_worker_init()   # the fork handler, before any call can claim the worker
 
 
-cdef enum:
-    # how often the calling thread runs the signal handlers during a call:
-    # Ctrl-C is answered within about this time (taking the GIL costs ~1 us)
-    INTERRUPT_POLL_NS = 20000000
-    # steps between two readings of the clock (~20 ns each)
-    INTERRUPT_STEPS_PER_CLOCK = 8
+# how often the calling thread runs the signal handlers, and the steps between
+# two readings of the clock: _tuning.h
+from fastrnn._tuning cimport INTERRUPT_POLL_NS, INTERRUPT_STEPS_PER_CLOCK
 
 cdef unsigned long long _main_thread = threading.main_thread().ident
 

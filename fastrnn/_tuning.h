@@ -1,0 +1,52 @@
+/* The tuning constants of the native side, in one place, each with the
+ * measurement or the fact that set it (those of the Python side are in
+ * _plan.py). C headers include this file; the Cython modules read it through
+ * _tuning.pxd. */
+#ifndef FASTRNN_TUNING_H
+#define FASTRNN_TUNING_H
+
+/* --- the thread pool (_worker.h) --- */
+
+/* How long an idle worker spins for the next job before it sleeps: the
+ * steps of a layer call come microseconds apart, a sleeping worker takes
+ * 50-200 us to wake on this VM. */
+#define FASTRNN_WORKER_SPIN_NS 300000LL
+/* Pauses between yields while a thread waits for another (~2 us): if the
+ * scheduler put both on one core, a wait then costs a yield, not a time
+ * slice (measured: 10-14 ms instead of 0.9 ms for GRU 64->256, T=100, now
+ * and then on this shared VM); with a core each, a yield that finds nothing
+ * else to run returns at once. */
+#define FASTRNN_WAIT_SPINS 64LL
+#define FASTRNN_SPINS_BETWEEN_YIELDS 64
+
+/* --- Ctrl-C during long calls (_worker.pyx) --- */
+
+/* How often the calling thread runs the signal handlers during a call:
+ * Ctrl-C is answered within about this time (taking the GIL costs ~1 us). */
+#define FASTRNN_INTERRUPT_POLL_NS 20000000LL
+/* Steps between two readings of the clock (~20 ns each). */
+#define FASTRNN_INTERRUPT_STEPS_PER_CLOCK 8
+/* Multiply-adds of one block of a long call's large products (input
+ * projection, input and weight gradients: ~3-5 ms on one core), between
+ * which it looks for an interrupt too. */
+#define FASTRNN_INTERRUPT_BLOCK_MACS 134217728
+
+/* --- products --- */
+
+/* OpenBLAS runs a gemm on one thread when m * n * k <= 65536 * 4 and a gemv
+ * when m * n < 2304 * 4 (its interface/gemm.c, gemv.c): the float64 kernels
+ * keep their per-step calls under these when they cannot hold BLAS at one
+ * thread (waking its threads every step made training 3-6x slower on 2
+ * cores). */
+#define FASTRNN_GEMM_ONE_THREAD_MNK 262144
+#define FASTRNN_GEMV_ONE_THREAD_MN 9215
+/* Below this many multiply-adds a float64 batch-1 product is a plain loop,
+ * not a BLAS call (for small sizes the call costs more than the
+ * arithmetic). */
+#define FASTRNN_AXPY_MAX 65536
+/* Rows of one block of the weight gradients' sums over rows: the block's
+ * packed activations (256 x D floats) stay in L2 while every tile of the
+ * block reads them. */
+#define FASTRNN_WEIGHT_BLOCK_ROWS 256
+
+#endif
