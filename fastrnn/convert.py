@@ -129,6 +129,9 @@ def _keras_direction(layer, backward=False):
         _keras_refuse(layer, "dropout / recurrent_dropout", "Keras' per-step input and "
                       "recurrent dropout differ from fastrnn's between-layer dropout")
     weights = layer.get_weights()
+    if len(weights) < 2:
+        _keras_refuse(layer, "weights", "the layer is not built yet (it has no weights): "
+                      "call it once, or build it, before converting")
     kernel, recurrent = weights[0], weights[1]
     bias = weights[2] if cfg.get("use_bias", True) else None
     units = recurrent.shape[0]
@@ -234,14 +237,16 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         result = Stateful(result)
     from fastrnn.nn import LastStep, MergeDirections, ZeroMasked
     after = []
-    if config["zero_output_for_mask"] and not bidirectional:
+    # Keras' Bidirectional forces zero_output_for_mask = return_sequences
+    if config["return_sequences"] if bidirectional else config["zero_output_for_mask"]:
         after.append(ZeroMasked())
     if not config["return_sequences"]:
         after.append(LastStep(bidirectional=bidirectional))
     if bidirectional and layer.merge_mode != "concat":
         after.append(MergeDirections(layer.merge_mode))
-    if not after:
-        return result
+    if after == [] or (bidirectional and len(after) == 1 and layer.merge_mode == "concat"
+                       and config["return_sequences"]):
+        return result   # the layer itself (with a mask, call it with zero_output_for_mask)
     from fastrnn.model import Sequential
     return Sequential([result, *after])
 
@@ -284,8 +289,9 @@ def _keras_model(model, dtype):
             converted = from_keras(sub, dtype)
             parts = list(converted.layers) if isinstance(converted, Sequential) \
                 else [converted]
-            if kind == "Bidirectional" and sub.return_sequences:
-                parts.insert(1, ZeroMasked())    # Keras forces zero_output_for_mask
+            if kind == "Bidirectional" and sub.return_sequences \
+                    and not isinstance(converted, Sequential):
+                parts.append(ZeroMasked())    # Keras forces zero_output_for_mask
             layers.extend(parts)
         else:
             raise TypeError(f"from_keras: {kind} layer {sub.name!r}: fastrnn imports Keras "

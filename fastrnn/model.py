@@ -209,8 +209,10 @@ class Sequential:
         for layer in self.layers:
             if isinstance(layer, Linear):
                 return layer.in_features
-            if isinstance(layer, _RNNBase):
-                return layer.input_size
+            if isinstance(layer, _RNNBase) or hasattr(layer, "_takes_lengths"):
+                return layer.input_size     # a layer, or a fastrnn.wrappers wrapper of one
+            if getattr(layer, "_takes_ids", False):
+                return None                 # an Embedding: x holds ids
         return None
 
     def _takes_sequences(self):
@@ -872,6 +874,12 @@ class Sequential:
             If the optimizer also trains modules outside this model (its
             state could not be restored): save with include_optimizer=False.
         """
+        for i, layer in enumerate(self.layers):   # [masks] layers files cannot hold yet
+            if _saving._LAYER_CLASSES.get(type(layer).__name__) is not type(layer):
+                raise TypeError(f"Sequential.save: layers[{i}] is a {type(layer).__name__}, "
+                                f"which model files cannot hold yet (they hold "
+                                f"{', '.join(_saving._LAYER_CLASSES)}); save its "
+                                f"state_dict() instead")
         _saving.save_model(self, path, include_optimizer=include_optimizer)
 
     @classmethod

@@ -301,3 +301,170 @@ def test_onnx_backend_case_still_refused(name):
     model, _ = _with_weights_as_initializers(case)
     with pytest.raises(ValueError, match=ONNX_CASES_REFUSED[name]):
         fastrnn.from_onnx(model)
+
+
+# --- Keras: go_backwards, merge modes, stateful ----------------------------------------
+def _keras():
+    import os
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return pytest.importorskip("keras")
+
+
+def _run(model, x, **kw):
+    """The output of what from_keras returned."""
+    if isinstance(model, fastrnn.Sequential):
+        return model(x, **kw)
+    return model(x, **kw)[0]
+
+
+def _keras_mask(B, T, rng):
+    mask = rng.random((B, T)) > 0.3
+    mask[0, :2] = False        # left padding
+    mask[1] = False            # a row with no step
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("zero_output", [False, True])
+def test_keras_go_backwards_imports_exactly(kind, return_sequences, zero_output):
+    """Keras returns go_backwards sequences in the order it ran them
+    (reversed); with a mask, the mask is reversed with the input."""
+    keras = _keras()
+    rng = np.random.default_rng(7)
+    B, T, D, H = 4, 6, 3, 5
+    layer = getattr(keras.layers, kind)(H, go_backwards=True,
+                                        return_sequences=return_sequences)
+    layer.zero_output_for_mask = zero_output
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    mask = _keras_mask(B, T, rng)
+    expected, expected_masked = np.asarray(layer(x)), np.asarray(layer(x, mask=mask))
+    model = fastrnn.from_keras(layer)
+    inner = model[0] if isinstance(model, fastrnn.Sequential) else model
+    assert isinstance(inner, fastrnn.Reversed) and not inner.keep_order
+    np.testing.assert_allclose(_run(model, x), expected, rtol=0, atol=2e-6)
+    kw = {} if isinstance(model, fastrnn.Sequential) else {"zero_output_for_mask": zero_output}
+    np.testing.assert_allclose(_run(model, x, mask=mask, **kw), expected_masked, rtol=0,
+                               atol=2e-6)
+
+
+@pytest.mark.parametrize("merge_mode", ["sum", "mul", "ave", None, "concat"])
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_keras_bidirectional_merge_modes_import_exactly(merge_mode, return_sequences):
+    """merge_mode=None: Keras returns [forward, backward]; fastrnn stacks them
+    on the axis before the features, y[..., 0, :] and y[..., 1, :]."""
+    keras = _keras()
+    rng = np.random.default_rng(8)
+    B, T, D, H = 4, 5, 3, 2
+    layer = keras.layers.Bidirectional(keras.layers.GRU(H, return_sequences=return_sequences),
+                                       merge_mode=merge_mode)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    mask = _keras_mask(B, T, rng)
+    with pytest.raises(ValueError, match="from_keras: GRU weights: the layer is not built"):
+        fastrnn.from_keras(layer)
+    layer(x)
+    model = fastrnn.from_keras(layer)
+    for kw in ({}, {"mask": mask}):
+        expected = layer(x, **kw)
+        if merge_mode is None:
+            expected = np.stack([np.asarray(e) for e in expected], axis=-2)
+        if isinstance(model, fastrnn.Sequential):
+            got = model(x, **kw)
+        else:   # a bidirectional layer returning sequences: Keras zeros masked steps
+            got = model(x, zero_output_for_mask=True, **kw)[0]
+        np.testing.assert_allclose(got, np.asarray(expected), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_keras_stateful_imports_exactly(bidirectional, go_backwards):
+    """The state runs on from call to call as in Keras, and reset_state
+    starts again from zeros."""
+    keras = _keras()
+    rng = np.random.default_rng(9)
+    B, T, D, H = 3, 4, 2, 3
+    if bidirectional and go_backwards:
+        pytest.skip("a Bidirectional's forward layer does not run backwards")
+    inner = keras.layers.LSTM(H, stateful=True, return_sequences=True,
+                              go_backwards=go_backwards)
+    layer = keras.layers.Bidirectional(inner) if bidirectional else inner
+    inputs = keras.Input(batch_shape=(B, T, D))
+    kmodel = keras.Model(inputs, layer(inputs))
+    xs = [rng.standard_normal((B, T, D)).astype(np.float32) for _ in range(3)]
+    expected = [np.asarray(kmodel(x)) for x in xs]
+    model = fastrnn.from_keras(layer)
+    assert isinstance(model, fastrnn.Stateful)
+    for x, e in zip(xs, expected):
+        np.testing.assert_allclose(model(x)[0], e, rtol=0, atol=3e-6)
+    layer.reset_state()
+    model.reset_state()
+    np.testing.assert_allclose(model(xs[1])[0], np.asarray(kmodel(xs[1])), rtol=0, atol=3e-6)
+    with pytest.raises(ValueError, match=r"Stateful: expected a batch of 3 sequences .*got 2"):
+        model(xs[0][:2])
+
+
+def test_stateful_carries_the_state_in_training_and_fit():
+    """Stateful is the plain layer given the last call's final state as hx,
+    in forward_train too; Sequential.fit keeps it across batches and
+    Sequential.reset_state clears it."""
+    rng = np.random.default_rng(10)
+    lstm = fastrnn.LSTM(2, 3, batch_first=True, dtype="float64", seed=1)
+    stateful = fastrnn.Stateful(lstm, batch_size=2)
+    x1, x2 = rng.standard_normal((2, 2, 4, 2))
+    stateful(x1)
+    (out, state), backprop = stateful.forward_train(x2)
+    expected, exp_state = lstm(x2, lstm(x1)[1])
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(stateful.state[0], exp_state[0], rtol=0, atol=1e-14)
+    dx, _ = backprop(np.ones_like(out))
+    assert dx.shape == x2.shape
+    model = fastrnn.Sequential([stateful, fastrnn.LastStep(), fastrnn.Linear(3, 1,
+                                                                               dtype="float64")])
+    model.compile(loss="mse", optimizer="sgd")
+    model.reset_state()
+    assert stateful.state is None
+    model.fit(rng.standard_normal((6, 4, 2)), rng.standard_normal((6, 1)), batch_size=2,
+              shuffle=False, verbose=0)
+    assert stateful.state is not None
+    with pytest.raises(ValueError, match="Stateful: expected a batch of 2 sequences"):
+        model.fit(rng.standard_normal((5, 4, 2)), rng.standard_normal((5, 1)), batch_size=2,
+                  shuffle=False, verbose=0)
+    with pytest.raises(ValueError, match=r"Stateful: expected batched input"):
+        stateful(x1[0])
+
+
+def test_wrapper_errors_name_the_argument():
+    with pytest.raises(TypeError, match="Reversed: layer must be a fastrnn RNN, GRU or LSTM"):
+        fastrnn.Reversed(fastrnn.Linear(2, 2))
+    with pytest.raises(TypeError, match="Stateful: layer must be a fastrnn RNN"):
+        fastrnn.Stateful("LSTM")
+    with pytest.raises(TypeError, match="Reversed: keep_order must be"):
+        fastrnn.Reversed(fastrnn.GRU(2, 2), keep_order="no")
+    with pytest.raises(ValueError, match="Stateful: batch_size must be"):
+        fastrnn.Stateful(fastrnn.GRU(2, 2), batch_size=0)
+    rev = fastrnn.Reversed(fastrnn.GRU(2, 2))
+    x = np.zeros((3, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="Reversed: pass lengths or mask, not both"):
+        rev(x, lengths=[3, 3], mask=np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match=r"Reversed: expected lengths of shape \(2,\)"):
+        rev(x, lengths=[3])
+    with pytest.raises(ValueError, match=r"Reversed: expected mask of shape \(2, 3\)"):
+        rev(x, mask=np.ones((3, 2), bool))
+    (out, _), backprop = rev.forward_train(x)
+    with pytest.raises(ValueError, match="Reversed.backprop: expected dout of the output's"):
+        backprop(out[1:])
+    with pytest.raises(ValueError, match="MergeDirections: mode must be"):
+        fastrnn.MergeDirections("max")
+    with pytest.raises(ValueError, match=r"MergeDirections: expected input whose last axis"):
+        fastrnn.Sequential([fastrnn.MergeDirections("sum")])(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mul", "ave", None])
+def test_merge_directions_gradient_by_finite_differences(mode):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 4))
+    merge = fastrnn.MergeDirections(mode)
+    y, backprop = merge._seq_train(x)
+    w = rng.standard_normal(y.shape)
+    numeric = ref.numeric_grad(lambda: float((merge._seq_infer(x) * w).sum()), x)
+    np.testing.assert_allclose(backprop(w), numeric, rtol=0, atol=1e-8)

@@ -157,3 +157,178 @@ def test_masked_keras_layers_import_exactly(kind, wrapper, return_sequences):
     else:   # a bidirectional layer returning sequences: Keras zeros the masked steps
         got = model(x, mask=mask, zero_output_for_mask=wrapper is not None)[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+# --- Embedding, Masking and masks in a Sequential ----------------------------------------
+def test_embedding_looks_up_and_trains_by_finite_differences():
+    """The gradient reaches the table (repeated ids add up), not the
+    padding_idx row; checked by central differences through a masked LSTM."""
+    rng = np.random.default_rng(12)
+    emb = fastrnn.Embedding(6, 3, padding_idx=5, mask_zero=True, dtype="float64", seed=2)
+    assert not emb.weight[5].any()
+    model = fastrnn.Sequential([emb, fastrnn.LSTM(3, 2, batch_first=True, dtype="float64",
+                                                  seed=3),
+                                fastrnn.LastStep(), fastrnn.Linear(2, 1, dtype="float64",
+                                                                   seed=4)])
+    ids = np.array([[0, 0, 1, 5, 2], [3, 3, 0, 4, 1], [2, 5, 5, 1, 0]])
+    np.testing.assert_array_equal(emb(ids), emb.weight[ids])
+    np.testing.assert_array_equal(emb.compute_mask(ids), ids != 0)
+    w = rng.standard_normal((3, 1))
+
+    def loss():
+        return float((model(ids) * w).sum())
+
+    out, backprops = model._forward_train(ids)
+    model.zero_grad()
+    grad = w
+    for backprop in reversed(backprops):
+        grad = backprop(grad)
+    table = emb.weight.copy()
+
+    def loss_table():
+        emb.load_state_dict({"weight": table})
+        return loss()
+
+    numeric = ref.numeric_grad(loss_table, table)
+    numeric[5] = 0       # padding_idx: PyTorch gives it no gradient
+    np.testing.assert_allclose(emb.grads["weight"], numeric, rtol=0, atol=1e-8)
+    assert not emb.grads["weight"][0].any()     # id 0 is masked: it reaches nothing
+
+
+def test_masked_sequential_gradients_by_finite_differences():
+    """Masking -> bidirectional GRU -> ZeroMasked -> Linear: every parameter's
+    gradient through the mask path, against central differences."""
+    rng = np.random.default_rng(13)
+    B, T, D, H = 3, 5, 2, 3
+    x = rng.standard_normal((B, T, D))
+    x[0, :2] = 0.0         # left padding
+    x[1, 2] = 0.0          # a hole
+    x[2, 3:] = 0.0         # right padding
+    gru = fastrnn.GRU(D, H, bidirectional=True, batch_first=True, dtype="float64", seed=5)
+    lin = fastrnn.Linear(2 * H, 1, dtype="float64", seed=6)
+    model = fastrnn.Sequential([fastrnn.Masking(0.0), gru, fastrnn.ZeroMasked(), lin])
+    w = rng.standard_normal((B, T, 1))
+    out, backprops = model._forward_train(x)
+    np.testing.assert_allclose(out[0, :2], np.broadcast_to(lin.bias, (2, 1)), rtol=0,
+                               atol=0)    # ZeroMasked: only the bias at masked steps
+    model.zero_grad()
+    grad = w
+    for backprop in reversed(backprops):
+        grad = backprop(grad)
+    for layer, name in [(gru, "weight_ih_l0"), (gru, "bias_hh_l0_reverse"), (lin, "weight")]:
+        value = getattr(layer, name).copy()
+
+        def loss():
+            layer.load_state_dict({name: value}, strict=False)
+            return float((model(x) * w).sum())
+
+        numeric = ref.numeric_grad(loss, value)
+        loss()                    # restores the parameter for the next one
+        np.testing.assert_allclose(layer.grads[name], numeric, rtol=0, atol=1e-8)
+
+
+def test_masking_matches_the_layer_called_with_the_mask():
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    x[0, :3] = 0
+    x[2, 4] = 0
+    lstm = fastrnn.LSTM(3, 4, batch_first=True, seed=1)
+    model = fastrnn.Sequential([fastrnn.Masking(), lstm])
+    np.testing.assert_array_equal(model(x), lstm(x, mask=(x != 0).any(-1))[0])
+    # a mask given to the Sequential combines with the Masking layer's
+    extra = np.ones((4, 6), bool)
+    extra[1, 1] = False
+    np.testing.assert_array_equal(model(x, mask=extra),
+                                  lstm(x, mask=(x != 0).any(-1) & extra)[0])
+
+
+def test_fit_with_masks_trains_and_skips_masked_steps_in_the_loss():
+    """Per-step targets: the loss is the mean over unmasked steps only
+    (Keras' rule), and training lowers it."""
+    rng = np.random.default_rng(15)
+    N, T, V = 32, 7, 9
+    ids = rng.integers(1, V, (N, T))
+    for i in range(N):
+        ids[i, :rng.integers(0, 4)] = 0          # left padding of any length
+    y = (ids % 2).astype(np.float64)[..., None]
+    model = fastrnn.Sequential([fastrnn.Embedding(V, 4, mask_zero=True, dtype="float64", seed=1),
+                                fastrnn.GRU(4, 8, batch_first=True, bidirectional=True,
+                                            dtype="float64", seed=2),
+                                fastrnn.Linear(16, 1, dtype="float64", seed=3)], seed=0)
+    model.compile(loss="mse", optimizer=fastrnn.optim.Adam(model, lr=0.02))
+    out = model(ids)
+    mask = ids != 0
+    expected = float(((out - y)[mask] ** 2).mean())
+    assert model.evaluate(ids, y) == pytest.approx(expected, rel=1e-12)
+    history = model.fit(ids, y, epochs=15, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+
+
+def test_embedding_and_masking_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"Embedding: padding_idx must lie in \[-4, 4\)"):
+        fastrnn.Embedding(4, 2, padding_idx=4)
+    with pytest.raises(TypeError, match="Embedding: padding_idx must be an int or None"):
+        fastrnn.Embedding(4, 2, padding_idx=1.0)
+    with pytest.raises(TypeError, match="Embedding: mask_zero must be"):
+        fastrnn.Embedding(4, 2, mask_zero="yes")
+    emb = fastrnn.Embedding(4, 2)
+    with pytest.raises(ValueError, match=r"Embedding: input ids must lie in \[0, 4\) "
+                                         r"\(num_embeddings\), got values from 0 to 4"):
+        emb(np.array([0, 4]))
+    with pytest.raises(TypeError, match="Embedding: input must hold integer ids"):
+        emb(np.array([0.5]))
+    np.testing.assert_array_equal(emb(np.array([1.0, 3.0])), emb(np.array([1, 3])))
+    model = fastrnn.Sequential([emb, fastrnn.GRU(2, 2, batch_first=True)])
+    with pytest.raises(ValueError, match=r"Sequential: expected x of shape \(N, T\) \(integer "
+                                         r"ids: samples, steps\), got \(2, 3, 1\)"):
+        model(np.zeros((2, 3, 1), int))
+    with pytest.raises(TypeError, match="Masking: mask_value must be a number"):
+        fastrnn.Masking("0")
+    with pytest.raises(ValueError, match=r"Sequential: expected mask of shape \(2, 3\)"):
+        model(np.zeros((2, 3), int), mask=np.ones((3, 2), bool))
+
+
+@pytest.mark.parametrize("head", ["bidirectional", "stacked"])
+def test_keras_models_with_masks_import_exactly(head):
+    """A keras.Sequential with Embedding(mask_zero=True) or Masking in front
+    of recurrent layers and a Dense head: the same numbers from fastrnn."""
+    keras = _keras()
+    rng = np.random.default_rng(16)
+    B, T, V = 5, 7, 11
+    ids = rng.integers(1, V, (B, T))
+    ids[0, :3] = 0
+    ids[1, 4:] = 0
+    ids[2, 2] = 0
+    ids[3] = 0
+    if head == "bidirectional":
+        kmodel = keras.Sequential([keras.Input((T,)), keras.layers.Embedding(V, 4, mask_zero=True),
+                                   keras.layers.Bidirectional(keras.layers.LSTM(
+                                       3, return_sequences=True)),
+                                   keras.layers.GRU(5, go_backwards=True),
+                                   keras.layers.Dense(2, activation="tanh")])
+        x = ids
+    else:
+        kmodel = keras.Sequential([keras.Input((T, 3)), keras.layers.Masking(0.0),
+                                   keras.layers.SimpleRNN(4, return_sequences=True),
+                                   keras.layers.Bidirectional(keras.layers.GRU(
+                                       3, return_sequences=True), merge_mode="ave"),
+                                   keras.layers.Dense(2)])
+        x = rng.standard_normal((B, T, 3)).astype(np.float32) * (ids != 0)[..., None]
+    expected = np.asarray(kmodel(x))
+    model = fastrnn.from_keras(kmodel)
+    np.testing.assert_allclose(model(x), expected, rtol=0, atol=3e-6)
+    with pytest.raises(TypeError, match="from_keras: Flatten layer"):
+        fastrnn.from_keras(keras.Sequential([keras.Input((T, 3)), keras.layers.Flatten()]))
+
+
+def test_models_with_the_new_layers_are_refused_by_save_not_written(tmp_path):
+    """Model files do not hold these layers yet: save refuses, naming the
+    layer, rather than write a file that load would reject."""
+    for layer in (fastrnn.Embedding(5, 2), fastrnn.Reversed(fastrnn.GRU(2, 2)),
+                  fastrnn.Stateful(fastrnn.GRU(2, 2)), fastrnn.Masking(),
+                  fastrnn.MergeDirections("sum")):
+        model = fastrnn.Sequential([layer])
+        with pytest.raises(TypeError, match=f"Sequential.save: layers\\[0\\] is a "
+                                            f"{type(layer).__name__}, which model files"):
+            fastrnn.save(model, tmp_path / "model.npz")
+        assert not (tmp_path / "model.npz").exists()
