@@ -199,7 +199,7 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         ``zero_output_for_mask=True``.
     """
     kind = type(layer).__name__
-    if kind in ("Sequential", "Functional"):
+    if kind == "Sequential":
         return _keras_model(layer, dtype)
     if kind == "Bidirectional":
         if layer.merge_mode not in ("concat", "sum", "mul", "ave", None):

@@ -101,9 +101,16 @@ class _Plan:
         full = np.zeros((self.B, self.T, out.shape[2]), out.dtype)
         ext = np.concatenate([out, np.zeros((out.shape[0], 1, out.shape[2]), out.dtype)],
                              axis=1)
+        rows = np.arange(len(self.rows))[:, None]
+        if len(self.rows) == self.B:
+            target = full
+        else:
+            target = np.empty((len(self.rows), self.T, out.shape[2]), out.dtype)
         for d, src in enumerate([self.src_fwd, self.src_rev][:dirs]):
             part = slice(d * hidden, (d + 1) * hidden)
-            full[self.rows, :, part] = take_steps(ext[:, :, part], src)
+            target[:, :, part] = ext[rows, src, part]
+        if target is not full:
+            full[self.rows] = target
         return full
 
     def gather_dout(self, dout: np.ndarray, hidden: int, dirs: int) -> np.ndarray:

@@ -431,6 +431,12 @@ def test_stateful_carries_the_state_in_training_and_fit():
                   shuffle=False, verbose=0)
     with pytest.raises(ValueError, match=r"Stateful: expected batched input"):
         stateful(x1[0])
+    # a model of wrappers pickles with the carried state
+    import pickle
+    copy = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(copy[0].state[0], stateful.state[0])
+    x3 = rng.standard_normal((2, 4, 2))
+    np.testing.assert_array_equal(copy(x3), model(x3))
 
 
 def test_wrapper_errors_name_the_argument():

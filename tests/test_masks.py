@@ -332,3 +332,25 @@ def test_models_with_the_new_layers_are_refused_by_save_not_written(tmp_path):
                                             f"{type(layer).__name__}, which model files"):
             fastrnn.save(model, tmp_path / "model.npz")
         assert not (tmp_path / "model.npz").exists()
+
+
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_embedding_takes_ragged_id_sequences(mask_zero):
+    """A list of id sequences of different lengths: each batch padded, and
+    each sequence gives what it gives alone."""
+    rng = np.random.default_rng(17)
+    seqs = [rng.integers(1, 9, rng.integers(2, 7)) for _ in range(10)]
+    model = fastrnn.Sequential([fastrnn.Embedding(9, 4, mask_zero=mask_zero, dtype="float64",
+                                                  seed=1),
+                                fastrnn.GRU(4, 5, batch_first=True, dtype="float64", seed=2),
+                                fastrnn.LastStep(), fastrnn.Linear(5, 1, dtype="float64",
+                                                                   seed=3)])
+    alone = np.array([model(s[None])[0] for s in seqs])
+    np.testing.assert_allclose(model.predict(seqs, batch_size=4), alone, rtol=0, atol=1e-12)
+    model.compile(loss="mse", optimizer="adam")
+    model.fit(seqs, rng.random((10, 1)), epochs=1, batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.predict: expected x as a list of id "
+                                         r"sequences of shape \(T_i,\)"):
+        model.predict([np.ones((2, 1)), np.ones((3, 1))])
+    with pytest.raises(ValueError, match=r"Sequential.predict: x\[1\] ids must lie in"):
+        model.predict([np.ones(2, int), np.full(3, 9)])
