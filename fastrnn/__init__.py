@@ -41,7 +41,8 @@ __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dr
            "TerminateOnNaN", "LearningRateScheduler", "LambdaCallback", "load", "load_state_dict_file", "save", "tbptt",
            "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "losses",
            "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads",
-           "Stream", "Reversed", "Stateful", "from_torch", "to_torch", "from_keras", "to_onnx", "from_onnx",
+           "Stream", "Reversed", "Stateful", "from_torch", "to_torch", "from_keras", "to_onnx",
+           "from_onnx",
            "__version__"]
 
 

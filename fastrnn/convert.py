@@ -4,8 +4,12 @@ PyTorch: ``from_torch(module)`` builds the fastrnn layer or cell equivalent
 to a ``torch.nn.RNN/GRU/LSTM/RNNCell/GRUCell/LSTMCell`` (configuration and
 weights; the names and layouts are the same), ``to_torch(layer)`` the
 reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (either
-reset_after), LSTM and Bidirectional. ONNX: ``to_onnx`` / ``from_onnx``. The frameworks are imported only when called.
-Options fastrnn does not implement are refused by name, never dropped.
+reset_after), LSTM and Bidirectional (any merge_mode; go_backwards, stateful
+and masks kept, see fastrnn.wrappers and fastrnn.masking), and keras.Sequential
+models of them with Masking, Embedding, Dense and Dropout. ONNX: ``to_onnx`` /
+``from_onnx`` (forward, reverse and bidirectional nodes, layout 0 or 1). The
+frameworks are imported only when called. Options fastrnn does not implement
+are refused by name, never dropped.
 """
 from __future__ import annotations
 
