@@ -196,8 +196,9 @@ class Stateful(_Wrapper):
 
     Notes
     -----
-    Called as the layer, without ``hx``: ``out, state = s(x, lengths=None,
-    mask=None, zero_output_for_mask=False)``; ``forward_train`` alike. With
+    Called as the layer, without ``hx`` (the other arguments keyword only):
+    ``out, state = s(x, lengths=None, mask=None, zero_output_for_mask=False)``;
+    ``forward_train`` alike. With
     ``lengths`` or a ``mask`` the carried state is each row's state after
     its own last valid step. ``state`` (a property) holds copies of the
     carried state (None after a reset).
@@ -254,7 +255,7 @@ class Stateful(_Wrapper):
         self._state = tuple(a.copy() for a in state) if isinstance(state, tuple) \
             else state.copy()
 
-    def __call__(self, x: ArrayLike, lengths: ArrayLike | None = None, *,
+    def __call__(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
                  mask: ArrayLike | None = None, zero_output_for_mask: bool = False) -> Any:
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
@@ -263,7 +264,7 @@ class Stateful(_Wrapper):
         self._keep(state)
         return out, state
 
-    def forward_train(self, x: ArrayLike, lengths: ArrayLike | None = None, *,
+    def forward_train(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
                       mask: ArrayLike | None = None, zero_output_for_mask: bool = False
                       ) -> tuple[Any, Callable[..., Any]]:
         x = self._batch(x)

@@ -476,3 +476,14 @@ def test_merge_directions_gradient_by_finite_differences(mode):
     w = rng.standard_normal(y.shape)
     numeric = ref.numeric_grad(lambda: float((merge._seq_infer(x) * w).sum()), x)
     np.testing.assert_allclose(backprop(w), numeric, rtol=0, atol=1e-8)
+
+
+def test_stateful_takes_no_hx():
+    """The carried state is the initial state: a positional second argument
+    (an hx by habit) is refused rather than read as lengths."""
+    stateful = fastrnn.Stateful(fastrnn.GRU(2, 3))
+    x = np.zeros((4, 2, 2), np.float32)
+    with pytest.raises(TypeError, match="positional argument"):
+        stateful(x, np.zeros((1, 2, 3)))
+    out, h_n = stateful(x, lengths=[4, 2])
+    np.testing.assert_array_equal(stateful.state, h_n)
