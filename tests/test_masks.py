@@ -321,17 +321,36 @@ def test_keras_models_with_masks_import_exactly(head):
         fastrnn.from_keras(keras.Sequential([keras.Input((T, 3)), keras.layers.Flatten()]))
 
 
-def test_models_with_the_new_layers_are_refused_by_save_not_written(tmp_path):
-    """Model files do not hold these layers yet: save refuses, naming the
-    layer, rather than write a file that load would reject."""
-    for layer in (fastrnn.Embedding(5, 2), fastrnn.Reversed(fastrnn.GRU(2, 2)),
-                  fastrnn.Stateful(fastrnn.GRU(2, 2)), fastrnn.Masking(),
-                  fastrnn.MergeDirections("sum")):
-        model = fastrnn.Sequential([layer])
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_models_with_embeddings_and_masks_save_and_load(tmp_path, suffix):
+    """Embedding, Masking, ZeroMasked and MergeDirections go into model files
+    (with the optimizer state); the wrappers are refused by save, naming the
+    layer, rather than written to a file that load would reject."""
+    rng = np.random.default_rng(18)
+    model = fastrnn.Sequential([fastrnn.Embedding(9, 4, padding_idx=2, mask_zero=True, seed=1),
+                                fastrnn.GRU(4, 5, batch_first=True, bidirectional=True, seed=2),
+                                fastrnn.ZeroMasked(), fastrnn.Masking(0.5),
+                                fastrnn.MergeDirections(None)])
+    model.compile(loss="mse", optimizer="adam")
+    ids = np.array([[0, 1, 2, 3], [4, 0, 5, 6]])
+    model.fit(ids, rng.random((2, 4, 2, 5)), verbose=0)
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = fastrnn.load(path)
+    assert repr(loaded) == repr(model)
+    np.testing.assert_array_equal(loaded(ids), model(ids))
+    assert loaded.optimizer is not None
+    emb = fastrnn.Embedding(3, 2, padding_idx=-1, dtype="float64")
+    fastrnn.save(emb, tmp_path / "emb.npz")
+    back = fastrnn.load(tmp_path / "emb.npz")
+    assert back.padding_idx == 2 and back.dtype == np.float64
+    np.testing.assert_array_equal(back.weight, emb.weight)
+    for layer in (fastrnn.Reversed(fastrnn.GRU(2, 2)), fastrnn.Stateful(fastrnn.GRU(2, 2))):
+        wrapped = fastrnn.Sequential([layer])
         with pytest.raises(TypeError, match=f"Sequential.save: layers\\[0\\] is a "
                                             f"{type(layer).__name__}, which model files"):
-            fastrnn.save(model, tmp_path / "model.npz")
-        assert not (tmp_path / "model.npz").exists()
+            fastrnn.save(wrapped, tmp_path / "wrapped.npz")
+        assert not (tmp_path / "wrapped.npz").exists()
 
 
 @pytest.mark.parametrize("mask_zero", [False, True])
