@@ -373,3 +373,24 @@ def test_embedding_takes_ragged_id_sequences(mask_zero):
         model.predict([np.ones((2, 1)), np.ones((3, 1))])
     with pytest.raises(ValueError, match=r"Sequential.predict: x\[1\] ids must lie in"):
         model.predict([np.ones(2, int), np.full(3, 9)])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_embeddings": 10**12}, r"calls for 1 array of 2,000,000,000,000 values"),
+    ({"padding_idx": 7}, r"padding_idx must lie in \[-3, 3\)"),
+    ({"num_embeddings": "3"}, "num_embeddings must be an int"),
+    ({"mask_zero": 2}, "mask_zero must be a bool"),
+])
+def test_a_damaged_embedding_entry_is_refused(tmp_path, change, message):
+    """The loader checks an Embedding's configuration against the arrays in
+    the file before building anything."""
+    import json
+    fastrnn.save(fastrnn.Embedding(3, 2), tmp_path / "emb.npz")
+    stored = np.load(tmp_path / "emb.npz")
+    config = json.loads(str(stored["config"]))
+    config["layers"][0]["config"].update(change)
+    np.savez(tmp_path / "bad.npz", config=np.array(json.dumps(config)),
+             **{"weights/0.weight": stored["weights/0.weight"]})
+    with pytest.raises(ValueError, match=f"not a valid fastrnn model file: layer 0 "
+                                         f"\\(Embedding.*{message}"):
+        fastrnn.load(tmp_path / "bad.npz")
