@@ -28,17 +28,21 @@ from fastrnn.callbacks import (Callback, CSVLogger, EarlyStopping, History, Lamb
                                LearningRateScheduler, ModelCheckpoint, ReduceLROnPlateau,
                                TerminateOnNaN)
 from fastrnn.model import Sequential, load, load_state_dict_file, save
-from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
+from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDirections, ReLU,
+                        Sigmoid, Tanh, ZeroMasked)
 from fastrnn.convert import from_keras, from_onnx, from_torch, to_onnx, to_torch
 from fastrnn.streaming import Stream
+from fastrnn.wrappers import Reversed, Stateful
 
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
+           "Embedding", "Masking", "ZeroMasked", "MergeDirections",
            "LastStep", "ReLU", "Tanh", "Sigmoid", "Sequential", "History", "Callback",
            "EarlyStopping", "ModelCheckpoint", "CSVLogger", "ReduceLROnPlateau",
            "TerminateOnNaN", "LearningRateScheduler", "LambdaCallback", "load", "load_state_dict_file", "save", "tbptt",
            "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "losses",
            "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads",
-           "Stream", "from_torch", "to_torch", "from_keras", "to_onnx", "from_onnx",
+           "Stream", "Reversed", "Stateful", "from_torch", "to_torch", "from_keras", "to_onnx",
+           "from_onnx",
            "__version__"]
 
 

@@ -51,13 +51,15 @@ from fastrnn._validation import shape_str
 from fastrnn._version import __version__
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
-from fastrnn.nn import Dropout, LastStep, Linear, ReLU, Sigmoid, Tanh
+from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDirections, ReLU,
+                        Sigmoid, Tanh, ZeroMasked)
 
 FORMAT = "fastrnn/2"
 FORMAT_1 = "fastrnn.Sequential/1"     # read, no longer written
 
 # the classes a saved file may name: loading builds nothing else
-_SEQUENCE_LAYERS = (RNN, GRU, LSTM, Linear, Dropout, LastStep, ReLU, Tanh, Sigmoid)
+_SEQUENCE_LAYERS = (RNN, GRU, LSTM, Linear, Dropout, LastStep, ReLU, Tanh, Sigmoid,
+                    Embedding, Masking, ZeroMasked, MergeDirections)
 _LAYER_CLASSES = {cls.__name__: cls for cls in _SEQUENCE_LAYERS + (RNNCell, GRUCell, LSTMCell)}
 _OPTIMIZERS = {cls.__name__: cls for cls in (optim.SGD, optim.Adam, optim.AdamW,
                                              optim.RMSprop)}
@@ -1178,6 +1180,14 @@ def _parameter_layout(name, kwargs):
                 yield "bias", (n_out,)
         summary = (f"in_features={_int_text(n_in)}, out_features={_int_text(n_out)}, "
                    f"bias={bias}")
+    elif name == "Embedding":   # [masks]
+        n = v.check_int(name, "num_embeddings", args["num_embeddings"])
+        dim = v.check_int(name, "embedding_dim", args["embedding_dim"])
+        arrays, values = 1, n * dim
+
+        def shapes():
+            yield "weight", (n, dim)
+        summary = f"num_embeddings={_int_text(n)}, embedding_dim={_int_text(dim)}"
     else:
         arrays, values, summary = 0, 0, ""
 

@@ -170,6 +170,14 @@ class ArrayData:
     def _check_sequences(self, model, arrays, name):
         owner = self.owner
         features = model._input_features()
+        if getattr(model.layers[0], "_takes_ids", False):   # [masks] an Embedding: (T_i,) ids
+            for i, a in enumerate(arrays):
+                if a.ndim != 1 or len(a) == 0:
+                    raise ValueError(f"{owner}: expected {name} as a list of id sequences of "
+                                     f"shape (T_i,) with T_i >= 1, got {name}[{i}] of shape "
+                                     f"{shape_str(a.shape)}")
+                model.layers[0]._ids(a, owner, f"{name}[{i}]")
+            return arrays
         for i, a in enumerate(arrays):
             if a.dtype.kind not in "biuf":
                 raise TypeError(f"{owner}: {name}[{i}] must hold numbers, got dtype {a.dtype}")

@@ -4,8 +4,12 @@ PyTorch: ``from_torch(module)`` builds the fastrnn layer or cell equivalent
 to a ``torch.nn.RNN/GRU/LSTM/RNNCell/GRUCell/LSTMCell`` (configuration and
 weights; the names and layouts are the same), ``to_torch(layer)`` the
 reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (either
-reset_after), LSTM and Bidirectional. ONNX: ``to_onnx`` / ``from_onnx``. The frameworks are imported only when called.
-Options fastrnn does not implement are refused by name, never dropped.
+reset_after), LSTM and Bidirectional (any merge_mode; go_backwards, stateful
+and masks kept, see fastrnn.wrappers and fastrnn.masking), and keras.Sequential
+models of them with Masking, Embedding, Dense and Dropout. ONNX: ``to_onnx`` /
+``from_onnx`` (forward, reverse and bidirectional nodes, layout 0 or 1). The
+frameworks are imported only when called. Options fastrnn does not implement
+are refused by name, never dropped.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from numpy.typing import DTypeLike
 from fastrnn._validation import check_dtype, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
+from fastrnn.wrappers import Reversed, Stateful
 
 if TYPE_CHECKING:
     from fastrnn.model import Sequential
@@ -105,7 +110,8 @@ def _keras_refuse(layer, name, reason):
 def _keras_direction(layer, backward=False):
     """(fastrnn class name, weights by PyTorch name without suffix, config) of
     one Keras SimpleRNN / GRU / LSTM layer (``backward``: a Bidirectional's
-    reverse half, which Keras runs with go_backwards=True)."""
+    reverse half, which Keras runs with go_backwards=True; otherwise
+    go_backwards is kept in the config, for a Reversed wrapper)."""
     kind = type(layer).__name__
     if kind not in ("SimpleRNN", "GRU", "LSTM"):
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU or LSTM inside, got {kind}")
@@ -117,16 +123,19 @@ def _keras_direction(layer, backward=False):
         if cfg.get(key) != value:
             _keras_refuse(layer, f"{key}={cfg.get(key)!r}", f"fastrnn implements {value!r} "
                           f"only (PyTorch's cell)")
-    if bool(cfg.get("go_backwards")) != backward:
-        _keras_refuse(layer, f"go_backwards={cfg.get('go_backwards')}", "a reversed layer is "
-                      "supported only as a Bidirectional's backward layer")
-    for key in ("stateful", "unroll"):
-        if cfg.get(key):
-            _keras_refuse(layer, f"{key}=True", "not supported; use a fastrnn Stream for state")
+    if backward and not cfg.get("go_backwards"):
+        _keras_refuse(layer, "go_backwards=False", "a Bidirectional's backward layer must run "
+                      "backwards")
+    if cfg.get("unroll"):
+        _keras_refuse(layer, "unroll=True", "not supported (it changes nothing in the "
+                      "numbers: build the layer with unroll=False)")
     if cfg.get("dropout") or cfg.get("recurrent_dropout"):
         _keras_refuse(layer, "dropout / recurrent_dropout", "Keras' per-step input and "
                       "recurrent dropout differ from fastrnn's between-layer dropout")
     weights = layer.get_weights()
+    if len(weights) < 2:
+        _keras_refuse(layer, "weights", "the layer is not built yet (it has no weights): "
+                      "call it once, or build it, before converting")
     kernel, recurrent = weights[0], weights[1]
     bias = weights[2] if cfg.get("use_bias", True) else None
     units = recurrent.shape[0]
@@ -146,50 +155,155 @@ def _keras_direction(layer, backward=False):
             params["bias_ih"], params["bias_hh"] = reorder(bias), np.zeros_like(bias)
     name = {"SimpleRNN": "RNN", "GRU": "GRU", "LSTM": "LSTM"}[kind]
     config = {"input_size": kernel.shape[0], "hidden_size": units, "bias": bias is not None,
-              "return_sequences": cfg["return_sequences"]}
+              "return_sequences": cfg["return_sequences"],
+              "go_backwards": bool(cfg.get("go_backwards")),
+              "stateful": bool(cfg.get("stateful")),
+              "zero_output_for_mask": bool(getattr(layer, "zero_output_for_mask", False))}
     if kind == "GRU":
         config["reset_after"] = reset_after
     return name, params, config
 
 
-def from_keras(layer: Any, dtype: DTypeLike = "float32") -> RNN | GRU | LSTM | Sequential:
-    """A fastrnn layer equal to a Keras 3 SimpleRNN, GRU (``reset_after`` True
-    or False, kept), LSTM, or Bidirectional(merge_mode='concat') of one of them.
+def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
+    """A fastrnn layer or model equal to a Keras 3 recurrent layer or model.
 
-    The result is batch-first, as Keras is. It computes what the Keras layer
-    computes: for ``return_sequences=True`` the fastrnn layer itself; for
-    ``return_sequences=False`` (the last step only) a
-    ``Sequential([layer, LastStep(bidirectional=...)])``.
+    Parameters
+    ----------
+    layer : Keras SimpleRNN, GRU, LSTM, Bidirectional, or a keras.Sequential
+        A SimpleRNN, GRU (``reset_after`` True or False, kept) or LSTM with
+        its default activations, alone or in a ``Bidirectional`` (any
+        ``merge_mode``); ``go_backwards`` and ``stateful`` are kept. A
+        ``keras.Sequential`` may also hold ``Masking``, ``Embedding``
+        (``mask_zero`` kept), ``Dense`` (linear, relu, tanh or sigmoid) and
+        ``Dropout`` layers.
+    dtype : {'float32', 'float64'}, default 'float32'
+
+    Returns
+    -------
+    RNN, GRU, LSTM, Reversed, Stateful or Sequential
+        Batch-first, as Keras is, computing what Keras computes, masks
+        included:
+
+        - ``return_sequences=True``, ``merge_mode="concat"``: the layer itself.
+        - ``go_backwards=True``: ``Reversed(layer, keep_order=False)`` (Keras
+          returns the sequence in the order it ran: reversed).
+        - ``stateful=True``: ``Stateful(...)`` of that; its carried state
+          starts at zeros (``reset_state``), its batch size is fixed by the
+          first call.
+        - otherwise a ``Sequential`` of that followed by ``ZeroMasked()``
+          (``zero_output_for_mask=True``), ``LastStep`` (for
+          ``return_sequences=False``) and ``MergeDirections(merge_mode)``
+          (merge modes "sum", "mul", "ave" and None, which stacks the two
+          directions on a new axis (..., 2, H) where Keras returns a list).
+
+        ``Bidirectional`` with ``return_sequences=True`` zeros the masked
+        steps (Keras forces ``zero_output_for_mask``): a converted
+        keras.Sequential holds the ``ZeroMasked`` for it; when calling the
+        returned bidirectional layer yourself with a mask, pass
+        ``zero_output_for_mask=True``.
     """
     kind = type(layer).__name__
+    if kind == "Sequential":
+        return _keras_model(layer, dtype)
     if kind == "Bidirectional":
-        if layer.merge_mode != "concat":
-            _keras_refuse(layer, f"merge_mode={layer.merge_mode!r}", "fastrnn concatenates "
-                          "the directions ('concat')")
+        if layer.merge_mode not in ("concat", "sum", "mul", "ave", None):
+            _keras_refuse(layer, f"merge_mode={layer.merge_mode!r}", "expected 'concat', "
+                          "'sum', 'mul', 'ave' or None")
         fwd = _keras_direction(layer.forward_layer)
         bwd = _keras_direction(layer.backward_layer, backward=True)
-        if (fwd[0], fwd[2]) != (bwd[0], bwd[2]):
+        if fwd[1].keys() != bwd[1].keys() or fwd[0] != bwd[0] or any(
+                fwd[2][k] != bwd[2][k] for k in ("input_size", "hidden_size", "bias",
+                                                  "return_sequences", "reset_after")
+                if k in fwd[2]):
             _keras_refuse(layer, "backward_layer", "must be the same kind and size as the "
                           "forward layer")
+        if fwd[2]["go_backwards"]:
+            _keras_refuse(layer, "forward_layer go_backwards=True", "fastrnn's forward "
+                          "direction reads the sequence forwards")
         parts = [("", fwd[1]), ("_reverse", bwd[1])]
         name, config = fwd[0], fwd[2]
     elif kind in ("SimpleRNN", "GRU", "LSTM"):
         name, params, config = _keras_direction(layer)
         parts = [("", params)]
     else:
-        raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM or Bidirectional, "
-                        f"got {kind}")
+        raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional or "
+                        f"Sequential, got {kind}")
+    bidirectional = kind == "Bidirectional"
     options = {"reset_after": config["reset_after"]} if name == "GRU" else {}
     result = _LAYERS[name](config["input_size"], config["hidden_size"], bias=config["bias"],
-                           batch_first=True, bidirectional=kind == "Bidirectional",
+                           batch_first=True, bidirectional=bidirectional,
                            dtype=dtype, **options)
     result.load_state_dict({f"{key}_l0{sfx}": value for sfx, params in parts
                             for key, value in params.items()})
+    if config["go_backwards"]:
+        result = Reversed(result, keep_order=False)
+    if config["stateful"]:
+        result = Stateful(result)
+    from fastrnn.nn import LastStep, MergeDirections, ZeroMasked
+    after = []
+    # Keras' Bidirectional forces zero_output_for_mask = return_sequences
+    if config["return_sequences"] if bidirectional else config["zero_output_for_mask"]:
+        after.append(ZeroMasked())
     if not config["return_sequences"]:
-        from fastrnn.model import Sequential
-        from fastrnn.nn import LastStep
-        return Sequential([result, LastStep(bidirectional=kind == "Bidirectional")])
-    return result
+        after.append(LastStep(bidirectional=bidirectional))
+    if bidirectional and layer.merge_mode != "concat":
+        after.append(MergeDirections(layer.merge_mode))
+    if after == [] or (bidirectional and len(after) == 1 and layer.merge_mode == "concat"
+                       and config["return_sequences"]):
+        return result   # the layer itself (with a mask, call it with zero_output_for_mask)
+    from fastrnn.model import Sequential
+    return Sequential([result, *after])
+
+
+def _keras_model(model, dtype):
+    """A fastrnn Sequential of a keras.Sequential (see from_keras)."""
+    from fastrnn.model import Sequential
+    from fastrnn.nn import Dropout, Embedding, Linear, Masking, ReLU, Sigmoid, Tanh, ZeroMasked
+    activations = {"linear": None, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+    layers = []
+    for sub in model.layers:
+        kind = type(sub).__name__
+        if kind == "InputLayer":
+            continue
+        if kind == "Masking":
+            layers.append(Masking(float(sub.mask_value)))
+        elif kind == "Embedding":
+            table = sub.get_weights()[0]
+            emb = Embedding(table.shape[0], table.shape[1], mask_zero=bool(sub.mask_zero),
+                            dtype=dtype)
+            emb.load_state_dict({"weight": table})
+            layers.append(emb)
+        elif kind == "Dense":
+            cfg = sub.get_config()
+            act = cfg.get("activation")
+            if act not in activations:
+                _keras_refuse(sub, f"activation={act!r}", f"expected one of "
+                              f"{sorted(activations)}")
+            weights = sub.get_weights()
+            dense = Linear(weights[0].shape[0], weights[0].shape[1],
+                           bias=bool(cfg.get("use_bias", True)), dtype=dtype)
+            dense.load_state_dict({"weight": weights[0].T, **({"bias": weights[1]}
+                                                             if len(weights) > 1 else {})})
+            layers.append(dense)
+            if activations[act] is not None:
+                layers.append(activations[act]())
+        elif kind == "Dropout":
+            layers.append(Dropout(float(sub.rate)))
+        elif kind in ("SimpleRNN", "GRU", "LSTM", "Bidirectional"):
+            converted = from_keras(sub, dtype)
+            parts = list(converted.layers) if isinstance(converted, Sequential) \
+                else [converted]
+            if kind == "Bidirectional" and sub.return_sequences \
+                    and not isinstance(converted, Sequential):
+                parts.append(ZeroMasked())    # Keras forces zero_output_for_mask
+            layers.extend(parts)
+        else:
+            raise TypeError(f"from_keras: {kind} layer {sub.name!r}: fastrnn imports Keras "
+                            f"Masking, Embedding, Dense, Dropout, SimpleRNN, GRU, LSTM and "
+                            f"Bidirectional layers")
+    if not layers:
+        raise ValueError("from_keras: the Keras model has no layers")
+    return Sequential(layers)
 
 
 # --- ONNX --------------------------------------------------------------------------
@@ -517,6 +631,8 @@ class _OnnxNode:
         self.dirs = self.hidden_size = self.input_size = None
         self.batch_first = False
         self.layout_reason = ""     # why the node is batch-first, for messages
+        self.reverse = False        # direction="reverse": a Reversed layer
+        self.layout = 0             # the node's layout attribute
 
     def values(self):
         return sum(math.prod(t.dims) for t in self.tensors.values())
@@ -583,13 +699,14 @@ def _onnx_plan(index, node, op, initializers, counts, onnx):
 
     attrs = _onnx_attributes(node, op, where, onnx.AttributeProto)
     direction = attrs.get("direction", "forward")
-    if direction not in ("forward", "bidirectional"):
-        refuse(f"direction={_clip(direction)!r}", "fastrnn runs 'forward' or 'bidirectional'")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        refuse(f"direction={_clip(direction)!r}", "must be 'forward', 'reverse' or "
+               "'bidirectional'")
+    plan.reverse = direction == "reverse"
     layout = attrs.get("layout", 0)
-    if layout == 1:
-        refuse("layout=1", "batch-first ONNX nodes are not supported (ORT rejects them too)")
-    if layout != 0:
+    if layout not in (0, 1):
         refuse(f"layout={layout}", "must be 0 or 1")
+    plan.layout = layout
     if "clip" in attrs:
         refuse(f"clip={float(format(attrs['clip'], '.7g'))!r}",
                "cell clipping is not implemented")
@@ -870,11 +987,13 @@ def _onnx_layouts(graph, plans, initializers, counts, onnx, numpy_helper):
 
 
 def from_onnx(model: Any, dtype: DTypeLike = "float32",
-              other_ops: str = "raise") -> list[RNN | GRU | LSTM]:
+              other_ops: str = "raise") -> list[RNN | GRU | LSTM | Reversed]:
     """fastrnn layers for the RNN, GRU and LSTM nodes of an ONNX model.
 
     Returns a list with one single-layer fastrnn layer per recurrent node, in
-    graph order. Applied as the graph connects them (for a stack, one after
+    graph order (a ``direction="reverse"`` node gives a ``Reversed`` layer,
+    which runs the sequence backwards, within each ``sequence_lens``, and
+    returns its output in the original time order, as ONNX does). Applied as the graph connects them (for a stack, one after
     the other, each on the previous one's output) on the data the model takes,
     they compute the model's ``Y``, in its layout (see Notes), and each
     layer's final state is its node's ``Y_h`` (and ``Y_c``). Ops that only move tensors
@@ -884,7 +1003,7 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
     (then the caller runs those parts). Every attribute is honoured or
     refused with a ValueError naming it: peepholes (P), ``clip``,
     ``input_forget``, activations other than the defaults (Relu for RNN is
-    fine), direction "reverse" alone, ``layout=1``; weights must be
+    fine), ``activation_alpha``/``activation_beta``; weights must be
     initializers stored in the model.
 
     Parameters
@@ -914,8 +1033,14 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
 
     Notes
     -----
-    **Layout.** An ONNX recurrent node is time-major: X is (T, B, D) and Y is
-    (T, dirs, B, H). A node becomes a ``batch_first=True`` layer when the
+    **layout=1.** A node with ``layout=1`` (opset 14) is batch-first: X
+    (B, T, D), ``initial_h``/``initial_c`` and ``Y_h``/``Y_c`` (B, dirs, H),
+    Y (B, T, dirs, H). It becomes a ``batch_first=True`` layer, whose output
+    (B, T, dirs * H) is that Y reshaped to (B, T, dirs, H) and whose states
+    (dirs, B, H) are those of the node transposed by (1, 0, 2).
+
+    **Layout.** An ONNX recurrent node with ``layout=0`` (the default) is
+    time-major: X is (T, B, D) and Y is (T, dirs, B, H). A node becomes a ``batch_first=True`` layer when the
     model feeds it batch-first data: its X is the Transpose (perm [1, 0, 2])
     of a tensor (the layer takes that tensor), or it continues a chain of
     recurrent nodes (each X the previous node's merged Y) that starts so.
@@ -976,8 +1101,13 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
         plans.append(_onnx_plan(index, node, op, initializers, counts, onnx))
     if not plans:
         raise ValueError("from_onnx: the model has no RNN, GRU or LSTM node")
-    # 2. the layout of each, from the glue around it
-    _onnx_layouts(graph, plans, initializers, counts, onnx, numpy_helper)
+    # 2. the layout of each: layout=1 nodes are batch-first by definition; the
+    # others' from the glue around them
+    for plan in plans:
+        if plan.layout == 1:
+            plan.batch_first, plan.layout_reason = True, "layout=1"
+    _onnx_layouts(graph, [plan for plan in plans if plan.layout == 0], initializers, counts,
+                  onnx, numpy_helper)
     # 3. the memory the layers will take, against the model's size
     need = sum(plan.values() * dtype.itemsize + _ONNX_LAYER_OVERHEAD for plan in plans)
     limit = _ONNX_LAYER_FACTOR * size + _ONNX_LAYER_SLACK
@@ -1019,5 +1149,5 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
         layer = _LAYERS[plan.op](plan.input_size, plan.hidden_size,
                                  batch_first=plan.batch_first, dtype=dtype, **plan.kwargs)
         layer.load_state_dict(state)
-        layers.append(layer)
+        layers.append(Reversed(layer) if plan.reverse else layer)
     return layers

@@ -70,8 +70,11 @@ class _RNNBase(RecurrentEngine):
     # --- forward ------------------------------------------------------------
     def __call__(self, x: ArrayLike,
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,
-                 lengths: ArrayLike | None = None
+                 lengths: ArrayLike | None = None, *, mask: ArrayLike | None = None,
+                 zero_output_for_mask: bool = False
                  ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
+            return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
         if lengths is None:   # the lean path of small calls (_forward.SequenceRunner)
             result = self._sequence_runner(params).run(x, hx)
@@ -98,7 +101,8 @@ class _RNNBase(RecurrentEngine):
 
     def forward_train(self, x: ArrayLike,
                       hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,
-                      lengths: ArrayLike | None = None
+                      lengths: ArrayLike | None = None, *, mask: ArrayLike | None = None,
+                      zero_output_for_mask: bool = False
                       ) -> tuple[tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]],
                                  Callable[..., Any]]:
         """Forward in training mode: the results of a call, and a ``backprop``.
@@ -114,14 +118,25 @@ class _RNNBase(RecurrentEngine):
             ``self.grads`` and returns ``dx`` (shaped like ``x``) and ``dhx``,
             the gradient of the initial state in the structure of ``state``
             (the zero initial state's when ``hx`` was None). Each backprop
-            holds its own saved tensors and may be called once.
+            holds its own saved tensors and may be called once. ``mask``
+            and ``zero_output_for_mask`` as for a call.
         """
+        if mask is not None:
+            return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=True)
         call = self._prepare(x, hx, lengths, own_copy=True)
         tape = None
         if call.B > 0:
             tape = self._run(self._params, call.x, call.T, call.B, call.batch_first, call.h_n,
                              call.c_n, call.out, call.lengths, train=True)
         return self._results(call), Backprop(self, call, tape)
+
+    def _masked(self, x, hx, lengths, mask, zero_output_for_mask, train):
+        # [masks] the mask= argument: fastrnn.masking runs the layer with lengths
+        from fastrnn.masking import masked_call
+        if lengths is not None:
+            raise ValueError(f"{type(self).__name__}: pass lengths or mask, not both (a "
+                             f"mask of the first lengths[b] steps is the same as lengths)")
+        return masked_call(self, x, hx, mask, zero_output_for_mask, train)
 
     # Sequential protocol (see fastrnn.nn): batch-first sequences in and out
     def _seq_infer(self, x):
@@ -279,6 +294,18 @@ _LAYER_DOC = """{summary}
         over its valid steps (the reverse direction too), padded output steps
         are zero, and the final state is each sequence's own last state:
         PyTorch's packed-sequence results, without packing.
+    mask : array-like of shape (B, T) (or (T,) for unbatched x) of bool, optional
+        Keyword only, not with ``lengths``; Keras' mask: the steps the layer
+        reads (True) and skips (False), in any pattern (left padding,
+        holes). At a skipped step the state is carried unchanged and the
+        output repeats the direction's previous output (zeros before its
+        first read step); the reverse direction runs over the read steps
+        from the last back (Keras' ``Bidirectional``); the final state is
+        each row's state after its last read step (the initial state for a
+        row that reads none). Exact in training too. See fastrnn.masking.
+    zero_output_for_mask : bool, default False
+        Keyword only: zero outputs at the skipped steps instead (Keras'
+        option of the same name).
 
     Returns
     -------

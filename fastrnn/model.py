@@ -209,39 +209,75 @@ class Sequential:
         for layer in self.layers:
             if isinstance(layer, Linear):
                 return layer.in_features
-            if isinstance(layer, _RNNBase):
-                return layer.input_size
+            if isinstance(layer, _RNNBase) or hasattr(layer, "_takes_lengths"):
+                return layer.input_size     # a layer, or a fastrnn.wrappers wrapper of one
+            if getattr(layer, "_takes_ids", False):
+                return None                 # an Embedding: x holds ids
         return None
 
     def _takes_sequences(self):
-        return any(isinstance(layer, (_RNNBase, LastStep)) for layer in self.layers)
+        return any(isinstance(layer, (_RNNBase, LastStep)) or hasattr(layer, "_takes_lengths")
+                   for layer in self.layers)
 
     # --- inference ----------------------------------------------------------
-    def __call__(self, x: ArrayLike) -> np.ndarray:
-        """Inference on one batch (dropout off); x as for ``predict``."""
-        return self._infer(self._check_x("Sequential", x))
+    def __call__(self, x: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
+        """Inference on one batch (dropout off); x as for ``predict``.
+        ``mask`` (N, T) of bool: Keras' mask for the recurrent layers (see
+        ``fastrnn.masking``), combined with any a Masking or Embedding layer
+        makes."""
+        x = self._check_x("Sequential", x)
+        if mask is not None:
+            from fastrnn.masking import check_mask
+            mask = check_mask("Sequential", mask, x.shape[:2])
+        return self._infer(x, mask=mask)
 
-    def _infer(self, x, lengths=None):
-        for layer in self.layers:
-            if lengths is None:
-                x = layer._seq_infer(x)
-            else:
-                x = _infer_with_lengths(layer, x, lengths)
-                if x.ndim < 3:      # past a LastStep: no steps left
-                    lengths = None
-        return x
+    def _infer(self, x, lengths=None, mask=None):
+        return self._run(x, lengths, mask, train=False)[0]
 
-    def _forward_train(self, x, lengths=None):
+    def _forward_train(self, x, lengths=None, mask=None):
+        out, backprops, _ = self._run(x, lengths, mask, train=True)
+        return out, backprops
+
+    def _run(self, x, lengths, mask, train):
+        """(output, the layers' backprops (None in inference), the output's
+        mask). [masks] Once a mask is in play (given, or made by a Masking or
+        Embedding(mask_zero=True) layer) every layer runs through
+        fastrnn.masking.seq_call, and the lengths of a ragged batch become
+        part of the mask."""
+        masked = mask is not None or any(getattr(layer, "_makes_mask", False)
+                                         for layer in self.layers)
+        if masked and lengths is not None:
+            valid = np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None]
+            mask, lengths = (valid if mask is None else mask & valid), None
         backprops = []
         for layer in self.layers:
-            if lengths is None:
-                x, backprop = layer._seq_train(x)
+            if masked:
+                from fastrnn.masking import seq_call
+                x, backprop, mask = seq_call(layer, x, mask, train)
+            elif lengths is None:
+                x, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
             else:
-                x, backprop = _train_with_lengths(layer, x, lengths)
-                if x.ndim < 3:
+                x, backprop = _train_with_lengths(layer, x, lengths) if train else \
+                    (_infer_with_lengths(layer, x, lengths), None)
+                if x.ndim < 3:      # past a LastStep: no steps left
                     lengths = None
             backprops.append(backprop)
-        return x, backprops
+        return x, backprops, (mask if masked else None)
+
+    @staticmethod
+    def _with_output_mask(batch, out, mask):
+        """[masks] The batch whose loss and metrics skip the steps the
+        output's mask masks (Keras' rule), for per-step targets."""
+        if mask is None or batch.y is None or out.ndim < 3 or batch.y.ndim < 2 \
+                or batch.y.shape[:2] != mask.shape:
+            return batch
+        return batch._replace(mask=mask if batch.mask is None else batch.mask & mask)
+
+    def reset_state(self) -> None:
+        """Reset every ``Stateful`` layer (Keras' ``model.reset_state()``)."""
+        for layer in self.layers:
+            if hasattr(layer, "reset_state"):
+                layer.reset_state()
 
     def predict(self, x: Any, batch_size: int | None = None,
                 steps: int | None = None) -> np.ndarray | list[np.ndarray]:
@@ -421,12 +457,14 @@ class Sequential:
         self._require_compiled("train_step")
         batch = batching.ArrayData("Sequential.train_step", self, x, y,
                                       sample_weight).take(slice(None))
-        value, _, _, _ = self._train_batch(batch, batch.sample_weight)
+        value, _, _, _, _ = self._train_batch(batch, batch.sample_weight)
         return value
 
     def _train_batch(self, batch, sample_weight):
-        """One step; returns (value, total, count, output)."""
-        out, backprops = self._forward_train(batch.x, batch.lengths)
+        """One step; returns (value, total, count, output, the batch with the
+        output's mask)."""
+        out, backprops, out_mask = self._run(batch.x, batch.lengths, None, train=True)
+        batch = self._with_output_mask(batch, out, out_mask)
         total, count, grad = self.loss._terms(out, batch.y, sample_weight, batch.mask)
         value, grad = _reduce(self.loss.reduction, total, count, grad)
         self.zero_grad()
@@ -437,7 +475,7 @@ class Sequential:
         if self.clip_grad_value is not None:
             clip_grad_value(self, self.clip_grad_value)
         self.optimizer.step()
-        return value, total, count, out
+        return value, total, count, out, batch
 
     # --- metrics ------------------------------------------------------------
     def _reset_metrics(self):
@@ -533,7 +571,8 @@ class Sequential:
         mean = _LossMean(self.loss.reduction)
         for step, batch in enumerate(batches):
             callbacks.call("on_test_batch_begin", step, {})
-            out = self._infer(batch.x, batch.lengths)
+            out, _, out_mask = self._run(batch.x, batch.lengths, None, train=False)
+            batch = self._with_output_mask(batch, out, out_mask)
             total, count, _ = self.loss._terms(out, batch.y, batch.sample_weight, batch.mask)
             mean.add(total, count, len(batch.x))
             self._update_metrics(batch, out, batch.sample_weight)
@@ -692,7 +731,7 @@ class Sequential:
                 callbacks.call("on_train_batch_begin", step, {})
                 weight = batch.sample_weight if table is None else \
                     _class_weights(table, batch.y, self.loss)
-                _, total, count, out = self._train_batch(batch, weight)
+                _, total, count, out, batch = self._train_batch(batch, weight)
                 mean.add(total, count, len(batch.x))
                 self._update_metrics(batch, out, weight)
                 if running:
@@ -727,6 +766,8 @@ class Sequential:
         (N, ..., features). Checked here so that the error names the user's x,
         not what a layer made of it."""
         x = v.to_numpy(owner, name, x)
+        if getattr(self.layers[0], "_takes_ids", False):   # an Embedding: ids (N, T)
+            return self.layers[0]._check_ids(owner, x, name)
         features = self._input_features()
         sequences = self._takes_sequences()
         f = "features" if features is None else features
@@ -833,6 +874,12 @@ class Sequential:
             If the optimizer also trains modules outside this model (its
             state could not be restored): save with include_optimizer=False.
         """
+        for i, layer in enumerate(self.layers):   # [masks] layers files cannot hold yet
+            if _saving._LAYER_CLASSES.get(type(layer).__name__) is not type(layer):
+                raise TypeError(f"Sequential.save: layers[{i}] is a {type(layer).__name__}, "
+                                f"which model files cannot hold yet (they hold "
+                                f"{', '.join(_saving._LAYER_CLASSES)}); save its "
+                                f"state_dict() instead")
         _saving.save_model(self, path, include_optimizer=include_optimizer)
 
     @classmethod
@@ -883,6 +930,8 @@ def _train_with_lengths(layer, x, lengths):
         return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
     if isinstance(layer, LastStep):
         return layer._seq_train(x, lengths)
+    if getattr(layer, "_takes_lengths", False):    # fastrnn.wrappers
+        return layer._seq_train(x, lengths=lengths)
     return layer._seq_train(x)
 
 
@@ -894,6 +943,8 @@ def _infer_with_lengths(layer, x, lengths):
                                     .swapaxes(0, 1))
     if isinstance(layer, LastStep):
         return layer._seq_infer(x, lengths)
+    if getattr(layer, "_takes_lengths", False):    # fastrnn.wrappers
+        return layer._seq_infer(x, lengths=lengths)
     return layer._seq_infer(x)
 
 

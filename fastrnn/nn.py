@@ -1,5 +1,6 @@
-"""Feed-forward pieces for training real models: Linear, Dropout, activations
-and LastStep.
+"""Feed-forward pieces for training real models: Linear, Dropout, activations,
+LastStep, and for masked sequences Embedding, Masking, ZeroMasked and
+MergeDirections.
 
 Every layer here and every recurrent layer follows one small protocol, which
 is what ``Sequential`` drives: ``_seq_infer(x) -> y`` (inference) and
@@ -267,5 +268,268 @@ class LastStep(_Stateless):
                 dx[rows, last, :half] = dy[:, :half]
                 dx[:, 0, half:] = dy[:, half:]
             return dx
+
+        return y, backprop
+
+
+# --- masks and embeddings (Keras' Masking / Embedding(mask_zero), PyTorch's Embedding) ----
+class Embedding(Module):
+    """A lookup table of vectors: integer ids (B, T) -> (B, T, embedding_dim)
+    (PyTorch's ``nn.Embedding``, Keras' ``Embedding``).
+
+    Parameters
+    ----------
+    num_embeddings : int
+        Size of the table: ids lie in [0, num_embeddings).
+    embedding_dim : int
+    padding_idx : int, optional
+        As PyTorch's: that row starts at zero and gets no gradient (it stays
+        as it is in training). Negative values count from the end.
+    mask_zero : bool, default False
+        As Keras': id 0 marks padding, and in a ``Sequential`` the layer
+        makes the mask ``ids != 0`` that the recurrent layers after it read
+        (see ``fastrnn.masking``). Id 0 still has a row of its own (Keras'
+        rule: the table needs ``num_embeddings`` = vocabulary + 1).
+    dtype : {'float32', 'float64'}, default 'float32'
+    seed : None, int or numpy.random.Generator
+        ``weight`` (num_embeddings, embedding_dim) starts ~ N(0, 1), PyTorch's
+        default.
+
+    Notes
+    -----
+    Training adds the gradient of each looked-up vector into its row of
+    ``grads["weight"]`` (repeated ids add up), so any optimizer trains the
+    table. Ids may be given as integers or as floats holding whole numbers
+    (as a ragged list padded by ``Sequential.fit`` is).
+    """
+    _takes_ids = True
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: int | None = None, mask_zero: bool = False,
+                 dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None) -> None:
+        super().__init__()
+        cfg = self._config
+        cfg["num_embeddings"] = v.check_int("Embedding", "num_embeddings", num_embeddings)
+        cfg["embedding_dim"] = v.check_int("Embedding", "embedding_dim", embedding_dim)
+        n = cfg["num_embeddings"]
+        if padding_idx is not None:
+            if isinstance(padding_idx, (bool, np.bool_)) or \
+                    not isinstance(padding_idx, (int, np.integer)):
+                raise TypeError(f"Embedding: padding_idx must be an int or None, got "
+                                f"{padding_idx!r}")
+            if not -n <= padding_idx < n:
+                raise ValueError(f"Embedding: padding_idx must lie in [-{n}, {n}) "
+                                 f"(num_embeddings {n}), got {padding_idx}")
+            padding_idx = int(padding_idx) % n
+        cfg["padding_idx"] = padding_idx
+        cfg["mask_zero"] = v.check_bool("Embedding", "mask_zero", mask_zero)
+        cfg["dtype"] = v.check_dtype("Embedding", dtype)
+        rng = v.check_seed("Embedding", seed)
+        shape = (n, cfg["embedding_dim"])
+        grad = np.zeros(shape, cfg["dtype"])
+        table = rng.standard_normal(shape).astype(cfg["dtype"])
+        if padding_idx is not None:
+            table[padding_idx] = 0
+        self._register("weight", self._add_storage(table, grad))
+        self._seal_parameters()
+        self._grads = MappingProxyType({"weight": grad})
+
+    @property
+    def _makes_mask(self):
+        return self._config["mask_zero"]
+
+    def __repr__(self):
+        cfg = self._config
+        extra = "" if cfg["padding_idx"] is None else f", padding_idx={cfg['padding_idx']}"
+        extra += ", mask_zero=True" if cfg["mask_zero"] else ""
+        extra += "" if cfg["dtype"] == np.float32 else f", dtype='{cfg['dtype'].name}'"
+        return f"Embedding({cfg['num_embeddings']}, {cfg['embedding_dim']}{extra})"
+
+    def _ids(self, ids, owner="Embedding", name="input"):
+        arr = v.to_numpy(owner, name, ids)
+        if arr.dtype.kind == "f":
+            whole = np.isfinite(arr).all() and (arr == np.round(arr)).all()
+            if not whole:
+                raise TypeError(f"{owner}: {name} must hold integer ids, got dtype "
+                                f"{arr.dtype} with values that are not whole numbers")
+            arr = arr.astype(np.int64)
+        n = self._config["num_embeddings"]
+        if arr.size and (arr.min() < 0 or arr.max() >= n):
+            raise ValueError(f"{owner}: {name} ids must lie in [0, {n}) (num_embeddings), got "
+                             f"values from {arr.min()} to {arr.max()}")
+        return arr
+
+    def _check_ids(self, owner, x, name):
+        """x of a Sequential whose first layer this is: ids (N, T)."""
+        arr = self._ids(x, owner, name)
+        if arr.ndim != 2:
+            raise ValueError(f"{owner}: expected {name} of shape (N, T) (integer ids: "
+                             f"samples, steps), got {shape_str(arr.shape)}")
+        return arr
+
+    def _seq_mask(self, ids):
+        return np.asarray(ids) != 0
+
+    def __call__(self, ids: ArrayLike) -> np.ndarray:
+        """The vectors of ``ids`` (any shape): shape ``ids.shape + (embedding_dim,)``."""
+        return self._params.views["weight"][self._ids(ids)]
+
+    def compute_mask(self, ids: ArrayLike) -> np.ndarray | None:
+        """Keras' mask of ``ids`` (``ids != 0``) with ``mask_zero``, else None."""
+        return self._seq_mask(self._ids(ids)) if self._config["mask_zero"] else None
+
+    _seq_infer = __call__
+
+    def _seq_train(self, ids):
+        ids = self._ids(ids)
+        params = self._params
+        y = params.views["weight"][ids]
+        version, y_shape = params.version, y.shape
+        padding = self._config["padding_idx"]
+
+        def backprop(dy):
+            dy = v.to_numpy("Embedding.backprop", "dy", dy)
+            if dy.shape != y_shape:
+                raise ValueError(f"Embedding.backprop: expected dy of the output's shape "
+                                 f"{shape_str(y_shape)}, got {shape_str(dy.shape)}")
+            if self._version != version:
+                raise RuntimeError("Embedding.backprop: the parameters changed after the "
+                                   "forward (load_state_dict or an optimizer step)")
+            flat_ids = ids.reshape(-1)
+            flat_dy = dy.reshape(-1, y_shape[-1])
+            if padding is not None:
+                keep = flat_ids != padding
+                flat_ids, flat_dy = flat_ids[keep], flat_dy[keep]
+            with self._grad_lock:
+                np.add.at(self._grads["weight"], flat_ids,
+                          flat_dy.astype(self._grads["weight"].dtype, copy=False))
+            return None     # ids have no gradient
+
+        return y, backprop
+
+
+class Masking(_Stateless):
+    """Keras' ``Masking``: in a ``Sequential``, the steps whose features all
+    equal ``mask_value`` are masked for the recurrent layers after it, and
+    zeroed in the output (as Keras does).
+
+    Parameters
+    ----------
+    mask_value : float, default 0.0
+    """
+    _makes_mask = True
+
+    def __init__(self, mask_value: float = 0.0) -> None:
+        if isinstance(mask_value, (bool, np.bool_)) or not isinstance(mask_value,
+                                                                       (int, float, np.number)):
+            raise TypeError(f"Masking: mask_value must be a number, got {mask_value!r}")
+        self._config = {"mask_value": float(mask_value)}
+
+    def _check(self, x):
+        x = v.to_numpy("Masking", "input", x)
+        if x.ndim != 3:
+            raise ValueError(f"Masking: expected a batch-first sequence of shape (B, T, F), got "
+                             f"{shape_str(x.shape)}")
+        return x
+
+    def _seq_mask(self, x):
+        return (self._check(x) != self._config["mask_value"]).any(axis=-1)
+
+    def compute_mask(self, x: ArrayLike) -> np.ndarray:
+        """The mask (B, T): True where some feature differs from mask_value."""
+        return self._seq_mask(x)
+
+    def _seq_infer(self, x):
+        x = self._check(x)
+        return x * self._seq_mask(x)[..., None].astype(x.dtype)
+
+    def _seq_train(self, x):
+        x = self._check(x)
+        keep = self._seq_mask(x)[..., None].astype(x.dtype if x.dtype.kind == "f"
+                                                   else np.float64)
+        return x * keep, lambda dy: dy * keep
+
+
+class ZeroMasked(_Stateless):
+    """Zero the masked steps of a sequence (Keras' ``zero_output_for_mask=True``,
+    which ``Bidirectional`` forces when it returns sequences). In a
+    ``Sequential`` after a recurrent layer; the identity without a mask."""
+    _takes_mask = True
+
+    def __init__(self) -> None:
+        self._config = {}
+
+    def _seq_infer(self, x, mask=None):
+        if mask is None:
+            return x
+        return x * mask[..., None].astype(x.dtype)
+
+    def _seq_train(self, x, mask=None):
+        if mask is None:
+            return x, lambda dy: dy
+        keep = mask[..., None].astype(x.dtype)
+        return x * keep, lambda dy: dy * keep
+
+
+class MergeDirections(_Stateless):
+    """Merge the two directions of a bidirectional layer's output, Keras'
+    ``Bidirectional(merge_mode=...)``: the last axis holds [forward, reverse]
+    halves of H features each.
+
+    Parameters
+    ----------
+    mode : {'sum', 'mul', 'ave', 'concat', None}
+        'sum', 'mul', 'ave': (..., 2H) -> (..., H), elementwise. 'concat':
+        the identity (fastrnn's own output). None: (..., 2H) -> (..., 2, H),
+        the directions stacked on a new axis, forward first: where Keras
+        returns the list ``[forward, backward]``, ``y[..., 0, :]`` and
+        ``y[..., 1, :]`` are its items (``list(np.moveaxis(y, -2, 0))``), and
+        the samples stay first so ``Sequential.predict`` batches it.
+    """
+
+    def __init__(self, mode: str | None = "sum") -> None:
+        if mode not in ("sum", "mul", "ave", "concat", None):
+            raise ValueError(f"MergeDirections: mode must be 'sum', 'mul', 'ave', 'concat' or "
+                             f"None, got {mode!r}")
+        self._config = {"mode": mode}
+
+    def _halves(self, x):
+        x = v.to_numpy("MergeDirections", "input", x)
+        if x.ndim == 0 or x.shape[-1] % 2:
+            raise ValueError(f"MergeDirections: expected input whose last axis holds the two "
+                             f"directions (an even size 2H), got {shape_str(x.shape)}")
+        half = x.shape[-1] // 2
+        return x, x[..., :half], x[..., half:]
+
+    def _seq_infer(self, x):
+        x, fwd, bwd = self._halves(x)
+        mode = self._config["mode"]
+        if mode == "sum":
+            return fwd + bwd
+        if mode == "mul":
+            return fwd * bwd
+        if mode == "ave":
+            return (fwd + bwd) / x.dtype.type(2) if x.dtype.kind == "f" else (fwd + bwd) / 2
+        if mode == "concat":
+            return x
+        return x.reshape(x.shape[:-1] + (2, fwd.shape[-1]))
+
+    def _seq_train(self, x):
+        x, fwd, bwd = self._halves(x)
+        mode = self._config["mode"]
+        y = self._seq_infer(x)
+
+        def backprop(dy):
+            if mode == "sum":
+                return np.concatenate([dy, dy], axis=-1)
+            if mode == "mul":
+                return np.concatenate([dy * bwd, dy * fwd], axis=-1)
+            if mode == "ave":
+                half = dy / dy.dtype.type(2)
+                return np.concatenate([half, half], axis=-1)
+            if mode == "concat":
+                return dy
+            return dy.reshape(x.shape)
 
         return y, backprop

@@ -112,3 +112,46 @@ def numeric_grad(loss, array, eps=1e-6):
         array[idx] = keep
         grad[idx] = (up - down) / (2 * eps)
     return grad
+
+
+def masked_layer_forward(kind, params, x, h0, c0=None, num_layers=1, bidirectional=False,
+                         mask=None, zero_output=False):
+    """Keras' masked recurrence, step by step, time-major: x (T, B, D), mask
+    (B, T) bool. At a masked step each direction keeps its state and outputs
+    its previous output (zeros before any), or zeros with ``zero_output``;
+    the reverse direction walks the time axis backwards with the mask.
+
+    Returns out (T, B, dirs * H), h_n, c_n.
+    """
+    x = np.asarray(x, np.float64)
+    T, B, _ = x.shape
+    dirs = 2 if bidirectional else 1
+    H = h0.shape[-1]
+    h_n = np.zeros(h0.shape)
+    c_n = np.zeros(h0.shape)
+    layer_in = x
+    for k in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            p = _params64(params, [n + sfx for n in ("weight_ih", "weight_hh",
+                                                     "bias_ih", "bias_hh")],
+                          H, GATES[kind])
+            h = np.asarray(h0[k * dirs + d], np.float64).copy()
+            c = None if c0 is None else np.asarray(c0[k * dirs + d], np.float64).copy()
+            prev = np.zeros((B, H))
+            out = np.zeros((T, B, H))
+            for t in (range(T) if d == 0 else range(T - 1, -1, -1)):
+                h_new, c_new = cell_step(kind, layer_in[t], h, c, *p)
+                m = mask[:, t][:, None]
+                h = np.where(m, h_new, h)
+                if c is not None:
+                    c = np.where(m, c_new, c)
+                prev = np.where(m, h_new, 0.0 if zero_output else prev)
+                out[t] = prev
+            outs.append(out)
+            h_n[k * dirs + d] = h
+            if c is not None:
+                c_n[k * dirs + d] = c
+        layer_in = np.concatenate(outs, axis=-1)
+    return layer_in, h_n, (c_n if c0 is not None else None)

@@ -45,15 +45,14 @@ def test_from_keras_gives_keras_outputs(kind, use_bias, bidirectional):
 def test_from_keras_refuses_what_it_cannot_represent():
     x = np.zeros((1, 2, 3), np.float32)
     cases = [(keras_layer("LSTM", activation="relu"), "activation='relu'"),
-             (keras_layer("SimpleRNN", go_backwards=True), "go_backwards=True"),
-             (keras_layer("LSTM", dropout=0.2), "dropout"),
-             (keras.layers.Bidirectional(keras_layer("GRU"), merge_mode="sum"),
-              "merge_mode='sum'")]
+             (keras_layer("SimpleRNN", unroll=True), "unroll=True"),
+             (keras_layer("LSTM", dropout=0.2), "dropout")]
     for layer, message in cases:
         layer(x)
         with pytest.raises(ValueError, match=f"from_keras: .*{message}"):
             fastrnn.from_keras(layer)
-    with pytest.raises(TypeError, match="from_keras: expected a Keras SimpleRNN"):
+    with pytest.raises(TypeError, match="from_keras: expected a Keras SimpleRNN, GRU, LSTM, "
+                                        "Bidirectional or Sequential, got Dense"):
         fastrnn.from_keras(keras.layers.Dense(3))
 
 

@@ -106,7 +106,8 @@ def _node_model(op, attrs=None, extra_inputs=(), initialized=True):
     ("LSTM", {"clip": 3.0}, (), "clip=3.0"),
     ("LSTM", {"input_forget": 1}, (), "input_forget=1"),
     ("GRU", {"linear_before_reset": 2}, (), "linear_before_reset=2"),
-    ("RNN", {"direction": "reverse"}, (), "direction='reverse'"),
+    ("RNN", {"direction": "sideways"}, (), "direction='sideways'"),
+    ("GRU", {"layout": 2}, (), "layout=2"),
     ("LSTM", {"activations": ["HardSigmoid", "Tanh", "Tanh"]}, (), "activations="),
     ("LSTM", {}, ("", "", "", "", "P"), r"P \(peepholes\)"),
 ])

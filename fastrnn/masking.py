@@ -1,0 +1,297 @@
+"""Boolean step masks with Keras' semantics, on the existing kernels.
+
+A mask (B, T) marks the steps a recurrent layer reads (True) and the steps it
+skips (False), in any pattern: right or left padding, holes. Keras defines a
+skipped step so: the state is carried unchanged, and the output repeats the
+previous output of the direction (zeros before the first read step), or is
+zero with ``zero_output_for_mask=True``.
+
+Since a skipped step leaves the state unchanged, running each row's read
+steps packed to the front with ``lengths`` = their number gives exactly the
+same states; this module packs, runs the layer with ``lengths`` and scatters
+the outputs back. The reverse direction of a bidirectional layer is exact
+the same way: Keras runs it over the reversed sequence with the reversed
+mask, which reads the same steps in the same order. Gradients are gathered
+and scattered back the same way, so training is exact too. No kernel knows
+about masks.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastrnn import _validation as v
+from fastrnn._validation import shape_str
+
+
+def check_mask(owner: str, mask: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean mask of the given shape (bool, or integers 0/1)."""
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+        if v._is_torch_tensor(mask):
+            mask = mask.detach().cpu().numpy()
+        try:
+            mask = np.asarray(mask)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{owner}: mask must be array-like, got {type(mask).__name__} "
+                            f"that numpy cannot convert ({exc})") from None
+    arr = mask
+    if arr.dtype != np.bool_:
+        if arr.dtype.kind not in "iu" or (arr.size and not np.isin(arr, (0, 1)).all()):
+            raise TypeError(f"{owner}: mask must be boolean (or integers 0 and 1), got "
+                            f"dtype {arr.dtype}" + ("" if arr.dtype.kind not in "iu"
+                                                    else " with values other than 0 and 1"))
+        arr = arr.astype(bool)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{owner}: expected mask of shape {shape_str(shape)} (batch, steps), "
+                         f"got {shape_str(arr.shape)}")
+    return arr
+
+
+def flip_index(T: int, lengths: np.ndarray | None, B: int) -> np.ndarray:
+    """(B, T) time indices reversing each row: within its length when
+    ``lengths`` is given (ONNX's ReverseSequence; the padding stays at the
+    end), else the whole axis. The map is its own inverse."""
+    steps = np.arange(T)[None, :]
+    if lengths is None:
+        return np.broadcast_to(T - 1 - steps, (B, T))
+    lengths = np.asarray(lengths)[:, None]
+    return np.where(steps < lengths, lengths - 1 - steps, steps)
+
+
+def take_steps(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """x (B, T, F) with x[b, t] taken from x[b, index[b, t]]."""
+    return np.take_along_axis(x, index[:, :, None], axis=1)
+
+
+class _Plan:
+    """Where each step of a masked call goes: the packed order and, for the
+    outputs, the packed step each step of each direction shows."""
+
+    def __init__(self, mask: np.ndarray, zero_output: bool) -> None:
+        B, T = mask.shape
+        self.B, self.T = B, T
+        self.counts = mask.sum(axis=1)
+        self.rows = np.flatnonzero(self.counts)           # rows reading any step
+        self.empty = np.flatnonzero(self.counts == 0)
+        # the read steps first, in time order, then the skipped ones
+        self.order = np.argsort(~mask, axis=1, kind="stable")[self.rows]
+        before = np.cumsum(mask, axis=1)[self.rows]        # read steps up to t
+        m = mask[self.rows]
+        counts = self.counts[self.rows][:, None]
+        pad = T                                            # index of a zero step
+        # forward: a skipped step repeats the last read step before it
+        self.src_fwd = np.where(before > 0, before - 1, pad)
+        # reverse (run on the reversed sequence): the next read step after it
+        after = before - m
+        self.src_rev = np.where(after < counts, after, pad)
+        if zero_output:
+            self.src_fwd = np.where(m, self.src_fwd, pad)
+            self.src_rev = np.where(m, self.src_rev, pad)
+
+    def gather_x(self, x: np.ndarray) -> np.ndarray:
+        """(B, T, D) -> the packed rows (B', T, D); the steps past each
+        count are skipped steps the layer does not read."""
+        return take_steps(x[self.rows], self.order)
+
+    def scatter_out(self, out: np.ndarray, hidden: int, dirs: int) -> np.ndarray:
+        """Packed output (B', T, dirs * H) -> (B, T, dirs * H)."""
+        full = np.zeros((self.B, self.T, out.shape[2]), out.dtype)
+        ext = np.concatenate([out, np.zeros((out.shape[0], 1, out.shape[2]), out.dtype)],
+                             axis=1)
+        rows = np.arange(len(self.rows))[:, None]
+        if len(self.rows) == self.B:
+            target = full
+        else:
+            target = np.empty((len(self.rows), self.T, out.shape[2]), out.dtype)
+        for d, src in enumerate([self.src_fwd, self.src_rev][:dirs]):
+            part = slice(d * hidden, (d + 1) * hidden)
+            target[:, :, part] = ext[rows, src, part]
+        if target is not full:
+            full[self.rows] = target
+        return full
+
+    def gather_dout(self, dout: np.ndarray, hidden: int, dirs: int) -> np.ndarray:
+        """The transpose of scatter_out: (B, T, F) -> packed (B', T, F)."""
+        n = len(self.rows)
+        ext = np.zeros((n, self.T + 1, dout.shape[2]), dout.dtype)
+        rows = np.arange(n)[:, None]
+        for d, src in enumerate([self.src_fwd, self.src_rev][:dirs]):
+            part = slice(d * hidden, (d + 1) * hidden)
+            view = ext[:, :, part]
+            np.add.at(view, (rows, src), dout[self.rows, :, part])
+        ext = ext[:, :self.T]
+        ext[np.arange(self.T)[None, :] >= self.counts[self.rows][:, None]] = 0
+        return ext
+
+    def scatter_dx(self, dx: np.ndarray) -> np.ndarray:
+        """Packed dx (B', T, D) -> (B, T, D), zero at the skipped steps."""
+        dx = dx.copy()
+        dx[np.arange(self.T)[None, :] >= self.counts[self.rows][:, None]] = 0
+        full = np.zeros((self.B, self.T, dx.shape[2]), dx.dtype)
+        part = np.zeros_like(dx)
+        np.put_along_axis(part, self.order[:, :, None], dx, axis=1)
+        full[self.rows] = part
+        return full
+
+
+def _state_parts(layer, hx, B, batched):
+    """hx as full arrays (layers * dirs, B, H) (zeros where None), in the
+    structure the layer takes: a list of one or two arrays."""
+    from fastrnn.layers import LSTM
+    owner = type(layer).__name__
+    shape = (layer.num_layers * (2 if layer.bidirectional else 1), B, layer.hidden_size)
+    names = ("h_0", "c_0") if isinstance(layer, LSTM) else ("hx",)
+    states = v.state_arrays(owner, "hx", hx, names, shape if batched else (shape[0], shape[2]),
+                            layer.dtype, full_shape=shape)
+    return list(states[:len(names)])
+
+
+def _pack_state(parts, lstm):
+    return tuple(parts) if lstm else parts[0]
+
+
+def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output: bool,
+                train: bool) -> Any:
+    """A recurrent layer's call (``train``: its ``forward_train``) under a mask.
+
+    Returns what the layer's call returns, ``(out, state)``; with ``train``,
+    ``((out, state), backprop)``. See the layers' ``mask`` argument.
+    """
+    from fastrnn.layers import LSTM
+    owner = type(layer).__name__
+    zero_output = v.check_bool(owner, "zero_output_for_mask", zero_output)
+    dtype = layer.dtype
+    x = v.as_float_array(owner, "input", x, dtype)
+    D = layer.input_size
+    layout = "(B, T, {0}) or (T, {0})" if layer.batch_first else "(T, B, {0}) or (T, {0})"
+    if x.ndim not in (2, 3) or x.shape[-1] != D:
+        raise ValueError(f"{owner}: expected input of shape {layout.format(D)}, got "
+                         f"{shape_str(x.shape)}")
+    batched = x.ndim == 3
+    if not batched:                      # one sequence (T, D): a batch of one
+        xb = x[None]
+        mask = check_mask(owner, mask, (x.shape[0],))[None]
+    else:
+        xb = x if layer.batch_first else x.swapaxes(0, 1)
+        mask = check_mask(owner, mask, xb.shape[:2])
+    B, T = mask.shape
+    if T == 0:
+        raise ValueError(f"{owner}: expected at least one time step, got input of shape "
+                         f"{shape_str(x.shape)}")
+    lstm = isinstance(layer, LSTM)
+    dirs, H = 2 if layer.bidirectional else 1, layer.hidden_size
+    states = _state_parts(layer, hx, B, batched)
+    plan = _Plan(mask, zero_output)
+    rows, empty = plan.rows, plan.empty
+
+    def to_layer(a):            # batch-first (B', T, F) -> the layer's layout
+        return a if layer.batch_first else a.swapaxes(0, 1)
+
+    def from_layer(a):
+        return a if layer.batch_first else a.swapaxes(0, 1)
+
+    def results(out_full, parts):
+        out = to_layer(out_full) if batched else out_full[0]
+        if not batched:
+            parts = [p[:, 0] for p in parts]
+        return np.ascontiguousarray(out), _pack_state(parts, lstm)
+
+    packed_state = _pack_state([s[:, rows] for s in states], lstm)
+    inner_backprop = None
+    if len(rows):
+        xc = np.ascontiguousarray(to_layer(plan.gather_x(xb)))
+        lengths = plan.counts[rows]
+        if train:
+            (out_c, state_c), inner_backprop = layer.forward_train(xc, packed_state, lengths)
+        else:
+            out_c, state_c = layer(xc, packed_state, lengths)
+        out_full = plan.scatter_out(from_layer(out_c), H, dirs)
+        parts_c = list(state_c) if lstm else [state_c]
+    else:
+        out_full = np.zeros((B, T, dirs * H), dtype)
+        parts_c = []
+    parts = []
+    for i, s in enumerate(states):        # skipped rows keep their initial state
+        full = s.copy()
+        if len(rows):
+            full[:, rows] = parts_c[i]
+        parts.append(full)
+    result = results(out_full, parts)
+    if not train:
+        return result
+    out_shape, state_shape = result[0].shape, result[1][0].shape if lstm else result[1].shape
+
+    def backprop(dout: ArrayLike, dstate: Any = None) -> tuple[np.ndarray, Any]:
+        bowner = f"{owner}.backprop"
+        dout = v.as_float_array(bowner, "dout", dout, dtype)
+        if dout.shape != out_shape:
+            raise ValueError(f"{bowner}: expected dout of the output's shape "
+                             f"{shape_str(out_shape)}, got {shape_str(dout.shape)}")
+        names = ("dh_n", "dc_n") if lstm else ("dh_n",)
+        full_shape = (state_shape[0], B, state_shape[-1])
+        grads = list(v.state_arrays(bowner, "dstate", dstate, names, state_shape, dtype,
+                                    full_shape=full_shape, optional_parts=True)[:len(names)])
+        grads = [np.zeros(full_shape, dtype) if g is None else g.reshape(full_shape)
+                 for g in grads]
+        doutb = dout[None] if not batched else from_layer(dout)
+        dx_full = np.zeros((B, T, D), dtype)
+        dh0 = [g.copy() for g in grads]      # skipped rows: the state passes through
+        if inner_backprop is not None:
+            dout_c = to_layer(plan.gather_dout(doutb, H, dirs))
+            dstate_c = _pack_state([np.ascontiguousarray(g[:, rows]) for g in grads], lstm)
+            dx_c, dhx_c = inner_backprop(np.ascontiguousarray(dout_c), dstate_c)
+            dx_full = plan.scatter_dx(from_layer(dx_c))
+            for i, part in enumerate(list(dhx_c) if lstm else [dhx_c]):
+                dh0[i][:, rows] = part
+        if not batched:
+            return dx_full[0], _pack_state([g[:, 0] for g in dh0], lstm)
+        return np.ascontiguousarray(to_layer(dx_full)), _pack_state(dh0, lstm)
+
+    return result, backprop
+
+
+# --- Sequential: layers run on batch-first sequences with a mask ---------------------
+def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool
+             ) -> tuple[np.ndarray, Callable[..., Any] | None, np.ndarray | None]:
+    """Run one layer of a Sequential on batch-first x with an optional mask.
+
+    Returns (y, backprop or None, the mask of y): a recurrent layer (or a
+    wrapper of one) reads the mask; a layer that makes a mask (``Masking``,
+    ``Embedding(mask_zero=True)``) makes it; a layer without a step axis in
+    its output (``LastStep``) ends it; every other layer passes it on.
+    """
+    from fastrnn.layers import _RNNBase
+    if getattr(layer, "_makes_mask", False):
+        new_mask = layer._seq_mask(x)
+        mask = new_mask if mask is None else mask & new_mask
+    if isinstance(layer, _RNNBase):
+        if mask is None:
+            y, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
+            return y, backprop, None
+        swap = not layer.batch_first
+        xl = np.swapaxes(x, 0, 1) if swap else x
+        if train:
+            (out, _), inner = layer.forward_train(xl, mask=mask)
+
+            def backprop(dy):
+                dx, _ = inner(np.swapaxes(dy, 0, 1) if swap else dy)
+                return np.swapaxes(dx, 0, 1) if swap else dx
+        else:
+            out, _ = layer(xl, mask=mask)
+            backprop = None
+        y = np.ascontiguousarray(np.swapaxes(out, 0, 1)) if swap else out
+        return y, backprop, mask
+    kwargs = {"mask": mask} if mask is not None and getattr(layer, "_takes_mask", False) \
+        else {}
+    if train:
+        y, backprop = layer._seq_train(x, **kwargs)
+    else:
+        y, backprop = layer._seq_infer(x, **kwargs), None
+    if mask is not None and hasattr(layer, "_seq_out_mask"):
+        mask = layer._seq_out_mask(mask)
+    if getattr(y, "ndim", 0) < 3:
+        mask = None
+    return y, backprop, mask

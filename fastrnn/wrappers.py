@@ -1,0 +1,275 @@
+"""Wrappers that give a recurrent layer another framework's behaviour without
+new arithmetic: ``Reversed`` (ONNX ``direction="reverse"``, Keras
+``go_backwards=True``) and ``Stateful`` (Keras ``stateful=True``).
+
+A wrapper owns no parameters of its own: its parameters, gradients,
+``state_dict`` and configuration are the wrapped layer's (attribute access
+falls through to it), so optimizers and ``Sequential`` train it as the layer
+itself. It works in a ``Sequential`` (with masks and ragged batches).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastrnn import _validation as v
+from fastrnn.masking import check_mask, flip_index, take_steps
+
+
+def _check_inner(owner, layer):
+    from fastrnn.layers import _RNNBase
+    if not isinstance(layer, (_RNNBase, _Wrapper)):
+        raise TypeError(f"{owner}: layer must be a fastrnn RNN, GRU or LSTM (or a wrapper of "
+                        f"one), got {type(layer).__name__}")
+    return layer
+
+
+def _recurrent(layer):
+    """The RNN/GRU/LSTM inside any wrappers."""
+    while isinstance(layer, _Wrapper):
+        layer = layer.layer
+    return layer
+
+
+class _Wrapper:
+    """Base: everything not defined here is the wrapped layer's."""
+    _takes_mask = True
+    _takes_lengths = True
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.layer!r}{self._repr_extra()})"
+
+    def _repr_extra(self):
+        return ""
+
+    # the Sequential protocol: batch-first sequences in and out
+    def _swap(self):
+        return not _recurrent(self).batch_first
+
+    def _seq_infer(self, x, mask=None, lengths=None):
+        swap = self._swap()
+        out, _ = self(np.swapaxes(x, 0, 1) if swap else x, lengths=lengths, mask=mask)
+        return np.ascontiguousarray(np.swapaxes(out, 0, 1)) if swap else out
+
+    def _seq_train(self, x, mask=None, lengths=None):
+        swap = self._swap()
+        (out, _), backprop = self.forward_train(np.swapaxes(x, 0, 1) if swap else x,
+                                                lengths=lengths, mask=mask)
+
+        def backprop_seq(dy):
+            dx, _ = backprop(np.swapaxes(dy, 0, 1) if swap else dy)
+            return np.swapaxes(dx, 0, 1) if swap else dx
+
+        return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
+
+
+class Reversed(_Wrapper):
+    """A layer run over the time-reversed sequence.
+
+    Parameters
+    ----------
+    layer : RNN, GRU or LSTM (unidirectional, usually)
+    keep_order : bool, default True
+        True: the output is put back in the input's time order (ONNX
+        ``direction="reverse"``: the output at step t is the state after
+        reading steps T-1 .. t). False: the output stays in the order it was
+        computed, first the step that read the last input (Keras
+        ``go_backwards=True``, whose ``return_sequences`` output is
+        reversed).
+
+    Notes
+    -----
+    Called as the layer, ``out, state = rev(x, hx=None, lengths=None,
+    mask=None, zero_output_for_mask=False)``, with ``forward_train`` alike.
+    With ``lengths`` each sequence is reversed within its own length (ONNX
+    Runtime's and cuDNN's rule: the padding stays at the end, and with
+    ``keep_order=False`` the output too is reversed within the length). With
+    a ``mask`` the whole time axis is reversed and the mask with it (Keras'
+    rule for ``go_backwards``); the masked steps then follow the mask
+    semantics of the layers (see ``fastrnn.masking``). In a ``Sequential``
+    the mask passed on after a ``keep_order=False`` layer is reversed too,
+    as Keras' is.
+
+    Examples
+    --------
+    >>> rev = fastrnn.Reversed(fastrnn.GRU(3, 4))   # ONNX direction="reverse"
+    >>> out, h_n = rev(x)        # out[0] has read the whole sequence
+    """
+
+    def __init__(self, layer: Any, keep_order: bool = True) -> None:
+        self.layer = _check_inner("Reversed", layer)
+        self.keep_order = v.check_bool("Reversed", "keep_order", keep_order)
+
+    def _repr_extra(self):
+        return "" if self.keep_order else ", keep_order=False"
+
+    def _seq_out_mask(self, mask):
+        return mask if self.keep_order else mask[:, ::-1]
+
+    def _flipper(self, x, lengths, mask):
+        """A function flipping arrays laid out as x, and the flipped mask."""
+        owner = "Reversed"
+        x = v.to_numpy(owner, "input", x)
+        if x.ndim not in (2, 3):
+            raise ValueError(f"{owner}: expected input with 2 or 3 dimensions, got "
+                             f"{v.shape_str(x.shape)}")
+        batched = x.ndim == 3
+        time_axis = 1 if batched and _recurrent(self).batch_first else 0
+        T = x.shape[time_axis]
+        B = x.shape[1 - time_axis] if batched else 1
+        if lengths is not None:
+            if mask is not None:
+                raise ValueError(f"{owner}: pass lengths or mask, not both")
+            if not batched:
+                raise ValueError(f"{owner}: lengths needs batched input; for one unbatched "
+                                 f"sequence pass input[:length] instead")
+            lengths = v.check_lengths(owner, lengths, B, T)
+        index = flip_index(T, lengths, B)
+
+        def flip(a):
+            if not batched:
+                return np.ascontiguousarray(a[::-1])
+            a_bf = a if time_axis == 1 else a.swapaxes(0, 1)
+            out = take_steps(a_bf, index)
+            return np.ascontiguousarray(out if time_axis == 1 else out.swapaxes(0, 1))
+
+        if mask is not None:
+            mask = check_mask(owner, mask, (B, T) if batched else (T,))
+            mask = np.ascontiguousarray(mask[..., ::-1])
+        return flip, x, lengths, mask
+
+    def __call__(self, x: ArrayLike, hx: Any = None, lengths: ArrayLike | None = None, *,
+                 mask: ArrayLike | None = None, zero_output_for_mask: bool = False) -> Any:
+        flip, x, lengths, mask = self._flipper(x, lengths, mask)
+        extra = {} if mask is None else {"mask": mask,
+                                         "zero_output_for_mask": zero_output_for_mask}
+        out, state = self.layer(flip(x), hx, lengths, **extra)
+        return (flip(out) if self.keep_order else out), state
+
+    def forward_train(self, x: ArrayLike, hx: Any = None, lengths: ArrayLike | None = None,
+                      *, mask: ArrayLike | None = None, zero_output_for_mask: bool = False
+                      ) -> tuple[Any, Callable[..., Any]]:
+        flip, x, lengths, mask = self._flipper(x, lengths, mask)
+        extra = {} if mask is None else {"mask": mask,
+                                         "zero_output_for_mask": zero_output_for_mask}
+        (out, state), inner = self.layer.forward_train(flip(x), hx, lengths, **extra)
+        keep = self.keep_order
+
+        def backprop(dout: ArrayLike, dstate: Any = None) -> tuple[np.ndarray, Any]:
+            dout = v.to_numpy("Reversed.backprop", "dout", dout)
+            if dout.shape != out.shape:
+                raise ValueError(f"Reversed.backprop: expected dout of the output's shape "
+                                 f"{v.shape_str(out.shape)}, got {v.shape_str(dout.shape)}")
+            dx, dhx = inner(flip(dout) if keep else dout, dstate)
+            return flip(dx), dhx
+
+        return ((flip(out) if keep else out), state), backprop
+
+
+class Stateful(_Wrapper):
+    """A layer that carries its state from one call to the next (Keras'
+    ``stateful=True``).
+
+    Each call starts from the state the previous call (inference or
+    training) ended with, row by row: sample i of a batch continues sample i
+    of the previous batch. Training does not backpropagate into earlier
+    calls (the carried state is a constant, as in Keras). ``reset_state()``
+    starts again from zeros.
+
+    Parameters
+    ----------
+    layer : RNN, GRU or LSTM, or a Reversed of one
+    batch_size : int, optional
+        The fixed batch size. If None, the first call (after construction)
+        fixes it. Every call must have exactly this batch size (Keras builds
+        a stateful layer for one batch size); a call with another raises a
+        ValueError. So feed ``Sequential.fit`` with ``shuffle=False`` and a
+        ``batch_size`` dividing the number of samples.
+
+    Notes
+    -----
+    Called as the layer, without ``hx`` (the other arguments keyword only):
+    ``out, state = s(x, lengths=None, mask=None, zero_output_for_mask=False)``;
+    ``forward_train`` alike. With
+    ``lengths`` or a ``mask`` the carried state is each row's state after
+    its own last valid step. ``state`` (a property) holds copies of the
+    carried state (None after a reset).
+    """
+
+    def __init__(self, layer: Any, batch_size: int | None = None) -> None:
+        self.layer = _check_inner("Stateful", layer)
+        self._batch_size = None if batch_size is None else \
+            v.check_int("Stateful", "batch_size", batch_size)
+        self._state = None
+
+    def _repr_extra(self):
+        return "" if self._batch_size is None else f", batch_size={self._batch_size}"
+
+    @property
+    def batch_size(self) -> int | None:
+        return self._batch_size
+
+    @property
+    def state(self) -> Any:
+        s = self._state
+        if s is None:
+            return None
+        return tuple(a.copy() for a in s) if isinstance(s, tuple) else s.copy()
+
+    def reset_state(self, states: Any = None) -> None:
+        """Start the next call from ``states`` (arrays shaped as the layer's
+        ``hx`` for the fixed batch size; checked by that call), or from
+        zeros if None (Keras' ``reset_state``)."""
+        if states is None:
+            self._state = None
+        elif isinstance(states, (tuple, list)):
+            self._state = tuple(np.array(v.to_numpy("Stateful", "states", s)) for s in states)
+        else:
+            self._state = np.array(v.to_numpy("Stateful", "states", states))
+
+    def _batch(self, x):
+        x = v.to_numpy("Stateful", "input", x)
+        if x.ndim != 3:
+            raise ValueError(f"Stateful: expected batched input (3 dimensions; a stateful "
+                             f"layer carries one state per batch row), got "
+                             f"{v.shape_str(x.shape)}")
+        B = x.shape[0] if _recurrent(self).batch_first else x.shape[1]
+        if self._batch_size is None:
+            self._batch_size = B
+        elif B != self._batch_size:
+            raise ValueError(f"Stateful: expected a batch of {self._batch_size} sequences (the "
+                             f"batch size is fixed: sample i continues sample i of the last "
+                             f"batch), got {B}; use batch_size dividing the data, or "
+                             f"shuffle=False and drop the remainder")
+        return x
+
+    def _keep(self, state):
+        self._state = tuple(a.copy() for a in state) if isinstance(state, tuple) \
+            else state.copy()
+
+    def __call__(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
+                 mask: ArrayLike | None = None, zero_output_for_mask: bool = False) -> Any:
+        x = self._batch(x)
+        extra = {} if mask is None else {"mask": mask,
+                                         "zero_output_for_mask": zero_output_for_mask}
+        out, state = self.layer(x, self._state, lengths, **extra)
+        self._keep(state)
+        return out, state
+
+    def forward_train(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
+                      mask: ArrayLike | None = None, zero_output_for_mask: bool = False
+                      ) -> tuple[Any, Callable[..., Any]]:
+        x = self._batch(x)
+        extra = {} if mask is None else {"mask": mask,
+                                         "zero_output_for_mask": zero_output_for_mask}
+        (out, state), backprop = self.layer.forward_train(x, self._state, lengths, **extra)
+        self._keep(state)
+        return (out, state), backprop

@@ -1,0 +1,396 @@
+"""Keras-style boolean masks on the recurrent layers: against a step-by-step
+NumPy oracle (tests/reference.py), against Keras, and their gradients by
+central finite differences."""
+import numpy as np
+import pytest
+
+import fastrnn
+import reference as ref
+
+KINDS = {"RNN": "rnn_tanh", "GRU": "gru", "LSTM": "lstm"}
+
+
+def _mask(B, T, rng):
+    """Every pattern: right and left padding, holes, a row with no step,
+    a full row."""
+    mask = rng.random((B, T)) > 0.4
+    patterns = [np.arange(T) >= 2,                  # left padding
+                np.zeros(T, bool),                  # nothing to read
+                np.arange(T) % 2 == 0,              # holes
+                np.arange(T) < T - 2,               # right padding
+                np.ones(T, bool)]
+    for b, row in enumerate(patterns[:B]):
+        mask[b] = row
+    return mask
+
+
+def _case(cls, num_layers, bidirectional, batch_first, dtype="float64", seed=0, T=6, B=5,
+          D=3, H=4):
+    rng = np.random.default_rng(seed)
+    layer = getattr(fastrnn, cls)(D, H, num_layers=num_layers, bidirectional=bidirectional,
+                                  batch_first=batch_first, dtype=dtype, seed=seed + 1)
+    dirs = 2 if bidirectional else 1
+    x = rng.standard_normal((T, B, D))
+    h0 = rng.standard_normal((num_layers * dirs, B, H))
+    c0 = rng.standard_normal((num_layers * dirs, B, H))
+    return layer, x, h0, c0, _mask(B, T, rng)
+
+
+@pytest.mark.parametrize("cls", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("zero_output", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mask_matches_the_reference(cls, num_layers, bidirectional, batch_first, zero_output,
+                                    dtype, close):
+    layer, x, h0, c0, mask = _case(cls, num_layers, bidirectional, batch_first, dtype)
+    lstm = cls == "LSTM"
+    hx = (h0, c0) if lstm else h0
+    xin = x.swapaxes(0, 1) if batch_first else x
+    out, state = layer(xin, hx, mask=mask, zero_output_for_mask=zero_output)
+    x_seen = x.astype(dtype)      # the reference sees the values the layer sees
+    r_out, r_h, r_c = ref.masked_layer_forward(KINDS[cls], layer.state_dict(), x_seen,
+                                               h0.astype(dtype), c0.astype(dtype) if lstm
+                                               else None, num_layers, bidirectional, mask,
+                                               zero_output)
+    close(out.swapaxes(0, 1) if batch_first else out, r_out, dtype)
+    close(state[0] if lstm else state, r_h, dtype)
+    if lstm:
+        close(state[1], r_c, dtype)
+
+
+def test_mask_of_all_true_is_the_plain_call_and_unbatched_works():
+    layer, x, h0, c0, _ = _case("LSTM", 1, True, False)
+    mask = np.ones(x.shape[1::-1], bool)
+    out, (h, c) = layer(x, (h0, c0), mask=mask)
+    out2, (h2, c2) = layer(x, (h0, c0))
+    np.testing.assert_allclose(out, out2, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(h, h2, rtol=0, atol=1e-14)
+    one, _ = layer(x[:, 0], mask=np.array([0, 1, 1, 0, 1, 1], bool))
+    batch, _ = layer(x[:, :1], mask=np.array([[0, 1, 1, 0, 1, 1]], bool))
+    np.testing.assert_allclose(one, batch[:, 0], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", ["GRU", "LSTM"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("zero_output", [False, True])
+def test_mask_gradients_by_finite_differences(cls, bidirectional, zero_output):
+    layer, x, h0, c0, mask = _case(cls, 2, bidirectional, True, T=5, B=4, D=2, H=3)
+    x = np.ascontiguousarray(x.swapaxes(0, 1))
+    lstm = cls == "LSTM"
+    rng = np.random.default_rng(9)
+    (out, state), backprop = layer.forward_train(x, (h0, c0) if lstm else h0, mask=mask,
+                                                 zero_output_for_mask=zero_output)
+    w = rng.standard_normal(out.shape)
+    wh = rng.standard_normal(h0.shape)
+
+    def loss():
+        o, s = layer(x, (h0, c0) if lstm else h0, mask=mask,
+                     zero_output_for_mask=zero_output)
+        return float((o * w).sum() + ((s[0] if lstm else s) * wh).sum())
+
+    layer.zero_grad()
+    dx, dhx = backprop(w, (wh, None) if lstm else wh)
+    np.testing.assert_allclose(dx, ref.numeric_grad(loss, x), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(dhx[0] if lstm else dhx, ref.numeric_grad(loss, h0), rtol=0,
+                               atol=1e-7)
+    assert not dx[~mask].any()              # a skipped step's input reaches nothing
+    name = "weight_hh_l1_reverse" if bidirectional else "weight_hh_l1"
+    weight = getattr(layer, name).copy()
+
+    def loss_w():
+        layer.load_state_dict({name: weight}, strict=False)
+        return loss()
+
+    grad = layer.grads[name].copy()
+    np.testing.assert_allclose(grad, ref.numeric_grad(loss_w, weight), rtol=0, atol=1e-7)
+
+
+def test_mask_errors_name_the_argument():
+    layer, x, h0, c0, mask = _case("GRU", 1, False, False)
+    with pytest.raises(ValueError, match=r"GRU: expected mask of shape \(5, 6\) \(batch, "
+                                         r"steps\), got \(6, 5\)"):
+        layer(x, mask=mask.T)
+    with pytest.raises(TypeError, match="GRU: mask must be boolean .*got dtype float64"):
+        layer(x, mask=mask.astype(float))
+    with pytest.raises(TypeError, match="values other than 0 and 1"):
+        layer(x, mask=mask.astype(int) * 2)
+    with pytest.raises(ValueError, match="GRU: pass lengths or mask, not both"):
+        layer(x, mask=mask, lengths=np.full(5, 6))
+    with pytest.raises(TypeError, match="GRU: zero_output_for_mask must be"):
+        layer(x, mask=mask, zero_output_for_mask="yes")
+    with pytest.raises(ValueError, match=r"GRU: expected input of shape \(T, B, 3\)"):
+        layer(x[..., :2], mask=mask)
+    (out, _), backprop = layer.forward_train(x, mask=mask)
+    with pytest.raises(ValueError, match=r"GRU.backprop: expected dout of the output's shape"):
+        backprop(out[:-1])
+    # integers 0/1 are taken as booleans
+    np.testing.assert_array_equal(layer(x, mask=mask.astype(np.int8))[0], layer(x, mask=mask)[0])
+
+
+# --- against Keras ----------------------------------------------------------------------
+def _keras():
+    keras = pytest.importorskip("keras")
+    return keras
+
+
+@pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("wrapper", [None, "Bidirectional"])
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_masked_keras_layers_import_exactly(kind, wrapper, return_sequences):
+    """A Keras layer called with a mask of every pattern (left padding, holes,
+    an empty row): from_keras's result with the same mask gives Keras'
+    numbers, Bidirectional's forced zero outputs included."""
+    keras = _keras()
+    rng = np.random.default_rng(3)
+    B, T, D, H = 5, 6, 3, 4
+    layer = getattr(keras.layers, kind)(H, return_sequences=return_sequences)
+    if wrapper:
+        layer = keras.layers.Bidirectional(layer)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    mask = _mask(B, T, rng)
+    expected = np.asarray(layer(x, mask=mask))
+    model = fastrnn.from_keras(layer)
+    if isinstance(model, fastrnn.Sequential):
+        got = model(x, mask=mask)
+    else:   # a bidirectional layer returning sequences: Keras zeros the masked steps
+        got = model(x, mask=mask, zero_output_for_mask=wrapper is not None)[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+# --- Embedding, Masking and masks in a Sequential ----------------------------------------
+def test_embedding_looks_up_and_trains_by_finite_differences():
+    """The gradient reaches the table (repeated ids add up), not the
+    padding_idx row; checked by central differences through a masked LSTM."""
+    rng = np.random.default_rng(12)
+    emb = fastrnn.Embedding(6, 3, padding_idx=5, mask_zero=True, dtype="float64", seed=2)
+    assert not emb.weight[5].any()
+    model = fastrnn.Sequential([emb, fastrnn.LSTM(3, 2, batch_first=True, dtype="float64",
+                                                  seed=3),
+                                fastrnn.LastStep(), fastrnn.Linear(2, 1, dtype="float64",
+                                                                   seed=4)])
+    ids = np.array([[0, 0, 1, 5, 2], [3, 3, 0, 4, 1], [2, 5, 5, 1, 0]])
+    np.testing.assert_array_equal(emb(ids), emb.weight[ids])
+    np.testing.assert_array_equal(emb.compute_mask(ids), ids != 0)
+    w = rng.standard_normal((3, 1))
+
+    def loss():
+        return float((model(ids) * w).sum())
+
+    out, backprops = model._forward_train(ids)
+    model.zero_grad()
+    grad = w
+    for backprop in reversed(backprops):
+        grad = backprop(grad)
+    table = emb.weight.copy()
+
+    def loss_table():
+        emb.load_state_dict({"weight": table})
+        return loss()
+
+    numeric = ref.numeric_grad(loss_table, table)
+    numeric[5] = 0       # padding_idx: PyTorch gives it no gradient
+    np.testing.assert_allclose(emb.grads["weight"], numeric, rtol=0, atol=1e-8)
+    assert not emb.grads["weight"][0].any()     # id 0 is masked: it reaches nothing
+
+
+def test_masked_sequential_gradients_by_finite_differences():
+    """Masking -> bidirectional GRU -> ZeroMasked -> Linear: every parameter's
+    gradient through the mask path, against central differences."""
+    rng = np.random.default_rng(13)
+    B, T, D, H = 3, 5, 2, 3
+    x = rng.standard_normal((B, T, D))
+    x[0, :2] = 0.0         # left padding
+    x[1, 2] = 0.0          # a hole
+    x[2, 3:] = 0.0         # right padding
+    gru = fastrnn.GRU(D, H, bidirectional=True, batch_first=True, dtype="float64", seed=5)
+    lin = fastrnn.Linear(2 * H, 1, dtype="float64", seed=6)
+    model = fastrnn.Sequential([fastrnn.Masking(0.0), gru, fastrnn.ZeroMasked(), lin])
+    w = rng.standard_normal((B, T, 1))
+    out, backprops = model._forward_train(x)
+    np.testing.assert_allclose(out[0, :2], np.broadcast_to(lin.bias, (2, 1)), rtol=0,
+                               atol=0)    # ZeroMasked: only the bias at masked steps
+    model.zero_grad()
+    grad = w
+    for backprop in reversed(backprops):
+        grad = backprop(grad)
+    for layer, name in [(gru, "weight_ih_l0"), (gru, "bias_hh_l0_reverse"), (lin, "weight")]:
+        value = getattr(layer, name).copy()
+
+        def loss():
+            layer.load_state_dict({name: value}, strict=False)
+            return float((model(x) * w).sum())
+
+        numeric = ref.numeric_grad(loss, value)
+        loss()                    # restores the parameter for the next one
+        np.testing.assert_allclose(layer.grads[name], numeric, rtol=0, atol=1e-8)
+
+
+def test_masking_matches_the_layer_called_with_the_mask():
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    x[0, :3] = 0
+    x[2, 4] = 0
+    lstm = fastrnn.LSTM(3, 4, batch_first=True, seed=1)
+    model = fastrnn.Sequential([fastrnn.Masking(), lstm])
+    np.testing.assert_array_equal(model(x), lstm(x, mask=(x != 0).any(-1))[0])
+    # a mask given to the Sequential combines with the Masking layer's
+    extra = np.ones((4, 6), bool)
+    extra[1, 1] = False
+    np.testing.assert_array_equal(model(x, mask=extra),
+                                  lstm(x, mask=(x != 0).any(-1) & extra)[0])
+
+
+def test_fit_with_masks_trains_and_skips_masked_steps_in_the_loss():
+    """Per-step targets: the loss is the mean over unmasked steps only
+    (Keras' rule), and training lowers it."""
+    rng = np.random.default_rng(15)
+    N, T, V = 32, 7, 9
+    ids = rng.integers(1, V, (N, T))
+    for i in range(N):
+        ids[i, :rng.integers(0, 4)] = 0          # left padding of any length
+    y = (ids % 2).astype(np.float64)[..., None]
+    model = fastrnn.Sequential([fastrnn.Embedding(V, 4, mask_zero=True, dtype="float64", seed=1),
+                                fastrnn.GRU(4, 8, batch_first=True, bidirectional=True,
+                                            dtype="float64", seed=2),
+                                fastrnn.Linear(16, 1, dtype="float64", seed=3)], seed=0)
+    model.compile(loss="mse", optimizer=fastrnn.optim.Adam(model, lr=0.02))
+    out = model(ids)
+    mask = ids != 0
+    expected = float(((out - y)[mask] ** 2).mean())
+    assert model.evaluate(ids, y) == pytest.approx(expected, rel=1e-12)
+    history = model.fit(ids, y, epochs=15, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+
+
+def test_embedding_and_masking_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"Embedding: padding_idx must lie in \[-4, 4\)"):
+        fastrnn.Embedding(4, 2, padding_idx=4)
+    with pytest.raises(TypeError, match="Embedding: padding_idx must be an int or None"):
+        fastrnn.Embedding(4, 2, padding_idx=1.0)
+    with pytest.raises(TypeError, match="Embedding: mask_zero must be"):
+        fastrnn.Embedding(4, 2, mask_zero="yes")
+    emb = fastrnn.Embedding(4, 2)
+    with pytest.raises(ValueError, match=r"Embedding: input ids must lie in \[0, 4\) "
+                                         r"\(num_embeddings\), got values from 0 to 4"):
+        emb(np.array([0, 4]))
+    with pytest.raises(TypeError, match="Embedding: input must hold integer ids"):
+        emb(np.array([0.5]))
+    np.testing.assert_array_equal(emb(np.array([1.0, 3.0])), emb(np.array([1, 3])))
+    model = fastrnn.Sequential([emb, fastrnn.GRU(2, 2, batch_first=True)])
+    with pytest.raises(ValueError, match=r"Sequential: expected x of shape \(N, T\) \(integer "
+                                         r"ids: samples, steps\), got \(2, 3, 1\)"):
+        model(np.zeros((2, 3, 1), int))
+    with pytest.raises(TypeError, match="Masking: mask_value must be a number"):
+        fastrnn.Masking("0")
+    with pytest.raises(ValueError, match=r"Sequential: expected mask of shape \(2, 3\)"):
+        model(np.zeros((2, 3), int), mask=np.ones((3, 2), bool))
+
+
+@pytest.mark.parametrize("head", ["bidirectional", "stacked"])
+def test_keras_models_with_masks_import_exactly(head):
+    """A keras.Sequential with Embedding(mask_zero=True) or Masking in front
+    of recurrent layers and a Dense head: the same numbers from fastrnn."""
+    keras = _keras()
+    rng = np.random.default_rng(16)
+    B, T, V = 5, 7, 11
+    ids = rng.integers(1, V, (B, T))
+    ids[0, :3] = 0
+    ids[1, 4:] = 0
+    ids[2, 2] = 0
+    ids[3] = 0
+    if head == "bidirectional":
+        kmodel = keras.Sequential([keras.Input((T,)), keras.layers.Embedding(V, 4, mask_zero=True),
+                                   keras.layers.Bidirectional(keras.layers.LSTM(
+                                       3, return_sequences=True)),
+                                   keras.layers.GRU(5, go_backwards=True),
+                                   keras.layers.Dense(2, activation="tanh")])
+        x = ids
+    else:
+        kmodel = keras.Sequential([keras.Input((T, 3)), keras.layers.Masking(0.0),
+                                   keras.layers.SimpleRNN(4, return_sequences=True),
+                                   keras.layers.Bidirectional(keras.layers.GRU(
+                                       3, return_sequences=True), merge_mode="ave"),
+                                   keras.layers.Dense(2)])
+        x = rng.standard_normal((B, T, 3)).astype(np.float32) * (ids != 0)[..., None]
+    expected = np.asarray(kmodel(x))
+    model = fastrnn.from_keras(kmodel)
+    np.testing.assert_allclose(model(x), expected, rtol=0, atol=3e-6)
+    with pytest.raises(TypeError, match="from_keras: Flatten layer"):
+        fastrnn.from_keras(keras.Sequential([keras.Input((T, 3)), keras.layers.Flatten()]))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_models_with_embeddings_and_masks_save_and_load(tmp_path, suffix):
+    """Embedding, Masking, ZeroMasked and MergeDirections go into model files
+    (with the optimizer state); the wrappers are refused by save, naming the
+    layer, rather than written to a file that load would reject."""
+    rng = np.random.default_rng(18)
+    model = fastrnn.Sequential([fastrnn.Embedding(9, 4, padding_idx=2, mask_zero=True, seed=1),
+                                fastrnn.GRU(4, 5, batch_first=True, bidirectional=True, seed=2),
+                                fastrnn.ZeroMasked(), fastrnn.Masking(0.5),
+                                fastrnn.MergeDirections(None)])
+    model.compile(loss="mse", optimizer="adam")
+    ids = np.array([[0, 1, 2, 3], [4, 0, 5, 6]])
+    model.fit(ids, rng.random((2, 4, 2, 5)), verbose=0)
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = fastrnn.load(path)
+    assert repr(loaded) == repr(model)
+    np.testing.assert_array_equal(loaded(ids), model(ids))
+    assert loaded.optimizer is not None
+    emb = fastrnn.Embedding(3, 2, padding_idx=-1, dtype="float64")
+    fastrnn.save(emb, tmp_path / "emb.npz")
+    back = fastrnn.load(tmp_path / "emb.npz")
+    assert back.padding_idx == 2 and back.dtype == np.float64
+    np.testing.assert_array_equal(back.weight, emb.weight)
+    for layer in (fastrnn.Reversed(fastrnn.GRU(2, 2)), fastrnn.Stateful(fastrnn.GRU(2, 2))):
+        wrapped = fastrnn.Sequential([layer])
+        with pytest.raises(TypeError, match=f"Sequential.save: layers\\[0\\] is a "
+                                            f"{type(layer).__name__}, which model files"):
+            fastrnn.save(wrapped, tmp_path / "wrapped.npz")
+        assert not (tmp_path / "wrapped.npz").exists()
+
+
+@pytest.mark.parametrize("mask_zero", [False, True])
+def test_embedding_takes_ragged_id_sequences(mask_zero):
+    """A list of id sequences of different lengths: each batch padded, and
+    each sequence gives what it gives alone."""
+    rng = np.random.default_rng(17)
+    seqs = [rng.integers(1, 9, rng.integers(2, 7)) for _ in range(10)]
+    model = fastrnn.Sequential([fastrnn.Embedding(9, 4, mask_zero=mask_zero, dtype="float64",
+                                                  seed=1),
+                                fastrnn.GRU(4, 5, batch_first=True, dtype="float64", seed=2),
+                                fastrnn.LastStep(), fastrnn.Linear(5, 1, dtype="float64",
+                                                                   seed=3)])
+    alone = np.array([model(s[None])[0] for s in seqs])
+    np.testing.assert_allclose(model.predict(seqs, batch_size=4), alone, rtol=0, atol=1e-12)
+    model.compile(loss="mse", optimizer="adam")
+    model.fit(seqs, rng.random((10, 1)), epochs=1, batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.predict: expected x as a list of id "
+                                         r"sequences of shape \(T_i,\)"):
+        model.predict([np.ones((2, 1)), np.ones((3, 1))])
+    with pytest.raises(ValueError, match=r"Sequential.predict: x\[1\] ids must lie in"):
+        model.predict([np.ones(2, int), np.full(3, 9)])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_embeddings": 10**12}, r"calls for 1 array of 2,000,000,000,000 values"),
+    ({"padding_idx": 7}, r"padding_idx must lie in \[-3, 3\)"),
+    ({"num_embeddings": "3"}, "num_embeddings must be an int"),
+    ({"mask_zero": 2}, "mask_zero must be a bool"),
+])
+def test_a_damaged_embedding_entry_is_refused(tmp_path, change, message):
+    """The loader checks an Embedding's configuration against the arrays in
+    the file before building anything."""
+    import json
+    fastrnn.save(fastrnn.Embedding(3, 2), tmp_path / "emb.npz")
+    stored = np.load(tmp_path / "emb.npz")
+    config = json.loads(str(stored["config"]))
+    config["layers"][0]["config"].update(change)
+    np.savez(tmp_path / "bad.npz", config=np.array(json.dumps(config)),
+             **{"weights/0.weight": stored["weights/0.weight"]})
+    with pytest.raises(ValueError, match=f"not a valid fastrnn model file: layer 0 "
+                                         f"\\(Embedding.*{message}"):
+        fastrnn.load(tmp_path / "bad.npz")
