@@ -26,6 +26,8 @@ arrays, with the same kernels and the plan's limits (``_plan.runner_limits``).
 from __future__ import annotations
 
 import contextlib
+import platform
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +39,31 @@ from fastrnn import _validation as v
 from fastrnn._locks import ForkSafeLock
 from fastrnn._module import ParamSet, RecurrentWeights, dropout_mask
 from fastrnn._validation import shape_str
+
+
+def _prime_malloc():
+    """Let glibc's malloc keep the buffers of one call for the next.
+
+    glibc serves a block from fresh pages (mmap) until a block that large
+    has been freed, and trims the top of its heap once more than twice that
+    is free there. In a fresh process every call's buffers of a few hundred
+    KB to a few MB (input projections, the training tape, the layers between)
+    therefore came from new pages at every call, each page faulted in and
+    zeroed: 295 page faults per call of a 2-layer RNN 1->50 at B=32, T=50
+    (0.49 ms a call instead of 0.14 at 2 threads), 907 for an RNN 64->128 at
+    B=32, T=100 (1.46 vs 0.44 ms), 168 per training step of the first (0.49
+    vs 0.22 ms backward). Freeing one block just under glibc's 32 MB cap
+    raises both thresholds, as in any process that has once freed an array
+    that large: blocks below 31 MB then come from the heap, which keeps up
+    to 62 MB free at its top. (Keeping the buffers in a pool of our own was
+    tried: it did as well for inference but, holding big blocks, kept glibc
+    from adapting, so the other allocations of a call faulted instead.)
+    """
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        np.empty(31 << 20, np.uint8)   # allocated and freed at once
+
+
+_prime_malloc()
 
 
 @dataclass(slots=True)
@@ -62,64 +89,9 @@ class Tape:
     layers: list = field(default_factory=list)
 
 
-class BufferPool:
-    """Small scratch arrays of a layer's finished calls, lent whole to its
-    next calls.
-
-    Allocated afresh, a call's arrays of a few hundred KB make glibc grow the
-    heap and trim it again at every call, so every page of them faults and is
-    zeroed anew: 205 page faults per call of a 2-layer RNN 1->50 at B=32,
-    T=50, 0.61 ms a call instead of 0.27 with its arrays kept. Larger arrays
-    (above _plan.POOL_MAX_ARRAY_BYTES) stay fresh: kept ones measured slower
-    there (6.5 MB: LSTM 64->128 B=32 training 11.7 -> 15 ms at 1 thread),
-    and their fresh pages cost little beside their arithmetic. The training
-    tape's arrays stay fresh too: kept, they made that LSTM's training step
-    slower still (5.6 -> 8.9 ms at 2 threads, with 1.6 MB h_prev and c_prev
-    kept), for reasons not pinned down (not 4 KB aliasing: staggered
-    offsets did not help). So the pool holds the inference scratch (input
-    projection, the layers between, a step's activations) and BPTT's dG.
-    An array goes back only once nothing can read it: never one the caller
-    sees (outputs, dx, states).
-    """
-
-    def __init__(self):
-        self._free = {}      # (shape, dtype str) -> arrays
-        self._bytes = 0
-        self._lock = ForkSafeLock()
-
-    def take(self, shape, dtype):
-        """An uninitialised C-contiguous array: a kept one, or a new one."""
-        key = (tuple(shape), np.dtype(dtype).str)
-        with self._lock:
-            arrays = self._free.get(key)
-            if arrays:
-                array = arrays.pop()
-                self._bytes -= array.nbytes
-                return array
-        return np.empty(shape, dtype)
-
-    def give(self, arrays):
-        """Keep the small ones of ``arrays`` (from ``take``; None skipped)."""
-        with self._lock:
-            for array in arrays:
-                if (array is None or array.nbytes > _plan.POOL_MAX_ARRAY_BYTES
-                        or self._bytes + array.nbytes > _plan.POOL_BYTES):
-                    continue
-                self._free.setdefault((array.shape, array.dtype.str), []).append(array)
-                self._bytes += array.nbytes
-
-
 class RecurrentEngine(RecurrentWeights):
     """The kernel drivers of a stack of recurrent layers (see the module
     docstring); layers and cells derive from it."""
-
-    def _pool(self):
-        """This layer's BufferPool (made at its first call)."""
-        pool = self.__dict__.get("_buffer_pool")
-        if pool is None:
-            pool = BufferPool()
-            object.__setattr__(self, "_buffer_pool", pool)
-        return pool
 
     def _kernel_weights(self, params):
         """Per layer (bias_x, bias_h, w_hh_t) as the forward kernel takes them:
@@ -243,10 +215,9 @@ class RecurrentEngine(RecurrentWeights):
             self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths, plan.window)
             return None
         rows = T * B
-        pool = self._pool()
-        gx = (pool.take((rows, dirs * self._gates * H), dtype) if gx_buffer is None
+        gx = (np.empty((rows, dirs * self._gates * H), dtype) if gx_buffer is None
               else gx_buffer[:rows])
-        gh = (pool.take((dirs, B * self._gates * H), dtype)
+        gh = (np.empty((dirs, B * self._gates * H), dtype)
               if self._kernel_code == _forward.CELL_GRU else None)
         units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
         layer_in = x.reshape(rows, -1)
@@ -262,7 +233,6 @@ class RecurrentEngine(RecurrentWeights):
                 units = None
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, plan.parts, held, tape, units)
-        pool.give([gx if gx_buffer is None else None, gh])
         return tape
 
     def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
@@ -273,9 +243,8 @@ class RecurrentEngine(RecurrentWeights):
         one input projection buffer: allocated afresh per window, a buffer of
         many MB came from the system as new pages each time, whose faults and
         zeroing cost 10% of a call (b64-h512 LSTM at 2 threads)."""
-        pool = self._pool()
-        gx = pool.take((min(T, window) * B, self._dirs * self._gates
-                        * self._config["hidden_size"]), self._config["dtype"])
+        gx = np.empty((min(T, window) * B, self._dirs * self._gates * self._config["hidden_size"]),
+                      self._config["dtype"])
         for t0 in range(0, T, window):
             t1 = min(T, t0 + window)
             if batch_first:
@@ -289,7 +258,6 @@ class RecurrentEngine(RecurrentWeights):
                       gx_buffer=gx)
             if batch_first:
                 out[:, t0:t1] = out_w
-        pool.give([gx])
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                     gx, gh, parts, held, tape, units=None):
@@ -300,12 +268,7 @@ class RecurrentEngine(RecurrentWeights):
         rows = T * B
         is_lstm = self._kernel_code == _forward.CELL_LSTM
         saved_cols = dirs * self._saved * H
-        pool = self._pool()
-        lent = []   # inference: the arrays taken from the pool
-        scratch = None   # inference: the activations of one step's rows
-        if not train:
-            scratch = pool.take((B, saved_cols), dtype)
-            lent.append(scratch)
+        scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
         spare = None
         w_ih_all, w_hh_all = self._weights(params)[:2]
         packed = self._packed_recurrent(params)
@@ -316,16 +279,12 @@ class RecurrentEngine(RecurrentWeights):
                 layer_out = out.reshape(rows, -1)
             elif spare is not None:
                 layer_out = spare
-            elif train:   # the tape's arrays are fresh (see BufferPool)
-                layer_out = np.empty((rows, dirs * H), dtype)
             else:
-                layer_out = pool.take((rows, dirs * H), dtype)
-                lent.append(layer_out)
-            saves = LayerTape(x=layer_in, acts=scratch, h_prev=None, c_prev=None)
-            if train:
-                saves.acts = np.empty((rows, saved_cols), dtype)
-                saves.h_prev = np.empty((rows, dirs * H), dtype)
-                saves.c_prev = np.empty((rows, dirs * H), dtype) if is_lstm else None
+                layer_out = np.empty((rows, dirs * H), dtype)
+            saves = LayerTape(
+                x=layer_in, acts=np.empty((rows, saved_cols), dtype) if train else scratch,
+                h_prev=np.empty((rows, dirs * H), dtype) if train else None,
+                c_prev=np.empty((rows, dirs * H), dtype) if train and is_lstm else None)
             _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
                              max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
                              packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
@@ -350,8 +309,6 @@ class RecurrentEngine(RecurrentWeights):
                 # the buffer this layer read becomes the next one's output
                 spare = layer_in if k > 0 else None
             layer_in = layer_out
-        if not train:
-            pool.give(lent)
 
     def _bptt(self, tape, T, B, dout, dh, dc):
         """BPTT through every layer of a tape from ``_run(train=True)``.
@@ -363,9 +320,8 @@ class RecurrentEngine(RecurrentWeights):
         """
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         rows, N = T * B, self._dirs * self._gates * H
-        pool = self._pool()
-        dgx = pool.take((rows, N), dtype)
-        dgh = pool.take((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
+        dgx = np.empty((rows, N), dtype)
+        dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
         reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
         plan = _plan.backward_plan(self, T, B)
         parts, hold = plan.parts, plan.hold_blas
@@ -387,7 +343,6 @@ class RecurrentEngine(RecurrentWeights):
                 for total, grad in zip(kind, grads):
                     if grad is not None:
                         grad += total
-        pool.give([dgx, dgh])
         return dout
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,

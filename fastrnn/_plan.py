@@ -79,12 +79,6 @@ UNIT_SPLIT_BACKOFF = 16
 WINDOW_BYTES = 4 << 20
 MIN_WINDOW_STEPS = 4
 
-# A layer keeps its finished calls' scratch and tape arrays of at most
-# POOL_MAX_ARRAY_BYTES each, POOL_BYTES in all, for its next calls
-# (_engine.BufferPool, where the measurements are).
-POOL_MAX_ARRAY_BYTES = 2 << 20
-POOL_BYTES = 64 << 20
-
 # Plans kept at most (one per shape class; a new shape past this clears them).
 PLAN_CACHE_SIZE = 512
 

@@ -416,7 +416,8 @@ def run_case(case, dtype, threads, repeats, peers):
                 [sys.executable, "-c",
                  "import sys; from fastrnn.bench import _measure_in_child; "
                  "_measure_in_child(sys.argv[1])", spec],
-                capture_output=True, text=True, env=env)
+                capture_output=True, text=True, env=env,
+                cwd=tmp)   # the installed fastrnn, never a source tree in the current directory
             if done.returncode != 0:
                 raise RuntimeError(f"fastrnn bench: {library} failed on {case.name} "
                                    f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
