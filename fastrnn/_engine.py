@@ -58,6 +58,9 @@ def _prime_malloc():
     to 62 MB free at its top. (Keeping the buffers in a pool of our own was
     tried: it did as well for inference but, holding big blocks, kept glibc
     from adapting, so the other allocations of a call faulted instead.)
+    Thresholds the environment sets (MALLOC_TRIM_THRESHOLD_ and the like; a
+    dask LocalCluster sets that one to 64 KB) fix glibc's and take
+    precedence.
     """
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         np.empty(31 << 20, np.uint8)   # allocated and freed at once
