@@ -362,9 +362,9 @@ def measure(case_name, library, dtype, threads, repeats, output_path):
     with threadpool_limits(threads, user_api="blas"):
         if library == "reference":
             state_dict, x = case_data(case, "float64")
-            if all(available(m) for m in PEER_MODULES["torch"]):
+            try:   # PyTorch in float64, independent of fastrnn, when it imports
                 infer = torch_runner(case, state_dict, x, "float64", threads)[0]
-            else:
+            except ImportError:
                 infer = fastrnn_runner(case, state_dict, x, "float64")[0]
             np.save(output_path, np.asarray(infer(), np.float64))
             return {}
@@ -419,8 +419,14 @@ def run_case(case, dtype, threads, repeats, peers):
                 capture_output=True, text=True, env=env,
                 cwd=tmp)   # the installed fastrnn, never a source tree in the current directory
             if done.returncode != 0:
-                raise RuntimeError(f"fastrnn bench: {library} failed on {case.name} "
-                                   f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+                message = (f"fastrnn bench: {library} failed on {case.name} "
+                           f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+                if library in ("fastrnn", "reference"):
+                    raise RuntimeError(message)
+                # a broken peer install: that peer is left out of this case
+                print(message, file=sys.stderr)
+                outputs.pop(library)
+                continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if library == "reference":
                 continue
@@ -430,7 +436,7 @@ def run_case(case, dtype, threads, repeats, peers):
             if result["train"] is not None:
                 train_ms[library] = result["train"]
         reference = np.load(outputs["reference"])
-        for library in libraries:
+        for library in [lib for lib in libraries if lib in outputs]:
             out = np.load(outputs[library]).astype(np.float64)
             errors[library] = float(np.abs(out - reference).max())
     return infer_ms, train_ms, errors
