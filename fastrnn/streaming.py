@@ -29,6 +29,8 @@ class Stream:
     model : RNN, GRU, LSTM, Stateful or Sequential
         Its recurrent layers must be unidirectional and not ``Reversed`` (a
         reverse direction, or a reversed layer, needs the whole sequence).
+        A Sequential must make no mask (``Masking``,
+        ``Embedding(mask_zero=True)``): a Stream does not apply masks.
 
     Notes
     -----
@@ -59,6 +61,11 @@ class Stream:
             if any(isinstance(layer, LastStep) for layer in model.layers[:last]):
                 raise ValueError("Stream: a LastStep before a recurrent layer cannot stream "
                                  "(the layer after it would need the whole sequence)")
+            for i, layer in enumerate(model.layers):
+                if getattr(layer, "_makes_mask", False):
+                    raise ValueError(f"Stream: layers[{i}] ({layer!r}) makes a mask, which a "
+                                     f"Stream does not apply (its masked steps would be read "
+                                     f"as data): stream a model without it")
         else:
             raise TypeError(f"Stream: expected an RNN, GRU, LSTM, Stateful or Sequential, "
                             f"got {type(model).__name__}")

@@ -109,6 +109,19 @@ def test_a_reversed_layer_is_refused_by_name():
             fastrnn.Stream(model)
 
 
+def test_a_model_making_a_mask_is_refused_by_name():
+    """A Stream does not apply masks: a model whose Masking or
+    Embedding(mask_zero=True) makes one is refused rather than run as if
+    the masked steps were data."""
+    for head in (fastrnn.Masking(0.0), fastrnn.Embedding(5, 2, mask_zero=True)):
+        model = fastrnn.Sequential([head, fastrnn.GRU(2, 3, batch_first=True)])
+        with pytest.raises(ValueError, match=r"Stream: layers\[0\] \((Masking|Embedding)\(.*\)\) "
+                                             r"makes a mask, which a Stream does not apply"):
+            fastrnn.Stream(model)
+    fastrnn.Stream(fastrnn.Sequential([fastrnn.Embedding(5, 2),
+                                       fastrnn.GRU(2, 3, batch_first=True)]))
+
+
 def test_bad_uses_are_refused_and_the_stream_stays_usable():
     lstm = fastrnn.LSTM(3, 4, seed=0)
     with pytest.raises(ValueError, match="bidirectional"):
