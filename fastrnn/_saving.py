@@ -19,7 +19,10 @@ writing and by the content when reading:
   description, as text.
 
 The JSON's ``format`` is ``'fastrnn/2'``; files of ``'fastrnn.Sequential/1'``
-(weights only) are still read.
+(weights only) are still read. A layer's entry is ``{"class", "config"}``
+(its constructor arguments); a wrapper's (``Reversed``, ``Stateful``) is
+``{"class", "config", "layer"}``, ``layer`` the wrapped layer's entry, and
+the weights are the wrapped layer's, under its names (``0.weight_ih_l0``).
 
 Reading trusts nothing: every size the file declares (zip directory, array
 headers, safetensors header and byte spans, the layers' and the optimizer's
@@ -53,6 +56,7 @@ from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDirections, ReLU,
                         Sigmoid, Tanh, ZeroMasked)
+from fastrnn.wrappers import Reversed, Stateful, _recurrent
 
 FORMAT = "fastrnn/2"
 FORMAT_1 = "fastrnn.Sequential/1"     # read, no longer written
@@ -61,6 +65,9 @@ FORMAT_1 = "fastrnn.Sequential/1"     # read, no longer written
 _SEQUENCE_LAYERS = (RNN, GRU, LSTM, Linear, Dropout, LastStep, ReLU, Tanh, Sigmoid,
                     Embedding, Masking, ZeroMasked, MergeDirections)
 _LAYER_CLASSES = {cls.__name__: cls for cls in _SEQUENCE_LAYERS + (RNNCell, GRUCell, LSTMCell)}
+# wrappers of an RNN, GRU or LSTM: an entry of one holds the wrapped layer's entry
+_WRAPPERS = {cls.__name__: cls for cls in (Reversed, Stateful)}
+_MAX_WRAPPERS = 2                  # around one layer (from_keras makes Stateful(Reversed(...)))
 _OPTIMIZERS = {cls.__name__: cls for cls in (optim.SGD, optim.Adam, optim.AdamW,
                                              optim.RMSprop)}
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
@@ -69,7 +76,8 @@ _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 _MAX_MEMBERS = 10_000              # arrays in a file (a deep bidirectional model has ~100)
 _MAX_DIRECTORY_BYTES = 2 << 20     # the zip's central directory, ~200 bytes per member
 _MAX_CONFIG_CHARS = 1 << 20        # the JSON configuration (a layer takes ~200)
-_MAX_CONFIG_DEPTH = 8              # nesting of the JSON (a saved model's is at most 6)
+_MAX_CONFIG_DEPTH = 8              # nesting of the JSON (a saved model's is at most 6,
+                                   # a twice-wrapped layer's arguments included)
 _MAX_RATIO = 100                   # uncompressed / compressed size of a member (float
 _RATIO_SLACK = 4096                # weights deflate to ~1:1), beyond this many bytes
 _READ_CHUNK = 1 << 20              # bytes read from a member at a time
@@ -132,7 +140,30 @@ def _jsonable(config):
 
 
 def _layer_entry(layer):
+    if isinstance(layer, (Reversed, Stateful)):
+        return {"class": type(layer).__name__, "config": layer._wrapper_config(),
+                "layer": _layer_entry(layer.layer)}
     return {"class": type(layer).__name__, "config": _jsonable(layer._config)}
+
+
+def unsavable(layer):
+    """Why a model file cannot hold `layer` (for the caller's message), or
+    None if it can: a layer of the classes loading builds, or such a
+    recurrent layer in at most _MAX_WRAPPERS wrappers."""
+    wrappers = []
+    while _WRAPPERS.get(type(layer).__name__) is type(layer):
+        wrappers.append(type(layer).__name__)
+        layer = layer.layer
+    name = type(layer).__name__
+    if _LAYER_CLASSES.get(name) is not type(layer) or (wrappers and name not in _GATES):
+        what = f"a {name}" + "".join(f" in a {w}" for w in reversed(wrappers))
+        return (f"{what}, which model files cannot hold (they hold "
+                f"{', '.join(_LAYER_CLASSES)}, and {' or '.join(_WRAPPERS)} of an RNN, GRU or "
+                f"LSTM)")
+    if len(wrappers) > _MAX_WRAPPERS:
+        return (f"a {name} in {len(wrappers)} wrappers ({', '.join(wrappers)}), more than the "
+                f"{_MAX_WRAPPERS} a model file holds around one layer")
+    return None
 
 
 def _plain(value):
@@ -239,9 +270,13 @@ def save_model(model, path, include_optimizer=True):
 def save_layer(layer, path):
     """Write a single layer or cell (see ``fastrnn.save``)."""
     name = type(layer).__name__
-    if _LAYER_CLASSES.get(name) is not type(layer):
+    if _LAYER_CLASSES.get(name) is not type(layer) and name not in _WRAPPERS:
         raise TypeError(f"fastrnn.save: expected a Sequential or a fastrnn layer or cell "
-                        f"({', '.join(_LAYER_CLASSES)}), got {name}")
+                        f"({', '.join(_LAYER_CLASSES)}, or a {' or '.join(_WRAPPERS)} of a "
+                        f"recurrent layer), got {name}")
+    reason = unsavable(layer)
+    if reason is not None:
+        raise TypeError(f"fastrnn.save: the layer is {reason}")
     config = {"format": FORMAT, "fastrnn_version": __version__, "kind": "layer",
               "layers": [_layer_entry(layer)], "random": _random_states(None, [layer])}
     arrays = {f"weights/0.{k}": val for k, val in layer.state_dict().items()}
@@ -395,12 +430,16 @@ def _build(sequential_cls, config, weights, slots, fill, read):
                        f"optimizer configuration")
     per_slot = {} if training is None else _match_slots(specs, training.optimizer, slots)
     layers = []
-    for i, (name, kwargs, _) in enumerate(specs):
+    for i, ((name, kwargs, _), around) in enumerate(zip(specs, described.wrappers)):
+        built = name
         try:
-            layers.append(_LAYER_CLASSES[name](**kwargs))
+            layer = _LAYER_CLASSES[name](**kwargs)
+            for built, options in reversed(around):     # innermost first
+                layer = _WRAPPERS[built](layer, **options)
         except (TypeError, ValueError) as exc:
-            raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
+            raise _BadFile(f"layer {i} ({built}) has a bad configuration: "
                            f"{_clip(str(exc))}") from None
+        layers.append(layer)
     if described.kind == "layer":
         model = layers[0]
     else:
@@ -602,7 +641,7 @@ def _fill_parameters(i, layer, arrays, after_each):
     """Copy `arrays` (checked names and shapes) once, straight into a new
     parameter set of a freshly built `layer`, calling `after_each()` after
     each; refuse non-finite values."""
-    owner = type(layer).__name__
+    owner = type(_recurrent(layer)).__name__
     names = layer._names
 
     def write(storages):
@@ -656,7 +695,9 @@ def read_state_dict(path, owner="fastrnn.load_state_dict_file"):
 # The checked configuration: kind 'Sequential' or 'layer', the layers'
 # (class, kwargs, layout), the random generators (built, with who holds them)
 # and the training section (checked, built where cheap) or None.
-_Described = namedtuple("_Described", ["kind", "specs", "random", "training"])
+# specs: per layer (class name, constructor arguments, _Layout) of the layer itself (inside
+# any wrappers); wrappers: per layer its wrappers' (class name, arguments), outermost first
+_Described = namedtuple("_Described", ["kind", "specs", "wrappers", "random", "training"])
 _Training = namedtuple("_Training", ["loss", "metrics", "clip_grad_norm", "clip_grad_value",
                                      "optimizer"])
 _OptimizerSpec = namedtuple("_OptimizerSpec", ["cls", "config", "instance", "step_count",
@@ -683,12 +724,20 @@ def _check_config(config):
         raise _BadFile(f"its 'layers' should be a non-empty list, got {got}")
     if kind == "layer" and len(entries) != 1:
         raise _BadFile(f"it is a single layer's file but lists {len(entries):,} layers")
-    specs = []
+    specs, wrappers = [], []
     for i, entry in enumerate(entries):
+        entry, around = _check_wrappers(i, entry)
+        wrappers.append(around)
         name = entry.get("class") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name not in _LAYER_CLASSES \
                 or (kind == "Sequential" and name not in _GATES and name.endswith("Cell")):
             raise _BadFile(f"layer {i} names an unknown class {_brief.repr(name)}")
+        if around and name not in _GATES:
+            raise _BadFile(f"layer {i} ({around[-1][0]}) wraps a {name}; a wrapper holds an "
+                           f"RNN, GRU or LSTM")
+        if "layer" in entry:
+            raise _BadFile(f"layer {i} ({name}) has a 'layer' entry, which only a wrapper "
+                           f"({', '.join(_WRAPPERS)}) has")
         kwargs = entry.get("config")
         if not isinstance(kwargs, dict):
             got = "nothing" if "config" not in entry else type(kwargs).__name__
@@ -706,7 +755,49 @@ def _check_config(config):
         if kind == "layer":
             raise _BadFile("a single layer's file holds a training section")
         training = _check_training(config["training"])
-    return _Described(kind, specs, random, training)
+    return _Described(kind, specs, wrappers, random, training)
+
+
+def _check_wrappers(i, entry):
+    """(the entry of the layer inside layer i's wrappers, the wrappers'
+    (class name, checked arguments), outermost first)."""
+    around = []
+    while isinstance(entry, dict) and isinstance(entry.get("class"), str) \
+            and entry["class"] in _WRAPPERS:
+        name = entry["class"]
+        if set(entry) != {"class", "config", "layer"}:
+            raise _BadFile(f"layer {i} ({name}) should be an object of 'class', 'config' and "
+                           f"'layer' (the wrapped layer's entry), got "
+                           f"{_brief.repr(sorted(entry))}")
+        if len(around) == _MAX_WRAPPERS:
+            raise _BadFile(f"layer {i} has more than {_MAX_WRAPPERS} wrappers "
+                           f"({', '.join(w for w, _ in around)}, {name}, ...)")
+        kwargs = entry["config"]
+        if not isinstance(kwargs, dict):
+            raise _BadFile(f"layer {i} ({name}) has a bad configuration: 'config' must be a "
+                           f"JSON object of constructor arguments, got {type(kwargs).__name__}")
+        try:
+            _check_wrapper_arguments(name, kwargs)
+        except (TypeError, ValueError) as exc:
+            raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
+                           f"{_clip(str(exc))}") from None
+        around.append((name, kwargs))
+        entry = entry["layer"]
+        if not isinstance(entry, dict):
+            raise _BadFile(f"layer {i} ({name}): its 'layer' should be the wrapped layer's "
+                           f"entry (an object), got {_brief.repr(entry)}")
+    return entry, around
+
+
+def _check_wrapper_arguments(name, kwargs):
+    """A wrapper's arguments (the wrapped layer aside) checked as its
+    constructor checks them, before anything is built."""
+    args = inspect.signature(_WRAPPERS[name]).bind(None, **kwargs)  # None: the layer
+    args.apply_defaults()
+    if name == "Reversed":
+        v.check_bool(name, "keep_order", args.arguments["keep_order"])
+    elif args.arguments["batch_size"] is not None:
+        v.check_int(name, "batch_size", args.arguments["batch_size"])
 
 
 def _check_random(section, n_layers):
@@ -751,6 +842,7 @@ def _restore_random(random, model, layers):
     for i, (layer, ref) in enumerate(zip(layers, layer_refs)):
         if ref is None:
             continue
+        layer = _recurrent(layer)     # a wrapper's generator is its layer's
         if not hasattr(layer, "_rng"):
             raise _BadFile(f"layer {i} ({type(layer).__name__}) has a random generator in the "
                            f"file but draws no random numbers")

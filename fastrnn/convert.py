@@ -6,7 +6,8 @@ weights; the names and layouts are the same), ``to_torch(layer)`` the
 reverse. Keras 3: ``from_keras(layer)`` for SimpleRNN, GRU (either
 reset_after), LSTM and Bidirectional (any merge_mode; go_backwards, stateful
 and masks kept, see fastrnn.wrappers and fastrnn.masking), and keras.Sequential
-models of them with Masking, Embedding, Dense and Dropout. ONNX: ``to_onnx`` /
+models of them with Masking, Embedding, Dense and Dropout (or functional
+keras.Model chains of the same layers). ONNX: ``to_onnx`` /
 ``from_onnx`` (forward, reverse and bidirectional nodes, layout 0 or 1). The
 frameworks are imported only when called. Options fastrnn does not implement
 are refused by name, never dropped.
@@ -169,13 +170,18 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
 
     Parameters
     ----------
-    layer : Keras SimpleRNN, GRU, LSTM, Bidirectional, or a keras.Sequential
+    layer : Keras SimpleRNN, GRU, LSTM, Bidirectional, keras.Sequential or keras.Model
         A SimpleRNN, GRU (``reset_after`` True or False, kept) or LSTM with
         its default activations, alone or in a ``Bidirectional`` (any
         ``merge_mode``); ``go_backwards`` and ``stateful`` are kept. A
         ``keras.Sequential`` may also hold ``Masking``, ``Embedding``
         (``mask_zero`` kept), ``Dense`` (linear, relu, tanh or sigmoid) and
-        ``Dropout`` layers.
+        ``Dropout`` layers. A functional ``keras.Model`` imports as that
+        keras.Sequential would if its layers form one chain: one input, one
+        output, each layer called once on the previous one's output alone
+        (no branches, shared layers, extra inputs such as ``mask=`` or
+        ``initial_state=``, keyword arguments or several outputs such as
+        ``return_state``); anything else is refused, naming the layer.
     dtype : {'float32', 'float64'}, default 'float32'
 
     Returns
@@ -204,7 +210,9 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     """
     kind = type(layer).__name__
     if kind == "Sequential":
-        return _keras_model(layer, dtype)
+        return _keras_model(layer.layers, dtype)
+    if kind == "Functional":
+        return _keras_model(_keras_chain(layer), dtype)
     if kind == "Bidirectional":
         if layer.merge_mode not in ("concat", "sum", "mul", "ave", None):
             _keras_refuse(layer, f"merge_mode={layer.merge_mode!r}", "expected 'concat', "
@@ -226,8 +234,8 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         name, params, config = _keras_direction(layer)
         parts = [("", params)]
     else:
-        raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional or "
-                        f"Sequential, got {kind}")
+        raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional, "
+                        f"Sequential or functional Model, got {kind}")
     bidirectional = kind == "Bidirectional"
     options = {"reset_after": config["reset_after"]} if name == "GRU" else {}
     result = _LAYERS[name](config["input_size"], config["hidden_size"], bias=config["bias"],
@@ -255,13 +263,58 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     return Sequential([result, *after])
 
 
-def _keras_model(model, dtype):
-    """A fastrnn Sequential of a keras.Sequential (see from_keras)."""
+def _keras_chain(model):
+    """The layers of a functional keras.Model, input to output, once they
+    form one chain (see from_keras); anything else refused by name."""
+    where = f"from_keras: functional model {model.name!r}"
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        counts = [f"{len(items)} {word}" + ("" if len(items) == 1 else "s")
+                  for items, word in ((model.inputs, "input"), (model.outputs, "output"))]
+        raise ValueError(f"{where} has {counts[0]} and {counts[1]}; fastrnn imports a chain "
+                         f"of layers from one input to one output")
+    source, tensor = model.inputs[0], model.outputs[0]
+    chain = []
+    while tensor is not source:
+        op, node_index, _ = tensor._keras_history
+        node = op._inbound_nodes[node_index]
+        what = f"{where}: {type(op).__name__} layer {op.name!r}"
+        if len(node.outputs) != 1:
+            raise ValueError(f"{what} gives {len(node.outputs)} tensors (return_state?); "
+                             f"fastrnn imports layers giving one")
+        args, kwargs = node.arguments.args, node.arguments.kwargs
+        # Keras records the call's context: training (False unless forced) and
+        # the mask propagated from the input (which the import propagates too)
+        propagated = getattr(args[0], "_keras_mask", None) if args else None
+        passed = sorted(key for key, value in kwargs.items()
+                        if value is not None and not (key == "training" and value is False)
+                        and not (key == "mask" and value is propagated))
+        if len(args) != 1 or not hasattr(args[0], "_keras_history") or passed:
+            got = f"keyword arguments {passed}" if passed else \
+                f"{len(node.input_tensors)} input tensors"
+            raise ValueError(f"{what} is called with {got}; fastrnn imports a chain of layers "
+                             f"each called on the previous one's output alone")
+        if any(op is seen for seen in chain):
+            raise ValueError(f"{what} is called more than once (shared weights); fastrnn "
+                             f"imports each layer once")
+        chain.append(op)
+        tensor = args[0]
+    # (model.layers leaves out the operations computing the propagated masks)
+    layers = [op for op in model.layers if type(op).__name__ != "InputLayer"]
+    if len(layers) != len(chain):
+        off = [op.name for op in layers if not any(op is seen for seen in chain)]
+        raise ValueError(f"{where}: the layers {off} are off the chain from its input to its "
+                         f"output")
+    return chain[::-1]
+
+
+def _keras_model(keras_layers, dtype):
+    """A fastrnn Sequential of a keras.Sequential's layers, or of a
+    functional model's chain (see from_keras)."""
     from fastrnn.model import Sequential
     from fastrnn.nn import Dropout, Embedding, Linear, Masking, ReLU, Sigmoid, Tanh, ZeroMasked
     activations = {"linear": None, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
     layers = []
-    for sub in model.layers:
+    for sub in keras_layers:
         kind = type(sub).__name__
         if kind == "InputLayer":
             continue

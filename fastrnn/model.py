@@ -870,15 +870,23 @@ class Sequential:
 
         Raises
         ------
+        TypeError
+            If a layer is of a class the file cannot rebuild (your own).
         ValueError
             If the optimizer also trains modules outside this model (its
             state could not be restored): save with include_optimizer=False.
+
+        Notes
+        -----
+        A ``Reversed`` or ``Stateful`` wrapper is saved as its options and
+        the wrapped layer (whose weights keep the layer's names,
+        ``0.weight_ih_l0``); a ``Stateful``'s carried state is not saved, so
+        the loaded one starts from zeros.
         """
-        for i, layer in enumerate(self.layers):   # [masks] layers files cannot hold yet
-            if _saving._LAYER_CLASSES.get(type(layer).__name__) is not type(layer):
-                raise TypeError(f"Sequential.save: layers[{i}] is a {type(layer).__name__}, "
-                                f"which model files cannot hold yet (they hold "
-                                f"{', '.join(_saving._LAYER_CLASSES)}); save its "
+        for i, layer in enumerate(self.layers):
+            reason = _saving.unsavable(layer)
+            if reason is not None:
+                raise TypeError(f"Sequential.save: layers[{i}] is {reason}; save its "
                                 f"state_dict() instead")
         _saving.save_model(self, path, include_optimizer=include_optimizer)
 
@@ -1055,7 +1063,9 @@ def save(obj: Any, path: str | os.PathLike, include_optimizer: bool = True) -> N
     ----------
     obj : Sequential, layer or cell
         Any fastrnn layer (RNN, GRU, LSTM, Linear, Dropout, LastStep, the
-        activations) or cell (RNNCell, GRUCell, LSTMCell).
+        activations, Embedding, Masking, ZeroMasked, MergeDirections), a
+        ``Reversed`` or ``Stateful`` of a recurrent layer (its options, not
+        a Stateful's carried state), or cell (RNNCell, GRUCell, LSTMCell).
     path : str or os.PathLike
     include_optimizer : bool, default True
         For a Sequential: see ``Sequential.save``.

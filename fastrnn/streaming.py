@@ -4,7 +4,8 @@ A ``Stream`` wraps a unidirectional recurrent layer or a ``Sequential`` model
 and keeps the recurrent state between calls, so that feeding a sequence in
 pieces gives the outputs of one call on the whole of it. The state can be
 read (for a checkpoint), set, and reset; a Stream pickles with its model and
-state.
+state. A ``Stateful`` layer streams as the layer it wraps; a ``Reversed`` one
+cannot stream.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fastrnn import _validation as v
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
 from fastrnn.nn import LastStep
+from fastrnn.wrappers import Reversed, Stateful, _Wrapper
 
 
 class Stream:
@@ -24,9 +26,21 @@ class Stream:
 
     Parameters
     ----------
-    model : RNN, GRU, LSTM or Sequential
-        Its recurrent layers must be unidirectional (a reverse direction
-        needs the whole sequence).
+    model : RNN, GRU, LSTM, Stateful or Sequential
+        Its recurrent layers must be unidirectional and not ``Reversed`` (a
+        reverse direction, or a reversed layer, needs the whole sequence).
+        A Sequential must make no mask (``Masking``,
+        ``Embedding(mask_zero=True)``): a Stream does not apply masks.
+
+    Notes
+    -----
+    A ``Stateful`` layer (Keras' ``stateful=True``) streams as the layer it
+    wraps: the Stream's own state is the one carried from call to call
+    (``reset``, ``state`` and its setter act on it), while the Stateful's
+    carried state is neither read nor changed and its fixed batch size does
+    not apply (a Stream takes one stream or any batch). To go on from where
+    the Stateful stopped, ``stream.state = [stateful.state]`` (one entry per
+    recurrent layer).
 
     Examples
     --------
@@ -36,18 +50,24 @@ class Stream:
     >>> saved = stream.state; stream.reset(); stream.state = saved
     """
 
-    def __init__(self, model: RNN | GRU | LSTM | Sequential) -> None:
-        if isinstance(model, _RNNBase):
-            recurrent = [model]
+    def __init__(self, model: RNN | GRU | LSTM | Stateful | Sequential) -> None:
+        if isinstance(model, (_RNNBase, _Wrapper)):
+            recurrent = [_streamed(model)]
         elif isinstance(model, Sequential):
-            recurrent = [layer for layer in model.layers if isinstance(layer, _RNNBase)]
+            recurrent = [_streamed(layer) for layer in model.layers
+                         if isinstance(layer, (_RNNBase, _Wrapper))]
             last = max((i for i, layer in enumerate(model.layers)
-                        if isinstance(layer, _RNNBase)), default=-1)
+                        if isinstance(layer, (_RNNBase, _Wrapper))), default=-1)
             if any(isinstance(layer, LastStep) for layer in model.layers[:last]):
                 raise ValueError("Stream: a LastStep before a recurrent layer cannot stream "
                                  "(the layer after it would need the whole sequence)")
+            for i, layer in enumerate(model.layers):
+                if getattr(layer, "_makes_mask", False):
+                    raise ValueError(f"Stream: layers[{i}] ({layer!r}) makes a mask, which a "
+                                     f"Stream does not apply (its masked steps would be read "
+                                     f"as data): stream a model without it")
         else:
-            raise TypeError(f"Stream: expected an RNN, GRU, LSTM or Sequential, "
+            raise TypeError(f"Stream: expected an RNN, GRU, LSTM, Stateful or Sequential, "
                             f"got {type(model).__name__}")
         for layer in recurrent:
             if layer.bidirectional:
@@ -110,8 +130,8 @@ class Stream:
         Sequential, (B, T, features), or (T, features) for one stream.
         Returns the chunk's outputs. Chunks and frames (``step``) mix in any
         order."""
-        if isinstance(self.model, _RNNBase):
-            out, self._state[0] = self._run_layer(0, self.model, chunk)
+        if not isinstance(self.model, Sequential):
+            out, self._state[0] = self._run_layer(0, self._recurrent[0], chunk)
             return out
         x = v.to_numpy("Stream", "chunk", chunk)
         if x.ndim not in (2, 3):
@@ -123,7 +143,8 @@ class Stream:
         new_state = list(self._state)
         k = 0
         for layer in self.model.layers:
-            if isinstance(layer, _RNNBase):
+            if isinstance(layer, (_RNNBase, _Wrapper)):
+                layer = self._recurrent[k]      # a Stateful's layer, run from the stream's state
                 if not layer.batch_first:
                     x = np.swapaxes(x, 0, 1)
                 out, new_state[k] = self._run_layer(k, layer, x)
@@ -141,12 +162,13 @@ class Stream:
         if frame.ndim not in (1, 2):
             raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
                              f"got {v.shape_str(frame.shape)}")
-        if isinstance(self.model, _RNNBase):
+        if not isinstance(self.model, Sequential):
             if frame.ndim == 1:
                 return self(frame[None])[0]
-            seq = frame[:, None] if self.model.batch_first else frame[None]
+            batch_first = self._recurrent[0].batch_first
+            seq = frame[:, None] if batch_first else frame[None]
             out = self(seq)
-            return out[:, 0] if self.model.batch_first else out[0]
+            return out[:, 0] if batch_first else out[0]
         batch = frame[None] if frame.ndim == 1 else frame
         out = self(batch[:, None])             # (B, 1, features): one step
         out = out[:, 0] if out.ndim == 3 else out   # a LastStep dropped the time axis
@@ -155,6 +177,19 @@ class Stream:
     def __repr__(self):
         started = any(s is not None for s in self._state)
         return f"Stream({self.model!r}, {'started' if started else 'fresh'})"
+
+
+def _streamed(layer):
+    """The recurrent layer the stream runs for `layer`: itself, or the layer
+    inside a Stateful; a Reversed is refused."""
+    wrapped = layer
+    while isinstance(wrapped, _Wrapper):
+        if isinstance(wrapped, Reversed):
+            raise ValueError(f"Stream: {layer!r} runs its layer over the time-reversed "
+                             f"sequence, whose first step is the last one fed: it needs the "
+                             f"whole sequence, so it cannot stream")
+        wrapped = wrapped.layer
+    return wrapped
 
 
 def _batched_state(a):

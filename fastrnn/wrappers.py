@@ -5,7 +5,10 @@ new arithmetic: ``Reversed`` (ONNX ``direction="reverse"``, Keras
 A wrapper owns no parameters of its own: its parameters, gradients,
 ``state_dict`` and configuration are the wrapped layer's (attribute access
 falls through to it), so optimizers and ``Sequential`` train it as the layer
-itself. It works in a ``Sequential`` (with masks and ragged batches).
+itself. It works in a ``Sequential`` (with masks and ragged batches), and a
+model file (``fastrnn.save``) holds it: the wrapped layer's weights under the
+layer's own names, the wrapper's options in the JSON description (a
+``Stateful``'s, not the state it carries).
 """
 from __future__ import annotations
 
@@ -49,6 +52,18 @@ class _Wrapper:
 
     def _repr_extra(self):
         return ""
+
+    def _wrapper_config(self):
+        """The wrapper's own constructor arguments (the layer aside), for a
+        model file."""
+        raise NotImplementedError
+
+    def save(self, path: Any) -> None:
+        """Write the wrapper to one file, the wrapped layer within (see
+        ``fastrnn.save``); not the wrapped layer's ``save``, which would
+        leave the wrapper out."""
+        from fastrnn.model import save   # fastrnn.model imports _saving, which imports this
+        save(self, path)
 
     # the Sequential protocol: batch-first sequences in and out
     def _swap(self):
@@ -110,6 +125,9 @@ class Reversed(_Wrapper):
 
     def _repr_extra(self):
         return "" if self.keep_order else ", keep_order=False"
+
+    def _wrapper_config(self):
+        return {"keep_order": self.keep_order}
 
     def _seq_out_mask(self, mask):
         return mask if self.keep_order else mask[:, ::-1]
@@ -202,6 +220,11 @@ class Stateful(_Wrapper):
     ``lengths`` or a ``mask`` the carried state is each row's state after
     its own last valid step. ``state`` (a property) holds copies of the
     carried state (None after a reset).
+
+    A model file (``fastrnn.save``) holds the batch size (as fixed by then)
+    but not the carried state: a loaded Stateful starts from zeros (set it
+    with ``reset_state(states)``). A ``fastrnn.Stream`` runs the wrapped
+    layer from the Stream's own state (see ``Stream``).
     """
 
     def __init__(self, layer: Any, batch_size: int | None = None) -> None:
@@ -212,6 +235,9 @@ class Stateful(_Wrapper):
 
     def _repr_extra(self):
         return "" if self._batch_size is None else f", batch_size={self._batch_size}"
+
+    def _wrapper_config(self):
+        return {"batch_size": self._batch_size}
 
     @property
     def batch_size(self) -> int | None:

@@ -565,6 +565,118 @@ V2_CASES = {
 CASES.update(V2_CASES)
 
 
+# --- files of wrapped layers: a wrapper's entry holds its options and the layer's entry ----------
+def _wrapped_model(trained=False):
+    """Keras' LSTM(go_backwards=True, stateful=True), LastStep, Linear."""
+    model = fastrnn.Sequential([
+        fastrnn.Stateful(fastrnn.Reversed(fastrnn.LSTM(3, 4, batch_first=True, seed=0),
+                                          keep_order=False), batch_size=2),
+        fastrnn.LastStep(), fastrnn.Linear(4, 2, seed=1)], seed=2)
+    if trained:
+        model.compile("mse", "adam")
+        rng = np.random.default_rng(0)
+        model.fit(rng.standard_normal((4, 5, 3)), rng.standard_normal((4, 2)), batch_size=2,
+                  shuffle=False, verbose=0)
+    return model
+
+
+def _wrapped(edit=None, raw=None):
+    """The wrapped model's file, its configuration edited (edit(config)) or
+    its JSON text changed (raw(text))."""
+    def make(path):
+        _wrapped_model().save(path)
+        with zipfile.ZipFile(path) as zf:
+            members = [(name, zf.read(name)) for name in zf.namelist()]
+        out = []
+        for name, data in members:
+            if name == "config.npy":
+                text = str(np.load(io.BytesIO(data))[()])
+                if edit is not None:
+                    config = json.loads(text)
+                    edit(config)
+                    text = json.dumps(config)
+                if raw is not None:
+                    text = raw(text)
+                data = _npy_bytes(np.array(text))
+            out.append((name, data))
+        _zip(path, out)
+    return make
+
+
+def _wrapped_once_more(config):
+    entry = config["layers"][0]["layer"]
+    entry["layer"] = {"class": "Reversed", "config": {}, "layer": entry["layer"]}
+
+
+def _wrapped_deeply(text):
+    """The LSTM's entry in 10,000 more Reversed entries (within the length bound)."""
+    start = text.index('{"class": "LSTM"')
+    end = text.index("}}", start) + 2
+    depth = 10000
+    return (text[:start] + '{"class": "Reversed", "config": {}, "layer": ' * depth
+            + text[start:end] + "}" * depth + text[end:])
+
+
+WRAPPED = ["layers", 0]              # the Stateful's entry
+REVERSED = WRAPPED + ["layer"]       # the Reversed's
+WRAPPED_CASES = {
+    "wrapped_good": (_wrapped(), None),
+    "wrapped_good_trained": (lambda path: _wrapped_model(trained=True).save(path), None),
+    "wrapper_keep_order_a_string": (
+        _wrapped(_edit(REVERSED + ["config", "keep_order"], "no")),
+        r"layer 0 \(Reversed\) has a bad configuration: Reversed: keep_order must be a bool, "
+        r"got str"),
+    "wrapper_batch_size_zero": (
+        _wrapped(_edit(WRAPPED + ["config", "batch_size"], 0)),
+        r"layer 0 \(Stateful\) has a bad configuration: Stateful: batch_size must be >= 1, "
+        r"got 0"),
+    "wrapper_batch_size_a_float": (
+        _wrapped(_edit(WRAPPED + ["config", "batch_size"], 2.5)),
+        r"layer 0 \(Stateful\) has a bad configuration: Stateful: batch_size must be an int, "
+        r"got float"),
+    "wrapper_unknown_argument": (
+        _wrapped(_edit(WRAPPED + ["config", "evil"], 1)),
+        r"layer 0 \(Stateful\) has a bad configuration: got an unexpected keyword argument "
+        r"'evil'"),
+    "wrapper_layer_in_its_config": (
+        _wrapped(_edit(REVERSED + ["config", "layer"], {"class": "GRU"})),
+        r"layer 0 \(Reversed\) has a bad configuration: multiple values for argument 'layer'"),
+    "wrapper_config_a_list": (
+        _wrapped(_edit(WRAPPED + ["config"], [2])),
+        r"layer 0 \(Stateful\) has a bad configuration: 'config' must be a JSON object of "
+        r"constructor arguments, got list"),
+    "wrapper_without_layer": (
+        _wrapped(lambda config: config["layers"][0].pop("layer")),
+        r"layer 0 \(Stateful\) should be an object of 'class', 'config' and 'layer' \(the "
+        r"wrapped layer's entry\), got \['class', 'config'\]"),
+    "wrapper_layer_a_string": (
+        _wrapped(_edit(REVERSED, "LSTM")),
+        r"layer 0 \(Stateful\): its 'layer' should be the wrapped layer's entry \(an "
+        r"object\), got 'LSTM'"),
+    "wrapper_of_a_linear": (
+        _wrapped(_edit(REVERSED + ["layer"], {"class": "Linear", "config": {
+            "in_features": 3, "out_features": 4}})),
+        r"layer 0 \(Reversed\) wraps a Linear; a wrapper holds an RNN, GRU or LSTM"),
+    "wrapper_of_an_unknown_class": (
+        _wrapped(_edit(REVERSED + ["layer", "class"], "os.system")),
+        r"layer 0 names an unknown class 'os.system'"),
+    "wrapped_three_times": (
+        _wrapped(_wrapped_once_more),
+        r"layer 0 has more than 2 wrappers \(Stateful, Reversed, Reversed, \.\.\.\)"),
+    "wrapped_deeply": (_wrapped(raw=_wrapped_deeply),
+                       r"its configuration \(JSON\) is nested too deeply"),
+    "layer_entry_in_a_plain_layer": (
+        _wrapped(_edit(["layers", 2, "layer"], {"class": "LSTM", "config": {}})),
+        r"layer 2 \(Linear\) has a 'layer' entry, which only a wrapper \(Reversed, "
+        r"Stateful\) has"),
+    "wrapped_huge_hidden_size": (
+        _wrapped(_edit(REVERSED + ["layer", "config", "hidden_size"], 10000)),
+        r"layer 0 \(LSTM, input_size=3, hidden_size=10000, .*\) calls for 4 arrays of "
+        r"400,200,000 values, but the file holds 4 arrays of 144 values for it"),
+}
+CASES.update(WRAPPED_CASES)
+
+
 # --- safetensors files (names start with 'st_': written as .safetensors) -------------------------
 def _st_raw(header_bytes, data=b""):
     """A safetensors file of exactly this header text and data."""
@@ -747,6 +859,17 @@ ST_CASES = {
                                      build=lambda path: _trained().save(path)),
                                  r"optimizer array '2.weight.exp_avg' is \(4, 2\) of float32; "
                                  r"its parameter is \(2, 4\) of float32"),
+    "st_good_wrapped_trained": (lambda path: _wrapped_model(trained=True).save(path), None),
+    "st_wrapper_keep_order_a_number": (
+        _st(_st_config(lambda c: c["layers"][0]["layer"]["config"].update(keep_order=1)),
+            build=lambda path: _wrapped_model().save(path)),
+        r"layer 0 \(Reversed\) has a bad configuration: Reversed: keep_order must be a bool, "
+        r"got int"),
+    "st_wrapper_of_a_cell": (
+        _st(_st_config(lambda c: c["layers"][0]["layer"].update(layer={
+            "class": "LSTMCell", "config": {"input_size": 3, "hidden_size": 4}})),
+            build=lambda path: _wrapped_model().save(path)),
+        r"layer 0 names an unknown class 'LSTMCell'"),
     "st_random_bytes": (lambda path: path.write_bytes(
         np.random.default_rng(2).integers(0, 256, 4000, dtype=np.uint8).tobytes()),
         r"its safetensors header declares [0-9,]+ bytes, more than the 3,992 after its length"),

@@ -52,7 +52,8 @@ def test_from_keras_refuses_what_it_cannot_represent():
         with pytest.raises(ValueError, match=f"from_keras: .*{message}"):
             fastrnn.from_keras(layer)
     with pytest.raises(TypeError, match="from_keras: expected a Keras SimpleRNN, GRU, LSTM, "
-                                        "Bidirectional or Sequential, got Dense"):
+                                        "Bidirectional, Sequential or functional Model, got "
+                                        "Dense"):
         fastrnn.from_keras(keras.layers.Dense(3))
 
 
@@ -68,3 +69,73 @@ def test_return_sequences_false_gives_the_last_step(kind, bidirectional):
     converted = fastrnn.from_keras(layer)
     assert isinstance(converted, fastrnn.Sequential)
     np.testing.assert_allclose(converted(x), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("head", ["embedding", "masking"])
+def test_a_functional_chain_imports_as_its_sequential(head):
+    """A functional keras.Model whose layers form one chain computes, once
+    imported, what Keras computes (masks included), and imports as the
+    keras.Sequential of the same layers does."""
+    rng = np.random.default_rng(11)
+    B, T, V = 4, 6, 9
+    ids = rng.integers(1, V, (B, T))
+    ids[0, :2] = 0
+    ids[1, 4:] = 0
+    ids[2, 3] = 0
+    if head == "embedding":
+        inputs = keras.Input((T,))
+        x = keras.layers.Embedding(V, 4, mask_zero=True)(inputs)
+        data = ids
+    else:
+        inputs = keras.Input((T, 4))
+        x = keras.layers.Masking(0.0)(inputs)
+        data = rng.standard_normal((B, T, 4)).astype(np.float32) * (ids != 0)[..., None]
+    x = keras.layers.Bidirectional(keras.layers.GRU(3, return_sequences=True),
+                                   merge_mode="sum")(x)
+    x = keras.layers.LSTM(5, go_backwards=True)(x)
+    x = keras.layers.Dropout(0.3)(x)
+    kmodel = keras.Model(inputs, keras.layers.Dense(2, activation="tanh")(x))
+    model = fastrnn.from_keras(kmodel)
+    assert isinstance(model, fastrnn.Sequential)
+    np.testing.assert_allclose(model(data), np.asarray(kmodel(data)), rtol=0, atol=3e-6)
+    ksequential = keras.Sequential([keras.Input(inputs.shape[1:]), *kmodel.layers[1:]])
+    assert repr(fastrnn.from_keras(ksequential)) == repr(model)
+    again = fastrnn.from_keras(kmodel)     # its layers are in another model now too
+    np.testing.assert_array_equal(again(data), model(data))
+
+
+def test_a_functional_model_off_one_chain_is_refused_by_name():
+    T = 5
+    inputs = keras.Input((T, 3))
+    a = keras.layers.GRU(4, return_sequences=True, name="a")(inputs)
+    b = keras.layers.GRU(4, return_sequences=True, name="b")(inputs)
+    out, _ = keras.layers.GRU(4, return_state=True, name="with_state")(inputs)
+    dense = keras.layers.Dense(3, name="shared")
+    cases = [
+        (keras.Model(inputs, keras.layers.Add(name="add")([a, b])),
+         r"from_keras: functional model '.*': Add layer 'add' is called with 2 input tensors; "
+         r"fastrnn imports a chain of layers each called on the previous one's output alone"),
+        (keras.Model(inputs, [a, b]),
+         r"from_keras: functional model '.*' has 1 input and 2 outputs; fastrnn imports a "
+         r"chain of layers from one input to one output"),
+        (keras.Model(inputs, out),
+         r"GRU layer 'with_state' gives 2 tensors \(return_state\?\); fastrnn imports layers "
+         r"giving one"),
+        (keras.Model(inputs, dense(dense(keras.layers.Dense(3)(inputs)))),
+         r"Dense layer 'shared' is called more than once \(shared weights\)"),
+        (keras.Model(inputs, keras.layers.Dropout(0.5, name="drop")(a, training=True)),
+         r"Dropout layer 'drop' is called with keyword arguments \['training'\]"),
+    ]
+    for kmodel, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fastrnn.from_keras(kmodel)
+    with pytest.raises(TypeError, match=r"from_keras: Flatten layer 'flat': fastrnn imports "
+                                        r"Keras Masking, Embedding"):
+        fastrnn.from_keras(keras.Model(inputs, keras.layers.Flatten(name="flat")(a)))
+
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(TypeError, match=r"from_keras: expected a Keras .*, got Subclassed"):
+        fastrnn.from_keras(Subclassed())

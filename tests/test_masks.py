@@ -324,8 +324,7 @@ def test_keras_models_with_masks_import_exactly(head):
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 def test_models_with_embeddings_and_masks_save_and_load(tmp_path, suffix):
     """Embedding, Masking, ZeroMasked and MergeDirections go into model files
-    (with the optimizer state); the wrappers are refused by save, naming the
-    layer, rather than written to a file that load would reject."""
+    (with the optimizer state)."""
     rng = np.random.default_rng(18)
     model = fastrnn.Sequential([fastrnn.Embedding(9, 4, padding_idx=2, mask_zero=True, seed=1),
                                 fastrnn.GRU(4, 5, batch_first=True, bidirectional=True, seed=2),
@@ -345,12 +344,104 @@ def test_models_with_embeddings_and_masks_save_and_load(tmp_path, suffix):
     back = fastrnn.load(tmp_path / "emb.npz")
     assert back.padding_idx == 2 and back.dtype == np.float64
     np.testing.assert_array_equal(back.weight, emb.weight)
-    for layer in (fastrnn.Reversed(fastrnn.GRU(2, 2)), fastrnn.Stateful(fastrnn.GRU(2, 2))):
-        wrapped = fastrnn.Sequential([layer])
-        with pytest.raises(TypeError, match=f"Sequential.save: layers\\[0\\] is a "
-                                            f"{type(layer).__name__}, which model files"):
-            fastrnn.save(wrapped, tmp_path / "wrapped.npz")
-        assert not (tmp_path / "wrapped.npz").exists()
+
+
+def _wrapped_model():
+    """Keras' GRU(go_backwards=True, stateful=True) with dropout between its
+    two layers, a Reversed LSTM (ONNX direction="reverse") and a head."""
+    gru = fastrnn.GRU(3, 5, num_layers=2, dropout=0.4, batch_first=True, dtype="float64",
+                      seed=1)
+    return fastrnn.Sequential([
+        fastrnn.Stateful(fastrnn.Reversed(gru, keep_order=False), batch_size=2),
+        fastrnn.Reversed(fastrnn.LSTM(5, 4, batch_first=True, dtype="float64", seed=2)),
+        fastrnn.LastStep(), fastrnn.Linear(4, 1, dtype="float64", seed=3)], seed=4)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_models_with_wrapped_layers_save_and_load(tmp_path, suffix):
+    """Reversed and Stateful go into model files as their options around the
+    wrapped layer's entry; the weights keep the layer's names. A Stateful's
+    carried state is not saved: the loaded one starts from zeros. Training
+    goes on as it would have (optimizer state, and the dropout generator is
+    the wrapped layer's)."""
+    rng = np.random.default_rng(19)
+    x, y = rng.standard_normal((4, 6, 3)), rng.standard_normal((4, 1))
+    model = _wrapped_model()
+    model.compile(loss="mse", optimizer="adam")
+    model.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+    assert model[0].state is not None
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = fastrnn.load(path)
+    assert repr(loaded) == repr(model)
+    assert isinstance(loaded[0], fastrnn.Stateful) and loaded[0].batch_size == 2
+    assert isinstance(loaded[0].layer, fastrnn.Reversed) and not loaded[0].layer.keep_order
+    assert isinstance(loaded[1], fastrnn.Reversed) and loaded[1].keep_order
+    assert loaded[0].state is None
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert "0.weight_ih_l1" in loaded.state_dict() and "1.bias_hh_l0" in loaded.state_dict()
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value)
+    model.reset_state()
+    np.testing.assert_array_equal(loaded(x[:2]), model(x[:2]))
+    np.testing.assert_array_equal(loaded(x[2:]), model(x[2:]))   # carried alike
+    assert loaded.optimizer is not None
+    for m in (model, loaded):
+        m.reset_state()
+        m.fit(x, y, batch_size=2, shuffle=False, verbose=0)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value)
+    if suffix == ".safetensors":
+        model.save(path, include_optimizer=False)
+        assert list(fastrnn.load_state_dict_file(path)) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_wrapped_layer_saves_alone(tmp_path, suffix):
+    """fastrnn.save (or the wrapper's save) of a wrapper: a single layer's
+    file, weights named as the layer's state_dict; a Stateful whose batch
+    size is not fixed yet keeps it open."""
+    gru = fastrnn.GRU(2, 3, reset_after=False, seed=0)
+    for wrapper in (fastrnn.Reversed(gru), fastrnn.Stateful(gru),
+                    fastrnn.Stateful(fastrnn.Reversed(gru, keep_order=False), batch_size=7)):
+        path = tmp_path / f"layer{suffix}"
+        if isinstance(wrapper, fastrnn.Reversed):
+            wrapper.save(path)                  # the wrapper's, not the GRU's
+        else:
+            fastrnn.save(wrapper, path)
+        back = fastrnn.load(path)
+        assert type(back) is type(wrapper) and repr(back) == repr(wrapper)
+        assert not back.reset_after
+        for key, value in gru.state_dict().items():
+            np.testing.assert_array_equal(back.state_dict()[key], value)
+        if suffix == ".safetensors":
+            assert list(fastrnn.load_state_dict_file(path)) == list(gru.state_dict())
+    assert fastrnn.load(path).batch_size == 7
+
+
+def test_what_a_model_file_cannot_hold_is_refused_by_name(tmp_path):
+    """More than two wrappers around a layer, or a wrapper of a layer class
+    loading would not build, are refused before anything is written."""
+    class MyGRU(fastrnn.GRU):
+        pass
+
+    thrice = fastrnn.Reversed(fastrnn.Stateful(fastrnn.Reversed(fastrnn.GRU(2, 2))))
+    path = tmp_path / "m.npz"
+    with pytest.raises(TypeError, match=r"Sequential.save: layers\[1\] is a GRU in 3 "
+                                        r"wrappers \(Reversed, Stateful, Reversed\), more than "
+                                        r"the 2 a model file holds"):
+        fastrnn.Sequential([fastrnn.Linear(2, 2), thrice]).save(path)
+    with pytest.raises(TypeError, match=r"fastrnn.save: the layer is a GRU in 3 wrappers"):
+        fastrnn.save(thrice, path)
+    with pytest.raises(TypeError, match=r"Sequential.save: layers\[0\] is a MyGRU in a "
+                                        r"Reversed in a Stateful, which model files cannot "
+                                        r"hold \(they hold RNN, .*Reversed or Stateful of an "
+                                        r"RNN, GRU or LSTM\); save its state_dict\(\) instead"):
+        fastrnn.Sequential([fastrnn.Stateful(fastrnn.Reversed(MyGRU(2, 2)))]).save(path)
+    with pytest.raises(TypeError, match=r"fastrnn.save: the layer is a MyGRU in a Reversed, "
+                                        r"which model files cannot hold"):
+        fastrnn.save(fastrnn.Reversed(MyGRU(2, 2)), path)
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("mask_zero", [False, True])

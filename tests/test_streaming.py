@@ -70,11 +70,64 @@ def test_sequential_model_streams():
     np.testing.assert_allclose(frames, whole, rtol=0, atol=1e-5)
 
 
+def test_a_stateful_layer_streams_from_the_streams_state():
+    """A Stateful streams as the layer it wraps, from the Stream's own state:
+    the Stateful's carried state is neither read nor changed, and its fixed
+    batch size does not apply; setting the stream's state to the Stateful's
+    goes on where the Stateful stopped."""
+    rng = np.random.default_rng(3)
+    lstm = fastrnn.LSTM(2, 5, batch_first=True, dtype="float64", seed=0)
+    head = fastrnn.Linear(5, 1, dtype="float64", seed=1)
+    stateful = fastrnn.Stateful(lstm, batch_size=3)
+    x = rng.standard_normal((3, 12, 2))
+    stateful(x[:, :4])
+    carried = stateful.state
+    model = fastrnn.Sequential([stateful, head])
+    stream = fastrnn.Stream(model)
+    got = np.concatenate([stream(x[:, :7]), stream(x[:, 7:])], axis=1)
+    np.testing.assert_allclose(got, fastrnn.Sequential([lstm, head])(x), rtol=0, atol=1e-13)
+    for a, b in zip(stateful.state, carried):
+        np.testing.assert_array_equal(a, b)
+    stream.reset()
+    stream.state = [stateful.state]
+    np.testing.assert_allclose(stream(x[:, 4:]), model(x[:, 4:]), rtol=0, atol=1e-13)
+    alone = fastrnn.Stream(stateful)                 # one unbatched stream
+    np.testing.assert_allclose(alone.step(x[0, 0]), lstm(x[0, :1])[0][0], rtol=0, atol=1e-13)
+    assert repr(alone).startswith("Stream(Stateful(LSTM(2, 5")
+
+
+def test_a_reversed_layer_is_refused_by_name():
+    """A Reversed layer reads the sequence from its end: it cannot stream,
+    alone, in a Stateful or in a Sequential."""
+    rev = fastrnn.Reversed(fastrnn.GRU(2, 3, batch_first=True, seed=0))
+    for model in (rev, fastrnn.Stateful(rev),
+                  fastrnn.Sequential([rev, fastrnn.Linear(3, 1, seed=1)])):
+        with pytest.raises(ValueError, match=r"Stream: (Stateful\()?Reversed\(GRU\(2, 3, "
+                                             r"batch_first=True\)\)\)? runs its layer over "
+                                             r"the time-reversed sequence, .* it needs the whole "
+                                             r"sequence, so it cannot stream"):
+            fastrnn.Stream(model)
+
+
+def test_a_model_making_a_mask_is_refused_by_name():
+    """A Stream does not apply masks: a model whose Masking or
+    Embedding(mask_zero=True) makes one is refused rather than run as if
+    the masked steps were data."""
+    for head in (fastrnn.Masking(0.0), fastrnn.Embedding(5, 2, mask_zero=True)):
+        model = fastrnn.Sequential([head, fastrnn.GRU(2, 3, batch_first=True)])
+        with pytest.raises(ValueError, match=r"Stream: layers\[0\] \((Masking|Embedding)\(.*\)\) "
+                                             r"makes a mask, which a Stream does not apply"):
+            fastrnn.Stream(model)
+    fastrnn.Stream(fastrnn.Sequential([fastrnn.Embedding(5, 2),
+                                       fastrnn.GRU(2, 3, batch_first=True)]))
+
+
 def test_bad_uses_are_refused_and_the_stream_stays_usable():
     lstm = fastrnn.LSTM(3, 4, seed=0)
     with pytest.raises(ValueError, match="bidirectional"):
         fastrnn.Stream(fastrnn.GRU(3, 4, bidirectional=True))
-    with pytest.raises(TypeError, match="Stream: expected an RNN, GRU, LSTM or Sequential"):
+    with pytest.raises(TypeError, match="Stream: expected an RNN, GRU, LSTM, Stateful or "
+                                        "Sequential, got Linear"):
         fastrnn.Stream(fastrnn.Linear(3, 4))
     with pytest.raises(ValueError, match="LastStep before a recurrent layer"):
         fastrnn.Stream(fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True),
