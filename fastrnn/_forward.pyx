@@ -39,7 +39,7 @@ import numpy as np
 cnp.import_array()
 
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block_rows,
-                             run_team, run_parts, cpu_pause)
+                             run_team, run_parts)
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_ROW,
                                   FASTRNN_MK_ZERO, FASTRNN_MK_ISA, FASTRNN_MK_LANES,
                                   FASTRNN_MK_MAX_NV, FASTRNN_MK_PEAK_CHAINS, fastrnn_mk_fma_loop,
@@ -373,29 +373,38 @@ def pack_projection(w_ih, int cell, Py_ssize_t H, Py_ssize_t dirs):
 
 # --- what the machine and the kernel reach (fastrnn bench prints both) ---
 
+def _best_time(run, double seconds):
+    """(reps, seconds): ``run(reps)`` timed, reps doubled until a run takes
+    seconds / 5, then the best of 5 runs of that many."""
+    import time
+    reps = 1
+    while True:   # calibrate
+        start = time.perf_counter()
+        run(reps)
+        best = time.perf_counter() - start
+        if best >= seconds / 5 or reps >= (1 << 40):
+            break
+        reps *= 2
+    for _ in range(4):
+        start = time.perf_counter()
+        run(reps)
+        best = min(best, time.perf_counter() - start)
+    return reps, best
+
+
 def fma_peak_gflops(double seconds=0.25):
     """One thread's float32 fused multiply-add peak, GFLOP/s: the best of 5
     timings of a register-only FMA loop (nothing loaded or stored) of about
     seconds / 5 each. The bound every float32 product here is judged by."""
-    import time
-    cdef long long iters = 1 << 16
     cdef float sink = 0
-    cdef double flops_per_iter = 2.0 * FASTRNN_MK_PEAK_CHAINS * FASTRNN_MK_LANES
-    while True:   # calibrate: double the loop until it takes its share
-        start = time.perf_counter()
+
+    def run(long long iters):
+        nonlocal sink
         with nogil:
             fastrnn_mk_fma_loop(iters, &sink)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds / 5 or iters >= (1 << 40):
-            break
-        iters *= 2
-    best = elapsed
-    for _ in range(4):
-        start = time.perf_counter()
-        with nogil:
-            fastrnn_mk_fma_loop(iters, &sink)
-        best = min(best, time.perf_counter() - start)
-    return iters * flops_per_iter / best / 1e9
+
+    iters, best = _best_time(run, seconds)
+    return iters * 2.0 * FASTRNN_MK_PEAK_CHAINS * FASTRNN_MK_LANES / best / 1e9
 
 
 def product_gflops(Py_ssize_t M, Py_ssize_t K, int gates, Py_ssize_t units,
@@ -404,9 +413,7 @@ def product_gflops(Py_ssize_t M, Py_ssize_t K, int gates, Py_ssize_t units,
     gates * units) += A (M, K) @ B with B (K, gates * units) packed as a
     layer's W_hh^T is (the recurrent step of M batch rows; K = units = H),
     the best of 5 timings of repeated products of about seconds / 5 each."""
-    import time
     cdef Packed p
-    cdef Py_ssize_t reps = 1, r
     if M < 1 or K < 1 or units < 1 or not 1 <= gates <= FASTRNN_MK_MAX_NV:
         raise ValueError(f"product_gflops: expected M, K, units >= 1 and 1 <= gates <= "
                          f"{FASTRNN_MK_MAX_NV}, got M={M}, K={K}, gates={gates}, units={units}")
@@ -416,31 +423,21 @@ def product_gflops(Py_ssize_t M, Py_ssize_t K, int gates, Py_ssize_t units,
     _describe_packed(&p, packed, K, units, gates)
     cdef float[:, ::1] a = rng.uniform(-1, 1, (M, K)).astype(np.float32)
     cdef float[:, ::1] c = np.zeros((M, gates * units), np.float32)
-    cdef double flops = 2.0 * M * K * gates * units
-    while True:
-        start = time.perf_counter()
+
+    def run(Py_ssize_t reps):
+        cdef Py_ssize_t r
         with nogil:
             for r in range(reps):
                 packed_product(M, &a[0, 0], K, 1, &p, &c[0, 0], gates * units, units,
                                FASTRNN_MK_FROM_C, NULL)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds / 5 or reps >= (1 << 40):
-            break
-        reps *= 2
-    best = elapsed
-    for _ in range(4):
-        start = time.perf_counter()
-        with nogil:
-            for r in range(reps):
-                packed_product(M, &a[0, 0], K, 1, &p, &c[0, 0], gates * units, units,
-                               FASTRNN_MK_FROM_C, NULL)
-        best = min(best, time.perf_counter() - start)
-    return reps * flops / best / 1e9
+
+    reps, best = _best_time(run, seconds)
+    return reps * 2.0 * M * K * gates * units / best / 1e9
 
 # --- the time loops of a layer, in one or two parts ---
 
 cdef extern from "_portable.h":
-    void fastrnn_yield() noexcept nogil
+    void fastrnn_wait_spin(long long* spins) noexcept nogil
     long long fastrnn_load_acquire_ll(const long long* p) noexcept nogil
     void fastrnn_store_release_ll(long long* p, long long v) noexcept nogil
 
@@ -590,24 +587,20 @@ cdef enum:
     SYNC_SLOT = 16        # long longs per counter: 128 bytes, never a shared cache line
 
 # pauses between yields at a barrier (_tuning.h)
-from fastrnn._tuning cimport SPINS_BETWEEN_YIELDS
+from fastrnn._tuning cimport WAIT_SPINS
 
 
 cdef long long _step_barrier(long long* slots, int part, long long steps) noexcept nogil:
     """Publish that ``part`` has done ``steps`` steps and wait until the other
     part has too: spinning (a step takes microseconds), with a yield every
-    SPINS_BETWEEN_YIELDS pauses in case the other part waits for this core.
+    WAIT_SPINS pauses in case the other part waits for this core.
     Returns the number of yields."""
     cdef long long* other = slots + (1 - part) * SYNC_SLOT
     cdef long long spins = 0
     fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
     while fastrnn_load_acquire_ll(other) < steps:
-        spins += 1
-        if spins % SPINS_BETWEEN_YIELDS:
-            cpu_pause()
-        else:
-            fastrnn_yield()
-    return spins // SPINS_BETWEEN_YIELDS
+        fastrnn_wait_spin(&spins)
+    return spins // WAIT_SPINS
 
 
 cdef void _run_units(int cell, Py_ssize_t T, Py_ssize_t H, Py_ssize_t lo, Py_ssize_t hi,

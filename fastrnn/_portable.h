@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "_tuning.h"   /* FASTRNN_WAIT_SPINS */
+
 #if defined(_WIN32)
 #ifndef WIN32_LEAN_AND_MEAN
 #define WIN32_LEAN_AND_MEAN
@@ -150,6 +152,16 @@ static inline void fastrnn_yield(void) {
 #else
     sched_yield();
 #endif
+}
+
+/* One turn of a wait for another thread: a pause, and every
+ * FASTRNN_WAIT_SPINS turns (_tuning.h) a yield, in case that thread waits
+ * for this core. *spins counts the turns. */
+static inline void fastrnn_wait_spin(long long* spins) {
+    if (++*spins % FASTRNN_WAIT_SPINS)
+        fastrnn_cpu_pause();
+    else
+        fastrnn_yield();
 }
 
 /* nanoseconds of a monotonic clock */

@@ -112,6 +112,16 @@ class _BadFile(ValueError):
     """What is wrong with a model file; `load` puts the path before it."""
 
 
+def _deeper_than(value, depth):
+    """Whether parsed JSON ``value`` nests lists or objects more than
+    ``depth`` levels deep (checked level by level, no recursion)."""
+    level = [value]
+    for _ in range(depth):
+        level = [child for item in level if isinstance(item, (list, dict))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+    return any(isinstance(item, (list, dict)) for item in level)
+
+
 def _clip(text, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -515,11 +525,7 @@ def _safetensors_header(f, size):
             raise _BadFile(f"its __metadata__ should map names to strings, got "
                            f"{type(value).__name__} for {_brief.repr(key)}")
     # no deeper values reach the checks and messages below (repr recurses)
-    level = [header]
-    for _ in range(_SAFETENSORS_DEPTH):
-        level = [child for value in level if isinstance(value, (list, dict))
-                 for child in (value.values() if isinstance(value, dict) else value)]
-    if any(isinstance(value, (list, dict)) for value in level):
+    if _deeper_than(header, _SAFETENSORS_DEPTH):
         raise too_deep
     if len(header) > _MAX_MEMBERS:
         raise _BadFile(f"it has {len(header):,} tensors, more than {_MAX_MEMBERS:,}")
@@ -1201,11 +1207,7 @@ def _parse_config(text):
     except ValueError as exc:
         raise _BadFile(f"its configuration is not valid JSON ({_clip(str(exc))})") from None
     # no deeper values reach the checks and messages below (repr recurses)
-    level = [config]
-    for _ in range(_MAX_CONFIG_DEPTH):
-        level = [child for value in level if isinstance(value, (list, dict))
-                 for child in (value.values() if isinstance(value, dict) else value)]
-    if any(isinstance(value, (list, dict)) for value in level):
+    if _deeper_than(config, _MAX_CONFIG_DEPTH):
         raise too_deep
     return config
 

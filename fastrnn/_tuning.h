@@ -7,17 +7,17 @@
 
 /* --- the thread pool (_worker.h) --- */
 
-/* How long an idle worker spins for the next job before it sleeps: the
- * steps of a layer call come microseconds apart, a sleeping worker takes
- * 50-200 us to wake on this VM. */
+/* How long an idle worker spins for the next job before it sleeps: a
+ * call's parts come microseconds apart, and a sleeping thread (on a virtual
+ * machine an idle core too) takes tens of microseconds or more to wake. */
 #define FASTRNN_WORKER_SPIN_NS 300000LL
-/* Pauses between yields while a thread waits for another (~2 us): if the
- * scheduler put both on one core, a wait then costs a yield, not a time
- * slice (measured: 10-14 ms instead of 0.9 ms for GRU 64->256, T=100, now
- * and then on this shared VM); with a core each, a yield that finds nothing
- * else to run returns at once. */
+/* Pauses between yields while a thread waits for another (~2 us; the
+ * pool's workers and the unit split's barrier): if the scheduler put both
+ * on one core, a wait then costs a yield, not a time slice (measured: 10-14
+ * ms instead of 0.9 ms for GRU 64->256, T=100, now and then on this shared
+ * VM); with a core each, a yield that finds nothing else to run returns at
+ * once. */
 #define FASTRNN_WAIT_SPINS 64LL
-#define FASTRNN_SPINS_BETWEEN_YIELDS 64
 
 /* --- Ctrl-C during long calls (_worker.pyx) --- */
 

@@ -73,6 +73,15 @@ def to_numpy(owner, name, value):
     Does not copy when it need not; never returns bool, complex, object or
     string arrays.
     """
+    value = as_array(owner, name, value)
+    if value.dtype.kind not in "fiu":
+        raise TypeError(f"{owner}: {name} must have a real numeric dtype, got {value.dtype}")
+    return value
+
+
+def as_array(owner, name, value):
+    """Any array-like (numpy, torch tensor, nested lists) -> an ndarray of
+    whatever dtype it has (no copy when none is needed)."""
     if not isinstance(value, np.ndarray):
         if _is_torch_tensor(value):
             value = value.detach().cpu()
@@ -85,8 +94,6 @@ def to_numpy(owner, name, value):
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{owner}: {name} must be array-like, got {type(value).__name__} "
                             f"that numpy cannot convert ({exc})") from None
-    if value.dtype.kind not in "fiu":
-        raise TypeError(f"{owner}: {name} must have a real numeric dtype, got {value.dtype}")
     return value
 
 

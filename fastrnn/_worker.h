@@ -29,7 +29,7 @@
 #include "_portable.h"
 
 #define FASTRNN_MAX_THREADS 64
-#include "_tuning.h"   /* FASTRNN_WORKER_SPIN_NS, FASTRNN_WAIT_SPINS */
+#include "_tuning.h"   /* FASTRNN_WORKER_SPIN_NS */
 /* the ticket, one atomic word: job id << 16 | parts << 8 | next part. The
  * part count travels with the id: read apart, a worker between two jobs
  * could pair the old job's id with the new job's count */
@@ -75,13 +75,6 @@ static inline int fastrnn_take(long long job) {
         if (fastrnn_cas_ll(&fastrnn_worker.ticket, &ticket, ticket + 1))
             return (int)(ticket & FASTRNN_PART_MASK);
     }
-}
-
-static inline void fastrnn_wait_spin(long long* spins) {
-    if (++*spins % FASTRNN_WAIT_SPINS)
-        fastrnn_cpu_pause();
-    else
-        fastrnn_yield();
 }
 
 /* Run the parts of `job` this thread takes; a team part first waits for

@@ -7,7 +7,6 @@ cdef enum:
     MAX_PARTS = 64            # parts of one job (= fastrnn's most threads)
 
 cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil
-cdef void cpu_pause() noexcept nogil
 
 # A long call's time loops look at ``interrupted`` once per step: the thread
 # that made the call (when it is Python's main thread) takes the GIL every

@@ -19,7 +19,6 @@ cdef extern from "_worker.h":
     void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers) noexcept nogil
     int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts,
                          long long wait_ns) noexcept nogil
-    void fastrnn_cpu_pause() noexcept nogil
     int fastrnn_worker_init() noexcept nogil
     ctypedef struct fastrnn_worker_t:
         long long by_worker, by_caller, withdrawn
@@ -39,10 +38,6 @@ cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept
     this thread one of them; False, having run nothing, when the workers are
     owned by another call or do not all take their parts within wait_ns."""
     return fastrnn_run_team(<fastrnn_job_fn>fn, arg, nparts, wait_ns) != 0
-
-
-cdef void cpu_pause() noexcept nogil:
-    fastrnn_cpu_pause()
 
 
 fastrnn_worker_init()   # the fork handler, before any call can claim the worker

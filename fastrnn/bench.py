@@ -156,7 +156,8 @@ def gemm_only(layer, x):
           if layer._kernel_code == _forward.CELL_GRU else None)
     h = np.zeros((dirs, B, H), dtype)
     inputs = [x.reshape(T * B, -1)] + [np.zeros((T * B, dirs * H), dtype)] * (layer._layers - 1)
-    parts = _plan.split(dirs, B, T * B * N * (H + 20))
+    parts = _plan.forward_plan(layer, T, B, batch_first=False, train=False,
+                               has_lengths=False).parts   # the layer's own split
 
     def run():
         with _parallel.blas_at_one_thread:

@@ -29,15 +29,7 @@ from fastrnn._validation import shape_str
 
 def check_mask(owner: str, mask: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
     """A boolean mask of the given shape (bool, or integers 0/1)."""
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
-        if v._is_torch_tensor(mask):
-            mask = mask.detach().cpu().numpy()
-        try:
-            mask = np.asarray(mask)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{owner}: mask must be array-like, got {type(mask).__name__} "
-                            f"that numpy cannot convert ({exc})") from None
-    arr = mask
+    arr = v.as_array(owner, "mask", mask)
     if arr.dtype != np.bool_:
         if arr.dtype.kind not in "iu" or (arr.size and not np.isin(arr, (0, 1)).all()):
             raise TypeError(f"{owner}: mask must be boolean (or integers 0 and 1), got "
@@ -75,7 +67,6 @@ class _Plan:
         self.B, self.T = B, T
         self.counts = mask.sum(axis=1)
         self.rows = np.flatnonzero(self.counts)           # rows reading any step
-        self.empty = np.flatnonzero(self.counts == 0)
         # the read steps first, in time order, then the skipped ones
         self.order = np.argsort(~mask, axis=1, kind="stable")[self.rows]
         before = np.cumsum(mask, axis=1)[self.rows]        # read steps up to t
@@ -185,12 +176,9 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
     dirs, H = 2 if layer.bidirectional else 1, layer.hidden_size
     states = _state_parts(layer, hx, B, batched)
     plan = _Plan(mask, zero_output)
-    rows, empty = plan.rows, plan.empty
+    rows = plan.rows
 
-    def to_layer(a):            # batch-first (B', T, F) -> the layer's layout
-        return a if layer.batch_first else a.swapaxes(0, 1)
-
-    def from_layer(a):
+    def to_layer(a):   # batch-first (B', T, F) <-> the layer's layout (its own inverse)
         return a if layer.batch_first else a.swapaxes(0, 1)
 
     def results(out_full, parts):
@@ -208,7 +196,7 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
             (out_c, state_c), inner_backprop = layer.forward_train(xc, packed_state, lengths)
         else:
             out_c, state_c = layer(xc, packed_state, lengths)
-        out_full = plan.scatter_out(from_layer(out_c), H, dirs)
+        out_full = plan.scatter_out(to_layer(out_c), H, dirs)
         parts_c = list(state_c) if lstm else [state_c]
     else:
         out_full = np.zeros((B, T, dirs * H), dtype)
@@ -236,14 +224,14 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
                                     full_shape=full_shape, optional_parts=True)[:len(names)])
         grads = [np.zeros(full_shape, dtype) if g is None else g.reshape(full_shape)
                  for g in grads]
-        doutb = dout[None] if not batched else from_layer(dout)
+        doutb = dout[None] if not batched else to_layer(dout)
         dx_full = np.zeros((B, T, D), dtype)
         dh0 = [g.copy() for g in grads]      # skipped rows: the state passes through
         if inner_backprop is not None:
             dout_c = to_layer(plan.gather_dout(doutb, H, dirs))
             dstate_c = _pack_state([np.ascontiguousarray(g[:, rows]) for g in grads], lstm)
             dx_c, dhx_c = inner_backprop(np.ascontiguousarray(dout_c), dstate_c)
-            dx_full = plan.scatter_dx(from_layer(dx_c))
+            dx_full = plan.scatter_dx(to_layer(dx_c))
             for i, part in enumerate(list(dhx_c) if lstm else [dhx_c]):
                 dh0[i][:, rows] = part
         if not batched:

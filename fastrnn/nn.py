@@ -14,7 +14,6 @@ import contextlib
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
@@ -23,6 +22,19 @@ from scipy.special import expit
 from fastrnn import _validation as v
 from fastrnn._module import Module, dropout_mask
 from fastrnn._validation import shape_str
+
+
+def _checked_dy(module, owner, dy, y_shape, version):
+    """The dy of a parametrised layer's backprop, checked: the shape of the
+    forward's output, and the forward's parameter set still the module's."""
+    dy = v.to_numpy(owner, "dy", dy)
+    if dy.shape != y_shape:
+        raise ValueError(f"{owner}: expected dy of the output's shape {shape_str(y_shape)}, "
+                         f"got {shape_str(dy.shape)}")
+    if module._version != version:
+        raise RuntimeError(f"{owner}: the parameters changed after the forward "
+                           f"(load_state_dict or an optimizer step)")
+    return dy
 
 
 class Linear(Module):
@@ -103,13 +115,7 @@ class Linear(Module):
         version, y_shape = params.version, y.shape
 
         def backprop(dy):
-            dy = v.to_numpy("Linear.backprop", "dy", dy)
-            if dy.shape != y_shape:
-                raise ValueError(f"Linear.backprop: expected dy of the output's shape "
-                                 f"{shape_str(y_shape)}, got {shape_str(dy.shape)}")
-            if self._version != version:
-                raise RuntimeError("Linear.backprop: the parameters changed after the forward "
-                                   "(load_state_dict or an optimizer step)")
+            dy = _checked_dy(self, "Linear.backprop", dy, y_shape, version)
             x2 = x.reshape(-1, x.shape[-1])
             dy2 = dy.reshape(-1, dy.shape[-1])
             with self._grad_lock:
@@ -389,13 +395,7 @@ class Embedding(Module):
         padding = self._config["padding_idx"]
 
         def backprop(dy):
-            dy = v.to_numpy("Embedding.backprop", "dy", dy)
-            if dy.shape != y_shape:
-                raise ValueError(f"Embedding.backprop: expected dy of the output's shape "
-                                 f"{shape_str(y_shape)}, got {shape_str(dy.shape)}")
-            if self._version != version:
-                raise RuntimeError("Embedding.backprop: the parameters changed after the "
-                                   "forward (load_state_dict or an optimizer step)")
+            dy = _checked_dy(self, "Embedding.backprop", dy, y_shape, version)
             flat_ids = ids.reshape(-1)
             flat_dy = dy.reshape(-1, y_shape[-1])
             if padding is not None:

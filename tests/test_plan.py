@@ -73,8 +73,11 @@ def _run(case, dtype, train):
     return [out, dx, *dstate] + [layer.grads[name] for name in sorted(layer.grads)]
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
-@pytest.mark.parametrize("choice", list(CHOICES))
+# training never runs in windows: "time windows" alone would compare the
+# plain plan with itself there
+@pytest.mark.parametrize("choice, train", [
+    (choice, train) for choice in CHOICES for train in (False, True)
+    if not (train and choice == "time windows")])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_plan_choice_gives_the_plain_plans_numbers(choice, dtype, train, monkeypatch):
     """float32 (the micro-kernel: one fixed FMA chain per element) bit for
