@@ -44,7 +44,7 @@ def test_from_keras_gives_keras_outputs(kind, use_bias, bidirectional):
 
 def test_from_keras_refuses_what_it_cannot_represent():
     x = np.zeros((1, 2, 3), np.float32)
-    cases = [(keras_layer("LSTM", activation="relu"), "activation='relu'"),
+    cases = [(keras_layer("LSTM", activation="gelu"), "activation='gelu'"),
              (keras_layer("SimpleRNN", unroll=True), "unroll=True"),
              (keras_layer("LSTM", dropout=0.2), "dropout")]
     for layer, message in cases:
