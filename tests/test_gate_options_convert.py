@@ -15,17 +15,26 @@ from test_gate_options import make_layer, randomize_peepholes
 from test_reference_options import (_oracle_on_node, _specs_in_node_order, onnx_node_model,
                                     random_params)
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+
+
+def _onnx():
+    """The ONNX tests skip without onnx and onnxruntime (the Keras ones run)."""
+    pytest.importorskip("onnxruntime")
+    return pytest.importorskip("onnx")
+
 
 # float32 against float32: the layer and ONNX Runtime round differently and
-# use other tanh/sigmoid approximations (ORT's GRU a rational one); the plain
-# layers' ONNX tests take 3e-6, the options' wider activations (scaled_tanh
-# 1.3, affine, elu) and more steps 5e-6.
+# use other tanh/sigmoid approximations (ORT's GRU a rational one). ORT is
+# within 4.5e-7 of the float64 oracle on these nodes (tests/
+# test_reference_options.py), the layer within 1e-5 of the output scale
+# (tests/test_gate_options.py, measured 2e-7); the plain layers' ONNX tests
+# take 3e-6, the options' wider activations (scaled_tanh 1.3, affine, elu)
+# and two stacked nodes 5e-6.
 ATOL = 5e-6
 
 
 def run(model, feeds):
+    ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
@@ -56,6 +65,7 @@ EXPORTED = [
 @pytest.mark.parametrize("num_layers, batch_first, with_lengths", [(1, False, False),
                                                                    (2, True, True)])
 def test_to_onnx_runs_under_onnx_runtime(kind, options, num_layers, batch_first, with_lengths):
+    _onnx()
     rng = np.random.default_rng(0)
     T, B, D, H = 6, 3, 4, 5
     layer = make_layer(kind, D, H, options, num_layers=num_layers, bidirectional=True,
@@ -83,6 +93,7 @@ def test_to_onnx_runs_under_onnx_runtime(kind, options, num_layers, batch_first,
 
 def test_to_onnx_writes_peepholes_in_onnx_order():
     """fastrnn's peepholes are i, f, o; ONNX's P is i, o, f."""
+    onnx = _onnx()
     layer = fastrnn.LSTM(2, 3, peepholes=True, seed=0)
     p = np.arange(9, dtype=np.float32)
     layer.load_state_dict({"weight_peephole_l0": p}, strict=False)
@@ -101,6 +112,7 @@ def test_to_onnx_writes_peepholes_in_onnx_order():
 def test_from_onnx_of_to_onnx_gives_the_same_layer(kind, options):
     """Alphas, betas and clip exact in float32 (ONNX's attributes are
     float32): the imported layer is the exported one, bit for bit."""
+    _onnx()
     rng = np.random.default_rng(2)
     layer = make_layer(kind, 3, 4, options, bidirectional=True, seed=3)
     randomize_peepholes(layer, rng)
@@ -148,6 +160,7 @@ IMPORTED = [
 @pytest.mark.parametrize("case", IMPORTED, ids=lambda c: f"{c[0]}-{c[1]}-{sorted(c[2])}")
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_from_onnx_node_matches_onnx_runtime(case, with_lengths):
+    _onnx()
     kind, direction, options = case
     rng = np.random.default_rng(4)
     T, B, D, H = 6, 3, 3, 4
@@ -204,6 +217,7 @@ def _float32_specs(options):
 def test_from_onnx_takes_onnx_default_alphas(op):
     """Without activation_alpha/beta: HardSigmoid 0.2/0.5 (ONNX's, not
     fastrnn's 1/6), LeakyRelu 0.01, Elu 1.0, as ONNX Runtime reads them."""
+    _onnx()
     kind = op.lower()
     rng = np.random.default_rng(6)
     H, D = 3, 2
@@ -234,6 +248,7 @@ def test_from_onnx_takes_onnx_default_alphas(op):
     ({"input_forget": 2}, (), r"input_forget=2"),
 ])
 def test_from_onnx_still_refuses_bad_option_attributes(attrs, extra, message):
+    _onnx()
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((1, 8, 3)).astype(np.float32), "W"),

@@ -205,6 +205,8 @@ def test_oracle_cell_bptt_matches_finite_differences(kind, options):
 
 
 # --- against ONNX Runtime ------------------------------------------------------------------
+# ONNX Runtime (float32) against the oracle (float64 on the same float32 values)
+ORT_ATOL = 2e-6
 OP = {"rnn": "RNN", "gru": "GRU", "gru_reset_before": "GRU", "lstm": "LSTM"}
 
 
@@ -352,9 +354,10 @@ def test_oracle_matches_onnx_runtime(case, with_lengths):
     want = _oracle_on_node(kind, {k: v.astype(np.float64) for k, v in params.items()},
                            direction, x, h0, c0, lengths, options)
     # float32 (ORT, MLAS' tanh/sigmoid and the GRU's rational approximations)
-    # against float64 on the same float32 inputs: a few float32 ulps per step
+    # against float64 on the same float32 inputs: a few float32 ulps per step;
+    # measured at most 4.5e-7 over these cases
     for g, w, name in zip(got, want, ["Y", "Y_h", "Y_c"]):
-        np.testing.assert_allclose(g, w, rtol=0, atol=5e-6, err_msg=name)
+        np.testing.assert_allclose(g, w, rtol=0, atol=ORT_ATOL, err_msg=name)
     if options.get("clip") is not None:              # the clip changes the result
         unclipped = _oracle_on_node(kind, {k: v.astype(np.float64) for k, v in params.items()},
                                     direction, x, h0, c0, lengths, dict(options, clip=None))
@@ -403,7 +406,7 @@ def test_onnx_runtime_reads_alpha_compactly_for_lstm():
     got = ort_run(model, {"X": x, "initial_h": h0, "initial_c": c0})
     want = _oracle_on_node(kind, {k: v.astype(np.float64) for k, v in params.items()},
                            "forward", x, h0, c0, None, options)
-    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=5e-6)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=ORT_ATOL)
 
 
 def test_onnx_runtime_lstm_gru_default_alphas():
@@ -429,7 +432,7 @@ def test_onnx_runtime_lstm_gru_default_alphas():
     options = dict(zip(["recurrent_activation", "activation", "cell_activation"], specs))
     want = _oracle_on_node(kind, {k: v.astype(np.float64) for k, v in params.items()},
                            "forward", x, h0, c0, None, options)
-    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=5e-6)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=ORT_ATOL)
 
 
 # --- against Keras ---------------------------------------------------------------------------
