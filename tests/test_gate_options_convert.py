@@ -40,10 +40,10 @@ def run(model, feeds):
 
 
 # --- to_onnx -> ONNX Runtime --------------------------------------------------------------
-# ONNX Runtime's RNN op reads activation_alpha[d] and activation_beta[d] by
-# direction, its LSTM and GRU compactly (the k-th alpha to the k-th function
-# that takes one, as ONNX's text says): the RNN cases give both directions
-# functions with the same parameters, so that both readings agree.
+# ONNX Runtime reads activation_alpha/beta compactly (the k-th alpha to the
+# k-th function that takes one); older versions' RNN op indexed them by
+# direction: the bidirectional RNN case gives both directions functions with
+# the same parameters, so that both readings agree.
 EXPORTED = [
     ("rnn", dict(nonlinearity=("leaky_relu", 0.25), clip=1.5)),
     ("rnn", dict(nonlinearity=[("scaled_tanh", 1.25, 0.75), ("hard_sigmoid", 0.25, 0.5)])),

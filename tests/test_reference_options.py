@@ -316,8 +316,6 @@ ORT_CASES = [
                                                recurrent_activation="sigmoid")),
     ("rnn", "forward", dict(nonlinearity="softsign", clip=0.8)),
     ("rnn", "reverse", dict(nonlinearity=("thresholded_relu", 0.2))),
-    # ONNX Runtime's RNN reads activation_alpha[d], activation_beta[d] by
-    # direction, not compactly: both directions take an alpha and a beta here
     ("rnn", "bidirectional", dict(nonlinearity=[("scaled_tanh", 1.3, 0.6),
                                                 ("hard_sigmoid", 0.3, 0.45)], clip=1.5)),
     ("rnn", "bidirectional", dict(nonlinearity=[("elu", 0.8), ("leaky_relu", 0.2)])),
@@ -407,6 +405,59 @@ def test_onnx_runtime_reads_alpha_compactly_for_lstm():
     want = _oracle_on_node(kind, {k: v.astype(np.float64) for k, v in params.items()},
                            "forward", x, h0, c0, None, options)
     np.testing.assert_allclose(got[0], want[0], rtol=0, atol=ORT_ATOL)
+
+
+def test_onnx_runtime_reads_alpha_compactly_for_rnn():
+    """The RNN op too (onnxruntime 1.32; older versions indexed
+    activation_alpha by direction): [Tanh, LeakyRelu] with alpha [0.3, 0.2]
+    is leaky_relu 0.3 in the reverse direction, not 0.2."""
+    from onnx import helper
+    rng = np.random.default_rng(14)
+    params = random_params("rnn", 2, 3, bidirectional=True, seed=15, dtype=np.float32)
+    model = onnx_node_model("rnn", params, 3, "bidirectional", ["tanh", "tanh"])
+    node = model.graph.node[0]
+    for attr in list(node.attribute):
+        if attr.name == "activations":
+            node.attribute.remove(attr)
+    node.attribute.extend([helper.make_attribute("activations", ["Tanh", "LeakyRelu"]),
+                           helper.make_attribute("activation_alpha", [0.3, 0.2])])
+    x = rng.standard_normal((4, 2, 2)).astype(np.float32) * 3
+    h0 = rng.standard_normal((2, 2, 3)).astype(np.float32)
+    got, _ = ort_run(model, {"X": x, "initial_h": h0})
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    for alpha, matches in ((float(np.float32(0.3)), True), (float(np.float32(0.2)), False)):
+        want = _oracle_on_node("rnn", p64, "bidirectional", x, h0, None, None,
+                               dict(nonlinearity=["tanh", ("leaky_relu", alpha)]))[0]
+        assert (np.abs(got - want).max() <= ORT_ATOL) == matches, alpha
+
+
+def test_onnx_runtime_zero_defaults_differ_from_the_operators():
+    """Without activation_alpha/beta ONNX Runtime takes 0 for ThresholdedRelu's
+    alpha and Affine's and ScaledTanh's alpha and beta (rnn_helpers.cc),
+    where ONNX's text points to the operators' defaults (ThresholdedRelu 1.0,
+    Affine 1.0/0.0). The oracle's specs_from_onnx_attributes reads as ORT."""
+    from onnx import helper
+    rng = np.random.default_rng(16)
+    names = ["ThresholdedRelu", "Affine", "ScaledTanh"]
+    specs = ro.specs_from_onnx_attributes(names)
+    assert specs == [("thresholded_relu", 0.0), ("affine", 0.0, 0.0), ("scaled_tanh", 0.0, 0.0)]
+    params = random_params("lstm", 2, 3, seed=17, dtype=np.float32)
+    model = onnx_node_model("lstm", params, 3, "forward", ["sigmoid", "tanh", "tanh"])
+    node = model.graph.node[0]
+    for attr in list(node.attribute):
+        if attr.name == "activations":
+            node.attribute.remove(attr)
+    # f = ThresholdedRelu(0) = relu (strict), g = 0, h = 0: h_t = 0, c_t = f * c
+    node.attribute.append(helper.make_attribute("activations", names))
+    x = rng.standard_normal((3, 2, 2)).astype(np.float32)
+    h0, c0 = (rng.standard_normal((1, 2, 3)).astype(np.float32) for _ in range(2))
+    got = ort_run(model, {"X": x, "initial_h": h0, "initial_c": c0})
+    options = dict(zip(["recurrent_activation", "activation", "cell_activation"], specs))
+    want = _oracle_on_node("lstm", {k: v.astype(np.float64) for k, v in params.items()},
+                           "forward", x, h0, c0, None, options)
+    assert not want[0].any()
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=ORT_ATOL)
 
 
 def test_onnx_runtime_lstm_gru_default_alphas():
