@@ -26,8 +26,10 @@ from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
                                   packed_product)
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block_rows,
                              run_parts)
-from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, num_gates, num_saved,
-                             axpy_product,
+from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU_OPT,
+                             GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates, num_saved,
+                             axpy_product, GateOptions, Activation, fill_options, act_value,
+                             act_slope, clipped, clip_slope,
                              AXPY_MAX,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -122,6 +124,123 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
         dh[j] = 0
 
 
+# The *_OPT kinds: the activations recomputed from the saved pre-activations
+# (as the forward computed them), their slopes at those inputs.
+
+cdef inline floating _value_slope(const Activation* a, floating pre, floating clip,
+                                  floating* slope) noexcept nogil:
+    """act(clip(pre)) and, into slope, its derivative with respect to pre."""
+    cdef floating x = clipped(pre, clip)
+    cdef floating y = act_value(a, x)
+    slope[0] = act_slope(a, x, y) * clip_slope(pre, clip)
+    return y
+
+
+cdef inline void _rnn_opt_back(const floating* acts, floating* dh, floating* dg, Py_ssize_t H,
+                               const GateOptions* o) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip, slope
+    for j in range(H):
+        _value_slope(&o.cand, acts[j], clip, &slope)
+        dg[j] = dh[j] * slope
+        dh[j] = 0
+
+
+cdef inline void _gru_opt_back(const floating* acts, const floating* h_prev, floating* dh,
+                               floating* dgx, floating* dgh, Py_ssize_t H,
+                               const GateOptions* o) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating r, z, n, s_r, s_z, s_n, d, dn, dz, dr
+    for j in range(H):
+        r = _value_slope(&o.gate, acts[j], clip, &s_r)
+        z = _value_slope(&o.gate, acts[H + j], clip, &s_z)
+        n = _value_slope(&o.cand, acts[2 * H + j], clip, &s_n)
+        d = dh[j]
+        dn = d * (<floating>1 - z) * s_n
+        dz = d * (h_prev[j] - n) * s_z
+        dr = dn * acts[3 * H + j] * s_r
+        dgx[j] = dr
+        dgx[H + j] = dz
+        dgx[2 * H + j] = dn
+        dgh[j] = dr
+        dgh[H + j] = dz
+        dgh[2 * H + j] = dn * r
+        dh[j] = d * z
+
+
+cdef inline void _gru_reset_opt_back_zn(const floating* acts, const floating* h_prev,
+                                       floating* dh, floating* dg, Py_ssize_t H,
+                                       const GateOptions* o) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating z, n, s_z, s_n, d
+    for j in range(H):
+        z = _value_slope(&o.gate, acts[H + j], clip, &s_z)
+        n = _value_slope(&o.cand, acts[2 * H + j], clip, &s_n)
+        d = dh[j]
+        dg[j] = 0
+        dg[H + j] = d * (h_prev[j] - n) * s_z
+        dg[2 * H + j] = d * (<floating>1 - z) * s_n
+        dh[j] = d * z
+
+
+cdef inline void _gru_reset_opt_back_r(const floating* acts, const floating* h_prev,
+                                      floating* dh, floating* dg, Py_ssize_t H,
+                                      const GateOptions* o) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating r, s_r, drh
+    for j in range(H):
+        r = _value_slope(&o.gate, acts[j], clip, &s_r)
+        drh = dg[j]
+        dg[j] = drh * h_prev[j] * s_r
+        dh[j] += drh * r
+
+
+cdef inline void _lstm_opt_back(const floating* acts, const floating* c_prev, floating* dh,
+                                floating* dc, floating* dg, Py_ssize_t H,
+                                const GateOptions* o, const floating* peep) noexcept nogil:
+    """peep: the peephole weights (i, f, o) or NULL; their own gradients are
+    sums over rows of dG and the states (the engine's, after the loop)."""
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating i, f, u, og, hc, s_i, s_f, s_u, s_o, s_c, d, d_pre_o, dc_t, di, df
+    cdef floating d_pre_i, d_pre_f
+    for j in range(H):
+        i = _value_slope(&o.gate, acts[j], clip, &s_i)
+        s_f = 0
+        if o.input_forget:
+            f = <floating>1 - i
+        else:
+            f = _value_slope(&o.gate, acts[H + j], clip, &s_f)
+        u = _value_slope(&o.cand, acts[2 * H + j], clip, &s_u)
+        og = _value_slope(&o.gate, acts[3 * H + j], clip, &s_o)
+        hc = _value_slope(&o.cell, acts[4 * H + j], 0, &s_c)
+        d = dh[j]
+        d_pre_o = d * hc * s_o
+        dc_t = dc[j] + d * og * s_c
+        if peep != NULL:
+            dc_t = dc_t + d_pre_o * peep[2 * H + j]
+        di = dc_t * u
+        df = dc_t * c_prev[j]
+        if o.input_forget:   # f = 1 - i
+            di = di - df
+            d_pre_f = 0
+        else:
+            d_pre_f = df * s_f
+        d_pre_i = di * s_i
+        dg[j] = d_pre_i
+        dg[H + j] = d_pre_f
+        dg[2 * H + j] = dc_t * i * s_u
+        dg[3 * H + j] = d_pre_o
+        dc_t = dc_t * f
+        if peep != NULL:
+            dc_t = dc_t + d_pre_i * peep[j] + d_pre_f * peep[H + j]
+        dc[j] = dc_t
+        dh[j] = 0
+
+
 cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                           const floating* dg, Py_ssize_t ldg, const floating* w_hh,
                           floating* dh, Py_ssize_t ldh, Py_ssize_t cols) noexcept nogil:
@@ -151,12 +270,15 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const floating* dout, floating* dh, floating* dc,
                           floating* dgx, floating* dgh,
                           const int64_t* lengths, Py_ssize_t cols,
-                          const Packed* packed, Interrupt* interrupt) noexcept nogil:
+                          const Packed* packed, Interrupt* interrupt,
+                          const GateOptions* opts, const floating* peep) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block. Leaves early, its outputs
     partial, when the call is interrupted. packed (float32): this
     direction's W_hh packed for dG . W_hh (``pack_backward``; the
-    reset-before GRU's n rows, then its r, z rows), or NULL for BLAS."""
+    reset-before GRU's n rows, then its r, z rows), or NULL for BLAS.
+    opts, peep: the *_OPT kinds' options and peephole weights (else NULL)."""
+    cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t g_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -180,7 +302,18 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             dout_row = dout + row * h_cols
             for j in range(H):
                 dh_b[j] += dout_row[j]
-            if cell == LSTM:
+            if cell == LSTM_OPT:
+                _lstm_opt_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
+                               dgx + row * g_cols, H, opts, peep)
+            elif cell == GRU_OPT:
+                _gru_opt_back(acts + row * a_cols, h_prev + row * h_cols, dh_b,
+                              dgx + row * g_cols, dgh + row * g_cols, H, opts)
+            elif cell == GRU_RESET_BEFORE_OPT:
+                _gru_reset_opt_back_zn(acts + row * a_cols, h_prev + row * h_cols, dh_b,
+                                       dgx + row * g_cols, H, opts)
+            elif cell == RNN_OPT:
+                _rnn_opt_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H, opts)
+            elif cell == LSTM:
                 _lstm_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
                            dgx + row * g_cols, H)
             elif cell == GRU:
@@ -193,7 +326,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _rnn_tanh_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
             else:
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
-        if cell == GRU_RESET_BEFORE:
+        if kind == GRU_RESET_BEFORE:
             # d(r * h) = dG_n W_hn into dG_r's columns, then dG_r itself
             if floating is float and packed != NULL:
                 packed_product(B, dgx + t * row_t * g_cols + 2 * H, row_b * g_cols, 1, packed,
@@ -207,8 +340,12 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 if lengths != NULL and t >= lengths[b]:
                     continue
                 row = t * row_t + b * row_b
-                _gru_reset_back_r(acts + row * a_cols, h_prev + row * h_cols, dh + b * H,
-                                  dgx + row * g_cols, H)
+                if opts != NULL:
+                    _gru_reset_opt_back_r(acts + row * a_cols, h_prev + row * h_cols,
+                                          dh + b * H, dgx + row * g_cols, H, opts)
+                else:
+                    _gru_reset_back_r(acts + row * a_cols, h_prev + row * h_cols, dh + b * H,
+                                      dgx + row * g_cols, H)
             if floating is float and packed != NULL:
                 packed_product(B, dgx + t * row_t * g_cols, row_b * g_cols, 1, packed + 1, dh,
                                H, H, FASTRNN_MK_FROM_C, NULL)
@@ -255,7 +392,7 @@ def pack_backward(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
     cdef Py_ssize_t G = num_gates(cell)
     packs = []
     for d in range(dirs):
-        if cell == GRU_RESET_BEFORE:
+        if base_cell(cell) == GRU_RESET_BEFORE:
             packs.append(pack_rows(w_hh, d * G * H + 2 * H, H))
             packs.append(pack_rows(w_hh, d * G * H, 2 * H))
         else:
@@ -299,11 +436,15 @@ cdef struct BackJob:
     Interrupt interrupt
     int packs_per_dir           # 0: BLAS; else Packed entries per direction
     Packed packed[4]
+    bint has_options            # the *_OPT kinds: options per direction
+    GateOptions options[2]
+    const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
 
 
 cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
                      const floating* c_prev, const floating* w_hh, const floating* dout,
-                     floating* dh, floating* dc, floating* dgx, floating* dgh) noexcept nogil:
+                     floating* dh, floating* dc, floating* dgx, floating* dgh,
+                     const floating* peep) noexcept nogil:
     cdef Py_ssize_t d_lo = j.ranges[part][0], d_hi = j.ranges[part][1]
     cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
     cdef Py_ssize_t H = j.H, dirs = j.dirs, B = j.B
@@ -328,7 +469,9 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             NULL if dc == NULL else dc + (d * B + b_lo) * H,
             dgx + first * g_cols + d * GH, dgh + first * g_cols + d * GH,
             NULL if j.lengths == NULL else j.lengths + b_lo, cols,
-            NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir], &j.interrupt)
+            NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir], &j.interrupt,
+            &j.options[d] if j.has_options else NULL,
+            NULL if peep == NULL else peep + d * 3 * H)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -337,11 +480,13 @@ cdef void _back_job(void* arg, int part) noexcept nogil:
     if j.is_double:
         _back_part(j, part, <const double*>j.acts, <const double*>j.h_prev,
                    <const double*>j.c_prev, <const double*>j.w_hh, <const double*>j.dout,
-                   <double*>j.dh, <double*>j.dc, <double*>j.dgx, <double*>j.dgh)
+                   <double*>j.dh, <double*>j.dc, <double*>j.dgx, <double*>j.dgh,
+                   <const double*>j.peep)
     else:
         _back_part(j, part, <const float*>j.acts, <const float*>j.h_prev,
                    <const float*>j.c_prev, <const float*>j.w_hh, <const float*>j.dout,
-                   <float*>j.dh, <float*>j.dc, <float*>j.dgx, <float*>j.dgh)
+                   <float*>j.dh, <float*>j.dc, <float*>j.dgx, <float*>j.dgh,
+                   <const float*>j.peep)
 
 
 def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
@@ -356,7 +501,9 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    floating[:, ::1] dgh,
                    const int64_t[::1] lengths,
                    bint blas_held,
-                   packed=None):
+                   packed=None,
+                   const double[:, ::1] options=None,
+                   const floating[::1] peepholes=None):
     """The BPTT time loops of one layer in one or two parts: ``parts`` a
     list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
     at the same time on the worker thread (or after the first).
@@ -368,7 +515,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     padded steps); dgh the same for the recurrent side (GRU) or None.
     blas_held: the caller holds BLAS at one thread (see _forward.recur).
     packed (float32): ``pack_backward``'s arrays per direction; the per-step
-    products then run on the micro-kernel.
+    products then run on the micro-kernel. options, peepholes: the *_OPT
+    kinds' (see _forward.recur).
     """
     cdef BackJob job
     cdef Py_ssize_t i
@@ -393,15 +541,22 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
     job.blas_held = blas_held
+    job.has_options = fill_options(job.options, options, cell, job.dirs)
+    job.peep = NULL
+    if peepholes is not None:
+        if cell != LSTM_OPT or peepholes.shape[0] != job.dirs * 3 * job.H:
+            raise ValueError("backward_layer: peepholes do not fit the layer")
+        job.peep = &peepholes[0]
     job.packs_per_dir = 0
     if floating is float and packed is not None:
-        job.packs_per_dir = 2 if cell == GRU_RESET_BEFORE else 1
+        job.packs_per_dir = 2 if base_cell(cell) == GRU_RESET_BEFORE else 1
         if len(packed) != job.packs_per_dir * job.dirs:
             raise ValueError("backward_layer: packed does not fit the layer")
         for i in range(len(packed)):
             # K: the reset-before GRU's n rows (H), its r, z rows (2 H); else all G H
             describe_rows(&job.packed[i], packed[i],
-                          (job.H if i % 2 == 0 else 2 * job.H) if cell == GRU_RESET_BEFORE
+                          (job.H if i % 2 == 0 else 2 * job.H)
+                          if base_cell(cell) == GRU_RESET_BEFORE
                           else num_gates(cell) * job.H, job.H)
     run_parts(_back_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 

@@ -110,7 +110,7 @@ class RecurrentEngine(RecurrentWeights):
                 w_hh_t = np.ascontiguousarray(w_hh.T)
                 if b_ih is None:
                     terms.append((None, None, w_hh_t))
-                elif self._kernel_code == _forward.CELL_GRU:
+                elif self._base_code == _forward.CELL_GRU:
                     terms.append((b_ih, b_hh, w_hh_t))
                 else:
                     terms.append((b_ih + b_hh, None, w_hh_t))
@@ -221,7 +221,7 @@ class RecurrentEngine(RecurrentWeights):
         gx = (np.empty((rows, dirs * self._gates * H), dtype) if gx_buffer is None
               else gx_buffer[:rows])
         gh = (np.empty((dirs, B * self._gates * H), dtype)
-              if self._kernel_code == _forward.CELL_GRU else None)
+              if self._base_code == _forward.CELL_GRU else None)
         units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
         layer_in = x.reshape(rows, -1)
         if train and lengths is not None:
@@ -267,8 +267,11 @@ class RecurrentEngine(RecurrentWeights):
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
         rows = T * B
-        is_lstm = self._kernel_code == _forward.CELL_LSTM
+        is_lstm = self._base_code == _forward.CELL_LSTM
         saved_cols = dirs * self._saved * H
+        peepholes = self._peepholes(params)
+        # the peepholes' gradients read the saved c_t of every row, padding too
+        new_acts = np.zeros if train and lengths is not None and self._peep_index else np.empty
         scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
         spare = None
         w_ih_all, w_hh_all = self._weights(params)[:2]
@@ -283,7 +286,7 @@ class RecurrentEngine(RecurrentWeights):
             else:
                 layer_out = np.empty((rows, dirs * H), dtype)
             saves = LayerTape(
-                x=layer_in, acts=np.empty((rows, saved_cols), dtype) if train else scratch,
+                x=layer_in, acts=new_acts((rows, saved_cols), dtype) if train else scratch,
                 h_prev=np.empty((rows, dirs * H), dtype) if train else None,
                 c_prev=np.empty((rows, dirs * H), dtype) if train and is_lstm else None)
             _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
@@ -299,7 +302,8 @@ class RecurrentEngine(RecurrentWeights):
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves.acts,
                     train=train, h_prev=saves.h_prev, c_prev=saves.c_prev,
-                    blas_held=held, packed=None if packed is None else packed[k])
+                    blas_held=held, packed=None if packed is None else packed[k],
+                    options=self._option_rows, peepholes=peepholes[k])
             if train:
                 if not last and self._dropout > 0:
                     saves.mask = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)
@@ -322,36 +326,37 @@ class RecurrentEngine(RecurrentWeights):
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         rows, N = T * B, self._dirs * self._gates * H
         dgx = np.empty((rows, N), dtype)
-        dgh = np.empty((rows, N), dtype) if self._kernel_code == _forward.CELL_GRU else None
-        reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
+        dgh = np.empty((rows, N), dtype) if self._base_code == _forward.CELL_GRU else None
+        reset_before = self._base_code == _forward.CELL_GRU_RESET_BEFORE
         plan = _plan.backward_plan(self, T, B)
         parts, hold = plan.parts, plan.hold_blas
         w_ih_all, w_hh_all = self._weights(tape.params)[:2]
         packed = self._packed_backward(tape.params)
         # the weight gradients of this backprop, added to ``grads`` only when
         # every layer is done: an interrupted backprop (Ctrl-C) adds nothing
-        sums = [[None if g is None else np.zeros_like(g) for g in kind]
-                for kind in (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)]
+        grads = (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh, self._dpeep)
+        sums = [[None if g is None else np.zeros_like(g) for g in kind] for kind in grads]
+        peepholes = self._peepholes(tape.params)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             for k in reversed(range(self._layers)):
                 dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
                                         reset_before, w_ih_all[k], w_hh_all[k],
-                                        [kind[k] for kind in sums],
-                                        None if packed is None else packed[k])
+                                        [kind[k] if kind else None for kind in sums],
+                                        None if packed is None else packed[k], peepholes[k])
         with self._grad_lock:
-            for kind, grads in zip(sums, (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh)):
-                for total, grad in zip(kind, grads):
+            for kind, module_grads in zip(sums, grads):
+                for total, grad in zip(kind, module_grads):
                     if grad is not None:
                         grad += total
         return dout
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
-                    w_ih, w_hh, sums, packed=None):
+                    w_ih, w_hh, sums, packed=None, peepholes=None):
         """Layer k of ``_bptt`` (its weights of the tape's parameter set
-        w_ih, w_hh): the backward time loops, then the weight gradients
-        (into ``sums``: dw_ih, dw_hh, db_ih, db_hh) and the input gradient,
-        each in the plan's parts."""
+        w_ih, w_hh, peepholes): the backward time loops, then the weight
+        gradients (into ``sums``: dw_ih, dw_hh, db_ih, db_hh, dpeep) and the
+        input gradient, each in the plan's parts."""
         dirs, rows = self._dirs, T * B
         saves = tape.layers[k]
         if k < self._layers - 1 and saves.mask is not None:
@@ -364,7 +369,10 @@ class RecurrentEngine(RecurrentWeights):
             dh=dh[k * dirs:(k + 1) * dirs],
             dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
             dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
-            packed=None if packed is None else packed[0])
+            packed=None if packed is None else packed[0], options=self._option_rows,
+            peepholes=peepholes)
+        if peepholes is not None:
+            self._peephole_grads(saves, dgx, sums[4])
         activations = None
         if packed is not None:
             # the sums over rows run on the micro-kernel, the activations packed
@@ -385,6 +393,21 @@ class RecurrentEngine(RecurrentWeights):
                              parts=_plan.halves(rows, parts),
                              packed=None if packed is None else packed[1])
         return dx
+
+
+    def _peephole_grads(self, saves, dgx, dpeep):
+        """dP_i, dP_f, dP_o (into dpeep, (dirs * 3 * H,)): the sums over rows of
+        dG_i * c_{t-1}, dG_f * c_{t-1} and dG_o * c_t (dG is zero on padding)."""
+        H, S = self._config["hidden_size"], self._saved * self._config["hidden_size"]
+        G = self._gates * H
+        for d in range(self._dirs):
+            c_prev = saves.c_prev[:, d * H:(d + 1) * H]
+            c_t = saves.acts[:, d * S + 4 * H:d * S + 5 * H]
+            block = dgx[:, d * G:(d + 1) * G]
+            out = dpeep[d * 3 * H:(d + 1) * 3 * H]
+            out[:H] += np.einsum("rh,rh->h", block[:, :H], c_prev)
+            out[H:2 * H] += np.einsum("rh,rh->h", block[:, H:2 * H], c_prev)
+            out[2 * H:] += np.einsum("rh,rh->h", block[:, 3 * H:], c_t)
 
 
 class Backprop:
@@ -414,7 +437,7 @@ class Backprop:
         module = self._module
         owner = f"{type(module).__name__}.backprop"
         cfg = module._config
-        dtype, has_c = cfg["dtype"], module._kernel_code == _forward.CELL_LSTM
+        dtype, has_c = cfg["dtype"], module._base_code == _forward.CELL_LSTM
         dout = v.as_float_array(owner, "dout", dout, dtype)
         if dout.shape != self._out_shape:
             raise ValueError(f"{owner}: expected dout of the output's shape "

@@ -48,9 +48,14 @@ from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_RO
                                   unit_blocks_per_group)
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
-from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates,
+from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT,
+                             GRU_OPT, GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates,
                              num_saved, rnn_row, gru_row, gru_reset_gates_row, gru_reset_row,
-                             lstm_row, sigmoid, tanh_, axpy_product,
+                             lstm_row, sigmoid, tanh_, axpy_product, Activation, GateOptions,
+                             rnn_opt_row, gru_opt_row, gru_reset_gates_opt_row,
+                             gru_reset_opt_row, lstm_opt_row, OPTION_ROW, fill_options, ACT_SIGMOID, ACT_TANH, ACT_RELU,
+                             ACT_AFFINE, ACT_LEAKY_RELU, ACT_THRESHOLDED_RELU, ACT_SCALED_TANH,
+                             ACT_HARD_SIGMOID, ACT_ELU, ACT_SOFTSIGN, ACT_SOFTPLUS,
                              AXPY_MAX,
                              fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -60,6 +65,10 @@ CELL_RNN_RELU = RNN_RELU
 CELL_GRU = GRU
 CELL_LSTM = LSTM
 CELL_GRU_RESET_BEFORE = GRU_RESET_BEFORE
+CELL_RNN_OPT = RNN_OPT
+CELL_GRU_OPT = GRU_OPT
+CELL_GRU_RESET_BEFORE_OPT = GRU_RESET_BEFORE_OPT
+CELL_LSTM_OPT = LSTM_OPT
 # and the bounds under which the kernels' BLAS calls stay on one thread, and
 # below which a batch-1 step is a loop (_parallel.hold_blas reads them)
 GEMM_ONE_THREAD = GEMM_ONE_THREAD_MNK
@@ -129,6 +138,20 @@ cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
         start += n
 
 
+cdef inline void _opt_row(int cell, floating* g, const floating* gh, floating* h,
+                          floating* c, floating* out, floating* acts, Py_ssize_t H,
+                          const GateOptions* opts, const floating* peep) noexcept nogil:
+    """The gate pass of one row of a *_OPT kind (_gates.pxd)."""
+    if cell == LSTM_OPT:
+        lstm_opt_row(g, h, c, out, acts, H, opts, peep)
+    elif cell == GRU_OPT:
+        gru_opt_row(g, gh, h, h, out, acts, H, opts)
+    elif cell == GRU_RESET_BEFORE_OPT:
+        gru_reset_opt_row(g, h, out, acts, H, opts)
+    else:
+        rnn_opt_row(g, h, out, acts, H, opts)
+
+
 cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          Py_ssize_t H, Py_ssize_t dirs,
                          Py_ssize_t row_t, Py_ssize_t row_b,
@@ -138,7 +161,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* acts, Py_ssize_t acts_t, Py_ssize_t acts_b,
                          floating* h_prev, floating* c_prev,
                          const int64_t* lengths, Py_ssize_t cols,
-                         Interrupt* interrupt) noexcept nogil:
+                         Interrupt* interrupt, const GateOptions* opts,
+                         const floating* peep) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
@@ -146,7 +170,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     early, its outputs partial, when the call is interrupted (NULL: never).
     packed: this direction's W_hh packed for the micro-kernel (float32; the
     reset-before GRU's r, z rows then its n rows), or NULL to multiply
-    through BLAS."""
+    through BLAS. opts, peep: the *_OPT kinds' options and the LSTM's
+    peephole weights of this direction (else NULL)."""
+    cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
     cdef Py_ssize_t h_cols = dirs * H
@@ -168,7 +194,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                     memcpy(c_prev + row * h_cols, c + b * H, H * sizeof(floating))
 
         # recurrent product
-        if cell == GRU:
+        if kind == GRU:
             for b in range(B):
                 if b_hh != NULL:
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
@@ -178,7 +204,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 packed_product(B, h, H, 1, packed, gh, GH, H, FASTRNN_MK_FROM_C, NULL)
             else:
                 _recurrent_product(B, GH, H, h, H, w_hh, w_hh_t, dirs * GH, gh, GH, cols)
-        elif cell == GRU_RESET_BEFORE:
+        elif kind == GRU_RESET_BEFORE:
             # r, z; then n from r * h, computed for every row (a row past its
             # length gets values it never uses, and the product needs them all)
             if floating is float and packed != NULL:
@@ -189,8 +215,12 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                                    row_b * gx_cols, cols)
             for b in range(B):
                 row = t * row_t + b * row_b
-                gru_reset_gates_row(gx + row * gx_cols, h + b * H,
-                                    acts + t * acts_t + b * acts_b, H)
+                if opts != NULL:
+                    gru_reset_gates_opt_row(gx + row * gx_cols, h + b * H,
+                                            acts + t * acts_t + b * acts_b, H, opts)
+                else:
+                    gru_reset_gates_row(gx + row * gx_cols, h + b * H,
+                                        acts + t * acts_t + b * acts_b, H)
             if floating is float and packed != NULL:
                 packed_product(B, acts + t * acts_t + 3 * H, acts_b, 1, packed + 1, g_t + 2 * H,
                                row_b * gx_cols, H, FASTRNN_MK_FROM_C, NULL)
@@ -213,7 +243,11 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 memset(out_row, 0, H * sizeof(floating))
                 continue
             acts_row = acts + t * acts_t + b * acts_b
-            if cell == LSTM:
+            if opts != NULL:
+                _opt_row(cell, gx + row * gx_cols, gh + b * GH if gh != NULL else NULL,
+                         h + b * H, NULL if c == NULL else c + b * H, out_row, acts_row, H,
+                         opts, peep)
+            elif cell == LSTM:
                 lstm_row(gx + row * gx_cols, h + b * H, c + b * H, out_row, acts_row, H, H)
             elif cell == GRU:
                 gru_row(gx + row * gx_cols, gh + b * GH, h + b * H, h + b * H, out_row,
@@ -323,6 +357,7 @@ def pack_recurrent(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
     ``recur``: one array per direction, or two (the r, z rows and the n
     rows) for the reset-before GRU, whose n product reads r * h."""
     cdef Py_ssize_t G = num_gates(cell)
+    cell = base_cell(cell)
     packs = []
     for d in range(dirs):
         if cell == GRU_RESET_BEFORE:
@@ -353,7 +388,9 @@ cdef int _describe_packed(Packed* out, arr, Py_ssize_t K, Py_ssize_t units,
 cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dirs) except -1:
     """Packed descriptors (into out, up to 4) of pack_recurrent's arrays."""
     cdef Py_ssize_t i
-    cdef Py_ssize_t per_dir = 2 if cell == GRU_RESET_BEFORE else 1
+    cdef Py_ssize_t per_dir
+    cell = base_cell(cell)
+    per_dir = 2 if cell == GRU_RESET_BEFORE else 1
     if len(packs) != per_dir * dirs:
         raise ValueError(f"expected {per_dir * dirs} packed arrays, got {len(packs)}")
     for i in range(len(packs)):
@@ -361,6 +398,17 @@ cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dir
                          (2 if i % 2 == 0 else 1) if cell == GRU_RESET_BEFORE
                          else <int>num_gates(cell))
     return 0
+
+
+# --- gate options of the *_OPT kinds (_gates.GateOptions) ---
+
+# a direction's options as a row of OPTION_FIELDS floats (_gates.read_options)
+OPTION_FIELDS = OPTION_ROW
+ACTIVATION_KINDS = {"sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU,
+                    "affine": ACT_AFFINE, "leaky_relu": ACT_LEAKY_RELU,
+                    "thresholded_relu": ACT_THRESHOLDED_RELU, "scaled_tanh": ACT_SCALED_TANH,
+                    "hard_sigmoid": ACT_HARD_SIGMOID, "elu": ACT_ELU, "softsign": ACT_SOFTSIGN,
+                    "softplus": ACT_SOFTPLUS}
 
 
 def pack_projection(w_ih, int cell, Py_ssize_t H, Py_ssize_t dirs):
@@ -464,12 +512,15 @@ cdef struct RecurJob:
     Interrupt interrupt
     int packs_per_dir           # 0: BLAS products; else Packed entries per direction
     Packed packed[4]
+    bint has_options            # the *_OPT kinds: options per direction
+    GateOptions options[2]
+    const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
                       const floating* w_hh_t, const floating* bias_h, floating* h,
                       floating* c, floating* gh, floating* out, floating* acts,
-                      floating* h_prev, floating* c_prev) noexcept nogil:
+                      floating* h_prev, floating* c_prev, const floating* peep) noexcept nogil:
     cdef Py_ssize_t d_lo = j.ranges[part][0], d_hi = j.ranges[part][1]
     cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
     cdef Py_ssize_t H = j.H, dirs = j.dirs, B = j.B
@@ -499,7 +550,9 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
             acts_t, acts_b,
             NULL if h_prev == NULL else h_prev + first * h_cols + d * H,
             NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
-            NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt)
+            NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt,
+            &j.options[d] if j.has_options else NULL,
+            NULL if peep == NULL else peep + d * 3 * H)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -508,11 +561,13 @@ cdef void _recur_job(void* arg, int part) noexcept nogil:
     if j.is_double:
         _recur_part(j, part, <double*>j.gx, <const double*>j.w_hh, <const double*>j.w_hh_t,
                     <const double*>j.bias_h, <double*>j.h, <double*>j.c, <double*>j.gh,
-                    <double*>j.out, <double*>j.acts, <double*>j.h_prev, <double*>j.c_prev)
+                    <double*>j.out, <double*>j.acts, <double*>j.h_prev, <double*>j.c_prev,
+                    <const double*>j.peep)
     else:
         _recur_part(j, part, <float*>j.gx, <const float*>j.w_hh, <const float*>j.w_hh_t,
                     <const float*>j.bias_h, <float*>j.h, <float*>j.c, <float*>j.gh,
-                    <float*>j.out, <float*>j.acts, <float*>j.h_prev, <float*>j.c_prev)
+                    <float*>j.out, <float*>j.acts, <float*>j.h_prev, <float*>j.c_prev,
+                    <const float*>j.peep)
 
 
 def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
@@ -530,7 +585,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           floating[:, ::1] h_prev,
           floating[:, ::1] c_prev,
           bint blas_held,
-          packed=None):
+          packed=None,
+          const double[:, ::1] options=None,
+          const floating[::1] peepholes=None):
     """The time loops of one layer, after ``project``, in one or two parts:
     ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
     on disjoint memory. A second part runs at the same time on the worker
@@ -547,7 +604,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     (R, dirs * H). blas_held: the caller holds BLAS at one thread, so a
     batch-1 gemv need not be cut into single-thread blocks. packed (float32
     only): ``pack_recurrent``'s arrays for each direction, the per-step
-    products then run on the micro-kernel; None: through BLAS.
+    products then run on the micro-kernel; None: through BLAS. options
+    (dirs, OPTION_FIELDS), the *_OPT kinds only: one row per direction;
+    peepholes (dirs * 3 * H,) the LSTM_OPT's peephole weights or None.
     """
     cdef RecurJob job
     if T == 0 or h.shape[1] == 0:
@@ -578,6 +637,12 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     if floating is float and packed is not None:
         _fill_packed(job.packed, packed, cell, job.H, job.dirs)
         job.packs_per_dir = len(packed) // job.dirs
+    job.has_options = fill_options(job.options, options, cell, job.dirs)
+    job.peep = NULL
+    if peepholes is not None:
+        if cell != LSTM_OPT or peepholes.shape[0] != job.dirs * 3 * job.H:
+            raise ValueError("recur: peepholes do not fit the layer")
+        job.peep = &peepholes[0]
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -1147,7 +1212,8 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
                            h + (k * dirs + d) * B * H,
                            NULL if c == NULL else c + (k * dirs + d) * B * H,
                            gh + d * B * GH, layer_out + d * H,
-                           acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols, NULL)
+                           acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols, NULL, NULL,
+                           NULL)
         layer_in = layer_out
         in_cols = dirs * H
 

@@ -13,7 +13,7 @@
 #         c' = f * c + i * u, h' = o * tanh(c')
 
 from cython cimport floating
-from libc.math cimport exp, tanh
+from libc.math cimport exp, expm1, expm1f, tanh, log1p, log1pf
 from libc.stdint cimport int32_t
 from libc.string cimport memcpy
 
@@ -22,17 +22,41 @@ cdef extern from "_fpenv.h":
     void fastrnn_restore_fpenv(unsigned int old) noexcept nogil
 
 
-# cell kinds, shared by the forward and backward kernels
+# cell kinds, shared by the forward and backward kernels. The *_OPT kinds
+# are the same cells with gate options (GateOptions below: activations,
+# clip, input_forget, peepholes): the same products, a gate pass that reads
+# the options, and the pre-activations saved for backward instead of the
+# activations (backward recomputes those; any activation's slope is then a
+# function of its input).
 cdef enum:
     RNN_TANH = 0
     RNN_RELU = 1
     GRU = 2
     LSTM = 3
     GRU_RESET_BEFORE = 4
+    RNN_OPT = 5
+    GRU_OPT = 6
+    GRU_RESET_BEFORE_OPT = 7
+    LSTM_OPT = 8
+
+
+cdef inline int base_cell(int cell) noexcept nogil:
+    """The kind without options, which decides the products and their
+    packed weights."""
+    if cell == RNN_OPT:
+        return RNN_TANH
+    if cell == GRU_OPT:
+        return GRU
+    if cell == GRU_RESET_BEFORE_OPT:
+        return GRU_RESET_BEFORE
+    if cell == LSTM_OPT:
+        return LSTM
+    return cell
 
 
 cdef inline Py_ssize_t num_gates(int cell) noexcept nogil:
     """G: gate blocks of W_ih / W_hh."""
+    cell = base_cell(cell)
     if cell == LSTM:
         return 4
     if cell == GRU or cell == GRU_RESET_BEFORE:
@@ -42,8 +66,11 @@ cdef inline Py_ssize_t num_gates(int cell) noexcept nogil:
 
 cdef inline Py_ssize_t num_saved(int cell) noexcept nogil:
     """S / H: activations saved per step for backward (the GRU adds W_hn h +
-    b_hn, the reset-before GRU r * h)."""
-    if cell != RNN_TANH and cell != RNN_RELU:
+    b_hn, the reset-before GRU r * h; the LSTM with options c_t, which the
+    peepholes' gradients need)."""
+    if cell == LSTM_OPT:
+        return 5
+    if cell != RNN_TANH and cell != RNN_RELU and cell != RNN_OPT:
         return 4
     return 1
 
@@ -239,3 +266,260 @@ cdef inline void axpy_product(const floating* v, Py_ssize_t K, const floating* w
             vk = v[k]
             for n in range(n0, N):
                 y[n] += vk * w[k * ldw + n]
+
+
+# --- gate options: the *_OPT cell kinds ---
+# Activation kinds: ONNX's list (alpha, beta as ONNX defines them; Keras'
+# activations are among them)
+cdef enum:
+    ACT_SIGMOID = 0
+    ACT_TANH = 1
+    ACT_RELU = 2
+    ACT_AFFINE = 3             # alpha * x + beta ('linear': 1, 0)
+    ACT_LEAKY_RELU = 4         # x if x >= 0 else alpha * x
+    ACT_THRESHOLDED_RELU = 5   # x if x >= alpha else 0
+    ACT_SCALED_TANH = 6        # alpha * tanh(beta * x)
+    ACT_HARD_SIGMOID = 7       # min(max(alpha * x + beta, 0), 1)
+    ACT_ELU = 8                # x if x >= 0 else alpha * (e^x - 1)
+    ACT_SOFTSIGN = 9           # x / (1 + |x|)
+    ACT_SOFTPLUS = 10          # log(1 + e^x)
+
+
+cdef struct Activation:
+    int kind
+    double alpha
+    double beta
+
+
+cdef struct GateOptions:
+    Activation gate      # LSTM i, f, o; GRU r, z (ONNX's f)
+    Activation cand      # LSTM g, GRU n, the RNN's only one (ONNX's g; the RNN's f)
+    Activation cell      # LSTM h_t = o * cell(c_t) (ONNX's h)
+    double clip          # > 0: every gate's and candidate's input clamped to
+                         # [-clip, clip] (ONNX's clip; c_t is not clipped)
+    bint input_forget    # LSTM: f = 1 - i (ONNX's input_forget)
+
+
+# a direction's options as a row of floats: each activation's (kind, alpha,
+# beta) for the gates, the candidate and the LSTM's cell, then clip (0: none)
+# and input_forget (0 or 1)
+cdef enum:
+    OPTION_ROW = 11
+
+
+cdef inline bint _read_activation(Activation* a, const double* spec) noexcept nogil:
+    a.kind = <int>spec[0]
+    a.alpha = spec[1]
+    a.beta = spec[2]
+    return ACT_SIGMOID <= spec[0] <= ACT_SOFTPLUS and a.kind == spec[0]
+
+
+cdef inline bint read_options(GateOptions* out, const double* row) noexcept nogil:
+    """Decode one direction's row (OPTION_ROW floats); False if an
+    activation kind is unknown."""
+    cdef bint known = (_read_activation(&out.gate, row) & _read_activation(&out.cand, row + 3)
+                       & _read_activation(&out.cell, row + 6))
+    out.clip = row[9]
+    out.input_forget = row[10] != 0
+    return known
+
+
+cdef inline bint fill_options(GateOptions* out, const double[:, ::1] options, int cell,
+                        Py_ssize_t dirs) except -1:
+    """Decode ``options`` (dirs, OPTION_ROW) into out[:dirs]; whether the
+    kind takes options (then they are required)."""
+    cdef Py_ssize_t d
+    if base_cell(cell) == cell:
+        if options is not None:
+            raise ValueError("options given for a cell kind without options")
+        return False
+    if options is None or options.shape[0] != dirs or options.shape[1] != OPTION_ROW:
+        raise ValueError(f"expected options of shape ({dirs}, {OPTION_ROW})")
+    for d in range(dirs):
+        if not read_options(&out[d], &options[d, 0]):
+            raise ValueError("options: unknown activation kind")
+    return True
+
+
+cdef inline floating act_value(const Activation* a, floating x) noexcept nogil:
+    """The activation at x; NaN in, NaN out."""
+    cdef floating alpha = <floating>a.alpha, beta = <floating>a.beta, v
+    cdef int kind = a.kind
+    if kind == ACT_SIGMOID:
+        return sigmoid(x)
+    if kind == ACT_TANH:
+        return tanh_(x)
+    if kind == ACT_RELU:
+        return relu(x)
+    if kind == ACT_AFFINE:
+        return alpha * x + beta
+    if kind == ACT_LEAKY_RELU:
+        return alpha * x if x < 0 else x
+    if kind == ACT_THRESHOLDED_RELU:
+        return 0 if x < alpha else x
+    if kind == ACT_SCALED_TANH:
+        return alpha * tanh_(beta * x)
+    if kind == ACT_HARD_SIGMOID:
+        v = alpha * x + beta
+        v = 0 if v < 0 else v
+        return 1 if v > 1 else v
+    if kind == ACT_ELU:
+        if x >= 0:
+            return x
+        if floating is float:
+            v = expm1f(x)
+        else:
+            v = expm1(x)
+        return alpha * v
+    if kind == ACT_SOFTSIGN:
+        return x / (1 + (x if x >= 0 else -x))
+    # softplus as max(x, 0) + log(1 + e^-|x|): no overflow
+    v = -x if x >= 0 else x
+    if floating is float:
+        v = log1pf(_exp_f32(v))
+    else:
+        v = log1p(exp(v))
+    return (x if x > 0 else 0) + v
+
+
+cdef inline floating act_slope(const Activation* a, floating x, floating y) noexcept nogil:
+    """The activation's derivative at x, where y = act_value(a, x)."""
+    cdef floating alpha = <floating>a.alpha, beta = <floating>a.beta, v
+    cdef int kind = a.kind
+    if kind == ACT_SIGMOID:
+        return y * (1 - y)
+    if kind == ACT_TANH:
+        return 1 - y * y
+    if kind == ACT_RELU:
+        return 1 if x > 0 else 0
+    if kind == ACT_AFFINE:
+        return alpha
+    if kind == ACT_LEAKY_RELU:
+        return alpha if x < 0 else 1
+    if kind == ACT_THRESHOLDED_RELU:
+        return 0 if x < alpha else 1
+    if kind == ACT_SCALED_TANH:
+        v = tanh_(beta * x)
+        return alpha * beta * (1 - v * v)
+    if kind == ACT_HARD_SIGMOID:
+        v = alpha * x + beta
+        return alpha if 0 < v < 1 else 0
+    if kind == ACT_ELU:
+        return y + alpha if x < 0 else 1
+    if kind == ACT_SOFTSIGN:
+        v = 1 + (x if x >= 0 else -x)
+        return 1 / (v * v)
+    return sigmoid(x)   # softplus
+
+
+cdef inline floating clipped(floating x, floating clip) noexcept nogil:
+    """x clamped to [-clip, clip] (clip 0: no clipping); NaN passes."""
+    if clip > 0:
+        x = clip if x > clip else x
+        x = -clip if x < -clip else x
+    return x
+
+
+cdef inline floating clip_slope(floating x, floating clip) noexcept nogil:
+    return 0 if clip > 0 and (x > clip or x < -clip) else 1
+
+
+cdef inline void rnn_opt_row(const floating* g, floating* h, floating* out, floating* acts,
+                             Py_ssize_t H, const GateOptions* o) noexcept nogil:
+    """acts: the pre-activation."""
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip, v
+    for j in range(H):
+        acts[j] = g[j]
+        v = act_value(&o.cand, clipped(g[j], clip))
+        h[j] = v
+        out[j] = v
+
+
+cdef inline void gru_opt_row(const floating* gx, const floating* gh, const floating* h_old,
+                             floating* h, floating* out, floating* acts, Py_ssize_t H,
+                             const GateOptions* o) noexcept nogil:
+    """acts: the pre-activations of r, z and n (gx_n + r * gh_n), and gh_n."""
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating pre_r, pre_z, pre_n, r, z, n, v
+    for j in range(H):
+        pre_r = gx[j] + gh[j]
+        pre_z = gx[H + j] + gh[H + j]
+        r = act_value(&o.gate, clipped(pre_r, clip))
+        z = act_value(&o.gate, clipped(pre_z, clip))
+        pre_n = gx[2 * H + j] + r * gh[2 * H + j]
+        n = act_value(&o.cand, clipped(pre_n, clip))
+        v = (<floating>1 - z) * n + z * h_old[j]
+        h[j] = v
+        out[j] = v
+        acts[j] = pre_r
+        acts[H + j] = pre_z
+        acts[2 * H + j] = pre_n
+        acts[3 * H + j] = gh[2 * H + j]
+
+
+cdef inline void gru_reset_gates_opt_row(const floating* g, const floating* h, floating* acts,
+                                         Py_ssize_t H, const GateOptions* o) noexcept nogil:
+    """The reset-before GRU's first pass (as gru_reset_gates_row): acts the
+    pre-activations of r and z, and r * h."""
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    for j in range(H):
+        acts[j] = g[j]
+        acts[H + j] = g[H + j]
+        acts[3 * H + j] = act_value(&o.gate, clipped(g[j], clip)) * h[j]
+
+
+cdef inline void gru_reset_opt_row(const floating* g, floating* h, floating* out,
+                                   floating* acts, Py_ssize_t H,
+                                   const GateOptions* o) noexcept nogil:
+    """Its second pass: acts n's pre-activation."""
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating z, n, v
+    for j in range(H):
+        z = act_value(&o.gate, clipped(acts[H + j], clip))
+        n = act_value(&o.cand, clipped(g[2 * H + j], clip))
+        v = (<floating>1 - z) * n + z * h[j]
+        h[j] = v
+        out[j] = v
+        acts[2 * H + j] = g[2 * H + j]
+
+
+cdef inline void lstm_opt_row(const floating* g, floating* h, floating* c, floating* out,
+                              floating* acts, Py_ssize_t H, const GateOptions* o,
+                              const floating* peep) noexcept nogil:
+    """acts: the pre-activations of i, f, g, o (peephole terms included) and
+    c_t. peep: the peephole weights (3 H: i, f, o) or NULL. ONNX's order:
+    i and f see c_{t-1}, o sees c_t."""
+    cdef Py_ssize_t j
+    cdef floating clip = <floating>o.clip
+    cdef floating c_old, pre_i, pre_f, pre_o, i, f, u, og, c_new, v
+    for j in range(H):
+        c_old = c[j]
+        pre_i = g[j]
+        pre_f = g[H + j]
+        pre_o = g[3 * H + j]
+        if peep != NULL:
+            pre_i = pre_i + peep[j] * c_old
+            pre_f = pre_f + peep[H + j] * c_old
+        i = act_value(&o.gate, clipped(pre_i, clip))
+        if o.input_forget:
+            f = <floating>1 - i
+        else:
+            f = act_value(&o.gate, clipped(pre_f, clip))
+        u = act_value(&o.cand, clipped(g[2 * H + j], clip))
+        c_new = f * c_old + i * u
+        if peep != NULL:
+            pre_o = pre_o + peep[2 * H + j] * c_new
+        og = act_value(&o.gate, clipped(pre_o, clip))
+        v = og * act_value(&o.cell, c_new)
+        c[j] = c_new
+        h[j] = v
+        out[j] = v
+        acts[j] = pre_i
+        acts[H + j] = pre_f
+        acts[2 * H + j] = g[2 * H + j]
+        acts[3 * H + j] = pre_o
+        acts[4 * H + j] = c_new

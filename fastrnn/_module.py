@@ -37,7 +37,17 @@ CELL_KINDS = {
     "gru": (_forward.CELL_GRU, 3, 4),
     "gru_reset_before": (_forward.CELL_GRU_RESET_BEFORE, 3, 4),
     "lstm": (_forward.CELL_LSTM, 4, 4),
+    # with gate options (_gate_options.py): pre-activations saved, and c_t
+    "rnn_opt": (_forward.CELL_RNN_OPT, 1, 1),
+    "gru_opt": (_forward.CELL_GRU_OPT, 3, 4),
+    "gru_reset_before_opt": (_forward.CELL_GRU_RESET_BEFORE_OPT, 3, 4),
+    "lstm_opt": (_forward.CELL_LSTM_OPT, 4, 5),
 }
+# the kind without options of each kernel code (which products it runs)
+BASE_CODE = {_forward.CELL_RNN_OPT: _forward.CELL_RNN_TANH,
+             _forward.CELL_GRU_OPT: _forward.CELL_GRU,
+             _forward.CELL_GRU_RESET_BEFORE_OPT: _forward.CELL_GRU_RESET_BEFORE,
+             _forward.CELL_LSTM_OPT: _forward.CELL_LSTM}
 
 
 RESET_AFTER_DOC = """
@@ -284,9 +294,14 @@ class RecurrentWeights(Module):
     """
 
     def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
-               dropout=0.0):
-        """Allocate, register under ``names(layer, direction)`` and initialise."""
+               dropout=0.0, peepholes=False):
+        """Allocate, register under ``names(layer, direction)`` and initialise.
+        peepholes: an LSTM's peephole weights too, (3 H,) per layer and
+        direction (i, f, o), named as W_hh with ``weight_peephole``."""
         self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
+        # the kind without options: the products, the packed weights, the fast paths
+        self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
+        self._option_rows = None   # the *_OPT kinds': _gate_options.option_rows
         gates = self._gates
         owner = type(self).__name__
         if dirs * gates * hidden_size > v.BLAS_INT_MAX:
@@ -319,6 +334,16 @@ class RecurrentWeights(Module):
                         grad_views[name] = grads[key][k][rows]
         self._storage_index = tuple(index[key] for key in kinds)
         self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[key] for key in kinds)
+        self._peep_index, self._dpeep = [], []
+        for k in range(layers if peepholes else 0):
+            self._dpeep.append(np.zeros(dirs * 3 * hidden_size, dtype))
+            self._peep_index.append(self._add_storage(np.empty(dirs * 3 * hidden_size, dtype),
+                                                      self._dpeep[k]))
+            for d in range(dirs):
+                rows = slice(d * 3 * hidden_size, (d + 1) * 3 * hidden_size)
+                name = names(k, d)[1].replace("weight_hh", "weight_peephole")
+                self._register(name, self._peep_index[k], rows)
+                grad_views[name] = self._dpeep[k][rows]
         self._grads = MappingProxyType(grad_views)
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
@@ -336,6 +361,13 @@ class RecurrentWeights(Module):
                 [None if i is None else params.storages[i] for i in per_layer]
                 for per_layer in self._storage_index)
         return cached
+
+    def _peepholes(self, params):
+        """Per layer the peephole weights (dirs * 3 * H,) of a parameter set,
+        or None when the layer has none."""
+        if not self._peep_index:
+            return [None] * self._layers
+        return [params.storages[i] for i in self._peep_index]
 
 
 def dropout_mask(rng, shape, p, dtype):

@@ -1229,11 +1229,12 @@ def _parameter_layout(name, kwargs):
         bias = v.check_bool(name, "bias", args["bias"])
         dirs = 2 if v.check_bool(name, "bidirectional", args["bidirectional"]) else 1
         GH = _GATES[name] * H
+        peep = name == "LSTM" and v.check_bool(name, "peepholes", args["peepholes"])
 
         def per_direction(in_size):
-            return GH * in_size + GH * H + (2 * GH if bias else 0)
+            return GH * in_size + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
 
-        arrays = L * dirs * (4 if bias else 2)
+        arrays = L * dirs * ((4 if bias else 2) + peep)
         values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
 
         def shapes():
@@ -1246,6 +1247,8 @@ def _parameter_layout(name, kwargs):
                     if bias:
                         yield f"bias_ih{sfx}", (GH,)
                         yield f"bias_hh{sfx}", (GH,)
+                    if peep:
+                        yield f"weight_peephole{sfx}", (3 * H,)
         summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
                    f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}")
     elif name in _CELL_GATES:
@@ -1253,7 +1256,9 @@ def _parameter_layout(name, kwargs):
         H = v.check_int(name, "hidden_size", args["hidden_size"])
         bias = v.check_bool(name, "bias", args["bias"])
         GH = _CELL_GATES[name] * H
-        arrays, values = (4 if bias else 2), GH * D + GH * H + (2 * GH if bias else 0)
+        peep = name == "LSTMCell" and v.check_bool(name, "peepholes", args["peepholes"])
+        arrays = (4 if bias else 2) + peep
+        values = GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
 
         def shapes():
             yield "weight_ih", (GH, D)
@@ -1261,6 +1266,8 @@ def _parameter_layout(name, kwargs):
             if bias:
                 yield "bias_ih", (GH,)
                 yield "bias_hh", (GH,)
+            if peep:
+                yield "weight_peephole", (3 * H,)
         summary = f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, bias={bias}"
     elif name == "Linear":
         n_in = v.check_int(name, "in_features", args["in_features"])

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
+from fastrnn import _gate_options
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine
 from fastrnn._module import RESET_AFTER_DOC, gru_kind
@@ -22,7 +23,7 @@ from fastrnn._validation import shape_str
 class _CellBase(RecurrentEngine):
     _has_cell_state = False
 
-    def __init__(self, kind, input_size, hidden_size, bias, dtype, seed):
+    def __init__(self, kind, input_size, hidden_size, bias, dtype, seed, gate_options):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -31,8 +32,15 @@ class _CellBase(RecurrentEngine):
         cfg["bias"] = v.check_bool(owner, "bias", bias)
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
+        # gate options (_gate_options.py): the kind runs them, or the plain kind
+        kind, activation, options, rows = _gate_options.configure(
+            owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
-                    cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                    cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                    peepholes=options.get("peepholes", False))
+        self._option_rows = rows
+        cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
+        cfg.update(options)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -40,16 +48,17 @@ class _CellBase(RecurrentEngine):
             opts.append(("bias", False))
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
-        return opts
+        return opts + _gate_options.repr_options(cfg)
 
     def __call__(self, x: ArrayLike,
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
-        result = self._stepper(params).step(x, hx)
-        if result is not None:
-            return result
+        if self._option_rows is None:   # (the streaming kernel runs no gate options)
+            result = self._stepper(params).step(x, hx)
+            if result is not None:
+                return result
         x, B, batched, h, c = self._prepare(x, hx)
         if B > 0:   # the layers' driver with T = 1; h, c become the new state
             self._run(params, x[None], 1, B, False, h[None], None if c is None else c[None],
@@ -198,19 +207,11 @@ class RNNCell(_CellBase):
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="RNN")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
-                 nonlinearity: str = "tanh", dtype: DTypeLike = "float32",
-                 seed: int | np.random.Generator | None = None) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', "
-                             f"got {nonlinearity!r}")
-        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, bias, dtype, seed)
-        self._config["nonlinearity"] = nonlinearity
-
-    def _repr_options(self):
-        opts = super()._repr_options()
-        if self._config["nonlinearity"] != "tanh":
-            opts.append(("nonlinearity", self._config["nonlinearity"]))
-        return opts
+                 nonlinearity: Any = "tanh", dtype: DTypeLike = "float32",
+                 seed: int | np.random.Generator | None = None, *,
+                 clip: float | None = None) -> None:
+        super().__init__("rnn", input_size, hidden_size, bias, dtype, seed,
+                         {"activation": nonlinearity, "clip": clip})
 
 
 class GRUCell(_CellBase):
@@ -221,9 +222,12 @@ class GRUCell(_CellBase):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
-                 reset_after: bool = True) -> None:
+                 reset_after: bool = True, activation: Any = "tanh",
+                 recurrent_activation: Any = "sigmoid", clip: float | None = None) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
-        super().__init__(kind, input_size, hidden_size, bias, dtype, seed)
+        super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
+                         {"activation": activation,
+                          "recurrent_activation": recurrent_activation, "clip": clip})
         self._config["reset_after"] = reset_after
 
 
@@ -236,5 +240,12 @@ class LSTMCell(_CellBase):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  dtype: DTypeLike = "float32",
-                 seed: int | np.random.Generator | None = None) -> None:
-        super().__init__("lstm", input_size, hidden_size, bias, dtype, seed)
+                 seed: int | np.random.Generator | None = None, *,
+                 activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
+                 cell_activation: Any = None, clip: float | None = None,
+                 input_forget: bool = False, peepholes: bool = False) -> None:
+        super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
+                         {"activation": activation,
+                          "recurrent_activation": recurrent_activation,
+                          "cell_activation": cell_activation, "clip": clip,
+                          "input_forget": input_forget, "peepholes": peepholes})

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from fastrnn import _gate_options
 from fastrnn._validation import check_dtype, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
@@ -96,6 +97,14 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     if not cfg.pop("reset_after", True):
         raise ValueError(f"to_torch: {name} has reset_after=False; PyTorch has only the "
                          f"reset-after GRU (export it with to_onnx instead)")
+    # gate options PyTorch lacks: refused by name unless at their defaults
+    for key, value in _gate_options.repr_options(cfg):
+        if key != "nonlinearity" or value not in ("tanh", "relu"):
+            raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
+                             f"option (export it with to_onnx instead)")
+    for key, _ in _gate_options.DEFAULTS:
+        if key != "nonlinearity":
+            cfg.pop(key, None)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.pop("dtype").name]
     size = (cfg.pop("input_size"), cfg.pop("hidden_size"))
     module = getattr(torch.nn, name)(*size, dtype=dtype, **cfg)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import _parallel, _plan
+from fastrnn import _gate_options, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._engine import Backprop, RecurrentEngine
@@ -30,7 +30,7 @@ class _RNNBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
-                 dropout, bidirectional, dtype, seed):
+                 dropout, bidirectional, dtype, seed, gate_options):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -44,6 +44,9 @@ class _RNNBase(RecurrentEngine):
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
         dirs = 2 if cfg["bidirectional"] else 1
+        # gate options (_gate_options.py): the kind runs them, or the plain kind
+        kind, activation, options, rows = _gate_options.configure(
+            owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -54,7 +57,11 @@ class _RNNBase(RecurrentEngine):
 
         # rng also draws the dropout masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
-                    cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"])
+                    cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
+                    peepholes=options.get("peepholes", False))
+        self._option_rows = rows
+        cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
+        cfg.update(options)
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -65,7 +72,9 @@ class _RNNBase(RecurrentEngine):
                 opts.append((key, cfg[key]))
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
-        return opts
+        gate = _gate_options.repr_options(cfg)   # PyTorch's order: nonlinearity first
+        return ([o for o in gate if o[0] == "nonlinearity"] + opts
+                + [o for o in gate if o[0] != "nonlinearity"])
 
     # --- forward ------------------------------------------------------------
     def __call__(self, x: ArrayLike,
@@ -76,7 +85,8 @@ class _RNNBase(RecurrentEngine):
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None:   # the lean path of small calls (_forward.SequenceRunner)
+        if lengths is None and self._option_rows is None:
+            # the lean path of small calls (_forward.SequenceRunner)
             result = self._sequence_runner(params).run(x, hx)
             if result is not None:
                 return result
@@ -336,21 +346,14 @@ class RNN(_RNNBase):
         gates="G = 1")
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 nonlinearity: Any = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = "float32",
-                 seed: int | np.random.Generator | None = None) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, dtype, seed)
-        self._config["nonlinearity"] = nonlinearity
-
-    def _repr_options(self):
-        opts = super()._repr_options()
-        if self._config["nonlinearity"] != "tanh":
-            opts.insert(0, ("nonlinearity", self._config["nonlinearity"]))
-        return opts
+                 seed: int | np.random.Generator | None = None, *,
+                 clip: float | None = None) -> None:
+        super().__init__("rnn", input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, dtype, seed,
+                         {"activation": nonlinearity, "clip": clip})
 
 
 class GRU(_RNNBase):
@@ -374,10 +377,13 @@ class GRU(_RNNBase):
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 reset_after: bool = True) -> None:
+                 reset_after: bool = True, activation: Any = "tanh",
+                 recurrent_activation: Any = "sigmoid", clip: float | None = None) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, dtype, seed)
+                         dropout, bidirectional, dtype, seed,
+                         {"activation": activation,
+                          "recurrent_activation": recurrent_activation, "clip": clip})
         self._config["reset_after"] = reset_after
 
 
@@ -400,6 +406,13 @@ class LSTM(_RNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, dtype: DTypeLike = "float32",
-                 seed: int | np.random.Generator | None = None) -> None:
+                 seed: int | np.random.Generator | None = None, *,
+                 activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
+                 cell_activation: Any = None, clip: float | None = None,
+                 input_forget: bool = False, peepholes: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, dtype, seed)
+                         dropout, bidirectional, dtype, seed,
+                         {"activation": activation,
+                          "recurrent_activation": recurrent_activation,
+                          "cell_activation": cell_activation, "clip": clip,
+                          "input_forget": input_forget, "peepholes": peepholes})

@@ -1,0 +1,186 @@
+"""Gate options of the recurrent layers and cells: activations, clip,
+input_forget and peepholes (ONNX's LSTM/GRU/RNN attributes; Keras'
+activation and recurrent_activation).
+
+Python checks and normalises the user's arguments here; the kernels take
+one row of floats per direction (_gates.pxd ``read_options``). A layer
+whose options are all at their defaults runs the plain cell kinds, so the
+defaults cost nothing; any other value selects the *_OPT kind of the cell.
+
+An activation spec is a name, or a tuple ``(name, alpha)`` or
+``(name, alpha, beta)``; for a bidirectional layer also a list of two specs
+``[forward, reverse]``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from fastrnn._kernels import forward as _forward
+
+# name: (alpha, beta) defaults, None where the activation takes no parameter.
+# ONNX's defaults, except hard_sigmoid: Keras 3's clip(x / 6 + 0.5, 0, 1)
+# (ONNX's HardSigmoid defaults to 0.2, 0.5; from_onnx passes its values).
+ACTIVATIONS = {
+    "sigmoid": None, "tanh": None, "relu": None, "softsign": None, "softplus": None,
+    "linear": None,                  # x: affine with 1, 0
+    "affine": (1.0, 0.0),            # alpha * x + beta
+    "leaky_relu": (0.01, None),      # x if x >= 0 else alpha * x
+    "thresholded_relu": (1.0, None), # x if x >= alpha else 0
+    "scaled_tanh": (1.0, 1.0),       # alpha * tanh(beta * x)
+    "hard_sigmoid": (1.0 / 6.0, 0.5),  # min(max(alpha * x + beta, 0), 1)
+    "elu": (1.0, None),              # x if x >= 0 else alpha * (e^x - 1)
+}
+
+FORMULAS = {
+    "sigmoid": "1 / (1 + e^-x)", "tanh": "tanh(x)", "relu": "max(x, 0)",
+    "softsign": "x / (1 + |x|)", "softplus": "log(1 + e^x)", "linear": "x",
+    "affine": "alpha * x + beta", "leaky_relu": "x if x >= 0 else alpha * x",
+    "thresholded_relu": "x if x >= alpha else 0", "scaled_tanh": "alpha * tanh(beta * x)",
+    "hard_sigmoid": "min(max(alpha * x + beta, 0), 1)",
+    "elu": "x if x >= 0 else alpha * (e^x - 1)",
+}
+
+
+def _is_spec_tuple(value):
+    return (isinstance(value, (tuple, list)) and len(value) >= 1 and isinstance(value[0], str)
+            and (len(value) == 1 or not isinstance(value[1], (str, tuple, list))))
+
+
+def activation(owner, name, spec):
+    """The canonical form of one activation spec: the name alone when it has
+    its default parameters, else a tuple (name, alpha) or (name, alpha, beta)."""
+    names = ", ".join(repr(n) for n in ACTIVATIONS)
+    if isinstance(spec, str):
+        key, params = spec, ()
+    elif _is_spec_tuple(spec):
+        key, params = spec[0], tuple(spec[1:])
+    else:
+        raise TypeError(f"{owner}: {name} must be an activation name or a tuple (name, alpha"
+                        f"[, beta]), got {type(spec).__name__} {spec!r}")
+    if key not in ACTIVATIONS:
+        raise ValueError(f"{owner}: {name}: unknown activation {key!r}; expected one of "
+                         f"{names}")
+    defaults = ACTIVATIONS[key]
+    takes = 0 if defaults is None else sum(d is not None for d in defaults)
+    if len(params) > takes:
+        expected = {0: "no parameter", 1: "one parameter (alpha)",
+                    2: "at most two parameters (alpha, beta)"}[takes]
+        raise ValueError(f"{owner}: {name}: {key!r} takes {expected}, got {len(params)} "
+                         f"in {spec!r}")
+    values = []
+    for label, p in zip(("alpha", "beta"), params):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p):
+            raise ValueError(f"{owner}: {name}: {key!r}'s {label} must be a finite number, "
+                             f"got {p!r}")
+        values.append(float(p))
+    if defaults is not None:
+        full = [values[i] if i < len(values) else d for i, d in enumerate(defaults)
+                if d is not None]
+        if full == [d for d in defaults if d is not None]:
+            return key
+        return (key, *full)
+    return key
+
+
+def per_direction(owner, name, spec, dirs):
+    """[spec per direction] from one spec or a list of ``dirs`` specs."""
+    if isinstance(spec, (list, tuple)) and not _is_spec_tuple(spec):
+        if dirs != 2 or len(spec) != 2:
+            where = "bidirectional layers" if dirs == 2 else "a unidirectional layer"
+            raise ValueError(f"{owner}: {name}: a list of one spec per direction needs "
+                             f"2 specs on a bidirectional layer; got {len(spec)} on {where}")
+        return [activation(owner, f"{name}[{d}]", s) for d, s in enumerate(spec)]
+    return [activation(owner, name, spec)] * dirs
+
+
+def compact(specs):
+    """The config form of per-direction specs: one spec when they agree."""
+    specs = [list(s) if isinstance(s, tuple) else s for s in specs]
+    return specs[0] if all(s == specs[0] for s in specs) else specs
+
+
+def _kind(spec):
+    """(kernel kind, alpha, beta) of a canonical spec."""
+    key, params = (spec, ()) if isinstance(spec, str) else (spec[0], tuple(spec[1:]))
+    if key == "linear":
+        key, params = "affine", (1.0, 0.0)
+    defaults = ACTIVATIONS[key] or ()
+    filled = [params[i] if i < len(params) else d
+              for i, d in enumerate(d for d in defaults if d is not None)]
+    alpha = filled[0] if filled else 0.0
+    beta = filled[1] if len(filled) > 1 else 0.0
+    return float(_forward.ACTIVATION_KINDS[key]), float(alpha), float(beta)
+
+
+def check_clip(owner, clip):
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) \
+            or clip <= 0:
+        raise ValueError(f"{owner}: clip must be None or a finite number > 0, got {clip!r}")
+    return float(clip)
+
+
+def option_rows(gate, cand, cell, clip, input_forget):
+    """The kernels' (dirs, OPTION_FIELDS) float64 rows from per-direction
+    canonical specs (gate or cell None: unused by the cell kind)."""
+    rows = []
+    for d in range(len(cand)):
+        row = []
+        for specs in (gate, cand, cell):
+            row.extend(_kind("sigmoid" if specs is None else specs[d]))
+        row.extend([clip or 0.0, 1.0 if input_forget else 0.0])
+        rows.append(row)
+    return np.array(rows, np.float64)   # OPTION_FIELDS columns
+
+
+def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
+              cell_activation=None, clip=None, input_forget=False, peepholes=False,
+              is_lstm=False):
+    """Check a layer's or cell's gate options: (cell kind, config entries,
+    option rows or None). The kind is ``base_kind`` itself when every option
+    has its default (the plain kernels run), else its *_OPT kind.
+    ``recurrent_activation`` None: the cell has no gates (the RNN)."""
+    from fastrnn import _validation as v
+    cand = per_direction(owner, "activation" if recurrent_activation is not None
+                         else "nonlinearity", activation, dirs)
+    gate = (None if recurrent_activation is None
+            else per_direction(owner, "recurrent_activation", recurrent_activation, dirs))
+    cell = None
+    config = {}
+    if is_lstm:
+        cell = cand if cell_activation is None else per_direction(
+            owner, "cell_activation", cell_activation, dirs)
+        config["cell_activation"] = None if cell_activation is None else compact(cell)
+        config["input_forget"] = v.check_bool(owner, "input_forget", input_forget)
+        config["peepholes"] = v.check_bool(owner, "peepholes", peepholes)
+    clip = check_clip(owner, clip)
+    config["clip"] = clip
+    if gate is not None:
+        config["recurrent_activation"] = compact(gate)
+    plain = (clip is None and all(s == "sigmoid" for s in gate or ["sigmoid"])
+             and all(s == "tanh" for s in cell or ["tanh"])
+             and not config.get("input_forget") and not config.get("peepholes"))
+    if recurrent_activation is None:   # the RNN: tanh and relu have plain kinds
+        plain = plain and len(set(cand)) == 1 and cand[0] in ("tanh", "relu")
+        kind = ("rnn_" + cand[0]) if plain else "rnn_opt"
+    else:
+        plain = plain and all(s == "tanh" for s in cand)
+        kind = base_kind if plain else base_kind + "_opt"
+    return kind, compact(cand), config, None if plain else option_rows(
+        gate, cand, cell, clip, config.get("input_forget"))
+
+
+# (config key, default) of every option, in the order repr shows them
+DEFAULTS = (("nonlinearity", "tanh"), ("activation", "tanh"),
+             ("recurrent_activation", "sigmoid"), ("cell_activation", None), ("clip", None),
+             ("input_forget", False), ("peepholes", False))
+
+
+def repr_options(config):
+    """(key, value) of the options that differ from their defaults."""
+    return [(key, config[key]) for key, default in DEFAULTS
+            if key in config and config[key] != default]
