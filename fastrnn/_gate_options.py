@@ -28,7 +28,7 @@ ACTIVATIONS = {
     "linear": None,                  # x: affine with 1, 0
     "affine": (1.0, 0.0),            # alpha * x + beta
     "leaky_relu": (0.01, None),      # x if x >= 0 else alpha * x
-    "thresholded_relu": (1.0, None), # x if x >= alpha else 0
+    "thresholded_relu": (1.0, None), # x if x > alpha else 0
     "scaled_tanh": (1.0, 1.0),       # alpha * tanh(beta * x)
     "hard_sigmoid": (1.0 / 6.0, 0.5),  # min(max(alpha * x + beta, 0), 1)
     "elu": (1.0, None),              # x if x >= 0 else alpha * (e^x - 1)
@@ -38,15 +38,16 @@ FORMULAS = {
     "sigmoid": "1 / (1 + e^-x)", "tanh": "tanh(x)", "relu": "max(x, 0)",
     "softsign": "x / (1 + |x|)", "softplus": "log(1 + e^x)", "linear": "x",
     "affine": "alpha * x + beta", "leaky_relu": "x if x >= 0 else alpha * x",
-    "thresholded_relu": "x if x >= alpha else 0", "scaled_tanh": "alpha * tanh(beta * x)",
+    "thresholded_relu": "x if x > alpha else 0", "scaled_tanh": "alpha * tanh(beta * x)",
     "hard_sigmoid": "min(max(alpha * x + beta, 0), 1)",
     "elu": "x if x >= 0 else alpha * (e^x - 1)",
 }
 
 
 def _is_spec_tuple(value):
-    return (isinstance(value, (tuple, list)) and len(value) >= 1 and isinstance(value[0], str)
-            and (len(value) == 1 or not isinstance(value[1], (str, tuple, list))))
+    """(name, alpha[, beta]), not a list of per-direction specs."""
+    return (isinstance(value, (tuple, list)) and len(value) in (2, 3)
+            and isinstance(value[0], str) and not isinstance(value[1], (str, tuple, list)))
 
 
 def activation(owner, name, spec):
@@ -72,7 +73,10 @@ def activation(owner, name, spec):
                          f"in {spec!r}")
     values = []
     for label, p in zip(("alpha", "beta"), params):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise TypeError(f"{owner}: {name}: {key!r}'s {label} must be a number, got "
+                            f"{type(p).__name__} {p!r}")
+        if not math.isfinite(p):
             raise ValueError(f"{owner}: {name}: {key!r}'s {label} must be a finite number, "
                              f"got {p!r}")
         values.append(float(p))
@@ -118,8 +122,10 @@ def _kind(spec):
 def check_clip(owner, clip):
     if clip is None:
         return None
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) \
-            or clip <= 0:
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+        raise TypeError(f"{owner}: clip must be None or a number, got {type(clip).__name__} "
+                        f"{clip!r}")
+    if not math.isfinite(clip) or clip <= 0:
         raise ValueError(f"{owner}: clip must be None or a finite number > 0, got {clip!r}")
     return float(clip)
 

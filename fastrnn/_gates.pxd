@@ -277,7 +277,7 @@ cdef enum:
     ACT_RELU = 2
     ACT_AFFINE = 3             # alpha * x + beta ('linear': 1, 0)
     ACT_LEAKY_RELU = 4         # x if x >= 0 else alpha * x
-    ACT_THRESHOLDED_RELU = 5   # x if x >= alpha else 0
+    ACT_THRESHOLDED_RELU = 5   # x if x > alpha else 0 (ONNX Runtime's; ONNX's text: >=)
     ACT_SCALED_TANH = 6        # alpha * tanh(beta * x)
     ACT_HARD_SIGMOID = 7       # min(max(alpha * x + beta, 0), 1)
     ACT_ELU = 8                # x if x >= 0 else alpha * (e^x - 1)
@@ -356,7 +356,7 @@ cdef inline floating act_value(const Activation* a, floating x) noexcept nogil:
     if kind == ACT_LEAKY_RELU:
         return alpha * x if x < 0 else x
     if kind == ACT_THRESHOLDED_RELU:
-        return 0 if x < alpha else x
+        return 0 if x <= alpha else x
     if kind == ACT_SCALED_TANH:
         return alpha * tanh_(beta * x)
     if kind == ACT_HARD_SIGMOID:
@@ -397,7 +397,7 @@ cdef inline floating act_slope(const Activation* a, floating x, floating y) noex
     if kind == ACT_LEAKY_RELU:
         return alpha if x < 0 else 1
     if kind == ACT_THRESHOLDED_RELU:
-        return 0 if x < alpha else 1
+        return 0 if x <= alpha else 1
     if kind == ACT_SCALED_TANH:
         v = tanh_(beta * x)
         return alpha * beta * (1 - v * v)

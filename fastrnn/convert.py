@@ -113,6 +113,13 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
 
 
 # --- Keras 3 -------------------------------------------------------------------------
+# Keras' activations that fastrnn's gate options compute (Keras 3's
+# hard_sigmoid is fastrnn's default one; its leaky_relu's slope is 0.2)
+_KERAS_ACTIVATIONS = {"tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu", "linear": "linear",
+                      "hard_sigmoid": "hard_sigmoid", "softsign": "softsign",
+                      "softplus": "softplus", "elu": "elu", "leaky_relu": ("leaky_relu", 0.2)}
+
+
 def _keras_refuse(layer, name, reason):
     raise ValueError(f"from_keras: {type(layer).__name__} {name}: {reason}")
 
@@ -126,13 +133,14 @@ def _keras_direction(layer, backward=False):
     if kind not in ("SimpleRNN", "GRU", "LSTM"):
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU or LSTM inside, got {kind}")
     cfg = layer.get_config()
-    expected = {"SimpleRNN": {"activation": "tanh"},
-                "GRU": {"activation": "tanh", "recurrent_activation": "sigmoid"},
-                "LSTM": {"activation": "tanh", "recurrent_activation": "sigmoid"}}[kind]
-    for key, value in expected.items():
-        if cfg.get(key) != value:
-            _keras_refuse(layer, f"{key}={cfg.get(key)!r}", f"fastrnn implements {value!r} "
-                          f"only (PyTorch's cell)")
+    options = {}
+    for key in ("activation",) if kind == "SimpleRNN" else ("activation",
+                                                            "recurrent_activation"):
+        value = cfg.get(key)
+        if not isinstance(value, str) or value not in _KERAS_ACTIVATIONS:
+            _keras_refuse(layer, f"{key}={value!r}", f"fastrnn implements Keras' "
+                          f"{', '.join(sorted(_KERAS_ACTIVATIONS))}")
+        options["nonlinearity" if kind == "SimpleRNN" else key] = _KERAS_ACTIVATIONS[value]
     if backward and not cfg.get("go_backwards"):
         _keras_refuse(layer, "go_backwards=False", "a Bidirectional's backward layer must run "
                       "backwards")
@@ -171,6 +179,7 @@ def _keras_direction(layer, backward=False):
               "zero_output_for_mask": bool(getattr(layer, "zero_output_for_mask", False))}
     if kind == "GRU":
         config["reset_after"] = reset_after
+    config["options"] = options
     return name, params, config
 
 
@@ -239,9 +248,14 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
                           "direction reads the sequence forwards")
         parts = [("", fwd[1]), ("_reverse", bwd[1])]
         name, config = fwd[0], fwd[2]
+        # (each direction's activations; Keras lets the backward layer differ)
+        gate_options = {key: value if value == bwd[2]["options"][key]
+                        else [value, bwd[2]["options"][key]]
+                        for key, value in fwd[2]["options"].items()}
     elif kind in ("SimpleRNN", "GRU", "LSTM"):
         name, params, config = _keras_direction(layer)
         parts = [("", params)]
+        gate_options = config["options"]
     else:
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional, "
                         f"Sequential or functional Model, got {kind}")
@@ -249,7 +263,7 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     options = {"reset_after": config["reset_after"]} if name == "GRU" else {}
     result = _LAYERS[name](config["input_size"], config["hidden_size"], bias=config["bias"],
                            batch_first=True, bidirectional=bidirectional,
-                           dtype=dtype, **options)
+                           dtype=dtype, **options, **gate_options)
     result.load_state_dict({f"{key}_l0{sfx}": value for sfx, params in parts
                             for key, value in params.items()})
     if config["go_backwards"]:
@@ -378,6 +392,47 @@ _ONNX_GLUE_OPS = {"Transpose", "Reshape", "Slice", "Squeeze", "Unsqueeze", "Conc
                   "Constant", "ConstantOfShape", "Shape", "Gather", "Cast", "Expand", "Split"}
 
 
+def _onnx_gate_attributes(layer, kind, dirs):
+    """A node's activations (alpha, beta compactly), clip and input_forget."""
+    cfg = layer._config
+    attrs = {}
+    if kind == "RNN" and cfg["nonlinearity"] == "tanh" and cfg["clip"] is None:
+        return attrs   # (ONNX's default; relu is written, as before the options)
+    onnx_names = {v: k for k, v in _ONNX_ACTIVATION_NAMES.items()}
+    spelled = {"leakyrelu": "LeakyRelu", "thresholdedrelu": "ThresholdedRelu",
+               "scaledtanh": "ScaledTanh", "hardsigmoid": "HardSigmoid"}
+    roles = {"RNN": ["nonlinearity"], "GRU": ["recurrent_activation", "activation"],
+             "LSTM": ["recurrent_activation", "activation", "cell_activation"]}[kind]
+    names, alphas, betas = [], [], []
+    for d in range(dirs):
+        for role in roles:
+            value = cfg[role] if role != "cell_activation" or cfg[role] is not None \
+                else cfg["activation"]
+            spec = _gate_options.per_direction(kind, role, value, dirs)[d]
+            key, params = (spec, ()) if isinstance(spec, str) else (spec[0], tuple(spec[1:]))
+            if key == "linear":
+                key, params = "affine", (1.0, 0.0)
+            defaults = [p for p in (_gate_options.ACTIVATIONS[key] or ()) if p is not None]
+            params = list(params) + defaults[len(params):]
+            onnx_key = onnx_names[key]
+            names.append(spelled.get(onnx_key, onnx_key.capitalize()))
+            reads = _ONNX_READS.get(key, (False, False))
+            if reads[0]:
+                alphas.append(params[0])
+            if reads[1]:
+                betas.append(params[1])
+    attrs["activations"] = names
+    if alphas:
+        attrs["activation_alpha"] = alphas
+    if betas:
+        attrs["activation_beta"] = betas
+    if cfg["clip"] is not None:
+        attrs["clip"] = cfg["clip"]
+    if cfg.get("input_forget"):
+        attrs["input_forget"] = 1
+    return attrs
+
+
 def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
             lengths: bool = False, opset: int = 17) -> Any:
     """An ONNX model computing a fastrnn RNN/GRU/LSTM layer (one ONNX node per
@@ -459,8 +514,12 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
                  "direction": "bidirectional" if dirs == 2 else "forward"}
         if kind == "GRU":
             attrs["linear_before_reset"] = int(cfg["reset_after"])
-        if kind == "RNN":
-            attrs["activations"] = ["Relu" if cfg["nonlinearity"] == "relu" else "Tanh"] * dirs
+        attrs.update(_onnx_gate_attributes(layer, kind, dirs))
+        if "weight_peephole_l0" in params:
+            P = np.stack([np.concatenate([np.split(params["weight_peephole" + s], 3)[i]
+                                          for i in _ONNX_PEEPHOLES]) for s in sfx])
+            inits.append(numpy_helper.from_array(P, f"P{k}"))
+            node_inputs.append(f"P{k}")
         nodes.append(helper.make_node(kind, node_inputs, outputs, **attrs))
         final_h.append(f"Yh{k}")
         if kind == "LSTM":
@@ -515,8 +574,25 @@ _ONNX_INPUTS = {"RNN": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
                 "GRU": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
                 "LSTM": ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")}
 _ONNX_OUTPUTS = {"RNN": ("Y", "Y_h"), "GRU": ("Y", "Y_h"), "LSTM": ("Y", "Y_h", "Y_c")}
-_ONNX_ACTIVATIONS = {"RNN": [["Tanh"], ["Relu"]], "GRU": [["Sigmoid", "Tanh"]],
-                     "LSTM": [["Sigmoid", "Tanh", "Tanh"]]}
+# activations per direction: RNN f; GRU f (gates), g (candidate); LSTM f, g, h
+_ONNX_DEFAULT_ACTIVATIONS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"],
+                             "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+# ONNX's activation names (matched without case, as ONNX Runtime does) ->
+# fastrnn's, and whether each reads an alpha, a beta
+_ONNX_ACTIVATION_NAMES = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid",
+                          "affine": "affine", "leakyrelu": "leaky_relu",
+                          "thresholdedrelu": "thresholded_relu", "scaledtanh": "scaled_tanh",
+                          "hardsigmoid": "hard_sigmoid", "elu": "elu", "softsign": "softsign",
+                          "softplus": "softplus"}
+_ONNX_READS = {"affine": (True, True), "leaky_relu": (True, False),
+               "thresholded_relu": (True, False), "scaled_tanh": (True, True),
+               "hard_sigmoid": (True, True), "elu": (True, False)}
+# what ONNX Runtime takes for an alpha/beta the node does not give where
+# ONNX's own operators agree (LeakyRelu 0.01, HardSigmoid 0.2/0.5, Elu 1);
+# for Affine, ThresholdedRelu and ScaledTanh they do not, and from_onnx refuses
+_ONNX_OMITTED = {"leaky_relu": (0.01, None), "hard_sigmoid": (0.2, 0.5), "elu": (1.0, None)}
+# fastrnn's gate options -> ONNX's peephole order: P is i, o, f
+_ONNX_PEEPHOLES = [0, 2, 1]
 # weight storage: TensorProto data type name -> (bytes per value in raw_data, the typed
 # field holding the values otherwise); real floating-point and integer types only
 _ONNX_WEIGHT_TYPES = {"FLOAT": (4, "float_data"), "DOUBLE": (8, "double_data"),
@@ -769,29 +845,19 @@ def _onnx_plan(index, node, op, initializers, counts, onnx):
     if layout not in (0, 1):
         refuse(f"layout={layout}", "must be 0 or 1")
     plan.layout = layout
+    options = {}
     if "clip" in attrs:
-        refuse(f"clip={float(format(attrs['clip'], '.7g'))!r}",
-               "cell clipping is not implemented")
-    if attrs.get("input_forget", 0) == 1:
-        refuse("input_forget=1", "coupled input/forget gates are not implemented")
+        clip = attrs["clip"]
+        if not (math.isfinite(clip) and clip > 0):
+            refuse(f"clip={float(format(clip, '.7g'))!r}", "must be a finite number > 0")
+        options["clip"] = float(clip)
     for key in ("input_forget", "linear_before_reset"):
         if attrs.get(key, 0) not in (0, 1):
             refuse(f"{key}={attrs[key]}", "must be 0 or 1")
+    if attrs.get("input_forget", 0) == 1:
+        options["input_forget"] = True
     dirs = 2 if direction == "bidirectional" else 1
-    names = attrs.get("activations", [])
-    per_dir = len(_ONNX_ACTIVATIONS[op][0])
-    nonlinearity = "tanh"
-    if names:
-        if len(names) != per_dir * dirs:
-            refuse("attribute activations", f"expected {per_dir * dirs} names ({per_dir} per "
-                   f"direction), got {len(names)}")
-        groups = [names[i * per_dir:(i + 1) * per_dir] for i in range(dirs)]
-        if any(g != groups[0] for g in groups) or groups[0] not in _ONNX_ACTIVATIONS[op]:
-            refuse(f"activations={[_clip(n) for n in names]}", "fastrnn implements "
-                   f"{' or '.join(str(d) for d in _ONNX_ACTIVATIONS[op])} per direction")
-        nonlinearity = "relu" if groups[0] == ["Relu"] else "tanh"
-    if attrs.get("activation_alpha") or attrs.get("activation_beta"):
-        refuse("activation_alpha/beta", "parametrised activations are not implemented")
+    options.update(_onnx_activations(op, attrs, dirs, refuse))
     if "hidden_size" in attrs and attrs["hidden_size"] < 1:
         refuse("attribute hidden_size", f"expected a positive int, got {attrs['hidden_size']}")
 
@@ -807,8 +873,6 @@ def _onnx_plan(index, node, op, initializers, counts, onnx):
             why = f"the node has {given} input{'s' if given != 1 else ''}" if i >= given \
                 else "its name is empty"
             refuse(f"input {labels[i]}", f"missing ({why})")
-    if op == "LSTM" and inputs[7]:
-        refuse("P (peepholes)", "peephole connections are not implemented")
 
     G = _ONNX_GATE_COUNT[op]
     gates = "H" if G == 1 else f"{G}*H"
@@ -841,13 +905,69 @@ def _onnx_plan(index, node, op, initializers, counts, onnx):
                    f"(direction {direction!r}, {source}), got {_dims_str(B.dims)}")
         _onnx_check_data(plan, "B", B)
         plan.tensors["B"] = B
+    if op == "LSTM" and inputs[7]:
+        P = _onnx_weight(plan, "P", inputs[7], initializers, counts, onnx)
+        if list(P.dims) != [dirs, 3 * H]:
+            refuse("input P", f"expected shape ({dirs}, 3*H) = ({dirs}, {3 * H}) "
+                   f"(direction {direction!r}, {source}), got {_dims_str(P.dims)}")
+        _onnx_check_data(plan, "P", P)
+        plan.tensors["P"] = P
+        options["peepholes"] = True
     plan.dirs, plan.hidden_size, plan.input_size = dirs, H, W.dims[2]
-    plan.kwargs = {"bidirectional": dirs == 2, "bias": bool(inputs[3])}
-    if op == "RNN":
-        plan.kwargs["nonlinearity"] = nonlinearity
+    plan.kwargs = {"bidirectional": dirs == 2, "bias": bool(inputs[3]), **options}
     if op == "GRU":   # ONNX's default is reset before (0)
         plan.kwargs["reset_after"] = attrs.get("linear_before_reset", 0) == 1
     return plan
+
+
+def _onnx_activations(op, attrs, dirs, refuse):
+    """The layer arguments of a node's activations, activation_alpha and
+    activation_beta (none when they are the defaults). ONNX Runtime reads
+    the two lists compactly, in the order of the functions: the k-th alpha
+    goes to the k-th function that takes an alpha."""
+    names = list(attrs.get("activations", []))
+    per_dir = len(_ONNX_DEFAULT_ACTIVATIONS[op])
+    if not names:
+        names = _ONNX_DEFAULT_ACTIVATIONS[op] * dirs
+    if len(names) != per_dir * dirs:
+        refuse("attribute activations", f"expected {per_dir * dirs} names ({per_dir} per "
+               f"direction), got {len(names)}")
+    alphas = list(attrs.get("activation_alpha", []))
+    betas = list(attrs.get("activation_beta", []))
+    specs = []
+    for name in names:
+        key = _ONNX_ACTIVATION_NAMES.get(name.lower())
+        if key is None:
+            refuse(f"activations={[_clip(n) for n in names]}",
+                   f"{_clip(name)!r} is not an ONNX activation (expected one of Relu, Tanh, "
+                   f"Sigmoid, Affine, LeakyRelu, ThresholdedRelu, ScaledTanh, HardSigmoid, "
+                   f"Elu, Softsign, Softplus)")
+        reads = _ONNX_READS.get(key, (False, False))
+        params = []
+        for i, (wanted, values) in enumerate(zip(reads, (alphas, betas))):
+            if not wanted:
+                continue
+            if values:
+                params.append(values.pop(0))
+            elif key in _ONNX_OMITTED:
+                params.append(_ONNX_OMITTED[key][i])
+            else:
+                refuse(f"activation {name}", f"activation_{('alpha', 'beta')[i]} gives it no "
+                       f"value, and ONNX (its operator's default) and ONNX Runtime (0) "
+                       f"disagree on what that means: give it explicitly")
+        specs.append((key, *params) if params else key)
+    if alphas or betas:
+        refuse("activation_alpha/beta", f"{len(alphas)} alpha and {len(betas)} beta values "
+               f"left over: more than the activations {[_clip(n) for n in names]} take")
+    # per role (f, g, h), the directions' specs
+    roles = [[specs[d * per_dir + r] for d in range(dirs)] for r in range(per_dir)]
+    one = lambda specs_: specs_[0] if all(s == specs_[0] for s in specs_) else specs_
+    if op == "RNN":
+        return {"nonlinearity": one(roles[0])}
+    out = {"recurrent_activation": one(roles[0]), "activation": one(roles[1])}
+    if op == "LSTM" and roles[2] != roles[1]:
+        out["cell_activation"] = one(roles[2])
+    return out
 
 
 def _onnx_layouts(graph, plans, initializers, counts, onnx, numpy_helper):
@@ -1204,6 +1324,9 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
             if "B" in arrays:
                 b_w, b_r = np.split(arrays["B"][d], 2)
                 state["bias_ih" + sfx], state["bias_hh" + sfx] = back(b_w), back(b_r)
+            if "P" in arrays:   # ONNX's i, o, f -> i, f, o
+                state["weight_peephole" + sfx] = np.concatenate(
+                    [np.split(arrays["P"][d], 3)[i] for i in np.argsort(_ONNX_PEEPHOLES)])
         states.append(state)
     # 5. the layers
     layers = []
