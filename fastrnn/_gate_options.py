@@ -34,16 +34,6 @@ ACTIVATIONS = {
     "elu": (1.0, None),              # x if x >= 0 else alpha * (e^x - 1)
 }
 
-FORMULAS = {
-    "sigmoid": "1 / (1 + e^-x)", "tanh": "tanh(x)", "relu": "max(x, 0)",
-    "softsign": "x / (1 + |x|)", "softplus": "log(1 + e^x)", "linear": "x",
-    "affine": "alpha * x + beta", "leaky_relu": "x if x >= 0 else alpha * x",
-    "thresholded_relu": "x if x > alpha else 0", "scaled_tanh": "alpha * tanh(beta * x)",
-    "hard_sigmoid": "min(max(alpha * x + beta, 0), 1)",
-    "elu": "x if x >= 0 else alpha * (e^x - 1)",
-}
-
-
 def _is_spec_tuple(value):
     """(name, alpha[, beta]), not a list of per-direction specs."""
     return (isinstance(value, (tuple, list)) and len(value) in (2, 3)
@@ -190,3 +180,32 @@ def repr_options(config):
     """(key, value) of the options that differ from their defaults."""
     return [(key, config[key]) for key, default in DEFAULTS
             if key in config and config[key] != default]
+
+
+# the options' entries in the layers' and cells' docstrings
+NONLINEARITY_DOC = """
+    nonlinearity : activation, default 'tanh'
+        h' = nonlinearity(...): a name ('tanh', 'relu', 'sigmoid', ...) or
+        (name, alpha[, beta]), or for a bidirectional layer [forward's,
+        reverse's]; see the guide's Gate options.
+    clip : float, optional
+        Keyword only: the activation's input clamped to [-clip, clip] (ONNX)."""
+GATED_DOC = """
+    activation : activation, default 'tanh'
+        Keyword only: the candidate's ({candidate}): a name ('tanh', 'relu',
+        'hard_sigmoid', ...) or (name, alpha[, beta]), or for a bidirectional
+        layer [forward's, reverse's]; see the guide's Gate options.
+    recurrent_activation : activation, default 'sigmoid'
+        Keyword only: the gates' ({gates}), as Keras' argument.
+    clip : float, optional
+        Keyword only: every gate's and the candidate's input clamped to
+        [-clip, clip] (ONNX's clip; c is not clipped)."""
+LSTM_DOC = GATED_DOC.format(candidate="g", gates="i, f, o") + """
+    cell_activation : activation, optional
+        Keyword only: h = o * cell_activation(c) (ONNX's h); default: activation.
+    input_forget : bool, default False
+        Keyword only: f = 1 - i (ONNX's input_forget).
+    peepholes : bool, default False
+        Keyword only: peephole weights ``weight_peephole*`` (3 H,), blocks i, f,
+        o: i and f add p * c_{t-1} to their input, o adds p * c_t (ONNX's P)."""
+GRU_DOC = GATED_DOC.format(candidate="n", gates="r, z")

@@ -202,7 +202,7 @@ _CELL_DOC = """{summary}
 class RNNCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of an Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh).",
-        extra_params="\n    nonlinearity : {'tanh', 'relu'}, default 'tanh'",
+        extra_params=_gate_options.NONLINEARITY_DOC,
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="RNN")
 
@@ -216,7 +216,7 @@ class RNNCell(_CellBase):
 
 class GRUCell(_CellBase):
     __doc__ = _CELL_DOC.format(
-        summary="One step of a GRU (gate blocks r, z, n).", extra_params=RESET_AFTER_DOC,
+        summary="One step of a GRU (gate blocks r, z, n).", extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC,
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
 
@@ -233,7 +233,7 @@ class GRUCell(_CellBase):
 
 class LSTMCell(_CellBase):
     __doc__ = _CELL_DOC.format(
-        summary="One step of an LSTM (gate blocks i, f, g, o).", extra_params="",
+        summary="One step of an LSTM (gate blocks i, f, g, o).", extra_params=_gate_options.LSTM_DOC,
         call="h, c = cell(x, hx=None)", hx_doc="tuple (h, c) of arrays of shape (B, H) or (H,)",
         returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")
     _has_cell_state = True

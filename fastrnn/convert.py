@@ -189,9 +189,10 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     Parameters
     ----------
     layer : Keras SimpleRNN, GRU, LSTM, Bidirectional, keras.Sequential or keras.Model
-        A SimpleRNN, GRU (``reset_after`` True or False, kept) or LSTM with
-        its default activations, alone or in a ``Bidirectional`` (any
-        ``merge_mode``); ``go_backwards`` and ``stateful`` are kept. A
+        A SimpleRNN, GRU (``reset_after`` True or False, kept) or LSTM
+        (``activation`` and ``recurrent_activation`` tanh, sigmoid, relu,
+        linear, hard_sigmoid, softsign, softplus, elu or leaky_relu), alone
+        or in a ``Bidirectional`` (any ``merge_mode``); ``go_backwards`` and ``stateful`` are kept. A
         ``keras.Sequential`` may also hold ``Masking``, ``Embedding``
         (``mask_zero`` kept), ``Dense`` (linear, relu, tanh or sigmoid) and
         ``Dropout`` layers. A functional ``keras.Model`` imports as that
@@ -1182,11 +1183,10 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
     (Transpose, Reshape, Slice, Concat, ...) may sit between them; any other
     op (a Gemm head, an activation) raises a ValueError naming it, since the
     layers alone would not compute the model, unless ``other_ops="ignore"``
-    (then the caller runs those parts). Every attribute is honoured or
-    refused with a ValueError naming it: peepholes (P), ``clip``,
-    ``input_forget``, activations other than the defaults (Relu for RNN is
-    fine), ``activation_alpha``/``activation_beta``; weights must be
-    initializers stored in the model.
+    (then the caller runs those parts). Every attribute is honoured (the
+    activations with their alpha and beta, ``clip``, ``input_forget`` and
+    peepholes ``P`` as the layers' gate options) or refused with a
+    ValueError naming it; weights must be initializers stored in the model.
 
     Parameters
     ----------
