@@ -303,6 +303,7 @@ class RecurrentWeights(Module):
         self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
         self._option_rows = None   # the *_OPT kinds': _gate_options.option_rows
         self._zoneout = None       # (rate_h, rate_c) or None
+        self._dropouts = None      # Keras' (input_dropout, recurrent_dropout) or None
         self._general_only = False
         gates = self._gates
         owner = type(self).__name__

@@ -33,14 +33,16 @@ class _CellBase(RecurrentEngine):
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows, zoneout = _gate_options.configure(
+        opts = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
+        kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
                     peepholes=options.get("peepholes", False))
-        self._option_rows, self._zoneout = rows, zoneout
-        # gate options and zoneout run on the general path only
-        self._general_only = rows is not None or zoneout is not None
+        self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
+        # gate options and zoneout run on the general path only (the dropouts
+        # act in training, which always does)
+        self._general_only = rows is not None or opts.zoneout is not None
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
 
@@ -211,9 +213,12 @@ class RNNCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: Any = "tanh", dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None, zoneout: float = 0.0) -> None:
+                 clip: float | None = None, zoneout: float = 0.0,
+                 input_dropout: float = 0.0, recurrent_dropout: float = 0.0) -> None:
         super().__init__("rnn", input_size, hidden_size, bias, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout})
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout,
+                          "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout})
 
 
 class GRUCell(_CellBase):
@@ -226,12 +231,14 @@ class GRUCell(_CellBase):
                  dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 zoneout: float = 0.0) -> None:
+                 zoneout: float = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation, "clip": clip,
-                          "zoneout": zoneout})
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout})
         self._config["reset_after"] = reset_after
 
 
@@ -248,10 +255,12 @@ class LSTMCell(_CellBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
-                 zoneout: float | tuple[float, float] = 0.0) -> None:
+                 zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
                           "input_forget": input_forget, "peepholes": peepholes,
-                          "zoneout": zoneout})
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout})

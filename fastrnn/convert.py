@@ -147,9 +147,11 @@ def _keras_direction(layer, backward=False):
     if cfg.get("unroll"):
         _keras_refuse(layer, "unroll=True", "not supported (it changes nothing in the "
                       "numbers: build the layer with unroll=False)")
-    if cfg.get("dropout") or cfg.get("recurrent_dropout"):
-        _keras_refuse(layer, "dropout / recurrent_dropout", "Keras' per-step input and "
-                      "recurrent dropout differ from fastrnn's between-layer dropout")
+    # Keras' per-gate, per-sequence masks (its implementation 1) are fastrnn's
+    # input_dropout and recurrent_dropout (its dropout acts between layers)
+    for key, name in (("dropout", "input_dropout"), ("recurrent_dropout", "recurrent_dropout")):
+        if cfg.get(key):
+            options[name] = float(cfg[key])
     weights = layer.get_weights()
     if len(weights) < 2:
         _keras_refuse(layer, "weights", "the layer is not built yet (it has no weights): "

@@ -45,8 +45,9 @@ class _RNNBase(RecurrentEngine):
         rng = v.check_seed(owner, seed)
         dirs = 2 if cfg["bidirectional"] else 1
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows, zoneout = _gate_options.configure(
+        opts = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
+        kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -59,9 +60,10 @@ class _RNNBase(RecurrentEngine):
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
                     peepholes=options.get("peepholes", False))
-        self._option_rows, self._zoneout = rows, zoneout
-        # gate options and zoneout run on the general path only
-        self._general_only = rows is not None or zoneout is not None
+        self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
+        # gate options and zoneout run on the general path only (the dropouts
+        # act in training, which always does)
+        self._general_only = rows is not None or opts.zoneout is not None
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
 
@@ -352,10 +354,13 @@ class RNN(_RNNBase):
                  dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None, zoneout: float = 0.0) -> None:
+                 clip: float | None = None, zoneout: float = 0.0,
+                 input_dropout: float = 0.0, recurrent_dropout: float = 0.0) -> None:
         super().__init__("rnn", input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout})
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout,
+                          "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout})
 
 
 class GRU(_RNNBase):
@@ -381,13 +386,15 @@ class GRU(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 zoneout: float = 0.0) -> None:
+                 zoneout: float = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation, "clip": clip,
-                          "zoneout": zoneout})
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout})
         self._config["reset_after"] = reset_after
 
 
@@ -414,11 +421,13 @@ class LSTM(_RNNBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
-                 zoneout: float | tuple[float, float] = 0.0) -> None:
+                 zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
                           "input_forget": input_forget, "peepholes": peepholes,
-                          "zoneout": zoneout})
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout})
