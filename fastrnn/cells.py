@@ -59,17 +59,38 @@ class _CellBase(RecurrentEngine):
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
         # (the streaming kernel runs no gate options, and starts from zeros
-        # when hx is None)
-        if self._option_rows is None and (hx is not None or not self._init_index):
-            result = self._stepper(params).step(x, hx)
-            if result is not None:
-                return result
+        # when hx is None, so it is given the learned states)
+        if self._option_rows is None:
+            state = self._learned_hx(params, x) if hx is None and self._init_index else hx
+            if state is not None or hx is None and not self._init_index:
+                result = self._stepper(params).step(x, state)
+                if result is not None:
+                    return result
         x, B, batched, h, c = self._prepare(params, x, hx)
         if B > 0:   # the layers' driver with T = 1; h, c become the new state
             self._run(params, x[None], 1, B, False, h[None], None if c is None else c[None],
                       np.empty((1, B, self._config["hidden_size"]), self._config["dtype"]),
                       None)
         return self._results(h, c, batched)
+
+    def _learned_hx(self, params, x):
+        """The learned initial states as the hx of a call on x, for the
+        streaming path; None unless x is an ndarray of 1 or 2 dimensions (the
+        general path then checks it)."""
+        if type(x) is not np.ndarray or x.ndim not in (1, 2):
+            return None
+        B = None if x.ndim == 1 else x.shape[0]
+        # kept with the parameter set for the last batch size (read only: the
+        # step copies its states)
+        cached = params.cache.get("learned_hx")
+        if cached is None or cached[0] != B:
+            states = [s[0] if B is None else np.repeat(s, B, axis=0)
+                      for s in self._learned_state(params)]   # each (1, H)
+            for state in states:
+                state.flags.writeable = False
+            cached = params.cache["learned_hx"] = (
+                B, tuple(states) if self._has_cell_state else states[0])
+        return cached[1]
 
     def _stepper(self, params):
         """The streaming path's kernel state for a parameter set (kept with it)."""

@@ -91,18 +91,39 @@ class _RNNBase(RecurrentEngine):
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None and self._option_rows is None and (hx is not None
-                                                              or not self._init_index):
+        if lengths is None and self._option_rows is None:
             # the lean path of small calls (_forward.SequenceRunner; it starts
-            # from zeros when hx is None)
-            result = self._sequence_runner(params).run(x, hx)
-            if result is not None:
-                return result
+            # from zeros when hx is None, so it is given the learned states)
+            state = self._learned_hx(params, x) if hx is None and self._init_index else hx
+            if state is not None or hx is None and not self._init_index:
+                result = self._sequence_runner(params).run(x, state)
+                if result is not None:
+                    return result
         call = self._prepare(params, x, hx, lengths)
         if call.B > 0:
             self._run(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
                       call.out, call.lengths)
         return self._results(call)
+
+    def _learned_hx(self, params, x):
+        """The learned initial states as the hx of a call on x, for the lean
+        path; None unless x is an ndarray of 2 or 3 dimensions (the general
+        path then checks it)."""
+        if type(x) is not np.ndarray or x.ndim not in (2, 3):
+            return None
+        B = None if x.ndim == 2 else x.shape[0 if self._config["batch_first"] else 1]
+        # kept with the parameter set for the last batch size (read only: the
+        # runner copies its states)
+        cached = params.cache.get("learned_hx")
+        if cached is None or cached[0] != B:
+            states = self._learned_state(params)   # each (layers * dirs, H)
+            if B is not None:
+                states = [np.repeat(s[:, None, :], B, axis=1) for s in states]
+            for state in states:
+                state.flags.writeable = False
+            cached = params.cache["learned_hx"] = (
+                B, tuple(states) if self._has_cell_state else states[0])
+        return cached[1]
 
     def _sequence_runner(self, params):
         threads = _parallel.get_num_threads()

@@ -185,6 +185,42 @@ def test_unbatched_input_starts_from_the_learned_state(kind, dtype):
     assert_close(h_n, want_h[:, 0], TOL[dtype], "h_n")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_calls_equal_calls_given_the_learned_state_as_hx(kind):
+    """Small calls (the lean path of layers, the streaming path of cells) start
+    from the learned state: bit-identical to passing it as hx, over changing
+    batch sizes and unbatched input, and after the states change."""
+    rng = np.random.default_rng(30)
+    layer = make_layer(kind, 3, 4, num_layers=2, batch_first=True, seed=31,
+                       learn_initial_state=True)
+    cell = make_cell(kind, 3, 4, seed=32, learn_initial_state=True)
+    for step in range(2):
+        randomize_states(layer, rng)
+        randomize_states(cell, rng)
+        sd, csd = layer.state_dict(), cell.state_dict()
+        for B in (2, 5, 2, None):
+            x = rng.standard_normal((5, 3) if B is None else (B, 5, 3)).astype(np.float32)
+            n = 1 if B is None else B
+            h0 = ref.learned_state(sd, n, 2, False, "initial_h").astype(np.float32)
+            c0 = ref.learned_state(sd, n, 2, False, "initial_c").astype(np.float32) \
+                if kind == "lstm" else None
+            if B is None:
+                h0, c0 = h0[:, 0], (None if c0 is None else c0[:, 0])
+            hx = (h0, c0) if kind == "lstm" else h0
+            got, want = layer(x), layer(x, hx)
+            np.testing.assert_array_equal(got[0], want[0])
+            frame = x[..., 0, :]
+            h = np.tile(csd["initial_h"], (n, 1)).astype(np.float32)
+            c = np.tile(csd["initial_c"], (n, 1)).astype(np.float32) if kind == "lstm" \
+                else None
+            if B is None:
+                h, c = h[0], (None if c is None else c[0])
+            got_c = cell(frame)
+            want_c = cell(frame, (h, c) if kind == "lstm" else h)
+            np.testing.assert_array_equal(got_c[0] if kind == "lstm" else got_c,
+                                          want_c[0] if kind == "lstm" else want_c)
+
+
 def _oracle_kind(kind):
     """tests/reference_options.py's kind and options for a plain layer."""
     if kind.startswith("rnn"):
