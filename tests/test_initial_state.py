@@ -649,23 +649,45 @@ def test_a_saved_model_resumes_training_identically(tmp_path, suffix):
     assert any("initial_c_l0" in n for n in whole.state_dict())
 
 
-def test_a_file_missing_the_states_is_refused(tmp_path):
-    plain = fastrnn.LSTM(2, 3, num_layers=2, bidirectional=True, seed=26)
-    fastrnn.save(plain, tmp_path / "plain.npz")
-    # the configuration says learn_initial_state: weights of the plain layer do not fit it
+def _patched_copy(path, new_path, old, new):
+    """A copy of the model file at path whose configuration text has old
+    replaced by new."""
     import zipfile
-    with zipfile.ZipFile(tmp_path / "plain.npz") as zf:
+    with zipfile.ZipFile(path) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
-    config = np.load(tmp_path / "plain.npz")["config"][()]
-    patched = config.replace('"learn_initial_state": false', '"learn_initial_state": true')
+    config = str(np.load(path)["config"][()])
+    patched = config.replace(old, new)
     assert patched != config
-    with zipfile.ZipFile(tmp_path / "bad.npz", "w") as zf:
+    with zipfile.ZipFile(new_path, "w") as zf:
         for name, data in members.items():
             if name != "config.npy":
                 zf.writestr(name, data)
         with zf.open("config.npy", "w") as f:
             np.lib.format.write_array(f, np.array(patched))
+
+
+def test_a_file_missing_the_states_is_refused(tmp_path):
+    plain = fastrnn.LSTM(2, 3, num_layers=2, bidirectional=True, seed=26)
+    fastrnn.save(plain, tmp_path / "plain.npz")
+    # the configuration says learn_initial_state: weights of the plain layer do not fit it
+    _patched_copy(tmp_path / "plain.npz", tmp_path / "bad.npz",
+                  '"learn_initial_state": false', '"learn_initial_state": true')
     with pytest.raises(ValueError, match=r"calls for 24 arrays.*holds 16"):
+        fastrnn.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('"weight_dropout": 0.5', '"weight_dropout": 2',
+     r"GRU: weight_dropout must be in \[0, 1\), got 2"),
+    ('"learn_initial_state": true', '"learn_initial_state": "yes"',
+     r"GRU: learn_initial_state must be a bool, got str"),
+])
+def test_a_file_with_bad_option_values_is_refused(tmp_path, old, new, message):
+    layer = fastrnn.GRU(2, 3, weight_dropout=0.5, learn_initial_state=True)
+    fastrnn.save(layer, tmp_path / "g.npz")
+    _patched_copy(tmp_path / "g.npz", tmp_path / "bad.npz", old, new)
+    with pytest.raises(ValueError, match=r"not a valid fastrnn model file: layer 0 \(GRU\) "
+                                         r"has a bad configuration: " + message):
         fastrnn.load(tmp_path / "bad.npz")
 
 
