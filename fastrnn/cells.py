@@ -35,12 +35,14 @@ class _CellBase(RecurrentEngine):
         rng = v.check_seed(owner, seed)
         learned = v.check_bool(owner, "learn_initial_state", learn_initial_state)
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows = _gate_options.configure(
+        kind, activation, options, rows, zoneout = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
                     peepholes=options.get("peepholes", False), initial_state=learned)
-        self._option_rows = rows
+        self._option_rows, self._zoneout = rows, zoneout
+        # gate options and zoneout run on the general path only
+        self._general_only = rows is not None or zoneout is not None
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         cfg["learn_initial_state"] = learned
@@ -58,9 +60,9 @@ class _CellBase(RecurrentEngine):
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
-        # (the streaming kernel runs no gate options, and starts from zeros
-        # when hx is None, so it is given the learned states)
-        if self._option_rows is None:
+        # (the streaming kernel runs the plain cells only, and starts from
+        # zeros when hx is None, so it is given the learned states)
+        if not self._general_only:
             state = self._learned_hx(params, x) if hx is None and self._init_index else hx
             if state is not None or hx is None and not self._init_index:
                 result = self._stepper(params).step(x, state)
@@ -241,9 +243,11 @@ class RNNCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: Any = "tanh", dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None, learn_initial_state: bool = False) -> None:
+                 clip: float | None = None, zoneout: float = 0.0,
+                 learn_initial_state: bool = False) -> None:
         super().__init__("rnn", input_size, hidden_size, bias, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip}, learn_initial_state)
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout},
+                         learn_initial_state)
 
 
 class GRUCell(_CellBase):
@@ -258,12 +262,12 @@ class GRUCell(_CellBase):
                  dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 learn_initial_state: bool = False) -> None:
+                 zoneout: float = 0.0, learn_initial_state: bool = False) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
-                          "recurrent_activation": recurrent_activation, "clip": clip},
-                         learn_initial_state)
+                          "recurrent_activation": recurrent_activation, "clip": clip,
+                          "zoneout": zoneout}, learn_initial_state)
         self._config["reset_after"] = reset_after
 
 
@@ -281,10 +285,11 @@ class LSTMCell(_CellBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
+                 zoneout: float | tuple[float, float] = 0.0,
                  learn_initial_state: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
-                          "input_forget": input_forget, "peepholes": peepholes},
-                         learn_initial_state)
+                          "input_forget": input_forget, "peepholes": peepholes,
+                          "zoneout": zoneout}, learn_initial_state)

@@ -48,7 +48,7 @@ class _RNNBase(RecurrentEngine):
         weight_dropout = v.check_dropout(owner, weight_dropout, "weight_dropout")
         dirs = 2 if cfg["bidirectional"] else 1
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows = _gate_options.configure(
+        kind, activation, options, rows, zoneout = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
@@ -62,7 +62,9 @@ class _RNNBase(RecurrentEngine):
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
                     peepholes=options.get("peepholes", False), initial_state=learned)
-        self._option_rows = rows
+        self._option_rows, self._zoneout = rows, zoneout
+        # gate options and zoneout run on the general path only
+        self._general_only = rows is not None or zoneout is not None
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         cfg["learn_initial_state"] = learned
@@ -91,7 +93,7 @@ class _RNNBase(RecurrentEngine):
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None and self._option_rows is None:
+        if lengths is None and not self._general_only:
             # the lean path of small calls (_forward.SequenceRunner; it starts
             # from zeros when hx is None, so it is given the learned states)
             state = self._learned_hx(params, x) if hx is None and self._init_index else hx
@@ -395,12 +397,12 @@ class RNN(_RNNBase):
                  dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None, learn_initial_state: bool = False,
-                 weight_dropout: float = 0.0) -> None:
+                 clip: float | None = None, zoneout: float = 0.0,
+                 learn_initial_state: bool = False, weight_dropout: float = 0.0) -> None:
         super().__init__("rnn", input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip}, learn_initial_state,
-                         weight_dropout)
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout},
+                         learn_initial_state, weight_dropout)
 
 
 class GRU(_RNNBase):
@@ -426,13 +428,14 @@ class GRU(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 learn_initial_state: bool = False, weight_dropout: float = 0.0) -> None:
+                 zoneout: float = 0.0, learn_initial_state: bool = False,
+                 weight_dropout: float = 0.0) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
-                          "recurrent_activation": recurrent_activation, "clip": clip},
-                         learn_initial_state, weight_dropout)
+                          "recurrent_activation": recurrent_activation, "clip": clip,
+                          "zoneout": zoneout}, learn_initial_state, weight_dropout)
         self._config["reset_after"] = reset_after
 
 
@@ -459,11 +462,12 @@ class LSTM(_RNNBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
+                 zoneout: float | tuple[float, float] = 0.0,
                  learn_initial_state: bool = False, weight_dropout: float = 0.0) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
-                          "input_forget": input_forget, "peepholes": peepholes},
-                         learn_initial_state, weight_dropout)
+                          "input_forget": input_forget, "peepholes": peepholes,
+                          "zoneout": zoneout}, learn_initial_state, weight_dropout)
