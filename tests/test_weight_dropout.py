@@ -341,3 +341,69 @@ def test_cells_have_no_weight_dropout():
     for cls in (fastrnn.RNNCell, fastrnn.GRUCell, fastrnn.LSTMCell):
         with pytest.raises(TypeError, match="weight_dropout"):
             cls(2, 3, weight_dropout=0.5)
+
+
+# --- with the other options: zoneout, a learned initial state ------------------------------
+@pytest.mark.parametrize("kind", ["rnn_tanh", "gru", "lstm"])
+def test_with_zoneout_and_a_learned_state_gradients_match_finite_differences(kind):
+    """DropConnect, zoneout (both drawing from the layer's generator) and a
+    learned initial state together: with the generator reset before each
+    training forward every forward draws the same masks, so the loss is a
+    smooth function of the parameters, and BPTT's gradients (W_hh's masked,
+    the learned state's summed over the batch) match central differences."""
+    rng = np.random.default_rng(40)
+    T, B, D, H, L = 4, 3, 2, 3, 2
+    layer = make_layer(kind, D, H, num_layers=L, bidirectional=True, batch_first=True,
+                       dtype="float64", seed=41, weight_dropout=0.4, zoneout=0.3,
+                       learn_initial_state=True)
+    sd = layer.state_dict()
+    layer.load_state_dict({n: rng.uniform(-0.9, 0.9, sd[n].shape) for n in sd
+                           if n.startswith("initial_")}, strict=False)
+    x = rng.standard_normal((B, T, D))
+    lengths = np.array([4, 2, 3])
+    w_out = rng.standard_normal((B, T, 2 * H))
+    for b, n in enumerate(lengths):
+        w_out[b, n:] = 0
+    start = copy.deepcopy(layer._rng)
+
+    def forward():
+        layer._rng = copy.deepcopy(start)
+        return layer.forward_train(x, lengths=lengths)
+
+    def loss():
+        (out, _), _ = forward()
+        return float((out * w_out).sum())
+
+    masks = ref.dropconnect_masks(copy.deepcopy(start), layer.state_dict(), L, True, 0.4)
+    layer.zero_grad()
+    _, backprop = forward()
+    backprop(w_out)
+    names = ["weight_hh_l0", "weight_hh_l1_reverse", "initial_h_l0", "initial_h_l1_reverse"]
+    names += ["initial_c_l1"] if kind == "lstm" else []
+    for name in names:
+        param = layer.state_dict()[name].copy()
+
+        def perturbed():
+            layer.load_state_dict({name: param}, strict=False)
+            return loss()
+
+        numeric = ref.numeric_grad(perturbed, param)
+        layer.load_state_dict({name: param}, strict=False)
+        np.testing.assert_allclose(layer.grads[name], numeric, rtol=0, atol=1e-7,
+                                   err_msg=name)
+        assert np.abs(numeric).max() > 1e-3, name
+        if name in masks:   # a dropped weight does not act on the loss
+            assert not numeric[masks[name] == 0].any(), name
+
+
+def test_with_zoneout_inference_starts_from_the_learned_state():
+    rng = np.random.default_rng(42)
+    layer = fastrnn.LSTM(2, 3, batch_first=True, dtype="float64", seed=43, zoneout=(0.3, 0.1),
+                         weight_dropout=0.5, learn_initial_state=True)
+    layer.load_state_dict({"initial_h_l0": rng.uniform(-1, 1, 3),
+                           "initial_c_l0": rng.uniform(-1, 1, 3)}, strict=False)
+    x = rng.standard_normal((2, 5, 2))
+    h0 = np.tile(layer.initial_h_l0, (1, 2, 1))
+    c0 = np.tile(layer.initial_c_l0, (1, 2, 1))
+    np.testing.assert_array_equal(layer(x)[0], layer(x, (h0, c0))[0])
+    assert np.abs(layer(x)[0] - layer(x, (0 * h0, 0 * c0))[0]).max() > 1e-3
