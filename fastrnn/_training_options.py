@@ -39,9 +39,9 @@ WEIGHT_DROPOUT_DOC = """
         et al. 2017). In training (``forward_train``, ``fit``) each forward
         draws one mask per W_hh matrix from the layer's random generator
         (each weight kept with probability 1 - p, scaled by 1 / (1 - p);
-        before the zoneout and between-layer dropout masks),
-        every step of that forward uses W_hh * mask, and W_hh's gradient is
-        the masked one; inference uses W_hh unchanged. No PyTorch, Keras or
-        ONNX equivalent (to_torch refuses it; to_onnx writes inference, which
-        it does not change)."""
+        drawn before the zoneout and between-layer dropout masks), every
+        step of that forward uses W_hh * mask, and W_hh's gradient is the
+        masked one; inference uses W_hh unchanged. No PyTorch, Keras or ONNX
+        equivalent (to_torch refuses it; to_onnx writes inference, which it
+        does not change)."""
 LAYER_DOC = LAYER_INITIAL_STATE_DOC + WEIGHT_DROPOUT_DOC
