@@ -91,12 +91,18 @@ class LayerTape:
 
 @dataclass(slots=True)
 class Tape:
-    """The record of a training forward: the parameter set it used, its row
-    order (batch-first or time-major), the lengths, and a LayerTape per layer."""
+    """The record of a training forward: the parameter set it used (with
+    DropConnect, the one of masked W_hh), its row order (batch-first or
+    time-major), the lengths, and a LayerTape per layer. Set by the caller of
+    ``_run``: ``learned_state``, whether the forward started from the learned
+    initial states (their gradients are then added), and ``hh_masks``, per
+    layer the DropConnect mask of W_hh (None: no DropConnect)."""
     params: ParamSet
     batch_first: bool
     lengths: np.ndarray | None
     layers: list = field(default_factory=list)
+    learned_state: bool = False
+    hh_masks: list | None = None
 
 
 class RecurrentEngine(RecurrentWeights):
@@ -371,12 +377,35 @@ class RecurrentEngine(RecurrentWeights):
                                         reset_before, w_ih_all[k], w_hh_all[k],
                                         [kind[k] if kind else None for kind in sums],
                                         None if packed is None else packed[k], peepholes[k])
+        if tape.hh_masks is not None:
+            # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask
+            for total, mask in zip(sums[1], tape.hh_masks):
+                total *= mask
         with self._grad_lock:
             for kind, module_grads in zip(sums, grads):
                 for total, grad in zip(kind, module_grads):
                     if grad is not None:
                         grad += total
+            if tape.learned_state:   # dh, dc now hold the initial states' gradients
+                self._add_initial_grads(dh, dc)
         return dout
+
+    def _dropconnect(self, params):
+        """DropConnect (Merity et al. 2017) for one training forward: a copy of
+        the parameter set whose W_hh are multiplied by a mask drawn from the
+        layer's rng (one per layer, both directions' matrices; inverted
+        scaling 1 / (1 - p)), and the masks. The copy has its own cache, so
+        the weights packed for it serve this forward and its BPTT only; it
+        keeps the version of ``params`` (a backprop still refuses to run
+        once the real parameters changed)."""
+        p, dtype = self._config["weight_dropout"], self._config["dtype"]
+        storages = list(params.storages)
+        masks = []
+        for i in self._storage_index[1]:   # W_hh of each layer
+            mask = dropout_mask(self._rng, storages[i].shape, p, dtype)
+            storages[i] = storages[i] * mask
+            masks.append(mask)
+        return ParamSet(params.version, storages, self._names), masks
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
                     w_ih, w_hh, sums, packed=None, peepholes=None):

@@ -294,10 +294,14 @@ class RecurrentWeights(Module):
     """
 
     def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
-               dropout=0.0, peepholes=False):
+               dropout=0.0, peepholes=False, initial_state=False):
         """Allocate, register under ``names(layer, direction)`` and initialise.
         peepholes: an LSTM's peephole weights too, (3 H,) per layer and
-        direction (i, f, o), named as W_hh with ``weight_peephole``."""
+        direction (i, f, o), named as W_hh with ``weight_peephole``.
+        initial_state: learned initial states too, (H,) per layer and
+        direction, named as W_hh with ``initial_h`` (and ``initial_c`` for an
+        LSTM), zero-initialised (they draw nothing from rng, so the other
+        parameters are those of the layer without them)."""
         self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
         # the kind without options: the products, the packed weights, the fast paths
         self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
@@ -347,13 +351,43 @@ class RecurrentWeights(Module):
                 name = names(k, d)[1].replace("weight_hh", "weight_peephole")
                 self._register(name, self._peep_index[k], rows)
                 grad_views[name] = self._dpeep[k][rows]
-        self._grads = MappingProxyType(grad_views)
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for i, rows in self._names.values():
             part = self._draft[i][rows]
             part[...] = rng.uniform(-bound, bound, size=part.shape)
+        # learned initial states: one storage per kind (h, and c for an LSTM)
+        # laid out as the state, (layers * dirs, H) flattened; zeros
+        self._init_index, self._dinit = [], []
+        state_kinds = ("initial_h", "initial_c") if self._has_cell_state else ("initial_h",)
+        for state_kind in state_kinds if initial_state else ():
+            self._dinit.append(np.zeros(layers * dirs * hidden_size, dtype))
+            self._init_index.append(self._add_storage(
+                np.zeros(layers * dirs * hidden_size, dtype), self._dinit[-1]))
+            for k in range(layers):
+                for d in range(dirs):
+                    row = k * dirs + d
+                    rows = slice(row * hidden_size, (row + 1) * hidden_size)
+                    name = names(k, d)[1].replace("weight_hh", state_kind)
+                    self._register(name, self._init_index[-1], rows)
+                    grad_views[name] = self._dinit[-1][rows]
+        self._grads = MappingProxyType(grad_views)
         self._seal_parameters()
+
+    def _learned_state(self, params):
+        """The learned initial states of a parameter set, each (layers * dirs,
+        H) (h, and c for an LSTM), or None when the module has none."""
+        if not self._init_index:
+            return None
+        shape = (-1, self._config["hidden_size"])
+        return tuple(params.storages[i].reshape(shape) for i in self._init_index)
+
+    def _add_initial_grads(self, dh0, dc0=None):
+        """Add the gradient of the learned initial states: the sums over the
+        batch of the initial states' gradients dh0 (and dc0), each (layers *
+        dirs, B, H). The caller holds ``_grad_lock``."""
+        for grad, d0 in zip(self._dinit, (dh0, dc0)):
+            grad += d0.sum(axis=1).reshape(-1)
 
     def _weights(self, params):
         """(w_ih, w_hh, b_ih, b_hh) of a parameter set: per kind a list over

@@ -1230,11 +1230,15 @@ def _parameter_layout(name, kwargs):
         dirs = 2 if v.check_bool(name, "bidirectional", args["bidirectional"]) else 1
         GH = _GATES[name] * H
         peep = name == "LSTM" and v.check_bool(name, "peepholes", args["peepholes"])
+        # learned initial states: initial_h (and initial_c), (H,) each
+        states = (2 if name == "LSTM" else 1) * v.check_bool(
+            name, "learn_initial_state", args["learn_initial_state"])
 
         def per_direction(in_size):
-            return GH * in_size + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
+            return (GH * in_size + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
+                    + states * H)
 
-        arrays = L * dirs * ((4 if bias else 2) + peep)
+        arrays = L * dirs * ((4 if bias else 2) + peep + states)
         values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
 
         def shapes():
@@ -1249,6 +1253,8 @@ def _parameter_layout(name, kwargs):
                         yield f"bias_hh{sfx}", (GH,)
                     if peep:
                         yield f"weight_peephole{sfx}", (3 * H,)
+                    for state in ("initial_h", "initial_c")[:states]:
+                        yield f"{state}{sfx}", (H,)
         summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
                    f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}")
     elif name in _CELL_GATES:
@@ -1257,8 +1263,10 @@ def _parameter_layout(name, kwargs):
         bias = v.check_bool(name, "bias", args["bias"])
         GH = _CELL_GATES[name] * H
         peep = name == "LSTMCell" and v.check_bool(name, "peepholes", args["peepholes"])
-        arrays = (4 if bias else 2) + peep
-        values = GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
+        states = (2 if name == "LSTMCell" else 1) * v.check_bool(
+            name, "learn_initial_state", args["learn_initial_state"])
+        arrays = (4 if bias else 2) + peep + states
+        values = GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0) + states * H
 
         def shapes():
             yield "weight_ih", (GH, D)
@@ -1268,6 +1276,8 @@ def _parameter_layout(name, kwargs):
                 yield "bias_hh", (GH,)
             if peep:
                 yield "weight_peephole", (3 * H,)
+            for state in ("initial_h", "initial_c")[:states]:
+                yield state, (H,)
         summary = f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, bias={bias}"
     elif name == "Linear":
         n_in = v.check_int(name, "in_features", args["in_features"])
