@@ -655,3 +655,39 @@ cdef inline void lstm_opt_row(floating* g, floating* h, floating* c, floating* o
         v = g[3 * H + j] * out[j]
         h[j] = v
         out[j] = v
+
+
+# --- what a layer's options add to its time loops (forward and BPTT) ---
+cdef struct LayerExtras:
+    bint has_options            # the *_OPT kinds: options per direction
+    GateOptions options[2]
+    const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
+    Zoneout zone                # rates 0: none
+    RecurrentDropout drop       # drop.mask NULL: none
+
+
+cdef inline int fill_extras(LayerExtras* out, int cell, Py_ssize_t dirs, Py_ssize_t B,
+                           Py_ssize_t H, Py_ssize_t R, bint train,
+                           const double[:, ::1] options, const floating[::1] peepholes,
+                           zoneout, const floating[:, ::1] zone_mask_h,
+                           const floating[:, ::1] zone_mask_c, floating[::1] zone_keep,
+                           const floating[:, :, :, ::1] dropout_masks,
+                           floating[::1] dropout_scratch) except -1:
+    """A kernel entry's options, peepholes, zoneout and recurrent dropout
+    (see _forward.recur), checked."""
+    out.has_options = fill_options(out.options, options, cell, dirs)
+    out.peep = NULL
+    if peepholes is not None:
+        if cell != LSTM_OPT or peepholes.shape[0] != dirs * 3 * H:
+            raise ValueError("peepholes do not fit the layer")
+        out.peep = &peepholes[0]
+    fill_zoneout(&out.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, R, dirs, B, H,
+                 train)
+    fill_recurrent_dropout(&out.drop, dropout_masks, dropout_scratch, dirs, num_gates(cell),
+                           B, H)
+    return 0
+
+
+cdef inline const GateOptions* options_part(const LayerExtras* extras,
+                                            Py_ssize_t d) noexcept nogil:
+    return &extras.options[d] if extras.has_options else NULL
