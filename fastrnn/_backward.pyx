@@ -31,6 +31,8 @@ from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU
                              axpy_product, GateOptions, Activation, act_value, act_slope,
                              clipped, clip_slope, Zoneout, zone_part, RecurrentDropout,
                              dropout_part, LayerExtras, fill_extras, options_part, AXPY_MAX,
+                             OPTION_SCRATCH, ACT_SIGMOID, ACT_TANH, ACT_HARD_SIGMOID,
+                             ACT_SOFTSIGN, sigmoid,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 
@@ -127,39 +129,83 @@ cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floati
 # The *_OPT kinds: the activations recomputed from the saved pre-activations
 # (as the forward computed them), their slopes at those inputs.
 
-cdef inline floating _value_slope(const Activation* a, floating pre, floating clip,
-                                  floating* slope) noexcept nogil:
-    """act(clip(pre)) and, into slope, its derivative with respect to pre."""
-    cdef floating x = clipped(pre, clip)
-    cdef floating y = act_value(a, x)
-    slope[0] = act_slope(a, x, y) * clip_slope(pre, clip)
-    return y
+cdef inline void _values_slopes(const Activation* a, const floating* pre, floating clip,
+                                floating* val, floating* slope, Py_ssize_t n) noexcept nogil:
+    """val = act(clip(pre)) and slope = its derivative with respect to pre,
+    for n values (the values those of the forward's apply_activation). The
+    clip first (slope its 0/1 mask), then each kind's loop on its own, so
+    that the loops vectorise."""
+    cdef Py_ssize_t j
+    cdef floating x, y, alpha = <floating>a.alpha, beta = <floating>a.beta
+    cdef const floating* src = pre
+    for j in range(n):
+        x = pre[j]
+        slope[j] = 0 if clip > 0 and (x > clip or x < -clip) else 1
+    if clip > 0:
+        for j in range(n):
+            x = pre[j]
+            x = clip if x > clip else x
+            val[j] = -clip if x < -clip else x
+        src = val
+    if a.kind == ACT_SIGMOID:
+        for j in range(n):
+            y = sigmoid(src[j])
+            val[j] = y
+            slope[j] = y * (1 - y) * slope[j]
+    elif a.kind == ACT_TANH:
+        for j in range(n):
+            y = tanh_(src[j])
+            val[j] = y
+            slope[j] = (1 - y * y) * slope[j]
+    elif a.kind == ACT_HARD_SIGMOID:
+        for j in range(n):
+            x = alpha * src[j] + beta
+            slope[j] = (alpha if 0 < x < 1 else 0) * slope[j]
+            x = 0 if x < 0 else x
+            val[j] = 1 if x > 1 else x
+    elif a.kind == ACT_SOFTSIGN:
+        for j in range(n):
+            x = src[j]
+            y = 1 + (x if x >= 0 else -x)
+            val[j] = x / y
+            slope[j] = slope[j] / (y * y)
+    else:
+        for j in range(n):
+            x = src[j]
+            y = act_value(a, x)
+            val[j] = y
+            slope[j] = act_slope(a, x, y) * slope[j]
 
+
+# The *_OPT kinds' rows: activations and slopes recomputed from the saved
+# pre-activations into ``scratch`` (OPTION_SCRATCH * H) and the row's dG,
+# then the chain rule per unit.
 
 cdef inline void _rnn_opt_back(const floating* acts, floating* dh, floating* dg, Py_ssize_t H,
-                               const GateOptions* o) noexcept nogil:
+                               const GateOptions* o, floating* scratch) noexcept nogil:
     cdef Py_ssize_t j
-    cdef floating clip = <floating>o.clip, slope
+    _values_slopes(&o.cand, acts, <floating>o.clip, scratch, dg, H)
     for j in range(H):
-        _value_slope(&o.cand, acts[j], clip, &slope)
-        dg[j] = dh[j] * slope
+        dg[j] = dh[j] * dg[j]
         dh[j] = 0
 
 
 cdef inline void _gru_opt_back(const floating* acts, const floating* h_prev, floating* dh,
                                floating* dgx, floating* dgh, Py_ssize_t H,
-                               const GateOptions* o) noexcept nogil:
+                               const GateOptions* o, floating* scratch) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating clip = <floating>o.clip
-    cdef floating r, z, n, s_r, s_z, s_n, d, dn, dz, dr
+    cdef floating r, z, n, d, dn, dz, dr
+    _values_slopes(&o.gate, acts, clip, scratch, dgx, 2 * H)        # r, z
+    _values_slopes(&o.cand, acts + 2 * H, clip, scratch + 2 * H, dgx + 2 * H, H)   # n
     for j in range(H):
-        r = _value_slope(&o.gate, acts[j], clip, &s_r)
-        z = _value_slope(&o.gate, acts[H + j], clip, &s_z)
-        n = _value_slope(&o.cand, acts[2 * H + j], clip, &s_n)
+        r = scratch[j]
+        z = scratch[H + j]
+        n = scratch[2 * H + j]
         d = dh[j]
-        dn = d * (<floating>1 - z) * s_n
-        dz = d * (h_prev[j] - n) * s_z
-        dr = dn * acts[3 * H + j] * s_r
+        dn = d * (<floating>1 - z) * dgx[2 * H + j]
+        dz = d * (h_prev[j] - n) * dgx[H + j]
+        dr = dn * acts[3 * H + j] * dgx[j]
         dgx[j] = dr
         dgx[H + j] = dz
         dgx[2 * H + j] = dn
@@ -171,55 +217,63 @@ cdef inline void _gru_opt_back(const floating* acts, const floating* h_prev, flo
 
 cdef inline void _gru_reset_opt_back_zn(const floating* acts, const floating* h_prev,
                                        floating* dh, floating* dg, Py_ssize_t H,
-                                       const GateOptions* o) noexcept nogil:
+                                       const GateOptions* o, floating* scratch) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating clip = <floating>o.clip
-    cdef floating z, n, s_z, s_n, d
+    cdef floating z, n, d
+    _values_slopes(&o.gate, acts + H, clip, scratch, dg + H, H)            # z
+    _values_slopes(&o.cand, acts + 2 * H, clip, scratch + H, dg + 2 * H, H)   # n
     for j in range(H):
-        z = _value_slope(&o.gate, acts[H + j], clip, &s_z)
-        n = _value_slope(&o.cand, acts[2 * H + j], clip, &s_n)
+        z = scratch[j]
+        n = scratch[H + j]
         d = dh[j]
         dg[j] = 0
-        dg[H + j] = d * (h_prev[j] - n) * s_z
-        dg[2 * H + j] = d * (<floating>1 - z) * s_n
+        dg[H + j] = d * (h_prev[j] - n) * dg[H + j]
+        dg[2 * H + j] = d * (<floating>1 - z) * dg[2 * H + j]
         dh[j] = d * z
 
 
 cdef inline void _gru_reset_opt_back_r(const floating* acts, const floating* h_prev,
                                       floating* dh, floating* dg, Py_ssize_t H,
-                                      const GateOptions* o) noexcept nogil:
+                                      const GateOptions* o, floating* scratch) noexcept nogil:
     cdef Py_ssize_t j
-    cdef floating clip = <floating>o.clip
-    cdef floating r, s_r, drh
+    cdef floating drh
+    _values_slopes(&o.gate, acts, <floating>o.clip, scratch, scratch + H, H)   # r
     for j in range(H):
-        r = _value_slope(&o.gate, acts[j], clip, &s_r)
         drh = dg[j]
-        dg[j] = drh * h_prev[j] * s_r
-        dh[j] += drh * r
+        dg[j] = drh * h_prev[j] * scratch[H + j]
+        dh[j] += drh * scratch[j]
 
 
 cdef inline void _lstm_opt_back(const floating* acts, const floating* c_prev, floating* dh,
                                 floating* dc, floating* dg, Py_ssize_t H,
-                                const GateOptions* o, const floating* peep) noexcept nogil:
+                                const GateOptions* o, const floating* peep,
+                                floating* scratch) noexcept nogil:
     """peep: the peephole weights (i, f, o) or NULL; their own gradients are
-    sums over rows of dG and the states (the engine's, after the loop)."""
+    sums over rows of dG and the states (the engine's, after the loop).
+    scratch: the values of i, f, g, o, act(c_t), then act's slope at c_t;
+    dg first holds the gates' slopes."""
     cdef Py_ssize_t j
     cdef floating clip = <floating>o.clip
-    cdef floating i, f, u, og, hc, s_i, s_f, s_u, s_o, s_c, d, d_pre_o, dc_t, di, df
-    cdef floating d_pre_i, d_pre_f
+    cdef floating i, f, u, og, d, d_pre_o, dc_t, di, df, d_pre_i, d_pre_f
+    _values_slopes(&o.gate, acts, clip, scratch, dg, H)                        # i
+    if o.input_forget:
+        for j in range(H):
+            scratch[H + j] = <floating>1 - scratch[j]
+            dg[H + j] = 0
+    else:
+        _values_slopes(&o.gate, acts + H, clip, scratch + H, dg + H, H)        # f
+    _values_slopes(&o.cand, acts + 2 * H, clip, scratch + 2 * H, dg + 2 * H, H)   # g
+    _values_slopes(&o.gate, acts + 3 * H, clip, scratch + 3 * H, dg + 3 * H, H)   # o
+    _values_slopes(&o.cell, acts + 4 * H, 0, scratch + 4 * H, scratch + 5 * H, H)
     for j in range(H):
-        i = _value_slope(&o.gate, acts[j], clip, &s_i)
-        s_f = 0
-        if o.input_forget:
-            f = <floating>1 - i
-        else:
-            f = _value_slope(&o.gate, acts[H + j], clip, &s_f)
-        u = _value_slope(&o.cand, acts[2 * H + j], clip, &s_u)
-        og = _value_slope(&o.gate, acts[3 * H + j], clip, &s_o)
-        hc = _value_slope(&o.cell, acts[4 * H + j], 0, &s_c)
+        i = scratch[j]
+        f = scratch[H + j]
+        u = scratch[2 * H + j]
+        og = scratch[3 * H + j]
         d = dh[j]
-        d_pre_o = d * hc * s_o
-        dc_t = dc[j] + d * og * s_c
+        d_pre_o = d * scratch[4 * H + j] * dg[3 * H + j]
+        dc_t = dc[j] + d * og * scratch[5 * H + j]
         if peep != NULL:
             dc_t = dc_t + d_pre_o * peep[2 * H + j]
         di = dc_t * u
@@ -228,11 +282,11 @@ cdef inline void _lstm_opt_back(const floating* acts, const floating* c_prev, fl
             di = di - df
             d_pre_f = 0
         else:
-            d_pre_f = df * s_f
-        d_pre_i = di * s_i
+            d_pre_f = df * dg[H + j]
+        d_pre_i = di * dg[j]
+        dg[2 * H + j] = dc_t * i * dg[2 * H + j]
         dg[j] = d_pre_i
         dg[H + j] = d_pre_f
-        dg[2 * H + j] = dc_t * i * s_u
         dg[3 * H + j] = d_pre_o
         dc_t = dc_t * f
         if peep != NULL:
@@ -320,7 +374,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const int64_t* lengths, Py_ssize_t cols,
                           const Packed* packed, Interrupt* interrupt,
                           const GateOptions* opts, const floating* peep,
-                          const Zoneout* zone, const RecurrentDropout* drop) noexcept nogil:
+                          const Zoneout* zone, const RecurrentDropout* drop,
+                          floating* opt_scratch) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block. Leaves early, its outputs
     partial, when the call is interrupted. packed (float32): this
@@ -329,7 +384,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     opts, peep: the *_OPT kinds' options and peephole weights (else NULL).
     zone: this direction's zoneout (_forward.recur's) or NULL: a unit that
     kept its old value passes its gradient straight to the step before.
-    drop: its recurrent dropout (_forward.recur's) or NULL."""
+    drop: its recurrent dropout (_forward.recur's) or NULL. opt_scratch:
+    OPTION_SCRATCH * H values for the *_OPT kinds' rows (else NULL)."""
     cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t g_cols = dirs * GH
@@ -358,15 +414,16 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _zone_hold(zone, row * h_cols, b, dh_b, NULL if dc == NULL else dc + b * H, H)
             if cell == LSTM_OPT:
                 _lstm_opt_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
-                               dgx + row * g_cols, H, opts, peep)
+                               dgx + row * g_cols, H, opts, peep, opt_scratch)
             elif cell == GRU_OPT:
                 _gru_opt_back(acts + row * a_cols, h_prev + row * h_cols, dh_b,
-                              dgx + row * g_cols, dgh + row * g_cols, H, opts)
+                              dgx + row * g_cols, dgh + row * g_cols, H, opts, opt_scratch)
             elif cell == GRU_RESET_BEFORE_OPT:
                 _gru_reset_opt_back_zn(acts + row * a_cols, h_prev + row * h_cols, dh_b,
-                                       dgx + row * g_cols, H, opts)
+                                       dgx + row * g_cols, H, opts, opt_scratch)
             elif cell == RNN_OPT:
-                _rnn_opt_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H, opts)
+                _rnn_opt_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H, opts,
+                              opt_scratch)
             elif cell == LSTM:
                 _lstm_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
                            dgx + row * g_cols, H)
@@ -403,7 +460,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                             2 * drop.gate_stride + b * H + j]
                 if opts != NULL:
                     _gru_reset_opt_back_r(acts + row * a_cols, h_prev + row * h_cols,
-                                          dh + b * H, dgx + row * g_cols, H, opts)
+                                          dh + b * H, dgx + row * g_cols, H, opts, opt_scratch)
                 else:
                     _gru_reset_back_r(acts + row * a_cols, h_prev + row * h_cols, dh + b * H,
                                       dgx + row * g_cols, H)
@@ -425,6 +482,10 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             else:
                 _recurrent_grad(B, GH, H, dgh + t * row_t * g_cols, row_b * g_cols, w_hh, dh,
                                 H, cols)
+
+
+# exported: the engine allocates the *_OPT kinds' scratch
+OPTION_SCRATCH_UNITS = OPTION_SCRATCH
 
 
 # --- weights packed for the micro-kernel: products dG . W (K the gate columns) ---
@@ -539,7 +600,9 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             options_part(&j.extras, d),
             NULL if peep == NULL else peep + d * 3 * H,
             zone_part(&zone, &j.extras.zone, d, B, b_lo, first * h_cols + d * H, H, dh),
-            dropout_part(&drop, &j.extras.drop, d, num_gates(j.cell), B, b_lo, H, dh))
+            dropout_part(&drop, &j.extras.drop, d, num_gates(j.cell), B, b_lo, H, dh),
+            NULL if j.extras.opt_scratch == NULL else
+            <floating*>j.extras.opt_scratch + (part * dirs + d) * OPTION_SCRATCH * H)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -577,7 +640,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    const floating[:, ::1] zone_mask_c=None,
                    floating[::1] zone_keep=None,
                    const floating[:, :, :, ::1] dropout_masks=None,
-                   floating[::1] dropout_scratch=None):
+                   floating[::1] dropout_scratch=None,
+                   floating[::1] option_scratch=None):
     """The BPTT time loops of one layer in one or two parts: ``parts`` a
     list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
     at the same time on the worker thread (or after the first).
@@ -591,7 +655,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     packed (float32): ``pack_backward``'s arrays per direction; the per-step
     products then run on the micro-kernel. options, peepholes: the *_OPT
     kinds'; zoneout and its masks, the recurrent dropout's masks those of the
-    forward, zone_keep and dropout_scratch scratch (see _forward.recur).
+    forward, zone_keep and dropout_scratch scratch (see _forward.recur);
+    option_scratch (len(parts) * dirs * OPTION_SCRATCH * H,) the *_OPT kinds'.
     """
     cdef BackJob job
     cdef Py_ssize_t i
@@ -617,7 +682,15 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.lengths = NULL if lengths is None else &lengths[0]
     job.blas_held = blas_held
     fill_extras(&job.extras, cell, job.dirs, job.B, job.H, dout.shape[0], True, options,
-                peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks, dropout_scratch)
+                peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks,
+                dropout_scratch)
+    job.extras.opt_scratch = NULL
+    if job.extras.has_options:
+        if option_scratch is None or option_scratch.shape[0] < (
+                len(parts) * job.dirs * OPTION_SCRATCH * job.H):
+            raise ValueError("backward_layer: the gate options need an option_scratch of "
+                             f"{len(parts) * job.dirs * OPTION_SCRATCH * job.H} values")
+        job.extras.opt_scratch = &option_scratch[0]
     job.packs_per_dir = 0
     if floating is float and packed is not None:
         job.packs_per_dir = 2 if base_cell(cell) == GRU_RESET_BEFORE else 1

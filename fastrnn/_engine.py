@@ -427,7 +427,10 @@ class RecurrentEngine(RecurrentWeights):
             dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
             packed=None if packed is None else packed[0], options=self._option_rows,
             peepholes=peepholes, **self._zoneout_args(saves, B),
-            **self._dropout_args(saves, B))
+            **self._dropout_args(saves, B),
+            option_scratch=None if self._option_rows is None else np.empty(
+                len(parts) * dirs * _backward.OPTION_SCRATCH_UNITS * self._config["hidden_size"],
+                self._config["dtype"]))
         if peepholes is not None:
             self._peephole_grads(saves, dgx, sums[4])
         if saves.input_drop is not None or saves.recurrent_drop is not None:

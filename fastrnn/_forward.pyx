@@ -742,7 +742,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
         _fill_packed(job.packed, packed, cell, job.H, job.dirs)
         job.packs_per_dir = len(packed) // job.dirs
     fill_extras(&job.extras, cell, job.dirs, job.B, job.H, out.shape[0], train, options,
-                peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks, dropout_scratch)
+                peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks,
+                dropout_scratch)
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 

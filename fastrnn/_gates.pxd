@@ -664,6 +664,14 @@ cdef struct LayerExtras:
     const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
     Zoneout zone                # rates 0: none
     RecurrentDropout drop       # drop.mask NULL: none
+    void* opt_scratch           # BPTT of the *_OPT kinds: OPTION_SCRATCH * H per part and
+                                # direction
+
+
+# values per hidden unit of the *_OPT kinds' BPTT scratch (their activations
+# and slopes; _backward.pyx)
+cdef enum:
+    OPTION_SCRATCH = 6
 
 
 cdef inline int fill_extras(LayerExtras* out, int cell, Py_ssize_t dirs, Py_ssize_t B,
@@ -676,6 +684,7 @@ cdef inline int fill_extras(LayerExtras* out, int cell, Py_ssize_t dirs, Py_ssiz
     """A kernel entry's options, peepholes, zoneout and recurrent dropout
     (see _forward.recur), checked."""
     out.has_options = fill_options(out.options, options, cell, dirs)
+    out.opt_scratch = NULL
     out.peep = NULL
     if peepholes is not None:
         if cell != LSTM_OPT or peepholes.shape[0] != dirs * 3 * H:
