@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
-from fastrnn import _gate_options
+from fastrnn import _gate_options, _layernorm_engine
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine
 from fastrnn._module import RESET_AFTER_DOC, gru_kind
@@ -23,7 +23,8 @@ from fastrnn._validation import shape_str
 class _CellBase(RecurrentEngine):
     _has_cell_state = False
 
-    def __init__(self, kind, input_size, hidden_size, bias, dtype, seed, gate_options):
+    def __init__(self, kind, input_size, hidden_size, bias, dtype, seed, gate_options,
+                 layer_norm=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -35,12 +36,17 @@ class _CellBase(RecurrentEngine):
         # gate options (_gate_options.py): the kind runs them, or the plain kind
         kind, activation, options, rows = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
+        # layer_norm (GRUCell, LSTMCell; None: the class has no such option)
+        ln = None if layer_norm is None else _layernorm_engine.check(owner, layer_norm, kind,
+                                                                    rows)
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                    peepholes=options.get("peepholes", False))
+                    peepholes=options.get("peepholes", False), layer_norm=bool(ln))
         self._option_rows = rows
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
+        if ln is not None:
+            cfg["layer_norm"] = ln
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -48,14 +54,16 @@ class _CellBase(RecurrentEngine):
             opts.append(("bias", False))
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
-        return opts + _gate_options.repr_options(cfg)
+        return (opts + _gate_options.repr_options(cfg)
+                + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     def __call__(self, x: ArrayLike,
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
-        if self._option_rows is None:   # (the streaming kernel runs no gate options)
+        if self._option_rows is None and not self._ln_index:   # (the streaming kernel
+            # runs no gate options and no layer norm)
             result = self._stepper(params).step(x, hx)
             if result is not None:
                 return result
@@ -223,11 +231,13 @@ class GRUCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
-                 recurrent_activation: Any = "sigmoid", clip: float | None = None) -> None:
+                 recurrent_activation: Any = "sigmoid", clip: float | None = None,
+                 layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
-                          "recurrent_activation": recurrent_activation, "clip": clip})
+                          "recurrent_activation": recurrent_activation, "clip": clip},
+                         layer_norm)
         self._config["reset_after"] = reset_after
 
 
@@ -243,9 +253,11 @@ class LSTMCell(_CellBase):
                  seed: int | np.random.Generator | None = None, *,
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
-                 input_forget: bool = False, peepholes: bool = False) -> None:
+                 input_forget: bool = False, peepholes: bool = False,
+                 layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
-                          "input_forget": input_forget, "peepholes": peepholes})
+                          "input_forget": input_forget, "peepholes": peepholes},
+                         layer_norm)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import _gate_options, _parallel, _plan
+from fastrnn import _gate_options, _layernorm_engine, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._engine import Backprop, RecurrentEngine
@@ -30,7 +30,7 @@ class _RNNBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
-                 dropout, bidirectional, dtype, seed, gate_options):
+                 dropout, bidirectional, dtype, seed, gate_options, layer_norm=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -47,6 +47,9 @@ class _RNNBase(RecurrentEngine):
         # gate options (_gate_options.py): the kind runs them, or the plain kind
         kind, activation, options, rows = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
+        # layer_norm (GRU, LSTM; None: the class has no such option)
+        ln = None if layer_norm is None else _layernorm_engine.check(owner, layer_norm, kind,
+                                                                    rows)
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -58,10 +61,12 @@ class _RNNBase(RecurrentEngine):
         # rng also draws the dropout masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
-                    peepholes=options.get("peepholes", False))
+                    peepholes=options.get("peepholes", False), layer_norm=bool(ln))
         self._option_rows = rows
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
+        if ln is not None:
+            cfg["layer_norm"] = ln
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -74,7 +79,8 @@ class _RNNBase(RecurrentEngine):
             opts.append(("dtype", cfg["dtype"].name))
         gate = _gate_options.repr_options(cfg)   # PyTorch's order: nonlinearity first
         return ([o for o in gate if o[0] == "nonlinearity"] + opts
-                + [o for o in gate if o[0] != "nonlinearity"])
+                + [o for o in gate if o[0] != "nonlinearity"]
+                + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     # --- forward ------------------------------------------------------------
     def __call__(self, x: ArrayLike,
@@ -85,7 +91,7 @@ class _RNNBase(RecurrentEngine):
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None and self._option_rows is None:
+        if lengths is None and self._option_rows is None and not self._ln_index:
             # the lean path of small calls (_forward.SequenceRunner)
             result = self._sequence_runner(params).run(x, hx)
             if result is not None:
@@ -378,12 +384,14 @@ class GRU(_RNNBase):
                  bidirectional: bool = False, dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
-                 recurrent_activation: Any = "sigmoid", clip: float | None = None) -> None:
+                 recurrent_activation: Any = "sigmoid", clip: float | None = None,
+                 layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
-                          "recurrent_activation": recurrent_activation, "clip": clip})
+                          "recurrent_activation": recurrent_activation, "clip": clip},
+                         layer_norm)
         self._config["reset_after"] = reset_after
 
 
@@ -409,10 +417,12 @@ class LSTM(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
-                 input_forget: bool = False, peepholes: bool = False) -> None:
+                 input_forget: bool = False, peepholes: bool = False,
+                 layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
-                          "input_forget": input_forget, "peepholes": peepholes})
+                          "input_forget": input_forget, "peepholes": peepholes},
+                         layer_norm)
