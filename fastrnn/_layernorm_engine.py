@@ -57,18 +57,20 @@ class LNLayerTape:
     mask: np.ndarray | None = None
 
 
-def check(owner, layer_norm, kind, option_rows):
+def check(owner, layer_norm, kind, gate_options):
     """The checked ``layer_norm`` flag of a GRU or LSTM (layer or cell) of
-    cell kind ``kind``; option_rows: its gate options' (None: all defaults).
-    Layer norm runs the plain gates of the reset-after GRU and the LSTM."""
+    cell kind ``kind``; gate_options: None when its gate options run the
+    plain gates, else (name, value) of those that differ from their defaults. Layer norm runs the plain gates of the
+    reset-after GRU and the LSTM."""
     flag = v.check_bool(owner, "layer_norm", layer_norm)
     if flag and kind == "gru_reset_before":
         raise ValueError(f"{owner}: layer_norm=True needs reset_after=True (the recurrent "
                          f"side's LN normalises W_hh h, which reset_after=False splits), got "
                          f"reset_after=False")
-    if flag and option_rows is not None:
+    if flag and gate_options is not None:
+        got = ", ".join(f"{key}={value!r}" for key, value in gate_options)
         raise ValueError(f"{owner}: layer_norm=True runs the default gates (sigmoid, tanh; "
-                         f"no clip, input_forget or peepholes), got other gate options")
+                         f"no clip, input_forget or peepholes), got {got}")
     return flag
 
 

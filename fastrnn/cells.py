@@ -37,8 +37,10 @@ class _CellBase(RecurrentEngine):
         kind, activation, options, rows = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
         # layer_norm (GRUCell, LSTMCell; None: the class has no such option)
-        ln = None if layer_norm is None else _layernorm_engine.check(owner, layer_norm, kind,
-                                                                    rows)
+        ln = None if layer_norm is None else _layernorm_engine.check(
+            owner, layer_norm, kind,
+            None if rows is None else _gate_options.repr_options({"activation": activation,
+                                                                  **options}))
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
                     peepholes=options.get("peepholes", False), layer_norm=bool(ln))

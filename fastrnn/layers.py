@@ -48,8 +48,10 @@ class _RNNBase(RecurrentEngine):
         kind, activation, options, rows = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
         # layer_norm (GRU, LSTM; None: the class has no such option)
-        ln = None if layer_norm is None else _layernorm_engine.check(owner, layer_norm, kind,
-                                                                    rows)
+        ln = None if layer_norm is None else _layernorm_engine.check(
+            owner, layer_norm, kind,
+            None if rows is None else _gate_options.repr_options({"activation": activation,
+                                                                  **options}))
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
