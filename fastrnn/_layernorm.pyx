@@ -33,7 +33,8 @@
 #
 # Variable lengths: row b is active at step t iff t < lengths[b], in both
 # directions, as in _forward.pyx: an inactive row keeps its state, gets a
-# zero output, and zero gradients of every saved quantity.
+# zero output, zero saves (training) and zero gradients of every saved
+# quantity, so that BPTT's sums over rows never meet uninitialised values.
 
 cimport numpy as cnp
 from cython cimport floating
@@ -284,6 +285,11 @@ cdef void _forward_direction(LNJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssize_t
             row = t * j.row_t + b * j.row_b
             if j.lengths != NULL and t >= j.lengths[b]:
                 memset(out + row * dirs * H + d * H, 0, H * sizeof(floating))
+                if j.train:   # the sums over rows of BPTT read these (times 0)
+                    memset(hhat + row * dirs * GH + d * GH, 0, GH * sizeof(floating))
+                    memset(acts + row * dirs * A + d * A, 0, A * sizeof(floating))
+                    rstd[row * dirs * 2 + d * 2] = 0
+                    rstd[row * dirs * 2 + d * 2 + 1] = 0
                 continue
             saved = row if j.train else b
             wrow = work + (b - b_lo) * j.W
