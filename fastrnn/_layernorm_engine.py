@@ -38,6 +38,22 @@ from fastrnn._module import dropout_mask
 
 EPS = _ln.LN_EPS
 
+# the option's entry in the GRU's and LSTM's (and their cells') docstrings
+LAYER_NORM_DOC = """
+    layer_norm : bool, default False
+        Keyword only: layer normalisation (Ba, Kiros and Hinton 2016, eq.
+        20-22) of the gate pre-activations, each side on its own, and (LSTM)
+        of the cell, with LN(v) = a * (v - mean(v)) / sqrt(var(v) + 1e-5) + b
+        over the G * H values of a row (H for the cell). LSTM: i, f, g, o
+        from LN(W_ih x; a_ih, b_ih) + LN(W_hh h; a_hh, b_hh) + b_ih + b_hh,
+        c' = f * c + i * g, h' = o * tanh(LN(c'; a_c, b_c)). GRU (reset
+        after): gx = LN(W_ih x) + b_ih, gh = LN(W_hh h) + b_hh, then the GRU's
+        gates from gx and gh. Adds ``ln_ih_weight``, ``ln_ih_bias``,
+        ``ln_hh_weight``, ``ln_hh_bias`` (G * H,) and, LSTM, ``ln_cell_weight``,
+        ``ln_cell_bias`` (H,), suffixed as W_ih (``_l{k}[_reverse]``); gains
+        start at 1, biases at 0. Runs the default gates only (no other gate
+        option, GRU ``reset_after=True``)."""
+
 
 @dataclass(slots=True)
 class LNLayerTape:
@@ -200,6 +216,10 @@ def bptt(module, tape, T, B, dout, dh, dc):
                          dpre_x=dpre_x, dpre_h=dpre_h, da_h=da_h, dlnc=dlnc,
                          lengths=tape.lengths, work=work,
                          packed=None if packed is None else packed[k][0])
+            # the sums over rows: each side's output gradient is that of its LN
+            # bias and of its bias (LSTM: both sides have the same one)
+            sum_x = dpre_x.sum(axis=0)
+            sum_h = sum_x if lstm else dpre_h.sum(axis=0)
             dpre_hh = dpre_x if lstm else dpre_h
             dln = sums[4][k]
             for d in range(dirs):
@@ -207,18 +227,18 @@ def bptt(module, tape, T, B, dout, dh, dc):
                 base = d * P
                 dln[base:base + GH] += np.einsum("rj,rj->j", dpre_x[:, block],
                                                  saves.ahat[:, block])
-                dln[base + GH:base + 2 * GH] += dpre_x[:, block].sum(axis=0)
+                dln[base + GH:base + 2 * GH] += sum_x[block]
                 dln[base + 2 * GH:base + 3 * GH] += np.einsum("rj,rj->j", dpre_hh[:, block],
                                                               saves.hhat[:, block])
-                dln[base + 3 * GH:base + 4 * GH] += dpre_hh[:, block].sum(axis=0)
+                dln[base + 3 * GH:base + 4 * GH] += sum_h[block]
                 if lstm:
                     cells = dlnc[:, d * H:(d + 1) * H]
                     chat = saves.acts[:, d * A + 5 * H:d * A + 6 * H]
                     dln[base + 4 * GH:base + 4 * GH + H] += np.einsum("rj,rj->j", cells, chat)
                     dln[base + 4 * GH + H:base + P] += cells.sum(axis=0)
             if sums[2][k] is not None:
-                sums[2][k] += dpre_x.sum(axis=0)
-                sums[3][k] += dpre_hh.sum(axis=0)
+                sums[2][k] += sum_x
+                sums[3][k] += sum_h
             # dpre_x becomes the gradient of W_ih x
             _ln.normalise_rows_backward(dy=dpre_x, ahat=saves.ahat, rstd=saves.rstd_x,
                                         ln=ln_all[k], P=P)

@@ -226,7 +226,8 @@ class RNNCell(_CellBase):
 
 class GRUCell(_CellBase):
     __doc__ = _CELL_DOC.format(
-        summary="One step of a GRU (gate blocks r, z, n).", extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC,
+        summary="One step of a GRU (gate blocks r, z, n).",
+        extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC + _layernorm_engine.LAYER_NORM_DOC,
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
 
@@ -245,7 +246,8 @@ class GRUCell(_CellBase):
 
 class LSTMCell(_CellBase):
     __doc__ = _CELL_DOC.format(
-        summary="One step of an LSTM (gate blocks i, f, g, o).", extra_params=_gate_options.LSTM_DOC,
+        summary="One step of an LSTM (gate blocks i, f, g, o).",
+        extra_params=_gate_options.LSTM_DOC + _layernorm_engine.LAYER_NORM_DOC,
         call="h, c = cell(x, hx=None)", hx_doc="tuple (h, c) of arrays of shape (B, H) or (H,)",
         returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")
     _has_cell_state = True

@@ -368,7 +368,7 @@ class GRU(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Gated recurrent unit over whole sequences (by default PyTorch's "
                 "'reset after' form).",
-        extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC,
+        extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC + _layernorm_engine.LAYER_NORM_DOC,
         call="out, h_n = gru(x, hx=None, lengths=None)",
         hx_doc="array of shape (num_layers * dirs, B, H)",
         returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
@@ -400,7 +400,7 @@ class GRU(_RNNBase):
 class LSTM(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Long short-term memory over whole sequences.",
-        extra_params=_gate_options.LSTM_DOC,
+        extra_params=_gate_options.LSTM_DOC + _layernorm_engine.LAYER_NORM_DOC,
         call="out, (h_n, c_n) = lstm(x, hx=None, lengths=None)",
         hx_doc="tuple (h_0, c_0) of arrays of shape (num_layers * dirs, B, H)",
         returns_doc=("(h_n, c_n) : tuple of ndarrays of shape (num_layers * dirs, B, H)"),
