@@ -395,8 +395,9 @@ def test_wrong_state_is_refused_as_for_the_plain_layer():
 def test_layer_norm_lstm_learns_the_adding_problem_faster():
     """The adding problem (fastrnn/examples/layer_norm.py has the full run):
     T = 30, the same seed, data and optimizer; after 3 epochs of 1600
-    sequences the LN-LSTM's validation MSE is below the plain LSTM's by a
-    clear margin (measured: see the example's docstring)."""
+    sequences the LN-LSTM's validation MSE is below half the plain LSTM's
+    (measured at seeds 0, 1, 2: 0.023, 0.020, 0.024 against 0.181, 0.169,
+    0.175, the plain one still at the mean's score ~0.17)."""
     from fastrnn.examples import layer_norm as example
     results = example.main(steps=30, hidden=16, epochs=3, n_train=1600, kinds=("LSTM",),
                            seeds=(0,), verbose=False)

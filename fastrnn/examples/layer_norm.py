@@ -13,8 +13,14 @@ batch 64, LSTM forget bias 1, validation MSE per epoch:
 
 - T = 50, LSTM, seeds 0, 1, 2: the plain LSTM stays at the mean's score for
   all 8 epochs (0.174, 0.160, 0.163 after epoch 8); the LN-LSTM reaches
-  0.018, 0.022, 0.024 after epoch 2 and 0.0017, 0.0022, 0.0015 after epoch 8.
-- T = 100, GRU: see the README's Gate options section.
+  0.017, 0.009, 0.024 after epoch 2 and 0.0007, 0.0022, 0.0089 after epoch 8.
+- T = 100, GRU (``--kinds GRU --steps 100``), seeds 0, 1, 2: after epoch 1,
+  0.018, 0.020, 0.013 with LN and 0.175, 0.174, 0.168 without; the plain GRU
+  learns too, from epoch 4-5.
+- The short version in tests/test_layer_norm.py (T = 30, hidden 16, 1600
+  sequences, 3 epochs), seeds 0, 1, 2: 0.023, 0.020, 0.024 with LN against
+  0.181, 0.169, 0.175 without (the test checks seed 0: LN below half the
+  plain LSTM's MSE).
 """
 import argparse
 import time
