@@ -161,7 +161,10 @@ def test_layer_matches_oracle(dtype, kind, bidirectional, num_layers, batch_firs
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_batch_rows_and_threads_agree(dtype, kind, monkeypatch):
     """Each row computes alone: one row at a time equals the batch, and the
-    plan's parts (2 threads, directions and batch ranges) equal one thread."""
+    plan's parts (2 threads, directions and batch ranges) equal one thread:
+    bit for bit in float32 (every product on the micro-kernel, every LN
+    within its row), as the plain layers; float64 (BLAS) to rounding across
+    batch sizes. Training too: the gradients at 2 threads are those at 1."""
     from fastrnn import _parallel, _plan
     rng = np.random.default_rng(9)
     T, B, D, H = 30, 16, 8, 33
@@ -169,8 +172,17 @@ def test_batch_rows_and_threads_agree(dtype, kind, monkeypatch):
     perturbed(layer, rng)
     x = rng.normal(size=(T, B, D)).astype(dtype)
     lengths = rng.integers(1, T + 1, B)
+    dout = rng.normal(size=(T, B, 2 * H))
+
+    def train():
+        layer.zero_grad()
+        (out, _), backprop = layer.forward_train(x, lengths=lengths)
+        dx, _ = backprop(dout)
+        return [out, dx] + [g.copy() for g in layer.grads.values()]
+
     monkeypatch.setattr(_parallel, "_threads", 1)
     out1, _ = layer(x, lengths=lengths)
+    trained1 = train()
     rows = np.concatenate([layer(x[:, b:b + 1], lengths=lengths[b:b + 1])[0]
                            for b in range(B)], axis=1)
     monkeypatch.setattr(_parallel, "_threads", 2)
@@ -178,9 +190,14 @@ def test_batch_rows_and_threads_agree(dtype, kind, monkeypatch):
     assert len(_plan.forward_plan(layer, T, B, batch_first=False, train=False,
                                   has_lengths=True).parts) == 2
     out2, _ = layer(x, lengths=lengths)
-    tol = 1e-12 if dtype == "float64" else F32_FORWARD
-    assert_close(rows, out1, tol)
-    assert_close(out2, out1, tol)
+    trained2 = train()
+    np.testing.assert_array_equal(out2, out1)
+    for a, b in zip(trained2, trained1):
+        np.testing.assert_array_equal(a, b)
+    if dtype == "float32":
+        np.testing.assert_array_equal(rows, out1)
+    else:
+        assert_close(rows, out1, 1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -379,6 +396,30 @@ def test_rnn_has_no_layer_norm_and_conversions_refuse_it(tmp_path):
         with pytest.raises(ValueError, match=f"^to_onnx: {cls.__name__} has layer_norm=True; "
                                              f"ONNX's {cls.__name__} operator has no layer"):
             fastrnn.to_onnx(cls(3, 4, layer_norm=True), str(tmp_path / "x.onnx"))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_mask_and_wrappers(kind):
+    """Keras' masks run through lengths (fastrnn.masking): a mask of each
+    row's first lengths[b] steps is the same call; Reversed and Stateful wrap
+    a layer_norm layer as any other."""
+    rng = np.random.default_rng(23)
+    layer = CLASSES[kind](3, 5, batch_first=True, layer_norm=True, dtype="float64", seed=12)
+    perturbed(layer, rng)
+    x = rng.normal(size=(3, 6, 3))
+    lengths = np.array([6, 2, 4])
+    mask = np.arange(6)[None, :] < lengths[:, None]
+    out_mask, _ = layer(x, mask=mask, zero_output_for_mask=True)
+    out_len, _ = layer(x, lengths=lengths)
+    np.testing.assert_array_equal(out_mask, out_len)
+    stateful = fastrnn.Stateful(layer)
+    stateful(x[:, :3])
+    second, _ = stateful(x[:, 3:])
+    whole, _ = layer(x)
+    assert_close(second, whole[:, 3:], 1e-12)
+    backwards, _ = fastrnn.Reversed(layer)(x)
+    flipped, _ = layer(x[:, ::-1])
+    assert_close(backwards, flipped[:, ::-1], 1e-12)
 
 
 def test_wrong_state_is_refused_as_for_the_plain_layer():
