@@ -20,7 +20,8 @@ BPTT
     backward), then the plain layers' ``_backward.weight_grads`` and
     ``input_grad``.
 
-float64 products run through BLAS, held at one thread for the call.
+float64 products run through BLAS, held at one thread for every call (the
+plan says so: the per-step products are whole BLAS calls).
 """
 from __future__ import annotations
 
@@ -119,14 +120,6 @@ def _biases(module, params):
     return terms
 
 
-def _blas_hold(module):
-    """float64 multiplies through BLAS: held at one thread for the call (its
-    per-step products would otherwise contend with the parts)."""
-    if module._config["dtype"] == np.float32:
-        return contextlib.nullcontext()
-    return _parallel.blas_at_one_thread
-
-
 def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx,
                parts, tape):
     """Every layer of a forward (see ``_engine.RecurrentEngine._run``):
@@ -146,37 +139,37 @@ def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengt
     work = np.empty((dirs * B, GH), dtype)
     scratch = None if train else (np.empty((B, dirs * GH), dtype), np.empty((B, dirs * A), dtype),
                                   np.empty((B, dirs * 2), dtype), np.empty((rows, dirs), dtype))
-    with _blas_hold(module):
-        for k, (bias_x, bias_h) in enumerate(_biases(module, params)):
-            last = k == L - 1
-            layer_out = out.reshape(rows, -1) if last else np.empty((rows, dirs * H), dtype)
-            if train:
-                ahat, rstd_x = np.empty((rows, dirs * GH), dtype), np.empty((rows, dirs), dtype)
-                hhat, acts = np.empty((rows, dirs * GH), dtype), np.empty((rows, dirs * A), dtype)
-                rstd = np.empty((rows, dirs * 2), dtype)
-                h_prev = np.empty((rows, dirs * H), dtype)
-                c_prev = np.empty((rows, dirs * H), dtype) if kind == _ln.LSTM else None
-            else:   # the input side normalised in place; the rest a (B, .) scratch
-                ahat, (hhat, acts, rstd, rstd_x) = gx, scratch
-                h_prev = c_prev = None
-            _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=None, gx=ahat,
-                             max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
-                             packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
-            _ln.normalise_rows(a=ahat, ln=ln_all[k], bias=bias_x, rstd=rstd_x, out=gx, P=P)
-            _ln.recur(kind=kind, T=T, batch_first=batch_first, parts=parts, w_hh=w_hh_all[k],
-                      ln=ln_all[k], bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
-                      c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs], gx=gx,
-                      out=layer_out, lengths=lengths, train=train, hhat=hhat, acts=acts,
-                      rstd=rstd, h_prev=h_prev, c_prev=c_prev, work=work,
-                      packed=None if packed_hh is None else packed_hh[k])
-            if train:
-                saves = LNLayerTape(layer_in, ahat, rstd_x, hhat, acts, rstd, h_prev, c_prev)
-                if not last and module._dropout > 0:
-                    saves.mask = dropout_mask(module._rng, layer_out.shape, module._dropout,
-                                              dtype)
-                    layer_out = layer_out * saves.mask
-                tape.layers.append(saves)
-            layer_in = layer_out
+    # (the caller, _engine._run, holds BLAS as the plan says)
+    for k, (bias_x, bias_h) in enumerate(_biases(module, params)):
+        last = k == L - 1
+        layer_out = out.reshape(rows, -1) if last else np.empty((rows, dirs * H), dtype)
+        if train:
+            ahat, rstd_x = np.empty((rows, dirs * GH), dtype), np.empty((rows, dirs), dtype)
+            hhat, acts = np.empty((rows, dirs * GH), dtype), np.empty((rows, dirs * A), dtype)
+            rstd = np.empty((rows, dirs * 2), dtype)
+            h_prev = np.empty((rows, dirs * H), dtype)
+            c_prev = np.empty((rows, dirs * H), dtype) if kind == _ln.LSTM else None
+        else:   # the input side normalised in place; the rest a (B, .) scratch
+            ahat, (hhat, acts, rstd, rstd_x) = gx, scratch
+            h_prev = c_prev = None
+        _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=None, gx=ahat,
+                         max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
+                         packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
+        _ln.normalise_rows(a=ahat, ln=ln_all[k], bias=bias_x, rstd=rstd_x, out=gx, P=P)
+        _ln.recur(kind=kind, T=T, batch_first=batch_first, parts=parts, w_hh=w_hh_all[k],
+                  ln=ln_all[k], bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
+                  c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs], gx=gx,
+                  out=layer_out, lengths=lengths, train=train, hhat=hhat, acts=acts,
+                  rstd=rstd, h_prev=h_prev, c_prev=c_prev, work=work,
+                  packed=None if packed_hh is None else packed_hh[k])
+        if train:
+            saves = LNLayerTape(layer_in, ahat, rstd_x, hhat, acts, rstd, h_prev, c_prev)
+            if not last and module._dropout > 0:
+                saves.mask = dropout_mask(module._rng, layer_out.shape, module._dropout,
+                                          dtype)
+                layer_out = layer_out * saves.mask
+            tape.layers.append(saves)
+        layer_in = layer_out
 
 
 def bptt(module, tape, T, B, dout, dh, dc):
@@ -190,7 +183,8 @@ def bptt(module, tape, T, B, dout, dh, dc):
     kind, GH, P, A = _sizes(module)
     lstm = kind == _ln.LSTM
     rows = T * B
-    parts = _plan.backward_plan(module, T, B).parts
+    plan = _plan.backward_plan(module, T, B)
+    parts = plan.parts
     w_ih_all, w_hh_all = module._weights(tape.params)[:2]
     ln_all = _ln_params(module, tape.params)
     packed = module._packed_backward(tape.params)
@@ -203,7 +197,7 @@ def bptt(module, tape, T, B, dout, dh, dc):
     da_h = np.empty((rows, dirs * GH), dtype)
     dlnc = np.empty((rows, dirs * H), dtype) if lstm else None
     work = np.empty((dirs * B, GH + H), dtype)
-    with _blas_hold(module):
+    with _parallel.blas_at_one_thread if plan.hold_blas else contextlib.nullcontext():
         for k in reversed(range(module._layers)):
             saves = tape.layers[k]
             if saves.mask is not None:
