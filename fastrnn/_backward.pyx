@@ -29,7 +29,7 @@ from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU_OPT,
                              GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates, num_saved,
                              axpy_product, GateOptions, Activation, fill_options, act_value,
-                             act_slope, clipped, clip_slope,
+                             act_slope, clipped, clip_slope, Zoneout, fill_zoneout, zone_part,
                              AXPY_MAX,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -241,6 +241,38 @@ cdef inline void _lstm_opt_back(const floating* acts, const floating* c_prev, fl
         dh[j] = 0
 
 
+cdef inline void _zone_hold(const Zoneout* zone, Py_ssize_t offset, Py_ssize_t b,
+                            floating* dh, floating* dc, Py_ssize_t H) noexcept nogil:
+    """Before a row's gate backward: the gradient of the units that kept
+    their old value is held back (the gate pass gets none of it)."""
+    cdef floating* held = <floating*>zone.keep + 2 * b * H
+    cdef const floating* mask_h = (NULL if zone.mask_h == NULL
+                                   else <const floating*>zone.mask_h + offset)
+    cdef const floating* mask_c = (NULL if zone.mask_c == NULL or dc == NULL
+                                   else <const floating*>zone.mask_c + offset)
+    cdef Py_ssize_t j
+    for j in range(H):
+        held[j] = 0
+        held[H + j] = 0
+        if mask_h != NULL and mask_h[j] != 0:
+            held[j] = dh[j]
+            dh[j] = 0
+        if mask_c != NULL and mask_c[j] != 0:
+            held[H + j] = dc[j]
+            dc[j] = 0
+
+
+cdef inline void _zone_release(const Zoneout* zone, Py_ssize_t b, floating* dh, floating* dc,
+                               Py_ssize_t H) noexcept nogil:
+    """After it: the held gradient goes to the state before the step."""
+    cdef const floating* held = <const floating*>zone.keep + 2 * b * H
+    cdef Py_ssize_t j
+    for j in range(H):
+        dh[j] += held[j]
+        if dc != NULL:
+            dc[j] += held[H + j]
+
+
 cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                           const floating* dg, Py_ssize_t ldg, const floating* w_hh,
                           floating* dh, Py_ssize_t ldh, Py_ssize_t cols) noexcept nogil:
@@ -271,13 +303,16 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           floating* dgx, floating* dgh,
                           const int64_t* lengths, Py_ssize_t cols,
                           const Packed* packed, Interrupt* interrupt,
-                          const GateOptions* opts, const floating* peep) noexcept nogil:
+                          const GateOptions* opts, const floating* peep,
+                          const Zoneout* zone) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block. Leaves early, its outputs
     partial, when the call is interrupted. packed (float32): this
     direction's W_hh packed for dG . W_hh (``pack_backward``; the
     reset-before GRU's n rows, then its r, z rows), or NULL for BLAS.
-    opts, peep: the *_OPT kinds' options and peephole weights (else NULL)."""
+    opts, peep: the *_OPT kinds' options and peephole weights (else NULL).
+    zone: this direction's zoneout (_forward.recur's) or NULL: a unit that
+    kept its old value passes its gradient straight to the step before."""
     cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t g_cols = dirs * GH
@@ -302,6 +337,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             dout_row = dout + row * h_cols
             for j in range(H):
                 dh_b[j] += dout_row[j]
+            if zone != NULL:
+                _zone_hold(zone, row * h_cols, b, dh_b, NULL if dc == NULL else dc + b * H, H)
             if cell == LSTM_OPT:
                 _lstm_opt_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
                                dgx + row * g_cols, H, opts, peep)
@@ -326,6 +363,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _rnn_tanh_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
             else:
                 _rnn_relu_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H)
+            if zone != NULL:
+                _zone_release(zone, b, dh_b, NULL if dc == NULL else dc + b * H, H)
         if kind == GRU_RESET_BEFORE:
             # d(r * h) = dG_n W_hn into dG_r's columns, then dG_r itself
             if floating is float and packed != NULL:
@@ -439,6 +478,7 @@ cdef struct BackJob:
     bint has_options            # the *_OPT kinds: options per direction
     GateOptions options[2]
     const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
+    Zoneout zone                # rates 0: none
 
 
 cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
@@ -454,6 +494,7 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
     cdef Py_ssize_t g_cols = dirs * GH, h_cols = dirs * H
     cdef Py_ssize_t cols, d
     cdef unsigned int fpenv
+    cdef Zoneout zone
     if d_hi <= d_lo or b_hi <= b_lo:
         return
     cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
@@ -471,7 +512,8 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             NULL if j.lengths == NULL else j.lengths + b_lo, cols,
             NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir], &j.interrupt,
             &j.options[d] if j.has_options else NULL,
-            NULL if peep == NULL else peep + d * 3 * H)
+            NULL if peep == NULL else peep + d * 3 * H,
+            zone_part(&zone, &j.zone, d, B, b_lo, first * h_cols + d * H, H, dh))
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -503,7 +545,11 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    bint blas_held,
                    packed=None,
                    const double[:, ::1] options=None,
-                   const floating[::1] peepholes=None):
+                   const floating[::1] peepholes=None,
+                   zoneout=None,
+                   const floating[:, ::1] zone_mask_h=None,
+                   const floating[:, ::1] zone_mask_c=None,
+                   floating[::1] zone_keep=None):
     """The BPTT time loops of one layer in one or two parts: ``parts`` a
     list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
     at the same time on the worker thread (or after the first).
@@ -516,7 +562,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     blas_held: the caller holds BLAS at one thread (see _forward.recur).
     packed (float32): ``pack_backward``'s arrays per direction; the per-step
     products then run on the micro-kernel. options, peepholes: the *_OPT
-    kinds' (see _forward.recur).
+    kinds'; zoneout and its masks those of the forward, zone_keep scratch
+    (see _forward.recur).
     """
     cdef BackJob job
     cdef Py_ssize_t i
@@ -547,6 +594,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
         if cell != LSTM_OPT or peepholes.shape[0] != job.dirs * 3 * job.H:
             raise ValueError("backward_layer: peepholes do not fit the layer")
         job.peep = &peepholes[0]
+    fill_zoneout(&job.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, dout.shape[0],
+                 job.dirs, job.B, job.H, True)
     job.packs_per_dir = 0
     if floating is float and packed is not None:
         job.packs_per_dir = 2 if base_cell(cell) == GRU_RESET_BEFORE else 1

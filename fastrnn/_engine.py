@@ -73,13 +73,16 @@ _prime_malloc()
 class LayerTape:
     """What BPTT needs of one layer's training forward: its input (R, D_in),
     the activations saved per step (R, dirs * S * H; see _gates.pxd), the
-    states before each step (R, dirs * H; c_prev LSTM only) and the dropout
-    mask applied to its output (None: no dropout)."""
+    states before each step (R, dirs * H; c_prev LSTM only), the dropout
+    mask applied to its output (None: no dropout) and the zoneout masks of h
+    and c (R, dirs * H; None: none)."""
     x: np.ndarray
     acts: np.ndarray
     h_prev: np.ndarray | None
     c_prev: np.ndarray | None
     mask: np.ndarray | None = None
+    zone_h: np.ndarray | None = None
+    zone_c: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -298,6 +301,11 @@ class RecurrentEngine(RecurrentWeights):
                              packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
+            if train and self._zoneout is not None:
+                saves.zone_h, saves.zone_c = (
+                    None if rate == 0 else
+                    (self._rng.random((rows, dirs * H)) < rate).astype(dtype)
+                    for rate in self._zoneout)
 
             if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
                                                       layer_out):
@@ -307,7 +315,8 @@ class RecurrentEngine(RecurrentWeights):
                     gx=gx, gh=gh, out=layer_out, lengths=lengths, acts=saves.acts,
                     train=train, h_prev=saves.h_prev, c_prev=saves.c_prev,
                     blas_held=held, packed=None if packed is None else packed[k],
-                    options=self._option_rows, peepholes=peepholes[k])
+                    options=self._option_rows, peepholes=peepholes[k],
+                    **self._zoneout_args(saves, B))
             if train:
                 if not last and self._dropout > 0:
                     saves.mask = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)
@@ -376,7 +385,7 @@ class RecurrentEngine(RecurrentWeights):
             dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
             dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
             packed=None if packed is None else packed[0], options=self._option_rows,
-            peepholes=peepholes)
+            peepholes=peepholes, **self._zoneout_args(saves, B))
         if peepholes is not None:
             self._peephole_grads(saves, dgx, sums[4])
         activations = None
@@ -400,6 +409,16 @@ class RecurrentEngine(RecurrentWeights):
                              packed=None if packed is None else packed[1])
         return dx
 
+
+    def _zoneout_args(self, saves, B):
+        """The kernels' zoneout arguments for one layer (none without zoneout):
+        the rates, a training forward's masks (saves), a scratch."""
+        if self._zoneout is None:
+            return {}
+        return {"zoneout": self._zoneout, "zone_mask_h": saves.zone_h,
+                "zone_mask_c": saves.zone_c,
+                "zone_keep": np.empty(self._dirs * B * 2 * self._config["hidden_size"],
+                                      self._config["dtype"])}
 
     def _peephole_grads(self, saves, dgx, dpeep):
         """dP_i, dP_f, dP_o (into dpeep, (dirs * 3 * H,)): the sums over rows of

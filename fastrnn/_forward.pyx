@@ -53,7 +53,7 @@ from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, RN
                              num_saved, rnn_row, gru_row, gru_reset_gates_row, gru_reset_row,
                              lstm_row, sigmoid, tanh_, axpy_product, Activation, GateOptions,
                              rnn_opt_row, gru_opt_row, gru_reset_gates_opt_row,
-                             gru_reset_opt_row, lstm_opt_row, OPTION_ROW, fill_options, ACT_SIGMOID, ACT_TANH, ACT_RELU,
+                             gru_reset_opt_row, lstm_opt_row, Zoneout, fill_zoneout, zone_part, OPTION_ROW, fill_options, ACT_SIGMOID, ACT_TANH, ACT_RELU,
                              ACT_AFFINE, ACT_LEAKY_RELU, ACT_THRESHOLDED_RELU, ACT_SCALED_TANH,
                              ACT_HARD_SIGMOID, ACT_ELU, ACT_SOFTSIGN, ACT_SOFTPLUS,
                              AXPY_MAX,
@@ -162,7 +162,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* h_prev, floating* c_prev,
                          const int64_t* lengths, Py_ssize_t cols,
                          Interrupt* interrupt, const GateOptions* opts,
-                         const floating* peep) noexcept nogil:
+                         const floating* peep, const Zoneout* zone) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
@@ -171,7 +171,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     packed: this direction's W_hh packed for the micro-kernel (float32; the
     reset-before GRU's r, z rows then its n rows), or NULL to multiply
     through BLAS. opts, peep: the *_OPT kinds' options and the LSTM's
-    peephole weights of this direction (else NULL)."""
+    peephole weights of this direction (else NULL). zone: this direction's
+    zoneout (see Zoneout) or NULL."""
     cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
@@ -180,6 +181,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     cdef floating* g_t
     cdef floating* out_row
     cdef floating* acts_row
+    cdef floating* h_old
+    cdef floating* c_old
     for s in range(T):
         if interrupted(interrupt):
             return
@@ -192,6 +195,12 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 memcpy(h_prev + row * h_cols, h + b * H, H * sizeof(floating))
                 if c_prev != NULL:
                     memcpy(c_prev + row * h_cols, c + b * H, H * sizeof(floating))
+        elif zone != NULL:  # inference with zoneout: the old state, to blend
+            for b in range(B):
+                memcpy(<floating*>zone.keep + 2 * b * H, h + b * H, H * sizeof(floating))
+                if c != NULL:
+                    memcpy(<floating*>zone.keep + (2 * b + 1) * H, c + b * H,
+                           H * sizeof(floating))
 
         # recurrent product
         if kind == GRU:
@@ -257,6 +266,39 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
             else:
                 rnn_row(gx + row * gx_cols, h + b * H, out_row, acts_row, H,
                         cell == RNN_RELU)
+            if zone != NULL:
+                if h_prev != NULL:
+                    h_old = h_prev + row * h_cols
+                    c_old = NULL if c_prev == NULL else c_prev + row * h_cols
+                else:
+                    h_old = <floating*>zone.keep + 2 * b * H
+                    c_old = <floating*>zone.keep + (2 * b + 1) * H
+                _zone_row(h + b * H, out_row, h_old,
+                          NULL if zone.mask_h == NULL else <const floating*>zone.mask_h
+                          + row * h_cols, zone.rate_h, H)
+                if c != NULL:
+                    _zone_row(c + b * H, NULL, c_old,
+                              NULL if zone.mask_c == NULL else <const floating*>zone.mask_c
+                              + row * h_cols, zone.rate_c, H)
+
+
+cdef inline void _zone_row(floating* state, floating* out, const floating* old,
+                           const floating* mask, double rate, Py_ssize_t H) noexcept nogil:
+    """Zoneout of one row's new state: in training each unit whose mask is 1
+    keeps its old value; in inference (mask NULL) the expectation,
+    rate * old + (1 - rate) * new. out (or NULL) gets the result too."""
+    cdef Py_ssize_t j
+    cdef floating v, keep = <floating>rate
+    if rate == 0:
+        return
+    for j in range(H):
+        if mask != NULL:
+            v = old[j] if mask[j] != 0 else state[j]
+        else:
+            v = keep * old[j] + (<floating>1 - keep) * state[j]
+        state[j] = v
+        if out != NULL:
+            out[j] = v
 
 
 cdef struct ProjectJob:
@@ -515,6 +557,7 @@ cdef struct RecurJob:
     bint has_options            # the *_OPT kinds: options per direction
     GateOptions options[2]
     const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
+    Zoneout zone                # zone.rate_h == zone.rate_c == 0: none
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
@@ -532,6 +575,7 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
     cdef Py_ssize_t first = b_lo * j.row_b       # the first row of this batch range
     cdef Py_ssize_t cols, d
     cdef unsigned int fpenv
+    cdef Zoneout zone
     if d_hi <= d_lo or b_hi <= b_lo:
         return
     cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
@@ -552,7 +596,8 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
             NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
             NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt,
             &j.options[d] if j.has_options else NULL,
-            NULL if peep == NULL else peep + d * 3 * H)
+            NULL if peep == NULL else peep + d * 3 * H,
+            zone_part(&zone, &j.zone, d, j.B, b_lo, first * h_cols + d * H, H, gx))
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -587,7 +632,11 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           bint blas_held,
           packed=None,
           const double[:, ::1] options=None,
-          const floating[::1] peepholes=None):
+          const floating[::1] peepholes=None,
+          zoneout=None,
+          const floating[:, ::1] zone_mask_h=None,
+          const floating[:, ::1] zone_mask_c=None,
+          floating[::1] zone_keep=None):
     """The time loops of one layer, after ``project``, in one or two parts:
     ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
     on disjoint memory. A second part runs at the same time on the worker
@@ -607,6 +656,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     products then run on the micro-kernel; None: through BLAS. options
     (dirs, OPTION_FIELDS), the *_OPT kinds only: one row per direction;
     peepholes (dirs * 3 * H,) the LSTM_OPT's peephole weights or None.
+    zoneout: None or (rate_h, rate_c); in training zone_mask_h, zone_mask_c
+    (R, dirs * H) the units that keep their old value (1) or None for a
+    rate of 0; zone_keep (dirs * B * 2 * H,) scratch.
     """
     cdef RecurJob job
     if T == 0 or h.shape[1] == 0:
@@ -643,6 +695,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
         if cell != LSTM_OPT or peepholes.shape[0] != job.dirs * 3 * job.H:
             raise ValueError("recur: peepholes do not fit the layer")
         job.peep = &peepholes[0]
+    fill_zoneout(&job.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, out.shape[0],
+                 job.dirs, job.B, job.H, train)
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -1213,7 +1267,7 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
                            NULL if c == NULL else c + (k * dirs + d) * B * H,
                            gh + d * B * GH, layer_out + d * H,
                            acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols, NULL, NULL,
-                           NULL)
+                           NULL, NULL)
         layer_in = layer_out
         in_cols = dirs * H
 

@@ -133,9 +133,30 @@ def option_rows(gate, cand, cell, clip, input_forget):
     return np.array(rows, np.float64)   # OPTION_FIELDS columns
 
 
+def check_zoneout(owner, zoneout, is_lstm):
+    """(config value, (rate_h, rate_c) or None) of a zoneout argument: a
+    probability in [0, 1), or for the LSTM also a pair (h's, c's)."""
+    pair = isinstance(zoneout, (tuple, list))
+    if pair and not (is_lstm and len(zoneout) == 2):
+        raise ValueError(f"{owner}: zoneout must be a probability in [0, 1)"
+                         f"{' or a pair (for h, for c)' if is_lstm else ''}, got {zoneout!r}")
+    rates = []
+    for rate in (zoneout if pair else [zoneout]):
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise TypeError(f"{owner}: zoneout must be a number in [0, 1), got "
+                            f"{type(rate).__name__} {rate!r}")
+        if not 0 <= rate < 1:
+            raise ValueError(f"{owner}: zoneout must be in [0, 1), got {rate!r}")
+        rates.append(float(rate))
+    if not pair:
+        rates = [rates[0], rates[0] if is_lstm else 0.0]
+    value = rates if pair else rates[0]
+    return value, (tuple(rates) if any(rates) else None)
+
+
 def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
               cell_activation=None, clip=None, input_forget=False, peepholes=False,
-              is_lstm=False):
+              zoneout=0.0, is_lstm=False):
     """Check a layer's or cell's gate options: (cell kind, config entries,
     option rows or None). The kind is ``base_kind`` itself when every option
     has its default (the plain kernels run), else its *_OPT kind.
@@ -155,6 +176,7 @@ def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
         config["peepholes"] = v.check_bool(owner, "peepholes", peepholes)
     clip = check_clip(owner, clip)
     config["clip"] = clip
+    config["zoneout"], rates = check_zoneout(owner, zoneout, is_lstm)
     if gate is not None:
         config["recurrent_activation"] = compact(gate)
     plain = (clip is None and all(s == "sigmoid" for s in gate or ["sigmoid"])
@@ -167,13 +189,13 @@ def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
         plain = plain and all(s == "tanh" for s in cand)
         kind = base_kind if plain else base_kind + "_opt"
     return kind, compact(cand), config, None if plain else option_rows(
-        gate, cand, cell, clip, config.get("input_forget"))
+        gate, cand, cell, clip, config.get("input_forget")), rates
 
 
 # (config key, default) of every option, in the order repr shows them
 DEFAULTS = (("nonlinearity", "tanh"), ("activation", "tanh"),
              ("recurrent_activation", "sigmoid"), ("cell_activation", None), ("clip", None),
-             ("input_forget", False), ("peepholes", False))
+             ("input_forget", False), ("peepholes", False), ("zoneout", 0.0))
 
 
 def repr_options(config):
@@ -189,7 +211,11 @@ NONLINEARITY_DOC = """
         (name, alpha[, beta]), or for a bidirectional layer [forward's,
         reverse's]; see the guide's Gate options.
     clip : float, optional
-        Keyword only: the activation's input clamped to [-clip, clip] (ONNX)."""
+        Keyword only: the activation's input clamped to [-clip, clip] (ONNX).
+    zoneout : float in [0, 1), default 0
+        Keyword only: zoneout (Krueger et al. 2016): in training each unit of
+        h keeps its previous value with this probability at each step, in
+        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t."""
 GATED_DOC = """
     activation : activation, default 'tanh'
         Keyword only: the candidate's ({candidate}): a name ('tanh', 'relu',
@@ -207,5 +233,14 @@ LSTM_DOC = GATED_DOC.format(candidate="g", gates="i, f, o") + """
         Keyword only: f = 1 - i (ONNX's input_forget).
     peepholes : bool, default False
         Keyword only: peephole weights ``weight_peephole*`` (3 H,), blocks i, f,
-        o: i and f add p * c_{t-1} to their input, o adds p * c_t (ONNX's P)."""
-GRU_DOC = GATED_DOC.format(candidate="n", gates="r, z")
+        o: i and f add p * c_{t-1} to their input, o adds p * c_t (ONNX's P).
+    zoneout : float in [0, 1) or pair (for h, for c), default 0
+        Keyword only: zoneout (Krueger et al. 2016) of h and c: in training
+        each unit keeps its previous value with this probability at each step,
+        in inference state_t = p * state_{t-1} + (1 - p) * new_t; h~_t =
+        o * tanh(c~_t) reads the new cell before its zoneout."""
+GRU_DOC = GATED_DOC.format(candidate="n", gates="r, z") + """
+    zoneout : float in [0, 1), default 0
+        Keyword only: zoneout (Krueger et al. 2016): in training each unit of
+        h keeps its previous value with this probability at each step, in
+        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t."""

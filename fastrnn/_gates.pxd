@@ -268,6 +268,56 @@ cdef inline void axpy_product(const floating* v, Py_ssize_t K, const floating* w
                 y[n] += vk * w[k * ldw + n]
 
 
+# --- zoneout (Krueger et al. 2016), any cell kind ---
+cdef struct Zoneout:
+    double rate_h             # the probability that a unit of h keeps its old value
+    double rate_c             # the same for the LSTM's c (0: no zoneout)
+    const void* mask_h        # training: per row (t, b) 1 where the unit kept its old
+    const void* mask_c        # value, 0 where it took the new one; NULL in inference
+    void* keep                # scratch, 2 H per batch row: the old h, c (forward in
+                              # inference), the gradients held past the gate pass (BPTT)
+
+
+cdef inline int fill_zoneout(Zoneout* out, rates, const floating[:, ::1] mask_h,
+                            const floating[:, ::1] mask_c, floating[::1] keep, Py_ssize_t R,
+                            Py_ssize_t dirs, Py_ssize_t B, Py_ssize_t H, bint train) except -1:
+    """The kernels' zoneout from a kernel entry's arguments, checked."""
+    out.rate_h = out.rate_c = 0
+    out.mask_h = out.mask_c = out.keep = NULL
+    if rates is None:
+        return 0
+    out.rate_h, out.rate_c = rates
+    if not (0 <= out.rate_h < 1 and 0 <= out.rate_c < 1):
+        raise ValueError("zoneout rates must be in [0, 1)")
+    if keep is None or keep.shape[0] != dirs * B * 2 * H:
+        raise ValueError(f"zoneout needs a scratch of {dirs * B * 2 * H} values")
+    out.keep = &keep[0]
+    for mask, rate, name in ((mask_h, out.rate_h, "h"), (mask_c, out.rate_c, "c")):
+        if train and rate > 0 and (mask is None or mask.shape[0] != R
+                                   or mask.shape[1] != dirs * H):
+            raise ValueError(f"zoneout in training needs a mask of shape ({R}, {dirs * H}) "
+                             f"for {name}")
+    if train:
+        out.mask_h = NULL if mask_h is None else &mask_h[0, 0]
+        out.mask_c = NULL if mask_c is None else &mask_c[0, 0]
+    return 0
+
+
+cdef inline const Zoneout* zone_part(Zoneout* out, const Zoneout* job, Py_ssize_t d,
+                                      Py_ssize_t B, Py_ssize_t b_lo, Py_ssize_t mask_offset,
+                                      Py_ssize_t H, floating* like) noexcept nogil:
+    """A part's zoneout for direction d and batch rows from b_lo: the job's
+    masks and scratch offset as the part's buffers are; NULL: no zoneout.
+    (``like``: a pointer of the float type.)"""
+    if job.rate_h == 0 and job.rate_c == 0:
+        return NULL
+    out.rate_h, out.rate_c = job.rate_h, job.rate_c
+    out.mask_h = NULL if job.mask_h == NULL else <const floating*>job.mask_h + mask_offset
+    out.mask_c = NULL if job.mask_c == NULL else <const floating*>job.mask_c + mask_offset
+    out.keep = <floating*>job.keep + (d * B + b_lo) * 2 * H
+    return out
+
+
 # --- gate options: the *_OPT cell kinds ---
 # Activation kinds: ONNX's list (alpha, beta as ONNX defines them; Keras'
 # activations are among them)

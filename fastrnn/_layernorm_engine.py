@@ -53,7 +53,7 @@ LAYER_NORM_DOC = """
         ``ln_hh_weight``, ``ln_hh_bias`` (G * H,) and, LSTM, ``ln_cell_weight``,
         ``ln_cell_bias`` (H,), suffixed as W_ih (``_l{k}[_reverse]``); gains
         start at 1, biases at 0. Runs the default gates only (no other gate
-        option, GRU ``reset_after=True``)."""
+        option, no zoneout, GRU ``reset_after=True``)."""
 
 
 @dataclass(slots=True)
@@ -77,7 +77,8 @@ class LNLayerTape:
 def check(owner, layer_norm, kind, gate_options):
     """The checked ``layer_norm`` flag of a GRU or LSTM (layer or cell) of
     cell kind ``kind``; gate_options: None when its gate options run the
-    plain gates, else (name, value) of those that differ from their defaults. Layer norm runs the plain gates of the
+    plain gates and it has no zoneout, else (name, value) of the options
+    that differ from their defaults. Layer norm runs the plain gates of the
     reset-after GRU and the LSTM."""
     flag = v.check_bool(owner, "layer_norm", layer_norm)
     if flag and kind == "gru_reset_before":
@@ -87,7 +88,7 @@ def check(owner, layer_norm, kind, gate_options):
     if flag and gate_options is not None:
         got = ", ".join(f"{key}={value!r}" for key, value in gate_options)
         raise ValueError(f"{owner}: layer_norm=True runs the default gates (sigmoid, tanh; "
-                         f"no clip, input_forget or peepholes), got {got}")
+                         f"no clip, input_forget, peepholes or zoneout), got {got}")
     return flag
 
 

@@ -303,6 +303,8 @@ class RecurrentWeights(Module):
         # the kind without options: the products, the packed weights, the fast paths
         self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
         self._option_rows = None   # the *_OPT kinds': _gate_options.option_rows
+        self._zoneout = None       # (rate_h, rate_c) or None
+        self._general_only = False
         gates = self._gates
         owner = type(self).__name__
         if dirs * gates * hidden_size > v.BLAS_INT_MAX:

@@ -207,8 +207,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     layer_norm = bool(layer._ln_index)
     if (not train and dirs == 1 and B == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
-            and layer._kernel_code == layer._base_code   # (no gate options)
-            and not layer_norm):                         # (nor layer norm)
+            and not layer._general_only):   # (no gate options, zoneout, layer norm)
         group = _forward.group_units(gates) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
     hold = False

@@ -34,17 +34,19 @@ class _CellBase(RecurrentEngine):
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows = _gate_options.configure(
+        kind, activation, options, rows, zoneout = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
         # layer_norm (GRUCell, LSTMCell; None: the class has no such option)
         ln = None if layer_norm is None else _layernorm_engine.check(
             owner, layer_norm, kind,
-            None if rows is None else _gate_options.repr_options({"activation": activation,
-                                                                  **options}))
+            None if rows is None and zoneout is None else _gate_options.repr_options(
+                {"activation": activation, **options}))
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
                     peepholes=options.get("peepholes", False), layer_norm=bool(ln))
-        self._option_rows = rows
+        self._option_rows, self._zoneout = rows, zoneout
+        # gate options, zoneout and layer norm run on the general path only
+        self._general_only = rows is not None or zoneout is not None or bool(ln)
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         if ln is not None:
@@ -64,8 +66,7 @@ class _CellBase(RecurrentEngine):
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
-        if self._option_rows is None and not self._ln_index:   # (the streaming kernel
-            # runs no gate options and no layer norm)
+        if not self._general_only:   # (the streaming kernel runs the plain cells only)
             result = self._stepper(params).step(x, hx)
             if result is not None:
                 return result
@@ -219,9 +220,9 @@ class RNNCell(_CellBase):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: Any = "tanh", dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None) -> None:
+                 clip: float | None = None, zoneout: float = 0.0) -> None:
         super().__init__("rnn", input_size, hidden_size, bias, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip})
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout})
 
 
 class GRUCell(_CellBase):
@@ -235,11 +236,12 @@ class GRUCell(_CellBase):
                  dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 layer_norm: bool = False) -> None:
+                 zoneout: float = 0.0, layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
-                          "recurrent_activation": recurrent_activation, "clip": clip},
+                          "recurrent_activation": recurrent_activation, "clip": clip,
+                          "zoneout": zoneout},
                          layer_norm)
         self._config["reset_after"] = reset_after
 
@@ -258,10 +260,12 @@ class LSTMCell(_CellBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
+                 zoneout: float | tuple[float, float] = 0.0,
                  layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
-                          "input_forget": input_forget, "peepholes": peepholes},
+                          "input_forget": input_forget, "peepholes": peepholes,
+                          "zoneout": zoneout},
                          layer_norm)

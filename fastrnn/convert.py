@@ -474,6 +474,10 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     kind = type(layer).__name__
     if kind not in _LAYERS:
         raise TypeError(f"to_onnx: expected a fastrnn RNN, GRU or LSTM, got {kind}")
+    if layer._config.get("zoneout"):
+        raise ValueError(f"to_onnx: {kind} has zoneout={layer._config['zoneout']!r}; ONNX's "
+                         f"{kind} cannot express it (its inference blends each step's state "
+                         f"with the one before)")
     cfg = layer._config
     H, L = cfg["hidden_size"], cfg["num_layers"]
     dirs = 2 if cfg["bidirectional"] else 1

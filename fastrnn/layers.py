@@ -45,13 +45,13 @@ class _RNNBase(RecurrentEngine):
         rng = v.check_seed(owner, seed)
         dirs = 2 if cfg["bidirectional"] else 1
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows = _gate_options.configure(
+        kind, activation, options, rows, zoneout = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
         # layer_norm (GRU, LSTM; None: the class has no such option)
         ln = None if layer_norm is None else _layernorm_engine.check(
             owner, layer_norm, kind,
-            None if rows is None else _gate_options.repr_options({"activation": activation,
-                                                                  **options}))
+            None if rows is None and zoneout is None else _gate_options.repr_options(
+                {"activation": activation, **options}))
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -64,7 +64,9 @@ class _RNNBase(RecurrentEngine):
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
                     peepholes=options.get("peepholes", False), layer_norm=bool(ln))
-        self._option_rows = rows
+        self._option_rows, self._zoneout = rows, zoneout
+        # gate options, zoneout and layer norm run on the general path only
+        self._general_only = rows is not None or zoneout is not None or bool(ln)
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         if ln is not None:
@@ -93,7 +95,7 @@ class _RNNBase(RecurrentEngine):
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None and self._option_rows is None and not self._ln_index:
+        if lengths is None and not self._general_only:
             # the lean path of small calls (_forward.SequenceRunner)
             result = self._sequence_runner(params).run(x, hx)
             if result is not None:
@@ -358,10 +360,10 @@ class RNN(_RNNBase):
                  dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None) -> None:
+                 clip: float | None = None, zoneout: float = 0.0) -> None:
         super().__init__("rnn", input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip})
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout})
 
 
 class GRU(_RNNBase):
@@ -387,12 +389,13 @@ class GRU(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 layer_norm: bool = False) -> None:
+                 zoneout: float = 0.0, layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
-                          "recurrent_activation": recurrent_activation, "clip": clip},
+                          "recurrent_activation": recurrent_activation, "clip": clip,
+                          "zoneout": zoneout},
                          layer_norm)
         self._config["reset_after"] = reset_after
 
@@ -420,11 +423,13 @@ class LSTM(_RNNBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
+                 zoneout: float | tuple[float, float] = 0.0,
                  layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
-                          "input_forget": input_forget, "peepholes": peepholes},
+                          "input_forget": input_forget, "peepholes": peepholes,
+                          "zoneout": zoneout},
                          layer_norm)

@@ -163,10 +163,11 @@ def test_layer_matches_oracle(dtype, kind, bidirectional, num_layers, batch_firs
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_batch_rows_and_threads_agree(dtype, kind, monkeypatch):
     """Each row computes alone: one row at a time equals the batch, and the
-    plan's parts (2 threads, directions and batch ranges) equal one thread:
-    bit for bit in float32 (every product on the micro-kernel, every LN
-    within its row), as the plain layers; float64 (BLAS) to rounding across
-    batch sizes. Training too: the gradients at 2 threads are those at 1."""
+    plan's parts (2 threads, directions and batch ranges) equal one thread,
+    in training too: bit for bit in float32 (every product on the
+    micro-kernel, every LN within its row), as the plain layers; float64
+    (BLAS, reproducible at a given thread count only, as the plain layers)
+    to rounding."""
     from fastrnn import _parallel, _plan
     rng = np.random.default_rng(9)
     T, B, D, H = 30, 16, 8, 33
@@ -193,12 +194,15 @@ def test_batch_rows_and_threads_agree(dtype, kind, monkeypatch):
                                   has_lengths=True).parts) == 2
     out2, _ = layer(x, lengths=lengths)
     trained2 = train()
-    np.testing.assert_array_equal(out2, out1)
-    for a, b in zip(trained2, trained1):
-        np.testing.assert_array_equal(a, b)
     if dtype == "float32":
+        np.testing.assert_array_equal(out2, out1)
+        for a, b in zip(trained2, trained1):
+            np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(rows, out1)
     else:
+        assert_close(out2, out1, 1e-12)
+        for a, b in zip(trained2, trained1):
+            assert_close(a, b, 1e-12)
         assert_close(rows, out1, 1e-12)
 
 
@@ -381,6 +385,8 @@ def test_errors_are_named(cls):
     with pytest.raises(ValueError, match=f"^{name}: layer_norm=True .*got "
                                          f"recurrent_activation='hard_sigmoid'"):
         cls(3, 4, layer_norm=True, recurrent_activation="hard_sigmoid")
+    with pytest.raises(ValueError, match=f"^{name}: layer_norm=True .*got zoneout=0.1"):
+        cls(3, 4, layer_norm=True, zoneout=0.1)
     if "GRU" in name:
         with pytest.raises(ValueError, match=f"^{name}: layer_norm=True needs reset_after=True"):
             cls(3, 4, layer_norm=True, reset_after=False)
