@@ -30,6 +30,7 @@ from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU
                              GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates, num_saved,
                              axpy_product, GateOptions, Activation, fill_options, act_value,
                              act_slope, clipped, clip_slope, Zoneout, fill_zoneout, zone_part,
+                             RecurrentDropout, fill_recurrent_dropout, dropout_part,
                              AXPY_MAX,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
@@ -273,6 +274,22 @@ cdef inline void _zone_release(const Zoneout* zone, Py_ssize_t b, floating* dh, 
             dc[j] += held[H + j]
 
 
+cdef void _dropped_grad(Py_ssize_t B, Py_ssize_t gates, Py_ssize_t H, const floating* dg,
+                        Py_ssize_t ldg, const floating* w_hh, const RecurrentDropout* drop,
+                        floating* dh) noexcept nogil:
+    """dh (B, H) += sum over the first ``gates`` gate blocks of (dG_g . W_g)
+    * mask_g: the recurrent products under Keras' recurrent dropout."""
+    cdef floating* scratch = <floating*>drop.scratch
+    cdef const floating* mask
+    cdef Py_ssize_t gate, i
+    for gate in range(gates):
+        gemm(False, False, <int>B, <int>H, <int>H, <floating>1, dg + gate * H, <int>ldg,
+             w_hh + gate * H * H, <int>H, <floating>0, scratch, <int>H)
+        mask = <const floating*>drop.mask + gate * drop.gate_stride
+        for i in range(B * H):
+            dh[i] += scratch[i] * mask[i]
+
+
 cdef void _recurrent_grad(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
                           const floating* dg, Py_ssize_t ldg, const floating* w_hh,
                           floating* dh, Py_ssize_t ldh, Py_ssize_t cols) noexcept nogil:
@@ -304,7 +321,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                           const int64_t* lengths, Py_ssize_t cols,
                           const Packed* packed, Interrupt* interrupt,
                           const GateOptions* opts, const floating* peep,
-                          const Zoneout* zone) noexcept nogil:
+                          const Zoneout* zone, const RecurrentDropout* drop) noexcept nogil:
     """One direction, steps in the reverse of the forward order; pointers are
     offset to this direction's column block. Leaves early, its outputs
     partial, when the call is interrupted. packed (float32): this
@@ -312,7 +329,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     reset-before GRU's n rows, then its r, z rows), or NULL for BLAS.
     opts, peep: the *_OPT kinds' options and peephole weights (else NULL).
     zone: this direction's zoneout (_forward.recur's) or NULL: a unit that
-    kept its old value passes its gradient straight to the step before."""
+    kept its old value passes its gradient straight to the step before.
+    drop: its recurrent dropout (_forward.recur's) or NULL."""
     cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t g_cols = dirs * GH
@@ -367,6 +385,7 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _zone_release(zone, b, dh_b, NULL if dc == NULL else dc + b * H, H)
         if kind == GRU_RESET_BEFORE:
             # d(r * h) = dG_n W_hn into dG_r's columns, then dG_r itself
+            # (under recurrent dropout d(r * h * mask_n), times mask_n)
             if floating is float and packed != NULL:
                 packed_product(B, dgx + t * row_t * g_cols + 2 * H, row_b * g_cols, 1, packed,
                                dgx + t * row_t * g_cols, row_b * g_cols, H,
@@ -379,20 +398,29 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 if lengths != NULL and t >= lengths[b]:
                     continue
                 row = t * row_t + b * row_b
+                if drop != NULL:
+                    for j in range(H):
+                        dgx[row * g_cols + j] *= (<const floating*>drop.mask)[
+                            2 * drop.gate_stride + b * H + j]
                 if opts != NULL:
                     _gru_reset_opt_back_r(acts + row * a_cols, h_prev + row * h_cols,
                                           dh + b * H, dgx + row * g_cols, H, opts)
                 else:
                     _gru_reset_back_r(acts + row * a_cols, h_prev + row * h_cols, dh + b * H,
                                       dgx + row * g_cols, H)
-            if floating is float and packed != NULL:
+            if drop != NULL:
+                _dropped_grad(B, 2, H, dgx + t * row_t * g_cols, row_b * g_cols, w_hh, drop, dh)
+            elif floating is float and packed != NULL:
                 packed_product(B, dgx + t * row_t * g_cols, row_b * g_cols, 1, packed + 1, dh,
                                H, H, FASTRNN_MK_FROM_C, NULL)
             else:
                 _recurrent_grad(B, 2 * H, H, dgx + t * row_t * g_cols, row_b * g_cols, w_hh,
                                 dh, H, cols)
         else:
-            if floating is float and packed != NULL:
+            if drop != NULL:
+                _dropped_grad(B, num_gates(cell), H, dgh + t * row_t * g_cols, row_b * g_cols,
+                              w_hh, drop, dh)
+            elif floating is float and packed != NULL:
                 packed_product(B, dgh + t * row_t * g_cols, row_b * g_cols, 1, packed, dh, H, H,
                                FASTRNN_MK_FROM_C, NULL)
             else:
@@ -479,6 +507,7 @@ cdef struct BackJob:
     GateOptions options[2]
     const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
     Zoneout zone                # rates 0: none
+    RecurrentDropout drop       # drop.mask NULL: none
 
 
 cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
@@ -495,6 +524,7 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
     cdef Py_ssize_t cols, d
     cdef unsigned int fpenv
     cdef Zoneout zone
+    cdef RecurrentDropout drop
     if d_hi <= d_lo or b_hi <= b_lo:
         return
     cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
@@ -513,7 +543,8 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir], &j.interrupt,
             &j.options[d] if j.has_options else NULL,
             NULL if peep == NULL else peep + d * 3 * H,
-            zone_part(&zone, &j.zone, d, B, b_lo, first * h_cols + d * H, H, dh))
+            zone_part(&zone, &j.zone, d, B, b_lo, first * h_cols + d * H, H, dh),
+            dropout_part(&drop, &j.drop, d, num_gates(j.cell), B, b_lo, H, dh))
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -549,7 +580,9 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    zoneout=None,
                    const floating[:, ::1] zone_mask_h=None,
                    const floating[:, ::1] zone_mask_c=None,
-                   floating[::1] zone_keep=None):
+                   floating[::1] zone_keep=None,
+                   const floating[:, :, :, ::1] dropout_masks=None,
+                   floating[::1] dropout_scratch=None):
     """The BPTT time loops of one layer in one or two parts: ``parts`` a
     list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
     at the same time on the worker thread (or after the first).
@@ -562,8 +595,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     blas_held: the caller holds BLAS at one thread (see _forward.recur).
     packed (float32): ``pack_backward``'s arrays per direction; the per-step
     products then run on the micro-kernel. options, peepholes: the *_OPT
-    kinds'; zoneout and its masks those of the forward, zone_keep scratch
-    (see _forward.recur).
+    kinds'; zoneout and its masks, the recurrent dropout's masks those of the
+    forward, zone_keep and dropout_scratch scratch (see _forward.recur).
     """
     cdef BackJob job
     cdef Py_ssize_t i
@@ -596,6 +629,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
         job.peep = &peepholes[0]
     fill_zoneout(&job.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, dout.shape[0],
                  job.dirs, job.B, job.H, True)
+    fill_recurrent_dropout(&job.drop, dropout_masks, dropout_scratch, job.dirs,
+                           num_gates(cell), job.B, job.H)
     job.packs_per_dir = 0
     if floating is float and packed is not None:
         job.packs_per_dir = 2 if base_cell(cell) == GRU_RESET_BEFORE else 1

@@ -83,16 +83,26 @@ class LayerTape:
     mask: np.ndarray | None = None
     zone_h: np.ndarray | None = None
     zone_c: np.ndarray | None = None
+    # Keras' input and recurrent dropout: per direction, gate and batch row
+    # (dirs, G, B, D_in) and (dirs, G, B, H), or None
+    input_drop: np.ndarray | None = None
+    recurrent_drop: np.ndarray | None = None
 
 
 @dataclass(slots=True)
 class Tape:
-    """The record of a training forward: the parameter set it used, its row
-    order (batch-first or time-major), the lengths, and a LayerTape per layer."""
+    """The record of a training forward: the parameter set it used (with
+    DropConnect, the one of masked W_hh), its row order (batch-first or
+    time-major), the lengths, and a LayerTape per layer. Set by the caller of
+    ``_run``: ``learned_state``, whether the forward started from the learned
+    initial states (their gradients are then added), and ``hh_masks``, per
+    layer the DropConnect mask of W_hh (None: no DropConnect)."""
     params: ParamSet
     batch_first: bool
     lengths: np.ndarray | None
     layers: list = field(default_factory=list)
+    learned_state: bool = False
+    hh_masks: list | None = None
 
 
 class RecurrentEngine(RecurrentWeights):
@@ -296,9 +306,23 @@ class RecurrentEngine(RecurrentWeights):
                 x=layer_in, acts=new_acts((rows, saved_cols), dtype) if train else scratch,
                 h_prev=np.empty((rows, dirs * H), dtype) if train else None,
                 c_prev=np.empty((rows, dirs * H), dtype) if train and is_lstm else None)
-            _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
-                             max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
-                             packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
+            if train and self._dropouts is not None:
+                p_in, p_rec = self._dropouts
+                G = self._gates
+                if p_in > 0:
+                    saves.input_drop = dropout_mask(self._rng, (dirs, G, B, layer_in.shape[1]),
+                                                    p_in, dtype)
+                if p_rec > 0:
+                    saves.recurrent_drop = dropout_mask(self._rng, (dirs, G, B, H), p_rec,
+                                                        dtype)
+            if saves.input_drop is not None:
+                self._dropped_projection(layer_in, w_ih_all[k], bias_x, gx[:rows],
+                                         saves.input_drop, T, B, batch_first)
+            else:
+                _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
+                                 max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
+                                 packed=None if packed_ih is None else packed_ih[k],
+                                 hidden_size=H)
             h_k = h_n[k * dirs:(k + 1) * dirs]
             c_k = None if c_n is None else c_n[k * dirs:(k + 1) * dirs]
             if train and self._zoneout is not None:
@@ -316,7 +340,7 @@ class RecurrentEngine(RecurrentWeights):
                     train=train, h_prev=saves.h_prev, c_prev=saves.c_prev,
                     blas_held=held, packed=None if packed is None else packed[k],
                     options=self._option_rows, peepholes=peepholes[k],
-                    **self._zoneout_args(saves, B))
+                    **self._zoneout_args(saves, B), **self._dropout_args(saves, B))
             if train:
                 if not last and self._dropout > 0:
                     saves.mask = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)
@@ -359,12 +383,35 @@ class RecurrentEngine(RecurrentWeights):
                                         reset_before, w_ih_all[k], w_hh_all[k],
                                         [kind[k] if kind else None for kind in sums],
                                         None if packed is None else packed[k], peepholes[k])
+        if tape.hh_masks is not None:
+            # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask
+            for total, mask in zip(sums[1], tape.hh_masks):
+                total *= mask
         with self._grad_lock:
             for kind, module_grads in zip(sums, grads):
                 for total, grad in zip(kind, module_grads):
                     if grad is not None:
                         grad += total
+            if tape.learned_state:   # dh, dc now hold the initial states' gradients
+                self._add_initial_grads(dh, dc)
         return dout
+
+    def _dropconnect(self, params):
+        """DropConnect (Merity et al. 2017) for one training forward: a copy of
+        the parameter set whose W_hh are multiplied by a mask drawn from the
+        layer's rng (one per layer, both directions' matrices; inverted
+        scaling 1 / (1 - p)), and the masks. The copy has its own cache, so
+        the weights packed for it serve this forward and its BPTT only; it
+        keeps the version of ``params`` (a backprop still refuses to run
+        once the real parameters changed)."""
+        p, dtype = self._config["weight_dropout"], self._config["dtype"]
+        storages = list(params.storages)
+        masks = []
+        for i in self._storage_index[1]:   # W_hh of each layer
+            mask = dropout_mask(self._rng, storages[i].shape, p, dtype)
+            storages[i] = storages[i] * mask
+            masks.append(mask)
+        return ParamSet(params.version, storages, self._names), masks
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
                     w_ih, w_hh, sums, packed=None, peepholes=None):
@@ -385,9 +432,13 @@ class RecurrentEngine(RecurrentWeights):
             dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
             dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
             packed=None if packed is None else packed[0], options=self._option_rows,
-            peepholes=peepholes, **self._zoneout_args(saves, B))
+            peepholes=peepholes, **self._zoneout_args(saves, B),
+            **self._dropout_args(saves, B))
         if peepholes is not None:
             self._peephole_grads(saves, dgx, sums[4])
+        if saves.input_drop is not None or saves.recurrent_drop is not None:
+            return self._dropped_grads(saves, T, B, tape.batch_first, dgx, dgh, w_ih, sums,
+                                       reset_before)
         activations = None
         if packed is not None:
             # the sums over rows run on the micro-kernel, the activations packed
@@ -409,6 +460,68 @@ class RecurrentEngine(RecurrentWeights):
                              packed=None if packed is None else packed[1])
         return dx
 
+
+    # --- Keras' input and recurrent dropout (per gate masks), training only ---
+    def _dropout_args(self, saves, B):
+        """The kernels' recurrent dropout arguments for one layer (none
+        without): the masks (dirs, G, B, H) and a scratch."""
+        if saves is None or saves.recurrent_drop is None:
+            return {}
+        return {"dropout_masks": saves.recurrent_drop,
+                "dropout_scratch": np.empty(self._dirs * B * self._config["hidden_size"],
+                                            self._config["dtype"])}
+
+    @staticmethod
+    def _row_batch(T, B, batch_first):
+        """The batch row of each row of a (T * B, ...) buffer in its order."""
+        return np.arange(T * B) // T if batch_first else np.arange(T * B) % B
+
+    def _dropped_projection(self, x, w_ih, bias_x, gx, masks, T, B, batch_first):
+        """gx = the input projection with Keras' input dropout: gate block g
+        of direction d reads x * masks[d, g] (its batch row's mask), through
+        BLAS, one product per gate."""
+        GH = self._gates * self._config["hidden_size"]
+        H = self._config["hidden_size"]
+        rows = self._row_batch(T, B, batch_first)
+        for d in range(self._dirs):
+            for g in range(self._gates):
+                cols = slice(d * GH + g * H, d * GH + (g + 1) * H)
+                np.matmul(x * masks[d, g][rows], w_ih[cols].T, out=gx[:, cols])
+        if bias_x is not None:
+            gx += bias_x
+
+    def _dropped_grads(self, saves, T, B, batch_first, dgx, dgh, w_ih, sums, reset_before):
+        """The weight gradients (into sums) and dx of a layer trained with
+        Keras' input or recurrent dropout: per gate block, the products
+        with the masked inputs and states, through BLAS."""
+        H = self._config["hidden_size"]
+        GH, S = self._gates * H, self._saved * H
+        rows = self._row_batch(T, B, batch_first)
+        dgh = dgx if dgh is None else dgh
+        x, dx = saves.x, np.zeros((T * B, w_ih.shape[1]), self._config["dtype"])
+        for d in range(self._dirs):
+            h_prev = saves.h_prev[:, d * H:(d + 1) * H]
+            for g in range(self._gates):
+                cols = slice(d * GH + g * H, d * GH + (g + 1) * H)
+                if saves.input_drop is None:
+                    x_in = x
+                    dx += dgx[:, cols] @ w_ih[cols]
+                else:
+                    mask = saves.input_drop[d, g][rows]
+                    x_in = x * mask
+                    dx += (dgx[:, cols] @ w_ih[cols]) * mask
+                sums[0][cols] += dgx[:, cols].T @ x_in
+                if reset_before and g == 2:   # W_hn read r * h (* mask_n), saved
+                    h_in = saves.acts[:, d * S + 3 * H:d * S + 4 * H]
+                elif saves.recurrent_drop is None:
+                    h_in = h_prev
+                else:
+                    h_in = h_prev * saves.recurrent_drop[d, g][rows]
+                sums[1][cols] += dgh[:, cols].T @ h_in
+        if sums[2] is not None:
+            sums[2] += dgx.sum(axis=0)
+            sums[3] += dgh.sum(axis=0)
+        return dx
 
     def _zoneout_args(self, saves, B):
         """The kernels' zoneout arguments for one layer (none without zoneout):

@@ -53,7 +53,8 @@ from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, RN
                              num_saved, rnn_row, gru_row, gru_reset_gates_row, gru_reset_row,
                              lstm_row, sigmoid, tanh_, axpy_product, Activation, GateOptions,
                              rnn_opt_row, gru_opt_row, gru_reset_gates_opt_row,
-                             gru_reset_opt_row, lstm_opt_row, Zoneout, fill_zoneout, zone_part, OPTION_ROW, fill_options, ACT_SIGMOID, ACT_TANH, ACT_RELU,
+                             gru_reset_opt_row, lstm_opt_row, Zoneout, fill_zoneout, zone_part, RecurrentDropout,
+                             fill_recurrent_dropout, dropout_part, OPTION_ROW, fill_options, ACT_SIGMOID, ACT_TANH, ACT_RELU,
                              ACT_AFFINE, ACT_LEAKY_RELU, ACT_THRESHOLDED_RELU, ACT_SCALED_TANH,
                              ACT_HARD_SIGMOID, ACT_ELU, ACT_SOFTSIGN, ACT_SOFTPLUS,
                              AXPY_MAX,
@@ -138,6 +139,41 @@ cdef void _recurrent_product(Py_ssize_t B, Py_ssize_t GH, Py_ssize_t H,
         start += n
 
 
+cdef void _dropped_product(int kind, Py_ssize_t B, Py_ssize_t H, const floating* h,
+                          const RecurrentDropout* drop, const floating* w_hh_t,
+                          Py_ssize_t ld_t, const floating* b_hh, floating* gh, floating* g_t,
+                          Py_ssize_t ldg) noexcept nogil:
+    """A step's recurrent products under Keras' recurrent dropout: gate block
+    g reads h * mask_g (the GRU's into gh after its bias, the others' into
+    g_t). The reset-before GRU's r, z only: its n product follows the first
+    gate pass (it reads r * h * mask_n)."""
+    cdef Py_ssize_t G = num_gates(kind), gate, b, j
+    cdef floating* scratch = <floating*>drop.scratch
+    cdef const floating* mask
+    cdef floating* out = g_t
+    cdef Py_ssize_t ldo = ldg
+    if kind == GRU:
+        for b in range(B):
+            if b_hh != NULL:
+                memcpy(gh + b * G * H, b_hh, G * H * sizeof(floating))
+            else:
+                memset(gh + b * G * H, 0, G * H * sizeof(floating))
+        out, ldo = gh, G * H
+    for gate in range(2 if kind == GRU_RESET_BEFORE else G):
+        mask = <const floating*>drop.mask + gate * drop.gate_stride
+        for b in range(B):
+            for j in range(H):
+                scratch[b * H + j] = h[b * H + j] * mask[b * H + j]
+        gemm(False, False, <int>B, <int>H, <int>H, <floating>1, scratch, <int>H,
+             w_hh_t + gate * H, <int>ld_t, <floating>1, out + gate * H, <int>ldo)
+
+
+cdef inline void _scale_row(floating* v, const floating* by, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        v[j] = v[j] * by[j]
+
+
 cdef inline void _opt_row(int cell, floating* g, const floating* gh, floating* h,
                           floating* c, floating* out, floating* acts, Py_ssize_t H,
                           const GateOptions* opts, const floating* peep) noexcept nogil:
@@ -162,7 +198,8 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          floating* h_prev, floating* c_prev,
                          const int64_t* lengths, Py_ssize_t cols,
                          Interrupt* interrupt, const GateOptions* opts,
-                         const floating* peep, const Zoneout* zone) noexcept nogil:
+                         const floating* peep, const Zoneout* zone,
+                         const RecurrentDropout* drop) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
@@ -172,7 +209,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     reset-before GRU's r, z rows then its n rows), or NULL to multiply
     through BLAS. opts, peep: the *_OPT kinds' options and the LSTM's
     peephole weights of this direction (else NULL). zone: this direction's
-    zoneout (see Zoneout) or NULL."""
+    zoneout (see Zoneout) or NULL. drop: its recurrent dropout (training) or
+    NULL: each gate block's product then reads h times its own mask, through
+    BLAS."""
     cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
@@ -203,7 +242,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                            H * sizeof(floating))
 
         # recurrent product
-        if kind == GRU:
+        if drop != NULL and kind != GRU_RESET_BEFORE:
+            _dropped_product(kind, B, H, h, drop, w_hh_t, dirs * GH, b_hh, gh, g_t,
+                             row_b * gx_cols)
+        elif kind == GRU:
             for b in range(B):
                 if b_hh != NULL:
                     memcpy(gh + b * GH, b_hh, GH * sizeof(floating))
@@ -216,7 +258,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
         elif kind == GRU_RESET_BEFORE:
             # r, z; then n from r * h, computed for every row (a row past its
             # length gets values it never uses, and the product needs them all)
-            if floating is float and packed != NULL:
+            if drop != NULL:
+                _dropped_product(kind, B, H, h, drop, w_hh_t, dirs * GH, b_hh, gh, g_t,
+                                 row_b * gx_cols)
+            elif floating is float and packed != NULL:
                 packed_product(B, h, H, 1, packed, g_t, row_b * gx_cols, H,
                                FASTRNN_MK_FROM_C, NULL)
             else:
@@ -230,6 +275,10 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 else:
                     gru_reset_gates_row(gx + row * gx_cols, h + b * H,
                                         acts + t * acts_t + b * acts_b, H)
+            if drop != NULL:   # (Keras: the n product reads r * h * mask_n)
+                for b in range(B):
+                    _scale_row(acts + t * acts_t + b * acts_b + 3 * H,
+                               <const floating*>drop.mask + 2 * drop.gate_stride + b * H, H)
             if floating is float and packed != NULL:
                 packed_product(B, acts + t * acts_t + 3 * H, acts_b, 1, packed + 1, g_t + 2 * H,
                                row_b * gx_cols, H, FASTRNN_MK_FROM_C, NULL)
@@ -558,6 +607,7 @@ cdef struct RecurJob:
     GateOptions options[2]
     const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
     Zoneout zone                # zone.rate_h == zone.rate_c == 0: none
+    RecurrentDropout drop       # drop.mask NULL: none
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
@@ -576,6 +626,7 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
     cdef Py_ssize_t cols, d
     cdef unsigned int fpenv
     cdef Zoneout zone
+    cdef RecurrentDropout drop
     if d_hi <= d_lo or b_hi <= b_lo:
         return
     cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
@@ -597,7 +648,8 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
             NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt,
             &j.options[d] if j.has_options else NULL,
             NULL if peep == NULL else peep + d * 3 * H,
-            zone_part(&zone, &j.zone, d, j.B, b_lo, first * h_cols + d * H, H, gx))
+            zone_part(&zone, &j.zone, d, j.B, b_lo, first * h_cols + d * H, H, gx),
+            dropout_part(&drop, &j.drop, d, num_gates(j.cell), j.B, b_lo, H, gx))
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -636,7 +688,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           zoneout=None,
           const floating[:, ::1] zone_mask_h=None,
           const floating[:, ::1] zone_mask_c=None,
-          floating[::1] zone_keep=None):
+          floating[::1] zone_keep=None,
+          const floating[:, :, :, ::1] dropout_masks=None,
+          floating[::1] dropout_scratch=None):
     """The time loops of one layer, after ``project``, in one or two parts:
     ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
     on disjoint memory. A second part runs at the same time on the worker
@@ -658,7 +712,9 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     peepholes (dirs * 3 * H,) the LSTM_OPT's peephole weights or None.
     zoneout: None or (rate_h, rate_c); in training zone_mask_h, zone_mask_c
     (R, dirs * H) the units that keep their old value (1) or None for a
-    rate of 0; zone_keep (dirs * B * 2 * H,) scratch.
+    rate of 0; zone_keep (dirs * B * 2 * H,) scratch. dropout_masks
+    (dirs, G, B, H): training's recurrent dropout, or None; dropout_scratch
+    (dirs * B * H,).
     """
     cdef RecurJob job
     if T == 0 or h.shape[1] == 0:
@@ -697,6 +753,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
         job.peep = &peepholes[0]
     fill_zoneout(&job.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, out.shape[0],
                  job.dirs, job.B, job.H, train)
+    fill_recurrent_dropout(&job.drop, dropout_masks, dropout_scratch, job.dirs,
+                           num_gates(cell), job.B, job.H)
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -1267,7 +1325,7 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
                            NULL if c == NULL else c + (k * dirs + d) * B * H,
                            gh + d * B * GH, layer_out + d * H,
                            acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols, NULL, NULL,
-                           NULL, NULL)
+                           NULL, NULL, NULL)
         layer_in = layer_out
         in_cols = dirs * H
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import namedtuple
 
 import numpy as np
 
@@ -154,12 +155,18 @@ def check_zoneout(owner, zoneout, is_lstm):
     return value, (tuple(rates) if any(rates) else None)
 
 
+Configured = namedtuple("Configured", ["kind", "activation", "config", "rows", "zoneout",
+                                       "dropouts"])
+
+
 def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
               cell_activation=None, clip=None, input_forget=False, peepholes=False,
-              zoneout=0.0, is_lstm=False):
-    """Check a layer's or cell's gate options: (cell kind, config entries,
-    option rows or None). The kind is ``base_kind`` itself when every option
-    has its default (the plain kernels run), else its *_OPT kind.
+              zoneout=0.0, input_dropout=0.0, recurrent_dropout=0.0, is_lstm=False):
+    """Check a layer's or cell's gate options (and zoneout, Keras' input and
+    recurrent dropout): the cell kind, the candidate's activation, the config
+    entries, the option rows or None, the zoneout rates or None, the two
+    dropout rates or None. The kind is ``base_kind`` itself when every gate
+    option has its default (the plain kernels run), else its *_OPT kind.
     ``recurrent_activation`` None: the cell has no gates (the RNN)."""
     from fastrnn import _validation as v
     cand = per_direction(owner, "activation" if recurrent_activation is not None
@@ -177,6 +184,9 @@ def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
     clip = check_clip(owner, clip)
     config["clip"] = clip
     config["zoneout"], rates = check_zoneout(owner, zoneout, is_lstm)
+    config["input_dropout"] = v.check_dropout(owner, input_dropout, "input_dropout")
+    config["recurrent_dropout"] = v.check_dropout(owner, recurrent_dropout, "recurrent_dropout")
+    dropouts = (config["input_dropout"], config["recurrent_dropout"])
     if gate is not None:
         config["recurrent_activation"] = compact(gate)
     plain = (clip is None and all(s == "sigmoid" for s in gate or ["sigmoid"])
@@ -188,14 +198,16 @@ def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
     else:
         plain = plain and all(s == "tanh" for s in cand)
         kind = base_kind if plain else base_kind + "_opt"
-    return kind, compact(cand), config, None if plain else option_rows(
-        gate, cand, cell, clip, config.get("input_forget")), rates
+    return Configured(kind, compact(cand), config, None if plain else option_rows(
+        gate, cand, cell, clip, config.get("input_forget")), rates,
+        dropouts if any(dropouts) else None)
 
 
 # (config key, default) of every option, in the order repr shows them
 DEFAULTS = (("nonlinearity", "tanh"), ("activation", "tanh"),
              ("recurrent_activation", "sigmoid"), ("cell_activation", None), ("clip", None),
-             ("input_forget", False), ("peepholes", False), ("zoneout", 0.0))
+             ("input_forget", False), ("peepholes", False), ("zoneout", 0.0),
+             ("input_dropout", 0.0), ("recurrent_dropout", 0.0))
 
 
 def repr_options(config):
@@ -215,7 +227,12 @@ NONLINEARITY_DOC = """
     zoneout : float in [0, 1), default 0
         Keyword only: zoneout (Krueger et al. 2016): in training each unit of
         h keeps its previous value with this probability at each step, in
-        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t."""
+        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t.
+    input_dropout, recurrent_dropout : float in [0, 1), default 0
+        Keyword only: Keras' dropout and recurrent_dropout, in training only:
+        one mask per sequence, gate block and direction on the input and on
+        h_{t-1} as each gate's product reads them (inverted: kept units scaled
+        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""
 GATED_DOC = """
     activation : activation, default 'tanh'
         Keyword only: the candidate's ({candidate}): a name ('tanh', 'relu',
@@ -238,9 +255,19 @@ LSTM_DOC = GATED_DOC.format(candidate="g", gates="i, f, o") + """
         Keyword only: zoneout (Krueger et al. 2016) of h and c: in training
         each unit keeps its previous value with this probability at each step,
         in inference state_t = p * state_{t-1} + (1 - p) * new_t; h~_t =
-        o * tanh(c~_t) reads the new cell before its zoneout."""
+        o * tanh(c~_t) reads the new cell before its zoneout.
+    input_dropout, recurrent_dropout : float in [0, 1), default 0
+        Keyword only: Keras' dropout and recurrent_dropout, in training only:
+        one mask per sequence, gate block and direction on the input and on
+        h_{t-1} as each gate's product reads them (inverted: kept units scaled
+        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""
 GRU_DOC = GATED_DOC.format(candidate="n", gates="r, z") + """
     zoneout : float in [0, 1), default 0
         Keyword only: zoneout (Krueger et al. 2016): in training each unit of
         h keeps its previous value with this probability at each step, in
-        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t."""
+        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t.
+    input_dropout, recurrent_dropout : float in [0, 1), default 0
+        Keyword only: Keras' dropout and recurrent_dropout, in training only:
+        one mask per sequence, gate block and direction on the input and on
+        h_{t-1} as each gate's product reads them (inverted: kept units scaled
+        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""

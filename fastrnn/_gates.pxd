@@ -318,6 +318,48 @@ cdef inline const Zoneout* zone_part(Zoneout* out, const Zoneout* job, Py_ssize_
     return out
 
 
+# --- recurrent dropout (Keras' recurrent_dropout), training only ---
+cdef struct RecurrentDropout:
+    const void* mask          # (gates, B, H) of one direction from the part's first
+                              # row: 0 or 1 / (1 - p), one per gate, row and sequence
+    Py_ssize_t gate_stride    # B * H of the whole batch: from one gate's masks to the next
+    void* scratch             # B * H of this part: a masked h, or a gate's dG . W
+
+
+cdef inline int fill_recurrent_dropout(RecurrentDropout* out,
+                                      const floating[:, :, :, ::1] mask,
+                                      floating[::1] scratch, Py_ssize_t dirs, Py_ssize_t G,
+                                      Py_ssize_t B, Py_ssize_t H) except -1:
+    """The kernels' recurrent dropout from a kernel entry's arguments,
+    checked (mask None: none)."""
+    out.mask = out.scratch = NULL
+    out.gate_stride = B * H
+    if mask is None:
+        return 0
+    if (mask.shape[0] != dirs or mask.shape[1] != G or mask.shape[2] != B
+            or mask.shape[3] != H):
+        raise ValueError(f"recurrent dropout needs masks of shape ({dirs}, {G}, {B}, {H})")
+    if scratch is None or scratch.shape[0] != dirs * B * H:
+        raise ValueError(f"recurrent dropout needs a scratch of {dirs * B * H} values")
+    out.mask = &mask[0, 0, 0, 0]
+    out.scratch = &scratch[0]
+    return 0
+
+
+cdef inline const RecurrentDropout* dropout_part(RecurrentDropout* out,
+                                                 const RecurrentDropout* job, Py_ssize_t d,
+                                                 Py_ssize_t G, Py_ssize_t B, Py_ssize_t b_lo,
+                                                 Py_ssize_t H, floating* like) noexcept nogil:
+    """A part's recurrent dropout for direction d and batch rows from b_lo;
+    NULL: none. (``like``: a pointer of the float type.)"""
+    if job.mask == NULL:
+        return NULL
+    out.mask = <const floating*>job.mask + (d * G * B + b_lo) * H
+    out.gate_stride = job.gate_stride
+    out.scratch = <floating*>job.scratch + (d * B + b_lo) * H
+    return out
+
+
 # --- gate options: the *_OPT cell kinds ---
 # Activation kinds: ONNX's list (alpha, beta as ONNX defines them; Keras'
 # activations are among them)

@@ -53,7 +53,8 @@ LAYER_NORM_DOC = """
         ``ln_hh_weight``, ``ln_hh_bias`` (G * H,) and, LSTM, ``ln_cell_weight``,
         ``ln_cell_bias`` (H,), suffixed as W_ih (``_l{k}[_reverse]``); gains
         start at 1, biases at 0. Runs the default gates only (no other gate
-        option, no zoneout, GRU ``reset_after=True``)."""
+        option, zoneout, input or recurrent dropout; GRU ``reset_after=True``);
+        a learned initial state and the layers' DropConnect combine with it."""
 
 
 @dataclass(slots=True)
@@ -77,8 +78,8 @@ class LNLayerTape:
 def check(owner, layer_norm, kind, gate_options):
     """The checked ``layer_norm`` flag of a GRU or LSTM (layer or cell) of
     cell kind ``kind``; gate_options: None when its gate options run the
-    plain gates and it has no zoneout, else (name, value) of the options
-    that differ from their defaults. Layer norm runs the plain gates of the
+    plain gates and it has no zoneout nor Keras dropout, else (name, value)
+    of the options that differ from their defaults. Layer norm runs the plain gates of the
     reset-after GRU and the LSTM."""
     flag = v.check_bool(owner, "layer_norm", layer_norm)
     if flag and kind == "gru_reset_before":
@@ -88,7 +89,8 @@ def check(owner, layer_norm, kind, gate_options):
     if flag and gate_options is not None:
         got = ", ".join(f"{key}={value!r}" for key, value in gate_options)
         raise ValueError(f"{owner}: layer_norm=True runs the default gates (sigmoid, tanh; "
-                         f"no clip, input_forget, peepholes or zoneout), got {got}")
+                         f"no clip, input_forget, peepholes, zoneout, input_dropout or "
+                         f"recurrent_dropout), got {got}")
     return flag
 
 
@@ -252,9 +254,15 @@ def bptt(module, tape, T, B, dout, dh, dc):
                                  parts=_plan.halves(rows, parts),
                                  packed=None if packed is None else packed[k][1])
             dout = dx
+    if getattr(tape, "hh_masks", None) is not None:
+        # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask
+        for total, mask in zip(sums[1], tape.hh_masks):
+            total *= mask
     with module._grad_lock:
         for kind_, module_grads in zip(sums, grads):
             for total, grad in zip(kind_, module_grads):
                 if grad is not None:
                     grad += total
+        if getattr(tape, "learned_state", False):   # dh, dc: the initial states' gradients
+            module._add_initial_grads(dh, dc)
     return dout

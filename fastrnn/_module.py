@@ -294,16 +294,21 @@ class RecurrentWeights(Module):
     """
 
     def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
-               dropout=0.0, peepholes=False, layer_norm=False):
+               dropout=0.0, peepholes=False, initial_state=False, layer_norm=False):
         """Allocate, register under ``names(layer, direction)`` and initialise.
         peepholes: an LSTM's peephole weights too, (3 H,) per layer and
         direction (i, f, o), named as W_hh with ``weight_peephole``.
+        initial_state: learned initial states too, (H,) per layer and
+        direction, named as W_hh with ``initial_h`` (and ``initial_c`` for an
+        LSTM), zero-initialised (they draw nothing from rng, so the other
+        parameters are those of the layer without them).
         layer_norm: the LN gains and biases too (see ``ln_names``)."""
         self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
         # the kind without options: the products, the packed weights, the fast paths
         self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
         self._option_rows = None   # the *_OPT kinds': _gate_options.option_rows
         self._zoneout = None       # (rate_h, rate_c) or None
+        self._dropouts = None      # Keras' (input_dropout, recurrent_dropout) or None
         self._general_only = False
         gates = self._gates
         owner = type(self).__name__
@@ -362,7 +367,6 @@ class RecurrentWeights(Module):
                     self._register(name, self._ln_index[k], slice(start, start + size))
                     grad_views[name] = self._dln[k][start:start + size]
                     start += size
-        self._grads = MappingProxyType(grad_views)
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for i, rows in self._names.values():
@@ -374,7 +378,38 @@ class RecurrentWeights(Module):
                 for name, _ in zip(ln_names(names(k, d)[0]), ln_sizes):
                     i, rows = self._names[name]
                     self._draft[i][rows] = 1.0 if "_weight" in name else 0.0
+        # learned initial states: one storage per kind (h, and c for an LSTM)
+        # laid out as the state, (layers * dirs, H) flattened; zeros
+        self._init_index, self._dinit = [], []
+        state_kinds = ("initial_h", "initial_c") if self._has_cell_state else ("initial_h",)
+        for state_kind in state_kinds if initial_state else ():
+            self._dinit.append(np.zeros(layers * dirs * hidden_size, dtype))
+            self._init_index.append(self._add_storage(
+                np.zeros(layers * dirs * hidden_size, dtype), self._dinit[-1]))
+            for k in range(layers):
+                for d in range(dirs):
+                    row = k * dirs + d
+                    rows = slice(row * hidden_size, (row + 1) * hidden_size)
+                    name = names(k, d)[1].replace("weight_hh", state_kind)
+                    self._register(name, self._init_index[-1], rows)
+                    grad_views[name] = self._dinit[-1][rows]
+        self._grads = MappingProxyType(grad_views)
         self._seal_parameters()
+
+    def _learned_state(self, params):
+        """The learned initial states of a parameter set, each (layers * dirs,
+        H) (h, and c for an LSTM), or None when the module has none."""
+        if not self._init_index:
+            return None
+        shape = (-1, self._config["hidden_size"])
+        return tuple(params.storages[i].reshape(shape) for i in self._init_index)
+
+    def _add_initial_grads(self, dh0, dc0=None):
+        """Add the gradient of the learned initial states: the sums over the
+        batch of the initial states' gradients dh0 (and dc0), each (layers *
+        dirs, B, H). The caller holds ``_grad_lock``."""
+        for grad, d0 in zip(self._dinit, (dh0, dc0)):
+            grad += d0.sum(axis=1).reshape(-1)
 
     def _weights(self, params):
         """(w_ih, w_hh, b_ih, b_hh) of a parameter set: per kind a list over

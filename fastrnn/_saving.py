@@ -1239,12 +1239,15 @@ def _parameter_layout(name, kwargs):
         peep = name == "LSTM" and v.check_bool(name, "peepholes", args["peepholes"])
         ln = name != "RNN" and v.check_bool(name, "layer_norm", args["layer_norm"])
         ln_sizes = _ln_sizes(name, H) if ln else ()
+        # learned initial states: initial_h (and initial_c), (H,) each
+        states = (2 if name == "LSTM" else 1) * v.check_bool(
+            name, "learn_initial_state", args["learn_initial_state"])
 
         def per_direction(in_size):
             return (GH * in_size + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
-                    + sum(ln_sizes))
+                    + states * H + sum(ln_sizes))
 
-        arrays = L * dirs * ((4 if bias else 2) + peep + len(ln_sizes))
+        arrays = L * dirs * ((4 if bias else 2) + peep + states + len(ln_sizes))
         values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
 
         def shapes():
@@ -1259,6 +1262,8 @@ def _parameter_layout(name, kwargs):
                         yield f"bias_hh{sfx}", (GH,)
                     if peep:
                         yield f"weight_peephole{sfx}", (3 * H,)
+                    for state in ("initial_h", "initial_c")[:states]:
+                        yield f"{state}{sfx}", (H,)
                     for ln_name, size in zip(ln_names("weight_ih" + sfx), ln_sizes):
                         yield ln_name, (size,)
         summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
@@ -1271,8 +1276,10 @@ def _parameter_layout(name, kwargs):
         peep = name == "LSTMCell" and v.check_bool(name, "peepholes", args["peepholes"])
         ln = name != "RNNCell" and v.check_bool(name, "layer_norm", args["layer_norm"])
         ln_sizes = _ln_sizes(name, H) if ln else ()
-        arrays = (4 if bias else 2) + peep + len(ln_sizes)
-        values = (GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
+        states = (2 if name == "LSTMCell" else 1) * v.check_bool(
+            name, "learn_initial_state", args["learn_initial_state"])
+        arrays = (4 if bias else 2) + peep + states + len(ln_sizes)
+        values = (GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0) + states * H
                   + sum(ln_sizes))
 
         def shapes():
@@ -1283,6 +1290,8 @@ def _parameter_layout(name, kwargs):
                 yield "bias_hh", (GH,)
             if peep:
                 yield "weight_peephole", (3 * H,)
+            for state in ("initial_h", "initial_c")[:states]:
+                yield state, (H,)
             for ln_name, size in zip(ln_names("weight_ih"), ln_sizes):
                 yield ln_name, (size,)
         summary = f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, bias={bias}"

@@ -29,11 +29,13 @@ def check_bool(owner, name, value):
     return bool(value)
 
 
-def check_dropout(owner, value):
+def check_dropout(owner, value, name="dropout"):
+    """A dropout probability in [0, 1); ``name`` the argument's name."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: dropout must be a float in [0, 1), got {type(value).__name__}")
+        raise TypeError(f"{owner}: {name} must be a float in [0, 1), got "
+                        f"{type(value).__name__} {value!r}")
     if not 0 <= value < 1:
-        raise ValueError(f"{owner}: dropout must be in [0, 1), got {value}")
+        raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
     return float(value)
 
 

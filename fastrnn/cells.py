@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
-from fastrnn import _gate_options, _layernorm_engine
+from fastrnn import _gate_options, _layernorm_engine, _training_options
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine
 from fastrnn._module import RESET_AFTER_DOC, gru_kind
@@ -24,7 +24,7 @@ class _CellBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, bias, dtype, seed, gate_options,
-                 layer_norm=None):
+                 learn_initial_state, layer_norm=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -33,22 +33,28 @@ class _CellBase(RecurrentEngine):
         cfg["bias"] = v.check_bool(owner, "bias", bias)
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
+        learned = v.check_bool(owner, "learn_initial_state", learn_initial_state)
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows, zoneout = _gate_options.configure(
+        opts = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
-        # layer_norm (GRUCell, LSTMCell; None: the class has no such option)
+        kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
+        # layer_norm (GRUCell, LSTMCell; None: the class has no such option):
+        # the default gates only, no zoneout, no Keras dropout
         ln = None if layer_norm is None else _layernorm_engine.check(
             owner, layer_norm, kind,
-            None if rows is None and zoneout is None else _gate_options.repr_options(
-                {"activation": activation, **options}))
+            None if rows is None and opts.zoneout is None and opts.dropouts is None
+            else _gate_options.repr_options({"activation": activation, **options}))
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                    peepholes=options.get("peepholes", False), layer_norm=bool(ln))
-        self._option_rows, self._zoneout = rows, zoneout
+                    peepholes=options.get("peepholes", False), initial_state=learned,
+                    layer_norm=bool(ln))
+        self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
         # gate options, zoneout and layer norm run on the general path only
-        self._general_only = rows is not None or zoneout is not None or bool(ln)
+        # (the dropouts act in training, which always does)
+        self._general_only = rows is not None or opts.zoneout is not None or bool(ln)
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
+        cfg["learn_initial_state"] = learned
         if ln is not None:
             cfg["layer_norm"] = ln
 
@@ -58,7 +64,7 @@ class _CellBase(RecurrentEngine):
             opts.append(("bias", False))
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
-        return (opts + _gate_options.repr_options(cfg)
+        return (opts + _gate_options.repr_options(cfg) + _training_options.repr_options(cfg)
                 + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     def __call__(self, x: ArrayLike,
@@ -66,16 +72,39 @@ class _CellBase(RecurrentEngine):
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
         params = self._params   # one parameter set for the whole call
-        if not self._general_only:   # (the streaming kernel runs the plain cells only)
-            result = self._stepper(params).step(x, hx)
-            if result is not None:
-                return result
-        x, B, batched, h, c = self._prepare(x, hx)
+        # (the streaming kernel runs the plain cells only, and starts from
+        # zeros when hx is None, so it is given the learned states)
+        if not self._general_only:
+            state = self._learned_hx(params, x) if hx is None and self._init_index else hx
+            if state is not None or hx is None and not self._init_index:
+                result = self._stepper(params).step(x, state)
+                if result is not None:
+                    return result
+        x, B, batched, h, c = self._prepare(params, x, hx)
         if B > 0:   # the layers' driver with T = 1; h, c become the new state
             self._run(params, x[None], 1, B, False, h[None], None if c is None else c[None],
                       np.empty((1, B, self._config["hidden_size"]), self._config["dtype"]),
                       None)
         return self._results(h, c, batched)
+
+    def _learned_hx(self, params, x):
+        """The learned initial states as the hx of a call on x, for the
+        streaming path; None unless x is an ndarray of 1 or 2 dimensions (the
+        general path then checks it)."""
+        if type(x) is not np.ndarray or x.ndim not in (1, 2):
+            return None
+        B = None if x.ndim == 1 else x.shape[0]
+        # kept with the parameter set for the last batch size (read only: the
+        # step copies its states)
+        cached = params.cache.get("learned_hx")
+        if cached is None or cached[0] != B:
+            states = [s[0] if B is None else np.repeat(s, B, axis=0)
+                      for s in self._learned_state(params)]   # each (1, H)
+            for state in states:
+                state.flags.writeable = False
+            cached = params.cache["learned_hx"] = (
+                B, tuple(states) if self._has_cell_state else states[0])
+        return cached[1]
 
     def _stepper(self, params):
         """The streaming path's kernel state for a parameter set (kept with it)."""
@@ -105,20 +134,21 @@ class _CellBase(RecurrentEngine):
             ``x`` and of the previous state, in the structure of the state.
             It may be called once.
         """
-        x, B, batched, h, c = self._prepare(x, hx, own_copy=True)
+        params = self._params   # one parameter set for the whole call
+        x, B, batched, h, c = self._prepare(params, x, hx, own_copy=True)
         H = self._config["hidden_size"]
         h_n, c_n = h[None], (None if c is None else c[None])
         out = np.empty((1, B, H), self._config["dtype"])
         tape = None
         if B > 0:
-            tape = self._run(self._params, x[None], 1, B, False, h_n, c_n, out, None,
-                             train=True)
+            tape = self._run(params, x[None], 1, B, False, h_n, c_n, out, None, train=True)
+            tape.learned_state = hx is None and bool(self._init_index)
         call = SimpleNamespace(T=1, B=B, batched=True, batch_first=False, x=x[None], out=out,
                                h_n=h_n)
         return self._results(h, c, batched), _CellBackprop(self, Backprop(self, call, tape),
                                                             batched, B)
 
-    def _prepare(self, x, hx, own_copy=False):
+    def _prepare(self, params, x, hx, own_copy=False):
         owner = type(self).__name__
         cfg = self._config
         dtype, D = cfg["dtype"], cfg["input_size"]
@@ -131,7 +161,7 @@ class _CellBase(RecurrentEngine):
         B = x.shape[0]
         if B > v.BLAS_INT_MAX:
             raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
-        h, c = self._state(hx, B, batched)
+        h, c = self._state(params, hx, B, batched)
         return x, B, batched, h, c
 
     def _results(self, h, c, batched):
@@ -140,13 +170,17 @@ class _CellBase(RecurrentEngine):
             c = None if c is None else c[0]
         return (h, c) if self._has_cell_state else h
 
-    def _state(self, hx, B, batched):
-        """Fresh (B, H) state arrays holding hx (or zeros)."""
+    def _state(self, params, hx, B, batched):
+        """Fresh (B, H) state arrays holding hx, or when hx is None the
+        learned initial state of ``params`` (or zeros)."""
         H = self._config["hidden_size"]
         names = ("h", "c") if self._has_cell_state else ("hx",)
         states = v.state_arrays(type(self).__name__, "hx", hx, names,
                                 (B, H) if batched else (H,), self._config["dtype"],
                                 full_shape=(B, H))
+        learned = self._learned_state(params) if hx is None else None
+        for state, value in zip(states, learned or ()):
+            state[...] = value   # (1, H) over the batch
         return states[0], (states[1] if self._has_cell_state else None)
 
 
@@ -196,7 +230,8 @@ _CELL_DOC = """{summary}
     x : array-like of shape (B, D) or (D,)
         Converted to the cell's dtype.
     hx : {hx_doc}, optional
-        The previous state; zeros if omitted.
+        The previous state; zeros if omitted (the learned one with
+        ``learn_initial_state=True``).
 
     Returns
     -------
@@ -213,22 +248,29 @@ _CELL_DOC = """{summary}
 class RNNCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of an Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh).",
-        extra_params=_gate_options.NONLINEARITY_DOC,
+        extra_params=_gate_options.NONLINEARITY_DOC + _training_options.CELL_INITIAL_STATE_DOC,
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="RNN")
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: Any = "tanh", dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None, zoneout: float = 0.0) -> None:
+                 clip: float | None = None, zoneout: float = 0.0,
+                 input_dropout: float = 0.0, recurrent_dropout: float = 0.0,
+                 learn_initial_state: bool = False) -> None:
         super().__init__("rnn", input_size, hidden_size, bias, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout})
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout,
+                          "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout},
+                         learn_initial_state)
 
 
 class GRUCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of a GRU (gate blocks r, z, n).",
-        extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC + _layernorm_engine.LAYER_NORM_DOC,
+        extra_params=(RESET_AFTER_DOC + _gate_options.GRU_DOC
+                      + _training_options.CELL_INITIAL_STATE_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
 
@@ -236,12 +278,15 @@ class GRUCell(_CellBase):
                  dtype: DTypeLike = "float32", seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 zoneout: float = 0.0, layer_norm: bool = False) -> None:
+                 zoneout: float = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
+                 layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation, "clip": clip,
-                          "zoneout": zoneout},
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout}, learn_initial_state,
                          layer_norm)
         self._config["reset_after"] = reset_after
 
@@ -249,7 +294,8 @@ class GRUCell(_CellBase):
 class LSTMCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of an LSTM (gate blocks i, f, g, o).",
-        extra_params=_gate_options.LSTM_DOC + _layernorm_engine.LAYER_NORM_DOC,
+        extra_params=(_gate_options.LSTM_DOC + _training_options.CELL_INITIAL_STATE_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="h, c = cell(x, hx=None)", hx_doc="tuple (h, c) of arrays of shape (B, H) or (H,)",
         returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")
     _has_cell_state = True
@@ -260,12 +306,14 @@ class LSTMCell(_CellBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
-                 zoneout: float | tuple[float, float] = 0.0,
+                 zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
                  layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
                           "input_forget": input_forget, "peepholes": peepholes,
-                          "zoneout": zoneout},
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout}, learn_initial_state,
                          layer_norm)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from fastrnn import _gate_options
+from fastrnn import _gate_options, _training_options
 from fastrnn._validation import check_dtype, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
@@ -109,6 +109,15 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     for key, _ in _gate_options.DEFAULTS:
         if key != "nonlinearity":
             cfg.pop(key, None)
+    # the training options PyTorch lacks (it would neither learn the initial
+    # state nor drop weights in training): refused by name unless at their defaults
+    refused = _training_options.repr_options(cfg)
+    if refused:
+        key, value = refused[0]
+        raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
+                         f"option (export it for inference with to_onnx instead)")
+    for key, _ in _training_options.DEFAULTS:
+        cfg.pop(key, None)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.pop("dtype").name]
     size = (cfg.pop("input_size"), cfg.pop("hidden_size"))
     module = getattr(torch.nn, name)(*size, dtype=dtype, **cfg)
@@ -151,9 +160,11 @@ def _keras_direction(layer, backward=False):
     if cfg.get("unroll"):
         _keras_refuse(layer, "unroll=True", "not supported (it changes nothing in the "
                       "numbers: build the layer with unroll=False)")
-    if cfg.get("dropout") or cfg.get("recurrent_dropout"):
-        _keras_refuse(layer, "dropout / recurrent_dropout", "Keras' per-step input and "
-                      "recurrent dropout differ from fastrnn's between-layer dropout")
+    # Keras' per-gate, per-sequence masks (its implementation 1) are fastrnn's
+    # input_dropout and recurrent_dropout (its dropout acts between layers)
+    for key, name in (("dropout", "input_dropout"), ("recurrent_dropout", "recurrent_dropout")):
+        if cfg.get(key):
+            options[name] = float(cfg[key])
     weights = layer.get_weights()
     if len(weights) < 2:
         _keras_refuse(layer, "weights", "the layer is not built yet (it has no weights): "
@@ -452,6 +463,12 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     output), ``Y_h`` (and ``Y_c``): the final state, which a streaming caller
     feeds back as the next ``initial_h``/``initial_c``.
 
+    A layer with ``learn_initial_state=True`` has no ``initial_h`` /
+    ``initial_c`` inputs: its learned states are constants of the graph,
+    broadcast over the batch (Expand to X's batch size), as the layer's call
+    without ``hx``. ``weight_dropout`` acts in training only, so the graph
+    (inference) is the same with it or without.
+
     Parameters
     ----------
     layer : fastrnn RNN, GRU or LSTM
@@ -500,6 +517,23 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
         nodes.append(helper.make_node("Transpose", ["X"], ["X_tm"], perm=[1, 0, 2]))
         x_name = "X_tm"
     state_names = ["initial_h"] + (["initial_c"] if kind == "LSTM" else [])
+    learned = cfg.get("learn_initial_state", False)
+    if learned:
+        # the learned states (L * dirs, 1, H), expanded to (L * dirs, B, H)
+        batch_axis = 0 if cfg["batch_first"] else 1
+        nodes.append(helper.make_node("Shape", ["X"], ["X_shape"]))
+        nodes.append(helper.make_node("Slice", ["X_shape", const("batch_start", [batch_axis]),
+                                                const("batch_end", [batch_axis + 1]),
+                                                const("batch_axes", [0])], ["batch"]))
+        nodes.append(helper.make_node("Concat", [const("state_rows", [L * dirs]), "batch",
+                                                 const("state_width", [H])],
+                                      ["state_shape"], axis=0))
+        for state in state_names:
+            values = np.stack([params[f"{state}_l{k}" + ("_reverse" if d else "")]
+                               for k in range(L) for d in range(dirs)])[:, None, :]
+            inits.append(numpy_helper.from_array(values, f"{state}_learned"))
+            nodes.append(helper.make_node("Expand", [f"{state}_learned", "state_shape"],
+                                          [state]))
     final_h, final_c = [], []
     current = x_name
     for k in range(L):
@@ -552,7 +586,8 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     seq_dims = ["B", "T"] if cfg["batch_first"] else ["T", "B"]
     state_shape = [L * dirs, "B", H]
     inputs = [helper.make_tensor_value_info("X", elem, seq_dims + [cfg["input_size"]])]
-    inputs += [helper.make_tensor_value_info(n, elem, state_shape) for n in state_names]
+    if not learned:
+        inputs += [helper.make_tensor_value_info(n, elem, state_shape) for n in state_names]
     if lengths:
         inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
     outputs = [helper.make_tensor_value_info("Y", elem, seq_dims + [dirs * H]),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import _gate_options, _layernorm_engine, _parallel, _plan
+from fastrnn import _gate_options, _layernorm_engine, _parallel, _plan, _training_options
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._engine import Backprop, RecurrentEngine
@@ -30,7 +30,8 @@ class _RNNBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
-                 dropout, bidirectional, dtype, seed, gate_options, layer_norm=None):
+                 dropout, bidirectional, dtype, seed, gate_options, learn_initial_state,
+                 weight_dropout, layer_norm=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -43,15 +44,19 @@ class _RNNBase(RecurrentEngine):
         cfg["bidirectional"] = v.check_bool(owner, "bidirectional", bidirectional)
         cfg["dtype"] = v.check_dtype(owner, dtype)
         rng = v.check_seed(owner, seed)
+        learned = v.check_bool(owner, "learn_initial_state", learn_initial_state)
+        weight_dropout = v.check_dropout(owner, weight_dropout, "weight_dropout")
         dirs = 2 if cfg["bidirectional"] else 1
         # gate options (_gate_options.py): the kind runs them, or the plain kind
-        kind, activation, options, rows, zoneout = _gate_options.configure(
+        opts = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
-        # layer_norm (GRU, LSTM; None: the class has no such option)
+        kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
+        # layer_norm (GRU, LSTM and their cells; None: the class has no such
+        # option): the default gates only, no zoneout, no Keras dropout
         ln = None if layer_norm is None else _layernorm_engine.check(
             owner, layer_norm, kind,
-            None if rows is None and zoneout is None else _gate_options.repr_options(
-                {"activation": activation, **options}))
+            None if rows is None and opts.zoneout is None and opts.dropouts is None
+            else _gate_options.repr_options({"activation": activation, **options}))
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -60,15 +65,19 @@ class _RNNBase(RecurrentEngine):
             sfx = f"_l{k}" + ("_reverse" if d else "")
             return (f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}")
 
-        # rng also draws the dropout masks in training
+        # rng also draws the dropout and DropConnect masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
-                    peepholes=options.get("peepholes", False), layer_norm=bool(ln))
-        self._option_rows, self._zoneout = rows, zoneout
+                    peepholes=options.get("peepholes", False), initial_state=learned,
+                    layer_norm=bool(ln))
+        self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
         # gate options, zoneout and layer norm run on the general path only
-        self._general_only = rows is not None or zoneout is not None or bool(ln)
+        # (the dropouts act in training, which always does)
+        self._general_only = rows is not None or opts.zoneout is not None or bool(ln)
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
+        cfg["learn_initial_state"] = learned
+        cfg["weight_dropout"] = weight_dropout
         if ln is not None:
             cfg["layer_norm"] = ln
 
@@ -84,6 +93,7 @@ class _RNNBase(RecurrentEngine):
         gate = _gate_options.repr_options(cfg)   # PyTorch's order: nonlinearity first
         return ([o for o in gate if o[0] == "nonlinearity"] + opts
                 + [o for o in gate if o[0] != "nonlinearity"]
+                + _training_options.repr_options(cfg)
                 + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     # --- forward ------------------------------------------------------------
@@ -96,15 +106,38 @@ class _RNNBase(RecurrentEngine):
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
         if lengths is None and not self._general_only:
-            # the lean path of small calls (_forward.SequenceRunner)
-            result = self._sequence_runner(params).run(x, hx)
-            if result is not None:
-                return result
-        call = self._prepare(x, hx, lengths)
+            # the lean path of small calls (_forward.SequenceRunner; it starts
+            # from zeros when hx is None, so it is given the learned states)
+            state = self._learned_hx(params, x) if hx is None and self._init_index else hx
+            if state is not None or hx is None and not self._init_index:
+                result = self._sequence_runner(params).run(x, state)
+                if result is not None:
+                    return result
+        call = self._prepare(params, x, hx, lengths)
         if call.B > 0:
             self._run(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
                       call.out, call.lengths)
         return self._results(call)
+
+    def _learned_hx(self, params, x):
+        """The learned initial states as the hx of a call on x, for the lean
+        path; None unless x is an ndarray of 2 or 3 dimensions (the general
+        path then checks it)."""
+        if type(x) is not np.ndarray or x.ndim not in (2, 3):
+            return None
+        B = None if x.ndim == 2 else x.shape[0 if self._config["batch_first"] else 1]
+        # kept with the parameter set for the last batch size (read only: the
+        # runner copies its states)
+        cached = params.cache.get("learned_hx")
+        if cached is None or cached[0] != B:
+            states = self._learned_state(params)   # each (layers * dirs, H)
+            if B is not None:
+                states = [np.repeat(s[:, None, :], B, axis=1) for s in states]
+            for state in states:
+                state.flags.writeable = False
+            cached = params.cache["learned_hx"] = (
+                B, tuple(states) if self._has_cell_state else states[0])
+        return cached[1]
 
     def _sequence_runner(self, params):
         threads = _parallel.get_num_threads()
@@ -137,17 +170,26 @@ class _RNNBase(RecurrentEngine):
             may be None) or None. It adds the parameter gradients into
             ``self.grads`` and returns ``dx`` (shaped like ``x``) and ``dhx``,
             the gradient of the initial state in the structure of ``state``
-            (the zero initial state's when ``hx`` was None). Each backprop
+            (the zero or learned initial state's when ``hx`` was None; the
+            learned state's parameters then get its sum over the batch added
+            to their gradients). With ``weight_dropout``, the forward draws
+            its DropConnect masks of W_hh, which its backprop uses. Each backprop
             holds its own saved tensors and may be called once. ``mask``
             and ``zero_output_for_mask`` as for a call.
         """
         if mask is not None:
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=True)
-        call = self._prepare(x, hx, lengths, own_copy=True)
+        params = self._params   # one parameter set for the whole call
+        call = self._prepare(params, x, hx, lengths, own_copy=True)
         tape = None
         if call.B > 0:
-            tape = self._run(self._params, call.x, call.T, call.B, call.batch_first, call.h_n,
+            masks = None
+            if self._config["weight_dropout"] > 0:   # this forward's masked W_hh
+                params, masks = self._dropconnect(params)
+            tape = self._run(params, call.x, call.T, call.B, call.batch_first, call.h_n,
                              call.c_n, call.out, call.lengths, train=True)
+            tape.learned_state = hx is None and bool(self._init_index)
+            tape.hh_masks = masks
         return self._results(call), Backprop(self, call, tape)
 
     def _masked(self, x, hx, lengths, mask, zero_output_for_mask, train):
@@ -174,8 +216,10 @@ class _RNNBase(RecurrentEngine):
 
         return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
 
-    def _prepare(self, x, hx, lengths, own_copy=False):
-        """Validate and convert a call's arguments; allocate its outputs.
+    def _prepare(self, params, x, hx, lengths, own_copy=False):
+        """Validate and convert a call's arguments; allocate its outputs and
+        its state arrays (from the parameter set ``params`` when the initial
+        state is learned and hx is None).
         own_copy: x must not share memory with the caller's (training keeps it)."""
         owner = type(self).__name__
         cfg = self._config
@@ -202,7 +246,7 @@ class _RNNBase(RecurrentEngine):
                 raise ValueError(f"{owner}: lengths needs batched input; for one unbatched "
                                  f"sequence pass input[:length] instead")
             lengths = v.check_lengths(owner, lengths, B, T)
-        h_n, c_n = self._initial_state(hx, B, batched)
+        h_n, c_n = self._initial_state(params, hx, B, batched)
         out = np.empty((B, T, dirs * H) if batch_first else (T, B, dirs * H), dtype)
         return _Call(x, T, B, batched, batch_first, lengths, h_n, c_n, out)
 
@@ -213,14 +257,18 @@ class _RNNBase(RecurrentEngine):
             c_n = None if c_n is None else c_n[:, 0]
         return (out, (h_n, c_n)) if self._has_cell_state else (out, h_n)
 
-    def _initial_state(self, hx, B, batched):
-        """Fresh (layers * dirs, B, H) state arrays holding hx (or zeros)."""
+    def _initial_state(self, params, hx, B, batched):
+        """Fresh (layers * dirs, B, H) state arrays holding hx, or when hx is
+        None the learned initial states of ``params`` (or zeros)."""
         cfg = self._config
         shape = (cfg["num_layers"] * self._dirs, B, cfg["hidden_size"])
         names = ("h_0", "c_0") if self._has_cell_state else ("hx",)
         states = v.state_arrays(type(self).__name__, "hx", hx, names,
                                 shape if batched else (shape[0], shape[2]), cfg["dtype"],
                                 full_shape=shape)
+        learned = self._learned_state(params) if hx is None else None
+        for state, value in zip(states, learned or ()):
+            state[...] = value[:, None, :]
         return states[0], (states[1] if self._has_cell_state else None)
 
 
@@ -240,7 +288,7 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
         (a reverse direction would need the steps after a chunk).
     x : array-like, the whole stream, laid out as ``layer`` expects
     steps : int, the chunk length (the last chunk may be shorter)
-    hx : the initial state, or None for zeros
+    hx : the initial state, or None for the layer's (zeros, or the learned one)
 
     Yields
     ------
@@ -308,7 +356,8 @@ _LAYER_DOC = """{summary}
     x : array-like of shape (T, B, D), (B, T, D) if batch_first, or (T, D)
         Converted to the layer's dtype (any real dtype, any memory order).
     hx : {hx_doc}, optional
-        Initial state, zeros if omitted; (num_layers * dirs, H) for unbatched x.
+        Initial state, zeros if omitted (the learned one with
+        ``learn_initial_state=True``); (num_layers * dirs, H) for unbatched x.
     lengths : array-like of B ints in [1, T], optional
         Valid steps of each sequence, in any order. Each sequence runs only
         over its valid steps (the reverse direction too), padded output steps
@@ -348,7 +397,7 @@ _LAYER_DOC = """{summary}
 class RNN(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Elman RNN over whole sequences, with tanh or ReLU.",
-        extra_params=_gate_options.NONLINEARITY_DOC,
+        extra_params=_gate_options.NONLINEARITY_DOC + _training_options.LAYER_DOC,
         call="out, h_n = rnn(x, hx=None, lengths=None)",
         hx_doc="array of shape (num_layers * dirs, B, H)",
         returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
@@ -360,17 +409,23 @@ class RNN(_RNNBase):
                  dropout: float = 0.0, bidirectional: bool = False,
                  dtype: DTypeLike = "float32",
                  seed: int | np.random.Generator | None = None, *,
-                 clip: float | None = None, zoneout: float = 0.0) -> None:
+                 clip: float | None = None, zoneout: float = 0.0,
+                 input_dropout: float = 0.0, recurrent_dropout: float = 0.0,
+                 learn_initial_state: bool = False, weight_dropout: float = 0.0) -> None:
         super().__init__("rnn", input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, dtype, seed,
-                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout})
+                         {"activation": nonlinearity, "clip": clip, "zoneout": zoneout,
+                          "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout},
+                         learn_initial_state, weight_dropout)
 
 
 class GRU(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Gated recurrent unit over whole sequences (by default PyTorch's "
                 "'reset after' form).",
-        extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC + _layernorm_engine.LAYER_NORM_DOC,
+        extra_params=(RESET_AFTER_DOC + _gate_options.GRU_DOC + _training_options.LAYER_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="out, h_n = gru(x, hx=None, lengths=None)",
         hx_doc="array of shape (num_layers * dirs, B, H)",
         returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
@@ -389,21 +444,25 @@ class GRU(_RNNBase):
                  seed: int | np.random.Generator | None = None, *,
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
-                 zoneout: float = 0.0, layer_norm: bool = False) -> None:
+                 zoneout: float = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
+                 weight_dropout: float = 0.0, layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation, "clip": clip,
-                          "zoneout": zoneout},
-                         layer_norm)
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout},
+                         learn_initial_state, weight_dropout, layer_norm)
         self._config["reset_after"] = reset_after
 
 
 class LSTM(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Long short-term memory over whole sequences.",
-        extra_params=_gate_options.LSTM_DOC + _layernorm_engine.LAYER_NORM_DOC,
+        extra_params=(_gate_options.LSTM_DOC + _training_options.LAYER_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="out, (h_n, c_n) = lstm(x, hx=None, lengths=None)",
         hx_doc="tuple (h_0, c_0) of arrays of shape (num_layers * dirs, B, H)",
         returns_doc=("(h_n, c_n) : tuple of ndarrays of shape (num_layers * dirs, B, H)"),
@@ -423,13 +482,15 @@ class LSTM(_RNNBase):
                  activation: Any = "tanh", recurrent_activation: Any = "sigmoid",
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
-                 zoneout: float | tuple[float, float] = 0.0,
-                 layer_norm: bool = False) -> None:
+                 zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
+                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
+                 weight_dropout: float = 0.0, layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
                           "input_forget": input_forget, "peepholes": peepholes,
-                          "zoneout": zoneout},
-                         layer_norm)
+                          "zoneout": zoneout, "input_dropout": input_dropout,
+                          "recurrent_dropout": recurrent_dropout},
+                         learn_initial_state, weight_dropout, layer_norm)

@@ -128,15 +128,19 @@ class _Plan:
         return full
 
 
-def _state_parts(layer, hx, B, batched):
-    """hx as full arrays (layers * dirs, B, H) (zeros where None), in the
-    structure the layer takes: a list of one or two arrays."""
+def _state_parts(layer, params, hx, B, batched):
+    """hx as full arrays (layers * dirs, B, H) (zeros where None, or the
+    learned initial states of the parameter set ``params`` when hx is None),
+    in the structure the layer takes: a list of one or two arrays."""
     from fastrnn.layers import LSTM
     owner = type(layer).__name__
     shape = (layer.num_layers * (2 if layer.bidirectional else 1), B, layer.hidden_size)
     names = ("h_0", "c_0") if isinstance(layer, LSTM) else ("hx",)
     states = v.state_arrays(owner, "hx", hx, names, shape if batched else (shape[0], shape[2]),
                             layer.dtype, full_shape=shape)
+    learned = layer._learned_state(params) if hx is None else None
+    for state, value in zip(states, learned or ()):
+        state[...] = value[:, None, :]
     return list(states[:len(names)])
 
 
@@ -174,7 +178,9 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
                          f"{shape_str(x.shape)}")
     lstm = isinstance(layer, LSTM)
     dirs, H = 2 if layer.bidirectional else 1, layer.hidden_size
-    states = _state_parts(layer, hx, B, batched)
+    params = layer._params   # its learned initial states, if any and hx is None
+    learned = hx is None and layer._learned_state(params) is not None
+    states = _state_parts(layer, params, hx, B, batched)
     plan = _Plan(mask, zero_output)
     rows = plan.rows
 
@@ -211,6 +217,7 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
     if not train:
         return result
     out_shape, state_shape = result[0].shape, result[1][0].shape if lstm else result[1].shape
+    added = []   # the learned states' gradients were added (the backprop ran)
 
     def backprop(dout: ArrayLike, dstate: Any = None) -> tuple[np.ndarray, Any]:
         bowner = f"{owner}.backprop"
@@ -234,6 +241,19 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
             dx_full = plan.scatter_dx(to_layer(dx_c))
             for i, part in enumerate(list(dhx_c) if lstm else [dhx_c]):
                 dh0[i][:, rows] = part
+        if learned:
+            # the layer ran from the states given to it: the learned states'
+            # gradients (every row's, skipped rows' too) are added here, once
+            with layer._grad_lock:
+                if added:
+                    raise RuntimeError(f"{bowner}: this backprop has already run; call "
+                                       f"forward_train again for another backward pass")
+                if layer._version != params.version:
+                    raise RuntimeError(f"{bowner}: the parameters changed after "
+                                       f"forward_train (load_state_dict or an optimizer "
+                                       f"step); the saved activations no longer match them")
+                layer._add_initial_grads(*dh0)
+                added.append(True)
         if not batched:
             return dx_full[0], _pack_state([g[:, 0] for g in dh0], lstm)
         return np.ascontiguousarray(to_layer(dx_full)), _pack_state(dh0, lstm)

@@ -48,6 +48,9 @@ class Stream:
     >>> for frame in frames:                   # frames: (T, 16)
     ...     h = stream.step(frame)             # (hidden_size,) per frame
     >>> saved = stream.state; stream.reset(); stream.state = saved
+
+    A fresh (or reset) stream starts from each layer's initial state: zeros,
+    or the learned one of a layer built with ``learn_initial_state=True``.
     """
 
     def __init__(self, model: RNN | GRU | LSTM | Stateful | Sequential) -> None:
@@ -79,7 +82,8 @@ class Stream:
 
     # --- state ----------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the state: the next call starts from zeros."""
+        """Forget the state: the next call starts from the layers' initial
+        states (zeros, or the learned ones of ``learn_initial_state=True``)."""
         self._state = [None] * len(self._recurrent)
 
     @property

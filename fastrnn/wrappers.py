@@ -200,7 +200,7 @@ class Stateful(_Wrapper):
     training) ended with, row by row: sample i of a batch continues sample i
     of the previous batch. Training does not backpropagate into earlier
     calls (the carried state is a constant, as in Keras). ``reset_state()``
-    starts again from zeros.
+    starts again from the layer's initial state (zeros, or the learned one).
 
     Parameters
     ----------
@@ -222,8 +222,8 @@ class Stateful(_Wrapper):
     carried state (None after a reset).
 
     A model file (``fastrnn.save``) holds the batch size (as fixed by then)
-    but not the carried state: a loaded Stateful starts from zeros (set it
-    with ``reset_state(states)``). A ``fastrnn.Stream`` runs the wrapped
+    but not the carried state: a loaded Stateful starts from the initial
+    state (set it with ``reset_state(states)``). A ``fastrnn.Stream`` runs the wrapped
     layer from the Stream's own state (see ``Stream``).
     """
 
@@ -253,7 +253,8 @@ class Stateful(_Wrapper):
     def reset_state(self, states: Any = None) -> None:
         """Start the next call from ``states`` (arrays shaped as the layer's
         ``hx`` for the fixed batch size; checked by that call), or from
-        zeros if None (Keras' ``reset_state``)."""
+        the layer's initial state if None (zeros, or the learned one; Keras'
+        ``reset_state``)."""
         if states is None:
             self._state = None
         elif isinstance(states, (tuple, list)):

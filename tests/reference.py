@@ -155,3 +155,62 @@ def masked_layer_forward(kind, params, x, h0, c0=None, num_layers=1, bidirection
                 c_n[k * dirs + d] = c
         layer_in = np.concatenate(outs, axis=-1)
     return layer_in, h_n, (c_n if c0 is not None else None)
+
+
+# --- learned initial states and DropConnect -----------------------------------------------
+def _suffixes(num_layers, bidirectional):
+    """The name suffix of every (layer, direction), in the state's row order."""
+    return [f"_l{k}" + ("_reverse" if d else "")
+            for k in range(num_layers) for d in range(2 if bidirectional else 1)]
+
+
+def learned_state(params, B, num_layers=1, bidirectional=False, name="initial_h"):
+    """The initial state a layer starts from without hx: its parameters
+    ``{name}_l{k}[_reverse]`` (H,) repeated for every one of the B rows,
+    (layers * dirs, B, H). For a cell (num_layers None): ``{name}`` as (B, H)."""
+    if num_layers is None:
+        return np.tile(np.asarray(params[name], np.float64), (B, 1))
+    rows = [np.asarray(params[name + sfx], np.float64)
+            for sfx in _suffixes(num_layers, bidirectional)]
+    return np.array([np.tile(row, (B, 1)) for row in rows])
+
+
+def learned_state_grads(d0, num_layers=1, bidirectional=False, name="initial_h"):
+    """The gradients of the learned initial state's parameters from the
+    gradient d0 of the initial state, (layers * dirs, B, H): each parameter
+    is used by every row, so its gradient is the sum over the rows. For a
+    cell (num_layers None) d0 is (B, H)."""
+    d0 = np.asarray(d0, np.float64)
+    if num_layers is None:
+        return {name: d0.sum(axis=0)}
+    return {name + sfx: d0[i].sum(axis=0)
+            for i, sfx in enumerate(_suffixes(num_layers, bidirectional))}
+
+
+def bernoulli_mask(rng, shape, p):
+    """Inverted dropout's mask: each entry kept (1 / (1 - p)) when a uniform
+    draw in [0, 1) is at least p, else dropped (0)."""
+    keep = rng.random(shape) >= p
+    return np.where(keep, 1.0 / (1.0 - p), 0.0)
+
+
+def dropconnect_masks(rng, params, num_layers, bidirectional, p):
+    """The DropConnect masks of a training forward, drawn from ``rng`` as a
+    layer draws them: per layer k one mask for its W_hh of both directions
+    stacked (forward's rows first), (dirs * G * H, H). Returns name -> mask
+    of each ``weight_hh`` parameter."""
+    masks = {}
+    for k in range(num_layers):
+        names = ["weight_hh" + sfx for sfx in _suffixes(1, bidirectional)]
+        names = [n.replace("_l0", f"_l{k}") for n in names]
+        stacked = bernoulli_mask(rng, (sum(np.shape(params[n])[0] for n in names),
+                                       np.shape(params[names[0]])[1]), p)
+        for n, part in zip(names, np.split(stacked, len(names))):
+            masks[n] = part
+    return masks
+
+
+def masked_weights(params, masks):
+    """params with each masked weight multiplied by its mask (float64)."""
+    return {name: (np.asarray(value, np.float64) * masks[name] if name in masks else value)
+            for name, value in params.items()}

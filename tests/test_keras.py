@@ -15,6 +15,18 @@ def keras_layer(kind, **kw):
             "LSTM": keras.layers.LSTM}[kind](5, return_sequences=True, **kw)
 
 
+@pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
+def test_from_keras_keeps_dropout_and_recurrent_dropout(kind):
+    """Keras' per-gate, per-sequence masks are input_dropout and
+    recurrent_dropout (tests/test_recurrent_dropout.py); inference drops none."""
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    layer = keras_layer(kind, dropout=0.2, recurrent_dropout=0.3)
+    expected = np.asarray(layer(x))
+    converted = fastrnn.from_keras(layer)
+    assert (converted.input_dropout, converted.recurrent_dropout) == (0.2, 0.3)
+    np.testing.assert_allclose(converted(x)[0], expected, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "GRU-reset-before", "LSTM"])
@@ -45,8 +57,7 @@ def test_from_keras_gives_keras_outputs(kind, use_bias, bidirectional):
 def test_from_keras_refuses_what_it_cannot_represent():
     x = np.zeros((1, 2, 3), np.float32)
     cases = [(keras_layer("LSTM", activation="gelu"), "activation='gelu'"),
-             (keras_layer("SimpleRNN", unroll=True), "unroll=True"),
-             (keras_layer("LSTM", dropout=0.2), "dropout")]
+             (keras_layer("SimpleRNN", unroll=True), "unroll=True")]
     for layer, message in cases:
         layer(x)
         with pytest.raises(ValueError, match=f"from_keras: .*{message}"):

@@ -387,6 +387,9 @@ def test_errors_are_named(cls):
         cls(3, 4, layer_norm=True, recurrent_activation="hard_sigmoid")
     with pytest.raises(ValueError, match=f"^{name}: layer_norm=True .*got zoneout=0.1"):
         cls(3, 4, layer_norm=True, zoneout=0.1)
+    with pytest.raises(ValueError, match=f"^{name}: layer_norm=True .*got input_dropout=0.2, "
+                                         f"recurrent_dropout=0.1"):
+        cls(3, 4, layer_norm=True, input_dropout=0.2, recurrent_dropout=0.1)
     if "GRU" in name:
         with pytest.raises(ValueError, match=f"^{name}: layer_norm=True needs reset_after=True"):
             cls(3, 4, layer_norm=True, reset_after=False)
@@ -452,3 +455,84 @@ def test_layer_norm_lstm_learns_the_adding_problem_faster():
                            seeds=(0,), verbose=False)
     plain, normed = results[("LSTM", False, 0)][-1], results[("LSTM", True, 0)][-1]
     assert normed < 0.5 * plain
+
+
+# --- with the training options that act outside the kernels ---------------------------
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_learned_initial_state(kind):
+    """learn_initial_state=True: a call without hx starts from the learned
+    state, and its gradient is the sum over the batch of dh0."""
+    rng = np.random.default_rng(29)
+    T, B, D, H, L = 5, 3, 4, 6, 2
+    layer = CLASSES[kind](D, H, num_layers=L, bidirectional=True, dtype="float64",
+                          layer_norm=True, learn_initial_state=True, seed=13)
+    perturbed(layer, rng)
+    state = {n: (v + rng.normal(size=v.shape) if n.startswith("initial_") else v)
+             for n, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    h0 = np.stack([state[n] for n in state if n.startswith("initial_h")])[:, None].repeat(B, 1)
+    c0 = (np.stack([state[n] for n in state if n.startswith("initial_c")])[:, None].repeat(B, 1)
+          if kind == "lstm" else None)
+    x = rng.normal(size=(T, B, D))
+    lengths = np.array([5, 2, 4])
+    (out, st), backprop = layer.forward_train(x, lengths=lengths)
+    want_out, want_h, _, tape = ref.layer_forward(kind, state, x, h0, c0, L, True, lengths)
+    assert_close(out, want_out, 1e-12)
+    dout = rng.normal(size=out.shape) * (np.arange(T)[:, None] < lengths)[..., None]
+    layer.zero_grad()
+    backprop(dout)
+    _, dh0, dc0, grads = ref.layer_backward(kind, state, tape, dout, np.zeros(h0.shape),
+                                            np.zeros(h0.shape) if kind == "lstm" else None,
+                                            L, True)
+    for name, grad in grads.items():
+        assert_close(layer.grads[name], grad, 1e-11)
+    names_h = [n for n in state if n.startswith("initial_h")]
+    for i, name in enumerate(names_h):
+        assert_close(layer.grads[name], dh0[i].sum(axis=0), 1e-11)
+        if kind == "lstm":
+            assert_close(layer.grads[name.replace("initial_h", "initial_c")],
+                         dc0[i].sum(axis=0), 1e-11)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_weight_dropout(kind, dtype):
+    """DropConnect (weight_dropout) with layer norm: the training forward and
+    its BPTT run on W_hh * mask (the masks drawn from a copy of the layer's
+    generator, as the layer draws them), W_hh's gradient is the masked one;
+    inference uses W_hh unchanged."""
+    import copy
+    from fastrnn._module import dropout_mask
+    rng = np.random.default_rng(31)
+    T, B, D, H, L, p = 5, 3, 4, 6, 2, 0.3
+    layer = CLASSES[kind](D, H, num_layers=L, dtype=dtype, layer_norm=True,
+                          weight_dropout=p, seed=14)
+    state = perturbed(layer, rng)
+    x = rng.normal(size=(T, B, D))
+    h0 = rng.normal(size=(L, B, H))
+    c0 = rng.normal(size=h0.shape)
+    hx = (h0, c0) if kind == "lstm" else h0
+    generator = copy.deepcopy(layer._rng)
+    masks = [dropout_mask(generator, layer._weights(layer._params)[1][k].shape, p,
+                          np.dtype(dtype)) for k in range(L)]
+    masked = dict(state)
+    for k in range(L):
+        masked[f"weight_hh_l{k}"] = state[f"weight_hh_l{k}"] * masks[k]
+    (out, _), backprop = layer.forward_train(x, hx)
+    want_out, _, _, tape = ref.layer_forward(kind, masked, x, h0,
+                                             c0 if kind == "lstm" else None, L)
+    tol_f, tol_g = (1e-12, 1e-11) if dtype == "float64" else (F32_FORWARD, F32_GRAD)
+    assert_close(out, want_out, tol_f)
+    dout = rng.normal(size=out.shape)
+    layer.zero_grad()
+    backprop(dout)
+    _, _, _, grads = ref.layer_backward(kind, masked, tape, dout, np.zeros(h0.shape),
+                                        np.zeros(h0.shape) if kind == "lstm" else None, L)
+    for name, grad in grads.items():
+        if name.startswith("weight_hh"):
+            grad = grad * masks[int(name[len("weight_hh_l"):])]
+        assert_close(layer.grads[name], grad, tol_g)
+    infer, _ = layer(x, hx)
+    assert_close(infer, ref.layer_forward(kind, state, x, h0, c0 if kind == "lstm" else None,
+                                          L)[0], tol_f)
