@@ -28,10 +28,9 @@ from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block
                              run_parts)
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU_OPT,
                              GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates, num_saved,
-                             axpy_product, GateOptions, Activation, fill_options, act_value,
-                             act_slope, clipped, clip_slope, Zoneout, fill_zoneout, zone_part,
-                             RecurrentDropout, fill_recurrent_dropout, dropout_part,
-                             AXPY_MAX,
+                             axpy_product, GateOptions, Activation, act_value, act_slope,
+                             clipped, clip_slope, Zoneout, zone_part, RecurrentDropout,
+                             dropout_part, LayerExtras, fill_extras, options_part, AXPY_MAX,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 
@@ -503,11 +502,7 @@ cdef struct BackJob:
     Interrupt interrupt
     int packs_per_dir           # 0: BLAS; else Packed entries per direction
     Packed packed[4]
-    bint has_options            # the *_OPT kinds: options per direction
-    GateOptions options[2]
-    const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
-    Zoneout zone                # rates 0: none
-    RecurrentDropout drop       # drop.mask NULL: none
+    LayerExtras extras          # options, peepholes, zoneout, recurrent dropout
 
 
 cdef void _back_part(BackJob* j, int part, const floating* acts, const floating* h_prev,
@@ -541,10 +536,10 @@ cdef void _back_part(BackJob* j, int part, const floating* acts, const floating*
             dgx + first * g_cols + d * GH, dgh + first * g_cols + d * GH,
             NULL if j.lengths == NULL else j.lengths + b_lo, cols,
             NULL if j.packs_per_dir == 0 else &j.packed[d * j.packs_per_dir], &j.interrupt,
-            &j.options[d] if j.has_options else NULL,
+            options_part(&j.extras, d),
             NULL if peep == NULL else peep + d * 3 * H,
-            zone_part(&zone, &j.zone, d, B, b_lo, first * h_cols + d * H, H, dh),
-            dropout_part(&drop, &j.drop, d, num_gates(j.cell), B, b_lo, H, dh))
+            zone_part(&zone, &j.extras.zone, d, B, b_lo, first * h_cols + d * H, H, dh),
+            dropout_part(&drop, &j.extras.drop, d, num_gates(j.cell), B, b_lo, H, dh))
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -554,12 +549,12 @@ cdef void _back_job(void* arg, int part) noexcept nogil:
         _back_part(j, part, <const double*>j.acts, <const double*>j.h_prev,
                    <const double*>j.c_prev, <const double*>j.w_hh, <const double*>j.dout,
                    <double*>j.dh, <double*>j.dc, <double*>j.dgx, <double*>j.dgh,
-                   <const double*>j.peep)
+                   <const double*>j.extras.peep)
     else:
         _back_part(j, part, <const float*>j.acts, <const float*>j.h_prev,
                    <const float*>j.c_prev, <const float*>j.w_hh, <const float*>j.dout,
                    <float*>j.dh, <float*>j.dc, <float*>j.dgx, <float*>j.dgh,
-                   <const float*>j.peep)
+                   <const float*>j.extras.peep)
 
 
 def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
@@ -621,16 +616,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     job.dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
     job.lengths = NULL if lengths is None else &lengths[0]
     job.blas_held = blas_held
-    job.has_options = fill_options(job.options, options, cell, job.dirs)
-    job.peep = NULL
-    if peepholes is not None:
-        if cell != LSTM_OPT or peepholes.shape[0] != job.dirs * 3 * job.H:
-            raise ValueError("backward_layer: peepholes do not fit the layer")
-        job.peep = &peepholes[0]
-    fill_zoneout(&job.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, dout.shape[0],
-                 job.dirs, job.B, job.H, True)
-    fill_recurrent_dropout(&job.drop, dropout_masks, dropout_scratch, job.dirs,
-                           num_gates(cell), job.B, job.H)
+    fill_extras(&job.extras, cell, job.dirs, job.B, job.H, dout.shape[0], True, options,
+                peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks, dropout_scratch)
     job.packs_per_dir = 0
     if floating is float and packed is not None:
         job.packs_per_dir = 2 if base_cell(cell) == GRU_RESET_BEFORE else 1

@@ -486,7 +486,7 @@ class RecurrentEngine(RecurrentWeights):
         for d in range(self._dirs):
             for g in range(self._gates):
                 cols = slice(d * GH + g * H, d * GH + (g + 1) * H)
-                np.matmul(x * masks[d, g][rows], w_ih[cols].T, out=gx[:, cols])
+                gx[:, cols] = _parallel.matmul(x * masks[d, g][rows], w_ih[cols].T)
         if bias_x is not None:
             gx += bias_x
 
@@ -505,19 +505,19 @@ class RecurrentEngine(RecurrentWeights):
                 cols = slice(d * GH + g * H, d * GH + (g + 1) * H)
                 if saves.input_drop is None:
                     x_in = x
-                    dx += dgx[:, cols] @ w_ih[cols]
+                    dx += _parallel.matmul(dgx[:, cols], w_ih[cols])
                 else:
                     mask = saves.input_drop[d, g][rows]
                     x_in = x * mask
-                    dx += (dgx[:, cols] @ w_ih[cols]) * mask
-                sums[0][cols] += dgx[:, cols].T @ x_in
+                    dx += _parallel.matmul(dgx[:, cols], w_ih[cols]) * mask
+                sums[0][cols] += _parallel.matmul(dgx[:, cols].T, x_in)
                 if reset_before and g == 2:   # W_hn read r * h (* mask_n), saved
                     h_in = saves.acts[:, d * S + 3 * H:d * S + 4 * H]
                 elif saves.recurrent_drop is None:
                     h_in = h_prev
                 else:
                     h_in = h_prev * saves.recurrent_drop[d, g][rows]
-                sums[1][cols] += dgh[:, cols].T @ h_in
+                sums[1][cols] += _parallel.matmul(dgh[:, cols].T, h_in)
         if sums[2] is not None:
             sums[2] += dgx.sum(axis=0)
             sums[3] += dgh.sum(axis=0)

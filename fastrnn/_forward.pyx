@@ -48,17 +48,17 @@ from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_RO
                                   unit_blocks_per_group)
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
-from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT,
-                             GRU_OPT, GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates,
-                             num_saved, rnn_row, gru_row, gru_reset_gates_row, gru_reset_row,
-                             lstm_row, sigmoid, tanh_, axpy_product, Activation, GateOptions,
-                             rnn_opt_row, gru_opt_row, gru_reset_gates_opt_row,
-                             gru_reset_opt_row, lstm_opt_row, Zoneout, fill_zoneout, zone_part, RecurrentDropout,
-                             fill_recurrent_dropout, dropout_part, OPTION_ROW, fill_options, ACT_SIGMOID, ACT_TANH, ACT_RELU,
-                             ACT_AFFINE, ACT_LEAKY_RELU, ACT_THRESHOLDED_RELU, ACT_SCALED_TANH,
-                             ACT_HARD_SIGMOID, ACT_ELU, ACT_SOFTSIGN, ACT_SOFTPLUS,
-                             AXPY_MAX,
-                             fastrnn_flush_denormals, fastrnn_restore_fpenv)
+from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU_OPT,
+                             GRU_RESET_BEFORE_OPT, LSTM_OPT, base_cell, num_gates, num_saved,
+                             rnn_row, gru_row, gru_reset_gates_row, gru_reset_row, lstm_row,
+                             sigmoid, tanh_, axpy_product, GateOptions, rnn_opt_row,
+                             gru_opt_row, gru_reset_gates_opt_row, gru_reset_opt_row,
+                             lstm_opt_row, Zoneout, zone_part, RecurrentDropout, dropout_part,
+                             LayerExtras, fill_extras, options_part, OPTION_ROW, ACT_SIGMOID,
+                             ACT_TANH, ACT_RELU, ACT_AFFINE, ACT_LEAKY_RELU,
+                             ACT_THRESHOLDED_RELU, ACT_SCALED_TANH, ACT_HARD_SIGMOID, ACT_ELU,
+                             ACT_SOFTSIGN, ACT_SOFTPLUS, AXPY_MAX, fastrnn_flush_denormals,
+                             fastrnn_restore_fpenv)
 
 # exported to Python so that the cell codes are defined once
 CELL_RNN_TANH = RNN_TANH
@@ -603,11 +603,7 @@ cdef struct RecurJob:
     Interrupt interrupt
     int packs_per_dir           # 0: BLAS products; else Packed entries per direction
     Packed packed[4]
-    bint has_options            # the *_OPT kinds: options per direction
-    GateOptions options[2]
-    const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
-    Zoneout zone                # zone.rate_h == zone.rate_c == 0: none
-    RecurrentDropout drop       # drop.mask NULL: none
+    LayerExtras extras          # options, peepholes, zoneout, recurrent dropout
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
@@ -646,10 +642,10 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
             NULL if h_prev == NULL else h_prev + first * h_cols + d * H,
             NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
             NULL if j.lengths == NULL else j.lengths + b_lo, cols, &j.interrupt,
-            &j.options[d] if j.has_options else NULL,
+            options_part(&j.extras, d),
             NULL if peep == NULL else peep + d * 3 * H,
-            zone_part(&zone, &j.zone, d, j.B, b_lo, first * h_cols + d * H, H, gx),
-            dropout_part(&drop, &j.drop, d, num_gates(j.cell), j.B, b_lo, H, gx))
+            zone_part(&zone, &j.extras.zone, d, j.B, b_lo, first * h_cols + d * H, H, gx),
+            dropout_part(&drop, &j.extras.drop, d, num_gates(j.cell), j.B, b_lo, H, gx))
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -659,12 +655,12 @@ cdef void _recur_job(void* arg, int part) noexcept nogil:
         _recur_part(j, part, <double*>j.gx, <const double*>j.w_hh, <const double*>j.w_hh_t,
                     <const double*>j.bias_h, <double*>j.h, <double*>j.c, <double*>j.gh,
                     <double*>j.out, <double*>j.acts, <double*>j.h_prev, <double*>j.c_prev,
-                    <const double*>j.peep)
+                    <const double*>j.extras.peep)
     else:
         _recur_part(j, part, <float*>j.gx, <const float*>j.w_hh, <const float*>j.w_hh_t,
                     <const float*>j.bias_h, <float*>j.h, <float*>j.c, <float*>j.gh,
                     <float*>j.out, <float*>j.acts, <float*>j.h_prev, <float*>j.c_prev,
-                    <const float*>j.peep)
+                    <const float*>j.extras.peep)
 
 
 def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
@@ -745,16 +741,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     if floating is float and packed is not None:
         _fill_packed(job.packed, packed, cell, job.H, job.dirs)
         job.packs_per_dir = len(packed) // job.dirs
-    job.has_options = fill_options(job.options, options, cell, job.dirs)
-    job.peep = NULL
-    if peepholes is not None:
-        if cell != LSTM_OPT or peepholes.shape[0] != job.dirs * 3 * job.H:
-            raise ValueError("recur: peepholes do not fit the layer")
-        job.peep = &peepholes[0]
-    fill_zoneout(&job.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, out.shape[0],
-                 job.dirs, job.B, job.H, train)
-    fill_recurrent_dropout(&job.drop, dropout_masks, dropout_scratch, job.dirs,
-                           num_gates(cell), job.B, job.H)
+    fill_extras(&job.extras, cell, job.dirs, job.B, job.H, out.shape[0], train, options,
+                peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks, dropout_scratch)
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 

@@ -217,23 +217,32 @@ def repr_options(config):
 
 
 # the options' entries in the layers' and cells' docstrings
+_ZONEOUT_DOC = """
+    zoneout : float in [0, 1), default 0
+        Keyword only: zoneout (Krueger et al. 2016): in training each unit of
+        h keeps its previous value with this probability at each step, in
+        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t."""
+_LSTM_ZONEOUT_DOC = """
+    zoneout : float in [0, 1) or pair (for h, for c), default 0
+        Keyword only: zoneout (Krueger et al. 2016) of h and c: in training
+        each unit keeps its previous value with this probability at each step,
+        in inference state_t = p * state_{t-1} + (1 - p) * new_t; h~_t =
+        o * tanh(c~_t) reads the new cell before its zoneout."""
+_DROPOUTS_DOC = """
+    input_dropout, recurrent_dropout : float in [0, 1), default 0
+        Keyword only: Keras' dropout and recurrent_dropout, in training only:
+        one mask per sequence, gate block and direction on the input and on
+        h_{t-1} as each gate's product reads them (inverted: kept units scaled
+        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""
 NONLINEARITY_DOC = """
     nonlinearity : activation, default 'tanh'
         h' = nonlinearity(...): a name ('tanh', 'relu', 'sigmoid', ...) or
         (name, alpha[, beta]), or for a bidirectional layer [forward's,
         reverse's]; see the guide's Gate options.
     clip : float, optional
-        Keyword only: the activation's input clamped to [-clip, clip] (ONNX).
-    zoneout : float in [0, 1), default 0
-        Keyword only: zoneout (Krueger et al. 2016): in training each unit of
-        h keeps its previous value with this probability at each step, in
-        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t.
-    input_dropout, recurrent_dropout : float in [0, 1), default 0
-        Keyword only: Keras' dropout and recurrent_dropout, in training only:
-        one mask per sequence, gate block and direction on the input and on
-        h_{t-1} as each gate's product reads them (inverted: kept units scaled
-        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""
-GATED_DOC = """
+        Keyword only: the activation's input clamped to [-clip, clip] (ONNX).""" + \
+    _ZONEOUT_DOC + _DROPOUTS_DOC
+_GATED_DOC = """
     activation : activation, default 'tanh'
         Keyword only: the candidate's ({candidate}): a name ('tanh', 'relu',
         'hard_sigmoid', ...) or (name, alpha[, beta]), or for a bidirectional
@@ -243,31 +252,13 @@ GATED_DOC = """
     clip : float, optional
         Keyword only: every gate's and the candidate's input clamped to
         [-clip, clip] (ONNX's clip; c is not clipped)."""
-LSTM_DOC = GATED_DOC.format(candidate="g", gates="i, f, o") + """
+LSTM_DOC = _GATED_DOC.format(candidate="g", gates="i, f, o") + """
     cell_activation : activation, optional
         Keyword only: h = o * cell_activation(c) (ONNX's h); default: activation.
     input_forget : bool, default False
         Keyword only: f = 1 - i (ONNX's input_forget).
     peepholes : bool, default False
         Keyword only: peephole weights ``weight_peephole*`` (3 H,), blocks i, f,
-        o: i and f add p * c_{t-1} to their input, o adds p * c_t (ONNX's P).
-    zoneout : float in [0, 1) or pair (for h, for c), default 0
-        Keyword only: zoneout (Krueger et al. 2016) of h and c: in training
-        each unit keeps its previous value with this probability at each step,
-        in inference state_t = p * state_{t-1} + (1 - p) * new_t; h~_t =
-        o * tanh(c~_t) reads the new cell before its zoneout.
-    input_dropout, recurrent_dropout : float in [0, 1), default 0
-        Keyword only: Keras' dropout and recurrent_dropout, in training only:
-        one mask per sequence, gate block and direction on the input and on
-        h_{t-1} as each gate's product reads them (inverted: kept units scaled
-        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""
-GRU_DOC = GATED_DOC.format(candidate="n", gates="r, z") + """
-    zoneout : float in [0, 1), default 0
-        Keyword only: zoneout (Krueger et al. 2016): in training each unit of
-        h keeps its previous value with this probability at each step, in
-        inference h_t = zoneout * h_{t-1} + (1 - zoneout) * h~_t.
-    input_dropout, recurrent_dropout : float in [0, 1), default 0
-        Keyword only: Keras' dropout and recurrent_dropout, in training only:
-        one mask per sequence, gate block and direction on the input and on
-        h_{t-1} as each gate's product reads them (inverted: kept units scaled
-        by 1 / (1 - p)). PyTorch's ``dropout`` (between layers) is apart."""
+        o: i and f add p * c_{t-1} to their input, o adds p * c_t (ONNX's P).""" + \
+    _LSTM_ZONEOUT_DOC + _DROPOUTS_DOC
+GRU_DOC = _GATED_DOC.format(candidate="n", gates="r, z") + _ZONEOUT_DOC + _DROPOUTS_DOC

@@ -516,102 +516,178 @@ cdef inline floating clip_slope(floating x, floating clip) noexcept nogil:
     return 0 if clip > 0 and (x > clip or x < -clip) else 1
 
 
-cdef inline void rnn_opt_row(const floating* g, floating* h, floating* out, floating* acts,
+cdef inline void apply_activation(const Activation* a, const floating* src, floating* dst,
+                                  Py_ssize_t n, floating clip) noexcept nogil:
+    """dst = a(clipped(src)) for n values (dst may be src): the kind is
+    decided once, so that each kind's loop vectorises as the plain cells'
+    do (the same inline functions: the same values as act_value's)."""
+    cdef Py_ssize_t j
+    cdef floating alpha = <floating>a.alpha, beta = <floating>a.beta, v
+    cdef int kind = a.kind
+    if clip > 0:
+        for j in range(n):
+            v = src[j]
+            v = clip if v > clip else v
+            dst[j] = -clip if v < -clip else v
+        src = dst
+    if kind == ACT_SIGMOID:
+        for j in range(n):
+            dst[j] = sigmoid(src[j])
+    elif kind == ACT_TANH:
+        for j in range(n):
+            dst[j] = tanh_(src[j])
+    elif kind == ACT_RELU:
+        for j in range(n):
+            dst[j] = relu(src[j])
+    elif kind == ACT_AFFINE:
+        for j in range(n):
+            dst[j] = alpha * src[j] + beta
+    elif kind == ACT_HARD_SIGMOID:
+        for j in range(n):
+            v = alpha * src[j] + beta
+            v = 0 if v < 0 else v
+            dst[j] = 1 if v > 1 else v
+    elif kind == ACT_SOFTSIGN:
+        for j in range(n):
+            v = src[j]
+            dst[j] = v / (1 + (v if v >= 0 else -v))
+    else:
+        for j in range(n):
+            dst[j] = act_value(a, src[j])
+
+
+cdef inline void rnn_opt_row(floating* g, floating* h, floating* out, floating* acts,
                              Py_ssize_t H, const GateOptions* o) noexcept nogil:
     """acts: the pre-activation."""
     cdef Py_ssize_t j
-    cdef floating clip = <floating>o.clip, v
-    for j in range(H):
-        acts[j] = g[j]
-        v = act_value(&o.cand, clipped(g[j], clip))
-        h[j] = v
-        out[j] = v
+    memcpy(acts, g, H * sizeof(floating))
+    apply_activation(&o.cand, g, out, H, <floating>o.clip)
+    if h != out:
+        memcpy(h, out, H * sizeof(floating))
 
 
-cdef inline void gru_opt_row(const floating* gx, const floating* gh, const floating* h_old,
+cdef inline void gru_opt_row(floating* gx, const floating* gh, const floating* h_old,
                              floating* h, floating* out, floating* acts, Py_ssize_t H,
                              const GateOptions* o) noexcept nogil:
-    """acts: the pre-activations of r, z and n (gx_n + r * gh_n), and gh_n."""
+    """acts: the pre-activations of r, z and n (gx_n + r * gh_n), and gh_n.
+    The activations are written over gx's row (the step's scratch)."""
     cdef Py_ssize_t j
     cdef floating clip = <floating>o.clip
-    cdef floating pre_r, pre_z, pre_n, r, z, n, v
+    cdef floating z, v
+    for j in range(2 * H):
+        acts[j] = gx[j] + gh[j]
+    apply_activation(&o.gate, acts, gx, 2 * H, clip)    # r, z
     for j in range(H):
-        pre_r = gx[j] + gh[j]
-        pre_z = gx[H + j] + gh[H + j]
-        r = act_value(&o.gate, clipped(pre_r, clip))
-        z = act_value(&o.gate, clipped(pre_z, clip))
-        pre_n = gx[2 * H + j] + r * gh[2 * H + j]
-        n = act_value(&o.cand, clipped(pre_n, clip))
-        v = (<floating>1 - z) * n + z * h_old[j]
+        acts[2 * H + j] = gx[2 * H + j] + gx[j] * gh[2 * H + j]
+        acts[3 * H + j] = gh[2 * H + j]
+    apply_activation(&o.cand, acts + 2 * H, gx + 2 * H, H, clip)   # n
+    for j in range(H):
+        z = gx[H + j]
+        v = (<floating>1 - z) * gx[2 * H + j] + z * h_old[j]
         h[j] = v
         out[j] = v
-        acts[j] = pre_r
-        acts[H + j] = pre_z
-        acts[2 * H + j] = pre_n
-        acts[3 * H + j] = gh[2 * H + j]
 
 
-cdef inline void gru_reset_gates_opt_row(const floating* g, const floating* h, floating* acts,
+cdef inline void gru_reset_gates_opt_row(floating* g, const floating* h, floating* acts,
                                          Py_ssize_t H, const GateOptions* o) noexcept nogil:
     """The reset-before GRU's first pass (as gru_reset_gates_row): acts the
-    pre-activations of r and z, and r * h."""
+    pre-activations of r and z, and r * h (r written over g's r block)."""
     cdef Py_ssize_t j
-    cdef floating clip = <floating>o.clip
+    memcpy(acts, g, 2 * H * sizeof(floating))
+    apply_activation(&o.gate, g, g, H, <floating>o.clip)
     for j in range(H):
-        acts[j] = g[j]
-        acts[H + j] = g[H + j]
-        acts[3 * H + j] = act_value(&o.gate, clipped(g[j], clip)) * h[j]
+        acts[3 * H + j] = g[j] * h[j]
 
 
-cdef inline void gru_reset_opt_row(const floating* g, floating* h, floating* out,
+cdef inline void gru_reset_opt_row(floating* g, floating* h, floating* out,
                                    floating* acts, Py_ssize_t H,
                                    const GateOptions* o) noexcept nogil:
-    """Its second pass: acts n's pre-activation."""
+    """Its second pass: acts n's pre-activation (z and n written over g)."""
     cdef Py_ssize_t j
     cdef floating clip = <floating>o.clip
-    cdef floating z, n, v
+    cdef floating z, v
+    memcpy(acts + 2 * H, g + 2 * H, H * sizeof(floating))
+    apply_activation(&o.gate, acts + H, g + H, H, clip)
+    apply_activation(&o.cand, g + 2 * H, g + 2 * H, H, clip)
     for j in range(H):
-        z = act_value(&o.gate, clipped(acts[H + j], clip))
-        n = act_value(&o.cand, clipped(g[2 * H + j], clip))
-        v = (<floating>1 - z) * n + z * h[j]
+        z = g[H + j]
+        v = (<floating>1 - z) * g[2 * H + j] + z * h[j]
         h[j] = v
         out[j] = v
-        acts[2 * H + j] = g[2 * H + j]
 
 
-cdef inline void lstm_opt_row(const floating* g, floating* h, floating* c, floating* out,
+cdef inline void lstm_opt_row(floating* g, floating* h, floating* c, floating* out,
                               floating* acts, Py_ssize_t H, const GateOptions* o,
                               const floating* peep) noexcept nogil:
     """acts: the pre-activations of i, f, g, o (peephole terms included) and
-    c_t. peep: the peephole weights (3 H: i, f, o) or NULL. ONNX's order:
-    i and f see c_{t-1}, o sees c_t."""
+    c_t; the activations are written over g's row (the step's scratch).
+    peep: the peephole weights (3 H: i, f, o) or NULL. ONNX's order: i and f
+    see c_{t-1}, o sees c_t."""
     cdef Py_ssize_t j
     cdef floating clip = <floating>o.clip
-    cdef floating c_old, pre_i, pre_f, pre_o, i, f, u, og, c_new, v
+    cdef floating c_new, v
+    if peep != NULL:
+        for j in range(H):
+            acts[j] = g[j] + peep[j] * c[j]
+            acts[H + j] = g[H + j] + peep[H + j] * c[j]
+    else:
+        memcpy(acts, g, 2 * H * sizeof(floating))
+    memcpy(acts + 2 * H, g + 2 * H, H * sizeof(floating))
+    apply_activation(&o.gate, acts, g, H, clip)                     # i
+    if o.input_forget:
+        for j in range(H):
+            g[H + j] = <floating>1 - g[j]
+    else:
+        apply_activation(&o.gate, acts + H, g + H, H, clip)         # f
+    apply_activation(&o.cand, acts + 2 * H, g + 2 * H, H, clip)     # g
     for j in range(H):
-        c_old = c[j]
-        pre_i = g[j]
-        pre_f = g[H + j]
-        pre_o = g[3 * H + j]
-        if peep != NULL:
-            pre_i = pre_i + peep[j] * c_old
-            pre_f = pre_f + peep[H + j] * c_old
-        i = act_value(&o.gate, clipped(pre_i, clip))
-        if o.input_forget:
-            f = <floating>1 - i
-        else:
-            f = act_value(&o.gate, clipped(pre_f, clip))
-        u = act_value(&o.cand, clipped(g[2 * H + j], clip))
-        c_new = f * c_old + i * u
-        if peep != NULL:
-            pre_o = pre_o + peep[2 * H + j] * c_new
-        og = act_value(&o.gate, clipped(pre_o, clip))
-        v = og * act_value(&o.cell, c_new)
+        c_new = g[H + j] * c[j] + g[j] * g[2 * H + j]
         c[j] = c_new
+        acts[4 * H + j] = c_new
+    if peep != NULL:
+        for j in range(H):
+            acts[3 * H + j] = g[3 * H + j] + peep[2 * H + j] * c[j]
+    else:
+        memcpy(acts + 3 * H, g + 3 * H, H * sizeof(floating))
+    apply_activation(&o.gate, acts + 3 * H, g + 3 * H, H, clip)     # o
+    apply_activation(&o.cell, c, out, H, 0)
+    for j in range(H):
+        v = g[3 * H + j] * out[j]
         h[j] = v
         out[j] = v
-        acts[j] = pre_i
-        acts[H + j] = pre_f
-        acts[2 * H + j] = g[2 * H + j]
-        acts[3 * H + j] = pre_o
-        acts[4 * H + j] = c_new
+
+
+# --- what a layer's options add to its time loops (forward and BPTT) ---
+cdef struct LayerExtras:
+    bint has_options            # the *_OPT kinds: options per direction
+    GateOptions options[2]
+    const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
+    Zoneout zone                # rates 0: none
+    RecurrentDropout drop       # drop.mask NULL: none
+
+
+cdef inline int fill_extras(LayerExtras* out, int cell, Py_ssize_t dirs, Py_ssize_t B,
+                           Py_ssize_t H, Py_ssize_t R, bint train,
+                           const double[:, ::1] options, const floating[::1] peepholes,
+                           zoneout, const floating[:, ::1] zone_mask_h,
+                           const floating[:, ::1] zone_mask_c, floating[::1] zone_keep,
+                           const floating[:, :, :, ::1] dropout_masks,
+                           floating[::1] dropout_scratch) except -1:
+    """A kernel entry's options, peepholes, zoneout and recurrent dropout
+    (see _forward.recur), checked."""
+    out.has_options = fill_options(out.options, options, cell, dirs)
+    out.peep = NULL
+    if peepholes is not None:
+        if cell != LSTM_OPT or peepholes.shape[0] != dirs * 3 * H:
+            raise ValueError("peepholes do not fit the layer")
+        out.peep = &peepholes[0]
+    fill_zoneout(&out.zone, zoneout, zone_mask_h, zone_mask_c, zone_keep, R, dirs, B, H,
+                 train)
+    fill_recurrent_dropout(&out.drop, dropout_masks, dropout_scratch, dirs, num_gates(cell),
+                           B, H)
+    return 0
+
+
+cdef inline const GateOptions* options_part(const LayerExtras* extras,
+                                            Py_ssize_t d) noexcept nogil:
+    return &extras.options[d] if extras.has_options else NULL

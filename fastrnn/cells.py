@@ -52,6 +52,8 @@ class _CellBase(RecurrentEngine):
         # gate options, zoneout and layer norm run on the general path only
         # (the dropouts act in training, which always does)
         self._general_only = rows is not None or opts.zoneout is not None or bool(ln)
+        # the plain cell from zeros or hx: the streaming kernel straight away
+        self._plain_step = not self._general_only and not self._init_index
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         cfg["learn_initial_state"] = learned
@@ -74,9 +76,13 @@ class _CellBase(RecurrentEngine):
         params = self._params   # one parameter set for the whole call
         # (the streaming kernel runs the plain cells only, and starts from
         # zeros when hx is None, so it is given the learned states)
-        if not self._general_only:
-            state = self._learned_hx(params, x) if hx is None and self._init_index else hx
-            if state is not None or hx is None and not self._init_index:
+        if self._plain_step:
+            result = self._stepper(params).step(x, hx)
+            if result is not None:
+                return result
+        elif not self._general_only:
+            state = self._learned_hx(params, x) if hx is None else hx
+            if state is not None:
                 result = self._stepper(params).step(x, state)
                 if result is not None:
                     return result

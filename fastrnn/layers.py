@@ -108,8 +108,8 @@ class _RNNBase(RecurrentEngine):
         if lengths is None and not self._general_only:
             # the lean path of small calls (_forward.SequenceRunner; it starts
             # from zeros when hx is None, so it is given the learned states)
-            state = self._learned_hx(params, x) if hx is None and self._init_index else hx
-            if state is not None or hx is None and not self._init_index:
+            state = hx if hx is not None or not self._init_index else self._learned_hx(params, x)
+            if state is not None or not self._init_index:
                 result = self._sequence_runner(params).run(x, state)
                 if result is not None:
                     return result
