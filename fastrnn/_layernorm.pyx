@@ -159,61 +159,128 @@ cdef inline void _normalise_backward(const floating* dy, const floating* vhat, f
 
 # --- the input side: every row at once, before and after the time loops ---
 
-def normalise_rows(*, floating[:, ::1] a not None, const floating[::1] ln not None,
-                   const floating[::1] bias, floating[:, ::1] rstd not None,
-                   floating[:, ::1] out not None, Py_ssize_t P):
-    """Per row and direction d: a's block (G * H values, the input
-    projection W_ih x) is replaced by its normalised values, rstd[:, d] gets
-    their 1 / std, and out's block = a_ih * normalised + b_ih (+ bias: the
-    bias folded for the cell, or None). ln (dirs * P,) the LN parameters."""
-    cdef Py_ssize_t R = a.shape[0], dirs = rstd.shape[1]
-    cdef Py_ssize_t GH = a.shape[1] // dirs
-    cdef Py_ssize_t r, d, j
+cdef struct RowsJob:
+    # what normalise_rows(_backward)'s parts share, and each part's rows [lo, hi)
+    bint is_double
+    Py_ssize_t dirs, GH, P
+    void* a                 # forward: a (R, dirs * GH); backward: dy
+    const void* ahat        # backward: the normalised values
+    void* out               # forward: out (R, dirs * GH)
+    void* rstd              # (R, dirs)
+    const void* ln
+    const void* bias        # forward: (dirs * GH,) or NULL
+    Py_ssize_t rows[MAX_PARTS][2]
+
+
+cdef void _normalise_part(RowsJob* j, int part, floating* a, floating* out, floating* rstd,
+                          const floating* ln, const floating* bias) noexcept nogil:
+    cdef Py_ssize_t r, d, k, GH = j.GH, dirs = j.dirs
     cdef floating* row
     cdef floating* o
     cdef const floating* gain
     cdef const floating* shift
     cdef const floating* b
+    for r in range(j.rows[part][0], j.rows[part][1]):
+        for d in range(dirs):
+            row = a + (r * dirs + d) * GH
+            o = out + (r * dirs + d) * GH
+            gain = ln + d * j.P
+            shift = gain + GH
+            rstd[r * dirs + d] = _normalise(row, GH, row)
+            if bias == NULL:
+                for k in range(GH):
+                    o[k] = gain[k] * row[k] + shift[k]
+            else:
+                b = bias + d * GH
+                for k in range(GH):
+                    o[k] = gain[k] * row[k] + shift[k] + b[k]
+
+
+cdef void _normalise_job(void* arg, int part) noexcept nogil:
+    cdef RowsJob* j = <RowsJob*>arg
+    if j.is_double:
+        _normalise_part(j, part, <double*>j.a, <double*>j.out, <double*>j.rstd,
+                        <const double*>j.ln, <const double*>j.bias)
+    else:
+        _normalise_part(j, part, <float*>j.a, <float*>j.out, <float*>j.rstd,
+                        <const float*>j.ln, <const float*>j.bias)
+
+
+def normalise_rows(*, floating[:, ::1] a not None, const floating[::1] ln not None,
+                   const floating[::1] bias, floating[:, ::1] rstd not None,
+                   floating[:, ::1] out not None, Py_ssize_t P, parts):
+    """Per row and direction d: a's block (G * H values, the input
+    projection W_ih x) is replaced by its normalised values, rstd[:, d] gets
+    their 1 / std, and out's block = a_ih * normalised + b_ih (+ bias: the
+    bias folded for the cell, or None; out may be a). ln (dirs * P,) the LN
+    parameters. ``parts``: ranges of rows (r0, r1), one per thread."""
+    cdef RowsJob job
+    cdef Py_ssize_t R = a.shape[0]
+    job.dirs = rstd.shape[1]
     if R == 0:
         return
-    with nogil:
-        for r in range(R):
-            for d in range(dirs):
-                row = &a[r, d * GH]
-                o = &out[r, d * GH]
-                gain = &ln[d * P]
-                shift = gain + GH
-                rstd[r, d] = _normalise(row, GH, row)
-                if bias is None:
-                    for j in range(GH):
-                        o[j] = gain[j] * row[j] + shift[j]
-                else:
-                    b = &bias[d * GH]
-                    for j in range(GH):
-                        o[j] = gain[j] * row[j] + shift[j] + b[j]
+    job.GH = a.shape[1] // job.dirs
+    if (rstd.shape[0] != R or out.shape[0] != R or out.shape[1] != a.shape[1]
+            or ln.shape[0] < job.dirs * P or P < 2 * job.GH
+            or (bias is not None and bias.shape[0] != a.shape[1])):
+        raise ValueError("layer norm kernel: the buffers do not fit the layer")
+    job.is_double = floating is double
+    job.P = P
+    job.a = &a[0, 0]
+    job.out = &out[0, 0]
+    job.rstd = &rstd[0, 0]
+    job.ln = &ln[0]
+    job.bias = NULL if bias is None else &bias[0]
+    run_parts(_normalise_job, &job, &job.rows[0][0], 2, parts)
+
+
+cdef void _normalise_back_part(RowsJob* j, int part, floating* dy, const floating* ahat,
+                               const floating* rstd, const floating* ln) noexcept nogil:
+    cdef Py_ssize_t r, d, k, GH = j.GH, dirs = j.dirs
+    cdef floating* row
+    cdef const floating* gain
+    for r in range(j.rows[part][0], j.rows[part][1]):
+        for d in range(dirs):
+            row = dy + (r * dirs + d) * GH
+            gain = ln + d * j.P
+            for k in range(GH):
+                row[k] = row[k] * gain[k]
+            _normalise_backward(row, ahat + (r * dirs + d) * GH, rstd[r * dirs + d], GH, row)
+
+
+cdef void _normalise_back_job(void* arg, int part) noexcept nogil:
+    cdef RowsJob* j = <RowsJob*>arg
+    if j.is_double:
+        _normalise_back_part(j, part, <double*>j.a, <const double*>j.ahat,
+                             <const double*>j.rstd, <const double*>j.ln)
+    else:
+        _normalise_back_part(j, part, <float*>j.a, <const float*>j.ahat,
+                             <const float*>j.rstd, <const float*>j.ln)
 
 
 def normalise_rows_backward(*, floating[:, ::1] dy not None, const floating[:, ::1] ahat not None,
                             const floating[:, ::1] rstd not None, const floating[::1] ln not None,
-                            Py_ssize_t P):
+                            Py_ssize_t P, parts):
     """The input-side LN backward, in place: dy's block of each row and
     direction, the gradient of LN(W_ih x)'s output, becomes that of W_ih x
-    (ahat the normalised values, rstd their 1 / std, ln the parameters)."""
-    cdef Py_ssize_t R = dy.shape[0], dirs = rstd.shape[1]
-    cdef Py_ssize_t GH = dy.shape[1] // dirs
-    cdef Py_ssize_t r, d, j
-    cdef floating* row
-    cdef const floating* gain
+    (ahat the normalised values, rstd their 1 / std, ln the parameters).
+    ``parts``: ranges of rows (r0, r1), one per thread."""
+    cdef RowsJob job
+    cdef Py_ssize_t R = dy.shape[0]
+    job.dirs = rstd.shape[1]
     if R == 0:
         return
-    with nogil:
-        for r in range(R):
-            for d in range(dirs):
-                row = &dy[r, d * GH]
-                gain = &ln[d * P]
-                for j in range(GH):
-                    row[j] = row[j] * gain[j]
-                _normalise_backward(row, &ahat[r, d * GH], rstd[r, d], GH, row)
+    job.GH = dy.shape[1] // job.dirs
+    if (rstd.shape[0] != R or ahat.shape[0] != R or ahat.shape[1] != dy.shape[1]
+            or ln.shape[0] < job.dirs * P or P < 2 * job.GH):
+        raise ValueError("layer norm kernel: the buffers do not fit the layer")
+    job.is_double = floating is double
+    job.P = P
+    job.a = &dy[0, 0]
+    job.ahat = &ahat[0, 0]
+    job.rstd = <void*>&rstd[0, 0]
+    job.ln = &ln[0]
+    run_parts(_normalise_back_job, &job, &job.rows[0][0], 2, parts)
 
 
 # --- the time loops ---

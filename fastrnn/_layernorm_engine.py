@@ -158,7 +158,8 @@ def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengt
         _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=None, gx=ahat,
                          max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
                          packed=None if packed_ih is None else packed_ih[k], hidden_size=H)
-        _ln.normalise_rows(a=ahat, ln=ln_all[k], bias=bias_x, rstd=rstd_x, out=gx, P=P)
+        _ln.normalise_rows(a=ahat, ln=ln_all[k], bias=bias_x, rstd=rstd_x, out=gx, P=P,
+                           parts=_plan.halves(rows, parts))
         _ln.recur(kind=kind, T=T, batch_first=batch_first, parts=parts, w_hh=w_hh_all[k],
                   ln=ln_all[k], bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
                   c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs], gx=gx,
@@ -238,7 +239,7 @@ def bptt(module, tape, T, B, dout, dh, dc):
                 sums[3][k] += sum_h
             # dpre_x becomes the gradient of W_ih x
             _ln.normalise_rows_backward(dy=dpre_x, ahat=saves.ahat, rstd=saves.rstd_x,
-                                        ln=ln_all[k], P=P)
+                                        ln=ln_all[k], P=P, parts=_plan.halves(rows, parts))
             activations = None
             if packed is not None:   # the sums over rows on the micro-kernel
                 activations = (
