@@ -81,7 +81,8 @@ class BuildExt(build_ext):
                 ext.extra_compile_args = threads
                 ext.extra_link_args = threads
             else:
-                build = ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
+                build = (ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
+                         .replace("fastrnn._layernorm", ""))
                 ext.extra_compile_args = common + SIMD_FLAGS[family][build]
         super().build_extensions()
 
@@ -102,7 +103,7 @@ extensions = [
     Extension(f"fastrnn.{name}{build}", [f"fastrnn/{name}{build}.pyx"],
               include_dirs=["fastrnn", numpy.get_include()],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
-    for name in ("_forward", "_backward")
+    for name in ("_forward", "_backward", "_layernorm")
     for build in SIMD_BUILDS
 ]
 # the kernels' shared worker thread (no arithmetic: built once)

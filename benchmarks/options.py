@@ -20,6 +20,7 @@ OPTIONS = [
     ("input_dropout=0.2", dict(input_dropout=0.2)),
     ("weight_dropout=0.2", dict(weight_dropout=0.2)),
     ("learn_initial_state", dict(learn_initial_state=True)),
+    ("layer_norm=True", dict(layer_norm=True)),
 ]
 
 

@@ -24,6 +24,8 @@ COMMANDS = [
      "fastrnn.examples.adding_problem", "cli"),
     ("charlm", "example 3: a character-level GRU language model on Hamlet",
      "fastrnn.examples.char_lm", "cli"),
+    ("layernorm", "example 4: the adding problem, LSTM with and without layer_norm",
+     "fastrnn.examples.layer_norm", "cli"),
     ("timing", "time a forward pass of each layer on random data (a few seconds)",
      None, "timing"),
     ("bench", "compare fastrnn with PyTorch, ONNX Runtime and TensorFlow",

@@ -34,7 +34,7 @@ import numpy as np
 
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
-from fastrnn import _parallel, _plan
+from fastrnn import _layernorm_engine, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._locks import ForkSafeLock
 from fastrnn._module import ParamSet, RecurrentWeights, dropout_mask
@@ -277,6 +277,10 @@ class RecurrentEngine(RecurrentWeights):
                     gx, gh, parts, held, tape, units=None):
         """The layers of ``_run``, in the plan's parts, or with the hidden
         units split between two threads (``units``: the plan's bounds)."""
+        if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
+            _layernorm_engine.run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n,
+                                         out, lengths, train, gx, parts, tape)
+            return
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
         rows = T * B
@@ -356,6 +360,8 @@ class RecurrentEngine(RecurrentWeights):
         states, updated in place into those of the initial states. Adds the
         parameter gradients into ``grads`` and returns dx (R, D).
         """
+        if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
+            return _layernorm_engine.bptt(self, tape, T, B, dout, dh, dc)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         rows, N = T * B, self._dirs * self._gates * H
         dgx = np.empty((rows, N), dtype)

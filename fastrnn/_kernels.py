@@ -39,7 +39,10 @@ def _import(build):
     suffix = "" if build == "baseline" else "_" + build
     forward = importlib.import_module("fastrnn._forward" + suffix)
     backward = importlib.import_module("fastrnn._backward" + suffix)
-    return forward, backward
+    # the layer-normalised cells' kernels read the weights _forward packs:
+    # always the same build (the packed layout depends on the instruction set)
+    layernorm = importlib.import_module("fastrnn._layernorm" + suffix)
+    return forward, backward, layernorm
 
 
 def _load():
@@ -61,4 +64,4 @@ def _load():
     raise ImportError("fastrnn: no kernel build could be imported")
 
 
-forward, backward, SIMD = _load()
+forward, backward, layernorm, SIMD = _load()

@@ -294,14 +294,15 @@ class RecurrentWeights(Module):
     """
 
     def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
-               dropout=0.0, peepholes=False, initial_state=False):
+               dropout=0.0, peepholes=False, initial_state=False, layer_norm=False):
         """Allocate, register under ``names(layer, direction)`` and initialise.
         peepholes: an LSTM's peephole weights too, (3 H,) per layer and
         direction (i, f, o), named as W_hh with ``weight_peephole``.
         initial_state: learned initial states too, (H,) per layer and
         direction, named as W_hh with ``initial_h`` (and ``initial_c`` for an
         LSTM), zero-initialised (they draw nothing from rng, so the other
-        parameters are those of the layer without them)."""
+        parameters are those of the layer without them).
+        layer_norm: the LN gains and biases too (see ``ln_names``)."""
         self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
         # the kind without options: the products, the packed weights, the fast paths
         self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
@@ -351,11 +352,32 @@ class RecurrentWeights(Module):
                 name = names(k, d)[1].replace("weight_hh", "weight_peephole")
                 self._register(name, self._peep_index[k], rows)
                 grad_views[name] = self._dpeep[k][rows]
+        # layer norm (fastrnn._layernorm_engine): per layer one storage of
+        # dirs rows of P values, the parameters of a direction in the order
+        # its kernel reads them
+        self._ln_index, self._dln = [], []
+        ln_sizes = ln_parameter_sizes(kind, hidden_size) if layer_norm else ()
+        P = sum(ln_sizes)
+        for k in range(layers if layer_norm else 0):
+            self._dln.append(np.zeros(dirs * P, dtype))
+            self._ln_index.append(self._add_storage(np.empty(dirs * P, dtype), self._dln[k]))
+            for d in range(dirs):
+                start = d * P
+                for name, size in zip(ln_names(names(k, d)[0]), ln_sizes):
+                    self._register(name, self._ln_index[k], slice(start, start + size))
+                    grad_views[name] = self._dln[k][start:start + size]
+                    start += size
         # PyTorch's reset_parameters: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         bound = 1.0 / np.sqrt(hidden_size)
         for i, rows in self._names.values():
             part = self._draft[i][rows]
             part[...] = rng.uniform(-bound, bound, size=part.shape)
+        # but layer norm's gains start at 1 and its biases at 0 (nn.LayerNorm's)
+        for k in range(len(self._ln_index)):
+            for d in range(dirs):
+                for name, _ in zip(ln_names(names(k, d)[0]), ln_sizes):
+                    i, rows = self._names[name]
+                    self._draft[i][rows] = 1.0 if "_weight" in name else 0.0
         # learned initial states: one storage per kind (h, and c for an LSTM)
         # laid out as the state, (layers * dirs, H) flattened; zeros
         self._init_index, self._dinit = [], []
@@ -405,6 +427,25 @@ class RecurrentWeights(Module):
         if not self._peep_index:
             return [None] * self._layers
         return [params.storages[i] for i in self._peep_index]
+
+
+def ln_names(weight_ih_name):
+    """The layer-norm parameters' names of the layer and direction whose
+    W_ih is named ``weight_ih_name`` (``weight_ih_l0_reverse`` gives
+    ``ln_ih_weight_l0_reverse``, ...; a cell's ``weight_ih`` gives
+    ``ln_ih_weight``, ...): the gain and bias of the input side's LN, of the
+    recurrent side's, and for the LSTM (the last two) of the cell's."""
+    sfx = weight_ih_name[len("weight_ih"):]
+    return tuple(f"ln_{part}_{what}{sfx}" for part in ("ih", "hh", "cell")
+                 for what in ("weight", "bias"))
+
+
+def ln_parameter_sizes(kind, hidden_size):
+    """The sizes of the ``ln_names`` parameters of a kind: the input and
+    recurrent sides' over G * H values, the LSTM's cell's over H."""
+    gates = CELL_KINDS[kind][1]
+    sizes = (gates * hidden_size,) * 4
+    return sizes + ((hidden_size,) * 2 if kind == "lstm" else ())
 
 
 def dropout_mask(rng, shape, p, dtype):

@@ -187,9 +187,9 @@ def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
     steps of B rows; the hidden-unit split is subject to the backoff at each
     call (``units`` says only that the shape allows it)."""
     cfg = layer._config
-    key = ("forward", layer._kernel_code, layer._layers, layer._dirs, cfg["input_size"],
-           cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B, bool(batch_first), bool(train),
-           bool(has_lengths)) + _tuning()
+    key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._layers, layer._dirs,
+           cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
+           bool(batch_first), bool(train), bool(has_lengths)) + _tuning()
     return _cached(key, lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))
 
 
@@ -204,24 +204,27 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         window = None   # (windowed, each window has a plan of its own)
     parts = split(dirs, B, T * B * N * (H + 20))
     units = None
+    layer_norm = bool(layer._ln_index)
     if (not train and dirs == 1 and B == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
-            and not layer._general_only):   # (no gate options, no zoneout)
+            and not layer._general_only):   # (no gate options, zoneout, layer norm)
         group = _forward.group_units(gates) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
     hold = False
     if dtype != np.float32:   # float32 calls no BLAS
         in_cols = D if layer._layers == 1 else max(D, dirs * H)
-        hold = units is not None or _parallel.hold_blas(parts, T * B, N, in_cols, B,
-                                                        gates * H, H)
+        # layer norm's per-step products are whole BLAS calls, not cut into
+        # single-thread blocks as the plain kernels' are: always held
+        hold = layer_norm or units is not None or _parallel.hold_blas(
+            parts, T * B, N, in_cols, B, gates * H, H)
     return Plan(parts, units, hold, window, time_major)
 
 
 def backward_plan(layer, T, B):
     """The plan of BPTT over a tape of T steps of B rows."""
     cfg = layer._config
-    key = ("backward", layer._kernel_code, layer._layers, layer._dirs, cfg["input_size"],
-           cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B) + _tuning()
+    key = ("backward", layer._kernel_code, bool(layer._ln_index), layer._layers, layer._dirs,
+           cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B) + _tuning()
     return _cached(key, lambda: _backward_plan(layer, T, B))
 
 
@@ -230,8 +233,8 @@ def _backward_plan(layer, T, B):
         layer._config["input_size"]
     N = layer._dirs * layer._gates * H
     parts = split(layer._dirs, B, 2 * T * B * N * (H + 20))
-    hold = dtype != np.float32 and _parallel.hold_blas(
-        parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H)
+    hold = dtype != np.float32 and (bool(layer._ln_index) or _parallel.hold_blas(
+        parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H))
     return Plan(parts, None, hold, None, False)
 
 

@@ -51,6 +51,7 @@ from fastrnn import losses as losses_module
 from fastrnn import metrics as metrics_module
 from fastrnn import optim
 from fastrnn._validation import shape_str
+from fastrnn._module import ln_names, ln_parameter_sizes
 from fastrnn._version import __version__
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
@@ -1213,6 +1214,12 @@ def _parse_config(text):
 
 
 
+def _ln_sizes(name, H):
+    """The sizes of a GRU's or LSTM's layer-norm parameters (_module.ln_names)
+    of one direction."""
+    return ln_parameter_sizes("lstm" if name.startswith("LSTM") else "gru", H)
+
+
 def _parameter_layout(name, kwargs):
     """(number of arrays, number of values, iterator of (name, shape)) of the
     parameters a layer of class `name` built with `kwargs` would hold, found
@@ -1230,15 +1237,17 @@ def _parameter_layout(name, kwargs):
         dirs = 2 if v.check_bool(name, "bidirectional", args["bidirectional"]) else 1
         GH = _GATES[name] * H
         peep = name == "LSTM" and v.check_bool(name, "peepholes", args["peepholes"])
+        ln = name != "RNN" and v.check_bool(name, "layer_norm", args["layer_norm"])
+        ln_sizes = _ln_sizes(name, H) if ln else ()
         # learned initial states: initial_h (and initial_c), (H,) each
         states = (2 if name == "LSTM" else 1) * v.check_bool(
             name, "learn_initial_state", args["learn_initial_state"])
 
         def per_direction(in_size):
             return (GH * in_size + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
-                    + states * H)
+                    + states * H + sum(ln_sizes))
 
-        arrays = L * dirs * ((4 if bias else 2) + peep + states)
+        arrays = L * dirs * ((4 if bias else 2) + peep + states + len(ln_sizes))
         values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
 
         def shapes():
@@ -1255,6 +1264,8 @@ def _parameter_layout(name, kwargs):
                         yield f"weight_peephole{sfx}", (3 * H,)
                     for state in ("initial_h", "initial_c")[:states]:
                         yield f"{state}{sfx}", (H,)
+                    for ln_name, size in zip(ln_names("weight_ih" + sfx), ln_sizes):
+                        yield ln_name, (size,)
         summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
                    f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}")
     elif name in _CELL_GATES:
@@ -1263,10 +1274,13 @@ def _parameter_layout(name, kwargs):
         bias = v.check_bool(name, "bias", args["bias"])
         GH = _CELL_GATES[name] * H
         peep = name == "LSTMCell" and v.check_bool(name, "peepholes", args["peepholes"])
+        ln = name != "RNNCell" and v.check_bool(name, "layer_norm", args["layer_norm"])
+        ln_sizes = _ln_sizes(name, H) if ln else ()
         states = (2 if name == "LSTMCell" else 1) * v.check_bool(
             name, "learn_initial_state", args["learn_initial_state"])
-        arrays = (4 if bias else 2) + peep + states
-        values = GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0) + states * H
+        arrays = (4 if bias else 2) + peep + states + len(ln_sizes)
+        values = (GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0) + states * H
+                  + sum(ln_sizes))
 
         def shapes():
             yield "weight_ih", (GH, D)
@@ -1278,6 +1292,8 @@ def _parameter_layout(name, kwargs):
                 yield "weight_peephole", (3 * H,)
             for state in ("initial_h", "initial_c")[:states]:
                 yield state, (H,)
+            for ln_name, size in zip(ln_names("weight_ih"), ln_sizes):
+                yield ln_name, (size,)
         summary = f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, bias={bias}"
     elif name == "Linear":
         n_in = v.check_int(name, "in_features", args["in_features"])

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
-from fastrnn import _gate_options, _training_options
+from fastrnn import _gate_options, _layernorm_engine, _training_options
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine
 from fastrnn._module import RESET_AFTER_DOC, gru_kind
@@ -24,7 +24,7 @@ class _CellBase(RecurrentEngine):
     _has_cell_state = False
 
     def __init__(self, kind, input_size, hidden_size, bias, dtype, seed, gate_options,
-                 learn_initial_state):
+                 learn_initial_state, layer_norm=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -38,18 +38,27 @@ class _CellBase(RecurrentEngine):
         opts = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
         kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
+        # layer_norm (GRUCell, LSTMCell; None: the class has no such option):
+        # the default gates only, no zoneout, no Keras dropout
+        ln = None if layer_norm is None else _layernorm_engine.check(
+            owner, layer_norm, kind,
+            None if rows is None and opts.zoneout is None and opts.dropouts is None
+            else _gate_options.repr_options({"activation": activation, **options}))
         self._build(kind, cfg["input_size"], cfg["hidden_size"], 1, 1, cfg["bias"],
                     cfg["dtype"], rng, lambda k, d: ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                    peepholes=options.get("peepholes", False), initial_state=learned)
+                    peepholes=options.get("peepholes", False), initial_state=learned,
+                    layer_norm=bool(ln))
         self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
-        # gate options and zoneout run on the general path only (the dropouts
-        # act in training, which always does)
-        self._general_only = rows is not None or opts.zoneout is not None
+        # gate options, zoneout and layer norm run on the general path only
+        # (the dropouts act in training, which always does)
+        self._general_only = rows is not None or opts.zoneout is not None or bool(ln)
         # the plain cell from zeros or hx: the streaming kernel straight away
         self._plain_step = not self._general_only and not self._init_index
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         cfg["learn_initial_state"] = learned
+        if ln is not None:
+            cfg["layer_norm"] = ln
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -57,7 +66,8 @@ class _CellBase(RecurrentEngine):
             opts.append(("bias", False))
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
-        return opts + _gate_options.repr_options(cfg) + _training_options.repr_options(cfg)
+        return (opts + _gate_options.repr_options(cfg) + _training_options.repr_options(cfg)
+                + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     def __call__(self, x: ArrayLike,
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
@@ -265,7 +275,8 @@ class GRUCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of a GRU (gate blocks r, z, n).",
         extra_params=(RESET_AFTER_DOC + _gate_options.GRU_DOC
-                      + _training_options.CELL_INITIAL_STATE_DOC),
+                      + _training_options.CELL_INITIAL_STATE_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="GRU")
 
@@ -274,20 +285,23 @@ class GRUCell(_CellBase):
                  reset_after: bool = True, activation: Any = "tanh",
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
                  zoneout: float = 0.0, input_dropout: float = 0.0,
-                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False) -> None:
+                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
+                 layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRUCell", reset_after)
         super().__init__(kind, input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation, "clip": clip,
                           "zoneout": zoneout, "input_dropout": input_dropout,
-                          "recurrent_dropout": recurrent_dropout}, learn_initial_state)
+                          "recurrent_dropout": recurrent_dropout}, learn_initial_state,
+                         layer_norm)
         self._config["reset_after"] = reset_after
 
 
 class LSTMCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of an LSTM (gate blocks i, f, g, o).",
-        extra_params=_gate_options.LSTM_DOC + _training_options.CELL_INITIAL_STATE_DOC,
+        extra_params=(_gate_options.LSTM_DOC + _training_options.CELL_INITIAL_STATE_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="h, c = cell(x, hx=None)", hx_doc="tuple (h, c) of arrays of shape (B, H) or (H,)",
         returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")
     _has_cell_state = True
@@ -299,11 +313,13 @@ class LSTMCell(_CellBase):
                  cell_activation: Any = None, clip: float | None = None,
                  input_forget: bool = False, peepholes: bool = False,
                  zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
-                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False) -> None:
+                 recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
+                 layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed,
                          {"activation": activation,
                           "recurrent_activation": recurrent_activation,
                           "cell_activation": cell_activation, "clip": clip,
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
-                          "recurrent_dropout": recurrent_dropout}, learn_initial_state)
+                          "recurrent_dropout": recurrent_dropout}, learn_initial_state,
+                         layer_norm)

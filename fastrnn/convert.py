@@ -89,11 +89,15 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
 def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     """The PyTorch module equal to a fastrnn layer or cell (same class name,
     configuration, dtype and weights)."""
-    torch = _torch()
     name = type(layer).__name__
+    if name in {**_LAYERS, **_CELLS} and layer._config.get("layer_norm"):
+        raise ValueError(f"to_torch: {name} has layer_norm=True; PyTorch's {name} has no "
+                         f"layer normalisation")
+    torch = _torch()
     if name not in {**_LAYERS, **_CELLS}:
         raise TypeError(f"to_torch: expected a fastrnn RNN, GRU, LSTM or cell, got {name}")
     cfg = dict(layer._config)
+    cfg.pop("layer_norm", None)
     if not cfg.pop("reset_after", True):
         raise ValueError(f"to_torch: {name} has reset_after=False; PyTorch has only the "
                          f"reset-after GRU (export it with to_onnx instead)")
@@ -476,6 +480,9 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     -------
     onnx.ModelProto
     """
+    if type(layer).__name__ in _LAYERS and layer._config.get("layer_norm"):
+        raise ValueError(f"to_onnx: {type(layer).__name__} has layer_norm=True; ONNX's "
+                         f"{type(layer).__name__} operator has no layer normalisation")
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper

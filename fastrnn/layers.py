@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import _gate_options, _parallel, _plan, _training_options
+from fastrnn import _gate_options, _layernorm_engine, _parallel, _plan, _training_options
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._engine import Backprop, RecurrentEngine
@@ -31,7 +31,7 @@ class _RNNBase(RecurrentEngine):
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
                  dropout, bidirectional, dtype, seed, gate_options, learn_initial_state,
-                 weight_dropout):
+                 weight_dropout, layer_norm=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -51,6 +51,12 @@ class _RNNBase(RecurrentEngine):
         opts = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
         kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
+        # layer_norm (GRU, LSTM and their cells; None: the class has no such
+        # option): the default gates only, no zoneout, no Keras dropout
+        ln = None if layer_norm is None else _layernorm_engine.check(
+            owner, layer_norm, kind,
+            None if rows is None and opts.zoneout is None and opts.dropouts is None
+            else _gate_options.repr_options({"activation": activation, **options}))
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -62,15 +68,18 @@ class _RNNBase(RecurrentEngine):
         # rng also draws the dropout and DropConnect masks in training
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
-                    peepholes=options.get("peepholes", False), initial_state=learned)
+                    peepholes=options.get("peepholes", False), initial_state=learned,
+                    layer_norm=bool(ln))
         self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
-        # gate options and zoneout run on the general path only (the dropouts
-        # act in training, which always does)
-        self._general_only = rows is not None or opts.zoneout is not None
+        # gate options, zoneout and layer norm run on the general path only
+        # (the dropouts act in training, which always does)
+        self._general_only = rows is not None or opts.zoneout is not None or bool(ln)
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         cfg["learn_initial_state"] = learned
         cfg["weight_dropout"] = weight_dropout
+        if ln is not None:
+            cfg["layer_norm"] = ln
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -84,7 +93,8 @@ class _RNNBase(RecurrentEngine):
         gate = _gate_options.repr_options(cfg)   # PyTorch's order: nonlinearity first
         return ([o for o in gate if o[0] == "nonlinearity"] + opts
                 + [o for o in gate if o[0] != "nonlinearity"]
-                + _training_options.repr_options(cfg))
+                + _training_options.repr_options(cfg)
+                + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     # --- forward ------------------------------------------------------------
     def __call__(self, x: ArrayLike,
@@ -414,7 +424,8 @@ class GRU(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Gated recurrent unit over whole sequences (by default PyTorch's "
                 "'reset after' form).",
-        extra_params=RESET_AFTER_DOC + _gate_options.GRU_DOC + _training_options.LAYER_DOC,
+        extra_params=(RESET_AFTER_DOC + _gate_options.GRU_DOC + _training_options.LAYER_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="out, h_n = gru(x, hx=None, lengths=None)",
         hx_doc="array of shape (num_layers * dirs, B, H)",
         returns_doc="h_n : ndarray of shape (num_layers * dirs, B, H)",
@@ -435,7 +446,7 @@ class GRU(_RNNBase):
                  recurrent_activation: Any = "sigmoid", clip: float | None = None,
                  zoneout: float = 0.0, input_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
-                 weight_dropout: float = 0.0) -> None:
+                 weight_dropout: float = 0.0, layer_norm: bool = False) -> None:
         reset_after, kind = gru_kind("GRU", reset_after)
         super().__init__(kind, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
@@ -443,14 +454,15 @@ class GRU(_RNNBase):
                           "recurrent_activation": recurrent_activation, "clip": clip,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout)
+                         learn_initial_state, weight_dropout, layer_norm)
         self._config["reset_after"] = reset_after
 
 
 class LSTM(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Long short-term memory over whole sequences.",
-        extra_params=_gate_options.LSTM_DOC + _training_options.LAYER_DOC,
+        extra_params=(_gate_options.LSTM_DOC + _training_options.LAYER_DOC
+                      + _layernorm_engine.LAYER_NORM_DOC),
         call="out, (h_n, c_n) = lstm(x, hx=None, lengths=None)",
         hx_doc="tuple (h_0, c_0) of arrays of shape (num_layers * dirs, B, H)",
         returns_doc=("(h_n, c_n) : tuple of ndarrays of shape (num_layers * dirs, B, H)"),
@@ -472,7 +484,7 @@ class LSTM(_RNNBase):
                  input_forget: bool = False, peepholes: bool = False,
                  zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
-                 weight_dropout: float = 0.0) -> None:
+                 weight_dropout: float = 0.0, layer_norm: bool = False) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
@@ -481,4 +493,4 @@ class LSTM(_RNNBase):
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout)
+                         learn_initial_state, weight_dropout, layer_norm)
