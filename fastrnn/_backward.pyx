@@ -336,8 +336,12 @@ cdef void _dropped_grad(Py_ssize_t B, Py_ssize_t gates, Py_ssize_t H, const floa
     cdef const floating* mask
     cdef Py_ssize_t gate, i
     for gate in range(gates):
-        gemm(False, False, <int>B, <int>H, <int>H, <floating>1, dg + gate * H, <int>ldg,
-             w_hh + gate * H * H, <int>H, <floating>0, scratch, <int>H)
+        if floating is float and drop.packs != NULL:
+            packed_product(B, dg + gate * H, ldg, 1, &drop.packs[gate], scratch, H, H,
+                           FASTRNN_MK_ZERO, NULL)
+        else:
+            gemm(False, False, <int>B, <int>H, <int>H, <floating>1, dg + gate * H, <int>ldg,
+                 w_hh + gate * H * H, <int>H, <floating>0, scratch, <int>H)
         mask = <const floating*>drop.mask + gate * drop.gate_stride
         for i in range(B * H):
             dh[i] += scratch[i] * mask[i]
@@ -512,6 +516,14 @@ def pack_rows(const float[:, :] w not None, Py_ssize_t row0, Py_ssize_t rows,
     return packed
 
 
+def pack_gate_rows(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
+    """A float32 layer's W_hh, each gate block's rows packed alone (dirs x G
+    arrays) for ``backward_layer``'s dropout_packs (dG_g . W_g per gate under
+    Keras' recurrent dropout)."""
+    cdef Py_ssize_t G = num_gates(cell)
+    return [pack_rows(w_hh, (d * G + g) * H, H) for d in range(dirs) for g in range(G)]
+
+
 def pack_backward(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
     """A float32 layer's W_hh packed per direction for ``backward_layer``'s
     dG . W_hh: one array per direction, or for the reset-before GRU two,
@@ -641,7 +653,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
                    floating[::1] zone_keep=None,
                    const floating[:, :, :, ::1] dropout_masks=None,
                    floating[::1] dropout_scratch=None,
-                   floating[::1] option_scratch=None):
+                   floating[::1] option_scratch=None,
+                   dropout_packs=None):
     """The BPTT time loops of one layer in one or two parts: ``parts`` a
     list of (d_lo, d_hi, b_lo, b_hi) on disjoint memory; a second part runs
     at the same time on the worker thread (or after the first).
@@ -656,7 +669,8 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
     products then run on the micro-kernel. options, peepholes: the *_OPT
     kinds'; zoneout and its masks, the recurrent dropout's masks those of the
     forward, zone_keep and dropout_scratch scratch (see _forward.recur);
-    option_scratch (len(parts) * dirs * OPTION_SCRATCH * H,) the *_OPT kinds'.
+    option_scratch (len(parts) * dirs * OPTION_SCRATCH * H,) the *_OPT kinds';
+    dropout_packs (float32, or None: BLAS) ``pack_gate_rows``' arrays.
     """
     cdef BackJob job
     cdef Py_ssize_t i
@@ -691,6 +705,12 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
             raise ValueError("backward_layer: the gate options need an option_scratch of "
                              f"{len(parts) * job.dirs * OPTION_SCRATCH * job.H} values")
         job.extras.opt_scratch = &option_scratch[0]
+    if floating is float and dropout_packs is not None and job.extras.drop.mask != NULL:
+        if len(dropout_packs) != job.dirs * num_gates(cell):
+            raise ValueError("backward_layer: dropout_packs do not fit the layer")
+        for i in range(len(dropout_packs)):
+            describe_rows(&job.extras.drop_packs[i], dropout_packs[i], job.H, job.H)
+        job.extras.drop.packs = job.extras.drop_packs
     job.packs_per_dir = 0
     if floating is float and packed is not None:
         job.packs_per_dir = 2 if base_cell(cell) == GRU_RESET_BEFORE else 1

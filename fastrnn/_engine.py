@@ -340,7 +340,8 @@ class RecurrentEngine(RecurrentWeights):
                     train=train, h_prev=saves.h_prev, c_prev=saves.c_prev,
                     blas_held=held, packed=None if packed is None else packed[k],
                     options=self._option_rows, peepholes=peepholes[k],
-                    **self._zoneout_args(saves, B), **self._dropout_args(saves, B))
+                    **self._zoneout_args(saves, B),
+                    **self._dropout_args(saves, B, params, k, backward=False))
             if train:
                 if not last and self._dropout > 0:
                     saves.mask = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)
@@ -433,7 +434,7 @@ class RecurrentEngine(RecurrentWeights):
             dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
             packed=None if packed is None else packed[0], options=self._option_rows,
             peepholes=peepholes, **self._zoneout_args(saves, B),
-            **self._dropout_args(saves, B),
+            **self._dropout_args(saves, B, tape.params, k, backward=True),
             option_scratch=None if self._option_rows is None else np.empty(
                 len(parts) * dirs * _backward.OPTION_SCRATCH_UNITS * self._config["hidden_size"],
                 self._config["dtype"]))
@@ -465,14 +466,22 @@ class RecurrentEngine(RecurrentWeights):
 
 
     # --- Keras' input and recurrent dropout (per gate masks), training only ---
-    def _dropout_args(self, saves, B):
-        """The kernels' recurrent dropout arguments for one layer (none
-        without): the masks (dirs, G, B, H) and a scratch."""
+    def _dropout_args(self, saves, B, params, k, backward):
+        """The kernels' recurrent dropout arguments for layer k (none
+        without): the masks (dirs, G, B, H), a scratch and (float32) its W_hh
+        packed per gate block, for the forward's or BPTT's products."""
         if saves is None or saves.recurrent_drop is None:
             return {}
+        H, kind = self._config["hidden_size"], self._kernel_code
+        if backward:
+            packs = self._packed(params, "packed_gate_rows", lambda w_ih, w_hh:
+                                 _backward.pack_gate_rows(w_hh, kind, H, self._dirs))
+        else:
+            packs = self._packed(params, "packed_gates", lambda w_ih, w_hh:
+                                 _forward.pack_gates(w_hh, kind, H, self._dirs))
         return {"dropout_masks": saves.recurrent_drop,
-                "dropout_scratch": np.empty(self._dirs * B * self._config["hidden_size"],
-                                            self._config["dtype"])}
+                "dropout_packs": None if packs is None else packs[k],
+                "dropout_scratch": np.empty(self._dirs * B * H, self._config["dtype"])}
 
     @staticmethod
     def _row_batch(T, B, batch_first):

@@ -164,8 +164,12 @@ cdef void _dropped_product(int kind, Py_ssize_t B, Py_ssize_t H, const floating*
         for b in range(B):
             for j in range(H):
                 scratch[b * H + j] = h[b * H + j] * mask[b * H + j]
-        gemm(False, False, <int>B, <int>H, <int>H, <floating>1, scratch, <int>H,
-             w_hh_t + gate * H, <int>ld_t, <floating>1, out + gate * H, <int>ldo)
+        if floating is float and drop.packs != NULL:
+            packed_product(B, scratch, H, 1, &drop.packs[gate], out + gate * H, ldo, H,
+                           FASTRNN_MK_FROM_C, NULL)
+        else:
+            gemm(False, False, <int>B, <int>H, <int>H, <floating>1, scratch, <int>H,
+                 w_hh_t + gate * H, <int>ld_t, <floating>1, out + gate * H, <int>ldo)
 
 
 cdef inline void _scale_row(floating* v, const floating* by, Py_ssize_t n) noexcept nogil:
@@ -502,6 +506,14 @@ ACTIVATION_KINDS = {"sigmoid": ACT_SIGMOID, "tanh": ACT_TANH, "relu": ACT_RELU,
                     "softplus": ACT_SOFTPLUS}
 
 
+def pack_gates(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
+    """A float32 layer's W_hh with each gate block packed alone (dirs x G
+    arrays) for ``recur``'s dropout_packs: under Keras' recurrent dropout
+    each gate reads its own masked h."""
+    cdef Py_ssize_t G = num_gates(cell)
+    return [pack_weights(w_hh, (d * G + g) * H, H, 1) for d in range(dirs) for g in range(G)]
+
+
 def pack_projection(w_ih, int cell, Py_ssize_t H, Py_ssize_t dirs):
     """A float32 layer's W_ih (dirs * G * H, D) packed per direction for
     ``project``."""
@@ -686,7 +698,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           const floating[:, ::1] zone_mask_c=None,
           floating[::1] zone_keep=None,
           const floating[:, :, :, ::1] dropout_masks=None,
-          floating[::1] dropout_scratch=None):
+          floating[::1] dropout_scratch=None,
+          dropout_packs=None):
     """The time loops of one layer, after ``project``, in one or two parts:
     ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
     on disjoint memory. A second part runs at the same time on the worker
@@ -710,9 +723,11 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     (R, dirs * H) the units that keep their old value (1) or None for a
     rate of 0; zone_keep (dirs * B * 2 * H,) scratch. dropout_masks
     (dirs, G, B, H): training's recurrent dropout, or None; dropout_scratch
-    (dirs * B * H,).
+    (dirs * B * H,); dropout_packs (float32, or None: BLAS) ``pack_gates``'
+    arrays.
     """
     cdef RecurJob job
+    cdef Py_ssize_t i
     if T == 0 or h.shape[1] == 0:
         return
     job.cell = cell
@@ -744,6 +759,12 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     fill_extras(&job.extras, cell, job.dirs, job.B, job.H, out.shape[0], train, options,
                 peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks,
                 dropout_scratch)
+    if floating is float and dropout_packs is not None and job.extras.drop.mask != NULL:
+        if len(dropout_packs) != job.dirs * num_gates(cell):
+            raise ValueError("recur: dropout_packs do not fit the layer")
+        for i in range(len(dropout_packs)):
+            _describe_packed(&job.extras.drop_packs[i], dropout_packs[i], job.H, job.H, 1)
+        job.extras.drop.packs = job.extras.drop_packs
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 

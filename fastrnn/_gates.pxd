@@ -17,6 +17,8 @@ from libc.math cimport exp, expm1, expm1f, tanh, log1p, log1pf
 from libc.stdint cimport int32_t
 from libc.string cimport memcpy
 
+from fastrnn._microkernel cimport Packed
+
 cdef extern from "_fpenv.h":
     unsigned int fastrnn_flush_denormals() noexcept nogil
     void fastrnn_restore_fpenv(unsigned int old) noexcept nogil
@@ -324,6 +326,8 @@ cdef struct RecurrentDropout:
                               # row: 0 or 1 / (1 - p), one per gate, row and sequence
     Py_ssize_t gate_stride    # B * H of the whole batch: from one gate's masks to the next
     void* scratch             # B * H of this part: a masked h, or a gate's dG . W
+    const Packed* packs       # float32: each gate block's W_hh packed alone (G per
+                              # direction) for the micro-kernel, or NULL: BLAS
 
 
 cdef inline int fill_recurrent_dropout(RecurrentDropout* out,
@@ -333,6 +337,7 @@ cdef inline int fill_recurrent_dropout(RecurrentDropout* out,
     """The kernels' recurrent dropout from a kernel entry's arguments,
     checked (mask None: none)."""
     out.mask = out.scratch = NULL
+    out.packs = NULL
     out.gate_stride = B * H
     if mask is None:
         return 0
@@ -357,6 +362,7 @@ cdef inline const RecurrentDropout* dropout_part(RecurrentDropout* out,
     out.mask = <const floating*>job.mask + (d * G * B + b_lo) * H
     out.gate_stride = job.gate_stride
     out.scratch = <floating*>job.scratch + (d * B + b_lo) * H
+    out.packs = NULL if job.packs == NULL else job.packs + d * G
     return out
 
 
@@ -664,6 +670,7 @@ cdef struct LayerExtras:
     const void* peep            # LSTM peepholes (dirs * 3 * H) or NULL
     Zoneout zone                # rates 0: none
     RecurrentDropout drop       # drop.mask NULL: none
+    Packed drop_packs[8]        # drop.packs' entries: dirs x G gate blocks
     void* opt_scratch           # BPTT of the *_OPT kinds: OPTION_SCRATCH * H per part and
                                 # direction
 
