@@ -434,7 +434,8 @@ def _build(sequential_cls, config, weights, slots, fill, read):
     third its dtype."""
     described = _check_config(config)
     specs = described.specs
-    per_layer = _match_weights(specs, weights)
+    per_layer = _match_weights(specs, weights, [_label(name, around) for (name, _, _), around
+                                                in zip(specs, described.wrappers)])
     training = described.training
     if slots and (training is None or training.optimizer is None):
         raise _BadFile(f"it holds optimizer arrays ({_some(sorted(slots))}) but no "
@@ -742,18 +743,19 @@ def _check_config(config):
         if around and name not in _GATES:
             raise _BadFile(f"layer {i} ({around[-1][0]}) wraps a {name}; a wrapper holds an "
                            f"RNN, GRU or LSTM")
+        label = _label(name, around)
         if "layer" in entry:
-            raise _BadFile(f"layer {i} ({name}) has a 'layer' entry, which only a wrapper "
+            raise _BadFile(f"layer {i} ({label}) has a 'layer' entry, which only a wrapper "
                            f"({', '.join(_WRAPPERS)}) has")
         kwargs = entry.get("config")
         if not isinstance(kwargs, dict):
             got = "nothing" if "config" not in entry else type(kwargs).__name__
-            raise _BadFile(f"layer {i} ({name}) has a bad configuration: 'config' must be a "
+            raise _BadFile(f"layer {i} ({label}) has a bad configuration: 'config' must be a "
                            f"JSON object of constructor arguments, got {got}")
         try:
             layout = _parameter_layout(name, kwargs)
         except (TypeError, ValueError) as exc:
-            raise _BadFile(f"layer {i} ({name}) has a bad configuration: "
+            raise _BadFile(f"layer {i} ({label}) has a bad configuration: "
                            f"{_clip(str(exc))}") from None
         specs.append((name, kwargs, layout))
     random = None if fmt == FORMAT_1 else _check_random(config.get("random"), len(specs))
@@ -1327,7 +1329,15 @@ def _parameter_layout(name, kwargs):
 _Layout = namedtuple("_Layout", ["arrays", "values", "shapes", "summary"])
 
 
-def _match_weights(specs, weights):
+def _label(name, around):
+    """A layer's class as messages name it: inside its wrappers, outermost
+    first (``Stateful(Reversed(LSTM))``)."""
+    for wrapper, _ in reversed(around):
+        name = f"{wrapper}({name})"
+    return name
+
+
+def _match_weights(specs, weights, labels):
     """Per layer, parameter name -> (ZipInfo, header), once the file holds
     exactly the arrays the configuration calls for: counted first (cheap for
     any size), then by name and shape."""
@@ -1343,7 +1353,7 @@ def _match_weights(specs, weights):
     if stray:
         raise _BadFile(f"it holds weights {_some(stray)} that belong to none of its "
                        f"{len(specs)} layers")
-    for i, ((name, _, layout), held) in enumerate(zip(specs, per_layer)):
+    for i, ((_, _, layout), held, name) in enumerate(zip(specs, per_layer, labels)):
         arrays, values, shapes, summary = layout
         held_values = sum(math.prod(header[0]) for _, header in held.values())
         if arrays != len(held) or values != held_values:

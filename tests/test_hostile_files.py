@@ -671,8 +671,13 @@ WRAPPED_CASES = {
         r"Stateful\) has"),
     "wrapped_huge_hidden_size": (
         _wrapped(_edit(REVERSED + ["layer", "config", "hidden_size"], 10000)),
-        r"layer 0 \(LSTM, input_size=3, hidden_size=10000, .*\) calls for 4 arrays of "
-        r"400,200,000 values, but the file holds 4 arrays of 144 values for it"),
+        # the loader names the layer inside its wrappers
+        r"layer 0 \(Stateful\(Reversed\(LSTM\)\), input_size=3, hidden_size=10000, .*\) calls "
+        r"for 4 arrays of 400,200,000 values, but the file holds 4 arrays of 144 values for it"),
+    "wrapped_missing_weight": (
+        _wrapped(_edit(REVERSED + ["layer", "config", "bias"], False)),
+        r"layer 0 \(Stateful\(Reversed\(LSTM\)\), input_size=3, hidden_size=4, .*\) calls for 2 "
+        r"arrays of 112 values, but the file holds 4 arrays of 144 values for it"),
 }
 CASES.update(WRAPPED_CASES)
 
