@@ -1,0 +1,398 @@
+"""Reduced-precision inference: int8 weights, quantized once, and int8
+products with int32 sums (``fastrnn.quantize``).
+
+A quantized layer, cell or ``Linear`` is its float32 class with the same
+call API, whose products run on int8 (``_quant.pyx``, ``_qkernel.h``):
+
+- weights: symmetric int8 in [-127, 127], ``q = clip(rint(W / s), -127,
+  127)`` with ``s = max|W| / 127`` per output row (``per_channel=True``) or
+  per weight tensor (each of PyTorch's parameters: ``weight_ih_l0``,
+  ``weight_hh_l0_reverse``, ...). Derived from the float32 parameters
+  once per parameter set and kept with it (the float32 parameters stay the
+  model's own: ``state_dict``, saving and pickling carry them, and
+  ``load_state_dict`` quantizes the new ones);
+- activations: every row quantized when it is used, symmetric int8 with
+  its own scale (``max|x_row| / 127``): each step and batch row of the
+  input before the input projection, each batch row of h before each
+  step's recurrent product (and the reset-before GRU's r * h). A row's
+  result therefore never depends on the other rows of the batch. PyTorch's
+  dynamic quantization instead takes one asymmetric uint8 scale and zero
+  point for the whole input of a product (all rows of all steps for the
+  input projection, the whole batch for h), and ONNX Runtime's
+  DynamicQuantizeLSTM does the same;
+- products: exact int32 sums, the same on every CPU (AVX-512 VNNI, AVX2
+  and the portable build give identical outputs, bit for bit), dequantized
+  as ``float(sum) * (s_x * s_w[n])`` plus the float32 bias;
+- state, cell and gate arithmetic: float32, the float layers' own code.
+
+Inference only: ``forward_train`` and training in a ``Sequential`` raise
+TypeError. The kernel build is picked at import: the float kernels' build
+(fastrnn._kernels), or AVX-512 VNNI where the CPU has it;
+FASTRNN_INT8=baseline, avx2, avx512 or vnni forces one (for comparison and
+testing).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastrnn import _kernels, _plan
+from fastrnn import _validation as v
+from fastrnn._kernels import forward as _forward
+from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
+from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
+from fastrnn.nn import Linear
+
+INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni")
+WEIGHT_DTYPES = ("int8",)
+
+
+def _int8_cpu_supports(build):
+    if build == "vnni":
+        return _kernels.cpu_supports("avx512") and bool(
+            _kernels._cpu_features().get("AVX512VNNI"))
+    return _kernels.cpu_supports(build)
+
+
+def _load_int8():
+    choice = os.environ.get("FASTRNN_INT8", "auto").lower()
+    if choice not in ("auto",) + INT8_BUILDS:
+        raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
+                          f"'avx512' or 'vnni', got {choice!r}")
+    if choice == "auto":
+        choice = _kernels.SIMD
+        if choice == "avx512" and _int8_cpu_supports("vnni"):
+            choice = "vnni"
+    elif not _int8_cpu_supports(choice):
+        raise ImportError(f"fastrnn: FASTRNN_INT8={choice}, but this CPU lacks its "
+                          f"instructions (the build would stop on an illegal instruction)")
+    suffix = "" if choice == "baseline" else "_" + choice
+    try:
+        return importlib.import_module("fastrnn._quant" + suffix), choice
+    except ImportError:   # not built here (another architecture): the portable build
+        return importlib.import_module("fastrnn._quant"), "baseline"
+
+
+_quant, INT8_SIMD = _load_int8()
+
+
+def quantize_weight(w, per_channel, tensors=1):
+    """(q, scale): w (N, K) float32 as symmetric int8 and its float32 scale
+    per row. Per tensor (per_channel False), ``tensors`` equal row blocks
+    of w are separate tensors (the directions of a stacked weight), one
+    scale each."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    if not per_channel:
+        amax = np.repeat(amax.reshape(tensors, -1).max(axis=1), w.shape[0] // tensors)
+    scale = amax / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def _check_weight_dtype(owner, weight_dtype):
+    if not isinstance(weight_dtype, str):
+        raise TypeError(f"{owner}: weight_dtype must be a str, one of {list(WEIGHT_DTYPES)}, "
+                        f"got {type(weight_dtype).__name__}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{owner}: weight_dtype must be one of {list(WEIGHT_DTYPES)}, "
+                         f"got {weight_dtype!r}")
+    return weight_dtype
+
+
+def _finite(owner, name, arr):
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf); int8 "
+                         f"quantization needs finite values")
+
+
+class _Quantized:
+    """What the quantized layers and cells add to their float class."""
+
+    def _init_quantized(self, weight_dtype, per_channel):
+        owner = type(self).__name__
+        cfg = self._config
+        if cfg["dtype"] != np.float32:
+            raise ValueError(f"{owner}: quantized layers compute in float32, got "
+                             f"dtype={cfg['dtype'].name}")
+        cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
+        cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
+        for size in ("input_size", "hidden_size"):
+            if cfg[size] > _quant.MAX_K:
+                raise ValueError(f"{owner}: {size} must be at most {_quant.MAX_K} for int8 "
+                                 f"products (int32 sums), got {cfg[size]}")
+
+    def _repr_options(self):
+        opts = super()._repr_options()
+        if not self._config["per_channel"]:
+            opts.append(("per_channel", False))
+        return opts
+
+    def _quantized(self, params):
+        """Per layer (w_ih, w_hh per direction, w_hn per direction or None,
+        bias_x, bias_h): QWeights and float32 biases, made once per
+        parameter set and kept with it."""
+        layers = params.cache.get("int8")
+        if layers is None:
+            layers = []
+            per_channel = self._config["per_channel"]
+            H, dirs, GH = self._config["hidden_size"], self._dirs, self._gates * \
+                self._config["hidden_size"]
+            reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
+            for w_ih, w_hh, b_ih, b_hh in zip(*self._weights(params)):
+                q, s = quantize_weight(w_ih, per_channel, dirs)
+                qw_ih = _quant.QWeight(q, s)
+                q, s = quantize_weight(w_hh, per_channel, dirs)
+                if reset_before:
+                    qw_hh = [_quant.QWeight(q[d * GH:d * GH + 2 * H], s[d * GH:d * GH + 2 * H])
+                             for d in range(dirs)]
+                    qw_hn = [_quant.QWeight(q[d * GH + 2 * H:(d + 1) * GH],
+                                            s[d * GH + 2 * H:(d + 1) * GH])
+                             for d in range(dirs)]
+                else:
+                    qw_hh = [_quant.QWeight(q[d * GH:(d + 1) * GH], s[d * GH:(d + 1) * GH])
+                             for d in range(dirs)]
+                    qw_hn = None
+                if b_ih is None:
+                    bias_x = bias_h = None
+                elif self._kernel_code == _forward.CELL_GRU:
+                    bias_x, bias_h = b_ih, b_hh
+                else:
+                    bias_x, bias_h = b_ih + b_hh, None
+                layers.append((qw_ih, qw_hh, qw_hn, bias_x, bias_h))
+            params.cache["int8"] = layers
+        return layers
+
+    def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
+        """Every layer on the int8 kernels; x (T, B, D) or (B, T, D)
+        C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
+        initial state and end as the final one."""
+        H, dirs = self._config["hidden_size"], self._dirs
+        N = dirs * self._gates * H
+        rows = T * B
+        parts = _plan.split(dirs, B, T * B * N * (H + 20) // 4)
+        gx = np.empty((rows, N), np.float32)
+        layer_in = x.reshape(rows, -1)
+        layers = self._quantized(params)
+        for k, (w_ih, w_hh, w_hn, bias_x, bias_h) in enumerate(layers):
+            layer_out = (out.reshape(rows, -1) if k == len(layers) - 1
+                         else np.empty((rows, dirs * H), np.float32))
+            _quant.project(x=layer_in, w_ih=w_ih, bias_x=bias_x, gx=gx,
+                           parts=_plan.halves(rows, parts))
+            _quant.recur(cell=self._kernel_code, T=T, batch_first=batch_first, parts=parts,
+                         weights=w_hh, weights_n=w_hn, bias_h=bias_h,
+                         h=h_n[k * dirs:(k + 1) * dirs],
+                         c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
+                         gx=gx, out=layer_out, lengths=lengths)
+            layer_in = layer_out
+
+    def _refuse_training(self, what):
+        raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
+                        f"({self._config['weight_dtype']}) model, which is for inference "
+                        f"only; train the float32 model, then quantize it")
+
+    def forward_train(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a quantized model is for inference only (TypeError)."""
+        self._refuse_training("forward_train")
+
+    def _seq_train(self, x):
+        self._refuse_training("training")
+
+
+class _QuantizedLayer(_Quantized):
+
+    def __call__(self, x: ArrayLike,
+                 hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,
+                 lengths: ArrayLike | None = None, *, mask: ArrayLike | None = None,
+                 zero_output_for_mask: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        if mask is not None:   # fastrnn.masking runs the layer with lengths
+            return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
+        params = self._params   # one parameter set for the whole call
+        call = self._prepare(x, hx, lengths)
+        owner = type(self).__name__
+        _finite(owner, "input", call.x)
+        _finite(owner, "hx", call.h_n)
+        if call.B > 0:
+            self._qrun(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
+                       call.out, call.lengths)
+        return self._results(call)
+
+
+class _QuantizedCell(_Quantized):
+
+    def __call__(self, x: ArrayLike,
+                 hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        params = self._params
+        x, B, batched, h, c = self._prepare(x, hx)
+        owner = type(self).__name__
+        _finite(owner, "input", x)
+        _finite(owner, "hx", h)
+        if B > 0:   # one step: h, c become the new state
+            self._qrun(params, x[None], 1, B, False, h[None], None if c is None else c[None],
+                       np.empty((1, B, self._config["hidden_size"]), np.float32), None)
+        return self._results(h, c, batched)
+
+
+_QUANT_DOC = """
+
+    int8 quantized inference (made by ``fastrnn.quantize``; see
+    fastrnn.quantized): the float32 class's parameters and call, with the
+    products in int8. Extra keyword-only parameters: ``weight_dtype``
+    ('int8') and ``per_channel`` (bool, default True: a weight scale per
+    output row; False: per weight tensor). Inference only."""
+
+
+def _quantized_class(base, mixin):
+    def __init__(self, *args, weight_dtype="int8", per_channel=True, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self._init_quantized(weight_dtype, per_channel)
+
+    name = "Quantized" + base.__name__
+    cls = type(name, (mixin, base), {"__init__": __init__, "__module__": __name__,
+                                     "__qualname__": name,
+                                     "__doc__": (base.__doc__ or "") + _QUANT_DOC})
+    return cls
+
+
+QuantizedRNN = _quantized_class(RNN, _QuantizedLayer)
+QuantizedGRU = _quantized_class(GRU, _QuantizedLayer)
+QuantizedLSTM = _quantized_class(LSTM, _QuantizedLayer)
+QuantizedRNNCell = _quantized_class(RNNCell, _QuantizedCell)
+QuantizedGRUCell = _quantized_class(GRUCell, _QuantizedCell)
+QuantizedLSTMCell = _quantized_class(LSTMCell, _QuantizedCell)
+
+
+class QuantizedLinear(Linear):
+    """``Linear`` with int8 weights (made by ``fastrnn.quantize``): ``y =
+    dequant(q(x) . q(W)^T) + b``, every row of x quantized with its own
+    scale, the weight per output row (``per_channel``) or as one tensor.
+    Inference only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
+                 per_channel: bool = True) -> None:
+        super().__init__(in_features, out_features, bias, dtype, seed)
+        cfg = self._config
+        if cfg["dtype"] != np.float32:
+            raise ValueError(f"QuantizedLinear: quantized layers compute in float32, got "
+                             f"dtype={cfg['dtype'].name}")
+        cfg["weight_dtype"] = _check_weight_dtype("QuantizedLinear", weight_dtype)
+        cfg["per_channel"] = v.check_bool("QuantizedLinear", "per_channel", per_channel)
+        if cfg["in_features"] > _quant.MAX_K:
+            raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
+                             f"for int8 products (int32 sums), got {cfg['in_features']}")
+
+    def __repr__(self):
+        cfg = self._config
+        extra = "" if cfg["bias"] else ", bias=False"
+        extra += "" if cfg["per_channel"] else ", per_channel=False"
+        return f"QuantizedLinear({cfg['in_features']}, {cfg['out_features']}{extra})"
+
+    def _qweight(self, params):
+        packed = params.cache.get("int8")
+        if packed is None:
+            q, s = quantize_weight(params.views["weight"], self._config["per_channel"])
+            bias = params.views.get("bias")
+            packed = params.cache["int8"] = (_quant.QWeight(q, s), bias)
+        return packed
+
+    def __call__(self, x: ArrayLike) -> np.ndarray:
+        x = self._check(x)
+        _finite("QuantizedLinear", "input", x)
+        params = self._params
+        w, bias = self._qweight(params)
+        rows = x.reshape(-1, x.shape[-1])
+        y = np.empty((rows.shape[0], w.N), np.float32)
+        parts = _plan.split(1, rows.shape[0], rows.shape[0] * w.N * w.K // 4)
+        _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
+                       parts=_plan.halves(rows.shape[0], parts))
+        return y.reshape(x.shape[:-1] + (w.N,))
+
+    _seq_infer = __call__
+
+    def _seq_train(self, x):
+        raise TypeError("QuantizedLinear: training is not available on a quantized (int8) "
+                        "model, which is for inference only; train the float32 model, then "
+                        "quantize it")
+
+
+_QUANTIZED = {RNN: QuantizedRNN, GRU: QuantizedGRU, LSTM: QuantizedLSTM,
+              RNNCell: QuantizedRNNCell, GRUCell: QuantizedGRUCell,
+              LSTMCell: QuantizedLSTMCell, Linear: QuantizedLinear}
+QUANTIZED_CLASSES = tuple(_QUANTIZED.values())
+
+
+def _quantize_module(owner, module, dtype, per_channel):
+    cls = _QUANTIZED.get(type(module))
+    if cls is None:
+        raise TypeError(f"{owner}: cannot quantize a {type(module).__name__}; expected an "
+                        f"RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or a "
+                        f"Sequential of them")
+    config = {k: (val.name if isinstance(val, np.dtype) else val)
+              for k, val in module._config.items()}
+    if config["dtype"] != "float32":
+        raise ValueError(f"{owner}: quantize needs a float32 model, got a {config['dtype']} "
+                         f"{type(module).__name__}")
+    quantized = cls(**config, weight_dtype=dtype, per_channel=per_channel)
+    quantized.load_state_dict(module.state_dict())
+    return quantized
+
+
+def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
+    """A copy of a float32 model for reduced-precision inference.
+
+    Parameters
+    ----------
+    model : RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or Sequential
+        A float32 model. In a ``Sequential`` every recurrent layer and
+        ``Linear`` is quantized; the other layers (Dropout, LastStep,
+        activations, ...) are shared with the original, as ``model[1:]``
+        shares them.
+    dtype : {'int8'}, default 'int8'
+        The weights' type. int8: symmetric, in [-127, 127]; the products run
+        in int8 with int32 sums, activations quantized per row at every use
+        (see fastrnn.quantized).
+    per_channel : bool, default True
+        A weight scale per output row (per gate unit); False: one per weight
+        tensor (each of PyTorch's parameters), as PyTorch's default.
+
+    Returns
+    -------
+    The quantized model (``QuantizedLSTM``, ..., or a ``Sequential`` of
+    them), with the same call API. Its float32 parameters are copies of the
+    model's: ``state_dict``, ``fastrnn.save`` and pickling carry them and the
+    quantization settings, and the int8 weights are made from them.
+
+    Raises
+    ------
+    TypeError
+        If the model is not one of the above, or on training the result
+        (``forward_train``, ``fit``).
+    ValueError
+        On an unknown dtype, a float64 model, or sizes past the int32 sums'
+        range (input or hidden size above 65536).
+
+    Examples
+    --------
+    >>> lstm = fastrnn.LSTM(16, 32, batch_first=True, seed=0)
+    >>> q = fastrnn.quantize(lstm)                 # int8, per-channel scales
+    >>> out, (h_n, c_n) = q(np.random.rand(4, 50, 16).astype(np.float32))
+    """
+    from fastrnn.model import Sequential
+    dtype = _check_weight_dtype("quantize", dtype)
+    per_channel = v.check_bool("quantize", "per_channel", per_channel)
+    if isinstance(model, Sequential):
+        layers = [_quantize_module("quantize", layer, dtype, per_channel)
+                  if type(layer) in _QUANTIZED else layer for layer in model.layers]
+        if not any(isinstance(layer, QUANTIZED_CLASSES) for layer in layers):
+            raise TypeError("quantize: the Sequential has no layer to quantize (RNN, GRU, "
+                            "LSTM or Linear)")
+        return Sequential(layers)
+    return _quantize_module("quantize", model, dtype, per_channel)
