@@ -34,6 +34,7 @@ testing).
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from typing import Any
 
@@ -258,6 +259,12 @@ def _quantized_class(base, mixin):
     cls = type(name, (mixin, base), {"__init__": __init__, "__module__": __name__,
                                      "__qualname__": name,
                                      "__doc__": (base.__doc__ or "") + _QUANT_DOC})
+    # the float class's arguments and the two of quantization, by name (model
+    # files check a layer's arguments against this signature)
+    signature = inspect.signature(base)
+    cls.__signature__ = signature.replace(parameters=list(signature.parameters.values()) + [
+        inspect.Parameter("weight_dtype", inspect.Parameter.KEYWORD_ONLY, default="int8"),
+        inspect.Parameter("per_channel", inspect.Parameter.KEYWORD_ONLY, default=True)])
     return cls
 
 
