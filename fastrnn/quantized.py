@@ -123,10 +123,6 @@ class _Quantized:
                              f"dtype={cfg['dtype'].name}")
         cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
         cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
-        for size in ("input_size", "hidden_size"):
-            if cfg[size] > _quant.MAX_K:
-                raise ValueError(f"{owner}: {size} must be at most {_quant.MAX_K} for int8 "
-                                 f"products (int32 sums), got {cfg[size]}")
 
     def _repr_options(self):
         opts = super()._repr_options()
@@ -252,6 +248,16 @@ _QUANT_DOC = """
 
 def _quantized_class(base, mixin):
     def __init__(self, *args, weight_dtype="int8", per_channel=True, **kwargs):
+        # sizes past the int32 sums' range are refused before any allocation
+        try:
+            sizes = inspect.signature(base).bind(*args, **kwargs).arguments
+        except TypeError:
+            sizes = {}    # the float class's constructor reports it
+        for size in ("input_size", "hidden_size"):
+            value = sizes.get(size)
+            if isinstance(value, int) and value > _quant.MAX_K:
+                raise ValueError(f"{name}: {size} must be at most {_quant.MAX_K} for int8 "
+                                 f"products (int32 sums), got {value}")
         base.__init__(self, *args, **kwargs)
         self._init_quantized(weight_dtype, per_channel)
 
@@ -285,6 +291,9 @@ class QuantizedLinear(Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
                  per_channel: bool = True) -> None:
+        if isinstance(in_features, int) and in_features > _quant.MAX_K:
+            raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
+                             f"for int8 products (int32 sums), got {in_features}")
         super().__init__(in_features, out_features, bias, dtype, seed)
         cfg = self._config
         if cfg["dtype"] != np.float32:
@@ -292,9 +301,6 @@ class QuantizedLinear(Linear):
                              f"dtype={cfg['dtype'].name}")
         cfg["weight_dtype"] = _check_weight_dtype("QuantizedLinear", weight_dtype)
         cfg["per_channel"] = v.check_bool("QuantizedLinear", "per_channel", per_channel)
-        if cfg["in_features"] > _quant.MAX_K:
-            raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
-                             f"for int8 products (int32 sums), got {cfg['in_features']}")
 
     def __repr__(self):
         cfg = self._config

@@ -1,0 +1,550 @@
+"""int8 quantized inference (fastrnn.quantize, fastrnn/quantized.py).
+
+The oracle below computes what the docs specify in plain NumPy: weights
+quantized per row (or per tensor), each activation row quantized with its
+own scale, exact integer products, dequantized as float(sum) * (s_x * s_w)
+plus the bias, and the gate arithmetic in float32 in the kernels' order,
+with the kernels' own float32 sigmoid and tanh (``_quant.activations``).
+Every float32 operation is then the same IEEE operation as in the kernels
+(compiled without contraction), so the kernels must match it bit for bit:
+the tests compare with ``assert_array_equal``, no tolerance. (A tolerance
+would be the wrong test anyway: a last-bit difference in h can move a
+quantized value across a rounding boundary, a jump of a whole step of
+the scale, so "close" is not a property quantized recurrences have.)
+"""
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import quantized as Q
+
+F32 = np.float32
+_quant = Q._quant
+
+
+# --- the oracle ----------------------------------------------------------------------
+
+def oracle_weight(w, per_channel, tensors=1):
+    """Symmetric int8 per row, or per tensor (equal row blocks)."""
+    w = np.asarray(w, F32)
+    if per_channel:
+        amax = np.abs(w).max(axis=1)
+    else:
+        amax = np.concatenate([np.full(len(block), np.abs(block).max(), F32)
+                               for block in np.split(w, tensors)])
+    scale = (amax / F32(127)).astype(F32)
+    q = np.zeros(w.shape, np.int8)
+    for n in range(w.shape[0]):
+        if scale[n] > 0:
+            q[n] = np.clip(np.rint(w[n] / scale[n]), -127, 127)
+    return q, scale
+
+
+def oracle_rows(x):
+    """Each row of x: q = rint(x * (127 / amax)) in [-127, 127], scale
+    amax / 127 (0 and zeros for a row with amax < FLT_MIN)."""
+    x = np.asarray(x, F32)
+    q = np.zeros(x.shape, np.int8)
+    s = np.zeros(x.shape[0], F32)
+    tiny = np.finfo(F32).tiny
+    for i, row in enumerate(x):
+        amax = np.abs(row).max()
+        if amax >= tiny:
+            q[i] = np.clip(np.rint(row * (F32(127) / amax)), -127, 127)
+            s[i] = amax / F32(127)
+    return q, s
+
+
+def oracle_product(x, wq, ws, bias=None):
+    """dequant(q(x) . wq^T) (+ bias), rows of x quantized one by one."""
+    q, s = oracle_rows(x)
+    acc = (q.astype(np.int64) @ wq.astype(np.int64).T).astype(np.int32)
+    y = acc.astype(F32) * (s[:, None] * ws[None, :])
+    return y if bias is None else y + bias
+
+
+def _act(v):
+    v = np.ascontiguousarray(v, F32).ravel()
+    sig, tanh = np.empty_like(v), np.empty_like(v)
+    _quant.activations(x=v, sigmoid_out=sig, tanh_out=tanh)
+    return sig, tanh
+
+
+def sigmoid(v):
+    return _act(v)[0].reshape(np.shape(v))
+
+
+def tanh(v):
+    return _act(v)[1].reshape(np.shape(v))
+
+
+def oracle_layer(layer, x, hx=None, lengths=None):
+    """A quantized layer's call (time-major x (T, B, D)) in NumPy."""
+    cfg = layer._config
+    H, L = cfg["hidden_size"], cfg["num_layers"]
+    dirs = 2 if cfg["bidirectional"] else 1
+    per_channel = cfg["per_channel"]
+    kind = {"QuantizedLSTM": "lstm", "QuantizedRNN": "rnn_" + cfg.get("nonlinearity", "tanh"),
+            "QuantizedGRU": "gru" if cfg.get("reset_after", True) else "gru_before"}[
+        type(layer).__name__]
+    G = {"lstm": 4, "gru": 3, "gru_before": 3}.get(kind, 1)
+    T, B = x.shape[:2]
+    sd = layer.state_dict()
+    h_n = np.zeros((L * dirs, B, H), F32) if hx is None else np.array(
+        hx[0] if kind == "lstm" else hx, F32)
+    c_n = (np.zeros((L * dirs, B, H), F32) if hx is None else np.array(hx[1], F32)) \
+        if kind == "lstm" else None
+    lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+    layer_in = np.asarray(x, F32)
+    for k in range(L):
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            wq_ih, ws_ih = oracle_weight(sd["weight_ih" + sfx], per_channel)
+            wq_hh, ws_hh = oracle_weight(sd["weight_hh" + sfx], per_channel)
+            b_ih, b_hh = sd.get("bias_ih" + sfx), sd.get("bias_hh" + sfx)
+            if b_ih is None:
+                bias_x = bias_h = None
+            elif kind == "gru":
+                bias_x, bias_h = b_ih, b_hh
+            else:
+                bias_x, bias_h = b_ih + b_hh, None
+            gx = oracle_product(layer_in.reshape(T * B, -1), wq_ih, ws_ih, bias_x).reshape(
+                T, B, G * H)
+            h = h_n[k * dirs + d].copy()
+            c = None if c_n is None else c_n[k * dirs + d].copy()
+            out = np.zeros((T, B, H), F32)
+            steps = range(T - 1, -1, -1) if d else range(T)
+            for t in steps:
+                g = gx[t].copy()
+                active = t < lengths
+                if kind == "gru":
+                    gh = oracle_product(h, wq_hh, ws_hh, bias_h)
+                    r = sigmoid(g[:, :H] + gh[:, :H])
+                    z = sigmoid(g[:, H:2 * H] + gh[:, H:2 * H])
+                    n = tanh(g[:, 2 * H:] + r * gh[:, 2 * H:])
+                    new_h = (F32(1) - z) * n + z * h
+                elif kind == "gru_before":
+                    g[:, :2 * H] = g[:, :2 * H] + oracle_product(h, wq_hh[:2 * H], ws_hh[:2 * H])
+                    r = sigmoid(g[:, :H])
+                    z = sigmoid(g[:, H:2 * H])
+                    n = tanh(g[:, 2 * H:] + oracle_product(r * h, wq_hh[2 * H:], ws_hh[2 * H:]))
+                    new_h = (F32(1) - z) * n + z * h
+                else:
+                    g = g + oracle_product(h, wq_hh, ws_hh)
+                    if kind == "lstm":
+                        i, f, o = sigmoid(g[:, :H]), sigmoid(g[:, H:2 * H]), sigmoid(g[:, 3 * H:])
+                        u = tanh(g[:, 2 * H:3 * H])
+                        new_c = f * c + i * u
+                        new_h = o * tanh(new_c)
+                        c = np.where(active[:, None], new_c, c)
+                    elif kind == "rnn_relu":
+                        new_h = np.where(g < 0, F32(0), g)
+                    else:
+                        new_h = tanh(g)
+                h = np.where(active[:, None], new_h, h)
+                out[t] = np.where(active[:, None], new_h, F32(0))
+            outs.append(out)
+            h_n[k * dirs + d] = h
+            if c is not None:
+                c_n[k * dirs + d] = c
+        layer_in = np.concatenate(outs, axis=2)
+    return layer_in, h_n, c_n
+
+
+# --- the pieces, exactly ---------------------------------------------------------------
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 7, 17), (7, 33, 65), (13, 128, 48),
+                                   (6, 5, 200)])
+def test_int_product_exact(M, K, N):
+    rng = np.random.default_rng(M * 100 + K)
+    w = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    q = rng.integers(-127, 128, (M, K)).astype(np.int8)
+    ref = q.astype(np.int64) @ w.astype(np.int64).T
+    np.testing.assert_array_equal(_quant.int_product(q, _quant.QWeight(w, np.ones(N, F32))),
+                                  ref)
+
+
+def test_int_product_extremes_do_not_saturate():
+    # every product at +-127 * 127: AVX2's int16 pair sums at their largest
+    # (32258), VNNI's offset sums at theirs; K = 4096 sums to 66 million
+    K, N = 4096, 32
+    w = np.full((N, K), 127, np.int8)
+    w[1::2] = -127
+    q = np.full((5, K), -127, np.int8)
+    q[2] = 127
+    ref = q.astype(np.int64) @ w.astype(np.int64).T
+    np.testing.assert_array_equal(_quant.int_product(q, _quant.QWeight(w, np.ones(N, F32))),
+                                  ref)
+
+
+def test_quantize_rows_matches_oracle():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((9, 37)) * rng.uniform(1e-3, 1e3, (9, 1))).astype(F32)
+    x[3] = 0                       # a zero row: scale 0, zeros
+    x[4, :] = 1e-40                # denormal row: treated as zero
+    x[5, 0] = 2.5 * (np.abs(x[5]).max() / 127)   # exactly representable halves round to even
+    q, s = _quant.quantize_rows(x)
+    q_ref, s_ref = oracle_rows(x)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    assert s[3] == 0 and s[4] == 0 and not q[3].any()
+    assert np.abs(q).max() == 127 and q.min() >= -127
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weights_match_oracle(per_channel):
+    lstm = fastrnn.LSTM(5, 6, bidirectional=True, seed=0)
+    w = lstm.weight_ih_l0
+    both = np.concatenate([w, lstm.weight_ih_l0_reverse])
+    q, s = Q.quantize_weight(both, per_channel, tensors=2)
+    q_ref, s_ref = oracle_weight(both, per_channel, tensors=2)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    if not per_channel:   # one scale per PyTorch parameter, each its own
+        assert len(set(s[:24])) == 1 and len(set(s[24:])) == 1 and s[0] != s[24]
+
+
+# --- layers and cells against the oracle, bit for bit -----------------------------------
+
+LAYERS = [
+    (fastrnn.LSTM, {}),
+    (fastrnn.GRU, {}),
+    (fastrnn.GRU, {"reset_after": False}),
+    (fastrnn.RNN, {}),
+    (fastrnn.RNN, {"nonlinearity": "relu"}),
+    (fastrnn.LSTM, {"num_layers": 2, "bidirectional": True}),
+    (fastrnn.GRU, {"num_layers": 2, "bidirectional": True, "bias": False}),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", LAYERS)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_layer_matches_oracle(cls, kwargs, per_channel):
+    rng = np.random.default_rng(2)
+    D, H, T, B = 7, 17, 6, 3
+    layer = fastrnn.quantize(cls(D, H, seed=3, **kwargs), per_channel=per_channel)
+    x = rng.standard_normal((T, B, D)).astype(F32)
+    states = layer.num_layers * (2 if layer.bidirectional else 1)
+    h0 = rng.standard_normal((states, B, H)).astype(F32) * F32(0.5)
+    hx = (h0, h0[::-1].copy()) if cls is fastrnn.LSTM else h0
+    lengths = [6, 2, 4]
+    out, state = layer(x, hx, lengths=lengths)
+    ref_out, ref_h, ref_c = oracle_layer(layer, x, hx, lengths)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
+    if cls is fastrnn.LSTM:
+        np.testing.assert_array_equal(state[1], ref_c)
+
+
+def test_batch_first_and_unbatched_match():
+    rng = np.random.default_rng(4)
+    float_layer = fastrnn.GRU(4, 9, batch_first=True, seed=0)
+    q = fastrnn.quantize(float_layer)
+    x = rng.standard_normal((3, 5, 4)).astype(F32)
+    out, h = q(x)
+    ref_out, ref_h, _ = oracle_layer(q, x.transpose(1, 0, 2))
+    np.testing.assert_array_equal(out, ref_out.transpose(1, 0, 2))
+    np.testing.assert_array_equal(h, ref_h)
+    out1, h1 = q(x[1])                    # unbatched: (T, D)
+    np.testing.assert_array_equal(out1, out[1])
+    np.testing.assert_array_equal(h1, h[:, 1])
+
+
+def test_rows_independent_of_batch():
+    # per-row activation scales: a row's result is the same alone or in any batch
+    rng = np.random.default_rng(5)
+    q = fastrnn.quantize(fastrnn.LSTM(8, 16, bidirectional=True, seed=0))
+    x = rng.standard_normal((9, 6, 8)).astype(F32)
+    x[:, 2] *= 50                         # a loud row must not change the others
+    lengths = [9, 3, 7, 9, 1, 5]
+    out, (h, c) = q(x, lengths=lengths)
+    for b in range(6):
+        alone, (hb, cb) = q(x[:lengths[b], b])
+        np.testing.assert_array_equal(out[:lengths[b], b], alone)
+        np.testing.assert_array_equal(h[:, b], hb)
+        assert not out[lengths[b]:, b].any()
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTMCell, fastrnn.GRUCell, fastrnn.RNNCell])
+def test_cells_match_one_step_layer(cls):
+    rng = np.random.default_rng(6)
+    cell = cls(5, 11, seed=1)
+    layer_cls = {fastrnn.LSTMCell: fastrnn.LSTM, fastrnn.GRUCell: fastrnn.GRU,
+                 fastrnn.RNNCell: fastrnn.RNN}[cls]
+    layer = layer_cls(5, 11)
+    layer.load_state_dict({k + "_l0": val for k, val in cell.state_dict().items()})
+    qc, ql = fastrnn.quantize(cell), fastrnn.quantize(layer)
+    x = rng.standard_normal((4, 5)).astype(F32)
+    h0 = rng.standard_normal((4, 11)).astype(F32)
+    if cls is fastrnn.LSTMCell:
+        c0 = rng.standard_normal((4, 11)).astype(F32)
+        h, c = qc(x, (h0, c0))
+        _, (h_ref, c_ref) = ql(x[None], (h0[None], c0[None]))
+        np.testing.assert_array_equal(c, c_ref[0])
+    else:
+        h = qc(x, h0)
+        _, h_ref = ql(x[None], h0[None])
+    np.testing.assert_array_equal(h, h_ref[0])
+    ref_out, _, _ = oracle_layer(ql, x[None], (h0[None], c0[None]) if cls is fastrnn.LSTMCell
+                                 else h0[None])
+    np.testing.assert_array_equal(h, ref_out[0])
+    single = qc(x[2], (h0[2], c0[2]) if cls is fastrnn.LSTMCell else h0[2])
+    np.testing.assert_array_equal(single[0] if cls is fastrnn.LSTMCell else single, h[2])
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_linear_matches_oracle(per_channel):
+    rng = np.random.default_rng(7)
+    linear = fastrnn.Linear(13, 5, seed=0)
+    q = fastrnn.quantize(linear, per_channel=per_channel)
+    x = rng.standard_normal((2, 3, 13)).astype(F32)
+    wq, ws = oracle_weight(linear.weight, per_channel)
+    ref = oracle_product(x.reshape(6, 13), wq, ws, linear.bias).reshape(2, 3, 5)
+    np.testing.assert_array_equal(q(x), ref)
+
+
+# --- the same results everywhere ---------------------------------------------------------
+
+_BUILD_SCRIPT = r"""
+import sys
+import numpy as np
+import fastrnn
+from fastrnn import quantized
+rng = np.random.default_rng(0)
+outs = []
+for cls, kw in [(fastrnn.LSTM, dict(num_layers=2, bidirectional=True)), (fastrnn.GRU, {}),
+                (fastrnn.GRU, dict(reset_after=False)), (fastrnn.RNN, {})]:
+    layer = fastrnn.quantize(cls(21, 35, seed=0, **kw))
+    x = rng.standard_normal((11, 9, 21)).astype(np.float32)
+    outs.append(layer(x, lengths=rng.integers(1, 12, 9))[0].ravel())
+    outs.append(fastrnn.quantize(cls(300, 70, seed=1, **kw))(x[:, :2].repeat(15, axis=2)[..., :300])[0].ravel())
+np.save(sys.argv[1], np.concatenate(outs))
+print(quantized.INT8_SIMD)
+"""
+
+
+def test_every_build_gives_the_same_bits(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_BUILD_SCRIPT)
+    results = {}
+    for build in Q.INT8_BUILDS:
+        if not Q._int8_cpu_supports(build):
+            continue
+        env = dict(os.environ, FASTRNN_INT8=build)
+        path = tmp_path / f"{build}.npy"
+        done = subprocess.run([sys.executable, str(script), str(path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == build
+        results[build] = np.load(path)
+    assert "baseline" in results and len(results) >= 2
+    for build, values in results.items():
+        np.testing.assert_array_equal(values, results["baseline"], err_msg=build)
+
+
+def test_threads_give_the_same_bits():
+    rng = np.random.default_rng(8)
+    q = fastrnn.quantize(fastrnn.LSTM(64, 128, bidirectional=True, seed=0))
+    x = rng.standard_normal((30, 16, 64)).astype(F32)
+    threads = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        one = q(x)[0]
+        fastrnn.set_num_threads(2)
+        two = q(x)[0]
+    finally:
+        fastrnn.set_num_threads(threads)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_thread_safety():
+    rng = np.random.default_rng(9)
+    q = fastrnn.quantize(fastrnn.GRU(16, 32, seed=0))
+    xs = [rng.standard_normal((20, 4, 16)).astype(F32) for _ in range(4)]
+    expected = [q(x)[0] for x in xs]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                got = q(xs[i])[0]
+                if not np.array_equal(got, expected[i]):
+                    errors.append(i)
+            results[i] = True
+        except Exception as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+
+
+# --- error against float32 ----------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
+def test_error_against_float32(cls):
+    # the bench's b32-h128 shape, PyTorch's initialisation, N(0, 1) inputs.
+    # Measured (2026-12-01), max / mean deviation / mean |output|: LSTM 6.4e-3
+    # / 6.0e-4 / 0.087, GRU 1.0e-2 / 1.25e-3 / 0.178, RNN 1.8e-2 / 2.5e-3 / 0.335:
+    # the mean deviation is 0.7% of the mean output in each. Bounds: 1% of the
+    # mean output, and 0.025 for the largest deviation anywhere in 100 steps.
+    rng = np.random.default_rng(10)
+    layer = cls(64, 128, seed=0)
+    x = rng.standard_normal((100, 32, 64)).astype(F32)
+    ref = layer(x)[0]
+    got = fastrnn.quantize(layer)(x)[0]
+    err = np.abs(got - ref)
+    assert err.mean() < 0.01 * np.abs(ref).mean(), (err.mean(), np.abs(ref).mean())
+    assert err.max() < 0.025, err.max()
+    tensor = fastrnn.quantize(layer, per_channel=False)(x)[0]
+    # per-tensor scales are coarser for the rows of small weights, never better on average
+    assert np.abs(tensor - ref).mean() >= 0.9 * err.mean()
+
+
+# --- the model around it ------------------------------------------------------------------
+
+def _model():
+    return fastrnn.Sequential([fastrnn.LSTM(3, 16, batch_first=True, seed=0),
+                               fastrnn.Dropout(0.1, seed=1),
+                               fastrnn.GRU(16, 8, seed=2), fastrnn.LastStep(),
+                               fastrnn.Linear(8, 2, seed=3)])
+
+
+def test_sequential_quantizes_recurrent_and_linear_layers():
+    model = _model()
+    q = fastrnn.quantize(model)
+    assert [type(layer).__name__ for layer in q] == [
+        "QuantizedLSTM", "Dropout", "QuantizedGRU", "LastStep", "QuantizedLinear"]
+    assert q[1] is model[1]
+    x = np.random.default_rng(11).standard_normal((4, 7, 3)).astype(F32)
+    y = q.predict(x)
+    assert y.shape == (4, 2) and np.abs(y - model.predict(x)).max() < 0.02
+    # the float model is untouched
+    np.testing.assert_array_equal(model[0].weight_ih_l0, _model()[0].weight_ih_l0)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_save_load(tmp_path, suffix):
+    q = fastrnn.quantize(_model(), per_channel=False)
+    x = np.random.default_rng(12).standard_normal((4, 7, 3)).astype(F32)
+    q.save(tmp_path / ("m" + suffix))
+    loaded = fastrnn.load(tmp_path / ("m" + suffix))
+    assert [type(layer) for layer in loaded] == [type(layer) for layer in q]
+    assert loaded[0].per_channel is False and loaded[0].weight_dtype == "int8"
+    np.testing.assert_array_equal(loaded.predict(x), q.predict(x))
+    cell = fastrnn.quantize(fastrnn.GRUCell(3, 5, seed=0))
+    fastrnn.save(cell, tmp_path / ("c" + suffix))
+    again = fastrnn.load(tmp_path / ("c" + suffix))
+    assert type(again) is type(cell)
+    np.testing.assert_array_equal(again(x[0, 0]), cell(x[0, 0]))
+
+
+def test_pickle():
+    q = fastrnn.quantize(_model())
+    x = np.random.default_rng(13).standard_normal((4, 7, 3)).astype(F32)
+    copy = pickle.loads(pickle.dumps(q))
+    np.testing.assert_array_equal(copy.predict(x), q.predict(x))
+    layer = fastrnn.quantize(fastrnn.RNN(3, 4, nonlinearity="relu", seed=0), per_channel=False)
+    again = pickle.loads(pickle.dumps(layer))
+    assert type(again) is type(layer) and again.per_channel is False
+    np.testing.assert_array_equal(again(x[0])[0], layer(x[0])[0])
+
+
+def test_stream_matches_whole_sequence():
+    model = fastrnn.quantize(fastrnn.Sequential([
+        fastrnn.LSTM(3, 8, batch_first=True, seed=0), fastrnn.GRU(8, 6, batch_first=True,
+                                                                  seed=1),
+        fastrnn.Linear(6, 2, seed=2)]))
+    x = np.random.default_rng(14).standard_normal((2, 12, 3)).astype(F32)
+    whole = model.predict(x)
+    stream = fastrnn.Stream(model)
+    parts = [stream.step(x[:, 0]), stream(x[:, 1:5]), stream(x[:, 5:])]
+    got = np.concatenate([parts[0][:, None], parts[1], parts[2]], axis=1)
+    np.testing.assert_array_equal(got, whole)
+
+
+def test_load_state_dict_requantizes():
+    q = fastrnn.quantize(fastrnn.GRU(4, 6, seed=0))
+    other = fastrnn.GRU(4, 6, seed=1)
+    x = np.random.default_rng(15).standard_normal((5, 2, 4)).astype(F32)
+    before = q(x)[0]
+    q.load_state_dict(other.state_dict())
+    np.testing.assert_array_equal(q(x)[0], fastrnn.quantize(other)(x)[0])
+    assert not np.array_equal(q(x)[0], before)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def test_bad_arguments():
+    lstm = fastrnn.LSTM(3, 4, seed=0)
+    with pytest.raises(ValueError, match=r"quantize: weight_dtype must be one of \['int8'\], "
+                                         r"got 'int4'"):
+        fastrnn.quantize(lstm, dtype="int4")
+    with pytest.raises(TypeError, match="quantize: weight_dtype must be a str.*got int"):
+        fastrnn.quantize(lstm, dtype=8)
+    with pytest.raises(TypeError, match="quantize: per_channel must be a bool, got str"):
+        fastrnn.quantize(lstm, per_channel="yes")
+    with pytest.raises(TypeError, match="quantize: cannot quantize a Dropout"):
+        fastrnn.quantize(fastrnn.Dropout(0.5))
+    with pytest.raises(ValueError, match="quantize: quantize needs a float32 model, got a "
+                                         "float64 LSTM"):
+        fastrnn.quantize(fastrnn.LSTM(3, 4, dtype="float64"))
+    with pytest.raises(TypeError, match="quantize: the Sequential has no layer to quantize"):
+        fastrnn.quantize(fastrnn.Sequential([fastrnn.ReLU()]))
+    with pytest.raises(ValueError, match="QuantizedLSTM: hidden_size must be at most 65536 "
+                                         "for int8 products .int32 sums., got 70000"):
+        Q.QuantizedLSTM(3, 70000)
+    with pytest.raises(ValueError, match="QuantizedGRUCell: input_size must be at most 65536"):
+        Q.QuantizedGRUCell(65537, 2)
+    with pytest.raises(ValueError, match="QuantizedLinear: in_features must be at most 65536"):
+        Q.QuantizedLinear(70000, 1)
+    with pytest.raises(ValueError, match="QuantizedRNN: quantized layers compute in float32, "
+                                         "got dtype=float64"):
+        Q.QuantizedRNN(3, 4, dtype="float64")
+
+
+def test_training_is_refused():
+    q = fastrnn.quantize(fastrnn.LSTM(3, 4, seed=0))
+    x = np.zeros((2, 1, 3), F32)
+    with pytest.raises(TypeError, match="QuantizedLSTM: forward_train is not available on a "
+                                        "quantized .int8. model"):
+        q.forward_train(x)
+    cell = fastrnn.quantize(fastrnn.GRUCell(3, 4, seed=0))
+    with pytest.raises(TypeError, match="QuantizedGRUCell: forward_train is not available"):
+        cell.forward_train(x[0])
+    with pytest.raises(TypeError, match="QuantizedRNN: forward_train"):
+        next(fastrnn.tbptt(fastrnn.quantize(fastrnn.RNN(3, 4)), x, steps=1))
+    model = fastrnn.quantize(_model())
+    model.compile("mse", "adam")
+    with pytest.raises(TypeError, match="QuantizedLSTM: training is not available"):
+        model.fit(np.zeros((4, 7, 3), F32), np.zeros((4, 2), F32), epochs=1, verbose=0)
+    linear = fastrnn.quantize(fastrnn.Sequential([fastrnn.Linear(3, 1)]))
+    linear.compile("mse", "sgd")
+    with pytest.raises(TypeError, match="QuantizedLinear: training is not available"):
+        linear.train_step(np.zeros((2, 3), F32), np.zeros((2, 1), F32))
+
+
+def test_non_finite_inputs_are_refused():
+    q = fastrnn.quantize(fastrnn.GRU(3, 4, seed=0))
+    x = np.zeros((2, 1, 3), F32)
+    x[1, 0, 2] = np.nan
+    with pytest.raises(ValueError, match=r"QuantizedGRU: input has non-finite values \(NaN "
+                                         r"or inf\)"):
+        q(x)
+    with pytest.raises(ValueError, match="QuantizedGRU: hx has non-finite values"):
+        q(np.zeros((2, 1, 3), F32), np.full((1, 1, 4), np.inf, F32))
+    with pytest.raises(ValueError, match="QuantizedLinear: input has non-finite"):
+        fastrnn.quantize(fastrnn.Linear(3, 2))(np.array([1, np.inf, 0], F32))
+    with pytest.raises(ValueError, match=r"QuantizedLSTM: expected input of shape "
+                                         r"\(T, B, 3\) or \(T, 3\), got \(2, 1, 5\)"):
+        fastrnn.quantize(fastrnn.LSTM(3, 4))(np.zeros((2, 1, 5), F32))
