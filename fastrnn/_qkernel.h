@@ -46,30 +46,17 @@
 #include <immintrin.h>
 #define FASTRNN_Q_ISA "avx512vnni"
 #define FASTRNN_Q_OFFSET 128
-#define FASTRNN_Q_MR 6
 #define FASTRNN_Q_NV 4
 #elif defined(__AVX2__)
 #define FASTRNN_Q_AVX2 1
 #include <immintrin.h>
 #define FASTRNN_Q_ISA "avx2"
 #define FASTRNN_Q_OFFSET 0
-#if defined(__AVX512VL__)
-#define FASTRNN_Q_MR 4          /* 32 vector registers: more rows per tile */
-#else
-#define FASTRNN_Q_MR 2
-#endif
 #define FASTRNN_Q_NV 2
 #else
 #define FASTRNN_Q_ISA "portable"
 #define FASTRNN_Q_OFFSET 0
-#define FASTRNN_Q_MR 4
 #define FASTRNN_Q_NV 2
-#endif
-
-#if defined(_MSC_VER) && !defined(__clang__)
-#define FASTRNN_Q_INLINE static __forceinline
-#else
-#define FASTRNN_Q_INLINE static inline __attribute__((always_inline))
 #endif
 
 /* the largest K whose sums cannot overflow int32 in any build (VNNI's
@@ -77,7 +64,10 @@
 #define FASTRNN_Q_MAX_K 65536
 
 static inline ptrdiff_t fastrnn_q_quads(ptrdiff_t K) { return (K + 3) / 4; }
-static inline ptrdiff_t fastrnn_q_blocks(ptrdiff_t N) { return (N + 15) / 16; }
+/* blocks of 16 columns, padded to whole groups of FASTRNN_Q_NV blocks */
+static inline ptrdiff_t fastrnn_q_blocks(ptrdiff_t N) {
+    return (N + 16 * FASTRNN_Q_NV - 1) / (16 * FASTRNN_Q_NV) * FASTRNN_Q_NV;
+}
 static inline ptrdiff_t fastrnn_q_packed_size(ptrdiff_t K, ptrdiff_t N) {
     return fastrnn_q_blocks(N) * fastrnn_q_quads(K) * 64;
 }
@@ -131,138 +121,202 @@ static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
     return amax / 127.0f;
 }
 
-/* One tile: rows [0, mr) of a (lda bytes apart) times nv blocks of the
+static inline int32_t fastrnn_q_load4(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The tiles: rows of a (lda bytes apart) times FASTRNN_Q_NV blocks of the
  * packed panel (bstride bytes from one block to the next) into c (int32,
- * ldc apart; 16 columns per block). */
+ * ldc apart, 16 columns per block). Every accumulator is a named variable
+ * (GCC keeps an array of vectors in memory). The one-row tile keeps two
+ * sums per column, over the even and the odd quads (integer sums: the
+ * order does not matter), for twice the chains in flight. */
 #if defined(FASTRNN_Q_VNNI)
-FASTRNN_Q_INLINE void fastrnn_q_tile(const int mr, const int nv, ptrdiff_t quads,
-                                     const int8_t* a, ptrdiff_t lda, const int8_t* panel,
-                                     ptrdiff_t bstride, const int32_t* comp, int32_t* c,
-                                     ptrdiff_t ldc) {
-    __m512i acc[FASTRNN_Q_MR][FASTRNN_Q_NV];
-    __m512i w[FASTRNN_Q_NV];
+#define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
+    ptrdiff_t bstride, const int32_t* comp, int32_t* c, ptrdiff_t ldc
+#define Q_DP _mm512_dpbusd_epi32
+#define Q_LOADW(v) __m512i w##v = _mm512_loadu_si512((const void*)(panel + (v) * bstride + kq * 64))
+#define Q_INIT(r) __m512i c##r##0 = s0, c##r##1 = s1, c##r##2 = s2, c##r##3 = s3
+#define Q_ROW(r) b = _mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));            \
+    c##r##0 = Q_DP(c##r##0, b, w0); c##r##1 = Q_DP(c##r##1, b, w1);                         \
+    c##r##2 = Q_DP(c##r##2, b, w2); c##r##3 = Q_DP(c##r##3, b, w3)
+#define Q_STORE(r) _mm512_storeu_si512((void*)(c + (r) * ldc), c##r##0);                    \
+    _mm512_storeu_si512((void*)(c + (r) * ldc + 16), c##r##1);                              \
+    _mm512_storeu_si512((void*)(c + (r) * ldc + 32), c##r##2);                              \
+    _mm512_storeu_si512((void*)(c + (r) * ldc + 48), c##r##3)
+#define Q_START __m512i s0 = _mm512_loadu_si512((const void*)comp),                         \
+    s1 = _mm512_loadu_si512((const void*)(comp + 16)),                                      \
+    s2 = _mm512_loadu_si512((const void*)(comp + 32)),                                      \
+    s3 = _mm512_loadu_si512((const void*)(comp + 48)), b
+
+static void fastrnn_q_tile6(FASTRNN_Q_ARGS) {
     ptrdiff_t kq;
-    int i, v;
-    for (v = 0; v < nv; v++) {
-        __m512i start = _mm512_loadu_si512((const void*)(comp + 16 * v));
-        for (i = 0; i < mr; i++)
-            acc[i][v] = start;
-    }
+    Q_START;
+    Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3); Q_INIT(4); Q_INIT(5);
     for (kq = 0; kq < quads; kq++) {
-        for (v = 0; v < nv; v++)
-            w[v] = _mm512_loadu_si512((const void*)(panel + v * bstride + kq * 64));
-        for (i = 0; i < mr; i++) {
-            int32_t quad;
-            memcpy(&quad, a + i * lda + kq * 4, 4);
-            __m512i ab = _mm512_set1_epi32(quad);
-            for (v = 0; v < nv; v++)
-                acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], ab, w[v]);
-        }
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3); Q_ROW(4); Q_ROW(5);
     }
-    for (i = 0; i < mr; i++)
-        for (v = 0; v < nv; v++)
-            _mm512_storeu_si512((void*)(c + i * ldc + 16 * v), acc[i][v]);
+    Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3); Q_STORE(4); Q_STORE(5);
 }
+
+static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0); Q_INIT(1);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1);
+    }
+    Q_STORE(0); Q_STORE(1);
+}
+
+static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    const __m512i zero = _mm512_setzero_si512();
+    Q_START;
+    __m512i c00 = s0, c01 = s1, c02 = s2, c03 = s3;
+    __m512i c10 = zero, c11 = zero, c12 = zero, c13 = zero;
+    for (kq = 0; kq + 1 < quads; kq += 2) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0);
+        kq++;
+        {
+            Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+            b = _mm512_set1_epi32(fastrnn_q_load4(a + kq * 4));
+            c10 = Q_DP(c10, b, w0); c11 = Q_DP(c11, b, w1);
+            c12 = Q_DP(c12, b, w2); c13 = Q_DP(c13, b, w3);
+        }
+        kq--;
+    }
+    if (kq < quads) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0);
+    }
+    c00 = _mm512_add_epi32(c00, c10); c01 = _mm512_add_epi32(c01, c11);
+    c02 = _mm512_add_epi32(c02, c12); c03 = _mm512_add_epi32(c03, c13);
+    Q_STORE(0);
+}
+#define FASTRNN_Q_BIG 6
+
 #elif defined(FASTRNN_Q_AVX2)
-FASTRNN_Q_INLINE void fastrnn_q_tile(const int mr, const int nv, ptrdiff_t quads,
-                                     const int8_t* a, ptrdiff_t lda, const int8_t* panel,
-                                     ptrdiff_t bstride, const int32_t* comp, int32_t* c,
-                                     ptrdiff_t ldc) {
-    __m256i acc[FASTRNN_Q_MR][2 * FASTRNN_Q_NV];
-    __m256i w[2 * FASTRNN_Q_NV];
-    const __m256i ones = _mm256_set1_epi16(1);
+/* a block is two ymm (columns 0-7, 8-15): w0, w1 of the first block, w2, w3
+ * of the second */
+#define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
+    ptrdiff_t bstride, const int32_t* comp, int32_t* c, ptrdiff_t ldc
+#define Q_LOADW(v) __m256i w##v = _mm256_loadu_si256(                                       \
+    (const __m256i*)(panel + ((v) / 2) * bstride + kq * 64 + ((v) % 2) * 32))
+#define Q_MAC(acc, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(                         \
+    _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, b)), ones))
+#define Q_INIT(r) __m256i c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero
+#define Q_ROW(r) b = _mm256_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));           \
+    mag = _mm256_abs_epi8(b);                                                                \
+    Q_MAC(c##r##0, w0); Q_MAC(c##r##1, w1); Q_MAC(c##r##2, w2); Q_MAC(c##r##3, w3)
+#define Q_STORE(r) _mm256_storeu_si256((__m256i*)(c + (r) * ldc), c##r##0);                  \
+    _mm256_storeu_si256((__m256i*)(c + (r) * ldc + 8), c##r##1);                             \
+    _mm256_storeu_si256((__m256i*)(c + (r) * ldc + 16), c##r##2);                            \
+    _mm256_storeu_si256((__m256i*)(c + (r) * ldc + 24), c##r##3)
+#define Q_START const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();   \
+    __m256i b, mag; (void)comp
+
+#if defined(__AVX512VL__)
+static void fastrnn_q_tile4(FASTRNN_Q_ARGS) {
     ptrdiff_t kq;
-    int i, u;
-    (void)comp;
-    for (i = 0; i < mr; i++)
-        for (u = 0; u < 2 * nv; u++)
-            acc[i][u] = _mm256_setzero_si256();
+    Q_START;
+    Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3);
     for (kq = 0; kq < quads; kq++) {
-        for (u = 0; u < 2 * nv; u++)
-            w[u] = _mm256_loadu_si256((const __m256i*)(panel + (u / 2) * bstride + kq * 64
-                                                       + (u % 2) * 32));
-        for (i = 0; i < mr; i++) {
-            int32_t quad;
-            memcpy(&quad, a + i * lda + kq * 4, 4);
-            __m256i ab = _mm256_set1_epi32(quad);
-            __m256i mag = _mm256_abs_epi8(ab);
-            for (u = 0; u < 2 * nv; u++) {
-                __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w[u], ab));
-                acc[i][u] = _mm256_add_epi32(acc[i][u], _mm256_madd_epi16(pairs, ones));
-            }
-        }
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3);
     }
-    for (i = 0; i < mr; i++)
-        for (u = 0; u < 2 * nv; u++)
-            _mm256_storeu_si256((__m256i*)(c + i * ldc + 8 * u), acc[i][u]);
+    Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3);
 }
-#else
-FASTRNN_Q_INLINE void fastrnn_q_tile(const int mr, const int nv, ptrdiff_t quads,
-                                     const int8_t* a, ptrdiff_t lda, const int8_t* panel,
-                                     ptrdiff_t bstride, const int32_t* comp, int32_t* c,
-                                     ptrdiff_t ldc) {
-    int32_t acc[16];
-    ptrdiff_t kq;
-    int i, v, l, j;
-    (void)comp;
-    for (i = 0; i < mr; i++) {
-        for (v = 0; v < nv; v++) {
-            const int8_t* p = panel + v * bstride;
-            for (l = 0; l < 16; l++)
-                acc[l] = 0;
-            for (kq = 0; kq < quads; kq++) {
-                const int8_t* ak = a + i * lda + kq * 4;
-                const int8_t* pk = p + kq * 64;
-                for (l = 0; l < 16; l++)
-                    for (j = 0; j < 4; j++)
-                        acc[l] += (int32_t)ak[j] * (int32_t)pk[l * 4 + j];
-            }
-            for (l = 0; l < 16; l++)
-                c[i * ldc + 16 * v + l] = acc[l];
-        }
-    }
-}
+#define FASTRNN_Q_BIG 4
+#define fastrnn_q_tile_big fastrnn_q_tile4
 #endif
 
-/* One tile size per call (constant mr, nv: the accumulators stay in
- * registers). */
-#define FASTRNN_Q_TILE_NV(mr)                                                        \
-    switch (nv) {                                                                    \
-    case 1: fastrnn_q_tile(mr, 1, quads, a, lda, panel, bstride, comp, c, ldc); break; \
-    case 2: fastrnn_q_tile(mr, 2, quads, a, lda, panel, bstride, comp, c, ldc); break; \
-    case 3: if (FASTRNN_Q_NV >= 3) fastrnn_q_tile(mr, 3 <= FASTRNN_Q_NV ? 3 : 1, quads, a, lda, panel, bstride, comp, c, ldc); break; \
-    default: if (FASTRNN_Q_NV >= 4) fastrnn_q_tile(mr, 4 <= FASTRNN_Q_NV ? 4 : 1, quads, a, lda, panel, bstride, comp, c, ldc); break; \
+static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0); Q_INIT(1);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1);
     }
-
-static void fastrnn_q_tile_any(int mr, int nv, ptrdiff_t quads, const int8_t* a,
-                               ptrdiff_t lda, const int8_t* panel, ptrdiff_t bstride,
-                               const int32_t* comp, int32_t* c, ptrdiff_t ldc) {
-    switch (mr) {
-    case 1: FASTRNN_Q_TILE_NV(1) break;
-    case 2: FASTRNN_Q_TILE_NV(2 <= FASTRNN_Q_MR ? 2 : 1) break;
-    case 3: FASTRNN_Q_TILE_NV(3 <= FASTRNN_Q_MR ? 3 : 1) break;
-    case 4: FASTRNN_Q_TILE_NV(4 <= FASTRNN_Q_MR ? 4 : 1) break;
-    case 5: FASTRNN_Q_TILE_NV(5 <= FASTRNN_Q_MR ? 5 : 1) break;
-    default: FASTRNN_Q_TILE_NV(6 <= FASTRNN_Q_MR ? 6 : 1) break;
-    }
+    Q_STORE(0); Q_STORE(1);
 }
 
-/* c (M rows ldc apart, blocks * 16 int32 each) = A (M rows of quantized
- * activations, lda bytes apart) . W^T over W packed by fastrnn_q_pack
- * (comp its column term). Columns in groups of FASTRNN_Q_NV blocks, rows
- * in tiles of FASTRNN_Q_MR. */
+static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0);
+    }
+    Q_STORE(0);
+}
+#ifndef FASTRNN_Q_BIG
+#define FASTRNN_Q_BIG 2
+#define fastrnn_q_tile_big fastrnn_q_tile2
+#endif
+
+#else
+#define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
+    ptrdiff_t bstride, const int32_t* comp, int32_t* c, ptrdiff_t ldc
+static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
+    int32_t acc[16];
+    ptrdiff_t kq;
+    int v, l, j;
+    (void)comp;
+    for (v = 0; v < FASTRNN_Q_NV; v++) {
+        const int8_t* p = panel + v * bstride;
+        for (l = 0; l < 16; l++)
+            acc[l] = 0;
+        for (kq = 0; kq < quads; kq++) {
+            const int8_t* ak = a + kq * 4;
+            const int8_t* pk = p + kq * 64;
+            for (l = 0; l < 16; l++)
+                for (j = 0; j < 4; j++)
+                    acc[l] += (int32_t)ak[j] * (int32_t)pk[l * 4 + j];
+        }
+        for (l = 0; l < 16; l++)
+            c[16 * v + l] = acc[l];
+    }
+}
+static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
+    fastrnn_q_tile1(quads, a, lda, panel, bstride, comp, c, ldc);
+    fastrnn_q_tile1(quads, a + lda, lda, panel, bstride, comp, c + ldc, ldc);
+}
+#define FASTRNN_Q_BIG 2
+#define fastrnn_q_tile_big fastrnn_q_tile2
+#endif
+#ifndef fastrnn_q_tile_big
+#define fastrnn_q_tile_big fastrnn_q_tile6
+#endif
+
+/* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = A (M rows of
+ * quantized activations, lda bytes apart) . W^T over W packed by
+ * fastrnn_q_pack (comp its column term). Columns in groups of
+ * FASTRNN_Q_NV blocks, rows in tiles of FASTRNN_Q_BIG, then 2, then 1. */
 static void fastrnn_q_gemm(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
                            const int8_t* packed, const int32_t* comp, ptrdiff_t N,
                            int32_t* c, ptrdiff_t ldc) {
     ptrdiff_t quads = fastrnn_q_quads(K), blocks = fastrnn_q_blocks(N);
     ptrdiff_t bstride = quads * 64, nb0, m0;
     for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
-        int nv = (int)(blocks - nb0 < FASTRNN_Q_NV ? blocks - nb0 : FASTRNN_Q_NV);
-        for (m0 = 0; m0 < M; m0 += FASTRNN_Q_MR) {
-            int mr = (int)(M - m0 < FASTRNN_Q_MR ? M - m0 : FASTRNN_Q_MR);
-            fastrnn_q_tile_any(mr, nv, quads, a + m0 * lda, lda, packed + nb0 * bstride,
-                               bstride, comp + nb0 * 16, c + m0 * ldc + nb0 * 16, ldc);
-        }
+        const int8_t* panel = packed + nb0 * bstride;
+        const int32_t* start = comp + nb0 * 16;
+        for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
+            fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, start,
+                               c + m0 * ldc + nb0 * 16, ldc);
+        for (; m0 + 2 <= M; m0 += 2)
+            fastrnn_q_tile2(quads, a + m0 * lda, lda, panel, bstride, start,
+                            c + m0 * ldc + nb0 * 16, ldc);
+        if (m0 < M)
+            fastrnn_q_tile1(quads, a + m0 * lda, lda, panel, bstride, start,
+                            c + m0 * ldc + nb0 * 16, ldc);
     }
 }
 
