@@ -25,7 +25,7 @@
  * quads * 4 bytes (padding: the quantized zero). The int32 results have
  * blocks * 16 columns (the padding columns get 0).
  *
- * Quantizing an activation row x (K floats): amax = max |x_k|; a row with
+ * Quantizing an activation row x (K finite floats): amax = max |x_k|; a row with
  * amax below FLT_MIN (zero, or denormal) quantizes to zeros with scale 0;
  * else q_k = round-half-even(x_k * (127 / amax)) clamped to [-127, 127]
  * and scale = amax / 127, all in float32 (the rounding by adding and
@@ -99,11 +99,18 @@ static void fastrnn_q_pack(const int8_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdiff_
  * format); returns its scale. */
 static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
     ptrdiff_t k, padded = fastrnn_q_quads(K) * 4;
-    float amax = 0.0f, inv, v;
+    float amax, inv, v;
+    uint32_t top = 0;
+    /* max |x_k| on the bit patterns: for finite floats without the sign
+     * bit, integer order is float order, and an integer max reduction
+     * vectorises (a float one does not without -ffast-math) */
     for (k = 0; k < K; k++) {
-        float a = x[k] < 0.0f ? -x[k] : x[k];
-        amax = a > amax ? a : amax;
+        uint32_t bits;
+        memcpy(&bits, x + k, 4);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
     }
+    memcpy(&amax, &top, 4);
     if (!(amax >= FLT_MIN)) {
         memset(q, FASTRNN_Q_OFFSET, (size_t)padded);
         return 0.0f;
