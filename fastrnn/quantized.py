@@ -409,3 +409,102 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
                             "LSTM or Linear)")
         return Sequential(layers)
     return _quantize_module("quantize", model, dtype, per_channel)
+
+
+# --- PyTorch's dynamically quantized modules ----------------------------------------------
+
+_TORCH_DYNAMIC = {"LSTM": QuantizedLSTM, "GRU": QuantizedGRU, "RNNCell": QuantizedRNNCell,
+                  "GRUCell": QuantizedGRUCell, "LSTMCell": QuantizedLSTMCell,
+                  "Linear": QuantizedLinear}
+TORCH_DYNAMIC_MODULE = "torch.ao.nn.quantized.dynamic"
+
+
+def is_torch_dynamic(module):
+    """Whether module is one of torch.ao.nn.quantized.dynamic's modules."""
+    return type(module).__module__.startswith(TORCH_DYNAMIC_MODULE)
+
+
+def _torch_weight(torch, name, tensor):
+    """(float32 weights q * s, per_channel) of one of PyTorch's quantized
+    weights; its -128s become -127 (fastrnn's int8 is symmetric)."""
+    owner = "from_torch"
+    if tensor.dtype != torch.qint8:
+        raise ValueError(f"{owner}: {name} is {tensor.dtype}; fastrnn imports int8 dynamic "
+                         f"quantization (dtype=torch.qint8) only")
+    scheme = tensor.qscheme()
+    if scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
+        if tensor.q_per_channel_axis() != 0:
+            raise ValueError(f"{owner}: {name} is quantized along axis "
+                             f"{tensor.q_per_channel_axis()}; expected per output row (axis 0)")
+        scales = tensor.q_per_channel_scales().to(torch.float32).numpy()
+        zero = tensor.q_per_channel_zero_points().numpy()
+        per_channel = True
+    elif scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        scales = np.full(tensor.shape[0], tensor.q_scale(), np.float32)
+        zero = np.array([tensor.q_zero_point()])
+        per_channel = False
+    else:
+        raise ValueError(f"{owner}: {name} has the quantization scheme {scheme}; expected "
+                         f"per tensor or per channel")
+    if np.any(zero != 0):
+        raise ValueError(f"{owner}: {name} has a non-zero zero point; fastrnn's int8 weights "
+                         f"are symmetric (zero point 0, PyTorch's default for qint8 weights)")
+    q = np.clip(tensor.int_repr().numpy().astype(np.int16), -127, 127).astype(np.float32)
+    return (q * scales.astype(np.float32)[:, None]).astype(np.float32), per_channel
+
+
+def from_torch_dynamic(module):
+    """The quantized fastrnn module of one of PyTorch's dynamically quantized
+    modules (torch.ao.quantization.quantize_dynamic with dtype=torch.qint8):
+    LSTM, GRU, RNNCell, GRUCell, LSTMCell or Linear. Its int8 weights and
+    scales are PyTorch's (a weight of -128, which PyTorch's [-128, 127]
+    allows, becomes -127); its float32 biases too. What differs at run time:
+    PyTorch quantizes a product's whole input with one asymmetric uint8
+    scale (7 bits with reduce_range, as on x86), fastrnn each row
+    symmetrically in 8 bits (see this module's docstring)."""
+    import torch
+    name = type(module).__name__
+    cls = _TORCH_DYNAMIC.get(name)
+    if cls is None:
+        raise TypeError(f"from_torch: expected one of {TORCH_DYNAMIC_MODULE}'s LSTM, GRU, "
+                        f"RNNCell, GRUCell, LSTMCell or Linear, got {name}")
+    packed = getattr(module, "_packed_params", None)    # Linear's
+    dtype = (getattr(module, "dtype", None) if name in ("LSTM", "GRU")
+             else getattr(module, "weight_dtype", getattr(packed, "dtype", None)))
+    if dtype != torch.qint8:
+        raise ValueError(f"from_torch: {name} was quantized to {dtype}; fastrnn imports int8 "
+                         f"dynamic quantization (dtype=torch.qint8) only")
+    if name == "Linear":
+        weight, per_channel = _torch_weight(torch, "Linear.weight", module.weight())
+        bias = module.bias()
+        result = QuantizedLinear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                 per_channel=per_channel)
+        state = {"weight": weight}
+        if bias is not None:
+            state["bias"] = bias.detach().to(torch.float32).numpy()
+        result.load_state_dict(state)
+        return result
+    weights = module.get_weight()
+    biases = module.get_bias()
+    state, schemes = {}, set()
+    for key, tensor in weights.items():
+        state[key], per_channel = _torch_weight(torch, f"{name}.{key}", tensor)
+        schemes.add(per_channel)
+    if len(schemes) != 1:
+        raise ValueError(f"from_torch: {name} mixes per-tensor and per-channel weights; "
+                         f"fastrnn quantizes a layer one way")
+    for key, tensor in biases.items():
+        if tensor is not None:
+            state[key] = tensor.detach().to(torch.float32).numpy()
+    kwargs = {"bias": bool(module.bias), "per_channel": schemes.pop()}
+    if name == "RNNCell":
+        kwargs["nonlinearity"] = module.nonlinearity
+    if name in ("LSTM", "GRU"):
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"from_torch: {name} has proj_size={module.proj_size}; fastrnn "
+                             f"does not implement LSTM projections")
+        kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
+                      dropout=float(module.dropout), bidirectional=bool(module.bidirectional))
+    result = cls(module.input_size, module.hidden_size, **kwargs)
+    result.load_state_dict(state)
+    return result
