@@ -378,10 +378,11 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
 
     Returns
     -------
-    The quantized model (``QuantizedLSTM``, ..., or a ``Sequential`` of
-    them), with the same call API. Its float32 parameters are copies of the
-    model's: ``state_dict``, ``fastrnn.save`` and pickling carry them and the
-    quantization settings, and the int8 weights are made from them.
+    QuantizedRNN, QuantizedGRU, QuantizedLSTM, QuantizedRNNCell, QuantizedGRUCell, QuantizedLSTMCell, QuantizedLinear or Sequential
+        The quantized model, with the same call API. Its float32 parameters
+        are copies of the model's: ``state_dict``, ``fastrnn.save`` and
+        pickling carry them and the quantization settings, and the int8
+        weights are made from them.
 
     Raises
     ------

@@ -630,3 +630,38 @@ def test_from_torch_dynamic_refuses_float16():
                                          r"fastrnn imports int8 dynamic quantization "
                                          r"\(dtype=torch.qint8\) only"):
         fastrnn.from_torch(half)
+
+
+def test_examples_task_metric_within_one_percent():
+    # the shipped examples' models, trained briefly (benchmarks/quantized_examples.py
+    # --quick; the full runs are in the README), quantized per channel: each
+    # task metric within 1% of float32's
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
+                        "quantized_examples.py")
+    if not os.path.exists(path):
+        pytest.skip("benchmarks/ is not in this tree (an sdist)")
+    spec = importlib.util.spec_from_file_location("quantized_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(quick=True)
+    assert set(results) == {"sunspots", "char-LM", "adding RNN", "adding GRU", "adding LSTM"}
+    for name, (ref, versions) in results.items():
+        change = abs(versions["int8 per-channel"] - ref) / ref
+        assert change < 0.01, (name, ref, versions)
+
+
+def test_dask_predict_on_worker_processes():
+    da = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
+    import fastrnn.dask as fdask
+    q = fastrnn.quantize(fastrnn.Sequential([fastrnn.GRU(2, 8, batch_first=True, seed=0),
+                                             fastrnn.LastStep(), fastrnn.Linear(8, 1, seed=1)]))
+    x = np.random.default_rng(16).standard_normal((120, 12, 2)).astype(F32)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        scores = fdask.predict(q, da.from_array(x, chunks=(40, 12, 2))).compute()
+    assert client.status == "closed"
+    # rows are independent of their batch (per-row scales): the same bits as one call
+    np.testing.assert_array_equal(scores, q.predict(x))
