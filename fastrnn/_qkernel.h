@@ -25,8 +25,9 @@
  * quads * 4 bytes (padding: the quantized zero). The int32 results have
  * blocks * 16 columns (the padding columns get 0).
  *
- * Quantizing an activation row x (K finite floats): amax = max |x_k|; a row with
- * amax below FLT_MIN (zero, or denormal) quantizes to zeros with scale 0;
+ * Quantizing an activation row x (K floats): amax = max |x_k|; a row with
+ * amax below FLT_MIN (zero, or denormal) quantizes to zeros with scale 0,
+ * a row holding NaN or inf to zeros with scale -1 (the callers refuse it);
  * else q_k = round-half-even(x_k * (127 / amax)) clamped to [-127, 127]
  * and scale = amax / 127, all in float32 (the rounding by adding and
  * subtracting 1.5 * 2^23, which is exact for |v| < 2^22 and the same on
@@ -96,7 +97,7 @@ static void fastrnn_q_pack(const int8_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdiff_
 }
 
 /* Quantize one row x (K floats) into q (quads * 4 bytes, the build's
- * format); returns its scale. */
+ * format); returns its scale (-1: x is not finite). */
 static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
     ptrdiff_t k, padded = fastrnn_q_quads(K) * 4;
     float amax, inv, v;
@@ -111,9 +112,11 @@ static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
         top = bits > top ? bits : top;
     }
     memcpy(&amax, &top, 4);
-    if (!(amax >= FLT_MIN)) {
+    if (top >= 0x7f800000u || !(amax >= FLT_MIN)) {
+        /* a zero (or denormal) row: zeros, scale 0; a row with NaN or inf:
+         * zeros, and -1 tells the caller */
         memset(q, FASTRNN_Q_OFFSET, (size_t)padded);
-        return 0.0f;
+        return top >= 0x7f800000u ? -1.0f : 0.0f;
     }
     inv = 127.0f / amax;
     for (k = 0; k < K; k++) {

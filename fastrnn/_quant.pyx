@@ -19,6 +19,7 @@
 # row t * B + b, or batch-first b * T + t), direction d owning a column
 # block of gx (R, dirs * G * H) and out (R, dirs * H).
 
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int8_t, int32_t, int64_t
 from libc.string cimport memset
 
@@ -131,6 +132,7 @@ cdef struct ProjectJob:
     int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes
     float* sbuf                  # per part: PROJECT_BLOCK scales
     int32_t* acc                 # per part: PROJECT_BLOCK rows of ldacc sums
+    int bad                      # set when a row of x is not finite
     Py_ssize_t rows[MAX_PARTS][2]
     Interrupt interrupt
 
@@ -153,6 +155,8 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
         n = min(<Py_ssize_t>PROJECT_BLOCK, r1 - start)
         for i in range(n):
             s[i] = fastrnn_q_row(j.x + (start + i) * j.D, j.D, q + i * j.qrow)
+            if s[i] < 0:
+                j.bad = 1
         fastrnn_q_gemm(n, j.D, q, j.qrow, j.w.panels, j.w.comp, j.N, acc, j.ldacc)
         for i in range(n):
             _dequant(acc + i * j.ldacc, s[i], j.w.scale, j.bias, j.gx + (start + i) * j.N, j.N)
@@ -160,34 +164,43 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
     fastrnn_restore_fpenv(fpenv)
 
 
+cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, QView w,
+                                const float* bias, float* gx, char* scratch,
+                                Py_ssize_t nparts) noexcept nogil:
+    """The job of one projection; scratch: _project_scratch(D, N, nparts) bytes."""
+    job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
+    job.qrow = fastrnn_q_quads(D) * 4
+    job.ldacc = fastrnn_q_blocks(w.N) * 16
+    job.bad = 0
+    job.acc = <int32_t*>scratch
+    job.sbuf = <float*>(scratch + nparts * PROJECT_BLOCK * job.ldacc * 4)
+    job.qbuf = <int8_t*>(job.sbuf + nparts * PROJECT_BLOCK)
+
+
+cdef inline Py_ssize_t _project_scratch(Py_ssize_t D, Py_ssize_t N,
+                                        Py_ssize_t nparts) noexcept nogil:
+    return nparts * PROJECT_BLOCK * (fastrnn_q_blocks(N) * 16 * 4 + 4 + fastrnn_q_quads(D) * 4)
+
+
 def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
             const float[::1] bias_x, float[:, ::1] gx not None, parts):
     """gx (R, N) = the int8 product of x (R, D) quantized per row and
-    w_ih (N, D), dequantized, + bias_x (N,) (None: no bias). ``parts``:
-    row ranges (r0, r1), one per thread."""
+    w_ih (N, D), dequantized, + bias_x (N,) (None: no bias); ``parts``: row
+    ranges (r0, r1), one per thread. Returns False if a row of x is not
+    finite (gx is then not meaningful)."""
     cdef ProjectJob job
-    cdef Py_ssize_t nparts = len(parts)
-    cdef int8_t[::1] qbuf
-    cdef float[::1] sbuf
-    cdef int32_t[::1] acc
+    cdef unsigned char[::1] scratch
     if x.shape[0] == 0:
-        return
+        return True
     if x.shape[1] != w_ih.K or gx.shape[1] != w_ih.N or gx.shape[0] != x.shape[0] or (
             bias_x is not None and bias_x.shape[0] != w_ih.N):
         raise ValueError("project: the arrays do not fit the weights")
-    job.x = &x[0, 0]
-    job.bias = NULL if bias_x is None else &bias_x[0]
-    job.gx = &gx[0, 0]
-    job.D = x.shape[1]
-    job.N = w_ih.N
-    job.qrow = fastrnn_q_quads(job.D) * 4
-    job.ldacc = fastrnn_q_blocks(job.N) * 16
-    job.w = w_ih.view
-    qbuf = np.empty(nparts * PROJECT_BLOCK * job.qrow, np.int8)
-    sbuf = np.empty(nparts * PROJECT_BLOCK, np.float32)
-    acc = np.empty(nparts * PROJECT_BLOCK * job.ldacc, np.int32)
-    job.qbuf, job.sbuf, job.acc = &qbuf[0], &sbuf[0], &acc[0]
+    scratch = np.empty(_project_scratch(w_ih.K, w_ih.N, len(parts)), np.uint8)
+    _setup_project(&job, &x[0, 0], x.shape[1], w_ih.view,
+                   NULL if bias_x is None else &bias_x[0], &gx[0, 0], <char*>&scratch[0],
+                   len(parts))
     run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
+    return not job.bad
 
 
 # --- the time loops ---
@@ -208,6 +221,7 @@ cdef struct RecurJob:
     int32_t* acc
     float* gh
     float* acts
+    int bad                      # set when h is not finite (the initial state)
     Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt interrupt
 
@@ -238,6 +252,10 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef Py_ssize_t st, t, b, row
     cdef float* g_row
     cdef float* out_row
+    for b in range(B):     # only a caller's initial state can hold NaN or inf
+        if fastrnn_q_row(h + b * H, H, q) < 0:
+            j.bad = 1
+            return
     for st in range(j.T):
         if interrupted(&j.interrupt):
             return
@@ -296,66 +314,182 @@ cdef void _recur_job(void* arg, int part) noexcept nogil:
     fastrnn_restore_fpenv(fpenv)
 
 
-def recur(*, int cell, Py_ssize_t T, bint batch_first, parts, weights, weights_n,
-          const float[::1] bias_h, float[:, :, ::1] h not None, float[:, :, ::1] c,
-          float[:, ::1] gx not None, float[:, ::1] out not None,
-          const int64_t[::1] lengths):
-    """The time loops of one layer after ``project``: ``parts`` a list of
-    (d_lo, d_hi, b_lo, b_hi), one per thread, on disjoint memory.
+# --- a stack of layers ---
 
-    weights: per direction the QWeight of W_hh (the reset-before GRU: of its
-    r, z rows, and weights_n of its n rows; else None); bias_h the GRU's
-    recurrent bias (dirs * 3 * H,) or None (other cells fold it into gx);
-    h, c (dirs, B, H) the initial state in, the final state out (c: LSTM
-    only); gx (R, dirs * G * H) from ``project``, used as scratch; out
-    (R, dirs * H); lengths (B,) or None. Shapes are the caller's to check.
-    """
-    cdef RecurJob job
-    cdef Py_ssize_t d, H = h.shape[2], G = num_gates(cell)
-    cdef QWeight qw
-    cdef int8_t[::1] qbuf
-    cdef float[::1] sbuf, ghbuf, actsbuf
-    cdef int32_t[::1] acc
-    if T == 0 or h.shape[1] == 0:
-        return
-    job.cell = cell
-    job.T = T
-    job.B = h.shape[1]
-    job.H = H
-    job.dirs = h.shape[0]
-    if len(weights) != job.dirs or (cell == GRU_RESET_BEFORE) != (weights_n is not None):
-        raise ValueError("recur: the weights do not fit the layer")
-    for d in range(job.dirs):
-        qw = weights[d]
-        if qw.K != H or qw.N != (2 if cell == GRU_RESET_BEFORE else G) * H:
-            raise ValueError("recur: the weights do not fit the layer")
-        job.w[d] = qw.view
-        if weights_n is not None:
-            qw = weights_n[d]
-            if qw.K != H or qw.N != H:
-                raise ValueError("recur: the weights do not fit the layer")
-            job.wn[d] = qw.view
-    job.row_t = 1 if batch_first else job.B
-    job.row_b = T if batch_first else 1
-    job.qrow = fastrnn_q_quads(H) * 4
-    job.ldacc = fastrnn_q_blocks(G * H) * 16
-    job.gx = &gx[0, 0]
-    job.bias_h = NULL if bias_h is None else &bias_h[0]
-    job.h = &h[0, 0, 0]
-    job.c = NULL if c is None else &c[0, 0, 0]
-    job.out = &out[0, 0]
-    job.lengths = NULL if lengths is None else &lengths[0]
-    rows = job.dirs * job.B
-    qbuf = np.empty(rows * job.qrow, np.int8)
-    sbuf = np.empty(rows, np.float32)
-    acc = np.empty(rows * job.ldacc, np.int32)
-    actsbuf = np.empty(rows * 4 * H, np.float32)
-    job.qbuf, job.sbuf, job.acc, job.acts = &qbuf[0], &sbuf[0], &acc[0], &actsbuf[0]
-    job.gh = NULL
-    if cell == GRU:
-        ghbuf = np.empty(rows * G * H, np.float32)
-        job.gh = &ghbuf[0]
-    run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
+cdef struct QLayer:
+    QView w_ih                   # every direction's W_ih stacked
+    QView w_hh[2]
+    QView w_hn[2]
+    const float* bias_x
+    const float* bias_h
+
+
+cdef class QStack:
+    """A quantized layer's weights as ``forward`` reads them: per layer
+    (w_ih, [w_hh per direction], [w_hn per direction] or None, bias_x,
+    bias_h), QWeights and float32 biases (None: none), kept alive here."""
+    cdef QLayer* layers
+    cdef readonly int cell, dirs, num_layers
+    cdef readonly Py_ssize_t input_size, hidden_size
+    cdef object keep
+
+    def __cinit__(self):
+        self.layers = NULL
+
+    def __init__(self, int cell, Py_ssize_t input_size, Py_ssize_t hidden_size, int dirs,
+                 list layers not None):
+        cdef Py_ssize_t k, d, G = num_gates(cell), H = hidden_size
+        cdef QWeight qw
+        cdef const float[::1] bias
+        if dirs not in (1, 2) or not layers:
+            raise ValueError("QStack: expected 1 or 2 directions and at least one layer")
+        self.cell, self.dirs, self.num_layers = cell, dirs, len(layers)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.keep = layers
+        self.layers = <QLayer*>PyMem_Malloc(len(layers) * sizeof(QLayer))
+        if self.layers == NULL:
+            raise MemoryError()
+        for k, (w_ih, w_hh, w_hn, bias_x, bias_h) in enumerate(layers):
+            qw = w_ih
+            if qw.N != dirs * G * H or qw.K != (input_size if k == 0 else dirs * H):
+                raise ValueError(f"QStack: layer {k}'s W_ih does not fit")
+            self.layers[k].w_ih = qw.view
+            if len(w_hh) != dirs or (cell == GRU_RESET_BEFORE) != (w_hn is not None):
+                raise ValueError(f"QStack: layer {k}'s W_hh does not fit")
+            for d in range(dirs):
+                qw = w_hh[d]
+                if qw.K != H or qw.N != (2 if cell == GRU_RESET_BEFORE else G) * H:
+                    raise ValueError(f"QStack: layer {k}'s W_hh does not fit")
+                self.layers[k].w_hh[d] = qw.view
+                if w_hn is not None:
+                    qw = w_hn[d]
+                    if qw.K != H or qw.N != H:
+                        raise ValueError(f"QStack: layer {k}'s W_hn does not fit")
+                    self.layers[k].w_hn[d] = qw.view
+            self.layers[k].bias_x = NULL
+            self.layers[k].bias_h = NULL
+            if bias_x is not None:
+                bias = bias_x
+                if bias.shape[0] != dirs * G * H:
+                    raise ValueError(f"QStack: layer {k}'s bias does not fit")
+                self.layers[k].bias_x = &bias[0]
+            if bias_h is not None:
+                bias = bias_h
+                if bias.shape[0] != dirs * G * H or cell != GRU:
+                    raise ValueError(f"QStack: layer {k}'s recurrent bias does not fit")
+                self.layers[k].bias_h = &bias[0]
+
+    def __dealloc__(self):
+        PyMem_Free(self.layers)
+
+    def __reduce__(self):
+        raise TypeError("QStack is rebuilt from its quantized layer's arrays, not pickled")
+
+
+cdef inline char* _aligned(char* p) noexcept nogil:
+    return p + ((-<Py_ssize_t>p) & 63)
+
+
+def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t T,
+            bint batch_first, float[:, :, ::1] h not None, float[:, :, ::1] c,
+            float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct):
+    """Every layer of ``stack`` on x (R = T * B rows in the input's order,
+    D), h, c (layers * dirs, B, H) the initial state in and the final state
+    out (c: LSTM only), out (R, dirs * H) the last layer's output, lengths
+    (B,) or None, ``parts`` (d_lo, d_hi, b_lo, b_hi) one per thread (the
+    projections split the rows as many ways). ``direct``: one part, small:
+    run on this thread without the dispatch (and without polling for
+    Ctrl-C). Shapes are the caller's to check.
+
+    Returns 0, or 1 if a row of x is not finite, 2 if the initial state is
+    not (the outputs are then not meaningful)."""
+    cdef ProjectJob pjob
+    cdef RecurJob rjob
+    cdef Py_ssize_t B = h.shape[1], H = stack.hidden_size, dirs = stack.dirs
+    cdef Py_ssize_t G = num_gates(stack.cell), N = dirs * G * H
+    cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
+    cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
+    cdef Py_ssize_t rows = dirs * B, qrow = fastrnn_q_quads(H) * 4
+    cdef Py_ssize_t ldacc = fastrnn_q_blocks(G * H) * 16
+    cdef Py_ssize_t sizes[9]
+    cdef char* base
+    cdef char* ptr[9]
+    cdef unsigned char[::1] scratch
+    cdef float* layer_in
+    cdef float* layer_out
+    cdef float* spare
+    cdef const QLayer* layer
+    if R == 0 or B == 0:
+        return 0
+    # one scratch buffer: gx, two layer buffers, the recurrence's rows, the
+    # projection's blocks; each part 64-byte aligned
+    sizes[0] = R * N * 4
+    sizes[1] = R * dirs * H * 4 if L > 1 else 0
+    sizes[2] = R * dirs * H * 4 if L > 2 else 0
+    sizes[3] = rows * qrow
+    sizes[4] = rows * 4
+    sizes[5] = rows * ldacc * 4
+    sizes[6] = rows * G * H * 4 if stack.cell == GRU else 0
+    sizes[7] = rows * 4 * H * 4
+    sizes[8] = _project_scratch(D_max, N, nparts)
+    total = 0
+    for k in range(9):
+        total += sizes[k] + 64
+    scratch = np.empty(total + 64, np.uint8)
+    base = _aligned(<char*>&scratch[0])
+    for k in range(9):
+        ptr[k] = base
+        base = _aligned(base + sizes[k])
+    rjob.cell = stack.cell
+    rjob.T, rjob.B, rjob.H, rjob.dirs = T, B, H, dirs
+    rjob.row_t = 1 if batch_first else B
+    rjob.row_b = T if batch_first else 1
+    rjob.qrow, rjob.ldacc = qrow, ldacc
+    rjob.gx = <float*>ptr[0]
+    rjob.qbuf, rjob.sbuf, rjob.acc = <int8_t*>ptr[3], <float*>ptr[4], <int32_t*>ptr[5]
+    rjob.gh = <float*>ptr[6] if stack.cell == GRU else NULL
+    rjob.acts = <float*>ptr[7]
+    rjob.lengths = NULL if lengths is None else &lengths[0]
+    rjob.bad = 0
+    if direct:
+        pjob.interrupt.stop = rjob.interrupt.stop = 0
+        pjob.interrupt.polls = rjob.interrupt.polls = False
+        pjob.rows[0][0], pjob.rows[0][1] = 0, R
+        for p in range(4):
+            rjob.ranges[0][p] = parts[0][p]
+    project_parts = [(r0, r1) for r0, r1 in
+                     [(p * R // nparts, (p + 1) * R // nparts) for p in range(nparts)]]
+    layer_in = <float*>&x[0, 0]
+    for k in range(L):
+        layer = &stack.layers[k]
+        if k == L - 1:
+            layer_out = &out[0, 0]
+        else:
+            layer_out = <float*>ptr[1 + k % 2]
+        _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
+                       layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts)
+        rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
+        rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
+        rjob.bias_h = layer.bias_h
+        rjob.h = &h[k * dirs, 0, 0]
+        rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
+        rjob.out = layer_out
+        if direct:
+            with nogil:
+                _project_job(&pjob, 0)
+                if not pjob.bad:
+                    _recur_job(&rjob, 0)
+        else:
+            run_parts(_project_job, &pjob, &pjob.rows[0][0], 2, project_parts,
+                      &pjob.interrupt)
+            if not pjob.bad:
+                run_parts(_recur_job, &rjob, &rjob.ranges[0][0], 4, parts, &rjob.interrupt)
+        if pjob.bad:
+            return 1
+        if rjob.bad:
+            return 2
+        layer_in = layer_out
+    return 0
 
 
 # --- for the tests: the pieces, exposed ---

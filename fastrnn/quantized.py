@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -80,6 +80,16 @@ def _load_int8():
 
 _quant, INT8_SIMD = _load_int8()
 
+# Below this work estimate (the plan's units) a one-part call runs on the
+# calling thread without the parts' dispatch: about 8 us of the 20 us a
+# batch-1 LSTMCell(64, 128)-sized call took (measured 2026-12-01).
+DIRECT_WORK = 1 << 22
+
+
+class _Stack(NamedTuple):
+    kernel: Any      # _quant.QStack
+    layers: list     # per layer (w_ih, w_hh, w_hn, bias_x, bias_h)
+
 
 def quantize_weight(w, per_channel, tensors=1):
     """(q, scale): w (N, K) float32 as symmetric int8 and its float32 scale
@@ -106,12 +116,6 @@ def _check_weight_dtype(owner, weight_dtype):
     return weight_dtype
 
 
-def _finite(owner, name, arr):
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf); int8 "
-                         f"quantization needs finite values")
-
-
 class _Quantized:
     """What the quantized layers and cells add to their float class."""
 
@@ -134,12 +138,17 @@ class _Quantized:
         """Per layer (w_ih, w_hh per direction, w_hn per direction or None,
         bias_x, bias_h): QWeights and float32 biases, made once per
         parameter set and kept with it."""
-        layers = params.cache.get("int8")
-        if layers is None:
+        return self._stack(params).layers
+
+    def _stack(self, params):
+        """The kernels' view of the quantized weights (``_quant.QStack``),
+        made once per parameter set and kept with it."""
+        stack = params.cache.get("int8")
+        if stack is None:
             layers = []
             per_channel = self._config["per_channel"]
-            H, dirs, GH = self._config["hidden_size"], self._dirs, self._gates * \
-                self._config["hidden_size"]
+            H, dirs = self._config["hidden_size"], self._dirs
+            GH = self._gates * H
             reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
             for w_ih, w_hh, b_ih, b_hh in zip(*self._weights(params)):
                 q, s = quantize_weight(w_ih, per_channel, dirs)
@@ -162,8 +171,10 @@ class _Quantized:
                 else:
                     bias_x, bias_h = b_ih + b_hh, None
                 layers.append((qw_ih, qw_hh, qw_hn, bias_x, bias_h))
-            params.cache["int8"] = layers
-        return layers
+            stack = _Stack(_quant.QStack(self._kernel_code, self._config["input_size"], H,
+                                         dirs, layers), layers)
+            params.cache["int8"] = stack
+        return stack
 
     def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
         """Every layer on the int8 kernels; x (T, B, D) or (B, T, D)
@@ -171,22 +182,16 @@ class _Quantized:
         initial state and end as the final one."""
         H, dirs = self._config["hidden_size"], self._dirs
         N = dirs * self._gates * H
-        rows = T * B
-        parts = _plan.split(dirs, B, T * B * N * (H + 20) // 4)
-        gx = np.empty((rows, N), np.float32)
-        layer_in = x.reshape(rows, -1)
-        layers = self._quantized(params)
-        for k, (w_ih, w_hh, w_hn, bias_x, bias_h) in enumerate(layers):
-            layer_out = (out.reshape(rows, -1) if k == len(layers) - 1
-                         else np.empty((rows, dirs * H), np.float32))
-            _quant.project(x=layer_in, w_ih=w_ih, bias_x=bias_x, gx=gx,
-                           parts=_plan.halves(rows, parts))
-            _quant.recur(cell=self._kernel_code, T=T, batch_first=batch_first, parts=parts,
-                         weights=w_hh, weights_n=w_hn, bias_h=bias_h,
-                         h=h_n[k * dirs:(k + 1) * dirs],
-                         c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs],
-                         gx=gx, out=layer_out, lengths=lengths)
-            layer_in = layer_out
+        work = T * B * N * (H + 20) // 4
+        parts = _plan.split(dirs, B, work)
+        outcome = _quant.forward(
+            self._stack(params).kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first,
+            h=h_n, c=c_n, out=out.reshape(T * B, -1), lengths=lengths, parts=parts,
+            direct=len(parts) == 1 and work < DIRECT_WORK)
+        if outcome:
+            raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
+                             f"non-finite values (NaN or inf); int8 quantization needs finite "
+                             f"values")
 
     def _refuse_training(self, what):
         raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
@@ -212,9 +217,6 @@ class _QuantizedLayer(_Quantized):
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
         call = self._prepare(x, hx, lengths)
-        owner = type(self).__name__
-        _finite(owner, "input", call.x)
-        _finite(owner, "hx", call.h_n)
         if call.B > 0:
             self._qrun(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
                        call.out, call.lengths)
@@ -228,9 +230,6 @@ class _QuantizedCell(_Quantized):
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         params = self._params
         x, B, batched, h, c = self._prepare(x, hx)
-        owner = type(self).__name__
-        _finite(owner, "input", x)
-        _finite(owner, "hx", h)
         if B > 0:   # one step: h, c become the new state
             self._qrun(params, x[None], 1, B, False, h[None], None if c is None else c[None],
                        np.empty((1, B, self._config["hidden_size"]), np.float32), None)
@@ -318,14 +317,15 @@ class QuantizedLinear(Linear):
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         x = self._check(x)
-        _finite("QuantizedLinear", "input", x)
         params = self._params
         w, bias = self._qweight(params)
         rows = x.reshape(-1, x.shape[-1])
         y = np.empty((rows.shape[0], w.N), np.float32)
         parts = _plan.split(1, rows.shape[0], rows.shape[0] * w.N * w.K // 4)
-        _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
-                       parts=_plan.halves(rows.shape[0], parts))
+        if not _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
+                              parts=_plan.halves(rows.shape[0], parts)):
+            raise ValueError("QuantizedLinear: input has non-finite values (NaN or inf); int8 "
+                             "quantization needs finite values")
         return y.reshape(x.shape[:-1] + (w.N,))
 
     _seq_infer = __call__
