@@ -137,25 +137,72 @@ static inline int32_t fastrnn_q_load4(const int8_t* p) {
     return v;
 }
 
-/* The tiles: rows of a (lda bytes apart) times FASTRNN_Q_NV blocks of the
- * packed panel (bstride bytes from one block to the next) into c (int32,
- * ldc apart, 16 columns per block). Every accumulator is a named variable
- * (GCC keeps an array of vectors in memory). The one-row tile keeps two
- * sums per column, over the even and the odd quads (integer sums: the
- * order does not matter), for twice the chains in flight. */
-#if defined(FASTRNN_Q_VNNI)
+/* Where a product's sums go. With y NULL: the int32 sums to c (rows ldc
+ * apart, whole blocks). Else dequantized in the tile, columns n < cols
+ * only: y[m][n] = add[m][n] + float(sum) * (rs[m] * cs[n]), add rows
+ * ld_add apart (0: one row, a bias, for all; add NULL: nothing added; add
+ * may be y itself), cs padded to whole blocks. The float32 operations are
+ * those of the order written, in every build. */
+typedef struct {
+    int32_t* c;
+    ptrdiff_t ldc;
+    const float* rs;
+    const float* cs;
+    const float* add;
+    ptrdiff_t ld_add;
+    float* y;
+    ptrdiff_t ldy;
+    ptrdiff_t cols;
+} fastrnn_q_out;
+
+/* The tiles: rows [m0, m0 + rows) of a (lda bytes apart, a pointing at
+ * row m0) times FASTRNN_Q_NV blocks of the packed panel (bstride bytes
+ * from one block to the next), the group's columns starting at col0. Every
+ * accumulator is a named variable (GCC keeps an array of vectors in
+ * memory). The one-row tile keeps two sums per column, over the even and
+ * the odd quads (integer sums: the order does not matter), for twice the
+ * chains in flight. */
 #define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
-    ptrdiff_t bstride, const int32_t* comp, int32_t* c, ptrdiff_t ldc
+    ptrdiff_t bstride, const int32_t* comp, const fastrnn_q_out* o, ptrdiff_t m0, ptrdiff_t col0
+
+#if defined(FASTRNN_Q_VNNI)
+static inline __mmask16 fastrnn_q_mask(ptrdiff_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+    __m512i v[4];
+    __m512 sr, p;
+    ptrdiff_t k, left = o->cols - col0;
+    float* y;
+    const float* add;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    if (o->y == NULL) {
+        for (k = 0; k < 4; k++)
+            _mm512_storeu_si512((void*)(o->c + m * o->ldc + col0 + 16 * k), v[k]);
+        return;
+    }
+    sr = _mm512_set1_ps(o->rs[m]);
+    y = o->y + m * o->ldy + col0;
+    add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    for (k = 0; k < 4 && left > 16 * k; k++) {
+        __mmask16 mask = fastrnn_q_mask(left - 16 * k);
+        p = _mm512_mul_ps(_mm512_cvtepi32_ps(v[k]),
+                          _mm512_mul_ps(sr, _mm512_loadu_ps(o->cs + col0 + 16 * k)));
+        if (add != NULL)
+            p = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, add + 16 * k), p);
+        _mm512_mask_storeu_ps(y + 16 * k, mask, p);
+    }
+}
+
 #define Q_DP _mm512_dpbusd_epi32
 #define Q_LOADW(v) __m512i w##v = _mm512_loadu_si512((const void*)(panel + (v) * bstride + kq * 64))
 #define Q_INIT(r) __m512i c##r##0 = s0, c##r##1 = s1, c##r##2 = s2, c##r##3 = s3
 #define Q_ROW(r) b = _mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));            \
     c##r##0 = Q_DP(c##r##0, b, w0); c##r##1 = Q_DP(c##r##1, b, w1);                         \
     c##r##2 = Q_DP(c##r##2, b, w2); c##r##3 = Q_DP(c##r##3, b, w3)
-#define Q_STORE(r) _mm512_storeu_si512((void*)(c + (r) * ldc), c##r##0);                    \
-    _mm512_storeu_si512((void*)(c + (r) * ldc + 16), c##r##1);                              \
-    _mm512_storeu_si512((void*)(c + (r) * ldc + 32), c##r##2);                              \
-    _mm512_storeu_si512((void*)(c + (r) * ldc + 48), c##r##3)
+#define Q_STORE(r) fastrnn_q_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
 #define Q_START __m512i s0 = _mm512_loadu_si512((const void*)comp),                         \
     s1 = _mm512_loadu_si512((const void*)(comp + 16)),                                      \
     s2 = _mm512_loadu_si512((const void*)(comp + 32)),                                      \
@@ -214,8 +261,34 @@ static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
 #elif defined(FASTRNN_Q_AVX2)
 /* a block is two ymm (columns 0-7, 8-15): w0, w1 of the first block, w2, w3
  * of the second */
-#define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
-    ptrdiff_t bstride, const int32_t* comp, int32_t* c, ptrdiff_t ldc
+static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    __m256i v[4];
+    __m256 sr, p;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    ptrdiff_t k, left = o->cols - col0;
+    float* y;
+    const float* add;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    if (o->y == NULL) {
+        for (k = 0; k < 4; k++)
+            _mm256_storeu_si256((__m256i*)(o->c + m * o->ldc + col0 + 8 * k), v[k]);
+        return;
+    }
+    sr = _mm256_set1_ps(o->rs[m]);
+    y = o->y + m * o->ldy + col0;
+    add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    for (k = 0; k < 4 && left > 8 * k; k++) {
+        ptrdiff_t n = left - 8 * k;
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), lane);
+        p = _mm256_mul_ps(_mm256_cvtepi32_ps(v[k]),
+                          _mm256_mul_ps(sr, _mm256_loadu_ps(o->cs + col0 + 8 * k)));
+        if (add != NULL)
+            p = _mm256_add_ps(_mm256_maskload_ps(add + 8 * k, mask), p);
+        _mm256_maskstore_ps(y + 8 * k, mask, p);
+    }
+}
+
 #define Q_LOADW(v) __m256i w##v = _mm256_loadu_si256(                                       \
     (const __m256i*)(panel + ((v) / 2) * bstride + kq * 64 + ((v) % 2) * 32))
 #define Q_MAC(acc, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(                         \
@@ -224,10 +297,7 @@ static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
 #define Q_ROW(r) b = _mm256_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));           \
     mag = _mm256_abs_epi8(b);                                                                \
     Q_MAC(c##r##0, w0); Q_MAC(c##r##1, w1); Q_MAC(c##r##2, w2); Q_MAC(c##r##3, w3)
-#define Q_STORE(r) _mm256_storeu_si256((__m256i*)(c + (r) * ldc), c##r##0);                  \
-    _mm256_storeu_si256((__m256i*)(c + (r) * ldc + 8), c##r##1);                             \
-    _mm256_storeu_si256((__m256i*)(c + (r) * ldc + 16), c##r##2);                            \
-    _mm256_storeu_si256((__m256i*)(c + (r) * ldc + 24), c##r##3)
+#define Q_STORE(r) fastrnn_q_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
 #define Q_START const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();   \
     __m256i b, mag; (void)comp
 
@@ -273,13 +343,12 @@ static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
 #endif
 
 #else
-#define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
-    ptrdiff_t bstride, const int32_t* comp, int32_t* c, ptrdiff_t ldc
 static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
     int32_t acc[16];
-    ptrdiff_t kq;
+    ptrdiff_t kq, col;
     int v, l, j;
     (void)comp;
+    (void)lda;
     for (v = 0; v < FASTRNN_Q_NV; v++) {
         const int8_t* p = panel + v * bstride;
         for (l = 0; l < 16; l++)
@@ -291,13 +360,24 @@ static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
                 for (j = 0; j < 4; j++)
                     acc[l] += (int32_t)ak[j] * (int32_t)pk[l * 4 + j];
         }
-        for (l = 0; l < 16; l++)
-            c[16 * v + l] = acc[l];
+        col = col0 + 16 * v;
+        if (o->y == NULL) {
+            for (l = 0; l < 16; l++)
+                o->c[m0 * o->ldc + col + l] = acc[l];
+        } else {
+            float s = o->rs[m0];
+            float* y = o->y + m0 * o->ldy;
+            const float* add = o->add == NULL ? NULL : o->add + m0 * o->ld_add;
+            for (l = 0; l < 16 && col + l < o->cols; l++) {
+                float prod = (float)acc[l] * (s * o->cs[col + l]);
+                y[col + l] = add == NULL ? prod : add[col + l] + prod;
+            }
+        }
     }
 }
 static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
-    fastrnn_q_tile1(quads, a, lda, panel, bstride, comp, c, ldc);
-    fastrnn_q_tile1(quads, a + lda, lda, panel, bstride, comp, c + ldc, ldc);
+    fastrnn_q_tile1(quads, a, lda, panel, bstride, comp, o, m0, col0);
+    fastrnn_q_tile1(quads, a + lda, lda, panel, bstride, comp, o, m0 + 1, col0);
 }
 #define FASTRNN_Q_BIG 2
 #define fastrnn_q_tile_big fastrnn_q_tile2
@@ -306,28 +386,57 @@ static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
 #define fastrnn_q_tile_big fastrnn_q_tile6
 #endif
 
-/* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = A (M rows of
- * quantized activations, lda bytes apart) . W^T over W packed by
- * fastrnn_q_pack (comp its column term). Columns in groups of
- * FASTRNN_Q_NV blocks, rows in tiles of FASTRNN_Q_BIG, then 2, then 1. */
-static void fastrnn_q_gemm(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
-                           const int8_t* packed, const int32_t* comp, ptrdiff_t N,
-                           int32_t* c, ptrdiff_t ldc) {
+/* The product of A (M rows of quantized activations, lda bytes apart) and
+ * W^T over W packed by fastrnn_q_pack (comp its column term), to ``o``.
+ * Columns in groups of FASTRNN_Q_NV blocks, rows in tiles of
+ * FASTRNN_Q_BIG, then 2, then 1. */
+static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                              const int8_t* packed, const int32_t* comp, ptrdiff_t N,
+                              const fastrnn_q_out* o) {
     ptrdiff_t quads = fastrnn_q_quads(K), blocks = fastrnn_q_blocks(N);
     ptrdiff_t bstride = quads * 64, nb0, m0;
     for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
         const int8_t* panel = packed + nb0 * bstride;
         const int32_t* start = comp + nb0 * 16;
         for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
-            fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, start,
-                               c + m0 * ldc + nb0 * 16, ldc);
+            fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, start, o, m0,
+                               nb0 * 16);
         for (; m0 + 2 <= M; m0 += 2)
-            fastrnn_q_tile2(quads, a + m0 * lda, lda, panel, bstride, start,
-                            c + m0 * ldc + nb0 * 16, ldc);
+            fastrnn_q_tile2(quads, a + m0 * lda, lda, panel, bstride, start, o, m0, nb0 * 16);
         if (m0 < M)
-            fastrnn_q_tile1(quads, a + m0 * lda, lda, panel, bstride, start,
-                            c + m0 * ldc + nb0 * 16, ldc);
+            fastrnn_q_tile1(quads, a + m0 * lda, lda, panel, bstride, start, o, m0, nb0 * 16);
     }
+}
+
+/* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = the int32 sums. */
+static void fastrnn_q_gemm(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                           const int8_t* packed, const int32_t* comp, ptrdiff_t N,
+                           int32_t* c, ptrdiff_t ldc) {
+    fastrnn_q_out o;
+    memset(&o, 0, sizeof o);
+    o.c = c;
+    o.ldc = ldc;
+    o.cols = N;
+    fastrnn_q_product(M, K, a, lda, packed, comp, N, &o);
+}
+
+/* y (M rows ldy apart, N columns) = add + the sums dequantized with the
+ * row scales rs and the column scales cs (see fastrnn_q_out). */
+static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                                   const int8_t* packed, const int32_t* comp, ptrdiff_t N,
+                                   const float* rs, const float* cs, const float* add,
+                                   ptrdiff_t ld_add, float* y, ptrdiff_t ldy) {
+    fastrnn_q_out o;
+    o.c = NULL;
+    o.ldc = 0;
+    o.rs = rs;
+    o.cs = cs;
+    o.add = add;
+    o.ld_add = ld_add;
+    o.y = y;
+    o.ldy = ldy;
+    o.cols = N;
+    fastrnn_q_product(M, K, a, lda, packed, comp, N, &o);
 }
 
 #endif

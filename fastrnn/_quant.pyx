@@ -43,6 +43,10 @@ cdef extern from "_qkernel.h":
     void fastrnn_q_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                         const int8_t* packed, const int32_t* comp, Py_ssize_t N, int32_t* c,
                         Py_ssize_t ldc) noexcept nogil
+    void fastrnn_q_gemm_dequant(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
+                                const int8_t* packed, const int32_t* comp, Py_ssize_t N,
+                                const float* rs, const float* cs, const float* add,
+                                Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
 
 # the instruction set of this build's products, and the largest K they take
 ISA = FASTRNN_Q_ISA.decode()
@@ -83,15 +87,17 @@ cdef class QWeight:
         start = (-buffer.ctypes.data) % 64      # panels on cache lines
         self.packed = buffer[start:start + size]
         self.comp = np.empty(fastrnn_q_blocks(N) * 16, np.int32)
-        self.scale = np.array(scale, np.float32)
-        self.scale.flags.writeable = False
+        padded = np.zeros(fastrnn_q_blocks(N) * 16, np.float32)   # read by whole blocks
+        padded[:N] = scale
+        padded.flags.writeable = False
+        self.scale = padded[:N]
         packed, comp = self.packed, self.comp
         with nogil:
             fastrnn_q_pack(&w[0, 0], K, K, N, &packed[0], &comp[0])
         self.packed.flags.writeable = False
         self.comp.flags.writeable = False
         self.K, self.N = K, N
-        cdef const float[::1] scales = self.scale
+        cdef const float[::1] scales = padded
         self.view.panels = &packed[0]
         self.view.comp = &comp[0]
         self.view.scale = &scales[0]
@@ -101,37 +107,16 @@ cdef class QWeight:
         raise TypeError("QWeight is rebuilt from its quantized layer's arrays, not pickled")
 
 
-cdef inline void _dequant(const int32_t* acc, float s, const float* scale, const float* bias,
-                          float* y, Py_ssize_t N) noexcept nogil:
-    """y = float(acc) * (s * scale) (+ bias)."""
-    cdef Py_ssize_t n
-    if bias != NULL:
-        for n in range(N):
-            y[n] = <float>acc[n] * (s * scale[n]) + bias[n]
-    else:
-        for n in range(N):
-            y[n] = <float>acc[n] * (s * scale[n])
-
-
-cdef inline void _dequant_add(const int32_t* acc, float s, const float* scale, float* y,
-                              Py_ssize_t N) noexcept nogil:
-    """y += float(acc) * (s * scale)."""
-    cdef Py_ssize_t n
-    for n in range(N):
-        y[n] = y[n] + <float>acc[n] * (s * scale[n])
-
-
 # --- the input projection ---
 
 cdef struct ProjectJob:
     const float* x
     const float* bias
     float* gx
-    Py_ssize_t D, N, qrow, ldacc
+    Py_ssize_t D, N, qrow
     QView w
     int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes
     float* sbuf                  # per part: PROJECT_BLOCK scales
-    int32_t* acc                 # per part: PROJECT_BLOCK rows of ldacc sums
     int bad                      # set when a row of x is not finite
     Py_ssize_t rows[MAX_PARTS][2]
     Interrupt interrupt
@@ -142,7 +127,6 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
     cdef Py_ssize_t r0 = j.rows[part][0], r1 = j.rows[part][1]
     cdef int8_t* q = j.qbuf + part * PROJECT_BLOCK * j.qrow
     cdef float* s = j.sbuf + part * PROJECT_BLOCK
-    cdef int32_t* acc = j.acc + part * PROJECT_BLOCK * j.ldacc
     cdef Py_ssize_t start, n, i
     cdef unsigned int fpenv
     if r1 <= r0:
@@ -157,9 +141,8 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
             s[i] = fastrnn_q_row(j.x + (start + i) * j.D, j.D, q + i * j.qrow)
             if s[i] < 0:
                 j.bad = 1
-        fastrnn_q_gemm(n, j.D, q, j.qrow, j.w.panels, j.w.comp, j.N, acc, j.ldacc)
-        for i in range(n):
-            _dequant(acc + i * j.ldacc, s[i], j.w.scale, j.bias, j.gx + (start + i) * j.N, j.N)
+        fastrnn_q_gemm_dequant(n, j.D, q, j.qrow, j.w.panels, j.w.comp, j.N, s, j.w.scale,
+                               j.bias, 0, j.gx + start * j.N, j.N)
         start += n
     fastrnn_restore_fpenv(fpenv)
 
@@ -170,16 +153,14 @@ cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, Q
     """The job of one projection; scratch: _project_scratch(D, N, nparts) bytes."""
     job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
     job.qrow = fastrnn_q_quads(D) * 4
-    job.ldacc = fastrnn_q_blocks(w.N) * 16
     job.bad = 0
-    job.acc = <int32_t*>scratch
-    job.sbuf = <float*>(scratch + nparts * PROJECT_BLOCK * job.ldacc * 4)
+    job.sbuf = <float*>scratch
     job.qbuf = <int8_t*>(job.sbuf + nparts * PROJECT_BLOCK)
 
 
 cdef inline Py_ssize_t _project_scratch(Py_ssize_t D, Py_ssize_t N,
                                         Py_ssize_t nparts) noexcept nogil:
-    return nparts * PROJECT_BLOCK * (fastrnn_q_blocks(N) * 16 * 4 + 4 + fastrnn_q_quads(D) * 4)
+    return nparts * PROJECT_BLOCK * (4 + fastrnn_q_quads(D) * 4)
 
 
 def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
@@ -207,7 +188,7 @@ def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
 
 cdef struct RecurJob:
     int cell
-    Py_ssize_t T, B, H, dirs, row_t, row_b, qrow, ldacc
+    Py_ssize_t T, B, H, dirs, row_t, row_b, qrow
     float* gx
     const float* bias_h          # GRU: the recurrent bias (dirs * G * H), or NULL
     float* h
@@ -218,7 +199,6 @@ cdef struct RecurJob:
     QView wn[2]                  # reset-before GRU: W_hn per direction
     int8_t* qbuf                 # scratch rows, one per (direction, batch row)
     float* sbuf
-    int32_t* acc
     float* gh
     float* acts
     int bad                      # set when h is not finite (the initial state)
@@ -233,12 +213,11 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef Py_ssize_t H = j.H, B = b_hi - b_lo
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = j.dirs * GH, h_cols = j.dirs * H
-    cdef Py_ssize_t row_t = j.row_t, row_b = j.row_b, qrow = j.qrow, ldacc = j.ldacc
+    cdef Py_ssize_t row_t = j.row_t, row_b = j.row_b, qrow = j.qrow
     cdef Py_ssize_t base = d * j.B + b_lo          # this part's first scratch row
     cdef Py_ssize_t first = b_lo * row_b
     cdef int8_t* q = j.qbuf + base * qrow
     cdef float* s = j.sbuf + base
-    cdef int32_t* acc = j.acc + base * ldacc
     cdef float* gh = NULL if j.gh == NULL else j.gh + base * GH
     cdef float* acts = j.acts + base * 4 * H
     cdef float* h = j.h + base * H
@@ -251,6 +230,7 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef const QView* wn = &j.wn[d]
     cdef Py_ssize_t st, t, b, row
     cdef float* g_row
+    cdef float* g_t
     cdef float* out_row
     for b in range(B):     # only a caller's initial state can hold NaN or inf
         if fastrnn_q_row(h + b * H, H, q) < 0:
@@ -263,24 +243,22 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
         # the recurrent product of h quantized per row
         for b in range(B):
             s[b] = fastrnn_q_row(h + b * H, H, q + b * qrow)
-        fastrnn_q_gemm(B, H, q, qrow, w.panels, w.comp, w.N, acc, ldacc)
+        g_t = gx + t * row_t * gx_cols
         if cell == GRU:
-            for b in range(B):
-                _dequant(acc + b * ldacc, s[b], w.scale, bias_h, gh + b * GH, GH)
+            fastrnn_q_gemm_dequant(B, H, q, qrow, w.panels, w.comp, w.N, s, w.scale, bias_h, 0,
+                                   gh, GH)
         else:
-            for b in range(B):
-                row = t * row_t + b * row_b
-                _dequant_add(acc + b * ldacc, s[b], w.scale, gx + row * gx_cols, w.N)
+            fastrnn_q_gemm_dequant(B, H, q, qrow, w.panels, w.comp, w.N, s, w.scale, g_t,
+                                   row_b * gx_cols, g_t, row_b * gx_cols)
             if cell == GRU_RESET_BEFORE:
                 # r, z, then the n product of r * h quantized per row
                 for b in range(B):
                     row = t * row_t + b * row_b
                     gru_reset_gates_row(gx + row * gx_cols, h + b * H, acts + b * 4 * H, H)
                     s[b] = fastrnn_q_row(acts + b * 4 * H + 3 * H, H, q + b * qrow)
-                fastrnn_q_gemm(B, H, q, qrow, wn.panels, wn.comp, wn.N, acc, ldacc)
-                for b in range(B):
-                    row = t * row_t + b * row_b
-                    _dequant_add(acc + b * ldacc, s[b], wn.scale, gx + row * gx_cols + 2 * H, H)
+                fastrnn_q_gemm_dequant(B, H, q, qrow, wn.panels, wn.comp, wn.N, s, wn.scale,
+                                       g_t + 2 * H, row_b * gx_cols, g_t + 2 * H,
+                                       row_b * gx_cols)
         # the gate pass, row by row
         for b in range(B):
             row = t * row_t + b * row_b
@@ -410,7 +388,6 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
     cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
     cdef Py_ssize_t rows = dirs * B, qrow = fastrnn_q_quads(H) * 4
-    cdef Py_ssize_t ldacc = fastrnn_q_blocks(G * H) * 16
     cdef Py_ssize_t sizes[9]
     cdef char* base
     cdef char* ptr[9]
@@ -428,7 +405,7 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     sizes[2] = R * dirs * H * 4 if L > 2 else 0
     sizes[3] = rows * qrow
     sizes[4] = rows * 4
-    sizes[5] = rows * ldacc * 4
+    sizes[5] = 0
     sizes[6] = rows * G * H * 4 if stack.cell == GRU else 0
     sizes[7] = rows * 4 * H * 4
     sizes[8] = _project_scratch(D_max, N, nparts)
@@ -444,9 +421,9 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     rjob.T, rjob.B, rjob.H, rjob.dirs = T, B, H, dirs
     rjob.row_t = 1 if batch_first else B
     rjob.row_b = T if batch_first else 1
-    rjob.qrow, rjob.ldacc = qrow, ldacc
+    rjob.qrow = qrow
     rjob.gx = <float*>ptr[0]
-    rjob.qbuf, rjob.sbuf, rjob.acc = <int8_t*>ptr[3], <float*>ptr[4], <int32_t*>ptr[5]
+    rjob.qbuf, rjob.sbuf = <int8_t*>ptr[3], <float*>ptr[4]
     rjob.gh = <float*>ptr[6] if stack.cell == GRU else NULL
     rjob.acts = <float*>ptr[7]
     rjob.lengths = NULL if lengths is None else &lengths[0]
