@@ -388,24 +388,29 @@ static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
 
 /* The product of A (M rows of quantized activations, lda bytes apart) and
  * W^T over W packed by fastrnn_q_pack (comp its column term), to ``o``.
- * Columns in groups of FASTRNN_Q_NV blocks, rows in tiles of
- * FASTRNN_Q_BIG, then 2, then 1. */
+ * Rows in tiles of FASTRNN_Q_BIG, then 2, then 1; within a tile, the
+ * columns in groups of FASTRNN_Q_NV blocks, so that a tile's output rows
+ * (and the rows it adds: a step's input projection, 1 KB per row at H =
+ * 64) are walked in order, which the hardware prefetches (column groups
+ * outside: 0.9x the float32 kernel's time at B = 256, H = 64, the adds'
+ * loads waiting on memory). */
 static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
                               const int8_t* packed, const int32_t* comp, ptrdiff_t N,
                               const fastrnn_q_out* o) {
     ptrdiff_t quads = fastrnn_q_quads(K), blocks = fastrnn_q_blocks(N);
     ptrdiff_t bstride = quads * 64, nb0, m0;
-    for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
-        const int8_t* panel = packed + nb0 * bstride;
-        const int32_t* start = comp + nb0 * 16;
-        for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
-            fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, start, o, m0,
-                               nb0 * 16);
-        for (; m0 + 2 <= M; m0 += 2)
-            fastrnn_q_tile2(quads, a + m0 * lda, lda, panel, bstride, start, o, m0, nb0 * 16);
-        if (m0 < M)
-            fastrnn_q_tile1(quads, a + m0 * lda, lda, panel, bstride, start, o, m0, nb0 * 16);
-    }
+    for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+            fastrnn_q_tile_big(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
+                               comp + nb0 * 16, o, m0, nb0 * 16);
+    for (; m0 + 2 <= M; m0 += 2)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+            fastrnn_q_tile2(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
+                            comp + nb0 * 16, o, m0, nb0 * 16);
+    if (m0 < M)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+            fastrnn_q_tile1(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
+                            comp + nb0 * 16, o, m0, nb0 * 16);
 }
 
 /* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = the int32 sums. */
