@@ -114,6 +114,9 @@ cdef struct ProjectJob:
     const float* bias
     float* gx
     Py_ssize_t D, N, qrow
+    # row r of gx is x's row of step t0 + r // B, batch row r % B, at
+    # (t * x_row_t + b * x_row_b) rows of x (B = 0: row r of x)
+    Py_ssize_t t0, B, x_row_t, x_row_b
     QView w
     int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes
     float* sbuf                  # per part: PROJECT_BLOCK scales
@@ -127,6 +130,7 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
     cdef Py_ssize_t r0 = j.rows[part][0], r1 = j.rows[part][1]
     cdef int8_t* q = j.qbuf + part * PROJECT_BLOCK * j.qrow
     cdef float* s = j.sbuf + part * PROJECT_BLOCK
+    cdef const float* x_row
     cdef Py_ssize_t start, n, i
     cdef unsigned int fpenv
     if r1 <= r0:
@@ -138,7 +142,12 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
             break
         n = min(<Py_ssize_t>PROJECT_BLOCK, r1 - start)
         for i in range(n):
-            s[i] = fastrnn_q_row(j.x + (start + i) * j.D, j.D, q + i * j.qrow)
+            if j.B == 0:
+                x_row = j.x + (start + i) * j.D
+            else:
+                x_row = j.x + ((j.t0 + (start + i) // j.B) * j.x_row_t
+                               + ((start + i) % j.B) * j.x_row_b) * j.D
+            s[i] = fastrnn_q_row(x_row, j.D, q + i * j.qrow)
             if s[i] < 0:
                 j.bad = 1
         fastrnn_q_gemm_dequant(n, j.D, q, j.qrow, j.w.panels, j.w.comp, j.N, s, j.w.scale,
@@ -152,6 +161,7 @@ cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, Q
                                 Py_ssize_t nparts) noexcept nogil:
     """The job of one projection; scratch: _project_scratch(D, N, nparts) bytes."""
     job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
+    job.B = 0
     job.qrow = fastrnn_q_quads(D) * 4
     job.bad = 0
     job.sbuf = <float*>scratch
@@ -188,7 +198,11 @@ def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
 
 cdef struct RecurJob:
     int cell
-    Py_ssize_t T, B, H, dirs, row_t, row_b, qrow
+    # steps [t0, t0 + T) of the sequence; gx holds them from its row 0 and
+    # out from step t0 (row (t - g_t0) * g_row_t + b * g_row_b of gx, and
+    # (t - o_t0) * o_row_t + b * o_row_b of out)
+    Py_ssize_t t0, T, B, H, dirs, qrow
+    Py_ssize_t g_row_t, g_row_b, g_t0, o_row_t, o_row_b, o_t0
     float* gx
     const float* bias_h          # GRU: the recurrent bias (dirs * G * H), or NULL
     float* h
@@ -213,17 +227,17 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef Py_ssize_t H = j.H, B = b_hi - b_lo
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = j.dirs * GH, h_cols = j.dirs * H
-    cdef Py_ssize_t row_t = j.row_t, row_b = j.row_b, qrow = j.qrow
+    cdef Py_ssize_t row_t = j.g_row_t, row_b = j.g_row_b, qrow = j.qrow
+    cdef Py_ssize_t o_row_t = j.o_row_t, o_row_b = j.o_row_b
     cdef Py_ssize_t base = d * j.B + b_lo          # this part's first scratch row
-    cdef Py_ssize_t first = b_lo * row_b
     cdef int8_t* q = j.qbuf + base * qrow
     cdef float* s = j.sbuf + base
     cdef float* gh = NULL if j.gh == NULL else j.gh + base * GH
     cdef float* acts = j.acts + base * 4 * H
     cdef float* h = j.h + base * H
     cdef float* c = NULL if j.c == NULL else j.c + base * H
-    cdef float* gx = j.gx + first * gx_cols + d * GH
-    cdef float* out = j.out + first * h_cols + d * H
+    cdef float* gx = j.gx + b_lo * row_b * gx_cols + d * GH
+    cdef float* out = j.out + b_lo * o_row_b * h_cols + d * H
     cdef const float* bias_h = NULL if j.bias_h == NULL else j.bias_h + d * GH
     cdef const int64_t* lengths = NULL if j.lengths == NULL else j.lengths + b_lo
     cdef const QView* w = &j.w[d]
@@ -239,11 +253,11 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     for st in range(j.T):
         if interrupted(&j.interrupt):
             return
-        t = j.T - 1 - st if d == 1 else st
+        t = j.t0 + (j.T - 1 - st if d == 1 else st)
         # the recurrent product of h quantized per row
         for b in range(B):
             s[b] = fastrnn_q_row(h + b * H, H, q + b * qrow)
-        g_t = gx + t * row_t * gx_cols
+        g_t = gx + (t - j.g_t0) * row_t * gx_cols
         if cell == GRU:
             fastrnn_q_gemm_dequant(B, H, q, qrow, w.panels, w.comp, w.N, s, w.scale, bias_h, 0,
                                    gh, GH)
@@ -253,7 +267,7 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
             if cell == GRU_RESET_BEFORE:
                 # r, z, then the n product of r * h quantized per row
                 for b in range(B):
-                    row = t * row_t + b * row_b
+                    row = (t - j.g_t0) * row_t + b * row_b
                     gru_reset_gates_row(gx + row * gx_cols, h + b * H, acts + b * 4 * H, H)
                     s[b] = fastrnn_q_row(acts + b * 4 * H + 3 * H, H, q + b * qrow)
                 fastrnn_q_gemm_dequant(B, H, q, qrow, wn.panels, wn.comp, wn.N, s, wn.scale,
@@ -261,12 +275,11 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
                                        row_b * gx_cols)
         # the gate pass, row by row
         for b in range(B):
-            row = t * row_t + b * row_b
-            out_row = out + row * h_cols
+            out_row = out + ((t - j.o_t0) * o_row_t + b * o_row_b) * h_cols
             if lengths != NULL and t >= lengths[b]:
                 memset(out_row, 0, H * sizeof(float))
                 continue
-            g_row = gx + row * gx_cols
+            g_row = gx + ((t - j.g_t0) * row_t + b * row_b) * gx_cols
             if cell == LSTM:
                 lstm_row(g_row, h + b * H, c + b * H, out_row, acts + b * 4 * H, H, H)
             elif cell == GRU:
@@ -370,7 +383,8 @@ cdef inline char* _aligned(char* p) noexcept nogil:
 
 def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t T,
             bint batch_first, float[:, :, ::1] h not None, float[:, :, ::1] c,
-            float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct):
+            float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct,
+            Py_ssize_t window_bytes):
     """Every layer of ``stack`` on x (R = T * B rows in the input's order,
     D), h, c (layers * dirs, B, H) the initial state in and the final state
     out (c: LSTM only), out (R, dirs * H) the last layer's output, lengths
@@ -378,6 +392,11 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     projections split the rows as many ways). ``direct``: one part, small:
     run on this thread without the dispatch (and without polling for
     Ctrl-C). Shapes are the caller's to check.
+
+    A unidirectional stack runs in time windows: every layer over the first
+    steps whose input projections fit ``window_bytes``, then over the next,
+    the state carried (the same arithmetic: each row is quantized alone), so
+    a step's projection is read from the caches and no buffer grows with T.
 
     Returns 0, or 1 if a row of x is not finite, 2 if the initial state is
     not (the outputs are then not meaningful)."""
@@ -388,21 +407,24 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
     cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
     cdef Py_ssize_t rows = dirs * B, qrow = fastrnn_q_quads(H) * 4
+    cdef Py_ssize_t Tw, t0, steps, wrows
+    cdef Py_ssize_t in_row_t = 1 if batch_first else B, in_row_b = T if batch_first else 1
     cdef Py_ssize_t sizes[9]
     cdef char* base
     cdef char* ptr[9]
     cdef unsigned char[::1] scratch
-    cdef float* layer_in
+    cdef const float* layer_in
     cdef float* layer_out
-    cdef float* spare
     cdef const QLayer* layer
+    cdef bint last
     if R == 0 or B == 0:
         return 0
+    Tw = T if dirs == 2 else max(<Py_ssize_t>1, min(T, window_bytes // (B * N * 4)))
     # one scratch buffer: gx, two layer buffers, the recurrence's rows, the
     # projection's blocks; each part 64-byte aligned
-    sizes[0] = R * N * 4
-    sizes[1] = R * dirs * H * 4 if L > 1 else 0
-    sizes[2] = R * dirs * H * 4 if L > 2 else 0
+    sizes[0] = Tw * B * N * 4
+    sizes[1] = Tw * B * dirs * H * 4 if L > 1 else 0
+    sizes[2] = Tw * B * dirs * H * 4 if L > 2 else 0
     sizes[3] = rows * qrow
     sizes[4] = rows * 4
     sizes[5] = 0
@@ -418,11 +440,10 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
         ptr[k] = base
         base = _aligned(base + sizes[k])
     rjob.cell = stack.cell
-    rjob.T, rjob.B, rjob.H, rjob.dirs = T, B, H, dirs
-    rjob.row_t = 1 if batch_first else B
-    rjob.row_b = T if batch_first else 1
+    rjob.B, rjob.H, rjob.dirs = B, H, dirs
     rjob.qrow = qrow
     rjob.gx = <float*>ptr[0]
+    rjob.g_row_t, rjob.g_row_b = B, 1        # gx: the window's rows, time-major
     rjob.qbuf, rjob.sbuf = <int8_t*>ptr[3], <float*>ptr[4]
     rjob.gh = <float*>ptr[6] if stack.cell == GRU else NULL
     rjob.acts = <float*>ptr[7]
@@ -431,41 +452,56 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     if direct:
         pjob.interrupt.stop = rjob.interrupt.stop = 0
         pjob.interrupt.polls = rjob.interrupt.polls = False
-        pjob.rows[0][0], pjob.rows[0][1] = 0, R
         for p in range(4):
             rjob.ranges[0][p] = parts[0][p]
-    project_parts = [(r0, r1) for r0, r1 in
-                     [(p * R // nparts, (p + 1) * R // nparts) for p in range(nparts)]]
-    layer_in = <float*>&x[0, 0]
-    for k in range(L):
-        layer = &stack.layers[k]
-        if k == L - 1:
-            layer_out = &out[0, 0]
-        else:
-            layer_out = <float*>ptr[1 + k % 2]
-        _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
-                       layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts)
-        rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
-        rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
-        rjob.bias_h = layer.bias_h
-        rjob.h = &h[k * dirs, 0, 0]
-        rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
-        rjob.out = layer_out
+    t0 = 0
+    while t0 < T:
+        steps = min(Tw, T - t0)
+        wrows = steps * B
+        project_parts = [(p * wrows // nparts, (p + 1) * wrows // nparts)
+                         for p in range(nparts)]
         if direct:
-            with nogil:
-                _project_job(&pjob, 0)
+            pjob.rows[0][0], pjob.rows[0][1] = 0, wrows
+        rjob.t0, rjob.T, rjob.g_t0 = t0, steps, t0
+        layer_in = &x[0, 0]
+        for k in range(L):
+            layer = &stack.layers[k]
+            last = k == L - 1
+            _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
+                           layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts)
+            if k == 0:     # the input's rows, in its order
+                pjob.B, pjob.t0 = B, t0
+                pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
+            if last:       # the output, in the input's order
+                layer_out = &out[0, 0]
+                rjob.o_row_t, rjob.o_row_b = in_row_t, in_row_b
+                rjob.o_t0 = 0
+            else:          # the window's rows, time-major
+                layer_out = <float*>ptr[1 + k % 2]
+                rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = B, 1, t0
+            rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
+            rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
+            rjob.bias_h = layer.bias_h
+            rjob.h = &h[k * dirs, 0, 0]
+            rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
+            rjob.out = layer_out
+            if direct:
+                with nogil:
+                    _project_job(&pjob, 0)
+                    if not pjob.bad:
+                        _recur_job(&rjob, 0)
+            else:
+                run_parts(_project_job, &pjob, &pjob.rows[0][0], 2, project_parts,
+                          &pjob.interrupt)
                 if not pjob.bad:
-                    _recur_job(&rjob, 0)
-        else:
-            run_parts(_project_job, &pjob, &pjob.rows[0][0], 2, project_parts,
-                      &pjob.interrupt)
-            if not pjob.bad:
-                run_parts(_recur_job, &rjob, &rjob.ranges[0][0], 4, parts, &rjob.interrupt)
-        if pjob.bad:
-            return 1
-        if rjob.bad:
-            return 2
-        layer_in = layer_out
+                    run_parts(_recur_job, &rjob, &rjob.ranges[0][0], 4, parts,
+                              &rjob.interrupt)
+            if pjob.bad:
+                return 1
+            if rjob.bad:
+                return 2
+            layer_in = layer_out
+        t0 += steps
     return 0
 
 

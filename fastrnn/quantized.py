@@ -86,6 +86,11 @@ _quant, INT8_SIMD = _load_int8()
 DIRECT_WORK = 1 << 22
 
 
+# A unidirectional stack runs in time windows whose input projections take
+# at most this many bytes (_quant.forward), read back from the caches.
+WINDOW_BYTES = 512 << 10
+
+
 class _Stack(NamedTuple):
     kernel: Any      # _quant.QStack
     layers: list     # per layer (w_ih, w_hh, w_hn, bias_x, bias_h)
@@ -187,7 +192,7 @@ class _Quantized:
         outcome = _quant.forward(
             self._stack(params).kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first,
             h=h_n, c=c_n, out=out.reshape(T * B, -1), lengths=lengths, parts=parts,
-            direct=len(parts) == 1 and work < DIRECT_WORK)
+            direct=len(parts) == 1 and work < DIRECT_WORK, window_bytes=WINDOW_BYTES)
         if outcome:
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
                              f"non-finite values (NaN or inf); int8 quantization needs finite "

@@ -349,9 +349,12 @@ def test_every_build_gives_the_same_bits(tmp_path):
         np.testing.assert_array_equal(values, results["baseline"], err_msg=build)
 
 
-def test_threads_give_the_same_bits():
+@pytest.mark.parametrize("kwargs", [{"bidirectional": True},
+                                    {"num_layers": 2, "batch_first": True}])
+def test_threads_give_the_same_bits(kwargs):
+    # large enough for two parts (and, unidirectional, several time windows)
     rng = np.random.default_rng(8)
-    q = fastrnn.quantize(fastrnn.LSTM(64, 128, bidirectional=True, seed=0))
+    q = fastrnn.quantize(fastrnn.LSTM(64, 128, seed=0, **kwargs))
     x = rng.standard_normal((30, 16, 64)).astype(F32)
     threads = fastrnn.get_num_threads()
     try:
@@ -362,6 +365,9 @@ def test_threads_give_the_same_bits():
     finally:
         fastrnn.set_num_threads(threads)
     np.testing.assert_array_equal(one, two)
+    ref_out, _, _ = oracle_layer(q, x.transpose(1, 0, 2) if q.batch_first else x)
+    np.testing.assert_array_equal(one, ref_out.transpose(1, 0, 2) if q.batch_first
+                                  else ref_out)
 
 
 def test_thread_safety():
@@ -665,3 +671,27 @@ def test_dask_predict_on_worker_processes():
     assert client.status == "closed"
     # rows are independent of their batch (per-row scales): the same bits as one call
     np.testing.assert_array_equal(scores, q.predict(x))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU])
+def test_time_windows_give_the_same_bits(monkeypatch, cls, batch_first):
+    # a unidirectional stack runs in time windows (quantized.WINDOW_BYTES):
+    # windows of one step, of a few and the whole sequence must agree exactly
+    rng = np.random.default_rng(17)
+    q = fastrnn.quantize(cls(6, 10, num_layers=3, batch_first=batch_first, seed=0))
+    x = rng.standard_normal((5, 13, 6) if batch_first else (13, 5, 6)).astype(F32)
+    lengths = [13, 4, 9, 1, 12]
+    results = []
+    for window_bytes in (1, 3 * 5 * q._gates * 10 * 4, 1 << 30):
+        monkeypatch.setattr(Q, "WINDOW_BYTES", window_bytes)
+        out, state = q(x, lengths=lengths)
+        results.append((out, state[0] if cls is fastrnn.LSTM else state))
+    for out, h in results[1:]:
+        np.testing.assert_array_equal(out, results[0][0])
+        np.testing.assert_array_equal(h, results[0][1])
+    ref_out, ref_h, _ = oracle_layer(q, x.transpose(1, 0, 2) if batch_first else x,
+                                     lengths=lengths)
+    np.testing.assert_array_equal(results[0][0], ref_out.transpose(1, 0, 2) if batch_first
+                                  else ref_out)
+    np.testing.assert_array_equal(results[0][1], ref_h)
