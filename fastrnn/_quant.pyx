@@ -114,14 +114,16 @@ cdef struct ProjectJob:
     const float* bias
     float* gx
     Py_ssize_t D, N, qrow
-    # row r of gx is x's row of step t0 + r // B, batch row r % B, at
-    # (t * x_row_t + b * x_row_b) rows of x (B = 0: row r of x)
-    Py_ssize_t t0, B, x_row_t, x_row_b
+    # steps > 0: row r of gx is x's row of batch row r // steps, step t0 +
+    # r % steps, at (t * x_row_t + b * x_row_b) rows of x (steps = 0: row r
+    # of x)
+    Py_ssize_t t0, steps, x_row_t, x_row_b
     QView w
     int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes
     float* sbuf                  # per part: PROJECT_BLOCK scales
     int bad                      # set when a row of x is not finite
     Py_ssize_t rows[MAX_PARTS][2]
+    Interrupt* it                # the call's (this job's own, or a window job's)
     Interrupt interrupt
 
 
@@ -138,15 +140,15 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
     fpenv = fastrnn_flush_denormals()
     start = r0
     while start < r1:
-        if interrupted(&j.interrupt, True):
+        if interrupted(j.it, True):
             break
         n = min(<Py_ssize_t>PROJECT_BLOCK, r1 - start)
         for i in range(n):
-            if j.B == 0:
+            if j.steps == 0:
                 x_row = j.x + (start + i) * j.D
             else:
-                x_row = j.x + ((j.t0 + (start + i) // j.B) * j.x_row_t
-                               + ((start + i) % j.B) * j.x_row_b) * j.D
+                x_row = j.x + ((j.t0 + (start + i) % j.steps) * j.x_row_t
+                               + ((start + i) // j.steps) * j.x_row_b) * j.D
             s[i] = fastrnn_q_row(x_row, j.D, q + i * j.qrow)
             if s[i] < 0:
                 j.bad = 1
@@ -161,7 +163,8 @@ cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, Q
                                 Py_ssize_t nparts) noexcept nogil:
     """The job of one projection; scratch: _project_scratch(D, N, nparts) bytes."""
     job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
-    job.B = 0
+    job.steps = 0
+    job.it = &job.interrupt
     job.qrow = fastrnn_q_quads(D) * 4
     job.bad = 0
     job.sbuf = <float*>scratch
@@ -217,6 +220,7 @@ cdef struct RecurJob:
     float* acts
     int bad                      # set when h is not finite (the initial state)
     Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
+    Interrupt* it                # the call's (this job's own, or a window job's)
     Interrupt interrupt
 
 
@@ -251,7 +255,7 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
             j.bad = 1
             return
     for st in range(j.T):
-        if interrupted(&j.interrupt):
+        if interrupted(j.it):
             return
         t = j.t0 + (j.T - 1 - st if d == 1 else st)
         # the recurrent product of h quantized per row
@@ -381,6 +385,70 @@ cdef inline char* _aligned(char* p) noexcept nogil:
     return p + ((-<Py_ssize_t>p) & 63)
 
 
+cdef struct WindowJob:
+    # a unidirectional stack, each part its batch rows through every layer,
+    # window after window: the parts never wait for each other
+    const QLayer* layers
+    Py_ssize_t L, T, Tw, D0, H
+    const float* x
+    Py_ssize_t x_row_t, x_row_b  # the input's (and the output's) layout
+    float* out
+    float* buf[2]                # layers between: the window's rows, batch-major
+    char* pscratch               # the projections' blocks
+    Py_ssize_t nparts
+    RecurJob rec                 # what every layer's recurrence shares
+    int bad                      # 1: a row of x is not finite; 2: the initial state
+    Py_ssize_t ranges[MAX_PARTS][4]
+    Interrupt interrupt
+
+
+cdef void _window_job(void* arg, int part) noexcept nogil:
+    cdef WindowJob* j = <WindowJob*>arg
+    cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
+    cdef Py_ssize_t t0 = 0, steps, k
+    cdef ProjectJob pj
+    cdef RecurJob rj
+    cdef const QLayer* layer
+    cdef const float* layer_in
+    if b_hi <= b_lo:
+        return
+    rj = j.rec
+    rj.it = &j.interrupt
+    rj.ranges[part][0], rj.ranges[part][1] = 0, 1
+    rj.ranges[part][2], rj.ranges[part][3] = b_lo, b_hi
+    while t0 < j.T:
+        steps = min(j.Tw, j.T - t0)
+        layer_in = j.x
+        for k in range(j.L):
+            layer = &j.layers[k]
+            _setup_project(&pj, layer_in, j.D0 if k == 0 else j.H, layer.w_ih, layer.bias_x,
+                           rj.gx, j.pscratch, j.nparts)
+            pj.it = &j.interrupt
+            if k == 0:
+                pj.steps, pj.t0, pj.x_row_t, pj.x_row_b = steps, t0, j.x_row_t, j.x_row_b
+            pj.rows[part][0], pj.rows[part][1] = b_lo * steps, b_hi * steps
+            _project_job(&pj, part)
+            if pj.bad:
+                j.bad = 1
+                return
+            rj.t0, rj.T, rj.g_t0, rj.g_row_t, rj.g_row_b = t0, steps, t0, 1, steps
+            rj.w[0], rj.wn[0], rj.bias_h = layer.w_hh[0], layer.w_hn[0], layer.bias_h
+            rj.h = j.rec.h + k * j.rec.B * j.H
+            rj.c = NULL if j.rec.c == NULL else j.rec.c + k * j.rec.B * j.H
+            if k == j.L - 1:
+                rj.out, rj.o_row_t, rj.o_row_b, rj.o_t0 = j.out, j.x_row_t, j.x_row_b, 0
+            else:
+                rj.out, rj.o_row_t, rj.o_row_b, rj.o_t0 = j.buf[k % 2], 1, steps, t0
+            _recur_job(&rj, part)
+            if rj.bad:
+                j.bad = 2
+                return
+            if interrupted(&j.interrupt):
+                return
+            layer_in = rj.out
+        t0 += steps
+
+
 def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t T,
             bint batch_first, float[:, :, ::1] h not None, float[:, :, ::1] c,
             float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct,
@@ -388,26 +456,29 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     """Every layer of ``stack`` on x (R = T * B rows in the input's order,
     D), h, c (layers * dirs, B, H) the initial state in and the final state
     out (c: LSTM only), out (R, dirs * H) the last layer's output, lengths
-    (B,) or None, ``parts`` (d_lo, d_hi, b_lo, b_hi) one per thread (the
-    projections split the rows as many ways). ``direct``: one part, small:
-    run on this thread without the dispatch (and without polling for
-    Ctrl-C). Shapes are the caller's to check.
+    (B,) or None, ``parts`` (d_lo, d_hi, b_lo, b_hi) one per thread.
+    ``direct``: one part, small: run on this thread without the dispatch
+    (and without polling for Ctrl-C). Shapes are the caller's to check.
 
-    A unidirectional stack runs in time windows: every layer over the first
+    A unidirectional stack runs in time windows, every layer over the first
     steps whose input projections fit ``window_bytes``, then over the next,
     the state carried (the same arithmetic: each row is quantized alone), so
-    a step's projection is read from the caches and no buffer grows with T.
+    a step's projection is read from the caches and no buffer grows with T;
+    each part takes its batch rows through all of it alone. A bidirectional
+    one runs layer by layer: the input projection of every row (the rows
+    split between the parts), then the parts' directions and batch rows.
 
     Returns 0, or 1 if a row of x is not finite, 2 if the initial state is
     not (the outputs are then not meaningful)."""
     cdef ProjectJob pjob
     cdef RecurJob rjob
+    cdef WindowJob wjob
     cdef Py_ssize_t B = h.shape[1], H = stack.hidden_size, dirs = stack.dirs
     cdef Py_ssize_t G = num_gates(stack.cell), N = dirs * G * H
     cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
     cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
     cdef Py_ssize_t rows = dirs * B, qrow = fastrnn_q_quads(H) * 4
-    cdef Py_ssize_t Tw, t0, steps, wrows
+    cdef Py_ssize_t Tw
     cdef Py_ssize_t in_row_t = 1 if batch_first else B, in_row_b = T if batch_first else 1
     cdef Py_ssize_t sizes[9]
     cdef char* base
@@ -416,9 +487,10 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef const float* layer_in
     cdef float* layer_out
     cdef const QLayer* layer
-    cdef bint last
     if R == 0 or B == 0:
         return 0
+    if nparts < 1 or nparts > MAX_PARTS:
+        raise ValueError(f"forward: expected 1 to {MAX_PARTS} parts, got {nparts}")
     Tw = T if dirs == 2 else max(<Py_ssize_t>1, min(T, window_bytes // (B * N * 4)))
     # one scratch buffer: gx, two layer buffers, the recurrence's rows, the
     # projection's blocks; each part 64-byte aligned
@@ -443,65 +515,78 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     rjob.B, rjob.H, rjob.dirs = B, H, dirs
     rjob.qrow = qrow
     rjob.gx = <float*>ptr[0]
-    rjob.g_row_t, rjob.g_row_b = B, 1        # gx: the window's rows, time-major
     rjob.qbuf, rjob.sbuf = <int8_t*>ptr[3], <float*>ptr[4]
     rjob.gh = <float*>ptr[6] if stack.cell == GRU else NULL
     rjob.acts = <float*>ptr[7]
     rjob.lengths = NULL if lengths is None else &lengths[0]
+    rjob.h = &h[0, 0, 0]
+    rjob.c = NULL if c is None else &c[0, 0, 0]
     rjob.bad = 0
+    rjob.it = &rjob.interrupt
+
+    if dirs == 1:
+        wjob.layers, wjob.L, wjob.T, wjob.Tw = stack.layers, L, T, Tw
+        wjob.D0, wjob.H = stack.input_size, H
+        wjob.x, wjob.x_row_t, wjob.x_row_b = &x[0, 0], in_row_t, in_row_b
+        wjob.out = &out[0, 0]
+        wjob.buf[0], wjob.buf[1] = <float*>ptr[1], <float*>ptr[2]
+        wjob.pscratch, wjob.nparts = ptr[8], nparts
+        wjob.rec = rjob
+        wjob.bad = 0
+        if direct:
+            wjob.interrupt.stop = 0
+            wjob.interrupt.polls = False
+            for p in range(4):
+                wjob.ranges[0][p] = parts[0][p]
+            with nogil:
+                _window_job(&wjob, 0)
+        else:
+            run_parts(_window_job, &wjob, &wjob.ranges[0][0], 4, parts, &wjob.interrupt)
+        return wjob.bad
+
+    # bidirectional: one window, layer by layer; rows batch-major between layers
+    rjob.t0, rjob.T, rjob.g_t0, rjob.g_row_t, rjob.g_row_b = 0, T, 0, 1, T
+    project_parts = [(p * R // nparts, (p + 1) * R // nparts) for p in range(nparts)]
     if direct:
         pjob.interrupt.stop = rjob.interrupt.stop = 0
         pjob.interrupt.polls = rjob.interrupt.polls = False
+        pjob.rows[0][0], pjob.rows[0][1] = 0, R
         for p in range(4):
             rjob.ranges[0][p] = parts[0][p]
-    t0 = 0
-    while t0 < T:
-        steps = min(Tw, T - t0)
-        wrows = steps * B
-        project_parts = [(p * wrows // nparts, (p + 1) * wrows // nparts)
-                         for p in range(nparts)]
+    layer_in = &x[0, 0]
+    for k in range(L):
+        layer = &stack.layers[k]
+        _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
+                       layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts)
+        if k == 0:     # the input's rows, in its order
+            pjob.steps, pjob.t0, pjob.x_row_t, pjob.x_row_b = T, 0, in_row_t, in_row_b
+        if k == L - 1:  # the output, in the input's order
+            layer_out = &out[0, 0]
+            rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = in_row_t, in_row_b, 0
+        else:
+            layer_out = <float*>ptr[1 + k % 2]
+            rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = 1, T, 0
+        rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
+        rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
+        rjob.bias_h = layer.bias_h
+        rjob.h = &h[k * dirs, 0, 0]
+        rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
+        rjob.out = layer_out
         if direct:
-            pjob.rows[0][0], pjob.rows[0][1] = 0, wrows
-        rjob.t0, rjob.T, rjob.g_t0 = t0, steps, t0
-        layer_in = &x[0, 0]
-        for k in range(L):
-            layer = &stack.layers[k]
-            last = k == L - 1
-            _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
-                           layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts)
-            if k == 0:     # the input's rows, in its order
-                pjob.B, pjob.t0 = B, t0
-                pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
-            if last:       # the output, in the input's order
-                layer_out = &out[0, 0]
-                rjob.o_row_t, rjob.o_row_b = in_row_t, in_row_b
-                rjob.o_t0 = 0
-            else:          # the window's rows, time-major
-                layer_out = <float*>ptr[1 + k % 2]
-                rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = B, 1, t0
-            rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
-            rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
-            rjob.bias_h = layer.bias_h
-            rjob.h = &h[k * dirs, 0, 0]
-            rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
-            rjob.out = layer_out
-            if direct:
-                with nogil:
-                    _project_job(&pjob, 0)
-                    if not pjob.bad:
-                        _recur_job(&rjob, 0)
-            else:
-                run_parts(_project_job, &pjob, &pjob.rows[0][0], 2, project_parts,
-                          &pjob.interrupt)
+            with nogil:
+                _project_job(&pjob, 0)
                 if not pjob.bad:
-                    run_parts(_recur_job, &rjob, &rjob.ranges[0][0], 4, parts,
-                              &rjob.interrupt)
-            if pjob.bad:
-                return 1
-            if rjob.bad:
-                return 2
-            layer_in = layer_out
-        t0 += steps
+                    _recur_job(&rjob, 0)
+        else:
+            run_parts(_project_job, &pjob, &pjob.rows[0][0], 2, project_parts,
+                      &pjob.interrupt)
+            if not pjob.bad:
+                run_parts(_recur_job, &rjob, &rjob.ranges[0][0], 4, parts, &rjob.interrupt)
+        if pjob.bad:
+            return 1
+        if rjob.bad:
+            return 2
+        layer_in = layer_out
     return 0
 
 
