@@ -695,3 +695,19 @@ def test_time_windows_give_the_same_bits(monkeypatch, cls, batch_first):
     np.testing.assert_array_equal(results[0][0], ref_out.transpose(1, 0, 2) if batch_first
                                   else ref_out)
     np.testing.assert_array_equal(results[0][1], ref_h)
+
+
+def test_bench_int8_case_runs_every_library():
+    # fastrnn bench --dtype int8's run_case: each library in its own process
+    from fastrnn import bench, bench_quantized
+    case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
+    libraries = ["f32", "int8"] + [p for p, ok in (
+        ("torch-q", bench.available("torch")),
+        ("ORT-q", bench.available("onnxruntime") and bench.available("onnx"))) if ok]
+    results, errors = bench_quantized.run_case(case, 1, 4, libraries)
+    assert set(results) == set(errors) == set(libraries)
+    assert all(r["infer"] > 0 and r["peak_mb"] > 0 for r in results.values())
+    assert results["int8"]["weight_mb"] < 0.3 * results["f32"]["weight_mb"]
+    assert errors["f32"][0] < 1e-5                  # float32 against float64
+    for library in libraries[1:]:                   # int8 against float32
+        assert 0 < errors[library][1] <= errors[library][0] < 0.02, (library, errors)
