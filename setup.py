@@ -42,10 +42,11 @@ def target_machine():
 # with AVX-512. Not on arm64/aarch64 (nor in a macOS universal2 build: one
 # compiler call for both CPUs), where _kernels.py finds the portable build only.
 SIMD_BUILDS = [""] + (["_avx2", "_avx512"] if target_machine() == "x86_64" else [])
-# The int8 kernels of quantized inference (_quant.pyx, _qkernel.h) have a
-# fourth build on x86-64, with AVX-512 VNNI (vpdpbusd); fastrnn/quantized.py
-# picks it on CPUs that have VNNI (the _avx512 one runs on those without).
-QUANT_BUILDS = SIMD_BUILDS + (["_vnni"] if target_machine() == "x86_64" else [])
+# The kernels of quantized inference (_quant.pyx, _qkernel.h) have two more
+# builds on x86-64: with AVX-512 VNNI (int8 vpdpbusd), and with VNNI and
+# BF16 (bfloat16 vdpbf16ps); fastrnn/quantized.py picks the widest the CPU
+# runs (the _avx512 one runs on CPUs with neither).
+QUANT_BUILDS = SIMD_BUILDS + (["_vnni", "_bf16"] if target_machine() == "x86_64" else [])
 
 # Flags per compiler family ("unix": GCC and Clang, on Linux, macOS and
 # MinGW; "msvc") and build. None changes a result or NaN handling (unlike
@@ -65,9 +66,12 @@ SIMD_FLAGS = {
              "_avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
                          "-mavx512vl"],
              "_vnni": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                       "-mavx512vl", "-mavx512vnni"]},
+                       "-mavx512vl", "-mavx512vnni"],
+             "_bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                       "-mavx512vl", "-mavx512vnni", "-mavx512bf16"]},
     "msvc": {"": [], "_avx2": ["/arch:AVX2", "/fp:contract"],
-             "_avx512": ["/arch:AVX512", "/fp:contract"], "_vnni": ["/arch:AVX512"]},
+             "_avx512": ["/arch:AVX512", "/fp:contract"], "_vnni": ["/arch:AVX512"],
+             "_bf16": ["/arch:AVX512"]},
 }
 # The quantized kernels give the same bits in every build: no build may fuse
 # a multiply and an add that another does not (GCC and Clang contract by

@@ -444,4 +444,227 @@ static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, pt
     fastrnn_q_product(M, K, a, lda, packed, comp, N, &o);
 }
 
+/* ---- bfloat16 --------------------------------------------------------------
+ *
+ * Weights rounded to bfloat16 once (round to nearest even; float32's
+ * denormals to signed zero), activations at every use, products summed in
+ * float32. Layout as int8's with pairs of k instead of quads: per block of
+ * 16 columns and pair of k, 64 bytes, column l's two bf16 at bytes 4l..4l+3
+ * (k even first). An activation row is pairs * 4 bytes. Each output is one
+ * chain over the pairs, from +0: s = s + a[2p+1] * w[2p+1], then s = s +
+ * a[2p] * w[2p], each rounded to float32 (the product of two bf16 is exact
+ * in float32). That is what AVX-512 BF16's vdpbf16ps computes (checked on
+ * this project's Zen 4: bit for bit against this order, not against a
+ * single rounding nor the even product first); the other builds compute it
+ * with float32 multiplies and adds, so every build gives the same bits. */
+
+static inline ptrdiff_t fastrnn_b_pairs(ptrdiff_t K) { return (K + 1) / 2; }
+
+static inline uint16_t fastrnn_b_round(uint32_t bits) {
+    if ((bits & 0x7f800000u) == 0)
+        bits &= 0x80000000u;                      /* denormals to signed zero */
+    else if ((bits & 0x7f800000u) != 0x7f800000u)
+        bits += 0x7fffu + ((bits >> 16) & 1u);    /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* Pack W (N rows ldw apart, K bf16 bit patterns each) into out
+ * (blocks * pairs * 64 bytes). */
+static void fastrnn_b_pack(const uint16_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdiff_t N,
+                           uint16_t* out) {
+    ptrdiff_t pairs = fastrnn_b_pairs(K), blocks = fastrnn_q_blocks(N);
+    ptrdiff_t nb, kp, l, j;
+    for (nb = 0; nb < blocks; nb++)
+        for (kp = 0; kp < pairs; kp++)
+            for (l = 0; l < 16; l++)
+                for (j = 0; j < 2; j++) {
+                    ptrdiff_t col = nb * 16 + l, k = kp * 2 + j;
+                    out[((nb * pairs + kp) * 16 + l) * 2 + j] =
+                        (col < N && k < K) ? w[col * ldw + k] : 0;
+                }
+}
+
+/* One activation row x (K floats) to bf16 in q (pairs * 4 bytes); returns
+ * 1, or -1 if x holds NaN or inf. */
+static inline float fastrnn_b_row(const float* x, ptrdiff_t K, int8_t* q) {
+    ptrdiff_t k, padded = fastrnn_b_pairs(K) * 2;
+    uint32_t top = 0;
+    for (k = 0; k < K; k++) {
+        uint32_t bits;
+        uint16_t b;
+        memcpy(&bits, x + k, 4);
+        top = (bits & 0x7fffffffu) > top ? (bits & 0x7fffffffu) : top;
+        b = fastrnn_b_round(bits);
+        memcpy(q + 2 * k, &b, 2);
+    }
+    for (; k < padded; k++) {
+        uint16_t zero = 0;
+        memcpy(q + 2 * k, &zero, 2);
+    }
+    return top >= 0x7f800000u ? -1.0f : 1.0f;
+}
+
+#define FASTRNN_B_ARGS ptrdiff_t pairs, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
+    ptrdiff_t bstride, const fastrnn_q_out* o, ptrdiff_t m0, ptrdiff_t col0
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define FASTRNN_B_ISA "avx512bf16"
+static inline void fastrnn_b_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    __m512 v[4];
+    ptrdiff_t k, left = o->cols - col0;
+    float* y = o->y + m * o->ldy + col0;
+    const float* add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    for (k = 0; k < 4 && left > 16 * k; k++) {
+        __mmask16 mask = fastrnn_q_mask(left - 16 * k);
+        __m512 p = v[k];
+        if (add != NULL)
+            p = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, add + 16 * k), p);
+        _mm512_mask_storeu_ps(y + 16 * k, mask, p);
+    }
+}
+#define B_LOADW(v) __m512bh w##v = (__m512bh)_mm512_loadu_si512(                             \
+    (const void*)(panel + (v) * bstride + kp * 64))
+#define B_INIT(r) __m512 c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero
+#define B_ROW(r) b = (__m512bh)_mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kp * 4));   \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, b, w0); c##r##1 = _mm512_dpbf16_ps(c##r##1, b, w1);  \
+    c##r##2 = _mm512_dpbf16_ps(c##r##2, b, w2); c##r##3 = _mm512_dpbf16_ps(c##r##3, b, w3)
+#define B_STORE(r) fastrnn_b_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
+#define B_START const __m512 zero = _mm512_setzero_ps(); __m512bh b
+#define B_LOOP_ROWS(ROWS) ptrdiff_t kp; B_START; ROWS(B_INIT);                              \
+    for (kp = 0; kp < pairs; kp++) { B_LOADW(0); B_LOADW(1); B_LOADW(2); B_LOADW(3);          \
+                                     ROWS(B_ROW); }                                          \
+    ROWS(B_STORE)
+#define B_ROWS6(X) X(0); X(1); X(2); X(3); X(4); X(5)
+#define B_ROWS2(X) X(0); X(1)
+#define B_ROWS1(X) X(0)
+static void fastrnn_b_tile6(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS6); }
+static void fastrnn_b_tile2(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS2); }
+static void fastrnn_b_tile1(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS1); }
+#define FASTRNN_B_BIG 6
+#define fastrnn_b_tile_big fastrnn_b_tile6
+#define FASTRNN_B_NV 4
+
+#elif defined(__AVX2__)
+#define FASTRNN_B_ISA "emulated (avx2)"
+/* per block two ymm of 8 columns; each 32-bit lane holds a pair */
+static inline void fastrnn_b_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    __m256 v[4];
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    ptrdiff_t k, left = o->cols - col0;
+    float* y = o->y + m * o->ldy + col0;
+    const float* add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    for (k = 0; k < 4 && left > 8 * k; k++) {
+        ptrdiff_t n = left - 8 * k;
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), lane);
+        __m256 p = v[k];
+        if (add != NULL)
+            p = _mm256_add_ps(_mm256_maskload_ps(add + 8 * k, mask), p);
+        _mm256_maskstore_ps(y + 8 * k, mask, p);
+    }
+}
+#define B_LOADW(v) __m256i wp##v = _mm256_loadu_si256(                                      \
+    (const __m256i*)(panel + ((v) / 2) * bstride + kp * 64 + ((v) % 2) * 32));              \
+    __m256 we##v = _mm256_castsi256_ps(_mm256_slli_epi32(wp##v, 16));                         \
+    __m256 wo##v = _mm256_castsi256_ps(_mm256_and_si256(wp##v, high))
+#define B_MAC(acc, v) acc = _mm256_add_ps(acc, _mm256_mul_ps(ao, wo##v));                      \
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(ae, we##v))
+#define B_INIT(r) __m256 c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero
+#define B_ROW(r) b = _mm256_set1_epi32(fastrnn_q_load4(a + (r) * lda + kp * 4));             \
+    ae = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));                                      \
+    ao = _mm256_castsi256_ps(_mm256_and_si256(b, high));                                     \
+    B_MAC(c##r##0, 0); B_MAC(c##r##1, 1); B_MAC(c##r##2, 2); B_MAC(c##r##3, 3)
+#define B_STORE(r) fastrnn_b_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
+#define B_START const __m256 zero = _mm256_setzero_ps();                                     \
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u); __m256i b; __m256 ae, ao
+#define B_LOOP_ROWS(ROWS) ptrdiff_t kp; B_START; ROWS(B_INIT);                              \
+    for (kp = 0; kp < pairs; kp++) { B_LOADW(0); B_LOADW(1); B_LOADW(2); B_LOADW(3);          \
+                                     ROWS(B_ROW); }                                          \
+    ROWS(B_STORE)
+#define B_ROWS2(X) X(0); X(1)
+#define B_ROWS1(X) X(0)
+static void fastrnn_b_tile2(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS2); }
+static void fastrnn_b_tile1(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS1); }
+#define FASTRNN_B_BIG 2
+#define fastrnn_b_tile_big fastrnn_b_tile2
+#define FASTRNN_B_NV 2          /* blocks per tile (a divisor of FASTRNN_Q_NV) */
+
+#else
+#define FASTRNN_B_ISA "emulated (portable)"
+static inline float fastrnn_b_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static void fastrnn_b_tile1(FASTRNN_B_ARGS) {
+    float acc[16];
+    ptrdiff_t kp, col;
+    int v, l;
+    (void)lda;
+    for (v = 0; v < FASTRNN_Q_NV; v++) {
+        const int8_t* p = panel + v * bstride;
+        for (l = 0; l < 16; l++)
+            acc[l] = 0.0f;
+        for (kp = 0; kp < pairs; kp++) {
+            uint16_t ap[2], wp[32];
+            float a0, a1;
+            memcpy(ap, a + kp * 4, 4);
+            memcpy(wp, p + kp * 64, 64);
+            a0 = fastrnn_b_float(ap[0]);
+            a1 = fastrnn_b_float(ap[1]);
+            for (l = 0; l < 16; l++) {
+                acc[l] = acc[l] + a1 * fastrnn_b_float(wp[2 * l + 1]);
+                acc[l] = acc[l] + a0 * fastrnn_b_float(wp[2 * l]);
+            }
+        }
+        col = col0 + 16 * v;
+        {
+            float* y = o->y + m0 * o->ldy;
+            const float* add = o->add == NULL ? NULL : o->add + m0 * o->ld_add;
+            for (l = 0; l < 16 && col + l < o->cols; l++)
+                y[col + l] = add == NULL ? acc[l] : add[col + l] + acc[l];
+        }
+    }
+}
+static void fastrnn_b_tile2(FASTRNN_B_ARGS) {
+    fastrnn_b_tile1(pairs, a, lda, panel, bstride, o, m0, col0);
+    fastrnn_b_tile1(pairs, a + lda, lda, panel, bstride, o, m0 + 1, col0);
+}
+#define FASTRNN_B_BIG 2
+#define fastrnn_b_tile_big fastrnn_b_tile2
+#define FASTRNN_B_NV FASTRNN_Q_NV
+#endif
+
+/* y (M rows ldy apart, N columns) = add + A . W^T over W packed by
+ * fastrnn_b_pack, A's rows of bf16 (lda bytes apart). */
+static void fastrnn_b_gemm(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                           const int8_t* packed, ptrdiff_t N, const float* add,
+                           ptrdiff_t ld_add, float* y, ptrdiff_t ldy) {
+    ptrdiff_t pairs = fastrnn_b_pairs(K), blocks = fastrnn_q_blocks(N);
+    ptrdiff_t bstride = pairs * 64, nb0, m0;
+    fastrnn_q_out o;
+    memset(&o, 0, sizeof o);
+    o.add = add;
+    o.ld_add = ld_add;
+    o.y = y;
+    o.ldy = ldy;
+    o.cols = N;
+    for (m0 = 0; m0 + FASTRNN_B_BIG <= M; m0 += FASTRNN_B_BIG)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_B_NV)
+            fastrnn_b_tile_big(pairs, a + m0 * lda, lda, packed + nb0 * bstride, bstride, &o,
+                               m0, nb0 * 16);
+    for (; m0 + 2 <= M; m0 += 2)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_B_NV)
+            fastrnn_b_tile2(pairs, a + m0 * lda, lda, packed + nb0 * bstride, bstride, &o, m0,
+                            nb0 * 16);
+    if (m0 < M)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_B_NV)
+            fastrnn_b_tile1(pairs, a + m0 * lda, lda, packed + nb0 * bstride, bstride, &o, m0,
+                            nb0 * 16);
+}
+
 #endif

@@ -20,7 +20,7 @@
 # block of gx (R, dirs * G * H) and out (R, dirs * H).
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int8_t, int32_t, int64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
 from libc.string cimport memset
 
 import numpy as np
@@ -43,13 +43,26 @@ cdef extern from "_qkernel.h":
     void fastrnn_q_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                         const int8_t* packed, const int32_t* comp, Py_ssize_t N, int32_t* c,
                         Py_ssize_t ldc) noexcept nogil
+    const char* FASTRNN_B_ISA
+    Py_ssize_t fastrnn_b_pairs(Py_ssize_t K) noexcept nogil
+    void fastrnn_b_pack(const uint16_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
+                        uint16_t* out) noexcept nogil
+    float fastrnn_b_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
+    void fastrnn_b_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
+                        const int8_t* packed, Py_ssize_t N, const float* add,
+                        Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
     void fastrnn_q_gemm_dequant(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                                 const int8_t* packed, const int32_t* comp, Py_ssize_t N,
                                 const float* rs, const float* cs, const float* add,
                                 Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
 
-# the instruction set of this build's products, and the largest K they take
+# the instruction set of this build's products (int8, bfloat16), and the
+# largest K they take
 ISA = FASTRNN_Q_ISA.decode()
+BF16_ISA = FASTRNN_B_ISA.decode()
+# the weight kinds of a QWeight
+KIND_INT8 = 0
+KIND_BF16 = 1
 MAX_K = FASTRNN_Q_MAX_K
 
 # rows of the input projection quantized and multiplied at a time (the
@@ -59,6 +72,7 @@ cdef enum:
 
 
 cdef struct QView:
+    int kind                     # KIND_INT8 or KIND_BF16
     const int8_t* panels
     const int32_t* comp
     const float* scale
@@ -66,18 +80,31 @@ cdef struct QView:
 
 
 cdef class QWeight:
-    """An int8 weight matrix (N, K) and its float32 scale per row, packed
-    for the kernels (``_qkernel.h``). Immutable: computed once, read by any
-    number of calls at once."""
+    """A weight matrix (N, K) packed for the kernels (``_qkernel.h``): int8
+    (kind 0) with its float32 scale per row, or bfloat16 bit patterns (kind
+    1; scales unused). Immutable: computed once, read by any number of
+    calls at once."""
     cdef readonly object packed, comp, scale
     cdef readonly Py_ssize_t K, N
+    cdef readonly int kind
     cdef QView view
 
-    def __init__(self, const int8_t[:, ::1] w not None, const float[::1] scale not None):
-        cdef Py_ssize_t N = w.shape[0], K = w.shape[1]
-        cdef Py_ssize_t size = fastrnn_q_packed_size(K, N)
+    def __init__(self, w not None, const float[::1] scale not None, int kind=0):
+        cdef const int8_t[:, ::1] w8
+        cdef const uint16_t[:, ::1] w16
+        cdef Py_ssize_t N, K, size
         cdef int8_t[::1] packed
         cdef int32_t[::1] comp
+        if kind == 0:
+            w8 = w
+            N, K = w8.shape[0], w8.shape[1]
+            size = fastrnn_q_packed_size(K, N)
+        elif kind == 1:
+            w16 = w
+            N, K = w16.shape[0], w16.shape[1]
+            size = fastrnn_q_blocks(N) * fastrnn_b_pairs(K) * 64
+        else:
+            raise ValueError(f"QWeight: kind must be 0 (int8) or 1 (bfloat16), got {kind}")
         if scale.shape[0] != N:
             raise ValueError(f"QWeight: expected {N} scales, got {scale.shape[0]}")
         if N < 1 or K < 1 or K > FASTRNN_Q_MAX_K:
@@ -86,18 +113,22 @@ cdef class QWeight:
         buffer = np.empty(size + 64, np.int8)
         start = (-buffer.ctypes.data) % 64      # panels on cache lines
         self.packed = buffer[start:start + size]
-        self.comp = np.empty(fastrnn_q_blocks(N) * 16, np.int32)
+        self.comp = np.zeros(fastrnn_q_blocks(N) * 16, np.int32)
         padded = np.zeros(fastrnn_q_blocks(N) * 16, np.float32)   # read by whole blocks
         padded[:N] = scale
         padded.flags.writeable = False
         self.scale = padded[:N]
         packed, comp = self.packed, self.comp
         with nogil:
-            fastrnn_q_pack(&w[0, 0], K, K, N, &packed[0], &comp[0])
+            if kind == 0:
+                fastrnn_q_pack(&w8[0, 0], K, K, N, &packed[0], &comp[0])
+            else:
+                fastrnn_b_pack(&w16[0, 0], K, K, N, <uint16_t*>&packed[0])
         self.packed.flags.writeable = False
         self.comp.flags.writeable = False
-        self.K, self.N = K, N
+        self.K, self.N, self.kind = K, N, kind
         cdef const float[::1] scales = padded
+        self.view.kind = kind
         self.view.panels = &packed[0]
         self.view.comp = &comp[0]
         self.view.scale = &scales[0]
@@ -107,6 +138,29 @@ cdef class QWeight:
         raise TypeError("QWeight is rebuilt from its quantized layer's arrays, not pickled")
 
 
+cdef inline Py_ssize_t _row_bytes(int kind, Py_ssize_t K) noexcept nogil:
+    """Bytes of one activation row of K values: quads of int8 or pairs of bf16."""
+    return (fastrnn_b_pairs(K) if kind else fastrnn_q_quads(K)) * 4
+
+
+cdef inline float _row(int kind, const float* x, Py_ssize_t K, int8_t* q) noexcept nogil:
+    """An activation row converted for the products: its scale (bf16: 1),
+    -1 if x is not finite."""
+    return fastrnn_b_row(x, K, q) if kind else fastrnn_q_row(x, K, q)
+
+
+cdef inline void _product(const QView* w, Py_ssize_t M, const int8_t* a, Py_ssize_t lda,
+                          const float* rs, const float* add, Py_ssize_t ld_add, float* y,
+                          Py_ssize_t ldy) noexcept nogil:
+    """y = add + the product of M activation rows and W^T (int8: dequantized
+    with the rows' scales rs and W's)."""
+    if w.kind:
+        fastrnn_b_gemm(M, w.K, a, lda, w.panels, w.N, add, ld_add, y, ldy)
+    else:
+        fastrnn_q_gemm_dequant(M, w.K, a, lda, w.panels, w.comp, w.N, rs, w.scale, add, ld_add,
+                               y, ldy)
+
+
 # --- the input projection ---
 
 cdef struct ProjectJob:
@@ -114,12 +168,13 @@ cdef struct ProjectJob:
     const float* bias
     float* gx
     Py_ssize_t D, N, qrow
-    # steps > 0: row r of gx is x's row of batch row r // steps, step t0 +
-    # r % steps, at (t * x_row_t + b * x_row_b) rows of x (steps = 0: row r
-    # of x)
-    Py_ssize_t t0, steps, x_row_t, x_row_b
+    # steps > 0: row r of gx is x's row of batch row b0 + r // steps, step
+    # t0 + r % steps, at (t * x_row_t + b * x_row_b) rows of x (steps = 0:
+    # row r of x)
+    Py_ssize_t t0, b0, steps, x_row_t, x_row_b
     QView w
-    int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes
+    int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes, qstride apart
+    Py_ssize_t qstride           # (the same for every layer: parts may be in different ones)
     float* sbuf                  # per part: PROJECT_BLOCK scales
     int bad                      # set when a row of x is not finite
     Py_ssize_t rows[MAX_PARTS][2]
@@ -130,7 +185,7 @@ cdef struct ProjectJob:
 cdef void _project_job(void* arg, int part) noexcept nogil:
     cdef ProjectJob* j = <ProjectJob*>arg
     cdef Py_ssize_t r0 = j.rows[part][0], r1 = j.rows[part][1]
-    cdef int8_t* q = j.qbuf + part * PROJECT_BLOCK * j.qrow
+    cdef int8_t* q = j.qbuf + part * j.qstride
     cdef float* s = j.sbuf + part * PROJECT_BLOCK
     cdef const float* x_row
     cdef Py_ssize_t start, n, i
@@ -148,24 +203,25 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
                 x_row = j.x + (start + i) * j.D
             else:
                 x_row = j.x + ((j.t0 + (start + i) % j.steps) * j.x_row_t
-                               + ((start + i) // j.steps) * j.x_row_b) * j.D
-            s[i] = fastrnn_q_row(x_row, j.D, q + i * j.qrow)
+                               + (j.b0 + (start + i) // j.steps) * j.x_row_b) * j.D
+            s[i] = _row(j.w.kind, x_row, j.D, q + i * j.qrow)
             if s[i] < 0:
                 j.bad = 1
-        fastrnn_q_gemm_dequant(n, j.D, q, j.qrow, j.w.panels, j.w.comp, j.N, s, j.w.scale,
-                               j.bias, 0, j.gx + start * j.N, j.N)
+        _product(&j.w, n, q, j.qrow, s, j.bias, 0, j.gx + start * j.N, j.N)
         start += n
     fastrnn_restore_fpenv(fpenv)
 
 
 cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, QView w,
                                 const float* bias, float* gx, char* scratch,
-                                Py_ssize_t nparts) noexcept nogil:
-    """The job of one projection; scratch: _project_scratch(D, N, nparts) bytes."""
+                                Py_ssize_t nparts, Py_ssize_t D_max) noexcept nogil:
+    """The job of one projection of D inputs; scratch: _project_scratch(D_max,
+    N, nparts) bytes, D_max the widest input of the call's layers."""
     job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
-    job.steps = 0
+    job.steps = job.b0 = 0
     job.it = &job.interrupt
-    job.qrow = fastrnn_q_quads(D) * 4
+    job.qrow = _row_bytes(w.kind, D)
+    job.qstride = PROJECT_BLOCK * fastrnn_b_pairs(D_max) * 4
     job.bad = 0
     job.sbuf = <float*>scratch
     job.qbuf = <int8_t*>(job.sbuf + nparts * PROJECT_BLOCK)
@@ -173,7 +229,7 @@ cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, Q
 
 cdef inline Py_ssize_t _project_scratch(Py_ssize_t D, Py_ssize_t N,
                                         Py_ssize_t nparts) noexcept nogil:
-    return nparts * PROJECT_BLOCK * (4 + fastrnn_q_quads(D) * 4)
+    return nparts * PROJECT_BLOCK * (4 + fastrnn_b_pairs(D) * 4)   # the longer of the rows
 
 
 def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
@@ -192,7 +248,7 @@ def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
     scratch = np.empty(_project_scratch(w_ih.K, w_ih.N, len(parts)), np.uint8)
     _setup_project(&job, &x[0, 0], x.shape[1], w_ih.view,
                    NULL if bias_x is None else &bias_x[0], &gx[0, 0], <char*>&scratch[0],
-                   len(parts))
+                   len(parts), w_ih.K)
     run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
     return not job.bad
 
@@ -251,7 +307,7 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef float* g_t
     cdef float* out_row
     for b in range(B):     # only a caller's initial state can hold NaN or inf
-        if fastrnn_q_row(h + b * H, H, q) < 0:
+        if _row(w.kind, h + b * H, H, q) < 0:
             j.bad = 1
             return
     for st in range(j.T):
@@ -260,23 +316,20 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
         t = j.t0 + (j.T - 1 - st if d == 1 else st)
         # the recurrent product of h quantized per row
         for b in range(B):
-            s[b] = fastrnn_q_row(h + b * H, H, q + b * qrow)
+            s[b] = _row(w.kind, h + b * H, H, q + b * qrow)
         g_t = gx + (t - j.g_t0) * row_t * gx_cols
         if cell == GRU:
-            fastrnn_q_gemm_dequant(B, H, q, qrow, w.panels, w.comp, w.N, s, w.scale, bias_h, 0,
-                                   gh, GH)
+            _product(w, B, q, qrow, s, bias_h, 0, gh, GH)
         else:
-            fastrnn_q_gemm_dequant(B, H, q, qrow, w.panels, w.comp, w.N, s, w.scale, g_t,
-                                   row_b * gx_cols, g_t, row_b * gx_cols)
+            _product(w, B, q, qrow, s, g_t, row_b * gx_cols, g_t, row_b * gx_cols)
             if cell == GRU_RESET_BEFORE:
                 # r, z, then the n product of r * h quantized per row
                 for b in range(B):
                     row = (t - j.g_t0) * row_t + b * row_b
                     gru_reset_gates_row(gx + row * gx_cols, h + b * H, acts + b * 4 * H, H)
-                    s[b] = fastrnn_q_row(acts + b * 4 * H + 3 * H, H, q + b * qrow)
-                fastrnn_q_gemm_dequant(B, H, q, qrow, wn.panels, wn.comp, wn.N, s, wn.scale,
-                                       g_t + 2 * H, row_b * gx_cols, g_t + 2 * H,
-                                       row_b * gx_cols)
+                    s[b] = _row(w.kind, acts + b * 4 * H + 3 * H, H, q + b * qrow)
+                _product(wn, B, q, qrow, s, g_t + 2 * H, row_b * gx_cols, g_t + 2 * H,
+                         row_b * gx_cols)
         # the gate pass, row by row
         for b in range(B):
             out_row = out + ((t - j.o_t0) * o_row_t + b * o_row_b) * h_cols
@@ -324,7 +377,7 @@ cdef class QStack:
     (w_ih, [w_hh per direction], [w_hn per direction] or None, bias_x,
     bias_h), QWeights and float32 biases (None: none), kept alive here."""
     cdef QLayer* layers
-    cdef readonly int cell, dirs, num_layers
+    cdef readonly int cell, dirs, num_layers, kind
     cdef readonly Py_ssize_t input_size, hidden_size
     cdef object keep
 
@@ -344,6 +397,11 @@ cdef class QStack:
         self.layers = <QLayer*>PyMem_Malloc(len(layers) * sizeof(QLayer))
         if self.layers == NULL:
             raise MemoryError()
+        self.kind = (<QWeight?>layers[0][0]).kind
+        kinds = {w.kind for w_ih, w_hh, w_hn, _, _ in layers
+                 for w in [w_ih] + list(w_hh) + list(w_hn or [])}
+        if kinds != {self.kind}:
+            raise ValueError("QStack: the layers mix int8 and bfloat16 weights")
         for k, (w_ih, w_hh, w_hn, bias_x, bias_h) in enumerate(layers):
             qw = w_ih
             if qw.N != dirs * G * H or qw.K != (input_size if k == 0 else dirs * H):
@@ -405,47 +463,57 @@ cdef struct WindowJob:
 cdef void _window_job(void* arg, int part) noexcept nogil:
     cdef WindowJob* j = <WindowJob*>arg
     cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
-    cdef Py_ssize_t t0 = 0, steps, k
+    cdef Py_ssize_t B = j.rec.B, GH = num_gates(j.rec.cell) * j.H
+    cdef Py_ssize_t t0 = 0, steps, k, shift
     cdef ProjectJob pj
     cdef RecurJob rj
     cdef const QLayer* layer
     cdef const float* layer_in
+    cdef float* gx_part
     if b_hi <= b_lo:
         return
     rj = j.rec
     rj.it = &j.interrupt
     rj.ranges[part][0], rj.ranges[part][1] = 0, 1
     rj.ranges[part][2], rj.ranges[part][3] = b_lo, b_hi
+    # the part's own region of gx and of the layer buffers, from its row
+    # b_lo * Tw: the rows of a window (batch-major, (b - b_lo) * steps + t -
+    # t0) never reach another part's region, whatever window that part is in
+    gx_part = j.rec.gx + b_lo * j.Tw * GH
     while t0 < j.T:
         steps = min(j.Tw, j.T - t0)
+        shift = b_lo * (j.Tw - steps)    # the kernels add b_lo * steps rows
         layer_in = j.x
         for k in range(j.L):
             layer = &j.layers[k]
             _setup_project(&pj, layer_in, j.D0 if k == 0 else j.H, layer.w_ih, layer.bias_x,
-                           rj.gx, j.pscratch, j.nparts)
+                           gx_part, j.pscratch, j.nparts, max(j.D0, j.H))
             pj.it = &j.interrupt
             if k == 0:
-                pj.steps, pj.t0, pj.x_row_t, pj.x_row_b = steps, t0, j.x_row_t, j.x_row_b
-            pj.rows[part][0], pj.rows[part][1] = b_lo * steps, b_hi * steps
+                pj.steps, pj.t0, pj.b0 = steps, t0, b_lo
+                pj.x_row_t, pj.x_row_b = j.x_row_t, j.x_row_b
+            pj.rows[part][0], pj.rows[part][1] = 0, (b_hi - b_lo) * steps
             _project_job(&pj, part)
             if pj.bad:
                 j.bad = 1
                 return
+            rj.gx = gx_part - b_lo * steps * GH
             rj.t0, rj.T, rj.g_t0, rj.g_row_t, rj.g_row_b = t0, steps, t0, 1, steps
             rj.w[0], rj.wn[0], rj.bias_h = layer.w_hh[0], layer.w_hn[0], layer.bias_h
-            rj.h = j.rec.h + k * j.rec.B * j.H
-            rj.c = NULL if j.rec.c == NULL else j.rec.c + k * j.rec.B * j.H
+            rj.h = j.rec.h + k * B * j.H
+            rj.c = NULL if j.rec.c == NULL else j.rec.c + k * B * j.H
             if k == j.L - 1:
                 rj.out, rj.o_row_t, rj.o_row_b, rj.o_t0 = j.out, j.x_row_t, j.x_row_b, 0
             else:
-                rj.out, rj.o_row_t, rj.o_row_b, rj.o_t0 = j.buf[k % 2], 1, steps, t0
+                rj.out = j.buf[k % 2] + shift * j.H
+                rj.o_row_t, rj.o_row_b, rj.o_t0 = 1, steps, t0
             _recur_job(&rj, part)
             if rj.bad:
                 j.bad = 2
                 return
             if interrupted(&j.interrupt):
                 return
-            layer_in = rj.out
+            layer_in = rj.out + b_lo * steps * j.H    # the part's rows, from 0
         t0 += steps
 
 
@@ -477,7 +545,7 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef Py_ssize_t G = num_gates(stack.cell), N = dirs * G * H
     cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
     cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
-    cdef Py_ssize_t rows = dirs * B, qrow = fastrnn_q_quads(H) * 4
+    cdef Py_ssize_t rows = dirs * B, qrow = _row_bytes(stack.kind, H)
     cdef Py_ssize_t Tw
     cdef Py_ssize_t in_row_t = 1 if batch_first else B, in_row_b = T if batch_first else 1
     cdef Py_ssize_t sizes[9]
@@ -557,9 +625,10 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     for k in range(L):
         layer = &stack.layers[k]
         _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
-                       layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts)
+                       layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts, D_max)
         if k == 0:     # the input's rows, in its order
-            pjob.steps, pjob.t0, pjob.x_row_t, pjob.x_row_b = T, 0, in_row_t, in_row_b
+            pjob.steps, pjob.t0, pjob.b0 = T, 0, 0
+            pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
         if k == L - 1:  # the output, in the input's order
             layer_out = &out[0, 0]
             rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = in_row_t, in_row_b, 0
@@ -605,6 +674,35 @@ def quantize_rows(const float[:, ::1] x not None):
     q = np.asarray(buf)[:, :K].view(np.uint8).astype(np.int16) if FASTRNN_Q_OFFSET else \
         np.asarray(buf)[:, :K].astype(np.int16)
     return (q - FASTRNN_Q_OFFSET).astype(np.int8), np.asarray(s)
+
+
+def bf16_rows(const float[:, ::1] x not None):
+    """Each row of x converted to bfloat16 as the kernels convert
+    activations: uint16 bit patterns (M, K)."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], i
+    cdef Py_ssize_t qrow = fastrnn_b_pairs(K) * 4
+    cdef int8_t[:, ::1] buf = np.empty((M, qrow), np.int8)
+    with nogil:
+        for i in range(M):
+            fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
+    return np.asarray(buf).view(np.uint16)[:, :K].copy()
+
+
+def bf16_product(const float[:, ::1] x not None, QWeight w not None):
+    """y (M, N) = x (M, K) converted to bf16 row by row, times W^T (a
+    bfloat16 QWeight), as the kernels compute it."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], i
+    cdef Py_ssize_t qrow = fastrnn_b_pairs(K) * 4
+    cdef int8_t[:, ::1] buf = np.empty((max(M, 1), qrow), np.int8)
+    cdef float[:, ::1] y = np.empty((max(M, 1), w.N), np.float32)
+    if K != w.K or w.kind != 1:
+        raise ValueError(f"bf16_product: expected a bfloat16 QWeight of {K} columns")
+    with nogil:
+        for i in range(M):
+            fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
+        if M > 0:
+            fastrnn_b_gemm(M, K, &buf[0, 0], qrow, w.view.panels, w.N, NULL, 0, &y[0, 0], w.N)
+    return np.asarray(y)[:M].copy()
 
 
 def int_product(const int8_t[:, ::1] q not None, QWeight w not None):

@@ -48,14 +48,15 @@ from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.nn import Linear
 
-INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni")
-WEIGHT_DTYPES = ("int8",)
+INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16")
+WEIGHT_DTYPES = ("int8", "bfloat16")
 
 
 def _int8_cpu_supports(build):
-    if build == "vnni":
-        return _kernels.cpu_supports("avx512") and bool(
-            _kernels._cpu_features().get("AVX512VNNI"))
+    features = _kernels._cpu_features()
+    if build in ("vnni", "bf16"):
+        return _kernels.cpu_supports("avx512") and bool(features.get("AVX512VNNI")) and (
+            build == "vnni" or bool(features.get("AVX512BF16")))
     return _kernels.cpu_supports(build)
 
 
@@ -63,11 +64,11 @@ def _load_int8():
     choice = os.environ.get("FASTRNN_INT8", "auto").lower()
     if choice not in ("auto",) + INT8_BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
-                          f"'avx512' or 'vnni', got {choice!r}")
+                          f"'avx512', 'vnni' or 'bf16', got {choice!r}")
     if choice == "auto":
         choice = _kernels.SIMD
-        if choice == "avx512" and _int8_cpu_supports("vnni"):
-            choice = "vnni"
+        if choice == "avx512":
+            choice = next((b for b in ("bf16", "vnni") if _int8_cpu_supports(b)), choice)
     elif not _int8_cpu_supports(choice):
         raise ImportError(f"fastrnn: FASTRNN_INT8={choice}, but this CPU lacks its "
                           f"instructions (the build would stop on an illegal instruction)")
@@ -109,6 +110,27 @@ def quantize_weight(w, per_channel, tensors=1):
     safe = np.where(scale > 0, scale, np.float32(1))
     q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
+
+
+def to_bfloat16(w):
+    """float32 w as bfloat16 bit patterns (uint16): round to nearest even,
+    float32's denormals to signed zero, inf and NaN kept."""
+    bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    exponent = bits & np.uint32(0x7f800000)
+    rounded = bits + np.uint32(0x7fff) + ((bits >> np.uint32(16)) & np.uint32(1))
+    bits = np.where(exponent == 0, bits & np.uint32(0x80000000),
+                    np.where(exponent == np.uint32(0x7f800000), bits, rounded))
+    return (bits >> np.uint32(16)).astype(np.uint16)
+
+
+def _weight(w, weight_dtype, per_channel, tensors=1):
+    """A weight matrix packed for the kernels as ``weight_dtype``; returns
+    (QWeight, the per-row float32 scales or None)."""
+    if weight_dtype == "bfloat16":
+        return (lambda rows: _quant.QWeight(to_bfloat16(w[rows]), np.ones(
+            len(range(*rows.indices(len(w)))), np.float32), _quant.KIND_BF16))
+    q, s = quantize_weight(w, per_channel, tensors)
+    return lambda rows: _quant.QWeight(q[rows], s[rows])
 
 
 def _check_weight_dtype(owner, weight_dtype):
@@ -155,19 +177,15 @@ class _Quantized:
             H, dirs = self._config["hidden_size"], self._dirs
             GH = self._gates * H
             reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
+            kind = self._config["weight_dtype"]
             for w_ih, w_hh, b_ih, b_hh in zip(*self._weights(params)):
-                q, s = quantize_weight(w_ih, per_channel, dirs)
-                qw_ih = _quant.QWeight(q, s)
-                q, s = quantize_weight(w_hh, per_channel, dirs)
+                qw_ih = _weight(w_ih, kind, per_channel, dirs)(slice(None))
+                rows_of = _weight(w_hh, kind, per_channel, dirs)
                 if reset_before:
-                    qw_hh = [_quant.QWeight(q[d * GH:d * GH + 2 * H], s[d * GH:d * GH + 2 * H])
-                             for d in range(dirs)]
-                    qw_hn = [_quant.QWeight(q[d * GH + 2 * H:(d + 1) * GH],
-                                            s[d * GH + 2 * H:(d + 1) * GH])
-                             for d in range(dirs)]
+                    qw_hh = [rows_of(slice(d * GH, d * GH + 2 * H)) for d in range(dirs)]
+                    qw_hn = [rows_of(slice(d * GH + 2 * H, (d + 1) * GH)) for d in range(dirs)]
                 else:
-                    qw_hh = [_quant.QWeight(q[d * GH:(d + 1) * GH], s[d * GH:(d + 1) * GH])
-                             for d in range(dirs)]
+                    qw_hh = [rows_of(slice(d * GH, (d + 1) * GH)) for d in range(dirs)]
                     qw_hn = None
                 if b_ih is None:
                     bias_x = bias_h = None
@@ -315,9 +333,9 @@ class QuantizedLinear(Linear):
     def _qweight(self, params):
         packed = params.cache.get("int8")
         if packed is None:
-            q, s = quantize_weight(params.views["weight"], self._config["per_channel"])
-            bias = params.views.get("bias")
-            packed = params.cache["int8"] = (_quant.QWeight(q, s), bias)
+            weight = _weight(params.views["weight"], self._config["weight_dtype"],
+                             self._config["per_channel"])(slice(None))
+            packed = params.cache["int8"] = (weight, params.views.get("bias"))
         return packed
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
@@ -336,9 +354,9 @@ class QuantizedLinear(Linear):
     _seq_infer = __call__
 
     def _seq_train(self, x):
-        raise TypeError("QuantizedLinear: training is not available on a quantized (int8) "
-                        "model, which is for inference only; train the float32 model, then "
-                        "quantize it")
+        raise TypeError(f"QuantizedLinear: training is not available on a quantized "
+                        f"({self._config['weight_dtype']}) model, which is for inference only; "
+                        f"train the float32 model, then quantize it")
 
 
 _QUANTIZED = {RNN: QuantizedRNN, GRU: QuantizedGRU, LSTM: QuantizedLSTM,
