@@ -1,10 +1,12 @@
-"""The benchmark grid for reduced-precision inference: ``fastrnn bench --dtype int8``.
+"""The benchmark grid for reduced-precision inference: ``fastrnn bench --dtype int8``
+(or ``bfloat16``: the same table).
 
 For every case of :data:`fastrnn.bench.CASES`, the same weights and input as
 the float32 benchmark, each library in a process of its own:
 
 - ``f32``: fastrnn's float32 layer;
 - ``int8``: ``fastrnn.quantize(layer)`` (per-channel weight scales);
+- ``bf16``: ``fastrnn.quantize(layer, dtype="bfloat16")``;
 - ``torch-q``: PyTorch's ``torch.ao.quantization.quantize_dynamic`` of the
   same module (qint8, its default per-tensor weight scales; dynamic uint8
   activations), for LSTM and GRU (PyTorch has no quantized RNN layer);
@@ -14,8 +16,9 @@ the float32 benchmark, each library in a process of its own:
   float32, so those are not timed).
 
 Columns: the median ms of a forward pass of each, the speed-up of int8
-over fastrnn's own float32 and over the faster quantized peer, the max
-and mean abs deviation of each int8 output from fastrnn's float32 output
+and bf16 over fastrnn's own float32 and of int8 over the faster quantized
+peer, the max and mean abs deviation of each reduced-precision output from
+fastrnn's float32 output
 (and of that from the float64 reference, PyTorch in float64), and the
 peak resident memory of
 each library's process (MB, ``ru_maxrss``) with the bytes of the weights
@@ -36,7 +39,7 @@ import numpy as np
 import fastrnn
 from fastrnn import bench
 
-LIBRARIES = ("f32", "int8", "torch-q", "ORT-q")
+LIBRARIES = ("f32", "int8", "bf16", "torch-q", "ORT-q")
 
 
 def _torch_quantized(case, state_dict, x, threads):
@@ -122,8 +125,9 @@ def measure(case_name, library, threads, repeats, output_path):
             def infer():
                 return layer(x)[0]
             weight_mb = _weight_bytes(layer, False) / 2**20
-        elif library == "int8":
-            quantized = fastrnn.quantize(layer)
+        elif library in ("int8", "bf16"):
+            quantized = fastrnn.quantize(layer, dtype="int8" if library == "int8"
+                                         else "bfloat16")
             del layer
 
             def infer():
@@ -164,7 +168,7 @@ def run_case(case, threads, repeats, libraries):
             if done.returncode != 0:
                 message = (f"fastrnn bench: {library} failed on {case.name} "
                            f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
-                if library in ("f32", "int8", "reference"):
+                if library in ("f32", "int8", "bf16", "reference"):
                     raise RuntimeError(message)
                 print(message, file=sys.stderr)
                 outputs.pop(library)
@@ -188,17 +192,19 @@ def main(args, cases):
         peers.append("torch-q")
     if bench.available("onnxruntime") and bench.available("onnx"):
         peers.append("ORT-q")
-    print(f"fastrnn {fastrnn.__version__} int8 ({fastrnn.quantized.INT8_SIMD} build); "
-          f"{args.threads} thread{'s' * (args.threads > 1)}; median ms (blocks of 5 calls "
-          f"after a pause), {time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 against "
-          f"float64, int8 against f32; memory: process peak MB, weights MB")
-    print(f"{'case':<20}{'f32':>9}{'int8':>9}{'torch-q':>9}{'ORT-q':>9}{'vs f32':>8}"
-          f"{'vs peer':>8}  {'f32 err':>17}  {'int8 err':>17}  {'torch-q err':>17}"
-          f"  {'ORT-q err':>17}  {'peak f32/int8':>13}  {'weights f32/int8':>16}")
-    own, over_peer = [], []
+    print(f"fastrnn {fastrnn.__version__} int8 and bfloat16 ({fastrnn.quantized.INT8_SIMD} "
+          f"build); {args.threads} thread{'s' * (args.threads > 1)}; median ms (blocks of 5 "
+          f"calls after a pause), {time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 "
+          f"against float64, the others against f32; weights MB")
+    print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"
+          f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}  {'f32 err':>17}  {'int8 err':>17}"
+          f"  {'bf16 err':>17}  {'torch-q err':>17}  {'ORT-q err':>17}  "
+          f"{'weights f32/int8/bf16':>21}")
+    own, own_bf16, over_peer = [], [], []
     for case in cases:
-        libraries = ["f32", "int8"] + [p for p in peers if p == "torch-q" and case.cell != "RNN"
-                                       or p == "ORT-q" and case.cell == "LSTM"]
+        libraries = ["f32", "int8", "bf16"] + [
+            p for p in peers if p == "torch-q" and case.cell != "RNN"
+            or p == "ORT-q" and case.cell == "LSTM"]
         results, errors = run_case(case, args.threads, args.repeats, libraries)
 
         def ms(lib):
@@ -207,20 +213,21 @@ def main(args, cases):
         def err(lib):
             return (f"{errors[lib][0]:.1e} / {errors[lib][1]:.1e}" if lib in errors
                     else "-")
-        speed = ms("f32") / ms("int8")
+        speed, speed_bf16 = ms("f32") / ms("int8"), ms("f32") / ms("bf16")
         peer_ms = [ms(p) for p in ("torch-q", "ORT-q") if p in results]
         vs_peer = min(peer_ms) / ms("int8") if peer_ms else float("nan")
         own.append(speed)
+        own_bf16.append(speed_bf16)
         if peer_ms:
             over_peer.append(vs_peer)
-        print(f"{case.name:<20}{ms('f32'):>9.3f}{ms('int8'):>9.3f}{ms('torch-q'):>9.3f}"
-              f"{ms('ORT-q'):>9.3f}{speed:>7.2f}x{vs_peer:>7.2f}x  {err('f32'):>17}  "
-              f"{err('int8'):>17}  {err('torch-q'):>17}  {err('ORT-q'):>17}  "
-              f"{results['f32']['peak_mb']:>6.0f}/{results['int8']['peak_mb']:<6.0f}  "
-              f"{results['f32']['weight_mb']:>7.2f}/{results['int8']['weight_mb']:<8.2f}",
-              flush=True)
-    print(f"int8 over float32: geometric mean {math.exp(np.mean(np.log(own))):.2f}x, worst "
-          f"{min(own):.2f}x")
+        weights = "/".join(f"{results[lib]['weight_mb']:.2f}" for lib in ("f32", "int8", "bf16"))
+        print(f"{case.name:<20}{ms('f32'):>9.3f}{ms('int8'):>9.3f}{ms('bf16'):>9.3f}"
+              f"{ms('torch-q'):>9.3f}{ms('ORT-q'):>9.3f}{speed:>8.2f}x{speed_bf16:>8.2f}x"
+              f"{vs_peer:>9.2f}x  {err('f32'):>17}  {err('int8'):>17}  {err('bf16'):>17}  "
+              f"{err('torch-q'):>17}  {err('ORT-q'):>17}  {weights:>21}", flush=True)
+    for name, ratios in (("int8", own), ("bfloat16", own_bf16)):
+        print(f"{name} over float32: geometric mean {math.exp(np.mean(np.log(ratios))):.2f}x, "
+              f"worst {min(ratios):.2f}x")
     if over_peer:
         print(f"int8 over the faster quantized peer: geometric mean "
               f"{math.exp(np.mean(np.log(over_peer))):.2f}x, worst {min(over_peer):.2f}x")
