@@ -1,9 +1,9 @@
-"""int8 quantization of the shipped examples' trained models: the task metric
-and the deviation of the outputs from float32.
+"""int8 and bfloat16 inference of the shipped examples' trained models: the
+task metric and the deviation of the outputs from float32.
 
 Trains each example's model as its ``fastrnn <example>`` command does (same
-data, seeds, epochs), then quantizes it (``fastrnn.quantize``, per-channel
-and per-tensor) and, where PyTorch is installed, also runs PyTorch's dynamic
+data, seeds, epochs), then quantizes it (``fastrnn.quantize``: int8 per-channel
+and per-tensor, bfloat16) and, where PyTorch is installed, also runs PyTorch's dynamic
 int8 quantization of the same weights (``torch.ao.quantization.quantize_dynamic``
 of ``fastrnn.to_torch``'s module, per-tensor, its default). Prints, per model,
 the validation metric (MSE, or nats per character) of float32 and of each
@@ -78,7 +78,8 @@ def report(name, model, x_val, y_val, metric):
     ref = metric(ref_out, y_val)
     print(f"{name:<22}{'float32':<16}{ref:>10.4f}{'':>9}{'':>22}")
     versions = [("int8 per-channel", fastrnn.quantize(model).predict),
-                ("int8 per-tensor", fastrnn.quantize(model, per_channel=False).predict)]
+                ("int8 per-tensor", fastrnn.quantize(model, per_channel=False).predict),
+                ("bfloat16", fastrnn.quantize(model, dtype="bfloat16").predict)]
     torch_run = _torch_int8(model)
     if torch_run is not None:
         versions.append(("torch int8", torch_run))

@@ -1,8 +1,10 @@
-"""Reduced-precision inference: int8 weights, quantized once, and int8
-products with int32 sums (``fastrnn.quantize``).
+"""Reduced-precision inference (``fastrnn.quantize``): int8 weights, quantized
+once, and int8 products with int32 sums; or bfloat16 weights and products
+with float32 sums.
 
 A quantized layer, cell or ``Linear`` is its float32 class with the same
-call API, whose products run on int8 (``_quant.pyx``, ``_qkernel.h``):
+call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
+``_qkernel.h``). int8:
 
 - weights: symmetric int8 in [-127, 127], ``q = clip(rint(W / s), -127,
   127)`` with ``s = max|W| / 127`` per output row (``per_channel=True``) or
@@ -25,11 +27,18 @@ call API, whose products run on int8 (``_quant.pyx``, ``_qkernel.h``):
   as ``float(sum) * (s_x * s_w[n])`` plus the float32 bias;
 - state, cell and gate arithmetic: float32, the float layers' own code.
 
+bfloat16: the weights rounded to bfloat16 once (round to nearest even),
+every activation row at every use, each product one float32 chain over the
+pairs of k in the order of AVX-512 BF16's ``vdpbf16ps`` (the odd product of
+a pair, then the even one, each sum rounded), which the other builds
+compute with float32 arithmetic: the same bits everywhere too. No scales;
+``per_channel`` does not apply.
+
 Inference only: ``forward_train`` and training in a ``Sequential`` raise
 TypeError. The kernel build is picked at import: the float kernels' build
-(fastrnn._kernels), or AVX-512 VNNI where the CPU has it;
-FASTRNN_INT8=baseline, avx2, avx512 or vnni forces one (for comparison and
-testing).
+(fastrnn._kernels), or AVX-512 VNNI (and BF16) where the CPU has it;
+FASTRNN_INT8=baseline, avx2, avx512, vnni or bf16 forces one (for
+comparison and testing).
 """
 from __future__ import annotations
 
@@ -261,11 +270,12 @@ class _QuantizedCell(_Quantized):
 
 _QUANT_DOC = """
 
-    int8 quantized inference (made by ``fastrnn.quantize``; see
+    Reduced-precision inference (made by ``fastrnn.quantize``; see
     fastrnn.quantized): the float32 class's parameters and call, with the
-    products in int8. Extra keyword-only parameters: ``weight_dtype``
-    ('int8') and ``per_channel`` (bool, default True: a weight scale per
-    output row; False: per weight tensor). Inference only."""
+    products in int8 or bfloat16. Extra keyword-only parameters:
+    ``weight_dtype`` ('int8' or 'bfloat16') and ``per_channel`` (int8: bool,
+    default True: a weight scale per output row; False: per weight tensor).
+    Inference only."""
 
 
 def _quantized_class(base, mixin):
@@ -305,10 +315,10 @@ QuantizedLSTMCell = _quantized_class(LSTMCell, _QuantizedCell)
 
 
 class QuantizedLinear(Linear):
-    """``Linear`` with int8 weights (made by ``fastrnn.quantize``): ``y =
-    dequant(q(x) . q(W)^T) + b``, every row of x quantized with its own
-    scale, the weight per output row (``per_channel``) or as one tensor.
-    Inference only."""
+    """``Linear`` with int8 or bfloat16 weights (made by ``fastrnn.quantize``):
+    int8 ``y = dequant(q(x) . q(W)^T) + b``, every row of x quantized with
+    its own scale, the weight per output row (``per_channel``) or as one
+    tensor; bfloat16 ``y = bf16(x) . bf16(W)^T + b``. Inference only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
@@ -391,13 +401,14 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
         ``Linear`` is quantized; the other layers (Dropout, LastStep,
         activations, ...) are shared with the original, as ``model[1:]``
         shares them.
-    dtype : {'int8'}, default 'int8'
+    dtype : {'int8', 'bfloat16'}, default 'int8'
         The weights' type. int8: symmetric, in [-127, 127]; the products run
-        in int8 with int32 sums, activations quantized per row at every use
-        (see fastrnn.quantized).
+        in int8 with int32 sums, activations quantized per row at every use.
+        bfloat16: weights and activations rounded to bfloat16, products
+        summed in float32 (see fastrnn.quantized).
     per_channel : bool, default True
-        A weight scale per output row (per gate unit); False: one per weight
-        tensor (each of PyTorch's parameters), as PyTorch's default.
+        int8: a weight scale per output row (per gate unit); False: one per
+        weight tensor (each of PyTorch's parameters), as PyTorch's default.
 
     Returns
     -------
@@ -420,6 +431,7 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     --------
     >>> lstm = fastrnn.LSTM(16, 32, batch_first=True, seed=0)
     >>> q = fastrnn.quantize(lstm)                 # int8, per-channel scales
+    >>> half = fastrnn.quantize(lstm, dtype="bfloat16")
     >>> out, (h_n, c_n) = q(np.random.rand(4, 50, 16).astype(np.float32))
     """
     from fastrnn.model import Sequential
