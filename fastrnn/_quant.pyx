@@ -1,23 +1,27 @@
-# Kernels of int8 quantized inference (fastrnn.quantized): the input
-# projection of every step and the time loops of a layer, with the products
-# in int8 (_qkernel.h) and the state and gate arithmetic in float32 (the
-# gate functions of _gates.pxd).
+# Kernels of reduced-precision inference (fastrnn.quantized): the input
+# projection and the time loops of a stack of layers, with the products in
+# int8 or bfloat16 (_qkernel.h) and the state and gate arithmetic in float32
+# (the gate functions of _gates.pxd).
 #
 # A weight matrix W (N, K) is quantized once (fastrnn.quantized: int8 in
-# [-127, 127], a float32 scale per row or per tensor) and packed here
-# (QWeight). Activations are quantized per row at every use: each input row
-# x_r for the projection, each batch row of h before each step's recurrent
-# product (the reset-before GRU's r * h too). A row's product is
+# [-127, 127] with a float32 scale per row or per tensor, or bfloat16) and
+# packed here (QWeight). Activations are converted per row at every use:
+# each input row x_r for the projection, each batch row of h before each
+# step's recurrent product (the reset-before GRU's r * h too). An int8 row's
+# product is
 #
-#   y[n] = float(sum_k q_x[k] * q_w[n][k]) * (s_x * s_w[n])   (+ bias[n])
+#   y[n] = add[n] + float(sum_k q_x[k] * q_w[n][k]) * (s_x * s_w[n])
 #
-# exact in int32 and the same in every build; the float32 operations are
-# written in this order, and the module is compiled without contraction
+# (add: the bias, or the step's input projection), the sum exact in int32,
+# dequantized in the product's tile; a bfloat16 one y[n] = add[n] + (a
+# float32 chain over the pairs of k, _qkernel.h). The float32 operations
+# are written in one order and the module is compiled without contraction
 # (setup.py: -ffp-contract=off), so every build gives the same bits.
 #
-# Layout as in _forward.pyx: R = T * B rows in the input's order (time-major
-# row t * B + b, or batch-first b * T + t), direction d owning a column
-# block of gx (R, dirs * G * H) and out (R, dirs * H).
+# Layout: the input and the last layer's output are R = T * B rows in the
+# input's order (time-major row t * B + b, or batch-first b * T + t); the
+# input projections (gx) and the layers between are batch-major rows of a
+# time window (forward). Direction d owns a column block of each.
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
@@ -548,9 +552,9 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef Py_ssize_t rows = dirs * B, qrow = _row_bytes(stack.kind, H)
     cdef Py_ssize_t Tw
     cdef Py_ssize_t in_row_t = 1 if batch_first else B, in_row_b = T if batch_first else 1
-    cdef Py_ssize_t sizes[9]
+    cdef Py_ssize_t sizes[8]
     cdef char* base
-    cdef char* ptr[9]
+    cdef char* ptr[8]
     cdef unsigned char[::1] scratch
     cdef const float* layer_in
     cdef float* layer_out
@@ -560,23 +564,23 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     if nparts < 1 or nparts > MAX_PARTS:
         raise ValueError(f"forward: expected 1 to {MAX_PARTS} parts, got {nparts}")
     Tw = T if dirs == 2 else max(<Py_ssize_t>1, min(T, window_bytes // (B * N * 4)))
-    # one scratch buffer: gx, two layer buffers, the recurrence's rows, the
+    # one scratch buffer: gx, two layer buffers, the recurrence's rows and
+    # their scales, the GRU's recurrent gates, the activations, the
     # projection's blocks; each part 64-byte aligned
     sizes[0] = Tw * B * N * 4
     sizes[1] = Tw * B * dirs * H * 4 if L > 1 else 0
     sizes[2] = Tw * B * dirs * H * 4 if L > 2 else 0
     sizes[3] = rows * qrow
     sizes[4] = rows * 4
-    sizes[5] = 0
-    sizes[6] = rows * G * H * 4 if stack.cell == GRU else 0
-    sizes[7] = rows * 4 * H * 4
-    sizes[8] = _project_scratch(D_max, N, nparts)
+    sizes[5] = rows * G * H * 4 if stack.cell == GRU else 0
+    sizes[6] = rows * 4 * H * 4
+    sizes[7] = _project_scratch(D_max, N, nparts)
     total = 0
-    for k in range(9):
+    for k in range(8):
         total += sizes[k] + 64
     scratch = np.empty(total + 64, np.uint8)
     base = _aligned(<char*>&scratch[0])
-    for k in range(9):
+    for k in range(8):
         ptr[k] = base
         base = _aligned(base + sizes[k])
     rjob.cell = stack.cell
@@ -584,8 +588,8 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     rjob.qrow = qrow
     rjob.gx = <float*>ptr[0]
     rjob.qbuf, rjob.sbuf = <int8_t*>ptr[3], <float*>ptr[4]
-    rjob.gh = <float*>ptr[6] if stack.cell == GRU else NULL
-    rjob.acts = <float*>ptr[7]
+    rjob.gh = <float*>ptr[5] if stack.cell == GRU else NULL
+    rjob.acts = <float*>ptr[6]
     rjob.lengths = NULL if lengths is None else &lengths[0]
     rjob.h = &h[0, 0, 0]
     rjob.c = NULL if c is None else &c[0, 0, 0]
@@ -598,7 +602,7 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
         wjob.x, wjob.x_row_t, wjob.x_row_b = &x[0, 0], in_row_t, in_row_b
         wjob.out = &out[0, 0]
         wjob.buf[0], wjob.buf[1] = <float*>ptr[1], <float*>ptr[2]
-        wjob.pscratch, wjob.nparts = ptr[8], nparts
+        wjob.pscratch, wjob.nparts = ptr[7], nparts
         wjob.rec = rjob
         wjob.bad = 0
         if direct:
@@ -625,7 +629,7 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     for k in range(L):
         layer = &stack.layers[k]
         _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
-                       layer.w_ih, layer.bias_x, rjob.gx, ptr[8], nparts, D_max)
+                       layer.w_ih, layer.bias_x, rjob.gx, ptr[7], nparts, D_max)
         if k == 0:     # the input's rows, in its order
             pjob.steps, pjob.t0, pjob.b0 = T, 0, 0
             pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
