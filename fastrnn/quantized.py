@@ -375,6 +375,14 @@ _QUANTIZED = {RNN: QuantizedRNN, GRU: QuantizedGRU, LSTM: QuantizedLSTM,
 QUANTIZED_CLASSES = tuple(_QUANTIZED.values())
 
 
+# the configuration the reduced-precision kernels compute; any other option
+# a layer has must be off (None, False or 0) to be quantized, or it is refused
+# by name (the kernels would silently compute without it)
+_COMPUTED_OPTIONS = {"input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                     "dropout", "bidirectional", "dtype", "nonlinearity", "reset_after",
+                     "in_features", "out_features"}
+
+
 def _quantize_module(owner, module, dtype, per_channel):
     cls = _QUANTIZED.get(type(module))
     if cls is None:
@@ -383,6 +391,12 @@ def _quantize_module(owner, module, dtype, per_channel):
                         f"Sequential of them")
     config = {k: (val.name if isinstance(val, np.dtype) else val)
               for k, val in module._config.items()}
+    for key, value in config.items():
+        if key not in _COMPUTED_OPTIONS and not (value is None or value is False
+                                                 or (isinstance(value, (int, float))
+                                                     and value == 0)):
+            raise ValueError(f"{owner}: the {type(module).__name__} has {key}={value!r}, "
+                             f"which the reduced-precision kernels do not compute")
     if config["dtype"] != "float32":
         raise ValueError(f"{owner}: quantize needs a float32 model, got a {config['dtype']} "
                          f"{type(module).__name__}")

@@ -539,6 +539,16 @@ def test_bad_arguments():
         Q.QuantizedRNN(3, 4, dtype="float64")
 
 
+def test_options_the_kernels_do_not_compute_are_refused():
+    lstm = fastrnn.LSTM(3, 4, seed=0)
+    lstm._config["peepholes"] = True          # an option of another branch, say
+    with pytest.raises(ValueError, match="quantize: the LSTM has peepholes=True, which the "
+                                         "reduced-precision kernels do not compute"):
+        fastrnn.quantize(lstm)
+    del lstm._config["peepholes"]
+    assert isinstance(fastrnn.quantize(lstm), Q.QuantizedLSTM)
+
+
 def test_training_is_refused():
     q = fastrnn.quantize(fastrnn.LSTM(3, 4, seed=0))
     x = np.zeros((2, 1, 3), F32)
