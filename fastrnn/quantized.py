@@ -133,8 +133,9 @@ def to_bfloat16(w):
 
 
 def _weight(w, weight_dtype, per_channel, tensors=1):
-    """A weight matrix packed for the kernels as ``weight_dtype``; returns
-    (QWeight, the per-row float32 scales or None)."""
+    """``rows -> QWeight``: the rows (a slice) of weight matrix w (N, K)
+    packed for the kernels as ``weight_dtype``; int8 is quantized once for
+    all the rows (per row, or per tensor of ``tensors`` row blocks)."""
     if weight_dtype == "bfloat16":
         return (lambda rows: _quant.QWeight(to_bfloat16(w[rows]), np.ones(
             len(range(*rows.indices(len(w)))), np.float32), _quant.KIND_BF16))
@@ -209,7 +210,7 @@ class _Quantized:
         return stack
 
     def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
-        """Every layer on the int8 kernels; x (T, B, D) or (B, T, D)
+        """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
         initial state and end as the final one."""
         H, dirs = self._config["hidden_size"], self._dirs
@@ -222,8 +223,8 @@ class _Quantized:
             direct=len(parts) == 1 and work < DIRECT_WORK, window_bytes=WINDOW_BYTES)
         if outcome:
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
-                             f"non-finite values (NaN or inf); int8 quantization needs finite "
-                             f"values")
+                             f"non-finite values (NaN or inf); {self._config['weight_dtype']} "
+                             f"inference needs finite values")
 
     def _refuse_training(self, what):
         raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
@@ -357,8 +358,8 @@ class QuantizedLinear(Linear):
         parts = _plan.split(1, rows.shape[0], rows.shape[0] * w.N * w.K // 4)
         if not _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
                               parts=_plan.halves(rows.shape[0], parts)):
-            raise ValueError("QuantizedLinear: input has non-finite values (NaN or inf); int8 "
-                             "quantization needs finite values")
+            raise ValueError(f"QuantizedLinear: input has non-finite values (NaN or inf); "
+                             f"{self._config['weight_dtype']} inference needs finite values")
         return y.reshape(x.shape[:-1] + (w.N,))
 
     _seq_infer = __call__
