@@ -377,11 +377,14 @@ QUANTIZED_CLASSES = tuple(_QUANTIZED.values())
 
 
 # the configuration the reduced-precision kernels compute; any other option
-# a layer has must be off (None, False or 0) to be quantized, or it is refused
-# by name (the kernels would silently compute without it)
+# a layer has must be off (None, False or 0), at the value the kernels
+# compute, or act in training only, or it is refused by name (the kernels
+# would silently compute without it)
 _COMPUTED_OPTIONS = {"input_size", "hidden_size", "num_layers", "bias", "batch_first",
                      "dropout", "bidirectional", "dtype", "nonlinearity", "reset_after",
                      "in_features", "out_features"}
+_COMPUTED_VALUES = {"activation": "tanh", "recurrent_activation": "sigmoid"}
+_TRAINING_ONLY_OPTIONS = {"input_dropout", "recurrent_dropout", "weight_dropout"}
 
 
 def _quantize_module(owner, module, dtype, per_channel):
@@ -393,9 +396,10 @@ def _quantize_module(owner, module, dtype, per_channel):
     config = {k: (val.name if isinstance(val, np.dtype) else val)
               for k, val in module._config.items()}
     for key, value in config.items():
-        if key not in _COMPUTED_OPTIONS and not (value is None or value is False
-                                                 or (isinstance(value, (int, float))
-                                                     and value == 0)):
+        off = value is None or value is False or (isinstance(value, (int, float))
+                                                  and value == 0)
+        if not (key in _COMPUTED_OPTIONS or key in _TRAINING_ONLY_OPTIONS or off
+                or (key in _COMPUTED_VALUES and value == _COMPUTED_VALUES[key])):
             raise ValueError(f"{owner}: the {type(module).__name__} has {key}={value!r}, "
                              f"which the reduced-precision kernels do not compute")
     if config["dtype"] != "float32":

@@ -546,6 +546,10 @@ def test_options_the_kernels_do_not_compute_are_refused():
                                          "reduced-precision kernels do not compute"):
         fastrnn.quantize(lstm)
     del lstm._config["peepholes"]
+    lstm._config["activation"] = "relu"       # a value the kernels do not compute
+    with pytest.raises(ValueError, match="quantize: the LSTM has activation='relu'"):
+        fastrnn.quantize(lstm)
+    del lstm._config["activation"]
     assert isinstance(fastrnn.quantize(lstm), Q.QuantizedLSTM)
 
 
