@@ -42,6 +42,11 @@ def target_machine():
 # with AVX-512. Not on arm64/aarch64 (nor in a macOS universal2 build: one
 # compiler call for both CPUs), where _kernels.py finds the portable build only.
 SIMD_BUILDS = [""] + (["_avx2", "_avx512"] if target_machine() == "x86_64" else [])
+# The kernels of quantized inference (_quant.pyx, _qkernel.h) have two more
+# builds on x86-64: with AVX-512 VNNI (int8 vpdpbusd), and with VNNI and
+# BF16 (bfloat16 vdpbf16ps); fastrnn/quantized.py picks the widest the CPU
+# runs (the _avx512 one runs on CPUs with neither).
+QUANT_BUILDS = SIMD_BUILDS + (["_vnni", "_bf16"] if target_machine() == "x86_64" else [])
 
 # Flags per compiler family ("unix": GCC and Clang, on Linux, macOS and
 # MinGW; "msvc") and build. None changes a result or NaN handling (unlike
@@ -59,10 +64,19 @@ SIMD_BUILDS = [""] + (["_avx2", "_avx512"] if target_machine() == "x86_64" else 
 SIMD_FLAGS = {
     "unix": {"": [], "_avx2": ["-mavx2", "-mfma"],
              "_avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                         "-mavx512vl"]},
+                         "-mavx512vl"],
+             "_vnni": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                       "-mavx512vl", "-mavx512vnni"],
+             "_bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                       "-mavx512vl", "-mavx512vnni", "-mavx512bf16"]},
     "msvc": {"": [], "_avx2": ["/arch:AVX2", "/fp:contract"],
-             "_avx512": ["/arch:AVX512", "/fp:contract"]},
+             "_avx512": ["/arch:AVX512", "/fp:contract"], "_vnni": ["/arch:AVX512"],
+             "_bf16": ["/arch:AVX512"]},
 }
+# The quantized kernels give the same bits in every build: no build may fuse
+# a multiply and an add that another does not (GCC and Clang contract by
+# default with FMA; MSVC only with /fp:contract, left out for them).
+QUANT_FLAGS = {"unix": ["-ffp-contract=off"], "msvc": []}
 UNIX_FLAGS = ["-fno-trapping-math"]
 GCC_ONLY_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
 
@@ -80,6 +94,10 @@ class BuildExt(build_ext):
             if ext.name == "fastrnn._worker":
                 ext.extra_compile_args = threads
                 ext.extra_link_args = threads
+            elif ext.name.startswith("fastrnn._quant"):
+                build = ext.name.replace("fastrnn._quant", "")
+                flags = [f for f in SIMD_FLAGS[family][build] if f != "/fp:contract"]
+                ext.extra_compile_args = common + flags + QUANT_FLAGS[family]
             else:
                 build = (ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
                          .replace("fastrnn._layernorm", ""))
@@ -105,6 +123,12 @@ extensions = [
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
     for name in ("_forward", "_backward", "_layernorm")
     for build in SIMD_BUILDS
+]
+extensions += [
+    Extension(f"fastrnn._quant{build}", [f"fastrnn/_quant{build}.pyx"],
+              include_dirs=["fastrnn", numpy.get_include()],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+    for build in QUANT_BUILDS
 ]
 # the kernels' shared worker thread (no arithmetic: built once)
 extensions.append(Extension("fastrnn._worker", ["fastrnn/_worker.pyx"], include_dirs=["fastrnn"]))

@@ -33,6 +33,7 @@ from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDire
 from fastrnn.convert import from_keras, from_onnx, from_torch, to_onnx, to_torch
 from fastrnn.streaming import Stream
 from fastrnn.wrappers import Reversed, Stateful
+from fastrnn.quantized import quantize
 
 __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dropout",
            "Embedding", "Masking", "ZeroMasked", "MergeDirections",
@@ -42,7 +43,7 @@ __all__ = ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "Linear", "Dr
            "MSELoss", "L1Loss", "HuberLoss", "CrossEntropyLoss", "BCEWithLogitsLoss", "losses",
            "optim", "metrics", "callbacks", "batching", "set_num_threads", "get_num_threads",
            "Stream", "Reversed", "Stateful", "from_torch", "to_torch", "from_keras", "to_onnx",
-           "from_onnx",
+           "from_onnx", "quantize",
            "__version__"]
 
 

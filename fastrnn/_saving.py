@@ -57,6 +57,9 @@ from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDirections, ReLU,
                         Sigmoid, Tanh, ZeroMasked)
+from fastrnn.quantized import (QuantizedGRU, QuantizedGRUCell, QuantizedLinear,
+                               QuantizedLSTM, QuantizedLSTMCell, QuantizedRNN,
+                               QuantizedRNNCell)
 from fastrnn.wrappers import Reversed, Stateful, _recurrent
 
 FORMAT = "fastrnn/2"
@@ -64,8 +67,10 @@ FORMAT_1 = "fastrnn.Sequential/1"     # read, no longer written
 
 # the classes a saved file may name: loading builds nothing else
 _SEQUENCE_LAYERS = (RNN, GRU, LSTM, Linear, Dropout, LastStep, ReLU, Tanh, Sigmoid,
-                    Embedding, Masking, ZeroMasked, MergeDirections)
-_LAYER_CLASSES = {cls.__name__: cls for cls in _SEQUENCE_LAYERS + (RNNCell, GRUCell, LSTMCell)}
+                    Embedding, Masking, ZeroMasked, MergeDirections,
+                    QuantizedRNN, QuantizedGRU, QuantizedLSTM, QuantizedLinear)
+_LAYER_CLASSES = {cls.__name__: cls for cls in _SEQUENCE_LAYERS + (
+    RNNCell, GRUCell, LSTMCell, QuantizedRNNCell, QuantizedGRUCell, QuantizedLSTMCell)}
 # wrappers of an RNN, GRU or LSTM: an entry of one holds the wrapped layer's entry
 _WRAPPERS = {cls.__name__: cls for cls in (Reversed, Stateful)}
 _MAX_WRAPPERS = 2                  # around one layer (from_keras makes Stateful(Reversed(...)))
@@ -96,6 +101,10 @@ _ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (
 _ST_CODES = {"float64": "F64", "float32": "F32"}
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 _CELL_GATES = {"RNNCell": 1, "GRUCell": 3, "LSTMCell": 4}
+# a quantized layer is saved as its float32 parameters and its quantization
+# settings (weight_dtype, per_channel); loading quantizes them again
+_GATES.update({"Quantized" + name: gates for name, gates in _GATES.items()})
+_CELL_GATES.update({"Quantized" + name: gates for name, gates in _CELL_GATES.items()})
 
 # what damaged zip or .npy data raises in zipfile, zlib and numpy (not MemoryError:
 # the checks leave only the memory a consistent file's arrays need)
@@ -1297,7 +1306,7 @@ def _parameter_layout(name, kwargs):
             for ln_name, size in zip(ln_names("weight_ih"), ln_sizes):
                 yield ln_name, (size,)
         summary = f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, bias={bias}"
-    elif name == "Linear":
+    elif name in ("Linear", "QuantizedLinear"):
         n_in = v.check_int(name, "in_features", args["in_features"])
         n_out = v.check_int(name, "out_features", args["out_features"])
         bias = v.check_bool(name, "bias", args["bias"])

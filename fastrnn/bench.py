@@ -495,9 +495,13 @@ def build_parser(prog="fastrnn bench"):
     result.add_argument("--threads", type=_positive_int, default=2, metavar="N",
                         help="threads for fastrnn, for each peer and for NumPy's BLAS "
                              "(default 2)")
-    result.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+    result.add_argument("--dtype", choices=["float32", "float64", "int8", "bfloat16"],
+                        default="float32",
                         help="float32 (default) or float64; ONNX Runtime and TensorFlow run "
-                             "in float32 only and are left out at float64")
+                             "in float32 only and are left out at float64. int8 or bfloat16 (one "
+                             "table): fastrnn's reduced-precision inference against its "
+                             "float32 and the peers' int8 dynamic quantization "
+                             "(fastrnn.bench_quantized)")
     selection = result.add_mutually_exclusive_group()
     selection.add_argument("--quick", action="store_true",
                            help="only the cases marked 'quick' below (small and fast)")
@@ -517,6 +521,9 @@ def main(argv=None, prog="fastrnn bench"):
     args = build_parser(prog).parse_args(argv)
     cases = [c for c in CASES if (c.name in QUICK if args.quick
                                   else args.cases is None or c.name in args.cases)]
+    if args.dtype in ("int8", "bfloat16"):
+        from fastrnn import bench_quantized
+        return bench_quantized.main(args, cases)
 
     peers = [p for p, mods in PEER_MODULES.items() if all(available(m) for m in mods)]
     versions = [f"fastrnn {fastrnn.__version__}"] + [

@@ -57,15 +57,24 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     Parameters
     ----------
     module : torch.nn.RNN, GRU, LSTM, RNNCell, GRUCell or LSTMCell
+        or one of torch.ao.nn.quantized.dynamic's LSTM, GRU, RNNCell,
+        GRUCell, LSTMCell or Linear (made by
+        ``torch.ao.quantization.quantize_dynamic`` with ``dtype=torch.qint8``)
 
     Returns
     -------
     RNN, GRU, LSTM, RNNCell, GRUCell or LSTMCell
         The fastrnn class of the same name, with the same configuration,
         dtype (float32 or float64) and weights, giving the same outputs.
+        For a dynamically quantized module, the quantized fastrnn class
+        (``QuantizedLSTM``, ...) with PyTorch's int8 weights and scales; see
+        ``fastrnn.quantized.from_torch_dynamic`` for what differs.
     """
     torch = _torch()
     name = type(module).__name__
+    from fastrnn import quantized
+    if isinstance(module, torch.nn.Module) and quantized.is_torch_dynamic(module):
+        return quantized.from_torch_dynamic(module)   # quantize_dynamic's int8 modules
     if not isinstance(module, torch.nn.Module) or name not in {**_LAYERS, **_CELLS}:
         raise TypeError(f"from_torch: expected a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or "
                         f"LSTMCell, got {type(module).__name__}")

@@ -1,0 +1,670 @@
+/* The int8 products of quantized inference (fastrnn/_quant.pyx): activations
+ * quantized per row, weights packed once, int32 sums.
+ *
+ * Integer results are exact and the same in every build: the sums of
+ * int8 x int8 products are exact in int32 for K up to FASTRNN_Q_MAX_K (the
+ * callers refuse larger), whatever the order. The builds differ only in the
+ * instructions:
+ *
+ *   AVX-512 VNNI  vpdpbusd (4 u8 x s8 products summed into each int32 lane,
+ *                 no intermediate saturation). It needs an unsigned operand:
+ *                 the activations are stored as q + 128 (u8, 1..255) and
+ *                 the accumulators start from -128 * sum_k W[n][k] (the
+ *                 column sums, made when packing), so the sum is q . w.
+ *   AVX2          vpmaddubsw on |q| and sign(w, q): products of at most
+ *                 127 * 127, summed in pairs into int16 (2 * 16129 = 32258 <
+ *                 32767, never saturates), then vpmaddwd by 1 into int32.
+ *                 Needs q, w in [-127, 127], which symmetric quantization
+ *                 gives. The AVX-512 build without VNNI runs this too.
+ *   portable      plain int32 loops.
+ *
+ * Layout. A weight matrix W (N output rows, K inputs; PyTorch's layout) is
+ * packed in blocks of 16 output columns; in each block, for each quad of 4
+ * consecutive k, 64 bytes: column l's 4 weights at bytes 4l..4l+3. K is
+ * padded to quads and N to blocks with zero weights. An activation row is
+ * quads * 4 bytes (padding: the quantized zero). The int32 results have
+ * blocks * 16 columns (the padding columns get 0).
+ *
+ * Quantizing an activation row x (K floats): amax = max |x_k|; a row with
+ * amax below FLT_MIN (zero, or denormal) quantizes to zeros with scale 0,
+ * a row holding NaN or inf to zeros with scale -1 (the callers refuse it);
+ * else q_k = round-half-even(x_k * (127 / amax)) clamped to [-127, 127]
+ * and scale = amax / 127, all in float32 (the rounding by adding and
+ * subtracting 1.5 * 2^23, which is exact for |v| < 2^22 and the same on
+ * every CPU). The kernels' module is compiled with -ffp-contract=off so
+ * that no build fuses a multiply and an add the others do not.
+ */
+#ifndef FASTRNN_QKERNEL_H
+#define FASTRNN_QKERNEL_H
+
+#include <float.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define FASTRNN_Q_VNNI 1
+#include <immintrin.h>
+#define FASTRNN_Q_ISA "avx512vnni"
+#define FASTRNN_Q_OFFSET 128
+#define FASTRNN_Q_NV 4
+#elif defined(__AVX2__)
+#define FASTRNN_Q_AVX2 1
+#include <immintrin.h>
+#define FASTRNN_Q_ISA "avx2"
+#define FASTRNN_Q_OFFSET 0
+#define FASTRNN_Q_NV 2
+#else
+#define FASTRNN_Q_ISA "portable"
+#define FASTRNN_Q_OFFSET 0
+#define FASTRNN_Q_NV 2
+#endif
+
+/* the largest K whose sums cannot overflow int32 in any build (VNNI's
+ * offset sums reach 255 * 127 * K) */
+#define FASTRNN_Q_MAX_K 65536
+
+static inline ptrdiff_t fastrnn_q_quads(ptrdiff_t K) { return (K + 3) / 4; }
+/* blocks of 16 columns, padded to whole groups of FASTRNN_Q_NV blocks */
+static inline ptrdiff_t fastrnn_q_blocks(ptrdiff_t N) {
+    return (N + 16 * FASTRNN_Q_NV - 1) / (16 * FASTRNN_Q_NV) * FASTRNN_Q_NV;
+}
+static inline ptrdiff_t fastrnn_q_packed_size(ptrdiff_t K, ptrdiff_t N) {
+    return fastrnn_q_blocks(N) * fastrnn_q_quads(K) * 64;
+}
+
+/* Pack W (N rows ldw apart, K int8 each) into out (fastrnn_q_packed_size
+ * bytes); comp (blocks * 16 int32) gets -OFFSET * (the column sums). */
+static void fastrnn_q_pack(const int8_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdiff_t N,
+                           int8_t* out, int32_t* comp) {
+    ptrdiff_t quads = fastrnn_q_quads(K), blocks = fastrnn_q_blocks(N);
+    ptrdiff_t nb, kq, l, j;
+    for (nb = 0; nb < blocks; nb++) {
+        for (l = 0; l < 16; l++) {
+            ptrdiff_t col = nb * 16 + l;
+            int32_t sum = 0;
+            for (kq = 0; kq < quads; kq++) {
+                for (j = 0; j < 4; j++) {
+                    ptrdiff_t k = kq * 4 + j;
+                    int8_t v = (col < N && k < K) ? w[col * ldw + k] : 0;
+                    out[((nb * quads + kq) * 16 + l) * 4 + j] = v;
+                    sum += v;
+                }
+            }
+            comp[col] = -FASTRNN_Q_OFFSET * sum;
+        }
+    }
+}
+
+/* Quantize one row x (K floats) into q (quads * 4 bytes, the build's
+ * format); returns its scale (-1: x is not finite). */
+static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
+    ptrdiff_t k, padded = fastrnn_q_quads(K) * 4;
+    float amax, inv, v;
+    uint32_t top = 0;
+    /* max |x_k| on the bit patterns: for finite floats without the sign
+     * bit, integer order is float order, and an integer max reduction
+     * vectorises (a float one does not without -ffast-math) */
+    for (k = 0; k < K; k++) {
+        uint32_t bits;
+        memcpy(&bits, x + k, 4);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    memcpy(&amax, &top, 4);
+    if (top >= 0x7f800000u || !(amax >= FLT_MIN)) {
+        /* a zero (or denormal) row: zeros, scale 0; a row with NaN or inf:
+         * zeros, and -1 tells the caller */
+        memset(q, FASTRNN_Q_OFFSET, (size_t)padded);
+        return top >= 0x7f800000u ? -1.0f : 0.0f;
+    }
+    inv = 127.0f / amax;
+    for (k = 0; k < K; k++) {
+        v = x[k] * inv;
+        v = (v + 12582912.0f) - 12582912.0f;   /* round half to even */
+        v = v > 127.0f ? 127.0f : v;
+        v = v < -127.0f ? -127.0f : v;
+        q[k] = (int8_t)(uint8_t)((int)v + FASTRNN_Q_OFFSET);
+    }
+    for (; k < padded; k++)
+        q[k] = (int8_t)(uint8_t)FASTRNN_Q_OFFSET;
+    return amax / 127.0f;
+}
+
+static inline int32_t fastrnn_q_load4(const int8_t* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Where a product's sums go. With y NULL: the int32 sums to c (rows ldc
+ * apart, whole blocks). Else dequantized in the tile, columns n < cols
+ * only: y[m][n] = add[m][n] + float(sum) * (rs[m] * cs[n]), add rows
+ * ld_add apart (0: one row, a bias, for all; add NULL: nothing added; add
+ * may be y itself), cs padded to whole blocks. The float32 operations are
+ * those of the order written, in every build. */
+typedef struct {
+    int32_t* c;
+    ptrdiff_t ldc;
+    const float* rs;
+    const float* cs;
+    const float* add;
+    ptrdiff_t ld_add;
+    float* y;
+    ptrdiff_t ldy;
+    ptrdiff_t cols;
+} fastrnn_q_out;
+
+/* The tiles: rows [m0, m0 + rows) of a (lda bytes apart, a pointing at
+ * row m0) times FASTRNN_Q_NV blocks of the packed panel (bstride bytes
+ * from one block to the next), the group's columns starting at col0. Every
+ * accumulator is a named variable (GCC keeps an array of vectors in
+ * memory). The one-row tile keeps two sums per column, over the even and
+ * the odd quads (integer sums: the order does not matter), for twice the
+ * chains in flight. */
+#define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
+    ptrdiff_t bstride, const int32_t* comp, const fastrnn_q_out* o, ptrdiff_t m0, ptrdiff_t col0
+
+#if defined(FASTRNN_Q_VNNI)
+static inline __mmask16 fastrnn_q_mask(ptrdiff_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m512i v0, __m512i v1, __m512i v2, __m512i v3) {
+    __m512i v[4];
+    __m512 sr, p;
+    ptrdiff_t k, left = o->cols - col0;
+    float* y;
+    const float* add;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    if (o->y == NULL) {
+        for (k = 0; k < 4; k++)
+            _mm512_storeu_si512((void*)(o->c + m * o->ldc + col0 + 16 * k), v[k]);
+        return;
+    }
+    sr = _mm512_set1_ps(o->rs[m]);
+    y = o->y + m * o->ldy + col0;
+    add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    for (k = 0; k < 4 && left > 16 * k; k++) {
+        __mmask16 mask = fastrnn_q_mask(left - 16 * k);
+        p = _mm512_mul_ps(_mm512_cvtepi32_ps(v[k]),
+                          _mm512_mul_ps(sr, _mm512_loadu_ps(o->cs + col0 + 16 * k)));
+        if (add != NULL)
+            p = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, add + 16 * k), p);
+        _mm512_mask_storeu_ps(y + 16 * k, mask, p);
+    }
+}
+
+#define Q_DP _mm512_dpbusd_epi32
+#define Q_LOADW(v) __m512i w##v = _mm512_loadu_si512((const void*)(panel + (v) * bstride + kq * 64))
+#define Q_INIT(r) __m512i c##r##0 = s0, c##r##1 = s1, c##r##2 = s2, c##r##3 = s3
+#define Q_ROW(r) b = _mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));            \
+    c##r##0 = Q_DP(c##r##0, b, w0); c##r##1 = Q_DP(c##r##1, b, w1);                         \
+    c##r##2 = Q_DP(c##r##2, b, w2); c##r##3 = Q_DP(c##r##3, b, w3)
+#define Q_STORE(r) fastrnn_q_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
+#define Q_START __m512i s0 = _mm512_loadu_si512((const void*)comp),                         \
+    s1 = _mm512_loadu_si512((const void*)(comp + 16)),                                      \
+    s2 = _mm512_loadu_si512((const void*)(comp + 32)),                                      \
+    s3 = _mm512_loadu_si512((const void*)(comp + 48)), b
+
+static void fastrnn_q_tile6(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3); Q_INIT(4); Q_INIT(5);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3); Q_ROW(4); Q_ROW(5);
+    }
+    Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3); Q_STORE(4); Q_STORE(5);
+}
+
+static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0); Q_INIT(1);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1);
+    }
+    Q_STORE(0); Q_STORE(1);
+}
+
+static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    const __m512i zero = _mm512_setzero_si512();
+    Q_START;
+    __m512i c00 = s0, c01 = s1, c02 = s2, c03 = s3;
+    __m512i c10 = zero, c11 = zero, c12 = zero, c13 = zero;
+    for (kq = 0; kq + 1 < quads; kq += 2) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0);
+        kq++;
+        {
+            Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+            b = _mm512_set1_epi32(fastrnn_q_load4(a + kq * 4));
+            c10 = Q_DP(c10, b, w0); c11 = Q_DP(c11, b, w1);
+            c12 = Q_DP(c12, b, w2); c13 = Q_DP(c13, b, w3);
+        }
+        kq--;
+    }
+    if (kq < quads) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0);
+    }
+    c00 = _mm512_add_epi32(c00, c10); c01 = _mm512_add_epi32(c01, c11);
+    c02 = _mm512_add_epi32(c02, c12); c03 = _mm512_add_epi32(c03, c13);
+    Q_STORE(0);
+}
+#define FASTRNN_Q_BIG 6
+
+#elif defined(FASTRNN_Q_AVX2)
+/* a block is two ymm (columns 0-7, 8-15): w0, w1 of the first block, w2, w3
+ * of the second */
+static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    __m256i v[4];
+    __m256 sr, p;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    ptrdiff_t k, left = o->cols - col0;
+    float* y;
+    const float* add;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    if (o->y == NULL) {
+        for (k = 0; k < 4; k++)
+            _mm256_storeu_si256((__m256i*)(o->c + m * o->ldc + col0 + 8 * k), v[k]);
+        return;
+    }
+    sr = _mm256_set1_ps(o->rs[m]);
+    y = o->y + m * o->ldy + col0;
+    add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    for (k = 0; k < 4 && left > 8 * k; k++) {
+        ptrdiff_t n = left - 8 * k;
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), lane);
+        p = _mm256_mul_ps(_mm256_cvtepi32_ps(v[k]),
+                          _mm256_mul_ps(sr, _mm256_loadu_ps(o->cs + col0 + 8 * k)));
+        if (add != NULL)
+            p = _mm256_add_ps(_mm256_maskload_ps(add + 8 * k, mask), p);
+        _mm256_maskstore_ps(y + 8 * k, mask, p);
+    }
+}
+
+#define Q_LOADW(v) __m256i w##v = _mm256_loadu_si256(                                       \
+    (const __m256i*)(panel + ((v) / 2) * bstride + kq * 64 + ((v) % 2) * 32))
+#define Q_MAC(acc, w) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(                         \
+    _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, b)), ones))
+#define Q_INIT(r) __m256i c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero
+#define Q_ROW(r) b = _mm256_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));           \
+    mag = _mm256_abs_epi8(b);                                                                \
+    Q_MAC(c##r##0, w0); Q_MAC(c##r##1, w1); Q_MAC(c##r##2, w2); Q_MAC(c##r##3, w3)
+#define Q_STORE(r) fastrnn_q_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
+#define Q_START const __m256i ones = _mm256_set1_epi16(1), zero = _mm256_setzero_si256();   \
+    __m256i b, mag; (void)comp
+
+#if defined(__AVX512VL__)
+static void fastrnn_q_tile4(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3);
+    }
+    Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3);
+}
+#define FASTRNN_Q_BIG 4
+#define fastrnn_q_tile_big fastrnn_q_tile4
+#endif
+
+static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0); Q_INIT(1);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0); Q_ROW(1);
+    }
+    Q_STORE(0); Q_STORE(1);
+}
+
+static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
+    ptrdiff_t kq;
+    Q_START;
+    Q_INIT(0);
+    for (kq = 0; kq < quads; kq++) {
+        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
+        Q_ROW(0);
+    }
+    Q_STORE(0);
+}
+#ifndef FASTRNN_Q_BIG
+#define FASTRNN_Q_BIG 2
+#define fastrnn_q_tile_big fastrnn_q_tile2
+#endif
+
+#else
+static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
+    int32_t acc[16];
+    ptrdiff_t kq, col;
+    int v, l, j;
+    (void)comp;
+    (void)lda;
+    for (v = 0; v < FASTRNN_Q_NV; v++) {
+        const int8_t* p = panel + v * bstride;
+        for (l = 0; l < 16; l++)
+            acc[l] = 0;
+        for (kq = 0; kq < quads; kq++) {
+            const int8_t* ak = a + kq * 4;
+            const int8_t* pk = p + kq * 64;
+            for (l = 0; l < 16; l++)
+                for (j = 0; j < 4; j++)
+                    acc[l] += (int32_t)ak[j] * (int32_t)pk[l * 4 + j];
+        }
+        col = col0 + 16 * v;
+        if (o->y == NULL) {
+            for (l = 0; l < 16; l++)
+                o->c[m0 * o->ldc + col + l] = acc[l];
+        } else {
+            float s = o->rs[m0];
+            float* y = o->y + m0 * o->ldy;
+            const float* add = o->add == NULL ? NULL : o->add + m0 * o->ld_add;
+            for (l = 0; l < 16 && col + l < o->cols; l++) {
+                float prod = (float)acc[l] * (s * o->cs[col + l]);
+                y[col + l] = add == NULL ? prod : add[col + l] + prod;
+            }
+        }
+    }
+}
+static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
+    fastrnn_q_tile1(quads, a, lda, panel, bstride, comp, o, m0, col0);
+    fastrnn_q_tile1(quads, a + lda, lda, panel, bstride, comp, o, m0 + 1, col0);
+}
+#define FASTRNN_Q_BIG 2
+#define fastrnn_q_tile_big fastrnn_q_tile2
+#endif
+#ifndef fastrnn_q_tile_big
+#define fastrnn_q_tile_big fastrnn_q_tile6
+#endif
+
+/* The product of A (M rows of quantized activations, lda bytes apart) and
+ * W^T over W packed by fastrnn_q_pack (comp its column term), to ``o``.
+ * Rows in tiles of FASTRNN_Q_BIG, then 2, then 1; within a tile, the
+ * columns in groups of FASTRNN_Q_NV blocks, so that a tile's output rows
+ * (and the rows it adds: a step's input projection, 1 KB per row at H =
+ * 64) are walked in order, which the hardware prefetches (column groups
+ * outside: 0.9x the float32 kernel's time at B = 256, H = 64, the adds'
+ * loads waiting on memory). */
+static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                              const int8_t* packed, const int32_t* comp, ptrdiff_t N,
+                              const fastrnn_q_out* o) {
+    ptrdiff_t quads = fastrnn_q_quads(K), blocks = fastrnn_q_blocks(N);
+    ptrdiff_t bstride = quads * 64, nb0, m0;
+    for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+            fastrnn_q_tile_big(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
+                               comp + nb0 * 16, o, m0, nb0 * 16);
+    for (; m0 + 2 <= M; m0 += 2)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+            fastrnn_q_tile2(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
+                            comp + nb0 * 16, o, m0, nb0 * 16);
+    if (m0 < M)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+            fastrnn_q_tile1(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
+                            comp + nb0 * 16, o, m0, nb0 * 16);
+}
+
+/* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = the int32 sums. */
+static void fastrnn_q_gemm(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                           const int8_t* packed, const int32_t* comp, ptrdiff_t N,
+                           int32_t* c, ptrdiff_t ldc) {
+    fastrnn_q_out o;
+    memset(&o, 0, sizeof o);
+    o.c = c;
+    o.ldc = ldc;
+    o.cols = N;
+    fastrnn_q_product(M, K, a, lda, packed, comp, N, &o);
+}
+
+/* y (M rows ldy apart, N columns) = add + the sums dequantized with the
+ * row scales rs and the column scales cs (see fastrnn_q_out). */
+static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                                   const int8_t* packed, const int32_t* comp, ptrdiff_t N,
+                                   const float* rs, const float* cs, const float* add,
+                                   ptrdiff_t ld_add, float* y, ptrdiff_t ldy) {
+    fastrnn_q_out o;
+    o.c = NULL;
+    o.ldc = 0;
+    o.rs = rs;
+    o.cs = cs;
+    o.add = add;
+    o.ld_add = ld_add;
+    o.y = y;
+    o.ldy = ldy;
+    o.cols = N;
+    fastrnn_q_product(M, K, a, lda, packed, comp, N, &o);
+}
+
+/* ---- bfloat16 --------------------------------------------------------------
+ *
+ * Weights rounded to bfloat16 once (round to nearest even; float32's
+ * denormals to signed zero), activations at every use, products summed in
+ * float32. Layout as int8's with pairs of k instead of quads: per block of
+ * 16 columns and pair of k, 64 bytes, column l's two bf16 at bytes 4l..4l+3
+ * (k even first). An activation row is pairs * 4 bytes. Each output is one
+ * chain over the pairs, from +0: s = s + a[2p+1] * w[2p+1], then s = s +
+ * a[2p] * w[2p], each rounded to float32 (the product of two bf16 is exact
+ * in float32). That is what AVX-512 BF16's vdpbf16ps computes (checked on
+ * this project's Zen 4: bit for bit against this order, not against a
+ * single rounding nor the even product first); the other builds compute it
+ * with float32 multiplies and adds, so every build gives the same bits. */
+
+static inline ptrdiff_t fastrnn_b_pairs(ptrdiff_t K) { return (K + 1) / 2; }
+
+static inline uint16_t fastrnn_b_round(uint32_t bits) {
+    if ((bits & 0x7f800000u) == 0)
+        bits &= 0x80000000u;                      /* denormals to signed zero */
+    else if ((bits & 0x7f800000u) != 0x7f800000u)
+        bits += 0x7fffu + ((bits >> 16) & 1u);    /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* Pack W (N rows ldw apart, K bf16 bit patterns each) into out
+ * (blocks * pairs * 64 bytes). */
+static void fastrnn_b_pack(const uint16_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdiff_t N,
+                           uint16_t* out) {
+    ptrdiff_t pairs = fastrnn_b_pairs(K), blocks = fastrnn_q_blocks(N);
+    ptrdiff_t nb, kp, l, j;
+    for (nb = 0; nb < blocks; nb++)
+        for (kp = 0; kp < pairs; kp++)
+            for (l = 0; l < 16; l++)
+                for (j = 0; j < 2; j++) {
+                    ptrdiff_t col = nb * 16 + l, k = kp * 2 + j;
+                    out[((nb * pairs + kp) * 16 + l) * 2 + j] =
+                        (col < N && k < K) ? w[col * ldw + k] : 0;
+                }
+}
+
+/* One activation row x (K floats) to bf16 in q (pairs * 4 bytes); returns
+ * 1, or -1 if x holds NaN or inf. */
+static inline float fastrnn_b_row(const float* x, ptrdiff_t K, int8_t* q) {
+    ptrdiff_t k, padded = fastrnn_b_pairs(K) * 2;
+    uint32_t top = 0;
+    for (k = 0; k < K; k++) {
+        uint32_t bits;
+        uint16_t b;
+        memcpy(&bits, x + k, 4);
+        top = (bits & 0x7fffffffu) > top ? (bits & 0x7fffffffu) : top;
+        b = fastrnn_b_round(bits);
+        memcpy(q + 2 * k, &b, 2);
+    }
+    for (; k < padded; k++) {
+        uint16_t zero = 0;
+        memcpy(q + 2 * k, &zero, 2);
+    }
+    return top >= 0x7f800000u ? -1.0f : 1.0f;
+}
+
+#define FASTRNN_B_ARGS ptrdiff_t pairs, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
+    ptrdiff_t bstride, const fastrnn_q_out* o, ptrdiff_t m0, ptrdiff_t col0
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define FASTRNN_B_ISA "avx512bf16"
+static inline void fastrnn_b_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    __m512 v[4];
+    ptrdiff_t k, left = o->cols - col0;
+    float* y = o->y + m * o->ldy + col0;
+    const float* add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    for (k = 0; k < 4 && left > 16 * k; k++) {
+        __mmask16 mask = fastrnn_q_mask(left - 16 * k);
+        __m512 p = v[k];
+        if (add != NULL)
+            p = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, add + 16 * k), p);
+        _mm512_mask_storeu_ps(y + 16 * k, mask, p);
+    }
+}
+#define B_LOADW(v) __m512bh w##v = (__m512bh)_mm512_loadu_si512(                             \
+    (const void*)(panel + (v) * bstride + kp * 64))
+#define B_INIT(r) __m512 c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero
+#define B_ROW(r) b = (__m512bh)_mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kp * 4));   \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, b, w0); c##r##1 = _mm512_dpbf16_ps(c##r##1, b, w1);  \
+    c##r##2 = _mm512_dpbf16_ps(c##r##2, b, w2); c##r##3 = _mm512_dpbf16_ps(c##r##3, b, w3)
+#define B_STORE(r) fastrnn_b_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
+#define B_START const __m512 zero = _mm512_setzero_ps(); __m512bh b
+#define B_LOOP_ROWS(ROWS) ptrdiff_t kp; B_START; ROWS(B_INIT);                              \
+    for (kp = 0; kp < pairs; kp++) { B_LOADW(0); B_LOADW(1); B_LOADW(2); B_LOADW(3);          \
+                                     ROWS(B_ROW); }                                          \
+    ROWS(B_STORE)
+#define B_ROWS6(X) X(0); X(1); X(2); X(3); X(4); X(5)
+#define B_ROWS2(X) X(0); X(1)
+#define B_ROWS1(X) X(0)
+static void fastrnn_b_tile6(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS6); }
+static void fastrnn_b_tile2(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS2); }
+static void fastrnn_b_tile1(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS1); }
+#define FASTRNN_B_BIG 6
+#define fastrnn_b_tile_big fastrnn_b_tile6
+#define FASTRNN_B_NV 4
+
+#elif defined(__AVX2__)
+#define FASTRNN_B_ISA "emulated (avx2)"
+/* per block two ymm of 8 columns; each 32-bit lane holds a pair */
+static inline void fastrnn_b_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
+                                  __m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+    __m256 v[4];
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    ptrdiff_t k, left = o->cols - col0;
+    float* y = o->y + m * o->ldy + col0;
+    const float* add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
+    v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
+    for (k = 0; k < 4 && left > 8 * k; k++) {
+        ptrdiff_t n = left - 8 * k;
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), lane);
+        __m256 p = v[k];
+        if (add != NULL)
+            p = _mm256_add_ps(_mm256_maskload_ps(add + 8 * k, mask), p);
+        _mm256_maskstore_ps(y + 8 * k, mask, p);
+    }
+}
+#define B_LOADW(v) __m256i wp##v = _mm256_loadu_si256(                                      \
+    (const __m256i*)(panel + ((v) / 2) * bstride + kp * 64 + ((v) % 2) * 32));              \
+    __m256 we##v = _mm256_castsi256_ps(_mm256_slli_epi32(wp##v, 16));                         \
+    __m256 wo##v = _mm256_castsi256_ps(_mm256_and_si256(wp##v, high))
+#define B_MAC(acc, v) acc = _mm256_add_ps(acc, _mm256_mul_ps(ao, wo##v));                      \
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(ae, we##v))
+#define B_INIT(r) __m256 c##r##0 = zero, c##r##1 = zero, c##r##2 = zero, c##r##3 = zero
+#define B_ROW(r) b = _mm256_set1_epi32(fastrnn_q_load4(a + (r) * lda + kp * 4));             \
+    ae = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));                                      \
+    ao = _mm256_castsi256_ps(_mm256_and_si256(b, high));                                     \
+    B_MAC(c##r##0, 0); B_MAC(c##r##1, 1); B_MAC(c##r##2, 2); B_MAC(c##r##3, 3)
+#define B_STORE(r) fastrnn_b_emit(o, m0 + (r), col0, c##r##0, c##r##1, c##r##2, c##r##3)
+#define B_START const __m256 zero = _mm256_setzero_ps();                                     \
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u); __m256i b; __m256 ae, ao
+#define B_LOOP_ROWS(ROWS) ptrdiff_t kp; B_START; ROWS(B_INIT);                              \
+    for (kp = 0; kp < pairs; kp++) { B_LOADW(0); B_LOADW(1); B_LOADW(2); B_LOADW(3);          \
+                                     ROWS(B_ROW); }                                          \
+    ROWS(B_STORE)
+#define B_ROWS2(X) X(0); X(1)
+#define B_ROWS1(X) X(0)
+static void fastrnn_b_tile2(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS2); }
+static void fastrnn_b_tile1(FASTRNN_B_ARGS) { B_LOOP_ROWS(B_ROWS1); }
+#define FASTRNN_B_BIG 2
+#define fastrnn_b_tile_big fastrnn_b_tile2
+#define FASTRNN_B_NV 2          /* blocks per tile (a divisor of FASTRNN_Q_NV) */
+
+#else
+#define FASTRNN_B_ISA "emulated (portable)"
+static inline float fastrnn_b_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static void fastrnn_b_tile1(FASTRNN_B_ARGS) {
+    float acc[16];
+    ptrdiff_t kp, col;
+    int v, l;
+    (void)lda;
+    for (v = 0; v < FASTRNN_Q_NV; v++) {
+        const int8_t* p = panel + v * bstride;
+        for (l = 0; l < 16; l++)
+            acc[l] = 0.0f;
+        for (kp = 0; kp < pairs; kp++) {
+            uint16_t ap[2], wp[32];
+            float a0, a1;
+            memcpy(ap, a + kp * 4, 4);
+            memcpy(wp, p + kp * 64, 64);
+            a0 = fastrnn_b_float(ap[0]);
+            a1 = fastrnn_b_float(ap[1]);
+            for (l = 0; l < 16; l++) {
+                acc[l] = acc[l] + a1 * fastrnn_b_float(wp[2 * l + 1]);
+                acc[l] = acc[l] + a0 * fastrnn_b_float(wp[2 * l]);
+            }
+        }
+        col = col0 + 16 * v;
+        {
+            float* y = o->y + m0 * o->ldy;
+            const float* add = o->add == NULL ? NULL : o->add + m0 * o->ld_add;
+            for (l = 0; l < 16 && col + l < o->cols; l++)
+                y[col + l] = add == NULL ? acc[l] : add[col + l] + acc[l];
+        }
+    }
+}
+static void fastrnn_b_tile2(FASTRNN_B_ARGS) {
+    fastrnn_b_tile1(pairs, a, lda, panel, bstride, o, m0, col0);
+    fastrnn_b_tile1(pairs, a + lda, lda, panel, bstride, o, m0 + 1, col0);
+}
+#define FASTRNN_B_BIG 2
+#define fastrnn_b_tile_big fastrnn_b_tile2
+#define FASTRNN_B_NV FASTRNN_Q_NV
+#endif
+
+/* y (M rows ldy apart, N columns) = add + A . W^T over W packed by
+ * fastrnn_b_pack, A's rows of bf16 (lda bytes apart). */
+static void fastrnn_b_gemm(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
+                           const int8_t* packed, ptrdiff_t N, const float* add,
+                           ptrdiff_t ld_add, float* y, ptrdiff_t ldy) {
+    ptrdiff_t pairs = fastrnn_b_pairs(K), blocks = fastrnn_q_blocks(N);
+    ptrdiff_t bstride = pairs * 64, nb0, m0;
+    fastrnn_q_out o;
+    memset(&o, 0, sizeof o);
+    o.add = add;
+    o.ld_add = ld_add;
+    o.y = y;
+    o.ldy = ldy;
+    o.cols = N;
+    for (m0 = 0; m0 + FASTRNN_B_BIG <= M; m0 += FASTRNN_B_BIG)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_B_NV)
+            fastrnn_b_tile_big(pairs, a + m0 * lda, lda, packed + nb0 * bstride, bstride, &o,
+                               m0, nb0 * 16);
+    for (; m0 + 2 <= M; m0 += 2)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_B_NV)
+            fastrnn_b_tile2(pairs, a + m0 * lda, lda, packed + nb0 * bstride, bstride, &o, m0,
+                            nb0 * 16);
+    if (m0 < M)
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_B_NV)
+            fastrnn_b_tile1(pairs, a + m0 * lda, lda, packed + nb0 * bstride, bstride, &o, m0,
+                            nb0 * 16);
+}
+
+#endif

@@ -1,0 +1,740 @@
+# Kernels of reduced-precision inference (fastrnn.quantized): the input
+# projection and the time loops of a stack of layers, with the products in
+# int8 or bfloat16 (_qkernel.h) and the state and gate arithmetic in float32
+# (the gate functions of _gates.pxd).
+#
+# A weight matrix W (N, K) is quantized once (fastrnn.quantized: int8 in
+# [-127, 127] with a float32 scale per row or per tensor, or bfloat16) and
+# packed here (QWeight). Activations are converted per row at every use:
+# each input row x_r for the projection, each batch row of h before each
+# step's recurrent product (the reset-before GRU's r * h too). An int8 row's
+# product is
+#
+#   y[n] = add[n] + float(sum_k q_x[k] * q_w[n][k]) * (s_x * s_w[n])
+#
+# (add: the bias, or the step's input projection), the sum exact in int32,
+# dequantized in the product's tile; a bfloat16 one y[n] = add[n] + (a
+# float32 chain over the pairs of k, _qkernel.h). The float32 operations
+# are written in one order and the module is compiled without contraction
+# (setup.py: -ffp-contract=off), so every build gives the same bits.
+#
+# Layout: the input and the last layer's output are R = T * B rows in the
+# input's order (time-major row t * B + b, or batch-first b * T + t); the
+# input projections (gx) and the layers between are batch-major rows of a
+# time window (forward). Direction d owns a column block of each.
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
+from libc.string cimport memset
+
+import numpy as np
+
+from fastrnn._worker cimport Interrupt, MAX_PARTS, interrupted, run_parts
+from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
+                             gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid,
+                             tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
+
+cdef extern from "_qkernel.h":
+    const char* FASTRNN_Q_ISA
+    const int FASTRNN_Q_OFFSET
+    const int FASTRNN_Q_MAX_K
+    Py_ssize_t fastrnn_q_quads(Py_ssize_t K) noexcept nogil
+    Py_ssize_t fastrnn_q_blocks(Py_ssize_t N) noexcept nogil
+    Py_ssize_t fastrnn_q_packed_size(Py_ssize_t K, Py_ssize_t N) noexcept nogil
+    void fastrnn_q_pack(const int8_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
+                        int8_t* out, int32_t* comp) noexcept nogil
+    float fastrnn_q_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
+    void fastrnn_q_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
+                        const int8_t* packed, const int32_t* comp, Py_ssize_t N, int32_t* c,
+                        Py_ssize_t ldc) noexcept nogil
+    const char* FASTRNN_B_ISA
+    Py_ssize_t fastrnn_b_pairs(Py_ssize_t K) noexcept nogil
+    void fastrnn_b_pack(const uint16_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
+                        uint16_t* out) noexcept nogil
+    float fastrnn_b_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
+    void fastrnn_b_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
+                        const int8_t* packed, Py_ssize_t N, const float* add,
+                        Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
+    void fastrnn_q_gemm_dequant(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
+                                const int8_t* packed, const int32_t* comp, Py_ssize_t N,
+                                const float* rs, const float* cs, const float* add,
+                                Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
+
+# the instruction set of this build's products (int8, bfloat16), and the
+# largest K they take
+ISA = FASTRNN_Q_ISA.decode()
+BF16_ISA = FASTRNN_B_ISA.decode()
+# the weight kinds of a QWeight
+KIND_INT8 = 0
+KIND_BF16 = 1
+MAX_K = FASTRNN_Q_MAX_K
+
+# rows of the input projection quantized and multiplied at a time (the
+# int8 rows and int32 sums of a block stay in the core's caches)
+cdef enum:
+    PROJECT_BLOCK = 64
+
+
+cdef struct QView:
+    int kind                     # KIND_INT8 or KIND_BF16
+    const int8_t* panels
+    const int32_t* comp
+    const float* scale
+    Py_ssize_t K, N
+
+
+cdef class QWeight:
+    """A weight matrix (N, K) packed for the kernels (``_qkernel.h``): int8
+    (kind 0) with its float32 scale per row, or bfloat16 bit patterns (kind
+    1; scales unused). Immutable: computed once, read by any number of
+    calls at once."""
+    cdef readonly object packed, comp, scale
+    cdef readonly Py_ssize_t K, N
+    cdef readonly int kind
+    cdef QView view
+
+    def __init__(self, w not None, const float[::1] scale not None, int kind=0):
+        cdef const int8_t[:, ::1] w8
+        cdef const uint16_t[:, ::1] w16
+        cdef Py_ssize_t N, K, size
+        cdef int8_t[::1] packed
+        cdef int32_t[::1] comp
+        if kind == 0:
+            w8 = w
+            N, K = w8.shape[0], w8.shape[1]
+            size = fastrnn_q_packed_size(K, N)
+        elif kind == 1:
+            w16 = w
+            N, K = w16.shape[0], w16.shape[1]
+            size = fastrnn_q_blocks(N) * fastrnn_b_pairs(K) * 64
+        else:
+            raise ValueError(f"QWeight: kind must be 0 (int8) or 1 (bfloat16), got {kind}")
+        if scale.shape[0] != N:
+            raise ValueError(f"QWeight: expected {N} scales, got {scale.shape[0]}")
+        if N < 1 or K < 1 or K > FASTRNN_Q_MAX_K:
+            raise ValueError(f"QWeight: expected 1 to {FASTRNN_Q_MAX_K} columns and at "
+                             f"least one row, got ({N}, {K})")
+        buffer = np.empty(size + 64, np.int8)
+        start = (-buffer.ctypes.data) % 64      # panels on cache lines
+        self.packed = buffer[start:start + size]
+        self.comp = np.zeros(fastrnn_q_blocks(N) * 16, np.int32)
+        padded = np.zeros(fastrnn_q_blocks(N) * 16, np.float32)   # read by whole blocks
+        padded[:N] = scale
+        padded.flags.writeable = False
+        self.scale = padded[:N]
+        packed, comp = self.packed, self.comp
+        with nogil:
+            if kind == 0:
+                fastrnn_q_pack(&w8[0, 0], K, K, N, &packed[0], &comp[0])
+            else:
+                fastrnn_b_pack(&w16[0, 0], K, K, N, <uint16_t*>&packed[0])
+        self.packed.flags.writeable = False
+        self.comp.flags.writeable = False
+        self.K, self.N, self.kind = K, N, kind
+        cdef const float[::1] scales = padded
+        self.view.kind = kind
+        self.view.panels = &packed[0]
+        self.view.comp = &comp[0]
+        self.view.scale = &scales[0]
+        self.view.K, self.view.N = K, N
+
+    def __reduce__(self):
+        raise TypeError("QWeight is rebuilt from its quantized layer's arrays, not pickled")
+
+
+cdef inline Py_ssize_t _row_bytes(int kind, Py_ssize_t K) noexcept nogil:
+    """Bytes of one activation row of K values: quads of int8 or pairs of bf16."""
+    return (fastrnn_b_pairs(K) if kind else fastrnn_q_quads(K)) * 4
+
+
+cdef inline float _row(int kind, const float* x, Py_ssize_t K, int8_t* q) noexcept nogil:
+    """An activation row converted for the products: its scale (bf16: 1),
+    -1 if x is not finite."""
+    return fastrnn_b_row(x, K, q) if kind else fastrnn_q_row(x, K, q)
+
+
+cdef inline void _product(const QView* w, Py_ssize_t M, const int8_t* a, Py_ssize_t lda,
+                          const float* rs, const float* add, Py_ssize_t ld_add, float* y,
+                          Py_ssize_t ldy) noexcept nogil:
+    """y = add + the product of M activation rows and W^T (int8: dequantized
+    with the rows' scales rs and W's)."""
+    if w.kind:
+        fastrnn_b_gemm(M, w.K, a, lda, w.panels, w.N, add, ld_add, y, ldy)
+    else:
+        fastrnn_q_gemm_dequant(M, w.K, a, lda, w.panels, w.comp, w.N, rs, w.scale, add, ld_add,
+                               y, ldy)
+
+
+# --- the input projection ---
+
+cdef struct ProjectJob:
+    const float* x
+    const float* bias
+    float* gx
+    Py_ssize_t D, N, qrow
+    # steps > 0: row r of gx is x's row of batch row b0 + r // steps, step
+    # t0 + r % steps, at (t * x_row_t + b * x_row_b) rows of x (steps = 0:
+    # row r of x)
+    Py_ssize_t t0, b0, steps, x_row_t, x_row_b
+    QView w
+    int8_t* qbuf                 # per part: PROJECT_BLOCK rows of qrow bytes, qstride apart
+    Py_ssize_t qstride           # (the same for every layer: parts may be in different ones)
+    float* sbuf                  # per part: PROJECT_BLOCK scales
+    int bad                      # set when a row of x is not finite
+    Py_ssize_t rows[MAX_PARTS][2]
+    Interrupt* it                # the call's (this job's own, or a window job's)
+    Interrupt interrupt
+
+
+cdef void _project_job(void* arg, int part) noexcept nogil:
+    cdef ProjectJob* j = <ProjectJob*>arg
+    cdef Py_ssize_t r0 = j.rows[part][0], r1 = j.rows[part][1]
+    cdef int8_t* q = j.qbuf + part * j.qstride
+    cdef float* s = j.sbuf + part * PROJECT_BLOCK
+    cdef const float* x_row
+    cdef Py_ssize_t start, n, i
+    cdef unsigned int fpenv
+    if r1 <= r0:
+        return
+    fpenv = fastrnn_flush_denormals()
+    start = r0
+    while start < r1:
+        if interrupted(j.it, True):
+            break
+        n = min(<Py_ssize_t>PROJECT_BLOCK, r1 - start)
+        for i in range(n):
+            if j.steps == 0:
+                x_row = j.x + (start + i) * j.D
+            else:
+                x_row = j.x + ((j.t0 + (start + i) % j.steps) * j.x_row_t
+                               + (j.b0 + (start + i) // j.steps) * j.x_row_b) * j.D
+            s[i] = _row(j.w.kind, x_row, j.D, q + i * j.qrow)
+            if s[i] < 0:
+                j.bad = 1
+        _product(&j.w, n, q, j.qrow, s, j.bias, 0, j.gx + start * j.N, j.N)
+        start += n
+    fastrnn_restore_fpenv(fpenv)
+
+
+cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, QView w,
+                                const float* bias, float* gx, char* scratch,
+                                Py_ssize_t nparts, Py_ssize_t D_max) noexcept nogil:
+    """The job of one projection of D inputs; scratch: _project_scratch(D_max,
+    N, nparts) bytes, D_max the widest input of the call's layers."""
+    job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
+    job.steps = job.b0 = 0
+    job.it = &job.interrupt
+    job.qrow = _row_bytes(w.kind, D)
+    job.qstride = PROJECT_BLOCK * fastrnn_b_pairs(D_max) * 4
+    job.bad = 0
+    job.sbuf = <float*>scratch
+    job.qbuf = <int8_t*>(job.sbuf + nparts * PROJECT_BLOCK)
+
+
+cdef inline Py_ssize_t _project_scratch(Py_ssize_t D, Py_ssize_t N,
+                                        Py_ssize_t nparts) noexcept nogil:
+    return nparts * PROJECT_BLOCK * (4 + fastrnn_b_pairs(D) * 4)   # the longer of the rows
+
+
+def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
+            const float[::1] bias_x, float[:, ::1] gx not None, parts):
+    """gx (R, N) = the int8 product of x (R, D) quantized per row and
+    w_ih (N, D), dequantized, + bias_x (N,) (None: no bias); ``parts``: row
+    ranges (r0, r1), one per thread. Returns False if a row of x is not
+    finite (gx is then not meaningful)."""
+    cdef ProjectJob job
+    cdef unsigned char[::1] scratch
+    if x.shape[0] == 0:
+        return True
+    if x.shape[1] != w_ih.K or gx.shape[1] != w_ih.N or gx.shape[0] != x.shape[0] or (
+            bias_x is not None and bias_x.shape[0] != w_ih.N):
+        raise ValueError("project: the arrays do not fit the weights")
+    scratch = np.empty(_project_scratch(w_ih.K, w_ih.N, len(parts)), np.uint8)
+    _setup_project(&job, &x[0, 0], x.shape[1], w_ih.view,
+                   NULL if bias_x is None else &bias_x[0], &gx[0, 0], <char*>&scratch[0],
+                   len(parts), w_ih.K)
+    run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
+    return not job.bad
+
+
+# --- the time loops ---
+
+cdef struct RecurJob:
+    int cell
+    # steps [t0, t0 + T) of the sequence; gx holds them from its row 0 and
+    # out from step t0 (row (t - g_t0) * g_row_t + b * g_row_b of gx, and
+    # (t - o_t0) * o_row_t + b * o_row_b of out)
+    Py_ssize_t t0, T, B, H, dirs, qrow
+    Py_ssize_t g_row_t, g_row_b, g_t0, o_row_t, o_row_b, o_t0
+    float* gx
+    const float* bias_h          # GRU: the recurrent bias (dirs * G * H), or NULL
+    float* h
+    float* c
+    float* out
+    const int64_t* lengths
+    QView w[2]                   # per direction W_hh (reset-before GRU: its r, z rows)
+    QView wn[2]                  # reset-before GRU: W_hn per direction
+    int8_t* qbuf                 # scratch rows, one per (direction, batch row)
+    float* sbuf
+    float* gh
+    float* acts
+    int bad                      # set when h is not finite (the initial state)
+    Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
+    Interrupt* it                # the call's (this job's own, or a window job's)
+    Interrupt interrupt
+
+
+cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
+                         Py_ssize_t b_hi) noexcept nogil:
+    """Direction d over every step for batch rows [b_lo, b_hi)."""
+    cdef int cell = j.cell
+    cdef Py_ssize_t H = j.H, B = b_hi - b_lo
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t gx_cols = j.dirs * GH, h_cols = j.dirs * H
+    cdef Py_ssize_t row_t = j.g_row_t, row_b = j.g_row_b, qrow = j.qrow
+    cdef Py_ssize_t o_row_t = j.o_row_t, o_row_b = j.o_row_b
+    cdef Py_ssize_t base = d * j.B + b_lo          # this part's first scratch row
+    cdef int8_t* q = j.qbuf + base * qrow
+    cdef float* s = j.sbuf + base
+    cdef float* gh = NULL if j.gh == NULL else j.gh + base * GH
+    cdef float* acts = j.acts + base * 4 * H
+    cdef float* h = j.h + base * H
+    cdef float* c = NULL if j.c == NULL else j.c + base * H
+    cdef float* gx = j.gx + b_lo * row_b * gx_cols + d * GH
+    cdef float* out = j.out + b_lo * o_row_b * h_cols + d * H
+    cdef const float* bias_h = NULL if j.bias_h == NULL else j.bias_h + d * GH
+    cdef const int64_t* lengths = NULL if j.lengths == NULL else j.lengths + b_lo
+    cdef const QView* w = &j.w[d]
+    cdef const QView* wn = &j.wn[d]
+    cdef Py_ssize_t st, t, b, row
+    cdef float* g_row
+    cdef float* g_t
+    cdef float* out_row
+    for b in range(B):     # only a caller's initial state can hold NaN or inf
+        if _row(w.kind, h + b * H, H, q) < 0:
+            j.bad = 1
+            return
+    for st in range(j.T):
+        if interrupted(j.it):
+            return
+        t = j.t0 + (j.T - 1 - st if d == 1 else st)
+        # the recurrent product of h quantized per row
+        for b in range(B):
+            s[b] = _row(w.kind, h + b * H, H, q + b * qrow)
+        g_t = gx + (t - j.g_t0) * row_t * gx_cols
+        if cell == GRU:
+            _product(w, B, q, qrow, s, bias_h, 0, gh, GH)
+        else:
+            _product(w, B, q, qrow, s, g_t, row_b * gx_cols, g_t, row_b * gx_cols)
+            if cell == GRU_RESET_BEFORE:
+                # r, z, then the n product of r * h quantized per row
+                for b in range(B):
+                    row = (t - j.g_t0) * row_t + b * row_b
+                    gru_reset_gates_row(gx + row * gx_cols, h + b * H, acts + b * 4 * H, H)
+                    s[b] = _row(w.kind, acts + b * 4 * H + 3 * H, H, q + b * qrow)
+                _product(wn, B, q, qrow, s, g_t + 2 * H, row_b * gx_cols, g_t + 2 * H,
+                         row_b * gx_cols)
+        # the gate pass, row by row
+        for b in range(B):
+            out_row = out + ((t - j.o_t0) * o_row_t + b * o_row_b) * h_cols
+            if lengths != NULL and t >= lengths[b]:
+                memset(out_row, 0, H * sizeof(float))
+                continue
+            g_row = gx + ((t - j.g_t0) * row_t + b * row_b) * gx_cols
+            if cell == LSTM:
+                lstm_row(g_row, h + b * H, c + b * H, out_row, acts + b * 4 * H, H, H)
+            elif cell == GRU:
+                gru_row(g_row, gh + b * GH, h + b * H, h + b * H, out_row, acts + b * 4 * H,
+                        H, H)
+            elif cell == GRU_RESET_BEFORE:
+                gru_reset_row(g_row, h + b * H, out_row, acts + b * 4 * H, H)
+            else:
+                rnn_row(g_row, h + b * H, out_row, acts + b * 4 * H, H, cell == RNN_RELU)
+
+
+cdef void _recur_job(void* arg, int part) noexcept nogil:
+    cdef RecurJob* j = <RecurJob*>arg
+    cdef Py_ssize_t d_lo = j.ranges[part][0], d_hi = j.ranges[part][1]
+    cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
+    cdef Py_ssize_t d
+    cdef unsigned int fpenv
+    if d_hi <= d_lo or b_hi <= b_lo:
+        return
+    fpenv = fastrnn_flush_denormals()   # per thread: the worker sets its own
+    for d in range(d_lo, d_hi):
+        _run_direction(j, d, b_lo, b_hi)
+    fastrnn_restore_fpenv(fpenv)
+
+
+# --- a stack of layers ---
+
+cdef struct QLayer:
+    QView w_ih                   # every direction's W_ih stacked
+    QView w_hh[2]
+    QView w_hn[2]
+    const float* bias_x
+    const float* bias_h
+
+
+cdef class QStack:
+    """A quantized layer's weights as ``forward`` reads them: per layer
+    (w_ih, [w_hh per direction], [w_hn per direction] or None, bias_x,
+    bias_h), QWeights and float32 biases (None: none), kept alive here."""
+    cdef QLayer* layers
+    cdef readonly int cell, dirs, num_layers, kind
+    cdef readonly Py_ssize_t input_size, hidden_size
+    cdef object keep
+
+    def __cinit__(self):
+        self.layers = NULL
+
+    def __init__(self, int cell, Py_ssize_t input_size, Py_ssize_t hidden_size, int dirs,
+                 list layers not None):
+        cdef Py_ssize_t k, d, G = num_gates(cell), H = hidden_size
+        cdef QWeight qw
+        cdef const float[::1] bias
+        if dirs not in (1, 2) or not layers:
+            raise ValueError("QStack: expected 1 or 2 directions and at least one layer")
+        self.cell, self.dirs, self.num_layers = cell, dirs, len(layers)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.keep = layers
+        self.layers = <QLayer*>PyMem_Malloc(len(layers) * sizeof(QLayer))
+        if self.layers == NULL:
+            raise MemoryError()
+        self.kind = (<QWeight?>layers[0][0]).kind
+        kinds = {w.kind for w_ih, w_hh, w_hn, _, _ in layers
+                 for w in [w_ih] + list(w_hh) + list(w_hn or [])}
+        if kinds != {self.kind}:
+            raise ValueError("QStack: the layers mix int8 and bfloat16 weights")
+        for k, (w_ih, w_hh, w_hn, bias_x, bias_h) in enumerate(layers):
+            qw = w_ih
+            if qw.N != dirs * G * H or qw.K != (input_size if k == 0 else dirs * H):
+                raise ValueError(f"QStack: layer {k}'s W_ih does not fit")
+            self.layers[k].w_ih = qw.view
+            if len(w_hh) != dirs or (cell == GRU_RESET_BEFORE) != (w_hn is not None):
+                raise ValueError(f"QStack: layer {k}'s W_hh does not fit")
+            for d in range(dirs):
+                qw = w_hh[d]
+                if qw.K != H or qw.N != (2 if cell == GRU_RESET_BEFORE else G) * H:
+                    raise ValueError(f"QStack: layer {k}'s W_hh does not fit")
+                self.layers[k].w_hh[d] = qw.view
+                if w_hn is not None:
+                    qw = w_hn[d]
+                    if qw.K != H or qw.N != H:
+                        raise ValueError(f"QStack: layer {k}'s W_hn does not fit")
+                    self.layers[k].w_hn[d] = qw.view
+            self.layers[k].bias_x = NULL
+            self.layers[k].bias_h = NULL
+            if bias_x is not None:
+                bias = bias_x
+                if bias.shape[0] != dirs * G * H:
+                    raise ValueError(f"QStack: layer {k}'s bias does not fit")
+                self.layers[k].bias_x = &bias[0]
+            if bias_h is not None:
+                bias = bias_h
+                if bias.shape[0] != dirs * G * H or cell != GRU:
+                    raise ValueError(f"QStack: layer {k}'s recurrent bias does not fit")
+                self.layers[k].bias_h = &bias[0]
+
+    def __dealloc__(self):
+        PyMem_Free(self.layers)
+
+    def __reduce__(self):
+        raise TypeError("QStack is rebuilt from its quantized layer's arrays, not pickled")
+
+
+cdef inline char* _aligned(char* p) noexcept nogil:
+    return p + ((-<Py_ssize_t>p) & 63)
+
+
+cdef struct WindowJob:
+    # a unidirectional stack, each part its batch rows through every layer,
+    # window after window: the parts never wait for each other
+    const QLayer* layers
+    Py_ssize_t L, T, Tw, D0, H
+    const float* x
+    Py_ssize_t x_row_t, x_row_b  # the input's (and the output's) layout
+    float* out
+    float* buf[2]                # layers between: the window's rows, batch-major
+    char* pscratch               # the projections' blocks
+    Py_ssize_t nparts
+    RecurJob rec                 # what every layer's recurrence shares
+    int bad                      # 1: a row of x is not finite; 2: the initial state
+    Py_ssize_t ranges[MAX_PARTS][4]
+    Interrupt interrupt
+
+
+cdef void _window_job(void* arg, int part) noexcept nogil:
+    cdef WindowJob* j = <WindowJob*>arg
+    cdef Py_ssize_t b_lo = j.ranges[part][2], b_hi = j.ranges[part][3]
+    cdef Py_ssize_t B = j.rec.B, GH = num_gates(j.rec.cell) * j.H
+    cdef Py_ssize_t t0 = 0, steps, k, shift
+    cdef ProjectJob pj
+    cdef RecurJob rj
+    cdef const QLayer* layer
+    cdef const float* layer_in
+    cdef float* gx_part
+    if b_hi <= b_lo:
+        return
+    rj = j.rec
+    rj.it = &j.interrupt
+    rj.ranges[part][0], rj.ranges[part][1] = 0, 1
+    rj.ranges[part][2], rj.ranges[part][3] = b_lo, b_hi
+    # the part's own region of gx and of the layer buffers, from its row
+    # b_lo * Tw: the rows of a window (batch-major, (b - b_lo) * steps + t -
+    # t0) never reach another part's region, whatever window that part is in
+    gx_part = j.rec.gx + b_lo * j.Tw * GH
+    while t0 < j.T:
+        steps = min(j.Tw, j.T - t0)
+        shift = b_lo * (j.Tw - steps)    # the kernels add b_lo * steps rows
+        layer_in = j.x
+        for k in range(j.L):
+            layer = &j.layers[k]
+            _setup_project(&pj, layer_in, j.D0 if k == 0 else j.H, layer.w_ih, layer.bias_x,
+                           gx_part, j.pscratch, j.nparts, max(j.D0, j.H))
+            pj.it = &j.interrupt
+            if k == 0:
+                pj.steps, pj.t0, pj.b0 = steps, t0, b_lo
+                pj.x_row_t, pj.x_row_b = j.x_row_t, j.x_row_b
+            pj.rows[part][0], pj.rows[part][1] = 0, (b_hi - b_lo) * steps
+            _project_job(&pj, part)
+            if pj.bad:
+                j.bad = 1
+                return
+            rj.gx = gx_part - b_lo * steps * GH
+            rj.t0, rj.T, rj.g_t0, rj.g_row_t, rj.g_row_b = t0, steps, t0, 1, steps
+            rj.w[0], rj.wn[0], rj.bias_h = layer.w_hh[0], layer.w_hn[0], layer.bias_h
+            rj.h = j.rec.h + k * B * j.H
+            rj.c = NULL if j.rec.c == NULL else j.rec.c + k * B * j.H
+            if k == j.L - 1:
+                rj.out, rj.o_row_t, rj.o_row_b, rj.o_t0 = j.out, j.x_row_t, j.x_row_b, 0
+            else:
+                rj.out = j.buf[k % 2] + shift * j.H
+                rj.o_row_t, rj.o_row_b, rj.o_t0 = 1, steps, t0
+            _recur_job(&rj, part)
+            if rj.bad:
+                j.bad = 2
+                return
+            if interrupted(&j.interrupt):
+                return
+            layer_in = rj.out + b_lo * steps * j.H    # the part's rows, from 0
+        t0 += steps
+
+
+def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t T,
+            bint batch_first, float[:, :, ::1] h not None, float[:, :, ::1] c,
+            float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct,
+            Py_ssize_t window_bytes):
+    """Every layer of ``stack`` on x (R = T * B rows in the input's order,
+    D), h, c (layers * dirs, B, H) the initial state in and the final state
+    out (c: LSTM only), out (R, dirs * H) the last layer's output, lengths
+    (B,) or None, ``parts`` (d_lo, d_hi, b_lo, b_hi) one per thread.
+    ``direct``: one part, small: run on this thread without the dispatch
+    (and without polling for Ctrl-C). Shapes are the caller's to check.
+
+    A unidirectional stack runs in time windows, every layer over the first
+    steps whose input projections fit ``window_bytes``, then over the next,
+    the state carried (the same arithmetic: each row is quantized alone), so
+    a step's projection is read from the caches and no buffer grows with T;
+    each part takes its batch rows through all of it alone. A bidirectional
+    one runs layer by layer: the input projection of every row (the rows
+    split between the parts), then the parts' directions and batch rows.
+
+    Returns 0, or 1 if a row of x is not finite, 2 if the initial state is
+    not (the outputs are then not meaningful)."""
+    cdef ProjectJob pjob
+    cdef RecurJob rjob
+    cdef WindowJob wjob
+    cdef Py_ssize_t B = h.shape[1], H = stack.hidden_size, dirs = stack.dirs
+    cdef Py_ssize_t G = num_gates(stack.cell), N = dirs * G * H
+    cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
+    cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
+    cdef Py_ssize_t rows = dirs * B, qrow = _row_bytes(stack.kind, H)
+    cdef Py_ssize_t Tw
+    cdef Py_ssize_t in_row_t = 1 if batch_first else B, in_row_b = T if batch_first else 1
+    cdef Py_ssize_t sizes[8]
+    cdef char* base
+    cdef char* ptr[8]
+    cdef unsigned char[::1] scratch
+    cdef const float* layer_in
+    cdef float* layer_out
+    cdef const QLayer* layer
+    if R == 0 or B == 0:
+        return 0
+    if nparts < 1 or nparts > MAX_PARTS:
+        raise ValueError(f"forward: expected 1 to {MAX_PARTS} parts, got {nparts}")
+    Tw = T if dirs == 2 else max(<Py_ssize_t>1, min(T, window_bytes // (B * N * 4)))
+    # one scratch buffer: gx, two layer buffers, the recurrence's rows and
+    # their scales, the GRU's recurrent gates, the activations, the
+    # projection's blocks; each part 64-byte aligned
+    sizes[0] = Tw * B * N * 4
+    sizes[1] = Tw * B * dirs * H * 4 if L > 1 else 0
+    sizes[2] = Tw * B * dirs * H * 4 if L > 2 else 0
+    sizes[3] = rows * qrow
+    sizes[4] = rows * 4
+    sizes[5] = rows * G * H * 4 if stack.cell == GRU else 0
+    sizes[6] = rows * 4 * H * 4
+    sizes[7] = _project_scratch(D_max, N, nparts)
+    total = 0
+    for k in range(8):
+        total += sizes[k] + 64
+    scratch = np.empty(total + 64, np.uint8)
+    base = _aligned(<char*>&scratch[0])
+    for k in range(8):
+        ptr[k] = base
+        base = _aligned(base + sizes[k])
+    rjob.cell = stack.cell
+    rjob.B, rjob.H, rjob.dirs = B, H, dirs
+    rjob.qrow = qrow
+    rjob.gx = <float*>ptr[0]
+    rjob.qbuf, rjob.sbuf = <int8_t*>ptr[3], <float*>ptr[4]
+    rjob.gh = <float*>ptr[5] if stack.cell == GRU else NULL
+    rjob.acts = <float*>ptr[6]
+    rjob.lengths = NULL if lengths is None else &lengths[0]
+    rjob.h = &h[0, 0, 0]
+    rjob.c = NULL if c is None else &c[0, 0, 0]
+    rjob.bad = 0
+    rjob.it = &rjob.interrupt
+
+    if dirs == 1:
+        wjob.layers, wjob.L, wjob.T, wjob.Tw = stack.layers, L, T, Tw
+        wjob.D0, wjob.H = stack.input_size, H
+        wjob.x, wjob.x_row_t, wjob.x_row_b = &x[0, 0], in_row_t, in_row_b
+        wjob.out = &out[0, 0]
+        wjob.buf[0], wjob.buf[1] = <float*>ptr[1], <float*>ptr[2]
+        wjob.pscratch, wjob.nparts = ptr[7], nparts
+        wjob.rec = rjob
+        wjob.bad = 0
+        if direct:
+            wjob.interrupt.stop = 0
+            wjob.interrupt.polls = False
+            for p in range(4):
+                wjob.ranges[0][p] = parts[0][p]
+            with nogil:
+                _window_job(&wjob, 0)
+        else:
+            run_parts(_window_job, &wjob, &wjob.ranges[0][0], 4, parts, &wjob.interrupt)
+        return wjob.bad
+
+    # bidirectional: one window, layer by layer; rows batch-major between layers
+    rjob.t0, rjob.T, rjob.g_t0, rjob.g_row_t, rjob.g_row_b = 0, T, 0, 1, T
+    project_parts = [(p * R // nparts, (p + 1) * R // nparts) for p in range(nparts)]
+    if direct:
+        pjob.interrupt.stop = rjob.interrupt.stop = 0
+        pjob.interrupt.polls = rjob.interrupt.polls = False
+        pjob.rows[0][0], pjob.rows[0][1] = 0, R
+        for p in range(4):
+            rjob.ranges[0][p] = parts[0][p]
+    layer_in = &x[0, 0]
+    for k in range(L):
+        layer = &stack.layers[k]
+        _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
+                       layer.w_ih, layer.bias_x, rjob.gx, ptr[7], nparts, D_max)
+        if k == 0:     # the input's rows, in its order
+            pjob.steps, pjob.t0, pjob.b0 = T, 0, 0
+            pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
+        if k == L - 1:  # the output, in the input's order
+            layer_out = &out[0, 0]
+            rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = in_row_t, in_row_b, 0
+        else:
+            layer_out = <float*>ptr[1 + k % 2]
+            rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = 1, T, 0
+        rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
+        rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
+        rjob.bias_h = layer.bias_h
+        rjob.h = &h[k * dirs, 0, 0]
+        rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
+        rjob.out = layer_out
+        if direct:
+            with nogil:
+                _project_job(&pjob, 0)
+                if not pjob.bad:
+                    _recur_job(&rjob, 0)
+        else:
+            run_parts(_project_job, &pjob, &pjob.rows[0][0], 2, project_parts,
+                      &pjob.interrupt)
+            if not pjob.bad:
+                run_parts(_recur_job, &rjob, &rjob.ranges[0][0], 4, parts, &rjob.interrupt)
+        if pjob.bad:
+            return 1
+        if rjob.bad:
+            return 2
+        layer_in = layer_out
+    return 0
+
+
+# --- for the tests: the pieces, exposed ---
+
+def quantize_rows(const float[:, ::1] x not None):
+    """(q, scales): each row of x quantized as the kernels quantize
+    activations; q int8 (M, K) in [-127, 127], scales float32 (M,)."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], i, k
+    cdef Py_ssize_t qrow = fastrnn_q_quads(K) * 4
+    cdef int8_t[:, ::1] buf = np.empty((M, qrow), np.int8)
+    cdef float[::1] s = np.empty(M, np.float32)
+    with nogil:
+        for i in range(M):
+            s[i] = fastrnn_q_row(&x[i, 0], K, &buf[i, 0])
+    q = np.asarray(buf)[:, :K].view(np.uint8).astype(np.int16) if FASTRNN_Q_OFFSET else \
+        np.asarray(buf)[:, :K].astype(np.int16)
+    return (q - FASTRNN_Q_OFFSET).astype(np.int8), np.asarray(s)
+
+
+def bf16_rows(const float[:, ::1] x not None):
+    """Each row of x converted to bfloat16 as the kernels convert
+    activations: uint16 bit patterns (M, K)."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], i
+    cdef Py_ssize_t qrow = fastrnn_b_pairs(K) * 4
+    cdef int8_t[:, ::1] buf = np.empty((M, qrow), np.int8)
+    with nogil:
+        for i in range(M):
+            fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
+    return np.asarray(buf).view(np.uint16)[:, :K].copy()
+
+
+def bf16_product(const float[:, ::1] x not None, QWeight w not None):
+    """y (M, N) = x (M, K) converted to bf16 row by row, times W^T (a
+    bfloat16 QWeight), as the kernels compute it."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], i
+    cdef Py_ssize_t qrow = fastrnn_b_pairs(K) * 4
+    cdef int8_t[:, ::1] buf = np.empty((max(M, 1), qrow), np.int8)
+    cdef float[:, ::1] y = np.empty((max(M, 1), w.N), np.float32)
+    if K != w.K or w.kind != 1:
+        raise ValueError(f"bf16_product: expected a bfloat16 QWeight of {K} columns")
+    with nogil:
+        for i in range(M):
+            fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
+        if M > 0:
+            fastrnn_b_gemm(M, K, &buf[0, 0], qrow, w.view.panels, w.N, NULL, 0, &y[0, 0], w.N)
+    return np.asarray(y)[:M].copy()
+
+
+def int_product(const int8_t[:, ::1] q not None, QWeight w not None):
+    """The int32 sums q (M, K) . W^T (M, N) as the kernels compute them
+    (q in [-127, 127])."""
+    cdef Py_ssize_t M = q.shape[0], K = q.shape[1], i, k
+    cdef Py_ssize_t qrow = fastrnn_q_quads(K) * 4, ldc = fastrnn_q_blocks(w.N) * 16
+    cdef int8_t[:, ::1] a = np.full((M, qrow), <int8_t>(<unsigned char>FASTRNN_Q_OFFSET),
+                                     np.int8)
+    cdef int32_t[:, ::1] c = np.empty((M, ldc), np.int32)
+    if K != w.K:
+        raise ValueError(f"int_product: expected q with {w.K} columns, got {K}")
+    if M == 0:
+        return np.zeros((0, w.N), np.int32)
+    with nogil:
+        for i in range(M):
+            for k in range(K):
+                a[i, k] = <int8_t>(<unsigned char>(q[i, k] + FASTRNN_Q_OFFSET))
+        fastrnn_q_gemm(M, K, &a[0, 0], qrow, w.view.panels, w.view.comp, w.N, &c[0, 0], ldc)
+    return np.asarray(c)[:, :w.N].copy()
+
+
+def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None,
+                float[::1] tanh_out not None):
+    """The float32 sigmoid and tanh exactly as this module's gate pass
+    computes them (its build's flags), elementwise over x."""
+    cdef Py_ssize_t j
+    with nogil:
+        for j in range(x.shape[0]):
+            sigmoid_out[j] = sigmoid(x[j])
+            tanh_out[j] = tanh_(x[j])

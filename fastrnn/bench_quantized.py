@@ -1,0 +1,233 @@
+"""The benchmark grid for reduced-precision inference: ``fastrnn bench --dtype int8``
+(or ``bfloat16``: the same table).
+
+For every case of :data:`fastrnn.bench.CASES`, the same weights and input as
+the float32 benchmark, each library in a process of its own:
+
+- ``f32``: fastrnn's float32 layer;
+- ``int8``: ``fastrnn.quantize(layer)`` (per-channel weight scales);
+- ``bf16``: ``fastrnn.quantize(layer, dtype="bfloat16")``;
+- ``torch-q``: PyTorch's ``torch.ao.quantization.quantize_dynamic`` of the
+  same module (qint8, its default per-tensor weight scales; dynamic uint8
+  activations), for LSTM and GRU (PyTorch has no quantized RNN layer);
+- ``ORT-q``: ONNX Runtime on ``onnxruntime.quantization.quantize_dynamic``
+  of the layer's ONNX model (``fastrnn.to_onnx``; QInt8 weights), for LSTM
+  (its DynamicQuantizeLSTM; ONNX Runtime leaves GRU and RNN nodes in
+  float32, so those are not timed).
+
+Columns: the median ms of a forward pass of each, the speed-up of int8
+and bf16 over fastrnn's own float32 and of int8 over the faster quantized
+peer, the max and mean abs deviation of each reduced-precision output from
+fastrnn's float32 output
+(and of that from the float64 reference, PyTorch in float64), and the
+peak resident memory of
+each library's process (MB, ``ru_maxrss``) with the bytes of the weights
+the kernels read: float32's packed weights against int8's (the quantized
+model also keeps its float32 parameters, for ``state_dict`` and saving).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+import fastrnn
+from fastrnn import bench
+
+LIBRARIES = ("f32", "int8", "bf16", "torch-q", "ORT-q")
+
+
+def _torch_quantized(case, state_dict, x, threads):
+    import torch
+    from torch.ao import quantization as tq
+    torch.set_num_threads(threads)
+    cls = getattr(torch.nn, case.cell)
+    module = cls(case.D, case.H, num_layers=case.layers, bidirectional=case.bidirectional)
+    module.load_state_dict({k: torch.from_numpy(val) for k, val in state_dict.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # its deprecation notices
+        quantized = tq.quantize_dynamic(torch.nn.Sequential(module), {cls},
+                                        dtype=torch.qint8)[0]
+    tx = torch.from_numpy(x)
+
+    def infer():
+        with torch.inference_mode():
+            return quantized(tx)[0].numpy()
+    return infer
+
+
+def _ort_quantized(layer, x, threads, tmp):
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    path, qpath = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
+    fastrnn.to_onnx(layer, path)
+    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(qpath, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    dirs = 2 if case_bidirectional(layer) else 1
+    zeros = np.zeros((layer.num_layers * dirs, x.shape[1], layer.hidden_size), np.float32)
+    feed = {"X": x}
+    for name in names[1:]:
+        feed[name] = zeros
+
+    def infer():
+        return session.run(["Y"], feed)[0]
+    return infer
+
+
+def case_bidirectional(layer):
+    return bool(layer.bidirectional)
+
+
+def _weight_bytes(layer, quantized):
+    """Bytes of the weights the kernels read: float32 packed panels, or the
+    int8 panels with their scales and column terms."""
+    if not quantized:
+        return sum(w.nbytes for name, w in layer.state_dict().items() if "weight" in name)
+    total = 0
+    for w_ih, w_hh, w_hn, _, _ in layer._quantized(layer._params):
+        for w in [w_ih] + list(w_hh) + list(w_hn or []):
+            total += w.packed.nbytes + w.scale.nbytes + w.comp.nbytes
+    return total
+
+
+def measure(case_name, library, threads, repeats, output_path):
+    """One library on one case, in the calling process: output saved to
+    output_path; returns {"infer": ms, "peak_mb": MB, "weight_mb": MB}."""
+    import resource
+
+    from threadpoolctl import threadpool_limits
+    case = next(c for c in bench.CASES if c.name == case_name)
+    fastrnn.set_num_threads(threads)
+    weight_mb = None
+    with threadpool_limits(threads, user_api="blas"), tempfile.TemporaryDirectory() as tmp:
+        if library == "reference":
+            state_dict, x = bench.case_data(case, "float64")
+            try:
+                infer = bench.torch_runner(case, state_dict, x, "float64", threads)[0]
+            except ImportError:
+                infer = bench.fastrnn_runner(case, state_dict, x, "float64")[0]
+            np.save(output_path, np.asarray(infer(), np.float64))
+            return {}
+        state_dict, x = bench.case_data(case, "float32")
+        layer = getattr(fastrnn, case.cell)(case.D, case.H, num_layers=case.layers,
+                                            bidirectional=case.bidirectional)
+        layer.load_state_dict(state_dict)
+        if library == "f32":
+            def infer():
+                return layer(x)[0]
+            weight_mb = _weight_bytes(layer, False) / 2**20
+        elif library in ("int8", "bf16"):
+            quantized = fastrnn.quantize(layer, dtype="int8" if library == "int8"
+                                         else "bfloat16")
+            del layer
+
+            def infer():
+                return quantized(x)[0]
+            infer()
+            weight_mb = _weight_bytes(quantized, True) / 2**20
+        elif library == "torch-q":
+            infer = _torch_quantized(case, state_dict, x, threads)
+        else:
+            infer = _ort_quantized(layer, x, threads, tmp)
+        np.save(output_path, np.asarray(infer()))
+        if case.heavy:
+            repeats = max(4, repeats // 5)
+        infer_ms = bench.median_ms([infer], repeats)[0]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KB on Linux
+    return {"infer": infer_ms, "peak_mb": peak, "weight_mb": weight_mb}
+
+
+def _measure_in_child(spec):
+    result = measure(**json.loads(spec))
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+
+
+def run_case(case, threads, repeats, libraries):
+    """{library: result} and {library: (max, mean) abs error vs float64}."""
+    results, errors = {}, {}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with tempfile.TemporaryDirectory(prefix="fastrnn-bench-q-") as tmp:
+        outputs = {}
+        for library in list(libraries) + ["reference"]:
+            outputs[library] = os.path.join(tmp, f"{library}.npy")
+            spec = json.dumps(dict(case_name=case.name, library=library, threads=threads,
+                                   repeats=repeats, output_path=outputs[library]))
+            done = subprocess.run(
+                [sys.executable, "-c", "import sys; from fastrnn.bench_quantized import "
+                 "_measure_in_child; _measure_in_child(sys.argv[1])", spec],
+                capture_output=True, text=True, env=env, cwd=tmp)
+            if done.returncode != 0:
+                message = (f"fastrnn bench: {library} failed on {case.name} "
+                           f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+                if library in ("f32", "int8", "bf16", "reference"):
+                    raise RuntimeError(message)
+                print(message, file=sys.stderr)
+                outputs.pop(library)
+                continue
+            if library != "reference":
+                results[library] = json.loads(done.stdout.strip().splitlines()[-1])
+        reference = np.load(outputs["reference"])
+        float32 = np.load(outputs["f32"]).astype(np.float64)
+        for library in results:
+            # float32 against float64; the int8 ones against float32's output
+            dev = np.abs(np.load(outputs[library]).astype(np.float64)
+                         - (reference if library == "f32" else float32))
+            errors[library] = (float(dev.max()), float(dev.mean()))
+    return results, errors
+
+
+def main(args, cases):
+    """``fastrnn bench --dtype int8``: the table (see the module docstring)."""
+    peers = []
+    if bench.available("torch"):
+        peers.append("torch-q")
+    if bench.available("onnxruntime") and bench.available("onnx"):
+        peers.append("ORT-q")
+    print(f"fastrnn {fastrnn.__version__} int8 and bfloat16 ({fastrnn.quantized.INT8_SIMD} "
+          f"build); {args.threads} thread{'s' * (args.threads > 1)}; median ms (blocks of 5 "
+          f"calls after a pause), {time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 "
+          f"against float64, the others against f32; weights MB")
+    print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"
+          f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}  {'f32 err':>17}  {'int8 err':>17}"
+          f"  {'bf16 err':>17}  {'torch-q err':>17}  {'ORT-q err':>17}  "
+          f"{'weights f32/int8/bf16':>21}")
+    own, own_bf16, over_peer = [], [], []
+    for case in cases:
+        libraries = ["f32", "int8", "bf16"] + [
+            p for p in peers if p == "torch-q" and case.cell != "RNN"
+            or p == "ORT-q" and case.cell == "LSTM"]
+        results, errors = run_case(case, args.threads, args.repeats, libraries)
+
+        def ms(lib):
+            return results[lib]["infer"] if lib in results else float("nan")
+
+        def err(lib):
+            return (f"{errors[lib][0]:.1e} / {errors[lib][1]:.1e}" if lib in errors
+                    else "-")
+        speed, speed_bf16 = ms("f32") / ms("int8"), ms("f32") / ms("bf16")
+        peer_ms = [ms(p) for p in ("torch-q", "ORT-q") if p in results]
+        vs_peer = min(peer_ms) / ms("int8") if peer_ms else float("nan")
+        own.append(speed)
+        own_bf16.append(speed_bf16)
+        if peer_ms:
+            over_peer.append(vs_peer)
+        weights = "/".join(f"{results[lib]['weight_mb']:.2f}" for lib in ("f32", "int8", "bf16"))
+        print(f"{case.name:<20}{ms('f32'):>9.3f}{ms('int8'):>9.3f}{ms('bf16'):>9.3f}"
+              f"{ms('torch-q'):>9.3f}{ms('ORT-q'):>9.3f}{speed:>8.2f}x{speed_bf16:>8.2f}x"
+              f"{vs_peer:>9.2f}x  {err('f32'):>17}  {err('int8'):>17}  {err('bf16'):>17}  "
+              f"{err('torch-q'):>17}  {err('ORT-q'):>17}  {weights:>21}", flush=True)
+    for name, ratios in (("int8", own), ("bfloat16", own_bf16)):
+        print(f"{name} over float32: geometric mean {math.exp(np.mean(np.log(ratios))):.2f}x, "
+              f"worst {min(ratios):.2f}x")
+    if over_peer:
+        print(f"int8 over the faster quantized peer: geometric mean "
+              f"{math.exp(np.mean(np.log(over_peer))):.2f}x, worst {min(over_peer):.2f}x")

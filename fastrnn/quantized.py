@@ -1,0 +1,565 @@
+"""Reduced-precision inference (``fastrnn.quantize``): int8 weights, quantized
+once, and int8 products with int32 sums; or bfloat16 weights and products
+with float32 sums.
+
+A quantized layer, cell or ``Linear`` is its float32 class with the same
+call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
+``_qkernel.h``). int8:
+
+- weights: symmetric int8 in [-127, 127], ``q = clip(rint(W / s), -127,
+  127)`` with ``s = max|W| / 127`` per output row (``per_channel=True``) or
+  per weight tensor (each of PyTorch's parameters: ``weight_ih_l0``,
+  ``weight_hh_l0_reverse``, ...). Derived from the float32 parameters
+  once per parameter set and kept with it (the float32 parameters stay the
+  model's own: ``state_dict``, saving and pickling carry them, and
+  ``load_state_dict`` quantizes the new ones);
+- activations: every row quantized when it is used, symmetric int8 with
+  its own scale (``max|x_row| / 127``): each step and batch row of the
+  input before the input projection, each batch row of h before each
+  step's recurrent product (and the reset-before GRU's r * h). A row's
+  result therefore never depends on the other rows of the batch. PyTorch's
+  dynamic quantization instead takes one asymmetric uint8 scale and zero
+  point for the whole input of a product (all rows of all steps for the
+  input projection, the whole batch for h), and ONNX Runtime's
+  DynamicQuantizeLSTM does the same;
+- products: exact int32 sums, the same on every CPU (AVX-512 VNNI, AVX2
+  and the portable build give identical outputs, bit for bit), dequantized
+  as ``float(sum) * (s_x * s_w[n])`` plus the float32 bias;
+- state, cell and gate arithmetic: float32, the float layers' own code.
+
+bfloat16: the weights rounded to bfloat16 once (round to nearest even),
+every activation row at every use, each product one float32 chain over the
+pairs of k in the order of AVX-512 BF16's ``vdpbf16ps`` (the odd product of
+a pair, then the even one, each sum rounded), which the other builds
+compute with float32 arithmetic: the same bits everywhere too. No scales;
+``per_channel`` does not apply.
+
+Inference only: ``forward_train`` and training in a ``Sequential`` raise
+TypeError. The kernel build is picked at import: the float kernels' build
+(fastrnn._kernels), or AVX-512 VNNI (and BF16) where the CPU has it;
+FASTRNN_INT8=baseline, avx2, avx512, vnni or bf16 forces one (for
+comparison and testing).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from fastrnn import _kernels, _plan
+from fastrnn import _validation as v
+from fastrnn._kernels import forward as _forward
+from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
+from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
+from fastrnn.nn import Linear
+
+INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16")
+WEIGHT_DTYPES = ("int8", "bfloat16")
+
+
+def _int8_cpu_supports(build):
+    features = _kernels._cpu_features()
+    if build in ("vnni", "bf16"):
+        return _kernels.cpu_supports("avx512") and bool(features.get("AVX512VNNI")) and (
+            build == "vnni" or bool(features.get("AVX512BF16")))
+    return _kernels.cpu_supports(build)
+
+
+def _load_int8():
+    choice = os.environ.get("FASTRNN_INT8", "auto").lower()
+    if choice not in ("auto",) + INT8_BUILDS:
+        raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
+                          f"'avx512', 'vnni' or 'bf16', got {choice!r}")
+    if choice == "auto":
+        choice = _kernels.SIMD
+        if choice == "avx512":
+            choice = next((b for b in ("bf16", "vnni") if _int8_cpu_supports(b)), choice)
+    elif not _int8_cpu_supports(choice):
+        raise ImportError(f"fastrnn: FASTRNN_INT8={choice}, but this CPU lacks its "
+                          f"instructions (the build would stop on an illegal instruction)")
+    suffix = "" if choice == "baseline" else "_" + choice
+    try:
+        return importlib.import_module("fastrnn._quant" + suffix), choice
+    except ImportError:   # not built here (another architecture): the portable build
+        return importlib.import_module("fastrnn._quant"), "baseline"
+
+
+_quant, INT8_SIMD = _load_int8()
+
+# Below this work estimate (the plan's units) a one-part call runs on the
+# calling thread without the parts' dispatch: about 8 us of the 20 us a
+# batch-1 LSTMCell(64, 128)-sized call took (measured 2026-12-01).
+DIRECT_WORK = 1 << 22
+
+
+# A unidirectional stack runs in time windows whose input projections take
+# at most this many bytes (_quant.forward), read back from the caches.
+WINDOW_BYTES = 512 << 10
+
+
+class _Stack(NamedTuple):
+    kernel: Any      # _quant.QStack
+    layers: list     # per layer (w_ih, w_hh, w_hn, bias_x, bias_h)
+
+
+def quantize_weight(w, per_channel, tensors=1):
+    """(q, scale): w (N, K) float32 as symmetric int8 and its float32 scale
+    per row. Per tensor (per_channel False), ``tensors`` equal row blocks
+    of w are separate tensors (the directions of a stacked weight), one
+    scale each."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    if not per_channel:
+        amax = np.repeat(amax.reshape(tensors, -1).max(axis=1), w.shape[0] // tensors)
+    scale = amax / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def to_bfloat16(w):
+    """float32 w as bfloat16 bit patterns (uint16): round to nearest even,
+    float32's denormals to signed zero, inf and NaN kept."""
+    bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    exponent = bits & np.uint32(0x7f800000)
+    rounded = bits + np.uint32(0x7fff) + ((bits >> np.uint32(16)) & np.uint32(1))
+    bits = np.where(exponent == 0, bits & np.uint32(0x80000000),
+                    np.where(exponent == np.uint32(0x7f800000), bits, rounded))
+    return (bits >> np.uint32(16)).astype(np.uint16)
+
+
+def _weight(w, weight_dtype, per_channel, tensors=1):
+    """``rows -> QWeight``: the rows (a slice) of weight matrix w (N, K)
+    packed for the kernels as ``weight_dtype``; int8 is quantized once for
+    all the rows (per row, or per tensor of ``tensors`` row blocks)."""
+    if weight_dtype == "bfloat16":
+        return (lambda rows: _quant.QWeight(to_bfloat16(w[rows]), np.ones(
+            len(range(*rows.indices(len(w)))), np.float32), _quant.KIND_BF16))
+    q, s = quantize_weight(w, per_channel, tensors)
+    return lambda rows: _quant.QWeight(q[rows], s[rows])
+
+
+def _check_weight_dtype(owner, weight_dtype):
+    if not isinstance(weight_dtype, str):
+        raise TypeError(f"{owner}: weight_dtype must be a str, one of {list(WEIGHT_DTYPES)}, "
+                        f"got {type(weight_dtype).__name__}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{owner}: weight_dtype must be one of {list(WEIGHT_DTYPES)}, "
+                         f"got {weight_dtype!r}")
+    return weight_dtype
+
+
+class _Quantized:
+    """What the quantized layers and cells add to their float class."""
+
+    def _init_quantized(self, weight_dtype, per_channel):
+        owner = type(self).__name__
+        cfg = self._config
+        if cfg["dtype"] != np.float32:
+            raise ValueError(f"{owner}: quantized layers compute in float32, got "
+                             f"dtype={cfg['dtype'].name}")
+        cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
+        cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
+
+    def _repr_options(self):
+        opts = super()._repr_options()
+        if not self._config["per_channel"]:
+            opts.append(("per_channel", False))
+        return opts
+
+    def _quantized(self, params):
+        """Per layer (w_ih, w_hh per direction, w_hn per direction or None,
+        bias_x, bias_h): QWeights and float32 biases, made once per
+        parameter set and kept with it."""
+        return self._stack(params).layers
+
+    def _stack(self, params):
+        """The kernels' view of the quantized weights (``_quant.QStack``),
+        made once per parameter set and kept with it."""
+        stack = params.cache.get("int8")
+        if stack is None:
+            layers = []
+            per_channel = self._config["per_channel"]
+            H, dirs = self._config["hidden_size"], self._dirs
+            GH = self._gates * H
+            reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
+            kind = self._config["weight_dtype"]
+            for w_ih, w_hh, b_ih, b_hh in zip(*self._weights(params)):
+                qw_ih = _weight(w_ih, kind, per_channel, dirs)(slice(None))
+                rows_of = _weight(w_hh, kind, per_channel, dirs)
+                if reset_before:
+                    qw_hh = [rows_of(slice(d * GH, d * GH + 2 * H)) for d in range(dirs)]
+                    qw_hn = [rows_of(slice(d * GH + 2 * H, (d + 1) * GH)) for d in range(dirs)]
+                else:
+                    qw_hh = [rows_of(slice(d * GH, (d + 1) * GH)) for d in range(dirs)]
+                    qw_hn = None
+                if b_ih is None:
+                    bias_x = bias_h = None
+                elif self._kernel_code == _forward.CELL_GRU:
+                    bias_x, bias_h = b_ih, b_hh
+                else:
+                    bias_x, bias_h = b_ih + b_hh, None
+                layers.append((qw_ih, qw_hh, qw_hn, bias_x, bias_h))
+            stack = _Stack(_quant.QStack(self._kernel_code, self._config["input_size"], H,
+                                         dirs, layers), layers)
+            params.cache["int8"] = stack
+        return stack
+
+    def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
+        """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
+        C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
+        initial state and end as the final one."""
+        H, dirs = self._config["hidden_size"], self._dirs
+        N = dirs * self._gates * H
+        work = T * B * N * (H + 20) // 4
+        parts = _plan.split(dirs, B, work)
+        outcome = _quant.forward(
+            self._stack(params).kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first,
+            h=h_n, c=c_n, out=out.reshape(T * B, -1), lengths=lengths, parts=parts,
+            direct=len(parts) == 1 and work < DIRECT_WORK, window_bytes=WINDOW_BYTES)
+        if outcome:
+            raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
+                             f"non-finite values (NaN or inf); {self._config['weight_dtype']} "
+                             f"inference needs finite values")
+
+    def _refuse_training(self, what):
+        raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
+                        f"({self._config['weight_dtype']}) model, which is for inference "
+                        f"only; train the float32 model, then quantize it")
+
+    def forward_train(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a quantized model is for inference only (TypeError)."""
+        self._refuse_training("forward_train")
+
+    def _seq_train(self, x):
+        self._refuse_training("training")
+
+
+class _QuantizedLayer(_Quantized):
+
+    def __call__(self, x: ArrayLike,
+                 hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,
+                 lengths: ArrayLike | None = None, *, mask: ArrayLike | None = None,
+                 zero_output_for_mask: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
+        if mask is not None:   # fastrnn.masking runs the layer with lengths
+            return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
+        params = self._params   # one parameter set for the whole call
+        call = self._prepare(params, x, hx, lengths)
+        if call.B > 0:
+            self._qrun(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
+                       call.out, call.lengths)
+        return self._results(call)
+
+
+class _QuantizedCell(_Quantized):
+
+    def __call__(self, x: ArrayLike,
+                 hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        params = self._params
+        x, B, batched, h, c = self._prepare(params, x, hx)
+        if B > 0:   # one step: h, c become the new state
+            self._qrun(params, x[None], 1, B, False, h[None], None if c is None else c[None],
+                       np.empty((1, B, self._config["hidden_size"]), np.float32), None)
+        return self._results(h, c, batched)
+
+
+_QUANT_DOC = """
+
+    Reduced-precision inference (made by ``fastrnn.quantize``; see
+    fastrnn.quantized): the float32 class's parameters and call, with the
+    products in int8 or bfloat16. Extra keyword-only parameters:
+    ``weight_dtype`` ('int8' or 'bfloat16') and ``per_channel`` (int8: bool,
+    default True: a weight scale per output row; False: per weight tensor).
+    Inference only."""
+
+
+def _quantized_class(base, mixin):
+    def __init__(self, *args, weight_dtype="int8", per_channel=True, **kwargs):
+        # sizes past the int32 sums' range are refused before any allocation
+        try:
+            sizes = inspect.signature(base).bind(*args, **kwargs).arguments
+        except TypeError:
+            sizes = {}    # the float class's constructor reports it
+        for size in ("input_size", "hidden_size"):
+            value = sizes.get(size)
+            if isinstance(value, int) and value > _quant.MAX_K:
+                raise ValueError(f"{name}: {size} must be at most {_quant.MAX_K} for int8 "
+                                 f"products (int32 sums), got {value}")
+        base.__init__(self, *args, **kwargs)
+        self._init_quantized(weight_dtype, per_channel)
+
+    name = "Quantized" + base.__name__
+    cls = type(name, (mixin, base), {"__init__": __init__, "__module__": __name__,
+                                     "__qualname__": name,
+                                     "__doc__": (base.__doc__ or "") + _QUANT_DOC})
+    # the float class's arguments and the two of quantization, by name (model
+    # files check a layer's arguments against this signature)
+    signature = inspect.signature(base)
+    cls.__signature__ = signature.replace(parameters=list(signature.parameters.values()) + [
+        inspect.Parameter("weight_dtype", inspect.Parameter.KEYWORD_ONLY, default="int8"),
+        inspect.Parameter("per_channel", inspect.Parameter.KEYWORD_ONLY, default=True)])
+    return cls
+
+
+QuantizedRNN = _quantized_class(RNN, _QuantizedLayer)
+QuantizedGRU = _quantized_class(GRU, _QuantizedLayer)
+QuantizedLSTM = _quantized_class(LSTM, _QuantizedLayer)
+QuantizedRNNCell = _quantized_class(RNNCell, _QuantizedCell)
+QuantizedGRUCell = _quantized_class(GRUCell, _QuantizedCell)
+QuantizedLSTMCell = _quantized_class(LSTMCell, _QuantizedCell)
+
+
+class QuantizedLinear(Linear):
+    """``Linear`` with int8 or bfloat16 weights (made by ``fastrnn.quantize``):
+    int8 ``y = dequant(q(x) . q(W)^T) + b``, every row of x quantized with
+    its own scale, the weight per output row (``per_channel``) or as one
+    tensor; bfloat16 ``y = bf16(x) . bf16(W)^T + b``. Inference only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
+                 per_channel: bool = True) -> None:
+        if isinstance(in_features, int) and in_features > _quant.MAX_K:
+            raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
+                             f"for int8 products (int32 sums), got {in_features}")
+        super().__init__(in_features, out_features, bias, dtype, seed)
+        cfg = self._config
+        if cfg["dtype"] != np.float32:
+            raise ValueError(f"QuantizedLinear: quantized layers compute in float32, got "
+                             f"dtype={cfg['dtype'].name}")
+        cfg["weight_dtype"] = _check_weight_dtype("QuantizedLinear", weight_dtype)
+        cfg["per_channel"] = v.check_bool("QuantizedLinear", "per_channel", per_channel)
+
+    def __repr__(self):
+        cfg = self._config
+        extra = "" if cfg["bias"] else ", bias=False"
+        extra += "" if cfg["per_channel"] else ", per_channel=False"
+        return f"QuantizedLinear({cfg['in_features']}, {cfg['out_features']}{extra})"
+
+    def _qweight(self, params):
+        packed = params.cache.get("int8")
+        if packed is None:
+            weight = _weight(params.views["weight"], self._config["weight_dtype"],
+                             self._config["per_channel"])(slice(None))
+            packed = params.cache["int8"] = (weight, params.views.get("bias"))
+        return packed
+
+    def __call__(self, x: ArrayLike) -> np.ndarray:
+        x = self._check(x)
+        params = self._params
+        w, bias = self._qweight(params)
+        rows = x.reshape(-1, x.shape[-1])
+        y = np.empty((rows.shape[0], w.N), np.float32)
+        parts = _plan.split(1, rows.shape[0], rows.shape[0] * w.N * w.K // 4)
+        if not _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
+                              parts=_plan.halves(rows.shape[0], parts)):
+            raise ValueError(f"QuantizedLinear: input has non-finite values (NaN or inf); "
+                             f"{self._config['weight_dtype']} inference needs finite values")
+        return y.reshape(x.shape[:-1] + (w.N,))
+
+    _seq_infer = __call__
+
+    def _seq_train(self, x):
+        raise TypeError(f"QuantizedLinear: training is not available on a quantized "
+                        f"({self._config['weight_dtype']}) model, which is for inference only; "
+                        f"train the float32 model, then quantize it")
+
+
+_QUANTIZED = {RNN: QuantizedRNN, GRU: QuantizedGRU, LSTM: QuantizedLSTM,
+              RNNCell: QuantizedRNNCell, GRUCell: QuantizedGRUCell,
+              LSTMCell: QuantizedLSTMCell, Linear: QuantizedLinear}
+QUANTIZED_CLASSES = tuple(_QUANTIZED.values())
+
+
+# the configuration the reduced-precision kernels compute; any other option
+# a layer has must be off (None, False or 0), at the value the kernels
+# compute, or act in training only, or it is refused by name (the kernels
+# would silently compute without it)
+_COMPUTED_OPTIONS = {"input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                     "dropout", "bidirectional", "dtype", "nonlinearity", "reset_after",
+                     "in_features", "out_features"}
+_COMPUTED_VALUES = {"activation": "tanh", "recurrent_activation": "sigmoid"}
+_TRAINING_ONLY_OPTIONS = {"input_dropout", "recurrent_dropout", "weight_dropout"}
+
+
+def _quantize_module(owner, module, dtype, per_channel):
+    cls = _QUANTIZED.get(type(module))
+    if cls is None:
+        raise TypeError(f"{owner}: cannot quantize a {type(module).__name__}; expected an "
+                        f"RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or a "
+                        f"Sequential of them")
+    config = {k: (val.name if isinstance(val, np.dtype) else val)
+              for k, val in module._config.items()}
+    for key, value in config.items():
+        off = value is None or value is False or (isinstance(value, (int, float))
+                                                  and value == 0)
+        if not (key in _COMPUTED_OPTIONS or key in _TRAINING_ONLY_OPTIONS or off
+                or (key in _COMPUTED_VALUES and value == _COMPUTED_VALUES[key])):
+            raise ValueError(f"{owner}: the {type(module).__name__} has {key}={value!r}, "
+                             f"which the reduced-precision kernels do not compute")
+    if config["dtype"] != "float32":
+        raise ValueError(f"{owner}: quantize needs a float32 model, got a {config['dtype']} "
+                         f"{type(module).__name__}")
+    quantized = cls(**config, weight_dtype=dtype, per_channel=per_channel)
+    quantized.load_state_dict(module.state_dict())
+    return quantized
+
+
+def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
+    """A copy of a float32 model for reduced-precision inference.
+
+    Parameters
+    ----------
+    model : RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or Sequential
+        A float32 model. In a ``Sequential`` every recurrent layer and
+        ``Linear`` is quantized; the other layers (Dropout, LastStep,
+        activations, ...) are shared with the original, as ``model[1:]``
+        shares them.
+    dtype : {'int8', 'bfloat16'}, default 'int8'
+        The weights' type. int8: symmetric, in [-127, 127]; the products run
+        in int8 with int32 sums, activations quantized per row at every use.
+        bfloat16: weights and activations rounded to bfloat16, products
+        summed in float32 (see fastrnn.quantized).
+    per_channel : bool, default True
+        int8: a weight scale per output row (per gate unit); False: one per
+        weight tensor (each of PyTorch's parameters), as PyTorch's default.
+
+    Returns
+    -------
+    QuantizedRNN, QuantizedGRU, QuantizedLSTM, QuantizedRNNCell, QuantizedGRUCell, QuantizedLSTMCell, QuantizedLinear or Sequential
+        The quantized model, with the same call API. Its float32 parameters
+        are copies of the model's: ``state_dict``, ``fastrnn.save`` and
+        pickling carry them and the quantization settings, and the int8
+        weights are made from them.
+
+    Raises
+    ------
+    TypeError
+        If the model is not one of the above, or on training the result
+        (``forward_train``, ``fit``).
+    ValueError
+        On an unknown dtype, a float64 model, or sizes past the int32 sums'
+        range (input or hidden size above 65536).
+
+    Examples
+    --------
+    >>> lstm = fastrnn.LSTM(16, 32, batch_first=True, seed=0)
+    >>> q = fastrnn.quantize(lstm)                 # int8, per-channel scales
+    >>> half = fastrnn.quantize(lstm, dtype="bfloat16")
+    >>> out, (h_n, c_n) = q(np.random.rand(4, 50, 16).astype(np.float32))
+    """
+    from fastrnn.model import Sequential
+    dtype = _check_weight_dtype("quantize", dtype)
+    per_channel = v.check_bool("quantize", "per_channel", per_channel)
+    if isinstance(model, Sequential):
+        layers = [_quantize_module("quantize", layer, dtype, per_channel)
+                  if type(layer) in _QUANTIZED else layer for layer in model.layers]
+        if not any(isinstance(layer, QUANTIZED_CLASSES) for layer in layers):
+            raise TypeError("quantize: the Sequential has no layer to quantize (RNN, GRU, "
+                            "LSTM or Linear)")
+        return Sequential(layers)
+    return _quantize_module("quantize", model, dtype, per_channel)
+
+
+# --- PyTorch's dynamically quantized modules ----------------------------------------------
+
+_TORCH_DYNAMIC = {"LSTM": QuantizedLSTM, "GRU": QuantizedGRU, "RNNCell": QuantizedRNNCell,
+                  "GRUCell": QuantizedGRUCell, "LSTMCell": QuantizedLSTMCell,
+                  "Linear": QuantizedLinear}
+TORCH_DYNAMIC_MODULE = "torch.ao.nn.quantized.dynamic"
+
+
+def is_torch_dynamic(module):
+    """Whether module is one of torch.ao.nn.quantized.dynamic's modules."""
+    return type(module).__module__.startswith(TORCH_DYNAMIC_MODULE)
+
+
+def _torch_weight(torch, name, tensor):
+    """(float32 weights q * s, per_channel) of one of PyTorch's quantized
+    weights; its -128s become -127 (fastrnn's int8 is symmetric)."""
+    owner = "from_torch"
+    if tensor.dtype != torch.qint8:
+        raise ValueError(f"{owner}: {name} is {tensor.dtype}; fastrnn imports int8 dynamic "
+                         f"quantization (dtype=torch.qint8) only")
+    scheme = tensor.qscheme()
+    if scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
+        if tensor.q_per_channel_axis() != 0:
+            raise ValueError(f"{owner}: {name} is quantized along axis "
+                             f"{tensor.q_per_channel_axis()}; expected per output row (axis 0)")
+        scales = tensor.q_per_channel_scales().to(torch.float32).numpy()
+        zero = tensor.q_per_channel_zero_points().numpy()
+        per_channel = True
+    elif scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        scales = np.full(tensor.shape[0], tensor.q_scale(), np.float32)
+        zero = np.array([tensor.q_zero_point()])
+        per_channel = False
+    else:
+        raise ValueError(f"{owner}: {name} has the quantization scheme {scheme}; expected "
+                         f"per tensor or per channel")
+    if np.any(zero != 0):
+        raise ValueError(f"{owner}: {name} has a non-zero zero point; fastrnn's int8 weights "
+                         f"are symmetric (zero point 0, PyTorch's default for qint8 weights)")
+    q = np.clip(tensor.int_repr().numpy().astype(np.int16), -127, 127).astype(np.float32)
+    return (q * scales.astype(np.float32)[:, None]).astype(np.float32), per_channel
+
+
+def from_torch_dynamic(module):
+    """The quantized fastrnn module of one of PyTorch's dynamically quantized
+    modules (torch.ao.quantization.quantize_dynamic with dtype=torch.qint8):
+    LSTM, GRU, RNNCell, GRUCell, LSTMCell or Linear. Its int8 weights and
+    scales are PyTorch's (a weight of -128, which PyTorch's [-128, 127]
+    allows, becomes -127); its float32 biases too. What differs at run time:
+    PyTorch quantizes a product's whole input with one asymmetric uint8
+    scale (7 bits with reduce_range, as on x86), fastrnn each row
+    symmetrically in 8 bits (see this module's docstring)."""
+    import torch
+    name = type(module).__name__
+    cls = _TORCH_DYNAMIC.get(name)
+    if cls is None:
+        raise TypeError(f"from_torch: expected one of {TORCH_DYNAMIC_MODULE}'s LSTM, GRU, "
+                        f"RNNCell, GRUCell, LSTMCell or Linear, got {name}")
+    packed = getattr(module, "_packed_params", None)    # Linear's
+    dtype = (getattr(module, "dtype", None) if name in ("LSTM", "GRU")
+             else getattr(module, "weight_dtype", getattr(packed, "dtype", None)))
+    if dtype != torch.qint8:
+        raise ValueError(f"from_torch: {name} was quantized to {dtype}; fastrnn imports int8 "
+                         f"dynamic quantization (dtype=torch.qint8) only")
+    if name == "Linear":
+        weight, per_channel = _torch_weight(torch, "Linear.weight", module.weight())
+        bias = module.bias()
+        result = QuantizedLinear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                 per_channel=per_channel)
+        state = {"weight": weight}
+        if bias is not None:
+            state["bias"] = bias.detach().to(torch.float32).numpy()
+        result.load_state_dict(state)
+        return result
+    weights = module.get_weight()
+    biases = module.get_bias()
+    state, schemes = {}, set()
+    for key, tensor in weights.items():
+        state[key], per_channel = _torch_weight(torch, f"{name}.{key}", tensor)
+        schemes.add(per_channel)
+    if len(schemes) != 1:
+        raise ValueError(f"from_torch: {name} mixes per-tensor and per-channel weights; "
+                         f"fastrnn quantizes a layer one way")
+    for key, tensor in biases.items():
+        if tensor is not None:
+            state[key] = tensor.detach().to(torch.float32).numpy()
+    kwargs = {"bias": bool(module.bias), "per_channel": schemes.pop()}
+    if name == "RNNCell":
+        kwargs["nonlinearity"] = module.nonlinearity
+    if name in ("LSTM", "GRU"):
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"from_torch: {name} has proj_size={module.proj_size}; fastrnn "
+                             f"does not implement LSTM projections")
+        kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
+                      dropout=float(module.dropout), bidirectional=bool(module.bidirectional))
+    result = cls(module.input_size, module.hidden_size, **kwargs)
+    result.load_state_dict(state)
+    return result
