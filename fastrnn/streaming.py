@@ -17,7 +17,7 @@ from numpy.typing import ArrayLike
 from fastrnn import _validation as v
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
-from fastrnn.nn import LastStep
+from fastrnn.nn import Embedding, LastStep
 from fastrnn.wrappers import Reversed, Stateful, _Wrapper
 
 
@@ -29,8 +29,9 @@ class Stream:
     model : RNN, GRU, LSTM, Stateful or Sequential
         Its recurrent layers must be unidirectional and not ``Reversed`` (a
         reverse direction, or a reversed layer, needs the whole sequence).
-        A Sequential must make no mask (``Masking``,
-        ``Embedding(mask_zero=True)``): a Stream does not apply masks.
+        A Sequential's masks (``Masking``, ``Embedding(mask_zero=True)``)
+        apply as in a call on the whole sequence: a masked step carries the
+        state and its output repeats the last read step's, across chunks.
 
     Notes
     -----
@@ -51,6 +52,9 @@ class Stream:
 
     A fresh (or reset) stream starts from each layer's initial state: zeros,
     or the learned one of a layer built with ``learn_initial_state=True``.
+    With masks, the steps masked before a row's first read step since the
+    stream started, was reset or had its state set output zeros (Keras'
+    previous output starts at zero), as in one call on the whole sequence.
     """
 
     def __init__(self, model: RNN | GRU | LSTM | Stateful | Sequential) -> None:
@@ -64,11 +68,6 @@ class Stream:
             if any(isinstance(layer, LastStep) for layer in model.layers[:last]):
                 raise ValueError("Stream: a LastStep before a recurrent layer cannot stream "
                                  "(the layer after it would need the whole sequence)")
-            for i, layer in enumerate(model.layers):
-                if getattr(layer, "_makes_mask", False):
-                    raise ValueError(f"Stream: layers[{i}] ({layer!r}) makes a mask, which a "
-                                     f"Stream does not apply (its masked steps would be read "
-                                     f"as data): stream a model without it")
         else:
             raise TypeError(f"Stream: expected an RNN, GRU, LSTM, Stateful or Sequential, "
                             f"got {type(model).__name__}")
@@ -79,12 +78,16 @@ class Stream:
         self.model = model
         self._recurrent = recurrent
         self._state = [None] * len(recurrent)
+        # under masks: per recurrent layer the output of each row's last read
+        # step (B, out), what its masked steps repeat; None: zeros
+        self._last = [None] * len(recurrent)
 
     # --- state ----------------------------------------------------------------
     def reset(self) -> None:
         """Forget the state: the next call starts from the layers' initial
         states (zeros, or the learned ones of ``learn_initial_state=True``)."""
         self._state = [None] * len(self._recurrent)
+        self._last = [None] * len(self._recurrent)
 
     @property
     def state(self) -> list[Any]:
@@ -107,9 +110,10 @@ class Stream:
         self._state = [None if s is None else
                        (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
                         else _batched_state(s)) for s in value]
+        self._last = [None] * len(self._recurrent)
 
     # --- feeding --------------------------------------------------------------
-    def _run_layer(self, k, layer, x):
+    def _run_layer(self, k, layer, x, mask=None):
         """Recurrent layer k on x from the stream's state: (out, new state).
         The state is kept batched, (num_layers, B, H); an unbatched x (one
         stream) takes it as (num_layers, H), which needs B = 1."""
@@ -123,7 +127,7 @@ class Stream:
                                  f"{parts[0].shape[1]}, or reset the stream)")
             state = tuple(_one_stream(a) for a in parts) if isinstance(state, tuple) \
                 else _one_stream(state)
-        out, new = layer(x, state)
+        out, new = layer(x, state) if mask is None else layer(x, state, mask=mask)
         new = tuple(_batched_state(a) for a in new) if isinstance(new, tuple) \
             else _batched_state(new)
         return out, new
@@ -131,38 +135,58 @@ class Stream:
     def __call__(self, chunk: ArrayLike) -> np.ndarray:
         """Feed a chunk of steps: for a layer, laid out as the layer takes a
         sequence ((T, B, D), (B, T, D) with batch_first, or (T, D)); for a
-        Sequential, (B, T, features), or (T, features) for one stream.
-        Returns the chunk's outputs. Chunks and frames (``step``) mix in any
-        order."""
+        Sequential, (B, T, features), or (T, features) for one stream ((B, T)
+        or (T,) ids when it starts with an Embedding). Returns the chunk's
+        outputs. Chunks and frames (``step``) mix in any order."""
         if not isinstance(self.model, Sequential):
             out, self._state[0] = self._run_layer(0, self._recurrent[0], chunk)
             return out
         x = v.to_numpy("Stream", "chunk", chunk)
-        if x.ndim not in (2, 3):
-            raise ValueError(f"Stream: expected a chunk of shape (B, T, features) or "
-                             f"(T, features), got {v.shape_str(x.shape)}")
-        one_stream = x.ndim == 2
+        ids = bool(self.model.layers) and isinstance(self.model.layers[0], Embedding)
+        if x.ndim not in ((1, 2) if ids else (2, 3)):
+            expected = "(B, T) or (T,) ids" if ids else "(B, T, features) or (T, features)"
+            raise ValueError(f"Stream: expected a chunk of shape {expected}, got "
+                             f"{v.shape_str(x.shape)}")
+        one_stream = x.ndim == (1 if ids else 2)
         if one_stream:
             x = x[None]
-        new_state = list(self._state)
-        k = 0
+        new_state, new_last = list(self._state), list(self._last)
+        k, mask = 0, None
         for layer in self.model.layers:
+            if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
+                made = layer._seq_mask(x)
+                mask = made if mask is None else mask & made
             if isinstance(layer, (_RNNBase, _Wrapper)):
                 layer = self._recurrent[k]      # a Stateful's layer, run from the stream's state
                 if not layer.batch_first:
                     x = np.swapaxes(x, 0, 1)
-                out, new_state[k] = self._run_layer(k, layer, x)
+                out, new_state[k] = self._run_layer(k, layer, x, mask)
                 x = out if layer.batch_first else np.swapaxes(out, 0, 1)
+                if mask is not None:
+                    x, new_last[k] = _repeat_last(x, mask, self._last[k])
                 k += 1
             else:
-                x = layer._seq_infer(x)
-        self._state = new_state   # only once every layer has succeeded
+                takes = mask is not None and getattr(layer, "_takes_mask", False)
+                x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
+                if mask is not None and hasattr(layer, "_seq_out_mask"):
+                    mask = layer._seq_out_mask(mask)
+                if getattr(x, "ndim", 0) < 3:
+                    mask = None
+        self._state, self._last = new_state, new_last   # once every layer has succeeded
         return x[0] if one_stream else x
 
     def step(self, frame: ArrayLike) -> np.ndarray:
         """Feed one frame: (D,) for one stream, or (B, D) for a batch of
         streams; returns the output for that frame, (out,) or (B, out)."""
         frame = v.to_numpy("Stream", "frame", frame)
+        if isinstance(self.model, Sequential) and self.model.layers \
+                and isinstance(self.model.layers[0], Embedding):   # ids: () or (B,)
+            if frame.ndim not in (0, 1):
+                raise ValueError(f"Stream: expected a frame of one id or (B,) ids, got "
+                                 f"{v.shape_str(frame.shape)}")
+            out = self(frame.reshape(-1, 1))
+            out = out[:, 0] if out.ndim == 3 else out
+            return out[0] if frame.ndim == 0 else out
         if frame.ndim not in (1, 2):
             raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
                              f"got {v.shape_str(frame.shape)}")
@@ -181,6 +205,27 @@ class Stream:
     def __repr__(self):
         started = any(s is not None for s in self._state)
         return f"Stream({self.model!r}, {'started' if started else 'fresh'})"
+
+
+def _repeat_last(out, mask, last):
+    """A masked chunk's outputs (B, T, out), batch-first: the steps masked
+    before a row's first read step in the chunk repeat its last read step
+    from earlier chunks (``last``, None: zeros; the layer gave zeros, not
+    knowing it). Returns them and each row's last read output after it."""
+    read = mask.any(axis=1)
+    first = np.where(read, mask.argmax(axis=1), mask.shape[1])
+    if last is not None and last.shape[0] == out.shape[0]:
+        out = out.copy()
+        for b in np.flatnonzero(first):
+            out[b, :first[b]] = last[b]
+    final = mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+    rows = np.arange(out.shape[0])
+    now = out[rows, final]
+    if last is not None and last.shape[0] == out.shape[0]:
+        now = np.where(read[:, None], now, last)
+    else:
+        now = np.where(read[:, None], now, 0)
+    return out, now
 
 
 def _streamed(layer):

@@ -109,17 +109,74 @@ def test_a_reversed_layer_is_refused_by_name():
             fastrnn.Stream(model)
 
 
-def test_a_model_making_a_mask_is_refused_by_name():
-    """A Stream does not apply masks: a model whose Masking or
-    Embedding(mask_zero=True) makes one is refused rather than run as if
-    the masked steps were data."""
-    for head in (fastrnn.Masking(0.0), fastrnn.Embedding(5, 2, mask_zero=True)):
-        model = fastrnn.Sequential([head, fastrnn.GRU(2, 3, batch_first=True)])
-        with pytest.raises(ValueError, match=r"Stream: layers\[0\] \((Masking|Embedding)\(.*\)\) "
-                                             r"makes a mask, which a Stream does not apply"):
-            fastrnn.Stream(model)
-    fastrnn.Stream(fastrnn.Sequential([fastrnn.Embedding(5, 2),
-                                       fastrnn.GRU(2, 3, batch_first=True)]))
+def _masked_ids():
+    """Ids with left padding (row 0), holes (row 1, also at its start) and
+    right padding (row 2): id 0 is masked."""
+    ids = np.random.default_rng(0).integers(1, 10, (3, 9))
+    ids[0, :3] = 0
+    ids[1, 0] = ids[1, 4:6] = 0
+    ids[2, 7:] = 0
+    return ids
+
+
+@pytest.mark.parametrize("recurrent", [
+    lambda: fastrnn.GRU(4, 6, batch_first=True, seed=1),
+    lambda: fastrnn.LSTM(4, 6, num_layers=2, seed=1),          # time-major inside
+    lambda: fastrnn.Stateful(fastrnn.RNN(4, 6, batch_first=True, seed=1))])
+@pytest.mark.parametrize("zero_output", [False, True])
+def test_masks_stream_as_one_call_on_the_whole_sequence(recurrent, zero_output):
+    """A Stream applies a model's masks (Embedding(mask_zero=True)) as a
+    call on the whole sequence does: a masked step carries the state and
+    repeats the last read step's output, from an earlier chunk too (zeros
+    before the first; ZeroMasked zeroes them), in chunks of any sizes, frame
+    by frame and one stream at a time."""
+    ids = _masked_ids()
+    layers = [fastrnn.Embedding(10, 4, mask_zero=True, seed=0), recurrent()]
+    layers += [fastrnn.ZeroMasked()] if zero_output else []
+    model = fastrnn.Sequential(layers + [fastrnn.Linear(6, 2, seed=2)])
+    whole = model(ids)
+    # float32: Linear's products on other shapes round apart by an ulp or two
+    for cuts in ([2, 1, 4, 2], [1] * 9, [4, 5]):
+        stream, outs, t = fastrnn.Stream(model), [], 0
+        for size in cuts:
+            outs.append(stream(ids[:, t:t + size]))
+            t += size
+        np.testing.assert_allclose(np.concatenate(outs, axis=1), whole, rtol=0, atol=1e-6)
+    stream = fastrnn.Stream(model)
+    frames = np.stack([stream.step(ids[:, t]) for t in range(9)], axis=1)
+    np.testing.assert_allclose(frames, whole, rtol=0, atol=1e-6)
+    stream = fastrnn.Stream(model)
+    one = np.stack([stream.step(ids[1, t]) for t in range(9)])
+    np.testing.assert_allclose(one, whole[1], rtol=0, atol=1e-6)
+    # the repeated outputs are really in play: row 1's holes repeat step 3 (or are zero)
+    zeroed = model[-1](np.zeros((1, 6), np.float32))[0]   # the head on a zero output
+    for t in (4, 5):
+        np.testing.assert_allclose(whole[1, t], zeroed if zero_output else whole[1, 3],
+                                   rtol=0, atol=1e-6)
+
+
+def test_masking_of_float_features_streams():
+    x = np.random.default_rng(1).standard_normal((2, 7, 3)).astype(np.float32)
+    x[0, 2:4] = 0.0
+    x[1, :2] = 0.0
+    model = fastrnn.Sequential([fastrnn.Masking(0.0), fastrnn.LSTM(3, 5, batch_first=True,
+                                                                   seed=3)])
+    whole = model(x)
+    stream = fastrnn.Stream(model)
+    chunks = np.concatenate([stream(x[:, :3]), stream(x[:, 3:])], axis=1)
+    np.testing.assert_allclose(chunks, whole, rtol=0, atol=1e-6)
+    stream.reset()
+    np.testing.assert_allclose(stream(x), whole, rtol=0, atol=1e-6)
+
+
+def test_an_embedding_streams_ids_and_refuses_other_shapes():
+    model = fastrnn.Sequential([fastrnn.Embedding(5, 2), fastrnn.GRU(2, 3, batch_first=True)])
+    stream = fastrnn.Stream(model)
+    assert stream(np.array([[1, 2, 3]])).shape == (1, 3, 3)
+    assert stream.step(4).shape == (3,)
+    with pytest.raises(ValueError, match=r"Stream: expected a chunk of shape \(B, T\) or "
+                                         r"\(T,\) ids, got \(1, 3, 2\)"):
+        stream(np.ones((1, 3, 2)))
 
 
 def test_bad_uses_are_refused_and_the_stream_stays_usable():
