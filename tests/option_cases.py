@@ -1,5 +1,5 @@
-"""What the tests of the training options (test_initial_state.py,
-test_weight_dropout.py) share: tolerances, the cell kinds and layer shapes
+"""What the option tests share (test_initial_state.py, test_weight_dropout.py,
+test_gate_options.py, test_layer_norm.py, conftest.py): tolerances, the cell kinds and layer shapes
 they run, a scaled closeness check and a layer maker."""
 import numpy as np
 

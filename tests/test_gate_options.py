@@ -10,6 +10,7 @@ import pytest
 
 import fastrnn
 import reference_options as ro
+from option_cases import assert_close
 from reference import numeric_grad
 
 # float64: both sides compute the same float64 expressions in other orders,
@@ -25,15 +26,6 @@ from reference import numeric_grad
 # derivatives (scaled_tanh, affine) and for the clip's kinks.
 FORWARD_TOL = {np.float32: 1e-5, np.float64: 1e-12}
 GRAD_TOL = {np.float32: 1e-5, np.float64: 1e-12}
-
-
-def assert_close(got, want, tol, what=""):
-    got = np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    err = float(np.abs(got - want).max(initial=0.0))
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 def make_layer(kind, D, H, options, **kw):

@@ -10,6 +10,7 @@ import pytest
 
 import fastrnn
 import reference_layernorm as ref
+from option_cases import assert_close
 
 CLASSES = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}
 CELLS = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}
@@ -27,14 +28,6 @@ LN_NAMES = {"lstm": ("ln_ih_weight", "ln_ih_bias", "ln_hh_weight", "ln_hh_bias",
 # terms): above what rounding gives, far below a wrong term's error (a gain or
 # mean missing, a gate's derivative wrong: 1e-2 and more).
 F32_FORWARD, F32_GRAD = 2e-5, 1e-4
-
-
-def assert_close(got, want, tol):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    err = float(np.abs(got - want).max(initial=0.0))
-    assert err <= tol * scale, f"max abs error {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 def perturbed(module, rng, scale=0.4):
