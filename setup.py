@@ -100,7 +100,7 @@ class BuildExt(build_ext):
                 ext.extra_compile_args = common + flags + QUANT_FLAGS[family]
             else:
                 build = (ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
-                         .replace("fastrnn._layernorm", ""))
+                         .replace("fastrnn._layernorm", "").replace("fastrnn._projection", ""))
                 ext.extra_compile_args = common + SIMD_FLAGS[family][build]
         super().build_extensions()
 
@@ -121,7 +121,7 @@ extensions = [
     Extension(f"fastrnn.{name}{build}", [f"fastrnn/{name}{build}.pyx"],
               include_dirs=["fastrnn", numpy.get_include()],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
-    for name in ("_forward", "_backward", "_layernorm")
+    for name in ("_forward", "_backward", "_layernorm", "_projection")
     for build in SIMD_BUILDS
 ]
 extensions += [

@@ -34,7 +34,7 @@ import numpy as np
 
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
-from fastrnn import _layernorm_engine, _parallel, _plan
+from fastrnn import _layernorm_engine, _parallel, _plan, _projection_engine
 from fastrnn import _validation as v
 from fastrnn._locks import ForkSafeLock
 from fastrnn._module import ParamSet, RecurrentWeights, dropout_mask
@@ -222,7 +222,7 @@ class RecurrentEngine(RecurrentWeights):
         if plan.time_major:
             # the per-step GEMM would need a leading dimension T * N beyond the
             # BLAS int range: run time-major and lay the output out at the end
-            out_tm = np.empty((T, B, dirs * H), dtype)
+            out_tm = np.empty((T, B, out.shape[2]), dtype)
             tape = self._run(params, np.ascontiguousarray(x.transpose(1, 0, 2)), T, B, False,
                              h_n, c_n, out_tm, lengths, train)
             out[...] = out_tm.transpose(1, 0, 2)
@@ -280,6 +280,10 @@ class RecurrentEngine(RecurrentWeights):
         if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
             _layernorm_engine.run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n,
                                          out, lengths, train, gx, parts, tape)
+            return
+        if self._proj_index:   # proj_size: its own kernels (_projection_engine.py)
+            _projection_engine.run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n,
+                                          out, lengths, train, gx, parts, tape)
             return
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         L, dirs = self._layers, self._dirs
@@ -363,6 +367,8 @@ class RecurrentEngine(RecurrentWeights):
         """
         if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
             return _layernorm_engine.bptt(self, tape, T, B, dout, dh, dc)
+        if self._proj_index:   # proj_size: its own kernels (_projection_engine.py)
+            return _projection_engine.bptt(self, tape, T, B, dout, dh, dc)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         rows, N = T * B, self._dirs * self._gates * H
         dgx = np.empty((rows, N), dtype)
@@ -575,8 +581,9 @@ class Backprop:
         self._batch_first = call.batch_first
         self._x_shape = call.x.shape if call.batched else (call.T, call.x.shape[-1])
         self._out_shape = call.out.shape if call.batched else (call.T, call.out.shape[-1])
-        self._state_shape = call.h_n.shape if call.batched else (call.h_n.shape[0],
-                                                                 call.h_n.shape[2])
+        # per state (h, and c for an LSTM; with proj_size h is the narrower)
+        self._state_shapes = [s.shape if call.batched else (s.shape[0], s.shape[2])
+                              for s in (call.h_n, call.c_n) if s is not None]
         # the parameter set of the forward; None for an empty batch (no tape)
         self._params = None if tape is None else tape.params
         self._version = module._version if tape is None else self._params.version
@@ -594,8 +601,8 @@ class Backprop:
                              f"{shape_str(self._out_shape)}, got {shape_str(dout.shape)}")
         names = ("dh_n", "dc_n") if has_c else ("dh_n",)
         T, B = self._T, self._B
-        full = (self._state_shape[0], B, self._state_shape[-1])
-        grads = v.state_arrays(owner, "dstate", dstate, names, self._state_shape, dtype,
+        full = [(shape[0], B, shape[-1]) for shape in self._state_shapes]
+        grads = v.state_arrays(owner, "dstate", dstate, names, self._state_shapes, dtype,
                                full_shape=full, optional_parts=True)
         dh, dc = grads[0], (grads[1] if has_c else None)
         with self._lock:
@@ -623,8 +630,8 @@ class Backprop:
             if tape_bf != self._batch_first:
                 dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
             dx = dx.reshape(self._x_shape)
-        dh, dc = dh.reshape(self._state_shape), (None if dc is None
-                                                 else dc.reshape(self._state_shape))
+        dh = dh.reshape(self._state_shapes[0])
+        dc = None if dc is None else dc.reshape(self._state_shapes[1])
         return dx, ((dh, dc) if has_c else dh)
 
 

@@ -42,7 +42,8 @@ def _import(build):
     # the layer-normalised cells' kernels read the weights _forward packs:
     # always the same build (the packed layout depends on the instruction set)
     layernorm = importlib.import_module("fastrnn._layernorm" + suffix)
-    return forward, backward, layernorm
+    projection = importlib.import_module("fastrnn._projection" + suffix)
+    return forward, backward, layernorm, projection
 
 
 def _load():
@@ -64,4 +65,4 @@ def _load():
     raise ImportError("fastrnn: no kernel build could be imported")
 
 
-forward, backward, layernorm, SIMD = _load()
+forward, backward, layernorm, projection, SIMD = _load()

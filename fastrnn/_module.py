@@ -294,7 +294,8 @@ class RecurrentWeights(Module):
     """
 
     def _build(self, kind, input_size, hidden_size, layers, dirs, bias, dtype, rng, names,
-               dropout=0.0, peepholes=False, initial_state=False, layer_norm=False):
+               dropout=0.0, peepholes=False, initial_state=False, layer_norm=False,
+               proj_size=0):
         """Allocate, register under ``names(layer, direction)`` and initialise.
         peepholes: an LSTM's peephole weights too, (3 H,) per layer and
         direction (i, f, o), named as W_hh with ``weight_peephole``.
@@ -302,7 +303,12 @@ class RecurrentWeights(Module):
         direction, named as W_hh with ``initial_h`` (and ``initial_c`` for an
         LSTM), zero-initialised (they draw nothing from rng, so the other
         parameters are those of the layer without them).
-        layer_norm: the LN gains and biases too (see ``ln_names``)."""
+        layer_norm: the LN gains and biases too (see ``ln_names``).
+        proj_size: P > 0 gives an LSTM's projection of h (PyTorch's
+        ``proj_size``): W_hr (P, H) per layer and direction, named as W_hh
+        with ``weight_hr``, registered after the biases as PyTorch does; the
+        state h and the layers' outputs are then P wide (W_hh (G H, P),
+        W_ih of layer k > 0 (G H, dirs P))."""
         self._kernel_code, self._gates, self._saved = CELL_KINDS[kind]
         # the kind without options: the products, the packed weights, the fast paths
         self._base_code = BASE_CODE.get(self._kernel_code, self._kernel_code)
@@ -319,29 +325,38 @@ class RecurrentWeights(Module):
             raise ValueError(f"{owner}: input_size {input_size} is too large for a 32-bit BLAS int")
         self._layers, self._dirs, self._dropout, self._rng = layers, dirs, dropout, rng
         GH = gates * hidden_size
-        kinds = ("w_ih", "w_hh", "b_ih", "b_hh")
+        # the width of the state h and of each direction's output
+        self._out_size = out = proj_size or hidden_size
+        kinds = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
         # storage index of each kind and layer (None: no bias)
         index = {key: [None] * layers for key in kinds}
         grads = {key: [None] * layers for key in kinds}
         for key in kinds:
-            if key.startswith("b") and not bias:
+            if (key.startswith("b") and not bias) or (key == "w_hr" and not proj_size):
                 continue
             for k in range(layers):
-                in_size = input_size if k == 0 else dirs * hidden_size
-                shape = {"w_ih": (dirs * GH, in_size), "w_hh": (dirs * GH, hidden_size),
-                         "b_ih": (dirs * GH,), "b_hh": (dirs * GH,)}[key]
+                in_size = input_size if k == 0 else dirs * out
+                shape = {"w_ih": (dirs * GH, in_size), "w_hh": (dirs * GH, out),
+                         "b_ih": (dirs * GH,), "b_hh": (dirs * GH,),
+                         "w_hr": (dirs * out, hidden_size)}[key]
                 grads[key][k] = np.zeros(shape, dtype)
                 index[key][k] = self._add_storage(np.empty(shape, dtype), grads[key][k])
         grad_views = {}
         for k in range(layers):
             for d in range(dirs):
-                rows = slice(d * GH, (d + 1) * GH)
-                for key, name in zip(kinds, names(k, d)):
+                layer_names = names(k, d)
+                layer_names += (layer_names[1].replace("weight_hh", "weight_hr"),)
+                for key, name in zip(kinds, layer_names):
                     if index[key][k] is not None:
+                        rows = slice(d * out, (d + 1) * out) if key == "w_hr" else \
+                            slice(d * GH, (d + 1) * GH)
                         self._register(name, index[key][k], rows)
                         grad_views[name] = grads[key][k][rows]
-        self._storage_index = tuple(index[key] for key in kinds)
-        self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[key] for key in kinds)
+        self._storage_index = tuple(index[key] for key in kinds[:4])
+        self._dw_ih, self._dw_hh, self._db_ih, self._db_hh = (grads[key] for key in kinds[:4])
+        # the projections' storage per layer (empty without proj_size)
+        self._proj_index = index["w_hr"] if proj_size else []
+        self._dw_hr = grads["w_hr"] if proj_size else []
         self._peep_index, self._dpeep = [], []
         for k in range(layers if peepholes else 0):
             self._dpeep.append(np.zeros(dirs * 3 * hidden_size, dtype))
@@ -383,13 +398,14 @@ class RecurrentWeights(Module):
         self._init_index, self._dinit = [], []
         state_kinds = ("initial_h", "initial_c") if self._has_cell_state else ("initial_h",)
         for state_kind in state_kinds if initial_state else ():
-            self._dinit.append(np.zeros(layers * dirs * hidden_size, dtype))
+            width = out if state_kind == "initial_h" else hidden_size
+            self._dinit.append(np.zeros(layers * dirs * width, dtype))
             self._init_index.append(self._add_storage(
-                np.zeros(layers * dirs * hidden_size, dtype), self._dinit[-1]))
+                np.zeros(layers * dirs * width, dtype), self._dinit[-1]))
             for k in range(layers):
                 for d in range(dirs):
                     row = k * dirs + d
-                    rows = slice(row * hidden_size, (row + 1) * hidden_size)
+                    rows = slice(row * width, (row + 1) * width)
                     name = names(k, d)[1].replace("weight_hh", state_kind)
                     self._register(name, self._init_index[-1], rows)
                     grad_views[name] = self._dinit[-1][rows]
@@ -398,11 +414,12 @@ class RecurrentWeights(Module):
 
     def _learned_state(self, params):
         """The learned initial states of a parameter set, each (layers * dirs,
-        H) (h, and c for an LSTM), or None when the module has none."""
+        H) (h, and c for an LSTM; h is proj_size wide with a projection), or
+        None when the module has none."""
         if not self._init_index:
             return None
-        shape = (-1, self._config["hidden_size"])
-        return tuple(params.storages[i].reshape(shape) for i in self._init_index)
+        rows = self._layers * self._dirs
+        return tuple(params.storages[i].reshape(rows, -1) for i in self._init_index)
 
     def _add_initial_grads(self, dh0, dc0=None):
         """Add the gradient of the learned initial states: the sums over the
@@ -420,6 +437,10 @@ class RecurrentWeights(Module):
                 [None if i is None else params.storages[i] for i in per_layer]
                 for per_layer in self._storage_index)
         return cached
+
+    def _projections(self, params):
+        """Per layer W_hr (dirs * P, H) of a parameter set (proj_size > 0)."""
+        return [params.storages[i] for i in self._proj_index]
 
     def _peepholes(self, params):
         """Per layer the peephole weights (dirs * 3 * H,) of a parameter set,

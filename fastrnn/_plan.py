@@ -187,7 +187,8 @@ def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
     steps of B rows; the hidden-unit split is subject to the backoff at each
     call (``units`` says only that the shape allows it)."""
     cfg = layer._config
-    key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._layers, layer._dirs,
+    key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
+           layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
            bool(batch_first), bool(train), bool(has_lengths)) + _tuning()
     return _cached(key, lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))
@@ -210,12 +211,12 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
             and not layer._general_only):   # (no gate options, zoneout, layer norm)
         group = _forward.group_units(gates) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
-    hold = False
+    hold = bool(layer._proj_index)   # a projection's per-step products are BLAS calls
     if dtype != np.float32:   # float32 calls no BLAS
         in_cols = D if layer._layers == 1 else max(D, dirs * H)
         # layer norm's per-step products are whole BLAS calls, not cut into
         # single-thread blocks as the plain kernels' are: always held
-        hold = layer_norm or units is not None or _parallel.hold_blas(
+        hold = hold or layer_norm or units is not None or _parallel.hold_blas(
             parts, T * B, N, in_cols, B, gates * H, H)
     return Plan(parts, units, hold, window, time_major)
 
@@ -223,7 +224,8 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
 def backward_plan(layer, T, B):
     """The plan of BPTT over a tape of T steps of B rows."""
     cfg = layer._config
-    key = ("backward", layer._kernel_code, bool(layer._ln_index), layer._layers, layer._dirs,
+    key = ("backward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
+           layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B) + _tuning()
     return _cached(key, lambda: _backward_plan(layer, T, B))
 
@@ -233,7 +235,8 @@ def _backward_plan(layer, T, B):
         layer._config["input_size"]
     N = layer._dirs * layer._gates * H
     parts = split(layer._dirs, B, 2 * T * B * N * (H + 20))
-    hold = dtype != np.float32 and (bool(layer._ln_index) or _parallel.hold_blas(
+    hold = bool(layer._proj_index) or dtype != np.float32 and (
+        bool(layer._ln_index) or _parallel.hold_blas(
         parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H))
     return Plan(parts, None, hold, None, False)
 

@@ -1253,32 +1253,45 @@ def _parameter_layout(name, kwargs):
         # learned initial states: initial_h (and initial_c), (H,) each
         states = (2 if name == "LSTM" else 1) * v.check_bool(
             name, "learn_initial_state", args["learn_initial_state"])
+        # proj_size P: W_hr (P, H), and h (W_hh's columns, the layers'
+        # outputs, initial_h) P wide
+        P = 0
+        if name == "LSTM":
+            P = v.check_int(name, "proj_size", args["proj_size"], minimum=0)
+            if P >= H:
+                raise ValueError(f"{name}: proj_size must be smaller than hidden_size "
+                                 f"({_int_text(H)}), got {_int_text(P)}")
+        out = P or H
+        state_sizes = (out, H)[:states]
 
         def per_direction(in_size):
-            return (GH * in_size + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0)
-                    + states * H + sum(ln_sizes))
+            return (GH * in_size + GH * out + (2 * GH if bias else 0) + (3 * H if peep else 0)
+                    + sum(state_sizes) + sum(ln_sizes) + P * H)
 
-        arrays = L * dirs * ((4 if bias else 2) + peep + states + len(ln_sizes))
-        values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * H)
+        arrays = L * dirs * ((4 if bias else 2) + peep + states + len(ln_sizes) + (P > 0))
+        values = dirs * per_direction(D) + (L - 1) * dirs * per_direction(dirs * out)
 
         def shapes():
             for k in range(L):
-                in_size = D if k == 0 else dirs * H
+                in_size = D if k == 0 else dirs * out
                 for d in range(dirs):
                     sfx = f"_l{k}" + ("_reverse" if d else "")
                     yield f"weight_ih{sfx}", (GH, in_size)
-                    yield f"weight_hh{sfx}", (GH, H)
+                    yield f"weight_hh{sfx}", (GH, out)
                     if bias:
                         yield f"bias_ih{sfx}", (GH,)
                         yield f"bias_hh{sfx}", (GH,)
+                    if P:
+                        yield f"weight_hr{sfx}", (P, H)
                     if peep:
                         yield f"weight_peephole{sfx}", (3 * H,)
-                    for state in ("initial_h", "initial_c")[:states]:
-                        yield f"{state}{sfx}", (H,)
+                    for state, size in zip(("initial_h", "initial_c"), state_sizes):
+                        yield f"{state}{sfx}", (size,)
                     for ln_name, size in zip(ln_names("weight_ih" + sfx), ln_sizes):
                         yield ln_name, (size,)
         summary = (f"input_size={_int_text(D)}, hidden_size={_int_text(H)}, "
-                   f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}")
+                   f"num_layers={_int_text(L)}, bias={bias}, bidirectional={dirs == 2}"
+                   + (f", proj_size={_int_text(P)}" if P else ""))
     elif name in _CELL_GATES:
         D = v.check_int(name, "input_size", args["input_size"])
         H = v.check_int(name, "hidden_size", args["hidden_size"])

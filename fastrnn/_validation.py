@@ -120,31 +120,40 @@ def state_arrays(owner, arg, value, names, expected, dtype, full_shape=None,
     ``value`` is None (all zeros), one array (one name) or a tuple of
     ``len(names)`` arrays, each of shape ``expected``; they come back reshaped
     to ``full_shape``. With ``optional_parts`` a part may be None (zeros).
+    ``expected`` and ``full_shape`` may be lists, a shape per name (an
+    LSTM with a projection: h narrower than c).
     """
     full_shape = expected if full_shape is None else full_shape
+    if isinstance(expected, list):   # a shape per name
+        shapes = list(zip(expected, full_shape))
+    else:
+        shapes = [(expected, full_shape)] * len(names)
+    distinct = list(dict.fromkeys(shape for shape, _ in shapes))
+    expected_text = (f"shape {shape_str(distinct[0])}" if len(distinct) == 1 else
+                     "shapes " + " and ".join(shape_str(shape) for shape, _ in shapes))
     if value is None:
         parts = (None,) * len(names)
     elif len(names) > 1:
         if not isinstance(value, (tuple, list)) or len(value) != len(names):
             raise TypeError(f"{owner}: {arg} must be a tuple ({', '.join(names)}) of arrays of "
-                            f"shape {shape_str(expected)}, got {type(value).__name__}")
+                            f"{expected_text}, got {type(value).__name__}")
         parts = value
     else:
         if isinstance(value, (tuple, list)):
-            raise TypeError(f"{owner}: {arg} must be one array of shape {shape_str(expected)}, "
+            raise TypeError(f"{owner}: {arg} must be one array of {expected_text}, "
                             f"got a {type(value).__name__}")
         parts = (value,)
     arrays = []
-    for name, part in zip(names, parts):
+    for name, part, (shape, full) in zip(names, parts, shapes):
         if part is None and (value is None or optional_parts):
-            arrays.append(np.zeros(full_shape, dtype))
+            arrays.append(np.zeros(full, dtype))
             continue
         arr = to_numpy(owner, name, part)
-        if arr.shape != expected:
-            raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
+        if arr.shape != shape:
+            raise ValueError(f"{owner}: expected {name} of shape {shape_str(shape)}, "
                              f"got {shape_str(arr.shape)}")
         # our own copy: the kernels update states in place
-        arrays.append(np.array(arr.reshape(full_shape), dtype=dtype, order="C"))
+        arrays.append(np.array(arr.reshape(full), dtype=dtype, order="C"))
     return arrays
 
 

@@ -150,7 +150,7 @@ class _CellBase(RecurrentEngine):
             tape = self._run(params, x[None], 1, B, False, h_n, c_n, out, None, train=True)
             tape.learned_state = hx is None and bool(self._init_index)
         call = SimpleNamespace(T=1, B=B, batched=True, batch_first=False, x=x[None], out=out,
-                               h_n=h_n)
+                               h_n=h_n, c_n=c_n)
         return self._results(h, c, batched), _CellBackprop(self, Backprop(self, call, tape),
                                                             batched, B)
 

@@ -83,11 +83,10 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     if name in ("RNN", "RNNCell"):
         kwargs["nonlinearity"] = module.nonlinearity
     if name in _LAYERS:
-        if getattr(module, "proj_size", 0):
-            raise ValueError(f"from_torch: {name} has proj_size={module.proj_size}; fastrnn "
-                             f"does not implement LSTM projections")
         kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
                       dropout=float(module.dropout), bidirectional=bool(module.bidirectional))
+        if name == "LSTM":
+            kwargs["proj_size"] = int(module.proj_size)
         result = _LAYERS[name](module.input_size, module.hidden_size, **kwargs)
     else:
         result = _CELLS[name](module.input_size, module.hidden_size, **kwargs)
@@ -492,6 +491,10 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     if type(layer).__name__ in _LAYERS and layer._config.get("layer_norm"):
         raise ValueError(f"to_onnx: {type(layer).__name__} has layer_norm=True; ONNX's "
                          f"{type(layer).__name__} operator has no layer normalisation")
+    if type(layer).__name__ in _LAYERS and layer._config.get("proj_size"):
+        raise ValueError(f"to_onnx: {type(layer).__name__} has proj_size="
+                         f"{layer._config['proj_size']}; ONNX's LSTM operator has no "
+                         f"projection (PyTorch's exporter refuses it too)")
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper

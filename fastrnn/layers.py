@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import _gate_options, _layernorm_engine, _parallel, _plan, _training_options
+from fastrnn import (_gate_options, _layernorm_engine, _parallel, _plan, _projection_engine,
+                     _training_options)
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._engine import Backprop, RecurrentEngine
@@ -31,7 +32,7 @@ class _RNNBase(RecurrentEngine):
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
                  dropout, bidirectional, dtype, seed, gate_options, learn_initial_state,
-                 weight_dropout, layer_norm=None):
+                 weight_dropout, layer_norm=None, proj_size=None):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -57,6 +58,13 @@ class _RNNBase(RecurrentEngine):
             owner, layer_norm, kind,
             None if rows is None and opts.zoneout is None and opts.dropouts is None
             else _gate_options.repr_options({"activation": activation, **options}))
+        # proj_size (LSTM; None: the class has no such option): the default
+        # gates only, no zoneout, Keras dropout or layer norm
+        proj = None if proj_size is None else _projection_engine.check(
+            owner, proj_size, cfg["hidden_size"],
+            ([] if rows is None and opts.zoneout is None and opts.dropouts is None
+             else _gate_options.repr_options({"activation": activation, **options}))
+            + ([("layer_norm", True)] if ln else []))
         if cfg["dropout"] > 0 and cfg["num_layers"] == 1:
             warnings.warn(f"{owner}: dropout acts between stacked layers, so dropout="
                           f"{cfg['dropout']} has no effect with num_layers=1", stacklevel=3)
@@ -69,17 +77,20 @@ class _RNNBase(RecurrentEngine):
         self._build(kind, cfg["input_size"], cfg["hidden_size"], cfg["num_layers"], dirs,
                     cfg["bias"], cfg["dtype"], rng, names, dropout=cfg["dropout"],
                     peepholes=options.get("peepholes", False), initial_state=learned,
-                    layer_norm=bool(ln))
+                    layer_norm=bool(ln), proj_size=proj or 0)
         self._option_rows, self._zoneout, self._dropouts = rows, opts.zoneout, opts.dropouts
-        # gate options, zoneout and layer norm run on the general path only
-        # (the dropouts act in training, which always does)
-        self._general_only = rows is not None or opts.zoneout is not None or bool(ln)
+        # gate options, zoneout, layer norm and projections run on the general
+        # path only (the dropouts act in training, which always does)
+        self._general_only = (rows is not None or opts.zoneout is not None or bool(ln)
+                              or bool(proj))
         cfg["nonlinearity" if kind.startswith("rnn") else "activation"] = activation
         cfg.update(options)
         cfg["learn_initial_state"] = learned
         cfg["weight_dropout"] = weight_dropout
         if ln is not None:
             cfg["layer_norm"] = ln
+        if proj is not None:
+            cfg["proj_size"] = proj
 
     def _repr_options(self):
         cfg, opts = self._config, []
@@ -91,6 +102,8 @@ class _RNNBase(RecurrentEngine):
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
         gate = _gate_options.repr_options(cfg)   # PyTorch's order: nonlinearity first
+        if cfg.get("proj_size"):   # PyTorch's repr shows it after its options
+            opts.append(("proj_size", cfg["proj_size"]))
         return ([o for o in gate if o[0] == "nonlinearity"] + opts
                 + [o for o in gate if o[0] != "nonlinearity"]
                 + _training_options.repr_options(cfg)
@@ -223,7 +236,7 @@ class _RNNBase(RecurrentEngine):
         own_copy: x must not share memory with the caller's (training keeps it)."""
         owner = type(self).__name__
         cfg = self._config
-        dtype, H = cfg["dtype"], cfg["hidden_size"]
+        dtype = cfg["dtype"]
         dirs = self._dirs
 
         x = v.as_float_array(owner, "input", x, dtype, own_copy)
@@ -247,7 +260,8 @@ class _RNNBase(RecurrentEngine):
                                  f"sequence pass input[:length] instead")
             lengths = v.check_lengths(owner, lengths, B, T)
         h_n, c_n = self._initial_state(params, hx, B, batched)
-        out = np.empty((B, T, dirs * H) if batch_first else (T, B, dirs * H), dtype)
+        width = dirs * self._out_size
+        out = np.empty((B, T, width) if batch_first else (T, B, width), dtype)
         return _Call(x, T, B, batched, batch_first, lengths, h_n, c_n, out)
 
     def _results(self, call):
@@ -258,14 +272,16 @@ class _RNNBase(RecurrentEngine):
         return (out, (h_n, c_n)) if self._has_cell_state else (out, h_n)
 
     def _initial_state(self, params, hx, B, batched):
-        """Fresh (layers * dirs, B, H) state arrays holding hx, or when hx is
-        None the learned initial states of ``params`` (or zeros)."""
+        """Fresh (layers * dirs, B, H) state arrays holding hx (h is P wide
+        with proj_size), or when hx is None the learned initial states of
+        ``params`` (or zeros)."""
         cfg = self._config
-        shape = (cfg["num_layers"] * self._dirs, B, cfg["hidden_size"])
+        rows = cfg["num_layers"] * self._dirs
         names = ("h_0", "c_0") if self._has_cell_state else ("hx",)
+        shapes = [(rows, B, self._out_size), (rows, B, cfg["hidden_size"])][:len(names)]
         states = v.state_arrays(type(self).__name__, "hx", hx, names,
-                                shape if batched else (shape[0], shape[2]), cfg["dtype"],
-                                full_shape=shape)
+                                [s if batched else (s[0], s[2]) for s in shapes],
+                                cfg["dtype"], full_shape=shapes)
         learned = self._learned_state(params) if hx is None else None
         for state, value in zip(states, learned or ()):
             state[...] = value[:, None, :]
@@ -462,10 +478,12 @@ class LSTM(_RNNBase):
     __doc__ = _LAYER_DOC.format(
         summary="Long short-term memory over whole sequences.",
         extra_params=(_gate_options.LSTM_DOC + _training_options.LAYER_DOC
-                      + _layernorm_engine.LAYER_NORM_DOC),
+                      + _layernorm_engine.LAYER_NORM_DOC + _projection_engine.PROJ_SIZE_DOC),
         call="out, (h_n, c_n) = lstm(x, hx=None, lengths=None)",
-        hx_doc="tuple (h_0, c_0) of arrays of shape (num_layers * dirs, B, H)",
-        returns_doc=("(h_n, c_n) : tuple of ndarrays of shape (num_layers * dirs, B, H)"),
+        hx_doc=("tuple (h_0, c_0) of arrays of shape (num_layers * dirs, B, H) (h_0 "
+                "(num_layers * dirs, B, P) with proj_size)"),
+        returns_doc=("(h_n, c_n) : tuple of ndarrays of shape (num_layers * dirs, B, H) "
+                     "(h_n P wide with proj_size; out too)"),
         math=(".. math::\n\n"
               "        i_t = \\sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi})\\\\\n"
               "        f_t = \\sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf})\\\\\n"
@@ -484,7 +502,8 @@ class LSTM(_RNNBase):
                  input_forget: bool = False, peepholes: bool = False,
                  zoneout: float | tuple[float, float] = 0.0, input_dropout: float = 0.0,
                  recurrent_dropout: float = 0.0, learn_initial_state: bool = False,
-                 weight_dropout: float = 0.0, layer_norm: bool = False) -> None:
+                 weight_dropout: float = 0.0, layer_norm: bool = False,
+                 proj_size: int = 0) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, dtype, seed,
                          {"activation": activation,
@@ -493,4 +512,4 @@ class LSTM(_RNNBase):
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout, layer_norm)
+                         learn_initial_state, weight_dropout, layer_norm, proj_size)

@@ -129,15 +129,18 @@ class _Plan:
 
 
 def _state_parts(layer, params, hx, B, batched):
-    """hx as full arrays (layers * dirs, B, H) (zeros where None, or the
+    """hx as full arrays (layers * dirs, B, H or P) (zeros where None, or the
     learned initial states of the parameter set ``params`` when hx is None),
     in the structure the layer takes: a list of one or two arrays."""
     from fastrnn.layers import LSTM
     owner = type(layer).__name__
-    shape = (layer.num_layers * (2 if layer.bidirectional else 1), B, layer.hidden_size)
+    rows = layer.num_layers * (2 if layer.bidirectional else 1)
     names = ("h_0", "c_0") if isinstance(layer, LSTM) else ("hx",)
-    states = v.state_arrays(owner, "hx", hx, names, shape if batched else (shape[0], shape[2]),
-                            layer.dtype, full_shape=shape)
+    # (h is proj_size wide with a projection)
+    shapes = [(rows, B, layer._out_size), (rows, B, layer.hidden_size)][:len(names)]
+    states = v.state_arrays(owner, "hx", hx, names,
+                            [s if batched else (s[0], s[2]) for s in shapes], layer.dtype,
+                            full_shape=shapes)
     learned = layer._learned_state(params) if hx is None else None
     for state, value in zip(states, learned or ()):
         state[...] = value[:, None, :]
@@ -177,7 +180,7 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
         raise ValueError(f"{owner}: expected at least one time step, got input of shape "
                          f"{shape_str(x.shape)}")
     lstm = isinstance(layer, LSTM)
-    dirs, H = 2 if layer.bidirectional else 1, layer.hidden_size
+    dirs, H = 2 if layer.bidirectional else 1, layer._out_size   # H: the output's width
     params = layer._params   # its learned initial states, if any and hx is None
     learned = hx is None and layer._learned_state(params) is not None
     states = _state_parts(layer, params, hx, B, batched)

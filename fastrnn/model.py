@@ -803,7 +803,7 @@ class Sequential:
         total = nbytes = 0
         for i, layer in enumerate(self.layers):
             if isinstance(layer, _RNNBase):
-                features = layer._dirs * layer.hidden_size
+                features = layer._dirs * layer._out_size
             elif isinstance(layer, Linear):
                 features = layer.out_features
             elif isinstance(layer, LastStep):

@@ -162,6 +162,9 @@ class _Quantized:
         if cfg["dtype"] != np.float32:
             raise ValueError(f"{owner}: quantized layers compute in float32, got "
                              f"dtype={cfg['dtype'].name}")
+        if cfg.get("proj_size"):
+            raise ValueError(f"{owner}: proj_size={cfg['proj_size']}: the reduced-precision "
+                             f"kernels have no projection")
         cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
         cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
 
@@ -556,8 +559,8 @@ def from_torch_dynamic(module):
         kwargs["nonlinearity"] = module.nonlinearity
     if name in ("LSTM", "GRU"):
         if getattr(module, "proj_size", 0):
-            raise ValueError(f"from_torch: {name} has proj_size={module.proj_size}; fastrnn "
-                             f"does not implement LSTM projections")
+            raise ValueError(f"from_torch: {name} has proj_size={module.proj_size}; fastrnn's "
+                             f"quantized layers have no projection (import the float module)")
         kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
                       dropout=float(module.dropout), bidirectional=bool(module.bidirectional))
     result = cls(module.input_size, module.hidden_size, **kwargs)
