@@ -23,7 +23,7 @@ from fastrnn._blas cimport gemm, gemv, step_block
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
                                   FASTRNN_MK_LANES, fastrnn_mk_groups, fastrnn_mk_pack,
                                   fastrnn_mk_packed_size, aligned_float32, k_block,
-                                  packed_product)
+                                  packed_product, describe_packed)
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, interrupted, interrupt_block_rows,
                              run_parts)
 from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU_OPT,
@@ -32,7 +32,7 @@ from fastrnn._gates cimport (RNN_TANH, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU
                              clipped, clip_slope, Zoneout, zone_part, RecurrentDropout,
                              dropout_part, LayerExtras, fill_extras, options_part, AXPY_MAX,
                              OPTION_SCRATCH, ACT_SIGMOID, ACT_TANH, ACT_HARD_SIGMOID,
-                             ACT_SOFTSIGN, sigmoid,
+                             ACT_SOFTSIGN, sigmoid, lstm_back_row,
                              tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 
@@ -104,26 +104,6 @@ cdef inline void _gru_reset_back_r(const floating* acts, const floating* h_prev,
         drh = dg[j]
         dg[j] = drh * h_prev[j] * r * (<floating>1 - r)
         dh[j] += drh * r
-
-
-cdef inline void _lstm_back(const floating* acts, const floating* c_prev, floating* dh,
-                            floating* dc, floating* dg, Py_ssize_t H) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef floating i, f, g, o, tc, d, dc_t
-    for j in range(H):
-        i = acts[j]
-        f = acts[H + j]
-        g = acts[2 * H + j]
-        o = acts[3 * H + j]
-        tc = tanh_(f * c_prev[j] + i * g)   # tanh(c_t), recomputed
-        d = dh[j]
-        dc_t = dc[j] + d * o * (<floating>1 - tc * tc)
-        dg[j] = dc_t * g * i * (<floating>1 - i)
-        dg[H + j] = dc_t * c_prev[j] * f * (<floating>1 - f)
-        dg[2 * H + j] = dc_t * i * (<floating>1 - g * g)
-        dg[3 * H + j] = d * tc * o * (<floating>1 - o)
-        dc[j] = dc_t * f
-        dh[j] = 0
 
 
 # The *_OPT kinds: the activations recomputed from the saved pre-activations
@@ -429,8 +409,8 @@ cdef void _back_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                 _rnn_opt_back(acts + row * a_cols, dh_b, dgx + row * g_cols, H, opts,
                               opt_scratch)
             elif cell == LSTM:
-                _lstm_back(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
-                           dgx + row * g_cols, H)
+                lstm_back_row(acts + row * a_cols, c_prev + row * h_cols, dh_b, dc + b * H,
+                              dgx + row * g_cols, H)
             elif cell == GRU:
                 _gru_back(acts + row * a_cols, h_prev + row * h_cols, dh_b,
                           dgx + row * g_cols, dgh + row * g_cols, H)
@@ -537,22 +517,6 @@ def pack_backward(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
         else:
             packs.append(pack_rows(w_hh, d * G * H, G * H))
     return packs
-
-
-cdef int describe_rows(Packed* out, arr, Py_ssize_t K, Py_ssize_t C) except -1:
-    """The descriptor of a ``pack_rows`` array of K rows and C columns."""
-    cdef const float[::1] view = arr
-    out.gates = 1
-    out.ub = 4
-    out.nv = 4
-    out.K = K
-    out.units = C
-    out.groups = fastrnn_mk_groups(C, 4)
-    if view.shape[0] != fastrnn_mk_packed_size(K, C, 1, 4):
-        raise ValueError("a packed array does not fit the layer's sizes")
-    out.panels = &view[0]
-    out.group_stride = out.K * out.nv * FASTRNN_MK_LANES
-    return 0
 
 
 cdef struct BackJob:
@@ -709,7 +673,7 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
         if len(dropout_packs) != job.dirs * num_gates(cell):
             raise ValueError("backward_layer: dropout_packs do not fit the layer")
         for i in range(len(dropout_packs)):
-            describe_rows(&job.extras.drop_packs[i], dropout_packs[i], job.H, job.H)
+            describe_packed(&job.extras.drop_packs[i], dropout_packs[i], job.H, job.H, 1)
         job.extras.drop.packs = job.extras.drop_packs
     job.packs_per_dir = 0
     if floating is float and packed is not None:
@@ -718,10 +682,10 @@ def backward_layer(*, int cell, Py_ssize_t T, bint batch_first, parts,
             raise ValueError("backward_layer: packed does not fit the layer")
         for i in range(len(packed)):
             # K: the reset-before GRU's n rows (H), its r, z rows (2 H); else all G H
-            describe_rows(&job.packed[i], packed[i],
-                          (job.H if i % 2 == 0 else 2 * job.H)
-                          if base_cell(cell) == GRU_RESET_BEFORE
-                          else num_gates(cell) * job.H, job.H)
+            describe_packed(&job.packed[i], packed[i],
+                            (job.H if i % 2 == 0 else 2 * job.H)
+                            if base_cell(cell) == GRU_RESET_BEFORE
+                            else num_gates(cell) * job.H, job.H, 1)
     run_parts(_back_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -917,11 +881,11 @@ def weight_grads(*, parts,
     job.has_packed = False
     if floating is float and packed is not None:
         packed_x, packed_h, packed_rh = packed
-        describe_rows(&job.packed_x, packed_x, job.R, job.D)
+        describe_packed(&job.packed_x, packed_x, job.R, job.D, 1)
         for d in range(job.dirs):
-            describe_rows(&job.packed_h[d], packed_h[d], job.R, job.H)
+            describe_packed(&job.packed_h[d], packed_h[d], job.R, job.H, 1)
             if packed_rh is not None:
-                describe_rows(&job.packed_rh[d], packed_rh[d], job.R, job.H)
+                describe_packed(&job.packed_rh[d], packed_rh[d], job.R, job.H, 1)
         job.has_packed = True
     run_parts(_weight_job, &job, &job.cols[0][0], 2, parts, &job.interrupt)
 
@@ -981,6 +945,6 @@ def input_grad(*, const floating[:, ::1] dgx not None, const floating[:, ::1] w_
     job.max_rows = max_rows
     job.has_packed = False
     if floating is float and packed is not None:
-        describe_rows(&job.packed, packed, job.N, job.D)
+        describe_packed(&job.packed, packed, job.N, job.D, 1)
         job.has_packed = True
     run_parts(_input_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)

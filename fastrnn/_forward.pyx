@@ -45,7 +45,7 @@ from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_FROM_RO
                                   FASTRNN_MK_MAX_NV, FASTRNN_MK_PEAK_CHAINS, fastrnn_mk_fma_loop,
                                   fastrnn_mk_pack, fastrnn_mk_packed_size, fastrnn_mk_groups,
                                   aligned_float32, packed_product, packed_product_groups,
-                                  unit_blocks_per_group)
+                                  unit_blocks_per_group, describe_packed)
 from fastrnn._blas cimport (gemm, gemv, step_block, one_thread_block, GEMM_ONE_THREAD_MNK,
                            GEMV_ONE_THREAD_MN)
 from fastrnn._gates cimport (RNN_TANH, RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, RNN_OPT, GRU_OPT,
@@ -411,7 +411,7 @@ def project(*, const floating[:, ::1] x not None, const floating[:, ::1] w_ih no
         if len(packed) > 2 or hidden_size < 1 or job.N % (len(packed) * hidden_size):
             raise ValueError("project: packed does not fit w_ih")
         for d in range(len(packed)):
-            _describe_packed(&job.packed[d], packed[d], job.D, hidden_size,
+            describe_packed(&job.packed[d], packed[d], job.D, hidden_size,
                              job.N // len(packed) // hidden_size)
         job.has_packed = True
     run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
@@ -463,23 +463,6 @@ def pack_recurrent(w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
     return packs
 
 
-cdef int _describe_packed(Packed* out, arr, Py_ssize_t K, Py_ssize_t units,
-                          int gates) except -1:
-    """The descriptor of a ``pack_weights`` array (kept alive by the caller)."""
-    cdef const float[::1] view = arr
-    out.gates = gates
-    out.ub = unit_blocks_per_group(gates)
-    out.nv = out.ub * gates
-    out.K = K
-    out.units = units
-    out.groups = fastrnn_mk_groups(units, out.ub)
-    if view.shape[0] != fastrnn_mk_packed_size(K, units, gates, out.ub):
-        raise ValueError("a packed array does not fit the layer's sizes")
-    out.panels = &view[0]
-    out.group_stride = out.K * out.nv * FASTRNN_MK_LANES
-    return 0
-
-
 cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dirs) except -1:
     """Packed descriptors (into out, up to 4) of pack_recurrent's arrays."""
     cdef Py_ssize_t i
@@ -489,7 +472,7 @@ cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dir
     if len(packs) != per_dir * dirs:
         raise ValueError(f"expected {per_dir * dirs} packed arrays, got {len(packs)}")
     for i in range(len(packs)):
-        _describe_packed(&out[i], packs[i], H, H,
+        describe_packed(&out[i], packs[i], H, H,
                          (2 if i % 2 == 0 else 1) if cell == GRU_RESET_BEFORE
                          else <int>num_gates(cell))
     return 0
@@ -571,7 +554,7 @@ def product_gflops(Py_ssize_t M, Py_ssize_t K, int gates, Py_ssize_t units,
     rng = np.random.default_rng(0)
     w = rng.uniform(-0.1, 0.1, (gates * units, K)).astype(np.float32)
     packed = pack_weights(w, 0, units, gates)
-    _describe_packed(&p, packed, K, units, gates)
+    describe_packed(&p, packed, K, units, gates)
     cdef float[:, ::1] a = rng.uniform(-1, 1, (M, K)).astype(np.float32)
     cdef float[:, ::1] c = np.zeros((M, gates * units), np.float32)
 
@@ -763,7 +746,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
         if len(dropout_packs) != job.dirs * num_gates(cell):
             raise ValueError("recur: dropout_packs do not fit the layer")
         for i in range(len(dropout_packs)):
-            _describe_packed(&job.extras.drop_packs[i], dropout_packs[i], job.H, job.H, 1)
+            describe_packed(&job.extras.drop_packs[i], dropout_packs[i], job.H, job.H, 1)
         job.extras.drop.packs = job.extras.drop_packs
     run_parts(_recur_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
@@ -1187,7 +1170,7 @@ cdef class CellStep:
         self.bias_h_ptr = NULL if bias_h is None else <char*>cnp.PyArray_DATA(<cnp.ndarray>bias_h)
         self.packed = packed_ih is not None and self.typenum == cnp.NPY_FLOAT32
         if self.packed:
-            _describe_packed(&self.packed_ih, packed_ih[0], self.D, self.H,
+            describe_packed(&self.packed_ih, packed_ih[0], self.D, self.H,
                              <int>num_gates(cell))
             _fill_packed(self.packed_hh, packed_hh, cell, self.H, 1)
             self.keep = (bias_x, bias_h, packed_ih, packed_hh)
@@ -1423,7 +1406,7 @@ cdef class SequenceRunner:
                 _fill_packed(self.packed + 4 * k, packed[k], cell, self.H, dirs)
                 self.keep.append(packed_ih[k])
                 for j in range(dirs):
-                    _describe_packed(self.packed_ih + 2 * k + j, packed_ih[k][j],
+                    describe_packed(self.packed_ih + 2 * k + j, packed_ih[k][j],
                                      w_ih[k].shape[1], self.H, <int>num_gates(cell))
 
     def __dealloc__(self):

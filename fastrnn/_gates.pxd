@@ -222,6 +222,30 @@ cdef inline void lstm_row(const floating* g, floating* h, floating* c,
         acts[3 * H + j] = o
 
 
+cdef inline void lstm_back_row(const floating* acts, const floating* c_prev, floating* dh,
+                               floating* dc, floating* dg, Py_ssize_t H) noexcept nogil:
+    """One LSTM row backward from lstm_row's acts (i, f, g, o) and c_{t-1}:
+    dh (H) the gradient of h_t (zeroed: the product with W_hh adds that of
+    h_{t-1}), dc (H) that of c_t in and of c_{t-1} out, dg (4H) those of the
+    gates' pre-activations."""
+    cdef Py_ssize_t j
+    cdef floating i, f, g, o, tc, d, dc_t
+    for j in range(H):
+        i = acts[j]
+        f = acts[H + j]
+        g = acts[2 * H + j]
+        o = acts[3 * H + j]
+        tc = tanh_(f * c_prev[j] + i * g)   # tanh(c_t), recomputed
+        d = dh[j]
+        dc_t = dc[j] + d * o * (<floating>1 - tc * tc)
+        dg[j] = dc_t * g * i * (<floating>1 - i)
+        dg[H + j] = dc_t * c_prev[j] * f * (<floating>1 - f)
+        dg[2 * H + j] = dc_t * i * (<floating>1 - g * g)
+        dg[3 * H + j] = d * tc * o * (<floating>1 - o)
+        dc[j] = dc_t * f
+        dh[j] = 0
+
+
 # Below AXPY_MAX multiply-adds (_tuning.h) a batch-1 product is a plain loop,
 # not a BLAS call.
 from fastrnn._tuning cimport AXPY_MAX

@@ -47,7 +47,7 @@ cnp.import_array()
 from fastrnn._worker cimport Interrupt, MAX_PARTS, interrupted, run_parts
 from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
                                   FASTRNN_MK_LANES, fastrnn_mk_groups, fastrnn_mk_packed_size,
-                                  packed_product, unit_blocks_per_group)
+                                  packed_product, unit_blocks_per_group, describe_packed)
 from fastrnn._blas cimport gemm
 from fastrnn._gates cimport (sigmoid, tanh_, gru_row, fastrnn_flush_denormals,
                              fastrnn_restore_fpenv)
@@ -453,24 +453,6 @@ cdef void _forward_job(void* arg, int part) noexcept nogil:
                       <float*>j.c_prev, <float*>j.work)
 
 
-cdef int _describe(Packed* out, arr, Py_ssize_t K, Py_ssize_t units, int gates,
-                   int ub) except -1:
-    """The descriptor of an array packed by _forward.pack_weights (ub: its
-    unit blocks per group) or _backward.pack_rows (gates 1, ub 4)."""
-    cdef const float[::1] view = arr
-    out.gates = gates
-    out.ub = ub
-    out.nv = ub * gates
-    out.K = K
-    out.units = units
-    out.groups = fastrnn_mk_groups(units, ub)
-    if view.shape[0] != fastrnn_mk_packed_size(K, units, gates, ub):
-        raise ValueError("a packed array does not fit the layer's sizes")
-    out.panels = &view[0]
-    out.group_stride = out.K * out.nv * FASTRNN_MK_LANES
-    return 0
-
-
 cdef int _common(LNJob* job, int kind, Py_ssize_t T, bint batch_first, floating[:, :, ::1] h,
                  floating[:, :, ::1] c, const floating[:, ::1] w_hh,
                  const floating[::1] ln, const floating[:, ::1] gx,
@@ -564,8 +546,7 @@ def recur(*, int kind, Py_ssize_t T, bint batch_first, parts,
         if len(packed) != job.dirs:
             raise ValueError("layer norm kernel: packed does not fit the layer")
         for d in range(job.dirs):
-            _describe(&job.packed[d], packed[d], job.H, job.H, <int>job.G,
-                      unit_blocks_per_group(<int>job.G))
+            describe_packed(&job.packed[d], packed[d], job.H, job.H, <int>job.G)
         job.has_packed = True
     run_parts(_forward_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
@@ -789,6 +770,6 @@ def backward(*, int kind, Py_ssize_t T, bint batch_first, parts,
         if len(packed) != job.dirs:
             raise ValueError("layer norm kernel: packed does not fit the layer")
         for d in range(job.dirs):
-            _describe(&job.packed[d], packed[d], job.G * job.H, job.H, 1, 4)
+            describe_packed(&job.packed[d], packed[d], job.G * job.H, job.H, 1)
         job.has_packed = True
     run_parts(_backward_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)

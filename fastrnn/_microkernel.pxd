@@ -61,6 +61,26 @@ cdef inline int unit_blocks_per_group(int gates) noexcept nogil:
     return max(1, FASTRNN_MK_MAX_NV // gates)
 
 
+cdef inline int describe_packed(Packed* out, arr, Py_ssize_t K, Py_ssize_t units,
+                                int gates) except -1:
+    """The descriptor of an array packed for the tiles (_forward.pack_weights,
+    or _backward.pack_rows: gates 1) of K rows and ``gates`` blocks of
+    ``units`` columns; the caller keeps the array alive. A size that does
+    not fit is a bug of the caller: ValueError, never memory misread."""
+    cdef const float[::1] view = arr
+    out.gates = gates
+    out.ub = unit_blocks_per_group(gates)
+    out.nv = out.ub * gates
+    out.K = K
+    out.units = units
+    out.groups = fastrnn_mk_groups(units, out.ub)
+    if view.shape[0] != fastrnn_mk_packed_size(K, units, gates, out.ub):
+        raise ValueError("a packed array does not fit the layer's sizes")
+    out.panels = &view[0]
+    out.group_stride = out.K * out.nv * FASTRNN_MK_LANES
+    return 0
+
+
 cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t a_rs,
                                        Py_ssize_t a_cs, const Packed* p, Py_ssize_t q_lo,
                                        Py_ssize_t q_hi, Py_ssize_t unit0, float* c,

@@ -16,15 +16,19 @@
 # and input gradients after the loop are _backward.weight_grads and
 # input_grad as for the plain layers, dW_hr the sums of dh_t^T m_t.
 #
-# Both products are whole BLAS calls (the plan holds BLAS at one thread),
-# in float32 and float64; a row's result does not depend on the other rows
-# of its part (BLAS computes each element over k in the same order).
+# float32: both products on the micro-kernel over W_hh and W_hr packed once
+# per parameter set (forward: _forward.pack_weights; BPTT: _backward.pack_rows),
+# every element one fixed chain, so a row's result does not depend on the
+# other rows nor on the thread count. float64: BLAS (the plan holds it at
+# one thread).
 #
 # Layout as in _forward.pyx: R = T * B rows in the input's order (row
 # t * row_t + b * row_b), direction d owns a column block of each buffer.
-# Per row and direction the forward saves (training; in inference the same
-# buffers are a (B, .) scratch):
-#   acts (R, dirs * 5H)  i, f, g, o, tanh(c_t)
+# The gate pass and its backward are the plain LSTM's (_gates.lstm_row,
+# lstm_back_row: tanh(c_t) recomputed in BPTT). Per row and direction the
+# forward saves (training; in inference the same buffers are a (B, .)
+# scratch):
+#   acts (R, dirs * 4H)  i, f, g, o
 #   m    (R, dirs * H)   o * tanh(c_t), the projection's input
 #   h_prev (R, dirs * P), c_prev (R, dirs * H)  the states before the step
 # Variable lengths: row b is active at step t iff t < lengths[b], in both
@@ -37,12 +41,14 @@ from libc.string cimport memcpy, memset
 
 from fastrnn._worker cimport Interrupt, MAX_PARTS, interrupted, run_parts
 from fastrnn._blas cimport gemm
-from fastrnn._gates cimport sigmoid, tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv
+from fastrnn._microkernel cimport Packed, FASTRNN_MK_ZERO, describe_packed, packed_product
+from fastrnn._gates cimport (lstm_row, lstm_back_row, fastrnn_flush_denormals,
+                             fastrnn_restore_fpenv)
 from cython cimport floating
 
 # acts per row and direction, in units of H
 cdef enum:
-    ACTS = 5
+    ACTS = 4
 SAVED = ACTS
 
 
@@ -69,6 +75,11 @@ cdef struct ProjJob:
     const int64_t* lengths
     Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt interrupt
+    # float32: per direction W_hh and W_hr packed for the products (forward:
+    # h @ W_hh^T, m @ W_hr^T; backward: dh @ W_hr, dG @ W_hh)
+    bint has_packed
+    Packed packed_hh[2]
+    Packed packed_hr[2]
 
 
 cdef inline bint _active(ProjJob* j, Py_ssize_t t, Py_ssize_t b) noexcept nogil:
@@ -84,7 +95,7 @@ cdef void _forward_direction(ProjJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssize
                              floating* work) noexcept nogil:
     """Direction d, batch rows [b_lo, b_hi), every step. h, c, work already
     at this direction's first row; the other pointers the whole buffers'.
-    work rows: the recurrent product (4H), then the new h (P)."""
+    work rows: the recurrent product (4H), a scratch (H), the new h (P)."""
     cdef Py_ssize_t H = j.H, P = j.P, dirs = j.dirs, T = j.T, M = b_hi - b_lo
     cdef Py_ssize_t GH = 4 * H, A = ACTS * H
     cdef Py_ssize_t s, t, b, k, row, saved, first
@@ -93,8 +104,6 @@ cdef void _forward_direction(ProjJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssize
     cdef floating* a
     cdef const floating* g_in
     cdef floating* mrow
-    cdef floating* crow
-    cdef floating i_, f_, g_, o_, tc
     for s in range(T):
         if interrupted(&j.interrupt):
             return
@@ -105,8 +114,11 @@ cdef void _forward_direction(ProjJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssize
                 memcpy(h_prev + row * dirs * P + d * P, h + (b - b_lo) * P, P * sizeof(floating))
                 memcpy(c_prev + row * dirs * H + d * H, c + (b - b_lo) * H, H * sizeof(floating))
         # work (M, 4H) = h @ W_hh^T
-        gemm(False, True, <int>M, <int>GH, <int>P, <floating>1, h, <int>P,
-             w_hh + d * GH * P, <int>P, <floating>0, work, <int>j.W)
+        if floating is float and j.has_packed:
+            packed_product(M, h, P, 1, &j.packed_hh[d], work, j.W, H, FASTRNN_MK_ZERO, NULL)
+        else:
+            gemm(False, True, <int>M, <int>GH, <int>P, <floating>1, h, <int>P,
+                 w_hh + d * GH * P, <int>P, <floating>0, work, <int>j.W)
         for b in range(b_lo, b_hi):
             row = t * j.row_t + b * j.row_b
             saved = row if j.train else b
@@ -119,28 +131,22 @@ cdef void _forward_direction(ProjJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssize
                 continue
             wrow = work + (b - b_lo) * j.W
             g_in = gx + row * dirs * GH + d * GH
-            crow = c + (b - b_lo) * H
-            for k in range(H):
-                i_ = sigmoid(g_in[k] + wrow[k])
-                f_ = sigmoid(g_in[H + k] + wrow[H + k])
-                g_ = tanh_(g_in[2 * H + k] + wrow[2 * H + k])
-                o_ = sigmoid(g_in[3 * H + k] + wrow[3 * H + k])
-                crow[k] = f_ * crow[k] + i_ * g_
-                tc = tanh_(crow[k])
-                a[k] = i_
-                a[H + k] = f_
-                a[2 * H + k] = g_
-                a[3 * H + k] = o_
-                a[4 * H + k] = tc
-                mrow[k] = o_ * tc
-        # the new h of every row of the range: work[:, 4H:] (M, P) = m @ W_hr^T
+            for k in range(GH):
+                wrow[k] = wrow[k] + g_in[k]
+            # m = o * tanh(c_t) (the plain cell's h), its copy to the scratch
+            lstm_row(wrow, mrow, c + (b - b_lo) * H, wrow + GH, a, H, H)
+        # the new h of every row of the range: work[:, 5H:] (M, P) = m @ W_hr^T
         first = (t * j.row_t + b_lo * j.row_b) if j.train else b_lo
-        gemm(False, True, <int>M, <int>P, <int>H, <floating>1, m + first * dirs * H + d * H,
-             <int>ld_m, w_hr + d * P * H, <int>H, <floating>0, work + GH, <int>j.W)
+        if floating is float and j.has_packed:
+            packed_product(M, m + first * dirs * H + d * H, ld_m, 1, &j.packed_hr[d],
+                           work + GH + H, j.W, P, FASTRNN_MK_ZERO, NULL)
+        else:
+            gemm(False, True, <int>M, <int>P, <int>H, <floating>1, m + first * dirs * H + d * H,
+                 <int>ld_m, w_hr + d * P * H, <int>H, <floating>0, work + GH + H, <int>j.W)
         for b in range(b_lo, b_hi):
             if _active(j, t, b):
                 row = t * j.row_t + b * j.row_b
-                wrow = work + (b - b_lo) * j.W + GH
+                wrow = work + (b - b_lo) * j.W + GH + H
                 memcpy(h + (b - b_lo) * P, wrow, P * sizeof(floating))
                 memcpy(out + row * dirs * P + d * P, wrow, P * sizeof(floating))
 
@@ -214,13 +220,53 @@ cdef int _common(ProjJob* job, Py_ssize_t T, bint batch_first, floating[:, :, ::
     return 0
 
 
+def pack_forward(const float[:, ::1] w_hh not None, const float[:, ::1] w_hr not None,
+                 Py_ssize_t dirs):
+    """A float32 layer's W_hh (dirs * 4H, P) and W_hr (dirs * P, H) packed per
+    direction for ``recur``'s products h @ W_hh^T and m @ W_hr^T: ([W_hh per
+    direction], [W_hr per direction])."""
+    from fastrnn._kernels import forward
+    H, P = w_hr.shape[1], w_hr.shape[0] // dirs
+    return ([forward.pack_weights(w_hh, d * 4 * H, H, 4) for d in range(dirs)],
+            [forward.pack_weights(w_hr, d * P, P, 1) for d in range(dirs)])
+
+
+def pack_backward(const float[:, ::1] w_hh not None, const float[:, ::1] w_hr not None,
+                  Py_ssize_t dirs):
+    """The same for ``backward``'s products dh @ W_hr and dG @ W_hh."""
+    from fastrnn._kernels import backward
+    H, P = w_hr.shape[1], w_hr.shape[0] // dirs
+    return ([backward.pack_rows(w_hh, d * 4 * H, 4 * H) for d in range(dirs)],
+            [backward.pack_rows(w_hr, d * P, P) for d in range(dirs)])
+
+
+cdef int _describe(ProjJob* job, packed, bint backward) except -1:
+    """The packed weights' descriptors (float32 with ``packed`` given)."""
+    cdef Py_ssize_t d, H = job.H, P = job.P
+    job.has_packed = False
+    if job.is_double or packed is None:
+        return 0
+    packed_hh, packed_hr = packed
+    if len(packed_hh) != job.dirs or len(packed_hr) != job.dirs:
+        raise ValueError("projection kernel: packed does not fit the layer")
+    for d in range(job.dirs):
+        if backward:   # B = W_hh (4H x P), W_hr (P x H)
+            describe_packed(&job.packed_hh[d], packed_hh[d], 4 * H, P, 1)
+            describe_packed(&job.packed_hr[d], packed_hr[d], P, H, 1)
+        else:          # B = W_hh^T (P x 4H, four gate blocks), W_hr^T (H x P)
+            describe_packed(&job.packed_hh[d], packed_hh[d], P, H, 4)
+            describe_packed(&job.packed_hr[d], packed_hr[d], H, P, 1)
+    job.has_packed = True
+    return 0
+
+
 def recur(*, Py_ssize_t T, bint batch_first, parts,
           const floating[:, ::1] w_hh not None, const floating[:, ::1] w_hr not None,
           floating[:, :, ::1] h not None, floating[:, :, ::1] c not None,
           const floating[:, ::1] gx not None, floating[:, ::1] out not None,
           const int64_t[::1] lengths, bint train, floating[:, ::1] acts not None,
           floating[:, ::1] m not None, floating[:, ::1] h_prev, floating[:, ::1] c_prev,
-          floating[:, ::1] work not None):
+          floating[:, ::1] work not None, packed=None):
     """The time loops of one projected LSTM layer after the input projection
     (gx, biases added), in the plan's ``parts`` (d_lo, d_hi, b_lo, b_hi);
     a second part runs on the worker thread.
@@ -228,13 +274,14 @@ def recur(*, Py_ssize_t T, bint batch_first, parts,
     h (dirs, B, P), c (dirs, B, H): the initial state in, the final state
     out. acts, m: see the module comment, (R, .) in training, (B, .) in
     inference; h_prev, c_prev (R, dirs * P), (R, dirs * H) in training,
-    else None. work (dirs * B, >= 4H + P) scratch.
+    else None. work (dirs * B, >= 5H + P) scratch. packed (float32):
+    ``pack_forward``'s (W_hh, W_hr per direction); None: BLAS.
     """
     cdef ProjJob job
     cdef Py_ssize_t rows
     if T == 0 or h.shape[1] == 0:
         return
-    _common(&job, T, batch_first, h, c, w_hh, w_hr, lengths, work, 4 * c.shape[2] + h.shape[2])
+    _common(&job, T, batch_first, h, c, w_hh, w_hr, lengths, work, 5 * c.shape[2] + h.shape[2])
     rows = T * job.B if train else job.B
     job.train = train
     _check(gx, T * job.B, job.dirs * 4 * job.H, "gx")
@@ -250,6 +297,7 @@ def recur(*, Py_ssize_t T, bint batch_first, parts,
     job.m = &m[0, 0]
     job.h_prev = NULL if not train else &h_prev[0, 0]
     job.c_prev = NULL if not train else &c_prev[0, 0]
+    _describe(&job, packed, False)
     run_parts(_forward_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)
 
 
@@ -268,11 +316,6 @@ cdef void _backward_direction(ProjJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssiz
     cdef Py_ssize_t s, t, b, k, row, first
     cdef floating* dhrow
     cdef floating* dgrow
-    cdef floating* dcrow
-    cdef const floating* a
-    cdef const floating* cp
-    cdef const floating* dm
-    cdef floating i_, f_, g_, o_, tc, dcell
     for s in range(T):
         if interrupted(&j.interrupt):
             return
@@ -288,35 +331,29 @@ cdef void _backward_direction(ProjJob* j, Py_ssize_t d, Py_ssize_t b_lo, Py_ssiz
             else:
                 memset(dhr + row * dirs * P + d * P, 0, P * sizeof(floating))
         # work[:, :H] (M, H) = dh @ W_hr: the gradient of m_t
-        gemm(False, False, <int>M, <int>H, <int>P, <floating>1, dh, <int>P,
-             w_hr + d * P * H, <int>H, <floating>0, work, <int>j.W)
+        if floating is float and j.has_packed:
+            packed_product(M, dh, P, 1, &j.packed_hr[d], work, j.W, H, FASTRNN_MK_ZERO, NULL)
+        else:
+            gemm(False, False, <int>M, <int>H, <int>P, <floating>1, dh, <int>P,
+                 w_hr + d * P * H, <int>H, <floating>0, work, <int>j.W)
         for b in range(b_lo, b_hi):
             row = t * j.row_t + b * j.row_b
             dgrow = dgx + row * dirs * GH + d * GH
             if not _active(j, t, b):
                 memset(dgrow, 0, GH * sizeof(floating))
                 continue
-            a = acts + row * dirs * A + d * A
-            cp = c_prev + row * dirs * H + d * H
-            dm = work + (b - b_lo) * j.W
-            dcrow = dc + (b - b_lo) * H
-            for k in range(H):
-                i_ = a[k]
-                f_ = a[H + k]
-                g_ = a[2 * H + k]
-                o_ = a[3 * H + k]
-                tc = a[4 * H + k]
-                dcell = dcrow[k] + dm[k] * o_ * (1 - tc * tc)
-                dgrow[k] = dcell * g_ * i_ * (1 - i_)
-                dgrow[H + k] = dcell * cp[k] * f_ * (1 - f_)
-                dgrow[2 * H + k] = dcell * i_ * (1 - g_ * g_)
-                dgrow[3 * H + k] = dm[k] * tc * o_ * (1 - o_)
-                dcrow[k] = dcell * f_
+            # the plain cell's backward from dm, the gradient of its h
+            lstm_back_row(acts + row * dirs * A + d * A, c_prev + row * dirs * H + d * H,
+                          work + (b - b_lo) * j.W, dc + (b - b_lo) * H, dgrow, H)
         # work[:, H:] (M, P) = dG @ W_hh: the gradient of h_{t-1} (active rows)
         first = t * j.row_t + b_lo * j.row_b
-        gemm(False, False, <int>M, <int>P, <int>GH, <floating>1, dgx + first * dirs * GH + d * GH,
-             <int>(j.row_b * dirs * GH), w_hh + d * GH * P, <int>P, <floating>0, work + H,
-             <int>j.W)
+        if floating is float and j.has_packed:
+            packed_product(M, dgx + first * dirs * GH + d * GH, j.row_b * dirs * GH, 1,
+                           &j.packed_hh[d], work + H, j.W, P, FASTRNN_MK_ZERO, NULL)
+        else:
+            gemm(False, False, <int>M, <int>P, <int>GH, <floating>1,
+                 dgx + first * dirs * GH + d * GH, <int>(j.row_b * dirs * GH),
+                 w_hh + d * GH * P, <int>P, <floating>0, work + H, <int>j.W)
         for b in range(b_lo, b_hi):
             if _active(j, t, b):
                 memcpy(dh + (b - b_lo) * P, work + (b - b_lo) * j.W + H, P * sizeof(floating))
@@ -360,14 +397,14 @@ def backward(*, Py_ssize_t T, bint batch_first, parts,
              const floating[:, ::1] dout not None, floating[:, :, ::1] dh not None,
              floating[:, :, ::1] dc not None, floating[:, ::1] dgx not None,
              floating[:, ::1] dhr not None, const int64_t[::1] lengths,
-             floating[:, ::1] work not None):
+             floating[:, ::1] work not None, packed=None):
     """BPTT through one projected LSTM layer's time loops, in the plan's
     ``parts``. In: the forward's saves (acts, c_prev), dout (R, dirs * P)
     the gradient of the layer's output. dh (dirs, B, P), dc (dirs, B, H):
     the final state's gradients in, the initial state's out. Out: dgx
     (R, dirs * 4H) the gradients of the gates' pre-activations (of gx and
     of W_hh h), dhr (R, dirs * P) those of every h_t. work (dirs * B,
-    >= H + P) scratch."""
+    >= H + P) scratch. packed (float32): ``pack_backward``'s; None: BLAS."""
     cdef ProjJob job
     cdef Py_ssize_t R
     if T == 0 or dh.shape[1] == 0:
@@ -386,4 +423,5 @@ def backward(*, Py_ssize_t T, bint batch_first, parts,
     job.dc = &dc[0, 0, 0]
     job.dgx = &dgx[0, 0]
     job.dhr = &dhr[0, 0]
+    _describe(&job, packed, True)
     run_parts(_backward_job, &job, &job.ranges[0][0], 4, parts, &job.interrupt)

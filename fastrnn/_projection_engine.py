@@ -85,6 +85,22 @@ def _biases(module, params):
     return terms
 
 
+def _packed(module, params, backward):
+    """float32: per layer W_hh and W_hr packed for the kernels' products
+    (``_projection.pack_forward`` / ``pack_backward``), once per parameter
+    set and kept with it; float64 (BLAS): None per layer."""
+    if module._config["dtype"] != np.float32:
+        return [None] * module._layers
+    key = "proj_packed_backward" if backward else "proj_packed"
+    packs = params.cache.get(key)
+    if packs is None:
+        pack = _proj.pack_backward if backward else _proj.pack_forward
+        packs = params.cache[key] = [
+            pack(w_hh, w_hr, module._dirs)
+            for w_hh, w_hr in zip(module._weights(params)[1], module._projections(params))]
+    return packs
+
+
 def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx,
                parts, tape):
     """Every layer of a forward (see ``_engine.RecurrentEngine._run``):
@@ -99,7 +115,8 @@ def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengt
     w_ih_all, w_hh_all = module._weights(params)[:2]
     w_hr_all = module._projections(params)
     packed_ih = module._packed_projection(params)
-    work = np.empty((dirs * B, 4 * H + P), dtype)
+    packed = _packed(module, params, backward=False)
+    work = np.empty((dirs * B, 5 * H + P), dtype)
     # inference: the saves of one step, a (B, .) scratch
     acts = None if train else np.empty((B, dirs * _proj.SAVED * H), dtype)
     m = None if train else np.empty((B, dirs * H), dtype)
@@ -119,7 +136,8 @@ def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengt
         _proj.recur(T=T, batch_first=batch_first, parts=parts, w_hh=w_hh_all[k],
                     w_hr=w_hr_all[k], h=h_n[k * dirs:(k + 1) * dirs],
                     c=c_n[k * dirs:(k + 1) * dirs], gx=gx, out=layer_out, lengths=lengths,
-                    train=train, acts=acts, m=m, h_prev=h_prev, c_prev=c_prev, work=work)
+                    train=train, acts=acts, m=m, h_prev=h_prev, c_prev=c_prev, work=work,
+                    packed=packed[k])
         if train:
             saves = ProjLayerTape(layer_in, acts, m, h_prev, c_prev)
             if not last and module._dropout > 0:
@@ -142,6 +160,7 @@ def bptt(module, tape, T, B, dout, dh, dc):
     parts = _plan.backward_plan(module, T, B).parts
     w_ih_all, w_hh_all = module._weights(tape.params)[:2]
     w_hr_all = module._projections(tape.params)
+    packed = _packed(module, tape.params, backward=True)
     # this backprop's gradients, added to the module's only when every layer
     # is done: an interrupted backprop (Ctrl-C) adds nothing
     grads = (module._dw_ih, module._dw_hh, module._db_ih, module._db_hh, module._dw_hr)
@@ -158,7 +177,7 @@ def bptt(module, tape, T, B, dout, dh, dc):
                            w_hr=w_hr_all[k], acts=saves.acts, c_prev=saves.c_prev,
                            dout=np.ascontiguousarray(dout), dh=dh[k * dirs:(k + 1) * dirs],
                            dc=dc[k * dirs:(k + 1) * dirs], dgx=dgx, dhr=dhr,
-                           lengths=tape.lengths, work=work)
+                           lengths=tape.lengths, work=work, packed=packed[k])
             _backward.weight_grads(parts=_plan.halves(dgx.shape[1], parts), x=saves.x,
                                    h_prev=saves.h_prev, reset_acts=None, dgx=dgx, dgh=None,
                                    dw_ih=sums[0][k], dw_hh=sums[1][k], db_ih=sums[2][k],
