@@ -84,8 +84,20 @@ def tanh(v):
     return _act(v)[1].reshape(np.shape(v))
 
 
-def oracle_layer(layer, x, hx=None, lengths=None):
-    """A quantized layer's call (time-major x (T, B, D)) in NumPy."""
+def oracle_weights(state, name, per_channel):
+    """The int8 weight ``name`` and its scales: as a quantized layer's state
+    dict holds them, or quantized here from a float state dict's weights."""
+    if state[name].dtype == np.int8:
+        return state[name], state[name + "_scale"]
+    if state[name].dtype == np.uint16:    # a bfloat16 layer's bit patterns
+        return state[name], np.ones(len(state[name]), F32)
+    return oracle_weight(state[name], per_channel)
+
+
+def oracle_layer(layer, x, hx=None, lengths=None, state=None):
+    """A quantized layer's call (time-major x (T, B, D)) in NumPy, with the
+    weights of its state dict, or quantized from those of ``state`` (the
+    float layer's)."""
     cfg = layer._config
     H, L = cfg["hidden_size"], cfg["num_layers"]
     dirs = 2 if cfg["bidirectional"] else 1
@@ -95,7 +107,7 @@ def oracle_layer(layer, x, hx=None, lengths=None):
         type(layer).__name__]
     G = {"lstm": 4, "gru": 3, "gru_before": 3}.get(kind, 1)
     T, B = x.shape[:2]
-    sd = layer.state_dict()
+    sd = layer.state_dict() if state is None else state
     h_n = np.zeros((L * dirs, B, H), F32) if hx is None else np.array(
         hx[0] if kind == "lstm" else hx, F32)
     c_n = (np.zeros((L * dirs, B, H), F32) if hx is None else np.array(hx[1], F32)) \
@@ -106,8 +118,8 @@ def oracle_layer(layer, x, hx=None, lengths=None):
         outs = []
         for d in range(dirs):
             sfx = f"_l{k}" + ("_reverse" if d else "")
-            wq_ih, ws_ih = oracle_weight(sd["weight_ih" + sfx], per_channel)
-            wq_hh, ws_hh = oracle_weight(sd["weight_hh" + sfx], per_channel)
+            wq_ih, ws_ih = oracle_weights(sd, "weight_ih" + sfx, per_channel)
+            wq_hh, ws_hh = oracle_weights(sd, "weight_hh" + sfx, per_channel)
             b_ih, b_hh = sd.get("bias_ih" + sfx), sd.get("bias_hh" + sfx)
             if b_ih is None:
                 bias_x = bias_h = None
@@ -229,18 +241,21 @@ LAYERS = [
 def test_layer_matches_oracle(cls, kwargs, per_channel):
     rng = np.random.default_rng(2)
     D, H, T, B = 7, 17, 6, 3
-    layer = fastrnn.quantize(cls(D, H, seed=3, **kwargs), per_channel=per_channel)
+    float_layer = cls(D, H, seed=3, **kwargs)
+    layer = fastrnn.quantize(float_layer, per_channel=per_channel)
     x = rng.standard_normal((T, B, D)).astype(F32)
     states = layer.num_layers * (2 if layer.bidirectional else 1)
     h0 = rng.standard_normal((states, B, H)).astype(F32) * F32(0.5)
     hx = (h0, h0[::-1].copy()) if cls is fastrnn.LSTM else h0
     lengths = [6, 2, 4]
     out, state = layer(x, hx, lengths=lengths)
-    ref_out, ref_h, ref_c = oracle_layer(layer, x, hx, lengths)
-    np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
-    if cls is fastrnn.LSTM:
-        np.testing.assert_array_equal(state[1], ref_c)
+    # the oracle quantizes the float layer's weights itself, and uses the ones held
+    for weights in (float_layer.state_dict(), None):
+        ref_out, ref_h, ref_c = oracle_layer(layer, x, hx, lengths, state=weights)
+        np.testing.assert_array_equal(out, ref_out)
+        np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
+        if cls is fastrnn.LSTM:
+            np.testing.assert_array_equal(state[1], ref_c)
 
 
 def test_batch_first_and_unbatched_match():
@@ -611,7 +626,7 @@ def test_from_torch_dynamic_layers(kind, per_channel):
     torch_q = _torch_dynamic(float_module, per_channel)
     layer = fastrnn.from_torch(torch_q)
     assert type(layer).__name__ == "Quantized" + kind and layer.per_channel is per_channel
-    # PyTorch's int8 weights exactly (-128 -> -127), its scales within 2 ulp
+    # PyTorch's int8 weights exactly (-128 -> -127), and its scales (in float32)
     weights = torch_q.get_weight()
     for k, (w_ih, w_hh, _, _, _) in enumerate(layer._quantized(layer._params)):
         for d, sfx in enumerate(("", "_reverse")):
@@ -619,11 +634,12 @@ def test_from_torch_dynamic_layers(kind, per_channel):
             for name, used in (("weight_ih", w_ih.scale[d * GH:(d + 1) * GH]),
                                ("weight_hh", w_hh[d].scale)):
                 theirs = weights[f"{name}_l{k}{sfx}"]
-                q, s = Q.quantize_weight(getattr(layer, f"{name}_l{k}{sfx}"), per_channel)
+                q = getattr(layer, f"{name}_l{k}{sfx}")
+                s = getattr(layer, f"{name}_l{k}{sfx}_scale")
                 np.testing.assert_array_equal(q, np.clip(theirs.int_repr().numpy(), -127, 127))
                 ref_s = (theirs.q_per_channel_scales().numpy() if per_channel
                          else np.full(len(q), theirs.q_scale()))
-                np.testing.assert_allclose(s, ref_s, rtol=2.4e-7)
+                np.testing.assert_array_equal(s, ref_s.astype(F32))
                 np.testing.assert_array_equal(used, s)   # what the kernels use
     x = torch.randn(100, 32, 64)
     with torch.no_grad():
@@ -817,7 +833,8 @@ def test_bf16_product_every_build(M, K, N):
                                         (fastrnn.RNN, {"num_layers": 2, "bidirectional": True})])
 def test_bf16_layer_matches_oracle(cls, kwargs):
     rng = np.random.default_rng(21)
-    layer = fastrnn.quantize(cls(7, 17, seed=3, **kwargs), dtype="bfloat16")
+    float_layer = cls(7, 17, seed=3, **kwargs)
+    layer = fastrnn.quantize(float_layer, dtype="bfloat16")
     assert layer.weight_dtype == "bfloat16"
     x = rng.standard_normal((6, 3, 7)).astype(F32)
     out, state = layer(x, lengths=[6, 2, 4])
@@ -827,9 +844,11 @@ def test_bf16_layer_matches_oracle(cls, kwargs):
                       oracle_bf16_product(x, wq, bias))
         patch.setitem(globals(), "oracle_weight", lambda w, per_channel, tensors=1:
                       (oracle_bf16_round(w), np.ones(len(w), F32)))
-        ref_out, ref_h, _ = oracle_layer(layer, x, lengths=[6, 2, 4])
-    np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(h, ref_h)
+        # the weights rounded here from the float layer's, and the ones held
+        for weights in (float_layer.state_dict(), None):
+            ref_out, ref_h, _ = oracle_layer(layer, x, lengths=[6, 2, 4], state=weights)
+            np.testing.assert_array_equal(out, ref_out)
+            np.testing.assert_array_equal(h, ref_h)
 
 
 @pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
