@@ -1389,7 +1389,8 @@ def _match_weights(specs, weights, labels):
         scales = {}
         if cls.startswith("Quantized") and kwargs.get("weight_dtype", "int8") == "int8":
             scales = {key: held.pop(key) for key in list(held)
-                      if key.endswith(SCALE) and key[:-len(SCALE)] in held}
+                      if key.endswith(SCALE) and key.startswith("weight")
+                      and key[:-len(SCALE)] in held}
         held_values = sum(math.prod(header[0]) for _, header in held.values())
         if arrays != len(held) or values != held_values:
             described = f"{name}, {summary}" if summary else name

@@ -467,7 +467,7 @@ class _ReducedWeights:
         bad = ~np.isfinite(scale) | (scale < 0)
         if bad.any():
             raise ValueError(f"{owner}: {name} must hold finite scales >= 0, got "
-                             f"{scale[bad][0]!r} at row {int(np.argmax(bad))}")
+                             f"{float(scale[bad][0])} at row {int(np.argmax(bad))}")
         if not self._config["per_channel"] and (scale != scale[0]).any():
             raise ValueError(f"{owner}: {name} holds different scales, but the layer has "
                              f"per_channel=False (one scale per weight tensor)")
