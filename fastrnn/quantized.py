@@ -9,10 +9,8 @@ call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
 - weights: symmetric int8 in [-127, 127], ``q = clip(rint(W / s), -127,
   127)`` with ``s = max|W| / 127`` per output row (``per_channel=True``) or
   per weight tensor (each of PyTorch's parameters: ``weight_ih_l0``,
-  ``weight_hh_l0_reverse``, ...). Derived from the float32 parameters
-  once per parameter set and kept with it (the float32 parameters stay the
-  model's own: ``state_dict``, saving and pickling carry them, and
-  ``load_state_dict`` quantizes the new ones);
+  ``weight_hh_l0_reverse``, ...), quantized once and packed for the
+  kernels; the float32 weights are not kept (see Memory below);
 - activations: every row quantized when it is used, symmetric int8 with
   its own scale (``max|x_row| / 127``): each step and batch row of the
   input before the input projection, each batch row of h before each
@@ -33,6 +31,31 @@ pairs of k in the order of AVX-512 BF16's ``vdpbf16ps`` (the odd product of
 a pair, then the even one, each sum rounded), which the other builds
 compute with float32 arithmetic: the same bits everywhere too. No scales;
 ``per_channel`` does not apply.
+
+Memory: a quantized layer, cell or ``Linear`` holds its weight matrices
+only as the kernels read them, packed (int8 with a float32 scale per row
+and an int32 column term per row, or bfloat16), and its biases in float32:
+a quarter (int8) or half (bfloat16) of the float32 weights' bytes, plus
+the scales, column terms and padding to the kernels' blocks of rows. No
+float32 weight matrix, copy or gradient is kept; ``quantize`` reads the
+float model's parameters and leaves the float model as it was.
+
+``state_dict`` gives the weights as held, under PyTorch's names: int8
+arrays, each followed by ``<name>_scale``, its float32 scales, one per row
+(equal along a tensor with ``per_channel=False``); bfloat16 weights as
+their bit patterns in uint16 arrays (no scales); biases float32. They are
+read back from the packed weights on each call (an attribute such as
+``layer.weight_ih_l0`` too: a read-only int8 or uint16 array).
+``load_state_dict`` takes that form back exactly (the outputs are then the
+same bits) and checks it: the dtype, the shapes, scales finite and >= 0,
+no int8 value of -128, a scale with every int8 weight and none with a
+float one. It still takes floating-point weights, quantized (or rounded
+to bfloat16) as ``quantize`` does, so a float model's ``state_dict`` loads
+into its quantized twin. Model files (``fastrnn.save``: ``.npz``, and
+``.safetensors`` with the int8 weights as I8 and the bfloat16 ones as
+BF16) and pickles hold this state dict, so they take a quarter or half of
+the float32 model's bytes; files of quantized models written with float32
+weights still load.
 
 Inference only: ``forward_train`` and training in a ``Sequential`` raise
 TypeError. The kernel build is picked at import: the float kernels' build
@@ -343,7 +366,8 @@ class _ReducedWeights:
         equal along a tensor when ``per_channel`` is False, the int8 values
         in [-127, 127]; bfloat16 bit patterns as uint16) and kept exactly,
         or as floating-point weights, quantized (rounded to bfloat16) as
-        ``fastrnn.quantize`` does. Biases are converted to float32. Every
+        ``fastrnn.quantize`` does. (bfloat16 subnormals become signed zeros,
+        as that rounding makes them.) Biases are converted to float32. Every
         value is checked before anything changes; the new set replaces the
         old whole, as for the float classes.
 
@@ -627,11 +651,13 @@ class _QuantizedCell(_Quantized):
 _QUANT_DOC = """
 
     Reduced-precision inference (made by ``fastrnn.quantize``; see
-    fastrnn.quantized): the float32 class's parameters and call, with the
-    products in int8 or bfloat16. Extra keyword-only parameters:
-    ``weight_dtype`` ('int8' or 'bfloat16') and ``per_channel`` (int8: bool,
-    default True: a weight scale per output row; False: per weight tensor).
-    Inference only."""
+    fastrnn.quantized): the float32 class's call, with the products in
+    int8 or bfloat16, and its parameters held reduced: the weights int8
+    with a float32 scale per row (``state_dict``: ``<name>`` int8 and
+    ``<name>_scale``), or bfloat16 (uint16 bit patterns); the biases
+    float32. Extra keyword-only parameters: ``weight_dtype`` ('int8' or
+    'bfloat16') and ``per_channel`` (int8: bool, default True: a weight
+    scale per output row; False: per weight tensor). Inference only."""
 
 
 def _quantized_class(base, mixin):
@@ -674,7 +700,10 @@ class QuantizedLinear(_ReducedWeights, Linear):
     """``Linear`` with int8 or bfloat16 weights (made by ``fastrnn.quantize``):
     int8 ``y = dequant(q(x) . q(W)^T) + b``, every row of x quantized with
     its own scale, the weight per output row (``per_channel``) or as one
-    tensor; bfloat16 ``y = bf16(x) . bf16(W)^T + b``. Inference only."""
+    tensor; bfloat16 ``y = bf16(x) . bf16(W)^T + b``. It holds ``weight``
+    only reduced (``state_dict``: int8 and ``weight_scale``, or uint16
+    bfloat16 bits; see fastrnn.quantized) and ``bias`` in float32.
+    Inference only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
@@ -786,10 +815,12 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     Returns
     -------
     QuantizedRNN, QuantizedGRU, QuantizedLSTM, QuantizedRNNCell, QuantizedGRUCell, QuantizedLSTMCell, QuantizedLinear or Sequential
-        The quantized model, with the same call API. Its float32 parameters
-        are copies of the model's: ``state_dict``, ``fastrnn.save`` and
-        pickling carry them and the quantization settings, and the int8
-        weights are made from them.
+        A new model, with the same call API, holding the weights reduced
+        (int8 with a float32 scale per row, or bfloat16) and the biases in
+        float32, not the float32 weights: a quarter or half of their bytes.
+        ``state_dict``, ``fastrnn.save`` and pickling carry those reduced
+        weights and the quantization settings (see fastrnn.quantized). The
+        float model is not changed.
 
     Raises
     ------
