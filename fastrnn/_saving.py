@@ -1421,15 +1421,16 @@ def _match_weights(specs, weights, labels):
 
 
 def _check_weight_dtypes(i, cls, kwargs, held, label):
-    """A float layer's weights must be floating point; a quantized layer's
-    may also be int8 (an int8 layer's) or uint16 (a bfloat16 layer's bit
-    patterns), which its load_state_dict then checks."""
-    allowed = ()
+    """A layer's arrays must be floating point, but for a quantized layer's
+    weight matrices, which may also be int8 (an int8 layer's) or uint16 (a
+    bfloat16 layer's bit patterns): its load_state_dict checks them."""
+    reduced = ()
     if cls.startswith("Quantized"):
-        allowed = (np.dtype("int8") if kwargs.get("weight_dtype", "int8") == "int8"
+        reduced = (np.dtype("int8") if kwargs.get("weight_dtype", "int8") == "int8"
                    else np.dtype("uint16"),)
     for key, (_, header) in held.items():
         dtype = header[2].newbyteorder("=")
+        allowed = reduced if key.startswith("weight") and not key.endswith(SCALE) else ()
         if dtype.kind != "f" and dtype not in allowed:
             expected = "float32 or float64" + "".join(f" or {d.name}" for d in allowed)
             raise _BadFile(f"layer {i} ({label}): {key} holds {dtype.name} data; expected "

@@ -1257,6 +1257,12 @@ _HOSTILE = {
     "bf16_scale": ("bfloat16", {"weight_ih_l0_scale": np.ones(24, F32)},
                    r"layer 0 \(QuantizedLSTM, .*\) calls for 4 arrays of .* but the file "
                    r"holds 5 arrays"),
+    "int8_bias": ("int8", {"bias_ih_l0": np.ones(24, np.int8)},
+                  r"layer 0 \(QuantizedLSTM\): bias_ih_l0 holds int8 data; expected float32 "
+                  r"or float64$"),
+    "int8_scale": ("int8", {"weight_ih_l0_scale": np.ones(24, np.int8)},
+                   r"layer 0 \(QuantizedLSTM\): weight_ih_l0_scale holds int8 data; expected "
+                   r"float32 or float64$"),
     "float_layer_int8": (None, {"weight_ih_l0": np.ones((24, 4), np.int8)},
                          r"layer 0 \(LSTM\): weight_ih_l0 holds int8 data; expected float32 "
                          r"or float64$"),
