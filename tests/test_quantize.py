@@ -1354,3 +1354,35 @@ def test_packed_weights_read_back_exactly(build):
         bits = rng.integers(0, 1 << 16, (N, K)).astype(np.uint16)
         np.testing.assert_array_equal(
             module.QWeight(bits, np.ones(N, F32), module.KIND_BF16).weights(), bits)
+
+
+def test_loads_while_calling_swap_whole_sets():
+    # a call computes with the reduced weights of one set, old or new, never a mix
+    rng = np.random.default_rng(38)
+    q = fastrnn.quantize(fastrnn.LSTM(8, 16, bidirectional=True, seed=0))
+    states = [q.state_dict(),
+              fastrnn.quantize(fastrnn.LSTM(8, 16, bidirectional=True, seed=1)).state_dict()]
+    x = rng.standard_normal((12, 3, 8)).astype(F32)
+    outputs = []
+    for state in states:
+        q.load_state_dict(state)
+        outputs.append(q(x)[0])
+    errors, stop = [], threading.Event()
+
+    def call():
+        while not stop.is_set():
+            got = q(x)[0]
+            if not any(np.array_equal(got, out) for out in outputs):
+                errors.append("mixed")
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    try:
+        for k in range(40):
+            q.load_state_dict(states[k % 2])
+    finally:
+        stop.set()
+        for t in callers:
+            t.join()
+    assert not errors
