@@ -96,6 +96,16 @@ static void fastrnn_q_pack(const int8_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdiff_
     }
 }
 
+/* The inverse of fastrnn_q_pack: W (N rows ldw apart, K int8 each) from
+ * the packed panels. */
+static void fastrnn_q_unpack(const int8_t* packed, ptrdiff_t K, ptrdiff_t N, int8_t* w,
+                             ptrdiff_t ldw) {
+    ptrdiff_t quads = fastrnn_q_quads(K), n, k;
+    for (n = 0; n < N; n++)
+        for (k = 0; k < K; k++)
+            w[n * ldw + k] = packed[(((n / 16) * quads + k / 4) * 16 + n % 16) * 4 + k % 4];
+}
+
 /* Quantize one row x (K floats) into q (quads * 4 bytes, the build's
  * format); returns its scale (-1: x is not finite). */
 static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
@@ -482,6 +492,16 @@ static void fastrnn_b_pack(const uint16_t* w, ptrdiff_t ldw, ptrdiff_t K, ptrdif
                     out[((nb * pairs + kp) * 16 + l) * 2 + j] =
                         (col < N && k < K) ? w[col * ldw + k] : 0;
                 }
+}
+
+/* The inverse of fastrnn_b_pack: W (N rows ldw apart, K bf16 bit patterns
+ * each) from the packed panels. */
+static void fastrnn_b_unpack(const uint16_t* packed, ptrdiff_t K, ptrdiff_t N, uint16_t* w,
+                             ptrdiff_t ldw) {
+    ptrdiff_t pairs = fastrnn_b_pairs(K), n, k;
+    for (n = 0; n < N; n++)
+        for (k = 0; k < K; k++)
+            w[n * ldw + k] = packed[(((n / 16) * pairs + k / 2) * 16 + n % 16) * 2 + k % 2];
 }
 
 /* One activation row x (K floats) to bf16 in q (pairs * 4 bytes); returns

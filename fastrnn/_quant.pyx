@@ -43,6 +43,8 @@ cdef extern from "_qkernel.h":
     Py_ssize_t fastrnn_q_packed_size(Py_ssize_t K, Py_ssize_t N) noexcept nogil
     void fastrnn_q_pack(const int8_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
                         int8_t* out, int32_t* comp) noexcept nogil
+    void fastrnn_q_unpack(const int8_t* packed, Py_ssize_t K, Py_ssize_t N, int8_t* w,
+                          Py_ssize_t ldw) noexcept nogil
     float fastrnn_q_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
     void fastrnn_q_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                         const int8_t* packed, const int32_t* comp, Py_ssize_t N, int32_t* c,
@@ -51,6 +53,8 @@ cdef extern from "_qkernel.h":
     Py_ssize_t fastrnn_b_pairs(Py_ssize_t K) noexcept nogil
     void fastrnn_b_pack(const uint16_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
                         uint16_t* out) noexcept nogil
+    void fastrnn_b_unpack(const uint16_t* packed, Py_ssize_t K, Py_ssize_t N, uint16_t* w,
+                          Py_ssize_t ldw) noexcept nogil
     float fastrnn_b_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
     void fastrnn_b_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                         const int8_t* packed, Py_ssize_t N, const float* add,
@@ -137,6 +141,26 @@ cdef class QWeight:
         self.view.comp = &comp[0]
         self.view.scale = &scales[0]
         self.view.K, self.view.N = K, N
+
+    def weights(self):
+        """The matrix (N, K) the panels hold, in a new array: int8, or
+        bfloat16 bit patterns (uint16). The panels are the only copy a
+        quantized layer keeps; its state_dict reads the weights back here."""
+        cdef const int8_t[::1] packed = self.packed
+        cdef int8_t[:, ::1] w8
+        cdef uint16_t[:, ::1] w16
+        if self.kind == 0:
+            out = np.empty((self.N, self.K), np.int8)
+            w8 = out
+            with nogil:
+                fastrnn_q_unpack(&packed[0], self.K, self.N, &w8[0, 0], self.K)
+        else:
+            out = np.empty((self.N, self.K), np.uint16)
+            w16 = out
+            with nogil:
+                fastrnn_b_unpack(<const uint16_t*>&packed[0], self.K, self.N, &w16[0, 0],
+                                 self.K)
+        return out
 
     def __reduce__(self):
         raise TypeError("QWeight is rebuilt from its quantized layer's arrays, not pickled")

@@ -59,7 +59,7 @@ from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDire
                         Sigmoid, Tanh, ZeroMasked)
 from fastrnn.quantized import (QuantizedGRU, QuantizedGRUCell, QuantizedLinear,
                                QuantizedLSTM, QuantizedLSTMCell, QuantizedRNN,
-                               QuantizedRNNCell)
+                               QuantizedRNNCell, QUANTIZED_CLASSES, SCALE)
 from fastrnn.wrappers import Reversed, Stateful, _recurrent
 
 FORMAT = "fastrnn/2"
@@ -98,11 +98,17 @@ _ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (
               "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1),
               "BOOL": ("?", 1), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
               "F8_E8M0": (None, 1), "C64": (None, 8)}
-_ST_CODES = {"float64": "F64", "float32": "F32"}
+# what each array's dtype is written as; uint16 arrays are bfloat16 bit patterns (a
+# bfloat16 layer's weights), written as BF16 for other readers
+_ST_CODES = {"float64": "F64", "float32": "F32", "int8": "I8", "uint16": "BF16"}
+# the dtypes a weight may have besides float32 and float64: a quantized layer's int8
+# weights, or its bfloat16 ones as uint16 bit patterns (BF16 in safetensors)
+_REDUCED_DTYPES = (np.dtype("int8"), np.dtype("uint16"))
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 _CELL_GATES = {"RNNCell": 1, "GRUCell": 3, "LSTMCell": 4}
-# a quantized layer is saved as its float32 parameters and its quantization
-# settings (weight_dtype, per_channel); loading quantizes them again
+# a quantized layer is saved as its state_dict (int8 weights with their float32
+# scales, '<name>_scale', or bfloat16 bits; float32 biases) and its settings
+# (weight_dtype, per_channel); files with its float32 weights load too (quantized)
 _GATES.update({"Quantized" + name: gates for name, gates in _GATES.items()})
 _CELL_GATES.update({"Quantized" + name: gates for name, gates in _CELL_GATES.items()})
 
@@ -627,10 +633,14 @@ def _read_safetensors(sequential_cls, f, size):
     weights, slots = {}, {}
     for name, tensor in tensors.items():
         optimizer = name.startswith(_OPTIMIZER_PREFIX)
-        if tensor.code not in ("F32", "F64"):
-            what = "optimizer arrays" if optimizer else "weights"
-            raise _BadFile(f"tensor {_brief.repr(name)} holds {tensor.code} data; {what} must "
-                           f"be F32 or F64 (float32 or float64)")
+        if tensor.code not in ("F32", "F64") and (optimizer or tensor.code not in ("I8",
+                                                                                    "BF16")):
+            what = ("optimizer arrays must be F32 or F64 (float32 or float64)" if optimizer
+                    else "weights must be F32 or F64 (float32 or float64), or I8 or BF16 (a "
+                    "quantized layer's)")
+            raise _BadFile(f"tensor {_brief.repr(name)} holds {tensor.code} data; {what}")
+        if tensor.code == "BF16":             # bfloat16 bit patterns
+            tensor = tensor._replace(code="U16")
         item = (tensor, (tensor.shape, False, np.dtype(_ST_DTYPES[tensor.code][0]), None))
         if optimizer:
             slots[name[len(_OPTIMIZER_PREFIX):]] = item
@@ -646,8 +656,15 @@ def _read_safetensors(sequential_cls, f, size):
                 mapping.madvise(mmap.MADV_DONTNEED)
 
         def fill(i, layer, held):
-            _fill_parameters(i, layer, {key: read(*item) for key, item in held.items()},
-                             drop_pages)
+            arrays = {key: read(*item) for key, item in held.items()}
+            if isinstance(_recurrent(layer), QUANTIZED_CLASSES):
+                try:       # the checks and packing of its own load
+                    layer.load_state_dict(arrays)
+                except (TypeError, ValueError) as exc:
+                    raise _BadFile(f"layer {i} ({type(layer).__name__}): {exc}") from None
+                drop_pages()
+            else:
+                _fill_parameters(i, layer, arrays, drop_pages)
 
         return _build(sequential_cls, config, weights, slots, fill, read)
     finally:
@@ -1161,10 +1178,13 @@ def _array_header(zf, info):
         if dtype.kind != "U":
             raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data, not the "
                            f"configuration's JSON text")
-    elif dtype.kind != "f" or dtype.itemsize not in (4, 8) or dtype.fields or dtype.subdtype:
-        what = "weights" if info.filename.startswith("weights/") else "optimizer arrays"
-        raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data; {what} must be "
-                       f"float32 or float64")
+    elif (dtype.kind != "f" or dtype.itemsize not in (4, 8) or dtype.fields
+          or dtype.subdtype) and not (info.filename.startswith("weights/")
+                                      and dtype.newbyteorder("=") in _REDUCED_DTYPES):
+        what = ("weights must be float32 or float64, or int8 or uint16 (a quantized layer's)"
+                if info.filename.startswith("weights/")
+                else "optimizer arrays must be float32 or float64")
+        raise _BadFile(f"member {shown} holds {_dtype_text(dtype)} data; {what}")
     if any(n < 0 for n in shape):
         raise _BadFile(f"member {shown}: its header declares the negative shape "
                        f"{shape_str(shape)}")
@@ -1375,8 +1395,15 @@ def _match_weights(specs, weights, labels):
     if stray:
         raise _BadFile(f"it holds weights {_some(stray)} that belong to none of its "
                        f"{len(specs)} layers")
-    for i, ((_, _, layout), held, name) in enumerate(zip(specs, per_layer, labels)):
+    for i, ((cls, kwargs, layout), held, name) in enumerate(zip(specs, per_layer, labels)):
         arrays, values, shapes, summary = layout
+        _check_weight_dtypes(i, cls, kwargs, held, name)
+        # an int8 layer's weights may come with their scales: checked against the weights
+        scales = {}
+        if cls.startswith("Quantized") and kwargs.get("weight_dtype", "int8") == "int8":
+            scales = {key: held.pop(key) for key in list(held)
+                      if key.endswith(SCALE) and key.startswith("weight")
+                      and key[:-len(SCALE)] in held}
         held_values = sum(math.prod(header[0]) for _, header in held.values())
         if arrays != len(held) or values != held_values:
             described = f"{name}, {summary}" if summary else name
@@ -1395,4 +1422,29 @@ def _match_weights(specs, weights, labels):
             if tuple(got) != shape:
                 raise _BadFile(f"layer {i} ({name}): {key} has shape {shape_str(shape)} in the "
                                f"configuration but {shape_str(got)} in the file")
+        for key, item in scales.items():
+            shape = expected[key[:-len(SCALE)]]
+            got = item[1][0]
+            if len(shape) != 2 or tuple(got) != shape[:1]:
+                raise _BadFile(f"layer {i} ({name}): {key} has shape {shape_str(got)} in the "
+                               f"file; expected the scales of the int8 {key[:-len(SCALE)]}, "
+                               f"one per row: {shape_str(shape[:1])}")
+        held.update(scales)
     return per_layer
+
+
+def _check_weight_dtypes(i, cls, kwargs, held, label):
+    """A layer's arrays must be floating point, but for a quantized layer's
+    weight matrices, which may also be int8 (an int8 layer's) or uint16 (a
+    bfloat16 layer's bit patterns): its load_state_dict checks them."""
+    reduced = ()
+    if cls.startswith("Quantized"):
+        reduced = (np.dtype("int8") if kwargs.get("weight_dtype", "int8") == "int8"
+                   else np.dtype("uint16"),)
+    for key, (_, header) in held.items():
+        dtype = header[2].newbyteorder("=")
+        allowed = reduced if key.startswith("weight") and not key.endswith(SCALE) else ()
+        if dtype.kind != "f" and dtype not in allowed:
+            expected = "float32 or float64" + "".join(f" or {d.name}" for d in allowed)
+            raise _BadFile(f"layer {i} ({label}): {key} holds {dtype.name} data; expected "
+                           f"{expected}")

@@ -88,15 +88,13 @@ def case_bidirectional(layer):
 
 
 def _weight_bytes(layer, quantized):
-    """Bytes of the weights the kernels read: float32 packed panels, or the
-    int8 panels with their scales and column terms."""
+    """Bytes of the weights the layer holds: its float32 parameters, or the
+    packed int8 (bfloat16) panels with their scales and column terms, which
+    are all a quantized layer keeps of its weights (no float32 copy)."""
     if not quantized:
         return sum(w.nbytes for name, w in layer.state_dict().items() if "weight" in name)
-    total = 0
-    for w_ih, w_hh, w_hn, _, _ in layer._quantized(layer._params):
-        for w in [w_ih] + list(w_hh) + list(w_hn or []):
-            total += w.packed.nbytes + w.scale.nbytes + w.comp.nbytes
-    return total
+    return sum(w.packed.nbytes + w.scale.nbytes + w.comp.nbytes
+               for w in layer._params.weights.values())
 
 
 def measure(case_name, library, threads, repeats, output_path):

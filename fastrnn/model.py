@@ -168,7 +168,17 @@ class Sequential:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Sequential: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
-        expected = self.state_dict()
+        parts = [{} for _ in self.layers]
+        for key, value in state_dict.items():
+            index, dot, name = key.partition(".")
+            if dot and index.isascii() and index.isdigit() and str(int(index)) == index \
+                    and int(index) < len(self.layers):
+                parts[int(index)][name] = value
+        # a quantized layer expects an int8 weight's scales only with an int8 weight
+        expected = {f"{i}.{name}": None
+                    for i, (layer, part) in enumerate(zip(self.layers, parts))
+                    for name in (layer._expected_keys(part) if hasattr(layer, "_expected_keys")
+                                 else layer.state_dict())}
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
         if strict and (missing or unexpected):

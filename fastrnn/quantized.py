@@ -9,10 +9,8 @@ call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
 - weights: symmetric int8 in [-127, 127], ``q = clip(rint(W / s), -127,
   127)`` with ``s = max|W| / 127`` per output row (``per_channel=True``) or
   per weight tensor (each of PyTorch's parameters: ``weight_ih_l0``,
-  ``weight_hh_l0_reverse``, ...). Derived from the float32 parameters
-  once per parameter set and kept with it (the float32 parameters stay the
-  model's own: ``state_dict``, saving and pickling carry them, and
-  ``load_state_dict`` quantizes the new ones);
+  ``weight_hh_l0_reverse``, ...), quantized once and packed for the
+  kernels; the float32 weights are not kept (see Memory below);
 - activations: every row quantized when it is used, symmetric int8 with
   its own scale (``max|x_row| / 127``): each step and batch row of the
   input before the input projection, each batch row of h before each
@@ -34,6 +32,31 @@ a pair, then the even one, each sum rounded), which the other builds
 compute with float32 arithmetic: the same bits everywhere too. No scales;
 ``per_channel`` does not apply.
 
+Memory: a quantized layer, cell or ``Linear`` holds its weight matrices
+only as the kernels read them, packed (int8 with a float32 scale per row
+and an int32 column term per row, or bfloat16), and its biases in float32:
+a quarter (int8) or half (bfloat16) of the float32 weights' bytes, plus
+the scales, column terms and padding to the kernels' blocks of rows. No
+float32 weight matrix, copy or gradient is kept; ``quantize`` reads the
+float model's parameters and leaves the float model as it was.
+
+``state_dict`` gives the weights as held, under PyTorch's names: int8
+arrays, each followed by ``<name>_scale``, its float32 scales, one per row
+(equal along a tensor with ``per_channel=False``); bfloat16 weights as
+their bit patterns in uint16 arrays (no scales); biases float32. They are
+read back from the packed weights on each call (an attribute such as
+``layer.weight_ih_l0`` too: a read-only int8 or uint16 array).
+``load_state_dict`` takes that form back exactly (the outputs are then the
+same bits) and checks it: the dtype, the shapes, scales finite and >= 0,
+no int8 value of -128, a scale with every int8 weight and none with a
+float one. It still takes floating-point weights, quantized (or rounded
+to bfloat16) as ``quantize`` does, so a float model's ``state_dict`` loads
+into its quantized twin. Model files (``fastrnn.save``: ``.npz``, and
+``.safetensors`` with the int8 weights as I8 and the bfloat16 ones as
+BF16) and pickles hold this state dict, so they take a quarter or half of
+the float32 model's bytes; files of quantized models written with float32
+weights still load.
+
 Inference only: ``forward_train`` and training in a ``Sequential`` raise
 TypeError. The kernel build is picked at import: the float kernels' build
 (fastrnn._kernels), or AVX-512 VNNI (and BF16) where the CPU has it;
@@ -45,6 +68,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -53,6 +78,8 @@ from numpy.typing import ArrayLike
 from fastrnn import _kernels, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
+from fastrnn._module import LoadResult
+from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.nn import Linear
@@ -132,15 +159,352 @@ def to_bfloat16(w):
     return (bits >> np.uint32(16)).astype(np.uint16)
 
 
-def _weight(w, weight_dtype, per_channel, tensors=1):
-    """``rows -> QWeight``: the rows (a slice) of weight matrix w (N, K)
-    packed for the kernels as ``weight_dtype``; int8 is quantized once for
-    all the rows (per row, or per tensor of ``tensors`` row blocks)."""
+SCALE = "_scale"   # the suffix of an int8 weight's scales in a state dict
+
+
+def _reduce(w, weight_dtype, per_channel):
+    """(q, scale): float32 weight matrix w (N, K) as the kernels take it:
+    int8 and its scale per row (per row or one for the whole matrix), or
+    bfloat16 bit patterns (uint16) and ones."""
     if weight_dtype == "bfloat16":
-        return (lambda rows: _quant.QWeight(to_bfloat16(w[rows]), np.ones(
-            len(range(*rows.indices(len(w)))), np.float32), _quant.KIND_BF16))
-    q, s = quantize_weight(w, per_channel, tensors)
-    return lambda rows: _quant.QWeight(q[rows], s[rows])
+        return to_bfloat16(w), np.ones(len(w), np.float32)
+    return quantize_weight(w, per_channel)
+
+
+class _Layout:
+    """Where a quantized module's parameters are. ``names``: the float
+    class's (name -> (storage index, rows)); ``entries``: per piece of a
+    weight matrix (name, its rows or None, the key of the packed weight
+    holding it, the rows there or None). A matrix may be split (the
+    reset-before GRU's W_hh: the r and z rows, the n rows) or stacked with
+    others (a layer's W_ih of both directions, one input projection)."""
+
+    def __init__(self, names, entries, shapes, weight_dtype):
+        self.names = names
+        self.shapes = shapes              # each weight matrix's (N, K)
+        self.int8 = weight_dtype == "int8"
+        self.code = _quant.KIND_INT8 if self.int8 else _quant.KIND_BF16
+        self.pieces, self.sources = {}, {}
+        for name, name_rows, key, key_rows in entries:
+            self.pieces.setdefault(name, []).append((key, key_rows))
+            self.sources.setdefault(key, []).append((name, name_rows))
+        # the state dict's names in order: PyTorch's, each int8 weight's scale after it
+        self.order = []
+        for name in names:
+            self.order.append(name)
+            if self.int8 and name in self.pieces:
+                self.order.append(name + SCALE)
+        self.known = frozenset(self.order)
+
+    def read(self, weights, name):
+        """(q, scale) of weight matrix ``name`` read back from the packed
+        weights, in new arrays."""
+        qs, scales = [], []
+        for key, rows in self.pieces[name]:
+            packed = weights[key]
+            q = packed.weights()
+            qs.append(q if rows is None else q[rows])
+            scales.append(packed.scale if rows is None else packed.scale[rows])
+        return np.concatenate(qs), np.concatenate(scales)
+
+    def pack(self, named, keys):
+        """key -> QWeight for each of ``keys``, from named[name] = (q, scale)."""
+        packed = {}
+        for key in keys:
+            parts = [(named[name][0], named[name][1]) if rows is None else
+                     (named[name][0][rows], named[name][1][rows])
+                     for name, rows in self.sources[key]]
+            q = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+            scale = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+            packed[key] = _quant.QWeight(np.ascontiguousarray(q),
+                                         np.ascontiguousarray(scale, np.float32), self.code)
+        return packed
+
+
+class _Reduced:
+    """A quantized module's parameter set, in place of _module.ParamSet and,
+    like it, never changed once made: ``weights`` the kernels' packed weight
+    matrices (``_quant.QWeight``: their only copy) by key, ``storages`` the
+    float class's storages with those of the weight matrices dropped (None):
+    the biases, read-only; ``views`` name -> the array of ``state_dict``, a
+    weight read back from its panels when asked; ``cache`` what the kernels
+    derive from the set (folded biases, the stack)."""
+    __slots__ = ("version", "storages", "weights", "layout", "cache")
+
+    def __init__(self, version, storages, weights, layout):
+        for storage in storages:
+            if storage is not None:
+                storage.flags.writeable = False
+        self.version = version
+        self.storages = tuple(storages)
+        self.weights = weights
+        self.layout = layout
+        self.cache = {}
+
+    @property
+    def views(self):
+        return _Views(self)
+
+    def array(self, name):
+        """The value of ``name`` (KeyError if the module has none): a weight
+        or its scales in a new array, else a read-only view of a storage."""
+        layout = self.layout
+        if name in layout.pieces:
+            return layout.read(self.weights, name)[0]
+        if name.endswith(SCALE) and name in layout.known and name not in layout.names:
+            return layout.read(self.weights, name[:-len(SCALE)])[1]
+        index, rows = layout.names[name]
+        return self.storages[index] if rows is None else self.storages[index][rows]
+
+
+class _Views(Mapping):
+    """name -> read-only array of a _Reduced set, in state_dict order."""
+
+    def __init__(self, params):
+        self._params = params
+
+    def __getitem__(self, name):
+        array = self._params.array(name)
+        array.flags.writeable = False
+        return array
+
+    def __contains__(self, name):
+        return name in self._params.layout.known
+
+    def __iter__(self):
+        return iter(self._params.layout.order)
+
+    def __len__(self):
+        return len(self._params.layout.order)
+
+
+def _is_int8(value):
+    """Whether a state dict's value is int8 (numpy or torch), without converting it."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype) in ("int8", "torch.int8")
+
+
+class _ReducedWeights:
+    """Weights held reduced: what QuantizedLinear and the quantized layers
+    and cells change in their float class's parameter storage
+    (fastrnn._module.Module). The float class's constructor makes float32
+    parameters; ``_reduce_parameters`` replaces them by a ``_Reduced`` set:
+    the weight matrices packed for the kernels, int8 with their float32
+    scales or bfloat16, and the float32 biases. No float32 weight matrix
+    (nor gradient) is kept."""
+
+    def _reduce_parameters(self, entries):
+        cfg = self._config
+        floats = self._params
+        matrices = {name for name, _, _, _ in entries}
+        shapes = {name: floats.views[name].shape for name in matrices}
+        layout = _Layout(dict(self._names), entries, shapes, cfg["weight_dtype"])
+        named = {name: _reduce(floats.views[name], cfg["weight_dtype"], cfg["per_channel"])
+                 for name in matrices}
+        dropped = {self._names[name][0] for name in matrices}
+        storages = [None if i in dropped else storage
+                    for i, storage in enumerate(floats.storages)]
+        self._params = _Reduced(0, storages, layout.pack(named, layout.sources), layout)
+        # inference only: no gradients (a recurrent layer's are also held by kind)
+        self._trainable = ()
+        self._grads = MappingProxyType({})
+        for attr in ("_dw_ih", "_dw_hh", "_db_ih", "_db_hh"):
+            if attr in self.__dict__:
+                setattr(self, attr, None)
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if isinstance(params, _Reduced) and name in params.layout.known:
+            return params.views[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_params")
+        if isinstance(params, _Reduced) and name in params.layout.known:
+            self.load_state_dict({name: value}, strict=False)
+            return
+        super().__setattr__(name, value)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The parameters in new arrays, under PyTorch's names and in its
+        order: the weights as the kernels hold them, int8 (each followed by
+        its float32 scales, one per row, ``<name>_scale``) or bfloat16 bit
+        patterns (uint16); the biases float32. ``load_state_dict`` takes
+        this form back exactly, and float weights (quantizing them)."""
+        params = self._params
+        layout = params.layout
+        state = {}
+        for name in layout.names:
+            if name in layout.pieces:
+                q, scale = layout.read(params.weights, name)
+                state[name] = q
+                if layout.int8:
+                    state[name + SCALE] = scale
+            else:
+                state[name] = params.array(name).copy()
+        return state
+
+    def _expected_keys(self, given):
+        """The names a state dict of the keys ``given`` must hold: every
+        parameter, and the scales of the int8 weights given as int8 (or
+        given with a scale)."""
+        layout = self._params.layout
+        keys = []
+        for name in layout.names:
+            keys.append(name)
+            if layout.int8 and name in layout.pieces and (
+                    name + SCALE in given or (name in given and _is_int8(given[name]))):
+                keys.append(name + SCALE)
+        return keys
+
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike],
+                        strict: bool = True) -> LoadResult:
+        """Load parameters from a mapping of name to array.
+
+        A weight is taken either as ``state_dict`` gives it (int8 with its
+        ``<name>_scale``: float scales of shape (rows,), finite and >= 0,
+        equal along a tensor when ``per_channel`` is False, the int8 values
+        in [-127, 127]; bfloat16 bit patterns as uint16) and kept exactly,
+        or as floating-point weights, quantized (rounded to bfloat16) as
+        ``fastrnn.quantize`` does. (bfloat16 subnormals become signed zeros,
+        as that rounding makes them.) Biases are converted to float32. Every
+        value is checked before anything changes; the new set replaces the
+        old whole, as for the float classes.
+
+        Raises
+        ------
+        TypeError
+            If ``state_dict`` is not a mapping or a value is not a real array.
+        ValueError
+            On a missing or unexpected name (strict), a wrong shape or
+            dtype, a non-finite value, an int8 weight without its scale (or
+            a scale without an int8 weight), a negative or non-finite
+            scale, or an int8 value of -128.
+        """
+        owner = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{owner}: load_state_dict expects a mapping of name to array, "
+                            f"got {type(state_dict).__name__}")
+        layout = self._params.layout
+        expected = self._expected_keys(state_dict)
+        known = set(expected)
+        missing = [name for name in expected if name not in state_dict]
+        unexpected = [key for key in state_dict if key not in known]
+        if strict and (missing or unexpected):
+            raise ValueError(f"{owner}: load_state_dict: missing keys {missing}, "
+                             f"unexpected keys {unexpected}; expected exactly {expected}")
+        floats, named = {}, {}
+        for name in layout.names:
+            if name not in state_dict:
+                continue
+            if name in layout.pieces:
+                named[name] = self._reduced_value(owner, name, state_dict)
+                continue
+            value = as_array(owner, f"state_dict[{name!r}]", state_dict[name])
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"{owner}: state_dict[{name!r}] must have a real numeric "
+                                f"dtype, got {value.dtype}")
+            index, rows = layout.names[name]
+            target = self._params.storages[index]
+            shape = target.shape if rows is None else target[rows].shape
+            if value.shape != shape:
+                raise ValueError(f"{owner}: expected {name} of shape {shape_str(shape)}, "
+                                 f"got {shape_str(value.shape)}")
+            floats[name] = _finite_float32(owner, name, value)
+        for key in state_dict:
+            if key.endswith(SCALE) and key in known and key[:-len(SCALE)] not in state_dict:
+                raise ValueError(f"{owner}: {key} is given without {key[:-len(SCALE)]}; an "
+                                 f"int8 weight and its scales load together")
+
+        with self._grad_lock:
+            current = self._params
+            keys = [key for key, sources in layout.sources.items()
+                    if any(name in named for name, _ in sources)]
+            for key in keys:     # the other matrices sharing a packed weight, read back
+                for name, _ in layout.sources[key]:
+                    if name not in named:
+                        named[name] = layout.read(current.weights, name)
+            weights = dict(current.weights)
+            weights.update(layout.pack(named, keys))
+            storages = [None if storage is None else
+                        (storage.copy() if floats else storage) for storage in current.storages]
+            for name, value in floats.items():
+                index, rows = layout.names[name]
+                storages[index][slice(None) if rows is None else rows] = value
+            self._params = _Reduced(current.version + 1, storages, weights, layout)
+        return LoadResult(missing, unexpected)
+
+    def _reduced_value(self, owner, name, state_dict):
+        """(q, scale) of weight ``name`` of a state dict, checked: int8 with
+        its scales, bfloat16 bits, or floats reduced here."""
+        layout = self._params.layout
+        cfg = self._config
+        shape = layout.shapes[name]
+        value = as_array(owner, f"state_dict[{name!r}]", state_dict[name])
+        if value.dtype.kind not in "fiu":
+            raise TypeError(f"{owner}: state_dict[{name!r}] must have a real numeric dtype, "
+                            f"got {value.dtype}")
+        if value.shape != shape:
+            raise ValueError(f"{owner}: expected {name} of shape {shape_str(shape)}, got "
+                             f"{shape_str(value.shape)}")
+        scale_name = name + SCALE
+        if layout.int8:
+            if value.dtype == np.int8:
+                if scale_name not in state_dict:
+                    raise ValueError(f"{owner}: {name} is int8, so its scales {scale_name} "
+                                     f"(float32 of shape ({shape[0]},)) must come with it")
+                if (value == -128).any():
+                    raise ValueError(f"{owner}: {name} holds the int8 value -128; expected "
+                                     f"symmetric int8 weights, in [-127, 127]")
+                scale = self._scale(owner, scale_name, state_dict[scale_name], shape[0])
+                return np.ascontiguousarray(value), scale
+            if value.dtype.kind != "f":
+                raise ValueError(f"{owner}: expected {name} as int8 (with {scale_name}) or as "
+                                 f"floating-point weights to quantize, got {value.dtype}")
+            if scale_name in state_dict:
+                raise ValueError(f"{owner}: {scale_name} is given with a {value.dtype} "
+                                 f"{name}; scales go with int8 weights (floating-point ones "
+                                 f"are quantized when loaded)")
+            return _reduce(_finite_float32(owner, name, value), "int8", cfg["per_channel"])
+        if value.dtype == np.uint16:
+            exponent = value & np.uint16(0x7f80)
+            if (exponent == 0x7f80).any():
+                raise ValueError(f"{owner}: {name} has non-finite values (bfloat16 NaN or "
+                                 f"inf); expected finite weights")
+            # subnormals to signed zero, as to_bfloat16 makes them
+            bits = np.where(exponent == 0, value & np.uint16(0x8000), value).astype(np.uint16)
+            return bits, np.ones(shape[0], np.float32)
+        if value.dtype.kind != "f":
+            raise ValueError(f"{owner}: expected {name} as bfloat16 bit patterns (uint16) or "
+                             f"as floating-point weights to round, got {value.dtype}")
+        return _reduce(_finite_float32(owner, name, value), "bfloat16", False)
+
+    def _scale(self, owner, name, raw, rows):
+        scale = as_array(owner, f"state_dict[{name!r}]", raw)
+        if scale.dtype.kind != "f":
+            raise ValueError(f"{owner}: expected {name} of float32, got {scale.dtype}")
+        if scale.shape != (rows,):
+            raise ValueError(f"{owner}: expected {name} of shape ({rows},), got "
+                             f"{shape_str(scale.shape)}")
+        with np.errstate(over="ignore"):
+            scale = scale.astype(np.float32)
+        bad = ~np.isfinite(scale) | (scale < 0)
+        if bad.any():
+            raise ValueError(f"{owner}: {name} must hold finite scales >= 0, got "
+                             f"{float(scale[bad][0])} at row {int(np.argmax(bad))}")
+        if not self._config["per_channel"] and (scale != scale[0]).any():
+            raise ValueError(f"{owner}: {name} holds different scales, but the layer has "
+                             f"per_channel=False (one scale per weight tensor)")
+        return scale
+
+
+def _finite_float32(owner, name, value):
+    with np.errstate(over="ignore"):  # overflow is reported just below
+        value = value.astype(np.float32)
+    if not np.isfinite(value).all():
+        raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf) after "
+                         f"conversion to float32")
+    return value
 
 
 def _check_weight_dtype(owner, weight_dtype):
@@ -153,7 +517,7 @@ def _check_weight_dtype(owner, weight_dtype):
     return weight_dtype
 
 
-class _Quantized:
+class _Quantized(_ReducedWeights):
     """What the quantized layers and cells add to their float class."""
 
     def _init_quantized(self, weight_dtype, per_channel):
@@ -167,6 +531,29 @@ class _Quantized:
                              f"kernels have no projection")
         cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
         cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
+        self._reduce_parameters(self._entries())
+
+    def _entries(self):
+        """The packed weights of each layer (see _Layout): W_ih of both
+        directions stacked, ("ih", layer); W_hh per direction, ("hh", layer,
+        direction), the reset-before GRU's split into its r and z rows and
+        its n rows, ("hn", layer, direction)."""
+        ih, hh = self._storage_index[0], self._storage_index[1]
+        H = self._config["hidden_size"]
+        GH = self._gates * H
+        reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
+        entries = []
+        for name, (index, rows) in self._names.items():
+            if index in ih:
+                entries.append((name, None, ("ih", ih.index(index)), rows))
+            elif index in hh:
+                key = (hh.index(index), rows.start // GH)
+                if reset_before:
+                    entries += [(name, slice(0, 2 * H), ("hh",) + key, None),
+                                (name, slice(2 * H, GH), ("hn",) + key, None)]
+                else:
+                    entries.append((name, None, ("hh",) + key, None))
+        return entries
 
     def _repr_options(self):
         opts = super()._repr_options()
@@ -176,39 +563,31 @@ class _Quantized:
 
     def _quantized(self, params):
         """Per layer (w_ih, w_hh per direction, w_hn per direction or None,
-        bias_x, bias_h): QWeights and float32 biases, made once per
-        parameter set and kept with it."""
+        bias_x, bias_h): QWeights and float32 biases."""
         return self._stack(params).layers
 
     def _stack(self, params):
-        """The kernels' view of the quantized weights (``_quant.QStack``),
-        made once per parameter set and kept with it."""
+        """The kernels' view of the packed weights (``_quant.QStack``), made
+        once per parameter set and kept with it."""
         stack = params.cache.get("int8")
         if stack is None:
             layers = []
-            per_channel = self._config["per_channel"]
-            H, dirs = self._config["hidden_size"], self._dirs
-            GH = self._gates * H
+            packed = params.weights
+            dirs = self._dirs
             reset_before = self._kernel_code == _forward.CELL_GRU_RESET_BEFORE
-            kind = self._config["weight_dtype"]
-            for w_ih, w_hh, b_ih, b_hh in zip(*self._weights(params)):
-                qw_ih = _weight(w_ih, kind, per_channel, dirs)(slice(None))
-                rows_of = _weight(w_hh, kind, per_channel, dirs)
-                if reset_before:
-                    qw_hh = [rows_of(slice(d * GH, d * GH + 2 * H)) for d in range(dirs)]
-                    qw_hn = [rows_of(slice(d * GH + 2 * H, (d + 1) * GH)) for d in range(dirs)]
-                else:
-                    qw_hh = [rows_of(slice(d * GH, (d + 1) * GH)) for d in range(dirs)]
-                    qw_hn = None
+            _, _, b_ihs, b_hhs = self._weights(params)
+            for k, (b_ih, b_hh) in enumerate(zip(b_ihs, b_hhs)):
+                qw_hh = [packed["hh", k, d] for d in range(dirs)]
+                qw_hn = [packed["hn", k, d] for d in range(dirs)] if reset_before else None
                 if b_ih is None:
                     bias_x = bias_h = None
                 elif self._kernel_code == _forward.CELL_GRU:
                     bias_x, bias_h = b_ih, b_hh
                 else:
                     bias_x, bias_h = b_ih + b_hh, None
-                layers.append((qw_ih, qw_hh, qw_hn, bias_x, bias_h))
-            stack = _Stack(_quant.QStack(self._kernel_code, self._config["input_size"], H,
-                                         dirs, layers), layers)
+                layers.append((packed["ih", k], qw_hh, qw_hn, bias_x, bias_h))
+            stack = _Stack(_quant.QStack(self._kernel_code, self._config["input_size"],
+                                         self._config["hidden_size"], dirs, layers), layers)
             params.cache["int8"] = stack
         return stack
 
@@ -275,11 +654,13 @@ class _QuantizedCell(_Quantized):
 _QUANT_DOC = """
 
     Reduced-precision inference (made by ``fastrnn.quantize``; see
-    fastrnn.quantized): the float32 class's parameters and call, with the
-    products in int8 or bfloat16. Extra keyword-only parameters:
-    ``weight_dtype`` ('int8' or 'bfloat16') and ``per_channel`` (int8: bool,
-    default True: a weight scale per output row; False: per weight tensor).
-    Inference only."""
+    fastrnn.quantized): the float32 class's call, with the products in
+    int8 or bfloat16, and its parameters held reduced: the weights int8
+    with a float32 scale per row (``state_dict``: ``<name>`` int8 and
+    ``<name>_scale``), or bfloat16 (uint16 bit patterns); the biases
+    float32. Extra keyword-only parameters: ``weight_dtype`` ('int8' or
+    'bfloat16') and ``per_channel`` (int8: bool, default True: a weight
+    scale per output row; False: per weight tensor). Inference only."""
 
 
 def _quantized_class(base, mixin):
@@ -318,11 +699,14 @@ QuantizedGRUCell = _quantized_class(GRUCell, _QuantizedCell)
 QuantizedLSTMCell = _quantized_class(LSTMCell, _QuantizedCell)
 
 
-class QuantizedLinear(Linear):
+class QuantizedLinear(_ReducedWeights, Linear):
     """``Linear`` with int8 or bfloat16 weights (made by ``fastrnn.quantize``):
     int8 ``y = dequant(q(x) . q(W)^T) + b``, every row of x quantized with
     its own scale, the weight per output row (``per_channel``) or as one
-    tensor; bfloat16 ``y = bf16(x) . bf16(W)^T + b``. Inference only."""
+    tensor; bfloat16 ``y = bf16(x) . bf16(W)^T + b``. It holds ``weight``
+    only reduced (``state_dict``: int8 and ``weight_scale``, or uint16
+    bfloat16 bits; see fastrnn.quantized) and ``bias`` in float32.
+    Inference only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
@@ -337,6 +721,7 @@ class QuantizedLinear(Linear):
                              f"dtype={cfg['dtype'].name}")
         cfg["weight_dtype"] = _check_weight_dtype("QuantizedLinear", weight_dtype)
         cfg["per_channel"] = v.check_bool("QuantizedLinear", "per_channel", per_channel)
+        self._reduce_parameters([("weight", None, "weight", None)])
 
     def __repr__(self):
         cfg = self._config
@@ -347,9 +732,7 @@ class QuantizedLinear(Linear):
     def _qweight(self, params):
         packed = params.cache.get("int8")
         if packed is None:
-            weight = _weight(params.views["weight"], self._config["weight_dtype"],
-                             self._config["per_channel"])(slice(None))
-            packed = params.cache["int8"] = (weight, params.views.get("bias"))
+            packed = params.cache["int8"] = (params.weights["weight"], params.views.get("bias"))
         return packed
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
@@ -435,10 +818,12 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     Returns
     -------
     QuantizedRNN, QuantizedGRU, QuantizedLSTM, QuantizedRNNCell, QuantizedGRUCell, QuantizedLSTMCell, QuantizedLinear or Sequential
-        The quantized model, with the same call API. Its float32 parameters
-        are copies of the model's: ``state_dict``, ``fastrnn.save`` and
-        pickling carry them and the quantization settings, and the int8
-        weights are made from them.
+        A new model, with the same call API, holding the weights reduced
+        (int8 with a float32 scale per row, or bfloat16) and the biases in
+        float32, not the float32 weights: a quarter or half of their bytes.
+        ``state_dict``, ``fastrnn.save`` and pickling carry those reduced
+        weights and the quantization settings (see fastrnn.quantized). The
+        float model is not changed.
 
     Raises
     ------
@@ -483,8 +868,9 @@ def is_torch_dynamic(module):
 
 
 def _torch_weight(torch, name, tensor):
-    """(float32 weights q * s, per_channel) of one of PyTorch's quantized
-    weights; its -128s become -127 (fastrnn's int8 is symmetric)."""
+    """(int8 weights, float32 scale per row, per_channel) of one of
+    PyTorch's quantized weights; its -128s become -127 (fastrnn's int8 is
+    symmetric)."""
     owner = "from_torch"
     if tensor.dtype != torch.qint8:
         raise ValueError(f"{owner}: {name} is {tensor.dtype}; fastrnn imports int8 dynamic "
@@ -507,8 +893,8 @@ def _torch_weight(torch, name, tensor):
     if np.any(zero != 0):
         raise ValueError(f"{owner}: {name} has a non-zero zero point; fastrnn's int8 weights "
                          f"are symmetric (zero point 0, PyTorch's default for qint8 weights)")
-    q = np.clip(tensor.int_repr().numpy().astype(np.int16), -127, 127).astype(np.float32)
-    return (q * scales.astype(np.float32)[:, None]).astype(np.float32), per_channel
+    q = np.clip(tensor.int_repr().numpy(), -127, 127).astype(np.int8)
+    return q, np.ascontiguousarray(scales, np.float32), per_channel
 
 
 def from_torch_dynamic(module):
@@ -533,11 +919,11 @@ def from_torch_dynamic(module):
         raise ValueError(f"from_torch: {name} was quantized to {dtype}; fastrnn imports int8 "
                          f"dynamic quantization (dtype=torch.qint8) only")
     if name == "Linear":
-        weight, per_channel = _torch_weight(torch, "Linear.weight", module.weight())
+        weight, scale, per_channel = _torch_weight(torch, "Linear.weight", module.weight())
         bias = module.bias()
         result = QuantizedLinear(weight.shape[1], weight.shape[0], bias=bias is not None,
                                  per_channel=per_channel)
-        state = {"weight": weight}
+        state = {"weight": weight, "weight" + SCALE: scale}
         if bias is not None:
             state["bias"] = bias.detach().to(torch.float32).numpy()
         result.load_state_dict(state)
@@ -546,7 +932,8 @@ def from_torch_dynamic(module):
     biases = module.get_bias()
     state, schemes = {}, set()
     for key, tensor in weights.items():
-        state[key], per_channel = _torch_weight(torch, f"{name}.{key}", tensor)
+        state[key], state[key + SCALE], per_channel = _torch_weight(torch, f"{name}.{key}",
+                                                                    tensor)
         schemes.add(per_channel)
     if len(schemes) != 1:
         raise ValueError(f"from_torch: {name} mixes per-tensor and per-channel weights; "

@@ -12,11 +12,16 @@ would be the wrong test anyway: a last-bit difference in h can move a
 quantized value across a rounding boundary, a jump of a whole step of
 the scale, so "close" is not a property quantized recurrences have.)
 """
+import gc
+import hashlib
+import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -84,8 +89,20 @@ def tanh(v):
     return _act(v)[1].reshape(np.shape(v))
 
 
-def oracle_layer(layer, x, hx=None, lengths=None):
-    """A quantized layer's call (time-major x (T, B, D)) in NumPy."""
+def oracle_weights(state, name, per_channel):
+    """The int8 weight ``name`` and its scales: as a quantized layer's state
+    dict holds them, or quantized here from a float state dict's weights."""
+    if state[name].dtype == np.int8:
+        return state[name], state[name + "_scale"]
+    if state[name].dtype == np.uint16:    # a bfloat16 layer's bit patterns
+        return state[name], np.ones(len(state[name]), F32)
+    return oracle_weight(state[name], per_channel)
+
+
+def oracle_layer(layer, x, hx=None, lengths=None, state=None):
+    """A quantized layer's call (time-major x (T, B, D)) in NumPy, with the
+    weights of its state dict, or quantized from those of ``state`` (the
+    float layer's)."""
     cfg = layer._config
     H, L = cfg["hidden_size"], cfg["num_layers"]
     dirs = 2 if cfg["bidirectional"] else 1
@@ -95,7 +112,7 @@ def oracle_layer(layer, x, hx=None, lengths=None):
         type(layer).__name__]
     G = {"lstm": 4, "gru": 3, "gru_before": 3}.get(kind, 1)
     T, B = x.shape[:2]
-    sd = layer.state_dict()
+    sd = layer.state_dict() if state is None else state
     h_n = np.zeros((L * dirs, B, H), F32) if hx is None else np.array(
         hx[0] if kind == "lstm" else hx, F32)
     c_n = (np.zeros((L * dirs, B, H), F32) if hx is None else np.array(hx[1], F32)) \
@@ -106,8 +123,8 @@ def oracle_layer(layer, x, hx=None, lengths=None):
         outs = []
         for d in range(dirs):
             sfx = f"_l{k}" + ("_reverse" if d else "")
-            wq_ih, ws_ih = oracle_weight(sd["weight_ih" + sfx], per_channel)
-            wq_hh, ws_hh = oracle_weight(sd["weight_hh" + sfx], per_channel)
+            wq_ih, ws_ih = oracle_weights(sd, "weight_ih" + sfx, per_channel)
+            wq_hh, ws_hh = oracle_weights(sd, "weight_hh" + sfx, per_channel)
             b_ih, b_hh = sd.get("bias_ih" + sfx), sd.get("bias_hh" + sfx)
             if b_ih is None:
                 bias_x = bias_h = None
@@ -229,18 +246,21 @@ LAYERS = [
 def test_layer_matches_oracle(cls, kwargs, per_channel):
     rng = np.random.default_rng(2)
     D, H, T, B = 7, 17, 6, 3
-    layer = fastrnn.quantize(cls(D, H, seed=3, **kwargs), per_channel=per_channel)
+    float_layer = cls(D, H, seed=3, **kwargs)
+    layer = fastrnn.quantize(float_layer, per_channel=per_channel)
     x = rng.standard_normal((T, B, D)).astype(F32)
     states = layer.num_layers * (2 if layer.bidirectional else 1)
     h0 = rng.standard_normal((states, B, H)).astype(F32) * F32(0.5)
     hx = (h0, h0[::-1].copy()) if cls is fastrnn.LSTM else h0
     lengths = [6, 2, 4]
     out, state = layer(x, hx, lengths=lengths)
-    ref_out, ref_h, ref_c = oracle_layer(layer, x, hx, lengths)
-    np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
-    if cls is fastrnn.LSTM:
-        np.testing.assert_array_equal(state[1], ref_c)
+    # the oracle quantizes the float layer's weights itself, and uses the ones held
+    for weights in (float_layer.state_dict(), None):
+        ref_out, ref_h, ref_c = oracle_layer(layer, x, hx, lengths, state=weights)
+        np.testing.assert_array_equal(out, ref_out)
+        np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
+        if cls is fastrnn.LSTM:
+            np.testing.assert_array_equal(state[1], ref_c)
 
 
 def test_batch_first_and_unbatched_match():
@@ -611,7 +631,7 @@ def test_from_torch_dynamic_layers(kind, per_channel):
     torch_q = _torch_dynamic(float_module, per_channel)
     layer = fastrnn.from_torch(torch_q)
     assert type(layer).__name__ == "Quantized" + kind and layer.per_channel is per_channel
-    # PyTorch's int8 weights exactly (-128 -> -127), its scales within 2 ulp
+    # PyTorch's int8 weights exactly (-128 -> -127), and its scales (in float32)
     weights = torch_q.get_weight()
     for k, (w_ih, w_hh, _, _, _) in enumerate(layer._quantized(layer._params)):
         for d, sfx in enumerate(("", "_reverse")):
@@ -619,11 +639,12 @@ def test_from_torch_dynamic_layers(kind, per_channel):
             for name, used in (("weight_ih", w_ih.scale[d * GH:(d + 1) * GH]),
                                ("weight_hh", w_hh[d].scale)):
                 theirs = weights[f"{name}_l{k}{sfx}"]
-                q, s = Q.quantize_weight(getattr(layer, f"{name}_l{k}{sfx}"), per_channel)
+                q = getattr(layer, f"{name}_l{k}{sfx}")
+                s = getattr(layer, f"{name}_l{k}{sfx}_scale")
                 np.testing.assert_array_equal(q, np.clip(theirs.int_repr().numpy(), -127, 127))
                 ref_s = (theirs.q_per_channel_scales().numpy() if per_channel
                          else np.full(len(q), theirs.q_scale()))
-                np.testing.assert_allclose(s, ref_s, rtol=2.4e-7)
+                np.testing.assert_array_equal(s, ref_s.astype(F32))
                 np.testing.assert_array_equal(used, s)   # what the kernels use
     x = torch.randn(100, 32, 64)
     with torch.no_grad():
@@ -817,7 +838,8 @@ def test_bf16_product_every_build(M, K, N):
                                         (fastrnn.RNN, {"num_layers": 2, "bidirectional": True})])
 def test_bf16_layer_matches_oracle(cls, kwargs):
     rng = np.random.default_rng(21)
-    layer = fastrnn.quantize(cls(7, 17, seed=3, **kwargs), dtype="bfloat16")
+    float_layer = cls(7, 17, seed=3, **kwargs)
+    layer = fastrnn.quantize(float_layer, dtype="bfloat16")
     assert layer.weight_dtype == "bfloat16"
     x = rng.standard_normal((6, 3, 7)).astype(F32)
     out, state = layer(x, lengths=[6, 2, 4])
@@ -827,9 +849,11 @@ def test_bf16_layer_matches_oracle(cls, kwargs):
                       oracle_bf16_product(x, wq, bias))
         patch.setitem(globals(), "oracle_weight", lambda w, per_channel, tensors=1:
                       (oracle_bf16_round(w), np.ones(len(w), F32)))
-        ref_out, ref_h, _ = oracle_layer(layer, x, lengths=[6, 2, 4])
-    np.testing.assert_array_equal(out, ref_out)
-    np.testing.assert_array_equal(h, ref_h)
+        # the weights rounded here from the float layer's, and the ones held
+        for weights in (float_layer.state_dict(), None):
+            ref_out, ref_h, _ = oracle_layer(layer, x, lengths=[6, 2, 4], state=weights)
+            np.testing.assert_array_equal(out, ref_out)
+            np.testing.assert_array_equal(h, ref_h)
 
 
 @pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
@@ -859,3 +883,506 @@ def test_bf16_model_saves_loads_and_streams(tmp_path):
     with pytest.raises(TypeError, match=r"QuantizedLSTM: forward_train is not available on "
                                         r"a quantized \(bfloat16\) model"):
         model[0].forward_train(x)
+
+
+# --- memory: the reduced weights alone ------------------------------------------------------
+
+def _quantized_outputs():
+    """name -> digest of the outputs of quantize() on fixed float models."""
+    rng = np.random.default_rng(2026)
+    x = rng.standard_normal((6, 3, 5)).astype(F32)
+    h2 = rng.standard_normal((4, 3, 7)).astype(F32)
+    c2 = rng.standard_normal((4, 3, 7)).astype(F32)
+    h1 = rng.standard_normal((1, 3, 7)).astype(F32)
+    lengths = np.array([6, 2, 4])
+    models = {
+        "lstm": (lambda: fastrnn.LSTM(5, 7, num_layers=2, bidirectional=True, seed=0),
+                 lambda m: m(x, (h2, c2), lengths=lengths)),
+        "gru": (lambda: fastrnn.GRU(5, 7, seed=1), lambda m: m(x, h1)),
+        "gru_before": (lambda: fastrnn.GRU(5, 7, num_layers=2, reset_after=False, seed=2),
+                       lambda m: m(x[:, :2], h2[:2, :2])),
+        "rnn_relu": (lambda: fastrnn.RNN(5, 7, nonlinearity="relu", bias=False, seed=3),
+                     lambda m: m(x)),
+        "lstm_cell": (lambda: fastrnn.LSTMCell(5, 7, seed=4),
+                      lambda m: m(x[0], (h1[0], c2[0]))),
+        "gru_cell": (lambda: fastrnn.GRUCell(5, 7, reset_after=False, seed=5),
+                     lambda m: m(x[0], h1[0])),
+        "rnn_cell": (lambda: fastrnn.RNNCell(5, 7, seed=6), lambda m: m(x[1])),
+        "linear": (lambda: fastrnn.Linear(5, 3, seed=7), lambda m: m(x)),
+        "sequential": (lambda: fastrnn.Sequential([
+            fastrnn.LSTM(5, 16, batch_first=True, seed=8), fastrnn.GRU(16, 8, seed=9),
+            fastrnn.LastStep(), fastrnn.Linear(8, 2, seed=10)]), lambda m: m.predict(x)),
+    }
+    digests = {}
+    for name, (make, call) in models.items():
+        for dtype, per_channel in (("int8", True), ("int8", False), ("bfloat16", True)):
+            result = call(fastrnn.quantize(make(), dtype=dtype, per_channel=per_channel))
+            flat, todo = [], [result]
+            while todo:
+                item = todo.pop(0)
+                if isinstance(item, tuple):
+                    todo = list(item) + todo
+                else:
+                    flat.append(np.ascontiguousarray(item, F32))
+            digest = hashlib.sha256(b"".join(a.tobytes() for a in flat)).hexdigest()[:16]
+            digests[f"{name}-{dtype}-{'channel' if per_channel else 'tensor'}"] = digest
+    return digests
+
+
+# the digests of _quantized_outputs() when quantized models also kept their float32
+# weights (fastrnn 2fde3a4, every int8 build: the kernels give the same bits everywhere)
+_OUTPUTS_BEFORE = {
+    "gru-bfloat16-channel": "f0258a56eb288f1e", "gru-int8-channel": "016d2c3c18f22375",
+    "gru-int8-tensor": "665cd6b45e4e8326", "gru_before-bfloat16-channel": "598c3e55e4ebf170",
+    "gru_before-int8-channel": "713a1ac99b651517", "gru_before-int8-tensor": "951e0854ec83aa42",
+    "gru_cell-bfloat16-channel": "43b9c5d25a5db60c", "gru_cell-int8-channel": "6624115dc8a385cc",
+    "gru_cell-int8-tensor": "12a062b98c839d50", "linear-bfloat16-channel": "dfdd997068851363",
+    "linear-int8-channel": "7a1ae796c835ccbe", "linear-int8-tensor": "8b2a6e7fb3655961",
+    "lstm-bfloat16-channel": "3fe43a47d3d917a2", "lstm-int8-channel": "c68e913ea40f3628",
+    "lstm-int8-tensor": "a7d7f3e7a2138ac2", "lstm_cell-bfloat16-channel": "3d5d0045d4ba9d81",
+    "lstm_cell-int8-channel": "341a78c2d3a7f065", "lstm_cell-int8-tensor": "537badbf7e9b5a3b",
+    "rnn_cell-bfloat16-channel": "2f546d9f54b9251f", "rnn_cell-int8-channel": "3df1d076542ce1ec",
+    "rnn_cell-int8-tensor": "6570eba13c0096cf", "rnn_relu-bfloat16-channel": "f96ca92282d29cbd",
+    "rnn_relu-int8-channel": "7d8bba5b28bb4bbc", "rnn_relu-int8-tensor": "a36a7fe190470044",
+    "sequential-bfloat16-channel": "90e48d92ea6e52cf",
+    "sequential-int8-channel": "46a07000b62720e3",
+    "sequential-int8-tensor": "52ee1562c6e3b56f",
+}
+
+
+def test_outputs_unchanged_by_holding_reduced_weights():
+    assert _quantized_outputs() == _OUTPUTS_BEFORE
+
+
+_NOT_DATA = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+             types.MethodType)
+
+
+def _reachable_arrays(root):
+    """Every array holding memory that can be reached from root (through
+    any attribute, container, cache or view's base; not through classes,
+    modules or functions)."""
+    seen, owners, todo = set(), {}, [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, _NOT_DATA):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            base = obj
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            owners[id(base)] = base
+            if base.base is not None:       # memory of another object (a buffer, a map)
+                todo.append(base.base)
+            continue
+        todo.extend(gc.get_referents(obj))
+    return list(owners.values())
+
+
+def _float_weight_bytes(model):
+    return sum(value.nbytes for key, value in model.state_dict().items()
+               if "weight" in key)
+
+
+_MEMORY_MODELS = [
+    lambda: fastrnn.LSTM(64, 128, num_layers=2, bidirectional=True, seed=0),
+    lambda: fastrnn.GRU(64, 128, reset_after=False, seed=1),
+    lambda: fastrnn.RNN(64, 128, seed=2),
+    lambda: fastrnn.LSTMCell(64, 128, seed=3),
+    lambda: fastrnn.GRUCell(64, 128, seed=4),
+    lambda: fastrnn.RNNCell(64, 128, seed=5),
+    lambda: fastrnn.Linear(256, 128, seed=6),
+    lambda: fastrnn.Sequential([fastrnn.LSTM(64, 128, batch_first=True, seed=7),
+                                fastrnn.LastStep(), fastrnn.Linear(128, 64, seed=8)]),
+]
+
+
+@pytest.mark.parametrize("dtype,fraction", [("int8", 0.25), ("bfloat16", 0.5)])
+@pytest.mark.parametrize("make", _MEMORY_MODELS)
+def test_memory_holds_only_the_reduced_weights(make, dtype, fraction):
+    float_model = make()
+    float_bytes = _float_weight_bytes(float_model)
+    q = fastrnn.quantize(float_model, dtype=dtype)
+    x = np.ones((2, 3, 64 if not isinstance(q, Q.QuantizedLinear) else 256), F32)
+    if isinstance(q, Q._QuantizedCell):
+        x = x[0]
+    q.predict(x) if isinstance(q, fastrnn.Sequential) else q(x)   # its caches made too
+    arrays = _reachable_arrays(q)
+    # no float array of a weight's shape, or of two dimensions at all
+    assert not [a.shape for a in arrays if a.dtype.kind == "f" and a.ndim > 1]
+    held = sum(a.nbytes for a in arrays)
+    # the packed weights, their scales and column sums, the biases and their sums
+    assert fraction * float_bytes <= held <= (fraction + 0.04) * float_bytes, \
+        (held, float_bytes)
+    # the state dict's weights: a quarter (int8, with a float32 scale per row) or half
+    state = q.state_dict()
+    weights = {k: val for k, val in state.items() if "weight" in k and "scale" not in k}
+    assert {val.dtype.name for val in weights.values()} == {
+        "int8" if dtype == "int8" else "uint16"}
+    assert sum(val.nbytes for val in weights.values()) == fraction * float_bytes
+    scales = {k: val for k, val in state.items() if k.endswith("_scale")}
+    if dtype == "int8":
+        assert sorted(scales) == sorted(k + "_scale" for k in weights)
+        assert all(val.dtype == F32 and val.shape == (len(weights[k[:-6]]),)
+                   for k, val in scales.items())
+    else:
+        assert not scales
+
+
+def test_quantize_leaves_the_float_model_alone():
+    model = _model()
+    before = model.state_dict()
+    x = np.random.default_rng(30).standard_normal((4, 7, 3)).astype(F32)
+    y = model.predict(x)
+    for dtype in Q.WEIGHT_DTYPES:
+        q = fastrnn.quantize(model, dtype=dtype)
+        assert q is not model and q[0] is not model[0]
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key in before:
+        assert after[key].dtype == F32
+        np.testing.assert_array_equal(after[key], before[key])
+    np.testing.assert_array_equal(model.predict(x), y)
+    assert model[0].grads["weight_ih_l0"].shape == model[0].weight_ih_l0.shape
+
+
+@pytest.mark.parametrize("dtype", Q.WEIGHT_DTYPES)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_state_dict_round_trip_bit_identical(dtype, per_channel):
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((5, 3, 6)).astype(F32)
+    for float_layer in (fastrnn.LSTM(6, 9, num_layers=2, bidirectional=True, seed=0),
+                        fastrnn.GRU(6, 9, reset_after=False, bidirectional=True, seed=0),
+                        fastrnn.Linear(6, 4, seed=0)):
+        q = fastrnn.quantize(float_layer, dtype=dtype, per_channel=per_channel)
+        other = fastrnn.quantize(type(float_layer)(*(
+            (6, 4) if isinstance(float_layer, fastrnn.Linear) else (6, 9)), **(
+            {} if isinstance(float_layer, fastrnn.Linear) else
+            {"num_layers": float_layer.num_layers, "bidirectional": True,
+             **({} if isinstance(float_layer, fastrnn.LSTM) else {"reset_after": False})}),
+            seed=1), dtype=dtype, per_channel=per_channel)
+        state = q.state_dict()
+        assert not np.array_equal(other(x)[0], q(x)[0])
+        other.load_state_dict(state)
+        np.testing.assert_array_equal(other(x)[0], q(x)[0])
+        again = other.state_dict()
+        assert list(again) == list(state)
+        for key in state:
+            assert again[key].dtype == state[key].dtype
+            np.testing.assert_array_equal(again[key], state[key])
+        # what the state dict gives is the caller's: changing it changes nothing
+        for value in state.values():
+            value[...] = 0
+        np.testing.assert_array_equal(other(x)[0], q(x)[0])
+
+
+def test_load_state_dict_part_and_attributes():
+    rng = np.random.default_rng(32)
+    q = fastrnn.quantize(fastrnn.GRU(4, 6, bidirectional=True, seed=0))
+    other = fastrnn.quantize(fastrnn.GRU(4, 6, bidirectional=True, seed=1))
+    x = rng.standard_normal((5, 2, 4)).astype(F32)
+    state = q.state_dict()
+    # one direction's input weights (stacked with the other's for the kernels)
+    other.load_state_dict({k: state[k] for k in ("weight_ih_l0_reverse",
+                                                 "weight_ih_l0_reverse_scale")}, strict=False)
+    assert other.weight_ih_l0_reverse.dtype == np.int8
+    np.testing.assert_array_equal(other.weight_ih_l0_reverse, state["weight_ih_l0_reverse"])
+    np.testing.assert_array_equal(other.weight_ih_l0_reverse_scale,
+                                  state["weight_ih_l0_reverse_scale"])
+    assert not np.array_equal(other.weight_ih_l0, state["weight_ih_l0"])
+    for key in state:
+        if key.startswith("bias"):
+            other.load_state_dict({key: state[key]}, strict=False)
+        elif not key.endswith("_scale") and key != "weight_ih_l0_reverse":
+            other.load_state_dict({key: state[key], key + "_scale": state[key + "_scale"]},
+                                  strict=False)
+    np.testing.assert_array_equal(other(x)[0], q(x)[0])
+    # a float weight assigned is quantized, as quantize() does
+    w = rng.standard_normal((18, 4)).astype(F32)
+    q.weight_ih_l0 = w
+    np.testing.assert_array_equal(q.weight_ih_l0, Q.quantize_weight(w, True)[0])
+    np.testing.assert_array_equal(q.weight_ih_l0_scale, Q.quantize_weight(w, True)[1])
+    with pytest.raises(ValueError, match=r"QuantizedGRU: weight_hh_l0_scale is given without "
+                                         r"weight_hh_l0; an int8 weight and its scales load "
+                                         r"together"):
+        q.weight_hh_l0_scale = np.ones(18, F32)
+    with pytest.raises(ValueError, match=r"QuantizedGRU: weight_hh_l0 is int8, so its scales "
+                                         r"weight_hh_l0_scale \(float32 of shape \(18,\)\) "
+                                         r"must come with it"):
+        q.weight_hh_l0 = np.ones((18, 6), np.int8)
+    with pytest.raises(ValueError):   # read-only, as a float layer's parameters
+        q.weight_hh_l0[0, 0] = 1
+
+
+def test_sequential_state_dict_round_trip():
+    model = _model()
+    x = np.random.default_rng(33).standard_normal((4, 7, 3)).astype(F32)
+    for dtype in Q.WEIGHT_DTYPES:
+        q = fastrnn.quantize(model, dtype=dtype)
+        fresh = fastrnn.quantize(fastrnn.Sequential([
+            fastrnn.LSTM(3, 16, batch_first=True, seed=5), fastrnn.Dropout(0.1),
+            fastrnn.GRU(16, 8, seed=6), fastrnn.LastStep(), fastrnn.Linear(8, 2, seed=7)]),
+            dtype=dtype)
+        fresh.load_state_dict(q.state_dict())
+        np.testing.assert_array_equal(fresh.predict(x), q.predict(x))
+        fresh.load_state_dict(model.state_dict())       # float32 weights: quantized
+        np.testing.assert_array_equal(fresh.predict(x), q.predict(x))
+    state = fastrnn.quantize(model).state_dict()
+    del state["2.weight_hh_l0_scale"]
+    fresh = fastrnn.quantize(model)
+    with pytest.raises(ValueError, match=r"Sequential: load_state_dict: missing keys "
+                                         r"\['2.weight_hh_l0_scale'\], unexpected keys \[\]"):
+        fresh.load_state_dict(state)
+
+
+def _npz_arrays(path):
+    with np.load(path) as f:
+        return {key: f[key] for key in f.files}
+
+
+@pytest.mark.parametrize("dtype,fraction", [("int8", 0.25), ("bfloat16", 0.5)])
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_files_hold_the_reduced_weights(tmp_path, dtype, fraction, suffix):
+    model = fastrnn.Sequential([fastrnn.LSTM(64, 128, batch_first=True, seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(128, 8, seed=1)])
+    q = fastrnn.quantize(model, dtype=dtype)
+    model.save(tmp_path / ("f" + suffix))
+    q.save(tmp_path / ("q" + suffix))
+    float_size = os.path.getsize(tmp_path / ("f" + suffix))
+    size = os.path.getsize(tmp_path / ("q" + suffix))
+    # the weights' share, and the biases, scales and description besides
+    assert fraction * float_size < size < (fraction + 0.05) * float_size, (size, float_size)
+    loaded = fastrnn.load(tmp_path / ("q" + suffix))
+    x = np.random.default_rng(34).standard_normal((3, 5, 64)).astype(F32)
+    np.testing.assert_array_equal(loaded.predict(x), q.predict(x))
+    for key, value in q.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value)
+    if suffix == ".safetensors":   # dtypes other readers know: I8, and BF16
+        with open(tmp_path / ("q" + suffix), "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        assert header["0.weight_ih_l0"]["dtype"] == ("I8" if dtype == "int8" else "BF16")
+        assert header["0.bias_ih_l0"]["dtype"] == "F32"
+        state = fastrnn.load_state_dict_file(tmp_path / ("q" + suffix))
+        fresh = fastrnn.quantize(model, dtype=dtype)
+        fresh.load_state_dict(state)     # (BF16 read as float32: rounds to the same bits)
+        np.testing.assert_array_equal(fresh.predict(x), q.predict(x))
+    else:
+        assert _npz_arrays(tmp_path / ("q" + suffix))["weights/0.weight_ih_l0"].dtype == (
+            np.int8 if dtype == "int8" else np.uint16)
+
+
+def test_files_of_float32_weights_still_load(tmp_path):
+    # files written when quantized models saved their float32 parameters
+    model = _model()
+    q = fastrnn.quantize(model, per_channel=False)
+    q.save(tmp_path / "q.npz")
+    arrays = _npz_arrays(tmp_path / "q.npz")
+    arrays = {key: val for key, val in arrays.items() if not key.endswith("_scale")}
+    arrays.update({f"weights/{key}": val for key, val in model.state_dict().items()})
+    np.savez(tmp_path / "old.npz", **arrays)
+    loaded = fastrnn.load(tmp_path / "old.npz")
+    x = np.random.default_rng(35).standard_normal((4, 7, 3)).astype(F32)
+    np.testing.assert_array_equal(loaded.predict(x), q.predict(x))
+
+
+@pytest.mark.parametrize("dtype", Q.WEIGHT_DTYPES)
+def test_pickle_holds_the_reduced_weights(dtype):
+    model = fastrnn.LSTM(64, 128, seed=0)
+    q = fastrnn.quantize(model, dtype=dtype)
+    data = pickle.dumps(q)
+    assert len(data) < (0.28 if dtype == "int8" else 0.53) * len(pickle.dumps(model))
+    copy = pickle.loads(data)
+    x = np.random.default_rng(36).standard_normal((5, 2, 64)).astype(F32)
+    np.testing.assert_array_equal(copy(x)[0], q(x)[0])
+
+
+def _file_with(tmp_path, suffix, model, **changes):
+    """model saved, then its weights changed (name -> array, or None to drop)."""
+    from fastrnn import _saving
+    model.save(tmp_path / ("m" + suffix))
+    if suffix == ".npz":
+        arrays = _npz_arrays(tmp_path / "m.npz")
+        config = json.loads(str(arrays.pop("config")))
+    else:
+        with open(tmp_path / "m.safetensors", "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        config = json.loads(header["__metadata__"]["fastrnn"])
+        arrays = {f"weights/0.{k}": v for k, v in
+                  fastrnn.load_state_dict_file(tmp_path / "m.safetensors").items()}
+        for key, value in model.state_dict().items():     # BF16 as its bits
+            arrays[f"weights/0.{key}"] = value
+    for name, value in changes.items():
+        key = "weights/0." + name
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    path = tmp_path / ("bad" + suffix)
+    _saving._write(path, config, arrays)
+    return path
+
+
+_HOSTILE = {
+    "int16_weight": ("int8", {"weight_hh_l0": np.ones((24, 6), np.int16)},
+                     r"member 'weights/0.weight_hh_l0.npy' holds int16 data; weights must be "
+                     r"float32 or float64, or int8 or uint16 \(a quantized layer's\)"),
+    "minus_128": ("int8", {"weight_ih_l0": np.full((24, 4), -128, np.int8)},
+                  r"layer 0 \(QuantizedLSTM\): QuantizedLSTM: weight_ih_l0 holds the int8 "
+                  r"value -128; expected symmetric int8 weights, in \[-127, 127\]"),
+    "scale_shape": ("int8", {"weight_ih_l0_scale": np.ones(23, F32)},
+                    r"layer 0 \(QuantizedLSTM\): weight_ih_l0_scale has shape \(23,\) in the "
+                    r"file; expected the scales of the int8 weight_ih_l0, one per row: "
+                    r"\(24,\)"),
+    "scale_negative": ("int8", {"weight_ih_l0_scale": np.full(24, -0.5, F32)},
+                       r"QuantizedLSTM: weight_ih_l0_scale must hold finite scales >= 0, got "
+                       r"-0.5 at row 0"),
+    "scale_nan": ("int8", {"weight_hh_l0_scale": np.r_[np.ones(3, F32), np.nan,
+                                                       np.ones(20, F32)]},
+                  r"QuantizedLSTM: weight_hh_l0_scale must hold finite scales >= 0, got nan "
+                  r"at row 3"),
+    "scale_missing": ("int8", {"weight_hh_l0_scale": None},
+                      r"layer 0 \(QuantizedLSTM\): QuantizedLSTM: load_state_dict: missing "
+                      r"keys \['weight_hh_l0_scale'\], unexpected keys \[\]"),
+    "scale_with_float": ("int8", {"weight_hh_l0": np.ones((24, 6), F32)},
+                         r"QuantizedLSTM: weight_hh_l0_scale is given with a float32 "
+                         r"weight_hh_l0; scales go with int8 weights"),
+    "scale_of_bias": ("int8", {"bias_ih_l0_scale": np.ones(24, F32)},
+                      r"layer 0 \(QuantizedLSTM, .*\) calls for 4 arrays of .* but the file "
+                      r"holds 5 arrays"),
+    "bf16_given_int8": ("bfloat16", {"weight_ih_l0": np.ones((24, 4), np.int8)},
+                        r"weight_ih_l0 holds int8 data; expected float32 or float64 or uint16"),
+    "bf16_nan": ("bfloat16", {"weight_ih_l0": np.full((24, 4), 0x7fc0, np.uint16)},
+                 r"QuantizedLSTM: weight_ih_l0 has non-finite values \(bfloat16 NaN or inf\)"),
+    "bf16_scale": ("bfloat16", {"weight_ih_l0_scale": np.ones(24, F32)},
+                   r"layer 0 \(QuantizedLSTM, .*\) calls for 4 arrays of .* but the file "
+                   r"holds 5 arrays"),
+    "int8_bias": ("int8", {"bias_ih_l0": np.ones(24, np.int8)},
+                  r"layer 0 \(QuantizedLSTM\): bias_ih_l0 holds int8 data; expected float32 "
+                  r"or float64$"),
+    "int8_scale": ("int8", {"weight_ih_l0_scale": np.ones(24, np.int8)},
+                   r"layer 0 \(QuantizedLSTM\): weight_ih_l0_scale holds int8 data; expected "
+                   r"float32 or float64$"),
+    "float_layer_int8": (None, {"weight_ih_l0": np.ones((24, 4), np.int8)},
+                         r"layer 0 \(LSTM\): weight_ih_l0 holds int8 data; expected float32 "
+                         r"or float64$"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+@pytest.mark.parametrize("case", sorted(_HOSTILE))
+def test_malformed_files_refused(tmp_path, suffix, case):
+    dtype, changes, message = _HOSTILE[case]
+    if suffix == ".safetensors" and any(np.asarray(v).dtype == np.int16 for v in changes.values()
+                                        if v is not None):
+        pytest.skip("the writer has no I16 (the header check refuses it: test_hostile_files)")
+    lstm = fastrnn.LSTM(4, 6, seed=0)
+    model = lstm if dtype is None else fastrnn.quantize(lstm, dtype=dtype)
+    path = _file_with(tmp_path, suffix, model, **changes)
+    with pytest.raises(ValueError, match=r"is not a valid fastrnn model file: .*" + message):
+        fastrnn.load(path)
+
+
+def test_malformed_state_dicts_refused():
+    q = fastrnn.quantize(fastrnn.LSTM(4, 6, seed=0), per_channel=False)
+    state = q.state_dict()
+    before = q.state_dict()
+
+    def refused(exc, message, **changes):
+        bad = dict(state)
+        for key, value in changes.items():
+            if value is None:
+                del bad[key]
+            else:
+                bad[key] = value
+        with pytest.raises(exc, match=message):
+            q.load_state_dict(bad)
+        for key, value in q.state_dict().items():    # unchanged
+            np.testing.assert_array_equal(value, before[key])
+
+    refused(ValueError, r"QuantizedLSTM: expected weight_ih_l0 as int8 \(with "
+                        r"weight_ih_l0_scale\) or as floating-point weights to quantize, got "
+                        r"uint8", weight_ih_l0=np.ones((24, 4), np.uint8))
+    refused(ValueError, r"QuantizedLSTM: expected weight_ih_l0 of shape \(24, 4\), got "
+                        r"\(4, 24\)", weight_ih_l0=np.ones((4, 24), np.int8))
+    refused(ValueError, r"QuantizedLSTM: expected weight_ih_l0_scale of float32, got int32",
+            weight_ih_l0_scale=np.ones(24, np.int32))
+    refused(ValueError, r"QuantizedLSTM: expected weight_ih_l0_scale of shape \(24,\), got "
+                        r"\(1,\)", weight_ih_l0_scale=np.ones(1, F32))
+    refused(ValueError, r"QuantizedLSTM: weight_ih_l0_scale must hold finite scales >= 0, "
+                        r"got inf at row 2", weight_ih_l0_scale=np.r_[1, 1, np.inf, [1] * 21])
+    refused(ValueError, r"QuantizedLSTM: weight_ih_l0_scale holds different scales, but the "
+                        r"layer has per_channel=False \(one scale per weight tensor\)",
+            weight_ih_l0_scale=np.arange(24, dtype=F32))
+    refused(ValueError, r"QuantizedLSTM: weight_hh_l0 holds the int8 value -128",
+            weight_hh_l0=np.full((24, 6), -128, np.int8))
+    refused(ValueError, r"QuantizedLSTM: load_state_dict: missing keys "
+                        r"\['weight_hh_l0_scale'\], unexpected keys \[\]",
+            weight_hh_l0_scale=None)
+    refused(ValueError, r"QuantizedLSTM: weight_hh_l0 has non-finite values \(NaN or inf\) "
+                        r"after conversion to float32",
+            weight_hh_l0=np.full((24, 6), np.nan, F32), weight_hh_l0_scale=None)
+    with pytest.raises(TypeError, match=r"QuantizedLSTM: load_state_dict expects a mapping "
+                                        r"of name to array, got list"):
+        q.load_state_dict(list(state.items()))
+    half = fastrnn.quantize(fastrnn.GRU(4, 6, seed=0), dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"QuantizedGRU: expected weight_ih_l0 as bfloat16 bit "
+                                         r"patterns \(uint16\) or as floating-point weights to "
+                                         r"round, got int8"):
+        half.load_state_dict({"weight_ih_l0": np.ones((18, 4), np.int8)}, strict=False)
+    # bfloat16 subnormals become signed zeros, as to_bfloat16 rounds float32's
+    bits = half.weight_ih_l0.copy()
+    bits[0, :2] = [0x0001, 0x8001]
+    half.load_state_dict({"weight_ih_l0": bits}, strict=False)
+    assert list(half.weight_ih_l0[0, :2]) == [0x0000, 0x8000]
+
+
+@pytest.mark.parametrize("build", Q.INT8_BUILDS)
+def test_packed_weights_read_back_exactly(build):
+    import importlib
+    if not Q._int8_cpu_supports(build):
+        pytest.skip(f"this CPU lacks {build}")
+    module = importlib.import_module("fastrnn._quant" + ("" if build == "baseline"
+                                                         else "_" + build))
+    rng = np.random.default_rng(37)
+    for N, K in ((1, 1), (17, 5), (65, 33), (200, 128)):
+        q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+        scale = rng.uniform(0, 1, N).astype(F32)
+        weight = module.QWeight(q, scale)
+        np.testing.assert_array_equal(weight.weights(), q)
+        np.testing.assert_array_equal(weight.scale, scale)
+        bits = rng.integers(0, 1 << 16, (N, K)).astype(np.uint16)
+        np.testing.assert_array_equal(
+            module.QWeight(bits, np.ones(N, F32), module.KIND_BF16).weights(), bits)
+
+
+def test_loads_while_calling_swap_whole_sets():
+    # a call computes with the reduced weights of one set, old or new, never a mix
+    rng = np.random.default_rng(38)
+    q = fastrnn.quantize(fastrnn.LSTM(8, 16, bidirectional=True, seed=0))
+    states = [q.state_dict(),
+              fastrnn.quantize(fastrnn.LSTM(8, 16, bidirectional=True, seed=1)).state_dict()]
+    x = rng.standard_normal((12, 3, 8)).astype(F32)
+    outputs = []
+    for state in states:
+        q.load_state_dict(state)
+        outputs.append(q(x)[0])
+    errors, stop = [], threading.Event()
+
+    def call():
+        while not stop.is_set():
+            got = q(x)[0]
+            if not any(np.array_equal(got, out) for out in outputs):
+                errors.append("mixed")
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    try:
+        for k in range(40):
+            q.load_state_dict(states[k % 2])
+    finally:
+        stop.set()
+        for t in callers:
+            t.join()
+    assert not errors
