@@ -231,13 +231,17 @@ def pack_forward(const float[:, ::1] w_hh not None, const float[:, ::1] w_hr not
             [forward.pack_weights(w_hr, d * P, P, 1) for d in range(dirs)])
 
 
-def pack_backward(const float[:, ::1] w_hh not None, const float[:, ::1] w_hr not None,
-                  Py_ssize_t dirs):
-    """The same for ``backward``'s products dh @ W_hr and dG @ W_hh."""
+def pack_backward(const float[:, ::1] w_ih not None, const float[:, ::1] w_hh not None,
+                  const float[:, ::1] w_hr not None, Py_ssize_t dirs):
+    """The same for ``backward``'s products dh @ W_hr and dG @ W_hh, and
+    W_ih (all its rows) for the input gradient dG @ W_ih
+    (_backward.input_grad): ([W_hh per direction], [W_hr per direction],
+    W_ih)."""
     from fastrnn._kernels import backward
     H, P = w_hr.shape[1], w_hr.shape[0] // dirs
     return ([backward.pack_rows(w_hh, d * 4 * H, 4 * H) for d in range(dirs)],
-            [backward.pack_rows(w_hr, d * P, P) for d in range(dirs)])
+            [backward.pack_rows(w_hr, d * P, P) for d in range(dirs)],
+            backward.pack_rows(w_ih, 0, w_ih.shape[0]))
 
 
 cdef int _describe(ProjJob* job, packed, bint backward) except -1:
@@ -246,7 +250,7 @@ cdef int _describe(ProjJob* job, packed, bint backward) except -1:
     job.has_packed = False
     if job.is_double or packed is None:
         return 0
-    packed_hh, packed_hr = packed
+    packed_hh, packed_hr = packed[:2]
     if len(packed_hh) != job.dirs or len(packed_hr) != job.dirs:
         raise ValueError("projection kernel: packed does not fit the layer")
     for d in range(job.dirs):

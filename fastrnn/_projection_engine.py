@@ -86,18 +86,19 @@ def _biases(module, params):
 
 
 def _packed(module, params, backward):
-    """float32: per layer W_hh and W_hr packed for the kernels' products
-    (``_projection.pack_forward`` / ``pack_backward``), once per parameter
-    set and kept with it; float64 (BLAS): None per layer."""
+    """float32: per layer W_hh and W_hr (and for BPTT W_ih) packed for the
+    kernels' products (``_projection.pack_forward`` / ``pack_backward``),
+    once per parameter set and kept with it; float64 (BLAS): None per layer."""
     if module._config["dtype"] != np.float32:
         return [None] * module._layers
     key = "proj_packed_backward" if backward else "proj_packed"
     packs = params.cache.get(key)
     if packs is None:
-        pack = _proj.pack_backward if backward else _proj.pack_forward
+        w_ih_all, w_hh_all = module._weights(params)[:2]
         packs = params.cache[key] = [
-            pack(w_hh, w_hr, module._dirs)
-            for w_hh, w_hr in zip(module._weights(params)[1], module._projections(params))]
+            _proj.pack_backward(w_ih, w_hh, w_hr, module._dirs) if backward
+            else _proj.pack_forward(w_hh, w_hr, module._dirs)
+            for w_ih, w_hh, w_hr in zip(w_ih_all, w_hh_all, module._projections(params))]
     return packs
 
 
@@ -178,16 +179,25 @@ def bptt(module, tape, T, B, dout, dh, dc):
                            dout=np.ascontiguousarray(dout), dh=dh[k * dirs:(k + 1) * dirs],
                            dc=dc[k * dirs:(k + 1) * dirs], dgx=dgx, dhr=dhr,
                            lengths=tape.lengths, work=work, packed=packed[k])
+            activations = None
+            if packed[k] is not None:
+                # float32: the sums over rows on the micro-kernel, each element
+                # one chain whatever the split of the gate columns between threads
+                activations = (_backward.pack_rows(saves.x, 0, rows),
+                               [_backward.pack_rows(saves.h_prev, 0, rows, d * P, P)
+                                for d in range(dirs)], None)
             _backward.weight_grads(parts=_plan.halves(dgx.shape[1], parts), x=saves.x,
                                    h_prev=saves.h_prev, reset_acts=None, dgx=dgx, dgh=None,
                                    dw_ih=sums[0][k], dw_hh=sums[1][k], db_ih=sums[2][k],
-                                   db_hh=sums[3][k], max_rows=v.BLAS_INT_MAX)
+                                   db_hh=sums[3][k], max_rows=v.BLAS_INT_MAX,
+                                   packed=activations)
             for d in range(dirs):   # dW_hr: the sums over rows of dh_t^T m_t
                 sums[4][k][d * P:(d + 1) * P] += _parallel.matmul(
                     dhr[:, d * P:(d + 1) * P].T, saves.m[:, d * H:(d + 1) * H])
             dx = np.empty((rows, w_ih_all[k].shape[1]), dtype)
             _backward.input_grad(dgx=dgx, w_ih=w_ih_all[k], dx=dx, max_rows=v.BLAS_INT_MAX,
-                                 parts=_plan.halves(rows, parts))
+                                 parts=_plan.halves(rows, parts),
+                                 packed=None if packed[k] is None else packed[k][2])
             dout = dx
     if tape.hh_masks is not None:
         # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask

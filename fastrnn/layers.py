@@ -32,7 +32,7 @@ class _RNNBase(RecurrentEngine):
 
     def __init__(self, kind, input_size, hidden_size, num_layers, bias, batch_first,
                  dropout, bidirectional, dtype, seed, gate_options, learn_initial_state,
-                 weight_dropout, layer_norm=None, proj_size=None):
+                 weight_dropout, layer_norm=None, proj_size=0):
         super().__init__()
         owner = type(self).__name__
         cfg = self._config
@@ -58,9 +58,9 @@ class _RNNBase(RecurrentEngine):
             owner, layer_norm, kind,
             None if rows is None and opts.zoneout is None and opts.dropouts is None
             else _gate_options.repr_options({"activation": activation, **options}))
-        # proj_size (LSTM; None: the class has no such option): the default
-        # gates only, no zoneout, Keras dropout or layer norm
-        proj = None if proj_size is None else _projection_engine.check(
+        # proj_size (LSTM only): the default gates only, no zoneout, Keras
+        # dropout or layer norm
+        proj = None if not self._has_cell_state else _projection_engine.check(
             owner, proj_size, cfg["hidden_size"],
             ([] if rows is None and opts.zoneout is None and opts.dropouts is None
              else _gate_options.repr_options({"activation": activation, **options}))

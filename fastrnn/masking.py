@@ -219,7 +219,9 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
     result = results(out_full, parts)
     if not train:
         return result
-    out_shape, state_shape = result[0].shape, result[1][0].shape if lstm else result[1].shape
+    out_shape = result[0].shape
+    # per state (h, and c for an LSTM; with proj_size h is the narrower)
+    state_shapes = [p.shape for p in (result[1] if lstm else [result[1]])]
     added = []   # the learned states' gradients were added (the backprop ran)
 
     def backprop(dout: ArrayLike, dstate: Any = None) -> tuple[np.ndarray, Any]:
@@ -229,11 +231,9 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
             raise ValueError(f"{bowner}: expected dout of the output's shape "
                              f"{shape_str(out_shape)}, got {shape_str(dout.shape)}")
         names = ("dh_n", "dc_n") if lstm else ("dh_n",)
-        full_shape = (state_shape[0], B, state_shape[-1])
-        grads = list(v.state_arrays(bowner, "dstate", dstate, names, state_shape, dtype,
-                                    full_shape=full_shape, optional_parts=True)[:len(names)])
-        grads = [np.zeros(full_shape, dtype) if g is None else g.reshape(full_shape)
-                 for g in grads]
+        full_shapes = [(shape[0], B, shape[-1]) for shape in state_shapes]
+        grads = list(v.state_arrays(bowner, "dstate", dstate, names, state_shapes, dtype,
+                                    full_shape=full_shapes, optional_parts=True))
         doutb = dout[None] if not batched else to_layer(dout)
         dx_full = np.zeros((B, T, D), dtype)
         dh0 = [g.copy() for g in grads]      # skipped rows: the state passes through
