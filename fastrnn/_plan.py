@@ -32,6 +32,8 @@ A plan depends only on the call's shape class, the layer's configuration,
 the thread count and the tuning constants below, not on the parameter
 values: plans are kept in one bounded cache keyed by all of these.
 
+Reduced-precision calls (``fastrnn.quantize``) ask :func:`quantized_plan`.
+
 The tuning constants of the Python side live here, each with the
 measurement that set it (those of the C side: ``_microkernel.h``, tile and
 block sizes; ``_worker.h``, spin times; ``_forward.pyx``, the BLAS bounds).
@@ -78,6 +80,15 @@ UNIT_SPLIT_BACKOFF = 16
 # windows alike, and no change on the smaller cases of the bench grid.
 WINDOW_BYTES = 4 << 20
 MIN_WINDOW_STEPS = 4
+
+# Reduced-precision inference (fastrnn.quantize; _quant.forward):
+# below QUANT_DIRECT_WORK (the work estimate of quantized_plan) a one-part
+# call runs on the calling thread without the parts' dispatch: about 8 us
+# of the 20 us a batch-1 LSTMCell(64, 128)-sized call took (measured
+# 2026-12-01). A unidirectional stack runs in time windows whose input
+# projections take at most QUANT_WINDOW_BYTES, read back from the caches.
+QUANT_DIRECT_WORK = 1 << 22
+QUANT_WINDOW_BYTES = 512 << 10
 
 # Plans kept at most (one per shape class; a new shape past this clears them).
 PLAN_CACHE_SIZE = 512
@@ -239,6 +250,22 @@ def _backward_plan(layer, T, B):
         bool(layer._ln_index) or _parallel.hold_blas(
         parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H))
     return Plan(parts, None, hold, None, False)
+
+
+class QuantPlan(NamedTuple):
+    parts: list          # as Plan's
+    direct: bool         # one part, small: run on the calling thread, no dispatch
+    window_bytes: int    # the time windows' bound (unidirectional stacks)
+
+
+def quantized_plan(layer, T, B):
+    """The plan of a reduced-precision call of ``layer`` (a quantized layer
+    or cell) over T steps of B rows. Its products are int8 or bfloat16,
+    about a quarter of the float32 work per multiply-add."""
+    H, dirs = layer._config["hidden_size"], layer._dirs
+    work = T * B * dirs * layer._gates * H * (H + 20) // 4
+    parts = split(dirs, B, work)
+    return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES)
 
 
 def runner_limits(layer):

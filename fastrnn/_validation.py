@@ -128,19 +128,22 @@ def state_arrays(owner, arg, value, names, expected, dtype, full_shape=None,
         shapes = list(zip(expected, full_shape))
     else:
         shapes = [(expected, full_shape)] * len(names)
-    distinct = list(dict.fromkeys(shape for shape, _ in shapes))
-    expected_text = (f"shape {shape_str(distinct[0])}" if len(distinct) == 1 else
-                     "shapes " + " and ".join(shape_str(shape) for shape, _ in shapes))
+
+    def expected_text():   # for the messages only
+        distinct = list(dict.fromkeys(shape for shape, _ in shapes))
+        return (f"shape {shape_str(distinct[0])}" if len(distinct) == 1 else
+                "shapes " + " and ".join(shape_str(shape) for shape, _ in shapes))
+
     if value is None:
         parts = (None,) * len(names)
     elif len(names) > 1:
         if not isinstance(value, (tuple, list)) or len(value) != len(names):
             raise TypeError(f"{owner}: {arg} must be a tuple ({', '.join(names)}) of arrays of "
-                            f"{expected_text}, got {type(value).__name__}")
+                            f"{expected_text()}, got {type(value).__name__}")
         parts = value
     else:
         if isinstance(value, (tuple, list)):
-            raise TypeError(f"{owner}: {arg} must be one array of {expected_text}, "
+            raise TypeError(f"{owner}: {arg} must be one array of {expected_text()}, "
                             f"got a {type(value).__name__}")
         parts = (value,)
     arrays = []

@@ -117,17 +117,6 @@ def _load_int8():
 
 _quant, INT8_SIMD = _load_int8()
 
-# Below this work estimate (the plan's units) a one-part call runs on the
-# calling thread without the parts' dispatch: about 8 us of the 20 us a
-# batch-1 LSTMCell(64, 128)-sized call took (measured 2026-12-01).
-DIRECT_WORK = 1 << 22
-
-
-# A unidirectional stack runs in time windows whose input projections take
-# at most this many bytes (_quant.forward), read back from the caches.
-WINDOW_BYTES = 512 << 10
-
-
 class _Stack(NamedTuple):
     kernel: Any      # _quant.QStack
     layers: list     # per layer (w_ih, w_hh, w_hn, bias_x, bias_h)
@@ -595,14 +584,11 @@ class _Quantized(_ReducedWeights):
         """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
         initial state and end as the final one."""
-        H, dirs = self._config["hidden_size"], self._dirs
-        N = dirs * self._gates * H
-        work = T * B * N * (H + 20) // 4
-        parts = _plan.split(dirs, B, work)
+        plan = _plan.quantized_plan(self, T, B)
         outcome = _quant.forward(
             self._stack(params).kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first,
-            h=h_n, c=c_n, out=out.reshape(T * B, -1), lengths=lengths, parts=parts,
-            direct=len(parts) == 1 and work < DIRECT_WORK, window_bytes=WINDOW_BYTES)
+            h=h_n, c=c_n, out=out.reshape(T * B, -1), lengths=lengths, parts=plan.parts,
+            direct=plan.direct, window_bytes=plan.window_bytes)
         if outcome:
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
                              f"non-finite values (NaN or inf); {self._config['weight_dtype']} "

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn import _plan
 from fastrnn import quantized as Q
 
 F32 = np.float32
@@ -732,7 +733,7 @@ def test_dask_predict_on_worker_processes():
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU])
 def test_time_windows_give_the_same_bits(monkeypatch, cls, batch_first):
-    # a unidirectional stack runs in time windows (quantized.WINDOW_BYTES):
+    # a unidirectional stack runs in time windows (_plan.QUANT_WINDOW_BYTES):
     # windows of one step, of a few and the whole sequence must agree exactly
     rng = np.random.default_rng(17)
     q = fastrnn.quantize(cls(6, 10, num_layers=3, batch_first=batch_first, seed=0))
@@ -740,7 +741,7 @@ def test_time_windows_give_the_same_bits(monkeypatch, cls, batch_first):
     lengths = [13, 4, 9, 1, 12]
     results = []
     for window_bytes in (1, 3 * 5 * q._gates * 10 * 4, 1 << 30):
-        monkeypatch.setattr(Q, "WINDOW_BYTES", window_bytes)
+        monkeypatch.setattr(_plan, "QUANT_WINDOW_BYTES", window_bytes)
         out, state = q(x, lengths=lengths)
         results.append((out, state[0] if cls is fastrnn.LSTM else state))
     for out, h in results[1:]:
