@@ -510,35 +510,41 @@ class RecurrentEngine(RecurrentWeights):
 
     def _dropped_grads(self, saves, T, B, batch_first, dgx, dgh, w_ih, sums, reset_before):
         """The weight gradients (into sums) and dx of a layer trained with
-        Keras' input or recurrent dropout: per gate block, the products
-        with the masked inputs and states, through BLAS."""
-        H = self._config["hidden_size"]
-        GH, S = self._gates * H, self._saved * H
+        Keras' input or recurrent dropout: the kernels' sums over rows
+        (_backward.weight_grads) one gate block at a time, each over its own
+        masked input and state (BLAS at one thread); dx one product when the
+        input is not dropped, else per gate block."""
+        H, dtype = self._config["hidden_size"], self._config["dtype"]
+        GH, R, dirs = self._gates * H, T * B, self._dirs
         rows = self._row_batch(T, B, batch_first)
-        dgh = dgx if dgh is None else dgh
-        x, dx = saves.x, np.zeros((T * B, w_ih.shape[1]), self._config["dtype"])
-        for d in range(self._dirs):
-            h_prev = saves.h_prev[:, d * H:(d + 1) * H]
+        x = saves.x
+        # direction d's slot holds the state gate g read (the other slot unused)
+        h_in = saves.h_prev if saves.recurrent_drop is None else np.empty((R, dirs * H), dtype)
+        with _parallel.blas_at_one_thread:
+            for d in range(dirs):
+                for g in range(self._gates):
+                    lo = d * GH + g * H
+                    x_in = x if saves.input_drop is None else x * saves.input_drop[d, g][rows]
+                    if saves.recurrent_drop is not None:
+                        np.multiply(saves.h_prev[:, d * H:(d + 1) * H],
+                                    saves.recurrent_drop[d, g][rows],
+                                    out=h_in[:, d * H:(d + 1) * H])
+                    # the reset-before GRU's W_hn read r * (h * mask_n), saved in acts
+                    _backward.weight_grads(
+                        parts=[(lo, lo + H)], x=x_in, h_prev=h_in,
+                        reset_acts=saves.acts if reset_before and g == 2 else None,
+                        dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2],
+                        db_hh=sums[3], max_rows=v.BLAS_INT_MAX)
+            if saves.input_drop is None:
+                dx = np.empty((R, w_ih.shape[1]), dtype)
+                _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
+                                     parts=[(0, R)])
+                return dx
+        dx = np.zeros((R, w_ih.shape[1]), dtype)
+        for d in range(dirs):
             for g in range(self._gates):
                 cols = slice(d * GH + g * H, d * GH + (g + 1) * H)
-                if saves.input_drop is None:
-                    x_in = x
-                    dx += _parallel.matmul(dgx[:, cols], w_ih[cols])
-                else:
-                    mask = saves.input_drop[d, g][rows]
-                    x_in = x * mask
-                    dx += _parallel.matmul(dgx[:, cols], w_ih[cols]) * mask
-                sums[0][cols] += _parallel.matmul(dgx[:, cols].T, x_in)
-                if reset_before and g == 2:   # W_hn read r * h (* mask_n), saved
-                    h_in = saves.acts[:, d * S + 3 * H:d * S + 4 * H]
-                elif saves.recurrent_drop is None:
-                    h_in = h_prev
-                else:
-                    h_in = h_prev * saves.recurrent_drop[d, g][rows]
-                sums[1][cols] += _parallel.matmul(dgh[:, cols].T, h_in)
-        if sums[2] is not None:
-            sums[2] += dgx.sum(axis=0)
-            sums[3] += dgh.sum(axis=0)
+                dx += _parallel.matmul(dgx[:, cols], w_ih[cols]) * saves.input_drop[d, g][rows]
         return dx
 
     def _zoneout_args(self, saves, B):
