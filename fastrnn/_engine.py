@@ -520,8 +520,16 @@ class RecurrentEngine(RecurrentWeights):
         x = saves.x
         # direction d's slot holds the state gate g read (the other slot unused)
         h_in = saves.h_prev if saves.recurrent_drop is None else np.empty((R, dirs * H), dtype)
+        float32 = dtype == np.float32   # the sums on the micro-kernel over packed rows
+
+        def packed(a, col0=0, cols=-1):
+            return _backward.pack_rows(a, 0, R, col0, cols) if float32 else None
+
+        x_packed = None if saves.input_drop is not None else packed(x)
         with _parallel.blas_at_one_thread:
             for d in range(dirs):
+                # the reset-before GRU's W_hn read r * (h * mask_n), saved in acts
+                rh = packed(saves.acts, d * self._saved * H + 3 * H, H) if reset_before else None
                 for g in range(self._gates):
                     lo = d * GH + g * H
                     x_in = x if saves.input_drop is None else x * saves.input_drop[d, g][rows]
@@ -529,12 +537,17 @@ class RecurrentEngine(RecurrentWeights):
                         np.multiply(saves.h_prev[:, d * H:(d + 1) * H],
                                     saves.recurrent_drop[d, g][rows],
                                     out=h_in[:, d * H:(d + 1) * H])
-                    # the reset-before GRU's W_hn read r * (h * mask_n), saved in acts
+                    on_rh = reset_before and g == 2
+                    activations = None
+                    if float32:   # (only direction d's are read)
+                        activations = (packed(x_in) if x_packed is None else x_packed,
+                                       [packed(h_in, d * H, H)] * dirs,
+                                       [rh] * dirs if on_rh else None)
                     _backward.weight_grads(
                         parts=[(lo, lo + H)], x=x_in, h_prev=h_in,
-                        reset_acts=saves.acts if reset_before and g == 2 else None,
+                        reset_acts=saves.acts if on_rh else None,
                         dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2],
-                        db_hh=sums[3], max_rows=v.BLAS_INT_MAX)
+                        db_hh=sums[3], max_rows=v.BLAS_INT_MAX, packed=activations)
             if saves.input_drop is None:
                 dx = np.empty((R, w_ih.shape[1]), dtype)
                 _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
