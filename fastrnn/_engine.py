@@ -390,8 +390,17 @@ class RecurrentEngine(RecurrentWeights):
                                         reset_before, w_ih_all[k], w_hh_all[k],
                                         [kind[k] if kind else None for kind in sums],
                                         None if packed is None else packed[k], peepholes[k])
+        self._commit_grads(tape, sums, grads, dh, dc)
+        return dout
+
+    def _commit_grads(self, tape, sums, grads, dh, dc):
+        """Add one backprop's sums (per kind of parameter, per layer) into the
+        module's gradients ``grads`` (the same structure), at once: an
+        interrupted backprop adds nothing. With DropConnect W_hh's sums are
+        masked first (the forward used W_hh * mask, so dL/dW_hh =
+        dL/d(W_hh * mask) * mask); a forward from the learned initial states
+        adds their gradients (dh, dc: those of the initial states)."""
         if tape.hh_masks is not None:
-            # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask
             for total, mask in zip(sums[1], tape.hh_masks):
                 total *= mask
         with self._grad_lock:
@@ -399,9 +408,8 @@ class RecurrentEngine(RecurrentWeights):
                 for total, grad in zip(kind, module_grads):
                     if grad is not None:
                         grad += total
-            if tape.learned_state:   # dh, dc now hold the initial states' gradients
+            if tape.learned_state:
                 self._add_initial_grads(dh, dc)
-        return dout
 
     def _dropconnect(self, params):
         """DropConnect (Merity et al. 2017) for one training forward: a copy of

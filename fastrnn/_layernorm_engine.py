@@ -255,15 +255,5 @@ def bptt(module, tape, T, B, dout, dh, dc):
                                  parts=_plan.halves(rows, parts),
                                  packed=None if packed is None else packed[k][1])
             dout = dx
-    if getattr(tape, "hh_masks", None) is not None:
-        # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask
-        for total, mask in zip(sums[1], tape.hh_masks):
-            total *= mask
-    with module._grad_lock:
-        for kind_, module_grads in zip(sums, grads):
-            for total, grad in zip(kind_, module_grads):
-                if grad is not None:
-                    grad += total
-        if getattr(tape, "learned_state", False):   # dh, dc: the initial states' gradients
-            module._add_initial_grads(dh, dc)
+    module._commit_grads(tape, sums, grads, dh, dc)
     return dout

@@ -199,15 +199,5 @@ def bptt(module, tape, T, B, dout, dh, dc):
                                  parts=_plan.halves(rows, parts),
                                  packed=None if packed[k] is None else packed[k][2])
             dout = dx
-    if tape.hh_masks is not None:
-        # DropConnect: the forward used W_hh * mask, so dL/dW_hh = dL/d(W_hh * mask) * mask
-        for total, mask in zip(sums[1], tape.hh_masks):
-            total *= mask
-    with module._grad_lock:
-        for kind, module_grads in zip(sums, grads):
-            for total, grad in zip(kind, module_grads):
-                if grad is not None:
-                    grad += total
-        if tape.learned_state:   # dh, dc: the initial states' gradients
-            module._add_initial_grads(dh, dc)
+    module._commit_grads(tape, sums, grads, dh, dc)
     return dout
