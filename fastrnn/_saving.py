@@ -51,7 +51,7 @@ from fastrnn import losses as losses_module
 from fastrnn import metrics as metrics_module
 from fastrnn import optim
 from fastrnn._validation import shape_str
-from fastrnn._module import ln_names, ln_parameter_sizes
+from fastrnn._module import ln_names, ln_parameter_sizes, parameters_filled_later
 from fastrnn._version import __version__
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
@@ -460,7 +460,8 @@ def _build(sequential_cls, config, weights, slots, fill, read):
     for i, ((name, kwargs, _), around) in enumerate(zip(specs, described.wrappers)):
         built = name
         try:
-            layer = _LAYER_CLASSES[name](**kwargs)
+            with parameters_filled_later():   # (the file holds every parameter: fill below)
+                layer = _LAYER_CLASSES[name](**kwargs)
             for built, options in reversed(around):     # innermost first
                 layer = _WRAPPERS[built](layer, **options)
         except (TypeError, ValueError) as exc:

@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from scipy.special import expit
 
 from fastrnn import _validation as v
-from fastrnn._module import Module, dropout_mask
+from fastrnn._module import Module, dropout_mask, filled_later
 from fastrnn._validation import shape_str
 
 
@@ -70,7 +70,8 @@ class Linear(Module):
         grads = {}
         for name, shape in shapes.items():
             grads[name] = np.zeros(shape, cfg["dtype"])
-            storage = rng.uniform(-bound, bound, size=shape).astype(cfg["dtype"])
+            storage = (np.zeros(shape, cfg["dtype"]) if filled_later() else
+                       rng.uniform(-bound, bound, size=shape).astype(cfg["dtype"]))
             self._register(name, self._add_storage(storage, grads[name]))
         self._seal_parameters()
         self._grads = MappingProxyType(grads)
@@ -334,7 +335,8 @@ class Embedding(Module):
         rng = v.check_seed("Embedding", seed)
         shape = (n, cfg["embedding_dim"])
         grad = np.zeros(shape, cfg["dtype"])
-        table = rng.standard_normal(shape).astype(cfg["dtype"])
+        table = (np.zeros(shape, cfg["dtype"]) if filled_later() else
+                 rng.standard_normal(shape).astype(cfg["dtype"]))
         if padding_idx is not None:
             table[padding_idx] = 0
         self._register("weight", self._add_storage(table, grad))

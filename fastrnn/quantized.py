@@ -78,7 +78,7 @@ from numpy.typing import ArrayLike
 from fastrnn import _kernels, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import LoadResult
+from fastrnn._module import LoadResult, filled_later, parameters_filled_later
 from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
@@ -288,12 +288,17 @@ class _ReducedWeights:
         matrices = {name for name, _, _, _ in entries}
         shapes = {name: floats.views[name].shape for name in matrices}
         layout = _Layout(dict(self._names), entries, shapes, cfg["weight_dtype"])
-        named = {name: _reduce(floats.views[name], cfg["weight_dtype"], cfg["per_channel"])
-                 for name in matrices}
         dropped = {self._names[name][0] for name in matrices}
         storages = [None if i in dropped else storage
                     for i, storage in enumerate(floats.storages)]
-        self._params = _Reduced(0, storages, layout.pack(named, layout.sources), layout)
+        if filled_later():
+            # no weights yet: every one is loaded (load_state_dict, strict) before any use
+            weights = {}
+        else:
+            weights = layout.pack({name: _reduce(floats.views[name], cfg["weight_dtype"],
+                                                 cfg["per_channel"])
+                                   for name in matrices}, layout.sources)
+        self._params = _Reduced(0, storages, weights, layout)
         # inference only: no gradients (a recurrent layer's are also held by kind)
         self._trainable = ()
         self._grads = MappingProxyType({})
@@ -777,7 +782,8 @@ def _quantize_module(owner, module, dtype, per_channel):
     if config["dtype"] != "float32":
         raise ValueError(f"{owner}: quantize needs a float32 model, got a {config['dtype']} "
                          f"{type(module).__name__}")
-    quantized = cls(**config, weight_dtype=dtype, per_channel=per_channel)
+    with parameters_filled_later():   # (no initial values drawn: the next line loads them)
+        quantized = cls(**config, weight_dtype=dtype, per_channel=per_channel)
     quantized.load_state_dict(module.state_dict())
     return quantized
 

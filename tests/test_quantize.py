@@ -1387,3 +1387,38 @@ def test_loads_while_calling_swap_whole_sets():
         for t in callers:
             t.join()
     assert not errors
+
+
+_PEAK_OF_LOAD = """
+import sys, fastrnn
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+fastrnn.load(sys.argv[2])                     # the loader's own first-use allocations
+open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) restarts from here
+base = status('VmRSS')
+fastrnn.load(sys.argv[1])
+print(status('VmHWM') - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak RSS reset")
+def test_loading_an_int8_file_never_holds_float32_weights(tmp_path):
+    # the loader builds the quantized layer without initial values (no float32
+    # weights drawn, no zero weights packed) and packs the file's int8 weights:
+    # its peak is the file's arrays and the packed copy, about half the float32
+    # weights' bytes (measured 0.57); drawing float32 weights first, as before,
+    # alone took their full size
+    layer = fastrnn.LSTM(512, 512, num_layers=2, bidirectional=True, seed=0)
+    float_bytes = sum(v.nbytes for k, v in layer.state_dict().items() if "weight" in k)
+    fastrnn.quantize(layer).save(tmp_path / "q.npz")
+    fastrnn.LSTM(4, 4).save(tmp_path / "small.npz")
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pytest.skip("this kernel does not reset the peak RSS")
+    peak = int(subprocess.run([sys.executable, "-c", _PEAK_OF_LOAD, str(tmp_path / "q.npz"),
+                               str(tmp_path / "small.npz")], capture_output=True, text=True,
+                              check=True).stdout)
+    assert peak < 0.8 * float_bytes, f"loading took {peak / float_bytes:.2f}x the float32 bytes"
