@@ -1261,6 +1261,7 @@ def _parameter_layout(name, kwargs):
     params = inspect.signature(_LAYER_CLASSES[name]).bind(**kwargs)
     params.apply_defaults()
     args = params.arguments
+    kind = name.removeprefix("Quantized")   # a quantized class takes its float class's options
     if name in _GATES:
         D = v.check_int(name, "input_size", args["input_size"])
         H = v.check_int(name, "hidden_size", args["hidden_size"])
@@ -1268,16 +1269,16 @@ def _parameter_layout(name, kwargs):
         bias = v.check_bool(name, "bias", args["bias"])
         dirs = 2 if v.check_bool(name, "bidirectional", args["bidirectional"]) else 1
         GH = _GATES[name] * H
-        peep = name == "LSTM" and v.check_bool(name, "peepholes", args["peepholes"])
-        ln = name != "RNN" and v.check_bool(name, "layer_norm", args["layer_norm"])
+        peep = kind == "LSTM" and v.check_bool(name, "peepholes", args["peepholes"])
+        ln = kind != "RNN" and v.check_bool(name, "layer_norm", args["layer_norm"])
         ln_sizes = _ln_sizes(name, H) if ln else ()
         # learned initial states: initial_h (and initial_c), (H,) each
-        states = (2 if name == "LSTM" else 1) * v.check_bool(
+        states = (2 if kind == "LSTM" else 1) * v.check_bool(
             name, "learn_initial_state", args["learn_initial_state"])
         # proj_size P: W_hr (P, H), and h (W_hh's columns, the layers'
         # outputs, initial_h) P wide
         P = 0
-        if name == "LSTM":
+        if kind == "LSTM":
             P = v.check_int(name, "proj_size", args["proj_size"], minimum=0)
             if P >= H:
                 raise ValueError(f"{name}: proj_size must be smaller than hidden_size "
@@ -1318,10 +1319,10 @@ def _parameter_layout(name, kwargs):
         H = v.check_int(name, "hidden_size", args["hidden_size"])
         bias = v.check_bool(name, "bias", args["bias"])
         GH = _CELL_GATES[name] * H
-        peep = name == "LSTMCell" and v.check_bool(name, "peepholes", args["peepholes"])
-        ln = name != "RNNCell" and v.check_bool(name, "layer_norm", args["layer_norm"])
+        peep = kind == "LSTMCell" and v.check_bool(name, "peepholes", args["peepholes"])
+        ln = kind != "RNNCell" and v.check_bool(name, "layer_norm", args["layer_norm"])
         ln_sizes = _ln_sizes(name, H) if ln else ()
-        states = (2 if name == "LSTMCell" else 1) * v.check_bool(
+        states = (2 if kind == "LSTMCell" else 1) * v.check_bool(
             name, "learn_initial_state", args["learn_initial_state"])
         arrays = (4 if bias else 2) + peep + states + len(ln_sizes)
         values = (GH * D + GH * H + (2 * GH if bias else 0) + (3 * H if peep else 0) + states * H

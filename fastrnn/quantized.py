@@ -83,6 +83,7 @@ from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.nn import Linear
+from fastrnn.wrappers import _recurrent, _Wrapper
 
 INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16")
 WEIGHT_DTYPES = ("int8", "bfloat16")
@@ -149,6 +150,17 @@ def to_bfloat16(w):
 
 
 SCALE = "_scale"   # the suffix of an int8 weight's scales in a state dict
+
+
+def _bfloat16_in_range(owner, name, reduced):
+    """bfloat16 weights (bits, ones) whose values all stay finite: a float32
+    of magnitude 3.3961e38 or more rounds to bfloat16's inf, refused."""
+    bits = reduced[0]
+    if ((bits & np.uint16(0x7f80)) == np.uint16(0x7f80)).any():
+        raise ValueError(f"{owner}: {name} has values beyond bfloat16's range (a magnitude "
+                         f"of 3.3961e38 or more rounds to inf); expected finite bfloat16 "
+                         f"weights")
+    return reduced
 
 
 def _reduce(w, weight_dtype, per_channel):
@@ -471,7 +483,8 @@ class _ReducedWeights:
         if value.dtype.kind != "f":
             raise ValueError(f"{owner}: expected {name} as bfloat16 bit patterns (uint16) or "
                              f"as floating-point weights to round, got {value.dtype}")
-        return _reduce(_finite_float32(owner, name, value), "bfloat16", False)
+        return _bfloat16_in_range(owner, name, _reduce(_finite_float32(owner, name, value),
+                                                         "bfloat16", False))
 
     def _scale(self, owner, name, raw, rows):
         scale = as_array(owner, f"state_dict[{name!r}]", raw)
@@ -762,6 +775,9 @@ _COMPUTED_OPTIONS = {"input_size", "hidden_size", "num_layers", "bias", "batch_f
                      "in_features", "out_features"}
 _COMPUTED_VALUES = {"activation": "tanh", "recurrent_activation": "sigmoid"}
 _TRAINING_ONLY_OPTIONS = {"input_dropout", "recurrent_dropout", "weight_dropout"}
+# the gate options: at their defaults when the cell runs the plain gates
+_GATE_KEYS = {"activation", "recurrent_activation", "cell_activation", "clip", "input_forget",
+              "peepholes"}
 
 
 def _quantize_module(owner, module, dtype, per_channel):
@@ -772,10 +788,17 @@ def _quantize_module(owner, module, dtype, per_channel):
                         f"Sequential of them")
     config = {k: (val.name if isinstance(val, np.dtype) else val)
               for k, val in module._config.items()}
+    # every option must be one the kernels compute, or off; the gate options
+    # and zoneout count as off when the cell runs without them (an explicit
+    # default, such as cell_activation='tanh' or zoneout=(0, 0), passes)
+    plain_gates = getattr(module, "_option_rows", None) is None
+    no_zoneout = getattr(module, "_zoneout", None) is None
     for key, value in config.items():
         off = value is None or value is False or (isinstance(value, (int, float))
                                                   and value == 0)
-        if not (key in _COMPUTED_OPTIONS or key in _TRAINING_ONLY_OPTIONS or off
+        if (plain_gates and key in _GATE_KEYS) or (no_zoneout and key == "zoneout"):
+            continue
+        if not (key in _COMPUTED_OPTIONS or off or key in _TRAINING_ONLY_OPTIONS
                 or (key in _COMPUTED_VALUES and value == _COMPUTED_VALUES[key])):
             raise ValueError(f"{owner}: the {type(module).__name__} has {key}={value!r}, "
                              f"which the reduced-precision kernels do not compute")
@@ -794,10 +817,12 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     Parameters
     ----------
     model : RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or Sequential
-        A float32 model. In a ``Sequential`` every recurrent layer and
-        ``Linear`` is quantized; the other layers (Dropout, LastStep,
-        activations, ...) are shared with the original, as ``model[1:]``
-        shares them.
+        A float32 model. In a ``Sequential`` every recurrent layer (inside
+        ``Reversed`` or ``Stateful`` too: new wrappers with the same options,
+        a ``Stateful`` starting from the initial state) and ``Linear`` is
+        quantized; the other layers (Dropout, LastStep, activations, ...) are
+        shared with the original, as ``model[1:]`` shares them. A model with
+        a layer quantized already is refused (quantize the float32 one).
     dtype : {'int8', 'bfloat16'}, default 'int8'
         The weights' type. int8: symmetric, in [-127, 127]; the products run
         in int8 with int32 sums, activations quantized per row at every use.
@@ -823,8 +848,10 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
         If the model is not one of the above, or on training the result
         (``forward_train``, ``fit``).
     ValueError
-        On an unknown dtype, a float64 model, or sizes past the int32 sums'
-        range (input or hidden size above 65536).
+        On an unknown dtype, a float64 model, an option the reduced kernels
+        do not compute (named), sizes past the int32 sums' range (input or
+        hidden size above 65536), or (bfloat16) a weight beyond bfloat16's
+        range.
 
     Examples
     --------
@@ -837,13 +864,29 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     dtype = _check_weight_dtype("quantize", dtype)
     per_channel = v.check_bool("quantize", "per_channel", per_channel)
     if isinstance(model, Sequential):
-        layers = [_quantize_module("quantize", layer, dtype, per_channel)
-                  if type(layer) in _QUANTIZED else layer for layer in model.layers]
-        if not any(isinstance(layer, QUANTIZED_CLASSES) for layer in layers):
+        layers = []
+        for i, layer in enumerate(model.layers):
+            if isinstance(_recurrent(layer), QUANTIZED_CLASSES):
+                raise TypeError(f"quantize: layer {i} of the Sequential ({layer!r}) is "
+                                f"quantized already; quantize the float32 model")
+            quantizes = type(_recurrent(layer)) in _QUANTIZED
+            layers.append(_quantize_wrapped(f"quantize: layer {i}", layer, dtype, per_channel)
+                          if quantizes else layer)
+        if not any(isinstance(_recurrent(layer), QUANTIZED_CLASSES) for layer in layers):
             raise TypeError("quantize: the Sequential has no layer to quantize (RNN, GRU, "
                             "LSTM or Linear)")
         return Sequential(layers)
-    return _quantize_module("quantize", model, dtype, per_channel)
+    return _quantize_wrapped("quantize", model, dtype, per_channel)
+
+
+def _quantize_wrapped(owner, layer, dtype, per_channel):
+    """The quantized copy of a layer, in new wrappers like its own (Reversed,
+    Stateful: their options kept; a Stateful's carried state is not, the
+    copy starts from the initial state)."""
+    if not isinstance(layer, _Wrapper):
+        return _quantize_module(owner, layer, dtype, per_channel)
+    inner = _quantize_wrapped(owner, layer.layer, dtype, per_channel)
+    return type(layer)(inner, **layer._wrapper_config())
 
 
 # --- PyTorch's dynamically quantized modules ----------------------------------------------
@@ -937,9 +980,13 @@ def from_torch_dynamic(module):
     if name == "RNNCell":
         kwargs["nonlinearity"] = module.nonlinearity
     if name in ("LSTM", "GRU"):
-        if getattr(module, "proj_size", 0):
-            raise ValueError(f"from_torch: {name} has proj_size={module.proj_size}; fastrnn's "
-                             f"quantized layers have no projection (import the float module)")
+        # PyTorch's quantized LSTM keeps no proj_size (nor W_hr): W_hh's width tells
+        width = tuple(weights["weight_hh_l0"].shape)[1]
+        if getattr(module, "proj_size", 0) or width != module.hidden_size:
+            raise ValueError(f"from_torch: {name} was made from an LSTM with proj_size "
+                             f"(weight_hh_l0 is {width} wide, hidden_size {module.hidden_size}); "
+                             f"fastrnn's quantized layers have no projection (import the float "
+                             f"module)")
         kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
                       dropout=float(module.dropout), bidirectional=bool(module.bidirectional))
     result = cls(module.input_size, module.hidden_size, **kwargs)
