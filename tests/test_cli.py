@@ -94,8 +94,8 @@ def test_every_command_has_its_own_help(capsys, command, flag):
     assert "-h, --help" in out
 
 
-@pytest.mark.parametrize("command", ["timing", "bench", "sunspots", "adding", "charlm", "regularise",
-                                     "demo"])
+@pytest.mark.parametrize("command", ["timing", "bench", "sunspots", "adding", "charlm",
+                                     "regularise", "demo"])
 def test_help_names_the_command(capsys, command):
     _, out, _ = run([command, "--help"], capsys)
     name = "sunspots" if command == "demo" else command     # demo runs example 1
