@@ -26,6 +26,8 @@ COMMANDS = [
      "fastrnn.examples.char_lm", "cli"),
     ("layernorm", "example 4: the adding problem, LSTM with and without layer_norm",
      "fastrnn.examples.layer_norm", "cli"),
+    ("regularise", "example 5: an overfitting LSTM with and without dropouts, zoneout, "
+     "DropConnect", "fastrnn.examples.regularisation", "cli"),
     ("timing", "time a forward pass of each layer on random data (a few seconds)",
      None, "timing"),
     ("bench", "compare fastrnn with PyTorch, ONNX Runtime and TensorFlow",

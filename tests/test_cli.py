@@ -13,9 +13,9 @@ from fastrnn import __main__ as cli_module
 from fastrnn import bench
 from fastrnn._kernels import SIMD
 from fastrnn.__main__ import cli
-from fastrnn.examples import adding_problem, char_lm, sunspots
+from fastrnn.examples import adding_problem, char_lm, regularisation, sunspots
 
-COMMANDS = ["demo", "sunspots", "adding", "charlm", "timing", "bench"]
+COMMANDS = ["demo", "sunspots", "adding", "charlm", "regularise", "timing", "bench"]
 
 
 def _heavy(*args, **kwargs):
@@ -24,7 +24,7 @@ def _heavy(*args, **kwargs):
 
 @pytest.fixture(autouse=True)
 def no_heavy_work(monkeypatch):
-    for module in (sunspots, adding_problem, char_lm):
+    for module in (sunspots, adding_problem, char_lm, regularisation):
         monkeypatch.setattr(module, "main", _heavy)
     monkeypatch.setattr(bench, "run_case", _heavy)
     monkeypatch.setattr(bench, "available", lambda name: False)  # no peer imports
@@ -94,7 +94,8 @@ def test_every_command_has_its_own_help(capsys, command, flag):
     assert "-h, --help" in out
 
 
-@pytest.mark.parametrize("command", ["timing", "bench", "sunspots", "adding", "charlm", "demo"])
+@pytest.mark.parametrize("command", ["timing", "bench", "sunspots", "adding", "charlm",
+                                     "regularise", "demo"])
 def test_help_names_the_command(capsys, command):
     _, out, _ = run([command, "--help"], capsys)
     name = "sunspots" if command == "demo" else command     # demo runs example 1
