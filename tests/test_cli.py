@@ -15,7 +15,7 @@ from fastrnn._kernels import SIMD
 from fastrnn.__main__ import cli
 from fastrnn.examples import adding_problem, char_lm, regularisation, sunspots
 
-COMMANDS = ["demo", "sunspots", "adding", "charlm", "regularise", "timing", "bench"]
+COMMANDS = ["demo", "sunspots", "adding", "charlm", "layernorm", "regularise", "timing", "bench"]
 
 
 def _heavy(*args, **kwargs):
@@ -95,7 +95,7 @@ def test_every_command_has_its_own_help(capsys, command, flag):
 
 
 @pytest.mark.parametrize("command", ["timing", "bench", "sunspots", "adding", "charlm",
-                                     "regularise", "demo"])
+                                     "layernorm", "regularise", "demo"])
 def test_help_names_the_command(capsys, command):
     _, out, _ = run([command, "--help"], capsys)
     name = "sunspots" if command == "demo" else command     # demo runs example 1
