@@ -15,6 +15,9 @@ storage only through ``_weights(params)`` and the configuration:
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
   ``_backward.backward_layer`` (the reverse time loops), ``weight_grads`` and
   ``input_grad``;
+- a layer-normalised layer (``layer_norm=True``) or an LSTM with a projection
+  (``proj_size``) runs its own drivers from ``_run_layers`` and ``_bptt``
+  (``_layernorm_engine.py``, ``_projection_engine.py``), on the same plan;
 - derived weights, computed once per parameter set and kept in its cache:
   the folded biases and W_hh^T (``_kernel_weights``), and for float32 the
   weights packed for the micro-kernel (``_packed_*``).
