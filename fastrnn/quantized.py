@@ -473,12 +473,14 @@ class _ReducedWeights:
                                  f"are quantized when loaded)")
             return _reduce(_finite_float32(owner, name, value), "int8", cfg["per_channel"])
         if value.dtype == np.uint16:
-            exponent = value & np.uint16(0x7f80)
+            # (in place where it can: a big model's load holds few temporaries)
+            bits = np.array(value, np.uint16)
+            exponent = bits & np.uint16(0x7f80)
             if (exponent == 0x7f80).any():
                 raise ValueError(f"{owner}: {name} has non-finite values (bfloat16 NaN or "
                                  f"inf); expected finite weights")
             # subnormals to signed zero, as to_bfloat16 makes them
-            bits = np.where(exponent == 0, value & np.uint16(0x8000), value).astype(np.uint16)
+            np.bitwise_and(bits, np.uint16(0x8000), out=bits, where=exponent == 0)
             return bits, np.ones(shape[0], np.float32)
         if value.dtype.kind != "f":
             raise ValueError(f"{owner}: expected {name} as bfloat16 bit patterns (uint16) or "
