@@ -1419,9 +1419,12 @@ def test_loading_an_int8_file_never_holds_float32_weights(tmp_path):
         open("/proc/self/clear_refs", "w").write("5")
     except OSError:
         pytest.skip("this kernel does not reset the peak RSS")
-    peak = int(subprocess.run([sys.executable, "-c", _PEAK_OF_LOAD, str(tmp_path / "q.npz"),
-                               str(tmp_path / "small.npz")], capture_output=True, text=True,
-                              check=True).stdout)
+    # (run outside the source tree, whose unbuilt package would shadow the installed one)
+    run = subprocess.run([sys.executable, "-c", _PEAK_OF_LOAD, str(tmp_path / "q.npz"),
+                          str(tmp_path / "small.npz")], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    peak = int(run.stdout)
     assert peak < 0.8 * float_bytes, f"loading took {peak / float_bytes:.2f}x the float32 bytes"
 
 
