@@ -159,7 +159,7 @@ class RecurrentEngine(RecurrentWeights):
         return outcome != 0
 
     def _packed(self, params, key, pack):
-        """float32: ``pack(w_ih, w_hh)`` for every layer, packed for the
+        """float32: ``pack(w_ih, w_hh, k)`` for every layer k, packed for the
         micro-kernel once and kept with the parameter set under ``key``;
         float64 (whose products BLAS runs): None."""
         if self._config["dtype"] != np.float32:
@@ -167,28 +167,28 @@ class RecurrentEngine(RecurrentWeights):
         packs = params.cache.get(key)
         if packs is None:
             w_ih_all, w_hh_all = self._weights(params)[:2]
-            packs = params.cache[key] = [pack(w_ih, w_hh) for w_ih, w_hh in zip(w_ih_all,
-                                                                                 w_hh_all)]
+            packs = params.cache[key] = [pack(w_ih, w_hh, k) for k, (w_ih, w_hh)
+                                         in enumerate(zip(w_ih_all, w_hh_all))]
         return packs
 
     def _packed_recurrent(self, params):
         """Per layer, W_hh packed for the per-step products (_forward.pack_recurrent)."""
         H = self._config["hidden_size"]
-        return self._packed(params, "packed_hh", lambda w_ih, w_hh: _forward.pack_recurrent(
+        return self._packed(params, "packed_hh", lambda w_ih, w_hh, k: _forward.pack_recurrent(
             w_hh, self._kernel_code, H, self._dirs))
 
     def _packed_projection(self, params):
         """Per layer, W_ih packed per direction for the input projection
         (_forward.pack_projection)."""
         H = self._config["hidden_size"]
-        return self._packed(params, "packed_ih", lambda w_ih, w_hh: _forward.pack_projection(
+        return self._packed(params, "packed_ih", lambda w_ih, w_hh, k: _forward.pack_projection(
             w_ih, self._kernel_code, H, self._dirs))
 
     def _packed_backward(self, params):
         """Per layer, (W_hh packed for dG . W_hh (_backward.pack_backward),
         W_ih packed for dx = dG . W_ih (_backward.pack_rows))."""
         H = self._config["hidden_size"]
-        return self._packed(params, "packed_backward", lambda w_ih, w_hh: (
+        return self._packed(params, "packed_backward", lambda w_ih, w_hh, k: (
             _backward.pack_backward(w_hh, self._kernel_code, H, self._dirs),
             _backward.pack_rows(w_ih, 0, w_ih.shape[0])))
 
@@ -491,10 +491,10 @@ class RecurrentEngine(RecurrentWeights):
             return {}
         H, kind = self._config["hidden_size"], self._kernel_code
         if backward:
-            packs = self._packed(params, "packed_gate_rows", lambda w_ih, w_hh:
+            packs = self._packed(params, "packed_gate_rows", lambda w_ih, w_hh, k:
                                  _backward.pack_gate_rows(w_hh, kind, H, self._dirs))
         else:
-            packs = self._packed(params, "packed_gates", lambda w_ih, w_hh:
+            packs = self._packed(params, "packed_gates", lambda w_ih, w_hh, k:
                                  _forward.pack_gates(w_hh, kind, H, self._dirs))
         return {"dropout_masks": saves.recurrent_drop,
                 "dropout_packs": None if packs is None else packs[k],

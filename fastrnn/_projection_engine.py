@@ -88,18 +88,15 @@ def _biases(module, params):
 def _packed(module, params, backward):
     """float32: per layer W_hh and W_hr (and for BPTT W_ih) packed for the
     kernels' products (``_projection.pack_forward`` / ``pack_backward``),
-    once per parameter set and kept with it; float64 (BLAS): None per layer."""
-    if module._config["dtype"] != np.float32:
-        return [None] * module._layers
-    key = "proj_packed_backward" if backward else "proj_packed"
-    packs = params.cache.get(key)
-    if packs is None:
-        w_ih_all, w_hh_all = module._weights(params)[:2]
-        packs = params.cache[key] = [
-            _proj.pack_backward(w_ih, w_hh, w_hr, module._dirs) if backward
-            else _proj.pack_forward(w_hh, w_hr, module._dirs)
-            for w_ih, w_hh, w_hr in zip(w_ih_all, w_hh_all, module._projections(params))]
-    return packs
+    once per parameter set (the engine's cache); float64 (BLAS): None per layer."""
+    w_hr_all, dirs = module._projections(params), module._dirs
+    if backward:
+        packs = module._packed(params, "proj_packed_backward", lambda w_ih, w_hh, k:
+                               _proj.pack_backward(w_ih, w_hh, w_hr_all[k], dirs))
+    else:
+        packs = module._packed(params, "proj_packed", lambda w_ih, w_hh, k:
+                               _proj.pack_forward(w_hh, w_hr_all[k], dirs))
+    return [None] * module._layers if packs is None else packs
 
 
 def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train, gx,

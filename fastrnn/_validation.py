@@ -23,6 +23,17 @@ def check_int(owner, name, value, minimum=1):
     return int(value)
 
 
+def check_choice(owner, name, value, choices):
+    """A str among ``choices`` (a TypeError for another type, a ValueError
+    for another str), each message listing the choices."""
+    listed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: {name} must be a str ({listed}), got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be {listed}, got {value!r}")
+    return value
+
+
 def check_bool(owner, name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")

@@ -28,13 +28,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_reduction(owner, reduction):
-    if not isinstance(reduction, str):
-        raise TypeError(f"{owner}: reduction must be a str ('mean', 'sum' or 'none'), got "
-                        f"{type(reduction).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{owner}: reduction must be 'mean', 'sum' or 'none', got "
-                         f"{reduction!r}")
-    return reduction
+    return v.check_choice(owner, "reduction", reduction, REDUCTIONS)
 
 
 def _expand(weights, ndim):

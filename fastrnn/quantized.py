@@ -517,13 +517,7 @@ def _finite_float32(owner, name, value):
 
 
 def _check_weight_dtype(owner, weight_dtype):
-    if not isinstance(weight_dtype, str):
-        raise TypeError(f"{owner}: weight_dtype must be a str, one of {list(WEIGHT_DTYPES)}, "
-                        f"got {type(weight_dtype).__name__}")
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"{owner}: weight_dtype must be one of {list(WEIGHT_DTYPES)}, "
-                         f"got {weight_dtype!r}")
-    return weight_dtype
+    return v.check_choice(owner, "weight_dtype", weight_dtype, WEIGHT_DTYPES)
 
 
 class _Quantized(_ReducedWeights):
