@@ -13,7 +13,7 @@ from fastrnn import (_gate_options, _layernorm_engine, _parallel, _plan, _projec
                      _training_options)
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
-from fastrnn._engine import Backprop, RecurrentEngine
+from fastrnn._engine import Backprop, RecurrentEngine, _training_buffers
 from fastrnn._module import RESET_AFTER_DOC, gru_kind
 from fastrnn._validation import shape_str
 
@@ -118,6 +118,8 @@ class _RNNBase(RecurrentEngine):
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
+        if self._lends_buffers:   # training's buffers go once the layer is used outside it
+            _training_buffers.release(self)
         if lengths is None and not self._general_only:
             # the lean path of small calls (_forward.SequenceRunner; it starts
             # from zeros when hx is None, so it is given the learned states)

@@ -1,0 +1,157 @@
+"""The training forward's and BPTT's large buffers, lent again at the next step
+(_engine._TrainingBuffers): never while something still holds them, the same
+results as fresh buffers, let go by a call outside training.
+
+Most tests lower the size threshold to 0 so that every buffer goes through
+the recycler at small sizes; one runs at the real threshold.
+"""
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _engine
+
+KINDS = [("RNN", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTM", {}),
+         ("LSTM", {"num_layers": 2, "bidirectional": True}),
+         ("GRU", {"num_layers": 3, "dropout": 0.0})]
+
+
+@pytest.fixture
+def every_buffer(monkeypatch):
+    monkeypatch.setattr(_engine._TrainingBuffers, "BIG_BYTES", 0)
+
+
+def kept(layer):
+    return _engine._training_buffers._kept.get(layer, [])
+
+
+def step(layer, x, dout, lengths=None):
+    """One training step's outputs and gradients (copied), grads zeroed first."""
+    layer.zero_grad()
+    (out, state), backprop = layer.forward_train(x, lengths=lengths)
+    dx, _ = backprop(dout)
+    return [out.copy(), dx.copy()] + [g.copy() for g in layer.grads.values()]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_step_on_lent_buffers_gives_the_bits_of_a_fresh_layer(every_buffer, kind, options,
+                                                                dtype):
+    rng = np.random.default_rng(0)
+    T, B, D, H = 7, 5, 4, 6
+    dirs = 2 if options.get("bidirectional") else 1
+    x = rng.standard_normal((T, B, D)).astype(dtype)
+    dout = rng.standard_normal((T, B, dirs * H)).astype(dtype)
+    layer = getattr(fastrnn, kind)(D, H, seed=1, dtype=dtype, **options)
+    first = step(layer, x, dout)
+    assert kept(layer), "the buffers went through the recycler"
+    ids = {id(b) for b in kept(layer)}
+    # other values in the lent buffers first: a step that read stale contents would differ
+    step(layer, x * 3 - 1, dout * 2)
+    again = step(layer, x, dout)
+    assert {id(b) for b in kept(layer)} == ids, "the second and third steps reused them"
+    fresh = getattr(fastrnn, kind)(D, H, seed=1, dtype=dtype, **options)
+    _engine._training_buffers.release(fresh)
+    assert_same(first, again)
+    assert_same(first, step(fresh, x, dout))
+
+
+def test_padding_zeroed_where_peepholes_read_it(every_buffer):
+    """With lengths and peepholes the saved activations start zeroed (the
+    peepholes' gradients read every row): a lent buffer must be zeroed too."""
+    rng = np.random.default_rng(1)
+    T, B, D, H = 6, 4, 3, 5
+    lengths = np.array([6, 2, 4, 1])
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    dout = rng.standard_normal((T, B, H)).astype(np.float32)
+    layer = fastrnn.LSTM(D, H, seed=2, peepholes=True)
+    first = step(layer, x, dout, lengths)
+    # NaN in every saved row of a step in between: a padding row left so
+    # would reach the peepholes' gradients (0 * NaN is NaN)
+    step(layer, np.full((T, B, D), np.nan, np.float32), dout, None)
+    assert_same(first, step(layer, x, dout, lengths))
+
+
+def test_buffers_of_a_tape_still_held_are_not_lent(every_buffer):
+    """Two forwards before either backprop (gradient accumulation): each
+    backprop sees its own tape, as with fresh buffers."""
+    rng = np.random.default_rng(2)
+    T, B, D, H = 5, 3, 4, 6
+    xs = [rng.standard_normal((T, B, D)).astype(np.float32) for _ in range(2)]
+    dout = rng.standard_normal((T, B, H)).astype(np.float32)
+    layer = fastrnn.LSTM(D, H, seed=3)
+    (_, _), bp1 = layer.forward_train(xs[0])
+    (_, _), bp2 = layer.forward_train(xs[1])
+    dx2, _ = bp2(dout)
+    dx1, _ = bp1(dout)
+    grads = {k: g.copy() for k, g in layer.grads.items()}
+    ref = fastrnn.LSTM(D, H, seed=3)
+    for x in xs:
+        (_, _), bp = ref.forward_train(x)
+        bp(dout)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref.grads[k], rtol=1e-6, atol=1e-6)
+    ref.zero_grad()
+    for x, dx in zip(xs, (dx1, dx2)):
+        (_, _), bp = ref.forward_train(x)
+        np.testing.assert_array_equal(bp(dout)[0], dx)
+
+
+def test_a_call_outside_training_lets_them_go(every_buffer):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 8, 4)).astype(np.float32)
+    layer = fastrnn.GRU(4, 32, seed=4)
+    step(layer, x, np.ones((20, 8, 32), np.float32))
+    assert kept(layer)
+    layer(x)   # a small call: the lean path
+    assert not kept(layer)
+    step(layer, x, np.ones((20, 8, 32), np.float32))
+    assert kept(layer)
+    layer(x, lengths=np.full(8, 20))   # the general path
+    assert not kept(layer)
+
+
+def test_they_go_with_the_layer(every_buffer):
+    x = np.ones((5, 3, 2), np.float32)
+    layer = fastrnn.RNN(2, 4, seed=0)
+    step(layer, x, np.ones((5, 3, 4), np.float32))
+    refs = [weakref.ref(b) for b in kept(layer)]
+    assert refs
+    del layer
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_no_more_than_max_kept_idle(every_buffer):
+    """Batches of ever new shapes: the idle buffers of old shapes go."""
+    layer = fastrnn.LSTM(3, 4, seed=0)
+    for B in range(1, 12):
+        step(layer, np.ones((4, B, 3), np.float32), np.ones((4, B, 4), np.float32))
+        assert len(kept(layer)) <= _engine._TrainingBuffers.MAX_KEPT
+
+
+def test_at_the_real_threshold_a_big_step_reuses_its_buffers():
+    """LSTM 8 -> 256 at T=100, B=80: its input projection, saved activations
+    and gate gradients (8000 x 1024 float32, 32.8 MB) are lent again; the
+    smaller ones are not kept."""
+    rng = np.random.default_rng(4)
+    T, B, D, H = 100, 80, 8, 256
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    dout = rng.standard_normal((T, B, H)).astype(np.float32)
+    layer = fastrnn.LSTM(D, H, seed=5)
+    first = step(layer, x, dout)
+    buffers = kept(layer)
+    assert {b.shape for b in buffers} == {(T * B, 4 * H)}
+    assert len(buffers) == 2   # gx (then dgx) and the saved activations
+    ids = {id(b) for b in buffers}
+    assert_same(first, step(layer, x, dout))
+    assert {id(b) for b in kept(layer)} == ids
