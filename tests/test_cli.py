@@ -13,7 +13,7 @@ from fastrnn import __main__ as cli_module
 from fastrnn import bench
 from fastrnn._kernels import SIMD
 from fastrnn.__main__ import cli
-from fastrnn.examples import adding_problem, char_lm, regularisation, sunspots
+from fastrnn.examples import adding_problem, char_lm, layer_norm, regularisation, sunspots
 
 COMMANDS = ["demo", "sunspots", "adding", "charlm", "layernorm", "regularise", "timing", "bench"]
 
@@ -24,7 +24,7 @@ def _heavy(*args, **kwargs):
 
 @pytest.fixture(autouse=True)
 def no_heavy_work(monkeypatch):
-    for module in (sunspots, adding_problem, char_lm, regularisation):
+    for module in (sunspots, adding_problem, char_lm, layer_norm, regularisation):
         monkeypatch.setattr(module, "main", _heavy)
     monkeypatch.setattr(bench, "run_case", _heavy)
     monkeypatch.setattr(bench, "available", lambda name: False)  # no peer imports
@@ -168,3 +168,26 @@ def test_python_m_fastrnn_bench_help_names_itself(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0
     assert done.stdout.startswith("usage: python -m fastrnn.bench ")
+
+
+@pytest.mark.parametrize("command,argv,message", [
+    ("adding", ["--steps", "1"], "--steps: expected an integer >= 2, got '1'"),
+    ("adding", ["--hidden", "0"], "--hidden: expected an integer >= 1, got '0'"),
+    ("adding", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
+    ("adding", ["--seed", "-1"], "--seed: expected an integer >= 0, got '-1'"),
+    ("charlm", ["--hidden", "-5"], "--hidden: expected an integer >= 1, got '-5'"),
+    ("charlm", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
+    ("sunspots", ["--epochs", "1.5"], "--epochs: expected an integer >= 1, got '1.5'"),
+    ("sunspots", ["--seed", "-2"], "--seed: expected an integer >= 0, got '-2'"),
+    ("layernorm", ["--steps", "0"], "--steps: expected an integer >= 2, got '0'"),
+    ("layernorm", ["--epochs", "-1"], "--epochs: expected an integer >= 1, got '-1'"),
+    ("layernorm", ["--seeds", "0,a"], "--seeds: expected comma-separated integers >= 0, "
+                                      "got '0,a'"),
+    ("layernorm", ["--kinds", "RNN"], "--kinds: expected LSTM and/or GRU, got 'RNN'"),
+])
+def test_an_example_refuses_a_bad_option_by_name(command, argv, message, capsys):
+    """A usage error (exit status 2) naming the option, before any work."""
+    status, out, err = run([command, *argv], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith(f"usage: fastrnn {command} ")
+    assert message in err, err

@@ -69,8 +69,8 @@ def test_the_command_is_listed_and_refuses_bad_options(capsys, monkeypatch):
     assert "  regularise  example 5:" in capsys.readouterr().out
     for argv, message in [(["--rate", "0"], "--rate: expected a number in (0.0, 1.0)"),
                           (["--rate", "1"], "--rate: expected a number in (0.0, 1.0)"),
-                          (["--epochs", "0"], "--epochs: expected a positive integer"),
-                          (["--steps", "1"], "--steps: expected at least 2"),
+                          (["--epochs", "0"], "--epochs: expected an integer >= 1"),
+                          (["--steps", "1"], "--steps: expected an integer >= 2"),
                           (["--regularisers", "zoneout,dropconnect"],
                            "unknown regulariser 'dropconnect'"),
                           (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),

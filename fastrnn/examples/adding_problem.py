@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 import fastrnn
+from fastrnn.examples import _cli
 
 
 def make_data(n, steps, rng):
@@ -80,10 +81,13 @@ def main(steps=100, hidden=32, epochs=12, n_train=6400, seed=0, verbose=0):
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn adding",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100, help="sequence length T (default 100)")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden size (default 32)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--steps", type=_cli.int_at_least(2), default=100,
+                        help="sequence length T, at least 2 (default 100)")
+    parser.add_argument("--hidden", type=_cli.positive_int, default=32,
+                        help="hidden size (default 32)")
+    parser.add_argument("--epochs", type=_cli.positive_int, default=12,
+                        help="training epochs (default 12)")
+    parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and data (default 0)")
     args = parser.parse_args(argv)
     main(args.steps, args.hidden, args.epochs, seed=args.seed)

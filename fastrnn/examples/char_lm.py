@@ -13,6 +13,7 @@ import numpy as np
 
 import fastrnn
 from fastrnn.datasets import load_hamlet
+from fastrnn.examples import _cli
 
 
 def one_hot(codes, vocab_size):
@@ -72,9 +73,11 @@ def main(hidden=128, steps=64, epochs=12, windows_per_epoch=1600, seed=0, verbos
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn charlm",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size (default 128)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--hidden", type=_cli.positive_int, default=128,
+                        help="hidden size (default 128)")
+    parser.add_argument("--epochs", type=_cli.positive_int, default=12,
+                        help="training epochs (default 12)")
+    parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and data (default 0)")
     args = parser.parse_args(argv)
     main(args.hidden, epochs=args.epochs, seed=args.seed)

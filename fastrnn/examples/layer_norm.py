@@ -29,6 +29,7 @@ import numpy as np
 
 import fastrnn
 from fastrnn.examples.adding_problem import make_data
+from fastrnn.examples import _cli
 
 
 def build(kind, layer_norm, hidden, seed):
@@ -77,18 +78,22 @@ def main(steps=50, hidden=32, epochs=8, n_train=3200, kinds=("LSTM",), seeds=(0,
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn layernorm",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50, help="sequence length T (default 50)")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden size (default 32)")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    parser.add_argument("--steps", type=_cli.int_at_least(2), default=50,
+                        help="sequence length T, at least 2 (default 50)")
+    parser.add_argument("--hidden", type=_cli.positive_int, default=32,
+                        help="hidden size (default 32)")
+    parser.add_argument("--epochs", type=_cli.positive_int, default=8,
+                        help="training epochs (default 8)")
     parser.add_argument("--kinds", default="LSTM", help="LSTM, GRU or LSTM,GRU (default LSTM)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--seeds", type=_cli.seed_list, default="0",
+                        help="comma-separated seeds (default 0)")
     args = parser.parse_args(argv)
     kinds = tuple(k.strip().upper() for k in args.kinds.split(","))
     for kind in kinds:
         if kind not in ("LSTM", "GRU"):
             parser.error(f"--kinds: expected LSTM and/or GRU, got {kind!r}")
     main(args.steps, args.hidden, args.epochs, kinds=kinds,
-         seeds=tuple(int(s) for s in args.seeds.split(",")))
+         seeds=args.seeds)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ import time
 import numpy as np
 
 import fastrnn
+from fastrnn.examples import _cli
 
 # name -> the layer keyword it sets (None: the unregularised net)
 REGULARISERS = {"none": None, "recurrent_dropout": "recurrent_dropout",
@@ -151,68 +152,37 @@ def main(kind="LSTM", hidden=128, steps=20, features=4, n_train=200, noise=1.0, 
     return results
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _float_in(low, high, closed_low):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        if not ((low <= value if closed_low else low < value) and value < high):
-            bracket = "[" if closed_low else "("
-            raise argparse.ArgumentTypeError(
-                f"expected a number in {bracket}{low}, {high}), got {text!r}")
-        return value
-    return parse
-
-
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn regularise",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="LSTM", type=str.upper, choices=("LSTM", "GRU"),
                         help="the recurrent layer (default LSTM)")
-    parser.add_argument("--hidden", type=_positive_int, default=128,
+    parser.add_argument("--hidden", type=_cli.positive_int, default=128,
                         help="hidden size (default 128)")
-    parser.add_argument("--steps", type=_positive_int, default=20,
+    parser.add_argument("--steps", type=_cli.int_at_least(2), default=20,
                         help="sequence length T, at least 2 (default 20)")
-    parser.add_argument("--train", type=_positive_int, default=200,
+    parser.add_argument("--train", type=_cli.positive_int, default=200,
                         help="training sequences (default 200)")
-    parser.add_argument("--noise", type=_float_in(0.0, float("inf"), True), default=1.0,
+    parser.add_argument("--noise", type=_cli.float_in(0.0, float("inf"), True), default=1.0,
                         help="standard deviation of the training targets' noise (default 1)")
-    parser.add_argument("--epochs", type=_positive_int, default=40,
+    parser.add_argument("--epochs", type=_cli.positive_int, default=40,
                         help="training epochs (default 40)")
-    parser.add_argument("--rate", type=_float_in(0.0, 1.0, False), default=0.5,
+    parser.add_argument("--rate", type=_cli.float_in(0.0, 1.0, False), default=0.5,
                         help="every regulariser's rate p, in (0, 1) (default 0.5)")
-    parser.add_argument("--lr", type=_float_in(0.0, float("inf"), False), default=3e-3,
+    parser.add_argument("--lr", type=_cli.float_in(0.0, float("inf"), False), default=3e-3,
                         help="Adam's learning rate (default 3e-3)")
     parser.add_argument("--regularisers", default=",".join(list(REGULARISERS)[1:]),
                         help="comma-separated, from " + ", ".join(list(REGULARISERS)[1:])
                              + " (default all; the unregularised net always runs)")
-    parser.add_argument("--seeds", default="0,1,2",
+    parser.add_argument("--seeds", type=_cli.seed_list, default="0,1,2",
                         help="comma-separated seeds (default 0,1,2)")
     args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error(f"--steps: expected at least 2, got {args.steps}")
     names = [n.strip() for n in args.regularisers.split(",")]
     for name in names:
         if name not in REGULARISERS or name == "none":
             parser.error(f"--regularisers: unknown regulariser {name!r} (expected "
                          + ", ".join(list(REGULARISERS)[1:]) + ")")
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    if any(s < 0 for s in seeds):
-        parser.error(f"--seeds: expected non-negative integers, got {args.seeds!r}")
+    seeds = args.seeds
     main(args.kind, args.hidden, args.steps, n_train=args.train, noise=args.noise,
          epochs=args.epochs, rate=args.rate, lr=args.lr,
          regularisers=("none", *dict.fromkeys(names)), seeds=seeds)

@@ -23,6 +23,7 @@ import numpy as np
 
 import fastrnn
 from fastrnn.datasets import load_sunspots, windows
+from fastrnn.examples import _cli
 
 
 def build(seed=0):
@@ -88,10 +89,11 @@ def _save_plot(history, path):
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn sunspots",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=50, help="training epochs (default 50)")
+    parser.add_argument("--epochs", type=_cli.positive_int, default=50,
+                        help="training epochs (default 50)")
     parser.add_argument("--plot", default="sunspots_loss.png",
                         help="where to save the loss plot ('' for none)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and shuffling (default 0)")
     args = parser.parse_args(argv)
     main(args.epochs, args.plot, args.seed)
