@@ -631,11 +631,50 @@ class _QuantizedLayer(_Quantized):
         if mask is not None:   # fastrnn.masking runs the layer with lengths
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
+        if lengths is None:
+            result = self._plain_call(params, x, hx)
+            if result is not None:
+                return result
         call = self._prepare(params, x, hx, lengths)
         if call.B > 0:
             self._qrun(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
                        call.out, call.lengths)
         return self._results(call)
+
+
+    def _plain_call(self, params, x, hx):
+        """The common call in a few steps (the general checks cost ~3 us, as
+        much as a batch-1 step's kernels): a C-contiguous float32 ndarray of
+        shape (T, B, D) or (B, T, D), hx None or float32 ndarrays of the full
+        state shapes (copied: the caller's stay as they are), no learned
+        initial state. Anything else: None, and the general path checks and
+        reports it."""
+        cfg = self._config
+        if (type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 3
+                or not x.flags.c_contiguous or x.shape[2] != cfg["input_size"]
+                or self._init_index):
+            return None
+        batch_first = cfg["batch_first"]
+        B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
+        if T == 0 or B == 0 or B > v.BLAS_INT_MAX:
+            return None
+        rows, H = cfg["num_layers"] * self._dirs, cfg["hidden_size"]
+        lstm = self._has_cell_state
+        if hx is None:
+            h_n = np.zeros((rows, B, H), np.float32)
+            c_n = np.zeros((rows, B, H), np.float32) if lstm else None
+        else:
+            given = hx if lstm and type(hx) is tuple and len(hx) == 2 else (hx,)
+            if len(given) != (2 if lstm else 1) or not all(
+                    type(a) is np.ndarray and a.dtype == np.float32 and a.shape == (rows, B, H)
+                    for a in given):
+                return None
+            h_n = given[0].copy()
+            c_n = given[1].copy() if lstm else None
+        out = np.empty((B, T, self._dirs * H) if batch_first else (T, B, self._dirs * H),
+                       np.float32)
+        self._qrun(params, x, T, B, batch_first, h_n, c_n, out, None)
+        return (out, (h_n, c_n)) if lstm else (out, h_n)
 
 
 class _QuantizedCell(_Quantized):
@@ -644,11 +683,39 @@ class _QuantizedCell(_Quantized):
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         params = self._params
-        x, B, batched, h, c = self._prepare(params, x, hx)
+        plain = self._plain_arguments(x, hx)
+        x, B, batched, h, c = plain if plain is not None else self._prepare(params, x, hx)
         if B > 0:   # one step: h, c become the new state
             self._qrun(params, x[None], 1, B, False, h[None], None if c is None else c[None],
                        np.empty((1, B, self._config["hidden_size"]), np.float32), None)
         return self._results(h, c, batched)
+
+    def _plain_arguments(self, x, hx):
+        """_prepare's result for the common call in a few steps (the streaming
+        call: a float32 ndarray frame (D,) or C-contiguous (B, D), hx None or
+        float32 ndarrays of the state's shape, copied), or None: the general
+        path then checks and reports everything."""
+        cfg = self._config
+        D, H = cfg["input_size"], cfg["hidden_size"]
+        if (type(x) is not np.ndarray or x.dtype != np.float32 or not 1 <= x.ndim <= 2
+                or not x.flags.c_contiguous or x.shape[-1] != D or self._init_index):
+            return None
+        batched = x.ndim == 2
+        B = x.shape[0] if batched else 1
+        if B == 0 or B > v.BLAS_INT_MAX:
+            return None
+        lstm = self._has_cell_state
+        if hx is None:
+            return x.reshape(B, D), B, batched, np.zeros((B, H), np.float32), (
+                np.zeros((B, H), np.float32) if lstm else None)
+        shape = (B, H) if batched else (H,)
+        given = hx if lstm and type(hx) is tuple and len(hx) == 2 else (hx,)
+        if len(given) != (2 if lstm else 1) or not all(
+                type(a) is np.ndarray and a.dtype == np.float32 and a.shape == shape
+                for a in given):
+            return None
+        return (x.reshape(B, D), B, batched, given[0].reshape(B, H).copy(),
+                given[1].reshape(B, H).copy() if lstm else None)
 
 
 _QUANT_DOC = """

@@ -1525,3 +1525,81 @@ def test_from_torch_refuses_a_dynamic_lstm_made_with_proj_size():
         dtype=torch.qint8)[0]
     with pytest.raises(ValueError, match="made from an LSTM with proj_size"):
         fastrnn.from_torch(tq)
+
+
+# --- the plain call's short path (quantized.py: _plain_call, _plain_arguments) ---------
+
+def _general(value):
+    """The same values by a route the short path does not take: a float64
+    array (converted by the general path's checks)."""
+    return None if value is None else np.asarray(value, np.float64)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("options", [{}, {"batch_first": True},
+                                     {"num_layers": 2, "bidirectional": True}])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_plain_layer_call_gives_the_general_paths_bits(kind, options, dtype):
+    rng = np.random.default_rng(11)
+    layer = fastrnn.quantize(getattr(fastrnn, kind)(5, 6, seed=2, **options), dtype=dtype)
+    rows = layer.num_layers * (2 if layer.bidirectional else 1)
+    for T, B in [(1, 1), (4, 3), (7, 1)]:
+        x = rng.standard_normal((B, T, 5) if layer.batch_first else (T, B, 5)).astype(F32)
+        h0 = rng.standard_normal((rows, B, 6)).astype(F32)
+        states = [h0, rng.standard_normal((rows, B, 6)).astype(F32)]
+        hx = tuple(states) if kind == "LSTM" else h0
+        kept = [s.copy() for s in states]
+        for given in (None, hx):
+            out, state = layer(x, given)
+            general = (None if given is None else
+                       tuple(_general(s) for s in given) if kind == "LSTM" else _general(given))
+            out_g, state_g = layer(_general(x), general)
+            np.testing.assert_array_equal(out, out_g)
+            for s, s_g in zip(state if kind == "LSTM" else (state,),
+                              state_g if kind == "LSTM" else (state_g,)):
+                assert s.dtype == F32 and s.flags.c_contiguous
+                np.testing.assert_array_equal(s, s_g)
+        for s, k in zip(states, kept):   # the caller's state arrays are not written
+            np.testing.assert_array_equal(s, k)
+
+
+@pytest.mark.parametrize("kind", ["RNNCell", "GRUCell", "LSTMCell"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_plain_cell_call_gives_the_general_paths_bits(kind, dtype):
+    rng = np.random.default_rng(12)
+    cell = fastrnn.quantize(getattr(fastrnn, kind)(5, 6, seed=3), dtype=dtype)
+    lstm = kind == "LSTMCell"
+    for shape in [(5,), (1, 5), (4, 5)]:
+        x = rng.standard_normal(shape).astype(F32)
+        sshape = shape[:-1] + (6,)
+        states = [rng.standard_normal(sshape).astype(F32) for _ in range(2 if lstm else 1)]
+        kept = [s.copy() for s in states]
+        for given in (None, tuple(states) if lstm else states[0]):
+            got = cell(x, given)
+            general = (None if given is None else
+                       tuple(_general(s) for s in given) if lstm else _general(given))
+            want = cell(_general(x), general)
+            for g, w in zip(got if lstm else (got,), want if lstm else (want,)):
+                assert g.shape == sshape and g.dtype == F32
+                np.testing.assert_array_equal(g, w)
+        for s, k in zip(states, kept):
+            np.testing.assert_array_equal(s, k)
+
+
+def test_plain_call_leaves_bad_arguments_to_the_general_checks():
+    """What the short path does not take still gets the general path's errors."""
+    layer = fastrnn.quantize(fastrnn.LSTM(5, 6, seed=0))
+    x = np.ones((3, 2, 5), F32)
+    with pytest.raises(ValueError, match=r"expected input of shape \(T, B, 5\)"):
+        layer(np.ones((3, 2, 4), F32))
+    with pytest.raises(ValueError, match="h_0"):
+        layer(x, (np.zeros((1, 3, 6), F32), np.zeros((1, 2, 6), F32)))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(np.full((3, 2, 5), np.nan, F32))
+    with pytest.raises(ValueError, match="at least one time step"):
+        layer(np.ones((0, 2, 5), F32))
+    cell = fastrnn.quantize(fastrnn.GRUCell(5, 6, seed=0))
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 5\) or \(5,\)"):
+        cell(np.ones((2, 4), F32))
+    with pytest.raises(ValueError, match="hx"):
+        cell(np.ones((2, 5), F32), np.zeros((3, 6), F32))
