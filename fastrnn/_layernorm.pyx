@@ -328,19 +328,20 @@ cdef inline void _lstm_row(const floating* gx, floating* pre, const floating* hh
     cdef const floating* b_hh = ln + 3 * GH
     cdef const floating* a_c = ln + 4 * GH
     cdef const floating* b_c = a_c + H
-    cdef floating i, f, g, o, tc
+    cdef floating tc
     for j in range(GH):
         pre[j] = gx[j] + a_hh[j] * hhat[j] + b_hh[j]
+    # one loop per activation, as _gates.lstm_row does (and for its reason)
     for j in range(H):
-        i = sigmoid(pre[j])
-        f = sigmoid(pre[H + j])
-        g = tanh_(pre[2 * H + j])
-        o = sigmoid(pre[3 * H + j])
-        acts[j] = i
-        acts[H + j] = f
-        acts[2 * H + j] = g
-        acts[3 * H + j] = o
-        acts[4 * H + j] = f * c[j] + i * g
+        acts[j] = sigmoid(pre[j])
+    for j in range(H):
+        acts[H + j] = sigmoid(pre[H + j])
+    for j in range(H):
+        acts[2 * H + j] = tanh_(pre[2 * H + j])
+    for j in range(H):
+        acts[3 * H + j] = sigmoid(pre[3 * H + j])
+    for j in range(H):
+        acts[4 * H + j] = acts[H + j] * c[j] + acts[j] * acts[2 * H + j]
     rstd_c[0] = _normalise(acts + 4 * H, H, acts + 5 * H)
     for j in range(H):
         tc = tanh_(a_c[j] * acts[5 * H + j] + b_c[j])
