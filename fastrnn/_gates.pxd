@@ -156,7 +156,7 @@ cdef inline void gru_row(const floating* gx, const floating* gh, const floating*
     """acts: r, z, n and gh_n = W_hn h + b_hn. ``units`` of the H (the gate
     blocks' stride) from the pointers on; h_old the state before the step
     (may be h itself)."""
-    # split in short loops for the reason lstm_row gives
+    # split in short loops for the reason lstm_activations gives
     cdef Py_ssize_t j
     cdef floating n, v
     for j in range(units):
@@ -200,18 +200,16 @@ cdef inline void gru_reset_row(const floating* g, floating* h, floating* out,
         acts[2 * H + j] = n
 
 
-cdef inline void lstm_row(const floating* g, floating* h, floating* c,
-                          floating* out, floating* acts, Py_ssize_t units,
-                          Py_ssize_t H) noexcept nogil:
-    """acts: i, f, g, o. ``units`` of the H (the gate blocks' stride) from the
-    pointers on."""
-    # One loop per activation, then one for the state: each iteration of a
-    # single fused loop was one long dependency chain (sigmoid, c', tanh(c')),
-    # ~145 cycles a vector with too many instructions for the out-of-order core
-    # to overlap the next; short loops of independent iterations run at the
-    # core's throughput instead (the gate pass ~2x faster at H=64, B=256).
+cdef inline void lstm_activations(const floating* g, floating* acts, Py_ssize_t units,
+                                  Py_ssize_t H) noexcept nogil:
+    """acts' i, f, g, o blocks (H apart) from the pre-activations g (same
+    layout), ``units`` of each. One loop per activation: each iteration of a
+    single fused loop (sigmoid, then c', then tanh(c')) was one long
+    dependency chain, ~145 cycles a vector with too many instructions for the
+    out-of-order core to overlap the next; short loops of independent
+    iterations run at the core's throughput instead (the LSTM gate pass ~2x
+    faster at H=64, B=256)."""
     cdef Py_ssize_t j
-    cdef floating c_new, v
     for j in range(units):
         acts[j] = sigmoid(g[j])
     for j in range(units):
@@ -220,6 +218,16 @@ cdef inline void lstm_row(const floating* g, floating* h, floating* c,
         acts[2 * H + j] = tanh_(g[2 * H + j])
     for j in range(units):
         acts[3 * H + j] = sigmoid(g[3 * H + j])
+
+
+cdef inline void lstm_row(const floating* g, floating* h, floating* c,
+                          floating* out, floating* acts, Py_ssize_t units,
+                          Py_ssize_t H) noexcept nogil:
+    """acts: i, f, g, o. ``units`` of the H (the gate blocks' stride) from the
+    pointers on."""
+    cdef Py_ssize_t j
+    cdef floating c_new, v
+    lstm_activations(g, acts, units, H)
     for j in range(units):
         c_new = acts[H + j] * c[j] + acts[j] * acts[2 * H + j]
         c[j] = c_new

@@ -49,7 +49,7 @@ from fastrnn._microkernel cimport (Packed, FASTRNN_MK_FROM_C, FASTRNN_MK_ZERO,
                                   FASTRNN_MK_LANES, fastrnn_mk_groups, fastrnn_mk_packed_size,
                                   packed_product, unit_blocks_per_group, describe_packed)
 from fastrnn._blas cimport gemm
-from fastrnn._gates cimport (sigmoid, tanh_, gru_row, fastrnn_flush_denormals,
+from fastrnn._gates cimport (tanh_, gru_row, lstm_activations, fastrnn_flush_denormals,
                              fastrnn_restore_fpenv)
 
 # the epsilon inside every LN's square root
@@ -331,15 +331,7 @@ cdef inline void _lstm_row(const floating* gx, floating* pre, const floating* hh
     cdef floating tc
     for j in range(GH):
         pre[j] = gx[j] + a_hh[j] * hhat[j] + b_hh[j]
-    # one loop per activation, as _gates.lstm_row does (and for its reason)
-    for j in range(H):
-        acts[j] = sigmoid(pre[j])
-    for j in range(H):
-        acts[H + j] = sigmoid(pre[H + j])
-    for j in range(H):
-        acts[2 * H + j] = tanh_(pre[2 * H + j])
-    for j in range(H):
-        acts[3 * H + j] = sigmoid(pre[3 * H + j])
+    lstm_activations(pre, acts, H, H)
     for j in range(H):
         acts[4 * H + j] = acts[H + j] * c[j] + acts[j] * acts[2 * H + j]
     rstd_c[0] = _normalise(acts + 4 * H, H, acts + 5 * H)
