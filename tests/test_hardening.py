@@ -293,9 +293,24 @@ def _interrupt_after(seconds):
     return thread
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) during the test: a
+    process started in the background by a shell inherits SIGINT ignored, and
+    Python then installs no handler of its own."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield    # the test skips itself
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
 @pytest.mark.parametrize("what", ["bidirectional inference", "training forward", "backprop"])
-def test_long_calls_answer_ctrl_c_and_stay_usable(what):
+def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
     """A long call runs the signal handlers every ~20 ms: Ctrl-C interrupts a
     bidirectional inference, a training forward or a backprop that would run
     for seconds, and leaves the layer as it was (no gradient half added)."""
