@@ -621,6 +621,23 @@ class _Quantized(_ReducedWeights):
         self._refuse_training("training")
 
 
+def _plain_state(hx, shape, full_shape, lstm):
+    """(h, c) for a plain call: fresh float32 zeros of full_shape for hx None,
+    else copies (reshaped to full_shape) of hx's float32 ndarrays of exactly
+    ``shape``; None for anything else (the general checks then report it).
+    c is None unless lstm."""
+    if hx is None:
+        return (np.zeros(full_shape, np.float32),
+                np.zeros(full_shape, np.float32) if lstm else None)
+    given = hx if lstm and type(hx) is tuple and len(hx) == 2 else (hx,)
+    if len(given) != (2 if lstm else 1) or not all(
+            type(a) is np.ndarray and a.dtype == np.float32 and a.shape == shape
+            for a in given):
+        return None
+    return (given[0].reshape(full_shape).copy(),
+            given[1].reshape(full_shape).copy() if lstm else None)
+
+
 class _QuantizedLayer(_Quantized):
 
     def __call__(self, x: ArrayLike,
@@ -641,7 +658,6 @@ class _QuantizedLayer(_Quantized):
                        call.out, call.lengths)
         return self._results(call)
 
-
     def _plain_call(self, params, x, hx):
         """The common call in a few steps (the general checks cost ~3 us, as
         much as a batch-1 step's kernels): a C-contiguous float32 ndarray of
@@ -660,17 +676,10 @@ class _QuantizedLayer(_Quantized):
             return None
         rows, H = cfg["num_layers"] * self._dirs, cfg["hidden_size"]
         lstm = self._has_cell_state
-        if hx is None:
-            h_n = np.zeros((rows, B, H), np.float32)
-            c_n = np.zeros((rows, B, H), np.float32) if lstm else None
-        else:
-            given = hx if lstm and type(hx) is tuple and len(hx) == 2 else (hx,)
-            if len(given) != (2 if lstm else 1) or not all(
-                    type(a) is np.ndarray and a.dtype == np.float32 and a.shape == (rows, B, H)
-                    for a in given):
-                return None
-            h_n = given[0].copy()
-            c_n = given[1].copy() if lstm else None
+        state = _plain_state(hx, (rows, B, H), (rows, B, H), lstm)
+        if state is None:
+            return None
+        h_n, c_n = state
         out = np.empty((B, T, self._dirs * H) if batch_first else (T, B, self._dirs * H),
                        np.float32)
         self._qrun(params, x, T, B, batch_first, h_n, c_n, out, None)
@@ -704,18 +713,8 @@ class _QuantizedCell(_Quantized):
         B = x.shape[0] if batched else 1
         if B == 0 or B > v.BLAS_INT_MAX:
             return None
-        lstm = self._has_cell_state
-        if hx is None:
-            return x.reshape(B, D), B, batched, np.zeros((B, H), np.float32), (
-                np.zeros((B, H), np.float32) if lstm else None)
-        shape = (B, H) if batched else (H,)
-        given = hx if lstm and type(hx) is tuple and len(hx) == 2 else (hx,)
-        if len(given) != (2 if lstm else 1) or not all(
-                type(a) is np.ndarray and a.dtype == np.float32 and a.shape == shape
-                for a in given):
-            return None
-        return (x.reshape(B, D), B, batched, given[0].reshape(B, H).copy(),
-                given[1].reshape(B, H).copy() if lstm else None)
+        state = _plain_state(hx, (B, H) if batched else (H,), (B, H), self._has_cell_state)
+        return None if state is None else (x.reshape(B, D), B, batched, *state)
 
 
 _QUANT_DOC = """
