@@ -252,6 +252,13 @@ class RecurrentEngine(RecurrentWeights):
         return self._packed(params, "packed_ih", lambda w_ih, w_hh, k: _forward.pack_projection(
             w_ih, self._kernel_code, H, self._dirs))
 
+    def _packed_folded(self, params):
+        """Per layer, [W_ih, W_hh] packed per direction for the folded steps
+        (_forward.pack_folded)."""
+        H = self._config["hidden_size"]
+        return self._packed(params, "packed_folded", lambda w_ih, w_hh, k: _forward.pack_folded(
+            w_ih, w_hh, self._kernel_code, H, self._dirs))
+
     def _packed_backward(self, params):
         """Per layer, (W_hh packed for dG . W_hh (_backward.pack_backward),
         W_ih packed for dx = dG . W_ih (_backward.pack_rows))."""
@@ -325,7 +332,7 @@ class RecurrentEngine(RecurrentWeights):
             if plan.hold_blas and not held:   # the parts' per-step gemv must not be threaded
                 units = None
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                             gx, gh, plan.parts, held, tape, units)
+                             gx, gh, plan.parts, held, tape, units, plan.fold)
         return tape
 
     def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
@@ -351,9 +358,10 @@ class RecurrentEngine(RecurrentWeights):
                 out[:, t0:t1] = out_w
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                    gx, gh, parts, held, tape, units=None):
+                    gx, gh, parts, held, tape, units=None, fold=()):
         """The layers of ``_run``, in the plan's parts, or with the hidden
-        units split between two threads (``units``: the plan's bounds)."""
+        units split between two threads (``units``: the plan's bounds);
+        ``fold``: per layer, whether its projection folds into the steps."""
         if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
             _layernorm_engine.run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n,
                                          out, lengths, train, gx, parts, tape)
@@ -400,9 +408,14 @@ class RecurrentEngine(RecurrentWeights):
                 if p_rec > 0:
                     saves.recurrent_drop = dropout_mask(self._rng, (dirs, G, B, H), p_rec,
                                                         dtype)
+            folded = units is None and k < len(fold) and fold[k]
             if saves.input_drop is not None:
                 self._dropped_projection(layer_in, w_ih_all[k], bias_x, gx[:rows],
                                          saves.input_drop, T, B, batch_first)
+            elif folded:
+                fold_args = {"x": layer_in, "folded": self._packed_folded(params)[k],
+                             "bias_x": bias_x,
+                             "xh": np.empty(dirs * B * (layer_in.shape[1] + H), dtype)}
             else:
                 _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
                                  max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
@@ -426,7 +439,8 @@ class RecurrentEngine(RecurrentWeights):
                     blas_held=held, packed=None if packed is None else packed[k],
                     options=self._option_rows, peepholes=peepholes[k],
                     **self._zoneout_args(saves, B),
-                    **self._dropout_args(saves, B, params, k, backward=False))
+                    **self._dropout_args(saves, B, params, k, backward=False),
+                    **(fold_args if folded else {}))
             if train:
                 if not last and self._dropout > 0:
                     saves.mask = dropout_mask(self._rng, layer_out.shape, self._dropout, dtype)

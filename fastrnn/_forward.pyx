@@ -192,6 +192,56 @@ cdef inline void _opt_row(int cell, floating* g, const floating* gh, floating* h
         rnn_opt_row(g, h, out, acts, H, opts)
 
 
+cdef void _run_direction_folded(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
+                                Py_ssize_t H, Py_ssize_t dirs, Py_ssize_t row_t,
+                                Py_ssize_t row_b, const float* x, Py_ssize_t D, float* gx,
+                                const Packed* packed, const float* bias, float* h, float* c,
+                                float* out, float* acts, Py_ssize_t acts_b,
+                                const int64_t* lengths, Interrupt* interrupt,
+                                float* xh) noexcept nogil:
+    """One direction over all steps for B batch rows of a plain float32 LSTM
+    or Elman RNN in inference, its input projection folded into the step's
+    product: xh (B, D + H) holds each row's [x_t, h_{t-1}], packed the
+    direction's [W_ih, W_hh] (``pack_folded``), and one product per step
+    gives the gates' pre-activations, bias + x_t W_ih^T + h W_hh^T, in one
+    chain per element: the same chain, the same bits, as the projection
+    followed by the step's product, without writing and reading back the
+    projection of every step. The gate pass keeps h in xh; h gets the final
+    state at the end. Pointers as _run_direction's (x: the layer input at
+    this part's first row, D its columns); gx: the step's pre-activations,
+    rows as in _run_direction."""
+    cdef Py_ssize_t K = D + H
+    cdef Py_ssize_t GH = num_gates(cell) * H
+    cdef Py_ssize_t gx_cols = dirs * GH, h_cols = dirs * H
+    cdef Py_ssize_t s, t, b, row
+    cdef float* g_t
+    cdef float* out_row
+    for b in range(B):
+        memcpy(xh + b * K + D, h + b * H, H * sizeof(float))
+    for s in range(T):
+        if interrupted(interrupt):
+            break
+        t = T - 1 - s if reverse else s
+        for b in range(B):
+            memcpy(xh + b * K, x + (t * row_t + b * row_b) * D, D * sizeof(float))
+        g_t = gx + t * row_t * gx_cols
+        packed_product(B, xh, K, 1, packed, g_t, row_b * gx_cols, H,
+                       FASTRNN_MK_ZERO if bias == NULL else FASTRNN_MK_FROM_ROW, bias)
+        for b in range(B):
+            row = t * row_t + b * row_b
+            out_row = out + row * h_cols
+            if lengths != NULL and t >= lengths[b]:
+                memset(out_row, 0, H * sizeof(float))
+            elif cell == LSTM:
+                lstm_row(g_t + b * row_b * gx_cols, xh + b * K + D, c + b * H, out_row,
+                         acts + b * acts_b, H, H)
+            else:
+                rnn_row(g_t + b * row_b * gx_cols, xh + b * K + D, out_row, acts + b * acts_b,
+                        H, cell == RNN_RELU)
+    for b in range(B):
+        memcpy(h + b * H, xh + b * K + D, H * sizeof(float))
+
+
 cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          Py_ssize_t H, Py_ssize_t dirs,
                          Py_ssize_t row_t, Py_ssize_t row_b,
@@ -478,6 +528,40 @@ cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dir
     return 0
 
 
+def pack_folded(w_ih, w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
+    """A float32 plain LSTM's or Elman RNN's [W_ih, W_hh] (rows: dirs * G * H;
+    columns: D then H) packed per direction for ``recur``'s folded steps."""
+    if base_cell(cell) not in (LSTM, RNN_TANH, RNN_RELU):
+        raise ValueError("pack_folded: only the LSTM and the Elman RNN fold their projection")
+    w_cat = np.ascontiguousarray(np.concatenate([w_ih, w_hh], axis=1), dtype=np.float32)
+    return [pack_weights(w_cat, d * num_gates(cell) * H, H, <int>num_gates(cell))
+            for d in range(dirs)]
+
+
+cdef int _fill_folded(RecurJob* job, int cell, bint train, const float[:, ::1] x, folded,
+                      const float[::1] bias_x, float[::1] xh, Py_ssize_t rows, options,
+                      zoneout, dropout_masks) except -1:
+    """The folded call's fields, every size checked (a mismatch is a bug of
+    the caller: ValueError, never memory misread)."""
+    cdef Py_ssize_t d, H = job.H, G = num_gates(cell)
+    if (cell not in (LSTM, RNN_TANH, RNN_RELU) or train or options is not None
+            or zoneout is not None or dropout_masks is not None):
+        raise ValueError("recur: only inference of a plain LSTM or Elman RNN folds")
+    if (x is None or xh is None or len(folded) != job.dirs or x.shape[0] != rows
+            or xh.shape[0] != job.dirs * job.B * (x.shape[1] + H)
+            or (bias_x is not None and bias_x.shape[0] != job.dirs * G * H)):
+        raise ValueError("recur: the folded call's buffers do not fit the layer")
+    for d in range(job.dirs):
+        describe_packed(&job.packed[d], folded[d], x.shape[1] + H, H, <int>G)
+    job.packs_per_dir = 1
+    job.folded = True
+    job.x = &x[0, 0]
+    job.D = x.shape[1]
+    job.bias_x = NULL if bias_x is None else &bias_x[0]
+    job.xh = &xh[0]
+    return 0
+
+
 # --- gate options of the *_OPT kinds (_gates.GateOptions) ---
 
 # a direction's options as a row of OPTION_FIELDS floats (_gates.read_options)
@@ -599,6 +683,13 @@ cdef struct RecurJob:
     int packs_per_dir           # 0: BLAS products; else Packed entries per direction
     Packed packed[4]
     LayerExtras extras          # options, peepholes, zoneout, recurrent dropout
+    # the input projection folded into the step (_run_direction_folded):
+    # packed then holds [W_ih, W_hh] per direction
+    bint folded
+    const float* x              # the layer input (R, D)
+    Py_ssize_t D
+    const float* bias_x         # the input projection's bias (dirs * G * H) or NULL
+    float* xh                   # (dirs, B, D + H)
 
 
 cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
@@ -622,6 +713,17 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
         return
     cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
     fpenv = fastrnn_flush_denormals()   # per thread: the worker sets its own
+    if floating is float and j.folded:
+        for d in range(d_lo, d_hi):
+            _run_direction_folded(
+                j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
+                j.x + first * j.D, j.D, gx + first * gx_cols + d * GH, &j.packed[d],
+                NULL if j.bias_x == NULL else j.bias_x + d * GH, h + (d * B + b_lo) * H,
+                NULL if c == NULL else c + (d * B + b_lo) * H, out + first * h_cols + d * H,
+                acts + b_lo * acts_cols + d * S, acts_cols, NULL if j.lengths == NULL else
+                j.lengths + b_lo, &j.interrupt, j.xh + (d * B + b_lo) * (j.D + H))
+        fastrnn_restore_fpenv(fpenv)
+        return
     for d in range(d_lo, d_hi):
         _run_direction(
             j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
@@ -682,7 +784,11 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
           floating[::1] zone_keep=None,
           const floating[:, :, :, ::1] dropout_masks=None,
           floating[::1] dropout_scratch=None,
-          dropout_packs=None):
+          dropout_packs=None,
+          const float[:, ::1] x=None,
+          folded=None,
+          const float[::1] bias_x=None,
+          float[::1] xh=None):
     """The time loops of one layer, after ``project``, in one or two parts:
     ``parts`` a list of (d_lo, d_hi, b_lo, b_hi), directions and batch rows
     on disjoint memory. A second part runs at the same time on the worker
@@ -707,12 +813,17 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     rate of 0; zone_keep (dirs * B * 2 * H,) scratch. dropout_masks
     (dirs, G, B, H): training's recurrent dropout, or None; dropout_scratch
     (dirs * B * H,); dropout_packs (float32, or None: BLAS) ``pack_gates``'
-    arrays.
+    arrays. Folded (float32 inference of the plain LSTM and Elman RNN,
+    the plan's ``fold``): ``project`` not run; x (R, D) the layer input,
+    folded ``pack_folded``'s arrays (in place of packed), bias_x the
+    projection's bias or None, xh a (dirs * B * (D + H),) scratch; gx then
+    receives each step's pre-activations.
     """
     cdef RecurJob job
     cdef Py_ssize_t i
     if T == 0 or h.shape[1] == 0:
         return
+    job.folded = False
     job.cell = cell
     job.is_double = floating is double
     job.train = train
@@ -739,6 +850,11 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     if floating is float and packed is not None:
         _fill_packed(job.packed, packed, cell, job.H, job.dirs)
         job.packs_per_dir = len(packed) // job.dirs
+    if folded is not None:
+        if floating is double:
+            raise ValueError("recur: only float32 folds")
+        _fill_folded(&job, cell, train, x, folded, bias_x, xh, gx.shape[0], options, zoneout,
+                     dropout_masks)
     fill_extras(&job.extras, cell, job.dirs, job.B, job.H, out.shape[0], train, options,
                 peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks,
                 dropout_scratch)

@@ -40,11 +40,19 @@ CHOICES = {
     "time windows": dict(threads=1, WINDOW_BYTES=1, MIN_WINDOW_STEPS=7),
     "windows in parts": dict(threads=2, MIN_PARALLEL_WORK=0, WINDOW_BYTES=1,
                              MIN_WINDOW_STEPS=5),
+    # (the plain plan folds nothing; the choices above fold where the
+    # default tuning does)
+    "folded projection": dict(threads=1, FOLD_MAX_BYTES=1 << 40),
+    "folded in parts and windows": dict(threads=2, MIN_PARALLEL_WORK=0, WINDOW_BYTES=1,
+                                        MIN_WINDOW_STEPS=6, FOLD_MAX_BYTES=1 << 40),
 }
+# the choices that exist in inference only: with training they would compare
+# the plain plan with itself
+INFERENCE_ONLY = {"time windows", "folded projection", "folded in parts and windows"}
 
 
 def _force(monkeypatch, choice):
-    settings = dict(CHOICES[choice]) if choice else {"threads": 1}
+    settings = dict(CHOICES[choice]) if choice else {"threads": 1, "FOLD_MAX_BYTES": 0}
     monkeypatch.setattr(_parallel, "_threads", settings.pop("threads"))
     # a unit split waits for its worker however slow it is to wake, never backs off
     monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
@@ -73,11 +81,9 @@ def _run(case, dtype, train):
     return [out, dx, *dstate] + [layer.grads[name] for name in sorted(layer.grads)]
 
 
-# training never runs in windows: "time windows" alone would compare the
-# plain plan with itself there
 @pytest.mark.parametrize("choice, train", [
     (choice, train) for choice in CHOICES for train in (False, True)
-    if not (train and choice == "time windows")])
+    if not (train and choice in INFERENCE_ONLY)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_plan_choice_gives_the_plain_plans_numbers(choice, dtype, train, monkeypatch):
     """float32 (the micro-kernel: one fixed FMA chain per element) bit for
@@ -112,6 +118,10 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
     assert sum(planned(c).window is not None for c in CASES) >= 8
     _force(monkeypatch, "parts at 3 threads")
     assert sum(len(planned(c).parts) > 1 for c in CASES) >= 15
+    _force(monkeypatch, "folded projection")
+    assert sum(any(planned(c).fold) for c in CASES) >= 8
+    _force(monkeypatch, None)
+    assert not any(any(planned(c).fold) for c in CASES)
     layer = fastrnn.LSTM(6, 40, seed=0)
     _force(monkeypatch, "parts at 3 threads")
     assert len(_plan.forward_plan(layer, 20, 9, batch_first=False, train=False,
@@ -155,3 +165,97 @@ def test_the_plan_cache_is_bounded(monkeypatch):
     for T in range(1, 40):
         _plan.forward_plan(layer, T, 2, batch_first=False, train=False, has_lengths=False)
         assert len(_plan._plans) <= 10
+
+
+def test_folded_steps_run_and_give_the_unfolded_numbers(monkeypatch):
+    """The layer's calls reach the folded kernel (it is not only planned),
+    for every kind that folds, in a stack whose layers fold or not by their
+    input width, with an initial state and padded rows; the results are the
+    unfolded call's bits."""
+    from fastrnn._engine import _forward
+    calls = []
+    recur = _forward.recur
+
+    def counting(**kw):
+        calls.append(kw.get("folded") is not None)
+        return recur(**kw)
+    monkeypatch.setattr(_forward, "recur", counting)
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    rng = np.random.default_rng(7)
+    for kind, kw in (("LSTM", {}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})):
+        gates = 4 if kind == "LSTM" else 1
+        # layer 0's input (30) fits its gates; layer 1's (2 * 9 = 18) too
+        layer = getattr(fastrnn, kind)(30 if gates == 4 else 9, 9, num_layers=2,
+                                       bidirectional=True, seed=1, **kw)
+        x = rng.standard_normal((23, 5, layer.input_size)).astype(np.float32)
+        h0 = rng.standard_normal((4, 5, 9)).astype(np.float32)
+        hx = (h0, h0 * 0.5) if kind == "LSTM" else h0
+        lengths = np.array([23, 1, 2, 17, 9])
+        results = {}
+        for fold in (True, False):
+            monkeypatch.setattr(_plan, "FOLD_MAX_BYTES", 1 << 40 if fold else 0)
+            calls.clear()
+            out, state = layer(x, hx, lengths=lengths)
+            folded_calls = sum(calls)
+            assert folded_calls == (2 if fold and gates == 4 else 1 if fold else 0), (kind, calls)
+            results[fold] = [out] + list(state if isinstance(state, tuple) else (state,))
+        for a, b in zip(results[True], results[False]):
+            np.testing.assert_array_equal(a, b, err_msg=kind)
+
+
+def test_the_folded_kernel_refuses_what_it_cannot_fold():
+    """A folded call it cannot run is a ValueError naming the problem, never
+    a wrong or unprojected result."""
+    from fastrnn._engine import _forward
+    H, D, B, T = 4, 3, 2, 5
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    w_ih = rng.standard_normal((4 * H, D)).astype(f32)
+    w_hh = rng.standard_normal((4 * H, H)).astype(f32)
+    folded = _forward.pack_folded(w_ih, w_hh, _forward.CELL_LSTM, H, 1)
+
+    def call(dtype=f32, train=False, xh_size=B * (D + H), packs=folded, x_rows=T * B):
+        _forward.recur(cell=_forward.CELL_LSTM, T=T, batch_first=False, parts=[(0, 1, 0, B)],
+                       w_hh=w_hh.astype(dtype), w_hh_t=np.ascontiguousarray(w_hh.T, dtype),
+                       bias_h=None, h=np.zeros((1, B, H), dtype), c=np.zeros((1, B, H), dtype),
+                       gx=np.zeros((T * B, 4 * H), dtype), gh=None,
+                       out=np.zeros((T * B, H), dtype), lengths=None,
+                       acts=np.zeros((T * B if train else B, 4 * H), dtype), train=train,
+                       h_prev=np.zeros((T * B, H), dtype) if train else None,
+                       c_prev=np.zeros((T * B, H), dtype) if train else None,
+                       blas_held=False, x=np.zeros((x_rows, D), f32), folded=packs,
+                       xh=np.zeros(xh_size, f32))
+    call()   # fits
+    with pytest.raises(ValueError, match="only float32"):
+        call(dtype=np.float64)
+    with pytest.raises(ValueError, match="only inference"):
+        call(train=True)
+    with pytest.raises(ValueError, match="do not fit"):
+        call(xh_size=B * (D + H) - 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        call(x_rows=T * B - 1)
+    with pytest.raises(ValueError, match="does not fit|do not fit"):
+        call(packs=[folded[0][:-1]])
+    with pytest.raises(ValueError, match="only the LSTM and the Elman RNN"):
+        _forward.pack_folded(w_ih[:3 * H], w_hh[:3 * H], _forward.CELL_GRU, H, 1)
+
+
+@pytest.mark.parametrize("options", [{"zoneout": 0.3}, {"peepholes": True}])
+def test_a_plan_is_never_shared_with_a_layer_of_other_options(options, monkeypatch):
+    """A layer whose options run on the general path (zoneout, peepholes),
+    called after a plain layer of the same shapes, gets its own plan: with
+    the plain layer's (a unit split at batch 1, a folded projection), the
+    options were silently skipped (found 2026-12-02: zoneout's output off by
+    0.1 after a plain LSTM's call)."""
+    _force(monkeypatch, "unit split")
+    monkeypatch.setattr(_plan, "_plans", {})
+    rng = np.random.default_rng(0)
+    for B in (1, 6):   # the unit split; the fold
+        x = rng.standard_normal((40, B, 8)).astype(np.float32)
+        special = fastrnn.LSTM(8, 32, seed=0, **options)
+        _plan._plans.clear()
+        alone = special(x)[0]
+        _plan._plans.clear()
+        fastrnn.LSTM(8, 32, seed=0)(x)
+        np.testing.assert_array_equal(special(x)[0], alone, err_msg=f"B={B}")
