@@ -408,7 +408,8 @@ class RecurrentEngine(RecurrentWeights):
                 if p_rec > 0:
                     saves.recurrent_drop = dropout_mask(self._rng, (dirs, G, B, H), p_rec,
                                                         dtype)
-            folded = units is None and k < len(fold) and fold[k]
+            folded = (units is None and k < len(fold) and fold[k]
+                      and saves.input_drop is None and saves.recurrent_drop is None)
             if saves.input_drop is not None:
                 self._dropped_projection(layer_in, w_ih_all[k], bias_x, gx[:rows],
                                          saves.input_drop, T, B, batch_first)

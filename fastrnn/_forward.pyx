@@ -196,11 +196,12 @@ cdef void _run_direction_folded(int cell, bint reverse, Py_ssize_t T, Py_ssize_t
                                 Py_ssize_t H, Py_ssize_t dirs, Py_ssize_t row_t,
                                 Py_ssize_t row_b, const float* x, Py_ssize_t D, float* gx,
                                 const Packed* packed, const float* bias, float* h, float* c,
-                                float* out, float* acts, Py_ssize_t acts_b,
+                                float* out, float* acts, Py_ssize_t acts_t,
+                                Py_ssize_t acts_b, float* h_prev, float* c_prev,
                                 const int64_t* lengths, Interrupt* interrupt,
                                 float* xh) noexcept nogil:
     """One direction over all steps for B batch rows of a plain float32 LSTM
-    or Elman RNN in inference, its input projection folded into the step's
+    or Elman RNN, inference or training, its input projection folded into the step's
     product: xh (B, D + H) holds each row's [x_t, h_{t-1}], packed the
     direction's [W_ih, W_hh] (``pack_folded``), and one product per step
     gives the gates' pre-activations, bias + x_t W_ih^T + h W_hh^T, in one
@@ -208,8 +209,9 @@ cdef void _run_direction_folded(int cell, bint reverse, Py_ssize_t T, Py_ssize_t
     followed by the step's product, without writing and reading back the
     projection of every step. The gate pass keeps h in xh; h gets the final
     state at the end. Pointers as _run_direction's (x: the layer input at
-    this part's first row, D its columns); gx: the step's pre-activations,
-    rows as in _run_direction."""
+    this part's first row, D its columns; acts, h_prev, c_prev: training's
+    saves, h_prev NULL in inference); gx: the step's pre-activations, rows as
+    in _run_direction."""
     cdef Py_ssize_t K = D + H
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH, h_cols = dirs * H
@@ -223,7 +225,12 @@ cdef void _run_direction_folded(int cell, bint reverse, Py_ssize_t T, Py_ssize_t
             break
         t = T - 1 - s if reverse else s
         for b in range(B):
-            memcpy(xh + b * K, x + (t * row_t + b * row_b) * D, D * sizeof(float))
+            row = t * row_t + b * row_b
+            memcpy(xh + b * K, x + row * D, D * sizeof(float))
+            if h_prev != NULL:   # training: the state this step starts from
+                memcpy(h_prev + row * h_cols, xh + b * K + D, H * sizeof(float))
+                if c_prev != NULL:
+                    memcpy(c_prev + row * h_cols, c + b * H, H * sizeof(float))
         g_t = gx + t * row_t * gx_cols
         packed_product(B, xh, K, 1, packed, g_t, row_b * gx_cols, H,
                        FASTRNN_MK_ZERO if bias == NULL else FASTRNN_MK_FROM_ROW, bias)
@@ -234,10 +241,10 @@ cdef void _run_direction_folded(int cell, bint reverse, Py_ssize_t T, Py_ssize_t
                 memset(out_row, 0, H * sizeof(float))
             elif cell == LSTM:
                 lstm_row(g_t + b * row_b * gx_cols, xh + b * K + D, c + b * H, out_row,
-                         acts + b * acts_b, H, H)
+                         acts + t * acts_t + b * acts_b, H, H)
             else:
-                rnn_row(g_t + b * row_b * gx_cols, xh + b * K + D, out_row, acts + b * acts_b,
-                        H, cell == RNN_RELU)
+                rnn_row(g_t + b * row_b * gx_cols, xh + b * K + D, out_row,
+                        acts + t * acts_t + b * acts_b, H, cell == RNN_RELU)
     for b in range(B):
         memcpy(h + b * H, xh + b * K + D, H * sizeof(float))
 
@@ -538,15 +545,16 @@ def pack_folded(w_ih, w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
             for d in range(dirs)]
 
 
-cdef int _fill_folded(RecurJob* job, int cell, bint train, const float[:, ::1] x, folded,
+cdef int _fill_folded(RecurJob* job, int cell, const float[:, ::1] x, folded,
                       const float[::1] bias_x, float[::1] xh, Py_ssize_t rows, options,
                       zoneout, dropout_masks) except -1:
     """The folded call's fields, every size checked (a mismatch is a bug of
     the caller: ValueError, never memory misread)."""
     cdef Py_ssize_t d, H = job.H, G = num_gates(cell)
-    if (cell not in (LSTM, RNN_TANH, RNN_RELU) or train or options is not None
+    if (cell not in (LSTM, RNN_TANH, RNN_RELU) or options is not None
             or zoneout is not None or dropout_masks is not None):
-        raise ValueError("recur: only inference of a plain LSTM or Elman RNN folds")
+        raise ValueError("recur: only a plain LSTM or Elman RNN without recurrent dropout "
+                         "folds")
     if (x is None or xh is None or len(folded) != job.dirs or x.shape[0] != rows
             or xh.shape[0] != job.dirs * job.B * (x.shape[1] + H)
             or (bias_x is not None and bias_x.shape[0] != job.dirs * G * H)):
@@ -720,8 +728,12 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
                 j.x + first * j.D, j.D, gx + first * gx_cols + d * GH, &j.packed[d],
                 NULL if j.bias_x == NULL else j.bias_x + d * GH, h + (d * B + b_lo) * H,
                 NULL if c == NULL else c + (d * B + b_lo) * H, out + first * h_cols + d * H,
-                acts + b_lo * acts_cols + d * S, acts_cols, NULL if j.lengths == NULL else
-                j.lengths + b_lo, &j.interrupt, j.xh + (d * B + b_lo) * (j.D + H))
+                acts + (first * acts_cols if j.train else b_lo * acts_cols) + d * S,
+                acts_t, acts_b,
+                NULL if h_prev == NULL else h_prev + first * h_cols + d * H,
+                NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
+                NULL if j.lengths == NULL else j.lengths + b_lo, &j.interrupt,
+                j.xh + (d * B + b_lo) * (j.D + H))
         fastrnn_restore_fpenv(fpenv)
         return
     for d in range(d_lo, d_hi):
@@ -813,8 +825,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     rate of 0; zone_keep (dirs * B * 2 * H,) scratch. dropout_masks
     (dirs, G, B, H): training's recurrent dropout, or None; dropout_scratch
     (dirs * B * H,); dropout_packs (float32, or None: BLAS) ``pack_gates``'
-    arrays. Folded (float32 inference of the plain LSTM and Elman RNN,
-    the plan's ``fold``): ``project`` not run; x (R, D) the layer input,
+    arrays. Folded (float32, the plain LSTM and Elman RNN without
+    recurrent dropout, the plan's ``fold``): ``project`` not run; x (R, D) the layer input,
     folded ``pack_folded``'s arrays (in place of packed), bias_x the
     projection's bias or None, xh a (dirs * B * (D + H),) scratch; gx then
     receives each step's pre-activations.
@@ -853,7 +865,7 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     if folded is not None:
         if floating is double:
             raise ValueError("recur: only float32 folds")
-        _fill_folded(&job, cell, train, x, folded, bias_x, xh, gx.shape[0], options, zoneout,
+        _fill_folded(&job, cell, x, folded, bias_x, xh, gx.shape[0], options, zoneout,
                      dropout_masks)
     fill_extras(&job.extras, cell, job.dirs, job.B, job.H, out.shape[0], train, options,
                 peepholes, zoneout, zone_mask_h, zone_mask_c, zone_keep, dropout_masks,

@@ -20,7 +20,7 @@ without building a plan). A :class:`Plan` says
 - ``time_major``: a batch-first call whose per-step products would need a
   leading dimension beyond the BLAS int range runs time-major instead;
 - ``fold``: per layer, whether its input projection is folded into the
-  step's product (float32 inference of the plain LSTM and Elman RNN; see
+  step's product (float32, the plain LSTM and Elman RNN; see
   FOLD_MAX_BYTES).
 
 ``_engine.RecurrentEngine`` then packs the weights once per parameter set
@@ -85,7 +85,7 @@ UNIT_SPLIT_BACKOFF = 16
 WINDOW_BYTES = 4 << 20
 MIN_WINDOW_STEPS = 4
 
-# Inference of a plain float32 LSTM or Elman RNN folds a layer's input
+# A plain float32 LSTM or Elman RNN (inference and training) folds a layer's input
 # projection into the step's product (_forward.recur's folded steps: one
 # product of [x_t, h] by [W_ih, W_hh] per step, instead of the projection of
 # a whole time window written out, evicted from L2, and read back step by
@@ -250,15 +250,16 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         # single-thread blocks as the plain kernels' are: always held
         hold = hold or layer_norm or units is not None or _parallel.hold_blas(
             parts, T * B, N, in_cols, B, gates * H, H)
-    return Plan(parts, units, hold, window, time_major, folds(layer, train))
+    return Plan(parts, units, hold, window, time_major, folds(layer))
 
 
-def folds(layer, train):
-    """Per layer, whether its inference folds the input projection into the
-    step's product (FOLD_MAX_BYTES)."""
+def folds(layer):
+    """Per layer, whether it folds the input projection into the step's
+    product (FOLD_MAX_BYTES; in training not with Keras' input or recurrent
+    dropout, which the engine checks)."""
     cfg = layer._config
     H, G, dirs = cfg["hidden_size"], layer._gates, layer._dirs
-    if (train or cfg["dtype"] != np.float32 or layer._general_only or layer._peep_index
+    if (cfg["dtype"] != np.float32 or layer._general_only or layer._peep_index
             or layer._kernel_code not in (_forward.CELL_LSTM, _forward.CELL_RNN_TANH,
                                           _forward.CELL_RNN_RELU)):
         return (False,) * layer._layers

@@ -48,7 +48,7 @@ CHOICES = {
 }
 # the choices that exist in inference only: with training they would compare
 # the plain plan with itself
-INFERENCE_ONLY = {"time windows", "folded projection", "folded in parts and windows"}
+INFERENCE_ONLY = {"time windows"}
 
 
 def _force(monkeypatch, choice):
@@ -202,6 +202,18 @@ def test_folded_steps_run_and_give_the_unfolded_numbers(monkeypatch):
             results[fold] = [out] + list(state if isinstance(state, tuple) else (state,))
         for a, b in zip(results[True], results[False]):
             np.testing.assert_array_equal(a, b, err_msg=kind)
+        # training: the forward folds too, and BPTT gets the same tape
+        dout = rng.standard_normal((23, 5, 18)).astype(np.float32)
+        for fold in (True, False):
+            monkeypatch.setattr(_plan, "FOLD_MAX_BYTES", 1 << 40 if fold else 0)
+            calls.clear()
+            layer.zero_grad()
+            (out, _), backprop = layer.forward_train(x, hx, lengths=lengths)
+            assert sum(calls) == (2 if fold and gates == 4 else 1 if fold else 0), (kind, calls)
+            dx, _ = backprop(dout)
+            results[fold] = [out, dx] + [layer.grads[n].copy() for n in sorted(layer.grads)]
+        for a, b in zip(results[True], results[False]):
+            np.testing.assert_array_equal(a, b, err_msg=f"{kind} training")
 
 
 def test_the_folded_kernel_refuses_what_it_cannot_fold():
@@ -215,7 +227,8 @@ def test_the_folded_kernel_refuses_what_it_cannot_fold():
     w_hh = rng.standard_normal((4 * H, H)).astype(f32)
     folded = _forward.pack_folded(w_ih, w_hh, _forward.CELL_LSTM, H, 1)
 
-    def call(dtype=f32, train=False, xh_size=B * (D + H), packs=folded, x_rows=T * B):
+    def call(dtype=f32, train=False, xh_size=B * (D + H), packs=folded, x_rows=T * B,
+             drop=False):
         _forward.recur(cell=_forward.CELL_LSTM, T=T, batch_first=False, parts=[(0, 1, 0, B)],
                        w_hh=w_hh.astype(dtype), w_hh_t=np.ascontiguousarray(w_hh.T, dtype),
                        bias_h=None, h=np.zeros((1, B, H), dtype), c=np.zeros((1, B, H), dtype),
@@ -225,12 +238,15 @@ def test_the_folded_kernel_refuses_what_it_cannot_fold():
                        h_prev=np.zeros((T * B, H), dtype) if train else None,
                        c_prev=np.zeros((T * B, H), dtype) if train else None,
                        blas_held=False, x=np.zeros((x_rows, D), f32), folded=packs,
-                       xh=np.zeros(xh_size, f32))
+                       xh=np.zeros(xh_size, f32),
+                       dropout_masks=np.ones((1, 4, B, H), dtype) if drop else None,
+                       dropout_scratch=np.zeros(B * H, dtype) if drop else None)
     call()   # fits
     with pytest.raises(ValueError, match="only float32"):
         call(dtype=np.float64)
-    with pytest.raises(ValueError, match="only inference"):
-        call(train=True)
+    call(train=True)   # fits too
+    with pytest.raises(ValueError, match="without recurrent dropout"):
+        call(train=True, drop=True)
     with pytest.raises(ValueError, match="do not fit"):
         call(xh_size=B * (D + H) - 1)
     with pytest.raises(ValueError, match="do not fit"):
