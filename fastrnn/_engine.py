@@ -383,8 +383,6 @@ class RecurrentEngine(RecurrentWeights):
         scratch = None if train else np.empty((B, saved_cols), dtype)  # inference activations
         spare = None
         w_ih_all, w_hh_all = self._weights(params)[:2]
-        packed = self._packed_recurrent(params)
-        packed_ih = self._packed_projection(params)
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             last = k == L - 1
             if last:
@@ -418,6 +416,7 @@ class RecurrentEngine(RecurrentWeights):
                              "bias_x": bias_x,
                              "xh": np.empty(dirs * B * (layer_in.shape[1] + H), dtype)}
             else:
+                packed_ih = self._packed_projection(params)
                 _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
                                  max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
                                  packed=None if packed_ih is None else packed_ih[k],
@@ -432,6 +431,8 @@ class RecurrentEngine(RecurrentWeights):
 
             if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
                                                       layer_out):
+                # (a folded layer's steps need no W_hh packed of its own)
+                packed = None if folded else self._packed_recurrent(params)
                 _forward.recur(
                     cell=self._kernel_code, T=T, batch_first=batch_first, parts=parts,
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_k, c=c_k,
