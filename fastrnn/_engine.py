@@ -358,7 +358,7 @@ class RecurrentEngine(RecurrentWeights):
                 out[:, t0:t1] = out_w
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                    gx, gh, parts, held, tape, units=None, fold=()):
+                    gx, gh, parts, held, tape, units, fold):
         """The layers of ``_run``, in the plan's parts, or with the hidden
         units split between two threads (``units``: the plan's bounds);
         ``fold``: per layer, whether its projection folds into the steps."""
@@ -406,7 +406,7 @@ class RecurrentEngine(RecurrentWeights):
                 if p_rec > 0:
                     saves.recurrent_drop = dropout_mask(self._rng, (dirs, G, B, H), p_rec,
                                                         dtype)
-            folded = (units is None and k < len(fold) and fold[k]
+            folded = (units is None and fold[k]
                       and saves.input_drop is None and saves.recurrent_drop is None)
             if saves.input_drop is not None:
                 self._dropped_projection(layer_in, w_ih_all[k], bias_x, gx[:rows],

@@ -192,61 +192,29 @@ cdef inline void _opt_row(int cell, floating* g, const floating* gh, floating* h
         rnn_opt_row(g, h, out, acts, H, opts)
 
 
-cdef void _run_direction_folded(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
-                                Py_ssize_t H, Py_ssize_t dirs, Py_ssize_t row_t,
-                                Py_ssize_t row_b, const float* x, Py_ssize_t D, float* gx,
-                                const Packed* packed, const float* bias, float* h, float* c,
-                                float* out, float* acts, Py_ssize_t acts_t,
-                                Py_ssize_t acts_b, float* h_prev, float* c_prev,
-                                const int64_t* lengths, Interrupt* interrupt,
-                                float* xh) noexcept nogil:
-    """One direction over all steps for B batch rows of a plain float32 LSTM
-    or Elman RNN, inference or training, its input projection folded into the step's
-    product: xh (B, D + H) holds each row's [x_t, h_{t-1}], packed the
-    direction's [W_ih, W_hh] (``pack_folded``), and one product per step
-    gives the gates' pre-activations, bias + x_t W_ih^T + h W_hh^T, in one
-    chain per element: the same chain, the same bits, as the projection
-    followed by the step's product, without writing and reading back the
-    projection of every step. The gate pass keeps h in xh; h gets the final
-    state at the end. Pointers as _run_direction's (x: the layer input at
-    this part's first row, D its columns; acts, h_prev, c_prev: training's
-    saves, h_prev NULL in inference); gx: the step's pre-activations, rows as
-    in _run_direction."""
-    cdef Py_ssize_t K = D + H
-    cdef Py_ssize_t GH = num_gates(cell) * H
-    cdef Py_ssize_t gx_cols = dirs * GH, h_cols = dirs * H
-    cdef Py_ssize_t s, t, b, row
-    cdef float* g_t
-    cdef float* out_row
+cdef struct Fold:
+    # one direction and batch range of a folded call (recur's ``folded``)
+    const float* x          # the layer input at the range's first row, D columns
+    Py_ssize_t D
+    const float* bias       # the direction's input-projection bias, or NULL
+    float* xh               # (B, D + H): each row's [x_t, h_{t-1}]
+
+
+cdef inline void _folded_product(const Fold* f, Py_ssize_t t, Py_ssize_t B, Py_ssize_t H,
+                                 Py_ssize_t row_t, Py_ssize_t row_b, const float* h,
+                                 const Packed* packed, float* g_t,
+                                 Py_ssize_t ldg) noexcept nogil:
+    """g_t (B rows, ldg apart) = bias + [x_t, h] @ [W_ih, W_hh]^T, packed
+    ``pack_folded``'s: the step's product with the input projection folded
+    in. Each element is the chain project then the step's product would run
+    (bias, the x terms, the h terms), so the same bits, without a window's
+    projection written out of L2 and read back step by step."""
+    cdef Py_ssize_t b, K = f.D + H
     for b in range(B):
-        memcpy(xh + b * K + D, h + b * H, H * sizeof(float))
-    for s in range(T):
-        if interrupted(interrupt):
-            break
-        t = T - 1 - s if reverse else s
-        for b in range(B):
-            row = t * row_t + b * row_b
-            memcpy(xh + b * K, x + row * D, D * sizeof(float))
-            if h_prev != NULL:   # training: the state this step starts from
-                memcpy(h_prev + row * h_cols, xh + b * K + D, H * sizeof(float))
-                if c_prev != NULL:
-                    memcpy(c_prev + row * h_cols, c + b * H, H * sizeof(float))
-        g_t = gx + t * row_t * gx_cols
-        packed_product(B, xh, K, 1, packed, g_t, row_b * gx_cols, H,
-                       FASTRNN_MK_ZERO if bias == NULL else FASTRNN_MK_FROM_ROW, bias)
-        for b in range(B):
-            row = t * row_t + b * row_b
-            out_row = out + row * h_cols
-            if lengths != NULL and t >= lengths[b]:
-                memset(out_row, 0, H * sizeof(float))
-            elif cell == LSTM:
-                lstm_row(g_t + b * row_b * gx_cols, xh + b * K + D, c + b * H, out_row,
-                         acts + t * acts_t + b * acts_b, H, H)
-            else:
-                rnn_row(g_t + b * row_b * gx_cols, xh + b * K + D, out_row,
-                        acts + t * acts_t + b * acts_b, H, cell == RNN_RELU)
-    for b in range(B):
-        memcpy(h + b * H, xh + b * K + D, H * sizeof(float))
+        memcpy(f.xh + b * K, f.x + (t * row_t + b * row_b) * f.D, f.D * sizeof(float))
+        memcpy(f.xh + b * K + f.D, h + b * H, H * sizeof(float))
+    packed_product(B, f.xh, K, 1, packed, g_t, ldg, H,
+                   FASTRNN_MK_ZERO if f.bias == NULL else FASTRNN_MK_FROM_ROW, f.bias)
 
 
 cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
@@ -260,7 +228,7 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                          const int64_t* lengths, Py_ssize_t cols,
                          Interrupt* interrupt, const GateOptions* opts,
                          const floating* peep, const Zoneout* zone,
-                         const RecurrentDropout* drop) noexcept nogil:
+                         const RecurrentDropout* drop, const Fold* fold) noexcept nogil:
     """One direction over all steps for B batch rows. Every buffer pointer is
     already offset to this direction's column block and the first batch row;
     row_t, row_b step between the rows of (t, b). acts: row (t, b) at
@@ -272,7 +240,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
     peephole weights of this direction (else NULL). zone: this direction's
     zoneout (see Zoneout) or NULL. drop: its recurrent dropout (training) or
     NULL: each gate block's product then reads h times its own mask, through
-    BLAS."""
+    BLAS. fold (float32, or NULL): the step's product takes in the input
+    projection (_folded_product; packed is then pack_folded's, gx receives
+    each step's pre-activations, ``project`` was not run)."""
     cdef int kind = base_cell(cell)
     cdef Py_ssize_t GH = num_gates(cell) * H
     cdef Py_ssize_t gx_cols = dirs * GH
@@ -303,7 +273,9 @@ cdef void _run_direction(int cell, bint reverse, Py_ssize_t T, Py_ssize_t B,
                            H * sizeof(floating))
 
         # recurrent product
-        if drop != NULL and kind != GRU_RESET_BEFORE:
+        if floating is float and fold != NULL:
+            _folded_product(fold, t, B, H, row_t, row_b, h, packed, g_t, row_b * gx_cols)
+        elif drop != NULL and kind != GRU_RESET_BEFORE:
             _dropped_product(kind, B, H, h, drop, w_hh_t, dirs * GH, b_hh, gh, g_t,
                              row_b * gx_cols)
         elif kind == GRU:
@@ -536,10 +508,10 @@ cdef int _fill_packed(Packed* out, packs, int cell, Py_ssize_t H, Py_ssize_t dir
 
 
 def pack_folded(w_ih, w_hh, int cell, Py_ssize_t H, Py_ssize_t dirs):
-    """A float32 plain LSTM's or Elman RNN's [W_ih, W_hh] (rows: dirs * G * H;
-    columns: D then H) packed per direction for ``recur``'s folded steps."""
-    if base_cell(cell) not in (LSTM, RNN_TANH, RNN_RELU):
-        raise ValueError("pack_folded: only the LSTM and the Elman RNN fold their projection")
+    """A float32 plain LSTM's [W_ih, W_hh] (rows: dirs * 4 * H; columns: D
+    then H) packed per direction for ``recur``'s folded steps."""
+    if base_cell(cell) != LSTM:
+        raise ValueError("pack_folded: only the LSTM folds its projection")
     w_cat = np.ascontiguousarray(np.concatenate([w_ih, w_hh], axis=1), dtype=np.float32)
     return [pack_weights(w_cat, d * num_gates(cell) * H, H, <int>num_gates(cell))
             for d in range(dirs)]
@@ -551,10 +523,9 @@ cdef int _fill_folded(RecurJob* job, int cell, const float[:, ::1] x, folded,
     """The folded call's fields, every size checked (a mismatch is a bug of
     the caller: ValueError, never memory misread)."""
     cdef Py_ssize_t d, H = job.H, G = num_gates(cell)
-    if (cell not in (LSTM, RNN_TANH, RNN_RELU) or options is not None
-            or zoneout is not None or dropout_masks is not None):
-        raise ValueError("recur: only a plain LSTM or Elman RNN without recurrent dropout "
-                         "folds")
+    if (cell != LSTM or options is not None or zoneout is not None
+            or dropout_masks is not None):
+        raise ValueError("recur: only a plain LSTM without recurrent dropout folds")
     if (x is None or xh is None or len(folded) != job.dirs or x.shape[0] != rows
             or xh.shape[0] != job.dirs * job.B * (x.shape[1] + H)
             or (bias_x is not None and bias_x.shape[0] != job.dirs * G * H)):
@@ -691,7 +662,7 @@ cdef struct RecurJob:
     int packs_per_dir           # 0: BLAS products; else Packed entries per direction
     Packed packed[4]
     LayerExtras extras          # options, peepholes, zoneout, recurrent dropout
-    # the input projection folded into the step (_run_direction_folded):
+    # the input projection folded into the step (Fold, _folded_product):
     # packed then holds [W_ih, W_hh] per direction
     bint folded
     const float* x              # the layer input (R, D)
@@ -717,26 +688,17 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
     cdef unsigned int fpenv
     cdef Zoneout zone
     cdef RecurrentDropout drop
+    cdef Fold fold
     if d_hi <= d_lo or b_hi <= b_lo:
         return
     cols = step_block(b_hi - b_lo, H, GH, j.blas_held)
     fpenv = fastrnn_flush_denormals()   # per thread: the worker sets its own
-    if floating is float and j.folded:
-        for d in range(d_lo, d_hi):
-            _run_direction_folded(
-                j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
-                j.x + first * j.D, j.D, gx + first * gx_cols + d * GH, &j.packed[d],
-                NULL if j.bias_x == NULL else j.bias_x + d * GH, h + (d * B + b_lo) * H,
-                NULL if c == NULL else c + (d * B + b_lo) * H, out + first * h_cols + d * H,
-                acts + (first * acts_cols if j.train else b_lo * acts_cols) + d * S,
-                acts_t, acts_b,
-                NULL if h_prev == NULL else h_prev + first * h_cols + d * H,
-                NULL if c_prev == NULL else c_prev + first * h_cols + d * H,
-                NULL if j.lengths == NULL else j.lengths + b_lo, &j.interrupt,
-                j.xh + (d * B + b_lo) * (j.D + H))
-        fastrnn_restore_fpenv(fpenv)
-        return
     for d in range(d_lo, d_hi):
+        if j.folded:
+            fold.x = j.x + first * j.D
+            fold.D = j.D
+            fold.bias = NULL if j.bias_x == NULL else j.bias_x + d * GH
+            fold.xh = j.xh + (d * B + b_lo) * (j.D + H)
         _run_direction(
             j.cell, d == 1, j.T, b_hi - b_lo, H, dirs, j.row_t, j.row_b,
             gx + first * gx_cols + d * GH, w_hh + d * GH * H, w_hh_t + d * GH,
@@ -754,7 +716,8 @@ cdef void _recur_part(RecurJob* j, int part, floating* gx, const floating* w_hh,
             options_part(&j.extras, d),
             NULL if peep == NULL else peep + d * 3 * H,
             zone_part(&zone, &j.extras.zone, d, j.B, b_lo, first * h_cols + d * H, H, gx),
-            dropout_part(&drop, &j.extras.drop, d, num_gates(j.cell), j.B, b_lo, H, gx))
+            dropout_part(&drop, &j.extras.drop, d, num_gates(j.cell), j.B, b_lo, H, gx),
+            &fold if j.folded else NULL)
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -825,8 +788,8 @@ def recur(*, int cell, Py_ssize_t T, bint batch_first, parts,
     rate of 0; zone_keep (dirs * B * 2 * H,) scratch. dropout_masks
     (dirs, G, B, H): training's recurrent dropout, or None; dropout_scratch
     (dirs * B * H,); dropout_packs (float32, or None: BLAS) ``pack_gates``'
-    arrays. Folded (float32, the plain LSTM and Elman RNN without
-    recurrent dropout, the plan's ``fold``): ``project`` not run; x (R, D) the layer input,
+    arrays. Folded (float32, the plain LSTM without recurrent dropout, the
+    plan's ``fold``): ``project`` not run; x (R, D) the layer input,
     folded ``pack_folded``'s arrays (in place of packed), bias_x the
     projection's bias or None, xh a (dirs * B * (D + H),) scratch; gx then
     receives each step's pre-activations.
@@ -1446,7 +1409,7 @@ cdef void _run_small(int cell, Py_ssize_t L, Py_ssize_t dirs, Py_ssize_t T, Py_s
                            NULL if c == NULL else c + (k * dirs + d) * B * H,
                            gh + d * B * GH, layer_out + d * H,
                            acts + d * S, 0, dirs * S, NULL, NULL, NULL, cols, NULL, NULL,
-                           NULL, NULL, NULL)
+                           NULL, NULL, NULL, NULL)
         layer_in = layer_out
         in_cols = dirs * H
 

@@ -20,8 +20,7 @@ without building a plan). A :class:`Plan` says
 - ``time_major``: a batch-first call whose per-step products would need a
   leading dimension beyond the BLAS int range runs time-major instead;
 - ``fold``: per layer, whether its input projection is folded into the
-  step's product (float32, the plain LSTM and Elman RNN; see
-  FOLD_MAX_BYTES).
+  step's product (float32, the plain LSTM; see FOLD_MAX_BYTES).
 
 ``_engine.RecurrentEngine`` then packs the weights once per parameter set
 (``_forward.pack_recurrent`` / ``pack_projection`` / ``pack_folded``,
@@ -85,18 +84,19 @@ UNIT_SPLIT_BACKOFF = 16
 WINDOW_BYTES = 4 << 20
 MIN_WINDOW_STEPS = 4
 
-# A plain float32 LSTM or Elman RNN (inference and training) folds a layer's input
-# projection into the step's product (_forward.recur's folded steps: one
-# product of [x_t, h] by [W_ih, W_hh] per step, instead of the projection of
-# a whole time window written out, evicted from L2, and read back step by
-# step) when [W_ih, W_hh] packed takes at most FOLD_MAX_BYTES, so that it
-# stays in L2 beside the step's rows, and the layer's input is no wider than
-# its gates (each step copies its B input rows: no more than the B gate rows
-# it saves writing and reading back). Measured 2026-12-02, in-process A/B
-# over 8 alternating rounds (min), float32 inference: LSTM 32->64 B=256
-# T=50 1.27x at 1 thread, 1.22x at 2; LSTM 64->128 B=32 T=100 1.06x / 1.22x;
-# RNN 64->128 B=32 1.15x / 0.97x; LSTM 510->32 B=500 T=5 (input wider than
-# its 128 gates) 0.88-0.95x: not folded.
+# A plain float32 LSTM (inference and training) folds a layer's input
+# projection into the step's product (_forward._folded_product: each step
+# copies its rows' [x_t, h] and multiplies them by [W_ih, W_hh], instead of
+# the projection of a whole time window written out, evicted from L2, and
+# read back step by step) when [W_ih, W_hh] packed takes at most
+# FOLD_MAX_BYTES, so that it stays in L2 beside the step's rows, and a row's
+# [x_t, h] (the copy) is no wider than its gates (the pre-activations it
+# saves writing out and reading back): D + H <= G * H, which an Elman RNN
+# (G = 1) never meets. Measured 2026-12-02, in-process A/B over 8
+# alternating rounds (min), float32 inference, three sittings: LSTM 32->64
+# B=256 T=50 1.08-1.27x at 1 thread, 1.05-1.22x at 2; LSTM 64->128 B=32
+# T=100 1.01-1.06x / 0.96-1.22x; LSTM 125->100 B=64 1.05-1.14x / 0.99-1.07x;
+# RNN 64->128 B=32 0.96-1.15x / 0.97-0.98x; LSTM 510->32 B=500 T=5 0.88-0.95x.
 FOLD_MAX_BYTES = 512 << 10
 
 # Reduced-precision inference (fastrnn.quantize; _quant.forward):
@@ -218,9 +218,9 @@ def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
     call (``units`` says only that the shape allows it)."""
     cfg = layer._config
     # (_general_only: zoneout runs on the general path with the same kernel
-    # code as the plain layer; peepholes likewise)
+    # code as the plain layer)
     key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
-           layer._general_only, bool(layer._peep_index), layer._layers, layer._dirs,
+           layer._general_only, layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
            bool(batch_first), bool(train), bool(has_lengths)) + _tuning()
     return _cached(key, lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))
@@ -259,12 +259,11 @@ def folds(layer):
     dropout, which the engine checks)."""
     cfg = layer._config
     H, G, dirs = cfg["hidden_size"], layer._gates, layer._dirs
-    if (cfg["dtype"] != np.float32 or layer._general_only or layer._peep_index
-            or layer._kernel_code not in (_forward.CELL_LSTM, _forward.CELL_RNN_TANH,
-                                          _forward.CELL_RNN_RELU)):
+    if (cfg["dtype"] != np.float32 or layer._general_only
+            or layer._kernel_code != _forward.CELL_LSTM):
         return (False,) * layer._layers
     sizes = [cfg["input_size"]] + [dirs * H] * (layer._layers - 1)
-    return tuple(D <= G * H and (D + H) * G * H * 4 <= FOLD_MAX_BYTES for D in sizes)
+    return tuple(D + H <= G * H and (D + H) * G * H * 4 <= FOLD_MAX_BYTES for D in sizes)
 
 
 def backward_plan(layer, T, B):
