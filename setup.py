@@ -1,9 +1,11 @@
 """Build the Cython kernels. Metadata lives in pyproject.toml."""
+import glob
 import os
 import sysconfig
 import tempfile
 
 import numpy
+from Cython import Tempita
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -32,6 +34,26 @@ def target_machine():
     else:
         machine = sysconfig.get_platform().rsplit("-", 1)[-1].lower()
     return {"amd64": "x86_64", "x64": "x86_64"}.get(machine, machine)
+
+
+def generate_from_templates():
+    """Write each fastrnn/*.tp (a Tempita template: float32 and float64
+    versions of the kernels' typed jobs from one text, as scikit-learn's
+    .pyx.tp files) as the file its name ends in, e.g. _forward.pyx.tp ->
+    _forward.pyx. A file whose text is unchanged is left alone, so its
+    timestamp does not rebuild the modules that include it."""
+    for template in sorted(glob.glob(os.path.join("fastrnn", "*.tp"))):
+        target = template[:-len(".tp")]
+        with open(template, encoding="utf-8") as f:
+            text = Tempita.sub(f.read(), __name=template)
+        text = (f"# Generated from {os.path.basename(template)} by setup.py: edit that "
+                "file, not this one.\n" + text)
+        if os.path.exists(target):
+            with open(target, encoding="utf-8") as f:
+                if f.read() == text:
+                    continue
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 # Each kernel module is built for any x86-64 (SSE2) or other CPU, and on
@@ -133,6 +155,7 @@ extensions += [
 # the kernels' shared worker thread (no arithmetic: built once)
 extensions.append(Extension("fastrnn._worker", ["fastrnn/_worker.pyx"], include_dirs=["fastrnn"]))
 
+generate_from_templates()
 setup(
     ext_modules=cythonize(extensions, compiler_directives=directives),
     cmdclass={"build_ext": BuildExt},

@@ -272,7 +272,9 @@ def test_wheel(tmp_path):
     expected_sdist = {p.relative_to(src).as_posix() for p in src.rglob("*")
                       if p.is_file() and p.relative_to(src).parts[0] in ("fastrnn", "tests")}
     expected_sdist |= {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in"}
-    pyx = sorted(p.stem for p in (src / "fastrnn").glob("*.pyx"))
+    # the kernel modules: their .pyx, or the Tempita template setup.py writes it from
+    pyx = sorted({p.name.split(".")[0] for p in (src / "fastrnn").glob("*.pyx")}
+                 | {p.name.split(".")[0] for p in (src / "fastrnn").glob("*.pyx.tp")})
     modules = sorted(p.relative_to(src).as_posix() for p in (src / "fastrnn").rglob("*.py"))
     data = sorted(p.relative_to(src).as_posix() for p in (src / "fastrnn" / "data").iterdir())
 
@@ -296,7 +298,7 @@ def test_wheel(tmp_path):
     assert not [n for n in in_sdist if re.search(r"\.(c|so|pyd|o|pyc)$", n)], sorted(in_sdist)
 
     # the wheel: the modules, every kernel build for this CPU family, the data;
-    # no sources (.pyx, .pxd, .h, .c: build inputs only) and no tests
+    # no sources (.pyx, .pxd, .h, .c, templates: build inputs only) and no tests
     with zipfile.ZipFile(wheel) as zf:
         in_wheel = set(zf.namelist())
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
@@ -305,7 +307,7 @@ def test_wheel(tmp_path):
     assert extensions == [m for m in pyx if x86_64 or ("_avx" not in m and "_vnni" not in m)]
     assert set(modules) <= in_wheel, sorted(set(modules) - in_wheel)
     assert set(data) <= in_wheel, sorted(set(data) - in_wheel)
-    assert not [n for n in in_wheel if re.search(r"\.(pyx|pxd|h|c|cpp|o)$", n)
+    assert not [n for n in in_wheel if re.search(r"\.(pyx|pxd|h|c|cpp|o|tp)$", n)
                 or n.startswith("tests/")], sorted(in_wheel)
     builds = kernel_builds(in_wheel)
 
