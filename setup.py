@@ -41,7 +41,9 @@ def generate_from_templates():
     versions of the kernels' typed jobs from one text, as scikit-learn's
     .pyx.tp files) as the file its name ends in, e.g. _forward.pyx.tp ->
     _forward.pyx. A file whose text is unchanged is left alone, so its
-    timestamp does not rebuild the modules that include it."""
+    timestamp does not rebuild the modules that include it; one edited
+    since it was written (newer than its template) is not overwritten: the
+    build stops and says so, rather than lose the edit."""
     for template in sorted(glob.glob(os.path.join("fastrnn", "*.tp"))):
         target = template[:-len(".tp")]
         with open(template, encoding="utf-8") as f:
@@ -52,6 +54,11 @@ def generate_from_templates():
             with open(target, encoding="utf-8") as f:
                 if f.read() == text:
                     continue
+            if os.path.getmtime(target) > os.path.getmtime(template):
+                raise SystemExit(
+                    f"{target} was edited after setup.py wrote it from {template}: "
+                    f"make the change in {template} (then delete {target}), or delete "
+                    f"{target} to discard it")
         with open(target, "w", encoding="utf-8") as f:
             f.write(text)
 
