@@ -1,5 +1,6 @@
 """Build the Cython kernels. Metadata lives in pyproject.toml."""
 import glob
+import hashlib
 import os
 import sysconfig
 import tempfile
@@ -41,26 +42,34 @@ def generate_from_templates():
     versions of the kernels' typed jobs from one text, as scikit-learn's
     .pyx.tp files) as the file its name ends in, e.g. _forward.pyx.tp ->
     _forward.pyx. A file whose text is unchanged is left alone, so its
-    timestamp does not rebuild the modules that include it; one edited
-    since it was written (newer than its template) is not overwritten: the
-    build stops and says so, rather than lose the edit."""
+    timestamp does not rebuild the modules that include it. The first line
+    records a hash of the text below it: a file whose text no longer matches
+    its hash was edited by hand, and the build stops and says so rather than
+    overwrite the edit."""
     for template in sorted(glob.glob(os.path.join("fastrnn", "*.tp"))):
         target = template[:-len(".tp")]
         with open(template, encoding="utf-8") as f:
-            text = Tempita.sub(f.read(), __name=template)
-        text = (f"# Generated from {os.path.basename(template)} by setup.py: edit that "
-                "file, not this one.\n" + text)
+            body = Tempita.sub(f.read(), __name=template)
+        text = _generated_header(template, body) + body
         if os.path.exists(target):
             with open(target, encoding="utf-8") as f:
-                if f.read() == text:
-                    continue
-            if os.path.getmtime(target) > os.path.getmtime(template):
+                old = f.read()
+            if old == text:
+                continue
+            old_header, _, old_body = old.partition("\n")
+            if old_header + "\n" != _generated_header(template, old_body):
                 raise SystemExit(
-                    f"{target} was edited after setup.py wrote it from {template}: "
-                    f"make the change in {template} (then delete {target}), or delete "
-                    f"{target} to discard it")
+                    f"{target} was edited after setup.py wrote it from {template}: make "
+                    f"the change in {template}, then delete {target} (deleting it alone "
+                    "discards the edit)")
         with open(target, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def _generated_header(template, body):
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+    return (f"# Generated from {os.path.basename(template)} by setup.py: edit that file, "
+            f"not this one. (text sha256 {digest})\n")
 
 
 # Each kernel module is built for any x86-64 (SSE2) or other CPU, and on

@@ -141,7 +141,7 @@ _training_buffers = _TrainingBuffers()
 @dataclass(slots=True)
 class LayerTape:
     """What BPTT needs of one layer's training forward: its input (R, D_in),
-    the activations saved per step (R, dirs * S * H; see _gates.pxd), the
+    the activations saved per step (R, dirs * S * H; see _gates.pxd.tp), the
     states before each step (R, dirs * H; c_prev LSTM only), the dropout
     mask applied to its output (None: no dropout) and the zoneout masks of h
     and c (R, dirs * H; None: none)."""

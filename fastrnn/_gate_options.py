@@ -3,7 +3,7 @@ input_forget and peepholes (ONNX's LSTM/GRU/RNN attributes; Keras'
 activation and recurrent_activation).
 
 Python checks and normalises the user's arguments here; the kernels take
-one row of floats per direction (_gates.pxd ``read_options``). A layer
+one row of floats per direction (_gates.pxd.tp ``read_options``). A layer
 whose options are all at their defaults runs the plain cell kinds, so the
 defaults cost nothing; any other value selects the *_OPT kind of the cell.
 

@@ -2,7 +2,7 @@
 how ``_engine.RecurrentEngine._run_layers`` and ``_bptt`` run a layer whose
 gate pre-activations and (LSTM) cell state are layer-normalised.
 
-The equations are in ``_layernorm.pyx`` (and in the README and the
+The equations are in ``_layernorm.pyx.tp`` (and in the README and the
 docstrings). A call goes through the same plan as the plain layers
 (``_plan.forward_plan`` / ``backward_plan``: its ``parts``, the directions
 and batch ranges run at once; its hidden-unit split does not apply); per
@@ -62,7 +62,7 @@ class LNLayerTape:
     """What BPTT needs of one layer-normalised layer's training forward: its
     input x (R, D_in); the input side's normalised W_ih x (R, dirs * G * H)
     and 1 / std (R, dirs); the recurrent side's saves (hhat, acts, rstd: see
-    _layernorm.pyx); the states before each step; the dropout mask applied
+    _layernorm.pyx.tp); the states before each step; the dropout mask applied
     to its output (None: no dropout)."""
     x: np.ndarray
     ahat: np.ndarray

@@ -39,7 +39,7 @@ Reduced-precision calls (``fastrnn.quantize``) ask :func:`quantized_plan`.
 
 The tuning constants of the Python side live here, each with the
 measurement that set it (those of the C side: ``_microkernel.h``, tile and
-block sizes; ``_worker.h``, spin times; ``_forward.pyx``, the BLAS bounds).
+block sizes; ``_worker.h``, spin times; ``_forward.pyx.tp``, the BLAS bounds).
 """
 from __future__ import annotations
 

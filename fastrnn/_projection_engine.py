@@ -2,7 +2,7 @@
 ``_engine.RecurrentEngine._run_layers`` and ``_bptt`` run a layer whose
 state h is W_hr (o * tanh(c)), P < H values wide.
 
-The equations are in ``_projection.pyx``. A call goes through the same
+The equations are in ``_projection.pyx.tp``. A call goes through the same
 plan as the plain layers (``_plan.forward_plan`` / ``backward_plan``: its
 ``parts``, the directions and batch ranges run at once; no hidden-unit
 split, BLAS always held at one thread, since both per-step products are
@@ -49,7 +49,7 @@ PROJ_SIZE_DOC = """
 class ProjLayerTape:
     """What BPTT needs of one projected layer's training forward: its
     input x (R, D_in), the saved gate activations and m (see
-    _projection.pyx), the states before each step, the dropout mask
+    _projection.pyx.tp), the states before each step, the dropout mask
     applied to its output (None: no dropout)."""
     x: np.ndarray
     acts: np.ndarray

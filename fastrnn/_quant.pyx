@@ -1,7 +1,7 @@
 # Kernels of reduced-precision inference (fastrnn.quantized): the input
 # projection and the time loops of a stack of layers, with the products in
 # int8 or bfloat16 (_qkernel.h) and the state and gate arithmetic in float32
-# (the gate functions of _gates.pxd).
+# (the gate functions of _gates.pxd.tp).
 #
 # A weight matrix W (N, K) is quantized once (fastrnn.quantized: int8 in
 # [-127, 127] with a float32 scale per row or per tensor, or bfloat16) and

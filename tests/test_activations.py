@@ -1,7 +1,7 @@
 """Accuracy of the float32 activations over their whole input range.
 
 The kernels compute float32 sigmoid and tanh with their own polynomials
-(fastrnn/_gates.pxd). These tests sweep float32 bit patterns across every
+(fastrnn/_gates.pxd.tp). These tests sweep float32 bit patterns across every
 binade, positive and negative, and bound the error against float64 libm.
 """
 import importlib

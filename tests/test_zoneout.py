@@ -91,6 +91,36 @@ def test_training_forward_and_gradients(kind, zoneout, num_layers, bidirectional
                                    atol=1e-8, err_msg=name)
 
 
+@pytest.mark.parametrize("kind, zoneout, num_layers, bidirectional",
+                         [("lstm", 0.25, 1, True), ("lstm", (0.5, 0.2), 2, False),
+                          ("gru", 0.4, 2, False), ("rnn_tanh", 0.3, 1, True)])
+def test_float32_training_forward_and_gradients(kind, zoneout, num_layers, bidirectional):
+    """The float32 kernels' own zoneout buffers (masks, held gradients)
+    against the float64 oracle at the float32 weights and the drawn masks."""
+    H, T, B = 5, 6, 3
+    layer = KINDS[kind](4, H, num_layers=num_layers, bidirectional=bidirectional,
+                        dtype="float32", seed=9, zoneout=zoneout)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((T, B, 4)).astype(np.float32)
+    dout = rng.standard_normal((T, B, (2 if bidirectional else 1) * H)).astype(np.float32)
+    (out, _), backprop = layer.forward_train(x)
+    masks_h, masks_c = _masks(backprop, num_layers, T, B)
+    assert any(np.any(m != 0) for m in masks_h + masks_c if not np.isscalar(m))
+    params = {k: v.astype(np.float64) for k, v in layer.state_dict().items()}
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(out, oracle(kind, params, x64, masks_h, masks_c, num_layers,
+                                           bidirectional, H), rtol=0, atol=2e-6)
+    dx, _ = backprop(dout)
+
+    def loss():
+        return float((oracle(kind, params, x64, masks_h, masks_c, num_layers, bidirectional, H)
+                      * dout).sum())
+    np.testing.assert_allclose(dx, numeric_grad(loss, x64), rtol=1e-4, atol=1e-5)
+    for name, value in params.items():
+        np.testing.assert_allclose(layer.grads[name], numeric_grad(loss, value), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+
+
 def test_float32_matches_float64():
     x = np.random.default_rng(5).standard_normal((9, 3, 4))
     l64 = fastrnn.LSTM(4, 5, dtype="float64", seed=6, zoneout=(0.3, 0.1))
