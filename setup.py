@@ -37,7 +37,7 @@ def target_machine():
     return {"amd64": "x86_64", "x64": "x86_64"}.get(machine, machine)
 
 
-def generate_from_templates():
+def generate_from_templates(folder="fastrnn"):
     """Write each fastrnn/*.tp (a Tempita template: float32 and float64
     versions of the kernels' typed jobs from one text, as scikit-learn's
     .pyx.tp files) as the file its name ends in, e.g. _forward.pyx.tp ->
@@ -46,7 +46,7 @@ def generate_from_templates():
     records a hash of the text below it: a file whose text no longer matches
     its hash was edited by hand, and the build stops and says so rather than
     overwrite the edit."""
-    for template in sorted(glob.glob(os.path.join("fastrnn", "*.tp"))):
+    for template in sorted(glob.glob(os.path.join(folder, "*.tp"))):
         target = template[:-len(".tp")]
         with open(template, encoding="utf-8") as f:
             body = Tempita.sub(f.read(), __name=template)
@@ -171,8 +171,10 @@ extensions += [
 # the kernels' shared worker thread (no arithmetic: built once)
 extensions.append(Extension("fastrnn._worker", ["fastrnn/_worker.pyx"], include_dirs=["fastrnn"]))
 
-generate_from_templates()
-setup(
-    ext_modules=cythonize(extensions, compiler_directives=directives),
-    cmdclass={"build_ext": BuildExt},
-)
+# a build: setuptools runs this file as __main__ (tests/test_build.py imports it)
+if __name__ == "__main__":
+    generate_from_templates()
+    setup(
+        ext_modules=cythonize(extensions, compiler_directives=directives),
+        cmdclass={"build_ext": BuildExt},
+    )
