@@ -37,6 +37,11 @@ def target_machine():
     return {"amd64": "x86_64", "x64": "x86_64"}.get(machine, machine)
 
 
+# the float types the templates write their typed structs and entries for:
+# (C type, suffix of the fields and functions), FLOATS in the templates
+FLOATS = [("float", "f32"), ("double", "f64")]
+
+
 def generate_from_templates(folder="fastrnn"):
     """Write each fastrnn/*.tp (a Tempita template: float32 and float64
     versions of the kernels' typed jobs from one text, as scikit-learn's
@@ -49,7 +54,7 @@ def generate_from_templates(folder="fastrnn"):
     for template in sorted(glob.glob(os.path.join(folder, "*.tp"))):
         target = template[:-len(".tp")]
         with open(template, encoding="utf-8") as f:
-            body = Tempita.sub(f.read(), __name=template)
+            body = Tempita.sub(f.read(), __name=template, FLOATS=FLOATS)
         text = _generated_header(template, body) + body
         if os.path.exists(target):
             with open(target, encoding="utf-8") as f:

@@ -22,10 +22,8 @@ def setup_module():
     return module
 
 
-TEMPLATE = '''{{py:
-FLOATS = [("float", "f32"), ("double", "f64")]
-}}
-{{for c, s in FLOATS}}
+# FLOATS: setup.py's float types
+TEMPLATE = '''{{for c, s in FLOATS}}
 cdef struct Buffers_{{s}}:
     {{c}}* data
 {{endfor}}
