@@ -31,8 +31,8 @@ import numpy as np
 
 from fastrnn._worker cimport Interrupt, MAX_PARTS, interrupted, run_parts
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
-                             gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid,
-                             tanh_, fastrnn_flush_denormals, fastrnn_restore_fpenv)
+                             gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
+                             tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv)
 
 cdef extern from "_qkernel.h":
     const char* FASTRNN_Q_ISA
@@ -758,7 +758,9 @@ def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None,
     """The float32 sigmoid and tanh exactly as this module's gate pass
     computes them (its build's flags), elementwise over x."""
     cdef Py_ssize_t j
+    cdef float lim = read_exp_max()
     with nogil:
         for j in range(x.shape[0]):
-            sigmoid_out[j] = sigmoid(x[j])
-            tanh_out[j] = tanh_(x[j])
+            sigmoid_out[j] = sigmoid_lim(x[j], lim)
+        for j in range(x.shape[0]):
+            tanh_out[j] = tanh_lim(x[j], lim)
