@@ -36,6 +36,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "_tuning.h"   /* FASTRNN_MK_PREFETCH_BYTES, FASTRNN_MK_PREFETCH_K */
+
 /* MSVC's /arch:AVX2 allows FMA but defines no __FMA__; it has __forceinline
  * for always_inline and no unroll pragma (it unrolls by itself). The AVX
  * macros are only ever defined on x86-64 (setup.py): on any other CPU this
@@ -102,6 +104,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 #define FASTRNN_VLOAD_PANEL(p) _mm512_loadu_ps(p)
 #define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FASTRNN_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 
 #elif defined(FASTRNN_MK_AVX2_FMA)
 
@@ -124,6 +127,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 #define FASTRNN_VLOAD_PANEL(p) _mm256_loadu_ps(p)
 #define FASTRNN_VBCAST(x) _mm256_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FASTRNN_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 
 #else  /* portable: plain arrays the compiler may vectorise; a * b + c rounded twice */
 
@@ -163,8 +167,12 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
 #define FASTRNN_VLOAD_PANEL(p) fastrnn_vload_panel(p)
 #define FASTRNN_VBCAST(x) fastrnn_vbcast(x)
 #define FASTRNN_VFMA(a, b, c) fastrnn_vmuladd(a, b, c)
+#define FASTRNN_PREFETCH(p) ((void)(p))
 
 #endif
+
+/* 64-byte cache lines of one k's NV vectors in a panel */
+#define FASTRNN_MK_PANEL_LINES(NV) (((NV) * FASTRNN_MK_LANES * 4 + 63) / 64)
 
 /* One tile of MR rows x NV vectors (both compile-time constants). */
 #define FASTRNN_MK_TILE(MR, NV)                                                        \
@@ -183,9 +191,18 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
                 acc[m][v] = FASTRNN_VZERO();                                         \
         }                                                                            \
     }                                                                                \
+    /* a panel too big for L1 streams from L2: fetch it ahead (see _tuning.h) */ \
+    const int prefetch = K * NV * FASTRNN_MK_LANES * (ptrdiff_t)sizeof(float)         \
+                         > FASTRNN_MK_PREFETCH_BYTES;                                \
     for (ptrdiff_t k = 0; k < K; k++) {                                              \
         fastrnn_vec w[NV];                                                           \
         const float* a_k = a + k * a_cs;                                             \
+        if (prefetch) {                                                              \
+            const float* ahead = panel + (k + FASTRNN_MK_PREFETCH_K) * NV            \
+                                 * FASTRNN_MK_LANES;                                 \
+            FASTRNN_UNROLL(4) for (int l = 0; l < FASTRNN_MK_PANEL_LINES(NV); l++)   \
+                FASTRNN_PREFETCH(ahead + l * 16);                                    \
+        }                                                                            \
         FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
             w[v] = FASTRNN_VLOAD_PANEL(panel + (k * NV + v) * FASTRNN_MK_LANES);     \
         FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                            \
