@@ -95,8 +95,9 @@ QUANT_BUILDS = SIMD_BUILDS + (["_vnni", "_bf16"] if target_machine() == "x86_64"
 # MinGW; "msvc") and build. None changes a result or NaN handling (unlike
 # -ffast-math), and no build targets a CPU beyond its instruction set.
 # GCC and Clang:
-# -fno-trapping-math: the code never reads floating-point exception flags;
-#   without it GCC will not turn the activations' clamps into vector selects.
+# -fno-trapping-math: the code never reads floating-point exception flags, so
+#   GCC may evaluate both sides of the kernels' conditional expressions (clamps,
+#   masks) and vectorise them as selects.
 # --param=vect-max-version-for-alias-checks=64 (GCC only: Clang warns about
 #   it): an LSTM row reads and writes more arrays than GCC's default of 10
 #   run-time overlap checks allows.

@@ -197,7 +197,7 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
     for (ptrdiff_t k = 0; k < K; k++) {                                              \
         fastrnn_vec w[NV];                                                           \
         const float* a_k = a + k * a_cs;                                             \
-        if (prefetch) {                                                              \
+        if (prefetch && k + FASTRNN_MK_PREFETCH_K < K) {                             \
             const float* ahead = panel + (k + FASTRNN_MK_PREFETCH_K) * NV            \
                                  * FASTRNN_MK_LANES;                                 \
             FASTRNN_UNROLL(4) for (int l = 0; l < FASTRNN_MK_PANEL_LINES(NV); l++)   \
