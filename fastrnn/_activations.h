@@ -8,7 +8,8 @@
 #ifndef FASTRNN_ACTIVATIONS_H
 #define FASTRNN_ACTIVATIONS_H
 
-static volatile const float fastrnn_exp_max_ = 88.0f;   /* e^88 is finite in float32 */
+#define FASTRNN_EXP_MAX 88.0f   /* e^88 is finite in float32 */
+static volatile const float fastrnn_exp_max_ = FASTRNN_EXP_MAX;
 
 static inline float fastrnn_exp_max(void) { return fastrnn_exp_max_; }
 
