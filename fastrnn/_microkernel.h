@@ -105,6 +105,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 #define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define FASTRNN_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
+#define FASTRNN_PREFETCH_L2(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
 
 #elif defined(FASTRNN_MK_AVX2_FMA)
 
@@ -128,6 +129,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 #define FASTRNN_VBCAST(x) _mm256_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define FASTRNN_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
+#define FASTRNN_PREFETCH_L2(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
 
 #else  /* portable: plain arrays the compiler may vectorise; a * b + c rounded twice */
 
@@ -168,18 +170,47 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
 #define FASTRNN_VBCAST(x) fastrnn_vbcast(x)
 #define FASTRNN_VFMA(a, b, c) fastrnn_vmuladd(a, b, c)
 #define FASTRNN_PREFETCH(p) ((void)(p))
+#define FASTRNN_PREFETCH_L2(p) ((void)(p))
 
 #endif
 
 /* 64-byte cache lines of one k's NV vectors in a panel */
 #define FASTRNN_MK_PANEL_LINES(NV) (((NV) * FASTRNN_MK_LANES * 4 + 63) / 64)
 
-/* One tile of MR rows x NV vectors (both compile-time constants). */
+/* One step of k of a tile: NV panel vectors, MR broadcasts, MR x NV
+ * multiply-adds; PF_CUR fetches this panel FASTRNN_MK_PREFETCH_K steps
+ * ahead into L1, PF_NEXT one line of the next panel into L2 (both
+ * compile-time constants, so the loops below carry no tests). */
+#define FASTRNN_MK_STEP(MR, NV, PF_CUR, PF_NEXT)                                       \
+    {                                                                                \
+        fastrnn_vec w[NV];                                                           \
+        const float* a_k = a + k * a_cs;                                             \
+        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
+            w[v] = FASTRNN_VLOAD_PANEL(panel + (k * NV + v) * FASTRNN_MK_LANES);     \
+        FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                            \
+            fastrnn_vec h = FASTRNN_VBCAST(a_k[m * a_rs]);                           \
+            FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                           \
+                acc[m][v] = FASTRNN_VFMA(h, w[v], acc[m][v]);                        \
+        }                                                                            \
+        if (PF_CUR) {                                                                \
+            const float* ahead = panel + (k + FASTRNN_MK_PREFETCH_K) * NV            \
+                                 * FASTRNN_MK_LANES;                                 \
+            FASTRNN_UNROLL(4) for (int l = 0; l < FASTRNN_MK_PANEL_LINES(NV); l++)   \
+                FASTRNN_PREFETCH(ahead + l * 16);                                    \
+        }                                                                            \
+        if (PF_NEXT) FASTRNN_PREFETCH_L2(next + k * 16);                             \
+    }
+
+/* One tile of MR rows x NV vectors (both compile-time constants). next:
+ * where this tile fetches its share of the next panel into L2, a line per
+ * step of k for its first next_lines steps (NULL: none; see
+ * fastrnn_mk_rows_of_group). */
 #define FASTRNN_MK_TILE(MR, NV)                                                        \
 static void fastrnn_mk_tile_##MR##_##NV(                                             \
         ptrdiff_t K, const float* a, ptrdiff_t a_rs, ptrdiff_t a_cs,                 \
         const float* panel, float* c, ptrdiff_t ldc, const ptrdiff_t* coff,          \
-        const fastrnn_mask* mask, int init, const float* init_row) {                 \
+        const fastrnn_mask* mask, int init, const float* init_row,                   \
+        const float* next, ptrdiff_t next_lines) {                                   \
     fastrnn_vec acc[MR][NV];                                                         \
     FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                                \
         FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++) {                             \
@@ -191,26 +222,18 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
                 acc[m][v] = FASTRNN_VZERO();                                         \
         }                                                                            \
     }                                                                                \
-    /* a panel too big for L1 streams from L2: fetch it ahead (see _tuning.h) */ \
-    const int prefetch = K * NV * FASTRNN_MK_LANES * (ptrdiff_t)sizeof(float)         \
-                         > FASTRNN_MK_PREFETCH_BYTES;                                \
-    for (ptrdiff_t k = 0; k < K; k++) {                                              \
-        fastrnn_vec w[NV];                                                           \
-        const float* a_k = a + k * a_cs;                                             \
-        if (prefetch && k + FASTRNN_MK_PREFETCH_K < K) {                             \
-            const float* ahead = panel + (k + FASTRNN_MK_PREFETCH_K) * NV            \
-                                 * FASTRNN_MK_LANES;                                 \
-            FASTRNN_UNROLL(4) for (int l = 0; l < FASTRNN_MK_PANEL_LINES(NV); l++)   \
-                FASTRNN_PREFETCH(ahead + l * 16);                                    \
-        }                                                                            \
-        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
-            w[v] = FASTRNN_VLOAD_PANEL(panel + (k * NV + v) * FASTRNN_MK_LANES);     \
-        FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                            \
-            fastrnn_vec h = FASTRNN_VBCAST(a_k[m * a_rs]);                           \
-            FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                           \
-                acc[m][v] = FASTRNN_VFMA(h, w[v], acc[m][v]);                        \
-        }                                                                            \
-    }                                                                                \
+    /* a panel too big for L1 streams from L2: fetch it ahead (see _tuning.h; */    \
+    /* not in a one-row tile); the steps in four runs by their prefetches */        \
+    ptrdiff_t cur_end = MR > 1 && K > FASTRNN_MK_PREFETCH_K                          \
+                        && K * NV * FASTRNN_MK_LANES * (ptrdiff_t)sizeof(float)      \
+                           > FASTRNN_MK_PREFETCH_BYTES                               \
+                        ? K - FASTRNN_MK_PREFETCH_K : 0;                             \
+    ptrdiff_t next_end = next == NULL ? 0 : next_lines < K ? next_lines : K;         \
+    ptrdiff_t both_end = cur_end < next_end ? cur_end : next_end, k = 0;             \
+    for (; k < both_end; k++) FASTRNN_MK_STEP(MR, NV, 1, 1)                          \
+    for (; k < cur_end; k++) FASTRNN_MK_STEP(MR, NV, 1, 0)                           \
+    for (; k < next_end; k++) FASTRNN_MK_STEP(MR, NV, 0, 1)                          \
+    for (; k < K; k++) FASTRNN_MK_STEP(MR, NV, 0, 0)                                 \
     FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++)                                  \
         FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
             fastrnn_mk_store(c + m * ldc + coff[v], acc[m][v], mask[v]);             \
@@ -237,7 +260,8 @@ FASTRNN_MK_TILE(5, 4) FASTRNN_MK_TILE(6, 4)
 
 typedef void (*fastrnn_mk_tile_fn)(ptrdiff_t, const float*, ptrdiff_t, ptrdiff_t,
                                    const float*, float*, ptrdiff_t, const ptrdiff_t*,
-                                   const fastrnn_mask*, int, const float*);
+                                   const fastrnn_mask*, int, const float*,
+                                   const float*, ptrdiff_t);
 
 #define FASTRNN_MK_ENTRY(MR, NV) fastrnn_mk_tile_##MR##_##NV
 static const fastrnn_mk_tile_fn fastrnn_mk_table[FASTRNN_MK_MAX_NV][16] = {
@@ -277,22 +301,37 @@ static const fastrnn_mk_tile_fn fastrnn_mk_table[FASTRNN_MK_MAX_NV][16] = {
  * of its multiply-adds (6 x 4 AVX-512 tile 187-190 GFLOP/s, 4 x 4 and 5 x 4
  * 182, 2 x 4 and 3 x 4 126, in L1 on the Intel Xeon measured). The chains,
  * hence the bits, do not depend on the tiles. a(m, k) = a[m * a_rs + k *
- * a_cs]; C row m at c + m * ldc; see the top of this file for the rest. */
+ * a_cs]; C row m at c + m * ldc; see the top of this file for the rest.
+ *
+ * next_panel (or NULL): the panel the caller multiplies after this one,
+ * ``panel_lines`` cache lines long. Where the packed weights do not fit L2,
+ * every group's panel comes from L3 at its first tile, which then runs at
+ * L3's latency; so the tiles of this group fetch the next panel into L2
+ * meanwhile, each an equal share, a line per step of k (see
+ * FASTRNN_MK_STREAM_BYTES in _tuning.h). */
 static inline void fastrnn_mk_rows_of_group(
         ptrdiff_t M, int nv, ptrdiff_t K, const float* a, ptrdiff_t a_rs, ptrdiff_t a_cs,
         const float* panel, float* c, ptrdiff_t ldc, const ptrdiff_t* coff,
-        const fastrnn_mask* mask, int init, const float* init_row) {
+        const fastrnn_mask* mask, int init, const float* init_row,
+        const float* next_panel, ptrdiff_t panel_lines) {
     int mr = fastrnn_mk_rows[nv];
     ptrdiff_t left = M % mr, whole_end = M - left, m = 0;
     if (left > 0 && 2 * left <= mr && whole_end >= mr)
         whole_end -= mr;        /* the last whole tile and the rows left: two tiles */
-    for (; m < whole_end; m += mr)
-        fastrnn_mk_table[nv - 1][mr - 1](K, a + m * a_rs, a_rs, a_cs, panel, c + m * ldc, ldc,
-                                         coff, mask, init, init_row);
+    ptrdiff_t tiles = whole_end / mr + (M - whole_end > mr ? 2 : M > whole_end ? 1 : 0);
+    if (tiles < 1 || K < 1 || next_panel == NULL) panel_lines = 0;
+    /* lines per tile: a tile fetches a line per step of k, so with fewer
+     * tiles than the panel's lines over K only its first tiles * K lines */
+    ptrdiff_t share = panel_lines > 0 ? (panel_lines + tiles - 1) / tiles : 0, first = 0;
+    if (share > K) share = K;
     while (m < M) {
-        ptrdiff_t rows = M - m > mr ? (M - m + 1) / 2 : M - m;
-        fastrnn_mk_table[nv - 1][rows - 1](K, a + m * a_rs, a_rs, a_cs, panel, c + m * ldc,
-                                           ldc, coff, mask, init, init_row);
+        ptrdiff_t rows = m < whole_end ? mr : M - m > mr ? (M - m + 1) / 2 : M - m;
+        ptrdiff_t rest = panel_lines - first;
+        ptrdiff_t lines = rest < share ? (rest > 0 ? rest : 0) : share;
+        fastrnn_mk_table[nv - 1][rows - 1](
+            K, a + m * a_rs, a_rs, a_cs, panel, c + m * ldc, ldc, coff, mask, init, init_row,
+            lines > 0 ? next_panel + first * 16 : NULL, lines);
+        first += lines;
         m += rows;
     }
 }

@@ -20,12 +20,14 @@ cdef extern from "_microkernel.h":
                                   Py_ssize_t ld_gate, Py_ssize_t* coff,
                                   fastrnn_mask* mask) noexcept nogil
     const int FASTRNN_MK_PEAK_CHAINS
+    const Py_ssize_t FASTRNN_MK_STREAM_BYTES
     void fastrnn_mk_fma_loop(long long iters, float* sink) noexcept nogil
     void fastrnn_mk_rows_of_group(Py_ssize_t M, int nv, Py_ssize_t K, const float* a,
                                   Py_ssize_t a_rs, Py_ssize_t a_cs, const float* panel,
                                   float* c, Py_ssize_t ldc, const Py_ssize_t* coff,
                                   const fastrnn_mask* mask, int init,
-                                  const float* init_row) noexcept nogil
+                                  const float* init_row, const float* next_panel,
+                                  Py_ssize_t panel_lines) noexcept nogil
 
 
 cdef struct Packed:
@@ -94,12 +96,20 @@ cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t 
     cdef fastrnn_mask mask[4]
     cdef Py_ssize_t q, v
     cdef Py_ssize_t panel_size = p.group_stride
+    # panels too big to stay in L2 together: each group's tiles fetch the
+    # next group's panel (the last group's, the first's: a recurrent step
+    # comes back to it) into L2 while they run
+    cdef bint stream = (q_hi - q_lo) * panel_size * <Py_ssize_t>sizeof(float) > FASTRNN_MK_STREAM_BYTES
+    cdef Py_ssize_t lines = panel_size * <Py_ssize_t>sizeof(float) // 64 if stream else 0
+    cdef const float* next_panel
     for q in range(q_lo, q_hi):
         fastrnn_mk_group_columns(q, p.units, p.gates, p.ub, ld_gate, coff, mask)
         for v in range(p.nv):
             coff[v] -= unit0
+        next_panel = p.panels + (q + 1 if q + 1 < q_hi else q_lo) * panel_size
         fastrnn_mk_rows_of_group(M, p.nv, p.K, a, a_rs, a_cs, p.panels + q * panel_size,
-                                 c, ldc, coff, mask, init, init_row)
+                                 c, ldc, coff, mask, init, init_row,
+                                 next_panel if stream else NULL, lines)
 
 
 cdef inline void packed_product(Py_ssize_t M, const float* a, Py_ssize_t a_rs,

@@ -53,8 +53,21 @@
  * then streams from L2, not L1: 48 KB of L1 data on the Intel Xeon measured,
  * 32 KB on Zen 4, with the tile's rows of A beside it). A 6 x 4 AVX-512 tile
  * over an L2 panel (K = 512 or 2048): 174 -> 181 GFLOP/s; over an L1 panel
- * (K = 64, 128) prefetching costs 1% (Intel Xeon, 2026-12-02). */
+ * (K = 64, 128) prefetching costs 1% (Intel Xeon, 2026-12-02). A one-row
+ * tile (batch 1) reads its panel as fast as L2 delivers it, the hardware
+ * prefetcher keeps up, and the prefetches only cost: it makes none (M = 1,
+ * K = 256, a GRU's 3 gates: 64-67 -> 70-71 GFLOP/s). */
 #define FASTRNN_MK_PREFETCH_BYTES 32768
 #define FASTRNN_MK_PREFETCH_K 8
+/* Where the panels of one product take more than FASTRNN_MK_STREAM_BYTES
+ * they cannot all stay in L2 (2 MB per core on the Intel Xeon measured, 1
+ * MB on Zen 4, with A, C and the step's other arrays beside them): each
+ * group's first tile would wait on L3 for its panel, so the tiles of the
+ * group before fetch it into L2 (_microkernel.h). A C copy of the 64 x 512
+ * @ 512 x 2048 product (the b64-h512 step, 4 MB of panels), 3 rounds
+ * alternating: 146-153 -> 160-166 GFLOP/s; M = 20, K = 800, N = 2048: 117-121
+ * -> 136-144; with 1 MB or 1.5 MB of panels (they stay in L2) it cost 2-3%
+ * (Intel Xeon, 2026-12-02). */
+#define FASTRNN_MK_STREAM_BYTES 1048576
 
 #endif

@@ -148,6 +148,55 @@ def test_gradients_are_the_same_bits_at_any_thread_count(kind, options, bidirect
                                           err_msg=f"{name}, {threads} threads")
 
 
+# Sizes whose packed W_hh exceeds _forward.MICROKERNEL_STREAM_BYTES: each
+# group's tiles then fetch the next group's panel into L2 as they run.
+GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+BIG_H = {"RNN": 520, "GRU": 420, "LSTM": 300}
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_weights_larger_than_l2_match_the_oracle_and_keep_their_bits(kind, options):
+    import reference_options as ro
+    from option_cases import assert_close
+    H, T, B, D = BIG_H[kind], 4, 13, 9
+    # the path tested (the reset-before GRU packs its candidate's block apart)
+    gates = 2 if options.get("reset_after") is False else GATES[kind]
+    assert gates * H * H * 4 > _forward.MICROKERNEL_STREAM_BYTES
+    rng = np.random.default_rng(7)
+    layer = make(kind, options, D, H)
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    h0 = rng.standard_normal((1, B, H)).astype(np.float32)
+    c0 = rng.standard_normal((1, B, H)).astype(np.float32) if kind == "LSTM" else None
+    hx = (h0, c0) if kind == "LSTM" else h0
+    oracle_kind = {"RNN": "rnn", "LSTM": "lstm"}.get(kind) or \
+        ("gru" if options.get("reset_after", True) else "gru_reset_before")
+    oracle_options = {k: v for k, v in options.items() if k != "reset_after"}
+    params = layer.state_dict()
+
+    out, state = layer(x, hx)
+    want_out, want_h, _ = ro.layer_forward(oracle_kind, params, x, h0, c0, **oracle_options)
+    assert_close(out, want_out, 1e-5, "out")
+    assert_close(states(state)[0], want_h, 1e-5, "h_n")
+    for sub in ([0], [5, 6], list(range(6, B))):      # 1, 2 and 7 rows: other tilings
+        out_s, _ = layer(np.ascontiguousarray(x[:, sub]),
+                         tuple(np.ascontiguousarray(s[:, sub]) for s in states(hx))
+                         if kind == "LSTM" else np.ascontiguousarray(h0[:, sub]))
+        np.testing.assert_array_equal(out_s, out[:, sub])
+
+    dout = rng.standard_normal((T, B, H)).astype(np.float32)
+    dh_n = rng.standard_normal((1, B, H)).astype(np.float32)
+    dc_n = rng.standard_normal((1, B, H)).astype(np.float32) if kind == "LSTM" else None
+    want_dx, want_dh0, _, want_grads = ro.layer_backward(
+        oracle_kind, params, x, h0, c0, dout=dout, dh_n=dh_n, dc_n=dc_n, **oracle_options)
+    layer.zero_grad()
+    _, backprop = layer.forward_train(x, hx)
+    dx, dhx = backprop(dout, (dh_n, dc_n) if kind == "LSTM" else dh_n)
+    assert_close(dx, want_dx, 1e-5, "dx")
+    assert_close(states(dhx)[0], want_dh0, 1e-5, "dh0")
+    for name in params:
+        assert_close(layer.grads[name], want_grads[name], 1e-5, name)
+
+
 CELLS = [("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}), ("GRUCell", {}),
          ("GRUCell", {"reset_after": False}), ("LSTMCell", {})]
 
