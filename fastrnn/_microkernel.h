@@ -204,7 +204,8 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
 /* One tile of MR rows x NV vectors (both compile-time constants). next:
  * where this tile fetches its share of the next panel into L2, a line per
  * step of k for its first next_lines steps (NULL: none; see
- * fastrnn_mk_rows_of_group). */
+ * fastrnn_mk_rows_of_group), if it fetches its own panel ahead too (a
+ * tile that does not, one row or a panel that fits L1, fetches nothing). */
 #define FASTRNN_MK_TILE(MR, NV)                                                        \
 static void fastrnn_mk_tile_##MR##_##NV(                                             \
         ptrdiff_t K, const float* a, ptrdiff_t a_rs, ptrdiff_t a_cs,                 \
@@ -223,16 +224,15 @@ static void fastrnn_mk_tile_##MR##_##NV(                                        
         }                                                                            \
     }                                                                                \
     /* a panel too big for L1 streams from L2: fetch it ahead (see _tuning.h; */    \
-    /* not in a one-row tile); the steps in four runs by their prefetches */        \
+    /* not in a one-row tile); the steps in three runs by their prefetches */       \
     ptrdiff_t cur_end = MR > 1 && K > FASTRNN_MK_PREFETCH_K                          \
                         && K * NV * FASTRNN_MK_LANES * (ptrdiff_t)sizeof(float)      \
                            > FASTRNN_MK_PREFETCH_BYTES                               \
                         ? K - FASTRNN_MK_PREFETCH_K : 0;                             \
-    ptrdiff_t next_end = next == NULL ? 0 : next_lines < K ? next_lines : K;         \
-    ptrdiff_t both_end = cur_end < next_end ? cur_end : next_end, k = 0;             \
+    ptrdiff_t both_end = next == NULL ? 0 : next_lines < cur_end ? next_lines : cur_end; \
+    ptrdiff_t k = 0;                                                                 \
     for (; k < both_end; k++) FASTRNN_MK_STEP(MR, NV, 1, 1)                          \
     for (; k < cur_end; k++) FASTRNN_MK_STEP(MR, NV, 1, 0)                           \
-    for (; k < next_end; k++) FASTRNN_MK_STEP(MR, NV, 0, 1)                          \
     for (; k < K; k++) FASTRNN_MK_STEP(MR, NV, 0, 0)                                 \
     FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++)                                  \
         FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
