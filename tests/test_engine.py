@@ -197,6 +197,33 @@ def test_weights_larger_than_l2_match_the_oracle_and_keep_their_bits(kind, optio
         assert_close(layer.grads[name], want_grads[name], 1e-5, name)
 
 
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_weight_sums_over_more_rows_than_a_block_match_the_oracle(kind, options):
+    """The weight gradients sum dG^T act over the T * B rows in blocks of
+    WEIGHT_BLOCK_ROWS (256), each block of dG's columns transposed first:
+    299 rows (a whole block and a part), odd sizes, both directions."""
+    import reference_options as ro
+    from option_cases import assert_close
+    T, B, D, H = 23, 13, 5, 37
+    rng = np.random.default_rng(8)
+    layer = make(kind, options, D, H, bidirectional=True)
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    h0 = rng.standard_normal((2, B, H)).astype(np.float32)
+    c0 = rng.standard_normal((2, B, H)).astype(np.float32) if kind == "LSTM" else None
+    oracle_kind = {"RNN": "rnn", "LSTM": "lstm"}.get(kind) or \
+        ("gru" if options.get("reset_after", True) else "gru_reset_before")
+    oracle_options = {k: v for k, v in options.items() if k != "reset_after"}
+    params = layer.state_dict()
+    dout = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
+    _, _, _, want = ro.layer_backward(oracle_kind, params, x, h0, c0, 1, True, None,
+                                      dout=dout, **oracle_options)
+    layer.zero_grad()
+    _, backprop = layer.forward_train(x, (h0, c0) if kind == "LSTM" else h0)
+    backprop(dout)
+    for name in params:
+        assert_close(layer.grads[name], want[name], 1e-5, name)
+
+
 CELLS = [("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}), ("GRUCell", {}),
          ("GRUCell", {"reset_after": False}), ("LSTMCell", {})]
 
