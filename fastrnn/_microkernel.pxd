@@ -120,3 +120,20 @@ cdef inline void packed_product(Py_ssize_t M, const float* a, Py_ssize_t a_rs,
     g * ld_gate + u) = init + A @ B over the packed B."""
     packed_product_groups(M, a, a_rs, a_cs, p, 0, p.groups, 0, c, ldc, ld_gate, init,
                           init_row)
+
+
+cdef inline void packed_product_by_rows(Py_ssize_t M, const float* a, Py_ssize_t a_rs,
+                                        Py_ssize_t a_cs, const Packed* p, float* c,
+                                        Py_ssize_t ldc, Py_ssize_t ld_gate, int init,
+                                        const float* init_row,
+                                        Py_ssize_t chunk) noexcept nogil:
+    """packed_product in chunks of ``chunk`` rows of C, every column group of
+    a chunk before the next chunk: where B's panels fit L2 but A's rows do
+    not (the weight gradients' sums: A a block of dG^T, 2048 rows x 256 for
+    a 512-unit LSTM), a chunk's rows stay in L1 while every panel passes,
+    instead of all of A passing again for each group. The same chains."""
+    cdef Py_ssize_t m0 = 0
+    while m0 < M:
+        packed_product(min(chunk, M - m0), a + m0 * a_rs, a_rs, a_cs, p, c + m0 * ldc, ldc,
+                       ld_gate, init, init_row)
+        m0 += chunk

@@ -48,6 +48,11 @@
  * packed activations (256 x D floats) stay in L2 while every tile of the
  * block reads them. */
 #define FASTRNN_WEIGHT_BLOCK_ROWS 256
+/* Rows of dG^T (gate columns) that one pass over every panel of a block
+ * multiplies (_microkernel.pxd: packed_product_by_rows): 48 x 256 floats, 48
+ * KB, stay in L1 and L2 while the panels pass; 48 = 8 tiles of 6 rows
+ * (AVX-512, 4 vectors), 24 of 2 (AVX2). */
+#define FASTRNN_WEIGHT_CHUNK_ROWS 48
 /* The micro-kernel prefetches its panel FASTRNN_MK_PREFETCH_K steps of k
  * ahead when a tile's panel takes more than FASTRNN_MK_PREFETCH_BYTES (it
  * then streams from L2, not L1: 48 KB of L1 data on the Intel Xeon measured,
