@@ -204,8 +204,9 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
 /* One tile of MR rows x NV vectors (both compile-time constants). next:
  * where this tile fetches its share of the next panel into L2, a line per
  * step of k for its first next_lines steps (NULL: none; see
- * fastrnn_mk_rows_of_group), if it fetches its own panel ahead too (a
- * tile that does not, one row or a panel that fits L1, fetches nothing). */
+ * fastrnn_mk_rows_of_group), as long as it fetches its own panel ahead
+ * (not in its last FASTRNN_MK_PREFETCH_K steps; a tile that never does, one
+ * row or a panel that fits L1, fetches none of the next). */
 #define FASTRNN_MK_TILE(MR, NV)                                                        \
 static void fastrnn_mk_tile_##MR##_##NV(                                             \
         ptrdiff_t K, const float* a, ptrdiff_t a_rs, ptrdiff_t a_cs,                 \
@@ -320,10 +321,12 @@ static inline void fastrnn_mk_rows_of_group(
         whole_end -= mr;        /* the last whole tile and the rows left: two tiles */
     ptrdiff_t tiles = whole_end / mr + (M - whole_end > mr ? 2 : M > whole_end ? 1 : 0);
     if (tiles < 1 || K < 1 || next_panel == NULL) panel_lines = 0;
-    /* lines per tile: a tile fetches a line per step of k, so with fewer
-     * tiles than the panel's lines over K only its first tiles * K lines */
+    /* lines per tile: a tile fetches a line per step of k while it fetches
+     * its own panel ahead (its first K - FASTRNN_MK_PREFETCH_K steps), so
+     * with few tiles only the next panel's first lines */
     ptrdiff_t share = panel_lines > 0 ? (panel_lines + tiles - 1) / tiles : 0, first = 0;
-    if (share > K) share = K;
+    if (share > K - FASTRNN_MK_PREFETCH_K) share = K - FASTRNN_MK_PREFETCH_K;
+    if (share < 0) share = 0;
     while (m < M) {
         ptrdiff_t rows = m < whole_end ? mr : M - m > mr ? (M - m + 1) / 2 : M - m;
         ptrdiff_t rest = panel_lines - first;

@@ -98,9 +98,11 @@ cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t 
     cdef Py_ssize_t panel_size = p.group_stride
     # panels too big to stay in L2 together: each group's tiles fetch the
     # next group's panel (the last group's, the first's: a recurrent step
-    # comes back to it) into L2 while they run
-    cdef bint stream = (q_hi - q_lo) * panel_size * <Py_ssize_t>sizeof(float) > FASTRNN_MK_STREAM_BYTES
-    cdef Py_ssize_t lines = panel_size * <Py_ssize_t>sizeof(float) // 64 if stream else 0
+    # comes back to it) into L2 while they run. A panel's own floats, not
+    # group_stride: a k_block's panels are its K rows of longer ones.
+    cdef Py_ssize_t panel_bytes = p.K * p.nv * FASTRNN_MK_LANES * <Py_ssize_t>sizeof(float)
+    cdef bint stream = (q_hi - q_lo) * panel_bytes > FASTRNN_MK_STREAM_BYTES
+    cdef Py_ssize_t lines = panel_bytes // 64 if stream else 0
     cdef const float* next_panel
     for q in range(q_lo, q_hi):
         fastrnn_mk_group_columns(q, p.units, p.gates, p.ub, ld_gate, coff, mask)

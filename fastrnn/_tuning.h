@@ -65,14 +65,16 @@
 #define FASTRNN_MK_PREFETCH_BYTES 32768
 #define FASTRNN_MK_PREFETCH_K 8
 /* Where the panels of one product take more than FASTRNN_MK_STREAM_BYTES
- * they cannot all stay in L2 (2 MB per core on the Intel Xeon measured, 1
+ * they may not all stay in L2 (2 MB per core on the Intel Xeon measured, 1
  * MB on Zen 4, with A, C and the step's other arrays beside them): each
  * group's first tile would wait on L3 for its panel, so the tiles of the
- * group before fetch it into L2 (_microkernel.h). A C copy of the 64 x 512
- * @ 512 x 2048 product (the b64-h512 step, 4 MB of panels), 3 rounds
- * alternating: 146-153 -> 160-166 GFLOP/s; M = 20, K = 800, N = 2048: 117-121
- * -> 136-144; with 1 MB or 1.5 MB of panels (they stay in L2) it cost 2-3%
- * (Intel Xeon, 2026-12-02). */
+ * group before fetch it into L2 (_microkernel.h). In a C copy of the kernel
+ * on the Xeon, 3 rounds alternating: 4 MB of panels (64 x 512 @ 512 x 2048,
+ * the b64-h512 step) 146-153 -> 160-166 GFLOP/s, 2 MB 157-167 -> 163-168;
+ * panels that stay in L2 (1 and 1.5 MB) lost 2-3%. The bound is set for
+ * the smaller L2s (Zen 4's 1 MB), at that cost on the Xeon between 1 and 2
+ * MB. forward.product_gflops: M = 64, K = 512 140-152 -> 158-166; M = 20,
+ * K = 800, 3 gates (ds2-b20's GRU step) 123-138 -> 157-165 (2026-12-02). */
 #define FASTRNN_MK_STREAM_BYTES 1048576
 
 #endif
