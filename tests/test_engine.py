@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import fastrnn
+import reference_options as ro
 from fastrnn import _parallel, _plan
 from fastrnn._kernels import forward as _forward
+from option_cases import assert_close
 
 # thread counts tried, more than this machine's cores too (2 on the CI machine)
 THREADS = [2, 3, 4, 8]
@@ -152,17 +154,23 @@ def test_gradients_are_the_same_bits_at_any_thread_count(kind, options, bidirect
 # group's tiles then fetch the next group's panel into L2 as they run (a
 # prefetch changes no value: the oracle and bit checks guard the k loop's
 # three runs and the tiles' shares around it).
-GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 BIG_H = {"RNN": 520, "GRU": 420, "LSTM": 300}
+
+
+def oracle_case(kind, options):
+    """The NumPy oracle's (reference_options) kind and options for a layer
+    of KINDS."""
+    oracle_kind = {"RNN": "rnn", "LSTM": "lstm"}.get(kind) or \
+        ("gru" if options.get("reset_after", True) else "gru_reset_before")
+    return oracle_kind, {k: v for k, v in options.items() if k != "reset_after"}
 
 
 @pytest.mark.parametrize("kind,options", KINDS)
 def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind, options):
-    import reference_options as ro
-    from option_cases import assert_close
     H, T, B, D = BIG_H[kind], 4, 13, 9
+    oracle_kind, oracle_options = oracle_case(kind, options)
     # the path tested (the reset-before GRU packs its candidate's block apart)
-    gates = 2 if options.get("reset_after") is False else GATES[kind]
+    gates = 2 if oracle_kind == "gru_reset_before" else ro.GATES[oracle_kind]
     assert gates * H * H * 4 > _forward.MICROKERNEL_STREAM_BYTES
     rng = np.random.default_rng(7)
     layer = make(kind, options, D, H)
@@ -170,9 +178,6 @@ def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind
     h0 = rng.standard_normal((1, B, H)).astype(np.float32)
     c0 = rng.standard_normal((1, B, H)).astype(np.float32) if kind == "LSTM" else None
     hx = (h0, c0) if kind == "LSTM" else h0
-    oracle_kind = {"RNN": "rnn", "LSTM": "lstm"}.get(kind) or \
-        ("gru" if options.get("reset_after", True) else "gru_reset_before")
-    oracle_options = {k: v for k, v in options.items() if k != "reset_after"}
     params = layer.state_dict()
 
     out, state = layer(x, hx)
@@ -204,17 +209,13 @@ def test_weight_sums_over_more_rows_than_a_block_match_the_oracle(kind, options)
     """The weight gradients sum dG^T act over the T * B rows in blocks of
     WEIGHT_BLOCK_ROWS (256), each block of dG's columns transposed first:
     299 rows (a whole block and a part), odd sizes, both directions."""
-    import reference_options as ro
-    from option_cases import assert_close
     T, B, D, H = 23, 13, 5, 37
     rng = np.random.default_rng(8)
     layer = make(kind, options, D, H, bidirectional=True)
     x = rng.standard_normal((T, B, D)).astype(np.float32)
     h0 = rng.standard_normal((2, B, H)).astype(np.float32)
     c0 = rng.standard_normal((2, B, H)).astype(np.float32) if kind == "LSTM" else None
-    oracle_kind = {"RNN": "rnn", "LSTM": "lstm"}.get(kind) or \
-        ("gru" if options.get("reset_after", True) else "gru_reset_before")
-    oracle_options = {k: v for k, v in options.items() if k != "reset_after"}
+    oracle_kind, oracle_options = oracle_case(kind, options)
     params = layer.state_dict()
     dout = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
     _, _, _, want = ro.layer_backward(oracle_kind, params, x, h0, c0, 1, True, None,
