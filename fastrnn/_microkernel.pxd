@@ -21,6 +21,7 @@ cdef extern from "_microkernel.h":
                                   fastrnn_mask* mask) noexcept nogil
     const int FASTRNN_MK_PEAK_CHAINS
     const Py_ssize_t FASTRNN_MK_STREAM_BYTES
+    const Py_ssize_t FASTRNN_PRODUCT_CHUNK_BYTES
     void fastrnn_mk_fma_loop(long long iters, float* sink) noexcept nogil
     void fastrnn_mk_rows_of_group(Py_ssize_t M, int nv, Py_ssize_t K, const float* a,
                                   Py_ssize_t a_rs, Py_ssize_t a_cs, const float* panel,
@@ -139,3 +140,10 @@ cdef inline void packed_product_by_rows(Py_ssize_t M, const float* a, Py_ssize_t
         packed_product(min(chunk, M - m0), a + m0 * a_rs, a_rs, a_cs, p, c + m0 * ldc, ldc,
                        ld_gate, init, init_row)
         m0 += chunk
+
+
+cdef inline Py_ssize_t product_chunk_rows(Py_ssize_t K) noexcept nogil:
+    """Rows of A (K floats each) per chunk of a product over many rows
+    (FASTRNN_PRODUCT_CHUNK_BYTES, _tuning.h): a multiple of 48 rows, whole
+    tiles of every size (6 and 8 rows of AVX-512's, 2 and 3 of AVX2's)."""
+    return max(48, FASTRNN_PRODUCT_CHUNK_BYTES // (max(K, 1) * 4 * 48) * 48)

@@ -53,6 +53,17 @@
  * KB, stay in L1 and L2 while the panels pass; 48 = 8 tiles of 6 rows
  * (AVX-512, 4 vectors), 24 of 2 (AVX2). */
 #define FASTRNN_WEIGHT_CHUNK_ROWS 48
+/* A product over many rows of A (a layer's input projection over all its
+ * steps and directions, the input gradient) runs in chunks of rows whose A
+ * takes about this many bytes, every panel of B before the next chunk
+ * (_microkernel.pxd: product_chunk_rows): the chunk stays in L1 and L2
+ * while the panels pass, instead of all of A coming again from L3 for each
+ * column group. Measured on the Intel Xeon (product_gflops, 4 gates x 128
+ * units): K = 293, 1920 rows at once 150 GFLOP/s, 48-384 rows 187-191;
+ * K = 510: 24-96 rows ~198, 192-384 ~180, 768 159; K = 64: 192-384 rows
+ * ~180, 1920 127. Calls at 1 thread, A/B: stack2-b32 1.045x, imdb-b64
+ * 1.10x, ds2-b20 and long-b8 1.04x; 2 threads and training within noise. */
+#define FASTRNN_PRODUCT_CHUNK_BYTES (128 * 1024)
 /* The micro-kernel prefetches its panel FASTRNN_MK_PREFETCH_K steps of k
  * ahead when a tile's panel takes more than FASTRNN_MK_PREFETCH_BYTES (it
  * then streams from L2, not L1: 48 KB of L1 data on the Intel Xeon measured,

@@ -165,23 +165,23 @@ def oracle_case(kind, options):
     return oracle_kind, {k: v for k, v in options.items() if k != "reset_after"}
 
 
-@pytest.mark.parametrize("kind,options", KINDS)
-def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind, options):
-    H, T, B, D = BIG_H[kind], 4, 13, 9
+def check_against_the_oracle_and_sub_batches(kind, options, T, B, D, H, bidirectional, seed):
+    """A layer's outputs, input and state gradients and weight gradients
+    against the NumPy oracle; its outputs for 1, 2 and 7 of the rows alone
+    bit for bit those of the whole batch (other tilings and chunks)."""
+    dirs = 2 if bidirectional else 1
     oracle_kind, oracle_options = oracle_case(kind, options)
-    # the path tested (the reset-before GRU packs its candidate's block apart)
-    gates = 2 if oracle_kind == "gru_reset_before" else ro.GATES[oracle_kind]
-    assert gates * H * H * 4 > _forward.MICROKERNEL_STREAM_BYTES
-    rng = np.random.default_rng(7)
-    layer = make(kind, options, D, H)
+    rng = np.random.default_rng(seed)
+    layer = make(kind, options, D, H, bidirectional=bidirectional)
     x = rng.standard_normal((T, B, D)).astype(np.float32)
-    h0 = rng.standard_normal((1, B, H)).astype(np.float32)
-    c0 = rng.standard_normal((1, B, H)).astype(np.float32) if kind == "LSTM" else None
+    h0 = rng.standard_normal((dirs, B, H)).astype(np.float32)
+    c0 = rng.standard_normal((dirs, B, H)).astype(np.float32) if kind == "LSTM" else None
     hx = (h0, c0) if kind == "LSTM" else h0
     params = layer.state_dict()
 
     out, state = layer(x, hx)
-    want_out, want_h, _ = ro.layer_forward(oracle_kind, params, x, h0, c0, **oracle_options)
+    want_out, want_h, _ = ro.layer_forward(oracle_kind, params, x, h0, c0, 1, bidirectional,
+                                           **oracle_options)
     assert_close(out, want_out, 1e-5, "out")
     assert_close(states(state)[0], want_h, 1e-5, "h_n")
     for sub in ([0], [5, 6], list(range(6, B))):      # 1, 2 and 7 rows: other tilings
@@ -190,11 +190,12 @@ def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind
                          if kind == "LSTM" else np.ascontiguousarray(h0[:, sub]))
         np.testing.assert_array_equal(out_s, out[:, sub])
 
-    dout = rng.standard_normal((T, B, H)).astype(np.float32)
-    dh_n = rng.standard_normal((1, B, H)).astype(np.float32)
-    dc_n = rng.standard_normal((1, B, H)).astype(np.float32) if kind == "LSTM" else None
+    dout = rng.standard_normal((T, B, dirs * H)).astype(np.float32)
+    dh_n = rng.standard_normal((dirs, B, H)).astype(np.float32)
+    dc_n = rng.standard_normal((dirs, B, H)).astype(np.float32) if kind == "LSTM" else None
     want_dx, want_dh0, _, want_grads = ro.layer_backward(
-        oracle_kind, params, x, h0, c0, dout=dout, dh_n=dh_n, dc_n=dc_n, **oracle_options)
+        oracle_kind, params, x, h0, c0, 1, bidirectional, None, dout=dout, dh_n=dh_n,
+        dc_n=dc_n, **oracle_options)
     layer.zero_grad()
     _, backprop = layer.forward_train(x, hx)
     dx, dhx = backprop(dout, (dh_n, dc_n) if kind == "LSTM" else dh_n)
@@ -202,6 +203,37 @@ def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind
     assert_close(states(dhx)[0], want_dh0, 1e-5, "dh0")
     for name in params:
         assert_close(layer.grads[name], want_grads[name], 1e-5, name)
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind, options):
+    H = BIG_H[kind]
+    oracle_kind, _ = oracle_case(kind, options)
+    # the path tested (the reset-before GRU packs its candidate's block apart)
+    gates = 2 if oracle_kind == "gru_reset_before" else ro.GATES[oracle_kind]
+    assert gates * H * H * 4 > _forward.MICROKERNEL_STREAM_BYTES
+    check_against_the_oracle_and_sub_batches(kind, options, 4, 13, 9, H, False, 7)
+
+
+def chunk_rows(K):
+    """The rows of a product's chunk over A of K columns (_microkernel.pxd)."""
+    return max(48, _forward.PRODUCT_CHUNK_BYTES // (K * 4 * 48) * 48)
+
+
+# Sizes whose products over all steps' rows (the input projection, of
+# D = 350 columns; the input gradient, of 2 G H) run in chunks of 48 rows:
+# the 143 rows of T = 11, B = 13 in two whole chunks and 47 rows.
+CHUNKED_H = {"RNN": 180, "GRU": 60, "LSTM": 45}
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_products_over_more_rows_than_a_chunk_match_the_oracle_and_keep_their_bits(
+        kind, options):
+    T, B, D, H = 11, 13, 350, CHUNKED_H[kind]
+    gates = ro.GATES[oracle_case(kind, options)[0]]
+    assert chunk_rows(D) == chunk_rows(2 * gates * H) == 48 < T * B
+    assert D + H > gates * H    # not folded into the step: the projection runs
+    check_against_the_oracle_and_sub_batches(kind, options, T, B, D, H, True, 9)
 
 
 @pytest.mark.parametrize("kind,options", KINDS)
