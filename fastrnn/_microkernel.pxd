@@ -132,9 +132,11 @@ cdef inline void packed_product_by_rows(Py_ssize_t M, const float* a, Py_ssize_t
                                         Py_ssize_t chunk) noexcept nogil:
     """packed_product in chunks of ``chunk`` rows of C, every column group of
     a chunk before the next chunk: where B's panels fit L2 but A's rows do
-    not (the weight gradients' sums: A a block of dG^T, 2048 rows x 256 for
-    a 512-unit LSTM), a chunk's rows stay in L1 while every panel passes,
-    instead of all of A passing again for each group. The same chains."""
+    not, a chunk's rows stay in the caches while every panel passes, instead
+    of all of A passing again for each group (the weight gradients' sums: A
+    a block of dG^T, 2048 rows x 256 for a 512-unit LSTM, in chunks of 48
+    rows that stay in L1; the input gradient, in product_chunk_rows' chunks
+    that stay in L2). The same chains."""
     cdef Py_ssize_t m0 = 0
     while m0 < M:
         packed_product(min(chunk, M - m0), a + m0 * a_rs, a_rs, a_cs, p, c + m0 * ldc, ldc,

@@ -1,6 +1,6 @@
 /* What the kernels need from the compiler and the operating system, in one
  * place, for GCC and Clang (Linux, macOS, MinGW; any CPU) and MSVC (Windows
- * x86-64, ARM64): atomics, a spin-wait hint, yielding, a monotonic clock,
+ * x86-64, ARM64): atomics, a prefetch hint, a spin-wait hint, yielding, a monotonic clock,
  * the calling thread's id, and the worker threads' mutex, condition variable,
  * thread start and fork handler.
  *
@@ -132,20 +132,23 @@ static inline long long fastrnn_add_fetch_ll(long long* p, long long v) {
 
 /* --- prefetching --------------------------------------------------------- */
 
-/* Ask for the cache lines of [p, p + bytes) in L2 ahead of their use, to
- * read (write = 0) or to write (1); a hint, never a fault. MSVC has no
- * write hint off x86 and none on ARM64 here: a no-op there. */
-static inline void fastrnn_prefetch_l2(const void* p, ptrdiff_t bytes, int write) {
-    const char* line = (const char*)p;
-    for (ptrdiff_t off = 0; off < bytes; off += 64) {
+/* Ask for every 64-byte cache line of [p, p + bytes) in L2 ahead of its
+ * use, to read (for_write = 0) or to write (1); a hint, never a fault.
+ * MSVC: the read hint on x86 whatever for_write says; a no-op on ARM64. */
+static inline void fastrnn_prefetch_l2(const void* p, ptrdiff_t bytes, int for_write) {
+    const char* first = (const char*)p;
+    const char* end = first + bytes;
+    /* from the line that holds p: a row need not start on a line */
+    const char* line = first - ((uintptr_t)first & 63u);
+    for (; line < end; line += 64) {
 #if defined(FASTRNN_MSVC) && (defined(_M_X64) || defined(_M_IX86))
-        _mm_prefetch(line + off, _MM_HINT_T1);
-        (void)write;
+        _mm_prefetch(line, _MM_HINT_T1);
+        (void)for_write;
 #elif defined(FASTRNN_MSVC)
-        (void)line; (void)write;
+        (void)line; (void)for_write;
 #else
-        if (write) __builtin_prefetch(line + off, 1, 2);
-        else __builtin_prefetch(line + off, 0, 2);
+        if (for_write) __builtin_prefetch(line, 1, 2);
+        else __builtin_prefetch(line, 0, 2);
 #endif
     }
 }

@@ -56,8 +56,8 @@
 /* A product over many rows of A (a layer's input projection over all its
  * steps and directions, the input gradient) runs in chunks of rows whose A
  * takes about this many bytes, every panel of B before the next chunk
- * (_microkernel.pxd: product_chunk_rows): the chunk stays in L1 and L2
- * while the panels pass, instead of all of A coming again from L3 for each
+ * (_microkernel.pxd: product_chunk_rows; at least 48 rows): the chunk
+ * stays in L2 while the panels pass, instead of all of A coming again from L3 for each
  * column group. Measured on the Intel Xeon (product_gflops, 4 gates x 128
  * units): K = 293, 1920 rows at once 150 GFLOP/s, 48-384 rows 187-191;
  * K = 510: 24-96 rows ~198, 192-384 ~180, 768 159; K = 64: 192-384 rows

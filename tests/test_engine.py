@@ -215,14 +215,10 @@ def test_weights_past_the_stream_bound_match_the_oracle_and_keep_their_bits(kind
     check_against_the_oracle_and_sub_batches(kind, options, 4, 13, 9, H, False, 7)
 
 
-def chunk_rows(K):
-    """The rows of a product's chunk over A of K columns (_microkernel.pxd)."""
-    return max(48, _forward.PRODUCT_CHUNK_BYTES // (K * 4 * 48) * 48)
-
-
 # Sizes whose products over all steps' rows (the input projection, of
 # D = 350 columns; the input gradient, of 2 G H) run in chunks of 48 rows:
-# the 143 rows of T = 11, B = 13 in two whole chunks and 47 rows.
+# the 143 rows of T = 11, B = 13 in two whole chunks and 47 rows (one part;
+# in two parts, a chunk and a part of one each).
 CHUNKED_H = {"RNN": 180, "GRU": 60, "LSTM": 45}
 
 
@@ -231,7 +227,7 @@ def test_products_over_more_rows_than_a_chunk_match_the_oracle_and_keep_their_bi
         kind, options):
     T, B, D, H = 11, 13, 350, CHUNKED_H[kind]
     gates = ro.GATES[oracle_case(kind, options)[0]]
-    assert chunk_rows(D) == chunk_rows(2 * gates * H) == 48 < T * B
+    assert _forward.product_chunk(D) == _forward.product_chunk(2 * gates * H) == 48 < T * B
     assert D + H > gates * H    # not folded into the step: the projection runs
     check_against_the_oracle_and_sub_batches(kind, options, T, B, D, H, True, 9)
 
