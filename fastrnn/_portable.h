@@ -1,8 +1,8 @@
 /* What the kernels need from the compiler and the operating system, in one
  * place, for GCC and Clang (Linux, macOS, MinGW; any CPU) and MSVC (Windows
- * x86-64, ARM64): atomics, a prefetch hint, a spin-wait hint, yielding, a monotonic clock,
- * the calling thread's id, and the worker threads' mutex, condition variable,
- * thread start and fork handler.
+ * x86-64, ARM64): atomics, a prefetch hint, a spin-wait hint, yielding, a
+ * monotonic clock, the calling thread's id, and the worker threads' mutex,
+ * condition variable, thread start and fork handler.
  *
  * Atomics: GCC's __atomic builtins; under MSVC, volatile accesses fenced
  * against the compiler on x86-64 (whose loads and stores are already

@@ -57,8 +57,8 @@
  * steps and directions, the input gradient) runs in chunks of rows whose A
  * takes about this many bytes, every panel of B before the next chunk
  * (_microkernel.pxd: product_chunk_rows; at least 48 rows): the chunk
- * stays in L2 while the panels pass, instead of all of A coming again from L3 for each
- * column group. Measured on the Intel Xeon (product_gflops, 4 gates x 128
+ * stays in L2 while the panels pass, instead of all of A coming again
+ * from L3 for each column group. Measured on the Intel Xeon (product_gflops, 4 gates x 128
  * units): K = 293, 1920 rows at once 150 GFLOP/s, 48-384 rows 187-191;
  * K = 510: 24-96 rows ~198, 192-384 ~180, 768 159; K = 64: 192-384 rows
  * ~180, 1920 127. Calls at 1 thread, A/B: stack2-b32 1.045x, imdb-b64
