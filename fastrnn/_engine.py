@@ -224,6 +224,8 @@ class RecurrentEngine(RecurrentWeights):
                                        packed=None if packed is None else packed[k], **args)
         if outcome == 2:
             _plan.unit_split_contended()
+        elif outcome == 1:
+            _plan.unit_split_ran_clean()
         return outcome != 0
 
     def _packed(self, params, key, pack):

@@ -71,7 +71,15 @@ UNIT_SPLIT_MIN_WORK = 1_000_000
 # wake on a virtual machine; a split step is >= ~10 us).
 UNIT_SPLIT_WAIT_NS = 200_000
 # After a split whose parts kept waiting for each other (they had no core
-# each: the machine was busy), this many batch-1 calls run in one thread.
+# each: the machine was busy), the next batch-1 calls run in one thread: 1
+# after the first such split, then twice as many after each further one in
+# a row, at most UNIT_SPLIT_BACKOFF; a split that ran clean starts over.
+# A machine that stays busy thus pays a contended split once in 17 calls,
+# while one that was briefly busy loses a single call. (A fixed 16 after
+# every contended split: the first call after a 0.25 s pause is often
+# contended on this VM, its worker's vCPU waking slowly, so a GRU 64->256
+# at B=1, T=1000 ran in one thread 6.2 ms at the median of blocks of 5
+# calls after a pause, against 4.4 ms for every call split; 2026-12-02.)
 UNIT_SPLIT_BACKOFF = 16
 
 # Inference of a unidirectional stack runs in time windows whose input
@@ -172,13 +180,23 @@ def unit_bounds(T, H, gates, group):
     return [0, mid, H] if 0 < mid < H else None
 
 
-_backoff = 0
+_backoff = 0            # batch-1 calls left to run in one thread
+_contended_in_a_row = 0
 
 
 def unit_split_contended():
-    """A unit split found the other thread without a core: back off."""
-    global _backoff
-    _backoff = UNIT_SPLIT_BACKOFF
+    """A unit split found the other thread without a core: back off, for
+    twice as many calls as last time if the last split was contended too."""
+    global _backoff, _contended_in_a_row
+    _contended_in_a_row = min(_contended_in_a_row + 1, 30)
+    _backoff = min(UNIT_SPLIT_BACKOFF, 1 << (_contended_in_a_row - 1))
+
+
+def unit_split_ran_clean():
+    """A unit split ran without waiting: the next contention backs off
+    for one call again."""
+    global _contended_in_a_row
+    _contended_in_a_row = 0
 
 
 def unit_split_allowed():

@@ -122,16 +122,45 @@ def test_no_split_where_it_does_not_pay(count_pairs):
 
 def test_split_backs_off_after_contention(count_pairs, monkeypatch):
     """A split whose parts kept waiting for each other makes the next
-    UNIT_SPLIT_BACKOFF batch-1 calls run in one thread."""
+    batch-1 call run in one thread (three contended splits in a row: the
+    next four, at most UNIT_SPLIT_BACKOFF)."""
     monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 3)
+    monkeypatch.setattr(_plan, "_contended_in_a_row", 0)
     layer = fastrnn.GRU(8, 256, seed=0)
     x = np.zeros((50, 1, 8), np.float32)
     _plan.unit_split_contended()
-    for _ in range(3):
-        layer(x)
+    layer(x)
     assert not count_pairs
     layer(x)
     assert len(count_pairs) == 1
+    monkeypatch.setattr(_plan, "_contended_in_a_row", 2)
+    _plan.unit_split_contended()
+    for _ in range(3):
+        layer(x)
+    assert len(count_pairs) == 1
+    layer(x)
+    assert len(count_pairs) == 2
+
+
+def test_split_backoff_doubles_while_contended_and_resets_when_clean(monkeypatch):
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 16)
+    monkeypatch.setattr(_plan, "_contended_in_a_row", 0)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+
+    def calls_in_one_thread():
+        count = 0
+        while not _plan.unit_split_allowed():
+            count += 1
+        return count
+
+    got = []
+    for _ in range(7):
+        _plan.unit_split_contended()
+        got.append(calls_in_one_thread())
+    assert got == [1, 2, 4, 8, 16, 16, 16]
+    _plan.unit_split_ran_clean()
+    _plan.unit_split_contended()
+    assert calls_in_one_thread() == 1
 
 
 def test_split_withdrawn_when_the_worker_is_slow(monkeypatch):
