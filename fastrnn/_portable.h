@@ -204,6 +204,38 @@ static inline long long fastrnn_clock_ns(void) {
 #endif
 }
 
+/* The CPU the calling thread runs on, or -1 where that is not known
+ * (Linux only: Python.h defines _GNU_SOURCE there, before this file). */
+static inline int fastrnn_current_cpu(void) {
+#if defined(__linux__) && defined(_GNU_SOURCE)
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+/* Move the calling thread off `cpu` to another CPU it may run on, its
+ * affinity unchanged in the end: narrowed to the other CPUs (Linux
+ * migrates the thread at once), then restored (the thread stays where it
+ * now runs). Returns 1 if it moved; nothing happens where unsupported or
+ * where the thread may run on no other CPU. */
+static inline int fastrnn_move_off_cpu(int cpu) {
+#if defined(__linux__) && defined(_GNU_SOURCE)
+    cpu_set_t allowed, others;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof allowed, &allowed) != 0)
+        return 0;
+    others = allowed;
+    CPU_CLR(cpu, &others);
+    if (CPU_COUNT(&others) == 0 || sched_setaffinity(0, sizeof others, &others) != 0)
+        return 0;
+    sched_setaffinity(0, sizeof allowed, &allowed);
+    return 1;
+#else
+    (void)cpu;
+    return 0;
+#endif
+}
+
 /* the calling thread's id, as Python's threading.get_ident() gives it
  * (pthread_t is an integer on Linux, a pointer on macOS; Windows: the
  * thread id) */

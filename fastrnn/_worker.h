@@ -56,7 +56,10 @@ typedef struct {
     int atfork;            /* the fork handler is registered (at import) */
     long long by_worker;   /* parts the workers ran, */
     long long by_caller;   /* the callers ran, */
-    long long withdrawn;   /* and team jobs withdrawn (statistics, unsynchronised) */
+    long long withdrawn;   /* team jobs withdrawn, */
+    long long moved;       /* and workers moved off the caller's CPU (statistics,
+                              unsynchronised) */
+    int caller_cpu;        /* the CPU the posting caller ran on (-1: unknown) */
     fastrnn_job_fn fn;
     void* arg;
 } fastrnn_worker_t;
@@ -101,9 +104,23 @@ static void fastrnn_run_taken(long long job, int by_worker) {
     }
 }
 
+/* A worker woken from sleep may find itself on its caller's CPU: on a
+ * virtual machine Linux takes an idle vCPU for a preempted one and wakes
+ * the thread on the waker's CPU, where the two share one core until the
+ * idle CPU pulls the worker over, 1 to 10 ms later (seen with perf sched
+ * on this project's 2-vCPU VM: after a pause, calls ran at 2x their time,
+ * slower than one thread, for whole blocks of calls). Such a worker moves
+ * itself to another CPU before it takes a part. */
+static void fastrnn_leave_callers_cpu(void) {
+    int caller = fastrnn_load_int(&fastrnn_worker.caller_cpu);
+    if (caller >= 0 && fastrnn_current_cpu() == caller && fastrnn_move_off_cpu(caller))
+        fastrnn_worker.moved++;
+}
+
 FASTRNN_THREAD_MAIN(fastrnn_worker_main, unused) {
     long long seen = 0, spins, job;
     long long deadline;
+    int slept = 1;         /* a new thread, too, starts where the scheduler put it */
     (void)unused;
     for (;;) {
         deadline = fastrnn_clock_ns() + FASTRNN_WORKER_SPIN_NS;
@@ -119,10 +136,14 @@ FASTRNN_THREAD_MAIN(fastrnn_worker_main, unused) {
                     fastrnn_cond_wait(&fastrnn_worker.cond, &fastrnn_worker.mutex);
                 fastrnn_worker.sleeping--;
                 fastrnn_mutex_unlock(&fastrnn_worker.mutex);
+                slept = 1;
             }
         }
         job = fastrnn_load_acquire_ll(&fastrnn_worker.posted);
         seen = job;
+        if (slept)
+            fastrnn_leave_callers_cpu();
+        slept = 0;
         /* fn and arg stay valid while a part of the job is ours */
         fastrnn_run_taken(job, 1);
     }
@@ -198,6 +219,7 @@ static long long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team
     fastrnn_worker.team = team;
     fastrnn_store_int(&fastrnn_worker.go, 0);
     fastrnn_store_release_ll(&fastrnn_worker.remaining, nparts);
+    fastrnn_store_int(&fastrnn_worker.caller_cpu, fastrnn_current_cpu());
     fastrnn_mutex_lock(&fastrnn_worker.mutex);
     job = fastrnn_worker.posted + 1;
     fastrnn_store_release_ll(&fastrnn_worker.ticket,

@@ -3,6 +3,7 @@ one call at a time: the kernels release the GIL, so the calls really overlap,
 and every call must use its own workspace and state."""
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -200,3 +201,25 @@ def _child_forward(layer, x):
     from fastrnn import _plan
     _plan.MIN_PARALLEL_WORK = 0
     return layer(x)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="moves threads on Linux only")
+def test_a_thread_moves_off_its_cpu_and_keeps_its_affinity():
+    """A worker woken on its caller's CPU moves itself to another one
+    (_worker.h): its affinity narrowed for the move, then restored."""
+    from fastrnn import _worker
+
+    def move(cpus):
+        os.sched_setaffinity(0, cpus)      # this thread only
+        before, moved, after = _worker.move_off_current_cpu()
+        return before, moved, after, os.sched_getaffinity(0)
+
+    allowed = sorted(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(1) as pool:
+        # one CPU allowed: nowhere to go
+        before, moved, after, kept = pool.submit(move, {allowed[0]}).result()
+        assert (before, moved, after, kept) == (allowed[0], False, allowed[0], {allowed[0]})
+        if len(allowed) >= 2:
+            before, moved, after, kept = pool.submit(move, set(allowed)).result()
+            assert moved and after != before and after in allowed
+            assert kept == set(allowed)
