@@ -117,10 +117,13 @@ SIMD_FLAGS = {
              "_avx512": ["/arch:AVX512", "/fp:contract"], "_vnni": ["/arch:AVX512"],
              "_bf16": ["/arch:AVX512"]},
 }
-# The quantized kernels give the same bits in every build: no build may fuse
-# a multiply and an add that another does not (GCC and Clang contract by
-# default with FMA; MSVC only with /fp:contract, left out for them).
-QUANT_FLAGS = {"unix": ["-ffp-contract=off"], "msvc": []}
+# The quantized kernels give the same bits in every build with FMA: no build
+# may fuse a multiply and an add that another does not (GCC and Clang
+# contract by default with FMA; MSVC only with /fp:contract, left out for
+# them); FASTRNN_EXPLICIT_FMA fuses the activations' polynomials by hand
+# where the CPU has FMA (fastrnn/_activations.h).
+QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA"],
+               "msvc": ["/DFASTRNN_EXPLICIT_FMA"]}
 UNIX_FLAGS = ["-fno-trapping-math"]
 GCC_ONLY_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
 

@@ -16,7 +16,9 @@
 # dequantized in the product's tile; a bfloat16 one y[n] = add[n] + (a
 # float32 chain over the pairs of k, _qkernel.h). The float32 operations
 # are written in one order and the module is compiled without contraction
-# (setup.py: -ffp-contract=off), so every build gives the same bits.
+# (setup.py: -ffp-contract=off), the activations' polynomials fused by hand
+# where the CPU has FMA (_activations.h): every build with FMA gives the
+# same bits, the others the same integer sums (FUSED tells which).
 #
 # Layout: the input and the last layer's output are R = T * B rows in the
 # input's order (time-major row t * B + b, or batch-first b * T + t); the
@@ -32,7 +34,8 @@ import numpy as np
 from fastrnn._worker cimport Interrupt, MAX_PARTS, interrupted, run_parts
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
-                             tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv)
+                             tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
+                             FUSED_ACTIVATIONS)
 
 cdef extern from "_qkernel.h":
     const char* FASTRNN_Q_ISA
@@ -68,6 +71,9 @@ cdef extern from "_qkernel.h":
 # largest K they take
 ISA = FASTRNN_Q_ISA.decode()
 BF16_ISA = FASTRNN_B_ISA.decode()
+# whether the activations' multiply-adds are fused (FMA builds): the builds
+# that agree on it give the same bits
+FUSED = bool(FUSED_ACTIVATIONS)
 # the weight kinds of a QWeight
 KIND_INT8 = 0
 KIND_BF16 = 1
