@@ -87,9 +87,12 @@ def _generated_header(template, body):
 SIMD_BUILDS = [""] + (["_avx2", "_avx512"] if target_machine() == "x86_64" else [])
 # The kernels of quantized inference (_quant.pyx, _qkernel.h) have two more
 # builds on x86-64: with AVX-512 VNNI (int8 vpdpbusd), and with VNNI and
-# BF16 (bfloat16 vdpbf16ps); fastrnn/quantized.py picks the widest the CPU
-# runs (the _avx512 one runs on CPUs with neither).
-QUANT_BUILDS = SIMD_BUILDS + (["_vnni", "_bf16"] if target_machine() == "x86_64" else [])
+# BF16 (bfloat16 vdpbf16ps), and with those and AMX (int8 tiles, GCC 11+ or
+# Clang 12+ on Linux; a compiler without the flags builds it as _bf16);
+# fastrnn/quantized.py picks the widest the CPU runs (the _avx512 one runs
+# on CPUs with none of them).
+QUANT_BUILDS = SIMD_BUILDS + (["_vnni", "_bf16", "_amx"] if target_machine() == "x86_64"
+                              else [])
 
 # Flags per compiler family ("unix": GCC and Clang, on Linux, macOS and
 # MinGW; "msvc") and build. None changes a result or NaN handling (unlike
@@ -112,10 +115,13 @@ SIMD_FLAGS = {
              "_vnni": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
                        "-mavx512vl", "-mavx512vnni"],
              "_bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                       "-mavx512vl", "-mavx512vnni", "-mavx512bf16"]},
+                       "-mavx512vl", "-mavx512vnni", "-mavx512bf16"],
+             "_amx": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                      "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mamx-tile",
+                      "-mamx-int8"]},
     "msvc": {"": [], "_avx2": ["/arch:AVX2", "/fp:contract"],
              "_avx512": ["/arch:AVX512", "/fp:contract"], "_vnni": ["/arch:AVX512"],
-             "_bf16": ["/arch:AVX512"]},
+             "_bf16": ["/arch:AVX512"], "_amx": ["/arch:AVX512"]},
 }
 # The quantized kernels give the same bits in every build with FMA: no build
 # may fuse a multiply and an add that another does not (GCC and Clang
@@ -143,7 +149,8 @@ class BuildExt(build_ext):
                 ext.extra_link_args = threads
             elif ext.name.startswith("fastrnn._quant"):
                 build = ext.name.replace("fastrnn._quant", "")
-                flags = [f for f in SIMD_FLAGS[family][build] if f != "/fp:contract"]
+                flags = [f for f in SIMD_FLAGS[family][build] if f != "/fp:contract"
+                         and (not f.startswith("-mamx") or self._takes(f))]
                 ext.extra_compile_args = common + flags + QUANT_FLAGS[family]
             else:
                 build = (ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")

@@ -60,7 +60,7 @@ weights still load.
 Inference only: ``forward_train`` and training in a ``Sequential`` raise
 TypeError. The kernel build is picked at import: the float kernels' build
 (fastrnn._kernels), or AVX-512 VNNI (and BF16) where the CPU has it;
-FASTRNN_INT8=baseline, avx2, avx512, vnni or bf16 forces one (for
+FASTRNN_INT8=baseline, avx2, avx512, vnni, bf16 or amx forces one (for
 comparison and testing).
 """
 from __future__ import annotations
@@ -85,12 +85,19 @@ from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.nn import Linear
 from fastrnn.wrappers import _recurrent, _Wrapper
 
-INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16")
+INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16", "amx")
 WEIGHT_DTYPES = ("int8", "bfloat16")
 
 
 def _int8_cpu_supports(build):
     features = _kernels._cpu_features()
+    if build == "amx":   # bf16's, and AMX's int8 tiles granted to this process
+        if not _int8_cpu_supports("bf16"):
+            return False
+        try:
+            return importlib.import_module("fastrnn._quant_amx").AMX
+        except ImportError:
+            return False
     if build in ("vnni", "bf16"):
         return _kernels.cpu_supports("avx512") and bool(features.get("AVX512VNNI")) and (
             build == "vnni" or bool(features.get("AVX512BF16")))
@@ -101,11 +108,12 @@ def _load_int8():
     choice = os.environ.get("FASTRNN_INT8", "auto").lower()
     if choice not in ("auto",) + INT8_BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
-                          f"'avx512', 'vnni' or 'bf16', got {choice!r}")
+                          f"'avx512', 'vnni', 'bf16' or 'amx', got {choice!r}")
     if choice == "auto":
         choice = _kernels.SIMD
         if choice == "avx512":
-            choice = next((b for b in ("bf16", "vnni") if _int8_cpu_supports(b)), choice)
+            choice = next((b for b in ("amx", "bf16", "vnni") if _int8_cpu_supports(b)),
+                          choice)
     elif not _int8_cpu_supports(choice):
         raise ImportError(f"fastrnn: FASTRNN_INT8={choice}, but this CPU lacks its "
                           f"instructions (the build would stop on an illegal instruction)")

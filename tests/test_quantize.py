@@ -178,8 +178,11 @@ def oracle_layer(layer, x, hx=None, lengths=None, state=None):
 
 # --- the pieces, exactly ---------------------------------------------------------------
 
+# shapes for AMX too: whole tiles of 16 rows and the rows left, K in whole
+# tiles of 64 and the quads left (or only those), one block of columns or many
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 7, 17), (7, 33, 65), (13, 128, 48),
-                                   (6, 5, 200)])
+                                   (6, 5, 200), (16, 64, 16), (16, 21, 70), (37, 300, 65),
+                                   (48, 128, 512), (33, 256, 130)])
 def test_int_product_exact(M, K, N):
     rng = np.random.default_rng(M * 100 + K)
     w = rng.integers(-127, 128, (N, K)).astype(np.int8)
@@ -195,8 +198,8 @@ def test_int_product_extremes_do_not_saturate():
     K, N = 4096, 32
     w = np.full((N, K), 127, np.int8)
     w[1::2] = -127
-    q = np.full((5, K), -127, np.int8)
-    q[2] = 127
+    q = np.full((21, K), -127, np.int8)     # a tile of 16 rows (AMX) and 5 more
+    q[2] = q[18] = 127
     ref = q.astype(np.int64) @ w.astype(np.int64).T
     np.testing.assert_array_equal(_quant.int_product(q, _quant.QWeight(w, np.ones(N, F32))),
                                   ref)
