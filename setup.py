@@ -115,10 +115,7 @@ SIMD_FLAGS = {
              "_vnni": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
                        "-mavx512vl", "-mavx512vnni"],
              "_bf16": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                       "-mavx512vl", "-mavx512vnni", "-mavx512bf16"],
-             "_amx": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
-                      "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mamx-tile",
-                      "-mamx-int8"]},
+                       "-mavx512vl", "-mavx512vnni", "-mavx512bf16"]},
     "msvc": {"": [], "_avx2": ["/arch:AVX2", "/fp:contract"],
              "_avx512": ["/arch:AVX512", "/fp:contract"], "_vnni": ["/arch:AVX512"],
              "_bf16": ["/arch:AVX512"], "_amx": ["/arch:AVX512"]},
@@ -128,8 +125,11 @@ SIMD_FLAGS = {
 # contract by default with FMA; MSVC only with /fp:contract, left out for
 # them); FASTRNN_EXPLICIT_FMA fuses the activations' polynomials by hand
 # where the CPU has FMA (fastrnn/_activations.h).
-QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA"],
-               "msvc": ["/DFASTRNN_EXPLICIT_FMA"]}
+QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA"], "msvc": []}
+# the AMX build: bf16's flags and the tiles' (without them where the
+# compiler cannot build the tiles' intrinsics: BuildExt._assembles_amx)
+AMX_FLAGS = ["-mamx-tile", "-mamx-int8"]
+SIMD_FLAGS["unix"]["_amx"] = SIMD_FLAGS["unix"]["_bf16"] + AMX_FLAGS
 UNIX_FLAGS = ["-fno-trapping-math"]
 GCC_ONLY_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
 
@@ -149,14 +149,33 @@ class BuildExt(build_ext):
                 ext.extra_link_args = threads
             elif ext.name.startswith("fastrnn._quant"):
                 build = ext.name.replace("fastrnn._quant", "")
-                flags = [f for f in SIMD_FLAGS[family][build] if f != "/fp:contract"
-                         and (not f.startswith("-mamx") or self._takes(f))]
+                flags = [f for f in SIMD_FLAGS[family][build] if f != "/fp:contract"]
+                if build == "_amx" and not self._assembles_amx(flags):
+                    flags = [f for f in flags if f not in AMX_FLAGS]   # then _bf16's twin
                 ext.extra_compile_args = common + flags + QUANT_FLAGS[family]
             else:
                 build = (ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
                          .replace("fastrnn._layernorm", "").replace("fastrnn._projection", ""))
                 ext.extra_compile_args = common + SIMD_FLAGS[family][build]
         super().build_extensions()
+
+    def _assembles_amx(self, flags):
+        """Whether the compiler and assembler build AMX intrinsics with these
+        flags (GCC 11+ takes the flags, but binutils before 2.36 cannot
+        assemble the instructions)."""
+        if not set(AMX_FLAGS) <= set(flags):
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "amx.c")
+            with open(source, "w") as f:
+                f.write("#include <immintrin.h>\n"
+                        "void fastrnn_probe(void) { _tile_zero(0); _tile_release(); }\n")
+            try:
+                self.compiler.compile([source], output_dir=tmp,
+                                      extra_postargs=flags + ["-Werror"])
+            except CompileError:
+                return False
+        return True
 
     def _takes(self, flag):
         """Whether the C compiler takes flag without a warning."""

@@ -217,21 +217,31 @@ static inline int fastrnn_current_cpu(void) {
 /* Move the calling thread off `cpu` to another CPU it may run on, its
  * affinity unchanged in the end: narrowed to the other CPUs (Linux
  * migrates the thread at once), then restored (the thread stays where it
- * now runs). Returns 1 if it moved; nothing happens where unsupported or
- * where the thread may run on no other CPU. */
-static inline int fastrnn_move_off_cpu(int cpu) {
+ * now runs). *moved_to (if not NULL) gets the CPU it ran on while
+ * narrowed. Returns 1 if it moved and its affinity is whole again; 0 if
+ * nothing happened (unsupported, no other CPU allowed) or the restore
+ * failed twice (then the thread keeps the narrowed set: still CPUs it was
+ * allowed). An affinity set by someone else between the read and the
+ * restore is overwritten: the window is two system calls long. */
+static inline int fastrnn_move_off_cpu(int cpu, int* moved_to) {
 #if defined(__linux__) && defined(_GNU_SOURCE)
     cpu_set_t allowed, others;
+    if (moved_to != NULL)
+        *moved_to = -1;
     if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof allowed, &allowed) != 0)
         return 0;
     others = allowed;
     CPU_CLR(cpu, &others);
     if (CPU_COUNT(&others) == 0 || sched_setaffinity(0, sizeof others, &others) != 0)
         return 0;
-    sched_setaffinity(0, sizeof allowed, &allowed);
-    return 1;
+    if (moved_to != NULL)
+        *moved_to = sched_getcpu();
+    return sched_setaffinity(0, sizeof allowed, &allowed) == 0
+           || sched_setaffinity(0, sizeof allowed, &allowed) == 0;
 #else
     (void)cpu;
+    if (moved_to != NULL)
+        *moved_to = -1;
     return 0;
 #endif
 }

@@ -17,6 +17,9 @@
  *                 Needs q, w in [-127, 127], which symmetric quantization
  *                 gives. The AVX-512 build without VNNI runs this too.
  *   portable      plain int32 loops.
+ *   AMX           (the _quant_amx build, where Linux grants the tiles) the
+ *                 VNNI build's operands as tiles, TDPBUSD: each product's
+ *                 whole tiles of 16 rows; the rows left run on VNNI.
  *
  * Layout. A weight matrix W (N output rows, K inputs; PyTorch's layout) is
  * packed in blocks of 16 output columns; in each block, for each quad of 4
@@ -522,7 +525,8 @@ static int fastrnn_q_amx_enable(void) { return 0; }
 
 /* The product of A (M rows of quantized activations, lda bytes apart) and
  * W^T over W packed by fastrnn_q_pack (comp its column term), to ``o``.
- * Rows in tiles of FASTRNN_Q_BIG, then 2, then 1; within a tile, the
+ * Rows in tiles of 16 on AMX (where enabled), then of FASTRNN_Q_BIG, then 2,
+ * then 1; within a tile, the
  * columns in groups of FASTRNN_Q_NV blocks, so that a tile's output rows
  * (and the rows it adds: a step's input projection, 1 KB per row at H =
  * 64) are walked in order, which the hardware prefetches (column groups

@@ -59,7 +59,8 @@ typedef struct {
     long long withdrawn;   /* team jobs withdrawn, */
     long long moved;       /* and workers moved off the caller's CPU (statistics,
                               unsynchronised) */
-    int caller_cpu;        /* the CPU the posting caller ran on (-1: unknown) */
+    int caller_cpu;        /* the CPU the posting caller ran on (-1: unknown; read
+                              only after a post has set it) */
     fastrnn_job_fn fn;
     void* arg;
 } fastrnn_worker_t;
@@ -113,7 +114,7 @@ static void fastrnn_run_taken(long long job, int by_worker) {
  * itself to another CPU before it takes a part. */
 static void fastrnn_leave_callers_cpu(void) {
     int caller = fastrnn_load_int(&fastrnn_worker.caller_cpu);
-    if (caller >= 0 && fastrnn_current_cpu() == caller && fastrnn_move_off_cpu(caller))
+    if (caller >= 0 && fastrnn_current_cpu() == caller && fastrnn_move_off_cpu(caller, NULL))
         fastrnn_worker.moved++;
 }
 
@@ -172,6 +173,7 @@ static int fastrnn_worker_init(void) {
         return 0;
     }
     fastrnn_worker.atfork = 1;
+    fastrnn_worker.caller_cpu = -1;
     return 1;
 }
 

@@ -21,7 +21,7 @@ cdef extern from "_worker.h":
                          long long wait_ns) noexcept nogil
     int fastrnn_worker_init() noexcept nogil
     int fastrnn_current_cpu() noexcept nogil
-    int fastrnn_move_off_cpu(int cpu) noexcept nogil
+    int fastrnn_move_off_cpu(int cpu, int* moved_to) noexcept nogil
     ctypedef struct fastrnn_worker_t:
         long long by_worker, by_caller, withdrawn, moved
     fastrnn_worker_t fastrnn_worker
@@ -31,21 +31,21 @@ def stats():
     """(parts the workers ran, parts the callers ran, team jobs withdrawn
     because the workers did not all come in time, workers that woke on
     their caller's CPU and moved off it): how often the other cores really
-    helped, since start (or fork). Counted without locks: about."""
+    helped, since the process started (a forked child starts from its
+    parent's counts). Counted without locks: about."""
     return (fastrnn_worker.by_worker, fastrnn_worker.by_caller, fastrnn_worker.withdrawn,
             fastrnn_worker.moved)
 
 
 def move_off_current_cpu():
     """For the tests: (the CPU this thread ran on, whether it moved, the
-    CPU it runs on after), as a worker woken on its caller's CPU moves
-    (-1: not known on this platform)."""
-    cdef int before, moved, after
+    CPU it ran on while its affinity was narrowed), as a worker woken on
+    its caller's CPU moves (-1: not known on this platform)."""
+    cdef int before, moved, moved_to
     with nogil:
         before = fastrnn_current_cpu()
-        moved = fastrnn_move_off_cpu(before)
-        after = fastrnn_current_cpu()
-    return before, bool(moved), after
+        moved = fastrnn_move_off_cpu(before, &moved_to)
+    return before, bool(moved), moved_to
 
 
 cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil:

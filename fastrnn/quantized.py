@@ -20,16 +20,19 @@ call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
   point for the whole input of a product (all rows of all steps for the
   input projection, the whole batch for h), and ONNX Runtime's
   DynamicQuantizeLSTM does the same;
-- products: exact int32 sums, the same on every CPU (AVX-512 VNNI, AVX2
-  and the portable build give identical outputs, bit for bit), dequantized
-  as ``float(sum) * (s_x * s_w[n])`` plus the float32 bias;
-- state, cell and gate arithmetic: float32, the float layers' own code.
+- products: exact int32 sums, the same on every CPU (AMX tiles, AVX-512
+  VNNI, AVX2 and the portable build), dequantized as
+  ``float(sum) * (s_x * s_w[n])`` plus the float32 bias;
+- state, cell and gate arithmetic: float32, the float layers' own code,
+  the multiply-adds of the activations' polynomials fused where the CPU
+  has FMA: every build with FMA (GCC or Clang) gives the same outputs, bit
+  for bit; the x86-64 portable build and MSVC's round them twice.
 
 bfloat16: the weights rounded to bfloat16 once (round to nearest even),
 every activation row at every use, each product one float32 chain over the
 pairs of k in the order of AVX-512 BF16's ``vdpbf16ps`` (the odd product of
 a pair, then the even one, each sum rounded), which the other builds
-compute with float32 arithmetic: the same bits everywhere too. No scales;
+compute with float32 arithmetic: the same products everywhere. No scales;
 ``per_channel`` does not apply.
 
 Memory: a quantized layer, cell or ``Linear`` holds its weight matrices
@@ -59,7 +62,8 @@ weights still load.
 
 Inference only: ``forward_train`` and training in a ``Sequential`` raise
 TypeError. The kernel build is picked at import: the float kernels' build
-(fastrnn._kernels), or AVX-512 VNNI (and BF16) where the CPU has it;
+(fastrnn._kernels), or AVX-512 VNNI (and BF16, and AMX) where the CPU
+has it;
 FASTRNN_INT8=baseline, avx2, avx512, vnni, bf16 or amx forces one (for
 comparison and testing).
 """

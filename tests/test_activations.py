@@ -9,11 +9,14 @@ import importlib
 import numpy as np
 import pytest
 
-from fastrnn import _kernels
+from fastrnn import _kernels, quantized
 
-# every build of the kernels this CPU runs (setup.py, _kernels.py)
+# every build of the kernels this CPU runs (setup.py, _kernels.py), and of the
+# quantized kernels (their own activations: fused multiply-adds in FMA builds)
 BUILDS = ["fastrnn._forward"] + [f"fastrnn._forward_{build}" for build in ("avx2", "avx512")
                                  if _kernels.cpu_supports(build)]
+BUILDS += ["fastrnn._quant" + ("" if build == "baseline" else "_" + build)
+           for build in quantized.INT8_BUILDS if quantized._int8_cpu_supports(build)]
 
 
 @pytest.fixture(scope="module", params=BUILDS)

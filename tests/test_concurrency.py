@@ -211,15 +211,32 @@ def test_a_thread_moves_off_its_cpu_and_keeps_its_affinity():
 
     def move(cpus):
         os.sched_setaffinity(0, cpus)      # this thread only
-        before, moved, after = _worker.move_off_current_cpu()
-        return before, moved, after, os.sched_getaffinity(0)
+        before, moved, moved_to = _worker.move_off_current_cpu()
+        return before, moved, moved_to, os.sched_getaffinity(0)
 
     allowed = sorted(os.sched_getaffinity(0))
     with ThreadPoolExecutor(1) as pool:
         # one CPU allowed: nowhere to go
-        before, moved, after, kept = pool.submit(move, {allowed[0]}).result()
-        assert (before, moved, after, kept) == (allowed[0], False, allowed[0], {allowed[0]})
+        before, moved, moved_to, kept = pool.submit(move, {allowed[0]}).result()
+        assert (before, moved, moved_to, kept) == (allowed[0], False, -1, {allowed[0]})
         if len(allowed) >= 2:
-            before, moved, after, kept = pool.submit(move, set(allowed)).result()
-            assert moved and after != before and after in allowed
+            before, moved, moved_to, kept = pool.submit(move, set(allowed)).result()
+            assert moved and moved_to != before and moved_to in allowed
             assert kept == set(allowed)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_threads_keep_the_process_affinity_after_parallel_calls(monkeypatch):
+    """Workers that moved off their caller's CPU (after sleeping: pauses
+    between the calls) end with the affinity they started with."""
+    import time
+    from fastrnn import _parallel
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    allowed = os.sched_getaffinity(0)
+    layer = LSTM(32, 64, seed=0)
+    x = np.random.default_rng(0).standard_normal((20, 64, 32)).astype(np.float32)
+    for _ in range(5):
+        layer(x)
+        time.sleep(0.01)         # past the workers' spin: they sleep, then wake
+    for tid in os.listdir("/proc/self/task"):
+        assert os.sched_getaffinity(int(tid)) == allowed, tid

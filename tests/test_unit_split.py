@@ -43,6 +43,7 @@ def count_pairs(monkeypatch):
     monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
     monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
     monkeypatch.setattr(_plan, "_backoff", 0)
+    monkeypatch.setattr(_plan, "_contended_in_a_row", 0)
     return kernels.split_calls
 
 
