@@ -85,9 +85,9 @@ def _generated_header(template, body):
 # with AVX-512. Not on arm64/aarch64 (nor in a macOS universal2 build: one
 # compiler call for both CPUs), where _kernels.py finds the portable build only.
 SIMD_BUILDS = [""] + (["_avx2", "_avx512"] if target_machine() == "x86_64" else [])
-# The kernels of quantized inference (_quant.pyx, _qkernel.h) have two more
+# The kernels of quantized inference (_quant.pyx, _qkernel.h) have three more
 # builds on x86-64: with AVX-512 VNNI (int8 vpdpbusd), and with VNNI and
-# BF16 (bfloat16 vdpbf16ps), and with those and AMX (int8 tiles, GCC 11+ or
+# BF16 (bfloat16 vdpbf16ps), and with those and AMX (int8 and bf16 tiles, GCC 11+ or
 # Clang 12+ on Linux; a compiler without the flags builds it as _bf16);
 # fastrnn/quantized.py picks the widest the CPU runs (the _avx512 one runs
 # on CPUs with none of them).
@@ -128,7 +128,7 @@ SIMD_FLAGS = {
 QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA"], "msvc": []}
 # the AMX build: bf16's flags and the tiles' (without them where the
 # compiler cannot build the tiles' intrinsics: BuildExt._assembles_amx)
-AMX_FLAGS = ["-mamx-tile", "-mamx-int8"]
+AMX_FLAGS = ["-mamx-tile", "-mamx-int8", "-mamx-bf16"]
 SIMD_FLAGS["unix"]["_amx"] = SIMD_FLAGS["unix"]["_bf16"] + AMX_FLAGS
 UNIX_FLAGS = ["-fno-trapping-math"]
 GCC_ONLY_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
@@ -169,7 +169,8 @@ class BuildExt(build_ext):
             source = os.path.join(tmp, "amx.c")
             with open(source, "w") as f:
                 f.write("#include <immintrin.h>\n"
-                        "void fastrnn_probe(void) { _tile_zero(0); _tile_release(); }\n")
+                        "void fastrnn_probe(void) { _tile_zero(0); _tile_dpbusd(0, 1, 2);\n"
+                        "    _tile_dpbf16ps(0, 1, 2); _tile_release(); }\n")
             try:
                 self.compiler.compile([source], output_dir=tmp,
                                       extra_postargs=flags + ["-Werror"])

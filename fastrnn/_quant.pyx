@@ -53,6 +53,7 @@ cdef extern from "_qkernel.h":
                         const int8_t* packed, const int32_t* comp, Py_ssize_t N, int32_t* c,
                         Py_ssize_t ldc) noexcept nogil
     int fastrnn_q_amx_enable() noexcept nogil
+    int fastrnn_b_amx_enable() noexcept nogil
     const char* FASTRNN_B_ISA
     Py_ssize_t fastrnn_b_pairs(Py_ssize_t K) noexcept nogil
     void fastrnn_b_pack(const uint16_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
@@ -75,6 +76,9 @@ BF16_ISA = FASTRNN_B_ISA.decode()
 # whether the int8 products run on AMX tiles (this build has them, the CPU
 # too, and Linux granted this process their state; asked once, here)
 AMX = bool(fastrnn_q_amx_enable())
+# whether the bfloat16 products run on AMX tiles (then their bits differ from
+# the other builds', within float32 rounding: _qkernel.h)
+AMX_BF16 = bool(fastrnn_b_amx_enable())
 # whether the activations' multiply-adds are fused (FMA builds): the builds
 # that agree on it give the same bits
 FUSED = bool(FUSED_ACTIVATIONS)
