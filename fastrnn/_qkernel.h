@@ -475,11 +475,13 @@ static void fastrnn_q_product_amx(ptrdiff_t M16, ptrdiff_t quads, const int8_t* 
         cfg.colsb[7] = 64;
     }
     _tile_loadconfig(&cfg);
-    for (m0 = 0; m0 < M16; m0 += 16) {
-        const int8_t* a_rows = a + m0 * lda;
-        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
-            const int8_t* panel = packed + nb0 * bstride;
-            const int32_t* start = comp + nb0 * 16;
+    /* column group by column group: each group's weights read once for all
+     * the tiles (b64-h512 LSTM 1.05x) */
+    for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
+        const int8_t* panel = packed + nb0 * bstride;
+        const int32_t* start = comp + nb0 * 16;
+        for (m0 = 0; m0 < M16; m0 += 16) {
+            const int8_t* a_rows = a + m0 * lda;
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
