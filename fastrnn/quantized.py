@@ -32,7 +32,10 @@ bfloat16: the weights rounded to bfloat16 once (round to nearest even),
 every activation row at every use, each product one float32 chain over the
 pairs of k in the order of AVX-512 BF16's ``vdpbf16ps`` (the odd product of
 a pair, then the even one, each sum rounded), which the other builds
-compute with float32 arithmetic: the same products everywhere. No scales;
+compute with float32 arithmetic: the same products everywhere, but on AMX
+tiles (where the CPU has AMX-BF16), whose ``tdpbf16ps`` sums in its own
+order, within float32 rounding of the exact sum (the last bits differ; a
+row's result still never depends on the other rows). No scales;
 ``per_channel`` does not apply.
 
 Memory: a quantized layer, cell or ``Linear`` holds its weight matrices
@@ -62,8 +65,8 @@ weights still load.
 
 Inference only: ``forward_train`` and training in a ``Sequential`` raise
 TypeError. The kernel build is picked at import: the float kernels' build
-(fastrnn._kernels), or AVX-512 VNNI (and BF16, and AMX) where the CPU
-has it;
+(fastrnn._kernels), or AVX-512 VNNI (and BF16, and AMX's int8 and bf16
+tiles) where the CPU has it;
 FASTRNN_INT8=baseline, avx2, avx512, vnni, bf16 or amx forces one (for
 comparison and testing).
 """
@@ -95,7 +98,7 @@ WEIGHT_DTYPES = ("int8", "bfloat16")
 
 def _int8_cpu_supports(build):
     features = _kernels._cpu_features()
-    if build == "amx":   # bf16's, and AMX's int8 tiles granted to this process
+    if build == "amx":   # bf16's, and AMX's tiles granted to this process
         if not _int8_cpu_supports("bf16"):
             return False
         try:
