@@ -115,6 +115,9 @@ FOLD_MAX_BYTES = 512 << 10
 # projections take at most QUANT_WINDOW_BYTES, read back from the caches.
 QUANT_DIRECT_WORK = 1 << 22
 QUANT_WINDOW_BYTES = 512 << 10
+# the quantized kernels' column groups (_qkernel.h: 4 blocks of 16): a
+# batch-1 unit split gives each thread whole groups of every gate
+QUANT_UNIT_GROUP = 64
 
 # Plans kept at most (one per shape class; a new shape past this clears them).
 PLAN_CACHE_SIZE = 512
@@ -308,16 +311,27 @@ class QuantPlan(NamedTuple):
     parts: list          # as Plan's
     direct: bool         # one part, small: run on the calling thread, no dispatch
     window_bytes: int    # the time windows' bound (unidirectional stacks)
+    units: list | None   # batch 1: [0, mid, H], the two threads' hidden units
+                         # (_quant.forward_units), or None
 
 
 def quantized_plan(layer, T, B):
     """The plan of a reduced-precision call of ``layer`` (a quantized layer
     or cell) over T steps of B rows. Its products are int8 or bfloat16,
-    about a quarter of the float32 work per multiply-add."""
+    about a quarter of the float32 work per multiply-add. A unidirectional
+    batch-1 call splits its hidden units between two threads as float32's
+    does (same thresholds), where the units split on whole column groups
+    of the kernels (H a multiple of QUANT_UNIT_GROUP) and the call has no
+    lengths (the caller's to check)."""
     H, dirs = layer._config["hidden_size"], layer._dirs
     work = T * B * dirs * layer._gates * H * (H + 20) // 4
     parts = split(dirs, B, work)
-    return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES)
+    units = None
+    if (B == 1 and dirs == 1 and H % QUANT_UNIT_GROUP == 0
+            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
+        units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+    return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES,
+                     units)
 
 
 def runner_limits(layer):

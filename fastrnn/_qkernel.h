@@ -443,6 +443,26 @@ typedef struct {
     uint8_t rows[16];
 } fastrnn_q_tilecfg;
 
+/* Load a tile configuration unless it is the one loaded: LDTILECFG takes
+ * ~65 ns here, STTILECFG and a compare ~2 (a batch-1 step split between two
+ * threads makes three products a step in each). The tiles stay configured
+ * after a product; each part of a call releases them when it ends
+ * (fastrnn_amx_release). Another library's tile use in between shows as
+ * another (or no) configuration, so it is loaded again. */
+static inline void fastrnn_amx_config(const fastrnn_q_tilecfg* want) {
+    fastrnn_q_tilecfg loaded;
+    _tile_storeconfig(&loaded);
+    if (memcmp(&loaded, want, sizeof loaded) != 0)
+        _tile_loadconfig(want);
+}
+
+/* The tiles back in their initial state (nothing for a context switch to
+ * save): at the end of each part of a call that ran products. */
+static inline void fastrnn_amx_release(void) {
+    if (fastrnn_q_amx_enabled)
+        _tile_release();
+}
+
 /* tiles 0-3: C of FASTRNN_Q_NV = 4 blocks (16 rows x 16 int32 each);
  * 4: A, 16 rows x 16 quads; 5: B, 16 quads x 16 columns; 6, 7: A and B
  * over the last kt quads (kt = quads % 16, if any) */
@@ -480,7 +500,7 @@ static void fastrnn_q_product_amx(ptrdiff_t M, ptrdiff_t quads, const int8_t* a,
         cfg.rows[7] = (uint8_t)kt;
         cfg.colsb[7] = 64;
     }
-    _tile_loadconfig(&cfg);
+    fastrnn_amx_config(&cfg);
     /* column group by column group: each group's weights read once for all
      * the tiles (b64-h512 LSTM 1.05x) */
     for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
@@ -527,10 +547,10 @@ static void fastrnn_q_product_amx(ptrdiff_t M, ptrdiff_t quads, const int8_t* a,
                                      _mm512_loadu_si512((const void*)(start + 48))));
         }
     }
-    _tile_release();
 }
 #else
 static int fastrnn_q_amx_enable(void) { return 0; }
+static inline void fastrnn_amx_release(void) {}
 #endif
 
 /* The product of A (M rows of quantized activations, lda bytes apart) and
@@ -852,7 +872,7 @@ static void fastrnn_b_amx_config(int rows, ptrdiff_t kt) {
         cfg.rows[7] = (uint8_t)kt;
         cfg.colsb[7] = 64;
     }
-    _tile_loadconfig(&cfg);
+    fastrnn_amx_config(&cfg);
 }
 
 #define FASTRNN_B_AMX_DP(v, tail)                                                     \
@@ -922,7 +942,6 @@ static void fastrnn_b_product_amx(ptrdiff_t M, ptrdiff_t pairs, const int8_t* a,
         if (M16 < M)
             fastrnn_b_amx_tile(M < 16 ? 0 : M - 16, M16, M, nb0, pairs, a, lda, packed, o);
     }
-    _tile_release();
 }
 #else
 static int fastrnn_b_amx_enable(void) { return 0; }

@@ -27,11 +27,12 @@
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
-from fastrnn._worker cimport Interrupt, MAX_PARTS, interrupted, run_parts
+from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupted, run_parts, run_team,
+                              step_barrier)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
@@ -54,6 +55,7 @@ cdef extern from "_qkernel.h":
                         Py_ssize_t ldc) noexcept nogil
     int fastrnn_q_amx_enable() noexcept nogil
     int fastrnn_b_amx_enable() noexcept nogil
+    void fastrnn_amx_release() noexcept nogil
     const char* FASTRNN_B_ISA
     Py_ssize_t fastrnn_b_pairs(Py_ssize_t K) noexcept nogil
     void fastrnn_b_pack(const uint16_t* w, Py_ssize_t ldw, Py_ssize_t K, Py_ssize_t N,
@@ -251,6 +253,7 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
                 j.bad = 1
         _product(&j.w, n, q, j.qrow, s, j.bias, 0, j.gx + start * j.N, j.N)
         start += n
+    fastrnn_amx_release()
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -401,6 +404,7 @@ cdef void _recur_job(void* arg, int part) noexcept nogil:
     fpenv = fastrnn_flush_denormals()   # per thread: the worker sets its own
     for d in range(d_lo, d_hi):
         _run_direction(j, d, b_lo, b_hi)
+    fastrnn_amx_release()
     fastrnn_restore_fpenv(fpenv)
 
 
@@ -701,6 +705,209 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     return 0
 
 
+# --- batch 1 on two threads: the hidden units split, a barrier per step ---
+
+cdef struct UnitJob:
+    # a unidirectional stack at batch 1 (rows are steps), window after
+    # window, every layer: part p owns hidden units [bounds[p], bounds[p+1])
+    # of every gate, its columns of the input projection (gx) and of the
+    # recurrent product, and its units of each step's output
+    const QLayer* layers
+    int cell
+    Py_ssize_t L, T, Tw, D0, H, qrow_max
+    Py_ssize_t bounds[3]
+    const float* x               # (T, D0)
+    float* out                   # (T, H)
+    float* buf[2]                # layers between: (Tw, H)
+    float* gx                    # (Tw, G * H)
+    float* h                     # (L, H): the state in and out
+    float* c                     # (L, H), LSTM only
+    char* scratch[2]             # per part: _unit_scratch
+    long long* sync
+    long long waits[2]           # per part: yields at the barriers
+    int bad                      # 1: a row of x is not finite; 2: the initial state
+
+
+cdef inline Py_ssize_t _unit_scratch(Py_ssize_t qrow_max, Py_ssize_t G, Py_ssize_t H) noexcept nogil:
+    """Bytes of a part's scratch: PROJECT_BLOCK converted rows and their
+    scales, the activations (4 H) and the GRU's recurrent gates (G H)."""
+    return PROJECT_BLOCK * (qrow_max + 4) + (4 + G) * H * 4 + 64
+
+
+cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexcept nogil:
+    """Columns [col0, col0 + n) of w: col0 on a block of 16, n whole column
+    groups or up to w's own end (the panels are block after block)."""
+    cdef QView v = w[0]
+    v.panels = w.panels + col0 // 16 * _row_bytes(w.kind, w.K) * 16
+    v.comp = w.comp + col0
+    v.scale = w.scale + col0
+    v.N = n
+    return v
+
+
+cdef void _unit_job(void* arg, int part) noexcept nogil:
+    cdef UnitJob* j = <UnitJob*>arg
+    cdef Py_ssize_t lo = j.bounds[part], u = j.bounds[part + 1] - j.bounds[part]
+    cdef Py_ssize_t H = j.H, G = num_gates(j.cell), GH = G * H
+    cdef int cell = j.cell
+    cdef int8_t* q = <int8_t*>_aligned(j.scratch[part])
+    cdef float* s = <float*>(q + PROJECT_BLOCK * j.qrow_max)
+    cdef float* acts = s + PROJECT_BLOCK
+    cdef float* gh = acts + 4 * H
+    cdef Py_ssize_t t0 = 0, steps, k, g, st, r, n, i, D, qrow
+    cdef long long done = 0
+    cdef const QLayer* layer
+    cdef const float* layer_in
+    cdef const float* h_prev
+    cdef float* layer_out
+    cdef float* h_k
+    cdef float* c_k
+    cdef float* g_row
+    cdef float* out_row
+    cdef QView wk
+    cdef unsigned int fpenv = fastrnn_flush_denormals()
+    # every part reads the same rows (the inputs, the whole h), so both see
+    # a non-finite one at the same place and leave together
+    for k in range(j.L):
+        if _row(j.layers[k].w_hh[0].kind, j.h + k * H, H, q) < 0:
+            j.bad = 2
+            fastrnn_restore_fpenv(fpenv)
+            return
+    while t0 < j.T:
+        steps = min(j.Tw, j.T - t0)
+        layer_in = j.x + t0 * j.D0
+        for k in range(j.L):
+            layer = &j.layers[k]
+            D = j.D0 if k == 0 else H
+            qrow = _row_bytes(layer.w_ih.kind, D)
+            # this part's columns of the window's input projection
+            r = 0
+            while r < steps:
+                n = min(<Py_ssize_t>PROJECT_BLOCK, steps - r)
+                for i in range(n):
+                    s[i] = _row(layer.w_ih.kind, layer_in + (r + i) * D, D, q + i * qrow)
+                    if s[i] < 0:
+                        j.bad = 1
+                        fastrnn_amx_release()
+                        fastrnn_restore_fpenv(fpenv)
+                        return
+                for g in range(G):
+                    wk = _columns(&layer.w_ih, g * H + lo, u)
+                    _product(&wk, n, q, qrow, s,
+                             NULL if layer.bias_x == NULL else layer.bias_x + g * H + lo, 0,
+                             j.gx + r * GH + g * H + lo, GH)
+                r += n
+            # the steps: h_{t-1} is the output's previous row (the state at
+            # a window's first step), read whole; this part writes its units
+            h_k = j.h + k * H
+            c_k = NULL if j.c == NULL else j.c + k * H
+            layer_out = j.out + t0 * H if k == j.L - 1 else j.buf[k % 2]
+            qrow = _row_bytes(layer.w_hh[0].kind, H)
+            for st in range(steps):
+                h_prev = h_k if st == 0 else layer_out + (st - 1) * H
+                out_row = layer_out + st * H
+                g_row = j.gx + st * GH
+                s[0] = _row(layer.w_hh[0].kind, h_prev, H, q)
+                for g in range(G):
+                    wk = _columns(&layer.w_hh[0], g * H + lo, u)
+                    if cell == GRU:
+                        _product(&wk, 1, q, qrow, s,
+                                 NULL if layer.bias_h == NULL else layer.bias_h + g * H + lo,
+                                 0, gh + g * H + lo, GH)
+                    else:
+                        _product(&wk, 1, q, qrow, s, g_row + g * H + lo, 0, g_row + g * H + lo,
+                                 GH)
+                if cell == LSTM:
+                    lstm_row(g_row + lo, out_row + lo, c_k + lo, out_row + lo, acts, u, H)
+                elif cell == GRU:
+                    gru_row(g_row + lo, gh + lo, h_prev + lo, out_row + lo, out_row + lo, acts,
+                            u, H)
+                else:
+                    rnn_row(g_row + lo, out_row + lo, out_row + lo, acts, u, cell == RNN_RELU)
+                done += 1
+                j.waits[part] += step_barrier(j.sync, part, done)
+            # the state for the next window, then a barrier: no part reads
+            # it whole before both wrote their units
+            memcpy(h_k + lo, layer_out + (steps - 1) * H + lo, u * sizeof(float))
+            done += 1
+            j.waits[part] += step_barrier(j.sync, part, done)
+            layer_in = layer_out
+        t0 += steps
+    fastrnn_amx_release()
+    fastrnn_restore_fpenv(fpenv)
+
+
+def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
+                  float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
+                  Py_ssize_t mid, Py_ssize_t window_bytes, long long wait_ns):
+    """``forward`` of a unidirectional stack at batch 1 (x (T, D), h, c (L,
+    1, H), out (T, H)) on two threads: hidden units [0, mid) here, [mid, H)
+    on the worker, which meet at a barrier after every step. The same
+    arithmetic per unit as ``forward`` (each converts the whole h_{t-1}
+    row as forward does, and a product's columns do not depend on each
+    other), so the same bits. H and mid multiples of 64 (whole column
+    groups of every gate); not for the reset-before GRU (its n product
+    needs all of r * h mid-step).
+
+    Returns (ran, outcome): ran 0 when the worker was owned by another call
+    or did not take its part within wait_ns (nothing done: run
+    ``forward``), 1 when done, 2 when done but the parts often waited for
+    each other (they shared a core); outcome as ``forward``'s."""
+    cdef UnitJob job
+    cdef long long sync_raw[3 * SYNC_SLOT + 16]
+    cdef Py_ssize_t H = stack.hidden_size, T = x.shape[0], L = stack.num_layers
+    cdef Py_ssize_t G = num_gates(stack.cell)
+    cdef Py_ssize_t sizes[5]
+    cdef unsigned char[::1] scratch
+    cdef char* base
+    cdef bint claimed
+    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or H % 64 or mid % 64
+            or not 0 < mid < H):
+        raise ValueError(f"forward_units: expected a unidirectional stack (not the "
+                         f"reset-before GRU) with H and mid multiples of 64, 0 < mid < H; "
+                         f"got dirs={stack.dirs}, H={H}, mid={mid}")
+    if h.shape[1] != 1 or out.shape[0] != T or x.shape[1] != stack.input_size:
+        raise ValueError("forward_units: expected batch 1, x (T, D) and out (T, H)")
+    if T == 0:
+        return 1, 0
+    job.layers, job.cell, job.L, job.T = stack.layers, stack.cell, L, T
+    job.D0, job.H = stack.input_size, H
+    job.Tw = max(<Py_ssize_t>1, min(T, window_bytes // (G * H * 4)))
+    job.qrow_max = _row_bytes(stack.kind, max(stack.input_size, H))
+    job.bounds[0], job.bounds[1], job.bounds[2] = 0, mid, H
+    # gx, two layer buffers, each part's scratch; each 64-byte aligned
+    sizes[0] = job.Tw * G * H * 4
+    sizes[1] = job.Tw * H * 4 if L > 1 else 0
+    sizes[2] = job.Tw * H * 4 if L > 2 else 0
+    sizes[3] = sizes[4] = _unit_scratch(job.qrow_max, G, H)
+    scratch = np.empty(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4] + 6 * 64, np.uint8)
+    base = _aligned(<char*>&scratch[0])
+    job.gx = <float*>base
+    base = _aligned(base + sizes[0])
+    job.buf[0] = <float*>base
+    base = _aligned(base + sizes[1])
+    job.buf[1] = <float*>base
+    base = _aligned(base + sizes[2])
+    job.scratch[0] = base
+    job.scratch[1] = _aligned(base + sizes[3])
+    job.x, job.out = &x[0, 0], &out[0, 0]
+    job.h = &h[0, 0, 0]
+    job.c = NULL if c is None else &c[0, 0, 0]
+    job.bad = 0
+    job.sync = <long long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
+    job.waits[0] = job.waits[1] = 0
+    memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long long))
+    with nogil:
+        claimed = run_team(_unit_job, &job, 2, wait_ns)
+    if not claimed:
+        return 0, 0
+    # the parts yielded more often than once a step: they did not have a core
+    # each (another program, or the scheduler). (float32's recur_units takes a
+    # quarter of the steps; here, with a core each, the short bfloat16 steps
+    # at H = 256 yield at 0.5-0.8 of the steps, measured, waiting out jitter)
+    return (2 if job.waits[0] + job.waits[1] > T else 1), job.bad
+
+
 # --- for the tests: the pieces, exposed ---
 
 def quantize_rows(const float[:, ::1] x not None):
@@ -744,6 +951,7 @@ def bf16_product(const float[:, ::1] x not None, QWeight w not None):
             fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
         if M > 0:
             fastrnn_b_gemm(M, K, &buf[0, 0], qrow, w.view.panels, w.N, NULL, 0, &y[0, 0], w.N)
+        fastrnn_amx_release()
     return np.asarray(y)[:M].copy()
 
 
@@ -764,6 +972,7 @@ def int_product(const int8_t[:, ::1] q not None, QWeight w not None):
             for k in range(K):
                 a[i, k] = <int8_t>(<unsigned char>(q[i, k] + FASTRNN_Q_OFFSET))
         fastrnn_q_gemm(M, K, &a[0, 0], qrow, w.view.panels, w.view.comp, w.N, &c[0, 0], ldc)
+        fastrnn_amx_release()
     return np.asarray(c)[:, :w.N].copy()
 
 

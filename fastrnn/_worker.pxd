@@ -8,6 +8,14 @@ cdef enum:
 
 cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil
 
+# the two parts of a team job (run_team) that meet after every step: each
+# part's step count in its own slot of SYNC_SLOT long longs (128 bytes, never
+# a shared cache line); step_barrier publishes one and waits for the other
+cdef enum:
+    SYNC_SLOT = 16
+
+cdef long long step_barrier(long long* slots, int part, long long steps) noexcept nogil
+
 # A long call's time loops look at ``interrupted`` once per step: the thread
 # that made the call (when it is Python's main thread) takes the GIL every
 # INTERRUPT_POLL_NS or so to run the signal handlers (Ctrl-C), and a handler

@@ -55,6 +55,28 @@ cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept
     return fastrnn_run_team(<fastrnn_job_fn>fn, arg, nparts, wait_ns) != 0
 
 
+cdef extern from "_portable.h":
+    void fastrnn_wait_spin(long long* spins) noexcept nogil
+    long long fastrnn_load_acquire_ll(const long long* p) noexcept nogil
+    void fastrnn_store_release_ll(long long* p, long long v) noexcept nogil
+
+# pauses between yields at a barrier (_tuning.h)
+from fastrnn._tuning cimport WAIT_SPINS
+
+
+cdef long long step_barrier(long long* slots, int part, long long steps) noexcept nogil:
+    """Publish that ``part`` (0 or 1) has done ``steps`` steps and wait until
+    the other part has too: spinning (a step takes microseconds), with a
+    yield every WAIT_SPINS pauses in case the other part waits for this
+    core. Returns the number of yields."""
+    cdef long long* other = slots + (1 - part) * SYNC_SLOT
+    cdef long long spins = 0
+    fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
+    while fastrnn_load_acquire_ll(other) < steps:
+        fastrnn_wait_spin(&spins)
+    return spins // WAIT_SPINS
+
+
 fastrnn_worker_init()   # the fork handler, before any call can claim the worker
 
 

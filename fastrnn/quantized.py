@@ -614,10 +614,22 @@ class _Quantized(_ReducedWeights):
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
         initial state and end as the final one."""
         plan = _plan.quantized_plan(self, T, B)
-        outcome = _quant.forward(
-            self._stack(params).kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first,
-            h=h_n, c=c_n, out=out.reshape(T * B, -1), lengths=lengths, parts=plan.parts,
-            direct=plan.direct, window_bytes=plan.window_bytes)
+        kernel, ran = self._stack(params).kernel, 0
+        if plan.units is not None and lengths is None and _plan.unit_split_allowed():
+            # batch 1: the hidden units split between two threads (the same bits)
+            ran, outcome = _quant.forward_units(
+                kernel, x=x.reshape(T, -1), h=h_n, c=c_n, out=out.reshape(T, -1),
+                mid=plan.units[1], window_bytes=plan.window_bytes,
+                wait_ns=_plan.UNIT_SPLIT_WAIT_NS)
+            if ran == 2:
+                _plan.unit_split_contended()
+            elif ran == 1:
+                _plan.unit_split_ran_clean()
+        if not ran:
+            outcome = _quant.forward(
+                kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first, h=h_n, c=c_n,
+                out=out.reshape(T * B, -1), lengths=lengths, parts=plan.parts,
+                direct=plan.direct, window_bytes=plan.window_bytes)
         if outcome:
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
                              f"non-finite values (NaN or inf); {self._config['weight_dtype']} "

@@ -472,6 +472,88 @@ def test_threads_give_the_same_bits(kwargs):
                                   else ref_out)
 
 
+def _unit_split_case(cls, kwargs, dtype, T, H=128, D=24, seed=0):
+    """A quantized batch-1 layer, its input, and a random initial state."""
+    rng = np.random.default_rng(seed)
+    layer = fastrnn.quantize(cls(D, H, seed=seed, **kwargs), dtype=dtype)
+    layer(np.zeros((1, 1, D), F32))        # the kernel stack, built
+    L = kwargs.get("num_layers", 1)
+    x = rng.standard_normal((T, D)).astype(F32)
+    h = (0.5 * rng.standard_normal((L, 1, H))).astype(F32)
+    c = (0.5 * rng.standard_normal((L, 1, H))).astype(F32) if cls is fastrnn.LSTM else None
+    return layer, layer._stack(layer._params).kernel, x, h, c
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("cls,kwargs", [(fastrnn.LSTM, {}), (fastrnn.GRU, {}),
+                                        (fastrnn.RNN, {"nonlinearity": "relu"}),
+                                        (fastrnn.LSTM, {"num_layers": 3}),
+                                        (fastrnn.GRU, {"num_layers": 2})])
+def test_unit_split_gives_the_same_bits(cls, kwargs, dtype):
+    # batch 1 on two threads, each with whole column groups of every gate's
+    # units (mid 64 of H 128), over several time windows (a small window:
+    # 10 steps) and several layers, from a nonzero state: the outputs and the
+    # final state bit for bit those of the one-part call
+    T = 37
+    layer, kernel, x, h, c = _unit_split_case(cls, kwargs, dtype, T)
+    window = 10 * layer._gates * 128 * 4
+    out1, h1, c1 = np.empty((T, 128), F32), h.copy(), None if c is None else c.copy()
+    assert _quant.forward(kernel, x=x, T=T, batch_first=False, h=h1, c=c1, out=out1,
+                          lengths=None, parts=[(0, 1, 0, 1)], direct=True,
+                          window_bytes=window) == 0
+    out2, h2, c2 = np.empty((T, 128), F32), h.copy(), None if c is None else c.copy()
+    ran, outcome = _quant.forward_units(kernel, x=x, h=h2, c=c2, out=out2, mid=64,
+                                        window_bytes=window, wait_ns=10 ** 9)
+    assert ran in (1, 2) and outcome == 0
+    np.testing.assert_array_equal(out2, out1)
+    np.testing.assert_array_equal(h2, h1)
+    if c is not None:
+        np.testing.assert_array_equal(c2, c1)
+
+
+def test_unit_split_reports_non_finite_values_and_refuses_what_it_cannot_split():
+    layer, kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {}, "int8", 20)
+    out = np.empty((20, 128), F32)
+    bad_x = x.copy()
+    bad_x[13, 5] = np.nan
+    assert _quant.forward_units(kernel, x=bad_x, h=h.copy(), c=c.copy(), out=out, mid=64,
+                                window_bytes=1 << 20, wait_ns=10 ** 9) == (1, 1)
+    bad_h = h.copy()
+    bad_h[0, 0, 100] = np.inf
+    assert _quant.forward_units(kernel, x=x, h=bad_h, c=c.copy(), out=out, mid=64,
+                                window_bytes=1 << 20, wait_ns=10 ** 9) == (1, 2)
+    for mid in (0, 32, 128):
+        with pytest.raises(ValueError, match="mid"):
+            _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=mid,
+                                 window_bytes=1 << 20, wait_ns=10 ** 9)
+    for cls, kwargs, H in [(fastrnn.LSTM, {"bidirectional": True}, 128),
+                           (fastrnn.GRU, {"reset_after": False}, 128), (fastrnn.LSTM, {}, 96)]:
+        _, other, _, _, _ = _unit_split_case(cls, kwargs, "int8", 5, H=H)
+        with pytest.raises(ValueError, match="multiples of 64"):
+            _quant.forward_units(other, x=x, h=np.zeros((2, 1, H), F32), c=None,
+                                 out=np.empty((20, H), F32), mid=64, window_bytes=1 << 20,
+                                 wait_ns=10 ** 9)
+
+
+def test_batch_one_calls_split_their_units_at_two_threads():
+    layer = fastrnn.quantize(fastrnn.GRU(16, 256, seed=0))
+    threads = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        assert _plan.quantized_plan(layer, 1000, 1).units == [0, 128, 256]
+        assert _plan.quantized_plan(layer, 1000, 2).units is None
+        assert _plan.quantized_plan(layer, 1, 1).units is None
+        x = np.random.default_rng(3).standard_normal((1000, 1, 16)).astype(F32)
+        two = layer(x)
+        fastrnn.set_num_threads(1)
+        assert _plan.quantized_plan(layer, 1000, 1).units is None
+        one = layer(x)
+    finally:
+        fastrnn.set_num_threads(threads)
+    np.testing.assert_array_equal(two[0], one[0])
+    np.testing.assert_array_equal(two[1], one[1])
+
+
 def test_two_parts_in_time_windows_repeat_exactly():
     # two threads, each part in its own time windows (the last one short: T =
     # 100, 8 steps a window): a part ahead by a window must not write where
