@@ -18,10 +18,11 @@
  *                 gives. The AVX-512 build without VNNI runs this too.
  *   portable      plain int32 loops.
  *   AMX           (the _quant_amx build, where Linux grants the tiles) the
- *                 VNNI build's operands as tiles, TDPBUSD: each product's
- *                 whole tiles of 16 rows; the rows left run on VNNI. (Its
- *                 bfloat16 products, TDPBF16PS, are not the same bits as
- *                 the others': see the bfloat16 part below.)
+ *                 VNNI build's operands as tiles, TDPBUSD: products of 16
+ *                 rows or more, in tiles of 16 (the last one overlapping
+ *                 the one before); fewer rows run on VNNI. (Its bfloat16
+ *                 products, TDPBF16PS, are not the same bits as the
+ *                 others': see the bfloat16 part below.)
  *
  * Layout. A weight matrix W (N output rows, K inputs; PyTorch's layout) is
  * packed in blocks of 16 output columns; in each block, for each quad of 4
@@ -445,7 +446,7 @@ typedef struct {
 
 /* Load a tile configuration unless it is the one loaded: LDTILECFG takes
  * ~65 ns here, STTILECFG and a compare ~2 (a batch-1 step split between two
- * threads makes three products a step in each). The tiles stay configured
+ * threads makes one product per gate a step in each). The tiles stay configured
  * after a product; each part of a call releases them when it ends
  * (fastrnn_amx_release). Another library's tile use in between shows as
  * another (or no) configuration, so it is loaded again. */
@@ -834,12 +835,13 @@ static void fastrnn_b_tile2(FASTRNN_B_ARGS) {
  * rows, 76 G over one, against vdpbf16ps' 60 G) sums each output in its own
  * order, which is not vdpbf16ps' chain (it matches neither pair order nor a
  * single rounding): its results differ from the other builds' in the last
- * bits, within float32 rounding of the exact sum (measured at most 7.3 units
- * of 2^-24 of sum |a w| over 32 products; tests/test_quantize.py bounds it).
- * So that a row's result never depends on the other rows of a call, every
- * row runs on the tiles, the last tile of a product with fewer than 16
- * rows. The packed panels are B tiles (a row per pair of k), the bf16
- * activation rows A tiles. */
+ * bits, within float32 rounding of the exact sum (measured: at most 0.9
+ * units of 2^-24 of sum |a w| on normal values, the chain up to 2.7; 7.3
+ * over 32 products of magnitudes spread over 2^+-10, the chain 8.6;
+ * tests/test_quantize.py bounds it by K units). So that a row's result
+ * never depends on the other rows of a call, every row runs on the tiles
+ * (fastrnn_b_product_amx). The packed panels are B tiles (a row per pair
+ * of k), the bf16 activation rows A tiles. */
 static int fastrnn_b_amx_enabled = 0;
 
 /* 1 if AMX-BF16 is there and the tiles granted (fastrnn_q_amx_enable) */

@@ -14,7 +14,8 @@
 #
 # (add: the bias, or the step's input projection), the sum exact in int32,
 # dequantized in the product's tile; a bfloat16 one y[n] = add[n] + (a
-# float32 chain over the pairs of k, _qkernel.h). The float32 operations
+# float32 chain over the pairs of k, _qkernel.h; on AMX tiles the tiles'
+# own order). The float32 operations
 # are written in one order and the module is compiled without contraction
 # (setup.py: -ffp-contract=off), the activations' polynomials fused by hand
 # where the CPU has FMA (_activations.h): every build with FMA gives the
@@ -24,6 +25,11 @@
 # input's order (time-major row t * B + b, or batch-first b * T + t); the
 # input projections (gx) and the layers between are batch-major rows of a
 # time window (forward). Direction d owns a column block of each.
+#
+# Threads: ``forward`` gives each part (thread) its directions and batch
+# rows, whole time loops with no per-step synchronisation;
+# ``forward_units`` splits one batch row's hidden units between two
+# threads that meet after every step.
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
@@ -31,12 +37,16 @@ from libc.string cimport memcpy, memset
 
 import numpy as np
 
-from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupted, run_parts, run_team,
-                              step_barrier)
+from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
+                              run_parts, run_team, step_barrier)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
                              FUSED_ACTIVATIONS)
+
+cdef extern from "_portable.h":
+    long long fastrnn_load_acquire_ll(const long long* p) noexcept nogil
+    void fastrnn_store_release_ll(long long* p, long long v) noexcept nogil
 
 cdef extern from "_qkernel.h":
     const char* FASTRNN_Q_ISA
@@ -723,9 +733,12 @@ cdef struct UnitJob:
     float* h                     # (L, H): the state in and out
     float* c                     # (L, H), LSTM only
     char* scratch[2]             # per part: _unit_scratch
-    long long* sync
+    long long* sync              # the barrier's slots, then (slot 2) stop_at:
+                                 # the barrier after which both parts stop (0: none)
+    long long barriers           # passed by each part
     long long waits[2]           # per part: yields at the barriers
-    int bad                      # 1: a row of x is not finite; 2: the initial state
+    int bad                      # 1: a row of x is not finite; 2: the state
+    Interrupt interrupt          # polled by part 0 (the calling thread)
 
 
 cdef inline Py_ssize_t _unit_scratch(Py_ssize_t qrow_max, Py_ssize_t G, Py_ssize_t H) noexcept nogil:
@@ -745,6 +758,20 @@ cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexce
     return v
 
 
+cdef inline bint _unit_barrier(UnitJob* j, int part, long long* done,
+                               long long* waits) noexcept nogil:
+    """Pass the next barrier; True when both parts must stop there. Part 0
+    asks ``interrupted`` (Ctrl-C) before it publishes, and if so names this
+    barrier in stop_at: the other part cannot pass it without seeing that,
+    and never sees a later barrier named before it passes this one."""
+    cdef long long* stop_at = j.sync + 2 * SYNC_SLOT
+    done[0] += 1
+    if part == 0 and interrupted(&j.interrupt):
+        fastrnn_store_release_ll(stop_at, done[0])
+    waits[0] += step_barrier(j.sync, part, done[0])
+    return fastrnn_load_acquire_ll(stop_at) == done[0]
+
+
 cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef UnitJob* j = <UnitJob*>arg
     cdef Py_ssize_t lo = j.bounds[part], u = j.bounds[part + 1] - j.bounds[part]
@@ -755,7 +782,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef float* acts = s + PROJECT_BLOCK
     cdef float* gh = acts + 4 * H
     cdef Py_ssize_t t0 = 0, steps, k, g, st, r, n, i, D, qrow
-    cdef long long done = 0
+    cdef long long done = 0, waits = 0
     cdef const QLayer* layer
     cdef const float* layer_in
     cdef const float* h_prev
@@ -766,13 +793,10 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef float* out_row
     cdef QView wk
     cdef unsigned int fpenv = fastrnn_flush_denormals()
-    # every part reads the same rows (the inputs, the whole h), so both see
-    # a non-finite one at the same place and leave together
-    for k in range(j.L):
-        if _row(j.layers[k].w_hh[0].kind, j.h + k * H, H, q) < 0:
-            j.bad = 2
-            fastrnn_restore_fpenv(fpenv)
-            return
+    # both parts read the same rows (the inputs, the whole state), so both
+    # find a non-finite one at the same place and leave together, at the
+    # same places as forward's one part would (each window and layer: its
+    # input projection, then its state)
     while t0 < j.T:
         steps = min(j.Tw, j.T - t0)
         layer_in = j.x + t0 * j.D0
@@ -788,21 +812,22 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     s[i] = _row(layer.w_ih.kind, layer_in + (r + i) * D, D, q + i * qrow)
                     if s[i] < 0:
                         j.bad = 1
-                        fastrnn_amx_release()
-                        fastrnn_restore_fpenv(fpenv)
-                        return
                 for g in range(G):
                     wk = _columns(&layer.w_ih, g * H + lo, u)
                     _product(&wk, n, q, qrow, s,
                              NULL if layer.bias_x == NULL else layer.bias_x + g * H + lo, 0,
                              j.gx + r * GH + g * H + lo, GH)
                 r += n
-            # the steps: h_{t-1} is the output's previous row (the state at
-            # a window's first step), read whole; this part writes its units
             h_k = j.h + k * H
             c_k = NULL if j.c == NULL else j.c + k * H
-            layer_out = j.out + t0 * H if k == j.L - 1 else j.buf[k % 2]
             qrow = _row_bytes(layer.w_hh[0].kind, H)
+            if j.bad or _row(layer.w_hh[0].kind, h_k, H, q) < 0:
+                j.bad = j.bad or 2
+                t0 = j.T        # stop: both parts decided alike
+                break
+            # the steps: h_{t-1} is the output's previous row (the state at
+            # a window's first step), read whole; this part writes its units
+            layer_out = j.out + t0 * H if k == j.L - 1 else j.buf[k % 2]
             for st in range(steps):
                 h_prev = h_k if st == 0 else layer_out + (st - 1) * H
                 out_row = layer_out + st * H
@@ -824,17 +849,27 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                             u, H)
                 else:
                     rnn_row(g_row + lo, out_row + lo, out_row + lo, acts, u, cell == RNN_RELU)
-                done += 1
-                j.waits[part] += step_barrier(j.sync, part, done)
-            # the state for the next window, then a barrier: no part reads
-            # it whole before both wrote their units
-            memcpy(h_k + lo, layer_out + (steps - 1) * H + lo, u * sizeof(float))
-            done += 1
-            j.waits[part] += step_barrier(j.sync, part, done)
-            layer_in = layer_out
+                if _unit_barrier(j, part, &done, &waits):
+                    break
+            else:
+                # the state for the next window, then a barrier: no part reads
+                # it whole before both wrote their units
+                memcpy(h_k + lo, layer_out + (steps - 1) * H + lo, u * sizeof(float))
+                if not _unit_barrier(j, part, &done, &waits):
+                    layer_in = layer_out
+                    continue
+            t0 = j.T            # interrupted: both parts stop at the same barrier
+            break
         t0 += steps
+    if part == 0:
+        j.barriers = done
+    j.waits[part] = waits
     fastrnn_amx_release()
     fastrnn_restore_fpenv(fpenv)
+
+
+cdef int _raise_pending() except -1:
+    return -1       # a signal handler's exception is pending: raise it
 
 
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
@@ -866,8 +901,12 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
                          f"reset-before GRU) with H and mid multiples of 64, 0 < mid < H; "
                          f"got dirs={stack.dirs}, H={H}, mid={mid}")
-    if h.shape[1] != 1 or out.shape[0] != T or x.shape[1] != stack.input_size:
-        raise ValueError("forward_units: expected batch 1, x (T, D) and out (T, H)")
+    shapes = ((x.shape[1], out.shape[0], out.shape[1]), (h.shape[0], h.shape[1], h.shape[2]),
+              None if c is None else (c.shape[0], c.shape[1], c.shape[2]))
+    if shapes != ((stack.input_size, T, H), (L, 1, H), (L, 1, H) if stack.cell == LSTM else None):
+        raise ValueError(f"forward_units: expected x (T, {stack.input_size}), out (T, {H}), "
+                         f"h (and c, LSTM only) ({L}, 1, {H}); got x ({T}, {x.shape[1]}), "
+                         f"out ({out.shape[0]}, {out.shape[1]}), h and c {shapes[1:]}")
     if T == 0:
         return 1, 0
     job.layers, job.cell, job.L, job.T = stack.layers, stack.cell, L, T
@@ -895,17 +934,21 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
     job.sync = <long long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
-    job.waits[0] = job.waits[1] = 0
+    job.waits[0] = job.waits[1] = job.barriers = 0
     memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long long))
+    interrupt_start(&job.interrupt)
     with nogil:
         claimed = run_team(_unit_job, &job, 2, wait_ns)
     if not claimed:
         return 0, 0
-    # the parts yielded more often than once a step: they did not have a core
-    # each (another program, or the scheduler). (float32's recur_units takes a
-    # quarter of the steps; here, with a core each, the short bfloat16 steps
-    # at H = 256 yield at 0.5-0.8 of the steps, measured, waiting out jitter)
-    return (2 if job.waits[0] + job.waits[1] > T else 1), job.bad
+    if job.interrupt.stop:
+        _raise_pending()       # the outputs and the state are then partial
+    # the parts yielded more often than once a barrier: they did not have a
+    # core each (another program, or the scheduler). (float32's recur_units
+    # takes a quarter of the steps; here, with a core each, the short
+    # bfloat16 steps at H = 256 yield at 0.5-0.8 of the barriers, measured,
+    # waiting out jitter)
+    return (2 if job.waits[0] + job.waits[1] > job.barriers else 1), job.bad
 
 
 # --- for the tests: the pieces, exposed ---

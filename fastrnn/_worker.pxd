@@ -31,6 +31,7 @@ cdef struct Interrupt:
 # multiply-adds (_tuning.h), between which it looks at ``interrupted`` too
 from fastrnn._tuning cimport INTERRUPT_BLOCK_MACS
 
+cdef void interrupt_start(Interrupt* it) noexcept nogil   # a call's, before its parts run
 cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
 cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,

@@ -97,6 +97,16 @@ if hasattr(os, "register_at_fork"):      # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+cdef void interrupt_start(Interrupt* it) noexcept nogil:
+    """A call's interrupt, before its parts run: this thread polls if it is
+    Python's main thread."""
+    it.stop = 0
+    it.caller = fastrnn_thread_id()
+    it.polls = it.caller == _main_thread
+    it.countdown = INTERRUPT_STEPS_PER_CLOCK
+    it.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS
+
+
 cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
     """Whether the call must stop: a signal handler raised (the exception is
     pending and run_parts raises it). Cheap: one load on most steps; the
@@ -148,11 +158,7 @@ cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
     if nparts < 1 or nparts > MAX_PARTS:
         raise ValueError(f"run_parts: expected 1 to {MAX_PARTS} parts, got {nparts}")
     if interrupt != NULL:
-        interrupt.stop = 0
-        interrupt.caller = fastrnn_thread_id()
-        interrupt.polls = interrupt.caller == _main_thread
-        interrupt.countdown = INTERRUPT_STEPS_PER_CLOCK
-        interrupt.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS
+        interrupt_start(interrupt)
     for p in range(nparts):
         for i in range(width):
             ranges[p * width + i] = parts[p][i]

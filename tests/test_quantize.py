@@ -29,6 +29,7 @@ import pytest
 import fastrnn
 from fastrnn import _plan
 from fastrnn import quantized as Q
+from fastrnn._kernels import forward as _forward
 
 F32 = np.float32
 _quant = Q._quant
@@ -401,7 +402,7 @@ def test_every_build_gives_the_same_bits(tmp_path):
     bfloat16 on AMX tiles sums in the tiles' own order, within float32
     rounding of the others; through the steps (h rounded to bfloat16 each
     time) that grows to a mean of 1.3e-6 of the mean output, max 3.2e-5
-    (measured): bounds 1e-5 and 1e-3, where a wrong tile, K tail or row
+    (measured): bounds 1e-5 and 2e-4, where a wrong tile, K tail or row
     would be off by far more."""
     script = tmp_path / "run.py"
     script.write_text(_BUILD_SCRIPT)
@@ -433,7 +434,7 @@ def test_every_build_gives_the_same_bits(tmp_path):
             if chain is not None:
                 diff = np.abs(values["bf16"] - results[chain]["bf16"])
                 assert diff.mean() < 1e-5 * np.abs(values["bf16"]).mean(), build
-                assert diff.max() < 1e-3, build
+                assert diff.max() < 2e-4, build
 
 
 def test_every_build_matches_the_oracle():
@@ -473,70 +474,136 @@ def test_threads_give_the_same_bits(kwargs):
 
 
 def _unit_split_case(cls, kwargs, dtype, T, H=128, D=24, seed=0):
-    """A quantized batch-1 layer, its input, and a random initial state."""
+    """A quantized batch-1 layer's kernel stack, an input, a random initial
+    state."""
     rng = np.random.default_rng(seed)
     layer = fastrnn.quantize(cls(D, H, seed=seed, **kwargs), dtype=dtype)
     layer(np.zeros((1, 1, D), F32))        # the kernel stack, built
-    L = kwargs.get("num_layers", 1)
+    L = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
     x = rng.standard_normal((T, D)).astype(F32)
     h = (0.5 * rng.standard_normal((L, 1, H))).astype(F32)
     c = (0.5 * rng.standard_normal((L, 1, H))).astype(F32) if cls is fastrnn.LSTM else None
-    return layer, layer._stack(layer._params).kernel, x, h, c
+    return layer._stack(layer._params).kernel, x, h, c
+
+
+def _one_part_and_split(kernel, x, h, c, mid, window_steps):
+    """(outcome, out, h, c) of forward's one part and of forward_units."""
+    T, H, G = x.shape[0], h.shape[2], kernel.dirs * _forward_gates(kernel.cell)
+    window = window_steps * G * H * 4
+    results = []
+    for split in (False, True):
+        out, h1, c1 = np.zeros((T, H), F32), h.copy(), None if c is None else c.copy()
+        if split:
+            ran, outcome = _quant.forward_units(kernel, x=x, h=h1, c=c1, out=out, mid=mid,
+                                                window_bytes=window, wait_ns=10 ** 9)
+            assert ran in (1, 2)
+        else:
+            outcome = _quant.forward(kernel, x=x, T=T, batch_first=False, h=h1, c=c1, out=out,
+                                     lengths=None, parts=[(0, 1, 0, 1)], direct=True,
+                                     window_bytes=window)
+        results.append((outcome, out, h1, c1))
+    return results
+
+
+def _forward_gates(cell):
+    return {_forward.CELL_LSTM: 4, _forward.CELL_GRU: 3}.get(cell, 1)
+
+
+def _assert_same(one, two):
+    assert one[0] == two[0]
+    for a, b in zip(one[1:], two[1:]):
+        if a is not None:
+            np.testing.assert_array_equal(b, a)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-@pytest.mark.parametrize("cls,kwargs", [(fastrnn.LSTM, {}), (fastrnn.GRU, {}),
-                                        (fastrnn.RNN, {"nonlinearity": "relu"}),
-                                        (fastrnn.LSTM, {"num_layers": 3}),
-                                        (fastrnn.GRU, {"num_layers": 2})])
-def test_unit_split_gives_the_same_bits(cls, kwargs, dtype):
+@pytest.mark.parametrize("cls,kwargs,H,mid", [
+    (fastrnn.LSTM, {}, 128, 64), (fastrnn.GRU, {}, 128, 64),
+    (fastrnn.RNN, {"nonlinearity": "relu"}, 128, 64), (fastrnn.LSTM, {"num_layers": 3}, 128, 64),
+    (fastrnn.GRU, {"num_layers": 2}, 256, 128), (fastrnn.LSTM, {}, 192, 64),
+    (fastrnn.RNN, {"num_layers": 2}, 192, 128)])
+@pytest.mark.parametrize("window_steps", [10, 20])
+def test_unit_split_gives_the_same_bits(cls, kwargs, H, mid, dtype, window_steps):
     # batch 1 on two threads, each with whole column groups of every gate's
-    # units (mid 64 of H 128), over several time windows (a small window:
-    # 10 steps) and several layers, from a nonzero state: the outputs and the
-    # final state bit for bit those of the one-part call
-    T = 37
-    layer, kernel, x, h, c = _unit_split_case(cls, kwargs, dtype, T)
-    window = 10 * layer._gates * 128 * 4
-    out1, h1, c1 = np.empty((T, 128), F32), h.copy(), None if c is None else c.copy()
-    assert _quant.forward(kernel, x=x, T=T, batch_first=False, h=h1, c=c1, out=out1,
-                          lengths=None, parts=[(0, 1, 0, 1)], direct=True,
-                          window_bytes=window) == 0
-    out2, h2, c2 = np.empty((T, 128), F32), h.copy(), None if c is None else c.copy()
-    ran, outcome = _quant.forward_units(kernel, x=x, h=h2, c=c2, out=out2, mid=64,
-                                        window_bytes=window, wait_ns=10 ** 9)
-    assert ran in (1, 2) and outcome == 0
-    np.testing.assert_array_equal(out2, out1)
-    np.testing.assert_array_equal(h2, h1)
-    if c is not None:
-        np.testing.assert_array_equal(c2, c1)
+    # units, over several time windows (of 10 steps: projections on fewer
+    # than 16 rows; of 20: AMX tiles, the last one overlapping) and layers,
+    # from a nonzero state: the outputs and the final state bit for bit
+    # those of the one-part call
+    kernel, x, h, c = _unit_split_case(cls, kwargs, dtype, 57, H=H)
+    one, two = _one_part_and_split(kernel, x, h, c, mid, window_steps)
+    assert one[0] == 0
+    _assert_same(one, two)
 
 
-def test_unit_split_reports_non_finite_values_and_refuses_what_it_cannot_split():
-    layer, kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {}, "int8", 20)
-    out = np.empty((20, 128), F32)
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_unit_split_repeats_exactly_with_a_barrier_every_step(dtype):
+    # windows of 1 to 3 steps and three layers: a state copy and its barrier
+    # every few steps, the layer buffers reused all the time; a part running
+    # ahead of the other would change the bits
+    kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {"num_layers": 3}, dtype, 40)
+    for window_steps in (1, 2, 3) * 7:
+        _assert_same(*_one_part_and_split(kernel, x, h, c, 64, window_steps))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_unit_split_reports_non_finite_values_as_one_part_does(dtype):
+    # where forward's one part stops (each window and layer: its input
+    # projection, then its state), the split stops too, with the same outcome
+    kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {"num_layers": 2}, dtype, 30)
+    cases = []
     bad_x = x.copy()
-    bad_x[13, 5] = np.nan
-    assert _quant.forward_units(kernel, x=bad_x, h=h.copy(), c=c.copy(), out=out, mid=64,
-                                window_bytes=1 << 20, wait_ns=10 ** 9) == (1, 1)
+    bad_x[23, 5] = np.nan                       # in the third window of 10 steps
+    cases.append((bad_x, h, 1))
     bad_h = h.copy()
-    bad_h[0, 0, 100] = np.inf
-    assert _quant.forward_units(kernel, x=x, h=bad_h, c=c.copy(), out=out, mid=64,
-                                window_bytes=1 << 20, wait_ns=10 ** 9) == (1, 2)
+    bad_h[1, 0, 100] = np.inf                   # layer 1's state
+    cases.append((x, bad_h, 2))
+    cases.append((bad_x, bad_h, 2))             # layer 1's state before window 3's x
+    bad_x0 = x.copy()
+    bad_x0[0, 0] = np.inf
+    cases.append((bad_x0, bad_h, 1))            # layer 0's projection first
+    for xs, hs, expected in cases:
+        one, two = _one_part_and_split(kernel, xs, hs, c, 64, 10)
+        assert one[0] == expected and two[0] == expected
+    # a ReLU RNN whose state overflows to inf in the first window: the next
+    # window's state check stops both
+    kernel, x, h, _ = _unit_split_case(fastrnn.RNN, {"nonlinearity": "relu"}, dtype, 30)
+    one, two = _one_part_and_split(kernel, x * F32(1e37), h, None, 64, 10)
+    assert one[0] == two[0]
+
+
+def test_unit_split_refuses_what_it_cannot_split():
+    kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {}, "int8", 20)
+    out = np.empty((20, 128), F32)
     for mid in (0, 32, 128):
         with pytest.raises(ValueError, match="mid"):
             _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=mid,
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
+    for hs, cs, outs in [(h[:, :, :64].copy(), c, out), (h, None, out),
+                         (h, c, np.empty((20, 64), F32))]:
+        with pytest.raises(ValueError, match="expected x"):
+            _quant.forward_units(kernel, x=x, h=hs, c=cs, out=outs, mid=64,
+                                 window_bytes=1 << 20, wait_ns=10 ** 9)
     for cls, kwargs, H in [(fastrnn.LSTM, {"bidirectional": True}, 128),
                            (fastrnn.GRU, {"reset_after": False}, 128), (fastrnn.LSTM, {}, 96)]:
-        _, other, _, _, _ = _unit_split_case(cls, kwargs, "int8", 5, H=H)
+        other, _, hs, cs = _unit_split_case(cls, kwargs, "int8", 20, H=H)
         with pytest.raises(ValueError, match="multiples of 64"):
-            _quant.forward_units(other, x=x, h=np.zeros((2, 1, H), F32), c=None,
-                                 out=np.empty((20, H), F32), mid=64, window_bytes=1 << 20,
-                                 wait_ns=10 ** 9)
+            _quant.forward_units(other, x=x, h=hs, c=cs, out=np.empty((20, H), F32), mid=64,
+                                 window_bytes=1 << 20, wait_ns=10 ** 9)
 
 
-def test_batch_one_calls_split_their_units_at_two_threads():
+def test_batch_one_calls_split_their_units_at_two_threads(monkeypatch):
     layer = fastrnn.quantize(fastrnn.GRU(16, 256, seed=0))
+    ran = []
+
+    def recording(*args, **kwargs):
+        kwargs["wait_ns"] = 10 ** 9           # the worker always comes in time
+        result = forward_units(*args, **kwargs)
+        ran.append(result[0])
+        return result
+
+    forward_units = Q._quant.forward_units
+    monkeypatch.setattr(Q._quant, "forward_units", recording)
+    monkeypatch.setattr(_plan, "_backoff", 0)
     threads = fastrnn.get_num_threads()
     try:
         fastrnn.set_num_threads(2)
@@ -545,11 +612,13 @@ def test_batch_one_calls_split_their_units_at_two_threads():
         assert _plan.quantized_plan(layer, 1, 1).units is None
         x = np.random.default_rng(3).standard_normal((1000, 1, 16)).astype(F32)
         two = layer(x)
+        assert ran and ran[-1] in (1, 2)
         fastrnn.set_num_threads(1)
         assert _plan.quantized_plan(layer, 1000, 1).units is None
         one = layer(x)
     finally:
         fastrnn.set_num_threads(threads)
+    assert len(ran) == 1
     np.testing.assert_array_equal(two[0], one[0])
     np.testing.assert_array_equal(two[1], one[1])
 
@@ -1815,3 +1884,39 @@ def test_plain_call_leaves_bad_arguments_to_the_general_checks():
         cell(np.ones((2, 4), F32))
     with pytest.raises(ValueError, match="hx"):
         cell(np.ones((2, 5), F32), np.zeros((3, 6), F32))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+def test_unit_split_answers_ctrl_c():
+    # a split batch-1 call of seconds: SIGINT after 0.1 s raises
+    # KeyboardInterrupt well within a second, both threads stop at the same
+    # barrier (no hang), and the next split call runs
+    import signal
+    import time
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+    kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {}, "int8", 200, H=1024, D=16)
+    out = np.empty((200, 1024), F32)
+    start = time.perf_counter()
+    assert _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=512,
+                                window_bytes=1 << 20, wait_ns=10 ** 9)[0] in (1, 2)
+    per_step = (time.perf_counter() - start) / 200
+    T = int(3.0 / per_step)
+    x = np.random.default_rng(1).standard_normal((T, 16)).astype(F32)
+    out = np.empty((T, 1024), F32)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=512,
+                                 window_bytes=1 << 20, wait_ns=10 ** 9)
+            time.sleep(5)    # not reached unless the call ignored the signal
+        latency = time.perf_counter() - start - 0.1
+    finally:
+        timer.join()
+        signal.signal(signal.SIGINT, previous)
+    assert latency < 1.0, f"Ctrl-C answered after {latency:.2f} s"
+    one, two = _one_part_and_split(kernel, x[:50], h, c, 512, 20)
+    _assert_same(one, two)
