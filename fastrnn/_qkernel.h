@@ -71,6 +71,13 @@
 #define FASTRNN_Q_NV 2
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* the first min(left, 16) lanes */
+static inline __mmask16 fastrnn_row_mask(ptrdiff_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+#endif
+
 /* the largest K whose sums cannot overflow int32 in any build (VNNI's
  * offset sums reach 255 * 127 * K) */
 #define FASTRNN_Q_MAX_K 65536
@@ -119,6 +126,43 @@ static void fastrnn_q_unpack(const int8_t* packed, ptrdiff_t K, ptrdiff_t N, int
 
 /* Quantize one row x (K floats) into q (quads * 4 bytes, the build's
  * format); returns its scale (-1: x is not finite). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The AVX-512 builds' loops of fastrnn_q_row and fastrnn_b_row, written
+ * out: the same operations as the plain loops below (which GCC vectorises
+ * into masked selects and packs: 0.25 us a row of 510 values, a third of
+ * an int8 wide-b500 call), 16 values at a time, the last ones masked. */
+#define FASTRNN_ROW_SIMD 1
+
+/* max |x_k| as a bit pattern (see fastrnn_q_row) */
+static inline uint32_t fastrnn_row_top(const float* x, ptrdiff_t K) {
+    const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
+    __m512i top = _mm512_setzero_si512();
+    ptrdiff_t k;
+    for (k = 0; k + 16 <= K; k += 16)
+        top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_loadu_si512(x + k), abs_bits));
+    if (k < K)
+        top = _mm512_max_epu32(top, _mm512_and_si512(
+            _mm512_maskz_loadu_epi32(fastrnn_row_mask(K - k), x + k), abs_bits));
+    return (uint32_t)_mm512_reduce_max_epu32(top);
+}
+
+/* q_k = round-half-even(x_k * inv) clamped to [-127, 127], plus OFFSET */
+static inline void fastrnn_row_round(const float* x, ptrdiff_t K, float inv, int8_t* q) {
+    const __m512 scale = _mm512_set1_ps(inv), magic = _mm512_set1_ps(12582912.0f);
+    const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    const __m512i offset = _mm512_set1_epi32(FASTRNN_Q_OFFSET);
+    ptrdiff_t k;
+    for (k = 0; k < K; k += 16) {
+        __mmask16 m = fastrnn_row_mask(K - k);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), scale);
+        v = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+        v = _mm512_max_ps(_mm512_min_ps(v, hi), lo);
+        _mm512_mask_cvtepi32_storeu_epi8(
+            q + k, m, _mm512_add_epi32(_mm512_cvttps_epi32(v), offset));
+    }
+}
+#endif
+
 static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
     ptrdiff_t k, padded = fastrnn_q_quads(K) * 4;
     float amax, inv, v;
@@ -126,12 +170,16 @@ static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
     /* max |x_k| on the bit patterns: for finite floats without the sign
      * bit, integer order is float order, and an integer max reduction
      * vectorises (a float one does not without -ffast-math) */
+#if defined(FASTRNN_ROW_SIMD)
+    top = fastrnn_row_top(x, K);
+#else
     for (k = 0; k < K; k++) {
         uint32_t bits;
         memcpy(&bits, x + k, 4);
         bits &= 0x7fffffffu;
         top = bits > top ? bits : top;
     }
+#endif
     memcpy(&amax, &top, 4);
     if (top >= 0x7f800000u || !(amax >= FLT_MIN)) {
         /* a zero (or denormal) row: zeros, scale 0; a row with NaN or inf:
@@ -140,6 +188,11 @@ static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
         return top >= 0x7f800000u ? -1.0f : 0.0f;
     }
     inv = 127.0f / amax;
+#if defined(FASTRNN_ROW_SIMD)
+    (void)v;
+    fastrnn_row_round(x, K, inv, q);
+    k = K;
+#else
     for (k = 0; k < K; k++) {
         v = x[k] * inv;
         v = (v + 12582912.0f) - 12582912.0f;   /* round half to even */
@@ -147,6 +200,7 @@ static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q) {
         v = v < -127.0f ? -127.0f : v;
         q[k] = (int8_t)(uint8_t)((int)v + FASTRNN_Q_OFFSET);
     }
+#endif
     for (; k < padded; k++)
         q[k] = (int8_t)(uint8_t)FASTRNN_Q_OFFSET;
     return amax / 127.0f;
@@ -676,6 +730,29 @@ static void fastrnn_b_unpack(const uint16_t* packed, ptrdiff_t K, ptrdiff_t N, u
 static inline float fastrnn_b_row(const float* x, ptrdiff_t K, int8_t* q) {
     ptrdiff_t k, padded = fastrnn_b_pairs(K) * 2;
     uint32_t top = 0;
+#if defined(FASTRNN_ROW_SIMD)
+    /* fastrnn_b_round, 16 at a time */
+    const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
+    const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    __m512i tops = _mm512_setzero_si512();
+    for (k = 0; k < K; k += 16) {
+        __mmask16 m = fastrnn_row_mask(K - k);
+        __m512i bits = _mm512_maskz_loadu_epi32(m, x + k);
+        __m512i e = _mm512_and_si512(bits, exponent);
+        __mmask16 tiny = _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512());
+        __mmask16 finite = _mm512_cmpneq_epi32_mask(e, exponent);
+        __m512i rounded = _mm512_add_epi32(
+            bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+        tops = _mm512_max_epu32(tops, _mm512_and_si512(bits, abs_bits));
+        bits = _mm512_mask_mov_epi32(bits, finite & (__mmask16)~tiny, rounded);
+        bits = _mm512_mask_and_epi32(bits, tiny, bits, sign);
+        _mm256_mask_storeu_epi16(q + 2 * k, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    }
+    top = (uint32_t)_mm512_reduce_max_epu32(tops);
+    k = K;
+#else
     for (k = 0; k < K; k++) {
         uint32_t bits;
         uint16_t b;
@@ -684,6 +761,7 @@ static inline float fastrnn_b_row(const float* x, ptrdiff_t K, int8_t* q) {
         b = fastrnn_b_round(bits);
         memcpy(q + 2 * k, &b, 2);
     }
+#endif
     for (; k < padded; k++) {
         uint16_t zero = 0;
         memcpy(q + 2 * k, &zero, 2);

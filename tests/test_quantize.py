@@ -242,16 +242,20 @@ def test_int_product_extremes_do_not_saturate():
                                       ref, err_msg=build)
 
 
-def test_quantize_rows_matches_oracle():
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal((9, 37)) * rng.uniform(1e-3, 1e3, (9, 1))).astype(F32)
+# the AVX-512 builds' row loops take 16 values at a time, the last ones masked
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 37, 64, 510])
+def test_quantize_rows_matches_oracle(K):
+    rng = np.random.default_rng(K)
+    x = (rng.standard_normal((9, K)) * rng.uniform(1e-3, 1e3, (9, 1))).astype(F32)
     x[3] = 0                       # a zero row: scale 0, zeros
     x[4, :] = 1e-40                # denormal row: treated as zero
     x[5, 0] = 2.5 * (np.abs(x[5]).max() / 127)   # exactly representable halves round to even
-    q, s = _quant.quantize_rows(x)
+    x[6, -1] = -4 * np.abs(x[6]).max()           # the largest value last (the masked tail)
     q_ref, s_ref = oracle_rows(x)
-    np.testing.assert_array_equal(q, q_ref)
-    np.testing.assert_array_equal(s, s_ref)
+    for build, module in _build_modules():
+        q, s = module.quantize_rows(x)
+        np.testing.assert_array_equal(q, q_ref, err_msg=build)
+        np.testing.assert_array_equal(s, s_ref, err_msg=build)
     assert s[3] == 0 and s[4] == 0 and not q[3].any()
     assert np.abs(q).max() == 127 and q.min() >= -127
 
@@ -1049,15 +1053,20 @@ def bf16_product_of_this_build(x, w_bits, bias=None):
     return acc if bias is None else bias + acc
 
 
-def test_bf16_rounding_matches_the_rule():
+@pytest.mark.parametrize("K", [1, 15, 16, 33, 510])
+def test_bf16_rounding_matches_the_rule(K):
     rng = np.random.default_rng(20)
-    x = rng.standard_normal((5, 33)).astype(F32) * F32(1e3)
+    x = rng.standard_normal((5, max(K, 4))).astype(F32) * F32(1e3)
     x[0, :4] = [1e-40, -1e-40, 0.0, -0.0]               # denormals and zeros
     x[1, :3] = [1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -9]   # exact ties, and below
+    x[2, -1] = 3.4e38                                   # rounds up to inf, as the rule says
+    x = np.ascontiguousarray(x[:, :K])
     expected = oracle_bf16_round(x)
     np.testing.assert_array_equal(Q.to_bfloat16(x), expected)
-    np.testing.assert_array_equal(_quant.bf16_rows(x), expected)
-    assert list(expected[1, :3]) == [0x3f80, 0x3f82, 0x3f80]
+    for build, module in _build_modules():
+        np.testing.assert_array_equal(module.bf16_rows(x), expected, err_msg=build)
+    if K >= 3:
+        assert list(expected[1, :3]) == [0x3f80, 0x3f82, 0x3f80]
 
 
 # AMX's shapes too: whole tiles of 16 rows and the rows left (or only those), K in
