@@ -518,19 +518,70 @@ static inline void fastrnn_amx_release(void) {
         _tile_release();
 }
 
-/* tiles 0-3: C of FASTRNN_Q_NV = 4 blocks (16 rows x 16 int32 each);
- * 4: A, 16 rows x 16 quads; 5: B, 16 quads x 16 columns; 6, 7: A and B
- * over the last kt quads (kt = quads % 16, if any) */
-#define FASTRNN_Q_AMX_DP(v, tail)                                                     \
-    do {                                                                             \
-        if (tail) {                                                                  \
-            _tile_loadd(7, panel + (v) * bstride + kc * 64, 64);                     \
-            _tile_dpbusd(v, 6, 7);                                                   \
-        } else {                                                                     \
-            _tile_loadd(5, panel + (v) * bstride + kc * 64, 64);                     \
-            _tile_dpbusd(v, 4, 5);                                                   \
-        }                                                                            \
-    } while (0)
+/* The tile shared by the int8 and bfloat16 products: the sums of one tile
+ * of rows (A: a_rows, lda bytes apart) by FASTRNN_Q_NV = 4 blocks of a packed
+ * panel (bstride bytes from block to block), over ``units`` 4-byte k-units
+ * (int8 quads, bf16 pairs), into sums (16 x 64 int32 or float32, 256 bytes
+ * a row), by DP (TDPBUSD or TDPBF16PS). Tiles 0-3: the sums of the 4 blocks;
+ * 4, 5: A and B over 16 k-units; 6, 7: A and B over the last units % 16. */
+#define FASTRNN_AMX_SUMS(NAME, DP)                                                    \
+    static inline void NAME(const int8_t* a_rows, ptrdiff_t lda, const int8_t* panel,  \
+                            ptrdiff_t bstride, ptrdiff_t units, void* sums) {          \
+        ptrdiff_t kt = units % 16, kc;                                                \
+        char* out = (char*)sums;                                                      \
+        _tile_zero(0);                                                                \
+        _tile_zero(1);                                                                \
+        _tile_zero(2);                                                                \
+        _tile_zero(3);                                                                \
+        for (kc = 0; kc < units - kt; kc += 16) {                                     \
+            _tile_loadd(4, a_rows + kc * 4, lda);                                     \
+            _tile_loadd(5, panel + kc * 64, 64);                                      \
+            DP(0, 4, 5);                                                              \
+            _tile_loadd(5, panel + bstride + kc * 64, 64);                            \
+            DP(1, 4, 5);                                                              \
+            _tile_loadd(5, panel + 2 * bstride + kc * 64, 64);                        \
+            DP(2, 4, 5);                                                              \
+            _tile_loadd(5, panel + 3 * bstride + kc * 64, 64);                        \
+            DP(3, 4, 5);                                                              \
+        }                                                                             \
+        if (kt > 0) {                                                                 \
+            _tile_loadd(6, a_rows + kc * 4, lda);                                     \
+            _tile_loadd(7, panel + kc * 64, 64);                                      \
+            DP(0, 6, 7);                                                              \
+            _tile_loadd(7, panel + bstride + kc * 64, 64);                            \
+            DP(1, 6, 7);                                                              \
+            _tile_loadd(7, panel + 2 * bstride + kc * 64, 64);                        \
+            DP(2, 6, 7);                                                              \
+            _tile_loadd(7, panel + 3 * bstride + kc * 64, 64);                        \
+            DP(3, 6, 7);                                                              \
+        }                                                                             \
+        _tile_stored(0, out, 256);                                                    \
+        _tile_stored(1, out + 64, 256);                                               \
+        _tile_stored(2, out + 128, 256);                                              \
+        _tile_stored(3, out + 192, 256);                                              \
+    }
+
+/* The tiles of FASTRNN_AMX_SUMS for tiles of ``rows`` rows and a K tail of
+ * kt k-units (0: none), configured (fastrnn_amx_config). */
+static void fastrnn_amx_tiles(int rows, ptrdiff_t kt) {
+    fastrnn_q_tilecfg cfg;
+    int r;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (r = 0; r < 6; r++) {
+        cfg.rows[r] = (uint8_t)(r == 5 ? 16 : rows);
+        cfg.colsb[r] = 64;
+    }
+    if (kt > 0) {
+        cfg.rows[6] = (uint8_t)rows;
+        cfg.colsb[6] = (uint16_t)(kt * 4);
+        cfg.rows[7] = (uint8_t)kt;
+        cfg.colsb[7] = 64;
+    }
+    fastrnn_amx_config(&cfg);
+}
+
+FASTRNN_AMX_SUMS(fastrnn_q_amx_sums, _tile_dpbusd)
 
 /* The product (M >= 16 rows) as fastrnn_q_product, in tiles of 16 rows, the
  * last one ending at row M and emitting only the rows the others did not
@@ -540,22 +591,9 @@ static inline void fastrnn_amx_release(void) {
 static void fastrnn_q_product_amx(ptrdiff_t M, ptrdiff_t quads, const int8_t* a,
                                   ptrdiff_t lda, const int8_t* packed, const int32_t* comp,
                                   ptrdiff_t blocks, const fastrnn_q_out* o) {
-    fastrnn_q_tilecfg cfg;
     int32_t sums[16][64] __attribute__((aligned(64)));
-    ptrdiff_t bstride = quads * 64, kt = quads % 16, full = quads - kt, m0, t0, nb0, kc, r;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (r = 0; r < 6; r++) {
-        cfg.rows[r] = 16;
-        cfg.colsb[r] = 64;
-    }
-    if (kt > 0) {
-        cfg.rows[6] = 16;
-        cfg.colsb[6] = (uint16_t)(kt * 4);
-        cfg.rows[7] = (uint8_t)kt;
-        cfg.colsb[7] = 64;
-    }
-    fastrnn_amx_config(&cfg);
+    ptrdiff_t bstride = quads * 64, m0, t0, nb0, r;
+    fastrnn_amx_tiles(16, quads % 16);
     /* column group by column group: each group's weights read once for all
      * the tiles (b64-h512 LSTM 1.05x) */
     for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
@@ -565,29 +603,7 @@ static void fastrnn_q_product_amx(ptrdiff_t M, ptrdiff_t quads, const int8_t* a,
             const int8_t* a_rows;
             t0 = m0 + 16 <= M ? m0 : M - 16;    /* the tile's first row */
             a_rows = a + t0 * lda;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (kc = 0; kc < full; kc += 16) {
-                _tile_loadd(4, a_rows + kc * 4, lda);
-                FASTRNN_Q_AMX_DP(0, 0);
-                FASTRNN_Q_AMX_DP(1, 0);
-                FASTRNN_Q_AMX_DP(2, 0);
-                FASTRNN_Q_AMX_DP(3, 0);
-            }
-            if (kt > 0) {
-                kc = full;
-                _tile_loadd(6, a_rows + kc * 4, lda);
-                FASTRNN_Q_AMX_DP(0, 1);
-                FASTRNN_Q_AMX_DP(1, 1);
-                FASTRNN_Q_AMX_DP(2, 1);
-                FASTRNN_Q_AMX_DP(3, 1);
-            }
-            _tile_stored(0, &sums[0][0], 256);
-            _tile_stored(1, &sums[0][16], 256);
-            _tile_stored(2, &sums[0][32], 256);
-            _tile_stored(3, &sums[0][48], 256);
+            fastrnn_q_amx_sums(a_rows, lda, panel, bstride, quads, sums);
             /* the sums start from the weights' column term, as the tiles' do */
             for (r = m0 - t0; r < 16; r++)
                 fastrnn_q_emit(
@@ -934,37 +950,7 @@ static int fastrnn_b_amx_enable(void) {
     return 1;
 }
 
-/* tiles 0-3: C of FASTRNN_Q_NV = 4 blocks (rows x 16 float32 each); 4: A,
- * rows x 16 pairs; 5: B, 16 pairs x 16 columns; 6, 7: A and B over the last
- * kt pairs (kt = pairs % 16, if any) */
-static void fastrnn_b_amx_config(int rows, ptrdiff_t kt) {
-    fastrnn_q_tilecfg cfg;
-    int r;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (r = 0; r < 6; r++) {
-        cfg.rows[r] = (uint8_t)(r == 5 ? 16 : rows);
-        cfg.colsb[r] = 64;
-    }
-    if (kt > 0) {
-        cfg.rows[6] = (uint8_t)rows;
-        cfg.colsb[6] = (uint16_t)(kt * 4);
-        cfg.rows[7] = (uint8_t)kt;
-        cfg.colsb[7] = 64;
-    }
-    fastrnn_amx_config(&cfg);
-}
-
-#define FASTRNN_B_AMX_DP(v, tail)                                                     \
-    do {                                                                             \
-        if (tail) {                                                                  \
-            _tile_loadd(7, panel + (v) * bstride + kc * 64, 64);                     \
-            _tile_dpbf16ps(v, 6, 7);                                                 \
-        } else {                                                                     \
-            _tile_loadd(5, panel + (v) * bstride + kc * 64, 64);                     \
-            _tile_dpbf16ps(v, 4, 5);                                                 \
-        }                                                                            \
-    } while (0)
+FASTRNN_AMX_SUMS(fastrnn_b_amx_sums, _tile_dpbf16ps)
 
 /* The tile of rows from m0 (as many as the tiles are configured for) by the
  * column blocks [nb0, nb0 + FASTRNN_Q_NV), emitting its rows [e0, e1). */
@@ -972,32 +958,8 @@ static inline void fastrnn_b_amx_tile(ptrdiff_t m0, ptrdiff_t e0, ptrdiff_t e1, 
                                       ptrdiff_t pairs, const int8_t* a, ptrdiff_t lda,
                                       const int8_t* packed, const fastrnn_q_out* o) {
     float sums[16][64] __attribute__((aligned(64)));
-    ptrdiff_t bstride = pairs * 64, kt = pairs % 16, full = pairs - kt, kc, r;
-    const int8_t* a_rows = a + m0 * lda;
-    const int8_t* panel = packed + nb0 * bstride;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (kc = 0; kc < full; kc += 16) {
-        _tile_loadd(4, a_rows + kc * 4, lda);
-        FASTRNN_B_AMX_DP(0, 0);
-        FASTRNN_B_AMX_DP(1, 0);
-        FASTRNN_B_AMX_DP(2, 0);
-        FASTRNN_B_AMX_DP(3, 0);
-    }
-    if (kt > 0) {
-        kc = full;
-        _tile_loadd(6, a_rows + kc * 4, lda);
-        FASTRNN_B_AMX_DP(0, 1);
-        FASTRNN_B_AMX_DP(1, 1);
-        FASTRNN_B_AMX_DP(2, 1);
-        FASTRNN_B_AMX_DP(3, 1);
-    }
-    _tile_stored(0, &sums[0][0], 256);
-    _tile_stored(1, &sums[0][16], 256);
-    _tile_stored(2, &sums[0][32], 256);
-    _tile_stored(3, &sums[0][48], 256);
+    ptrdiff_t bstride = pairs * 64, r;
+    fastrnn_b_amx_sums(a + m0 * lda, lda, packed + nb0 * bstride, bstride, pairs, sums);
     for (r = e0 - m0; r < e1 - m0; r++)
         fastrnn_b_emit(o, m0 + r, nb0 * 16, _mm512_load_ps(&sums[r][0]),
                        _mm512_load_ps(&sums[r][16]), _mm512_load_ps(&sums[r][32]),
@@ -1015,7 +977,7 @@ static void fastrnn_b_product_amx(ptrdiff_t M, ptrdiff_t pairs, const int8_t* a,
                                   ptrdiff_t lda, const int8_t* packed, ptrdiff_t blocks,
                                   const fastrnn_q_out* o) {
     ptrdiff_t M16 = M / 16 * 16, m0, nb0;
-    fastrnn_b_amx_config(M < 16 ? (int)M : 16, pairs % 16);
+    fastrnn_amx_tiles(M < 16 ? (int)M : 16, pairs % 16);
     for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
         for (m0 = 0; m0 < M16; m0 += 16)
             fastrnn_b_amx_tile(m0, m0, m0 + 16, nb0, pairs, a, lda, packed, o);
