@@ -317,19 +317,18 @@ class QuantPlan(NamedTuple):
                          # (_quant.forward_units), or None
 
 
-def quantized_plan(layer, T, B):
+def quantized_plan(layer, T, B, has_lengths=False):
     """The plan of a reduced-precision call of ``layer`` (a quantized layer
     or cell) over T steps of B rows. Its products are int8 or bfloat16,
     about a quarter of the float32 work per multiply-add. A unidirectional
-    batch-1 call splits its hidden units between two threads as float32's
-    does (same thresholds), where the units split on whole column groups
-    of the kernels (H a multiple of QUANT_UNIT_GROUP) and the call has no
-    lengths (the caller's to check)."""
+    batch-1 call without lengths splits its hidden units between two
+    threads as float32's does (same thresholds), where the units split on
+    whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP)."""
     H, dirs = layer._config["hidden_size"], layer._dirs
     work = T * B * dirs * layer._gates * H * (H + 20) // 4
     parts = split(dirs, B, work)
     units = None
-    if (B == 1 and dirs == 1 and H % QUANT_UNIT_GROUP == 0
+    if (B == 1 and dirs == 1 and not has_lengths and H % QUANT_UNIT_GROUP == 0
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
         units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
     return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES,

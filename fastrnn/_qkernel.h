@@ -72,7 +72,7 @@
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* the first min(left, 16) lanes */
+/* the first min(left, 16) lanes (a row's last values, a tile's last columns) */
 static inline __mmask16 fastrnn_row_mask(ptrdiff_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
@@ -241,10 +241,6 @@ typedef struct {
     ptrdiff_t bstride, const int32_t* comp, const fastrnn_q_out* o, ptrdiff_t m0, ptrdiff_t col0
 
 #if defined(FASTRNN_Q_VNNI)
-static inline __mmask16 fastrnn_q_mask(ptrdiff_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
-
 static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t col0,
                                   __m512i v0, __m512i v1, __m512i v2, __m512i v3) {
     __m512i v[4];
@@ -262,7 +258,7 @@ static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
     y = o->y + m * o->ldy + col0;
     add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
     for (k = 0; k < 4 && left > 16 * k; k++) {
-        __mmask16 mask = fastrnn_q_mask(left - 16 * k);
+        __mmask16 mask = fastrnn_row_mask(left - 16 * k);
         p = _mm512_mul_ps(_mm512_cvtepi32_ps(v[k]),
                           _mm512_mul_ps(sr, _mm512_loadu_ps(o->cs + col0 + 16 * k)));
         if (add != NULL)
@@ -524,6 +520,20 @@ static inline void fastrnn_amx_release(void) {
  * (int8 quads, bf16 pairs), into sums (16 x 64 int32 or float32, 256 bytes
  * a row), by DP (TDPBUSD or TDPBF16PS). Tiles 0-3: the sums of the 4 blocks;
  * 4, 5: A and B over 16 k-units; 6, 7: A and B over the last units % 16. */
+/* one step of k: A (tile ta) times the 4 blocks' B (tile tb, loaded in turn) */
+#define FASTRNN_AMX_STEP(DP, ta, tb)                                                  \
+    do {                                                                             \
+        _tile_loadd(ta, a_rows + kc * 4, lda);                                       \
+        _tile_loadd(tb, panel + kc * 64, 64);                                        \
+        DP(0, ta, tb);                                                               \
+        _tile_loadd(tb, panel + bstride + kc * 64, 64);                              \
+        DP(1, ta, tb);                                                               \
+        _tile_loadd(tb, panel + 2 * bstride + kc * 64, 64);                          \
+        DP(2, ta, tb);                                                               \
+        _tile_loadd(tb, panel + 3 * bstride + kc * 64, 64);                          \
+        DP(3, ta, tb);                                                               \
+    } while (0)
+
 #define FASTRNN_AMX_SUMS(NAME, DP)                                                    \
     static inline void NAME(const int8_t* a_rows, ptrdiff_t lda, const int8_t* panel,  \
                             ptrdiff_t bstride, ptrdiff_t units, void* sums) {          \
@@ -533,28 +543,10 @@ static inline void fastrnn_amx_release(void) {
         _tile_zero(1);                                                                \
         _tile_zero(2);                                                                \
         _tile_zero(3);                                                                \
-        for (kc = 0; kc < units - kt; kc += 16) {                                     \
-            _tile_loadd(4, a_rows + kc * 4, lda);                                     \
-            _tile_loadd(5, panel + kc * 64, 64);                                      \
-            DP(0, 4, 5);                                                              \
-            _tile_loadd(5, panel + bstride + kc * 64, 64);                            \
-            DP(1, 4, 5);                                                              \
-            _tile_loadd(5, panel + 2 * bstride + kc * 64, 64);                        \
-            DP(2, 4, 5);                                                              \
-            _tile_loadd(5, panel + 3 * bstride + kc * 64, 64);                        \
-            DP(3, 4, 5);                                                              \
-        }                                                                             \
-        if (kt > 0) {                                                                 \
-            _tile_loadd(6, a_rows + kc * 4, lda);                                     \
-            _tile_loadd(7, panel + kc * 64, 64);                                      \
-            DP(0, 6, 7);                                                              \
-            _tile_loadd(7, panel + bstride + kc * 64, 64);                            \
-            DP(1, 6, 7);                                                              \
-            _tile_loadd(7, panel + 2 * bstride + kc * 64, 64);                        \
-            DP(2, 6, 7);                                                              \
-            _tile_loadd(7, panel + 3 * bstride + kc * 64, 64);                        \
-            DP(3, 6, 7);                                                              \
-        }                                                                             \
+        for (kc = 0; kc < units - kt; kc += 16)                                       \
+            FASTRNN_AMX_STEP(DP, 4, 5);                                               \
+        if (kt > 0)                                                                   \
+            FASTRNN_AMX_STEP(DP, 6, 7);                                               \
         _tile_stored(0, out, 256);                                                    \
         _tile_stored(1, out + 64, 256);                                               \
         _tile_stored(2, out + 128, 256);                                              \
@@ -798,7 +790,7 @@ static inline void fastrnn_b_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
     const float* add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
     v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
     for (k = 0; k < 4 && left > 16 * k; k++) {
-        __mmask16 mask = fastrnn_q_mask(left - 16 * k);
+        __mmask16 mask = fastrnn_row_mask(left - 16 * k);
         __m512 p = v[k];
         if (add != NULL)
             p = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, add + 16 * k), p);
@@ -952,38 +944,28 @@ static int fastrnn_b_amx_enable(void) {
 
 FASTRNN_AMX_SUMS(fastrnn_b_amx_sums, _tile_dpbf16ps)
 
-/* The tile of rows from m0 (as many as the tiles are configured for) by the
- * column blocks [nb0, nb0 + FASTRNN_Q_NV), emitting its rows [e0, e1). */
-static inline void fastrnn_b_amx_tile(ptrdiff_t m0, ptrdiff_t e0, ptrdiff_t e1, ptrdiff_t nb0,
-                                      ptrdiff_t pairs, const int8_t* a, ptrdiff_t lda,
-                                      const int8_t* packed, const fastrnn_q_out* o) {
-    float sums[16][64] __attribute__((aligned(64)));
-    ptrdiff_t bstride = pairs * 64, r;
-    fastrnn_b_amx_sums(a + m0 * lda, lda, packed + nb0 * bstride, bstride, pairs, sums);
-    for (r = e0 - m0; r < e1 - m0; r++)
-        fastrnn_b_emit(o, m0 + r, nb0 * 16, _mm512_load_ps(&sums[r][0]),
-                       _mm512_load_ps(&sums[r][16]), _mm512_load_ps(&sums[r][32]),
-                       _mm512_load_ps(&sums[r][48]));
-}
-
-/* The whole product of fastrnn_b_gemm (M >= 1) on the tiles, column group
- * by column group (each group's weights read once for all the tiles:
- * b64-h512 LSTM 1.5x faster than row tiles outside). With M >= 16, tiles
- * of 16 rows, the last one ending at row M and emitting only the rows the
- * others did not (a row's sums do not depend on the tile's other rows), so
- * the weights are read once (GRU B = 20, H = 800: 1.43x against a second
- * pass over the rows left); below, one tile of M rows. */
+/* The whole product of fastrnn_b_gemm (M >= 1) on the tiles, as
+ * fastrnn_q_product_amx's (column group by column group, each group's
+ * weights read once for all the tiles: b64-h512 LSTM 1.5x faster than row
+ * tiles outside; the last tile of 16 ending at row M: GRU B = 20, H = 800
+ * 1.43x against a second pass over the rows left), and below 16 rows one
+ * tile of M rows. */
 static void fastrnn_b_product_amx(ptrdiff_t M, ptrdiff_t pairs, const int8_t* a,
                                   ptrdiff_t lda, const int8_t* packed, ptrdiff_t blocks,
                                   const fastrnn_q_out* o) {
-    ptrdiff_t M16 = M / 16 * 16, m0, nb0;
-    fastrnn_amx_tiles(M < 16 ? (int)M : 16, pairs % 16);
-    for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
-        for (m0 = 0; m0 < M16; m0 += 16)
-            fastrnn_b_amx_tile(m0, m0, m0 + 16, nb0, pairs, a, lda, packed, o);
-        if (M16 < M)
-            fastrnn_b_amx_tile(M < 16 ? 0 : M - 16, M16, M, nb0, pairs, a, lda, packed, o);
-    }
+    float sums[16][64] __attribute__((aligned(64)));
+    ptrdiff_t bstride = pairs * 64, rows = M < 16 ? M : 16, m0, t0, nb0, r;
+    fastrnn_amx_tiles((int)rows, pairs % 16);
+    for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
+        for (m0 = 0; m0 < M; m0 += rows) {
+            t0 = m0 + rows <= M ? m0 : M - rows;    /* the tile's first row */
+            fastrnn_b_amx_sums(a + t0 * lda, lda, packed + nb0 * bstride, bstride, pairs,
+                               sums);
+            for (r = m0 - t0; r < rows; r++)
+                fastrnn_b_emit(o, t0 + r, nb0 * 16, _mm512_load_ps(&sums[r][0]),
+                               _mm512_load_ps(&sums[r][16]), _mm512_load_ps(&sums[r][32]),
+                               _mm512_load_ps(&sums[r][48]));
+        }
 }
 #else
 static int fastrnn_b_amx_enable(void) { return 0; }

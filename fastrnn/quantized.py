@@ -613,9 +613,9 @@ class _Quantized(_ReducedWeights):
         """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
         initial state and end as the final one."""
-        plan = _plan.quantized_plan(self, T, B)
+        plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
-        if plan.units is not None and lengths is None and _plan.unit_split_allowed():
+        if plan.units is not None and _plan.unit_split_allowed():
             # batch 1: the hidden units split between two threads (the same bits)
             ran, outcome = _quant.forward_units(
                 kernel, x=x.reshape(T, -1), h=h_n, c=c_n, out=out.reshape(T, -1),
