@@ -1,0 +1,130 @@
+"""The plan of a quantized call (fastrnn/_plan.py, quantized_plan): every
+choice it can make (parts on 2, 3 or 8 threads, time windows, the calling
+thread without the dispatch, the batch-1 unit split) gives the plain plan's
+outputs bit for bit, on random shapes, int8 (per channel and per tensor)
+and bfloat16. Each row's arithmetic is its own in every kernel (int8 sums
+are exact; bfloat16 rows never share a tile's order with other rows), so
+no choice may change a bit."""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _parallel, _plan
+
+KINDS = ["RNN", "GRU", "LSTM"]
+
+
+def _random_cases(seed, count):
+    rng = np.random.default_rng(seed)
+    return [dict(kind=KINDS[rng.integers(3)], D=int(rng.integers(1, 40)),
+                 H=int(rng.integers(1, 80)), T=int(rng.integers(1, 40)),
+                 # past 16 rows the AMX build's products run on tiles
+                 B=int(rng.integers(1, 40)), layers=int(rng.integers(1, 3)),
+                 bidirectional=bool(rng.integers(2)), batch_first=bool(rng.integers(2)),
+                 lengths=bool(rng.integers(2)), reset_after=bool(rng.integers(2)))
+            for _ in range(count)]
+
+
+# random shapes, and batch-1 unidirectional ones whose hidden size the unit
+# split takes (whole groups of 64 units)
+CASES = _random_cases(20261203, 14) + [
+    dict(kind=kind, D=d, H=h, T=t, B=1, layers=layers, bidirectional=False,
+         batch_first=bf, lengths=False, reset_after=True)
+    for kind, d, h, t, layers, bf in [("LSTM", 5, 128, 30, 1, False), ("GRU", 9, 128, 17, 2, True),
+                                       ("RNN", 3, 192, 25, 1, False)]]
+
+# the plain plan: one thread, the whole sequence in one window, through the
+# parts' dispatch (one part)
+PLAIN = dict(threads=1, QUANT_WINDOW_BYTES=1 << 62, QUANT_DIRECT_WORK=0)
+# each choice, forced by the tuning it reads
+CHOICES = {
+    "parts at 2 threads": dict(threads=2, MIN_PARALLEL_WORK=0),
+    "parts at 3 threads": dict(threads=3, MIN_PARALLEL_WORK=0),
+    "parts at 8 threads": dict(threads=8, MIN_PARALLEL_WORK=0),
+    "time windows of one step": dict(threads=1, QUANT_WINDOW_BYTES=1),
+    "windows in parts": dict(threads=2, MIN_PARALLEL_WORK=0, QUANT_WINDOW_BYTES=1),
+    "direct, no dispatch": dict(threads=1, QUANT_DIRECT_WORK=1 << 62),
+    "unit split": dict(threads=2, MIN_PARALLEL_WORK=0, UNIT_SPLIT_MIN_MACS=0,
+                       UNIT_SPLIT_MIN_WORK=0),
+    "unit split in windows": dict(threads=2, MIN_PARALLEL_WORK=0, UNIT_SPLIT_MIN_MACS=0,
+                                  UNIT_SPLIT_MIN_WORK=0, QUANT_WINDOW_BYTES=1),
+}
+DTYPES = [("int8", True), ("int8", False), ("bfloat16", True)]
+
+
+def _force(monkeypatch, settings):
+    settings = dict(settings)
+    monkeypatch.setattr(_parallel, "_threads", settings.pop("threads"))
+    # a unit split waits for its worker however slow it is to wake, never backs off
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+    for name, value in settings.items():
+        monkeypatch.setattr(_plan, name, value)
+
+
+def _model(case, dtype, per_channel):
+    kwargs = dict(num_layers=case["layers"], bidirectional=case["bidirectional"],
+                  batch_first=case["batch_first"], seed=3)
+    if case["kind"] == "GRU":
+        kwargs["reset_after"] = case["reset_after"]
+    layer = getattr(fastrnn, case["kind"])(case["D"], case["H"], **kwargs)
+    return fastrnn.quantize(layer, dtype=dtype, per_channel=per_channel)
+
+
+def _run(model, case):
+    rng = np.random.default_rng(5)
+    T, B = case["T"], case["B"]
+    x = rng.standard_normal((B, T, case["D"]) if case["batch_first"] else (T, B, case["D"]))
+    lengths = rng.integers(1, T + 1, B) if case["lengths"] else None
+    if lengths is not None:
+        lengths[0] = T
+    out, state = model(x.astype(np.float32), lengths=lengths)
+    return [out] + list(state if isinstance(state, tuple) else (state,))
+
+
+@pytest.mark.parametrize("choice", CHOICES)
+@pytest.mark.parametrize("dtype, per_channel", DTYPES)
+def test_every_quantized_plan_choice_gives_the_plain_plans_bits(choice, dtype, per_channel,
+                                                                 monkeypatch):
+    for case in CASES:
+        model = _model(case, dtype, per_channel)
+        with monkeypatch.context() as m:
+            _force(m, PLAIN)
+            plain = _run(model, case)
+        with monkeypatch.context() as m:
+            _force(m, dict(PLAIN, **CHOICES[choice]))
+            got = _run(model, case)
+        for a, b in zip(got, plain):
+            np.testing.assert_array_equal(a, b, err_msg=f"{choice}: {case}")
+
+
+def test_the_forced_choices_are_the_ones_planned(monkeypatch):
+    """The settings above do reach the choices they name (else the test
+    would compare the plain plan with itself)."""
+    rnn = fastrnn.quantize(fastrnn.RNN(4, 64, num_layers=2))
+    with monkeypatch.context() as m:
+        _force(m, PLAIN)
+        plain = _plan.quantized_plan(rnn, 30, 12)
+        assert plain.parts == [(0, 1, 0, 12)] and not plain.direct and plain.units is None
+    with monkeypatch.context() as m:
+        _force(m, dict(PLAIN, **CHOICES["parts at 3 threads"]))
+        assert len(_plan.quantized_plan(rnn, 30, 12).parts) == 3
+    with monkeypatch.context() as m:
+        _force(m, dict(PLAIN, **CHOICES["direct, no dispatch"]))
+        assert _plan.quantized_plan(rnn, 30, 12).direct
+    with monkeypatch.context() as m:
+        _force(m, dict(PLAIN, **CHOICES["unit split"]))
+        assert _plan.quantized_plan(rnn, 30, 1).units is None   # one group of 64: no split
+        gru = fastrnn.quantize(fastrnn.GRU(9, 128))
+        assert _plan.quantized_plan(gru, 17, 1).units == [0, 64, 128]
+
+
+def test_the_work_estimate_counts_layers_and_the_gate_pass(monkeypatch):
+    """A small gate-bound stack (seed-keras: RNN 1 -> 50, two layers, B=32,
+    T=50) splits at 2 threads as float32's does; one layer of it, half the
+    work, stays on one thread."""
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    two = fastrnn.quantize(fastrnn.RNN(1, 50, num_layers=2))
+    one = fastrnn.quantize(fastrnn.RNN(1, 50))
+    assert len(_plan.quantized_plan(two, 50, 32).parts) == 2
+    assert len(_plan.quantized_plan(one, 50, 32).parts) == 1
