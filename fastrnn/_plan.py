@@ -319,8 +319,17 @@ class QuantPlan(NamedTuple):
 
 def quantized_plan(layer, T, B, has_lengths=False):
     """The plan of a reduced-precision call of ``layer`` (a quantized layer
-    or cell) over T steps of B rows. Its work counts every layer (each
-    part takes its rows through all of them) and weighs the products at a
+    or cell) over T steps of B rows, cached as forward_plan's."""
+    cfg = layer._config
+    key = ("quantized", layer._kernel_code, cfg.get("num_layers", 1), layer._dirs,
+           cfg["hidden_size"], T, B, bool(has_lengths), QUANT_DIRECT_WORK,
+           QUANT_WINDOW_BYTES) + _tuning()
+    return _cached(key, lambda: _quantized_plan(layer, T, B, has_lengths))
+
+
+def _quantized_plan(layer, T, B, has_lengths):
+    """quantized_plan's plan. Its work counts every layer (each part takes
+    its rows through all of them) and weighs the products at a
     quarter of float32's per multiply-add (int8 or bfloat16), but not the
     gate pass, which is float32's own (measured 2026-12-03, RNN 1->50, two
     layers, B=32, T=50, at 2 threads: 0.28 ms on one thread, 0.19 split,

@@ -128,3 +128,26 @@ def test_the_work_estimate_counts_layers_and_the_gate_pass(monkeypatch):
     one = fastrnn.quantize(fastrnn.RNN(1, 50))
     assert len(_plan.quantized_plan(two, 50, 32).parts) == 2
     assert len(_plan.quantized_plan(one, 50, 32).parts) == 1
+
+
+def test_quantized_plans_are_cached_by_shape_class_threads_and_tuning(monkeypatch):
+    monkeypatch.setattr(_plan, "_plans", {})
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    model = fastrnn.quantize(fastrnn.GRU(5, 64, num_layers=2, seed=0))
+    first = _plan.quantized_plan(model, 50, 32)
+    assert _plan.quantized_plan(model, 50, 32) is first
+    assert _plan.quantized_plan(model, 50, 32, has_lengths=True) is not first
+    # another model of the same kind and shapes, int8 or bfloat16: the same plan
+    other = fastrnn.quantize(fastrnn.GRU(7, 64, num_layers=2, seed=1), dtype="bfloat16")
+    assert _plan.quantized_plan(other, 50, 32) is first
+    # another depth, thread count or tuning: another plan
+    assert len(_plan.quantized_plan(model, 50, 8).parts) == 2
+    assert len(_plan.quantized_plan(fastrnn.quantize(fastrnn.GRU(5, 64)), 50, 8).parts) == 1
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    assert len(_plan.quantized_plan(model, 50, 32).parts) == 1
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    monkeypatch.setattr(_plan, "QUANT_WINDOW_BYTES", 1)
+    assert _plan.quantized_plan(model, 50, 32).window_bytes == 1
+    monkeypatch.setattr(_plan, "QUANT_DIRECT_WORK", 1 << 62)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 1 << 62)
+    assert _plan.quantized_plan(model, 50, 32).direct
