@@ -349,6 +349,23 @@ def _quantized_plan(layer, T, B, has_lengths):
                      units)
 
 
+def quantized_runner_limits(layer):
+    """(work from which the plan no longer runs a quantized call directly
+    on the calling thread, steps from which a batch-1 call splits its units
+    (2**62: never)) for the lean path's _quant.QRunner: the conditions of
+    quantized_plan's ``direct`` and ``units``, so that the runner takes
+    only the calls the plan would run in one part without the dispatch."""
+    H = layer._config["hidden_size"]
+    max_work = QUANT_DIRECT_WORK
+    if _parallel.get_num_threads() > 1:
+        max_work = min(max_work, MIN_PARALLEL_WORK)
+    split_steps = None
+    if (layer._dirs == 1 and H % QUANT_UNIT_GROUP == 0
+            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
+        split_steps = unit_split_steps(H, layer._gates)
+    return max_work, 2**62 if split_steps is None else split_steps
+
+
 def runner_limits(layer):
     """(work below which one thread runs, steps from which a batch-1 call
     splits its units (2**62: never)) for the lean path's SequenceRunner."""

@@ -31,12 +31,16 @@
 # ``forward_units`` splits one batch row's hidden units between two
 # threads that meet after every step.
 
+cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
 
+cnp.import_array()
+
+from fastrnn._ndarrays cimport behaved, initial_states
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
                               run_parts, run_team, step_barrier)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
@@ -583,6 +587,18 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     (B,) or None, ``parts`` (d_lo, d_hi, b_lo, b_hi) one per thread.
     ``direct``: one part, small: run on this thread without the dispatch
     (and without polling for Ctrl-C). Shapes are the caller's to check.
+    Returns _run_stack's outcome."""
+    if x.shape[0] == 0 or h.shape[1] == 0:
+        return 0
+    return _run_stack(stack, &x[0, 0], x.shape[0], T, h.shape[1], batch_first, &h[0, 0, 0],
+                      NULL if c is None else &c[0, 0, 0], &out[0, 0],
+                      NULL if lengths is None else &lengths[0], parts, direct, window_bytes)
+
+
+cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py_ssize_t B,
+                    bint batch_first, float* h, float* c, float* out, const int64_t* lengths,
+                    parts, bint direct, Py_ssize_t window_bytes) except -1:
+    """forward on C pointers (R, B >= 1), for it and QRunner.
 
     A unidirectional stack runs in time windows, every layer over the first
     steps whose input projections fit ``window_bytes``, then over the next,
@@ -597,9 +613,9 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef ProjectJob pjob
     cdef RecurJob rjob
     cdef WindowJob wjob
-    cdef Py_ssize_t B = h.shape[1], H = stack.hidden_size, dirs = stack.dirs
+    cdef Py_ssize_t H = stack.hidden_size, dirs = stack.dirs
     cdef Py_ssize_t G = num_gates(stack.cell), N = dirs * G * H
-    cdef Py_ssize_t R = x.shape[0], L = stack.num_layers, k, p, nparts = len(parts)
+    cdef Py_ssize_t L = stack.num_layers, k, p, nparts = len(parts)
     cdef Py_ssize_t D_max = max(stack.input_size, dirs * H)
     cdef Py_ssize_t rows = dirs * B, qrow = _row_bytes(stack.kind, H)
     cdef Py_ssize_t Tw
@@ -611,8 +627,6 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     cdef const float* layer_in
     cdef float* layer_out
     cdef const QLayer* layer
-    if R == 0 or B == 0:
-        return 0
     if nparts < 1 or nparts > MAX_PARTS:
         raise ValueError(f"forward: expected 1 to {MAX_PARTS} parts, got {nparts}")
     Tw = T if dirs == 2 else max(<Py_ssize_t>1, min(T, window_bytes // (B * N * 4)))
@@ -642,17 +656,17 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     rjob.qbuf, rjob.sbuf = <int8_t*>ptr[3], <float*>ptr[4]
     rjob.gh = <float*>ptr[5] if stack.cell == GRU else NULL
     rjob.acts = <float*>ptr[6]
-    rjob.lengths = NULL if lengths is None else &lengths[0]
-    rjob.h = &h[0, 0, 0]
-    rjob.c = NULL if c is None else &c[0, 0, 0]
+    rjob.lengths = lengths
+    rjob.h = h
+    rjob.c = c
     rjob.bad = 0
     rjob.it = &rjob.interrupt
 
     if dirs == 1:
         wjob.layers, wjob.L, wjob.T, wjob.Tw = stack.layers, L, T, Tw
         wjob.D0, wjob.H = stack.input_size, H
-        wjob.x, wjob.x_row_t, wjob.x_row_b = &x[0, 0], in_row_t, in_row_b
-        wjob.out = &out[0, 0]
+        wjob.x, wjob.x_row_t, wjob.x_row_b = x, in_row_t, in_row_b
+        wjob.out = out
         wjob.buf[0], wjob.buf[1] = <float*>ptr[1], <float*>ptr[2]
         wjob.pscratch, wjob.nparts = ptr[7], nparts
         wjob.rec = rjob
@@ -677,7 +691,7 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
         pjob.rows[0][0], pjob.rows[0][1] = 0, R
         for p in range(4):
             rjob.ranges[0][p] = parts[0][p]
-    layer_in = &x[0, 0]
+    layer_in = x
     for k in range(L):
         layer = &stack.layers[k]
         _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
@@ -686,7 +700,7 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
             pjob.steps, pjob.t0, pjob.b0 = T, 0, 0
             pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
         if k == L - 1:  # the output, in the input's order
-            layer_out = &out[0, 0]
+            layer_out = out
             rjob.o_row_t, rjob.o_row_b, rjob.o_t0 = in_row_t, in_row_b, 0
         else:
             layer_out = <float*>ptr[1 + k % 2]
@@ -694,8 +708,8 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
         rjob.w[0], rjob.w[1] = layer.w_hh[0], layer.w_hh[1]
         rjob.wn[0], rjob.wn[1] = layer.w_hn[0], layer.w_hn[1]
         rjob.bias_h = layer.bias_h
-        rjob.h = &h[k * dirs, 0, 0]
-        rjob.c = NULL if c is None else &c[k * dirs, 0, 0]
+        rjob.h = h + k * dirs * B * H
+        rjob.c = NULL if c == NULL else c + k * dirs * B * H
         rjob.out = layer_out
         if direct:
             with nogil:
@@ -713,6 +727,85 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
             return 2
         layer_in = layer_out
     return 0
+
+
+# --- the lean path of small calls ---
+
+cdef class QRunner:
+    """The lean path of a quantized layer's call (fastrnn.quantized): a
+    plain inference call that the plan would run on the calling thread in
+    one part (``direct``), in one Cython call without the general path's
+    per-call Python work (about 3 us of a batch-1 step's 6).
+
+    ``run(x, hx)`` returns None unless x is a C-contiguous float32 ndarray
+    of the layer's input size, (T, B, D) ((B, T, D) batch-first) or
+    unbatched (T, D), hx None or float32 ndarrays of the exact state shape
+    (a tuple (h, c) for LSTM), the call's work (_plan.quantized_plan's)
+    below max_work, a batch-1 call shorter than split_steps (from which the
+    plan splits its hidden units), and every value finite; the caller then
+    takes the general path, which validates, plans and reports."""
+    cdef QStack stack
+    cdef Py_ssize_t L, dirs, D, H, G, split_steps, window_bytes
+    cdef bint batch_first
+    cdef double max_work
+
+    def __init__(self, QStack stack not None, bint batch_first, double max_work,
+                 Py_ssize_t split_steps, Py_ssize_t window_bytes):
+        self.stack = stack
+        self.L, self.dirs = stack.num_layers, stack.dirs
+        self.D, self.H = stack.input_size, stack.hidden_size
+        self.G = num_gates(stack.cell)
+        self.batch_first = batch_first
+        self.max_work = max_work
+        self.split_steps = split_steps
+        self.window_bytes = window_bytes
+
+    def run(self, x, hx):
+        cdef cnp.ndarray xa, out, h, c = None
+        cdef cnp.npy_intp dims[3]
+        cdef cnp.npy_intp sdims[3]
+        cdef Py_ssize_t T, B, ndim
+        cdef bint batched, batch_first, has_c = self.stack.cell == LSTM
+        cdef object states
+        if type(x) is not cnp.ndarray:
+            return None
+        xa = <cnp.ndarray>x
+        ndim = cnp.PyArray_NDIM(xa)
+        if (not behaved(xa, cnp.NPY_FLOAT32) or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
+                or (ndim != 2 and ndim != 3) or cnp.PyArray_DIM(xa, ndim - 1) != self.D):
+            return None
+        batched = ndim == 3
+        batch_first = self.batch_first and batched
+        if not batched:
+            T, B = cnp.PyArray_DIM(xa, 0), 1
+        elif batch_first:
+            T, B = cnp.PyArray_DIM(xa, 1), cnp.PyArray_DIM(xa, 0)
+        else:
+            T, B = cnp.PyArray_DIM(xa, 0), cnp.PyArray_DIM(xa, 1)
+        if (T == 0 or B == 0 or <double>self.L * T * B * self.dirs * self.G * self.H
+                * (self.H // 4 + 20) >= self.max_work or (B == 1 and T >= self.split_steps)):
+            return None
+        # the states: fresh arrays holding hx (or zeros)
+        sdims[0], sdims[1], sdims[2] = self.L * self.dirs, B, self.H
+        if not batched:
+            sdims[1] = self.H
+        states = initial_states(hx, has_c, cnp.NPY_FLOAT32, 3 if batched else 2, sdims)
+        if states is None:
+            return None
+        h, c = states
+        if batched:
+            dims[0], dims[1] = cnp.PyArray_DIM(xa, 0), cnp.PyArray_DIM(xa, 1)
+            dims[2] = self.dirs * self.H
+        else:
+            dims[0], dims[1] = T, self.dirs * self.H
+        out = cnp.PyArray_EMPTY(3 if batched else 2, dims, cnp.NPY_FLOAT32, 0)
+        if _run_stack(self.stack, <const float*>cnp.PyArray_DATA(xa), T * B, T, B, batch_first,
+                      <float*>cnp.PyArray_DATA(h),
+                      NULL if c is None else <float*>cnp.PyArray_DATA(c),
+                      <float*>cnp.PyArray_DATA(out), NULL, [(0, self.dirs, 0, B)], True,
+                      self.window_bytes):
+            return None   # not finite: the general path reports it
+        return (out, (h, c)) if has_c else (out, h)
 
 
 # --- batch 1 on two threads: the hidden units split, a barrier per step ---

@@ -675,8 +675,11 @@ class _QuantizedLayer(_Quantized):
         if mask is not None:   # fastrnn.masking runs the layer with lengths
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None:
-            result = self._plain_call(params, x, hx)
+        if lengths is None and not self._init_index:
+            # the lean path of small calls (_quant.QRunner), then the plain call
+            result = self._runner(params).run(x, hx)
+            if result is None:
+                result = self._plain_call(params, x, hx)
             if result is not None:
                 return result
         call = self._prepare(params, x, hx, lengths)
@@ -684,6 +687,19 @@ class _QuantizedLayer(_Quantized):
             self._qrun(params, call.x, call.T, call.B, call.batch_first, call.h_n, call.c_n,
                        call.out, call.lengths)
         return self._results(call)
+
+    def _runner(self, params):
+        """The lean path's runner for this parameter set, the thread count
+        and the plan's tuning (built again when any changes)."""
+        key = ("qrunner",) + _plan._tuning() + (_plan.QUANT_DIRECT_WORK,
+                                                _plan.QUANT_WINDOW_BYTES)
+        cached = params.cache.get("qrunner")
+        if cached is None or cached[0] != key:
+            max_work, split_steps = _plan.quantized_runner_limits(self)
+            cached = params.cache["qrunner"] = (key, _quant.QRunner(
+                self._stack(params).kernel, self._config["batch_first"], max_work,
+                split_steps, _plan.QUANT_WINDOW_BYTES))
+        return cached[1]
 
     def _plain_call(self, params, x, hx):
         """The common call in a few steps (the general checks cost ~3 us, as

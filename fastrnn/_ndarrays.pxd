@@ -1,0 +1,52 @@
+# Checks of plain ndarray arguments shared by the lean call paths
+# (_forward.SequenceRunner, _quant.QRunner): C-level tests that let a small
+# call skip the general path's Python checks, and fall back to it (which
+# validates and reports) on anything else.
+
+cimport numpy as cnp
+
+
+cdef inline bint behaved(cnp.ndarray a, int typenum):
+    """a holds values of the given dtype in native byte order, aligned: the
+    type number alone does not tell '>f4' from '<f4'."""
+    return cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISBEHAVED_RO(a)
+
+
+cdef inline object state_copy(object a, int typenum, Py_ssize_t ndim, cnp.npy_intp* dims):
+    """A fresh C-contiguous copy of a (a plain ndarray of exactly these
+    dtype and dims), or None when a is anything else."""
+    cdef Py_ssize_t i
+    if (type(a) is not cnp.ndarray or not behaved(<cnp.ndarray>a, typenum)
+            or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim):
+        return None
+    for i in range(ndim):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, i) != dims[i]:
+            return None
+    return cnp.PyArray_NewCopy(<cnp.ndarray>a, cnp.NPY_CORDER)
+
+
+cdef inline object initial_states(object hx, bint has_c, int typenum, Py_ssize_t ndim,
+                                  cnp.npy_intp* dims):
+    """(h, c) to start a call from: fresh arrays of these dtype and dims
+    holding hx (h, or the tuple (h, c) when has_c), zeros for hx None; c
+    None unless has_c. None when hx is anything else."""
+    cdef object h_in, c_in = None, h, c = None
+    if hx is None:
+        h = cnp.PyArray_ZEROS(<int>ndim, dims, typenum, 0)
+        if has_c:
+            c = cnp.PyArray_ZEROS(<int>ndim, dims, typenum, 0)
+        return h, c
+    if has_c:
+        if type(hx) is not tuple or len(<tuple>hx) != 2:
+            return None
+        h_in, c_in = (<tuple>hx)[0], (<tuple>hx)[1]
+    else:
+        h_in = hx
+    h = state_copy(h_in, typenum, ndim, dims)
+    if h is None:
+        return None
+    if has_c:
+        c = state_copy(c_in, typenum, ndim, dims)
+        if c is None:
+            return None
+    return h, c
