@@ -35,9 +35,11 @@ A plan depends only on the call's shape class, the layer's configuration,
 the thread count and the tuning constants below, not on the parameter
 values: plans are kept in one bounded cache keyed by all of these.
 
-Reduced-precision calls (``fastrnn.quantize``) ask :func:`quantized_plan`:
-parts per thread (``_quant.forward``), or at batch 1 the units of two
-threads that meet after every step (``_quant.forward_units``).
+Reduced-precision calls (``fastrnn.quantize``) ask :func:`quantized_plan`
+(cached the same way): parts per thread (``_quant.forward``), or at batch 1
+the units of two threads that meet after every step
+(``_quant.forward_units``); their small calls take the lean path of
+``_quant.QRunner``, within :func:`quantized_runner_limits`.
 
 The tuning constants of the Python side live here, each with the
 measurement that set it (those of the C side: ``_microkernel.h``, tile and

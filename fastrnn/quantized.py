@@ -609,6 +609,19 @@ class _Quantized(_ReducedWeights):
             params.cache["int8"] = stack
         return stack
 
+    def _runner(self, params):
+        """The lean path's runner for this parameter set, the thread count
+        and the plan's tuning (built again when any changes)."""
+        key = ("qrunner",) + _plan._tuning() + (_plan.QUANT_DIRECT_WORK,
+                                                _plan.QUANT_WINDOW_BYTES)
+        cached = params.cache.get("qrunner")
+        if cached is None or cached[0] != key:
+            max_work, split_steps = _plan.quantized_runner_limits(self)
+            cached = params.cache["qrunner"] = (key, _quant.QRunner(
+                self._stack(params).kernel, bool(self._config.get("batch_first")), max_work,
+                split_steps, _plan.QUANT_WINDOW_BYTES))
+        return cached[1]
+
     def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
         """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
@@ -688,19 +701,6 @@ class _QuantizedLayer(_Quantized):
                        call.out, call.lengths)
         return self._results(call)
 
-    def _runner(self, params):
-        """The lean path's runner for this parameter set, the thread count
-        and the plan's tuning (built again when any changes)."""
-        key = ("qrunner",) + _plan._tuning() + (_plan.QUANT_DIRECT_WORK,
-                                                _plan.QUANT_WINDOW_BYTES)
-        cached = params.cache.get("qrunner")
-        if cached is None or cached[0] != key:
-            max_work, split_steps = _plan.quantized_runner_limits(self)
-            cached = params.cache["qrunner"] = (key, _quant.QRunner(
-                self._stack(params).kernel, self._config["batch_first"], max_work,
-                split_steps, _plan.QUANT_WINDOW_BYTES))
-        return cached[1]
-
     def _plain_call(self, params, x, hx):
         """The common call in a few steps (the general checks cost ~3 us, as
         much as a batch-1 step's kernels): a C-contiguous float32 ndarray of
@@ -735,6 +735,9 @@ class _QuantizedCell(_Quantized):
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         params = self._params
+        result = self._runner(params).step(x, hx)   # the lean path of a plain step
+        if result is not None:
+            return result
         plain = self._plain_arguments(x, hx)
         x, B, batched, h, c = plain if plain is not None else self._prepare(params, x, hx)
         if B > 0:   # one step: h, c become the new state

@@ -1,7 +1,7 @@
-"""The lean path of quantized layers' small calls (_quant.QRunner): it
-takes the plain calls the plan would run directly on the calling thread,
-gives the general path's bits, and leaves everything else (and every error)
-to the general path."""
+"""The lean path of quantized layers' small calls and cells' steps
+(_quant.QRunner): it takes the plain calls the plan would run directly on
+the calling thread, gives the general path's bits, and leaves everything
+else (and every error) to the general path."""
 import numpy as np
 import pytest
 
@@ -16,6 +16,9 @@ def _general(monkeypatch, model):
     """The model's calls without the lean path."""
     class NoRunner:
         def run(self, x, hx):
+            return None
+
+        def step(self, x, hx):
             return None
     monkeypatch.setattr(type(model), "_runner", lambda self, params: NoRunner())
 
@@ -141,3 +144,53 @@ def test_the_lean_path_takes_only_the_plans_direct_calls(monkeypatch):
     assert wide._runner(wide._params).run(np.zeros((steps, 1, 8), F32), None) is None
     # a new thread count or tuning builds another runner
     assert gru._runner(gru._params) is not runner
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("kind", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_a_cell_step_on_the_lean_path_gives_the_general_paths_bits(kind, dtype, monkeypatch):
+    rng = np.random.default_rng(11)
+    for D, H, B, batched, with_hx in [(5, 7, 1, False, False), (5, 7, 1, False, True),
+                                      (3, 64, 4, True, True), (9, 33, 17, True, False),
+                                      (16, 128, 1, True, True)]:
+        kwargs = {"reset_after": False} if kind == "GRUCell" and H == 33 else {}
+        cell = fastrnn.quantize(getattr(fastrnn, kind)(D, H, seed=4, **kwargs), dtype=dtype)
+        x = rng.standard_normal((B, D) if batched else (D,)).astype(F32)
+        hx = None
+        if with_hx:
+            shape = (B, H) if batched else (H,)
+            hx = rng.standard_normal(shape).astype(F32)
+            if kind == "LSTMCell":
+                hx = (hx, rng.standard_normal(shape).astype(F32))
+        copies = None if hx is None else [a.copy() for a in (hx if isinstance(hx, tuple) else (hx,))]
+        lean = cell._runner(cell._params).step(x, hx)
+        assert lean is not None
+        got = cell(x, hx)
+        with monkeypatch.context() as m:
+            _general(m, cell)
+            expected = cell(x, hx)
+        for a, b, c in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, expected, lean))):
+            assert a.shape == b.shape == c.shape == ((B, H) if batched else (H,))
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(c, b)
+        if copies is not None:   # the caller's state untouched
+            for a, b in zip(hx if isinstance(hx, tuple) else (hx,), copies):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_a_cell_step_the_lean_path_declines_goes_the_general_way():
+    cell = fastrnn.quantize(fastrnn.LSTMCell(4, 6, seed=0))
+    runner = cell._runner(cell._params)
+    x = np.ones(4, F32)
+    h = np.zeros(6, F32)
+    for bad_x in [x.astype(np.float64), np.ones(5, F32), np.ones((2, 2, 4), F32),
+                  np.ones((4, 2), F32).T, x.tolist(), np.ones((0, 4), F32)]:
+        assert runner.step(bad_x, None) is None
+    for bad_hx in [h, (h,), (h, np.zeros(5, F32)), (h, h.astype(np.float64)),
+                   (np.zeros((1, 6), F32), np.zeros((1, 6), F32))]:
+        assert runner.step(x, bad_hx) is None
+    with pytest.raises(ValueError, match="non-finite"):
+        cell(np.full(4, np.nan, F32))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h, c\)"):
+        cell(x, h)
+    np.testing.assert_array_equal(cell(x.astype(np.float64))[0], cell(x)[0])
