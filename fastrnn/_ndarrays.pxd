@@ -1,5 +1,5 @@
 # Checks of plain ndarray arguments shared by the lean call paths
-# (_forward.SequenceRunner, _quant.QRunner): C-level tests that let a small
+# (_forward.SequenceRunner and CellStep, _quant.QRunner): C-level tests that let a small
 # call skip the general path's Python checks, and fall back to it (which
 # validates and reports) on anything else.
 

@@ -225,6 +225,10 @@ def _tuning():
             MIN_WINDOW_STEPS, FOLD_MAX_BYTES, _parallel.get_num_threads())
 
 
+def _quant_tuning():
+    return (QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES, QUANT_UNIT_GROUP) + _tuning()
+
+
 _plans: dict = {}
 
 
@@ -324,8 +328,7 @@ def quantized_plan(layer, T, B, has_lengths=False):
     or cell) over T steps of B rows, cached as forward_plan's."""
     cfg = layer._config
     key = ("quantized", layer._kernel_code, cfg.get("num_layers", 1), layer._dirs,
-           cfg["hidden_size"], T, B, bool(has_lengths), QUANT_DIRECT_WORK,
-           QUANT_WINDOW_BYTES) + _tuning()
+           cfg["hidden_size"], T, B, bool(has_lengths)) + _quant_tuning()
     return _cached(key, lambda: _quantized_plan(layer, T, B, has_lengths))
 
 
@@ -352,11 +355,13 @@ def _quantized_plan(layer, T, B, has_lengths):
 
 
 def quantized_runner_limits(layer):
-    """(work from which the plan no longer runs a quantized call directly
-    on the calling thread, steps from which a batch-1 call splits its units
-    (2**62: never)) for the lean path's _quant.QRunner: the conditions of
-    quantized_plan's ``direct`` and ``units``, so that the runner takes
-    only the calls the plan would run in one part without the dispatch."""
+    """(work bound, steps from which a batch-1 call may split its units
+    (2**62: never)) for the lean path's _quant.QRunner, which takes a call
+    below both: quantized_plan's ``direct`` and ``units`` conditions, or
+    stricter (at 2 threads it leaves every call from MIN_PARALLEL_WORK on
+    to the plan, even a batch-1 one the plan runs in one part), so that
+    the runner takes only calls the plan would run in one part without the
+    dispatch."""
     H = layer._config["hidden_size"]
     max_work = QUANT_DIRECT_WORK
     if _parallel.get_num_threads() > 1:

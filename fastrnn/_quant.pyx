@@ -738,25 +738,27 @@ cdef class QRunner:
     the general path's per-call Python work (about 3 us of a batch-1 step's
     6; a cell's step, ``step``, 4 of 7).
 
-    ``run(x, hx)`` returns None unless x is a C-contiguous float32 ndarray
-    of the layer's input size, (T, B, D) ((B, T, D) batch-first) or
-    unbatched (T, D), hx None or float32 ndarrays of the exact state shape
-    (a tuple (h, c) for LSTM), the call's work (_plan.quantized_plan's)
-    below max_work, a batch-1 call shorter than split_steps (from which the
-    plan splits its hidden units), and every value finite; the caller then
-    takes the general path, which validates, plans and reports."""
+    ``run(x, hx)`` returns None unless x is a C-contiguous, aligned float32
+    ndarray in native byte order of the layer's input size, (T, B, D)
+    ((B, T, D) batch-first) or unbatched (T, D), hx None or float32 ndarrays
+    of the exact state shape (a tuple (h, c) for LSTM; copied, so any
+    strides), the call's work (_plan.quantized_plan's) below max_work, a
+    batch-1 call shorter than split_steps (from which the plan splits its
+    hidden units), and every value finite; the caller then takes the
+    general path, which validates, plans and reports."""
     cdef QStack stack
     cdef Py_ssize_t L, dirs, D, H, G, split_steps, window_bytes
-    cdef bint batch_first
+    cdef bint batch_first, has_c
     cdef double max_work
 
-    def __init__(self, QStack stack not None, bint batch_first, double max_work,
+    def __init__(self, QStack stack not None, bint batch_first, bint has_c, double max_work,
                  Py_ssize_t split_steps, Py_ssize_t window_bytes):
         self.stack = stack
         self.L, self.dirs = stack.num_layers, stack.dirs
         self.D, self.H = stack.input_size, stack.hidden_size
         self.G = num_gates(stack.cell)
         self.batch_first = batch_first
+        self.has_c = has_c
         self.max_work = max_work
         self.split_steps = split_steps
         self.window_bytes = window_bytes
@@ -766,7 +768,7 @@ cdef class QRunner:
         cdef cnp.npy_intp dims[3]
         cdef cnp.npy_intp sdims[3]
         cdef Py_ssize_t T, B, ndim
-        cdef bint batched, batch_first, has_c = self.stack.cell == LSTM
+        cdef bint batched, batch_first, has_c = self.has_c
         cdef object states
         if type(x) is not cnp.ndarray:
             return None
@@ -816,7 +818,7 @@ cdef class QRunner:
         cdef cnp.ndarray xa, h, c
         cdef cnp.npy_intp sdims[2]
         cdef Py_ssize_t B, ndim
-        cdef bint has_c = self.stack.cell == LSTM
+        cdef bint has_c = self.has_c
         cdef object states
         cdef float* out
         cdef int outcome

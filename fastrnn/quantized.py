@@ -547,6 +547,8 @@ class _Quantized(_ReducedWeights):
         if cfg.get("proj_size"):
             raise ValueError(f"{owner}: proj_size={cfg['proj_size']}: the reduced-precision "
                              f"kernels have no projection")
+        # built directly, as quantize() builds it: only what the kernels compute
+        _check_computed(owner, self)
         cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
         cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
         self._reduce_parameters(self._entries())
@@ -612,14 +614,13 @@ class _Quantized(_ReducedWeights):
     def _runner(self, params):
         """The lean path's runner for this parameter set, the thread count
         and the plan's tuning (built again when any changes)."""
-        key = ("qrunner",) + _plan._tuning() + (_plan.QUANT_DIRECT_WORK,
-                                                _plan.QUANT_WINDOW_BYTES)
+        key = ("qrunner",) + _plan._quant_tuning()
         cached = params.cache.get("qrunner")
         if cached is None or cached[0] != key:
             max_work, split_steps = _plan.quantized_runner_limits(self)
             cached = params.cache["qrunner"] = (key, _quant.QRunner(
-                self._stack(params).kernel, bool(self._config.get("batch_first")), max_work,
-                split_steps, _plan.QUANT_WINDOW_BYTES))
+                self._stack(params).kernel, bool(self._config.get("batch_first")),
+                self._has_cell_state, max_work, split_steps, _plan.QUANT_WINDOW_BYTES))
         return cached[1]
 
     def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
@@ -735,9 +736,10 @@ class _QuantizedCell(_Quantized):
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         params = self._params
-        result = self._runner(params).step(x, hx)   # the lean path of a plain step
-        if result is not None:
-            return result
+        if not self._init_index:   # the lean path of a plain step
+            result = self._runner(params).step(x, hx)
+            if result is not None:
+                return result
         plain = self._plain_arguments(x, hx)
         x, B, batched, h, c = plain if plain is not None else self._prepare(params, x, hx)
         if B > 0:   # one step: h, c become the new state
@@ -888,20 +890,15 @@ _GATE_KEYS = {"activation", "recurrent_activation", "cell_activation", "clip", "
               "peepholes"}
 
 
-def _quantize_module(owner, module, dtype, per_channel):
-    cls = _QUANTIZED.get(type(module))
-    if cls is None:
-        raise TypeError(f"{owner}: cannot quantize a {type(module).__name__}; expected an "
-                        f"RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or a "
-                        f"Sequential of them")
-    config = {k: (val.name if isinstance(val, np.dtype) else val)
-              for k, val in module._config.items()}
-    # every option must be one the kernels compute, or off; the gate options
-    # and zoneout count as off when the cell runs without them (an explicit
-    # default, such as cell_activation='tanh' or zoneout=(0, 0), passes)
+def _check_computed(owner, module):
+    """Refuse a module with an option the reduced-precision kernels do not
+    compute: every option must be one they compute, or off; the gate
+    options and zoneout count as off when the cell runs without them (an
+    explicit default, such as cell_activation='tanh' or zoneout=(0, 0),
+    passes)."""
     plain_gates = getattr(module, "_option_rows", None) is None
     no_zoneout = getattr(module, "_zoneout", None) is None
-    for key, value in config.items():
+    for key, value in module._config.items():
         off = value is None or value is False or (isinstance(value, (int, float))
                                                   and value == 0)
         if (plain_gates and key in _GATE_KEYS) or (no_zoneout and key == "zoneout"):
@@ -910,6 +907,17 @@ def _quantize_module(owner, module, dtype, per_channel):
                 or (key in _COMPUTED_VALUES and value == _COMPUTED_VALUES[key])):
             raise ValueError(f"{owner}: the {type(module).__name__} has {key}={value!r}, "
                              f"which the reduced-precision kernels do not compute")
+
+
+def _quantize_module(owner, module, dtype, per_channel):
+    cls = _QUANTIZED.get(type(module))
+    if cls is None:
+        raise TypeError(f"{owner}: cannot quantize a {type(module).__name__}; expected an "
+                        f"RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or a "
+                        f"Sequential of them")
+    config = {k: (val.name if isinstance(val, np.dtype) else val)
+              for k, val in module._config.items()}
+    _check_computed(owner, module)
     if config["dtype"] != "float32":
         raise ValueError(f"{owner}: quantize needs a float32 model, got a {config['dtype']} "
                          f"{type(module).__name__}")

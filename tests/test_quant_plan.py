@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _parallel, _plan
+from fastrnn import _parallel, _plan, quantized
 
 KINDS = ["RNN", "GRU", "LSTM"]
 
@@ -82,12 +82,39 @@ def _run(model, case):
     return [out] + list(state if isinstance(state, tuple) else (state,))
 
 
+# what each choice must have run at least once over CASES: a kernel entry
+# and a test of its arguments
+RAN = {
+    "parts at 2 threads": ("forward", lambda k: len(k["parts"]) == 2),
+    "parts at 3 threads": ("forward", lambda k: len(k["parts"]) == 3),
+    "parts at 8 threads": ("forward", lambda k: len(k["parts"]) == 8),
+    "time windows of one step": ("forward", lambda k: k["window_bytes"] == 1),
+    "windows in parts": ("forward", lambda k: len(k["parts"]) == 2 and k["window_bytes"] == 1),
+    "direct, no dispatch": ("forward", lambda k: k["direct"]),
+    "unit split": ("forward_units", lambda k: k["window_bytes"] > 1),
+    "unit split in windows": ("forward_units", lambda k: k["window_bytes"] == 1),
+}
+
+
 @pytest.mark.parametrize("choice", CHOICES)
 @pytest.mark.parametrize("dtype, per_channel", DTYPES)
 def test_every_quantized_plan_choice_gives_the_plain_plans_bits(choice, dtype, per_channel,
                                                                  monkeypatch):
+    """The plan's paths (the lean path of small calls, which the plan's
+    direct choice stands for, is off here: tests/test_quant_runner.py
+    compares it with these), each choice counted where it reaches the
+    kernels (the plain plan's calls match none of the counts)."""
+    entry, ran_as_named = RAN[choice]
+    calls = []
+    kernels = quantized._quant
+    for name in ("forward", "forward_units"):
+        def wrapped(*args, _name=name, _kernel=getattr(kernels, name), **kwargs):
+            calls.append((_name, kwargs))
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, wrapped)
     for case in CASES:
         model = _model(case, dtype, per_channel)
+        monkeypatch.setattr(type(model), "_runner", lambda self, params: _NoRunner())
         with monkeypatch.context() as m:
             _force(m, PLAIN)
             plain = _run(model, case)
@@ -96,6 +123,15 @@ def test_every_quantized_plan_choice_gives_the_plain_plans_bits(choice, dtype, p
             got = _run(model, case)
         for a, b in zip(got, plain):
             np.testing.assert_array_equal(a, b, err_msg=f"{choice}: {case}")
+    assert any(name == entry and ran_as_named(kwargs) for name, kwargs in calls), choice
+
+
+class _NoRunner:
+    def run(self, x, hx):
+        return None
+
+    def step(self, x, hx):
+        return None
 
 
 def test_the_forced_choices_are_the_ones_planned(monkeypatch):
@@ -148,6 +184,14 @@ def test_quantized_plans_are_cached_by_shape_class_threads_and_tuning(monkeypatc
     monkeypatch.setattr(_parallel, "_threads", 2)
     monkeypatch.setattr(_plan, "QUANT_WINDOW_BYTES", 1)
     assert _plan.quantized_plan(model, 50, 32).window_bytes == 1
-    monkeypatch.setattr(_plan, "QUANT_DIRECT_WORK", 1 << 62)
     monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 1 << 62)
+    assert not _plan.quantized_plan(model, 50, 32).direct
+    monkeypatch.setattr(_plan, "QUANT_DIRECT_WORK", 1 << 62)
     assert _plan.quantized_plan(model, 50, 32).direct
+    # the unit split's group: H = 96 splits at [0, 64, 96] in groups of 32, not of 64
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_MIN_MACS", 0)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_MIN_WORK", 0)
+    gru96 = fastrnn.quantize(fastrnn.GRU(8, 96))
+    assert _plan.quantized_plan(gru96, 50, 1).units is None
+    monkeypatch.setattr(_plan, "QUANT_UNIT_GROUP", 32)
+    assert _plan.quantized_plan(gru96, 50, 1).units == [0, 64, 96]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _parallel, _plan
+from fastrnn import _parallel, _plan, quantized
 
 F32 = np.float32
 KINDS = ["RNN", "GRU", "LSTM"]
@@ -194,3 +194,18 @@ def test_a_cell_step_the_lean_path_declines_goes_the_general_way():
     with pytest.raises(TypeError, match=r"hx must be a tuple \(h, c\)"):
         cell(x, h)
     np.testing.assert_array_equal(cell(x.astype(np.float64))[0], cell(x)[0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(peepholes=True), dict(clip=2.0),
+                                    dict(learn_initial_state=True), dict(layer_norm=True),
+                                    dict(zoneout=0.1)])
+@pytest.mark.parametrize("kind", ["LSTM", "LSTMCell"])
+def test_a_quantized_class_built_directly_refuses_what_the_kernels_do_not_compute(kind,
+                                                                                  kwargs):
+    """as quantize() does: built directly, such a model would have run the
+    plain kernels (or, for a learned state, started from zeros)"""
+    cls = getattr(quantized, "Quantized" + kind)
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))}=.*which the reduced-precision "
+                                         f"kernels do not compute"):
+        cls(4, 8, **kwargs)
+    cls(4, 8, cell_activation="tanh")   # an explicit default passes
