@@ -12,6 +12,17 @@ cdef inline bint behaved(cnp.ndarray a, int typenum):
     return cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_ISBEHAVED_RO(a)
 
 
+cdef inline bint plain_input(object x, int typenum, int ndim_lo, int ndim_hi, Py_ssize_t D):
+    """x is a C-contiguous ndarray of the given dtype (native byte order,
+    aligned) of ndim_lo to ndim_hi dimensions, the last of size D."""
+    cdef int ndim
+    if type(x) is not cnp.ndarray:
+        return False
+    ndim = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    return (behaved(<cnp.ndarray>x, typenum) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+            and ndim_lo <= ndim <= ndim_hi and cnp.PyArray_DIM(<cnp.ndarray>x, ndim - 1) == D)
+
+
 cdef inline object state_copy(object a, int typenum, Py_ssize_t ndim, cnp.npy_intp* dims):
     """A fresh C-contiguous copy of a (a plain ndarray of exactly these
     dtype and dims), or None when a is anything else."""

@@ -40,7 +40,7 @@ import numpy as np
 
 cnp.import_array()
 
-from fastrnn._ndarrays cimport behaved, initial_states
+from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
                               run_parts, run_team, step_barrier)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
@@ -767,17 +767,13 @@ cdef class QRunner:
         cdef cnp.ndarray xa, out, h, c = None
         cdef cnp.npy_intp dims[3]
         cdef cnp.npy_intp sdims[3]
-        cdef Py_ssize_t T, B, ndim
+        cdef Py_ssize_t T, B
         cdef bint batched, batch_first, has_c = self.has_c
         cdef object states
-        if type(x) is not cnp.ndarray:
+        if not plain_input(x, cnp.NPY_FLOAT32, 2, 3, self.D):
             return None
         xa = <cnp.ndarray>x
-        ndim = cnp.PyArray_NDIM(xa)
-        if (not behaved(xa, cnp.NPY_FLOAT32) or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
-                or (ndim != 2 and ndim != 3) or cnp.PyArray_DIM(xa, ndim - 1) != self.D):
-            return None
-        batched = ndim == 3
+        batched = cnp.PyArray_NDIM(xa) == 3
         batch_first = self.batch_first and batched
         if not batched:
             T, B = cnp.PyArray_DIM(xa, 0), 1
@@ -822,14 +818,10 @@ cdef class QRunner:
         cdef object states
         cdef float* out
         cdef int outcome
-        if type(x) is not cnp.ndarray:
+        if not plain_input(x, cnp.NPY_FLOAT32, 1, 2, self.D) or self.L != 1 or self.dirs != 1:
             return None
         xa = <cnp.ndarray>x
         ndim = cnp.PyArray_NDIM(xa)
-        if (not behaved(xa, cnp.NPY_FLOAT32) or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
-                or (ndim != 1 and ndim != 2) or cnp.PyArray_DIM(xa, ndim - 1) != self.D
-                or self.L != 1 or self.dirs != 1):
-            return None
         B = cnp.PyArray_DIM(xa, 0) if ndim == 2 else 1
         if B == 0 or <double>B * self.G * self.H * (self.H // 4 + 20) >= self.max_work:
             return None

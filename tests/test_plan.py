@@ -7,6 +7,7 @@ import pytest
 
 import fastrnn
 from fastrnn import _parallel, _plan
+from plan_settings import force_plan
 
 KINDS = ["RNN", "GRU", "LSTM"]
 
@@ -52,13 +53,7 @@ INFERENCE_ONLY = {"time windows"}
 
 
 def _force(monkeypatch, choice):
-    settings = dict(CHOICES[choice]) if choice else {"threads": 1, "FOLD_MAX_BYTES": 0}
-    monkeypatch.setattr(_parallel, "_threads", settings.pop("threads"))
-    # a unit split waits for its worker however slow it is to wake, never backs off
-    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
-    monkeypatch.setattr(_plan, "_backoff", 0)
-    for name, value in settings.items():
-        monkeypatch.setattr(_plan, name, value)
+    force_plan(monkeypatch, CHOICES[choice] if choice else {"threads": 1, "FOLD_MAX_BYTES": 0})
 
 
 def _run(case, dtype, train):

@@ -10,6 +10,7 @@ import pytest
 
 import fastrnn
 from fastrnn import _parallel, _plan, quantized
+from plan_settings import force_plan
 
 KINDS = ["RNN", "GRU", "LSTM"]
 
@@ -50,16 +51,6 @@ CHOICES = {
                                   UNIT_SPLIT_MIN_WORK=0, QUANT_WINDOW_BYTES=1),
 }
 DTYPES = [("int8", True), ("int8", False), ("bfloat16", True)]
-
-
-def _force(monkeypatch, settings):
-    settings = dict(settings)
-    monkeypatch.setattr(_parallel, "_threads", settings.pop("threads"))
-    # a unit split waits for its worker however slow it is to wake, never backs off
-    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
-    monkeypatch.setattr(_plan, "_backoff", 0)
-    for name, value in settings.items():
-        monkeypatch.setattr(_plan, name, value)
 
 
 def _model(case, dtype, per_channel):
@@ -116,10 +107,10 @@ def test_every_quantized_plan_choice_gives_the_plain_plans_bits(choice, dtype, p
         model = _model(case, dtype, per_channel)
         monkeypatch.setattr(type(model), "_runner", lambda self, params: _NoRunner())
         with monkeypatch.context() as m:
-            _force(m, PLAIN)
+            force_plan(m, PLAIN)
             plain = _run(model, case)
         with monkeypatch.context() as m:
-            _force(m, dict(PLAIN, **CHOICES[choice]))
+            force_plan(m, dict(PLAIN, **CHOICES[choice]))
             got = _run(model, case)
         for a, b in zip(got, plain):
             np.testing.assert_array_equal(a, b, err_msg=f"{choice}: {case}")
@@ -139,17 +130,17 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
     would compare the plain plan with itself)."""
     rnn = fastrnn.quantize(fastrnn.RNN(4, 64, num_layers=2))
     with monkeypatch.context() as m:
-        _force(m, PLAIN)
+        force_plan(m, PLAIN)
         plain = _plan.quantized_plan(rnn, 30, 12)
         assert plain.parts == [(0, 1, 0, 12)] and not plain.direct and plain.units is None
     with monkeypatch.context() as m:
-        _force(m, dict(PLAIN, **CHOICES["parts at 3 threads"]))
+        force_plan(m, dict(PLAIN, **CHOICES["parts at 3 threads"]))
         assert len(_plan.quantized_plan(rnn, 30, 12).parts) == 3
     with monkeypatch.context() as m:
-        _force(m, dict(PLAIN, **CHOICES["direct, no dispatch"]))
+        force_plan(m, dict(PLAIN, **CHOICES["direct, no dispatch"]))
         assert _plan.quantized_plan(rnn, 30, 12).direct
     with monkeypatch.context() as m:
-        _force(m, dict(PLAIN, **CHOICES["unit split"]))
+        force_plan(m, dict(PLAIN, **CHOICES["unit split"]))
         assert _plan.quantized_plan(rnn, 30, 1).units is None   # one group of 64: no split
         gru = fastrnn.quantize(fastrnn.GRU(9, 128))
         assert _plan.quantized_plan(gru, 17, 1).units == [0, 64, 128]
