@@ -343,8 +343,7 @@ def _quantized_plan(layer, T, B, has_lengths):
     threads as float32's does (same thresholds), where the units split on
     whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP)."""
     H, dirs = layer._config["hidden_size"], layer._dirs
-    work = (layer._config.get("num_layers", 1) * T * B * dirs * layer._gates * H
-            * (H // 4 + 20))
+    work = T * B * quantized_row_step_work(layer)
     parts = split(dirs, B, work)
     units = None
     if (B == 1 and dirs == 1 and not has_lengths and H % QUANT_UNIT_GROUP == 0
@@ -354,10 +353,16 @@ def _quantized_plan(layer, T, B, has_lengths):
                      units)
 
 
+def quantized_row_step_work(layer):
+    """The work estimate of quantized_plan for one batch row and step."""
+    H = layer._config["hidden_size"]
+    return layer._config.get("num_layers", 1) * layer._dirs * layer._gates * H * (H // 4 + 20)
+
+
 def quantized_runner_limits(layer):
-    """(work bound, steps from which a batch-1 call may split its units
-    (2**62: never)) for the lean path's _quant.QRunner, which takes a call
-    below both: quantized_plan's ``direct`` and ``units`` conditions, or
+    """(work of a row and step, work bound, steps from which a batch-1 call
+    may split its units (2**62: never)) for the lean path's _quant.QRunner,
+    which takes a call below both bounds: quantized_plan's ``direct`` and ``units`` conditions, or
     stricter (at 2 threads it leaves every call from MIN_PARALLEL_WORK on
     to the plan, even a batch-1 one the plan runs in one part), so that
     the runner takes only calls the plan would run in one part without the
@@ -370,7 +375,8 @@ def quantized_runner_limits(layer):
     if (layer._dirs == 1 and H % QUANT_UNIT_GROUP == 0
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
         split_steps = unit_split_steps(H, layer._gates)
-    return max_work, 2**62 if split_steps is None else split_steps
+    return (quantized_row_step_work(layer), max_work,
+            2**62 if split_steps is None else split_steps)
 
 
 def runner_limits(layer):

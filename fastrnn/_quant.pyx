@@ -742,21 +742,22 @@ cdef class QRunner:
     ndarray in native byte order of the layer's input size, (T, B, D)
     ((B, T, D) batch-first) or unbatched (T, D), hx None or float32 ndarrays
     of the exact state shape (a tuple (h, c) for LSTM; copied, so any
-    strides), the call's work (_plan.quantized_plan's) below max_work, a
-    batch-1 call shorter than split_steps (from which the plan splits its
-    hidden units), and every value finite; the caller then takes the
-    general path, which validates, plans and reports."""
+    strides), the call's work (T B row_step_work, _plan.quantized_plan's)
+    below max_work, a batch-1 call shorter than split_steps (from which the
+    plan splits its hidden units), and every value finite; the caller then
+    takes the general path, which validates, plans and reports."""
     cdef QStack stack
-    cdef Py_ssize_t L, dirs, D, H, G, split_steps, window_bytes
+    cdef Py_ssize_t L, dirs, D, H, split_steps, window_bytes
     cdef bint batch_first, has_c
-    cdef double max_work
+    cdef double row_step_work, max_work
 
-    def __init__(self, QStack stack not None, bint batch_first, bint has_c, double max_work,
-                 Py_ssize_t split_steps, Py_ssize_t window_bytes):
+    def __init__(self, QStack stack not None, bint batch_first, bint has_c,
+                 double row_step_work, double max_work, Py_ssize_t split_steps,
+                 Py_ssize_t window_bytes):
         self.stack = stack
         self.L, self.dirs = stack.num_layers, stack.dirs
         self.D, self.H = stack.input_size, stack.hidden_size
-        self.G = num_gates(stack.cell)
+        self.row_step_work = row_step_work
         self.batch_first = batch_first
         self.has_c = has_c
         self.max_work = max_work
@@ -781,8 +782,8 @@ cdef class QRunner:
             T, B = cnp.PyArray_DIM(xa, 1), cnp.PyArray_DIM(xa, 0)
         else:
             T, B = cnp.PyArray_DIM(xa, 0), cnp.PyArray_DIM(xa, 1)
-        if (T == 0 or B == 0 or <double>self.L * T * B * self.dirs * self.G * self.H
-                * (self.H // 4 + 20) >= self.max_work or (B == 1 and T >= self.split_steps)):
+        if (T == 0 or B == 0 or <double>T * B * self.row_step_work >= self.max_work
+                or (B == 1 and T >= self.split_steps)):
             return None
         # the states: fresh arrays holding hx (or zeros)
         sdims[0], sdims[1], sdims[2] = self.L * self.dirs, B, self.H
@@ -823,7 +824,7 @@ cdef class QRunner:
         xa = <cnp.ndarray>x
         ndim = cnp.PyArray_NDIM(xa)
         B = cnp.PyArray_DIM(xa, 0) if ndim == 2 else 1
-        if B == 0 or <double>B * self.G * self.H * (self.H // 4 + 20) >= self.max_work:
+        if B == 0 or B * self.row_step_work >= self.max_work:
             return None
         sdims[0] = B if ndim == 2 else self.H
         sdims[1] = self.H

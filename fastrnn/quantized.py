@@ -548,6 +548,7 @@ class _Quantized(_ReducedWeights):
             raise ValueError(f"{owner}: proj_size={cfg['proj_size']}: the reduced-precision "
                              f"kernels have no projection")
         # built directly, as quantize() builds it: only what the kernels compute
+        # (no learned initial state either: the call paths start from hx or zeros)
         _check_computed(owner, self)
         cfg["weight_dtype"] = _check_weight_dtype(owner, weight_dtype)
         cfg["per_channel"] = v.check_bool(owner, "per_channel", per_channel)
@@ -617,10 +618,10 @@ class _Quantized(_ReducedWeights):
         key = ("qrunner",) + _plan._quant_tuning()
         cached = params.cache.get("qrunner")
         if cached is None or cached[0] != key:
-            max_work, split_steps = _plan.quantized_runner_limits(self)
             cached = params.cache["qrunner"] = (key, _quant.QRunner(
                 self._stack(params).kernel, bool(self._config.get("batch_first")),
-                self._has_cell_state, max_work, split_steps, _plan.QUANT_WINDOW_BYTES))
+                self._has_cell_state, *_plan.quantized_runner_limits(self),
+                _plan.QUANT_WINDOW_BYTES))
         return cached[1]
 
     def _qrun(self, params, x, T, B, batch_first, h_n, c_n, out, lengths):
@@ -689,7 +690,7 @@ class _QuantizedLayer(_Quantized):
         if mask is not None:   # fastrnn.masking runs the layer with lengths
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
         params = self._params   # one parameter set for the whole call
-        if lengths is None and not self._init_index:
+        if lengths is None:
             # the lean path of small calls (_quant.QRunner), then the plain call
             result = self._runner(params).run(x, hx)
             if result is None:
@@ -711,8 +712,7 @@ class _QuantizedLayer(_Quantized):
         reports it."""
         cfg = self._config
         if (type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 3
-                or not x.flags.c_contiguous or x.shape[2] != cfg["input_size"]
-                or self._init_index):
+                or not x.flags.c_contiguous or x.shape[2] != cfg["input_size"]):
             return None
         batch_first = cfg["batch_first"]
         B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
@@ -736,10 +736,9 @@ class _QuantizedCell(_Quantized):
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         params = self._params
-        if not self._init_index:   # the lean path of a plain step
-            result = self._runner(params).step(x, hx)
-            if result is not None:
-                return result
+        result = self._runner(params).step(x, hx)   # the lean path of a plain step
+        if result is not None:
+            return result
         plain = self._plain_arguments(x, hx)
         x, B, batched, h, c = plain if plain is not None else self._prepare(params, x, hx)
         if B > 0:   # one step: h, c become the new state
@@ -755,7 +754,7 @@ class _QuantizedCell(_Quantized):
         cfg = self._config
         D, H = cfg["input_size"], cfg["hidden_size"]
         if (type(x) is not np.ndarray or x.dtype != np.float32 or not 1 <= x.ndim <= 2
-                or not x.flags.c_contiguous or x.shape[-1] != D or self._init_index):
+                or not x.flags.c_contiguous or x.shape[-1] != D):
             return None
         batched = x.ndim == 2
         B = x.shape[0] if batched else 1
