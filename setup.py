@@ -124,8 +124,11 @@ SIMD_FLAGS = {
 # may fuse a multiply and an add that another does not (GCC and Clang
 # contract by default with FMA; MSVC only with /fp:contract, left out for
 # them); FASTRNN_EXPLICIT_FMA fuses the activations' polynomials by hand
-# where the CPU has FMA (fastrnn/_activations.h).
-QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA"], "msvc": []}
+# where the CPU has FMA (fastrnn/_activations.h); FASTRNN_RATIONAL_ACTIVATIONS
+# gives them their own sigmoid and tanh (fastrnn/_gates.pxd.tp).
+QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA",
+                        "-DFASTRNN_RATIONAL_ACTIVATIONS=1"],
+               "msvc": ["/DFASTRNN_RATIONAL_ACTIVATIONS=1"]}
 # the AMX build: bf16's flags and the tiles' (without them where the
 # compiler cannot build the tiles' intrinsics: BuildExt._assembles_amx)
 AMX_FLAGS = ["-mamx-tile", "-mamx-int8", "-mamx-bf16"]
