@@ -37,6 +37,7 @@ values: plans are kept in one bounded cache keyed by all of these.
 
 Reduced-precision calls (``fastrnn.quantize``) ask :func:`quantized_plan`
 (cached the same way): parts per thread (``_quant.forward``), or at batch 1
+(and in int8 for a few rows over large weights: QUANT_UNIT_SPLIT_MAX_ROWS)
 the units of two threads that meet after every step
 (``_quant.forward_units``); their small calls take the lean path of
 ``_quant.QRunner``, within :func:`quantized_runner_limits`.
@@ -120,8 +121,25 @@ FOLD_MAX_BYTES = 512 << 10
 QUANT_DIRECT_WORK = 1 << 22
 QUANT_WINDOW_BYTES = 512 << 10
 # the quantized kernels' column groups (_qkernel.h: 4 blocks of 16): a
-# batch-1 unit split gives each thread whole groups of every gate
+# unit split gives the first thread whole groups of every gate
 QUANT_UNIT_GROUP = 64
+# At 2 threads an int8 call of 2 to QUANT_UNIT_SPLIT_MAX_ROWS - 1 batch rows
+# (unidirectional, no lengths) splits its hidden units, not its rows, where
+# its packed W_hh takes QUANT_UNIT_SPLIT_MIN_BYTES or more (twice that
+# without AMX): halves of fewer than 16 rows would leave the AMX tiles for
+# VNNI, and each thread would stream all of W_hh through its L2 every
+# step, where with the units split each streams its half. Measured
+# 2026-12-03 (2 threads, min of 24 calls, the split against the rows'):
+# AMX, GRU 800->800 B=20 T=300 (the bench's ds2-b20, W_hh 1.9 MB) 46.2 ->
+# 28.3 ms, GRU 768 B=20 39.4 -> 25.2, GRU 512 B=20 4.46 -> 3.39, LSTM 512
+# B=8, 20, 30 1.13x, 1.30x, 1.31x; LSTM 384 B=20 (576 KB) 3.32 -> 3.41
+# (none); LSTM 512 B=32 6.35 -> 6.82 and B=64 9.4 -> 14.0 (slower: both
+# halves on the tiles); LSTM 256 B=8 34 -> 48 (slower). VNNI: GRU 768 B=20
+# 52.0 -> 39.7, LSTM 512 B=20 7.63 -> 8.41 (slower). bfloat16 (AMX): GRU
+# 768 B=20 1.12x, LSTM 512 B=20 none: left to the row split.
+QUANT_UNIT_SPLIT_MAX_ROWS = 32
+QUANT_UNIT_SPLIT_MIN_BYTES = 768 << 10
+QUANT_UNIT_SPLIT_DTYPES = ("int8",)
 
 # Plans kept at most (one per shape class; a new shape past this clears them).
 PLAN_CACHE_SIZE = 512
@@ -226,7 +244,8 @@ def _tuning():
 
 
 def _quant_tuning():
-    return (QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES, QUANT_UNIT_GROUP) + _tuning()
+    return (QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES, QUANT_UNIT_GROUP, QUANT_UNIT_SPLIT_MAX_ROWS,
+            QUANT_UNIT_SPLIT_MIN_BYTES, QUANT_UNIT_SPLIT_DTYPES) + _tuning()
 
 
 _plans: dict = {}
@@ -327,8 +346,8 @@ def quantized_plan(layer, T, B, has_lengths=False):
     """The plan of a reduced-precision call of ``layer`` (a quantized layer
     or cell) over T steps of B rows, cached as forward_plan's."""
     cfg = layer._config
-    key = ("quantized", layer._kernel_code, cfg.get("num_layers", 1), layer._dirs,
-           cfg["hidden_size"], T, B, bool(has_lengths)) + _quant_tuning()
+    key = ("quantized", cfg["weight_dtype"], layer._kernel_code, cfg.get("num_layers", 1),
+           layer._dirs, cfg["hidden_size"], T, B, bool(has_lengths)) + _quant_tuning()
     return _cached(key, lambda: _quantized_plan(layer, T, B, has_lengths))
 
 
@@ -341,16 +360,35 @@ def _quantized_plan(layer, T, B, has_lengths):
     where the product-only estimate had kept it on one). A unidirectional
     batch-1 call without lengths splits its hidden units between two
     threads as float32's does (same thresholds), where the units split on
-    whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP)."""
+    whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP),
+    and so does an int8 call of a few rows over large weights
+    (QUANT_UNIT_SPLIT_MAX_ROWS says when) instead of splitting its rows."""
     H, dirs = layer._config["hidden_size"], layer._dirs
     work = T * B * quantized_row_step_work(layer)
     parts = split(dirs, B, work)
     units = None
-    if (B == 1 and dirs == 1 and not has_lengths and H % QUANT_UNIT_GROUP == 0
+    if (dirs == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
-        units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+        if B == 1 and H % QUANT_UNIT_GROUP == 0:
+            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+        elif 1 < B < QUANT_UNIT_SPLIT_MAX_ROWS and len(parts) == 2 and H % 16 == 0:
+            if _few_rows_split_units(layer):
+                units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
     return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES,
                      units)
+
+
+def _few_rows_split_units(layer):
+    """Whether a call of a few batch rows splits its hidden units
+    (QUANT_UNIT_SPLIT_MAX_ROWS): W_hh in QUANT_UNIT_SPLIT_DTYPES of
+    QUANT_UNIT_SPLIT_MIN_BYTES or more on the AMX tiles, twice that without
+    them."""
+    from fastrnn import quantized   # it imports this module
+    if layer._config["weight_dtype"] not in QUANT_UNIT_SPLIT_DTYPES:
+        return False
+    H = layer._config["hidden_size"]
+    least = QUANT_UNIT_SPLIT_MIN_BYTES * (1 if quantized._quant.AMX else 2)
+    return layer._gates * H * H >= least
 
 
 def quantized_row_step_work(layer):

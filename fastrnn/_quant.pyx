@@ -850,20 +850,21 @@ cdef class QRunner:
 # --- batch 1 on two threads: the hidden units split, a barrier per step ---
 
 cdef struct UnitJob:
-    # a unidirectional stack at batch 1 (rows are steps), window after
-    # window, every layer: part p owns hidden units [bounds[p], bounds[p+1])
-    # of every gate, its columns of the input projection (gx) and of the
-    # recurrent product, and its units of each step's output
+    # a unidirectional stack without lengths, window after window, every
+    # layer: part p owns hidden units [bounds[p], bounds[p+1]) of every
+    # gate, its columns of the input projection (gx) and of the recurrent
+    # product, and its units of each step's output, for all B batch rows
     const QLayer* layers
     int cell
-    Py_ssize_t L, T, Tw, D0, H, qrow_max
+    Py_ssize_t L, T, B, Tw, D0, H, qrow_max
+    Py_ssize_t row_t, row_b       # x's and out's row (t, b): t * row_t + b * row_b
     Py_ssize_t bounds[3]
-    const float* x               # (T, D0)
-    float* out                   # (T, H)
-    float* buf[2]                # layers between: (Tw, H)
-    float* gx                    # (Tw, G * H)
-    float* h                     # (L, H): the state in and out
-    float* c                     # (L, H), LSTM only
+    const float* x               # (T * B, D0)
+    float* out                   # (T * B, H)
+    float* buf[2]                # layers between: (Tw * B, H), time-major
+    float* gx                    # (Tw * B, G * H), time-major
+    float* h                     # (L, B, H): the state in and out
+    float* c                     # (L, B, H), LSTM only
     char* scratch[2]             # per part: _unit_scratch
     long long* sync              # the barrier's slots, then (slot 2) stop_at:
                                  # the barrier after which both parts stop (0: none)
@@ -873,10 +874,12 @@ cdef struct UnitJob:
     Interrupt interrupt          # polled by part 0 (the calling thread)
 
 
-cdef inline Py_ssize_t _unit_scratch(Py_ssize_t qrow_max, Py_ssize_t G, Py_ssize_t H) noexcept nogil:
+cdef inline Py_ssize_t _unit_scratch(Py_ssize_t qrow_max, Py_ssize_t G, Py_ssize_t H,
+                                     Py_ssize_t B) noexcept nogil:
     """Bytes of a part's scratch: PROJECT_BLOCK converted rows and their
-    scales, the activations (4 H) and the GRU's recurrent gates (G H)."""
-    return PROJECT_BLOCK * (qrow_max + 4) + (4 + G) * H * 4 + 64
+    scales (B <= PROJECT_BLOCK: a step's rows convert at once), the
+    activations of a row (4 H) and the GRU's recurrent gates (B rows of G H)."""
+    return PROJECT_BLOCK * (qrow_max + 4) + (4 + B * G) * H * 4 + 64
 
 
 cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexcept nogil:
@@ -904,24 +907,32 @@ cdef inline bint _unit_barrier(UnitJob* j, int part, long long* done,
     return fastrnn_load_acquire_ll(stop_at) == done[0]
 
 
+cdef inline float* _unit_row(const UnitJob* j, Py_ssize_t k, Py_ssize_t t0, Py_ssize_t st,
+                             Py_ssize_t b) noexcept nogil:
+    """Layer k's output row of step t0 + st (st within the window), batch row
+    b: the caller's out for the last layer, else the window's buffer."""
+    if k == j.L - 1:
+        return j.out + ((t0 + st) * j.row_t + b * j.row_b) * j.H
+    return j.buf[k % 2] + (st * j.B + b) * j.H
+
+
 cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef UnitJob* j = <UnitJob*>arg
     cdef Py_ssize_t lo = j.bounds[part], u = j.bounds[part + 1] - j.bounds[part]
-    cdef Py_ssize_t H = j.H, G = num_gates(j.cell), GH = G * H
+    cdef Py_ssize_t H = j.H, B = j.B, G = num_gates(j.cell), GH = G * H
     cdef int cell = j.cell
     cdef int8_t* q = <int8_t*>_aligned(j.scratch[part])
     cdef float* s = <float*>(q + PROJECT_BLOCK * j.qrow_max)
     cdef float* acts = s + PROJECT_BLOCK
     cdef float* gh = acts + 4 * H
-    cdef Py_ssize_t t0 = 0, steps, k, g, st, r, n, i, D, qrow
+    cdef Py_ssize_t t0 = 0, steps, k, g, st, r, n, i, b, D, qrow
     cdef long long done = 0, waits = 0
     cdef const QLayer* layer
-    cdef const float* layer_in
+    cdef const float* in_row
     cdef const float* h_prev
-    cdef float* layer_out
     cdef float* h_k
     cdef float* c_k
-    cdef float* g_row
+    cdef float* g_t
     cdef float* out_row
     cdef QView wk
     cdef unsigned int fpenv = fastrnn_flush_denormals()
@@ -931,17 +942,23 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     # input projection, then its state)
     while t0 < j.T:
         steps = min(j.Tw, j.T - t0)
-        layer_in = j.x + t0 * j.D0
         for k in range(j.L):
             layer = &j.layers[k]
             D = j.D0 if k == 0 else H
             qrow = _row_bytes(layer.w_ih.kind, D)
-            # this part's columns of the window's input projection
+            # this part's columns of the window's input projection, its rows
+            # (step st, batch row b) at st * B + b
             r = 0
-            while r < steps:
-                n = min(<Py_ssize_t>PROJECT_BLOCK, steps - r)
+            while r < steps * B:
+                n = min(<Py_ssize_t>PROJECT_BLOCK, steps * B - r)
                 for i in range(n):
-                    s[i] = _row(layer.w_ih.kind, layer_in + (r + i) * D, D, q + i * qrow)
+                    st = (r + i) // B
+                    b = (r + i) - st * B
+                    if k == 0:
+                        in_row = j.x + ((t0 + st) * j.row_t + b * j.row_b) * D
+                    else:
+                        in_row = _unit_row(j, k - 1, t0, st, b)
+                    s[i] = _row(layer.w_ih.kind, in_row, D, q + i * qrow)
                     if s[i] < 0:
                         j.bad = 1
                 for g in range(G):
@@ -950,45 +967,53 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                              NULL if layer.bias_x == NULL else layer.bias_x + g * H + lo, 0,
                              j.gx + r * GH + g * H + lo, GH)
                 r += n
-            h_k = j.h + k * H
-            c_k = NULL if j.c == NULL else j.c + k * H
+            h_k = j.h + k * B * H
+            c_k = NULL if j.c == NULL else j.c + k * B * H
             qrow = _row_bytes(layer.w_hh[0].kind, H)
-            if j.bad or _row(layer.w_hh[0].kind, h_k, H, q) < 0:
-                j.bad = j.bad or 2
+            if not j.bad:
+                for b in range(B):
+                    if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0:
+                        j.bad = 2
+            if j.bad:
                 t0 = j.T        # stop: both parts decided alike
                 break
             # the steps: h_{t-1} is the output's previous row (the state at
             # a window's first step), read whole; this part writes its units
-            layer_out = j.out + t0 * H if k == j.L - 1 else j.buf[k % 2]
             for st in range(steps):
-                h_prev = h_k if st == 0 else layer_out + (st - 1) * H
-                out_row = layer_out + st * H
-                g_row = j.gx + st * GH
-                s[0] = _row(layer.w_hh[0].kind, h_prev, H, q)
+                g_t = j.gx + st * B * GH
+                for b in range(B):
+                    h_prev = h_k + b * H if st == 0 else _unit_row(j, k, t0, st - 1, b)
+                    s[b] = _row(layer.w_hh[0].kind, h_prev, H, q + b * qrow)
                 for g in range(G):
                     wk = _columns(&layer.w_hh[0], g * H + lo, u)
                     if cell == GRU:
-                        _product(&wk, 1, q, qrow, s,
+                        _product(&wk, B, q, qrow, s,
                                  NULL if layer.bias_h == NULL else layer.bias_h + g * H + lo,
                                  0, gh + g * H + lo, GH)
                     else:
-                        _product(&wk, 1, q, qrow, s, g_row + g * H + lo, 0, g_row + g * H + lo,
+                        _product(&wk, B, q, qrow, s, g_t + g * H + lo, GH, g_t + g * H + lo,
                                  GH)
-                if cell == LSTM:
-                    lstm_row(g_row + lo, out_row + lo, c_k + lo, out_row + lo, acts, u, H)
-                elif cell == GRU:
-                    gru_row(g_row + lo, gh + lo, h_prev + lo, out_row + lo, out_row + lo, acts,
-                            u, H)
-                else:
-                    rnn_row(g_row + lo, out_row + lo, out_row + lo, acts, u, cell == RNN_RELU)
+                for b in range(B):
+                    out_row = _unit_row(j, k, t0, st, b)
+                    if cell == LSTM:
+                        lstm_row(g_t + b * GH + lo, out_row + lo, c_k + b * H + lo,
+                                 out_row + lo, acts, u, H)
+                    elif cell == GRU:
+                        h_prev = h_k + b * H if st == 0 else _unit_row(j, k, t0, st - 1, b)
+                        gru_row(g_t + b * GH + lo, gh + b * GH + lo, h_prev + lo, out_row + lo,
+                                out_row + lo, acts, u, H)
+                    else:
+                        rnn_row(g_t + b * GH + lo, out_row + lo, out_row + lo, acts, u,
+                                cell == RNN_RELU)
                 if _unit_barrier(j, part, &done, &waits):
                     break
             else:
                 # the state for the next window, then a barrier: no part reads
                 # it whole before both wrote their units
-                memcpy(h_k + lo, layer_out + (steps - 1) * H + lo, u * sizeof(float))
+                for b in range(B):
+                    memcpy(h_k + b * H + lo, _unit_row(j, k, t0, steps - 1, b) + lo,
+                           u * sizeof(float))
                 if not _unit_barrier(j, part, &done, &waits):
-                    layer_in = layer_out
                     continue
             t0 = j.T            # interrupted: both parts stop at the same barrier
             break
@@ -1006,15 +1031,21 @@ cdef int _raise_pending() except -1:
 
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                   float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
-                  Py_ssize_t mid, Py_ssize_t window_bytes, long long wait_ns):
-    """``forward`` of a unidirectional stack at batch 1 (x (T, D), h, c (L,
-    1, H), out (T, H)) on two threads: hidden units [0, mid) here, [mid, H)
-    on the worker, which meet at a barrier after every step. The same
-    arithmetic per unit as ``forward`` (each converts the whole h_{t-1}
-    row as forward does, and a product's columns do not depend on each
-    other), so the same bits. H and mid multiples of 64 (whole column
-    groups of every gate); not for the reset-before GRU (its n product
-    needs all of r * h mid-step).
+                  Py_ssize_t mid, Py_ssize_t window_bytes, bint batch_first=False,
+                  long long wait_ns):
+    """``forward`` of a unidirectional stack without lengths (x (T * B, D),
+    h, c (L, B, H), out (T * B, H); rows time-major, or batch-major with
+    batch_first) on two threads: hidden units [0, mid) here, [mid, H) on the
+    worker, which meet at a barrier after every step. The same arithmetic
+    per unit as ``forward`` (each converts the whole h_{t-1} rows as forward
+    does, and a product's columns do not depend on each other), so the same
+    bits. H a multiple of 16 and mid of 64: each gate's columns start on a
+    block of the packed weights, the first part's are whole column groups,
+    and the second part's end at the gate's end (its last group reads the
+    next gate's first blocks, or the padding after the last gate, and
+    writes only its own columns). B <= 64 (a step's rows convert at once).
+    Not for the reset-before GRU (its n product needs all of r * h
+    mid-step).
 
     Returns (ran, outcome): ran 0 when the worker was owned by another call
     or did not take its part within wait_ns (nothing done: run
@@ -1022,35 +1053,43 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     each other (they shared a core); outcome as ``forward``'s."""
     cdef UnitJob job
     cdef long long sync_raw[3 * SYNC_SLOT + 16]
-    cdef Py_ssize_t H = stack.hidden_size, T = x.shape[0], L = stack.num_layers
+    cdef Py_ssize_t H = stack.hidden_size, L = stack.num_layers, B = h.shape[1], T
     cdef Py_ssize_t G = num_gates(stack.cell)
     cdef Py_ssize_t sizes[5]
     cdef unsigned char[::1] scratch
     cdef char* base
     cdef bint claimed
-    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or H % 64 or mid % 64
-            or not 0 < mid < H):
+    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or H % 16 or mid % 64
+            or not 0 < mid < H or not 1 <= B <= PROJECT_BLOCK):
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
-                         f"reset-before GRU) with H and mid multiples of 64, 0 < mid < H; "
-                         f"got dirs={stack.dirs}, H={H}, mid={mid}")
-    shapes = ((x.shape[1], out.shape[0], out.shape[1]), (h.shape[0], h.shape[1], h.shape[2]),
+                         f"reset-before GRU) with H a multiple of 16, mid of 64, 0 < mid < H, "
+                         f"1 <= B <= {PROJECT_BLOCK}; got dirs={stack.dirs}, H={H}, mid={mid}, "
+                         f"B={B}")
+    T = x.shape[0] // B
+    states = ((h.shape[0], h.shape[1], h.shape[2]),
               None if c is None else (c.shape[0], c.shape[1], c.shape[2]))
-    if shapes != ((stack.input_size, T, H), (L, 1, H), (L, 1, H) if stack.cell == LSTM else None):
-        raise ValueError(f"forward_units: expected x (T, {stack.input_size}), out (T, {H}), "
-                         f"h (and c, LSTM only) ({L}, 1, {H}); got x ({T}, {x.shape[1]}), "
-                         f"out ({out.shape[0]}, {out.shape[1]}), h and c {shapes[1:]}")
+    if (x.shape[0] != T * B or x.shape[1] != stack.input_size or out.shape[0] != T * B
+            or out.shape[1] != H
+            or states != ((L, B, H), (L, B, H) if stack.cell == LSTM else None)):
+        raise ValueError(f"forward_units: expected x (T * B, {stack.input_size}), out (T * B, "
+                         f"{H}), h (and c, LSTM only) ({L}, B, {H}); got x ({x.shape[0]}, "
+                         f"{x.shape[1]}), out ({out.shape[0]}, {out.shape[1]}), h and c {states}")
     if T == 0:
         return 1, 0
-    job.layers, job.cell, job.L, job.T = stack.layers, stack.cell, L, T
+    job.layers, job.cell, job.L, job.T, job.B = stack.layers, stack.cell, L, T, B
+    if batch_first:
+        job.row_t, job.row_b = 1, T
+    else:
+        job.row_t, job.row_b = B, 1
     job.D0, job.H = stack.input_size, H
-    job.Tw = max(<Py_ssize_t>1, min(T, window_bytes // (G * H * 4)))
+    job.Tw = max(<Py_ssize_t>1, min(T, window_bytes // (B * G * H * 4)))
     job.qrow_max = _row_bytes(stack.kind, max(stack.input_size, H))
     job.bounds[0], job.bounds[1], job.bounds[2] = 0, mid, H
     # gx, two layer buffers, each part's scratch; each 64-byte aligned
-    sizes[0] = job.Tw * G * H * 4
-    sizes[1] = job.Tw * H * 4 if L > 1 else 0
-    sizes[2] = job.Tw * H * 4 if L > 2 else 0
-    sizes[3] = sizes[4] = _unit_scratch(job.qrow_max, G, H)
+    sizes[0] = job.Tw * B * G * H * 4
+    sizes[1] = job.Tw * B * H * 4 if L > 1 else 0
+    sizes[2] = job.Tw * B * H * 4 if L > 2 else 0
+    sizes[3] = sizes[4] = _unit_scratch(job.qrow_max, G, H, B)
     scratch = np.empty(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4] + 6 * 64, np.uint8)
     base = _aligned(<char*>&scratch[0])
     job.gx = <float*>base
@@ -1075,12 +1114,15 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
         return 0, 0
     if job.interrupt.stop:
         _raise_pending()       # the outputs and the state are then partial
-    # the parts yielded more often than once a barrier: they did not have a
-    # core each (another program, or the scheduler). (float32's recur_units
-    # takes a quarter of the steps; here, with a core each, the short
-    # bfloat16 steps at H = 256 yield at 0.5-0.8 of the barriers, measured,
-    # waiting out jitter)
-    return (2 if job.waits[0] + job.waits[1] > job.barriers else 1), job.bad
+    # the parts yielded more often than once a barrier and batch row: they
+    # did not have a core each (another program, or the scheduler). (float32's
+    # recur_units takes a quarter of the steps; here, with a core each, the
+    # short bfloat16 steps at H = 256, B = 1 yield at 0.5-0.8 of the
+    # barriers, measured, waiting out jitter. A step's time, so the yields
+    # of both its imbalance and of sharing a core, grow with its rows: GRU
+    # 800->800 at B = 20, 384 and 416 units, yields 2-4 times a barrier
+    # with a core each)
+    return (2 if job.waits[0] + job.waits[1] > job.barriers * B else 1), job.bad
 
 
 # --- for the tests: the pieces, exposed ---

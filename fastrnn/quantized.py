@@ -635,10 +635,10 @@ class _Quantized(_ReducedWeights):
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
         if plan.units is not None and _plan.unit_split_allowed():
-            # batch 1: the hidden units split between two threads (the same bits)
+            # the hidden units split between two threads (the same bits)
             ran, outcome = _quant.forward_units(
-                kernel, x=x.reshape(T, -1), h=h_n, c=c_n, out=out.reshape(T, -1),
-                mid=plan.units[1], window_bytes=plan.window_bytes,
+                kernel, x=x.reshape(T * B, -1), h=h_n, c=c_n, out=out.reshape(T * B, -1),
+                batch_first=batch_first, mid=plan.units[1], window_bytes=plan.window_bytes,
                 wait_ns=_plan.UNIT_SPLIT_WAIT_NS)
             if ran == 2:
                 _plan.unit_split_contended()

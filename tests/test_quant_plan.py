@@ -1,6 +1,7 @@
 """The plan of a quantized call (fastrnn/_plan.py, quantized_plan): every
 choice it can make (parts on 2, 3 or 8 threads, time windows, the calling
-thread without the dispatch, the batch-1 unit split) gives the plain plan's
+thread without the dispatch, the unit split at batch 1 and of a few rows)
+gives the plain plan's
 outputs bit for bit, on random shapes, int8 (per channel and per tensor)
 and bfloat16. Each row's arithmetic is its own in every kernel (int8 sums
 are exact; bfloat16 rows never share a tile's order with other rows), so
@@ -26,13 +27,17 @@ def _random_cases(seed, count):
             for _ in range(count)]
 
 
-# random shapes, and batch-1 unidirectional ones whose hidden size the unit
-# split takes (whole groups of 64 units)
+# random shapes, and unidirectional ones whose hidden size the unit split
+# takes: at batch 1 whole groups of 64 units, with a few rows H a multiple of
+# 16 (the second part's last group partial: 144, 208), past the AMX tiles'
+# 16 rows too
 CASES = _random_cases(20261203, 14) + [
-    dict(kind=kind, D=d, H=h, T=t, B=1, layers=layers, bidirectional=False,
+    dict(kind=kind, D=d, H=h, T=t, B=b, layers=layers, bidirectional=False,
          batch_first=bf, lengths=False, reset_after=True)
-    for kind, d, h, t, layers, bf in [("LSTM", 5, 128, 30, 1, False), ("GRU", 9, 128, 17, 2, True),
-                                       ("RNN", 3, 192, 25, 1, False)]]
+    for kind, d, h, t, b, layers, bf in [
+        ("LSTM", 5, 128, 30, 1, 1, False), ("GRU", 9, 128, 17, 1, 2, True),
+        ("RNN", 3, 192, 25, 1, 1, False), ("LSTM", 6, 144, 12, 5, 2, True),
+        ("GRU", 11, 208, 9, 19, 1, False), ("RNN", 4, 128, 14, 3, 1, True)]]
 
 # the plain plan: one thread, the whole sequence in one window, through the
 # parts' dispatch (one part)
@@ -49,6 +54,13 @@ CHOICES = {
                        UNIT_SPLIT_MIN_WORK=0),
     "unit split in windows": dict(threads=2, MIN_PARALLEL_WORK=0, UNIT_SPLIT_MIN_MACS=0,
                                   UNIT_SPLIT_MIN_WORK=0, QUANT_WINDOW_BYTES=1),
+    "unit split of a few rows": dict(threads=2, MIN_PARALLEL_WORK=0, UNIT_SPLIT_MIN_MACS=0,
+                                     UNIT_SPLIT_MIN_WORK=0, QUANT_UNIT_SPLIT_MIN_BYTES=0,
+                                     QUANT_UNIT_SPLIT_DTYPES=("int8", "bfloat16")),
+    "a few rows' unit split in windows": dict(
+        threads=2, MIN_PARALLEL_WORK=0, UNIT_SPLIT_MIN_MACS=0, UNIT_SPLIT_MIN_WORK=0,
+        QUANT_UNIT_SPLIT_MIN_BYTES=0, QUANT_UNIT_SPLIT_DTYPES=("int8", "bfloat16"),
+        QUANT_WINDOW_BYTES=1),
 }
 DTYPES = [("int8", True), ("int8", False), ("bfloat16", True)]
 
@@ -84,6 +96,10 @@ RAN = {
     "direct, no dispatch": ("forward", lambda k: k["direct"]),
     "unit split": ("forward_units", lambda k: k["window_bytes"] > 1),
     "unit split in windows": ("forward_units", lambda k: k["window_bytes"] == 1),
+    "unit split of a few rows": ("forward_units", lambda k: k["h"].shape[1] > 1
+                                 and k["h"].shape[2] % 64 and k["window_bytes"] > 1),
+    "a few rows' unit split in windows": ("forward_units", lambda k: k["h"].shape[1] > 16
+                                          and k["window_bytes"] == 1),
 }
 
 
@@ -144,6 +160,31 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
         assert _plan.quantized_plan(rnn, 30, 1).units is None   # one group of 64: no split
         gru = fastrnn.quantize(fastrnn.GRU(9, 128))
         assert _plan.quantized_plan(gru, 17, 1).units == [0, 64, 128]
+        assert _plan.quantized_plan(gru, 17, 5).units is None    # W_hh 48 KB: the rows split
+    with monkeypatch.context() as m:
+        force_plan(m, dict(PLAIN, **CHOICES["unit split of a few rows"]))
+        gru = fastrnn.quantize(fastrnn.GRU(9, 208, num_layers=2))
+        assert _plan.quantized_plan(gru, 9, 19).units == [0, 128, 208]
+        assert _plan.quantized_plan(gru, 9, 31).units == [0, 128, 208]
+        for B, lengths in [(1, False), (32, False), (19, True)]:
+            assert _plan.quantized_plan(gru, 9, B, has_lengths=lengths).units != [0, 128, 208]
+        bidir = fastrnn.quantize(fastrnn.GRU(9, 208, bidirectional=True))
+        assert _plan.quantized_plan(bidir, 9, 19).units is None
+
+
+def test_a_few_rows_split_their_units_over_large_weights(monkeypatch):
+    """The rule as measured (_plan.QUANT_UNIT_SPLIT_MAX_ROWS): int8 with
+    W_hh of 768 KB or more where the products run on AMX tiles (twice that
+    without), fewer than 32 rows; bfloat16 splits its rows."""
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    least = (1 if quantized._quant.AMX else 2) * _plan.QUANT_UNIT_SPLIT_MIN_BYTES
+    big = int(np.ceil(np.sqrt(least / 3) / 16)) * 16           # a GRU's W_hh of >= least
+    gru = fastrnn.quantize(fastrnn.GRU(16, big))
+    assert _plan.quantized_plan(gru, 300, 20).units is not None
+    assert _plan.quantized_plan(gru, 300, 32).units is None
+    assert _plan.quantized_plan(fastrnn.quantize(fastrnn.GRU(16, big - 32)), 300, 20).units is None
+    half = fastrnn.quantize(fastrnn.GRU(16, big), dtype="bfloat16")
+    assert _plan.quantized_plan(half, 300, 20).units is None
 
 
 def test_the_work_estimate_counts_layers_and_the_gate_pass(monkeypatch):
@@ -164,9 +205,12 @@ def test_quantized_plans_are_cached_by_shape_class_threads_and_tuning(monkeypatc
     first = _plan.quantized_plan(model, 50, 32)
     assert _plan.quantized_plan(model, 50, 32) is first
     assert _plan.quantized_plan(model, 50, 32, has_lengths=True) is not first
-    # another model of the same kind and shapes, int8 or bfloat16: the same plan
-    other = fastrnn.quantize(fastrnn.GRU(7, 64, num_layers=2, seed=1), dtype="bfloat16")
+    # another model of the same kind, shapes and weight dtype: the same plan; in
+    # the other dtype its own (whether a few rows split their units depends on it)
+    other = fastrnn.quantize(fastrnn.GRU(7, 64, num_layers=2, seed=1))
     assert _plan.quantized_plan(other, 50, 32) is first
+    half = fastrnn.quantize(fastrnn.GRU(7, 64, num_layers=2, seed=1), dtype="bfloat16")
+    assert _plan.quantized_plan(half, 50, 32) is not first
     # another depth, thread count or tuning: another plan
     assert len(_plan.quantized_plan(model, 50, 8).parts) == 2
     assert len(_plan.quantized_plan(fastrnn.quantize(fastrnn.GRU(5, 64)), 50, 8).parts) == 1

@@ -583,11 +583,16 @@ def test_unit_split_refuses_what_it_cannot_split():
             _quant.forward_units(kernel, x=x, h=hs, c=cs, out=outs, mid=64,
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
     for cls, kwargs, H in [(fastrnn.LSTM, {"bidirectional": True}, 128),
-                           (fastrnn.GRU, {"reset_after": False}, 128), (fastrnn.LSTM, {}, 96)]:
+                           (fastrnn.GRU, {"reset_after": False}, 128), (fastrnn.LSTM, {}, 72)]:
         other, _, hs, cs = _unit_split_case(cls, kwargs, "int8", 20, H=H)
-        with pytest.raises(ValueError, match="multiples of 64"):
+        with pytest.raises(ValueError, match="multiple of 16"):
             _quant.forward_units(other, x=x, h=hs, c=cs, out=np.empty((20, H), F32), mid=64,
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
+    rows = np.zeros((65 * 20, x.shape[1]), F32)     # B = 65: more rows than a step converts
+    with pytest.raises(ValueError, match="B <= 64"):
+        _quant.forward_units(kernel, x=rows, h=np.zeros((1, 65, 128), F32),
+                             c=np.zeros((1, 65, 128), F32), out=np.empty((65 * 20, 128), F32),
+                             mid=64, window_bytes=1 << 20, wait_ns=10 ** 9)
 
 
 def test_batch_one_calls_split_their_units_at_two_threads(monkeypatch):
