@@ -182,11 +182,14 @@ def halves(n, parts):
     return chunks(n, len(parts))
 
 
-def unit_split_steps(H, gates):
+def unit_split_steps(H, gates, threads=None):
     """The fewest steps from which a batch-1 unidirectional layer splits its
-    hidden units, or None if it never does (one thread, or small steps)."""
+    hidden units, or None if it never does (one thread, or small steps);
+    threads: the thread count read by the caller (None: read here)."""
     macs = gates * H * H
-    if _parallel.get_num_threads() < 2 or macs < UNIT_SPLIT_MIN_MACS:
+    if threads is None:
+        threads = _parallel.get_num_threads()
+    if threads < 2 or macs < UNIT_SPLIT_MIN_MACS:
         return None
     return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
 
@@ -238,14 +241,17 @@ def window_steps(B, N, dtype):
     return max(MIN_WINDOW_STEPS, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
 
 
-def _tuning():
+def _tuning(threads=None):
+    """The tuning a plan depends on, with the thread count (threads: as the
+    caller read it; None: read here)."""
     return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, WINDOW_BYTES,
-            MIN_WINDOW_STEPS, FOLD_MAX_BYTES, _parallel.get_num_threads())
+            MIN_WINDOW_STEPS, FOLD_MAX_BYTES,
+            _parallel.get_num_threads() if threads is None else threads)
 
 
-def _quant_tuning():
+def _quant_tuning(threads=None):
     return (QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES, QUANT_UNIT_GROUP, QUANT_UNIT_SPLIT_MAX_ROWS,
-            QUANT_UNIT_SPLIT_MIN_BYTES, QUANT_UNIT_SPLIT_DTYPES) + _tuning()
+            QUANT_UNIT_SPLIT_MIN_BYTES, QUANT_UNIT_SPLIT_DTYPES) + _tuning(threads)
 
 
 _plans: dict = {}
@@ -397,30 +403,34 @@ def quantized_row_step_work(layer):
     return layer._config.get("num_layers", 1) * layer._dirs * layer._gates * H * (H // 4 + 20)
 
 
-def quantized_runner_limits(layer):
+def quantized_runner_limits(layer, threads):
     """(work of a row and step, work bound, steps from which a batch-1 call
     may split its units (2**62: never)) for the lean path's _quant.QRunner,
     which takes a call below both bounds: quantized_plan's ``direct`` and ``units`` conditions, or
     stricter (at 2 threads it leaves every call from MIN_PARALLEL_WORK on
-    to the plan, even a batch-1 one the plan runs in one part), so that
-    the runner takes only calls the plan would run in one part without the
-    dispatch."""
+    to the plan, even a batch-1 one the plan runs in one part, and so every
+    call the plan would give a unit split of a few rows), so that the runner
+    takes only calls the plan would run in one part without the dispatch.
+    threads: the thread count the caller keys the runner by (read once, so
+    that a concurrent set_num_threads cannot give the key one count and the
+    limits another)."""
     H = layer._config["hidden_size"]
     max_work = QUANT_DIRECT_WORK
-    if _parallel.get_num_threads() > 1:
+    if threads > 1:
         max_work = min(max_work, MIN_PARALLEL_WORK)
     split_steps = None
     if (layer._dirs == 1 and H % QUANT_UNIT_GROUP == 0
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
-        split_steps = unit_split_steps(H, layer._gates)
+        split_steps = unit_split_steps(H, layer._gates, threads)
     return (quantized_row_step_work(layer), max_work,
             2**62 if split_steps is None else split_steps)
 
 
-def runner_limits(layer):
+def runner_limits(layer, threads):
     """(work below which one thread runs, steps from which a batch-1 call
-    splits its units (2**62: never)) for the lean path's SequenceRunner."""
-    split_steps = unit_split_steps(layer._config["hidden_size"], layer._gates)
+    splits its units (2**62: never)) for the lean path's SequenceRunner at
+    ``threads`` threads (the count the caller keys the runner by)."""
+    split_steps = unit_split_steps(layer._config["hidden_size"], layer._gates, threads)
     if layer._dirs != 1 or layer._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
         split_steps = None
     return MIN_PARALLEL_WORK, 2**62 if split_steps is None else split_steps

@@ -86,7 +86,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fastrnn import _kernels, _plan
+from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import LoadResult, filled_later, parameters_filled_later
@@ -619,12 +619,13 @@ class _Quantized(_ReducedWeights):
     def _runner(self, params):
         """The lean path's runner for this parameter set, the thread count
         and the plan's tuning (built again when any changes)."""
-        key = ("qrunner",) + _plan._quant_tuning()
+        threads = _parallel.get_num_threads()   # once: the key's and the limits'
+        key = ("qrunner",) + _plan._quant_tuning(threads)
         cached = params.cache.get("qrunner")
         if cached is None or cached[0] != key:
             cached = params.cache["qrunner"] = (key, _quant.QRunner(
                 self._stack(params).kernel, bool(self._config.get("batch_first")),
-                self._has_cell_state, *_plan.quantized_runner_limits(self),
+                self._has_cell_state, *_plan.quantized_runner_limits(self, threads),
                 _plan.QUANT_WINDOW_BYTES))
         return cached[1]
 
