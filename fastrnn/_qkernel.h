@@ -20,7 +20,8 @@
  *   AMX           (the _quant_amx build, where Linux grants the tiles) the
  *                 VNNI build's operands as tiles, TDPBUSD: products of 16
  *                 rows or more, in tiles of 16 (the last one overlapping
- *                 the one before); fewer rows run on VNNI. (Its bfloat16
+ *                 the one before); fewer rows, and products of one
+ *                 column group over K <= 64, run on VNNI. (Its bfloat16
  *                 products, TDPBF16PS, are not the same bits as the
  *                 others': see the bfloat16 part below.)
  *
