@@ -9,17 +9,12 @@
 #define FASTRNN_ACTIVATIONS_H
 
 /* The quantized kernels' sigmoid and tanh are rational functions
- * (fastrnn/_gates.pxd.tp says why): setup.py defines this to 1 for them.
- * Their clamp (tanh's argument, half sigmoid's) is then 8.5, read the same
- * way. */
+ * (fastrnn/_gates.pxd.tp says why): setup.py defines this to 1 for them. */
 #ifndef FASTRNN_RATIONAL_ACTIVATIONS
 #define FASTRNN_RATIONAL_ACTIVATIONS 0
 #endif
-#if FASTRNN_RATIONAL_ACTIVATIONS
-#define FASTRNN_EXP_MAX 8.5f    /* tanh(8.5) = 1 - 8e-8 */
-#else
+
 #define FASTRNN_EXP_MAX 88.0f   /* e^88 is finite in float32 */
-#endif
 static volatile const float fastrnn_exp_max_ = FASTRNN_EXP_MAX;
 
 static inline float fastrnn_exp_max(void) { return fastrnn_exp_max_; }

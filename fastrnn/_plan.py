@@ -196,7 +196,8 @@ def unit_split_steps(H, gates, threads=None):
 
 def unit_bounds(T, H, gates, group):
     """Bounds [0, mid, H] of the two threads' hidden units for a batch-1
-    unidirectional layer, or None when it runs in one thread. mid falls on a
+    unidirectional layer (or a quantized one of a few rows:
+    QUANT_UNIT_SPLIT_MAX_ROWS), or None when it runs in one thread. mid falls on a
     multiple of ``group`` (the micro-kernel's units per packed group; 16 for
     the BLAS path: whole float32 cache lines for each part's units)."""
     steps = unit_split_steps(H, gates)
@@ -208,7 +209,7 @@ def unit_bounds(T, H, gates, group):
     return [0, mid, H] if 0 < mid < H else None
 
 
-_backoff = 0            # batch-1 calls left to run in one thread
+_backoff = 0            # unit-split calls left to split their rows or run in one thread
 _contended_in_a_row = 0
 
 
@@ -228,7 +229,7 @@ def unit_split_ran_clean():
 
 
 def unit_split_allowed():
-    """Whether this batch-1 call may split (not while backing off)."""
+    """Whether this call may split its units (not while backing off)."""
     global _backoff
     if _backoff > 0:   # unsynchronised: a lost update costs one call's choice
         _backoff -= 1
@@ -377,9 +378,13 @@ def _quantized_plan(layer, T, B, has_lengths):
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
         if B == 1 and H % QUANT_UNIT_GROUP == 0:
             units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
-        elif 1 < B < QUANT_UNIT_SPLIT_MAX_ROWS and len(parts) == 2 and H % 16 == 0:
-            if _few_rows_split_units(layer):
-                units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+        elif (1 < B < min(QUANT_UNIT_SPLIT_MAX_ROWS, 65) and len(parts) == 2 and H % 16 == 0
+              and _few_rows_split_units(layer)):
+            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+            # the second part's last column group must end where the packed
+            # weights' padding does (_quant.forward_units; 64 rows at most)
+            if units is not None and ((layer._gates - 1) * H + units[1]) % QUANT_UNIT_GROUP:
+                units = None
     return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES,
                      units)
 

@@ -847,7 +847,7 @@ cdef class QRunner:
         return (h, c) if has_c else h
 
 
-# --- batch 1 on two threads: the hidden units split, a barrier per step ---
+# --- two threads on the hidden units (batch 1, or a few rows), a barrier per step ---
 
 cdef struct UnitJob:
     # a unidirectional stack without lengths, window after window, every
@@ -883,8 +883,10 @@ cdef inline Py_ssize_t _unit_scratch(Py_ssize_t qrow_max, Py_ssize_t G, Py_ssize
 
 
 cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexcept nogil:
-    """Columns [col0, col0 + n) of w: col0 on a block of 16, n whole column
-    groups or up to w's own end (the panels are block after block)."""
+    """Columns [col0, col0 + n) of w: col0 on a block of 16 (the panels are
+    block after block). The products read whole column groups from col0 on
+    (and write only the n columns): the caller keeps those inside w's own
+    groups (forward_units says how)."""
     cdef QView v = w[0]
     v.panels = w.panels + col0 // 16 * _row_bytes(w.kind, w.K) * 16
     v.comp = w.comp + col0
@@ -1041,11 +1043,13 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     does, and a product's columns do not depend on each other), so the same
     bits. H a multiple of 16 and mid of 64: each gate's columns start on a
     block of the packed weights, the first part's are whole column groups,
-    and the second part's end at the gate's end (its last group reads the
-    next gate's first blocks, or the padding after the last gate, and
-    writes only its own columns). B <= 64 (a step's rows convert at once).
-    Not for the reset-before GRU (its n product needs all of r * h
-    mid-step).
+    and the second part's end at the gate's end: its last group reads the
+    next gate's first blocks and writes only its own columns. In the last
+    gate that group must end where the matrix's padding to whole groups
+    does (the packed weights, column terms and scales end there): (gates -
+    1) * H + mid a multiple of 64, which the plan checks too. B <= 64 (a
+    step's rows convert at once). Not for the reset-before GRU (its n
+    product needs all of r * h mid-step).
 
     Returns (ran, outcome): ran 0 when the worker was owned by another call
     or did not take its part within wait_ns (nothing done: run
@@ -1060,11 +1064,11 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef char* base
     cdef bint claimed
     if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or H % 16 or mid % 64
-            or not 0 < mid < H or not 1 <= B <= PROJECT_BLOCK):
+            or ((G - 1) * H + mid) % 64 or not 0 < mid < H or not 1 <= B <= PROJECT_BLOCK):
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
-                         f"reset-before GRU) with H a multiple of 16, mid of 64, 0 < mid < H, "
-                         f"1 <= B <= {PROJECT_BLOCK}; got dirs={stack.dirs}, H={H}, mid={mid}, "
-                         f"B={B}")
+                         f"reset-before GRU) with H a multiple of 16, mid and (gates - 1) * H "
+                         f"+ mid of 64, 0 < mid < H, 1 <= B <= {PROJECT_BLOCK}; got "
+                         f"dirs={stack.dirs}, gates={G}, H={H}, mid={mid}, B={B}")
     T = x.shape[0] // B
     states = ((h.shape[0], h.shape[1], h.shape[2]),
               None if c is None else (c.shape[0], c.shape[1], c.shape[2]))

@@ -28,16 +28,16 @@ def _random_cases(seed, count):
 
 
 # random shapes, and unidirectional ones whose hidden size the unit split
-# takes: at batch 1 whole groups of 64 units, with a few rows H a multiple of
-# 16 (the second part's last group partial: 144, 208), past the AMX tiles'
-# 16 rows too
+# takes: at batch 1 whole groups of 64 units; with a few rows H a multiple of
+# 16 where the last gate's columns end on a group (the second part's last
+# group partial: GRU 160, RNN 208), past the AMX tiles' 16 rows too
 CASES = _random_cases(20261203, 14) + [
     dict(kind=kind, D=d, H=h, T=t, B=b, layers=layers, bidirectional=False,
          batch_first=bf, lengths=False, reset_after=True)
     for kind, d, h, t, b, layers, bf in [
         ("LSTM", 5, 128, 30, 1, 1, False), ("GRU", 9, 128, 17, 1, 2, True),
-        ("RNN", 3, 192, 25, 1, 1, False), ("LSTM", 6, 144, 12, 5, 2, True),
-        ("GRU", 11, 208, 9, 19, 1, False), ("RNN", 4, 128, 14, 3, 1, True)]]
+        ("RNN", 3, 192, 25, 1, 1, False), ("LSTM", 6, 192, 12, 5, 2, True),
+        ("GRU", 11, 160, 9, 19, 1, False), ("RNN", 4, 208, 14, 3, 1, True)]]
 
 # the plain plan: one thread, the whole sequence in one window, through the
 # parts' dispatch (one part)
@@ -163,13 +163,17 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
         assert _plan.quantized_plan(gru, 17, 5).units is None    # W_hh 48 KB: the rows split
     with monkeypatch.context() as m:
         force_plan(m, dict(PLAIN, **CHOICES["unit split of a few rows"]))
-        gru = fastrnn.quantize(fastrnn.GRU(9, 208, num_layers=2))
-        assert _plan.quantized_plan(gru, 9, 19).units == [0, 128, 208]
-        assert _plan.quantized_plan(gru, 9, 31).units == [0, 128, 208]
+        gru = fastrnn.quantize(fastrnn.GRU(9, 160, num_layers=2))
+        assert _plan.quantized_plan(gru, 9, 19).units == [0, 64, 160]
+        assert _plan.quantized_plan(gru, 9, 31).units == [0, 64, 160]
         for B, lengths in [(1, False), (32, False), (19, True)]:
-            assert _plan.quantized_plan(gru, 9, B, has_lengths=lengths).units != [0, 128, 208]
-        bidir = fastrnn.quantize(fastrnn.GRU(9, 208, bidirectional=True))
+            assert _plan.quantized_plan(gru, 9, B, has_lengths=lengths).units is None
+        bidir = fastrnn.quantize(fastrnn.GRU(9, 160, bidirectional=True))
         assert _plan.quantized_plan(bidir, 9, 19).units is None
+        # the last gate's columns of the second part would end inside a group
+        # past the packed weights' padding (3 * 144 + 64 = 496 = 7.75 groups)
+        lstm = fastrnn.quantize(fastrnn.LSTM(9, 144))
+        assert _plan.quantized_plan(lstm, 9, 19).units is None
 
 
 def test_a_few_rows_split_their_units_over_large_weights(monkeypatch):

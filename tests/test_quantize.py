@@ -588,6 +588,11 @@ def test_unit_split_refuses_what_it_cannot_split():
         with pytest.raises(ValueError, match="multiple of 16"):
             _quant.forward_units(other, x=x, h=hs, c=cs, out=np.empty((20, H), F32), mid=64,
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
+    # the second part's last group in the last gate past the weights' padding
+    lstm, _, hs, cs = _unit_split_case(fastrnn.LSTM, {}, "int8", 20, H=144)
+    with pytest.raises(ValueError, match="gates - 1"):
+        _quant.forward_units(lstm, x=x, h=hs, c=cs, out=np.empty((20, 144), F32), mid=64,
+                             window_bytes=1 << 20, wait_ns=10 ** 9)
     rows = np.zeros((65 * 20, x.shape[1]), F32)     # B = 65: more rows than a step converts
     with pytest.raises(ValueError, match="B <= 64"):
         _quant.forward_units(kernel, x=rows, h=np.zeros((1, 65, 128), F32),
