@@ -290,7 +290,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     window = window_steps(B, N, dtype)
     if train or dirs != 1 or T <= window:
         window = None   # (windowed, each window has a plan of its own)
-    parts = split(dirs, B, T * B * N * (H + 20))
+    parts = split(dirs, B, T * B * row_step_work(layer))
     units = None
     layer_norm = bool(layer._ln_index)
     if (not train and dirs == 1 and B == 1 and not has_lengths
@@ -334,7 +334,7 @@ def _backward_plan(layer, T, B):
     dtype, H, D = layer._config["dtype"], layer._config["hidden_size"], \
         layer._config["input_size"]
     N = layer._dirs * layer._gates * H
-    parts = split(layer._dirs, B, 2 * T * B * N * (H + 20))
+    parts = split(layer._dirs, B, 2 * T * B * row_step_work(layer))
     hold = bool(layer._proj_index) or dtype != np.float32 and (
         bool(layer._ln_index) or _parallel.hold_blas(
         parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H))
@@ -431,11 +431,20 @@ def quantized_runner_limits(layer, threads):
             2**62 if split_steps is None else split_steps)
 
 
+def row_step_work(layer):
+    """forward_plan's work estimate of one batch row and step of a float
+    layer (its every direction; backward_plan counts it twice)."""
+    H = layer._config["hidden_size"]
+    return layer._dirs * layer._gates * H * (H + 20)
+
+
 def runner_limits(layer, threads):
-    """(work below which one thread runs, steps from which a batch-1 call
-    splits its units (2**62: never)) for the lean path's SequenceRunner at
-    ``threads`` threads (the count the caller keys the runner by)."""
+    """(work of a row and step, work below which one thread runs, steps from
+    which a batch-1 call splits its units (2**62: never)) for the lean path's
+    SequenceRunner at ``threads`` threads (the count the caller keys the
+    runner by)."""
     split_steps = unit_split_steps(layer._config["hidden_size"], layer._gates, threads)
     if layer._dirs != 1 or layer._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
         split_steps = None
-    return MIN_PARALLEL_WORK, 2**62 if split_steps is None else split_steps
+    return (row_step_work(layer), MIN_PARALLEL_WORK,
+            2**62 if split_steps is None else split_steps)

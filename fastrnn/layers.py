@@ -159,11 +159,10 @@ class _RNNBase(RecurrentEngine):
         key = ("runner", threads)
         runner = params.cache.get(key)
         if runner is None:
-            min_parallel_work, split_steps = _plan.runner_limits(self, threads)
             w_ih, w_hh = self._weights(params)[:2]
             runner = params.cache[key] = _forward.SequenceRunner(
                 self._kernel_code, self._dirs, self._config["batch_first"], w_ih, w_hh,
-                self._kernel_weights(params), min_parallel_work, split_steps,
+                self._kernel_weights(params), *_plan.runner_limits(self, threads),
                 self._packed_recurrent(params), self._packed_projection(params))
         return runner
 
