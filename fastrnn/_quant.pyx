@@ -107,6 +107,8 @@ MAX_K = FASTRNN_Q_MAX_K
 # int8 rows and int32 sums of a block stay in the core's caches)
 cdef enum:
     PROJECT_BLOCK = 64
+# the most batch rows forward_units takes (a step's rows convert at once)
+UNIT_MAX_ROWS = PROJECT_BLOCK
 
 
 cdef struct QView:
@@ -918,6 +920,13 @@ cdef inline float* _unit_row(const UnitJob* j, Py_ssize_t k, Py_ssize_t t0, Py_s
     return j.buf[k % 2] + (st * j.B + b) * j.H
 
 
+cdef inline const float* _unit_prev(const UnitJob* j, const float* h_k, Py_ssize_t k,
+                                    Py_ssize_t t0, Py_ssize_t st, Py_ssize_t b) noexcept nogil:
+    """Batch row b's h_{t-1} before step st of the window: the state (h_k,
+    layer k's) at the window's first step, else the previous output row."""
+    return h_k + b * j.H if st == 0 else _unit_row(j, k, t0, st - 1, b)
+
+
 cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef UnitJob* j = <UnitJob*>arg
     cdef Py_ssize_t lo = j.bounds[part], u = j.bounds[part + 1] - j.bounds[part]
@@ -931,7 +940,6 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef long long done = 0, waits = 0
     cdef const QLayer* layer
     cdef const float* in_row
-    cdef const float* h_prev
     cdef float* h_k
     cdef float* c_k
     cdef float* g_t
@@ -984,8 +992,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
             for st in range(steps):
                 g_t = j.gx + st * B * GH
                 for b in range(B):
-                    h_prev = h_k + b * H if st == 0 else _unit_row(j, k, t0, st - 1, b)
-                    s[b] = _row(layer.w_hh[0].kind, h_prev, H, q + b * qrow)
+                    s[b] = _row(layer.w_hh[0].kind, _unit_prev(j, h_k, k, t0, st, b), H,
+                                q + b * qrow)
                 for g in range(G):
                     wk = _columns(&layer.w_hh[0], g * H + lo, u)
                     if cell == GRU:
@@ -1001,8 +1009,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                         lstm_row(g_t + b * GH + lo, out_row + lo, c_k + b * H + lo,
                                  out_row + lo, acts, u, H)
                     elif cell == GRU:
-                        h_prev = h_k + b * H if st == 0 else _unit_row(j, k, t0, st - 1, b)
-                        gru_row(g_t + b * GH + lo, gh + b * GH + lo, h_prev + lo, out_row + lo,
+                        gru_row(g_t + b * GH + lo, gh + b * GH + lo,
+                                _unit_prev(j, h_k, k, t0, st, b) + lo, out_row + lo,
                                 out_row + lo, acts, u, H)
                     else:
                         rnn_row(g_t + b * GH + lo, out_row + lo, out_row + lo, acts, u,

@@ -189,6 +189,11 @@ def test_a_few_rows_split_their_units_over_large_weights(monkeypatch):
     assert _plan.quantized_plan(fastrnn.quantize(fastrnn.GRU(16, big - 32)), 300, 20).units is None
     half = fastrnn.quantize(fastrnn.GRU(16, big), dtype="bfloat16")
     assert _plan.quantized_plan(half, 300, 20).units is None
+    # however far the row bound is tuned, never past what forward_units takes
+    monkeypatch.setattr(_plan, "QUANT_UNIT_SPLIT_MAX_ROWS", 1000)
+    most = quantized._quant.UNIT_MAX_ROWS
+    assert _plan.quantized_plan(gru, 300, most).units is not None
+    assert _plan.quantized_plan(gru, 300, most + 1).units is None
 
 
 def test_the_work_estimate_counts_layers_and_the_gate_pass(monkeypatch):
