@@ -296,7 +296,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     if (not train and dirs == 1 and B == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
             and not layer._general_only):   # (no gate options, zoneout, layer norm)
-        group = _forward.group_units(gates) if dtype == np.float32 else 1
+        group = _forward.group_units(gates, H) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
     hold = bool(layer._proj_index)   # a projection's per-step products are BLAS calls
     if dtype != np.float32:   # float32 calls no BLAS

@@ -16,7 +16,7 @@ import pytest
 import fastrnn
 import reference_options as ro
 from fastrnn import _parallel, _plan
-from fastrnn._kernels import forward as _forward
+from fastrnn._kernels import backward as _backward, forward as _forward
 from option_cases import assert_close
 
 # thread counts tried, more than this machine's cores too (2 on the CI machine)
@@ -73,8 +73,27 @@ def test_the_build_runs_its_own_micro_kernel():
     assert _forward.MICROKERNEL_ISA == expected
 
 
+def unit_blocks(gates, units):
+    """(unit blocks per group, groups): at most 4 vectors a group, the
+    blocks spread evenly over as few groups as that allows."""
+    blocks = -(-units // _forward.MICROKERNEL_LANES)
+    groups = -(-blocks // max(1, 4 // gates))
+    return -(-blocks // groups), groups
+
+
+@pytest.mark.parametrize("gates,units,lanes,ub", [
+    (1, 32, 16, 2), (1, 48, 16, 3), (1, 64, 16, 4), (1, 80, 16, 3), (1, 100, 16, 4),
+    (1, 160, 16, 4), (1, 130, 16, 3), (2, 16, 16, 1), (2, 20, 16, 2), (4, 64, 16, 1),
+    (1, 32, 8, 4), (1, 40, 8, 3), (1, 72, 8, 3)])
+def test_unit_blocks_per_group(gates, units, lanes, ub):
+    if _forward.MICROKERNEL_LANES != lanes:
+        pytest.skip(f"a {lanes}-lane case; this build has {_forward.MICROKERNEL_LANES} lanes")
+    assert unit_blocks(gates, units)[0] == ub
+    assert _forward.group_units(gates, units) == ub * lanes
+
+
 @pytest.mark.parametrize("gates", [1, 2, 3, 4])
-@pytest.mark.parametrize("units", [1, 8, 15, 16, 17, 33, 70])
+@pytest.mark.parametrize("units", [1, 8, 15, 16, 17, 33, 70, 80])
 def test_pack_weights_layout(gates, units):
     """Group q, vector v = b * gates + g, lane l holds W[g * units + u, k]
     for u = (q * ub + b) * lanes + l (zero past the units)."""
@@ -82,8 +101,7 @@ def test_pack_weights_layout(gates, units):
     w = np.arange(gates * units * K, dtype=np.float32).reshape(gates * units, K) + 1
     packed = _forward.pack_weights(w, 0, units, gates)
     lanes = _forward.MICROKERNEL_LANES
-    ub = max(1, 4 // gates)
-    groups = -(-(-(-units // lanes)) // ub)
+    ub, groups = unit_blocks(gates, units)
     panels = packed.reshape(groups, K, ub * gates, lanes)
     for q in range(groups):
         for b in range(ub):
@@ -92,6 +110,25 @@ def test_pack_weights_layout(gates, units):
                     u = (q * ub + b) * lanes + lane
                     want = w[g * units + u] if u < units else np.zeros(K, np.float32)
                     np.testing.assert_array_equal(panels[q, :, b * gates + g, lane], want)
+    assert packed.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("cols", [1, 16, 32, 48, 70, 80])
+def test_pack_rows_layout(cols):
+    """BPTT's packs (dG . W, the weight sums): rows of w are k, a window of
+    its columns the units of one gate, in the same groups."""
+    rows, row0, col0 = 6, 2, 3
+    w = np.arange(10 * 90, dtype=np.float32).reshape(10, 90) + 1
+    packed = _backward.pack_rows(w, row0, rows, col0, cols)
+    lanes = _forward.MICROKERNEL_LANES
+    ub, groups = unit_blocks(1, cols)
+    panels = packed.reshape(groups, rows, ub, lanes)
+    for q in range(groups):
+        for b in range(ub):
+            for lane in range(lanes):
+                u = (q * ub + b) * lanes + lane
+                want = w[row0:row0 + rows, col0 + u] if u < cols else np.zeros(rows, np.float32)
+                np.testing.assert_array_equal(panels[q, :, b, lane], want)
     assert packed.ctypes.data % 64 == 0
 
 
