@@ -356,6 +356,20 @@ static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrd
                             ptrdiff_t units, int gates, int ub, float* out) {
     ptrdiff_t groups = fastrnn_mk_groups(units, ub);
     int nv = ub * gates;
+    if (gates == 1 && s_n == 1) {
+        /* one gate, columns adjacent (BPTT packs the saved activations so at
+         * every training step): each group's row is a run of src's row */
+        ptrdiff_t width = (ptrdiff_t)ub * FASTRNN_MK_LANES;
+        for (ptrdiff_t k = 0; k < K; k++) {
+            for (ptrdiff_t q = 0; q < groups; q++) {
+                float* dst = out + (q * K + k) * width;
+                ptrdiff_t n = units - q * width < width ? units - q * width : width;
+                memcpy(dst, src + k * s_k + q * width, (size_t)n * sizeof(float));
+                if (n < width) memset(dst + n, 0, (size_t)(width - n) * sizeof(float));
+            }
+        }
+        return;
+    }
     for (ptrdiff_t q = 0; q < groups; q++) {
         float* panel = out + q * K * nv * FASTRNN_MK_LANES;
         for (ptrdiff_t k = 0; k < K; k++) {
@@ -369,6 +383,89 @@ static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrd
                 }
             }
         }
+    }
+}
+
+/* dst[c * rows + r] = src[r * ld + c] for r < rows, c < cols: BPTT's
+ * blocks of dG transposed for the weight sums. Whole blocks of LANES x
+ * LANES in registers (AVX-512 16 x 16, AVX2 8 x 8: rows interleaved in
+ * pairs, then pairs of pairs within 128-bit lanes, then the lanes), the
+ * edges one float at a time. */
+#if defined(__AVX512F__)
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t ld,
+                                                     float* dst, ptrdiff_t ldd) {
+    __m512 a[16], t[16];
+    FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_ps(src + i * ld);
+    FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+    }
+    /* a[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
+    FASTRNN_UNROLL(4) for (int g = 0; g < 4; g++) {
+        a[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        a[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+        a[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        a[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    FASTRNN_UNROLL(4) for (int c = 0; c < 4; c++) {
+        __m512 v0 = _mm512_shuffle_f32x4(a[c], a[4 + c], 0x88);
+        __m512 v1 = _mm512_shuffle_f32x4(a[c], a[4 + c], 0xDD);
+        __m512 v2 = _mm512_shuffle_f32x4(a[8 + c], a[12 + c], 0x88);
+        __m512 v3 = _mm512_shuffle_f32x4(a[8 + c], a[12 + c], 0xDD);
+        _mm512_storeu_ps(dst + c * ldd, _mm512_shuffle_f32x4(v0, v2, 0x88));
+        _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(v1, v3, 0x88));
+        _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(v0, v2, 0xDD));
+        _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(v1, v3, 0xDD));
+    }
+}
+#define FASTRNN_MK_TRANSPOSE_TILE 16
+#elif defined(FASTRNN_MK_AVX2_FMA)
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t ld,
+                                                     float* dst, ptrdiff_t ldd) {
+    __m256 a[8], t[8];
+    FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(src + i * ld);
+    FASTRNN_UNROLL(4) for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+    }
+    /* a[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
+    FASTRNN_UNROLL(2) for (int g = 0; g < 2; g++) {
+        a[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        a[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+        a[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        a[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    FASTRNN_UNROLL(4) for (int c = 0; c < 4; c++) {
+        _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(a[c], a[4 + c], 0x20));
+        _mm256_storeu_ps(dst + (4 + c) * ldd, _mm256_permute2f128_ps(a[c], a[4 + c], 0x31));
+    }
+}
+#define FASTRNN_MK_TRANSPOSE_TILE 8
+#else
+#define FASTRNN_MK_TRANSPOSE_TILE 0
+#endif
+
+static inline void fastrnn_mk_transpose(const float* src, ptrdiff_t ld, ptrdiff_t rows,
+                                 ptrdiff_t cols, float* dst) {
+    ptrdiff_t r0 = 0;
+#if FASTRNN_MK_TRANSPOSE_TILE
+    const ptrdiff_t tile = FASTRNN_MK_TRANSPOSE_TILE;
+    for (; r0 + tile <= rows; r0 += tile)
+        for (ptrdiff_t c = 0; c + tile <= cols; c += tile)
+            fastrnn_mk_transpose_tile(src + r0 * ld + c, ld, dst + c * rows + r0, rows);
+    ptrdiff_t c0 = cols - cols % tile;
+    /* the columns past the last whole tile, in the rows done above */
+    for (ptrdiff_t r = 0; r < r0; r++)
+        for (ptrdiff_t c = c0; c < cols; c++)
+            dst[c * rows + r] = src[r * ld + c];
+#endif
+    /* the rows past the last whole tile (every row in the portable build):
+     * 8 rows at a time, whose 8 source lines stay in L1 whatever ld */
+    for (; r0 < rows; r0 += 8) {
+        ptrdiff_t r1 = rows < r0 + 8 ? rows : r0 + 8;
+        for (ptrdiff_t c = 0; c < cols; c++)
+            for (ptrdiff_t r = r0; r < r1; r++)
+                dst[c * rows + r] = src[r * ld + c];
     }
 }
 
