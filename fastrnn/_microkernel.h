@@ -390,12 +390,25 @@ static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrd
  * blocks of dG transposed for the weight sums. Whole blocks of LANES x
  * LANES in registers (AVX-512 16 x 16, AVX2 8 x 8: rows interleaved in
  * pairs, then pairs of pairs within 128-bit lanes, then the lanes), the
- * edges one float at a time. */
+ * edges one float at a time. sums (or NULL): sums[c] += src[r * ld + c],
+ * r = 0, 1, ... in order (the bias gradients, from the rows already in
+ * registers instead of another pass over dG); sums2 (or NULL) the same. */
 #if defined(__AVX512F__)
 FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t ld,
-                                                     float* dst, ptrdiff_t ldd) {
+                                                     float* dst, ptrdiff_t ldd,
+                                                     float* sums, float* sums2) {
     __m512 a[16], t[16];
     FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_ps(src + i * ld);
+    if (sums != NULL) {
+        __m512 acc = _mm512_loadu_ps(sums);
+        FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) acc = _mm512_add_ps(acc, a[i]);
+        _mm512_storeu_ps(sums, acc);
+    }
+    if (sums2 != NULL) {
+        __m512 acc = _mm512_loadu_ps(sums2);
+        FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) acc = _mm512_add_ps(acc, a[i]);
+        _mm512_storeu_ps(sums2, acc);
+    }
     FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
@@ -421,9 +434,20 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t
 #define FASTRNN_MK_TRANSPOSE_TILE 16
 #elif defined(FASTRNN_MK_AVX2_FMA)
 FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t ld,
-                                                     float* dst, ptrdiff_t ldd) {
+                                                     float* dst, ptrdiff_t ldd,
+                                                     float* sums, float* sums2) {
     __m256 a[8], t[8];
     FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(src + i * ld);
+    if (sums != NULL) {
+        __m256 acc = _mm256_loadu_ps(sums);
+        FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) acc = _mm256_add_ps(acc, a[i]);
+        _mm256_storeu_ps(sums, acc);
+    }
+    if (sums2 != NULL) {
+        __m256 acc = _mm256_loadu_ps(sums2);
+        FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) acc = _mm256_add_ps(acc, a[i]);
+        _mm256_storeu_ps(sums2, acc);
+    }
     FASTRNN_UNROLL(4) for (int i = 0; i < 4; i++) {
         t[2 * i] = _mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]);
         t[2 * i + 1] = _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]);
@@ -445,19 +469,32 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t
 #define FASTRNN_MK_TRANSPOSE_TILE 0
 #endif
 
+/* dst[c * rows + r] = v, and v added to the sums (in the order of r for
+ * every c: the callers' loops) */
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_one(float v, ptrdiff_t r, ptrdiff_t c,
+                                                    ptrdiff_t rows, float* dst, float* sums,
+                                                    float* sums2) {
+    dst[c * rows + r] = v;
+    if (sums != NULL) sums[c] += v;
+    if (sums2 != NULL) sums2[c] += v;
+}
+
 static inline void fastrnn_mk_transpose(const float* src, ptrdiff_t ld, ptrdiff_t rows,
-                                 ptrdiff_t cols, float* dst) {
+                                        ptrdiff_t cols, float* dst, float* sums,
+                                        float* sums2) {
     ptrdiff_t r0 = 0;
 #if FASTRNN_MK_TRANSPOSE_TILE
     const ptrdiff_t tile = FASTRNN_MK_TRANSPOSE_TILE;
     for (; r0 + tile <= rows; r0 += tile)
         for (ptrdiff_t c = 0; c + tile <= cols; c += tile)
-            fastrnn_mk_transpose_tile(src + r0 * ld + c, ld, dst + c * rows + r0, rows);
+            fastrnn_mk_transpose_tile(src + r0 * ld + c, ld, dst + c * rows + r0, rows,
+                                      sums == NULL ? NULL : sums + c,
+                                      sums2 == NULL ? NULL : sums2 + c);
     ptrdiff_t c0 = cols - cols % tile;
     /* the columns past the last whole tile, in the rows done above */
     for (ptrdiff_t r = 0; r < r0; r++)
         for (ptrdiff_t c = c0; c < cols; c++)
-            dst[c * rows + r] = src[r * ld + c];
+            fastrnn_mk_transpose_one(src[r * ld + c], r, c, rows, dst, sums, sums2);
 #endif
     /* the rows past the last whole tile (every row in the portable build):
      * 8 rows at a time, whose 8 source lines stay in L1 whatever ld */
@@ -465,7 +502,7 @@ static inline void fastrnn_mk_transpose(const float* src, ptrdiff_t ld, ptrdiff_
         ptrdiff_t r1 = rows < r0 + 8 ? rows : r0 + 8;
         for (ptrdiff_t c = 0; c < cols; c++)
             for (ptrdiff_t r = r0; r < r1; r++)
-                dst[c * rows + r] = src[r * ld + c];
+                fastrnn_mk_transpose_one(src[r * ld + c], r, c, rows, dst, sums, sums2);
     }
 }
 

@@ -20,7 +20,8 @@ cdef extern from "_microkernel.h":
                                   Py_ssize_t ld_gate, Py_ssize_t* coff,
                                   fastrnn_mask* mask) noexcept nogil
     void fastrnn_mk_transpose(const float* src, Py_ssize_t ld, Py_ssize_t rows,
-                              Py_ssize_t cols, float* dst) noexcept nogil
+                              Py_ssize_t cols, float* dst, float* sums,
+                              float* sums2) noexcept nogil
     const int FASTRNN_MK_PEAK_CHAINS
     const Py_ssize_t FASTRNN_MK_STREAM_BYTES
     const Py_ssize_t FASTRNN_PRODUCT_CHUNK_BYTES
