@@ -18,7 +18,9 @@
  * Within any one build a row's chains stay the same however it is run.
  *
  * Packed layout. The columns of B come in groups; a group is NV vectors of
- * W lanes (W = FASTRNN_MK_LANES: 16 AVX-512, 8 otherwise). Its panel holds,
+ * W lanes (W = FASTRNN_MK_LANES: 16 AVX-512, 8 otherwise; NV at most 4, as
+ * many blocks of W units as the columns fill evenly: unit_blocks_per_group
+ * in _microkernel.pxd). Its panel holds,
  * for each k, the NV vectors one after the other: panel[(k * NV + v) * W +
  * lane]. Where the group's vectors land in a row of C is the caller's
  * business (``coff``: a column offset per vector), and so is which lanes are
