@@ -92,6 +92,13 @@ def test_unit_blocks_per_group(gates, units, lanes, ub):
     assert _forward.group_units(gates, units) == ub * lanes
 
 
+def test_packing_refuses_no_gates():
+    with pytest.raises(ValueError, match="gates"):
+        _forward.group_units(0, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        _forward.pack_weights(np.ones((4, 3), np.float32), 0, 2, 0)
+
+
 @pytest.mark.parametrize("gates", [1, 2, 3, 4])
 @pytest.mark.parametrize("units", [1, 8, 15, 16, 17, 33, 70, 80])
 def test_pack_weights_layout(gates, units):
@@ -130,6 +137,39 @@ def test_pack_rows_layout(cols):
                 want = w[row0:row0 + rows, col0 + u] if u < cols else np.zeros(rows, np.float32)
                 np.testing.assert_array_equal(panels[q, :, b, lane], want)
     assert packed.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("separate_dgh", [False, True])
+@pytest.mark.parametrize("R,split", [(1, 1), (37, 21), (300, 37), (531, 100)])
+def test_weight_sums_on_the_kernel(R, split, separate_dgh):
+    """weight_grads over packed activations in two column parts (split off
+    any tile boundary; R past the 256-row blocks): the bias sums are each
+    column's float32 chain over the rows in order (bit for bit), the weight
+    sums the products to float32 rounding."""
+    from fastrnn import _validation
+    rng = np.random.default_rng(R)
+    D, H = 23, 35
+    N = 4 * H
+    x = rng.standard_normal((R, D)).astype(np.float32)
+    h_prev = rng.standard_normal((R, H)).astype(np.float32)
+    dgx = rng.standard_normal((R, N)).astype(np.float32)
+    dgh = rng.standard_normal((R, N)).astype(np.float32) if separate_dgh else None
+    dw_ih, dw_hh = np.zeros((N, D), np.float32), np.zeros((N, H), np.float32)
+    db_ih, db_hh = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    packed = (_backward.pack_rows(x, 0, R), [_backward.pack_rows(h_prev, 0, R)], None)
+    _backward.weight_grads(parts=[(0, split), (split, N)], x=x, h_prev=h_prev,
+                           reset_acts=None, dgx=dgx, dgh=dgh, dw_ih=dw_ih, dw_hh=dw_hh,
+                           db_ih=db_ih, db_hh=db_hh, max_rows=_validation.BLAS_INT_MAX,
+                           packed=packed)
+    dg_h = dgx if dgh is None else dgh
+    chain_x, chain_h = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    for r in range(R):
+        chain_x += dgx[r]
+        chain_h += dg_h[r]
+    np.testing.assert_array_equal(db_ih, chain_x)
+    np.testing.assert_array_equal(db_hh, chain_h)
+    np.testing.assert_allclose(dw_ih, dgx.astype(np.float64).T @ x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw_hh, dg_h.astype(np.float64).T @ h_prev, rtol=1e-4, atol=1e-4)
 
 
 def train_step(layer, x, lengths, dout):
