@@ -106,6 +106,10 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 #define FASTRNN_VLOAD_PANEL(p) _mm512_loadu_ps(p)
 #define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define FASTRNN_VADD(a, b) _mm512_add_ps(a, b)
+#define FASTRNN_VUNPACKLO(a, b) _mm512_unpacklo_ps(a, b)
+#define FASTRNN_VUNPACKHI(a, b) _mm512_unpackhi_ps(a, b)
+#define FASTRNN_VSHUFFLE(a, b, imm) _mm512_shuffle_ps(a, b, imm)
 #define FASTRNN_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 #define FASTRNN_PREFETCH_L2(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
 
@@ -130,6 +134,10 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 #define FASTRNN_VLOAD_PANEL(p) _mm256_loadu_ps(p)
 #define FASTRNN_VBCAST(x) _mm256_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define FASTRNN_VADD(a, b) _mm256_add_ps(a, b)
+#define FASTRNN_VUNPACKLO(a, b) _mm256_unpacklo_ps(a, b)
+#define FASTRNN_VUNPACKHI(a, b) _mm256_unpackhi_ps(a, b)
+#define FASTRNN_VSHUFFLE(a, b, imm) _mm256_shuffle_ps(a, b, imm)
 #define FASTRNN_PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 #define FASTRNN_PREFETCH_L2(p) _mm_prefetch((const char*)(p), _MM_HINT_T1)
 
@@ -395,33 +403,48 @@ static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrd
  * edges one float at a time. sums (or NULL): sums[c] += src[r * ld + c],
  * r = 0, 1, ... in order (the bias gradients, from the rows already in
  * registers instead of another pass over dG); sums2 (or NULL) the same. */
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(FASTRNN_MK_AVX2_FMA)
+#define FASTRNN_MK_TRANSPOSE_TILE FASTRNN_MK_LANES
+
+/* sums (or NULL) += the tile's rows, in their order */
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_add_rows(float* sums, const fastrnn_vec* a) {
+    if (sums == NULL) return;
+    fastrnn_vec acc = FASTRNN_VLOAD_PANEL(sums);
+    FASTRNN_UNROLL(16) for (int i = 0; i < FASTRNN_MK_LANES; i++) acc = FASTRNN_VADD(acc, a[i]);
+    fastrnn_mk_store(sums, acc, FASTRNN_MK_FULL);
+}
+
+/* The tile's LANES rows loaded (and added to the sums), then interleaved
+ * in pairs and pairs of pairs within 128-bit lanes: a[4g + c], 128-bit
+ * lane L, is then column 4L + c of rows 4g .. 4g + 3. */
+FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_quads(const float* src, ptrdiff_t ld,
+                                                      fastrnn_vec* a, float* sums,
+                                                      float* sums2) {
+    fastrnn_vec t[FASTRNN_MK_LANES];
+    FASTRNN_UNROLL(16) for (int i = 0; i < FASTRNN_MK_LANES; i++)
+        a[i] = FASTRNN_VLOAD_PANEL(src + i * ld);
+    fastrnn_mk_add_rows(sums, a);
+    fastrnn_mk_add_rows(sums2, a);
+    FASTRNN_UNROLL(8) for (int i = 0; i < FASTRNN_MK_LANES / 2; i++) {
+        t[2 * i] = FASTRNN_VUNPACKLO(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = FASTRNN_VUNPACKHI(a[2 * i], a[2 * i + 1]);
+    }
+    FASTRNN_UNROLL(4) for (int g = 0; g < FASTRNN_MK_LANES / 4; g++) {
+        a[4 * g] = FASTRNN_VSHUFFLE(t[4 * g], t[4 * g + 2], 0x44);
+        a[4 * g + 1] = FASTRNN_VSHUFFLE(t[4 * g], t[4 * g + 2], 0xEE);
+        a[4 * g + 2] = FASTRNN_VSHUFFLE(t[4 * g + 1], t[4 * g + 3], 0x44);
+        a[4 * g + 3] = FASTRNN_VSHUFFLE(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+}
+
+/* One tile: the quads, then their 128-bit lanes to their columns' rows */
 FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t ld,
                                                      float* dst, ptrdiff_t ldd,
                                                      float* sums, float* sums2) {
-    __m512 a[16], t[16];
-    FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_ps(src + i * ld);
-    if (sums != NULL) {
-        __m512 acc = _mm512_loadu_ps(sums);
-        FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) acc = _mm512_add_ps(acc, a[i]);
-        _mm512_storeu_ps(sums, acc);
-    }
-    if (sums2 != NULL) {
-        __m512 acc = _mm512_loadu_ps(sums2);
-        FASTRNN_UNROLL(16) for (int i = 0; i < 16; i++) acc = _mm512_add_ps(acc, a[i]);
-        _mm512_storeu_ps(sums2, acc);
-    }
-    FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-    }
-    /* a[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
-    FASTRNN_UNROLL(4) for (int g = 0; g < 4; g++) {
-        a[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-        a[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-        a[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-        a[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-    }
+    fastrnn_vec a[FASTRNN_MK_LANES];
+    fastrnn_mk_transpose_quads(src, ld, a, sums, sums2);
+#if defined(__AVX512F__)
+    /* lanes of a[c], a[4 + c], a[8 + c], a[12 + c] transposed 4 x 4 */
     FASTRNN_UNROLL(4) for (int c = 0; c < 4; c++) {
         __m512 v0 = _mm512_shuffle_f32x4(a[c], a[4 + c], 0x88);
         __m512 v1 = _mm512_shuffle_f32x4(a[c], a[4 + c], 0xDD);
@@ -432,41 +455,14 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t
         _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(v0, v2, 0xDD));
         _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(v1, v3, 0xDD));
     }
-}
-#define FASTRNN_MK_TRANSPOSE_TILE 16
-#elif defined(FASTRNN_MK_AVX2_FMA)
-FASTRNN_ALWAYS_INLINE void fastrnn_mk_transpose_tile(const float* src, ptrdiff_t ld,
-                                                     float* dst, ptrdiff_t ldd,
-                                                     float* sums, float* sums2) {
-    __m256 a[8], t[8];
-    FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(src + i * ld);
-    if (sums != NULL) {
-        __m256 acc = _mm256_loadu_ps(sums);
-        FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) acc = _mm256_add_ps(acc, a[i]);
-        _mm256_storeu_ps(sums, acc);
-    }
-    if (sums2 != NULL) {
-        __m256 acc = _mm256_loadu_ps(sums2);
-        FASTRNN_UNROLL(8) for (int i = 0; i < 8; i++) acc = _mm256_add_ps(acc, a[i]);
-        _mm256_storeu_ps(sums2, acc);
-    }
-    FASTRNN_UNROLL(4) for (int i = 0; i < 4; i++) {
-        t[2 * i] = _mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-    }
-    /* a[4g + c], 128-bit lane L: column 4L + c of rows 4g .. 4g + 3 */
-    FASTRNN_UNROLL(2) for (int g = 0; g < 2; g++) {
-        a[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-        a[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-        a[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-        a[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-    }
+#else
+    /* lanes of a[c], a[4 + c] transposed 2 x 2 */
     FASTRNN_UNROLL(4) for (int c = 0; c < 4; c++) {
         _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(a[c], a[4 + c], 0x20));
         _mm256_storeu_ps(dst + (4 + c) * ldd, _mm256_permute2f128_ps(a[c], a[4 + c], 0x31));
     }
+#endif
 }
-#define FASTRNN_MK_TRANSPOSE_TILE 8
 #else
 #define FASTRNN_MK_TRANSPOSE_TILE 0
 #endif
