@@ -378,27 +378,32 @@ def _quantized_plan(layer, T, B, has_lengths):
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
         if B == 1 and H % QUANT_UNIT_GROUP == 0:
             units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
-        elif 1 < B and len(parts) == 2 and H % 16 == 0 and _few_rows_split_units(layer, B):
+        elif 1 < B and len(parts) == 2 and _few_rows_split_units(layer, B):
             units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
-            # the second part's last column group must end where the packed
-            # weights' padding does (_quant.forward_units)
-            if units is not None and ((layer._gates - 1) * H + units[1]) % QUANT_UNIT_GROUP:
+            # only where forward_units' column groups fit the split
+            if units is not None and not _quant_kernel().units_fit(layer._gates, H, units[1], B):
                 units = None
     return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES,
                      units)
 
 
+def _quant_kernel():
+    """The quantized kernels' module of this CPU (fastrnn.quantized picks
+    it, and imports this module: imported here when first asked)."""
+    from fastrnn import quantized
+    return quantized._quant
+
+
 def _few_rows_split_units(layer, B):
     """Whether a call of B (> 1) batch rows splits its hidden units: fewer
-    than QUANT_UNIT_SPLIT_MAX_ROWS (and no more than forward_units takes),
-    W_hh in QUANT_UNIT_SPLIT_DTYPES of QUANT_UNIT_SPLIT_MIN_BYTES or more on
-    the AMX tiles, twice that without them."""
-    from fastrnn import quantized   # it imports this module
-    if (B >= QUANT_UNIT_SPLIT_MAX_ROWS or B > quantized._quant.UNIT_MAX_ROWS
+    than QUANT_UNIT_SPLIT_MAX_ROWS, W_hh in QUANT_UNIT_SPLIT_DTYPES of
+    QUANT_UNIT_SPLIT_MIN_BYTES or more on the AMX tiles, twice that without
+    them (and the split one forward_units takes: _quant.units_fit)."""
+    if (B >= QUANT_UNIT_SPLIT_MAX_ROWS
             or layer._config["weight_dtype"] not in QUANT_UNIT_SPLIT_DTYPES):
         return False
     H = layer._config["hidden_size"]
-    least = QUANT_UNIT_SPLIT_MIN_BYTES * (1 if quantized._quant.AMX else 2)
+    least = QUANT_UNIT_SPLIT_MIN_BYTES * (1 if _quant_kernel().AMX else 2)
     return layer._gates * H * H >= least
 
 

@@ -111,6 +111,15 @@ cdef enum:
 UNIT_MAX_ROWS = PROJECT_BLOCK
 
 
+def units_fit(int gates, Py_ssize_t H, Py_ssize_t mid, Py_ssize_t B):
+    """Whether forward_units takes a split at ``mid`` of H units of a
+    ``gates``-gate stack at B batch rows (its docstring says why): H a
+    multiple of 16, mid and (gates - 1) * H + mid of 64, 0 < mid < H,
+    1 <= B <= UNIT_MAX_ROWS. The plan asks it before choosing the split."""
+    return (H % 16 == 0 and mid % 64 == 0 and ((gates - 1) * H + mid) % 64 == 0
+            and 0 < mid < H and 1 <= B <= PROJECT_BLOCK)
+
+
 cdef struct QView:
     int kind                     # KIND_INT8 or KIND_BF16
     const int8_t* panels
@@ -1071,8 +1080,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef unsigned char[::1] scratch
     cdef char* base
     cdef bint claimed
-    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or H % 16 or mid % 64
-            or ((G - 1) * H + mid) % 64 or not 0 < mid < H or not 1 <= B <= PROJECT_BLOCK):
+    if stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not units_fit(G, H, mid, B):
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
                          f"reset-before GRU) with H a multiple of 16, mid and (gates - 1) * H "
                          f"+ mid of 64, 0 < mid < H, 1 <= B <= {PROJECT_BLOCK}; got "
