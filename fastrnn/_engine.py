@@ -29,6 +29,7 @@ arrays, with the same kernels and the plan's limits (``_plan.runner_limits``).
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import sys
 import weakref
@@ -99,7 +100,8 @@ class _TrainingBuffers:
 
     def get(self, owner, shape, dtype, zero=False):
         dtype = np.dtype(dtype)
-        if int(np.prod(shape)) * dtype.itemsize < self.BIG_BYTES:
+        # math.prod: np.prod of a shape tuple costs ~4.5 us, five times a step
+        if math.prod(shape) * dtype.itemsize < self.BIG_BYTES:
             return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
         shape = tuple(shape)
         with self._lock:
@@ -481,7 +483,8 @@ class RecurrentEngine(RecurrentWeights):
         # the weight gradients of this backprop, added to ``grads`` only when
         # every layer is done: an interrupted backprop (Ctrl-C) adds nothing
         grads = (self._dw_ih, self._dw_hh, self._db_ih, self._db_hh, self._dpeep)
-        sums = [[None if g is None else np.zeros_like(g) for g in kind] for kind in grads]
+        sums = [[None if g is None else np.zeros(g.shape, g.dtype) for g in kind]
+                for kind in grads]   # np.zeros: zeros_like costs 3x as much (~1.6 us)
         peepholes = self._peepholes(tape.params)
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
