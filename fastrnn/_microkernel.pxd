@@ -1,7 +1,9 @@
 # The float32 micro-kernel (_microkernel.h) as the kernel modules use it:
 # weights packed once per parameter set (pack), products over them
 # (packed_product). Compiled into each kernel build; the build's flags pick
-# AVX-512, AVX2+FMA or the portable code.
+# AVX-512, AVX2+FMA or the portable code. aligned_float32 allocates through
+# numpy's C API: every module that cimports this file calls cnp.import_array()
+# (without it the API's table is NULL and the first call would crash).
 
 cimport numpy as cnp
 
@@ -49,8 +51,7 @@ cdef struct Packed:
 cdef inline object aligned_float32(Py_ssize_t size):
     """An uninitialised float32 array of ``size`` values starting on a
     64-byte boundary (a cache line: no vector load of a panel splits one).
-    Through numpy's C API (the including module calls cnp.import_array()):
-    the Python route (an import, ``ctypes.data``) cost ~3 us, and a small
+    Through numpy's C API (see the top of this file): the Python route (an import, ``ctypes.data``) cost ~3 us, and a small
     training step packs a few arrays (LSTM 16->32, B=1, T=100: ~250 us)."""
     cdef cnp.npy_intp n = size + 16
     cdef cnp.ndarray buffer = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT32, 0)

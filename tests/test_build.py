@@ -67,3 +67,17 @@ def test_an_earlier_rendering_is_replaced(setup_module, tmp_path):
     target.write_text(setup_module._generated_header(str(tmp_path / "_k.pyx.tp"), body) + body)
     setup_module.generate_from_templates(str(tmp_path))
     assert "    double* data" in target.read_text()
+
+
+def test_every_module_of_the_micro_kernel_sets_up_numpys_c_api():
+    """_microkernel.pxd's aligned_float32 allocates through numpy's C API,
+    whose table is NULL until the module calls cnp.import_array(): every
+    source that cimports the .pxd must call it (a crash otherwise)."""
+    package = SETUP.parent / "fastrnn"
+    # the templates, and the .pyx files written by hand (not those setup.py renders)
+    sources = sorted(package.glob("*.pyx.tp")) + [
+        s for s in sorted(package.glob("*.pyx")) if not (package / (s.name + ".tp")).exists()]
+    users = [s for s in sources if "from fastrnn._microkernel cimport" in s.read_text()]
+    assert users, "no module cimports _microkernel.pxd"
+    missing = [s.name for s in users if "\ncnp.import_array()" not in s.read_text()]
+    assert not missing, f"these cimport _microkernel.pxd without cnp.import_array(): {missing}"
