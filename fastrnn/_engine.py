@@ -336,7 +336,7 @@ class RecurrentEngine(RecurrentWeights):
             if plan.hold_blas and not held:   # the parts' per-step gemv must not be threaded
                 units = None
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                             gx, gh, plan.parts, held, tape, units, plan.fold)
+                             gx, gh, plan.parts, held, tape, units, plan.fold, plan.products)
         return tape
 
     def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
@@ -362,10 +362,11 @@ class RecurrentEngine(RecurrentWeights):
                 out[:, t0:t1] = out_w
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
-                    gx, gh, parts, held, tape, units, fold):
+                    gx, gh, parts, held, tape, units, fold, products):
         """The layers of ``_run``, in the plan's parts, or with the hidden
         units split between two threads (``units``: the plan's bounds);
-        ``fold``: per layer, whether its projection folds into the steps."""
+        ``fold``: per layer, whether its projection folds into the steps;
+        ``products``: the parts of the input projections."""
         if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
             _layernorm_engine.run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n,
                                          out, lengths, train, gx, parts, tape)
@@ -422,7 +423,7 @@ class RecurrentEngine(RecurrentWeights):
             else:
                 packed_ih = self._packed_projection(params)
                 _forward.project(x=layer_in, w_ih=w_ih_all[k], bias_x=bias_x, gx=gx,
-                                 max_rows=v.BLAS_INT_MAX, parts=_plan.halves(rows, parts),
+                                 max_rows=v.BLAS_INT_MAX, parts=_plan.chunks(rows, products),
                                  packed=None if packed_ih is None else packed_ih[k],
                                  hidden_size=H)
             h_k = h_n[k * dirs:(k + 1) * dirs]
@@ -477,7 +478,7 @@ class RecurrentEngine(RecurrentWeights):
                if self._base_code == _forward.CELL_GRU else None)
         reset_before = self._base_code == _forward.CELL_GRU_RESET_BEFORE
         plan = _plan.backward_plan(self, T, B)
-        parts, hold = plan.parts, plan.hold_blas
+        hold = plan.hold_blas
         w_ih_all, w_hh_all = self._weights(tape.params)[:2]
         packed = self._packed_backward(tape.params)
         # the weight gradients of this backprop, added to ``grads`` only when
@@ -489,7 +490,7 @@ class RecurrentEngine(RecurrentWeights):
         with _parallel.blas_at_one_thread if hold else contextlib.nullcontext():
             held = hold and _parallel.blas_at_one_thread.held
             for k in reversed(range(self._layers)):
-                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held,
+                dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, plan, held,
                                         reset_before, w_ih_all[k], w_hh_all[k],
                                         [kind[k] if kind else None for kind in sums],
                                         None if packed is None else packed[k], peepholes[k])
@@ -531,13 +532,13 @@ class RecurrentEngine(RecurrentWeights):
             masks.append(mask)
         return ParamSet(params.version, storages, self._names), masks
 
-    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, parts, held, reset_before,
+    def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, plan, held, reset_before,
                     w_ih, w_hh, sums, packed=None, peepholes=None):
         """Layer k of ``_bptt`` (its weights of the tape's parameter set
-        w_ih, w_hh, peepholes): the backward time loops, then the weight
-        gradients (into ``sums``: dw_ih, dw_hh, db_ih, db_hh, dpeep) and the
-        input gradient, each in the plan's parts."""
-        dirs, rows = self._dirs, T * B
+        w_ih, w_hh, peepholes): the backward time loops in the plan's parts,
+        then the weight gradients (into ``sums``: dw_ih, dw_hh, db_ih, db_hh,
+        dpeep) and the input gradient in its product parts."""
+        dirs, rows, parts = self._dirs, T * B, plan.parts
         saves = tape.layers[k]
         if k < self._layers - 1 and saves.mask is not None:
             dout = dout * saves.mask
@@ -571,13 +572,13 @@ class RecurrentEngine(RecurrentWeights):
                 [_backward.pack_rows(saves.acts, 0, rows, d * S + 3 * H, H)
                  for d in range(dirs)] if reset_before else None)
         _backward.weight_grads(
-            parts=_plan.halves(dgx.shape[1], parts), x=saves.x,
+            parts=_plan.chunks(dgx.shape[1], plan.products), x=saves.x,
             h_prev=saves.h_prev, reset_acts=saves.acts if reset_before else None,
             dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2], db_hh=sums[3],
             max_rows=v.BLAS_INT_MAX, packed=activations)
         dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
         _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
-                             parts=_plan.halves(rows, parts),
+                             parts=_plan.chunks(rows, plan.products),
                              packed=None if packed is None else packed[1])
         return dx
 

@@ -20,7 +20,11 @@ without building a plan). A :class:`Plan` says
 - ``time_major``: a batch-first call whose per-step products would need a
   leading dimension beyond the BLAS int range runs time-major instead;
 - ``fold``: per layer, whether its input projection is folded into the
-  step's product (float32, the plain LSTM; see FOLD_MAX_BYTES).
+  step's product (float32, the plain LSTM; see FOLD_MAX_BYTES);
+- ``products``: how many parts the one-off products over all of a call's
+  rows run in (the input projection; BPTT's weight and input gradients):
+  the thread count once they are worth splitting, even where the
+  recurrence runs in one part (batch 1), else as many as ``parts``.
 
 ``_engine.RecurrentEngine`` then packs the weights once per parameter set
 (``_forward.pack_recurrent`` / ``pack_projection`` / ``pack_folded``,
@@ -152,6 +156,7 @@ class Plan(NamedTuple):
     window: int | None
     time_major: bool
     fold: tuple = ()     # per layer: its input projection folded into the steps
+    products: int = 1    # parts of the one-off products over all rows
 
 
 # --- the decisions --------------------------------------------------------------------
@@ -174,6 +179,22 @@ def chunks(n, count):
     """[0, n) cut into ``count`` contiguous ranges as even as can be."""
     count = max(1, min(count, n)) if n > 0 else 1
     return [(k * n // count, (k + 1) * n // count) for k in range(count)]
+
+
+def product_parts(layer, parts, macs):
+    """How many parts a call's one-off products over all its rows run in
+    (``Plan.products``; macs: their multiply-adds in the widest layer): the
+    thread count from MIN_PARALLEL_WORK on, whatever the recurrence's
+    parts; a batch-1 call's recurrence runs in one part (or its units
+    split), but its products over T rows split as well as any (GRU 64->256,
+    B=1, T=1000, training at 2 threads took longer than at 1 when they ran
+    in one part). Layer norm and projection layers (their own engines) keep
+    the recurrence's parts."""
+    threads = _parallel.get_num_threads()
+    if (threads > 1 and macs >= MIN_PARALLEL_WORK
+            and not layer._ln_index and not layer._proj_index):
+        return max(threads, len(parts))
+    return len(parts)
 
 
 def halves(n, parts):
@@ -299,13 +320,14 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         group = _forward.group_units(gates, H) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
     hold = bool(layer._proj_index)   # a projection's per-step products are BLAS calls
+    in_cols = D if layer._layers == 1 else max(D, dirs * H)
+    products = product_parts(layer, parts, T * B * in_cols * N)
     if dtype != np.float32:   # float32 calls no BLAS
-        in_cols = D if layer._layers == 1 else max(D, dirs * H)
         # layer norm's per-step products are whole BLAS calls, not cut into
         # single-thread blocks as the plain kernels' are: always held
-        hold = hold or layer_norm or units is not None or _parallel.hold_blas(
+        hold = hold or layer_norm or units is not None or products > 1 or _parallel.hold_blas(
             parts, T * B, N, in_cols, B, gates * H, H)
-    return Plan(parts, units, hold, window, time_major, folds(layer))
+    return Plan(parts, units, hold, window, time_major, folds(layer), products)
 
 
 def folds(layer):
@@ -335,10 +357,13 @@ def _backward_plan(layer, T, B):
         layer._config["input_size"]
     N = layer._dirs * layer._gates * H
     parts = split(layer._dirs, B, 2 * T * B * row_step_work(layer))
+    in_cols = max(D, layer._dirs * H)
+    # the weight gradients' sums (over x and h) and dx's product
+    products = product_parts(layer, parts, T * B * N * (2 * in_cols + H))
     hold = bool(layer._proj_index) or dtype != np.float32 and (
-        bool(layer._ln_index) or _parallel.hold_blas(
-        parts, T * B, N, max(D, layer._dirs * H), B, layer._gates * H, H))
-    return Plan(parts, None, hold, None, False)
+        bool(layer._ln_index) or products > 1 or _parallel.hold_blas(
+        parts, T * B, N, in_cols, B, layer._gates * H, H))
+    return Plan(parts, None, hold, None, False, (), products)
 
 
 class QuantPlan(NamedTuple):

@@ -156,8 +156,9 @@ def gemm_only(layer, x):
           if layer._kernel_code == _forward.CELL_GRU else None)
     h = np.zeros((dirs, B, H), dtype)
     inputs = [x.reshape(T * B, -1)] + [np.zeros((T * B, dirs * H), dtype)] * (layer._layers - 1)
-    parts = _plan.forward_plan(layer, T, B, batch_first=False, train=False,
-                               has_lengths=False).parts   # the layer's own split
+    plan = _plan.forward_plan(layer, T, B, batch_first=False, train=False,
+                              has_lengths=False)   # the layer's own split
+    parts = plan.parts
 
     def run():
         with _parallel.blas_at_one_thread:
@@ -167,7 +168,7 @@ def gemm_only(layer, x):
             packed_hh = layer._packed_recurrent(params)
             for k, (bias_x, _, w_hh_t) in enumerate(layer._kernel_weights(params)):
                 _forward.project(x=inputs[k], w_ih=w_ih[k], bias_x=bias_x, gx=gx,
-                                 max_rows=v.BLAS_INT_MAX, parts=_plan.halves(T * B, parts),
+                                 max_rows=v.BLAS_INT_MAX, parts=_plan.chunks(T * B, plan.products),
                                  packed=None if packed_ih is None else packed_ih[k],
                                  hidden_size=H)
                 _forward.gemm_limit(cell=layer._kernel_code, T=T, batch_first=False,

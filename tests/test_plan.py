@@ -135,6 +135,36 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
                               has_lengths=False).window is None
 
 
+def test_batch_one_calls_split_their_products_over_all_rows(monkeypatch):
+    """A batch-1 call's recurrence runs in one part (or its units split),
+    but its projection and BPTT's weight and input gradients, products over
+    T rows, take every thread once they reach MIN_PARALLEL_WORK; a float64
+    call then holds BLAS at one thread (each part calls it)."""
+    with monkeypatch.context() as m:
+        _force(m, "parts at 3 threads")
+        for dtype in ("float32", "float64"):
+            layer = fastrnn.GRU(6, 40, dtype=dtype, seed=0)
+            plan = _plan.forward_plan(layer, 20, 1, batch_first=False, train=True,
+                                      has_lengths=False)
+            back = _plan.backward_plan(layer, 20, 1)
+            assert len(plan.parts) == len(back.parts) == 1
+            assert plan.products == back.products == 3
+            assert plan.hold_blas == back.hold_blas == (dtype == "float64")
+    # below the bound, as many as the recurrence's parts
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    layer = fastrnn.GRU(6, 40, seed=0)
+    assert _plan.forward_plan(layer, 20, 1, batch_first=False, train=True,
+                              has_lengths=False).products == 1
+    assert _plan.backward_plan(layer, 20, 1).products == 1
+    big = fastrnn.GRU(64, 256, seed=0)
+    assert _plan.backward_plan(big, 1000, 1).products == 2
+    assert len(_plan.backward_plan(big, 1000, 1).parts) == 1
+    # layer norm and projection layers (their own engines) keep the parts
+    for kw in ({"layer_norm": True}, {"proj_size": 20}):
+        other = fastrnn.LSTM(64, 256, seed=0, **kw)
+        assert _plan.backward_plan(other, 1000, 1).products == 1
+
+
 def test_plans_are_cached_by_shape_class_threads_and_tuning(monkeypatch):
     monkeypatch.setattr(_plan, "_plans", {})
     monkeypatch.setattr(_parallel, "_threads", 2)
