@@ -13,8 +13,10 @@ storage only through ``_weights(params)`` and the configuration:
   one part per thread) or ``_forward.recur_units`` (batch 1, the hidden units
   split between two threads); in training it records a :class:`Tape`;
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
-  ``_backward.backward_layer`` (the reverse time loops), ``weight_grads`` and
-  ``input_grad``;
+  ``_backward.backward_layer`` (the reverse time loops) or
+  ``_backward.backward_units`` (float32 at batch 1, the units split as in
+  the forward), ``weight_grads`` and ``input_grad`` (the products over all
+  rows, in the plan's ``products`` parts);
 - a layer-normalised layer (``layer_norm=True``) or an LSTM with a projection
   (``proj_size``) runs its own drivers from ``_run_layers`` and ``_bptt``
   (``_layernorm_engine.py``, ``_projection_engine.py``), on the same plan;
@@ -203,9 +205,10 @@ class RecurrentEngine(RecurrentWeights):
             params.cache["kernel"] = terms
         return terms
 
-    def _recur_units(self, params, k, T, units, h_k, c_k, gx, layer_out):
+    def _recur_units(self, params, k, T, units, h_k, c_k, gx, layer_out, saves=None):
         """Layer k at batch 1 with its hidden units split at units[1] between
-        this thread and the worker; False if the worker was busy."""
+        this thread and the worker (training: into the tape ``saves``); False
+        if the worker was busy."""
         dtype = self._config["dtype"]
         per_unit = 2 * self._gates + self._saved
         # one buffer, the parts' work areas a cache line apart (no false sharing)
@@ -223,12 +226,11 @@ class RecurrentEngine(RecurrentWeights):
         outcome = _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k,
                                        c=c_k, gx=gx, out=layer_out,
                                        wait_ns=_plan.UNIT_SPLIT_WAIT_NS,
-                                       packed=None if packed is None else packed[k], **args)
-        if outcome == 2:
-            _plan.unit_split_contended()
-        elif outcome == 1:
-            _plan.unit_split_ran_clean()
-        return outcome != 0
+                                       packed=None if packed is None else packed[k],
+                                       acts=None if saves is None else saves.acts,
+                                       h_prev=None if saves is None else saves.h_prev,
+                                       c_prev=None if saves is None else saves.c_prev, **args)
+        return _plan.unit_split_ran(outcome)
 
     def _packed(self, params, key, pack):
         """float32: ``pack(w_ih, w_hh, k)`` for every layer k, packed for the
@@ -435,7 +437,7 @@ class RecurrentEngine(RecurrentWeights):
                     for rate in self._zoneout)
 
             if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
-                                                      layer_out):
+                                                      layer_out, saves if train else None):
                 # (a folded layer's steps need no W_hh packed of its own)
                 packed = None if folded else self._packed_recurrent(params)
                 _forward.recur(
@@ -477,7 +479,7 @@ class RecurrentEngine(RecurrentWeights):
         dgh = (_training_buffers.get(self, (rows, N), dtype)
                if self._base_code == _forward.CELL_GRU else None)
         reset_before = self._base_code == _forward.CELL_GRU_RESET_BEFORE
-        plan = _plan.backward_plan(self, T, B)
+        plan = _plan.backward_plan(self, T, B, tape.lengths is not None)
         hold = plan.hold_blas
         w_ih_all, w_hh_all = self._weights(tape.params)[:2]
         packed = self._packed_backward(tape.params)
@@ -543,19 +545,26 @@ class RecurrentEngine(RecurrentWeights):
         if k < self._layers - 1 and saves.mask is not None:
             dout = dout * saves.mask
 
-        _backward.backward_layer(
-            cell=self._kernel_code, T=T, batch_first=tape.batch_first, parts=parts,
-            acts=saves.acts, h_prev=saves.h_prev, c_prev=saves.c_prev,
-            w_hh=w_hh, dout=dout,
-            dh=dh[k * dirs:(k + 1) * dirs],
-            dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
-            dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
-            packed=None if packed is None else packed[0], options=self._option_rows,
-            peepholes=peepholes, **self._zoneout_args(saves, B),
-            **self._dropout_args(saves, B, tape.params, k, backward=True),
-            option_scratch=None if self._option_rows is None else np.empty(
-                len(parts) * dirs * _backward.OPTION_SCRATCH_UNITS * self._config["hidden_size"],
-                self._config["dtype"]))
+        units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
+        # batch 1: the hidden units split between two threads, else the parts
+        if units is None or packed is None or not _plan.unit_split_ran(_backward.backward_units(
+                cell=self._kernel_code, T=T, mid=units[1], acts=saves.acts,
+                h_prev=saves.h_prev, c_prev=saves.c_prev, dout=dout, dh=dh[k:k + 1],
+                dc=None if dc is None else dc[k:k + 1], dgx=dgx, dgh=dgh, packed=packed[0][0],
+                wait_ns=_plan.UNIT_SPLIT_WAIT_NS)):
+            _backward.backward_layer(
+                cell=self._kernel_code, T=T, batch_first=tape.batch_first, parts=parts,
+                acts=saves.acts, h_prev=saves.h_prev, c_prev=saves.c_prev,
+                w_hh=w_hh, dout=dout,
+                dh=dh[k * dirs:(k + 1) * dirs],
+                dc=None if dc is None else dc[k * dirs:(k + 1) * dirs],
+                dgx=dgx, dgh=dgh, lengths=tape.lengths, blas_held=held,
+                packed=None if packed is None else packed[0], options=self._option_rows,
+                peepholes=peepholes, **self._zoneout_args(saves, B),
+                **self._dropout_args(saves, B, tape.params, k, backward=True),
+                option_scratch=None if self._option_rows is None else np.empty(
+                    len(parts) * dirs * _backward.OPTION_SCRATCH_UNITS
+                    * self._config["hidden_size"], self._config["dtype"]))
         if peepholes is not None:
             self._peephole_grads(saves, dgx, sums[4])
         if saves.input_drop is not None or saves.recurrent_drop is not None:

@@ -12,7 +12,9 @@ without building a plan). A :class:`Plan` says
   directions and batch rows of a layer are independent recurrences, so each
   part runs its whole time loop with no per-step synchronisation;
 - ``units``: at batch 1, the hidden-unit bounds [0, mid, H] of two threads
-  that meet at a barrier after every step (``_forward.recur_units``), or None;
+  that meet at a barrier after every step (``_forward.recur_units``, in
+  inference and the training forward; ``_backward.backward_units`` in
+  float32 BPTT, mid on W_hh's column groups there), or None;
 - ``hold_blas``: whether scipy's BLAS must be held at one thread (float64
   only: float32 calls no BLAS);
 - ``window``: steps per time window of a long unidirectional inference (the
@@ -30,7 +32,7 @@ without building a plan). A :class:`Plan` says
 (``_forward.pack_recurrent`` / ``pack_projection`` / ``pack_folded``,
 ``_backward.pack_*``) and
 hands the plan's parts to the kernels (``_forward.project``, ``recur``,
-``recur_units``; ``_backward.backward_layer``, ``weight_grads``,
+``recur_units``; ``_backward.backward_layer`` or ``backward_units``, ``weight_grads``,
 ``input_grad``), which run them on the calling thread and the pool of
 ``_worker.h`` and call the micro-kernels of ``_microkernel.h`` (float32) or
 BLAS (float64) on each part's rows.
@@ -249,6 +251,17 @@ def unit_split_ran_clean():
     _contended_in_a_row = 0
 
 
+def unit_split_ran(outcome):
+    """Whether a unit split ran, from its kernel's outcome (0: the worker
+    was busy, nothing done; 1: done; 2: done, but contended), backing off
+    after a contended one."""
+    if outcome == 2:
+        unit_split_contended()
+    elif outcome == 1:
+        unit_split_ran_clean()
+    return outcome != 0
+
+
 def unit_split_allowed():
     """Whether this call may split its units (not while backing off)."""
     global _backoff
@@ -314,9 +327,10 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     parts = split(dirs, B, T * B * row_step_work(layer))
     units = None
     layer_norm = bool(layer._ln_index)
-    if (not train and dirs == 1 and B == 1 and not has_lengths
+    if (dirs == 1 and B == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
-            and not layer._general_only):   # (no gate options, zoneout, layer norm)
+            and not layer._general_only   # (no gate options, zoneout, layer norm)
+            and not (train and layer._dropouts is not None)):   # (nor Keras' dropouts)
         group = _forward.group_units(gates, H) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
     hold = bool(layer._proj_index)   # a projection's per-step products are BLAS calls
@@ -343,16 +357,18 @@ def folds(layer):
     return tuple(D + H <= G * H and (D + H) * G * H * 4 <= FOLD_MAX_BYTES for D in sizes)
 
 
-def backward_plan(layer, T, B):
-    """The plan of BPTT over a tape of T steps of B rows."""
+def backward_plan(layer, T, B, has_lengths=False):
+    """The plan of BPTT over a tape of T steps of B rows; ``units`` as
+    forward_plan's, for ``_backward.backward_units``."""
     cfg = layer._config
     key = ("backward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
-           layer._layers, layer._dirs,
-           cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B) + _tuning()
-    return _cached(key, lambda: _backward_plan(layer, T, B))
+           layer._general_only, layer._dropouts is not None, layer._layers, layer._dirs,
+           cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
+           bool(has_lengths)) + _tuning()
+    return _cached(key, lambda: _backward_plan(layer, T, B, has_lengths))
 
 
-def _backward_plan(layer, T, B):
+def _backward_plan(layer, T, B, has_lengths):
     dtype, H, D = layer._config["dtype"], layer._config["hidden_size"], \
         layer._config["input_size"]
     N = layer._dirs * layer._gates * H
@@ -363,7 +379,13 @@ def _backward_plan(layer, T, B):
     hold = bool(layer._proj_index) or dtype != np.float32 and (
         bool(layer._ln_index) or products > 1 or _parallel.hold_blas(
         parts, T * B, N, in_cols, B, layer._gates * H, H))
-    return Plan(parts, None, hold, None, False, (), products)
+    units = None
+    if (dtype == np.float32 and layer._dirs == 1 and B == 1 and not has_lengths
+            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
+            and not layer._general_only and layer._dropouts is None):
+        # on the column groups of W_hh packed for dG . W_hh (pack_backward)
+        units = unit_bounds(T, H, layer._gates, _forward.group_units(1, H))
+    return Plan(parts, units, hold, None, False, (), products)
 
 
 class QuantPlan(NamedTuple):

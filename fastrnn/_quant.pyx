@@ -42,15 +42,11 @@ cnp.import_array()
 
 from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
-                              run_parts, run_team, step_barrier)
+                              run_parts, run_team, team_barrier)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
                              FUSED_ACTIVATIONS)
-
-cdef extern from "_portable.h":
-    long long fastrnn_load_acquire_ll(const long long* p) noexcept nogil
-    void fastrnn_store_release_ll(long long* p, long long v) noexcept nogil
 
 cdef extern from "_qkernel.h":
     const char* FASTRNN_Q_ISA
@@ -908,16 +904,10 @@ cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexce
 
 cdef inline bint _unit_barrier(UnitJob* j, int part, long long* done,
                                long long* waits) noexcept nogil:
-    """Pass the next barrier; True when both parts must stop there. Part 0
-    asks ``interrupted`` (Ctrl-C) before it publishes, and if so names this
-    barrier in stop_at: the other part cannot pass it without seeing that,
-    and never sees a later barrier named before it passes this one."""
-    cdef long long* stop_at = j.sync + 2 * SYNC_SLOT
+    """Pass the next barrier; True when both parts must stop there (Ctrl-C:
+    team_barrier)."""
     done[0] += 1
-    if part == 0 and interrupted(&j.interrupt):
-        fastrnn_store_release_ll(stop_at, done[0])
-    waits[0] += step_barrier(j.sync, part, done[0])
-    return fastrnn_load_acquire_ll(stop_at) == done[0]
+    return team_barrier(j.sync, part, done[0], &j.interrupt, waits)
 
 
 cdef inline float* _unit_row(const UnitJob* j, Py_ssize_t k, Py_ssize_t t0, Py_ssize_t st,

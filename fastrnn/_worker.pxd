@@ -33,6 +33,11 @@ from fastrnn._tuning cimport INTERRUPT_BLOCK_MACS
 
 cdef void interrupt_start(Interrupt* it) noexcept nogil   # a call's, before its parts run
 cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
+# step_barrier for a team job a signal may stop (slots: 3 * SYNC_SLOT, the
+# third for the barrier both parts stop at): both leave after the same step
+cdef bint team_barrier(long long* slots, int part, long long steps, Interrupt* it,
+                       long long* waits) noexcept nogil
+cdef int raise_if_interrupted(Interrupt* it) except -1
 cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
                    parts, Interrupt* interrupt=*) except -1

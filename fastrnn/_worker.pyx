@@ -134,6 +134,31 @@ cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
     return False
 
 
+cdef bint team_barrier(long long* slots, int part, long long steps, Interrupt* it,
+                       long long* waits) noexcept nogil:
+    """step_barrier for a team job (run_team) that a signal may stop;
+    returns whether both parts stop after this barrier. slots: 3 *
+    SYNC_SLOT, the barrier's two, then stop_at (0: none). Only the caller's
+    part (0) polls ``it``, and before it publishes its count names this
+    barrier in stop_at: the other part cannot pass the barrier without
+    seeing that, and never sees a later barrier named before it passes this
+    one, so the two never leave at different steps (one would wait at its
+    barrier for ever). waits[0] counts the yields."""
+    cdef long long* stop_at = slots + 2 * SYNC_SLOT
+    if part == 0 and interrupted(it):
+        fastrnn_store_release_ll(stop_at, steps)
+    waits[0] += step_barrier(slots, part, steps)
+    return fastrnn_load_acquire_ll(stop_at) == steps
+
+
+cdef int raise_if_interrupted(Interrupt* it) except -1:
+    """After a job's parts: raise the exception a signal handler raised
+    meanwhile (pending since ``interrupted`` ran the handlers)."""
+    if it.stop:
+        return -1
+    return 0
+
+
 cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil:
     """Rows of one block of a large product: about INTERRUPT_BLOCK_MACS
     multiply-adds, at most max_rows (the BLAS int range), at least 1. It

@@ -641,10 +641,7 @@ class _Quantized(_ReducedWeights):
                 kernel, x=x.reshape(T * B, -1), h=h_n, c=c_n, out=out.reshape(T * B, -1),
                 batch_first=batch_first, mid=plan.units[1], window_bytes=plan.window_bytes,
                 wait_ns=_plan.UNIT_SPLIT_WAIT_NS)
-            if ran == 2:
-                _plan.unit_split_contended()
-            elif ran == 1:
-                _plan.unit_split_ran_clean()
+            ran = _plan.unit_split_ran(ran)
         if not ran:
             outcome = _quant.forward(
                 kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first, h=h_n, c=c_n,

@@ -286,6 +286,7 @@ def _interrupt_after(seconds):
 
     def fire():
         time.sleep(seconds)
+        thread.fired = time.perf_counter()
         os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=fire, daemon=True)
@@ -323,10 +324,13 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
     layer = LSTM(16, 2048, bidirectional=True, seed=0)
     rng = np.random.default_rng(0)
     probe = rng.standard_normal((20, 2, 16)).astype(np.float32)
+    (out, _), backprop = layer.forward_train(probe)   # the weights packed once, not timed
+    backprop(np.ones_like(out))
+    layer.zero_grad()
     start = time.perf_counter()
     layer(probe)
     per_step = (time.perf_counter() - start) / 20
-    T = int(np.clip(3.0 / per_step, 50, 1000 if what == "bidirectional inference" else 400))
+    T = int(np.clip(3.0 / per_step, 50, 1000))
     x = rng.standard_normal((T, 2, 16)).astype(np.float32)
     whole = T * per_step
     if what == "backprop":
@@ -355,3 +359,72 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
     small = x[:3]
     np.testing.assert_array_equal(layer(small)[0], LSTM(16, 2048, bidirectional=True,
                                                         seed=0)(small)[0])
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+@pytest.mark.parametrize("what", ["inference", "training forward", "backprop"])
+def test_batch_one_unit_splits_answer_ctrl_c(what, python_sigint_handler, monkeypatch):
+    """At batch 1 and 2 threads a big layer splits its hidden units between
+    two threads meeting after every step (_forward.recur_units,
+    _backward.backward_units): Ctrl-C stops both at the same step (neither
+    left waiting for the other) and the layer stays usable."""
+    import threading
+    import time
+
+    from fastrnn import _engine, _parallel, _plan
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    # the split always runs: waits for its worker, never backs off after a contended one
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+    ran, armed, delay = [], [], 0.1
+    for module, name in ((_engine._forward, "recur_units"), (_engine._backward, "backward_units")):
+        kernel = getattr(module, name)
+
+        def spy(*args, _kernel=kernel, _name=name, **kwargs):
+            # the signal lands while the split runs (not while buffers fill)
+            ran.append(_name)
+            if armed and len(ran) == 1:
+                armed.append(_interrupt_after(delay))
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    layer = LSTM(16, 2048, seed=0)     # 64 MB of W_hh read at every step
+    rng = np.random.default_rng(0)
+    probe = rng.standard_normal((20, 1, 16)).astype(np.float32)
+    (out, _), backprop = layer.forward_train(probe)   # the weights packed once, not timed
+    backprop(np.ones_like(out))
+    layer.zero_grad()
+    start = time.perf_counter()
+    layer(probe)
+    per_step = (time.perf_counter() - start) / 20
+    T = int(np.clip(3.0 / per_step, 50, 2000))
+    x = rng.standard_normal((T, 1, 16)).astype(np.float32)
+    whole = T * per_step
+    if what == "backprop":
+        (out, _), backprop = layer.forward_train(x)
+        dout = np.ones_like(out)
+        whole *= 2
+    bound = 1.0
+    if whole < delay + 2 * bound:
+        pytest.skip(f"this machine runs the call in ~{whole:.2f} s: too short to tell")
+    ran.clear()
+    armed.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        if what == "inference":
+            layer(x)
+        elif what == "training forward":
+            layer.forward_train(x)
+        else:
+            backprop(dout)
+        time.sleep(5)   # not reached unless the call ignored the signal
+    answered = time.perf_counter()
+    assert ran and ran[0] == ("backward_units" if what == "backprop" else "recur_units")
+    thread = armed[1]
+    thread.join()
+    latency = answered - thread.fired
+    assert latency < bound, f"Ctrl-C answered after {latency:.2f} s"
+    assert all(not g.any() for g in layer.grads.values())
+    small = x[:3]
+    np.testing.assert_array_equal(layer(small)[0], LSTM(16, 2048, seed=0)(small)[0])

@@ -29,7 +29,10 @@ CASES = _random_cases(20261201, 16) + [
     dict(kind=kind, D=d, H=h, T=t, B=1, layers=layers, bidirectional=False,
          batch_first=bf, lengths=False)
     for kind, d, h, t, layers, bf in [("LSTM", 5, 57, 30, 1, False), ("GRU", 9, 40, 17, 2, True),
-                                       ("RNN", 3, 70, 25, 1, False), ("GRU", 12, 33, 9, 1, False)]]
+                                       ("RNN", 3, 70, 25, 1, False), ("GRU", 12, 33, 9, 1, False),
+                                       # wide enough for BPTT's split (whole column groups)
+                                       ("LSTM", 5, 100, 20, 1, False),
+                                       ("GRU", 9, 130, 11, 2, True)]]
 
 # each plan choice, forced by the tuning it reads
 CHOICES = {
@@ -102,13 +105,20 @@ def test_every_plan_choice_gives_the_plain_plans_numbers(choice, dtype, train, m
 def test_the_forced_choices_are_the_ones_planned(monkeypatch):
     """The forcing above reaches the plan: a test of a choice that never ran
     could not fail."""
-    def planned(case, **kw):
-        layer = getattr(fastrnn, case["kind"])(case["D"], case["H"], num_layers=case["layers"],
-                                               bidirectional=case["bidirectional"], seed=0)
-        return _plan.forward_plan(layer, case["T"], case["B"], batch_first=case["batch_first"],
-                                  train=False, has_lengths=case["lengths"])
+    def _layer(case):
+        return getattr(fastrnn, case["kind"])(case["D"], case["H"], num_layers=case["layers"],
+                                              bidirectional=case["bidirectional"], seed=0)
+
+    def planned(case, train=False):
+        return _plan.forward_plan(_layer(case), case["T"], case["B"],
+                                  batch_first=case["batch_first"], train=train,
+                                  has_lengths=case["lengths"])
     _force(monkeypatch, "unit split")
     assert sum(planned(c).units is not None for c in CASES) >= 3
+    # training too, and float32 BPTT where W_hh's column groups allow
+    assert sum(planned(c, train=True).units is not None for c in CASES) >= 5
+    assert sum(_plan.backward_plan(_layer(c), c["T"], c["B"], c["lengths"]).units is not None
+               for c in CASES) >= 3
     _force(monkeypatch, "time windows")
     assert sum(planned(c).window is not None for c in CASES) >= 8
     _force(monkeypatch, "parts at 3 threads")

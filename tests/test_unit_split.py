@@ -9,7 +9,7 @@ import pytest
 
 import fastrnn
 from fastrnn import _parallel, _plan
-from fastrnn._kernels import forward as _forward
+from fastrnn._kernels import backward as _backward, forward as _forward
 from reference import layer_forward
 from test_forward import make_layer
 
@@ -32,11 +32,28 @@ class _CountingKernels:
         return ran
 
 
+class _CountingBackward:
+    """fastrnn's backward kernels, counting the unit-split calls that ran."""
+
+    def __init__(self, split_calls):
+        self.split_calls = split_calls
+
+    def __getattr__(self, name):
+        return getattr(_backward, name)
+
+    def backward_units(self, **kwargs):
+        ran = _backward.backward_units(**kwargs)
+        if ran:
+            self.split_calls.append(("backward", kwargs["T"]))
+        return ran
+
+
 @pytest.fixture
 def count_pairs(monkeypatch):
     from fastrnn import _engine
     kernels = _CountingKernels()
     monkeypatch.setattr(_engine, "_forward", kernels)
+    monkeypatch.setattr(_engine, "_backward", _CountingBackward(kernels.split_calls))
     monkeypatch.setattr(_parallel, "_threads", 2)
     # wait for the worker however slow it is to wake, and never back off
     # after a contended split, so that every split runs
@@ -87,6 +104,69 @@ def test_split_is_close_to_one_thread(kind, count_pairs, monkeypatch):
     single = layer(x)
     for a, b in zip(_flat(split), _flat(single)):
         np.testing.assert_array_equal(a, b)
+
+
+def _train(layer, x, hx, dout, dstate):
+    layer.zero_grad()
+    (out, state), backprop = layer.forward_train(x, hx)
+    dx, dhx = backprop(dout, dstate)
+    return [out, *_flat((out, state))[1:], dx, *_flat((dx, dhx))[1:]] + [
+        layer.grads[name].copy() for name in sorted(layer.grads)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_training_splits_its_units(kind, dtype, count_pairs, monkeypatch):
+    """A batch-1 training forward splits its units as inference does, saving
+    each part's units of the tape; float32's BPTT splits them too
+    (_backward.backward_units: a barrier per step, then each part's columns
+    of dG_t . W_hh). Against the NumPy oracle, and one thread's: float32 bit
+    for bit, float64 (BLAS, whose blocking may change with the rows it gets:
+    its products over all rows split too) within rounding."""
+    import reference_options as ro
+    from option_cases import assert_close
+    rng = np.random.default_rng(4)
+    T, D, H, layers = 40, 24, 370, 2
+    layer = make_layer(kind, D, H, num_layers=layers, dtype=dtype, seed=5)
+    x = rng.standard_normal((T, 1, D)).astype(dtype)
+    h0 = rng.standard_normal((layers, 1, H)).astype(dtype)
+    c0 = rng.standard_normal((layers, 1, H)).astype(dtype)
+    dout = rng.standard_normal((T, 1, H)).astype(dtype)
+    dh_n = rng.standard_normal((layers, 1, H)).astype(dtype)
+    dc_n = rng.standard_normal((layers, 1, H)).astype(dtype)
+    lstm = kind == "lstm"
+    hx, dstate = ((h0, c0), (dh_n, dc_n)) if lstm else (h0, dh_n)
+    split = _train(layer, x, hx, dout, dstate)
+    ran = [c for c in count_pairs if isinstance(c, tuple)]
+    assert len(count_pairs) - len(ran) == layers                  # the forward's splits
+    assert len(ran) == (layers if dtype == "float32" else 0)      # and the backward's
+
+    oracle_kind = {"rnn_tanh": "rnn", "rnn_relu": "rnn"}.get(kind, kind)
+    options = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    params = layer.state_dict()
+    want_dx, want_dh0, want_dc0, want_grads = ro.layer_backward(
+        oracle_kind, params, x, h0, c0 if lstm else None, layers, False, None, dout=dout,
+        dh_n=dh_n, dc_n=dc_n if lstm else None, **options)
+    want_out = ro.layer_forward(oracle_kind, params, x, h0, c0 if lstm else None, layers,
+                                False, **options)[0]
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    assert_close(split[0], want_out, tol, "out")
+    n_state = 2 if lstm else 1
+    dx = split[1 + n_state]
+    assert_close(dx, want_dx, tol, "dx")
+    assert_close(split[2 + n_state], want_dh0, tol, "dh0")
+    if lstm:
+        assert_close(split[3 + n_state], want_dc0, tol, "dc0")
+    for got, name in zip(split[-len(params):], sorted(layer.grads)):
+        assert_close(got, want_grads[name], tol, name)
+
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    single = _train(layer, x, hx, dout, dstate)
+    for a, b in zip(split, single):
+        if dtype == "float32":
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _flat(result):
