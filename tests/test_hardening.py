@@ -309,6 +309,38 @@ def python_sigint_handler():
     signal.signal(signal.SIGINT, previous)
 
 
+def _seconds_long_call(layer, B, what, delay, bound, max_T):
+    """A call of ``layer`` (16 inputs, batch B) that would run for about 3 s:
+    ``what`` "training forward", "backprop" (its forward done here) or an
+    inference. The weights are packed first (not timed: a cold probe would
+    make T too short to tell); skips when this machine is too fast for a
+    Ctrl-C after ``delay`` to be told from the call's end within ``bound``.
+    Returns (x, run)."""
+    import time
+    rng = np.random.default_rng(0)
+    probe = rng.standard_normal((20, B, 16)).astype(np.float32)
+    (out, _), backprop = layer.forward_train(probe)
+    backprop(np.ones_like(out))
+    layer.zero_grad()
+    start = time.perf_counter()
+    layer(probe)
+    per_step = (time.perf_counter() - start) / 20
+    T = int(np.clip(3.0 / per_step, 50, max_T))
+    x = rng.standard_normal((T, B, 16)).astype(np.float32)
+    whole = T * per_step
+    if what == "backprop":
+        (out, _), backprop = layer.forward_train(x)
+        dout = np.ones_like(out)
+        whole *= 2                 # a backprop does about twice a forward's work
+    if whole < delay + 2 * bound:
+        pytest.skip(f"this machine runs the call in ~{whole:.2f} s: too short to tell")
+    if what == "backprop":
+        return x, lambda: backprop(dout)
+    if what == "training forward":
+        return x, lambda: layer.forward_train(x)
+    return x, lambda: layer(x)
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
 @pytest.mark.parametrize("what", ["bidirectional inference", "training forward", "backprop"])
 def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
@@ -320,36 +352,15 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach Python's main thread only")
     # a large W_hh (64 MB a direction) read at every step of a batch of 2:
-    # seconds of work in little memory; T chosen for ~3 s on this machine
+    # seconds of work in little memory
     layer = LSTM(16, 2048, bidirectional=True, seed=0)
-    rng = np.random.default_rng(0)
-    probe = rng.standard_normal((20, 2, 16)).astype(np.float32)
-    (out, _), backprop = layer.forward_train(probe)   # the weights packed once, not timed
-    backprop(np.ones_like(out))
-    layer.zero_grad()
-    start = time.perf_counter()
-    layer(probe)
-    per_step = (time.perf_counter() - start) / 20
-    T = int(np.clip(3.0 / per_step, 50, 1000))
-    x = rng.standard_normal((T, 2, 16)).astype(np.float32)
-    whole = T * per_step
-    if what == "backprop":
-        (out, _), backprop = layer.forward_train(x)
-        dout = np.ones_like(out)
-        whole *= 2                 # a backprop does about twice a forward's work
     delay, bound = 0.1, 1.0     # polled every ~20 ms; the bound leaves room for a busy machine
-    if whole < delay + 2 * bound:
-        pytest.skip(f"this machine runs the call in ~{whole:.2f} s: too short to tell")
+    x, run = _seconds_long_call(layer, 2, what, delay, bound, 1000)
     weights_before = layer.state_dict()
     thread = _interrupt_after(delay)
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        if what == "bidirectional inference":
-            layer(x)
-        elif what == "training forward":
-            layer.forward_train(x)
-        else:
-            backprop(dout)
+        run()
         time.sleep(5)   # not reached unless the call ignored the signal
     latency = time.perf_counter() - start - delay
     thread.join()
@@ -379,7 +390,7 @@ def test_batch_one_unit_splits_answer_ctrl_c(what, python_sigint_handler, monkey
     monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
     monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
     monkeypatch.setattr(_plan, "_backoff", 0)
-    ran, armed, delay = [], [], 0.1
+    ran, armed, delay, bound = [], [], 0.1, 1.0
     for module, name in ((_engine._forward, "recur_units"), (_engine._backward, "backward_units")):
         kernel = getattr(module, name)
 
@@ -391,33 +402,11 @@ def test_batch_one_unit_splits_answer_ctrl_c(what, python_sigint_handler, monkey
             return _kernel(*args, **kwargs)
         monkeypatch.setattr(module, name, spy)
     layer = LSTM(16, 2048, seed=0)     # 64 MB of W_hh read at every step
-    rng = np.random.default_rng(0)
-    probe = rng.standard_normal((20, 1, 16)).astype(np.float32)
-    (out, _), backprop = layer.forward_train(probe)   # the weights packed once, not timed
-    backprop(np.ones_like(out))
-    layer.zero_grad()
-    start = time.perf_counter()
-    layer(probe)
-    per_step = (time.perf_counter() - start) / 20
-    T = int(np.clip(3.0 / per_step, 50, 2000))
-    x = rng.standard_normal((T, 1, 16)).astype(np.float32)
-    whole = T * per_step
-    if what == "backprop":
-        (out, _), backprop = layer.forward_train(x)
-        dout = np.ones_like(out)
-        whole *= 2
-    bound = 1.0
-    if whole < delay + 2 * bound:
-        pytest.skip(f"this machine runs the call in ~{whole:.2f} s: too short to tell")
+    x, run = _seconds_long_call(layer, 1, what, delay, bound, 2000)
     ran.clear()
     armed.append(True)
     with pytest.raises(KeyboardInterrupt):
-        if what == "inference":
-            layer(x)
-        elif what == "training forward":
-            layer.forward_train(x)
-        else:
-            backprop(dout)
+        run()
         time.sleep(5)   # not reached unless the call ignored the signal
     answered = time.perf_counter()
     assert ran and ran[0] == ("backward_units" if what == "backprop" else "recur_units")
