@@ -436,8 +436,11 @@ class RecurrentEngine(RecurrentWeights):
                     (self._rng.random((rows, dirs * H)) < rate).astype(dtype)
                     for rate in self._zoneout)
 
-            if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
-                                                      layer_out, saves if train else None):
+            # (the unit split knows no recurrent dropout: the plan never gives
+            # it one, and neither does this check)
+            if (units is None or saves.recurrent_drop is not None
+                    or not self._recur_units(params, k, T, units, h_k, c_k, gx, layer_out,
+                                             saves if train else None)):
                 # (a folded layer's steps need no W_hh packed of its own)
                 packed = None if folded else self._packed_recurrent(params)
                 _forward.recur(

@@ -309,7 +309,7 @@ def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
     # (_general_only: zoneout runs on the general path with the same kernel
     # code as the plain layer)
     key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
-           layer._general_only, layer._layers, layer._dirs,
+           layer._general_only, layer._dropouts is not None, layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
            bool(batch_first), bool(train), bool(has_lengths)) + _tuning()
     return _cached(key, lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))

@@ -308,3 +308,27 @@ def test_a_plan_is_never_shared_with_a_layer_of_other_options(monkeypatch):
         _plan._plans.clear()
         fastrnn.LSTM(8, 32, seed=0)(x)
         np.testing.assert_array_equal(special(x)[0], alone, err_msg=f"B={B}")
+
+
+def test_a_training_plan_is_never_shared_with_a_layer_of_keras_dropout(monkeypatch):
+    """A layer with Keras' recurrent dropout trained at batch 1 after a plain
+    layer of the same shapes gets its own plans: the plain layer's split
+    its units, forward and BPTT, which know no dropout masks."""
+    _force(monkeypatch, "unit split")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 1, 8)).astype(np.float32)
+    dout = rng.standard_normal((30, 1, 100)).astype(np.float32)
+
+    def train(layer):
+        (out, _), backprop = layer.forward_train(x)
+        dx, _ = backprop(dout)
+        return [out, dx] + [layer.grads[k].copy() for k in sorted(layer.grads)]
+
+    def special():
+        return fastrnn.LSTM(8, 100, seed=0, recurrent_dropout=0.4)
+    monkeypatch.setattr(_plan, "_plans", {})
+    alone = train(special())
+    _plan._plans.clear()
+    train(fastrnn.LSTM(8, 100, seed=0))
+    for a, b in zip(train(special()), alone):
+        np.testing.assert_array_equal(a, b)
