@@ -548,13 +548,7 @@ class RecurrentEngine(RecurrentWeights):
         if k < self._layers - 1 and saves.mask is not None:
             dout = dout * saves.mask
 
-        units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
-        # batch 1: the hidden units split between two threads, else the parts
-        if units is None or packed is None or not _plan.unit_split_ran(_backward.backward_units(
-                cell=self._kernel_code, T=T, mid=units[1], acts=saves.acts,
-                h_prev=saves.h_prev, c_prev=saves.c_prev, dout=dout, dh=dh[k:k + 1],
-                dc=None if dc is None else dc[k:k + 1], dgx=dgx, dgh=dgh, packed=packed[0][0],
-                wait_ns=_plan.UNIT_SPLIT_WAIT_NS)):
+        if not self._backward_units(plan, k, T, saves, dout, dh, dc, dgx, dgh, packed):
             _backward.backward_layer(
                 cell=self._kernel_code, T=T, batch_first=tape.batch_first, parts=parts,
                 acts=saves.acts, h_prev=saves.h_prev, c_prev=saves.c_prev,
@@ -594,6 +588,20 @@ class RecurrentEngine(RecurrentWeights):
                              packed=None if packed is None else packed[1])
         return dx
 
+
+    def _backward_units(self, plan, k, T, saves, dout, dh, dc, dgx, dgh, packed):
+        """Layer k's BPTT time loop at batch 1 with its hidden units split
+        between this thread and the worker (float32, the plan's units; the
+        split knows no recurrent dropout, as in the forward); False if it
+        did not run (then ``backward_layer``)."""
+        if (plan.units is None or packed is None or saves.recurrent_drop is not None
+                or not _plan.unit_split_allowed()):
+            return False
+        return _plan.unit_split_ran(_backward.backward_units(
+            cell=self._kernel_code, T=T, mid=plan.units[1], acts=saves.acts,
+            h_prev=saves.h_prev, c_prev=saves.c_prev, dout=dout, dh=dh[k:k + 1],
+            dc=None if dc is None else dc[k:k + 1], dgx=dgx, dgh=dgh, packed=packed[0][0],
+            wait_ns=_plan.UNIT_SPLIT_WAIT_NS))
 
     # --- Keras' input and recurrent dropout (per gate masks), training only ---
     def _dropout_args(self, saves, B, params, k, backward):
