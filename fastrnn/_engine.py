@@ -436,11 +436,8 @@ class RecurrentEngine(RecurrentWeights):
                     (self._rng.random((rows, dirs * H)) < rate).astype(dtype)
                     for rate in self._zoneout)
 
-            # (the unit split knows no recurrent dropout: the plan never gives
-            # it one, and neither does this check)
-            if (units is None or saves.recurrent_drop is not None
-                    or not self._recur_units(params, k, T, units, h_k, c_k, gx, layer_out,
-                                             saves if train else None)):
+            if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
+                                                      layer_out, saves if train else None):
                 # (a folded layer's steps need no W_hh packed of its own)
                 packed = None if folded else self._packed_recurrent(params)
                 _forward.recur(
@@ -591,11 +588,9 @@ class RecurrentEngine(RecurrentWeights):
 
     def _backward_units(self, plan, k, T, saves, dout, dh, dc, dgx, dgh, packed):
         """Layer k's BPTT time loop at batch 1 with its hidden units split
-        between this thread and the worker (float32, the plan's units; the
-        split knows no recurrent dropout, as in the forward); False if it
-        did not run (then ``backward_layer``)."""
-        if (plan.units is None or packed is None or saves.recurrent_drop is not None
-                or not _plan.unit_split_allowed()):
+        between this thread and the worker (float32, the plan's units);
+        False if it did not run (then ``backward_layer``)."""
+        if plan.units is None or packed is None or not _plan.unit_split_allowed():
             return False
         return _plan.unit_split_ran(_backward.backward_units(
             cell=self._kernel_code, T=T, mid=plan.units[1], acts=saves.acts,

@@ -327,10 +327,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     parts = split(dirs, B, T * B * row_step_work(layer))
     units = None
     layer_norm = bool(layer._ln_index)
-    if (dirs == 1 and B == 1 and not has_lengths
-            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
-            and not layer._general_only   # (no gate options, zoneout, layer norm)
-            and not (train and layer._dropouts is not None)):   # (nor Keras' dropouts)
+    if _may_split_units(layer, B, has_lengths, train):
         group = _forward.group_units(gates, H) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
     hold = bool(layer._proj_index)   # a projection's per-step products are BLAS calls
@@ -342,6 +339,19 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         hold = hold or layer_norm or units is not None or products > 1 or _parallel.hold_blas(
             parts, T * B, N, in_cols, B, gates * H, H)
     return Plan(parts, units, hold, window, time_major, folds(layer), products)
+
+
+def _may_split_units(layer, B, has_lengths, train):
+    """Whether a call's kind allows the batch-1 unit split (then unit_bounds
+    says whether it pays): one direction, one row, no lengths; not the
+    reset-before GRU (its n product needs all of r * h mid-step), nor gate
+    options, zoneout or layer norm (the general path), nor in training
+    Keras' dropouts (the split's kernels know no masks). Plans are cached
+    by all of these (forward_plan's and backward_plan's keys)."""
+    return (layer._dirs == 1 and B == 1 and not has_lengths
+            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
+            and not layer._general_only
+            and not (train and layer._dropouts is not None))
 
 
 def folds(layer):
@@ -380,9 +390,7 @@ def _backward_plan(layer, T, B, has_lengths):
         bool(layer._ln_index) or products > 1 or _parallel.hold_blas(
         parts, T * B, N, in_cols, B, layer._gates * H, H))
     units = None
-    if (dtype == np.float32 and layer._dirs == 1 and B == 1 and not has_lengths
-            and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
-            and not layer._general_only and layer._dropouts is None):
+    if dtype == np.float32 and _may_split_units(layer, B, has_lengths, train=True):
         # on the column groups of W_hh packed for dG . W_hh (pack_backward)
         units = unit_bounds(T, H, layer._gates, _forward.group_units(1, H))
     return Plan(parts, units, hold, None, False, (), products)

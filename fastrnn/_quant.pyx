@@ -42,7 +42,7 @@ cnp.import_array()
 
 from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
-                              run_parts, run_team, team_barrier)
+                              raise_if_interrupted, run_parts, run_team, team_barrier)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
@@ -1034,10 +1034,6 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     fastrnn_restore_fpenv(fpenv)
 
 
-cdef int _raise_pending() except -1:
-    return -1       # a signal handler's exception is pending: raise it
-
-
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                   float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
                   Py_ssize_t mid, Py_ssize_t window_bytes, bint batch_first=False,
@@ -1122,8 +1118,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
         claimed = run_team(_unit_job, &job, 2, wait_ns)
     if not claimed:
         return 0, 0
-    if job.interrupt.stop:
-        _raise_pending()       # the outputs and the state are then partial
+    raise_if_interrupted(&job.interrupt)   # the outputs and the state are then partial
     # the parts yielded more often than once a barrier and batch row: they
     # did not have a core each (another program, or the scheduler). (float32's
     # recur_units takes a quarter of the steps; here, with a core each, the

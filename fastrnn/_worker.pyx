@@ -189,6 +189,6 @@ cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
             ranges[p * width + i] = parts[p][i]
     with nogil:
         fastrnn_run_parts(<fastrnn_job_fn>fn, arg, nparts, nparts - 1)
-    if interrupt != NULL and interrupt.stop:
-        return -1    # the signal handler's exception is pending
+    if interrupt != NULL:
+        raise_if_interrupted(interrupt)
     return 0
