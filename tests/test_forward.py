@@ -388,6 +388,13 @@ def test_lean_path_declines_what_it_does_not_handle():
     assert runner.run(x, (np.zeros((1, 2, 6), np.float32), None)) is None   # path raises
     assert runner.run(x, np.zeros((1, 2, 6), np.float32)) is None   # LSTM needs (h, c)
     assert runner.run(np.zeros((4000, 64, 5), np.float32), None) is None  # large: parallel
+    # a projection the general path would split (_plan.product_parts), however
+    # little recurrent work the steps hold
+    wide = fastrnn.GRU(4000, 8, seed=0)
+    assert wide._sequence_runner(wide._params).run(np.zeros((50, 1, 4000), np.float32),
+                                                   None) is None
+    assert wide._sequence_runner(wide._params).run(np.zeros((40, 1, 4000), np.float32),
+                                                   None) is not None
     with pytest.raises(ValueError, match="expected input of shape"):
         layer(np.zeros((4, 2, 3), np.float32))
 
@@ -397,15 +404,25 @@ def test_lean_path_declines_what_it_does_not_handle():
                                           ("rnn_tanh", 300, 100, 40, 3)])
 def test_projection_that_blas_could_thread_takes_the_held_path(kind, D, H, T, B, dtype,
                                                                 close):
-    """An input projection beyond one-thread GEMM size is left to the general
-    path, which holds BLAS at one thread (a product OpenBLAS threads can
-    round differently, and results must not depend on what other threads
-    do); the call still matches the reference."""
+    """float64: an input projection beyond one-thread GEMM size is left to
+    the general path, which holds BLAS at one thread (a product OpenBLAS
+    threads can round differently, and results must not depend on what
+    other threads do). float32 calls no BLAS (its weights are packed for the
+    micro-kernel): the lean path takes the call, bit for bit as the general
+    path (sent there by lengths covering every step). Either matches the
+    reference."""
     layer = make_layer(kind, D, H, dtype=dtype, seed=5)
     rng = np.random.default_rng(D)
     x = rng.standard_normal((T, B, D)).astype(dtype)
     assert T * B * layer._gates * H * D > _forward.GEMM_ONE_THREAD   # OpenBLAS may thread it
-    assert layer._sequence_runner(layer._params).run(x, None) is None
+    lean = layer._sequence_runner(layer._params).run(x, None)
+    if dtype == "float64":
+        assert lean is None
+    else:
+        general = layer(x, lengths=[T] * B)
+        np.testing.assert_array_equal(lean[0], general[0])
+        for a, b in zip(*((r[1] if kind == "lstm" else (r[1],)) for r in (lean, general))):
+            np.testing.assert_array_equal(a, b)
     out, state = layer(x)
     zeros = np.zeros((1, B, H))
     ref_out, ref_h, ref_c = layer_forward(kind, layer.state_dict(), x, zeros,
