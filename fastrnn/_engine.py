@@ -11,7 +11,7 @@ storage only through ``_weights(params)`` and the configuration:
   asks ``_plan.forward_plan``, then per layer ``_forward.project`` (the input
   projection of every step at once) and ``_forward.recur`` (the time loops,
   one part per thread) or ``_forward.recur_units`` (batch 1, the hidden units
-  split between two threads); in training it records a :class:`Tape`;
+  split between threads); in training it records a :class:`Tape`;
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
   ``_backward.backward_layer`` (the reverse time loops) or
   ``_backward.backward_units`` (float32 at batch 1, the units split as in
@@ -206,30 +206,28 @@ class RecurrentEngine(RecurrentWeights):
         return terms
 
     def _recur_units(self, params, k, T, units, h_k, c_k, gx, layer_out, saves=None):
-        """Layer k at batch 1 with its hidden units split at units[1] between
-        this thread and the worker (training: into the tape ``saves``); False
-        if the worker was busy."""
+        """Layer k at batch 1 with its hidden units split at the bounds
+        ``units`` between this thread and workers (training: into the tape
+        ``saves``); False if the workers were busy."""
         dtype = self._config["dtype"]
         per_unit = 2 * self._gates + self._saved
         # one buffer, the parts' work areas a cache line apart (no false sharing)
         gap = 64 // np.dtype(dtype).itemsize
-        work = np.empty(per_unit * units[2] + gap, dtype)
-        args = {}
-        for part in (0, 1):
-            lo, hi = units[part], units[part + 1]
-            w_part, w_part_t, bias_part = self._unit_weights(params, k, lo, hi)
-            start = per_unit * lo + part * gap
-            args.update({f"w_part{part}": w_part, f"w_part_t{part}": w_part_t,
-                         f"bias_part{part}": bias_part,
-                         f"work{part}": work[start:start + per_unit * (hi - lo)]})
+        work = np.empty(per_unit * units[-1] + (len(units) - 1) * gap, dtype)
+        parts = [self._unit_weights(params, k, lo, hi) for lo, hi in zip(units, units[1:])]
+        works = [work[per_unit * lo + part * gap:per_unit * hi + part * gap]
+                 for part, (lo, hi) in enumerate(zip(units, units[1:]))]
         packed = self._packed_recurrent(params)
-        outcome = _forward.recur_units(cell=self._kernel_code, T=T, mid=units[1], h=h_k,
-                                       c=c_k, gx=gx, out=layer_out,
+        outcome = _forward.recur_units(cell=self._kernel_code, T=T, bounds=units,
+                                       w_parts=[p[0] for p in parts],
+                                       w_parts_t=[p[1] for p in parts],
+                                       bias_parts=[p[2] for p in parts], works=works,
+                                       h=h_k, c=c_k, gx=gx, out=layer_out,
                                        wait_ns=_plan.UNIT_SPLIT_WAIT_NS,
                                        packed=None if packed is None else packed[k],
                                        acts=None if saves is None else saves.acts,
                                        h_prev=None if saves is None else saves.h_prev,
-                                       c_prev=None if saves is None else saves.c_prev, **args)
+                                       c_prev=None if saves is None else saves.c_prev)
         return _plan.unit_split_ran(outcome)
 
     def _packed(self, params, key, pack):
@@ -366,7 +364,7 @@ class RecurrentEngine(RecurrentWeights):
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                     gx, gh, parts, held, tape, units, fold, products):
         """The layers of ``_run``, in the plan's parts, or with the hidden
-        units split between two threads (``units``: the plan's bounds);
+        units split between threads (``units``: the plan's bounds);
         ``fold``: per layer, whether its projection folds into the steps;
         ``products``: the parts of the input projections."""
         if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
@@ -585,15 +583,14 @@ class RecurrentEngine(RecurrentWeights):
                              packed=None if packed is None else packed[1])
         return dx
 
-
     def _backward_units(self, plan, k, T, saves, dout, dh, dc, dgx, dgh, packed):
         """Layer k's BPTT time loop at batch 1 with its hidden units split
-        between this thread and the worker (float32, the plan's units);
+        between this thread and workers (float32, the plan's units);
         False if it did not run (then ``backward_layer``)."""
         if plan.units is None or packed is None or not _plan.unit_split_allowed():
             return False
         return _plan.unit_split_ran(_backward.backward_units(
-            cell=self._kernel_code, T=T, mid=plan.units[1], acts=saves.acts,
+            cell=self._kernel_code, T=T, bounds=plan.units, acts=saves.acts,
             h_prev=saves.h_prev, c_prev=saves.c_prev, dout=dout, dh=dh[k:k + 1],
             dc=None if dc is None else dc[k:k + 1], dgx=dgx, dgh=dgh, packed=packed[0][0],
             wait_ns=_plan.UNIT_SPLIT_WAIT_NS))

@@ -11,10 +11,11 @@ without building a plan). A :class:`Plan` says
   first batch row, last batch row + 1) per part, one part per thread; the
   directions and batch rows of a layer are independent recurrences, so each
   part runs its whole time loop with no per-step synchronisation;
-- ``units``: at batch 1, the hidden-unit bounds [0, mid, H] of two threads
-  that meet at a barrier after every step (``_forward.recur_units``, in
-  inference and the training forward; ``_backward.backward_units`` in
-  float32 BPTT, mid on W_hh's column groups there), or None;
+- ``units``: at batch 1, the hidden-unit bounds [0, b_1, ..., H] of the
+  threads (up to one part each) that meet at a barrier after every step
+  (``_forward.recur_units``, in inference and the training forward;
+  ``_backward.backward_units`` in float32 BPTT, the bounds on W_hh's column
+  groups there), or None;
 - ``hold_blas``: whether scipy's BLAS must be held at one thread (float64
   only: float32 calls no BLAS);
 - ``window``: steps per time window of a long unidirectional inference (the
@@ -54,6 +55,7 @@ block sizes; ``_worker.h``, spin times; ``_forward.pyx.tp``, the BLAS bounds).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -69,12 +71,15 @@ from fastrnn._kernels import forward as _forward
 # thread: handing a part to a worker costs tens of microseconds.
 MIN_PARALLEL_WORK = 4_000_000
 
-# A batch-1 unidirectional layer splits its hidden units between two threads,
+# A batch-1 unidirectional layer splits its hidden units between threads,
 # which meet at a barrier after every step, when a step has at least
 # UNIT_SPLIT_MIN_MACS recurrent multiply-adds and the call UNIT_SPLIT_MIN_WORK.
 # The barrier and the exchange of h cost ~1 us per step on this 2-core VM
 # (LSTM 16->32 T=100: 52 us in one thread, 148 us split; GRU 64->128: 424 vs
-# 483 us; GRU 64->256: 1230 vs 950 us).
+# 483 us; GRU 64->256: 1230 vs 950 us). With more threads, each part keeps at
+# least half of UNIT_SPLIT_MIN_MACS a step (as each of the two halves does):
+# a choice, not a measurement (this machine has 2 cores); batch-1 weights
+# beyond one core's L2 (a GRU of 1024 units: 12 MB) are where more parts pay.
 UNIT_SPLIT_MIN_MACS = 131072
 UNIT_SPLIT_MIN_WORK = 1_000_000
 # How long a unit split waits for the worker to take its part before the
@@ -217,19 +222,27 @@ def unit_split_steps(H, gates, threads=None):
     return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
 
 
-def unit_bounds(T, H, gates, group):
-    """Bounds [0, mid, H] of the two threads' hidden units for a batch-1
+def unit_bounds(T, H, gates, group, most=None):
+    """Bounds [0, b_1, ..., H] of the threads' hidden units for a batch-1
     unidirectional layer (or a quantized one of a few rows:
-    QUANT_UNIT_SPLIT_MAX_ROWS), or None when it runs in one thread. mid falls on a
-    multiple of ``group`` (the micro-kernel's units per packed group; 16 for
-    the BLAS path: whole float32 cache lines for each part's units)."""
+    QUANT_UNIT_SPLIT_MAX_ROWS), part p the units [b_p, b_p+1), or None when
+    it runs in one thread. As many parts as threads (at most ``most``), as
+    long as each keeps UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step;
+    the bounds fall on multiples of ``group`` (the micro-kernel's units per
+    packed group; 1 for the BLAS path) and of 16 (whole float32 cache lines
+    for each part's units)."""
     steps = unit_split_steps(H, gates)
     if steps is None or T < steps:
         return None
-    mid = min(H - 1, max(16, (H // 2 + 8) // 16 * 16))
-    if group > 1:
-        mid = round(mid / group) * group
-    return [0, mid, H] if 0 < mid < H else None
+    quantum = math.lcm(16, group)
+    parts = min(_parallel.get_num_threads(), -(-H // quantum),   # (the last may be short)
+                gates * H * H // max(1, UNIT_SPLIT_MIN_MACS // 2))
+    if most is not None:
+        parts = min(parts, most)
+    # (halves round up)
+    bounds = sorted({min(H, int(p * H / parts / quantum + 0.5) * quantum)
+                     for p in range(parts)} | {H})
+    return bounds if len(bounds) > 2 else None
 
 
 _backoff = 0            # unit-split calls left to split their rows or run in one thread
@@ -421,7 +434,8 @@ def _quantized_plan(layer, T, B, has_lengths):
     layers, B=32, T=50, at 2 threads: 0.28 ms on one thread, 0.19 split,
     where the product-only estimate had kept it on one). A unidirectional
     batch-1 call without lengths splits its hidden units between two
-    threads as float32's does (same thresholds), where the units split on
+    threads (its kernel takes two parts) as float32's does (same
+    thresholds), where the units split on
     whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP),
     and so does an int8 call of a few rows over large weights
     (QUANT_UNIT_SPLIT_MAX_ROWS says when) instead of splitting its rows."""
@@ -432,9 +446,9 @@ def _quantized_plan(layer, T, B, has_lengths):
     if (dirs == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
         if B == 1 and H % QUANT_UNIT_GROUP == 0:
-            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP, most=2)
         elif 1 < B and len(parts) == 2 and _few_rows_split_units(layer, B):
-            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP, most=2)
             # only where forward_units' column groups fit the split
             if units is not None and not _quant_kernel().units_fit(layer._gates, H, units[1], B):
                 units = None

@@ -907,7 +907,7 @@ cdef inline bint _unit_barrier(UnitJob* j, int part, long long* done,
     """Pass the next barrier; True when both parts must stop there (Ctrl-C:
     team_barrier)."""
     done[0] += 1
-    return team_barrier(j.sync, part, done[0], &j.interrupt, waits)
+    return team_barrier(j.sync, part, 2, done[0], &j.interrupt, waits)
 
 
 cdef inline float* _unit_row(const UnitJob* j, Py_ssize_t k, Py_ssize_t t0, Py_ssize_t st,

@@ -8,13 +8,17 @@ cdef enum:
 
 cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil
 
-# the two parts of a team job (run_team) that meet after every step: each
-# part's step count in its own slot of SYNC_SLOT long longs (128 bytes, never
-# a shared cache line); step_barrier publishes one and waits for the other
+# the parts of a team job (run_team) that meet after every step: each part's
+# step count in its own slot of SYNC_SLOT long longs (128 bytes, never a
+# shared cache line); step_barrier publishes one and waits for the others.
+# TEAM_SYNC: the long longs of a team's slots (the most parts' and
+# team_barrier's stop_at), which a caller aligns to 128 bytes.
 cdef enum:
     SYNC_SLOT = 16
+    TEAM_SYNC = (MAX_PARTS + 1) * SYNC_SLOT
 
-cdef long long step_barrier(long long* slots, int part, long long steps) noexcept nogil
+cdef long long step_barrier(long long* slots, int part, int nparts,
+                            long long steps) noexcept nogil
 
 # A long call's time loops look at ``interrupted`` once per step: the thread
 # that made the call (when it is Python's main thread) takes the GIL every
@@ -33,10 +37,10 @@ from fastrnn._tuning cimport INTERRUPT_BLOCK_MACS
 
 cdef void interrupt_start(Interrupt* it) noexcept nogil   # a call's, before its parts run
 cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
-# step_barrier for a team job a signal may stop (slots: 3 * SYNC_SLOT, the
-# third for the barrier both parts stop at): both leave after the same step
-cdef bint team_barrier(long long* slots, int part, long long steps, Interrupt* it,
-                       long long* waits) noexcept nogil
+# step_barrier for a team job a signal may stop (slots: nparts + 1 slots, the
+# last for the barrier every part stops at): all leave after the same step
+cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
+                       Interrupt* it, long long* waits) noexcept nogil
 cdef int raise_if_interrupted(Interrupt* it) except -1
 cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,

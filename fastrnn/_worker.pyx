@@ -64,16 +64,19 @@ cdef extern from "_portable.h":
 from fastrnn._tuning cimport WAIT_SPINS
 
 
-cdef long long step_barrier(long long* slots, int part, long long steps) noexcept nogil:
-    """Publish that ``part`` (0 or 1) has done ``steps`` steps and wait until
-    the other part has too: spinning (a step takes microseconds), with a
-    yield every WAIT_SPINS pauses in case the other part waits for this
+cdef long long step_barrier(long long* slots, int part, int nparts,
+                            long long steps) noexcept nogil:
+    """Publish that ``part`` (of nparts) has done ``steps`` steps and wait
+    until every other part has too: spinning (a step takes microseconds),
+    with a yield every WAIT_SPINS pauses in case another part waits for this
     core. Returns the number of yields."""
-    cdef long long* other = slots + (1 - part) * SYNC_SLOT
     cdef long long spins = 0
+    cdef int other
     fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
-    while fastrnn_load_acquire_ll(other) < steps:
-        fastrnn_wait_spin(&spins)
+    for other in range(nparts):
+        if other != part:
+            while fastrnn_load_acquire_ll(slots + other * SYNC_SLOT) < steps:
+                fastrnn_wait_spin(&spins)
     return spins // WAIT_SPINS
 
 
@@ -134,20 +137,21 @@ cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
     return False
 
 
-cdef bint team_barrier(long long* slots, int part, long long steps, Interrupt* it,
-                       long long* waits) noexcept nogil:
+cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
+                       Interrupt* it, long long* waits) noexcept nogil:
     """step_barrier for a team job (run_team) that a signal may stop;
-    returns whether both parts stop after this barrier. slots: 3 *
-    SYNC_SLOT, the barrier's two, then stop_at (0: none). Only the caller's
-    part (0) polls ``it``, and before it publishes its count names this
-    barrier in stop_at: the other part cannot pass the barrier without
-    seeing that, and never sees a later barrier named before it passes this
-    one, so the two never leave at different steps (one would wait at its
-    barrier for ever). waits[0] counts the yields."""
-    cdef long long* stop_at = slots + 2 * SYNC_SLOT
+    returns whether every part stops after this barrier. slots: nparts + 1
+    slots of SYNC_SLOT, the barrier's, then stop_at (0: none). Only the
+    caller's part (0) polls ``it``, and before it publishes its count names
+    this barrier in stop_at: no other part can pass the barrier without
+    seeing that, and none sees a later barrier named before it passes this
+    one (part 0 names the next only after passing this one, which waits for
+    every part's count), so the parts never leave at different steps (one
+    would wait at its barrier for ever). waits[0] counts the yields."""
+    cdef long long* stop_at = slots + nparts * SYNC_SLOT
     if part == 0 and interrupted(it):
         fastrnn_store_release_ll(stop_at, steps)
-    waits[0] += step_barrier(slots, part, steps)
+    waits[0] += step_barrier(slots, part, nparts, steps)
     return fastrnn_load_acquire_ll(stop_at) == steps
 
 

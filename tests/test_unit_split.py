@@ -1,7 +1,8 @@
 """Batch-1 unidirectional layers split their hidden units between the calling
-thread and the kernels' worker, which meet at a barrier every step
-(_parallel.unit_halves, _forward.recur_units): against the reference, one
-thread, and concurrent calls (one of which owns the worker at a time)."""
+thread and the kernels' workers, which meet at a barrier every step
+(_plan.unit_bounds, _forward.recur_units, _backward.backward_units): against
+the reference, one thread, and concurrent calls (one of which owns the
+workers at a time)."""
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,6 +15,7 @@ from reference import layer_forward
 from test_forward import make_layer
 
 SPLIT_KINDS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
+_COUNTED_PARTS = []   # count_pairs' record of the parts of each split
 
 
 class _CountingKernels:
@@ -21,6 +23,7 @@ class _CountingKernels:
 
     def __init__(self):
         self.split_calls = []
+        self.parts = []       # the parts of every split that ran, forward and backward
 
     def __getattr__(self, name):
         return getattr(_forward, name)
@@ -29,14 +32,16 @@ class _CountingKernels:
         ran = _forward.recur_units(**kwargs)
         if ran:
             self.split_calls.append(kwargs["T"])
+            self.parts.append(len(kwargs["bounds"]) - 1)
         return ran
 
 
 class _CountingBackward:
     """fastrnn's backward kernels, counting the unit-split calls that ran."""
 
-    def __init__(self, split_calls):
-        self.split_calls = split_calls
+    def __init__(self, forward):
+        self.split_calls = forward.split_calls
+        self.parts = forward.parts
 
     def __getattr__(self, name):
         return getattr(_backward, name)
@@ -45,6 +50,7 @@ class _CountingBackward:
         ran = _backward.backward_units(**kwargs)
         if ran:
             self.split_calls.append(("backward", kwargs["T"]))
+            self.parts.append(len(kwargs["bounds"]) - 1)
         return ran
 
 
@@ -53,7 +59,9 @@ def count_pairs(monkeypatch):
     from fastrnn import _engine
     kernels = _CountingKernels()
     monkeypatch.setattr(_engine, "_forward", kernels)
-    monkeypatch.setattr(_engine, "_backward", _CountingBackward(kernels.split_calls))
+    _COUNTED_PARTS[:] = []
+    kernels.parts = _COUNTED_PARTS
+    monkeypatch.setattr(_engine, "_backward", _CountingBackward(kernels))
     monkeypatch.setattr(_parallel, "_threads", 2)
     # wait for the worker however slow it is to wake, and never back off
     # after a contended split, so that every split runs
@@ -173,6 +181,56 @@ def test_training_splits_its_units(kind, dtype, count_pairs, monkeypatch):
 def _flat(result):
     out, state = result
     return (out, *state) if isinstance(state, tuple) else (out, state)
+
+
+@pytest.mark.parametrize("threads", [3, 4, 8])
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_more_threads_split_in_more_parts_with_one_threads_bits(kind, threads, count_pairs,
+                                                                 monkeypatch):
+    """With more threads the units split in more parts, one per thread while
+    each keeps UNIT_SPLIT_MIN_MACS / 2 multiply-adds a step (512 units: every
+    thread here), all meeting at each step's barrier (on this machine more
+    threads than cores: the parts take turns): inference in float32 and
+    float64, the training forward and float32's BPTT give one thread's
+    results bit for bit, and match the NumPy oracle."""
+    rng = np.random.default_rng(threads)
+    T, D, H = 12, 24, 512
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    results = {}
+    for dtype in ("float32", "float64"):
+        layer = make_layer(kind, D, H, dtype=dtype, seed=6)
+        x = rng.standard_normal((T, 1, D)).astype(dtype)
+        results[dtype] = (layer, x, layer(x))
+    layer, x, _ = results["float32"]
+    dout = rng.standard_normal((T, 1, H)).astype(np.float32)
+    trained = _train(layer, x, None, dout, None)
+    # inference twice, the training forward and its BPTT, each in `threads` parts
+    assert _COUNTED_PARTS == [threads] * 4
+    for dtype, (layer_d, x_d, split) in results.items():
+        zeros = np.zeros((1, 1, H))
+        ref = layer_forward(kind, layer_d.state_dict(), x_d, zeros,
+                            zeros if kind == "lstm" else None)
+        np.testing.assert_allclose(split[0], ref[0], atol=1e-5 if dtype == "float32" else 1e-12)
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    for layer_d, x_d, split in results.values():
+        for a, b in zip(_flat(split), _flat(layer_d(x_d))):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(trained, _train(layer, x, None, dout, None)):
+        np.testing.assert_array_equal(a, b)
+    assert _COUNTED_PARTS == [threads] * 4            # (one thread: no split)
+
+
+@pytest.mark.parametrize("H,gates,group,threads,want", [
+    (256, 3, 16, 2, [0, 128, 256]), (256, 3, 16, 8, [0, 80, 176, 256]),
+    (512, 4, 16, 4, [0, 128, 256, 384, 512]), (256, 1, 16, 8, None),
+    (192, 4, 16, 8, [0, 96, 192]), (512, 4, 128, 8, [0, 128, 256, 384, 512]),
+    (400, 3, 1, 1, None)])
+def test_unit_bounds(H, gates, group, threads, want, monkeypatch):
+    """As many parts as threads while each keeps half of UNIT_SPLIT_MIN_MACS
+    a step (GRU 256: three; RNN 256 not even two; LSTM 192 two), on whole
+    packed groups and cache lines (groups of 128 units: four parts)."""
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    assert _plan.unit_bounds(1000, H, gates, group) == want
 
 
 def test_split_calls_from_many_threads(count_pairs):
