@@ -373,30 +373,33 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("what", ["inference", "training forward", "backprop"])
-def test_batch_one_unit_splits_answer_ctrl_c(what, python_sigint_handler, monkeypatch):
-    """At batch 1 and 2 threads a big layer splits its hidden units between
-    two threads meeting after every step (_forward.recur_units,
-    _backward.backward_units): Ctrl-C stops both at the same step (neither
-    left waiting for the other) and the layer stays usable."""
+def test_batch_one_unit_splits_answer_ctrl_c(what, threads, python_sigint_handler,
+                                              monkeypatch):
+    """At batch 1 a big layer splits its hidden units between the threads
+    (one part each), meeting after every step (_forward.recur_units,
+    _backward.backward_units): Ctrl-C stops every part at the same step
+    (none left waiting for another) and the layer stays usable."""
     import threading
     import time
 
     from fastrnn import _engine, _parallel, _plan
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach Python's main thread only")
-    monkeypatch.setattr(_parallel, "_threads", 2)
-    # the split always runs: waits for its worker, never backs off after a contended one
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    # the split always runs: waits for its workers, never backs off after a contended one
     monkeypatch.setattr(_plan, "UNIT_SPLIT_WAIT_NS", 10**10)
     monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
     monkeypatch.setattr(_plan, "_backoff", 0)
-    ran, armed, delay, bound = [], [], 0.1, 1.0
+    ran, parts, armed, delay, bound = [], [], [], 0.1, 1.0
     for module, name in ((_engine._forward, "recur_units"), (_engine._backward, "backward_units")):
         kernel = getattr(module, name)
 
         def spy(*args, _kernel=kernel, _name=name, **kwargs):
             # the signal lands while the split runs (not while buffers fill)
             ran.append(_name)
+            parts.append(len(kwargs["bounds"]) - 1)
             if armed and len(ran) == 1:
                 armed.append(_interrupt_after(delay))
             return _kernel(*args, **kwargs)
@@ -404,12 +407,14 @@ def test_batch_one_unit_splits_answer_ctrl_c(what, python_sigint_handler, monkey
     layer = LSTM(16, 2048, seed=0)     # 64 MB of W_hh read at every step
     x, run = _seconds_long_call(layer, 1, what, delay, bound, 2000)
     ran.clear()
+    parts.clear()
     armed.append(True)
     with pytest.raises(KeyboardInterrupt):
         run()
         time.sleep(5)   # not reached unless the call ignored the signal
     answered = time.perf_counter()
     assert ran and ran[0] == ("backward_units" if what == "backprop" else "recur_units")
+    assert parts[0] == threads
     thread = armed[1]
     thread.join()
     latency = answered - thread.fired
