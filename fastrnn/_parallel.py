@@ -26,12 +26,48 @@ from fastrnn._kernels import forward as _forward
 MAX_THREADS = 64
 
 
-def _cores():
-    """The cores this process may run on."""
+# Where Linux shows this process's cgroup, whose CPU quota (a container's
+# ``--cpus``) bounds the default thread count as its CPU affinity does:
+# threads beyond the quota get throttled for the rest of each period, and the
+# batch-1 unit split, whose parts meet every step, would wait on them.
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read_ints(path, allow_max=False):
+    """The whitespace-separated integers of a small file ("max": None), or
+    None if it cannot be read."""
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path) as f:
+            words = f.read().split()
+        return [None if allow_max and w == "max" else int(w) for w in words]
+    except (OSError, ValueError):
+        return None
+
+
+def _quota_cpus():
+    """The CPUs a cgroup CPU quota allows (rounded up), or None without a
+    quota: cgroup v2's cpu.max ("quota period" or "max period"), else v1's
+    cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us."""
+    v2 = _read_ints(os.path.join(CGROUP_ROOT, "cpu.max"), allow_max=True)
+    if v2 is not None:
+        quota, period = (v2 + [None, None])[:2]
+    else:
+        quota = (_read_ints(os.path.join(CGROUP_ROOT, "cpu", "cpu.cfs_quota_us")) or [None])[0]
+        period = (_read_ints(os.path.join(CGROUP_ROOT, "cpu", "cpu.cfs_period_us")) or [None])[0]
+    if quota is None or period is None or quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
+
+
+def _cores():
+    """The cores this process may run on: its CPU affinity, within its
+    cgroup's CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):   # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _quota_cpus()
+    return cores if quota is None else min(cores, quota)
 
 
 def _default_threads():
@@ -56,7 +92,8 @@ def set_num_threads(n: int) -> None:
     hidden units, of the rows of the large products run at once.
 
     Also set by the environment variable FASTRNN_NUM_THREADS; the default is
-    the number of cores this process may run on (os.sched_getaffinity).
+    the number of cores this process may run on (os.sched_getaffinity),
+    within its cgroup's CPU quota (a container's ``--cpus``, rounded up).
     """
     global _threads
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):

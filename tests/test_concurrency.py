@@ -240,3 +240,32 @@ def test_threads_keep_the_process_affinity_after_parallel_calls(monkeypatch):
         time.sleep(0.01)         # past the workers' spin: they sleep, then wake
     for tid in os.listdir("/proc/self/task"):
         assert os.sched_getaffinity(int(tid)) == allowed, tid
+
+
+@pytest.mark.parametrize("files,want", [
+    ({"cpu.max": "150000 100000\n"}, 2), ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "100000 100000"}, 1), ({"cpu.max": "5000 100000"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "max 100000", "cpu/cpu.cfs_quota_us": "100000",   # v2 wins
+      "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({"cpu.max": "garbage"}, None), ({}, None)])
+def test_default_threads_stay_within_a_cgroup_cpu_quota(files, want, tmp_path, monkeypatch):
+    """A container's --cpus is a CPU quota, not an affinity: the default
+    thread count takes it too (rounded up), from cgroup v2's cpu.max or v1's
+    CFS quota and period; no quota, or files it cannot read, leave the
+    affinity's count."""
+    from fastrnn import _parallel
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(_parallel, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.delenv("FASTRNN_NUM_THREADS", raising=False)
+    assert _parallel._quota_cpus() == want
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    expected = affinity if want is None else min(affinity, want)
+    assert _parallel._cores() == expected
+    assert _parallel._default_threads() == min(expected, _parallel.MAX_THREADS)
+    monkeypatch.setenv("FASTRNN_NUM_THREADS", "5")          # the variable wins
+    assert _parallel._default_threads() == 5
