@@ -434,8 +434,8 @@ def _quantized_plan(layer, T, B, has_lengths):
     layers, B=32, T=50, at 2 threads: 0.28 ms on one thread, 0.19 split,
     where the product-only estimate had kept it on one). A unidirectional
     batch-1 call without lengths splits its hidden units between two
-    threads (its kernel takes two parts) as float32's does (same
-    thresholds), where the units split on
+    threads (its kernel's parts; float32's may take more) with float32's
+    thresholds, where the units split on
     whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP),
     and so does an int8 call of a few rows over large weights
     (QUANT_UNIT_SPLIT_MAX_ROWS says when) instead of splitting its rows."""

@@ -144,10 +144,12 @@ cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
     slots of SYNC_SLOT, the barrier's, then stop_at (0: none). Only the
     caller's part (0) polls ``it``, and before it publishes its count names
     this barrier in stop_at: no other part can pass the barrier without
-    seeing that, and none sees a later barrier named before it passes this
-    one (part 0 names the next only after passing this one, which waits for
-    every part's count), so the parts never leave at different steps (one
-    would wait at its barrier for ever). waits[0] counts the yields."""
+    seeing that. Part 0 may pass this barrier and name the next before a
+    slower part reads stop_at here; that part then reads the next one's
+    name, runs one more step and stops there with part 0, which names no
+    barrier after the one it stops at. So the parts never leave at
+    different steps (one would wait at its barrier for ever). waits[0]
+    counts the yields."""
     cdef long long* stop_at = slots + nparts * SYNC_SLOT
     if part == 0 and interrupted(it):
         fastrnn_store_release_ll(stop_at, steps)
