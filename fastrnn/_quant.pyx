@@ -42,7 +42,8 @@ cnp.import_array()
 
 from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
-                              raise_if_interrupted, run_parts, run_team, team_barrier)
+                              raise_if_interrupted, run_parts, run_team, team_barrier,
+                              team_slots)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
@@ -1110,9 +1111,8 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.h = &h[0, 0, 0]
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
-    job.sync = <long long*>((<size_t>sync_raw + 127) & ~(<size_t>127))   # 128-byte aligned
+    job.sync = team_slots(sync_raw, 2)
     job.waits[0] = job.waits[1] = job.barriers = 0
-    memset(job.sync, 0, 3 * SYNC_SLOT * sizeof(long long))
     interrupt_start(&job.interrupt)
     with nogil:
         claimed = run_team(_unit_job, &job, 2, wait_ns)

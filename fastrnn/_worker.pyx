@@ -5,6 +5,8 @@
 import os
 import threading
 
+from libc.string cimport memset
+
 cdef extern from "Python.h":
     # declared here without an exception clause: the pending exception it
     # sets must stay set for run_parts to raise, not be handled on the spot
@@ -78,6 +80,40 @@ cdef long long step_barrier(long long* slots, int part, int nparts,
             while fastrnn_load_acquire_ll(slots + other * SYNC_SLOT) < steps:
                 fastrnn_wait_spin(&spins)
     return spins // WAIT_SPINS
+
+
+cdef long long* team_slots(long long* raw, int nparts) noexcept nogil:
+    """The barrier slots of a team of nparts (and team_barrier's stop_at)
+    in raw, which holds (nparts + 1) * SYNC_SLOT + 16 long longs: 128-byte
+    aligned (no slot shares a cache line), zeroed."""
+    cdef long long* slots = <long long*>((<size_t>raw + 127) & ~(<size_t>127))
+    memset(slots, 0, (nparts + 1) * SYNC_SLOT * sizeof(long long))
+    return slots
+
+
+cdef int team_outcome(const long long* waits, int nparts, long long steps) noexcept nogil:
+    """A float unit split's outcome from its parts' yields at the barriers:
+    2 (contended: they did not have a core each, another program or the
+    scheduler) when they yielded at more than a quarter of the steps, else
+    1."""
+    cdef long long total = 0
+    cdef int p
+    for p in range(nparts):
+        total += waits[p]
+    return 2 if total > steps // 4 else 1
+
+
+cdef int check_unit_bounds(str owner, bounds, Py_ssize_t H, Py_ssize_t width) except -1:
+    """Raise ValueError unless ``bounds`` (0 = b_0 < b_1 < ... < b_n = H)
+    split H units in 2 to MAX_PARTS parts, the inner bounds multiples of
+    ``width`` (a part computes whole packed groups)."""
+    cdef Py_ssize_t n = len(bounds) - 1, p
+    if (not 2 <= n <= MAX_PARTS or bounds[0] != 0 or bounds[n] != H
+            or any(bounds[p] >= bounds[p + 1] for p in range(n))
+            or any(bounds[p] % width for p in range(1, n))):
+        raise ValueError(f"{owner}: bounds {list(bounds)} must rise from 0 to H={H} in 2 to "
+                         f"{MAX_PARTS} parts, on multiples of {width} units")
+    return 0
 
 
 fastrnn_worker_init()   # the fork handler, before any call can claim the worker
