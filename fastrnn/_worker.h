@@ -234,15 +234,26 @@ static long long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team
     return job;
 }
 
-static void fastrnn_wait_finished(void) {
+/* A caller's check while it waits for the workers' parts (run_parts':
+ * the signal handlers, so that a Ctrl-C is answered although the caller's
+ * own parts are done; the workers' parts see the stop it sets at their next
+ * step), or NULL. */
+typedef void (*fastrnn_poll_fn)(void* ctx);
+
+static void fastrnn_wait_finished(fastrnn_poll_fn poll, void* ctx) {
     long long spins = 0;
-    while (fastrnn_load_acquire_ll(&fastrnn_worker.remaining) != 0)
+    while (fastrnn_load_acquire_ll(&fastrnn_worker.remaining) != 0) {
         fastrnn_wait_spin(&spins);
+        if (poll != NULL)
+            poll(ctx);
+    }
 }
 
 /* Parts that do not wait for each other: fn(arg, p) for p < nparts, on
- * this thread and up to `workers` workers, whoever takes each first. */
-static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers) {
+ * this thread and up to `workers` workers, whoever takes each first;
+ * poll(ctx) (or NULL) while this thread waits for the workers' parts. */
+static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers,
+                              fastrnn_poll_fn poll, void* ctx) {
     long long job;
     int p;
     if (nparts > FASTRNN_MAX_THREADS)
@@ -254,7 +265,7 @@ static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int work
     }
     job = fastrnn_post(fn, arg, nparts, 0);
     fastrnn_run_taken(job, 0);
-    fastrnn_wait_finished();
+    fastrnn_wait_finished(poll, ctx);
     fastrnn_release();
 }
 
@@ -289,7 +300,7 @@ static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long 
         /* some parts were withdrawn: the others run nothing */
         fastrnn_store_release_int(&fastrnn_worker.go, -1);
         fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);   /* ours */
-        fastrnn_wait_finished();
+        fastrnn_wait_finished(NULL, NULL);
         fastrnn_worker.withdrawn++;
         fastrnn_release();
         return 0;
@@ -298,7 +309,7 @@ static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long 
     fastrnn_worker.by_caller++;
     fn(arg, part);
     fastrnn_add_fetch_ll(&fastrnn_worker.remaining, -1);
-    fastrnn_wait_finished();
+    fastrnn_wait_finished(NULL, NULL);   /* (its parts met at every barrier) */
     fastrnn_release();
     return 1;
 }

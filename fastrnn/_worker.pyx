@@ -18,7 +18,9 @@ cdef extern from "_worker.h":
     int fastrnn_load_int(const int* p) noexcept nogil
     void fastrnn_store_int(int* p, int v) noexcept nogil
     ctypedef void (*fastrnn_job_fn)(void* arg, int part) noexcept nogil
-    void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers) noexcept nogil
+    ctypedef void (*fastrnn_poll_fn)(void* ctx) noexcept nogil
+    void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers,
+                           fastrnn_poll_fn poll, void* ctx) noexcept nogil
     int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts,
                          long long wait_ns) noexcept nogil
     int fastrnn_worker_init() noexcept nogil
@@ -210,6 +212,13 @@ cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_row
     return max(<Py_ssize_t>1, min(rows, max_rows))
 
 
+cdef void _poll_while_waiting(void* it) noexcept nogil:
+    """run_parts' caller, its own parts done, waits for the workers': it
+    still runs the signal handlers (a Ctrl-C is answered whichever thread
+    has the longer part), and the workers' parts stop at their next step."""
+    interrupted(<Interrupt*>it)
+
+
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
                    parts, Interrupt* interrupt=NULL) except -1:
     """The dispatch of every kernel entry that runs in parts: copy ``parts``
@@ -217,11 +226,13 @@ cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
     job's ranges (MAX_PARTS x width), then run fn(arg, p) for each part
     without the GIL, on this thread and up to len(parts) - 1 workers (the
     plan makes as many parts as threads).
-    With an ``interrupt`` (a field of the job its parts poll), raise the
+    With an ``interrupt`` (a field of the job its parts poll; this thread
+    polls it too while it waits for the workers' parts), raise the
     exception a signal handler raised meanwhile; the call's outputs are then
     partial."""
     cdef Py_ssize_t p, i
     cdef int nparts = len(parts)
+    cdef fastrnn_poll_fn poll = NULL if interrupt == NULL else <fastrnn_poll_fn>_poll_while_waiting
     if nparts < 1 or nparts > MAX_PARTS:
         raise ValueError(f"run_parts: expected 1 to {MAX_PARTS} parts, got {nparts}")
     if interrupt != NULL:
@@ -230,7 +241,44 @@ cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,
         for i in range(width):
             ranges[p * width + i] = parts[p][i]
     with nogil:
-        fastrnn_run_parts(<fastrnn_job_fn>fn, arg, nparts, nparts - 1)
+        fastrnn_run_parts(<fastrnn_job_fn>fn, arg, nparts, nparts - 1, poll, interrupt)
     if interrupt != NULL:
         raise_if_interrupted(interrupt)
     return 0
+
+
+# --- for the tests: parts of known lengths ---
+
+cdef struct _BusyJob:
+    Py_ssize_t ranges[MAX_PARTS]       # run_parts' copy of each part's index
+    long long ns[MAX_PARTS]
+    unsigned long long thread[MAX_PARTS]
+    Interrupt interrupt
+
+
+cdef void _busy_part(void* arg, int part) noexcept nogil:
+    cdef _BusyJob* j = <_BusyJob*>arg
+    cdef Py_ssize_t p = j.ranges[part]
+    cdef long long end = fastrnn_clock_ns() + j.ns[p]
+    j.thread[p] = fastrnn_thread_id()
+    while fastrnn_clock_ns() < end:     # "steps" of a few clock readings
+        if interrupted(&j.interrupt):
+            return
+
+
+def busy_parts(seconds):
+    """For the tests: run_parts over parts that each spin for seconds[p]
+    (polling the interrupt as a kernel's steps do), as a kernel entry's
+    parts run; returns per part whether a worker ran it. A pending signal
+    handler's exception is raised as from a kernel."""
+    cdef _BusyJob job
+    cdef Py_ssize_t p, n = len(seconds)
+    if not 1 <= n <= MAX_PARTS:
+        raise ValueError(f"busy_parts: expected 1 to {MAX_PARTS} parts, got {n}")
+    for p in range(n):
+        job.ns[p] = <long long>(seconds[p] * 1e9)
+        job.thread[p] = 0
+    run_parts(_busy_part, &job, &job.ranges[0], 1, [(p,) for p in range(n)], &job.interrupt)
+    caller = fastrnn_thread_id()
+    return [job.thread[p] != caller for p in range(n)]
+

@@ -373,6 +373,39 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+def test_ctrl_c_answered_while_the_caller_waits_for_a_workers_part(python_sigint_handler,
+                                                                   monkeypatch):
+    """The calling thread's parts of a call can end long before a worker's
+    (a worker that started late, a machine that took its core away): while
+    it waits it still runs the signal handlers, and the worker's part stops
+    at its next step. Parts of 0.05 s (the caller's) and 3 s (a worker's):
+    Ctrl-C at 0.3 s is answered within the bound, not at 3 s."""
+    import threading
+    import time
+
+    from fastrnn import _parallel, _worker
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    _worker.busy_parts([0.001, 0.001])       # the worker started and awake
+    workers_ran = _worker.stats()[0]
+    thread = _interrupt_after(0.3)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        by_worker = _worker.busy_parts([0.05, 3.0])
+        pytest.fail(f"not interrupted; parts run by a worker: {by_worker}")
+    answered = time.perf_counter()
+    thread.join()
+    latency = answered - thread.fired
+    # a worker took the long part (else this thread ran both, polling all along)
+    assert _worker.stats()[0] > workers_ran
+    assert latency < 0.5, (f"Ctrl-C answered after {latency:.2f} s "
+                           f"({answered - start:.2f} s into the call)")
+    # usable after: both parts run again, to their end
+    assert len(_worker.busy_parts([0.01, 0.01])) == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("what", ["inference", "training forward", "backprop"])
 def test_batch_one_unit_splits_answer_ctrl_c(what, threads, python_sigint_handler,
