@@ -45,7 +45,7 @@ values: plans are kept in one bounded cache keyed by all of these.
 Reduced-precision calls (``fastrnn.quantize``) ask :func:`quantized_plan`
 (cached the same way): parts per thread (``_quant.forward``), or at batch 1
 (and in int8 for a few rows over large weights: QUANT_UNIT_SPLIT_MAX_ROWS)
-the units of two threads that meet after every step
+the units of the threads, which meet after every step
 (``_quant.forward_units``); their small calls take the lean path of
 ``_quant.QRunner``, within :func:`quantized_runner_limits`.
 
@@ -147,7 +147,10 @@ QUANT_UNIT_GROUP = 64
 # (none); LSTM 512 B=32 6.35 -> 6.82 and B=64 9.4 -> 14.0 (slower: both
 # halves on the tiles); LSTM 256 B=8 34 -> 48 (slower). VNNI: GRU 768 B=20
 # 52.0 -> 39.7, LSTM 512 B=20 7.63 -> 8.41 (slower). bfloat16 (AMX): GRU
-# 768 B=20 1.12x, LSTM 512 B=20 none: left to the row split.
+# 768 B=20 1.12x, LSTM 512 B=20 none: left to the row split. With more
+# threads the units split in as many parts as unit_bounds gives (a choice,
+# not a measurement: this machine has 2 cores; each part then streams a
+# smaller share of W_hh, where the rows' parts would each stream all of it).
 QUANT_UNIT_SPLIT_MAX_ROWS = 32
 QUANT_UNIT_SPLIT_MIN_BYTES = 768 << 10
 QUANT_UNIT_SPLIT_DTYPES = ("int8",)
@@ -222,12 +225,11 @@ def unit_split_steps(H, gates, threads=None):
     return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
 
 
-def unit_bounds(T, H, gates, group, most=None):
+def unit_bounds(T, H, gates, group):
     """Bounds [0, b_1, ..., H] of the threads' hidden units for a batch-1
     unidirectional layer (or a quantized one of a few rows:
     QUANT_UNIT_SPLIT_MAX_ROWS), part p the units [b_p, b_p+1), or None when
-    it runs in one thread. As many parts as threads (at most ``most``), as
-    long as each keeps UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step;
+    it runs in one thread. As many parts as threads, as long as each keeps UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step;
     the bounds fall on multiples of ``group`` (the micro-kernel's units per
     packed group; 1 for the BLAS path) and of 16 (whole float32 cache lines
     for each part's units)."""
@@ -237,8 +239,6 @@ def unit_bounds(T, H, gates, group, most=None):
     quantum = math.lcm(16, group)
     parts = min(_parallel.get_num_threads(), -(-H // quantum),   # (the last may be short)
                 gates * H * H // max(1, UNIT_SPLIT_MIN_MACS // 2))
-    if most is not None:
-        parts = min(parts, most)
     # (halves round up)
     bounds = sorted({min(H, int(p * H / parts / quantum + 0.5) * quantum)
                      for p in range(parts)} | {H})
@@ -413,8 +413,8 @@ class QuantPlan(NamedTuple):
     parts: list          # as Plan's
     direct: bool         # one part, small: run on the calling thread, no dispatch
     window_bytes: int    # the time windows' bound (unidirectional stacks)
-    units: list | None   # batch 1: [0, mid, H], the two threads' hidden units
-                         # (_quant.forward_units), or None
+    units: list | None   # batch 1 (or a few rows): the threads' hidden-unit
+                         # bounds [0, b_1, ..., H] (_quant.forward_units), or None
 
 
 def quantized_plan(layer, T, B, has_lengths=False):
@@ -433,9 +433,8 @@ def _quantized_plan(layer, T, B, has_lengths):
     gate pass, which is float32's own (measured 2026-12-03, RNN 1->50, two
     layers, B=32, T=50, at 2 threads: 0.28 ms on one thread, 0.19 split,
     where the product-only estimate had kept it on one). A unidirectional
-    batch-1 call without lengths splits its hidden units between two
-    threads (its kernel's parts; float32's may take more) with float32's
-    thresholds, where the units split on
+    batch-1 call without lengths splits its hidden units between the
+    threads (unit_bounds: float32's thresholds), where the units split on
     whole column groups of the kernels (H a multiple of QUANT_UNIT_GROUP),
     and so does an int8 call of a few rows over large weights
     (QUANT_UNIT_SPLIT_MAX_ROWS says when) instead of splitting its rows."""
@@ -446,11 +445,11 @@ def _quantized_plan(layer, T, B, has_lengths):
     if (dirs == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
         if B == 1 and H % QUANT_UNIT_GROUP == 0:
-            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP, most=2)
-        elif 1 < B and len(parts) == 2 and _few_rows_split_units(layer, B):
-            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP, most=2)
+            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
+        elif 1 < B and len(parts) >= 2 and _few_rows_split_units(layer, B):
+            units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
             # only where forward_units' column groups fit the split
-            if units is not None and not _quant_kernel().units_fit(layer._gates, H, units[1], B):
+            if units is not None and not _quant_kernel().units_fit(layer._gates, H, units, B):
                 units = None
     return QuantPlan(parts, len(parts) == 1 and work < QUANT_DIRECT_WORK, QUANT_WINDOW_BYTES,
                      units)

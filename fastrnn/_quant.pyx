@@ -41,7 +41,7 @@ import numpy as np
 cnp.import_array()
 
 from fastrnn._ndarrays cimport initial_states, plain_input
-from fastrnn._worker cimport (Interrupt, MAX_PARTS, SYNC_SLOT, interrupt_start, interrupted,
+from fastrnn._worker cimport (Interrupt, MAX_PARTS, TEAM_SYNC, interrupt_start, interrupted,
                               raise_if_interrupted, run_parts, run_team, team_barrier,
                               team_slots)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
@@ -108,13 +108,17 @@ cdef enum:
 UNIT_MAX_ROWS = PROJECT_BLOCK
 
 
-def units_fit(int gates, Py_ssize_t H, Py_ssize_t mid, Py_ssize_t B):
-    """Whether forward_units takes a split at ``mid`` of H units of a
-    ``gates``-gate stack at B batch rows (its docstring says why): H a
-    multiple of 16, mid and (gates - 1) * H + mid of 64, 0 < mid < H,
-    1 <= B <= UNIT_MAX_ROWS. The plan asks it before choosing the split."""
-    return (H % 16 == 0 and mid % 64 == 0 and ((gates - 1) * H + mid) % 64 == 0
-            and 0 < mid < H and 1 <= B <= PROJECT_BLOCK)
+def units_fit(int gates, Py_ssize_t H, bounds, Py_ssize_t B):
+    """Whether forward_units takes the split of H units of a ``gates``-gate
+    stack at ``bounds`` (0 = b_0 < b_1 < ... < b_n = H, 2 to MAX_PARTS
+    parts) at B batch rows (its docstring says why): H a multiple of 16, the
+    inner bounds of 64, (gates - 1) * H + b_(n-1) of 64, 1 <= B <=
+    UNIT_MAX_ROWS. The plan asks it before choosing the split."""
+    n = len(bounds) - 1
+    return (H % 16 == 0 and 2 <= n <= MAX_PARTS and bounds[0] == 0 and bounds[n] == H
+            and all(bounds[p] < bounds[p + 1] for p in range(n))
+            and all(bounds[p] % 64 == 0 for p in range(1, n))
+            and ((gates - 1) * H + bounds[n - 1]) % 64 == 0 and 1 <= B <= PROJECT_BLOCK)
 
 
 cdef struct QView:
@@ -855,7 +859,7 @@ cdef class QRunner:
         return (h, c) if has_c else h
 
 
-# --- two threads on the hidden units (batch 1, or a few rows), a barrier per step ---
+# --- threads on the hidden units (batch 1, or a few rows), a barrier per step ---
 
 cdef struct UnitJob:
     # a unidirectional stack without lengths, window after window, every
@@ -866,18 +870,19 @@ cdef struct UnitJob:
     int cell
     Py_ssize_t L, T, B, Tw, D0, H, qrow_max
     Py_ssize_t row_t, row_b       # x's and out's row (t, b): t * row_t + b * row_b
-    Py_ssize_t bounds[3]
+    int nparts
+    Py_ssize_t bounds[MAX_PARTS + 1]
     const float* x               # (T * B, D0)
     float* out                   # (T * B, H)
     float* buf[2]                # layers between: (Tw * B, H), time-major
     float* gx                    # (Tw * B, G * H), time-major
     float* h                     # (L, B, H): the state in and out
     float* c                     # (L, B, H), LSTM only
-    char* scratch[2]             # per part: _unit_scratch
-    long long* sync              # the barrier's slots, then (slot 2) stop_at:
-                                 # the barrier after which both parts stop (0: none)
+    char* scratch[MAX_PARTS]     # per part: _unit_scratch
+    long long* sync              # the team's slots (team_slots), then stop_at:
+                                 # the barrier after which every part stops (0: none)
     long long barriers           # passed by each part
-    long long waits[2]           # per part: yields at the barriers
+    long long waits[MAX_PARTS]   # per part: yields at the barriers
     int bad                      # 1: a row of x is not finite; 2: the state
     Interrupt interrupt          # polled by part 0 (the calling thread)
 
@@ -905,10 +910,10 @@ cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexce
 
 cdef inline bint _unit_barrier(UnitJob* j, int part, long long* done,
                                long long* waits) noexcept nogil:
-    """Pass the next barrier; True when both parts must stop there (Ctrl-C:
+    """Pass the next barrier; True when every part must stop there (Ctrl-C:
     team_barrier)."""
     done[0] += 1
-    return team_barrier(j.sync, part, 2, done[0], &j.interrupt, waits)
+    return team_barrier(j.sync, part, j.nparts, done[0], &j.interrupt, waits)
 
 
 cdef inline float* _unit_row(const UnitJob* j, Py_ssize_t k, Py_ssize_t t0, Py_ssize_t st,
@@ -946,7 +951,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
     cdef float* out_row
     cdef QView wk
     cdef unsigned int fpenv = fastrnn_flush_denormals()
-    # both parts read the same rows (the inputs, the whole state), so both
+    # every part reads the same rows (the inputs, the whole state), so all
     # find a non-finite one at the same place and leave together, at the
     # same places as forward's one part would (each window and layer: its
     # input projection, then its state)
@@ -985,7 +990,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0:
                         j.bad = 2
             if j.bad:
-                t0 = j.T        # stop: both parts decided alike
+                t0 = j.T        # stop: every part decided alike
                 break
             # the steps: h_{t-1} is the output's previous row (the state at
             # a window's first step), read whole; this part writes its units
@@ -1019,13 +1024,13 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     break
             else:
                 # the state for the next window, then a barrier: no part reads
-                # it whole before both wrote their units
+                # it whole before every part wrote its units
                 for b in range(B):
                     memcpy(h_k + b * H + lo, _unit_row(j, k, t0, steps - 1, b) + lo,
                            u * sizeof(float))
                 if not _unit_barrier(j, part, &done, &waits):
                     continue
-            t0 = j.T            # interrupted: both parts stop at the same barrier
+            t0 = j.T            # interrupted: every part stops at the same barrier
             break
         t0 += steps
     if part == 0:
@@ -1037,41 +1042,47 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
 
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                   float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
-                  Py_ssize_t mid, Py_ssize_t window_bytes, bint batch_first=False,
+                  bounds, Py_ssize_t window_bytes, bint batch_first=False,
                   long long wait_ns):
     """``forward`` of a unidirectional stack without lengths (x (T * B, D),
     h, c (L, B, H), out (T * B, H); rows time-major, or batch-major with
-    batch_first) on two threads: hidden units [0, mid) here, [mid, H) on the
-    worker, which meet at a barrier after every step. The same arithmetic
-    per unit as ``forward`` (each converts the whole h_{t-1} rows as forward
-    does, and a product's columns do not depend on each other), so the same
-    bits. H a multiple of 16 and mid of 64: each gate's columns start on a
-    block of the packed weights, the first part's are whole column groups,
-    and the second part's end at the gate's end: its last group reads the
+    batch_first) on n threads: part p the hidden units [bounds[p],
+    bounds[p + 1]) (0 = b_0 < b_1 < ... < b_n = H, n from 2 to MAX_PARTS),
+    part 0 here and the others on workers, all meeting at a barrier after
+    every step. The same arithmetic per unit as ``forward`` (each part
+    converts the whole h_{t-1} rows as forward does, and a product's columns
+    do not depend on each other), so the same bits. H a multiple of 16 and
+    the inner bounds of 64: each gate's columns of a part start on a block
+    of the packed weights and every part but the last computes whole column
+    groups; the last part's end at the gate's end: its last group reads the
     next gate's first blocks and writes only its own columns. In the last
     gate that group must end where the matrix's padding to whole groups
     does (the packed weights, column terms and scales end there): (gates -
-    1) * H + mid a multiple of 64, which the plan checks too. B <= 64 (a
-    step's rows convert at once). Not for the reset-before GRU (its n
-    product needs all of r * h mid-step).
+    1) * H + b_(n-1) a multiple of 64, which the plan checks too
+    (``units_fit``). B <= 64 (a step's rows convert at once). Not for the
+    reset-before GRU (its n product needs all of r * h mid-step).
 
-    Returns (ran, outcome): ran 0 when the worker was owned by another call
-    or did not take its part within wait_ns (nothing done: run
+    Returns (ran, outcome): ran 0 when the workers were owned by another
+    call or did not all take their parts within wait_ns (nothing done: run
     ``forward``), 1 when done, 2 when done but the parts often waited for
-    each other (they shared a core); outcome as ``forward``'s."""
+    each other (they shared cores); outcome as ``forward``'s."""
     cdef UnitJob job
-    cdef long long sync_raw[3 * SYNC_SLOT + 16]
+    cdef long long sync_raw[TEAM_SYNC + 16]
     cdef Py_ssize_t H = stack.hidden_size, L = stack.num_layers, B = h.shape[1], T
     cdef Py_ssize_t G = num_gates(stack.cell)
-    cdef Py_ssize_t sizes[5]
+    cdef Py_ssize_t n = len(bounds) - 1, p
+    cdef Py_ssize_t sizes[3]
+    cdef Py_ssize_t part_bytes
+    cdef long long yields = 0
     cdef unsigned char[::1] scratch
     cdef char* base
     cdef bint claimed
-    if stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not units_fit(G, H, mid, B):
+    if stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not units_fit(G, H, bounds, B):
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
-                         f"reset-before GRU) with H a multiple of 16, mid and (gates - 1) * H "
-                         f"+ mid of 64, 0 < mid < H, 1 <= B <= {PROJECT_BLOCK}; got "
-                         f"dirs={stack.dirs}, gates={G}, H={H}, mid={mid}, B={B}")
+                         f"reset-before GRU) with H a multiple of 16, bounds rising from 0 to "
+                         f"H in 2 to {MAX_PARTS} parts, the inner ones and (gates - 1) * H + "
+                         f"the last inner one multiples of 64, 1 <= B <= {PROJECT_BLOCK}; got "
+                         f"dirs={stack.dirs}, gates={G}, H={H}, bounds={list(bounds)}, B={B}")
     T = x.shape[0] // B
     states = ((h.shape[0], h.shape[1], h.shape[2]),
               None if c is None else (c.shape[0], c.shape[1], c.shape[2]))
@@ -1091,13 +1102,16 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.D0, job.H = stack.input_size, H
     job.Tw = max(<Py_ssize_t>1, min(T, window_bytes // (B * G * H * 4)))
     job.qrow_max = _row_bytes(stack.kind, max(stack.input_size, H))
-    job.bounds[0], job.bounds[1], job.bounds[2] = 0, mid, H
+    job.nparts = <int>n
+    for p in range(n + 1):
+        job.bounds[p] = bounds[p]
     # gx, two layer buffers, each part's scratch; each 64-byte aligned
     sizes[0] = job.Tw * B * G * H * 4
     sizes[1] = job.Tw * B * H * 4 if L > 1 else 0
     sizes[2] = job.Tw * B * H * 4 if L > 2 else 0
-    sizes[3] = sizes[4] = _unit_scratch(job.qrow_max, G, H, B)
-    scratch = np.empty(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4] + 6 * 64, np.uint8)
+    part_bytes = _unit_scratch(job.qrow_max, G, H, B)
+    scratch = np.empty(sizes[0] + sizes[1] + sizes[2] + n * (part_bytes + 64) + 4 * 64,
+                       np.uint8)
     base = _aligned(<char*>&scratch[0])
     job.gx = <float*>base
     base = _aligned(base + sizes[0])
@@ -1105,29 +1119,34 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     base = _aligned(base + sizes[1])
     job.buf[1] = <float*>base
     base = _aligned(base + sizes[2])
-    job.scratch[0] = base
-    job.scratch[1] = _aligned(base + sizes[3])
+    for p in range(n):
+        job.scratch[p] = base
+        base = _aligned(base + part_bytes)
     job.x, job.out = &x[0, 0], &out[0, 0]
     job.h = &h[0, 0, 0]
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
-    job.sync = team_slots(sync_raw, 2)
-    job.waits[0] = job.waits[1] = job.barriers = 0
+    job.sync = team_slots(sync_raw, job.nparts)
+    job.barriers = 0
+    for p in range(n):
+        job.waits[p] = 0
     interrupt_start(&job.interrupt)
     with nogil:
-        claimed = run_team(_unit_job, &job, 2, wait_ns)
+        claimed = run_team(_unit_job, &job, job.nparts, wait_ns)
     if not claimed:
         return 0, 0
     raise_if_interrupted(&job.interrupt)   # the outputs and the state are then partial
-    # the parts yielded more often than once a barrier and batch row: they
-    # did not have a core each (another program, or the scheduler). (float32's
-    # recur_units takes a quarter of the steps; here, with a core each, the
-    # short bfloat16 steps at H = 256, B = 1 yield at 0.5-0.8 of the
-    # barriers, measured, waiting out jitter. A step's time, so the yields
-    # of both its imbalance and of sharing a core, grow with its rows: GRU
-    # 800->800 at B = 20, 384 and 416 units, yields 2-4 times a barrier
-    # with a core each)
-    return (2 if job.waits[0] + job.waits[1] > job.barriers * B else 1), job.bad
+    # the parts yielded more often than once a barrier and batch row (on
+    # the average of each two parts): they did not have a core each
+    # (another program, or the scheduler). (float32's recur_units takes a
+    # quarter of the steps; here, with a core each, the short bfloat16
+    # steps at H = 256, B = 1 yield at 0.5-0.8 of the barriers, measured,
+    # waiting out jitter. A step's time, so the yields of both its
+    # imbalance and of sharing a core, grow with its rows: GRU 800->800 at
+    # B = 20, 384 and 416 units, yields 2-4 times a barrier with a core each)
+    for p in range(n):
+        yields += job.waits[p]
+    return (2 if 2 * yields > job.barriers * B * n else 1), job.bad
 
 
 # --- for the tests: the pieces, exposed ---

@@ -636,10 +636,10 @@ class _Quantized(_ReducedWeights):
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
         if plan.units is not None and _plan.unit_split_allowed():
-            # the hidden units split between two threads (the same bits)
+            # the hidden units split between the threads (the same bits)
             ran, outcome = _quant.forward_units(
                 kernel, x=x.reshape(T * B, -1), h=h_n, c=c_n, out=out.reshape(T * B, -1),
-                batch_first=batch_first, mid=plan.units[1], window_bytes=plan.window_bytes,
+                batch_first=batch_first, bounds=plan.units, window_bytes=plan.window_bytes,
                 wait_ns=_plan.UNIT_SPLIT_WAIT_NS)
             ran = _plan.unit_split_ran(ran)
         if not ran:

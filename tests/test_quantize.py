@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _plan
+from fastrnn import _parallel, _plan
 from fastrnn import quantized as Q
 from fastrnn._kernels import forward as _forward
 
@@ -490,15 +490,18 @@ def _unit_split_case(cls, kwargs, dtype, T, H=128, D=24, seed=0):
     return layer._stack(layer._params).kernel, x, h, c
 
 
-def _one_part_and_split(kernel, x, h, c, mid, window_steps):
-    """(outcome, out, h, c) of forward's one part and of forward_units."""
+def _one_part_and_split(kernel, x, h, c, split_at, window_steps):
+    """(outcome, out, h, c) of forward's one part and of forward_units, whose
+    parts split the units at split_at: the bounds, or the one inner bound
+    of two parts."""
     T, H, G = x.shape[0], h.shape[2], kernel.dirs * _forward_gates(kernel.cell)
+    bounds = [0, split_at, H] if isinstance(split_at, int) else split_at
     window = window_steps * G * H * 4
     results = []
     for split in (False, True):
         out, h1, c1 = np.zeros((T, H), F32), h.copy(), None if c is None else c.copy()
         if split:
-            ran, outcome = _quant.forward_units(kernel, x=x, h=h1, c=c1, out=out, mid=mid,
+            ran, outcome = _quant.forward_units(kernel, x=x, h=h1, c=c1, out=out, bounds=bounds,
                                                 window_bytes=window, wait_ns=10 ** 9)
             assert ran in (1, 2)
         else:
@@ -521,20 +524,24 @@ def _assert_same(one, two):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-@pytest.mark.parametrize("cls,kwargs,H,mid", [
+@pytest.mark.parametrize("cls,kwargs,H,split_at", [
     (fastrnn.LSTM, {}, 128, 64), (fastrnn.GRU, {}, 128, 64),
     (fastrnn.RNN, {"nonlinearity": "relu"}, 128, 64), (fastrnn.LSTM, {"num_layers": 3}, 128, 64),
     (fastrnn.GRU, {"num_layers": 2}, 256, 128), (fastrnn.LSTM, {}, 192, 64),
-    (fastrnn.RNN, {"num_layers": 2}, 192, 128)])
+    (fastrnn.RNN, {"num_layers": 2}, 192, 128),
+    # more parts than this machine's cores (they take turns at the barriers)
+    (fastrnn.LSTM, {}, 192, [0, 64, 128, 192]),
+    (fastrnn.GRU, {"num_layers": 2}, 160, [0, 64, 128, 160]),   # the last part 32 units
+    (fastrnn.LSTM, {"num_layers": 2}, 256, [0, 64, 128, 192, 256])])
 @pytest.mark.parametrize("window_steps", [10, 20])
-def test_unit_split_gives_the_same_bits(cls, kwargs, H, mid, dtype, window_steps):
-    # batch 1 on two threads, each with whole column groups of every gate's
-    # units, over several time windows (of 10 steps: projections on fewer
-    # than 16 rows; of 20: AMX tiles, the last one overlapping) and layers,
-    # from a nonzero state: the outputs and the final state bit for bit
-    # those of the one-part call
+def test_unit_split_gives_the_same_bits(cls, kwargs, H, split_at, dtype, window_steps):
+    # batch 1 on two threads (or more), each but the last with whole column
+    # groups of every gate's units, over several time windows (of 10 steps:
+    # projections on fewer than 16 rows; of 20: AMX tiles, the last one
+    # overlapping) and layers, from a nonzero state: the outputs and the
+    # final state bit for bit those of the one-part call
     kernel, x, h, c = _unit_split_case(cls, kwargs, dtype, 57, H=H)
-    one, two = _one_part_and_split(kernel, x, h, c, mid, window_steps)
+    one, two = _one_part_and_split(kernel, x, h, c, split_at, window_steps)
     assert one[0] == 0
     _assert_same(one, two)
 
@@ -573,31 +580,37 @@ def test_unit_split_reports_non_finite_values_as_one_part_does(dtype):
 def test_unit_split_refuses_what_it_cannot_split():
     kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {}, "int8", 20)
     out = np.empty((20, 128), F32)
-    for mid in (0, 32, 128):
-        with pytest.raises(ValueError, match="mid"):
-            _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=mid,
+    for bounds in ([0, 0, 128], [0, 32, 128], [0, 128, 128], [0, 128], [64, 128, 128],
+                   [0, 64, 64, 128], [0, 64, 96, 128], [0, 64, 100]):
+        with pytest.raises(ValueError, match="bounds"):
+            _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, bounds=bounds,
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
     for hs, cs, outs in [(h[:, :, :64].copy(), c, out), (h, None, out),
                          (h, c, np.empty((20, 64), F32))]:
         with pytest.raises(ValueError, match="expected x"):
-            _quant.forward_units(kernel, x=x, h=hs, c=cs, out=outs, mid=64,
+            _quant.forward_units(kernel, x=x, h=hs, c=cs, out=outs, bounds=[0, 64, 128],
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
     for cls, kwargs, H in [(fastrnn.LSTM, {"bidirectional": True}, 128),
                            (fastrnn.GRU, {"reset_after": False}, 128), (fastrnn.LSTM, {}, 72)]:
         other, _, hs, cs = _unit_split_case(cls, kwargs, "int8", 20, H=H)
         with pytest.raises(ValueError, match="multiple of 16"):
-            _quant.forward_units(other, x=x, h=hs, c=cs, out=np.empty((20, H), F32), mid=64,
+            _quant.forward_units(other, x=x, h=hs, c=cs, out=np.empty((20, H), F32),
+                                 bounds=[0, 64, H],
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
     # the second part's last group in the last gate past the weights' padding
     lstm, _, hs, cs = _unit_split_case(fastrnn.LSTM, {}, "int8", 20, H=144)
     with pytest.raises(ValueError, match="gates - 1"):
-        _quant.forward_units(lstm, x=x, h=hs, c=cs, out=np.empty((20, 144), F32), mid=64,
+        _quant.forward_units(lstm, x=x, h=hs, c=cs, out=np.empty((20, 144), F32),
+                             bounds=[0, 64, 144],
                              window_bytes=1 << 20, wait_ns=10 ** 9)
+    # at most 64 parts (fastrnn's most threads)
+    assert _quant.units_fit(4, 64 * 64, list(range(0, 64 * 64 + 1, 64)), 1)
+    assert not _quant.units_fit(4, 64 * 65, list(range(0, 64 * 65 + 1, 64)), 1)
     rows = np.zeros((65 * 20, x.shape[1]), F32)     # B = 65: more rows than a step converts
     with pytest.raises(ValueError, match="B <= 64"):
         _quant.forward_units(kernel, x=rows, h=np.zeros((1, 65, 128), F32),
                              c=np.zeros((1, 65, 128), F32), out=np.empty((65 * 20, 128), F32),
-                             mid=64, window_bytes=1 << 20, wait_ns=10 ** 9)
+                             bounds=[0, 64, 128], window_bytes=1 << 20, wait_ns=10 ** 9)
 
 
 def test_batch_one_calls_split_their_units_at_two_threads(monkeypatch):
@@ -631,6 +644,42 @@ def test_batch_one_calls_split_their_units_at_two_threads(monkeypatch):
     assert len(ran) == 1
     np.testing.assert_array_equal(two[0], one[0])
     np.testing.assert_array_equal(two[1], one[1])
+
+
+@pytest.mark.parametrize("threads", [3, 4, 8])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_batch_one_calls_split_their_units_in_a_part_per_thread(dtype, threads, monkeypatch):
+    """With more threads a batch-1 call splits its units in more parts, one
+    per thread while each keeps UNIT_SPLIT_MIN_MACS / 2 multiply-adds a step,
+    on multiples of 64 units (LSTM 512: every thread here, at most 8 parts
+    of 64), all meeting at each step's barrier (more threads than this
+    machine's cores: the parts take turns): one thread's results bit for
+    bit."""
+    layer = fastrnn.quantize(fastrnn.LSTM(16, 512, num_layers=2, seed=4), dtype=dtype)
+    parts = []
+
+    def recording(*args, **kwargs):
+        kwargs["wait_ns"] = 10 ** 10          # the workers always come in time
+        result = forward_units(*args, **kwargs)
+        if result[0]:
+            parts.append(len(kwargs["bounds"]) - 1)
+        return result
+
+    forward_units = Q._quant.forward_units
+    monkeypatch.setattr(Q._quant, "forward_units", recording)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    x = np.random.default_rng(5).standard_normal((30, 1, 16)).astype(F32)
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    bounds = _plan.quantized_plan(layer, 30, 1).units
+    assert len(bounds) - 1 == threads and all(b % 64 == 0 for b in bounds)
+    split = layer(x)
+    assert parts == [threads]
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    one = layer(x)
+    assert parts == [threads]                          # (one thread: no split)
+    for a, b in zip((split[0], *split[1]), (one[0], *one[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_two_parts_in_time_windows_repeat_exactly():
@@ -1926,7 +1975,8 @@ def test_unit_split_answers_ctrl_c():
     kernel, x, h, c = _unit_split_case(fastrnn.LSTM, {}, "int8", 200, H=1024, D=16)
     out = np.empty((200, 1024), F32)
     start = time.perf_counter()
-    assert _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=512,
+    assert _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out,
+                                bounds=[0, 512, 1024],
                                 window_bytes=1 << 20, wait_ns=10 ** 9)[0] in (1, 2)
     per_step = (time.perf_counter() - start) / 200
     T = int(3.0 / per_step)
@@ -1938,7 +1988,8 @@ def test_unit_split_answers_ctrl_c():
         timer.start()
         start = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
-            _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out, mid=512,
+            _quant.forward_units(kernel, x=x, h=h.copy(), c=c.copy(), out=out,
+                                bounds=[0, 512, 1024],
                                  window_bytes=1 << 20, wait_ns=10 ** 9)
             time.sleep(5)    # not reached unless the call ignored the signal
         latency = time.perf_counter() - start - 0.1
