@@ -229,8 +229,8 @@ def unit_bounds(T, H, gates, group):
     """Bounds [0, b_1, ..., H] of the threads' hidden units for a batch-1
     unidirectional layer (or a quantized one of a few rows:
     QUANT_UNIT_SPLIT_MAX_ROWS), part p the units [b_p, b_p+1), or None when
-    it runs in one thread. As many parts as threads, as long as each keeps UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step;
-    the bounds fall on multiples of ``group`` (the micro-kernel's units per
+    it runs in one thread. As many parts as threads, as long as each keeps
+    UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step; the bounds fall on multiples of ``group`` (the micro-kernel's units per
     packed group; 1 for the BLAS path) and of 16 (whole float32 cache lines
     for each part's units)."""
     steps = unit_split_steps(H, gates)

@@ -43,7 +43,7 @@ cnp.import_array()
 from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, TEAM_SYNC, interrupt_start, interrupted,
                               raise_if_interrupted, run_parts, run_team, team_barrier,
-                              team_slots)
+                              team_outcome, team_slots, unit_bounds_fit)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
@@ -114,11 +114,8 @@ def units_fit(int gates, Py_ssize_t H, bounds, Py_ssize_t B):
     parts) at B batch rows (its docstring says why): H a multiple of 16, the
     inner bounds of 64, (gates - 1) * H + b_(n-1) of 64, 1 <= B <=
     UNIT_MAX_ROWS. The plan asks it before choosing the split."""
-    n = len(bounds) - 1
-    return (H % 16 == 0 and 2 <= n <= MAX_PARTS and bounds[0] == 0 and bounds[n] == H
-            and all(bounds[p] < bounds[p + 1] for p in range(n))
-            and all(bounds[p] % 64 == 0 for p in range(1, n))
-            and ((gates - 1) * H + bounds[n - 1]) % 64 == 0 and 1 <= B <= PROJECT_BLOCK)
+    return (H % 16 == 0 and 1 <= B <= PROJECT_BLOCK and unit_bounds_fit(bounds, H, 64)
+            and ((gates - 1) * H + bounds[len(bounds) - 2]) % 64 == 0)
 
 
 cdef struct QView:
@@ -1073,7 +1070,6 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef Py_ssize_t n = len(bounds) - 1, p
     cdef Py_ssize_t sizes[3]
     cdef Py_ssize_t part_bytes
-    cdef long long yields = 0
     cdef unsigned char[::1] scratch
     cdef char* base
     cdef bint claimed
@@ -1138,15 +1134,13 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     raise_if_interrupted(&job.interrupt)   # the outputs and the state are then partial
     # the parts yielded more often than once a barrier and batch row (on
     # the average of each two parts): they did not have a core each
-    # (another program, or the scheduler). (float32's recur_units takes a
+    # (another program, or the scheduler). (float32's recur_units allows a
     # quarter of the steps; here, with a core each, the short bfloat16
     # steps at H = 256, B = 1 yield at 0.5-0.8 of the barriers, measured,
     # waiting out jitter. A step's time, so the yields of both its
     # imbalance and of sharing a core, grow with its rows: GRU 800->800 at
     # B = 20, 384 and 416 units, yields 2-4 times a barrier with a core each)
-    for p in range(n):
-        yields += job.waits[p]
-    return (2 if 2 * yields > job.barriers * B * n else 1), job.bad
+    return team_outcome(job.waits, job.nparts, job.barriers * B * n // 2), job.bad
 
 
 # --- for the tests: the pieces, exposed ---

@@ -21,9 +21,11 @@ cdef long long step_barrier(long long* slots, int part, int nparts,
                             long long steps) noexcept nogil
 # a team's slots in raw ((nparts + 1) * SYNC_SLOT + 16 long longs): aligned, zeroed
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil
-# a unit split's outcome from its parts' yields: 1 ran clean, 2 contended
-cdef int team_outcome(const long long* waits, int nparts, long long steps) noexcept nogil
-# raise ValueError unless bounds split H units in 2 to MAX_PARTS parts on multiples of width
+# a unit split's outcome from its parts' yields: 1 ran clean, 2 contended (more than allowed)
+cdef int team_outcome(const long long* waits, int nparts, long long allowed) noexcept nogil
+# whether bounds split H units in 2 to MAX_PARTS rising parts, inner bounds multiples of width
+cdef bint unit_bounds_fit(bounds, Py_ssize_t H, Py_ssize_t width) except -1
+# raise ValueError unless unit_bounds_fit
 cdef int check_unit_bounds(str owner, bounds, Py_ssize_t H, Py_ssize_t width) except -1
 
 # A long call's time loops look at ``interrupted`` once per step: the thread

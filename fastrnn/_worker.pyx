@@ -93,26 +93,32 @@ cdef long long* team_slots(long long* raw, int nparts) noexcept nogil:
     return slots
 
 
-cdef int team_outcome(const long long* waits, int nparts, long long steps) noexcept nogil:
-    """A float unit split's outcome from its parts' yields at the barriers:
-    2 (contended: they did not have a core each, another program or the
-    scheduler) when they yielded at more than a quarter of the steps, else
-    1."""
+cdef int team_outcome(const long long* waits, int nparts, long long allowed) noexcept nogil:
+    """A unit split's outcome from its parts' yields at the barriers: 2
+    (contended: they did not have a core each, another program or the
+    scheduler) when they yielded more than ``allowed`` times in all (the
+    float kernels allow a quarter of the steps, the quantized ones more:
+    _quant.forward_units says why), else 1."""
     cdef long long total = 0
     cdef int p
     for p in range(nparts):
         total += waits[p]
-    return 2 if total > steps // 4 else 1
+    return 2 if total > allowed else 1
+
+
+cdef bint unit_bounds_fit(bounds, Py_ssize_t H, Py_ssize_t width) except -1:
+    """Whether ``bounds`` (0 = b_0 < b_1 < ... < b_n = H) split H units in
+    2 to MAX_PARTS parts, the inner bounds multiples of ``width`` (a part
+    computes whole packed groups)."""
+    cdef Py_ssize_t n = len(bounds) - 1, p
+    return (2 <= n <= MAX_PARTS and bounds[0] == 0 and bounds[n] == H
+            and all(bounds[p] < bounds[p + 1] for p in range(n))
+            and all(bounds[p] % width == 0 for p in range(1, n)))
 
 
 cdef int check_unit_bounds(str owner, bounds, Py_ssize_t H, Py_ssize_t width) except -1:
-    """Raise ValueError unless ``bounds`` (0 = b_0 < b_1 < ... < b_n = H)
-    split H units in 2 to MAX_PARTS parts, the inner bounds multiples of
-    ``width`` (a part computes whole packed groups)."""
-    cdef Py_ssize_t n = len(bounds) - 1, p
-    if (not 2 <= n <= MAX_PARTS or bounds[0] != 0 or bounds[n] != H
-            or any(bounds[p] >= bounds[p + 1] for p in range(n))
-            or any(bounds[p] % width for p in range(1, n))):
+    """Raise ValueError unless unit_bounds_fit(bounds, H, width)."""
+    if not unit_bounds_fit(bounds, H, width):
         raise ValueError(f"{owner}: bounds {list(bounds)} must rise from 0 to H={H} in 2 to "
                          f"{MAX_PARTS} parts, on multiples of {width} units")
     return 0
