@@ -11,7 +11,10 @@ storage only through ``_weights(params)`` and the configuration:
   asks ``_plan.forward_plan``, then per layer ``_forward.project`` (the input
   projection of every step at once) and ``_forward.recur`` (the time loops,
   one part per thread) or ``_forward.recur_units`` (batch 1, the hidden units
-  split between threads); in training it records a :class:`Tape`;
+  split between threads); in training it records a :class:`Tape`. A float32
+  stack whose parts are ranges of the batch runs in inference as one job
+  (the plan's ``stack``: ``SequenceRunner.run_stack``, each part its rows
+  through every layer);
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
   ``_backward.backward_layer`` (the reverse time loops) or
   ``_backward.backward_units`` (float32 at batch 1, the units split as in
@@ -286,6 +289,21 @@ class RecurrentEngine(RecurrentWeights):
                                  None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
         return params.cache[key]
 
+    def _sequence_runner(self, params):
+        """The layer's SequenceRunner for a parameter set (kept with it): the
+        lean path of small calls, and the stacks that run in parts
+        (``Plan.stack``)."""
+        threads = _parallel.get_num_threads()
+        key = ("runner", threads)
+        runner = params.cache.get(key)
+        if runner is None:
+            w_ih, w_hh = self._weights(params)[:2]
+            runner = params.cache[key] = _forward.SequenceRunner(
+                self._kernel_code, self._dirs, self._config["batch_first"], w_ih, w_hh,
+                self._kernel_weights(params), *_plan.runner_limits(self, threads),
+                self._packed_recurrent(params), self._packed_projection(params))
+        return runner
+
     def _run(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, train=False,
              gx_buffer=None):
         """Run every layer with the parameter set ``params`` (the caller took
@@ -330,6 +348,15 @@ class RecurrentEngine(RecurrentWeights):
             # weight gradients either (0 * NaN is NaN)
             layer_in = layer_in.copy()
             layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
+        if plan.stack:   # each part's rows through every layer (float32 inference)
+            dirs_h = dirs * H
+            self._sequence_runner(params).run_stack(
+                T=T, B=B, batch_first=batch_first, parts=plan.parts, x=layer_in, h=h_n, c=c_n,
+                gx=gx, gh=gh, between=np.empty(((2 if self._layers > 2 else 1) * rows, dirs_h),
+                                               dtype),
+                out=out.reshape(rows, dirs_h), acts=np.empty((B, dirs * self._saved * H), dtype),
+                lengths=lengths)
+            return None
         tape = Tape(params, batch_first, lengths, []) if train else None
         with _parallel.blas_at_one_thread if plan.hold_blas else contextlib.nullcontext():
             held = plan.hold_blas and _parallel.blas_at_one_thread.held

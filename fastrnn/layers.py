@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from fastrnn import (_gate_options, _layernorm_engine, _parallel, _plan, _projection_engine,
+from fastrnn import (_gate_options, _layernorm_engine, _projection_engine,
                      _training_options)
 from fastrnn import _validation as v
-from fastrnn._kernels import forward as _forward
 from fastrnn._engine import Backprop, RecurrentEngine, _training_buffers
 from fastrnn._module import RESET_AFTER_DOC, gru_kind
 from fastrnn._validation import shape_str
@@ -153,18 +152,6 @@ class _RNNBase(RecurrentEngine):
             cached = params.cache["learned_hx"] = (
                 B, tuple(states) if self._has_cell_state else states[0])
         return cached[1]
-
-    def _sequence_runner(self, params):
-        threads = _parallel.get_num_threads()
-        key = ("runner", threads)
-        runner = params.cache.get(key)
-        if runner is None:
-            w_ih, w_hh = self._weights(params)[:2]
-            runner = params.cache[key] = _forward.SequenceRunner(
-                self._kernel_code, self._dirs, self._config["batch_first"], w_ih, w_hh,
-                self._kernel_weights(params), *_plan.runner_limits(self, threads),
-                self._packed_recurrent(params), self._packed_projection(params))
-        return runner
 
     def forward_train(self, x: ArrayLike,
                       hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None,

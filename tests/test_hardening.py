@@ -373,6 +373,38 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
+def test_stacks_in_parts_answer_ctrl_c(python_sigint_handler, monkeypatch):
+    """A stack whose parts take their rows through every layer (Plan.stack,
+    SequenceRunner.run_stack) stops every part at its next step on Ctrl-C,
+    in the time loops and in the step-by-step projections alike, and stays
+    usable."""
+    import threading
+    import time
+
+    from fastrnn import _parallel, _plan
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    monkeypatch.setattr(_plan, "STACK_MIN_STEP_ROWS", 1)   # time-major, a row a part
+    monkeypatch.setattr(_plan, "WINDOW_BYTES", 1 << 40)    # one call, not windows
+    layer = GRU(16, 1024, num_layers=2, seed=0)
+    assert _plan.forward_plan(layer, 100, 2, batch_first=False, train=False,
+                              has_lengths=False).stack
+    delay, bound = 0.1, 1.0
+    x, run = _seconds_long_call(layer, 2, "stacked inference", delay, bound, 4000)
+    thread = _interrupt_after(delay)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+        time.sleep(5)   # not reached unless the call ignored the signal
+    answered = time.perf_counter()
+    thread.join()
+    latency = answered - thread.fired
+    assert latency < bound, f"Ctrl-C answered after {latency:.2f} s"
+    small = x[:3]
+    np.testing.assert_array_equal(layer(small)[0], GRU(16, 1024, num_layers=2, seed=0)(small)[0])
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
 def test_ctrl_c_answered_while_the_caller_waits_for_a_workers_part(python_sigint_handler,
                                                                    monkeypatch):
     """The calling thread's parts of a call can end long before a worker's

@@ -49,10 +49,16 @@ CHOICES = {
     "folded projection": dict(threads=1, FOLD_MAX_BYTES=1 << 40),
     "folded in parts and windows": dict(threads=2, MIN_PARALLEL_WORK=0, WINDOW_BYTES=1,
                                         MIN_WINDOW_STEPS=6, FOLD_MAX_BYTES=1 << 40),
+    # each part's rows through every layer (time-major from a row a part)
+    "stacks in parts": dict(threads=2, MIN_PARALLEL_WORK=0, STACK_MIN_STEP_ROWS=1,
+                            FOLD_MAX_BYTES=0),
+    "stacks at 3 threads in windows": dict(threads=3, MIN_PARALLEL_WORK=0,
+                                           STACK_MIN_STEP_ROWS=1, FOLD_MAX_BYTES=0,
+                                           WINDOW_BYTES=1, MIN_WINDOW_STEPS=5),
 }
 # the choices that exist in inference only: with training they would compare
-# the plain plan with itself
-INFERENCE_ONLY = {"time windows"}
+# the plain plan with itself, or repeat "parts at 2 threads"
+INFERENCE_ONLY = {"time windows", "stacks in parts", "stacks at 3 threads in windows"}
 
 
 def _force(monkeypatch, choice):
@@ -123,6 +129,9 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
     assert sum(planned(c).window is not None for c in CASES) >= 8
     _force(monkeypatch, "parts at 3 threads")
     assert sum(len(planned(c).parts) > 1 for c in CASES) >= 15
+    _force(monkeypatch, "stacks in parts")
+    assert sum(planned(c).stack for c in CASES) >= 4
+    assert not any(planned(c, train=True).stack for c in CASES)
     _force(monkeypatch, "folded projection")
     assert sum(any(planned(c).fold) for c in CASES) >= 6   # the LSTM cases
     _force(monkeypatch, None)
@@ -143,6 +152,95 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
     bi = fastrnn.LSTM(6, 40, bidirectional=True, seed=0)
     assert _plan.forward_plan(bi, 20, 3, batch_first=False, train=False,
                               has_lengths=False).window is None
+
+
+STACK_KINDS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}),
+               ("GRU", {"reset_after": False}), ("LSTM", {})]
+
+
+@pytest.mark.parametrize("kind, options", STACK_KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monkeypatch):
+    """A float32 stack whose parts are ranges of the batch runs each part's
+    rows through every layer (Plan.stack): at 2, 3, 4 and 8 threads the
+    outputs and final states are one thread's, bit for bit, with three
+    layers, lengths, a given initial state and the learned one."""
+    rng = np.random.default_rng(7)
+    T, B, D, H = 13, 19, 6, 37
+    layer = getattr(fastrnn, kind)(D, H, num_layers=3, batch_first=batch_first, seed=4,
+                                   **options)
+    learned = getattr(fastrnn, kind)(D, H, num_layers=2, batch_first=batch_first, seed=5,
+                                     learn_initial_state=True, **options)
+    learned.load_state_dict({name: rng.standard_normal(value.shape).astype(np.float32)
+                             if name.startswith("initial_") else value
+                             for name, value in learned.state_dict().items()})
+    x = rng.standard_normal((B, T, D) if batch_first else (T, B, D)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, B)
+    shape = (3, B, H)
+    hx = rng.standard_normal(shape).astype(np.float32)
+    hx = (hx, rng.standard_normal(shape).astype(np.float32)) if kind == "LSTM" else hx
+    calls = [(layer, dict()), (layer, dict(lengths=lengths)), (layer, dict(hx=hx)),
+             (learned, dict(lengths=lengths))]
+
+    def results(threads):
+        # (an LSTM this small would fold its projections: not here)
+        force_plan(monkeypatch, dict(threads=threads, STACK_MIN_STEP_ROWS=1,
+                                     MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0))
+        got = []
+        for net, kw in calls:
+            assert _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
+                                      has_lengths="lengths" in kw).stack == (threads > 1)
+            out, state = net(x, **kw)
+            got.append([out] + list(state if isinstance(state, tuple) else (state,)))
+        return got
+
+    one = results(1)
+    for threads in (2, 3, 4, 8):
+        for a, b in zip(results(threads), one):
+            for p, q in zip(a, b):
+                np.testing.assert_array_equal(p, q, err_msg=f"{threads} threads")
+
+
+def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):
+    """Plan.stack only where run_stack applies: float32 inference of a plain
+    unfolded stack of two or more layers in parts of the batch, time-major
+    from STACK_MIN_STEP_ROWS rows a part; and run_stack refuses buffers
+    that do not fit."""
+    force_plan(monkeypatch, dict(threads=2, MIN_PARALLEL_WORK=0))
+
+    def stack(layer, B, batch_first=False, train=False):
+        return _plan.forward_plan(layer, 20, B, batch_first=batch_first, train=train,
+                                  has_lengths=False).stack
+    gru = fastrnn.GRU(8, 40, num_layers=2, seed=0)
+    rows = _plan.STACK_MIN_STEP_ROWS
+    assert stack(gru, 2 * rows) and not stack(gru, 2 * rows - 1)
+    assert stack(gru, 2, batch_first=True)
+    assert not stack(gru, 2 * rows, train=True)
+    assert not stack(fastrnn.GRU(8, 40, seed=0), 2 * rows)              # one layer
+    assert not stack(fastrnn.GRU(8, 40, num_layers=2, bidirectional=True, seed=0),
+                     2 * rows)                                        # a part per direction
+    assert not stack(fastrnn.GRU(8, 40, num_layers=2, dtype="float64", seed=0), 2 * rows)
+    assert not stack(fastrnn.LSTM(8, 40, num_layers=2, seed=0), 2 * rows)    # folds
+    assert stack(fastrnn.LSTM(8, 300, num_layers=2, seed=0), 2 * rows)  # too big to fold
+    assert not stack(fastrnn.GRU(8, 40, num_layers=2, layer_norm=True, seed=0), 2 * rows)
+
+    runner = gru._sequence_runner(gru._params)
+    T, B, H = 5, 4, 40
+    good = dict(T=T, B=B, batch_first=False, parts=[(0, 1, 0, 2), (0, 1, 2, 4)],
+                x=np.zeros((T * B, 8), np.float32), h=np.zeros((2, B, H), np.float32), c=None,
+                gx=np.zeros((T * B, 3 * H), np.float32), gh=np.zeros((1, B * 3 * H), np.float32),
+                between=np.zeros((T * B, H), np.float32), out=np.zeros((T * B, H), np.float32),
+                acts=np.zeros((B, gru._saved * H), np.float32), lengths=None)
+    runner.run_stack(**good)
+    for name, bad in [("x", np.zeros((T * B, 7), np.float32)),
+                      ("h", np.zeros((1, B, H), np.float32)),
+                      ("gx", np.zeros((T * B - 1, 3 * H), np.float32)),
+                      ("gh", None), ("out", np.zeros((T * B, H + 1), np.float32)),
+                      ("acts", np.zeros((B - 1, gru._saved * H), np.float32)),
+                      ("lengths", np.ones(B + 1, np.int64)),
+                      ("parts", [(0, 1, 0, 2), (0, 1, 2, 5)])]:
+        with pytest.raises(ValueError, match="run_stack"):
+            runner.run_stack(**dict(good, **{name: bad}))
 
 
 def test_batch_one_calls_split_their_products_over_all_rows(monkeypatch):
