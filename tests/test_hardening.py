@@ -294,6 +294,19 @@ def _interrupt_after(seconds):
     return thread
 
 
+def _ctrl_c_latency(run, delay):
+    """Run ``run`` with a SIGINT sent after ``delay``; the seconds from the
+    signal to the KeyboardInterrupt it raised (which it must raise)."""
+    import time
+    thread = _interrupt_after(delay)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+        time.sleep(5)   # not reached unless the call ignored the signal
+    answered = time.perf_counter()
+    thread.join()
+    return answered - thread.fired   # from the signal, not from when it was due
+
+
 @pytest.fixture
 def python_sigint_handler():
     """Python's own SIGINT handler (KeyboardInterrupt) during the test: a
@@ -348,7 +361,6 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
     bidirectional inference, a training forward or a backprop that would run
     for seconds, and leaves the layer as it was (no gradient half added)."""
     import threading
-    import time
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach Python's main thread only")
     # a large W_hh (64 MB a direction) read at every step of a batch of 2:
@@ -357,13 +369,7 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
     delay, bound = 0.1, 1.0     # polled every ~20 ms; the bound leaves room for a busy machine
     x, run = _seconds_long_call(layer, 2, what, delay, bound, 1000)
     weights_before = layer.state_dict()
-    thread = _interrupt_after(delay)
-    with pytest.raises(KeyboardInterrupt):
-        run()
-        time.sleep(5)   # not reached unless the call ignored the signal
-    answered = time.perf_counter()
-    thread.join()
-    latency = answered - thread.fired   # from the signal, not from when it was due
+    latency = _ctrl_c_latency(run, delay)
     assert latency < bound, f"Ctrl-C answered after {latency:.2f} s"
     assert all(np.array_equal(a, layer.state_dict()[k]) for k, a in weights_before.items())
     assert all(not g.any() for g in layer.grads.values())
@@ -379,7 +385,6 @@ def test_stacks_in_parts_answer_ctrl_c(python_sigint_handler, monkeypatch):
     in the time loops and in the step-by-step projections alike, and stays
     usable."""
     import threading
-    import time
 
     from fastrnn import _parallel, _plan
     if threading.current_thread() is not threading.main_thread():
@@ -392,13 +397,7 @@ def test_stacks_in_parts_answer_ctrl_c(python_sigint_handler, monkeypatch):
                               has_lengths=False).stack
     delay, bound = 0.1, 1.0
     x, run = _seconds_long_call(layer, 2, "stacked inference", delay, bound, 4000)
-    thread = _interrupt_after(delay)
-    with pytest.raises(KeyboardInterrupt):
-        run()
-        time.sleep(5)   # not reached unless the call ignored the signal
-    answered = time.perf_counter()
-    thread.join()
-    latency = answered - thread.fired
+    latency = _ctrl_c_latency(run, delay)
     assert latency < bound, f"Ctrl-C answered after {latency:.2f} s"
     small = x[:3]
     np.testing.assert_array_equal(layer(small)[0], GRU(16, 1024, num_layers=2, seed=0)(small)[0])
