@@ -126,18 +126,14 @@ MIN_WINDOW_STEPS = 4
 # RNN 64->128 B=32 0.96-1.15x / 0.97-0.98x; LSTM 510->32 B=500 T=5 0.88-0.95x.
 FOLD_MAX_BYTES = 512 << 10
 
-# A stack of two or more layers whose parts are ranges of the batch runs
-# each part's rows through every layer (Plan.stack), time-major only from
-# STACK_MIN_STEP_ROWS rows a part (its input projections then run a step at
-# a time, over so few rows that the packed W_ih is read again for every
-# few). Measured 2026-12-04 at 2 threads, float32 inference, third best of
-# 10 alternating rounds, stack over the layer-by-layer parts: batch-first
-# RNN 1->50 two layers B=32 T=50 0.91x, GRU 64->128 two layers B=32 T=100
+# (Plan.stack, each part's rows through every layer, has no tuning of its
+# own; measured 2026-12-04 at 2 threads, float32 inference, third best of 10
+# alternating rounds, against the layer-by-layer parts: batch-first RNN
+# 1->50 two layers B=32 T=50 0.91x, GRU 64->128 two layers B=32 T=100
 # 0.88x, GRU 125->100 two layers B=64 T=150 0.95x, LSTM 256->256 two layers
-# B=8 T=300 0.95x; time-major RNN 1->50 B=32 (16 rows a part) 0.92x, GRU
-# 64->128 B=32 1.00x, RNN 64->256 three layers B=64 1.00x, LSTM 256->256
-# B=8 (4 rows a part) 1.05x (slower: left to the layer-by-layer parts).
-STACK_MIN_STEP_ROWS = 16
+# B=8 T=300 0.95x; time-major, each batch row's steps projected B rows
+# apart, 0.91x, 0.96x, LSTM 256->256 B=8 0.85x, RNN 64->256 three layers
+# B=64 0.98x.)
 
 # Reduced-precision inference (fastrnn.quantize; _quant.forward):
 # below QUANT_DIRECT_WORK (the work estimate of quantized_plan) a one-part
@@ -310,7 +306,7 @@ def _tuning(threads=None):
     """The tuning a plan depends on, with the thread count (threads: as the
     caller read it; None: read here)."""
     return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, WINDOW_BYTES,
-            MIN_WINDOW_STEPS, FOLD_MAX_BYTES, STACK_MIN_STEP_ROWS,
+            MIN_WINDOW_STEPS, FOLD_MAX_BYTES,
             _parallel.get_num_threads() if threads is None else threads)
 
 
@@ -370,24 +366,21 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
             parts, T * B, N, in_cols, B, gates * H, H)
     fold = folds(layer)
     return Plan(parts, units, hold, window, time_major, fold, products,
-                _stacks(layer, parts, train, fold, batch_first))
+                _stacks(layer, parts, train, fold))
 
 
-def _stacks(layer, parts, train, fold, batch_first):
+def _stacks(layer, parts, train, fold):
     """Whether a call's parts each take their batch rows through every
     layer (``Plan.stack``, ``_forward.SequenceRunner.run_stack``), so that
     the parts meet once per call instead of twice per layer (the input
     projection, then the time loops) and no part reads rows another core
     wrote: float32 inference of a plain stack whose parts are ranges of the
     batch (each with every direction), no layer folding its projection (the
-    lean path's kernel, which run_stack is, does not fold). Time-major, a
-    part's rows of a step are its only contiguous ones, so its projections
-    run a step at a time: only from STACK_MIN_STEP_ROWS rows a part."""
+    lean path's kernel, which run_stack is, does not fold)."""
     return (not train and layer._layers > 1 and len(parts) > 1
             and layer._config["dtype"] == np.float32 and not layer._general_only
             and not any(fold)
-            and all(d_lo == 0 and d_hi == layer._dirs for d_lo, d_hi, _, _ in parts)
-            and (batch_first or min(hi - lo for _, _, lo, hi in parts) >= STACK_MIN_STEP_ROWS))
+            and all(d_lo == 0 and d_hi == layer._dirs for d_lo, d_hi, _, _ in parts))
 
 
 def _may_split_units(layer, B, has_lengths, train):

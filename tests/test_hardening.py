@@ -382,15 +382,14 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
 def test_stacks_in_parts_answer_ctrl_c(python_sigint_handler, monkeypatch):
     """A stack whose parts take their rows through every layer (Plan.stack,
     SequenceRunner.run_stack) stops every part at its next step on Ctrl-C,
-    in the time loops and in the step-by-step projections alike, and stays
-    usable."""
+    in the time loops and in the projections alike (time-major, a row a
+    part), and stays usable."""
     import threading
 
     from fastrnn import _parallel, _plan
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach Python's main thread only")
     monkeypatch.setattr(_parallel, "_threads", 2)
-    monkeypatch.setattr(_plan, "STACK_MIN_STEP_ROWS", 1)   # time-major, a row a part
     monkeypatch.setattr(_plan, "WINDOW_BYTES", 1 << 40)    # one call, not windows
     layer = GRU(16, 1024, num_layers=2, seed=0)
     assert _plan.forward_plan(layer, 100, 2, batch_first=False, train=False,

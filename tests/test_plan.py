@@ -49,11 +49,10 @@ CHOICES = {
     "folded projection": dict(threads=1, FOLD_MAX_BYTES=1 << 40),
     "folded in parts and windows": dict(threads=2, MIN_PARALLEL_WORK=0, WINDOW_BYTES=1,
                                         MIN_WINDOW_STEPS=6, FOLD_MAX_BYTES=1 << 40),
-    # each part's rows through every layer (time-major from a row a part)
-    "stacks in parts": dict(threads=2, MIN_PARALLEL_WORK=0, STACK_MIN_STEP_ROWS=1,
-                            FOLD_MAX_BYTES=0),
+    # each part's rows through every layer
+    "stacks in parts": dict(threads=2, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0),
     "stacks at 3 threads in windows": dict(threads=3, MIN_PARALLEL_WORK=0,
-                                           STACK_MIN_STEP_ROWS=1, FOLD_MAX_BYTES=0,
+                                           FOLD_MAX_BYTES=0,
                                            WINDOW_BYTES=1, MIN_WINDOW_STEPS=5),
 }
 # the choices that exist in inference only: with training they would compare
@@ -184,8 +183,8 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monke
 
     def results(threads):
         # (an LSTM this small would fold its projections: not here)
-        force_plan(monkeypatch, dict(threads=threads, STACK_MIN_STEP_ROWS=1,
-                                     MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0))
+        force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0,
+                                     FOLD_MAX_BYTES=0))
         got = []
         for net, kw in calls:
             assert _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
@@ -203,26 +202,24 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monke
 
 def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):
     """Plan.stack only where run_stack applies: float32 inference of a plain
-    unfolded stack of two or more layers in parts of the batch, time-major
-    from STACK_MIN_STEP_ROWS rows a part; and run_stack refuses buffers
-    that do not fit."""
+    unfolded stack of two or more layers in parts of the batch; and
+    run_stack refuses buffers that do not fit."""
     force_plan(monkeypatch, dict(threads=2, MIN_PARALLEL_WORK=0))
 
-    def stack(layer, B, batch_first=False, train=False):
+    def stack(layer, B=2, batch_first=False, train=False):
         return _plan.forward_plan(layer, 20, B, batch_first=batch_first, train=train,
                                   has_lengths=False).stack
     gru = fastrnn.GRU(8, 40, num_layers=2, seed=0)
-    rows = _plan.STACK_MIN_STEP_ROWS
-    assert stack(gru, 2 * rows) and not stack(gru, 2 * rows - 1)
-    assert stack(gru, 2, batch_first=True)
-    assert not stack(gru, 2 * rows, train=True)
-    assert not stack(fastrnn.GRU(8, 40, seed=0), 2 * rows)              # one layer
+    assert stack(gru) and stack(gru, batch_first=True)
+    assert not stack(gru, B=1)                                          # one part
+    assert not stack(gru, train=True)
+    assert not stack(fastrnn.GRU(8, 40, seed=0))                        # one layer
     assert not stack(fastrnn.GRU(8, 40, num_layers=2, bidirectional=True, seed=0),
-                     2 * rows)                                        # a part per direction
-    assert not stack(fastrnn.GRU(8, 40, num_layers=2, dtype="float64", seed=0), 2 * rows)
-    assert not stack(fastrnn.LSTM(8, 40, num_layers=2, seed=0), 2 * rows)    # folds
-    assert stack(fastrnn.LSTM(8, 300, num_layers=2, seed=0), 2 * rows)  # too big to fold
-    assert not stack(fastrnn.GRU(8, 40, num_layers=2, layer_norm=True, seed=0), 2 * rows)
+                     B=8)                                             # a part per direction
+    assert not stack(fastrnn.GRU(8, 40, num_layers=2, dtype="float64", seed=0))
+    assert not stack(fastrnn.LSTM(8, 40, num_layers=2, seed=0))         # folds
+    assert stack(fastrnn.LSTM(8, 300, num_layers=2, seed=0))            # too big to fold
+    assert not stack(fastrnn.GRU(8, 40, num_layers=2, layer_norm=True, seed=0))
 
     runner = gru._sequence_runner(gru._params)
     T, B, H = 5, 4, 40
