@@ -12,9 +12,9 @@ storage only through ``_weights(params)`` and the configuration:
   projection of every step at once) and ``_forward.recur`` (the time loops,
   one part per thread) or ``_forward.recur_units`` (batch 1, the hidden units
   split between threads); in training it records a :class:`Tape`. A float32
-  stack whose parts are ranges of the batch runs in inference as one job
-  (the plan's ``stack``: ``SequenceRunner.run_stack``, each part its rows
-  through every layer);
+  inference whose parts are ranges of the batch runs as one job (the plan's
+  ``stack``: ``SequenceRunner.run_stack``, each part its rows through every
+  layer, projections included);
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
   ``_backward.backward_layer`` (the reverse time loops) or
   ``_backward.backward_units`` (float32 at batch 1, the units split as in
@@ -291,7 +291,7 @@ class RecurrentEngine(RecurrentWeights):
 
     def _sequence_runner(self, params):
         """The layer's SequenceRunner for a parameter set (kept with it): the
-        lean path of small calls, and the stacks that run in parts
+        lean path of small calls, and inference in parts of the batch
         (``Plan.stack``)."""
         threads = _parallel.get_num_threads()
         key = ("runner", threads)
@@ -352,8 +352,8 @@ class RecurrentEngine(RecurrentWeights):
             dirs_h = dirs * H
             self._sequence_runner(params).run_stack(
                 T=T, B=B, batch_first=batch_first, parts=plan.parts, x=layer_in, h=h_n, c=c_n,
-                gx=gx, gh=gh, between=np.empty(((2 if self._layers > 2 else 1) * rows, dirs_h),
-                                               dtype),
+                gx=gx, gh=gh, between=None if self._layers == 1 else np.empty(
+                    ((2 if self._layers > 2 else 1) * rows, dirs_h), dtype),
                 out=out.reshape(rows, dirs_h), acts=np.empty((B, dirs * self._saved * H), dtype),
                 lengths=lengths)
             return None

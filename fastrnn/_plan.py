@@ -28,8 +28,8 @@ without building a plan). A :class:`Plan` says
   rows run in (the input projection; BPTT's weight and input gradients):
   the thread count once they are worth splitting, even where the
   recurrence runs in one part (batch 1), else as many as ``parts``.
-- ``stack``: float32 inference of a stack whose parts are ranges of the
-  batch: each part takes its rows through every layer, projections
+- ``stack``: float32 inference in parts that are ranges of the batch:
+  each part takes its rows through every layer (one or more), projections
   included (``_forward.SequenceRunner.run_stack``), one dispatch a call.
 
 ``_engine.RecurrentEngine`` then packs the weights once per parameter set
@@ -128,12 +128,15 @@ FOLD_MAX_BYTES = 512 << 10
 
 # (Plan.stack, each part's rows through every layer, has no tuning of its
 # own; measured 2026-12-04 at 2 threads, float32 inference, third best of 10
-# alternating rounds, against the layer-by-layer parts: batch-first RNN
-# 1->50 two layers B=32 T=50 0.91x, GRU 64->128 two layers B=32 T=100
-# 0.88x, GRU 125->100 two layers B=64 T=150 0.95x, LSTM 256->256 two layers
-# B=8 T=300 0.95x; time-major, each batch row's steps projected B rows
-# apart, 0.91x, 0.96x, LSTM 256->256 B=8 0.85x, RNN 64->256 three layers
-# B=64 0.98x.)
+# alternating rounds, against the projection, then the time loops, of each
+# layer in parts: batch-first RNN 1->50 two layers B=32 T=50 0.91x, GRU
+# 64->128 two layers B=32 T=100 0.88x, GRU 125->100 two layers B=64 T=150
+# 0.95x, LSTM 256->256 two layers B=8 T=300 0.95x; time-major, each batch
+# row's steps projected B rows apart, 0.91x, 0.96x, LSTM 256->256 B=8
+# 0.85x, RNN 64->256 three layers B=64 0.98x; one time-major layer: GRU
+# 64->128 B=32 0.98x, RNN 64->128 B=32 0.97x, GRU 125->100 B=64 0.96x,
+# GRU 800->800 B=20 0.97-0.98x, LSTM 510->32 B=500 T=5 0.94x, LSTM
+# 256->512 B=64 1.00x.)
 
 # Reduced-precision inference (fastrnn.quantize; _quant.forward):
 # below QUANT_DIRECT_WORK (the work estimate of quantized_plan) a one-part
@@ -374,10 +377,10 @@ def _stacks(layer, parts, train, fold):
     layer (``Plan.stack``, ``_forward.SequenceRunner.run_stack``), so that
     the parts meet once per call instead of twice per layer (the input
     projection, then the time loops) and no part reads rows another core
-    wrote: float32 inference of a plain stack whose parts are ranges of the
-    batch (each with every direction), no layer folding its projection (the
-    lean path's kernel, which run_stack is, does not fold)."""
-    return (not train and layer._layers > 1 and len(parts) > 1
+    wrote: float32 inference of a plain layer or stack whose parts are
+    ranges of the batch (each with every direction), no layer folding its
+    projection (the lean path's kernel, which run_stack is, does not fold)."""
+    return (not train and len(parts) > 1
             and layer._config["dtype"] == np.float32 and not layer._general_only
             and not any(fold)
             and all(d_lo == 0 and d_hi == layer._dirs for d_lo, d_hi, _, _ in parts))

@@ -163,7 +163,8 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monke
     """A float32 stack whose parts are ranges of the batch runs each part's
     rows through every layer (Plan.stack): at 2, 3, 4 and 8 threads the
     outputs and final states are one thread's, bit for bit, with three
-    layers, lengths, a given initial state and the learned one."""
+    layers, lengths, a given initial state and the learned one, and with
+    one layer."""
     rng = np.random.default_rng(7)
     T, B, D, H = 13, 19, 6, 37
     layer = getattr(fastrnn, kind)(D, H, num_layers=3, batch_first=batch_first, seed=4,
@@ -178,8 +179,9 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monke
     shape = (3, B, H)
     hx = rng.standard_normal(shape).astype(np.float32)
     hx = (hx, rng.standard_normal(shape).astype(np.float32)) if kind == "LSTM" else hx
+    single = getattr(fastrnn, kind)(D, H, batch_first=batch_first, seed=6, **options)
     calls = [(layer, dict()), (layer, dict(lengths=lengths)), (layer, dict(hx=hx)),
-             (learned, dict(lengths=lengths))]
+             (learned, dict(lengths=lengths)), (single, dict()), (single, dict(lengths=lengths))]
 
     def results(threads):
         # (an LSTM this small would fold its projections: not here)
@@ -201,9 +203,9 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monke
 
 
 def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):
-    """Plan.stack only where run_stack applies: float32 inference of a plain
-    unfolded stack of two or more layers in parts of the batch; and
-    run_stack refuses buffers that do not fit."""
+    """Plan.stack only where run_stack applies: float32 inference of plain
+    unfolded layers in parts of the batch; and run_stack refuses buffers
+    that do not fit."""
     force_plan(monkeypatch, dict(threads=2, MIN_PARALLEL_WORK=0))
 
     def stack(layer, B=2, batch_first=False, train=False):
@@ -213,7 +215,7 @@ def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):
     assert stack(gru) and stack(gru, batch_first=True)
     assert not stack(gru, B=1)                                          # one part
     assert not stack(gru, train=True)
-    assert not stack(fastrnn.GRU(8, 40, seed=0))                        # one layer
+    assert stack(fastrnn.GRU(8, 40, seed=0))                            # one layer too
     assert not stack(fastrnn.GRU(8, 40, num_layers=2, bidirectional=True, seed=0),
                      B=8)                                             # a part per direction
     assert not stack(fastrnn.GRU(8, 40, num_layers=2, dtype="float64", seed=0))
