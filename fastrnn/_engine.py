@@ -355,7 +355,7 @@ class RecurrentEngine(RecurrentWeights):
                 gx=gx, gh=gh, between=None if self._layers == 1 else np.empty(
                     ((2 if self._layers > 2 else 1) * rows, dirs_h), dtype),
                 out=out.reshape(rows, dirs_h), acts=np.empty((B, dirs * self._saved * H), dtype),
-                lengths=lengths)
+                lengths=lengths, **self._stack_folds(params, plan.fold, B))
             return None
         tape = Tape(params, batch_first, lengths, []) if train else None
         with _parallel.blas_at_one_thread if plan.hold_blas else contextlib.nullcontext():
@@ -365,6 +365,18 @@ class RecurrentEngine(RecurrentWeights):
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, plan.parts, held, tape, units, plan.fold, plan.products)
         return tape
+
+    def _stack_folds(self, params, fold, B):
+        """run_stack's arguments for the layers that fold their projection
+        (the plan's ``fold``): their packed [W_ih, W_hh] and the scratch of
+        each row's [x_t, h]; none when no layer folds."""
+        if not any(fold):
+            return {}
+        packed = self._packed_folded(params)
+        H = self._config["hidden_size"]
+        widest = max(self._config["input_size"], self._dirs * H)
+        return {"folded": [packed[k] if folds else None for k, folds in enumerate(fold)],
+                "xh": np.empty(self._dirs * B * (widest + H), self._config["dtype"])}
 
     def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
         """Inference of a unidirectional stack over time windows, the state

@@ -52,7 +52,7 @@ CHOICES = {
     # each part's rows through every layer
     "stacks in parts": dict(threads=2, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0),
     "stacks at 3 threads in windows": dict(threads=3, MIN_PARALLEL_WORK=0,
-                                           FOLD_MAX_BYTES=0,
+                                           FOLD_MAX_BYTES=1 << 40,
                                            WINDOW_BYTES=1, MIN_WINDOW_STEPS=5),
 }
 # the choices that exist in inference only: with training they would compare
@@ -153,18 +153,19 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
                               has_lengths=False).window is None
 
 
-STACK_KINDS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}),
-               ("GRU", {"reset_after": False}), ("LSTM", {})]
+STACK_KINDS = [("RNN", {}, False), ("RNN", {"nonlinearity": "relu"}, False), ("GRU", {}, False),
+               ("GRU", {"reset_after": False}, False), ("LSTM", {}, False), ("LSTM", {}, True)]
 
 
-@pytest.mark.parametrize("kind, options", STACK_KINDS)
+@pytest.mark.parametrize("kind, options, fold", STACK_KINDS)
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monkeypatch):
+def test_stacks_in_parts_give_one_threads_bits(kind, options, fold, batch_first, monkeypatch):
     """A float32 stack whose parts are ranges of the batch runs each part's
     rows through every layer (Plan.stack): at 2, 3, 4 and 8 threads the
     outputs and final states are one thread's, bit for bit, with three
     layers, lengths, a given initial state and the learned one, and with
-    one layer."""
+    one layer; an LSTM's layers folding their projections into the steps
+    (fold) or not."""
     rng = np.random.default_rng(7)
     T, B, D, H = 13, 19, 6, 37
     layer = getattr(fastrnn, kind)(D, H, num_layers=3, batch_first=batch_first, seed=4,
@@ -184,13 +185,13 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, batch_first, monke
              (learned, dict(lengths=lengths)), (single, dict()), (single, dict(lengths=lengths))]
 
     def results(threads):
-        # (an LSTM this small would fold its projections: not here)
         force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0,
-                                     FOLD_MAX_BYTES=0))
+                                     FOLD_MAX_BYTES=(1 << 40) if fold else 0))
         got = []
         for net, kw in calls:
-            assert _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
-                                      has_lengths="lengths" in kw).stack == (threads > 1)
+            plan = _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
+                                      has_lengths="lengths" in kw)
+            assert plan.stack == (threads > 1) and all(plan.fold) == fold
             out, state = net(x, **kw)
             got.append([out] + list(state if isinstance(state, tuple) else (state,)))
         return got
@@ -219,7 +220,7 @@ def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):
     assert not stack(fastrnn.GRU(8, 40, num_layers=2, bidirectional=True, seed=0),
                      B=8)                                             # a part per direction
     assert not stack(fastrnn.GRU(8, 40, num_layers=2, dtype="float64", seed=0))
-    assert not stack(fastrnn.LSTM(8, 40, num_layers=2, seed=0))         # folds
+    assert stack(fastrnn.LSTM(8, 40, num_layers=2, seed=0))             # folds
     assert stack(fastrnn.LSTM(8, 300, num_layers=2, seed=0))            # too big to fold
     assert not stack(fastrnn.GRU(8, 40, num_layers=2, layer_norm=True, seed=0))
 
@@ -302,17 +303,32 @@ def test_the_plan_cache_is_bounded(monkeypatch):
 def test_folded_steps_run_and_give_the_unfolded_numbers(monkeypatch):
     """The layer's calls reach the folded kernel (it is not only planned), in
     stacks whose layers fold or not by their input width, with an initial
-    state and padded rows, in inference and training; the results (outputs,
+    state and padded rows, in inference (a unidirectional stack: each part's
+    rows through every layer, run_stack) and training; the results (outputs,
     dx, every gradient) are the unfolded calls' bits. An Elman RNN never
     folds."""
-    from fastrnn._engine import _forward
+    from fastrnn._engine import RecurrentEngine, _forward
     calls = []
     recur = _forward.recur
 
     def counting(**kw):
         calls.append(kw.get("folded") is not None)
         return recur(**kw)
+
+    class CountingRunner:   # inference in parts of the batch: run_stack folds too
+        def __init__(self, runner):
+            self._runner = runner
+
+        def run(self, x, hx):
+            return self._runner.run(x, hx)
+
+        def run_stack(self, **kw):
+            calls.extend(f is not None for f in kw.get("folded") or [])
+            return self._runner.run_stack(**kw)
+    sequence_runner = RecurrentEngine._sequence_runner
     monkeypatch.setattr(_forward, "recur", counting)
+    monkeypatch.setattr(RecurrentEngine, "_sequence_runner",
+                        lambda self, params: CountingRunner(sequence_runner(self, params)))
     monkeypatch.setattr(_parallel, "_threads", 2)
     monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
     rng = np.random.default_rng(7)
