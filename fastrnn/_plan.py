@@ -370,17 +370,17 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
             parts, T * B, N, in_cols, B, gates * H, H)
     fold = folds(layer)
     return Plan(parts, units, hold, window, time_major, fold, products,
-                _stacks(layer, parts, train, fold))
+                _stacks(layer, parts, train))
 
 
-def _stacks(layer, parts, train, fold):
+def _stacks(layer, parts, train):
     """Whether a call's parts each take their batch rows through every
     layer (``Plan.stack``, ``_forward.SequenceRunner.run_stack``), so that
     the parts meet once per call instead of twice per layer (the input
     projection, then the time loops) and no part reads rows another core
     wrote: float32 inference of a plain layer or stack whose parts are
-    ranges of the batch (each with every direction); a plain LSTM's layers
-    that fold their projection (``fold``) fold it there too."""
+    ranges of the batch (each with every direction; a plain LSTM's layers
+    that fold their projection, the plan's ``fold``, fold it there too)."""
     return (not train and len(parts) > 1
             and layer._config["dtype"] == np.float32 and not layer._general_only
             and all(d_lo == 0 and d_hi == layer._dirs for d_lo, d_hi, _, _ in parts))
