@@ -132,7 +132,8 @@ FOLD_MAX_BYTES = 512 << 10
 # layer in parts: batch-first RNN 1->50 two layers B=32 T=50 0.91x, GRU
 # 64->128 two layers B=32 T=100 0.88x, GRU 125->100 two layers B=64 T=150
 # 0.95x, LSTM 256->256 two layers B=8 T=300 0.95x; time-major, each batch
-# row's steps projected B rows apart, 0.91x, 0.96x, LSTM 256->256 B=8
+# row's steps projected B rows apart (now chunks of steps: _tuning.h,
+# FASTRNN_PROJECTION_TILE_ROWS), 0.91x, 0.96x, LSTM 256->256 B=8
 # 0.85x, RNN 64->256 three layers B=64 0.98x; one time-major layer: GRU
 # 64->128 B=32 0.98x, RNN 64->128 B=32 0.97x, GRU 125->100 B=64 0.96x,
 # GRU 800->800 B=20 0.97-0.98x, LSTM 510->32 B=500 T=5 0.94x, LSTM

@@ -65,6 +65,20 @@
  * ~180, 1920 127. Calls at 1 thread, A/B: stack2-b32 1.045x, imdb-b64
  * 1.10x, ds2-b20 and long-b8 1.04x; 2 threads and training within noise. */
 #define FASTRNN_PRODUCT_CHUNK_BYTES (128 * 1024)
+/* A time-major call in parts projects each part's rows of a chunk of steps
+ * (_forward.pyx.tp: _packed_projection), every panel passing the whole
+ * chunk (before: each batch row's steps alone, all of W_ih for a window's
+ * few rows; LSTM 256->512 B=64 at 2 threads, old and new builds in
+ * alternating processes: 0.87-0.93x the time). A call of the micro-kernel
+ * takes a step's rows of the part when they are at least
+ * FASTRNN_PROJECTION_TILE_ROWS (tiles of 6 to 8 rows), else one row's
+ * steps (at least as many), strided. Measured at 2 threads on the Intel
+ * Xeon (Ice Lake, 1.25 MB L2), calls of each kind interleaved in one
+ * process, medians: LSTM 256->256 two layers B=8 T=2000 (4 rows a part) a
+ * row's steps 0.90-0.97x the time of a step's rows; GRU 800->800 B=20
+ * T=300 (10 rows) a step's rows 0.94-0.97x of a row's 8 or 24 steps; LSTM
+ * 256->512 B=64 (32 rows) within noise either way. */
+#define FASTRNN_PROJECTION_TILE_ROWS 8
 /* The micro-kernel prefetches its panel FASTRNN_MK_PREFETCH_K steps of k
  * ahead when a tile's panel takes more than FASTRNN_MK_PREFETCH_BYTES (it
  * then streams from L2, not L1: 48 KB of L1 data on the Intel Xeon measured,

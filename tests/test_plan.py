@@ -203,6 +203,34 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, fold, batch_first,
                 np.testing.assert_array_equal(p, q, err_msg=f"{threads} threads")
 
 
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("B, threads", [(100, 2), (20, 2), (6, 2), (9, 3)])
+def test_time_major_parts_project_their_rows_in_chunks_of_steps(kind, B, threads,
+                                                                monkeypatch):
+    """A time-major stack in parts projects each part's rows of a chunk of
+    steps at a time, with inputs so wide (700) that a chunk is 48 rows: a
+    part of 50 rows in chunks of its rows, 10 rows four steps a chunk (each
+    step's rows a call), 3 rows sixteen steps a chunk (each row's steps a
+    call), 37 steps leaving a part-filled last chunk; the outputs are one
+    thread's bit for bit."""
+    rng = np.random.default_rng(11)
+    T, D, H = 37, 700, 24
+    layer = getattr(fastrnn, kind)(D, H, num_layers=2, seed=3)
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+
+    def result(n):
+        force_plan(monkeypatch, dict(threads=n, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0))
+        plan = _plan.forward_plan(layer, T, B, batch_first=False, train=False,
+                                  has_lengths=False)
+        assert plan.stack == (n > 1) and len(plan.parts) == n
+        out, state = layer(x)
+        return [out] + list(state if isinstance(state, tuple) else (state,))
+
+    one = result(1)
+    for got, want in zip(result(threads), one):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):
     """Plan.stack only where run_stack applies: float32 inference of plain
     unfolded layers in parts of the batch; and run_stack refuses buffers
