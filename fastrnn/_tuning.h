@@ -69,8 +69,9 @@
  * (_forward.pyx.tp: _packed_projection), every panel passing the whole
  * chunk (before: each batch row's steps alone, all of W_ih for a window's
  * few rows; LSTM 256->512 B=64 at 2 threads, old and new builds in
- * alternating processes: 0.83x the time, 0.87-0.93x in three runs of a
- * variant whose chunks held at least 8 steps). A call of the micro-kernel
+ * alternating processes: 0.83-0.98x the time in five runs, 0.87-0.93x in
+ * three runs of a variant whose chunks held at least 8 steps). A call of
+ * the micro-kernel
  * takes a step's rows of the part when they are at least
  * FASTRNN_PROJECTION_TILE_ROWS (tiles of 6 to 8 rows), else one row's
  * steps (at least as many), strided. Measured at 2 threads on the Intel
