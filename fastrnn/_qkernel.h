@@ -687,6 +687,60 @@ static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, pt
     fastrnn_q_product(M, K, a, lda, packed, comp, N, &o);
 }
 
+/* The int8 multiply-add peak of this build's products, what the bench
+ * judges them by: FASTRNN_Q_PEAK_CHAINS independent int32 accumulators,
+ * each iteration one multiply-add step of the tiles' per accumulator (VNNI:
+ * a vpdpbusd, 64 multiply-adds; AVX2: vpsignb, vpmaddubsw, vpmaddwd and
+ * vpaddd, 32), nothing loaded or stored in the loop. ``iters`` iterations
+ * do iters * FASTRNN_Q_PEAK_MACS multiply-adds (0 in the portable build:
+ * it has no such instruction, nothing is measured); the sum goes to *sink
+ * so that the loop stays. The empty asm tells the compiler an operand
+ * changed, so that no step is hoisted out of the loop or shared between
+ * accumulators. AMX's tiles are not measured. */
+#define FASTRNN_Q_PEAK_CHAINS 12
+#if defined(FASTRNN_Q_VNNI)
+#define FASTRNN_Q_PEAK_MACS (FASTRNN_Q_PEAK_CHAINS * 64)
+static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
+    __m512i acc[FASTRNN_Q_PEAK_CHAINS];
+    __m512i a = _mm512_set1_epi8(3), w = _mm512_set1_epi8(-2);
+    int j;
+    for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[j] = _mm512_set1_epi32(j);
+    for (long long i = 0; i < iters; i++) {
+        __asm__("" : "+v"(a), "+v"(w));
+        _Pragma("GCC unroll 12") for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++)
+            acc[j] = _mm512_dpbusd_epi32(acc[j], a, w);
+    }
+    for (j = 1; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[0] = _mm512_add_epi32(acc[0], acc[j]);
+    *sink = _mm512_reduce_add_epi32(acc[0]);
+}
+#elif defined(FASTRNN_Q_AVX2)
+#define FASTRNN_Q_PEAK_MACS (FASTRNN_Q_PEAK_CHAINS * 32)
+static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
+    __m256i acc[FASTRNN_Q_PEAK_CHAINS];
+    __m256i mag = _mm256_set1_epi8(3), w = _mm256_set1_epi8(-2), b = _mm256_set1_epi8(5);
+    const __m256i ones = _mm256_set1_epi16(1);
+    int32_t total[8];
+    int j;
+    for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[j] = _mm256_set1_epi32(j);
+    for (long long i = 0; i < iters; i++) {
+        _Pragma("GCC unroll 12") for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) {
+            __asm__("" : "+x"(b));
+            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(
+                _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, b)), ones));
+        }
+    }
+    for (j = 1; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[0] = _mm256_add_epi32(acc[0], acc[j]);
+    _mm256_storeu_si256((__m256i*)total, acc[0]);
+    *sink = total[0];
+}
+#else
+#define FASTRNN_Q_PEAK_MACS 0
+static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
+    (void)iters;
+    *sink = 0;
+}
+#endif
+
 /* ---- bfloat16 --------------------------------------------------------------
  *
  * Weights rounded to bfloat16 once (round to nearest even; float32's

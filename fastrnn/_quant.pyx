@@ -81,6 +81,8 @@ cdef extern from "_qkernel.h":
                                 const int8_t* packed, const int32_t* comp, Py_ssize_t N,
                                 const float* rs, const float* cs, const float* add,
                                 Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
+    const int FASTRNN_Q_PEAK_MACS
+    void fastrnn_q_peak_loop(long long iters, int32_t* sink) noexcept nogil
 
 # the instruction set of this build's products (int8, bfloat16), and the
 # largest K they take
@@ -1209,6 +1211,62 @@ def int_product(const int8_t[:, ::1] q not None, QWeight w not None):
         fastrnn_q_gemm(M, K, &a[0, 0], qrow, w.view.panels, w.view.comp, w.N, &c[0, 0], ldc)
         fastrnn_amx_release()
     return np.asarray(c)[:, :w.N].copy()
+
+
+# --- what the machine and the int8 kernel reach (fastrnn bench --dtype int8) ---
+
+def int8_peak_gops(double seconds=0.25):
+    """One thread's int8 multiply-add peak on this build's product
+    instruction (VNNI's vpdpbusd, AVX2's vpmaddubsw sequence), G integer
+    ops a second (2 per multiply-add, as float32's flops): the best of 5
+    timings of a register-only loop (_qkernel.h: fastrnn_q_peak_loop) of
+    about seconds / 5 each. NaN in the portable build, which has no such
+    instruction; on AMX the products run on the tiles, not measured here."""
+    from fastrnn._forward import _best_time
+    cdef int32_t sink = 0
+
+    def run(long long iters):
+        nonlocal sink
+        with nogil:
+            fastrnn_q_peak_loop(iters, &sink)
+
+    if FASTRNN_Q_PEAK_MACS == 0:
+        return float("nan")
+    iters, best = _best_time(run, seconds)
+    return iters * 2.0 * FASTRNN_Q_PEAK_MACS / best / 1e9
+
+
+def int8_product_gops(Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, double seconds=0.25):
+    """The int8 product kernel alone on one thread, G integer ops a second:
+    y (M, N) = add + the int32 sums of M quantized rows of K by a packed
+    W (N, K), dequantized (a step's recurrent product of M batch rows,
+    K = H, N = G * H), the best of 5 timings of repeated products of about
+    seconds / 5 each."""
+    from fastrnn._forward import _best_time
+    if not (1 <= M and 1 <= N and 1 <= K <= FASTRNN_Q_MAX_K):
+        raise ValueError(f"int8_product_gops: expected M, N >= 1 and 1 <= K <= "
+                         f"{FASTRNN_Q_MAX_K}, got M={M}, K={K}, N={N}")
+    rng = np.random.default_rng(0)
+    cdef QWeight w = QWeight(rng.integers(-127, 128, (N, K), dtype=np.int8),
+                             np.full(N, 0.01, np.float32))
+    cdef Py_ssize_t qrow = fastrnn_q_quads(K) * 4
+    # quantized rows as the kernels store them (VNNI: offset to uint8)
+    q = rng.integers(-127, 128, (M, qrow)) + FASTRNN_Q_OFFSET
+    cdef int8_t[:, ::1] a = (q & 0xFF).astype(np.uint8).view(np.int8)
+    cdef float[::1] rs = np.full(M, 0.01, np.float32)
+    cdef float[:, ::1] add = rng.uniform(-1, 1, (M, N)).astype(np.float32)
+    cdef float[:, ::1] y = np.empty((M, N), np.float32)
+
+    def run(long long reps):
+        cdef long long i
+        with nogil:
+            for i in range(reps):
+                fastrnn_q_gemm_dequant(M, K, &a[0, 0], qrow, w.view.panels, w.view.comp, N,
+                                       &rs[0], w.view.scale, &add[0, 0], N, &y[0, 0], N)
+            fastrnn_amx_release()
+
+    reps, best = _best_time(run, seconds)
+    return reps * 2.0 * M * K * N / best / 1e9
 
 
 def activations(*, const float[::1] x not None, float[::1] sigmoid_out not None,

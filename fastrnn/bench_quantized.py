@@ -17,7 +17,12 @@ the float32 benchmark, each library in a process of its own:
 
 Columns: the median ms of a forward pass of each, the speed-up of int8
 and bf16 over fastrnn's own float32 and of int8 over the faster quantized
-peer, the max and mean abs deviation of each reduced-precision output from
+peer, ``peak``: the ms the case's multiply-adds take at this machine's int8
+peak on the threads (measured by ``_quant.int8_peak_gops``, a register-only
+loop of the products' instruction, printed above the table with the int8
+product kernel's own speed; not where AMX tiles run the products), and
+fastrnn's int8 and the faster peer's time over it (``int8/pk``,
+``peer/pk``: how close each is to what int8 products allow), the max and mean abs deviation of each reduced-precision output from
 fastrnn's float32 output
 (and of that from the float64 reference, PyTorch in float64), and the
 peak resident memory of
@@ -183,6 +188,28 @@ def run_case(case, threads, repeats, libraries):
     return results, errors
 
 
+def _int8_peak_line():
+    """Print this machine's int8 multiply-add peak on one thread and the int8
+    product kernel's speed (the b64-h512 step); return the peak, G integer
+    ops a second (NaN where it does not bound the products: the portable
+    build, or AMX tiles running them)."""
+    q = fastrnn.quantized._quant
+    if q.AMX or q.ISA == "portable":
+        print(f"int8 products on {q.ISA}: no register-only peak measured for it")
+        return float("nan")
+    # the best of a peak before and one after the kernel: the machine's speed
+    # drifts within seconds, and a kernel timed faster than "its peak" misleads
+    peak = q.int8_peak_gops()
+    kernel = q.int8_product_gops(64, 512, 2048)
+    peak = max(peak, q.int8_peak_gops())
+    print(f"int8 multiply-add peak {peak:.0f} G integer ops/s per thread ({q.ISA} "
+          f"register-only loop, 2 ops a multiply-add); the int8 product kernel {kernel:.0f} "
+          f"on one thread ({kernel / peak:.0%} of peak; 64 x 512 @ 512 x 2048, the b64-h512 "
+          f"step); peak: the case's multiply-adds at that peak on the threads, int8/pk and "
+          f"peer/pk: fastrnn's int8 and the faster quantized peer against it")
+    return peak
+
+
 def main(args, cases):
     """``fastrnn bench --dtype int8``: the table (see the module docstring)."""
     peers = []
@@ -194,8 +221,10 @@ def main(args, cases):
           f"build); {args.threads} thread{'s' * (args.threads > 1)}; median ms (blocks of 5 "
           f"calls after a pause), {time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 "
           f"against float64, the others against f32; weights MB")
+    peak = _int8_peak_line()
     print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"
-          f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}  {'f32 err':>17}  {'int8 err':>17}"
+          f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}{'peak':>9}{'int8/pk':>8}"
+          f"{'peer/pk':>8}  {'f32 err':>17}  {'int8 err':>17}"
           f"  {'bf16 err':>17}  {'torch-q err':>17}  {'ORT-q err':>17}  "
           f"{'weights f32/int8/bf16':>21}")
     own, own_bf16, over_peer = [], [], []
@@ -219,9 +248,12 @@ def main(args, cases):
         if peer_ms:
             over_peer.append(vs_peer)
         weights = "/".join(f"{results[lib]['weight_mb']:.2f}" for lib in ("f32", "int8", "bf16"))
+        peak_ms = bench.case_flops(case) / (peak * 1e9 * args.threads) * 1e3
+        peer_peak = min(peer_ms) / peak_ms if peer_ms else float("nan")
         print(f"{case.name:<20}{ms('f32'):>9.3f}{ms('int8'):>9.3f}{ms('bf16'):>9.3f}"
               f"{ms('torch-q'):>9.3f}{ms('ORT-q'):>9.3f}{speed:>8.2f}x{speed_bf16:>8.2f}x"
-              f"{vs_peer:>9.2f}x  {err('f32'):>17}  {err('int8'):>17}  {err('bf16'):>17}  "
+              f"{vs_peer:>9.2f}x{peak_ms:>9.3f}{ms('int8') / peak_ms:>8.2f}{peer_peak:>8.2f}  "
+              f"{err('f32'):>17}  {err('int8'):>17}  {err('bf16'):>17}  "
               f"{err('torch-q'):>17}  {err('ORT-q'):>17}  {weights:>21}", flush=True)
     for name, ratios in (("int8", own), ("bfloat16", own_bf16)):
         print(f"{name} over float32: geometric mean {math.exp(np.mean(np.log(ratios))):.2f}x, "

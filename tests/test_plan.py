@@ -8,6 +8,7 @@ import pytest
 import fastrnn
 from fastrnn import _parallel, _plan
 from plan_settings import force_plan
+from reference import layer_forward
 
 KINDS = ["RNN", "GRU", "LSTM"]
 
@@ -206,17 +207,21 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, fold, batch_first,
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 @pytest.mark.parametrize("B, threads", [(100, 2), (20, 2), (6, 2), (9, 3)])
 def test_time_major_parts_project_their_rows_in_chunks_of_steps(kind, B, threads,
-                                                                monkeypatch):
+                                                                monkeypatch, close):
     """A time-major stack in parts projects each part's rows of a chunk of
     steps at a time, with inputs so wide (700) that a chunk is 48 rows: a
     part of 50 rows in chunks of its rows, 10 rows four steps a chunk (each
     step's rows a call), 3 rows sixteen steps a chunk (each row's steps a
     call), 37 steps leaving a part-filled last chunk; the outputs are one
-    thread's bit for bit."""
+    thread's bit for bit, and the NumPy reference's (a part of 50 rows takes
+    the one-thread path's chunks of rows, which bits alone cannot check)."""
     rng = np.random.default_rng(11)
     T, D, H = 37, 700, 24
     layer = getattr(fastrnn, kind)(D, H, num_layers=2, seed=3)
     x = rng.standard_normal((T, B, D)).astype(np.float32)
+    zeros = np.zeros((2, B, H))
+    reference = layer_forward(kind.lower(), layer.state_dict(), x, zeros,
+                              zeros if kind == "LSTM" else None, num_layers=2)
 
     def result(n):
         force_plan(monkeypatch, dict(threads=n, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0))
@@ -227,8 +232,9 @@ def test_time_major_parts_project_their_rows_in_chunks_of_steps(kind, B, threads
         return [out] + list(state if isinstance(state, tuple) else (state,))
 
     one = result(1)
-    for got, want in zip(result(threads), one):
+    for got, want, ref in zip(result(threads), one, reference):
         np.testing.assert_array_equal(got, want)
+        close(got, ref, np.float32)
 
 
 def test_stacks_need_every_part_a_range_of_the_batch(monkeypatch):

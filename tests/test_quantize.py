@@ -15,6 +15,7 @@ the scale, so "close" is not a property quantized recurrences have.)
 import gc
 import hashlib
 import json
+import math
 import os
 import pickle
 import struct
@@ -1058,6 +1059,50 @@ def test_bench_int8_case_runs_every_library():
     assert errors["f32"][0] < 1e-5                  # float32 against float64
     for library in libraries[1:]:                   # int8 against float32
         assert 0 < errors[library][1] <= errors[library][0] < 0.02, (library, errors)
+
+
+def test_int8_peak_and_product_probes_measure_each_build():
+    # fastrnn bench --dtype int8 judges the products by these: a SIMD build's
+    # register-only loop and product kernel give finite positive rates (the
+    # loop really runs: a zero-length or optimised-away loop times as 0 and
+    # gives inf); the portable build has no product instruction to measure
+    for build, module in _build_modules():
+        peak = module.int8_peak_gops(seconds=0.01)
+        if module.ISA == "portable":
+            assert math.isnan(peak), build
+        else:
+            assert 0 < peak < 1e5, (build, peak)
+        assert 0 < module.int8_product_gops(6, 70, 33, seconds=0.01) < 1e5, build
+        for M, K, N in [(0, 8, 8), (2, 0, 8), (2, 8, 0), (2, module.MAX_K + 1, 8)]:
+            with pytest.raises(ValueError, match=f"got M={M}, K={K}, N={N}"):
+                module.int8_product_gops(M, K, N)
+
+
+def test_bench_int8_table_judges_int8_and_the_peer_by_the_peak(monkeypatch, capsys):
+    # the table's peak columns: the case's multiply-adds at the int8 peak on
+    # the threads, and int8's and the faster peer's time over it (the peers
+    # left out here); the peak as the header's line gives it, here 2 G ops/s
+    # so that the rounded figures still tell
+    from fastrnn import bench, bench_quantized
+    line = bench_quantized._int8_peak_line()
+    out = capsys.readouterr().out
+    if Q._quant.AMX or Q._quant.ISA == "portable":
+        assert math.isnan(line) and "no register-only peak" in out
+    else:
+        assert 0 < line < 1e5 and out.startswith(f"int8 multiply-add peak {line:.0f} G")
+    monkeypatch.setattr(bench, "available", lambda module: False)
+    monkeypatch.setattr(bench_quantized, "_int8_peak_line", lambda: 2.0)
+    bench.main(["--dtype", "int8", "--threads", "2", "--cases", "step-b1-lstm",
+                "--repeats", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, text in enumerate(lines) if text.startswith("case"))
+    assert lines[header].split()[9:12] == ["peak", "int8/pk", "peer/pk"]
+    row = lines[header + 1].split()
+    case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
+    peak_ms = bench.case_flops(case) / (2.0e9 * 2) * 1e3
+    assert row[0] == "step-b1-lstm" and float(row[9]) == pytest.approx(peak_ms, abs=1e-3)
+    assert float(row[10]) == pytest.approx(float(row[2]) / peak_ms, rel=0.02)
+    assert row[11] == "nan"
 
 
 # --- bfloat16 ---------------------------------------------------------------------------------
