@@ -49,6 +49,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_tuning.h"   /* FASTRNN_Q_GROUPS_OUTER_BYTES */
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define FASTRNN_Q_VNNI 1
 #include <immintrin.h>
@@ -625,7 +627,8 @@ static inline void fastrnn_amx_release(void) {}
  * (and the rows it adds: a step's input projection, 1 KB per row at H =
  * 64) are walked in order, which the hardware prefetches (column groups
  * outside: 0.9x the float32 kernel's time at B = 256, H = 64, the adds'
- * loads waiting on memory). */
+ * loads waiting on memory). Weights past L2 (FASTRNN_Q_GROUPS_OUTER_BYTES)
+ * the other way round: each tile would stream all of them from L3. */
 static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
                               const int8_t* packed, const int32_t* comp, ptrdiff_t N,
                               const fastrnn_q_out* o) {
@@ -642,6 +645,23 @@ static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff
         return;
     }
 #endif
+    if (bstride * blocks > FASTRNN_Q_GROUPS_OUTER_BYTES && M > FASTRNN_Q_BIG) {
+        /* weights beyond L2: column group by column group, each group's
+         * panel fetched once from L3 for every tile of rows */
+        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
+            const int8_t* panel = packed + nb0 * bstride;
+            for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
+                fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16,
+                                   o, m0, nb0 * 16);
+            for (; m0 + 2 <= M; m0 += 2)
+                fastrnn_q_tile2(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16, o,
+                                m0, nb0 * 16);
+            if (m0 < M)
+                fastrnn_q_tile1(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16, o,
+                                m0, nb0 * 16);
+        }
+        return;
+    }
     for (; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
         for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
             fastrnn_q_tile_big(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,

@@ -104,5 +104,17 @@
  * MB. forward.product_gflops: M = 64, K = 512 140-152 -> 158-166; M = 20,
  * K = 800, 3 gates (ds2-b20's GRU step) 123-138 -> 157-165 (2026-12-02). */
 #define FASTRNN_MK_STREAM_BYTES 1048576
+/* Packed int8 weights past this many bytes (beyond a 1 MB L2) are
+ * multiplied column group by column group (_qkernel.h: fastrnn_q_product),
+ * each group's panel fetched once from L3 for every tile of rows; smaller
+ * ones row tile by row tile, whose outputs and added rows the hardware
+ * prefetches in order (column groups outside cost 10% at B = 256, H = 64).
+ * _quant.int8_product_gops on the Ice Lake Xeon (1.25 MB L2), old and new
+ * builds in alternating processes, 3 rounds: M = 20, K = 800, N = 2400
+ * (ds2-b20's GRU step, 1.9 MB) 272-280 -> 318-416 G ops/s, M = 64 285-295
+ * -> 370-457, M = 10 188-192 -> 233-260; 1 MB (the b64-h512 step, row tiles
+ * outer in both) the same. int8 ds2-b20: 1 thread 170-202 -> 118-132 ms,
+ * 2 threads 99-101 -> 75-76 ms (2026-12-04). */
+#define FASTRNN_Q_GROUPS_OUTER_BYTES 1048576
 
 #endif

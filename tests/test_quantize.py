@@ -181,10 +181,14 @@ def oracle_layer(layer, x, hx=None, lengths=None, state=None):
 # --- the pieces, exactly ---------------------------------------------------------------
 
 # shapes for AMX too: whole tiles of 16 rows and the rows left, K in whole
-# tiles of 64 and the quads left (or only those), one block of columns or many
+# tiles of 64 and the quads left (or only those), one block of columns or many;
+# packed weights past FASTRNN_Q_GROUPS_OUTER_BYTES (1 MB) run column group
+# by column group: 1.1 MB with two big tiles, a 2-row and a 1-row one and a
+# last group of 3 blocks; 1.1 MB with a big tile and a 2-row one; 1 MB, 7 rows
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 7, 17), (7, 33, 65), (13, 128, 48),
                                    (6, 5, 200), (16, 64, 16), (16, 21, 70), (37, 300, 65),
-                                   (48, 128, 512), (33, 256, 130)])
+                                   (48, 128, 512), (33, 256, 130), (15, 1100, 1000),
+                                   (8, 2100, 520), (7, 512, 2048)])
 def test_int_product_exact(M, K, N):
     rng = np.random.default_rng(M * 100 + K)
     w = rng.integers(-127, 128, (N, K)).astype(np.int8)
@@ -307,6 +311,24 @@ def test_layer_matches_oracle(cls, kwargs, per_channel):
         np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
         if cls is fastrnn.LSTM:
             np.testing.assert_array_equal(state[1], ref_c)
+
+
+@pytest.mark.parametrize("cls", [fastrnn.GRU, fastrnn.LSTM])
+def test_layer_with_weights_past_l2_matches_oracle(cls):
+    # W_ih and W_hh packed past 1 MB (GRU 600 -> 600: 1.08 MB each, LSTM
+    # 520 -> 520: 1.08 MB): every product column group by column group, 13
+    # rows in the input projection's blocks and each step
+    rng = np.random.default_rng(5)
+    D = H = 600 if cls is fastrnn.GRU else 520
+    T, B = 3, 13
+    layer = fastrnn.quantize(cls(D, H, seed=4))
+    x = rng.standard_normal((T, B, D)).astype(F32)
+    out, state = layer(x)
+    ref_out, ref_h, ref_c = oracle_layer(layer, x)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(state[0] if cls is fastrnn.LSTM else state, ref_h)
+    if cls is fastrnn.LSTM:
+        np.testing.assert_array_equal(state[1], ref_c)
 
 
 def test_batch_first_and_unbatched_match():
