@@ -304,6 +304,31 @@ static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
     Q_STORE(0); Q_STORE(1);
 }
 
+/* tiles of 3 to 5 rows, for the rows left after the 6-row tiles: every
+ * tile streams its column group's panel once, so 4 rows as two tiles of 2
+ * read the weights twice. In alternating processes at 2 threads: int8
+ * long-b8 (4 rows a part) 92-93 -> 65 ms, b32-h128 LSTM (6 + 6 + 4 rows a
+ * part) 2.3-2.6 -> 1.3-2.1 ms, ds2-b20 (6 + 4) 81-88 -> 62-83 ms. */
+#define Q_TILE(R, INITS, ROWS, STORES)                                                \
+    static void fastrnn_q_tile##R(FASTRNN_Q_ARGS) {                                   \
+        ptrdiff_t kq;                                                                \
+        Q_START;                                                                     \
+        INITS;                                                                       \
+        for (kq = 0; kq < quads; kq++) {                                             \
+            Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);                          \
+            ROWS;                                                                    \
+        }                                                                            \
+        STORES;                                                                      \
+    }
+Q_TILE(3, Q_INIT(0); Q_INIT(1); Q_INIT(2), Q_ROW(0); Q_ROW(1); Q_ROW(2),
+       Q_STORE(0); Q_STORE(1); Q_STORE(2))
+Q_TILE(4, Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3),
+       Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3),
+       Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3))
+Q_TILE(5, Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3); Q_INIT(4),
+       Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3); Q_ROW(4),
+       Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3); Q_STORE(4))
+
 static void fastrnn_q_tile1(FASTRNN_Q_ARGS) {
     ptrdiff_t kq;
     const __m512i zero = _mm512_setzero_si512();
@@ -459,6 +484,23 @@ static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
 #ifndef fastrnn_q_tile_big
 #define fastrnn_q_tile_big fastrnn_q_tile6
 #endif
+
+/* The rows left after the big tiles (0 < rows < FASTRNN_Q_BIG), over one
+ * column group: on VNNI one tile of them all, else tiles of 2 and one of 1. */
+static inline void fastrnn_q_tile_rest(ptrdiff_t rows, FASTRNN_Q_ARGS) {
+#if defined(FASTRNN_Q_VNNI)
+    switch (rows) {
+    case 5: fastrnn_q_tile5(quads, a, lda, panel, bstride, comp, o, m0, col0); return;
+    case 4: fastrnn_q_tile4(quads, a, lda, panel, bstride, comp, o, m0, col0); return;
+    case 3: fastrnn_q_tile3(quads, a, lda, panel, bstride, comp, o, m0, col0); return;
+    default: break;
+    }
+#endif
+    for (; rows >= 2; rows -= 2, a += 2 * lda, m0 += 2)
+        fastrnn_q_tile2(quads, a, lda, panel, bstride, comp, o, m0, col0);
+    if (rows > 0)
+        fastrnn_q_tile1(quads, a, lda, panel, bstride, comp, o, m0, col0);
+}
 
 #if defined(FASTRNN_Q_AMX)
 /* AMX (Intel's tile matrix unit: TDPBUSD, 16 x 64 u8 times 16 x 64 s8 into
@@ -622,12 +664,12 @@ static inline void fastrnn_amx_release(void) {}
 /* The product of A (M rows of quantized activations, lda bytes apart) and
  * W^T over W packed by fastrnn_q_pack (comp its column term), to ``o``.
  * All rows in tiles of 16 on AMX (where enabled and M >= 16), else in
- * tiles of FASTRNN_Q_BIG rows, then 2, then 1; within a tile, the
- * columns in groups of FASTRNN_Q_NV blocks, so that a tile's output rows
- * (and the rows it adds: a step's input projection, 1 KB per row at H =
- * 64) are walked in order, which the hardware prefetches (column groups
- * outside: 0.9x the float32 kernel's time at B = 256, H = 64, the adds'
- * loads waiting on memory). Weights past L2 (FASTRNN_Q_GROUPS_OUTER_BYTES)
+ * tiles of FASTRNN_Q_BIG rows, then the rest (fastrnn_q_tile_rest); within
+ * a tile, the columns in groups of FASTRNN_Q_NV blocks, so that a tile's
+ * output rows (and the rows it adds: a step's input projection, 1 KB per
+ * row at H = 64) are walked in order, which the hardware prefetches (column
+ * groups outside: 0.9x the float32 kernel's time at B = 256, H = 64, the
+ * adds' loads waiting on memory). Weights past L2 (FASTRNN_Q_GROUPS_OUTER_BYTES)
  * the other way round: each tile would stream all of them from L3. */
 static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff_t lda,
                               const int8_t* packed, const int32_t* comp, ptrdiff_t N,
@@ -653,12 +695,9 @@ static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff
             for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
                 fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16,
                                    o, m0, nb0 * 16);
-            for (; m0 + 2 <= M; m0 += 2)
-                fastrnn_q_tile2(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16, o,
-                                m0, nb0 * 16);
             if (m0 < M)
-                fastrnn_q_tile1(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16, o,
-                                m0, nb0 * 16);
+                fastrnn_q_tile_rest(M - m0, quads, a + m0 * lda, lda, panel, bstride,
+                                    comp + nb0 * 16, o, m0, nb0 * 16);
         }
         return;
     }
@@ -666,14 +705,10 @@ static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff
         for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
             fastrnn_q_tile_big(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
                                comp + nb0 * 16, o, m0, nb0 * 16);
-    for (; m0 + 2 <= M; m0 += 2)
-        for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
-            fastrnn_q_tile2(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
-                            comp + nb0 * 16, o, m0, nb0 * 16);
     if (m0 < M)
         for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
-            fastrnn_q_tile1(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
-                            comp + nb0 * 16, o, m0, nb0 * 16);
+            fastrnn_q_tile_rest(M - m0, quads, a + m0 * lda, lda, packed + nb0 * bstride,
+                                bstride, comp + nb0 * 16, o, m0, nb0 * 16);
 }
 
 /* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = the int32 sums. */
