@@ -306,9 +306,10 @@ static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
 
 /* tiles of 3 to 5 rows, for the rows left after the 6-row tiles: every
  * tile streams its column group's panel once, so 4 rows as two tiles of 2
- * read the weights twice. In alternating processes at 2 threads: int8
- * long-b8 (4 rows a part) 92-93 -> 65 ms, b32-h128 LSTM (6 + 6 + 4 rows a
- * part) 2.3-2.6 -> 1.3-2.1 ms, ds2-b20 (6 + 4) 81-88 -> 62-83 ms. */
+ * read the weights twice. At 2 threads, both builds in one process, calls
+ * interleaved: int8 long-b8 (4 rows a part) 92.5 -> 63.3 ms, b32-h128 LSTM
+ * (6 + 6 + 4 rows a part) 2.14 -> 1.98 ms, ds2-b20 (6 + 4) 93.5 -> 82.0 ms;
+ * seed-keras-b32-h50 (K = 1 and 50) and wide-b500 the same. */
 #define Q_TILE(R, INITS, ROWS, STORES)                                                \
     static void fastrnn_q_tile##R(FASTRNN_Q_ARGS) {                                   \
         ptrdiff_t kq;                                                                \
@@ -749,10 +750,19 @@ static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, pt
  * vpaddd, 32), nothing loaded or stored in the loop. ``iters`` iterations
  * do iters * FASTRNN_Q_PEAK_MACS multiply-adds (0 in the portable build:
  * it has no such instruction, nothing is measured); the sum goes to *sink
- * so that the loop stays. The empty asm tells the compiler an operand
- * changed, so that no step is hoisted out of the loop or shared between
- * accumulators. AMX's tiles are not measured. */
+ * so that the loop stays. FASTRNN_Q_OPAQUE, an empty asm (GCC, Clang),
+ * tells the compiler an operand changed, so that no step is hoisted out of
+ * the loop or shared between accumulators (MSVC has no such statement: its
+ * AVX2 figure may be too high, a loop-invariant step hoisted). AMX's tiles
+ * are not measured. */
 #define FASTRNN_Q_PEAK_CHAINS 12
+#if defined(__GNUC__)
+#define FASTRNN_Q_OPAQUE(v) __asm__("" : "+x"(v))
+#define FASTRNN_Q_UNROLL _Pragma("GCC unroll 12")
+#else
+#define FASTRNN_Q_OPAQUE(v) ((void)0)
+#define FASTRNN_Q_UNROLL
+#endif
 #if defined(FASTRNN_Q_VNNI)
 #define FASTRNN_Q_PEAK_MACS (FASTRNN_Q_PEAK_CHAINS * 64)
 static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
@@ -761,8 +771,9 @@ static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
     int j;
     for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[j] = _mm512_set1_epi32(j);
     for (long long i = 0; i < iters; i++) {
-        __asm__("" : "+v"(a), "+v"(w));
-        _Pragma("GCC unroll 12") for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++)
+        FASTRNN_Q_OPAQUE(a);
+        FASTRNN_Q_OPAQUE(w);
+        FASTRNN_Q_UNROLL for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++)
             acc[j] = _mm512_dpbusd_epi32(acc[j], a, w);
     }
     for (j = 1; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[0] = _mm512_add_epi32(acc[0], acc[j]);
@@ -778,8 +789,8 @@ static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
     int j;
     for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[j] = _mm256_set1_epi32(j);
     for (long long i = 0; i < iters; i++) {
-        _Pragma("GCC unroll 12") for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) {
-            __asm__("" : "+x"(b));
+        FASTRNN_Q_UNROLL for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) {
+            FASTRNN_Q_OPAQUE(b);
             acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(
                 _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, b)), ones));
         }
