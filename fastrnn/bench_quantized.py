@@ -22,10 +22,10 @@ peak on the threads (measured by ``_quant.int8_peak_gops``, a register-only
 loop of the products' instruction, printed above the table with the int8
 product kernel's own speed; not where AMX tiles run the products), and
 fastrnn's int8 and the faster peer's time over it (``int8/pk``,
-``peer/pk``: how close each is to what int8 products allow), the max and mean abs deviation of each reduced-precision output from
-fastrnn's float32 output
-(and of that from the float64 reference, PyTorch in float64), and the
-peak resident memory of
+``peer/pk``: how close each is to what int8 products allow), the max and
+mean abs deviation of each reduced-precision output from fastrnn's float32
+output (and of that from the float64 reference, PyTorch in float64), and
+the peak resident memory of
 each library's process (MB, ``ru_maxrss``) with the bytes of the weights
 the kernels read: float32's packed weights against int8's (the quantized
 model also keeps its float32 parameters, for ``state_dict`` and saving).
