@@ -182,8 +182,8 @@ def oracle_layer(layer, x, hx=None, lengths=None, state=None):
 
 # shapes for AMX too: whole tiles of 16 rows and the rows left, K in whole
 # tiles of 64 and the quads left (or only those), one block of columns or many;
-# the rows left after VNNI's 6-row tiles, 1 to 5, in one tile (3, 4, 5: 33,
-# 4, 5, 11, 10 rows);
+# the rows left after VNNI's 6-row tiles in one tile of 3 to 5 rows (33, 4,
+# 5, 10 and 11 rows);
 # packed weights past FASTRNN_Q_GROUPS_OUTER_BYTES (1 MB) run column group
 # by column group: 1.1 MB with two big tiles, a 2-row and a 1-row one and a
 # last group of 3 blocks; 1.1 MB with a big tile and a 2-row one; 1 MB, 7 rows
