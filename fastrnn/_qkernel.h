@@ -282,34 +282,14 @@ static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
     s2 = _mm512_loadu_si512((const void*)(comp + 32)),                                      \
     s3 = _mm512_loadu_si512((const void*)(comp + 48)), b
 
-static void fastrnn_q_tile6(FASTRNN_Q_ARGS) {
-    ptrdiff_t kq;
-    Q_START;
-    Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3); Q_INIT(4); Q_INIT(5);
-    for (kq = 0; kq < quads; kq++) {
-        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
-        Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3); Q_ROW(4); Q_ROW(5);
-    }
-    Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3); Q_STORE(4); Q_STORE(5);
-}
-
-static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
-    ptrdiff_t kq;
-    Q_START;
-    Q_INIT(0); Q_INIT(1);
-    for (kq = 0; kq < quads; kq++) {
-        Q_LOADW(0); Q_LOADW(1); Q_LOADW(2); Q_LOADW(3);
-        Q_ROW(0); Q_ROW(1);
-    }
-    Q_STORE(0); Q_STORE(1);
-}
-
-/* tiles of 3 to 5 rows, for the rows left after the 6-row tiles: every
- * tile streams its column group's panel once, so 4 rows as two tiles of 2
- * read the weights twice. At 2 threads, both builds in one process, calls
- * interleaved: int8 long-b8 (4 rows a part) 92.5 -> 63.3 ms, b32-h128 LSTM
- * (6 + 6 + 4 rows a part) 2.14 -> 1.98 ms, ds2-b20 (6 + 4) 93.5 -> 82.0 ms;
- * seed-keras-b32-h50 (K = 1 and 50) and wide-b500 the same. */
+/* A tile of R rows: each step of k loads the column group's 4 vectors once
+ * for all R rows. Tiles of 6 rows, then 3 to 5 for the rows left after
+ * them: every tile streams its column group's panel once, so 4 rows as two
+ * tiles of 2 read the weights twice. At 2 threads, both builds in one
+ * process, calls interleaved: int8 long-b8 (4 rows a part) 92.5 -> 63.3
+ * ms, b32-h128 LSTM (6 + 6 + 4 rows a part) 2.14 -> 1.98 ms, ds2-b20 (6 +
+ * 4) 93.5 -> 82.0 ms; seed-keras-b32-h50 (K = 1 and 50) and wide-b500 the
+ * same. */
 #define Q_TILE(R, INITS, ROWS, STORES)                                                \
     static void fastrnn_q_tile##R(FASTRNN_Q_ARGS) {                                   \
         ptrdiff_t kq;                                                                \
@@ -321,6 +301,10 @@ static void fastrnn_q_tile2(FASTRNN_Q_ARGS) {
         }                                                                            \
         STORES;                                                                      \
     }
+Q_TILE(6, Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3); Q_INIT(4); Q_INIT(5),
+       Q_ROW(0); Q_ROW(1); Q_ROW(2); Q_ROW(3); Q_ROW(4); Q_ROW(5),
+       Q_STORE(0); Q_STORE(1); Q_STORE(2); Q_STORE(3); Q_STORE(4); Q_STORE(5))
+Q_TILE(2, Q_INIT(0); Q_INIT(1), Q_ROW(0); Q_ROW(1), Q_STORE(0); Q_STORE(1))
 Q_TILE(3, Q_INIT(0); Q_INIT(1); Q_INIT(2), Q_ROW(0); Q_ROW(1); Q_ROW(2),
        Q_STORE(0); Q_STORE(1); Q_STORE(2))
 Q_TILE(4, Q_INIT(0); Q_INIT(1); Q_INIT(2); Q_INIT(3),
