@@ -1,6 +1,7 @@
 """fastrnn against its peers on the benchmark grid, each library in a process of its own.
 
     fastrnn bench [--threads N] [--dtype DTYPE] [--quick | --cases NAMES] [--repeats N]
+                  [--rounds N]
     python -m fastrnn.bench ...     (the same, outside the source tree)
 
 ``fastrnn bench --help`` lists the grid (:data:`CASES`: cell and shape of
@@ -44,7 +45,9 @@ TensorFlow run in float32 only. NumPy's BLAS is held at ``threads``
 Each library runs each case in a process of its own, started afresh
 (:func:`run_case`): no library's spinning thread pool, allocator or BLAS
 setting can tax another. Within a process, calls run in blocks after a
-pause (:func:`median_ms`).
+pause (:func:`median_ms`). With ``--rounds N`` each library's process runs N
+times, the libraries in turn (:func:`run_rounds`), and each time is the
+median over the rounds.
 """
 import argparse
 import importlib.metadata
@@ -398,18 +401,49 @@ def _measure_in_child(spec):
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 
-def run_case(case, dtype, threads, repeats, peers):
+def run_rounds(libraries, rounds, run_one):
+    """Run each library's process ``rounds`` times: in each round every
+    library once, in turn, the order rotated by one from round to round, so
+    that no library always runs first or always right after the same other
+    one. On this kind of shared machine the speed drifts by tens of percent
+    over minutes: one process per library catches each in a different phase,
+    while a library's median over rounds interleaved with the others' meets
+    the same phases as theirs. ``run_one(library)`` returns the process's
+    result, or None for a peer that failed (left out from then on). Returns
+    {library: [its result of each round]} in the order of ``libraries``."""
+    results = {library: [] for library in libraries}
+    for r in range(rounds):
+        active = list(results)
+        k = r % len(active) if active else 0
+        for library in active[k:] + active[:k]:
+            result = run_one(library)
+            if result is None:
+                results.pop(library)
+            else:
+                results[library].append(result)
+    return results
+
+
+def median_of_rounds(results, key):
+    """The median of ``key`` over one library's round results (None where
+    its process did not measure it)."""
+    values = [result[key] for result in results if result.get(key) is not None]
+    return float(np.median(values)) if values else None
+
+
+def run_case(case, dtype, threads, repeats, peers, rounds=1):
     """Time ``case`` in fastrnn and each of ``peers``, each library in a
     process of its own (started afresh, so no library's thread pool or
-    allocator state taxes another), and return (inference ms, training ms,
-    max abs errors against float64) as dicts by library; inference also
-    has fastrnn's GEMM-only ``limit``."""
+    allocator state taxes another), ``rounds`` times in turn
+    (:func:`run_rounds`), and return (inference ms, training ms, max abs
+    errors against float64) as dicts by library, the times the medians over
+    the rounds; inference also has fastrnn's GEMM-only ``limit``."""
     infer_ms, train_ms, errors = {}, {}, {}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-") as tmp:
         outputs = {}
-        libraries = ["fastrnn"] + [p for p in peers if dtype == "float32" or p == "torch"]
-        for library in libraries + ["reference"]:
+
+        def run_one(library):
             outputs[library] = os.path.join(tmp, f"{library}.npy")
             spec = json.dumps(dict(case_name=case.name, library=library, dtype=dtype,
                                    threads=threads, repeats=repeats,
@@ -428,20 +462,31 @@ def run_case(case, dtype, threads, repeats, peers):
                 # a broken peer install: that peer is left out of this case
                 print(message, file=sys.stderr)
                 outputs.pop(library)
-                continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if library == "reference":
-                continue
-            infer_ms[library] = result["infer"]
-            if result["limit"] is not None:
-                infer_ms["limit"] = result["limit"]
-            if result["train"] is not None:
-                train_ms[library] = result["train"]
+                return None
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        libraries = ["fastrnn"] + [p for p in peers if dtype == "float32" or p == "torch"]
+        results = run_rounds(libraries, rounds, run_one)
+        run_one("reference")
+        for library, rounds_of in results.items():
+            infer_ms[library] = median_of_rounds(rounds_of, "infer")
+            train = median_of_rounds(rounds_of, "train")
+            if train is not None:
+                train_ms[library] = train
+        limit = median_of_rounds(results["fastrnn"], "limit")
+        if limit is not None:
+            infer_ms["limit"] = limit
         reference = np.load(outputs["reference"])
-        for library in [lib for lib in libraries if lib in outputs]:
+        for library in results:
             out = np.load(outputs[library]).astype(np.float64)
             errors[library] = float(np.abs(out - reference).max())
     return infer_ms, train_ms, errors
+
+
+def rounds_note(rounds):
+    """The tables' header words for ``--rounds``."""
+    return (f", the median of {rounds} rounds (a process per library each round, in turn, "
+            f"the order rotated)" if rounds > 1 else "")
 
 
 def _positive_int(text):
@@ -513,6 +558,11 @@ def build_parser(prog="fastrnn bench"):
                         help="timed calls per library and case for inference (default 20); "
                              "half as many for a training step, a fifth for a heavy case, "
                              "at least 4")
+    result.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
+                        help="processes per library and case (default 1), the libraries in "
+                             "turn, their order rotated each round; each time printed is the "
+                             "median over the rounds (a machine whose speed drifts then "
+                             "slows every library alike)")
     return result
 
 
@@ -531,7 +581,8 @@ def main(argv=None, prog="fastrnn bench"):
         f"{PEER_MODULES[p][0]} {_installed_version(PEER_MODULES[p][0])}" for p in peers]
     print(f"{', '.join(versions)}; {platform.machine()}, {args.threads} "
           f"thread{'s' * (args.threads > 1)}, {args.dtype}, "
-          f"median ms (blocks of 5 calls after a pause), {time.strftime('%Y-%m-%d')}")
+          f"median ms (blocks of 5 calls after a pause){rounds_note(args.rounds)}, "
+          f"{time.strftime('%Y-%m-%d')}")
     peak = kernel = float("nan")
     if args.dtype == "float32":
         fastrnn.set_num_threads(1)
@@ -547,7 +598,7 @@ def main(argv=None, prog="fastrnn bench"):
     speedups, train_rows = [], []
     for case in cases:
         infer_ms, train_ms, errors = run_case(case, args.dtype, args.threads, args.repeats,
-                                             peers)
+                                             peers, args.rounds)
         peer_ms = [infer_ms[p] for p in peers if p in infer_ms]
         speedup = min(peer_ms) / infer_ms["fastrnn"] if peer_ms else float("nan")
         if peer_ms:

@@ -154,13 +154,16 @@ def _measure_in_child(spec):
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 
-def run_case(case, threads, repeats, libraries):
-    """{library: result} and {library: (max, mean) abs error vs float64}."""
+def run_case(case, threads, repeats, libraries, rounds=1):
+    """{library: result} and {library: (max, mean) abs error vs float64};
+    each library's process ``rounds`` times in turn (``bench.run_rounds``),
+    its time the median over the rounds, its peak memory the largest."""
     results, errors = {}, {}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-q-") as tmp:
         outputs = {}
-        for library in list(libraries) + ["reference"]:
+
+        def run_one(library):
             outputs[library] = os.path.join(tmp, f"{library}.npy")
             spec = json.dumps(dict(case_name=case.name, library=library, threads=threads,
                                    repeats=repeats, output_path=outputs[library]))
@@ -175,9 +178,14 @@ def run_case(case, threads, repeats, libraries):
                     raise RuntimeError(message)
                 print(message, file=sys.stderr)
                 outputs.pop(library)
-                continue
-            if library != "reference":
-                results[library] = json.loads(done.stdout.strip().splitlines()[-1])
+                return None
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        for library, rounds_of in bench.run_rounds(list(libraries), rounds, run_one).items():
+            results[library] = {"infer": bench.median_of_rounds(rounds_of, "infer"),
+                                "peak_mb": max(r["peak_mb"] for r in rounds_of),
+                                "weight_mb": rounds_of[0]["weight_mb"]}
+        run_one("reference")
         reference = np.load(outputs["reference"])
         float32 = np.load(outputs["f32"]).astype(np.float64)
         for library in results:
@@ -232,7 +240,7 @@ def main(args, cases):
         libraries = ["f32", "int8", "bf16"] + [
             p for p in peers if p == "torch-q" and case.cell != "RNN"
             or p == "ORT-q" and case.cell == "LSTM"]
-        results, errors = run_case(case, args.threads, args.repeats, libraries)
+        results, errors = run_case(case, args.threads, args.repeats, libraries, args.rounds)
 
         def ms(lib):
             return results[lib]["infer"] if lib in results else float("nan")

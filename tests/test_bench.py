@@ -15,3 +15,96 @@ def test_bench_times_each_library_in_its_own_process_and_skips_a_broken_peer(
     infer_ms, train_ms, errors = bench.run_case(case, "float32", 1, 4, ["TF"])
     assert set(infer_ms) == {"fastrnn", "limit"} and set(errors) == {"fastrnn"}
     assert infer_ms["fastrnn"] > 0 and errors["fastrnn"] < 1e-5
+
+
+def test_rounds_run_every_library_in_turn_the_order_rotated():
+    """run_rounds: each round runs every library once, the order rotated
+    by one each round; a peer that fails is left out from then on."""
+    calls = []
+
+    def run_one(library):
+        calls.append(library)
+        if library == "ORT" and calls.count("ORT") == 2:
+            return None
+        return {"infer": len(calls)}
+
+    results = bench.run_rounds(["fastrnn", "torch", "ORT"], 4, run_one)
+    assert calls == ["fastrnn", "torch", "ORT",
+                     "torch", "ORT", "fastrnn",          # round 2: ORT fails
+                     "fastrnn", "torch",                 # round 3: the two left
+                     "torch", "fastrnn"]                 # round 4: rotated again
+    assert list(results) == ["fastrnn", "torch"]
+    assert [r["infer"] for r in results["fastrnn"]] == [1, 6, 7, 10]
+    assert [r["infer"] for r in results["torch"]] == [2, 4, 8, 9]
+    assert bench.run_rounds(["fastrnn"], 1, run_one) == {"fastrnn": [{"infer": 11}]}
+
+
+def test_median_of_rounds_is_the_median_of_the_measured_rounds():
+    rounds = [{"infer": 3.0, "train": None}, {"infer": 1.0, "train": 4.0},
+              {"infer": 9.0, "train": 2.0}]
+    assert bench.median_of_rounds(rounds, "infer") == 3.0
+    assert bench.median_of_rounds(rounds, "train") == 3.0    # of the two measured
+    assert bench.median_of_rounds([{"limit": None}], "limit") is None
+
+
+def test_run_case_reports_the_median_over_rounds(monkeypatch):
+    """run_case with rounds: a process per library and round (the reference
+    once), each time the median of the library's rounds, errors from its
+    saved output."""
+    import json
+    import subprocess as real_subprocess
+
+    import numpy as np
+    times = {"fastrnn": iter([5.0, 1.0, 3.0]), "torch": iter([2.0, 8.0, 4.0])}
+    started = []
+
+    def fake_run(argv, **kwargs):
+        spec = json.loads(argv[-1])
+        library = spec["library"]
+        started.append(library)
+        np.save(spec["output_path"], np.full(3, 1.0 if library == "reference" else 1.5))
+        result = {} if library == "reference" else {
+            "infer": next(times[library]), "train": None,
+            "limit": 0.5 if library == "fastrnn" else None}
+        return real_subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    case = next(c for c in bench.CASES if c.name == "step-b1-gru")
+    infer_ms, train_ms, errors = bench.run_case(case, "float32", 1, 4, ["torch"], rounds=3)
+    assert started == ["fastrnn", "torch", "torch", "fastrnn", "fastrnn", "torch", "reference"]
+    assert infer_ms == {"fastrnn": 3.0, "torch": 4.0, "limit": 0.5}
+    assert train_ms == {} and errors == {"fastrnn": 0.5, "torch": 0.5}
+
+
+def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
+    """fastrnn bench --dtype int8 --rounds: the median time of each library's
+    rounds, its largest peak memory; a peer failing in a later round is left
+    out (a warning)."""
+    import json
+    import subprocess as real_subprocess
+
+    import numpy as np
+
+    from fastrnn import bench_quantized
+    times = {"f32": iter([4.0, 2.0, 6.0]), "int8": iter([1.0, 3.0, 2.0]),
+             "torch-q": iter([7.0])}
+    peaks = {"f32": iter([50.0, 70.0, 60.0]), "int8": iter([40.0, 30.0, 35.0]),
+             "torch-q": iter([90.0])}
+
+    def fake_run(argv, **kwargs):
+        spec = json.loads(argv[-1])
+        library = spec["library"]
+        np.save(spec["output_path"], np.full(2, {"reference": 1.0, "f32": 1.25}.get(library, 2.0)))
+        if library == "torch-q" and next(times["torch-q"], None) is None:
+            return real_subprocess.CompletedProcess(argv, 1, "", "a broken install")
+        result = {} if library == "reference" else {
+            "infer": next(times[library]) if library != "torch-q" else 7.0,
+            "peak_mb": next(peaks[library]), "weight_mb": 0.5}
+        return real_subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
+
+    monkeypatch.setattr(bench_quantized.subprocess, "run", fake_run)
+    case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
+    results, errors = bench_quantized.run_case(case, 1, 4, ["f32", "int8", "torch-q"], rounds=3)
+    assert results == {"f32": {"infer": 4.0, "peak_mb": 70.0, "weight_mb": 0.5},
+                       "int8": {"infer": 2.0, "peak_mb": 40.0, "weight_mb": 0.5}}
+    assert errors == {"f32": (0.25, 0.25), "int8": (0.75, 0.75)}

@@ -113,7 +113,7 @@ def test_every_command_rejects_an_unknown_option(capsys, command):
 def test_bench_help_describes_every_option_and_lists_the_cases(capsys):
     _, out, _ = run(["bench", "--help"], capsys)
     assert "python -m fastrnn.bench" not in out
-    for option in ("--threads", "--dtype", "--quick", "--cases", "--repeats"):
+    for option in ("--threads", "--dtype", "--quick", "--cases", "--repeats", "--rounds"):
         # the option's line carries a description (after the metavar, if any)
         assert re.search(rf"^  {option}(?: \S+)?\s{{2,}}\w", out, re.M), option
     for case in bench.CASES:
@@ -131,7 +131,8 @@ def test_bench_unknown_case_is_an_error(capsys, cases):
     assert all(case.name in err for case in bench.CASES)
 
 
-@pytest.mark.parametrize("argv", [["--threads", "0"], ["--repeats", "0"], ["--cases", ""],
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--repeats", "0"], ["--rounds", "0"],
+                                  ["--rounds", "two"], ["--cases", ""],
                                   ["--quick", "--cases", "b32-h128"],
                                   ["--dtype", "float16"]])
 def test_bench_rejects_bad_options(capsys, argv):
