@@ -561,8 +561,8 @@ def build_parser(prog="fastrnn bench"):
     result.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
                         help="processes per library and case (default 1), the libraries in "
                              "turn, their order rotated each round; each time printed is the "
-                             "median over the rounds (a machine whose speed drifts then "
-                             "slows every library alike)")
+                             "median over the rounds (where the machine's speed drifts, every "
+                             "library then meets the same phases)")
     return result
 
 

@@ -227,7 +227,8 @@ def main(args, cases):
         peers.append("ORT-q")
     print(f"fastrnn {fastrnn.__version__} int8 and bfloat16 ({fastrnn.quantized.INT8_SIMD} "
           f"build); {args.threads} thread{'s' * (args.threads > 1)}; median ms (blocks of 5 "
-          f"calls after a pause), {time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 "
+          f"calls after a pause){bench.rounds_note(args.rounds)}, "
+          f"{time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 "
           f"against float64, the others against f32; weights MB")
     peak = _int8_peak_line()
     print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"

@@ -86,7 +86,7 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
     import numpy as np
 
     from fastrnn import bench_quantized
-    times = {"f32": iter([4.0, 2.0, 6.0]), "int8": iter([1.0, 3.0, 2.0]),
+    times = {"f32": iter([4.0, 2.0, 9.0]), "int8": iter([1.0, 3.0, 2.0]),
              "torch-q": iter([7.0])}
     peaks = {"f32": iter([50.0, 70.0, 60.0]), "int8": iter([40.0, 30.0, 35.0]),
              "torch-q": iter([90.0])}
@@ -108,3 +108,36 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
     assert results == {"f32": {"infer": 4.0, "peak_mb": 70.0, "weight_mb": 0.5},
                        "int8": {"infer": 2.0, "peak_mb": 40.0, "weight_mb": 0.5}}
     assert errors == {"f32": (0.25, 0.25), "int8": (0.75, 0.75)}
+
+
+def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
+    """--rounds N: every case's run_case gets N, and the tables' first line
+    says the times are medians over N rounds (float32 and int8 tables)."""
+    from fastrnn import bench_quantized
+    seen = []
+
+    def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        seen.append(("float32", case.name, rounds))
+        return {"fastrnn": 1.0, "limit": 0.5}, {}, {"fastrnn": 1e-7}
+
+    def fake_q_case(case, threads, repeats, libraries, rounds=1):
+        seen.append(("int8", case.name, rounds))
+        result = {"infer": 1.0, "peak_mb": 10.0, "weight_mb": 0.1}
+        return ({lib: dict(result) for lib in libraries},
+                {lib: (1e-3, 1e-4) for lib in libraries})
+
+    monkeypatch.setattr(bench, "available", lambda module: False)
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    monkeypatch.setattr(bench_quantized, "run_case", fake_q_case)
+    monkeypatch.setattr(bench_quantized, "_int8_peak_line", lambda: 2.0)
+    bench.main(["--cases", "step-b1-gru", "--rounds", "3"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "the median of 3 rounds" in first
+    bench.main(["--dtype", "int8", "--cases", "step-b1-gru", "--rounds", "2"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "the median of 2 rounds" in first
+    bench.main(["--cases", "step-b1-gru"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "rounds" not in first
+    assert seen == [("float32", "step-b1-gru", 3), ("int8", "step-b1-gru", 2),
+                    ("float32", "step-b1-gru", 1)]
