@@ -1,6 +1,12 @@
 """fastrnn bench's process per library (fastrnn/bench.py run_case): a small
-case for real, with a peer whose install is broken."""
-from fastrnn import bench
+case for real, with a peer whose install is broken; the rounds of --rounds
+with a stand-in for the processes."""
+import json
+import subprocess
+
+import numpy as np
+
+from fastrnn import bench, bench_quantized
 
 
 def test_bench_times_each_library_in_its_own_process_and_skips_a_broken_peer(
@@ -51,10 +57,6 @@ def test_run_case_reports_the_median_over_rounds(monkeypatch):
     """run_case with rounds: a process per library and round (the reference
     once), each time the median of the library's rounds, errors from its
     saved output."""
-    import json
-    import subprocess as real_subprocess
-
-    import numpy as np
     times = {"fastrnn": iter([5.0, 1.0, 3.0]), "torch": iter([2.0, 8.0, 4.0])}
     started = []
 
@@ -66,7 +68,7 @@ def test_run_case_reports_the_median_over_rounds(monkeypatch):
         result = {} if library == "reference" else {
             "infer": next(times[library]), "train": None,
             "limit": 0.5 if library == "fastrnn" else None}
-        return real_subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
+        return subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-gru")
@@ -80,27 +82,24 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
     """fastrnn bench --dtype int8 --rounds: the median time of each library's
     rounds, its largest peak memory; a peer failing in a later round is left
     out (a warning)."""
-    import json
-    import subprocess as real_subprocess
-
-    import numpy as np
-
-    from fastrnn import bench_quantized
     times = {"f32": iter([4.0, 2.0, 9.0]), "int8": iter([1.0, 3.0, 2.0]),
              "torch-q": iter([7.0])}
     peaks = {"f32": iter([50.0, 70.0, 60.0]), "int8": iter([40.0, 30.0, 35.0]),
              "torch-q": iter([90.0])}
+    outputs = {"reference": 1.0, "f32": 1.25, "int8": 2.0, "torch-q": 2.0}
+    torch_runs = []
 
     def fake_run(argv, **kwargs):
         spec = json.loads(argv[-1])
         library = spec["library"]
-        np.save(spec["output_path"], np.full(2, {"reference": 1.0, "f32": 1.25}.get(library, 2.0)))
-        if library == "torch-q" and next(times["torch-q"], None) is None:
-            return real_subprocess.CompletedProcess(argv, 1, "", "a broken install")
+        np.save(spec["output_path"], np.full(2, outputs[library]))
+        if library == "torch-q":
+            torch_runs.append(library)
+            if len(torch_runs) == 2:   # its install breaks in round 2
+                return subprocess.CompletedProcess(argv, 1, "", "a broken install")
         result = {} if library == "reference" else {
-            "infer": next(times[library]) if library != "torch-q" else 7.0,
-            "peak_mb": next(peaks[library]), "weight_mb": 0.5}
-        return real_subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
+            "infer": next(times[library]), "peak_mb": next(peaks[library]), "weight_mb": 0.5}
+        return subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
 
     monkeypatch.setattr(bench_quantized.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
@@ -108,12 +107,12 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
     assert results == {"f32": {"infer": 4.0, "peak_mb": 70.0, "weight_mb": 0.5},
                        "int8": {"infer": 2.0, "peak_mb": 40.0, "weight_mb": 0.5}}
     assert errors == {"f32": (0.25, 0.25), "int8": (0.75, 0.75)}
+    assert torch_runs == ["torch-q", "torch-q"]   # not run again in round 3
 
 
 def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
     """--rounds N: every case's run_case gets N, and the tables' first line
     says the times are medians over N rounds (float32 and int8 tables)."""
-    from fastrnn import bench_quantized
     seen = []
 
     def fake_case(case, dtype, threads, repeats, peers, rounds=1):
