@@ -431,6 +431,28 @@ def median_of_rounds(results, key):
     return float(np.median(values)) if values else None
 
 
+def run_child(entry, spec, tmp, required):
+    """Run ``_measure_in_child`` of module ``entry`` (``fastrnn.bench`` or
+    ``fastrnn.bench_quantized``) on ``spec`` (its ``measure`` arguments) in
+    a new process whose working directory is ``tmp``, and return its result;
+    None for a peer that failed there (a broken install: a warning, and the
+    caller leaves it out), RuntimeError for a library in ``required``."""
+    done = subprocess.run(
+        [sys.executable, "-c",
+         f"import sys; from {entry} import _measure_in_child; _measure_in_child(sys.argv[1])",
+         json.dumps(spec)],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        cwd=tmp)   # the installed fastrnn, never a source tree in the current directory
+    if done.returncode != 0:
+        message = (f"fastrnn bench: {spec['library']} failed on {spec['case_name']} "
+                   f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+        if spec["library"] in required:
+            raise RuntimeError(message)
+        print(message, file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_case(case, dtype, threads, repeats, peers, rounds=1):
     """Time ``case`` in fastrnn and each of ``peers``, each library in a
     process of its own (started afresh, so no library's thread pool or
@@ -439,31 +461,14 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
     errors against float64) as dicts by library, the times the medians over
     the rounds; inference also has fastrnn's GEMM-only ``limit``."""
     infer_ms, train_ms, errors = {}, {}, {}
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-") as tmp:
-        outputs = {}
+        def output(library):
+            return os.path.join(tmp, f"{library}.npy")
 
         def run_one(library):
-            outputs[library] = os.path.join(tmp, f"{library}.npy")
-            spec = json.dumps(dict(case_name=case.name, library=library, dtype=dtype,
-                                   threads=threads, repeats=repeats,
-                                   output_path=outputs[library]))
-            done = subprocess.run(
-                [sys.executable, "-c",
-                 "import sys; from fastrnn.bench import _measure_in_child; "
-                 "_measure_in_child(sys.argv[1])", spec],
-                capture_output=True, text=True, env=env,
-                cwd=tmp)   # the installed fastrnn, never a source tree in the current directory
-            if done.returncode != 0:
-                message = (f"fastrnn bench: {library} failed on {case.name} "
-                           f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
-                if library in ("fastrnn", "reference"):
-                    raise RuntimeError(message)
-                # a broken peer install: that peer is left out of this case
-                print(message, file=sys.stderr)
-                outputs.pop(library)
-                return None
-            return json.loads(done.stdout.strip().splitlines()[-1])
+            spec = dict(case_name=case.name, library=library, dtype=dtype, threads=threads,
+                        repeats=repeats, output_path=output(library))
+            return run_child("fastrnn.bench", spec, tmp, ("fastrnn", "reference"))
 
         libraries = ["fastrnn"] + [p for p in peers if dtype == "float32" or p == "torch"]
         results = run_rounds(libraries, rounds, run_one)
@@ -476,9 +481,9 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
         limit = median_of_rounds(results["fastrnn"], "limit")
         if limit is not None:
             infer_ms["limit"] = limit
-        reference = np.load(outputs["reference"])
+        reference = np.load(output("reference"))
         for library in results:
-            out = np.load(outputs[library]).astype(np.float64)
+            out = np.load(output(library)).astype(np.float64)
             errors[library] = float(np.abs(out - reference).max())
     return infer_ms, train_ms, errors
 

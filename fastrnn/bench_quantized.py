@@ -33,7 +33,6 @@ model also keeps its float32 parameters, for ``state_dict`` and saving).
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -159,38 +158,26 @@ def run_case(case, threads, repeats, libraries, rounds=1):
     each library's process ``rounds`` times in turn (``bench.run_rounds``),
     its time the median over the rounds, its peak memory the largest."""
     results, errors = {}, {}
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-q-") as tmp:
-        outputs = {}
+        def output(library):
+            return os.path.join(tmp, f"{library}.npy")
 
         def run_one(library):
-            outputs[library] = os.path.join(tmp, f"{library}.npy")
-            spec = json.dumps(dict(case_name=case.name, library=library, threads=threads,
-                                   repeats=repeats, output_path=outputs[library]))
-            done = subprocess.run(
-                [sys.executable, "-c", "import sys; from fastrnn.bench_quantized import "
-                 "_measure_in_child; _measure_in_child(sys.argv[1])", spec],
-                capture_output=True, text=True, env=env, cwd=tmp)
-            if done.returncode != 0:
-                message = (f"fastrnn bench: {library} failed on {case.name} "
-                           f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
-                if library in ("f32", "int8", "bf16", "reference"):
-                    raise RuntimeError(message)
-                print(message, file=sys.stderr)
-                outputs.pop(library)
-                return None
-            return json.loads(done.stdout.strip().splitlines()[-1])
+            spec = dict(case_name=case.name, library=library, threads=threads,
+                        repeats=repeats, output_path=output(library))
+            return bench.run_child("fastrnn.bench_quantized", spec, tmp,
+                                   ("f32", "int8", "bf16", "reference"))
 
         for library, rounds_of in bench.run_rounds(list(libraries), rounds, run_one).items():
             results[library] = {"infer": bench.median_of_rounds(rounds_of, "infer"),
                                 "peak_mb": max(r["peak_mb"] for r in rounds_of),
                                 "weight_mb": rounds_of[0]["weight_mb"]}
         run_one("reference")
-        reference = np.load(outputs["reference"])
-        float32 = np.load(outputs["f32"]).astype(np.float64)
+        reference = np.load(output("reference"))
+        float32 = np.load(output("f32")).astype(np.float64)
         for library in results:
             # float32 against float64; the int8 ones against float32's output
-            dev = np.abs(np.load(outputs[library]).astype(np.float64)
+            dev = np.abs(np.load(output(library)).astype(np.float64)
                          - (reference if library == "f32" else float32))
             errors[library] = (float(dev.max()), float(dev.mean()))
     return results, errors

@@ -101,7 +101,7 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
             "infer": next(times[library]), "peak_mb": next(peaks[library]), "weight_mb": 0.5}
         return subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
 
-    monkeypatch.setattr(bench_quantized.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
     results, errors = bench_quantized.run_case(case, 1, 4, ["f32", "int8", "torch-q"], rounds=3)
     assert results == {"f32": {"infer": 4.0, "peak_mb": 70.0, "weight_mb": 0.5},
