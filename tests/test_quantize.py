@@ -1105,9 +1105,9 @@ def test_int8_peak_and_product_probes_measure_each_build():
 
 def test_bench_int8_table_judges_int8_and_the_peer_by_the_peak(monkeypatch, capsys):
     # the table's peak columns: the case's multiply-adds at the int8 peak on
-    # the threads, and int8's and the faster peer's time over it (the peers
-    # left out here); the peak as the header's line gives it, here 2 G ops/s
-    # so that the rounded figures still tell
+    # the threads, and int8's and the faster peer's time over it; from fixed
+    # times (run_case's processes are tested on their own) and a peak of 2 G
+    # ops/s, so that each printed figure is checked to its own rounding
     from fastrnn import bench, bench_quantized
     line = bench_quantized._int8_peak_line()
     out = capsys.readouterr().out
@@ -1115,21 +1115,27 @@ def test_bench_int8_table_judges_int8_and_the_peer_by_the_peak(monkeypatch, caps
         assert math.isnan(line) and "no register-only peak" in out
     else:
         assert 0 < line < 1e5 and out.startswith(f"int8 multiply-add peak {line:.0f} G")
-    monkeypatch.setattr(bench, "available", lambda module: False)
+    times = {"f32": 0.05, "int8": 0.0123, "bf16": 0.1, "torch-q": 0.03, "ORT-q": 0.0211}
+
+    def fixed_case(case, threads, repeats, libraries, rounds=1):
+        return ({lib: {"infer": times[lib], "peak_mb": 1.0, "weight_mb": 0.1}
+                 for lib in libraries}, {lib: (1e-3, 1e-4) for lib in libraries})
+
+    monkeypatch.setattr(bench, "available", lambda module: True)
+    monkeypatch.setattr(bench_quantized, "run_case", fixed_case)
     monkeypatch.setattr(bench_quantized, "_int8_peak_line", lambda: 2.0)
-    bench.main(["--dtype", "int8", "--threads", "2", "--cases", "step-b1-lstm",
-                "--repeats", "4"])
+    bench.main(["--dtype", "int8", "--threads", "2", "--cases", "step-b1-lstm"])
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, text in enumerate(lines) if text.startswith("case"))
-    assert lines[header].split()[9:12] == ["peak", "int8/pk", "peer/pk"]
+    assert lines[header].split()[8:12] == ["int8/peer", "peak", "int8/pk", "peer/pk"]
     row = lines[header + 1].split()
     case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
-    peak_ms = bench.case_flops(case) / (2.0e9 * 2) * 1e3
-    assert row[0] == "step-b1-lstm" and float(row[9]) == pytest.approx(peak_ms, abs=1e-3)
-    # int8's ms printed to 3 decimals, the ratio to 2
-    assert float(row[10]) == pytest.approx(float(row[2]) / peak_ms,
-                                           abs=0.0005 / peak_ms + 0.005)
-    assert row[11] == "nan"
+    peak_ms = bench.case_flops(case) / (2.0e9 * 2) * 1e3    # on both threads
+    assert row[0] == "step-b1-lstm"
+    assert float(row[8].rstrip("x")) == pytest.approx(0.0211 / 0.0123, abs=0.005)
+    assert float(row[9]) == pytest.approx(peak_ms, abs=0.0005)
+    assert float(row[10]) == pytest.approx(0.0123 / peak_ms, abs=0.005)
+    assert float(row[11]) == pytest.approx(0.0211 / peak_ms, abs=0.005)   # the faster peer
 
 
 # --- bfloat16 ---------------------------------------------------------------------------------
