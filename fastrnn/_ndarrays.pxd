@@ -4,6 +4,7 @@
 # validates and reports) on anything else.
 
 cimport numpy as cnp
+from libc.string cimport memcpy
 
 
 cdef inline bint behaved(cnp.ndarray a, int typenum):
@@ -27,13 +28,25 @@ cdef inline object state_copy(object a, int typenum, Py_ssize_t ndim, cnp.npy_in
     """A fresh C-contiguous copy of a (a plain ndarray of exactly these
     dtype and dims), or None when a is anything else."""
     cdef Py_ssize_t i
+    cdef object out
     if (type(a) is not cnp.ndarray or not behaved(<cnp.ndarray>a, typenum)
             or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim):
         return None
     for i in range(ndim):
         if cnp.PyArray_DIM(<cnp.ndarray>a, i) != dims[i]:
             return None
-    return cnp.PyArray_NewCopy(<cnp.ndarray>a, cnp.NPY_CORDER)
+    if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a):
+        return cnp.PyArray_NewCopy(<cnp.ndarray>a, cnp.NPY_CORDER)
+    # the common case, a plain block: an empty array and one memcpy. A
+    # NewCopy goes through numpy's casting and iterator set-up: an
+    # LSTMCell(16, 32) step (its h and c copied) took 1.57 -> 1.11 us at
+    # batch 1 and 2.37 -> 1.70 at batch 4, a GRUCell's 1.62 -> 1.43 at
+    # batch 4 (CellStep.step alone, 10^6 calls, medians of 5 alternating
+    # processes; Intel Xeon, 2026-12-05)
+    out = cnp.PyArray_EMPTY(<int>ndim, dims, typenum, 0)
+    memcpy(cnp.PyArray_DATA(<cnp.ndarray>out), cnp.PyArray_DATA(<cnp.ndarray>a),
+           cnp.PyArray_NBYTES(<cnp.ndarray>a))
+    return out
 
 
 cdef inline object initial_states(object hx, bint has_c, int typenum, Py_ssize_t ndim,

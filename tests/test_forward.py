@@ -284,6 +284,43 @@ def test_cell_streaming_path_equals_general_path(kind, dtype, bias, close):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["fortran", "sliced", "read_only"])
+def test_cell_streaming_path_copies_states_of_any_layout(kind, layout):
+    """The fast path copies a C-contiguous state with one memcpy and any
+    other layout through numpy: a batched state given in another memory
+    layout gives the bits of the contiguous one, and the caller's arrays
+    keep their values."""
+    rng = np.random.default_rng(5)
+    cell = make_cell(kind, 6, 9, seed=3)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    state = [rng.standard_normal((3, 9)).astype(np.float32)
+             for _ in range(2 if kind == "lstm" else 1)]
+    if layout == "fortran":
+        given = [np.asfortranarray(s) for s in state]
+    elif layout == "sliced":
+        given = []
+        for s in state:
+            wide = np.zeros((3, 18), np.float32)
+            wide[:, ::2] = s
+            given.append(wide[:, ::2])
+    else:
+        given = [s.copy() for s in state]
+        for s in given:
+            s.flags.writeable = False
+    keep = [g.copy() for g in given]
+    expect = cell(x, tuple(state) if kind == "lstm" else state[0])
+    got = cell(x, tuple(given) if kind == "lstm" else given[0])
+    for e, g in zip(expect if kind == "lstm" else (expect,), got if kind == "lstm" else (got,)):
+        assert g.flags.c_contiguous and g.flags.writeable
+        np.testing.assert_array_equal(g, e)
+    for g, k in zip(given, keep):
+        np.testing.assert_array_equal(g, k)
+    # the result is the caller's own: writing it leaves the given state alone
+    (got[0] if kind == "lstm" else got)[...] = 0
+    np.testing.assert_array_equal(given[0], keep[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_windowed_inference_equals_whole_sequence(kind, batch_first, monkeypatch):
     """Long unidirectional inference runs in time windows with the state
