@@ -413,6 +413,38 @@ def test_lean_path_equals_general_path(kind, dtype, num_layers, bidirectional, b
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("layout", ["fortran", "sliced"])
+def test_lean_path_takes_states_of_any_layout(kind, layout):
+    """SequenceRunner copies hx (one memcpy when C-contiguous, numpy's copy
+    otherwise): a state in another memory layout gives the bits of the
+    contiguous one and is left as it was."""
+    rng = np.random.default_rng(12)
+    layer = make_layer(kind, 5, 6, num_layers=2, seed=4)
+    x = rng.standard_normal((7, 3, 5)).astype(np.float32)
+    state = [rng.standard_normal((2, 3, 6)).astype(np.float32)
+             for _ in range(2 if kind == "lstm" else 1)]
+    if layout == "fortran":
+        given = [np.asfortranarray(s) for s in state]
+    else:
+        given = []
+        for s in state:
+            wide = np.zeros((2, 3, 12), np.float32)
+            wide[..., ::2] = s
+            given.append(wide[..., ::2])
+    keep = [g.copy() for g in given]
+    runner = layer._sequence_runner(layer._params)
+    expect = runner.run(x, tuple(state) if kind == "lstm" else state[0])
+    got = runner.run(x, tuple(given) if kind == "lstm" else given[0])
+    assert expect is not None and got is not None
+    np.testing.assert_array_equal(got[0], expect[0])
+    for e, g in zip(expect[1] if kind == "lstm" else (expect[1],),
+                    got[1] if kind == "lstm" else (got[1],)):
+        np.testing.assert_array_equal(g, e)
+    for g, k in zip(given, keep):
+        np.testing.assert_array_equal(g, k)
+
+
 def test_lean_path_declines_what_it_does_not_handle():
     layer = fastrnn.LSTM(5, 6, seed=0)
     runner = layer._sequence_runner(layer._params)
