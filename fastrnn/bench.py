@@ -46,8 +46,9 @@ Each library runs each case in a process of its own, started afresh
 (:func:`run_case`): no library's spinning thread pool, allocator or BLAS
 setting can tax another. Within a process, calls run in blocks after a
 pause (:func:`median_ms`). With ``--rounds N`` each library's process runs N
-times, the libraries in turn (:func:`run_rounds`), and each time is the
-median over the rounds.
+times, the libraries in turn (:func:`run_rounds`): each time is the
+median over the rounds, each speed-up the median of the rounds' own
+(:func:`paired_ratio`).
 """
 import argparse
 import importlib.metadata
@@ -431,6 +432,25 @@ def median_of_rounds(results, key):
     return float(np.median(values)) if values else None
 
 
+def paired_ratio(rounds_of, numerators, denominator):
+    """The median over the rounds of one speed ratio, each round's from
+    that round's own processes: the smallest time of the ``numerators`` in
+    the round over the ``denominator``'s. ``rounds_of``: {library: [its
+    time in each round]}, the rounds aligned (``run_rounds`` keeps a library
+    for every round or drops it); libraries absent, and times not measured
+    (None), are left out of a round; NaN where no round has both. A round's
+    processes run within a minute or so, in one phase of the machine's
+    drift, which their ratio cancels; the ratio of two medians of times
+    may pair one library's fast phase with another's slow one."""
+    ratios = []
+    for r, den in enumerate(rounds_of.get(denominator, [])):
+        nums = [rounds_of[n][r] for n in numerators
+                if n in rounds_of and r < len(rounds_of[n]) and rounds_of[n][r] is not None]
+        if nums and den:
+            ratios.append(min(nums) / den)
+    return float(np.median(ratios)) if ratios else float("nan")
+
+
 def run_child(entry, spec, tmp, required):
     """Run ``_measure_in_child`` of module ``entry`` (``fastrnn.bench`` or
     ``fastrnn.bench_quantized``) on ``spec`` (its ``measure`` arguments) in
@@ -459,7 +479,10 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
     allocator state taxes another), ``rounds`` times in turn
     (:func:`run_rounds`), and return (inference ms, training ms, max abs
     errors against float64) as dicts by library, the times the medians over
-    the rounds; inference also has fastrnn's GEMM-only ``limit``."""
+    the rounds; inference also has fastrnn's GEMM-only ``limit``; and the
+    speed-ups, each the median of the rounds' own (:func:`paired_ratio`):
+    {"infer": the fastest peer's over fastrnn's (NaN without peers),
+    "train": {peer: its training time over fastrnn's}}."""
     infer_ms, train_ms, errors = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-") as tmp:
         def output(library):
@@ -485,13 +508,21 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
         for library in results:
             out = np.load(output(library)).astype(np.float64)
             errors[library] = float(np.abs(out - reference).max())
-    return infer_ms, train_ms, errors
+
+    def times(key):
+        return {library: [r.get(key) for r in rounds_of] for library, rounds_of in results.items()}
+    peers_run = [library for library in results if library != "fastrnn"]
+    speedups = {"infer": paired_ratio(times("infer"), peers_run, "fastrnn"),
+                "train": {p: paired_ratio(times("train"), [p], "fastrnn")
+                          for p in peers_run if p in train_ms and "fastrnn" in train_ms}}
+    return infer_ms, train_ms, errors, speedups
 
 
 def rounds_note(rounds):
     """The tables' header words for ``--rounds``."""
     return (f", the median of {rounds} rounds (a process per library each round, in turn, "
-            f"the order rotated)" if rounds > 1 else "")
+            f"the order rotated; each ratio of times the median of the rounds' own)"
+            if rounds > 1 else "")
 
 
 def _positive_int(text):
@@ -566,8 +597,9 @@ def build_parser(prog="fastrnn bench"):
     result.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
                         help="processes per library and case (default 1), the libraries in "
                              "turn, their order rotated each round; each time printed is the "
-                             "median over the rounds (where the machine's speed drifts, every "
-                             "library then meets the same phases)")
+                             "median over the rounds, each speed-up the median of the rounds' "
+                             "own ratios (where the machine's speed drifts, every library then "
+                             "meets the same phases)")
     return result
 
 
@@ -602,11 +634,10 @@ def main(argv=None, prog="fastrnn bench"):
     print(header)
     speedups, train_rows = [], []
     for case in cases:
-        infer_ms, train_ms, errors = run_case(case, args.dtype, args.threads, args.repeats,
-                                             peers, args.rounds)
-        peer_ms = [infer_ms[p] for p in peers if p in infer_ms]
-        speedup = min(peer_ms) / infer_ms["fastrnn"] if peer_ms else float("nan")
-        if peer_ms:
+        infer_ms, train_ms, errors, case_speedups = run_case(
+            case, args.dtype, args.threads, args.repeats, peers, args.rounds)
+        speedup = case_speedups["infer"]
+        if not math.isnan(speedup):
             speedups.append(speedup)
         errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
         peak_ms = case_flops(case) / (peak * 1e9 * args.threads) * 1e3
@@ -616,20 +647,20 @@ def main(argv=None, prog="fastrnn bench"):
               + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}"
               + f"{peak_ms:>8.3f}{infer_ms['fastrnn'] / peak_ms:>7.2f}  {errs}", flush=True)
         if train_ms:
-            train_rows.append((case.name, train_ms))
+            train_rows.append((case.name, train_ms, case_speedups["train"]))
     if speedups:
         print(f"inference: geometric mean speed-up over the fastest peer "
               f"{math.exp(np.mean(np.log(speedups))):.2f}x, worst {min(speedups):.2f}x")
     if train_rows:
         train_peers = [p for p in ("torch", "TF")
-                       if all(p in ms for _, ms in train_rows)]
+                       if all(p in ms for _, ms, _ in train_rows)]
         print(f"\ntraining step (forward + backward)\n{'case':<20}{'fastrnn':>9}"
               + "".join(f"{p:>9}{'x':>7}" for p in train_peers))
         ratios = {p: [] for p in train_peers}
-        for name, ms in train_rows:
+        for name, ms, over in train_rows:
             line = f"{name:<20}{ms['fastrnn']:>9.3f}"
             for p in train_peers:
-                ratios[p].append(ms[p] / ms["fastrnn"])
+                ratios[p].append(over[p])
                 line += f"{ms[p]:>9.3f}{ratios[p][-1]:>6.2f}x"
             print(line, flush=True)
         for p, r in ratios.items():

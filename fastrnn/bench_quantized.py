@@ -156,7 +156,9 @@ def _measure_in_child(spec):
 def run_case(case, threads, repeats, libraries, rounds=1):
     """{library: result} and {library: (max, mean) abs error vs float64};
     each library's process ``rounds`` times in turn (``bench.run_rounds``),
-    its time the median over the rounds, its peak memory the largest."""
+    its time the median over the rounds ("infer"; "rounds": the time of
+    each round, for the ratios of ``bench.paired_ratio``), its peak memory
+    the largest."""
     results, errors = {}, {}
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-q-") as tmp:
         def output(library):
@@ -170,6 +172,7 @@ def run_case(case, threads, repeats, libraries, rounds=1):
 
         for library, rounds_of in bench.run_rounds(list(libraries), rounds, run_one).items():
             results[library] = {"infer": bench.median_of_rounds(rounds_of, "infer"),
+                                "rounds": [r["infer"] for r in rounds_of],
                                 "peak_mb": max(r["peak_mb"] for r in rounds_of),
                                 "weight_mb": rounds_of[0]["weight_mb"]}
         run_one("reference")
@@ -236,9 +239,12 @@ def main(args, cases):
         def err(lib):
             return (f"{errors[lib][0]:.1e} / {errors[lib][1]:.1e}" if lib in errors
                     else "-")
-        speed, speed_bf16 = ms("f32") / ms("int8"), ms("f32") / ms("bf16")
+        # each ratio the median of the rounds' own (bench.paired_ratio)
+        per_round = {lib: result["rounds"] for lib, result in results.items()}
+        speed = bench.paired_ratio(per_round, ["f32"], "int8")
+        speed_bf16 = bench.paired_ratio(per_round, ["f32"], "bf16")
         peer_ms = [ms(p) for p in ("torch-q", "ORT-q") if p in results]
-        vs_peer = min(peer_ms) / ms("int8") if peer_ms else float("nan")
+        vs_peer = bench.paired_ratio(per_round, ["torch-q", "ORT-q"], "int8")
         own.append(speed)
         own_bf16.append(speed_bf16)
         if peer_ms:

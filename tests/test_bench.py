@@ -18,8 +18,9 @@ def test_bench_times_each_library_in_its_own_process_and_skips_a_broken_peer(
     (broken / "__init__.py").write_text("raise ImportError('a broken install')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "broken"))
     case = next(c for c in bench.CASES if c.name == "step-b1-gru")
-    infer_ms, train_ms, errors = bench.run_case(case, "float32", 1, 4, ["TF"])
+    infer_ms, train_ms, errors, speedups = bench.run_case(case, "float32", 1, 4, ["TF"])
     assert set(infer_ms) == {"fastrnn", "limit"} and set(errors) == {"fastrnn"}
+    assert np.isnan(speedups["infer"]) and speedups["train"] == {}   # no peer left
     assert infer_ms["fastrnn"] > 0 and errors["fastrnn"] < 1e-5
 
 
@@ -53,11 +54,27 @@ def test_median_of_rounds_is_the_median_of_the_measured_rounds():
     assert bench.median_of_rounds([{"limit": None}], "limit") is None
 
 
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    """Each round's ratio from that round's times (the fastest numerator
+    over the denominator), then their median: not the ratio of the medians,
+    which here pairs fastrnn's fast round with the peer's slow one."""
+    rounds_of = {"fastrnn": [1.0, 2.0, 4.0], "torch": [1.5, 8.0, 6.0],
+                 "ORT": [3.0, 2.5, None]}
+    # rounds: min(1.5, 3.0) / 1 = 1.5; min(8, 2.5) / 2 = 1.25; 6 / 4 = 1.5
+    assert bench.paired_ratio(rounds_of, ["torch", "ORT"], "fastrnn") == 1.5
+    assert bench.paired_ratio(rounds_of, ["torch"], "fastrnn") == 1.5      # 1.5, 4, 1.5
+    assert np.median([1.5, 8.0, 6.0]) / np.median([1.0, 2.0, 4.0]) == 3.0  # not this
+    assert np.isnan(bench.paired_ratio(rounds_of, ["TF"], "fastrnn"))   # absent
+    assert np.isnan(bench.paired_ratio({"fastrnn": [None], "torch": [1.0]}, ["torch"],
+                                       "fastrnn"))
+
+
 def test_run_case_reports_the_median_over_rounds(monkeypatch):
     """run_case with rounds: a process per library and round (the reference
     once), each time the median of the library's rounds, errors from its
-    saved output."""
+    saved output, each speed-up the median of the rounds' own."""
     times = {"fastrnn": iter([5.0, 1.0, 3.0]), "torch": iter([2.0, 8.0, 4.0])}
+    train = {"fastrnn": iter([10.0, 20.0, 40.0]), "torch": iter([15.0, 80.0, 60.0])}
     started = []
 
     def fake_run(argv, **kwargs):
@@ -66,16 +83,20 @@ def test_run_case_reports_the_median_over_rounds(monkeypatch):
         started.append(library)
         np.save(spec["output_path"], np.full(3, 1.0 if library == "reference" else 1.5))
         result = {} if library == "reference" else {
-            "infer": next(times[library]), "train": None,
+            "infer": next(times[library]), "train": next(train[library]),
             "limit": 0.5 if library == "fastrnn" else None}
         return subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-gru")
-    infer_ms, train_ms, errors = bench.run_case(case, "float32", 1, 4, ["torch"], rounds=3)
+    infer_ms, train_ms, errors, speedups = bench.run_case(case, "float32", 1, 4, ["torch"],
+                                                          rounds=3)
     assert started == ["fastrnn", "torch", "torch", "fastrnn", "fastrnn", "torch", "reference"]
     assert infer_ms == {"fastrnn": 3.0, "torch": 4.0, "limit": 0.5}
-    assert train_ms == {} and errors == {"fastrnn": 0.5, "torch": 0.5}
+    assert train_ms == {"fastrnn": 20.0, "torch": 60.0}
+    assert errors == {"fastrnn": 0.5, "torch": 0.5}
+    # rounds: infer 2/5, 8/1, 4/3 -> 4/3; train 1.5, 4, 1.5 -> 1.5 (the medians' ratio: 3)
+    assert speedups == {"infer": 4.0 / 3.0, "train": {"torch": 1.5}}
 
 
 def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
@@ -104,8 +125,10 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
     results, errors = bench_quantized.run_case(case, 1, 4, ["f32", "int8", "torch-q"], rounds=3)
-    assert results == {"f32": {"infer": 4.0, "peak_mb": 70.0, "weight_mb": 0.5},
-                       "int8": {"infer": 2.0, "peak_mb": 40.0, "weight_mb": 0.5}}
+    assert results == {"f32": {"infer": 4.0, "rounds": [4.0, 2.0, 9.0], "peak_mb": 70.0,
+                               "weight_mb": 0.5},
+                       "int8": {"infer": 2.0, "rounds": [1.0, 3.0, 2.0], "peak_mb": 40.0,
+                                "weight_mb": 0.5}}
     assert errors == {"f32": (0.25, 0.25), "int8": (0.75, 0.75)}
     assert torch_runs == ["torch-q", "torch-q"]   # not run again in round 3
 
@@ -117,11 +140,12 @@ def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
 
     def fake_case(case, dtype, threads, repeats, peers, rounds=1):
         seen.append(("float32", case.name, rounds))
-        return {"fastrnn": 1.0, "limit": 0.5}, {}, {"fastrnn": 1e-7}
+        return ({"fastrnn": 1.0, "limit": 0.5}, {}, {"fastrnn": 1e-7},
+                {"infer": float("nan"), "train": {}})
 
     def fake_q_case(case, threads, repeats, libraries, rounds=1):
         seen.append(("int8", case.name, rounds))
-        result = {"infer": 1.0, "peak_mb": 10.0, "weight_mb": 0.1}
+        result = {"infer": 1.0, "rounds": [1.0], "peak_mb": 10.0, "weight_mb": 0.1}
         return ({lib: dict(result) for lib in libraries},
                 {lib: (1e-3, 1e-4) for lib in libraries})
 
@@ -140,3 +164,41 @@ def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
     assert "rounds" not in first
     assert seen == [("float32", "step-b1-gru", 3), ("int8", "step-b1-gru", 2),
                     ("float32", "step-b1-gru", 1)]
+
+
+def test_tables_print_the_paired_ratios(monkeypatch, capsys):
+    """The speed-up columns and their geometric means are run_case's paired
+    ratios (the float32 table) or computed from each round's times (the int8
+    table), not the ratios of the printed median times."""
+    def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        return ({"fastrnn": 2.0, "torch": 6.0, "limit": 1.0},
+                {"fastrnn": 10.0, "torch": 40.0}, {"fastrnn": 1e-7, "torch": 1e-7},
+                {"infer": 1.25, "train": {"torch": 1.5}})
+
+    monkeypatch.setattr(bench, "available", lambda module: module == "torch")
+    monkeypatch.setattr(bench, "_installed_version", lambda module: "0")
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    bench.main(["--cases", "b32-h128", "--rounds", "3"])
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("b32-h128 ")).split()
+    assert row[1:4] == ["2.000", "6.000", "1.25x"]
+    assert "speed-up over the fastest peer 1.25x, worst 1.25x" in "\n".join(out)
+    train = [line for line in out if line.startswith("b32-h128 ")][1].split()
+    assert train[1:4] == ["10.000", "40.000", "1.50x"]
+
+    def fake_q_case(case, threads, repeats, libraries, rounds=1):
+        per_round = {"f32": [4.0, 2.0, 9.0], "int8": [1.0, 2.0, 3.0], "bf16": [8.0, 8.0, 8.0],
+                     "ORT-q": [2.0, 6.0, 6.0]}
+        return ({lib: {"infer": float(np.median(per_round[lib])), "rounds": per_round[lib],
+                       "peak_mb": 1.0, "weight_mb": 0.1} for lib in libraries if lib in per_round},
+                {lib: (1e-3, 1e-4) for lib in libraries if lib in per_round})
+
+    monkeypatch.setattr(bench, "available", lambda module: module in ("onnxruntime", "onnx"))
+    monkeypatch.setattr(bench_quantized, "run_case", fake_q_case)
+    monkeypatch.setattr(bench_quantized, "_int8_peak_line", lambda: 2.0)
+    bench.main(["--dtype", "int8", "--cases", "b32-h128", "--rounds", "3"])
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("b32-h128 ")).split()
+    # int8/f32: 4, 1, 3 -> 3 (medians' ratio 2); bf16/f32: 0.5, 0.25, 1.125 -> 0.5;
+    # int8/peer: 2, 3, 2 -> 2 (medians' ratio 3)
+    assert row[6:9] == ["3.00x", "0.50x", "2.00x"]
