@@ -521,7 +521,7 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
 def rounds_note(rounds):
     """The tables' header words for ``--rounds``."""
     return (f", the median of {rounds} rounds (a process per library each round, in turn, "
-            f"the order rotated; each ratio of times the median of the rounds' own)"
+            f"the order rotated; each speed-up the median of the rounds' own)"
             if rounds > 1 else "")
 
 
