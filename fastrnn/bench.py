@@ -445,7 +445,7 @@ def paired_ratio(rounds_of, numerators, denominator):
     ratios = []
     for r, den in enumerate(rounds_of.get(denominator, [])):
         nums = [rounds_of[n][r] for n in numerators
-                if n in rounds_of and r < len(rounds_of[n]) and rounds_of[n][r] is not None]
+                if n in rounds_of and rounds_of[n][r] is not None]
         if nums and den:
             ratios.append(min(nums) / den)
     return float(np.median(ratios)) if ratios else float("nan")
@@ -479,10 +479,9 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
     allocator state taxes another), ``rounds`` times in turn
     (:func:`run_rounds`), and return (inference ms, training ms, max abs
     errors against float64) as dicts by library, the times the medians over
-    the rounds; inference also has fastrnn's GEMM-only ``limit``; and the
-    speed-ups, each the median of the rounds' own (:func:`paired_ratio`):
-    {"infer": the fastest peer's over fastrnn's (NaN without peers),
-    "train": {peer: its training time over fastrnn's}}."""
+    the rounds; inference also has fastrnn's GEMM-only ``limit``; and each
+    library's time in each round, {"infer" or "train": {library: [ms or
+    None]}}, for the speed-ups (:func:`paired_ratio`)."""
     infer_ms, train_ms, errors = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-") as tmp:
         def output(library):
@@ -508,14 +507,9 @@ def run_case(case, dtype, threads, repeats, peers, rounds=1):
         for library in results:
             out = np.load(output(library)).astype(np.float64)
             errors[library] = float(np.abs(out - reference).max())
-
-    def times(key):
-        return {library: [r.get(key) for r in rounds_of] for library, rounds_of in results.items()}
-    peers_run = [library for library in results if library != "fastrnn"]
-    speedups = {"infer": paired_ratio(times("infer"), peers_run, "fastrnn"),
-                "train": {p: paired_ratio(times("train"), [p], "fastrnn")
-                          for p in peers_run if p in train_ms and "fastrnn" in train_ms}}
-    return infer_ms, train_ms, errors, speedups
+    per_round = {key: {library: [r.get(key) for r in rounds_of]
+                       for library, rounds_of in results.items()} for key in ("infer", "train")}
+    return infer_ms, train_ms, errors, per_round
 
 
 def rounds_note(rounds):
@@ -634,9 +628,9 @@ def main(argv=None, prog="fastrnn bench"):
     print(header)
     speedups, train_rows = [], []
     for case in cases:
-        infer_ms, train_ms, errors, case_speedups = run_case(
+        infer_ms, train_ms, errors, per_round = run_case(
             case, args.dtype, args.threads, args.repeats, peers, args.rounds)
-        speedup = case_speedups["infer"]
+        speedup = paired_ratio(per_round["infer"], peers, "fastrnn")
         if not math.isnan(speedup):
             speedups.append(speedup)
         errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
@@ -647,7 +641,7 @@ def main(argv=None, prog="fastrnn bench"):
               + f"{infer_ms['fastrnn'] / infer_ms['limit']:>7.2f}"
               + f"{peak_ms:>8.3f}{infer_ms['fastrnn'] / peak_ms:>7.2f}  {errs}", flush=True)
         if train_ms:
-            train_rows.append((case.name, train_ms, case_speedups["train"]))
+            train_rows.append((case.name, train_ms, per_round["train"]))
     if speedups:
         print(f"inference: geometric mean speed-up over the fastest peer "
               f"{math.exp(np.mean(np.log(speedups))):.2f}x, worst {min(speedups):.2f}x")
@@ -657,10 +651,10 @@ def main(argv=None, prog="fastrnn bench"):
         print(f"\ntraining step (forward + backward)\n{'case':<20}{'fastrnn':>9}"
               + "".join(f"{p:>9}{'x':>7}" for p in train_peers))
         ratios = {p: [] for p in train_peers}
-        for name, ms, over in train_rows:
+        for name, ms, train_rounds in train_rows:
             line = f"{name:<20}{ms['fastrnn']:>9.3f}"
             for p in train_peers:
-                ratios[p].append(over[p])
+                ratios[p].append(paired_ratio(train_rounds, [p], "fastrnn"))
                 line += f"{ms[p]:>9.3f}{ratios[p][-1]:>6.2f}x"
             print(line, flush=True)
         for p, r in ratios.items():

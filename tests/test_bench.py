@@ -18,9 +18,9 @@ def test_bench_times_each_library_in_its_own_process_and_skips_a_broken_peer(
     (broken / "__init__.py").write_text("raise ImportError('a broken install')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "broken"))
     case = next(c for c in bench.CASES if c.name == "step-b1-gru")
-    infer_ms, train_ms, errors, speedups = bench.run_case(case, "float32", 1, 4, ["TF"])
+    infer_ms, train_ms, errors, per_round = bench.run_case(case, "float32", 1, 4, ["TF"])
     assert set(infer_ms) == {"fastrnn", "limit"} and set(errors) == {"fastrnn"}
-    assert np.isnan(speedups["infer"]) and speedups["train"] == {}   # no peer left
+    assert set(per_round["infer"]) == {"fastrnn"}                    # no peer left
     assert infer_ms["fastrnn"] > 0 and errors["fastrnn"] < 1e-5
 
 
@@ -72,7 +72,7 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio():
 def test_run_case_reports_the_median_over_rounds(monkeypatch):
     """run_case with rounds: a process per library and round (the reference
     once), each time the median of the library's rounds, errors from its
-    saved output, each speed-up the median of the rounds' own."""
+    saved output, and each library's time in each round for the speed-ups."""
     times = {"fastrnn": iter([5.0, 1.0, 3.0]), "torch": iter([2.0, 8.0, 4.0])}
     train = {"fastrnn": iter([10.0, 20.0, 40.0]), "torch": iter([15.0, 80.0, 60.0])}
     started = []
@@ -89,14 +89,14 @@ def test_run_case_reports_the_median_over_rounds(monkeypatch):
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-gru")
-    infer_ms, train_ms, errors, speedups = bench.run_case(case, "float32", 1, 4, ["torch"],
-                                                          rounds=3)
+    infer_ms, train_ms, errors, per_round = bench.run_case(case, "float32", 1, 4, ["torch"],
+                                                           rounds=3)
     assert started == ["fastrnn", "torch", "torch", "fastrnn", "fastrnn", "torch", "reference"]
     assert infer_ms == {"fastrnn": 3.0, "torch": 4.0, "limit": 0.5}
     assert train_ms == {"fastrnn": 20.0, "torch": 60.0}
     assert errors == {"fastrnn": 0.5, "torch": 0.5}
-    # rounds: infer 2/5, 8/1, 4/3 -> 4/3; train 1.5, 4, 1.5 -> 1.5 (the medians' ratio: 3)
-    assert speedups == {"infer": 4.0 / 3.0, "train": {"torch": 1.5}}
+    assert per_round == {"infer": {"fastrnn": [5.0, 1.0, 3.0], "torch": [2.0, 8.0, 4.0]},
+                         "train": {"fastrnn": [10.0, 20.0, 40.0], "torch": [15.0, 80.0, 60.0]}}
 
 
 def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
@@ -141,7 +141,7 @@ def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
     def fake_case(case, dtype, threads, repeats, peers, rounds=1):
         seen.append(("float32", case.name, rounds))
         return ({"fastrnn": 1.0, "limit": 0.5}, {}, {"fastrnn": 1e-7},
-                {"infer": float("nan"), "train": {}})
+                {"infer": {"fastrnn": [1.0]}, "train": {"fastrnn": [None]}})
 
     def fake_q_case(case, threads, repeats, libraries, rounds=1):
         seen.append(("int8", case.name, rounds))
@@ -167,13 +167,14 @@ def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
 
 
 def test_tables_print_the_paired_ratios(monkeypatch, capsys):
-    """The speed-up columns and their geometric means are run_case's paired
-    ratios (the float32 table) or computed from each round's times (the int8
-    table), not the ratios of the printed median times."""
+    """The speed-up columns and their geometric means are the medians of
+    each round's ratio, not the ratios of the printed median times."""
     def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        # rounds: infer 1.5, 3, 2 -> 2; train 1.5, 4, 1.5 -> 1.5 (the medians' ratios: 3)
         return ({"fastrnn": 2.0, "torch": 6.0, "limit": 1.0},
-                {"fastrnn": 10.0, "torch": 40.0}, {"fastrnn": 1e-7, "torch": 1e-7},
-                {"infer": 1.25, "train": {"torch": 1.5}})
+                {"fastrnn": 20.0, "torch": 60.0}, {"fastrnn": 1e-7, "torch": 1e-7},
+                {"infer": {"fastrnn": [1.0, 2.0, 4.0], "torch": [1.5, 6.0, 8.0]},
+                 "train": {"fastrnn": [10.0, 20.0, 40.0], "torch": [15.0, 80.0, 60.0]}})
 
     monkeypatch.setattr(bench, "available", lambda module: module == "torch")
     monkeypatch.setattr(bench, "_installed_version", lambda module: "0")
@@ -181,10 +182,11 @@ def test_tables_print_the_paired_ratios(monkeypatch, capsys):
     bench.main(["--cases", "b32-h128", "--rounds", "3"])
     out = capsys.readouterr().out.splitlines()
     row = next(line for line in out if line.startswith("b32-h128 ")).split()
-    assert row[1:4] == ["2.000", "6.000", "1.25x"]
-    assert "speed-up over the fastest peer 1.25x, worst 1.25x" in "\n".join(out)
+    assert row[1:4] == ["2.000", "6.000", "2.00x"]
+    assert "speed-up over the fastest peer 2.00x, worst 2.00x" in "\n".join(out)
     train = [line for line in out if line.startswith("b32-h128 ")][1].split()
-    assert train[1:4] == ["10.000", "40.000", "1.50x"]
+    assert train[1:4] == ["20.000", "60.000", "1.50x"]
+    assert "geometric mean speed-up over torch 1.50x, worst 1.50x" in "\n".join(out)
 
     def fake_q_case(case, threads, repeats, libraries, rounds=1):
         per_round = {"f32": [4.0, 2.0, 9.0], "int8": [1.0, 2.0, 3.0], "bf16": [8.0, 8.0, 8.0],

@@ -283,6 +283,20 @@ def test_cell_streaming_path_equals_general_path(kind, dtype, bias, close):
     close(after[0] if kind == "lstm" else after, ref_h[0], dtype)
 
 
+def in_layout(a, layout):
+    """A copy of a in another memory layout: Fortran order, every other
+    element of a wider array (sliced), or C order read-only."""
+    if layout == "fortran":
+        return np.asfortranarray(a)
+    if layout == "sliced":
+        wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        wide[..., ::2] = a
+        return wide[..., ::2]
+    out = a.copy()
+    out.flags.writeable = False
+    return out
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", ["fortran", "sliced", "read_only"])
 def test_cell_streaming_path_copies_states_of_any_layout(kind, layout):
@@ -295,18 +309,7 @@ def test_cell_streaming_path_copies_states_of_any_layout(kind, layout):
     x = rng.standard_normal((3, 6)).astype(np.float32)
     state = [rng.standard_normal((3, 9)).astype(np.float32)
              for _ in range(2 if kind == "lstm" else 1)]
-    if layout == "fortran":
-        given = [np.asfortranarray(s) for s in state]
-    elif layout == "sliced":
-        given = []
-        for s in state:
-            wide = np.zeros((3, 18), np.float32)
-            wide[:, ::2] = s
-            given.append(wide[:, ::2])
-    else:
-        given = [s.copy() for s in state]
-        for s in given:
-            s.flags.writeable = False
+    given = [in_layout(s, layout) for s in state]
     keep = [g.copy() for g in given]
     expect = cell(x, tuple(state) if kind == "lstm" else state[0])
     got = cell(x, tuple(given) if kind == "lstm" else given[0])
@@ -414,7 +417,7 @@ def test_lean_path_equals_general_path(kind, dtype, num_layers, bidirectional, b
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-@pytest.mark.parametrize("layout", ["fortran", "sliced"])
+@pytest.mark.parametrize("layout", ["fortran", "sliced", "read_only"])
 def test_lean_path_takes_states_of_any_layout(kind, layout):
     """SequenceRunner copies hx (one memcpy when C-contiguous, numpy's copy
     otherwise): a state in another memory layout gives the bits of the
@@ -424,14 +427,7 @@ def test_lean_path_takes_states_of_any_layout(kind, layout):
     x = rng.standard_normal((7, 3, 5)).astype(np.float32)
     state = [rng.standard_normal((2, 3, 6)).astype(np.float32)
              for _ in range(2 if kind == "lstm" else 1)]
-    if layout == "fortran":
-        given = [np.asfortranarray(s) for s in state]
-    else:
-        given = []
-        for s in state:
-            wide = np.zeros((2, 3, 12), np.float32)
-            wide[..., ::2] = s
-            given.append(wide[..., ::2])
+    given = [in_layout(s, layout) for s in state]
     keep = [g.copy() for g in given]
     runner = layer._sequence_runner(layer._params)
     expect = runner.run(x, tuple(state) if kind == "lstm" else state[0])
