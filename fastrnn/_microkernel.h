@@ -89,6 +89,20 @@ enum { FASTRNN_MK_ZERO = 0,     /* 0 */
        FASTRNN_MK_FROM_ROW = 2  /* one row, ``init_row`` (+ coff), for every m: a bias */
 };
 
+/* FASTRNN_VHOLD(v): the panel vector v held in a register for the step's
+ * rows. Left to itself GCC folded the panel loads of the 2- and 3-row tiles
+ * into their multiply-adds, a load per row (as it did in the int8 tiles),
+ * and those tiles took longer than a 4- or 6-row one (product_gflops, K =
+ * 128, 4 x 128 units, one thread: 2 rows 4.8 us, 3 rows 6.9, 4 rows 3.5, 6
+ * rows 5.1). An empty asm (GCC, Clang) that tells the compiler the vector
+ * changed keeps it in a register; MSVC has no such statement (nothing
+ * there). */
+#if defined(__GNUC__)
+#define FASTRNN_MK_OPAQUE(v, constraint) __asm__("" : constraint(v))
+#else
+#define FASTRNN_MK_OPAQUE(v, constraint) ((void)0)
+#endif
+
 /* ------------------------------------------------------------------------ */
 #if defined(__AVX512F__)
 
@@ -104,6 +118,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 }
 #define FASTRNN_VZERO() _mm512_setzero_ps()
 #define FASTRNN_VLOAD_PANEL(p) _mm512_loadu_ps(p)
+#define FASTRNN_VHOLD(v) FASTRNN_MK_OPAQUE(v, "+v")
 #define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define FASTRNN_VADD(a, b) _mm512_add_ps(a, b)
@@ -132,6 +147,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 }
 #define FASTRNN_VZERO() _mm256_setzero_ps()
 #define FASTRNN_VLOAD_PANEL(p) _mm256_loadu_ps(p)
+#define FASTRNN_VHOLD(v) FASTRNN_MK_OPAQUE(v, "+x")
 #define FASTRNN_VBCAST(x) _mm256_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define FASTRNN_VADD(a, b) _mm256_add_ps(a, b)
@@ -177,6 +193,7 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
 }
 #define FASTRNN_VZERO() fastrnn_vzero()
 #define FASTRNN_VLOAD_PANEL(p) fastrnn_vload_panel(p)
+#define FASTRNN_VHOLD(v) ((void)0)
 #define FASTRNN_VBCAST(x) fastrnn_vbcast(x)
 #define FASTRNN_VFMA(a, b, c) fastrnn_vmuladd(a, b, c)
 #define FASTRNN_PREFETCH(p) ((void)(p))
@@ -195,8 +212,10 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
     {                                                                                \
         fastrnn_vec w[NV];                                                           \
         const float* a_k = a + k * a_cs;                                             \
-        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                               \
+        FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++) {                             \
             w[v] = FASTRNN_VLOAD_PANEL(panel + (k * NV + v) * FASTRNN_MK_LANES);     \
+            FASTRNN_VHOLD(w[v]);                                                     \
+        }                                                                            \
         FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                            \
             fastrnn_vec h = FASTRNN_VBCAST(a_k[m * a_rs]);                           \
             FASTRNN_UNROLL(4) for (int v = 0; v < NV; v++)                           \
