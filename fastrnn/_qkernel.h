@@ -233,13 +233,6 @@ typedef struct {
     ptrdiff_t cols;
 } fastrnn_q_out;
 
-/* The tiles: rows [m0, m0 + rows) of a (lda bytes apart, a pointing at
- * row m0) times FASTRNN_Q_NV blocks of the packed panel (bstride bytes
- * from one block to the next), the group's columns starting at col0. Every
- * accumulator is a named variable (GCC keeps an array of vectors in
- * memory). The one-row tile keeps two sums per column, over the even and
- * the odd quads (integer sums: the order does not matter), for twice the
- * chains in flight. */
 /* An empty asm (GCC, Clang) that tells the compiler the vector v changed:
  * a value it must then hold in a register (MSVC has no such statement:
  * nothing there). */
@@ -249,6 +242,13 @@ typedef struct {
 #define FASTRNN_Q_OPAQUE(v) ((void)0)
 #endif
 
+/* The tiles: rows [m0, m0 + rows) of a (lda bytes apart, a pointing at
+ * row m0) times FASTRNN_Q_NV blocks of the packed panel (bstride bytes
+ * from one block to the next), the group's columns starting at col0. Every
+ * accumulator is a named variable (GCC keeps an array of vectors in
+ * memory). The one-row tile keeps two sums per column, over the even and
+ * the odd quads (integer sums: the order does not matter), for twice the
+ * chains in flight. */
 #define FASTRNN_Q_ARGS ptrdiff_t quads, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \
     ptrdiff_t bstride, const int32_t* comp, const fastrnn_q_out* o, ptrdiff_t m0, ptrdiff_t col0
 
