@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "_tuning.h"   /* FASTRNN_MK_PREFETCH_BYTES, FASTRNN_MK_PREFETCH_K */
+#include "_portable.h" /* FASTRNN_HOLD */
 
 /* MSVC's /arch:AVX2 allows FMA but defines no __FMA__; it has __forceinline
  * for always_inline and no unroll pragma (it unrolls by itself). The AVX
@@ -90,18 +91,11 @@ enum { FASTRNN_MK_ZERO = 0,     /* 0 */
 };
 
 /* FASTRNN_VHOLD(v): the panel vector v held in a register for the step's
- * rows. Left to itself GCC folded the panel loads of the 2- and 3-row tiles
- * into their multiply-adds, a load per row (as it did in the int8 tiles),
- * and those tiles took longer than a 4- or 6-row one (product_gflops, K =
- * 128, 4 x 128 units, one thread: 2 rows 4.8 us, 3 rows 6.9, 4 rows 3.5, 6
- * rows 5.1). An empty asm (GCC, Clang) that tells the compiler the vector
- * changed keeps it in a register; MSVC has no such statement (nothing
- * there). */
-#if defined(__GNUC__)
-#define FASTRNN_MK_OPAQUE(v, constraint) __asm__("" : constraint(v))
-#else
-#define FASTRNN_MK_OPAQUE(v, constraint) ((void)0)
-#endif
+ * rows (_portable.h: FASTRNN_HOLD). Left to itself GCC folded the panel
+ * loads of the 2- and 3-row tiles into their multiply-adds, a load per row
+ * (as it did in the int8 tiles), and those tiles took longer than a 4- or
+ * 6-row one (product_gflops, K = 128, 4 x 128 units, one thread: 2 rows 4.8
+ * us, 3 rows 6.9, 4 rows 3.5, 6 rows 5.1). */
 
 /* ------------------------------------------------------------------------ */
 #if defined(__AVX512F__)
@@ -118,7 +112,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 }
 #define FASTRNN_VZERO() _mm512_setzero_ps()
 #define FASTRNN_VLOAD_PANEL(p) _mm512_loadu_ps(p)
-#define FASTRNN_VHOLD(v) FASTRNN_MK_OPAQUE(v, "+v")
+#define FASTRNN_VHOLD(v) FASTRNN_HOLD(v)
 #define FASTRNN_VBCAST(x) _mm512_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define FASTRNN_VADD(a, b) _mm512_add_ps(a, b)
@@ -147,7 +141,7 @@ FASTRNN_ALWAYS_INLINE void fastrnn_mk_store(
 }
 #define FASTRNN_VZERO() _mm256_setzero_ps()
 #define FASTRNN_VLOAD_PANEL(p) _mm256_loadu_ps(p)
-#define FASTRNN_VHOLD(v) FASTRNN_MK_OPAQUE(v, "+x")
+#define FASTRNN_VHOLD(v) FASTRNN_HOLD(v)
 #define FASTRNN_VBCAST(x) _mm256_set1_ps(x)
 #define FASTRNN_VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define FASTRNN_VADD(a, b) _mm256_add_ps(a, b)

@@ -1,6 +1,7 @@
 /* What the kernels need from the compiler and the operating system, in one
  * place, for GCC and Clang (Linux, macOS, MinGW; any CPU) and MSVC (Windows
- * x86-64, ARM64): atomics, a prefetch hint, a spin-wait hint, yielding, a
+ * x86-64, ARM64): atomics, a prefetch hint, a register hold for SIMD
+ * kernels, a spin-wait hint, yielding, a
  * monotonic clock, the calling thread's id, and the worker threads' mutex,
  * condition variable, thread start and fork handler.
  *
@@ -152,6 +153,23 @@ static inline void fastrnn_prefetch_l2(const void* p, ptrdiff_t bytes, int for_w
 #endif
     }
 }
+
+/* --- a vector held in a register ---------------------------------------- */
+
+/* FASTRNN_HOLD(v): an empty asm (GCC, Clang on x86) that tells the
+ * compiler the SIMD vector v changed, so v is a value it must keep in a
+ * register: the kernels' tiles load each weight vector once a step of k
+ * for all their rows (GCC otherwise folded the loads of the 2- and 3-row
+ * tiles into each row's multiply-add, _microkernel.h says what that cost),
+ * and the peak loops keep their operands from being hoisted. MSVC has no
+ * such statement: nothing there. */
+#if defined(__GNUC__) && defined(__AVX512F__)
+#define FASTRNN_HOLD(v) __asm__("" : "+v"(v))
+#elif defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTRNN_HOLD(v) __asm__("" : "+x"(v))
+#else
+#define FASTRNN_HOLD(v) ((void)0)
+#endif
 
 /* --- waiting ------------------------------------------------------------ */
 

@@ -50,6 +50,7 @@
 #include <string.h>
 
 #include "_tuning.h"   /* FASTRNN_Q_GROUPS_OUTER_BYTES */
+#include "_portable.h" /* FASTRNN_HOLD */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define FASTRNN_Q_VNNI 1
@@ -233,15 +234,6 @@ typedef struct {
     ptrdiff_t cols;
 } fastrnn_q_out;
 
-/* An empty asm (GCC, Clang) that tells the compiler the vector v changed:
- * a value it must then hold in a register (MSVC has no such statement:
- * nothing there). */
-#if defined(__GNUC__)
-#define FASTRNN_Q_OPAQUE(v) __asm__("" : "+x"(v))
-#else
-#define FASTRNN_Q_OPAQUE(v) ((void)0)
-#endif
-
 /* The tiles: rows [m0, m0 + rows) of a (lda bytes apart, a pointing at
  * row m0) times FASTRNN_Q_NV blocks of the packed panel (bstride bytes
  * from one block to the next), the group's columns starting at col0. Every
@@ -286,7 +278,7 @@ static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
  * one-row passes over a panel from L2 (512 x 2048 weights, one thread:
  * 21 and 32 us, against 13 and 15 us with the loads held; 4 rows 18) */
 #define Q_LOADW(v) __m512i w##v = _mm512_loadu_si512((const void*)(panel + (v) * bstride + kq * 64)); \
-    FASTRNN_Q_OPAQUE(w##v)
+    FASTRNN_HOLD(w##v)
 #define Q_INIT(r) __m512i c##r##0 = s0, c##r##1 = s1, c##r##2 = s2, c##r##3 = s3
 #define Q_ROW(r) b = _mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));            \
     c##r##0 = Q_DP(c##r##0, b, w0); c##r##1 = Q_DP(c##r##1, b, w1);                         \
@@ -749,8 +741,8 @@ static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, pt
  * vpaddd, 32), nothing loaded or stored in the loop. ``iters`` iterations
  * do iters * FASTRNN_Q_PEAK_MACS multiply-adds (0 in the portable build:
  * it has no such instruction, nothing is measured); the sum goes to *sink
- * so that the loop stays. FASTRNN_Q_OPAQUE, an empty asm (GCC, Clang),
- * tells the compiler an operand changed, so that no step is hoisted out of
+ * so that the loop stays. FASTRNN_HOLD (_portable.h), an empty asm
+ * (GCC, Clang), tells the compiler an operand changed, so that no step is hoisted out of
  * the loop or shared between accumulators (MSVC has no such statement: its
  * AVX2 figure may be too high, a loop-invariant step hoisted). AMX's tiles
  * are not measured. */
@@ -768,8 +760,8 @@ static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
     int j;
     for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[j] = _mm512_set1_epi32(j);
     for (long long i = 0; i < iters; i++) {
-        FASTRNN_Q_OPAQUE(a);
-        FASTRNN_Q_OPAQUE(w);
+        FASTRNN_HOLD(a);
+        FASTRNN_HOLD(w);
         FASTRNN_Q_UNROLL for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++)
             acc[j] = _mm512_dpbusd_epi32(acc[j], a, w);
     }
@@ -787,7 +779,7 @@ static void fastrnn_q_peak_loop(long long iters, int32_t* sink) {
     for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) acc[j] = _mm256_set1_epi32(j);
     for (long long i = 0; i < iters; i++) {
         FASTRNN_Q_UNROLL for (j = 0; j < FASTRNN_Q_PEAK_CHAINS; j++) {
-            FASTRNN_Q_OPAQUE(b);
+            FASTRNN_HOLD(b);
             acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(
                 _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, b)), ones));
         }
