@@ -361,6 +361,28 @@ def test_a_cell_step_gives_the_layers_bits(kind, options, shape):
         np.testing.assert_array_equal(g, w[0])
 
 
+@pytest.mark.parametrize("kind,options", CELLS)
+@pytest.mark.parametrize("B,state_dtype", [(65, np.float32), (16, np.float64)])
+def test_a_cell_call_in_parts_gives_the_bits_of_one_thread(kind, options, B, state_dtype,
+                                                          monkeypatch):
+    """A cell call that leaves the streaming path (more rows than it takes,
+    or a state to convert) and is large enough to run in parts: the parts'
+    driver once read the layers' batch_first, which cells do not have
+    (KeyError at 2 threads and more)."""
+    cell = getattr(fastrnn, kind)(64, 256, seed=2, **options)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, 64)).astype(np.float32)
+    h = rng.standard_normal((B, 256)).astype(state_dtype)
+    hx = (h, np.tanh(h)) if kind == "LSTMCell" else h
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    one = states(cell(x, hx))
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    for threads in THREADS:
+        monkeypatch.setattr(_parallel, "_threads", threads)
+        for got, want in zip(states(cell(x, hx)), one):
+            np.testing.assert_array_equal(got, want, err_msg=f"{threads} threads")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's malloc thresholds")
 def test_repeated_calls_reuse_their_memory_in_a_fresh_process(tmp_path):
