@@ -115,6 +115,25 @@ class ParamSet:
         self.cache = {}
 
 
+
+def _refuse_quantized_entry(owner, state_dict, name):
+    """A quantized model's state_dict (fastrnn.quantized) holds bfloat16 bit
+    patterns (uint16) or int8 codes beside their scales: loaded into a float
+    model they would become numbers far from the weights."""
+    dtype = getattr(state_dict[name], "dtype", None)
+    if not isinstance(dtype, np.dtype):
+        return
+    if dtype == np.uint16:
+        quantized = "bfloat16 bit patterns (uint16)"
+    elif dtype.kind in "iu" and f"{name}_scale" in state_dict:
+        quantized = "int8 weights (with their scales)"
+    else:
+        return
+    raise TypeError(f"{owner}: state_dict[{name!r}] holds a quantized model's {quantized}, "
+                    f"not the weights' values; load it into a quantized model "
+                    f"(fastrnn.quantize(model).load_state_dict), or convert integers meant "
+                    f"as values with astype(np.float32)")
+
 class Module:
     """Base of every public class: configuration and named parameters.
 
@@ -213,7 +232,9 @@ class Module:
         """Copy parameters in from a mapping of name to array.
 
         Accepts numpy arrays, torch tensors (a PyTorch module's ``state_dict()``
-        loads directly) or anything array-like of a real dtype; values are
+        loads directly) or anything array-like of a real dtype, but not a
+        quantized model's state_dict (uint16 bfloat16 bits, or int8 weights
+        beside their ``_scale``: not the weights' values); values are
         converted to the module's dtype. Every name, shape and value is checked
         before anything is copied, so on error the module is unchanged. The
         new values replace the old as one set: a call running in another
@@ -234,7 +255,8 @@ class Module:
         Raises
         ------
         TypeError
-            If ``state_dict`` is not a mapping or a value is not a real array.
+            If ``state_dict`` is not a mapping, a value is not a real array,
+            or the mapping is a quantized model's.
         ValueError
             On a missing or unexpected name (strict), a wrong shape, or a
             non-finite value.
@@ -244,6 +266,9 @@ class Module:
             raise TypeError(f"{owner}: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
         names = self._names
+        for name in names:
+            if name in state_dict:
+                _refuse_quantized_entry(owner, state_dict, name)
         missing = [name for name in names if name not in state_dict]
         unexpected = [key for key in state_dict if key not in names]
         if strict and (missing or unexpected):

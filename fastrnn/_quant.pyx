@@ -34,6 +34,7 @@
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
+from libc.math cimport NAN
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -218,6 +219,24 @@ cdef inline float _row(int kind, const float* x, Py_ssize_t K, int8_t* q) noexce
     return fastrnn_b_row(x, K, q) if kind else fastrnn_q_row(x, K, q)
 
 
+cdef inline float _inner_row(int kind, const float* x, Py_ssize_t K, int8_t* q) noexcept nogil:
+    """_row for a row the call computed (h at a step, a lower layer's output):
+    one that overflowed to inf (or NaN) gets the scale NaN, so that its
+    products are NaN, as float32's would be (inf - inf), instead of the
+    zeros of its int8 row. Only what the caller gave (x, the initial state)
+    is refused. (bfloat16 keeps inf and NaN in the row itself.)"""
+    cdef float scale = _row(kind, x, K, q)
+    return scale if scale >= 0 else NAN
+
+
+cdef inline bint _finite(const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not x[i] - x[i] == 0:     # NaN for NaN and inf
+            return False
+    return True
+
+
 cdef inline void _product(const QView* w, Py_ssize_t M, const int8_t* a, Py_ssize_t lda,
                           const float* rs, const float* add, Py_ssize_t ld_add, float* y,
                           Py_ssize_t ldy) noexcept nogil:
@@ -246,6 +265,7 @@ cdef struct ProjectJob:
     Py_ssize_t qstride           # (the same for every layer: parts may be in different ones)
     float* sbuf                  # per part: PROJECT_BLOCK scales
     int bad                      # set when a row of x is not finite
+    bint inner                   # x is a lower layer's output: _inner_row, never bad
     Py_ssize_t rows[MAX_PARTS][2]
     Interrupt* it                # the call's (this job's own, or a window job's)
     Interrupt interrupt
@@ -273,9 +293,12 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
             else:
                 x_row = j.x + ((j.t0 + (start + i) % j.steps) * j.x_row_t
                                + (j.b0 + (start + i) // j.steps) * j.x_row_b) * j.D
-            s[i] = _row(j.w.kind, x_row, j.D, q + i * j.qrow)
-            if s[i] < 0:
-                j.bad = 1
+            if j.inner:
+                s[i] = _inner_row(j.w.kind, x_row, j.D, q + i * j.qrow)
+            else:
+                s[i] = _row(j.w.kind, x_row, j.D, q + i * j.qrow)
+                if s[i] < 0:
+                    j.bad = 1
         _product(&j.w, n, q, j.qrow, s, j.bias, 0, j.gx + start * j.N, j.N)
         start += n
     fastrnn_amx_release()
@@ -289,6 +312,7 @@ cdef inline void _setup_project(ProjectJob* job, const float* x, Py_ssize_t D, Q
     N, nparts) bytes, D_max the widest input of the call's layers."""
     job.x, job.D, job.w, job.bias, job.gx, job.N = x, D, w, bias, gx, w.N
     job.steps = job.b0 = 0
+    job.inner = False
     job.it = &job.interrupt
     job.qrow = _row_bytes(w.kind, D)
     job.qstride = PROJECT_BLOCK * fastrnn_b_pairs(D_max) * 4
@@ -344,7 +368,7 @@ cdef struct RecurJob:
     float* sbuf
     float* gh
     float* acts
-    int bad                      # set when h is not finite (the initial state)
+    int bad                      # set when h or c is not finite (the initial state)
     Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt* it                # the call's (this job's own, or a window job's)
     Interrupt interrupt
@@ -376,8 +400,8 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef float* g_row
     cdef float* g_t
     cdef float* out_row
-    for b in range(B):     # only a caller's initial state can hold NaN or inf
-        if _row(w.kind, h + b * H, H, q) < 0:
+    for b in range(B):     # the caller's initial state (the steps' own: _inner_row)
+        if _row(w.kind, h + b * H, H, q) < 0 or (c != NULL and not _finite(c + b * H, H)):
             j.bad = 1
             return
     for st in range(j.T):
@@ -386,7 +410,7 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
         t = j.t0 + (j.T - 1 - st if d == 1 else st)
         # the recurrent product of h quantized per row
         for b in range(B):
-            s[b] = _row(w.kind, h + b * H, H, q + b * qrow)
+            s[b] = _inner_row(w.kind, h + b * H, H, q + b * qrow)
         g_t = gx + (t - j.g_t0) * row_t * gx_cols
         if cell == GRU:
             _product(w, B, q, qrow, s, bias_h, 0, gh, GH)
@@ -397,7 +421,7 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
                 for b in range(B):
                     row = (t - j.g_t0) * row_t + b * row_b
                     gru_reset_gates_row(gx + row * gx_cols, h + b * H, acts + b * 4 * H, H)
-                    s[b] = _row(w.kind, acts + b * 4 * H + 3 * H, H, q + b * qrow)
+                    s[b] = _inner_row(w.kind, acts + b * 4 * H + 3 * H, H, q + b * qrow)
                 _product(wn, B, q, qrow, s, g_t + 2 * H, row_b * gx_cols, g_t + 2 * H,
                          row_b * gx_cols)
         # the gate pass, row by row
@@ -560,6 +584,7 @@ cdef void _window_job(void* arg, int part) noexcept nogil:
             _setup_project(&pj, layer_in, j.D0 if k == 0 else j.H, layer.w_ih, layer.bias_x,
                            gx_part, j.pscratch, j.nparts, max(j.D0, j.H))
             pj.it = &j.interrupt
+            pj.inner = k > 0
             if k == 0:
                 pj.steps, pj.t0, pj.b0 = steps, t0, b_lo
                 pj.x_row_t, pj.x_row_b = j.x_row_t, j.x_row_b
@@ -707,6 +732,7 @@ cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py
         layer = &stack.layers[k]
         _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
                        layer.w_ih, layer.bias_x, rjob.gx, ptr[7], nparts, D_max)
+        pjob.inner = k > 0
         if k == 0:     # the input's rows, in its order
             pjob.steps, pjob.t0, pjob.b0 = T, 0, 0
             pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
@@ -972,9 +998,12 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                         in_row = j.x + ((t0 + st) * j.row_t + b * j.row_b) * D
                     else:
                         in_row = _unit_row(j, k - 1, t0, st, b)
-                    s[i] = _row(layer.w_ih.kind, in_row, D, q + i * qrow)
-                    if s[i] < 0:
-                        j.bad = 1
+                    if k == 0:
+                        s[i] = _row(layer.w_ih.kind, in_row, D, q + i * qrow)
+                        if s[i] < 0:
+                            j.bad = 1
+                    else:
+                        s[i] = _inner_row(layer.w_ih.kind, in_row, D, q + i * qrow)
                 for g in range(G):
                     wk = _columns(&layer.w_ih, g * H + lo, u)
                     _product(&wk, n, q, qrow, s,
@@ -986,7 +1015,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
             qrow = _row_bytes(layer.w_hh[0].kind, H)
             if not j.bad:
                 for b in range(B):
-                    if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0:
+                    if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0 or (
+                            c_k != NULL and not _finite(c_k + b * H, H)):
                         j.bad = 2
             if j.bad:
                 t0 = j.T        # stop: every part decided alike
@@ -996,8 +1026,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
             for st in range(steps):
                 g_t = j.gx + st * B * GH
                 for b in range(B):
-                    s[b] = _row(layer.w_hh[0].kind, _unit_prev(j, h_k, k, t0, st, b), H,
-                                q + b * qrow)
+                    s[b] = _inner_row(layer.w_hh[0].kind, _unit_prev(j, h_k, k, t0, st, b),
+                                      H, q + b * qrow)
                 for g in range(G):
                     wk = _columns(&layer.w_hh[0], g * H + lo, u)
                     if cell == GRU:

@@ -835,7 +835,12 @@ class Sequential:
                 print_fn(line.replace("-", "="))
         print_fn(line)
         dtype = self._dtype()
-        kind = "" if dtype is None else f", {dtype.name}"
+        # a quantized model's weights (fastrnn.quantize): int8 with their
+        # float32 scales, or bfloat16; its biases and arithmetic float32
+        reduced = sorted({layer._config["weight_dtype"] for layer in self.layers
+                          if "weight_dtype" in getattr(layer, "_config", {})})
+        kind = ("" if dtype is None else f", {dtype.name}") if not reduced else \
+            f", {' and '.join(reduced)} weights"
         print_fn(f"Total params: {total:,} ({_bytes_text(nbytes)}{kind})")
         if self.optimizer is not None:
             state = [value for entry in self.optimizer._state for value in entry.values()

@@ -89,10 +89,11 @@ class Linear(Module):
         return f"Linear({cfg['in_features']}, {cfg['out_features']}{extra})"
 
     def _check(self, x):
-        x = v.as_float_array("Linear", "input", x, self._config["dtype"])
+        owner = type(self).__name__   # (QuantizedLinear's too)
+        x = v.as_float_array(owner, "input", x, self._config["dtype"])
         n_in = self._config["in_features"]
         if x.ndim == 0 or x.shape[-1] != n_in:
-            raise ValueError(f"Linear: expected input of shape (..., {n_in}), "
+            raise ValueError(f"{owner}: expected input of shape (..., {n_in}), "
                              f"got {shape_str(x.shape)}")
         return x
 

@@ -38,6 +38,17 @@ def _modules_of(params):
                     f"them, got {type(params).__name__}")
 
 
+def _quantized_in(params):
+    """The quantized (inference-only) modules among params: an optimizer
+    holding one refuses to step (a compiled quantized model still
+    evaluates), gradient clipping refuses at once."""
+    if isinstance(params, (list, tuple)):
+        return [m for p in params for m in _quantized_in(p)]
+    layers = getattr(params, "layers", None)   # a Sequential
+    candidates = layers if isinstance(layers, (list, tuple)) else [params]
+    return [m for m in candidates if hasattr(m, "_refuse_training")]   # fastrnn.quantized's
+
+
 def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
@@ -68,6 +79,7 @@ class Optimizer:
         self._state = []
         self.step_count = 0
         self.schedules = []     # LRSchedulers made on this optimizer, in order
+        self._quantized = []    # inference-only modules given: step refuses
         self.add(params)
 
     @property
@@ -81,6 +93,7 @@ class Optimizer:
 
     def add(self, params: Module | Sequential | Iterable[Module | Sequential]) -> None:
         """Add the parameters of more modules (a module is added once)."""
+        self._quantized.extend(_quantized_in(params))
         for module in _modules_of(params):
             if any(module is m for m in self._modules):
                 continue
@@ -100,6 +113,8 @@ class Optimizer:
         gradients are read under its lock (no backprop adds meanwhile), and
         its updated parameters replace the old as one set: a call running
         in another thread computes with the old set or the new, never a mix."""
+        if self._quantized:
+            self._quantized[0]._refuse_training("an optimizer's step")
         self.step_count += 1
         states = iter(self._state)
         for module in self._modules:
@@ -426,6 +441,8 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     """Scale all gradients together so that their global L2 norm is at most
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
+    for module in _quantized_in(params):
+        module._refuse_training("clip_grad_norm")
     modules = _modules_of(params)
     with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
         for module in modules:
@@ -445,6 +462,8 @@ def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
                     clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
+    for module in _quantized_in(params):
+        module._refuse_training("clip_grad_value")
     for module in _modules_of(params):
         with module._grad_lock:
             for grad in module._trainable:

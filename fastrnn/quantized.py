@@ -313,6 +313,11 @@ class _ReducedWeights:
     scales or bfloat16, and the float32 biases. No float32 weight matrix
     (nor gradient) is kept."""
 
+    def _refuse_training(self, what):
+        raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
+                        f"({self._config['weight_dtype']}) model, which is for inference "
+                        f"only; train the float32 model, then quantize it")
+
     def _reduce_parameters(self, entries):
         cfg = self._config
         floats = self._params
@@ -535,8 +540,8 @@ def _finite_float32(owner, name, value):
     return value
 
 
-def _check_weight_dtype(owner, weight_dtype):
-    return v.check_choice(owner, "weight_dtype", weight_dtype, WEIGHT_DTYPES)
+def _check_weight_dtype(owner, weight_dtype, argument="weight_dtype"):
+    return v.check_choice(owner, argument, weight_dtype, WEIGHT_DTYPES)
 
 
 class _Quantized(_ReducedWeights):
@@ -651,11 +656,6 @@ class _Quantized(_ReducedWeights):
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
                              f"non-finite values (NaN or inf); {self._config['weight_dtype']} "
                              f"inference needs finite values")
-
-    def _refuse_training(self, what):
-        raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
-                        f"({self._config['weight_dtype']}) model, which is for inference "
-                        f"only; train the float32 model, then quantize it")
 
     def forward_train(self, *args: Any, **kwargs: Any) -> Any:
         """Refused: a quantized model is for inference only (TypeError)."""
@@ -866,9 +866,7 @@ class QuantizedLinear(_ReducedWeights, Linear):
     _seq_infer = __call__
 
     def _seq_train(self, x):
-        raise TypeError(f"QuantizedLinear: training is not available on a quantized "
-                        f"({self._config['weight_dtype']}) model, which is for inference only; "
-                        f"train the float32 model, then quantize it")
+        self._refuse_training("training")
 
 
 _QUANTIZED = {RNN: QuantizedRNN, GRU: QuantizedGRU, LSTM: QuantizedLSTM,
@@ -978,7 +976,7 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     >>> out, (h_n, c_n) = q(np.random.rand(4, 50, 16).astype(np.float32))
     """
     from fastrnn.model import Sequential
-    dtype = _check_weight_dtype("quantize", dtype)
+    dtype = _check_weight_dtype("quantize", dtype, "dtype")
     per_channel = v.check_bool("quantize", "per_channel", per_channel)
     if isinstance(model, Sequential):
         layers = []

@@ -419,6 +419,13 @@ BAD_STATE_DICTS = [
     pytest.param(lambda sd: _bad_last(sd, lambda v: v.astype(np.complex64)),
                  TypeError, r"state_dict\['bias_hh(_l0)?'\] must have a real numeric dtype, "
                             r"got complex64", id="complex"),
+    pytest.param(lambda sd: _bad_last(sd, lambda v: np.zeros(v.shape, np.uint16)),
+                 TypeError, r"state_dict\['bias_hh(_l0)?'\] holds a quantized model's bfloat16 "
+                            r"bit patterns \(uint16\), not the weights' values", id="bfloat16"),
+    pytest.param(lambda sd: {**_bad_last(sd, lambda v: np.ones(v.shape, np.int8)),
+                             list(sd)[-1] + "_scale": np.ones(1, np.float32)},
+                 TypeError, r"holds a quantized model's int8 weights \(with their scales\)",
+                 id="int8-with-scale"),
     pytest.param(lambda sd: _bad_last(sd, lambda v: v.astype(object)),
                  TypeError, r"state_dict\['bias_hh(_l0)?'\] must have a real numeric dtype", id="object"),
     pytest.param(lambda sd: _bad_last(sd, lambda v: None),

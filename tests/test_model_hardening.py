@@ -374,3 +374,10 @@ def test_summary_lists_layers_shapes_and_counts(capsys):
     dense.summary(print_fn=lines.append)
     assert any("(None, 3)" in line for line in lines) and lines[-1] == \
         "Total params: 8 (64 bytes, float64)"
+    # a quantized model says its weights' dtype (not its float32 arithmetic's)
+    for dtype in ("int8", "bfloat16"):
+        lines = []
+        fastrnn.quantize(fastrnn.Sequential([fastrnn.GRU(3, 4), fastrnn.LastStep(),
+                                             fastrnn.Linear(4, 1)]),
+                         dtype=dtype).summary(print_fn=lines.append)
+        assert lines[-1].startswith("Total params: ") and lines[-1].endswith(f", {dtype} weights)")

@@ -600,8 +600,11 @@ def test_unit_split_reports_non_finite_values_as_one_part_does(dtype):
     bad_x0 = x.copy()
     bad_x0[0, 0] = np.inf
     cases.append((bad_x0, bad_h, 1))            # layer 0's projection first
-    for xs, hs, expected in cases:
-        one, two = _one_part_and_split(kernel, xs, hs, c, 64, 10)
+    bad_c = c.copy()
+    bad_c[1, 0, 7] = np.nan                     # layer 1's cell state
+    for xs, hs, cs, expected in [case[:2] + (c,) + case[2:] for case in cases] + [
+            (x, h, bad_c, 2), (bad_x0, h, bad_c, 1)]:
+        one, two = _one_part_and_split(kernel, xs, hs, cs, 64, 10)
         assert one[0] == expected and two[0] == expected
 
 
@@ -851,10 +854,10 @@ def test_load_state_dict_requantizes():
 
 def test_bad_arguments():
     lstm = fastrnn.LSTM(3, 4, seed=0)
-    with pytest.raises(ValueError, match=r"quantize: weight_dtype must be 'int8' or "
+    with pytest.raises(ValueError, match=r"quantize: dtype must be 'int8' or "
                                          r"'bfloat16', got 'int4'"):
         fastrnn.quantize(lstm, dtype="int4")
-    with pytest.raises(TypeError, match="quantize: weight_dtype must be a str.*got int"):
+    with pytest.raises(TypeError, match="quantize: dtype must be a str.*got int"):
         fastrnn.quantize(lstm, dtype=8)
     with pytest.raises(TypeError, match="quantize: per_channel must be a bool, got str"):
         fastrnn.quantize(lstm, per_channel="yes")
@@ -913,6 +916,73 @@ def test_training_is_refused():
         linear.train_step(np.zeros((2, 3), F32), np.zeros((2, 1), F32))
 
 
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("kind,x_shape,state_shape", [
+    ("LSTM", (5, 3, 3), (1, 3, 4)), ("LSTM", (5, 3), (1, 4)), ("LSTMCell", (3, 3), (3, 4)),
+    ("LSTMCell", (3,), (4,))])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_non_finite_cell_state_is_refused_as_h_is(kind, x_shape, state_shape, dtype, bad,
+                                                     threads, monkeypatch):
+    """c_0 with NaN or inf once ran (NaN outputs, an inf c_n); the check
+    covered h_0 only."""
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    q = fastrnn.quantize(getattr(fastrnn, kind)(3, 4, seed=0), dtype=dtype)
+    c = np.zeros(state_shape, F32)
+    c.reshape(-1, 4)[-1, 2] = bad
+    with pytest.raises(ValueError, match=f"Quantized{kind}: hx has non-finite values"):
+        q(np.zeros(x_shape, F32), (np.zeros(state_shape, F32), c))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_state_that_overflows_gives_what_float32_gives(dtype, num_layers, threads,
+                                                         monkeypatch):
+    """A ReLU RNN whose state overflows to inf: float32's next products are
+    inf, then NaN (inf - inf). int8 once quantized the inf row to zeros and
+    went on with finite, wrong numbers (and a layer above refused the inf as
+    its "input"); what the caller gave is refused, what overflows inside
+    propagates: int8's products of such a row are NaN (an int8 row cannot
+    hold inf), bfloat16's keep inf."""
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    layer = fastrnn.RNN(1, 4, num_layers=num_layers, nonlinearity="relu", seed=0)
+    state = {name: np.zeros_like(value) for name, value in layer.state_dict().items()}
+    for k in range(num_layers):
+        state[f"weight_ih_l{k}"] += 1
+        state[f"weight_hh_l{k}"] += 1e4 * np.eye(4, dtype=F32)
+    layer.load_state_dict(state)
+    x = np.ones((12, 2, 1), F32)
+    want = layer(x)[0]
+    got = fastrnn.quantize(layer, dtype=dtype)(x)[0]
+    assert not np.isfinite(want[-1]).any()
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+
+
+def test_quantized_models_refuse_an_optimizers_step_and_clipping_by_name():
+    """An optimizer's step once ran over a quantized model and changed
+    nothing. Building one stays allowed: ``compile`` makes one, and a
+    compiled quantized model evaluates."""
+    q = fastrnn.quantize(fastrnn.LSTM(4, 8, seed=0))
+    q_linear = fastrnn.quantize(fastrnn.Linear(4, 2, seed=0))
+    model = fastrnn.quantize(fastrnn.Sequential([fastrnn.GRU(3, 4), fastrnn.LastStep(),
+                                                 fastrnn.Linear(4, 1)]))
+    for params, name in [([q], "QuantizedLSTM"), (q_linear, "QuantizedLinear"),
+                         (model, "QuantizedGRU")]:
+        for optimizer in (fastrnn.optim.SGD(params, lr=0.1), fastrnn.optim.Adam(params)):
+            with pytest.raises(TypeError, match=f"{name}: an optimizer's step is not "
+                                                f"available on a quantized .int8. model"):
+                optimizer.step()
+        for clip, args in ((fastrnn.optim.clip_grad_norm, (1.0,)),
+                           (fastrnn.optim.clip_grad_value, (1.0,))):
+            with pytest.raises(TypeError, match=f"{name}: {clip.__name__} is not available"):
+                clip(params, *args)
+    model.compile("mse", "adam")
+    assert np.isfinite(model.evaluate(np.zeros((4, 5, 3), F32), np.zeros((4, 1), F32)))
+
+
 def test_non_finite_inputs_are_refused():
     q = fastrnn.quantize(fastrnn.GRU(3, 4, seed=0))
     x = np.zeros((2, 1, 3), F32)
@@ -924,6 +994,9 @@ def test_non_finite_inputs_are_refused():
         q(np.zeros((2, 1, 3), F32), np.full((1, 1, 4), np.inf, F32))
     with pytest.raises(ValueError, match="QuantizedLinear: input has non-finite"):
         fastrnn.quantize(fastrnn.Linear(3, 2))(np.array([1, np.inf, 0], F32))
+    with pytest.raises(ValueError, match=r"QuantizedLinear: expected input of shape "
+                                         r"\(\.\.\., 3\), got \(2, 5\)"):
+        fastrnn.quantize(fastrnn.Linear(3, 2))(np.zeros((2, 5), F32))
     with pytest.raises(ValueError, match=r"QuantizedLSTM: expected input of shape "
                                          r"\(T, B, 3\) or \(T, 3\), got \(2, 1, 5\)"):
         fastrnn.quantize(fastrnn.LSTM(3, 4))(np.zeros((2, 1, 5), F32))
