@@ -400,10 +400,11 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef float* g_row
     cdef float* g_t
     cdef float* out_row
-    for b in range(B):     # the caller's initial state (the steps' own: _inner_row)
-        if _row(w.kind, h + b * H, H, q) < 0 or (c != NULL and not _finite(c + b * H, H)):
-            j.bad = 1
-            return
+    if j.t0 == 0:   # the caller's initial state (a later window's is the call's own)
+        for b in range(B):
+            if _row(w.kind, h + b * H, H, q) < 0 or (c != NULL and not _finite(c + b * H, H)):
+                j.bad = 1
+                return
     for st in range(j.T):
         if interrupted(j.it):
             return
@@ -909,6 +910,8 @@ cdef struct UnitJob:
     long long barriers           # passed by each part
     long long waits[MAX_PARTS]   # per part: yields at the barriers
     int bad                      # 1: a row of x is not finite; 2: the state
+    Py_ssize_t bad_c_layer       # the first layer whose c_0 is not finite (L: none),
+                                 # found before the parts start (they write c in place)
     Interrupt interrupt          # polled by part 0 (the calling thread)
 
 
@@ -1013,11 +1016,12 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
             h_k = j.h + k * B * H
             c_k = NULL if j.c == NULL else j.c + k * B * H
             qrow = _row_bytes(layer.w_hh[0].kind, H)
-            if not j.bad:
+            if t0 == 0 and not j.bad:   # the caller's state (later, the call's own)
                 for b in range(B):
-                    if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0 or (
-                            c_k != NULL and not _finite(c_k + b * H, H)):
+                    if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0:
                         j.bad = 2
+                if k == j.bad_c_layer:
+                    j.bad = 2
             if j.bad:
                 t0 = j.T        # stop: every part decided alike
                 break
@@ -1154,6 +1158,11 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.h = &h[0, 0, 0]
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
+    job.bad_c_layer = L
+    for p in range(L if c is not None else 0):
+        if not _finite(&c[p, 0, 0], B * H):
+            job.bad_c_layer = p
+            break
     job.sync = team_slots(sync_raw, job.nparts)
     job.barriers = 0
     for p in range(n):

@@ -24,6 +24,7 @@ from fastrnn import _saving
 from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
+from fastrnn._module import _refuse_quantized_entry
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
                                ProgressBar)
@@ -174,6 +175,14 @@ class Sequential:
             if dot and index.isascii() and index.isdigit() and str(int(index)) == index \
                     and int(index) < len(self.layers):
                 parts[int(index)][name] = value
+        # a float layer refuses a quantized layer's weights (int8 beside its
+        # scales, which the layer's own part would no longer show it)
+        for i, (layer, part) in enumerate(zip(self.layers, parts)):
+            if not hasattr(layer, "_refuse_training"):   # not fastrnn.quantized's
+                for name in getattr(layer, "_names", ()):
+                    if name in part:
+                        _refuse_quantized_entry(f"Sequential: layer {i} "
+                                                f"({type(layer).__name__})", part, name)
         # a quantized layer expects an int8 weight's scales only with an int8 weight
         expected = {f"{i}.{name}": None
                     for i, (layer, part) in enumerate(zip(self.layers, parts))
@@ -834,13 +843,20 @@ class Sequential:
             if j == 0:
                 print_fn(line.replace("-", "="))
         print_fn(line)
-        dtype = self._dtype()
-        # a quantized model's weights (fastrnn.quantize): int8 with their
-        # float32 scales, or bfloat16; its biases and arithmetic float32
-        reduced = sorted({layer._config["weight_dtype"] for layer in self.layers
-                          if "weight_dtype" in getattr(layer, "_config", {})})
-        kind = ("" if dtype is None else f", {dtype.name}") if not reduced else \
-            f", {' and '.join(reduced)} weights"
+        # each layer's weights: its dtype, or a quantized layer's (fastrnn.quantize:
+        # int8 with float32 scales, or bfloat16; its biases and arithmetic float32)
+        kinds = []
+        for layer in self.layers:
+            config = getattr(layer, "_config", {})
+            if "weight_dtype" in config:
+                kind = f"{config['weight_dtype']} weights"
+            elif config.get("dtype") is not None and _parameter_views(layer):
+                kind = config["dtype"].name
+            else:
+                continue
+            if kind not in kinds:
+                kinds.append(kind)
+        kind = "".join(", " + k for k in kinds[:1]) + "".join(" and " + k for k in kinds[1:])
         print_fn(f"Total params: {total:,} ({_bytes_text(nbytes)}{kind})")
         if self.optimizer is not None:
             state = [value for entry in self.optimizer._state for value in entry.values()

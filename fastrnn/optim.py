@@ -93,8 +93,9 @@ class Optimizer:
 
     def add(self, params: Module | Sequential | Iterable[Module | Sequential]) -> None:
         """Add the parameters of more modules (a module is added once)."""
+        modules = _modules_of(params)
         self._quantized.extend(_quantized_in(params))
-        for module in _modules_of(params):
+        for module in modules:
             if any(module is m for m in self._modules):
                 continue
             self._modules.append(module)

@@ -935,30 +935,51 @@ def test_a_non_finite_cell_state_is_refused_as_h_is(kind, x_shape, state_shape, 
         q(np.zeros(x_shape, F32), (np.zeros(state_shape, F32), c))
 
 
+def _overflowing_relu_rnn(num_layers, H):
+    """A ReLU RNN whose state grows 1e4-fold a step: inf by step 11."""
+    layer = fastrnn.RNN(1, H, num_layers=num_layers, nonlinearity="relu", seed=0)
+    state = {name: np.zeros_like(value) for name, value in layer.state_dict().items()}
+    for k in range(num_layers):
+        state[f"weight_ih_l{k}"] += 1
+        state[f"weight_hh_l{k}"] += 1e4 * np.eye(H, dtype=F32)
+    layer.load_state_dict(state)
+    return layer
+
+
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_state_that_overflows_gives_what_float32_gives(dtype, num_layers, threads,
+@pytest.mark.parametrize("T,B,H", [(12, 2, 4), (100, 32, 128)])
+def test_a_state_that_overflows_gives_what_float32_gives(dtype, num_layers, threads, T, B, H,
                                                          monkeypatch):
     """A ReLU RNN whose state overflows to inf: float32's next products are
     inf, then NaN (inf - inf). int8 once quantized the inf row to zeros and
     went on with finite, wrong numbers (and a layer above refused the inf as
-    its "input"); what the caller gave is refused, what overflows inside
+    its "input"; a later time window, T = 100 here, refused its own state as
+    the caller's hx); what the caller gave is refused, what overflows inside
     propagates: int8's products of such a row are NaN (an int8 row cannot
     hold inf), bfloat16's keep inf."""
     monkeypatch.setattr(_parallel, "_threads", threads)
     monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
-    layer = fastrnn.RNN(1, 4, num_layers=num_layers, nonlinearity="relu", seed=0)
-    state = {name: np.zeros_like(value) for name, value in layer.state_dict().items()}
-    for k in range(num_layers):
-        state[f"weight_ih_l{k}"] += 1
-        state[f"weight_hh_l{k}"] += 1e4 * np.eye(4, dtype=F32)
-    layer.load_state_dict(state)
-    x = np.ones((12, 2, 1), F32)
+    layer = _overflowing_relu_rnn(num_layers, H)
+    x = np.ones((T, B, 1), F32)
     want = layer(x)[0]
     got = fastrnn.quantize(layer, dtype=dtype)(x)[0]
     assert not np.isfinite(want[-1]).any()
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_unit_split_lets_an_overflow_propagate_as_one_part_does(dtype):
+    # windows of 3 steps: the overflow (step 10) reaches later windows' states
+    layer = fastrnn.quantize(_overflowing_relu_rnn(2, 128), dtype=dtype)
+    layer(np.zeros((1, 1, 1), F32))
+    kernel = layer._stack(layer._params).kernel
+    x, h = np.ones((30, 1), F32), np.zeros((2, 1, 128), F32)
+    one, two = _one_part_and_split(kernel, x, h, None, 64, 3)
+    assert one[0] == two[0] == 0
+    assert np.isfinite(one[1][:3]).all() and not np.isfinite(one[1][-1]).any()
+    np.testing.assert_array_equal(np.isfinite(two[1]), np.isfinite(one[1]))
 
 
 def test_quantized_models_refuse_an_optimizers_step_and_clipping_by_name():
@@ -981,6 +1002,31 @@ def test_quantized_models_refuse_an_optimizers_step_and_clipping_by_name():
                 clip(params, *args)
     model.compile("mse", "adam")
     assert np.isfinite(model.evaluate(np.zeros((4, 5, 3), F32), np.zeros((4, 1), F32)))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_float_model_refuses_a_quantized_state_dict(strict):
+    """Their int8 codes or bfloat16 bits once loaded as numbers (a layer's
+    own check cannot see the scales once a Sequential has split the keys)."""
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, seed=0), fastrnn.LastStep(),
+                                fastrnn.Linear(4, 1, seed=0)])
+    for dtype, what in [("int8", r"int8 weights \(with their scales\)"),
+                        ("bfloat16", r"bfloat16 bit patterns \(uint16\)")]:
+        q = fastrnn.quantize(model, dtype=dtype)
+        target = fastrnn.Sequential([fastrnn.GRU(3, 4, seed=1), fastrnn.LastStep(),
+                                     fastrnn.Linear(4, 1, seed=1)])
+        before = target.state_dict()
+        with pytest.raises(TypeError, match=r"Sequential: layer 0 \(GRU\): state_dict\["
+                                            r"'weight_ih_l0'\] holds a quantized model's " + what):
+            target.load_state_dict(q.state_dict(), strict=strict)
+        after = target.state_dict()
+        assert after.keys() == before.keys()
+        for name in before:
+            np.testing.assert_array_equal(after[name], before[name])
+        layer = fastrnn.GRU(3, 4, seed=1)
+        with pytest.raises(TypeError, match="GRU: state_dict.'weight_ih_l0'. holds a quantized"):
+            layer.load_state_dict(fastrnn.quantize(fastrnn.GRU(3, 4), dtype=dtype).state_dict(),
+                                  strict=strict)
 
 
 def test_non_finite_inputs_are_refused():
