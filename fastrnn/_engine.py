@@ -299,8 +299,9 @@ class RecurrentEngine(RecurrentWeights):
         if runner is None:
             w_ih, w_hh = self._weights(params)[:2]
             # (a cell has no batch_first: its steps run time-major, T = 1)
+            batch_first = self._config.get("batch_first", False)
             runner = params.cache[key] = _forward.SequenceRunner(
-                self._kernel_code, self._dirs, self._config.get("batch_first", False), w_ih, w_hh,
+                self._kernel_code, self._dirs, batch_first, w_ih, w_hh,
                 self._kernel_weights(params), *_plan.runner_limits(self, threads),
                 self._packed_recurrent(params), self._packed_projection(params))
         return runner

@@ -115,7 +115,6 @@ class ParamSet:
         self.cache = {}
 
 
-
 def _refuse_quantized_entry(owner, state_dict, name):
     """A quantized model's state_dict (fastrnn.quantized) holds bfloat16 bit
     patterns (uint16) or int8 codes beside their scales: loaded into a float
@@ -133,6 +132,7 @@ def _refuse_quantized_entry(owner, state_dict, name):
                     f"not the weights' values; load it into a quantized model "
                     f"(fastrnn.quantize(model).load_state_dict), or convert integers meant "
                     f"as values with astype(np.float32)")
+
 
 class Module:
     """Base of every public class: configuration and named parameters.
