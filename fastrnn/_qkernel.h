@@ -277,7 +277,8 @@ static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
  * multiply-adds, a load per row, and those tiles took as long as 2 and 3
  * one-row passes over a panel from L2 (512 x 2048 weights, one thread:
  * 21 and 32 us, against 13 and 15 us with the loads held; 4 rows 18) */
-#define Q_LOADW(v) __m512i w##v = _mm512_loadu_si512((const void*)(panel + (v) * bstride + kq * 64)); \
+#define Q_LOADW(v)                                                                      \
+    __m512i w##v = _mm512_loadu_si512((const void*)(panel + (v) * bstride + kq * 64)); \
     FASTRNN_HOLD(w##v)
 #define Q_INIT(r) __m512i c##r##0 = s0, c##r##1 = s1, c##r##2 = s2, c##r##3 = s3
 #define Q_ROW(r) b = _mm512_set1_epi32(fastrnn_q_load4(a + (r) * lda + kq * 4));            \
@@ -741,9 +742,9 @@ static void fastrnn_q_gemm_dequant(ptrdiff_t M, ptrdiff_t K, const int8_t* a, pt
  * vpaddd, 32), nothing loaded or stored in the loop. ``iters`` iterations
  * do iters * FASTRNN_Q_PEAK_MACS multiply-adds (0 in the portable build:
  * it has no such instruction, nothing is measured); the sum goes to *sink
- * so that the loop stays. FASTRNN_HOLD (_portable.h), an empty asm
- * (GCC, Clang), tells the compiler an operand changed, so that no step is hoisted out of
- * the loop or shared between accumulators (MSVC has no such statement: its
+ * so that the loop stays. FASTRNN_HOLD (_portable.h), an empty asm (GCC,
+ * Clang), tells the compiler an operand changed, so that no step is
+ * hoisted out of the loop or shared between accumulators (MSVC has no such statement: its
  * AVX2 figure may be too high, a loop-invariant step hoisted). AMX's tiles
  * are not measured. */
 #define FASTRNN_Q_PEAK_CHAINS 12

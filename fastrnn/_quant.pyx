@@ -229,12 +229,18 @@ cdef inline float _inner_row(int kind, const float* x, Py_ssize_t K, int8_t* q) 
     return scale if scale >= 0 else NAN
 
 
-cdef inline bint _finite(const float* x, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        if not x[i] - x[i] == 0:     # NaN for NaN and inf
-            return False
-    return True
+cdef inline float _input_row(int kind, const float* x, Py_ssize_t K, int8_t* q, bint inner,
+                             int* bad) noexcept nogil:
+    """A layer's input row converted: a lower layer's output (inner) as
+    _inner_row does, the caller's x as _row does, a non-finite one setting
+    *bad to 1."""
+    cdef float scale
+    if inner:
+        return _inner_row(kind, x, K, q)
+    scale = _row(kind, x, K, q)
+    if scale < 0:
+        bad[0] = 1
+    return scale
 
 
 cdef inline void _product(const QView* w, Py_ssize_t M, const int8_t* a, Py_ssize_t lda,
@@ -293,12 +299,7 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
             else:
                 x_row = j.x + ((j.t0 + (start + i) % j.steps) * j.x_row_t
                                + (j.b0 + (start + i) // j.steps) * j.x_row_b) * j.D
-            if j.inner:
-                s[i] = _inner_row(j.w.kind, x_row, j.D, q + i * j.qrow)
-            else:
-                s[i] = _row(j.w.kind, x_row, j.D, q + i * j.qrow)
-                if s[i] < 0:
-                    j.bad = 1
+            s[i] = _input_row(j.w.kind, x_row, j.D, q + i * j.qrow, j.inner, &j.bad)
         _product(&j.w, n, q, j.qrow, s, j.bias, 0, j.gx + start * j.N, j.N)
         start += n
     fastrnn_amx_release()
@@ -401,8 +402,9 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef float* g_t
     cdef float* out_row
     if j.t0 == 0:   # the caller's initial state (a later window's is the call's own)
-        for b in range(B):
-            if _row(w.kind, h + b * H, H, q) < 0 or (c != NULL and not _finite(c + b * H, H)):
+        for b in range(B):   # (c converted only to be checked)
+            if _row(w.kind, h + b * H, H, q) < 0 or (
+                    c != NULL and _row(w.kind, c + b * H, H, q) < 0):
                 j.bad = 1
                 return
     for st in range(j.T):
@@ -1001,12 +1003,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                         in_row = j.x + ((t0 + st) * j.row_t + b * j.row_b) * D
                     else:
                         in_row = _unit_row(j, k - 1, t0, st, b)
-                    if k == 0:
-                        s[i] = _row(layer.w_ih.kind, in_row, D, q + i * qrow)
-                        if s[i] < 0:
-                            j.bad = 1
-                    else:
-                        s[i] = _inner_row(layer.w_ih.kind, in_row, D, q + i * qrow)
+                    s[i] = _input_row(layer.w_ih.kind, in_row, D, q + i * qrow, k > 0, &j.bad)
                 for g in range(G):
                     wk = _columns(&layer.w_ih, g * H + lo, u)
                     _product(&wk, n, q, qrow, s,
@@ -1159,10 +1156,10 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
     job.bad_c_layer = L
-    for p in range(L if c is not None else 0):
-        if not _finite(&c[p, 0, 0], B * H):
-            job.bad_c_layer = p
-            break
+    if c is not None:
+        finite = np.isfinite(np.asarray(c)).reshape(L, -1).all(axis=1)
+        if not finite.all():
+            job.bad_c_layer = int(np.argmin(finite))
     job.sync = team_slots(sync_raw, job.nparts)
     job.barriers = 0
     for p in range(n):

@@ -49,6 +49,11 @@ def _quantized_in(params):
     return [m for m in candidates if hasattr(m, "_refuse_training")]   # fastrnn.quantized's
 
 
+def _refuse_quantized(modules, what):
+    if modules:
+        modules[0]._refuse_training(what)
+
+
 def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
@@ -114,8 +119,7 @@ class Optimizer:
         gradients are read under its lock (no backprop adds meanwhile), and
         its updated parameters replace the old as one set: a call running
         in another thread computes with the old set or the new, never a mix."""
-        if self._quantized:
-            self._quantized[0]._refuse_training("an optimizer's step")
+        _refuse_quantized(self._quantized, "an optimizer's step")
         self.step_count += 1
         states = iter(self._state)
         for module in self._modules:
@@ -442,8 +446,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     """Scale all gradients together so that their global L2 norm is at most
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
-    for module in _quantized_in(params):
-        module._refuse_training("clip_grad_norm")
+    _refuse_quantized(_quantized_in(params), "clip_grad_norm")
     modules = _modules_of(params)
     with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
         for module in modules:
@@ -463,8 +466,7 @@ def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
                     clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
-    for module in _quantized_in(params):
-        module._refuse_training("clip_grad_value")
+    _refuse_quantized(_quantized_in(params), "clip_grad_value")
     for module in _modules_of(params):
         with module._grad_lock:
             for grad in module._trainable:
