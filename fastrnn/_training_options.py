@@ -26,8 +26,9 @@ INITIAL_STATE_DOC = """
         (and ``initial_c{where}`` for an LSTM), of shape (H,){per}, zero at
         first, broadcast over the batch and trained as the others (its
         gradient is the sum over the batch of the initial state's). It is used
-        when a call passes no ``hx``; a call that passes ``hx`` (even in part)
-        starts from that, and the parameters get no gradient from it. No
+        when a call passes no ``hx``; a call that passes ``hx`` (even in part:
+        a missing part is zeros) starts from that, and the parameters get no
+        gradient from it. No
         PyTorch, Keras or ONNX equivalent (to_onnx writes it as the node's
         initial_h/initial_c, a constant; to_torch refuses it)."""
 LAYER_INITIAL_STATE_DOC = INITIAL_STATE_DOC.format(

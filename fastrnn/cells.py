@@ -183,7 +183,7 @@ class _CellBase(RecurrentEngine):
         names = ("h", "c") if self._has_cell_state else ("hx",)
         states = v.state_arrays(type(self).__name__, "hx", hx, names,
                                 (B, H) if batched else (H,), self._config["dtype"],
-                                full_shape=(B, H))
+                                full_shape=(B, H), optional_parts=True)
         learned = self._learned_state(params) if hx is None else None
         for state, value in zip(states, learned or ()):
             state[...] = value   # (1, H) over the batch

@@ -269,7 +269,7 @@ class _RNNBase(RecurrentEngine):
         shapes = [(rows, B, self._out_size), (rows, B, cfg["hidden_size"])][:len(names)]
         states = v.state_arrays(type(self).__name__, "hx", hx, names,
                                 [s if batched else (s[0], s[2]) for s in shapes],
-                                cfg["dtype"], full_shape=shapes)
+                                cfg["dtype"], full_shape=shapes, optional_parts=True)
         learned = self._learned_state(params) if hx is None else None
         for state, value in zip(states, learned or ()):
             state[...] = value[:, None, :]

@@ -140,7 +140,7 @@ def _state_parts(layer, params, hx, B, batched):
     shapes = [(rows, B, layer._out_size), (rows, B, layer.hidden_size)][:len(names)]
     states = v.state_arrays(owner, "hx", hx, names,
                             [s if batched else (s[0], s[2]) for s in shapes], layer.dtype,
-                            full_shape=shapes)
+                            full_shape=shapes, optional_parts=True)
     learned = layer._learned_state(params) if hx is None else None
     for state, value in zip(states, learned or ()):
         state[...] = value[:, None, :]

@@ -494,3 +494,51 @@ def test_projection_that_blas_could_thread_takes_the_held_path(kind, D, H, T, B,
                                           zeros if kind == "lstm" else None)
     close(out, ref_out, dtype)
     close(state[0] if kind == "lstm" else state, ref_h, dtype)
+
+
+# (quantize refuses a learned initial state)
+@pytest.mark.parametrize("quantized, learned", [(False, False), (False, True), (True, False)])
+def test_a_missing_part_of_an_lstm_state_is_zeros(quantized, learned):
+    """hx = (h_0, None) or (None, c_0), as the signatures allow: the missing
+    part starts from zeros (also beside a learned initial state, which a
+    call that passes hx does not use), on every entry that takes a state."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    h0, c0 = rng.standard_normal((2, 1, 2, 4)).astype(np.float32)
+    zeros = np.zeros_like(h0)
+    layer = fastrnn.LSTM(3, 4, learn_initial_state=learned, seed=1)
+    cell = fastrnn.LSTMCell(3, 4, learn_initial_state=learned, seed=1)
+    if learned:   # a learned state of ones: zeros differ from it
+        for module, suffix in ((layer, "_l0"), (cell, "")):
+            sd = module.state_dict()
+            sd["initial_h" + suffix] = np.ones(4, np.float32)
+            sd["initial_c" + suffix] = np.ones(4, np.float32)
+            module.load_state_dict(sd)
+    if quantized:
+        layer, cell = fastrnn.quantize(layer), fastrnn.quantize(cell)
+    calls = [lambda hx: layer(x, hx), lambda hx: layer(x, hx, lengths=[5, 3]),
+             lambda hx: layer(x, hx, mask=np.ones((2, 5), bool)),
+             lambda hx: cell(x[0], None if hx is None else (hx[0] if hx[0] is None else hx[0][0],
+                                                            hx[1] if hx[1] is None else hx[1][0])),
+             lambda hx: cell(x[0, 0], None if hx is None else
+                             tuple(None if p is None else p[0, 0] for p in hx))]
+    if not quantized:
+        calls += [lambda hx: layer.forward_train(x, hx)[0],
+                  lambda hx: cell.forward_train(x[0], None if hx is None else
+                                                tuple(None if p is None else p[0] for p in hx))[0]]
+    for call in calls:
+        for given, full in (((h0, None), (h0, zeros)), ((None, c0), (zeros, c0))):
+            got, want = call(given), call(full)
+            for a, b in zip(np.broadcast_arrays(*[np.asarray(v) for v in _flat(got)]),
+                            np.broadcast_arrays(*[np.asarray(v) for v in _flat(want)])):
+                np.testing.assert_array_equal(a, b)
+        if learned:   # the learned state is not what (h_0, None) starts from
+            assert not all(np.array_equal(a, b) for a, b in
+                           zip(_flat(call((h0, None))), _flat(call(None))))
+
+
+def _flat(result):
+    """A call's arrays in order, nested tuples flattened."""
+    if isinstance(result, (tuple, list)):
+        return [a for part in result for a in _flat(part)]
+    return [np.asarray(result)]
