@@ -495,6 +495,32 @@ static inline void fastrnn_q_tile_rest(ptrdiff_t rows, FASTRNN_Q_ARGS) {
         fastrnn_q_tile1(quads, a, lda, panel, bstride, comp, o, m0, col0);
 }
 
+/* Where the big tiles stop: at the last whole one, except on VNNI when 1 or
+ * 2 rows would be left: one tile earlier, and its rows and the rest run as
+ * two even tiles (fastrnn_q_tiles_after: 8 rows as 4 + 4, not 6 + 2). A thin
+ * tile streams the same panel for few rows: over 512 x 2048 weights, one
+ * thread, 2 rows ~350 G integer ops a second, 4 rows ~530, 6 rows ~560. */
+static inline ptrdiff_t fastrnn_q_big_end(ptrdiff_t M) {
+    ptrdiff_t end = M - M % FASTRNN_Q_BIG;
+#if defined(FASTRNN_Q_VNNI)
+    if (end > 0 && M % FASTRNN_Q_BIG > 0 && M % FASTRNN_Q_BIG < 3)
+        end -= FASTRNN_Q_BIG;
+#endif
+    return end;
+}
+
+/* The rows from fastrnn_q_big_end on (fewer than 2 * FASTRNN_Q_BIG) */
+static inline void fastrnn_q_tiles_after(ptrdiff_t rows, FASTRNN_Q_ARGS) {
+    if (rows >= FASTRNN_Q_BIG) {
+        ptrdiff_t first = rows - rows / 2;
+        fastrnn_q_tile_rest(first, quads, a, lda, panel, bstride, comp, o, m0, col0);
+        rows -= first;
+        a += first * lda;
+        m0 += first;
+    }
+    fastrnn_q_tile_rest(rows, quads, a, lda, panel, bstride, comp, o, m0, col0);
+}
+
 #if defined(FASTRNN_Q_AMX)
 /* AMX (Intel's tile matrix unit: TDPBUSD, 16 x 64 u8 times 16 x 64 s8 into
  * 16 x 16 int32, 16384 multiply-adds an instruction; measured here 3.8
@@ -657,7 +683,7 @@ static inline void fastrnn_amx_release(void) {}
 /* The product of A (M rows of quantized activations, lda bytes apart) and
  * W^T over W packed by fastrnn_q_pack (comp its column term), to ``o``.
  * All rows in tiles of 16 on AMX (where enabled and M >= 16), else in
- * tiles of FASTRNN_Q_BIG rows, then the rest (fastrnn_q_tile_rest); within
+ * tiles of FASTRNN_Q_BIG rows, then the rest (fastrnn_q_tiles_after); within
  * a tile, the columns in groups of FASTRNN_Q_NV blocks, so that a tile's
  * output rows (and the rows it adds: a step's input projection, 1 KB per
  * row at H = 64) are walked in order, which the hardware prefetches (column
@@ -668,7 +694,7 @@ static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff
                               const int8_t* packed, const int32_t* comp, ptrdiff_t N,
                               const fastrnn_q_out* o) {
     ptrdiff_t quads = fastrnn_q_quads(K), blocks = fastrnn_q_blocks(N);
-    ptrdiff_t bstride = quads * 64, nb0, m0 = 0;
+    ptrdiff_t bstride = quads * 64, nb0, m0 = 0, big_end = fastrnn_q_big_end(M);
 #if defined(FASTRNN_Q_AMX)
     /* 16 rows or more on AMX, fewer on VNNI (the same sums); so is a product
      * of one column group over one tile's depth of k (K <= 64, N <= 64),
@@ -685,23 +711,23 @@ static void fastrnn_q_product(ptrdiff_t M, ptrdiff_t K, const int8_t* a, ptrdiff
          * panel fetched once from L3 for every tile of rows */
         for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV) {
             const int8_t* panel = packed + nb0 * bstride;
-            for (m0 = 0; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
+            for (m0 = 0; m0 < big_end; m0 += FASTRNN_Q_BIG)
                 fastrnn_q_tile_big(quads, a + m0 * lda, lda, panel, bstride, comp + nb0 * 16,
                                    o, m0, nb0 * 16);
             if (m0 < M)
-                fastrnn_q_tile_rest(M - m0, quads, a + m0 * lda, lda, panel, bstride,
-                                    comp + nb0 * 16, o, m0, nb0 * 16);
+                fastrnn_q_tiles_after(M - m0, quads, a + m0 * lda, lda, panel, bstride,
+                                      comp + nb0 * 16, o, m0, nb0 * 16);
         }
         return;
     }
-    for (; m0 + FASTRNN_Q_BIG <= M; m0 += FASTRNN_Q_BIG)
+    for (; m0 < big_end; m0 += FASTRNN_Q_BIG)
         for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
             fastrnn_q_tile_big(quads, a + m0 * lda, lda, packed + nb0 * bstride, bstride,
                                comp + nb0 * 16, o, m0, nb0 * 16);
     if (m0 < M)
         for (nb0 = 0; nb0 < blocks; nb0 += FASTRNN_Q_NV)
-            fastrnn_q_tile_rest(M - m0, quads, a + m0 * lda, lda, packed + nb0 * bstride,
-                                bstride, comp + nb0 * 16, o, m0, nb0 * 16);
+            fastrnn_q_tiles_after(M - m0, quads, a + m0 * lda, lda, packed + nb0 * bstride,
+                                  bstride, comp + nb0 * 16, o, m0, nb0 * 16);
 }
 
 /* c (M rows ldc apart, fastrnn_q_blocks(N) * 16 int32 each) = the int32 sums. */

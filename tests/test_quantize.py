@@ -182,18 +182,20 @@ def oracle_layer(layer, x, hx=None, lengths=None, state=None):
 
 # shapes for AMX too: whole tiles of 16 rows and the rows left, K in whole
 # tiles of 64 and the quads left (or only those), one block of columns or many;
-# the rows left after VNNI's 6-row tiles in one tile of 1 to 5 rows (7, 31,
-# 32, 33, 4, 5, 10 and 11 rows);
+# the rows left after VNNI's 6-row tiles in one tile of 3 to 5 rows (33, 4,
+# 5, 10, 11, 15 rows), a rest of 1 or 2 rows with the last 6-row tile's as
+# two even tiles (7 = 4 + 3, 8 = 4 + 4, 13 = 6 + 4 + 3, 14, 20 = 6 + 6 + 4
+# + 4, 31, 32, 37);
 # packed weights past FASTRNN_Q_GROUPS_OUTER_BYTES (1 MB) run column group
-# by column group: 1.1 MB with two big tiles, a 2-row and a 1-row one and a
-# last group of 3 blocks (15 rows; 32 rows: five big tiles and a 2-row
-# one); 1.1 MB with a big tile and a 2-row one; 1 MB, 7 rows
+# by column group: 1.1 MB with two big tiles and a 3-row one and a last
+# group of 3 blocks (15 rows; 32 rows: four big tiles and two of 4 rows);
+# 1.1 MB with a big tile and one of 4 rows; 1 MB, 7 rows
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (3, 7, 17), (7, 33, 65), (13, 128, 48),
                                    (6, 5, 200), (16, 64, 16), (16, 21, 70), (37, 300, 65),
                                    (48, 128, 512), (33, 256, 130), (15, 1100, 1000),
                                    (8, 2100, 520), (7, 512, 2048), (4, 300, 130), (5, 40, 70),
                                    (11, 129, 80), (10, 1100, 1000), (32, 1100, 1000),
-                                   (31, 200, 70)])
+                                   (31, 200, 70), (14, 300, 130), (20, 64, 2048)])
 def test_int_product_exact(M, K, N):
     rng = np.random.default_rng(M * 100 + K)
     w = rng.integers(-127, 128, (N, K)).astype(np.int8)
