@@ -148,6 +148,11 @@ class CallbackList:
                         getattr(Callback, hook) and hook not in vars(cb):
                     continue   # the base class's no-op
                 methods.append(method)
+            if hook == "on_epoch_end":
+                # a checkpoint saves the state the next epoch starts from: after
+                # the schedules and ReduceLROnPlateau, whatever the list's order
+                methods.sort(key=lambda m: isinstance(getattr(m, "__self__", None),
+                                                      ModelCheckpoint))
             self.hooks[hook] = methods
         self.with_logs = {id(m): _takes_logs(m) for hook in ("on_train_begin", "on_train_end")
                           for m in self.hooks[hook]}
@@ -326,7 +331,10 @@ class ModelCheckpoint(_MonitorCallback):
 
     The file is the model's ``save`` file, with its optimizer and random
     states (``include_optimizer``): ``fastrnn.load`` it and call ``fit``
-    with ``initial_epoch`` to go on training from it.
+    with ``initial_epoch`` to go on training from it. At an epoch's end it
+    saves after every other callback (the schedules' steps, a learning rate
+    ReduceLROnPlateau lowered), wherever it stands in the list, so the file
+    holds the state the next epoch starts from.
 
     Parameters
     ----------

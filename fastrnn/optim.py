@@ -481,6 +481,12 @@ class LRScheduler:
     the optimizer's ``state_dict`` holds the schedule's state, so a model
     saved with its optimizer comes back with its schedules where they were;
     pass ``model.optimizer.schedules`` to ``fit`` again to go on with them.
+
+    Each step moves the optimizer's current learning rate (PyTorch's
+    chainable form), so two schedules compound and a rate that something
+    else changed (``ReduceLROnPlateau``, ``LearningRateScheduler``, the
+    user) goes on from there; alone, a schedule follows the formula of its
+    docstring (to rounding), and each step gives PyTorch's bits.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
@@ -496,7 +502,7 @@ class LRScheduler:
 
     def step(self) -> float:
         self.epoch += 1
-        self.optimizer.lr = self._lr(self.epoch)
+        self.optimizer.lr = self._next_lr(self.epoch, self.optimizer.lr)
         return self.optimizer.lr
 
     def get_config(self) -> dict[str, Any]:
@@ -531,8 +537,8 @@ class StepLR(LRScheduler):
     def get_config(self) -> dict[str, Any]:
         return {"step_size": self.step_size, "gamma": self.gamma}
 
-    def _lr(self, epoch):
-        return self.base_lr * self.gamma ** (epoch // self.step_size)
+    def _next_lr(self, epoch, lr):
+        return lr * self.gamma if epoch % self.step_size == 0 else lr
 
 
 class ExponentialLR(LRScheduler):
@@ -546,8 +552,8 @@ class ExponentialLR(LRScheduler):
     def get_config(self) -> dict[str, Any]:
         return {"gamma": self.gamma}
 
-    def _lr(self, epoch):
-        return self.base_lr * self.gamma ** epoch
+    def _next_lr(self, epoch, lr):
+        return lr * self.gamma
 
 
 class CosineAnnealingLR(LRScheduler):
@@ -564,9 +570,12 @@ class CosineAnnealingLR(LRScheduler):
     def get_config(self) -> dict[str, Any]:
         return {"T_max": self.T_max, "eta_min": self.eta_min}
 
-    def _lr(self, epoch):
-        return self.eta_min + (self.base_lr - self.eta_min) * (
-            1 + math.cos(math.pi * epoch / self.T_max)) / 2
+    def _next_lr(self, epoch, lr):
+        base, low, period = self.base_lr, self.eta_min, self.T_max
+        if (epoch - 1 - period) % (2 * period) == 0:   # from the bottom (no 0 / 0)
+            return lr + (base - low) * (1 - math.cos(math.pi / period)) / 2
+        return (1 + math.cos(math.pi * epoch / period)) / (
+            1 + math.cos(math.pi * (epoch - 1) / period)) * (lr - low) + low
 
 
 SCHEDULES = {cls.__name__: cls for cls in (StepLR, ExponentialLR, CosineAnnealingLR)}

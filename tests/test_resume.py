@@ -93,14 +93,18 @@ def test_save_load_and_fit_from_initial_epoch_is_bit_identical(cls, kwargs, dtyp
     assert resumed.optimizer.step_count == whole.optimizer.step_count
 
 
-def test_checkpoint_then_resume_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("checkpoint_first", [False, True])
+def test_checkpoint_then_resume_equals_the_uninterrupted_run(checkpoint_first, tmp_path):
+    """Also with the checkpoint listed before the schedule (as the README's
+    example lists it): the file holds the rate after the epoch's step."""
     x, y = _data()
     whole = _compiled(optim.Adam, dict(lr=1e-2))
     whole.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=whole.optimizer.schedules)
     first = _compiled(optim.Adam, dict(lr=1e-2))
-    first.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=[
-        *first.optimizer.schedules, fastrnn.ModelCheckpoint(tmp_path / "e{epoch}.npz",
-                                                            monitor="loss")])
+    checkpoint = fastrnn.ModelCheckpoint(tmp_path / "e{epoch}.npz", monitor="loss")
+    schedules = first.optimizer.schedules
+    first.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=(
+        [checkpoint, *schedules] if checkpoint_first else [*schedules, checkpoint]))
     resumed = fastrnn.load(tmp_path / "e2.npz")          # saved after epoch index 1
     resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=8, verbose=0,
                 callbacks=resumed.optimizer.schedules)

@@ -551,8 +551,43 @@ def test_schedules_match_torch(name, kwargs):
         topt.step()
         tsched.step()
         lr = sched.step()
-        assert lr == opt.lr
-        assert lr == pytest.approx(topt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), epoch
+        assert lr == opt.lr == topt.param_groups[0]["lr"], epoch
+
+
+@needs_torch
+def test_schedules_chain_as_torchs_do():
+    """Two schedules compound, and a rate changed between steps (what
+    ReduceLROnPlateau does) goes on from there: PyTorch's bits each epoch."""
+    for pair in ((SCHEDULES[0], SCHEDULES[2]), (SCHEDULES[2], SCHEDULES[3]),
+                 (SCHEDULES[4], SCHEDULES[1])):
+        opt = optim.SGD([fastrnn.Linear(2, 1)], lr=0.1)
+        topt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        scheds = [getattr(optim, name)(opt, **kwargs) for name, kwargs in pair]
+        tscheds = [getattr(torch.optim.lr_scheduler, name)(topt, **kwargs)
+                   for name, kwargs in pair]
+        for epoch in range(1, 25):
+            topt.step()
+            for sched, tsched in zip(scheds, tscheds):
+                sched.step()
+                tsched.step()
+            if epoch in (5, 11):
+                opt.lr *= 0.3
+                topt.param_groups[0]["lr"] *= 0.3
+            assert opt.lr == topt.param_groups[0]["lr"], (pair, epoch)
+
+
+def test_a_plateau_reduction_outlasts_a_schedule():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 2)), rng.standard_normal((8, 1))
+    model = fastrnn.Sequential([fastrnn.Linear(2, 1, seed=0)], seed=0)
+    model.compile("mse", optim.SGD(lr=0.1))
+    sched = optim.StepLR(model.optimizer, step_size=100)
+    # monitor a value that never improves: every epoch past the first reduces
+    plateau = fastrnn.ReduceLROnPlateau(monitor="loss", mode="max", factor=0.5, patience=0)
+    history = model.fit(x, y, epochs=4, callbacks=[plateau, sched], verbose=0)
+    # (the StepLR of 100 epochs had set the rate back to 0.1 at every step)
+    assert history.history["learning_rate"] == [0.1, 0.1, 0.05, 0.025]
+    assert model.optimizer.lr == 0.0125
 
 
 def test_schedule_as_fit_callback_and_errors():
