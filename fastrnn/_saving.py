@@ -937,7 +937,7 @@ def _check_training(section):
     for key in ("clip_grad_norm", "clip_grad_value"):
         value = section[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
+                                  or math.isnan(value) or value < 0):
             raise _BadFile(f"its {key} should be a number >= 0 or null, got "
                            f"{_brief.repr(value)}")
         clips.append(value)

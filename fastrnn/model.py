@@ -31,7 +31,7 @@ from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  
 from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import LastStep, Linear
-from fastrnn.optim import clip_grad_norm, clip_grad_value, get_optimizer
+from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
 
 __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
            "load_state_dict_file"]
@@ -375,8 +375,9 @@ class Sequential:
             none; one bound already must cover them, e.g. a loaded model's
             ``model.optimizer``, whose state is then kept), or a name: 'sgd',
             'adam', 'adamw', 'rmsprop'.
-        clip_grad_norm, clip_grad_value : float, optional
-            Clip the gradients by global norm and/or by value before each step.
+        clip_grad_norm, clip_grad_value : float >= 0, optional
+            Clip the gradients by global norm and/or by value before each step
+            (inf: never clips).
         metrics : list, optional
             Computed per batch and epoch, shown by the progress bar and kept
             in ``History`` (``val_`` ones on validation data) and returned by
@@ -400,6 +401,11 @@ class Sequential:
             bound to other parameters.
         """
         owner = "Sequential.compile"
+        # checked here, not at the first batch; inf (measure, never clip) is allowed
+        clip_grad_norm, clip_grad_value = (
+            None if value is None else _check_number(owner, name, value)
+            for name, value in (("clip_grad_norm", clip_grad_norm),
+                                ("clip_grad_value", clip_grad_value)))
         loss = get_loss(loss)
         if loss.reduction == "none":
             raise ValueError(f"{owner}: the loss's reduction must be 'mean' or 'sum' (training "

@@ -456,7 +456,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
         if error_if_nonfinite and not math.isfinite(total):
             raise ValueError(f"clip_grad_norm: the total gradient norm is {total}")
         scale = max_norm / (total + 1e-6)
-        if scale < 1:
+        if not scale >= 1:   # a NaN norm makes every gradient NaN, as PyTorch's does
             for g in grads:
                 g *= scale
     return total

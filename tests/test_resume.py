@@ -245,3 +245,18 @@ def test_recurrent_layers_have_a_save_method(tmp_path):
     gru = fastrnn.GRU(3, 4, seed=0)
     gru.save(tmp_path / "g.npz")
     assert np.array_equal(fastrnn.load(tmp_path / "g.npz").weight_hh_l0, gru.weight_hh_l0)
+
+
+def test_clipping_at_inf_saves_and_loads_and_bad_clipping_is_refused_at_compile(tmp_path):
+    x, y = _data()
+    model = _model()
+    model.compile("mse", "adam", clip_grad_norm=float("inf"), clip_grad_value=float("inf"))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    model.save(tmp_path / "inf.npz")
+    loaded = fastrnn.load(tmp_path / "inf.npz")
+    assert loaded.clip_grad_norm == loaded.clip_grad_value == float("inf")
+    for name in ("clip_grad_norm", "clip_grad_value"):
+        for bad, error in (("1.0", TypeError), (True, TypeError), (-1.0, ValueError),
+                           (float("nan"), ValueError)):
+            with pytest.raises(error, match=f"Sequential.compile: {name} must"):
+                _model().compile("mse", "adam", **{name: bad})

@@ -519,6 +519,10 @@ def test_clip_grad_norm_nonfinite():
         optim.clip_grad_norm(lin, 1.0, error_if_nonfinite=True)
     with pytest.raises(ValueError, match="clip_grad_norm: max_norm must lie in"):
         optim.clip_grad_norm(lin, -1.0)
+    # a NaN norm: every gradient NaN, as torch.nn.utils.clip_grad_norm_ leaves them
+    lin.grads["weight"][0, 0] = np.nan
+    assert np.isnan(optim.clip_grad_norm(lin, 1.0))
+    assert all(np.isnan(g).all() for g in lin.grads.values())
 
 
 @needs_torch
