@@ -338,7 +338,7 @@ class IterableData:
     def _batch(self, item, step):
         owner, where = self.owner, f"{self.name} batch {step}"
         if not self.targets:
-            x = item[0] if isinstance(item, tuple) else item
+            x = item[0] if isinstance(item, tuple) or _is_list_batch(item) else item
             return ArrayData(owner, self.model, x, names=(where, "y", "sample_weight")).take(
                 slice(None))
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
@@ -352,6 +352,21 @@ class IterableData:
                          names=(f"x of {where}", f"y of {where}",
                                 f"sample_weight of {where}"))
         return data.take(slice(None))
+
+
+def _is_list_batch(item):
+    """A list that is an (x, y[, sample_weight]) batch (a PyTorch DataLoader
+    yields lists), not a list of sequences: 2 or 3 items, the first with 3 or
+    more dimensions (a sequence has 2) or the items' dimensions differing."""
+    if not isinstance(item, list) or len(item) not in (2, 3):
+        return False
+    ndims = []
+    for part in item:
+        try:
+            ndims.append(np.ndim(part))
+        except ValueError:   # a ragged nested list
+            ndims.append(-1)
+    return ndims[0] >= 3 or len(set(ndims)) > 1
 
 
 def _describe(item):

@@ -356,6 +356,15 @@ class CrossEntropyLoss(Loss):
         return {**args, **super()._repr_args()}
 
 
+def _broadcasts_within(shape, over):
+    """Whether an array of ``shape`` broadcasts over one of ``over`` and
+    leaves its shape as it is."""
+    try:
+        return np.broadcast_shapes(shape, over) == tuple(over)
+    except ValueError:
+        return False
+
+
 class BCEWithLogitsLoss(Loss):
     """Binary cross-entropy from logits, numerically stable; targets in [0, 1]
     (PyTorch's ``nn.BCEWithLogitsLoss``).
@@ -388,6 +397,11 @@ class BCEWithLogitsLoss(Loss):
     def _elements(self, pred, target):
         pred, target = self._pair(pred, target)
         w = 1.0 if self.pos_weight is None else self.pos_weight.astype(pred.dtype)
+        if self.pos_weight is not None and not _broadcasts_within(w.shape, pred.shape):
+            raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {shape_str(w.shape)} "
+                             f"does not broadcast over pred of shape {shape_str(pred.shape)} "
+                             f"without growing it (a number, or one weight per class: "
+                             f"{shape_str(pred.shape[-1:])})")
         # loss = (1 - y) x + (1 + (w - 1) y) softplus(-x)
         scale = 1 + (w - 1) * target
         values = (1 - target) * pred + scale * np.logaddexp(0, -pred)

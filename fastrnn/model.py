@@ -310,7 +310,10 @@ class Sequential:
             (N, T, features); pass one sample as ``x[None]``. A list of
             sequences (T_i, features) of different lengths runs each batch
             padded, with ``lengths``. An iterable yields batches: arrays,
-            lists of sequences, or tuples whose first item is x.
+            lists of sequences, or tuples whose first item is x (so does a
+            list of 2 or 3 items whose first has 3 or more dimensions, or
+            whose items differ in dimensions: a PyTorch DataLoader's
+            ``[x, y]``).
         batch_size : int, optional
             Samples per call (all at once if None); not for iterables.
         steps : int, optional
@@ -754,8 +757,13 @@ class Sequential:
             mean = _LossMean(reduction)
             for step, batch in enumerate(batches):
                 callbacks.call("on_train_batch_begin", step, {})
-                weight = batch.sample_weight if table is None else \
-                    _class_weights(table, batch.y, self.loss)
+                if table is None:
+                    weight = batch.sample_weight
+                elif batch.sample_weight is not None:   # an iterable's (x, y, weight)
+                    raise ValueError(f"{owner}: pass class_weight or sample_weight, not both "
+                                     f"(x's batch {step} holds sample weights)")
+                else:
+                    weight = _class_weights(table, batch.y, self.loss)
                 _, total, count, out, batch = self._train_batch(batch, weight)
                 mean.add(total, count, len(batch.x))
                 self._update_metrics(batch, out, weight)

@@ -209,6 +209,20 @@ def test_iterables_train_as_the_same_batches_of_arrays():
     np.testing.assert_array_equal(streamed.predict(iter(batches), steps=1), arrays.predict(x[:8]))
 
 
+def test_predict_takes_x_from_list_batches_as_a_torch_dataloader_yields_them():
+    x, y = _regression()
+    model = _small()
+    lists = [[x[i:i + 8], y[i:i + 8]] for i in range(0, 24, 8)]
+    np.testing.assert_array_equal(model.predict(iter(lists)), model.predict(x))
+    weighted = [[x[i:i + 8], y[i:i + 8], np.ones(8)] for i in range(0, 24, 8)]
+    np.testing.assert_array_equal(model.predict(iter(weighted)), model.predict(x))
+    # a batch of two (or three) sequences of different lengths stays a list of sequences
+    xs = _sequences()
+    ragged = _per_sequence_model()
+    for pair in ([xs[0], xs[1]], [xs[0], xs[1], xs[2]]):
+        np.testing.assert_array_equal(ragged.predict(iter([pair])), ragged.predict(pair))
+
+
 def test_a_generator_that_runs_out_stops_training_with_a_warning():
     x, y = _regression()
     model = _small()

@@ -265,6 +265,9 @@ def test_class_weight_of_one_hot_and_binary_targets():
     assert history.history["loss"][0] == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="pass class_weight or sample_weight, not both"):
         model.fit(x, one_hot, class_weight={0: 1.0}, sample_weight=np.ones(6), verbose=0)
+    with pytest.raises(ValueError, match=r"pass class_weight or sample_weight, not both \(x's "
+                                         r"batch 0 holds sample weights\)"):
+        model.fit([(x, one_hot, np.zeros(6))], class_weight={0: 1.0}, verbose=0)
     with pytest.raises(TypeError, match="class_weight must be a dict"):
         model.fit(x, one_hot, class_weight=[1.0, 2.0], verbose=0)
     with pytest.raises(TypeError, match=r"class_weight's keys must be int class indices, got "

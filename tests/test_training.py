@@ -149,6 +149,18 @@ def test_bce_with_logits_matches_torch(dtype, pos_weight):
                 RTOL[dtype])
 
 
+def test_bce_pos_weight_must_broadcast_within_pred():
+    pred = np.zeros((4, 3))
+    for bad in ([1.0, 2.0], np.ones((2, 1, 3))):
+        with pytest.raises(ValueError, match=r"BCEWithLogitsLoss: pos_weight of shape "
+                                             r"\([0-9, ]+\) does not broadcast over pred of "
+                                             r"shape \(4, 3\) without growing it"):
+            fastrnn.BCEWithLogitsLoss(pos_weight=bad).value_and_grad(pred, pred)
+    for good in (2.0, [1.0, 2.0, 3.0], np.ones((4, 1)), np.ones((1, 3))):
+        _, grad = fastrnn.BCEWithLogitsLoss(pos_weight=good).value_and_grad(pred, pred)
+        assert grad.shape == pred.shape
+
+
 def _loss_cases(rng):
     pred = rng.standard_normal((3, 4, 3))
     target = rng.standard_normal((3, 4, 3))
