@@ -120,11 +120,17 @@ def _refuse_quantized_entry(owner, state_dict, name):
     patterns (uint16) or int8 codes beside their scales: loaded into a float
     model they would become numbers far from the weights."""
     dtype = getattr(state_dict[name], "dtype", None)
-    if not isinstance(dtype, np.dtype):
+    if isinstance(dtype, np.dtype):
+        uint16, integer = dtype == np.uint16, dtype.kind in "iu"
+    elif type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch":
+        # the same arrays as torch tensors (safetensors.torch.load_file)
+        uint16 = str(dtype) == "torch.uint16"
+        integer = not (dtype.is_floating_point or dtype.is_complex) and str(dtype) != "torch.bool"
+    else:
         return
-    if dtype == np.uint16:
+    if uint16:
         quantized = "bfloat16 bit patterns (uint16)"
-    elif dtype.kind in "iu" and f"{name}_scale" in state_dict:
+    elif integer and f"{name}_scale" in state_dict:
         quantized = "int8 weights (with their scales)"
     else:
         return

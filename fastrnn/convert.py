@@ -15,6 +15,7 @@ are refused by name, never dropped.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import stat
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,17 @@ if TYPE_CHECKING:
 
 _LAYERS = {"RNN": RNN, "GRU": GRU, "LSTM": LSTM}
 _CELLS = {"RNNCell": RNNCell, "GRUCell": GRUCell, "LSTMCell": LSTMCell}
+
+
+def _class_name(owner, layer, classes, what):
+    """The name of ``layer``'s class, one of ``classes`` (name -> fastrnn
+    class), else a TypeError (a PyTorch module of the same name included)."""
+    name = type(layer).__name__
+    if not isinstance(layer, classes.get(name, ())):
+        where = type(layer).__module__
+        raise TypeError(f"{owner}: expected a fastrnn {what}, got "
+                        f"{'' if where == 'builtins' else where + '.'}{type(layer).__qualname__}")
+    return name
 
 
 def _torch():
@@ -75,9 +87,12 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     from fastrnn import quantized
     if isinstance(module, torch.nn.Module) and quantized.is_torch_dynamic(module):
         return quantized.from_torch_dynamic(module)   # quantize_dynamic's int8 modules
-    if not isinstance(module, torch.nn.Module) or name not in {**_LAYERS, **_CELLS}:
+    if name not in {**_LAYERS, **_CELLS} or not isinstance(module, getattr(torch.nn, name)):
+        # (torch.ao.nn's quantizable and static quantized LSTM bear the name too)
+        where = type(module).__module__
         raise TypeError(f"from_torch: expected a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or "
-                        f"LSTMCell, got {type(module).__name__}")
+                        f"LSTMCell, got "
+                        f"{'' if where == 'builtins' else where + '.'}{type(module).__qualname__}")
     dtype = _dtype_name(torch, next(module.parameters()).dtype, name)
     kwargs = {"bias": bool(module.bias), "dtype": dtype}
     if name in ("RNN", "RNNCell"):
@@ -97,13 +112,11 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
 def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     """The PyTorch module equal to a fastrnn layer or cell (same class name,
     configuration, dtype and weights)."""
-    name = type(layer).__name__
-    if name in {**_LAYERS, **_CELLS} and layer._config.get("layer_norm"):
+    name = _class_name("to_torch", layer, {**_LAYERS, **_CELLS}, "RNN, GRU, LSTM or cell")
+    if layer._config.get("layer_norm"):
         raise ValueError(f"to_torch: {name} has layer_norm=True; PyTorch's {name} has no "
                          f"layer normalisation")
     torch = _torch()
-    if name not in {**_LAYERS, **_CELLS}:
-        raise TypeError(f"to_torch: expected a fastrnn RNN, GRU, LSTM or cell, got {name}")
     cfg = dict(layer._config)
     cfg.pop("layer_norm", None)
     if not cfg.pop("reset_after", True):
@@ -483,26 +496,32 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     path : str or path-like, optional; where to save the model as well
     lengths : bool, default False; add the ``sequence_lens`` input
     opset : int, default 17
+        10 (the graph's Slice takes its bounds as inputs) up to the newest
+        the installed onnx knows.
 
     Returns
     -------
     onnx.ModelProto
     """
-    if type(layer).__name__ in _LAYERS and layer._config.get("layer_norm"):
-        raise ValueError(f"to_onnx: {type(layer).__name__} has layer_norm=True; ONNX's "
-                         f"{type(layer).__name__} operator has no layer normalisation")
-    if type(layer).__name__ in _LAYERS and layer._config.get("proj_size"):
-        raise ValueError(f"to_onnx: {type(layer).__name__} has proj_size="
-                         f"{layer._config['proj_size']}; ONNX's LSTM operator has no "
-                         f"projection (PyTorch's exporter refuses it too)")
+    kind = _class_name("to_onnx", layer, _LAYERS, "RNN, GRU or LSTM")
+    if layer._config.get("layer_norm"):
+        raise ValueError(f"to_onnx: {kind} has layer_norm=True; ONNX's {kind} operator has no "
+                         f"layer normalisation")
+    if layer._config.get("proj_size"):
+        raise ValueError(f"to_onnx: {kind} has proj_size={layer._config['proj_size']}; ONNX's "
+                         f"LSTM operator has no projection (PyTorch's exporter refuses it too)")
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         raise ImportError("fastrnn: to_onnx needs the onnx package (pip install onnx)") from None
-    kind = type(layer).__name__
-    if kind not in _LAYERS:
-        raise TypeError(f"to_onnx: expected a fastrnn RNN, GRU or LSTM, got {kind}")
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, numbers.Integral):
+        raise TypeError(f"to_onnx: opset must be an int, got {opset!r}")
+    if not 10 <= opset <= newest:
+        raise ValueError(f"to_onnx: opset must be an int from 10 (the graph's Slice takes its "
+                         f"bounds as inputs) to {newest} (the newest this onnx knows), got "
+                         f"{opset!r}")
     if layer._config.get("zoneout"):
         raise ValueError(f"to_onnx: {kind} has zoneout={layer._config['zoneout']!r}; ONNX's "
                          f"{kind} cannot express it (its inference blends each step's state "

@@ -56,9 +56,21 @@ def test_onnx_state_outputs_stream():
     np.testing.assert_allclose(np.concatenate([y1, y2]), layer(x)[0], rtol=0, atol=3e-6)
 
 
-def test_to_onnx_refuses_non_layers():
+def test_to_onnx_refuses_non_layers_and_opsets_it_cannot_write():
     with pytest.raises(TypeError, match="to_onnx: expected a fastrnn RNN, GRU or LSTM"):
         fastrnn.to_onnx(fastrnn.GRUCell(3, 4))
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"to_onnx: expected a fastrnn RNN, GRU or LSTM, got "
+                                        r"torch\.nn\.modules\.rnn\.LSTM"):
+        fastrnn.to_onnx(torch.nn.LSTM(3, 4))
+    newest = onnx.defs.onnx_opset_version()
+    for opset in (9, newest + 1):
+        with pytest.raises(ValueError, match=rf"to_onnx: opset must be an int from 10 .* to "
+                                             rf"{newest} .*, got {opset}"):
+            fastrnn.to_onnx(fastrnn.LSTM(3, 4), opset=opset)
+    with pytest.raises(TypeError, match="to_onnx: opset must be an int, got '17'"):
+        fastrnn.to_onnx(fastrnn.LSTM(3, 4), opset="17")
+    fastrnn.to_onnx(fastrnn.LSTM(3, 4), opset=10)   # the oldest it writes
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1029,6 +1029,23 @@ def test_a_float_model_refuses_a_quantized_state_dict(strict):
         with pytest.raises(TypeError, match="GRU: state_dict.'weight_ih_l0'. holds a quantized"):
             layer.load_state_dict(fastrnn.quantize(fastrnn.GRU(3, 4), dtype=dtype).state_dict(),
                                   strict=strict)
+        torch = _torch_or_none()
+        if torch is not None:   # the same arrays as torch tensors (safetensors.torch)
+            tensors = {k: torch.from_numpy(np.ascontiguousarray(a))
+                       for k, a in q.state_dict().items()}
+            with pytest.raises(TypeError, match=r"state_dict\['weight_ih_l0'\] holds a "
+                                                r"quantized model's " + what):
+                target.load_state_dict(tensors, strict=strict)
+            for name in before:
+                np.testing.assert_array_equal(target.state_dict()[name], before[name])
+
+
+def _torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def test_non_finite_inputs_are_refused():

@@ -246,6 +246,14 @@ def test_from_torch_refuses_what_it_cannot_represent():
         fastrnn.from_torch(torch.nn.Linear(4, 5))
     with pytest.raises(TypeError, match="to_torch: expected a fastrnn RNN"):
         fastrnn.to_torch(fastrnn.Linear(4, 5))
+    # a PyTorch module where a fastrnn one belongs, and PyTorch's other LSTMs
+    for module in (torch.nn.LSTM(3, 4), torch.nn.GRUCell(3, 4)):
+        with pytest.raises(TypeError, match=r"to_torch: expected a fastrnn RNN, GRU, LSTM or "
+                                            r"cell, got torch\.nn\.modules\.rnn\."):
+            fastrnn.to_torch(module)
+    with pytest.raises(TypeError, match=r"from_torch: expected a torch.nn RNN, .* got "
+                                        r"torch\.ao\.nn\.quantizable\.modules\.rnn\.LSTM"):
+        fastrnn.from_torch(torch.ao.nn.quantizable.LSTM(3, 4))
     for module in (fastrnn.GRU(3, 4, reset_after=False), fastrnn.GRUCell(3, 4, reset_after=False)):
         with pytest.raises(ValueError, match="to_torch: GRU(Cell)? has reset_after=False"):
             fastrnn.to_torch(module)
