@@ -579,6 +579,9 @@ class Sequential:
         if steps is not None:
             steps = v.check_int(owner, "steps", steps)
         source = batching.make(owner, self, x, y, sample_weight)
+        if isinstance(source, batching.IterableData) and batch_size is not None:
+            raise ValueError(f"{owner}: batch_size does not apply to x as an iterable of "
+                             f"batches (each batch is as the iterable gives it)")
         callbacks = CallbackList(owner, callbacks, self)
         callbacks.set_model()
         logs = self._evaluate_source(owner, source, batch_size, steps, callbacks)

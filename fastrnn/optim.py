@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fastrnn.model import Sequential
 
 
-def _modules_of(params):
+def _modules_of(params, owner="optimizer"):
     """Flatten modules / Sequentials / lists of them to parameter owners."""
     if params is None:
         return []
@@ -33,8 +33,8 @@ def _modules_of(params):
     if hasattr(params, "_trainable"):
         return [params]
     if isinstance(params, (list, tuple)):
-        return [m for p in params for m in _modules_of(p)]
-    raise TypeError(f"optimizer: params must be fastrnn modules, a Sequential or a list of "
+        return [m for p in params for m in _modules_of(p, owner)]
+    raise TypeError(f"{owner}: params must be fastrnn modules, a Sequential or a list of "
                     f"them, got {type(params).__name__}")
 
 
@@ -447,7 +447,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
     _refuse_quantized(_quantized_in(params), "clip_grad_norm")
-    modules = _modules_of(params)
+    modules = _modules_of(params, "clip_grad_norm")
     with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
         for module in modules:
             locks.enter_context(module._grad_lock)
@@ -467,7 +467,7 @@ def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
     _refuse_quantized(_quantized_in(params), "clip_grad_value")
-    for module in _modules_of(params):
+    for module in _modules_of(params, "clip_grad_value"):
         with module._grad_lock:
             for grad in module._trainable:
                 np.clip(grad, -clip_value, clip_value, out=grad)

@@ -265,6 +265,12 @@ def test_iterable_errors():
     with pytest.raises(ValueError, match=r"Sequential.fit: batch_size does not apply to x as an "
                                          r"iterable"):
         model.fit([(x, y)], batch_size=4, verbose=0)
+    for method, args in ((model.evaluate, ([(x, y)],)), (model.predict, ([(x, y)],))):
+        with pytest.raises(ValueError, match=rf"Sequential.{method.__name__}: batch_size does "
+                                             rf"not apply to x as an iterable"):
+            method(*args, batch_size=4)
+    with pytest.raises(TypeError, match="clip_grad_norm: params must be fastrnn modules"):
+        optim.clip_grad_norm("x", 1.0)
     with pytest.raises(ValueError, match=r"Sequential.fit: validation_split needs arrays"):
         model.fit([(x, y)], validation_split=0.5, verbose=0)
     with pytest.raises(TypeError, match=r"Sequential.fit: y is missing"):
