@@ -36,9 +36,10 @@ ACTIVATIONS = {
 }
 
 def _is_spec_tuple(value):
-    """(name, alpha[, beta]), not a list of per-direction specs."""
-    return (isinstance(value, (tuple, list)) and len(value) in (2, 3)
-            and isinstance(value[0], str) and not isinstance(value[1], (str, tuple, list)))
+    """(name, alpha[, beta]), not a list of per-direction specs: a name, then
+    no names or lists (any count, so that a wrong one is told as such)."""
+    return (isinstance(value, (tuple, list)) and len(value) >= 1 and isinstance(value[0], str)
+            and not any(isinstance(p, (str, tuple, list)) for p in value[1:]))
 
 
 def activation(owner, name, spec):
@@ -49,6 +50,9 @@ def activation(owner, name, spec):
         key, params = spec, ()
     elif _is_spec_tuple(spec):
         key, params = spec[0], tuple(spec[1:])
+        if not params:
+            raise ValueError(f"{owner}: {name}: a tuple (name, alpha[, beta]) has parameters; "
+                             f"give {key!r} alone as a name, got {spec!r}")
     else:
         raise TypeError(f"{owner}: {name} must be an activation name or a tuple (name, alpha"
                         f"[, beta]), got {type(spec).__name__} {spec!r}")
