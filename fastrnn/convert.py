@@ -729,6 +729,10 @@ def _onnx_read(model, onnx):
     if isinstance(model, onnx.ModelProto):
         return model, model.ByteSize()
     limit = _ONNX_MAX_FILE_BYTES
+    if isinstance(model, bytes) and b"\0" in model:
+        raise ValueError(f"from_onnx: got {len(model)} bytes holding a NUL byte, which a path "
+                         f"cannot hold; for a serialized model pass io.BytesIO(data) or "
+                         f"onnx.load_from_string(data)")
     if isinstance(model, (str, bytes, os.PathLike)):
         path = os.fsdecode(model)
 

@@ -510,6 +510,10 @@ def test_from_onnx_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=r"from_onnx: cannot read an ONNX model from "
                                          r"'a\\x00b': the path holds a NUL character"):
         fastrnn.from_onnx("a\0b")
+    with pytest.raises(ValueError, match=r"from_onnx: got \d+ bytes holding a NUL byte, which a "
+                                         r"path cannot hold; for a serialized model pass "
+                                         r"io.BytesIO\(data\)"):
+        fastrnn.from_onnx(fastrnn.to_onnx(fastrnn.GRU(3, 4)).SerializeToString())
     with pytest.raises(ValueError, match=r"from_onnx: cannot read an ONNX model from "
                                          r"'.*missing.onnx': No such file or directory"):
         fastrnn.from_onnx(tmp_path / "missing.onnx")
