@@ -76,6 +76,8 @@ class Stream:
                 raise ValueError(f"Stream: {layer!r} is bidirectional; its reverse direction "
                                  f"needs the whole sequence, so it cannot stream")
         self.model = model
+        # a Sequential's layers as made: a model changed since is refused at a call
+        self._layers = list(model.layers) if isinstance(model, Sequential) else None
         self._recurrent = recurrent
         self._state = [None] * len(recurrent)
         # under masks: per recurrent layer the output of each row's last read
@@ -96,36 +98,48 @@ class Stream:
         however the stream was fed (frames or chunks, one stream or a batch),
         None before the first call."""
         return [None if s is None else
-                (tuple(a.copy() for a in s) if isinstance(s, tuple) else s.copy())
+                (tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple)
+                 else s.copy())
                 for s in self._state]
 
     @state.setter
     def state(self, value: list[Any]) -> None:
-        if not isinstance(value, (list, tuple)) or len(value) != len(self._recurrent):
-            raise TypeError(f"Stream: state must be a list of {len(self._recurrent)} entries "
-                            f"(one per recurrent layer), got {type(value).__name__}")
+        n = len(self._recurrent)
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            got = f"a {type(value).__name__} of {len(value)}" \
+                if isinstance(value, (list, tuple)) else type(value).__name__
+            raise TypeError(f"Stream: state must be a list of {n} entr{'y' if n == 1 else 'ies'} "
+                            f"(one per recurrent layer; an LSTM's is a tuple (h, c)), got {got}")
         # checked by the layers on the next call; keep copies so that later
         # changes to the caller's arrays do not reach the stream. (num_layers, H),
-        # one stream's state, is stored as (num_layers, 1, H).
+        # one stream's state, is stored as (num_layers, 1, H); an LSTM's part
+        # may be None (zeros), as in the layer's hx.
         self._state = [None if s is None else
                        (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
                         else _batched_state(s)) for s in value]
         self._last = [None] * len(self._recurrent)
 
     # --- feeding --------------------------------------------------------------
-    def _run_layer(self, k, layer, x, mask=None):
+    def _run_layer(self, k, layer, x, mask=None, one_stream=False):
         """Recurrent layer k on x from the stream's state: (out, new state).
         The state is kept batched, (num_layers, B, H); an unbatched x (one
         stream) takes it as (num_layers, H), which needs B = 1."""
         state = self._state[k]
-        batched = np.ndim(x) == 3
-        if state is not None and not batched:
-            parts = state if isinstance(state, tuple) else (state,)
-            if any(a.ndim == 3 and a.shape[1] != 1 for a in parts):
-                raise ValueError(f"Stream: the state holds {parts[0].shape[1]} streams; an "
-                                 f"unbatched chunk or frame feeds one (pass a batch of "
-                                 f"{parts[0].shape[1]}, or reset the stream)")
-            state = tuple(_one_stream(a) for a in parts) if isinstance(state, tuple) \
+        batched = np.ndim(x) == 3 and not one_stream
+        held = [a.shape[1] for a in (state if isinstance(state, tuple) else (state,))
+                if a is not None and a.ndim == 3]
+        if held and not batched and held[0] != 1:
+            raise ValueError(f"Stream: the state holds {held[0]} streams; an unbatched chunk "
+                             f"or frame feeds one (pass a batch of {held[0]}, or reset the "
+                             f"stream)")
+        if held and batched:
+            B = np.shape(x)[0 if layer.batch_first else 1]
+            if B != held[0]:
+                raise ValueError(f"Stream: the state holds {held[0]} streams, the chunk feeds "
+                                 f"{B} (pass a batch of {held[0]}, or reset the stream or set "
+                                 f"its state to start {B})")
+        if state is not None and not np.ndim(x) == 3:
+            state = tuple(_one_stream(a) for a in state) if isinstance(state, tuple) \
                 else _one_stream(state)
         out, new = layer(x, state) if mask is None else layer(x, state, mask=mask)
         new = tuple(_batched_state(a) for a in new) if isinstance(new, tuple) \
@@ -141,6 +155,10 @@ class Stream:
         if not isinstance(self.model, Sequential):
             out, self._state[0] = self._run_layer(0, self._recurrent[0], chunk)
             return out
+        if len(self.model.layers) != len(self._layers) or any(
+                a is not b for a, b in zip(self.model.layers, self._layers)):
+            raise ValueError("Stream: the model's layers changed since the Stream was made; "
+                             "make a new Stream of it")
         x = v.to_numpy("Stream", "chunk", chunk)
         ids = bool(self.model.layers) and isinstance(self.model.layers[0], Embedding)
         if x.ndim not in ((1, 2) if ids else (2, 3)):
@@ -160,7 +178,7 @@ class Stream:
                 layer = self._recurrent[k]      # a Stateful's layer, run from the stream's state
                 if not layer.batch_first:
                     x = np.swapaxes(x, 0, 1)
-                out, new_state[k] = self._run_layer(k, layer, x, mask)
+                out, new_state[k] = self._run_layer(k, layer, x, mask, one_stream)
                 x = out if layer.batch_first else np.swapaxes(out, 0, 1)
                 if mask is not None:
                     x, new_last[k] = _repeat_last(x, mask, self._last[k])
@@ -242,11 +260,14 @@ def _streamed(layer):
 
 
 def _batched_state(a):
-    """A state array as the stream keeps it: a copy, (num_layers, B, H)."""
+    """A state array as the stream keeps it: a copy, (num_layers, B, H)
+    (None, an LSTM's missing part, stays None)."""
+    if a is None:
+        return None
     a = np.array(a)
     return a[:, None] if a.ndim == 2 else a
 
 
 def _one_stream(a):
     """(num_layers, 1, H) -> (num_layers, H), for an unbatched call."""
-    return a[:, 0] if a.ndim == 3 else a
+    return a[:, 0] if a is not None and a.ndim == 3 else a

@@ -27,6 +27,13 @@ def _check_inner(owner, layer):
     if not isinstance(layer, (_RNNBase, _Wrapper)):
         raise TypeError(f"{owner}: layer must be a fastrnn RNN, GRU or LSTM (or a wrapper of "
                         f"one), got {type(layer).__name__}")
+    inner = layer
+    while isinstance(inner, _Wrapper):
+        if isinstance(inner, Stateful):   # it takes no hx: it must be the outermost wrapper
+            raise TypeError(f"{owner}: layer must not hold a Stateful (a Stateful carries its "
+                            f"own state and takes no hx, so it goes outermost: "
+                            f"Stateful(Reversed(layer))), got {layer!r}")
+        inner = inner.layer
     return layer
 
 
@@ -204,10 +211,11 @@ class Stateful(_Wrapper):
 
     Parameters
     ----------
-    layer : RNN, GRU or LSTM, or a Reversed of one
+    layer : RNN, GRU or LSTM, or a Reversed of one (a Stateful goes
+        outermost: no wrapper takes one)
     batch_size : int, optional
         The fixed batch size. If None, the first call (after construction)
-        fixes it. Every call must have exactly this batch size (Keras builds
+        that succeeds fixes it. Every call must have exactly this batch size (Keras builds
         a stateful layer for one batch size); a call with another raises a
         ValueError. So feed ``Sequential.fit`` with ``shuffle=False`` and a
         ``batch_size`` dividing the number of samples.
@@ -257,8 +265,9 @@ class Stateful(_Wrapper):
         ``reset_state``)."""
         if states is None:
             self._state = None
-        elif isinstance(states, (tuple, list)):
-            self._state = tuple(np.array(v.to_numpy("Stateful", "states", s)) for s in states)
+        elif isinstance(states, (tuple, list)):   # an LSTM's part may be None (zeros)
+            self._state = tuple(None if s is None else np.array(v.to_numpy("Stateful", "states", s))
+                                for s in states)
         else:
             self._state = np.array(v.to_numpy("Stateful", "states", states))
 
@@ -269,9 +278,10 @@ class Stateful(_Wrapper):
                              f"layer carries one state per batch row), got "
                              f"{v.shape_str(x.shape)}")
         B = x.shape[0] if _recurrent(self).batch_first else x.shape[1]
-        if self._batch_size is None:
-            self._batch_size = B
-        elif B != self._batch_size:
+        if B == 0:
+            raise ValueError("Stateful: expected a batch of at least one sequence (a stateful "
+                             "layer carries one state per batch row), got 0")
+        if self._batch_size is not None and B != self._batch_size:
             raise ValueError(f"Stateful: expected a batch of {self._batch_size} sequences (the "
                              f"batch size is fixed: sample i continues sample i of the last "
                              f"batch), got {B}; use batch_size dividing the data, or "
@@ -279,8 +289,12 @@ class Stateful(_Wrapper):
         return x
 
     def _keep(self, state):
+        """After a call that succeeded: carry its state; its batch fixes the
+        batch size if none was (a call that raised leaves both as they were)."""
         self._state = tuple(a.copy() for a in state) if isinstance(state, tuple) \
             else state.copy()
+        if self._batch_size is None:
+            self._batch_size = (state[0] if isinstance(state, tuple) else state).shape[1]
 
     def __call__(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
                  mask: ArrayLike | None = None, zero_output_for_mask: bool = False) -> Any:

@@ -192,7 +192,7 @@ def test_bad_uses_are_refused_and_the_stream_stays_usable():
     stream = fastrnn.Stream(lstm)
     out = stream.step(np.ones(3, np.float32))
     good = stream.state
-    with pytest.raises(TypeError, match="state must be a list of 1 entries"):
+    with pytest.raises(TypeError, match="state must be a list of 1 entry"):
         stream.state = good[0]
     stream.state = [(np.ones((1, 5)), np.ones((1, 5)))]        # wrong hidden size
     with pytest.raises(ValueError, match=r"LSTM: expected h_0 of shape \(1, 4\)"):
@@ -202,3 +202,57 @@ def test_bad_uses_are_refused_and_the_stream_stays_usable():
     with pytest.raises(ValueError, match=r"expected a frame of shape \(D,\) or \(B, D\)"):
         stream.step(np.ones((1, 1, 3)))
     assert out.shape == (4,)
+
+
+def test_an_lstm_state_with_a_part_left_out_streams_from_zeros():
+    rng = np.random.default_rng(4)
+    lstm = fastrnn.LSTM(3, 4, seed=0)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    h = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    want, _ = lstm(x, (h, np.zeros_like(h)))
+    stream = fastrnn.Stream(lstm)
+    stream.state = [(h, None)]
+    assert stream.state[0][1] is None
+    np.testing.assert_array_equal(stream(x), want)
+    stateful = fastrnn.Stateful(fastrnn.LSTM(3, 4, seed=0))
+    stateful.reset_state((h, None))
+    np.testing.assert_array_equal(stateful(x)[0], want)
+
+
+def test_batch_changes_and_a_changed_model_are_told_by_the_stream():
+    lstm = fastrnn.LSTM(3, 4, seed=0)
+    stream = fastrnn.Stream(lstm)
+    stream(np.ones((5, 2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"Stream: the state holds 2 streams, the chunk feeds 3 "
+                                         r"\(pass a batch of 2, or reset the stream"):
+        stream(np.ones((5, 3, 3), np.float32))
+    with pytest.raises(TypeError, match=r"Stream: state must be a list of 1 entry \(one per "
+                                        r"recurrent layer; an LSTM's is a tuple \(h, c\)\), "
+                                        r"got a tuple of 2"):
+        stream.state = stream.state[0]
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0)])
+    stream = fastrnn.Stream(model)
+    stream(np.ones((2, 5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"Stream: the state holds 2 streams"):
+        stream.step(np.ones(3, np.float32))
+    model.add(fastrnn.GRU(4, 4, batch_first=True, seed=1))
+    with pytest.raises(ValueError, match=r"Stream: the model's layers changed since the Stream "
+                                         r"was made; make a new Stream of it"):
+        stream(np.ones((2, 5, 3), np.float32))
+
+
+def test_stateful_fixes_its_batch_only_by_a_call_that_succeeds():
+    stateful = fastrnn.Stateful(fastrnn.GRU(3, 4, seed=0))
+    with pytest.raises(ValueError, match=r"GRU: expected input of shape"):
+        stateful(np.zeros((2, 5, 4), np.float32))          # wrong feature size
+    assert stateful.batch_size is None and stateful.state is None
+    with pytest.raises(ValueError, match=r"Stateful: expected a batch of at least one "
+                                         r"sequence .* got 0"):
+        stateful(np.zeros((2, 0, 3), np.float32))
+    stateful(np.zeros((2, 3, 3), np.float32))
+    assert stateful.batch_size == 3
+    for outer in (fastrnn.Reversed, fastrnn.Stateful):
+        with pytest.raises(TypeError, match=rf"{outer.__name__}: layer must not hold a Stateful "
+                                            rf"\(a Stateful carries its own state and takes no "
+                                            rf"hx, so it goes outermost"):
+            outer(fastrnn.Stateful(fastrnn.GRU(3, 4)))
