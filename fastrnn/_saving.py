@@ -320,6 +320,8 @@ def _write(path, config, arrays):
     container its extension calls for, through a temporary file renamed
     over it."""
     path = os.fsdecode(os.fspath(path))
+    if not path:
+        raise ValueError("save: the path to write is empty")
     if is_safetensors_path(path):
         def write(f):
             _write_safetensors(f, config, arrays)
@@ -334,9 +336,12 @@ def _write(path, config, arrays):
             created = True
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if created and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # the user's path, not the temporary file's name
+            raise type(exc)(exc.errno, exc.strerror, path) from None
         raise
 
 

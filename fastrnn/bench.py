@@ -616,9 +616,13 @@ def main(argv=None, prog="fastrnn bench"):
           f"{time.strftime('%Y-%m-%d')}")
     peak = kernel = float("nan")
     if args.dtype == "float32":
+        threads = fastrnn.get_num_threads()   # given back: main may be called from Python
         fastrnn.set_num_threads(1)
-        peak = _forward.fma_peak_gflops()
-        kernel = _forward.product_gflops(64, 512, 4, 512)
+        try:
+            peak = _forward.fma_peak_gflops()
+            kernel = _forward.product_gflops(64, 512, 4, 512)
+        finally:
+            fastrnn.set_num_threads(threads)
         print(f"float32 FMA peak {peak:.0f} GFLOP/s per thread ({_forward.MICROKERNEL_ISA} "
               f"register-only loop); the per-step product kernel {kernel:.0f} GFLOP/s on one "
               f"thread ({kernel / peak:.0%} of peak; 64 x 512 @ 512 x 2048, the b64-h512 step)")

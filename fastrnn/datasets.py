@@ -6,6 +6,8 @@ from importlib import resources
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fastrnn import _validation as v
+
 
 def _read_text(name):
     return resources.files("fastrnn").joinpath("data", name).read_text(encoding="utf-8")
@@ -33,11 +35,14 @@ def windows(series: ArrayLike, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Sliding windows for one-step-ahead forecasting.
 
     Returns x of shape (N - steps, steps, 1), the windows, and y of shape
-    (N - steps, 1), the value after each window.
+    (N - steps, 1), the value after each window (both new arrays: changing
+    them leaves the series as it was).
     """
+    steps = v.check_int("windows", "steps", steps, minimum=1)
+    series = v.to_numpy("windows", "series", series)
     series = np.asarray(series, dtype=np.float64)
-    if series.ndim != 1 or not 0 < steps < len(series):
+    if series.ndim != 1 or not steps < len(series):
         raise ValueError(f"windows: expected a 1-D series longer than steps={steps}, "
                          f"got shape {series.shape}")
     idx = np.arange(steps)[None, :] + np.arange(len(series) - steps)[:, None]
-    return series[idx][..., None], series[steps:, None]
+    return series[idx][..., None], series[steps:, None].copy()

@@ -936,6 +936,12 @@ class Sequential:
             if reason is not None:
                 raise TypeError(f"Sequential.save: layers[{i}] is {reason}; save its "
                                 f"state_dict() instead")
+            first = next(j for j, other in enumerate(self.layers) if other is layer)
+            if first < i and layer._trainable:
+                # the file would load two layers, trained apart from then on
+                raise TypeError(f"Sequential.save: layers[{i}] is layers[{first}] (one "
+                                f"{type(layer).__name__} used twice), which a model file "
+                                f"cannot tie; save the state_dict() instead")
         _saving.save_model(self, path, include_optimizer=include_optimizer)
 
     @classmethod

@@ -1,5 +1,6 @@
 """The examples run and give the results the README states."""
 import numpy as np
+import pytest
 
 from fastrnn.datasets import load_hamlet, load_sunspots, windows
 from fastrnn.examples import char_lm, sunspots
@@ -14,6 +15,13 @@ def test_bundled_data():
     x, y = windows(np.arange(12.0), 10)
     np.testing.assert_array_equal(x[:, :, 0], [np.arange(10), np.arange(1, 11)])
     np.testing.assert_array_equal(y[:, 0], [10, 11])
+    series = np.arange(12.0)
+    x, y = windows(series, 10)
+    x += 1
+    y += 1                                      # new arrays: the series stays as it was
+    np.testing.assert_array_equal(series, np.arange(12.0))
+    with pytest.raises(TypeError, match="windows: steps must be an int, got float"):
+        windows(series, 2.5)
 
 
 def test_sunspot_model_beats_the_naive_forecast(tmp_path, capsys):
@@ -31,3 +39,10 @@ def test_char_lm_learns_and_samples(capsys):
     # uniform guessing scores log(66) = 4.19 nats, character frequencies alone ~2.9
     assert val < 2.8
     assert "HAMLET:" in capsys.readouterr().out
+
+
+def test_a_plot_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sunspots.cli(["--plot", str(tmp_path / "missing" / "loss.png"), "--epochs", "1"])
+    assert exit_info.value.code == 2
+    assert "argument --plot: the directory" in capsys.readouterr().err

@@ -3,6 +3,7 @@ fit(initial_epoch) continue bit for bit as an uninterrupted run (optimizer
 moments and step counts, schedules, dropout and shuffling generators); single
 layers and cells save and load; what a file cannot hold is said.
 """
+import re
 import warnings
 
 import numpy as np
@@ -260,3 +261,23 @@ def test_clipping_at_inf_saves_and_loads_and_bad_clipping_is_refused_at_compile(
                            (float("nan"), ValueError)):
             with pytest.raises(error, match=f"Sequential.compile: {name} must"):
                 _model().compile("mse", "adam", **{name: bad})
+
+
+def test_save_errors_name_the_path_given_and_a_tied_layer_is_refused(tmp_path):
+    model = _model()
+    missing = tmp_path / "no_such_dir" / "m.npz"
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(str(missing)))):
+        model.save(missing)
+    with pytest.raises(IsADirectoryError, match=re.escape(repr(str(tmp_path)))):
+        fastrnn.save(fastrnn.GRU(2, 3), tmp_path)
+    with pytest.raises(ValueError, match="save: the path to write is empty"):
+        model.save("")
+    assert list(tmp_path.iterdir()) == []           # no temporary file left
+    shared = fastrnn.Linear(2, 2)
+    tied = fastrnn.Sequential([shared, fastrnn.Tanh(), shared])
+    with pytest.raises(TypeError, match=r"Sequential.save: layers\[2\] is layers\[0\] \(one "
+                                        r"Linear used twice\), which a model file cannot tie"):
+        tied.save(tmp_path / "tied.npz")
+    tanh = fastrnn.Tanh()                            # a layer without parameters may repeat
+    fastrnn.Sequential([fastrnn.Linear(2, 2), tanh, fastrnn.Linear(2, 2), tanh]).save(
+        tmp_path / "ok.npz")

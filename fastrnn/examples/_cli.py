@@ -2,6 +2,7 @@
 error naming the option (exit status 2), never a traceback from deep inside
 the run."""
 import argparse
+import os
 
 
 def int_at_least(minimum):
@@ -43,3 +44,14 @@ def seed_list(text):
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers >= 0, got {text!r}") from None
+
+
+def writable_path(text):
+    """A file path whose directory exists ('' for none), checked before the
+    run rather than when its result is saved."""
+    directory = os.path.dirname(text) or "."
+    if text and not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"the directory {directory!r} does not exist")
+    if text and os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file path")
+    return text

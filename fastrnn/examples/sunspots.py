@@ -16,6 +16,7 @@ numbers (1700-2008, NOAA, public domain) scaled to [0, 1], in windows of 10
 years predicting the next. Run: ``fastrnn sunspots`` (or ``fastrnn demo``).
 """
 import argparse
+import math
 import os
 import time
 
@@ -50,8 +51,7 @@ def main(epochs=50, plot="sunspots_loss.png", seed=0, verbose=1):
                         verbose=verbose)
     seconds = time.perf_counter() - start
 
-    # the validation part is the last 20% of the windows (Keras' rule)
-    n_val = int(len(x) * 0.2)
+    n_val = held_out(len(x))   # the windows fit held out for validation
     x_val, y_val = x[-n_val:], y[-n_val:]
     val_mse = model.evaluate(x_val, y_val)
     naive_mse = float(np.mean((x_val[:, -1] - y_val) ** 2))  # next year = this year
@@ -64,6 +64,12 @@ def main(epochs=50, plot="sunspots_loss.png", seed=0, verbose=1):
     if plot:
         print(_save_plot(history, plot))
     return history, val_mse, naive_mse
+
+
+def held_out(n, split=0.2):
+    """How many of n samples ``fit(validation_split=split)`` holds out: the
+    last n - floor(n (1 - split)) (Keras' rounding; 60 of the 299 windows)."""
+    return n - math.floor(n * (1.0 - split))
 
 
 def _save_plot(history, path):
@@ -91,7 +97,7 @@ def cli(argv=None):
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=_cli.positive_int, default=50,
                         help="training epochs (default 50)")
-    parser.add_argument("--plot", default="sunspots_loss.png",
+    parser.add_argument("--plot", type=_cli.writable_path, default="sunspots_loss.png",
                         help="where to save the loss plot ('' for none)")
     parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and shuffling (default 0)")
