@@ -301,8 +301,6 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool
         y, backprop = layer._seq_train(x, **kwargs)
     else:
         y, backprop = layer._seq_infer(x, **kwargs), None
-    if mask is not None and hasattr(layer, "_seq_out_mask"):
-        mask = layer._seq_out_mask(mask)
     if getattr(y, "ndim", 0) < 3:
         mask = None
     return y, backprop, mask

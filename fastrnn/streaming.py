@@ -186,8 +186,6 @@ class Stream:
             else:
                 takes = mask is not None and getattr(layer, "_takes_mask", False)
                 x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
-                if mask is not None and hasattr(layer, "_seq_out_mask"):
-                    mask = layer._seq_out_mask(mask)
                 if getattr(x, "ndim", 0) < 3:
                     mask = None
         self._state, self._last = new_state, new_last   # once every layer has succeeded

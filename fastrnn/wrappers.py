@@ -117,8 +117,9 @@ class Reversed(_Wrapper):
     a ``mask`` the whole time axis is reversed and the mask with it (Keras'
     rule for ``go_backwards``); the masked steps then follow the mask
     semantics of the layers (see ``fastrnn.masking``). In a ``Sequential``
-    the mask passed on after a ``keep_order=False`` layer is reversed too,
-    as Keras' is.
+    the mask passed on after a ``keep_order=False`` layer is its input's,
+    not reversed with the output, as Keras passes it on (a ``go_backwards``
+    layer's ``compute_mask`` returns its input mask).
 
     Examples
     --------
@@ -135,9 +136,6 @@ class Reversed(_Wrapper):
 
     def _wrapper_config(self):
         return {"keep_order": self.keep_order}
-
-    def _seq_out_mask(self, mask):
-        return mask if self.keep_order else mask[:, ::-1]
 
     def _flipper(self, x, lengths, mask):
         """A function flipping arrays laid out as x, and the flipped mask."""

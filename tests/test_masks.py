@@ -288,6 +288,26 @@ def test_embedding_and_masking_errors_name_the_argument():
         model(np.zeros((2, 3), int), mask=np.ones((3, 2), bool))
 
 
+@pytest.mark.parametrize("second", ["SimpleRNN", "GRU"])
+@pytest.mark.parametrize("return_sequences", [True, False])
+def test_a_masked_layer_after_go_backwards_imports_exactly(second, return_sequences):
+    """Keras passes a go_backwards layer's input mask on unreversed, though
+    its output is in reversed order: the next layer reads the mask so."""
+    keras = _keras()
+    rng = np.random.default_rng(21)
+    B, T, D = 4, 6, 3
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    x[0, 4:] = 0
+    x[1, :2] = 0
+    x[2, 3] = 0
+    kmodel = keras.Sequential([keras.Input((T, D)), keras.layers.Masking(0.0),
+                               keras.layers.SimpleRNN(4, go_backwards=True,
+                                                      return_sequences=True),
+                               getattr(keras.layers, second)(5, return_sequences=return_sequences)])
+    expected = np.asarray(kmodel(x))
+    np.testing.assert_allclose(fastrnn.from_keras(kmodel)(x), expected, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("head", ["bidirectional", "stacked"])
 def test_keras_models_with_masks_import_exactly(head):
     """A keras.Sequential with Embedding(mask_zero=True) or Masking in front
