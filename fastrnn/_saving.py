@@ -505,7 +505,11 @@ def _safetensors_header(f, size):
         raise _BadFile(f"it has {_counted(size, 'byte')}, fewer than the 8 of a safetensors "
                        f"header's length")
     f.seek(0)
-    (length,) = struct.unpack("<Q", f.read(8))
+    start = f.read(8)
+    if start[:4] == b"PK\x03\x04":
+        raise _BadFile("it is a zip file (an .npz: fastrnn.load reads a model saved so, "
+                       "np.load its arrays)")
+    (length,) = struct.unpack("<Q", start)
     if length > size - 8:
         raise _BadFile(f"its safetensors header declares {length:,} bytes, more than the "
                        f"{size - 8:,} after its length")

@@ -931,6 +931,8 @@ class Sequential:
         ``0.weight_ih_l0``); a ``Stateful``'s carried state is not saved, so
         the loaded one starts from zeros.
         """
+        include_optimizer = v.check_bool("Sequential.save", "include_optimizer",
+                                         include_optimizer)
         for i, layer in enumerate(self.layers):
             reason = _saving.unsavable(layer)
             if reason is not None:

@@ -281,3 +281,14 @@ def test_save_errors_name_the_path_given_and_a_tied_layer_is_refused(tmp_path):
     tanh = fastrnn.Tanh()                            # a layer without parameters may repeat
     fastrnn.Sequential([fastrnn.Linear(2, 2), tanh, fastrnn.Linear(2, 2), tanh]).save(
         tmp_path / "ok.npz")
+
+
+def test_include_optimizer_is_a_bool_and_an_npz_is_told_apart_from_safetensors(tmp_path):
+    model = _compiled(optim.Adam, dict(lr=1e-2))
+    with pytest.raises(TypeError, match="Sequential.save: include_optimizer must be a bool, "
+                                        "got str"):
+        model.save(tmp_path / "m.npz", include_optimizer="no")
+    model.save(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match=r"is not a valid safetensors file: it is a zip file "
+                                         r"\(an .npz"):
+        fastrnn.load_state_dict_file(tmp_path / "m.npz")
