@@ -252,7 +252,8 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
           starts at zeros (``reset_state``), its batch size is fixed by the
           first call.
         - otherwise a ``Sequential`` of that followed by ``ZeroMasked()``
-          (``zero_output_for_mask=True``), ``LastStep`` (for
+          (``zero_output_for_mask=True``; ``reverse=True`` after
+          ``go_backwards``), ``LastStep`` (for
           ``return_sequences=False``) and ``MergeDirections(merge_mode)``
           (merge modes "sum", "mul", "ave" and None, which stacks the two
           directions on a new axis (..., 2, H) where Keras returns a list).
@@ -311,7 +312,8 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     after = []
     # Keras' Bidirectional forces zero_output_for_mask = return_sequences
     if config["return_sequences"] if bidirectional else config["zero_output_for_mask"]:
-        after.append(ZeroMasked())
+        # a go_backwards layer's output is reversed, the mask Keras passes on is not
+        after.append(ZeroMasked(reverse=bool(config["go_backwards"])))
     if not config["return_sequences"]:
         after.append(LastStep(bidirectional=bidirectional))
     if bidirectional and layer.merge_mode != "concat":

@@ -457,21 +457,36 @@ class Masking(_Stateless):
 class ZeroMasked(_Stateless):
     """Zero the masked steps of a sequence (Keras' ``zero_output_for_mask=True``,
     which ``Bidirectional`` forces when it returns sequences). In a
-    ``Sequential`` after a recurrent layer; the identity without a mask."""
+    ``Sequential`` after a recurrent layer; the identity without a mask.
+
+    Parameters
+    ----------
+    reverse : bool, default False
+        Zero the steps the time-reversed mask marks: after a
+        ``Reversed(layer, keep_order=False)`` (Keras' ``go_backwards``),
+        whose output runs in reversed order while the mask passed on stays
+        in the input's (as Keras passes it).
+    """
     _takes_mask = True
 
-    def __init__(self) -> None:
-        self._config = {}
+    def __init__(self, reverse: bool = False) -> None:
+        reverse = v.check_bool("ZeroMasked", "reverse", reverse)
+        self._config = {"reverse": True} if reverse else {}
+
+    def _keep(self, x, mask):
+        if self._config.get("reverse"):
+            mask = mask[:, ::-1]
+        return mask[..., None].astype(x.dtype)
 
     def _seq_infer(self, x, mask=None):
         if mask is None:
             return x
-        return x * mask[..., None].astype(x.dtype)
+        return x * self._keep(x, mask)
 
     def _seq_train(self, x, mask=None):
         if mask is None:
             return x, lambda dy: dy
-        keep = mask[..., None].astype(x.dtype)
+        keep = self._keep(x, mask)
         return x * keep, lambda dy: dy * keep
 
 

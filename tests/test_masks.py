@@ -288,22 +288,30 @@ def test_embedding_and_masking_errors_name_the_argument():
         model(np.zeros((2, 3), int), mask=np.ones((3, 2), bool))
 
 
-@pytest.mark.parametrize("second", ["SimpleRNN", "GRU"])
+@pytest.mark.parametrize("second", ["SimpleRNN", "GRU", None])
 @pytest.mark.parametrize("return_sequences", [True, False])
-def test_a_masked_layer_after_go_backwards_imports_exactly(second, return_sequences):
+@pytest.mark.parametrize("zero_output", [False, True])
+def test_a_masked_layer_after_go_backwards_imports_exactly(second, return_sequences,
+                                                           zero_output):
     """Keras passes a go_backwards layer's input mask on unreversed, though
-    its output is in reversed order: the next layer reads the mask so."""
+    its output is in reversed order: the next layer reads the mask so, while
+    zero_output_for_mask zeros the steps of the reversed mask (in the order
+    the layer ran)."""
     keras = _keras()
+    if second is None and not return_sequences:
+        pytest.skip("the go_backwards layer alone returns sequences here")
     rng = np.random.default_rng(21)
     B, T, D = 4, 6, 3
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     x[0, 4:] = 0
     x[1, :2] = 0
     x[2, 3] = 0
-    kmodel = keras.Sequential([keras.Input((T, D)), keras.layers.Masking(0.0),
-                               keras.layers.SimpleRNN(4, go_backwards=True,
-                                                      return_sequences=True),
-                               getattr(keras.layers, second)(5, return_sequences=return_sequences)])
+    backwards = keras.layers.SimpleRNN(4, go_backwards=True, return_sequences=True,
+                                       zero_output_for_mask=zero_output)
+    after = [] if second is None else [
+        getattr(keras.layers, second)(5, return_sequences=return_sequences)]
+    kmodel = keras.Sequential([keras.Input((T, D)), keras.layers.Masking(0.0), backwards,
+                               *after])
     expected = np.asarray(kmodel(x))
     np.testing.assert_allclose(fastrnn.from_keras(kmodel)(x), expected, rtol=0, atol=2e-6)
 
