@@ -113,7 +113,7 @@ def main(quick=False):
     model = sunspots.build(0)
     model.compile(loss="mse", optimizer=fastrnn.optim.Adam(lr=1e-3))
     model.fit(x, y, epochs=5 if quick else 50, batch_size=32, validation_split=0.2, verbose=0)
-    n_val = sunspots.held_out(len(x))
+    n_val = fastrnn.batching.held_out(len(x), 0.2)
     results["sunspots"] = report("sunspots (val MSE)", model, x[-n_val:], y[-n_val:], mse)
 
     # char-LM: validation cross-entropy, nats per character

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections import namedtuple
@@ -338,7 +339,10 @@ class IterableData:
     def _batch(self, item, step):
         owner, where = self.owner, f"{self.name} batch {step}"
         if not self.targets:
-            x = item[0] if isinstance(item, tuple) or _is_list_batch(item) else item
+            takes_ids = bool(self.model.layers) and getattr(self.model.layers[0], "_takes_ids",
+                                                            False)
+            x = item[0] if isinstance(item, tuple) or _is_list_batch(item, 1 if takes_ids
+                                                                     else 2) else item
             return ArrayData(owner, self.model, x, names=(where, "y", "sample_weight")).take(
                 slice(None))
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
@@ -354,10 +358,11 @@ class IterableData:
         return data.take(slice(None))
 
 
-def _is_list_batch(item):
+def _is_list_batch(item, sequence_ndim):
     """A list that is an (x, y[, sample_weight]) batch (a PyTorch DataLoader
-    yields lists), not a list of sequences: 2 or 3 items, the first with 3 or
-    more dimensions (a sequence has 2) or the items' dimensions differing."""
+    yields lists), not a list of sequences: 2 or 3 items, the first with more
+    dimensions than a sequence has (``sequence_ndim``: 2, or 1 for ids) or
+    the items' dimensions differing."""
     if not isinstance(item, list) or len(item) not in (2, 3):
         return False
     ndims = []
@@ -366,7 +371,13 @@ def _is_list_batch(item):
             ndims.append(np.ndim(part))
         except ValueError:   # a ragged nested list
             ndims.append(-1)
-    return ndims[0] >= 3 or len(set(ndims)) > 1
+    return ndims[0] > sequence_ndim or len(set(ndims)) > 1
+
+
+def held_out(n, split):
+    """How many of n samples ``fit(validation_split=split)`` holds out for
+    validation (its last ones): n - floor(n (1 - split)), Keras' rounding."""
+    return n - int(math.floor(n * (1.0 - split)))
 
 
 def _describe(item):

@@ -5,7 +5,10 @@
 ``on_train_batch_end``, then, with validation data, ``on_test_begin``, per
 validation batch ``on_test_batch_begin`` / ``on_test_batch_end``, and
 ``on_test_end``; then ``on_epoch_end``; at the end ``on_train_end``.
-The callbacks run in the order given, then ``fit`` records the epoch's logs
+The callbacks run in the order given (but for a ``ModelCheckpoint`` listed
+before a learning-rate schedule or ``ReduceLROnPlateau``: it saves at the
+epoch's end just after the last of them, so that its file holds the rate the
+next epoch starts from), then ``fit`` records the epoch's logs
 in its ``History`` and prints them, so a callback that adds to the logs
 (``ReduceLROnPlateau`` and ``LearningRateScheduler`` add
 ``'learning_rate'``) is seen in both. Setting ``model.stop_training = True``
@@ -120,6 +123,26 @@ def _takes_logs(method):
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+def _checkpoints_after_rate_changes(methods):
+    """on_epoch_end's methods in the list's order, except that a checkpoint
+    listed before a callback that changes the learning rate (a schedule,
+    ReduceLROnPlateau) runs just after the last such one: its file holds the
+    rate the next epoch starts from, so resuming goes on bit for bit."""
+    from fastrnn.optim import LRScheduler
+
+    def owner(method):
+        return getattr(method, "__self__", None)
+
+    setters = [i for i, m in enumerate(methods)
+               if isinstance(owner(m), (LRScheduler, ReduceLROnPlateau))]
+    if not setters:
+        return methods
+    last = setters[-1]
+    early = [m for m in methods[:last] if isinstance(owner(m), ModelCheckpoint)]
+    return ([m for m in methods[:last + 1] if not any(m is e for e in early)] + early
+            + methods[last + 1:])
+
+
 class CallbackList:
     """The callbacks of one ``fit`` or ``evaluate``: per hook, the callbacks
     that implement it, found once (so hooks nobody uses cost nothing)."""
@@ -149,10 +172,7 @@ class CallbackList:
                     continue   # the base class's no-op
                 methods.append(method)
             if hook == "on_epoch_end":
-                # a checkpoint saves the state the next epoch starts from: after
-                # the schedules and ReduceLROnPlateau, whatever the list's order
-                methods.sort(key=lambda m: isinstance(getattr(m, "__self__", None),
-                                                      ModelCheckpoint))
+                methods = _checkpoints_after_rate_changes(methods)
             self.hooks[hook] = methods
         self.with_logs = {id(m): _takes_logs(m) for hook in ("on_train_begin", "on_train_end")
                           for m in self.hooks[hook]}
@@ -331,10 +351,10 @@ class ModelCheckpoint(_MonitorCallback):
 
     The file is the model's ``save`` file, with its optimizer and random
     states (``include_optimizer``): ``fastrnn.load`` it and call ``fit``
-    with ``initial_epoch`` to go on training from it. At an epoch's end it
-    saves after every other callback (the schedules' steps, a learning rate
-    ReduceLROnPlateau lowered), wherever it stands in the list, so the file
-    holds the state the next epoch starts from.
+    with ``initial_epoch`` to go on training from it. Listed before a
+    learning-rate schedule or ``ReduceLROnPlateau``, it saves at the epoch's
+    end just after the last of them (the others keep the list's order), so
+    the file holds the rate the next epoch starts from.
 
     Parameters
     ----------

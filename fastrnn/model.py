@@ -32,6 +32,7 @@ from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import LastStep, Linear
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
+from fastrnn.wrappers import _recurrent
 
 __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
            "load_state_dict_file"]
@@ -667,7 +668,9 @@ class Sequential:
             rule: the class is an integer target, or the argmax of a one-hot
             target; classes not listed weigh 1). With a cross-entropy loss,
             each step of per-step integer targets is weighted by its class.
-            The mean still divides by the unweighted count.
+            The mean still divides by the unweighted count. Not with sample
+            weights (``sample_weight``, or an iterable's ``(x, y, weight)``
+            batches: refused at the first such batch).
         sample_weight : ndarray of shape (N,) or (N, T), optional
             Weights each training sample (or step): its loss is multiplied by
             it, and the mean divides by the unweighted count (Keras' rule).
@@ -725,7 +728,7 @@ class Sequential:
                 raise ValueError(f"{owner}: validation_split needs arrays; with an iterable "
                                  f"of batches pass validation_data")
             n = len(source)
-            n_val = n - int(math.floor(n * (1.0 - split)))  # Keras' rounding
+            n_val = batching.held_out(n, split)
             if n_val == 0 or n_val == n:
                 raise ValueError(f"{owner}: validation_split={split} leaves "
                                  f"{n - n_val} training and {n_val} validation samples")
@@ -933,17 +936,20 @@ class Sequential:
         """
         include_optimizer = v.check_bool("Sequential.save", "include_optimizer",
                                          include_optimizer)
+        holders = {}   # id of a layer with parameters (inside any wrappers) -> index
         for i, layer in enumerate(self.layers):
             reason = _saving.unsavable(layer)
             if reason is not None:
                 raise TypeError(f"Sequential.save: layers[{i}] is {reason}; save its "
                                 f"state_dict() instead")
-            first = next(j for j, other in enumerate(self.layers) if other is layer)
-            if first < i and layer._trainable:
+            inner = _recurrent(layer)
+            first = holders.setdefault(id(inner), i) if inner._trainable else i
+            if first < i:
                 # the file would load two layers, trained apart from then on
-                raise TypeError(f"Sequential.save: layers[{i}] is layers[{first}] (one "
-                                f"{type(layer).__name__} used twice), which a model file "
-                                f"cannot tie; save the state_dict() instead")
+                raise TypeError(f"Sequential.save: layers[{i}] holds the "
+                                f"{type(inner).__name__} of layers[{first}] (one layer used "
+                                f"twice), which a model file cannot tie; save the "
+                                f"state_dict() instead")
         _saving.save_model(self, path, include_optimizer=include_optimizer)
 
     @classmethod

@@ -62,7 +62,7 @@ def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
     if value < low or (low_open and value == low) or (high is not None and value >= high):
         bound = f"({low}" if low_open else f"[{low}"
         raise ValueError(f"{owner}: {name} must lie in {bound}, "
-                         f"{'inf' if high is None else high}), got {value}")
+                         f"{'inf]' if high is None else f'{high})'}, got {value}")
     return float(value)
 
 

@@ -254,7 +254,8 @@ class Stateful(_Wrapper):
         s = self._state
         if s is None:
             return None
-        return tuple(a.copy() for a in s) if isinstance(s, tuple) else s.copy()
+        return tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple) \
+            else s.copy()
 
     def reset_state(self, states: Any = None) -> None:
         """Start the next call from ``states`` (arrays shaped as the layer's

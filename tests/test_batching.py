@@ -216,6 +216,11 @@ def test_predict_takes_x_from_list_batches_as_a_torch_dataloader_yields_them():
     np.testing.assert_array_equal(model.predict(iter(lists)), model.predict(x))
     weighted = [[x[i:i + 8], y[i:i + 8], np.ones(8)] for i in range(0, 24, 8)]
     np.testing.assert_array_equal(model.predict(iter(weighted)), model.predict(x))
+    # ids: x (B, T) and y (B, T) are both 2-D, more than an id sequence's one
+    ids = np.random.default_rng(2).integers(0, 5, (6, 4))
+    embedded = fastrnn.Sequential([fastrnn.Embedding(5, 3, seed=0),
+                                   fastrnn.GRU(3, 2, batch_first=True, seed=1)])
+    np.testing.assert_array_equal(embedded.predict(iter([[ids, ids]])), embedded.predict(ids))
     # a batch of two (or three) sequences of different lengths stays a list of sequences
     xs = _sequences()
     ragged = _per_sequence_model()

@@ -104,8 +104,13 @@ def test_checkpoint_then_resume_equals_the_uninterrupted_run(checkpoint_first, t
     first = _compiled(optim.Adam, dict(lr=1e-2))
     checkpoint = fastrnn.ModelCheckpoint(tmp_path / "e{epoch}.npz", monitor="loss")
     schedules = first.optimizer.schedules
+    # a callback listed after the checkpoint finds its file (the list's order otherwise)
+    seen = []
+    after = fastrnn.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.append((tmp_path / f"e{epoch + 1}.npz").exists()))
     first.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=(
-        [checkpoint, *schedules] if checkpoint_first else [*schedules, checkpoint]))
+        [checkpoint, *schedules, after] if checkpoint_first else [*schedules, checkpoint, after]))
+    assert seen == [True] * 4
     resumed = fastrnn.load(tmp_path / "e2.npz")          # saved after epoch index 1
     resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=8, verbose=0,
                 callbacks=resumed.optimizer.schedules)
@@ -275,9 +280,13 @@ def test_save_errors_name_the_path_given_and_a_tied_layer_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []           # no temporary file left
     shared = fastrnn.Linear(2, 2)
     tied = fastrnn.Sequential([shared, fastrnn.Tanh(), shared])
-    with pytest.raises(TypeError, match=r"Sequential.save: layers\[2\] is layers\[0\] \(one "
-                                        r"Linear used twice\), which a model file cannot tie"):
+    with pytest.raises(TypeError, match=r"Sequential.save: layers\[2\] holds the Linear of "
+                                        r"layers\[0\] \(one layer used twice\), which a model "
+                                        r"file cannot tie"):
         tied.save(tmp_path / "tied.npz")
+    gru = fastrnn.GRU(2, 2, batch_first=True)
+    with pytest.raises(TypeError, match=r"layers\[1\] holds the GRU of layers\[0\]"):
+        fastrnn.Sequential([gru, fastrnn.Reversed(gru)]).save(tmp_path / "tied.npz")
     tanh = fastrnn.Tanh()                            # a layer without parameters may repeat
     fastrnn.Sequential([fastrnn.Linear(2, 2), tanh, fastrnn.Linear(2, 2), tanh]).save(
         tmp_path / "ok.npz")

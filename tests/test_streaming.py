@@ -216,7 +216,10 @@ def test_an_lstm_state_with_a_part_left_out_streams_from_zeros():
     np.testing.assert_array_equal(stream(x), want)
     stateful = fastrnn.Stateful(fastrnn.LSTM(3, 4, seed=0))
     stateful.reset_state((h, None))
+    assert stateful.state[1] is None
+    stream.state = [stateful.state]                 # the Stream docstring's hand-over
     np.testing.assert_array_equal(stateful(x)[0], want)
+    np.testing.assert_array_equal(stream(x), want)
 
 
 def test_batch_changes_and_a_changed_model_are_told_by_the_stream():

@@ -16,13 +16,13 @@ numbers (1700-2008, NOAA, public domain) scaled to [0, 1], in windows of 10
 years predicting the next. Run: ``fastrnn sunspots`` (or ``fastrnn demo``).
 """
 import argparse
-import math
 import os
 import time
 
 import numpy as np
 
 import fastrnn
+from fastrnn.batching import held_out
 from fastrnn.datasets import load_sunspots, windows
 from fastrnn.examples import _cli
 
@@ -51,7 +51,7 @@ def main(epochs=50, plot="sunspots_loss.png", seed=0, verbose=1):
                         verbose=verbose)
     seconds = time.perf_counter() - start
 
-    n_val = held_out(len(x))   # the windows fit held out for validation
+    n_val = held_out(len(x), 0.2)   # the windows fit held out for validation
     x_val, y_val = x[-n_val:], y[-n_val:]
     val_mse = model.evaluate(x_val, y_val)
     naive_mse = float(np.mean((x_val[:, -1] - y_val) ** 2))  # next year = this year
@@ -64,12 +64,6 @@ def main(epochs=50, plot="sunspots_loss.png", seed=0, verbose=1):
     if plot:
         print(_save_plot(history, plot))
     return history, val_mse, naive_mse
-
-
-def held_out(n, split=0.2):
-    """How many of n samples ``fit(validation_split=split)`` holds out: the
-    last n - floor(n (1 - split)) (Keras' rounding; 60 of the 299 windows)."""
-    return n - math.floor(n * (1.0 - split))
 
 
 def _save_plot(history, path):
