@@ -525,7 +525,9 @@ class Sequential:
         if isinstance(self.loss, CrossEntropyLoss) and y.dtype.kind in "iu":
             ignored = y != self.loss.ignore_index
             keep = ignored if keep is None else keep & ignored
-        if keep is not None and not keep.all():
+        # a masked model's metrics count its kept steps in every batch, those with
+        # nothing masked too: a weight then counts per step alike, whatever the batching
+        if keep is not None:
             if sample_weight is not None:
                 sample_weight = np.broadcast_to(
                     sample_weight.reshape(sample_weight.shape + (1,) * (keep.ndim

@@ -225,6 +225,41 @@ def test_weighted_metrics_use_the_sample_weights_as_keras():
         assert ours[key][0] == pytest.approx(theirs[key][0], rel=1e-5), key
 
 
+@pytest.mark.parametrize("case", ["masked", "ignored"])
+def test_weighted_metrics_of_kept_steps_do_not_depend_on_the_batching(case):
+    """Batches with and without masked (or ignored) steps weigh each sample
+    weight per kept step alike: the value of one batch, whatever the size."""
+    rng = np.random.default_rng(0)
+    N, T, F = 6, 5, 2
+    x = rng.standard_normal((N, T, F))
+    w = np.arange(1.0, N + 1)
+    if case == "masked":
+        x[3:, 3:] = 0.0                  # samples 3-5: the last two steps masked
+        y = rng.standard_normal((N, T, 1))
+        model = fastrnn.Sequential([fastrnn.Masking(0.0),
+                                    fastrnn.GRU(F, 3, batch_first=True, dtype="float64", seed=0),
+                                    fastrnn.Linear(3, 1, dtype="float64", seed=1)])
+        model.compile("mse", optim.SGD(lr=0.0), weighted_metrics=["mae"])
+        err = np.abs(model.predict(x) - y)[..., 0]
+        kept = (x != 0).any(-1)
+    else:
+        y = rng.integers(0, 3, (N, T))
+        y[4:, :2] = -100                  # ignored targets
+        model = fastrnn.Sequential([fastrnn.GRU(F, 4, batch_first=True, dtype="float64",
+                                                seed=0),
+                                    fastrnn.Linear(4, 3, dtype="float64", seed=1)])
+        model.compile(fastrnn.CrossEntropyLoss(), optim.SGD(lr=0.0),
+                      weighted_metrics=["accuracy"])
+        err = (model.predict(x).argmax(-1) == y).astype(float)
+        kept = y != -100
+    weights = np.broadcast_to(w[:, None], (N, T))
+    expected = (err * weights)[kept].sum() / weights[kept].sum()
+    for batch_size in (1, 2, 3, 6):
+        logs = model.evaluate(x, y, sample_weight=w, batch_size=batch_size, return_dict=True)
+        value = logs["mae" if case == "masked" else "accuracy"]
+        assert value == pytest.approx(expected, rel=1e-12), batch_size
+
+
 def test_metric_errors():
     model = fastrnn.Sequential([fastrnn.Linear(3, 2, seed=0)])
     with pytest.raises(ValueError, match=r"Sequential.compile: unknown metric 'f1'; expected one "
