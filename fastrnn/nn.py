@@ -362,6 +362,10 @@ class Embedding(Module):
             if not whole:
                 raise TypeError(f"{owner}: {name} must hold integer ids, got dtype "
                                 f"{arr.dtype} with values that are not whole numbers")
+            n = self._config["num_embeddings"]
+            if arr.size and (arr.min() < 0 or arr.max() >= n):   # before a cast could wrap
+                raise ValueError(f"{owner}: {name} ids must lie in [0, {n}) (num_embeddings), "
+                                 f"got values from {arr.min():g} to {arr.max():g}")
             arr = arr.astype(np.int64)
         n = self._config["num_embeddings"]
         if arr.size and (arr.min() < 0 or arr.max() >= n):

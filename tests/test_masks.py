@@ -1,6 +1,8 @@
 """Keras-style boolean masks on the recurrent layers: against a step-by-step
 NumPy oracle (tests/reference.py), against Keras, and their gradients by
 central finite differences."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -277,6 +279,11 @@ def test_embedding_and_masking_errors_name_the_argument():
         emb(np.array([0, 4]))
     with pytest.raises(TypeError, match="Embedding: input must hold integer ids"):
         emb(np.array([0.5]))
+    with pytest.raises(ValueError, match=r"Embedding: input ids must lie in \[0, 4\) "
+                                         r"\(num_embeddings\), got values from 1e\+30 to"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # no cast of 1e30 to int64 (it wrapped)
+            emb(np.array([1e30]))
     np.testing.assert_array_equal(emb(np.array([1.0, 3.0])), emb(np.array([1, 3])))
     model = fastrnn.Sequential([emb, fastrnn.GRU(2, 2, batch_first=True)])
     with pytest.raises(ValueError, match=r"Sequential: expected x of shape \(N, T\) \(integer "
