@@ -173,6 +173,9 @@ def configure(owner, base_kind, dirs, *, activation, recurrent_activation=None,
     option has its default (the plain kernels run), else its *_OPT kind.
     ``recurrent_activation`` None: the cell has no gates (the RNN)."""
     from fastrnn import _validation as v
+    if recurrent_activation is None and base_kind != "rnn":   # None would build an RNN
+        raise TypeError(f"{owner}: recurrent_activation must be an activation name or a tuple "
+                        f"(name, alpha[, beta]), got None")
     cand = per_direction(owner, "activation" if recurrent_activation is not None
                          else "nonlinearity", activation, dirs)
     gate = (None if recurrent_activation is None

@@ -15,6 +15,7 @@ leaves the module unchanged.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 from collections import namedtuple
@@ -321,6 +322,12 @@ class Module:
         config = {k: (val.name if isinstance(val, np.dtype) else val)
                   for k, val in self._config.items()}
         return _rebuild, (type(self), config, self.state_dict(), getattr(self, "_rng", None))
+
+    def __copy__(self):
+        # as a pickle round trip: the copy's random generator is its own (copy.copy
+        # would hand it this one, and training either would advance both)
+        cls, args = self.__reduce__()
+        return cls(*args[:3], copy.deepcopy(args[3]))
 
     def __repr__(self):
         cfg = self._config

@@ -211,7 +211,7 @@ class _MonitorCallback(Callback):
     monitored value, its direction and what counts as an improvement
     (Keras' ``MonitorCallback``)."""
 
-    def __init__(self, monitor, mode, min_delta, baseline=None):
+    def __init__(self, monitor, mode, min_delta, baseline=None, baseline_name="baseline"):
         owner = type(self).__name__
         if not isinstance(monitor, str):
             raise TypeError(f"{owner}: monitor must be a str, got {type(monitor).__name__}")
@@ -222,7 +222,10 @@ class _MonitorCallback(Callback):
             raise TypeError(f"{owner}: min_delta must be a number, got {min_delta!r}")
         if baseline is not None and (isinstance(baseline, bool)
                                      or not isinstance(baseline, numbers.Real)):
-            raise TypeError(f"{owner}: baseline must be a number or None, got {baseline!r}")
+            raise TypeError(f"{owner}: {baseline_name} must be a number or None, got "
+                            f"{baseline!r}")
+        if baseline is not None and math.isnan(baseline):
+            raise ValueError(f"{owner}: {baseline_name} must be a number or None, got NaN")
         self.monitor = monitor
         self.mode = mode
         self.min_delta = abs(float(min_delta))
@@ -308,7 +311,7 @@ class EarlyStopping(_MonitorCallback):
         self.patience = v.check_int("EarlyStopping", "patience", patience, minimum=0)
         self.start_from_epoch = v.check_int("EarlyStopping", "start_from_epoch",
                                             start_from_epoch, minimum=0)
-        self.restore_best_weights = bool(restore_best_weights)
+        self.restore_best_weights = v.check_bool("EarlyStopping", "restore_best_weights", restore_best_weights)
         self.verbose = verbose
         self.best = self.best_epoch = self.best_weights = self.stopped_epoch = None
         self.wait = 0
@@ -378,7 +381,7 @@ class ModelCheckpoint(_MonitorCallback):
                  save_best_only: bool = False, mode: str = "auto",
                  initial_value_threshold: float | None = None, include_optimizer: bool = True,
                  verbose: int = 0) -> None:
-        super().__init__(monitor, mode, 0.0, initial_value_threshold)
+        super().__init__(monitor, mode, 0.0, initial_value_threshold, "initial_value_threshold")
         try:
             self.filepath = os.fspath(filepath)
         except TypeError:
@@ -386,8 +389,8 @@ class ModelCheckpoint(_MonitorCallback):
                             f"{type(filepath).__name__}") from None
         if not isinstance(self.filepath, str):
             raise TypeError("ModelCheckpoint: filepath must be a str path, got bytes")
-        self.save_best_only = bool(save_best_only)
-        self.include_optimizer = bool(include_optimizer)
+        self.save_best_only = v.check_bool("ModelCheckpoint", "save_best_only", save_best_only)
+        self.include_optimizer = v.check_bool("ModelCheckpoint", "include_optimizer", include_optimizer)
         self.verbose = verbose
         self.best = self.baseline
 
@@ -492,7 +495,7 @@ class TerminateOnNaN(Callback):
     """
 
     def __init__(self, raise_error: bool = False) -> None:
-        self.raise_error = bool(raise_error)
+        self.raise_error = v.check_bool("TerminateOnNaN", "raise_error", raise_error)
 
     def on_train_batch_end(self, model, batch, logs):
         loss = logs.get("loss")
@@ -584,7 +587,7 @@ class CSVLogger(Callback):
         if not isinstance(separator, str) or len(separator) != 1:
             raise ValueError(f"CSVLogger: separator must be one character, got {separator!r}")
         self.separator = separator
-        self.append = bool(append)
+        self.append = v.check_bool("CSVLogger", "append", append)
         self._file = self._writer = self._keys = None
 
     def on_train_begin(self, model):

@@ -293,7 +293,7 @@ class GRUCell(_CellBase):
                           "recurrent_activation": recurrent_activation, "clip": clip,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout}, learn_initial_state,
-                         layer_norm)
+                         v.check_bool(type(self).__name__, "layer_norm", layer_norm))
         self._config["reset_after"] = reset_after
 
 
@@ -322,4 +322,4 @@ class LSTMCell(_CellBase):
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout}, learn_initial_state,
-                         layer_norm)
+                         v.check_bool(type(self).__name__, "layer_norm", layer_norm))

@@ -458,7 +458,8 @@ class GRU(_RNNBase):
                           "recurrent_activation": recurrent_activation, "clip": clip,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout, layer_norm)
+                         learn_initial_state, weight_dropout,
+                         v.check_bool(type(self).__name__, "layer_norm", layer_norm))
         self._config["reset_after"] = reset_after
 
 
@@ -500,4 +501,5 @@ class LSTM(_RNNBase):
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout, layer_norm, proj_size)
+                         learn_initial_state, weight_dropout,
+                         v.check_bool(type(self).__name__, "layer_norm", layer_norm), proj_size)

@@ -110,7 +110,8 @@ class Metric:
         return {"name": self.name}
 
     def __repr__(self):
-        return f"{type(self).__name__}(name={self.name!r})"
+        args = ", ".join(f"{k}={val!r}" for k, val in self.get_config().items())
+        return f"{type(self).__name__}({args})"
 
 
 def _same_rank(y_true, y_pred):

@@ -407,7 +407,7 @@ class Sequential:
         owner = "Sequential.compile"
         # checked here, not at the first batch; inf (measure, never clip) is allowed
         clip_grad_norm, clip_grad_value = (
-            None if value is None else _check_number(owner, name, value)
+            None if value is None else _check_number(owner, name, value, allow_inf=True)
             for name, value in (("clip_grad_norm", clip_grad_norm),
                                 ("clip_grad_value", clip_grad_value)))
         loss = get_loss(loss)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fastrnn import _validation as v
+
 if TYPE_CHECKING:
     from fastrnn._module import Module
     from fastrnn.model import Sequential
@@ -54,15 +56,18 @@ def _refuse_quantized(modules, what):
         modules[0]._refuse_training(what)
 
 
-def _check_number(owner, name, value, low=0.0, low_open=False, high=None):
+def _check_number(owner, name, value, low=0.0, low_open=False, high=None, allow_inf=False):
+    """A float in [low, high) ((low, ...) with low_open; no high: up to inf, which
+    only ``allow_inf`` takes: a gradient clip that never clips)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
     if math.isnan(value):
         raise ValueError(f"{owner}: {name} must be a number, got NaN")
-    if value < low or (low_open and value == low) or (high is not None and value >= high):
+    if value < low or (low_open and value == low) or (high is not None and value >= high) \
+            or (math.isinf(value) and not allow_inf):
         bound = f"({low}" if low_open else f"[{low}"
-        raise ValueError(f"{owner}: {name} must lie in {bound}, "
-                         f"{'inf]' if high is None else f'{high})'}, got {value}")
+        top = "inf]" if allow_inf else ("inf)" if high is None else f"{high})")
+        raise ValueError(f"{owner}: {name} must lie in {bound}, {top}, got {value}")
     return float(value)
 
 
@@ -276,9 +281,10 @@ class SGD(Optimizer):
         self.momentum = _check_number("SGD", "momentum", momentum)
         self.dampening = _check_number("SGD", "dampening", dampening)
         self.weight_decay = _check_number("SGD", "weight_decay", weight_decay)
+        nesterov = v.check_bool("SGD", "nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("SGD: nesterov needs momentum > 0 and dampening = 0")
-        self.nesterov = bool(nesterov)
+        self.nesterov = nesterov
         super().__init__(params, lr)
 
     def get_config(self) -> dict[str, Any]:
@@ -320,7 +326,7 @@ class Adam(Optimizer):
         self.betas = tuple(_check_number(owner, "betas", b, high=1.0) for b in betas)
         self.eps = _check_number(owner, "eps", eps)
         self.weight_decay = _check_number(owner, "weight_decay", weight_decay)
-        self.amsgrad = bool(amsgrad)
+        self.amsgrad = v.check_bool(type(self).__name__, "amsgrad", amsgrad)
         super().__init__(params, lr)
 
     _scalar_slots = ("step",)
@@ -388,7 +394,7 @@ class RMSprop(Optimizer):
         self.eps = _check_number("RMSprop", "eps", eps)
         self.weight_decay = _check_number("RMSprop", "weight_decay", weight_decay)
         self.momentum = _check_number("RMSprop", "momentum", momentum)
-        self.centered = bool(centered)
+        self.centered = v.check_bool("RMSprop", "centered", centered)
         super().__init__(params, lr)
 
     def get_config(self) -> dict[str, Any]:
@@ -445,7 +451,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
                    error_if_nonfinite: bool = False) -> float:
     """Scale all gradients together so that their global L2 norm is at most
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
-    max_norm = _check_number("clip_grad_norm", "max_norm", max_norm)
+    max_norm = _check_number("clip_grad_norm", "max_norm", max_norm, allow_inf=True)
     _refuse_quantized(_quantized_in(params), "clip_grad_norm")
     modules = _modules_of(params, "clip_grad_norm")
     with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
@@ -465,7 +471,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
 def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
                     clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
-    clip_value = _check_number("clip_grad_value", "clip_value", clip_value)
+    clip_value = _check_number("clip_grad_value", "clip_value", clip_value, allow_inf=True)
     _refuse_quantized(_quantized_in(params), "clip_grad_value")
     for module in _modules_of(params, "clip_grad_value"):
         with module._grad_lock:

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -587,6 +588,8 @@ class _Quantized(_ReducedWeights):
 
     def _repr_options(self):
         opts = super()._repr_options()
+        if self._config["weight_dtype"] != "int8":
+            opts.append(("weight_dtype", self._config["weight_dtype"]))
         if not self._config["per_channel"]:
             opts.append(("per_channel", False))
         return opts
@@ -787,7 +790,7 @@ def _quantized_class(base, mixin):
             sizes = {}    # the float class's constructor reports it
         for size in ("input_size", "hidden_size"):
             value = sizes.get(size)
-            if isinstance(value, int) and value > _quant.MAX_K:
+            if isinstance(value, numbers.Integral) and value > _quant.MAX_K:
                 raise ValueError(f"{name}: {size} must be at most {_quant.MAX_K} for int8 "
                                  f"products (int32 sums), got {value}")
         base.__init__(self, *args, **kwargs)
@@ -826,7 +829,7 @@ class QuantizedLinear(_ReducedWeights, Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
                  per_channel: bool = True) -> None:
-        if isinstance(in_features, int) and in_features > _quant.MAX_K:
+        if isinstance(in_features, numbers.Integral) and in_features > _quant.MAX_K:
             raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
                              f"for int8 products (int32 sums), got {in_features}")
         super().__init__(in_features, out_features, bias, dtype, seed)
@@ -841,6 +844,7 @@ class QuantizedLinear(_ReducedWeights, Linear):
     def __repr__(self):
         cfg = self._config
         extra = "" if cfg["bias"] else ", bias=False"
+        extra += "" if cfg["weight_dtype"] == "int8" else f", weight_dtype={cfg['weight_dtype']!r}"
         extra += "" if cfg["per_channel"] else ", per_channel=False"
         return f"QuantizedLinear({cfg['in_features']}, {cfg['out_features']}{extra})"
 

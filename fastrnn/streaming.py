@@ -153,7 +153,8 @@ class Stream:
         or (T,) ids when it starts with an Embedding). Returns the chunk's
         outputs. Chunks and frames (``step``) mix in any order."""
         if not isinstance(self.model, Sequential):
-            out, self._state[0] = self._run_layer(0, self._recurrent[0], chunk)
+            out, state = self._run_layer(0, self._recurrent[0], chunk)
+            self._state = [state]   # a new list, as the Sequential path: a copy's stays its own
             return out
         if len(self.model.layers) != len(self._layers) or any(
                 a is not b for a, b in zip(self.model.layers, self._layers)):

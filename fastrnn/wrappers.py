@@ -49,10 +49,20 @@ class _Wrapper:
     _takes_mask = True
     _takes_lengths = True
 
+    _own = ("layer",)   # the wrapper's own public attributes (and any _private one)
+
     def __getattr__(self, name):
         if name.startswith("__") or name == "layer":
             raise AttributeError(name)
         return getattr(self.layer, name)
+
+    def __setattr__(self, name, value):
+        # what reads fall through to is set there too (the layer checks it), not
+        # shadowed on the wrapper while the layer computes with the old value
+        if name.startswith("_") or name in type(self)._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.layer, name, value)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.layer!r}{self._repr_extra()})"
@@ -126,6 +136,8 @@ class Reversed(_Wrapper):
     >>> rev = fastrnn.Reversed(fastrnn.GRU(3, 4))   # ONNX direction="reverse"
     >>> out, h_n = rev(x)        # out[0] has read the whole sequence
     """
+
+    _own = ("layer", "keep_order")
 
     def __init__(self, layer: Any, keep_order: bool = True) -> None:
         self.layer = _check_inner("Reversed", layer)

@@ -4,6 +4,7 @@ checks of a file's configuration against its arrays.
 
 The hostile-file corpus (bounded time and memory) is tests/test_hostile_files.py.
 """
+import copy
 import json
 import os
 import pickle
@@ -381,3 +382,75 @@ def test_summary_lists_layers_shapes_and_counts(capsys):
                                              fastrnn.Linear(4, 1)]),
                          dtype=dtype).summary(print_fn=lines.append)
         assert lines[-1].startswith("Total params: ") and lines[-1].endswith(f", {dtype} weights)")
+
+
+# --- constructors, copies and reprs (a probe of every public class) ----------------------
+@pytest.mark.parametrize("cls", [fastrnn.GRU, fastrnn.LSTM, fastrnn.GRUCell, fastrnn.LSTMCell])
+def test_gated_classes_refuse_none_where_it_would_change_the_kind(cls):
+    # recurrent_activation=None had built an Elman RNN with the class's name
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: recurrent_activation must be an "
+                                        rf"activation name .* got None"):
+        cls(2, 3, recurrent_activation=None)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: layer_norm must be a bool, got "
+                                        rf"NoneType"):
+        cls(2, 3, layer_norm=None)
+
+
+def test_a_wrapper_sets_what_it_reads_on_its_layer():
+    gru = fastrnn.GRU(2, 3, seed=0)
+    wrapped = fastrnn.Stateful(fastrnn.Reversed(gru))
+    zeros = np.zeros_like(gru.weight_ih_l0)
+    wrapped.weight_ih_l0 = zeros                         # the layer's checked assignment
+    np.testing.assert_array_equal(gru.weight_ih_l0, zeros)
+    with pytest.raises(AttributeError, match="GRU: hidden_size is fixed at construction"):
+        wrapped.hidden_size = 5
+    assert wrapped.hidden_size == gru.hidden_size == 3
+    wrapped.layer.keep_order = False                     # the Reversed's own option
+    assert gru.__dict__.get("keep_order") is None
+
+
+def test_shallow_copies_keep_their_own_random_state_and_stream_state():
+    layer = fastrnn.GRU(2, 3, dropout=0.5, num_layers=2, seed=0)
+    twin = fastrnn.GRU(2, 3, dropout=0.5, num_layers=2, seed=0)
+    x = np.ones((4, 2, 2), np.float32)
+    copied = copy.copy(layer)
+    assert copied._rng is not layer._rng
+    copied.forward_train(x)                              # draws the copy's masks only
+    np.testing.assert_array_equal(layer.forward_train(x)[0][0], twin.forward_train(x)[0][0])
+    stream = fastrnn.Stream(fastrnn.GRU(2, 3, seed=0))
+    stream(x)
+    before = stream.state[0].copy()
+    copy.copy(stream)(x)
+    np.testing.assert_array_equal(stream.state[0], before)
+
+
+def test_reprs_keep_every_option_and_checks_name_the_argument():
+    for metric in (fastrnn.metrics.BinaryAccuracy(threshold=0.3),
+                   fastrnn.metrics.TopKCategoricalAccuracy(k=2)):
+        again = eval(repr(metric), {**vars(fastrnn.metrics)})
+        assert again.get_config() == metric.get_config()
+    assert "weight_dtype='bfloat16'" in repr(fastrnn.quantize(fastrnn.LSTM(2, 3),
+                                                               dtype="bfloat16"))
+    assert "weight_dtype='bfloat16'" in repr(fastrnn.quantize(fastrnn.Linear(2, 3),
+                                                               dtype="bfloat16"))
+    with pytest.raises(ValueError, match="QuantizedLinear: in_features must be at most"):
+        fastrnn.quantized.QuantizedLinear(np.int64(70000), 2)
+    with pytest.raises(TypeError, match="ModelCheckpoint: initial_value_threshold must be a "
+                                        "number or None"):
+        fastrnn.ModelCheckpoint("m.npz", initial_value_threshold="0.5")
+    for make, name in ((lambda: fastrnn.optim.Adam(amsgrad="False"), "Adam: amsgrad"),
+                       (lambda: fastrnn.optim.SGD(momentum=0.9, nesterov=1), "SGD: nesterov"),
+                       (lambda: fastrnn.optim.RMSprop(centered="yes"), "RMSprop: centered"),
+                       (lambda: fastrnn.EarlyStopping(restore_best_weights="no"),
+                        "EarlyStopping: restore_best_weights"),
+                       (lambda: fastrnn.CSVLogger("log.csv", append=1), "CSVLogger: append")):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            make()
+    inf = float("inf")
+    for make, name in ((lambda: fastrnn.optim.SGD(lr=inf), "SGD: lr"),
+                       (lambda: fastrnn.optim.Adam(eps=inf), "Adam: eps"),
+                       (lambda: fastrnn.optim.ExponentialLR(fastrnn.optim.SGD(), gamma=inf),
+                        "ExponentialLR: gamma")):
+        with pytest.raises(ValueError, match=rf"{name} must lie in \[0.0, inf\), got inf"):
+            make()
+    assert fastrnn.optim.clip_grad_norm(fastrnn.Linear(2, 2), inf) == 0.0   # never clips
