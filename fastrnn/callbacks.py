@@ -311,7 +311,8 @@ class EarlyStopping(_MonitorCallback):
         self.patience = v.check_int("EarlyStopping", "patience", patience, minimum=0)
         self.start_from_epoch = v.check_int("EarlyStopping", "start_from_epoch",
                                             start_from_epoch, minimum=0)
-        self.restore_best_weights = v.check_bool("EarlyStopping", "restore_best_weights", restore_best_weights)
+        self.restore_best_weights = v.check_bool("EarlyStopping", "restore_best_weights",
+                                                 restore_best_weights)
         self.verbose = verbose
         self.best = self.best_epoch = self.best_weights = self.stopped_epoch = None
         self.wait = 0
@@ -390,7 +391,8 @@ class ModelCheckpoint(_MonitorCallback):
         if not isinstance(self.filepath, str):
             raise TypeError("ModelCheckpoint: filepath must be a str path, got bytes")
         self.save_best_only = v.check_bool("ModelCheckpoint", "save_best_only", save_best_only)
-        self.include_optimizer = v.check_bool("ModelCheckpoint", "include_optimizer", include_optimizer)
+        self.include_optimizer = v.check_bool("ModelCheckpoint", "include_optimizer",
+                                              include_optimizer)
         self.verbose = verbose
         self.best = self.baseline
 
