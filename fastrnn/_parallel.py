@@ -71,13 +71,12 @@ def _cores():
 
 
 def _default_threads():
-    value = os.environ.get("FASTRNN_NUM_THREADS")
-    if value is not None:
-        try:
-            n = int(value)
-        except ValueError:
+    value = os.environ.get("FASTRNN_NUM_THREADS", "").strip()
+    if value:   # set and not empty (an empty variable counts as unset)
+        if not (value.isascii() and value.isdigit()):   # not int()'s "2_0" or "+3"
             raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int >= 1, "
-                              f"got {value!r}") from None
+                              f"got {value!r}")
+        n = int(value)
         if n < 1:
             raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int >= 1, got {n}")
         return min(n, MAX_THREADS)

@@ -319,6 +319,8 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
         raise ValueError(f"tbptt: expected x with 2 or 3 dimensions, got {shape_str(x.shape)}")
     batch_first = layer.batch_first and x.ndim == 3
     T = x.shape[1] if batch_first else x.shape[0]
+    if T == 0:   # as the layers refuse it (the loop would yield nothing)
+        raise ValueError(f"tbptt: x has no steps (T = 0), shape {shape_str(x.shape)}")
     state = hx
     for start in range(0, T, steps):
         time = slice(start, min(start + steps, T))

@@ -231,6 +231,8 @@ def test_tbptt_refuses_a_bidirectional_layer():
     layer = fastrnn.GRU(3, 4, bidirectional=True, seed=0)
     with pytest.raises(ValueError, match="tbptt: .* is bidirectional; its reverse direction"):
         next(fastrnn.tbptt(layer, np.zeros((6, 2, 3)), steps=2))
+    with pytest.raises(ValueError, match=r"tbptt: x has no steps \(T = 0\)"):
+        next(fastrnn.tbptt(fastrnn.GRU(3, 4, seed=0), np.zeros((0, 2, 3)), steps=2))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -269,3 +269,9 @@ def test_default_threads_stay_within_a_cgroup_cpu_quota(files, want, tmp_path, m
     assert _parallel._default_threads() == min(expected, _parallel.MAX_THREADS)
     monkeypatch.setenv("FASTRNN_NUM_THREADS", "5")          # the variable wins
     assert _parallel._default_threads() == 5
+    monkeypatch.setenv("FASTRNN_NUM_THREADS", " ")          # empty: as if unset
+    assert _parallel._default_threads() == min(expected, _parallel.MAX_THREADS)
+    for bad in ("2_0", "+3", "\u0663", "two"):
+        monkeypatch.setenv("FASTRNN_NUM_THREADS", bad)
+        with pytest.raises(ImportError, match="FASTRNN_NUM_THREADS must be an int >= 1"):
+            _parallel._default_threads()

@@ -210,13 +210,19 @@ ORT_ATOL = 2e-6
 OP = {"rnn": "RNN", "gru": "GRU", "gru_reset_before": "GRU", "lstm": "LSTM"}
 
 
+def _onnx():
+    """onnx's TensorProto, helper and numpy_helper; the test skips without onnx."""
+    onnx = pytest.importorskip("onnx")
+    return onnx.TensorProto, onnx.helper, onnx.numpy_helper
+
+
 def onnx_node_model(kind, params, H, direction, specs, clip=None, input_forget=False,
                     peepholes=False, lengths=False, dtype=np.float32, opset=14):
     """A single ONNX node with the oracle's parameters as initializers: inputs
     X, [sequence_lens,] initial_h (, initial_c); outputs Y, Y_h (, Y_c).
     specs: every direction's activations, in node order. ``direction``
     'reverse' takes the parameters named *_l0_reverse."""
-    from onnx import TensorProto, helper, numpy_helper
+    TensorProto, helper, numpy_helper = _onnx()
     op = OP[kind]
     bidirectional = direction == "bidirectional"
     if direction == "reverse":
@@ -369,7 +375,7 @@ def test_onnx_runtime_thresholded_relu_is_strict():
     """ONNX's text says ThresholdedRelu(x) = x if x >= alpha; ONNX Runtime
     computes x > alpha. A one-unit RNN whose pre-activation is exactly alpha
     gives 0, as the oracle does."""
-    from onnx import TensorProto, helper, numpy_helper
+    TensorProto, helper, numpy_helper = _onnx()
     alpha = 0.5
     inits = [numpy_helper.from_array(np.ones((1, 1, 1), np.float32), "W"),
              numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "R")]
@@ -411,7 +417,7 @@ def test_onnx_runtime_reads_alpha_compactly_for_rnn():
     """The RNN op too (onnxruntime 1.32; older versions indexed
     activation_alpha by direction): [Tanh, LeakyRelu] with alpha [0.3, 0.2]
     is leaky_relu 0.3 in the reverse direction, not 0.2."""
-    from onnx import helper
+    _, helper, _ = _onnx()
     rng = np.random.default_rng(14)
     params = random_params("rnn", 2, 3, bidirectional=True, seed=15, dtype=np.float32)
     model = onnx_node_model("rnn", params, 3, "bidirectional", ["tanh", "tanh"])
@@ -436,7 +442,7 @@ def test_onnx_runtime_zero_defaults_differ_from_the_operators():
     alpha and Affine's and ScaledTanh's alpha and beta (rnn_helpers.cc),
     where ONNX's text points to the operators' defaults (ThresholdedRelu 1.0,
     Affine 1.0/0.0). The oracle's specs_from_onnx_attributes reads as ORT."""
-    from onnx import helper
+    _, helper, _ = _onnx()
     rng = np.random.default_rng(16)
     names = ["ThresholdedRelu", "Affine", "ScaledTanh"]
     specs = ro.specs_from_onnx_attributes(names)
@@ -469,7 +475,7 @@ def test_onnx_runtime_lstm_gru_default_alphas():
     rng = np.random.default_rng(11)
     kind, H, D = "lstm", 3, 2
     params = random_params(kind, D, H, seed=12, dtype=np.float32)
-    from onnx import helper
+    _, helper, _ = _onnx()
     model = onnx_node_model(kind, params, H, "forward", ["sigmoid", "tanh", "tanh"])
     node = model.graph.node[0]
     del node.attribute[:]
