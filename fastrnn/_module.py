@@ -121,17 +121,16 @@ def _refuse_quantized_entry(owner, state_dict, name):
     patterns (uint16) or int8 codes beside their scales: loaded into a float
     model they would become numbers far from the weights."""
     dtype = getattr(state_dict[name], "dtype", None)
-    if isinstance(dtype, np.dtype):
-        uint16, integer = dtype == np.uint16, dtype.kind in "iu"
-    elif type(dtype).__name__ == "dtype" and type(dtype).__module__ == "torch":
-        # the same arrays as torch tensors (safetensors.torch.load_file)
-        uint16 = str(dtype) == "torch.uint16"
-        integer = not (dtype.is_floating_point or dtype.is_complex) and str(dtype) != "torch.bool"
-    else:
+    if type(dtype).__module__ == "torch":   # the same arrays as torch tensors
+        try:
+            dtype = np.dtype(str(dtype).removeprefix("torch."))   # torch.int8 -> int8
+        except TypeError:                                        # bfloat16, ...: a float
+            return
+    if not isinstance(dtype, np.dtype):
         return
-    if uint16:
+    if dtype == np.uint16:
         quantized = "bfloat16 bit patterns (uint16)"
-    elif integer and f"{name}_scale" in state_dict:
+    elif dtype.kind in "iu" and f"{name}_scale" in state_dict:
         quantized = "int8 weights (with their scales)"
     else:
         return
@@ -326,8 +325,8 @@ class Module:
     def __copy__(self):
         # as a pickle round trip: the copy's random generator is its own (copy.copy
         # would hand it this one, and training either would advance both)
-        cls, args = self.__reduce__()
-        return cls(*args[:3], copy.deepcopy(args[3]))
+        rebuild, (cls, config, state_dict, rng) = self.__reduce__()
+        return rebuild(cls, config, state_dict, copy.deepcopy(rng))
 
     def __repr__(self):
         cfg = self._config

@@ -38,9 +38,9 @@ class _CellBase(RecurrentEngine):
         opts = _gate_options.configure(
             owner, kind, 1, is_lstm=kind == "lstm", **gate_options)
         kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
-        # layer_norm (GRUCell, LSTMCell; None: the class has no such option):
-        # the default gates only, no zoneout, no Keras dropout
-        ln = None if layer_norm is None else _layernorm_engine.check(
+        # layer_norm (GRUCell, LSTMCell; an RNNCell has no such option): the
+        # default gates only, no zoneout, no Keras dropout
+        ln = None if kind.startswith("rnn") else _layernorm_engine.check(
             owner, layer_norm, kind,
             None if rows is None and opts.zoneout is None and opts.dropouts is None
             else _gate_options.repr_options({"activation": activation, **options}))
@@ -293,7 +293,7 @@ class GRUCell(_CellBase):
                           "recurrent_activation": recurrent_activation, "clip": clip,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout}, learn_initial_state,
-                         v.check_bool(type(self).__name__, "layer_norm", layer_norm))
+                         layer_norm)
         self._config["reset_after"] = reset_after
 
 
@@ -322,4 +322,4 @@ class LSTMCell(_CellBase):
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout}, learn_initial_state,
-                         v.check_bool(type(self).__name__, "layer_norm", layer_norm))
+                         layer_norm)

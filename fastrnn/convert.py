@@ -36,14 +36,19 @@ _LAYERS = {"RNN": RNN, "GRU": GRU, "LSTM": LSTM}
 _CELLS = {"RNNCell": RNNCell, "GRUCell": GRUCell, "LSTMCell": LSTMCell}
 
 
+def _qualified(obj):
+    """obj's class with its module (torch.nn.modules.rnn.LSTM, not LSTM), for
+    a message where another library's class of the same name may stand."""
+    where = type(obj).__module__
+    return f"{'' if where == 'builtins' else where + '.'}{type(obj).__qualname__}"
+
+
 def _class_name(owner, layer, classes, what):
     """The name of ``layer``'s class, one of ``classes`` (name -> fastrnn
     class), else a TypeError (a PyTorch module of the same name included)."""
     name = type(layer).__name__
     if not isinstance(layer, classes.get(name, ())):
-        where = type(layer).__module__
-        raise TypeError(f"{owner}: expected a fastrnn {what}, got "
-                        f"{'' if where == 'builtins' else where + '.'}{type(layer).__qualname__}")
+        raise TypeError(f"{owner}: expected a fastrnn {what}, got {_qualified(layer)}")
     return name
 
 
@@ -89,10 +94,8 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
         return quantized.from_torch_dynamic(module)   # quantize_dynamic's int8 modules
     if name not in {**_LAYERS, **_CELLS} or not isinstance(module, getattr(torch.nn, name)):
         # (torch.ao.nn's quantizable and static quantized LSTM bear the name too)
-        where = type(module).__module__
         raise TypeError(f"from_torch: expected a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or "
-                        f"LSTMCell, got "
-                        f"{'' if where == 'builtins' else where + '.'}{type(module).__qualname__}")
+                        f"LSTMCell, got {_qualified(module)}")
     dtype = _dtype_name(torch, next(module.parameters()).dtype, name)
     kwargs = {"bias": bool(module.bias), "dtype": dtype}
     if name in ("RNN", "RNNCell"):

@@ -51,9 +51,9 @@ class _RNNBase(RecurrentEngine):
         opts = _gate_options.configure(
             owner, kind, dirs, is_lstm=kind == "lstm", **gate_options)
         kind, activation, options, rows = opts.kind, opts.activation, opts.config, opts.rows
-        # layer_norm (GRU, LSTM and their cells; None: the class has no such
-        # option): the default gates only, no zoneout, no Keras dropout
-        ln = None if layer_norm is None else _layernorm_engine.check(
+        # layer_norm (GRU, LSTM and their cells; an RNN has no such option):
+        # the default gates only, no zoneout, no Keras dropout
+        ln = None if kind.startswith("rnn") else _layernorm_engine.check(
             owner, layer_norm, kind,
             None if rows is None and opts.zoneout is None and opts.dropouts is None
             else _gate_options.repr_options({"activation": activation, **options}))
@@ -460,8 +460,7 @@ class GRU(_RNNBase):
                           "recurrent_activation": recurrent_activation, "clip": clip,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout,
-                         v.check_bool(type(self).__name__, "layer_norm", layer_norm))
+                         learn_initial_state, weight_dropout, layer_norm)
         self._config["reset_after"] = reset_after
 
 
@@ -503,5 +502,4 @@ class LSTM(_RNNBase):
                           "input_forget": input_forget, "peepholes": peepholes,
                           "zoneout": zoneout, "input_dropout": input_dropout,
                           "recurrent_dropout": recurrent_dropout},
-                         learn_initial_state, weight_dropout,
-                         v.check_bool(type(self).__name__, "layer_norm", layer_norm), proj_size)
+                         learn_initial_state, weight_dropout, layer_norm, proj_size)

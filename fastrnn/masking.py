@@ -128,25 +128,6 @@ class _Plan:
         return full
 
 
-def _state_parts(layer, params, hx, B, batched):
-    """hx as full arrays (layers * dirs, B, H or P) (zeros where None, or the
-    learned initial states of the parameter set ``params`` when hx is None),
-    in the structure the layer takes: a list of one or two arrays."""
-    from fastrnn.layers import LSTM
-    owner = type(layer).__name__
-    rows = layer.num_layers * (2 if layer.bidirectional else 1)
-    names = ("h_0", "c_0") if isinstance(layer, LSTM) else ("hx",)
-    # (h is proj_size wide with a projection)
-    shapes = [(rows, B, layer._out_size), (rows, B, layer.hidden_size)][:len(names)]
-    states = v.state_arrays(owner, "hx", hx, names,
-                            [s if batched else (s[0], s[2]) for s in shapes], layer.dtype,
-                            full_shape=shapes, optional_parts=True)
-    learned = layer._learned_state(params) if hx is None else None
-    for state, value in zip(states, learned or ()):
-        state[...] = value[:, None, :]
-    return list(states[:len(names)])
-
-
 def _pack_state(parts, lstm):
     return tuple(parts) if lstm else parts[0]
 
@@ -183,7 +164,8 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
     dirs, H = 2 if layer.bidirectional else 1, layer._out_size   # H: the output's width
     params = layer._params   # its learned initial states, if any and hx is None
     learned = hx is None and layer._learned_state(params) is not None
-    states = _state_parts(layer, params, hx, B, batched)
+    h, c = layer._initial_state(params, hx, B, batched)
+    states = [h] if c is None else [h, c]
     plan = _Plan(mask, zero_output)
     rows = plan.rows
 

@@ -362,16 +362,11 @@ class Embedding(Module):
             if not whole:
                 raise TypeError(f"{owner}: {name} must hold integer ids, got dtype "
                                 f"{arr.dtype} with values that are not whole numbers")
-            n = self._config["num_embeddings"]
-            if arr.size and (arr.min() < 0 or arr.max() >= n):   # before a cast could wrap
-                raise ValueError(f"{owner}: {name} ids must lie in [0, {n}) (num_embeddings), "
-                                 f"got values from {arr.min():g} to {arr.max():g}")
-            arr = arr.astype(np.int64)
         n = self._config["num_embeddings"]
-        if arr.size and (arr.min() < 0 or arr.max() >= n):
+        if arr.size and (arr.min() < 0 or arr.max() >= n):   # before a float's cast could wrap
             raise ValueError(f"{owner}: {name} ids must lie in [0, {n}) (num_embeddings), got "
-                             f"values from {arr.min()} to {arr.max()}")
-        return arr
+                             f"values from {arr.min():g} to {arr.max():g}")
+        return arr.astype(np.int64) if arr.dtype.kind == "f" else arr
 
     def _check_ids(self, owner, x, name):
         """x of a Sequential whose first layer this is: ids (N, T)."""

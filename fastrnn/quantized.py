@@ -541,6 +541,13 @@ def _finite_float32(owner, name, value):
     return value
 
 
+def _reduction_options(cfg):
+    """The repr's (name, value) of a quantized module's options not at their
+    defaults (int8 weights, per-channel scales)."""
+    return ([("weight_dtype", cfg["weight_dtype"])] if cfg["weight_dtype"] != "int8" else []) \
+        + ([("per_channel", False)] if not cfg["per_channel"] else [])
+
+
 def _check_weight_dtype(owner, weight_dtype, argument="weight_dtype"):
     return v.check_choice(owner, argument, weight_dtype, WEIGHT_DTYPES)
 
@@ -587,12 +594,7 @@ class _Quantized(_ReducedWeights):
         return entries
 
     def _repr_options(self):
-        opts = super()._repr_options()
-        if self._config["weight_dtype"] != "int8":
-            opts.append(("weight_dtype", self._config["weight_dtype"]))
-        if not self._config["per_channel"]:
-            opts.append(("per_channel", False))
-        return opts
+        return super()._repr_options() + _reduction_options(self._config)
 
     def _quantized(self, params):
         """Per layer (w_ih, w_hh per direction, w_hn per direction or None,
@@ -844,8 +846,7 @@ class QuantizedLinear(_ReducedWeights, Linear):
     def __repr__(self):
         cfg = self._config
         extra = "" if cfg["bias"] else ", bias=False"
-        extra += "" if cfg["weight_dtype"] == "int8" else f", weight_dtype={cfg['weight_dtype']!r}"
-        extra += "" if cfg["per_channel"] else ", per_channel=False"
+        extra += "".join(f", {key}={value!r}" for key, value in _reduction_options(cfg))
         return f"QuantizedLinear({cfg['in_features']}, {cfg['out_features']}{extra})"
 
     def _qweight(self, params):
