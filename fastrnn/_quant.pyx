@@ -370,6 +370,7 @@ cdef struct RecurJob:
     float* gh
     float* acts
     int bad                      # set when h or c is not finite (the initial state)
+    bint own_state               # the initial state is the model's own (carried): not checked
     Py_ssize_t ranges[MAX_PARTS][4]   # per part: d_lo, d_hi, b_lo, b_hi
     Interrupt* it                # the call's (this job's own, or a window job's)
     Interrupt interrupt
@@ -401,7 +402,8 @@ cdef void _run_direction(RecurJob* j, Py_ssize_t d, Py_ssize_t b_lo,
     cdef float* g_row
     cdef float* g_t
     cdef float* out_row
-    if j.t0 == 0:   # the caller's initial state (a later window's is the call's own)
+    if j.t0 == 0 and not j.own_state:   # the caller's initial state (a later
+                                        # window's is the call's own)
         for b in range(B):   # (c converted only to be checked)
             if _row(w.kind, h + b * H, H, q) < 0 or (
                     c != NULL and _row(w.kind, c + b * H, H, q) < 0):
@@ -619,24 +621,29 @@ cdef void _window_job(void* arg, int part) noexcept nogil:
 def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t T,
             bint batch_first, float[:, :, ::1] h not None, float[:, :, ::1] c,
             float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct,
-            Py_ssize_t window_bytes):
+            Py_ssize_t window_bytes, bint own_state=False):
     """Every layer of ``stack`` on x (R = T * B rows in the input's order,
     D), h, c (layers * dirs, B, H) the initial state in and the final state
     out (c: LSTM only), out (R, dirs * H) the last layer's output, lengths
     (B,) or None, ``parts`` (d_lo, d_hi, b_lo, b_hi) one per thread.
     ``direct``: one part, small: run on this thread without the dispatch
-    (and without polling for Ctrl-C). Shapes are the caller's to check.
+    (and without polling for Ctrl-C). ``own_state``: h and c are the state
+    the model carried from its last call (a Stream's, a Stateful's), its
+    own values: not checked, a non-finite row propagates as it would have
+    within one call. Shapes are the caller's to check.
     Returns _run_stack's outcome."""
     if x.shape[0] == 0 or h.shape[1] == 0:
         return 0
     return _run_stack(stack, &x[0, 0], x.shape[0], T, h.shape[1], batch_first, &h[0, 0, 0],
                       NULL if c is None else &c[0, 0, 0], &out[0, 0],
-                      NULL if lengths is None else &lengths[0], parts, direct, window_bytes)
+                      NULL if lengths is None else &lengths[0], parts, direct, window_bytes,
+                      own_state)
 
 
 cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py_ssize_t B,
                     bint batch_first, float* h, float* c, float* out, const int64_t* lengths,
-                    parts, bint direct, Py_ssize_t window_bytes) except -1:
+                    parts, bint direct, Py_ssize_t window_bytes,
+                    bint own_state=False) except -1:
     """forward on C pointers (R, B >= 1), for it and QRunner.
 
     A unidirectional stack runs in time windows, every layer over the first
@@ -648,7 +655,7 @@ cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py
     split between the parts), then the parts' directions and batch rows.
 
     Returns 0, or 1 if a row of x is not finite, 2 if the initial state is
-    not (the outputs are then not meaningful)."""
+    not and not own_state (the outputs are then not meaningful)."""
     cdef ProjectJob pjob
     cdef RecurJob rjob
     cdef WindowJob wjob
@@ -699,6 +706,7 @@ cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py
     rjob.h = h
     rjob.c = c
     rjob.bad = 0
+    rjob.own_state = own_state
     rjob.it = &rjob.interrupt
 
     if dirs == 1:
@@ -914,6 +922,7 @@ cdef struct UnitJob:
     int bad                      # 1: a row of x is not finite; 2: the state
     Py_ssize_t bad_c_layer       # the first layer whose c_0 is not finite (L: none),
                                  # found before the parts start (they write c in place)
+    bint own_state               # the state is the model's own (forward's own_state)
     Interrupt interrupt          # polled by part 0 (the calling thread)
 
 
@@ -1013,7 +1022,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
             h_k = j.h + k * B * H
             c_k = NULL if j.c == NULL else j.c + k * B * H
             qrow = _row_bytes(layer.w_hh[0].kind, H)
-            if t0 == 0 and not j.bad:   # the caller's state (later, the call's own)
+            if t0 == 0 and not j.bad and not j.own_state:   # the caller's state (later,
+                                                            # the call's own)
                 for b in range(B):
                     if _row(layer.w_hh[0].kind, h_k + b * H, H, q) < 0:
                         j.bad = 2
@@ -1073,7 +1083,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                   float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
                   bounds, Py_ssize_t window_bytes, bint batch_first=False,
-                  long long wait_ns):
+                  long long wait_ns, bint own_state=False):
     """``forward`` of a unidirectional stack without lengths (x (T * B, D),
     h, c (L, B, H), out (T * B, H); rows time-major, or batch-major with
     batch_first) on n threads: part p the hidden units [bounds[p],
@@ -1091,6 +1101,8 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     1) * H + b_(n-1) a multiple of 64, which the plan checks too
     (``units_fit``). B <= 64 (a step's rows convert at once). Not for the
     reset-before GRU (its n product needs all of r * h mid-step).
+
+    own_state as ``forward``'s.
 
     Returns (ran, outcome): ran 0 when the workers were owned by another
     call or did not all take their parts within wait_ns (nothing done: run
@@ -1155,8 +1167,9 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.h = &h[0, 0, 0]
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
+    job.own_state = own_state
     job.bad_c_layer = L
-    if c is not None:
+    if c is not None and not own_state:
         finite = np.isfinite(np.asarray(c)).reshape(L, -1).all(axis=1)
         if not finite.all():
             job.bad_c_layer = int(np.argmin(finite))

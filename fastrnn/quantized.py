@@ -95,7 +95,7 @@ from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.nn import Linear
-from fastrnn.wrappers import _recurrent, _Wrapper
+from fastrnn.wrappers import _recurrent, _Wrapper, state_is_carried
 
 INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16", "amx")
 WEIGHT_DTYPES = ("int8", "bfloat16")
@@ -645,18 +645,20 @@ class _Quantized(_ReducedWeights):
         initial state and end as the final one."""
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
+        # a Stream's or a Stateful's carried state: let an overflow propagate
+        own_state = state_is_carried()
         if plan.units is not None and _plan.unit_split_allowed():
             # the hidden units split between the threads (the same bits)
             ran, outcome = _quant.forward_units(
                 kernel, x=x.reshape(T * B, -1), h=h_n, c=c_n, out=out.reshape(T * B, -1),
                 batch_first=batch_first, bounds=plan.units, window_bytes=plan.window_bytes,
-                wait_ns=_plan.UNIT_SPLIT_WAIT_NS)
+                wait_ns=_plan.UNIT_SPLIT_WAIT_NS, own_state=own_state)
             ran = _plan.unit_split_ran(ran)
         if not ran:
             outcome = _quant.forward(
                 kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first, h=h_n, c=c_n,
                 out=out.reshape(T * B, -1), lengths=lengths, parts=plan.parts,
-                direct=plan.direct, window_bytes=plan.window_bytes)
+                direct=plan.direct, window_bytes=plan.window_bytes, own_state=own_state)
         if outcome:
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
                              f"non-finite values (NaN or inf); {self._config['weight_dtype']} "

@@ -18,7 +18,7 @@ from fastrnn import _validation as v
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
 from fastrnn.nn import Embedding, LastStep
-from fastrnn.wrappers import Reversed, Stateful, _Wrapper
+from fastrnn.wrappers import Reversed, Stateful, _Wrapper, carrying_state
 
 
 class Stream:
@@ -80,6 +80,7 @@ class Stream:
         self._layers = list(model.layers) if isinstance(model, Sequential) else None
         self._recurrent = recurrent
         self._state = [None] * len(recurrent)
+        self._carried = False   # _state is the last call's, not one the caller set
         # under masks: per recurrent layer the output of each row's last read
         # step (B, out), what its masked steps repeat; None: zeros
         self._last = [None] * len(recurrent)
@@ -89,6 +90,7 @@ class Stream:
         """Forget the state: the next call starts from the layers' initial
         states (zeros, or the learned ones of ``learn_initial_state=True``)."""
         self._state = [None] * len(self._recurrent)
+        self._carried = False
         self._last = [None] * len(self._recurrent)
 
     @property
@@ -117,6 +119,7 @@ class Stream:
         self._state = [None if s is None else
                        (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
                         else _batched_state(s)) for s in value]
+        self._carried = False
         self._last = [None] * len(self._recurrent)
 
     # --- feeding --------------------------------------------------------------
@@ -141,7 +144,8 @@ class Stream:
         if state is not None and not np.ndim(x) == 3:
             state = tuple(_one_stream(a) for a in state) if isinstance(state, tuple) \
                 else _one_stream(state)
-        out, new = layer(x, state) if mask is None else layer(x, state, mask=mask)
+        with carrying_state(getattr(self, "_carried", False)):   # (older pickles: none)
+            out, new = layer(x, state) if mask is None else layer(x, state, mask=mask)
         new = tuple(_batched_state(a) for a in new) if isinstance(new, tuple) \
             else _batched_state(new)
         return out, new
@@ -155,6 +159,7 @@ class Stream:
         if not isinstance(self.model, Sequential):
             out, state = self._run_layer(0, self._recurrent[0], chunk)
             self._state = [state]   # a new list, as the Sequential path: a copy's stays its own
+            self._carried = True
             return out
         if len(self.model.layers) != len(self._layers) or any(
                 a is not b for a, b in zip(self.model.layers, self._layers)):
@@ -190,6 +195,7 @@ class Stream:
                 if getattr(x, "ndim", 0) < 3:
                     mask = None
         self._state, self._last = new_state, new_last   # once every layer has succeeded
+        self._carried = True
         return x[0] if one_stream else x
 
     def step(self, frame: ArrayLike) -> np.ndarray:

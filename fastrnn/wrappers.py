@@ -12,7 +12,9 @@ layer's own names, the wrapper's options in the JSON description (a
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,29 @@ from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
 from fastrnn.masking import check_mask, flip_index, take_steps
+
+# True while a Stateful or a Stream runs its layer from the state it carried
+# over from its last call: the model's own values, not the caller's. A
+# quantized layer refuses a non-finite hx the caller gives (its int8 rows
+# cannot hold inf), but lets a state that overflowed within the model
+# propagate, as it does within one call, so that a sequence fed in chunks
+# gives what one call gives. (Float layers check no state either way.)
+_carried_state = contextvars.ContextVar("fastrnn_carried_state", default=False)
+
+
+def state_is_carried() -> bool:
+    """Whether the running layer call's hx is a carried state (above)."""
+    return _carried_state.get()
+
+
+@contextlib.contextmanager
+def carrying_state(carried: bool) -> Iterator[None]:
+    """Within: state_is_carried() is ``carried``."""
+    token = _carried_state.set(carried)
+    try:
+        yield
+    finally:
+        _carried_state.reset(token)
 
 
 def _check_inner(owner, layer):
@@ -250,6 +275,7 @@ class Stateful(_Wrapper):
         self._batch_size = None if batch_size is None else \
             v.check_int("Stateful", "batch_size", batch_size)
         self._state = None
+        self._carried = False   # _state is the last call's, not one the caller gave
 
     def _repr_extra(self):
         return "" if self._batch_size is None else f", batch_size={self._batch_size}"
@@ -274,6 +300,7 @@ class Stateful(_Wrapper):
         ``hx`` for the fixed batch size; checked by that call), or from
         the layer's initial state if None (zeros, or the learned one; Keras'
         ``reset_state``)."""
+        self._carried = False
         if states is None:
             self._state = None
         elif isinstance(states, (tuple, list)):   # an LSTM's part may be None (zeros)
@@ -304,6 +331,7 @@ class Stateful(_Wrapper):
         batch size if none was (a call that raised leaves both as they were)."""
         self._state = tuple(a.copy() for a in state) if isinstance(state, tuple) \
             else state.copy()
+        self._carried = True
         if self._batch_size is None:
             self._batch_size = (state[0] if isinstance(state, tuple) else state).shape[1]
 
@@ -312,7 +340,8 @@ class Stateful(_Wrapper):
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
                                          "zero_output_for_mask": zero_output_for_mask}
-        out, state = self.layer(x, self._state, lengths, **extra)
+        with carrying_state(getattr(self, "_carried", False)):
+            out, state = self.layer(x, self._state, lengths, **extra)
         self._keep(state)
         return out, state
 

@@ -972,6 +972,41 @@ def test_a_state_that_overflows_gives_what_float32_gives(dtype, num_layers, thre
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("B,H", [(2, 4), (1, 128)])    # (1, 128) at 2 threads: a unit split
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_stream_carries_an_overflowed_state_as_one_call_does(dtype, B, H, threads,
+                                                               monkeypatch):
+    """A Stream or a Stateful fed the sequence in chunks once refused its own
+    carried state, overflowed in the first chunk, as the caller's "hx has
+    non-finite values" (and stayed stuck): its state is the model's own, so
+    it propagates as within one call; a state the caller sets is checked."""
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    layer = fastrnn.quantize(_overflowing_relu_rnn(2, H), dtype=dtype)
+    x = np.ones((16, B, 1), F32)
+    whole = layer(x)[0]
+    first = np.argmin(np.isfinite(whole).all(axis=(1, 2)))   # the first step overflowed
+    assert 0 < first < 12 and not np.isfinite(whole[-1]).any()
+    stream, stateful = fastrnn.Stream(layer), fastrnn.Stateful(layer)
+    chunks = [stream(x[:12]), stream(x[12:14])] + [stream.step(frame)[None] for frame in x[14:]]
+    got = np.concatenate(chunks)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(whole))
+    np.testing.assert_array_equal(got[:first], whole[:first])
+    parts = [stateful(x[:12])[0], stateful(x[12:])[0]]
+    np.testing.assert_array_equal(np.isfinite(np.concatenate(parts)), np.isfinite(whole))
+    # what the caller sets is the caller's: refused as the layer's hx is
+    bad = np.full((2, B, H), np.inf, F32)
+    stream.state = [bad]
+    with pytest.raises(ValueError, match="hx has non-finite values"):
+        stream(x[:1])
+    stateful.reset_state(bad)
+    with pytest.raises(ValueError, match="hx has non-finite values"):
+        stateful(x[:1])
+    with pytest.raises(ValueError, match="hx has non-finite values"):
+        layer(x[:1], bad)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_unit_split_lets_an_overflow_propagate_as_one_part_does(dtype):
     # windows of 3 steps: the overflow (step 10) reaches later windows' states
     layer = fastrnn.quantize(_overflowing_relu_rnn(2, 128), dtype=dtype)
