@@ -76,7 +76,10 @@ def _default_threads():
         if not (value.isascii() and value.isdigit()):   # not int()'s "2_0" or "+3"
             raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int >= 1, "
                               f"got {value!r}")
-        n = int(value)
+        # (leading zeros dropped, and any count past MAX_THREADS is MAX_THREADS,
+        # so that no length of digits meets int()'s limit of 4300)
+        digits = value.lstrip("0") or "0"
+        n = int(digits) if len(digits) <= len(str(MAX_THREADS)) else MAX_THREADS
         if n < 1:
             raise ImportError(f"fastrnn: FASTRNN_NUM_THREADS must be an int >= 1, got {n}")
         return min(n, MAX_THREADS)

@@ -271,7 +271,12 @@ def test_default_threads_stay_within_a_cgroup_cpu_quota(files, want, tmp_path, m
     assert _parallel._default_threads() == 5
     monkeypatch.setenv("FASTRNN_NUM_THREADS", " ")          # empty: as if unset
     assert _parallel._default_threads() == min(expected, _parallel.MAX_THREADS)
-    for bad in ("2_0", "+3", "\u0663", "two"):
+    for bad in ("2_0", "+3", "\u0663", "two", "0" * 5000):
         monkeypatch.setenv("FASTRNN_NUM_THREADS", bad)
         with pytest.raises(ImportError, match="FASTRNN_NUM_THREADS must be an int >= 1"):
             _parallel._default_threads()
+    # any number of digits (int() refuses more than 4300), counts past the cap capped
+    for text, n in [("0" * 5000 + "3", 3), ("9" * 5000, _parallel.MAX_THREADS),
+                    ("00" + str(_parallel.MAX_THREADS + 1), _parallel.MAX_THREADS)]:
+        monkeypatch.setenv("FASTRNN_NUM_THREADS", text)
+        assert _parallel._default_threads() == n
