@@ -328,11 +328,13 @@ cdef inline Py_ssize_t _project_scratch(Py_ssize_t D, Py_ssize_t N,
 
 
 def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
-            const float[::1] bias_x, float[:, ::1] gx not None, parts):
+            const float[::1] bias_x, float[:, ::1] gx not None, parts, bint own_input=False):
     """gx (R, N) = the int8 product of x (R, D) quantized per row and
     w_ih (N, D), dequantized, + bias_x (N,) (None: no bias); ``parts``: row
     ranges (r0, r1), one per thread. Returns False if a row of x is not
-    finite (gx is then not meaningful)."""
+    finite (gx is then not meaningful), unless ``own_input``: x is the
+    model's own (a lower layer's output), whose non-finite rows propagate
+    (_inner_row)."""
     cdef ProjectJob job
     cdef unsigned char[::1] scratch
     if x.shape[0] == 0:
@@ -344,6 +346,7 @@ def project(*, const float[:, ::1] x not None, QWeight w_ih not None,
     _setup_project(&job, &x[0, 0], x.shape[1], w_ih.view,
                    NULL if bias_x is None else &bias_x[0], &gx[0, 0], <char*>&scratch[0],
                    len(parts), w_ih.K)
+    job.inner = own_input
     run_parts(_project_job, &job, &job.rows[0][0], 2, parts, &job.interrupt)
     return not job.bad
 
@@ -555,6 +558,7 @@ cdef struct WindowJob:
     char* pscratch               # the projections' blocks
     Py_ssize_t nparts
     RecurJob rec                 # what every layer's recurrence shares
+    bint own_input               # x is the model's own (forward's own_input)
     int bad                      # 1: a row of x is not finite; 2: the initial state
     Py_ssize_t ranges[MAX_PARTS][4]
     Interrupt interrupt
@@ -589,7 +593,7 @@ cdef void _window_job(void* arg, int part) noexcept nogil:
             _setup_project(&pj, layer_in, j.D0 if k == 0 else j.H, layer.w_ih, layer.bias_x,
                            gx_part, j.pscratch, j.nparts, max(j.D0, j.H))
             pj.it = &j.interrupt
-            pj.inner = k > 0
+            pj.inner = k > 0 or j.own_input
             if k == 0:
                 pj.steps, pj.t0, pj.b0 = steps, t0, b_lo
                 pj.x_row_t, pj.x_row_b = j.x_row_t, j.x_row_b
@@ -621,7 +625,7 @@ cdef void _window_job(void* arg, int part) noexcept nogil:
 def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t T,
             bint batch_first, float[:, :, ::1] h not None, float[:, :, ::1] c,
             float[:, ::1] out not None, const int64_t[::1] lengths, parts, bint direct,
-            Py_ssize_t window_bytes, bint own_state=False):
+            Py_ssize_t window_bytes, bint own_state=False, bint own_input=False):
     """Every layer of ``stack`` on x (R = T * B rows in the input's order,
     D), h, c (layers * dirs, B, H) the initial state in and the final state
     out (c: LSTM only), out (R, dirs * H) the last layer's output, lengths
@@ -630,20 +634,21 @@ def forward(QStack stack not None, *, const float[:, ::1] x not None, Py_ssize_t
     (and without polling for Ctrl-C). ``own_state``: h and c are the state
     the model carried from its last call (a Stream's, a Stateful's), its
     own values: not checked, a non-finite row propagates as it would have
-    within one call. Shapes are the caller's to check.
+    within one call; ``own_input``: so is x (a lower layer's output in a
+    Sequential). Shapes are the caller's to check.
     Returns _run_stack's outcome."""
     if x.shape[0] == 0 or h.shape[1] == 0:
         return 0
     return _run_stack(stack, &x[0, 0], x.shape[0], T, h.shape[1], batch_first, &h[0, 0, 0],
                       NULL if c is None else &c[0, 0, 0], &out[0, 0],
                       NULL if lengths is None else &lengths[0], parts, direct, window_bytes,
-                      own_state)
+                      own_state, own_input)
 
 
 cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py_ssize_t B,
                     bint batch_first, float* h, float* c, float* out, const int64_t* lengths,
                     parts, bint direct, Py_ssize_t window_bytes,
-                    bint own_state=False) except -1:
+                    bint own_state=False, bint own_input=False) except -1:
     """forward on C pointers (R, B >= 1), for it and QRunner.
 
     A unidirectional stack runs in time windows, every layer over the first
@@ -654,8 +659,9 @@ cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py
     one runs layer by layer: the input projection of every row (the rows
     split between the parts), then the parts' directions and batch rows.
 
-    Returns 0, or 1 if a row of x is not finite, 2 if the initial state is
-    not and not own_state (the outputs are then not meaningful)."""
+    Returns 0, or 1 if a row of x is not finite and not own_input, 2 if the
+    initial state is not and not own_state (the outputs are then not
+    meaningful)."""
     cdef ProjectJob pjob
     cdef RecurJob rjob
     cdef WindowJob wjob
@@ -718,6 +724,7 @@ cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py
         wjob.pscratch, wjob.nparts = ptr[7], nparts
         wjob.rec = rjob
         wjob.bad = 0
+        wjob.own_input = own_input
         if direct:
             wjob.interrupt.stop = 0
             wjob.interrupt.polls = False
@@ -743,7 +750,7 @@ cdef int _run_stack(QStack stack, const float* x, Py_ssize_t R, Py_ssize_t T, Py
         layer = &stack.layers[k]
         _setup_project(&pjob, layer_in, stack.input_size if k == 0 else dirs * H,
                        layer.w_ih, layer.bias_x, rjob.gx, ptr[7], nparts, D_max)
-        pjob.inner = k > 0
+        pjob.inner = k > 0 or own_input
         if k == 0:     # the input's rows, in its order
             pjob.steps, pjob.t0, pjob.b0 = T, 0, 0
             pjob.x_row_t, pjob.x_row_b = in_row_t, in_row_b
@@ -923,6 +930,7 @@ cdef struct UnitJob:
     Py_ssize_t bad_c_layer       # the first layer whose c_0 is not finite (L: none),
                                  # found before the parts start (they write c in place)
     bint own_state               # the state is the model's own (forward's own_state)
+    bint own_input               # so is x (forward's own_input)
     Interrupt interrupt          # polled by part 0 (the calling thread)
 
 
@@ -1012,7 +1020,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                         in_row = j.x + ((t0 + st) * j.row_t + b * j.row_b) * D
                     else:
                         in_row = _unit_row(j, k - 1, t0, st, b)
-                    s[i] = _input_row(layer.w_ih.kind, in_row, D, q + i * qrow, k > 0, &j.bad)
+                    s[i] = _input_row(layer.w_ih.kind, in_row, D, q + i * qrow,
+                                      k > 0 or j.own_input, &j.bad)
                 for g in range(G):
                     wk = _columns(&layer.w_ih, g * H + lo, u)
                     _product(&wk, n, q, qrow, s,
@@ -1083,7 +1092,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                   float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
                   bounds, Py_ssize_t window_bytes, bint batch_first=False,
-                  long long wait_ns, bint own_state=False):
+                  long long wait_ns, bint own_state=False, bint own_input=False):
     """``forward`` of a unidirectional stack without lengths (x (T * B, D),
     h, c (L, B, H), out (T * B, H); rows time-major, or batch-major with
     batch_first) on n threads: part p the hidden units [bounds[p],
@@ -1102,7 +1111,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     (``units_fit``). B <= 64 (a step's rows convert at once). Not for the
     reset-before GRU (its n product needs all of r * h mid-step).
 
-    own_state as ``forward``'s.
+    own_state, own_input as ``forward``'s.
 
     Returns (ran, outcome): ran 0 when the workers were owned by another
     call or did not all take their parts within wait_ns (nothing done: run
@@ -1168,6 +1177,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.c = NULL if c is None else &c[0, 0, 0]
     job.bad = 0
     job.own_state = own_state
+    job.own_input = own_input
     job.bad_c_layer = L
     if c is not None and not own_state:
         finite = np.isfinite(np.asarray(c)).reshape(L, -1).all(axis=1)

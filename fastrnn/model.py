@@ -25,6 +25,7 @@ from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
 from fastrnn._module import _refuse_quantized_entry
+from fastrnn._own_values import own_values
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
                                ProgressBar)
@@ -270,17 +271,20 @@ class Sequential:
             valid = np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None]
             mask, lengths = (valid if mask is None else mask & valid), None
         backprops = []
-        for layer in self.layers:
-            if masked:
-                from fastrnn.masking import seq_call
-                x, backprop, mask = seq_call(layer, x, mask, train)
-            elif lengths is None:
-                x, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
-            else:
-                x, backprop = _train_with_lengths(layer, x, lengths) if train else \
-                    (_infer_with_lengths(layer, x, lengths), None)
-                if x.ndim < 3:      # past a LastStep: no steps left
-                    lengths = None
+        for k, layer in enumerate(self.layers):
+            # past the first layer the input is the model's own (a quantized
+            # layer lets an overflow in it propagate, as float32 does)
+            with own_values(input=True if k > 0 else None):
+                if masked:
+                    from fastrnn.masking import seq_call
+                    x, backprop, mask = seq_call(layer, x, mask, train)
+                elif lengths is None:
+                    x, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
+                else:
+                    x, backprop = _train_with_lengths(layer, x, lengths) if train else \
+                        (_infer_with_lengths(layer, x, lengths), None)
+                    if x.ndim < 3:      # past a LastStep: no steps left
+                        lengths = None
             backprops.append(backprop)
         return x, backprops, (mask if masked else None)
 

@@ -91,11 +91,12 @@ from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import LoadResult, filled_later, parameters_filled_later
+from fastrnn._own_values import input_is_own, state_is_own
 from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.nn import Linear
-from fastrnn.wrappers import _recurrent, _Wrapper, state_is_carried
+from fastrnn.wrappers import _recurrent, _Wrapper
 
 INT8_BUILDS = ("baseline", "avx2", "avx512", "vnni", "bf16", "amx")
 WEIGHT_DTYPES = ("int8", "bfloat16")
@@ -645,20 +646,20 @@ class _Quantized(_ReducedWeights):
         initial state and end as the final one."""
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
-        # a Stream's or a Stateful's carried state: let an overflow propagate
-        own_state = state_is_carried()
+        # a carried state, a lower layer's output: an overflow in them propagates
+        own = {"own_state": state_is_own(), "own_input": input_is_own()}
         if plan.units is not None and _plan.unit_split_allowed():
             # the hidden units split between the threads (the same bits)
             ran, outcome = _quant.forward_units(
                 kernel, x=x.reshape(T * B, -1), h=h_n, c=c_n, out=out.reshape(T * B, -1),
                 batch_first=batch_first, bounds=plan.units, window_bytes=plan.window_bytes,
-                wait_ns=_plan.UNIT_SPLIT_WAIT_NS, own_state=own_state)
+                wait_ns=_plan.UNIT_SPLIT_WAIT_NS, **own)
             ran = _plan.unit_split_ran(ran)
         if not ran:
             outcome = _quant.forward(
                 kernel, x=x.reshape(T * B, -1), T=T, batch_first=batch_first, h=h_n, c=c_n,
                 out=out.reshape(T * B, -1), lengths=lengths, parts=plan.parts,
-                direct=plan.direct, window_bytes=plan.window_bytes, own_state=own_state)
+                direct=plan.direct, window_bytes=plan.window_bytes, **own)
         if outcome:
             raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
                              f"non-finite values (NaN or inf); {self._config['weight_dtype']} "
@@ -865,7 +866,8 @@ class QuantizedLinear(_ReducedWeights, Linear):
         y = np.empty((rows.shape[0], w.N), np.float32)
         parts = _plan.split(1, rows.shape[0], rows.shape[0] * w.N * w.K // 4)
         if not _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
-                              parts=_plan.halves(rows.shape[0], parts)):
+                              parts=_plan.halves(rows.shape[0], parts),
+                              own_input=input_is_own()):
             raise ValueError(f"QuantizedLinear: input has non-finite values (NaN or inf); "
                              f"{self._config['weight_dtype']} inference needs finite values")
         return y.reshape(x.shape[:-1] + (w.N,))

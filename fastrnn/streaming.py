@@ -15,10 +15,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
+from fastrnn._own_values import own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
 from fastrnn.nn import Embedding, LastStep
-from fastrnn.wrappers import Reversed, Stateful, _Wrapper, carrying_state
+from fastrnn.wrappers import Reversed, Stateful, _Wrapper
 
 
 class Stream:
@@ -144,7 +145,7 @@ class Stream:
         if state is not None and not np.ndim(x) == 3:
             state = tuple(_one_stream(a) for a in state) if isinstance(state, tuple) \
                 else _one_stream(state)
-        with carrying_state(getattr(self, "_carried", False)):   # (older pickles: none)
+        with own_values(state=getattr(self, "_carried", False)):   # (older pickles: none)
             out, new = layer(x, state) if mask is None else layer(x, state, mask=mask)
         new = tuple(_batched_state(a) for a in new) if isinstance(new, tuple) \
             else _batched_state(new)
@@ -176,7 +177,7 @@ class Stream:
             x = x[None]
         new_state, new_last = list(self._state), list(self._last)
         k, mask = 0, None
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
                 made = layer._seq_mask(x)
                 mask = made if mask is None else mask & made
@@ -184,14 +185,16 @@ class Stream:
                 layer = self._recurrent[k]      # a Stateful's layer, run from the stream's state
                 if not layer.batch_first:
                     x = np.swapaxes(x, 0, 1)
-                out, new_state[k] = self._run_layer(k, layer, x, mask, one_stream)
+                with own_values(input=True if i > 0 else None):   # as Sequential's call
+                    out, new_state[k] = self._run_layer(k, layer, x, mask, one_stream)
                 x = out if layer.batch_first else np.swapaxes(out, 0, 1)
                 if mask is not None:
                     x, new_last[k] = _repeat_last(x, mask, self._last[k])
                 k += 1
             else:
                 takes = mask is not None and getattr(layer, "_takes_mask", False)
-                x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
+                with own_values(input=True if i > 0 else None):
+                    x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
                 if getattr(x, "ndim", 0) < 3:
                     mask = None
         self._state, self._last = new_state, new_last   # once every layer has succeeded

@@ -12,39 +12,15 @@ layer's own names, the wrapper's options in the JSON description (a
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
+from fastrnn._own_values import own_values
 from fastrnn.masking import check_mask, flip_index, take_steps
-
-# True while a Stateful or a Stream runs its layer from the state it carried
-# over from its last call: the model's own values, not the caller's. A
-# quantized layer refuses a non-finite hx the caller gives (its int8 rows
-# cannot hold inf), but lets a state that overflowed within the model
-# propagate, as it does within one call, so that a sequence fed in chunks
-# gives what one call gives. (Float layers check no state either way.)
-_carried_state = contextvars.ContextVar("fastrnn_carried_state", default=False)
-
-
-def state_is_carried() -> bool:
-    """Whether the running layer call's hx is a carried state (above)."""
-    return _carried_state.get()
-
-
-@contextlib.contextmanager
-def carrying_state(carried: bool) -> Iterator[None]:
-    """Within: state_is_carried() is ``carried``."""
-    token = _carried_state.set(carried)
-    try:
-        yield
-    finally:
-        _carried_state.reset(token)
 
 
 def _check_inner(owner, layer):
@@ -340,7 +316,7 @@ class Stateful(_Wrapper):
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
                                          "zero_output_for_mask": zero_output_for_mask}
-        with carrying_state(getattr(self, "_carried", False)):
+        with own_values(state=getattr(self, "_carried", False)):
             out, state = self.layer(x, self._state, lengths, **extra)
         self._keep(state)
         return out, state

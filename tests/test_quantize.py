@@ -937,9 +937,10 @@ def test_a_non_finite_cell_state_is_refused_as_h_is(kind, x_shape, state_shape, 
         q(np.zeros(x_shape, F32), (np.zeros(state_shape, F32), c))
 
 
-def _overflowing_relu_rnn(num_layers, H):
+def _overflowing_relu_rnn(num_layers, H, batch_first=False):
     """A ReLU RNN whose state grows 1e4-fold a step: inf by step 11."""
-    layer = fastrnn.RNN(1, H, num_layers=num_layers, nonlinearity="relu", seed=0)
+    layer = fastrnn.RNN(1, H, num_layers=num_layers, nonlinearity="relu",
+                        batch_first=batch_first, seed=0)
     state = {name: np.zeros_like(value) for name, value in layer.state_dict().items()}
     for k in range(num_layers):
         state[f"weight_ih_l{k}"] += 1
@@ -1004,6 +1005,34 @@ def test_a_stream_carries_an_overflowed_state_as_one_call_does(dtype, B, H, thre
         stateful(x[:1])
     with pytest.raises(ValueError, match="hx has non-finite values"):
         layer(x[:1], bad)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("after", ["Linear", "RNN"])
+def test_a_sequential_passes_an_overflow_on_as_float32_does(dtype, after):
+    """A quantized Sequential whose first layer overflows: the next layer
+    once refused its input as the caller's ("input has non-finite values"),
+    where float32 gives non-finite outputs; the lower layer's output is the
+    model's own, so it propagates, alone and in a Stream; the caller's
+    input is checked."""
+    first = _overflowing_relu_rnn(1, 4, batch_first=True)
+    second = fastrnn.Linear(4, 2, seed=1) if after == "Linear" else \
+        fastrnn.RNN(4, 3, batch_first=True, seed=1)
+    model = fastrnn.Sequential([first, second])
+    x = np.ones((2, 16, 1), F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = model.predict(x)
+    q = fastrnn.quantize(model, dtype=dtype)
+    got = q.predict(x)
+    assert np.isfinite(want[:, :10]).all() and not np.isfinite(want[:, -1]).any()
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    stream = fastrnn.Stream(q)
+    np.testing.assert_array_equal(np.isfinite(np.concatenate([stream(x[:, :12]),
+                                                              stream(x[:, 12:])], axis=1)),
+                                  np.isfinite(want))
+    x[0, 3] = np.inf
+    with pytest.raises(ValueError, match="input has non-finite values"):
+        q.predict(x)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
