@@ -879,8 +879,13 @@ static void fastrnn_b_unpack(const uint16_t* packed, ptrdiff_t K, ptrdiff_t N, u
             w[n * ldw + k] = packed[(((n / 16) * pairs + k / 2) * 16 + n % 16) * 2 + k % 2];
 }
 
+/* |x| from which float32 rounds to bfloat16's inf (bits: halfway between
+ * bfloat16's largest finite value, 3.3895e38, and inf; ties to even go up) */
+#define FASTRNN_B_INF_FROM 0x7f7f8000u
+
 /* One activation row x (K floats) to bf16 in q (pairs * 4 bytes); returns
- * 1, or -1 if x holds NaN or inf. */
+ * 1, or -1 if x holds NaN, inf or a value that rounds to inf (the callers
+ * refuse the caller's such rows: float32 would have kept them finite). */
 static inline float fastrnn_b_row(const float* x, ptrdiff_t K, int8_t* q) {
     ptrdiff_t k, padded = fastrnn_b_pairs(K) * 2;
     uint32_t top = 0;
@@ -920,7 +925,7 @@ static inline float fastrnn_b_row(const float* x, ptrdiff_t K, int8_t* q) {
         uint16_t zero = 0;
         memcpy(q + 2 * k, &zero, 2);
     }
-    return top >= 0x7f800000u ? -1.0f : 1.0f;
+    return top >= FASTRNN_B_INF_FROM ? -1.0f : 1.0f;
 }
 
 #define FASTRNN_B_ARGS ptrdiff_t pairs, const int8_t* a, ptrdiff_t lda, const int8_t* panel, \

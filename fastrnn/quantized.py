@@ -661,9 +661,8 @@ class _Quantized(_ReducedWeights):
                 out=out.reshape(T * B, -1), lengths=lengths, parts=plan.parts,
                 direct=plan.direct, window_bytes=plan.window_bytes, **own)
         if outcome:
-            raise ValueError(f"{type(self).__name__}: {'input' if outcome == 1 else 'hx'} has "
-                             f"non-finite values (NaN or inf); {self._config['weight_dtype']} "
-                             f"inference needs finite values")
+            raise ValueError(_not_finite(type(self).__name__, "input" if outcome == 1 else "hx",
+                                         self._config["weight_dtype"]))
 
     def forward_train(self, *args: Any, **kwargs: Any) -> Any:
         """Refused: a quantized model is for inference only (TypeError)."""
@@ -671,6 +670,14 @@ class _Quantized(_ReducedWeights):
 
     def _seq_train(self, x):
         self._refuse_training("training")
+
+
+def _not_finite(owner, name, weight_dtype):
+    """The message for a caller's input or hx the kernels refused."""
+    beyond = (" or values beyond bfloat16's range (|x| >= 3.3961e+38 rounds to inf)"
+              if weight_dtype == "bfloat16" else "")
+    return (f"{owner}: {name} has non-finite values (NaN or inf){beyond}; {weight_dtype} "
+            f"inference needs finite values")
 
 
 def _plain_state(hx, shape, full_shape, lstm):
@@ -868,8 +875,8 @@ class QuantizedLinear(_ReducedWeights, Linear):
         if not _quant.project(x=np.ascontiguousarray(rows), w_ih=w, bias_x=bias, gx=y,
                               parts=_plan.halves(rows.shape[0], parts),
                               own_input=input_is_own()):
-            raise ValueError(f"QuantizedLinear: input has non-finite values (NaN or inf); "
-                             f"{self._config['weight_dtype']} inference needs finite values")
+            raise ValueError(_not_finite("QuantizedLinear", "input",
+                                         self._config["weight_dtype"]))
         return y.reshape(x.shape[:-1] + (w.N,))
 
     _seq_infer = __call__

@@ -1035,6 +1035,29 @@ def test_a_sequential_passes_an_overflow_on_as_float32_does(dtype, after):
         q.predict(x)
 
 
+def test_bfloat16_refuses_a_finite_input_that_would_round_to_inf():
+    """float32 values from 3.3961775e38 on round to bfloat16's inf: a
+    bfloat16 model once turned such an input silently into inf outputs
+    (float32 and int8 give finite ones); refused as the caller's NaN and
+    inf are, with bfloat16's range named; just below, it runs."""
+    inf_from = np.array([0x7F7F8000], np.uint32).view(F32)[0]
+    below = np.nextafter(inf_from, F32(0))
+    linear = fastrnn.Linear(3, 2, seed=0)
+    layer = fastrnn.GRU(3, 4, seed=0)
+    for model, x in [(linear, np.ones((2, 3), F32)), (layer, np.ones((5, 2, 3), F32))]:
+        x.flat[4] = -inf_from
+        with pytest.raises(ValueError, match="beyond bfloat16's range"):
+            fastrnn.quantize(model, dtype="bfloat16")(x)
+        out = fastrnn.quantize(model)(x)                   # int8: the row's scale takes it
+        assert np.isfinite(out if model is linear else out[0]).all()
+        x.flat[4] = -below
+        out = fastrnn.quantize(model, dtype="bfloat16")(x)
+        assert not np.isnan(out if model is linear else out[0]).any()
+    with pytest.raises(ValueError, match="hx has non-finite values.*beyond bfloat16's range"):
+        fastrnn.quantize(layer, dtype="bfloat16")(np.ones((5, 2, 3), F32),
+                                                  np.full((1, 2, 4), inf_from, F32))
+
+
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_unit_split_lets_an_overflow_propagate_as_one_part_does(dtype):
     # windows of 3 steps: the overflow (step 10) reaches later windows' states
