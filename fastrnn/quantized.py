@@ -676,8 +676,9 @@ def _not_finite(owner, name, weight_dtype):
     """The message for a caller's input or hx the kernels refused."""
     beyond = (" or values beyond bfloat16's range (|x| >= 3.3961e+38 rounds to inf)"
               if weight_dtype == "bfloat16" else "")
-    return (f"{owner}: {name} has non-finite values (NaN or inf){beyond}; {weight_dtype} "
-            f"inference needs finite values")
+    return (f"{owner}: {name} has non-finite values (NaN or inf, in float32: a float64 "
+            f"value beyond 3.4028235e+38 overflows){beyond}; {weight_dtype} inference needs "
+            f"finite values")
 
 
 def _plain_state(hx, shape, full_shape, lstm):

@@ -22,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import types
 
 import numpy as np
@@ -1140,8 +1141,13 @@ def test_non_finite_inputs_are_refused():
     x = np.zeros((2, 1, 3), F32)
     x[1, 0, 2] = np.nan
     with pytest.raises(ValueError, match=r"QuantizedGRU: input has non-finite values \(NaN "
-                                         r"or inf\)"):
+                                         r"or inf, in float32"):
         q(x)
+    # a finite float64 value that overflows float32: the message says so
+    with pytest.raises(ValueError, match="in float32: a float64 value beyond 3.4028235e"), \
+            np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q(np.full((2, 1, 3), 1e300))
     with pytest.raises(ValueError, match="QuantizedGRU: hx has non-finite values"):
         q(np.zeros((2, 1, 3), F32), np.full((1, 1, 4), np.inf, F32))
     with pytest.raises(ValueError, match="QuantizedLinear: input has non-finite"):
