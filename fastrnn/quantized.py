@@ -93,8 +93,8 @@ from fastrnn._kernels import forward as _forward
 from fastrnn._module import LoadResult, filled_later, parameters_filled_later
 from fastrnn._own_values import input_is_own, state_is_own
 from fastrnn._validation import as_array, shape_str
-from fastrnn.cells import GRUCell, LSTMCell, RNNCell, _CellBase
-from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
+from fastrnn.cells import GRUCell, LSTMCell, RNNCell
+from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.nn import Linear
 from fastrnn.wrappers import _recurrent, _Wrapper
 

@@ -1164,7 +1164,6 @@ def test_non_finite_inputs_are_refused():
 
 def _torch_dynamic(module, per_channel):
     torch = pytest.importorskip("torch")
-    import warnings
     from torch.ao import quantization as tq
     spec = {type(module): tq.per_channel_dynamic_qconfig} if per_channel else {type(module)}
     with warnings.catch_warnings():
@@ -1231,7 +1230,6 @@ def test_from_torch_dynamic_cells_and_linear(kind):
 
 def test_from_torch_dynamic_refuses_float16():
     torch = pytest.importorskip("torch")
-    import warnings
     from torch.ao import quantization as tq
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
