@@ -321,6 +321,9 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
     T = x.shape[1] if batch_first else x.shape[0]
     if T == 0:   # as the layers refuse it (the loop would yield nothing)
         raise ValueError(f"tbptt: x has no steps (T = 0), shape {shape_str(x.shape)}")
+    if x.shape[-1] != layer.input_size:   # here, where the chunks' shapes would be named
+        raise ValueError(f"tbptt: expected x with {layer.input_size} features (the last axis), "
+                         f"got {shape_str(x.shape)}")
     state = hx
     for start in range(0, T, steps):
         time = slice(start, min(start + steps, T))

@@ -217,6 +217,10 @@ class Stream:
             raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
                              f"got {v.shape_str(frame.shape)}")
         if not isinstance(self.model, Sequential):
+            D = self._recurrent[0].input_size   # checked here: the layer sees a reshaped frame
+            if frame.shape[-1] != D:
+                raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), got "
+                                 f"{v.shape_str(frame.shape)}")
             if frame.ndim == 1:
                 return self(frame[None])[0]
             batch_first = self._recurrent[0].batch_first

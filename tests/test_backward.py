@@ -227,6 +227,13 @@ def test_tbptt_carries_state_not_gradient(kind, batch_first):
         np.testing.assert_allclose(got[k], g, rtol=0, atol=1e-14)
 
 
+def test_tbptt_names_the_stream_it_was_given_when_its_width_is_wrong():
+    # (the chunk's shape, (2, 2, 5), was named by the layer)
+    with pytest.raises(ValueError, match=r"tbptt: expected x with 4 features \(the last "
+                                         r"axis\), got \(5, 2, 5\)"):
+        list(fastrnn.tbptt(fastrnn.LSTM(4, 8), np.ones((5, 2, 5), np.float32), steps=2))
+
+
 def test_tbptt_refuses_a_bidirectional_layer():
     layer = fastrnn.GRU(3, 4, bidirectional=True, seed=0)
     with pytest.raises(ValueError, match="tbptt: .* is bidirectional; its reverse direction"):
