@@ -1007,6 +1007,64 @@ def _onnx_plan(index, node, op, initializers, counts, onnx):
     return plan
 
 
+# ops that pass (some of) a tensor's values on, moved, broadcast or converted:
+# a state made by them from the caller's input is the caller's, from zeros zeros
+_ONNX_MOVE_OPS = {"Expand", "Tile", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity",
+                  "Transpose", "Slice", "Gather", "Split"}
+
+
+def _onnx_check_caller_inputs(graph, plans, initializers, numpy_helper):
+    """A node's sequence_lens, initial_h and initial_c become the layer
+    call's ``lengths`` and ``hx``, which the caller passes: each must be
+    absent or come from a graph input (``to_onnx`` slices each layer's state
+    from one) or, for a state, from zeros (PyTorch's exporter expands a zero
+    tensor); a value fixed in the model (``to_onnx``'s learned initial state,
+    constant lengths) would be lost, so it is refused by name."""
+    inputs = {value.name for value in graph.input} - set(initializers)
+    producers = {out: node for node in graph.node for out in node.output if out}
+
+    def from_caller_or_zeros(name, zeros_ok, depth=0):
+        if name in inputs:
+            return True
+        if not zeros_ok and name not in producers:
+            return False
+        if name in initializers:
+            tensor = initializers[name]
+        elif name in producers and depth < 32:
+            node = producers[name]
+            op = _onnx_op(node)
+            if op in _ONNX_MOVE_OPS and node.input:
+                return from_caller_or_zeros(node.input[0], zeros_ok, depth + 1)
+            if op == "Concat":
+                return all(from_caller_or_zeros(i, zeros_ok, depth + 1) for i in node.input)
+            values = [a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR]
+            if not zeros_ok or op not in ("Constant", "ConstantOfShape"):
+                return False
+            if not values:
+                return op == "ConstantOfShape"   # its default value is a zero
+            tensor = values[0]
+        else:
+            return False
+        if tensor.data_location == tensor.EXTERNAL:   # never read (see from_onnx)
+            return False
+        with np.errstate(all="ignore"):
+            return not np.any(numpy_helper.to_array(tensor))
+
+    for plan in plans:
+        labels = _ONNX_INPUTS[plan.op]
+        for i in range(4, min(len(plan.node.input), 7)):
+            name = plan.node.input[i]
+            if not name or from_caller_or_zeros(name, zeros_ok=i > 4):
+                continue
+            fixed = "a constant of the model" if name in initializers else \
+                "computed in the graph"
+            call = "lengths" if i == 4 else "hx"
+            raise ValueError(f"{plan.where}: input {labels[i]} ({_clip(name)!r}) is {fixed}; "
+                             f"fastrnn takes it from the caller (the layer call's {call}), so "
+                             f"a value fixed in the model would be lost (only a graph input, "
+                             f"or zeros for a state, can be imported)")
+
+
 def _onnx_activations(op, attrs, dirs, refuse):
     """The layer arguments of a node's activations, activation_alpha and
     activation_beta (none when they are the defaults). ONNX Runtime reads
@@ -1272,7 +1330,11 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
     (then the caller runs those parts). Every attribute is honoured (the
     activations with their alpha and beta, ``clip``, ``input_forget`` and
     peepholes ``P`` as the layers' gate options) or refused with a
-    ValueError naming it; weights must be initializers stored in the model.
+    ValueError naming it; weights must be initializers stored in the model. A
+    node's ``sequence_lens``, ``initial_h`` and ``initial_c`` are the layer
+    call's ``lengths`` and ``hx``: they must come from the model's inputs (or,
+    for the states, be zeros, as PyTorch's exporter writes them); one fixed in
+    the model (a constant, ``to_onnx``'s learned initial state) is refused.
 
     Parameters
     ----------
@@ -1376,6 +1438,7 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
             plan.batch_first, plan.layout_reason = True, "layout=1"
     _onnx_layouts(graph, [plan for plan in plans if plan.layout == 0], initializers, counts,
                   onnx, numpy_helper)
+    _onnx_check_caller_inputs(graph, plans, initializers, numpy_helper)
     # 3. the memory the layers will take, against the model's size
     need = sum(plan.values() * dtype.itemsize + _ONNX_LAYER_OVERHEAD for plan in plans)
     limit = _ONNX_LAYER_FACTOR * size + _ONNX_LAYER_SLACK

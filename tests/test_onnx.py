@@ -114,6 +114,47 @@ def _node_model(op, attrs=None, extra_inputs=(), initialized=True):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _with_constant(op, name, value, slot):
+    """_node_model's node with input ``slot`` (4 sequence_lens, 5 initial_h,
+    6 initial_c) the initializer ``name`` holding ``value``."""
+    from onnx import numpy_helper
+    extra = [""] * (slot - 2)      # after X, W, R
+    extra[slot - 3] = name
+    model = _node_model(op, extra_inputs=extra)
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return model
+
+
+@pytest.mark.parametrize("op,slot,label,call", [
+    ("GRU", 5, "initial_h", "hx"), ("LSTM", 6, "initial_c", "hx"),
+    ("RNN", 4, "sequence_lens", "lengths")])
+def test_from_onnx_refuses_a_state_or_lengths_fixed_in_the_model(op, slot, label, call):
+    """A node's initial_h, initial_c or sequence_lens held in the model (an
+    initializer, or computed from one) was ignored: the layer started from
+    zeros (or ran every step), 0.25-2.1 off ONNX Runtime. The layer call
+    takes them from the caller, so they are refused by name; zeros for a
+    state, and values from a graph input (to_onnx's hx slices), import."""
+    fixed = np.array([3], np.int32) if slot == 4 else np.full((1, 1, 2), 0.5, np.float32)
+    with pytest.raises(ValueError, match=rf"input {label} \('fixed'\) is a constant of the "
+                                         rf"model; fastrnn takes it from the caller \(the "
+                                         rf"layer call's {call}\)"):
+        fastrnn.from_onnx(_with_constant(op, "fixed", fixed, slot))
+    if slot > 4:   # zeros: the layer's own start
+        layer, = fastrnn.from_onnx(_with_constant(op, "zero", np.zeros((1, 1, 2), np.float32),
+                                                  slot))
+        plain, = fastrnn.from_onnx(_node_model(op))
+        x = np.ones((4, 1, 3), np.float32)
+        np.testing.assert_array_equal(layer(x)[0], plain(x)[0])
+    # to_onnx's learned initial state: an initializer expanded to the batch
+    learned = fastrnn.LSTM(3, 2, learn_initial_state=True, seed=0)
+    state = learned.state_dict()
+    state["initial_h_l0"] = np.full(2, 0.5, np.float32)      # (learned from zeros)
+    learned.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"input initial_h \('initial_h_0'\) is computed in "
+                                         r"the graph"):
+        fastrnn.from_onnx(fastrnn.to_onnx(learned))
+
+
 @pytest.mark.parametrize("op,attrs,extra,message", [
     # clip, input_forget=1, any ONNX activation and P import (tests/test_gate_options*.py);
     # what is still refused:
