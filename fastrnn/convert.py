@@ -161,6 +161,20 @@ def _keras_refuse(layer, name, reason):
     raise ValueError(f"from_keras: {type(layer).__name__} {name}: {reason}")
 
 
+def _keras_plain_weights(layer):
+    """Refuse a layer whose weights are not the plain float ones get_weights'
+    positions give (what fastrnn reads): Keras' LoRA adds lora_a @ lora_b to
+    the kernel, its quantized layers hold int8 values with scales."""
+    if getattr(layer, "lora_enabled", False):
+        _keras_refuse(layer, "lora_enabled=True", "fastrnn reads the base kernel only, which "
+                      "would drop the LoRA update: convert the model before enable_lora, or "
+                      "fold the update into the kernel first")
+    mode = getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)
+    if mode is not None:
+        _keras_refuse(layer, f"quantization_mode={mode!r}", "fastrnn reads float weights; "
+                      "convert the float model (fastrnn.quantize quantizes the result)")
+
+
 def _keras_direction(layer, backward=False):
     """(fastrnn class name, weights by PyTorch name without suffix, config) of
     one Keras SimpleRNN / GRU / LSTM layer (``backward``: a Bidirectional's
@@ -184,6 +198,11 @@ def _keras_direction(layer, backward=False):
     if cfg.get("unroll"):
         _keras_refuse(layer, "unroll=True", "not supported (it changes nothing in the "
                       "numbers: build the layer with unroll=False)")
+    if cfg.get("return_state"):
+        _keras_refuse(layer, "return_state=True", "the converted layer would return its "
+                      "output only, where Keras returns the states too: convert it with "
+                      "return_state=False (a fastrnn layer's call returns (output, state))")
+    _keras_plain_weights(layer)
     # Keras' per-gate, per-sequence masks (its implementation 1) are fastrnn's
     # input_dropout and recurrent_dropout (its dropout acts between layers)
     for key, name in (("dropout", "input_dropout"), ("recurrent_dropout", "recurrent_dropout")):
@@ -239,7 +258,11 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         output, each layer called once on the previous one's output alone
         (no branches, shared layers, extra inputs such as ``mask=`` or
         ``initial_state=``, keyword arguments or several outputs such as
-        ``return_state``); anything else is refused, naming the layer.
+        ``return_state``); anything else is refused, naming the layer. So
+        are weights fastrnn would misread and outputs it would drop: a
+        layer with ``return_state=True``, LoRA enabled (``enable_lora``) or
+        quantized by Keras (``model.quantize``), and a Bidirectional whose
+        two layers have different dropout rates.
     dtype : {'float32', 'float64'}, default 'float32'
 
     Returns
@@ -290,9 +313,18 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         parts = [("", fwd[1]), ("_reverse", bwd[1])]
         name, config = fwd[0], fwd[2]
         # (each direction's activations; Keras lets the backward layer differ)
-        gate_options = {key: value if value == bwd[2]["options"][key]
-                        else [value, bwd[2]["options"][key]]
-                        for key, value in fwd[2]["options"].items()}
+        fwd_options, bwd_options = fwd[2]["options"], bwd[2]["options"]
+        gate_options = {key: value if value == bwd_options[key] else [value, bwd_options[key]]
+                        for key, value in fwd_options.items() if "dropout" not in key}
+        for key in ("input_dropout", "recurrent_dropout"):   # one rate for both directions
+            rate = fwd_options.get(key, 0.0)
+            if rate != bwd_options.get(key, 0.0):
+                keras_key = "dropout" if key == "input_dropout" else key
+                _keras_refuse(layer, f"backward_layer {keras_key}="
+                              f"{bwd_options.get(key, 0.0)!r}", f"differs from the forward "
+                              f"layer's {rate!r}; fastrnn's bidirectional layer takes one rate")
+            if rate:
+                gate_options[key] = rate
     elif kind in ("SimpleRNN", "GRU", "LSTM"):
         name, params, config = _keras_direction(layer)
         parts = [("", params)]
@@ -386,6 +418,7 @@ def _keras_model(keras_layers, dtype):
         if kind == "Masking":
             layers.append(Masking(float(sub.mask_value)))
         elif kind == "Embedding":
+            _keras_plain_weights(sub)
             table = sub.get_weights()[0]
             emb = Embedding(table.shape[0], table.shape[1], mask_zero=bool(sub.mask_zero),
                             dtype=dtype)
@@ -397,6 +430,7 @@ def _keras_model(keras_layers, dtype):
             if act not in activations:
                 _keras_refuse(sub, f"activation={act!r}", f"expected one of "
                               f"{sorted(activations)}")
+            _keras_plain_weights(sub)
             weights = sub.get_weights()
             dense = Linear(weights[0].shape[0], weights[0].shape[1],
                            bias=bool(cfg.get("use_bias", True)), dtype=dtype)

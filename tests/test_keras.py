@@ -68,6 +68,51 @@ def test_from_keras_refuses_what_it_cannot_represent():
         fastrnn.from_keras(keras.layers.Dense(3))
 
 
+def test_from_keras_refuses_weights_and_outputs_it_would_drop():
+    """Each of these once converted with no error and other numbers (or
+    crashed): LoRA's update to a Dense or Embedding kernel was dropped (0.48
+    and 0.21 off Keras), a quantized Embedding's int8 table read as floats
+    (1.0 off; a quantized Dense raised IndexError), return_state's states
+    dropped, a Bidirectional whose backward layer alone had dropout lost it
+    (and one whose forward layer alone had it raised KeyError)."""
+    L = keras.layers
+    x = np.zeros((2, 3, 4), np.float32)
+    ids = np.ones((2, 3), np.int64)
+    dense = keras.Sequential([keras.Input((3, 4)), L.GRU(5, return_sequences=True), L.Dense(2)])
+    dense(x)
+    dense.layers[-1].enable_lora(2)
+    with pytest.raises(ValueError, match="from_keras: Dense lora_enabled=True: fastrnn reads "
+                                         "the base kernel only"):
+        fastrnn.from_keras(dense)
+    for layer in (L.Embedding(10, 4), L.Dense(4)):
+        first = [keras.Input((3,), dtype="int32"), layer] if isinstance(layer, L.Embedding) \
+            else [keras.Input((3, 4)), layer]
+        model = keras.Sequential(first + [L.GRU(3)])
+        model(ids if isinstance(layer, L.Embedding) else x)
+        model.quantize("int8")
+        with pytest.raises(ValueError, match=f"from_keras: {type(layer).__name__} "
+                                             f"quantization_mode='int8'"):
+            fastrnn.from_keras(model)
+    for layer in (L.LSTM(5, return_state=True), L.Bidirectional(L.GRU(5, return_state=True))):
+        layer(x)
+        with pytest.raises(ValueError, match="return_state=True: the converted layer would "
+                                             "return its output only"):
+            fastrnn.from_keras(layer)
+    for fwd, bwd in ((0.0, 0.2), (0.2, 0.0)):
+        layer = L.Bidirectional(L.GRU(5, dropout=fwd),
+                                backward_layer=L.GRU(5, dropout=bwd, go_backwards=True))
+        layer(x)
+        with pytest.raises(ValueError, match=f"backward_layer dropout={bwd!r}: differs from "
+                                             f"the forward layer's {fwd!r}"):
+            fastrnn.from_keras(layer)
+    same = L.Bidirectional(L.GRU(5, dropout=0.2, recurrent_dropout=0.1, return_sequences=True),
+                           backward_layer=L.GRU(5, dropout=0.2, recurrent_dropout=0.1,
+                                                go_backwards=True, return_sequences=True))
+    same(x)
+    converted = fastrnn.from_keras(same)
+    assert (converted.input_dropout, converted.recurrent_dropout) == (0.2, 0.1)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("kind", ["SimpleRNN", "GRU", "LSTM"])
 def test_return_sequences_false_gives_the_last_step(kind, bidirectional):
