@@ -375,6 +375,11 @@ def _keras_chain(model):
         op, node_index, _ = tensor._keras_history
         node = op._inbound_nodes[node_index]
         what = f"{where}: {type(op).__name__} layer {op.name!r}"
+        if not hasattr(op, "get_weights"):   # a keras.ops operation, not a layer
+            raise ValueError(f"{where}: {type(op).__name__} operation {op.name!r} (keras.ops "
+                             f"or an operator on a tensor) is not a layer; fastrnn imports "
+                             f"a chain of Masking, Embedding, Dense, Dropout, SimpleRNN, GRU, "
+                             f"LSTM and Bidirectional layers")
         if len(node.outputs) != 1:
             raise ValueError(f"{what} gives {len(node.outputs)} tensors (return_state?); "
                              f"fastrnn imports layers giving one")

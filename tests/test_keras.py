@@ -181,6 +181,14 @@ def test_a_functional_model_off_one_chain_is_refused_by_name():
          r"Dense layer 'shared' is called more than once \(shared weights\)"),
         (keras.Model(inputs, keras.layers.Dropout(0.5, name="drop")(a, training=True)),
          r"Dropout layer 'drop' is called with keyword arguments \['training'\]"),
+        # keras.ops on the chain (were "the layers [] are off the chain", or "called
+        # with 1 input tensors" for t * 2.0)
+        (keras.Model(inputs, keras.ops.flip(a, axis=1)),
+         r"Flip operation '.*' \(keras.ops or an operator on a tensor\) is not a layer"),
+        (keras.Model(inputs, a * 2.0),
+         r"Multiply operation '.*' \(keras.ops or an operator on a tensor\) is not a layer"),
+        (keras.Model(inputs, a[:, -1]),
+         r"GetItem operation '.*' \(keras.ops or an operator on a tensor\) is not a layer"),
     ]
     for kmodel, message in cases:
         with pytest.raises(ValueError, match=message):
