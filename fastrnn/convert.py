@@ -241,6 +241,15 @@ def _keras_direction(layer, backward=False):
     return name, params, config
 
 
+def _keras_stateful_batch(layer):
+    """The batch size a stateful Keras layer was built for (its states'
+    first dimension), or None where Keras does not know it yet."""
+    inner = layer.forward_layer if type(layer).__name__ == "Bidirectional" else layer
+    states = getattr(inner, "states", None) or []
+    size = states[0].shape[0] if states and len(states[0].shape) == 2 else None
+    return int(size) if size is not None else None
+
+
 def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     """A fastrnn layer or model equal to a Keras 3 recurrent layer or model.
 
@@ -275,8 +284,10 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         - ``go_backwards=True``: ``Reversed(layer, keep_order=False)`` (Keras
           returns the sequence in the order it ran: reversed).
         - ``stateful=True``: ``Stateful(...)`` of that; its carried state
-          starts at zeros (``reset_state``), its batch size is fixed by the
-          first call.
+          starts at zeros (``reset_state``), its batch size is Keras' (the
+          one the layer was built for: a call with another is refused, where
+          it would have carried other rows' states), or fixed by the first
+          call if Keras has none yet.
         - otherwise a ``Sequential`` of that followed by ``ZeroMasked()``
           (``zero_output_for_mask=True``; ``reverse=True`` after
           ``go_backwards``), ``LastStep`` (for
@@ -342,7 +353,7 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
     if config["go_backwards"]:
         result = Reversed(result, keep_order=False)
     if config["stateful"]:
-        result = Stateful(result)
+        result = Stateful(result, batch_size=_keras_stateful_batch(layer))
     from fastrnn.nn import LastStep, MergeDirections, ZeroMasked
     after = []
     # Keras' Bidirectional forces zero_output_for_mask = return_sequences

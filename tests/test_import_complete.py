@@ -440,6 +440,11 @@ def test_keras_stateful_imports_exactly(bidirectional, go_backwards):
     expected = [np.asarray(kmodel(x)) for x in xs]
     model = fastrnn.from_keras(layer)
     assert isinstance(model, fastrnn.Stateful)
+    # Keras' batch size, before any call: a batch of another size, which
+    # would carry other rows' states, is refused (it was taken as the first)
+    assert model.batch_size == B
+    with pytest.raises(ValueError, match=rf"Stateful: expected a batch of {B} sequences"):
+        model(np.concatenate(xs[:2]))
     for x, e in zip(xs, expected):
         np.testing.assert_allclose(model(x)[0], e, rtol=0, atol=3e-6)
     layer.reset_state()
