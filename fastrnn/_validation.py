@@ -96,6 +96,11 @@ def as_array(owner, name, value):
     """Any array-like (numpy, torch tensor, nested lists) -> an ndarray of
     whatever dtype it has (no copy when none is needed)."""
     if not isinstance(value, np.ndarray):
+        if type(value).__name__ == "PackedSequence" and type(value).__module__.startswith(
+                "torch"):
+            raise TypeError(f"{owner}: {name} is a torch PackedSequence; pass the padded "
+                            f"tensor (torch.nn.utils.rnn.pad_packed_sequence) with "
+                            f"lengths= instead")
         if _is_torch_tensor(value):
             value = value.detach().cpu()
             try:

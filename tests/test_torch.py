@@ -257,3 +257,12 @@ def test_from_torch_refuses_what_it_cannot_represent():
     for module in (fastrnn.GRU(3, 4, reset_after=False), fastrnn.GRUCell(3, 4, reset_after=False)):
         with pytest.raises(ValueError, match="to_torch: GRU(Cell)? has reset_after=False"):
             fastrnn.to_torch(module)
+
+
+def test_a_packed_sequence_is_refused_with_what_to_pass_instead():
+    # (numpy's "inhomogeneous shape" TypeError named no way out)
+    x = torch.randn(5, 2, 3)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]))
+    with pytest.raises(TypeError, match=r"LSTM: input is a torch PackedSequence; pass the "
+                                        r"padded tensor .* with lengths= instead"):
+        fastrnn.LSTM(3, 4)(packed)
