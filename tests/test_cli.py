@@ -172,15 +172,31 @@ def test_python_m_fastrnn_bench_help_names_itself(tmp_path):
 
 
 @pytest.mark.parametrize("command,argv,message", [
-    ("adding", ["--steps", "1"], "--steps: expected an integer >= 2, got '1'"),
-    ("adding", ["--hidden", "0"], "--hidden: expected an integer >= 1, got '0'"),
+    ("adding", ["--steps", "1"], "--steps: expected an integer from 2 to 10000 (the example's "
+                                 "bound), got '1'"),
+    ("adding", ["--hidden", "0"], "--hidden: expected an integer from 1 to 4096 (the "
+                                  "example's bound), got '0'"),
+    # sizes that would end in a MemoryError deep in the run
+    ("adding", ["--hidden", "100000000"], "--hidden: expected an integer from 1 to 4096"),
+    ("adding", ["--steps", "1000000000"], "--steps: expected an integer from 2 to 10000"),
+    ("charlm", ["--hidden", "100000000"], "--hidden: expected an integer from 1 to 4096"),
+    ("layernorm", ["--hidden", "100000000"], "--hidden: expected an integer from 1 to 4096"),
+    ("regularise", ["--train", "1000000000000"], "--train: expected an integer from 1 to "
+                                                 "1000000"),
+    ("regularise", ["--noise", "1e200"], "--noise: expected a number in [0.0, 1000000.0)"),
+    # a plot matplotlib would refuse, or a file that cannot be written, after the run
+    ("sunspots", ["--plot", "loss.xyz"], "--plot: expected a file name ending in one of .eps"),
+    ("sunspots", ["--plot", "noext"], "--plot: expected a file name ending in one of .eps"),
+    ("sunspots", ["--plot", "/proc/loss.png"], "--plot: cannot write '/proc/loss.png'"),
     ("adding", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
     ("adding", ["--seed", "-1"], "--seed: expected an integer >= 0, got '-1'"),
-    ("charlm", ["--hidden", "-5"], "--hidden: expected an integer >= 1, got '-5'"),
+    ("charlm", ["--hidden", "-5"], "--hidden: expected an integer from 1 to 4096 (the "
+                                   "example's bound), got '-5'"),
     ("charlm", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
     ("sunspots", ["--epochs", "1.5"], "--epochs: expected an integer >= 1, got '1.5'"),
     ("sunspots", ["--seed", "-2"], "--seed: expected an integer >= 0, got '-2'"),
-    ("layernorm", ["--steps", "0"], "--steps: expected an integer >= 2, got '0'"),
+    ("layernorm", ["--steps", "0"], "--steps: expected an integer from 2 to 10000 (the "
+                                    "example's bound), got '0'"),
     ("layernorm", ["--epochs", "-1"], "--epochs: expected an integer >= 1, got '-1'"),
     ("layernorm", ["--seeds", "0,a"], "--seeds: expected comma-separated integers >= 0, "
                                       "got '0,a'"),

@@ -70,12 +70,12 @@ def test_the_command_is_listed_and_refuses_bad_options(capsys, monkeypatch):
     for argv, message in [(["--rate", "0"], "--rate: expected a number in (0.0, 1.0)"),
                           (["--rate", "1"], "--rate: expected a number in (0.0, 1.0)"),
                           (["--epochs", "0"], "--epochs: expected an integer >= 1"),
-                          (["--steps", "1"], "--steps: expected an integer >= 2"),
+                          (["--steps", "1"], "--steps: expected an integer from 2 to 10000"),
                           (["--regularisers", "zoneout,dropconnect"],
                            "unknown regulariser 'dropconnect'"),
                           (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
                           (["--kind", "RNN"], "invalid choice: 'RNN'"),
-                          (["--noise", "-1"], "--noise: expected a number in [0.0, inf)")]:
+                          (["--noise", "-1"], "--noise: expected a number in [0.0, 1000000.0)")]:
         assert cli(["regularise", *argv]) == 2, argv
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("usage: fastrnn regularise "), argv

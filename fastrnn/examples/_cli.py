@@ -5,15 +5,18 @@ import argparse
 import os
 
 
-def int_at_least(minimum):
-    """An int >= minimum."""
+def int_at_least(minimum, maximum=None):
+    """An int >= minimum (and <= maximum: an example's sizes are bounded so
+    that a mistyped one is an error here, not a MemoryError deep in the run)."""
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            expected = f">= {minimum}" if maximum is None else \
+                f"from {minimum} to {maximum} (the example's bound)"
+            raise argparse.ArgumentTypeError(f"expected an integer {expected}, got {text!r}")
         return value
     return parse
 
@@ -46,12 +49,33 @@ def seed_list(text):
             f"expected comma-separated integers >= 0, got {text!r}") from None
 
 
+# the file formats matplotlib's savefig writes, by the name's extension
+PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg", "svgz",
+                "tif", "tiff", "webp")
+
+
 def writable_path(text):
-    """A file path whose directory exists ('' for none), checked before the
-    run rather than when its result is saved."""
+    """A plot's file path ('' for none): a format matplotlib writes, named by
+    its extension, in a directory where the file can be created, checked
+    before the run rather than when its result is saved (by creating the
+    file, removed again if it was not there)."""
+    if not text:
+        return text
     directory = os.path.dirname(text) or "."
-    if text and not os.path.isdir(directory):
+    if not os.path.isdir(directory):
         raise argparse.ArgumentTypeError(f"the directory {directory!r} does not exist")
-    if text and os.path.isdir(text):
+    if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file path")
+    extension = os.path.splitext(text)[1][1:].lower()
+    if extension not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"expected a file name ending in one of .{', .'.join(PLOT_FORMATS)}, got {text!r}")
+    existed = os.path.exists(text)
+    try:
+        with open(text, "ab"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
+    if not existed:
+        os.remove(text)
     return text

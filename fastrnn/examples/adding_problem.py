@@ -81,9 +81,9 @@ def main(steps=100, hidden=32, epochs=12, n_train=6400, seed=0, verbose=0):
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn adding",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=_cli.int_at_least(2), default=100,
+    parser.add_argument("--steps", type=_cli.int_at_least(2, 10_000), default=100,
                         help="sequence length T, at least 2 (default 100)")
-    parser.add_argument("--hidden", type=_cli.positive_int, default=32,
+    parser.add_argument("--hidden", type=_cli.int_at_least(1, 4096), default=32,
                         help="hidden size (default 32)")
     parser.add_argument("--epochs", type=_cli.positive_int, default=12,
                         help="training epochs (default 12)")

@@ -73,7 +73,7 @@ def main(hidden=128, steps=64, epochs=12, windows_per_epoch=1600, seed=0, verbos
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn charlm",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=_cli.positive_int, default=128,
+    parser.add_argument("--hidden", type=_cli.int_at_least(1, 4096), default=128,
                         help="hidden size (default 128)")
     parser.add_argument("--epochs", type=_cli.positive_int, default=12,
                         help="training epochs (default 12)")

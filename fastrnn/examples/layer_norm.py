@@ -78,9 +78,9 @@ def main(steps=50, hidden=32, epochs=8, n_train=3200, kinds=("LSTM",), seeds=(0,
 def cli(argv=None):
     parser = argparse.ArgumentParser(prog="fastrnn layernorm",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=_cli.int_at_least(2), default=50,
+    parser.add_argument("--steps", type=_cli.int_at_least(2, 10_000), default=50,
                         help="sequence length T, at least 2 (default 50)")
-    parser.add_argument("--hidden", type=_cli.positive_int, default=32,
+    parser.add_argument("--hidden", type=_cli.int_at_least(1, 4096), default=32,
                         help="hidden size (default 32)")
     parser.add_argument("--epochs", type=_cli.positive_int, default=8,
                         help="training epochs (default 8)")

@@ -157,13 +157,13 @@ def cli(argv=None):
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="LSTM", type=str.upper, choices=("LSTM", "GRU"),
                         help="the recurrent layer (default LSTM)")
-    parser.add_argument("--hidden", type=_cli.positive_int, default=128,
+    parser.add_argument("--hidden", type=_cli.int_at_least(1, 4096), default=128,
                         help="hidden size (default 128)")
-    parser.add_argument("--steps", type=_cli.int_at_least(2), default=20,
+    parser.add_argument("--steps", type=_cli.int_at_least(2, 10_000), default=20,
                         help="sequence length T, at least 2 (default 20)")
-    parser.add_argument("--train", type=_cli.positive_int, default=200,
+    parser.add_argument("--train", type=_cli.int_at_least(1, 1_000_000), default=200,
                         help="training sequences (default 200)")
-    parser.add_argument("--noise", type=_cli.float_in(0.0, float("inf"), True), default=1.0,
+    parser.add_argument("--noise", type=_cli.float_in(0.0, 1e6, True), default=1.0,
                         help="standard deviation of the training targets' noise (default 1)")
     parser.add_argument("--epochs", type=_cli.positive_int, default=40,
                         help="training epochs (default 40)")
