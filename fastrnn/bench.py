@@ -529,6 +529,16 @@ def _positive_int(text):
     return value
 
 
+def _thread_count(text):
+    """--threads: 1 to fastrnn's cap (the peers and their BLAS are given the
+    same count, which they may not cap)."""
+    value = _positive_int(text)
+    if value > _parallel.MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {_parallel.MAX_THREADS} (fastrnn's "
+                                         f"thread cap), got {text!r}")
+    return value
+
+
 def _case_names(text):
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -568,9 +578,9 @@ def build_parser(prog="fastrnn bench"):
             "cases (cell, steps T, batch B, input size D, hidden size H; 'train': the training "
             "step is timed too; 'quick': in --quick; 'heavy': a fifth of the repeats):", 78)
         + "\n" + _case_list())
-    result.add_argument("--threads", type=_positive_int, default=2, metavar="N",
-                        help="threads for fastrnn, for each peer and for NumPy's BLAS "
-                             "(default 2)")
+    result.add_argument("--threads", type=_thread_count, default=2, metavar="N",
+                        help=f"threads for fastrnn, for each peer and for NumPy's BLAS "
+                             f"(default 2, at most {_parallel.MAX_THREADS})")
     result.add_argument("--dtype", choices=["float32", "float64", "int8", "bfloat16"],
                         default="float32",
                         help="float32 (default) or float64; ONNX Runtime and TensorFlow run "

@@ -131,7 +131,9 @@ def test_bench_unknown_case_is_an_error(capsys, cases):
     assert all(case.name in err for case in bench.CASES)
 
 
-@pytest.mark.parametrize("argv", [["--threads", "0"], ["--repeats", "0"], ["--rounds", "0"],
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--threads", "65"],
+                                  ["--threads", "99999999999999999999"],   # (was a traceback)
+                                  ["--repeats", "0"], ["--rounds", "0"],
                                   ["--rounds", "two"], ["--cases", ""],
                                   ["--quick", "--cases", "b32-h128"],
                                   ["--dtype", "float16"]])
