@@ -13,7 +13,8 @@ from fastrnn._version import __version__
 
 try:
     from fastrnn import _kernels  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on how it was installed
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on how it was installed
+    # (any other ImportError, such as a bad FASTRNN_SIMD, says what is wrong itself)
     raise ImportError(
         "fastrnn's compiled kernels are missing: install with 'pip install .', or build in "
         "place with 'python setup.py build_ext --inplace'. If you installed it and are in the "

@@ -1,6 +1,7 @@
 """The ``fastrnn`` command line: help, version, usage errors and every
 subcommand's own ``--help``. Nothing here trains a model or runs a benchmark:
 the heavy entry points are replaced by a function that fails the test."""
+import os
 import re
 import subprocess
 import sys
@@ -210,3 +211,14 @@ def test_an_example_refuses_a_bad_option_by_name(command, argv, message, capsys)
     assert status == 2 and out == ""
     assert err.startswith(f"usage: fastrnn {command} ")
     assert message in err, err
+
+
+def test_a_bad_fastrnn_simd_says_so_at_import():
+    """It said the compiled kernels were missing (and how to build them),
+    the real reason only in the chained exception."""
+    done = subprocess.run([sys.executable, "-c", "import fastrnn"], capture_output=True,
+                          text=True, env={**os.environ, "FASTRNN_SIMD": "bogus"})
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("ImportError: fastrnn: FASTRNN_SIMD must be 'auto', 'baseline', 'avx2' or "
+                    "'avx512', got 'bogus'"), done.stderr
