@@ -4,6 +4,7 @@ backprop), at 1 and 2 threads, best of 7, against the plain layer.
 
     python benchmarks/options.py
 """
+import argparse
 import time
 
 import numpy as np
@@ -36,7 +37,8 @@ def best(run, repeats):
     return min(times)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)   # --help
     rng = np.random.default_rng(0)
     x = rng.standard_normal((100, 32, 64)).astype(np.float32)
     print(f"{'option':32} {'threads':>7} {'call ms':>8} {'train ms':>9}")

@@ -3,6 +3,7 @@ Python threads sharing one cell (the kernels release the GIL).
 
     python benchmarks/serving.py
 """
+import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,8 @@ def frames_per_second(cell, frames, n_streams, n_threads):
     return n_streams * len(frames) / (time.perf_counter() - start)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)   # --help
     for D, H, T in ((16, 32, 400), (256, 512, 40)):
         cell = fastrnn.LSTMCell(D, H, seed=0)
         frames = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
