@@ -25,10 +25,9 @@ fastrnn's int8 and the faster peer's time over it (``int8/pk``,
 ``peer/pk``: how close each is to what int8 products allow), the max and
 mean abs deviation of each reduced-precision output from fastrnn's float32
 output (and of that from the float64 reference, PyTorch in float64), and
-the peak resident memory of
-each library's process (MB, ``ru_maxrss``) with the bytes of the weights
-the kernels read: float32's packed weights against int8's (the quantized
-model also keeps its float32 parameters, for ``state_dict`` and saving).
+the bytes of the weights each fastrnn model holds: float32's parameters
+against int8's and bfloat16's packed weights (a quantized model keeps no
+float32 weights: the README's Memory paragraph).
 """
 import json
 import math
