@@ -13,31 +13,18 @@ import time
 import numpy as np
 
 import fastrnn
-
-
-def _count(maximum):
-    """An int from 1 to maximum (an argparse error otherwise)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if not 1 <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"expected an integer from 1 to {maximum}, "
-                                             f"got {text!r}")
-        return value
-    return parse
+from fastrnn.examples._cli import int_at_least
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=_count(64), default=1)
+    parser.add_argument("--threads", type=int_at_least(1, 64), default=1)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--repeats", type=_count(100_000), default=40)
-    parser.add_argument("--batch", type=_count(100_000), default=32)
-    parser.add_argument("--steps", type=_count(100_000), default=100)
-    parser.add_argument("--input", type=_count(65_536), default=128)
-    parser.add_argument("--hidden", type=_count(65_536), default=128)
+    parser.add_argument("--repeats", type=int_at_least(1, 100_000), default=40)
+    parser.add_argument("--batch", type=int_at_least(1, 100_000), default=32)
+    parser.add_argument("--steps", type=int_at_least(1, 100_000), default=100)
+    parser.add_argument("--input", type=int_at_least(1, 65_536), default=128)
+    parser.add_argument("--hidden", type=int_at_least(1, 65_536), default=128)
     args = parser.parse_args(argv)
     fastrnn.set_num_threads(args.threads)
     B, T, D, H = args.batch, args.steps, args.input, args.hidden

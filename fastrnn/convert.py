@@ -1076,8 +1076,6 @@ def _onnx_check_caller_inputs(graph, plans, initializers, numpy_helper):
     def from_caller_or_zeros(name, zeros_ok, depth=0):
         if name in inputs:
             return True
-        if not zeros_ok and name not in producers:
-            return False
         if name in initializers:
             tensor = initializers[name]
         elif name in producers and depth < 32:
@@ -1087,15 +1085,17 @@ def _onnx_check_caller_inputs(graph, plans, initializers, numpy_helper):
                 return from_caller_or_zeros(node.input[0], zeros_ok, depth + 1)
             if op == "Concat":
                 return all(from_caller_or_zeros(i, zeros_ok, depth + 1) for i in node.input)
-            values = [a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR]
-            if not zeros_ok or op not in ("Constant", "ConstantOfShape"):
+            if op not in ("Constant", "ConstantOfShape"):
                 return False
-            if not values:
-                return op == "ConstantOfShape"   # its default value is a zero
+            values = [a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR]
+            if not values:   # ConstantOfShape's default value is a zero
+                return zeros_ok and op == "ConstantOfShape"
             tensor = values[0]
         else:
             return False
-        if tensor.data_location == tensor.EXTERNAL:   # never read (see from_onnx)
+        # a constant: zeros only where they are allowed (a state's, not lengths);
+        # external data is never read (see from_onnx)
+        if not zeros_ok or tensor.data_location == tensor.EXTERNAL or len(tensor.external_data):
             return False
         with np.errstate(all="ignore"):
             return not np.any(numpy_helper.to_array(tensor))

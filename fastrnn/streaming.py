@@ -181,22 +181,21 @@ class Stream:
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
                 made = layer._seq_mask(x)
                 mask = made if mask is None else mask & made
-            if isinstance(layer, (_RNNBase, _Wrapper)):
-                layer = self._recurrent[k]      # a Stateful's layer, run from the stream's state
-                if not layer.batch_first:
-                    x = np.swapaxes(x, 0, 1)
-                with own_values(input=True if i > 0 else None):   # as Sequential's call
+            with own_values(input=True if i > 0 else None):   # as Sequential's call
+                if isinstance(layer, (_RNNBase, _Wrapper)):
+                    layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
+                    if not layer.batch_first:
+                        x = np.swapaxes(x, 0, 1)
                     out, new_state[k] = self._run_layer(k, layer, x, mask, one_stream)
-                x = out if layer.batch_first else np.swapaxes(out, 0, 1)
-                if mask is not None:
-                    x, new_last[k] = _repeat_last(x, mask, self._last[k])
-                k += 1
-            else:
-                takes = mask is not None and getattr(layer, "_takes_mask", False)
-                with own_values(input=True if i > 0 else None):
+                    x = out if layer.batch_first else np.swapaxes(out, 0, 1)
+                    if mask is not None:
+                        x, new_last[k] = _repeat_last(x, mask, self._last[k])
+                    k += 1
+                else:
+                    takes = mask is not None and getattr(layer, "_takes_mask", False)
                     x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
-                if getattr(x, "ndim", 0) < 3:
-                    mask = None
+                    if getattr(x, "ndim", 0) < 3:
+                        mask = None
         self._state, self._last = new_state, new_last   # once every layer has succeeded
         self._carried = True
         return x[0] if one_stream else x

@@ -14,8 +14,7 @@ def int_at_least(minimum, maximum=None):
         except ValueError:
             value = None
         if value is None or value < minimum or (maximum is not None and value > maximum):
-            expected = f">= {minimum}" if maximum is None else \
-                f"from {minimum} to {maximum} (the example's bound)"
+            expected = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
             raise argparse.ArgumentTypeError(f"expected an integer {expected}, got {text!r}")
         return value
     return parse
