@@ -148,6 +148,10 @@ class Module:
     calls ``_seal_parameters`` to make them the first ParamSet.
     """
 
+    # whether a call reads fastrnn._own_values' context (the quantized classes
+    # do); found on the class, so that asking a float layer costs no __getattr__
+    _reads_own_values = False
+
     def __init__(self):
         # set through object: our __setattr__ reads these
         object.__setattr__(self, "_config", {})

@@ -11,17 +11,21 @@ values reach a layer's call from the model itself:
 - the output of the layer before it in a ``Sequential`` (or a Stream of
   one), so that a model gives what its float32 twin gives.
 
-The callers say so by context (``own_values``), which the quantized layers
-read (``state_is_own``, ``input_is_own``); float layers check neither.
+The callers say so around the layer's call (``own_values``), which the
+quantized layers read (``state_is_own``, ``input_is_own``). Only a layer
+that reads them (``_reads_own_values``, a class attribute of the
+quantized ones, which wrappers pass on) gets the context: a float layer's call, such
+as a streaming step of a few microseconds, pays nothing for it.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from typing import Any
 
 _own_state = contextvars.ContextVar("fastrnn_own_state", default=False)
 _own_input = contextvars.ContextVar("fastrnn_own_input", default=False)
+_NOTHING = contextlib.nullcontext()
 
 
 def state_is_own() -> bool:
@@ -34,14 +38,29 @@ def input_is_own() -> bool:
     return _own_input.get()
 
 
-@contextlib.contextmanager
-def own_values(*, state: bool | None = None, input: bool | None = None) -> Iterator[None]:
-    """Within: state_is_own() is ``state`` and input_is_own() ``input``
-    (None: as outside)."""
-    tokens = [(var, var.set(value)) for var, value in ((_own_state, state), (_own_input, input))
-              if value is not None]
-    try:
-        yield
-    finally:
-        for var, token in reversed(tokens):
+class _OwnValues:
+    """The context of own_values: sets the flags given, restores them after."""
+
+    __slots__ = ("flags", "tokens")
+
+    def __init__(self, flags):
+        self.flags = flags
+
+    def __enter__(self):
+        self.tokens = [(var, var.set(value)) for var, value in self.flags]
+
+    def __exit__(self, *exc):
+        for var, token in reversed(self.tokens):
             var.reset(token)
+
+
+def own_values(layer: Any, *, state: bool | None = None,
+               input: bool | None = None) -> contextlib.AbstractContextManager[None]:
+    """A context for ``layer``'s call: within, state_is_own() is ``state``
+    and input_is_own() ``input`` (None: as outside); nothing for a layer that
+    does not read them."""
+    if not getattr(layer, "_reads_own_values", False):
+        return _NOTHING
+    flags = tuple((var, value) for var, value in ((_own_state, state), (_own_input, input))
+                  if value is not None)
+    return _OwnValues(flags) if flags else _NOTHING

@@ -274,7 +274,7 @@ class Sequential:
         for k, layer in enumerate(self.layers):
             # past the first layer the input is the model's own (a quantized
             # layer lets an overflow in it propagate, as float32 does)
-            with own_values(input=True if k > 0 else None):
+            with own_values(layer, input=True if k > 0 else None):
                 if masked:
                     from fastrnn.masking import seq_call
                     x, backprop, mask = seq_call(layer, x, mask, train)

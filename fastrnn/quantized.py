@@ -315,6 +315,8 @@ class _ReducedWeights:
     scales or bfloat16, and the float32 biases. No float32 weight matrix
     (nor gradient) is kept."""
 
+    _reads_own_values = True   # fastrnn._own_values: a non-finite own value propagates
+
     def _refuse_training(self, what):
         raise TypeError(f"{type(self).__name__}: {what} is not available on a quantized "
                         f"({self._config['weight_dtype']}) model, which is for inference "

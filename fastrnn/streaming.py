@@ -145,7 +145,7 @@ class Stream:
         if state is not None and not np.ndim(x) == 3:
             state = tuple(_one_stream(a) for a in state) if isinstance(state, tuple) \
                 else _one_stream(state)
-        with own_values(state=getattr(self, "_carried", False)):   # (older pickles: none)
+        with own_values(layer, state=getattr(self, "_carried", False)):   # (older pickles)
             out, new = layer(x, state) if mask is None else layer(x, state, mask=mask)
         new = tuple(_batched_state(a) for a in new) if isinstance(new, tuple) \
             else _batched_state(new)
@@ -181,7 +181,7 @@ class Stream:
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
                 made = layer._seq_mask(x)
                 mask = made if mask is None else mask & made
-            with own_values(input=True if i > 0 else None):   # as Sequential's call
+            with own_values(layer, input=True if i > 0 else None):   # as Sequential's call
                 if isinstance(layer, (_RNNBase, _Wrapper)):
                     layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
                     if not layer.batch_first:
@@ -216,16 +216,20 @@ class Stream:
             raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
                              f"got {v.shape_str(frame.shape)}")
         if not isinstance(self.model, Sequential):
-            D = self._recurrent[0].input_size   # checked here: the layer sees a reshaped frame
-            if frame.shape[-1] != D:
-                raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), got "
-                                 f"{v.shape_str(frame.shape)}")
-            if frame.ndim == 1:
-                return self(frame[None])[0]
-            batch_first = self._recurrent[0].batch_first
-            seq = frame[:, None] if batch_first else frame[None]
-            out = self(seq)
-            return out[:, 0] if batch_first else out[0]
+            try:
+                if frame.ndim == 1:
+                    return self(frame[None])[0]
+                batch_first = self._recurrent[0].batch_first
+                out = self(frame[:, None] if batch_first else frame[None])
+                return out[:, 0] if batch_first else out[0]
+            except ValueError:
+                # named as the caller gave it, not as the (B, 1, D) chunk made of it
+                # (checked only here: a step takes a few microseconds)
+                D = self._recurrent[0].input_size
+                if frame.shape[-1] != D:
+                    raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), "
+                                     f"got {v.shape_str(frame.shape)}") from None
+                raise
         batch = frame[None] if frame.ndim == 1 else frame
         out = self(batch[:, None])             # (B, 1, features): one step
         out = out[:, 0] if out.ndim == 3 else out   # a LastStep dropped the time axis

@@ -316,7 +316,7 @@ class Stateful(_Wrapper):
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
                                          "zero_output_for_mask": zero_output_for_mask}
-        with own_values(state=getattr(self, "_carried", False)):
+        with own_values(self, state=getattr(self, "_carried", False)):
             out, state = self.layer(x, self._state, lengths, **extra)
         self._keep(state)
         return out, state
