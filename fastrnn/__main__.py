@@ -17,7 +17,7 @@ import fastrnn
 # module None: this one)
 COMMANDS = [
     ("demo", "example 1 with its default options (the same as 'sunspots')",
-     "fastrnn.examples.sunspots", "cli"),
+     "fastrnn.examples.sunspots", "demo_cli"),
     ("sunspots", "example 1: a Keras sunspot model (two SimpleRNN(50)) in fastrnn",
      "fastrnn.examples.sunspots", "cli"),
     ("adding", "example 2: the adding problem, RNN vs GRU vs LSTM",

@@ -204,3 +204,25 @@ def test_tables_print_the_paired_ratios(monkeypatch, capsys):
     # int8/f32: 4, 1, 3 -> 3 (medians' ratio 2); bf16/f32: 0.5, 0.25, 1.125 -> 0.5;
     # int8/peer: 2, 3, 2 -> 2 (medians' ratio 3)
     assert row[6:9] == ["3.00x", "0.50x", "2.00x"]
+
+
+def test_float64_tables_have_only_the_peer_that_runs_float64(monkeypatch, capsys):
+    """ONNX Runtime and TensorFlow run float32 only: at --dtype float64 their
+    columns were printed all nan."""
+    asked = []
+
+    def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        asked.append(list(peers))
+        ms = {"fastrnn": 1.0, "limit": 0.5, **{p: 2.0 for p in peers}}
+        per_round = {"infer": {lib: [ms[lib]] for lib in ["fastrnn", *peers]}, "train": {}}
+        return ms, {}, {"fastrnn": 1e-12}, per_round
+
+    monkeypatch.setattr(bench, "available", lambda module: True)
+    monkeypatch.setattr(bench, "_installed_version", lambda module: "0")
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    bench.main(["--dtype", "float64", "--cases", "step-b1-gru"])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("case "))
+    assert asked == [["torch"]]
+    assert header.split()[:4] == ["case", "fastrnn", "torch", "speed-up"]
+    assert "nan" not in out

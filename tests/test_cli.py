@@ -99,8 +99,7 @@ def test_every_command_has_its_own_help(capsys, command, flag):
                                      "layernorm", "regularise", "demo"])
 def test_help_names_the_command(capsys, command):
     _, out, _ = run([command, "--help"], capsys)
-    name = "sunspots" if command == "demo" else command     # demo runs example 1
-    assert out.startswith(f"usage: fastrnn {name} ")
+    assert out.startswith(f"usage: fastrnn {command} ")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -199,6 +198,8 @@ def test_python_m_fastrnn_bench_help_names_itself(tmp_path):
     ("layernorm", ["--epochs", "-1"], "--epochs: expected an integer >= 1, got '-1'"),
     ("layernorm", ["--seeds", "0,a"], "--seeds: expected comma-separated integers >= 0, "
                                       "got '0,a'"),
+    ("regularise", ["--seeds", "0,1,0"], "--seeds: expected distinct seeds, got '0,1,0' "
+                                         "(repeats 0)"),
     ("layernorm", ["--kinds", "RNN"], "--kinds: expected LSTM and/or GRU, got 'RNN'"),
 ])
 def test_an_example_refuses_a_bad_option_by_name(command, argv, message, capsys):

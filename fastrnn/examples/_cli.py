@@ -42,10 +42,15 @@ def float_in(low, high, closed_low):
 def seed_list(text):
     """Comma-separated seeds (integers >= 0)."""
     try:
-        return tuple(seed(part.strip()) for part in text.split(","))
+        seeds = tuple(seed(part.strip()) for part in text.split(","))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers >= 0, got {text!r}") from None
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:   # a seed run twice would count twice in the mean over seeds
+        raise argparse.ArgumentTypeError(
+            f"expected distinct seeds, got {text!r} (repeats {', '.join(map(str, repeated))})")
+    return seeds
 
 
 # the file formats matplotlib's savefig writes, by the name's extension

@@ -86,9 +86,8 @@ def _save_plot(history, path):
     return f"loss plot saved to {os.path.abspath(path)}"
 
 
-def cli(argv=None):
-    parser = argparse.ArgumentParser(prog="fastrnn sunspots",
-                                     description=__doc__.splitlines()[0])
+def cli(argv=None, prog="fastrnn sunspots"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=_cli.positive_int, default=50,
                         help="training epochs (default 50)")
     parser.add_argument("--plot", type=_cli.writable_path, default="sunspots_loss.png",
@@ -97,6 +96,11 @@ def cli(argv=None):
                         help="random seed of the weights and shuffling (default 0)")
     args = parser.parse_args(argv)
     main(args.epochs, args.plot, args.seed)
+
+
+def demo_cli(argv=None):
+    """``fastrnn demo``: example 1 under the name the user typed."""
+    cli(argv, prog="fastrnn demo")
 
 
 if __name__ == "__main__":
