@@ -16,11 +16,13 @@ _live = weakref.WeakSet()
 
 
 class ForkSafeLock:
-    """A ``threading.Lock`` for ``with`` blocks, made anew in a forked child."""
-    __slots__ = ("_lock", "__weakref__")
+    """A ``threading.Lock`` (``threading.RLock`` if ``reentrant``) for
+    ``with`` blocks, made anew in a forked child."""
+    __slots__ = ("_lock", "_make", "__weakref__")
 
-    def __init__(self):
-        self._lock = threading.Lock()
+    def __init__(self, reentrant=False):
+        self._make = threading.RLock if reentrant else threading.Lock
+        self._lock = self._make()
         _live.add(self)
 
     def __enter__(self):
@@ -30,15 +32,12 @@ class ForkSafeLock:
     def __exit__(self, *exc):
         self._lock.release()
 
-    def locked(self):
-        return self._lock.locked()
-
 
 def _reset_in_child():
     # the child has only the thread that called fork(): no lock can be in
     # use by a thread of its own
     for lock in list(_live):
-        lock._lock = threading.Lock()
+        lock._lock = lock._make()
 
 
 if hasattr(os, "register_at_fork"):

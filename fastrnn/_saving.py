@@ -51,7 +51,7 @@ from fastrnn import losses as losses_module
 from fastrnn import metrics as metrics_module
 from fastrnn import optim
 from fastrnn._validation import shape_str
-from fastrnn._module import ln_names, ln_parameter_sizes, parameters_filled_later
+from fastrnn._module import holding, ln_names, ln_parameter_sizes, parameters_filled_later
 from fastrnn._version import __version__
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
@@ -267,8 +267,9 @@ def _training_state(model):
         module_states = [next(states) for _ in module._trainable]
         for name, (k, rows) in module._names.items():
             for slot, value in module_states[k].items():
-                if isinstance(value, np.ndarray):
-                    arrays[f"optimizer/{i}.{name}.{slot}"] = value if rows is None else value[rows]
+                if isinstance(value, np.ndarray):   # a copy: the next step updates in place
+                    arrays[f"optimizer/{i}.{name}.{slot}"] = \
+                        (value if rows is None else value[rows]).copy()
                 else:
                     scalars.setdefault(f"{i}.{name}", {})[slot] = int(value)
     clip = {key: (None if value is None else float(value)) for key, value in
@@ -283,13 +284,16 @@ def _training_state(model):
 
 def save_model(model, path, include_optimizer=True):
     """Write a Sequential (see ``Sequential.save``)."""
-    config = {"format": FORMAT, "fastrnn_version": __version__, "kind": "Sequential",
-              "layers": [_layer_entry(layer) for layer in model.layers],
-              "random": _random_states(model, model.layers)}
-    arrays = {f"weights/{k}": val for k, val in model.state_dict().items()}
-    if include_optimizer and model.optimizer is not None:
-        config["training"], optimizer_arrays = _training_state(model)
-        arrays.update(optimizer_arrays)
+    # the weights and the optimizer's state of one moment: an optimizer step
+    # holds the same locks from its first moment to its last swap
+    with holding(model._owners()):
+        config = {"format": FORMAT, "fastrnn_version": __version__, "kind": "Sequential",
+                  "layers": [_layer_entry(layer) for layer in model.layers],
+                  "random": _random_states(model, model.layers)}
+        arrays = {f"weights/{k}": val for k, val in model.state_dict().items()}
+        if include_optimizer and model.optimizer is not None:
+            config["training"], optimizer_arrays = _training_state(model)
+            arrays.update(optimizer_arrays)
     _write(path, config, arrays)
 
 

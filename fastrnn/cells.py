@@ -16,7 +16,7 @@ from fastrnn._kernels import forward as _forward
 from fastrnn import _gate_options, _layernorm_engine, _training_options
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine
-from fastrnn._module import RESET_AFTER_DOC, gru_kind
+from fastrnn._module import RESET_AFTER_DOC, call_parameters, gru_kind
 from fastrnn._validation import shape_str
 
 
@@ -73,7 +73,7 @@ class _CellBase(RecurrentEngine):
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         # the streaming path: one frame, plain arrays (see _forward.CellStep)
-        params = self._params   # one parameter set for the whole call
+        params = call_parameters(self)   # one parameter set for the whole call
         # (the streaming kernel runs the plain cells only, and starts from
         # zeros when hx is None, so it is given the learned states)
         if self._plain_step:
@@ -140,7 +140,7 @@ class _CellBase(RecurrentEngine):
             ``x`` and of the previous state, in the structure of the state.
             It may be called once.
         """
-        params = self._params   # one parameter set for the whole call
+        params = call_parameters(self)   # one parameter set for the whole call
         x, B, batched, h, c = self._prepare(params, x, hx, own_copy=True)
         H = self._config["hidden_size"]
         h_n, c_n = h[None], (None if c is None else c[None])

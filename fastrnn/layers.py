@@ -13,7 +13,7 @@ from fastrnn import (_gate_options, _layernorm_engine, _projection_engine,
                      _training_options)
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine, _training_buffers
-from fastrnn._module import RESET_AFTER_DOC, gru_kind
+from fastrnn._module import RESET_AFTER_DOC, call_parameters, gru_kind
 from fastrnn._validation import shape_str
 
 
@@ -116,7 +116,7 @@ class _RNNBase(RecurrentEngine):
                  ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
-        params = self._params   # one parameter set for the whole call
+        params = call_parameters(self)   # one parameter set for the whole call
         if self._lends_buffers:   # training's buffers go once the layer is used outside it
             _training_buffers.release(self)
         if lengths is None and not self._general_only:
@@ -180,7 +180,7 @@ class _RNNBase(RecurrentEngine):
         """
         if mask is not None:
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=True)
-        params = self._params   # one parameter set for the whole call
+        params = call_parameters(self)   # one parameter set for the whole call
         call = self._prepare(params, x, hx, lengths, own_copy=True)
         tape = None
         if call.B > 0:

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
+from fastrnn._module import call_parameters, pinned_parameters
 from fastrnn._validation import shape_str
 
 
@@ -139,6 +140,11 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
     Returns what the layer's call returns, ``(out, state)``; with ``train``,
     ``((out, state), backprop)``. See the layers' ``mask`` argument.
     """
+    with pinned_parameters([layer]):   # the learned initial states and the call: one set
+        return _masked_call(layer, x, hx, mask, zero_output, train)
+
+
+def _masked_call(layer, x, hx, mask, zero_output, train):
     from fastrnn.layers import LSTM
     owner = type(layer).__name__
     zero_output = v.check_bool(owner, "zero_output_for_mask", zero_output)
@@ -162,7 +168,7 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
                          f"{shape_str(x.shape)}")
     lstm = isinstance(layer, LSTM)
     dirs, H = 2 if layer.bidirectional else 1, layer._out_size   # H: the output's width
-    params = layer._params   # its learned initial states, if any and hx is None
+    params = call_parameters(layer)   # its learned initial states, if any and hx is None
     learned = hx is None and layer._learned_state(params) is not None
     h, c = layer._initial_state(params, hx, B, batched)
     states = [h] if c is None else [h, c]

@@ -24,7 +24,8 @@ from fastrnn import _saving
 from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
-from fastrnn._module import _refuse_quantized_entry
+from fastrnn._module import (Module, _refuse_quantized_entry, changing_together, holding,
+                             on_one_set)
 from fastrnn._own_values import own_values
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
@@ -33,7 +34,7 @@ from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import LastStep, Linear
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
-from fastrnn.wrappers import _recurrent
+from fastrnn.wrappers import Stateful, _recurrent, _Wrapper
 
 __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
            "load_state_dict_file"]
@@ -147,10 +148,26 @@ class Sequential:
         # The optimizer holds views of the layers' parameter storage, which a
         # copy does not share: pickle the model uncompiled (compile again).
         # Metrics may be user functions (lambdas do not pickle): dropped too.
+        # The layers pickle one by one after this, each its parameters of that
+        # moment: a load or an optimizer step of the model meanwhile would
+        # leave some from before it and some from after. So their parameters
+        # taken together here go too (twice the weights' bytes), and are
+        # loaded back over theirs.
         state = self.__dict__.copy()
+        state.pop("_owners_of", None)   # remade on use
+        owners = self._owners()
+        if len(owners) > 1:
+            with holding(owners):
+                state["_pickled_parameters"] = [(owner, owner.state_dict()) for owner in owners]
         state["optimizer"] = None
         state["_metric_specs"], state["_metrics"], state["history"] = [], None, None
         return state
+
+    def __setstate__(self, state):
+        parameters = state.pop("_pickled_parameters", ())
+        self.__dict__.update(state)
+        for owner, state_dict in parameters:
+            owner.load_state_dict(state_dict)
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
@@ -159,12 +176,30 @@ class Sequential:
     def _modules_with_parameters(self):
         return [layer for layer in self.layers if layer._trainable]
 
+    def _owners(self):
+        """The modules holding the layers' parameters (a wrapper's layer
+        within), each once; kept while ``layers`` holds the same objects
+        (it is a public list: it may be changed in place)."""
+        layers = tuple(self.layers)
+        cached = self.__dict__.get("_owners_of")
+        if cached is not None and cached[0] == layers:
+            return cached[1]
+        owners = {}
+        for layer in layers:
+            while isinstance(layer, _Wrapper):
+                layer = layer.layer
+            if isinstance(layer, Module):
+                owners[id(layer)] = layer
+        self._owners_of = (layers, list(owners.values()))
+        return self._owners_of[1]
+
     # --- parameters ---------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of every parameter, named '{layer index}.{name}' as PyTorch's
         ``nn.Sequential``."""
-        return {f"{i}.{name}": value for i, layer in enumerate(self.layers)
-                for name, value in layer.state_dict().items()}
+        with holding(self._owners()):   # every layer's of one moment
+            return {f"{i}.{name}": value for i, layer in enumerate(self.layers)
+                    for name, value in layer.state_dict().items()}
 
     def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> Any:
         """Load '{index}.{name}' parameters; checks everything before copying."""
@@ -200,17 +235,12 @@ class Sequential:
             if key in expected:
                 index, name = key.split(".", 1)
                 per_layer[int(index)][name] = value
-        # validate every layer's part before changing any
-        snapshots = [layer.state_dict() for layer in self.layers]
-        try:
+        # the layers' new sets become current together, once every layer's
+        # part has loaded; after an error, none does
+        with changing_together(self._owners()):
             for layer, part in zip(self.layers, per_layer):
                 if part:
                     layer.load_state_dict(part, strict=False)
-        except (TypeError, ValueError):
-            for layer, snapshot in zip(self.layers, snapshots):
-                if snapshot:
-                    layer.load_state_dict(snapshot)
-            raise
 
     def zero_grad(self) -> None:
         for layer in self._modules_with_parameters():
@@ -265,6 +295,20 @@ class Sequential:
         Embedding(mask_zero=True) layer) every layer runs through
         fastrnn.masking.seq_call, and the lengths of a ragged batch become
         part of the mask."""
+        # the layers' parameter sets of one moment (never some from before a
+        # load or an optimizer step of the model and some from after); an
+        # inference call without a Stateful (which carries its state on) may
+        # run again
+        repeatable = not train and Stateful not in map(type, self.layers)
+        out, backprops, out_mask = on_one_set(
+            self._owners(), lambda: self._run_layers(x, lengths, mask, train), repeatable)
+        # no layer computed (Dropout in inference, a LastStep, ...): a new
+        # array all the same, never the caller's or a view of it
+        if out is x or (out.base is not None and np.may_share_memory(out, x)):
+            out = out.copy()
+        return out, backprops, out_mask
+
+    def _run_layers(self, x, lengths, mask, train):
         masked = mask is not None or any(getattr(layer, "_makes_mask", False)
                                          for layer in self.layers)
         if masked and lengths is not None:

@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from scipy.special import expit
 
 from fastrnn import _validation as v
-from fastrnn._module import Module, dropout_mask, filled_later
+from fastrnn._module import Module, call_parameters, dropout_mask, filled_later
 from fastrnn._validation import shape_str
 
 
@@ -98,7 +98,7 @@ class Linear(Module):
         return x
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
-        return self._forward(self._check(x), self._params)
+        return self._forward(self._check(x), call_parameters(self))
 
     @staticmethod
     def _forward(x, params):
@@ -112,7 +112,7 @@ class Linear(Module):
 
     def _seq_train(self, x):
         x = self._check(x)
-        params = self._params
+        params = call_parameters(self)
         y = self._forward(x, params)
         version, y_shape = params.version, y.shape
 
@@ -381,7 +381,7 @@ class Embedding(Module):
 
     def __call__(self, ids: ArrayLike) -> np.ndarray:
         """The vectors of ``ids`` (any shape): shape ``ids.shape + (embedding_dim,)``."""
-        return self._params.views["weight"][self._ids(ids)]
+        return call_parameters(self).views["weight"][self._ids(ids)]
 
     def compute_mask(self, ids: ArrayLike) -> np.ndarray | None:
         """Keras' mask of ``ids`` (``ids != 0``) with ``mask_zero``, else None."""
@@ -391,7 +391,7 @@ class Embedding(Module):
 
     def _seq_train(self, ids):
         ids = self._ids(ids)
-        params = self._params
+        params = call_parameters(self)
         y = params.views["weight"][ids]
         version, y_shape = params.version, y.shape
         padding = self._config["padding_idx"]

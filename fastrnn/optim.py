@@ -11,7 +11,6 @@ each module's parameters from its accumulated ``grads``:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastrnn import _validation as v
+from fastrnn._module import changing_together, holding
 
 if TYPE_CHECKING:
     from fastrnn._module import Module
@@ -122,22 +122,24 @@ class Optimizer:
     def step(self) -> None:
         """One update of every parameter from its gradient. Each module's
         gradients are read under its lock (no backprop adds meanwhile), and
-        its updated parameters replace the old as one set: a call running
-        in another thread computes with the old set or the new, never a mix."""
+        its updated parameters replace the old as one set, and every
+        module's at once: a call running in another thread (of a module, or
+        of a Sequential of them) computes with the old sets or the new,
+        never a mix."""
         _refuse_quantized(self._quantized, "an optimizer's step")
-        self.step_count += 1
-        states = iter(self._state)
-        for module in self._modules:
-            grads = module._trainable
-            module_states = [next(states) for _ in grads]
-            if not grads:
-                continue
+        with changing_together(self._modules):
+            self.step_count += 1
+            states = iter(self._state)
+            for module in self._modules:
+                grads = module._trainable
+                module_states = [next(states) for _ in grads]
+                if not grads:
+                    continue
 
-            def update(storages):
-                for param, grad, state in zip(storages, grads, module_states):
-                    self._update(param, grad.astype(param.dtype, copy=True), state)
+                def update(storages):
+                    for param, grad, state in zip(storages, grads, module_states):
+                        self._update(param, grad.astype(param.dtype, copy=True), state)
 
-            with module._grad_lock:
                 module._swap_parameters(update)
 
     # --- saving and restoring -----------------------------------------------
@@ -454,9 +456,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm, allow_inf=True)
     _refuse_quantized(_quantized_in(params), "clip_grad_norm")
     modules = _modules_of(params, "clip_grad_norm")
-    with contextlib.ExitStack() as locks:   # no backprop adds while we measure and scale
-        for module in modules:
-            locks.enter_context(module._grad_lock)
+    with holding(modules):   # no backprop adds while we measure and scale
         grads = [grad for module in modules for grad in module._trainable]
         total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
         if error_if_nonfinite and not math.isfinite(total):

@@ -90,7 +90,8 @@ from numpy.typing import ArrayLike
 from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import LoadResult, filled_later, parameters_filled_later
+from fastrnn._module import (LoadResult, call_parameters, filled_later, holding,
+                             latest_parameters, parameters_filled_later, set_parameters)
 from fastrnn._own_values import input_is_own, state_is_own
 from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
@@ -451,7 +452,7 @@ class _ReducedWeights:
                                  f"int8 weight and its scales load together")
 
         with self._grad_lock:
-            current = self._params
+            current = latest_parameters(self)
             keys = [key for key, sources in layout.sources.items()
                     if any(name in named for name, _ in sources)]
             for key in keys:     # the other matrices sharing a packed weight, read back
@@ -465,7 +466,7 @@ class _ReducedWeights:
             for name, value in floats.items():
                 index, rows = layout.names[name]
                 storages[index][slice(None) if rows is None else rows] = value
-            self._params = _Reduced(current.version + 1, storages, weights, layout)
+            set_parameters(self, _Reduced(current.version + 1, storages, weights, layout))
         return LoadResult(missing, unexpected)
 
     def _reduced_value(self, owner, name, state_dict):
@@ -709,7 +710,7 @@ class _QuantizedLayer(_Quantized):
                  ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         if mask is not None:   # fastrnn.masking runs the layer with lengths
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
-        params = self._params   # one parameter set for the whole call
+        params = call_parameters(self)   # one parameter set for the whole call
         if lengths is None:
             # the lean path of small calls (_quant.QRunner), then the plain call
             result = self._runner(params).run(x, hx)
@@ -755,7 +756,7 @@ class _QuantizedCell(_Quantized):
     def __call__(self, x: ArrayLike,
                  hx: ArrayLike | tuple[ArrayLike | None, ArrayLike | None] | None = None
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        params = self._params
+        params = call_parameters(self)
         result = self._runner(params).step(x, hx)   # the lean path of a plain step
         if result is not None:
             return result
@@ -870,7 +871,7 @@ class QuantizedLinear(_ReducedWeights, Linear):
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         x = self._check(x)
-        params = self._params
+        params = call_parameters(self)
         w, bias = self._qweight(params)
         rows = x.reshape(-1, x.shape[-1])
         y = np.empty((rows.shape[0], w.N), np.float32)
@@ -998,19 +999,26 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     dtype = _check_weight_dtype("quantize", dtype, "dtype")
     per_channel = v.check_bool("quantize", "per_channel", per_channel)
     if isinstance(model, Sequential):
-        layers = []
-        for i, layer in enumerate(model.layers):
-            if isinstance(_recurrent(layer), QUANTIZED_CLASSES):
-                raise TypeError(f"quantize: layer {i} of the Sequential ({layer!r}) is "
-                                f"quantized already; quantize the float32 model")
-            quantizes = type(_recurrent(layer)) in _QUANTIZED
-            layers.append(_quantize_wrapped(f"quantize: layer {i}", layer, dtype, per_channel)
-                          if quantizes else layer)
+        with holding(model._owners()):   # every layer's weights of one moment
+            layers = _quantize_layers(model, dtype, per_channel)
         if not any(isinstance(_recurrent(layer), QUANTIZED_CLASSES) for layer in layers):
             raise TypeError("quantize: the Sequential has no layer to quantize (RNN, GRU, "
                             "LSTM or Linear)")
         return Sequential(layers)
     return _quantize_wrapped("quantize", model, dtype, per_channel)
+
+
+def _quantize_layers(model, dtype, per_channel):
+    """quantize's layers of a Sequential: its own where nothing quantizes."""
+    layers = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(_recurrent(layer), QUANTIZED_CLASSES):
+            raise TypeError(f"quantize: layer {i} of the Sequential ({layer!r}) is "
+                            f"quantized already; quantize the float32 model")
+        quantizes = type(_recurrent(layer)) in _QUANTIZED
+        layers.append(_quantize_wrapped(f"quantize: layer {i}", layer, dtype, per_channel)
+                      if quantizes else layer)
+    return layers
 
 
 def _quantize_wrapped(owner, layer, dtype, per_channel):

@@ -15,6 +15,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
+from fastrnn._locks import ForkSafeLock
+from fastrnn._module import on_one_set
 from fastrnn._own_values import own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
@@ -85,14 +87,32 @@ class Stream:
         # under masks: per recurrent layer the output of each row's last read
         # step (B, out), what its masked steps repeat; None: zeros
         self._last = [None] * len(recurrent)
+        # one call at a time: each reads the state and leaves the next (threads
+        # feeding one stream would otherwise lose each other's frames)
+        self._lock = ForkSafeLock()
+        # the modules of the parameters a Sequential's call pins (its layers
+        # cannot change: a call refuses a model whose layers did)
+        self._owners = model._owners() if isinstance(model, Sequential) else None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = ForkSafeLock()
+        if "_owners" not in state:   # a pickle of an earlier version
+            self._owners = self.model._owners() if isinstance(self.model, Sequential) else None
 
     # --- state ----------------------------------------------------------------
     def reset(self) -> None:
         """Forget the state: the next call starts from the layers' initial
         states (zeros, or the learned ones of ``learn_initial_state=True``)."""
-        self._state = [None] * len(self._recurrent)
-        self._carried = False
-        self._last = [None] * len(self._recurrent)
+        with self._lock:
+            self._state = [None] * len(self._recurrent)
+            self._carried = False
+            self._last = [None] * len(self._recurrent)
 
     @property
     def state(self) -> list[Any]:
@@ -100,10 +120,12 @@ class Stream:
         layer: its h_n (or (h_n, c_n) for LSTM) of shape (num_layers, B, H)
         however the stream was fed (frames or chunks, one stream or a batch),
         None before the first call."""
+        with self._lock:
+            held = self._state
         return [None if s is None else
                 (tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple)
                  else s.copy())
-                for s in self._state]
+                for s in held]
 
     @state.setter
     def state(self, value: list[Any]) -> None:
@@ -117,11 +139,12 @@ class Stream:
         # changes to the caller's arrays do not reach the stream. (num_layers, H),
         # one stream's state, is stored as (num_layers, 1, H); an LSTM's part
         # may be None (zeros), as in the layer's hx.
-        self._state = [None if s is None else
-                       (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
-                        else _batched_state(s)) for s in value]
-        self._carried = False
-        self._last = [None] * len(self._recurrent)
+        new = [None if s is None else
+               (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
+                else _batched_state(s)) for s in value]
+        with self._lock:
+            self._state, self._carried = new, False
+            self._last = [None] * len(self._recurrent)
 
     # --- feeding --------------------------------------------------------------
     def _run_layer(self, k, layer, x, mask=None, one_stream=False):
@@ -156,12 +179,22 @@ class Stream:
         sequence ((T, B, D), (B, T, D) with batch_first, or (T, D)); for a
         Sequential, (B, T, features), or (T, features) for one stream ((B, T)
         or (T,) ids when it starts with an Embedding). Returns the chunk's
-        outputs. Chunks and frames (``step``) mix in any order."""
-        if not isinstance(self.model, Sequential):
-            out, state = self._run_layer(0, self._recurrent[0], chunk)
-            self._state = [state]   # a new list, as the Sequential path: a copy's stays its own
+        outputs. Chunks and frames (``step``) mix in any order; calls from
+        several threads run one at a time, each continuing the state the
+        one before left."""
+        with self._lock._lock:   # the lock itself: its C context manager is the cheaper
+            if not isinstance(self.model, Sequential):
+                out, state = self._run_layer(0, self._recurrent[0], chunk)
+                self._state = [state]   # a new list, as the Sequential path: a copy's own
+                self._carried = True
+                return out
+            # its layers' parameter sets of one moment (see Sequential._run)
+            out, self._state, self._last = on_one_set(
+                self._owners, lambda: self._feed_model(chunk), repeatable=True)
             self._carried = True
             return out
+
+    def _feed_model(self, chunk):
         if len(self.model.layers) != len(self._layers) or any(
                 a is not b for a, b in zip(self.model.layers, self._layers)):
             raise ValueError("Stream: the model's layers changed since the Stream was made; "
@@ -196,9 +229,8 @@ class Stream:
                     x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
                     if getattr(x, "ndim", 0) < 3:
                         mask = None
-        self._state, self._last = new_state, new_last   # once every layer has succeeded
-        self._carried = True
-        return x[0] if one_stream else x
+        # kept by the caller once every layer has succeeded
+        return (x[0] if one_stream else x), new_state, new_last
 
     def step(self, frame: ArrayLike) -> np.ndarray:
         """Feed one frame: (D,) for one stream, or (B, D) for a batch of

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
+from fastrnn._locks import ForkSafeLock
 from fastrnn._own_values import own_values
 from fastrnn.masking import check_mask, flip_index, take_steps
 
@@ -252,6 +253,18 @@ class Stateful(_Wrapper):
             v.check_int("Stateful", "batch_size", batch_size)
         self._state = None
         self._carried = False   # _state is the last call's, not one the caller gave
+        # one call at a time: each reads the carried state and leaves the next
+        # (threads sharing a Stateful would otherwise lose each other's steps)
+        self._lock = ForkSafeLock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = ForkSafeLock()
 
     def _repr_extra(self):
         return "" if self._batch_size is None else f", batch_size={self._batch_size}"
@@ -265,7 +278,8 @@ class Stateful(_Wrapper):
 
     @property
     def state(self) -> Any:
-        s = self._state
+        with self._lock:
+            s = self._state
         if s is None:
             return None
         return tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple) \
@@ -276,14 +290,15 @@ class Stateful(_Wrapper):
         ``hx`` for the fixed batch size; checked by that call), or from
         the layer's initial state if None (zeros, or the learned one; Keras'
         ``reset_state``)."""
-        self._carried = False
         if states is None:
-            self._state = None
+            new = None
         elif isinstance(states, (tuple, list)):   # an LSTM's part may be None (zeros)
-            self._state = tuple(None if s is None else np.array(v.to_numpy("Stateful", "states", s))
-                                for s in states)
+            new = tuple(None if s is None else np.array(v.to_numpy("Stateful", "states", s))
+                        for s in states)
         else:
-            self._state = np.array(v.to_numpy("Stateful", "states", states))
+            new = np.array(v.to_numpy("Stateful", "states", states))
+        with self._lock:
+            self._state, self._carried = new, False
 
     def _batch(self, x):
         x = v.to_numpy("Stateful", "input", x)
@@ -316,9 +331,9 @@ class Stateful(_Wrapper):
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
                                          "zero_output_for_mask": zero_output_for_mask}
-        with own_values(self, state=getattr(self, "_carried", False)):
+        with self._lock._lock, own_values(self, state=getattr(self, "_carried", False)):
             out, state = self.layer(x, self._state, lengths, **extra)
-        self._keep(state)
+            self._keep(state)
         return out, state
 
     def forward_train(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
@@ -327,6 +342,7 @@ class Stateful(_Wrapper):
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
                                          "zero_output_for_mask": zero_output_for_mask}
-        (out, state), backprop = self.layer.forward_train(x, self._state, lengths, **extra)
-        self._keep(state)
+        with self._lock:
+            (out, state), backprop = self.layer.forward_train(x, self._state, lengths, **extra)
+            self._keep(state)
         return (out, state), backprop

@@ -1,6 +1,8 @@
 """Regression tests of the hardening work: byte order on the fast paths,
 consistent parameters under concurrent updates, streams mixing frames and
 chunks, fork safety of the library's locks, interruptible long calls."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -122,10 +124,35 @@ def _check_calls_see_one_set(module, call, seconds=1.0):
 
 
 @pytest.mark.parametrize("case", ["lean", "general", "bidirectional", "cell", "cell-batched",
-                                  "linear", "train-forward"])
+                                  "linear", "train-forward", "masked-learned-state",
+                                  "sequential", "sequential-masked", "sequential-stream"])
 def test_calls_never_mix_old_and_new_parameters(case):
+    """[sequential*, masked-learned-state: failed before] A Sequential's
+    layers each took their own set when reached, so a load of the model
+    between two layers gave the output of a model that never existed (about
+    1% of calls); a masked call read the learned initial state and the
+    weights apart."""
     rng = np.random.default_rng(3)
-    if case in ("lean", "general", "train-forward"):
+    if case.startswith("sequential"):
+        module = fastrnn.Sequential([GRU(4, 16, batch_first=True, seed=0),
+                                     fastrnn.LastStep() if case == "sequential" else
+                                     fastrnn.Linear(16, 8, seed=2),
+                                     fastrnn.Linear(16 if case == "sequential" else 8, 3,
+                                                    seed=1)])
+        x = rng.standard_normal((3, 6, 4)).astype(np.float32)
+        if case == "sequential":
+            def call(): return module(x)
+        elif case == "sequential-masked":
+            mask = np.arange(6)[None, :] < np.array([[6], [2], [4]])
+            def call(): return module(x, mask=mask)
+        else:   # one chunk: one call (each frame of a stream is a call of its own)
+            def call(): return fastrnn.Stream(module)(x)
+    elif case == "masked-learned-state":
+        module = LSTM(4, 16, batch_first=True, learn_initial_state=True, seed=0)
+        x = rng.standard_normal((3, 6, 4)).astype(np.float32)
+        mask = np.arange(6)[None, :] < np.array([[6], [2], [4]])
+        def call(): return module(x, mask=mask)
+    elif case in ("lean", "general", "train-forward"):
         module = LSTM(8, 16, num_layers=2, seed=0)
         x = rng.standard_normal((20, 4, 8)).astype(np.float32)
         if case == "lean":
@@ -230,6 +257,186 @@ def test_a_child_forked_while_a_lock_is_held_does_not_hang():
         holder.join()
     assert not hung, "the forked child waited on a lock copied held"
     assert child.exitcode == 0 and queue.get(timeout=5) == "done"
+
+
+def _trained_model():
+    model = fastrnn.Sequential([GRU(4, 16, batch_first=True, seed=0), fastrnn.LastStep(),
+                                fastrnn.Linear(16, 1, seed=1)])
+    model.compile("mse", fastrnn.optim.Adam(lr=0.01))
+    return model
+
+
+def _training_data():
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((8, 10, 4)).astype(np.float32),
+            rng.standard_normal((8, 1)).astype(np.float32))
+
+
+def _run_beside_training(model, steps, work):
+    """Train ``model`` ``steps`` steps in this thread while another runs
+    ``work()`` in a loop; returns work's results."""
+    import threading
+    x, y = _training_data()
+    stop, results = threading.Event(), []
+
+    def loop():
+        while not stop.is_set():
+            results.append(work())
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        for _ in range(steps):
+            model.train_step(x, y)
+    finally:
+        stop.set()
+        thread.join()
+    return results
+
+
+def test_a_sequential_served_while_training_sees_whole_steps():
+    """[failed before] An optimizer step swapped in the layers' new sets one
+    by one: a call between two swaps computed with a model of no step."""
+    x, y = _training_data()
+    steps = 150
+    reference, expected = _trained_model(), set()
+    expected.add(reference(x).tobytes())
+    for _ in range(steps):
+        reference.train_step(x, y)
+        expected.add(reference(x).tobytes())
+    model = _trained_model()
+    outputs = _run_beside_training(model, steps, lambda: model(x).tobytes())
+    assert len(outputs) > 20
+    assert sum(out not in expected for out in outputs) == 0
+
+
+def test_a_model_saved_while_training_holds_one_step(tmp_path):
+    """[failed before] The file's optimizer moments were referenced, not
+    copied, and written after the next step had updated them in place: a
+    run resumed from it was not the run that was saved."""
+    x, y = _training_data()
+    steps = 120
+    reference, by_weights = _trained_model(), {}
+    for k in range(1, steps + 1):
+        reference.train_step(x, y)
+        weights = b"".join(a.tobytes() for a in reference.state_dict().values())
+        by_weights[weights] = fastrnn.optim.Adam.state_dict(reference.optimizer)
+    model = _trained_model()
+    paths = iter(tmp_path / f"m{i}.npz" for i in range(10 ** 6))
+
+    def save():
+        path = next(paths)
+        model.save(path)
+        return path
+
+    saved = _run_beside_training(model, steps, save)
+    checked = 0
+    for path in saved:
+        loaded = fastrnn.load(path)
+        weights = b"".join(a.tobytes() for a in loaded.state_dict().values())
+        assert weights in by_weights or loaded.optimizer.step_count == 0
+        if weights in by_weights:
+            want, got = by_weights[weights], loaded.optimizer.state_dict()
+            assert got["step_count"] == want["step_count"]
+            for a, b in zip(got["state"], want["state"]):
+                for name in a:
+                    np.testing.assert_array_equal(a[name], b[name])
+            checked += 1
+    assert checked > 3
+
+
+def test_a_sequential_pickled_while_loading_holds_one_set():
+    """[failed before] Its layers pickled one by one, each with the set of
+    its moment: a load meanwhile gave a copy of no set."""
+    import pickle
+    model = fastrnn.Sequential([GRU(4, 16, batch_first=True, seed=0), fastrnn.LastStep(),
+                                fastrnn.Linear(16, 3, seed=1)])
+    x = np.random.default_rng(1).standard_normal((3, 6, 4)).astype(np.float32)
+
+    def call():
+        return pickle.loads(pickle.dumps(model))(x)
+
+    _check_calls_see_one_set(model, call)
+
+
+def test_a_stream_pickles_with_its_model_and_layers_as_one():
+    """The pickled parameters load back into the same layer objects the
+    Stream holds (its layers are checked by identity at each call)."""
+    import pickle
+    model = fastrnn.Sequential([GRU(4, 8, batch_first=True, seed=0),
+                                fastrnn.Linear(8, 2, seed=1)])
+    stream = fastrnn.Stream(model)
+    frame = np.ones(4, np.float32)
+    stream.step(frame)
+    copy = pickle.loads(pickle.dumps(stream))
+    np.testing.assert_array_equal(copy.step(frame), stream.step(frame))
+
+
+@pytest.mark.parametrize("kind", ["stream-frames", "stream-sequential", "stateful"])
+def test_threads_feeding_one_stream_lose_no_step(kind):
+    """[failed before] Each call read the state and wrote the next without a
+    lock: two threads feeding one Stream or Stateful lost about a third of
+    their steps, silently. An LSTM whose cell state counts its steps (0.5
+    each: input, forget and output gates shut open, g = 0.5), fed the same
+    frame each time, so the order of the threads' calls does not matter:
+    the end state is the serial one."""
+    import threading
+    layer = LSTM(3, 4, batch_first=True, seed=0)
+    weights = {k: np.zeros_like(a) for k, a in layer.state_dict().items()}
+    weights["bias_ih_l0"] = np.repeat(np.float32([20, 20, np.arctanh(0.5), 20]), 4)
+    layer.load_state_dict(weights)
+    frame = np.full((2, 3), 0.5, np.float32)
+    per_thread = 300
+    if kind == "stateful":
+        def make(): return fastrnn.Stateful(layer)
+        def feed(s): s(frame[:, None])
+        def state(s): return s.state
+    else:
+        def make():
+            if kind == "stream-frames":
+                return fastrnn.Stream(layer)
+            return fastrnn.Stream(fastrnn.Sequential([layer, fastrnn.Linear(4, 2, seed=1)]))
+        def feed(s): s.step(frame)
+        def state(s): return s.state[0]
+    serial = make()
+    for _ in range(2 * per_thread):
+        feed(serial)
+    shared = make()
+    threads = [threading.Thread(target=lambda: [feed(shared) for _ in range(per_thread)])
+               for _ in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)   # the threads' calls interleave (a call takes microseconds)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    c = flat(state(serial))[1]
+    np.testing.assert_allclose(c, 0.5 * 2 * per_thread, rtol=1e-3)   # it counts
+    for got, want in zip(flat(state(shared)), flat(state(serial))):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_sequential_that_computes_nothing_returns_a_new_array():
+    """[failed before] Sequential([Dropout(0.5)]) in inference returned the
+    caller's x itself: writing into the result changed x, and predict over a
+    generator refilling one buffer returned its last batch repeated."""
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    model = fastrnn.Sequential([fastrnn.Dropout(0.5)])
+    out = model(x)
+    assert not np.shares_memory(out, x)
+    out[...] = -1
+    np.testing.assert_array_equal(x, np.arange(12).reshape(4, 3))
+
+    def batches():
+        buffer = np.empty((2, 3), np.float32)
+        for start in (0, 6):
+            buffer[...] = np.arange(start, start + 6).reshape(2, 3)
+            yield buffer
+
+    np.testing.assert_array_equal(model.predict(batches()), np.arange(12).reshape(4, 3))
 
 
 # --- streams mixing frames and chunks -------------------------------------------------
