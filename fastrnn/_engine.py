@@ -779,6 +779,9 @@ class Backprop:
         owner = f"{type(module).__name__}.backprop"
         cfg = module._config
         dtype, has_c = cfg["dtype"], module._base_code == _forward.CELL_LSTM
+        if dout is None:   # (a cell's backprop takes None parts: a layer's output is one array)
+            raise TypeError(f"{owner}: expected dout, the gradient of the output, as an array, "
+                            f"got None; pass zeros where the loss reads only the state")
         dout = v.as_float_array(owner, "dout", dout, dtype)
         if dout.shape != self._out_shape:
             raise ValueError(f"{owner}: expected dout of the output's shape "

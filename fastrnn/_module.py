@@ -271,6 +271,13 @@ class Module:
     # whether a call reads fastrnn._own_values' context (the quantized classes
     # do); found on the class, so that asking a float layer costs no __getattr__
     _reads_own_values = False
+    # what a Sequential and a Stream ask of each layer, on the class for the
+    # same reason (a missing attribute raised inside __getattr__: ~1 us a
+    # question, two a layer in every streamed frame): whether it makes a
+    # Keras mask (Embedding with mask_zero), takes one, takes ids
+    _makes_mask = False
+    _takes_mask = False
+    _takes_ids = False
 
     def __init__(self):
         # set through object: our __setattr__ reads these

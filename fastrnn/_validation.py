@@ -86,6 +86,8 @@ def to_numpy(owner, name, value):
     Does not copy when it need not; never returns bool, complex, object or
     string arrays.
     """
+    if value is None:   # (np.asarray(None) is an object array: name it as what it is)
+        raise TypeError(f"{owner}: expected {name} as an array, got None")
     value = as_array(owner, name, value)
     if value.dtype.kind not in "fiu":
         raise TypeError(f"{owner}: {name} must have a real numeric dtype, got {value.dtype}")

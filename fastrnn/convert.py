@@ -1396,7 +1396,7 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
 
     Returns
     -------
-    list of RNN, GRU or LSTM
+    list of RNN, GRU, LSTM or Reversed
 
     Raises
     ------

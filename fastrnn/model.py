@@ -167,7 +167,13 @@ class Sequential:
         parameters = state.pop("_pickled_parameters", ())
         self.__dict__.update(state)
         for owner, state_dict in parameters:
-            owner.load_state_dict(state_dict)
+            # only where they differ: a shallow copy's owners are the model's
+            # own, whose set a load would renew (and a backprop pending on it
+            # then refuse)
+            current = owner.state_dict()
+            if any(not np.array_equal(current[name], value)
+                   for name, value in state_dict.items()):
+                owner.load_state_dict(state_dict)
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))

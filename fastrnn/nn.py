@@ -19,7 +19,9 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 from scipy.special import expit
 
+from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
+from fastrnn._kernels import forward as _forward
 from fastrnn._module import Module, call_parameters, dropout_mask, filled_later
 from fastrnn._validation import shape_str
 
@@ -102,11 +104,32 @@ class Linear(Module):
 
     @staticmethod
     def _forward(x, params):
-        """y of x under one parameter set (taken once per call)."""
-        y = x @ params.views["weight"].T
-        if "bias" in params.views:
-            y += params.views["bias"]
-        return y
+        """y of x under one parameter set (taken once per call). float32:
+        fastrnn's own product over the weight packed once per set, where each
+        output is one fixed chain of multiply-adds, so that a row's result
+        is the same bits whatever the other rows and the thread count (BLAS
+        rounds a row by the call's shape: a streamed model's outputs were not
+        one call's); float64: numpy's."""
+        kernel = params.cache.get("linear")
+        if kernel is None:   # float32: W packed as an RNN layer's W_ih (one gate of N units)
+            weight, bias = params.views["weight"], params.views.get("bias")
+            packed = None if weight.dtype != np.float32 else _forward.pack_projection(
+                weight, _forward.CELL_RNN_TANH, weight.shape[0], 1)
+            kernel = params.cache["linear"] = (weight, bias, packed)
+        weight, bias, packed = kernel
+        if packed is None:
+            y = x @ weight.T
+            if bias is not None:
+                y += bias
+            return y
+        rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+        R, N = rows.shape[0], weight.shape[0]
+        y = np.empty((R, N), np.float32)
+        parts = [(0, R)] if R * N * rows.shape[1] < _plan.MIN_PARALLEL_WORK else \
+            _plan.chunks(R, _parallel.get_num_threads())
+        _forward.project(x=np.ascontiguousarray(rows), w_ih=weight, bias_x=bias, gx=y,
+                         max_rows=v.BLAS_INT_MAX, parts=parts, packed=packed, hidden_size=N)
+        return y if x.ndim == 2 else y.reshape(x.shape[:-1] + (N,))
 
     _seq_infer = __call__
 
@@ -496,8 +519,9 @@ class MergeDirections(_Stateless):
 
     Parameters
     ----------
-    mode : {'sum', 'mul', 'ave', 'concat', None}
-        'sum', 'mul', 'ave': (..., 2H) -> (..., H), elementwise. 'concat':
+    mode : {'sum', 'mul', 'ave', 'concat', None}, default 'sum'
+        (Keras' default is 'concat', fastrnn's own output: pass it to keep
+        both halves.) 'sum', 'mul', 'ave': (..., 2H) -> (..., H), elementwise. 'concat':
         the identity (fastrnn's own output). None: (..., 2H) -> (..., 2, H),
         the directions stacked on a new axis, forward first: where Keras
         returns the list ``[forward, backward]``, ``y[..., 0, :]`` and

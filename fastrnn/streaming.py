@@ -58,6 +58,10 @@ class Stream:
     With masks, the steps masked before a row's first read step since the
     stream started, was reset or had its state set output zeros (Keras'
     previous output starts at zero), as in one call on the whole sequence.
+
+    Threads sharing a stream: its calls run one at a time, each continuing
+    the state the one before left (in whatever order the threads reach
+    it), and each computes with its layers' parameters of one moment.
     """
 
     def __init__(self, model: RNN | GRU | LSTM | Stateful | Sequential) -> None:
@@ -217,10 +221,11 @@ class Stream:
             with own_values(layer, input=True if i > 0 else None):   # as Sequential's call
                 if isinstance(layer, (_RNNBase, _Wrapper)):
                     layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
-                    if not layer.batch_first:
+                    batch_first = layer._config["batch_first"]
+                    if not batch_first:
                         x = np.swapaxes(x, 0, 1)
                     out, new_state[k] = self._run_layer(k, layer, x, mask, one_stream)
-                    x = out if layer.batch_first else np.swapaxes(out, 0, 1)
+                    x = out if batch_first else np.swapaxes(out, 0, 1)
                     if mask is not None:
                         x, new_last[k] = _repeat_last(x, mask, self._last[k])
                     k += 1

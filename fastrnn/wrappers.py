@@ -241,6 +241,9 @@ class Stateful(_Wrapper):
     its own last valid step. ``state`` (a property) holds copies of the
     carried state (None after a reset).
 
+    Calls from several threads run one at a time, each continuing the
+    state the one before left.
+
     A model file (``fastrnn.save``) holds the batch size (as fixed by then)
     but not the carried state: a loaded Stateful starts from the initial
     state (set it with ``reset_state(states)``). A ``fastrnn.Stream`` runs the wrapped

@@ -239,7 +239,8 @@ def test_non_real_input_dtype(cls, build, dtype_name):
 @pytest.mark.parametrize("cls", LAYERS + CELLS)
 @pytest.mark.parametrize("value", [None, "abc", {"a": 1}])
 def test_non_array_input(cls, value):
-    with pytest.raises(TypeError, match="input must (be array-like|have a real numeric dtype)"):
+    with pytest.raises(TypeError, match="input must (be array-like|have a real numeric dtype)"
+                                        "|expected input as an array, got None"):
         make(cls)(value)
 
 
@@ -429,7 +430,8 @@ BAD_STATE_DICTS = [
     pytest.param(lambda sd: _bad_last(sd, lambda v: v.astype(object)),
                  TypeError, r"state_dict\['bias_hh(_l0)?'\] must have a real numeric dtype", id="object"),
     pytest.param(lambda sd: _bad_last(sd, lambda v: None),
-                 TypeError, r"state_dict\['bias_hh(_l0)?'\] must have a real numeric dtype", id="None"),
+                 TypeError, r"expected state_dict\['bias_hh(_l0)?'\] as an array, got None",
+                 id="None"),
     pytest.param(lambda sd: list(sd.items()), TypeError,
                  "load_state_dict expects a mapping of name to array, got list", id="list"),
     pytest.param(lambda sd: None, TypeError,
@@ -783,3 +785,19 @@ def test_torch_state_dict_loads(cls):
     with pytest.raises(ValueError, match="non-finite"):
         m.load_state_dict({k: v * float("nan") for k, v in peer.state_dict().items()})
     assert_state_equal(m.state_dict(), m2.state_dict())
+
+
+@pytest.mark.parametrize("cls", [RNN, GRU, LSTM])
+def test_a_layer_backprop_without_dout_says_so(cls):
+    """[failed before] It said 'dout must have a real numeric dtype, got
+    object', where a loss reading only the final state had passed None."""
+    layer = cls(3, 4, seed=0)
+    (out, state), backprop = layer.forward_train(np.zeros((5, 2, 3), np.float32))
+    with pytest.raises(TypeError, match=r"^.*\.backprop: expected dout, the gradient of the "
+                                        r"output, as an array, got None; pass zeros"):
+        backprop(None, state)
+
+
+def test_none_as_an_array_is_named_as_none():
+    with pytest.raises(TypeError, match=r"^LSTM: expected input as an array, got None$"):
+        LSTM(3, 4)(None)

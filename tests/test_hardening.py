@@ -259,6 +259,66 @@ def test_a_child_forked_while_a_lock_is_held_does_not_hang():
     assert child.exitcode == 0 and queue.get(timeout=5) == "done"
 
 
+def test_a_call_that_met_a_commit_runs_again_only_if_it_may(monkeypatch):
+    """An inference call runs unpinned and, if a commit of several modules'
+    sets came meanwhile, once more pinned; a Sequential holding a Stateful
+    (whose call carries its state on) runs pinned at once, never twice."""
+    from fastrnn import _module
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    for stateful in (False, True):
+        layer = GRU(3, 4, batch_first=True, seed=0)
+        first = fastrnn.Stateful(layer) if stateful else layer
+        model = fastrnn.Sequential([first, fastrnn.Linear(4, 2, seed=1)])
+        runs = []
+        inner = model._run_layers
+
+        def counting(*args, inner=inner, runs=runs):
+            runs.append(1)
+            _module.commit_count += 2        # as a commit in another thread would
+            return inner(*args)
+
+        monkeypatch.setattr(model, "_run_layers", counting)
+        model(x)
+        assert len(runs) == (1 if stateful else 2)
+
+
+def test_linear_gives_a_row_the_same_bits_in_any_batch_and_at_any_thread_count():
+    """[failed before] float32 Linear multiplied through numpy's BLAS, which
+    rounds a row by the call's shape: 28 of 33 rows changed alone."""
+    rng = np.random.default_rng(5)
+    layer = fastrnn.Linear(37, 29, seed=0)
+    x = rng.standard_normal((33, 37)).astype(np.float32)
+    big = rng.standard_normal((4000, 37)).astype(np.float32)   # past the parallel threshold
+    big[:33] = x
+    whole = layer(x)
+    threads = fastrnn.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            fastrnn.set_num_threads(n)
+            np.testing.assert_array_equal(layer(big)[:33], whole)
+            for i in (0, 7, 32):
+                np.testing.assert_array_equal(layer(x[i]), whole[i])
+                np.testing.assert_array_equal(layer(x[i:i + 1]), whole[i:i + 1])
+    finally:
+        fastrnn.set_num_threads(threads)
+    exact = x.astype(np.float64) @ layer.weight.T.astype(np.float64) + layer.bias
+    np.testing.assert_allclose(whole, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_a_streamed_sequential_gives_one_calls_outputs_bit_for_bit():
+    """[failed before] The README's own streaming model (recurrent layers,
+    then a Linear): frames and chunks gave one call's outputs only to 1e-8,
+    the Linear's rows rounded by the chunk's shape."""
+    model = fastrnn.Sequential([GRU(3, 32, batch_first=True, seed=0),
+                                fastrnn.Linear(32, 2, seed=1)])
+    x = np.random.default_rng(6).standard_normal((4, 9, 3)).astype(np.float32)
+    whole = model(x)
+    stream = fastrnn.Stream(model)
+    got = np.concatenate([stream(x[:, :4]), stream.step(x[:, 4])[:, None], stream(x[:, 5:])],
+                         axis=1)
+    np.testing.assert_array_equal(got, whole)
+
+
 def _trained_model():
     model = fastrnn.Sequential([GRU(4, 16, batch_first=True, seed=0), fastrnn.LastStep(),
                                 fastrnn.Linear(16, 1, seed=1)])
@@ -357,6 +417,24 @@ def test_a_sequential_pickled_while_loading_holds_one_set():
         return pickle.loads(pickle.dumps(model))(x)
 
     _check_calls_see_one_set(model, call)
+
+
+def test_a_shallow_copy_of_a_sequential_leaves_its_layers_sets():
+    """Its pickled parameters go back only where they differ: a shallow
+    copy shares the model's layers, whose sets a load would renew, and a
+    backprop pending on them would then refuse."""
+    import copy
+    model = fastrnn.Sequential([GRU(4, 8, batch_first=True, seed=0),
+                                fastrnn.Linear(8, 2, seed=1)])
+    x = np.ones((2, 3, 4), np.float32)
+    out, backprops = model._forward_train(x)
+    sets = [layer._params for layer in model.layers]
+    twin = copy.copy(model)
+    assert twin.layers[0] is model.layers[0]
+    assert [layer._params for layer in model.layers] == sets
+    dy = np.ones_like(out)
+    for backprop in reversed(backprops):
+        dy = backprop(dy)
 
 
 def test_a_stream_pickles_with_its_model_and_layers_as_one():
