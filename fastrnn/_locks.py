@@ -33,6 +33,21 @@ class ForkSafeLock:
         self._lock.release()
 
 
+class CallLock:
+    """Base of an object whose calls run one at a time under ``self._lock``
+    (a ForkSafeLock): the lock is left out of its pickles and copies, and
+    each copy gets one of its own."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = ForkSafeLock()
+
+
 def _reset_in_child():
     # the child has only the thread that called fork(): no lock can be in
     # use by a thread of its own

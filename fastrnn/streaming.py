@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
-from fastrnn._locks import ForkSafeLock
+from fastrnn._locks import CallLock, ForkSafeLock
 from fastrnn._module import on_one_set
 from fastrnn._own_values import own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
@@ -24,7 +24,7 @@ from fastrnn.nn import Embedding, LastStep
 from fastrnn.wrappers import Reversed, Stateful, _Wrapper
 
 
-class Stream:
+class Stream(CallLock):
     """Stateful inference over a stream.
 
     Parameters
@@ -98,14 +98,8 @@ class Stream:
         # cannot change: a call refuses a model whose layers did)
         self._owners = model._owners() if isinstance(model, Sequential) else None
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_lock", None)
-        return state
-
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = ForkSafeLock()
+        super().__setstate__(state)
         if "_owners" not in state:   # a pickle of an earlier version
             self._owners = self.model._owners() if isinstance(self.model, Sequential) else None
 

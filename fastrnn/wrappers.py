@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
-from fastrnn._locks import ForkSafeLock
+from fastrnn._locks import CallLock, ForkSafeLock
 from fastrnn._own_values import own_values
 from fastrnn.masking import check_mask, flip_index, take_steps
 
@@ -211,7 +211,7 @@ class Reversed(_Wrapper):
         return ((flip(out) if keep else out), state), backprop
 
 
-class Stateful(_Wrapper):
+class Stateful(CallLock, _Wrapper):
     """A layer that carries its state from one call to the next (Keras'
     ``stateful=True``).
 
@@ -258,15 +258,6 @@ class Stateful(_Wrapper):
         self._carried = False   # _state is the last call's, not one the caller gave
         # one call at a time: each reads the carried state and leaves the next
         # (threads sharing a Stateful would otherwise lose each other's steps)
-        self._lock = ForkSafeLock()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
         self._lock = ForkSafeLock()
 
     def _repr_extra(self):
