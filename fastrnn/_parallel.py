@@ -122,9 +122,12 @@ class _BlasAtOneThread:
     restoring it around every call from many threads is not reliable (with
     OpenBLAS 0.3.30 a thread that restored the count keeps using its own
     value, so concurrent calls ran threaded, and rounded differently, while
-    another call was holding). A BLAS shared with numpy (system builds) is
-    held only while fastrnn calls run, its setting restored when the last
-    one ends.
+    another call was holding). Each call checks it is still at one (0.4 us)
+    and sets it back if not: a user's ``threadpool_limits`` block that
+    ended, or a later ``threadpool_limits(2)``, had left it threaded for
+    good (float64 training 1.9 s -> 4.2 s). A BLAS shared with numpy
+    (system builds) is held only while fastrnn calls run, its setting
+    restored when the last one ends.
     """
 
     def __init__(self):
@@ -156,10 +159,10 @@ class _BlasAtOneThread:
             if self._libs is None:
                 self._libs, self._private = self._find_libs()
                 self.held = bool(self._libs)
-                if self._private:
-                    for lib in self._libs:
-                        lib.set_num_threads(1)
             if self._private:
+                for lib in self._libs:
+                    if lib.num_threads != 1:
+                        lib.set_num_threads(1)
                 return self
             if self._depth == 0:
                 self._saved = [lib.num_threads for lib in self._libs]

@@ -5,7 +5,11 @@ whatever scheduler is active: threads, processes, or a ``distributed``
 cluster. The model is one task of the graph that every block's task depends
 on, so a cluster ships it to each worker once, not once per block; blocks
 are scored with the inference path, the results equal to ``model.predict``
-on the whole array. To use a real cluster, connect a client first::
+on the whole array. The model in the graph is a copy taken when ``predict``
+is called: every block is scored with those weights, even if the model is
+trained or loaded meanwhile (a local scheduler's blocks read the live model,
+some before a load and some after). To use a real cluster, connect a client
+first::
 
     from dask.distributed import Client
     client = Client("tcp://scheduler-address:8786")
@@ -13,6 +17,7 @@ on the whole array. To use a real cluster, connect a client first::
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -34,6 +39,17 @@ def _check_model(model, owner):
     if not isinstance(model, (Sequential, _RNNBase)):
         raise TypeError(f"{owner}: model must be a fastrnn Sequential or RNN/GRU/LSTM layer, "
                         f"got {type(model).__name__}")
+
+
+def _snapshot(model):
+    """The model as it is now, in one piece (a Sequential's layers of one
+    moment: see Sequential.__getstate__), for the graph."""
+    return copy.deepcopy(model)
+
+
+def _input_dtype(model):
+    dtype = model._dtype() if isinstance(model, Sequential) else model.dtype
+    return np.float32 if dtype is None else dtype
 
 
 def _score(model, block, batch_size):
@@ -68,6 +84,7 @@ def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None
                          f"got shape {x.shape}")
     x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})
     # the shape and dtype of one sample's output, from a zero sample
+    model = _snapshot(model)
     probe = np.asarray(_score(model, np.zeros((1,) + x.shape[1:], x.dtype), batch_size))
     shared_model = dask.delayed(model, pure=True)
     blocks = []
@@ -90,13 +107,15 @@ def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
     if len(df.columns) != steps * features:
         raise ValueError(f"fastrnn.dask.predict_dataframe: expected {steps} x {features} = "
                          f"{steps * features} columns, got {len(df.columns)}")
-    probe = np.asarray(_score(model, np.zeros((1, steps, features), np.float32), batch_size))
+    model = _snapshot(model)
+    dtype = _input_dtype(model)   # (float32 always had rounded a float64 model's input)
+    probe = np.asarray(_score(model, np.zeros((1, steps, features), dtype), batch_size))
     width = int(np.prod(probe.shape[1:]))
     columns = [f"out_{i}" for i in range(width)]
     shared_model = dask.delayed(model, pure=True)
 
     def score_partition(part, model):
-        values = part.to_numpy(dtype=np.float32).reshape(len(part), steps, features)
+        values = part.to_numpy(dtype=dtype).reshape(len(part), steps, features)
         out = np.asarray(_score(model, values, batch_size)).reshape(len(part), width)
         return pd.DataFrame(out, index=part.index, columns=columns)
 

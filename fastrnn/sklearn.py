@@ -28,7 +28,6 @@ import math
 import numbers
 import os
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
 
 from fastrnn import _parallel
 from fastrnn import _validation as v
+from fastrnn._locks import ForkSafeLock
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.losses import CrossEntropyLoss, MSELoss
 from fastrnn.model import Sequential
@@ -75,32 +75,51 @@ class _ThreadHold:
 
     The first hold saves the process's setting and the last one to end
     restores it; while several run at once (threads of one process) the
-    smallest count any of them asked for holds.
+    smallest count any of them asked for holds. A setting the user makes
+    meanwhile (the count is no longer the one the holds set) becomes the
+    one restored, instead of being undone. A forked child starts with no
+    hold: the threads that held are the parent's.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         self._counts = []
         self._saved = None
+        self._applied = None   # the count the holds last set
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self):
+        if self._counts:
+            self._counts = []
+            if _parallel.get_num_threads() == self._applied:
+                _parallel.set_num_threads(self._saved)
+
+    def _apply(self):
+        """Set the smallest count held, or the saved setting once none is;
+        under the lock."""
+        if _parallel.get_num_threads() != self._applied:
+            self._saved = _parallel.get_num_threads()   # the user's (or a first hold's)
+        _parallel.set_num_threads(min(self._counts) if self._counts else self._saved)
+        self._applied = _parallel.get_num_threads() if self._counts else None
 
     def base(self):
         """The process's own setting (not one an estimator holds)."""
         with self._lock:
-            return self._saved if self._counts else _parallel.get_num_threads()
+            current = _parallel.get_num_threads()
+            return self._saved if self._counts and current == self._applied else current
 
     @contextlib.contextmanager
     def __call__(self, count):
         with self._lock:
-            if not self._counts:
-                self._saved = _parallel.get_num_threads()
             self._counts.append(count)
-            _parallel.set_num_threads(min(self._counts))
+            self._apply()
         try:
             yield
         finally:
             with self._lock:
                 self._counts.remove(count)
-                _parallel.set_num_threads(min(self._counts) if self._counts else self._saved)
+                self._apply()
 
 
 _threads = _ThreadHold()

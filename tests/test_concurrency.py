@@ -280,3 +280,26 @@ def test_default_threads_stay_within_a_cgroup_cpu_quota(files, want, tmp_path, m
                     ("00" + str(_parallel.MAX_THREADS + 1), _parallel.MAX_THREADS)]:
         monkeypatch.setenv("FASTRNN_NUM_THREADS", text)
         assert _parallel._default_threads() == n
+
+
+def test_scipys_blas_is_held_at_one_thread_again_after_the_user_changed_it():
+    """[failed before] The hold set scipy's own BLAS to one thread once and
+    never looked again: a user's threadpool_limits(2) (or a limits block
+    around fastrnn's first call, restored at its end) left fastrnn's float64
+    products threaded for good (training 1.9 s -> 4.2 s)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastrnn import _parallel
+    hold = _parallel.blas_at_one_thread
+    with hold:
+        pass
+    if not hold._private:
+        pytest.skip("scipy shares its BLAS with numpy here (held per call, restored after)")
+    limits = threadpoolctl.threadpool_limits(limits=2, user_api="blas")
+    try:
+        assert any(lib.num_threads == 2 for lib in hold._libs)
+        with hold:
+            assert [lib.num_threads for lib in hold._libs] == [1] * len(hold._libs)
+    finally:
+        limits.restore_original_limits()
+        with hold:
+            pass

@@ -4,8 +4,10 @@ sequences, reproducibility, partial_fit, threads and error messages.
 
 Skipped without scikit-learn. Small networks and few epochs keep it fast.
 """
+import os
 import pickle
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -408,6 +410,40 @@ def test_holds_nest_and_the_smallest_count_holds():
             assert fastrnn.sklearn._threads.base() == before
         assert fastrnn.get_num_threads() == 2
     assert fastrnn.get_num_threads() == before
+
+
+def test_a_setting_made_during_a_hold_is_kept():
+    """[failed before] The last hold to end restored the count saved at the
+    first, undoing a set_num_threads the user made meanwhile."""
+    before = fastrnn.get_num_threads()
+    try:
+        with fastrnn.sklearn._threads(1):
+            fastrnn.set_num_threads(3)         # the user, in another thread
+            assert fastrnn.sklearn._threads.base() == 3
+        assert fastrnn.get_num_threads() == 3
+    finally:
+        fastrnn.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_without_its_parents_holds():
+    """[failed before] A child forked while an estimator of another thread
+    held the count kept that hold for good (its own fit then restored the
+    parent thread's count), and one forked while the hold's lock was taken
+    hung at its first fit: the lock was a plain threading.Lock."""
+    before = fastrnn.get_num_threads()
+    hold = fastrnn.sklearn._threads
+    with hold(1):
+        with hold._lock:                     # a fork inside another thread's hold
+            pid = os.fork()
+            if pid == 0:                     # the child: exit status 0 if all is well
+                signal.alarm(30)             # (killed, not hung, if the lock is held)
+                ok = hold._counts == [] and fastrnn.get_num_threads() == before
+                with hold(1):
+                    ok = ok and fastrnn.get_num_threads() == 1
+                os._exit(0 if ok and fastrnn.get_num_threads() == before else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_predictions_from_threads_sharing_one_estimator():
