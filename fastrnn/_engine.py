@@ -47,7 +47,7 @@ from fastrnn._kernels import forward as _forward
 from fastrnn import _layernorm_engine, _parallel, _plan, _projection_engine
 from fastrnn import _validation as v
 from fastrnn._locks import ForkSafeLock
-from fastrnn._module import ParamSet, RecurrentWeights, dropout_mask
+from fastrnn._module import ParamSet, RecurrentWeights, add_at_once, dropout_mask
 from fastrnn._validation import shape_str
 
 
@@ -548,13 +548,14 @@ class RecurrentEngine(RecurrentWeights):
         if tape.hh_masks is not None:
             for total, mask in zip(sums[1], tape.hh_masks):
                 total *= mask
+        pairs = [(grad, total) for kind, module_grads in zip(sums, grads)
+                 for total, grad in zip(kind, module_grads) if grad is not None]
+        targets, addends = [grad for grad, _ in pairs], [total for _, total in pairs]
+        if tape.learned_state:
+            more_targets, more_addends = self._initial_grads(dh, dc)
+            targets, addends = targets + more_targets, addends + more_addends
         with self._grad_lock:
-            for kind, module_grads in zip(sums, grads):
-                for total, grad in zip(kind, module_grads):
-                    if grad is not None:
-                        grad += total
-            if tape.learned_state:
-                self._add_initial_grads(dh, dc)
+            add_at_once(targets, addends)
 
     def _dropconnect(self, params):
         """DropConnect (Merity et al. 2017) for one training forward: a copy of

@@ -1,36 +1,17 @@
-"""Locks that survive fork().
+"""Locks that survive fork() and interrupts.
 
 A child process made by fork() while another thread of the parent held a
 lock would inherit it held, with no thread left to release it: the child's
 first backprop, optimizer step or load would wait forever (multiprocessing's
 "fork" start method, gunicorn --preload, Dask's forking workers). Every lock
 fastrnn owns is a ``ForkSafeLock``: the child replaces each with a fresh one.
-The C worker thread and the BLAS hold reset themselves likewise
-(``_worker.h``, ``_parallel``).
+It is compiled (``_worker.pyx``), so that ``with`` takes it in one step that
+no signal handler can split. The C worker thread and the BLAS hold reset
+themselves likewise (``_worker.h``, ``_parallel``).
 """
-import os
-import threading
-import weakref
+from fastrnn._worker import ForkSafeLock
 
-_live = weakref.WeakSet()
-
-
-class ForkSafeLock:
-    """A ``threading.Lock`` (``threading.RLock`` if ``reentrant``) for
-    ``with`` blocks, made anew in a forked child."""
-    __slots__ = ("_lock", "_make", "__weakref__")
-
-    def __init__(self, reentrant=False):
-        self._make = threading.RLock if reentrant else threading.Lock
-        self._lock = self._make()
-        _live.add(self)
-
-    def __enter__(self):
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self._lock.release()
+__all__ = ["ForkSafeLock", "CallLock"]
 
 
 class CallLock:
@@ -46,14 +27,3 @@ class CallLock:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = ForkSafeLock()
-
-
-def _reset_in_child():
-    # the child has only the thread that called fork(): no lock can be in
-    # use by a thread of its own
-    for lock in list(_live):
-        lock._lock = lock._make()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)

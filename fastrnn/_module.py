@@ -14,13 +14,16 @@ leaves the module unchanged.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import contextvars
 import copy
+import operator
 import os
 import threading
 from collections import namedtuple
-from contextvars import ContextVar
 from collections.abc import Mapping
+from contextvars import ContextVar
 from types import MappingProxyType
 
 import numpy as np
@@ -123,18 +126,20 @@ class ParamSet:
 # which holds the modules' locks throughout and makes the new sets current
 # together at its end, under _COMMIT. A Sequential's call takes its layers'
 # current sets together, under the same lock, and every layer computes with
-# the set taken (``pinned_parameters``, read by ``call_parameters``): a call
+# the set taken (``run_pinned``, read by ``call_parameters``): a call
 # running meanwhile sees all the old sets or all the new, never a mix.
 # Readers of several modules' parameters at once (a Sequential's state_dict,
 # save, pickling, quantize) run ``holding`` their locks. A pure inference
-# call may instead run unpinned and check ``commit_count`` after: unchanged
+# call may instead run unpinned and check ``commits`` after: unchanged
 # since its start (and even then), no commit happened meanwhile, so its
 # layers read one moment's sets; else it runs again, pinned (pinning costs
 # about 1 us a call, the check nothing).
 _COMMIT = ForkSafeLock()
 _PINS = ContextVar("fastrnn_pinned_parameters", default=None)
 _changing = threading.local()     # .pending: this thread's new sets, not yet current
-commit_count = 0                  # changing_together's commits, doubled; odd during one
+# changing_together's commits, doubled; odd during one (in a list: _commit
+# sets it with the sets, in one C-level pass)
+commits = [0]
 
 
 def call_parameters(module):
@@ -144,26 +149,23 @@ def call_parameters(module):
     return module._params if pins is None else pins.get(module, module._params)
 
 
-class pinned_parameters:
-    """Calls of ``modules`` within this context compute with their sets
-    current at its start, taken together (an enclosing context's stay
-    pinned). A class, not a generator: it wraps every call of a Sequential
-    and every step of its Stream."""
-    __slots__ = ("_modules", "_token")
+def run_pinned(modules, run):
+    """``run()`` with calls of ``modules`` computing with their sets current
+    now, taken together (an enclosing pin's sets stay). The pins live in a
+    copy of the context that ``run`` runs in, never in the caller's: an
+    interrupt anywhere cannot leave them set (as a set and reset of a
+    context variable could, split by a signal handler that raises)."""
+    with _COMMIT._lock:   # the lock itself: its C context manager is the cheaper
+        pins = {m: m._params for m in modules}
+    outer = _PINS.get()
+    if outer:
+        pins.update(outer)
 
-    def __init__(self, modules):
-        self._modules = modules
+    def pinned():
+        _PINS.set(pins)
+        return run()
 
-    def __enter__(self):
-        with _COMMIT._lock:   # the lock itself: its C context manager is the cheaper
-            pins = {m: m._params for m in self._modules}
-        outer = _PINS.get()
-        if outer:
-            pins.update(outer)
-        self._token = _PINS.set(pins)
-
-    def __exit__(self, *exc):
-        _PINS.reset(self._token)
+    return contextvars.copy_context().run(pinned)
 
 
 def on_one_set(modules, run, repeatable):
@@ -173,32 +175,41 @@ def on_one_set(modules, run, repeatable):
     if len(modules) < 2:
         return run()
     if repeatable:
-        start = commit_count
+        start = commits[0]
         if not start & 1:
             result = run()
-            if commit_count == start:
+            if commits[0] == start:
                 return result
-    with pinned_parameters(modules):
-        return run()
+    return run_pinned(modules, run)
 
 
-@contextlib.contextmanager
 def holding(modules):
     """Hold the locks of ``modules`` (each once, in one global order, so that
     two holders never wait for each other): no load, optimizer step or
     gradient change of theirs meanwhile."""
     locks = {id(m._grad_lock): m._grad_lock for m in modules}
-    with contextlib.ExitStack() as stack:
-        for key in sorted(locks):
-            stack.enter_context(locks[key])
+    return _held([locks[key] for key in sorted(locks)])
+
+
+@contextlib.contextmanager
+def _held(locks):
+    # nested with blocks in a generator: an interrupt between two takes
+    # releases those taken (as does the generator's close, if one comes
+    # after the last take but before the caller's block begins)
+    if not locks:
+        yield
+        return
+    with locks[0], _held(locks[1:]):
         yield
 
 
 @contextlib.contextmanager
 def changing_together(modules):
     """Loads and optimizer steps of ``modules`` within make their new sets
-    current together when the block ends without an error; after an error,
-    none (every module unchanged). Nested: the outermost block commits."""
+    current together when the block ends without an error, with whatever
+    else the block gave ``set_with_parameters`` (an optimizer's moments);
+    after an error or an interrupt, none (every module unchanged). Nested:
+    the outermost block commits."""
     with holding(modules):
         if getattr(_changing, "pending", None) is not None:
             yield
@@ -212,28 +223,51 @@ def changing_together(modules):
 
 
 def _commit(pending):
-    global commit_count
-    with _COMMIT:
-        commit_count += 1
-        for module, params in pending.items():
-            module._params = params
-        commit_count += 1
+    """Set every (object, attribute) of ``pending`` to its value, and
+    ``commits`` around them, in one pass of C calls (operator.setitem on
+    the objects' __dict__, mapped), which no signal handler can split: a
+    Python loop checks for one at each turn, and an interrupt there would
+    leave some modules' new sets current and others' not. The values
+    replaced stay referenced until the pass is over (a destructor could run
+    Python code)."""
+    with _COMMIT._lock:
+        replaced = [getattr(obj, name) for obj, name in pending]
+        n = commits[0]
+        targets = [commits] + [obj.__dict__ for obj, _ in pending] + [commits]
+        keys = [0] + [name for _, name in pending] + [0]
+        values = [n + 1] + list(pending.values()) + [n + 2]
+        collections.deque(map(operator.setitem, targets, keys, values), maxlen=0)
+    del replaced
+
+
+def add_at_once(targets, addends):
+    """``targets[i] += addends[i]`` for every i in one pass of C calls
+    (np.add mapped), which no signal handler can split: a backprop's
+    gradients are added all or none (a Python loop over them, interrupted,
+    had added some)."""
+    collections.deque(map(np.add, targets, addends, targets), maxlen=0)
+
+
+def set_with_parameters(obj, name, value):
+    """``obj.name = value``, at once or with the sets of the
+    ``changing_together`` around (the caller holds its modules' locks)."""
+    pending = getattr(_changing, "pending", None)
+    if pending is None:
+        setattr(obj, name, value)
+    else:
+        pending[obj, name] = value
 
 
 def set_parameters(module, params):
     """Make ``params`` the current set of ``module`` (whose lock the caller
     holds), at once or at the end of the ``changing_together`` around."""
-    pending = getattr(_changing, "pending", None)
-    if pending is None:
-        module._params = params
-    else:
-        pending[module] = params
+    set_with_parameters(module, "_params", params)
 
 
 def latest_parameters(module):
     """The set a new one is built from: this thread's pending one, if any."""
     pending = getattr(_changing, "pending", None)
-    return module._params if not pending else pending.get(module, module._params)
+    return module._params if not pending else pending.get((module, "_params"), module._params)
 
 
 def _refuse_quantized_entry(owner, state_dict, name):
@@ -425,7 +459,7 @@ class Module:
                                  f"got {shape_str(value.shape)}")
             with np.errstate(over="ignore"):  # overflow is reported just below
                 value = value.astype(self.dtype)
-            if not np.isfinite(value).all():
+            if not np.isfinite(value).all() and not getattr(_restoring, "active", False):
                 raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf) "
                                  f"after conversion to {self.dtype}")
             converted[name] = value
@@ -473,10 +507,26 @@ class Module:
         return []
 
 
+_restoring = threading.local()   # .active: loading a copy's own values back (restoring_copy)
+
+
+@contextlib.contextmanager
+def restoring_copy():
+    """Loads within restore a module's own values (an unpickled copy):
+    non-finite ones too, which ``load_state_dict`` refuses from a caller. A
+    model whose training diverged pickles (Dask, joblib) as it is."""
+    _restoring.active = True
+    try:
+        yield
+    finally:
+        _restoring.active = False
+
+
 def _rebuild(cls, config, state_dict, rng):
     with parameters_filled_later():   # (the state dict holds every parameter)
         module = cls(**config)
-    module.load_state_dict(state_dict)
+    with restoring_copy():
+        module.load_state_dict(state_dict)
     if rng is not None:
         module._rng = rng
     return module
@@ -620,12 +670,12 @@ class RecurrentWeights(Module):
         rows = self._layers * self._dirs
         return tuple(params.storages[i].reshape(rows, -1) for i in self._init_index)
 
-    def _add_initial_grads(self, dh0, dc0=None):
-        """Add the gradient of the learned initial states: the sums over the
-        batch of the initial states' gradients dh0 (and dc0), each (layers *
-        dirs, B, H). The caller holds ``_grad_lock``."""
-        for grad, d0 in zip(self._dinit, (dh0, dc0)):
-            grad += d0.sum(axis=1).reshape(-1)
+    def _initial_grads(self, dh0, dc0=None):
+        """(the learned initial states' gradients, what to add to them): the
+        sums over the batch of the initial states' gradients dh0 (and dc0),
+        each (layers * dirs, B, H)."""
+        pairs = list(zip(self._dinit, (dh0, dc0)))
+        return [grad for grad, _ in pairs], [d0.sum(axis=1).reshape(-1) for _, d0 in pairs]
 
     def _weights(self, params):
         """(w_ih, w_hh, b_ih, b_hh) of a parameter set: per kind a list over

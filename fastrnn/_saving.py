@@ -282,6 +282,18 @@ def _training_state(model):
     return training, arrays
 
 
+def _refuse_non_finite(owner, arrays):
+    """A weight with NaN or inf makes a file that loading refuses: say so
+    before writing (an existing file, a checkpoint of a run that diverged
+    since, stays as it was)."""
+    for key, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ValueError(f"{owner}: {key.removeprefix('weights/')} has non-finite values "
+                             f"(NaN or inf), which a model file cannot hold (loading refuses "
+                             f"them); nothing was written (training diverged? lower the "
+                             f"learning rate or clip the gradients)")
+
+
 def save_model(model, path, include_optimizer=True):
     """Write a Sequential (see ``Sequential.save``)."""
     # the weights and the optimizer's state of one moment: an optimizer step
@@ -291,6 +303,7 @@ def save_model(model, path, include_optimizer=True):
                   "layers": [_layer_entry(layer) for layer in model.layers],
                   "random": _random_states(model, model.layers)}
         arrays = {f"weights/{k}": val for k, val in model.state_dict().items()}
+        _refuse_non_finite("Sequential.save", arrays)
         if include_optimizer and model.optimizer is not None:
             config["training"], optimizer_arrays = _training_state(model)
             arrays.update(optimizer_arrays)
@@ -310,6 +323,7 @@ def save_layer(layer, path):
     config = {"format": FORMAT, "fastrnn_version": __version__, "kind": "layer",
               "layers": [_layer_entry(layer)], "random": _random_states(None, [layer])}
     arrays = {f"weights/0.{k}": val for k, val in layer.state_dict().items()}
+    _refuse_non_finite("fastrnn.save", arrays)
     _write(path, config, arrays)
 
 

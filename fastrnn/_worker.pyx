@@ -4,6 +4,7 @@
 
 import os
 import threading
+import weakref
 
 from libc.string cimport memset
 
@@ -134,10 +135,45 @@ from fastrnn._tuning cimport INTERRUPT_POLL_NS, INTERRUPT_STEPS_PER_CLOCK
 cdef unsigned long long _main_thread = threading.main_thread().ident
 
 
+# --- locks that survive fork() and interrupts (fastrnn._locks) ---
+_live_locks = weakref.WeakSet()
+
+
+cdef class ForkSafeLock:
+    """A ``threading.Lock`` (``threading.RLock`` if ``reentrant``) for
+    ``with`` blocks, made anew in a forked child (see fastrnn._locks).
+
+    Compiled, so that ``with`` takes it in one step: a ``__enter__`` written
+    in Python could be interrupted (a signal handler that raises, between
+    its acquire and its return) with the lock taken and no ``__exit__`` to
+    come, and every later taker would wait for good."""
+    cdef readonly object _lock
+    cdef object _make
+    cdef object __weakref__
+
+    def __init__(self, reentrant=False):
+        self._make = threading.RLock if reentrant else threading.Lock
+        self._lock = self._make()
+        _live_locks.add(self)
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def _renew(self):
+        self._lock = self._make()
+
+
 def _after_fork_in_child():
     # the child's main thread is the one that forked
     global _main_thread
     _main_thread = threading.main_thread().ident
+    # a lock may have been copied held by a thread the child does not have
+    for lock in list(_live_locks):
+        lock._renew()
 
 
 if hasattr(os, "register_at_fork"):      # not on Windows, which has no fork

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from fastrnn import _validation as v
-from fastrnn._module import call_parameters, pinned_parameters
+from fastrnn._module import add_at_once, call_parameters, run_pinned
 from fastrnn._validation import shape_str
 
 
@@ -140,8 +140,8 @@ def masked_call(layer: Any, x: ArrayLike, hx: Any, mask: ArrayLike, zero_output:
     Returns what the layer's call returns, ``(out, state)``; with ``train``,
     ``((out, state), backprop)``. See the layers' ``mask`` argument.
     """
-    with pinned_parameters([layer]):   # the learned initial states and the call: one set
-        return _masked_call(layer, x, hx, mask, zero_output, train)
+    # the learned initial states and the call: one set
+    return run_pinned([layer], lambda: _masked_call(layer, x, hx, mask, zero_output, train))
 
 
 def _masked_call(layer, x, hx, mask, zero_output, train):
@@ -243,7 +243,7 @@ def _masked_call(layer, x, hx, mask, zero_output, train):
                     raise RuntimeError(f"{bowner}: the parameters changed after "
                                        f"forward_train (load_state_dict or an optimizer "
                                        f"step); the saved activations no longer match them")
-                layer._add_initial_grads(*dh0)
+                add_at_once(*layer._initial_grads(*dh0))
                 added.append(True)
         if not batched:
             return dx_full[0], _pack_state([g[:, 0] for g in dh0], lstm)

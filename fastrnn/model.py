@@ -25,7 +25,7 @@ from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
 from fastrnn._module import (Module, _refuse_quantized_entry, changing_together, holding,
-                             on_one_set)
+                             on_one_set, restoring_copy)
 from fastrnn._own_values import own_values
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
@@ -171,9 +171,10 @@ class Sequential:
             # own, whose set a load would renew (and a backprop pending on it
             # then refuse)
             current = owner.state_dict()
-            if any(not np.array_equal(current[name], value)
+            if any(not np.array_equal(current[name], value, equal_nan=True)
                    for name, value in state_dict.items()):
-                owner.load_state_dict(state_dict)
+                with restoring_copy():
+                    owner.load_state_dict(state_dict)
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))

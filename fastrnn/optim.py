@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastrnn import _validation as v
-from fastrnn._module import changing_together, holding
+from fastrnn._module import changing_together, holding, set_with_parameters
 
 if TYPE_CHECKING:
     from fastrnn._module import Module
@@ -128,8 +128,12 @@ class Optimizer:
         never a mix."""
         _refuse_quantized(self._quantized, "an optimizer's step")
         with changing_together(self._modules):
-            self.step_count += 1
-            states = iter(self._state)
+            # the moments updated in copies, kept with the parameters: a step
+            # interrupted (Ctrl-C) or failed before its end changes none of
+            # them, nor the step count
+            new_state = [{k: (val.copy() if isinstance(val, np.ndarray) else val)
+                          for k, val in state.items()} for state in self._state]
+            states = iter(new_state)
             for module in self._modules:
                 grads = module._trainable
                 module_states = [next(states) for _ in grads]
@@ -141,6 +145,8 @@ class Optimizer:
                         self._update(param, grad.astype(param.dtype, copy=True), state)
 
                 module._swap_parameters(update)
+            set_with_parameters(self, "_state", new_state)
+            set_with_parameters(self, "step_count", self.step_count + 1)
 
     # --- saving and restoring -----------------------------------------------
     def get_config(self) -> dict[str, Any]:

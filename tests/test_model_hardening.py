@@ -454,3 +454,40 @@ def test_reprs_keep_every_option_and_checks_name_the_argument():
         with pytest.raises(ValueError, match=rf"{name} must lie in \[0.0, inf\), got inf"):
             make()
     assert fastrnn.optim.clip_grad_norm(fastrnn.Linear(2, 2), inf) == 0.0   # never clips
+
+
+def _diverged():
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)])
+    model.compile("mse", fastrnn.optim.SGD(lr=1e30))
+    x = np.ones((4, 5, 3), np.float32)
+    y = np.full((4, 1), 1e20, np.float32)
+    for _ in range(3):
+        model.train_step(x, y)
+    assert not all(np.isfinite(v).all() for v in model.state_dict().values())
+    return model
+
+
+def test_a_diverged_model_is_not_saved_over_a_good_file(tmp_path):
+    """[failed before] save wrote NaN weights that load then refused
+    ('not a valid fastrnn model file'): a ModelCheckpoint of a run that
+    diverged replaced the last good checkpoint with one that cannot load."""
+    good = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                               fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)])
+    path = tmp_path / "checkpoint.npz"
+    good.save(path)
+    with pytest.raises(ValueError, match=r"Sequential.save: 0\.\w+ has non-finite values "
+                                         r"\(NaN or inf\), which a model file cannot hold"):
+        _diverged().save(path)
+    loaded = fastrnn.load(path)
+    for name, value in good.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value)
+
+
+def test_a_diverged_model_pickles_as_it_is():
+    """[failed before] It pickled, but unpickling (a Dask or joblib worker)
+    raised: the copy's load refused its own NaN weights."""
+    model = _diverged()
+    twin = pickle.loads(pickle.dumps(model))
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(twin.state_dict()[name], value)
