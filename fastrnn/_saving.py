@@ -346,14 +346,23 @@ def _write(path, config, arrays):
     else:
         def write(f):
             np.savez(f, **arrays, config=np.array(json.dumps(config)))
-    # default permissions, unlike mkstemp's 0600
-    tmp = os.path.join(os.path.dirname(path), f".{uuid.uuid4().hex[:16]}.tmp")
+    # a symbolic link is written through (its target replaced, the link
+    # kept), and a file replaced keeps its permissions (a private 0600 one
+    # had become 0644); a new one gets the default ones, unlike mkstemp's 0600
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = None
+    tmp = os.path.join(os.path.dirname(target), f".{uuid.uuid4().hex[:16]}.tmp")
     created = False
     try:
         with open(tmp, "xb") as f:
             created = True
             write(f)
-        os.replace(tmp, path)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException as exc:
         if created and os.path.exists(tmp):
             os.remove(tmp)

@@ -491,3 +491,22 @@ def test_a_diverged_model_pickles_as_it_is():
     twin = pickle.loads(pickle.dumps(model))
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(twin.state_dict()[name], value)
+
+
+def test_saving_over_a_file_keeps_its_permissions_and_links(tmp_path):
+    """[failed before] The file written beside and renamed over the target
+    took the default permissions (a private 0600 model became 0644), and a
+    symbolic link (latest.npz -> run3.npz) became a file of its own while
+    its target kept the old weights."""
+    layer = fastrnn.GRU(2, 3, seed=0)
+    private = tmp_path / "private.npz"
+    layer.save(private)
+    os.chmod(private, 0o600)
+    layer.save(private)
+    assert os.stat(private).st_mode & 0o777 == 0o600
+    target, link = tmp_path / "run3.npz", tmp_path / "latest.npz"
+    fastrnn.GRU(2, 3, seed=1).save(target)
+    os.symlink(target.name, link)
+    layer.save(link)
+    assert os.path.islink(link)
+    np.testing.assert_array_equal(fastrnn.load(target).weight_hh_l0, layer.weight_hh_l0)
