@@ -1024,8 +1024,11 @@ def _match_slots(specs, optimizer, slots):
     shapes = {}
     for i, (name, kwargs, layout) in enumerate(specs):
         if layout.arrays:
-            shapes[i] = (dict(_parameter_layout(name, kwargs).shapes),
-                         np.dtype(kwargs.get("dtype", "float32")))
+            try:   # (the layer's own check comes later: the file's dtype named here)
+                dtype = v.check_dtype(name, kwargs.get("dtype", "float32"))
+            except ValueError as exc:
+                raise _BadFile(f"layer {i} ({name}): {exc}") from None
+            shapes[i] = (dict(_parameter_layout(name, kwargs).shapes), dtype)
     held = {}
     for key, item in slots.items():
         index, _, rest = key.partition(".")

@@ -510,3 +510,24 @@ def test_saving_over_a_file_keeps_its_permissions_and_links(tmp_path):
     layer.save(link)
     assert os.path.islink(link)
     np.testing.assert_array_equal(fastrnn.load(target).weight_hh_l0, layer.weight_hh_l0)
+
+
+@pytest.mark.parametrize("bad", [0, 3.5, [], "nonsense"])
+def test_a_file_with_a_bad_layer_dtype_and_an_optimizer_is_refused_by_name(tmp_path, bad):
+    """[failed before] With the optimizer's state in the file, numpy's own
+    TypeError ("Cannot interpret '0' as a data type") came first, naming
+    neither the file nor the layer."""
+    model = fastrnn.Sequential([fastrnn.LSTM(4, 8, batch_first=True, seed=0),
+                                fastrnn.Linear(8, 2, seed=1)])
+    model.compile("mse", "adam")
+    model.train_step(np.ones((2, 3, 4), np.float32), np.ones((2, 3, 2), np.float32))
+    path = tmp_path / "m.npz"
+    model.save(path)
+    with np.load(path) as z:
+        config = json.loads(str(z["config"]))
+        arrays = {k: z[k] for k in z.files if k != "config"}
+    config["layers"][0]["config"]["dtype"] = bad
+    np.savez(path, **arrays, config=np.array(json.dumps(config)))
+    with pytest.raises(ValueError, match=r"is not a valid fastrnn model file: layer 0 \(LSTM\): "
+                                         r"LSTM: dtype must be 'float32' or 'float64'"):
+        fastrnn.load(path)
