@@ -155,7 +155,7 @@ def run_pinned(modules, run):
     copy of the context that ``run`` runs in, never in the caller's: an
     interrupt anywhere cannot leave them set (as a set and reset of a
     context variable could, split by a signal handler that raises)."""
-    with _COMMIT._lock:   # the lock itself: its C context manager is the cheaper
+    with _COMMIT:
         pins = {m: m._params for m in modules}
     outer = _PINS.get()
     if outer:
@@ -230,7 +230,7 @@ def _commit(pending):
     leave some modules' new sets current and others' not. The values
     replaced stay referenced until the pass is over (a destructor could run
     Python code)."""
-    with _COMMIT._lock:
+    with _COMMIT:
         replaced = [getattr(obj, name) for obj, name in pending]
         n = commits[0]
         targets = [commits] + [obj.__dict__ for obj, _ in pending] + [commits]

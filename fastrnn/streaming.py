@@ -94,14 +94,6 @@ class Stream(CallLock):
         # one call at a time: each reads the state and leaves the next (threads
         # feeding one stream would otherwise lose each other's frames)
         self._lock = ForkSafeLock()
-        # the modules of the parameters a Sequential's call pins (its layers
-        # cannot change: a call refuses a model whose layers did)
-        self._owners = model._owners() if isinstance(model, Sequential) else None
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if "_owners" not in state:   # a pickle of an earlier version
-            self._owners = self.model._owners() if isinstance(self.model, Sequential) else None
 
     # --- state ----------------------------------------------------------------
     def reset(self) -> None:
@@ -118,12 +110,10 @@ class Stream(CallLock):
         layer: its h_n (or (h_n, c_n) for LSTM) of shape (num_layers, B, H)
         however the stream was fed (frames or chunks, one stream or a batch),
         None before the first call."""
-        with self._lock:
-            held = self._state
         return [None if s is None else
                 (tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple)
                  else s.copy())
-                for s in held]
+                for s in self._state]   # (a call replaces the list, never changes it)
 
     @state.setter
     def state(self, value: list[Any]) -> None:
@@ -180,7 +170,7 @@ class Stream(CallLock):
         outputs. Chunks and frames (``step``) mix in any order; calls from
         several threads run one at a time, each continuing the state the
         one before left."""
-        with self._lock._lock:   # the lock itself: its C context manager is the cheaper
+        with self._lock:
             if not isinstance(self.model, Sequential):
                 out, state = self._run_layer(0, self._recurrent[0], chunk)
                 self._state = [state]   # a new list, as the Sequential path: a copy's own
@@ -188,7 +178,7 @@ class Stream(CallLock):
                 return out
             # its layers' parameter sets of one moment (see Sequential._run)
             out, self._state, self._last = on_one_set(
-                self._owners, lambda: self._feed_model(chunk), repeatable=True)
+                self.model._owners(), lambda: self._feed_model(chunk), repeatable=True)
             self._carried = True
             return out
 

@@ -272,8 +272,7 @@ class Stateful(CallLock, _Wrapper):
 
     @property
     def state(self) -> Any:
-        with self._lock:
-            s = self._state
+        s = self._state   # (a call replaces it, never changes it)
         if s is None:
             return None
         return tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple) \
@@ -325,7 +324,7 @@ class Stateful(CallLock, _Wrapper):
         x = self._batch(x)
         extra = {} if mask is None else {"mask": mask,
                                          "zero_output_for_mask": zero_output_for_mask}
-        with self._lock._lock, own_values(self, state=getattr(self, "_carried", False)):
+        with self._lock, own_values(self, state=getattr(self, "_carried", False)):
             out, state = self.layer(x, self._state, lengths, **extra)
             self._keep(state)
         return out, state
