@@ -266,19 +266,21 @@ class ArrayData:
         if self.y is not None:
             if self.y_ragged:
                 y = _pad([self.y[i] for i in index], lengths, self.y[0].dtype)
-                if not full:
-                    mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+                # a mask even when nothing is padded: a sample's weight then
+                # counts once per step in every batch (a weighted metric gave
+                # another value when the rows fell in batches of one length)
+                mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
             else:
                 y = self.y[index]
         return Batch(x, y, sw, None if full else lengths, mask)
 
-    def batches(self, batch_size, order=None, steps=None):
-        """The batches in ``order`` (all samples in turn by default), at most
-        ``steps`` of them."""
+    def batches(self, batch_size, order=None, steps=None, first=0):
+        """The batches in ``order`` (all samples in turn by default) from
+        batch ``first`` on, at most ``steps`` of them."""
         count = -(-self.n // batch_size)
         if steps is not None:
-            count = min(count, steps)
-        for step in range(count):
+            count = min(count, first + steps)
+        for step in range(first, count):
             part = slice(step * batch_size, (step + 1) * batch_size)
             yield self.take(part if order is None else order[part])
 
@@ -444,3 +446,11 @@ def warn_ran_out(owner, what):
                   f"once: pass steps_per_epoch with enough batches for every epoch, or an "
                   f"iterable that starts over (a list, or an object whose __iter__ returns a "
                   f"new iterator)", stacklevel=3)
+
+
+def warn_pass_ended(owner, steps_per_epoch, per_pass):
+    """Keras' warning when an epoch of arrays reaches the end of the samples
+    before steps_per_epoch batches."""
+    warnings.warn(f"{owner}: the samples ran out before steps_per_epoch={steps_per_epoch} "
+                  f"batches (a pass over them holds {per_pass}); this epoch ends early and "
+                  f"the next one starts a new pass", stacklevel=3)

@@ -427,13 +427,14 @@ class ReduceLROnPlateau(_MonitorCallback):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not
     improved for ``patience`` epochs (Keras' ``ReduceLROnPlateau``).
 
-    Adds ``'learning_rate'`` (the rate the epoch ran with) to the epoch's
-    logs.
+    Adds ``'learning_rate'`` to the epoch's logs: the optimizer's rate when
+    this callback's ``on_epoch_end`` runs (as Keras), so a schedule listed
+    before it that steps at the epoch's end shows its next rate.
 
     Parameters
     ----------
     monitor : str, default 'val_loss'
-    factor : float in (0, 1), default 0.1
+    factor : float in [0, 1), default 0.1
     patience : int, default 10
     mode : {'auto', 'min', 'max'}, default 'auto'
     min_delta : float, default 1e-4
@@ -590,38 +591,31 @@ class CSVLogger(Callback):
             raise ValueError(f"CSVLogger: separator must be one character, got {separator!r}")
         self.separator = separator
         self.append = v.check_bool("CSVLogger", "append", append)
-        self._file = self._writer = self._keys = None
+        self._header = self._keys = None
 
+    # The file is opened for each write and closed after it: a fit that
+    # raises (a callback's error, a bad batch) never reaches on_train_end, and
+    # a file kept open between epochs stayed open for as long as the logger
+    # lived (100 failed fits: 100 open files).
     def on_train_begin(self, model):
         header = True
         if self.append and os.path.exists(self.filename):
             with open(self.filename, encoding="utf-8") as f:
                 header = not f.readline()
-        self._close()
-        self._file = open(self.filename, "a" if self.append else "w", newline="",
-                          encoding="utf-8")
+        open(self.filename, "a" if self.append else "w", encoding="utf-8").close()
         self._header = header
-        self._writer = self._keys = None
+        self._keys = None
 
     def on_epoch_end(self, model, epoch, logs):
-        if self._file is None:
+        if self._header is None:
             raise RuntimeError("CSVLogger: on_epoch_end before on_train_begin")
-        if self._keys is None:
-            self._keys = sorted(logs)
-            self._writer = csv.writer(self._file, delimiter=self.separator,
-                                      lineterminator="\r\n")
-            if self._header:
-                self._writer.writerow(["epoch"] + self._keys)
-        self._writer.writerow([epoch] + [logs.get(key, "NA") for key in self._keys])
-        self._file.flush()
-
-    def on_train_end(self, model):
-        self._close()
-
-    def _close(self):
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        self._file = None
+        with open(self.filename, "a", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter=self.separator, lineterminator="\r\n")
+            if self._keys is None:
+                self._keys = sorted(logs)
+                if self._header:
+                    writer.writerow(["epoch"] + self._keys)
+            writer.writerow([epoch] + [logs.get(key, "NA") for key in self._keys])
 
 
 class LambdaCallback(Callback):

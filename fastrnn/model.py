@@ -618,7 +618,8 @@ class Sequential:
         batch_size : int, optional
             Samples per call (all at once if None).
         steps : int, optional
-            Batches to take from an iterable (all if None).
+            Batches to take (all if None): from an iterable, or the first
+            ones of the arrays (Keras' rule).
         callbacks : list, optional
             Their ``on_test_*`` hooks are called.
         return_dict : bool, default False
@@ -735,9 +736,14 @@ class Sequential:
         initial_epoch : int, default 0
             The epoch to start at, to resume a run (see ``save``).
         steps_per_epoch : int, optional
-            Batches per epoch. From an iterable, the batches continue across
-            epochs (one that starts over is started again when it runs out;
-            a generator that runs out stops training with a warning).
+            Batches per epoch; the batches continue across epochs (Keras'
+            rule). From arrays, an epoch takes the next batches of the
+            current pass over the samples (shuffled once a pass); one that
+            reaches the pass's end stops there, with a warning if it had
+            fewer batches than ``steps_per_epoch``, and the next epoch starts
+            a new pass. From an iterable, one that starts over is started
+            again when it runs out; a generator that runs out stops training
+            with a warning.
         validation_steps : int, optional
             Batches of an iterable ``validation_data`` per validation.
 
@@ -755,6 +761,7 @@ class Sequential:
         owner = "Sequential.fit"
         self._require_compiled("fit")
         epochs = v.check_int(owner, "epochs", epochs)
+        shuffle = v.check_bool(owner, "shuffle", shuffle)
         initial_epoch = v.check_int(owner, "initial_epoch", initial_epoch, minimum=0)
         if batch_size is not None:
             batch_size = v.check_int(owner, "batch_size", batch_size)
@@ -808,6 +815,8 @@ class Sequential:
         callbacks.set_model()
         callbacks.train_begin()
         logs = {}
+        # arrays: the current pass's order and its next batch
+        per_pass, order, first = -(-len(source) // batch_size), None, 0
         for epoch in range(initial_epoch, epochs):
             self._reset_metrics()
             callbacks.call("on_epoch_begin", epoch, {})
@@ -815,8 +824,10 @@ class Sequential:
             if iterable:
                 batches = source.batches(steps_per_epoch)
             else:
-                order = self._rng.permutation(len(source)) if shuffle else None
-                batches = source.batches(batch_size, order, steps_per_epoch)
+                if first == 0 or first >= per_pass:
+                    order = self._rng.permutation(len(source)) if shuffle else None
+                    first = 0
+                batches = source.batches(batch_size, order, steps_per_epoch, first)
             mean = _LossMean(reduction)
             for step, batch in enumerate(batches):
                 callbacks.call("on_train_batch_begin", step, {})
@@ -842,6 +853,11 @@ class Sequential:
                 self.stop_training = True
                 if not mean.batches:
                     break
+            if not iterable and steps_per_epoch is not None:
+                first += mean.batches
+                if first >= per_pass and mean.batches < steps_per_epoch \
+                        and not self.stop_training:
+                    batching.warn_pass_ended(owner, steps_per_epoch, per_pass)
             logs = {"loss": mean.result(), **self._metric_results()}
             if val is not None:
                 val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,

@@ -251,6 +251,35 @@ def test_a_generator_that_runs_out_stops_training_with_a_warning():
     assert history.epoch == [0, 1, 2]
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_steps_per_epoch_continues_through_the_arrays(shuffle):
+    """Keras' rule: with arrays, an epoch of steps_per_epoch batches takes the
+    next batches of the current pass (one permutation a pass when shuffled);
+    an epoch at the pass's end stops there with a warning, and the next
+    starts a new pass. Each row is seen once a pass."""
+    N, batch_size = 40, 8                    # 5 batches a pass, 2 an epoch
+    x = np.arange(N, dtype=np.float32).reshape(N, 1)
+    model = fastrnn.Sequential([fastrnn.Linear(1, 1, seed=0)], seed=0)
+    seen, ends = [], []
+    model.compile("mse", optim.SGD(lr=0.0), metrics=[
+        fastrnn.metrics.MeanMetricWrapper(lambda y, p: seen.extend(y[:, 0]) or y, "rows")])
+    at_epoch_end = fastrnn.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(len(seen)))
+    with pytest.warns(UserWarning, match=r"Sequential.fit: the samples ran out before "
+                                         r"steps_per_epoch=2 batches") as caught:
+        history = model.fit(x, x, epochs=6, batch_size=batch_size, steps_per_epoch=2,
+                            shuffle=shuffle, verbose=0, callbacks=[at_epoch_end])
+    assert len(caught) == 2                  # epochs 2 and 5
+    assert history.epoch == list(range(6))
+    assert np.diff([0] + ends).tolist() == [16, 16, 8, 16, 16, 8]
+    rows = np.array(seen).astype(int)
+    first_pass, second_pass = rows[:N], rows[N:]
+    assert sorted(first_pass) == list(range(N)) and sorted(second_pass) == list(range(N))
+    if not shuffle:
+        assert list(first_pass) == list(range(N))
+    else:
+        assert list(first_pass) != list(second_pass)
+
+
 def test_ragged_batches_from_an_iterable():
     xs = _sequences()
     ys = np.random.default_rng(5).standard_normal((6, 2))

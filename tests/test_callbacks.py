@@ -5,6 +5,7 @@ in both; ModelCheckpoint and LambdaCallback; errors.
 """
 import csv
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -253,6 +254,27 @@ def test_csv_logger_writes_what_keras_writes(tmp_path):
     _model().fit(x, y, epochs=1, verbose=0,
                  callbacks=[fastrnn.CSVLogger(tmp_path / "semi.csv", separator=";")])
     assert (tmp_path / "semi.csv").read_text().splitlines()[0] == "epoch;loss"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_csv_logger_leaves_no_file_open_when_fit_raises(tmp_path):
+    """A fit that raises never reaches on_train_end: the logger's file stayed
+    open for as long as the logger lived (one more per failed fit)."""
+    x, y = _data()
+    path = tmp_path / "log.csv"
+    logger = fastrnn.CSVLogger(path)
+
+    def fail(epoch, logs):
+        raise KeyError("a callback's own error")
+
+    for _ in range(3):
+        with pytest.raises(KeyError, match="a callback's own error"):
+            _model().fit(x, y, epochs=3, verbose=0,
+                         callbacks=[logger, fastrnn.LambdaCallback(on_epoch_end=fail)])
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.islink(f"/proc/self/fd/{fd}")]
+    assert str(path) not in open_files
+    assert path.read_text().splitlines()[:2][0] == "epoch,loss"
 
 
 # --- TerminateOnNaN -----------------------------------------------------------------------------

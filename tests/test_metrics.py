@@ -225,15 +225,28 @@ def test_weighted_metrics_use_the_sample_weights_as_keras():
         assert ours[key][0] == pytest.approx(theirs[key][0], rel=1e-5), key
 
 
-@pytest.mark.parametrize("case", ["masked", "ignored"])
+@pytest.mark.parametrize("case", ["masked", "ignored", "ragged"])
 def test_weighted_metrics_of_kept_steps_do_not_depend_on_the_batching(case):
-    """Batches with and without masked (or ignored) steps weigh each sample
-    weight per kept step alike: the value of one batch, whatever the size."""
+    """Batches with and without masked (or ignored, or padded) steps weigh
+    each sample weight per kept step alike: the value of one batch, whatever
+    the size (ragged: the first three sequences share one length, so a batch
+    of them has no padding)."""
     rng = np.random.default_rng(0)
     N, T, F = 6, 5, 2
     x = rng.standard_normal((N, T, F))
     w = np.arange(1.0, N + 1)
-    if case == "masked":
+    if case == "ragged":
+        lengths = [3, 3, 3, 5, 2, 4]
+        x = [x[i, :n] for i, n in enumerate(lengths)]
+        y = [rng.standard_normal((n, 1)) for n in lengths]
+        model = fastrnn.Sequential([fastrnn.GRU(F, 3, batch_first=True, dtype="float64", seed=0),
+                                    fastrnn.Linear(3, 1, dtype="float64", seed=1)])
+        model.compile("mse", optim.SGD(lr=0.0), weighted_metrics=["mae"])
+        err = np.zeros((N, T))
+        for i, (p, t) in enumerate(zip(model.predict(x), y)):
+            err[i, :len(t)] = np.abs(p - t)[:, 0]
+        kept = np.arange(T)[None, :] < np.array(lengths)[:, None]
+    elif case == "masked":
         x[3:, 3:] = 0.0                  # samples 3-5: the last two steps masked
         y = rng.standard_normal((N, T, 1))
         model = fastrnn.Sequential([fastrnn.Masking(0.0),
@@ -256,7 +269,7 @@ def test_weighted_metrics_of_kept_steps_do_not_depend_on_the_batching(case):
     expected = (err * weights)[kept].sum() / weights[kept].sum()
     for batch_size in (1, 2, 3, 6):
         logs = model.evaluate(x, y, sample_weight=w, batch_size=batch_size, return_dict=True)
-        value = logs["mae" if case == "masked" else "accuracy"]
+        value = logs["accuracy" if case == "ignored" else "mae"]
         assert value == pytest.approx(expected, rel=1e-12), batch_size
 
 

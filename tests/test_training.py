@@ -983,6 +983,16 @@ def test_verbose_output(verbose, capsys):
         model.fit(x, y, verbose=3)
 
 
+@pytest.mark.parametrize("shuffle", ["batch", "false", None])
+def test_fit_refuses_a_shuffle_that_is_not_a_bool(shuffle):
+    """Keras' shuffle='batch' (or a string meant as False) shuffled everything."""
+    x, y = _small_data(n=16)
+    model = _small_model()
+    model.compile()
+    with pytest.raises(TypeError, match="Sequential.fit: shuffle must be a bool, got"):
+        model.fit(x, y, shuffle=shuffle, verbose=0)
+
+
 # --- save / load ---------------------------------------------------------------------
 def _rich_model(dtype):
     return fastrnn.Sequential([
