@@ -159,7 +159,9 @@ class MSELoss(Loss):
 
 class L1Loss(Loss):
     """Mean absolute error, ``|pred - target|`` per element (gradient 0 where
-    they are equal), PyTorch's ``nn.L1Loss``.
+    they are equal), PyTorch's ``nn.L1Loss``. One difference, deliberate:
+    where ``pred - target`` is NaN the gradient is NaN (PyTorch's sign gives
+    0 there, so a diverged output would train on silently).
 
     Parameters
     ----------

@@ -227,7 +227,8 @@ class ReLU(_Activation):
         return np.maximum(x, 0)
 
     def _derivative(self, x, y):
-        return (x > 0).astype(x.dtype)
+        # PyTorch's rule: 0 where x <= 0, else 1 (NaN included: its gradient passes)
+        return (~(x <= 0)).astype(x.dtype)
 
 
 class Tanh(_Activation):

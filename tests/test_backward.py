@@ -323,3 +323,32 @@ def test_batch_one_backward_equals_the_batched_gemm_path(kind, H):
         results.append((dx[:, 0], dh0[:, 0]))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("options", [{}, {"clip": 50.0}])
+def test_relu_passes_the_gradient_where_its_output_is_nan(dtype, options):
+    """PyTorch's rule (threshold_backward: 0 where h' <= 0, else the
+    gradient): a NaN pre-activation passes its gradient on, as it does in
+    torch. fastrnn zeroed it (h' > 0 is False at NaN): the biases' gradients
+    and dx of an RNN that met a NaN (or an overflow's inf - inf) were finite
+    and different from PyTorch's. Here every pre-activation of the one step
+    is NaN, so each bias gradient is the output gradient itself."""
+    dout = np.array([[1.0, -2.0, 3.0]])
+    x = np.array([[np.nan, 1.0]])
+    cell = fastrnn.RNNCell(2, 3, nonlinearity="relu", dtype=dtype, seed=0, **options)
+    h, backprop = cell.forward_train(x)
+    assert np.isnan(h).all()
+    backprop(dout)
+    np.testing.assert_array_equal(cell.grads["bias_ih"], dout[0])
+    np.testing.assert_array_equal(cell.grads["bias_hh"], dout[0])
+    layer = fastrnn.RNN(2, 3, nonlinearity="relu", dtype=dtype, seed=0, **options)
+    (out, _), backprop = layer.forward_train(x[None])
+    backprop(dout[None])
+    np.testing.assert_array_equal(layer.grads["bias_ih_l0"], dout[0])
+
+
+def test_relu_module_passes_the_gradient_at_nan():
+    relu = fastrnn.ReLU()
+    _, backprop = relu._seq_train(np.array([[np.nan, 2.0, -1.0, 0.0]]))
+    np.testing.assert_array_equal(backprop(np.ones((1, 4))), [[1.0, 1.0, 0.0, 0.0]])

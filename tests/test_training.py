@@ -1454,3 +1454,21 @@ def test_modules_and_models_pickle_to_identical_behaviour():
     with pytest.raises(RuntimeError, match="compile"):
         copy.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
     np.testing.assert_array_equal(copy.predict(np.ones((4, 3))), model.predict(np.ones((4, 3))))
+
+
+def test_centered_rmsprop_survives_a_gradient_whose_square_overflows_float32():
+    """PyTorch's addcmul rounds s - ga^2 once, so a float32 gradient of 1e30
+    (its square past float32's range) leaves the weight as it was; fastrnn's
+    s - ga * ga was inf - inf, and the weight became NaN."""
+    lin = fastrnn.Linear(1, 1, bias=False, seed=0)
+    before = lin.weight.copy()
+    opt = optim.RMSprop(lin, lr=0.01, centered=True)
+    lin.grads["weight"][...] = 1e30
+    opt.step()
+    np.testing.assert_array_equal(lin.weight, before)
+    if torch is not None:
+        tw = torch.nn.Parameter(torch.from_numpy(before.copy()))
+        topt = torch.optim.RMSprop([tw], lr=0.01, centered=True)
+        tw.grad = torch.full_like(tw, 1e30)
+        topt.step()
+        np.testing.assert_array_equal(lin.weight, tw.detach().numpy())
