@@ -99,6 +99,20 @@ def filled_later():
     return getattr(_filling, "later", False)
 
 
+def sealed(storage):
+    """``storage``'s values in an array that cannot be made writeable: a view
+    of a read-only memoryview of it (numpy refuses ``flags.writeable = True``
+    on such an array, its views and its base). A plain read-only array takes
+    the flag back, and a write then changed the parameters under the
+    kernels' caches of the set (the model kept computing with the old
+    values while state_dict showed the new). ``storage`` itself is flagged
+    read-only too."""
+    storage = np.ascontiguousarray(storage)
+    storage.flags.writeable = False
+    return np.frombuffer(memoryview(storage).toreadonly(),
+                         dtype=storage.dtype).reshape(storage.shape)
+
+
 class ParamSet:
     """One set of a module's parameters, read-only for good.
 
@@ -111,10 +125,8 @@ class ParamSet:
     __slots__ = ("version", "storages", "views", "cache")
 
     def __init__(self, version, storages, names):
-        for storage in storages:
-            storage.flags.writeable = False
         self.version = version
-        self.storages = tuple(storages)
+        self.storages = tuple(sealed(storage) for storage in storages)
         self.views = {name: (self.storages[i] if rows is None else self.storages[i][rows])
                       for name, (i, rows) in names.items()}
         self.cache = {}

@@ -90,7 +90,7 @@ from numpy.typing import ArrayLike
 from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import (LoadResult, call_parameters, filled_later, holding,
+from fastrnn._module import (LoadResult, call_parameters, filled_later, holding, sealed,
                              latest_parameters, parameters_filled_later, set_parameters)
 from fastrnn._own_values import input_is_own, state_is_own
 from fastrnn._validation import as_array, shape_str
@@ -255,11 +255,9 @@ class _Reduced:
     __slots__ = ("version", "storages", "weights", "layout", "cache")
 
     def __init__(self, version, storages, weights, layout):
-        for storage in storages:
-            if storage is not None:
-                storage.flags.writeable = False
         self.version = version
-        self.storages = tuple(storages)
+        self.storages = tuple(None if storage is None else sealed(storage)
+                              for storage in storages)
         self.weights = weights
         self.layout = layout
         self.cache = {}

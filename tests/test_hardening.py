@@ -876,3 +876,44 @@ def test_batch_one_unit_splits_answer_ctrl_c(what, threads, python_sigint_handle
     assert all(not g.any() for g in layer.grads.values())
     small = x[:3]
     np.testing.assert_array_equal(layer(small)[0], LSTM(16, 2048, seed=0)(small)[0])
+
+
+def _parameter_holders():
+    yield "Linear", fastrnn.Linear(8, 3, seed=0), np.ones((2, 8), np.float32)
+    yield "Embedding", fastrnn.Embedding(10, 4, seed=0), np.array([[1, 2, 3]])
+    yield "LSTM", fastrnn.LSTM(8, 6, seed=0), np.ones((3, 2, 8), np.float32)
+    yield "int8 GRU", fastrnn.quantize(fastrnn.GRU(8, 6, seed=0), dtype="int8"), \
+        np.ones((3, 2, 8), np.float32)
+
+
+@pytest.mark.parametrize("which", ["Linear", "Embedding", "LSTM", "int8 GRU"])
+def test_a_parameter_cannot_be_made_writeable(which):
+    """The README's parameters are read-only arrays. numpy gave the write
+    flag back to an array that owned its memory (Linear's weight, Embedding's,
+    a recurrent view's base), and a write then reached state_dict but not the
+    kernels' caches: the model computed with the old values (Linear up to 1.1
+    off a fresh model with the same state_dict). Now every array handed out
+    either refuses the flag, or is a copy whose writes reach nothing."""
+    module, x = next((m, x) for name, m, x in _parameter_holders() if name == which)
+    before_out = module(x)
+    before = {name: value.copy() for name, value in module.state_dict().items()}
+    handed_out = list(module.state_dict().values()) + [
+        getattr(module, name) for name in before if hasattr(module, name)]
+    refused = 0
+    for value in handed_out:
+        a = value
+        while isinstance(a, np.ndarray):
+            try:
+                a.flags.writeable = True
+            except ValueError:
+                refused += 1
+            else:
+                a[...] = 0
+            a = a.base
+    assert refused > 0
+    for name, value in module.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    outs = zip(before_out if isinstance(before_out, tuple) else (before_out,),
+               (lambda o: o if isinstance(o, tuple) else (o,))(module(x)))
+    for b, a in outs:
+        np.testing.assert_array_equal(a, b)
