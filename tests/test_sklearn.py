@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -586,3 +587,79 @@ def test_a_failed_fit_leaves_the_estimator_as_it_was():
     with pytest.raises(ValueError):
         model.fit(X, np.full(16, np.nan))
     np.testing.assert_array_equal(model.predict(X), before)
+
+
+# --- from a probe of the scikit-learn contract ----------------------------------------------
+def test_a_failed_partial_fit_leaves_the_fitted_estimator_as_it_was():
+    """A partial_fit whose loss became inf had already trained the network in
+    place: n_iter_ and history_ told of the old model while predict gave NaN,
+    and a call with a lower lr failed again. Now the weights, the
+    optimizer's state and the shuffle are put back: a later partial_fit
+    continues as if the failed one never ran."""
+    import copy
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((100, 6, 2))
+    y = X[:, :, 0].sum(1)
+    est = SequenceRegressor(cell="rnn", optimizer="sgd", hidden_size=8, epochs=5, lr=1e-2,
+                            random_state=0).fit(X, y)
+    twin = copy.deepcopy(est)
+    before = est.predict(X)
+    est.set_params(lr=1e8)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="training loss became"):
+        warnings.simplefilter("ignore", RuntimeWarning)   # numpy's overflow on the way
+        est.partial_fit(X, y)
+    np.testing.assert_array_equal(est.predict(X), before)
+    assert est.n_iter_ == 5 and len(est.history_["loss"]) == 5
+    est.set_params(lr=1e-3)
+    twin.set_params(lr=1e-3)
+    np.testing.assert_array_equal(est.partial_fit(X, y).predict(X),
+                                  twin.partial_fit(X, y).predict(X))
+
+
+@pytest.mark.parametrize("X", [[1.0, None, 2.0, 3.0], [{"a": 1}] * 4,
+                               np.array([{"a": 1}] * 4, dtype=object)],
+                         ids=["numbers-and-None", "dicts", "object-array-of-dicts"])
+def test_x_of_neither_numbers_nor_sequences_is_refused_by_name(X):
+    """(a RecursionError before: asarray gave the 1-D object array back)"""
+    with pytest.raises(TypeError, match="SequenceRegressor: X must be an array of sequences "
+                                        "or a list of them, got items of types"):
+        SequenceRegressor(epochs=1).fit(X, np.arange(4.0))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_random_state_out_of_range_is_a_value_error_saying_so(seed):
+    with pytest.raises(ValueError, match=r"random_state must be an int in \[0, 2\*\*32 - 1\]"):
+        SequenceRegressor(epochs=1, random_state=seed).fit(np.ones((4, 3)), np.ones(4))
+
+
+def test_dataframe_feature_names_are_kept_and_checked():
+    """scikit-learn's rule for a DataFrame's columns (here the steps): a
+    frame with them in another order gave other predictions, silently."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.standard_normal((20, 5)), columns=[f"t{i}" for i in range(5)])
+    y = X.to_numpy().sum(1)
+    est = SequenceRegressor(hidden_size=4, epochs=2, random_state=0).fit(X, y)
+    assert list(est.feature_names_in_) == list(X.columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.predict(X)                       # the same names: no warning
+    with pytest.raises(ValueError, match="feature names should match those that were passed "
+                                         "during fit; the same names in another order"):
+        est.predict(X[X.columns[::-1]])
+    with pytest.raises(ValueError, match="unseen at fit"):
+        est.predict(X.rename(columns={"t0": "s0"}))
+    with pytest.warns(UserWarning, match="X does not have valid feature names"):
+        est.predict(X.to_numpy())
+    plain = SequenceRegressor(hidden_size=4, epochs=1, random_state=0).fit(X.to_numpy(), y)
+    assert not hasattr(plain, "feature_names_in_")
+    with pytest.warns(UserWarning, match="X has feature names, but SequenceRegressor was "
+                                         "fitted without"):
+        plain.predict(X)
+    # a refit on a plain array drops the names
+    assert not hasattr(est.fit(X.to_numpy(), y), "feature_names_in_")
+    # missing values of nullable columns are NaN, named as such
+    nullable = X.astype("Float64")
+    nullable.iloc[0, 0] = pd.NA
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        SequenceRegressor(epochs=1).fit(nullable, y)
