@@ -322,13 +322,15 @@ class Sequential:
             valid = np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None]
             mask, lengths = (valid if mask is None else mask & valid), None
         backprops = []
+        carried = False   # (masking.carries_steps)
         for k, layer in enumerate(self.layers):
             # past the first layer the input is the model's own (a quantized
             # layer lets an overflow in it propagate, as float32 does)
             with own_values(layer, input=True if k > 0 else None):
                 if masked:
-                    from fastrnn.masking import seq_call
-                    x, backprop, mask = seq_call(layer, x, mask, train)
+                    from fastrnn.masking import carries_steps, seq_call
+                    x, backprop, mask = seq_call(layer, x, mask, train, carried)
+                    carried = carries_steps(layer, carried)
                 elif lengths is None:
                     x, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
                 else:
@@ -816,7 +818,7 @@ class Sequential:
         callbacks.train_begin()
         logs = {}
         # arrays: the current pass's order and its next batch
-        per_pass, order, first = -(-len(source) // batch_size), None, 0
+        per_pass, order, first = (0 if iterable else -(-len(source) // batch_size)), None, 0
         for epoch in range(initial_epoch, epochs):
             self._reset_metrics()
             callbacks.call("on_epoch_begin", epoch, {})
