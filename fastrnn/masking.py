@@ -253,7 +253,24 @@ def _masked_call(layer, x, hx, mask, zero_output, train):
 
 
 # --- Sequential: layers run on batch-first sequences with a mask ---------------------
-def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool
+def carries_steps(layer: Any, carried: bool) -> bool:
+    """Whether, after ``layer``, the masked steps of a sequence hold the
+    values of the step kept before them (``carried``: they did before it):
+    a recurrent layer repeats its last output there (and the layers after it
+    work step by step), so a LastStep takes step T - 1; a layer that makes a
+    mask, or ZeroMasked (zeros there), starts a sequence whose masked steps
+    hold other values, so a LastStep takes each row's last kept step."""
+    from fastrnn.layers import _RNNBase
+    from fastrnn.nn import ZeroMasked
+    from fastrnn.wrappers import _Wrapper
+    if getattr(layer, "_makes_mask", False) or (isinstance(layer, ZeroMasked)
+                                                 and not layer._config.get("reverse")):
+        return False
+    return carried or isinstance(layer, (_RNNBase, _Wrapper))
+
+
+def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
+             carried: bool = False, given: np.ndarray | None = None
              ) -> tuple[np.ndarray, Callable[..., Any] | None, np.ndarray | None]:
     """Run one layer of a Sequential on batch-first x with an optional mask.
 
@@ -261,11 +278,17 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool
     wrapper of one) reads the mask; a layer that makes a mask (``Masking``,
     ``Embedding(mask_zero=True)``) makes it; a layer without a step axis in
     its output (``LastStep``) ends it; every other layer passes it on.
+    ``carried``: x's masked steps carry the kept ones' values
+    (``carries_steps``), where a LastStep takes step T - 1 (after a
+    go_backwards layer the mask passed on is not in its output's order).
+    A layer's mask replaces the one of the layers before it (Keras' rule:
+    ``Masking.compute_mask`` ignores its input's), kept within ``given``,
+    the call's own (the caller's ``mask``, a ragged batch's lengths).
     """
     from fastrnn.layers import _RNNBase
     if getattr(layer, "_makes_mask", False):
         new_mask = layer._seq_mask(x)
-        mask = new_mask if mask is None else mask & new_mask
+        mask = new_mask if given is None else given & new_mask
     if isinstance(layer, _RNNBase):
         if mask is None:
             y, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
@@ -283,8 +306,9 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool
             backprop = None
         y = np.ascontiguousarray(np.swapaxes(out, 0, 1)) if swap else out
         return y, backprop, mask
-    kwargs = {"mask": mask} if mask is not None and getattr(layer, "_takes_mask", False) \
-        else {}
+    from fastrnn.nn import LastStep
+    kwargs = {"mask": mask} if (mask is not None and getattr(layer, "_takes_mask", False)
+                                and not (carried and isinstance(layer, LastStep))) else {}
     if train:
         y, backprop = layer._seq_train(x, **kwargs)
     else:

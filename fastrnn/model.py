@@ -32,7 +32,7 @@ from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  
                                ProgressBar)
 from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
-from fastrnn.nn import LastStep, Linear
+from fastrnn.nn import Embedding, LastStep, Linear, MergeDirections
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
 from fastrnn.wrappers import Stateful, _recurrent, _Wrapper
 
@@ -322,14 +322,14 @@ class Sequential:
             valid = np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None]
             mask, lengths = (valid if mask is None else mask & valid), None
         backprops = []
-        carried = False   # (masking.carries_steps)
+        given, carried = mask, False   # (masking.seq_call, masking.carries_steps)
         for k, layer in enumerate(self.layers):
             # past the first layer the input is the model's own (a quantized
             # layer lets an overflow in it propagate, as float32 does)
             with own_values(layer, input=True if k > 0 else None):
                 if masked:
                     from fastrnn.masking import carries_steps, seq_call
-                    x, backprop, mask = seq_call(layer, x, mask, train, carried)
+                    x, backprop, mask = seq_call(layer, x, mask, train, carried, given)
                     carried = carries_steps(layer, carried)
                 elif lengths is None:
                     x, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
@@ -916,12 +916,21 @@ class Sequential:
         shape = ["None", "None"] if self._takes_sequences() else ["None"]
         total = nbytes = 0
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, _RNNBase):
-                features = layer._dirs * layer._out_size
+            recurrent = getattr(layer, "layer", layer)   # a Reversed's or Stateful's layer
+            if isinstance(recurrent, _RNNBase):
+                features = recurrent._dirs * recurrent._out_size
             elif isinstance(layer, Linear):
                 features = layer.out_features
+            elif isinstance(layer, Embedding):
+                features = layer.embedding_dim
             elif isinstance(layer, LastStep):
                 shape = shape[:1]
+            elif isinstance(layer, MergeDirections) and features is not None:
+                mode = layer._config["mode"]
+                if mode is None:
+                    shape = shape + ["2"]
+                if mode != "concat":
+                    features //= 2
             views = _parameter_views(layer)
             count = sum(view.size for view in views)
             total += count

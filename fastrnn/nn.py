@@ -260,35 +260,52 @@ class LastStep(_Stateless):
     first step, where that direction ends: the result is both directions'
     final states, as Keras' ``Bidirectional`` gives. In a ``Sequential`` run
     on sequences of different lengths, each sequence's own last step is
-    taken (the step ``lengths[b] - 1``), not the padding after it.
+    taken (the step ``lengths[b] - 1``), not the padding after it; under a
+    mask (``Masking``, ``Embedding(mask_zero=True)``), each row's last kept
+    step (and the reverse half at its first kept step), a row with none kept
+    giving its step T - 1 (and 0) as without a mask.
     """
+
+    _takes_mask = True
 
     def __init__(self, bidirectional: bool = False) -> None:
         self._config = {"bidirectional": v.check_bool("LastStep", "bidirectional",
                                                       bidirectional)}
 
-    def _check(self, x, lengths):
+    def _steps(self, x, lengths, mask):
+        """Per row, the step its forward features are taken at and the one
+        its reverse half is."""
         if x.ndim != 3 or x.shape[1] == 0:
             raise ValueError(f"LastStep: expected a batch-first sequence of shape (B, T, F) "
                              f"with T >= 1, got {shape_str(x.shape)}")
         if self._config["bidirectional"] and x.shape[2] % 2:
             raise ValueError(f"LastStep: bidirectional input needs an even feature size, "
                              f"got {x.shape[2]}")
+        B, T = x.shape[:2]
+        first = np.zeros(B, np.intp)
+        if mask is not None:
+            # (a masked Linear's output holds values at its masked steps: taking
+            # step T - 1 gave a padded step's)
+            kept = mask.any(axis=1)
+            last = np.where(kept, T - 1 - np.argmax(mask[:, ::-1], axis=1), T - 1)
+            return last, np.where(kept, np.argmax(mask, axis=1), 0)
         if lengths is None:
-            return np.full(x.shape[0], x.shape[1] - 1)
-        return v.check_lengths("LastStep", lengths, x.shape[0], x.shape[1]) - 1
+            return np.full(B, T - 1), first
+        return v.check_lengths("LastStep", lengths, B, T) - 1, first
 
-    def _seq_infer(self, x, lengths=None):
-        last = self._check(x, lengths)
+    def _take(self, x, last, first):
         rows = np.arange(x.shape[0])
         if not self._config["bidirectional"]:
             return x[rows, last]
         half = x.shape[2] // 2
-        return np.concatenate([x[rows, last, :half], x[:, 0, half:]], axis=1)
+        return np.concatenate([x[rows, last, :half], x[rows, first, half:]], axis=1)
 
-    def _seq_train(self, x, lengths=None):
-        last = self._check(x, lengths)
-        y = self._seq_infer(x, lengths)
+    def _seq_infer(self, x, lengths=None, mask=None):
+        return self._take(x, *self._steps(x, lengths, mask))
+
+    def _seq_train(self, x, lengths=None, mask=None):
+        last, first = self._steps(x, lengths, mask)
+        y = self._take(x, last, first)
         rows = np.arange(x.shape[0])
 
         def backprop(dy):
@@ -298,7 +315,7 @@ class LastStep(_Stateless):
             else:
                 half = x.shape[2] // 2
                 dx[rows, last, :half] = dy[:, :half]
-                dx[:, 0, half:] = dy[:, half:]
+                dx[rows, first, half:] = dy[:, half:]
             return dx
 
         return y, backprop

@@ -19,6 +19,7 @@ from fastrnn._locks import CallLock, ForkSafeLock
 from fastrnn._module import on_one_set
 from fastrnn._own_values import own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
+from fastrnn.masking import carries_steps
 from fastrnn.model import Sequential
 from fastrnn.nn import Embedding, LastStep
 from fastrnn.wrappers import Reversed, Stateful, _Wrapper
@@ -197,11 +198,11 @@ class Stream(CallLock):
         if one_stream:
             x = x[None]
         new_state, new_last = list(self._state), list(self._last)
-        k, mask = 0, None
+        k, mask, carried = 0, None, False
         for i, layer in enumerate(self.model.layers):
+            step_carried, carried = carried, carries_steps(layer, carried)
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
-                made = layer._seq_mask(x)
-                mask = made if mask is None else mask & made
+                mask = layer._seq_mask(x)
             with own_values(layer, input=True if i > 0 else None):   # as Sequential's call
                 if isinstance(layer, (_RNNBase, _Wrapper)):
                     layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
@@ -214,7 +215,8 @@ class Stream(CallLock):
                         x, new_last[k] = _repeat_last(x, mask, self._last[k])
                     k += 1
                 else:
-                    takes = mask is not None and getattr(layer, "_takes_mask", False)
+                    takes = mask is not None and getattr(layer, "_takes_mask", False) \
+                        and not (step_carried and isinstance(layer, LastStep))
                     x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
                     if getattr(x, "ndim", 0) < 3:
                         mask = None

@@ -519,3 +519,51 @@ def test_a_damaged_embedding_entry_is_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=f"not a valid fastrnn model file: layer 0 "
                                          f"\\(Embedding.*{message}"):
         fastrnn.load(tmp_path / "bad.npz")
+
+
+def test_last_step_takes_each_rows_last_unmasked_step():
+    """With no recurrent layer between the mask and LastStep, the masked steps
+    hold their own values (a Linear's of the padding): LastStep took step
+    T - 1, the padding, for every shorter row (and the reverse half at step
+    0 whatever the mask)."""
+    seqs = [np.array([1, 2, 3]), np.array([4, 5])]
+    model = fastrnn.Sequential([fastrnn.Embedding(10, 2, mask_zero=True, seed=0),
+                                fastrnn.Linear(2, 1, seed=1), fastrnn.LastStep()])
+    table, lin = model[0].weight, model[1]
+    np.testing.assert_array_equal(model.predict(seqs).ravel(),
+                                  np.concatenate([lin(table[3]), lin(table[5])]))
+    # holes and left padding, both halves of a bidirectional LastStep, and the gradient
+    x = np.arange(1.0, 25.0).reshape(2, 4, 3)
+    x[0, 3] = 0.0                       # trailing: last kept step 2
+    x[1, 0] = x[1, 2] = 0.0             # leading and a hole: first kept 1, last kept 3
+    model = fastrnn.Sequential([fastrnn.Masking(0.0), fastrnn.Linear(3, 4, dtype="float64",
+                                                                     seed=2),
+                                fastrnn.LastStep(bidirectional=True)])
+    z = model[1](x)
+    expected = np.stack([np.concatenate([z[0, 2, :2], z[0, 0, 2:]]),
+                         np.concatenate([z[1, 3, :2], z[1, 1, 2:]])])
+    np.testing.assert_array_equal(model(x), expected)
+    _, backprops = model._forward_train(x)
+    dz = backprops[2](np.ones((2, 4)))
+    assert dz[0, 2, :2].all() and dz[0, 0, 2:].all() and dz[1, 3, :2].all() \
+        and dz[1, 1, 2:].all() and dz.sum() == 8
+
+
+def test_a_second_masking_replaces_the_mask_before_it():
+    """Keras' Masking.compute_mask ignores its input's mask: after a GRU, whose
+    masked steps repeat its last output (non-zero), a Masking(0.0) keeps
+    every step of a row; fastrnn kept the first mask on as well."""
+    x = np.ones((2, 6, 2))
+    x[1, 4:] = 0.0
+    model = fastrnn.Sequential([fastrnn.Masking(0.0),
+                                fastrnn.GRU(2, 3, batch_first=True, dtype="float64", seed=0),
+                                fastrnn.Masking(0.0),
+                                fastrnn.GRU(3, 2, batch_first=True, dtype="float64", seed=1)])
+    first = model[:2](x)
+    second_alone = fastrnn.Sequential([fastrnn.Masking(0.0), model[3]])
+    np.testing.assert_array_equal(model(x), second_alone(first))
+    # a mask given to the call still holds
+    given = np.ones((2, 6), bool)
+    given[1, 5] = False
+    out = model(x, mask=given)
+    np.testing.assert_array_equal(out[1, 5], out[1, 4])      # step 5 masked: repeats step 4

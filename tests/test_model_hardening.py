@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -531,3 +532,30 @@ def test_a_file_with_a_bad_layer_dtype_and_an_optimizer_is_refused_by_name(tmp_p
     with pytest.raises(ValueError, match=r"is not a valid fastrnn model file: layer 0 \(LSTM\): "
                                          r"LSTM: dtype must be 'float32' or 'float64'"):
         fastrnn.load(path)
+
+
+@pytest.mark.parametrize("layers, x", [
+    ([fastrnn.Embedding(10, 4, seed=0), fastrnn.LSTM(4, 3, batch_first=True,
+                                                     bidirectional=True, seed=1),
+      fastrnn.MergeDirections(None)], np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])),
+    ([fastrnn.GRU(3, 4, batch_first=True, bidirectional=True, seed=0),
+      fastrnn.LastStep(bidirectional=True), fastrnn.MergeDirections("sum")],
+     np.ones((2, 5, 3), np.float32)),
+    ([fastrnn.Reversed(fastrnn.GRU(3, 7, batch_first=True, seed=0)),
+      fastrnn.Stateful(fastrnn.LSTM(7, 5, batch_first=True, seed=1))],
+     np.ones((2, 5, 3), np.float32)),
+], ids=["embedding-merge-none", "laststep-merge-sum", "wrappers"])
+def test_summary_shapes_are_the_outputs(layers, x):
+    """(an Embedding's showed '?', MergeDirections kept 2H, a wrapper its input's size)"""
+    model = fastrnn.Sequential(layers)
+    lines = []
+    model.summary(print_fn=lines.append)
+    shapes = [re.search(r"\((None[^)]*)\)", line).group(1).split(", ")
+              for line in lines[4:4 + len(layers)]]
+    for k, tokens in enumerate(shapes):
+        out = fastrnn.Sequential(layers[:k + 1])(x)
+        out = out[0] if isinstance(out, tuple) else out
+        unknown = tokens.count("None")       # the samples, and the steps if any
+        assert unknown in (1, 2) and tokens[:unknown] == ["None"] * unknown, tokens
+        assert tokens[unknown:] == [str(n) for n in out.shape[unknown:]], (tokens, out.shape)
+        assert len(tokens) == out.ndim, (tokens, out.shape)
