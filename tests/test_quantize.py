@@ -1640,8 +1640,11 @@ def _reachable_arrays(root):
         seen.add(id(obj))
         if isinstance(obj, np.ndarray):
             base = obj
-            while isinstance(base.base, np.ndarray):
-                base = base.base
+            # a view's base, or an array over a memoryview of an array (the
+            # parameter sets' sealed storages: fastrnn._module.sealed)
+            while isinstance(base.base, np.ndarray) or (
+                    isinstance(base.base, memoryview) and isinstance(base.base.obj, np.ndarray)):
+                base = base.base if isinstance(base.base, np.ndarray) else base.base.obj
             owners[id(base)] = base
             if base.base is not None:       # memory of another object (a buffer, a map)
                 todo.append(base.base)
