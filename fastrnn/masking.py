@@ -260,13 +260,27 @@ def carries_steps(layer: Any, carried: bool) -> bool:
     work step by step), so a LastStep takes step T - 1; a layer that makes a
     mask, or ZeroMasked (zeros there), starts a sequence whose masked steps
     hold other values, so a LastStep takes each row's last kept step."""
-    from fastrnn.layers import _RNNBase
-    from fastrnn.nn import ZeroMasked
-    from fastrnn.wrappers import _Wrapper
-    if getattr(layer, "_makes_mask", False) or (isinstance(layer, ZeroMasked)
-                                                 and not layer._config.get("reverse")):
+    if getattr(layer, "_makes_mask", False):
         return False
-    return carried or isinstance(layer, (_RNNBase, _Wrapper))
+    recurrent, zero_masked = _kinds()
+    if isinstance(layer, zero_masked) and not layer._config.get("reverse"):
+        return False
+    return carried or isinstance(layer, recurrent)
+
+
+_KINDS: tuple = ()
+
+
+def _kinds():
+    """(the recurrent layers' and wrappers' classes, ZeroMasked), imported
+    once (they import this module; a streamed frame asks per layer)."""
+    global _KINDS
+    if not _KINDS:
+        from fastrnn.layers import _RNNBase
+        from fastrnn.nn import ZeroMasked
+        from fastrnn.wrappers import _Wrapper
+        _KINDS = ((_RNNBase, _Wrapper), ZeroMasked)
+    return _KINDS
 
 
 def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,

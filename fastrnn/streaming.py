@@ -200,9 +200,11 @@ class Stream(CallLock):
         new_state, new_last = list(self._state), list(self._last)
         k, mask, carried = 0, None, False
         for i, layer in enumerate(self.model.layers):
-            step_carried, carried = carried, carries_steps(layer, carried)
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
                 mask = layer._seq_mask(x)
+            step_carried = carried
+            if mask is not None:
+                carried = carries_steps(layer, carried)
             with own_values(layer, input=True if i > 0 else None):   # as Sequential's call
                 if isinstance(layer, (_RNNBase, _Wrapper)):
                     layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
