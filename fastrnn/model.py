@@ -827,7 +827,7 @@ class Sequential:
                 batches = source.batches(steps_per_epoch)
             else:
                 if first == 0 or first >= per_pass:
-                    order = self._rng.permutation(len(source)) if shuffle else None
+                    order = _permutation(self._rng, len(source)) if shuffle else None
                     first = 0
                 batches = source.batches(batch_size, order, steps_per_epoch, first)
             mean = _LossMean(reduction)
@@ -1100,6 +1100,16 @@ def _infer_with_lengths(layer, x, lengths):
     if getattr(layer, "_takes_lengths", False):    # fastrnn.wrappers
         return layer._seq_infer(x, lengths=lengths)
     return layer._seq_infer(x)
+
+
+def _permutation(rng, n):
+    """rng.permutation(n), the same order, in int32 where n allows (half the
+    memory: 400 MB a pass at 1e8 samples, not 800)."""
+    if n >= 2**31:
+        return rng.permutation(n)
+    order = np.arange(n, dtype=np.int32)
+    rng.shuffle(order)
+    return order
 
 
 def _parameter_views(layer):

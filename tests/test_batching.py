@@ -319,3 +319,13 @@ def test_iterable_errors():
     with pytest.raises(ValueError, match=r"Sequential.predict: steps applies only to x as an "
                                          r"iterable"):
         model.predict(x, steps=2)
+
+
+def test_fit_shuffles_as_the_generator_permutes_in_half_the_memory():
+    """The pass's order is rng.permutation's (the same trained weights as
+    before), held in int32."""
+    from fastrnn.model import _permutation
+    for n in (1, 7, 1000, 100_003):
+        order = _permutation(np.random.default_rng(n), n)
+        assert order.dtype == np.int32
+        np.testing.assert_array_equal(order, np.random.default_rng(n).permutation(n))
