@@ -91,8 +91,8 @@ class _TrainingBuffers:
     by the layer (weakly: they go with it), and lends one again when nothing
     else holds it any more (its reference count: the tape of an earlier step
     still in use keeps its own). The layer's next call outside training
-    (``_lends_buffers`` tells it there is something to let go), or its
-    deletion, lets them all go. None of these buffers is ever handed to
+    (``_lends_buffers`` tells it there is something to let go), the end of
+    a ``Sequential.fit``, or its deletion, lets them all go. None of these buffers is ever handed to
     the caller.
     """
 

@@ -819,57 +819,63 @@ class Sequential:
         logs = {}
         # arrays: the current pass's order and its next batch
         per_pass, order, first = (0 if iterable else -(-len(source) // batch_size)), None, 0
-        for epoch in range(initial_epoch, epochs):
-            self._reset_metrics()
-            callbacks.call("on_epoch_begin", epoch, {})
-            bar.start_epoch(epoch)
-            if iterable:
-                batches = source.batches(steps_per_epoch)
-            else:
-                if first == 0 or first >= per_pass:
-                    order = _permutation(self._rng, len(source)) if shuffle else None
-                    first = 0
-                batches = source.batches(batch_size, order, steps_per_epoch, first)
-            mean = _LossMean(reduction)
-            for step, batch in enumerate(batches):
-                callbacks.call("on_train_batch_begin", step, {})
-                if table is None:
-                    weight = batch.sample_weight
-                elif batch.sample_weight is not None:   # an iterable's (x, y, weight)
-                    raise ValueError(f"{owner}: pass class_weight or sample_weight, not both "
-                                     f"(x's batch {step} holds sample weights)")
+        try:
+            for epoch in range(initial_epoch, epochs):
+                self._reset_metrics()
+                callbacks.call("on_epoch_begin", epoch, {})
+                bar.start_epoch(epoch)
+                if iterable:
+                    batches = source.batches(steps_per_epoch)
                 else:
-                    weight = _class_weights(table, batch.y, self.loss)
-                _, total, count, out, batch = self._train_batch(batch, weight)
-                mean.add(total, count, len(batch.x))
-                self._update_metrics(batch, out, weight)
-                if running:
-                    batch_logs = {"loss": mean.result(), **self._metric_results()}
-                    callbacks.call("on_train_batch_end", step, batch_logs)
-                    bar.update(step + 1, batch_logs)
-                bar.seen = step + 1
+                    if first == 0 or first >= per_pass:
+                        order = _permutation(self._rng, len(source)) if shuffle else None
+                        first = 0
+                    batches = source.batches(batch_size, order, steps_per_epoch, first)
+                mean = _LossMean(reduction)
+                for step, batch in enumerate(batches):
+                    callbacks.call("on_train_batch_begin", step, {})
+                    if table is None:
+                        weight = batch.sample_weight
+                    elif batch.sample_weight is not None:   # an iterable's (x, y, weight)
+                        raise ValueError(f"{owner}: pass class_weight or sample_weight, not both "
+                                         f"(x's batch {step} holds sample weights)")
+                    else:
+                        weight = _class_weights(table, batch.y, self.loss)
+                    _, total, count, out, batch = self._train_batch(batch, weight)
+                    mean.add(total, count, len(batch.x))
+                    self._update_metrics(batch, out, weight)
+                    if running:
+                        batch_logs = {"loss": mean.result(), **self._metric_results()}
+                        callbacks.call("on_train_batch_end", step, batch_logs)
+                        bar.update(step + 1, batch_logs)
+                    bar.seen = step + 1
+                    if self.stop_training:
+                        break
+                if iterable and source.ran_out:
+                    batching.warn_ran_out(owner, "x")
+                    self.stop_training = True
+                    if not mean.batches:
+                        break
+                if not iterable and steps_per_epoch is not None:
+                    first += mean.batches
+                    if first >= per_pass and mean.batches < steps_per_epoch \
+                            and not self.stop_training:
+                        batching.warn_pass_ended(owner, steps_per_epoch, per_pass)
+                logs = {"loss": mean.result(), **self._metric_results()}
+                if val is not None:
+                    val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
+                                                     callbacks)
+                    logs.update({f"val_{key}": value for key, value in val_logs.items()})
+                callbacks.call("on_epoch_end", epoch, logs)
+                history._append(epoch, logs)
+                bar.end_epoch(logs)
                 if self.stop_training:
                     break
-            if iterable and source.ran_out:
-                batching.warn_ran_out(owner, "x")
-                self.stop_training = True
-                if not mean.batches:
-                    break
-            if not iterable and steps_per_epoch is not None:
-                first += mean.batches
-                if first >= per_pass and mean.batches < steps_per_epoch \
-                        and not self.stop_training:
-                    batching.warn_pass_ended(owner, steps_per_epoch, per_pass)
-            logs = {"loss": mean.result(), **self._metric_results()}
-            if val is not None:
-                val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
-                                                 callbacks)
-                logs.update({f"val_{key}": value for key, value in val_logs.items()})
-            callbacks.call("on_epoch_end", epoch, logs)
-            history._append(epoch, logs)
-            bar.end_epoch(logs)
-            if self.stop_training:
-                break
+        finally:
+            # the large training buffers the layers keep between steps go with
+            # the fit (kept, a model fitted and then only served through a
+            # quantized copy held them for good: 785 MB after an LSTM's fit)
+            _release_training_buffers(self.layers)
         callbacks.train_end(logs)
         return history
 
@@ -1100,6 +1106,14 @@ def _infer_with_lengths(layer, x, lengths):
     if getattr(layer, "_takes_lengths", False):    # fastrnn.wrappers
         return layer._seq_infer(x, lengths=lengths)
     return layer._seq_infer(x)
+
+
+def _release_training_buffers(layers):
+    from fastrnn._engine import _training_buffers
+    for layer in layers:
+        layer = getattr(layer, "layer", layer)   # a Reversed's or Stateful's
+        if getattr(layer, "_lends_buffers", False):
+            _training_buffers.release(layer)
 
 
 def _permutation(rng, n):
