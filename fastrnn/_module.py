@@ -106,11 +106,19 @@ def sealed(storage):
     the flag back, and a write then changed the parameters under the
     kernels' caches of the set (the model kept computing with the old
     values while state_dict showed the new). ``storage`` itself is flagged
-    read-only too."""
-    storage = np.ascontiguousarray(storage)
+    read-only too. A sealed array comes back as it is (a quantized layer's
+    load seals the storages it keeps: each load added a view, and a chain of
+    300,000 crashed its deallocation)."""
+    base = storage.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview) and base.readonly:
+        return storage
+    if not storage.flags.c_contiguous:
+        storage = np.ascontiguousarray(storage)
     storage.flags.writeable = False
-    return np.frombuffer(memoryview(storage).toreadonly(),
-                         dtype=storage.dtype).reshape(storage.shape)
+    flat = np.frombuffer(memoryview(storage).toreadonly(), dtype=storage.dtype)
+    return flat if storage.ndim == 1 else flat.reshape(storage.shape)
 
 
 class ParamSet:

@@ -255,31 +255,40 @@ def _masked_call(layer, x, hx, mask, zero_output, train):
 # --- Sequential: layers run on batch-first sequences with a mask ---------------------
 def carries_steps(layer: Any, carried: bool) -> bool:
     """Whether, after ``layer``, the masked steps of a sequence hold the
-    values of the step kept before them (``carried``: they did before it):
-    a recurrent layer repeats its last output there (and the layers after it
-    work step by step), so a LastStep takes step T - 1; a layer that makes a
-    mask, or ZeroMasked (zeros there), starts a sequence whose masked steps
-    hold other values, so a LastStep takes each row's last kept step."""
+    values of the step kept before them, or Keras' zeros there
+    (``carried``: they did before it): a recurrent layer repeats its last
+    output there (ZeroMasked zeros it, as Keras' zero_output_for_mask,
+    whose last output is then the zeroed step T - 1), and the layers after
+    it work step by step, so a LastStep takes step T - 1; a layer that makes
+    a mask starts a sequence whose masked steps hold their own values, so a
+    LastStep takes each row's last kept step."""
     if getattr(layer, "_makes_mask", False):
         return False
-    recurrent, zero_masked = _kinds()
-    if isinstance(layer, zero_masked) and not layer._config.get("reverse"):
-        return False
-    return carried or isinstance(layer, recurrent)
+    return carried or isinstance(layer, _recurrent_kinds())
+
+
+def mask_for(layer: Any, mask: np.ndarray | None, carried: bool) -> dict:
+    """The keyword arguments that give ``layer`` (not recurrent) the mask:
+    to a layer that takes one, but a LastStep only where the masked steps
+    are not carried (``carries_steps``)."""
+    from fastrnn.nn import LastStep
+    if mask is None or not getattr(layer, "_takes_mask", False) \
+            or (carried and isinstance(layer, LastStep)):
+        return {}
+    return {"mask": mask}
 
 
 _KINDS: tuple = ()
 
 
-def _kinds():
-    """(the recurrent layers' and wrappers' classes, ZeroMasked), imported
-    once (they import this module; a streamed frame asks per layer)."""
+def _recurrent_kinds():
+    """The recurrent layers' and the wrappers' classes, imported once (they
+    import this module; a streamed frame asks per layer)."""
     global _KINDS
     if not _KINDS:
         from fastrnn.layers import _RNNBase
-        from fastrnn.nn import ZeroMasked
         from fastrnn.wrappers import _Wrapper
-        _KINDS = ((_RNNBase, _Wrapper), ZeroMasked)
+        _KINDS = (_RNNBase, _Wrapper)
     return _KINDS
 
 
@@ -320,9 +329,7 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
             backprop = None
         y = np.ascontiguousarray(np.swapaxes(out, 0, 1)) if swap else out
         return y, backprop, mask
-    from fastrnn.nn import LastStep
-    kwargs = {"mask": mask} if (mask is not None and getattr(layer, "_takes_mask", False)
-                                and not (carried and isinstance(layer, LastStep))) else {}
+    kwargs = mask_for(layer, mask, carried)
     if train:
         y, backprop = layer._seq_train(x, **kwargs)
     else:

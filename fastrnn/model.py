@@ -922,7 +922,7 @@ class Sequential:
         shape = ["None", "None"] if self._takes_sequences() else ["None"]
         total = nbytes = 0
         for i, layer in enumerate(self.layers):
-            recurrent = getattr(layer, "layer", layer)   # a Reversed's or Stateful's layer
+            recurrent = _recurrent(layer)   # the layer inside any wrappers
             if isinstance(recurrent, _RNNBase):
                 features = recurrent._dirs * recurrent._out_size
             elif isinstance(layer, Linear):
@@ -1110,8 +1110,7 @@ def _infer_with_lengths(layer, x, lengths):
 
 def _release_training_buffers(layers):
     from fastrnn._engine import _training_buffers
-    for layer in layers:
-        layer = getattr(layer, "layer", layer)   # a Reversed's or Stateful's
+    for layer in map(_recurrent, layers):      # (the layer inside any wrappers)
         if getattr(layer, "_lends_buffers", False):
             _training_buffers.release(layer)
 

@@ -282,18 +282,20 @@ class LastStep(_Stateless):
             raise ValueError(f"LastStep: bidirectional input needs an even feature size, "
                              f"got {x.shape[2]}")
         B, T = x.shape[:2]
-        first = np.zeros(B, np.intp)
         if mask is not None:
             # (a masked Linear's output holds values at its masked steps: taking
             # step T - 1 gave a padded step's)
             kept = mask.any(axis=1)
             last = np.where(kept, T - 1 - np.argmax(mask[:, ::-1], axis=1), T - 1)
+            if not self._config["bidirectional"]:
+                return last, 0
             return last, np.where(kept, np.argmax(mask, axis=1), 0)
         if lengths is None:
-            return np.full(B, T - 1), first
-        return v.check_lengths("LastStep", lengths, B, T) - 1, first
+            return np.full(B, T - 1), 0
+        return v.check_lengths("LastStep", lengths, B, T) - 1, 0
 
     def _take(self, x, last, first):
+        """first: the reverse half's step per row, or 0 for every row."""
         rows = np.arange(x.shape[0])
         if not self._config["bidirectional"]:
             return x[rows, last]
@@ -301,7 +303,10 @@ class LastStep(_Stateless):
         return np.concatenate([x[rows, last, :half], x[rows, first, half:]], axis=1)
 
     def _seq_infer(self, x, lengths=None, mask=None):
-        return self._take(x, *self._steps(x, lengths, mask))
+        last, first = self._steps(x, lengths, mask)
+        if not self._config["bidirectional"]:   # (the common case: no call more)
+            return x[np.arange(x.shape[0]), last]
+        return self._take(x, last, first)
 
     def _seq_train(self, x, lengths=None, mask=None):
         last, first = self._steps(x, lengths, mask)

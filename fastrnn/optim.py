@@ -430,13 +430,13 @@ class RMSprop(Optimizer):
             ga = state["grad_avg"]
             ga *= self.alpha
             ga += (1 - self.alpha) * g
-            if ga.dtype == np.float32:
-                # PyTorch's addcmul rounds s - ga^2 once: here exactly in float64,
-                # so a ga^2 past float32's range gives s's inf, not inf - inf = NaN
-                avg = np.sqrt((sq - np.square(ga, dtype=np.float64)).astype(np.float32))
-                avg += self.eps
-            else:
-                avg = np.sqrt(sq - ga * ga) + self.eps
+            var = sq - ga * ga
+            if ga.dtype == np.float32 and not np.isfinite(var).all():
+                # PyTorch's addcmul rounds s - ga^2 once: a ga^2 past float32's
+                # range gives s's inf there, not inf - inf = NaN (exactly in
+                # float64, only then: a float64 copy each step cost 30%)
+                var = (sq - np.square(ga, dtype=np.float64)).astype(np.float32)
+            avg = np.sqrt(var) + self.eps
         else:
             avg = np.sqrt(sq) + self.eps
         if self.momentum > 0:

@@ -225,6 +225,12 @@ def _numeric(owner, name, value, dtype):
     return arr
 
 
+def _all_sequences(items):
+    """Whether every item is array-like (a sequence of X's list form)."""
+    return all(isinstance(item, (np.ndarray, list, tuple)) or hasattr(item, "__array__")
+               for item in items)
+
+
 def _check_X(owner, X, dtype, n_features=None):
     """_Sequences of X (see the module's docstring for the forms accepted)."""
     if X is None:
@@ -246,8 +252,7 @@ def _check_X(owner, X, dtype, n_features=None):
         if not items:
             raise ValueError(f"{owner}: Found array with 0 sample(s) (shape=(0,)) while a "
                              f"minimum of 1 is required")
-        if all(isinstance(item, (np.ndarray, list, tuple)) or hasattr(item, "__array__")
-               for item in items):
+        if _all_sequences(items):
             try:
                 arrays = [np.asarray(item) for item in items]
             except (TypeError, ValueError) as exc:
@@ -267,9 +272,7 @@ def _check_X(owner, X, dtype, n_features=None):
             raise TypeError(f"{owner}: X must be an array of sequences or a list of them: "
                             f"{exc}") from None
     if X.dtype == object and X.ndim == 1:
-        if isinstance(X, np.ndarray) and all(
-                isinstance(item, (np.ndarray, list, tuple)) or hasattr(item, "__array__")
-                for item in X):
+        if _all_sequences(X):
             return _check_X(owner, list(X), dtype, n_features)
         # (numbers and None, dicts, ...: asarray gives them back as they came)
         raise TypeError(f"{owner}: X must be an array of sequences or a list of them, got "
@@ -462,9 +465,10 @@ _NOTES_DOC = """
     a few dozen epochs (``hidden_size=8, lr=1e-2, epochs=50``; with the
     defaults the regressor's R^2 there is 0.4-0.6, where
     ``check_regressors_train`` asks for 0.5). A DataFrame's column names
-    (all strings) are kept as ``feature_names_in_``; ``predict`` and a
-    further ``partial_fit`` refuse other names or another order, and warn
-    when X has names and fit's had none or the other way round.
+    (all strings: its steps') are kept as ``feature_names_in_``; ``predict``
+    and a further ``partial_fit`` refuse other names or another order on the
+    steps both have (a longer or shorter X is valid), and warn when X has
+    names and fit's had none or the other way round.
 
     Threads and joblib: ``fastrnn.set_num_threads`` is one setting per
     process. An estimator holds it at its count while it fits, trains
@@ -776,9 +780,10 @@ def _feature_names(owner, X):
 
 
 def _check_feature_names(estimator, X):
-    """scikit-learn's rule at predict (and a further partial_fit): X's
-    feature names must be those fit saw (a DataFrame with its columns, the
-    steps, in another order gave other predictions, silently)."""
+    """scikit-learn's rule at predict (and a further partial_fit), for names
+    of steps: X's feature names must be those fit saw on the steps both have
+    (a DataFrame with its columns, the steps, in another order gave other
+    predictions, silently; longer or shorter sequences are valid input)."""
     owner = type(estimator).__name__
     names = _feature_names(owner, X)
     fitted = getattr(estimator, "feature_names_in_", None)
@@ -790,14 +795,14 @@ def _check_feature_names(estimator, X):
     elif names is None:
         warnings.warn(f"X does not have valid feature names, but {owner} was fitted with "
                       f"feature names", UserWarning, stacklevel=3)
-    elif len(names) != len(fitted) or (names != fitted).any():
-        unseen = [n for n in names if n not in set(fitted)]
-        missing = [n for n in fitted if n not in set(names)]
-        detail = (f"; unseen at fit: {unseen[:5]}" if unseen else "") + \
-            (f"; seen at fit, missing now: {missing[:5]}" if missing else "") + \
-            ("" if unseen or missing else "; the same names in another order")
-        raise ValueError(f"{owner}: The feature names should match those that were passed "
-                         f"during fit{detail}")
+    else:
+        both = min(len(names), len(fitted))
+        if (names[:both] != fitted[:both]).any():
+            wrong = int(np.argmax(names[:both] != fitted[:both]))
+            raise ValueError(f"{owner}: The feature names should match those that were "
+                             f"passed during fit (here the steps', on the {both} steps both "
+                             f"have): step {wrong} is {names[wrong]!r} in X, "
+                             f"{fitted[wrong]!r} at fit")
 
 
 def _check_samples(owner, n_x, n_y):

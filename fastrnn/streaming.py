@@ -19,7 +19,7 @@ from fastrnn._locks import CallLock, ForkSafeLock
 from fastrnn._module import on_one_set
 from fastrnn._own_values import own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
-from fastrnn.masking import carries_steps
+from fastrnn.masking import carries_steps, mask_for
 from fastrnn.model import Sequential
 from fastrnn.nn import Embedding, LastStep
 from fastrnn.wrappers import Reversed, Stateful, _Wrapper
@@ -76,6 +76,15 @@ class Stream(CallLock):
             if any(isinstance(layer, LastStep) for layer in model.layers[:last]):
                 raise ValueError("Stream: a LastStep before a recurrent layer cannot stream "
                                  "(the layer after it would need the whole sequence)")
+            carried = masked = False
+            for layer in model.layers:
+                if isinstance(layer, LastStep) and masked and not carried:
+                    raise ValueError(
+                        "Stream: a LastStep under a mask with no recurrent layer since the "
+                        "mask was made cannot stream (it takes each row's last unmasked "
+                        "step, which a frame alone does not know)")
+                masked = masked or getattr(layer, "_makes_mask", False)
+                carried = carries_steps(layer, carried)
         else:
             raise TypeError(f"Stream: expected an RNN, GRU, LSTM, Stateful or Sequential, "
                             f"got {type(model).__name__}")
@@ -217,9 +226,7 @@ class Stream(CallLock):
                         x, new_last[k] = _repeat_last(x, mask, self._last[k])
                     k += 1
                 else:
-                    takes = mask is not None and getattr(layer, "_takes_mask", False) \
-                        and not (step_carried and isinstance(layer, LastStep))
-                    x = layer._seq_infer(x, mask=mask) if takes else layer._seq_infer(x)
+                    x = layer._seq_infer(x, **mask_for(layer, mask, step_carried))
                     if getattr(x, "ndim", 0) < 3:
                         mask = None
         # kept by the caller once every layer has succeeded

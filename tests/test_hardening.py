@@ -917,3 +917,19 @@ def test_a_parameter_cannot_be_made_writeable(which):
                (lambda o: o if isinstance(o, tuple) else (o,))(module(x)))
     for b, a in outs:
         np.testing.assert_array_equal(a, b)
+
+
+def test_sealing_a_sealed_storage_adds_nothing():
+    """A quantized layer's load of its int8 weights alone sealed its kept
+    float storages again, a view deeper each time (300,000 loads crashed the
+    layer's deallocation)."""
+    from fastrnn._module import sealed
+    q = fastrnn.quantize(GRU(4, 5, seed=0), dtype="int8")
+    ints = {k: v for k, v in q.state_dict().items() if v.dtype == np.int8 or k.endswith("_scale")}
+    before = [s for s in q._params.storages if s is not None]
+    for _ in range(20):
+        q.load_state_dict(ints, strict=False)
+    after = [s for s in q._params.storages if s is not None]
+    assert all(a is b for a, b in zip(after, before))
+    sealed_once = sealed(np.arange(6.0).reshape(2, 3))
+    assert sealed(sealed_once) is sealed_once

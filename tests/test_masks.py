@@ -567,3 +567,44 @@ def test_a_second_masking_replaces_the_mask_before_it():
     given[1, 5] = False
     out = model(x, mask=given)
     np.testing.assert_array_equal(out[1, 5], out[1, 4])      # step 5 masked: repeats step 4
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_keras_zero_output_for_mask_without_sequences_imports_exactly(kind):
+    """from_keras makes [layer, ZeroMasked(), LastStep()] of it; Keras' last
+    output is the zeroed step T - 1 of a row whose last step is masked, so
+    the LastStep after ZeroMasked takes step T - 1 (a LastStep that took the
+    last unmasked step there was 0.39 off Keras)."""
+    keras = _keras()
+    rng = np.random.default_rng(0)
+    B, T, D, H = 3, 5, 3, 4
+    layer = getattr(keras.layers, kind)(H, return_sequences=False)
+    layer.zero_output_for_mask = True
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    mask = np.ones((B, T), bool)
+    mask[1, 3:] = False
+    mask[2, 4] = False
+    layer(x)
+    expected = np.asarray(layer(x, mask=mask))
+    np.testing.assert_allclose(fastrnn.from_keras(layer)(x, mask=mask), expected,
+                               rtol=0, atol=3e-6)
+
+
+def test_a_stream_refuses_a_last_step_it_cannot_take_frame_by_frame():
+    """Under a mask with no recurrent layer since it was made, a LastStep
+    takes each row's last unmasked step: a frame alone cannot know it (the
+    stream gave a masked frame's own value, 1.08 off the whole call)."""
+    model = fastrnn.Sequential([fastrnn.Embedding(10, 2, mask_zero=True, seed=0),
+                                fastrnn.Linear(2, 1, seed=1), fastrnn.LastStep()])
+    with pytest.raises(ValueError, match="Stream: a LastStep under a mask with no recurrent "
+                                         "layer since the mask was made cannot stream"):
+        fastrnn.Stream(model)
+    # after a recurrent layer (its masked steps carry its output) it streams as the whole call
+    model = fastrnn.Sequential([fastrnn.Masking(0.0),
+                                fastrnn.GRU(2, 3, batch_first=True, seed=0),
+                                fastrnn.ZeroMasked(), fastrnn.LastStep()])
+    x = np.random.default_rng(1).standard_normal((2, 6, 2)).astype(np.float32)
+    x[1, 4:] = 0.0
+    stream = fastrnn.Stream(model)
+    frames = [stream.step(x[:, t]) for t in range(6)]
+    np.testing.assert_array_equal(frames[-1], model(x))

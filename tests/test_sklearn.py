@@ -644,11 +644,18 @@ def test_dataframe_feature_names_are_kept_and_checked():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est.predict(X)                       # the same names: no warning
-    with pytest.raises(ValueError, match="feature names should match those that were passed "
-                                         "during fit; the same names in another order"):
+    with pytest.raises(ValueError, match=r"feature names should match those that were "
+                                         r"passed during fit \(here the steps', on the 5 "
+                                         r"steps both have\): step 0 is 't4' in X, 't0' at fit"):
         est.predict(X[X.columns[::-1]])
-    with pytest.raises(ValueError, match="unseen at fit"):
+    with pytest.raises(ValueError, match="step 0 is 's0' in X, 't0' at fit"):
         est.predict(X.rename(columns={"t0": "s0"}))
+    # longer and shorter sequences are valid: their common steps' names agree
+    longer = pd.DataFrame(rng.standard_normal((3, 8)), columns=[f"t{i}" for i in range(8)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert est.predict(longer).shape == (3,)
+        assert est.predict(X.iloc[:, :3]).shape == (20,)
     with pytest.warns(UserWarning, match="X does not have valid feature names"):
         est.predict(X.to_numpy())
     plain = SequenceRegressor(hidden_size=4, epochs=1, random_state=0).fit(X.to_numpy(), y)
