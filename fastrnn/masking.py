@@ -271,10 +271,12 @@ def mask_for(layer: Any, mask: np.ndarray | None, carried: bool) -> dict:
     """The keyword arguments that give ``layer`` (not recurrent) the mask:
     to a layer that takes one, but a LastStep only where the masked steps
     are not carried (``carries_steps``)."""
-    from fastrnn.nn import LastStep
-    if mask is None or not getattr(layer, "_takes_mask", False) \
-            or (carried and isinstance(layer, LastStep)):
+    if mask is None or not getattr(layer, "_takes_mask", False):
         return {}
+    if carried:
+        from fastrnn.nn import LastStep   # (not at every streamed frame: only here)
+        if isinstance(layer, LastStep):
+            return {}
     return {"mask": mask}
 
 
