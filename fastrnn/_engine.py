@@ -92,8 +92,8 @@ class _TrainingBuffers:
     else holds it any more (its reference count: the tape of an earlier step
     still in use keeps its own). The layer's next call outside training
     (``_lends_buffers`` tells it there is something to let go), the end of
-    a ``Sequential.fit``, or its deletion, lets them all go. None of these buffers is ever handed to
-    the caller.
+    a ``Sequential.fit``, or its deletion, lets them all go. None of these
+    buffers is ever handed to the caller.
     """
 
     BIG_BYTES = 31 << 20
@@ -550,12 +550,10 @@ class RecurrentEngine(RecurrentWeights):
                 total *= mask
         pairs = [(grad, total) for kind, module_grads in zip(sums, grads)
                  for total, grad in zip(kind, module_grads) if grad is not None]
-        targets, addends = [grad for grad, _ in pairs], [total for _, total in pairs]
         if tape.learned_state:
-            more_targets, more_addends = self._initial_grads(dh, dc)
-            targets, addends = targets + more_targets, addends + more_addends
+            pairs += self._initial_grads(dh, dc)
         with self._grad_lock:
-            add_at_once(targets, addends)
+            add_at_once(pairs)
 
     def _dropconnect(self, params):
         """DropConnect (Merity et al. 2017) for one training forward: a copy of

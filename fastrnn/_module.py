@@ -260,12 +260,14 @@ def _commit(pending):
     del replaced
 
 
-def add_at_once(targets, addends):
-    """``targets[i] += addends[i]`` for every i in one pass of C calls
-    (np.add mapped), which no signal handler can split: a backprop's
-    gradients are added all or none (a Python loop over them, interrupted,
-    had added some)."""
-    collections.deque(map(np.add, targets, addends, targets), maxlen=0)
+def add_at_once(pairs):
+    """``target += addend`` for every (target, addend) of ``pairs`` in one
+    pass of C calls (np.add mapped), which no signal handler can split: a
+    backprop's gradients are added all or none (a Python loop over them,
+    interrupted, had added some)."""
+    targets = [target for target, _ in pairs]
+    collections.deque(map(np.add, targets, [addend for _, addend in pairs], targets),
+                      maxlen=0)
 
 
 def set_with_parameters(obj, name, value):
@@ -691,11 +693,9 @@ class RecurrentWeights(Module):
         return tuple(params.storages[i].reshape(rows, -1) for i in self._init_index)
 
     def _initial_grads(self, dh0, dc0=None):
-        """(the learned initial states' gradients, what to add to them): the
-        sums over the batch of the initial states' gradients dh0 (and dc0),
-        each (layers * dirs, B, H)."""
-        pairs = list(zip(self._dinit, (dh0, dc0)))
-        return [grad for grad, _ in pairs], [d0.sum(axis=1).reshape(-1) for _, d0 in pairs]
+        """(gradient, what to add to it) of each learned initial state: the
+        sum over the batch of its gradient dh0 (or dc0), (layers * dirs, B, H)."""
+        return [(grad, d0.sum(axis=1).reshape(-1)) for grad, d0 in zip(self._dinit, (dh0, dc0))]
 
     def _weights(self, params):
         """(w_ih, w_hh, b_ih, b_hh) of a parameter set: per kind a list over

@@ -123,6 +123,11 @@ def _as_sequence_list(x):
 class ArrayData:
     """Data held in memory: arrays, or ragged lists of sequences.
 
+    ``epoch`` gives an epoch's batches: a whole pass, or with ``steps`` per
+    epoch the next batches of the current pass (Keras' rule, as
+    ``IterableData`` continues its iterable), a new pass begun once one has
+    ended; ``ended_short`` tells when an epoch met the pass's end first.
+
     Parameters
     ----------
     owner : str
@@ -274,6 +279,10 @@ class ArrayData:
                 y = self.y[index]
         return Batch(x, y, sw, None if full else lengths, mask)
 
+    _order = None         # the current pass's order (None: the samples in turn)
+    _next = 0             # its next batch
+    ended_short = False   # the last epoch met the pass's end before its steps
+
     def batches(self, batch_size, order=None, steps=None, first=0):
         """The batches in ``order`` (all samples in turn by default) from
         batch ``first`` on, at most ``steps`` of them."""
@@ -283,6 +292,17 @@ class ArrayData:
         for step in range(first, count):
             part = slice(step * batch_size, (step + 1) * batch_size)
             yield self.take(part if order is None else order[part])
+
+    def epoch(self, batch_size, steps, new_order):
+        """One epoch's Batches (see the class); ``new_order()`` gives a new
+        pass's order."""
+        per_pass = -(-self.n // batch_size)
+        if steps is None or self._next == 0 or self._next >= per_pass:
+            self._order, self._next = new_order(), 0
+        first = self._next
+        self._next = per_pass if steps is None else min(per_pass, first + steps)
+        self.ended_short = steps is not None and self._next - first < steps
+        return self.batches(batch_size, self._order, steps, first)
 
 
 class IterableData:

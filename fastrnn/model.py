@@ -817,20 +817,16 @@ class Sequential:
         callbacks.set_model()
         callbacks.train_begin()
         logs = {}
-        # arrays: the current pass's order and its next batch
-        per_pass, order, first = (0 if iterable else -(-len(source) // batch_size)), None, 0
+        def new_order():
+            return _permutation(self._rng, len(source)) if shuffle else None
+
         try:
             for epoch in range(initial_epoch, epochs):
                 self._reset_metrics()
                 callbacks.call("on_epoch_begin", epoch, {})
                 bar.start_epoch(epoch)
-                if iterable:
-                    batches = source.batches(steps_per_epoch)
-                else:
-                    if first == 0 or first >= per_pass:
-                        order = _permutation(self._rng, len(source)) if shuffle else None
-                        first = 0
-                    batches = source.batches(batch_size, order, steps_per_epoch, first)
+                batches = (source.batches(steps_per_epoch) if iterable else
+                           source.epoch(batch_size, steps_per_epoch, new_order))
                 mean = _LossMean(reduction)
                 for step, batch in enumerate(batches):
                     callbacks.call("on_train_batch_begin", step, {})
@@ -856,11 +852,9 @@ class Sequential:
                     self.stop_training = True
                     if not mean.batches:
                         break
-                if not iterable and steps_per_epoch is not None:
-                    first += mean.batches
-                    if first >= per_pass and mean.batches < steps_per_epoch \
-                            and not self.stop_training:
-                        batching.warn_pass_ended(owner, steps_per_epoch, per_pass)
+                if not iterable and source.ended_short and not self.stop_training:
+                    batching.warn_pass_ended(owner, steps_per_epoch,
+                                             -(-len(source) // batch_size))
                 logs = {"loss": mean.result(), **self._metric_results()}
                 if val is not None:
                     val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,

@@ -303,10 +303,7 @@ class LastStep(_Stateless):
         return np.concatenate([x[rows, last, :half], x[rows, first, half:]], axis=1)
 
     def _seq_infer(self, x, lengths=None, mask=None):
-        last, first = self._steps(x, lengths, mask)
-        if not self._config["bidirectional"]:   # (the common case: no call more)
-            return x[np.arange(x.shape[0]), last]
-        return self._take(x, last, first)
+        return self._take(x, *self._steps(x, lengths, mask))
 
     def _seq_train(self, x, lengths=None, mask=None):
         last, first = self._steps(x, lengths, mask)

@@ -76,13 +76,16 @@ class Stream(CallLock):
             if any(isinstance(layer, LastStep) for layer in model.layers[:last]):
                 raise ValueError("Stream: a LastStep before a recurrent layer cannot stream "
                                  "(the layer after it would need the whole sequence)")
-            carried = masked = False
+            # per layer: whether a mask's steps are carried at its input
+            # (masking.carries_steps), the same at every frame
+            steps_carried, carried, masked = [], False, False
             for layer in model.layers:
                 if isinstance(layer, LastStep) and masked and not carried:
                     raise ValueError(
                         "Stream: a LastStep under a mask with no recurrent layer since the "
                         "mask was made cannot stream (it takes each row's last unmasked "
                         "step, which a frame alone does not know)")
+                steps_carried.append(carried)
                 masked = masked or getattr(layer, "_makes_mask", False)
                 carried = carries_steps(layer, carried)
         else:
@@ -95,6 +98,7 @@ class Stream(CallLock):
         self.model = model
         # a Sequential's layers as made: a model changed since is refused at a call
         self._layers = list(model.layers) if isinstance(model, Sequential) else None
+        self._steps_carried = steps_carried if isinstance(model, Sequential) else None
         self._recurrent = recurrent
         self._state = [None] * len(recurrent)
         self._carried = False   # _state is the last call's, not one the caller set
@@ -207,13 +211,10 @@ class Stream(CallLock):
         if one_stream:
             x = x[None]
         new_state, new_last = list(self._state), list(self._last)
-        k, mask, carried = 0, None, False
+        k, mask = 0, None
         for i, layer in enumerate(self.model.layers):
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
                 mask = layer._seq_mask(x)
-            step_carried = carried
-            if mask is not None:
-                carried = carries_steps(layer, carried)
             with own_values(layer, input=True if i > 0 else None):   # as Sequential's call
                 if isinstance(layer, (_RNNBase, _Wrapper)):
                     layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
@@ -226,7 +227,7 @@ class Stream(CallLock):
                         x, new_last[k] = _repeat_last(x, mask, self._last[k])
                     k += 1
                 else:
-                    x = layer._seq_infer(x, **mask_for(layer, mask, step_carried))
+                    x = layer._seq_infer(x, **mask_for(layer, mask, self._steps_carried[i]))
                     if getattr(x, "ndim", 0) < 3:
                         mask = None
         # kept by the caller once every layer has succeeded

@@ -878,15 +878,20 @@ def test_batch_one_unit_splits_answer_ctrl_c(what, threads, python_sigint_handle
     np.testing.assert_array_equal(layer(small)[0], LSTM(16, 2048, seed=0)(small)[0])
 
 
-def _parameter_holders():
-    yield "Linear", fastrnn.Linear(8, 3, seed=0), np.ones((2, 8), np.float32)
-    yield "Embedding", fastrnn.Embedding(10, 4, seed=0), np.array([[1, 2, 3]])
-    yield "LSTM", fastrnn.LSTM(8, 6, seed=0), np.ones((3, 2, 8), np.float32)
-    yield "int8 GRU", fastrnn.quantize(fastrnn.GRU(8, 6, seed=0), dtype="int8"), \
-        np.ones((3, 2, 8), np.float32)
+_PARAMETER_HOLDERS = {
+    "Linear": (lambda: fastrnn.Linear(8, 3, seed=0), np.ones((2, 8), np.float32)),
+    "Embedding": (lambda: fastrnn.Embedding(10, 4, seed=0), np.array([[1, 2, 3]])),
+    "LSTM": (lambda: fastrnn.LSTM(8, 6, seed=0), np.ones((3, 2, 8), np.float32)),
+    "int8 GRU": (lambda: fastrnn.quantize(fastrnn.GRU(8, 6, seed=0), dtype="int8"),
+                 np.ones((3, 2, 8), np.float32)),
+}
 
 
-@pytest.mark.parametrize("which", ["Linear", "Embedding", "LSTM", "int8 GRU"])
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("which", sorted(_PARAMETER_HOLDERS))
 def test_a_parameter_cannot_be_made_writeable(which):
     """The README's parameters are read-only arrays. numpy gave the write
     flag back to an array that owned its memory (Linear's weight, Embedding's,
@@ -894,7 +899,8 @@ def test_a_parameter_cannot_be_made_writeable(which):
     kernels' caches: the model computed with the old values (Linear up to 1.1
     off a fresh model with the same state_dict). Now every array handed out
     either refuses the flag, or is a copy whose writes reach nothing."""
-    module, x = next((m, x) for name, m, x in _parameter_holders() if name == which)
+    make, x = _PARAMETER_HOLDERS[which]
+    module = make()
     before_out = module(x)
     before = {name: value.copy() for name, value in module.state_dict().items()}
     handed_out = list(module.state_dict().values()) + [
@@ -913,9 +919,7 @@ def test_a_parameter_cannot_be_made_writeable(which):
     assert refused > 0
     for name, value in module.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
-    outs = zip(before_out if isinstance(before_out, tuple) else (before_out,),
-               (lambda o: o if isinstance(o, tuple) else (o,))(module(x)))
-    for b, a in outs:
+    for b, a in zip(_outputs(before_out), _outputs(module(x))):
         np.testing.assert_array_equal(a, b)
 
 
@@ -927,6 +931,7 @@ def test_sealing_a_sealed_storage_adds_nothing():
     q = fastrnn.quantize(GRU(4, 5, seed=0), dtype="int8")
     ints = {k: v for k, v in q.state_dict().items() if v.dtype == np.int8 or k.endswith("_scale")}
     before = [s for s in q._params.storages if s is not None]
+    assert before                    # (the biases' storages)
     for _ in range(20):
         q.load_state_dict(ints, strict=False)
     after = [s for s in q._params.storages if s is not None]

@@ -554,7 +554,6 @@ def test_summary_shapes_are_the_outputs(layers, x):
               for line in lines[4:4 + len(layers)]]
     for k, tokens in enumerate(shapes):
         out = fastrnn.Sequential(layers[:k + 1])(x)
-        out = out[0] if isinstance(out, tuple) else out
         unknown = tokens.count("None")       # the samples, and the steps if any
         assert unknown in (1, 2) and tokens[:unknown] == ["None"] * unknown, tokens
         assert tokens[unknown:] == [str(n) for n in out.shape[unknown:]], (tokens, out.shape)
