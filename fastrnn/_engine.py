@@ -80,28 +80,47 @@ _prime_malloc()
 
 
 class _TrainingBuffers:
-    """The training forward's and BPTT's own large buffers (the input
-    projection, the saved activations and states, the gate gradients), lent
-    again at the next step.
+    """The training forward's and BPTT's own buffers of 1 MB or more (the
+    input projection, the saved activations and states, the gate gradients),
+    lent again at the next step.
 
-    glibc maps every block of 32 MB or more afresh (its threshold stops
-    rising there), so a training step of an LSTM 256 -> 512 at B=64, T=100
-    (three such buffers of 52 MB) spent 10-11% of its time in the kernel
-    zeroing new pages. A layer keeps those of at least BIG_BYTES here, keyed
-    by the layer (weakly: they go with it), and lends one again when nothing
-    else holds it any more (its reference count: the tape of an earlier step
-    still in use keeps its own). The layer's next call outside training
-    (``_lends_buffers`` tells it there is something to let go), the end of
-    a ``Sequential.fit``, or its deletion, lets them all go. None of these
-    buffers is ever handed to the caller.
+    Left to glibc they came from fresh pages, each faulted in and zeroed,
+    whenever a step's buffers summed to more than the heap keeps free at its
+    top (twice the largest block freed so far, 62 MB at most: see
+    ``_prime_malloc``), or, at 32 MB and above, always. A GRU 125 -> 100 at
+    B=64, T=150 (about 70 MB a step) took 4,650 page faults a step, 52 ms
+    instead of 39 at one thread, once an inference output of 3.8 MB was held
+    (``tests/test_training_buffers.py`` counts them); an LSTM 256 -> 512 at
+    B=64, T=100 (three buffers of 52 MB) spent 10-11% of its step in the
+    kernel zeroing new pages.
+
+    A layer keeps them here, keyed by the layer (weakly: they go with it),
+    and lends one again when nothing else holds it any more (its reference
+    count: the tape of an earlier step still in use keeps its own). Each
+    training forward begins a step (``new_step``); a buffer lent in neither
+    it nor the step before is let go, so buffers of shapes no longer asked
+    for (another batch shape's) do not pile up: at most two steps' worth are
+    kept. The layer's next call outside training (``_lends_buffers`` tells it
+    there is something to let go), the end of a ``Sequential.fit``, or its
+    deletion, lets them all go. None of these buffers is ever handed to the
+    caller.
     """
 
-    BIG_BYTES = 31 << 20
-    MAX_KEPT = 8
+    BIG_BYTES = 1 << 20
 
     def __init__(self):
         self._lock = ForkSafeLock()
-        self._kept = weakref.WeakKeyDictionary()
+        self._kept = weakref.WeakKeyDictionary()   # owner -> _Lent
+
+    def new_step(self, owner):
+        """A training forward of ``owner`` begins: its idle buffers not lent
+        in the step before go."""
+        with self._lock:
+            lent = self._kept.get(owner)
+            if lent is not None:
+                lent.step += 1
+                lent.entries = [entry for entry in lent.entries
+                                if entry[1] >= lent.step - 1 or not _idle(entry)]
 
     def get(self, owner, shape, dtype, zero=False):
         dtype = np.dtype(dtype)
@@ -110,22 +129,18 @@ class _TrainingBuffers:
             return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
         shape = tuple(shape)
         with self._lock:
-            kept = self._kept.setdefault(owner, [])
-            for i in range(len(kept)):
-                if kept[i].shape == shape and kept[i].dtype == dtype and _idle(kept, i):
-                    buf = kept.pop(i)
-                    kept.append(buf)   # the most recently lent last
+            lent = self._kept.get(owner)
+            if lent is None:
+                lent = self._kept[owner] = _Lent()
+            for entry in lent.entries:
+                if entry[0].shape == shape and entry[0].dtype == dtype and _idle(entry):
+                    entry[1] = lent.step
+                    buf = entry[0]
                     break
             else:
                 buf = np.empty(shape, dtype)
-                kept.append(buf)
+                lent.entries.append([buf, lent.step])
                 owner._lends_buffers = True
-                i = 0   # over MAX_KEPT: the oldest idle ones go (another batch shape's)
-                while len(kept) > self.MAX_KEPT and i < len(kept) - 1:
-                    if _idle(kept, i):
-                        del kept[i]
-                    else:
-                        i += 1
         if zero:
             buf.fill(0)
         return buf
@@ -136,10 +151,20 @@ class _TrainingBuffers:
             owner._lends_buffers = False
 
 
-def _idle(kept, i):
-    """Whether nothing but the list holds kept[i] (its reference and
-    getrefcount's argument: 2)."""
-    return sys.getrefcount(kept[i]) == 2
+class _Lent:
+    """One owner's kept buffers: entries [buffer, the step it was last
+    lent in], and the owner's current step."""
+    __slots__ = ("step", "entries")
+
+    def __init__(self):
+        self.step = 0
+        self.entries = []
+
+
+def _idle(entry):
+    """Whether nothing but its entry holds entry[0] (the entry's reference
+    and getrefcount's argument: 2)."""
+    return sys.getrefcount(entry[0]) == 2
 
 
 _training_buffers = _TrainingBuffers()
@@ -338,6 +363,7 @@ class RecurrentEngine(RecurrentWeights):
         if gx_buffer is not None:
             gx = gx_buffer[:rows]
         elif train:
+            _training_buffers.new_step(self)
             gx = _training_buffers.get(self, (rows, dirs * self._gates * H), dtype)
         else:
             gx = np.empty((rows, dirs * self._gates * H), dtype)
