@@ -234,7 +234,8 @@ def _training_state(model):
                          f"include_optimizer=False)")
     positions = []
     for module in opt._modules:
-        found = [i for i, layer in enumerate(model.layers) if layer is module]
+        # (a wrapper's parameters are its layer's: the optimizer holds the layer)
+        found = [i for i, layer in enumerate(model.layers) if _recurrent(layer) is module]
         if not found:
             raise ValueError(f"{owner}: the optimizer also trains a {type(module).__name__} that "
                              f"is not in this model, whose state the file could not restore; "
@@ -1080,7 +1081,9 @@ def _restore_training(read, model, layers, training, per_slot):
     opt = spec.cls(None, **spec.config)
     opt.add(model)
     states = []
-    positions = {id(layer): i for i, layer in enumerate(layers)}
+    positions = {}
+    for i, layer in enumerate(layers):
+        positions.setdefault(id(_recurrent(layer)), i)
     for module in opt._modules:
         i = positions[id(module)]
         storages = module._params.storages

@@ -181,7 +181,15 @@ class Sequential:
         return f"Sequential({inner}\n)"
 
     def _modules_with_parameters(self):
-        return [layer for layer in self.layers if layer._trainable]
+        """The modules holding the layers' parameters, each once: a wrapper's
+        layer within (its parameters are that layer's), a layer used twice
+        once (an optimizer stepped it twice, gradient clipping counted it
+        twice)."""
+        owners = {}
+        for layer in map(_recurrent, self.layers):
+            if layer._trainable:
+                owners.setdefault(id(layer), layer)
+        return list(owners.values())
 
     def _owners(self):
         """The modules holding the layers' parameters (a wrapper's layer

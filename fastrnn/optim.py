@@ -27,7 +27,20 @@ if TYPE_CHECKING:
 
 
 def _modules_of(params, owner="optimizer"):
-    """Flatten modules / Sequentials / lists of them to parameter owners."""
+    """Flatten modules / Sequentials / lists of them to parameter owners,
+    each once: a wrapper (Reversed, Stateful) stands for the layer within,
+    whose parameters it holds, so a model with Stateful(gru) and gru itself
+    gives gru once (an optimizer stepped it twice, gradient clipping counted
+    it twice)."""
+    from fastrnn.wrappers import _recurrent
+
+    owners = {}
+    for module in map(_recurrent, _flattened(params, owner)):
+        owners.setdefault(id(module), module)
+    return list(owners.values())
+
+
+def _flattened(params, owner):
     if params is None:
         return []
     if hasattr(params, "_modules_with_parameters"):
@@ -35,7 +48,7 @@ def _modules_of(params, owner="optimizer"):
     if hasattr(params, "_trainable"):
         return [params]
     if isinstance(params, (list, tuple)):
-        return [m for p in params for m in _modules_of(p, owner)]
+        return [m for p in params for m in _flattened(p, owner)]
     raise TypeError(f"{owner}: params must be fastrnn modules, a Sequential or a list of "
                     f"them, got {type(params).__name__}")
 

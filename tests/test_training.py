@@ -537,6 +537,55 @@ def test_clip_grad_norm_nonfinite():
     assert all(np.isnan(g).all() for g in lin.grads.values())
 
 
+def test_clip_grad_norm_counts_a_shared_layer_once():
+    """Sequential([lin, Tanh(), lin]): lin's gradients are one set (torch's
+    clip_grad_norm_ over the model's parameters counts each once); counted
+    per use, the norm came out sqrt(2) too large and the scale was applied
+    twice (4.3e-7 left of a norm clipped to 1e-3)."""
+    rng = np.random.default_rng(0)
+    lin = fastrnn.Linear(3, 3, dtype="float64", seed=0)
+    model = fastrnn.Sequential([lin, fastrnn.Tanh(), lin])
+    model.compile(loss="mse", optimizer=optim.SGD(lr=0.0))
+    model.train_step(rng.standard_normal((4, 3)), rng.standard_normal((4, 3)))
+    true = np.sqrt(sum(float((g ** 2).sum()) for g in lin.grads.values()))
+    assert true > 1e-2
+    assert optim.clip_grad_norm(model, 1e-3) == pytest.approx(true, rel=1e-12)
+    clipped = np.sqrt(sum(float((g ** 2).sum()) for g in lin.grads.values()))
+    assert clipped == pytest.approx(1e-3, rel=1e-5)
+    assert optim.clip_grad_norm([model, lin], 1e9) == pytest.approx(clipped, rel=1e-12)
+
+
+@pytest.mark.parametrize("wrapper", ["Reversed", "Stateful"])
+def test_a_layer_inside_a_wrapper_and_bare_is_stepped_once(wrapper):
+    """A wrapper's parameters are its layer's: an optimizer given both (or a
+    Sequential holding both, weights shared by a forward and a reversed
+    pass) held the layer twice and moved it by twice the SGD step."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 5, 3))
+    gru = fastrnn.GRU(3, 3, batch_first=True, dtype="float64", seed=0)
+    model = fastrnn.Sequential([getattr(fastrnn, wrapper)(gru), fastrnn.LastStep()])
+    opt = optim.SGD([model, gru], lr=1.0)
+    assert len(opt._modules) == 1
+    before = gru.state_dict()
+    (out, _), backprop = gru.forward_train(x)
+    backprop(np.ones_like(out))
+    grads = {k: g.copy() for k, g in gru.grads.items()}
+    opt.step()
+    for name, value in gru.state_dict().items():
+        np.testing.assert_allclose(value, before[name] - grads[name], rtol=0, atol=1e-14)
+
+    shared = fastrnn.GRU(3, 3, batch_first=True, dtype="float64", seed=0)
+    model = fastrnn.Sequential([fastrnn.Reversed(shared), shared])
+    model.compile(loss="mse", optimizer=optim.SGD(lr=1.0))
+    before = shared.state_dict()
+    y = rng.standard_normal((4, 5, 3))
+    model.zero_grad()
+    model.train_step(x, y)
+    for name, value in shared.state_dict().items():
+        np.testing.assert_allclose(value, before[name] - shared.grads[name], rtol=0,
+                                   atol=1e-14)
+
+
 @needs_torch
 @pytest.mark.parametrize("clip", [0.3, 10.0])
 def test_clip_grad_value_matches_torch(clip):
