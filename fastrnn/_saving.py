@@ -890,6 +890,9 @@ def _check_random(section, n_layers):
         if kind not in _BIT_GENERATORS:
             raise _BadFile(f"random generator {i} names an unknown bit generator "
                            f"{_brief.repr(kind)} (expected one of {list(_BIT_GENERATORS)})")
+        problem = _bad_generator_state(kind, state)
+        if problem:
+            raise _BadFile(f"random generator {i} ({kind}) has a bad state: {problem}")
         bit_generator = getattr(np.random, kind)()
         try:
             bit_generator.state = state
@@ -904,6 +907,49 @@ def _check_random(section, n_layers):
             raise _BadFile(f"{where} random generator should be the index of one of the "
                            f"{len(generators)} generators, got {_brief.repr(ref)}")
     return generators, section["model"], layers
+
+
+# Each bit generator's state as numpy writes it (arrays as lists of ints):
+# {field: (low, high, length or None for one int)}, ints in [low, high].
+# numpy's setters check the types but not the ranges: a Mersenne Twister at
+# position 2**31 or a Philox buffer at position -2**31 loaded and then read
+# far outside their arrays at the next draw (a segfault).
+_U32, _U64, _U128 = 2 ** 32 - 1, 2 ** 64 - 1, 2 ** 128 - 1
+_EXTRA = {"has_uint32": (0, 1, None), "uinteger": (0, _U32, None)}
+_PCG_STATE = ({"state": (0, _U128, None), "inc": (0, _U128, None)}, _EXTRA)
+_GENERATOR_STATES = {
+    "MT19937": ({"key": (0, _U32, 624), "pos": (0, 624, None)}, {}),
+    "Philox": ({"counter": (0, _U64, 4), "key": (0, _U64, 2)},
+               {"buffer": (0, _U64, 4), "buffer_pos": (0, 4, None), **_EXTRA}),
+    "PCG64": _PCG_STATE,
+    "PCG64DXSM": _PCG_STATE,
+    "SFC64": ({"state": (0, _U64, 4)}, _EXTRA),
+}
+
+
+def _bad_generator_state(kind, state):
+    """What is wrong with a bit generator's state from a file ('' if nothing):
+    exactly numpy's fields, each an int (or a list of ints of its length) in
+    its range."""
+    inner, outer = _GENERATOR_STATES[kind]
+    for where, fields, given, own in (
+            ("", outer, state, {"bit_generator", "state"}),
+            ("'state' ", inner, state.get("state"), set())):
+        if not isinstance(given, dict) or set(given) != set(fields) | own:
+            keys = sorted(given) if isinstance(given, dict) else _brief.repr(given)
+            return f"its {where}fields should be {sorted(set(fields) | own)}, got {keys}"
+        for name, (low, high, length) in fields.items():
+            value = given[name]
+            values = value if length is not None and isinstance(value, list) else [value]
+            if ((length is not None and (not isinstance(value, list) or len(value) != length))
+                    or not all(isinstance(x, int) and not isinstance(x, bool)
+                               and low <= x <= high for x in values)):
+                shape = "an int" if length is None else f"a list of {length} ints"
+                return (f"its {name!r} should be {shape} in [{low}, {high}], got "
+                        f"{_brief.repr(value)}")
+    if kind == "MT19937" and not any(state["state"]["key"]):
+        return "its 'key' is all zeros, a state the Mersenne Twister never leaves"
+    return ""
 
 
 def _restore_random(random, model, layers):

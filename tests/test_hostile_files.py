@@ -547,6 +547,34 @@ V2_CASES = {
     "random_bad_state": (
         _v2(edit=_edit(["random", "generators", 0, "state"], {"state": "x", "inc": 1})),
         r"random generator 0 \(PCG64\) has a bad state"),
+    # numpy's setters check no ranges: these loaded and segfaulted at the next draw
+    "random_mt19937_position_past_its_key": (
+        _v2(edit=_edit(["random", "generators", 0], {
+            "bit_generator": "MT19937", "state": {"key": list(range(624)), "pos": 2 ** 31 - 1}})),
+        r"random generator 0 \(MT19937\) has a bad state: its 'pos' should be an int in "
+        r"\[0, 624\], got 2147483647"),
+    "random_mt19937_zero_key": (
+        _v2(edit=_edit(["random", "generators", 0], {
+            "bit_generator": "MT19937", "state": {"key": [0] * 624, "pos": 624}})),
+        r"random generator 0 \(MT19937\) has a bad state: its 'key' is all zeros"),
+    "random_philox_buffer_position_negative": (
+        _v2(edit=_edit(["random", "generators", 0], {
+            "bit_generator": "Philox", "state": {"counter": [0] * 4, "key": [0, 0]},
+            "buffer": [0] * 4, "buffer_pos": -2 ** 31, "has_uint32": 0, "uinteger": 0})),
+        r"random generator 0 \(Philox\) has a bad state: its 'buffer_pos' should be an int in "
+        r"\[0, 4\], got -2147483648"),
+    "random_sfc64_state_too_short": (
+        _v2(edit=_edit(["random", "generators", 0], {
+            "bit_generator": "SFC64", "state": {"state": [1, 2]}, "has_uint32": 0,
+            "uinteger": 0})),
+        r"random generator 0 \(SFC64\) has a bad state: its 'state' should be a list of 4 "
+        r"ints"),
+    "random_pcg64_state_a_float": (
+        _v2(edit=_edit(["random", "generators", 0, "state", "state"], 1.5)),
+        r"random generator 0 \(PCG64\) has a bad state: its 'state' should be an int"),
+    "random_extra_field": (
+        _v2(edit=_edit(["random", "generators", 0, "extra"], 1)),
+        r"random generator 0 \(PCG64\) has a bad state: its fields should be "),
     "random_bad_reference": (_v2(edit=_edit(["random", "layers", 0], 7)),
                              r"layer 0's random generator should be the index of one of the "
                              r"[0-9] generators, got 7"),
