@@ -269,8 +269,13 @@ def _training_state(model):
         for name, (k, rows) in module._names.items():
             for slot, value in module_states[k].items():
                 if isinstance(value, np.ndarray):   # a copy: the next step updates in place
-                    arrays[f"optimizer/{i}.{name}.{slot}"] = \
-                        (value if rows is None else value[rows]).copy()
+                    value = (value if rows is None else value[rows]).copy()
+                    problem = opt._bad_values(slot, value)
+                    if problem:   # loading would refuse it: the file at the path stays
+                        raise ValueError(f"{owner}: the optimizer's {slot} of {name} (layer "
+                                         f"{i}) {problem}, which a model file cannot hold; "
+                                         f"nothing was written")
+                    arrays[f"optimizer/{i}.{name}.{slot}"] = value
                 else:
                     scalars.setdefault(f"{i}.{name}", {})[slot] = int(value)
     clip = {key: (None if value is None else float(value)) for key, value in

@@ -172,6 +172,23 @@ class Optimizer:
         been updated (before, its state is empty)."""
         return ()
 
+    # the slots of running means of squared gradients: never negative, and
+    # +inf where a float32 square overflowed (a gradient of 1e20; the
+    # element's updates are then 0, as in PyTorch); the others stay finite
+    # while the weights do
+    _squared_slots = ()
+
+    def _bad_values(self, slot, value):
+        """Why the state array ``value`` of ``slot`` cannot come from this
+        optimizer's steps ('' if it can): what loading refuses and saving
+        does not write."""
+        if slot in self._squared_slots:
+            if np.isnan(value).any() or (value < 0).any():
+                return "has NaN or negative values (a mean of squared gradients is >= 0)"
+        elif not np.isfinite(value).all():
+            return "has non-finite values"
+        return ""
+
     def state_dict(self) -> dict[str, Any]:
         """Everything an update depends on, as copies.
 
@@ -264,8 +281,9 @@ class Optimizer:
                     raise ValueError(f"{owner}: state[{i}][{name!r}] has shape {value.shape}, "
                                      f"its parameter array {storage.shape}")
                 value = value.astype(storage.dtype, copy=copy)
-                if not np.isfinite(value).all():
-                    raise ValueError(f"{owner}: state[{i}][{name!r}] has non-finite values")
+                problem = fresh._bad_values(name, value)
+                if problem:
+                    raise ValueError(f"{owner}: state[{i}][{name!r}] {problem}")
                 new[name] = value
             new_states.append(new)
         schedules = state_dict["schedules"]
@@ -351,6 +369,7 @@ class Adam(Optimizer):
         super().__init__(params, lr)
 
     _scalar_slots = ("step",)
+    _squared_slots = ("exp_avg_sq", "max_exp_avg_sq")
 
     def get_config(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
@@ -422,6 +441,8 @@ class RMSprop(Optimizer):
         return {"lr": self.lr, "alpha": self.alpha, "eps": self.eps,
                 "weight_decay": self.weight_decay, "momentum": self.momentum,
                 "centered": self.centered}
+
+    _squared_slots = ("square_avg",)
 
     def slots(self):
         return (("square_avg",) + (("grad_avg",) if self.centered else ())

@@ -197,6 +197,58 @@ def test_optimizer_load_state_dict_errors():
     assert fresh.lr == 0.5
 
 
+@pytest.mark.parametrize("cls,kwargs", [(optim.Adam, {}), (optim.Adam, {"amsgrad": True}),
+                                        (optim.RMSprop, {"centered": True})])
+def test_moments_that_overflowed_save_load_and_go_on_as_before(cls, kwargs, tmp_path):
+    """One wild batch (a gradient of ~1e20): its square overflowed float32,
+    so the second moments hold +inf while the weights stay finite, as in
+    PyTorch. save wrote the file and load refused it ("non-finite values"):
+    each checkpoint after that batch, overwriting a good one, was lost. Now
+    the run resumes from the file exactly as it goes on in memory."""
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 5, 2)).astype(np.float32)
+    model = fastrnn.Sequential([fastrnn.GRU(2, 3, batch_first=True, seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(3, 1, seed=1)])
+    model.compile("mse", cls(lr=1e-3, **kwargs))
+    model.fit(x, np.full((4, 1), 1e22, np.float32), epochs=1, verbose=0)
+    squared = [a for state in model.optimizer._state for k, a in state.items()
+               if k in ("exp_avg_sq", "square_avg")]
+    assert any(np.isposinf(a).any() for a in squared)
+    assert all(np.isfinite(w).all() for w in model.state_dict().values())
+    model.save(tmp_path / "m.npz")
+    loaded = fastrnn.load(tmp_path / "m.npz")
+    y = rng.random((4, 1)).astype(np.float32)
+    for m in (model, loaded):
+        m.fit(x, y, epochs=2, verbose=0, shuffle=False)
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value)
+
+
+def test_moments_no_step_could_make_are_refused_and_not_saved(tmp_path):
+    """A negative mean of squared gradients loaded and turned the weights to
+    NaN at the first step (sqrt of a negative); NaN anywhere, or an infinite
+    first moment, is refused by load_state_dict, and save writes no file of
+    them."""
+    model = _compiled(optim.Adam, dict(lr=1e-2), schedule=False)
+    x, y = _data(8)
+    model.train_step(x, y)
+    state = model.optimizer.state_dict()
+    for slot, value, problem in [("exp_avg_sq", -1.0, "NaN or negative"),
+                                 ("exp_avg_sq", np.nan, "NaN or negative"),
+                                 ("exp_avg", np.inf, "non-finite")]:
+        broken = dict(state, state=[dict(s) for s in state["state"]])
+        broken["state"][0][slot] = broken["state"][0][slot].copy()
+        broken["state"][0][slot].flat[0] = value
+        with pytest.raises(ValueError, match=rf"Adam.load_state_dict: state\[0\]\['{slot}'\] "
+                                             rf"has {problem}"):
+            optim.Adam(model).load_state_dict(broken)
+    model.optimizer._state[0]["exp_avg_sq"].flat[0] = np.nan
+    with pytest.raises(ValueError, match=r"Sequential.save: the optimizer's exp_avg_sq of .* "
+                                         r"has NaN or negative values.*nothing was written"):
+        model.save(tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()
+
+
 # --- single layers and cells ------------------------------------------------------------------
 LAYERS = [
     lambda: fastrnn.LSTM(3, 4, num_layers=2, dropout=0.2, bidirectional=True, seed=0),
