@@ -5,6 +5,7 @@ check nothing. Messages name the class, the argument, what was expected and
 what was got.
 """
 import numbers
+import os
 
 import numpy as np
 
@@ -31,6 +32,16 @@ def check_choice(owner, name, value, choices):
         raise TypeError(f"{owner}: {name} must be a str ({listed}), got {type(value).__name__}")
     if value not in choices:
         raise ValueError(f"{owner}: {name} must be {listed}, got {value!r}")
+    return value
+
+
+def check_path(owner, name, value):
+    """A file's name (str, bytes or os.PathLike): a file object is not taken
+    (files are written through a temporary file renamed over the target,
+    and read memory-mapped)."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise TypeError(f"{owner}: {name} must be a file's name (str or os.PathLike), got "
+                        f"{type(value).__name__}")
     return value
 
 
@@ -104,6 +115,13 @@ def as_array(owner, name, value):
                             f"tensor (torch.nn.utils.rnn.pad_packed_sequence) with "
                             f"lengths= instead")
         if _is_torch_tensor(value):
+            if value.is_quantized:
+                raise TypeError(f"{owner}: {name} is a quantized torch tensor ({value.dtype}), "
+                                f"not the values it stands for: pass its .dequantize(), or "
+                                f"import the quantized module with fastrnn.from_torch")
+            if value.is_meta:
+                raise TypeError(f"{owner}: {name} is a torch tensor on the meta device, "
+                                f"which holds no values")
             value = value.detach().cpu()
             try:
                 value = value.numpy()

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from fastrnn import _gate_options, _training_options
+from fastrnn import _validation as v
 from fastrnn._validation import check_dtype, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
@@ -557,6 +558,9 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
     Returns
     -------
     onnx.ModelProto
+        Of the layer's dtype. A float64 graph is valid ONNX, but ONNX
+        Runtime has no float64 kernel for RNN, GRU or LSTM: convert the
+        layer to float32 first to run it there.
     """
     kind = _class_name("to_onnx", layer, _LAYERS, "RNN, GRU or LSTM")
     if layer._config.get("layer_norm"):
@@ -577,6 +581,9 @@ def to_onnx(layer: RNN | GRU | LSTM, path: str | os.PathLike[str] | None = None,
         raise ValueError(f"to_onnx: opset must be an int from 10 (the graph's Slice takes its "
                          f"bounds as inputs) to {newest} (the newest this onnx knows), got "
                          f"{opset!r}")
+    lengths = v.check_bool("to_onnx", "lengths", lengths)
+    if path is not None:
+        v.check_path("to_onnx", "path", path)
     if layer._config.get("zoneout"):
         raise ValueError(f"to_onnx: {kind} has zoneout={layer._config['zoneout']!r}; ONNX's "
                          f"{kind} cannot express it (its inference blends each step's state "

@@ -24,8 +24,8 @@ from fastrnn import _saving
 from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
-from fastrnn._module import (Module, _refuse_quantized_entry, changing_together, holding,
-                             on_one_set, restoring_copy)
+from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
+                             holding, on_one_set, restoring_copy)
 from fastrnn._own_values import own_values
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
@@ -216,8 +216,10 @@ class Sequential:
             return {f"{i}.{name}": value for i, layer in enumerate(self.layers)
                     for name, value in layer.state_dict().items()}
 
-    def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> Any:
-        """Load '{index}.{name}' parameters; checks everything before copying."""
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> LoadResult:
+        """Load '{index}.{name}' parameters; checks everything before copying.
+        Returns (missing_keys, unexpected_keys), as a layer's does (both empty
+        when ``strict``)."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Sequential: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
@@ -256,6 +258,7 @@ class Sequential:
             for layer, part in zip(self.layers, per_layer):
                 if part:
                     layer.load_state_dict(part, strict=False)
+        return LoadResult(missing, unexpected)
 
     def zero_grad(self) -> None:
         for layer in self._modules_with_parameters():
@@ -1026,6 +1029,7 @@ class Sequential:
         ``0.weight_ih_l0``); a ``Stateful``'s carried state is not saved, so
         the loaded one starts from zeros.
         """
+        v.check_path("Sequential.save", "path", path)
         include_optimizer = v.check_bool("Sequential.save", "include_optimizer",
                                          include_optimizer)
         holders = {}   # id of a layer with parameters (inside any wrappers) -> index
@@ -1054,7 +1058,7 @@ class Sequential:
             If the file is not a valid fastrnn model file, or holds a single
             layer rather than a Sequential.
         """
-        model = _saving.load(path, cls)
+        model = _saving.load(v.check_path("Sequential.load", "path", path), cls)
         if not isinstance(model, cls):
             raise ValueError(f"Sequential.load: {os.fspath(path)!r} holds a single "
                              f"{type(model).__name__}, not a Sequential; use fastrnn.load")
@@ -1246,6 +1250,7 @@ def save(obj: Any, path: str | os.PathLike, include_optimizer: bool = True) -> N
     TypeError
         If obj is neither a Sequential nor a fastrnn layer or cell.
     """
+    v.check_path("fastrnn.save", "path", path)
     if isinstance(obj, Sequential):
         obj.save(path, include_optimizer=include_optimizer)
     else:
@@ -1300,7 +1305,7 @@ def load(path: str | os.PathLike) -> Any:
         For anything that is not a complete, consistent fastrnn model file,
         with a message naming what is wrong.
     """
-    return _saving.load(path, Sequential)
+    return _saving.load(v.check_path("fastrnn.load", "path", path), Sequential)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -1335,4 +1340,4 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         If it is not a valid safetensors file, or holds a dtype numpy does
         not represent (the float8 types), with a message naming the problem.
     """
-    return _saving.read_state_dict(path)
+    return _saving.read_state_dict(v.check_path("fastrnn.load_state_dict_file", "path", path))

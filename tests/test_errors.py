@@ -3,6 +3,7 @@ input (other dtypes, memory orders, torch tensors, NaN) works; the caller's
 arrays are never modified and the module never half-changes."""
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -801,3 +802,57 @@ def test_a_layer_backprop_without_dout_says_so(cls):
 def test_none_as_an_array_is_named_as_none():
     with pytest.raises(TypeError, match=r"^LSTM: expected input as an array, got None$"):
         LSTM(3, 4)(None)
+
+
+def test_files_are_named_by_a_path_not_given_as_file_objects(tmp_path):
+    """A file object (or None, or an int) reached os.fspath's bare message,
+    which named neither the function nor the argument; to_onnx took an int
+    as a file descriptor (OSError, or a write into whatever it was)."""
+    import io
+    layer = make(LSTM)
+    calls = {"fastrnn.save": lambda p: fastrnn.save(layer, p),
+             "fastrnn.load": fastrnn.load,
+             "Sequential.save": lambda p: fastrnn.Sequential([layer]).save(p),
+             "Sequential.load": fastrnn.Sequential.load,
+             "fastrnn.load_state_dict_file": fastrnn.load_state_dict_file}
+    for owner, call in calls.items():
+        for bad in (io.BytesIO(), None, 3):
+            with pytest.raises(TypeError, match=rf"^{re.escape(owner)}: path must be a file's "
+                                                rf"name \(str or os.PathLike\), got "
+                                                rf"{type(bad).__name__}$"):
+                call(bad)
+    pytest.importorskip("onnx")
+    with pytest.raises(TypeError, match=r"^to_onnx: path must be a file's name .*got int$"):
+        fastrnn.to_onnx(layer, 3)
+    with pytest.raises(TypeError, match=r"^to_onnx: lengths must be a bool, got str$"):
+        fastrnn.to_onnx(layer, lengths="no")   # any truthy value added sequence_lens
+
+
+def test_sequential_load_state_dict_reports_what_it_skipped():
+    """As a layer's (and PyTorch's): (missing_keys, unexpected_keys); it
+    returned None, so strict=False never told what was skipped."""
+    model = fastrnn.Sequential([fastrnn.Linear(2, 2, seed=0), fastrnn.Tanh(),
+                                fastrnn.Linear(2, 1, seed=1)])
+    result = model.load_state_dict({"0.weight": np.ones((2, 2)), "7.weight": np.ones(1)},
+                                   strict=False)
+    assert result == (["0.bias", "2.weight", "2.bias"], ["7.weight"])
+    assert result.missing_keys == ["0.bias", "2.weight", "2.bias"]
+    assert model.load_state_dict(model.state_dict()) == ([], [])
+
+
+def test_torch_tensors_without_values_are_refused_by_name():
+    """A meta tensor raised torch's NotImplementedError and a quantized one a
+    RuntimeError, neither naming the entry."""
+    torch = pytest.importorskip("torch")
+    layer = make(LSTM)
+    state = {k: torch.from_numpy(v) for k, v in layer.state_dict().items()}
+    shape = tuple(state["weight_ih_l0"].shape)
+    with pytest.raises(TypeError, match=r"^LSTM: state_dict\['weight_ih_l0'\] is a torch tensor "
+                                        r"on the meta device"):
+        layer.load_state_dict(dict(state, weight_ih_l0=torch.empty(shape, device="meta")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch deprecates making quantized tensors
+        q = torch.quantize_per_tensor(torch.zeros(shape), 0.1, 0, torch.qint8)
+    with pytest.raises(TypeError, match=r"^LSTM: state_dict\['weight_ih_l0'\] is a quantized "
+                                        r"torch tensor \(torch.qint8\)"):
+        layer.load_state_dict(dict(state, weight_ih_l0=q))
