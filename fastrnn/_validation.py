@@ -132,6 +132,10 @@ def as_array(owner, name, value):
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{owner}: {name} must be array-like, got {type(value).__name__} "
                             f"that numpy cannot convert ({exc})") from None
+    if type(value) is not np.ndarray:
+        # a subclass as a plain array: an np.matrix stays 2-D through reshape
+        # (an unbatched call's hx reached the kernel so)
+        value = np.asarray(value)
     return value
 
 

@@ -303,6 +303,13 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         ``zero_output_for_mask=True``.
     """
     kind = type(layer).__name__
+    if not any(cls.__module__.partition(".")[0] in ("keras", "tf_keras", "tensorflow")
+               for cls in type(layer).__mro__):   # (a torch or fastrnn LSTM has no get_config)
+        hint = ("; for a PyTorch module use fastrnn.from_torch"
+                if type(layer).__module__.startswith("torch") else "")
+        raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional, "
+                        f"Sequential or functional Model, got {type(layer).__module__}.{kind} "
+                        f"(not a Keras object){hint}")
     if kind == "Sequential":
         return _keras_model(layer.layers, dtype)
     if kind == "Functional":

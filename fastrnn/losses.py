@@ -186,7 +186,10 @@ class HuberLoss(Loss):
     """
 
     def __init__(self, delta: float = 1.0, reduction: str = "mean") -> None:
-        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta > 0:
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
+            raise TypeError(f"HuberLoss: delta must be a positive number, got "
+                            f"{type(delta).__name__} {delta!r}")
+        if not delta > 0:
             raise ValueError(f"HuberLoss: delta must be a positive number, got {delta!r}")
         self.delta = float(delta)
         super().__init__(reduction)
@@ -435,6 +438,11 @@ def get_loss(loss: Loss | str) -> Loss:
     """A Loss from a Loss instance or a name such as 'mse'."""
     if isinstance(loss, Loss):
         return loss
-    if isinstance(loss, str) and loss.lower() in LOSSES:
+    if not isinstance(loss, str):
+        hint = (f" (the class {loss.__name__}: pass {loss.__name__}() or a name)"
+                if isinstance(loss, type) and issubclass(loss, Loss) else "")
+        raise TypeError(f"loss must be a fastrnn loss or one of {sorted(LOSSES)}, got "
+                        f"{type(loss).__name__}{hint}")
+    if loss.lower() in LOSSES:
         return LOSSES[loss.lower()]()
     raise ValueError(f"loss must be a fastrnn loss or one of {sorted(LOSSES)}, got {loss!r}")

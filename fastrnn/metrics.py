@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from fastrnn import _validation as v
 from fastrnn._validation import shape_str
 
 
@@ -85,13 +86,14 @@ class Metric:
         ValueError
             If the shapes do not fit each other.
         """
-        values = np.asarray(self._values(np.asarray(y_true), np.asarray(y_pred)),
-                            dtype=np.float64)
+        owner = f"{type(self).__name__}.update_state"
+        values = np.asarray(self._values(_numbers(owner, "y_true", y_true),
+                                         _numbers(owner, "y_pred", y_pred)), dtype=np.float64)
         if sample_weight is None:
             self._total += float(values.sum())
             self._count += values.size
             return
-        weight = np.asarray(sample_weight, dtype=np.float64)
+        weight = _numbers(owner, "sample_weight", sample_weight).astype(np.float64)
         if weight.ndim > values.ndim or values.shape[:weight.ndim] != weight.shape:
             raise ValueError(f"{type(self).__name__}: sample_weight of shape "
                              f"{shape_str(weight.shape)} does not fit the metric's values of "
@@ -112,6 +114,15 @@ class Metric:
     def __repr__(self):
         args = ", ".join(f"{k}={val!r}" for k, val in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def _numbers(owner, name, value):
+    """An array of numbers or bools (labels may be bools, as in Keras); a
+    string array had numpy's ufunc error, or sorted as strings."""
+    value = v.as_array(owner, name, value)
+    if value.dtype.kind not in "biuf":
+        raise TypeError(f"{owner}: {name} must hold numbers (or bools), got dtype {value.dtype}")
+    return value
 
 
 def _same_rank(y_true, y_pred):

@@ -650,6 +650,7 @@ class Sequential:
             batch_size = v.check_int(owner, "batch_size", batch_size)
         if steps is not None:
             steps = v.check_int(owner, "steps", steps)
+        return_dict = v.check_bool(owner, "return_dict", return_dict)
         source = batching.make(owner, self, x, y, sample_weight)
         if isinstance(source, batching.IterableData) and batch_size is not None:
             raise ValueError(f"{owner}: batch_size does not apply to x as an iterable of "
@@ -778,6 +779,9 @@ class Sequential:
         initial_epoch = v.check_int(owner, "initial_epoch", initial_epoch, minimum=0)
         if batch_size is not None:
             batch_size = v.check_int(owner, "batch_size", batch_size)
+        if not isinstance(verbose, numbers.Integral):
+            raise TypeError(f"{owner}: verbose must be 0, 1 or 2, got {type(verbose).__name__} "
+                            f"{verbose!r}")
         if verbose not in (0, 1, 2):
             raise ValueError(f"{owner}: verbose must be 0, 1 or 2, got {verbose!r}")
         if steps_per_epoch is not None:
@@ -797,8 +801,10 @@ class Sequential:
             val = batching.validation(owner, self, validation_data)
         elif validation_split:
             split = validation_split
-            if isinstance(split, bool) or not isinstance(split, numbers.Real) \
-                    or not 0 <= split < 1:
+            if isinstance(split, bool) or not isinstance(split, numbers.Real):
+                raise TypeError(f"{owner}: validation_split must be a float in [0, 1), got "
+                                f"{type(split).__name__} {split!r}")
+            if not 0 <= split < 1:
                 raise ValueError(f"{owner}: validation_split must be a float in [0, 1), "
                                  f"got {split!r}")
             if iterable:

@@ -170,7 +170,9 @@ class _Stateless:
                              f"{list(state_dict)}")
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
-        return self._seq_infer(np.asarray(x))
+        # numbers only, as the recurrent layers take (a bool array came back
+        # as int64 from ReLU, and strings reached numpy's ufunc errors)
+        return self._seq_infer(v.to_numpy(type(self).__name__, "input", x))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write this layer to one ``.npz`` file (its configuration, weights

@@ -106,6 +106,16 @@ class Optimizer:
         self.add(params)
 
     @property
+    def lr(self) -> float:
+        """The learning rate: a finite number >= 0, checked when set (a NaN
+        set by hand turned every weight to NaN at the next step)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _check_number(type(self).__name__, "lr", value)
+
+    @property
     def learning_rate(self) -> float:
         """Keras' name of ``lr``."""
         return self.lr
@@ -488,7 +498,12 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 def get_optimizer(optimizer: Optimizer | str) -> Optimizer:
     if isinstance(optimizer, Optimizer):
         return optimizer
-    if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
+    if not isinstance(optimizer, str):
+        hint = (f" (the class {optimizer.__name__}: pass {optimizer.__name__}() or a name)"
+                if isinstance(optimizer, type) and issubclass(optimizer, Optimizer) else "")
+        raise TypeError(f"optimizer must be a fastrnn optimizer or one of {sorted(OPTIMIZERS)}, "
+                        f"got {type(optimizer).__name__}{hint}")
+    if optimizer.lower() in OPTIMIZERS:
         return OPTIMIZERS[optimizer.lower()]()
     raise ValueError(f"optimizer must be a fastrnn optimizer or one of {sorted(OPTIMIZERS)}, "
                      f"got {optimizer!r}")
@@ -580,8 +595,10 @@ class StepLR(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1) -> None:
         super().__init__(optimizer)
-        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral) \
-                or step_size < 1:
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral):
+            raise TypeError(f"StepLR: step_size must be a positive int, got "
+                            f"{type(step_size).__name__} {step_size!r}")
+        if step_size < 1:
             raise ValueError(f"StepLR: step_size must be a positive int, got {step_size!r}")
         self.step_size, self.gamma = int(step_size), _check_number("StepLR", "gamma", gamma)
         self._attach()

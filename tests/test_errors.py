@@ -856,3 +856,83 @@ def test_torch_tensors_without_values_are_refused_by_name():
     with pytest.raises(TypeError, match=r"^LSTM: state_dict\['weight_ih_l0'\] is a quantized "
                                         r"torch tensor \(torch.qint8\)"):
         layer.load_state_dict(dict(state, weight_ih_l0=q))
+
+
+def _compiled_linear():
+    model = fastrnn.Sequential([fastrnn.Linear(2, 2, seed=0)])
+    model.compile("mse", "sgd")
+    return model
+
+
+WRONG_TYPES = {   # a wrong type is a TypeError (these were ValueErrors, or accepted)
+    "StepLR step_size float": (lambda: fastrnn.optim.StepLR(
+        fastrnn.optim.SGD(fastrnn.Linear(2, 2)), 2.0), r"StepLR: step_size must be a positive "
+                                                        r"int, got float 2.0"),
+    "StepLR step_size bool": (lambda: fastrnn.optim.StepLR(
+        fastrnn.optim.SGD(fastrnn.Linear(2, 2)), True), r"StepLR: step_size .*got bool"),
+    "HuberLoss delta str": (lambda: fastrnn.HuberLoss(delta="1"),
+                            r"HuberLoss: delta must be a positive number, got str '1'"),
+    "compile loss int": (lambda: fastrnn.Sequential([fastrnn.Linear(2, 2)]).compile(loss=3),
+                         r"loss must be a fastrnn loss or one of .*, got int$"),
+    "compile loss class": (lambda: fastrnn.Sequential([fastrnn.Linear(2, 2)]).compile(
+        loss=fastrnn.MSELoss), r"got type \(the class MSELoss: pass MSELoss\(\) or a name\)"),
+    "compile optimizer class": (lambda: fastrnn.Sequential([fastrnn.Linear(2, 2)]).compile(
+        "mse", optimizer=fastrnn.optim.Adam), r"optimizer must be .*got type \(the class Adam: "
+                                              r"pass Adam\(\) or a name\)"),
+    "fit verbose str": (lambda: _compiled_linear().fit(np.ones((4, 2)), np.ones((4, 2)),
+                                                       verbose="x"),
+                        r"Sequential.fit: verbose must be 0, 1 or 2, got str 'x'"),
+    "fit validation_split str": (lambda: _compiled_linear().fit(
+        np.ones((4, 2)), np.ones((4, 2)), validation_split="0.2", verbose=0),
+        r"Sequential.fit: validation_split must be a float in \[0, 1\), got str '0.2'"),
+    "evaluate return_dict str": (lambda: _compiled_linear().evaluate(
+        np.ones((4, 2)), np.ones((4, 2)), return_dict="no"),   # a dict came back
+        r"Sequential.evaluate: return_dict must be a bool, got str"),
+    "ReLU of bools": (lambda: fastrnn.ReLU()(np.array([True, False])),   # int64 came back
+                      r"ReLU: input must have a real numeric dtype, got bool"),
+    "Dropout of strings": (lambda: fastrnn.Dropout(0.5)(np.array(["a"])),
+                           r"Dropout: input must have a real numeric dtype"),
+    "metric of strings": (lambda: fastrnn.metrics.MeanAbsoluteError().update_state(
+        np.array(["1", "2"]), np.ones(2)),   # numpy's UFuncTypeError
+        r"MeanAbsoluteError.update_state: y_true must hold numbers \(or bools\), got dtype "
+        r"<U1"),
+    "accuracy of string labels": (lambda: fastrnn.metrics.SparseCategoricalAccuracy()
+                                  .update_state(np.array(["1", "0"]), np.eye(2)),  # gave 0.0
+                                  r"y_true must hold numbers"),
+    "from_keras of a fastrnn layer": (lambda: fastrnn.from_keras(fastrnn.LSTM(2, 3)),
+                                      r"from_keras: expected a Keras .*got fastrnn.layers.LSTM "
+                                      r"\(not a Keras object\)$"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES)
+def test_a_wrong_type_is_a_type_error_naming_the_argument(case):
+    call, message = WRONG_TYPES[case]
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_a_learning_rate_set_by_hand_is_checked():
+    """optimizer.lr = NaN was taken (learning_rate's setter checked) and
+    the next step turned every weight to NaN."""
+    opt = fastrnn.optim.Adam(fastrnn.Linear(2, 2), lr=0.1)
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match=r"Adam: lr must"):
+            opt.lr = bad
+    assert opt.lr == 0.1
+    opt.lr = 0.5
+    assert opt.get_config()["lr"] == opt.learning_rate == 0.5
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_an_np_matrix_state_works_as_its_array(cls):
+    """np.matrix stays 2-D through reshape: an unbatched call's hx reached
+    the kernel as a 2-D buffer (Cython's "Buffer has wrong number of
+    dimensions")."""
+    x = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
+    h = np.random.default_rng(1).standard_normal((1, H)).astype(np.float32)
+    m = make(cls)
+    hx = (h, h) if has_c(cls) else h
+    mx = (np.asmatrix(h), np.asmatrix(h)) if has_c(cls) else np.asmatrix(h)
+    np.testing.assert_array_equal(m(x, mx)[0], m(x, hx)[0])
+    np.testing.assert_array_equal(m(np.asmatrix(x))[0], m(x)[0])
