@@ -8,8 +8,10 @@ are scored with the inference path, the results equal to ``model.predict``
 on the whole array. The model in the graph is a copy taken when ``predict``
 is called: every block is scored with those weights, even if the model is
 trained or loaded meanwhile (a local scheduler's blocks read the live model,
-some before a load and some after). To use a real cluster, connect a client
-first::
+some before a load and some after). A model holding a ``Stateful`` layer is
+refused: it carries its state from one batch to the next, but the blocks are
+scored in any order, on any worker, so no state could carry across them. To
+use a real cluster, connect a client first::
 
     from dask.distributed import Client
     client = Client("tcp://scheduler-address:8786")
@@ -22,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from fastrnn import _validation as v
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
+from fastrnn.wrappers import Stateful, _Wrapper
 
 
 def _require_dask():
@@ -39,6 +43,47 @@ def _check_model(model, owner):
     if not isinstance(model, (Sequential, _RNNBase)):
         raise TypeError(f"{owner}: model must be a fastrnn Sequential or RNN/GRU/LSTM layer, "
                         f"got {type(model).__name__}")
+    for i, layer in enumerate(model.layers if isinstance(model, Sequential) else ()):
+        wrapped = layer
+        while isinstance(wrapped, _Wrapper):   # (a wrapper's layer may be assigned anew)
+            if isinstance(wrapped, Stateful):
+                raise ValueError(
+                    f"{owner}: model.layers[{i}] ({layer!r}) is or wraps a Stateful, which "
+                    f"carries its state from one batch to the next; the blocks are scored in "
+                    f"any order, on any worker, so no state can carry across them (score a "
+                    f"model of the layer it wraps, or call model.predict)")
+            wrapped = wrapped.layer
+
+
+def _takes_ids(model):
+    return isinstance(model, Sequential) and getattr(model.layers[0], "_takes_ids", False)
+
+
+def _input_features(model):
+    """The feature size the model fixes, or None (an Embedding's ids, or none fixed)."""
+    return model._input_features() if isinstance(model, Sequential) else model.input_size
+
+
+def _check_x_shape(model, shape, owner):
+    """x's shape against what the model takes, checked here so that the message
+    names the user's x, not the one-row trial call (and so that a layer does not
+    take a 2-D block for one unbatched sequence)."""
+    got = v.shape_str(shape)
+    if _takes_ids(model):
+        if len(shape) != 2:
+            raise ValueError(f"{owner}: expected x of shape (N, T) (integer ids: samples, "
+                             f"steps), got {got}")
+        return
+    features = _input_features(model)
+    f = "features" if features is None else features
+    right_features = features is None or (len(shape) > 0 and shape[-1] == features)
+    if not isinstance(model, Sequential) or model._takes_sequences():
+        if len(shape) != 3 or not right_features:
+            raise ValueError(f"{owner}: expected x of shape (N, T, {f}) (batch-first "
+                             f"sequences: samples, steps, features), got {got}")
+    elif len(shape) < 2 or not right_features:
+        raise ValueError(f"{owner}: expected x of shape (N, {f}) or (N, T, {f}) (samples "
+                         f"first), got {got}")
 
 
 def _snapshot(model):
@@ -58,15 +103,24 @@ def _score(model, block, batch_size):
     return model._seq_infer(block)   # batch-first sequences in and out, as Sequential's
 
 
+def _score_block(model, block, batch_size, empty):
+    # a block of no rows (a filtered array's, say): its empty output, which the
+    # model, refusing a batch of none, cannot give
+    return empty.copy() if len(block) == 0 else _score(model, block, batch_size)
+
+
 def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None = None) -> Any:
     """Score a Dask array of batch-first sequences, (N, T, features).
 
     Parameters
     ----------
-    model : Sequential, or an RNN/GRU/LSTM layer (its output sequence)
-    x : dask.array.Array of shape (N, T, features); chunked along N as you
-        like (each chunk is one task), whole along the other axes (rechunked
-        if not)
+    model : Sequential, or an RNN/GRU/LSTM layer (its output sequence); not
+        holding a ``Stateful`` (its state cannot carry across blocks scored
+        in any order)
+    x : dask.array.Array of shape (N, T, features) ((N, T) ids for a model
+        starting with an Embedding); chunked along N as you like (each chunk
+        is one task, an empty one gives no rows), whole along the other axes
+        (rechunked if not)
     batch_size : int, optional; the batch size of ``Sequential.predict``
         inside a block
 
@@ -79,44 +133,92 @@ def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None
     if not isinstance(x, da.Array):
         raise TypeError(f"fastrnn.dask.predict: x must be a dask array, got {type(x).__name__}"
                         f" (for a numpy array, call model.predict)")
-    if x.ndim < 2:
-        raise ValueError(f"fastrnn.dask.predict: expected sequences of shape (N, T, features), "
-                         f"got shape {x.shape}")
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"fastrnn.dask.predict: x must have a real numeric dtype, got {x.dtype}")
+    _check_x_shape(model, x.shape, "fastrnn.dask.predict")
+    if batch_size is not None:   # (a layer's scoring would not look at it)
+        batch_size = v.check_int("fastrnn.dask.predict", "batch_size", batch_size)
     x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})
     # the shape and dtype of one sample's output, from a zero sample
     model = _snapshot(model)
     probe = np.asarray(_score(model, np.zeros((1,) + x.shape[1:], x.dtype), batch_size))
     shared_model = dask.delayed(model, pure=True)
+    empty = probe[:0].copy()
     blocks = []
     for block, rows in zip(x.to_delayed().ravel(), x.chunks[0]):
-        scored = dask.delayed(_score, pure=True)(shared_model, block, batch_size)
+        scored = dask.delayed(_score_block, pure=True)(shared_model, block, batch_size, empty)
         blocks.append(da.from_delayed(scored, shape=(rows,) + probe.shape[1:], dtype=probe.dtype))
     return da.concatenate(blocks, axis=0)
 
 
 def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
-                      features: int, batch_size: int | None = None) -> Any:
+                      features: int | None = None, batch_size: int | None = None) -> Any:
     """Score a Dask dataframe whose rows are flattened sequences: each row's
     ``steps * features`` numeric columns, step-major (all features of step 0,
     then of step 1, ...). Returns a Dask dataframe of the outputs, one row per
     input row (same index), columns ``out_0``, ``out_1``, ...
+
+    ``features`` defaults to the model's input size. For a model starting
+    with an Embedding each row holds ``steps`` ids, one per step (features
+    is 1, or omitted). The model is taken as by ``predict`` (no ``Stateful``).
     """
+    owner = "fastrnn.dask.predict_dataframe"
     dask, _ = _require_dask()
-    import pandas as pd
-    _check_model(model, "fastrnn.dask.predict_dataframe")
+    try:
+        import dask.dataframe as dd
+        import pandas as pd
+    except ImportError:
+        raise ImportError(f"{owner} needs dask's dataframes: pip install "
+                          f"\"dask[dataframe]\"") from None
+    _check_model(model, owner)
+    if not isinstance(df, dd.DataFrame):
+        hint = " (for a pandas one, pass dask.dataframe.from_pandas(df, npartitions=...))" \
+            if isinstance(df, pd.DataFrame) else ""
+        raise TypeError(f"{owner}: df must be a dask DataFrame, got {type(df).__name__}{hint}")
+    steps = v.check_int(owner, "steps", steps)
+    if batch_size is not None:
+        batch_size = v.check_int(owner, "batch_size", batch_size)
+    if features is not None:
+        features = v.check_int(owner, "features", features)
+    ids = _takes_ids(model)
+    if ids:
+        if features not in (None, 1):
+            raise ValueError(f"{owner}: the model starts with an Embedding, so a row holds one "
+                             f"id per step: features must be 1 (or omitted), got {features}")
+        features = 1
+    else:
+        fixed = _input_features(model)
+        if features is None:
+            if fixed is None:
+                raise TypeError(f"{owner}: features must be given (an int): the model's "
+                                f"first layers do not fix it")
+            features = fixed
+        elif fixed is not None and features != fixed:
+            raise ValueError(f"{owner}: features must be the model's input size, {fixed}, "
+                             f"got {features}")
     if len(df.columns) != steps * features:
-        raise ValueError(f"fastrnn.dask.predict_dataframe: expected {steps} x {features} = "
+        raise ValueError(f"{owner}: expected {steps} x {features} = "
                          f"{steps * features} columns, got {len(df.columns)}")
+    for column, column_dtype in df.dtypes.items():
+        if getattr(column_dtype, "kind", "O") not in "fiu":
+            raise TypeError(f"{owner}: df's columns must be numeric (int or float), got column "
+                            f"{column!r} of dtype {column_dtype}")
     model = _snapshot(model)
-    dtype = _input_dtype(model)   # (float32 always had rounded a float64 model's input)
-    probe = np.asarray(_score(model, np.zeros((1, steps, features), dtype), batch_size))
+    # ids as they are (the Embedding checks them); else the model's dtype (float32
+    # always had rounded a float64 model's input)
+    dtype = None if ids else _input_dtype(model)
+    sample = (steps,) if ids else (steps, features)
+    probe = np.asarray(_score(model, np.zeros((1,) + sample, dtype or np.int64), batch_size))
     width = int(np.prod(probe.shape[1:]))
     columns = [f"out_{i}" for i in range(width)]
     shared_model = dask.delayed(model, pure=True)
 
     def score_partition(part, model):
-        values = part.to_numpy(dtype=dtype).reshape(len(part), steps, features)
-        out = np.asarray(_score(model, values, batch_size)).reshape(len(part), width)
+        if len(part) == 0:   # (as an empty block in predict)
+            out = np.empty((0, width), probe.dtype)
+        else:
+            values = part.to_numpy(dtype=dtype).reshape((len(part),) + sample)
+            out = np.asarray(_score(model, values, batch_size)).reshape(len(part), width)
         return pd.DataFrame(out, index=part.index, columns=columns)
 
     meta = pd.DataFrame({c: pd.Series(dtype=probe.dtype) for c in columns})

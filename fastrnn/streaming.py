@@ -5,7 +5,7 @@ and keeps the recurrent state between calls, so that feeding a sequence in
 pieces gives the outputs of one call on the whole of it. The state can be
 read (for a checkpoint), set, and reset; a Stream pickles with its model and
 state. A ``Stateful`` layer streams as the layer it wraps; a ``Reversed`` one
-cannot stream.
+cannot stream, nor can a ``ZeroMasked(reverse=True)``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fastrnn._own_values import own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.masking import carries_steps, mask_for
 from fastrnn.model import Sequential
-from fastrnn.nn import Embedding, LastStep
+from fastrnn.nn import Embedding, LastStep, ZeroMasked
 from fastrnn.wrappers import Reversed, Stateful, _Wrapper
 
 
@@ -31,8 +31,9 @@ class Stream(CallLock):
     Parameters
     ----------
     model : RNN, GRU, LSTM, Stateful or Sequential
-        Its recurrent layers must be unidirectional and not ``Reversed`` (a
-        reverse direction, or a reversed layer, needs the whole sequence).
+        Its recurrent layers must be unidirectional and not ``Reversed``, and
+        it holds no ``ZeroMasked(reverse=True)`` (a reverse direction, a
+        reversed layer or a reversed mask needs the whole sequence).
         A Sequential's masks (``Masking``, ``Embedding(mask_zero=True)``)
         apply as in a call on the whole sequence: a masked step carries the
         state and its output repeats the last read step's, across chunks.
@@ -80,6 +81,11 @@ class Stream(CallLock):
             # (masking.carries_steps), the same at every frame
             steps_carried, carried, masked = [], False, False
             for layer in model.layers:
+                if isinstance(layer, ZeroMasked) and layer._config.get("reverse"):
+                    raise ValueError(
+                        f"Stream: {layer!r} zeroes the steps of the time-reversed mask, whose "
+                        f"first step is the last one fed: it needs the whole sequence, so it "
+                        f"cannot stream")
                 if isinstance(layer, LastStep) and masked and not carried:
                     raise ValueError(
                         "Stream: a LastStep under a mask with no recurrent layer since the "
@@ -96,8 +102,10 @@ class Stream(CallLock):
                 raise ValueError(f"Stream: {layer!r} is bidirectional; its reverse direction "
                                  f"needs the whole sequence, so it cannot stream")
         self.model = model
-        # a Sequential's layers as made: a model changed since is refused at a call
+        # a Sequential's layers as made, and each wrapper's layer (``stateful.layer =
+        # other`` is allowed): a model changed since is refused at a call
         self._layers = list(model.layers) if isinstance(model, Sequential) else None
+        self._wrapped = _wrapped_layers(model)
         self._steps_carried = steps_carried if isinstance(model, Sequential) else None
         self._recurrent = recurrent
         self._state = [None] * len(recurrent)
@@ -142,8 +150,8 @@ class Stream(CallLock):
         # one stream's state, is stored as (num_layers, 1, H); an LSTM's part
         # may be None (zeros), as in the layer's hx.
         new = [None if s is None else
-               (tuple(_batched_state(a) for a in s) if isinstance(s, (tuple, list))
-                else _batched_state(s)) for s in value]
+               (tuple(_given_state(a) for a in s) if isinstance(s, (tuple, list))
+                else _given_state(s)) for s in value]
         with self._lock:
             self._state, self._carried = new, False
             self._last = [None] * len(self._recurrent)
@@ -154,9 +162,13 @@ class Stream(CallLock):
         The state is kept batched, (num_layers, B, H); an unbatched x (one
         stream) takes it as (num_layers, H), which needs B = 1."""
         state = self._state[k]
-        batched = np.ndim(x) == 3 and not one_stream
+        x = v.to_numpy(type(layer).__name__, "input", x)   # (as the layer names it)
+        # a chunk the layer does not take is the layer's to name (it checks its input
+        # before the state), not blamed on the state's batch
+        takes = x.ndim in (2, 3) and x.shape[-1] == layer.input_size
+        batched = x.ndim == 3 and not one_stream
         held = [a.shape[1] for a in (state if isinstance(state, tuple) else (state,))
-                if a is not None and a.ndim == 3]
+                if a is not None and a.ndim == 3] if takes else []
         if held and not batched and held[0] != 1:
             raise ValueError(f"Stream: the state holds {held[0]} streams; an unbatched chunk "
                              f"or frame feeds one (pass a batch of {held[0]}, or reset the "
@@ -167,7 +179,7 @@ class Stream(CallLock):
                 raise ValueError(f"Stream: the state holds {held[0]} streams, the chunk feeds "
                                  f"{B} (pass a batch of {held[0]}, or reset the stream or set "
                                  f"its state to start {B})")
-        if state is not None and not np.ndim(x) == 3:
+        if state is not None and not x.ndim == 3:
             state = tuple(_one_stream(a) for a in state) if isinstance(state, tuple) \
                 else _one_stream(state)
         with own_values(layer, state=getattr(self, "_carried", False)):   # (older pickles)
@@ -185,6 +197,7 @@ class Stream(CallLock):
         several threads run one at a time, each continuing the state the
         one before left."""
         with self._lock:
+            self._check_unchanged()
             if not isinstance(self.model, Sequential):
                 out, state = self._run_layer(0, self._recurrent[0], chunk)
                 self._state = [state]   # a new list, as the Sequential path: a copy's own
@@ -196,11 +209,18 @@ class Stream(CallLock):
             self._carried = True
             return out
 
-    def _feed_model(self, chunk):
-        if len(self.model.layers) != len(self._layers) or any(
-                a is not b for a, b in zip(self.model.layers, self._layers)):
+    def _check_unchanged(self):
+        if self._layers is not None and (len(self.model.layers) != len(self._layers) or any(
+                a is not b for a, b in zip(self.model.layers, self._layers))):
             raise ValueError("Stream: the model's layers changed since the Stream was made; "
                              "make a new Stream of it")
+        for wrapper, layer in getattr(self, "_wrapped", ()):   # (older pickles: not kept)
+            if wrapper.layer is not layer:
+                raise ValueError(f"Stream: the layer inside {type(wrapper).__name__} was "
+                                 f"replaced since the Stream was made (it would run the old "
+                                 f"one); make a new Stream of it")
+
+    def _feed_model(self, chunk):
         x = v.to_numpy("Stream", "chunk", chunk)
         ids = bool(self.model.layers) and isinstance(self.model.layers[0], Embedding)
         if x.ndim not in ((1, 2) if ids else (2, 3)):
@@ -294,6 +314,16 @@ def _repeat_last(out, mask, last):
     return out, now
 
 
+def _wrapped_layers(model):
+    """(wrapper, the layer it wraps) for every wrapper in the model, at any depth."""
+    pairs = []
+    for layer in model.layers if isinstance(model, Sequential) else [model]:
+        while isinstance(layer, _Wrapper):
+            pairs.append((layer, layer.layer))
+            layer = layer.layer
+    return pairs
+
+
 def _streamed(layer):
     """The recurrent layer the stream runs for `layer`: itself, or the layer
     inside a Stateful; a Reversed is refused."""
@@ -314,6 +344,12 @@ def _batched_state(a):
         return None
     a = np.array(a)
     return a[:, None] if a.ndim == 2 else a
+
+
+def _given_state(a):
+    """A state array the caller set, as the stream keeps it (its shape is
+    checked by the next call)."""
+    return None if a is None else _batched_state(v.to_numpy("Stream", "state", a))
 
 
 def _one_stream(a):

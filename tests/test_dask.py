@@ -92,3 +92,120 @@ def test_a_float64_model_scores_a_dataframe_in_float64():
     # rows round as a batch of their number), not float32's
     np.testing.assert_allclose(scores["out_0"].to_numpy(), model.predict(x)[:, 0], rtol=0,
                                atol=1e-14)
+
+
+def test_empty_blocks_and_partitions_score_to_no_rows():
+    """[failed before] A block or partition with no rows (a filtered array's
+    chunks of unknown size) raised "Sequential: got no samples"."""
+    import dask
+    import pandas as pd
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.Linear(4, 2, seed=1)])
+    x = np.random.default_rng(4).standard_normal((12, 5, 3)).astype(np.float32)
+    x[4:8, 0, 0] = -5                                   # the second block of 4 filtered out
+    keep = x[:, 0, 0] > -1
+    dx = da.from_array(x, chunks=(4, 5, 3))
+    with dask.config.set(scheduler="sync"):
+        got = fdask.predict(model, dx[dx[:, 0, 0] > -1]).compute()
+        np.testing.assert_array_equal(got, model.predict(x[keep]))
+        for kind in (fastrnn.GRU(3, 4, seed=0), model):   # all rows filtered out
+            none = fdask.predict(kind, dx[dx[:, 0, 0] > 100]).compute()
+            assert none.shape == (0, 5, 4 if kind is not model else 2)
+            assert none.dtype == np.float32
+        frame = dd.from_pandas(pd.DataFrame(x.reshape(12, 15)), npartitions=3)
+        kept = frame.map_partitions(lambda part: part[part[0] > -1])   # partition 2 empty
+        scores = fdask.predict_dataframe(model, kept, steps=5, features=3).compute()
+    np.testing.assert_array_equal(scores.to_numpy(), model.predict(x[keep]).reshape(-1, 10))
+    assert list(scores.index) == list(np.flatnonzero(keep))
+
+
+def test_a_model_holding_a_stateful_is_refused():
+    """[failed before] The one-row trial call fixed the Stateful's batch size
+    to 1 (or failed with batch_size=4): every block failed, blaming the batch
+    size. Blocks run in any order, so no state can carry across them."""
+    import pandas as pd
+    gru = fastrnn.GRU(3, 4, batch_first=True, seed=0)
+    deep = fastrnn.Reversed(fastrnn.GRU(3, 4, batch_first=True, seed=0))
+    deep.layer = fastrnn.Stateful(gru)                   # (a wrapper's layer set anew)
+    x = da.zeros((8, 5, 3), chunks=(4, 5, 3), dtype=np.float32)
+    frame = dd.from_pandas(pd.DataFrame(np.zeros((8, 15))), npartitions=2)
+    for stateful in (fastrnn.Stateful(gru), fastrnn.Stateful(gru, batch_size=4), deep):
+        model = fastrnn.Sequential([stateful, fastrnn.Linear(4, 1, seed=1)])
+        with pytest.raises(ValueError, match=r"fastrnn.dask.predict: model.layers\[0\] "
+                                             r"\((Stateful|Reversed)\(.*\) is or wraps a "
+                                             r"Stateful, which carries its state from one batch "
+                                             r"to the next; the blocks are scored in any order"):
+            fdask.predict(model, x, batch_size=4)
+        with pytest.raises(ValueError, match=r"predict_dataframe: model.layers\[0\] .* is or "
+                                             r"wraps a Stateful"):
+            fdask.predict_dataframe(model, frame, steps=5, features=3)
+    with pytest.raises(TypeError, match="model must be a fastrnn Sequential or RNN/GRU/LSTM "
+                                        "layer, got Stateful"):
+        fdask.predict(fastrnn.Stateful(gru), x)
+
+
+def test_shape_errors_name_the_users_x():
+    """[failed before] The messages showed the one-row trial call's shape,
+    (1, 3), not the user's (5, 3); a layer took each 2-D block for one
+    unbatched sequence and scored it silently."""
+    model = seed_model()                                 # GRU(2, ...)
+    for bad in ((5, 3), (5, 3, 4)):
+        with pytest.raises(ValueError, match=rf"fastrnn.dask.predict: expected x of shape "
+                                             rf"\(N, T, 2\) \(batch-first sequences: samples, "
+                                             rf"steps, features\), got \({bad[0]}, {bad[1]}"):
+            fdask.predict(model, da.zeros(bad))
+    with pytest.raises(ValueError, match=r"expected x of shape \(N, T, 2\) .*, got \(5, 2\)"):
+        fdask.predict(fastrnn.GRU(2, 4, batch_first=True), da.zeros((5, 2), chunks=2))
+    with pytest.raises(TypeError, match=r"fastrnn.dask.predict: batch_size must be an int, "
+                                        r"got float"):
+        fdask.predict(fastrnn.GRU(2, 4), da.zeros((5, 3, 2)), batch_size=2.0)
+
+
+def test_predict_dataframe_checks_its_arguments():
+    """[failed before] A pandas DataFrame, steps or features of the wrong type
+    or sign, or a column of strings gave pandas', numpy's or Python's own
+    errors (AttributeError, "negative dimensions are not allowed", ...)."""
+    import pandas as pd
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0), fastrnn.LastStep()])
+    values = pd.DataFrame(np.zeros((6, 15)))
+    frame = dd.from_pandas(values, npartitions=2)
+    owner = "fastrnn.dask.predict_dataframe: "
+    with pytest.raises(TypeError, match=owner + r"df must be a dask DataFrame, got DataFrame "
+                                                r"\(for a pandas one, pass "
+                                                r"dask.dataframe.from_pandas"):
+        fdask.predict_dataframe(model, values, steps=5, features=3)
+    with pytest.raises(TypeError, match=owner + "steps must be an int, got float"):
+        fdask.predict_dataframe(model, frame, steps=5.0, features=3)
+    with pytest.raises(ValueError, match=owner + "features must be >= 1, got -3"):
+        fdask.predict_dataframe(model, frame, steps=5, features=-3)
+    with pytest.raises(ValueError, match=owner + "features must be the model's input size, 3, "
+                                                 "got 5"):
+        fdask.predict_dataframe(model, frame, steps=3, features=5)
+    strings = values.copy()
+    strings[3] = "a"
+    with pytest.raises(TypeError, match=owner + r"df's columns must be numeric \(int or "
+                                                r"float\), got column 3 of dtype"):
+        fdask.predict_dataframe(model, dd.from_pandas(strings, npartitions=2), steps=5,
+                                features=3)
+    # features left out: the model's input size
+    scores = fdask.predict_dataframe(model, frame, steps=5).compute(scheduler="sync")
+    np.testing.assert_array_equal(scores.to_numpy(), model.predict(np.zeros((6, 5, 3))))
+
+
+def test_an_ids_model_scores_a_dataframe_of_ids():
+    """[failed before] A model starting with an Embedding could not be scored:
+    every row was reshaped to (steps, features), never to the (steps,) ids
+    the Embedding takes."""
+    import pandas as pd
+    model = fastrnn.Sequential([fastrnn.Embedding(7, 3, mask_zero=True, seed=0),
+                                fastrnn.GRU(3, 4, batch_first=True, seed=1), fastrnn.LastStep()])
+    ids = np.random.default_rng(5).integers(0, 7, (10, 5))
+    frame = dd.from_pandas(pd.DataFrame(ids), npartitions=3)
+    for features in (None, 1):
+        scores = fdask.predict_dataframe(model, frame, steps=5, features=features)
+        np.testing.assert_array_equal(scores.compute(scheduler="sync").to_numpy(),
+                                      model.predict(ids))
+    with pytest.raises(ValueError, match=r"predict_dataframe: the model starts with an "
+                                         r"Embedding, so a row holds one id per step: features "
+                                         r"must be 1 \(or omitted\), got 3"):
+        fdask.predict_dataframe(model, frame, steps=5, features=3)

@@ -263,3 +263,75 @@ def test_stateful_fixes_its_batch_only_by_a_call_that_succeeds():
                                             rf"\(a Stateful carries its own state and takes no "
                                             rf"hx, so it goes outermost"):
             outer(fastrnn.Stateful(fastrnn.GRU(3, 4)))
+
+
+def test_a_wrappers_layer_replaced_is_refused_as_a_changed_model():
+    """[failed before] After ``stateful.layer = other`` (which a Stateful
+    allows) the Stream went on with the old layer, while the Stateful and
+    the model computed with the new one."""
+    x = np.random.default_rng(5).standard_normal((2, 6, 3)).astype(np.float32)
+    old = fastrnn.GRU(3, 5, batch_first=True, seed=0)
+    other = fastrnn.GRU(3, 5, batch_first=True, seed=5)
+    stateful = fastrnn.Stateful(old)
+    model = fastrnn.Sequential([fastrnn.Stateful(old), fastrnn.Linear(5, 2, seed=1)])
+    for streamed, wrapper in ((stateful, stateful), (model, model[0])):
+        stream = fastrnn.Stream(streamed)
+        stream(x[:, :3])
+        wrapper.layer = other
+        for fed in (stream, pickle.loads(pickle.dumps(stream))):   # a copy tells it too
+            with pytest.raises(ValueError, match=r"Stream: the layer inside Stateful was "
+                                                 r"replaced since the Stream was made \(it "
+                                                 r"would run the old one\); make a new Stream "
+                                                 r"of it"):
+                fed(x[:, 3:])
+        want = model[1](other(x)[0]) if streamed is model else other(x)[0]
+        np.testing.assert_array_equal(fastrnn.Stream(streamed)(x), want)   # a new one: other
+        wrapper.layer = old                              # put back: the stream goes on
+        stream(x[:, 3:])
+
+
+def test_a_reversed_mask_is_refused():
+    """[failed before] ZeroMasked(reverse=True) flipped the mask within each
+    chunk, not over the whole sequence: wrong outputs."""
+    model = fastrnn.Sequential([fastrnn.Masking(), fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.ZeroMasked(reverse=True)])
+    with pytest.raises(ValueError, match=r"Stream: ZeroMasked\(reverse=True\) zeroes the steps "
+                                         r"of the time-reversed mask, whose first step is the "
+                                         r"last one fed: it needs the whole sequence, so it "
+                                         r"cannot stream"):
+        fastrnn.Stream(model)
+    model.layers[-1] = fastrnn.ZeroMasked()              # the unreversed one streams
+    fastrnn.Stream(model)(np.ones((1, 2, 3), np.float32))
+
+
+def test_a_malformed_chunk_is_named_by_the_layer_not_blamed_on_the_batch():
+    """[failed before] Once the state held a batch, any malformed chunk (None,
+    a string, 4-D, the wrong width) was blamed on batching: "the state holds
+    2 streams; an unbatched chunk or frame feeds one"."""
+    stream = fastrnn.Stream(fastrnn.LSTM(3, 5, batch_first=True, seed=0))
+    stream(np.zeros((2, 4, 3), np.float32))
+    for chunk, error, message in (
+            (None, TypeError, r"LSTM: expected input as an array, got None"),
+            ("abc", TypeError, r"LSTM: input must have a real numeric dtype, got <U3"),
+            (np.zeros((2, 2, 3, 1)), ValueError, r"LSTM: expected input of shape \(B, T, 3\) "
+                                                 r"or \(T, 3\), got \(2, 2, 3, 1\)"),
+            (np.zeros((4, 2)), ValueError, r"LSTM: expected input of shape \(B, T, 3\) or "
+                                           r"\(T, 3\), got \(4, 2\)")):
+        with pytest.raises(error, match=message):
+            stream(chunk)
+    with pytest.raises(ValueError, match=r"Stream: the state holds 2 streams; an unbatched "
+                                         r"chunk or frame feeds one"):
+        stream(np.zeros((4, 3), np.float32))             # a chunk it takes, of one stream
+    assert stream(np.zeros((2, 1, 3), np.float32)).shape == (2, 1, 5)
+
+
+def test_a_ragged_state_is_refused_by_name():
+    """[failed before] numpy's own "setting an array element with a
+    sequence", naming neither Stream nor state."""
+    stream = fastrnn.Stream(fastrnn.LSTM(3, 5, seed=0))
+    with pytest.raises(TypeError, match=r"Stream: state must be array-like, got list that "
+                                        r"numpy cannot convert"):
+        stream.state = [([[1, 2], [3]], None)]
+    with pytest.raises(TypeError, match=r"Stream: state must be array-like"):
+        stream.state = [(np.zeros((1, 5)), [[1, 2], [3]])]
+    assert stream.state == [None]                        # left as it was
