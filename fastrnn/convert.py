@@ -1494,6 +1494,9 @@ def from_onnx(model: Any, dtype: DTypeLike = "float32",
             continue
         plans.append(_onnx_plan(index, node, op, initializers, counts, onnx))
     if not plans:
+        if not model.graph.node and not model.opset_import:   # (protobuf parses b"" so)
+            raise ValueError("from_onnx: the model is empty (no graph, no opset): an empty "
+                             "file, or not an ONNX model")
         raise ValueError("from_onnx: the model has no RNN, GRU or LSTM node")
     # 2. the layout of each: layout=1 nodes are batch-first by definition; the
     # others' from the glue around them

@@ -266,7 +266,10 @@ class Stream(CallLock):
             out = out[:, 0] if out.ndim == 3 else out
             return out[0] if frame.ndim == 0 else out
         if frame.ndim not in (1, 2):
-            raise ValueError(f"Stream: expected a frame of shape (D,) or (B, D), "
+            D = (self.model._input_features() if isinstance(self.model, Sequential)
+                 else self._recurrent[0].input_size)
+            D = "D" if D is None else D
+            raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), "
                              f"got {v.shape_str(frame.shape)}")
         if not isinstance(self.model, Sequential):
             try:

@@ -936,3 +936,22 @@ def test_an_np_matrix_state_works_as_its_array(cls):
     mx = (np.asmatrix(h), np.asmatrix(h)) if has_c(cls) else np.asmatrix(h)
     np.testing.assert_array_equal(m(x, mx)[0], m(x, hx)[0])
     np.testing.assert_array_equal(m(np.asmatrix(x))[0], m(x)[0])
+
+
+def test_a_streamed_frame_of_no_axes_is_told_the_models_size():
+    """The message said "(D,) or (B, D)" with a literal D."""
+    for model in (make(LSTM), fastrnn.Sequential([make(GRU, batch_first=True)])):
+        with pytest.raises(ValueError, match=rf"^Stream: expected a frame of shape \({D},\) or "
+                                             rf"\(B, {D}\), got \(\)$"):
+            fastrnn.Stream(model).step(np.float32(1.0))
+
+
+def test_from_onnx_of_an_empty_file_says_so(tmp_path):
+    """protobuf parses no bytes as an empty model: "has no RNN, GRU or LSTM
+    node" hid that the file was empty."""
+    pytest.importorskip("onnx")
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^from_onnx: the model is empty \(no graph, no "
+                                         r"opset\): an empty file, or not an ONNX model$"):
+        fastrnn.from_onnx(str(path))

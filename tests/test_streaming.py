@@ -199,7 +199,7 @@ def test_bad_uses_are_refused_and_the_stream_stays_usable():
         stream.step(np.ones(3, np.float32))
     stream.state = good                                        # still usable
     np.testing.assert_array_equal(stream.state[0][0], good[0][0])
-    with pytest.raises(ValueError, match=r"expected a frame of shape \(D,\) or \(B, D\)"):
+    with pytest.raises(ValueError, match=r"expected a frame of shape \(3,\) or \(B, 3\)"):
         stream.step(np.ones((1, 1, 3)))
     # a frame of the wrong width: named as given, not as the (B, 1, D) chunk made of it
     with pytest.raises(ValueError, match=r"Stream: expected a frame of shape \(3,\) or "
