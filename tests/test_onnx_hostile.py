@@ -227,7 +227,7 @@ CORPUS = {
     "truncated": (_truncated(), "ValueError", r"from_onnx: cannot read an ONNX model"),
     "random_bytes": (np.random.default_rng(0).bytes(3000), "ValueError",
                      r"from_onnx: (cannot read an ONNX model|the model has no RNN, GRU or LSTM)"),
-    "empty_file": (b"", "ValueError", r"from_onnx: the model has no RNN, GRU or LSTM node"),
+    "empty_file": (b"", "ValueError", r"from_onnx: the model is empty \(no graph, no opset\)"),
     "hidden_size_10000": (
         _lstm({"hidden_size": 10000}), "ValueError",
         r"LSTM node 'lstm': input R: expected shape \(1, 4\*H, H\) = \(1, 40000, 10000\) "
