@@ -97,16 +97,21 @@ class _TrainingBuffers:
     A layer keeps them here, keyed by the layer (weakly: they go with it),
     and lends one again when nothing else holds it any more (its reference
     count: the tape of an earlier step still in use keeps its own). Each
-    training forward begins a step (``new_step``); a buffer lent in neither
-    it nor the step before is let go, so buffers of shapes no longer asked
-    for (another batch shape's) do not pile up: at most two steps' worth are
-    kept. The layer's next call outside training (``_lends_buffers`` tells it
+    training forward begins a step (``new_step``); a buffer not lent in the
+    last KEPT_STEPS steps is let go, so buffers of shapes no longer asked
+    for do not pile up, while batches of a few shapes in turn (bucketed
+    lengths, two forwards before their backprops, a layer used twice in a
+    model) find theirs again. The layer's next call outside training (``_lends_buffers`` tells it
     there is something to let go), the end of a ``Sequential.fit``, or its
     deletion, lets them all go. None of these buffers is ever handed to the
     caller.
     """
 
     BIG_BYTES = 1 << 20
+    # steps (training forwards) a buffer stays kept unused: 4 serves two to
+    # four shapes in turn; shapes changing at every step keep at most four
+    # steps' buffers idle
+    KEPT_STEPS = 4
 
     def __init__(self):
         self._lock = ForkSafeLock()
@@ -114,13 +119,14 @@ class _TrainingBuffers:
 
     def new_step(self, owner):
         """A training forward of ``owner`` begins: its idle buffers not lent
-        in the step before go."""
+        in the last KEPT_STEPS steps go."""
         with self._lock:
             lent = self._kept.get(owner)
             if lent is not None:
                 lent.step += 1
+                oldest = lent.step - self.KEPT_STEPS
                 lent.entries = [entry for entry in lent.entries
-                                if entry[1] >= lent.step - 1 or not _idle(entry)]
+                                if entry[1] >= oldest or not _idle(entry)]
 
     def get(self, owner, shape, dtype, zero=False):
         dtype = np.dtype(dtype)

@@ -500,7 +500,7 @@ class Module:
         ending so, else ``.npz``): its configuration, weights and random
         state (no pickle); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
         from fastrnn.model import save   # fastrnn.model imports this module
-        save(self, path)
+        save(self, v.check_path(f"{type(self).__name__}.save", "path", path))
 
     def __reduce__(self):
         """Pickle as constructor arguments, parameters and random state, so

@@ -40,8 +40,8 @@ def check_path(owner, name, value):
     (files are written through a temporary file renamed over the target,
     and read memory-mapped)."""
     if not isinstance(value, (str, bytes, os.PathLike)):
-        raise TypeError(f"{owner}: {name} must be a file's name (str or os.PathLike), got "
-                        f"{type(value).__name__}")
+        raise TypeError(f"{owner}: {name} must be a file's name (str, bytes or os.PathLike), "
+                        f"got {type(value).__name__}")
     return value
 
 
@@ -108,6 +108,10 @@ def to_numpy(owner, name, value):
 def as_array(owner, name, value):
     """Any array-like (numpy, torch tensor, nested lists) -> an ndarray of
     whatever dtype it has (no copy when none is needed)."""
+    if isinstance(value, np.ma.MaskedArray):   # its mask would be dropped without a word
+        raise TypeError(f"{owner}: {name} is a numpy masked array, whose mask fastrnn does not "
+                        f"read; pass its .filled(value), and a mask or sample weights where "
+                        f"the call takes them")
     if not isinstance(value, np.ndarray):
         if type(value).__name__ == "PackedSequence" and type(value).__module__.startswith(
                 "torch"):

@@ -82,7 +82,7 @@ class Linear(Module):
         """Write this layer to one ``.npz`` file (its configuration, weights
         and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
         from fastrnn.model import save   # model imports this module
-        save(self, path)
+        save(self, v.check_path(f"{type(self).__name__}.save", "path", path))
 
     def __repr__(self):
         cfg = self._config
@@ -178,7 +178,7 @@ class _Stateless:
         """Write this layer to one ``.npz`` file (its configuration, weights
         and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
         from fastrnn.model import save   # model imports this module
-        save(self, path)
+        save(self, v.check_path(f"{type(self).__name__}.save", "path", path))
 
     def __repr__(self):
         args = ", ".join(f"{k}={val!r}" for k, val in self._config.items())

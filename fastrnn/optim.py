@@ -568,9 +568,17 @@ class LRScheduler:
         self.optimizer.schedules.append(self)
 
     def step(self) -> float:
+        lr = self._next_lr(self.epoch + 1, self.optimizer.lr)
+        if not (math.isfinite(lr) and lr >= 0):
+            # PyTorch's chainable form sets it anyway (a negative rate: gradient ascent)
+            raise ValueError(
+                f"{type(self).__name__}: epoch {self.epoch + 1}'s learning rate comes out "
+                f"{lr:.6g} from the current {self.optimizer.lr:.6g}, which something else "
+                f"changed (by hand, ReduceLROnPlateau, another schedule) below what this "
+                f"schedule's formula allows; nothing was changed")
         self.epoch += 1
-        self.optimizer.lr = self._next_lr(self.epoch, self.optimizer.lr)
-        return self.optimizer.lr
+        self.optimizer.lr = lr
+        return lr
 
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments other than the optimizer."""

@@ -82,7 +82,7 @@ class _Wrapper:
         ``fastrnn.save``); not the wrapped layer's ``save``, which would
         leave the wrapper out."""
         from fastrnn.model import save   # fastrnn.model imports _saving, which imports this
-        save(self, path)
+        save(self, v.check_path(f"{type(self).__name__}.save", "path", path))
 
     # the Sequential protocol: batch-first sequences in and out
     def _swap(self):

@@ -1,6 +1,7 @@
 """Bad input gets a clear Python exception naming the argument; odd but valid
 input (other dtypes, memory orders, torch tensors, NaN) works; the caller's
 arrays are never modified and the module never half-changes."""
+import os
 import re
 import time
 import warnings
@@ -818,7 +819,7 @@ def test_files_are_named_by_a_path_not_given_as_file_objects(tmp_path):
     for owner, call in calls.items():
         for bad in (io.BytesIO(), None, 3):
             with pytest.raises(TypeError, match=rf"^{re.escape(owner)}: path must be a file's "
-                                                rf"name \(str or os.PathLike\), got "
+                                                rf"name \(str, bytes or os.PathLike\), got "
                                                 rf"{type(bad).__name__}$"):
                 call(bad)
     pytest.importorskip("onnx")
@@ -955,3 +956,40 @@ def test_from_onnx_of_an_empty_file_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"^from_onnx: the model is empty \(no graph, no "
                                          r"opset\): an empty file, or not an ONNX model$"):
         fastrnn.from_onnx(str(path))
+
+
+def test_a_masked_array_is_refused_rather_than_its_mask_dropped():
+    """np.asarray drops a masked array's mask: the hidden fill values would
+    count in a loss or a fit (3.3e11 for an MSE whose masked part was 0)."""
+    y = np.ma.masked_array([1.0, 1e6], mask=[False, True])
+    with pytest.raises(TypeError, match=r"^MSELoss: target is a numpy masked array, whose "
+                                        r"mask fastrnn does not read; pass its .filled"):
+        fastrnn.MSELoss()(np.ones(2), y)
+    with pytest.raises(TypeError, match=r"^LSTM: input is a numpy masked array"):
+        make(LSTM)(np.ma.masked_array(np.ones((T, D), np.float32)))
+
+
+def test_a_layers_save_names_itself(tmp_path):
+    for obj in (make(GRU), fastrnn.Linear(2, 2), fastrnn.Tanh(),
+                fastrnn.Reversed(make(GRU))):
+        with pytest.raises(TypeError, match=rf"^{type(obj).__name__}.save: path must be a "
+                                            rf"file's name"):
+            obj.save(3)
+    make(GRU).save(os.fsencode(tmp_path / "g.npz"))   # bytes name a file too
+    assert (tmp_path / "g.npz").exists()
+
+
+def test_a_schedule_that_would_set_a_negative_rate_says_so_and_changes_nothing():
+    """CosineAnnealingLR's chainable step from a rate lowered by hand, in
+    its rising half, came out negative (-0.0054: gradient ascent; PyTorch's
+    form sets it); the lr check then blamed an lr the user never set, and
+    the schedule's epoch had moved on."""
+    opt = fastrnn.optim.SGD(fastrnn.Linear(2, 1, seed=0), lr=0.1)
+    schedule = fastrnn.optim.CosineAnnealingLR(opt, T_max=4, eta_min=0.01)
+    for _ in range(6):
+        schedule.step()
+    opt.lr = 0.001
+    with pytest.raises(ValueError, match=r"^CosineAnnealingLR: epoch 7's learning rate comes "
+                                         r"out -0.00536\d* from the current 0.001"):
+        schedule.step()
+    assert schedule.epoch == 6 and opt.lr == 0.001

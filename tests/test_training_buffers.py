@@ -137,13 +137,45 @@ def test_they_go_with_the_layer(every_buffer):
 
 
 def test_the_buffers_of_shapes_no_longer_asked_for_go(every_buffer):
-    """Batches of ever new shapes: a step keeps its own buffers and the
-    previous step's, not the older ones (nothing else holds them)."""
+    """Batches of ever new shapes: a step keeps its own buffers and those of
+    the KEPT_STEPS steps before, not older ones (nothing else holds them)."""
     layer = fastrnn.LSTM(3, 4, seed=0)
+    kept_steps = _engine._TrainingBuffers.KEPT_STEPS
     for B in range(1, 12):
         step(layer, np.ones((4, B, 3), np.float32), np.ones((4, B, 4), np.float32))
         batches = {b.shape[0] // 4 for b in kept(layer) if b.ndim == 2}
-        assert batches <= {B, B - 1} and B in batches
+        assert batches == set(range(max(1, B - kept_steps), B + 1))
+
+
+@pytest.mark.parametrize("lengths", [(7, 6), (7, 6, 5), (7, 6, 5, 4)])
+def test_shapes_taking_turns_find_their_buffers_again(every_buffer, lengths):
+    """Bucketed batches (a few lengths in turn): each shape's buffers are
+    lent again a cycle later, none made anew after the first cycle (kept
+    for the previous step only, every step of two lengths made its all
+    anew: 52 MB buffers and 30,000 page faults per 8 steps of an LSTM
+    256 -> 512)."""
+    layer = fastrnn.GRU(3, 4, seed=0)
+    for cycle in range(3):
+        for T in lengths:
+            step(layer, np.ones((T, 2, 3), np.float32), np.ones((T, 2, 4), np.float32))
+        ids = {id(b) for b in kept(layer)}
+        if cycle:
+            assert ids == before, "a shape's buffers were made anew"
+        before = ids
+
+
+def test_a_layer_used_twice_a_step_reuses_its_buffers(every_buffer):
+    """Sequential([Reversed(gru), gru]): two training forwards of one layer
+    a step, each with its own buffers, both found again at the next step."""
+    gru = fastrnn.GRU(3, 3, batch_first=True, seed=0)
+    model = fastrnn.Sequential([fastrnn.Reversed(gru), gru])
+    model.compile("mse", "sgd")
+    x = np.ones((2, 5, 3), np.float32)
+    model.train_step(x, x)
+    first = {id(b) for b in kept(gru)}
+    for _ in range(3):
+        model.train_step(x, x)
+        assert {id(b) for b in kept(gru)} == first
 
 
 def test_a_held_tape_keeps_its_buffers_whatever_the_steps_since(every_buffer):
