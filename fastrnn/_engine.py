@@ -101,10 +101,12 @@ class _TrainingBuffers:
     last KEPT_STEPS steps is let go, so buffers of shapes no longer asked
     for do not pile up, while batches of a few shapes in turn (bucketed
     lengths, two forwards before their backprops, a layer used twice in a
-    model) find theirs again. The layer's next call outside training (``_lends_buffers`` tells it
-    there is something to let go), the end of a ``Sequential.fit``, or its
-    deletion, lets them all go. None of these buffers is ever handed to the
-    caller.
+    model) find theirs again; and, of those not lent in the step before,
+    the least recently lent go first while they take more than
+    MAX_IDLE_BYTES (shapes changing at every step of a large layer). The layer's next call outside training
+    (``_lends_buffers`` tells it there is something to let go), the end of
+    a ``Sequential.fit``, or its deletion, lets them all go. None of these
+    buffers is ever handed to the caller.
     """
 
     BIG_BYTES = 1 << 20
@@ -112,6 +114,7 @@ class _TrainingBuffers:
     # four shapes in turn; shapes changing at every step keep at most four
     # steps' buffers idle
     KEPT_STEPS = 4
+    MAX_IDLE_BYTES = 256 << 20
 
     def __init__(self):
         self._lock = ForkSafeLock()
@@ -125,8 +128,20 @@ class _TrainingBuffers:
             if lent is not None:
                 lent.step += 1
                 oldest = lent.step - self.KEPT_STEPS
-                lent.entries = [entry for entry in lent.entries
-                                if entry[1] >= oldest or not _idle(entry)]
+                entries = [entry for entry in lent.entries
+                           if entry[1] >= oldest or not _idle(entry)]
+                # (the step before's are kept whatever their size: a step's own)
+                idle = sorted((entry for entry in entries
+                               if entry[1] < lent.step - 1 and _idle(entry)),
+                              key=lambda entry: entry[1])
+                extra = sum(entry[0].nbytes for entry in idle) - self.MAX_IDLE_BYTES
+                dropped = set()
+                for entry in idle:
+                    if extra <= 0:
+                        break
+                    dropped.add(id(entry))
+                    extra -= entry[0].nbytes
+                lent.entries = [entry for entry in entries if id(entry) not in dropped]
 
     def get(self, owner, shape, dtype, zero=False):
         dtype = np.dtype(dtype)

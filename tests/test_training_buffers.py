@@ -266,3 +266,17 @@ def test_fit_lets_the_buffers_go_when_it_ends(every_buffer, wrapped):
         model.fit(x, y, epochs=2, verbose=0,
                   callbacks=[fastrnn.LambdaCallback(on_train_batch_end=fail)])
     assert not kept(lstm)
+
+
+def test_idle_buffers_of_older_steps_take_at_most_max_idle_bytes(every_buffer, monkeypatch):
+    """Shapes changing at every step: beyond the step before's own buffers,
+    the older idle ones are let go oldest first past MAX_IDLE_BYTES."""
+    monkeypatch.setattr(_engine._TrainingBuffers, "MAX_IDLE_BYTES", 4000)
+    layer = fastrnn.LSTM(3, 4, seed=0)
+    for B in range(1, 12):
+        step(layer, np.ones((4, B, 3), np.float32), np.ones((4, B, 4), np.float32))
+        lent = _engine._training_buffers._kept[layer]
+        older = sum(e[0].nbytes for e in lent.entries if e[1] < lent.step - 1)
+        assert older <= 4000
+        assert older > 0 or B < 3, "the cap let go more than it needed"
+        assert {e[0].shape[0] // 4 for e in lent.entries if e[0].ndim == 2} >= {B}
