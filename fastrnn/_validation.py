@@ -45,6 +45,23 @@ def check_path(owner, name, value):
     return value
 
 
+def instance_or_name(kind, value, base, table):
+    """``value`` itself if a ``base`` instance, else a new ``table[name]()``
+    for a name (any case); "{kind} must be a fastrnn {kind} or one of ..."
+    (a TypeError for another type, saying so of a class given for an
+    instance; a ValueError for an unknown name)."""
+    if isinstance(value, base):
+        return value
+    expected = f"{kind} must be a fastrnn {kind} or one of {sorted(table)}, got"
+    if not isinstance(value, str):
+        hint = (f" (the class {value.__name__}: pass {value.__name__}() or a name)"
+                if isinstance(value, type) and issubclass(value, base) else "")
+        raise TypeError(f"{expected} {type(value).__name__}{hint}")
+    if value.lower() not in table:
+        raise ValueError(f"{expected} {value!r}")
+    return table[value.lower()]()
+
+
 def check_bool(owner, name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")

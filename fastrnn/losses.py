@@ -436,13 +436,4 @@ LOSS_CLASSES = {cls.__name__: cls for cls in (MSELoss, L1Loss, HuberLoss, CrossE
 
 def get_loss(loss: Loss | str) -> Loss:
     """A Loss from a Loss instance or a name such as 'mse'."""
-    if isinstance(loss, Loss):
-        return loss
-    if not isinstance(loss, str):
-        hint = (f" (the class {loss.__name__}: pass {loss.__name__}() or a name)"
-                if isinstance(loss, type) and issubclass(loss, Loss) else "")
-        raise TypeError(f"loss must be a fastrnn loss or one of {sorted(LOSSES)}, got "
-                        f"{type(loss).__name__}{hint}")
-    if loss.lower() in LOSSES:
-        return LOSSES[loss.lower()]()
-    raise ValueError(f"loss must be a fastrnn loss or one of {sorted(LOSSES)}, got {loss!r}")
+    return v.instance_or_name("loss", loss, Loss, LOSSES)

@@ -496,17 +496,7 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
 def get_optimizer(optimizer: Optimizer | str) -> Optimizer:
-    if isinstance(optimizer, Optimizer):
-        return optimizer
-    if not isinstance(optimizer, str):
-        hint = (f" (the class {optimizer.__name__}: pass {optimizer.__name__}() or a name)"
-                if isinstance(optimizer, type) and issubclass(optimizer, Optimizer) else "")
-        raise TypeError(f"optimizer must be a fastrnn optimizer or one of {sorted(OPTIMIZERS)}, "
-                        f"got {type(optimizer).__name__}{hint}")
-    if optimizer.lower() in OPTIMIZERS:
-        return OPTIMIZERS[optimizer.lower()]()
-    raise ValueError(f"optimizer must be a fastrnn optimizer or one of {sorted(OPTIMIZERS)}, "
-                     f"got {optimizer!r}")
+    return v.instance_or_name("optimizer", optimizer, Optimizer, OPTIMIZERS)
 
 
 # --- gradient clipping -----------------------------------------------------------

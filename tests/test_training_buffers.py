@@ -6,10 +6,6 @@ Most tests lower the size threshold to 0 so that every buffer goes through
 the recycler at small sizes; one runs at the real threshold.
 """
 import gc
-import os
-import platform
-import subprocess
-import sys
 import weakref
 
 import numpy as np
@@ -155,12 +151,12 @@ def test_shapes_taking_turns_find_their_buffers_again(every_buffer, lengths):
     anew: 52 MB buffers and 30,000 page faults per 8 steps of an LSTM
     256 -> 512)."""
     layer = fastrnn.GRU(3, 4, seed=0)
-    for cycle in range(3):
+    before = None
+    for _ in range(3):
         for T in lengths:
             step(layer, np.ones((T, 2, 3), np.float32), np.ones((T, 2, 4), np.float32))
         ids = {id(b) for b in kept(layer)}
-        if cycle:
-            assert ids == before, "a shape's buffers were made anew"
+        assert before is None or ids == before, "a shape's buffers were made anew"
         before = ids
 
 
@@ -208,38 +204,6 @@ def test_at_the_real_threshold_a_step_reuses_its_buffers():
     ids = {id(b) for b in kept(layer)}
     assert_same(first, step(layer, x, dout))
     assert {id(b) for b in kept(layer)} == ids
-
-
-FAULTS = """
-import resource, numpy as np, fastrnn
-fastrnn.set_num_threads(1)
-layer = fastrnn.GRU(125, 100, seed=0)
-x = np.random.default_rng(0).standard_normal((150, 64, 125)).astype(np.float32)
-held = layer(x)[0]   # an inference output the caller keeps
-def step():
-    (out, _), backprop = layer.forward_train(x)
-    backprop(np.ones_like(out))
-for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
-"""
-
-
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
-                    reason="counts glibc's page faults")
-def test_a_warm_training_step_takes_no_new_pages(tmp_path):
-    """A GRU 125 -> 100 at B=64, T=150 (about 70 MB of buffers a step) with an
-    inference output held: its buffers below 31 MB came from new pages at
-    every step (4,650 page faults, 25% of the step), the heap's free top
-    trimmed after each; lent again, they take none."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)   # the installed fastrnn
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout.split()[-1]) < 100
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
