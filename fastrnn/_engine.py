@@ -103,10 +103,11 @@ class _TrainingBuffers:
     lengths, two forwards before their backprops, a layer used twice in a
     model) find theirs again; and, of those not lent in the step before,
     the least recently lent go first while they take more than
-    MAX_IDLE_BYTES (shapes changing at every step of a large layer). The layer's next call outside training
-    (``_lends_buffers`` tells it there is something to let go), the end of
-    a ``Sequential.fit``, or its deletion, lets them all go. None of these
-    buffers is ever handed to the caller.
+    MAX_IDLE_BYTES (shapes changing at every step of a large layer). The
+    layer's next call outside training (``_lends_buffers`` tells it there
+    is something to let go), the end of a ``Sequential.fit``, or its
+    deletion, lets them all go. None of these buffers is ever handed to the
+    caller.
     """
 
     BIG_BYTES = 1 << 20

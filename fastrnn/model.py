@@ -216,7 +216,8 @@ class Sequential:
             return {f"{i}.{name}": value for i, layer in enumerate(self.layers)
                     for name, value in layer.state_dict().items()}
 
-    def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> LoadResult:
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike],
+                        strict: bool = True) -> LoadResult:
         """Load '{index}.{name}' parameters; checks everything before copying.
         Returns (missing_keys, unexpected_keys), as a layer's does (both empty
         when ``strict``)."""
