@@ -149,9 +149,12 @@ class Stream(CallLock):
         # changes to the caller's arrays do not reach the stream. (num_layers, H),
         # one stream's state, is stored as (num_layers, 1, H); an LSTM's part
         # may be None (zeros), as in the layer's hx.
+        # (a list entry of an RNN or GRU is its array as nested lists, not
+        # parts: split, a GRU's state failed only at the next call)
         new = [None if s is None else
-               (tuple(_given_state(a) for a in s) if isinstance(s, (tuple, list))
-                else _given_state(s)) for s in value]
+               (tuple(_given_state(a) for a in s)
+                if isinstance(s, tuple) or (isinstance(s, list) and isinstance(layer, LSTM))
+                else _given_state(s)) for s, layer in zip(value, self._recurrent)]
         with self._lock:
             self._state, self._carried = new, False
             self._last = [None] * len(self._recurrent)

@@ -335,3 +335,23 @@ def test_a_ragged_state_is_refused_by_name():
     with pytest.raises(TypeError, match=r"Stream: state must be array-like"):
         stream.state = [(np.zeros((1, 5)), [[1, 2], [3]])]
     assert stream.state == [None]                        # left as it was
+
+
+def test_a_state_given_as_nested_lists_is_the_array_for_rnn_and_gru():
+    """An RNN's or GRU's entry as nested lists was split into its rows as if
+    it were LSTM's (h, c) pair, and failed only at the next call; an
+    LSTM's list entry stays its pair."""
+    frame = np.ones(2, np.float32)
+    for cls in (fastrnn.GRU, fastrnn.RNN):
+        stream = fastrnn.Stream(cls(2, 3, seed=0))
+        stream.step(frame)
+        saved = stream.state[0]
+        want = stream.step(frame)
+        stream.state = [saved.tolist()]
+        np.testing.assert_array_equal(stream.step(frame), want)
+    stream = fastrnn.Stream(fastrnn.LSTM(2, 3, seed=0))
+    stream.step(frame)
+    h, c = stream.state[0]
+    want = stream.step(frame)
+    stream.state = [[h, c]]
+    np.testing.assert_array_equal(stream.step(frame), want)
