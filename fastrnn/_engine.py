@@ -128,21 +128,18 @@ class _TrainingBuffers:
             lent = self._kept.get(owner)
             if lent is not None:
                 lent.step += 1
-                oldest = lent.step - self.KEPT_STEPS
-                entries = [entry for entry in lent.entries
-                           if entry[1] >= oldest or not _idle(entry)]
-                # (the step before's are kept whatever their size: a step's own)
-                idle = sorted((entry for entry in entries
-                               if entry[1] < lent.step - 1 and _idle(entry)),
-                              key=lambda entry: entry[1])
-                extra = sum(entry[0].nbytes for entry in idle) - self.MAX_IDLE_BYTES
-                dropped = set()
-                for entry in idle:
-                    if extra <= 0:
-                        break
-                    dropped.add(id(entry))
-                    extra -= entry[0].nbytes
-                lent.entries = [entry for entry in entries if id(entry) not in dropped]
+                kept, older_bytes = [], 0
+                # the most recently lent first: the step before's stay whatever
+                # their size (a step's own), older idle ones while they fit
+                for entry in sorted(lent.entries, key=lambda entry: -entry[1]):
+                    if entry[1] < lent.step - 1 and _idle(entry):
+                        if entry[1] < lent.step - self.KEPT_STEPS:
+                            continue
+                        older_bytes += entry[0].nbytes
+                        if older_bytes > self.MAX_IDLE_BYTES:
+                            continue
+                    kept.append(entry)
+                lent.entries = kept
 
     def get(self, owner, shape, dtype, zero=False):
         dtype = np.dtype(dtype)

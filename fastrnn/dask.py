@@ -27,7 +27,7 @@ import numpy as np
 from fastrnn import _validation as v
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.model import Sequential
-from fastrnn.wrappers import Stateful, _Wrapper
+from fastrnn.wrappers import Stateful, _wrappers
 
 
 def _require_dask():
@@ -44,15 +44,12 @@ def _check_model(model, owner):
         raise TypeError(f"{owner}: model must be a fastrnn Sequential or RNN/GRU/LSTM layer, "
                         f"got {type(model).__name__}")
     for i, layer in enumerate(model.layers if isinstance(model, Sequential) else ()):
-        wrapped = layer
-        while isinstance(wrapped, _Wrapper):   # (a wrapper's layer may be assigned anew)
-            if isinstance(wrapped, Stateful):
-                raise ValueError(
-                    f"{owner}: model.layers[{i}] ({layer!r}) is or wraps a Stateful, which "
-                    f"carries its state from one batch to the next; the blocks are scored in "
-                    f"any order, on any worker, so no state can carry across them (score a "
-                    f"model of the layer it wraps, or call model.predict)")
-            wrapped = wrapped.layer
+        if any(isinstance(wrapper, Stateful) for wrapper in _wrappers(layer)):
+            raise ValueError(
+                f"{owner}: model.layers[{i}] ({layer!r}) is or wraps a Stateful, which "
+                f"carries its state from one batch to the next; the blocks are scored in "
+                f"any order, on any worker, so no state can carry across them (score a "
+                f"model of the layer it wraps, or call model.predict)")
 
 
 def _takes_ids(model):

@@ -11,7 +11,6 @@ batch-first, (B, T, features).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -77,12 +76,6 @@ class Linear(Module):
             self._register(name, self._add_storage(storage, grads[name]))
         self._seal_parameters()
         self._grads = MappingProxyType(grads)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this layer to one ``.npz`` file (its configuration, weights
-        and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
-        from fastrnn.model import save   # model imports this module
-        save(self, v.check_path(f"{type(self).__name__}.save", "path", path))
 
     def __repr__(self):
         cfg = self._config
@@ -174,11 +167,7 @@ class _Stateless:
         # as int64 from ReLU, and strings reached numpy's ufunc errors)
         return self._seq_infer(v.to_numpy(type(self).__name__, "input", x))
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write this layer to one ``.npz`` file (its configuration, weights
-        and random state); ``fastrnn.load`` rebuilds it. See ``fastrnn.save``."""
-        from fastrnn.model import save   # model imports this module
-        save(self, v.check_path(f"{type(self).__name__}.save", "path", path))
+    save = Module.save   # (one file: see fastrnn.save)
 
     def __repr__(self):
         args = ", ".join(f"{k}={val!r}" for k, val in self._config.items())

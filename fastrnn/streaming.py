@@ -22,7 +22,7 @@ from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.masking import carries_steps, mask_for
 from fastrnn.model import Sequential
 from fastrnn.nn import Embedding, LastStep, ZeroMasked
-from fastrnn.wrappers import Reversed, Stateful, _Wrapper
+from fastrnn.wrappers import Reversed, Stateful, _recurrent, _Wrapper, _wrappers
 
 
 class Stream(CallLock):
@@ -323,25 +323,19 @@ def _repeat_last(out, mask, last):
 
 def _wrapped_layers(model):
     """(wrapper, the layer it wraps) for every wrapper in the model, at any depth."""
-    pairs = []
-    for layer in model.layers if isinstance(model, Sequential) else [model]:
-        while isinstance(layer, _Wrapper):
-            pairs.append((layer, layer.layer))
-            layer = layer.layer
-    return pairs
+    return [(wrapper, wrapper.layer)
+            for layer in (model.layers if isinstance(model, Sequential) else [model])
+            for wrapper in _wrappers(layer)]
 
 
 def _streamed(layer):
     """The recurrent layer the stream runs for `layer`: itself, or the layer
     inside a Stateful; a Reversed is refused."""
-    wrapped = layer
-    while isinstance(wrapped, _Wrapper):
-        if isinstance(wrapped, Reversed):
-            raise ValueError(f"Stream: {layer!r} runs its layer over the time-reversed "
-                             f"sequence, whose first step is the last one fed: it needs the "
-                             f"whole sequence, so it cannot stream")
-        wrapped = wrapped.layer
-    return wrapped
+    if any(isinstance(wrapper, Reversed) for wrapper in _wrappers(layer)):
+        raise ValueError(f"Stream: {layer!r} runs its layer over the time-reversed "
+                         f"sequence, whose first step is the last one fed: it needs the "
+                         f"whole sequence, so it cannot stream")
+    return _recurrent(layer)
 
 
 def _batched_state(a):

@@ -46,6 +46,13 @@ def _recurrent(layer):
     return layer
 
 
+def _wrappers(layer):
+    """The wrappers around a layer, outermost first (none for a bare one)."""
+    while isinstance(layer, _Wrapper):
+        yield layer
+        layer = layer.layer
+
+
 class _Wrapper:
     """Base: everything not defined here is the wrapped layer's."""
     _takes_mask = True
