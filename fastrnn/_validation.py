@@ -82,13 +82,16 @@ def check_dtype(owner, dtype):
     """float32 or float64; None means float32 (PyTorch's default)."""
     if dtype is None:
         return np.dtype(np.float32)
+    given = dtype
+    if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
+        dtype = str(dtype).removeprefix("torch.")   # torch.float64, as ported code passes it
     try:
         dt = np.dtype(dtype)
     except TypeError:
         dt = None
     # `is None` first: numpy compares None equal to float64
     if dt is None or dt not in _FLOAT_DTYPES:
-        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64', got {dtype!r}")
+        raise ValueError(f"{owner}: dtype must be 'float32' or 'float64', got {given!r}")
     return dt
 
 
@@ -143,7 +146,11 @@ def as_array(owner, name, value):
             if value.is_meta:
                 raise TypeError(f"{owner}: {name} is a torch tensor on the meta device, "
                                 f"which holds no values")
-            value = value.detach().cpu()
+            if str(value.layout) != "torch.strided":   # sparse (COO, CSR, ...) or mkldnn
+                raise TypeError(f"{owner}: {name} is a torch tensor of layout {value.layout}; "
+                                f"pass its .to_dense()")
+            # a lazily negated or conjugated view (x.conj().imag, x.conj()) refuses .numpy()
+            value = value.detach().cpu().resolve_conj().resolve_neg()
             try:
                 value = value.numpy()
             except TypeError:  # a dtype numpy lacks, such as bfloat16

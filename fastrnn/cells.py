@@ -61,12 +61,13 @@ class _CellBase(RecurrentEngine):
             cfg["layer_norm"] = ln
 
     def _repr_options(self):
-        cfg, opts = self._config, []
-        if not cfg["bias"]:
-            opts.append(("bias", False))
-        if cfg["dtype"] != np.float32:
-            opts.append(("dtype", cfg["dtype"].name))
-        return (opts + _gate_options.repr_options(cfg) + _training_options.repr_options(cfg)
+        cfg = self._config
+        gate = _gate_options.repr_options(cfg)
+        # PyTorch's order: bias, then nonlinearity
+        return (([("bias", False)] if not cfg["bias"] else [])
+                + [o for o in gate if o[0] == "nonlinearity"]
+                + ([("dtype", cfg["dtype"].name)] if cfg["dtype"] != np.float32 else [])
+                + [o for o in gate if o[0] != "nonlinearity"] + _training_options.repr_options(cfg)
                 + ([("layer_norm", True)] if cfg.get("layer_norm") else []))
 
     def __call__(self, x: ArrayLike,

@@ -100,10 +100,10 @@ class _RNNBase(RecurrentEngine):
                 opts.append((key, cfg[key]))
         if cfg["dtype"] != np.float32:
             opts.append(("dtype", cfg["dtype"].name))
-        gate = _gate_options.repr_options(cfg)   # PyTorch's order: nonlinearity first
-        if cfg.get("proj_size"):   # PyTorch's repr shows it after its options
-            opts.append(("proj_size", cfg["proj_size"]))
-        return ([o for o in gate if o[0] == "nonlinearity"] + opts
+        # PyTorch's order: proj_size right after the sizes, then nonlinearity
+        proj = [("proj_size", cfg["proj_size"])] if cfg.get("proj_size") else []
+        gate = _gate_options.repr_options(cfg)
+        return (proj + [o for o in gate if o[0] == "nonlinearity"] + opts
                 + [o for o in gate if o[0] != "nonlinearity"]
                 + _training_options.repr_options(cfg)
                 + ([("layer_norm", True)] if cfg.get("layer_norm") else []))

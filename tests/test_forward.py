@@ -247,6 +247,11 @@ def test_repr():
                              dtype="float64"))
             == "RNN(3, 4, nonlinearity='relu', num_layers=2, bidirectional=True, dtype='float64')")
     assert repr(fastrnn.GRUCell(2, 5, bias=False)) == "GRUCell(2, 5, bias=False)"
+    # PyTorch's order: proj_size right after the sizes; a cell's bias, then nonlinearity
+    assert (repr(fastrnn.LSTM(5, 7, proj_size=4, num_layers=2, dropout=0.5))
+            == "LSTM(5, 7, proj_size=4, num_layers=2, dropout=0.5)")
+    assert (repr(fastrnn.RNNCell(3, 4, bias=False, nonlinearity="relu", dtype="float64"))
+            == "RNNCell(3, 4, bias=False, nonlinearity='relu', dtype='float64')")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

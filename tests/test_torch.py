@@ -266,3 +266,38 @@ def test_a_packed_sequence_is_refused_with_what_to_pass_instead():
     with pytest.raises(TypeError, match=r"LSTM: input is a torch PackedSequence; pass the "
                                         r"padded tensor .* with lengths= instead"):
         fastrnn.LSTM(3, 4)(packed)
+
+
+def test_lazily_negated_or_conjugated_tensors_are_their_values():
+    # torch's RuntimeError "Can't call numpy() on Tensor that has negative
+    # bit set" escaped, from a call and from load_state_dict alike
+    module = torch.nn.GRU(3, 4)
+    layer = fastrnn.from_torch(module)
+    x = torch.randn(5, 2, 3, dtype=torch.complex64).conj().imag   # a real tensor, negated lazily
+    assert x.is_neg()
+    np.testing.assert_allclose(layer(x)[0], module(x)[0].detach().numpy(), rtol=0, atol=1e-6)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    state["bias_hh_l0"] = torch.complex(torch.zeros(12), -state["bias_hh_l0"]).conj().imag
+    assert state["bias_hh_l0"].is_neg()
+    layer.load_state_dict(state)
+    np.testing.assert_array_equal(layer.bias_hh_l0, module.bias_hh_l0.detach().numpy())
+    # a conjugated complex tensor meets the complex dtype's TypeError, like any complex one
+    with pytest.raises(TypeError, match="GRU: input must have a real numeric dtype, got complex64"):
+        layer(torch.randn(5, 2, 3, dtype=torch.complex64).conj())
+
+
+def test_a_sparse_tensor_is_refused_with_what_to_pass_instead():
+    with pytest.raises(TypeError, match=r"GRU: input is a torch tensor of layout "
+                                        r"torch\.sparse_coo; pass its \.to_dense\(\)"):
+        fastrnn.GRU(3, 4)(torch.randn(5, 2, 3).to_sparse())
+
+
+def test_torch_dtypes_name_the_dtype():
+    # ported code passes dtype=torch.float64 (it was refused as not a dtype)
+    for cls in (fastrnn.LSTM, fastrnn.GRUCell, fastrnn.Linear):
+        for dt, expected in ((torch.float64, np.float64), (torch.float32, np.float32)):
+            weights = cls(3, 4, dtype=dt).state_dict().values()
+            assert {w.dtype for w in weights} == {np.dtype(expected)}
+    with pytest.raises(ValueError, match=r"LSTM: dtype must be 'float32' or 'float64', "
+                                         r"got torch\.float16"):
+        fastrnn.LSTM(3, 4, dtype=torch.float16)
