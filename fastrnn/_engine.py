@@ -816,6 +816,7 @@ class Backprop:
         self._params = None if tape is None else tape.params
         self._version = module._version if tape is None else self._params.version
         self._used = False
+        self._failed = None   # what stopped the run that used the tape, if one did
         self._lock = ForkSafeLock()
 
     def __call__(self, dout, dstate=None):
@@ -837,6 +838,10 @@ class Backprop:
                                full_shape=full, optional_parts=True)
         dh, dc = grads[0], (grads[1] if has_c else None)
         with self._lock:
+            if self._failed:
+                raise RuntimeError(f"{owner}: an earlier call of this backprop stopped "
+                                   f"({self._failed}) and its saved activations went with it; "
+                                   f"call forward_train again")
             if self._used:
                 raise RuntimeError(f"{owner}: this backprop has already run; call "
                                    f"forward_train again for another backward pass")
@@ -855,8 +860,12 @@ class Backprop:
             tape_bf = tape.batch_first
             if tape_bf != self._batch_first:
                 dout = dout.transpose(1, 0, 2)
-            dx = module._bptt(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
+            try:
+                dx = module._bptt(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
                                   dh, dc)
+            except BaseException as exc:   # MemoryError, Ctrl-C
+                self._failed = type(exc).__name__
+                raise
             dx = dx.reshape((B, T, -1) if tape_bf else (T, B, -1))
             if tape_bf != self._batch_first:
                 dx = np.ascontiguousarray(dx.transpose(1, 0, 2))

@@ -47,7 +47,8 @@ def _import(build):
 
 
 def _load():
-    choice = os.environ.get("FASTRNN_SIMD", "auto").lower()
+    # set but empty (an env file's "FASTRNN_SIMD=") is unset, as FASTRNN_NUM_THREADS's is
+    choice = os.environ.get("FASTRNN_SIMD", "").strip().lower() or "auto"
     if choice not in ("auto",) + BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_SIMD must be 'auto', 'baseline', 'avx2' or "
                           f"'avx512', got {choice!r}")

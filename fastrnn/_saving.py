@@ -30,6 +30,7 @@ configuration) is checked against the file itself before anything is
 allocated; see ``fastrnn.load``. A safetensors file is memory-mapped and its
 tensors copied once, straight into the parameters.
 """
+import errno
 import inspect
 import json
 import math
@@ -406,6 +407,14 @@ def _write_safetensors(f, config, arrays):
 
 
 # --- reading ------------------------------------------------------------------------------
+def _out_of_memory(exc):
+    """A MemoryError for an OSError of the system's ENOMEM (mapping a file
+    with too little address space left), which says nothing of the file."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return MemoryError(f"{type(exc).__name__}: {exc}")
+    return None
+
+
 def load(path, sequential_cls):
     """Read a file written by ``save_model`` or ``save_layer`` (see
     ``fastrnn.load`` for the checks and the bounds on time and memory)."""
@@ -422,7 +431,8 @@ def load(path, sequential_cls):
         except _BadFile as exc:
             raise ValueError(refused + str(exc)) from None
         except _FILE_ERRORS as exc:   # raised by zipfile, zlib or numpy on damaged data
-            raise ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}") from exc
+            raise (_out_of_memory(exc)
+                   or ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}")) from exc
 
 
 def _looks_safetensors(path, f, size):
@@ -766,7 +776,8 @@ def read_state_dict(path, owner="fastrnn.load_state_dict_file"):
         except _BadFile as exc:
             raise ValueError(refused + str(exc)) from None
         except (OSError, ValueError, OverflowError, struct.error) as exc:
-            raise ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}") from exc
+            raise (_out_of_memory(exc)
+                   or ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}")) from exc
 
 
 # The checked configuration: kind 'Sequential' or 'layer', the layers'

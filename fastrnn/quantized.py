@@ -119,7 +119,8 @@ def _int8_cpu_supports(build):
 
 
 def _load_int8():
-    choice = os.environ.get("FASTRNN_INT8", "auto").lower()
+    # set but empty (an env file's "FASTRNN_INT8=") is unset, as FASTRNN_NUM_THREADS's is
+    choice = os.environ.get("FASTRNN_INT8", "").strip().lower() or "auto"
     if choice not in ("auto",) + INT8_BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
                           f"'avx512', 'vnni', 'bf16' or 'amx', got {choice!r}")

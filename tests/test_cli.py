@@ -221,3 +221,20 @@ def test_a_bad_fastrnn_simd_says_so_at_import(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last == ("ImportError: fastrnn: FASTRNN_SIMD must be 'auto', 'baseline', 'avx2' or "
                     "'avx512', got 'bogus'"), done.stderr
+
+
+def test_an_empty_or_padded_build_variable_is_read_as_written(tmp_path):
+    # an env file's "FASTRNN_SIMD=" (set but empty) or " avx2 " made the import
+    # fail, where an empty FASTRNN_NUM_THREADS counts as unset
+    script = ("import fastrnn, fastrnn.quantized as q; "
+              "print(fastrnn._kernels.SIMD, q.INT8_SIMD)")
+    auto = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, check=True).stdout
+    env = {**os.environ, "FASTRNN_SIMD": "", "FASTRNN_INT8": ""}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == auto, done.stderr
+    env = {**os.environ, "FASTRNN_SIMD": " baseline ", "FASTRNN_INT8": " Baseline"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.split() == ["baseline", "baseline"], done.stderr

@@ -938,3 +938,27 @@ def test_sealing_a_sealed_storage_adds_nothing():
     assert all(a is b for a, b in zip(after, before))
     sealed_once = sealed(np.arange(6.0).reshape(2, 3))
     assert sealed(sealed_once) is sealed_once
+
+
+def test_a_backprop_that_stopped_says_so_when_called_again(monkeypatch):
+    # it said "this backprop has already run" after a MemoryError (or a
+    # Ctrl-C) had stopped it with no gradient added
+    layer = GRU(3, 5, num_layers=2, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    (out, _), backprop = layer.forward_train(x)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate")
+
+    monkeypatch.setattr(layer, "_bptt_layer", no_memory)   # a layer's BPTT runs short
+    with pytest.raises(MemoryError):
+        backprop(np.ones_like(out))
+    assert not any(np.any(g) for g in layer.grads.values())
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match=r"GRU\.backprop: an earlier call of this backprop "
+                                           r"stopped \(MemoryError\) and its saved activations "
+                                           r"went with it; call forward_train again"):
+        backprop(np.ones_like(out))
+    (out, _), backprop = layer.forward_train(x)   # a new forward trains as usual
+    backprop(np.ones_like(out))
+    assert all(np.any(g) for g in layer.grads.values())

@@ -283,3 +283,23 @@ def test_the_safetensors_package_reads_our_files_and_we_read_its(tmp_path):
         metadata = f.metadata()
     save_file(ours, tmp_path / "theirs.safetensors", metadata=metadata)
     _same_weights(fastrnn.load(tmp_path / "theirs.safetensors"), model)
+
+
+def test_memory_running_out_while_mapping_a_good_file_is_a_memory_error(tmp_path, monkeypatch):
+    # mmap's ENOMEM (too little address space) was reported as "not a valid
+    # ... file", which a caller catching MemoryError would not catch
+    import errno
+    from fastrnn import _saving
+    path = tmp_path / "lstm.safetensors"
+    fastrnn.LSTM(3, 4, seed=0).save(path)
+
+    def short_of_memory(f, size):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(_saving, "_mapped", short_of_memory)
+    with pytest.raises(MemoryError, match="Cannot allocate memory"):
+        fastrnn.load(path)
+    with pytest.raises(MemoryError, match="Cannot allocate memory"):
+        load_state_dict_file(path)
+    monkeypatch.undo()
+    assert isinstance(fastrnn.load(path), fastrnn.LSTM)
