@@ -44,7 +44,7 @@ cnp.import_array()
 from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, TEAM_SYNC, interrupt_start, interrupted,
                               raise_if_interrupted, run_parts, run_team, team_barrier,
-                              team_outcome, team_slots, unit_bounds_fit)
+                              team_outcome, team_slots, unit_bounds_fit, now_ns)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
@@ -924,8 +924,7 @@ cdef struct UnitJob:
     char* scratch[MAX_PARTS]     # per part: _unit_scratch
     long long* sync              # the team's slots (team_slots), then stop_at:
                                  # the barrier after which every part stops (0: none)
-    long long barriers           # passed by each part
-    long long waits[MAX_PARTS]   # per part: yields at the barriers
+    long long waits[MAX_PARTS]   # per part: ns waited at the barriers (step_barrier)
     int bad                      # 1: a row of x is not finite; 2: the state
     Py_ssize_t bad_c_layer       # the first layer whose c_0 is not finite (L: none),
                                  # found before the parts start (they write c in place)
@@ -1082,8 +1081,6 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
             t0 = j.T            # interrupted: every part stops at the same barrier
             break
         t0 += steps
-    if part == 0:
-        j.barriers = done
     j.waits[part] = waits
     fastrnn_amx_release()
     fastrnn_restore_fpenv(fpenv)
@@ -1118,7 +1115,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     ``forward``), 1 when done, 2 when done but the parts often waited for
     each other (they shared cores); outcome as ``forward``'s."""
     cdef UnitJob job
-    cdef long long sync_raw[TEAM_SYNC + 16]
+    cdef long long sync_raw[TEAM_SYNC + 16], start
     cdef Py_ssize_t H = stack.hidden_size, L = stack.num_layers, B = h.shape[1], T
     cdef Py_ssize_t G = num_gates(stack.cell)
     cdef Py_ssize_t n = len(bounds) - 1, p
@@ -1184,24 +1181,16 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
         if not finite.all():
             job.bad_c_layer = int(np.argmin(finite))
     job.sync = team_slots(sync_raw, job.nparts)
-    job.barriers = 0
     for p in range(n):
         job.waits[p] = 0
     interrupt_start(&job.interrupt)
     with nogil:
+        start = now_ns()
         claimed = run_team(_unit_job, &job, job.nparts, wait_ns)
     if not claimed:
         return 0, 0
     raise_if_interrupted(&job.interrupt)   # the outputs and the state are then partial
-    # the parts yielded more often than once a barrier and batch row (on
-    # the average of each two parts): they did not have a core each
-    # (another program, or the scheduler). (float32's recur_units allows a
-    # quarter of the steps; here, with a core each, the short bfloat16
-    # steps at H = 256, B = 1 yield at 0.5-0.8 of the barriers, measured,
-    # waiting out jitter. A step's time, so the yields of both its
-    # imbalance and of sharing a core, grow with its rows: GRU 800->800 at
-    # B = 20, 384 and 416 units, yields 2-4 times a barrier with a core each)
-    return team_outcome(job.waits, job.nparts, job.barriers * B * n // 2), job.bad
+    return team_outcome(job.waits, job.nparts, start), job.bad
 
 
 # --- for the tests: the pieces, exposed ---

@@ -21,8 +21,10 @@ cdef long long step_barrier(long long* slots, int part, int nparts,
                             long long steps) noexcept nogil
 # a team's slots in raw ((nparts + 1) * SYNC_SLOT + 16 long longs): aligned, zeroed
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil
-# a unit split's outcome from its parts' yields: 1 ran clean, 2 contended (more than allowed)
-cdef int team_outcome(const long long* waits, int nparts, long long allowed) noexcept nogil
+# a monotonic clock, nanoseconds
+cdef long long now_ns() noexcept nogil
+# a unit split's outcome from its parts' waits: 1 ran clean, 2 contended (a quarter of its time waited)
+cdef int team_outcome(const long long* waits, int nparts, long long start_ns) noexcept nogil
 # whether bounds split H units in 2 to MAX_PARTS rising parts, inner bounds multiples of width
 cdef bint unit_bounds_fit(bounds, Py_ssize_t H, Py_ssize_t width) except -1
 # raise ValueError unless unit_bounds_fit

@@ -69,20 +69,27 @@ cdef extern from "_portable.h":
 from fastrnn._tuning cimport WAIT_SPINS
 
 
+cdef long long now_ns() noexcept nogil:
+    return fastrnn_clock_ns()
+
+
 cdef long long step_barrier(long long* slots, int part, int nparts,
                             long long steps) noexcept nogil:
     """Publish that ``part`` (of nparts) has done ``steps`` steps and wait
     until every other part has too: spinning (a step takes microseconds),
     with a yield every WAIT_SPINS pauses in case another part waits for this
-    core. Returns the number of yields."""
-    cdef long long spins = 0
+    core. Returns the nanoseconds waited from the first yield on (0 when
+    the others came within WAIT_SPINS pauses: the clock is read only then)."""
+    cdef long long spins = 0, yielded_at = 0
     cdef int other
     fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
     for other in range(nparts):
         if other != part:
             while fastrnn_load_acquire_ll(slots + other * SYNC_SLOT) < steps:
+                if spins == WAIT_SPINS - 1:   # the first yield comes next: time from it
+                    yielded_at = fastrnn_clock_ns()
                 fastrnn_wait_spin(&spins)
-    return spins // WAIT_SPINS
+    return fastrnn_clock_ns() - yielded_at if yielded_at else 0
 
 
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil:
@@ -94,17 +101,23 @@ cdef long long* team_slots(long long* raw, int nparts) noexcept nogil:
     return slots
 
 
-cdef int team_outcome(const long long* waits, int nparts, long long allowed) noexcept nogil:
-    """A unit split's outcome from its parts' yields at the barriers: 2
-    (contended: they did not have a core each, another program or the
-    scheduler) when they yielded more than ``allowed`` times in all (the
-    float kernels allow a quarter of the steps, the quantized ones more:
-    _quant.forward_units says why), else 1."""
-    cdef long long total = 0
+cdef int team_outcome(const long long* waits, int nparts, long long start_ns) noexcept nogil:
+    """A unit split's outcome from its parts' waits at the barriers (ns, as
+    step_barrier counts them), the split having started at ``start_ns``: 2
+    (contended: the parts did not have a core each, another program or the
+    scheduler) when they waited more than a quarter of the parts' time, else
+    1. Parts sharing a core wait about half of it, each for the other's
+    turn; with a core each, the jitter of short steps costs a few percent
+    (GRU 64->256 at batch 1, BPTT: 7%). (Counting yields instead, a quarter
+    of the steps allowed, called contended nearly every split of this
+    training step on a CPU whose pause takes 12 ns: a yield after 0.8 us of
+    waiting, where steps take 5 us; the backoff then ran 16 of 17 steps in
+    one thread, 19.4 ms a step against 16.8 split.)"""
+    cdef long long total = 0, elapsed = fastrnn_clock_ns() - start_ns
     cdef int p
     for p in range(nparts):
         total += waits[p]
-    return 2 if total > allowed else 1
+    return 2 if 4 * total > nparts * elapsed else 1
 
 
 cdef bint unit_bounds_fit(bounds, Py_ssize_t H, Py_ssize_t width) except -1:
@@ -229,7 +242,7 @@ cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
     name, runs one more step and stops there with part 0, which names no
     barrier after the one it stops at. So the parts never leave at
     different steps (one would wait at its barrier for ever). waits[0]
-    counts the yields."""
+    adds the nanoseconds waited (step_barrier)."""
     cdef long long* stop_at = slots + nparts * SYNC_SLOT
     if part == 0 and interrupted(it):
         fastrnn_store_release_ll(stop_at, steps)
