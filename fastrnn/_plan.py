@@ -95,10 +95,12 @@ UNIT_SPLIT_WAIT_NS = 200_000
 # a row, at most UNIT_SPLIT_BACKOFF; a split that ran clean starts over.
 # A machine that stays busy thus pays a contended split once in 17 calls,
 # while one that was briefly busy loses a single call. (A fixed 16 after
-# every contended split: the first call after a 0.25 s pause is often
-# contended on this VM, its worker's vCPU waking slowly, so a GRU 64->256
-# at B=1, T=1000 ran in one thread 6.2 ms at the median of blocks of 5
-# calls after a pause, against 4.4 ms for every call split; 2026-12-02.)
+# every contended split: the first call after a 0.25 s pause was often
+# read as contended on the VM of 2026-12-02, its worker's vCPU waking
+# slowly, so a GRU 64->256 at B=1, T=1000 ran in one thread 6.2 ms at the
+# median of blocks of 5 calls after a pause, against 4.4 ms for every call
+# split. Contention was then counted in yields; timed from the parts'
+# start, _worker.run_team, none of 8 such calls read as contended.)
 UNIT_SPLIT_BACKOFF = 16
 
 # Inference of a unidirectional stack runs in time windows whose input

@@ -44,7 +44,7 @@ cnp.import_array()
 from fastrnn._ndarrays cimport initial_states, plain_input
 from fastrnn._worker cimport (Interrupt, MAX_PARTS, TEAM_SYNC, interrupt_start, interrupted,
                               raise_if_interrupted, run_parts, run_team, team_barrier,
-                              team_outcome, team_slots, unit_bounds_fit, now_ns)
+                              team_slots, unit_bounds_fit)
 from fastrnn._gates cimport (RNN_RELU, GRU, LSTM, GRU_RESET_BEFORE, num_gates, rnn_row,
                              gru_row, gru_reset_gates_row, gru_reset_row, lstm_row, sigmoid_lim,
                              tanh_lim, read_exp_max, fastrnn_flush_denormals, fastrnn_restore_fpenv,
@@ -1115,7 +1115,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     ``forward``), 1 when done, 2 when done but the parts often waited for
     each other (they shared cores); outcome as ``forward``'s."""
     cdef UnitJob job
-    cdef long long sync_raw[TEAM_SYNC + 16], start
+    cdef long long sync_raw[TEAM_SYNC + 16]
     cdef Py_ssize_t H = stack.hidden_size, L = stack.num_layers, B = h.shape[1], T
     cdef Py_ssize_t G = num_gates(stack.cell)
     cdef Py_ssize_t n = len(bounds) - 1, p
@@ -1123,7 +1123,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef Py_ssize_t part_bytes
     cdef unsigned char[::1] scratch
     cdef char* base
-    cdef bint claimed
+    cdef int ran
     if stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not units_fit(G, H, bounds, B):
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
                          f"reset-before GRU) with H a multiple of 16, bounds rising from 0 to "
@@ -1185,12 +1185,11 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
         job.waits[p] = 0
     interrupt_start(&job.interrupt)
     with nogil:
-        start = now_ns()
-        claimed = run_team(_unit_job, &job, job.nparts, wait_ns)
-    if not claimed:
+        ran = run_team(_unit_job, &job, job.nparts, wait_ns, job.waits)
+    if not ran:
         return 0, 0
     raise_if_interrupted(&job.interrupt)   # the outputs and the state are then partial
-    return team_outcome(job.waits, job.nparts, start), job.bad
+    return ran, job.bad
 
 
 # --- for the tests: the pieces, exposed ---

@@ -407,11 +407,11 @@ def _write_safetensors(f, config, arrays):
 
 
 # --- reading ------------------------------------------------------------------------------
-def _out_of_memory(exc):
+def _out_of_memory(owner, path, exc):
     """A MemoryError for an OSError of the system's ENOMEM (mapping a file
     with too little address space left), which says nothing of the file."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
-        return MemoryError(f"{type(exc).__name__}: {exc}")
+        return MemoryError(f"{owner}: not enough memory to read {path!r} ({exc})")
     return None
 
 
@@ -431,7 +431,7 @@ def load(path, sequential_cls):
         except _BadFile as exc:
             raise ValueError(refused + str(exc)) from None
         except _FILE_ERRORS as exc:   # raised by zipfile, zlib or numpy on damaged data
-            raise (_out_of_memory(exc)
+            raise (_out_of_memory("fastrnn.load", path, exc)
                    or ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}")) from exc
 
 
@@ -776,7 +776,7 @@ def read_state_dict(path, owner="fastrnn.load_state_dict_file"):
         except _BadFile as exc:
             raise ValueError(refused + str(exc)) from None
         except (OSError, ValueError, OverflowError, struct.error) as exc:
-            raise (_out_of_memory(exc)
+            raise (_out_of_memory(owner, path, exc)
                    or ValueError(f"{refused}{type(exc).__name__}: {_clip(str(exc))}")) from exc
 
 

@@ -146,6 +146,9 @@ def as_array(owner, name, value):
             if value.is_meta:
                 raise TypeError(f"{owner}: {name} is a torch tensor on the meta device, "
                                 f"which holds no values")
+            if value.is_nested:
+                raise TypeError(f"{owner}: {name} is a torch nested tensor; pass its "
+                                f".to_padded_tensor(0.0) with lengths= instead")
             if str(value.layout) != "torch.strided":   # sparse (COO, CSR, ...) or mkldnn
                 raise TypeError(f"{owner}: {name} is a torch tensor of layout {value.layout}; "
                                 f"pass its .to_dense()")

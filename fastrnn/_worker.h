@@ -272,8 +272,10 @@ static void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int work
 /* Parts that meet at barriers: all nparts run at once, the caller one of
  * them. Returns 0 (having run nothing) when the pool is owned by another
  * caller, has too few workers, or they do not take their parts within
- * wait_ns; else 1 when every part is done. */
-static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long wait_ns) {
+ * wait_ns; else 1 when every part is done, *started then the time they
+ * started (the workers' wake-up behind them). */
+static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long wait_ns,
+                            long long* started) {
     long long job, spins = 0, deadline;
     int part, workers;
     if (nparts < 2 || nparts > FASTRNN_MAX_THREADS)
@@ -305,6 +307,7 @@ static int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts, long long 
         fastrnn_release();
         return 0;
     }
+    *started = fastrnn_clock_ns();
     fastrnn_store_release_int(&fastrnn_worker.go, 1);
     fastrnn_worker.by_caller++;
     fn(arg, part);

@@ -6,7 +6,9 @@ ctypedef void (*job_fn)(void* arg, int part) noexcept nogil
 cdef enum:
     MAX_PARTS = 64            # parts of one job (= fastrnn's most threads)
 
-cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil
+# a team job: 0 not run (the workers busy or slow), 1 done, 2 done but contended
+cdef int run_team(job_fn fn, void* arg, int nparts, long long wait_ns,
+                  const long long* waits) noexcept nogil
 
 # the parts of a team job (run_team) that meet after every step: each part's
 # step count in its own slot of SYNC_SLOT long longs (128 bytes, never a
@@ -21,10 +23,6 @@ cdef long long step_barrier(long long* slots, int part, int nparts,
                             long long steps) noexcept nogil
 # a team's slots in raw ((nparts + 1) * SYNC_SLOT + 16 long longs): aligned, zeroed
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil
-# a monotonic clock, nanoseconds
-cdef long long now_ns() noexcept nogil
-# a unit split's outcome from its parts' waits: 1 ran clean, 2 contended (a quarter of its time waited)
-cdef int team_outcome(const long long* waits, int nparts, long long start_ns) noexcept nogil
 # whether bounds split H units in 2 to MAX_PARTS rising parts, inner bounds multiples of width
 cdef bint unit_bounds_fit(bounds, Py_ssize_t H, Py_ssize_t width) except -1
 # raise ValueError unless unit_bounds_fit

@@ -23,7 +23,7 @@ cdef extern from "_worker.h":
     void fastrnn_run_parts(fastrnn_job_fn fn, void* arg, int nparts, int workers,
                            fastrnn_poll_fn poll, void* ctx) noexcept nogil
     int fastrnn_run_team(fastrnn_job_fn fn, void* arg, int nparts,
-                         long long wait_ns) noexcept nogil
+                         long long wait_ns, long long* started) noexcept nogil
     int fastrnn_worker_init() noexcept nogil
     int fastrnn_current_cpu() noexcept nogil
     int fastrnn_move_off_cpu(int cpu, int* moved_to) noexcept nogil
@@ -53,11 +53,34 @@ def move_off_current_cpu():
     return before, bool(moved), moved_to
 
 
-cdef bint run_team(job_fn fn, void* arg, int nparts, long long wait_ns) noexcept nogil:
-    """fn(arg, p) for p < nparts all at once (parts that meet at barriers),
-    this thread one of them; False, having run nothing, when the workers are
-    owned by another call or do not all take their parts within wait_ns."""
-    return fastrnn_run_team(<fastrnn_job_fn>fn, arg, nparts, wait_ns) != 0
+cdef int run_team(job_fn fn, void* arg, int nparts, long long wait_ns,
+                  const long long* waits) noexcept nogil:
+    """fn(arg, p) for p < nparts all at once (parts that meet at barriers,
+    each adding the time it waited there to its waits[p]: team_barrier),
+    this thread one of them. Returns 0, having run nothing, when the workers
+    are owned by another call or do not all take their parts within
+    wait_ns; else 1 when done, or 2 when done but contended: a part waited
+    more than a third of the time from the parts' start (it did not have a
+    core of its own: another program or the scheduler took it). A part
+    sharing its core waits for the other's turns, about half the time
+    (measured 0.50-0.61, two or three parts on fewer CPUs); with a core
+    each, the jitter of short steps costs the part that waits most 0.01-0.21
+    (float and quantized, training and inference, batch 1). The part that
+    waits most, not the mean: a part whose core another program takes half
+    of leaves the other part waiting half the time, itself hardly at all.
+    (Counting yields, a quarter of the steps allowed, called nearly every
+    training split at batch 1 contended on a CPU whose pause takes 12 ns,
+    a yield after 0.8 us of waiting where steps take 5 us; the backoff then
+    ran 16 of 17 steps in one thread: GRU 64->256, T=1000, 2 threads, 19.2
+    ms a step against 15.7-16.5 split.)"""
+    cdef long long started, elapsed, most = 0
+    cdef int p
+    if not fastrnn_run_team(<fastrnn_job_fn>fn, arg, nparts, wait_ns, &started):
+        return 0
+    elapsed = fastrnn_clock_ns() - started
+    for p in range(nparts):
+        most = max(most, waits[p])
+    return 2 if 3 * most > elapsed else 1
 
 
 cdef extern from "_portable.h":
@@ -67,10 +90,6 @@ cdef extern from "_portable.h":
 
 # pauses between yields at a barrier (_tuning.h)
 from fastrnn._tuning cimport WAIT_SPINS
-
-
-cdef long long now_ns() noexcept nogil:
-    return fastrnn_clock_ns()
 
 
 cdef long long step_barrier(long long* slots, int part, int nparts,
@@ -99,25 +118,6 @@ cdef long long* team_slots(long long* raw, int nparts) noexcept nogil:
     cdef long long* slots = <long long*>((<size_t>raw + 127) & ~(<size_t>127))
     memset(slots, 0, (nparts + 1) * SYNC_SLOT * sizeof(long long))
     return slots
-
-
-cdef int team_outcome(const long long* waits, int nparts, long long start_ns) noexcept nogil:
-    """A unit split's outcome from its parts' waits at the barriers (ns, as
-    step_barrier counts them), the split having started at ``start_ns``: 2
-    (contended: the parts did not have a core each, another program or the
-    scheduler) when they waited more than a quarter of the parts' time, else
-    1. Parts sharing a core wait about half of it, each for the other's
-    turn; with a core each, the jitter of short steps costs a few percent
-    (GRU 64->256 at batch 1, BPTT: 7%). (Counting yields instead, a quarter
-    of the steps allowed, called contended nearly every split of this
-    training step on a CPU whose pause takes 12 ns: a yield after 0.8 us of
-    waiting, where steps take 5 us; the backoff then ran 16 of 17 steps in
-    one thread, 19.4 ms a step against 16.8 split.)"""
-    cdef long long total = 0, elapsed = fastrnn_clock_ns() - start_ns
-    cdef int p
-    for p in range(nparts):
-        total += waits[p]
-    return 2 if 4 * total > nparts * elapsed else 1
 
 
 cdef bint unit_bounds_fit(bounds, Py_ssize_t H, Py_ssize_t width) except -1:

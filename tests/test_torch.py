@@ -286,10 +286,14 @@ def test_lazily_negated_or_conjugated_tensors_are_their_values():
         layer(torch.randn(5, 2, 3, dtype=torch.complex64).conj())
 
 
-def test_a_sparse_tensor_is_refused_with_what_to_pass_instead():
+def test_sparse_and_nested_tensors_are_refused_with_what_to_pass_instead():
     with pytest.raises(TypeError, match=r"GRU: input is a torch tensor of layout "
                                         r"torch\.sparse_coo; pass its \.to_dense\(\)"):
         fastrnn.GRU(3, 4)(torch.randn(5, 2, 3).to_sparse())
+    nested = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(2, 3)])
+    with pytest.raises(TypeError, match=r"GRU: input is a torch nested tensor; pass its "
+                                        r"\.to_padded_tensor\(0\.0\) with lengths= instead"):
+        fastrnn.GRU(3, 4, batch_first=True)(nested)
 
 
 def test_torch_dtypes_name_the_dtype():
