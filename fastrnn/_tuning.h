@@ -9,8 +9,16 @@
 
 /* How long an idle worker spins for the next job before it sleeps: a
  * call's parts come microseconds apart, and a sleeping thread (on a virtual
- * machine an idle core too) takes tens of microseconds or more to wake. */
-#define FASTRNN_WORKER_SPIN_NS 300000LL
+ * machine an idle core too) takes tens of microseconds or more to wake,
+ * often on its caller's CPU. 1 ms, not 0.3: within a training step the
+ * caller's own phases (packing, numpy) can run past 0.3 ms, the more so
+ * when the worker just woke on the caller's CPU and slows it; the worker
+ * then slept and woke again inside every step, and after a pause took 0-3
+ * of a step's 10 parts for several steps (RNN 64->128, B=32, T=100, 2
+ * threads, blocks of calls after 0.25 s as the bench times them: 4.0-5.0
+ * ms a step against 2.9-3.5 at 1 ms; 2 ms did no better). The cost: an
+ * idle core busy for 1 ms after a call's last job. */
+#define FASTRNN_WORKER_SPIN_NS 1000000LL
 /* Pauses between yields while a thread waits for another (0.8 us on the
  * Xeon, 12 ns a pause; ~2 us where a pause takes 30 ns; the pool's workers
  * and the unit split's barrier): if the scheduler put both
