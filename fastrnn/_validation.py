@@ -146,7 +146,7 @@ def as_array(owner, name, value):
             if value.is_meta:
                 raise TypeError(f"{owner}: {name} is a torch tensor on the meta device, "
                                 f"which holds no values")
-            if value.is_nested:
+            if getattr(value, "is_nested", False):   # (torch 1.13 on)
                 raise TypeError(f"{owner}: {name} is a torch nested tensor; pass its "
                                 f".to_padded_tensor(0.0) with lengths= instead")
             if str(value.layout) != "torch.strided":   # sparse (COO, CSR, ...) or mkldnn
