@@ -99,8 +99,8 @@ UNIT_SPLIT_WAIT_NS = 200_000
 # read as contended on the VM of 2026-12-02, its worker's vCPU waking
 # slowly, so a GRU 64->256 at B=1, T=1000 ran in one thread 6.2 ms at the
 # median of blocks of 5 calls after a pause, against 4.4 ms for every call
-# split. Contention was then counted in yields; timed from the parts'
-# start, _worker.run_team, none of 8 such calls read as contended.)
+# split. Contention was then counted in yields; _worker.run_team now
+# times the waits.)
 UNIT_SPLIT_BACKOFF = 16
 
 # Inference of a unidirectional stack runs in time windows whose input
