@@ -46,9 +46,15 @@ def _import(build):
     return forward, backward, layernorm, projection
 
 
+def env_choice(variable):
+    """A build named by an environment variable, lower case; 'auto' when it
+    is unset or set but empty (an env file's "FASTRNN_SIMD="), as an empty
+    FASTRNN_NUM_THREADS counts as unset."""
+    return os.environ.get(variable, "").strip().lower() or "auto"
+
+
 def _load():
-    # set but empty (an env file's "FASTRNN_SIMD=") is unset, as FASTRNN_NUM_THREADS's is
-    choice = os.environ.get("FASTRNN_SIMD", "").strip().lower() or "auto"
+    choice = env_choice("FASTRNN_SIMD")
     if choice not in ("auto",) + BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_SIMD must be 'auto', 'baseline', 'avx2' or "
                           f"'avx512', got {choice!r}")

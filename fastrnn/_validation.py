@@ -125,6 +125,23 @@ def to_numpy(owner, name, value):
     return value
 
 
+def _unusual_tensor_values(owner, name, value):
+    """The values of a torch tensor whose .numpy() failed: a lazily negated
+    or conjugated view (x.conj().imag, x.conj()), a dtype numpy lacks (such
+    as bfloat16); nested and non-strided (sparse, mkldnn) ones refused."""
+    if getattr(value, "is_nested", False):   # (torch 1.13 on)
+        raise TypeError(f"{owner}: {name} is a torch nested tensor; pass its "
+                        f".to_padded_tensor(0.0) with lengths= instead")
+    if str(value.layout) != "torch.strided":
+        raise TypeError(f"{owner}: {name} is a torch tensor of layout {value.layout}; "
+                        f"pass its .to_dense()")
+    value = value.resolve_conj().resolve_neg()
+    try:
+        return value.numpy()
+    except TypeError:   # a dtype numpy lacks
+        return value.double().numpy()
+
+
 def as_array(owner, name, value):
     """Any array-like (numpy, torch tensor, nested lists) -> an ndarray of
     whatever dtype it has (no copy when none is needed)."""
@@ -146,18 +163,11 @@ def as_array(owner, name, value):
             if value.is_meta:
                 raise TypeError(f"{owner}: {name} is a torch tensor on the meta device, "
                                 f"which holds no values")
-            if getattr(value, "is_nested", False):   # (torch 1.13 on)
-                raise TypeError(f"{owner}: {name} is a torch nested tensor; pass its "
-                                f".to_padded_tensor(0.0) with lengths= instead")
-            if str(value.layout) != "torch.strided":   # sparse (COO, CSR, ...) or mkldnn
-                raise TypeError(f"{owner}: {name} is a torch tensor of layout {value.layout}; "
-                                f"pass its .to_dense()")
-            # a lazily negated or conjugated view (x.conj().imag, x.conj()) refuses .numpy()
-            value = value.detach().cpu().resolve_conj().resolve_neg()
+            value = value.detach().cpu()
             try:
                 value = value.numpy()
-            except TypeError:  # a dtype numpy lacks, such as bfloat16
-                value = value.double().numpy()
+            except (TypeError, RuntimeError):   # the rarer tensors, checked only then
+                value = _unusual_tensor_values(owner, name, value)
         try:
             value = np.asarray(value)
         except (TypeError, ValueError) as exc:

@@ -79,7 +79,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
-import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -119,8 +118,7 @@ def _int8_cpu_supports(build):
 
 
 def _load_int8():
-    # set but empty (an env file's "FASTRNN_INT8=") is unset, as FASTRNN_NUM_THREADS's is
-    choice = os.environ.get("FASTRNN_INT8", "").strip().lower() or "auto"
+    choice = _kernels.env_choice("FASTRNN_INT8")
     if choice not in ("auto",) + INT8_BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
                           f"'avx512', 'vnni', 'bf16' or 'amx', got {choice!r}")

@@ -39,18 +39,18 @@ def _check_inner(owner, layer):
     return layer
 
 
-def _recurrent(layer):
-    """The RNN/GRU/LSTM inside any wrappers."""
-    while isinstance(layer, _Wrapper):
-        layer = layer.layer
-    return layer
-
-
 def _wrappers(layer):
     """The wrappers around a layer, outermost first (none for a bare one)."""
     while isinstance(layer, _Wrapper):
         yield layer
         layer = layer.layer
+
+
+def _recurrent(layer):
+    """The RNN/GRU/LSTM inside any wrappers."""
+    for wrapper in _wrappers(layer):
+        layer = wrapper.layer
+    return layer
 
 
 class _Wrapper:
