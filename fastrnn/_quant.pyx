@@ -61,7 +61,8 @@ cdef extern from "_qkernel.h":
                         int8_t* out, int32_t* comp) noexcept nogil
     void fastrnn_q_unpack(const int8_t* packed, Py_ssize_t K, Py_ssize_t N, int8_t* w,
                           Py_ssize_t ldw) noexcept nogil
-    float fastrnn_q_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
+    float fastrnn_q_row(const float* x, Py_ssize_t K, int8_t* q,
+                        const float* next) noexcept nogil
     void fastrnn_q_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                         const int8_t* packed, const int32_t* comp, Py_ssize_t N, int32_t* c,
                         Py_ssize_t ldc) noexcept nogil
@@ -74,7 +75,8 @@ cdef extern from "_qkernel.h":
                         uint16_t* out) noexcept nogil
     void fastrnn_b_unpack(const uint16_t* packed, Py_ssize_t K, Py_ssize_t N, uint16_t* w,
                           Py_ssize_t ldw) noexcept nogil
-    float fastrnn_b_row(const float* x, Py_ssize_t K, int8_t* q) noexcept nogil
+    float fastrnn_b_row(const float* x, Py_ssize_t K, int8_t* q,
+                        const float* next) noexcept nogil
     void fastrnn_b_gemm(Py_ssize_t M, Py_ssize_t K, const int8_t* a, Py_ssize_t lda,
                         const int8_t* packed, Py_ssize_t N, const float* add,
                         Py_ssize_t ld_add, float* y, Py_ssize_t ldy) noexcept nogil
@@ -213,31 +215,34 @@ cdef inline Py_ssize_t _row_bytes(int kind, Py_ssize_t K) noexcept nogil:
     return (fastrnn_b_pairs(K) if kind else fastrnn_q_quads(K)) * 4
 
 
-cdef inline float _row(int kind, const float* x, Py_ssize_t K, int8_t* q) noexcept nogil:
+cdef inline float _row(int kind, const float* x, Py_ssize_t K, int8_t* q,
+                       const float* next=NULL) noexcept nogil:
     """An activation row converted for the products: its scale (bf16: 1),
-    -1 if x is not finite."""
-    return fastrnn_b_row(x, K, q) if kind else fastrnn_q_row(x, K, q)
+    -1 if x is not finite. next (or NULL): the row converted after it, to
+    fetch meanwhile (_qkernel.h: fastrnn_q_row)."""
+    return fastrnn_b_row(x, K, q, next) if kind else fastrnn_q_row(x, K, q, next)
 
 
-cdef inline float _inner_row(int kind, const float* x, Py_ssize_t K, int8_t* q) noexcept nogil:
+cdef inline float _inner_row(int kind, const float* x, Py_ssize_t K, int8_t* q,
+                             const float* next=NULL) noexcept nogil:
     """_row for a row the call computed (h at a step, a lower layer's output):
     one that overflowed to inf (or NaN) gets the scale NaN, so that its
     products are NaN, as float32's would be (inf - inf), instead of the
     zeros of its int8 row. Only what the caller gave (x, the initial state)
     is refused. (bfloat16 keeps inf and NaN in the row itself.)"""
-    cdef float scale = _row(kind, x, K, q)
+    cdef float scale = _row(kind, x, K, q, next)
     return scale if scale >= 0 else NAN
 
 
 cdef inline float _input_row(int kind, const float* x, Py_ssize_t K, int8_t* q, bint inner,
-                             int* bad) noexcept nogil:
+                             int* bad, const float* next=NULL) noexcept nogil:
     """A layer's input row converted: a lower layer's output (inner) as
     _inner_row does, the caller's x as _row does, a non-finite one setting
     *bad to 1."""
     cdef float scale
     if inner:
-        return _inner_row(kind, x, K, q)
-    scale = _row(kind, x, K, q)
+        return _inner_row(kind, x, K, q, next)
+    scale = _row(kind, x, K, q, next)
     if scale < 0:
         bad[0] = 1
     return scale
@@ -277,12 +282,20 @@ cdef struct ProjectJob:
     Interrupt interrupt
 
 
+cdef inline const float* _project_row(const ProjectJob* j, Py_ssize_t r) noexcept nogil:
+    """The row of x that row r of gx projects."""
+    if j.steps == 0:
+        return j.x + r * j.D
+    return j.x + ((j.t0 + r % j.steps) * j.x_row_t + (j.b0 + r // j.steps) * j.x_row_b) * j.D
+
+
 cdef void _project_job(void* arg, int part) noexcept nogil:
     cdef ProjectJob* j = <ProjectJob*>arg
     cdef Py_ssize_t r0 = j.rows[part][0], r1 = j.rows[part][1]
     cdef int8_t* q = j.qbuf + part * j.qstride
     cdef float* s = j.sbuf + part * PROJECT_BLOCK
     cdef const float* x_row
+    cdef const float* x_next
     cdef Py_ssize_t start, n, i
     cdef unsigned int fpenv
     if r1 <= r0:
@@ -293,13 +306,12 @@ cdef void _project_job(void* arg, int part) noexcept nogil:
         if interrupted(j.it, True):
             break
         n = min(<Py_ssize_t>PROJECT_BLOCK, r1 - start)
+        x_row = _project_row(j, start)
         for i in range(n):
-            if j.steps == 0:
-                x_row = j.x + (start + i) * j.D
-            else:
-                x_row = j.x + ((j.t0 + (start + i) % j.steps) * j.x_row_t
-                               + (j.b0 + (start + i) // j.steps) * j.x_row_b) * j.D
-            s[i] = _input_row(j.w.kind, x_row, j.D, q + i * j.qrow, j.inner, &j.bad)
+            # (the part's next row fetched meanwhile: the rows come from memory)
+            x_next = _project_row(j, start + i + 1) if start + i + 1 < r1 else NULL
+            s[i] = _input_row(j.w.kind, x_row, j.D, q + i * j.qrow, j.inner, &j.bad, x_next)
+            x_row = x_next
         _product(&j.w, n, q, j.qrow, s, j.bias, 0, j.gx + start * j.N, j.N)
         start += n
     fastrnn_amx_release()
@@ -1203,7 +1215,7 @@ def quantize_rows(const float[:, ::1] x not None):
     cdef float[::1] s = np.empty(M, np.float32)
     with nogil:
         for i in range(M):
-            s[i] = fastrnn_q_row(&x[i, 0], K, &buf[i, 0])
+            s[i] = fastrnn_q_row(&x[i, 0], K, &buf[i, 0], NULL)
     q = np.asarray(buf)[:, :K].view(np.uint8).astype(np.int16) if FASTRNN_Q_OFFSET else \
         np.asarray(buf)[:, :K].astype(np.int16)
     return (q - FASTRNN_Q_OFFSET).astype(np.int8), np.asarray(s)
@@ -1217,7 +1229,7 @@ def bf16_rows(const float[:, ::1] x not None):
     cdef int8_t[:, ::1] buf = np.empty((M, qrow), np.int8)
     with nogil:
         for i in range(M):
-            fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
+            fastrnn_b_row(&x[i, 0], K, &buf[i, 0], NULL)
     return np.asarray(buf).view(np.uint16)[:, :K].copy()
 
 
@@ -1232,7 +1244,7 @@ def bf16_product(const float[:, ::1] x not None, QWeight w not None):
         raise ValueError(f"bf16_product: expected a bfloat16 QWeight of {K} columns")
     with nogil:
         for i in range(M):
-            fastrnn_b_row(&x[i, 0], K, &buf[i, 0])
+            fastrnn_b_row(&x[i, 0], K, &buf[i, 0], NULL)
         if M > 0:
             fastrnn_b_gemm(M, K, &buf[0, 0], qrow, w.view.panels, w.N, NULL, 0, &y[0, 0], w.N)
         fastrnn_amx_release()
