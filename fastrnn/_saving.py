@@ -54,6 +54,7 @@ from fastrnn import optim
 from fastrnn._validation import shape_str
 from fastrnn._module import holding, ln_names, ln_parameter_sizes, parameters_filled_later
 from fastrnn._version import __version__
+from fastrnn.batching import FitPass
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDirections, ReLU,
@@ -220,9 +221,16 @@ def _random_states(model, layers):
             generators.append(_plain(state))
         return index[id(generator)]
 
-    return {"generators": generators,
-            "model": None if model is None else ref(getattr(model, "_rng", None)),
-            "layers": [ref(getattr(layer, "_rng", None)) for layer in layers]}
+    section = {"generators": generators,
+               "model": None if model is None else ref(getattr(model, "_rng", None)),
+               "layers": [ref(getattr(layer, "_rng", None)) for layer in layers]}
+    kept = None if model is None else getattr(model, "_fit_pass", None)
+    if kept is not None:   # a pass fit left unfinished (model.py: _resume_pass)
+        start = None if kept.start is None else ref(kept.start)
+        if kept.start is None or start is not None:
+            section["pass"] = {"samples": int(kept.samples), "batch_size": int(kept.batch_size),
+                               "next": int(kept.next), "order": start}
+    return section
 
 
 def _training_state(model):
@@ -893,9 +901,10 @@ def _check_random(section, n_layers):
     """(generators, model's index, layers' indices): generators rebuilt."""
     if section is None:
         return None
-    if not isinstance(section, dict) or set(section) != {"generators", "model", "layers"}:
+    keys = {"generators", "model", "layers"}
+    if not isinstance(section, dict) or set(section) - {"pass"} != keys:
         raise _BadFile(f"its 'random' should be an object of 'generators', 'model' and "
-                       f"'layers', got {_brief.repr(section)}")
+                       f"'layers' (and 'pass'), got {_brief.repr(section)}")
     states, layers = section["generators"], section["layers"]
     if not isinstance(states, list) or not isinstance(layers, list) or len(layers) != n_layers:
         raise _BadFile(f"its 'random' should list generators and one entry per layer "
@@ -922,7 +931,34 @@ def _check_random(section, n_layers):
                                 or not 0 <= ref < len(generators)):
             raise _BadFile(f"{where} random generator should be the index of one of the "
                            f"{len(generators)} generators, got {_brief.repr(ref)}")
-    return generators, section["model"], layers
+    return generators, section["model"], layers, _check_pass(section.get("pass"), generators)
+
+
+def _check_pass(entry, generators):
+    """The 'pass' of the random section (a Sequential's fit left a pass over
+    its arrays unfinished) as a batching.FitPass, or None."""
+    if entry is None:
+        return None
+    fields = {"samples", "batch_size", "next", "order"}
+    if not isinstance(entry, dict) or set(entry) != fields:
+        raise _BadFile(f"its random 'pass' should be an object of {sorted(fields)}, got "
+                       f"{_brief.repr(entry)}")
+    for name in ("samples", "batch_size", "next"):
+        value = entry[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _BadFile(f"its random 'pass' should have an int {name} >= 1, got "
+                           f"{_brief.repr(value)}")
+    batches = -(-entry["samples"] // entry["batch_size"])
+    if entry["next"] >= batches:
+        raise _BadFile(f"its random 'pass' stops at batch {entry['next']} of a pass of only "
+                       f"{batches} batches")
+    order = entry["order"]
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int)
+                              or not 0 <= order < len(generators)):
+        raise _BadFile(f"its random 'pass' order should be None or the index of one of the "
+                       f"{len(generators)} generators, got {_brief.repr(order)}")
+    return FitPass(entry["samples"], entry["batch_size"], entry["next"],
+                   None if order is None else generators[order])
 
 
 # Each bit generator's state as numpy writes it (arrays as lists of ints):
@@ -971,9 +1007,13 @@ def _bad_generator_state(kind, state):
 def _restore_random(random, model, layers):
     if random is None:
         return
-    generators, model_ref, layer_refs = random
+    generators, model_ref, layer_refs, kept_pass = random
     if model is not None and model_ref is not None:
         model._rng = generators[model_ref]
+    if kept_pass is not None:
+        if model is None:
+            raise _BadFile("a layer's file has a fit's pass in its random section")
+        model._fit_pass = kept_pass
     for i, (layer, ref) in enumerate(zip(layers, layer_refs)):
         if ref is None:
             continue

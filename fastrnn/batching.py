@@ -31,6 +31,13 @@ from numpy.typing import ArrayLike, DTypeLike
 from fastrnn import _validation as v
 from fastrnn._validation import shape_str
 
+# Where fit's pass over arrays stopped when its last epoch ended inside it
+# (steps_per_epoch): samples and batch size of the pass, its next batch, and
+# the model's generator as it was before it drew the pass's order (None:
+# not shuffled). A resumed run (initial_epoch > 0, the model loaded from a
+# file saved then, or the same model) draws the same order and goes on.
+FitPass = namedtuple("FitPass", "samples batch_size next start")
+
 Batch = namedtuple("Batch", ["x", "y", "sample_weight", "lengths", "mask"])
 Batch.__doc__ = """One batch as the model runs it: x (B, T, ...) padded if ragged, y (B, ...)
 (padded per-step targets), sample_weight (B,) or (B, T) or None, lengths (B,) int64 or None
@@ -292,6 +299,16 @@ class ArrayData:
         for step in range(first, count):
             part = slice(step * batch_size, (step + 1) * batch_size)
             yield self.take(part if order is None else order[part])
+
+    def resume(self, next_batch, order):
+        """Go on with a pass an earlier fit left unfinished: its order (None:
+        the samples in turn), and the batch its next epoch starts at."""
+        self._order, self._next = order, next_batch
+
+    def unfinished(self, batch_size):
+        """The next batch of the current pass if an epoch stopped inside it
+        (steps per epoch), else None."""
+        return self._next if 0 < self._next < -(-self.n // batch_size) else None
 
     def epoch(self, batch_size, steps, new_order):
         """One epoch's Batches (see the class); ``new_order()`` gives a new

@@ -7,9 +7,11 @@ sequences of different lengths and iterables of batches (see fastrnn.batching).
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +96,7 @@ class Sequential:
         self._metrics = None           # the Metric objects, built at the first batch
         self.stop_training = False
         self.history = None
+        self._fit_pass = None          # batching.FitPass: a pass fit left unfinished
 
     # --- the layers as a sequence -------------------------------------------
     def __len__(self) -> int:
@@ -727,7 +730,10 @@ class Sequential:
             metrics) each epoch.
         validation_data : tuple or iterable, optional
             ``(x_val, y_val)``, ``(x_val, y_val, sample_weight_val)`` or an
-            iterable of batches; overrides validation_split.
+            iterable of batches; overrides validation_split. Arrays are
+            validated in batches of ``batch_size`` when the loss's reduction
+            is 'sum' (Keras' rule: the value depends on them, and val_loss then
+            compares with loss), else of at least 256 (the same value).
         shuffle : bool, default True
             Shuffle the training samples every epoch (with the model's seed).
         callbacks : list, optional
@@ -749,7 +755,11 @@ class Sequential:
             it, and the mean divides by the unweighted count (Keras' rule).
             Not with class_weight.
         initial_epoch : int, default 0
-            The epoch to start at, to resume a run (see ``save``).
+            The epoch to start at, to resume a run (see ``save``). A run whose
+            last epoch stopped inside a pass over arrays (steps_per_epoch)
+            goes on with that pass, its order and its next batch (kept by the
+            model and saved with it); if this fit's samples, batch_size or
+            shuffle differ from that run's, a warning says it starts a new one.
         steps_per_epoch : int, optional
             Batches per epoch; the batches continue across epochs (Keras'
             rule). From arrays, an epoch takes the next batches of the
@@ -830,13 +840,25 @@ class Sequential:
         bar = ProgressBar(verbose, epochs, steps)
         running = callbacks.wants("on_train_batch_end") or bar.live
         reduction = self.loss.reduction
-        val_batch_size = max(batch_size, 256)
+        # Keras validates in batches of batch_size; a 'sum' loss's value (the
+        # batches' sums averaged) depends on them, so it does too (then val_loss
+        # and loss compare); a 'mean' one does not, and larger batches run faster
+        val_batch_size = batch_size if reduction == "sum" else max(batch_size, 256)
         self.stop_training = False
         callbacks.set_model()
         callbacks.train_begin()
         logs = {}
+        pass_start = [None]   # the model's generator before it drew this pass's order
+
         def new_order():
-            return _permutation(self._rng, len(source)) if shuffle else None
+            if not shuffle:
+                return None
+            pass_start[0] = copy.deepcopy(self._rng)
+            return _permutation(self._rng, len(source))
+
+        if not iterable:
+            self._resume_pass(owner, source, initial_epoch, batch_size, steps_per_epoch,
+                              shuffle, pass_start)
 
         try:
             for epoch in range(initial_epoch, epochs):
@@ -873,6 +895,10 @@ class Sequential:
                 if not iterable and source.ended_short and not self.stop_training:
                     batching.warn_pass_ended(owner, steps_per_epoch,
                                              -(-len(source) // batch_size))
+                if not iterable:   # (before on_epoch_end: a checkpoint saves it)
+                    next_batch = source.unfinished(batch_size)
+                    self._fit_pass = None if next_batch is None else batching.FitPass(
+                        len(source), batch_size, next_batch, pass_start[0])
                 logs = {"loss": mean.result(), **self._metric_results()}
                 if val is not None:
                     val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
@@ -890,6 +916,32 @@ class Sequential:
             _release_training_buffers(self.layers)
         callbacks.train_end(logs)
         return history
+
+    def _resume_pass(self, owner, source, initial_epoch, batch_size, steps_per_epoch,
+                     shuffle, pass_start):
+        """A resumed run (initial_epoch > 0) goes on with the pass over the
+        arrays its last epoch left unfinished (steps_per_epoch), as the
+        uninterrupted run would; a new run (initial_epoch 0) starts afresh."""
+        kept = getattr(self, "_fit_pass", None)   # (a model pickled before it had one)
+        self._fit_pass = None
+        if kept is None or initial_epoch == 0:
+            return
+        if (steps_per_epoch is None or kept.samples != len(source)
+                or kept.batch_size != batch_size or (kept.start is not None) != shuffle):
+            warnings.warn(
+                f"{owner}: the run resumed at epoch {initial_epoch} stopped inside a pass "
+                f"over {kept.samples} samples in batches of {kept.batch_size} "
+                f"({'shuffled' if kept.start is not None else 'in order'}, steps_per_epoch); "
+                f"this fit has {len(source)} samples in batches of {batch_size} "
+                f"({'shuffled' if shuffle else 'in order'}"
+                f"{', no steps_per_epoch' if steps_per_epoch is None else ''}), so it starts "
+                f"a new pass and does not continue that run exactly", stacklevel=3)
+            return
+        order = None
+        if kept.start is not None:   # the same draw as then, from the generator of then
+            order = _permutation(copy.deepcopy(kept.start), kept.samples)
+        pass_start[0] = kept.start
+        source.resume(kept.next, order)
 
     def _check_x(self, owner, x, name="x"):
         """x as an array with the samples first, in the layout the layers

@@ -859,6 +859,23 @@ def test_validation_split_takes_the_last_samples():
     assert ha.history["val_loss"][-1] == pytest.approx(a.evaluate(x[30:], y[30:]), rel=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_val_loss_is_on_the_scale_of_loss_for_a_sum_loss(reduction):
+    """A 'sum' loss's epoch value (the batches' sums averaged) depends on the
+    batch size: validation runs in batches of batch_size, as Keras', so that
+    on the training data with nothing learned val_loss equals loss. [failed
+    before: validation ran in batches of 256, val_loss 5x loss]"""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 5, 2)), rng.standard_normal((40, 1))
+    model = fastrnn.Sequential([fastrnn.GRU(2, 4, batch_first=True, dtype="float64", seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 1, dtype="float64", seed=1)])
+    model.compile(loss=fastrnn.MSELoss(reduction=reduction), optimizer=optim.SGD(lr=0.0))
+    history = model.fit(x, y, batch_size=8, shuffle=False, validation_data=(x, y), verbose=0)
+    assert history.history["val_loss"][0] == pytest.approx(history.history["loss"][0], rel=1e-12)
+    assert history.history["val_loss"][0] == pytest.approx(
+        model.evaluate(x, y, batch_size=8), rel=1e-12)
+
+
 def test_validation_split_error_names_the_argument():
     x, y = _small_data()
     model = _small_model()
