@@ -256,11 +256,22 @@ class _MonitorCallback(Callback):
                              f"data)")
         return float(logs[self.monitor])
 
+    # where min_delta goes in the comparison, as each Keras callback has it
+    # (the roundings differ: at best 1.0, value 0.98, min_delta 0.02 one
+    # form counts an improvement and the other not)
+    _delta_on_reference = False
+
     def _is_improvement(self, value, reference):
-        """value beats reference by more than min_delta (reference None: yes)."""
+        """value beats reference by more than min_delta (reference None: yes):
+        Keras' EarlyStopping compares value -/+ min_delta with the reference,
+        its ReduceLROnPlateau value with the reference +/- min_delta."""
         if reference is None:
             return True
-        return self._sign * (value - reference) + self.min_delta < 0
+        if self._delta_on_reference:
+            return (value < reference - self.min_delta if self._sign > 0 else
+                    value > reference + self.min_delta)
+        return (value + self.min_delta < reference if self._sign > 0 else
+                value - self.min_delta > reference)
 
 
 class EarlyStopping(_MonitorCallback):
@@ -443,6 +454,8 @@ class ReduceLROnPlateau(_MonitorCallback):
     min_lr : float, default 0
     verbose : {0, 1}, default 0
     """
+
+    _delta_on_reference = True   # Keras' ReduceLROnPlateau: value < best - min_delta
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
@@ -647,10 +660,29 @@ class LambdaCallback(Callback):
                                 f"{type(fn).__name__}")
             if fn is None:
                 continue
+            _check_keras_signature(name, fn)
             if name in ("on_train_begin", "on_train_end"):
                 self.__dict__[name] = (lambda f: lambda model, logs=None: f(logs))(fn)
             else:
                 self.__dict__[name] = (lambda f: lambda model, step, logs: f(step, logs))(fn)
+
+
+def _check_keras_signature(name, fn):
+    """LambdaCallback's functions take Keras' arguments, not the model first
+    as fastrnn's own hooks do: a function that cannot take them is refused
+    here (at the first epoch it would fail inside fit, unexplained)."""
+    args = ("logs",) if name in ("on_train_begin", "on_train_end") else (
+        ("epoch", "logs") if name.startswith("on_epoch") else ("batch", "logs"))
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):   # (some builtins have none to read)
+        return
+    try:
+        signature.bind(*args)
+    except TypeError:
+        raise TypeError(f"LambdaCallback: {name} must take ({', '.join(args)}), Keras' "
+                        f"arguments, got a function of {signature} (a Callback subclass's "
+                        f"hooks take the model first; LambdaCallback's do not)") from None
 
 
 class ProgressBar:

@@ -192,6 +192,26 @@ def test_reduce_lr_on_plateau_matches_keras(kwargs):
         assert model.optimizer.lr == pytest.approx(float(ref.optimizer.learning_rate), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode, values, reduced", [
+    # best 1.0, then 0.98 with min_delta 0.02: 0.98 < 1.0 - 0.02 is False in
+    # float64 (Keras' ReduceLROnPlateau: no improvement, patience 0 reduces);
+    # (0.98 - 1.0) + 0.02 < 0 is True (the form EarlyStopping's rounding has)
+    ("min", [1.0, 0.98], True),
+    ("max", [1.0, 1.02], True),
+    ("min", [1.0, 0.97], False),
+])
+def test_reduce_lr_on_plateau_compares_as_keras_at_the_min_delta_boundary(mode, values,
+                                                                           reduced):
+    """[failed before: ('min', 0.98) counted as an improvement]"""
+    model = _model(lr=0.1)
+    plateau = fastrnn.ReduceLROnPlateau(patience=0, factor=0.5, min_delta=0.02, mode=mode)
+    plateau.set_model(model)
+    plateau.on_train_begin(model)
+    for epoch, value in enumerate(values):
+        plateau.on_epoch_end(model, epoch, {"val_loss": value})
+    assert model.optimizer.lr == (0.05 if reduced else 0.1)
+
+
 def test_reduce_lr_on_plateau_in_fit_adds_the_rate_to_history():
     x, y = _data()
     model = _model(lr=0.1)
@@ -324,6 +344,20 @@ def test_model_checkpoint_saves_every_epoch_or_the_best(tmp_path):
 
 
 # --- LambdaCallback and plain objects -----------------------------------------------------------
+def test_lambda_callback_refuses_a_function_of_other_arguments():
+    """[failed before: a bare TypeError from inside fit at the first epoch]"""
+    with pytest.raises(TypeError, match=r"LambdaCallback: on_epoch_end must take \(epoch, "
+                       r"logs\), Keras' arguments, got a function of \(model, epoch, logs\)"):
+        fastrnn.LambdaCallback(on_epoch_end=lambda model, epoch, logs: None)
+    with pytest.raises(TypeError, match=r"on_train_begin must take \(logs\)"):
+        fastrnn.LambdaCallback(on_train_begin=lambda: None)
+    with pytest.raises(TypeError, match=r"on_train_batch_end must take \(batch, logs\)"):
+        fastrnn.LambdaCallback(on_train_batch_end=lambda batch: None)
+    # what takes the arguments passes: defaults, *args, builtins without a signature
+    fastrnn.LambdaCallback(on_epoch_end=lambda *args: None, on_train_end=print,
+                           on_epoch_begin=lambda epoch, logs=None, extra=1: None)
+
+
 def test_lambda_callback_and_duck_typed_callbacks():
     x, y = _data()
     calls = []
