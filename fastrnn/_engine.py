@@ -180,6 +180,17 @@ class _Lent:
         self.entries = []
 
 
+def transposed(w):
+    """A C-contiguous copy of w.T, 64 rows of w at a time: numpy's copy of a
+    transposed view walks one array across its rows and ran at 0.6 GB/s on a
+    large W_hh (4096 x 1024 float32: 26 ms, 3.4 ms in blocks; 384 x 128 50
+    and 19 us), done at the first call after every parameter change."""
+    out = np.empty(w.shape[::-1], w.dtype)
+    for start in range(0, w.shape[0], 64):
+        out[:, start:start + 64] = w[start:start + 64].T
+    return out
+
+
 def _idle(entry):
     """Whether nothing but its entry holds entry[0] (the entry's reference
     and getrefcount's argument: 2)."""
@@ -242,7 +253,7 @@ class RecurrentEngine(RecurrentWeights):
             terms = []
             _, w_hh_all, b_ih_all, b_hh_all = self._weights(params)
             for b_ih, b_hh, w_hh in zip(b_ih_all, b_hh_all, w_hh_all):
-                w_hh_t = np.ascontiguousarray(w_hh.T)
+                w_hh_t = transposed(w_hh)
                 if b_ih is None:
                     terms.append((None, None, w_hh_t))
                 elif self._base_code == _forward.CELL_GRU:
@@ -329,7 +340,7 @@ class RecurrentEngine(RecurrentWeights):
             rows = np.concatenate([np.arange(g * H + lo, g * H + hi) for g in range(self._gates)])
             w_part = np.ascontiguousarray(self._weights(params)[1][k][rows])
             bias_h = self._kernel_weights(params)[k][1]
-            params.cache[key] = (w_part, np.ascontiguousarray(w_part.T),
+            params.cache[key] = (w_part, transposed(w_part),
                                  None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
         return params.cache[key]
 

@@ -480,7 +480,8 @@ class Module:
                 raise ValueError(f"{owner}: expected {name} of shape {shape_str(expected)}, "
                                  f"got {shape_str(value.shape)}")
             with np.errstate(over="ignore"):  # overflow is reported just below
-                value = value.astype(self.dtype)
+                # (no copy of a value already of the dtype: write copies it in)
+                value = value.astype(self.dtype, copy=False)
             if not np.isfinite(value).all() and not getattr(_restoring, "active", False):
                 raise ValueError(f"{owner}: {name} has non-finite values (NaN or inf) "
                                  f"after conversion to {self.dtype}")

@@ -437,3 +437,15 @@ def test_a_warm_training_step_takes_no_new_pages(tmp_path):
     trimmed after each; lent again (_engine._TrainingBuffers), they take none."""
     assert _page_faults_per_step(tmp_path, "fastrnn.GRU(125, 100, seed=0)", (150, 64, 125),
                                  infer=False, warm=3, timed=3) < 100
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 7), (65, 3), (130, 129), (512, 128)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_is_a_contiguous_copy_of_the_transpose(shape, dtype):
+    """W_hh^T for the BLAS paths, built 64 rows at a time (numpy's copy of
+    w.T ran at 0.6 GB/s on large weights, at every parameter change)."""
+    from fastrnn._engine import transposed
+    w = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    t = transposed(w)
+    assert t.flags.c_contiguous and t.dtype == dtype and t.shape == shape[::-1]
+    assert np.array_equal(t, w.T) and not np.shares_memory(t, w)
