@@ -180,6 +180,27 @@ class _Lent:
         self.entries = []
 
 
+def valid_steps(run, x, steps, batch_first, out):
+    """``run(x_run, out_run)`` on the first ``steps`` steps of a call with
+    lengths whose sequences all end by then (the longest length): only they
+    run, as PyTorch's packed sequences run only the valid steps, and the
+    output past them is zeros, as padding's is (every step ran before: all
+    lengths 1 in 400 steps took 38x PyTorch's packed call). Returns run's
+    result."""
+    if batch_first:
+        x_run = np.ascontiguousarray(x[:, :steps])
+        out_run = np.empty((out.shape[0], steps, out.shape[2]), out.dtype)
+    else:
+        x_run, out_run = x[:steps], out[:steps]   # (views: the leading axis)
+    result = run(x_run, out_run)
+    if batch_first:
+        out[:, :steps] = out_run
+        out[:, steps:] = 0
+    else:
+        out[steps:] = 0
+    return result
+
+
 def transposed(w):
     """A C-contiguous copy of w.T, 64 rows of w at a time: numpy's copy of a
     transposed view walks one array across its rows and ran at 0.6 GB/s on a
@@ -234,6 +255,7 @@ class Tape:
     layers: list = field(default_factory=list)
     learned_state: bool = False
     hh_masks: list | None = None
+    steps: int | None = None   # the steps run (fewer than the call's: _run_steps)
 
 
 class RecurrentEngine(RecurrentWeights):
@@ -372,6 +394,11 @@ class RecurrentEngine(RecurrentWeights):
         windows (_run_windows), which lend every window the same input
         projection buffer (gx_buffer: at least T * B rows).
         """
+        if lengths is not None and B > 0 and T > 1:
+            steps = int(lengths.max())
+            if 0 < steps < T:
+                return self._run_steps(params, x, T, steps, B, batch_first, h_n, c_n, out,
+                                       lengths, train, gx_buffer)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         dirs = self._dirs
         plan = _plan.forward_plan(self, T, B, batch_first=batch_first, train=train,
@@ -422,6 +449,17 @@ class RecurrentEngine(RecurrentWeights):
                 units = None
             self._run_layers(params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                              gx, gh, plan.parts, held, tape, units, plan.fold, plan.products)
+        return tape
+
+    def _run_steps(self, params, x, T, steps, B, batch_first, h_n, c_n, out, lengths, train,
+                   gx_buffer):
+        """``_run`` of a call whose sequences all end before its last step
+        (see ``valid_steps``); the tape (training) says how many it holds."""
+        tape = valid_steps(lambda x_run, out_run: self._run(
+            params, x_run, steps, B, batch_first, h_n, c_n, out_run, lengths, train, gx_buffer),
+            x, steps, batch_first, out)
+        if tape is not None:
+            tape.steps = steps
         return tape
 
     def _stack_folds(self, params, fold, B):
@@ -871,13 +909,25 @@ class Backprop:
             tape_bf = tape.batch_first
             if tape_bf != self._batch_first:
                 dout = dout.transpose(1, 0, 2)
+            # the steps the forward ran (past every sequence's end: none of them)
+            steps = T if tape.steps is None else tape.steps
+            if steps < T:
+                dout = dout[:, :steps] if tape_bf else dout[:steps]
             try:
-                dx = module._bptt(tape, T, B, np.ascontiguousarray(dout).reshape(T * B, -1),
-                                  dh, dc)
+                dx = module._bptt(tape, steps, B,
+                                  np.ascontiguousarray(dout).reshape(steps * B, -1), dh, dc)
             except BaseException as exc:   # MemoryError, Ctrl-C
                 self._failed = type(exc).__name__
                 raise
-            dx = dx.reshape((B, T, -1) if tape_bf else (T, B, -1))
+            dx = dx.reshape((B, steps, -1) if tape_bf else (steps, B, -1))
+            if steps < T:   # padding's gradient is zero
+                full = np.zeros((B, T, dx.shape[2]) if tape_bf else (T, B, dx.shape[2]),
+                                dx.dtype)
+                if tape_bf:
+                    full[:, :steps] = dx
+                else:
+                    full[:steps] = dx
+                dx = full
             if tape_bf != self._batch_first:
                 dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
             dx = dx.reshape(self._x_shape)

@@ -88,6 +88,7 @@ from numpy.typing import ArrayLike
 
 from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
+from fastrnn._engine import valid_steps
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import (LoadResult, call_parameters, filled_later, holding, sealed,
                              latest_parameters, parameters_filled_later, set_parameters)
@@ -644,6 +645,12 @@ class _Quantized(_ReducedWeights):
         """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
         initial state and end as the final one."""
+        if lengths is not None and B > 0 and T > 1 and 0 < int(lengths.max()) < T:
+            steps = int(lengths.max())   # no sequence reaches the steps after it
+            valid_steps(lambda x_run, out_run: self._qrun(
+                params, x_run, steps, B, batch_first, h_n, c_n, out_run, lengths),
+                x, steps, batch_first, out)
+            return
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
         # a carried state, a lower layer's output: an overflow in them propagates

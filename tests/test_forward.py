@@ -547,3 +547,54 @@ def _flat(result):
     if isinstance(result, (tuple, list)):
         return [a for part in result for a in _flat(part)]
     return [np.asarray(result)]
+
+
+def _padded(a, steps, T, batch_first):
+    full = np.zeros(a.shape[:1] + (T,) + a.shape[2:] if batch_first else (T,) + a.shape[1:],
+                    a.dtype)
+    if batch_first:
+        full[:, :steps] = a
+    else:
+        full[:steps] = a
+    return full
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int8", "bfloat16"])
+def test_steps_past_every_length_do_not_run(kind, batch_first, bidirectional, dtype):
+    """A call whose sequences all end before its last step runs only the
+    steps up to the longest (as PyTorch's packed sequences): the same bits
+    as the call on the input cut there, zeros past it; training too (the
+    gradients of the cut call, zeros for the padding)."""
+    rng = np.random.default_rng(0)
+    T, steps, lengths = 9, 5, np.array([2, 5, 3])
+    quantized = dtype in ("int8", "bfloat16")
+    layer = getattr(fastrnn, kind)(4, 5, num_layers=2, bidirectional=bidirectional,
+                                   batch_first=batch_first, seed=1,
+                                   dtype="float32" if quantized else dtype)
+    model = fastrnn.quantize(layer, dtype=dtype) if quantized else layer
+    x = rng.standard_normal((3, T, 4) if batch_first else (T, 3, 4)).astype(
+        np.float32 if quantized else dtype)
+    cut = np.ascontiguousarray(x[:, :steps] if batch_first else x[:steps])
+    flat = lambda s: np.concatenate([a.ravel() for a in (s if isinstance(s, tuple) else (s,))])
+    out, state = model(x, lengths=lengths)
+    out_cut, state_cut = model(cut, lengths=lengths)
+    assert np.array_equal(out, _padded(out_cut, steps, T, batch_first))
+    assert np.array_equal(flat(state), flat(state_cut))
+    if quantized:
+        return
+    g = rng.standard_normal(out.shape).astype(dtype)
+    (out, _), backprop = layer.forward_train(x, lengths=lengths)
+    layer.zero_grad()
+    dx, dstate = backprop(g)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    (out_cut, _), backprop = layer.forward_train(cut, lengths=lengths)
+    layer.zero_grad()
+    dx_cut, dstate_cut = backprop(np.ascontiguousarray(g[:, :steps] if batch_first else
+                                                       g[:steps]))
+    assert np.array_equal(out, _padded(out_cut, steps, T, batch_first))
+    assert np.array_equal(dx, _padded(dx_cut, steps, T, batch_first))
+    assert np.array_equal(flat(dstate), flat(dstate_cut))
+    assert all(np.array_equal(grads[k], layer.grads[k]) for k in grads)
