@@ -40,6 +40,21 @@
  * which it looks for an interrupt too. */
 #define FASTRNN_INTERRUPT_BLOCK_MACS 134217728
 
+/* --- the streaming path of a cell call (_forward.pyx.tp: CellStep) --- */
+
+/* Multiply-adds of a batched cell step (B * G * H * (D + H)) above which,
+ * with more than one thread, the call takes the layers' driver, which
+ * splits the batch between the threads, rather than the streaming path,
+ * which runs it on one thread without the driver's 15-20 us of Python.
+ * Measured at 2 threads on the Intel Xeon (us a call, the streaming path
+ * at B <= 64, the driver above, as the bound was then): LSTMCell(16, 32)
+ * B = 64 11 (0.4 M), B = 65 27, 256 57 (1.6 M; streaming would take ~45),
+ * 512 96 (3.1 M; ~90); LSTMCell(64, 128) B = 64 89 (6.3 M), B = 65 70;
+ * GRUCell(128, 256) B = 64 227 (19 M), B = 65 144. One thread: the
+ * streaming path at any size (the driver's B = 65 took 104 us where
+ * B = 64 took 80). */
+#define FASTRNN_CELL_STEP_SPLIT_MACS 2097152LL
+
 /* --- products --- */
 
 /* OpenBLAS runs a gemm on one thread when m * n * k <= 65536 * 4 and a gemv

@@ -180,6 +180,18 @@ def as_array(owner, name, value):
     return value
 
 
+def plain_numbers(value, dtype):
+    """An ndarray of real numbers as the lean paths take it (C-contiguous, of
+    ``dtype``): a strided view (``x[:, t]`` of batch-first data) or another
+    dtype converted as ``as_float_array`` would convert it, before the lean
+    path, which refuses it (the general path then cost 15-20 us more than
+    the 1-3 us call). Anything else unchanged (the general path checks it)."""
+    if (type(value) is np.ndarray and value.dtype.kind in "fiu"
+            and (value.dtype != dtype or not value.flags.c_contiguous)):
+        return np.asarray(value, dtype=dtype, order="C")   # (0-D stays 0-D)
+    return value
+
+
 def as_float_array(owner, name, value, dtype, own_copy=False):
     """A C-contiguous array of the layer's dtype (a copy only if needed, or
     always one of our own with ``own_copy``: never the caller's memory, which

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from fastrnn._kernels import forward as _forward
-from fastrnn import _gate_options, _layernorm_engine, _training_options
+from fastrnn import _gate_options, _layernorm_engine, _parallel, _training_options
 from fastrnn import _validation as v
 from fastrnn._engine import Backprop, RecurrentEngine
 from fastrnn._module import RESET_AFTER_DOC, call_parameters, gru_kind
@@ -77,14 +77,16 @@ class _CellBase(RecurrentEngine):
         params = call_parameters(self)   # one parameter set for the whole call
         # (the streaming kernel runs the plain cells only, and starts from
         # zeros when hx is None, so it is given the learned states)
+        if not self._general_only:
+            x = v.plain_numbers(x, self._config["dtype"])
         if self._plain_step:
-            result = self._stepper(params).step(x, hx)
+            result = self._stepper(params).step(x, hx, _parallel.get_num_threads())
             if result is not None:
                 return result
         elif not self._general_only:
             state = self._learned_hx(params, x) if hx is None else hx
             if state is not None:
-                result = self._stepper(params).step(x, state)
+                result = self._stepper(params).step(x, state, _parallel.get_num_threads())
                 if result is not None:
                     return result
         x, B, batched, h, c = self._prepare(params, x, hx)

@@ -122,6 +122,7 @@ class _RNNBase(RecurrentEngine):
         if lengths is None and not self._general_only:
             # the lean path of small calls (_forward.SequenceRunner; it starts
             # from zeros when hx is None, so it is given the learned states)
+            x = v.plain_numbers(x, self._config["dtype"])
             state = hx if hx is not None or not self._init_index else self._learned_hx(params, x)
             if state is not None or not self._init_index:
                 result = self._sequence_runner(params).run(x, state)

@@ -449,3 +449,69 @@ def test_transposed_is_a_contiguous_copy_of_the_transpose(shape, dtype):
     t = transposed(w)
     assert t.flags.c_contiguous and t.dtype == dtype and t.shape == shape[::-1]
     assert np.array_equal(t, w.T) and not np.shares_memory(t, w)
+
+
+def _no_general_path(module):
+    """Make the general path (validation and the layers' driver) fail on
+    ``module``: a call that still succeeds took the lean path."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general path ran")
+    module._prepare = refuse
+    return module
+
+
+@pytest.mark.parametrize("kind", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_a_strided_or_other_dtype_frame_takes_the_cells_streaming_path(kind):
+    """``cell(x[:, t], h)`` over batch-first data passes a strided view; a
+    float64 frame reaches a float32 cell: both converted for the streaming
+    path (the same numbers as the converted frame), not sent to the general
+    path (15-20 us more a call). [failed before: the general path ran]"""
+    rng = np.random.default_rng(0)
+    seq = rng.standard_normal((4, 6, 16))
+    cell = getattr(fastrnn, kind)(16, 32, seed=0)
+    expected = cell(np.ascontiguousarray(seq[:, 2], np.float32))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    _no_general_path(cell)
+    for frame in (seq[:, 2].astype(np.float32), seq[:, 2], seq[0, 2]):
+        got = cell(frame)
+        got = got if isinstance(got, tuple) else (got,)
+        for g, w in zip(got, expected):
+            np.testing.assert_array_equal(g, w if frame.ndim == 2 else w[0])
+
+
+def test_a_strided_or_float64_input_takes_the_layers_lean_path():
+    """[failed before: the general path ran]"""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 5))
+    layer = fastrnn.LSTM(5, 7, seed=0)
+    expected = layer(np.ascontiguousarray(x.transpose(1, 0, 2), np.float32))
+    _no_general_path(layer)
+    for given in (x.transpose(1, 0, 2), x.transpose(1, 0, 2).astype(np.float32)):
+        out, (h, c) = layer(given)
+        np.testing.assert_array_equal(out, expected[0])
+        np.testing.assert_array_equal(h, expected[1][0])
+
+
+def test_a_batched_cell_step_splits_only_where_it_pays():
+    """One thread: the streaming path at any batch (the driver would only add
+    its Python); more: the driver, which splits the batch, once the step's
+    multiply-adds pass CELL_STEP_SPLIT_MACS (2 M). [failed before: the
+    driver above 64 rows at any size, the streaming path up to 64 rows at
+    any size]"""
+    rng = np.random.default_rng(0)
+    small = fastrnn.LSTMCell(16, 32, seed=0)        # 6144 multiply-adds a row
+    big = fastrnn.GRUCell(128, 256, seed=0)         # 294912 a row
+    x_small = rng.standard_normal((200, 16)).astype(np.float32)   # 1.2 M
+    x_big = rng.standard_normal((16, 128)).astype(np.float32)     # 4.7 M
+    expected = small(x_small), big(x_big)
+    before = _parallel.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        h, c = _no_general_path(small)(x_small)
+        np.testing.assert_array_equal(h, expected[0][0])
+        with pytest.raises(AssertionError, match="the general path ran"):
+            _no_general_path(big)(x_big)
+        fastrnn.set_num_threads(1)
+        np.testing.assert_array_equal(big(x_big), expected[1])
+    finally:
+        fastrnn.set_num_threads(before)
