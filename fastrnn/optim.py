@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fastrnn import _backward   # (the portable build: adam_update's bits)
 from fastrnn import _validation as v
 from fastrnn._module import changing_together, holding, set_with_parameters
 
@@ -389,12 +390,13 @@ class Adam(Optimizer):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
     def _update(self, p, g, state):
+        # In NumPy's terms (each operation rounded to p's dtype, as there):
+        #   weight decay: p *= 1 - lr * wd (AdamW), or g += wd * p (Adam)
+        #   m *= b1; m += (1 - b1) * g; v *= b2; v += (1 - b2) * g * g
+        #   amsgrad: v_max = maximum(v_max, v), used for v below
+        #   p -= lr / (1 - b1 ** t) * m / (sqrt(v) / sqrt(1 - b2 ** t) + eps)
+        # run in one pass (_backward.adam_update: the same bits)
         beta1, beta2 = self.betas
-        if self.weight_decay:
-            if self._decoupled:
-                p *= 1 - self.lr * self.weight_decay
-            else:
-                g += self.weight_decay * p
         if not state:
             state["step"] = 0    # per parameter, as PyTorch: one added later starts at 1
             state["exp_avg"] = np.zeros_like(p)
@@ -402,18 +404,21 @@ class Adam(Optimizer):
             if self.amsgrad:
                 state["max_exp_avg_sq"] = np.zeros_like(p)
         state["step"] += 1
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * g * g
-        if self.amsgrad:
-            np.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-            v = state["max_exp_avg_sq"]
         t = state["step"]
-        step_size = self.lr / (1 - beta1 ** t)
-        denom = np.sqrt(v) / math.sqrt(1 - beta2 ** t) + self.eps
-        p -= step_size * m / denom
+        v_max = _flat(state["max_exp_avg_sq"]) if self.amsgrad else None
+        _backward.adam_update(
+            _flat(p), _flat(g), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), v_max,
+            beta1, beta2, self.weight_decay,
+            self._decoupled, 1 - self.lr * self.weight_decay, self.lr / (1 - beta1 ** t),
+            math.sqrt(1 - beta2 ** t), self.eps)
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array (a parameter storage, a gradient or
+    a moment: all are), which an update writes through."""
+    if not a.flags.c_contiguous:
+        raise RuntimeError("optimizer: a parameter or state array is not contiguous")
+    return a.reshape(-1)
 
 
 class AdamW(Adam):

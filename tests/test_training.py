@@ -6,6 +6,7 @@ Values and gradients are checked against PyTorch (skipped when torch is
 missing) and against central finite differences in float64.
 """
 import json
+import math
 import os
 import warnings
 
@@ -1541,3 +1542,67 @@ def test_centered_rmsprop_survives_a_gradient_whose_square_overflows_float32():
         tw.grad = torch.full_like(tw, 1e30)
         topt.step()
         np.testing.assert_array_equal(lin.weight, tw.detach().numpy())
+
+
+def _numpy_adam(p, g, state, lr, betas, eps, weight_decay, amsgrad, decoupled):
+    """Adam's update as NumPy whole-array operations (the form fastrnn's fused
+    pass must match bit for bit)."""
+    beta1, beta2 = betas
+    g = g.copy()
+    if weight_decay:
+        if decoupled:
+            p *= 1 - lr * weight_decay
+        else:
+            g += weight_decay * p
+    if not state:
+        state.update(step=0, m=np.zeros_like(p), v=np.zeros_like(p))
+        if amsgrad:
+            state["vmax"] = np.zeros_like(p)
+    state["step"] += 1
+    m, v = state["m"], state["v"]
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * g * g
+    if amsgrad:
+        np.maximum(state["vmax"], v, out=state["vmax"])
+        v = state["vmax"]
+    t = state["step"]
+    denom = np.sqrt(v) / math.sqrt(1 - beta2 ** t) + eps
+    p -= lr / (1 - beta1 ** t) * m / denom
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cls, kwargs", [
+    (optim.Adam, dict(lr=1e-2)), (optim.Adam, dict(lr=3e-3, weight_decay=0.1, amsgrad=True)),
+    (optim.AdamW, dict(lr=1e-2)), (optim.AdamW, dict(lr=1e-3, weight_decay=0.3, amsgrad=True,
+                                                     betas=(0.8, 0.95), eps=1e-6))])
+def test_adams_fused_update_gives_the_numpy_forms_bits(dtype, cls, kwargs):
+    """Adam's update runs in one pass (_backward.adam_update), each operation
+    rounded as NumPy's whole-array form rounds it: the same bits over many
+    steps, NaN and inf gradients included."""
+    rng = np.random.default_rng(0)
+    layer = fastrnn.GRU(3, 5, dtype=dtype, seed=0)
+    opt = cls(layer, **kwargs)
+    params = {k: v.copy() for k, v in layer.state_dict().items()}
+    states = {k: {} for k in params}
+    full = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False)
+    full.update(kwargs)
+    full.update(weight_decay=kwargs.get("weight_decay", 1e-2 if cls is optim.AdamW else 0.0))
+    for step in range(12):
+        grads = {k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-6, 4)).astype(dtype)
+                 for k, v in params.items()}
+        if step == 7:   # a gradient that overflowed somewhere
+            grads["weight_hh_l0"][0, 0] = np.inf
+            grads["bias_ih_l0"][1] = np.nan
+        layer.zero_grad()
+        for k, g in grads.items():
+            layer.grads[k][...] = g
+        with np.errstate(invalid="ignore", over="ignore"):
+            opt.step()
+            for k in params:
+                _numpy_adam(params[k], grads[k], states[k], decoupled=cls is optim.AdamW,
+                            **full)
+        got = layer.state_dict()
+        for k in params:
+            np.testing.assert_array_equal(got[k], params[k], err_msg=f"{k} step {step}")
