@@ -432,7 +432,7 @@ class RecurrentEngine(RecurrentWeights):
             # padding never reaches results; zero it so that it cannot reach the
             # weight gradients either (0 * NaN is NaN)
             layer_in = layer_in.copy()
-            layer_in.reshape(x.shape)[_padding_mask(T, B, batch_first, lengths)] = 0
+            layer_in.reshape(x.shape)[padding_mask(T, B, batch_first, lengths)] = 0
         if plan.stack:   # each part's rows through every layer (float32 inference)
             dirs_h = dirs * H
             self._sequence_runner(params).run_stack(
@@ -936,7 +936,7 @@ class Backprop:
         return dx, ((dh, dc) if has_c else dh)
 
 
-def _padding_mask(T, B, batch_first, lengths):
+def padding_mask(T, B, batch_first, lengths):
     """Boolean (T, B) (or (B, T)) mask of the padded steps."""
     mask = np.arange(T)[:, None] >= lengths[None, :]
     return mask.T if batch_first else mask

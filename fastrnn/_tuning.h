@@ -54,6 +54,13 @@
  * streaming path at any size (the driver's B = 65 took 104 us where
  * B = 64 took 80). */
 #define FASTRNN_CELL_STEP_SPLIT_MACS 2097152LL
+/* Rows above which a cell step takes the driver at any thread count: the
+ * streaming path allocates its scratch afresh each call (B * (2 G H + S)
+ * floats, whose pages then fault in) and polls no interrupt. One thread,
+ * the streaming path against the driver: GRUCell(256, 256) B = 1024 5.2
+ * and 5.3 ms, B = 4096 46 and 28; LSTMCell(512, 512) B = 1024 29.0 and
+ * 27.7 ms (2026-12-06). */
+#define FASTRNN_CELL_STEP_MAX_ROWS 1024
 
 /* --- products --- */
 

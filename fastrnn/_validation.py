@@ -186,8 +186,9 @@ def plain_numbers(value, dtype):
     dtype converted as ``as_float_array`` would convert it, before the lean
     path, which refuses it (the general path then cost 15-20 us more than
     the 1-3 us call). Anything else unchanged (the general path checks it)."""
-    if (type(value) is np.ndarray and value.dtype.kind in "fiu"
-            and (value.dtype != dtype or not value.flags.c_contiguous)):
+    if type(value) is not np.ndarray or (value.dtype is dtype and value.flags.c_contiguous):
+        return value   # (checked first: the common call pays only this)
+    if value.dtype.kind in "fiu":
         return np.asarray(value, dtype=dtype, order="C")   # (0-D stays 0-D)
     return value
 

@@ -369,10 +369,12 @@ _LAYER_DOC = """{summary}
         Initial state, zeros if omitted (the learned one with
         ``learn_initial_state=True``); (num_layers * dirs, H) for unbatched x.
     lengths : array-like of B ints in [1, T], optional
-        Valid steps of each sequence, in any order. Each sequence runs only
-        over its valid steps (the reverse direction too), padded output steps
-        are zero, and the final state is each sequence's own last state:
-        PyTorch's packed-sequence results, without packing.
+        Valid steps of each sequence, in any order. Each sequence's results
+        come from its valid steps only (the reverse direction too), padded
+        output steps are zero, and the final state is each sequence's own last
+        state: PyTorch's packed-sequence results, without packing. The steps
+        past the longest sequence do not run; up to it every row does (sort
+        or bucket sequences by length).
     mask : array-like of shape (B, T) (or (T,) for unbatched x) of bool, optional
         Keyword only, not with ``lengths``; Keras' mask: the steps the layer
         reads (True) and skips (False), in any pattern (left padding,

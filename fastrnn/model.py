@@ -770,7 +770,9 @@ class Sequential:
             again when it runs out; a generator that runs out stops training
             with a warning.
         validation_steps : int, optional
-            Batches of an iterable ``validation_data`` per validation.
+            Batches per validation: of an iterable ``validation_data``, or
+            the first ones of validation arrays (in batches as said under
+            ``validation_data``).
 
         Returns
         -------
@@ -856,7 +858,9 @@ class Sequential:
             pass_start[0] = copy.deepcopy(self._rng)
             return _permutation(self._rng, len(source))
 
-        if not iterable:
+        if iterable or initial_epoch == 0:   # a new run, or other data: no pass goes on
+            self._fit_pass = None
+        else:
             self._resume_pass(owner, source, initial_epoch, batch_size, steps_per_epoch,
                               shuffle, pass_start)
 
@@ -921,11 +925,12 @@ class Sequential:
                      shuffle, pass_start):
         """A resumed run (initial_epoch > 0) goes on with the pass over the
         arrays its last epoch left unfinished (steps_per_epoch), as the
-        uninterrupted run would; a new run (initial_epoch 0) starts afresh."""
+        uninterrupted run would."""
         kept = getattr(self, "_fit_pass", None)   # (a model pickled before it had one)
-        self._fit_pass = None
-        if kept is None or initial_epoch == 0:
+        if kept is None:
             return
+        # (kept until this fit's first epoch ends: a resume that fails first,
+        # or has no epoch to run, can be retried)
         if (steps_per_epoch is None or kept.samples != len(source)
                 or kept.batch_size != batch_size or (kept.start is not None) != shuffle):
             warnings.warn(

@@ -88,7 +88,7 @@ from numpy.typing import ArrayLike
 
 from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
-from fastrnn._engine import valid_steps
+from fastrnn._engine import padding_mask, valid_steps
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import (LoadResult, call_parameters, filled_later, holding, sealed,
                              latest_parameters, parameters_filled_later, set_parameters)
@@ -651,6 +651,9 @@ class _Quantized(_ReducedWeights):
                 params, x_run, steps, B, batch_first, h_n, c_n, out_run, lengths),
                 x, steps, batch_first, out)
             return
+        if lengths is not None:   # padding is never read (the kernels would refuse its NaN)
+            x = x.copy()
+            x[padding_mask(T, B, batch_first, lengths)] = 0
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
         # a carried state, a lower layer's output: an overflow in them propagates

@@ -513,5 +513,14 @@ def test_a_batched_cell_step_splits_only_where_it_pays():
             _no_general_path(big)(x_big)
         fastrnn.set_num_threads(1)
         np.testing.assert_array_equal(big(x_big), expected[1])
+        # past CELL_STEP_MAX_ROWS (1024) the driver at any thread count
+        tiny = fastrnn.RNNCell(2, 3, seed=0)
+        rows = rng.standard_normal((1025, 2)).astype(np.float32)
+        expected_rows = tiny(rows)
+        _no_general_path(tiny)(rows[:1024])
+        with pytest.raises(AssertionError, match="the general path ran"):
+            tiny(rows)
+        del tiny._prepare
+        np.testing.assert_array_equal(tiny(rows), expected_rows)
     finally:
         fastrnn.set_num_threads(before)

@@ -598,3 +598,24 @@ def test_steps_past_every_length_do_not_run(kind, batch_first, bidirectional, dt
     assert np.array_equal(dx, _padded(dx_cut, steps, T, batch_first))
     assert np.array_equal(flat(dstate), flat(dstate_cut))
     assert all(np.array_equal(grads[k], layer.grads[k]) for k in grads)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_a_quantized_layer_reads_no_padding(dtype):
+    """NaN or inf in the padding of a shorter sequence is never read, as in
+    float32 (the padding is zeroed before the kernels, which refuse a
+    non-finite input). [failed before: refused as a non-finite input]"""
+    rng = np.random.default_rng(0)
+    layer = fastrnn.GRU(4, 5, seed=1)
+    q = fastrnn.quantize(layer, dtype=dtype)
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    lengths = np.array([2, 6, 3])
+    expected = q(x, lengths=lengths)
+    x[2:, 0] = np.nan
+    x[3:, 2] = np.inf
+    out, h = q(x, lengths=lengths)
+    np.testing.assert_array_equal(out, expected[0])
+    np.testing.assert_array_equal(h, expected[1])
+    x[1, 1] = np.nan   # a valid step: refused, as before
+    with pytest.raises(ValueError, match="non-finite"):
+        q(x, lengths=lengths)

@@ -123,10 +123,10 @@ def test_checkpoint_then_resume_equals_the_uninterrupted_run(checkpoint_first, t
 def test_resume_inside_a_pass_of_steps_per_epoch_goes_on_with_that_pass(
         shuffle, suffix, stop_after, tmp_path):
     """40 samples in batches of 8 are 5 batches a pass; 2 steps an epoch end
-    epochs 1 and 3 inside a pass (at batches 2 and 4; after epoch 2 the pass
-    has ended): the file holds where, and the shuffled pass's order is drawn
-    again from the generator of then. [failed before: the resumed run began a
-    new pass, its weights up to 9% apart]"""
+    epochs 1 and 2 inside a pass (at batches 2 and 4; epoch 3 ends it): the
+    file holds where, and the shuffled pass's order is drawn again from the
+    generator of then. [failed before: the resumed run began a new pass, its
+    weights up to 9% apart; stop_after=3, at a pass's end, passed]"""
     x, y = _data()
     kw = dict(batch_size=8, steps_per_epoch=2, shuffle=shuffle, verbose=0)
     whole = _compiled(optim.SGD, dict(lr=0.05, momentum=0.9), schedule=False)
@@ -147,6 +147,38 @@ def test_resume_inside_a_pass_of_steps_per_epoch_goes_on_with_that_pass(
         again.fit(x, y, epochs=stop_after, **kw)
         again.fit(x, y, epochs=5, initial_epoch=stop_after, **kw)
     assert _same(again, whole)
+
+
+def test_the_kept_pass_outlives_a_resume_that_ran_no_epoch_and_goes_with_other_data():
+    """A resume with no epoch to run, or one that failed before its first
+    epoch ended, keeps the pass for a retry; a fit over an iterable, or a
+    new run, drops it (it belongs to other data). [failed before the
+    review's fix: the first two lost it, the iterable kept it]"""
+    x, y = _data()
+    kw = dict(batch_size=8, steps_per_epoch=2, verbose=0)
+    whole = _compiled(optim.SGD, dict(lr=0.05), schedule=False)
+    whole.fit(x, y, epochs=3, **kw)
+    model = _compiled(optim.SGD, dict(lr=0.05), schedule=False)
+    model.fit(x, y, epochs=1, **kw)
+    model.fit(x, y, epochs=1, initial_epoch=1, **kw)          # nothing to run
+
+    class Fails:
+        def on_epoch_begin(self, model, epoch, logs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=3, initial_epoch=1, callbacks=[Fails()], **kw)
+    model.fit(x, y, epochs=3, initial_epoch=1, **kw)
+    assert _same(model, whole)
+    assert model._fit_pass is None       # (epoch 2 ended the first pass)
+    model.fit(x, y, epochs=4, initial_epoch=3, **kw)
+    assert model._fit_pass is not None   # (epoch 3 stopped inside the second)
+    model.fit([(x[:8], y[:8])], epochs=5, initial_epoch=4, verbose=0)
+    assert model._fit_pass is None
+    model.fit(x, y, epochs=1, **kw)
+    assert model._fit_pass is not None
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)          # a new run, whole passes
+    assert model._fit_pass is None
 
 
 def test_a_resume_that_cannot_go_on_with_the_pass_says_so(tmp_path):
