@@ -113,6 +113,27 @@ cdef enum:
 UNIT_MAX_ROWS = PROJECT_BLOCK
 
 
+def unit_weights(QStack stack not None, bounds):
+    """forward_units' ``part_weights`` for a split at ``bounds``: per layer,
+    per part, (W_ih's, W_hh's) QWeights of each gate's rows of the part's
+    units, the same values and scales (read back from the panels)."""
+    cdef Py_ssize_t H = stack.hidden_size, G = num_gates(stack.cell)
+    out = []
+    for w_ih, w_hh, _, _, _ in stack.keep:
+        per_part = []
+        for p in range(len(bounds) - 1):
+            lo, hi = bounds[p], bounds[p + 1]
+            pair = []
+            for w in (w_ih, w_hh[0]):
+                values = w.weights()
+                pair.append([QWeight(np.ascontiguousarray(values[g * H + lo:g * H + hi]),
+                                     np.ascontiguousarray(w.scale[g * H + lo:g * H + hi]),
+                                     w.kind) for g in range(G)])
+            per_part.append(pair)
+        out.append(per_part)
+    return out
+
+
 def units_fit(int gates, Py_ssize_t H, bounds, Py_ssize_t B):
     """Whether forward_units takes the split of H units of a ``gates``-gate
     stack at ``bounds`` (0 = b_0 < b_1 < ... < b_n = H, 2 to MAX_PARTS
@@ -942,6 +963,10 @@ cdef struct UnitJob:
                                  # found before the parts start (they write c in place)
     bint own_state               # the state is the model's own (forward's own_state)
     bint own_input               # so is x (forward's own_input)
+    # NULL, or each part's weights packed on their own (forward_units'
+    # part_weights): view ((k * nparts + p) * 2 + m) * G + g, m 0 for W_ih
+    # and 1 for W_hh, gate g's rows of part p's units
+    const QView* split
     Interrupt interrupt          # polled by part 0 (the calling thread)
 
 
@@ -964,6 +989,15 @@ cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexce
     v.scale = w.scale + col0
     v.N = n
     return v
+
+
+cdef inline QView _unit_weights(const UnitJob* j, const QView* w, Py_ssize_t k, int part,
+                                int m, Py_ssize_t g, Py_ssize_t lo, Py_ssize_t u) noexcept nogil:
+    """Gate g's columns of part's units [lo, lo + u) of layer k's W_ih (m 0,
+    w) or W_hh (m 1): the part's own packed rows, or w's columns."""
+    if j.split != NULL:
+        return j.split[((k * j.nparts + part) * 2 + m) * num_gates(j.cell) + g]
+    return _columns(w, g * j.H + lo, u)
 
 
 cdef inline bint _unit_barrier(UnitJob* j, int part, long long* done,
@@ -1034,7 +1068,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     s[i] = _input_row(layer.w_ih.kind, in_row, D, q + i * qrow,
                                       k > 0 or j.own_input, &j.bad)
                 for g in range(G):
-                    wk = _columns(&layer.w_ih, g * H + lo, u)
+                    wk = _unit_weights(j, &layer.w_ih, k, part, 0, g, lo, u)
                     _product(&wk, n, q, qrow, s,
                              NULL if layer.bias_x == NULL else layer.bias_x + g * H + lo, 0,
                              j.gx + r * GH + g * H + lo, GH)
@@ -1060,7 +1094,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     s[b] = _inner_row(layer.w_hh[0].kind, _unit_prev(j, h_k, k, t0, st, b),
                                       H, q + b * qrow)
                 for g in range(G):
-                    wk = _columns(&layer.w_hh[0], g * H + lo, u)
+                    wk = _unit_weights(j, &layer.w_hh[0], k, part, 1, g, lo, u)
                     if cell == GRU:
                         _product(&wk, B, q, qrow, s,
                                  NULL if layer.bias_h == NULL else layer.bias_h + g * H + lo,
@@ -1101,7 +1135,8 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
 def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                   float[:, :, ::1] h not None, float[:, :, ::1] c, float[:, ::1] out not None,
                   bounds, Py_ssize_t window_bytes, bint batch_first=False,
-                  long long wait_ns, bint own_state=False, bint own_input=False):
+                  long long wait_ns, bint own_state=False, bint own_input=False,
+                  part_weights=None):
     """``forward`` of a unidirectional stack without lengths (x (T * B, D),
     h, c (L, B, H), out (T * B, H); rows time-major, or batch-major with
     batch_first) on n threads: part p the hidden units [bounds[p],
@@ -1117,8 +1152,12 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     gate that group must end where the matrix's padding to whole groups
     does (the packed weights, column terms and scales end there): (gates -
     1) * H + b_(n-1) a multiple of 64, which the plan checks too
-    (``units_fit``). B <= 64 (a step's rows convert at once). Not for the
-    reset-before GRU (its n product needs all of r * h mid-step).
+    (``units_fit``). Any other split (bounds on multiples of 16) takes
+    ``part_weights``: per layer, per part, (W_ih's, W_hh's) QWeights of each
+    gate's rows of the part's units (``unit_weights``), which each part then
+    multiplies; the same sums, so the same bits. B <= 64 (a step's rows
+    convert at once). Not for the reset-before GRU (its n product needs all
+    of r * h mid-step).
 
     own_state, own_input as ``forward``'s.
 
@@ -1130,18 +1169,45 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef long long sync_raw[TEAM_SYNC + 16]
     cdef Py_ssize_t H = stack.hidden_size, L = stack.num_layers, B = h.shape[1], T
     cdef Py_ssize_t G = num_gates(stack.cell)
-    cdef Py_ssize_t n = len(bounds) - 1, p
+    cdef Py_ssize_t n = len(bounds) - 1, p, k, m, g
     cdef Py_ssize_t sizes[3]
     cdef Py_ssize_t part_bytes
     cdef unsigned char[::1] scratch
+    cdef unsigned char[::1] views
+    cdef QView* split = NULL
+    cdef QWeight qw
     cdef char* base
     cdef int ran
-    if stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not units_fit(G, H, bounds, B):
-        raise ValueError(f"forward_units: expected a unidirectional stack (not the "
-                         f"reset-before GRU) with H a multiple of 16, bounds rising from 0 to "
+    if part_weights is None and not units_fit(G, H, bounds, B):
+        raise ValueError(f"forward_units: expected H a multiple of 16, bounds rising from 0 to "
                          f"H in 2 to {MAX_PARTS} parts, the inner ones and (gates - 1) * H + "
-                         f"the last inner one multiples of 64, 1 <= B <= {PROJECT_BLOCK}; got "
-                         f"dirs={stack.dirs}, gates={G}, H={H}, bounds={list(bounds)}, B={B}")
+                         f"the last inner one multiples of 64, 1 <= B <= {PROJECT_BLOCK} (or "
+                         f"part_weights); got gates={G}, H={H}, bounds={list(bounds)}, B={B}")
+    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not 2 <= n <= MAX_PARTS
+            or not 1 <= B <= PROJECT_BLOCK or list(bounds) != sorted(set(bounds))
+            or bounds[0] != 0 or bounds[n] != H or any(b % 16 for b in bounds[1:n])):
+        raise ValueError(f"forward_units: expected a unidirectional stack (not the "
+                         f"reset-before GRU), bounds rising from 0 to H in 2 to {MAX_PARTS} "
+                         f"parts, each inner one a multiple of 16, 1 <= B <= {PROJECT_BLOCK}; "
+                         f"got dirs={stack.dirs}, H={H}, bounds={list(bounds)}, B={B}")
+    if part_weights is not None:
+        if len(part_weights) != L or any(len(parts) != n for parts in part_weights):
+            raise ValueError(f"forward_units: expected part_weights for {L} layers of {n} "
+                             f"parts")
+        views = np.empty(L * n * 2 * G * sizeof(QView), np.uint8)
+        split = <QView*>&views[0]
+        for k in range(L):
+            for p in range(n):
+                for m in range(2):
+                    if len(part_weights[k][p][m]) != G:
+                        raise ValueError(f"forward_units: expected {G} gates' weights")
+                    for g in range(G):
+                        qw = part_weights[k][p][m][g]
+                        if (qw.kind != stack.kind or qw.N != bounds[p + 1] - bounds[p]
+                                or qw.K != (stack.input_size if m == 0 and k == 0 else H)):
+                            raise ValueError(f"forward_units: part_weights[{k}][{p}] do not "
+                                             f"fit the bounds")
+                        split[((k * n + p) * 2 + m) * G + g] = qw.view
     T = x.shape[0] // B
     states = ((h.shape[0], h.shape[1], h.shape[2]),
               None if c is None else (c.shape[0], c.shape[1], c.shape[2]))
@@ -1187,6 +1253,7 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     job.bad = 0
     job.own_state = own_state
     job.own_input = own_input
+    job.split = split
     job.bad_c_layer = L
     if c is not None and not own_state:
         finite = np.isfinite(np.asarray(c)).reshape(L, -1).all(axis=1)

@@ -628,6 +628,19 @@ class _Quantized(_ReducedWeights):
             params.cache["int8"] = stack
         return stack
 
+    def _unit_weights(self, params, bounds, B):
+        """forward_units' part_weights for a split at ``bounds``: None where
+        each part's columns lie on the packed weights' column groups
+        (``_quant.units_fit``), else each part's rows packed on their own
+        (another copy of the weights, made once per parameter set and split)."""
+        kernel = self._stack(params).kernel
+        if _quant.units_fit(self._gates, self._config["hidden_size"], bounds, B):
+            return None
+        key = ("unit weights", tuple(bounds))
+        if key not in params.cache:
+            params.cache[key] = _quant.unit_weights(kernel, bounds)
+        return params.cache[key]
+
     def _runner(self, params):
         """The lean path's runner for this parameter set, the thread count
         and the plan's tuning (built again when any changes)."""
@@ -663,7 +676,8 @@ class _Quantized(_ReducedWeights):
             ran, outcome = _quant.forward_units(
                 kernel, x=x.reshape(T * B, -1), h=h_n, c=c_n, out=out.reshape(T * B, -1),
                 batch_first=batch_first, bounds=plan.units, window_bytes=plan.window_bytes,
-                wait_ns=_plan.UNIT_SPLIT_WAIT_NS, **own)
+                wait_ns=_plan.UNIT_SPLIT_WAIT_NS,
+                part_weights=self._unit_weights(params, plan.units, B), **own)
             ran = _plan.unit_split_ran(ran)
         if not ran:
             outcome = _quant.forward(

@@ -166,7 +166,9 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
         gru = fastrnn.quantize(fastrnn.GRU(9, 160, num_layers=2))
         assert _plan.quantized_plan(gru, 9, 19).units == [0, 64, 160]
         assert _plan.quantized_plan(gru, 9, 31).units == [0, 64, 160]
-        for B, lengths in [(1, False), (32, False), (19, True)]:
+        # batch 1 splits too, H not a multiple of 64: each part its own packed rows
+        assert _plan.quantized_plan(gru, 9, 1).units == [0, 64, 160]
+        for B, lengths in [(32, False), (19, True)]:
             assert _plan.quantized_plan(gru, 9, B, has_lengths=lengths).units is None
         bidir = fastrnn.quantize(fastrnn.GRU(9, 160, bidirectional=True))
         assert _plan.quantized_plan(bidir, 9, 19).units is None
@@ -232,10 +234,11 @@ def test_quantized_plans_are_cached_by_shape_class_threads_and_tuning(monkeypatc
     assert not _plan.quantized_plan(model, 50, 32).direct
     monkeypatch.setattr(_plan, "QUANT_DIRECT_WORK", 1 << 62)
     assert _plan.quantized_plan(model, 50, 32).direct
-    # the unit split's group: H = 96 splits at [0, 64, 96] in groups of 32, not of 64
+    # the unit split's group: H = 160 splits at [0, 64, 160] in groups of 64,
+    # at [0, 96, 160] in groups of 32
     monkeypatch.setattr(_plan, "UNIT_SPLIT_MIN_MACS", 0)
     monkeypatch.setattr(_plan, "UNIT_SPLIT_MIN_WORK", 0)
-    gru96 = fastrnn.quantize(fastrnn.GRU(8, 96))
-    assert _plan.quantized_plan(gru96, 50, 1).units is None
+    gru160 = fastrnn.quantize(fastrnn.GRU(8, 160))
+    assert _plan.quantized_plan(gru160, 50, 1).units == [0, 64, 160]
     monkeypatch.setattr(_plan, "QUANT_UNIT_GROUP", 32)
-    assert _plan.quantized_plan(gru96, 50, 1).units == [0, 64, 96]
+    assert _plan.quantized_plan(gru160, 50, 1).units == [0, 96, 160]

@@ -2312,3 +2312,40 @@ def test_unit_split_answers_ctrl_c():
     assert latency < 1.0, f"Ctrl-C answered after {latency:.2f} s"
     one, two = _one_part_and_split(kernel, x[:50], h, c, 512, 20)
     _assert_same(one, two)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("cls, kwargs, H, threads", [
+    (fastrnn.LSTM, {}, 1000, 2), (fastrnn.GRU, {"num_layers": 2}, 1025, 2),
+    (fastrnn.RNN, {}, 600, 2), (fastrnn.LSTM, {"num_layers": 2}, 400, 3),
+    (fastrnn.GRU, {}, 520, 4)])
+def test_batch_one_calls_split_their_units_at_any_hidden_size(cls, kwargs, H, threads, dtype,
+                                                              monkeypatch):
+    """H not on the kernels' column groups (a multiple of 64): each part
+    multiplies its own rows of the weights, packed apart (_quant.unit_weights),
+    one thread's results bit for bit. [failed before: such calls ran in one
+    thread, 3.5x the time of H = 1024's at H = 1000]"""
+    layer = fastrnn.quantize(cls(8, H, seed=2, **kwargs), dtype=dtype)
+    calls = []
+
+    def recording(*args, **kwargs):
+        kwargs["wait_ns"] = 10 ** 10          # the workers always come in time
+        result = forward_units(*args, **kwargs)
+        calls.append((result[0], kwargs["part_weights"] is not None))
+        return result
+
+    forward_units = Q._quant.forward_units
+    monkeypatch.setattr(Q._quant, "forward_units", recording)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    x = np.random.default_rng(5).standard_normal((40, 1, 8)).astype(F32)
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    bounds = _plan.quantized_plan(layer, 40, 1).units
+    assert bounds is not None and len(bounds) - 1 == threads
+    split = layer(x)
+    assert len(calls) == 1 and calls[0][0] in (1, 2) and calls[0][1]
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    one = layer(x)
+    outs = lambda r: (r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],)))
+    for a, b in zip(outs(split), outs(one)):
+        np.testing.assert_array_equal(a, b)
