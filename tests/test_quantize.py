@@ -680,6 +680,24 @@ def test_batch_one_calls_split_their_units_at_two_threads(monkeypatch):
     np.testing.assert_array_equal(two[1], one[1])
 
 
+def _recording_unit_splits(monkeypatch):
+    """_quant.forward_units recorded, its workers always in time (a wait of
+    10 s) and no backoff: the list of (ran, bounds, part weights given)."""
+    calls = []
+    forward_units = Q._quant.forward_units
+
+    def recording(*args, **kwargs):
+        kwargs["wait_ns"] = 10 ** 10
+        result = forward_units(*args, **kwargs)
+        calls.append((result[0], kwargs["bounds"], kwargs.get("part_weights") is not None))
+        return result
+
+    monkeypatch.setattr(Q._quant, "forward_units", recording)
+    monkeypatch.setattr(_plan, "_backoff", 0)
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    return calls
+
+
 @pytest.mark.parametrize("threads", [3, 4, 8])
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
 def test_batch_one_calls_split_their_units_in_a_part_per_thread(dtype, threads, monkeypatch):
@@ -690,28 +708,17 @@ def test_batch_one_calls_split_their_units_in_a_part_per_thread(dtype, threads, 
     machine's cores: the parts take turns): one thread's results bit for
     bit."""
     layer = fastrnn.quantize(fastrnn.LSTM(16, 512, num_layers=2, seed=4), dtype=dtype)
-    parts = []
-
-    def recording(*args, **kwargs):
-        kwargs["wait_ns"] = 10 ** 10          # the workers always come in time
-        result = forward_units(*args, **kwargs)
-        if result[0]:
-            parts.append(len(kwargs["bounds"]) - 1)
-        return result
-
-    forward_units = Q._quant.forward_units
-    monkeypatch.setattr(Q._quant, "forward_units", recording)
-    monkeypatch.setattr(_plan, "_backoff", 0)
-    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    calls = _recording_unit_splits(monkeypatch)
     x = np.random.default_rng(5).standard_normal((30, 1, 16)).astype(F32)
     monkeypatch.setattr(_parallel, "_threads", threads)
     bounds = _plan.quantized_plan(layer, 30, 1).units
     assert len(bounds) - 1 == threads and all(b % 64 == 0 for b in bounds)
     split = layer(x)
-    assert parts == [threads]
+    parts = lambda: [len(b) - 1 for ran, b, _ in calls if ran]
+    assert parts() == [threads]
     monkeypatch.setattr(_parallel, "_threads", 1)
     one = layer(x)
-    assert parts == [threads]                          # (one thread: no split)
+    assert parts() == [threads]                        # (one thread: no split)
     for a, b in zip((split[0], *split[1]), (one[0], *one[1])):
         np.testing.assert_array_equal(a, b)
 
@@ -2326,24 +2333,13 @@ def test_batch_one_calls_split_their_units_at_any_hidden_size(cls, kwargs, H, th
     one thread's results bit for bit. [failed before: such calls ran in one
     thread, 3.5x the time of H = 1024's at H = 1000]"""
     layer = fastrnn.quantize(cls(8, H, seed=2, **kwargs), dtype=dtype)
-    calls = []
-
-    def recording(*args, **kwargs):
-        kwargs["wait_ns"] = 10 ** 10          # the workers always come in time
-        result = forward_units(*args, **kwargs)
-        calls.append((result[0], kwargs["part_weights"] is not None))
-        return result
-
-    forward_units = Q._quant.forward_units
-    monkeypatch.setattr(Q._quant, "forward_units", recording)
-    monkeypatch.setattr(_plan, "_backoff", 0)
-    monkeypatch.setattr(_plan, "UNIT_SPLIT_BACKOFF", 0)
+    calls = _recording_unit_splits(monkeypatch)
     x = np.random.default_rng(5).standard_normal((40, 1, 8)).astype(F32)
     monkeypatch.setattr(_parallel, "_threads", threads)
     bounds = _plan.quantized_plan(layer, 40, 1).units
     assert bounds is not None and len(bounds) - 1 == threads
     split = layer(x)
-    assert len(calls) == 1 and calls[0][0] in (1, 2) and calls[0][1]
+    assert len(calls) == 1 and calls[0][0] in (1, 2) and calls[0][2]   # (its own weights)
     monkeypatch.setattr(_parallel, "_threads", 1)
     one = layer(x)
     outs = lambda r: (r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],)))
