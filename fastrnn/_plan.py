@@ -469,10 +469,10 @@ def _quantized_plan(layer, T, B, has_lengths):
     layers, B=32, T=50, at 2 threads: 0.28 ms on one thread, 0.19 split,
     where the product-only estimate had kept it on one). A unidirectional
     batch-1 call without lengths splits its hidden units between the
-    threads (unit_bounds: float32's thresholds; on whole column groups of
-    the kernels, H a multiple of QUANT_UNIT_GROUP, the parts multiply the
-    packed weights' columns, else each its own rows packed apart), and so
-    does an int8 call of a few rows over large weights
+    threads (unit_bounds: float32's thresholds; where each part's columns
+    lie on the kernels' column groups, _quant.units_fit, the parts multiply
+    the packed weights' columns, else each its own rows packed apart), and
+    so does an int8 call of a few rows over large weights
     (QUANT_UNIT_SPLIT_MAX_ROWS says when) instead of splitting its rows."""
     H, dirs = layer._config["hidden_size"], layer._dirs
     work = T * B * quantized_row_step_work(layer)
@@ -480,7 +480,7 @@ def _quantized_plan(layer, T, B, has_lengths):
     units = None
     if (dirs == 1 and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE):
-        if B == 1:   # (H not a multiple of QUANT_UNIT_GROUP: each part's own weights)
+        if B == 1:   # (off the column groups: each part's own weights)
             units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)
         elif 1 < B and len(parts) >= 2 and _few_rows_split_units(layer, B):
             units = unit_bounds(T, H, layer._gates, QUANT_UNIT_GROUP)

@@ -118,14 +118,18 @@ def unit_weights(QStack stack not None, bounds):
     per part, (W_ih's, W_hh's) QWeights of each gate's rows of the part's
     units, the same values and scales (read back from the panels)."""
     cdef Py_ssize_t H = stack.hidden_size, G = num_gates(stack.cell)
+    if (len(bounds) < 2 or list(bounds) != sorted(set(bounds)) or bounds[0] != 0
+            or bounds[len(bounds) - 1] != H):   # (no negative index: wraparound is off)
+        raise ValueError(f"unit_weights: expected bounds rising from 0 to {H}, got "
+                         f"{list(bounds)}")
     out = []
     for w_ih, w_hh, _, _, _ in stack.keep:
+        matrices = [(w, w.weights()) for w in (w_ih, w_hh[0])]   # (each read back once)
         per_part = []
         for p in range(len(bounds) - 1):
             lo, hi = bounds[p], bounds[p + 1]
             pair = []
-            for w in (w_ih, w_hh[0]):
-                values = w.weights()
+            for w, values in matrices:
                 pair.append([QWeight(np.ascontiguousarray(values[g * H + lo:g * H + hi]),
                                      np.ascontiguousarray(w.scale[g * H + lo:g * H + hi]),
                                      w.kind) for g in range(G)])
@@ -1178,11 +1182,6 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef QWeight qw
     cdef char* base
     cdef int ran
-    if part_weights is None and not units_fit(G, H, bounds, B):
-        raise ValueError(f"forward_units: expected H a multiple of 16, bounds rising from 0 to "
-                         f"H in 2 to {MAX_PARTS} parts, the inner ones and (gates - 1) * H + "
-                         f"the last inner one multiples of 64, 1 <= B <= {PROJECT_BLOCK} (or "
-                         f"part_weights); got gates={G}, H={H}, bounds={list(bounds)}, B={B}")
     if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not 2 <= n <= MAX_PARTS
             or not 1 <= B <= PROJECT_BLOCK or list(bounds) != sorted(set(bounds))
             or bounds[0] != 0 or bounds[n] != H or any(b % 16 for b in bounds[1:n])):
@@ -1190,10 +1189,16 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                          f"reset-before GRU), bounds rising from 0 to H in 2 to {MAX_PARTS} "
                          f"parts, each inner one a multiple of 16, 1 <= B <= {PROJECT_BLOCK}; "
                          f"got dirs={stack.dirs}, H={H}, bounds={list(bounds)}, B={B}")
+    if part_weights is None and not units_fit(G, H, bounds, B):
+        raise ValueError(f"forward_units: without part_weights, expected H a multiple of 16 and "
+                         f"the inner bounds and (gates - 1) * H + the last inner one multiples "
+                         f"of 64 (each part's columns on the packed weights' column groups); "
+                         f"got gates={G}, H={H}, bounds={list(bounds)}")
     if part_weights is not None:
-        if len(part_weights) != L or any(len(parts) != n for parts in part_weights):
+        if (len(part_weights) != L or any(len(parts) != n for parts in part_weights)
+                or any(len(pair) != 2 for parts in part_weights for pair in parts)):
             raise ValueError(f"forward_units: expected part_weights for {L} layers of {n} "
-                             f"parts")
+                             f"parts, each a pair (W_ih's, W_hh's)")
         views = np.empty(L * n * 2 * G * sizeof(QView), np.uint8)
         split = <QView*>&views[0]
         for k in range(L):
@@ -1202,6 +1207,9 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
                     if len(part_weights[k][p][m]) != G:
                         raise ValueError(f"forward_units: expected {G} gates' weights")
                     for g in range(G):
+                        if not isinstance(part_weights[k][p][m][g], QWeight):
+                            raise TypeError(f"forward_units: part_weights hold QWeights, got "
+                                            f"{type(part_weights[k][p][m][g]).__name__}")
                         qw = part_weights[k][p][m][g]
                         if (qw.kind != stack.kind or qw.N != bounds[p + 1] - bounds[p]
                                 or qw.K != (stack.input_size if m == 0 and k == 0 else H)):

@@ -631,15 +631,18 @@ class _Quantized(_ReducedWeights):
     def _unit_weights(self, params, bounds, B):
         """forward_units' part_weights for a split at ``bounds``: None where
         each part's columns lie on the packed weights' column groups
-        (``_quant.units_fit``), else each part's rows packed on their own
-        (another copy of the weights, made once per parameter set and split)."""
-        kernel = self._stack(params).kernel
+        (``_quant.units_fit``), else each part's rows packed on their own:
+        another copy of the weights, kept with the parameter set for the split
+        last asked (the bounds change with the thread count: one copy, not
+        one per count)."""
         if _quant.units_fit(self._gates, self._config["hidden_size"], bounds, B):
             return None
-        key = ("unit weights", tuple(bounds))
-        if key not in params.cache:
-            params.cache[key] = _quant.unit_weights(kernel, bounds)
-        return params.cache[key]
+        bounds = tuple(bounds)
+        kept = params.cache.get("unit weights")
+        if kept is None or kept[0] != bounds:
+            kept = params.cache["unit weights"] = (
+                bounds, _quant.unit_weights(self._stack(params).kernel, bounds))
+        return kept[1]
 
     def _runner(self, params):
         """The lean path's runner for this parameter set, the thread count

@@ -2345,3 +2345,36 @@ def test_batch_one_calls_split_their_units_at_any_hidden_size(cls, kwargs, H, th
     outs = lambda r: (r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],)))
     for a, b in zip(outs(split), outs(one)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unit_weights_are_kept_for_one_split_and_checked_when_given(monkeypatch):
+    """The part weights of the split last used are kept (the bounds change
+    with the thread count: one copy, not one per count); forward_units
+    refuses part weights that are not QWeights or not in pairs. [failed
+    before the review: a copy per thread count; None read as a QWeight]"""
+    layer = fastrnn.quantize(fastrnn.LSTM(7, 200, seed=0), dtype="int8")
+    _recording_unit_splits(monkeypatch)
+    x = np.random.default_rng(1).standard_normal((30, 1, 7)).astype(F32)
+    for threads in (2, 3, 2):
+        monkeypatch.setattr(_parallel, "_threads", threads)
+        layer(x)
+    params = layer._params
+    kept = [key for key in params.cache if "unit weights" in str(key)]
+    assert kept == ["unit weights"] and params.cache["unit weights"][0] == (0, 128, 200)
+    kernel = layer._stack(params).kernel
+    good = _quant.unit_weights(kernel, [0, 128, 200])
+    for bounds in ([0, 128, 190], [], [0], (0, 200, 128)):
+        with pytest.raises(ValueError, match="bounds rising from 0 to 200"):
+            _quant.unit_weights(kernel, bounds)
+    h, c = np.zeros((1, 1, 200), F32), np.zeros((1, 1, 200), F32)
+    out = np.empty((30, 200), F32)
+    bad_entry = [[[list(good[0][0][0]), [None] + list(good[0][0][1][1:])], good[0][1]]]
+    with pytest.raises(TypeError, match="part_weights hold QWeights, got NoneType"):
+        _quant.forward_units(kernel, x=x.reshape(30, 7), h=h, c=c, out=out,
+                             bounds=[0, 128, 200], window_bytes=1 << 20, wait_ns=10 ** 9,
+                             part_weights=bad_entry)
+    three = [[good[0][0] + [good[0][0][1]], good[0][1]]]
+    with pytest.raises(ValueError, match=r"each a pair \(W_ih's, W_hh's\)"):
+        _quant.forward_units(kernel, x=x.reshape(30, 7), h=h, c=c, out=out,
+                             bounds=[0, 128, 200], window_bytes=1 << 20, wait_ns=10 ** 9,
+                             part_weights=three)
