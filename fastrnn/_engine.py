@@ -180,24 +180,36 @@ class _Lent:
         self.entries = []
 
 
+def steps_run(T, B, lengths):
+    """The steps a call of T steps with ``lengths`` runs when every sequence
+    ends before its last step: up to the longest (see ``valid_steps``);
+    None when all T run."""
+    if lengths is None or B == 0 or T < 2:
+        return None
+    steps = int(lengths.max())
+    return steps if 0 < steps < T else None
+
+
+def first_steps(a, steps, batch_first):
+    """The first ``steps`` steps of a (T, B, ...) or (B, T, ...) array, a view."""
+    return a[:, :steps] if batch_first else a[:steps]
+
+
 def valid_steps(run, x, steps, batch_first, out):
-    """``run(x_run, out_run)`` on the first ``steps`` steps of a call with
-    lengths whose sequences all end by then (the longest length): only they
-    run, as PyTorch's packed sequences run only the valid steps, and the
-    output past them is zeros, as padding's is (every step ran before: all
-    lengths 1 in 400 steps took 38x PyTorch's packed call). Returns run's
-    result."""
-    if batch_first:
-        x_run = np.ascontiguousarray(x[:, :steps])
-        out_run = np.empty((out.shape[0], steps, out.shape[2]), out.dtype)
-    else:
-        x_run, out_run = x[:steps], out[:steps]   # (views: the leading axis)
+    """``run(x_run, out_run)`` on the first ``steps`` steps (``steps_run``)
+    of a call with lengths: only they run, as PyTorch's packed sequences run
+    only the valid steps, and the output past them is zeros, as padding's is
+    (every step ran before: all lengths 1 in 400 steps took 38x PyTorch's
+    packed call). Returns run's result."""
+    x_run = np.ascontiguousarray(first_steps(x, steps, batch_first))   # (time-major: a view)
+    out_run = (np.empty((out.shape[0], steps, out.shape[2]), out.dtype) if batch_first
+               else out[:steps])
     result = run(x_run, out_run)
     if batch_first:
         out[:, :steps] = out_run
         out[:, steps:] = 0
     else:
-        out[steps:] = 0
+        out[steps:] = 0   # (the steps run wrote out's first rows)
     return result
 
 
@@ -394,11 +406,10 @@ class RecurrentEngine(RecurrentWeights):
         windows (_run_windows), which lend every window the same input
         projection buffer (gx_buffer: at least T * B rows).
         """
-        if lengths is not None and B > 0 and T > 1:
-            steps = int(lengths.max())
-            if 0 < steps < T:
-                return self._run_steps(params, x, T, steps, B, batch_first, h_n, c_n, out,
-                                       lengths, train, gx_buffer)
+        steps = steps_run(T, B, lengths)
+        if steps is not None:
+            return self._run_steps(params, x, steps, B, batch_first, h_n, c_n, out, lengths,
+                                   train, gx_buffer)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         dirs = self._dirs
         plan = _plan.forward_plan(self, T, B, batch_first=batch_first, train=train,
@@ -451,7 +462,7 @@ class RecurrentEngine(RecurrentWeights):
                              gx, gh, plan.parts, held, tape, units, plan.fold, plan.products)
         return tape
 
-    def _run_steps(self, params, x, T, steps, B, batch_first, h_n, c_n, out, lengths, train,
+    def _run_steps(self, params, x, steps, B, batch_first, h_n, c_n, out, lengths, train,
                    gx_buffer):
         """``_run`` of a call whose sequences all end before its last step
         (see ``valid_steps``); the tape (training) says how many it holds."""
@@ -912,7 +923,7 @@ class Backprop:
             # the steps the forward ran (past every sequence's end: none of them)
             steps = T if tape.steps is None else tape.steps
             if steps < T:
-                dout = dout[:, :steps] if tape_bf else dout[:steps]
+                dout = first_steps(dout, steps, tape_bf)
             try:
                 dx = module._bptt(tape, steps, B,
                                   np.ascontiguousarray(dout).reshape(steps * B, -1), dh, dc)
@@ -923,10 +934,7 @@ class Backprop:
             if steps < T:   # padding's gradient is zero
                 full = np.zeros((B, T, dx.shape[2]) if tape_bf else (T, B, dx.shape[2]),
                                 dx.dtype)
-                if tape_bf:
-                    full[:, :steps] = dx
-                else:
-                    full[:steps] = dx
+                first_steps(full, steps, tape_bf)[...] = dx
                 dx = full
             if tape_bf != self._batch_first:
                 dx = np.ascontiguousarray(dx.transpose(1, 0, 2))

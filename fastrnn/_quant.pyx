@@ -118,8 +118,7 @@ def unit_weights(QStack stack not None, bounds):
     per part, (W_ih's, W_hh's) QWeights of each gate's rows of the part's
     units, the same values and scales (read back from the panels)."""
     cdef Py_ssize_t H = stack.hidden_size, G = num_gates(stack.cell)
-    if (len(bounds) < 2 or list(bounds) != sorted(set(bounds)) or bounds[0] != 0
-            or bounds[len(bounds) - 1] != H):   # (no negative index: wraparound is off)
+    if not unit_bounds_fit(bounds, H, 1):
         raise ValueError(f"unit_weights: expected bounds rising from 0 to {H}, got "
                          f"{list(bounds)}")
     out = []
@@ -995,8 +994,8 @@ cdef inline QView _columns(const QView* w, Py_ssize_t col0, Py_ssize_t n) noexce
     return v
 
 
-cdef inline QView _unit_weights(const UnitJob* j, const QView* w, Py_ssize_t k, int part,
-                                int m, Py_ssize_t g, Py_ssize_t lo, Py_ssize_t u) noexcept nogil:
+cdef inline QView _part_view(const UnitJob* j, const QView* w, Py_ssize_t k, int part,
+                             int m, Py_ssize_t g, Py_ssize_t lo, Py_ssize_t u) noexcept nogil:
     """Gate g's columns of part's units [lo, lo + u) of layer k's W_ih (m 0,
     w) or W_hh (m 1): the part's own packed rows, or w's columns."""
     if j.split != NULL:
@@ -1072,7 +1071,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     s[i] = _input_row(layer.w_ih.kind, in_row, D, q + i * qrow,
                                       k > 0 or j.own_input, &j.bad)
                 for g in range(G):
-                    wk = _unit_weights(j, &layer.w_ih, k, part, 0, g, lo, u)
+                    wk = _part_view(j, &layer.w_ih, k, part, 0, g, lo, u)
                     _product(&wk, n, q, qrow, s,
                              NULL if layer.bias_x == NULL else layer.bias_x + g * H + lo, 0,
                              j.gx + r * GH + g * H + lo, GH)
@@ -1098,7 +1097,7 @@ cdef void _unit_job(void* arg, int part) noexcept nogil:
                     s[b] = _inner_row(layer.w_hh[0].kind, _unit_prev(j, h_k, k, t0, st, b),
                                       H, q + b * qrow)
                 for g in range(G):
-                    wk = _unit_weights(j, &layer.w_hh[0], k, part, 1, g, lo, u)
+                    wk = _part_view(j, &layer.w_hh[0], k, part, 1, g, lo, u)
                     if cell == GRU:
                         _product(&wk, B, q, qrow, s,
                                  NULL if layer.bias_h == NULL else layer.bias_h + g * H + lo,
@@ -1182,9 +1181,8 @@ def forward_units(QStack stack not None, *, const float[:, ::1] x not None,
     cdef QWeight qw
     cdef char* base
     cdef int ran
-    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not 2 <= n <= MAX_PARTS
-            or not 1 <= B <= PROJECT_BLOCK or list(bounds) != sorted(set(bounds))
-            or bounds[0] != 0 or bounds[n] != H or any(b % 16 for b in bounds[1:n])):
+    if (stack.dirs != 1 or stack.cell == GRU_RESET_BEFORE or not 1 <= B <= PROJECT_BLOCK
+            or not unit_bounds_fit(bounds, H, 16)):
         raise ValueError(f"forward_units: expected a unidirectional stack (not the "
                          f"reset-before GRU), bounds rising from 0 to H in 2 to {MAX_PARTS} "
                          f"parts, each inner one a multiple of 16, 1 <= B <= {PROJECT_BLOCK}; "

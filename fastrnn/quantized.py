@@ -88,7 +88,7 @@ from numpy.typing import ArrayLike
 
 from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
-from fastrnn._engine import padding_mask, valid_steps
+from fastrnn._engine import padding_mask, steps_run, valid_steps
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import (LoadResult, call_parameters, filled_later, holding, sealed,
                              latest_parameters, parameters_filled_later, set_parameters)
@@ -661,15 +661,17 @@ class _Quantized(_ReducedWeights):
         """Every layer on the reduced-precision kernels; x (T, B, D) or (B, T, D)
         C-contiguous float32; h_n, c_n (layers * dirs, B, H) hold the
         initial state and end as the final one."""
-        if lengths is not None and B > 0 and T > 1 and 0 < int(lengths.max()) < T:
-            steps = int(lengths.max())   # no sequence reaches the steps after it
+        steps = steps_run(T, B, lengths)
+        if steps is not None:   # no sequence reaches the steps after it
             valid_steps(lambda x_run, out_run: self._qrun(
                 params, x_run, steps, B, batch_first, h_n, c_n, out_run, lengths),
                 x, steps, batch_first, out)
             return
-        if lengths is not None:   # padding is never read (the kernels would refuse its NaN)
-            x = x.copy()
-            x[padding_mask(T, B, batch_first, lengths)] = 0
+        if lengths is not None:   # padding is never read, but the kernels refuse its NaN
+            padding = padding_mask(T, B, batch_first, lengths)
+            if not np.isfinite(x[padding]).all():   # (zeroed in a copy only then)
+                x = x.copy()
+                x[padding] = 0
         plan = _plan.quantized_plan(self, T, B, has_lengths=lengths is not None)
         kernel, ran = self._stack(params).kernel, 0
         # a carried state, a lower layer's output: an overflow in them propagates
