@@ -242,10 +242,7 @@ def bptt(module, tape, T, B, dout, dh, dc):
                                         ln=ln_all[k], P=P, parts=_plan.halves(rows, parts))
             activations = None
             if packed is not None:   # the sums over rows on the micro-kernel
-                activations = (
-                    _backward.pack_rows(saves.x, 0, rows),
-                    [_backward.pack_rows(saves.h_prev, 0, rows, d * H, H) for d in range(dirs)],
-                    None)
+                activations = module._packed_activations(saves, rows, H)
             _backward.weight_grads(parts=_plan.halves(dirs * GH, parts), x=saves.x,
                                    h_prev=saves.h_prev, reset_acts=None, dgx=dpre_x, dgh=da_h,
                                    dw_ih=sums[0][k], dw_hh=sums[1][k], db_ih=None, db_hh=None,

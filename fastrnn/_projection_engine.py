@@ -180,9 +180,7 @@ def bptt(module, tape, T, B, dout, dh, dc):
             if packed[k] is not None:
                 # float32: the sums over rows on the micro-kernel, each element
                 # one chain whatever the split of the gate columns between threads
-                activations = (_backward.pack_rows(saves.x, 0, rows),
-                               [_backward.pack_rows(saves.h_prev, 0, rows, d * P, P)
-                                for d in range(dirs)], None)
+                activations = module._packed_activations(saves, rows, P)
             _backward.weight_grads(parts=_plan.halves(dgx.shape[1], parts), x=saves.x,
                                    h_prev=saves.h_prev, reset_acts=None, dgx=dgx, dgh=None,
                                    dw_ih=sums[0][k], dw_hh=sums[1][k], db_ih=sums[2][k],

@@ -139,6 +139,23 @@ def test_pack_rows_layout(cols):
     assert packed.ctypes.data % 64 == 0
 
 
+@pytest.mark.parametrize("offset", [0, 1, 15])
+def test_pack_rows_into_a_buffer(offset):
+    """pack_rows into a given buffer (a training buffer lent again): the
+    same values as a new array, on a cache line of the buffer whatever its
+    start; a buffer too small is refused."""
+    w = np.random.default_rng(3).standard_normal((40, 90)).astype(np.float32)
+    size = _backward.pack_rows_size(37, 70)
+    whole = np.full(size + offset, np.nan, np.float32)
+    buffer = whole[offset:]
+    packed = _backward.pack_rows(w, 2, 37, 3, 70, buffer=buffer)
+    np.testing.assert_array_equal(packed, _backward.pack_rows(w, 2, 37, 3, 70))
+    assert packed.ctypes.data % 64 == 0 and packed.base is not None
+    assert np.shares_memory(packed, buffer)
+    with pytest.raises(ValueError, match="a buffer of 99 values, expected at least"):
+        _backward.pack_rows(w, 2, 37, 3, 70, buffer=buffer[:99])
+
+
 @pytest.mark.parametrize("separate_dgh", [False, True])
 @pytest.mark.parametrize("R,split", [(1, 1), (37, 21), (300, 37), (531, 100)])
 def test_weight_sums_on_the_kernel(R, split, separate_dgh):

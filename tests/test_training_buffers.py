@@ -13,6 +13,7 @@ import pytest
 
 import fastrnn
 from fastrnn import _engine
+from fastrnn._kernels import backward as _backward
 
 KINDS = [("RNN", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTM", {}),
          ("LSTM", {"num_layers": 2, "bidirectional": True}),
@@ -192,15 +193,18 @@ def test_a_held_tape_keeps_its_buffers_whatever_the_steps_since(every_buffer):
 
 def test_at_the_real_threshold_a_step_reuses_its_buffers():
     """LSTM 8 -> 256 at T=100, B=80: its input projection (then the gate
-    gradients), saved activations and states (of 1 MB and more) are lent
-    again; the smaller ones are not kept."""
+    gradients), saved activations and states, and h_{t-1} packed for the
+    weight gradients (of 1 MB and more) are lent again; the smaller ones
+    (the input packed) are not kept."""
     rng = np.random.default_rng(4)
     T, B, D, H = 100, 80, 8, 256
     x = rng.standard_normal((T, B, D)).astype(np.float32)
     dout = rng.standard_normal((T, B, H)).astype(np.float32)
     layer = fastrnn.LSTM(D, H, seed=5)
     first = step(layer, x, dout)
-    assert sorted(b.shape for b in kept(layer)) == [(T * B, H)] * 2 + [(T * B, 4 * H)] * 2
+    packed = (_backward.pack_rows_size(T * B, H),)
+    assert sorted(b.shape for b in kept(layer)) == sorted(
+        [(T * B, H)] * 2 + [(T * B, 4 * H)] * 2 + [packed])
     ids = {id(b) for b in kept(layer)}
     assert_same(first, step(layer, x, dout))
     assert {id(b) for b in kept(layer)} == ids
