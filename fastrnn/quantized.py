@@ -926,9 +926,12 @@ QUANTIZED_CLASSES = tuple(_QUANTIZED.values())
 # compute, or act in training only, or it is refused by name (the kernels
 # would silently compute without it)
 _COMPUTED_OPTIONS = {"input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                     "dropout", "bidirectional", "dtype", "nonlinearity", "reset_after",
+                     "dropout", "bidirectional", "dtype", "reset_after",
                      "in_features", "out_features"}
-_COMPUTED_VALUES = {"activation": "tanh", "recurrent_activation": "sigmoid"}
+# options computed at these values only (an RNN's other nonlinearities, such
+# as "softsign" or ["relu", "tanh"], are gate options the kernels lack)
+_COMPUTED_VALUES = {"activation": ("tanh",), "recurrent_activation": ("sigmoid",),
+                    "nonlinearity": ("tanh", "relu")}
 _TRAINING_ONLY_OPTIONS = {"input_dropout", "recurrent_dropout", "weight_dropout"}
 # the gate options: at their defaults when the cell runs the plain gates
 _GATE_KEYS = {"activation", "recurrent_activation", "cell_activation", "clip", "input_forget",
@@ -949,7 +952,8 @@ def _check_computed(owner, module):
         if (plain_gates and key in _GATE_KEYS) or (no_zoneout and key == "zoneout"):
             continue
         if not (key in _COMPUTED_OPTIONS or off or key in _TRAINING_ONLY_OPTIONS
-                or (key in _COMPUTED_VALUES and value == _COMPUTED_VALUES[key])):
+                or (key in _COMPUTED_VALUES and isinstance(value, str)
+                    and value in _COMPUTED_VALUES[key])):
             raise ValueError(f"{owner}: the {type(module).__name__} has {key}={value!r}, "
                              f"which the reduced-precision kernels do not compute")
 
