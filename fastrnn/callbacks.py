@@ -256,20 +256,16 @@ class _MonitorCallback(Callback):
                              f"data)")
         return float(logs[self.monitor])
 
-    # where min_delta goes in the comparison, as each Keras callback has it
-    # (the roundings differ: at best 1.0, value 0.98, min_delta 0.02 one
-    # form counts an improvement and the other not)
-    _delta_on_reference = False
-
     def _is_improvement(self, value, reference):
-        """value beats reference by more than min_delta (reference None: yes):
-        Keras' EarlyStopping compares value -/+ min_delta with the reference,
-        its ReduceLROnPlateau value with the reference +/- min_delta."""
+        """value beats reference by more than min_delta (reference None: yes),
+        in Keras 3's form for both callbacks: value -/+ min_delta compared
+        with the reference (where min_delta goes decides at the boundary:
+        best 0.08, value 0.027, min_delta 0.053 is no improvement in this
+        form, one in value < best - min_delta, Keras 2's ReduceLROnPlateau).
+        In float64: Keras' TensorFlow backend compares in float32, so values
+        within float32 rounding of the boundary may decide otherwise there."""
         if reference is None:
             return True
-        if self._delta_on_reference:
-            return (value < reference - self.min_delta if self._sign > 0 else
-                    value > reference + self.min_delta)
         return (value + self.min_delta < reference if self._sign > 0 else
                 value - self.min_delta > reference)
 
@@ -454,8 +450,6 @@ class ReduceLROnPlateau(_MonitorCallback):
     min_lr : float, default 0
     verbose : {0, 1}, default 0
     """
-
-    _delta_on_reference = True   # Keras' ReduceLROnPlateau: value < best - min_delta
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,

@@ -192,24 +192,58 @@ def test_reduce_lr_on_plateau_matches_keras(kwargs):
         assert model.optimizer.lr == pytest.approx(float(ref.optimizer.learning_rate), rel=1e-6)
 
 
-@pytest.mark.parametrize("mode, values, reduced", [
-    # best 1.0, then 0.98 with min_delta 0.02: 0.98 < 1.0 - 0.02 is False in
-    # float64 (Keras' ReduceLROnPlateau: no improvement, patience 0 reduces);
-    # (0.98 - 1.0) + 0.02 < 0 is True (the form EarlyStopping's rounding has)
-    ("min", [1.0, 0.98], True),
-    ("max", [1.0, 1.02], True),
-    ("min", [1.0, 0.97], False),
+@pytest.mark.parametrize("mode, values, min_delta, reduced", [
+    # Keras 3's form, value + min_delta < best, in float64:
+    # 0.98 + 0.02 < 1.0 is False (no improvement: patience 0 reduces), where
+    # (0.98 - 1.0) + 0.02 < 0 is True
+    ("min", [1.0, 0.98], 0.02, True),
+    ("max", [1.0, 1.02], 0.02, True),
+    ("min", [1.0, 0.97], 0.02, False),
+    # 0.027 + 0.053 < 0.08 is False, where Keras 2's 0.027 < 0.08 - 0.053 is True
+    ("min", [0.08, 0.027], 0.053, True),
 ])
 def test_reduce_lr_on_plateau_compares_as_keras_at_the_min_delta_boundary(mode, values,
-                                                                           reduced):
-    """[failed before: ('min', 0.98) counted as an improvement]"""
+                                                                           min_delta, reduced):
+    """[failed before: ('min', 0.98) counted as an improvement; then (0.027,
+    0.053), in Keras 2's form]"""
     model = _model(lr=0.1)
-    plateau = fastrnn.ReduceLROnPlateau(patience=0, factor=0.5, min_delta=0.02, mode=mode)
+    plateau = fastrnn.ReduceLROnPlateau(patience=0, factor=0.5, min_delta=min_delta, mode=mode)
     plateau.set_model(model)
     plateau.on_train_begin(model)
     for epoch, value in enumerate(values):
         plateau.on_epoch_end(model, epoch, {"val_loss": value})
     assert model.optimizer.lr == (0.05 if reduced else 0.1)
+
+
+def test_reduce_lr_on_plateau_boundaries_against_keras():
+    """Decimal values and deltas at their boundaries, decided as the
+    installed Keras does, where float32 rounding does not decide the case
+    (Keras' TensorFlow backend compares in float32, fastrnn in float64)."""
+    keras = _keras()
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(60):
+        best = round(float(rng.uniform(0.05, 1.0)), 3)
+        delta = round(float(rng.uniform(0.001, best / 2)), 3)
+        value = round(best - delta, 3)
+        wide = abs((value + delta) - best) > 1e-6 * best   # not at the boundary
+        f32 = np.float32(value) + np.float32(delta) < np.float32(best)
+        if not wide and f32 != (value + delta < best):
+            continue   # float32 decides otherwise than float64: not comparable
+        model, ref = _model(lr=0.1), _keras_model(lr=0.1)
+        ours = fastrnn.ReduceLROnPlateau(patience=0, factor=0.5, min_delta=delta)
+        theirs = keras.callbacks.ReduceLROnPlateau(patience=0, factor=0.5, min_delta=delta)
+        ours.set_model(model)
+        ours.on_train_begin(model)
+        theirs.set_model(ref)
+        theirs.on_train_begin()
+        for epoch, v in enumerate([best, value]):
+            ours.on_epoch_end(model, epoch, {"val_loss": v})
+            theirs.on_epoch_end(epoch, {"val_loss": v})
+        assert model.optimizer.lr == pytest.approx(float(ref.optimizer.learning_rate)), \
+            (best, value, delta)
+        checked += 1
+    assert checked > 30
 
 
 def test_reduce_lr_on_plateau_in_fit_adds_the_rate_to_history():
