@@ -10,15 +10,15 @@ storage only through ``_weights(params)`` and the configuration:
 - ``_run``: the forward of every layer (inference or the training forward):
   asks ``_plan.forward_plan``, then per layer ``_forward.project`` (the input
   projection of every step at once) and ``_forward.recur`` (the time loops,
-  one part per thread) or ``_forward.recur_units`` (batch 1, the hidden units
-  split between threads); in training it records a :class:`Tape`. A float32
+  one part per thread) or ``_forward.recur_units`` (batch 1, or a few rows
+  over a large W_hh: the hidden units split between threads); in training it records a :class:`Tape`. A float32
   inference whose parts are ranges of the batch runs as one job (the plan's
   ``stack``: ``SequenceRunner.run_stack``, each part its rows through every
   layer, projections included);
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
   ``_backward.backward_layer`` (the reverse time loops) or
-  ``_backward.backward_units`` (float32 at batch 1, the units split as in
-  the forward), ``weight_grads`` and ``input_grad`` (the products over all
+  ``_backward.backward_units`` (float32 at batch 1 or a few rows, the units
+  split as in the forward), ``weight_grads`` and ``input_grad`` (the products over all
   rows, in the plan's ``products`` parts);
 - a layer-normalised layer (``layer_norm=True``) or an LSTM with a projection
   (``proj_size``) runs its own drivers from ``_run_layers`` and ``_bptt``
@@ -297,12 +297,14 @@ class RecurrentEngine(RecurrentWeights):
             params.cache["kernel"] = terms
         return terms
 
-    def _recur_units(self, params, k, T, units, h_k, c_k, gx, layer_out, saves=None):
-        """Layer k at batch 1 with its hidden units split at the bounds
-        ``units`` between this thread and workers (training: into the tape
-        ``saves``); False if the workers were busy."""
+    def _recur_units(self, params, k, T, B, batch_first, units, h_k, c_k, gx, layer_out,
+                     saves=None):
+        """Layer k (batch 1, or a few rows: the plan's ``units``) with its
+        hidden units split at the bounds ``units`` between this thread and
+        workers (training: into the tape ``saves``); False if the workers
+        were busy."""
         dtype = self._config["dtype"]
-        per_unit = 2 * self._gates + self._saved
+        per_unit = 2 * self._gates * B + self._saved
         # one buffer, the parts' work areas a cache line apart (no false sharing)
         gap = 64 // np.dtype(dtype).itemsize
         work = np.empty(per_unit * units[-1] + (len(units) - 1) * gap, dtype)
@@ -319,7 +321,8 @@ class RecurrentEngine(RecurrentWeights):
                                        packed=None if packed is None else packed[k],
                                        acts=None if saves is None else saves.acts,
                                        h_prev=None if saves is None else saves.h_prev,
-                                       c_prev=None if saves is None else saves.c_prev)
+                                       c_prev=None if saves is None else saves.c_prev,
+                                       batch_first=batch_first)
         return _plan.unit_split_ran(outcome)
 
     def _packed(self, params, key, pack):
@@ -444,7 +447,7 @@ class RecurrentEngine(RecurrentWeights):
             # weight gradients either (0 * NaN is NaN)
             layer_in = layer_in.copy()
             layer_in.reshape(x.shape)[padding_mask(T, B, batch_first, lengths)] = 0
-        if plan.stack:   # each part's rows through every layer (float32 inference)
+        if plan.stack and units is None:   # each part's rows through every layer
             dirs_h = dirs * H
             self._sequence_runner(params).run_stack(
                 T=T, B=B, batch_first=batch_first, parts=plan.parts, x=layer_in, h=h_n, c=c_n,
@@ -580,8 +583,9 @@ class RecurrentEngine(RecurrentWeights):
                     (self._rng.random((rows, dirs * H)) < rate).astype(dtype)
                     for rate in self._zoneout)
 
-            if units is None or not self._recur_units(params, k, T, units, h_k, c_k, gx,
-                                                      layer_out, saves if train else None):
+            if units is None or not self._recur_units(params, k, T, B, batch_first, units, h_k,
+                                                      c_k, gx, layer_out,
+                                                      saves if train else None):
                 # (a folded layer's steps need no W_hh packed of its own)
                 packed = None if folded else self._packed_recurrent(params)
                 _forward.recur(
@@ -688,7 +692,7 @@ class RecurrentEngine(RecurrentWeights):
         if k < self._layers - 1 and saves.mask is not None:
             dout = dout * saves.mask
 
-        if not self._backward_units(plan, k, T, saves, dout, dh, dc, dgx, dgh, packed):
+        if not self._backward_units(plan, k, T, tape, saves, dout, dh, dc, dgx, dgh, packed):
             _backward.backward_layer(
                 cell=self._kernel_code, T=T, batch_first=tape.batch_first, parts=parts,
                 acts=saves.acts, h_prev=saves.h_prev, c_prev=saves.c_prev,
@@ -741,17 +745,17 @@ class RecurrentEngine(RecurrentWeights):
         return _backward.pack_rows(a, 0, rows, col0, cols,
                                    buffer=_training_buffers.get(self, (size,), np.float32))
 
-    def _backward_units(self, plan, k, T, saves, dout, dh, dc, dgx, dgh, packed):
-        """Layer k's BPTT time loop at batch 1 with its hidden units split
-        between this thread and workers (float32, the plan's units);
-        False if it did not run (then ``backward_layer``)."""
+    def _backward_units(self, plan, k, T, tape, saves, dout, dh, dc, dgx, dgh, packed):
+        """Layer k's BPTT time loop (batch 1, or a few rows) with its hidden
+        units split between this thread and workers (float32, the plan's
+        units); False if it did not run (then ``backward_layer``)."""
         if plan.units is None or packed is None or not _plan.unit_split_allowed():
             return False
         return _plan.unit_split_ran(_backward.backward_units(
             cell=self._kernel_code, T=T, bounds=plan.units, acts=saves.acts,
             h_prev=saves.h_prev, c_prev=saves.c_prev, dout=dout, dh=dh[k:k + 1],
             dc=None if dc is None else dc[k:k + 1], dgx=dgx, dgh=dgh, packed=packed[0][0],
-            wait_ns=_plan.UNIT_SPLIT_WAIT_NS))
+            wait_ns=_plan.UNIT_SPLIT_WAIT_NS, batch_first=tape.batch_first))
 
     # --- Keras' input and recurrent dropout (per gate masks), training only ---
     def _dropout_args(self, saves, B, params, k, backward):

@@ -11,7 +11,8 @@ without building a plan). A :class:`Plan` says
   first batch row, last batch row + 1) per part, one part per thread; the
   directions and batch rows of a layer are independent recurrences, so each
   part runs its whole time loop with no per-step synchronisation;
-- ``units``: at batch 1, the hidden-unit bounds [0, b_1, ..., H] of the
+- ``units``: at batch 1 (or a few rows over a large float32 W_hh:
+  UNIT_SPLIT_MAX_ROWS), the hidden-unit bounds [0, b_1, ..., H] of the
   threads (up to one part each) that meet at a barrier after every step
   (``_forward.recur_units``, in inference and the training forward;
   ``_backward.backward_units`` in float32 BPTT, the bounds on W_hh's column
@@ -85,6 +86,21 @@ MIN_PARALLEL_WORK = 4_000_000
 # beyond one core's L2 (a GRU of 1024 units: 12 MB) are where more parts pay.
 UNIT_SPLIT_MIN_MACS = 131072
 UNIT_SPLIT_MIN_WORK = 1_000_000
+# A float32 call of 2 to UNIT_SPLIT_MAX_ROWS - 1 batch rows (unidirectional,
+# no lengths) splits its hidden units too, not its rows, where its W_hh
+# takes UNIT_SPLIT_MIN_BYTES or more (beyond one core's L2): each part of a
+# row split streams all of W_hh every step, over few rows, each part of a
+# unit split its share over all of them. Measured 2026-12-06 at 2 threads
+# (Xeon, L2 2 MB a core), in-process A/B, 3 rounds, min: inference, LSTM 512
+# (4.2 MB) B=8 T=200 39.6 -> 26.1 ms, B=20 66.7 -> 56.2, B=31 52.3 -> 43.0;
+# LSTM 384 (2.4 MB) B=4 25.3 -> 11.6, B=16 36.0 -> 28.8; GRU 512 (3.1 MB)
+# B=20 49.3 -> 41.2; GRU 800 B=20 T=300 (the bench's ds2-b20) 177 -> 149,
+# B=4 92 -> 51; LSTM 1024 B=8 78 -> 58; at 40 to 64 rows within 5% either
+# way; over 1 MB or less (LSTM 256, GRU 256, LSTM 128) 0.9-1.1x. Training
+# steps: LSTM 512 B=8 108 -> 81 ms, LSTM 384 B=4 64 -> 38, GRU 512 B=20
+# 154 -> 147, GRU 800 B=20 528 -> 489.
+UNIT_SPLIT_MAX_ROWS = 32
+UNIT_SPLIT_MIN_BYTES = 2 << 20
 # How long a unit split waits for the worker to take its part before the
 # layer runs in one thread instead (a worker asleep may take that long to
 # wake on a virtual machine; a split step is >= ~10 us).
@@ -312,8 +328,8 @@ def window_steps(B, N, dtype):
 def _tuning(threads=None):
     """The tuning a plan depends on, with the thread count (threads: as the
     caller read it; None: read here)."""
-    return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, WINDOW_BYTES,
-            MIN_WINDOW_STEPS, FOLD_MAX_BYTES,
+    return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, UNIT_SPLIT_MAX_ROWS,
+            UNIT_SPLIT_MIN_BYTES, WINDOW_BYTES, MIN_WINDOW_STEPS, FOLD_MAX_BYTES,
             _parallel.get_num_threads() if threads is None else threads)
 
 
@@ -390,16 +406,27 @@ def _stacks(layer, parts, train):
 
 
 def _may_split_units(layer, B, has_lengths, train):
-    """Whether a call's kind allows the batch-1 unit split (then unit_bounds
-    says whether it pays): one direction, one row, no lengths; not the
-    reset-before GRU (its n product needs all of r * h mid-step), nor gate
-    options, zoneout or layer norm (the general path), nor in training
-    Keras' dropouts (the split's kernels know no masks). Plans are cached
-    by all of these (forward_plan's and backward_plan's keys)."""
-    return (layer._dirs == 1 and B == 1 and not has_lengths
+    """Whether a call's kind allows the unit split (then unit_bounds says
+    whether it pays): one direction, no lengths, one row or a few over
+    large float32 weights (_float_few_rows_split); not the reset-before GRU
+    (its n product needs all of r * h mid-step), nor gate options, zoneout
+    or layer norm (the general path), nor in training Keras' dropouts (the
+    split's kernels know no masks). Plans are cached by all of these
+    (forward_plan's and backward_plan's keys)."""
+    return (layer._dirs == 1 and (B == 1 or _float_few_rows_split(layer, B))
+            and not has_lengths
             and layer._kernel_code != _forward.CELL_GRU_RESET_BEFORE
             and not layer._general_only
             and not (train and layer._dropouts is not None))
+
+
+def _float_few_rows_split(layer, B):
+    """Whether a float32 call of B (> 1) rows splits its hidden units, not
+    its rows: fewer than UNIT_SPLIT_MAX_ROWS over a W_hh of
+    UNIT_SPLIT_MIN_BYTES or more (float64's products are BLAS calls)."""
+    cfg = layer._config
+    return (cfg["dtype"] == np.float32 and 1 < B < UNIT_SPLIT_MAX_ROWS
+            and layer._gates * cfg["hidden_size"] ** 2 * 4 >= UNIT_SPLIT_MIN_BYTES)
 
 
 def folds(layer):

@@ -220,6 +220,81 @@ def test_more_threads_split_in_more_parts_with_one_threads_bits(kind, threads, c
     assert _COUNTED_PARTS == [threads] * 4            # (one thread: no split)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_few_rows_split_their_units(kind, batch_first, threads, count_pairs, monkeypatch):
+    """A float32 call of a few rows over a large W_hh splits its units too
+    (_plan.UNIT_SPLIT_MAX_ROWS, UNIT_SPLIT_MIN_BYTES; set to 0 here for a
+    small layer): inference, the training forward and its BPTT, each row at
+    t * row_t + b * row_b of the tape in either order. Against the NumPy
+    oracle, and one thread's results bit for bit."""
+    import reference_options as ro
+    from option_cases import assert_close
+    monkeypatch.setattr(_plan, "UNIT_SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(_parallel, "_threads", threads)
+    rng = np.random.default_rng(threads)
+    T, B, D, H = 20, 5, 24, 370
+    layer = make_layer(kind, D, H, num_layers=2, batch_first=batch_first, seed=7)
+    shape = (B, T) if batch_first else (T, B)
+    x = rng.standard_normal(shape + (D,)).astype(np.float32)
+    h0 = rng.standard_normal((2, B, H)).astype(np.float32)
+    c0 = rng.standard_normal((2, B, H)).astype(np.float32)
+    dout = rng.standard_normal(shape + (H,)).astype(np.float32)
+    lstm = kind == "lstm"
+    hx = (h0, c0) if lstm else h0
+    inferred = layer(x, hx)
+    trained = _train(layer, x, hx, dout, None)
+    # two layers: inference, the training forward, BPTT
+    assert _COUNTED_PARTS == [min(threads, 2 if kind.startswith("rnn") else threads)] * 6
+
+    oracle_kind = {"rnn_tanh": "rnn", "rnn_relu": "rnn"}.get(kind, kind)
+    options = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    params = layer.state_dict()
+    x_tm = np.swapaxes(x, 0, 1) if batch_first else x
+    dout_tm = np.swapaxes(dout, 0, 1) if batch_first else dout
+    want_out = ro.layer_forward(oracle_kind, params, x_tm, h0, c0 if lstm else None, 2,
+                                False, **options)[0]
+    want_dx, want_dh0, _, want_grads = ro.layer_backward(
+        oracle_kind, params, x_tm, h0, c0 if lstm else None, 2, False, None, dout=dout_tm,
+        **options)
+    for got in (inferred[0], trained[0]):
+        assert_close(np.swapaxes(got, 0, 1) if batch_first else got, want_out, 1e-4, "out")
+    dx = trained[1 + (2 if lstm else 1)]
+    assert_close(np.swapaxes(dx, 0, 1) if batch_first else dx, want_dx, 1e-4, "dx")
+    assert_close(trained[2 + (2 if lstm else 1)], want_dh0, 1e-4, "dh0")
+    for got, name in zip(trained[-len(params):], sorted(layer.grads)):
+        assert_close(got, want_grads[name], 1e-4, name)
+
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    for a, b in zip(_flat(inferred), _flat(layer(x, hx))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(trained, _train(layer, x, hx, dout, None)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("change, splits", [
+    ({}, True), ({"B": 31}, True), ({"B": 32}, False), ({"B": 1}, True),
+    ({"dtype": "float64"}, False), ({"bidirectional": True}, False),
+    ({"lengths": True}, False), ({"H": 512}, True), ({"H": 384}, False),
+    ({"threads": 1}, False)])
+def test_few_rows_split_plan(change, splits, monkeypatch):
+    """The plan splits the units of a float32 call of 2 to 31 rows where
+    W_hh takes 2 MB or more (GRU 800: 7.7 MB; GRU 512: 3.1 MB; GRU 384:
+    1.8 MB), one direction, no lengths, two threads or more; batch 1 as
+    before."""
+    case = dict(B=20, H=800, dtype="float32", bidirectional=False, lengths=False, threads=2)
+    case.update(change)
+    monkeypatch.setattr(_parallel, "_threads", case["threads"])
+    layer = fastrnn.GRU(16, case["H"], dtype=case["dtype"],
+                        bidirectional=case["bidirectional"])
+    plan = _plan.forward_plan(layer, 300, case["B"], batch_first=False, train=True,
+                              has_lengths=case["lengths"])
+    back = _plan.backward_plan(layer, 300, case["B"], case["lengths"])
+    assert (plan.units is not None) == splits
+    assert (back.units is not None) == (splits and case["dtype"] == "float32")
+
+
 @pytest.mark.parametrize("H,gates,group,threads,want", [
     (256, 3, 16, 2, [0, 128, 256]), (256, 3, 16, 8, [0, 80, 176, 256]),
     (512, 4, 16, 4, [0, 128, 256, 384, 512]), (256, 1, 16, 8, None),
