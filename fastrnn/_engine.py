@@ -308,10 +308,11 @@ class RecurrentEngine(RecurrentWeights):
         # one buffer, the parts' work areas a cache line apart (no false sharing)
         gap = 64 // np.dtype(dtype).itemsize
         work = np.empty(per_unit * units[-1] + (len(units) - 1) * gap, dtype)
-        parts = [self._unit_weights(params, k, lo, hi) for lo, hi in zip(units, units[1:])]
+        packed = self._packed_recurrent(params)
+        parts = [self._unit_weights(params, k, lo, hi, packed is None)
+                 for lo, hi in zip(units, units[1:])]
         works = [work[per_unit * lo + part * gap:per_unit * hi + part * gap]
                  for part, (lo, hi) in enumerate(zip(units, units[1:]))]
-        packed = self._packed_recurrent(params)
         outcome = _forward.recur_units(cell=self._kernel_code, T=T, bounds=units,
                                        w_parts=[p[0] for p in parts],
                                        w_parts_t=[p[1] for p in parts],
@@ -366,18 +367,19 @@ class RecurrentEngine(RecurrentWeights):
             _backward.pack_backward(w_hh, self._kernel_code, H, self._dirs),
             _backward.pack_rows(w_ih, 0, w_ih.shape[0])))
 
-    def _unit_weights(self, params, k, lo, hi):
+    def _unit_weights(self, params, k, lo, hi, weights=True):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
         unit-split call (_forward.recur_units): the rows of every gate block,
-        packed (G * u, H), their transpose, and the GRU's recurrent bias
-        likewise (else None). Kept with the parameter set."""
-        key = ("units", k, lo, hi)
+        packed (G * u, H), their transpose (None unless ``weights``: float32
+        multiplies W_hh packed whole), and the GRU's recurrent bias likewise
+        (else None). Kept with the parameter set."""
+        key = ("units", k, lo, hi, weights)
         if key not in params.cache:
             H = self._config["hidden_size"]
             rows = np.concatenate([np.arange(g * H + lo, g * H + hi) for g in range(self._gates)])
-            w_part = np.ascontiguousarray(self._weights(params)[1][k][rows])
+            w_part = np.ascontiguousarray(self._weights(params)[1][k][rows]) if weights else None
             bias_h = self._kernel_weights(params)[k][1]
-            params.cache[key] = (w_part, transposed(w_part),
+            params.cache[key] = (w_part, None if w_part is None else transposed(w_part),
                                  None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
         return params.cache[key]
 

@@ -273,6 +273,19 @@ def test_few_rows_split_their_units(kind, batch_first, threads, count_pairs, mon
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_float32_split_keeps_no_copy_of_w_hh(count_pairs):
+    """float32 parts multiply W_hh packed whole: the parameter set keeps
+    only each part's GRU bias for the split, no rows of W_hh (7.7 MB at GRU
+    800, and their transpose)."""
+    layer = fastrnn.GRU(16, 256, seed=0)
+    layer(np.ones((40, 1, 16), np.float32))
+    assert count_pairs
+    kept = [value for key, value in layer._params.cache.items()
+            if isinstance(key, tuple) and key[0] == "units"]
+    assert kept and all(w is None and w_t is None and bias.shape == (3 * 128,)
+                        for w, w_t, bias in kept)
+
+
 @pytest.mark.parametrize("change, splits", [
     ({}, True), ({"B": 31}, True), ({"B": 32}, False), ({"B": 1}, True),
     ({"dtype": "float64"}, False), ({"bidirectional": True}, False),
