@@ -107,7 +107,7 @@ def check_seed(owner, seed):
     return np.random.default_rng(int(seed))
 
 
-def _is_torch_tensor(value):
+def is_torch_tensor(value):
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
@@ -138,8 +138,9 @@ def _unusual_tensor_values(owner, name, value):
     value = value.resolve_conj().resolve_neg()
     try:
         return value.numpy()
-    except TypeError:   # a dtype numpy lacks
-        return value.double().numpy()
+    except TypeError:   # a dtype numpy lacks: bfloat16, float8, complex32 (kept complex,
+        # which the callers then refuse: .double() would drop its imaginary part)
+        return value.cfloat().numpy() if value.is_complex() else value.double().numpy()
 
 
 def as_array(owner, name, value):
@@ -155,7 +156,7 @@ def as_array(owner, name, value):
             raise TypeError(f"{owner}: {name} is a torch PackedSequence; pass the padded "
                             f"tensor (torch.nn.utils.rnn.pad_packed_sequence) with "
                             f"lengths= instead")
-        if _is_torch_tensor(value):
+        if is_torch_tensor(value):
             if value.is_quantized:
                 raise TypeError(f"{owner}: {name} is a quantized torch tensor ({value.dtype}), "
                                 f"not the values it stands for: pass its .dequantize(), or "

@@ -100,9 +100,11 @@ def _pad(arrays, lengths, dtype):
     return out
 
 
-def _as_sequence_list(x):
+def _as_sequence_list(x, owner, name):
     """x as a list of arrays if it is ragged (a list or object array of
-    sequences whose shapes differ), else None."""
+    sequences whose shapes differ), else None. A masked array among them is
+    refused by name (its mask would be dropped), a torch tensor converted
+    as a layer converts it."""
     if isinstance(x, np.ndarray):
         if x.dtype != object or x.ndim != 1:
             return None
@@ -114,7 +116,10 @@ def _as_sequence_list(x):
     if not items:
         return None
     arrays = []
-    for item in items:
+    for i, item in enumerate(items):
+        if isinstance(item, np.ma.MaskedArray) or v.is_torch_tensor(item):
+            arrays.append(v.as_array(owner, f"{name}[{i}]", item))
+            continue
         try:
             a = np.asarray(item)
         except ValueError:          # an item that is itself ragged: not a sequence list
@@ -151,7 +156,7 @@ class ArrayData:
                  names=("x", "y", "sample_weight")):
         self.owner = owner
         x_name, y_name, w_name = names
-        ragged = _as_sequence_list(x)
+        ragged = _as_sequence_list(x, owner, x_name)
         self.ragged = ragged is not None
         if self.ragged:
             self.x = self._check_sequences(model, ragged, x_name)
@@ -164,7 +169,7 @@ class ArrayData:
         self.y_ragged = False
         self.y = None
         if y is not None:
-            y_list = _as_sequence_list(y) if self.ragged else None
+            y_list = _as_sequence_list(y, owner, y_name) if self.ragged else None
             if y_list is not None:
                 self.y = self._check_step_targets(y_list, y_name)
                 self.y_ragged = True
@@ -192,8 +197,9 @@ class ArrayData:
                 model.layers[0]._ids(a, owner, f"{name}[{i}]")
             return arrays
         for i, a in enumerate(arrays):
-            if a.dtype.kind not in "biuf":
-                raise TypeError(f"{owner}: {name}[{i}] must hold numbers, got dtype {a.dtype}")
+            if a.dtype.kind not in "fiu":   # (as an array's x: no bool, complex, ...)
+                raise TypeError(f"{owner}: {name}[{i}] must have a real numeric dtype, got "
+                                f"{a.dtype}")
             if a.ndim != 2 or len(a) == 0 or (features is not None and a.shape[1] != features):
                 f = "features" if features is None else features
                 raise ValueError(f"{owner}: expected {name} as a list of sequences of shape "
@@ -214,6 +220,9 @@ class ArrayData:
             raise ValueError(f"Sequential: x and y must have the same number of samples, got "
                              f"{self.n} sequences in x and {len(arrays)} in {name}")
         for i, (a, length) in enumerate(zip(arrays, self.lengths)):
+            if a.dtype.kind not in "fiu":
+                raise TypeError(f"{owner}: {name}[{i}] must have a real numeric dtype, got "
+                                f"{a.dtype}")
             if a.ndim == 0 or len(a) != length:
                 raise ValueError(f"{owner}: {name}[{i}] has shape {shape_str(a.shape)}, but "
                                  f"x[{i}] has {length} steps (per-step targets need one per "

@@ -201,9 +201,13 @@ def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
             raise TypeError(f"{owner}: df's columns must be numeric (int or float), got column "
                             f"{column!r} of dtype {column_dtype}")
     model = _snapshot(model)
-    # ids as they are (the Embedding checks them); else the model's dtype (float32
-    # always had rounded a float64 model's input)
-    dtype = None if ids else _input_dtype(model)
+    # ids as they are (the Embedding checks them), but pandas' nullable integer
+    # columns (Int64, ...) as int64, not the object array they would give;
+    # else the model's dtype (float32 always had rounded a float64 model's input)
+    dtype = _input_dtype(model)
+    if ids:
+        nullable = any(not isinstance(dt, np.dtype) for dt in df.dtypes)
+        dtype = np.int64 if nullable and all(dt.kind in "iu" for dt in df.dtypes) else None
     sample = (steps,) if ids else (steps, features)
     probe = np.asarray(_score(model, np.zeros((1,) + sample, dtype or np.int64), batch_size))
     width = int(np.prod(probe.shape[1:]))
@@ -214,7 +218,12 @@ def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
         if len(part) == 0:   # (as an empty block in predict)
             out = np.empty((0, width), probe.dtype)
         else:
-            values = part.to_numpy(dtype=dtype).reshape((len(part),) + sample)
+            try:
+                values = part.to_numpy(dtype=dtype)
+            except ValueError:   # a nullable column's pandas.NA into a numpy dtype
+                raise ValueError(f"{owner}: df holds missing values (pandas.NA); fill or "
+                                 f"drop them first") from None
+            values = values.reshape((len(part),) + sample)
             out = np.asarray(_score(model, values, batch_size)).reshape(len(part), width)
         return pd.DataFrame(out, index=part.index, columns=columns)
 

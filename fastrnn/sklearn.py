@@ -254,8 +254,8 @@ def _check_X(owner, X, dtype, n_features=None):
                              f"minimum of 1 is required")
         if _all_sequences(items):
             try:
-                arrays = [np.asarray(item) for item in items]
-            except (TypeError, ValueError) as exc:
+                arrays = [_plain(owner, f"X[{i}]", item) for i, item in enumerate(items)]
+            except ValueError as exc:
                 raise TypeError(f"{owner}: X must be a list of arrays (T_i, D) or (T_i,): "
                                 f"{exc}") from None
             ndims = {arr.ndim for arr in arrays}
@@ -265,10 +265,10 @@ def _check_X(owner, X, dtype, n_features=None):
             if ndims <= {1, 2} and len({arr.shape for arr in arrays}) > 1:
                 return _ragged(owner, arrays, dtype, n_features)
         # sequences of one shape: an array like any other
-    if not isinstance(X, np.ndarray):
+    if not isinstance(X, np.ndarray) or isinstance(X, np.ma.MaskedArray):
         try:
-            X = np.asarray(X)
-        except (TypeError, ValueError) as exc:
+            X = _plain(owner, "X", X)
+        except ValueError as exc:
             raise TypeError(f"{owner}: X must be an array of sequences or a list of them: "
                             f"{exc}") from None
     if X.dtype == object and X.ndim == 1:
@@ -297,6 +297,18 @@ def _check_X(owner, X, dtype, n_features=None):
         X = X[:, :, None]
     _check_features(owner, X.shape[2], n_features)
     return _Sequences(array=np.ascontiguousarray(X))
+
+
+def _plain(owner, name, value):
+    """value as an ndarray: a torch tensor as the layers convert it (one that
+    requires grad too), a masked array refused by name (its mask would be
+    dropped: the values under it used), the rest through np.asarray."""
+    if isinstance(value, np.ma.MaskedArray) or v.is_torch_tensor(value):
+        return v.as_array(owner, name, value)
+    try:
+        return np.asarray(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _ragged(owner, arrays, dtype, n_features):

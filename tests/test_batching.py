@@ -168,6 +168,36 @@ def test_ragged_errors():
         dense.fit(xs, np.ones((6, 2)), verbose=0)
 
 
+def test_ragged_items_are_checked_as_arrays_are():
+    """A list of sequences takes its items as an array x is taken: a masked
+    array refused by name (its mask was dropped and the values under it
+    used), bool and complex refused, a torch tensor that requires grad
+    converted. [failed before: masked and bool items ran]"""
+    model = _per_sequence_model().compile("mse", "sgd")
+    step_model = _per_step_model().compile("mse", "sgd")
+    xs = _sequences()
+    masked = [np.ma.MaskedArray(a, mask=True) for a in xs]
+    for call in (lambda: model.predict(masked), lambda: model.fit(masked, np.ones((6, 2)),
+                                                                  verbose=0),
+                 lambda: model.evaluate(masked, np.ones((6, 2)))):
+        with pytest.raises(TypeError, match=r"x\[0\] is a numpy masked array, whose mask "
+                                            r"fastrnn does not read"):
+            call()
+    with pytest.raises(TypeError, match=r"Sequential.fit: y\[0\] is a numpy masked array"):
+        step_model.fit(xs, [np.ma.MaskedArray(np.ones((n, 2)), mask=True) for n in LENGTHS],
+                       verbose=0)
+    with pytest.raises(TypeError, match=r"Sequential.predict: x\[0\] must have a real numeric "
+                                        r"dtype, got bool"):
+        model.predict([a > 0 for a in xs])
+    with pytest.raises(TypeError, match=r"Sequential.evaluate: y\[1\] must have a real "
+                                        r"numeric dtype, got complex128"):
+        step_model.evaluate(xs, [np.ones((n, 2)) * (1 + 1j) if i == 1 else np.ones((n, 2))
+                                 for i, n in enumerate(LENGTHS)])
+    torch = pytest.importorskip("torch")
+    tensors = [torch.tensor(a, requires_grad=True) for a in xs]
+    np.testing.assert_array_equal(model.predict(tensors), model.predict(xs))
+
+
 # --- iterables of batches ----------------------------------------------------------------------
 def _regression(n=24):
     rng = np.random.default_rng(4)

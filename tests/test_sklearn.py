@@ -632,6 +632,28 @@ def test_a_random_state_out_of_range_is_a_value_error_saying_so(seed):
         SequenceRegressor(epochs=1, random_state=seed).fit(np.ones((4, 3)), np.ones(4))
 
 
+def test_torch_tensors_are_taken_and_masked_arrays_refused():
+    """X as a torch tensor that requires grad (torch's RuntimeError escaped
+    from fit) is taken as the layers take it, in a list too; a masked X is
+    refused as the layers refuse it (its values under the mask were used)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 5, 2)).astype(np.float32)
+    y = rng.standard_normal(12)
+    est = SequenceRegressor(hidden_size=4, epochs=1, random_state=0).fit(
+        torch.from_numpy(X).requires_grad_(), y)
+    want = est.predict(X)
+    np.testing.assert_array_equal(est.predict(torch.from_numpy(X).requires_grad_()), want)
+    ragged = [X[0], X[1, :3]]
+    np.testing.assert_array_equal(
+        est.predict([torch.from_numpy(a).requires_grad_() for a in ragged]), est.predict(ragged))
+    with pytest.raises(TypeError, match="SequenceRegressor: X is a numpy masked array, whose "
+                                        "mask fastrnn does not read"):
+        est.predict(np.ma.MaskedArray(X, mask=True))
+    with pytest.raises(TypeError, match=r"X\[1\] is a numpy masked array"):
+        est.predict([X[0], np.ma.MaskedArray(X[1, :3], mask=True)])
+
+
 def test_dataframe_feature_names_are_kept_and_checked():
     """scikit-learn's rule for a DataFrame's columns (here the steps): a
     frame with them in another order gave other predictions, silently."""

@@ -286,6 +286,20 @@ def test_lazily_negated_or_conjugated_tensors_are_their_values():
         layer(torch.randn(5, 2, 3, dtype=torch.complex64).conj())
 
 
+def test_a_complex32_tensor_is_refused_as_any_complex_one():
+    """torch.complex32 has no numpy dtype: it was converted with .double(),
+    which drops the imaginary part (a warning from torch, the real part's
+    results from fastrnn), in calls and in load_state_dict alike."""
+    layer = fastrnn.GRU(3, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.complex64).to(torch.complex32)
+    with pytest.raises(TypeError, match="GRU: input must have a real numeric dtype, got "
+                                        "complex64"):
+        layer(x)
+    state = {k: torch.tensor(v).to(torch.complex32) for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match="complex64"):
+        layer.load_state_dict(state)
+
+
 def test_sparse_and_nested_tensors_are_refused_with_what_to_pass_instead():
     with pytest.raises(TypeError, match=r"GRU: input is a torch tensor of layout "
                                         r"torch\.sparse_coo; pass its \.to_dense\(\)"):
