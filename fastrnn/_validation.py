@@ -121,7 +121,24 @@ def to_numpy(owner, name, value):
         raise TypeError(f"{owner}: expected {name} as an array, got None")
     value = as_array(owner, name, value)
     if value.dtype.kind not in "fiu":
-        raise TypeError(f"{owner}: {name} must have a real numeric dtype, got {value.dtype}")
+        value = _ml_dtypes_values(value)
+        if value.dtype.kind not in "fiu":
+            raise TypeError(f"{owner}: {name} must have a real numeric dtype, got "
+                            f"{value.dtype}")
+    return value
+
+
+def _ml_dtypes_values(value):
+    """An array of one of ml_dtypes' numbers (bfloat16, float8_*, int4, ...:
+    what JAX and TensorFlow hand out; numpy sees their dtypes as opaque) as
+    float32 or int64, which hold every such value exactly; else value."""
+    if getattr(value.dtype.type, "__module__", "").split(".")[0] != "ml_dtypes":
+        return value
+    name = value.dtype.name
+    if name.startswith(("int", "uint")):
+        return value.astype(np.int64)
+    if name.startswith(("bfloat", "float")):
+        return value.astype(np.float32)
     return value
 
 

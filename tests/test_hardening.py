@@ -30,6 +30,30 @@ def flat(res):
     return out
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "float8_e4m3fn", "int4"])
+def test_ml_dtypes_arrays_are_their_values(kind):
+    """JAX's and TensorFlow's bfloat16, float8 and int4 arrays (numpy sees
+    ml_dtypes' dtypes as opaque: 'a real numeric dtype' was asked of
+    bfloat16) are their exact float32 or int values, in calls, cells,
+    Linear and load_state_dict. [failed before: refused]"""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    if kind == "int4":
+        x = np.clip(np.round(x * 3), -8, 7)
+    odd = x.astype(getattr(ml_dtypes, kind))
+    plain = odd.astype(np.float32)
+    layer = GRU(3, 4, seed=0)
+    np.testing.assert_array_equal(layer(odd)[0], layer(plain)[0])
+    np.testing.assert_array_equal(GRUCell(3, 4, seed=0)(odd[0]), GRUCell(3, 4, seed=0)(plain[0]))
+    np.testing.assert_array_equal(fastrnn.Linear(3, 2, seed=0)(odd),
+                                  fastrnn.Linear(3, 2, seed=0)(plain))
+    if kind != "int4":
+        state = {k: v.astype(getattr(ml_dtypes, kind)) for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        np.testing.assert_array_equal(layer.weight_hh_l0, state["weight_hh_l0"].astype(np.float32))
+
+
 @pytest.mark.parametrize("cls", [RNNCell, GRUCell, LSTMCell])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cell_fast_path_reads_the_other_byte_order(cls, dtype):
