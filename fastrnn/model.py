@@ -1252,17 +1252,17 @@ def _class_weight_table(owner, class_weight):
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
             raise TypeError(f"{owner}: class_weight's keys must be int class indices, got "
                             f"{key!r}")
-        if key < 0:
-            raise ValueError(f"{owner}: class_weight's keys must be class indices >= 0, got "
-                             f"{key}")
+        if not 0 <= key < 2**63:
+            raise ValueError(f"{owner}: class_weight's keys must be class indices in "
+                             f"[0, 2**63), got {key}")
         if isinstance(weight, (bool, np.bool_)) or not isinstance(weight, numbers.Real):
             raise TypeError(f"{owner}: class_weight[{key}] must be a number, got {weight!r}")
         if not math.isfinite(weight):
             raise ValueError(f"{owner}: class_weight[{key}] must be finite, got {weight}")
-    table = np.ones(int(max(class_weight)) + 1)
-    for key, weight in class_weight.items():
-        table[int(key)] = float(weight)
-    return table
+    # (classes, their weights), the classes sorted: a dense table of
+    # max(class) + 1 weights took 76 MB for a class 10**7
+    classes = np.array(sorted(int(key) for key in class_weight), np.int64)
+    return classes, np.array([float(class_weight[key]) for key in classes.tolist()])
 
 
 def _class_weights(table, y, loss):
@@ -1278,8 +1278,9 @@ def _class_weights(table, y, loss):
         if y.ndim == 2:
             y = y.argmax(axis=-1) if y.shape[1] != 1 else y[:, 0]
         labels = np.round(y).astype(np.int64)
-    inside = (labels >= 0) & (labels < len(table))
-    return np.where(inside, table[np.where(inside, labels, 0)], 1.0)
+    classes, weights = table
+    at = np.minimum(np.searchsorted(classes, labels), len(classes) - 1)
+    return np.where(classes[at] == labels, weights[at], 1.0)   # (other classes: 1)
 
 
 def save(obj: Any, path: str | os.PathLike, include_optimizer: bool = True) -> None:

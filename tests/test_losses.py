@@ -281,6 +281,26 @@ def test_class_weight_of_one_hot_and_binary_targets():
         model.fit(x, one_hot, sample_weight=np.full(6, np.inf), verbose=0)
 
 
+def test_class_weight_of_far_classes_needs_no_table_of_them():
+    """Classes far apart (10**12: a dense table of max + 1 weights was a
+    MemoryError of 7 TiB not naming class_weight; 10**7 took 76 MB) weigh
+    the samples of theirs, classes absent from the dict 1; a class beyond
+    int64 is refused by name."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 2))
+    y = np.array([0, 10**12, 7, 10**12, 0, 3], np.float64)[:, None]
+    model = fastrnn.Sequential([fastrnn.Linear(2, 1, dtype="float64", seed=0)])
+    model.compile("mse", optim.SGD(lr=0.0))
+    history = model.fit(x, y, class_weight={10**12: 4.0, 3: 0.5, 10**7: 9.0}, batch_size=6,
+                        verbose=0)
+    w = np.array([1.0, 4.0, 1.0, 4.0, 1.0, 0.5])
+    expected = (w * ((model.predict(x) - y) ** 2)[:, 0]).sum() / 6
+    assert history.history["loss"][0] == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match=r"class_weight's keys must be class indices in "
+                                         r"\[0, 2\*\*63\), got 1180591620717411303424"):
+        model.fit(x, y, class_weight={2**70: 1.0}, verbose=0)
+
+
 def test_class_weight_of_per_step_integer_targets_weights_each_step():
     rng = np.random.default_rng(10)
     x = rng.standard_normal((4, 5, 2))
