@@ -78,6 +78,10 @@ def _check_x_shape(model, shape, owner):
         if len(shape) != 3 or not right_features:
             raise ValueError(f"{owner}: expected x of shape (N, T, {f}) (batch-first "
                              f"sequences: samples, steps, features), got {got}")
+        if shape[1] == 0 or shape[2] == 0:
+            raise ValueError(f"{owner}: x of shape {got} has no "
+                             f"{'steps' if shape[1] == 0 else 'features'}; expected at "
+                             f"least one")
     elif len(shape) < 2 or not right_features:
         raise ValueError(f"{owner}: expected x of shape (N, {f}) or (N, T, {f}) (samples "
                          f"first), got {got}")

@@ -398,8 +398,9 @@ class Embedding(Module):
                                 f"{arr.dtype} with values that are not whole numbers")
         n = self._config["num_embeddings"]
         if arr.size and (arr.min() < 0 or arr.max() >= n):   # before a float's cast could wrap
+            spec = "g" if arr.dtype.kind == "f" else "d"   # (int ids printed whole)
             raise ValueError(f"{owner}: {name} ids must lie in [0, {n}) (num_embeddings), got "
-                             f"values from {arr.min():g} to {arr.max():g}")
+                             f"values from {arr.min():{spec}} to {arr.max():{spec}}")
         return arr.astype(np.int64) if arr.dtype.kind == "f" else arr
 
     def _check_ids(self, owner, x, name):

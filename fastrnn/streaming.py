@@ -270,26 +270,37 @@ class Stream(CallLock):
             out = out[:, 0] if out.ndim == 3 else out
             return out[0] if frame.ndim == 0 else out
         if frame.ndim not in (1, 2):
-            D = (self.model._input_features() if isinstance(self.model, Sequential)
-                 else self._recurrent[0].input_size)
-            D = "D" if D is None else D
-            raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), "
-                             f"got {v.shape_str(frame.shape)}")
+            self._refuse_frame(frame)
+        try:
+            return self._step_frame(frame)
+        except ValueError:
+            # named as the caller gave it, not as the (B, 1, D) chunk made of it
+            # (checked only here: a step takes a few microseconds)
+            D = self._frame_features()
+            if D is not None and frame.shape[-1] != D:
+                self._refuse_frame(frame)
+            raise
+
+    def _frame_features(self):
+        """The features of a frame, or None where the model does not fix them."""
+        if isinstance(self.model, Sequential):
+            return self.model._input_features()
+        return self._recurrent[0].input_size
+
+    def _refuse_frame(self, frame):
+        D = self._frame_features()
+        D = "D" if D is None else D
+        raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), got "
+                         f"{v.shape_str(frame.shape)}") from None
+
+    def _step_frame(self, frame):
+        """step of a (D,) or (B, D) frame of features."""
         if not isinstance(self.model, Sequential):
-            try:
-                if frame.ndim == 1:
-                    return self(frame[None])[0]
-                batch_first = self._recurrent[0].batch_first
-                out = self(frame[:, None] if batch_first else frame[None])
-                return out[:, 0] if batch_first else out[0]
-            except ValueError:
-                # named as the caller gave it, not as the (B, 1, D) chunk made of it
-                # (checked only here: a step takes a few microseconds)
-                D = self._recurrent[0].input_size
-                if frame.shape[-1] != D:
-                    raise ValueError(f"Stream: expected a frame of shape ({D},) or (B, {D}), "
-                                     f"got {v.shape_str(frame.shape)}") from None
-                raise
+            if frame.ndim == 1:
+                return self(frame[None])[0]
+            batch_first = self._recurrent[0].batch_first
+            out = self(frame[:, None] if batch_first else frame[None])
+            return out[:, 0] if batch_first else out[0]
         batch = frame[None] if frame.ndim == 1 else frame
         out = self(batch[:, None])             # (B, 1, features): one step
         out = out[:, 0] if out.ndim == 3 else out   # a LastStep dropped the time axis

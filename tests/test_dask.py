@@ -156,6 +156,10 @@ def test_shape_errors_name_the_users_x():
             fdask.predict(model, da.zeros(bad))
     with pytest.raises(ValueError, match=r"expected x of shape \(N, T, 2\) .*, got \(5, 2\)"):
         fdask.predict(fastrnn.GRU(2, 4, batch_first=True), da.zeros((5, 2), chunks=2))
+    # no steps: the trial call's (1, 0, 2) was named
+    with pytest.raises(ValueError, match=r"fastrnn.dask.predict: x of shape \(10, 0, 2\) has "
+                                         r"no steps; expected at least one"):
+        fdask.predict(model, da.zeros((10, 0, 2), chunks=5))
     with pytest.raises(TypeError, match=r"fastrnn.dask.predict: batch_size must be an int, "
                                         r"got float"):
         fdask.predict(fastrnn.GRU(2, 4), da.zeros((5, 3, 2)), batch_size=2.0)

@@ -277,6 +277,8 @@ def test_embedding_and_masking_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"Embedding: input ids must lie in \[0, 4\) "
                                          r"\(num_embeddings\), got values from 0 to 4"):
         emb(np.array([0, 4]))
+    with pytest.raises(ValueError, match=r"got values from 0 to 4611686018427387904$"):
+        emb(np.array([0, 2**62]))              # (printed 4.61169e+18 before)
     with pytest.raises(TypeError, match="Embedding: input must hold integer ids"):
         emb(np.array([0.5]))
     with pytest.raises(ValueError, match=r"Embedding: input ids must lie in \[0, 4\) "

@@ -206,6 +206,13 @@ def test_bad_uses_are_refused_and_the_stream_stays_usable():
                                          r"\(B, 3\), got \(2, 5\)"):
         stream.step(np.ones((2, 5)))
     assert out.shape == (4,)
+    # a Sequential's stream too [failed before: the (3, 1, 0) chunk was named]
+    model_stream = fastrnn.Stream(fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=True)]))
+    for frame in (np.zeros((3, 0)), np.ones((2, 5))):
+        with pytest.raises(ValueError, match=r"Stream: expected a frame of shape \(3,\) or "
+                                             rf"\(B, 3\), got \({frame.shape[0]}, "
+                                             rf"{frame.shape[1]}\)"):
+            model_stream.step(frame)
 
 
 def test_an_lstm_state_with_a_part_left_out_streams_from_zeros():
