@@ -11,7 +11,8 @@ storage only through ``_weights(params)`` and the configuration:
   asks ``_plan.forward_plan``, then per layer ``_forward.project`` (the input
   projection of every step at once) and ``_forward.recur`` (the time loops,
   one part per thread) or ``_forward.recur_units`` (batch 1, or a few rows
-  over a large W_hh: the hidden units split between threads); in training it records a :class:`Tape`. A float32
+  over a large W_hh: the hidden units split between threads); in training it
+  records a :class:`Tape`. A float32
   inference whose parts are ranges of the batch runs as one job (the plan's
   ``stack``: ``SequenceRunner.run_stack``, each part its rows through every
   layer, projections included);
@@ -34,6 +35,7 @@ arrays, with the same kernels and the plan's limits (``_plan.runner_limits``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import platform
 import sys
@@ -611,18 +613,19 @@ class RecurrentEngine(RecurrentWeights):
                 spare = layer_in if k > 0 else None
             layer_in = layer_out
 
-    def _bptt(self, tape, T, B, dout, dh, dc):
+    def _bptt(self, tape, T, B, dout, dh, dc, input_grad=True):
         """BPTT through every layer of a tape from ``_run(train=True)``.
 
         dout (R, dirs * H) the gradient of the top layer's output in the tape's
         row order; dh, dc (layers * dirs, B, H) the gradients of the final
         states, updated in place into those of the initial states. Adds the
-        parameter gradients into ``grads`` and returns dx (R, D).
+        parameter gradients into ``grads`` and returns dx (R, D), or None
+        without ``input_grad`` (the first layer's dx = dG . W_ih not run).
         """
         if self._ln_index:   # layer_norm=True: its own kernels (_layernorm_engine.py)
-            return _layernorm_engine.bptt(self, tape, T, B, dout, dh, dc)
+            return _layernorm_engine.bptt(self, tape, T, B, dout, dh, dc, input_grad)
         if self._proj_index:   # proj_size: its own kernels (_projection_engine.py)
-            return _projection_engine.bptt(self, tape, T, B, dout, dh, dc)
+            return _projection_engine.bptt(self, tape, T, B, dout, dh, dc, input_grad)
         dtype, H = self._config["dtype"], self._config["hidden_size"]
         rows, N = T * B, self._dirs * self._gates * H
         dgx = _training_buffers.get(self, (rows, N), dtype)
@@ -645,7 +648,8 @@ class RecurrentEngine(RecurrentWeights):
                 dout = self._bptt_layer(k, tape, T, B, dout, dh, dc, dgx, dgh, plan, held,
                                         reset_before, w_ih_all[k], w_hh_all[k],
                                         [kind[k] if kind else None for kind in sums],
-                                        None if packed is None else packed[k], peepholes[k])
+                                        None if packed is None else packed[k], peepholes[k],
+                                        input_grad or k > 0)
         self._commit_grads(tape, sums, grads, dh, dc)
         return dout
 
@@ -684,11 +688,12 @@ class RecurrentEngine(RecurrentWeights):
         return ParamSet(params.version, storages, self._names), masks
 
     def _bptt_layer(self, k, tape, T, B, dout, dh, dc, dgx, dgh, plan, held, reset_before,
-                    w_ih, w_hh, sums, packed=None, peepholes=None):
+                    w_ih, w_hh, sums, packed=None, peepholes=None, input_grad=True):
         """Layer k of ``_bptt`` (its weights of the tape's parameter set
         w_ih, w_hh, peepholes): the backward time loops in the plan's parts,
         then the weight gradients (into ``sums``: dw_ih, dw_hh, db_ih, db_hh,
-        dpeep) and the input gradient in its product parts."""
+        dpeep) and the input gradient in its product parts (None without
+        ``input_grad``)."""
         dirs, rows, parts = self._dirs, T * B, plan.parts
         saves = tape.layers[k]
         if k < self._layers - 1 and saves.mask is not None:
@@ -712,7 +717,7 @@ class RecurrentEngine(RecurrentWeights):
             self._peephole_grads(saves, dgx, sums[4])
         if saves.input_drop is not None or saves.recurrent_drop is not None:
             return self._dropped_grads(saves, T, B, tape.batch_first, dgx, dgh, w_ih, sums,
-                                       reset_before)
+                                       reset_before, input_grad)
         activations = None
         if packed is not None:   # the sums over rows on the micro-kernel
             activations = self._packed_activations(saves, rows, self._config["hidden_size"],
@@ -722,6 +727,8 @@ class RecurrentEngine(RecurrentWeights):
             h_prev=saves.h_prev, reset_acts=saves.acts if reset_before else None,
             dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2], db_hh=sums[3],
             max_rows=v.BLAS_INT_MAX, packed=activations)
+        if not input_grad:
+            return None
         dx = np.empty((rows, w_ih.shape[1]), self._config["dtype"])
         _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
                              parts=_plan.chunks(rows, plan.products),
@@ -796,12 +803,14 @@ class RecurrentEngine(RecurrentWeights):
         if bias_x is not None:
             gx += bias_x
 
-    def _dropped_grads(self, saves, T, B, batch_first, dgx, dgh, w_ih, sums, reset_before):
+    def _dropped_grads(self, saves, T, B, batch_first, dgx, dgh, w_ih, sums, reset_before,
+                       input_grad=True):
         """The weight gradients (into sums) and dx of a layer trained with
         Keras' input or recurrent dropout: the kernels' sums over rows
         (_backward.weight_grads) one gate block at a time, each over its own
         masked input and state (BLAS at one thread); dx one product when the
-        input is not dropped, else per gate block."""
+        input is not dropped, else per gate block (None without
+        ``input_grad``)."""
         H, dtype = self._config["hidden_size"], self._config["dtype"]
         GH, R, dirs = self._gates * H, T * B, self._dirs
         rows = self._row_batch(T, B, batch_first)
@@ -836,6 +845,8 @@ class RecurrentEngine(RecurrentWeights):
                         reset_acts=saves.acts if on_rh else None,
                         dgx=dgx, dgh=dgh, dw_ih=sums[0], dw_hh=sums[1], db_ih=sums[2],
                         db_hh=sums[3], max_rows=v.BLAS_INT_MAX, packed=activations)
+            if not input_grad:
+                return None
             if saves.input_drop is None:
                 dx = np.empty((R, w_ih.shape[1]), dtype)
                 _backward.input_grad(dgx=dgx, w_ih=w_ih, dx=dx, max_rows=v.BLAS_INT_MAX,
@@ -945,22 +956,50 @@ class Backprop:
                 dout = first_steps(dout, steps, tape_bf)
             try:
                 dx = module._bptt(tape, steps, B,
-                                  np.ascontiguousarray(dout).reshape(steps * B, -1), dh, dc)
+                                  np.ascontiguousarray(dout).reshape(steps * B, -1), dh, dc,
+                                  _input_grad_wanted.get())
             except BaseException as exc:   # MemoryError, Ctrl-C
                 self._failed = type(exc).__name__
                 raise
-            dx = dx.reshape((B, steps, -1) if tape_bf else (steps, B, -1))
-            if steps < T:   # padding's gradient is zero
-                full = np.zeros((B, T, dx.shape[2]) if tape_bf else (T, B, dx.shape[2]),
-                                dx.dtype)
-                first_steps(full, steps, tape_bf)[...] = dx
-                dx = full
-            if tape_bf != self._batch_first:
-                dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
-            dx = dx.reshape(self._x_shape)
+            if dx is None:   # (input_grad_discarded: zeros, never computed nor touched)
+                dx = np.zeros(self._x_shape, dtype)
+            else:
+                dx = self._input_shaped(dx, steps, tape_bf)
         dh = dh.reshape(self._state_shapes[0])
         dc = None if dc is None else dc.reshape(self._state_shapes[1])
         return dx, ((dh, dc) if has_c else dh)
+
+    def _input_shaped(self, dx, steps, tape_bf):
+        """dx (steps * B rows in the tape's order) shaped as the input was,
+        the steps not run (past every sequence's end) zero."""
+        T, B = self._T, self._B
+        dx = dx.reshape((B, steps, -1) if tape_bf else (steps, B, -1))
+        if steps < T:   # padding's gradient is zero
+            full = np.zeros((B, T, dx.shape[2]) if tape_bf else (T, B, dx.shape[2]), dx.dtype)
+            first_steps(full, steps, tape_bf)[...] = dx
+            dx = full
+        if tape_bf != self._batch_first:
+            dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+        return dx.reshape(self._x_shape)
+
+
+# False while Sequential runs the backprops of its first layers, whose input
+# gradient it discards (input_grad_discarded)
+_input_grad_wanted = contextvars.ContextVar("fastrnn_input_grad_wanted", default=True)
+
+
+@contextlib.contextmanager
+def input_grad_discarded():
+    """Within it, a layer's backprop does not compute the gradient of its
+    first layer's input (dx = dG . W_ih, a product as large as the weight
+    gradient of W_ih) and returns zeros as dx: for the backprops whose dx
+    the caller throws away, as ``Sequential``'s training step does with its
+    first layers' (Keras and PyTorch compute no gradient of the data)."""
+    token = _input_grad_wanted.set(False)
+    try:
+        yield
+    finally:
+        _input_grad_wanted.reset(token)
 
 
 def padding_mask(T, B, batch_first, lengths):

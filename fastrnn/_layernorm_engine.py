@@ -176,7 +176,7 @@ def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengt
         layer_in = layer_out
 
 
-def bptt(module, tape, T, B, dout, dh, dc):
+def bptt(module, tape, T, B, dout, dh, dc, input_grad=True):
     """BPTT through a tape of ``run_layers`` (see ``_engine._bptt``): dout
     (R, dirs * H) in the tape's row order; dh, dc (layers * dirs, B, H) the
     final states' gradients, updated in place into the initial states'. Adds
@@ -247,6 +247,9 @@ def bptt(module, tape, T, B, dout, dh, dc):
                                    h_prev=saves.h_prev, reset_acts=None, dgx=dpre_x, dgh=da_h,
                                    dw_ih=sums[0][k], dw_hh=sums[1][k], db_ih=None, db_hh=None,
                                    max_rows=v.BLAS_INT_MAX, packed=activations)
+            if k == 0 and not input_grad:   # (see _engine.input_grad_discarded)
+                dout = None
+                continue
             dx = np.empty((rows, w_ih_all[k].shape[1]), dtype)
             _backward.input_grad(dgx=dpre_x, w_ih=w_ih_all[k], dx=dx, max_rows=v.BLAS_INT_MAX,
                                  parts=_plan.halves(rows, parts),

@@ -145,7 +145,7 @@ def run_layers(module, params, layer_in, T, B, batch_first, h_n, c_n, out, lengt
         layer_in = layer_out
 
 
-def bptt(module, tape, T, B, dout, dh, dc):
+def bptt(module, tape, T, B, dout, dh, dc, input_grad=True):
     """BPTT through a tape of ``run_layers`` (see ``_engine._bptt``): dout
     (R, dirs * P) in the tape's row order; dh (layers * dirs, B, P), dc
     (layers * dirs, B, H) the final states' gradients, updated in place
@@ -189,6 +189,9 @@ def bptt(module, tape, T, B, dout, dh, dc):
             for d in range(dirs):   # dW_hr: the sums over rows of dh_t^T m_t
                 sums[4][k][d * P:(d + 1) * P] += _parallel.matmul(
                     dhr[:, d * P:(d + 1) * P].T, saves.m[:, d * H:(d + 1) * H])
+            if k == 0 and not input_grad:   # (see _engine.input_grad_discarded)
+                dout = None
+                continue
             dx = np.empty((rows, w_ih_all[k].shape[1]), dtype)
             _backward.input_grad(dgx=dgx, w_ih=w_ih_all[k], dx=dx, max_rows=v.BLAS_INT_MAX,
                                  parts=_plan.halves(rows, parts),

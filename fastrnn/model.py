@@ -26,6 +26,7 @@ from fastrnn import _saving
 from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
+from fastrnn._engine import _training_buffers, input_grad_discarded
 from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
                              holding, on_one_set, restoring_copy)
 from fastrnn._own_values import own_values
@@ -193,6 +194,17 @@ class Sequential:
             if layer._trainable:
                 owners.setdefault(id(layer), layer)
         return list(owners.values())
+
+    def _first_trained(self):
+        """The index of the first layer holding parameters (a wrapper's layer
+        within): the input gradient of it and of the layers before it is
+        thrown away in training (len(layers) if no layer holds any)."""
+        for k, layer in enumerate(self.layers):
+            while isinstance(layer, _Wrapper):
+                layer = layer.layer
+            if isinstance(layer, Module):
+                return k
+        return len(self.layers)
 
     def _owners(self):
         """The modules holding the layers' parameters (a wrapper's layer
@@ -569,8 +581,13 @@ class Sequential:
         total, count, grad = self.loss._terms(out, batch.y, sample_weight, batch.mask)
         value, grad = _reduce(self.loss.reduction, total, count, grad)
         self.zero_grad()
-        for backprop in reversed(backprops):
-            grad = backprop(grad)
+        first = self._first_trained()
+        for k in reversed(range(len(backprops))):
+            if k > first:
+                grad = backprops[k](grad)
+            else:   # the gradient of the data, which nothing reads: not computed
+                with input_grad_discarded():
+                    grad = backprops[k](grad)
         if self.clip_grad_norm is not None:
             clip_grad_norm(self, self.clip_grad_norm)
         if self.clip_grad_value is not None:
@@ -1179,7 +1196,6 @@ def _infer_with_lengths(layer, x, lengths):
 
 
 def _release_training_buffers(layers):
-    from fastrnn._engine import _training_buffers
     for layer in map(_recurrent, layers):      # (the layer inside any wrappers)
         if getattr(layer, "_lends_buffers", False):
             _training_buffers.release(layer)

@@ -1606,3 +1606,58 @@ def test_adams_fused_update_gives_the_numpy_forms_bits(dtype, cls, kwargs):
         got = layer.state_dict()
         for k in params:
             np.testing.assert_array_equal(got[k], params[k], err_msg=f"{k} step {step}")
+
+
+# --- the data's gradient, which Sequential's training step throws away -------------------------
+def _input_grads_counted(monkeypatch):
+    from fastrnn import _engine
+    calls = []
+    real = _engine._backward
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def input_grad(self, **kwargs):
+            calls.append(kwargs["dx"].shape)
+            return real.input_grad(**kwargs)
+
+    for engine in (_engine, _engine._layernorm_engine, _engine._projection_engine):
+        monkeypatch.setattr(engine, "_backward", Counting())
+    return calls
+
+
+@pytest.mark.parametrize("make, needed", [
+    (lambda: [fastrnn.GRU(5, 6, batch_first=True, seed=0), fastrnn.LastStep(),
+              fastrnn.Linear(6, 2, seed=1)], []),
+    (lambda: [fastrnn.Masking(0.0), fastrnn.LSTM(5, 6, num_layers=2, batch_first=True, seed=0),
+              fastrnn.LastStep(), fastrnn.Linear(6, 2, seed=1)], [(28, 6)]),
+    (lambda: [fastrnn.Reversed(fastrnn.GRU(5, 6, batch_first=True, recurrent_dropout=0.2,
+                                           seed=0)),
+              fastrnn.GRU(6, 4, batch_first=True, seed=2), fastrnn.LastStep(),
+              fastrnn.Linear(4, 2, seed=1)], [(28, 6)]),
+    (lambda: [fastrnn.LSTM(5, 6, batch_first=True, layer_norm=True, seed=0), fastrnn.LastStep(),
+              fastrnn.Linear(6, 2, seed=1)], []),
+    (lambda: [fastrnn.LSTM(5, 6, batch_first=True, proj_size=3, seed=0), fastrnn.LastStep(),
+              fastrnn.Linear(3, 2, seed=1)], [])])
+def test_a_training_step_computes_no_gradient_of_the_data(make, needed, monkeypatch):
+    """Sequential's training step computes no dx = dG . W_ih for its first
+    recurrent layer (a product as large as W_ih's weight gradient, which it
+    threw away; Keras and PyTorch compute none): only the dx the layers after
+    it read (a second layer's, a stacked layer's lower one). The trained
+    weights are those of the step with it, bit for bit."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 7, 5)).astype(np.float32)
+    y = rng.standard_normal((4, 2)).astype(np.float32)
+    models = []
+    for discard in (True, False):
+        model = fastrnn.Sequential(make(), seed=3).compile("mse", optim.Adam(lr=0.01))
+        if not discard:
+            monkeypatch.setattr(model, "_first_trained", lambda: -1)
+        calls = _input_grads_counted(monkeypatch)
+        for _ in range(3):
+            model.train_step(x, y)
+        assert calls == (needed if discard else needed + [(28, 5)]) * 3
+        models.append(model)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        np.testing.assert_array_equal(a, b)
