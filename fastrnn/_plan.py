@@ -75,7 +75,8 @@ from fastrnn._kernels import forward as _forward
 # thread: handing a part to a worker costs tens of microseconds.
 MIN_PARALLEL_WORK = 4_000_000
 
-# A batch-1 unidirectional layer splits its hidden units between threads,
+# A batch-1 unidirectional layer (or one of a few rows over a large W_hh:
+# UNIT_SPLIT_MAX_ROWS below) splits its hidden units between threads,
 # which meet at a barrier after every step, when a step has at least
 # UNIT_SPLIT_MIN_MACS recurrent multiply-adds and the call UNIT_SPLIT_MIN_WORK.
 # The barrier and the exchange of h cost ~1 us per step on this 2-core VM
@@ -95,7 +96,7 @@ UNIT_SPLIT_MIN_WORK = 1_000_000
 # (4.2 MB) B=8 T=200 39.6 -> 26.1 ms, B=20 66.7 -> 56.2, B=31 52.3 -> 43.0;
 # LSTM 384 (2.4 MB) B=4 25.3 -> 11.6, B=16 36.0 -> 28.8; GRU 512 (3.1 MB)
 # B=20 49.3 -> 41.2; GRU 800 B=20 T=300 (the bench's ds2-b20) 177 -> 149,
-# B=4 92 -> 51; LSTM 1024 B=8 78 -> 58; at 40 to 64 rows within 5% either
+# B=4 92 -> 51; LSTM 1024 B=8 78 -> 58; at 40 to 64 rows within 7% either
 # way; over 1 MB or less (LSTM 256, GRU 256, LSTM 128) 0.9-1.1x. Training
 # steps: LSTM 512 B=8 108 -> 81 ms, LSTM 384 B=4 64 -> 38, GRU 512 B=20
 # 154 -> 147, GRU 800 B=20 528 -> 489.
@@ -250,9 +251,10 @@ def halves(n, parts):
 
 
 def unit_split_steps(H, gates, threads=None):
-    """The fewest steps from which a batch-1 unidirectional layer splits its
-    hidden units, or None if it never does (one thread, or small steps);
-    threads: the thread count read by the caller (None: read here)."""
+    """The fewest steps from which a batch-1 (or few-rows) unidirectional
+    layer splits its hidden units, or None if it never does (one thread, or
+    small steps); threads: the thread count read by the caller (None: read
+    here)."""
     macs = gates * H * H
     if threads is None:
         threads = _parallel.get_num_threads()
@@ -263,12 +265,13 @@ def unit_split_steps(H, gates, threads=None):
 
 def unit_bounds(T, H, gates, group):
     """Bounds [0, b_1, ..., H] of the threads' hidden units for a batch-1
-    unidirectional layer (or a quantized one of a few rows:
+    unidirectional layer (or one of a few rows: UNIT_SPLIT_MAX_ROWS,
     QUANT_UNIT_SPLIT_MAX_ROWS), part p the units [b_p, b_p+1), or None when
     it runs in one thread. As many parts as threads, as long as each keeps
-    UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step; the bounds fall on multiples of ``group`` (the micro-kernel's units per
-    packed group; 1 for the BLAS path) and of 16 (whole float32 cache lines
-    for each part's units)."""
+    UNIT_SPLIT_MIN_MACS / 2 recurrent multiply-adds a step; the bounds fall
+    on multiples of ``group`` (the micro-kernel's units per packed group; 1
+    for the BLAS path) and of 16 (whole float32 cache lines for each part's
+    units)."""
     steps = unit_split_steps(H, gates)
     if steps is None or T < steps:
         return None
@@ -577,7 +580,10 @@ def runner_limits(layer, threads):
     """(work of a row and step, work below which one thread runs, steps from
     which a batch-1 call splits its units (2**62: never)) for the lean path's
     SequenceRunner at ``threads`` threads (the count the caller keys the
-    runner by)."""
+    runner by). A call of a few rows the plan would split
+    (UNIT_SPLIT_MAX_ROWS) stays in the runner, in one thread, below the
+    work bound: a few steps (LSTM 370 at 2 rows: 2 or 3); whether splitting
+    those would pay was not measured."""
     split_steps = unit_split_steps(layer._config["hidden_size"], layer._gates, threads)
     if layer._dirs != 1 or layer._kernel_code == _forward.CELL_GRU_RESET_BEFORE:
         split_steps = None

@@ -121,14 +121,14 @@ def to_numpy(owner, name, value):
         raise TypeError(f"{owner}: expected {name} as an array, got None")
     value = as_array(owner, name, value)
     if value.dtype.kind not in "fiu":
-        value = _ml_dtypes_values(value)
+        value = ml_dtypes_values(value)
         if value.dtype.kind not in "fiu":
             raise TypeError(f"{owner}: {name} must have a real numeric dtype, got "
                             f"{value.dtype}")
     return value
 
 
-def _ml_dtypes_values(value):
+def ml_dtypes_values(value):
     """An array of one of ml_dtypes' numbers (bfloat16, float8_*, int4, ...:
     what JAX and TensorFlow hand out; numpy sees their dtypes as opaque) as
     float32 or int64, which hold every such value exactly; else value."""
@@ -155,9 +155,12 @@ def _unusual_tensor_values(owner, name, value):
     value = value.resolve_conj().resolve_neg()
     try:
         return value.numpy()
-    except TypeError:   # a dtype numpy lacks: bfloat16, float8, complex32 (kept complex,
-        # which the callers then refuse: .double() would drop its imaginary part)
-        return value.cfloat().numpy() if value.is_complex() else value.double().numpy()
+    except TypeError:   # a dtype numpy lacks: bfloat16, float8; complex32 refused
+        # (.double() would drop its imaginary part)
+        if value.is_complex():
+            raise TypeError(f"{owner}: {name} must have a real numeric dtype, got "
+                            f"{value.dtype}") from None
+        return value.double().numpy()
 
 
 def as_array(owner, name, value):

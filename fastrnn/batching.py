@@ -121,7 +121,7 @@ def _as_sequence_list(x, owner, name):
             arrays.append(v.as_array(owner, f"{name}[{i}]", item))
             continue
         try:
-            a = np.asarray(item)
+            a = v.ml_dtypes_values(np.asarray(item))
         except ValueError:          # an item that is itself ragged: not a sequence list
             return None
         if a.dtype == object:

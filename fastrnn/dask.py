@@ -210,8 +210,12 @@ def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
     # else the model's dtype (float32 always had rounded a float64 model's input)
     dtype = _input_dtype(model)
     if ids:
-        nullable = any(not isinstance(dt, np.dtype) for dt in df.dtypes)
-        dtype = np.int64 if nullable and all(dt.kind in "iu" for dt in df.dtypes) else None
+        kinds = {dt.kind for dt in df.dtypes}
+        dtype = (np.float64 if "f" in kinds or kinds == {"i", "u"} else   # (whole: Embedding)
+                 np.uint64 if kinds == {"u"} else np.int64)
+    # pandas' nullable columns (Int64, Float64, ...) may hold pandas.NA: refused,
+    # where a float column's NaN is a number that propagates
+    nullable = [column for column, dt in df.dtypes.items() if not isinstance(dt, np.dtype)]
     sample = (steps,) if ids else (steps, features)
     probe = np.asarray(_score(model, np.zeros((1,) + sample, dtype or np.int64), batch_size))
     width = int(np.prod(probe.shape[1:]))
@@ -222,12 +226,10 @@ def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
         if len(part) == 0:   # (as an empty block in predict)
             out = np.empty((0, width), probe.dtype)
         else:
-            try:
-                values = part.to_numpy(dtype=dtype)
-            except ValueError:   # a nullable column's pandas.NA into a numpy dtype
+            if nullable and part[nullable].isna().to_numpy().any():
                 raise ValueError(f"{owner}: df holds missing values (pandas.NA); fill or "
-                                 f"drop them first") from None
-            values = values.reshape((len(part),) + sample)
+                                 f"drop them first")
+            values = part.to_numpy(dtype=dtype).reshape((len(part),) + sample)
             out = np.asarray(_score(model, values, batch_size)).reshape(len(part), width)
         return pd.DataFrame(out, index=part.index, columns=columns)
 

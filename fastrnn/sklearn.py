@@ -210,8 +210,8 @@ def _is_sparse(X):
 def _numeric(owner, name, value, dtype):
     """value as a finite array of `dtype`, with scikit-learn's messages."""
     try:
-        arr = np.asarray(value)
-    except (TypeError, ValueError) as exc:
+        arr = _plain(owner, name, value)
+    except ValueError as exc:
         raise TypeError(f"{owner}: {name} must be array-like: {exc}") from None
     if arr.dtype.kind == "c":
         raise ValueError(f"{owner}: Complex data not supported in {name}")
@@ -987,10 +987,11 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
         return target, len(found), CrossEntropyLoss(), {"classes_": found}
 
     def _labels(self, y, name="y"):
+        owner = type(self).__name__
         try:
-            y = column_or_1d(y, warn=True)
+            y = column_or_1d(_plain(owner, name, y), warn=True)
         except ValueError as exc:
-            raise ValueError(f"{type(self).__name__}: {name} must be one label per sequence "
+            raise ValueError(f"{owner}: {name} must be one label per sequence "
                              f"(multi-output classification is not supported): {exc}") from None
         check_classification_targets(y)
         return y

@@ -193,6 +193,10 @@ def test_ragged_items_are_checked_as_arrays_are():
                                         r"numeric dtype, got complex128"):
         step_model.evaluate(xs, [np.ones((n, 2)) * (1 + 1j) if i == 1 else np.ones((n, 2))
                                  for i, n in enumerate(LENGTHS)])
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    halves = [a.astype(ml_dtypes.bfloat16) for a in xs]
+    np.testing.assert_array_equal(model.predict(halves),
+                                  model.predict([a.astype(np.float32) for a in halves]))
     torch = pytest.importorskip("torch")
     tensors = [torch.tensor(a, requires_grad=True) for a in xs]
     np.testing.assert_array_equal(model.predict(tensors), model.predict(xs))

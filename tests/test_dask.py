@@ -227,8 +227,23 @@ def test_nullable_id_columns_score_as_their_integers():
     scores = fdask.predict_dataframe(model, dd.from_pandas(nullable, npartitions=3), steps=5)
     np.testing.assert_array_equal(scores.compute(scheduler="sync").to_numpy(),
                                   model.predict(ids.to_numpy()))
+    for other in (ids.astype("Float64"), ids.astype("UInt64"),
+                  ids.astype({0: "Int64", 1: "float64"})):
+        scores = fdask.predict_dataframe(model, dd.from_pandas(other, npartitions=3), steps=5)
+        np.testing.assert_array_equal(scores.compute(scheduler="sync").to_numpy(),
+                                      model.predict(ids.to_numpy()))
     nullable.iloc[4, 2] = pd.NA
     scores = fdask.predict_dataframe(model, dd.from_pandas(nullable, npartitions=3), steps=5)
     with pytest.raises(ValueError, match=r"predict_dataframe: df holds missing values "
                                          r"\(pandas.NA\); fill or drop them first"):
         scores.compute(scheduler="sync")
+    # a float model's nullable features likewise (pandas made them NaN); NaN itself is a value
+    floats = fastrnn.Sequential([fastrnn.GRU(1, 4, batch_first=True, seed=1), fastrnn.LastStep()])
+    scores = fdask.predict_dataframe(floats, dd.from_pandas(nullable.astype("Float64"),
+                                                            npartitions=3), steps=5)
+    with pytest.raises(ValueError, match=r"df holds missing values \(pandas.NA\)"):
+        scores.compute(scheduler="sync")
+    with_nan = ids.astype(np.float64)
+    with_nan.iloc[4, 2] = np.nan
+    scores = fdask.predict_dataframe(floats, dd.from_pandas(with_nan, npartitions=3), steps=5)
+    assert np.isnan(scores.compute(scheduler="sync").to_numpy()[4]).all()

@@ -652,6 +652,16 @@ def test_torch_tensors_are_taken_and_masked_arrays_refused():
         est.predict(np.ma.MaskedArray(X, mask=True))
     with pytest.raises(TypeError, match=r"X\[1\] is a numpy masked array"):
         est.predict([X[0], np.ma.MaskedArray(X[1, :3], mask=True)])
+    # y likewise, for a regressor and a classifier
+    again = SequenceRegressor(hidden_size=4, epochs=1, random_state=0).fit(
+        X, torch.tensor(y, requires_grad=True))
+    np.testing.assert_array_equal(again.predict(X), want)
+    with pytest.raises(TypeError, match="SequenceRegressor: y is a numpy masked array"):
+        SequenceRegressor(epochs=1).fit(X, np.ma.MaskedArray(y, mask=y > 0))
+    labels = (y > 0).astype(np.int64)
+    SequenceClassifier(hidden_size=4, epochs=1, random_state=0).fit(X, torch.tensor(labels))
+    with pytest.raises(TypeError, match="SequenceClassifier: y is a numpy masked array"):
+        SequenceClassifier(epochs=1).fit(X, np.ma.MaskedArray(labels, mask=labels > 0))
 
 
 def test_dataframe_feature_names_are_kept_and_checked():

@@ -1,8 +1,8 @@
-"""Batch-1 unidirectional layers split their hidden units between the calling
-thread and the kernels' workers, which meet at a barrier every step
-(_plan.unit_bounds, _forward.recur_units, _backward.backward_units): against
-the reference, one thread, and concurrent calls (one of which owns the
-workers at a time)."""
+"""Batch-1 unidirectional layers (and float32 ones of a few rows over a large
+W_hh) split their hidden units between the calling thread and the kernels'
+workers, which meet at a barrier every step (_plan.unit_bounds,
+_forward.recur_units, _backward.backward_units): against the reference, one
+thread, and concurrent calls (one of which owns the workers at a time)."""
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -503,3 +503,15 @@ def test_a_part_whose_core_another_program_takes_is_contended(tmp_path):
         busy.kill()
         busy.wait()
     assert contended >= 15, (clean, contended)
+
+
+def test_recur_units_takes_more_rows_only_packed():
+    """float64 (BLAS: each part's own rows of W_hh) splits batch 1 only."""
+    T, B, H = 3, 2, 16
+    f64 = np.float64
+    with pytest.raises(ValueError, match="recur_units: 2 rows need W_hh packed"):
+        _forward.recur_units(cell=_forward.CELL_GRU, T=T, bounds=[0, 8, 16],
+                             w_parts=[np.zeros((24, H))] * 2, w_parts_t=[np.zeros((H, 24))] * 2,
+                             bias_parts=[None] * 2, works=[np.zeros(200)] * 2,
+                             h=np.zeros((1, B, H)), c=None, gx=np.zeros((T * B, 3 * H), f64),
+                             out=np.zeros((T * B, H), f64), wait_ns=0)
