@@ -702,3 +702,34 @@ def test_dataframe_feature_names_are_kept_and_checked():
     nullable.iloc[0, 0] = pd.NA
     with pytest.raises(ValueError, match="Input X contains NaN"):
         SequenceRegressor(epochs=1).fit(nullable, y)
+
+
+def test_a_training_step_computes_no_gradient_of_the_data(monkeypatch):
+    """The estimators' steps throw the data's gradient away: their layer's
+    BPTT skips dx = dG . W_ih (as Sequential's training step does), with the
+    same fitted weights."""
+    from fastrnn import _engine
+    calls = []
+    real = _engine._backward
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def input_grad(self, **kwargs):
+            calls.append(kwargs["dx"].shape)
+            return real.input_grad(**kwargs)
+
+    import contextlib
+    from fastrnn import sklearn as fsk
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((16, 6, 3)).astype(np.float32), rng.standard_normal(16)
+    monkeypatch.setattr(_engine, "_backward", Counting())
+    with monkeypatch.context() as computing:    # the step as it was: dx computed
+        computing.setattr(fsk, "input_grad_discarded", contextlib.nullcontext)
+        fitted = SequenceRegressor(hidden_size=4, epochs=2, random_state=0).fit(X, y)
+    assert calls
+    calls.clear()
+    again = SequenceRegressor(hidden_size=4, epochs=2, random_state=0).fit(X, y)
+    assert calls == []
+    np.testing.assert_array_equal(again.predict(X), fitted.predict(X))
