@@ -961,7 +961,7 @@ class Backprop:
             except BaseException as exc:   # MemoryError, Ctrl-C
                 self._failed = type(exc).__name__
                 raise
-            if dx is None:   # (input_grad_discarded: zeros, never computed nor touched)
+            if dx is None:   # (input_grads(False): zeros, never computed nor touched)
                 dx = np.zeros(self._x_shape, dtype)
             else:
                 dx = self._input_shaped(dx, steps, tape_bf)
@@ -984,18 +984,20 @@ class Backprop:
 
 
 # False while Sequential runs the backprops of its first layers, whose input
-# gradient it discards (input_grad_discarded)
+# gradient it discards (input_grads)
 _input_grad_wanted = contextvars.ContextVar("fastrnn_input_grad_wanted", default=True)
 
 
 @contextlib.contextmanager
-def input_grad_discarded():
-    """Within it, a layer's backprop does not compute the gradient of its
-    first layer's input (dx = dG . W_ih, a product as large as the weight
-    gradient of W_ih) and returns zeros as dx: for the backprops whose dx
-    the caller throws away, as ``Sequential``'s training step does with its
-    first layers' (Keras and PyTorch compute no gradient of the data)."""
-    token = _input_grad_wanted.set(False)
+def input_grads(wanted):
+    """Within ``input_grads(False)`` a layer's backprop does not compute the
+    gradient of its first layer's input (dx = dG . W_ih, a product as large
+    as the weight gradient of W_ih) and returns zeros as dx: for the
+    backprops whose dx the caller throws away, as ``Sequential``'s training
+    step does with its first layers' (Keras and PyTorch compute no gradient
+    of the data); ``input_grads(True)`` for those whose dx is read, whatever
+    the context around."""
+    token = _input_grad_wanted.set(bool(wanted))
     try:
         yield
     finally:

@@ -247,7 +247,7 @@ def bptt(module, tape, T, B, dout, dh, dc, input_grad=True):
                                    h_prev=saves.h_prev, reset_acts=None, dgx=dpre_x, dgh=da_h,
                                    dw_ih=sums[0][k], dw_hh=sums[1][k], db_ih=None, db_hh=None,
                                    max_rows=v.BLAS_INT_MAX, packed=activations)
-            if k == 0 and not input_grad:   # (see _engine.input_grad_discarded)
+            if k == 0 and not input_grad:   # (see _engine.input_grads)
                 dout = None
                 continue
             dx = np.empty((rows, w_ih_all[k].shape[1]), dtype)

@@ -189,7 +189,7 @@ def bptt(module, tape, T, B, dout, dh, dc, input_grad=True):
             for d in range(dirs):   # dW_hr: the sums over rows of dh_t^T m_t
                 sums[4][k][d * P:(d + 1) * P] += _parallel.matmul(
                     dhr[:, d * P:(d + 1) * P].T, saves.m[:, d * H:(d + 1) * H])
-            if k == 0 and not input_grad:   # (see _engine.input_grad_discarded)
+            if k == 0 and not input_grad:   # (see _engine.input_grads)
                 dout = None
                 continue
             dx = np.empty((rows, w_ih_all[k].shape[1]), dtype)

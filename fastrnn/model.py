@@ -26,7 +26,7 @@ from fastrnn import _saving
 from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
-from fastrnn._engine import _training_buffers, input_grad_discarded
+from fastrnn._engine import _training_buffers, input_grads
 from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
                              holding, on_one_set, restoring_copy)
 from fastrnn._own_values import own_values
@@ -37,7 +37,7 @@ from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import Embedding, LastStep, Linear, MergeDirections
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
-from fastrnn.wrappers import Stateful, _recurrent, _Wrapper
+from fastrnn.wrappers import Stateful, _recurrent
 
 __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
            "load_state_dict_file"]
@@ -199,9 +199,7 @@ class Sequential:
         """The index of the first layer holding parameters (a wrapper's layer
         within): the input gradient of it and of the layers before it is
         thrown away in training (len(layers) if no layer holds any)."""
-        for k, layer in enumerate(self.layers):
-            while isinstance(layer, _Wrapper):
-                layer = layer.layer
+        for k, layer in enumerate(map(_recurrent, self.layers)):
             if isinstance(layer, Module):
                 return k
         return len(self.layers)
@@ -214,12 +212,8 @@ class Sequential:
         cached = self.__dict__.get("_owners_of")
         if cached is not None and cached[0] == layers:
             return cached[1]
-        owners = {}
-        for layer in layers:
-            while isinstance(layer, _Wrapper):
-                layer = layer.layer
-            if isinstance(layer, Module):
-                owners[id(layer)] = layer
+        owners = {id(layer): layer for layer in map(_recurrent, layers)
+                  if isinstance(layer, Module)}
         self._owners_of = (layers, list(owners.values()))
         return self._owners_of[1]
 
@@ -583,11 +577,9 @@ class Sequential:
         self.zero_grad()
         first = self._first_trained()
         for k in reversed(range(len(backprops))):
-            if k > first:
+            # the gradient of the data, which nothing reads: not computed
+            with input_grads(k > first):
                 grad = backprops[k](grad)
-            else:   # the gradient of the data, which nothing reads: not computed
-                with input_grad_discarded():
-                    grad = backprops[k](grad)
         if self.clip_grad_norm is not None:
             clip_grad_norm(self, self.clip_grad_norm)
         if self.clip_grad_value is not None:

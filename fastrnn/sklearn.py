@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 from fastrnn import _parallel
 from fastrnn import _validation as v
-from fastrnn._engine import input_grad_discarded
+from fastrnn._engine import input_grads
 from fastrnn._locks import ForkSafeLock
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.losses import CrossEntropyLoss, MSELoss
@@ -396,7 +396,7 @@ class _Network:
         h_n = state[0] if isinstance(state, tuple) else state
         dh = np.zeros_like(h_n)
         dh[-self.dirs:] = dfeatures.reshape(len(x), self.dirs, H).transpose(1, 0, 2)
-        with input_grad_discarded():   # (the data's gradient: nothing reads it)
+        with input_grads(False):   # (the data's gradient: nothing reads it)
             rnn_backprop(np.zeros_like(out), (dh, None) if isinstance(state, tuple) else dh)
         if max_norm is not None:
             clip_grad_norm([rnn, head], max_norm)

@@ -687,3 +687,16 @@ def test_embedding_gradient_is_np_add_at_bit_for_bit(dtype, padding_idx):
     np.testing.assert_array_equal(emb.grads["weight"], want)
     with pytest.raises(ValueError, match=r"add_rows: id 6 outside \[0, 6\)"):
         _backward.add_rows(want, np.array([1, 6]), np.ones((2, 5), want.dtype))
+
+
+@pytest.mark.parametrize("kind", [fastrnn.LSTM, fastrnn.GRU])
+def test_a_masked_empty_batch_gives_empty_outputs(kind):
+    """B = 0 with a mask: empty outputs, as without one. [failed in review:
+    the right-padding check took the minimum of no counts]"""
+    layer = kind(3, 4, batch_first=True, seed=0)
+    x, mask = np.zeros((0, 5, 3), np.float32), np.ones((0, 5), bool)
+    out, _ = layer(x, mask=mask)
+    assert out.shape == (0, 5, 4)
+    (out, _), backprop = layer.forward_train(x, mask=mask)
+    dx, _ = backprop(np.zeros_like(out))
+    assert out.shape == (0, 5, 4) and dx.shape == (0, 5, 3)
