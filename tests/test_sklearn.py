@@ -708,23 +708,12 @@ def test_a_training_step_computes_no_gradient_of_the_data(monkeypatch):
     """The estimators' steps throw the data's gradient away: their layer's
     BPTT skips dx = dG . W_ih (as Sequential's training step does), with the
     same fitted weights."""
-    from fastrnn import _engine
-    calls = []
-    real = _engine._backward
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def input_grad(self, **kwargs):
-            calls.append(kwargs["dx"].shape)
-            return real.input_grad(**kwargs)
-
     import contextlib
     from fastrnn import sklearn as fsk
+    from test_training import _input_grads_counted
     rng = np.random.default_rng(1)
     X, y = rng.standard_normal((16, 6, 3)).astype(np.float32), rng.standard_normal(16)
-    monkeypatch.setattr(_engine, "_backward", Counting())
+    calls = _input_grads_counted(monkeypatch)
     with monkeypatch.context() as computing:    # the step as it was: dx computed
         computing.setattr(fsk, "input_grads", lambda wanted: contextlib.nullcontext())
         fitted = SequenceRegressor(hidden_size=4, epochs=2, random_state=0).fit(X, y)
