@@ -12,15 +12,14 @@ storage only through ``_weights(params)`` and the configuration:
   projection of every step at once) and ``_forward.recur`` (the time loops,
   one part per thread) or ``_forward.recur_units`` (batch 1, or a few rows
   over a large W_hh: the hidden units split between threads); in training it
-  records a :class:`Tape`. A float32
-  inference whose parts are ranges of the batch runs as one job (the plan's
-  ``stack``: ``SequenceRunner.run_stack``, each part its rows through every
-  layer, projections included);
+  records a :class:`Tape`. A float32 inference whose parts are ranges of the
+  batch runs as one job (the plan's ``stack``: ``SequenceRunner.run_stack``,
+  each part its rows through every layer, projections included);
 - ``_bptt``: backward through a tape: ``_plan.backward_plan``, then per layer
   ``_backward.backward_layer`` (the reverse time loops) or
   ``_backward.backward_units`` (float32 at batch 1 or a few rows, the units
-  split as in the forward), ``weight_grads`` and ``input_grad`` (the products over all
-  rows, in the plan's ``products`` parts);
+  split as in the forward), ``weight_grads`` and ``input_grad`` (the
+  products over all rows, in the plan's ``products`` parts);
 - a layer-normalised layer (``layer_norm=True``) or an LSTM with a projection
   (``proj_size``) runs its own drivers from ``_run_layers`` and ``_bptt``
   (``_layernorm_engine.py``, ``_projection_engine.py``), on the same plan;

@@ -102,9 +102,10 @@ def _pad(arrays, lengths, dtype):
 
 def _as_sequence_list(x, owner, name):
     """x as a list of arrays if it is ragged (a list or object array of
-    sequences whose shapes differ), else None. A masked array among them is
-    refused by name (its mask would be dropped), a torch tensor converted
-    as a layer converts it."""
+    sequences whose shapes differ), else None. Its items are taken as an
+    array x is (``_validation.to_numpy``: a masked array refused by name,
+    its mask would be dropped; a torch tensor converted as a layer converts
+    it; real numbers only)."""
     if isinstance(x, np.ndarray):
         if x.dtype != object or x.ndim != 1:
             return None
@@ -121,7 +122,7 @@ def _as_sequence_list(x, owner, name):
             arrays.append(v.as_array(owner, f"{name}[{i}]", item))
             continue
         try:
-            a = v.ml_dtypes_values(np.asarray(item))
+            a = np.asarray(item)
         except ValueError:          # an item that is itself ragged: not a sequence list
             return None
         if a.dtype == object:
@@ -129,7 +130,7 @@ def _as_sequence_list(x, owner, name):
         arrays.append(a)
     if all(a.shape == arrays[0].shape for a in arrays):
         return None
-    return arrays
+    return [v.to_numpy(owner, f"{name}[{i}]", a) for i, a in enumerate(arrays)]
 
 
 class ArrayData:
@@ -197,9 +198,6 @@ class ArrayData:
                 model.layers[0]._ids(a, owner, f"{name}[{i}]")
             return arrays
         for i, a in enumerate(arrays):
-            if a.dtype.kind not in "fiu":   # (as an array's x: no bool, complex, ...)
-                raise TypeError(f"{owner}: {name}[{i}] must have a real numeric dtype, got "
-                                f"{a.dtype}")
             if a.ndim != 2 or len(a) == 0 or (features is not None and a.shape[1] != features):
                 f = "features" if features is None else features
                 raise ValueError(f"{owner}: expected {name} as a list of sequences of shape "
@@ -220,9 +218,6 @@ class ArrayData:
             raise ValueError(f"Sequential: x and y must have the same number of samples, got "
                              f"{self.n} sequences in x and {len(arrays)} in {name}")
         for i, (a, length) in enumerate(zip(arrays, self.lengths)):
-            if a.dtype.kind not in "fiu":
-                raise TypeError(f"{owner}: {name}[{i}] must have a real numeric dtype, got "
-                                f"{a.dtype}")
             if a.ndim == 0 or len(a) != length:
                 raise ValueError(f"{owner}: {name}[{i}] has shape {shape_str(a.shape)}, but "
                                  f"x[{i}] has {length} steps (per-step targets need one per "
