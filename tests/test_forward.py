@@ -372,6 +372,63 @@ def test_batch_one_products_every_block_width(kind, dtype, H, close):
         close(got[1], ref_c[0], dtype)
 
 
+def _padded_state(layer, H, wide):
+    """layer's parameters in a layer of ``wide`` units: each gate block's
+    rows and W_hh's columns past H are zeros, so the first H units compute
+    the same chains (zero terms added) and the others stay 0."""
+    out = {}
+    for name, value in layer.state_dict().items():
+        blocks = value.reshape((-1, H) + value.shape[1:])   # gate blocks of H rows
+        padded = np.zeros((blocks.shape[0], wide) + value.shape[1:], value.dtype)
+        padded[:, :H] = blocks
+        padded = padded.reshape((-1,) + value.shape[1:])
+        if name.startswith("weight_hh"):
+            padded = np.concatenate(
+                [padded, np.zeros((padded.shape[0], wide - H), value.dtype)], axis=1)
+        out[name] = padded
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_tails_give_the_vector_loops_bits(kind):
+    """The last units % 8 (at least 3) of a float32 row run through a padded
+    scratch row (_gates.pxd.tp: the rows' tails). A layer of 21 units (a
+    5-unit tail) and the same layer padded to 32 units with zero weights (no
+    tail: those units in the vectorised loops) give the same bits for the
+    first 21 units: inference, the training forward, dx, the initial state's
+    gradient and the weight gradients."""
+    H, wide, T, B, D = 21, 32, 6, 3, 5
+    rng = np.random.default_rng(21)
+    narrow = make_layer(kind, D, H, seed=3)
+    padded = make_layer(kind, D, wide, seed=4)
+    padded.load_state_dict(_padded_state(narrow, H, wide))
+    x = rng.standard_normal((T, B, D)).astype(np.float32)
+    h0 = rng.standard_normal((1, B, H)).astype(np.float32)
+    dout = rng.standard_normal((T, B, H)).astype(np.float32)
+
+    def run(layer, units):
+        pad = ((0, 0), (0, 0), (0, units - H))
+        hx = (np.pad(h0, pad), np.pad(h0, pad) * 0.5) if kind == "lstm" else np.pad(h0, pad)
+        inferred = layer(x, hx)[0]
+        (out, _), backprop = layer.forward_train(x, hx)
+        dx, dstate = backprop(np.pad(dout, pad))
+        dh0 = dstate[0] if kind == "lstm" else dstate
+        return inferred[..., :H], out[..., :H], dx, dh0[..., :H], layer.grads
+
+    got, want = run(narrow, H), run(padded, wide)
+    for a, b in zip(got[:4], want[:4]):
+        np.testing.assert_array_equal(a, b)
+    for name, grad in got[4].items():
+        np.testing.assert_array_equal(grad, _unpad(want[4][name], name, H, wide))
+
+
+def _unpad(value, name, H, wide):
+    """_padded_state's inverse for one parameter."""
+    blocks = value.reshape((-1, wide) + value.shape[1:])[:, :H]
+    value = blocks.reshape((-1,) + value.shape[1:])
+    return value[:, :H] if name.startswith("weight_hh") else value
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first,unbatched,with_hx", [

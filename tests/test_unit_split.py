@@ -234,7 +234,7 @@ def test_few_rows_split_their_units(kind, batch_first, threads, count_pairs, mon
     monkeypatch.setattr(_plan, "UNIT_SPLIT_MIN_BYTES", 0)
     monkeypatch.setattr(_parallel, "_threads", threads)
     rng = np.random.default_rng(threads)
-    T, B, D, H = 20, 5, 24, 370
+    T, B, D, H = 20, 5, 24, 373      # 373: each row a tail of 5 units (_gates.pxd.tp)
     layer = make_layer(kind, D, H, num_layers=2, batch_first=batch_first, seed=7)
     shape = (B, T) if batch_first else (T, B)
     x = rng.standard_normal(shape + (D,)).astype(np.float32)
