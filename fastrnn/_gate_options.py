@@ -269,3 +269,27 @@ LSTM_DOC = _GATED_DOC.format(candidate="g", gates="i, f, o") + """
         o: i and f add p * c_{t-1} to their input, o adds p * c_t (ONNX's P).""" + \
     _LSTM_ZONEOUT_DOC + _DROPOUTS_DOC
 GRU_DOC = _GATED_DOC.format(candidate="n", gates="r, z") + _ZONEOUT_DOC + _DROPOUTS_DOC
+
+# A cell's forward_train is one step: it draws its dropout masks at each one
+# (Keras' cells keep theirs until reset_dropout_mask(); these have no
+# sequence to keep them for, and a mask kept over calls would drop the same
+# units for the whole training unless reset by hand).
+_CELL_DROPOUTS = """input_dropout, recurrent_dropout : float in [0, 1), default 0
+        Keyword only: Keras' dropout and recurrent_dropout, in training only:
+        fresh masks at every ``forward_train`` (one step: the layers keep one
+        mask per sequence), one per gate block, on the input and on h as each
+        gate's product reads them (inverted: kept units scaled by
+        1 / (1 - p))."""
+
+
+def _for_cells(doc):
+    """A layer's options' docstring entries as a cell's: its dropout masks."""
+    layer_entry = _DROPOUTS_DOC.strip()
+    if layer_entry not in doc:
+        raise AssertionError("the dropouts' entry is missing from the docstring")
+    return doc.replace(layer_entry, _CELL_DROPOUTS)
+
+
+CELL_NONLINEARITY_DOC = _for_cells(NONLINEARITY_DOC)
+CELL_LSTM_DOC = _for_cells(LSTM_DOC)
+CELL_GRU_DOC = _for_cells(GRU_DOC)

@@ -257,7 +257,8 @@ _CELL_DOC = """{summary}
 class RNNCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of an Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh).",
-        extra_params=_gate_options.NONLINEARITY_DOC + _training_options.CELL_INITIAL_STATE_DOC,
+        extra_params=(_gate_options.CELL_NONLINEARITY_DOC
+                      + _training_options.CELL_INITIAL_STATE_DOC),
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
         returns_doc="h : ndarray of shape (B, H) or (H,)", layer="RNN")
 
@@ -277,7 +278,7 @@ class RNNCell(_CellBase):
 class GRUCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of a GRU (gate blocks r, z, n).",
-        extra_params=(RESET_AFTER_DOC + _gate_options.GRU_DOC
+        extra_params=(RESET_AFTER_DOC + _gate_options.CELL_GRU_DOC
                       + _training_options.CELL_INITIAL_STATE_DOC
                       + _layernorm_engine.LAYER_NORM_DOC),
         call="h = cell(x, hx=None)", hx_doc="array of shape (B, H) or (H,)",
@@ -303,7 +304,7 @@ class GRUCell(_CellBase):
 class LSTMCell(_CellBase):
     __doc__ = _CELL_DOC.format(
         summary="One step of an LSTM (gate blocks i, f, g, o).",
-        extra_params=(_gate_options.LSTM_DOC + _training_options.CELL_INITIAL_STATE_DOC
+        extra_params=(_gate_options.CELL_LSTM_DOC + _training_options.CELL_INITIAL_STATE_DOC
                       + _layernorm_engine.LAYER_NORM_DOC),
         call="h, c = cell(x, hx=None)", hx_doc="tuple (h, c) of arrays of shape (B, H) or (H,)",
         returns_doc="h, c : ndarrays of shape (B, H) or (H,)", layer="LSTM")

@@ -127,6 +127,23 @@ def test_cells_and_round_trips(tmp_path):
     assert repr(pickle.loads(pickle.dumps(layer))) == repr(layer)
 
 
+@pytest.mark.parametrize("cls", [fastrnn.RNNCell, fastrnn.GRUCell, fastrnn.LSTMCell])
+def test_a_cells_masks_are_fresh_at_every_step_as_its_docstring_says(cls):
+    """A cell's forward_train is one step: its Keras dropouts draw new masks
+    each time (the layers keep one per sequence), and its docstring says so
+    (it once promised one mask per sequence)."""
+    cell = cls(6, 40, seed=2, input_dropout=0.5, recurrent_dropout=0.5, dtype="float64")
+    x, h = np.ones((1, 6)), np.ones((1, 40))
+    hx = (h, h) if cls is fastrnn.LSTMCell else h
+    first, second = (cell.forward_train(x, hx)[0] for _ in range(2))
+    if cls is fastrnn.LSTMCell:
+        first, second = first[0], second[0]
+    assert not np.array_equal(first, second)
+    doc = " ".join(cls.__doc__.split())
+    assert "fresh masks at every ``forward_train``" in doc
+    assert "one mask per sequence, gate block" not in doc
+
+
 @pytest.mark.parametrize("name", ["input_dropout", "recurrent_dropout"])
 @pytest.mark.parametrize("value, exc, message", [
     (1.0, ValueError, r"must be in \[0, 1\), got 1.0"),
