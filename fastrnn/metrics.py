@@ -230,14 +230,16 @@ class SparseCategoricalAccuracy(Metric):
 
 def _in_top_k(owner, labels, y_pred, k):
     """Whether the target class's score is among the k largest; ties at the
-    boundary count as in (TensorFlow's in_top_k)."""
+    boundary count as in (TensorFlow's in_top_k). A row holding a NaN or an
+    infinite score is a miss, as there: a diverged model's NaN outputs
+    counted as hits (no score compares greater than NaN)."""
     labels = labels.astype(np.intp)
     n_classes = y_pred.shape[-1]
     if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"{owner}: target classes must lie in [0, {n_classes - 1}], got "
                          f"values from {labels.min()} to {labels.max()}")
     score = np.take_along_axis(y_pred, labels[..., None], axis=-1)
-    return (y_pred > score).sum(axis=-1) < k
+    return np.isfinite(y_pred).all(axis=-1) & ((y_pred > score).sum(axis=-1) < k)
 
 
 class TopKCategoricalAccuracy(Metric):

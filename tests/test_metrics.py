@@ -85,6 +85,30 @@ def test_top_k_counts_ties_at_the_boundary_as_tensorflow():
     assert ours.result() == pytest.approx(float(theirs.result()))
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_top_k_counts_a_row_with_a_non_finite_score_as_a_miss(sparse):
+    """TensorFlow's in_top_k: a row holding NaN or inf anywhere is a miss. A
+    NaN compared greater than nothing and counted as a hit: a diverged model
+    (NaN outputs) scored 1.0."""
+    nan, inf = np.nan, np.inf
+    y_pred = np.array([[nan, nan, nan], [0.1, nan, 0.2], [inf, 0.0, 0.1], [nan, 0.5, 0.1],
+                       [0.2, nan, nan], [-inf, 0.1, 0.2], [0.3, 0.1, 0.2]], np.float32)
+    labels = np.array([0, 1, 0, 1, 0, 2, 0])
+    want = np.array([0, 0, 0, 0, 0, 0, 1], np.float32)     # a hit: the finite row only
+    k = 1
+    if sparse:
+        ours, y_true = metrics.SparseTopKCategoricalAccuracy(k=k), labels
+    else:
+        ours, y_true = metrics.TopKCategoricalAccuracy(k=k), np.eye(3, dtype=np.float32)[labels]
+    ours.update_state(y_true, y_pred)
+    assert ours.result() == pytest.approx(want.mean())
+    keras = pytest.importorskip("keras")
+    theirs = (keras.metrics.SparseTopKCategoricalAccuracy(k=k) if sparse
+              else keras.metrics.TopKCategoricalAccuracy(k=k))
+    theirs.update_state(y_true, y_pred)
+    assert ours.result() == pytest.approx(float(theirs.result()))
+
+
 def test_sparse_targets_with_a_trailing_axis_and_binary_of_one_column():
     acc = metrics.SparseCategoricalAccuracy()
     acc.update_state(np.array([[1], [0]]), np.array([[0.1, 0.9], [0.2, 0.8]]))
