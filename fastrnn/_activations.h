@@ -8,8 +8,6 @@
 #ifndef FASTRNN_ACTIVATIONS_H
 #define FASTRNN_ACTIVATIONS_H
 
-#include <stddef.h>
-
 /* The quantized kernels' sigmoid and tanh are rational functions
  * (fastrnn/_gates.pxd.tp says why): setup.py defines this to 1 for them. */
 #ifndef FASTRNN_RATIONAL_ACTIVATIONS
@@ -40,42 +38,5 @@ static inline float fastrnn_exp_max(void) { return fastrnn_exp_max_; }
 #define fastrnn_fmaf(a, b, c) ((a) * (b) + (c))
 #endif
 
-
-/* The last n < 8 values of a float32 row in and out of a row of 8
- * (fastrnn/_gates.pxd.tp: the rows' tails). In: the n values, the other
- * lanes 0; out: the first n lanes. Masked vector loads and stores where
- * the build has them: they touch no memory past the n values, and cost a
- * few instructions where a memcpy call of a variable length cost tens of
- * cycles (eleven of them made an LSTM row's tail ~200 cycles). */
-#define FASTRNN_TAIL_LANES 8
-#define FASTRNN_TAIL_MIN 3
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#include <immintrin.h>
-static inline void fastrnn_tail_in(float* dst, const float* src, ptrdiff_t n) {
-    _mm256_storeu_ps(dst, _mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1u), src));
-}
-static inline void fastrnn_tail_out(float* dst, const float* src, ptrdiff_t n) {
-    _mm256_mask_storeu_ps(dst, (__mmask8)((1u << n) - 1u), _mm256_loadu_ps(src));
-}
-#elif defined(__AVX2__)
-#include <immintrin.h>
-/* all-ones in the lanes below n */
-static inline __m256i fastrnn_tail_mask(ptrdiff_t n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-static inline void fastrnn_tail_in(float* dst, const float* src, ptrdiff_t n) {
-    _mm256_storeu_ps(dst, _mm256_maskload_ps(src, fastrnn_tail_mask(n)));
-}
-static inline void fastrnn_tail_out(float* dst, const float* src, ptrdiff_t n) {
-    _mm256_maskstore_ps(dst, fastrnn_tail_mask(n), _mm256_loadu_ps(src));
-}
-#else
-static inline void fastrnn_tail_in(float* dst, const float* src, ptrdiff_t n) {
-    for (ptrdiff_t i = 0; i < FASTRNN_TAIL_LANES; i++) dst[i] = i < n ? src[i] : 0.0f;
-}
-static inline void fastrnn_tail_out(float* dst, const float* src, ptrdiff_t n) {
-    for (ptrdiff_t i = 0; i < n; i++) dst[i] = src[i];
-}
-#endif
 
 #endif

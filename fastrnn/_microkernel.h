@@ -195,6 +195,21 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
 
 #endif
 
+/* The last n < FASTRNN_MK_LANES values of a float32 row in and out of one
+ * vector's scratch (fastrnn/_gates.pxd.tp: the rows' tails): in, the n
+ * values and zeros; out, the first n lanes. The masked loads and stores
+ * touch no memory past the n values and cost a few instructions, where a
+ * memcpy call of a variable length cost tens of cycles (eleven of them
+ * made an LSTM row's tail ~200 cycles). Tails shorter than
+ * FASTRNN_MK_TAIL_MIN stay in the loops' scalar code, cheaper than copies. */
+#define FASTRNN_MK_TAIL_MIN 3
+static inline void fastrnn_mk_tail_in(float* dst, const float* src, ptrdiff_t n) {
+    fastrnn_mk_store(dst, fastrnn_mk_load(src, (fastrnn_mask)((1u << n) - 1u)), FASTRNN_MK_FULL);
+}
+static inline void fastrnn_mk_tail_out(float* dst, const float* src, ptrdiff_t n) {
+    fastrnn_mk_store(dst, fastrnn_mk_load(src, FASTRNN_MK_FULL), (fastrnn_mask)((1u << n) - 1u));
+}
+
 /* 64-byte cache lines of one k's NV vectors in a panel */
 #define FASTRNN_MK_PANEL_LINES(NV) (((NV) * FASTRNN_MK_LANES * 4 + 63) / 64)
 

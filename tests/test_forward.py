@@ -391,8 +391,9 @@ def _padded_state(layer, H, wide):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_tails_give_the_vector_loops_bits(kind):
-    """The last units % 8 (at least 3) of a float32 row run through a padded
-    scratch row (_gates.pxd.tp: the rows' tails). A layer of 21 units (a
+    """The last units % lanes (at least 3; 16 lanes AVX-512, 8 otherwise) of
+    a float32 row run through a padded scratch vector (_gates.pxd.tp: the
+    rows' tails). A layer of 21 units (a
     5-unit tail) and the same layer padded to 32 units with zero weights (no
     tail: those units in the vectorised loops) give the same bits for the
     first 21 units: inference, the training forward, dx, the initial state's
