@@ -456,7 +456,10 @@ class Sequential:
             A fastrnn optimizer (bound to this model's parameters if it has
             none; one bound already must cover them, e.g. a loaded model's
             ``model.optimizer``, whose state is then kept), or a name: 'sgd',
-            'adam', 'adamw', 'rmsprop'.
+            'adam', 'adamw', 'rmsprop'. This model's training steps update its
+            own layers only: other layers the optimizer also holds keep their
+            weights and moments (as PyTorch skips parameters without a
+            gradient).
         clip_grad_norm, clip_grad_value : float >= 0, optional
             Clip the gradients by global norm and/or by value before each step
             (inf: never clips).
@@ -584,7 +587,7 @@ class Sequential:
             clip_grad_norm(self, self.clip_grad_norm)
         if self.clip_grad_value is not None:
             clip_grad_value(self, self.clip_grad_value)
-        self.optimizer.step()
+        self.optimizer._step(self._modules_with_parameters())
         return value, total, count, out, batch
 
     # --- metrics ------------------------------------------------------------

@@ -150,8 +150,19 @@ class Optimizer:
         module's at once: a call running in another thread (of a module, or
         of a Sequential of them) computes with the old sets or the new,
         never a mix."""
+        self._step(self._modules)
+
+    def _step(self, modules):
+        """``step`` of the parameters of ``modules`` only (some of this
+        optimizer's): a Sequential's train step updates its own layers, as
+        PyTorch's step skips the parameters that took no gradient. Another
+        model's layers this optimizer also holds keep their weights and
+        moments, whatever gradients they hold (a head compiled with the
+        whole model's optimizer, trained alone, moved the layers before it
+        by their stale gradients at every step)."""
         _refuse_quantized(self._quantized, "an optimizer's step")
-        with changing_together(self._modules):
+        stepped = [m for m in self._modules if any(m is s for s in modules)]
+        with changing_together(stepped):
             # the moments updated in copies, kept with the parameters: a step
             # interrupted (Ctrl-C) or failed before its end changes none of
             # them, nor the step count
@@ -161,7 +172,7 @@ class Optimizer:
             for module in self._modules:
                 grads = module._trainable
                 module_states = [next(states) for _ in grads]
-                if not grads:
+                if not grads or not any(module is s for s in stepped):
                     continue
 
                 def update(storages):

@@ -590,6 +590,42 @@ def test_a_layer_inside_a_wrapper_and_bare_is_stepped_once(wrapper):
                                    atol=1e-14)
 
 
+@pytest.mark.parametrize("make_opt", [lambda: optim.SGD(lr=0.1),
+                                      lambda: optim.Adam(lr=0.01, weight_decay=0.1)])
+def test_a_model_compiled_with_a_wider_optimizer_steps_only_its_own_layers(make_opt):
+    """A head (model[2:]) compiled with the whole model's optimizer, which
+    compile accepts (it covers the head's Linear), trains the head alone:
+    the GRU before it keeps its weights and its moments, whatever
+    gradients it still holds (PyTorch skips parameters that took no
+    gradient). Its step moved the GRU by its stale gradient every time."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 5, 3))
+    y = rng.standard_normal((16, 1))
+    full = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, dtype="float64", seed=0),
+                               fastrnn.LastStep(), fastrnn.Linear(4, 1, dtype="float64", seed=1)])
+    full.compile(loss="mse", optimizer=make_opt())
+    full.train_step(x, y)
+    gru_weights, gru_moments = full[0].state_dict(), full.optimizer.state_dict()["state"][:4]
+    assert any(np.abs(g).max() > 0 for g in full[0].grads.values())   # stale, still held
+    head = full[2:]
+    head.compile(loss="mse", optimizer=full.optimizer)
+    features = full[0:2].predict(x)
+    linear_before = head[0].state_dict()
+    for _ in range(3):
+        head.train_step(features, y)
+    assert _same_state_dicts(full[0].state_dict(), gru_weights)
+    for kept, now in zip(gru_moments, full.optimizer.state_dict()["state"][:4]):
+        assert kept.keys() == now.keys()
+        assert all(np.array_equal(kept[k], now[k]) for k in kept)
+    assert not _same_state_dicts(head[0].state_dict(), linear_before)   # the head trained
+    full.train_step(x, y)   # the whole model still steps every layer
+    assert not _same_state_dicts(full[0].state_dict(), gru_weights)
+
+
+def _same_state_dicts(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 @needs_torch
 @pytest.mark.parametrize("clip", [0.3, 10.0])
 def test_clip_grad_value_matches_torch(clip):
