@@ -21,6 +21,8 @@ cdef enum:
 
 cdef long long step_barrier(long long* slots, int part, int nparts,
                             long long steps) noexcept nogil
+# the wait of step_barrier for one other part (its count at least ``steps``)
+cdef long long wait_for_part(long long* slots, int other, long long steps) noexcept nogil
 # a team's slots in raw ((nparts + 1) * SYNC_SLOT + 16 long longs): aligned, zeroed
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil
 # whether bounds split H units in 2 to MAX_PARTS rising parts, inner bounds multiples of width
@@ -49,6 +51,12 @@ cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
 # last for the barrier every part stops at): all leave after the same step
 cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
                        Interrupt* it, long long* waits) noexcept nogil
+# team_barrier's publishing without its wait, and the stop a part learns
+# after waiting for part 0 (wait_for_part): parts that read one another's
+# output part by part, each waiting only for the part it reads next
+cdef bint team_publish(long long* slots, int part, int nparts, long long steps,
+                       Interrupt* it) noexcept nogil
+cdef bint team_stops(long long* slots, int nparts, long long steps) noexcept nogil
 cdef int raise_if_interrupted(Interrupt* it) except -1
 cdef Py_ssize_t interrupt_block_rows(Py_ssize_t macs_per_row, Py_ssize_t max_rows) noexcept nogil
 cdef int run_parts(job_fn fn, void* arg, Py_ssize_t* ranges, Py_ssize_t width,

@@ -92,23 +92,32 @@ cdef extern from "_portable.h":
 from fastrnn._tuning cimport WAIT_SPINS
 
 
+cdef long long wait_for_part(long long* slots, int other, long long steps) noexcept nogil:
+    """Wait until part ``other`` of a team has published ``steps`` steps:
+    spinning (a step takes microseconds), with a yield every WAIT_SPINS
+    pauses in case that part waits for this core. Returns the nanoseconds
+    waited from the first yield on (0 when it came within WAIT_SPINS
+    pauses: the clock is read only then)."""
+    cdef long long spins = 0, yielded_at = 0
+    while fastrnn_load_acquire_ll(slots + other * SYNC_SLOT) < steps:
+        if spins == WAIT_SPINS - 1:   # the first yield comes next: time from it
+            yielded_at = fastrnn_clock_ns()
+        fastrnn_wait_spin(&spins)
+    return fastrnn_clock_ns() - yielded_at if yielded_at else 0
+
+
 cdef long long step_barrier(long long* slots, int part, int nparts,
                             long long steps) noexcept nogil:
     """Publish that ``part`` (of nparts) has done ``steps`` steps and wait
-    until every other part has too: spinning (a step takes microseconds),
-    with a yield every WAIT_SPINS pauses in case another part waits for this
-    core. Returns the nanoseconds waited from the first yield on (0 when
-    the others came within WAIT_SPINS pauses: the clock is read only then)."""
-    cdef long long spins = 0, yielded_at = 0
+    until every other part has too (wait_for_part). Returns the nanoseconds
+    waited."""
+    cdef long long waited = 0
     cdef int other
     fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
     for other in range(nparts):
         if other != part:
-            while fastrnn_load_acquire_ll(slots + other * SYNC_SLOT) < steps:
-                if spins == WAIT_SPINS - 1:   # the first yield comes next: time from it
-                    yielded_at = fastrnn_clock_ns()
-                fastrnn_wait_spin(&spins)
-    return fastrnn_clock_ns() - yielded_at if yielded_at else 0
+            waited += wait_for_part(slots, other, steps)
+    return waited
 
 
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil:
@@ -248,6 +257,30 @@ cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
         fastrnn_store_release_ll(stop_at, steps)
     waits[0] += step_barrier(slots, part, nparts, steps)
     return fastrnn_load_acquire_ll(stop_at) == steps
+
+
+cdef bint team_publish(long long* slots, int part, int nparts, long long steps,
+                       Interrupt* it) noexcept nogil:
+    """team_barrier without the wait, for parts that each wait only for the
+    part whose output they read next (wait_for_part): publish that ``part``
+    has done ``steps`` steps. Part 0 first polls ``it`` and, if a handler
+    raised, names this step in stop_at; returns whether part 0 stops here.
+    Another part learns it from team_stops once it has waited for part 0's
+    count of ``steps``, which it does before it reads part 0's output of
+    this step (and part 0 can be at most one step ahead: its next step
+    reads that part's output); so every part leaves after the same step."""
+    cdef long long* stop_at = slots + nparts * SYNC_SLOT
+    cdef bint stop = part == 0 and interrupted(it)
+    if stop:
+        fastrnn_store_release_ll(stop_at, steps)
+    fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
+    return stop
+
+
+cdef bint team_stops(long long* slots, int nparts, long long steps) noexcept nogil:
+    """Whether part 0 named the barrier of ``steps`` steps its last
+    (team_publish); read after waiting for part 0's count of ``steps``."""
+    return fastrnn_load_acquire_ll(slots + nparts * SYNC_SLOT) == steps
 
 
 cdef int raise_if_interrupted(Interrupt* it) except -1:
