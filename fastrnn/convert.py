@@ -69,6 +69,22 @@ def _dtype_name(torch, dtype, what):
     return names[dtype]
 
 
+def _refuse_torch_hooks(module):
+    """A forward hook or pre-hook changes what the module computes (its
+    output, its input) where fastrnn cannot see it: refused by name, never
+    dropped. (Backward and state-dict hooks change no output.)"""
+    for attr, what in (("_forward_pre_hooks", "forward pre-hook"),
+                       ("_forward_hooks", "forward hook")):
+        hooks = getattr(module, attr, None)
+        if hooks:
+            hook = next(iter(hooks.values()))
+            raise ValueError(f"from_torch: {type(module).__name__} has a {what} "
+                             f"({getattr(hook, '__qualname__', type(hook).__name__)}), which "
+                             f"changes what it computes and does not convert; remove it "
+                             f"(the handle's remove()) and apply it to the converted layer's "
+                             f"input or output")
+
+
 def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     """A fastrnn layer or cell equal to a PyTorch recurrent module.
 
@@ -91,32 +107,61 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     torch = _torch()
     name = type(module).__name__
     from fastrnn import quantized
+    if isinstance(module, torch.nn.Module):
+        _refuse_torch_hooks(module)
     if isinstance(module, torch.nn.Module) and quantized.is_torch_dynamic(module):
         return quantized.from_torch_dynamic(module)   # quantize_dynamic's int8 modules
-    if name not in {**_LAYERS, **_CELLS} or not isinstance(module, getattr(torch.nn, name)):
-        # (torch.ao.nn's quantizable and static quantized LSTM bear the name too)
+    # the torch.nn class it is (or derives from; torch.ao.nn's quantizable
+    # and static quantized LSTM only bear the name)
+    bases = [getattr(torch.nn, n) for n in {**_LAYERS, **_CELLS}]
+    base = next((c for c in type(module).__mro__ if any(c is b for b in bases)), None)
+    if base is None:
         raise TypeError(f"from_torch: expected a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or "
                         f"LSTMCell, got {_qualified(module)}")
+    name = base.__name__
+    if type(module).forward is not base.forward:
+        raise TypeError(f"from_torch: {_qualified(module)} overrides torch.nn.{name}.forward; "
+                        f"only torch's own computation converts (its weights can: build a "
+                        f"torch.nn.{name} and load its state_dict)")
+    dtypes = {p.dtype for p in module.parameters()}
+    if len(dtypes) > 1:
+        kinds = ", ".join(f"{n} {p.dtype}" for n, p in module.named_parameters())
+        raise ValueError(f"from_torch: {name}'s parameters are of several dtypes ({kinds}); "
+                         f"torch itself cannot run it: give them one with .float() or "
+                         f".double()")
     dtype = _dtype_name(torch, next(module.parameters()).dtype, name)
     kwargs = {"bias": bool(module.bias), "dtype": dtype}
-    if name in ("RNN", "RNNCell"):
+    if name == "RNN":   # its forward reads mode (set at construction), not nonlinearity
+        modes = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+        if module.mode not in modes:
+            raise ValueError(f"from_torch: RNN has mode={module.mode!r}; expected 'RNN_TANH' or "
+                             f"'RNN_RELU'")
+        kwargs["nonlinearity"] = modes[module.mode]
+    elif name == "RNNCell":
         kwargs["nonlinearity"] = module.nonlinearity
     if name in _LAYERS:
         kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
                       dropout=float(module.dropout), bidirectional=bool(module.bidirectional))
         if name == "LSTM":
             kwargs["proj_size"] = int(module.proj_size)
-        result = _LAYERS[name](module.input_size, module.hidden_size, **kwargs)
-    else:
-        result = _CELLS[name](module.input_size, module.hidden_size, **kwargs)
+    try:
+        result = {**_LAYERS, **_CELLS}[name](module.input_size, module.hidden_size, **kwargs)
+    except (TypeError, ValueError) as exc:   # e.g. dropout=1.0, which torch takes
+        raise type(exc)(f"from_torch: {name} does not convert: {exc}") from None
     result.load_state_dict(module.state_dict())
     return result
 
 
 def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     """The PyTorch module equal to a fastrnn layer or cell (same class name,
-    configuration, dtype and weights)."""
+    configuration, dtype and weights), in eval mode, as fastrnn's calls
+    are: a stacked layer's ``dropout`` applies in torch's training mode
+    only (call ``.train()`` on it to train there)."""
     name = _class_name("to_torch", layer, {**_LAYERS, **_CELLS}, "RNN, GRU, LSTM or cell")
+    # where to_onnx takes the layer, the refusals point at it
+    onnx_hint = (" (export it with to_onnx instead)" if name in _LAYERS
+                 and not layer._config.get("zoneout") and not layer._config.get("proj_size")
+                 else "")
     if layer._config.get("layer_norm"):
         raise ValueError(f"to_torch: {name} has layer_norm=True; PyTorch's {name} has no "
                          f"layer normalisation")
@@ -125,12 +170,12 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     cfg.pop("layer_norm", None)
     if not cfg.pop("reset_after", True):
         raise ValueError(f"to_torch: {name} has reset_after=False; PyTorch has only the "
-                         f"reset-after GRU (export it with to_onnx instead)")
+                         f"reset-after GRU{onnx_hint}")
     # gate options PyTorch lacks: refused by name unless at their defaults
     for key, value in _gate_options.repr_options(cfg):
         if key != "nonlinearity" or value not in ("tanh", "relu"):
             raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
-                             f"option (export it with to_onnx instead)")
+                             f"option{onnx_hint}")
     for key, _ in _gate_options.DEFAULTS:
         if key != "nonlinearity":
             cfg.pop(key, None)
@@ -140,14 +185,14 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     if refused:
         key, value = refused[0]
         raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
-                         f"option (export it for inference with to_onnx instead)")
+                         f"option{onnx_hint.replace('export it', 'export it for inference')}")
     for key, _ in _training_options.DEFAULTS:
         cfg.pop(key, None)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.pop("dtype").name]
     size = (cfg.pop("input_size"), cfg.pop("hidden_size"))
     module = getattr(torch.nn, name)(*size, dtype=dtype, **cfg)
     module.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
-    return module
+    return module.eval()
 
 
 # --- Keras 3 -------------------------------------------------------------------------

@@ -259,6 +259,95 @@ def test_from_torch_refuses_what_it_cannot_represent():
             fastrnn.to_torch(module)
 
 
+def test_from_torch_refuses_what_changes_the_computation_out_of_sight():
+    """A forward hook, a forward pre-hook (float or dynamically quantized
+    module), a subclass whose forward is its own, or parameters of several
+    dtypes: each changes what the module computes, and converting dropped
+    it (outputs 0.4-1.0 away from torch's). A subclass that keeps torch's
+    forward converts."""
+    def double(module, inputs, output):
+        return output[0] * 2, output[1]
+
+    lstm = torch.nn.LSTM(3, 4)
+    handle = lstm.register_forward_hook(double)
+    with pytest.raises(ValueError, match=r"from_torch: LSTM has a forward hook \(.*double\)"):
+        fastrnn.from_torch(lstm)
+    handle.remove()
+    fastrnn.from_torch(lstm)
+    gru = torch.nn.GRU(3, 4)
+    gru.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    with pytest.raises(ValueError, match="from_torch: GRU has a forward pre-hook"):
+        fastrnn.from_torch(gru)
+    quantized = torch.ao.quantization.quantize_dynamic(torch.nn.LSTM(3, 4), {torch.nn.LSTM},
+                                                       dtype=torch.qint8)
+    quantized.register_forward_hook(double)
+    with pytest.raises(ValueError, match="from_torch: LSTM has a forward hook"):
+        fastrnn.from_torch(quantized)
+
+    class LSTM(torch.nn.LSTM):   # named as torch's, computing something else
+        def forward(self, x, hx=None):
+            out, state = super().forward(x, hx)
+            return out * 2, state
+
+    with pytest.raises(TypeError, match=r"from_torch: .*LSTM overrides torch\.nn\.LSTM\.forward"):
+        fastrnn.from_torch(LSTM(3, 4))
+
+    class Named(torch.nn.GRU):   # torch's forward: converts
+        pass
+
+    module = Named(3, 4).eval()
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(fastrnn.from_torch(module)(x)[0], expected, rtol=0, atol=1e-6)
+
+    mixed = torch.nn.GRU(3, 4).double()
+    mixed.weight_ih_l0.data = mixed.weight_ih_l0.data.float()
+    with pytest.raises(ValueError, match=r"from_torch: GRU's parameters are of several dtypes "
+                                         r"\(weight_ih_l0 torch.float32, weight_hh_l0 "
+                                         r"torch.float64"):
+        fastrnn.from_torch(mixed)
+
+
+def test_from_torch_reads_the_rnn_mode_its_forward_uses():
+    """nn.RNN's forward computes by ``mode``, fixed at construction;
+    ``nonlinearity`` set afterwards changes nothing there (a relu RNN came
+    out of a tanh one, outputs 1.0 apart)."""
+    module = torch.nn.RNN(3, 4).eval()
+    module.nonlinearity = "relu"
+    x = np.random.default_rng(1).standard_normal((6, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x))[0].numpy()
+    converted = fastrnn.from_torch(module)
+    assert converted.nonlinearity == "tanh"
+    np.testing.assert_allclose(converted(x)[0], expected, rtol=0, atol=1e-6)
+
+
+def test_to_torch_gives_an_eval_module_and_its_refusals_point_where_export_works():
+    """The module comes in eval mode (its stacked dropout off, as fastrnn's
+    call), so it gives the layer's numbers; a refusal suggests to_onnx only
+    where to_onnx takes the layer (not for cells, zoneout or proj_size).
+    from_torch's refusal of a torch option says from_torch."""
+    layer = fastrnn.LSTM(3, 4, num_layers=2, dropout=0.5, seed=0)
+    module = fastrnn.to_torch(layer)
+    assert not module.training
+    x = np.random.default_rng(2).standard_normal((5, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(layer(x)[0], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"peepholes=True; PyTorch has no such option "
+                                         r"\(export it with to_onnx instead\)"):
+        fastrnn.to_torch(fastrnn.LSTM(3, 4, peepholes=True))
+    for layer in (fastrnn.LSTMCell(3, 4, peepholes=True),
+                  fastrnn.GRUCell(3, 4, reset_after=False),
+                  fastrnn.GRU(3, 4, zoneout=0.1)):
+        with pytest.raises(ValueError, match="to_torch") as info:
+            fastrnn.to_torch(layer)
+        assert "to_onnx" not in str(info.value)
+    with pytest.raises(ValueError, match=r"from_torch: GRU does not convert: .*dropout"):
+        fastrnn.from_torch(torch.nn.GRU(3, 4, num_layers=2, dropout=1.0))
+
+
 def test_a_packed_sequence_is_refused_with_what_to_pass_instead():
     # (numpy's "inhomogeneous shape" TypeError named no way out)
     x = torch.randn(5, 2, 3)
