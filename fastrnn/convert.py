@@ -355,6 +355,7 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional, "
                         f"Sequential or functional Model, got {type(layer).__module__}.{kind} "
                         f"(not a Keras object){hint}")
+    dtype = check_dtype("from_keras", dtype)   # named here, not by the layer built from it
     if kind == "Sequential":
         return _keras_model(layer.layers, dtype)
     if kind == "Functional":

@@ -66,6 +66,12 @@ def test_from_keras_refuses_what_it_cannot_represent():
                                         "Bidirectional, Sequential or functional Model, got "
                                         "Dense"):
         fastrnn.from_keras(keras.layers.Dense(3))
+    # a bad dtype names from_keras's argument (it named the layer built from it)
+    layer = keras_layer("GRU")
+    layer(x)
+    with pytest.raises(ValueError, match="from_keras: dtype must be 'float32' or 'float64', got "
+                                         "'float16'"):
+        fastrnn.from_keras(layer, dtype="float16")
 
 
 def test_from_keras_refuses_weights_and_outputs_it_would_drop():
