@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,15 @@ def _flattened(params, owner):
         return [m for p in params for m in _flattened(p, owner)]
     raise TypeError(f"{owner}: params must be fastrnn modules, a Sequential or a list of "
                     f"them, got {type(params).__name__}")
+
+
+def _listed(params):
+    """A generator, a set or dict.values() of modules (the annotation's
+    Iterable) as a list, read once; anything else as it is (an array or
+    a string is refused by name later, not iterated)."""
+    if isinstance(params, (set, frozenset, type({}.values()), types.GeneratorType)):
+        return list(params)
+    return params
 
 
 def _quantized_in(params):
@@ -127,6 +137,7 @@ class Optimizer:
 
     def add(self, params: Module | Sequential | Iterable[Module | Sequential]) -> None:
         """Add the parameters of more modules (a module is added once)."""
+        params = _listed(params)
         modules = _modules_of(params)
         self._quantized.extend(_quantized_in(params))
         for module in modules:
@@ -266,12 +277,18 @@ class Optimizer:
             fresh = type(self)(None, **config)   # checks every hyper-parameter
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{owner}: bad config: {exc}") from None
+        missing = sorted(set(fresh.get_config()) - set(config))
+        if missing:   # (their defaults would have replaced the saved values unseen)
+            raise ValueError(f"{owner}: config lacks {missing}; a state_dict() holds every "
+                             f"hyper-parameter")
         step_count = state_dict["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) \
                 or step_count < 0:
             raise ValueError(f"{owner}: step_count must be an int >= 0, got {step_count!r}")
         states = state_dict["state"]
-        storages = [storage for module in self._modules for storage in module._params.storages]
+        # one state per trainable array, as add() keeps them (a quantized module has none)
+        storages = [storage for module in self._modules
+                    for storage, _ in zip(module._params.storages, module._trainable)]
         if not isinstance(states, (list, tuple)) or len(states) != len(storages):
             got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
             raise ValueError(f"{owner}: expected state for {len(storages)} parameter arrays, "
@@ -296,9 +313,14 @@ class Optimizer:
                                          f"got {value!r}")
                     new[name] = int(value)
                     continue
-                if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
+                if not isinstance(value, np.ndarray) or np.ma.isMaskedArray(value):
                     raise TypeError(f"{owner}: state[{i}][{name!r}] must be a numeric ndarray, "
                                     f"got {type(value).__name__}")
+                if value.dtype.kind not in "fiu":
+                    raise TypeError(f"{owner}: state[{i}][{name!r}] must be a numeric ndarray, "
+                                    f"got dtype {value.dtype}")
+                # a subclass (np.matrix: its * is a matrix product) as a plain array
+                value = np.asarray(value)
                 if value.shape != storage.shape:
                     raise ValueError(f"{owner}: state[{i}][{name!r}] has shape {value.shape}, "
                                      f"its parameter array {storage.shape}")
@@ -319,7 +341,7 @@ class Optimizer:
             self.schedules = old_schedules
             raise
         for key, value in vars(fresh).items():
-            if key not in ("_modules", "_state", "step_count", "schedules"):
+            if key not in ("_modules", "_state", "step_count", "schedules", "_quantized"):
                 setattr(self, key, value)
         self.step_count = int(step_count)
         for state, new in zip(self._state, new_states):
@@ -521,6 +543,8 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     """Scale all gradients together so that their global L2 norm is at most
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm, allow_inf=True)
+    error_if_nonfinite = v.check_bool("clip_grad_norm", "error_if_nonfinite", error_if_nonfinite)
+    params = _listed(params)
     _refuse_quantized(_quantized_in(params), "clip_grad_norm")
     modules = _modules_of(params, "clip_grad_norm")
     with holding(modules):   # no backprop adds while we measure and scale
@@ -539,6 +563,7 @@ def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
                     clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value, allow_inf=True)
+    params = _listed(params)
     _refuse_quantized(_quantized_in(params), "clip_grad_value")
     for module in _modules_of(params, "clip_grad_value"):
         with module._grad_lock:

@@ -290,9 +290,11 @@ class Stateful(CallLock, _Wrapper):
         ``hx`` for the fixed batch size; checked by that call), or from
         the layer's initial state if None (zeros, or the learned one; Keras'
         ``reset_state``)."""
+        pair = type(_recurrent(self)).__name__ in ("LSTM", "LSTMCell")   # its state is (h, c)
         if states is None:
             new = None
-        elif isinstance(states, (tuple, list)):   # an LSTM's part may be None (zeros)
+        elif isinstance(states, tuple) or pair and isinstance(states, list):
+            # an LSTM's part may be None (zeros); a GRU's or RNN's nested list is one array
             new = tuple(None if s is None else np.array(v.to_numpy("Stateful", "states", s))
                         for s in states)
         else:

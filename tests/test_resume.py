@@ -299,6 +299,65 @@ def test_optimizer_load_state_dict_errors():
     assert fresh.lr == 0.5
 
 
+
+
+def test_optimizer_state_is_loaded_whole_as_plain_arrays_or_refused():
+    """A config without some hyper-parameters is refused (their defaults
+    replaced the saved values unseen); an np.matrix moment becomes a plain
+    array (its * is a matrix product: centered RMSprop stepped wrongly), a
+    masked one is refused (its mask would be dropped), a bool one names its
+    dtype; an optimizer over a quantized layer loads its own (empty) state
+    and still refuses to step."""
+    lin = fastrnn.Linear(3, 3, dtype="float64", seed=0)
+    opt = optim.RMSprop(lin, lr=0.1, centered=True)
+    rng = np.random.default_rng(0)
+    lin._trainable[0][...] = rng.standard_normal((3, 3))
+    opt.step()
+    state = opt.state_dict()
+    config = dict(state["config"])
+    del config["lr"]
+    with pytest.raises(ValueError, match=r"RMSprop.load_state_dict: config lacks \['lr'\]"):
+        optim.RMSprop(lin).load_state_dict(dict(state, config=config))
+    slot = next(k for k, v in state["state"][0].items() if isinstance(v, np.ndarray))
+    for wrap, error, message in (
+            (np.ma.masked_array, TypeError, "must be a numeric ndarray, got MaskedArray"),
+            (lambda a: a.astype(bool), TypeError, "must be a numeric ndarray, got dtype bool")):
+        broken = dict(state, state=[dict(s) for s in state["state"]])
+        broken["state"][0][slot] = wrap(broken["state"][0][slot])
+        with pytest.raises(error, match=re.escape(f"state[0][{slot!r}] {message}")):
+            optim.RMSprop(lin).load_state_dict(broken)
+    as_matrix = dict(state, state=[{k: np.asmatrix(v) if isinstance(v, np.ndarray)
+                                    and v.ndim == 2 else v for k, v in s.items()}
+                                   for s in state["state"]])
+    assert isinstance(as_matrix["state"][0][slot], np.matrix)
+    plain, matrix = optim.RMSprop(lin, centered=True), optim.RMSprop(lin, centered=True)
+    plain.load_state_dict(state)
+    matrix.load_state_dict(as_matrix)
+    assert all(type(v) is np.ndarray for s in matrix._state for v in s.values()
+               if isinstance(v, np.ndarray))
+    weights = []
+    for o in (plain, matrix):
+        lin.load_state_dict({k: np.ones_like(v) for k, v in lin.state_dict().items()})
+        o.step()
+        weights.append(lin.state_dict())
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    quantized = fastrnn.quantize(fastrnn.LSTM(3, 4, seed=0))
+    opt = optim.Adam(quantized)
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(TypeError, match="not available on a quantized"):
+        opt.step()
+
+
+def test_optimizers_and_clipping_take_any_iterable_of_modules_and_check_their_flags():
+    a, b = fastrnn.Linear(2, 2, seed=0), fastrnn.Linear(2, 2, seed=1)
+    for params in ((m for m in (a, b)), {"a": a, "b": b}.values(), {a, b}):
+        assert len(optim.Adam(params)._modules) == 2
+    assert optim.clip_grad_norm((m for m in (a, b)), 1.0) == 0.0
+    optim.clip_grad_value({a, b}, 1.0)
+    with pytest.raises(TypeError, match="clip_grad_norm: error_if_nonfinite must be a bool, got "
+                                        "str"):
+        optim.clip_grad_norm([a], 1.0, error_if_nonfinite="no")
 @pytest.mark.parametrize("cls,kwargs", [(optim.Adam, {}), (optim.Adam, {"amsgrad": True}),
                                         (optim.RMSprop, {"centered": True})])
 def test_moments_that_overflowed_save_load_and_go_on_as_before(cls, kwargs, tmp_path):
