@@ -533,17 +533,21 @@ static inline void fastrnn_mk_transpose(const float* src, ptrdiff_t ld, ptrdiff_
 }
 
 /* A group's column offsets in a C row laid out [gate][ld_gate] (gate g of
- * unit u at g * ld_gate + u) and its lane masks. */
+ * unit u at g * ld_gate + u - unit0: C may start at unit unit0) and its lane
+ * masks. The offsets come out final here: adjusted by a second pass, which
+ * GCC vectorised, a 16-byte load read back two 8-byte stores just made and
+ * waited for them at every group (no store forwarding; 30% of the unit
+ * split's own time at batch 1). */
 static inline void fastrnn_mk_group_columns(ptrdiff_t q, ptrdiff_t units, int gates, int ub,
-                                            ptrdiff_t ld_gate, ptrdiff_t* coff,
-                                            fastrnn_mask* mask) {
+                                            ptrdiff_t ld_gate, ptrdiff_t unit0,
+                                            ptrdiff_t* coff, fastrnn_mask* mask) {
     for (int b = 0; b < ub; b++) {
         ptrdiff_t u0 = (q * ub + b) * FASTRNN_MK_LANES;
         ptrdiff_t left = units - u0;
         fastrnn_mask m = left >= FASTRNN_MK_LANES ? FASTRNN_MK_FULL
                        : left > 0 ? (fastrnn_mask)((1u << left) - 1u) : 0u;
         for (int g = 0; g < gates; g++) {
-            coff[b * gates + g] = g * ld_gate + (left > 0 ? u0 : 0);
+            coff[b * gates + g] = g * ld_gate + (left > 0 ? u0 : 0) - unit0;
             mask[b * gates + g] = m;
         }
     }

@@ -21,7 +21,7 @@ cdef extern from "_microkernel.h":
     void fastrnn_mk_pack(const float* src, Py_ssize_t s_k, Py_ssize_t s_n, Py_ssize_t K,
                          Py_ssize_t units, int gates, int ub, float* out) noexcept nogil
     void fastrnn_mk_group_columns(Py_ssize_t q, Py_ssize_t units, int gates, int ub,
-                                  Py_ssize_t ld_gate, Py_ssize_t* coff,
+                                  Py_ssize_t ld_gate, Py_ssize_t unit0, Py_ssize_t* coff,
                                   fastrnn_mask* mask) noexcept nogil
     void fastrnn_mk_transpose(const float* src, Py_ssize_t ld, Py_ssize_t rows,
                               Py_ssize_t cols, float* dst, float* sums,
@@ -113,7 +113,7 @@ cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t 
     row of C."""
     cdef Py_ssize_t coff[4]
     cdef fastrnn_mask mask[4]
-    cdef Py_ssize_t q, v
+    cdef Py_ssize_t q
     cdef Py_ssize_t panel_size = p.group_stride
     # panels too big to stay in L2 together: each group's tiles fetch the
     # next group's panel (the last group's, the first's: a recurrent step
@@ -124,9 +124,7 @@ cdef inline void packed_product_groups(Py_ssize_t M, const float* a, Py_ssize_t 
     cdef Py_ssize_t lines = panel_bytes // 64 if stream else 0
     cdef const float* next_panel
     for q in range(q_lo, q_hi):
-        fastrnn_mk_group_columns(q, p.units, p.gates, p.ub, ld_gate, coff, mask)
-        for v in range(p.nv):
-            coff[v] -= unit0
+        fastrnn_mk_group_columns(q, p.units, p.gates, p.ub, ld_gate, unit0, coff, mask)
         next_panel = p.panels + (q + 1 if q + 1 < q_hi else q_lo) * panel_size
         fastrnn_mk_rows_of_group(M, p.nv, p.K, a, a_rs, a_cs, p.panels + q * panel_size,
                                  c, ldc, coff, mask, init, init_row,
