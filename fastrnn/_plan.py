@@ -14,7 +14,9 @@ without building a plan). A :class:`Plan` says
 - ``units``: at batch 1 (or a few rows over a large float32 W_hh:
   UNIT_SPLIT_MAX_ROWS), the hidden-unit bounds [0, b_1, ..., H] of the
   threads (up to one part each) that meet at a barrier after every step
-  (``_forward.recur_units``, in inference and the training forward;
+  (a float32 forward at batch 1: each part waits for another only before
+  reading its units of h; ``_forward.recur_units``, in inference and the
+  training forward;
   ``_backward.backward_units`` in float32 BPTT, the bounds on W_hh's column
   groups there), or None;
 - ``hold_blas``: whether scipy's BLAS must be held at one thread (float64
