@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -51,16 +50,25 @@ def _flattened(params, owner):
         return [params]
     if isinstance(params, (list, tuple)):
         return [m for p in params for m in _flattened(p, owner)]
-    raise TypeError(f"{owner}: params must be fastrnn modules, a Sequential or a list of "
-                    f"them, got {type(params).__name__}")
+    raise TypeError(f"{owner}: params must be fastrnn modules, a Sequential or a list (or "
+                    f"another iterable) of them, got {type(params).__name__}")
 
 
-def _listed(params):
-    """A generator, a set or dict.values() of modules (the annotation's
-    Iterable) as a list, read once; anything else as it is (an array or
-    a string is refused by name later, not iterated)."""
-    if isinstance(params, (set, frozenset, type({}.values()), types.GeneratorType)):
-        return list(params)
+def _listed(params, owner, ordered=False):
+    """params with every iterable of modules in it (a generator, map,
+    dict.values(), ...: the annotation's Iterable) made a list, read once;
+    a module, a Sequential, an array or a string as it is (the last two are
+    refused by name later, not iterated). ``ordered``: refuse a set, whose
+    order changes from run to run (an optimizer's state is kept in the
+    order of its parameters, as PyTorch refuses sets for)."""
+    if params is None or hasattr(params, "_trainable") or hasattr(
+            params, "_modules_with_parameters") or isinstance(params, (str, bytes, np.ndarray)):
+        return params
+    if ordered and isinstance(params, (set, frozenset)):
+        raise TypeError(f"{owner}: params must be in a fixed order (a list or tuple), got a "
+                        f"{type(params).__name__}, whose order changes from run to run")
+    if isinstance(params, Iterable):
+        return [_listed(p, owner, ordered) for p in params]
     return params
 
 
@@ -137,8 +145,8 @@ class Optimizer:
 
     def add(self, params: Module | Sequential | Iterable[Module | Sequential]) -> None:
         """Add the parameters of more modules (a module is added once)."""
-        params = _listed(params)
-        modules = _modules_of(params)
+        params = _listed(params, type(self).__name__, ordered=True)
+        modules = _modules_of(params, type(self).__name__)
         self._quantized.extend(_quantized_in(params))
         for module in modules:
             if any(module is m for m in self._modules):
@@ -172,8 +180,12 @@ class Optimizer:
         whole model's optimizer, trained alone, moved the layers before it
         by their stale gradients at every step)."""
         _refuse_quantized(self._quantized, "an optimizer's step")
-        stepped = [m for m in self._modules if any(m is s for s in modules)]
-        with changing_together(stepped):
+        stepped = {id(m) for m in modules}
+        # every module's lock, those not stepped too: the state list is
+        # replaced whole, so two models' steps on one optimizer take turns
+        # (under their own locks only, each wrote back its stale copy of the
+        # other's moments)
+        with changing_together(self._modules):
             # the moments updated in copies, kept with the parameters: a step
             # interrupted (Ctrl-C) or failed before its end changes none of
             # them, nor the step count
@@ -183,7 +195,7 @@ class Optimizer:
             for module in self._modules:
                 grads = module._trainable
                 module_states = [next(states) for _ in grads]
-                if not grads or not any(module is s for s in stepped):
+                if not grads or id(module) not in stepped:
                     continue
 
                 def update(storages):
@@ -544,7 +556,7 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm, allow_inf=True)
     error_if_nonfinite = v.check_bool("clip_grad_norm", "error_if_nonfinite", error_if_nonfinite)
-    params = _listed(params)
+    params = _listed(params, "clip_grad_norm")
     _refuse_quantized(_quantized_in(params), "clip_grad_norm")
     modules = _modules_of(params, "clip_grad_norm")
     with holding(modules):   # no backprop adds while we measure and scale
@@ -563,7 +575,7 @@ def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],
                     clip_value: float) -> None:
     """Clamp every gradient element into [-clip_value, clip_value]."""
     clip_value = _check_number("clip_grad_value", "clip_value", clip_value, allow_inf=True)
-    params = _listed(params)
+    params = _listed(params, "clip_grad_value")
     _refuse_quantized(_quantized_in(params), "clip_grad_value")
     for module in _modules_of(params, "clip_grad_value"):
         with module._grad_lock:

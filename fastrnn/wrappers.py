@@ -290,7 +290,7 @@ class Stateful(CallLock, _Wrapper):
         ``hx`` for the fixed batch size; checked by that call), or from
         the layer's initial state if None (zeros, or the learned one; Keras'
         ``reset_state``)."""
-        pair = type(_recurrent(self)).__name__ in ("LSTM", "LSTMCell")   # its state is (h, c)
+        pair = _recurrent(self)._has_cell_state   # its state is (h, c)
         if states is None:
             new = None
         elif isinstance(states, tuple) or pair and isinstance(states, list):

@@ -299,8 +299,6 @@ def test_optimizer_load_state_dict_errors():
     assert fresh.lr == 0.5
 
 
-
-
 def test_optimizer_state_is_loaded_whole_as_plain_arrays_or_refused():
     """A config without some hyper-parameters is refused (their defaults
     replaced the saved values unseen); an np.matrix moment becomes a plain
@@ -350,14 +348,26 @@ def test_optimizer_state_is_loaded_whole_as_plain_arrays_or_refused():
 
 
 def test_optimizers_and_clipping_take_any_iterable_of_modules_and_check_their_flags():
+    """An iterable of modules (the annotation's) is taken in its order, a
+    set refused by optimizers (its order changes from run to run, and the
+    state is kept in order), taken by clipping (where order is moot)."""
+    import itertools
     a, b = fastrnn.Linear(2, 2, seed=0), fastrnn.Linear(2, 2, seed=1)
-    for params in ((m for m in (a, b)), {"a": a, "b": b}.values(), {a, b}):
-        assert len(optim.Adam(params)._modules) == 2
+    for params in ((m for m in (a, b)), {"a": a, "b": b}.values(), map(lambda m: m, [a, b]),
+                   itertools.chain([a], [b]), [a, (m for m in [b])]):
+        opt = optim.Adam(params)
+        assert len(opt._modules) == 2 and opt._modules[0] is a
+    with pytest.raises(TypeError, match="Adam: params must be in a fixed order .* got a set"):
+        optim.Adam({a, b})
+    with pytest.raises(TypeError, match="SGD: params must be fastrnn modules, .* got int"):
+        optim.SGD([a, 3])
     assert optim.clip_grad_norm((m for m in (a, b)), 1.0) == 0.0
     optim.clip_grad_value({a, b}, 1.0)
     with pytest.raises(TypeError, match="clip_grad_norm: error_if_nonfinite must be a bool, got "
                                         "str"):
         optim.clip_grad_norm([a], 1.0, error_if_nonfinite="no")
+
+
 @pytest.mark.parametrize("cls,kwargs", [(optim.Adam, {}), (optim.Adam, {"amsgrad": True}),
                                         (optim.RMSprop, {"centered": True})])
 def test_moments_that_overflowed_save_load_and_go_on_as_before(cls, kwargs, tmp_path):

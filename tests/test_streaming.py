@@ -233,18 +233,27 @@ def test_an_lstm_state_with_a_part_left_out_streams_from_zeros():
     np.testing.assert_array_equal(stream(x), want)
 
 
-@pytest.mark.parametrize("kind", ["GRU", "RNN", "LSTM"])
-def test_a_stateful_state_given_as_nested_lists_is_its_array(kind):
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "LSTM", "MyLSTM"])
+def test_a_stateful_state_given_as_nested_lists_is_its_array(kind, quantized):
     """A GRU's or RNN's state is one array: reset_state(h.tolist()) is that
     array (it became a tuple of per-layer arrays, and the next call failed
-    on "a tuple" the user never passed); an LSTM's list is its (h, c)."""
+    on "a tuple" the user never passed); an LSTM's list (a subclass's, a
+    quantized one's) is its (h, c)."""
+    class MyLSTM(fastrnn.LSTM):
+        pass
+
+    def make():
+        layer = (MyLSTM if kind == "MyLSTM" else getattr(fastrnn, kind))(3, 4, seed=0)
+        return fastrnn.quantize(layer) if quantized and kind != "MyLSTM" else layer
+
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
     h = rng.standard_normal((1, 2, 4)).astype(np.float32)
-    state = (h, h * 0.5) if kind == "LSTM" else h
-    want = getattr(fastrnn, kind)(3, 4, seed=0)(x, state)[0]
-    stateful = fastrnn.Stateful(getattr(fastrnn, kind)(3, 4, seed=0))
-    stateful.reset_state([h.tolist(), (h * 0.5).tolist()] if kind == "LSTM" else h.tolist())
+    pair = kind.endswith("LSTM")
+    want = make()(x, (h, h * 0.5) if pair else h)[0]
+    stateful = fastrnn.Stateful(make())
+    stateful.reset_state([h.tolist(), (h * 0.5).tolist()] if pair else h.tolist())
     np.testing.assert_array_equal(stateful(x)[0], want)
 
 

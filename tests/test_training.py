@@ -495,7 +495,7 @@ def test_optimizer_constructor_errors():
         optim.Adam([lin], eps=-1e-8)
     with pytest.raises(ValueError, match="RMSprop: alpha must lie in"):
         optim.RMSprop([lin], alpha=-0.5)
-    with pytest.raises(TypeError, match="optimizer: params must be fastrnn modules"):
+    with pytest.raises(TypeError, match="SGD: params must be fastrnn modules"):
         optim.SGD([np.zeros(3)])
     with pytest.raises(ValueError, match="optimizer must be a fastrnn optimizer"):
         fastrnn.Sequential([lin]).compile(optimizer="lbfgs")
