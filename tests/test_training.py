@@ -622,6 +622,39 @@ def test_a_model_compiled_with_a_wider_optimizer_steps_only_its_own_layers(make_
     assert not _same_state_dicts(full[0].state_dict(), gru_weights)
 
 
+def test_two_models_stepping_one_optimizer_in_two_threads_keep_every_moment():
+    """Each model's step updates its own layers under every module's lock:
+    the optimizer's state is replaced whole, so under its own layers' locks
+    alone each step wrote back its stale copy of the other model's moments
+    (Adam's per-array step counts came out 178 and 28 of 200)."""
+    import sys
+    import threading
+    models = [fastrnn.Sequential([fastrnn.Linear(300, 300, seed=k)]) for k in range(2)]
+    opt = optim.Adam(models, lr=1e-3)
+    for model in models:
+        model.compile(loss="mse", optimizer=opt)
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((8, 300)).astype(np.float32) for _ in range(2))
+    steps = 100
+
+    def run(model):
+        for _ in range(steps):
+            model.train_step(x, y)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)   # the threads interleave often
+    try:
+        threads = [threading.Thread(target=run, args=(m,)) for m in models]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert opt.step_count == 2 * steps
+    assert [state["step"] for state in opt._state] == [steps] * 4
+
+
 def _same_state_dicts(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
