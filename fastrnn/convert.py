@@ -69,16 +69,21 @@ def _dtype_name(torch, dtype, what):
     return names[dtype]
 
 
-def _refuse_torch_hooks(module):
-    """A forward hook or pre-hook changes what the module computes (its
+def _refuse_torch_hooks(torch, module):
+    """A forward hook or pre-hook, the module's or every module's
+    (register_module_forward_hook), changes what the module computes (its
     output, its input) where fastrnn cannot see it: refused by name, never
-    dropped. (Backward and state-dict hooks change no output.)"""
+    dropped. (Backward hooks change no output; state-dict hooks are passed
+    by: the weights are read from the parameters.)"""
+    everyone = torch.nn.modules.module
     for attr, what in (("_forward_pre_hooks", "forward pre-hook"),
                        ("_forward_hooks", "forward hook")):
-        hooks = getattr(module, attr, None)
+        hooks, whose = getattr(module, attr, None), type(module).__name__
+        if not hooks:
+            hooks, whose = getattr(everyone, "_global" + attr, None), "every module (global)"
         if hooks:
             hook = next(iter(hooks.values()))
-            raise ValueError(f"from_torch: {type(module).__name__} has a {what} "
+            raise ValueError(f"from_torch: {whose} has a {what} "
                              f"({getattr(hook, '__qualname__', type(hook).__name__)}), which "
                              f"changes what it computes and does not convert; remove it "
                              f"(the handle's remove()) and apply it to the converted layer's "
@@ -105,10 +110,9 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
         ``fastrnn.quantized.from_torch_dynamic`` for what differs.
     """
     torch = _torch()
-    name = type(module).__name__
     from fastrnn import quantized
     if isinstance(module, torch.nn.Module):
-        _refuse_torch_hooks(module)
+        _refuse_torch_hooks(torch, module)
     if isinstance(module, torch.nn.Module) and quantized.is_torch_dynamic(module):
         return quantized.from_torch_dynamic(module)   # quantize_dynamic's int8 modules
     # the torch.nn class it is (or derives from; torch.ao.nn's quantizable
@@ -119,10 +123,13 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
         raise TypeError(f"from_torch: expected a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or "
                         f"LSTMCell, got {_qualified(module)}")
     name = base.__name__
-    if type(module).forward is not base.forward:
-        raise TypeError(f"from_torch: {_qualified(module)} overrides torch.nn.{name}.forward; "
-                        f"only torch's own computation converts (its weights can: build a "
-                        f"torch.nn.{name} and load its state_dict)")
+    # what a call runs: a subclass that redefines any of it computes its own way
+    for method in ("__call__", "_call_impl", "forward", "permute_hidden", "check_forward_args",
+                   "check_input", "check_hidden_size", "get_expected_hidden_size"):
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            raise TypeError(f"from_torch: {_qualified(module)} overrides torch.nn.{name}."
+                            f"{method}; only torch's own computation converts (its weights "
+                            f"can: build a torch.nn.{name} and load its state_dict)")
     dtypes = {p.dtype for p in module.parameters()}
     if len(dtypes) > 1:
         kinds = ", ".join(f"{n} {p.dtype}" for n, p in module.named_parameters())
@@ -148,7 +155,17 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
         result = {**_LAYERS, **_CELLS}[name](module.input_size, module.hidden_size, **kwargs)
     except (TypeError, ValueError) as exc:   # e.g. dropout=1.0, which torch takes
         raise type(exc)(f"from_torch: {name} does not convert: {exc}") from None
-    result.load_state_dict(module.state_dict())
+    # the parameters themselves, not state_dict(), which a state-dict hook may change
+    params = dict(module.named_parameters())
+    expected = set(result.state_dict())
+    if set(params) != expected:
+        extra, missing = sorted(set(params) - expected), sorted(expected - set(params))
+        raise ValueError(f"from_torch: {name} holds the parameters {extra} in place of "
+                         f"{missing} (a parametrization, weight_norm or pruning: remove it "
+                         f"first, e.g. torch.nn.utils.parametrize.remove_parametrizations)"
+                         if missing else f"from_torch: {name} holds parameters torch.nn."
+                         f"{name} has not: {extra}")
+    result.load_state_dict({key: value.detach() for key, value in params.items()})
     return result
 
 

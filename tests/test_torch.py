@@ -309,6 +309,57 @@ def test_from_torch_refuses_what_changes_the_computation_out_of_sight():
         fastrnn.from_torch(mixed)
 
 
+def test_from_torch_reads_the_parameters_and_refuses_what_else_a_call_runs():
+    """The weights come from the parameters (a state-dict hook that changed
+    them went through: 0.43 from torch's outputs); a parametrization or an
+    extra parameter is refused by from_torch, a subclass redefining what a
+    call runs (__call__, permute_hidden) or a global forward hook too."""
+    module = torch.nn.LSTM(3, 4).eval()
+
+    def zeroed(mod, state, prefix, local_metadata):
+        for key in state:
+            state[key] = torch.zeros_like(state[key])
+
+    module._register_state_dict_hook(zeroed)
+    x = np.random.default_rng(3).standard_normal((5, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(fastrnn.from_torch(module)(x)[0], expected, rtol=0, atol=1e-6)
+
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    module = torch.nn.LSTM(3, 4)
+    parametrize.register_parametrization(module, "weight_hh_l0", Double())
+    with pytest.raises(ValueError, match=r"from_torch: LSTM holds the parameters "
+                                         r"\['parametrizations.weight_hh_l0.original'\] in place "
+                                         r"of \['weight_hh_l0'\]"):
+        fastrnn.from_torch(module)
+
+    class Extra(torch.nn.GRU):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    with pytest.raises(ValueError, match=r"from_torch: GRU holds parameters torch.nn.GRU has "
+                                         r"not: \['scale'\]"):
+        fastrnn.from_torch(Extra(3, 4))
+    for method in ("__call__", "permute_hidden"):
+        sub = type("Sub", (torch.nn.LSTM,), {method: lambda self, *a, **k: None})
+        with pytest.raises(TypeError, match=rf"overrides torch\.nn\.LSTM\.{method}"):
+            fastrnn.from_torch(sub(3, 4))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        with pytest.raises(ValueError, match=r"from_torch: every module \(global\) has a forward "
+                                             r"hook"):
+            fastrnn.from_torch(torch.nn.GRU(3, 4))
+    finally:
+        handle.remove()
+
+
 def test_from_torch_reads_the_rnn_mode_its_forward_uses():
     """nn.RNN's forward computes by ``mode``, fixed at construction;
     ``nonlinearity`` set afterwards changes nothing there (a relu RNN came
