@@ -155,7 +155,9 @@ def check_zoneout(owner, zoneout, is_lstm):
         rates.append(float(rate))
     if not pair:
         rates = [rates[0], rates[0] if is_lstm else 0.0]
-    value = rates if pair else rates[0]
+    # a pair of equal rates is the one rate (a scalar sets both): (0, 0) is
+    # no zoneout, which to_torch and to_onnx then take
+    value = rates if pair and rates[0] != rates[1] else rates[0]
     return value, (tuple(rates) if any(rates) else None)
 
 

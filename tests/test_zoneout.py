@@ -168,6 +168,21 @@ def test_exports_refuse_zoneout():
         fastrnn.to_torch(layer)
 
 
+def test_a_pair_of_equal_rates_is_the_rate():
+    """zoneout=(p, p) is zoneout=p: (0, 0) is no zoneout, which the exports
+    take (it was kept as [0.0, 0.0] and refused as an option in effect)."""
+    assert repr(fastrnn.LSTM(3, 4, zoneout=(0.0, 0.0))) == repr(fastrnn.LSTM(3, 4))
+    assert fastrnn.LSTM(3, 4, zoneout=(0.2, 0.2)).zoneout == 0.2
+    assert fastrnn.LSTM(3, 4, zoneout=(0.2, 0.1)).zoneout == [0.2, 0.1]
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(fastrnn.LSTM(3, 4, zoneout=(0.3, 0.3), seed=0)(x)[0],
+                                  fastrnn.LSTM(3, 4, zoneout=0.3, seed=0)(x)[0])
+    pytest.importorskip("onnx")
+    fastrnn.to_onnx(fastrnn.LSTM(3, 4, zoneout=(0.0, 0.0)))
+    pytest.importorskip("torch")
+    fastrnn.to_torch(fastrnn.LSTM(3, 4, zoneout=(0.0, 0.0)))
+
+
 def test_stream_runs_zoneout_as_the_layer():
     layer = fastrnn.LSTM(4, 3, seed=11, zoneout=(0.3, 0.2), dtype="float64")
     x = np.random.default_rng(12).standard_normal((8, 4))
