@@ -12,7 +12,8 @@ cdef int run_team(job_fn fn, void* arg, int nparts, long long wait_ns,
 
 # the parts of a team job (run_team) that meet after every step: each part's
 # step count in its own slot of SYNC_SLOT long longs (128 bytes, never a
-# shared cache line); step_barrier publishes one and waits for the others.
+# shared cache line); step_barrier publishes one and waits for the others
+# (wait_for_part: one other; team_publish: publish only).
 # TEAM_SYNC: the long longs of a team's slots (the most parts' and
 # team_barrier's stop_at), which a caller aligns to 128 bytes.
 cdef enum:
