@@ -1,13 +1,13 @@
 """Regression tests of the hardening work: byte order on the fast paths,
 consistent parameters under concurrent updates, streams mixing frames and
 chunks, fork safety of the library's locks, interruptible long calls."""
-import sys
 
 import numpy as np
 import pytest
 
 import fastrnn
 from fastrnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from interleave import run_interleaved
 
 
 def swapped(a):
@@ -588,7 +588,6 @@ def test_threads_feeding_one_stream_lose_no_step(kind):
     each: input, forget and output gates shut open, g = 0.5), fed the same
     frame each time, so the order of the threads' calls does not matter:
     the end state is the serial one."""
-    import threading
     layer = LSTM(3, 4, batch_first=True, seed=0)
     weights = {k: np.zeros_like(a) for k, a in layer.state_dict().items()}
     weights["bias_ih_l0"] = np.repeat(np.float32([20, 20, np.arctanh(0.5), 20]), 4)
@@ -610,17 +609,7 @@ def test_threads_feeding_one_stream_lose_no_step(kind):
     for _ in range(2 * per_thread):
         feed(serial)
     shared = make()
-    threads = [threading.Thread(target=lambda: [feed(shared) for _ in range(per_thread)])
-               for _ in range(2)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)   # the threads' calls interleave (a call takes microseconds)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_interleaved([lambda: [feed(shared) for _ in range(per_thread)]] * 2)
     c = flat(state(serial))[1]
     np.testing.assert_allclose(c, 0.5 * 2 * per_thread, rtol=1e-3)   # it counts
     for got, want in zip(flat(state(shared)), flat(state(serial))):

@@ -15,6 +15,7 @@ import pytest
 
 import fastrnn
 from fastrnn import optim
+from interleave import run_interleaved
 from reference import numeric_grad
 
 try:
@@ -627,8 +628,6 @@ def test_two_models_stepping_one_optimizer_in_two_threads_keep_every_moment():
     the optimizer's state is replaced whole, so under its own layers' locks
     alone each step wrote back its stale copy of the other model's moments
     (Adam's per-array step counts came out 178 and 28 of 200)."""
-    import sys
-    import threading
     models = [fastrnn.Sequential([fastrnn.Linear(300, 300, seed=k)]) for k in range(2)]
     opt = optim.Adam(models, lr=1e-3)
     for model in models:
@@ -641,16 +640,7 @@ def test_two_models_stepping_one_optimizer_in_two_threads_keep_every_moment():
         for _ in range(steps):
             model.train_step(x, y)
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)   # the threads interleave often
-    try:
-        threads = [threading.Thread(target=run, args=(m,)) for m in models]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(switch)
+    run_interleaved([lambda m=m: run(m) for m in models])
     assert opt.step_count == 2 * steps
     assert [state["step"] for state in opt._state] == [steps] * 4
 
