@@ -36,6 +36,7 @@ from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  
 from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import Embedding, LastStep, Linear, MergeDirections
+from fastrnn import optim as optim_module
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
 from fastrnn.wrappers import Stateful, _recurrent
 
@@ -587,7 +588,10 @@ class Sequential:
             clip_grad_norm(self, self.clip_grad_norm)
         if self.clip_grad_value is not None:
             clip_grad_value(self, self.clip_grad_value)
-        self.optimizer._step(self._modules_with_parameters())
+        if type(self.optimizer).step is optim_module.Optimizer.step:
+            self.optimizer._step(self._modules_with_parameters())
+        else:   # a subclass's own step, called as it is
+            self.optimizer.step()
         return value, total, count, out, batch
 
     # --- metrics ------------------------------------------------------------

@@ -623,6 +623,23 @@ def test_a_model_compiled_with_a_wider_optimizer_steps_only_its_own_layers(make_
     assert not _same_state_dicts(full[0].state_dict(), gru_weights)
 
 
+def test_an_optimizer_subclass_with_its_own_step_is_called_by_the_train_step():
+    class Counting(optim.SGD):
+        calls = 0
+
+        def step(self):
+            Counting.calls += 1
+            super().step()
+
+    model = fastrnn.Sequential([fastrnn.Linear(2, 1, seed=0)])
+    model.compile(loss="mse", optimizer=Counting(lr=0.1))
+    rng = np.random.default_rng(0)
+    before = model.state_dict()
+    model.train_step(rng.standard_normal((4, 2)), rng.standard_normal((4, 1)))
+    assert Counting.calls == 1
+    assert not _same_state_dicts(model.state_dict(), before)
+
+
 def test_two_models_stepping_one_optimizer_in_two_threads_keep_every_moment():
     """Each model's step updates its own layers under every module's lock:
     the optimizer's state is replaced whole, so under its own layers' locks
