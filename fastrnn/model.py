@@ -26,6 +26,7 @@ from fastrnn import _saving
 from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
+from fastrnn import optim as optim_module
 from fastrnn._engine import _training_buffers, input_grads
 from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
                              holding, on_one_set, restoring_copy)
@@ -36,7 +37,6 @@ from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  
 from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import Embedding, LastStep, Linear, MergeDirections
-from fastrnn import optim as optim_module
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
 from fastrnn.wrappers import Stateful, _recurrent
 

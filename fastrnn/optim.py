@@ -57,12 +57,13 @@ def _flattened(params, owner):
 def _listed(params, owner, ordered=False):
     """params with every iterable of modules in it (a generator, map,
     dict.values(), ...: the annotation's Iterable) made a list, read once;
-    a module, a Sequential, an array or a string as it is (the last two are
-    refused by name later, not iterated). ``ordered``: refuse a set, whose
-    order changes from run to run (an optimizer's state is kept in the
-    order of its parameters, as PyTorch refuses sets for)."""
+    a module, a Sequential, an array (a tensor) or a string as it is (the
+    last two are refused by name later, not iterated). ``ordered``: refuse a
+    set, whose order changes from run to run (an optimizer's state is kept
+    in the order of its parameters, as PyTorch refuses sets for)."""
     if params is None or hasattr(params, "_trainable") or hasattr(
-            params, "_modules_with_parameters") or isinstance(params, (str, bytes, np.ndarray)):
+            params, "_modules_with_parameters") or hasattr(params, "__array__") or isinstance(
+            params, (str, bytes)):
         return params
     if ordered and isinstance(params, (set, frozenset)):
         raise TypeError(f"{owner}: params must be in a fixed order (a list or tuple), got a "
