@@ -209,7 +209,7 @@ class CategoricalAccuracy(Metric):
 
     def _values(self, y_true, y_pred):
         _check_same_shape("CategoricalAccuracy", y_true, y_pred)
-        return y_true.argmax(axis=-1) == y_pred.argmax(axis=-1)
+        return _argmax_hits(y_true.argmax(axis=-1), y_pred)
 
 
 class SparseCategoricalAccuracy(Metric):
@@ -225,7 +225,16 @@ class SparseCategoricalAccuracy(Metric):
 
     def _values(self, y_true, y_pred):
         y_true = _sparse_labels("SparseCategoricalAccuracy", y_true, y_pred)
-        return y_true == y_pred.argmax(axis=-1)
+        return _argmax_hits(y_true, y_pred)
+
+
+def _argmax_hits(labels, y_pred):
+    """Whether the largest score is the target class's. A row holding a NaN
+    is a miss, as in the top-k metrics: NumPy's argmax takes a NaN for the
+    largest, so a diverged model's NaN outputs scored hits where the NaN
+    fell on the target (Keras' argmax skips NaNs instead: no rule a NaN
+    output should pass by)."""
+    return (labels == y_pred.argmax(axis=-1)) & ~np.isnan(y_pred).any(axis=-1)
 
 
 def _in_top_k(owner, labels, y_pred, k):

@@ -109,6 +109,25 @@ def test_top_k_counts_a_row_with_a_non_finite_score_as_a_miss(sparse):
     assert ours.result() == pytest.approx(float(theirs.result()))
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_accuracy_counts_a_row_with_a_nan_as_a_miss(sparse):
+    """NumPy's argmax takes a NaN for the largest score: a diverged model's
+    NaN outputs scored hits where the NaN fell on the target (all-NaN rows
+    on class 0). A row holding a NaN is a miss, as in the top-k metrics;
+    inf is a score like any other."""
+    nan, inf = np.nan, np.inf
+    y_pred = np.array([[nan, nan, nan], [0.1, nan, 0.2], [nan, 0.5, 0.1], [inf, 0.0, 0.1],
+                       [0.3, 0.1, 0.2], [0.1, 0.2, 0.3]], np.float32)
+    labels = np.array([0, 1, 0, 0, 0, 1])
+    want = np.array([0, 0, 0, 1, 1, 0], np.float32)
+    if sparse:
+        ours, y_true = metrics.SparseCategoricalAccuracy(), labels
+    else:
+        ours, y_true = metrics.CategoricalAccuracy(), np.eye(3, dtype=np.float32)[labels]
+    ours.update_state(y_true, y_pred)
+    assert ours.result() == pytest.approx(want.mean())
+
+
 def test_sparse_targets_with_a_trailing_axis_and_binary_of_one_column():
     acc = metrics.SparseCategoricalAccuracy()
     acc.update_state(np.array([[1], [0]]), np.array([[0.1, 0.9], [0.2, 0.8]]))
