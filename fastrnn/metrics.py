@@ -190,7 +190,8 @@ class BinaryAccuracy(Metric):
     def _values(self, y_true, y_pred):
         y_true, y_pred = _same_rank(y_true, y_pred)
         _check_same_shape("BinaryAccuracy", y_true, y_pred)
-        return _mean_last(y_true == (y_pred > self.threshold))
+        # a NaN output is a miss (compared false, it counted as a hit of every 0 target)
+        return _mean_last((y_true == (y_pred > self.threshold)) & ~np.isnan(y_pred))
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "threshold": self.threshold}

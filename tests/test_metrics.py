@@ -128,6 +128,14 @@ def test_accuracy_counts_a_row_with_a_nan_as_a_miss(sparse):
     assert ours.result() == pytest.approx(want.mean())
 
 
+def test_binary_accuracy_counts_a_nan_output_as_a_miss():
+    """y_pred > threshold is False for NaN: a NaN output counted as a hit
+    of every 0 target."""
+    acc = metrics.BinaryAccuracy()
+    acc.update_state(np.array([0.0, 1.0, 0.0, 1.0]), np.array([np.nan, np.nan, 0.2, 0.7]))
+    assert acc.result() == 0.5
+
+
 def test_sparse_targets_with_a_trailing_axis_and_binary_of_one_column():
     acc = metrics.SparseCategoricalAccuracy()
     acc.update_state(np.array([[1], [0]]), np.array([[0.1, 0.9], [0.2, 0.8]]))
