@@ -960,7 +960,7 @@ cdef struct UnitJob:
     char* scratch[MAX_PARTS]     # per part: _unit_scratch
     long long* sync              # the team's slots (team_slots), then stop_at:
                                  # the barrier after which every part stops (0: none)
-    long long waits[MAX_PARTS]   # per part: ns waited at the barriers (step_barrier)
+    long long waits[MAX_PARTS]   # per part: ns waited at the barriers (team_barrier)
     int bad                      # 1: a row of x is not finite; 2: the state
     Py_ssize_t bad_c_layer       # the first layer whose c_0 is not finite (L: none),
                                  # found before the parts start (they write c in place)

@@ -12,17 +12,15 @@ cdef int run_team(job_fn fn, void* arg, int nparts, long long wait_ns,
 
 # the parts of a team job (run_team) that meet after every step: each part's
 # step count in its own slot of SYNC_SLOT long longs (128 bytes, never a
-# shared cache line); step_barrier publishes one and waits for the others
-# (wait_for_part: one other; team_publish: publish only).
+# shared cache line); team_barrier publishes one and waits for the others,
+# team_publish only publishes, wait_for_part waits for one other.
 # TEAM_SYNC: the long longs of a team's slots (the most parts' and
 # team_barrier's stop_at), which a caller aligns to 128 bytes.
 cdef enum:
     SYNC_SLOT = 16
     TEAM_SYNC = (MAX_PARTS + 1) * SYNC_SLOT
 
-cdef long long step_barrier(long long* slots, int part, int nparts,
-                            long long steps) noexcept nogil
-# the wait of step_barrier for one other part (its count at least ``steps``)
+# wait until another part's count is at least ``steps`` (ns waited)
 cdef long long wait_for_part(long long* slots, int other, long long steps) noexcept nogil
 # a team's slots in raw ((nparts + 1) * SYNC_SLOT + 16 long longs): aligned, zeroed
 cdef long long* team_slots(long long* raw, int nparts) noexcept nogil
@@ -48,7 +46,7 @@ from fastrnn._tuning cimport INTERRUPT_BLOCK_MACS
 
 cdef void interrupt_start(Interrupt* it) noexcept nogil   # a call's, before its parts run
 cdef bint interrupted(Interrupt* it, bint read_clock=*) noexcept nogil
-# step_barrier for a team job a signal may stop (slots: nparts + 1 slots, the
+# the barrier of a team job a signal may stop (slots: nparts + 1 slots, the
 # last for the barrier every part stops at): all leave after the same step
 cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
                        Interrupt* it, long long* waits) noexcept nogil

@@ -106,14 +106,12 @@ cdef long long wait_for_part(long long* slots, int other, long long steps) noexc
     return fastrnn_clock_ns() - yielded_at if yielded_at else 0
 
 
-cdef long long step_barrier(long long* slots, int part, int nparts,
-                            long long steps) noexcept nogil:
-    """Publish that ``part`` (of nparts) has done ``steps`` steps and wait
-    until every other part has too (wait_for_part). Returns the nanoseconds
-    waited."""
+cdef long long _wait_for_others(long long* slots, int part, int nparts,
+                                long long steps) noexcept nogil:
+    """Wait until every part but ``part`` (of nparts) has published ``steps``
+    steps (wait_for_part). Returns the nanoseconds waited."""
     cdef long long waited = 0
     cdef int other
-    fastrnn_store_release_ll(slots + part * SYNC_SLOT, steps)
     for other in range(nparts):
         if other != part:
             waited += wait_for_part(slots, other, steps)
@@ -241,8 +239,9 @@ cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
 
 cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
                        Interrupt* it, long long* waits) noexcept nogil:
-    """step_barrier for a team job (run_team) that a signal may stop;
-    returns whether every part stops after this barrier. slots: nparts + 1
+    """The barrier of a team job (run_team) that a signal may stop: publish
+    that ``part`` (of nparts) has done ``steps`` steps, wait until every
+    other part has too; returns whether every part stops after it. slots: nparts + 1
     slots of SYNC_SLOT, the barrier's, then stop_at (0: none). Only the
     caller's part (0) polls ``it``, and before it publishes its count names
     this barrier in stop_at: no other part can pass the barrier without
@@ -251,17 +250,15 @@ cdef bint team_barrier(long long* slots, int part, int nparts, long long steps,
     name, runs one more step and stops there with part 0, which names no
     barrier after the one it stops at. So the parts never leave at
     different steps (one would wait at its barrier for ever). waits[0]
-    adds the nanoseconds waited (step_barrier)."""
-    cdef long long* stop_at = slots + nparts * SYNC_SLOT
-    if part == 0 and interrupted(it):
-        fastrnn_store_release_ll(stop_at, steps)
-    waits[0] += step_barrier(slots, part, nparts, steps)
-    return fastrnn_load_acquire_ll(stop_at) == steps
+    adds the nanoseconds waited. (team_publish, then the wait.)"""
+    team_publish(slots, part, nparts, steps, it)
+    waits[0] += _wait_for_others(slots, part, nparts, steps)
+    return team_stops(slots, nparts, steps)
 
 
 cdef bint team_publish(long long* slots, int part, int nparts, long long steps,
                        Interrupt* it) noexcept nogil:
-    """team_barrier without the wait, for parts that each wait only for the
+    """team_barrier's first half, for parts that each wait only for the
     part whose output they read next (wait_for_part): publish that ``part``
     has done ``steps`` steps. Part 0 first polls ``it`` and, if a handler
     raised, names this step in stop_at; returns whether part 0 stops here.
