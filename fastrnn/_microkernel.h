@@ -82,7 +82,9 @@ static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 4, 4, 4, 4};
 #endif
 
 typedef unsigned int fastrnn_mask;          /* a bit per lane */
-#define FASTRNN_MK_FULL ((fastrnn_mask)((1u << FASTRNN_MK_LANES) - 1u))
+/* the lanes below n (0 <= n <= FASTRNN_MK_LANES) */
+#define FASTRNN_MK_FIRST(n) ((fastrnn_mask)((1u << (n)) - 1u))
+#define FASTRNN_MK_FULL FASTRNN_MK_FIRST(FASTRNN_MK_LANES)
 
 /* init: where the accumulators start */
 enum { FASTRNN_MK_ZERO = 0,     /* 0 */
@@ -204,10 +206,10 @@ static inline fastrnn_vec fastrnn_vmuladd(fastrnn_vec a, fastrnn_vec b, fastrnn_
  * FASTRNN_MK_TAIL_MIN stay in the loops' scalar code, cheaper than copies. */
 #define FASTRNN_MK_TAIL_MIN 3
 static inline void fastrnn_mk_tail_in(float* dst, const float* src, ptrdiff_t n) {
-    fastrnn_mk_store(dst, fastrnn_mk_load(src, (fastrnn_mask)((1u << n) - 1u)), FASTRNN_MK_FULL);
+    fastrnn_mk_store(dst, fastrnn_mk_load(src, FASTRNN_MK_FIRST(n)), FASTRNN_MK_FULL);
 }
 static inline void fastrnn_mk_tail_out(float* dst, const float* src, ptrdiff_t n) {
-    fastrnn_mk_store(dst, fastrnn_mk_load(src, FASTRNN_MK_FULL), (fastrnn_mask)((1u << n) - 1u));
+    fastrnn_mk_store(dst, fastrnn_mk_load(src, FASTRNN_MK_FULL), FASTRNN_MK_FIRST(n));
 }
 
 /* 64-byte cache lines of one k's NV vectors in a panel */
@@ -545,7 +547,7 @@ static inline void fastrnn_mk_group_columns(ptrdiff_t q, ptrdiff_t units, int ga
         ptrdiff_t u0 = (q * ub + b) * FASTRNN_MK_LANES;
         ptrdiff_t left = units - u0;
         fastrnn_mask m = left >= FASTRNN_MK_LANES ? FASTRNN_MK_FULL
-                       : left > 0 ? (fastrnn_mask)((1u << left) - 1u) : 0u;
+                       : left > 0 ? FASTRNN_MK_FIRST(left) : 0u;
         for (int g = 0; g < gates; g++) {
             coff[b * gates + g] = g * ld_gate + (left > 0 ? u0 : 0) - unit0;
             mask[b * gates + g] = m;
