@@ -136,7 +136,7 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
         raise ValueError(f"from_torch: {name}'s parameters are of several dtypes ({kinds}); "
                          f"torch itself cannot run it: give them one with .float() or "
                          f".double()")
-    dtype = _dtype_name(torch, next(module.parameters()).dtype, name)
+    dtype = _dtype_name(torch, dtypes.pop(), name)
     kwargs = {"bias": bool(module.bias), "dtype": dtype}
     if name == "RNN":   # its forward reads mode (set at construction), not nonlinearity
         modes = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
