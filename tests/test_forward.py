@@ -393,11 +393,11 @@ def _padded_state(layer, H, wide):
 def test_row_tails_give_the_vector_loops_bits(kind):
     """The last units % lanes (at least 3; 16 lanes AVX-512, 8 otherwise) of
     a float32 row run through a padded scratch vector (_gates.pxd.tp: the
-    rows' tails). A layer of 21 units (a
-    5-unit tail) and the same layer padded to 32 units with zero weights (no
-    tail: those units in the vectorised loops) give the same bits for the
-    first 21 units: inference, the training forward, dx, the initial state's
-    gradient and the weight gradients."""
+    rows' tails). A layer of 21 units (a 5-unit tail) and the same layer
+    padded to 32 units with zero weights (no tail: those units in the
+    vectorised loops) give the same bits for the first 21 units: inference,
+    the training forward, dx, the initial state's gradient and the weight
+    gradients."""
     H, wide, T, B, D = 21, 32, 6, 3, 5
     rng = np.random.default_rng(21)
     narrow = make_layer(kind, D, H, seed=3)
