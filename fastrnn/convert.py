@@ -47,7 +47,11 @@ def _qualified(obj):
 def _class_name(owner, layer, classes, what):
     """The name of ``layer``'s class, one of ``classes`` (name -> fastrnn
     class), else a TypeError (a PyTorch module of the same name included)."""
+    from fastrnn.quantized import QUANTIZED_CLASSES   # (it imports the layers, as this does)
     name = type(layer).__name__
+    if isinstance(layer, QUANTIZED_CLASSES):
+        raise TypeError(f"{owner}: the {name} is quantized ({layer._config['weight_dtype']}); "
+                        f"{owner} converts float models only: convert the float32 model")
     if not isinstance(layer, classes.get(name, ())):
         raise TypeError(f"{owner}: expected a fastrnn {what}, got {_qualified(layer)}")
     return name

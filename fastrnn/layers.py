@@ -309,8 +309,13 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
     ...     loss, dout = mse.value_and_grad(out, y[index])
     ...     backprop(dout); opt.step(); opt.zero_grad()
     """
+    # (checked here, at the call: the chunks come from a generator, which
+    # would run none of this before the first chunk is asked for)
     if not isinstance(layer, _RNNBase):
         raise TypeError(f"tbptt: layer must be an RNN, GRU or LSTM, got {type(layer).__name__}")
+    refuse_training = getattr(layer, "_refuse_training", None)   # a quantized layer's
+    if refuse_training is not None:
+        refuse_training("tbptt")
     if layer.bidirectional:
         raise ValueError(f"tbptt: {layer!r} is bidirectional; its reverse direction needs "
                          f"the steps after each chunk, so it cannot be truncated in time")
@@ -325,6 +330,11 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
     if x.shape[-1] != layer.input_size:   # here, where the chunks' shapes would be named
         raise ValueError(f"tbptt: expected x with {layer.input_size} features (the last axis), "
                          f"got {shape_str(x.shape)}")
+    return _tbptt_chunks(layer, x, steps, hx, T, batch_first)
+
+
+def _tbptt_chunks(layer, x, steps, hx, T, batch_first):
+    """tbptt's chunks, after its checks."""
     state = hx
     for start in range(0, T, steps):
         time = slice(start, min(start + steps, T))

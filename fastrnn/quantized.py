@@ -424,8 +424,13 @@ class _ReducedWeights:
         missing = [name for name in expected if name not in state_dict]
         unexpected = [key for key in state_dict if key not in known]
         if strict and (missing or unexpected):
+            scales = self._config["weight_dtype"] != "int8" and any(
+                key.endswith(SCALE) and key[:-len(SCALE)] in known for key in unexpected)
+            hint = (f" (the state dict holds int8 weights with their scales; this model's "
+                    f"weights are {self._config['weight_dtype']}: quantize the float32 model "
+                    f"with dtype='int8' to load it)" if scales else "")
             raise ValueError(f"{owner}: load_state_dict: missing keys {missing}, "
-                             f"unexpected keys {unexpected}; expected exactly {expected}")
+                             f"unexpected keys {unexpected}; expected exactly {expected}{hint}")
         floats, named = {}, {}
         for name in layout.names:
             if name not in state_dict:
@@ -547,7 +552,8 @@ def _reduction_options(cfg):
     """The repr's (name, value) of a quantized module's options not at their
     defaults (int8 weights, per-channel scales)."""
     return ([("weight_dtype", cfg["weight_dtype"])] if cfg["weight_dtype"] != "int8" else []) \
-        + ([("per_channel", False)] if not cfg["per_channel"] else [])
+        + ([("per_channel", False)] if cfg["weight_dtype"] == "int8" and not cfg["per_channel"]
+           else [])
 
 
 def _check_weight_dtype(owner, weight_dtype, argument="weight_dtype"):
@@ -960,10 +966,18 @@ def _check_computed(owner, module):
 
 def _quantize_module(owner, module, dtype, per_channel):
     cls = _QUANTIZED.get(type(module))
+    if isinstance(module, QUANTIZED_CLASSES):
+        raise TypeError(f"{owner}: the {type(module).__name__} is quantized already; "
+                        f"quantize the float32 model")
     if cls is None:
-        raise TypeError(f"{owner}: cannot quantize a {type(module).__name__}; expected an "
-                        f"RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear or a "
-                        f"Sequential of them")
+        where = type(module).__module__.split(".")[0]   # another library's: named with it
+        name = type(module).__name__ if where == "fastrnn" else \
+            f"{type(module).__module__}.{type(module).__qualname__}"
+        hint = ("; a PyTorch module converts with fastrnn.from_torch first (which also takes "
+                "torch's quantize_dynamic modules)" if where == "torch" else "")
+        raise TypeError(f"{owner}: cannot quantize a {name}; "
+                        f"expected a fastrnn RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear "
+                        f"or a Sequential of them{hint}")
     config = {k: (val.name if isinstance(val, np.dtype) else val)
               for k, val in module._config.items()}
     _check_computed(owner, module)

@@ -936,8 +936,10 @@ def test_training_is_refused():
     cell = fastrnn.quantize(fastrnn.GRUCell(3, 4, seed=0))
     with pytest.raises(TypeError, match="QuantizedGRUCell: forward_train is not available"):
         cell.forward_train(x[0])
-    with pytest.raises(TypeError, match="QuantizedRNN: forward_train"):
-        next(fastrnn.tbptt(fastrnn.quantize(fastrnn.RNN(3, 4)), x, steps=1))
+    # at the call, naming tbptt (it had returned a generator whose first
+    # chunk named forward_train)
+    with pytest.raises(TypeError, match="QuantizedRNN: tbptt is not available"):
+        fastrnn.tbptt(fastrnn.quantize(fastrnn.RNN(3, 4)), x, steps=1)
     model = fastrnn.quantize(_model())
     model.compile("mse", "adam")
     with pytest.raises(TypeError, match="QuantizedLSTM: training is not available"):
@@ -2175,6 +2177,33 @@ def test_quantize_reaches_wrapped_layers_and_leaves_the_float_model_alone():
     single = fastrnn.quantize(Reversed(fastrnn.GRU(3, 6, seed=0), keep_order=False))
     assert isinstance(single, Reversed) and isinstance(single.layer, Q.QuantizedGRU)
     assert single.keep_order is False
+
+
+def test_refusals_name_what_is_wrong():
+    # these were refused with messages that contradicted themselves ("cannot
+    # quantize a LSTM; expected ... LSTM", "expected a fastrnn ... LSTM, got
+    # QuantizedLSTM", a subclass of LSTM) or named the wrong thing
+    lstm = fastrnn.LSTM(5, 7, seed=0)
+    q8 = fastrnn.quantize(lstm)
+    with pytest.raises(TypeError, match="quantize: the QuantizedLSTM is quantized already"):
+        fastrnn.quantize(q8)
+    for export in (fastrnn.to_torch, lambda layer: fastrnn.to_onnx(layer, "unused.onnx")):
+        with pytest.raises(TypeError, match=r"to_(torch|onnx): the QuantizedLSTM is quantized "
+                                            r"\(int8\); to_(torch|onnx) converts float models"):
+            export(q8)
+    half = fastrnn.quantize(lstm, dtype="bfloat16")
+    with pytest.raises(ValueError, match="unexpected keys .*weight_ih_l0_scale.*the state "
+                                         "dict holds int8 weights"):
+        half.load_state_dict(q8.state_dict())
+    assert "per_channel" not in repr(fastrnn.quantize(lstm, dtype="bfloat16", per_channel=False))
+    assert "per_channel=False" in repr(fastrnn.quantize(lstm, per_channel=False))
+
+
+def test_quantize_names_a_torch_module():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"cannot quantize a torch\.nn\.modules\.rnn\.LSTM; "
+                                        r".*fastrnn\.from_torch first"):
+        fastrnn.quantize(torch.nn.LSTM(5, 7))
 
 
 def test_quantize_refuses_a_quantized_sequential():
