@@ -33,7 +33,8 @@
  * blocks * 16 columns (the padding columns get 0).
  *
  * Quantizing an activation row x (K floats): amax = max |x_k|; a row with
- * amax below FLT_MIN (zero, or denormal) quantizes to zeros with scale 0,
+ * amax below FASTRNN_Q_MIN_AMAX (127 FLT_MIN, ~1.5e-36: its scale would be
+ * subnormal, which the kernels flush to zero) quantizes to zeros with scale 0,
  * a row holding NaN or inf to zeros with scale -1 (the callers refuse it);
  * else q_k = round-half-even(x_k * (127 / amax)) clamped to [-127, 127]
  * and scale = amax / 127, all in float32 (the rounding by adding and
@@ -87,6 +88,11 @@ static inline __mmask16 fastrnn_row_mask(ptrdiff_t left) {
 #define FASTRNN_Q_MAX_K 65536
 
 static inline ptrdiff_t fastrnn_q_quads(ptrdiff_t K) { return (K + 3) / 4; }
+
+/* The least max |x| of a row (or of a weight row: quantize_weight) that
+ * quantizes with a scale, amax / 127 >= FLT_MIN: a subnormal scale would be
+ * flushed to zero (exactly 127 * 2^-126) */
+#define FASTRNN_Q_MIN_AMAX (127.0f * FLT_MIN)
 /* blocks of 16 columns, padded to whole groups of FASTRNN_Q_NV blocks */
 static inline ptrdiff_t fastrnn_q_blocks(ptrdiff_t N) {
     return (N + 16 * FASTRNN_Q_NV - 1) / (16 * FASTRNN_Q_NV) * FASTRNN_Q_NV;
@@ -201,8 +207,8 @@ static inline float fastrnn_q_row(const float* x, ptrdiff_t K, int8_t* q,
     }
 #endif
     memcpy(&amax, &top, 4);
-    if (top >= 0x7f800000u || !(amax >= FLT_MIN)) {
-        /* a zero (or denormal) row: zeros, scale 0; a row with NaN or inf:
+    if (top >= 0x7f800000u || !(amax >= FASTRNN_Q_MIN_AMAX)) {
+        /* a zero (or tiny) row: zeros, scale 0; a row with NaN or inf:
          * zeros, and -1 tells the caller */
         memset(q, FASTRNN_Q_OFFSET, (size_t)padded);
         return top >= 0x7f800000u ? -1.0f : 0.0f;

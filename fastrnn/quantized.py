@@ -22,7 +22,12 @@ call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
   DynamicQuantizeLSTM does the same;
 - products: exact int32 sums, the same on every CPU (AMX tiles, AVX-512
   VNNI, AVX2 and the portable build), dequantized as
-  ``float(sum) * (s_x * s_w[n])`` plus the float32 bias;
+  ``float(sum) * (s_x * s_w[n])`` plus the float32 bias, in float32 with
+  subnormals flushed to zero, as all the kernels run (x86-64 and AArch64;
+  other CPUs keep them): a row (of x or of W) whose max |.| is below 127
+  times float32's least normal, ~1.5e-36, quantizes to zeros with scale 0,
+  and where s_x * s_w[n] falls below that least normal (max |x_row| *
+  max |w_n| below ~1.9e-34) the product is 0;
 - state, cell and gate arithmetic: float32, the float layers' own code
   but for sigmoid and tanh, which are rational functions here (within 4e-7
   and 7e-7 absolute of the exact values, against the float layers' few
@@ -57,7 +62,8 @@ their bit patterns in uint16 arrays (no scales); biases float32. They are
 read back from the packed weights on each call (an attribute such as
 ``layer.weight_ih_l0`` too: a read-only int8 or uint16 array).
 ``load_state_dict`` takes that form back exactly (the outputs are then the
-same bits) and checks it: the dtype, the shapes, scales finite and >= 0,
+same bits) and checks it: the dtype, the shapes, scales finite and >= 0
+(and none subnormal),
 no int8 value of -128, a scale with every int8 weight and none with a
 float one. It still takes floating-point weights, quantized (or rounded
 to bfloat16) as ``quantize`` does, so a float model's ``state_dict`` loads
@@ -154,7 +160,9 @@ def quantize_weight(w, per_channel, tensors=1):
     amax = np.abs(w).max(axis=1)
     if not per_channel:
         amax = np.repeat(amax.reshape(tensors, -1).max(axis=1), w.shape[0] // tensors)
-    scale = amax / np.float32(127)
+    # a row below _qkernel.h's FASTRNN_Q_MIN_AMAX (its scale would be
+    # subnormal, which the kernels flush): zeros, scale 0, as an activation row
+    scale = np.where(amax >= MIN_AMAX, amax / np.float32(127), np.float32(0))
     safe = np.where(scale > 0, scale, np.float32(1))
     q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
@@ -172,6 +180,8 @@ def to_bfloat16(w):
 
 
 SCALE = "_scale"   # the suffix of an int8 weight's scales in a state dict
+# the least max |w| of a row with a scale (_qkernel.h's FASTRNN_Q_MIN_AMAX)
+MIN_AMAX = np.float32(127) * np.finfo(np.float32).tiny
 
 
 def _bfloat16_in_range(owner, name, reduced):
@@ -533,6 +543,12 @@ class _ReducedWeights:
         if bad.any():
             raise ValueError(f"{owner}: {name} must hold finite scales >= 0, got "
                              f"{float(scale[bad][0])} at row {int(np.argmax(bad))}")
+        tiny = (scale > 0) & (scale < np.finfo(np.float32).tiny)
+        if tiny.any():   # the kernels would flush it: the row would compute as zeros
+            raise ValueError(f"{owner}: {name} has a subnormal scale, "
+                             f"{scale[tiny][0]!s} at row {int(np.argmax(tiny))}, which "
+                             f"the kernels flush to zero; give 0 for such a row, or "
+                             f"scales of 1.1754944e-38 or more")
         if not self._config["per_channel"] and (scale != scale[0]).any():
             raise ValueError(f"{owner}: {name} holds different scales, but the layer has "
                              f"per_channel=False (one scale per weight tensor)")

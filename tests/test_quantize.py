@@ -40,14 +40,15 @@ _quant = Q._quant
 # --- the oracle ----------------------------------------------------------------------
 
 def oracle_weight(w, per_channel, tensors=1):
-    """Symmetric int8 per row, or per tensor (equal row blocks)."""
+    """Symmetric int8 per row, or per tensor (equal row blocks); a row (or
+    tensor) with max |w| below 127 FLT_MIN: zeros, scale 0."""
     w = np.asarray(w, F32)
     if per_channel:
         amax = np.abs(w).max(axis=1)
     else:
         amax = np.concatenate([np.full(len(block), np.abs(block).max(), F32)
                                for block in np.split(w, tensors)])
-    scale = (amax / F32(127)).astype(F32)
+    scale = np.where(amax >= F32(127) * TINY, amax / F32(127), F32(0)).astype(F32)
     q = np.zeros(w.shape, np.int8)
     for n in range(w.shape[0]):
         if scale[n] > 0:
@@ -55,16 +56,25 @@ def oracle_weight(w, per_channel, tensors=1):
     return q, scale
 
 
+TINY = np.finfo(F32).tiny
+
+
+def flushed(v):
+    """v with its subnormals flushed to (signed) zero, as the kernels run."""
+    v = np.asarray(v, F32)
+    return np.where(np.abs(v) < TINY, np.copysign(F32(0), v), v).astype(F32)
+
+
 def oracle_rows(x):
     """Each row of x: q = rint(x * (127 / amax)) in [-127, 127], scale
-    amax / 127 (0 and zeros for a row with amax < FLT_MIN)."""
+    amax / 127 (0 and zeros for a row with amax < 127 FLT_MIN, whose scale
+    would be subnormal)."""
     x = np.asarray(x, F32)
     q = np.zeros(x.shape, np.int8)
     s = np.zeros(x.shape[0], F32)
-    tiny = np.finfo(F32).tiny
     for i, row in enumerate(x):
         amax = np.abs(row).max()
-        if amax >= tiny:
+        if amax >= F32(127) * TINY:
             q[i] = np.clip(np.rint(row * (F32(127) / amax)), -127, 127)
             s[i] = amax / F32(127)
     return q, s
@@ -74,8 +84,8 @@ def oracle_product(x, wq, ws, bias=None):
     """dequant(q(x) . wq^T) (+ bias), rows of x quantized one by one."""
     q, s = oracle_rows(x)
     acc = (q.astype(np.int64) @ wq.astype(np.int64).T).astype(np.int32)
-    y = acc.astype(F32) * (s[:, None] * ws[None, :])
-    return y if bias is None else y + bias
+    y = flushed(acc.astype(F32) * flushed(s[:, None] * ws[None, :]))
+    return y if bias is None else flushed(y + bias)
 
 
 def _act(v):
@@ -2177,6 +2187,34 @@ def test_quantize_reaches_wrapped_layers_and_leaves_the_float_model_alone():
     single = fastrnn.quantize(Reversed(fastrnn.GRU(3, 6, seed=0), keep_order=False))
     assert isinstance(single, Reversed) and isinstance(single.layer, Q.QuantizedGRU)
     assert single.keep_order is False
+
+
+def test_tiny_values_follow_the_stated_rule():
+    # rows of max |x| in [FLT_MIN, 127 FLT_MIN) quantized with a subnormal
+    # scale, flushed: the kernels gave 0 where the stated rule (and this
+    # oracle) quantized them; products whose scales multiply below FLT_MIN
+    # are 0 (the kernels flush subnormals), which the oracle now models
+    linear = fastrnn.Linear(4, 3, seed=0)
+    w = linear.state_dict()["weight"].copy()
+    w[1] *= F32(1e-30)             # a weight row of small but normal scale
+    w[2] *= F32(1e-37)             # one below 127 FLT_MIN: zeros, scale 0
+    linear.load_state_dict({"weight": w, "bias": np.zeros(3, F32)})
+    q = fastrnn.quantize(linear)
+    sd = q.state_dict()
+    assert sd["weight_scale"][2] == 0 and not sd["weight"][2].any()
+    assert sd["weight_scale"][1] > 0
+    base = np.array([1.0, -0.5, 0.25, 0.125], F32)
+    for amax in (1e3, 1.0, 1e-20, 1e-30, 1e-34, 1e-35, 2e-36, 1.6e-36, 1.4e-36, 1e-36, 1e-37,
+                 3e-38, 1e-38, 1e-40, 0.0):
+        x = (base * F32(amax))[None]
+        expected = oracle_product(x, sd["weight"], sd["weight_scale"], sd["bias"])
+        np.testing.assert_array_equal(q(x), expected, err_msg=f"max |x| = {amax}")
+    # a normal row's product, scales multiplying below FLT_MIN: exactly 0
+    assert (q((base * F32(1e-35))[None]) == 0).all()
+    assert (q((base * F32(1e-2))[None])[0, 0] != 0)
+    with pytest.raises(ValueError, match="weight_scale has a subnormal scale, 1e-39 at row 1"):
+        q.load_state_dict({**sd, "weight_scale": np.array([sd["weight_scale"][0], 1e-39, 0],
+                                                          F32)})
 
 
 def test_refusals_name_what_is_wrong():
