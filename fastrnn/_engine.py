@@ -109,6 +109,13 @@ class _TrainingBuffers:
     is something to let go), the end of a ``Sequential.fit``, or its
     deletion, lets them all go. None of these buffers is ever handed to the
     caller.
+
+    A call made while this thread is inside one of these methods (from a
+    signal handler, or a finalizer the collector runs there) would wait for
+    the lock its own thread holds, for good: the lock is reentrant, and such a
+    call finds the pool ``_busy`` and leaves it alone (a fresh buffer, no
+    step, nothing let go), so that the interrupted method's view of the
+    entries stays whole.
     """
 
     BIG_BYTES = 1 << 20
@@ -119,28 +126,38 @@ class _TrainingBuffers:
     MAX_IDLE_BYTES = 256 << 20
 
     def __init__(self):
-        self._lock = ForkSafeLock()
+        self._lock = ForkSafeLock(reentrant=True)
+        self._busy = False   # a method runs (under the lock)
         self._kept = weakref.WeakKeyDictionary()   # owner -> _Lent
 
     def new_step(self, owner):
         """A training forward of ``owner`` begins: its idle buffers not lent
         in the last KEPT_STEPS steps go."""
         with self._lock:
-            lent = self._kept.get(owner)
-            if lent is not None:
-                lent.step += 1
-                kept, older_bytes = [], 0
-                # the most recently lent first: the step before's stay whatever
-                # their size (a step's own), older idle ones while they fit
-                for entry in sorted(lent.entries, key=lambda entry: -entry[1]):
-                    if entry[1] < lent.step - 1 and _idle(entry):
-                        if entry[1] < lent.step - self.KEPT_STEPS:
-                            continue
-                        older_bytes += entry[0].nbytes
-                        if older_bytes > self.MAX_IDLE_BYTES:
-                            continue
-                    kept.append(entry)
-                lent.entries = kept
+            if self._busy:   # re-entered (see the class): nothing to let go now
+                return
+            self._busy = True
+            try:
+                self._new_step(owner)
+            finally:
+                self._busy = False
+
+    def _new_step(self, owner):
+        lent = self._kept.get(owner)
+        if lent is not None:
+            lent.step += 1
+            kept, older_bytes = [], 0
+            # the most recently lent first: the step before's stay whatever
+            # their size (a step's own), older idle ones while they fit
+            for entry in sorted(lent.entries, key=lambda entry: -entry[1]):
+                if entry[1] < lent.step - 1 and _idle(entry):
+                    if entry[1] < lent.step - self.KEPT_STEPS:
+                        continue
+                    older_bytes += entry[0].nbytes
+                    if older_bytes > self.MAX_IDLE_BYTES:
+                        continue
+                kept.append(entry)
+            lent.entries = kept
 
     def get(self, owner, shape, dtype, zero=False):
         dtype = np.dtype(dtype)
@@ -149,24 +166,34 @@ class _TrainingBuffers:
             return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
         shape = tuple(shape)
         with self._lock:
-            lent = self._kept.get(owner)
-            if lent is None:
-                lent = self._kept[owner] = _Lent()
-            for entry in lent.entries:
-                if entry[0].shape == shape and entry[0].dtype == dtype and _idle(entry):
-                    entry[1] = lent.step
-                    buf = entry[0]
-                    break
-            else:
-                buf = np.empty(shape, dtype)
-                lent.entries.append([buf, lent.step])
-                owner._lends_buffers = True
+            if self._busy:   # re-entered (see the class): a buffer of its own
+                return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+            self._busy = True
+            try:
+                buf = self._lend(owner, shape, dtype)
+            finally:
+                self._busy = False
         if zero:
             buf.fill(0)
         return buf
 
+    def _lend(self, owner, shape, dtype):
+        lent = self._kept.get(owner)
+        if lent is None:
+            lent = self._kept[owner] = _Lent()
+        for entry in lent.entries:
+            if entry[0].shape == shape and entry[0].dtype == dtype and _idle(entry):
+                entry[1] = lent.step
+                return entry[0]
+        buf = np.empty(shape, dtype)
+        lent.entries.append([buf, lent.step])
+        owner._lends_buffers = True
+        return buf
+
     def release(self, owner):
         with self._lock:
+            if self._busy:   # re-entered: let go at the next call instead
+                return
             self._kept.pop(owner, None)
             owner._lends_buffers = False
 

@@ -100,13 +100,15 @@ def filled_later():
 
 
 def sealed(storage):
-    """``storage``'s values in an array that cannot be made writeable: a view
-    of a read-only memoryview of it (numpy refuses ``flags.writeable = True``
-    on such an array, its views and its base). A plain read-only array takes
-    the flag back, and a write then changed the parameters under the
+    """``storage``'s values in an array that numpy will not make writeable: a
+    view of a read-only memoryview of it (numpy refuses ``flags.writeable =
+    True`` on such an array, its views and its base). A plain read-only array
+    takes the flag back, and a write then changed the parameters under the
     kernels' caches of the set (the model kept computing with the old
     values while state_dict showed the new). ``storage`` itself is flagged
-    read-only too. A sealed array comes back as it is (a quantized layer's
+    read-only too; only code that digs it out of the memoryview (its
+    ``.obj``) and flags it writeable again could still change it, which is
+    writing into the library's internals. A sealed array comes back as it is (a quantized layer's
     load seals the storages it keeps: each load added a view, and a chain of
     300,000 crashed its deallocation)."""
     base = storage.base

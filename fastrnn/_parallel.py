@@ -19,6 +19,7 @@ import numbers
 import os
 import threading
 
+from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
 
 
@@ -102,7 +103,7 @@ def set_num_threads(n: int) -> None:
         raise TypeError(f"set_num_threads: expected an int >= 1, got {type(n).__name__} "
                         f"{n!r}")
     if n < 1:
-        raise ValueError(f"set_num_threads: expected an int >= 1, got {n!r}")
+        raise ValueError(f"set_num_threads: expected an int >= 1, got {v.int_str(n)}")
     _threads = min(int(n), MAX_THREADS)
 
 

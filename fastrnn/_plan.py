@@ -62,6 +62,7 @@ block sizes; ``_worker.h``, spin times; ``_forward.pyx.tp``, the BLAS bounds).
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -214,7 +215,7 @@ def split(dirs, batch, work):
     """Parts (d_lo, d_hi, b_lo, b_hi) to run at once, one per thread: the
     directions, each cut into ranges of the batch; everything in one part
     below MIN_PARALLEL_WORK."""
-    n = _parallel.get_num_threads()
+    n = _threads()
     if n < 2 or work < MIN_PARALLEL_WORK:
         return [(0, dirs, 0, batch)]
     per_direction = max(1, min(n // dirs, batch))
@@ -239,7 +240,7 @@ def product_parts(layer, parts, macs):
     B=1, T=1000, training at 2 threads took longer than at 1 when they ran
     in one part). Layer norm and projection layers (their own engines) keep
     the recurrence's parts."""
-    threads = _parallel.get_num_threads()
+    threads = _threads()
     if (threads > 1 and macs >= MIN_PARALLEL_WORK
             and not layer._ln_index and not layer._proj_index):
         return max(threads, len(parts))
@@ -259,7 +260,7 @@ def unit_split_steps(H, gates, threads=None):
     here)."""
     macs = gates * H * H
     if threads is None:
-        threads = _parallel.get_num_threads()
+        threads = _threads()
     if threads < 2 or macs < UNIT_SPLIT_MIN_MACS:
         return None
     return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
@@ -278,7 +279,7 @@ def unit_bounds(T, H, gates, group):
     if steps is None or T < steps:
         return None
     quantum = math.lcm(16, group)
-    parts = min(_parallel.get_num_threads(), -(-H // quantum),   # (the last may be short)
+    parts = min(_threads(), -(-H // quantum),   # (the last may be short)
                 gates * H * H // max(1, UNIT_SPLIT_MIN_MACS // 2))
     # (halves round up)
     bounds = sorted({min(H, int(p * H / parts / quantum + 0.5) * quantum)
@@ -344,14 +345,31 @@ def _quant_tuning(threads=None):
 
 
 _plans: dict = {}
+_building = threading.local()   # .threads: the count of the plan this thread builds
+
+
+def _threads():
+    """The thread count the decisions below are for: while a plan is built,
+    the one its cache key holds (read once by the caller: a
+    set_num_threads from another thread in between must not give the key of
+    one count a plan of another), else the current one."""
+    threads = getattr(_building, "threads", None)
+    return _parallel.get_num_threads() if threads is None else threads
 
 
 def _cached(key, build):
+    """The plan under ``key`` (whose last item is the thread count it is
+    for: _tuning), built by ``build()`` for that count if not kept."""
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= PLAN_CACHE_SIZE:
             _plans.clear()
-        plan = _plans[key] = build()
+        _building.threads = key[-1]
+        try:
+            plan = build()
+        finally:
+            _building.threads = None
+        _plans[key] = plan
     return plan
 
 

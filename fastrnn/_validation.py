@@ -16,11 +16,20 @@ BLAS_INT_MAX = 2**31 - 1
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def int_str(value):
+    """An int for a message: its digits, or how many there are past 40
+    (str() of an int of over 4300 digits raises a ValueError of its own)."""
+    value = int(value)
+    if value.bit_length() <= 128:
+        return str(value)
+    return f"{'-' if value < 0 else ''}an int of about {int(value.bit_length() * 0.30103)} digits"
+
+
 def check_int(owner, name, value, minimum=1):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {int_str(value)}")
     return int(value)
 
 

@@ -479,3 +479,19 @@ def test_a_training_plan_is_never_shared_with_a_layer_of_keras_dropout(monkeypat
     train(fastrnn.LSTM(8, 100, seed=0))
     for a, b in zip(train(special()), alone):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_plan_is_built_for_the_thread_count_of_its_key(monkeypatch):
+    # forward_plan read the count once for the cache key and again while
+    # building: a set_num_threads from another thread in between cached,
+    # under the key of 2 threads, a plan of 1 (every later call of that shape
+    # ran it). Here the count reads 2, then 1 from the second read on.
+    layer = fastrnn.GRU(8, 128, dtype=np.float64, seed=0)
+    reads = iter([2])
+    monkeypatch.setattr(_parallel, "get_num_threads", lambda: next(reads, 1))
+    _plan._plans.clear()
+    plan = _plan.forward_plan(layer, 40, 64, batch_first=False, train=False, has_lengths=False)
+    ((key, kept),) = _plan._plans.items()
+    assert key[-1] == 2 and kept is plan
+    assert len(plan.parts) == 2
+    _plan._plans.clear()

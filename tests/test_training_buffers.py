@@ -248,3 +248,50 @@ def test_idle_buffers_of_older_steps_take_at_most_max_idle_bytes(every_buffer, m
         assert older <= 4000
         assert older > 0 or B < 3, "the cap let go more than it needed"
         assert {e[0].shape[0] // 4 for e in lent.entries if e[0].ndim == 2} >= {B}
+
+
+REENTRY_SCRIPT = r"""
+import numpy as np, fastrnn
+from fastrnn import _engine
+layer = fastrnn.GRU(16, 128, num_layers=2, seed=1)       # buffers of 1 MB and more
+twin = fastrnn.GRU(16, 128, num_layers=2, seed=1)
+x = np.random.default_rng(0).standard_normal((30, 32, 16)).astype(np.float32)
+expected = layer(x)[0]
+idle, inside, entered = _engine._idle, [False], [0]
+
+def reentering_idle(entry):
+    # what a signal handler (or a finalizer) running inside the pool's
+    # methods would do: an inference of the layer in training, a training
+    # forward and backprop
+    if not inside[0]:
+        inside[0] = True
+        assert np.array_equal(layer(x)[0], expected)
+        (out, _), backprop = layer.forward_train(x)
+        backprop(np.ones_like(out))
+        entered[0] += 1
+        inside[0] = False
+    return idle(entry)
+
+_engine._idle = reentering_idle
+for step in range(3):
+    (out, _), backprop = layer.forward_train(x)
+    (out_twin, _), backprop_twin = twin.forward_train(x)
+    assert np.array_equal(out, out_twin)
+    dx, dh = backprop(np.ones_like(out))
+    dx_twin, dh_twin = backprop_twin(np.ones_like(out))
+    assert np.array_equal(dx, dx_twin) and np.array_equal(dh, dh_twin)
+print("re-entered", entered[0])
+"""
+
+
+def test_a_call_reentering_the_pool_does_not_deadlock(tmp_path):
+    # a signal handler calling a layer while the main thread was inside the
+    # pool's lock waited for that lock for good (the process hung); run in a
+    # child, so that a hang fails here instead of stopping the suite
+    import subprocess
+    import sys
+    # (from tmp_path: not the source tree's unbuilt package)
+    done = subprocess.run([sys.executable, "-c", REENTRY_SCRIPT], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) >= 2
