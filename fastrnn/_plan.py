@@ -88,6 +88,9 @@ MIN_PARALLEL_WORK = 4_000_000
 # least half of UNIT_SPLIT_MIN_MACS a step (as each of the two halves does):
 # a choice, not a measurement (this machine has 2 cores); batch-1 weights
 # beyond one core's L2 (a GRU of 1024 units: 12 MB) are where more parts pay.
+# It stays above _tuning.h's FASTRNN_AXPY_MAX: every float64 layer that may
+# split then multiplies by _gates.dot_rows_product in one thread too, so the
+# split changes no bit (tests/test_unit_split.py).
 UNIT_SPLIT_MIN_MACS = 131072
 UNIT_SPLIT_MIN_WORK = 1_000_000
 # A float32 call of 2 to UNIT_SPLIT_MAX_ROWS - 1 batch rows (unidirectional,

@@ -220,6 +220,37 @@ def test_more_threads_split_in_more_parts_with_one_threads_bits(kind, threads, c
     assert _COUNTED_PARTS == [threads] * 4            # (one thread: no split)
 
 
+@pytest.mark.parametrize("kind, H, parts", [("gru", 256, 3), ("lstm", 256, 3),
+                                             ("rnn_tanh", 512, 3), ("gru", 272, 2)])
+def test_float64_parts_of_any_width_give_one_threads_bits(kind, H, parts, count_pairs,
+                                                          monkeypatch):
+    """float64's batch-1 products are fastrnn's own dot products over W_hh's
+    rows, one order per output (_gates.dot_rows_product), so that parts of
+    any width give one thread's bits, in inference and in the training
+    forward: under OpenBLAS's gemv, parts of 80 units (H = 256 in three)
+    gave a GRU other bits than one thread (units 67, 72, 76, 241-255 of its
+    second step), and a call that found the workers busy (contended, or
+    owned by another call) ran on one thread: two results for one call at
+    one thread count."""
+    rng = np.random.default_rng(H)
+    monkeypatch.setattr(_parallel, "_threads", parts)
+    layer = make_layer(kind, 32, H, dtype="float64", seed=0)
+    x = rng.standard_normal((12, 1, 32))
+    split = layer(x)
+    (train_out, _), _ = layer.forward_train(x)
+    assert _COUNTED_PARTS == [parts] * 2
+    monkeypatch.setattr(_parallel, "_threads", 1)
+    for a, b in zip(_flat(split), _flat(layer(x))):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(train_out, layer.forward_train(x)[0][0])
+    assert _COUNTED_PARTS == [parts] * 2
+    zeros = np.zeros((1, 1, H))
+    ref = layer_forward(kind, layer.state_dict(), x, zeros, zeros if kind == "lstm" else None)
+    np.testing.assert_allclose(split[0], ref[0], rtol=0, atol=1e-12)
+    # one thread multiplies the same way only above the plain loop's bound
+    assert _plan.UNIT_SPLIT_MIN_MACS > _forward.AXPY_LIMIT
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("kind", SPLIT_KINDS)
