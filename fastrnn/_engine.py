@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import platform
 import sys
 import weakref
@@ -112,10 +113,11 @@ class _TrainingBuffers:
 
     A call made while this thread is inside one of these methods (from a
     signal handler, or a finalizer the collector runs there) would wait for
-    the lock its own thread holds, for good: the lock is reentrant, and such a
-    call finds the pool ``_busy`` and leaves it alone (a fresh buffer, no
-    step, nothing let go), so that the interrupted method's view of the
-    entries stays whole.
+    good on a plain lock, which its own thread holds. So the lock is
+    reentrant, and such a call finds the pool ``_busy`` and leaves it alone
+    (a fresh buffer, no step, nothing let go): the interrupted method's view
+    of the entries stays whole. A forked child starts with an empty pool
+    (another thread of the parent may have been inside it).
     """
 
     BIG_BYTES = 1 << 20
@@ -129,6 +131,12 @@ class _TrainingBuffers:
         self._lock = ForkSafeLock(reentrant=True)
         self._busy = False   # a method runs (under the lock)
         self._kept = weakref.WeakKeyDictionary()   # owner -> _Lent
+
+    def after_fork_in_child(self):
+        """A forked child's pool: empty, not busy (its lock is made anew:
+        ForkSafeLock)."""
+        self._busy = False
+        self._kept = weakref.WeakKeyDictionary()
 
     def new_step(self, owner):
         """A training forward of ``owner`` begins: its idle buffers not lent
@@ -259,6 +267,8 @@ def _idle(entry):
 
 
 _training_buffers = _TrainingBuffers()
+if hasattr(os, "register_at_fork"):      # (not on Windows)
+    os.register_at_fork(after_in_child=_training_buffers.after_fork_in_child)
 
 
 @dataclass(slots=True)
@@ -343,8 +353,7 @@ class RecurrentEngine(RecurrentWeights):
                  for part, (lo, hi) in enumerate(zip(units, units[1:]))]
         outcome = _forward.recur_units(cell=self._kernel_code, T=T, bounds=units,
                                        w_parts=[p[0] for p in parts],
-                                       w_parts_t=[p[1] for p in parts],
-                                       bias_parts=[p[2] for p in parts], works=works,
+                                       bias_parts=[p[1] for p in parts], works=works,
                                        h=h_k, c=c_k, gx=gx, out=layer_out,
                                        wait_ns=_plan.UNIT_SPLIT_WAIT_NS,
                                        packed=None if packed is None else packed[k],
@@ -357,7 +366,7 @@ class RecurrentEngine(RecurrentWeights):
     def _packed(self, params, key, pack):
         """float32: ``pack(w_ih, w_hh, k)`` for every layer k, packed for the
         micro-kernel once and kept with the parameter set under ``key``;
-        float64 (whose products BLAS runs): None."""
+        float64 (whose products BLAS, or at batch 1 _rowdot.h, runs): None."""
         if self._config["dtype"] != np.float32:
             return None
         packs = params.cache.get(key)
@@ -398,16 +407,16 @@ class RecurrentEngine(RecurrentWeights):
     def _unit_weights(self, params, k, lo, hi, weights=True):
         """Layer k's recurrent weights for hidden units [lo, hi) of a
         unit-split call (_forward.recur_units): the rows of every gate block,
-        packed (G * u, H), their transpose (None unless ``weights``: float32
-        multiplies W_hh packed whole), and the GRU's recurrent bias likewise
-        (else None). Kept with the parameter set."""
+        packed (G * u, H) (None unless ``weights``: float32 multiplies W_hh
+        packed whole), and the GRU's recurrent bias likewise (else None).
+        Kept with the parameter set."""
         key = ("units", k, lo, hi, weights)
         if key not in params.cache:
             H = self._config["hidden_size"]
             rows = np.concatenate([np.arange(g * H + lo, g * H + hi) for g in range(self._gates)])
             w_part = np.ascontiguousarray(self._weights(params)[1][k][rows]) if weights else None
             bias_h = self._kernel_weights(params)[k][1]
-            params.cache[key] = (w_part, None if w_part is None else transposed(w_part),
+            params.cache[key] = (w_part,
                                  None if bias_h is None else np.ascontiguousarray(bias_h[rows]))
         return params.cache[key]
 

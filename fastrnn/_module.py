@@ -593,10 +593,11 @@ class RecurrentWeights(Module):
         gates = self._gates
         owner = type(self).__name__
         if dirs * gates * hidden_size > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: hidden_size {hidden_size} is too large: "
+            raise ValueError(f"{owner}: hidden_size {v.int_str(hidden_size)} is too large: "
                              f"{dirs} x {gates} x hidden_size must fit a 32-bit BLAS int")
         if input_size > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: input_size {input_size} is too large for a 32-bit BLAS int")
+            raise ValueError(f"{owner}: input_size {v.int_str(input_size)} is too large for a "
+                             f"32-bit BLAS int")
         self._layers, self._dirs, self._dropout, self._rng = layers, dirs, dropout, rng
         GH = gates * hidden_size
         # the width of the state h and of each direction's output

@@ -218,7 +218,7 @@ def split(dirs, batch, work):
     """Parts (d_lo, d_hi, b_lo, b_hi) to run at once, one per thread: the
     directions, each cut into ranges of the batch; everything in one part
     below MIN_PARALLEL_WORK."""
-    n = _threads()
+    n = _plan_threads()
     if n < 2 or work < MIN_PARALLEL_WORK:
         return [(0, dirs, 0, batch)]
     per_direction = max(1, min(n // dirs, batch))
@@ -243,7 +243,7 @@ def product_parts(layer, parts, macs):
     B=1, T=1000, training at 2 threads took longer than at 1 when they ran
     in one part). Layer norm and projection layers (their own engines) keep
     the recurrence's parts."""
-    threads = _threads()
+    threads = _plan_threads()
     if (threads > 1 and macs >= MIN_PARALLEL_WORK
             and not layer._ln_index and not layer._proj_index):
         return max(threads, len(parts))
@@ -263,7 +263,7 @@ def unit_split_steps(H, gates, threads=None):
     here)."""
     macs = gates * H * H
     if threads is None:
-        threads = _threads()
+        threads = _plan_threads()
     if threads < 2 or macs < UNIT_SPLIT_MIN_MACS:
         return None
     return max(2, -(-UNIT_SPLIT_MIN_WORK // macs))
@@ -282,7 +282,7 @@ def unit_bounds(T, H, gates, group):
     if steps is None or T < steps:
         return None
     quantum = math.lcm(16, group)
-    parts = min(_threads(), -(-H // quantum),   # (the last may be short)
+    parts = min(_plan_threads(), -(-H // quantum),   # (the last may be short)
                 gates * H * H // max(1, UNIT_SPLIT_MIN_MACS // 2))
     # (halves round up)
     bounds = sorted({min(H, int(p * H / parts / quantum + 0.5) * quantum)
@@ -351,7 +351,7 @@ _plans: dict = {}
 _building = threading.local()   # .threads: the count of the plan this thread builds
 
 
-def _threads():
+def _plan_threads():
     """The thread count the decisions below are for: while a plan is built,
     the one its cache key holds (read once by the caller: a
     set_num_threads from another thread in between must not give the key of
@@ -367,11 +367,11 @@ def _cached(key, build):
     if plan is None:
         if len(_plans) >= PLAN_CACHE_SIZE:
             _plans.clear()
-        _building.threads = key[-1]
+        outer, _building.threads = getattr(_building, "threads", None), key[-1]
         try:
             plan = build()
-        finally:
-            _building.threads = None
+        finally:   # (a build re-entered on this thread: the outer one's count back)
+            _building.threads = outer
         _plans[key] = plan
     return plan
 

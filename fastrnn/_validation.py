@@ -4,6 +4,7 @@ All user-facing error messages are made here or in the classes; the kernels
 check nothing. Messages name the class, the argument, what was expected and
 what was got.
 """
+import math
 import numbers
 import os
 
@@ -17,12 +18,14 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def int_str(value):
-    """An int for a message: its digits, or how many there are past 40
-    (str() of an int of over 4300 digits raises a ValueError of its own)."""
+    """An int for a message: its digits, or for more than 40 of them how
+    many there are (str() of an int of over 4300 digits raises a ValueError
+    of its own)."""
     value = int(value)
-    if value.bit_length() <= 128:
+    if abs(value) < 10**40:
         return str(value)
-    return f"{'-' if value < 0 else ''}an int of about {int(value.bit_length() * 0.30103)} digits"
+    digits = int(math.log10(abs(value))) + 1   # (exact but next to powers of ten)
+    return f"{'a negative' if value < 0 else 'an'} int of about {digits} digits"
 
 
 def check_int(owner, name, value, minimum=1):

@@ -50,8 +50,15 @@ def _class_name(owner, layer, classes, what):
     from fastrnn.quantized import QUANTIZED_CLASSES   # (it imports the layers, as this does)
     name = type(layer).__name__
     if isinstance(layer, QUANTIZED_CLASSES):
-        raise TypeError(f"{owner}: the {name} is quantized ({layer._config['weight_dtype']}); "
-                        f"{owner} converts float models only: convert the float32 model")
+        # the float class it was made from, where this conversion takes that
+        float_name = next((base.__name__ for base in type(layer).__mro__[1:]
+                           if classes.get(base.__name__) is base), None)
+        weights = layer._config["weight_dtype"]
+        if float_name is None:
+            raise TypeError(f"{owner}: expected a fastrnn {what}, got {_qualified(layer)} "
+                            f"({weights})")
+        raise TypeError(f"{owner}: the {name} is quantized ({weights}); {owner} converts "
+                        f"float models only: convert the float32 {float_name}")
     if not isinstance(layer, classes.get(name, ())):
         raise TypeError(f"{owner}: expected a fastrnn {what}, got {_qualified(layer)}")
     return name

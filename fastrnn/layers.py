@@ -295,10 +295,11 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
     steps : int, the chunk length (the last chunk may be shorter)
     hx : the initial state, or None for the layer's (zeros, or the learned one)
 
-    Yields
-    ------
-    (index, out, backprop)
-        ``index`` selects the chunk's steps from any array laid out like
+    Returns
+    -------
+    iterator of (index, out, backprop)
+        One per chunk, computed as it is asked for (the arguments are
+        checked at the call). ``index`` selects the chunk's steps from any array laid out like
         ``x``, e.g. the targets: ``x[index]`` is the chunk (a slice of the
         time axis, or ``(slice(None), steps)`` for batch-first ``x``);
         ``out`` the chunk's output, and its ``backprop(dout, dstate=None)``.

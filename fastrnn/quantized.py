@@ -22,12 +22,12 @@ call API, whose products run on int8 or bfloat16 (``_quant.pyx``,
   DynamicQuantizeLSTM does the same;
 - products: exact int32 sums, the same on every CPU (AMX tiles, AVX-512
   VNNI, AVX2 and the portable build), dequantized as
-  ``float(sum) * (s_x * s_w[n])`` plus the float32 bias, in float32 with
-  subnormals flushed to zero, as all the kernels run (x86-64 and AArch64;
-  other CPUs keep them): a row (of x or of W) whose max |.| is below 127
-  times float32's least normal, ~1.5e-36, quantizes to zeros with scale 0,
-  and where s_x * s_w[n] falls below that least normal (max |x_row| *
-  max |w_n| below ~1.9e-34) the product is 0;
+  ``float(sum) * (s_x * s_w[n])`` plus the float32 bias. A row (of x or
+  of W) whose largest magnitude is below 127 times float32's least normal
+  (~1.5e-36) quantizes to zeros with scale 0, on every CPU; and where the
+  kernels flush subnormals to zero (x86-64, AArch64; other CPUs keep them),
+  a product whose scales multiply below the least normal (the two rows'
+  largest magnitudes multiplying below ~1.9e-34) is 0;
 - state, cell and gate arithmetic: float32, the float layers' own code
   but for sigmoid and tanh, which are rational functions here (within 4e-7
   and 7e-7 absolute of the exact values, against the float layers' few
@@ -151,6 +151,10 @@ class _Stack(NamedTuple):
     layers: list     # per layer (w_ih, w_hh, w_hn, bias_x, bias_h)
 
 
+# the least max |w| of a row with a scale (_qkernel.h's FASTRNN_Q_MIN_AMAX)
+MIN_AMAX = np.float32(127) * np.finfo(np.float32).tiny
+
+
 def quantize_weight(w, per_channel, tensors=1):
     """(q, scale): w (N, K) float32 as symmetric int8 and its float32 scale
     per row. Per tensor (per_channel False), ``tensors`` equal row blocks
@@ -180,8 +184,6 @@ def to_bfloat16(w):
 
 
 SCALE = "_scale"   # the suffix of an int8 weight's scales in a state dict
-# the least max |w| of a row with a scale (_qkernel.h's FASTRNN_Q_MIN_AMAX)
-MIN_AMAX = np.float32(127) * np.finfo(np.float32).tiny
 
 
 def _bfloat16_in_range(owner, name, reduced):
@@ -507,8 +509,10 @@ class _ReducedWeights:
                 scale = self._scale(owner, scale_name, state_dict[scale_name], shape[0])
                 return np.ascontiguousarray(value), scale
             if value.dtype.kind != "f":
+                hint = (" (a bfloat16 model's bit patterns: quantize the float32 model with "
+                        "dtype='bfloat16' to load them)" if value.dtype == np.uint16 else "")
                 raise ValueError(f"{owner}: expected {name} as int8 (with {scale_name}) or as "
-                                 f"floating-point weights to quantize, got {value.dtype}")
+                                 f"floating-point weights to quantize, got {value.dtype}{hint}")
             if scale_name in state_dict:
                 raise ValueError(f"{owner}: {scale_name} is given with a {value.dtype} "
                                  f"{name}; scales go with int8 weights (floating-point ones "
@@ -985,6 +989,12 @@ def _quantize_module(owner, module, dtype, per_channel):
     if isinstance(module, QUANTIZED_CLASSES):
         raise TypeError(f"{owner}: the {type(module).__name__} is quantized already; "
                         f"quantize the float32 model")
+    float_base = next((base for base in _QUANTIZED if isinstance(module, base)), None)
+    if cls is None and float_base is not None:
+        raise TypeError(f"{owner}: cannot quantize a {type(module).__name__}, a subclass of "
+                        f"{float_base.__name__}: quantize takes fastrnn's classes themselves (a "
+                        f"subclass may compute otherwise); quantize a {float_base.__name__} "
+                        f"holding its weights (load_state_dict)")
     if cls is None:
         where = type(module).__module__.split(".")[0]   # another library's: named with it
         name = type(module).__name__ if where == "fastrnn" else \

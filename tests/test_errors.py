@@ -993,3 +993,20 @@ def test_a_schedule_that_would_set_a_negative_rate_says_so_and_changes_nothing()
                                          r"out -0.00536\d* from the current 0.001"):
         schedule.step()
     assert schedule.epoch == 6 and opt.lr == 0.001
+
+
+def test_ints_of_thousands_of_digits_are_described_in_messages():
+    # str() of an int of over 4300 digits raises a ValueError of its own
+    # ("Exceeds the limit (4300 digits)"), which replaced these messages
+    from fastrnn._validation import int_str
+    assert int_str(10**40 - 1) == "9" * 40
+    assert int_str(10**40) == "an int of about 41 digits"
+    assert int_str(-10**5000 - 1) == "a negative int of about 5001 digits"
+    with pytest.raises(ValueError, match="GRU: hidden_size an int of about 5001 digits is too "
+                                         "large"):
+        fastrnn.GRU(3, 10**5000)
+    with pytest.raises(ValueError, match="LSTM: input_size an int of about 5001 digits is too "
+                                         "large"):
+        fastrnn.LSTM(10**5000, 3)
+    with pytest.raises(ValueError, match="tbptt: steps must be >= 1, got -12345$"):
+        fastrnn.tbptt(fastrnn.GRU(3, 4), np.zeros((4, 1, 3), np.float32), -12345)

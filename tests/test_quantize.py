@@ -85,7 +85,7 @@ def oracle_product(x, wq, ws, bias=None):
     q, s = oracle_rows(x)
     acc = (q.astype(np.int64) @ wq.astype(np.int64).T).astype(np.int32)
     y = flushed(acc.astype(F32) * flushed(s[:, None] * ws[None, :]))
-    return y if bias is None else flushed(y + bias)
+    return y if bias is None else flushed(y + flushed(bias))
 
 
 def _act(v):
@@ -2211,13 +2211,13 @@ def test_tiny_values_follow_the_stated_rule():
         np.testing.assert_array_equal(q(x), expected, err_msg=f"max |x| = {amax}")
     # a normal row's product, scales multiplying below FLT_MIN: exactly 0
     assert (q((base * F32(1e-35))[None]) == 0).all()
-    assert (q((base * F32(1e-2))[None])[0, 0] != 0)
+    assert q((base * F32(1e-2))[None])[0, 0] != 0
     with pytest.raises(ValueError, match="weight_scale has a subnormal scale, 1e-39 at row 1"):
         q.load_state_dict({**sd, "weight_scale": np.array([sd["weight_scale"][0], 1e-39, 0],
                                                           F32)})
 
 
-def test_refusals_name_what_is_wrong():
+def test_refusals_name_what_is_wrong(tmp_path):
     # these were refused with messages that contradicted themselves ("cannot
     # quantize a LSTM; expected ... LSTM", "expected a fastrnn ... LSTM, got
     # QuantizedLSTM", a subclass of LSTM) or named the wrong thing
@@ -2225,14 +2225,26 @@ def test_refusals_name_what_is_wrong():
     q8 = fastrnn.quantize(lstm)
     with pytest.raises(TypeError, match="quantize: the QuantizedLSTM is quantized already"):
         fastrnn.quantize(q8)
-    for export in (fastrnn.to_torch, lambda layer: fastrnn.to_onnx(layer, "unused.onnx")):
+    for export in (fastrnn.to_torch, lambda layer: fastrnn.to_onnx(layer, tmp_path / "q.onnx")):
         with pytest.raises(TypeError, match=r"to_(torch|onnx): the QuantizedLSTM is quantized "
                                             r"\(int8\); to_(torch|onnx) converts float models"):
             export(q8)
+    # (a quantized Linear: neither conversion takes the float one either)
+    with pytest.raises(TypeError, match=r"to_torch: expected a fastrnn RNN, GRU, LSTM or cell, "
+                                        r"got fastrnn\.quantized\.QuantizedLinear \(int8\)"):
+        fastrnn.to_torch(fastrnn.quantize(fastrnn.Linear(3, 2)))
+
+    class MyGRU(fastrnn.GRU):
+        pass
+    with pytest.raises(TypeError, match="cannot quantize a MyGRU, a subclass of GRU: quantize "
+                                        "takes fastrnn's classes themselves"):
+        fastrnn.quantize(MyGRU(3, 4))
     half = fastrnn.quantize(lstm, dtype="bfloat16")
     with pytest.raises(ValueError, match="unexpected keys .*weight_ih_l0_scale.*the state "
                                          "dict holds int8 weights"):
         half.load_state_dict(q8.state_dict())
+    with pytest.raises(ValueError, match="got uint16 .a bfloat16 model's bit patterns"):
+        q8.load_state_dict(half.state_dict())
     assert "per_channel" not in repr(fastrnn.quantize(lstm, dtype="bfloat16", per_channel=False))
     assert "per_channel=False" in repr(fastrnn.quantize(lstm, per_channel=False))
 

@@ -6,6 +6,7 @@ Most tests lower the size threshold to 0 so that every buffer goes through
 the recycler at small sizes; one runs at the real threshold.
 """
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -295,3 +296,23 @@ def test_a_call_reentering_the_pool_does_not_deadlock(tmp_path):
                           text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) >= 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here (Windows)")
+def test_a_forked_child_starts_with_a_free_pool():
+    # a child forked while another thread was inside the pool kept _busy set:
+    # its pool lent no buffer again, ever
+    pool = _engine._training_buffers
+    layer = fastrnn.GRU(16, 128, seed=1)
+    x = np.zeros((30, 32, 16), np.float32)
+    layer.forward_train(x)                      # something kept
+    pool._busy = True                           # as if inside the pool at the fork
+    try:
+        pid = os.fork()
+        if pid == 0:                            # the child: its exit status says
+            ok = not pool._busy and len(pool._kept) == 0
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        pool._busy = False
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

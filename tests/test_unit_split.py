@@ -247,8 +247,6 @@ def test_float64_parts_of_any_width_give_one_threads_bits(kind, H, parts, count_
     zeros = np.zeros((1, 1, H))
     ref = layer_forward(kind, layer.state_dict(), x, zeros, zeros if kind == "lstm" else None)
     np.testing.assert_allclose(split[0], ref[0], rtol=0, atol=1e-12)
-    # one thread multiplies the same way only above the plain loop's bound
-    assert _plan.UNIT_SPLIT_MIN_MACS > _forward.AXPY_LIMIT
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -307,14 +305,25 @@ def test_few_rows_split_their_units(kind, batch_first, threads, count_pairs, mon
 def test_a_float32_split_keeps_no_copy_of_w_hh(count_pairs):
     """float32 parts multiply W_hh packed whole: the parameter set keeps
     only each part's GRU bias for the split, no rows of W_hh (7.7 MB at GRU
-    800, and their transpose)."""
+    800)."""
     layer = fastrnn.GRU(16, 256, seed=0)
     layer(np.ones((40, 1, 16), np.float32))
     assert count_pairs
     kept = [value for key, value in layer._params.cache.items()
             if isinstance(key, tuple) and key[0] == "units"]
-    assert kept and all(w is None and w_t is None and bias.shape == (3 * 128,)
-                        for w, w_t, bias in kept)
+    assert kept and all(w is None and bias.shape == (3 * 128,) for w, bias in kept)
+
+
+def test_a_float64_split_keeps_its_rows_of_w_hh_once(count_pairs, monkeypatch):
+    """float64 parts multiply their own rows of W_hh (_rowdot.h), kept once:
+    no transposed copy beside them (nothing reads one)."""
+    layer = fastrnn.GRU(16, 256, dtype="float64", seed=0)
+    layer(np.ones((40, 1, 16)))
+    assert count_pairs
+    kept = [value for key, value in layer._params.cache.items()
+            if isinstance(key, tuple) and key[0] == "units"]
+    assert len(kept) == 2 and all(w.shape == (3 * 128, 256) and bias.shape == (3 * 128,)
+                                  for w, bias in kept)
 
 
 @pytest.mark.parametrize("change, splits", [
@@ -536,13 +545,29 @@ def test_a_part_whose_core_another_program_takes_is_contended(tmp_path):
     assert contended >= 15, (clean, contended)
 
 
+def test_every_float64_layer_that_splits_multiplies_alike_in_one_thread():
+    # one thread takes _rowdot.h's row dot products only above the plain
+    # loop's bound (_forward._recurrent_product), and a layer splits only
+    # from UNIT_SPLIT_MIN_MACS on: the split changes no bit while this holds
+    assert _plan.UNIT_SPLIT_MIN_MACS > _forward.AXPY_LIMIT
+
+
 def test_recur_units_takes_more_rows_only_packed():
-    """float64 (BLAS: each part's own rows of W_hh) splits batch 1 only."""
+    """float64 (each part's own rows of W_hh, _rowdot.h) splits batch 1 only,
+    and float32 needs W_hh packed."""
     T, B, H = 3, 2, 16
     f64 = np.float64
     with pytest.raises(ValueError, match="recur_units: 2 rows need W_hh packed"):
         _forward.recur_units(cell=_forward.CELL_GRU, T=T, bounds=[0, 8, 16],
-                             w_parts=[np.zeros((24, H))] * 2, w_parts_t=[np.zeros((H, 24))] * 2,
+                             w_parts=[np.zeros((24, H))] * 2,
                              bias_parts=[None] * 2, works=[np.zeros(200)] * 2,
                              h=np.zeros((1, B, H)), c=None, gx=np.zeros((T * B, 3 * H), f64),
                              out=np.zeros((T * B, H), f64), wait_ns=0)
+    f32 = np.float32
+    with pytest.raises(ValueError, match="recur_units: float32 needs W_hh packed"):
+        _forward.recur_units(cell=_forward.CELL_GRU, T=T, bounds=[0, 8, 16],
+                             w_parts=[np.zeros((24, H), f32)] * 2,
+                             bias_parts=[None] * 2, works=[np.zeros(200, f32)] * 2,
+                             h=np.zeros((1, 1, H), f32), c=None,
+                             gx=np.zeros((T, 3 * H), f32), out=np.zeros((T, H), f32),
+                             wait_ns=0)
