@@ -129,10 +129,16 @@ class _BlasAtOneThread:
     good (float64 training 1.9 s -> 4.2 s). A BLAS shared with numpy
     (system builds) is held only while fastrnn calls run, its setting
     restored when the last one ends.
+
+    The lock is reentrant: a call from a signal handler (or a finalizer)
+    landing while this thread runs the Python code under it would otherwise
+    wait for good. What runs under it is idempotent (find the libraries, set
+    them to one thread) or counted, so the inner call's holding inside the
+    outer's leaves them as the outer's alone would.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._depth = 0
         self._libs = None
         self._private = False

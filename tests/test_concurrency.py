@@ -308,3 +308,48 @@ def test_scipys_blas_is_held_at_one_thread_again_after_the_user_changed_it():
         limits.restore_original_limits()
         with hold:
             pass
+
+
+BLAS_REENTRY_SCRIPT = r"""
+import numpy as np, fastrnn
+from fastrnn import _parallel
+layer = fastrnn.GRU(32, 256, dtype="float64", seed=0)     # its plan holds BLAS
+x = np.random.default_rng(0).standard_normal((20, 1, 32))
+expected = layer(x)[0]
+hold = _parallel.blas_at_one_thread
+inside = [False]
+outputs = []
+
+class Blas:
+    # a BLAS handle whose thread count read is where a signal handler
+    # (calling the model) lands
+    user_api = "blas"
+
+    @property
+    def num_threads(self):
+        if not inside[0]:
+            inside[0] = True
+            outputs.append(layer(x)[0])
+            inside[0] = False
+        return 1
+
+    def set_num_threads(self, n):
+        pass
+
+hold._libs, hold._private = [Blas()], True
+outputs.append(layer(x)[0])
+assert len(outputs) == 2 and all(np.array_equal(out, expected) for out in outputs)
+print("ok")
+"""
+
+
+def test_a_call_reentering_the_blas_hold_does_not_deadlock(tmp_path):
+    # the BLAS hold's lock was a plain one, with Python code under it: a
+    # signal handler calling a float64 layer there waited for good; in a
+    # child, so that a hang fails here (from tmp_path: not the source tree's
+    # unbuilt package)
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", BLAS_REENTRY_SCRIPT], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr
