@@ -138,17 +138,23 @@ class _TrainingBuffers:
         self._busy = False
         self._kept = weakref.WeakKeyDictionary()
 
-    def new_step(self, owner):
-        """A training forward of ``owner`` begins: its idle buffers not lent
-        in the last KEPT_STEPS steps go."""
+    def _alone(self, work):
+        """``work()`` under the lock, the pool to itself; None, without
+        running it, when this thread is inside the pool already (see the
+        class)."""
         with self._lock:
-            if self._busy:   # re-entered (see the class): nothing to let go now
-                return
+            if self._busy:
+                return None
             self._busy = True
             try:
-                self._new_step(owner)
+                return work()
             finally:
                 self._busy = False
+
+    def new_step(self, owner):
+        """A training forward of ``owner`` begins: its idle buffers not lent
+        in the last KEPT_STEPS steps go (re-entered: nothing goes now)."""
+        self._alone(lambda: self._new_step(owner))
 
     def _new_step(self, owner):
         lent = self._kept.get(owner)
@@ -173,14 +179,9 @@ class _TrainingBuffers:
         if math.prod(shape) * dtype.itemsize < self.BIG_BYTES:
             return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
         shape = tuple(shape)
-        with self._lock:
-            if self._busy:   # re-entered (see the class): a buffer of its own
-                return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
-            self._busy = True
-            try:
-                buf = self._lend(owner, shape, dtype)
-            finally:
-                self._busy = False
+        buf = self._alone(lambda: self._lend(owner, shape, dtype))
+        if buf is None:   # re-entered: a buffer of its own
+            buf = np.empty(shape, dtype)
         if zero:
             buf.fill(0)
         return buf
@@ -199,11 +200,12 @@ class _TrainingBuffers:
         return buf
 
     def release(self, owner):
-        with self._lock:
-            if self._busy:   # re-entered: let go at the next call instead
-                return
-            self._kept.pop(owner, None)
-            owner._lends_buffers = False
+        """Let all of ``owner``'s buffers go (re-entered: at its next call)."""
+        self._alone(lambda: self._release(owner))
+
+    def _release(self, owner):
+        self._kept.pop(owner, None)
+        owner._lends_buffers = False
 
 
 class _Lent:

@@ -360,14 +360,14 @@ def _plan_threads():
     return _parallel.get_num_threads() if threads is None else threads
 
 
-def _cached(key, build):
-    """The plan under ``key`` (whose last item is the thread count it is
-    for: _tuning), built by ``build()`` for that count if not kept."""
+def _cached(key, threads, build):
+    """The plan under ``key`` (which holds ``threads``, the count it is
+    for), built by ``build()`` for that count if not kept."""
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= PLAN_CACHE_SIZE:
             _plans.clear()
-        outer, _building.threads = getattr(_building, "threads", None), key[-1]
+        outer, _building.threads = getattr(_building, "threads", None), threads
         try:
             plan = build()
         finally:   # (a build re-entered on this thread: the outer one's count back)
@@ -381,13 +381,15 @@ def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
     steps of B rows; the hidden-unit split is subject to the backoff at each
     call (``units`` says only that the shape allows it)."""
     cfg = layer._config
+    threads = _parallel.get_num_threads()   # (once: the key's and the plan's)
     # (_general_only: zoneout runs on the general path with the same kernel
     # code as the plain layer)
     key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
            layer._general_only, layer._dropouts is not None, layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
-           bool(batch_first), bool(train), bool(has_lengths)) + _tuning()
-    return _cached(key, lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))
+           bool(batch_first), bool(train), bool(has_lengths)) + _tuning(threads)
+    return _cached(key, threads,
+                   lambda: _forward_plan(layer, T, B, batch_first, train, has_lengths))
 
 
 def _forward_plan(layer, T, B, batch_first, train, has_lengths):
@@ -472,11 +474,12 @@ def backward_plan(layer, T, B, has_lengths=False):
     """The plan of BPTT over a tape of T steps of B rows; ``units`` as
     forward_plan's, for ``_backward.backward_units``."""
     cfg = layer._config
+    threads = _parallel.get_num_threads()
     key = ("backward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
            layer._general_only, layer._dropouts is not None, layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
-           bool(has_lengths)) + _tuning()
-    return _cached(key, lambda: _backward_plan(layer, T, B, has_lengths))
+           bool(has_lengths)) + _tuning(threads)
+    return _cached(key, threads, lambda: _backward_plan(layer, T, B, has_lengths))
 
 
 def _backward_plan(layer, T, B, has_lengths):
@@ -509,9 +512,10 @@ def quantized_plan(layer, T, B, has_lengths=False):
     """The plan of a reduced-precision call of ``layer`` (a quantized layer
     or cell) over T steps of B rows, cached as forward_plan's."""
     cfg = layer._config
+    threads = _parallel.get_num_threads()
     key = ("quantized", cfg["weight_dtype"], layer._kernel_code, cfg.get("num_layers", 1),
-           layer._dirs, cfg["hidden_size"], T, B, bool(has_lengths)) + _quant_tuning()
-    return _cached(key, lambda: _quantized_plan(layer, T, B, has_lengths))
+           layer._dirs, cfg["hidden_size"], T, B, bool(has_lengths)) + _quant_tuning(threads)
+    return _cached(key, threads, lambda: _quantized_plan(layer, T, B, has_lengths))
 
 
 def _quantized_plan(layer, T, B, has_lengths):
