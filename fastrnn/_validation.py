@@ -17,6 +17,13 @@ BLAS_INT_MAX = 2**31 - 1
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def qualified_name(obj):
+    """obj's class with its module (torch.nn.modules.rnn.LSTM, not LSTM), for
+    a message where another library's class of the same name may stand."""
+    where = type(obj).__module__
+    return f"{'' if where == 'builtins' else where + '.'}{type(obj).__qualname__}"
+
+
 def int_str(value):
     """An int for a message: its digits, or for more than 40 of them how
     many there are (str() of an int of over 4300 digits raises a ValueError

@@ -37,13 +37,6 @@ _LAYERS = {"RNN": RNN, "GRU": GRU, "LSTM": LSTM}
 _CELLS = {"RNNCell": RNNCell, "GRUCell": GRUCell, "LSTMCell": LSTMCell}
 
 
-def _qualified(obj):
-    """obj's class with its module (torch.nn.modules.rnn.LSTM, not LSTM), for
-    a message where another library's class of the same name may stand."""
-    where = type(obj).__module__
-    return f"{'' if where == 'builtins' else where + '.'}{type(obj).__qualname__}"
-
-
 def _class_name(owner, layer, classes, what):
     """The name of ``layer``'s class, one of ``classes`` (name -> fastrnn
     class), else a TypeError (a PyTorch module of the same name included)."""
@@ -55,12 +48,12 @@ def _class_name(owner, layer, classes, what):
                            if classes.get(base.__name__) is base), None)
         weights = layer._config["weight_dtype"]
         if float_name is None:
-            raise TypeError(f"{owner}: expected a fastrnn {what}, got {_qualified(layer)} "
+            raise TypeError(f"{owner}: expected a fastrnn {what}, got {v.qualified_name(layer)} "
                             f"({weights})")
         raise TypeError(f"{owner}: the {name} is quantized ({weights}); {owner} converts "
                         f"float models only: convert the float32 {float_name}")
     if not isinstance(layer, classes.get(name, ())):
-        raise TypeError(f"{owner}: expected a fastrnn {what}, got {_qualified(layer)}")
+        raise TypeError(f"{owner}: expected a fastrnn {what}, got {v.qualified_name(layer)}")
     return name
 
 
@@ -132,13 +125,13 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     base = next((c for c in type(module).__mro__ if any(c is b for b in bases)), None)
     if base is None:
         raise TypeError(f"from_torch: expected a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or "
-                        f"LSTMCell, got {_qualified(module)}")
+                        f"LSTMCell, got {v.qualified_name(module)}")
     name = base.__name__
     # what a call runs: a subclass that redefines any of it computes its own way
     for method in ("__call__", "_call_impl", "forward", "permute_hidden", "check_forward_args",
                    "check_input", "check_hidden_size", "get_expected_hidden_size"):
         if getattr(type(module), method, None) is not getattr(base, method, None):
-            raise TypeError(f"from_torch: {_qualified(module)} overrides torch.nn.{name}."
+            raise TypeError(f"from_torch: {v.qualified_name(module)} overrides torch.nn.{name}."
                             f"{method}; only torch's own computation converts (its weights "
                             f"can: build a torch.nn.{name} and load its state_dict)")
     dtypes = {p.dtype for p in module.parameters()}

@@ -996,12 +996,10 @@ def _quantize_module(owner, module, dtype, per_channel):
                         f"subclass may compute otherwise); quantize a {float_base.__name__} "
                         f"holding its weights (load_state_dict)")
     if cls is None:
-        where = type(module).__module__.split(".")[0]   # another library's: named with it
-        name = type(module).__name__ if where == "fastrnn" else \
-            f"{type(module).__module__}.{type(module).__qualname__}"
+        torch = type(module).__module__.split(".")[0] == "torch"
         hint = ("; a PyTorch module converts with fastrnn.from_torch first (which also takes "
-                "torch's quantize_dynamic modules)" if where == "torch" else "")
-        raise TypeError(f"{owner}: cannot quantize a {name}; "
+                "torch's quantize_dynamic modules)" if torch else "")
+        raise TypeError(f"{owner}: cannot quantize a {v.qualified_name(module)}; "
                         f"expected a fastrnn RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, Linear "
                         f"or a Sequential of them{hint}")
     config = {k: (val.name if isinstance(val, np.dtype) else val)
