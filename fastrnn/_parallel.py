@@ -208,13 +208,14 @@ def matmul(a, b):
         return gemm(1.0, b.T, a.T).T
 
 
-def hold_blas(parts, rows, n_cols, in_cols, batch, gates_h, hidden):
-    """Whether a layer call should hold BLAS at one thread: when it runs in
-    parts, or when one of its BLAS calls is large enough for OpenBLAS to
-    thread (holding costs ~10 us, a small call need not pay it). The bounds
-    are the kernels' own (_forward.blas_hold_needed)."""
+def hold_blas(parts, rows, n_cols, in_cols, batch, gates_h, hidden, blas_at_batch_1):
+    """Whether a float64 layer call should hold BLAS at one thread: when it
+    runs in parts, or when one of its BLAS calls is large enough for
+    OpenBLAS to thread (holding costs ~10 us, a small call need not pay it).
+    The bounds are the kernels' own (_forward.blas_hold_needed, which says
+    what ``blas_at_batch_1`` is)."""
     return len(parts) > 1 or _forward.blas_hold_needed(rows, n_cols, in_cols, batch, gates_h,
-                                                       hidden)
+                                                       hidden, blas_at_batch_1)
 
 
 def _after_fork_in_child():

@@ -414,7 +414,8 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         # layer norm's per-step products are whole BLAS calls, not cut into
         # single-thread blocks as the plain kernels' are: always held
         hold = hold or layer_norm or units is not None or products > 1 or _parallel.hold_blas(
-            parts, T * B, N, in_cols, B, gates * H, H)
+            parts, T * B, N, in_cols, B, gates * H, H,
+            blas_at_batch_1=train and layer._dropouts is not None)
     fold = folds(layer)
     return Plan(parts, units, hold, window, time_major, fold, products,
                 _stacks(layer, parts, train))
@@ -492,7 +493,7 @@ def _backward_plan(layer, T, B, has_lengths):
     products = product_parts(layer, parts, T * B * N * (2 * in_cols + H))
     hold = bool(layer._proj_index) or dtype != np.float32 and (
         bool(layer._ln_index) or products > 1 or _parallel.hold_blas(
-        parts, T * B, N, in_cols, B, layer._gates * H, H))
+        parts, T * B, N, in_cols, B, layer._gates * H, H, blas_at_batch_1=True))
     units = None
     if dtype == np.float32 and _may_split_units(layer, B, has_lengths, train=True):
         # on the column groups of W_hh packed for dG . W_hh (pack_backward)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _validation
+from fastrnn import _plan, _validation
 from fastrnn._kernels import forward as _forward
 from reference import cell_forward, layer_forward
 
@@ -525,6 +525,37 @@ def test_lean_path_declines_what_it_does_not_handle():
                                                    None) is not None
     with pytest.raises(ValueError, match="expected input of shape"):
         layer(np.zeros((4, 2, 3), np.float32))
+
+
+@pytest.mark.parametrize("kind,H", [("lstm", 256), ("gru", 160), ("rnn_tanh", 300)])
+def test_a_float64_batch_one_call_with_wide_weights_takes_the_lean_path(kind, H):
+    """float64's batch-1 step products beyond AXPY_MAX are _rowdot.h's, not
+    BLAS calls: nothing OpenBLAS could thread, so a short call takes the
+    lean path (no BLAS hold), bit for bit as the general path; BPTT's
+    batch-1 products are still gemv, held. One thread: at more, longer
+    calls split their units. [failed before: the lean path declined, as if
+    the steps called gemv]"""
+    layer = make_layer(kind, 8, H, dtype="float64", seed=1)
+    assert layer._gates * H * H > _forward.AXPY_LIMIT
+    x = np.random.default_rng(H).standard_normal((6, 1, 8))
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        lean = layer._sequence_runner(layer._params).run(x, None)
+        assert lean is not None
+        general = layer(x, lengths=[6])
+        assert not _plan.forward_plan(layer, 6, 1, batch_first=False, train=True,
+                                      has_lengths=False).hold_blas
+        assert _plan.backward_plan(layer, 6, 1).hold_blas
+        # under Keras' recurrent dropout the steps' products are gemm calls
+        dropped = make_layer(kind, 8, H, dtype="float64", seed=1, recurrent_dropout=0.5)
+        assert _plan.forward_plan(dropped, 6, 1, batch_first=False, train=True,
+                                  has_lengths=False).hold_blas
+    finally:
+        fastrnn.set_num_threads(before)
+    np.testing.assert_array_equal(lean[0], general[0])
+    for a, b in zip(*((r[1] if kind == "lstm" else (r[1],)) for r in (lean, general))):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
