@@ -149,7 +149,12 @@ def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None
     for block, rows in zip(x.to_delayed().ravel(), x.chunks[0]):
         scored = dask.delayed(_score_block, pure=True)(shared_model, block, batch_size, empty)
         blocks.append(da.from_delayed(scored, shape=(rows,) + probe.shape[1:], dtype=probe.dtype))
-    return da.concatenate(blocks, axis=0)
+    scores = da.concatenate(blocks, axis=0)
+    # concatenate drops empty blocks between others: put x's chunks back
+    # (sizes unknown, as a filtered array's, are kept as they are)
+    if any(np.isnan(rows) for rows in x.chunks[0]) or scores.chunks[0] == x.chunks[0]:
+        return scores
+    return scores.rechunk({0: x.chunks[0]})
 
 
 def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,

@@ -372,7 +372,8 @@ def _broadcasts_within(shape, over):
 
 class BCEWithLogitsLoss(Loss):
     """Binary cross-entropy from logits, numerically stable; targets in [0, 1]
-    (PyTorch's ``nn.BCEWithLogitsLoss``).
+    (PyTorch's ``nn.BCEWithLogitsLoss``; a target outside [0, 1] is refused
+    with a ValueError, where PyTorch returns a loss that means nothing).
 
     Parameters
     ----------
@@ -401,6 +402,10 @@ class BCEWithLogitsLoss(Loss):
 
     def _elements(self, pred, target):
         pred, target = self._pair(pred, target)
+        if (target < 0).any() or (target > 1).any():
+            raise ValueError(f"BCEWithLogitsLoss: target must lie in [0, 1] (0/1 labels or "
+                             f"probabilities), got values from {np.nanmin(target):g} to "
+                             f"{np.nanmax(target):g}")
         w = 1.0 if self.pos_weight is None else self.pos_weight.astype(pred.dtype)
         if self.pos_weight is not None and not _broadcasts_within(w.shape, pred.shape):
             raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {shape_str(w.shape)} "

@@ -445,7 +445,7 @@ class Sequential:
     def compile(self, loss: str | Loss = "mse", optimizer: str | Optimizer = "adam",
                 clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                 metrics: list[Any] | None = None,
-                weighted_metrics: list[Any] | None = None) -> None:
+                weighted_metrics: list[Any] | None = None) -> Sequential:
         """Set the loss, the optimizer and the metrics.
 
         Parameters
@@ -645,11 +645,13 @@ class Sequential:
 
         Parameters
         ----------
-        x, y, sample_weight
+        x, y
             As for ``fit`` (x may be a list of sequences of different lengths
             or, with y None, an iterable of batches).
         batch_size : int, optional
             Samples per call (all at once if None).
+        sample_weight : array_like, optional
+            As for ``fit``.
         steps : int, optional
             Batches to take (all if None): from an iterable, or the first
             ones of the arrays (Keras' rule).

@@ -130,8 +130,9 @@ class Stream(CallLock):
     def state(self) -> list[Any]:
         """Copies of the state after the last call, one entry per recurrent
         layer: its h_n (or (h_n, c_n) for LSTM) of shape (num_layers, B, H)
-        however the stream was fed (frames or chunks, one stream or a batch),
-        None before the first call."""
+        however the stream was fed (frames or chunks, one stream or a batch);
+        before the first call and after ``reset()`` each entry is None (the
+        list itself is not)."""
         return [None if s is None else
                 (tuple(None if a is None else a.copy() for a in s) if isinstance(s, tuple)
                  else s.copy())

@@ -119,6 +119,19 @@ def test_empty_blocks_and_partitions_score_to_no_rows():
     assert list(scores.index) == list(np.flatnonzero(keep))
 
 
+def test_the_scores_are_chunked_like_x_empty_chunks_too():
+    """[failed before] dask's concatenate dropped an empty chunk between
+    others: x chunked (30, 0, 40, 30) gave scores chunked (30, 40, 30), not
+    like x as the docstring says."""
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.LastStep()])
+    x = np.random.default_rng(5).standard_normal((100, 7, 3)).astype(np.float32)
+    for chunks in ((30, 0, 40, 30), (0, 100), (100, 0), (50, 50)):
+        scores = fdask.predict(model, da.from_array(x, chunks=(chunks, 7, 3)))
+        assert scores.chunks[0] == chunks
+        np.testing.assert_array_equal(scores.compute(scheduler="sync"), model.predict(x))
+
+
 def test_a_model_holding_a_stateful_is_refused():
     """[failed before] The one-row trial call fixed the Stateful's batch size
     to 1 (or failed with batch_size=4): every block failed, blaming the batch

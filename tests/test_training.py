@@ -211,6 +211,25 @@ def test_bce_no_overflow_warning():
         fastrnn.BCEWithLogitsLoss().value_and_grad(pred, np.array([0.0, 1.0]))
 
 
+def test_bce_refuses_targets_outside_zero_one():
+    """[failed before] A target of 2 or -0.5 (labels coded -1/1, a count)
+    gave a negative loss and trained on it, silently."""
+    pred = np.zeros((2, 3))
+    loss = fastrnn.BCEWithLogitsLoss()
+    for bad, shown in ((2.0, "0 to 2"), (-0.5, "-0.5 to 1")):
+        target = np.array([[0.0, 1.0, 0.5], [1.0, 0.0, bad]])
+        with pytest.raises(ValueError, match=rf"BCEWithLogitsLoss: target must lie in \[0, 1\] "
+                                             rf"\(0/1 labels or probabilities\), got values "
+                                             rf"from {shown}"):
+            loss.value_and_grad(pred, target)
+    value, _ = loss.value_and_grad(pred, np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]]))
+    assert value == pytest.approx(np.log(2))
+    model = fastrnn.Sequential([fastrnn.GRU(2, 3, batch_first=True, seed=0), fastrnn.LastStep()])
+    model.compile(loss="bce_with_logits", optimizer="sgd")
+    with pytest.raises(ValueError, match="target must lie in"):
+        model.fit(np.zeros((4, 5, 2), np.float32), -np.ones((4, 3), np.float32), verbose=0)
+
+
 def test_loss_errors():
     with pytest.raises(ValueError, match="MSELoss: pred and target must have the same shape"):
         fastrnn.MSELoss()(np.zeros((2, 3)), np.zeros((3, 2)))
