@@ -392,22 +392,30 @@ static inline ptrdiff_t fastrnn_mk_groups(ptrdiff_t units, int ub) {
 static inline ptrdiff_t fastrnn_mk_packed_size(ptrdiff_t K, ptrdiff_t units, int gates, int ub) {
     return fastrnn_mk_groups(units, ub) * K * ub * gates * FASTRNN_MK_LANES;
 }
+/* Rows [k0, k1) of fastrnn_mk_pack's one-gate layout of K rows whose
+ * columns are adjacent (BPTT packs the saved activations so at every
+ * training step, in blocks of rows between which it looks for Ctrl-C):
+ * each group's row is a run of src's row. */
+static void fastrnn_mk_pack_rows(const float* src, ptrdiff_t s_k, ptrdiff_t K, ptrdiff_t k0,
+                                 ptrdiff_t k1, ptrdiff_t units, int ub, float* out) {
+    ptrdiff_t groups = fastrnn_mk_groups(units, ub);
+    ptrdiff_t width = (ptrdiff_t)ub * FASTRNN_MK_LANES;
+    for (ptrdiff_t k = k0; k < k1; k++) {
+        for (ptrdiff_t q = 0; q < groups; q++) {
+            float* dst = out + (q * K + k) * width;
+            ptrdiff_t n = units - q * width < width ? units - q * width : width;
+            memcpy(dst, src + k * s_k + q * width, (size_t)n * sizeof(float));
+            if (n < width) memset(dst + n, 0, (size_t)(width - n) * sizeof(float));
+        }
+    }
+}
+
 static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrdiff_t K,
                             ptrdiff_t units, int gates, int ub, float* out) {
     ptrdiff_t groups = fastrnn_mk_groups(units, ub);
     int nv = ub * gates;
     if (gates == 1 && s_n == 1) {
-        /* one gate, columns adjacent (BPTT packs the saved activations so at
-         * every training step): each group's row is a run of src's row */
-        ptrdiff_t width = (ptrdiff_t)ub * FASTRNN_MK_LANES;
-        for (ptrdiff_t k = 0; k < K; k++) {
-            for (ptrdiff_t q = 0; q < groups; q++) {
-                float* dst = out + (q * K + k) * width;
-                ptrdiff_t n = units - q * width < width ? units - q * width : width;
-                memcpy(dst, src + k * s_k + q * width, (size_t)n * sizeof(float));
-                if (n < width) memset(dst + n, 0, (size_t)(width - n) * sizeof(float));
-            }
-        }
+        fastrnn_mk_pack_rows(src, s_k, K, 0, K, units, ub, out);
         return;
     }
     for (ptrdiff_t q = 0; q < groups; q++) {

@@ -20,6 +20,9 @@ cdef extern from "_microkernel.h":
                                       int ub) noexcept nogil
     void fastrnn_mk_pack(const float* src, Py_ssize_t s_k, Py_ssize_t s_n, Py_ssize_t K,
                          Py_ssize_t units, int gates, int ub, float* out) noexcept nogil
+    void fastrnn_mk_pack_rows(const float* src, Py_ssize_t s_k, Py_ssize_t K, Py_ssize_t k0,
+                              Py_ssize_t k1, Py_ssize_t units, int ub,
+                              float* out) noexcept nogil
     void fastrnn_mk_group_columns(Py_ssize_t q, Py_ssize_t units, int gates, int ub,
                                   Py_ssize_t ld_gate, Py_ssize_t unit0, Py_ssize_t* coff,
                                   fastrnn_mask* mask) noexcept nogil

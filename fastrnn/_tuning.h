@@ -39,6 +39,10 @@
  * projection, input and weight gradients: ~3-5 ms on one core), between
  * which it looks for an interrupt too. */
 #define FASTRNN_INTERRUPT_BLOCK_MACS 134217728
+/* Values of one block of BPTT's packing of its saved rows (_backward's
+ * pack_rows: 4 MB, ~0.5-2 ms where the buffer is touched first), between
+ * which it looks for an interrupt: a cold step packs hundreds of MB. */
+#define FASTRNN_INTERRUPT_PACK_VALUES 1048576
 
 /* --- the streaming path of a cell call (_forward.pyx.tp: CellStep) --- */
 

@@ -782,6 +782,54 @@ def test_long_calls_answer_ctrl_c_and_stay_usable(what, python_sigint_handler):
                                                         seed=0)(small)[0])
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="needs setitimer")
+def test_packing_a_steps_saved_rows_answers_signals():
+    """[failed before] BPTT packs its saved rows (x, h_{t-1}) for the weight
+    gradients in one call that ran no signal handler: on a cold step, where
+    it touches its buffers first, Ctrl-C waited 0.2-0.7 s (LSTM 64->384,
+    T = 1500, B = 64). It now packs in blocks of 4 MB and between them runs
+    the handlers every ~20 ms, as the kernels do: an alarm 2 ms into a
+    pack of 256 MB into a buffer it touches first (~40-100 ms) stops it
+    midway, the rest of the buffer left unwritten (zeros)."""
+    import signal
+    import threading
+
+    from fastrnn._kernels import backward as _backward
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+
+    class Alarm(Exception):
+        pass
+
+    rows, cols = 1 << 20, 64
+    w = np.ones((rows, cols), np.float32)
+    for _ in range(5):
+        buffer = np.empty(_backward.pack_rows_size(rows, cols), np.float32)  # (fresh pages: 0)
+        raised = []
+
+        def handler(signum, frame):
+            if not raised:
+                raised.append(True)
+                raise Alarm
+
+        previous = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.002)
+            _backward.pack_rows(w, 0, rows, buffer=buffer)
+        except Alarm:
+            pass
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        written = int(np.count_nonzero(buffer))
+        if raised and written:     # (else the alarm came before the pack began: again)
+            break
+    assert raised and written, "the alarm never went off during a pack"
+    assert written < rows * cols, "the pack ran to its end before the handler ran"
+    packed = _backward.pack_rows(w, 0, rows, buffer=buffer)   # and again, whole
+    assert packed.size == rows * cols and (packed == 1).all()
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
 def test_stacks_in_parts_answer_ctrl_c(python_sigint_handler, monkeypatch):
     """A stack whose parts take their rows through every layer (Plan.stack,
