@@ -318,6 +318,24 @@ def _refuse_quantized_entry(owner, state_dict, name):
                     f"as values with astype(np.float32)")
 
 
+def _check_parameter_memory(owner, layers, hidden_size, nbytes):
+    """A MemoryError, before anything is allocated, for parameters that with
+    their gradients (2 x ``nbytes``) exceed this machine's memory. Each
+    storage alone would be allocated (many small ones succeed one by one
+    until the system kills the process; num_layers = 10**7 asked for 700 GB
+    so, an hour into the allocations)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):   # (no sysconf: Windows)
+        return
+    if memory > 0 and 2 * nbytes > memory:
+        raise MemoryError(f"{owner}: {v.int_str(layers)} "
+                          f"{'layers' if layers != 1 else 'layer'} of hidden_size "
+                          f"{v.int_str(hidden_size)} need{'s' if layers == 1 else ''} "
+                          f"{v.bytes_text(2 * nbytes)} for their parameters and gradients, "
+                          f"more than this machine's {v.bytes_text(memory)} of memory")
+
+
 class Module:
     """Base of every public class: configuration and named parameters.
 
@@ -342,6 +360,7 @@ class Module:
         object.__setattr__(self, "_config", {})
         object.__setattr__(self, "_names", {})    # name -> (storage index, rows or None)
         self._draft = []                          # storages under construction
+        self._draft_grads = []                    # and their gradients
         self._params = None                       # the current ParamSet
         self._trainable = ()                      # the gradient of each storage
         self._grads = MappingProxyType({})
@@ -372,7 +391,7 @@ class Module:
     def _add_storage(self, storage, grad):
         """A storage array being built, with its gradient; returns its index."""
         self._draft.append(storage)
-        self._trainable = self._trainable + (grad,)
+        self._draft_grads.append(grad)   # (a tuple grown a storage at a time: quadratic)
         return len(self._draft) - 1
 
     def _register(self, name, index, rows=None):
@@ -382,7 +401,8 @@ class Module:
     def _seal_parameters(self):
         """The initialised storages become the first parameter set."""
         self._params = ParamSet(0, self._draft, self._names)
-        del self._draft
+        self._trainable = tuple(self._draft_grads)
+        del self._draft, self._draft_grads
 
     @property
     def _version(self):
@@ -602,6 +622,9 @@ class RecurrentWeights(Module):
         GH = gates * hidden_size
         # the width of the state h and of each direction's output
         self._out_size = out = proj_size or hidden_size
+        _check_parameter_memory(owner, layers, hidden_size, np.dtype(dtype).itemsize * dirs * (
+            GH * (input_size + out + 2) + (layers - 1) * GH * (dirs * out + out + 2)
+            + (layers * out * hidden_size if proj_size else 0)))
         kinds = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
         # storage index of each kind and layer (None: no bias)
         index = {key: [None] * layers for key in kinds}

@@ -35,6 +35,14 @@ def int_str(value):
     return f"{'a negative' if value < 0 else 'an'} int of about {digits} digits"
 
 
+def bytes_text(n):
+    """A size for a message: '1.50 GiB', '12 bytes'."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def check_int(owner, name, value, minimum=1):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")

@@ -1054,13 +1054,13 @@ class Sequential:
             if kind not in kinds:
                 kinds.append(kind)
         kind = "".join(", " + k for k in kinds[:1]) + "".join(" and " + k for k in kinds[1:])
-        print_fn(f"Total params: {total:,} ({_bytes_text(nbytes)}{kind})")
+        print_fn(f"Total params: {total:,} ({v.bytes_text(nbytes)}{kind})")
         if self.optimizer is not None:
             state = [value for entry in self.optimizer._state for value in entry.values()
                      if isinstance(value, np.ndarray)]
             if state:
                 print_fn(f"Optimizer state: {sum(a.size for a in state):,} values "
-                         f"({_bytes_text(sum(a.nbytes for a in state))}, "
+                         f"({v.bytes_text(sum(a.nbytes for a in state))}, "
                          f"{type(self.optimizer).__name__})")
 
     # --- files --------------------------------------------------------------
@@ -1215,13 +1215,6 @@ def _permutation(rng, n):
 def _parameter_views(layer):
     params = getattr(layer, "_params", None)
     return [] if params is None else list(params.views.values())
-
-
-def _bytes_text(n):
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
 
 
 # --- losses over batches -----------------------------------------------------------------

@@ -95,6 +95,29 @@ def test_bad_num_layers(cls, value, exc, msg):
         make(cls, num_layers=value)
 
 
+@pytest.mark.parametrize("cls", LAYERS)
+def test_layers_beyond_memory_are_refused_before_allocating(cls):
+    """[failed before: ran for hours] Each layer's storages are allocated
+    one by one, small enough for the system to grant each until the process
+    is killed; and the storages' gradients were kept in a tuple grown by
+    one each (quadratic: 32,000 layers took 65 s). Parameters and gradients
+    beyond the machine's memory are now a MemoryError up front, naming the
+    sizes."""
+    import os
+    if not hasattr(os, "sysconf"):
+        pytest.skip("no sysconf: the check needs the machine's memory")
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}: 1000000000 layers of hidden_size "
+                                          rf"32 need [0-9.]+ TiB for their parameters and "
+                                          rf"gradients, more than this machine's [0-9.]+ [GT]iB "
+                                          rf"of memory"):
+        cls(16, 32, num_layers=10**9)
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}: 1 layer of hidden_size 2000000 "
+                                          rf"needs [0-9.]+ TiB"):
+        cls(16, 2 * 10**6, dtype="float64")
+    layer = cls(16, 8, num_layers=2000)   # what fits is built as before
+    assert len(layer._trainable) == 2000 * 4
+
+
 @pytest.mark.parametrize("cls", [RNN, RNNCell])
 @pytest.mark.parametrize("value", ["gelu", "TANH ", ""])
 def test_bad_nonlinearity(cls, value):
