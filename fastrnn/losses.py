@@ -43,7 +43,8 @@ class Loss:
     ``(values, norm, grad)``: the loss of each element (for cross-entropy, of
     each target), the amount each element adds to the mean's divisor (None
     when every element counts 1), and the gradient of ``values.sum()`` with
-    respect to ``pred``.
+    respect to ``pred``; and may define ``_refuse_targets(target, weight)``,
+    which raises for targets it cannot take among those that count.
 
     Parameters
     ----------
@@ -80,9 +81,11 @@ class Loss:
         Raises
         ------
         TypeError, ValueError
-            If pred and target do not fit (shapes, dtypes, class indices).
+            If pred and target do not fit (shapes, dtypes, class indices,
+            BCEWithLogitsLoss' targets outside [0, 1]).
         """
         values, norm, grad = self._elements(pred, target)
+        self._refuse_targets(target, None)
         if self.reduction == "none":
             return values, grad
         total = float(values.sum())
@@ -101,6 +104,7 @@ class Loss:
         takes masked elements out of the count (Keras' rule for both)."""
         values, norm, grad = self._elements(pred, target)
         if sample_weight is None and mask is None:
+            self._refuse_targets(target, None)
             count = values.size if norm is None else float(norm.sum())
             return float(values.sum()), count, grad
         weight = None
@@ -111,10 +115,16 @@ class Loss:
         if sample_weight is not None:
             sample_weight = _expand(sample_weight.astype(grad.dtype, copy=False), values.ndim)
             weight = sample_weight if weight is None else weight * sample_weight
+        self._refuse_targets(target, weight)   # (a padded step's or weightless row's: any)
         values = values * weight
         grad = grad * _expand(np.broadcast_to(weight, values.shape), grad.ndim)
         count = values.size if norm is None else float(norm.sum())
         return float(values.sum()), count, grad
+
+    def _refuse_targets(self, target, weight):
+        """Raise for a target this loss cannot take where it counts (weight:
+        None, or the elements' weights, 0 where one does not count). Every
+        target fits the losses but BCEWithLogitsLoss."""
 
     def _pair(self, pred, target):
         owner = type(self).__name__
@@ -373,7 +383,8 @@ def _broadcasts_within(shape, over):
 class BCEWithLogitsLoss(Loss):
     """Binary cross-entropy from logits, numerically stable; targets in [0, 1]
     (PyTorch's ``nn.BCEWithLogitsLoss``; a target outside [0, 1] is refused
-    with a ValueError, where PyTorch returns a loss that means nothing).
+    with a ValueError, where PyTorch returns a loss that means nothing,
+    unless it does not count: a masked step's or a row's of sample weight 0).
 
     Parameters
     ----------
@@ -400,12 +411,18 @@ class BCEWithLogitsLoss(Loss):
         self.pos_weight = pos_weight
         super().__init__(reduction)
 
+    def _refuse_targets(self, target, weight):
+        target = np.asarray(target)   # (of pred's shape: _elements checked it)
+        outside = (target < 0) | (target > 1)
+        if weight is not None:
+            outside &= np.broadcast_to(weight, outside.shape) != 0
+        if outside.any():
+            raise ValueError(f"BCEWithLogitsLoss: target must lie in [0, 1] (0/1 labels or "
+                             f"probabilities), got {target[outside].flat[0]:g} among the "
+                             f"targets that count")
+
     def _elements(self, pred, target):
         pred, target = self._pair(pred, target)
-        if (target < 0).any() or (target > 1).any():
-            raise ValueError(f"BCEWithLogitsLoss: target must lie in [0, 1] (0/1 labels or "
-                             f"probabilities), got values from {np.nanmin(target):g} to "
-                             f"{np.nanmax(target):g}")
         w = 1.0 if self.pos_weight is None else self.pos_weight.astype(pred.dtype)
         if self.pos_weight is not None and not _broadcasts_within(w.shape, pred.shape):
             raise ValueError(f"BCEWithLogitsLoss: pos_weight of shape {shape_str(w.shape)} "

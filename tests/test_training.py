@@ -211,23 +211,48 @@ def test_bce_no_overflow_warning():
         fastrnn.BCEWithLogitsLoss().value_and_grad(pred, np.array([0.0, 1.0]))
 
 
-def test_bce_refuses_targets_outside_zero_one():
+def test_bce_refuses_targets_outside_zero_one_where_they_count():
     """[failed before] A target of 2 or -0.5 (labels coded -1/1, a count)
-    gave a negative loss and trained on it, silently."""
+    gave a negative loss and trained on it, silently. A padded step's or a
+    row's of sample weight 0 does not count: any value is taken there
+    (labels padded with -1 under a mask)."""
     pred = np.zeros((2, 3))
     loss = fastrnn.BCEWithLogitsLoss()
-    for bad, shown in ((2.0, "0 to 2"), (-0.5, "-0.5 to 1")):
+    for bad in (2.0, -0.5):
         target = np.array([[0.0, 1.0, 0.5], [1.0, 0.0, bad]])
         with pytest.raises(ValueError, match=rf"BCEWithLogitsLoss: target must lie in \[0, 1\] "
-                                             rf"\(0/1 labels or probabilities\), got values "
-                                             rf"from {shown}"):
+                                             rf"\(0/1 labels or probabilities\), got {bad:g} "
+                                             rf"among the targets that count"):
             loss.value_and_grad(pred, target)
     value, _ = loss.value_and_grad(pred, np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]]))
     assert value == pytest.approx(np.log(2))
+    x = np.random.default_rng(0).standard_normal((4, 5, 2)).astype(np.float32)
     model = fastrnn.Sequential([fastrnn.GRU(2, 3, batch_first=True, seed=0), fastrnn.LastStep()])
     model.compile(loss="bce_with_logits", optimizer="sgd")
     with pytest.raises(ValueError, match="target must lie in"):
-        model.fit(np.zeros((4, 5, 2), np.float32), -np.ones((4, 3), np.float32), verbose=0)
+        model.fit(x, -np.ones((4, 3), np.float32), verbose=0)
+    # a weightless row's -1 labels: trained on the others as with any value there
+    y = np.ones((4, 3), np.float32)
+    weights = np.array([1.0, 0.0, 1.0, 1.0], np.float32)
+    losses = []
+    for fill in (-1.0, 0.5):
+        y[1] = fill
+        model = fastrnn.Sequential([fastrnn.GRU(2, 3, batch_first=True, seed=0),
+                                    fastrnn.LastStep()])
+        model.compile(loss="bce_with_logits", optimizer="sgd")
+        losses.append(model.fit(x, y, sample_weight=weights, epochs=2, verbose=0,
+                                shuffle=False).history["loss"])
+    assert losses[0] == losses[1]
+    # per-step labels padded with -1 where the steps are masked (Embedding's zeros)
+    ids = np.array([[3, 1, 2, 0, 0], [2, 2, 0, 0, 0]])
+    labels = np.where(ids > 0, 1.0, -1.0)[..., None].astype(np.float32)
+    tagger = fastrnn.Sequential([fastrnn.Embedding(4, 2, mask_zero=True, seed=0),
+                                 fastrnn.GRU(2, 1, batch_first=True, seed=0)])
+    tagger.compile(loss="bce_with_logits", optimizer="sgd")
+    assert np.isfinite(tagger.fit(ids, labels, verbose=0).history["loss"][0])
+    labels[0, 0] = -1.0   # a step that counts
+    with pytest.raises(ValueError, match="got -1 among the targets that count"):
+        tagger.fit(ids, labels, verbose=0)
 
 
 def test_loss_errors():
