@@ -318,22 +318,23 @@ def _refuse_quantized_entry(owner, state_dict, name):
                     f"as values with astype(np.float32)")
 
 
-def _check_parameter_memory(owner, layers, hidden_size, nbytes):
+def _check_parameter_memory(owner, nbytes, config):
     """A MemoryError, before anything is allocated, for parameters that with
     their gradients (2 x ``nbytes``) exceed this machine's memory. Each
     storage alone would be allocated (many small ones succeed one by one
-    until the system kills the process; num_layers = 10**7 asked for 700 GB
-    so, an hour into the allocations)."""
+    until the system kills the process; num_layers = 10**7 asked for 630 GiB
+    so, an hour into the allocations). ``config``: (name, value) of the
+    sizes and options to name in the message."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):   # (no sysconf: Windows)
         return
     if memory > 0 and 2 * nbytes > memory:
-        raise MemoryError(f"{owner}: {v.int_str(layers)} "
-                          f"{'layers' if layers != 1 else 'layer'} of hidden_size "
-                          f"{v.int_str(hidden_size)} need{'s' if layers == 1 else ''} "
-                          f"{v.bytes_text(2 * nbytes)} for their parameters and gradients, "
-                          f"more than this machine's {v.bytes_text(memory)} of memory")
+        given = ", ".join(f"{name}={value}" if isinstance(value, (bool, str)) else
+                          f"{name}={v.int_str(value)}" for name, value in config)
+        raise MemoryError(f"{owner}({given}): its parameters and their gradients need "
+                          f"{v.bytes_text(2 * nbytes)}, more than this machine's "
+                          f"{v.bytes_text(memory)} of memory")
 
 
 class Module:
@@ -622,9 +623,14 @@ class RecurrentWeights(Module):
         GH = gates * hidden_size
         # the width of the state h and of each direction's output
         self._out_size = out = proj_size or hidden_size
-        _check_parameter_memory(owner, layers, hidden_size, np.dtype(dtype).itemsize * dirs * (
+        _check_parameter_memory(owner, np.dtype(dtype).itemsize * dirs * (
             GH * (input_size + out + 2) + (layers - 1) * GH * (dirs * out + out + 2)
-            + (layers * out * hidden_size if proj_size else 0)))
+            + (layers * out * hidden_size if proj_size else 0)),
+            [("input_size", input_size), ("hidden_size", hidden_size)]
+            + [(name, value) for name, value, default in (
+                ("num_layers", layers, 1), ("bidirectional", dirs == 2, False),
+                ("proj_size", proj_size, 0), ("dtype", np.dtype(dtype).name, "float32"))
+               if value != default])
         kinds = ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr")
         # storage index of each kind and layer (None: no bias)
         index = {key: [None] * layers for key in kinds}

@@ -106,16 +106,30 @@ def test_layers_beyond_memory_are_refused_before_allocating(cls):
     import os
     if not hasattr(os, "sysconf"):
         pytest.skip("no sysconf: the check needs the machine's memory")
-    with pytest.raises(MemoryError, match=rf"{cls.__name__}: 1000000000 layers of hidden_size "
-                                          rf"32 need [0-9.]+ TiB for their parameters and "
-                                          rf"gradients, more than this machine's [0-9.]+ [GT]iB "
-                                          rf"of memory"):
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=16, hidden_size=32, "
+                                          rf"num_layers=1000000000\): its parameters and their "
+                                          rf"gradients need [0-9.]+ TiB, more than this "
+                                          rf"machine's [0-9.]+ [GT]iB of memory"):
         cls(16, 32, num_layers=10**9)
-    with pytest.raises(MemoryError, match=rf"{cls.__name__}: 1 layer of hidden_size 2000000 "
-                                          rf"needs [0-9.]+ TiB"):
-        cls(16, 2 * 10**6, dtype="float64")
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=16, hidden_size=2000000, "
+                                          rf"bidirectional=True, dtype=float64\): its "
+                                          rf"parameters and their gradients need [0-9.]+ TiB"):
+        cls(16, 2 * 10**6, bidirectional=True, dtype="float64")
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=2000000000, "
+                                          rf"hidden_size=100\): its parameters"):
+        cls(2 * 10**9, 100)
     layer = cls(16, 8, num_layers=2000)   # what fits is built as before
     assert len(layer._trainable) == 2000 * 4
+
+
+@pytest.mark.parametrize("cls", CELLS)
+def test_cells_beyond_memory_are_refused_before_allocating(cls):
+    import os
+    if not hasattr(os, "sysconf"):
+        pytest.skip("no sysconf: the check needs the machine's memory")
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=16, hidden_size=3000000\): "
+                                          rf"its parameters and their gradients need"):
+        cls(16, 3 * 10**6)
 
 
 @pytest.mark.parametrize("cls", [RNN, RNNCell])
