@@ -385,7 +385,7 @@ def forward_plan(layer, T, B, *, batch_first, train, has_lengths):
     # (_general_only: zoneout runs on the general path with the same kernel
     # code as the plain layer)
     key = ("forward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
-           layer._general_only, layer._dropouts is not None, layer._layers, layer._dirs,
+           layer._general_only, layer._dropouts, layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
            bool(batch_first), bool(train), bool(has_lengths)) + _tuning(threads)
     return _cached(key, threads,
@@ -415,7 +415,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         # single-thread blocks as the plain kernels' are: always held
         hold = hold or layer_norm or units is not None or products > 1 or _parallel.hold_blas(
             parts, T * B, N, in_cols, B, gates * H, H,
-            blas_at_batch_1=train and layer._dropouts is not None)
+            blas_at_batch_1=train and layer._dropouts is not None and layer._dropouts[1] > 0)
     fold = folds(layer)
     return Plan(parts, units, hold, window, time_major, fold, products,
                 _stacks(layer, parts, train))
@@ -477,7 +477,7 @@ def backward_plan(layer, T, B, has_lengths=False):
     cfg = layer._config
     threads = _parallel.get_num_threads()
     key = ("backward", layer._kernel_code, bool(layer._ln_index), layer._out_size,
-           layer._general_only, layer._dropouts is not None, layer._layers, layer._dirs,
+           layer._general_only, layer._dropouts, layer._layers, layer._dirs,
            cfg["input_size"], cfg["hidden_size"], np.dtype(cfg["dtype"]).str, T, B,
            bool(has_lengths)) + _tuning(threads)
     return _cached(key, threads, lambda: _backward_plan(layer, T, B, has_lengths))

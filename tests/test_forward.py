@@ -551,6 +551,10 @@ def test_a_float64_batch_one_call_with_wide_weights_takes_the_lean_path(kind, H)
         dropped = make_layer(kind, 8, H, dtype="float64", seed=1, recurrent_dropout=0.5)
         assert _plan.forward_plan(dropped, 6, 1, batch_first=False, train=True,
                                   has_lengths=False).hold_blas
+        # (input dropout's products are _parallel.matmul's, which holds BLAS itself)
+        dropped = make_layer(kind, 8, H, dtype="float64", seed=1, input_dropout=0.5)
+        assert not _plan.forward_plan(dropped, 6, 1, batch_first=False, train=True,
+                                      has_lengths=False).hold_blas
     finally:
         fastrnn.set_num_threads(before)
     np.testing.assert_array_equal(lean[0], general[0])
