@@ -103,10 +103,6 @@ class Loss:
         leading axes of the elements) multiply the values; ``mask`` also
         takes masked elements out of the count (Keras' rule for both)."""
         values, norm, grad = self._elements(pred, target)
-        if sample_weight is None and mask is None:
-            self._refuse_targets(target, None)
-            count = values.size if norm is None else float(norm.sum())
-            return float(values.sum()), count, grad
         weight = None
         if mask is not None:
             mask = _expand(mask.astype(grad.dtype, copy=False), values.ndim)
@@ -116,6 +112,9 @@ class Loss:
             sample_weight = _expand(sample_weight.astype(grad.dtype, copy=False), values.ndim)
             weight = sample_weight if weight is None else weight * sample_weight
         self._refuse_targets(target, weight)   # (a padded step's or weightless row's: any)
+        if weight is None:
+            count = values.size if norm is None else float(norm.sum())
+            return float(values.sum()), count, grad
         values = values * weight
         grad = grad * _expand(np.broadcast_to(weight, values.shape), grad.ndim)
         count = values.size if norm is None else float(norm.sum())
@@ -412,7 +411,9 @@ class BCEWithLogitsLoss(Loss):
         super().__init__(reduction)
 
     def _refuse_targets(self, target, weight):
-        target = np.asarray(target)   # (of pred's shape: _elements checked it)
+        # (of pred's shape: _elements checked it; a torch tensor that
+        # requires grad converts only as there)
+        target = v.to_numpy("BCEWithLogitsLoss", "target", target)
         outside = (target < 0) | (target > 1)
         if weight is not None:
             outside &= np.broadcast_to(weight, outside.shape) != 0

@@ -226,6 +226,9 @@ def test_bce_refuses_targets_outside_zero_one_where_they_count():
             loss.value_and_grad(pred, target)
     value, _ = loss.value_and_grad(pred, np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]]))
     assert value == pytest.approx(np.log(2))
+    if torch is not None:   # a target that requires grad converts as any other
+        target = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]], requires_grad=True)
+        assert loss.value_and_grad(pred, target)[0] == value
     x = np.random.default_rng(0).standard_normal((4, 5, 2)).astype(np.float32)
     model = fastrnn.Sequential([fastrnn.GRU(2, 3, batch_first=True, seed=0), fastrnn.LastStep()])
     model.compile(loss="bce_with_logits", optimizer="sgd")
