@@ -396,8 +396,9 @@ static inline ptrdiff_t fastrnn_mk_packed_size(ptrdiff_t K, ptrdiff_t units, int
  * columns are adjacent (BPTT packs the saved activations so at every
  * training step, in blocks of rows between which it looks for Ctrl-C):
  * each group's row is a run of src's row. */
-static void fastrnn_mk_pack_rows(const float* src, ptrdiff_t s_k, ptrdiff_t K, ptrdiff_t k0,
-                                 ptrdiff_t k1, ptrdiff_t units, int ub, float* out) {
+static inline void fastrnn_mk_pack_rows(const float* src, ptrdiff_t s_k, ptrdiff_t K,
+                                        ptrdiff_t k0, ptrdiff_t k1, ptrdiff_t units, int ub,
+                                        float* out) {
     ptrdiff_t groups = fastrnn_mk_groups(units, ub);
     ptrdiff_t width = (ptrdiff_t)ub * FASTRNN_MK_LANES;
     for (ptrdiff_t k = k0; k < k1; k++) {
@@ -410,8 +411,8 @@ static void fastrnn_mk_pack_rows(const float* src, ptrdiff_t s_k, ptrdiff_t K, p
     }
 }
 
-static void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrdiff_t K,
-                            ptrdiff_t units, int gates, int ub, float* out) {
+static inline void fastrnn_mk_pack(const float* src, ptrdiff_t s_k, ptrdiff_t s_n, ptrdiff_t K,
+                                   ptrdiff_t units, int gates, int ub, float* out) {
     ptrdiff_t groups = fastrnn_mk_groups(units, ub);
     int nv = ub * gates;
     if (gates == 1 && s_n == 1) {
