@@ -467,7 +467,12 @@ class RecurrentEngine(RecurrentWeights):
             out[...] = out_tm.transpose(1, 0, 2)
             return tape
         if plan.window is not None:
-            self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths, plan.window)
+            if dirs == 1:
+                self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths,
+                                  plan.window)
+            else:
+                self._run_windows_both_directions(params, x, T, B, batch_first, h_n, c_n, out,
+                                                  lengths, plan)
             return None
         rows = T * B
         if not train and self._lends_buffers:
@@ -550,6 +555,37 @@ class RecurrentEngine(RecurrentWeights):
                       gx_buffer=gx)
             if batch_first:
                 out[:, t0:t1] = out_w
+
+    def _run_windows_both_directions(self, params, x, T, B, batch_first, h_n, c_n, out,
+                                     lengths, plan):
+        """Inference of a bidirectional stack, each layer in time windows
+        (_forward.recur_windows: each direction its windows in its own
+        order, so the layers run one after the other): the same numbers, and
+        the input projections bounded by the window (_plan.WINDOW_BYTES), not
+        the sequence."""
+        if self._lends_buffers:
+            _training_buffers.release(self)
+        dtype, H, dirs, G = self._config["dtype"], self._config["hidden_size"], self._dirs, \
+            self._gates
+        rows = T * B
+        gx = np.empty((min(T, plan.window) * B, dirs * G * H), dtype)
+        gh = np.empty((dirs, B * G * H), dtype) if self._base_code == _forward.CELL_GRU else None
+        acts = np.empty((B, dirs * self._saved * H), dtype)
+        lengths_w = None if lengths is None else np.empty(dirs * B, np.int64)
+        between = [np.empty((rows, dirs * H), dtype) for _ in range(min(2, self._layers - 1))]
+        packed, packed_ih = self._packed_recurrent(params), self._packed_projection(params)
+        w_hh_all = self._weights(params)[1]
+        layer_in = x.reshape(rows, -1)
+        for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
+            layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
+            _forward.recur_windows(
+                cell=self._kernel_code, T=T, batch_first=batch_first, window=plan.window,
+                parts=plan.parts, x=layer_in, packed_ih=packed_ih[k], bias_x=bias_x,
+                w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, packed=packed[k],
+                h=h_n[k * dirs:(k + 1) * dirs],
+                c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs], gx=gx, gh=gh,
+                out=layer_out, lengths=lengths, lengths_w=lengths_w, acts=acts)
+            layer_in = layer_out
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
                     gx, gh, parts, held, tape, units, fold, products):

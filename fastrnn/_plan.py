@@ -21,8 +21,10 @@ without building a plan). A :class:`Plan` says
   groups there), or None;
 - ``hold_blas``: whether scipy's BLAS must be held at one thread (float64
   only: float32 calls no BLAS);
-- ``window``: steps per time window of a long unidirectional inference (the
-  state carried over; memory bounded by the window), or None;
+- ``window``: steps per time window of a long inference (memory bounded
+  by the window), or None: a unidirectional stack's windows carry the state
+  through every layer; a bidirectional layer's (``_forward.recur_windows``)
+  run each direction in its own order, one layer after the other;
 - ``time_major``: a batch-first call whose per-step products would need a
   leading dimension beyond the BLAS int range runs time-major instead;
 - ``fold``: per layer, whether its input projection is folded into the
@@ -126,13 +128,14 @@ UNIT_SPLIT_WAIT_NS = 200_000
 # times the waits.)
 UNIT_SPLIT_BACKOFF = 16
 
-# Inference of a unidirectional stack runs in time windows whose input
-# projection buffer (reused from window to window) takes about WINDOW_BYTES,
-# and at least MIN_WINDOW_STEPS steps. Measured (LSTM 256->512, B=64, T=100,
-# 2 threads): a whole-sequence buffer of 52 MB, or windows of at least 64
-# steps (33 MB), 92 ms a call, the fresh pages' faults and zeroing ~10% of it
-# and the buffer far out of cache; 4 MB windows of 4+ steps, 55 ms; 1-8 MB
-# windows alike, and no change on the smaller cases of the bench grid.
+# Inference runs in time windows whose input projection buffer (reused from
+# window to window) takes about WINDOW_BYTES, and at least MIN_WINDOW_STEPS
+# steps. Measured (LSTM 256->512, B=64, T=100, 2 threads): a whole-sequence
+# buffer of 52 MB, or windows of at least 64 steps (33 MB), 92 ms a call, the
+# fresh pages' faults and zeroing ~10% of it and the buffer far out of
+# cache; 4 MB windows of 4+ steps, 55 ms; 1-8 MB windows alike, and no change
+# on the smaller cases of the bench grid. (Bidirectional layers: see
+# _windows_both_directions.)
 WINDOW_BYTES = 4 << 20
 MIN_WINDOW_STEPS = 4
 
@@ -399,8 +402,8 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     N = dirs * gates * H
     time_major = bool(batch_first and B > 1 and T * N > v.BLAS_INT_MAX)
     window = window_steps(B, N, dtype)
-    if train or dirs != 1 or T <= window:
-        window = None   # (windowed, each window has a plan of its own)
+    if train or T <= window or (dirs != 1 and not _windows_both_directions(layer)):
+        window = None   # (unidirectional windows each have a plan of their own)
     parts = split(dirs, B, T * B * row_step_work(layer))
     units = None
     layer_norm = bool(layer._ln_index)
@@ -432,6 +435,15 @@ def _stacks(layer, parts, train):
     return (not train and len(parts) > 1
             and layer._config["dtype"] == np.float32 and not layer._general_only
             and all(d_lo == 0 and d_hi == layer._dirs for d_lo, d_hi, _, _ in parts))
+
+
+def _windows_both_directions(layer):
+    """Whether a bidirectional inference runs in time windows, layer by
+    layer (``_forward.recur_windows``): float32 plain kinds (no gate
+    options, zoneout, layer norm or projection), no layer folding its
+    projection (a folded layer writes no projections out)."""
+    return (layer._config["dtype"] == np.float32 and not layer._general_only
+            and not any(folds(layer)))
 
 
 def _may_split_units(layer, B, has_lengths, train):

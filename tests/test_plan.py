@@ -2,6 +2,8 @@
 the plain plan (one thread, the whole sequence at once, no unit split), on
 random shapes, in inference and training; and plans are cached by shape
 class, thread count and tuning, never by parameter values."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -146,12 +148,19 @@ def test_the_forced_choices_are_the_ones_planned(monkeypatch):
     _force(monkeypatch, "time windows")
     assert _plan.forward_plan(layer, 20, 3, batch_first=False, train=False,
                               has_lengths=False).window == 7
-    # training and bidirectional layers never run in windows
+    # training never runs in windows
     assert _plan.forward_plan(layer, 20, 3, batch_first=False, train=True,
                               has_lengths=False).window is None
-    bi = fastrnn.LSTM(6, 40, bidirectional=True, seed=0)
-    assert _plan.forward_plan(bi, 20, 3, batch_first=False, train=False,
-                              has_lengths=False).window is None
+    # bidirectional layers do, layer by layer (recur_windows), in float32
+    # unless a layer folds its projection (which writes none out)
+    def bi_window(**options):
+        bi = fastrnn.LSTM(6, 40, num_layers=2, bidirectional=True, seed=0, **options)
+        return _plan.forward_plan(bi, 20, 3, batch_first=False, train=False,
+                                  has_lengths=True).window
+    assert bi_window() == 7 and bi_window(dtype="float64") is None
+    assert bi_window(zoneout=0.1) is None and bi_window(layer_norm=True) is None
+    monkeypatch.setattr(_plan, "FOLD_MAX_BYTES", 1 << 40)
+    assert bi_window() is None
 
 
 STACK_KINDS = [("RNN", {}, False), ("RNN", {"nonlinearity": "relu"}, False), ("GRU", {}, False),
@@ -202,6 +211,89 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, fold, batch_first,
         for a, b in zip(results(threads), one):
             for p, q in zip(a, b):
                 np.testing.assert_array_equal(p, q, err_msg=f"{threads} threads")
+
+
+@pytest.mark.parametrize("kind, options, fold", STACK_KINDS[:-1])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_bidirectional_windows_give_the_whole_sequences_bits(kind, options, fold, batch_first,
+                                                             monkeypatch, close):
+    """A float32 bidirectional stack runs each layer in time windows
+    (recur_windows), the reverse direction's from the last step: at 1, 2,
+    3 and 4 threads (parts by direction, or by direction and rows), windows
+    of 7 steps over 45 (a part-filled last one), the outputs and final
+    states are the whole sequence's at one thread bit for bit, with three
+    layers, lengths (ending in every window, and at 1), a given initial
+    state and the learned one, and with one layer; and the NumPy
+    reference's."""
+    rng = np.random.default_rng(8)
+    T, B, D, H = 45, 11, 6, 21
+    layer = getattr(fastrnn, kind)(D, H, num_layers=3, bidirectional=True,
+                                   batch_first=batch_first, seed=4, **options)
+    learned = getattr(fastrnn, kind)(D, H, num_layers=2, bidirectional=True,
+                                     batch_first=batch_first, seed=5,
+                                     learn_initial_state=True, **options)
+    learned.load_state_dict({name: rng.standard_normal(value.shape).astype(np.float32)
+                             if name.startswith("initial_") else value
+                             for name, value in learned.state_dict().items()})
+    x = rng.standard_normal((B, T, D) if batch_first else (T, B, D)).astype(np.float32)
+    lengths = np.array([45, 1, 7, 8, 14, 20, 29, 36, 43, 44, 45])
+    shape = (6, B, H)
+    hx = rng.standard_normal(shape).astype(np.float32)
+    hx = (hx, rng.standard_normal(shape).astype(np.float32)) if kind == "LSTM" else hx
+    single = getattr(fastrnn, kind)(D, H, bidirectional=True, batch_first=batch_first, seed=6,
+                                    **options)
+    calls = [(layer, dict()), (layer, dict(lengths=lengths)), (layer, dict(hx=hx)),
+             (learned, dict(lengths=lengths)), (single, dict()), (single, dict(lengths=lengths))]
+
+    def results(threads, window_bytes):
+        force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0,
+                                     WINDOW_BYTES=window_bytes, MIN_WINDOW_STEPS=7))
+        got = []
+        for net, kw in calls:
+            plan = _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
+                                      has_lengths="lengths" in kw)
+            assert (plan.window == 7) == (window_bytes == 1)
+            out, state = net(x, **kw)
+            got.append([out] + list(state if isinstance(state, tuple) else (state,)))
+        return got
+
+    whole = results(1, 1 << 40)
+    for threads in (1, 2, 3, 4):
+        for a, b in zip(results(threads, 1), whole):
+            for p, q in zip(a, b):
+                np.testing.assert_array_equal(p, q, err_msg=f"{threads} threads")
+    mode = ("rnn_" + options.get("nonlinearity", "tanh") if kind == "RNN" else
+            "gru_reset_before" if options.get("reset_after") is False else kind.lower())
+    zeros = np.zeros(shape)
+    ref = layer_forward(mode, layer.state_dict(), x.transpose(1, 0, 2) if batch_first else x,
+                        zeros, zeros if kind == "LSTM" else None, num_layers=3,
+                        bidirectional=True, lengths=lengths)
+    got = whole[1]
+    close(got[0].transpose(1, 0, 2) if batch_first else got[0], ref[0], np.float32)
+    for g, r in zip(got[1:], ref[1:]):
+        close(g, r, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_bidirectional_inference_holds_a_window_of_projections(kind, monkeypatch):
+    """A long bidirectional float32 call holds its output, the layers
+    between and one window's input projections (WINDOW_BYTES), not the
+    sequence's (an LSTM's would be four times the output): traced NumPy
+    memory at its peak."""
+    force_plan(monkeypatch, dict(threads=2, FOLD_MAX_BYTES=0))
+    layer = getattr(fastrnn, kind)(32, 64, num_layers=2, bidirectional=True, batch_first=True,
+                                   seed=0)
+    x = np.random.default_rng(0).standard_normal((16, 2000, 32)).astype(np.float32)
+    layer(x[:, :10])                       # the packed weights, before tracing
+    tracemalloc.start()
+    try:
+        out, _ = layer(x, lengths=np.full(16, 2000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _plan.forward_plan(layer, 2000, 16, batch_first=True, train=False,
+                              has_lengths=True).window is not None
+    assert peak <= 2 * out.nbytes + 2 * _plan.WINDOW_BYTES, (peak, out.nbytes)
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
