@@ -303,7 +303,9 @@ def state_arrays(owner, arg, value, names, expected, dtype, full_shape=None,
 
 
 def check_lengths(owner, lengths, batch, steps):
-    """lengths: B integers in [1, T] -> a contiguous int64 array."""
+    """lengths: B integers in [1, T] -> an int64 array of our own (a training
+    tape keeps it until backprop, whatever the caller then writes into
+    theirs)."""
     arr = to_numpy(owner, "lengths", lengths)
     if arr.size == 0 and arr.dtype.kind == "f":  # numpy makes [] float64
         arr = arr.astype(np.int64)
@@ -314,7 +316,7 @@ def check_lengths(owner, lengths, batch, steps):
     if batch and (arr.min() < 1 or arr.max() > steps):
         raise ValueError(f"{owner}: lengths must lie in [1, {steps}] (the number of steps), "
                          f"got values from {arr.min()} to {arr.max()}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.array(arr, dtype=np.int64)
 
 
 def shape_str(shape):

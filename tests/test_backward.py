@@ -306,6 +306,36 @@ def test_changing_the_input_after_forward_train_does_not_change_gradients(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("wrap", [False, True])
+def test_changing_the_lengths_after_forward_train_does_not_change_gradients(kind, wrap):
+    """The tape keeps its own lengths: a caller refilling its int64 buffer
+    (or a torch tensor sharing it) for the next batch before backprop, as
+    gradient accumulation does, changes no gradient (it took the new
+    lengths' valid steps, or, past T, read unwritten memory)."""
+    torch = pytest.importorskip("torch") if wrap else None
+    layer = make_layer(kind, 3, 4, seed=0)
+    net = fastrnn.Reversed(layer) if wrap else layer
+    x = np.random.default_rng(0).standard_normal((6, 3, 3)).astype(np.float32)
+    dout = np.random.default_rng(1).standard_normal((6, 3, 4)).astype(np.float32)
+
+    def run(values):
+        lengths = torch.tensor([6, 4, 2]) if wrap else np.array([6, 4, 2], np.int64)
+        (out, _), backprop = net.forward_train(x, lengths=lengths)
+        for value in values:
+            lengths[:] = value
+        layer.zero_grad()
+        dx = backprop(dout)[0]
+        return dx, {k: g.copy() for k, g in layer.grads.items()}
+
+    dx, grads = run([])
+    for values in ([1], [7], [6, 1]):
+        got_dx, got = run(values)
+        np.testing.assert_array_equal(got_dx, dx)
+        for k in grads:
+            np.testing.assert_array_equal(got[k], grads[k], err_msg=k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H", [9, 75, 130])
 def test_batch_one_backward_equals_the_batched_gemm_path(kind, H):
     """At batch 1, dh . W_hh is a vectorised loop in column blocks; at batch
