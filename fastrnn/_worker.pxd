@@ -39,6 +39,7 @@ cdef struct Interrupt:
     unsigned long long caller # its thread id (threading.get_ident()): only it polls
     int countdown             # steps until it next reads the clock
     long long next_ns         # when it next takes the GIL
+    unsigned int fpenv        # the caller's FP environment, its signal handlers' (_fpenv.h)
 
 # a long call's large products run in blocks of INTERRUPT_BLOCK_MACS
 # multiply-adds (_tuning.h), between which it looks at ``interrupted`` too

@@ -13,6 +13,10 @@ cdef extern from "Python.h":
     # sets must stay set for run_parts to raise, not be handled on the spot
     int PyErr_CheckSignals() noexcept
 
+cdef extern from "_fpenv.h":
+    unsigned int fastrnn_fpenv() noexcept nogil
+    void fastrnn_restore_fpenv(unsigned int env) noexcept nogil
+
 cdef extern from "_worker.h":
     long long fastrnn_clock_ns() noexcept nogil
     unsigned long long fastrnn_thread_id() noexcept nogil
@@ -208,6 +212,7 @@ cdef void interrupt_start(Interrupt* it) noexcept nogil:
     it.polls = it.caller == _main_thread
     it.countdown = INTERRUPT_STEPS_PER_CLOCK
     it.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS
+    it.fpenv = fastrnn_fpenv()   # (before the parts flush denormals)
 
 
 cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
@@ -216,6 +221,8 @@ cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
     clock is read every few steps, or at once with read_clock (between
     blocks of a large product)."""
     cdef long long now
+    cdef unsigned int kernel_env
+    cdef int raised
     if it == NULL:
         return False
     if fastrnn_load_int(&it.stop):
@@ -230,7 +237,13 @@ cdef bint interrupted(Interrupt* it, bint read_clock=False) noexcept nogil:
     if now < it.next_ns:
         return False
     with gil:
-        if PyErr_CheckSignals() != 0:
+        # the handlers are the caller's code: they run in its FP
+        # environment, not the kernel's (denormals flushed, nearest)
+        kernel_env = fastrnn_fpenv()
+        fastrnn_restore_fpenv(it.fpenv)
+        raised = PyErr_CheckSignals()
+        fastrnn_restore_fpenv(kernel_env)
+        if raised != 0:
             fastrnn_store_int(&it.stop, 1)
             return True
     it.next_ns = fastrnn_clock_ns() + INTERRUPT_POLL_NS

@@ -2,6 +2,9 @@
 consistent parameters under concurrent updates, streams mixing frames and
 chunks, fork safety of the library's locks, interruptible long calls."""
 
+import platform
+import sys
+
 import numpy as np
 import pytest
 
@@ -835,6 +838,71 @@ def test_packing_a_steps_saved_rows_answers_signals():
     assert written < rows * cols, "the pack ran to its end before the handler ran"
     packed = _backward.pack_rows(w, 0, rows, buffer=buffer)   # and again, whole
     assert packed.size == rows * cols and (packed == 1).all()
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="needs setitimer")
+def test_signal_handlers_run_in_the_callers_floating_point_environment():
+    """[failed before] The kernels flush denormals to zero (_fpenv.h) and run
+    the signal handlers between steps: the handlers ran with that mode, so
+    a handler's subnormal arithmetic gave 0 (a timeout's or a sampling
+    profiler's code, during a training step). A handler every 3 ms during
+    float32 and float64 backprops never sees a flushed subnormal."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach Python's main thread only")
+    tiny = np.float32(1e-40)
+    assert tiny * np.float32(1) != 0, "this process already flushes subnormals"
+    seen = []
+    previous = signal.signal(signal.SIGALRM,
+                             lambda signum, frame: seen.append(tiny * np.float32(1) != 0))
+    try:
+        for dtype in ("float32", "float64"):
+            layer = GRU(64, 256, batch_first=True, dtype=dtype, seed=0)
+            x = np.random.default_rng(0).standard_normal((200, 50, 64)).astype(dtype)
+            (out, _), backprop = layer.forward_train(x)
+            signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+            try:
+                backprop(np.ones_like(out))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert seen, "no handler ran during the backprops"
+    assert all(seen), f"{seen.count(False)} of {len(seen)} handlers saw subnormals flushed"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
+                    reason="sets the rounding mode through glibc's x86-64 fesetround")
+def test_the_callers_rounding_mode_changes_no_bit():
+    """[failed before] The kernels kept the caller's rounding mode, the
+    worker threads their own (to nearest): under a caller's round toward
+    zero, 1 and 2 threads differed in every output of the worker's rows. The
+    kernels now round to nearest whatever the caller's mode, which they
+    leave as it was: the bits of the default mode at 1 and 2 threads."""
+    import ctypes
+
+    libm = ctypes.CDLL(None)
+    to_nearest, toward_zero, downward = 0, 0xC00, 0x400       # glibc's x86 FE_* values
+    layer = LSTM(32, 256, batch_first=True, seed=0)
+    x = np.random.default_rng(0).standard_normal((64, 40, 32)).astype(np.float32)
+    threads = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        want = layer(x)[0]
+        for mode in (toward_zero, downward):
+            assert libm.fesetround(mode) == 0
+            try:
+                for n in (1, 2):
+                    fastrnn.set_num_threads(n)
+                    got = layer(x)[0]
+                    assert libm.fegetround() == mode
+                    np.testing.assert_array_equal(got, want, err_msg=f"{mode:#x}, {n} threads")
+            finally:
+                libm.fesetround(to_nearest)
+    finally:
+        fastrnn.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGINT"), reason="needs SIGINT")
