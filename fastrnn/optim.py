@@ -554,7 +554,12 @@ def get_optimizer(optimizer: Optimizer | str) -> Optimizer:
 def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], max_norm: float,
                    error_if_nonfinite: bool = False) -> float:
     """Scale all gradients together so that their global L2 norm is at most
-    ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before."""
+    ``max_norm`` (PyTorch's ``clip_grad_norm_``). Returns the norm before.
+
+    ``max_norm=inf`` only measures (PyTorch's turns every gradient NaN when
+    the norm is not finite). The norm of finite gradients is finite where
+    double precision holds it: a float32 sum of squares that overflows
+    (gradients near 1e20) is summed again scaled."""
     max_norm = _check_number("clip_grad_norm", "max_norm", max_norm, allow_inf=True)
     error_if_nonfinite = v.check_bool("clip_grad_norm", "error_if_nonfinite", error_if_nonfinite)
     params = _listed(params, "clip_grad_norm")
@@ -562,14 +567,32 @@ def clip_grad_norm(params: Module | Sequential | Iterable[Module | Sequential], 
     modules = _modules_of(params, "clip_grad_norm")
     with holding(modules):   # no backprop adds while we measure and scale
         grads = [grad for module in modules for grad in module._trainable]
-        total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads))
+        with np.errstate(over="ignore"):   # (an overflow is summed again below)
+            squares = [float(np.dot(g.ravel(), g.ravel())) for g in grads]
+        if math.isinf(sum(squares)):
+            total = math.hypot(*(_norm_without_overflow(g, sq) for g, sq in zip(grads, squares)))
+        else:
+            total = math.sqrt(sum(squares))
         if error_if_nonfinite and not math.isfinite(total):
             raise ValueError(f"clip_grad_norm: the total gradient norm is {total}")
         scale = max_norm / (total + 1e-6)
-        if not scale >= 1:   # a NaN norm makes every gradient NaN, as PyTorch's does
+        # a NaN norm makes every gradient NaN, as PyTorch's does (but inf never clips)
+        if not scale >= 1 and max_norm != math.inf:
             for g in grads:
                 g *= scale
     return total
+
+
+def _norm_without_overflow(g, square_sum):
+    """The L2 norm of ``g`` whose sum of squares (``square_sum``) may have
+    overflowed: of g over its largest magnitude, times that magnitude."""
+    if math.isfinite(square_sum):
+        return math.sqrt(square_sum)
+    largest = float(np.max(np.abs(g)))
+    if not math.isfinite(largest):
+        return largest   # (a gradient holding inf: the norm is inf)
+    unit = (g / largest).ravel()
+    return largest * math.sqrt(float(np.dot(unit, unit)))
 
 
 def clip_grad_value(params: Module | Sequential | Iterable[Module | Sequential],

@@ -589,6 +589,36 @@ def test_clip_grad_norm_nonfinite():
     assert all(np.isnan(g).all() for g in lin.grads.values())
 
 
+def test_clip_grad_norm_of_huge_finite_gradients():
+    """[failed before] float32 gradients near 1e20 overflowed the sum of
+    squares: the norm came out inf, max_norm=inf ("never clips") made every
+    gradient NaN (inf / inf), a finite max_norm zeroed them all. Now the norm
+    is the float64 one, inf measures only, and a finite max_norm scales to
+    it; a NaN norm under inf leaves the gradients as they were."""
+    def layer(scale):
+        lin = fastrnn.Linear(3, 4, seed=0)
+        for name, g in lin.grads.items():
+            g[...] = scale * np.random.default_rng(len(name)).standard_normal(g.shape)
+        return lin
+    lin = layer(1e20)
+    given = {k: g.copy() for k, g in lin.grads.items()}
+    want = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in given.values()))
+    assert optim.clip_grad_norm(lin, math.inf) == pytest.approx(want, rel=1e-6)
+    for k, g in lin.grads.items():
+        np.testing.assert_array_equal(g, given[k])
+    assert optim.clip_grad_norm(lin, 1.0) == pytest.approx(want, rel=1e-6)
+    after = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in lin.grads.values()))
+    assert after == pytest.approx(1.0, rel=1e-5)
+    for k, g in lin.grads.items():
+        np.testing.assert_allclose(g, given[k] / want, rtol=1e-5)
+    lin = layer(1.0)
+    lin.grads["weight"][0, 0] = np.nan
+    given = {k: g.copy() for k, g in lin.grads.items()}
+    assert math.isnan(optim.clip_grad_norm(lin, math.inf))
+    for k, g in lin.grads.items():
+        np.testing.assert_array_equal(g, given[k])
+
+
 def test_clip_grad_norm_counts_a_shared_layer_once():
     """Sequential([lin, Tanh(), lin]): lin's gradients are one set (torch's
     clip_grad_norm_ over the model's parameters counts each once); counted
