@@ -34,6 +34,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -263,7 +264,12 @@ class _MonitorCallback(Callback):
         best 0.08, value 0.027, min_delta 0.053 is no improvement in this
         form, one in value < best - min_delta, Keras 2's ReduceLROnPlateau).
         In float64: Keras' TensorFlow backend compares in float32, so values
-        within float32 rounding of the boundary may decide otherwise there."""
+        within float32 rounding of the boundary may decide otherwise there.
+        A NaN value (a diverged epoch) never improves, not even on None
+        (Keras 3 takes a NaN first epoch as the best, which no later epoch
+        then beats, and restores or keeps its weights)."""
+        if math.isnan(value):
+            return False
         if reference is None:
             return True
         return (value + self.min_delta < reference if self._sign > 0 else
@@ -276,7 +282,9 @@ class EarlyStopping(_MonitorCallback):
     An epoch improves on the best so far if it beats it by more than
     ``min_delta``; training stops once ``patience`` epochs have passed
     since the last improvement (and, with ``baseline``, since the last
-    improvement that also beat the baseline).
+    improvement that also beat the baseline). An epoch whose value is NaN
+    never improves (unlike Keras 3, where a NaN first epoch stays the best:
+    restoring would bring back diverged weights).
 
     Parameters
     ----------
@@ -350,6 +358,14 @@ class EarlyStopping(_MonitorCallback):
         if self.stopped_epoch is not None and self.verbose:
             print(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if self.restore_best_weights and self.best_weights is not None:
+            if not all(np.isfinite(value).all() for value in self.best_weights.values()
+                       if np.asarray(value).dtype.kind == "f"):
+                # (Keras restores them; load_state_dict refuses them, and
+                # fit would lose its History to the error)
+                warnings.warn(f"EarlyStopping: the weights of epoch {self.best_epoch + 1} "
+                              f"hold NaN or inf (training diverged): not restored",
+                              RuntimeWarning, stacklevel=2)
+                return
             if self.verbose:
                 print(f"Restoring model weights from the end of the best epoch: "
                       f"{self.best_epoch + 1}.")

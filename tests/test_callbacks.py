@@ -167,6 +167,40 @@ def test_early_stopping_matches_keras(kwargs, seed):
         assert ours.best_epoch == theirs.best_epoch and ours.best == theirs.best
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # (the divergence)
+def test_a_nan_epoch_is_never_the_best():
+    """[failed before] A first epoch whose loss was NaN became the best (the
+    reference was None): no later epoch could beat it, and restoring its
+    weights at the end of fit raised from load_state_dict (diverged
+    weights), losing the History. NaN never improves: the best is the
+    first finite epoch; weights holding NaN or inf (a run that diverged
+    from its first epoch: Keras keeps that epoch's weights to restore) are
+    not restored, with a warning."""
+    values = [float("nan"), 0.5, 0.7, 0.4, 0.6, 0.9]
+    es = fastrnn.EarlyStopping(patience=2, restore_best_weights=True)
+    assert _drive_ours(es, values)[:2] == (5, 3.0)      # stopped at 5, epoch 3's weights
+    assert es.best == 0.4 and es.best_epoch == 3 and es.stopped_epoch == 5
+    plateau = fastrnn.ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5)
+    model = _model(lr=0.1)
+    plateau.set_model(model)
+    plateau.on_train_begin(model)
+    plateau.on_epoch_end(model, 0, {"loss": float("nan")})
+    assert model.optimizer.lr == pytest.approx(0.05)        # no improvement: reduced
+    # through fit: every epoch diverged; fit returns its History, weights as they ended
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((32, 6, 3)) * 1e3).astype(np.float32)
+    y = (rng.standard_normal((32, 1)) * 1e18).astype(np.float32)
+    model = fastrnn.Sequential([fastrnn.GRU(3, 8, batch_first=True, seed=0), fastrnn.LastStep(),
+                                fastrnn.Linear(8, 1, seed=1)], seed=2)
+    model.compile(loss="mse", optimizer=optim.SGD(lr=10.0))
+    es = fastrnn.EarlyStopping(monitor="loss", patience=1, restore_best_weights=True)
+    with pytest.warns(RuntimeWarning, match=r"EarlyStopping: the weights of epoch 1 hold NaN "
+                                             r"or inf \(training diverged\): not restored"):
+        history = model.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=[es])
+    assert all(np.isnan(history.history["loss"]))
+    assert es.best is None and es.stopped_epoch == 1
+
+
 # --- ReduceLROnPlateau --------------------------------------------------------------------------
 PLATEAU = [dict(patience=0), dict(patience=2, factor=0.5), dict(patience=1, cooldown=2),
            dict(patience=1, factor=0.2, min_lr=0.002), dict(patience=2, mode="max"),
