@@ -194,9 +194,7 @@ def as_array(owner, name, value):
     """Any array-like (numpy, torch tensor, nested lists) -> an ndarray of
     whatever dtype it has (no copy when none is needed)."""
     if isinstance(value, np.ma.MaskedArray):   # its mask would be dropped without a word
-        raise TypeError(f"{owner}: {name} is a numpy masked array, whose mask fastrnn does not "
-                        f"read; pass its .filled(value), and a mask or sample weights where "
-                        f"the call takes them")
+        raise _masked_refused(owner, name, "is")
     if not isinstance(value, np.ndarray):
         if type(value).__name__ == "PackedSequence" and type(value).__module__.startswith(
                 "torch"):
@@ -216,6 +214,8 @@ def as_array(owner, name, value):
                 value = value.numpy()
             except (TypeError, RuntimeError):   # the rarer tensors, checked only then
                 value = _unusual_tensor_values(owner, name, value)
+        if isinstance(value, (list, tuple)):
+            value = _list_items(owner, name, value)
         try:
             value = np.asarray(value)
         except (TypeError, ValueError) as exc:
@@ -226,6 +226,33 @@ def as_array(owner, name, value):
         # (an unbatched call's hx reached the kernel so)
         value = np.asarray(value)
     return value
+
+
+def _list_items(owner, name, items):
+    """A list's (or tuple's, nested) items as np.asarray may take them: its
+    torch tensors as as_array converts one (np.asarray raises torch's own
+    error on a tensor that requires grad), its masked arrays refused as one
+    is (np.asarray drops their masks without a word)."""
+    converted = None
+    for k, item in enumerate(items):
+        if isinstance(item, np.ma.MaskedArray):
+            raise _masked_refused(owner, name, "holds")
+        if is_torch_tensor(item):
+            item = as_array(owner, name, item)
+        elif isinstance(item, (list, tuple)):
+            item = _list_items(owner, name, item)
+        else:
+            continue
+        if converted is None:
+            converted = list(items)
+        converted[k] = item
+    return items if converted is None else converted
+
+
+def _masked_refused(owner, name, verb):
+    return TypeError(f"{owner}: {name} {verb} a numpy masked array, whose mask fastrnn does not "
+                     f"read; pass its .filled(value), and a mask or sample weights where the "
+                     f"call takes them")
 
 
 def plain_numbers(value, dtype):

@@ -1004,6 +1004,27 @@ def test_a_masked_array_is_refused_rather_than_its_mask_dropped():
         fastrnn.MSELoss()(np.ones(2), y)
     with pytest.raises(TypeError, match=r"^LSTM: input is a numpy masked array"):
         make(LSTM)(np.ma.masked_array(np.ones((T, D), np.float32)))
+    # [failed before] in a list (or nested lists), the masks went without a word
+    row = np.ma.masked_array(np.ones(D, np.float32), mask=[True] + [False] * (D - 1))
+    with pytest.raises(TypeError, match=r"^LSTM: input holds a numpy masked array, whose mask"):
+        make(LSTM)([[row]] * T)
+    with pytest.raises(TypeError, match=r"^MSELoss: pred holds a numpy masked array"):
+        fastrnn.MSELoss()([y, y], np.ones((2, 2)))
+
+
+def test_a_list_of_tensors_that_require_grad_converts_as_one_does():
+    """[failed before] One torch tensor that requires grad is taken (its
+    values, detached); a list of them raised torch's own RuntimeError ("Can't
+    call numpy() on Tensor that requires grad"), which named no argument."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
+    rows = [torch.tensor(row, requires_grad=True) for row in x]
+    layer = make(LSTM)
+    np.testing.assert_array_equal(layer(rows)[0], layer(x)[0])
+    np.testing.assert_array_equal(layer([rows[:2], rows[2:4]])[0],
+                                  layer(x[:4].reshape(2, 2, D))[0])
+    target = torch.zeros(D, requires_grad=True)
+    assert fastrnn.MSELoss()(x[:2], [target, target]) == fastrnn.MSELoss()(x[:2], np.zeros((2, D)))
 
 
 def test_a_layers_save_names_itself(tmp_path):
