@@ -633,6 +633,30 @@ class Sequential:
         return {metric.name: float(metric.result()) for metric, _ in self._metrics}
 
     # --- evaluate -----------------------------------------------------------
+    def _check_validation_targets(self, owner, source, val):
+        """Validation targets the loss would refuse only after a whole epoch
+        of training (the weights already changed, the message the loss's):
+        refused before it, by name. They must have y's shape past the
+        samples axis (and the steps axis, where both are per-step targets:
+        validation sequences may be longer or shorter), and hold integer
+        class indices where y does for CrossEntropyLoss."""
+        y, y_val = source.y, val.y
+        if y is None or y_val is None or source.y_ragged or val.y_ragged:
+            return
+
+        def per_step(data):   # (where it cannot tell, it takes the laxer check)
+            return (not data.ragged and data.x.ndim >= 2 and data.y.ndim >= 2
+                    and data.y.shape[1] == data.x.shape[1])
+        past = 2 if per_step(source) and per_step(val) else 1
+        if y_val.ndim != y.ndim or y_val.shape[past:] != y.shape[past:]:
+            axes = "samples axis" if past == 1 else "samples and steps axes"
+            raise ValueError(f"{owner}: validation y has shape {shape_str(y_val.shape)}, y "
+                             f"{shape_str(y.shape)}: expected the same shape past the {axes}")
+        if (isinstance(self.loss, CrossEntropyLoss) and y.dtype.kind in "iu"
+                and y_val.dtype.kind not in "iu"):
+            raise TypeError(f"{owner}: validation y must hold integer class indices, as y "
+                            f"does, got dtype {y_val.dtype}")
+
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None,
                  sample_weight: ArrayLike | None = None, steps: int | None = None,
                  callbacks: list[Any] | None = None,
@@ -849,6 +873,8 @@ class Sequential:
             source, val = source.split(n_val)
         else:
             val = None
+        if isinstance(val, batching.ArrayData) and not iterable:
+            self._check_validation_targets(owner, source, val)
         if iterable:
             steps = steps_per_epoch if steps_per_epoch is not None else source.length
         else:

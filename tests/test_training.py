@@ -1049,6 +1049,50 @@ def test_validation_split_leaving_no_samples():
     assert "val_loss" in history.history
 
 
+def test_validation_targets_the_loss_would_refuse_are_refused_before_training():
+    """[failed before] validation_data's y of another shape (1-D for an
+    (N, 1) output) or float labels for cross-entropy were refused by the
+    loss after a whole epoch of training, the weights changed, in a message
+    naming the loss's target and a batch's shape. Now before the first
+    step, naming the validation targets; per-step targets of validation
+    sequences of another length stay accepted."""
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 5, 3)).astype(np.float32)
+
+    def model(out, loss, per_step=False):
+        layers = [fastrnn.GRU(3, 8, batch_first=True, seed=0)]
+        layers += [] if per_step else [fastrnn.LastStep()]
+        m = fastrnn.Sequential(layers + [fastrnn.Linear(8, out, seed=1)], seed=2)
+        m.compile(loss, "adam")
+        return m
+
+    m = model(1, "mse")
+    y = rng.random((32, 1)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^Sequential.fit: validation y has shape \(8,\), y "
+                                         r"\(32, 1\): expected the same shape past the samples "
+                                         r"axis$"):
+        m.fit(x, y, epochs=2, batch_size=8, validation_data=(x[:8], y[:8, 0]), verbose=0)
+    c = model(3, "cross_entropy")
+    labels = rng.integers(0, 3, 32)
+    with pytest.raises(TypeError, match=r"^Sequential.fit: validation y must hold integer class "
+                                        r"indices, as y does, got dtype float64$"):
+        c.fit(x, labels, validation_data=(x[:8], labels[:8].astype(float)), verbose=0)
+    for trained, fresh in ((m, model(1, "mse")), (c, model(3, "cross_entropy"))):
+        for name, value in trained.state_dict().items():     # no step was taken
+            np.testing.assert_array_equal(value, fresh.state_dict()[name])
+    # per-step targets, validation sequences longer than the training ones
+    m = model(2, "mse", per_step=True)
+    x_val = rng.random((6, 9, 3)).astype(np.float32)
+    history = m.fit(x, rng.random((32, 5, 2)), validation_data=(x_val, rng.random((6, 9, 2))),
+                    epochs=1, verbose=0)
+    assert "val_loss" in history.history
+    with pytest.raises(ValueError, match=r"validation y has shape \(6, 9, 1\), y \(32, 5, 2\): "
+                                         r"expected the same shape past the samples and steps "
+                                         r"axes"):
+        m.fit(x, rng.random((32, 5, 2)), validation_data=(x_val, rng.random((6, 9, 1))),
+              verbose=0)
+
+
 class Recorder(fastrnn.Callback):
     def on_train_begin(self, model):
         self.states, self.logs = [], []
