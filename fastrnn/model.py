@@ -266,9 +266,15 @@ class Sequential:
         # the layers' new sets become current together, once every layer's
         # part has loaded; after an error, none does
         with changing_together(self._owners()):
-            for layer, part in zip(self.layers, per_layer):
-                if part:
+            for i, (layer, part) in enumerate(zip(self.layers, per_layer)):
+                if not part:
+                    continue
+                try:
                     layer.load_state_dict(part, strict=False)
+                except (TypeError, ValueError) as exc:
+                    # (the layer names its keys without the index: say whose they are)
+                    raise type(exc)(f"Sequential: layer {i} ({type(layer).__name__}, keys "
+                                    f"'{i}.*'): {exc}") from None
         return LoadResult(missing, unexpected)
 
     def zero_grad(self) -> None:

@@ -1027,6 +1027,26 @@ def test_a_list_of_tensors_that_require_grad_converts_as_one_does():
     assert fastrnn.MSELoss()(x[:2], [target, target]) == fastrnn.MSELoss()(x[:2], np.zeros((2, D)))
 
 
+def test_a_sequentials_load_state_dict_names_the_layer_of_a_bad_value():
+    """[failed before] A bad value under '1.weight_hh_l0' was reported as the
+    GRU's 'weight_hh_l0': with two GRUs, which one? The message now says
+    the layer and its keys' prefix; nothing loads."""
+    model = fastrnn.Sequential([GRU(3, 4, batch_first=True, seed=0),
+                                GRU(4, 4, batch_first=True, seed=1)])
+    state = model.state_dict()
+    before = {k: v.copy() for k, v in state.items()}
+    for value, error, text in ((np.zeros((12, 2)), ValueError,
+                                r"expected weight_hh_l0 of shape \(12, 4\), got \(12, 2\)"),
+                               (np.full((12, 4), np.nan), ValueError, r"non-finite values"),
+                               (np.zeros((12, 4), complex), TypeError, r"real numeric dtype")):
+        with pytest.raises(error, match=r"^Sequential: layer 1 \(GRU, keys '1\.\*'\): GRU: .*"
+                                        + text):
+            model.load_state_dict(dict(state, **{"0.bias_ih_l0": np.ones(12),
+                                                 "1.weight_hh_l0": value}))
+        for k, v in model.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+
+
 def test_a_layers_save_names_itself(tmp_path):
     for obj in (make(GRU), fastrnn.Linear(2, 2), fastrnn.Tanh(),
                 fastrnn.Reversed(make(GRU))):
