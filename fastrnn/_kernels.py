@@ -53,6 +53,21 @@ def env_choice(variable):
     return os.environ.get(variable, "").strip().lower() or "auto"
 
 
+def forced_build_missing(variable, choice, portable_module):
+    """A forced build (``variable``=``choice``) this installation lacks (a
+    wheel or build for another CPU family): an error naming the variable;
+    but when the portable build is missing too, the sources are unbuilt,
+    which the package's own message says (the ModuleNotFoundError goes on)."""
+    import importlib
+    try:
+        importlib.import_module(portable_module)
+    except ModuleNotFoundError:
+        raise
+    raise ImportError(f"fastrnn: {variable}={choice}, but this installation has no {choice} "
+                      f"build of the kernels (built for another CPU family?); unset "
+                      f"{variable} to use the widest build it has") from None
+
+
 def _load():
     choice = env_choice("FASTRNN_SIMD")
     if choice not in ("auto",) + BUILDS:
@@ -62,7 +77,10 @@ def _load():
         if not cpu_supports(choice):
             raise ImportError(f"fastrnn: FASTRNN_SIMD={choice}, but this CPU lacks its "
                               f"instructions (the build would stop on an illegal instruction)")
-        return (*_import(choice), choice)
+        try:
+            return (*_import(choice), choice)
+        except ModuleNotFoundError:
+            forced_build_missing("FASTRNN_SIMD", choice, "fastrnn._forward")
     for build in reversed(BUILDS):
         if cpu_supports(build):
             try:

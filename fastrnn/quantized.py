@@ -129,19 +129,32 @@ def _load_int8():
     if choice not in ("auto",) + INT8_BUILDS:
         raise ImportError(f"fastrnn: FASTRNN_INT8 must be 'auto', 'baseline', 'avx2', "
                           f"'avx512', 'vnni', 'bf16' or 'amx', got {choice!r}")
-    if choice == "auto":
-        choice = _kernels.SIMD
-        if choice == "avx512":
-            choice = next((b for b in ("amx", "bf16", "vnni") if _int8_cpu_supports(b)),
-                          choice)
-    elif not _int8_cpu_supports(choice):
-        raise ImportError(f"fastrnn: FASTRNN_INT8={choice}, but this CPU lacks its "
-                          f"instructions (the build would stop on an illegal instruction)")
-    suffix = "" if choice == "baseline" else "_" + choice
-    try:
-        return importlib.import_module("fastrnn._quant" + suffix), choice
-    except ImportError:   # not built here (another architecture): the portable build
-        return importlib.import_module("fastrnn._quant"), "baseline"
+    if choice != "auto":
+        if not _int8_cpu_supports(choice):
+            raise ImportError(f"fastrnn: FASTRNN_INT8={choice}, but this CPU lacks its "
+                              f"instructions (the build would stop on an illegal instruction)")
+        try:
+            return _import_int8(choice), choice
+        except ModuleNotFoundError:
+            _kernels.forced_build_missing("FASTRNN_INT8", choice, "fastrnn._quant")
+    # the widest the CPU runs (the float kernels' build, or past AVX-512 its
+    # int8 extensions), down to the portable one: the first one built here
+    # (a build for another CPU family lacks some)
+    simd = _kernels.SIMD
+    extensions = ("amx", "bf16", "vnni") if simd == "avx512" else ()
+    candidates = [b for b in extensions if _int8_cpu_supports(b)]
+    candidates += list(reversed(_kernels.BUILDS[:_kernels.BUILDS.index(simd) + 1]))
+    for build in candidates:
+        try:
+            return _import_int8(build), build
+        except ModuleNotFoundError:
+            if build == "baseline":
+                raise
+
+
+def _import_int8(build):
+    return importlib.import_module("fastrnn._quant" + ("" if build == "baseline" else
+                                                       "_" + build))
 
 
 _quant, INT8_SIMD = _load_int8()

@@ -223,6 +223,49 @@ def test_a_bad_fastrnn_simd_says_so_at_import(tmp_path):
                     "'avx512', got 'bogus'"), done.stderr
 
 
+def test_a_forced_build_this_installation_lacks_says_so(monkeypatch):
+    """[failed before] FASTRNN_INT8=vnni where no vnni module was built (a
+    wheel for another CPU family) fell back to the portable build without a
+    word; FASTRNN_SIMD=avx512 said the compiled kernels were missing and how
+    to build them. Both now name the variable and the build. Unforced, the
+    widest build present is taken (int8 fell back to the portable one past
+    a missing AMX build, not to the AVX-512 one). With the portable build
+    missing too the sources are unbuilt: that error goes on."""
+    import importlib
+
+    from fastrnn import _kernels
+    from fastrnn import quantized as Q
+    real = importlib.import_module
+    missing = set()
+
+    def import_module(name, *args):
+        if name in missing:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args)
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    missing.update({"fastrnn._forward_avx512", "fastrnn._quant_vnni", "fastrnn._quant_amx"})
+    for variable, build, load in (("FASTRNN_SIMD", "avx512", _kernels._load),
+                                  ("FASTRNN_INT8", "vnni", Q._load_int8)):
+        if not (_kernels.cpu_supports(build) if variable == "FASTRNN_SIMD"
+                else Q._int8_cpu_supports(build)):
+            continue   # (refused for the CPU first)
+        monkeypatch.setenv(variable, build)
+        with pytest.raises(ImportError, match=rf"^fastrnn: {variable}={build}, but this "
+                                              rf"installation has no {build} build of the "
+                                              rf"kernels"):
+            load()
+        monkeypatch.delenv(variable)
+    if _kernels.SIMD == "avx512" and Q._int8_cpu_supports("amx"):
+        monkeypatch.delenv("FASTRNN_INT8", raising=False)
+        module, build = Q._load_int8()
+        want = "bf16" if Q._int8_cpu_supports("bf16") else "avx512"
+        assert build == want and module.__name__ == "fastrnn._quant_" + want
+    missing.add("fastrnn._forward")
+    monkeypatch.setenv("FASTRNN_SIMD", "baseline")
+    with pytest.raises(ModuleNotFoundError, match="fastrnn._forward"):
+        _kernels._load()
+
+
 def test_an_empty_or_padded_build_variable_is_read_as_written(tmp_path):
     # an env file's "FASTRNN_SIMD=" (set but empty) or " avx2 " made the import
     # fail, where an empty FASTRNN_NUM_THREADS counts as unset
