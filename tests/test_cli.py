@@ -185,6 +185,7 @@ def test_python_m_fastrnn_bench_help_names_itself(tmp_path):
                                                  "1000000"),
     ("regularise", ["--noise", "1e200"], "--noise: expected a number in [0.0, 1000000.0)"),
     # a plot matplotlib would refuse, or a file that cannot be written, after the run
+    ("layernorm", ["--kinds", "LSTM,lstm"], "--kinds: expected distinct kinds, got 'LSTM,lstm'"),
     ("sunspots", ["--plot", "loss.xyz"], "--plot: expected a file name ending in one of .eps"),
     ("sunspots", ["--plot", "noext"], "--plot: expected a file name ending in one of .eps"),
     ("sunspots", ["--plot", "/proc/loss.png"], "--plot: cannot write '/proc/loss.png'"),
@@ -208,6 +209,18 @@ def test_an_example_refuses_a_bad_option_by_name(command, argv, message, capsys)
     assert status == 2 and out == ""
     assert err.startswith(f"usage: fastrnn {command} ")
     assert message in err, err
+
+
+def test_a_pgf_plot_without_its_tex_program_is_refused_before_the_run(capsys, monkeypatch):
+    """[failed before] --plot loss.pgf passed the check, then matplotlib's PGF
+    backend raised at the end of the run for want of xelatex."""
+    pytest.importorskip("matplotlib")
+    from fastrnn.examples import _cli
+    monkeypatch.setattr(_cli.shutil, "which", lambda program: None)
+    status, out, err = run(["sunspots", "--plot", "loss.pgf"], capsys)
+    assert status == 2 and out == ""
+    assert "--plot: a .pgf plot needs xelatex (matplotlib's pgf.texsystem), which is not " \
+           "installed here" in err, err
 
 
 def test_a_bad_fastrnn_simd_says_so_at_import(tmp_path):

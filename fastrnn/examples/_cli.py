@@ -3,6 +3,7 @@ error naming the option (exit status 2), never a traceback from deep inside
 the run."""
 import argparse
 import os
+import shutil
 
 
 def int_at_least(minimum, maximum=None):
@@ -58,6 +59,16 @@ PLOT_FORMATS = ("eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", 
                 "tif", "tiff", "webp")
 
 
+def _pgf_tex_program():
+    """The TeX program matplotlib's PGF backend runs, or None without
+    matplotlib (whose absence the plot's own check reports)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    return matplotlib.rcParams["pgf.texsystem"]
+
+
 def writable_path(text):
     """A plot's file path ('' for none): a format matplotlib writes, named by
     its extension, in a directory where the file can be created, checked
@@ -74,6 +85,11 @@ def writable_path(text):
     if extension not in PLOT_FORMATS:
         raise argparse.ArgumentTypeError(
             f"expected a file name ending in one of .{', .'.join(PLOT_FORMATS)}, got {text!r}")
+    if extension == "pgf":   # (matplotlib's PGF output runs a TeX program)
+        tex = _pgf_tex_program()
+        if tex is not None and shutil.which(tex) is None:
+            raise argparse.ArgumentTypeError(f"a .pgf plot needs {tex} (matplotlib's "
+                                             f"pgf.texsystem), which is not installed here")
     existed = os.path.exists(text)
     try:
         with open(text, "ab"):

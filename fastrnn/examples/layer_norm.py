@@ -95,6 +95,8 @@ def cli(argv=None):
     for kind in kinds:
         if kind not in ("LSTM", "GRU"):
             parser.error(f"--kinds: expected LSTM and/or GRU, got {kind!r}")
+    if len(set(kinds)) < len(kinds):   # (a pair run twice, as --seeds refuses a seed twice)
+        parser.error(f"--kinds: expected distinct kinds, got {args.kinds!r}")
     main(args.steps, args.hidden, args.epochs, kinds=kinds,
          seeds=args.seeds)
 

@@ -91,7 +91,8 @@ def cli(argv=None, prog="fastrnn sunspots"):
     parser.add_argument("--epochs", type=_cli.positive_int, default=50,
                         help="training epochs (default 50)")
     parser.add_argument("--plot", type=_cli.writable_path, default="sunspots_loss.png",
-                        help="where to save the loss plot ('' for none)")
+                        help="where to save the loss plot, replacing a file there ('' for "
+                             "none; default sunspots_loss.png in the current directory)")
     parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and shuffling (default 0)")
     args = parser.parse_args(argv)
