@@ -475,12 +475,19 @@ def run_child(entry, spec, tmp, required):
     a new process whose working directory is ``tmp``, and return its result;
     None for a peer that failed there (a broken install: a warning, and the
     caller leaves it out), RuntimeError for a library in ``required``."""
+    # The fastrnn this process runs, never a source tree in the current
+    # directory (cwd=tmp): a child whose path finds another (a relative
+    # PYTHONPATH, an install beside a built tree) takes this one's first.
+    origin = os.path.abspath(fastrnn.__file__)
+    root = os.path.dirname(os.path.dirname(origin))
+    code = (f"import importlib.util, sys; "
+            f"spec = importlib.util.find_spec('fastrnn'); "
+            f"spec is not None and spec.origin == {origin!r} or sys.path.insert(0, {root!r}); "
+            f"from {entry} import _measure_in_child; _measure_in_child(sys.argv[1])")
     done = subprocess.run(
-        [sys.executable, "-c",
-         f"import sys; from {entry} import _measure_in_child; _measure_in_child(sys.argv[1])",
-         json.dumps(spec)],
+        [sys.executable, "-c", code, json.dumps(spec)],
         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        cwd=tmp)   # the installed fastrnn, never a source tree in the current directory
+        cwd=tmp)
     if done.returncode != 0:
         message = (f"fastrnn bench: {spec['library']} failed on {spec['case_name']} "
                    f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
