@@ -637,9 +637,16 @@ class LRScheduler:
     def step(self) -> float:
         lr = self._next_lr(self.epoch + 1, self.optimizer.lr)
         if not (math.isfinite(lr) and lr >= 0):
-            # PyTorch's chainable form sets it anyway (a negative rate: gradient ascent)
+            # PyTorch's chainable form sets it anyway (a negative rate: gradient
+            # ascent; an overflow: inf)
+            name = type(self).__name__
+            if lr >= 0 or lr != lr:   # (inf or NaN: the formula itself overflowed)
+                raise ValueError(
+                    f"{name}: epoch {self.epoch + 1}'s learning rate comes out {lr:.6g} from "
+                    f"the current {self.optimizer.lr:.6g}: the schedule's formula "
+                    f"({self.get_config()}) overflows; nothing was changed")
             raise ValueError(
-                f"{type(self).__name__}: epoch {self.epoch + 1}'s learning rate comes out "
+                f"{name}: epoch {self.epoch + 1}'s learning rate comes out "
                 f"{lr:.6g} from the current {self.optimizer.lr:.6g}, which something else "
                 f"changed (by hand, ReduceLROnPlateau, another schedule) below what this "
                 f"schedule's formula allows; nothing was changed")

@@ -1057,6 +1057,20 @@ def test_a_layers_save_names_itself(tmp_path):
     assert (tmp_path / "g.npz").exists()
 
 
+def test_a_schedule_whose_formula_overflows_says_so_and_changes_nothing():
+    """[failed before] ExponentialLR(gamma=1e200) overflowed at epoch 2, and
+    the message blamed a rate "something else changed"."""
+    opt = fastrnn.optim.SGD(fastrnn.Linear(2, 1, seed=0), lr=1.0)
+    schedule = fastrnn.optim.ExponentialLR(opt, gamma=1e200)
+    schedule.step()
+    with pytest.raises(ValueError, match=r"^ExponentialLR: epoch 2's learning rate comes out inf "
+                                         r"from the current 1e\+200: the schedule's formula "
+                                         r"\(\{'gamma': 1e\+200\}\) overflows; nothing was "
+                                         r"changed$"):
+        schedule.step()
+    assert opt.lr == 1e200 and schedule.epoch == 1
+
+
 def test_a_schedule_that_would_set_a_negative_rate_says_so_and_changes_nothing():
     """CosineAnnealingLR's chainable step from a rate lowered by hand, in
     its rising half, came out negative (-0.0054: gradient ascent; PyTorch's
