@@ -230,7 +230,7 @@ class ArrayData:
 
     def _check_weights(self, weights, name):
         owner = self.owner
-        w = v.to_numpy(owner, name, weights)
+        w = v.ml_dtypes_values(v.as_array(owner, name, weights))   # (bools weigh 0 or 1)
         if w.dtype.kind not in "biuf":
             raise TypeError(f"{owner}: {name} must hold numbers, got dtype {w.dtype}")
         w = w.astype(np.float64)

@@ -134,7 +134,8 @@ def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None
     if not isinstance(x, da.Array):
         raise TypeError(f"fastrnn.dask.predict: x must be a dask array, got {type(x).__name__}"
                         f" (for a numpy array, call model.predict)")
-    if x.dtype.kind not in "fiu":
+    # (ml_dtypes' bfloat16 and kin: each block converts, as predict does)
+    if v.ml_dtypes_values(np.zeros(0, x.dtype)).dtype.kind not in "fiu":
         raise TypeError(f"fastrnn.dask.predict: x must have a real numeric dtype, got {x.dtype}")
     _check_x_shape(model, x.shape, "fastrnn.dask.predict")
     if batch_size is not None:   # (a layer's scoring would not look at it)

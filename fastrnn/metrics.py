@@ -121,7 +121,7 @@ def _numbers(owner, name, value):
     string array had numpy's ufunc error, or sorted as strings."""
     if type(value) is np.ndarray and value.dtype.kind in "biuf":   # (the common case: 0.1 us)
         return value
-    value = v.as_array(owner, name, value)
+    value = v.ml_dtypes_values(v.as_array(owner, name, value))   # (bfloat16 as float32)
     if value.dtype.kind not in "biuf":
         raise TypeError(f"{owner}: {name} must hold numbers (or bools), got dtype {value.dtype}")
     return value

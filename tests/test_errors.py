@@ -1,6 +1,7 @@
 """Bad input gets a clear Python exception naming the argument; odd but valid
 input (other dtypes, memory orders, torch tensors, NaN) works; the caller's
 arrays are never modified and the module never half-changes."""
+import importlib.util
 import os
 import re
 import time
@@ -1045,6 +1046,38 @@ def test_a_sequentials_load_state_dict_names_the_layer_of_a_bad_value():
                                                  "1.weight_hh_l0": value}))
         for k, v in model.state_dict().items():
             np.testing.assert_array_equal(v, before[k])
+
+
+def test_bfloat16_and_bool_values_are_taken_where_numbers_are():
+    """[failed before] ml_dtypes' bfloat16 arrays were taken by layers,
+    losses and fit, but refused by the metrics and fastrnn.dask.predict; bool
+    sample weights by the metrics, but refused by fit. Each now gives the
+    numbers of the same values as float32 (weights 0 and 1)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 5, 3)).astype(np.float32)
+    half = x.astype(ml_dtypes.bfloat16)
+    metric = fastrnn.metrics.MeanSquaredError()
+    metric.update_state(x, half)
+    want = fastrnn.metrics.MeanSquaredError()
+    want.update_state(x, half.astype(np.float32))
+    assert metric.result() == want.result()
+    model = fastrnn.Sequential([GRU(3, 4, batch_first=True, seed=0), fastrnn.LastStep(),
+                                fastrnn.Linear(4, 1, seed=1)], seed=2)
+    if importlib.util.find_spec("dask") is not None:
+        import dask
+        import dask.array as da
+
+        from fastrnn.dask import predict
+        with dask.config.set(scheduler="synchronous"):
+            got = predict(model, da.from_array(half, chunks=2)).compute()
+        np.testing.assert_array_equal(got, model.predict(half.astype(np.float32)))
+    y = rng.random((4, 1)).astype(np.float32)
+    histories = []
+    for weights in (np.array([True, False, True, True]), np.array([1.0, 0.0, 1.0, 1.0])):
+        model.compile("mse", fastrnn.optim.SGD(lr=0.0))
+        histories.append(model.fit(x, y, sample_weight=weights, verbose=0).history)
+    assert histories[0] == histories[1]
 
 
 def test_a_layers_save_names_itself(tmp_path):
