@@ -446,9 +446,10 @@ class RecurrentEngine(RecurrentWeights):
 
         Returns None, or in training the tape backward needs: the row order and,
         per layer, its input, the saved activations and states, the dropout mask
-        applied to its output. Long unidirectional inference runs in time
-        windows (_run_windows), which lend every window the same input
-        projection buffer (gx_buffer: at least T * B rows).
+        applied to its output. Long inference runs in time windows: a
+        unidirectional stack's (_run_windows) lend every window the same input
+        projection buffer (gx_buffer: at least T * B rows); a bidirectional
+        one's run layer by layer (_run_windows_both_directions).
         """
         steps = steps_run(T, B, lengths)
         if steps is not None:
@@ -562,7 +563,9 @@ class RecurrentEngine(RecurrentWeights):
         (_forward.recur_windows: each direction its windows in its own
         order, so the layers run one after the other): the same numbers, and
         the input projections bounded by the window (_plan.WINDOW_BYTES), not
-        the sequence."""
+        the sequence. A layer that folds its projection into the steps (the
+        plan's ``fold``) runs whole: it writes only its first step's rows of
+        its gx, whose other pages are never touched."""
         if self._lends_buffers:
             _training_buffers.release(self)
         dtype, H, dirs, G = self._config["dtype"], self._config["hidden_size"], self._dirs, \
@@ -575,9 +578,22 @@ class RecurrentEngine(RecurrentWeights):
         between = [np.empty((rows, dirs * H), dtype) for _ in range(min(2, self._layers - 1))]
         packed, packed_ih = self._packed_recurrent(params), self._packed_projection(params)
         w_hh_all = self._weights(params)[1]
+        folded_gx = None
         layer_in = x.reshape(rows, -1)
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
+            if plan.fold[k]:
+                if folded_gx is None:
+                    folded_gx = np.empty((rows, dirs * G * H), dtype)
+                _forward.recur(
+                    cell=self._kernel_code, T=T, batch_first=batch_first, parts=plan.parts,
+                    w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
+                    c=c_n[k * dirs:(k + 1) * dirs], gx=folded_gx, gh=None, out=layer_out,
+                    lengths=lengths, acts=acts, train=False, h_prev=None, c_prev=None,
+                    blas_held=False, x=layer_in, folded=self._packed_folded(params)[k],
+                    bias_x=bias_x, xh=np.empty(dirs * B * (layer_in.shape[1] + H), dtype))
+                layer_in = layer_out
+                continue
             _forward.recur_windows(
                 cell=self._kernel_code, T=T, batch_first=batch_first, window=plan.window,
                 parts=plan.parts, x=layer_in, packed_ih=packed_ih[k], bias_x=bias_x,

@@ -333,7 +333,8 @@ def unit_split_allowed():
 
 
 def window_steps(B, N, dtype):
-    """Steps per window of a long unidirectional inference."""
+    """Steps per window of a long inference (N: the input projection's
+    columns, every direction's)."""
     return max(MIN_WINDOW_STEPS, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
 
 
@@ -440,10 +441,11 @@ def _stacks(layer, parts, train):
 def _windows_both_directions(layer):
     """Whether a bidirectional inference runs in time windows, layer by
     layer (``_forward.recur_windows``): float32 plain kinds (no gate
-    options, zoneout, layer norm or projection), no layer folding its
-    projection (a folded layer writes no projections out)."""
+    options, zoneout, layer norm or projection), unless every layer folds
+    its projection into the steps (a folded layer writes no projections
+    out: it runs whole among the windowed ones)."""
     return (layer._config["dtype"] == np.float32 and not layer._general_only
-            and not any(folds(layer)))
+            and not all(folds(layer)))
 
 
 def _may_split_units(layer, B, has_lengths, train):

@@ -213,7 +213,7 @@ def test_stacks_in_parts_give_one_threads_bits(kind, options, fold, batch_first,
                 np.testing.assert_array_equal(p, q, err_msg=f"{threads} threads")
 
 
-@pytest.mark.parametrize("kind, options, fold", STACK_KINDS[:-1])
+@pytest.mark.parametrize("kind, options, fold", STACK_KINDS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_bidirectional_windows_give_the_whole_sequences_bits(kind, options, fold, batch_first,
                                                              monkeypatch, close):
@@ -224,7 +224,9 @@ def test_bidirectional_windows_give_the_whole_sequences_bits(kind, options, fold
     states are the whole sequence's at one thread bit for bit, with three
     layers, lengths (ending in every window, and at 1), a given initial
     state and the learned one, and with one layer; and the NumPy
-    reference's."""
+    reference's. (fold: the LSTM's first layer folds its projection into
+    the steps and runs whole between windowed ones; one layer folding
+    alone runs no windows.)"""
     rng = np.random.default_rng(8)
     T, B, D, H = 45, 11, 6, 21
     layer = getattr(fastrnn, kind)(D, H, num_layers=3, bidirectional=True,
@@ -245,14 +247,20 @@ def test_bidirectional_windows_give_the_whole_sequences_bits(kind, options, fold
     calls = [(layer, dict()), (layer, dict(lengths=lengths)), (layer, dict(hx=hx)),
              (learned, dict(lengths=lengths)), (single, dict()), (single, dict(lengths=lengths))]
 
+    # (the first layer's [W_ih, W_hh], (6 + 21) x 84 floats, within; the
+    # others', (42 + 21) x 84, beyond)
+    fold_max = 10_000 if fold else 0
+
     def results(threads, window_bytes):
-        force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=0,
-                                     WINDOW_BYTES=window_bytes, MIN_WINDOW_STEPS=7))
+        force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0,
+                                     FOLD_MAX_BYTES=fold_max, WINDOW_BYTES=window_bytes,
+                                     MIN_WINDOW_STEPS=7))
         got = []
         for net, kw in calls:
             plan = _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
                                       has_lengths="lengths" in kw)
-            assert (plan.window == 7) == (window_bytes == 1)
+            assert plan.fold[0] == fold and not any(plan.fold[1:])
+            assert (plan.window == 7) == (window_bytes == 1 and not all(plan.fold))
             out, state = net(x, **kw)
             got.append([out] + list(state if isinstance(state, tuple) else (state,)))
         return got
