@@ -393,7 +393,8 @@ class ModelCheckpoint(_MonitorCallback):
     monitor : str, default 'val_loss'
     save_best_only : bool, default False
         Save only when the monitored value beats the best so far (kept
-        across ``fit`` calls, as Keras does).
+        across ``fit`` calls, as Keras does). A NaN value never does, not
+        even the first (Keras saves a NaN first epoch, diverged weights).
     mode : {'auto', 'min', 'max'}, default 'auto'
     initial_value_threshold : float, optional
         The best value to beat at first.
@@ -428,13 +429,12 @@ class ModelCheckpoint(_MonitorCallback):
                              f"{type(exc).__name__}: {exc}") from None
         if self.save_best_only:
             current = self._current(model, logs)
-            if not self._is_improvement(current, self.best):
+            best = "None" if self.best is None else f"{self.best:.5f}"
+            if not self._is_improvement(current, self.best):   # (a NaN: not even on None)
                 if self.verbose:
-                    print(f"Epoch {epoch + 1}: {self.monitor} did not improve from "
-                          f"{self.best:.5f}")
+                    print(f"Epoch {epoch + 1}: {self.monitor} did not improve from {best}")
                 return
             if self.verbose:
-                best = "None" if self.best is None else f"{self.best:.5f}"
                 print(f"Epoch {epoch + 1}: {self.monitor} improved from {best} to "
                       f"{current:.5f}, saving model to {path}")
             self.best = current
@@ -452,7 +452,9 @@ class ReduceLROnPlateau(_MonitorCallback):
 
     Adds ``'learning_rate'`` to the epoch's logs: the optimizer's rate when
     this callback's ``on_epoch_end`` runs (as Keras), so a schedule listed
-    before it that steps at the epoch's end shows its next rate.
+    before it that steps at the epoch's end shows its next rate. A NaN
+    value never improves, not even the first (in Keras 3 a NaN first epoch
+    is the best, which no later epoch beats).
 
     Parameters
     ----------

@@ -168,7 +168,7 @@ def test_early_stopping_matches_keras(kwargs, seed):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")   # (the divergence)
-def test_a_nan_epoch_is_never_the_best():
+def test_a_nan_epoch_is_never_the_best(tmp_path, capsys):
     """[failed before] A first epoch whose loss was NaN became the best (the
     reference was None): no later epoch could beat it, and restoring its
     weights at the end of fit raised from load_state_dict (diverged
@@ -186,6 +186,13 @@ def test_a_nan_epoch_is_never_the_best():
     plateau.on_train_begin(model)
     plateau.on_epoch_end(model, 0, {"loss": float("nan")})
     assert model.optimizer.lr == pytest.approx(0.05)        # no improvement: reduced
+    # save_best_only: a NaN first epoch is not saved (verbose: it formatted None as a float)
+    checkpoint = fastrnn.ModelCheckpoint(str(tmp_path / "m.npz"), monitor="loss",
+                                         save_best_only=True, verbose=1)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(model, 0, {"loss": float("nan")})
+    assert capsys.readouterr().out == "Epoch 1: loss did not improve from None\n"
+    assert checkpoint.best is None and not (tmp_path / "m.npz").exists()
     # through fit: every epoch diverged; fit returns its History, weights as they ended
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((32, 6, 3)) * 1e3).astype(np.float32)
