@@ -214,13 +214,18 @@ def as_array(owner, name, value):
                 value = value.numpy()
             except (TypeError, RuntimeError):   # the rarer tensors, checked only then
                 value = _unusual_tensor_values(owner, name, value)
-        if isinstance(value, (list, tuple)):
+        listed = isinstance(value, (list, tuple))
+        if listed:
             value = _list_items(owner, name, value)
         try:
             value = np.asarray(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{owner}: {name} must be array-like, got {type(value).__name__} "
-                            f"that numpy cannot convert ({exc})") from None
+        except (TypeError, ValueError, RuntimeError) as exc:
+            nested = _nested_items(owner, name, value) if listed else None
+            if nested is None:
+                raise TypeError(f"{owner}: {name} must be array-like, got "
+                                f"{type(value).__name__} that numpy cannot convert "
+                                f"({exc})") from None
+            value = as_array(owner, name, nested)
     if type(value) is not np.ndarray:
         # a subclass as a plain array: an np.matrix stays 2-D through reshape
         # (an unbatched call's hx reached the kernel so)
@@ -229,24 +234,34 @@ def as_array(owner, name, value):
 
 
 def _list_items(owner, name, items):
-    """A list's (or tuple's, nested) items as np.asarray may take them: its
-    torch tensors as as_array converts one (np.asarray raises torch's own
-    error on a tensor that requires grad), its masked arrays refused as one
-    is (np.asarray drops their masks without a word)."""
+    """A list's (or tuple's) items as np.asarray may take them: its masked
+    arrays refused as one is (np.asarray drops their masks without a
+    word), its torch tensors converted as as_array converts one (np.asarray
+    raises torch's own error on a tensor that requires grad). Only the
+    outer list's items are looked at, by their type (a list of 200,000 rows
+    costs a few ms): a tensor deeper in is converted when np.asarray fails
+    (_nested_items)."""
     converted = None
     for k, item in enumerate(items):
+        kind = type(item)
+        if kind is list or kind is tuple or kind is float or kind is int or kind is np.ndarray:
+            continue
         if isinstance(item, np.ma.MaskedArray):
             raise _masked_refused(owner, name, "holds")
         if is_torch_tensor(item):
-            item = as_array(owner, name, item)
-        elif isinstance(item, (list, tuple)):
-            item = _list_items(owner, name, item)
-        else:
-            continue
-        if converted is None:
-            converted = list(items)
-        converted[k] = item
+            if converted is None:
+                converted = list(items)
+            converted[k] = as_array(owner, name, item)
     return items if converted is None else converted
+
+
+def _nested_items(owner, name, items):
+    """A list np.asarray refused, its nested lists and tensors converted
+    one by one (a list of lists of tensors), or None if it holds none."""
+    if not any(isinstance(item, (list, tuple)) or is_torch_tensor(item) for item in items):
+        return None
+    return [as_array(owner, name, item) if isinstance(item, (list, tuple)) or
+            is_torch_tensor(item) else item for item in items]
 
 
 def _masked_refused(owner, name, verb):

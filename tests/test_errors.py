@@ -1005,10 +1005,10 @@ def test_a_masked_array_is_refused_rather_than_its_mask_dropped():
         fastrnn.MSELoss()(np.ones(2), y)
     with pytest.raises(TypeError, match=r"^LSTM: input is a numpy masked array"):
         make(LSTM)(np.ma.masked_array(np.ones((T, D), np.float32)))
-    # [failed before] in a list (or nested lists), the masks went without a word
+    # [failed before] in a list, the masks went without a word
     row = np.ma.masked_array(np.ones(D, np.float32), mask=[True] + [False] * (D - 1))
     with pytest.raises(TypeError, match=r"^LSTM: input holds a numpy masked array, whose mask"):
-        make(LSTM)([[row]] * T)
+        make(LSTM)([row] * T)
     with pytest.raises(TypeError, match=r"^MSELoss: pred holds a numpy masked array"):
         fastrnn.MSELoss()([y, y], np.ones((2, 2)))
 
