@@ -885,22 +885,26 @@ def test_the_callers_rounding_mode_changes_no_bit():
 
     libm = ctypes.CDLL(None)
     to_nearest, toward_zero, downward = 0, 0xC00, 0x400       # glibc's x86 FE_* values
-    layer = LSTM(32, 256, batch_first=True, seed=0)
     x = np.random.default_rng(0).standard_normal((64, 40, 32)).astype(np.float32)
+    layers = [LSTM(32, 256, batch_first=True, seed=0),
+              LSTM(32, 64, batch_first=True, layer_norm=True, seed=0),   # its own kernels
+              GRU(32, 64, batch_first=True, bidirectional=True, seed=0)]
     threads = fastrnn.get_num_threads()
     try:
-        fastrnn.set_num_threads(1)
-        want = layer(x)[0]
-        for mode in (toward_zero, downward):
-            assert libm.fesetround(mode) == 0
-            try:
-                for n in (1, 2):
-                    fastrnn.set_num_threads(n)
-                    got = layer(x)[0]
-                    assert libm.fegetround() == mode
-                    np.testing.assert_array_equal(got, want, err_msg=f"{mode:#x}, {n} threads")
-            finally:
-                libm.fesetround(to_nearest)
+        for layer in layers:
+            fastrnn.set_num_threads(1)
+            want = layer(x)[0]
+            for mode in (toward_zero, downward):
+                assert libm.fesetround(mode) == 0
+                try:
+                    for n in (1, 2):
+                        fastrnn.set_num_threads(n)
+                        got = layer(x)[0]
+                        assert libm.fegetround() == mode
+                        np.testing.assert_array_equal(got, want,
+                                                      err_msg=f"{layer}: {mode:#x}, {n} threads")
+                finally:
+                    libm.fesetround(to_nearest)
     finally:
         fastrnn.set_num_threads(threads)
 
