@@ -138,8 +138,8 @@ def _load_int8():
         except ModuleNotFoundError:
             _kernels.forced_build_missing("FASTRNN_INT8", choice, "fastrnn._quant")
     # the widest the CPU runs (the float kernels' build, or past AVX-512 its
-    # int8 extensions), down to the portable one: the first one built here
-    # (a build for another CPU family lacks some)
+    # int8 extensions), down to the portable one: the first one that imports
+    # (a build for another CPU family lacks some; one may fail to load)
     simd = _kernels.SIMD
     extensions = ("amx", "bf16", "vnni") if simd == "avx512" else ()
     candidates = [b for b in extensions if _int8_cpu_supports(b)]
@@ -147,7 +147,7 @@ def _load_int8():
     for build in candidates:
         try:
             return _import_int8(build), build
-        except ModuleNotFoundError:
+        except ImportError:
             if build == "baseline":
                 raise
 

@@ -242,8 +242,9 @@ def test_a_forced_build_this_installation_lacks_says_so(monkeypatch):
     word; FASTRNN_SIMD=avx512 said the compiled kernels were missing and how
     to build them. Both now name the variable and the build. Unforced, the
     widest build present is taken (int8 fell back to the portable one past
-    a missing AMX build, not to the AVX-512 one). With the portable build
-    missing too the sources are unbuilt: that error goes on."""
+    a missing AMX build, not to the AVX-512 one), and a build that fails to
+    load is passed over. With the portable build missing too the sources
+    are unbuilt: that error goes on."""
     import importlib
 
     from fastrnn import _kernels
@@ -268,11 +269,22 @@ def test_a_forced_build_this_installation_lacks_says_so(monkeypatch):
                                               rf"kernels"):
             load()
         monkeypatch.delenv(variable)
+    monkeypatch.delenv("FASTRNN_INT8", raising=False)
     if _kernels.SIMD == "avx512" and Q._int8_cpu_supports("amx"):
-        monkeypatch.delenv("FASTRNN_INT8", raising=False)
         module, build = Q._load_int8()
         want = "bf16" if Q._int8_cpu_supports("bf16") else "avx512"
         assert build == want and module.__name__ == "fastrnn._quant_" + want
+    # unforced, a build present that fails to load (an undefined symbol) is
+    # passed over (it made `import fastrnn` fail) for the next one
+    if _kernels.SIMD == "avx512":
+        missing.add("fastrnn._quant_bf16")     # (amx, vnni: above)
+
+        def broken(name, *args):
+            if name == "fastrnn._quant_avx512":
+                raise ImportError("_quant_avx512.so: undefined symbol: __foo")
+            return import_module(name, *args)
+        monkeypatch.setattr(importlib, "import_module", broken)
+        assert Q._load_int8()[1] == "avx2"
     missing.add("fastrnn._forward")
     monkeypatch.setenv("FASTRNN_SIMD", "baseline")
     with pytest.raises(ModuleNotFoundError, match="fastrnn._forward"):
