@@ -44,7 +44,10 @@ class Loss:
     each target), the amount each element adds to the mean's divisor (None
     when every element counts 1), and the gradient of ``values.sum()`` with
     respect to ``pred``; and may define ``_refuse_targets(target, weight)``,
-    which raises for targets it cannot take among those that count.
+    which raises for targets it cannot take among those that count, and
+    ``_check_target_dtype(owner, name, target)``, for a dtype it cannot take
+    whatever the predictions (``fit`` asks it of the validation targets
+    before training).
 
     Parameters
     ----------
@@ -124,6 +127,10 @@ class Loss:
         """Raise for a target this loss cannot take where it counts (weight:
         None, or the elements' weights, 0 where one does not count). Every
         target fits the losses but BCEWithLogitsLoss."""
+
+    def _check_target_dtype(self, owner, name, target):
+        """Raise for a target array whose dtype this loss cannot take (every
+        numeric dtype fits the losses but CrossEntropyLoss)."""
 
     def _pair(self, pred, target):
         owner = type(self).__name__
@@ -280,15 +287,18 @@ class CrossEntropyLoss(Loss):
         self.weight = weight
         super().__init__(reduction)
 
+    def _check_target_dtype(self, owner, name, target):
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"{owner}: {name} must hold integer class indices, "
+                            f"got dtype {target.dtype}")
+
     def _check(self, pred, target):
         owner = "CrossEntropyLoss"
         pred = v.to_numpy(owner, "pred", pred)
         if pred.dtype.kind != "f":
             pred = pred.astype(np.float64)
         target = v.to_numpy(owner, "target", target)
-        if target.dtype.kind not in "iu":
-            raise TypeError(f"{owner}: target must hold integer class indices, "
-                            f"got dtype {target.dtype}")
+        self._check_target_dtype(owner, "target", target)
         if pred.ndim < 1 or pred.shape[:-1] != target.shape:
             raise ValueError(f"{owner}: expected pred of shape (..., C) and target of shape "
                              f"(...), got {shape_str(pred.shape)} and {shape_str(target.shape)}")

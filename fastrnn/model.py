@@ -644,8 +644,8 @@ class Sequential:
         of training (the weights already changed, the message the loss's):
         refused before it, by name. They must have y's shape past the
         samples axis (and the steps axis, where both are per-step targets:
-        validation sequences may be longer or shorter), and hold integer
-        class indices where y does for CrossEntropyLoss."""
+        validation sequences may be longer or shorter), and a dtype the loss
+        takes (CrossEntropyLoss: integer class indices)."""
         y, y_val = source.y, val.y
         if y is None or y_val is None or source.y_ragged or val.y_ragged:
             return
@@ -658,10 +658,7 @@ class Sequential:
             axes = "samples axis" if past == 1 else "samples and steps axes"
             raise ValueError(f"{owner}: validation y has shape {shape_str(y_val.shape)}, y "
                              f"{shape_str(y.shape)}: expected the same shape past the {axes}")
-        if (isinstance(self.loss, CrossEntropyLoss) and y.dtype.kind in "iu"
-                and y_val.dtype.kind not in "iu"):
-            raise TypeError(f"{owner}: validation y must hold integer class indices, as y "
-                            f"does, got dtype {y_val.dtype}")
+        self.loss._check_target_dtype(owner, "validation y", y_val)
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None,
                  sample_weight: ArrayLike | None = None, steps: int | None = None,

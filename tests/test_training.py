@@ -1075,7 +1075,7 @@ def test_validation_targets_the_loss_would_refuse_are_refused_before_training():
     c = model(3, "cross_entropy")
     labels = rng.integers(0, 3, 32)
     with pytest.raises(TypeError, match=r"^Sequential.fit: validation y must hold integer class "
-                                        r"indices, as y does, got dtype float64$"):
+                                        r"indices, got dtype float64$"):
         c.fit(x, labels, validation_data=(x[:8], labels[:8].astype(float)), verbose=0)
     for trained, fresh in ((m, model(1, "mse")), (c, model(3, "cross_entropy"))):
         for name, value in trained.state_dict().items():     # no step was taken
