@@ -578,7 +578,7 @@ class RecurrentEngine(RecurrentWeights):
         between = [np.empty((rows, dirs * H), dtype) for _ in range(min(2, self._layers - 1))]
         packed, packed_ih = self._packed_recurrent(params), self._packed_projection(params)
         w_hh_all = self._weights(params)[1]
-        folded_gx = None
+        folds, folded_gx = self._stack_folds(params, plan.fold, B), None
         layer_in = x.reshape(rows, -1)
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
@@ -590,8 +590,8 @@ class RecurrentEngine(RecurrentWeights):
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
                     c=c_n[k * dirs:(k + 1) * dirs], gx=folded_gx, gh=None, out=layer_out,
                     lengths=lengths, acts=acts, train=False, h_prev=None, c_prev=None,
-                    blas_held=False, x=layer_in, folded=self._packed_folded(params)[k],
-                    bias_x=bias_x, xh=np.empty(dirs * B * (layer_in.shape[1] + H), dtype))
+                    blas_held=False, x=layer_in, folded=folds["folded"][k], bias_x=bias_x,
+                    xh=folds["xh"][:dirs * B * (layer_in.shape[1] + H)])
                 layer_in = layer_out
                 continue
             _forward.recur_windows(
