@@ -59,10 +59,7 @@ def forced_build_missing(variable, choice, portable_module):
     but when the portable build is missing too, the sources are unbuilt,
     which the package's own message says (the ModuleNotFoundError goes on)."""
     import importlib
-    try:
-        importlib.import_module(portable_module)
-    except ModuleNotFoundError:
-        raise
+    importlib.import_module(portable_module)   # (missing too: that error goes on)
     raise ImportError(f"fastrnn: {variable}={choice}, but this installation has no {choice} "
                       f"build of the kernels (built for another CPU family?); unset "
                       f"{variable} to use the widest build it has") from None

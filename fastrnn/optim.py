@@ -640,7 +640,7 @@ class LRScheduler:
             # PyTorch's chainable form sets it anyway (a negative rate: gradient
             # ascent; an overflow: inf)
             name = type(self).__name__
-            if lr >= 0 or lr != lr:   # (inf or NaN: the formula itself overflowed)
+            if not lr < 0:   # (inf or NaN: the formula itself overflowed)
                 raise ValueError(
                     f"{name}: epoch {self.epoch + 1}'s learning rate comes out {lr:.6g} from "
                     f"the current {self.optimizer.lr:.6g}: the schedule's formula "
