@@ -564,8 +564,7 @@ class RecurrentEngine(RecurrentWeights):
         order, so the layers run one after the other): the same numbers, and
         the input projections bounded by the window (_plan.WINDOW_BYTES), not
         the sequence. A layer that folds its projection into the steps (the
-        plan's ``fold``) runs whole: it writes only its first step's rows of
-        its gx, whose other pages are never touched."""
+        plan's ``fold``) runs whole: its steps need only B rows of gx."""
         if self._lends_buffers:
             _training_buffers.release(self)
         dtype, H, dirs, G = self._config["dtype"], self._config["hidden_size"], self._dirs, \
@@ -584,7 +583,7 @@ class RecurrentEngine(RecurrentWeights):
             layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
             if plan.fold[k]:
                 if folded_gx is None:
-                    folded_gx = np.empty((rows, dirs * G * H), dtype)
+                    folded_gx = np.empty((B, dirs * G * H), dtype)
                 _forward.recur(
                     cell=self._kernel_code, T=T, batch_first=batch_first, parts=plan.parts,
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],

@@ -509,11 +509,11 @@ def test_the_folded_kernel_refuses_what_it_cannot_fold():
     folded = _forward.pack_folded(w_ih, w_hh, _forward.CELL_LSTM, H, 1)
 
     def call(dtype=f32, train=False, xh_size=B * (D + H), packs=folded, x_rows=T * B,
-             drop=False):
+             drop=False, gx_rows=T * B):
         _forward.recur(cell=_forward.CELL_LSTM, T=T, batch_first=False, parts=[(0, 1, 0, B)],
                        w_hh=w_hh.astype(dtype), w_hh_t=np.ascontiguousarray(w_hh.T, dtype),
                        bias_h=None, h=np.zeros((1, B, H), dtype), c=np.zeros((1, B, H), dtype),
-                       gx=np.zeros((T * B, 4 * H), dtype), gh=None,
+                       gx=np.zeros((gx_rows, 4 * H), dtype), gh=None,
                        out=np.zeros((T * B, H), dtype), lengths=None,
                        acts=np.zeros((T * B if train else B, 4 * H), dtype), train=train,
                        h_prev=np.zeros((T * B, H), dtype) if train else None,
@@ -532,10 +532,49 @@ def test_the_folded_kernel_refuses_what_it_cannot_fold():
         call(xh_size=B * (D + H) - 1)
     with pytest.raises(ValueError, match="do not fit"):
         call(x_rows=T * B - 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        call(gx_rows=B - 1)
+    call(gx_rows=B)   # the rows it writes
     with pytest.raises(ValueError, match="does not fit|do not fit"):
         call(packs=[folded[0][:-1]])
     with pytest.raises(ValueError, match="only the LSTM"):
         _forward.pack_folded(w_ih[:3 * H], w_hh[:3 * H], _forward.CELL_GRU, H, 1)
+
+
+def test_folded_steps_write_only_the_first_rows_of_gx():
+    """A folded call's steps write their pre-activations to gx's first B rows
+    (each part its own), in either layout, and a gx of only those rows does:
+    batch-first, they went to each row's first step, T rows apart, a page of
+    memory each (a bidirectional LSTM 200->100, B=16, T=2000 grew the resident
+    set by 54 MiB for its 24 MiB output, 24 since)."""
+    from fastrnn._engine import _forward
+    H, D, B, T = 5, 3, 4, 7
+    rng = np.random.default_rng(3)
+    f32 = np.float32
+    w_ih = rng.standard_normal((2 * 4 * H, D)).astype(f32)
+    w_hh = rng.standard_normal((2 * 4 * H, H)).astype(f32)
+    folded = _forward.pack_folded(w_ih, w_hh, _forward.CELL_LSTM, H, 2)
+    x = rng.standard_normal((T * B, D)).astype(f32)
+    for batch_first in (True, False):
+        results = []
+        for gx_rows in (T * B, B):
+            for parts in ([(0, 2, 0, B)], [(0, 1, 0, 1), (1, 2, 0, 1), (0, 2, 1, B)]):
+                gx = np.full((gx_rows, 2 * 4 * H), np.nan, f32)
+                out = np.zeros((T * B, 2 * H), f32)
+                h = np.zeros((2, B, H), f32)
+                c = np.zeros((2, B, H), f32)
+                _forward.recur(cell=_forward.CELL_LSTM, T=T, batch_first=batch_first,
+                               parts=parts, w_hh=w_hh, w_hh_t=np.ascontiguousarray(w_hh.T),
+                               bias_h=None, h=h, c=c, gx=gx, gh=None, out=out, lengths=None,
+                               acts=np.zeros((B, 2 * 5 * H), f32), train=False, h_prev=None,
+                               c_prev=None, blas_held=False, x=x, folded=folded,
+                               xh=np.zeros(2 * B * (D + H), f32))
+                assert not np.isnan(gx[:B]).any()
+                assert np.isnan(gx[B:]).all(), (batch_first, gx_rows, parts)
+                results.append((out, h, c))
+        for result in results[1:]:
+            for a, b in zip(result, results[0]):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_a_plan_is_never_shared_with_a_layer_of_other_options(monkeypatch):
