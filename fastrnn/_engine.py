@@ -757,6 +757,7 @@ class RecurrentEngine(RecurrentWeights):
             pairs += self._initial_grads(dh, dc)
         with self._grad_lock:
             add_at_once(pairs)
+            self._grads_zeroed = False
 
     def _dropconnect(self, params):
         """DropConnect (Merity et al. 2017) for one training forward: a copy of

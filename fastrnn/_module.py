@@ -365,6 +365,11 @@ class Module:
         self._params = None                       # the current ParamSet
         self._trainable = ()                      # the gradient of each storage
         self._grads = MappingProxyType({})
+        # no backprop has added into the gradients since the last zero_grad
+        # (or since construction): an optimizer's step skips such a module
+        # while they hold only zeros, as PyTorch's skips a parameter whose
+        # grad zero_grad set to None (optim._took_no_gradient)
+        self._grads_zeroed = True
         # guards the gradients (backprop adds, clipping scales, zero_grad)
         # and the swap of parameter sets (loads and optimizer steps);
         # reentrant: changing_together holds it around a module's own load
@@ -381,12 +386,14 @@ class Module:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        if name in self._config:
-            raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction; "
-                                 f"create a new {type(self).__name__} to change it")
+        # a parameter first: Linear's ``bias`` names both its setting and,
+        # where that is True, its parameter (which reads and loads so)
         if name in self._names:
             self.load_state_dict({name: value}, strict=False)
             return
+        if name in self._config:
+            raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction; "
+                                 f"create a new {type(self).__name__} to change it")
         object.__setattr__(self, name, value)
 
     def _add_storage(self, storage, grad):
@@ -432,6 +439,7 @@ class Module:
         with self._grad_lock:
             for grad in self._trainable:
                 grad[...] = 0
+            self._grads_zeroed = True
 
     # --- state dict ---------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -515,8 +523,9 @@ class Module:
                 index, rows = names[name]
                 storages[index][slice(None) if rows is None else rows] = value
 
-        with self._grad_lock:
-            self._swap_parameters(write)
+        if converted:   # (a load of nothing keeps the set: a pending backprop still runs)
+            with self._grad_lock:
+                self._swap_parameters(write)
         return LoadResult(missing, unexpected)
 
     def save(self, path: str | os.PathLike) -> None:

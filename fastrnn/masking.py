@@ -293,6 +293,7 @@ def _masked_call(layer, x, hx, mask, zero_output, train):
                                        f"forward_train (load_state_dict or an optimizer "
                                        f"step); the saved activations no longer match them")
                 add_at_once(layer._initial_grads(*dh0))
+                layer._grads_zeroed = False
                 added.append(True)
         if not batched:
             return dx_full[0], _pack_state([g[:, 0] for g in dh0], lstm)

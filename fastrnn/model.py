@@ -520,22 +520,34 @@ class Sequential:
                                  f"{name!r}; give one a name of its own")
             seen.add(name)
         opt = get_optimizer(optimizer)
-        if not opt.bound:
-            opt.add(self)
-        else:
-            missing = [m for m in self._modules_with_parameters()
-                       if not any(m is o for o in opt._modules)]
-            if missing:
-                raise ValueError(f"Sequential.compile: the optimizer was built for other "
-                                 f"parameters and would not train {missing}; pass an "
-                                 f"optimizer built without params (it is bound here), or "
-                                 f"one built with this model")
+        self._bind(opt, "Sequential.compile")
         self.loss = loss
         self.optimizer = opt
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
         self._metric_specs, self._metrics = specs, None
         return self
+
+    def _bind(self, opt, owner):
+        """Bind ``opt``, built without params, to this model's layers, or
+        check that it holds every layer with parameters: a step skips the
+        layers it does not hold, so a layer put in after ``compile``, or an
+        optimizer set as ``model.optimizer`` with other parameters, trained
+        nothing, silently."""
+        if not isinstance(opt, optim_module.Optimizer):
+            raise TypeError(f"{owner}: the optimizer must be a fastrnn optimizer, got "
+                            f"{type(opt).__name__}; set it with compile(optimizer=...)")
+        if not opt.bound:
+            opt.add(self)
+            return
+        missing = [m for m in self._modules_with_parameters()
+                   if not any(m is o for o in opt._modules)]
+        if missing:
+            raise ValueError(f"{owner}: the optimizer was built for other parameters and "
+                             f"would not train {missing}; pass an optimizer built without "
+                             f"params (it is bound here), or one built with this model "
+                             f"(a layer put in after compile: compile again, or "
+                             f"optimizer.add(layer))")
 
     def _require_compiled(self, what):
         if self.loss is None or self.optimizer is None:
@@ -580,6 +592,8 @@ class Sequential:
     def _train_batch(self, batch, sample_weight):
         """One step; returns (value, total, count, output, the batch with the
         output's mask)."""
+        # (the layers or the optimizer may have changed since compile)
+        self._bind(self.optimizer, "Sequential")
         out, backprops, out_mask = self._run(batch.x, batch.lengths, None, train=True)
         batch = self._with_output_mask(batch, out, out_mask)
         total, count, grad = self.loss._terms(out, batch.y, sample_weight, batch.mask)
@@ -1037,6 +1051,7 @@ class Sequential:
         features = self._input_features()
         shape = ["None", "None"] if self._takes_sequences() else ["None"]
         total = nbytes = 0
+        counted = set()   # a layer used twice holds one set of parameters
         for i, layer in enumerate(self.layers):
             recurrent = _recurrent(layer)   # the layer inside any wrappers
             if isinstance(recurrent, _RNNBase):
@@ -1055,8 +1070,10 @@ class Sequential:
                     features //= 2
             views = _parameter_views(layer)
             count = sum(view.size for view in views)
-            total += count
-            nbytes += sum(view.nbytes for view in views)
+            if id(recurrent) not in counted:
+                counted.add(id(recurrent))
+                total += count
+                nbytes += sum(view.nbytes for view in views)
             out = "(" + ", ".join(shape + ["?" if features is None else str(features)]) + ")"
             rows.append((str(i), repr(layer), out, f"{count:,}"))
         widths = [max(len(row[k]) for row in rows) for k in range(4)]

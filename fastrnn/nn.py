@@ -84,6 +84,13 @@ class Linear(Module):
         extra += "" if cfg["dtype"] == np.float32 else f", dtype='{cfg['dtype'].name}'"
         return f"Linear({cfg['in_features']}, {cfg['out_features']}{extra})"
 
+    def __getattr__(self, name):
+        # PyTorch's Linear(bias=False).bias is None (code asks `is not None`);
+        # with a bias, ``bias`` is the parameter (Module.__getattr__)
+        if name == "bias" and not self.__dict__.get("_config", {}).get("bias", True):
+            return None
+        return super().__getattr__(name)
+
     def _check(self, x):
         owner = type(self).__name__   # (QuantizedLinear's too)
         x = v.as_float_array(owner, "input", x, self._config["dtype"])
@@ -147,6 +154,7 @@ class Linear(Module):
                 np.add(self._grads["weight"], weight_grad, out=self._grads["weight"])
                 if "bias" in self._grads:
                     np.add(self._grads["bias"], dy2.sum(axis=0), out=self._grads["bias"])
+                self._grads_zeroed = False
             return _parallel.matmul(dy2, params.views["weight"]).reshape(
                 dy.shape[:-1] + (params.views["weight"].shape[1],))
 
@@ -154,10 +162,25 @@ class Linear(Module):
 
 
 class _Stateless:
-    """A layer without parameters (nothing to train, save or load)."""
+    """A layer without parameters (nothing to train, save or load). Its
+    settings (``_config``) read as attributes and are fixed, as a layer's
+    are: ``Dropout(0.9).p = 0`` had been taken and ignored."""
     _trainable = ()
     _version = 0
     _grad_lock = contextlib.nullcontext()
+
+    def __getattr__(self, name):
+        # only reached when ordinary lookup fails
+        config = self.__dict__.get("_config", {})
+        if name in config:
+            return config[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_config", ()):
+            raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction; "
+                                 f"create a new {type(self).__name__} to change it")
+        object.__setattr__(self, name, value)
 
     def zero_grad(self) -> None:
         pass
@@ -451,6 +474,7 @@ class Embedding(Module):
             flat_dy = np.ascontiguousarray(flat_dy, dtype=grad.dtype)
             with self._grad_lock:   # (np.add.at's sums, 10-20x faster)
                 _backward.add_rows(grad, flat_ids, flat_dy)
+                self._grads_zeroed = False
             return None     # ids have no gradient
 
         return y, backprop

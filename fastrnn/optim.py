@@ -89,6 +89,13 @@ def _refuse_quantized(modules, what):
         modules[0]._refuse_training(what)
 
 
+def _took_no_gradient(module):
+    """Whether no backprop added into ``module``'s gradients since its
+    zero_grad (or construction) and they hold only zeros (written by hand,
+    they count): its step is skipped (Optimizer.step)."""
+    return module._grads_zeroed and not any(grad.any() for grad in module._trainable)
+
+
 def _check_number(owner, name, value, low=0.0, low_open=False, high=None, allow_inf=False):
     """A float in [low, high) ((low, ...) with low_open; no high: up to inf, which
     only ``allow_inf`` takes: a gradient clip that never clips)."""
@@ -164,7 +171,13 @@ class Optimizer:
             module.zero_grad()
 
     def step(self) -> None:
-        """One update of every parameter from its gradient. Each module's
+        """One update of every parameter from its gradient, but for the
+        modules that took none since their ``zero_grad`` (no backprop added
+        into their gradients, which hold only zeros): as PyTorch's step skips
+        the parameters whose gradients ``zero_grad`` set to None, their
+        momentum, moments and weight decay leave them as they are (a manual
+        loop that backpropagates through part of the model moved the rest).
+        Each module's
         gradients are read under its lock (no backprop adds meanwhile), and
         its updated parameters replace the old as one set, and every
         module's at once: a call running in another thread (of a module, or
@@ -196,7 +209,7 @@ class Optimizer:
             for module in self._modules:
                 grads = module._trainable
                 module_states = [next(states) for _ in grads]
-                if not grads or id(module) not in stepped:
+                if not grads or id(module) not in stepped or _took_no_gradient(module):
                     continue
 
                 def update(storages):

@@ -310,9 +310,9 @@ class _Views(Mapping):
         self._params = params
 
     def __getitem__(self, name):
-        array = self._params.array(name)
-        array.flags.writeable = False
-        return array
+        # (sealed: a plain read-only array takes the flag back, and a write
+        # into this copy then changed nothing, silently)
+        return sealed(self._params.array(name))
 
     def __contains__(self, name):
         return name in self._params.layout.known

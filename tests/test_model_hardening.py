@@ -558,3 +558,157 @@ def test_summary_shapes_are_the_outputs(layers, x):
         assert unknown in (1, 2) and tokens[:unknown] == ["None"] * unknown, tokens
         assert tokens[unknown:] == [str(n) for n in out.shape[unknown:]], (tokens, out.shape)
         assert len(tokens) == out.ndim, (tokens, out.shape)
+
+
+# --- the module system against PyTorch's (probe of 2026-12-07) ----------------------------
+@pytest.mark.parametrize("make", [lambda: fastrnn.optim.SGD(None, lr=0.1, momentum=0.9),
+                                  lambda: fastrnn.optim.SGD(None, lr=0.1, weight_decay=0.5),
+                                  lambda: fastrnn.optim.Adam(None, lr=0.1)])
+def test_a_step_leaves_the_modules_that_took_no_gradient(make):
+    """As PyTorch's step skips parameters whose grad zero_grad set to None,
+    an optimizer's step leaves a module no backprop reached since its
+    zero_grad: momentum, moments and weight decay had moved it (a manual
+    loop training the head alone moved the body by up to 7e-2)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 4)), rng.random((8, 3))
+    body = fastrnn.Linear(4, 4, dtype="float64", seed=0)
+    head = fastrnn.Linear(4, 3, dtype="float64", seed=1)
+    model = fastrnn.Sequential([body, fastrnn.Tanh(), head])
+    opt = make()
+    opt.add([body, head])
+    out, backprops = model._forward_train(x)
+    _, grad = fastrnn.MSELoss().value_and_grad(out, y)
+    for backprop in reversed(backprops):
+        grad = backprop(grad)
+    opt.step()
+    opt.zero_grad()
+    body_before, head_before = body.state_dict(), head.state_dict()
+    state_before = opt.state_dict()["state"]
+    out, backprop = head._seq_train(np.tanh(body(x)))   # the head alone
+    backprop(fastrnn.MSELoss().value_and_grad(out, y)[1])
+    opt.step()
+    assert _same_state_dict(body.state_dict(), body_before)
+    assert not _same_state_dict(head.state_dict(), head_before)
+    # the body's optimizer state (moments, Adam's step) did not move either
+    for k in range(2):
+        for name, value in state_before[k].items():
+            np.testing.assert_array_equal(opt.state_dict()["state"][k][name], value)
+    # gradients written by hand after zero_grad count
+    opt.zero_grad()
+    body.grads["weight"][...] = 1.0
+    opt.step()
+    assert not _same_state_dict(body.state_dict(), body_before)
+
+
+def test_a_backprop_of_zero_gradients_still_steps():
+    """A module a backprop reached takes its step even when its gradients
+    are zeros (PyTorch's zero tensors step too: weight decay applies)."""
+    lin = fastrnn.Linear(3, 2, dtype="float64", seed=0)
+    opt = fastrnn.optim.SGD(lin, lr=0.1, weight_decay=0.5)
+    _, backprop = lin._seq_train(np.ones((4, 3)))
+    backprop(np.zeros((4, 2)))
+    before = lin.state_dict()
+    opt.step()
+    np.testing.assert_allclose(lin.weight, before["weight"] * (1 - 0.1 * 0.5))
+
+
+def _same_state_dict(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fit_trains_with_an_optimizer_set_after_compile():
+    """``model.optimizer = Adam()`` after compile: fit trains with it (it is
+    bound to the model as compile binds one); it had run five epochs at a
+    flat loss, no weight changing."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 4)).astype(np.float32), rng.random((32, 2)).astype(np.float32)
+    model = fastrnn.Sequential([fastrnn.Linear(4, 8, seed=0), fastrnn.Tanh(),
+                                fastrnn.Linear(8, 2, seed=1)])
+    model.compile("mse", "sgd")
+    model.optimizer = fastrnn.optim.Adam(lr=1e-2)
+    before = model.state_dict()
+    losses = model.fit(x, y, epochs=3, batch_size=8, verbose=0).history["loss"]
+    assert losses[-1] < losses[0]
+    assert not _same_state_dict(model.state_dict(), before)
+    model.optimizer = "adam"
+    with pytest.raises(TypeError, match="must be a fastrnn optimizer, got str"):
+        model.fit(x, y, verbose=0)
+
+
+def test_fit_refuses_a_layer_its_optimizer_does_not_hold():
+    """A layer put into a compiled model (``layers[i] = new``) took gradients
+    but was never stepped, silently: fit and train_step now refuse, naming
+    it, before anything changes."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 4)).astype(np.float32), rng.random((16, 2)).astype(np.float32)
+    model = fastrnn.Sequential([fastrnn.Linear(4, 3, seed=0), fastrnn.Tanh(),
+                                fastrnn.Linear(3, 2, seed=1)])
+    model.compile("mse", "adam")
+    new_head = fastrnn.Linear(3, 2, seed=5)
+    model.layers[2] = new_head
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"would not train \[Linear\(3, 2\)\].*optimizer.add"):
+        model.fit(x, y, verbose=0)
+    with pytest.raises(ValueError, match="would not train"):
+        model.train_step(x, y)
+    assert _same_state_dict(model.state_dict(), before)
+    model.optimizer.add(new_head)
+    model.fit(x, y, epochs=2, verbose=0)
+    assert not np.array_equal(new_head.weight, before["2.weight"])
+
+
+@pytest.mark.parametrize("layer, name, value", [(fastrnn.Dropout(0.9), "p", 0.9),
+                                                (fastrnn.Masking(0.5), "mask_value", 0.5),
+                                                (fastrnn.LastStep(bidirectional=True),
+                                                 "bidirectional", True)])
+def test_the_settings_of_layers_without_parameters_read_and_stay(layer, name, value):
+    """A parameter-free layer's settings read as attributes (PyTorch's
+    ``Dropout.p``) and refuse assignment as every layer's do: ``drop.p = 0``
+    had been taken and ignored (fit kept dropping 90%)."""
+    assert getattr(layer, name) == value
+    with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+        setattr(layer, name, value)
+    layer.note = 1   # other attributes as on any object
+    assert pickle.loads(pickle.dumps(layer)).__dict__["_config"] == layer._config
+
+
+def test_linear_bias_is_the_parameter_or_none():
+    """``Linear.bias = array`` loads it (the setting of the same name had
+    refused it as fixed); ``Linear(bias=False).bias`` is None, as PyTorch's."""
+    lin = fastrnn.Linear(3, 2, seed=0)
+    lin.bias = np.array([1.0, 2.0])
+    np.testing.assert_array_equal(lin.bias, [1.0, 2.0])
+    np.testing.assert_array_equal(lin(np.zeros((1, 3), np.float32)), [[1.0, 2.0]])
+    plain = fastrnn.Linear(3, 2, bias=False)
+    assert plain.bias is None
+    with pytest.raises(AttributeError, match="bias is fixed at construction"):
+        plain.bias = np.zeros(2)
+    assert fastrnn.quantize(fastrnn.Sequential([plain])).layers[0].bias is None
+
+
+def test_summary_counts_a_shared_layer_once():
+    shared = fastrnn.Linear(4, 4, seed=0)
+    lines = []
+    fastrnn.Sequential([shared, fastrnn.Tanh(), shared]).summary(print_fn=lines.append)
+    assert "Total params: 20 (80 bytes, float32)" in lines
+
+
+def test_a_load_of_nothing_keeps_the_parameters():
+    """``load_state_dict(..., strict=False)`` matching no key changes
+    nothing: a pending backprop still runs (it refused, the parameters said
+    to have changed)."""
+    layer = fastrnn.LSTM(3, 4, seed=0)
+    (out, _), backprop = layer.forward_train(np.ones((5, 2, 3), np.float32))
+    result = layer.load_state_dict({"other": np.zeros(1)}, strict=False)
+    assert result.unexpected_keys == ["other"]
+    backprop(np.ones_like(out))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_a_quantized_weight_attribute_cannot_be_unlocked(dtype):
+    """A quantized layer's weight attribute is a new array each time: it
+    cannot be made writeable (a write into it changed nothing, silently)."""
+    q = fastrnn.quantize(fastrnn.LSTM(3, 4, seed=0), dtype=dtype)
+    weight = q.weight_ih_l0
+    with pytest.raises(ValueError):
+        weight.flags.writeable = True
