@@ -194,6 +194,9 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
                          f"reset-after GRU{onnx_hint}")
     # gate options PyTorch lacks: refused by name unless at their defaults
     for key, value in _gate_options.repr_options(cfg):
+        # (an LSTM's cell_activation given as its activation is the default's)
+        if key == "cell_activation" and value == cfg.get("activation", "tanh"):
+            continue
         if key != "nonlinearity" or value not in ("tanh", "relu"):
             raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
                              f"option{onnx_hint}")

@@ -399,6 +399,22 @@ def test_to_torch_gives_an_eval_module_and_its_refusals_point_where_export_works
         fastrnn.from_torch(torch.nn.GRU(3, 4, num_layers=2, dropout=1.0))
 
 
+def test_to_torch_takes_options_given_at_what_pytorch_computes():
+    """An LSTM's cell_activation given as its activation ('tanh') is the
+    default's arithmetic: to_torch converts it (it was refused as an option
+    PyTorch lacks), and a cell_activation that differs is still refused."""
+    x = np.random.default_rng(3).standard_normal((5, 2, 3)).astype(np.float32)
+    for layer in (fastrnn.LSTM(3, 4, cell_activation="tanh", activation="tanh", seed=0),
+                  fastrnn.LSTMCell(3, 4, cell_activation="tanh", seed=0)):
+        module = fastrnn.to_torch(layer)
+        with torch.no_grad():
+            got = module(torch.from_numpy(x if layer.__class__ is fastrnn.LSTM else x[0]))
+        expected = layer(x if layer.__class__ is fastrnn.LSTM else x[0])
+        np.testing.assert_allclose(got[0].numpy(), expected[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cell_activation='sigmoid'; PyTorch has no such"):
+        fastrnn.to_torch(fastrnn.LSTM(3, 4, cell_activation="sigmoid"))
+
+
 def test_a_packed_sequence_is_refused_with_what_to_pass_instead():
     # (numpy's "inhomogeneous shape" TypeError named no way out)
     x = torch.randn(5, 2, 3)
