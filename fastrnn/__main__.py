@@ -137,6 +137,12 @@ def cli(argv=None):
         return _exit_status(run(rest))
     except SystemExit as exit:  # a command's argparse: --help (0) or a usage error (2)
         return _exit_status(exit.code)
+    except MemoryError as exc:
+        # options each within their bounds can ask together for more than the
+        # machine has (adding --steps 10000 --hidden 4096: 39 GiB at once)
+        print(f"fastrnn {name}: error: out of memory ({exc or 'MemoryError'}); these options "
+              f"need more memory than this machine has: try smaller sizes", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

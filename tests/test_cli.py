@@ -211,6 +211,22 @@ def test_an_example_refuses_a_bad_option_by_name(command, argv, message, capsys)
     assert message in err, err
 
 
+def test_sizes_that_do_not_fit_in_memory_together_end_in_an_error_not_a_traceback(
+        capsys, monkeypatch):
+    """Each within its bounds, --steps 10000 --hidden 4096 ask numpy for 39
+    GiB at once: the MemoryError ended the command in a traceback; now an
+    error naming the cause, exit status 1. (The allocation is simulated: a
+    machine with that much memory would run it.)"""
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 39.1 GiB for an array with shape "
+                          "(256, 10000, 4096) and data type float32")
+    monkeypatch.setattr(adding_problem, "main", too_big)
+    status, out, err = run(["adding", "--steps", "10000", "--hidden", "4096"], capsys)
+    assert status == 1 and out == ""
+    assert err.startswith("fastrnn adding: error: out of memory (Unable to allocate 39.1 GiB")
+    assert "try smaller sizes" in err
+
+
 def test_a_pgf_plot_without_its_tex_program_is_refused_before_the_run(capsys, monkeypatch):
     """[failed before] --plot loss.pgf passed the check, then matplotlib's PGF
     backend raised at the end of the run for want of xelatex."""
