@@ -331,6 +331,10 @@ def tbptt(layer: RNN | GRU | LSTM, x: ArrayLike, steps: int,
     if x.shape[-1] != layer.input_size:   # here, where the chunks' shapes would be named
         raise ValueError(f"tbptt: expected x with {layer.input_size} features (the last axis), "
                          f"got {shape_str(x.shape)}")
+    if hx is not None:   # its shape, dtype and values (the first chunk reads it)
+        batched = x.ndim == 3
+        layer._initial_state(layer._params, hx, (x.shape[0] if batch_first else x.shape[1])
+                             if batched else 1, batched)
     return _tbptt_chunks(layer, x, steps, hx, T, batch_first)
 
 

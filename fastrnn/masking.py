@@ -311,10 +311,29 @@ def carries_steps(layer: Any, carried: bool) -> bool:
     whose last output is then the zeroed step T - 1), and the layers after
     it work step by step, so a LastStep takes step T - 1; a layer that makes
     a mask starts a sequence whose masked steps hold their own values, so a
-    LastStep takes each row's last kept step."""
-    if getattr(layer, "_makes_mask", False):
+    LastStep takes each row's last kept step. So does a layer reversed in
+    the input's order (``Reversed(keep_order=True)``), whose masked steps
+    after the last kept one hold what it computed before reading any (it
+    read them first): its step T - 1 of a padded row was zeros."""
+    if getattr(layer, "_makes_mask", False) or _reversed_in_order(layer):
         return False
     return carried or isinstance(layer, _recurrent_kinds())
+
+
+def _reversed_in_order(layer: Any) -> bool:
+    """Whether ``layer`` is (or wraps) a ``Reversed(keep_order=True)``."""
+    if not isinstance(layer, _recurrent_kinds()[1]):
+        return False
+    from fastrnn.wrappers import Reversed, _wrappers
+    return any(isinstance(w, Reversed) and w.keep_order for w in _wrappers(layer))
+
+
+def _reverses(layer: Any) -> bool:
+    """Whether ``layer`` is (or wraps) a ``Reversed``."""
+    if not isinstance(layer, _recurrent_kinds()[1]):
+        return False
+    from fastrnn.wrappers import Reversed, _wrappers
+    return any(isinstance(w, Reversed) for w in _wrappers(layer))
 
 
 def mask_for(layer: Any, mask: np.ndarray | None, carried: bool) -> dict:
@@ -345,7 +364,8 @@ def _recurrent_kinds():
 
 
 def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
-             carried: bool = False, given: np.ndarray | None = None
+             carried: bool = False, given: np.ndarray | None = None,
+             lengths: np.ndarray | None = None
              ) -> tuple[np.ndarray, Callable[..., Any] | None, np.ndarray | None]:
     """Run one layer of a Sequential on batch-first x with an optional mask.
 
@@ -359,6 +379,8 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
     A layer's mask replaces the one of the layers before it (Keras' rule:
     ``Masking.compute_mask`` ignores its input's), kept within ``given``,
     the call's own (the caller's ``mask``, a ragged batch's lengths).
+    ``lengths``: a ragged batch's, which a ``Reversed`` takes beside the
+    mask, to reverse each sequence within its length (as if alone).
     """
     from fastrnn.layers import _RNNBase
     if getattr(layer, "_makes_mask", False):
@@ -382,6 +404,8 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
         y = np.ascontiguousarray(np.swapaxes(out, 0, 1)) if swap else out
         return y, backprop, mask
     kwargs = mask_for(layer, mask, carried)
+    if lengths is not None and "mask" in kwargs and _reverses(layer):
+        kwargs["lengths"] = lengths
     if train:
         y, backprop = layer._seq_train(x, **kwargs)
     else:

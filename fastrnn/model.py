@@ -346,9 +346,10 @@ class Sequential:
     def _run_layers(self, x, lengths, mask, train):
         masked = mask is not None or any(getattr(layer, "_makes_mask", False)
                                          for layer in self.layers)
+        ragged = None   # (a Reversed reverses each sequence within its length)
         if masked and lengths is not None:
             valid = np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None]
-            mask, lengths = (valid if mask is None else mask & valid), None
+            mask, lengths, ragged = (valid if mask is None else mask & valid), None, lengths
         backprops = []
         given, carried = mask, False   # (masking.seq_call, masking.carries_steps)
         for k, layer in enumerate(self.layers):
@@ -357,7 +358,8 @@ class Sequential:
             with own_values(layer, input=True if k > 0 else None):
                 if masked:
                     from fastrnn.masking import carries_steps, seq_call
-                    x, backprop, mask = seq_call(layer, x, mask, train, carried, given)
+                    x, backprop, mask = seq_call(layer, x, mask, train, carried, given,
+                                                 ragged if x.ndim == 3 else None)
                     carried = carries_steps(layer, carried)
                 elif lengths is None:
                     x, backprop = layer._seq_train(x) if train else (layer._seq_infer(x), None)
@@ -653,6 +655,29 @@ class Sequential:
         return {metric.name: float(metric.result()) for metric, _ in self._metrics}
 
     # --- evaluate -----------------------------------------------------------
+    @staticmethod
+    def _check_stateful_batches(owner, stateful, batch_size, source, val, steps_per_epoch,
+                                validation_steps):
+        """A Stateful layer takes batches of one size: refuse, before any
+        step, arrays that would end in a batch of another (a partial last
+        batch, or validation data in batches of another size, failed after
+        the epoch's steps had changed the weights)."""
+        fixed = stateful.batch_size
+        if fixed is not None and batch_size != fixed:
+            raise ValueError(f"{owner}: the Stateful layer takes batches of {fixed} sequences, "
+                             f"got batch_size={batch_size}")
+        checks = [(source, "x", steps_per_epoch)]
+        if isinstance(val, batching.ArrayData):
+            checks.append((val, "the validation data", validation_steps))
+        for data, what, steps in checks:
+            n = len(data)
+            if n % batch_size and (steps is None or steps * batch_size > n):
+                raise ValueError(f"{owner}: a Stateful layer takes batches of exactly "
+                                 f"batch_size={batch_size} sequences, but {what} holds {n}, "
+                                 f"not a multiple of it (its last batch would hold "
+                                 f"{n % batch_size}); use a batch_size dividing it, or drop "
+                                 f"the last {n % batch_size}")
+
     def _check_validation_targets(self, owner, source, val):
         """Validation targets the loss would refuse only after a whole epoch
         of training (the weights already changed, the message the loss's):
@@ -792,7 +817,10 @@ class Sequential:
             iterable of batches; overrides validation_split. Arrays are
             validated in batches of ``batch_size`` when the loss's reduction
             is 'sum' (Keras' rule: the value depends on them, and val_loss then
-            compares with loss), else of at least 256 (the same value).
+            compares with loss) or the model has a ``Stateful`` layer (which
+            takes one batch size: the training and validation arrays must
+            hold a multiple of it, checked before the first step), else of
+            at least 256 (the same value).
         shuffle : bool, default True
             Shuffle the training samples every epoch (with the model's seed).
         callbacks : list, optional
@@ -892,6 +920,10 @@ class Sequential:
             val = None
         if isinstance(val, batching.ArrayData) and not iterable:
             self._check_validation_targets(owner, source, val)
+        stateful = [layer for layer in self.layers if isinstance(layer, Stateful)]
+        if stateful and not iterable:
+            self._check_stateful_batches(owner, stateful[0], batch_size, source, val,
+                                         steps_per_epoch, validation_steps)
         if iterable:
             steps = steps_per_epoch if steps_per_epoch is not None else source.length
         else:
@@ -905,8 +937,10 @@ class Sequential:
         reduction = self.loss.reduction
         # Keras validates in batches of batch_size; a 'sum' loss's value (the
         # batches' sums averaged) depends on them, so it does too (then val_loss
-        # and loss compare); a 'mean' one does not, and larger batches run faster
-        val_batch_size = batch_size if reduction == "sum" else max(batch_size, 256)
+        # and loss compare), and a Stateful layer takes no other; a 'mean' one
+        # does not, and larger batches run faster
+        val_batch_size = (batch_size if reduction == "sum" or stateful
+                          else max(batch_size, 256))
         self.stop_training = False
         callbacks.set_model()
         callbacks.train_begin()

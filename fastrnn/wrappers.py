@@ -135,7 +135,12 @@ class Reversed(_Wrapper):
     ``keep_order=False`` the output too is reversed within the length). With
     a ``mask`` the whole time axis is reversed and the mask with it (Keras'
     rule for ``go_backwards``); the masked steps then follow the mask
-    semantics of the layers (see ``fastrnn.masking``). In a ``Sequential``
+    semantics of the layers (see ``fastrnn.masking``). With both, each
+    sequence is reversed within its length and its mask with it, the steps
+    past a length masked (a ragged batch in a ``Sequential`` with a mask:
+    each sequence as if alone; with the whole axis reversed, a
+    ``keep_order=False`` output of a short sequence began with its
+    padding, where the model reads its first steps). In a ``Sequential``
     the mask passed on after a ``keep_order=False`` layer is its input's,
     not reversed with the output, as Keras passes it on (a ``go_backwards``
     layer's ``compute_mask`` returns its input mask).
@@ -170,8 +175,6 @@ class Reversed(_Wrapper):
         T = x.shape[time_axis]
         B = x.shape[1 - time_axis] if batched else 1
         if lengths is not None:
-            if mask is not None:
-                raise ValueError(f"{owner}: pass lengths or mask, not both")
             if not batched:
                 raise ValueError(f"{owner}: lengths needs batched input; for one unbatched "
                                  f"sequence pass input[:length] instead")
@@ -187,7 +190,12 @@ class Reversed(_Wrapper):
 
         if mask is not None:
             mask = check_mask(owner, mask, (B, T) if batched else (T,))
-            mask = np.ascontiguousarray(mask[..., ::-1])
+            if lengths is None:    # Keras' rule: the whole axis
+                mask = np.ascontiguousarray(mask[..., ::-1])
+            else:                  # within each length, past it masked
+                mask = np.take_along_axis(mask, index, axis=1) & (
+                    np.arange(T)[None, :] < lengths[:, None])
+                lengths = None     # (the inner layer takes the mask alone)
         return flip, x, lengths, mask
 
     def __call__(self, x: ArrayLike, hx: Any = None, lengths: ArrayLike | None = None, *,

@@ -234,6 +234,20 @@ def test_tbptt_names_the_stream_it_was_given_when_its_width_is_wrong():
         list(fastrnn.tbptt(fastrnn.LSTM(4, 8), np.ones((5, 2, 5), np.float32), steps=2))
 
 
+def test_tbptt_checks_the_initial_state_at_the_call():
+    """As its docstring says, the arguments are checked at the call: a
+    wrong hx had been refused only when the first chunk was asked for."""
+    x = np.zeros((2, 5, 2))
+    gru = fastrnn.GRU(2, 3, batch_first=True, seed=1)
+    with pytest.raises(ValueError, match=r"GRU: expected hx of shape \(1, 2, 3\)"):
+        fastrnn.tbptt(gru, x, 2, hx=np.zeros((1, 7, 3)))
+    lstm = fastrnn.LSTM(2, 3, seed=1)
+    with pytest.raises(ValueError, match=r"LSTM: expected c_0 of shape \(1, 3\)"):
+        fastrnn.tbptt(lstm, np.zeros((5, 2)), 2, hx=(np.zeros((1, 3)), np.zeros((2, 3))))
+    good = fastrnn.tbptt(lstm, np.zeros((5, 2)), 2, hx=(np.zeros((1, 3)), None))
+    assert len(list(good)) == 3
+
+
 def test_tbptt_refuses_a_bidirectional_layer():
     layer = fastrnn.GRU(3, 4, bidirectional=True, seed=0)
     with pytest.raises(ValueError, match="tbptt: .* is bidirectional; its reverse direction"):

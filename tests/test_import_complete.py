@@ -477,7 +477,9 @@ def test_stateful_carries_the_state_in_training_and_fit():
     model.fit(rng.standard_normal((6, 4, 2)), rng.standard_normal((6, 1)), batch_size=2,
               shuffle=False, verbose=0)
     assert stateful.state is not None
-    with pytest.raises(ValueError, match="Stateful: expected a batch of 2 sequences"):
+    # (refused before the first step: fit knows the remainder)
+    with pytest.raises(ValueError, match="a Stateful layer takes batches of exactly "
+                                         "batch_size=2 sequences, but x holds 5"):
         model.fit(rng.standard_normal((5, 4, 2)), rng.standard_normal((5, 1)), batch_size=2,
                   shuffle=False, verbose=0)
     with pytest.raises(ValueError, match=r"Stateful: expected batched input"):
@@ -501,8 +503,6 @@ def test_wrapper_errors_name_the_argument():
         fastrnn.Stateful(fastrnn.GRU(2, 2), batch_size=0)
     rev = fastrnn.Reversed(fastrnn.GRU(2, 2))
     x = np.zeros((3, 2, 2), np.float32)
-    with pytest.raises(ValueError, match="Reversed: pass lengths or mask, not both"):
-        rev(x, lengths=[3, 3], mask=np.ones((2, 3), bool))
     with pytest.raises(ValueError, match=r"Reversed: expected lengths of shape \(2,\)"):
         rev(x, lengths=[3])
     with pytest.raises(ValueError, match=r"Reversed: expected mask of shape \(2, 3\)"):

@@ -700,3 +700,81 @@ def test_a_masked_empty_batch_gives_empty_outputs(kind):
     (out, _), backprop = layer.forward_train(x, mask=mask)
     dx, _ = backprop(np.zeros_like(out))
     assert out.shape == (0, 5, 4) and dx.shape == (0, 5, 3)
+
+
+# --- Reversed with a mask and ragged lengths (probe of 2026-12-07) -----------------------
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_reversed_with_lengths_and_a_mask_reverses_each_sequence_within_its_length(keep_order):
+    """Given both, a Reversed reverses each sequence (and its mask) within
+    its length, the steps past it masked: each row gives what it gives
+    alone, cut to its length, with its mask's holes, in inference and in
+    training (dx and the gradients of the rows' sum, for a loss that reads
+    no step past a length: those steps carry outputs that depend on the
+    state)."""
+    rng = np.random.default_rng(5)
+    T, B, D, H = 6, 3, 2, 3
+    x = rng.standard_normal((B, T, D))
+    lengths = np.array([6, 4, 2])
+    mask = np.ones((B, T), bool)
+    mask[0, 2] = mask[1, 1] = False          # holes within the lengths
+    mask[2, 4] = False                       # past the length: masked anyway
+    dout = rng.standard_normal((B, T, H)) * (np.arange(T) < lengths[:, None])[:, :, None]
+    rev = fastrnn.Reversed(fastrnn.GRU(D, H, batch_first=True, dtype="float64", seed=1),
+                           keep_order=keep_order)
+    out, h_n = rev(x, lengths=lengths, mask=mask)
+    rev.zero_grad()
+    (out_t, _), backprop = rev.forward_train(x, lengths=lengths, mask=mask)
+    dx, _ = backprop(dout)
+    grads = {k: g.copy() for k, g in rev.grads.items()}
+    np.testing.assert_array_equal(out_t, out)
+    summed = {k: np.zeros_like(g) for k, g in grads.items()}
+    for b, n in enumerate(lengths):
+        alone, h_alone = rev(x[b:b + 1, :n], mask=mask[b:b + 1, :n])
+        np.testing.assert_allclose(out[b, :n], alone[0], rtol=0, atol=1e-14)
+        np.testing.assert_allclose(h_n[:, b], h_alone[:, 0], rtol=0, atol=1e-14)
+        rev.zero_grad()
+        _, inner = rev.forward_train(x[b:b + 1, :n], mask=mask[b:b + 1, :n])
+        dx_alone, _ = inner(dout[b:b + 1, :n])
+        np.testing.assert_allclose(dx[b, :n], dx_alone[0], rtol=0, atol=1e-14)
+        assert not dx[b, n:].any()
+        for k, g in rev.grads.items():
+            summed[k] += g
+    for k in grads:
+        np.testing.assert_allclose(grads[k], summed[k], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("maker", ["masking", "embedding"])
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_a_ragged_batch_through_a_reversed_layer_and_a_mask_is_each_sequence_alone(
+        maker, keep_order):
+    """A ragged list through a model with a mask-making layer and a Reversed:
+    each sequence's outputs, loss and LastStep are its own alone. With
+    keep_order=False its steps had come back as zeros (the whole padded axis
+    reversed: the padding first), and the loss was taken against them; with
+    keep_order=True a LastStep took a padded row's step T - 1, zeros."""
+    rng = np.random.default_rng(0)
+    if maker == "masking":
+        data = [rng.standard_normal((n, 2)) for n in (4, 2, 3)]
+        front = [fastrnn.Masking(-999.0)]
+    else:
+        data = [rng.integers(1, 6, n) for n in (4, 2, 3)]
+        front = [fastrnn.Embedding(6, 2, mask_zero=True, dtype="float64", seed=0)]
+
+    def model(last):
+        gru = fastrnn.GRU(2, 3, batch_first=True, dtype="float64", seed=1)
+        layers = front + [fastrnn.Reversed(gru, keep_order=keep_order)]
+        return fastrnn.Sequential(layers + ([fastrnn.LastStep()] if last else []))
+
+    steps = model(False)
+    got = steps.predict(data)
+    for seq, out in zip(data, got):
+        np.testing.assert_allclose(out, steps.predict(seq[None])[0], rtol=0, atol=1e-14)
+    last = model(True)
+    np.testing.assert_allclose(last.predict(data),
+                               np.concatenate([last.predict(s[None]) for s in data]),
+                               rtol=0, atol=1e-14)
+    targets = [rng.standard_normal((len(s), 3)) for s in data]
+    steps.compile(loss="mse", optimizer="sgd")
+    per_step = [steps.evaluate(s[None], t[None]) * len(s) for s, t in zip(data, targets)]
+    np.testing.assert_allclose(steps.evaluate(data, targets),
+                               sum(per_step) / sum(map(len, data)), rtol=1e-12)

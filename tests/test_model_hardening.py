@@ -712,3 +712,44 @@ def test_a_quantized_weight_attribute_cannot_be_unlocked(dtype):
     weight = q.weight_ih_l0
     with pytest.raises(ValueError):
         weight.flags.writeable = True
+
+
+def _stateful_model():
+    lstm = fastrnn.LSTM(2, 3, batch_first=True, dtype="float64", seed=1)
+    model = fastrnn.Sequential([fastrnn.Stateful(lstm, batch_size=4), fastrnn.LastStep(),
+                                fastrnn.Linear(3, 1, dtype="float64", seed=2)])
+    return model.compile(loss="mse", optimizer="sgd")
+
+
+@pytest.mark.parametrize("validation", ["split", "data"])
+def test_a_stateful_model_validates_in_its_batch_size(validation):
+    """fit validated a Stateful model in batches of at least 256: after the
+    first epoch had trained, the validation's batch of 8 was refused (the
+    Stateful takes 4). It validates in batches of batch_size, as Keras, and
+    val_loss is evaluate's in those batches."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 5, 2)), rng.standard_normal((16, 1))
+    model = _stateful_model()
+    kw = (dict(validation_split=0.25) if validation == "split"
+          else dict(validation_data=(x[:8], y[:8])))
+    history = model.fit(x, y, batch_size=4, shuffle=False, epochs=2, verbose=0, **kw)
+    assert len(history.history["val_loss"]) == 2
+
+
+def test_a_stateful_model_refuses_a_partial_last_batch_before_any_step():
+    """A Stateful layer refused the last batch of 2 (of 10 samples in 4s)
+    after the epoch's first steps had changed the weights; now fit refuses
+    before the first step, naming the data and the remainder (validation
+    data alike, and a batch_size other than the layer's)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((10, 5, 2)), rng.standard_normal((10, 1))
+    model = _stateful_model()
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"x holds 10, not a multiple of it .*hold 2"):
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    with pytest.raises(ValueError, match=r"the validation data holds 6"):
+        model.fit(x[:8], y[:8], batch_size=4, shuffle=False, verbose=0,
+                  validation_data=(x[:6], y[:6]))
+    with pytest.raises(ValueError, match=r"takes batches of 4 sequences, got batch_size=2"):
+        model.fit(x[:8], y[:8], batch_size=2, shuffle=False, verbose=0)
+    assert _same_state_dict(model.state_dict(), before)
