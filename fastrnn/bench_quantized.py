@@ -11,7 +11,7 @@ the float32 benchmark, each library in a process of its own:
   same module (qint8, its default per-tensor weight scales; dynamic uint8
   activations), for LSTM and GRU (PyTorch has no quantized RNN layer);
 - ``ORT-q``: ONNX Runtime on ``onnxruntime.quantization.quantize_dynamic``
-  of the layer's ONNX model (``fastrnn.to_onnx``; QInt8 weights), for LSTM
+  of the float32 table's ONNX graph (``bench.ort_model``; QInt8 weights), for LSTM
   (its DynamicQuantizeLSTM; ONNX Runtime leaves GRU and RNN nodes in
   float32, so those are not timed).
 
@@ -64,30 +64,21 @@ def _torch_quantized(case, state_dict, x, threads):
     return infer
 
 
-def _ort_quantized(layer, x, threads, tmp):
-    import onnxruntime as ort
+def _ort_quantized(case, state_dict, x, threads, tmp):
+    """ONNX Runtime's quantize_dynamic (QInt8 weights) of the float32
+    bench's graph (``bench.ort_model``: its output needs no copy at the end,
+    where to_onnx's Transpose and Reshape made ORT copy it)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     path, qpath = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
-    fastrnn.to_onnx(layer, path)
+    onnx.save(bench.ort_model(case, state_dict, x), path)
     quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(qpath, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    dirs = 2 if case_bidirectional(layer) else 1
-    zeros = np.zeros((layer.num_layers * dirs, x.shape[1], layer.hidden_size), np.float32)
-    feed = {"X": x}
-    for name in names[1:]:
-        feed[name] = zeros
+    session = bench.ort_session(qpath, threads)
+    T, B = x.shape[:2]
 
     def infer():
-        return session.run(["Y"], feed)[0]
+        return session.run(None, {"X": x})[0].reshape(T, B, -1)
     return infer
-
-
-def case_bidirectional(layer):
-    return bool(layer.bidirectional)
 
 
 def _weight_bytes(layer, quantized):
@@ -102,9 +93,8 @@ def _weight_bytes(layer, quantized):
 
 def measure(case_name, library, threads, repeats, output_path):
     """One library on one case, in the calling process: output saved to
-    output_path; returns {"infer": ms, "peak_mb": MB, "weight_mb": MB}."""
-    import resource
-
+    output_path; returns {"infer": ms, "weight_mb": MB (fastrnn's, else
+    None)}."""
     from threadpoolctl import threadpool_limits
     case = next(c for c in bench.CASES if c.name == case_name)
     fastrnn.set_num_threads(threads)
@@ -138,13 +128,12 @@ def measure(case_name, library, threads, repeats, output_path):
         elif library == "torch-q":
             infer = _torch_quantized(case, state_dict, x, threads)
         else:
-            infer = _ort_quantized(layer, x, threads, tmp)
+            infer = _ort_quantized(case, state_dict, x, threads, tmp)
         np.save(output_path, np.asarray(infer()))
         if case.heavy:
             repeats = max(4, repeats // 5)
         infer_ms = bench.median_ms([infer], repeats)[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KB on Linux
-    return {"infer": infer_ms, "peak_mb": peak, "weight_mb": weight_mb}
+    return {"infer": infer_ms, "weight_mb": weight_mb}
 
 
 def _measure_in_child(spec):
@@ -156,8 +145,7 @@ def run_case(case, threads, repeats, libraries, rounds=1):
     """{library: result} and {library: (max, mean) abs error vs float64};
     each library's process ``rounds`` times in turn (``bench.run_rounds``),
     its time the median over the rounds ("infer"; "rounds": the time of
-    each round, for the ratios of ``bench.paired_ratio``), its peak memory
-    the largest."""
+    each round, for the ratios of ``bench.paired_ratio``)."""
     results, errors = {}, {}
     with tempfile.TemporaryDirectory(prefix="fastrnn-bench-q-") as tmp:
         def output(library):
@@ -169,10 +157,10 @@ def run_case(case, threads, repeats, libraries, rounds=1):
             return bench.run_child("fastrnn.bench_quantized", spec, tmp,
                                    ("f32", "int8", "bf16", "reference"))
 
-        for library, rounds_of in bench.run_rounds(list(libraries), rounds, run_one).items():
+        for library, rounds_of in bench.run_rounds(list(libraries), rounds, run_one,
+                                                   first=bench.CASES.index(case)).items():
             results[library] = {"infer": bench.median_of_rounds(rounds_of, "infer"),
                                 "rounds": [r["infer"] for r in rounds_of],
-                                "peak_mb": max(r["peak_mb"] for r in rounds_of),
                                 "weight_mb": rounds_of[0]["weight_mb"]}
         run_one("reference")
         reference = np.load(output("reference"))

@@ -44,6 +44,9 @@ def test_rounds_run_every_library_in_turn_the_order_rotated():
     assert [r["infer"] for r in results["fastrnn"]] == [1, 6, 7, 10]
     assert [r["infer"] for r in results["torch"]] == [2, 4, 8, 9]
     assert bench.run_rounds(["fastrnn"], 1, run_one) == {"fastrnn": [{"infer": 11}]}
+    calls.clear()   # a case's rounds start where its index says (a single round too)
+    bench.run_rounds(["fastrnn", "torch", "TF"], 1, run_one, first=4)
+    assert calls == ["torch", "TF", "fastrnn"]
 
 
 def test_median_of_rounds_is_the_median_of_the_measured_rounds():
@@ -91,7 +94,11 @@ def test_run_case_reports_the_median_over_rounds(monkeypatch):
     case = next(c for c in bench.CASES if c.name == "step-b1-gru")
     infer_ms, train_ms, errors, per_round = bench.run_case(case, "float32", 1, 4, ["torch"],
                                                            rounds=3)
-    assert started == ["fastrnn", "torch", "torch", "fastrnn", "fastrnn", "torch", "reference"]
+    # (the order rotated from round to round, and from case to case: this
+    # case's rounds start at library number its index in the grid)
+    pairs = [["fastrnn", "torch"], ["torch", "fastrnn"]]
+    first = bench.CASES.index(case)
+    assert started == [lib for r in range(3) for lib in pairs[(first + r) % 2]] + ["reference"]
     assert infer_ms == {"fastrnn": 3.0, "torch": 4.0, "limit": 0.5}
     assert train_ms == {"fastrnn": 20.0, "torch": 60.0}
     assert errors == {"fastrnn": 0.5, "torch": 0.5}
@@ -101,12 +108,9 @@ def test_run_case_reports_the_median_over_rounds(monkeypatch):
 
 def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
     """fastrnn bench --dtype int8 --rounds: the median time of each library's
-    rounds, its largest peak memory; a peer failing in a later round is left
-    out (a warning)."""
+    rounds; a peer failing in a later round is left out (a warning)."""
     times = {"f32": iter([4.0, 2.0, 9.0]), "int8": iter([1.0, 3.0, 2.0]),
              "torch-q": iter([7.0])}
-    peaks = {"f32": iter([50.0, 70.0, 60.0]), "int8": iter([40.0, 30.0, 35.0]),
-             "torch-q": iter([90.0])}
     outputs = {"reference": 1.0, "f32": 1.25, "int8": 2.0, "torch-q": 2.0}
     torch_runs = []
 
@@ -119,16 +123,14 @@ def test_int8_run_case_reports_the_median_over_rounds(monkeypatch):
             if len(torch_runs) == 2:   # its install breaks in round 2
                 return subprocess.CompletedProcess(argv, 1, "", "a broken install")
         result = {} if library == "reference" else {
-            "infer": next(times[library]), "peak_mb": next(peaks[library]), "weight_mb": 0.5}
+            "infer": next(times[library]), "weight_mb": 0.5}
         return subprocess.CompletedProcess(argv, 0, "\n" + json.dumps(result) + "\n", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     case = next(c for c in bench.CASES if c.name == "step-b1-lstm")
     results, errors = bench_quantized.run_case(case, 1, 4, ["f32", "int8", "torch-q"], rounds=3)
-    assert results == {"f32": {"infer": 4.0, "rounds": [4.0, 2.0, 9.0], "peak_mb": 70.0,
-                               "weight_mb": 0.5},
-                       "int8": {"infer": 2.0, "rounds": [1.0, 3.0, 2.0], "peak_mb": 40.0,
-                                "weight_mb": 0.5}}
+    assert results == {"f32": {"infer": 4.0, "rounds": [4.0, 2.0, 9.0], "weight_mb": 0.5},
+                       "int8": {"infer": 2.0, "rounds": [1.0, 3.0, 2.0], "weight_mb": 0.5}}
     assert errors == {"f32": (0.25, 0.25), "int8": (0.75, 0.75)}
     assert torch_runs == ["torch-q", "torch-q"]   # not run again in round 3
 
@@ -145,7 +147,7 @@ def test_rounds_reach_run_case_and_the_header_says_so(monkeypatch, capsys):
 
     def fake_q_case(case, threads, repeats, libraries, rounds=1):
         seen.append(("int8", case.name, rounds))
-        result = {"infer": 1.0, "rounds": [1.0], "peak_mb": 10.0, "weight_mb": 0.1}
+        result = {"infer": 1.0, "rounds": [1.0], "weight_mb": 0.1}
         return ({lib: dict(result) for lib in libraries},
                 {lib: (1e-3, 1e-4) for lib in libraries})
 
@@ -192,7 +194,7 @@ def test_tables_print_the_paired_ratios(monkeypatch, capsys):
         per_round = {"f32": [4.0, 2.0, 9.0], "int8": [1.0, 2.0, 3.0], "bf16": [8.0, 8.0, 8.0],
                      "ORT-q": [2.0, 6.0, 6.0]}
         return ({lib: {"infer": float(np.median(per_round[lib])), "rounds": per_round[lib],
-                       "peak_mb": 1.0, "weight_mb": 0.1} for lib in libraries if lib in per_round},
+                       "weight_mb": 0.1} for lib in libraries if lib in per_round},
                 {lib: (1e-3, 1e-4) for lib in libraries if lib in per_round})
 
     monkeypatch.setattr(bench, "available", lambda module: module in ("onnxruntime", "onnx"))
@@ -226,3 +228,27 @@ def test_float64_tables_have_only_the_peer_that_runs_float64(monkeypatch, capsys
     assert asked == [["torch"]]
     assert header.split()[:4] == ["case", "fastrnn", "torch", "speed-up"]
     assert "nan" not in out
+
+
+def test_a_peer_off_the_reference_is_not_compared_and_a_split_has_no_limit(monkeypatch, capsys):
+    """A peer whose output is far from the float64 reference computed
+    something else: its time is marked and left out of the speed-up (it had
+    counted, only its error printed), and a note names it; a call whose
+    plan splits its hidden units has no GEMM-only limit ('-': the limit's
+    products cannot split them, so it bounded nothing)."""
+    def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        return ({"fastrnn": 2.0, "torch": 1.0, "ORT": 4.0}, {},
+                {"fastrnn": 1e-7, "torch": 0.3, "ORT": 1e-7},
+                {"infer": {"fastrnn": [2.0], "torch": [1.0], "ORT": [4.0]},
+                 "train": {"fastrnn": [None]}})
+
+    monkeypatch.setattr(bench, "available", lambda module: module in ("torch", "onnxruntime",
+                                                                      "onnx"))
+    monkeypatch.setattr(bench, "_installed_version", lambda module: "0")
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    bench.main(["--cases", "b1-t1000-h256"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("b1-t1000-h256 "))
+    assert row.split()[1:6] == ["2.000", "1.000*", "4.000", "2.00x", "-"]
+    assert "note: b1-t1000-h256: torch left out (error 3.0e-01)" in out
+    assert "geometric mean speed-up over the fastest peer 2.00x" in out
