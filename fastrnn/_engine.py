@@ -472,8 +472,11 @@ class RecurrentEngine(RecurrentWeights):
                 self._run_windows(params, x, T, B, batch_first, h_n, c_n, out, lengths,
                                   plan.window)
             else:
-                self._run_windows_both_directions(params, x, T, B, batch_first, h_n, c_n, out,
-                                                  lengths, plan)
+                with (_parallel.blas_at_one_thread if plan.hold_blas
+                      else contextlib.nullcontext()):
+                    held = plan.hold_blas and _parallel.blas_at_one_thread.held
+                    self._run_windows_both_directions(params, x, T, B, batch_first, h_n, c_n,
+                                                      out, lengths, plan, held)
             return None
         rows = T * B
         if not train and self._lends_buffers:
@@ -558,13 +561,15 @@ class RecurrentEngine(RecurrentWeights):
                 out[:, t0:t1] = out_w
 
     def _run_windows_both_directions(self, params, x, T, B, batch_first, h_n, c_n, out,
-                                     lengths, plan):
+                                     lengths, plan, held):
         """Inference of a bidirectional stack, each layer in time windows
         (_forward.recur_windows: each direction its windows in its own
-        order, so the layers run one after the other): the same numbers, and
-        the input projections bounded by the window (_plan.WINDOW_BYTES), not
-        the sequence. A layer that folds its projection into the steps (the
-        plan's ``fold``) runs whole: its steps need only B rows of gx."""
+        order, so the layers run one after the other): the same numbers
+        (float64, through BLAS: within rounding), and the input projections
+        bounded by the window (_plan.WINDOW_BYTES), not the sequence. A layer
+        that folds its projection into the steps (the plan's ``fold``) runs
+        whole: its steps need only B rows of gx. ``held``: BLAS is held at
+        one thread (float64)."""
         if self._lends_buffers:
             _training_buffers.release(self)
         dtype, H, dirs, G = self._config["dtype"], self._config["hidden_size"], self._dirs, \
@@ -576,7 +581,7 @@ class RecurrentEngine(RecurrentWeights):
         lengths_w = None if lengths is None else np.empty(dirs * B, np.int64)
         between = [np.empty((rows, dirs * H), dtype) for _ in range(min(2, self._layers - 1))]
         packed, packed_ih = self._packed_recurrent(params), self._packed_projection(params)
-        w_hh_all = self._weights(params)[1]
+        w_ih_all, w_hh_all = self._weights(params)[:2]
         folds, folded_gx = self._stack_folds(params, plan.fold, B), None
         layer_in = x.reshape(rows, -1)
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
@@ -593,13 +598,17 @@ class RecurrentEngine(RecurrentWeights):
                     xh=folds["xh"][:dirs * B * (layer_in.shape[1] + H)])
                 layer_in = layer_out
                 continue
+            float32 = packed is not None   # (float64: BLAS products)
             _forward.recur_windows(
                 cell=self._kernel_code, T=T, batch_first=batch_first, window=plan.window,
-                parts=plan.parts, x=layer_in, packed_ih=packed_ih[k], bias_x=bias_x,
-                w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, packed=packed[k],
+                parts=plan.parts, x=layer_in, packed_ih=packed_ih[k] if float32 else None,
+                w_ih=None if float32 else w_ih_all[k], bias_x=bias_x, w_hh=w_hh_all[k],
+                w_hh_t=w_hh_t, bias_h=bias_h, packed=packed[k] if float32 else None,
                 h=h_n[k * dirs:(k + 1) * dirs],
                 c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs], gx=gx, gh=gh,
-                out=layer_out, lengths=lengths, lengths_w=lengths_w, acts=acts)
+                out=layer_out, lengths=lengths, lengths_w=lengths_w, acts=acts, blas_held=held,
+                xw=None if float32 or not batch_first else np.empty(
+                    len(plan.parts) * _forward.window_scratch_rows(B) * layer_in.shape[1]))
             layer_in = layer_out
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,

@@ -138,6 +138,17 @@ UNIT_SPLIT_BACKOFF = 16
 # _windows_both_directions.)
 WINDOW_BYTES = 4 << 20
 MIN_WINDOW_STEPS = 4
+# A float64 bidirectional layer's windows project through BLAS a window and
+# a direction a call (a batch-first input copied time-major 256 rows at a
+# time first), where the whole sequence's projection is one call for both
+# directions: measured 2026-12-07 against the whole sequence, batch-first,
+# LSTM 64->128 two layers B=1 T=1000 (8 MB of projections; in process, min
+# of 6 rounds) 1.04-1.07x slower at 1 thread, 1.06-1.08x at 2; in
+# alternating processes against the build before, LSTM 128->256 B=32 T=300
+# (157 MB) 0.93-0.95x the time at both, GRU 32->64 two layers B=16 T=2000
+# (98 MB; peak memory 156 -> 67 MiB) 0.97-1.02x. So float64 runs in windows
+# only where the projection would take this much.
+FLOAT64_WINDOWS_MIN_BYTES = 32 << 20
 
 # A plain float32 LSTM (inference and training) folds a layer's input
 # projection into the step's product (_forward._folded_product: each step
@@ -343,6 +354,7 @@ def _tuning(threads=None):
     caller read it; None: read here)."""
     return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, UNIT_SPLIT_MAX_ROWS,
             UNIT_SPLIT_MIN_BYTES, WINDOW_BYTES, MIN_WINDOW_STEPS, FOLD_MAX_BYTES,
+            FLOAT64_WINDOWS_MIN_BYTES,
             _parallel.get_num_threads() if threads is None else threads)
 
 
@@ -403,7 +415,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     N = dirs * gates * H
     time_major = bool(batch_first and B > 1 and T * N > v.BLAS_INT_MAX)
     window = window_steps(B, N, dtype)
-    if train or T <= window or (dirs != 1 and not _windows_both_directions(layer)):
+    if train or T <= window or (dirs != 1 and not _windows_both_directions(layer, T * B * N)):
         window = None   # (unidirectional windows each have a plan of their own)
     parts = split(dirs, B, T * B * row_step_work(layer))
     units = None
@@ -438,14 +450,17 @@ def _stacks(layer, parts, train):
             and all(d_lo == 0 and d_hi == layer._dirs for d_lo, d_hi, _, _ in parts))
 
 
-def _windows_both_directions(layer):
-    """Whether a bidirectional inference runs in time windows, layer by
-    layer (``_forward.recur_windows``): float32 plain kinds (no gate
-    options, zoneout, layer norm or projection), unless every layer folds
-    its projection into the steps (a folded layer writes no projections
-    out: it runs whole among the windowed ones)."""
-    return (layer._config["dtype"] == np.float32 and not layer._general_only
-            and not all(folds(layer)))
+def _windows_both_directions(layer, elements):
+    """Whether a bidirectional inference whose whole input projection
+    holds ``elements`` values runs in time windows, layer by layer
+    (``_forward.recur_windows``): plain kinds (no gate options, zoneout,
+    layer norm or projection), unless every layer folds its projection into
+    the steps (a folded layer writes no projections out: it runs whole among
+    the windowed ones); float64 only where that projection takes
+    FLOAT64_WINDOWS_MIN_BYTES or more."""
+    if layer._config["dtype"] != np.float32 and elements * 8 < FLOAT64_WINDOWS_MIN_BYTES:
+        return False
+    return not layer._general_only and not all(folds(layer))
 
 
 def _may_split_units(layer, B, has_lengths, train):

@@ -79,6 +79,11 @@
  * not a BLAS call (for small sizes the call costs more than the
  * arithmetic). */
 #define FASTRNN_AXPY_MAX 65536
+/* A float64 bidirectional window's input projection of a batch-first input
+ * (_forward.pyx.tp: _window_projection) copies this many of a part's rows
+ * (at least a step's) time-major into its scratch, then multiplies them in
+ * one BLAS call: 256 x D doubles, 256 KB at D = 128, in L2. */
+#define FASTRNN_WINDOW_GEMM_ROWS 256
 /* Rows of one block of the weight gradients' sums over rows: the block's
  * packed activations (256 x D floats) stay in L2 while every tile of the
  * block reads them. */

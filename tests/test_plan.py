@@ -282,16 +282,87 @@ def test_bidirectional_windows_give_the_whole_sequences_bits(kind, options, fold
         close(g, r, np.float32)
 
 
+@pytest.mark.parametrize("kind, options", [("RNN", {}), ("RNN", {"nonlinearity": "relu"}),
+                                           ("GRU", {}), ("GRU", {"reset_after": False}),
+                                           ("LSTM", {})])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_float64_bidirectional_windows_give_the_whole_sequences_numbers(kind, options,
+                                                                        batch_first,
+                                                                        monkeypatch, close):
+    """A float64 bidirectional stack runs in time windows too (its
+    products through BLAS, which may sum by a call's shape: within 1e-12,
+    not bits): windows of 7 steps over 45, at 1, 2 and 3 threads, batch 1
+    (BLAS's per-step row products), 11 and 17 (a window's projection a
+    call per row, or per step: WINDOW_GEMM_MIN_ROWS), with lengths ending
+    in every window, a given initial state, the learned one and one layer,
+    against the whole sequence and the NumPy reference."""
+    rng = np.random.default_rng(9)
+    T, D, H = 45, 6, 21
+    make = getattr(fastrnn, kind)
+    layer = make(D, H, num_layers=3, bidirectional=True, batch_first=batch_first, seed=4,
+                 dtype="float64", **options)
+    learned = make(D, H, num_layers=2, bidirectional=True, batch_first=batch_first, seed=5,
+                   dtype="float64", learn_initial_state=True, **options)
+    learned.load_state_dict({name: rng.standard_normal(value.shape) if
+                             name.startswith("initial_") else value
+                             for name, value in learned.state_dict().items()})
+    single = make(D, H, bidirectional=True, batch_first=batch_first, seed=6, dtype="float64",
+                  **options)
+    mode = ("rnn_" + options.get("nonlinearity", "tanh") if kind == "RNN" else
+            "gru_reset_before" if options.get("reset_after") is False else kind.lower())
+    for B in (1, 11, 17):
+        x = rng.standard_normal((B, T, D) if batch_first else (T, B, D))
+        lengths = np.resize([45, 1, 7, 8, 14, 20, 29, 36, 43, 44, 45], B)
+        hx = rng.standard_normal((6, B, H))
+        hx = (hx, rng.standard_normal((6, B, H))) if kind == "LSTM" else hx
+        calls = [(layer, dict()), (layer, dict(lengths=lengths)), (layer, dict(hx=hx)),
+                 (learned, dict(lengths=lengths)), (single, dict())]
+
+        def results(threads, window_bytes):
+            force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0,
+                                         WINDOW_BYTES=window_bytes, MIN_WINDOW_STEPS=7,
+                                         FLOAT64_WINDOWS_MIN_BYTES=0))
+            got = []
+            for net, kw in calls:
+                plan = _plan.forward_plan(net, T, B, batch_first=batch_first, train=False,
+                                          has_lengths="lengths" in kw)
+                assert (plan.window == 7) == (window_bytes == 1)
+                out, state = net(x, **kw)
+                got.append([out] + list(state if isinstance(state, tuple) else (state,)))
+            return got
+
+        whole = results(1, 1 << 40)
+        for threads in (1, 2, 3):
+            for a, b in zip(results(threads, 1), whole):
+                for p, q in zip(a, b):
+                    close(p, q, np.float64)
+        zeros = np.zeros((6, B, H))
+        ref = layer_forward(mode, layer.state_dict(), x.transpose(1, 0, 2) if batch_first else x,
+                            zeros, zeros if kind == "LSTM" else None, num_layers=3,
+                            bidirectional=True, lengths=lengths)
+        got = results(2, 1)[1]
+        close(got[0].transpose(1, 0, 2) if batch_first else got[0], ref[0], np.float64)
+        for g, r in zip(got[1:], ref[1:]):
+            close(g, r, np.float64)
+    # a projection under FLOAT64_WINDOWS_MIN_BYTES runs whole (one BLAS call
+    # for both directions was faster than a window's and a direction's each)
+    force_plan(monkeypatch, dict(threads=1, WINDOW_BYTES=1, MIN_WINDOW_STEPS=7,
+                                 FLOAT64_WINDOWS_MIN_BYTES=T * 11 * 2 * layer._gates * H * 8 + 8))
+    assert _plan.forward_plan(layer, T, 11, batch_first=batch_first, train=False,
+                              has_lengths=False).window is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
-def test_bidirectional_inference_holds_a_window_of_projections(kind, monkeypatch):
-    """A long bidirectional float32 call holds its output, the layers
-    between and one window's input projections (WINDOW_BYTES), not the
-    sequence's (an LSTM's would be four times the output): traced NumPy
-    memory at its peak."""
-    force_plan(monkeypatch, dict(threads=2, FOLD_MAX_BYTES=0))
+def test_bidirectional_inference_holds_a_window_of_projections(kind, dtype, monkeypatch):
+    """A long bidirectional call holds its output, the layers between and
+    one window's input projections (WINDOW_BYTES), not the sequence's (an
+    LSTM's would be four times the output): traced NumPy memory at its
+    peak. (float64's windows came later: it held the whole projection.)"""
+    force_plan(monkeypatch, dict(threads=2, FOLD_MAX_BYTES=0, FLOAT64_WINDOWS_MIN_BYTES=0))
     layer = getattr(fastrnn, kind)(32, 64, num_layers=2, bidirectional=True, batch_first=True,
-                                   seed=0)
-    x = np.random.default_rng(0).standard_normal((16, 2000, 32)).astype(np.float32)
+                                   seed=0, dtype=dtype)
+    x = np.random.default_rng(0).standard_normal((16, 2000, 32)).astype(dtype)
     layer(x[:, :10])                       # the packed weights, before tracing
     tracemalloc.start()
     try:
