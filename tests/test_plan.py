@@ -648,6 +648,50 @@ def test_folded_steps_write_only_the_first_rows_of_gx():
                 np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_stacks_folded_steps_write_only_their_parts_own_rows(batch_first, monkeypatch):
+    """In run_stack each part takes its rows through every layer without
+    waiting for the others, so a part's folded steps must write only rows of
+    its own: batch-first, gx's first B rows (which the folded steps had
+    taken) are the first sequences' steps, another part's projections at
+    another layer (a race: 2-thread outputs off the 1-thread ones under
+    load). The rows written lie in each part's own rows."""
+    from fastrnn._engine import RecurrentEngine
+    T, B, D, H = 5, 4, 3, 8
+    seen = []
+    sequence_runner = RecurrentEngine._sequence_runner
+
+    class Watching:
+        def __init__(self, runner):
+            self._runner = runner
+
+        def run(self, x, hx):
+            return self._runner.run(x, hx)
+
+        def run_stack(self, **kw):
+            kw["gx"][...] = np.nan
+            seen.append(kw["gx"])
+            return self._runner.run_stack(**kw)
+
+    monkeypatch.setattr(RecurrentEngine, "_sequence_runner",
+                        lambda self, params: Watching(sequence_runner(self, params)))
+    force_plan(monkeypatch, dict(threads=2, MIN_PARALLEL_WORK=0, FOLD_MAX_BYTES=1 << 40))
+    layer = fastrnn.LSTM(D, H, num_layers=2, batch_first=batch_first, seed=0)
+    plan = _plan.forward_plan(layer, T, B, batch_first=batch_first, train=False,
+                              has_lengths=False)
+    assert plan.stack and all(plan.fold) and len(plan.parts) == 2
+    x = np.random.default_rng(0).standard_normal((B, T, D) if batch_first else (T, B, D))
+    layer(x.astype(np.float32))
+    written = ~np.isnan(seen[0]).all(axis=1)
+    for _, _, b_lo, b_hi in plan.parts:
+        rows = (np.arange(b_lo, b_hi)[:, None] * T + np.arange(T) if batch_first
+                else np.arange(T)[:, None] * B + np.arange(b_lo, b_hi))
+        # each part rewrites the same rows at every step, one a batch row:
+        # as many among its own rows as it has batch rows (another part's
+        # among them would make more)
+        assert written[rows.ravel()].sum() == b_hi - b_lo, (batch_first, b_lo, b_hi)
+
+
 def test_a_plan_is_never_shared_with_a_layer_of_other_options(monkeypatch):
     """A zoneout layer (the general path, with the plain layer's kernel code),
     called after a plain layer of the same shapes, gets its own plan: with
