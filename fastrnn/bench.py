@@ -726,9 +726,13 @@ def main(argv=None, prog="fastrnn bench"):
     for case in cases:
         infer_ms, train_ms, errors, per_round = run_case(
             case, args.dtype, args.threads, args.repeats, peers, args.rounds)
-        wrong = {p for p in peers if errors.get(p, 0.0) > bound}
+        # (NaN is off the reference too)
+        wrong = {p for p in peers if p in errors and not errors[p] <= bound}
         missing = [p for p in peers if p not in infer_ms and
                    (args.dtype == "float32" or p == "torch")]
+        if not errors["fastrnn"] <= bound:
+            notes.append(f"{case.name}: fastrnn's own output is off the float64 reference "
+                         f"(error {errors['fastrnn']:.1e})")
         if wrong or missing:
             notes.append(f"{case.name}: " + ", ".join(
                 [f"{p} left out (error {errors[p]:.1e})" for p in sorted(wrong)]

@@ -315,25 +315,19 @@ def carries_steps(layer: Any, carried: bool) -> bool:
     the input's order (``Reversed(keep_order=True)``), whose masked steps
     after the last kept one hold what it computed before reading any (it
     read them first): its step T - 1 of a padded row was zeros."""
-    if getattr(layer, "_makes_mask", False) or _reversed_in_order(layer):
+    if getattr(layer, "_makes_mask", False) or _reverses(layer, in_order=True):
         return False
     return carried or isinstance(layer, _recurrent_kinds())
 
 
-def _reversed_in_order(layer: Any) -> bool:
-    """Whether ``layer`` is (or wraps) a ``Reversed(keep_order=True)``."""
+def _reverses(layer: Any, in_order: bool = False) -> bool:
+    """Whether ``layer`` is (or wraps) a ``Reversed`` (``in_order``: one
+    with keep_order=True)."""
     if not isinstance(layer, _recurrent_kinds()[1]):
         return False
     from fastrnn.wrappers import Reversed, _wrappers
-    return any(isinstance(w, Reversed) and w.keep_order for w in _wrappers(layer))
-
-
-def _reverses(layer: Any) -> bool:
-    """Whether ``layer`` is (or wraps) a ``Reversed``."""
-    if not isinstance(layer, _recurrent_kinds()[1]):
-        return False
-    from fastrnn.wrappers import Reversed, _wrappers
-    return any(isinstance(w, Reversed) for w in _wrappers(layer))
+    return any(isinstance(w, Reversed) and (w.keep_order or not in_order)
+               for w in _wrappers(layer))
 
 
 def mask_for(layer: Any, mask: np.ndarray | None, carried: bool) -> dict:
@@ -379,8 +373,9 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
     A layer's mask replaces the one of the layers before it (Keras' rule:
     ``Masking.compute_mask`` ignores its input's), kept within ``given``,
     the call's own (the caller's ``mask``, a ragged batch's lengths).
-    ``lengths``: a ragged batch's, which a ``Reversed`` takes beside the
-    mask, to reverse each sequence within its length (as if alone).
+    ``lengths``: a ragged batch's, which a ``Reversed`` (and a
+    ``ZeroMasked(reverse=True)`` after it) takes beside the mask, to reverse
+    each sequence within its length (as if alone).
     """
     from fastrnn.layers import _RNNBase
     if getattr(layer, "_makes_mask", False):
@@ -404,7 +399,8 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
         y = np.ascontiguousarray(np.swapaxes(out, 0, 1)) if swap else out
         return y, backprop, mask
     kwargs = mask_for(layer, mask, carried)
-    if lengths is not None and "mask" in kwargs and _reverses(layer):
+    if lengths is not None and "mask" in kwargs and (
+            _reverses(layer) or getattr(layer, "_flips_steps", False)):
         kwargs["lengths"] = lengths
     if train:
         y, backprop = layer._seq_train(x, **kwargs)

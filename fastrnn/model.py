@@ -531,11 +531,12 @@ class Sequential:
         return self
 
     def _bind(self, opt, owner):
-        """Bind ``opt``, built without params, to this model's layers, or
-        check that it holds every layer with parameters: a step skips the
-        layers it does not hold, so a layer put in after ``compile``, or an
-        optimizer set as ``model.optimizer`` with other parameters, trained
-        nothing, silently."""
+        """Bind ``opt``, built without params, to this model's layers (an
+        unbound optimizer set as ``model.optimizer`` had trained nothing,
+        silently); one that lacks some layers is refused by ``compile`` and,
+        in training, trains the layers it holds with a warning naming the
+        others (set as ``model.optimizer`` to freeze them, or a layer put in
+        after ``compile``, which a step skipped silently)."""
         if not isinstance(opt, optim_module.Optimizer):
             raise TypeError(f"{owner}: the optimizer must be a fastrnn optimizer, got "
                             f"{type(opt).__name__}; set it with compile(optimizer=...)")
@@ -544,12 +545,14 @@ class Sequential:
             return
         missing = [m for m in self._modules_with_parameters()
                    if not any(m is o for o in opt._modules)]
-        if missing:
+        if missing and owner == "Sequential.compile":
             raise ValueError(f"{owner}: the optimizer was built for other parameters and "
                              f"would not train {missing}; pass an optimizer built without "
-                             f"params (it is bound here), or one built with this model "
-                             f"(a layer put in after compile: compile again, or "
-                             f"optimizer.add(layer))")
+                             f"params (it is bound here), or one built with this model")
+        if missing:
+            warnings.warn(f"{owner}: the optimizer does not hold {missing}, which training "
+                          f"leaves as they are (frozen); to train them, compile again or "
+                          f"optimizer.add(layer)", UserWarning, stacklevel=4)
 
     def _require_compiled(self, what):
         if self.loss is None or self.optimizer is None:
@@ -656,27 +659,30 @@ class Sequential:
 
     # --- evaluate -----------------------------------------------------------
     @staticmethod
-    def _check_stateful_batches(owner, stateful, batch_size, source, val, steps_per_epoch,
-                                validation_steps):
-        """A Stateful layer takes batches of one size: refuse, before any
-        step, arrays that would end in a batch of another (a partial last
-        batch, or validation data in batches of another size, failed after
-        the epoch's steps had changed the weights)."""
-        fixed = stateful.batch_size
-        if fixed is not None and batch_size != fixed:
-            raise ValueError(f"{owner}: the Stateful layer takes batches of {fixed} sequences, "
-                             f"got batch_size={batch_size}")
-        checks = [(source, "x", steps_per_epoch)]
-        if isinstance(val, batching.ArrayData):
-            checks.append((val, "the validation data", validation_steps))
-        for data, what, steps in checks:
-            n = len(data)
-            if n % batch_size and (steps is None or steps * batch_size > n):
-                raise ValueError(f"{owner}: a Stateful layer takes batches of exactly "
-                                 f"batch_size={batch_size} sequences, but {what} holds {n}, "
-                                 f"not a multiple of it (its last batch would hold "
-                                 f"{n % batch_size}); use a batch_size dividing it, or drop "
-                                 f"the last {n % batch_size}")
+    def _stateful_batch(owner, stateful, batch_size, source, val, steps_per_epoch,
+                        validation_steps, epochs):
+        """The batch size a Stateful layer takes in this fit (its fixed one,
+        else the first batch's; None: not known before the first batch of an
+        iterable), after refusing, before any step, arrays that would give
+        it a batch of another size: a partial last batch (of x, or of the
+        validation data, then validated in batches of that size) failed
+        after the epoch's steps had changed the weights."""
+        size = stateful.batch_size
+        checks = [(val, "the validation data", validation_steps, 1)]
+        if isinstance(source, batching.ArrayData):
+            size = size or min(batch_size, len(source))
+            checks.insert(0, (source, "x", steps_per_epoch, epochs))
+        for data, what, steps, passes in checks:
+            if size is None or not isinstance(data, batching.ArrayData):
+                continue
+            got = _batch_sizes(len(data), size if data is val else batch_size, steps, passes)
+            if got != {size}:
+                other = sorted(got - {size})
+                raise ValueError(f"{owner}: a Stateful layer takes batches of exactly {size} "
+                                 f"sequences, but {what} ({len(data)} samples) would give "
+                                 f"batches of {other}; use a batch_size dividing it, or drop "
+                                 f"the samples past a multiple of it")
+        return size
 
     def _check_validation_targets(self, owner, source, val):
         """Validation targets the loss would refuse only after a whole epoch
@@ -921,9 +927,9 @@ class Sequential:
         if isinstance(val, batching.ArrayData) and not iterable:
             self._check_validation_targets(owner, source, val)
         stateful = [layer for layer in self.layers if isinstance(layer, Stateful)]
-        if stateful and not iterable:
-            self._check_stateful_batches(owner, stateful[0], batch_size, source, val,
-                                         steps_per_epoch, validation_steps)
+        stateful_size = None if not stateful else self._stateful_batch(
+            owner, stateful[0], batch_size, source, val, steps_per_epoch, validation_steps,
+            epochs - initial_epoch)
         if iterable:
             steps = steps_per_epoch if steps_per_epoch is not None else source.length
         else:
@@ -939,8 +945,7 @@ class Sequential:
         # batches' sums averaged) depends on them, so it does too (then val_loss
         # and loss compare), and a Stateful layer takes no other; a 'mean' one
         # does not, and larger batches run faster
-        val_batch_size = (batch_size if reduction == "sum" or stateful
-                          else max(batch_size, 256))
+        val_batch_size = batch_size if reduction == "sum" else max(batch_size, 256)
         self.stop_training = False
         callbacks.set_model()
         callbacks.train_begin()
@@ -1000,6 +1005,8 @@ class Sequential:
                         len(source), batch_size, next_batch, pass_start[0])
                 logs = {"loss": mean.result(), **self._metric_results()}
                 if val is not None:
+                    if stateful:   # (fixed by the first batch, an iterable's too)
+                        val_batch_size = stateful_size or stateful[0].batch_size or batch_size
                     val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
                                                      callbacks)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
@@ -1295,6 +1302,17 @@ def _permutation(rng, n):
 def _parameter_views(layer):
     params = getattr(layer, "_params", None)
     return [] if params is None else list(params.views.values())
+
+
+def _batch_sizes(n, batch_size, steps, passes):
+    """The sizes of the batches of ``batch_size`` drawn from n samples,
+    ``steps`` a pass (None: all) over ``passes`` passes that go on from one
+    to the next (fit's epochs of steps_per_epoch)."""
+    sizes = {min(batch_size, n)}
+    if n > batch_size and n % batch_size and (
+            steps is None or steps * passes >= -(-n // batch_size)):
+        sizes.add(n % batch_size)
+    return sizes
 
 
 # --- losses over batches -----------------------------------------------------------------

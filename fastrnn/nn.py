@@ -23,6 +23,7 @@ from fastrnn import _validation as v
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
 from fastrnn._module import Module, call_parameters, dropout_mask, filled_later
+from fastrnn.masking import flip_index
 from fastrnn._validation import shape_str
 
 
@@ -168,16 +169,19 @@ class _Stateless:
     _trainable = ()
     _version = 0
     _grad_lock = contextlib.nullcontext()
+    _defaults: dict = {}   # settings left out of _config at their default (ZeroMasked's)
 
     def __getattr__(self, name):
         # only reached when ordinary lookup fails
         config = self.__dict__.get("_config", {})
         if name in config:
             return config[name]
+        if name in type(self)._defaults:
+            return type(self)._defaults[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        if name in self.__dict__.get("_config", ()):
+        if name in self.__dict__.get("_config", ()) or name in type(self)._defaults:
             raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction; "
                                  f"create a new {type(self).__name__} to change it")
         object.__setattr__(self, name, value)
@@ -536,25 +540,36 @@ class ZeroMasked(_Stateless):
         in the input's (as Keras passes it).
     """
     _takes_mask = True
+    _defaults = {"reverse": False}
 
     def __init__(self, reverse: bool = False) -> None:
         reverse = v.check_bool("ZeroMasked", "reverse", reverse)
         self._config = {"reverse": True} if reverse else {}
 
-    def _keep(self, x, mask):
+    @property
+    def _flips_steps(self):
+        """Whether it reverses the mask (a ragged batch's lengths then keep
+        each sequence's within its length: masking.seq_call)."""
+        return bool(self._config.get("reverse"))
+
+    def _keep(self, x, mask, lengths):
         if self._config.get("reverse"):
-            mask = mask[:, ::-1]
+            # within each length where a ragged batch gives them, as its
+            # Reversed(keep_order=False) reversed the output
+            mask = (mask[:, ::-1] if lengths is None else
+                    np.take_along_axis(mask, flip_index(mask.shape[1], lengths,
+                                                        mask.shape[0]), axis=1))
         return mask[..., None].astype(x.dtype)
 
-    def _seq_infer(self, x, mask=None):
+    def _seq_infer(self, x, mask=None, lengths=None):
         if mask is None:
             return x
-        return x * self._keep(x, mask)
+        return x * self._keep(x, mask, lengths)
 
-    def _seq_train(self, x, mask=None):
+    def _seq_train(self, x, mask=None, lengths=None):
         if mask is None:
             return x, lambda dy: dy
-        keep = self._keep(x, mask)
+        keep = self._keep(x, mask, lengths)
         return x * keep, lambda dy: dy * keep
 
 

@@ -478,8 +478,9 @@ def test_stateful_carries_the_state_in_training_and_fit():
               shuffle=False, verbose=0)
     assert stateful.state is not None
     # (refused before the first step: fit knows the remainder)
-    with pytest.raises(ValueError, match="a Stateful layer takes batches of exactly "
-                                         "batch_size=2 sequences, but x holds 5"):
+    with pytest.raises(ValueError, match=r"a Stateful layer takes batches of exactly 2 "
+                                         r"sequences, but x \(5 samples\) would give "
+                                         r"batches of \[1\]"):
         model.fit(rng.standard_normal((5, 4, 2)), rng.standard_normal((5, 1)), batch_size=2,
                   shuffle=False, verbose=0)
     with pytest.raises(ValueError, match=r"Stateful: expected batched input"):

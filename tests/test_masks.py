@@ -744,14 +744,17 @@ def test_reversed_with_lengths_and_a_mask_reverses_each_sequence_within_its_leng
 
 
 @pytest.mark.parametrize("maker", ["masking", "embedding"])
-@pytest.mark.parametrize("keep_order", [True, False])
+@pytest.mark.parametrize("keep_order", [True, False, "zero_masked"])
 def test_a_ragged_batch_through_a_reversed_layer_and_a_mask_is_each_sequence_alone(
         maker, keep_order):
     """A ragged list through a model with a mask-making layer and a Reversed:
     each sequence's outputs, loss and LastStep are its own alone. With
     keep_order=False its steps had come back as zeros (the whole padded axis
     reversed: the padding first), and the loss was taken against them; with
-    keep_order=True a LastStep took a padded row's step T - 1, zeros."""
+    keep_order=True a LastStep took a padded row's step T - 1, zeros;
+    ("zero_masked") Keras' go_backwards with zero_output_for_mask, as
+    from_keras builds it, a ZeroMasked(reverse=True) after the
+    keep_order=False layer, zeroed a short sequence's own steps."""
     rng = np.random.default_rng(0)
     if maker == "masking":
         data = [rng.standard_normal((n, 2)) for n in (4, 2, 3)]
@@ -762,17 +765,20 @@ def test_a_ragged_batch_through_a_reversed_layer_and_a_mask_is_each_sequence_alo
 
     def model(last):
         gru = fastrnn.GRU(2, 3, batch_first=True, dtype="float64", seed=1)
-        layers = front + [fastrnn.Reversed(gru, keep_order=keep_order)]
+        layers = front + [fastrnn.Reversed(gru, keep_order=keep_order is True)]
+        if keep_order == "zero_masked":
+            layers.append(fastrnn.ZeroMasked(reverse=True))
         return fastrnn.Sequential(layers + ([fastrnn.LastStep()] if last else []))
 
     steps = model(False)
     got = steps.predict(data)
     for seq, out in zip(data, got):
         np.testing.assert_allclose(out, steps.predict(seq[None])[0], rtol=0, atol=1e-14)
-    last = model(True)
-    np.testing.assert_allclose(last.predict(data),
-                               np.concatenate([last.predict(s[None]) for s in data]),
-                               rtol=0, atol=1e-14)
+    if keep_order != "zero_masked":   # (a LastStep after ZeroMasked takes the zeroed T - 1)
+        last = model(True)
+        np.testing.assert_allclose(last.predict(data),
+                                   np.concatenate([last.predict(s[None]) for s in data]),
+                                   rtol=0, atol=1e-14)
     targets = [rng.standard_normal((len(s), 3)) for s in data]
     steps.compile(loss="mse", optimizer="sgd")
     per_step = [steps.evaluate(s[None], t[None]) * len(s) for s, t in zip(data, targets)]

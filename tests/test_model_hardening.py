@@ -635,32 +635,46 @@ def test_fit_trains_with_an_optimizer_set_after_compile():
         model.fit(x, y, verbose=0)
 
 
-def test_fit_refuses_a_layer_its_optimizer_does_not_hold():
+def test_fit_warns_of_layers_its_optimizer_does_not_hold():
     """A layer put into a compiled model (``layers[i] = new``) took gradients
-    but was never stepped, silently: fit and train_step now refuse, naming
-    it, before anything changes."""
+    but was never stepped, silently: fit and train_step now warn, naming it,
+    and leave it as it is; an optimizer of some layers set as
+    ``model.optimizer`` freezes the others the same way (compile refuses
+    one, as before)."""
     rng = np.random.default_rng(0)
     x, y = rng.random((16, 4)).astype(np.float32), rng.random((16, 2)).astype(np.float32)
-    model = fastrnn.Sequential([fastrnn.Linear(4, 3, seed=0), fastrnn.Tanh(),
-                                fastrnn.Linear(3, 2, seed=1)])
+    body = fastrnn.Linear(4, 3, seed=0)
+    model = fastrnn.Sequential([body, fastrnn.Tanh(), fastrnn.Linear(3, 2, seed=1)])
     model.compile("mse", "adam")
     new_head = fastrnn.Linear(3, 2, seed=5)
     model.layers[2] = new_head
-    before = model.state_dict()
-    with pytest.raises(ValueError, match=r"would not train \[Linear\(3, 2\)\].*optimizer.add"):
-        model.fit(x, y, verbose=0)
-    with pytest.raises(ValueError, match="would not train"):
+    head_before, body_before = new_head.state_dict(), body.state_dict()
+    with pytest.warns(UserWarning, match=r"does not hold \[Linear\(3, 2\)\].*frozen"):
+        model.fit(x, y, epochs=2, verbose=0)
+    with pytest.warns(UserWarning, match="does not hold"):
         model.train_step(x, y)
-    assert _same_state_dict(model.state_dict(), before)
+    assert _same_state_dict(new_head.state_dict(), head_before)
+    assert not _same_state_dict(body.state_dict(), body_before)
     model.optimizer.add(new_head)
     model.fit(x, y, epochs=2, verbose=0)
-    assert not np.array_equal(new_head.weight, before["2.weight"])
+    assert not _same_state_dict(new_head.state_dict(), head_before)
+    # freezing the body: an optimizer of the head alone
+    model.optimizer = fastrnn.optim.Adam(new_head, lr=1e-2)
+    body_before = body.state_dict()
+    with pytest.warns(UserWarning, match=r"does not hold \[Linear\(4, 3\)\]"):
+        model.fit(x, y, epochs=2, verbose=0)
+    assert _same_state_dict(body.state_dict(), body_before)
+    with pytest.raises(ValueError, match="built for other parameters"):
+        model.compile("mse", fastrnn.optim.Adam(new_head))
 
 
 @pytest.mark.parametrize("layer, name, value", [(fastrnn.Dropout(0.9), "p", 0.9),
                                                 (fastrnn.Masking(0.5), "mask_value", 0.5),
                                                 (fastrnn.LastStep(bidirectional=True),
-                                                 "bidirectional", True)])
+                                                 "bidirectional", True),
+                                                (fastrnn.ZeroMasked(), "reverse", False),
+                                                (fastrnn.ZeroMasked(reverse=True), "reverse",
+                                                 True)])
 def test_the_settings_of_layers_without_parameters_read_and_stay(layer, name, value):
     """A parameter-free layer's settings read as attributes (PyTorch's
     ``Dropout.p``) and refuse assignment as every layer's do: ``drop.p = 0``
@@ -730,7 +744,7 @@ def test_a_stateful_model_validates_in_its_batch_size(validation):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((16, 5, 2)), rng.standard_normal((16, 1))
     model = _stateful_model()
-    kw = (dict(validation_split=0.25) if validation == "split"
+    kw = (dict(validation_split=0.5) if validation == "split"
           else dict(validation_data=(x[:8], y[:8])))
     history = model.fit(x, y, batch_size=4, shuffle=False, epochs=2, verbose=0, **kw)
     assert len(history.history["val_loss"]) == 2
@@ -739,17 +753,31 @@ def test_a_stateful_model_validates_in_its_batch_size(validation):
 def test_a_stateful_model_refuses_a_partial_last_batch_before_any_step():
     """A Stateful layer refused the last batch of 2 (of 10 samples in 4s)
     after the epoch's first steps had changed the weights; now fit refuses
-    before the first step, naming the data and the remainder (validation
-    data alike, and a batch_size other than the layer's)."""
+    before the first step, naming the data and the batch (validation data
+    alike, a batch_size other than the layer's, and steps_per_epoch whose
+    epochs reach the pass's last batch)."""
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((10, 5, 2)), rng.standard_normal((10, 1))
     model = _stateful_model()
     before = model.state_dict()
-    with pytest.raises(ValueError, match=r"x holds 10, not a multiple of it .*hold 2"):
+    with pytest.raises(ValueError, match=r"x \(10 samples\) would give batches of \[2\]"):
         model.fit(x, y, batch_size=4, shuffle=False, verbose=0)
-    with pytest.raises(ValueError, match=r"the validation data holds 6"):
+    with pytest.raises(ValueError, match=r"the validation data \(6 samples\) would give "
+                                         r"batches of \[2\]"):
         model.fit(x[:8], y[:8], batch_size=4, shuffle=False, verbose=0,
                   validation_data=(x[:6], y[:6]))
-    with pytest.raises(ValueError, match=r"takes batches of 4 sequences, got batch_size=2"):
+    with pytest.raises(ValueError, match=r"takes batches of exactly 4 .*batches of \[2\]"):
         model.fit(x[:8], y[:8], batch_size=2, shuffle=False, verbose=0)
+    # steps_per_epoch: epochs go on through the pass, the second reaching its last batch
+    with pytest.raises(ValueError, match=r"would give batches of \[2\]"):
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0, steps_per_epoch=2, epochs=2)
     assert _same_state_dict(model.state_dict(), before)
+    model.fit(x, y, batch_size=4, shuffle=False, verbose=0, steps_per_epoch=2, epochs=1)
+    # a Stateful of no fixed size takes one batch of all the samples, and one of a
+    # fixed size its own, whatever batch_size (the default 32) says
+    for size in (None, 10):
+        lstm = fastrnn.LSTM(2, 3, batch_first=True, dtype="float64", seed=1)
+        single = fastrnn.Sequential([fastrnn.Stateful(lstm, batch_size=size),
+                                     fastrnn.LastStep()]).compile(loss="mse", optimizer="sgd")
+        single.fit(x, y[:, :1].repeat(3, axis=1), shuffle=False, verbose=0,
+                   validation_data=(x, y[:, :1].repeat(3, axis=1)))

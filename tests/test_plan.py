@@ -293,7 +293,8 @@ def test_float64_bidirectional_windows_give_the_whole_sequences_numbers(kind, op
     products through BLAS, which may sum by a call's shape: within 1e-12,
     not bits): windows of 7 steps over 45, at 1, 2 and 3 threads, batch 1
     (BLAS's per-step row products), 11 and 17 (a window's projection a
-    call per row, or per step: WINDOW_GEMM_MIN_ROWS), with lengths ending
+    call over the whole window, or 256 rows of a batch-first one at a time:
+    WINDOW_GEMM_ROWS), with lengths ending
     in every window, a given initial state, the learned one and one layer,
     against the whole sequence and the NumPy reference."""
     rng = np.random.default_rng(9)
