@@ -1351,7 +1351,7 @@ def test_bench_int8_case_runs_every_library():
         ("ORT-q", bench.available("onnxruntime") and bench.available("onnx"))) if ok]
     results, errors = bench_quantized.run_case(case, 1, 4, libraries)
     assert set(results) == set(errors) == set(libraries)
-    assert all(r["infer"] > 0 and r["peak_mb"] > 0 for r in results.values())
+    assert all(r["infer"] > 0 for r in results.values())
     assert results["int8"]["weight_mb"] < 0.3 * results["f32"]["weight_mb"]
     assert errors["f32"][0] < 1e-5                  # float32 against float64
     for library in libraries[1:]:                   # int8 against float32
