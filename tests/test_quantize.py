@@ -1390,8 +1390,7 @@ def test_bench_int8_table_judges_int8_and_the_peer_by_the_peak(monkeypatch, caps
     times = {"f32": 0.05, "int8": 0.0123, "bf16": 0.1, "torch-q": 0.03, "ORT-q": 0.0211}
 
     def fixed_case(case, threads, repeats, libraries, rounds=1):
-        return ({lib: {"infer": times[lib], "rounds": [times[lib]], "peak_mb": 1.0,
-                       "weight_mb": 0.1}
+        return ({lib: {"infer": times[lib], "rounds": [times[lib]], "weight_mb": 0.1}
                  for lib in libraries}, {lib: (1e-3, 1e-4) for lib in libraries})
 
     monkeypatch.setattr(bench, "available", lambda module: True)
