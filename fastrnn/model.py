@@ -823,10 +823,10 @@ class Sequential:
             iterable of batches; overrides validation_split. Arrays are
             validated in batches of ``batch_size`` when the loss's reduction
             is 'sum' (Keras' rule: the value depends on them, and val_loss then
-            compares with loss) or the model has a ``Stateful`` layer (which
-            takes one batch size: the training and validation arrays must
-            hold a multiple of it, checked before the first step), else of
-            at least 256 (the same value).
+            compares with loss), else of at least 256 (the same value); a
+            model with a ``Stateful`` layer in the batch size it takes (fit
+            refuses, before its first step, training or validation arrays that
+            would give a batch of another size).
         shuffle : bool, default True
             Shuffle the training samples every epoch (with the model's seed).
         callbacks : list, optional
@@ -943,8 +943,8 @@ class Sequential:
         reduction = self.loss.reduction
         # Keras validates in batches of batch_size; a 'sum' loss's value (the
         # batches' sums averaged) depends on them, so it does too (then val_loss
-        # and loss compare), and a Stateful layer takes no other; a 'mean' one
-        # does not, and larger batches run faster
+        # and loss compare); a 'mean' one does not, and larger batches run
+        # faster (a Stateful layer takes its own size: set at validation)
         val_batch_size = batch_size if reduction == "sum" else max(batch_size, 256)
         self.stop_training = False
         callbacks.set_model()
