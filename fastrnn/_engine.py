@@ -568,8 +568,8 @@ class RecurrentEngine(RecurrentWeights):
         (float64, through BLAS: within rounding), and the input projections
         bounded by the window (_plan.WINDOW_BYTES), not the sequence. A layer
         that folds its projection into the steps (the plan's ``fold``) runs
-        whole: its steps need only B rows of gx. ``held``: BLAS is held at
-        one thread (float64)."""
+        whole: its steps write only a few rows of gx (the rest of its pages
+        never touched). ``held``: BLAS is held at one thread (float64)."""
         if self._lends_buffers:
             _training_buffers.release(self)
         dtype, H, dirs, G = self._config["dtype"], self._config["hidden_size"], self._dirs, \
@@ -588,7 +588,7 @@ class RecurrentEngine(RecurrentWeights):
             layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
             if plan.fold[k]:
                 if folded_gx is None:
-                    folded_gx = np.empty((B, dirs * G * H), dtype)
+                    folded_gx = np.empty((rows, dirs * G * H), dtype)
                 _forward.recur(
                     cell=self._kernel_code, T=T, batch_first=batch_first, parts=plan.parts,
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
