@@ -583,6 +583,11 @@ class RecurrentEngine(RecurrentWeights):
         packed, packed_ih = self._packed_recurrent(params), self._packed_projection(params)
         w_ih_all, w_hh_all = self._weights(params)[:2]
         folds, folded_gx = self._stack_folds(params, plan.fold, B), None
+        # float64 batch-first: each part's window rows copied time-major (one
+        # scratch for every layer, as wide as the widest input)
+        xw = None if packed is not None or not batch_first else np.empty(
+            len(plan.parts) * _forward.window_scratch_rows(B)
+            * max(self._config["input_size"], dirs * H))
         layer_in = x.reshape(rows, -1)
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
@@ -607,8 +612,7 @@ class RecurrentEngine(RecurrentWeights):
                 h=h_n[k * dirs:(k + 1) * dirs],
                 c=None if c_n is None else c_n[k * dirs:(k + 1) * dirs], gx=gx, gh=gh,
                 out=layer_out, lengths=lengths, lengths_w=lengths_w, acts=acts, blas_held=held,
-                xw=None if float32 or not batch_first else np.empty(
-                    len(plan.parts) * _forward.window_scratch_rows(B) * layer_in.shape[1]))
+                xw=xw)
             layer_in = layer_out
 
     def _run_layers(self, params, layer_in, T, B, batch_first, h_n, c_n, out, lengths, train,
