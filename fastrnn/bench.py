@@ -31,7 +31,8 @@ input, zero initial state:
 - for the cases marked ``train``, a second table: a training step (forward,
   then backward of the summed output: gradients of every weight and of the
   input) in fastrnn, PyTorch and TensorFlow, and each peer's time over
-  fastrnn's.
+  fastrnn's; ``peak`` and ``/peak`` as above for the step's multiply-adds
+  (:func:`train_flops`, three times the forward's).
 
 The peers: PyTorch's ``nn.RNN``/``GRU``/``LSTM`` under ``inference_mode``
 with ``torch.set_num_threads(threads)``; ONNX Runtime on a graph of one ONNX
@@ -147,6 +148,15 @@ def case_flops(case):
         d_in = case.D if k == 0 else dirs * case.H
         total += dirs * 2 * case.T * case.B * GH * (d_in + case.H)
     return total
+
+
+def train_flops(case):
+    """The multiply-add flops of a case's training step: the forward's
+    (:func:`case_flops`) three times over. The backward runs the same
+    products twice more: the gradients of the inputs and of h_{t-1}
+    (dG . W_ih, dG . W_hh) and those of the weights (dG^T . x, dG^T . h_{t-1}),
+    each of a forward product's size."""
+    return 3 * case_flops(case)
 
 
 def gemm_only(layer, x):
@@ -753,7 +763,7 @@ def main(argv=None, prog="fastrnn bench"):
               + f"{peak_ms:>8.3f}{infer_ms['fastrnn'] / peak_ms:>7.2f}" * with_peak
               + f"  {errs}", flush=True)
         if train_ms:
-            train_rows.append((case.name, train_ms,
+            train_rows.append((case, train_ms,
                                {p: r for p, r in per_round["train"].items() if p not in wrong}))
     for note in notes:
         print(f"note: {note}")
@@ -766,14 +776,17 @@ def main(argv=None, prog="fastrnn bench"):
         train_peers = [p for p in ("torch", "TF")
                        if all(p in ms for _, ms, _ in train_rows)]
         print(f"\ntraining step (forward + backward)\n{'case':<20}{'fastrnn':>9}"
-              + "".join(f"{p:>9}{'x':>7}" for p in train_peers))
+              + "".join(f"{p:>9}{'x':>7}" for p in train_peers)
+              + f"{'peak':>9}{'/peak':>7}" * with_peak)
         ratios = {p: [] for p in train_peers}
-        for name, ms, train_rounds in train_rows:
-            line = f"{name:<20}{ms['fastrnn']:>9.3f}"
+        for case, ms, train_rounds in train_rows:
+            peak_ms = train_flops(case) / (peak * 1e9 * args.threads) * 1e3
+            line = f"{case.name:<20}{ms['fastrnn']:>9.3f}"
             for p in train_peers:
                 ratios[p].append(paired_ratio(train_rounds, [p], "fastrnn"))
                 line += f"{ms[p]:>9.3f}{ratios[p][-1]:>6.2f}x"
-            print(line, flush=True)
+            print(line + f"{peak_ms:>9.3f}{ms['fastrnn'] / peak_ms:>7.2f}" * with_peak,
+                  flush=True)
         for p, r in ratios.items():
             r = [ratio for ratio in r if not math.isnan(ratio)]   # (a peer left out)
             if r:

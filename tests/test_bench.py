@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from fastrnn import bench, bench_quantized
 
@@ -252,3 +253,31 @@ def test_a_peer_off_the_reference_is_not_compared_and_a_split_has_no_limit(monke
     assert row.split()[1:6] == ["2.000", "1.000*", "4.000", "2.00x", "-"]
     assert "note: b1-t1000-h256: torch left out (error 3.0e-01)" in out
     assert "geometric mean speed-up over the fastest peer 2.00x" in out
+
+
+def test_training_table_has_the_steps_peak_time(monkeypatch, capsys):
+    """The training table's peak column: the step's multiply-adds (three
+    times the forward's: the input and h gradients and the weight gradients
+    are each a forward product's size) at the FMA peak on every thread."""
+    def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        return ({"fastrnn": 2.0, "torch": 6.0, "limit": 1.0},
+                {"fastrnn": 20.0, "torch": 60.0}, {"fastrnn": 1e-7, "torch": 1e-7},
+                {"infer": {"fastrnn": [2.0], "torch": [6.0]},
+                 "train": {"fastrnn": [20.0], "torch": [60.0]}})
+
+    monkeypatch.setattr(bench, "available", lambda module: module == "torch")
+    monkeypatch.setattr(bench, "_installed_version", lambda module: "0")
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    monkeypatch.setattr(bench._forward, "fma_peak_gflops", lambda: 50.0)
+    monkeypatch.setattr(bench._forward, "product_gflops", lambda *args: 40.0)
+    bench.main(["--cases", "b32-h128", "--threads", "2"])
+    out = capsys.readouterr().out.splitlines()
+    header = [line.split() for line in out if line.startswith("case ")][1]
+    assert header == ["case", "fastrnn", "torch", "x", "peak", "/peak"]
+    train = [line for line in out if line.startswith("b32-h128 ")][1].split()
+    case = next(c for c in bench.CASES if c.name == "b32-h128")
+    # LSTM 64 -> 128, B=32, T=100: 2 * 100 * 32 * 512 * (64 + 128) flops forward
+    assert bench.train_flops(case) == 3 * bench.case_flops(case) == 3 * 629_145_600
+    peak_ms = 3 * 629_145_600 / (50e9 * 2) * 1e3
+    assert float(train[4]) == pytest.approx(peak_ms, abs=5e-4)
+    assert float(train[5]) == pytest.approx(20.0 / peak_ms, abs=5e-3)
