@@ -43,8 +43,9 @@ class Loss:
     ``(values, norm, grad)``: the loss of each element (for cross-entropy, of
     each target), the amount each element adds to the mean's divisor (None
     when every element counts 1), and the gradient of ``values.sum()`` with
-    respect to ``pred``; and may define ``_refuse_targets(target, weight)``,
-    which raises for targets it cannot take among those that count, and
+    respect to ``pred``; and may define ``_refuse_targets(target, weight,
+    dtype)``, which raises for targets it cannot take among those that
+    count (in pred's float dtype), and
     ``_check_target_dtype(owner, name, target)``, for a dtype it cannot take
     whatever the predictions (``fit`` asks it of the validation targets
     before training).
@@ -88,7 +89,7 @@ class Loss:
             BCEWithLogitsLoss' targets outside [0, 1]).
         """
         values, norm, grad = self._elements(pred, target)
-        self._refuse_targets(target, None)
+        self._refuse_targets(target, None, grad.dtype)
         if self.reduction == "none":
             return values, grad
         total = float(values.sum())
@@ -114,7 +115,8 @@ class Loss:
         if sample_weight is not None:
             sample_weight = _expand(sample_weight.astype(grad.dtype, copy=False), values.ndim)
             weight = sample_weight if weight is None else weight * sample_weight
-        self._refuse_targets(target, weight)   # (a padded step's or weightless row's: any)
+        # (a padded step's or weightless row's: any)
+        self._refuse_targets(target, weight, grad.dtype)
         if weight is None:
             count = values.size if norm is None else float(norm.sum())
             return float(values.sum()), count, grad
@@ -123,7 +125,7 @@ class Loss:
         count = values.size if norm is None else float(norm.sum())
         return float(values.sum()), count, grad
 
-    def _refuse_targets(self, target, weight):
+    def _refuse_targets(self, target, weight, dtype):
         """Raise for a target this loss cannot take where it counts (weight:
         None, or the elements' weights, 0 where one does not count). Every
         target fits the losses but BCEWithLogitsLoss."""
@@ -233,7 +235,10 @@ class CrossEntropyLoss(Loss):
     ``pred`` (..., C) logits, ``target`` (...) class indices: per sequence
     (B, C) with (B,), or per step (B, T, C) with (B, T). Targets equal to
     ``ignore_index`` (padded steps) count for nothing; the mean is over the
-    others (0 with a zero gradient when every target is ignored).
+    others (0 with a zero gradient when every target is ignored or, with
+    ``weight``, every target counted is of a class of weight 0: PyTorch's
+    0 / 0 gives NaN there, which would end a fit for a batch that only
+    holds such classes).
 
     Parameters
     ----------
@@ -420,16 +425,17 @@ class BCEWithLogitsLoss(Loss):
         self.pos_weight = pos_weight
         super().__init__(reduction)
 
-    def _refuse_targets(self, target, weight):
+    def _refuse_targets(self, target, weight, dtype):
         # (of pred's shape: _elements checked it; a torch tensor that
-        # requires grad converts only as there)
-        target = v.to_numpy("BCEWithLogitsLoss", "target", target)
+        # requires grad converts only as there), in pred's dtype as the loss
+        # computes it: a float64 target of 1 + 1e-12 is 1 in float32
+        target = v.to_numpy("BCEWithLogitsLoss", "target", target).astype(dtype, copy=False)
         outside = (target < 0) | (target > 1)
         if weight is not None:
             outside &= np.broadcast_to(weight, outside.shape) != 0
         if outside.any():
             raise ValueError(f"BCEWithLogitsLoss: target must lie in [0, 1] (0/1 labels or "
-                             f"probabilities), got {target[outside].flat[0]:g} among the "
+                             f"probabilities), got {float(target[outside].flat[0])!r} among the "
                              f"targets that count")
 
     def _elements(self, pred, target):

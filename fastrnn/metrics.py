@@ -94,6 +94,8 @@ class Metric:
             self._count += values.size
             return
         weight = _numbers(owner, "sample_weight", sample_weight).astype(np.float64)
+        if weight.ndim == values.ndim + 1 and weight.shape[-1] == 1:
+            weight = weight[..., 0]   # (B, 1) for values (B,): squeezed, as Keras does
         if weight.ndim > values.ndim or values.shape[:weight.ndim] != weight.shape:
             raise ValueError(f"{type(self).__name__}: sample_weight of shape "
                              f"{shape_str(weight.shape)} does not fit the metric's values of "
@@ -125,6 +127,18 @@ def _numbers(owner, name, value):
     if value.dtype.kind not in "biuf":
         raise TypeError(f"{owner}: {name} must hold numbers (or bools), got dtype {value.dtype}")
     return value
+
+
+def _real(y_true, y_pred):
+    """The targets and outputs of an error metric in a float type that
+    holds their difference: bools and integers in float64 (uint8's 3 - 5
+    wrapped to 254, int8's 100 - -100 to -56), float16 in float32 (its
+    square of 300 overflowed to inf)."""
+    def real(a):
+        if a.dtype.kind in "biu":
+            return a.astype(np.float64)
+        return a.astype(np.float32) if a.dtype.itemsize < 4 else a
+    return real(y_true), real(y_pred)
 
 
 def _same_rank(y_true, y_pred):
@@ -238,18 +252,17 @@ def _argmax_hits(labels, y_pred):
     return (labels == y_pred.argmax(axis=-1)) & ~np.isnan(y_pred).any(axis=-1)
 
 
-def _in_top_k(owner, labels, y_pred, k):
+def _in_top_k(labels, y_pred, k):
     """Whether the target class's score is among the k largest; ties at the
     boundary count as in (TensorFlow's in_top_k). A row holding a NaN or an
     infinite score is a miss, as there: a diverged model's NaN outputs
-    counted as hits (no score compares greater than NaN)."""
+    counted as hits (no score compares greater than NaN); so is a target
+    outside the classes, as there and in the other accuracies."""
     labels = labels.astype(np.intp)
     n_classes = y_pred.shape[-1]
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"{owner}: target classes must lie in [0, {n_classes - 1}], got "
-                         f"values from {labels.min()} to {labels.max()}")
-    score = np.take_along_axis(y_pred, labels[..., None], axis=-1)
-    return np.isfinite(y_pred).all(axis=-1) & ((y_pred > score).sum(axis=-1) < k)
+    known = (labels >= 0) & (labels < n_classes)
+    score = np.take_along_axis(y_pred, np.where(known, labels, 0)[..., None], axis=-1)
+    return known & np.isfinite(y_pred).all(axis=-1) & ((y_pred > score).sum(axis=-1) < k)
 
 
 class TopKCategoricalAccuracy(Metric):
@@ -270,7 +283,7 @@ class TopKCategoricalAccuracy(Metric):
 
     def _values(self, y_true, y_pred):
         _check_same_shape("TopKCategoricalAccuracy", y_true, y_pred)
-        return _in_top_k("TopKCategoricalAccuracy", y_true.argmax(axis=-1), y_pred, self.k)
+        return _in_top_k(y_true.argmax(axis=-1), y_pred, self.k)
 
     def get_config(self) -> dict[str, Any]:
         return {"k": self.k, "name": self.name}
@@ -293,8 +306,8 @@ class SparseTopKCategoricalAccuracy(Metric):
         super().__init__(name)
 
     def _values(self, y_true, y_pred):
-        owner = "SparseTopKCategoricalAccuracy"
-        return _in_top_k(owner, _sparse_labels(owner, y_true, y_pred), y_pred, self.k)
+        return _in_top_k(_sparse_labels("SparseTopKCategoricalAccuracy", y_true, y_pred),
+                         y_pred, self.k)
 
     def get_config(self) -> dict[str, Any]:
         return {"k": self.k, "name": self.name}
@@ -310,7 +323,7 @@ class MeanAbsoluteError(Metric):
     default_name = "mean_absolute_error"
 
     def _values(self, y_true, y_pred):
-        y_true, y_pred = _same_rank(y_true, y_pred)
+        y_true, y_pred = _same_rank(*_real(y_true, y_pred))
         _check_same_shape("MeanAbsoluteError", y_true, y_pred)
         return _mean_last(np.abs(y_pred - y_true))
 
@@ -325,7 +338,7 @@ class MeanSquaredError(Metric):
     default_name = "mean_squared_error"
 
     def _values(self, y_true, y_pred):
-        y_true, y_pred = _same_rank(y_true, y_pred)
+        y_true, y_pred = _same_rank(*_real(y_true, y_pred))
         _check_same_shape("MeanSquaredError", y_true, y_pred)
         diff = y_pred - y_true
         return _mean_last(diff * diff)
@@ -342,7 +355,9 @@ class RootMeanSquaredError(MeanSquaredError):
     default_name = "root_mean_squared_error"
 
     def result(self) -> float:
-        return math.sqrt(super().result())
+        # NaN where negative sample weights made the mean negative (as Keras)
+        mean = super().result()
+        return math.sqrt(mean) if mean >= 0 else math.nan
 
 
 class MeanMetricWrapper(Metric):

@@ -311,3 +311,24 @@ def test_class_weight_of_per_step_integer_targets_weights_each_step():
     values = fastrnn.CrossEntropyLoss(reduction="none")(pred, y)
     expected = (np.where(y == 1, 5.0, 1.0) * values).sum() / y.size
     assert history.history["loss"][0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_bce_checks_its_targets_in_preds_dtype_and_names_the_value_exactly():
+    """A float64 target of 1 + 1e-12 is exactly 1 in float32, the dtype the
+    loss computes in: it was refused, with the message's 'got 1' hiding why.
+    Outside [0, 1] in pred's dtype it is refused, the value shown in full."""
+    loss = fastrnn.BCEWithLogitsLoss()
+    pred = np.zeros((2, 1), np.float32)
+    target = np.array([[1.0 + 1e-12], [0.0]])
+    assert loss(pred, target) == pytest.approx(loss(pred, np.array([[1.0], [0.0]])))
+    with pytest.raises(ValueError, match=r"got 1\.000000001 among the targets that count"):
+        loss(pred.astype(np.float64), np.array([[1.0 + 1e-9], [0.0]]))
+
+
+def test_cross_entropy_counting_only_classes_of_weight_zero_is_zero():
+    """The documented choice where PyTorch's 0 / 0 gives NaN: a 'mean' over
+    targets whose classes all weigh 0 is 0, its gradient zero."""
+    loss = fastrnn.CrossEntropyLoss(weight=[0.0, 1.0, 2.0])
+    pred = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    value, grad = loss.value_and_grad(pred, np.array([0, 0]))
+    assert value == 0.0 and not grad.any()

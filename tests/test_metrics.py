@@ -352,3 +352,80 @@ def test_metric_errors():
     with pytest.raises(ValueError, match=r"MeanSquaredError: sample_weight of shape \(3,\) does "
                                          r"not fit"):
         metrics.MeanSquaredError().update_state(np.zeros((2, 3)), np.zeros((2, 3)), np.ones(3))
+
+
+# --- inputs a direct call may give (a probe's findings) ----------------------------------
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int32, np.float16, bool])
+def test_error_metrics_take_the_difference_in_a_type_that_holds_it(dtype):
+    """MAE / MSE / RMSE of integer, bool or float16 arrays: the difference
+    and its square were taken in the inputs' type (uint8's 3 - 5 wrapped to
+    254, int8's 100 - -100 to -56, float16's 300^2 overflowed to inf;
+    bools had NumPy's subtract error)."""
+    if dtype is bool:
+        y_true, y_pred = np.array([[True], [False]]), np.array([[False], [False]])
+        expected = 0.5          # |0 - 1|, |0 - 0|
+    elif dtype is np.float16:
+        y_true, y_pred = np.array([[0.0]], dtype), np.array([[300.0]], dtype)
+        expected = 300.0
+    elif dtype is np.uint8:
+        y_true, y_pred = np.array([[5]], dtype), np.array([[3]], dtype)
+        expected = 2.0
+    else:
+        y_true, y_pred = np.array([[-100]], dtype), np.array([[100]], dtype)
+        expected = 200.0
+    for cls, value in ((metrics.MeanAbsoluteError, expected),
+                       (metrics.MeanSquaredError, None),
+                       (metrics.RootMeanSquaredError, None)):
+        m = cls()
+        m.update_state(y_true, y_pred)
+        want = {metrics.MeanAbsoluteError: float(np.mean(np.abs(
+            y_pred.astype(np.float64) - y_true.astype(np.float64)))),
+            metrics.MeanSquaredError: float(np.mean((
+                y_pred.astype(np.float64) - y_true.astype(np.float64)) ** 2))}
+        want[metrics.RootMeanSquaredError] = want[metrics.MeanSquaredError] ** 0.5
+        assert m.result() == pytest.approx(want[cls], rel=1e-6)
+        if value is not None:
+            assert m.result() == pytest.approx(value)
+
+
+def test_rmse_of_a_negative_weighted_mean_is_nan():
+    """Negative sample weights (the losses take them) can make the weighted
+    mean squared error negative: RMSE gave Python's 'math domain error'
+    (and so did evaluate with weighted_metrics=['rmse']); Keras gives NaN."""
+    m = metrics.RootMeanSquaredError()
+    m.update_state(np.array([[0.0], [0.0]]), np.array([[1.0], [2.0]]),
+                   sample_weight=np.array([1.0, -0.5]))   # (1 - 2) / 0.5
+    assert np.isnan(m.result())
+
+
+@pytest.mark.parametrize("cls, kind", [(metrics.BinaryAccuracy, "binary"),
+                                       (metrics.MeanAbsoluteError, "binary"),
+                                       (metrics.SparseCategoricalAccuracy, "sparse")])
+def test_sample_weight_of_shape_b_1_is_one_weight_per_sample(cls, kind):
+    """A (B, 1) sample_weight for per-sample values (B,) was refused as not
+    fitting them; Keras squeezes it (evaluate did take an (N, 1) one)."""
+    rng = np.random.default_rng(3)
+    (y_true, y_pred), _ = _batches(rng, kind)
+    w = rng.random(len(y_true))
+    flat, column = cls(), cls()
+    flat.update_state(y_true, y_pred, sample_weight=w)
+    column.update_state(y_true, y_pred, sample_weight=w[:, None])
+    assert column.result() == flat.result()
+
+
+def test_sparse_top_k_counts_a_target_outside_the_classes_as_a_miss():
+    """As SparseCategoricalAccuracy and Keras do (TensorFlow's in_top_k): it
+    raised a ValueError instead."""
+    y_pred = np.array([[0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]],
+                      np.float32)
+    labels = np.array([1, -1, 3, 0])
+    top = metrics.SparseTopKCategoricalAccuracy(k=2)
+    top.update_state(labels, y_pred)
+    plain = metrics.SparseCategoricalAccuracy()
+    plain.update_state(labels, y_pred)
+    assert top.result() == plain.result() == 0.5
+    keras = _keras()
+    ktop = keras.metrics.SparseTopKCategoricalAccuracy(k=2)
+    ktop.update_state(labels, y_pred)
+    assert top.result() == pytest.approx(float(ktop.result()))

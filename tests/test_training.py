@@ -221,7 +221,7 @@ def test_bce_refuses_targets_outside_zero_one_where_they_count():
     for bad in (2.0, -0.5):
         target = np.array([[0.0, 1.0, 0.5], [1.0, 0.0, bad]])
         with pytest.raises(ValueError, match=rf"BCEWithLogitsLoss: target must lie in \[0, 1\] "
-                                             rf"\(0/1 labels or probabilities\), got {bad:g} "
+                                             rf"\(0/1 labels or probabilities\), got {bad!r} "
                                              rf"among the targets that count"):
             loss.value_and_grad(pred, target)
     value, _ = loss.value_and_grad(pred, np.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.25]]))
@@ -254,7 +254,7 @@ def test_bce_refuses_targets_outside_zero_one_where_they_count():
     tagger.compile(loss="bce_with_logits", optimizer="sgd")
     assert np.isfinite(tagger.fit(ids, labels, verbose=0).history["loss"][0])
     labels[0, 0] = -1.0   # a step that counts
-    with pytest.raises(ValueError, match="got -1 among the targets that count"):
+    with pytest.raises(ValueError, match="got -1.0 among the targets that count"):
         tagger.fit(ids, labels, verbose=0)
 
 
