@@ -6,8 +6,10 @@
   ``y`` (N, ...), optionally ``sample_weight`` (N,) or, for per-step
   targets, (N, T);
 - ragged sequences: ``x`` a list of N arrays (T_i, features) of different
-  lengths, with ``y`` an array (N, ...) of one target per sequence or a list
-  of N arrays (T_i, ...) of one target per step. Each batch is padded with
+  lengths, with ``y`` an array (N, ...) of one target per sequence or, where
+  the model's output has a step axis, one target per step: a list of N
+  arrays (T_i, ...), or those padded into one array (N, max T_i, ...) (as
+  ``pad`` pads them; the padding is dropped). Each batch is padded with
   zeros to its longest sequence and run with ``lengths``: no padded step
   reaches the state, the loss or the metrics;
 - an iterable of batches (a generator, a list, any object with
@@ -162,7 +164,12 @@ class ArrayData:
         if self.ragged:
             self.x = self._check_sequences(model, ragged, x_name)
             self.lengths = np.array([len(a) for a in self.x], np.int64)
-            self.dtype = model._dtype() or np.result_type(np.float32, *self.x)
+            if getattr(model.layers[0], "_takes_ids", False):
+                # ids padded in their own type: in a float32 model's, an id
+                # from 2**24 on became its neighbour's (2**24 + 1 -> 2**24)
+                self.dtype = np.result_type(*self.x)
+            else:
+                self.dtype = model._dtype() or np.result_type(np.float32, *self.x)
             self.n = len(self.x)
         else:
             self.x = model._check_x(owner, x, x_name)
@@ -171,6 +178,8 @@ class ArrayData:
         self.y = None
         if y is not None:
             y_list = _as_sequence_list(y, owner, y_name) if self.ragged else None
+            if y_list is None and self.ragged and model._keeps_steps():
+                y_list = self._unpadded_step_targets(y, y_name)
             if y_list is not None:
                 self.y = self._check_step_targets(y_list, y_name)
                 self.y_ragged = True
@@ -181,7 +190,7 @@ class ArrayData:
                                      f"samples (first axis), got {self.n} samples in x and "
                                      f"y of shape {shape_str(self.y.shape)}")
         if self.n == 0:
-            raise ValueError("Sequential: got no samples")
+            raise ValueError(f"{owner}: {x_name} has no samples")
         self.sample_weight = None
         if sample_weight is not None:
             self.sample_weight = self._check_weights(sample_weight, w_name)
@@ -211,6 +220,22 @@ class ArrayData:
             raise ValueError(f"{owner}: {name} is a list of sequences of different lengths, "
                              f"but the model has no recurrent layer or LastStep to take them")
         return arrays
+
+    def _unpadded_step_targets(self, y, name):
+        """Per-step targets padded into one array (N, T, ...) for ragged x
+        (``pad``'s result), as the list of each sequence's own steps: their
+        padded steps counted in the loss and the metrics (and trained on) as
+        if they were data. None if y is not such an array."""
+        y = v.to_numpy(self.owner, name, y)
+        if y.ndim < 2 or len(y) != self.n:
+            return None
+        longest = int(self.lengths.max())
+        if y.shape[1] != longest:
+            raise ValueError(f"{self.owner}: {name} of shape {shape_str(y.shape)} holds per-step "
+                             f"targets (the model's output has a step axis) padded to "
+                             f"{y.shape[1]} steps, but the longest sequence of x has {longest}; "
+                             f"pass them padded to it, or as a list of N arrays (T_i, ...)")
+        return [y[i, :length] for i, length in enumerate(self.lengths)]
 
     def _check_step_targets(self, arrays, name):
         owner = self.owner
@@ -352,8 +377,17 @@ class IterableData:
         except TypeError:
             self.length = None
 
-    def batches(self, steps=None):
-        """One epoch's Batches."""
+    _pending = None   # the item a look-ahead drew (a one-shot iterator's)
+
+    def batches(self, steps=None, from_start=False, look_ahead=False):
+        """One epoch's Batches. ``from_start``: an iterable that starts over
+        starts over now (each validation takes the same batches, as Keras'
+        does). ``look_ahead``: after ``steps`` batches of a one-shot
+        iterator, draw the next item (kept for the next call), so that
+        ``ran_out`` tells now that no batch is left."""
+        if from_start and not self.one_shot:
+            self._iterator = None
+        self.taken = 0
         if steps is None:
             iterator = self._iterator if self.one_shot else iter(self.source)
             count = 0
@@ -365,6 +399,10 @@ class IterableData:
             return
         fresh = False
         for step in range(steps):
+            if self._pending is not None:
+                item, self._pending = self._pending[0], None
+                yield self._batch(item, step)
+                continue
             while True:
                 if self._iterator is None:
                     self._iterator, fresh = iter(self.source), True
@@ -378,8 +416,14 @@ class IterableData:
                         return
                     self._iterator = None
             yield self._batch(item, step)
+        if look_ahead and self.one_shot:
+            try:
+                self._pending = (next(self._iterator),)
+            except StopIteration:
+                self.ran_out = True
 
     def _batch(self, item, step):
+        self.taken = step + 1
         owner, where = self.owner, f"{self.name} batch {step}"
         if not self.targets:
             takes_ids = bool(self.model.layers) and getattr(self.model.layers[0], "_takes_ids",
@@ -452,12 +496,22 @@ def _is_batches(x):
             or hasattr(x, "__array_interface__"):
         return False
     if isinstance(x, (list, tuple)):
-        return bool(x) and all(isinstance(item, tuple) for item in x)
+        # (tuples of numbers, or of tuples of them, are sequences written out,
+        # as fit and evaluate read them: a batch's x is an array or a list)
+        return (bool(x) and all(isinstance(item, tuple) for item in x)
+                and not all(_written_out(item) for item in x))
     try:
         iter(x)
     except TypeError:
         return False
     return True
+
+
+def _written_out(item):
+    """A tuple of numbers, or of such tuples: data written out in Python."""
+    if isinstance(item, tuple):
+        return bool(item) and all(_written_out(part) for part in item)
+    return isinstance(item, numbers.Number)
 
 
 def validation(owner, model, validation_data):
@@ -487,6 +541,15 @@ def warn_ran_out(owner, what):
                   f"once: pass steps_per_epoch with enough batches for every epoch, or an "
                   f"iterable that starts over (a list, or an object whose __iter__ returns a "
                   f"new iterator)", stacklevel=3)
+
+
+def warn_validation_ran_out(owner, got, steps):
+    """A one-shot validation_data ran out: no validation after this epoch's."""
+    took = "" if steps is None else f" ({got} of validation_steps={steps} this epoch)"
+    warnings.warn(f"{owner}: validation_data ran out of batches{took}; training stops after "
+                  f"this epoch. A generator runs once: pass one that yields validation_steps "
+                  f"batches for every epoch, or an iterable that starts over (a list, or an "
+                  f"object whose __iter__ returns a new iterator)", stacklevel=3)
 
 
 def warn_pass_ended(owner, steps_per_epoch, per_pass):

@@ -137,6 +137,11 @@ def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None
     # (ml_dtypes' bfloat16 and kin: each block converts, as predict does)
     if v.ml_dtypes_values(np.zeros(0, x.dtype)).dtype.kind not in "fiu":
         raise TypeError(f"fastrnn.dask.predict: x must have a real numeric dtype, got {x.dtype}")
+    unknown = [axis for axis in range(1, x.ndim) if any(np.isnan(x.chunks[axis]))]
+    if unknown:   # (dask's rechunk failed on them, naming neither x nor the way out)
+        raise ValueError(f"fastrnn.dask.predict: x's chunk sizes along axis {unknown[0]} are "
+                         f"unknown (NaN); call x.compute_chunk_sizes() first (only the "
+                         f"samples axis, 0, may have unknown sizes)")
     _check_x_shape(model, x.shape, "fastrnn.dask.predict")
     if batch_size is not None:   # (a layer's scoring would not look at it)
         batch_size = v.check_int("fastrnn.dask.predict", "batch_size", batch_size)
@@ -239,5 +244,9 @@ def predict_dataframe(model: Sequential | RNN | GRU | LSTM, df: Any, steps: int,
             out = np.asarray(_score(model, values, batch_size)).reshape(len(part), width)
         return pd.DataFrame(out, index=part.index, columns=columns)
 
-    meta = pd.DataFrame({c: pd.Series(dtype=probe.dtype) for c in columns})
+    # with df's index (its dtype and name): a default one made the lazy
+    # result claim an unnamed int64 index, and to_parquet of a named index
+    # failed
+    meta = pd.DataFrame({c: pd.Series(dtype=probe.dtype) for c in columns},
+                        index=df._meta.index)
     return df.map_partitions(score_partition, shared_model, meta=meta)

@@ -7,6 +7,7 @@ sequences of different lengths and iterables of batches (see fastrnn.batching).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -304,6 +305,12 @@ class Sequential:
     def _takes_sequences(self):
         return any(isinstance(layer, (_RNNBase, LastStep)) or hasattr(layer, "_takes_lengths")
                    for layer in self.layers)
+
+    def _keeps_steps(self):
+        """Whether the output of sequences has a step axis (no LastStep
+        takes one step of them): targets then have one per step."""
+        return self._takes_sequences() and not any(isinstance(layer, LastStep)
+                                                   for layer in self.layers)
 
     # --- inference ----------------------------------------------------------
     def __call__(self, x: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
@@ -758,9 +765,12 @@ class Sequential:
             return logs["loss"]
         return list(logs.values())
 
-    def _evaluate_source(self, owner, source, batch_size, steps, callbacks):
-        if isinstance(source, batching.IterableData):
-            batches = source.batches(steps)
+    def _evaluate_source(self, owner, source, batch_size, steps, callbacks, in_fit=False):
+        iterable = isinstance(source, batching.IterableData)
+        if iterable:
+            # (each validation from the first batch; a generator's look-ahead
+            # tells fit it ran out before it trains another epoch)
+            batches = source.batches(steps, from_start=True, look_ahead=True)
         else:
             batches = source.batches(batch_size or len(source), steps=steps)
         self._reset_metrics()
@@ -769,9 +779,11 @@ class Sequential:
         mean = _LossMean(self.loss.reduction)
         for step, batch in enumerate(batches):
             callbacks.call("on_test_batch_begin", step, {})
-            out, _, out_mask = self._run(batch.x, batch.lengths, None, train=False)
-            batch = self._with_output_mask(batch, out, out_mask)
-            total, count, _ = self.loss._terms(out, batch.y, batch.sample_weight, batch.mask)
+            with _naming_batch(owner, iterable, source.name if iterable else "x", step):
+                out, _, out_mask = self._run(batch.x, batch.lengths, None, train=False)
+                batch = self._with_output_mask(batch, out, out_mask)
+                total, count, _ = self.loss._terms(out, batch.y, batch.sample_weight,
+                                                   batch.mask)
             mean.add(total, count, len(batch.x))
             self._update_metrics(batch, out, batch.sample_weight)
             if running:
@@ -780,6 +792,9 @@ class Sequential:
         if not mean.batches:
             raise ValueError(f"{owner}: the data gave no batches to evaluate (a generator "
                              f"already consumed?)")
+        if iterable and steps is not None and mean.batches < steps and not in_fit:
+            warnings.warn(f"{owner}: x ran out of batches after {mean.batches} of "
+                          f"steps={steps}; the result is over those", stacklevel=3)
         logs = {"loss": mean.result(), **self._metric_results()}
         callbacks.call("on_test_end", logs)
         return logs
@@ -926,6 +941,15 @@ class Sequential:
             val = None
         if isinstance(val, batching.ArrayData) and not iterable:
             self._check_validation_targets(owner, source, val)
+        if (isinstance(val, batching.IterableData) and val.one_shot and validation_steps is None
+                and epochs - initial_epoch > 1):
+            # (its first validation takes it to its end: the second found
+            # nothing, after that epoch had trained)
+            raise ValueError(f"{owner}: validation_data is a generator (it runs once) and "
+                             f"validation_steps is None, so only the first of the "
+                             f"{epochs - initial_epoch} epochs could validate; pass a list of "
+                             f"batches or an iterable that starts over, or validation_steps "
+                             f"with a generator that yields that many batches every epoch")
         stateful = [layer for layer in self.layers if isinstance(layer, Stateful)]
         stateful_size = None if not stateful else self._stateful_batch(
             owner, stateful[0], batch_size, source, val, steps_per_epoch, validation_steps,
@@ -981,7 +1005,8 @@ class Sequential:
                                          f"(x's batch {step} holds sample weights)")
                     else:
                         weight = _class_weights(table, batch.y, self.loss)
-                    _, total, count, out, batch = self._train_batch(batch, weight)
+                    with _naming_batch(owner, iterable, "x", step):
+                        _, total, count, out, batch = self._train_batch(batch, weight)
                     mean.add(total, count, len(batch.x))
                     self._update_metrics(batch, out, weight)
                     if running:
@@ -1008,8 +1033,12 @@ class Sequential:
                     if stateful:   # (fixed by the first batch, an iterable's too)
                         val_batch_size = stateful_size or stateful[0].batch_size or batch_size
                     val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
-                                                     callbacks)
+                                                     callbacks, in_fit=True)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
+                    if isinstance(val, batching.IterableData) and val.ran_out \
+                            and epoch + 1 < epochs and not self.stop_training:
+                        batching.warn_validation_ran_out(owner, val.taken, validation_steps)
+                        self.stop_training = True
                 callbacks.call("on_epoch_end", epoch, logs)
                 history._append(epoch, logs)
                 bar.end_epoch(logs)
@@ -1287,6 +1316,19 @@ def _release_training_buffers(layers):
     for layer in map(_recurrent, layers):      # (the layer inside any wrappers)
         if getattr(layer, "_lends_buffers", False):
             _training_buffers.release(layer)
+
+
+@contextlib.contextmanager
+def _naming_batch(owner, iterable, name, step):
+    """A ValueError of an iterable's batch (its targets' shape against the
+    output, say) says which batch it was: the loss's own message named
+    none, and the first batches had passed."""
+    try:
+        yield
+    except ValueError as error:
+        if not iterable:
+            raise
+        raise ValueError(f"{owner}: in batch {step} of {name}: {error}") from error
 
 
 def _permutation(rng, n):

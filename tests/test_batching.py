@@ -363,3 +363,132 @@ def test_fit_shuffles_as_the_generator_permutes_in_half_the_memory():
         order = _permutation(np.random.default_rng(n), n)
         assert order.dtype == np.int32
         np.testing.assert_array_equal(order, np.random.default_rng(n).permutation(n))
+
+
+# --- a probe's findings: padded per-step targets, validation iterables, ids, batches --------
+
+def test_per_step_targets_padded_into_one_array_leave_their_padding_out():
+    """Ragged x with its per-step targets padded into one array (pad's
+    result): they were read as one target per sequence, so the padded zeros
+    counted in the loss (evaluate 0.834 instead of 1.301) and were trained
+    on, silently (or, in batches, a shape error). They are now each
+    sequence's own steps, as the list of them is."""
+    xs = _sequences(seed=5)
+    rng = np.random.default_rng(6)
+    ys = [rng.standard_normal((len(x), 2)) for x in xs]
+    padded, _ = batching.pad(ys)
+    model = _per_step_model().compile(loss="mse", optimizer="sgd")
+    listed = model.evaluate(xs, ys)
+    for batch_size in (None, 2):
+        assert model.evaluate(xs, padded, batch_size=batch_size) == listed
+    # the oracle: each sequence alone
+    errors = [(model.predict(x[None])[0] - y) ** 2 for x, y in zip(xs, ys)]
+    assert listed == pytest.approx(np.concatenate(errors).mean(), rel=1e-12)
+    twin = _per_step_model().compile(loss="mse", optimizer="sgd")
+    a = model.fit(xs, padded, epochs=2, batch_size=4, shuffle=False, verbose=0)
+    b = twin.fit(xs, ys, epochs=2, batch_size=4, shuffle=False, verbose=0)
+    assert a.history["loss"] == b.history["loss"]
+    with pytest.raises(ValueError, match=r"y of shape \(6, 8, 2\) holds per-step targets .* "
+                                         r"padded to 8 steps, but the longest sequence of x "
+                                         r"has 7"):
+        model.evaluate(xs, np.zeros((6, 8, 2)))
+    # a model with one output per sequence takes one target per sequence
+    per_sequence = _per_sequence_model().compile(loss="mse", optimizer="sgd")
+    per_sequence.evaluate(xs, np.zeros((6, 2)))
+
+
+def test_each_validation_of_an_iterable_that_starts_over_takes_its_first_batches():
+    """validation_steps over a list of batches went on where the last epoch's
+    validation stopped (batches 0-1, then 2-3, then 4 and 0): val_loss came
+    from other samples each epoch. Keras starts each validation over."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((10, 3, 3)), rng.standard_normal((10, 2))
+    batches = [(x[2 * i:2 * i + 2], y[2 * i:2 * i + 2]) for i in range(5)]
+    seen = []   # the first value of each validation batch
+    model = _per_sequence_model().compile(loss="mse", optimizer="sgd")
+    original = model._run
+
+    def run(x, *args, **kwargs):
+        if not kwargs.get("train", True):
+            seen.append(float(x[0, 0, 0]))
+        return original(x, *args, **kwargs)
+
+    model._run = run
+    model.fit(x, y, epochs=3, validation_data=batches, validation_steps=2, verbose=0)
+    assert seen == [x[0, 0, 0], x[2, 0, 0]] * 3
+
+
+def test_a_generator_as_validation_data_is_refused_or_stops_training_when_it_runs_out():
+    """A generator runs once. Without validation_steps the second epoch's
+    validation found nothing and raised after that epoch had trained (fit
+    gave no History): now refused before training. With validation_steps,
+    a validation that ran short was silent: now a warning, and training
+    stops after that epoch, its History kept."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((10, 3, 3)), rng.standard_normal((10, 2))
+
+    def gen(n):
+        for i in range(n):
+            yield x[2 * i:2 * i + 2], y[2 * i:2 * i + 2]
+
+    model = _per_sequence_model().compile(loss="mse", optimizer="sgd")
+    before = model.state_dict()
+    with pytest.raises(ValueError, match="validation_data is a generator .* only the first "
+                                         "of the 3 epochs could validate"):
+        model.fit(x, y, epochs=3, validation_data=gen(5), verbose=0)
+    assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())
+    model.fit(x, y, epochs=1, validation_data=gen(5), verbose=0)   # one epoch: fine
+    with pytest.warns(UserWarning, match=r"validation_data ran out of batches \(1 of "
+                                         r"validation_steps=2 this epoch\); training stops"):
+        history = model.fit(x, y, epochs=5, validation_data=gen(5), validation_steps=2,
+                            verbose=0)
+    assert len(history.history["val_loss"]) == 3
+    # exactly used up: the look-ahead tells at the epoch that took the last batch
+    with pytest.warns(UserWarning, match="validation_data ran out of batches"):
+        history = model.fit(x, y, epochs=5, validation_data=gen(4), validation_steps=2,
+                            verbose=0)
+    assert len(history.history["val_loss"]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = model.fit(x, y, epochs=2, validation_data=gen(4), validation_steps=2,
+                            verbose=0)
+    assert len(history.history["val_loss"]) == 2
+    with pytest.warns(UserWarning, match=r"x ran out of batches after 2 of steps=5"):
+        model.evaluate(gen(2), steps=5)
+
+
+def test_ragged_ids_are_padded_as_integers():
+    """A float32 model's ragged id sequences were padded in float32: an id
+    from 2**24 on became its neighbour (2**24 + 1 -> 2**24), another
+    embedding row."""
+    big = 2 ** 24 + 1
+    model = fastrnn.Sequential([fastrnn.Embedding(big + 1, 3, seed=0),
+                                fastrnn.GRU(3, 2, batch_first=True, seed=1),
+                                fastrnn.LastStep()], seed=2)
+    ids = [np.array([big, 5]), np.array([7])]
+    ragged = model.predict(ids)
+    alone = model.predict(np.array([[big, 5]]))
+    assert np.array_equal(ragged[0], alone[0])
+
+
+def test_predict_reads_sequences_written_as_tuples_as_fit_does():
+    """A list of sequences written as tuples of numbers was taken by
+    predict for an iterable of batches (fit and evaluate read it as data)."""
+    x = [((0.1, 0.2, 0.3), (0.3, 0.4, 0.5)), ((0.5, 0.6, 0.7), (0.1, 0.0, 0.2))] * 2
+    model = _per_sequence_model()
+    assert np.array_equal(model.predict(x), model.predict(np.array(x)))
+
+
+def test_an_iterables_bad_batch_is_named():
+    """A batch of no samples, or a later batch whose targets do not fit the
+    output: the messages named no batch (the loss's own message)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 3, 3)), rng.standard_normal((6, 2))
+    model = _per_sequence_model().compile(loss="mse", optimizer="sgd")
+    with pytest.raises(ValueError, match="x of x batch 1 has no samples"):
+        model.fit(iter([(x[:2], y[:2]), (x[:0], y[:0])]), verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.fit: in batch 1 of x: MSELoss: pred and "
+                                         r"target must have the same shape"):
+        model.fit(iter([(x[:2], y[:2]), (x[2:4], y[2:4, 0])]), verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.evaluate: in batch 1 of x: MSELoss"):
+        model.evaluate(iter([(x[:2], y[:2]), (x[2:4], y[2:4, 0])]))

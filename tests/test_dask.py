@@ -260,3 +260,33 @@ def test_nullable_id_columns_score_as_their_integers():
     with_nan.iloc[4, 2] = np.nan
     scores = fdask.predict_dataframe(floats, dd.from_pandas(with_nan, npartitions=3), steps=5)
     assert np.isnan(scores.compute(scheduler="sync").to_numpy()[4]).all()
+
+
+def test_predict_dataframe_result_carries_dfs_index_before_compute(tmp_path):
+    """The lazy result's metadata had a default (unnamed int64) index
+    whatever df's was, and to_parquet of a named index failed
+    ("None of ['__null_dask_index__'] are in the columns")."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    model = seed_model()
+    values = np.random.default_rng(0).standard_normal((6, 10))
+    index = pd.date_range("2026-01-01", periods=6, freq="h", name="when")
+    frame = dd.from_pandas(pd.DataFrame(values, index=index), npartitions=2)
+    scores = fdask.predict_dataframe(model, frame, steps=5)
+    assert scores.index.name == "when" and scores.index.dtype == index.dtype
+    scores.to_parquet(tmp_path / "scores")
+    back = pd.read_parquet(tmp_path / "scores")
+    assert back.index.name == "when"
+    np.testing.assert_array_equal(back.to_numpy(), scores.compute().to_numpy())
+
+
+def test_predict_names_unknown_chunk_sizes_past_the_samples_axis():
+    """Unknown (NaN) chunk sizes along the steps or features failed inside
+    dask's rechunk, naming neither x nor the way out."""
+    dask = pytest.importorskip("dask")
+    x = np.zeros((6, 5, 2), np.float32)
+    for shape, axis in (((6, np.nan, 2), 1), ((6, 5, np.nan), 2)):
+        lazy = da.from_delayed(dask.delayed(x), shape=shape, dtype=np.float32)
+        with pytest.raises(ValueError, match=rf"x's chunk sizes along axis {axis} are unknown "
+                                             rf"\(NaN\); call x.compute_chunk_sizes\(\) first"):
+            fdask.predict(seed_model(), lazy)
