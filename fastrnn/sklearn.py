@@ -57,7 +57,7 @@ from fastrnn._engine import input_grads
 from fastrnn._locks import ForkSafeLock
 from fastrnn.layers import GRU, LSTM, RNN
 from fastrnn.losses import CrossEntropyLoss, MSELoss
-from fastrnn.model import Sequential
+from fastrnn.model import Sequential, _release_training_buffers
 from fastrnn.nn import Dropout, LastStep, Linear
 from fastrnn.optim import OPTIMIZERS, clip_grad_norm
 
@@ -216,6 +216,10 @@ def _numeric(owner, name, value, dtype):
         raise TypeError(f"{owner}: {name} must be array-like: {exc}") from None
     if arr.dtype.kind == "c":
         raise ValueError(f"{owner}: Complex data not supported in {name}")
+    if arr.dtype.kind in "SUV":
+        # (astype parsed '1.5' as 1.5: scikit-learn refuses text)
+        raise ValueError(f"{owner}: {name} must hold numbers, got dtype {arr.dtype} "
+                         f"(text or structured values): convert it first")
     if arr.dtype.kind not in "biuf":
         try:
             arr = arr.astype(np.float64)
@@ -265,6 +269,10 @@ def _check_X(owner, X, dtype, n_features=None):
                                  f"several, (T_i, D); give every sequence as (T_i, D)")
             if ndims <= {1, 2} and len({arr.shape for arr in arrays}) > 1:
                 return _ragged(owner, arrays, dtype, n_features)
+            if all(arr.dtype.kind in "biufc" for arr in arrays):
+                # sequences of one shape, stacked as converted (np.asarray
+                # of the list failed on torch tensors that require grad)
+                X = np.stack(arrays)
         # sequences of one shape: an array like any other
     if not isinstance(X, np.ndarray) or isinstance(X, np.ma.MaskedArray):
         try:
@@ -306,6 +314,9 @@ def _plain(owner, name, value):
     dropped: the values under it used), the rest through np.asarray."""
     if isinstance(value, np.ma.MaskedArray) or v.is_torch_tensor(value):
         return v.as_array(owner, name, value)
+    if isinstance(value, (list, tuple)) and any(v.is_torch_tensor(item) for item in value):
+        # (a list of tensors that require grad: np.asarray raised torch's error)
+        return np.asarray([_plain(owner, f"{name}[{i}]", item) for i, item in enumerate(value)])
     try:
         return np.asarray(value)
     except TypeError as exc:
@@ -330,6 +341,19 @@ def _ragged(owner, arrays, dtype, n_features):
         items.append(np.ascontiguousarray(arr))
     _check_features(owner, items[0].shape[1], n_features)
     return _Sequences(items=items)
+
+
+def _describe_labels(value):
+    shape = getattr(np.asarray(value, dtype=object), "shape", ())
+    return f"{type(value).__name__} of shape {v.shape_str(shape)}"
+
+
+@contextlib.contextmanager
+def _releasing_buffers(net):
+    try:
+        yield
+    finally:
+        _release_training_buffers(net.model.layers)
 
 
 def _check_features(owner, got, expected):
@@ -642,23 +666,26 @@ class _SequenceEstimator(BaseEstimator):
                 train, train_target, val, val_target = data, target, None, None
             best, best_weights, wait = math.inf, None, 0
             epochs_run = 0
-            for epoch in range(config["epochs"]):
-                start = time.perf_counter()
-                logs = {"loss": self._epoch(net, train, train_target, shuffle, config, epoch)}
-                if val is not None:
-                    logs["val_loss"] = net.loss(net.outputs(val), val_target)
-                for key, value in logs.items():
-                    history[key].append(value)
-                epochs_run = epoch + 1
-                if config["verbose"]:
-                    self._report(epoch, config["epochs"], logs, time.perf_counter() - start)
-                if config["early_stopping"]:   # Keras' count: max(patience, 1) epochs
-                    if logs["val_loss"] < best:
-                        best, best_weights, wait = logs["val_loss"], net.model.state_dict(), 0
-                    else:
-                        wait += 1
-                        if wait >= max(config["patience"], 1):
-                            break
+            # (the layers' training buffers go with the fit, as Sequential.fit's:
+            # kept, each fitted estimator held ~70 MB until its first predict)
+            with _releasing_buffers(net):
+                for epoch in range(config["epochs"]):
+                    start = time.perf_counter()
+                    logs = {"loss": self._epoch(net, train, train_target, shuffle, config, epoch)}
+                    if val is not None:
+                        logs["val_loss"] = net.loss(net.outputs(val), val_target)
+                    for key, value in logs.items():
+                        history[key].append(value)
+                    epochs_run = epoch + 1
+                    if config["verbose"]:
+                        self._report(epoch, config["epochs"], logs, time.perf_counter() - start)
+                    if config["early_stopping"]:   # Keras' count: max(patience, 1) epochs
+                        if logs["val_loss"] < best:
+                            best, best_weights, wait = logs["val_loss"], net.model.state_dict(), 0
+                        else:
+                            wait += 1
+                            if wait >= max(config["patience"], 1):
+                                break
             if best_weights is not None:
                 net.model.load_state_dict(best_weights)
         return self._commit(fitted, net, shuffle, data, history, epochs_run)
@@ -692,7 +719,8 @@ class _SequenceEstimator(BaseEstimator):
             before = None if fitted else (net.model.state_dict(), net.optimizer.state_dict(),
                                           shuffle.bit_generator.state)
             try:
-                loss = self._epoch(net, data, target, shuffle, config, done)
+                with _releasing_buffers(net):
+                    loss = self._epoch(net, data, target, shuffle, config, done)
             except BaseException:
                 if before is not None:
                     net.model.load_state_dict(before[0])
@@ -702,6 +730,8 @@ class _SequenceEstimator(BaseEstimator):
             if config["verbose"]:
                 self._report(done, None, {"loss": loss}, time.perf_counter() - start)
         history["loss"].append(loss)
+        if "val_loss" in history:   # (no validation here: the lists stay one per epoch)
+            history["val_loss"].append(math.nan)
         return self._commit(fitted, net, shuffle, data, history, done + 1)
 
     def _first_call(self, X, y, config, classes=None):
@@ -861,7 +891,8 @@ class SequenceRegressor(RegressorMixin, _SequenceEstimator):
     n_outputs_ : int
         Targets per sequence.
     history_ : dict
-        ``'loss'`` (and ``'val_loss'``): one value per epoch.
+        ``'loss'`` (and ``'val_loss'``): one value per epoch (``val_loss``
+        NaN for an epoch of ``partial_fit``, which does not validate).
     n_iter_ : int
         Epochs run (``fit`` counts from 0; ``partial_fit`` adds one).
 {_NOTES_DOC}
@@ -952,7 +983,8 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
     n_features_in_ : int
         D, the features of each step (1 for a 2-D X).
     history_ : dict
-        ``'loss'`` (and ``'val_loss'``): one value per epoch.
+        ``'loss'`` (and ``'val_loss'``): one value per epoch (``val_loss``
+        NaN for an epoch of ``partial_fit``, which does not validate).
     n_iter_ : int
         Epochs run (``fit`` counts from 0; ``partial_fit`` adds one).
 {_NOTES_DOC}
@@ -993,6 +1025,9 @@ class SequenceClassifier(ClassifierMixin, _SequenceEstimator):
         try:
             y = column_or_1d(_plain(owner, name, y), warn=True)
         except ValueError as exc:
+            if name == "classes":
+                raise ValueError(f"{owner}: classes must be a 1-D array-like of the labels, "
+                                 f"got {_describe_labels(y)}") from None
             raise ValueError(f"{owner}: {name} must be one label per sequence "
                              f"(multi-output classification is not supported): {exc}") from None
         check_classification_targets(y)

@@ -722,3 +722,67 @@ def test_a_training_step_computes_no_gradient_of_the_data(monkeypatch):
     again = SequenceRegressor(hidden_size=4, epochs=2, random_state=0).fit(X, y)
     assert calls == []
     np.testing.assert_array_equal(again.predict(X), fitted.predict(X))
+
+
+def test_lists_of_torch_tensors_of_one_length_are_taken_as_ragged_ones_are():
+    """A list of equal-length tensors that require grad (or bfloat16 ones)
+    went through np.asarray whole: torch's RuntimeError (TypeError for
+    bfloat16) escaped, though the same tensors of different lengths were
+    taken; so did a y given as a list of 0-d tensors that require grad."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 5, 2)).astype(np.float32)
+    y = rng.standard_normal(8)
+    est = SequenceRegressor(hidden_size=4, epochs=1, random_state=0).fit(X, y)
+    want = est.predict(X)
+    np.testing.assert_array_equal(
+        est.predict([torch.from_numpy(a).requires_grad_() for a in X]), want)
+    as_bf16 = est.predict([torch.from_numpy(a).to(torch.bfloat16) for a in X])
+    np.testing.assert_array_equal(
+        as_bf16, est.predict(torch.from_numpy(X).to(torch.bfloat16)))
+    again = SequenceRegressor(hidden_size=4, epochs=1, random_state=0).fit(
+        X, [torch.tensor(value, requires_grad=True) for value in y])
+    np.testing.assert_array_equal(again.predict(X), want)
+
+
+def test_text_is_refused_as_numbers():
+    """A str or bytes X, or a regressor's str y, were parsed as numbers
+    ('1.5' -> 1.5) without complaint; scikit-learn refuses text."""
+    X = np.ones((4, 3, 1))
+    with pytest.raises(ValueError, match=r"SequenceRegressor: X must hold numbers, got dtype "
+                                         r"<U32 \(text or structured values\)"):
+        SequenceRegressor(epochs=1).fit(X.astype(str), np.ones(4))
+    with pytest.raises(ValueError, match=r"y must hold numbers, got dtype \|S32"):
+        SequenceRegressor(epochs=1).fit(X, np.ones(4).astype(bytes))
+
+
+def test_fit_lets_its_training_buffers_go():
+    """Sequential.fit releases the layers' training buffers at its end; the
+    estimators' own loop kept them (~70 MB for an LSTM of 128 units over
+    200 steps at batch 64) until the estimator's first predict."""
+    from fastrnn._engine import _training_buffers
+    X = np.random.default_rng(0).standard_normal((64, 200, 16)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal(64)
+    for fit in ("fit", "partial_fit"):
+        est = SequenceRegressor(hidden_size=128, epochs=1, batch_size=64, random_state=0)
+        getattr(est, fit)(X, y)
+        assert est.model_[0] not in _training_buffers._kept   # (its recurrent layer)
+
+
+def test_history_stays_one_value_per_epoch_after_partial_fit():
+    """partial_fit after a fit with validation added to 'loss' only: the
+    lists no longer lined up with n_iter_."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 6, 2)), rng.standard_normal(40)
+    est = SequenceRegressor(hidden_size=4, epochs=3, validation_split=0.2, random_state=0)
+    est.fit(X, y).partial_fit(X, y)
+    assert est.n_iter_ == 4 and len(est.history_["loss"]) == len(est.history_["val_loss"]) == 4
+    assert np.isnan(est.history_["val_loss"][-1]) and np.isfinite(est.history_["val_loss"][:3]).all()
+
+
+@pytest.mark.parametrize("classes", [1, [[0, 1]]])
+def test_a_malformed_classes_is_named(classes):
+    X, y = np.ones((4, 3)), np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="SequenceClassifier: classes must be a 1-D array-like "
+                                         "of the labels"):
+        SequenceClassifier(epochs=1).partial_fit(X, y, classes=classes)
