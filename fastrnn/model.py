@@ -841,7 +841,12 @@ class Sequential:
             compares with loss), else of at least 256 (the same value); a
             model with a ``Stateful`` layer in the batch size it takes (fit
             refuses, before its first step, training or validation arrays that
-            would give a batch of another size).
+            would give a batch of another size). An iterable that starts
+            over is validated from its first batch each epoch (Keras' rule);
+            a generator runs once, so with more than one epoch to run it
+            needs ``validation_steps`` (refused before training without),
+            and one that runs out stops training after that epoch, with a
+            warning.
         shuffle : bool, default True
             Shuffle the training samples every epoch (with the model's seed).
         callbacks : list, optional
