@@ -16,6 +16,11 @@
  * to take every part, then lets them go; if they do not, it withdraws the
  * job and nothing runs (the caller then runs the work another way).
  *
+ * A caller that wakes sleeping workers first narrows their affinity to the
+ * CPUs but its own, and each restores its own once awake: the kernel would
+ * often wake them on the caller's CPU, where they wait for it for
+ * milliseconds (_portable.h, fastrnn_steer_off).
+ *
  * One caller at a time owns the pool (fastrnn_pool_claim); another caller
  * meanwhile runs all its parts itself. The workers take no signals. After
  * fork() the child starts afresh (no threads; the handler is registered at
@@ -61,6 +66,10 @@ typedef struct {
                               unsynchronised) */
     int caller_cpu;        /* the CPU the posting caller ran on (-1: unknown; read
                               only after a post has set it) */
+    int registered;        /* workers with a slot below (guarded by mutex) */
+    int asleep[FASTRNN_MAX_THREADS];         /* slot i's worker waits on cond */
+    fastrnn_steer steer[FASTRNN_MAX_THREADS];   /* where slot i's wakes (by mutex) */
+    long long steered;     /* wake-ups steered off the caller's CPU (statistics) */
     fastrnn_job_fn fn;
     void* arg;
 } fastrnn_worker_t;
@@ -122,7 +131,12 @@ FASTRNN_THREAD_MAIN(fastrnn_worker_main, unused) {
     long long seen = 0, spins, job;
     long long deadline;
     int slept = 1;         /* a new thread, too, starts where the scheduler put it */
+    int slot;
     (void)unused;
+    fastrnn_mutex_lock(&fastrnn_worker.mutex);
+    slot = fastrnn_worker.registered++;
+    fastrnn_steer_init(&fastrnn_worker.steer[slot]);
+    fastrnn_mutex_unlock(&fastrnn_worker.mutex);
     for (;;) {
         deadline = fastrnn_clock_ns() + FASTRNN_WORKER_SPIN_NS;
         spins = 0;
@@ -133,9 +147,12 @@ FASTRNN_THREAD_MAIN(fastrnn_worker_main, unused) {
             if (spins % 256 == 0 && fastrnn_clock_ns() > deadline) {
                 fastrnn_mutex_lock(&fastrnn_worker.mutex);
                 fastrnn_worker.sleeping++;
+                fastrnn_worker.asleep[slot] = 1;
                 while (fastrnn_load_acquire_ll(&fastrnn_worker.posted) == seen)
                     fastrnn_cond_wait(&fastrnn_worker.cond, &fastrnn_worker.mutex);
+                fastrnn_worker.asleep[slot] = 0;
                 fastrnn_worker.sleeping--;
+                fastrnn_steer_restore(&fastrnn_worker.steer[slot]);
                 fastrnn_mutex_unlock(&fastrnn_worker.mutex);
                 slept = 1;
             }
@@ -161,6 +178,7 @@ static void fastrnn_worker_after_fork(void) {
     fastrnn_worker.remaining = 0;
     fastrnn_worker.started = 0;
     fastrnn_worker.sleeping = 0;
+    fastrnn_worker.registered = 0;
 }
 
 /* At import: the fork handler, registered before any caller can claim the
@@ -215,6 +233,7 @@ static void fastrnn_release(void) {
  * team job's part 0 is the caller's: only parts 1... are offered. */
 static long long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team) {
     long long job;
+    int slot;
     fastrnn_worker.fn = fn;
     fastrnn_worker.arg = arg;
     fastrnn_worker.nparts = nparts;
@@ -228,8 +247,14 @@ static long long fastrnn_post(fastrnn_job_fn fn, void* arg, int nparts, int team
                              (job << (2 * FASTRNN_PART_BITS))
                              | ((long long)nparts << FASTRNN_PART_BITS) | (team ? 1 : 0));
     fastrnn_store_release_ll(&fastrnn_worker.posted, job);
-    if (fastrnn_worker.sleeping)
+    if (fastrnn_worker.sleeping) {
+        /* (a sleeper cannot leave cond_wait before the mutex is free) */
+        for (slot = 0; slot < fastrnn_worker.registered; slot++)
+            if (fastrnn_worker.asleep[slot]
+                    && fastrnn_steer_off(&fastrnn_worker.steer[slot], fastrnn_worker.caller_cpu))
+                fastrnn_worker.steered++;
         fastrnn_cond_broadcast(&fastrnn_worker.cond);
+    }
     fastrnn_mutex_unlock(&fastrnn_worker.mutex);
     return job;
 }

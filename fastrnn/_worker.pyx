@@ -32,18 +32,19 @@ cdef extern from "_worker.h":
     int fastrnn_current_cpu() noexcept nogil
     int fastrnn_move_off_cpu(int cpu, int* moved_to) noexcept nogil
     ctypedef struct fastrnn_worker_t:
-        long long by_worker, by_caller, withdrawn, moved
+        long long by_worker, by_caller, withdrawn, moved, steered
     fastrnn_worker_t fastrnn_worker
 
 
 def stats():
     """(parts the workers ran, parts the callers ran, team jobs withdrawn
     because the workers did not all come in time, workers that woke on
-    their caller's CPU and moved off it): how often the other cores really
+    their caller's CPU and moved off it, sleeping workers whose wake-up was
+    steered off the caller's CPU): how often the other cores really
     helped, since the process started (a forked child starts from its
     parent's counts). Counted without locks: about."""
     return (fastrnn_worker.by_worker, fastrnn_worker.by_caller, fastrnn_worker.withdrawn,
-            fastrnn_worker.moved)
+            fastrnn_worker.moved, fastrnn_worker.steered)
 
 
 def move_off_current_cpu():

@@ -243,6 +243,30 @@ def test_threads_keep_the_process_affinity_after_parallel_calls(monkeypatch):
     for _ in range(5):
         layer(x)
         time.sleep(0.01)         # past the workers' spin: they sleep, then wake
+    time.sleep(0.05)             # (a worker woken after the call's last part restores late)
+    for tid in os.listdir("/proc/self/task"):
+        assert os.sched_getaffinity(int(tid)) == allowed, tid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="steers wake-ups on Linux, with 2 CPUs or more")
+def test_a_sleeping_workers_wake_up_is_steered_off_the_callers_cpu(monkeypatch):
+    """A worker woken from sleep was often placed on its caller's CPU,
+    where it waited, runnable, while the caller ran every part itself (for
+    5 to 20 calls after a pause). The caller narrows a sleeping worker's
+    affinity to the other CPUs before the wake-up (_portable.h's
+    fastrnn_steer_off), and the worker, awake, puts its own back."""
+    import time
+    from fastrnn import _parallel, _worker
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    allowed = os.sched_getaffinity(0)
+    _worker.busy_parts([0.001, 0.001])        # the worker exists
+    steered = _worker.stats()[4]
+    for _ in range(3):
+        time.sleep(0.02)                       # past its spin: it sleeps
+        assert len(_worker.busy_parts([0.002, 0.002])) == 2
+    assert _worker.stats()[4] >= steered + 3
+    time.sleep(0.05)
     for tid in os.listdir("/proc/self/task"):
         assert os.sched_getaffinity(int(tid)) == allowed, tid
 
