@@ -135,6 +135,9 @@ FASTRNN_THREAD_MAIN(fastrnn_worker_main, unused) {
     (void)unused;
     fastrnn_mutex_lock(&fastrnn_worker.mutex);
     slot = fastrnn_worker.registered++;
+    /* (after a fork the slot may hold a parent's worker's asleep = 1: a
+     * caller would narrow this one while it runs) */
+    fastrnn_worker.asleep[slot] = 0;
     fastrnn_steer_init(&fastrnn_worker.steer[slot]);
     fastrnn_mutex_unlock(&fastrnn_worker.mutex);
     for (;;) {

@@ -496,22 +496,12 @@ def _is_batches(x):
             or hasattr(x, "__array_interface__"):
         return False
     if isinstance(x, (list, tuple)):
-        # (tuples of numbers, or of tuples of them, are sequences written out,
-        # as fit and evaluate read them: a batch's x is an array or a list)
-        return (bool(x) and all(isinstance(item, tuple) for item in x)
-                and not all(_written_out(item) for item in x))
+        return bool(x) and all(isinstance(item, tuple) for item in x)
     try:
         iter(x)
     except TypeError:
         return False
     return True
-
-
-def _written_out(item):
-    """A tuple of numbers, or of such tuples: data written out in Python."""
-    if isinstance(item, tuple):
-        return bool(item) and all(_written_out(part) for part in item)
-    return isinstance(item, numbers.Number)
 
 
 def validation(owner, model, validation_data):

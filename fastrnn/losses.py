@@ -429,14 +429,15 @@ class BCEWithLogitsLoss(Loss):
         # (of pred's shape: _elements checked it; a torch tensor that
         # requires grad converts only as there), in pred's dtype as the loss
         # computes it: a float64 target of 1 + 1e-12 is 1 in float32
-        target = v.to_numpy("BCEWithLogitsLoss", "target", target).astype(dtype, copy=False)
+        given = v.to_numpy("BCEWithLogitsLoss", "target", target)
+        target = given.astype(dtype, copy=False)
         outside = (target < 0) | (target > 1)
         if weight is not None:
             outside &= np.broadcast_to(weight, outside.shape) != 0
-        if outside.any():
+        if outside.any():   # (the value as given: float32's 1.1 is 1.100000023841858)
             raise ValueError(f"BCEWithLogitsLoss: target must lie in [0, 1] (0/1 labels or "
-                             f"probabilities), got {float(target[outside].flat[0])!r} among the "
-                             f"targets that count")
+                             f"probabilities), got {given[outside].flat[0].item()!r} among "
+                             f"the targets that count")
 
     def _elements(self, pred, target):
         pred, target = self._pair(pred, target)

@@ -765,12 +765,14 @@ class Sequential:
             return logs["loss"]
         return list(logs.values())
 
-    def _evaluate_source(self, owner, source, batch_size, steps, callbacks, in_fit=False):
+    def _evaluate_source(self, owner, source, batch_size, steps, callbacks, in_fit=False,
+                         look_ahead=False):
         iterable = isinstance(source, batching.IterableData)
         if iterable:
-            # (each validation from the first batch; a generator's look-ahead
-            # tells fit it ran out before it trains another epoch)
-            batches = source.batches(steps, from_start=True, look_ahead=True)
+            # (each validation from the first batch; ``look_ahead``: fit's, with
+            # another epoch to come, so that a generator that ran out is
+            # known before that epoch trains)
+            batches = source.batches(steps, from_start=True, look_ahead=look_ahead)
         else:
             batches = source.batches(batch_size or len(source), steps=steps)
         self._reset_metrics()
@@ -1038,7 +1040,8 @@ class Sequential:
                     if stateful:   # (fixed by the first batch, an iterable's too)
                         val_batch_size = stateful_size or stateful[0].batch_size or batch_size
                     val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
-                                                     callbacks, in_fit=True)
+                                                     callbacks, in_fit=True,
+                                                     look_ahead=epoch + 1 < epochs)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
                     if isinstance(val, batching.IterableData) and val.ran_out \
                             and epoch + 1 < epochs and not self.stop_training:
@@ -1327,13 +1330,18 @@ def _release_training_buffers(layers):
 def _naming_batch(owner, iterable, name, step):
     """A ValueError of an iterable's batch (its targets' shape against the
     output, say) says which batch it was: the loss's own message named
-    none, and the first batches had passed."""
+    none, and the first batches had passed (a subclass of ValueError keeps
+    its type, the batch in a note; a message that names it is left)."""
     try:
         yield
     except ValueError as error:
-        if not iterable:
+        where = f"batch {step} of {name}"
+        if not iterable or where in str(error) or f"{name} batch {step}" in str(error):
             raise
-        raise ValueError(f"{owner}: in batch {step} of {name}: {error}") from error
+        if type(error) is not ValueError:   # (its own type kept, for an except of it)
+            error.add_note(f"{owner}: in {where}")
+            raise
+        raise ValueError(f"{owner}: in {where}: {error}") from error
 
 
 def _permutation(rng, n):

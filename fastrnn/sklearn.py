@@ -344,8 +344,15 @@ def _ragged(owner, arrays, dtype, n_features):
 
 
 def _describe_labels(value):
-    shape = getattr(np.asarray(value, dtype=object), "shape", ())
-    return f"{type(value).__name__} of shape {v.shape_str(shape)}"
+    """What a malformed ``classes`` is, without converting it (a tensor that
+    requires grad would raise torch's error)."""
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(value)
+        except ValueError:   # (nested lists of different lengths)
+            return f"a ragged {type(value).__name__}"
+    return f"a {type(value).__name__} of shape {v.shape_str(tuple(shape))}"
 
 
 @contextlib.contextmanager

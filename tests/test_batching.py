@@ -471,14 +471,6 @@ def test_ragged_ids_are_padded_as_integers():
     assert np.array_equal(ragged[0], alone[0])
 
 
-def test_predict_reads_sequences_written_as_tuples_as_fit_does():
-    """A list of sequences written as tuples of numbers was taken by
-    predict for an iterable of batches (fit and evaluate read it as data)."""
-    x = [((0.1, 0.2, 0.3), (0.3, 0.4, 0.5)), ((0.5, 0.6, 0.7), (0.1, 0.0, 0.2))] * 2
-    model = _per_sequence_model()
-    assert np.array_equal(model.predict(x), model.predict(np.array(x)))
-
-
 def test_an_iterables_bad_batch_is_named():
     """A batch of no samples, or a later batch whose targets do not fit the
     output: the messages named no batch (the loss's own message)."""
@@ -492,3 +484,48 @@ def test_an_iterables_bad_batch_is_named():
         model.fit(iter([(x[:2], y[:2]), (x[2:4], y[2:4, 0])]), verbose=0)
     with pytest.raises(ValueError, match=r"Sequential.evaluate: in batch 1 of x: MSELoss"):
         model.evaluate(iter([(x[:2], y[:2]), (x[2:4], y[2:4, 0])]))
+
+
+def test_a_generator_gives_up_only_the_batches_used():
+    """The look-ahead that tells fit a validation generator ran out draws
+    the next batch only when another epoch will take it: evaluate(steps=k)
+    had drawn k + 1 (the extra one lost to the next call), and fit's last
+    validation one more than it used (a generator fed from a queue would
+    wait on it)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 3, 3)), rng.standard_normal((12, 2))
+    drawn = []
+
+    def gen(n):
+        for i in range(n):
+            drawn.append(i)
+            yield x[2 * i:2 * i + 2], y[2 * i:2 * i + 2]
+
+    model = _per_sequence_model().compile(loss="mse", optimizer="sgd")
+    batches = gen(6)
+    model.evaluate(batches, steps=2)
+    assert drawn == [0, 1]
+    model.evaluate(batches, steps=2)
+    assert drawn == [0, 1, 2, 3]
+    drawn.clear()
+    model.fit(x, y, epochs=2, validation_data=gen(6), validation_steps=2, verbose=0)
+    assert drawn == [0, 1, 2, 3]
+
+
+def test_a_value_error_subclass_of_a_batch_keeps_its_type():
+    """Naming the batch of an iterable's error must not turn a ValueError
+    subclass into a plain ValueError (an except of the subclass missed it):
+    the batch goes into a note instead."""
+    class DataProblem(ValueError):
+        pass
+
+    class Picky(fastrnn.MSELoss):
+        def _terms(self, *args, **kwargs):
+            raise DataProblem("custom")
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3, 3)), rng.standard_normal((4, 2))
+    model = _per_sequence_model().compile(loss=Picky(), optimizer="sgd")
+    with pytest.raises(DataProblem, match="custom") as caught:
+        model.evaluate(iter([(x, y)]))
+    assert "Sequential.evaluate: in batch 0 of x" in caught.value.__notes__

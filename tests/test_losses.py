@@ -332,3 +332,10 @@ def test_cross_entropy_counting_only_classes_of_weight_zero_is_zero():
     pred = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
     value, grad = loss.value_and_grad(pred, np.array([0, 0]))
     assert value == 0.0 and not grad.any()
+
+
+def test_bce_names_a_refused_target_as_given():
+    """Checked in pred's dtype, a target is still named as the user gave it:
+    float32's rounding showed 1.1 as 1.100000023841858."""
+    with pytest.raises(ValueError, match=r"got 1\.1 among the targets that count"):
+        fastrnn.BCEWithLogitsLoss()(np.zeros((1, 1), np.float32), np.array([[1.1]]))

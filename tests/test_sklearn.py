@@ -786,3 +786,16 @@ def test_a_malformed_classes_is_named(classes):
     with pytest.raises(ValueError, match="SequenceClassifier: classes must be a 1-D array-like "
                                          "of the labels"):
         SequenceClassifier(epochs=1).partial_fit(X, y, classes=classes)
+
+
+def test_a_malformed_classes_is_named_without_converting_it():
+    """Describing a bad classes converted it first: a tensor that requires
+    grad raised torch's error instead, and a ragged list was called 1-D."""
+    X, y = np.ones((4, 3)), np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="classes must be a 1-D array-like of the labels, got "
+                                         "a ragged list"):
+        SequenceClassifier(epochs=1).partial_fit(X, y, classes=[[0, 1], [1]])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"got a Tensor of shape \(2, 2\)"):
+        SequenceClassifier(epochs=1).partial_fit(
+            X, y, classes=torch.zeros((2, 2), requires_grad=True))
