@@ -10,7 +10,10 @@ Each metric computes one value per sample (or per step of a per-step
 output): for an accuracy, whether the prediction is right (averaged over the
 last axis where Keras averages); for an error, its mean over the last axis.
 ``result()`` is the mean of every value seen, weighted by the sample weights
-when there are any (Keras' rule). ``Sequential`` hands the metrics only the
+when there are any (Keras' rule). An error metric of 1-D targets and
+outputs (B,) has one value per sample too, where Keras' has one per batch
+(its mean over the last axis takes the batch axis): batches of different
+sizes then weigh each sample alike here, each batch alike there. ``Sequential`` hands the metrics only the
 steps that count: the padded steps of ragged sequences and the targets
 equal to the loss's ``ignore_index`` never reach them.
 
