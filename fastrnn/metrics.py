@@ -13,9 +13,10 @@ last axis where Keras averages); for an error, its mean over the last axis.
 when there are any (Keras' rule). An error metric of 1-D targets and
 outputs (B,) has one value per sample too, where Keras' has one per batch
 (its mean over the last axis takes the batch axis): batches of different
-sizes then weigh each sample alike here, each batch alike there. ``Sequential`` hands the metrics only the
-steps that count: the padded steps of ragged sequences and the targets
-equal to the loss's ``ignore_index`` never reach them.
+sizes then weigh each sample alike here, each batch alike there.
+``Sequential`` hands the metrics only the steps that count: the padded
+steps of ragged sequences and the targets equal to the loss's
+``ignore_index`` never reach them.
 
 Names ``compile`` accepts: ``'accuracy'`` (or ``'acc'``: binary, categorical
 or sparse categorical accuracy, chosen from the shapes of the targets and
