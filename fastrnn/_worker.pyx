@@ -33,6 +33,8 @@ cdef extern from "_worker.h":
     int fastrnn_move_off_cpu(int cpu, int* moved_to) noexcept nogil
     ctypedef struct fastrnn_worker_t:
         long long by_worker, by_caller, withdrawn, moved, steered
+        int registered
+        int asleep[64]
     fastrnn_worker_t fastrnn_worker
 
 
@@ -45,6 +47,12 @@ def stats():
     parent's counts). Counted without locks: about."""
     return (fastrnn_worker.by_worker, fastrnn_worker.by_caller, fastrnn_worker.withdrawn,
             fastrnn_worker.moved, fastrnn_worker.steered)
+
+
+def asleep_flags():
+    """For the tests: each registered worker's 'asleep' flag (1 while it
+    waits on the pool's condition, when a caller steers its wake-up)."""
+    return [fastrnn_worker.asleep[i] for i in range(fastrnn_worker.registered)]
 
 
 def move_off_current_cpu():

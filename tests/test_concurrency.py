@@ -379,38 +379,35 @@ def test_a_call_reentering_the_blas_hold_does_not_deadlock(tmp_path):
     assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr
 
 
-def _narrowed_threads_after_calls(allowed):
-    """Threads whose affinity is narrower than the process's right after
-    calls in which one worker of two sleeps while the other runs."""
+def _asleep_flags_while_every_worker_runs():
+    """The workers' 'asleep' flags while each runs a part of 60 ms (the
+    call made from another thread: it releases the GIL)."""
+    import threading
     import time
     from fastrnn import _worker
-    narrowed = set()
-    for _ in range(5):
-        # the caller and a worker busy 20 ms; the other worker done at once: it sleeps
-        _worker.busy_parts([0.02, 0.001, 0.02])
-        _worker.busy_parts([0.001, 0.001, 0.001])   # posted with one sleeper
-        for tid in os.listdir("/proc/self/task"):     # within the awake worker's spin
-            try:
-                if os.sched_getaffinity(int(tid)) != allowed:
-                    narrowed.add(int(tid))
-            except OSError:      # (a thread gone)
-                pass
-        time.sleep(0.02)
-    return len(narrowed)
+    call = threading.Thread(target=_worker.busy_parts, args=([0.06, 0.06, 0.06],))
+    call.start()
+    time.sleep(0.02)
+    flags = _worker.asleep_flags()
+    call.join()
+    return flags
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
                     reason="steers wake-ups on Linux, with 2 CPUs or more")
 def test_a_forked_childs_awake_workers_are_not_narrowed(monkeypatch):
     """After fork the child's new workers took slots whose 'asleep' flags
-    were the parent's: a caller narrowed a worker that was awake and
-    running, which kept the narrowed affinity until it next slept."""
+    were the parent's (its workers asleep at the fork): a caller then
+    narrowed a worker that was running, which kept the narrowed affinity
+    until it next slept. A worker's slot starts awake."""
     import multiprocessing
     import time
     from fastrnn import _parallel, _worker
     monkeypatch.setattr(_parallel, "_threads", 3)
     _worker.busy_parts([0.001, 0.001, 0.001])
     time.sleep(0.02)                          # the parent's workers asleep
+    assert set(_worker.asleep_flags()) == {1}
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
-        assert pool.apply(_narrowed_threads_after_calls, (os.sched_getaffinity(0),)) == 0
+        flags = pool.apply(_asleep_flags_while_every_worker_runs)
+    assert flags and set(flags) == {0}
