@@ -178,13 +178,15 @@ class ArrayData:
         self.y = None
         if y is not None:
             y_list = _as_sequence_list(y, owner, y_name) if self.ragged else None
-            if y_list is None and self.ragged and model._keeps_steps():
-                y_list = self._unpadded_step_targets(y, y_name)
+            if y_list is None:
+                y = v.to_numpy(owner, y_name, y)
+                if self.ragged and model._keeps_steps():
+                    y_list = self._unpadded_step_targets(y, y_name)
             if y_list is not None:
                 self.y = self._check_step_targets(y_list, y_name)
                 self.y_ragged = True
             else:
-                self.y = v.to_numpy(owner, y_name, y)
+                self.y = y
                 if self.y.ndim == 0 or len(self.y) != self.n:
                     raise ValueError(f"Sequential: x and y must have the same number of "
                                      f"samples (first axis), got {self.n} samples in x and "
@@ -226,7 +228,6 @@ class ArrayData:
         (``pad``'s result), as the list of each sequence's own steps: their
         padded steps counted in the loss and the metrics (and trained on) as
         if they were data. None if y is not such an array."""
-        y = v.to_numpy(self.owner, name, y)
         if y.ndim < 2 or len(y) != self.n:
             return None
         longest = int(self.lengths.max())
@@ -534,9 +535,11 @@ def warn_ran_out(owner, what):
 
 
 def warn_validation_ran_out(owner, got, steps):
-    """A one-shot validation_data ran out: no validation after this epoch's."""
-    took = "" if steps is None else f" ({got} of validation_steps={steps} this epoch)"
-    warnings.warn(f"{owner}: validation_data ran out of batches{took}; training stops after "
+    """A one-shot validation_data ran out (``got`` of ``steps`` batches this
+    epoch): no validation after this epoch's. (Without steps, fit refuses a
+    generator before training.)"""
+    warnings.warn(f"{owner}: validation_data ran out of batches ({got} of "
+                  f"validation_steps={steps} this epoch); training stops after "
                   f"this epoch. A generator runs once: pass one that yields validation_steps "
                   f"batches for every epoch, or an iterable that starts over (a list, or an "
                   f"object whose __iter__ returns a new iterator)", stacklevel=3)

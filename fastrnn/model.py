@@ -759,14 +759,17 @@ class Sequential:
         callbacks = CallbackList(owner, callbacks, self)
         callbacks.set_model()
         logs = self._evaluate_source(owner, source, batch_size, steps, callbacks)
+        if isinstance(source, batching.IterableData) and steps is not None \
+                and source.taken < steps:
+            warnings.warn(f"{owner}: x ran out of batches after {source.taken} of "
+                          f"steps={steps}; the result is over those", stacklevel=2)
         if return_dict:
             return logs
         if not self._metric_specs:
             return logs["loss"]
         return list(logs.values())
 
-    def _evaluate_source(self, owner, source, batch_size, steps, callbacks, in_fit=False,
-                         look_ahead=False):
+    def _evaluate_source(self, owner, source, batch_size, steps, callbacks, look_ahead=False):
         iterable = isinstance(source, batching.IterableData)
         if iterable:
             # (each validation from the first batch; ``look_ahead``: fit's, with
@@ -794,9 +797,6 @@ class Sequential:
         if not mean.batches:
             raise ValueError(f"{owner}: the data gave no batches to evaluate (a generator "
                              f"already consumed?)")
-        if iterable and steps is not None and mean.batches < steps and not in_fit:
-            warnings.warn(f"{owner}: x ran out of batches after {mean.batches} of "
-                          f"steps={steps}; the result is over those", stacklevel=3)
         logs = {"loss": mean.result(), **self._metric_results()}
         callbacks.call("on_test_end", logs)
         return logs
@@ -1040,8 +1040,7 @@ class Sequential:
                     if stateful:   # (fixed by the first batch, an iterable's too)
                         val_batch_size = stateful_size or stateful[0].batch_size or batch_size
                     val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
-                                                     callbacks, in_fit=True,
-                                                     look_ahead=epoch + 1 < epochs)
+                                                     callbacks, look_ahead=epoch + 1 < epochs)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
                     if isinstance(val, batching.IterableData) and val.ran_out \
                             and epoch + 1 < epochs and not self.stop_training:

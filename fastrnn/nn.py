@@ -169,19 +169,16 @@ class _Stateless:
     _trainable = ()
     _version = 0
     _grad_lock = contextlib.nullcontext()
-    _defaults: dict = {}   # settings left out of _config at their default (ZeroMasked's)
 
     def __getattr__(self, name):
         # only reached when ordinary lookup fails
         config = self.__dict__.get("_config", {})
         if name in config:
             return config[name]
-        if name in type(self)._defaults:
-            return type(self)._defaults[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value):
-        if name in self.__dict__.get("_config", ()) or name in type(self)._defaults:
+        if name in self.__dict__.get("_config", ()):
             raise AttributeError(f"{type(self).__name__}: {name} is fixed at construction; "
                                  f"create a new {type(self).__name__} to change it")
         object.__setattr__(self, name, value)
@@ -540,20 +537,18 @@ class ZeroMasked(_Stateless):
         in the input's (as Keras passes it).
     """
     _takes_mask = True
-    _defaults = {"reverse": False}
 
     def __init__(self, reverse: bool = False) -> None:
-        reverse = v.check_bool("ZeroMasked", "reverse", reverse)
-        self._config = {"reverse": True} if reverse else {}
+        self._config = {"reverse": v.check_bool("ZeroMasked", "reverse", reverse)}
 
     @property
     def _flips_steps(self):
         """Whether it reverses the mask (a ragged batch's lengths then keep
         each sequence's within its length: masking.seq_call)."""
-        return bool(self._config.get("reverse"))
+        return self._config["reverse"]
 
     def _keep(self, x, mask, lengths):
-        if self._config.get("reverse"):
+        if self._config["reverse"]:
             # within each length where a ragged batch gives them, as its
             # Reversed(keep_order=False) reversed the output
             mask = (mask[:, ::-1] if lengths is None else

@@ -269,10 +269,6 @@ def _check_X(owner, X, dtype, n_features=None):
                                  f"several, (T_i, D); give every sequence as (T_i, D)")
             if ndims <= {1, 2} and len({arr.shape for arr in arrays}) > 1:
                 return _ragged(owner, arrays, dtype, n_features)
-            if all(arr.dtype.kind in "biufc" for arr in arrays):
-                # sequences of one shape, stacked as converted (np.asarray
-                # of the list failed on torch tensors that require grad)
-                X = np.stack(arrays)
         # sequences of one shape: an array like any other
     if not isinstance(X, np.ndarray) or isinstance(X, np.ma.MaskedArray):
         try:

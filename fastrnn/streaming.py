@@ -81,7 +81,7 @@ class Stream(CallLock):
             # (masking.carries_steps), the same at every frame
             steps_carried, carried, masked = [], False, False
             for layer in model.layers:
-                if isinstance(layer, ZeroMasked) and layer._config.get("reverse"):
+                if isinstance(layer, ZeroMasked) and layer._config["reverse"]:
                     raise ValueError(
                         f"Stream: {layer!r} zeroes the steps of the time-reversed mask, whose "
                         f"first step is the last one fed: it needs the whole sequence, so it "
