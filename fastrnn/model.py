@@ -529,7 +529,7 @@ class Sequential:
                                  f"{name!r}; give one a name of its own")
             seen.add(name)
         opt = get_optimizer(optimizer)
-        self._bind(opt, "Sequential.compile")
+        self._bind(opt, "Sequential.compile", refuse_partial=True)
         self.loss = loss
         self.optimizer = opt
         self.clip_grad_norm = clip_grad_norm
@@ -537,11 +537,11 @@ class Sequential:
         self._metric_specs, self._metrics = specs, None
         return self
 
-    def _bind(self, opt, owner):
+    def _bind(self, opt, owner, refuse_partial=False):
         """Bind ``opt``, built without params, to this model's layers (an
         unbound optimizer set as ``model.optimizer`` had trained nothing,
-        silently); one that lacks some layers is refused by ``compile`` and,
-        in training, trains the layers it holds with a warning naming the
+        silently); one that lacks some layers is refused
+        (``refuse_partial``: compile's) or, in training, trains the layers it holds with a warning naming the
         others (set as ``model.optimizer`` to freeze them, or a layer put in
         after ``compile``, which a step skipped silently)."""
         if not isinstance(opt, optim_module.Optimizer):
@@ -552,7 +552,7 @@ class Sequential:
             return
         missing = [m for m in self._modules_with_parameters()
                    if not any(m is o for o in opt._modules)]
-        if missing and owner == "Sequential.compile":
+        if missing and refuse_partial:
             raise ValueError(f"{owner}: the optimizer was built for other parameters and "
                              f"would not train {missing}; pass an optimizer built without "
                              f"params (it is bound here), or one built with this model")
