@@ -56,7 +56,10 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
     sequences : list of array-like of shape (T_i, ...)
         The trailing shapes must agree.
     dtype : dtype, optional
-        Of the result; by default the sequences' common type.
+        Of the result; by default the sequences' common type. A value it
+        cannot hold is refused (an integer out of its range, a fraction or
+        NaN into integers, an integer a float type rounds, a float that
+        overflows); floats rounded to a narrower float are not.
 
     Returns
     -------
@@ -66,9 +69,11 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
     Raises
     ------
     TypeError
-        If ``sequences`` is not a list of arrays.
+        If ``sequences`` is not a list of arrays, or ``dtype`` not a real
+        number or bool type.
     ValueError
-        If it is empty, a sequence has no steps, or the trailing shapes differ.
+        If it is empty, a sequence has no steps, the trailing shapes differ,
+        or a value does not fit ``dtype``.
 
     Examples
     --------
@@ -91,8 +96,39 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
                              f"trailing axes differ from sequences[0]'s "
                              f"{shape_str(arrays[0].shape)}")
     lengths = np.array([len(a) for a in arrays], np.int64)
-    dtype = np.result_type(*arrays) if dtype is None else np.dtype(dtype)
+    if dtype is None:
+        return _pad(arrays, lengths, np.result_type(*arrays)), lengths
+    given = dtype
+    try:
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf":
+        raise TypeError(f"pad: dtype must be a real number or bool type, got {given!r}")
+    for i, a in enumerate(arrays):
+        _check_cast(a, dtype, f"sequences[{i}]")
     return _pad(arrays, lengths, dtype), lengths
+
+
+def _check_cast(a, dtype, name):
+    """Refuse a value of ``a`` that ``dtype`` would change: an integer out
+    of range (int8's 300 wraps to 44), a fraction or NaN into integers, an
+    integer that floats round (an id from 2**24 on in float32: the
+    neighbouring embedding row), a finite float that overflows to inf. A
+    float rounded to a narrower float is what asking for it means. (Keras'
+    pad_sequences casts silently.)"""
+    with np.errstate(all="ignore"):
+        cast = a.astype(dtype)
+    if dtype.kind == "f" and a.dtype.kind == "f":
+        bad = np.isinf(cast) & np.isfinite(a)
+    else:
+        with np.errstate(invalid="ignore"):
+            bad = cast != a
+        bad &= ~(np.isnan(a) & np.isnan(cast)) if dtype.kind == "f" else True
+    if bad.any():
+        index = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(f"pad: {name}{list(index)} is {a[index].item()!r}, which dtype "
+                         f"{dtype} cannot hold (it would become {cast[index].item()!r})")
 
 
 def _pad(arrays, lengths, dtype):

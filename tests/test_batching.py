@@ -4,6 +4,7 @@ metrics) and iterables of batches (generators, steps_per_epoch).
 
 The oracle for ragged batches is each sequence run alone, unpadded.
 """
+import re
 import warnings
 
 import numpy as np
@@ -146,6 +147,37 @@ def test_pad():
         batching.pad([np.ones((3, 2)), np.ones((2, 3))])
     with pytest.raises(TypeError, match=r"pad: sequences must be a list of arrays"):
         batching.pad(np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("values, dtype, shown", [
+    ([300, 1], "int8", "is 300, which dtype int8 cannot hold (it would become 44)"),
+    ([-1], "uint8", "is -1, which dtype uint8 cannot hold (it would become 255)"),
+    ([1.5], "int32", "is 1.5, which dtype int32 cannot hold (it would become 1)"),
+    ([float("nan")], "int64", "is nan, which dtype int64 cannot hold"),
+    ([2**24 + 1], "float32", "is 16777217, which dtype float32 cannot hold "
+                             "(it would become 16777216.0)"),
+    ([1e300], "float32", "is 1e+300, which dtype float32 cannot hold (it would become inf)"),
+    ([2], "bool", "is 2, which dtype bool cannot hold (it would become True)"),
+])
+def test_pad_refuses_a_value_its_dtype_would_change(values, dtype, shown):
+    """pad(dtype=...) cast silently (as Keras' pad_sequences): int8 ids
+    wrapped, a fraction truncated, an id from 2**24 on became its float32
+    neighbour. [failed before: the changed values were returned]"""
+    with pytest.raises(ValueError, match=r"pad: sequences\[1\]\[0\] " + re.escape(shown)):
+        batching.pad([np.array([1] * len(values)), np.array(values)], dtype)
+
+
+def test_pad_keeps_what_its_dtype_holds():
+    """Rounding to a narrower float is what asking for it means; inf and
+    NaN stay; integral floats become integers."""
+    padded, _ = batching.pad([np.array([0.1, np.inf, np.nan]), np.array([1e-50])], "float32")
+    assert padded.dtype == np.float32
+    np.testing.assert_array_equal(padded, [[np.float32(0.1), np.inf, np.nan], [0, 0, 0]])
+    padded, _ = batching.pad([np.array([3.0, -4.0]), np.array([127], np.int64)], "int8")
+    assert padded.dtype == np.int8 and padded.tolist() == [[3, -4], [127, 0]]
+    for dtype in ("U5", object, "nonsense"):
+        with pytest.raises(TypeError, match=r"pad: dtype must be a real number or bool type"):
+            batching.pad([np.ones(2)], dtype)
 
 
 def test_ragged_errors():
