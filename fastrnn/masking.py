@@ -314,8 +314,17 @@ def carries_steps(layer: Any, carried: bool) -> bool:
     LastStep takes each row's last kept step. So does a layer reversed in
     the input's order (``Reversed(keep_order=True)``), whose masked steps
     after the last kept one hold what it computed before reading any (it
-    read them first): its step T - 1 of a padded row was zeros."""
+    read them first): its step T - 1 of a padded row was zeros. So does a
+    bidirectional layer (not zeroed by ZeroMasked): its reverse half at step
+    T - 1 of a padded row holds that direction's state before it read
+    anything, where a row as long as the batch holds its state after one
+    step (a sequence's result depended on the padding the batch gave it);
+    each row's last kept step is the step ``lengths[b] - 1`` a ragged batch
+    takes."""
     if getattr(layer, "_makes_mask", False) or _reverses(layer, in_order=True):
+        return False
+    from fastrnn.layers import _RNNBase
+    if isinstance(layer, _RNNBase) and layer._config["bidirectional"]:
         return False
     return carried or isinstance(layer, _recurrent_kinds())
 

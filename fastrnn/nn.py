@@ -286,7 +286,9 @@ class LastStep(_Stateless):
     taken (the step ``lengths[b] - 1``), not the padding after it; under a
     mask (``Masking``, ``Embedding(mask_zero=True)``), each row's last kept
     step (and the reverse half at its first kept step), a row with none kept
-    giving its step T - 1 (and 0) as without a mask.
+    giving its step T - 1 (and 0) as without a mask; after ``ZeroMasked``
+    (Keras' ``zero_output_for_mask``, whose last output is the zeroed step
+    T - 1), step T - 1.
     """
 
     _takes_mask = True
