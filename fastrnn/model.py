@@ -616,10 +616,16 @@ class Sequential:
             # the gradient of the data, which nothing reads: not computed
             with input_grads(k > first):
                 grad = backprops[k](grad)
-        if self.clip_grad_norm is not None:
-            clip_grad_norm(self, self.clip_grad_norm)
-        if self.clip_grad_value is not None:
-            clip_grad_value(self, self.clip_grad_value)
+        if self.clip_grad_norm is not None or self.clip_grad_value is not None:
+            # the layers the optimizer trains: a frozen layer's gradients
+            # (computed all the same) counted in the norm and shrank the
+            # others' steps (PyTorch and Keras clip the trained ones only)
+            held = [m for m in self._modules_with_parameters()
+                    if any(m is o for o in self.optimizer._modules)]
+            if held and self.clip_grad_norm is not None:
+                clip_grad_norm(held, self.clip_grad_norm)
+            if held and self.clip_grad_value is not None:
+                clip_grad_value(held, self.clip_grad_value)
         if type(self.optimizer).step is optim_module.Optimizer.step:
             self.optimizer._step(self._modules_with_parameters())
         else:   # a subclass's own step, called as it is
@@ -840,7 +846,8 @@ class Sequential:
             iterable of batches; overrides validation_split. Arrays are
             validated in batches of ``batch_size`` when the loss's reduction
             is 'sum' (Keras' rule: the value depends on them, and val_loss then
-            compares with loss), else of at least 256 (the same value); a
+            compares with loss) or ``validation_steps`` is given (which counts
+            them, as Keras'), else of at least 256 (the same value); a
             model with a ``Stateful`` layer in the batch size it takes (fit
             refuses, before its first step, training or validation arrays that
             would give a batch of another size). An iterable that starts
@@ -975,8 +982,10 @@ class Sequential:
         # Keras validates in batches of batch_size; a 'sum' loss's value (the
         # batches' sums averaged) depends on them, so it does too (then val_loss
         # and loss compare); a 'mean' one does not, and larger batches run
-        # faster (a Stateful layer takes its own size: set at validation)
-        val_batch_size = batch_size if reduction == "sum" else max(batch_size, 256)
+        # faster (a Stateful layer takes its own size: set at validation);
+        # validation_steps counts batches of batch_size (Keras' rule)
+        val_batch_size = (batch_size if reduction == "sum" or validation_steps is not None
+                          else max(batch_size, 256))
         self.stop_training = False
         callbacks.set_model()
         callbacks.train_begin()

@@ -635,6 +635,53 @@ def test_fit_trains_with_an_optimizer_set_after_compile():
         model.fit(x, y, verbose=0)
 
 
+@pytest.mark.parametrize("clip", [{"clip_grad_norm": 0.01}, {"clip_grad_value": 1e-3}])
+def test_clipping_counts_only_the_layers_the_optimizer_trains(clip):
+    """With the body frozen (an optimizer of the head alone), clipping by
+    norm counted the body's gradients in the global norm, which shrank the
+    head's step (0.009537 instead of 0.01 here), silently; PyTorch clips the
+    trained parameters only. The head's step now equals that of a model of
+    the head alone on the body's outputs. [failed before, by norm: 1.8e-4 off; by value
+    it held already]"""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 5, 3))
+    y = rng.standard_normal((8, 2))
+    body = fastrnn.LSTM(3, 5, batch_first=True, dtype="float64", seed=0)
+    head = fastrnn.Linear(5, 2, dtype="float64", seed=1)
+    model = fastrnn.Sequential([body, fastrnn.LastStep(), head])
+    model.compile("mse", "sgd", **clip)
+    model.optimizer = fastrnn.optim.SGD(head, lr=1.0)
+    features = model[:2].predict(x)
+    alone = fastrnn.Sequential([fastrnn.Linear(5, 2, dtype="float64", seed=1)])
+    alone.compile("mse", fastrnn.optim.SGD(alone, lr=1.0), **clip)
+    body_before = body.state_dict()
+    with pytest.warns(UserWarning, match="frozen"):
+        model.train_step(x, y)
+    alone.train_step(features, y)
+    assert _same_state_dict(body.state_dict(), body_before)
+    np.testing.assert_allclose(head.weight, alone[0].weight, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(head.bias, alone[0].bias, rtol=0, atol=1e-15)
+
+
+def test_validation_steps_counts_batches_of_batch_size():
+    """fit validated arrays in batches of at least 256 under a 'mean' loss,
+    so validation_steps=2 at batch_size=8 covered all 40 samples where
+    Keras (and fastrnn's own evaluate(batch_size=8, steps=2)) takes the
+    first 16. [failed before: val_loss over all 40]"""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 4)), rng.standard_normal((16, 2))
+    vx, vy = rng.standard_normal((40, 4)), rng.standard_normal((40, 2))
+    model = fastrnn.Sequential([fastrnn.Linear(4, 2, dtype="float64", seed=0)])
+    model.compile("mse", fastrnn.optim.SGD(model, lr=0.0))
+    history = model.fit(x, y, batch_size=8, validation_data=(vx, vy), validation_steps=2,
+                        verbose=0)
+    first = model.evaluate(vx[:16], vy[:16])
+    assert first != model.evaluate(vx, vy)
+    np.testing.assert_allclose(history.history["val_loss"], [first], rtol=1e-14)
+    np.testing.assert_allclose(model.evaluate(vx, vy, batch_size=8, steps=2), first,
+                               rtol=1e-14)
+
+
 def test_fit_warns_of_layers_its_optimizer_does_not_hold():
     """A layer put into a compiled model (``layers[i] = new``) took gradients
     but was never stepped, silently: fit and train_step now warn, naming it,
