@@ -981,9 +981,9 @@ class RecurrentEngine(RecurrentWeights):
             c_t = saves.acts[:, d * S + 4 * H:d * S + 5 * H]
             block = dgx[:, d * G:(d + 1) * G]
             out = dpeep[d * 3 * H:(d + 1) * 3 * H]
-            out[:H] += np.einsum("rh,rh->h", block[:, :H], c_prev)
-            out[H:2 * H] += np.einsum("rh,rh->h", block[:, H:2 * H], c_prev)
-            out[2 * H:] += np.einsum("rh,rh->h", block[:, 3 * H:], c_t)
+            out[:H] += _parallel.column_sums(block[:, :H], c_prev)
+            out[H:2 * H] += _parallel.column_sums(block[:, H:2 * H], c_prev)
+            out[2 * H:] += _parallel.column_sums(block[:, 3 * H:], c_t)
 
 
 class Backprop:

@@ -216,24 +216,24 @@ def bptt(module, tape, T, B, dout, dh, dc, input_grad=True):
                          packed=None if packed is None else packed[k][0])
             # the sums over rows: each side's output gradient is that of its LN
             # bias and of its bias (LSTM: both sides have the same one)
-            sum_x = dpre_x.sum(axis=0)
-            sum_h = sum_x if lstm else dpre_h.sum(axis=0)
+            sum_x = _parallel.column_sums(dpre_x)
+            sum_h = sum_x if lstm else _parallel.column_sums(dpre_h)
             dpre_hh = dpre_x if lstm else dpre_h
             dln = sums[4][k]
             for d in range(dirs):
                 block = slice(d * GH, (d + 1) * GH)
                 base = d * P
-                dln[base:base + GH] += np.einsum("rj,rj->j", dpre_x[:, block],
-                                                 saves.ahat[:, block])
+                dln[base:base + GH] += _parallel.column_sums(dpre_x[:, block],
+                                                             saves.ahat[:, block])
                 dln[base + GH:base + 2 * GH] += sum_x[block]
-                dln[base + 2 * GH:base + 3 * GH] += np.einsum("rj,rj->j", dpre_hh[:, block],
-                                                              saves.hhat[:, block])
+                dln[base + 2 * GH:base + 3 * GH] += _parallel.column_sums(
+                    dpre_hh[:, block], saves.hhat[:, block])
                 dln[base + 3 * GH:base + 4 * GH] += sum_h[block]
                 if lstm:
                     cells = dlnc[:, d * H:(d + 1) * H]
                     chat = saves.acts[:, d * A + 5 * H:d * A + 6 * H]
-                    dln[base + 4 * GH:base + 4 * GH + H] += np.einsum("rj,rj->j", cells, chat)
-                    dln[base + 4 * GH + H:base + P] += cells.sum(axis=0)
+                    dln[base + 4 * GH:base + 4 * GH + H] += _parallel.column_sums(cells, chat)
+                    dln[base + 4 * GH + H:base + P] += _parallel.column_sums(cells)
             if sums[2][k] is not None:
                 sums[2][k] += sum_x
                 sums[3][k] += sum_h

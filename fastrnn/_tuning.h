@@ -88,6 +88,16 @@
  * packed activations (256 x D floats) stay in L2 while every tile of the
  * block reads them. */
 #define FASTRNN_WEIGHT_BLOCK_ROWS 256
+/* Rows of one group of the float32 weight gradients' sums over rows: each
+ * element's chain of float32 additions runs over a group's rows, and the
+ * groups' totals are added after (the first group's chain starts from the
+ * gradient itself). One chain over all T * B rows lost precision in
+ * proportion to them, and a sum of equal terms stopped growing at 2^24 of
+ * them (a bias gradient of 25.2 M rows of 1 was 16 777 216); with groups
+ * the error grows with the group's length plus the groups' count. 16
+ * blocks: the added pass over the group's gradient columns costs one
+ * multiply-add per 4096 a weight. */
+#define FASTRNN_WEIGHT_GROUP_ROWS (16 * FASTRNN_WEIGHT_BLOCK_ROWS)
 /* Rows of dG^T (gate columns) that one pass over every panel of a block
  * multiplies (_microkernel.pxd: packed_product_by_rows): 48 x 256 floats, 48
  * KB, stay in L1 and L2 while the panels pass; 48 = 8 tiles of 6 rows

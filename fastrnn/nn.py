@@ -154,7 +154,7 @@ class Linear(Module):
             with self._grad_lock:
                 np.add(self._grads["weight"], weight_grad, out=self._grads["weight"])
                 if "bias" in self._grads:
-                    np.add(self._grads["bias"], dy2.sum(axis=0), out=self._grads["bias"])
+                    np.add(self._grads["bias"], _parallel.column_sums(dy2), out=self._grads["bias"])
                 self._grads_zeroed = False
             return _parallel.matmul(dy2, params.views["weight"]).reshape(
                 dy.shape[:-1] + (params.views["weight"].shape[1],))

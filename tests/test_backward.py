@@ -396,3 +396,59 @@ def test_relu_module_passes_the_gradient_at_nan():
     relu = fastrnn.ReLU()
     _, backprop = relu._seq_train(np.array([[np.nan, 2.0, -1.0, 0.0]]))
     np.testing.assert_array_equal(backprop(np.ones((1, 4))), [[1.0, 1.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("RNN", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTM", {}),
+    ("LSTM", {"bidirectional": True}), ("LSTM", {"peepholes": True}), ("Linear", {})])
+def test_float32_gradient_sums_over_many_rows_keep_their_precision(kind, options):
+    """The weight and bias gradients are sums over T * B rows. They ran as one
+    float32 chain each (in the kernels, and numpy's along axis 0 in Python:
+    Linear's bias, layer norm's and the peepholes' sums), whose error grew
+    with the rows (at 4.2 M rows up to 7e-3 of the gradient; a bias
+    gradient of 2**25 rows of 1 stopped at 2**24). Each chain now runs over
+    a group of rows and the groups' totals are added: at most 4e-7 here
+    (torch ~1e-7). [failed before: 1e-5 to 2.5e-5 at these 2**19 rows]"""
+    rng = np.random.default_rng(0)
+    T, B, H = 4, 2**17, 4
+    x = rng.uniform(-1, 1, (T, B, H)).astype(np.float32)
+    dy = (rng.uniform(0, 2, (T, B, 2 * H if options.get("bidirectional") else H))
+          / (T * B)).astype(np.float32)
+    grads, state = {}, None
+    for dtype in ("float32", "float64"):   # float64 on float32's weights: the oracle
+        if kind == "Linear":
+            layer = fastrnn.Linear(H, H, dtype=dtype, seed=1)
+        else:
+            layer = getattr(fastrnn, kind)(H, H, dtype=dtype, seed=1, **options)
+        if state is None:
+            state = layer.state_dict()
+        else:
+            layer.load_state_dict({k: w.astype(np.float64) for k, w in state.items()})
+        if kind == "Linear":   # (a Sequential's per-step Linear)
+            _, backprop = layer._seq_train(x.astype(dtype))
+        else:
+            _, backprop = layer.forward_train(x.astype(dtype))
+        backprop(dy.astype(dtype))
+        grads[dtype] = layer.grads
+    for name, exact in grads["float64"].items():
+        error = np.abs(grads["float32"][name] - exact).max() / np.abs(exact).max()
+        assert error < 2e-6, (name, error)
+
+
+def test_column_sums_keep_their_precision_over_many_rows():
+    """_parallel.column_sums, the sums over rows computed in Python (layer
+    norm's and the peepholes' gradients, Linear's bias): numpy's float32
+    sum along axis 0 is one chain a column (2**25 ones summed to 2**24).
+    [numpy's sums: 2**24, and 6e-6 and 2e-4 off]"""
+    from fastrnn import _parallel
+    ones = np.ones((2**25, 2), np.float32)
+    assert _parallel.column_sums(ones).tolist() == [2**25, 2**25]
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, (2**20, 3)).astype(np.float32)
+    b = rng.uniform(0, 1, (2**20, 3)).astype(np.float32)
+    exact = a.astype(np.float64).sum(axis=0)
+    assert np.abs(_parallel.column_sums(a) - exact).max() / exact.max() < 1e-6
+    exact = (a.astype(np.float64) * b).sum(axis=0)
+    assert np.abs(_parallel.column_sums(a, b) - exact).max() / exact.max() < 1e-6
+    small = a[:1000]   # one group: numpy's own sums, bit for bit
+    np.testing.assert_array_equal(_parallel.column_sums(small), small.sum(axis=0))
