@@ -751,3 +751,21 @@ def test_a_plan_is_built_for_the_thread_count_of_its_key(monkeypatch):
         assert len(plan.parts) == 2
     finally:
         _plan._plans.clear()   # (none kept of the patched count)
+
+
+@pytest.mark.parametrize("dtype, train, options, detour", [
+    ("float32", False, {}, False), ("float32", False, {"bidirectional": True}, False),
+    ("float64", False, {}, True), ("float32", True, {}, True),
+    ("float32", False, {"layer_norm": True}, True), ("float32", False, {"proj_size": 4}, True)])
+def test_a_batch_first_call_beyond_blas_int_runs_time_major_only_for_blas(dtype, train,
+                                                                          options, detour):
+    """A batch-first call with T * N > 2**31 - 1 ran time-major (copies of x
+    and of the output) for BLAS' int leading dimension, also as a plain
+    float32 inference, whose products are the micro-kernel's with
+    Py_ssize_t strides: twice the memory and the time (LSTM 1->16 at B=2,
+    T=2**25: 8.3 GiB and 27 s against 4.3 GiB and 14 s time-major).
+    [failed before: time-major for float32 inference]"""
+    layer = fastrnn.LSTM(1, 16, batch_first=True, dtype=dtype, **options)
+    T = 2**31 // (layer._dirs * 64) + 1
+    plan = _plan.forward_plan(layer, T, 2, batch_first=True, train=train, has_lengths=False)
+    assert plan.time_major is detour
