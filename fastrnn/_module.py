@@ -318,7 +318,27 @@ def _refuse_quantized_entry(owner, state_dict, name):
                     f"as values with astype(np.float32)")
 
 
-def _check_parameter_memory(owner, nbytes, config):
+# values drawn at a time for a parameter's initial values (fill_drawn)
+DRAW_CHUNK = 1 << 20
+
+
+def fill_drawn(out, draw):
+    """Fill ``out`` with ``draw(n)`` (float64 values), DRAW_CHUNK at a time:
+    the values one draw of out.size would give (a Generator's uniform and
+    standard_normal take their stream value by value), without that whole
+    float64 draw, which made a float32 layer's construction hold three
+    times its parameters' bytes at once."""
+    flat = out.reshape(-1)
+    if not np.shares_memory(flat, out):   # (not contiguous: one draw)
+        out[...] = draw(out.size).reshape(out.shape)
+        return out
+    for start in range(0, flat.size, DRAW_CHUNK):
+        stop = min(flat.size, start + DRAW_CHUNK)
+        flat[start:stop] = draw(stop - start)
+    return out
+
+
+def check_parameter_memory(owner, nbytes, config):
     """A MemoryError, before anything is allocated, for parameters that with
     their gradients (2 x ``nbytes``) exceed this machine's memory. Each
     storage alone would be allocated (many small ones succeed one by one
@@ -632,7 +652,7 @@ class RecurrentWeights(Module):
         GH = gates * hidden_size
         # the width of the state h and of each direction's output
         self._out_size = out = proj_size or hidden_size
-        _check_parameter_memory(owner, np.dtype(dtype).itemsize * dirs * (
+        check_parameter_memory(owner, np.dtype(dtype).itemsize * dirs * (
             GH * (input_size + out + 2) + (layers - 1) * GH * (dirs * out + out + 2)
             + (layers * out * hidden_size if proj_size else 0)),
             [("input_size", input_size), ("hidden_size", hidden_size)]
@@ -699,7 +719,7 @@ class RecurrentWeights(Module):
         bound = 1.0 / np.sqrt(hidden_size)
         for i, rows in () if filled_later() else self._names.values():
             part = self._draft[i][rows]
-            part[...] = rng.uniform(-bound, bound, size=part.shape)
+            fill_drawn(part, lambda n: rng.uniform(-bound, bound, size=n))
         # but layer norm's gains start at 1 and its biases at 0 (nn.LayerNorm's)
         for k in range(0 if filled_later() else len(self._ln_index)):
             for d in range(dirs):

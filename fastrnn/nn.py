@@ -11,6 +11,7 @@ batch-first, (B, T, features).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -22,7 +23,8 @@ from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import Module, call_parameters, dropout_mask, filled_later
+from fastrnn._module import (Module, call_parameters, check_parameter_memory, dropout_mask,
+                             fill_drawn, filled_later)
 from fastrnn.masking import flip_index
 from fastrnn._validation import shape_str
 
@@ -70,11 +72,15 @@ class Linear(Module):
         shapes = {"weight": (cfg["out_features"], cfg["in_features"])}
         if cfg["bias"]:
             shapes["bias"] = (cfg["out_features"],)
+        check_parameter_memory("Linear", cfg["dtype"].itemsize * sum(
+            math.prod(shape) for shape in shapes.values()),
+            [("in_features", cfg["in_features"]), ("out_features", cfg["out_features"])])
         grads = {}
         for name, shape in shapes.items():
             grads[name] = np.zeros(shape, cfg["dtype"])
-            storage = (np.zeros(shape, cfg["dtype"]) if filled_later() else
-                       rng.uniform(-bound, bound, size=shape).astype(cfg["dtype"]))
+            storage = np.zeros(shape, cfg["dtype"])
+            if not filled_later():
+                fill_drawn(storage, lambda n: rng.uniform(-bound, bound, size=n))
             self._register(name, self._add_storage(storage, grads[name]))
         self._seal_parameters()
         self._grads = MappingProxyType(grads)
@@ -403,9 +409,13 @@ class Embedding(Module):
         cfg["dtype"] = v.check_dtype("Embedding", dtype)
         rng = v.check_seed("Embedding", seed)
         shape = (n, cfg["embedding_dim"])
+        check_parameter_memory("Embedding", cfg["dtype"].itemsize * n * cfg["embedding_dim"],
+                               [("num_embeddings", n),
+                                ("embedding_dim", cfg["embedding_dim"])])
         grad = np.zeros(shape, cfg["dtype"])
-        table = (np.zeros(shape, cfg["dtype"]) if filled_later() else
-                 rng.standard_normal(shape).astype(cfg["dtype"]))
+        table = np.zeros(shape, cfg["dtype"])
+        if not filled_later():
+            fill_drawn(table, lambda count: rng.standard_normal(count))
         if padding_idx is not None:
             table[padding_idx] = 0
         self._register("weight", self._add_storage(table, grad))

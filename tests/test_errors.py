@@ -133,6 +133,41 @@ def test_cells_beyond_memory_are_refused_before_allocating(cls):
         cls(16, 3 * 10**6)
 
 
+def test_linear_and_embedding_beyond_memory_are_refused_before_allocating():
+    """Linear and Embedding had no parameter check: one beyond the machine's
+    memory failed in numpy ("Unable to allocate ... float64", the initial
+    draw's) or, near the bound, touched more than the machine has."""
+    import os
+    if not hasattr(os, "sysconf"):
+        pytest.skip("no sysconf: the check needs the machine's memory")
+    with pytest.raises(MemoryError, match=r"Linear\(in_features=1000000, out_features=1000000\): "
+                                          r"its parameters and their gradients need"):
+        fastrnn.Linear(10**6, 10**6)
+    with pytest.raises(MemoryError, match=r"Embedding\(num_embeddings=1000000000, "
+                                          r"embedding_dim=1000\): its parameters"):
+        fastrnn.Embedding(10**9, 1000)
+
+
+@pytest.mark.parametrize("make", [lambda: fastrnn.RNN(2**21, 8, seed=0),
+                                  lambda: fastrnn.Linear(2**21, 8, seed=0),
+                                  lambda: fastrnn.Embedding(2**21, 8, seed=0)])
+def test_construction_holds_about_its_parameters_and_gradients(make):
+    """The initial values were drawn in float64 whole, then cast: a float32
+    layer's construction held three times its parameters' bytes beside its
+    gradients (1 GiB of parameters: +3 GiB), so a layer the memory check
+    admitted could exhaust the machine. They are drawn a chunk at a time
+    now, the same values. [failed before: peak 4x the parameters]"""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        layer = make()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    params = sum(w.nbytes for w in layer.state_dict().values())
+    assert peak < 2 * params + 16 * 2**20, (peak, params)
+
+
 @pytest.mark.parametrize("cls", [RNN, RNNCell])
 @pytest.mark.parametrize("value", ["gelu", "TANH ", ""])
 def test_bad_nonlinearity(cls, value):
