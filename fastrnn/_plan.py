@@ -417,11 +417,10 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
     # a batch-first call whose per-step BLAS product would need a leading
     # dimension T * N beyond BLAS' int runs time-major (copies of x and the
     # output): not a plain float32 inference, whose products are the
-    # micro-kernel's, with Py_ssize_t strides (the detour doubled its
-    # memory and time: LSTM 1->16 B=2 T=2**25, 8.3 GiB and 27 s against 4.3
-    # and 14 time-major)
-    blas_products = (dtype != np.float32 or train or layer_norm or layer._general_only
-                     or bool(layer._proj_index))
+    # micro-kernel's, with Py_ssize_t strides (the detour doubled its memory
+    # and time: LSTM 1->16 B=2 T=2**25, 8.3 GiB and 27 s with it, 4.3 GiB and
+    # 17 s without; _general_only covers layer norm and projections)
+    blas_products = dtype != np.float32 or train or layer._general_only
     time_major = bool(batch_first and B > 1 and T * N > v.BLAS_INT_MAX and blas_products)
     window = window_steps(B, N, dtype)
     if train or T <= window or (dirs != 1 and not _windows_both_directions(layer, T * B * N)):

@@ -187,8 +187,8 @@ def bptt(module, tape, T, B, dout, dh, dc, input_grad=True):
                                    db_hh=sums[3][k], max_rows=v.BLAS_INT_MAX,
                                    packed=activations)
             for d in range(dirs):   # dW_hr: the sums over rows of dh_t^T m_t
-                sums[4][k][d * P:(d + 1) * P] += _parallel.matmul(
-                    dhr[:, d * P:(d + 1) * P].T, saves.m[:, d * H:(d + 1) * H])
+                sums[4][k][d * P:(d + 1) * P] += _parallel.row_products(
+                    dhr[:, d * P:(d + 1) * P], saves.m[:, d * H:(d + 1) * H])
             if k == 0 and not input_grad:   # (see _engine.input_grads)
                 dout = None
                 continue

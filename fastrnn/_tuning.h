@@ -88,7 +88,8 @@
  * packed activations (256 x D floats) stay in L2 while every tile of the
  * block reads them. */
 #define FASTRNN_WEIGHT_BLOCK_ROWS 256
-/* Rows of one group of the float32 weight gradients' sums over rows: each
+/* Rows of one group of the float32 weight gradients' sums over rows (float64
+ * sums run one chain over every row): each
  * element's chain of float32 additions runs over a group's rows, and the
  * groups' totals are added after (the first group's chain starts from the
  * gradient itself). One chain over all T * B rows lost precision in

@@ -103,11 +103,16 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
         dtype = np.dtype(dtype)
     except (TypeError, ValueError):
         dtype = None
-    if dtype is None or dtype.kind not in "biuf":
+    if dtype is None or not (dtype.kind in "biuf" or _ml_float(dtype)):
         raise TypeError(f"pad: dtype must be a real number or bool type, got {given!r}")
     for i, a in enumerate(arrays):
         _check_cast(a, dtype, f"sequences[{i}]")
     return _pad(arrays, lengths, dtype), lengths
+
+
+def _ml_float(dtype):
+    """Whether dtype is one of ml_dtypes' float types (bfloat16, float8_*)."""
+    return dtype.kind == "V" and dtype.type.__module__ == "ml_dtypes" and "float" in dtype.name
 
 
 def _check_cast(a, dtype, name):
@@ -117,14 +122,16 @@ def _check_cast(a, dtype, name):
     neighbouring embedding row), a finite float that overflows to inf. A
     float rounded to a narrower float is what asking for it means. (Keras'
     pad_sequences casts silently.)"""
+    floats = dtype.kind == "f" or _ml_float(dtype)
     with np.errstate(all="ignore"):
         cast = a.astype(dtype)
-    if dtype.kind == "f" and a.dtype.kind == "f":
-        bad = np.isinf(cast) & np.isfinite(a)
-    else:
-        with np.errstate(invalid="ignore"):
+        if floats and a.dtype.kind == "f":
+            bad = np.isinf(cast) & np.isfinite(a)
+        elif floats:   # integers: compared as integers (in float64 2**53 + 1
+                       # equals its rounding)
+            bad = ~np.isfinite(cast) | (cast.astype(a.dtype) != a)
+        else:
             bad = cast != a
-        bad &= ~(np.isnan(a) & np.isnan(cast)) if dtype.kind == "f" else True
     if bad.any():
         index = tuple(int(k) for k in np.argwhere(bad)[0])
         raise ValueError(f"pad: {name}{list(index)} is {a[index].item()!r}, which dtype "

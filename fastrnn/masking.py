@@ -303,7 +303,11 @@ def _masked_call(layer, x, hx, mask, zero_output, train):
 
 
 # --- Sequential: layers run on batch-first sequences with a mask ---------------------
-def carries_steps(layer: Any, carried: bool) -> bool:
+# carries_steps' third state: after a bidirectional layer
+BIDIRECTIONAL = "bidirectional"
+
+
+def carries_steps(layer: Any, carried: bool | str) -> bool | str:
     """Whether, after ``layer``, the masked steps of a sequence hold the
     values of the step kept before them, or Keras' zeros there
     (``carried``: they did before it): a recurrent layer repeats its last
@@ -314,19 +318,27 @@ def carries_steps(layer: Any, carried: bool) -> bool:
     LastStep takes each row's last kept step. So does a layer reversed in
     the input's order (``Reversed(keep_order=True)``), whose masked steps
     after the last kept one hold what it computed before reading any (it
-    read them first): its step T - 1 of a padded row was zeros. So does a
-    bidirectional layer (not zeroed by ZeroMasked): its reverse half at step
-    T - 1 of a padded row holds that direction's state before it read
-    anything, where a row as long as the batch holds its state after one
-    step (a sequence's result depended on the padding the batch gave it);
-    each row's last kept step is the step ``lengths[b] - 1`` a ragged batch
-    takes."""
+    read them first): its step T - 1 of a padded row was zeros. After a
+    bidirectional layer (BIDIRECTIONAL) a LastStep takes each row's last
+    kept step too, the step ``lengths[b] - 1`` a ragged batch takes: the
+    reverse half of a padded row's step T - 1 holds that direction's state
+    before it read anything, where a row as long as the batch holds its
+    state after one step (a sequence's result depended on the padding the
+    batch gave it); a ZeroMasked after it zeroes both halves, and Keras'
+    rule (step T - 1) holds again."""
+    from fastrnn.nn import ZeroMasked   # (imports this module)
     if getattr(layer, "_makes_mask", False) or _reverses(layer, in_order=True):
         return False
-    from fastrnn.layers import _RNNBase
-    if isinstance(layer, _RNNBase) and layer._config["bidirectional"]:
-        return False
-    return carried or isinstance(layer, _recurrent_kinds())
+    if isinstance(layer, ZeroMasked) and not layer._config["reverse"]:
+        return True if carried == BIDIRECTIONAL else carried
+    rnn_base, wrapper = _recurrent_kinds()
+    if isinstance(layer, (rnn_base, wrapper)):
+        from fastrnn.wrappers import _recurrent
+        inner = _recurrent(layer) if isinstance(layer, wrapper) else layer
+        if inner._config["bidirectional"] and not _reverses(layer):
+            return BIDIRECTIONAL
+        return True
+    return carried
 
 
 def _reverses(layer: Any, in_order: bool = False) -> bool:
@@ -339,13 +351,13 @@ def _reverses(layer: Any, in_order: bool = False) -> bool:
                for w in _wrappers(layer))
 
 
-def mask_for(layer: Any, mask: np.ndarray | None, carried: bool) -> dict:
+def mask_for(layer: Any, mask: np.ndarray | None, carried: bool | str) -> dict:
     """The keyword arguments that give ``layer`` (not recurrent) the mask:
     to a layer that takes one, but a LastStep only where the masked steps
-    are not carried (``carries_steps``)."""
+    are not carried (``carries_steps``: True)."""
     if mask is None or not getattr(layer, "_takes_mask", False):
         return {}
-    if carried:
+    if carried is True:
         from fastrnn.nn import LastStep   # (not at every streamed frame: only here)
         if isinstance(layer, LastStep):
             return {}
@@ -367,7 +379,7 @@ def _recurrent_kinds():
 
 
 def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
-             carried: bool = False, given: np.ndarray | None = None,
+             carried: bool | str = False, given: np.ndarray | None = None,
              lengths: np.ndarray | None = None
              ) -> tuple[np.ndarray, Callable[..., Any] | None, np.ndarray | None]:
     """Run one layer of a Sequential on batch-first x with an optional mask.

@@ -478,7 +478,7 @@ class Sequential:
             gradient).
         clip_grad_norm, clip_grad_value : float >= 0, optional
             Clip the gradients by global norm and/or by value before each step
-            (inf: never clips).
+            (inf: never clips): those of the layers the optimizer trains.
         metrics : list, optional
             Computed per batch and epoch, shown by the progress bar and kept
             in ``History`` (``val_`` ones on validation data) and returned by

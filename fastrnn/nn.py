@@ -156,7 +156,7 @@ class Linear(Module):
             # took the core from fastrnn's (a per-step Linear(128, 10) after an
             # LSTM 64->128, B=32, T=100: a training step 35 ms, 15 with them
             # held; PyTorch 18)
-            weight_grad = _parallel.matmul(dy2.T, x2)
+            weight_grad = _parallel.row_products(dy2, x2)
             with self._grad_lock:
                 np.add(self._grads["weight"], weight_grad, out=self._grads["weight"])
                 if "bias" in self._grads:

@@ -25,6 +25,13 @@ from fastrnn.nn import Embedding, LastStep, ZeroMasked
 from fastrnn.wrappers import Reversed, Stateful, _recurrent, _Wrapper, _wrappers
 
 
+def _refuse_bidirectional(recurrent):
+    for layer in recurrent:
+        if layer.bidirectional:
+            raise ValueError(f"Stream: {layer!r} is bidirectional; its reverse direction "
+                             f"needs the whole sequence, so it cannot stream")
+
+
 class Stream(CallLock):
     """Stateful inference over a stream.
 
@@ -69,6 +76,7 @@ class Stream(CallLock):
     def __init__(self, model: RNN | GRU | LSTM | Stateful | Sequential) -> None:
         if isinstance(model, (_RNNBase, _Wrapper)):
             recurrent = [_streamed(model)]
+            _refuse_bidirectional(recurrent)
         elif isinstance(model, Sequential):
             recurrent = [_streamed(layer) for layer in model.layers
                          if isinstance(layer, (_RNNBase, _Wrapper))]
@@ -80,6 +88,7 @@ class Stream(CallLock):
             # per layer: whether a mask's steps are carried at its input
             # (masking.carries_steps), the same at every frame
             steps_carried, carried, masked = [], False, False
+            _refuse_bidirectional(recurrent)   # (before the masks' reasons)
             for layer in model.layers:
                 if isinstance(layer, ZeroMasked) and layer._config["reverse"]:
                     raise ValueError(
@@ -97,10 +106,6 @@ class Stream(CallLock):
         else:
             raise TypeError(f"Stream: expected an RNN, GRU, LSTM, Stateful or Sequential, "
                             f"got {type(model).__name__}")
-        for layer in recurrent:
-            if layer.bidirectional:
-                raise ValueError(f"Stream: {layer!r} is bidirectional; its reverse direction "
-                                 f"needs the whole sequence, so it cannot stream")
         self.model = model
         # a Sequential's layers as made, and each wrapper's layer (``stateful.layer =
         # other`` is allowed): a model changed since is refused at a call

@@ -400,7 +400,8 @@ def test_relu_module_passes_the_gradient_at_nan():
 
 @pytest.mark.parametrize("kind, options", [
     ("RNN", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("LSTM", {}),
-    ("LSTM", {"bidirectional": True}), ("LSTM", {"peepholes": True}), ("Linear", {})])
+    ("LSTM", {"bidirectional": True}), ("LSTM", {"peepholes": True}),
+    ("LSTM", {"proj_size": 3}), ("Linear", {})])
 def test_float32_gradient_sums_over_many_rows_keep_their_precision(kind, options):
     """The weight and bias gradients are sums over T * B rows. They ran as one
     float32 chain each (in the kernels, and numpy's along axis 0 in Python:
@@ -412,8 +413,8 @@ def test_float32_gradient_sums_over_many_rows_keep_their_precision(kind, options
     rng = np.random.default_rng(0)
     T, B, H = 4, 2**17, 4
     x = rng.uniform(-1, 1, (T, B, H)).astype(np.float32)
-    dy = (rng.uniform(0, 2, (T, B, 2 * H if options.get("bidirectional") else H))
-          / (T * B)).astype(np.float32)
+    out = options.get("proj_size", H) * (2 if options.get("bidirectional") else 1)
+    dy = (rng.uniform(0, 2, (T, B, out)) / (T * B)).astype(np.float32)
     grads, state = {}, None
     for dtype in ("float32", "float64"):   # float64 on float32's weights: the oracle
         if kind == "Linear":
@@ -436,10 +437,11 @@ def test_float32_gradient_sums_over_many_rows_keep_their_precision(kind, options
 
 
 def test_column_sums_keep_their_precision_over_many_rows():
-    """_parallel.column_sums, the sums over rows computed in Python (layer
-    norm's and the peepholes' gradients, Linear's bias): numpy's float32
-    sum along axis 0 is one chain a column (2**25 ones summed to 2**24).
-    [numpy's sums: 2**24, and 6e-6 and 2e-4 off]"""
+    """_parallel.column_sums and row_products, the sums over rows computed in
+    Python (layer norm's and the peepholes' gradients, Linear's and a
+    projection's): numpy's float32 sum along axis 0 is one chain a column
+    (2**25 ones summed to 2**24). [numpy's sums: 2**24, and 6e-6 and 2e-4
+    off]"""
     from fastrnn import _parallel
     ones = np.ones((2**25, 2), np.float32)
     assert _parallel.column_sums(ones).tolist() == [2**25, 2**25]
@@ -450,5 +452,5 @@ def test_column_sums_keep_their_precision_over_many_rows():
     assert np.abs(_parallel.column_sums(a) - exact).max() / exact.max() < 1e-6
     exact = (a.astype(np.float64) * b).sum(axis=0)
     assert np.abs(_parallel.column_sums(a, b) - exact).max() / exact.max() < 1e-6
-    small = a[:1000]   # one group: numpy's own sums, bit for bit
-    np.testing.assert_array_equal(_parallel.column_sums(small), small.sum(axis=0))
+    exact = a.astype(np.float64).T @ b
+    assert np.abs(_parallel.row_products(a, b) - exact).max() / exact.max() < 1e-6

@@ -157,6 +157,8 @@ def test_pad():
     ([2**24 + 1], "float32", "is 16777217, which dtype float32 cannot hold "
                              "(it would become 16777216.0)"),
     ([1e300], "float32", "is 1e+300, which dtype float32 cannot hold (it would become inf)"),
+    ([2**53 + 1], "float64", "is 9007199254740993, which dtype float64 cannot hold "
+                             "(it would become 9007199254740992.0)"),
     ([2], "bool", "is 2, which dtype bool cannot hold (it would become True)"),
 ])
 def test_pad_refuses_a_value_its_dtype_would_change(values, dtype, shown):
@@ -178,6 +180,18 @@ def test_pad_keeps_what_its_dtype_holds():
     for dtype in ("U5", object, "nonsense"):
         with pytest.raises(TypeError, match=r"pad: dtype must be a real number or bool type"):
             batching.pad([np.ones(2)], dtype)
+
+
+def test_pad_to_an_ml_dtypes_float():
+    """bfloat16 (ml_dtypes) is a float type as numpy's are: rounding kept,
+    overflow and rounded integers refused."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    padded, _ = batching.pad([np.array([3.0, 0.1]), np.array([256])], ml_dtypes.bfloat16)
+    assert padded.dtype == ml_dtypes.bfloat16
+    assert padded.astype(np.float32).tolist() == [[3.0, 0.10009765625], [256.0, 0.0]]
+    for values, shown in (([1e39], r"1e\+39"), ([257], "257")):
+        with pytest.raises(ValueError, match=rf"is {shown}, which dtype bfloat16 cannot hold"):
+            batching.pad([np.array(values)], ml_dtypes.bfloat16)
 
 
 def test_ragged_errors():
