@@ -481,16 +481,17 @@ class RecurrentEngine(RecurrentWeights):
         rows = T * B
         if not train and self._lends_buffers:
             _training_buffers.release(self)
+        units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
         if gx_buffer is not None:
             gx = gx_buffer[:rows]
         elif train:
             _training_buffers.new_step(self)
             gx = _training_buffers.get(self, (rows, dirs * self._gates * H), dtype)
-        else:
-            gx = np.empty((rows, dirs * self._gates * H), dtype)
+        else:   # (layers that all fold write B rows of pre-activations, no projection)
+            gx = np.empty((B if units is None and all(plan.fold) else rows,
+                           dirs * self._gates * H), dtype)
         gh = (np.empty((dirs, B * self._gates * H), dtype)
               if self._base_code == _forward.CELL_GRU else None)
-        units = plan.units if plan.units is not None and _plan.unit_split_allowed() else None
         layer_in = x.reshape(rows, -1)
         if train and lengths is not None:
             # padding never reaches results; zero it so that it cannot reach the
@@ -535,8 +536,10 @@ class RecurrentEngine(RecurrentWeights):
         packed = self._packed_folded(params)
         H = self._config["hidden_size"]
         widest = max(self._config["input_size"], self._dirs * H)
+        dtype = self._config["dtype"]
         return {"folded": [packed[k] if folds else None for k, folds in enumerate(fold)],
-                "xh": np.empty(self._dirs * B * (widest + H), self._config["dtype"])}
+                "xh": np.empty(self._dirs * B * (widest + H), dtype),
+                "folded_gx": np.empty((B, self._dirs * self._gates * H), dtype)}
 
     def _run_windows(self, params, x, T, B, batch_first, h_n, c_n, out, lengths, window):
         """Inference of a unidirectional stack over time windows, the state
@@ -582,7 +585,7 @@ class RecurrentEngine(RecurrentWeights):
         between = [np.empty((rows, dirs * H), dtype) for _ in range(min(2, self._layers - 1))]
         packed, packed_ih = self._packed_recurrent(params), self._packed_projection(params)
         w_ih_all, w_hh_all = self._weights(params)[:2]
-        folds, folded_gx = self._stack_folds(params, plan.fold, B), None
+        folds = self._stack_folds(params, plan.fold, B)
         # float64 batch-first: each part's window rows copied time-major (one
         # scratch for every layer, as wide as the widest input)
         xw = None if packed is not None or not batch_first else np.empty(
@@ -592,12 +595,11 @@ class RecurrentEngine(RecurrentWeights):
         for k, (bias_x, bias_h, w_hh_t) in enumerate(self._kernel_weights(params)):
             layer_out = out.reshape(rows, -1) if k == self._layers - 1 else between[k % 2]
             if plan.fold[k]:
-                if folded_gx is None:
-                    folded_gx = np.empty((rows, dirs * G * H), dtype)
                 _forward.recur(
                     cell=self._kernel_code, T=T, batch_first=batch_first, parts=plan.parts,
                     w_hh=w_hh_all[k], w_hh_t=w_hh_t, bias_h=bias_h, h=h_n[k * dirs:(k + 1) * dirs],
-                    c=c_n[k * dirs:(k + 1) * dirs], gx=folded_gx, gh=None, out=layer_out,
+                    c=c_n[k * dirs:(k + 1) * dirs], gx=folds["folded_gx"], gh=None,
+                    out=layer_out,
                     lengths=lengths, acts=acts, train=False, h_prev=None, c_prev=None,
                     blas_held=False, x=layer_in, folded=folds["folded"][k], bias_x=bias_x,
                     xh=folds["xh"][:dirs * B * (layer_in.shape[1] + H)])

@@ -610,13 +610,16 @@ def test_the_folded_kernel_refuses_what_it_cannot_fold():
         _forward.pack_folded(w_ih[:3 * H], w_hh[:3 * H], _forward.CELL_GRU, H, 1)
 
 
-def test_folded_steps_write_only_the_first_rows_of_their_own():
-    """A folded call's steps write their pre-activations to the first rows of
-    each part's own (one a batch row: in run_stack another part at another
-    layer may be using the rest), in either layout: batch-first, they went to
-    each row's first step, T rows apart, a page of memory each (a
-    bidirectional LSTM 200->100, B=16, T=2000 grew the resident set by 54 MiB
-    for its 24 MiB output, 24 since). The same numbers whatever the parts."""
+def test_folded_steps_write_only_their_batch_rows_of_gx():
+    """A folded call's steps write their pre-activations to gx's rows
+    [b_lo, b_hi) of each part, whatever the layout, so that a gx of B rows
+    will do: the whole-sequence (T * B, 8H) buffer a bidirectional LSTM that
+    folds had asked for (one row a batch row touched) made a call whose
+    output fits fail (T = 125 M at H = 8: "Unable to allocate 29.8 GiB",
+    the output 7.5 GiB). (Before: the first rows of each part's own, a page
+    apart batch-first, a page of memory each: a bidirectional LSTM 200->100,
+    B=16, T=2000 grew the resident set by 54 MiB for its 24 MiB output.)
+    The same numbers whatever the parts; fewer rows refused."""
     from fastrnn._engine import _forward
     H, D, B, T = 5, 3, 4, 7
     rng = np.random.default_rng(3)
@@ -625,26 +628,34 @@ def test_folded_steps_write_only_the_first_rows_of_their_own():
     w_hh = rng.standard_normal((2 * 4 * H, H)).astype(f32)
     folded = _forward.pack_folded(w_ih, w_hh, _forward.CELL_LSTM, H, 2)
     x = rng.standard_normal((T * B, D)).astype(f32)
+
+    def run(batch_first, parts, rows):
+        gx = np.full((rows, 2 * 4 * H), np.nan, f32)
+        out = np.zeros((T * B, 2 * H), f32)
+        h = np.zeros((2, B, H), f32)
+        c = np.zeros((2, B, H), f32)
+        _forward.recur(cell=_forward.CELL_LSTM, T=T, batch_first=batch_first,
+                       parts=parts, w_hh=w_hh, w_hh_t=np.ascontiguousarray(w_hh.T),
+                       bias_h=None, h=h, c=c, gx=gx, gh=None, out=out, lengths=None,
+                       acts=np.zeros((B, 2 * 5 * H), f32), train=False, h_prev=None,
+                       c_prev=None, blas_held=False, x=x, folded=folded,
+                       xh=np.zeros(2 * B * (D + H), f32))
+        return gx, (out, h, c)
+
     for batch_first in (True, False):
         results = []
         for parts in ([(0, 2, 0, B)], [(0, 1, 0, 1), (1, 2, 0, 1), (0, 2, 1, B)]):
-            gx = np.full((T * B, 2 * 4 * H), np.nan, f32)
-            out = np.zeros((T * B, 2 * H), f32)
-            h = np.zeros((2, B, H), f32)
-            c = np.zeros((2, B, H), f32)
-            _forward.recur(cell=_forward.CELL_LSTM, T=T, batch_first=batch_first,
-                           parts=parts, w_hh=w_hh, w_hh_t=np.ascontiguousarray(w_hh.T),
-                           bias_h=None, h=h, c=c, gx=gx, gh=None, out=out, lengths=None,
-                           acts=np.zeros((B, 2 * 5 * H), f32), train=False, h_prev=None,
-                           c_prev=None, blas_held=False, x=x, folded=folded,
-                           xh=np.zeros(2 * B * (D + H), f32))
-            first = {b_lo * (T if batch_first else 1) + r
-                     for _, _, b_lo, b_hi in parts for r in range(b_hi - b_lo)}
-            written = {r for r in range(T * B) if not np.isnan(gx[r]).all()}
-            assert written == first, (batch_first, parts)
-            results.append((out, h, c))
+            gx, result = run(batch_first, parts, B)
+            assert not np.isnan(gx).any(), (batch_first, parts)
+            results.append(result)
         for a, b in zip(results[1], results[0]):
             np.testing.assert_array_equal(a, b)
+        gx, result = run(batch_first, [(0, 2, 0, B)], T * B)   # (a larger gx: the same)
+        assert np.isnan(gx[B:]).all()
+        for a, b in zip(result, results[0]):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="recur: gx has fewer rows than the call writes"):
+            run(batch_first, [(0, 2, 0, B)], B - 1)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -654,7 +665,8 @@ def test_a_stacks_folded_steps_write_only_their_parts_own_rows(batch_first, monk
     its own: batch-first, gx's first B rows (which the folded steps had
     taken) are the first sequences' steps, another part's projections at
     another layer (a race: 2-thread outputs off the 1-thread ones under
-    load). The rows written lie in each part's own rows."""
+    load). They write folded_gx now, apart from gx, each part its batch
+    rows; gx (B rows when every layer folds) is not written at all."""
     from fastrnn._engine import RecurrentEngine
     T, B, D, H = 5, 4, 3, 8
     seen = []
@@ -669,7 +681,8 @@ def test_a_stacks_folded_steps_write_only_their_parts_own_rows(batch_first, monk
 
         def run_stack(self, **kw):
             kw["gx"][...] = np.nan
-            seen.append(kw["gx"])
+            kw["folded_gx"][...] = np.nan
+            seen.append((kw["gx"], kw["folded_gx"]))
             return self._runner.run_stack(**kw)
 
     monkeypatch.setattr(RecurrentEngine, "_sequence_runner",
@@ -680,15 +693,12 @@ def test_a_stacks_folded_steps_write_only_their_parts_own_rows(batch_first, monk
                               has_lengths=False)
     assert plan.stack and all(plan.fold) and len(plan.parts) == 2
     x = np.random.default_rng(0).standard_normal((B, T, D) if batch_first else (T, B, D))
-    layer(x.astype(np.float32))
-    written = ~np.isnan(seen[0]).all(axis=1)
-    for _, _, b_lo, b_hi in plan.parts:
-        rows = (np.arange(b_lo, b_hi)[:, None] * T + np.arange(T) if batch_first
-                else np.arange(T)[:, None] * B + np.arange(b_lo, b_hi))
-        # each part rewrites the same rows at every step, one a batch row:
-        # as many among its own rows as it has batch rows (another part's
-        # among them would make more)
-        assert written[rows.ravel()].sum() == b_hi - b_lo, (batch_first, b_lo, b_hi)
+    one = layer(x.astype(np.float32))
+    gx, folded_gx = seen[0]
+    assert gx.shape[0] == B and np.isnan(gx).all()
+    assert folded_gx.shape[0] == B and not np.isnan(folded_gx).any()
+    force_plan(monkeypatch, dict(threads=1, FOLD_MAX_BYTES=1 << 40))
+    np.testing.assert_array_equal(layer(x.astype(np.float32))[0], one[0])
 
 
 def test_a_plan_is_never_shared_with_a_layer_of_other_options(monkeypatch):
@@ -770,3 +780,30 @@ def test_a_batch_first_call_beyond_blas_int_runs_time_major_only_for_blas(dtype,
     T = 2**31 // (layer._dirs * 64) + 1
     plan = _plan.forward_plan(layer, T, 2, batch_first=True, train=train, has_lengths=False)
     assert plan.time_major is detour
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_bidirectional_folding_lstm_asks_for_no_whole_sequence_projection(threads,
+                                                                           monkeypatch):
+    """A bidirectional LSTM whose layers fold their projection runs whole
+    (no time windows) and asked for a (T * B, 8H) gx of which it wrote B
+    rows: four times its output, so a call whose output fits failed with
+    MemoryError (T = 125 M at H = 8 asked for 29.8 GiB). It asks for B rows
+    now. [failed before: peak 5x the output]"""
+    import tracemalloc
+    force_plan(monkeypatch, dict(threads=threads, MIN_PARALLEL_WORK=0))
+    layer = fastrnn.LSTM(2, 8, bidirectional=True, seed=0)
+    T, B = 50_000, 4
+    assert all(_plan.forward_plan(layer, T, B, batch_first=False, train=False,
+                                  has_lengths=False).fold)
+    x = np.random.default_rng(0).standard_normal((T, B, 2)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        out, _ = layer(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * out.nbytes, (peak, out.nbytes)
+    one = fastrnn.LSTM(2, 8, bidirectional=True, seed=0)
+    force_plan(monkeypatch, dict(threads=1, FOLD_MAX_BYTES=0))   # unfolded: the same bits
+    np.testing.assert_array_equal(one(x)[0], out)
