@@ -133,6 +133,12 @@ QUANT_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA",
 # compiler cannot build the tiles' intrinsics: BuildExt._assembles_amx)
 AMX_FLAGS = ["-mamx-tile", "-mamx-int8", "-mamx-bf16"]
 SIMD_FLAGS["unix"]["_amx"] = SIMD_FLAGS["unix"]["_bf16"] + AMX_FLAGS
+# Layer norm's row sums (fastrnn/_layernorm.pyx.tp) are C loops that GCC
+# fused in one build and not in another: the AVX-512 and AVX2 builds' row
+# statistics differed in the last bit (rows of n values, n % 8 in 4..7).
+# Compiled without contraction, the activations' polynomials fused by hand
+# (FASTRNN_EXPLICIT_FMA), as the quantized kernels: the same bits in both.
+LAYERNORM_FLAGS = {"unix": ["-ffp-contract=off", "-DFASTRNN_EXPLICIT_FMA"], "msvc": []}
 UNIX_FLAGS = ["-fno-trapping-math"]
 GCC_ONLY_FLAGS = ["--param=vect-max-version-for-alias-checks=64"]
 
@@ -156,9 +162,13 @@ class BuildExt(build_ext):
                 if build == "_amx" and not self._assembles_amx(flags):
                     flags = [f for f in flags if f not in AMX_FLAGS]   # then _bf16's twin
                 ext.extra_compile_args = common + flags + QUANT_FLAGS[family]
+            elif ext.name.startswith("fastrnn._layernorm"):
+                build = ext.name.replace("fastrnn._layernorm", "")
+                flags = [f for f in SIMD_FLAGS[family][build] if f != "/fp:contract"]
+                ext.extra_compile_args = common + flags + LAYERNORM_FLAGS[family]
             else:
                 build = (ext.name.replace("fastrnn._forward", "").replace("fastrnn._backward", "")
-                         .replace("fastrnn._layernorm", "").replace("fastrnn._projection", ""))
+                         .replace("fastrnn._projection", ""))
                 ext.extra_compile_args = common + SIMD_FLAGS[family][build]
         super().build_extensions()
 
