@@ -211,41 +211,35 @@ def matmul(a, b):
         return gemm(1.0, b.T, a.T).T
 
 
-def row_products(a, b):
-    """a^T b (a (R, M), b (R, N)): the sums over rows of a weight gradient
-    computed in Python (Linear's weight, a projection's W_hr), in float32
-    as column_sums sums: each group of rows one BLAS product, the groups'
-    products added in float64 and rounded once (one product over 4.2 M
-    rows was 3e-6 off, the grouped kernel sums beside it 4e-7)."""
+def _over_row_groups(a, part):
+    """The sum over the rows of a (R, ...) of ``part(r0, r1)``, a group of
+    rows' float32 sum, as the kernels sum the gradients over rows
+    (_backward's SUM_GROUP_ROWS): each group's own, the groups' totals added
+    in float64 and rounded once. (float64, and one group: part(0, R).)"""
     rows, group = a.shape[0], _backward.SUM_GROUP_ROWS
     if rows <= group or a.dtype == np.float64:
-        return matmul(a.T, b)
-    total = np.zeros((a.shape[1], b.shape[1]), np.float64)
-    for r0 in range(0, rows, group):
-        total += matmul(a[r0:r0 + group].T, b[r0:r0 + group])
+        return part(0, rows)
+    total = sum(part(r0, min(rows, r0 + group)).astype(np.float64)
+                for r0 in range(0, rows, group))
     return total.astype(a.dtype)
+
+
+def row_products(a, b):
+    """a^T b (a (R, M), b (R, N)): the sums over rows of a weight gradient
+    computed in Python (Linear's weight, a projection's W_hr), a BLAS
+    product a group of rows (one product over 4.2 M rows was 3e-6 off, the
+    grouped kernel sums beside it 4e-7)."""
+    return _over_row_groups(a, lambda r0, r1: matmul(a[r0:r1].T, b[r0:r1]))
 
 
 def column_sums(a, b=None):
-    """The sums over the rows (axis 0) of a (R, N), or of a * b, as the
-    kernels sum the gradients over rows (_backward's SUM_GROUP_ROWS): each
-    column's float32 chain over a group of rows, the groups' totals added
-    in float64 and rounded once. numpy's sum along axis 0 is one chain a
-    column: 33.5 M rows of 1 summed to 2^24, 4.2 M random ones lost 7e-3 of
-    a bias gradient. (float64, and one group, as numpy sums.)"""
-    rows, group = a.shape[0], _backward.SUM_GROUP_ROWS
-
-    def part(r0, r1):
-        if b is None:
-            return a[r0:r1].sum(axis=0)
-        return np.einsum("rj,rj->j", a[r0:r1], b[r0:r1])
-
-    if rows <= group or a.dtype == np.float64:
-        return part(0, rows)
-    total = np.zeros(a.shape[1], np.float64)
-    for r0 in range(0, rows, group):
-        total += part(r0, min(rows, r0 + group))
-    return total.astype(a.dtype)
+    """The sums over the rows (axis 0) of a (R, N), or of a * b, a group of
+    rows at a time: numpy's sum along axis 0 is one chain a column (33.5 M
+    rows of 1 summed to 2^24, 4.2 M random ones lost 7e-3 of a bias
+    gradient)."""
+    if b is None:
+        return _over_row_groups(a, lambda r0, r1: a[r0:r1].sum(axis=0))
+    return _over_row_groups(a, lambda r0, r1: np.einsum("rj,rj->j", a[r0:r1], b[r0:r1]))
 
 
 def hold_blas(parts, rows, n_cols, in_cols, batch, gates_h, hidden, blas_at_batch_1):
