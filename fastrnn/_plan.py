@@ -413,7 +413,6 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         layer._config["input_size"]
     dirs, gates = layer._dirs, layer._gates
     N = dirs * gates * H
-    layer_norm = bool(layer._ln_index)
     # a batch-first call whose per-step BLAS product would need a leading
     # dimension T * N beyond BLAS' int runs time-major (copies of x and the
     # output): not a plain float32 inference, whose products are the
@@ -427,6 +426,7 @@ def _forward_plan(layer, T, B, batch_first, train, has_lengths):
         window = None   # (unidirectional windows each have a plan of their own)
     parts = split(dirs, B, T * B * row_step_work(layer))
     units = None
+    layer_norm = bool(layer._ln_index)
     if _may_split_units(layer, B, has_lengths, train):
         group = _forward.group_units(gates, H) if dtype == np.float32 else 1
         units = unit_bounds(T, H, gates, group)
