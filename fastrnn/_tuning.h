@@ -101,7 +101,7 @@
 /* Rows of dG^T (gate columns) that one pass over every panel of a block
  * multiplies (_microkernel.pxd: packed_product_by_rows): 48 x 256 floats, 48
  * KB, stay in L1 and L2 while the panels pass; 48 = 8 tiles of 6 rows
- * (AVX-512, 4 vectors), 24 of 2 (AVX2); narrower packs (D or H under 4
+ * (AVX-512, 4 vectors), 16 of 3 (AVX2); narrower packs (D or H under 4
  * vectors) take taller tiles, whole in 48 rows but AVX2's 5-row ones. */
 #define FASTRNN_WEIGHT_CHUNK_ROWS 48
 /* A product over many rows of A (a layer's input projection over all its
