@@ -895,6 +895,14 @@ def test_bad_arguments():
         Q.QuantizedGRUCell(65537, 2)
     with pytest.raises(ValueError, match="QuantizedLinear: in_features must be at most 65536"):
         Q.QuantizedLinear(70000, 1)
+    # bfloat16 has no int32 sums: its message says whose bound it keeps
+    with pytest.raises(ValueError, match=r"QuantizedLSTM: input_size must be at most 65536 "
+                                         r"\(the bound of int8's int32 sums, which the "
+                                         r"bfloat16 kernels share\), got 65537"):
+        fastrnn.quantize(fastrnn.LSTM(65537, 2, seed=0), dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"QuantizedLinear: in_features must be at most 65536 "
+                                         r"\(the bound .* bfloat16 kernels share\), got 65537"):
+        fastrnn.quantize(fastrnn.Linear(65537, 2, seed=0), dtype="bfloat16")
     with pytest.raises(ValueError, match="QuantizedRNN: quantized layers compute in float32, "
                                          "got dtype=float64"):
         Q.QuantizedRNN(3, 4, dtype="float64")
