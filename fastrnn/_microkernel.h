@@ -70,8 +70,9 @@
 #define FASTRNN_MK_ISA "portable"
 #endif
 
-/* vectors per tile row and rows per tile: MR x NV accumulators plus NV
- * weight vectors and a broadcast fit the vector registers (32 zmm; 16 ymm) */
+/* vectors per tile row and rows per tile: MR x NV accumulators, the panel
+ * vectors held (FASTRNN_MK_HELD) and a broadcast fit the vector registers
+ * (32 zmm; 16 ymm) */
 #define FASTRNN_MK_MAX_NV 4
 #if defined(__AVX512F__)
 static const int fastrnn_mk_rows[FASTRNN_MK_MAX_NV + 1] = {0, 16, 12, 8, 6};
@@ -98,18 +99,21 @@ enum { FASTRNN_MK_ZERO = 0,     /* 0 */
  * multiply-add from L1 (its memory operand). AVX2's 3 x 4 tile (12
  * accumulators, 3 vectors held, the 4th read) carries 12 independent
  * chains through the multiply-adds' latency where a 2 x 4 tile had 8, and
- * reads 0.75 floats of panel per multiply-add from L2 where that read 1
- * (the panels of an H = 512 LSTM's W_hh pass L1); GRU's 4 x 3 tile holds
+ * brings a third of a float of panel per multiply-add from L2 where that
+ * brought a half (the panels of an H = 512 LSTM's W_hh pass L1; the 4th
+ * vector's second and third reads hit L1); GRU's 4 x 3 tile holds
  * all 3 (16 registers). product_gflops on an AMD EPYC (Zen 3, 32 KB L1d,
  * 512 KB L2; one thread, the 2 x 4 / 3 x 3 build and this one interleaved
  * in one process, medians of 6; 2026-12-07): LSTM M = 64, K = 512 82.0 ->
  * 91.7 GFLOP/s, M = 8, K = 256 74.0 -> 84.6, M = 32, K = 128 84.8 -> 87.1;
- * GRU M = 20, K = 800 85.4 -> 94.2, M = 32, K = 128 80.4 -> 88.4; M = 1
- * unchanged (the same one-row tile). The calls, at 1 thread, b32-h128
+ * GRU M = 20, K = 800 85.4 -> 94.2, M = 10 74.9 -> 86.6, M = 32, K = 128
+ * 80.4 -> 88.4; M = 1 unchanged (the same one-row tile). The calls, at 1
+ * thread, b32-h128
  * 1.04x, stack2-b32 1.07x, wide-b500 1.10x; at 2 threads b256-h64 1.09x,
  * b64-h512 1.06x, ds2-b20 1.25x. */
 #if defined(FASTRNN_MK_AVX2_FMA) && !defined(__AVX512F__)
-#define FASTRNN_MK_HELD(MR, NV) ((MR) * (NV) + (NV) + 1 <= 16 ? (NV) : 15 - (MR) * (NV))
+#define FASTRNN_MK_HELD(MR, NV)                                               \
+    ((MR) * (NV) + (NV) + 1 <= 16 ? (NV) : (MR) * (NV) < 15 ? 15 - (MR) * (NV) : 0)
 #else
 #define FASTRNN_MK_HELD(MR, NV) (NV)
 #endif
@@ -243,19 +247,19 @@ static inline void fastrnn_mk_tail_out(float* dst, const float* src, ptrdiff_t n
  * compile-time constants, so the loops below carry no tests). */
 #define FASTRNN_MK_STEP(MR, NV, PF_CUR, PF_NEXT)                                       \
     {                                                                                \
-        enum { NH = FASTRNN_MK_HELD(MR, NV) };                                       \
+        enum { mk_held = FASTRNN_MK_HELD(MR, NV) };                                  \
         fastrnn_vec w[NV];                                                           \
         const float* a_k = a + k * a_cs;                                             \
         const float* p_k = panel + k * NV * FASTRNN_MK_LANES;                        \
-        FASTRNN_UNROLL(4) for (int v = 0; v < NH; v++) {                             \
+        FASTRNN_UNROLL(4) for (int v = 0; v < mk_held; v++) {                        \
             w[v] = FASTRNN_VLOAD_PANEL(p_k + v * FASTRNN_MK_LANES);                  \
             FASTRNN_VHOLD(w[v]);                                                     \
         }                                                                            \
         FASTRNN_UNROLL(16) for (int m = 0; m < MR; m++) {                            \
             fastrnn_vec h = FASTRNN_VBCAST(a_k[m * a_rs]);                           \
-            FASTRNN_UNROLL(4) for (int v = 0; v < NH; v++)                           \
+            FASTRNN_UNROLL(4) for (int v = 0; v < mk_held; v++)                      \
                 acc[m][v] = FASTRNN_VFMA(h, w[v], acc[m][v]);                        \
-            FASTRNN_UNROLL(4) for (int v = NH; v < NV; v++)                          \
+            FASTRNN_UNROLL(4) for (int v = mk_held; v < NV; v++)                     \
                 acc[m][v] = FASTRNN_VFMA(                                            \
                     h, FASTRNN_VLOAD_PANEL(p_k + v * FASTRNN_MK_LANES), acc[m][v]);  \
         }                                                                            \

@@ -166,6 +166,6 @@ cdef inline void packed_product_by_rows(Py_ssize_t M, const float* a, Py_ssize_t
 cdef inline Py_ssize_t product_chunk_rows(Py_ssize_t K) noexcept nogil:
     """Rows of A (K floats each) per chunk of a product over many rows
     (FASTRNN_PRODUCT_CHUNK_BYTES, _tuning.h): a multiple of 48 rows, whole
-    tiles of AVX-512's 16, 12, 8 and 6 rows and of AVX2's 8, 3 and 2 (its
+    tiles of AVX-512's 16, 12, 8 and 6 rows and of AVX2's 8, 4 and 3 (its
     5-row tiles leave 3 rows a chunk; chunks change no value)."""
     return max(48, FASTRNN_PRODUCT_CHUNK_BYTES // (max(K, 1) * 4 * 48) * 48)

@@ -33,6 +33,7 @@ float32 weights: the README's Memory paragraph).
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -78,7 +79,7 @@ def _ort_quantized(case, state_dict, x, threads, tmp):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     path, qpath = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
     onnx.save(bench.ort_model(case, state_dict, x), path)
-    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, reduce_range=not _has_vnni())
+    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, reduce_range=_ort_reduce_range())
     session = bench.ort_session(qpath, threads)
     T, B = x.shape[:2]
 
@@ -87,17 +88,23 @@ def _ort_quantized(case, state_dict, x, threads, tmp):
     return infer
 
 
-def _has_vnni():
-    """Whether this CPU has int8 dot products (AVX-512 VNNI, or AVX-VNNI, which
-    numpy's feature table does not list: read from /proc/cpuinfo's flags)."""
+def _ort_reduce_range():
+    """Whether ONNX Runtime's quantized model gets 7-bit weights: on an x86
+    CPU without int8 dot products (AVX-512 VNNI, or AVX-VNNI, which numpy's
+    feature table does not list: read from Linux's /proc/cpuinfo, so outside
+    Linux only AVX-512 VNNI is seen). Other CPUs have no vpmaddubsw to
+    saturate: full range."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
     if _kernels._cpu_features().get("AVX512VNNI"):
-        return True
+        return False
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and "avx_vnni" in line.split()
-                       for line in cpuinfo)
+            return not any(line.startswith("flags")
+                           and {"avx_vnni", "avx512_vnni"} & set(line.split())
+                           for line in cpuinfo)
     except OSError:
-        return False
+        return True
 
 
 def _weight_bytes(layer, quantized):
@@ -226,6 +233,9 @@ def main(args, cases):
           f"calls after a pause){bench.rounds_note(args.rounds)}, "
           f"{time.strftime('%Y-%m-%d')}; errors: max / mean abs, f32 "
           f"against float64, the others against f32; weights MB")
+    if "ORT-q" in peers and _ort_reduce_range():
+        print("ORT-q: 7-bit weights (quantize_dynamic's reduce_range), as ONNX Runtime "
+              "advises on a CPU without VNNI")
     peak = _int8_peak_line()
     print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"
           f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}{'peak':>9}{'int8/pk':>8}"

@@ -862,9 +862,10 @@ _QUANT_DOC = """
     scale per output row; False: per weight tensor). Inference only."""
 
 
-def _size_bound_reason(weight_dtype):
-    """Why input and hidden sizes stop at _quant.MAX_K, for an error message."""
-    if weight_dtype == "bfloat16":
+def _size_bound_reason(owner, weight_dtype):
+    """Why input and hidden sizes stop at _quant.MAX_K, for an error message
+    (a bad weight_dtype is reported first)."""
+    if _check_weight_dtype(owner, weight_dtype) == "bfloat16":
         return "(the bound of int8's int32 sums, which the bfloat16 kernels share)"
     return "for int8 products (int32 sums)"
 
@@ -880,7 +881,7 @@ def _quantized_class(base, mixin):
             value = sizes.get(size)
             if isinstance(value, numbers.Integral) and value > _quant.MAX_K:
                 raise ValueError(f"{name}: {size} must be at most {_quant.MAX_K} "
-                                 f"{_size_bound_reason(weight_dtype)}, got {value}")
+                                 f"{_size_bound_reason(name, weight_dtype)}, got {value}")
         base.__init__(self, *args, **kwargs)
         self._init_quantized(weight_dtype, per_channel)
 
@@ -919,7 +920,8 @@ class QuantizedLinear(_ReducedWeights, Linear):
                  per_channel: bool = True) -> None:
         if isinstance(in_features, numbers.Integral) and in_features > _quant.MAX_K:
             raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
-                             f"{_size_bound_reason(weight_dtype)}, got {in_features}")
+                             f"{_size_bound_reason('QuantizedLinear', weight_dtype)}, got "
+                             f"{in_features}")
         super().__init__(in_features, out_features, bias, dtype, seed)
         cfg = self._config
         if cfg["dtype"] != np.float32:
@@ -1073,8 +1075,8 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
     ValueError
         On an unknown dtype, a float64 model, an option the reduced kernels
         do not compute (named), sizes past the int32 sums' range (input or
-        hidden size above 65536; bfloat16 too), or (bfloat16) a weight beyond bfloat16's
-        range.
+        hidden size above 65536; bfloat16 too), or (bfloat16) a weight
+        beyond bfloat16's range.
 
     Examples
     --------

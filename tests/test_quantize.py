@@ -903,6 +903,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"QuantizedLinear: in_features must be at most 65536 "
                                          r"\(the bound .* bfloat16 kernels share\), got 65537"):
         fastrnn.quantize(fastrnn.Linear(65537, 2, seed=0), dtype="bfloat16")
+    # a bad weight_dtype is named before the size it would bound
+    with pytest.raises(ValueError, match="QuantizedLSTM: weight_dtype must be 'int8' or "
+                                         "'bfloat16', got 'bf16'"):
+        Q.QuantizedLSTM(70000, 2, weight_dtype="bf16")
+    with pytest.raises(TypeError, match="QuantizedLinear: weight_dtype must be a str"):
+        Q.QuantizedLinear(70000, 2, weight_dtype=np.array(["bfloat16"]))
     with pytest.raises(ValueError, match="QuantizedRNN: quantized layers compute in float32, "
                                          "got dtype=float64"):
         Q.QuantizedRNN(3, 4, dtype="float64")
