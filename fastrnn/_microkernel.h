@@ -108,9 +108,8 @@ enum { FASTRNN_MK_ZERO = 0,     /* 0 */
  * 91.7 GFLOP/s, M = 8, K = 256 74.0 -> 84.6, M = 32, K = 128 84.8 -> 87.1;
  * GRU M = 20, K = 800 85.4 -> 94.2, M = 10 74.9 -> 86.6, M = 32, K = 128
  * 80.4 -> 88.4; M = 1 unchanged (the same one-row tile). The calls, at 1
- * thread, b32-h128
- * 1.04x, stack2-b32 1.07x, wide-b500 1.10x; at 2 threads b256-h64 1.09x,
- * b64-h512 1.06x, ds2-b20 1.25x. */
+ * thread, b32-h128 1.04x, stack2-b32 1.07x, wide-b500 1.10x; at 2 threads
+ * b256-h64 1.09x, b64-h512 1.06x, ds2-b20 1.25x. */
 #if defined(FASTRNN_MK_AVX2_FMA) && !defined(__AVX512F__)
 #define FASTRNN_MK_HELD(MR, NV)                                               \
     ((MR) * (NV) + (NV) + 1 <= 16 ? (NV) : (MR) * (NV) < 15 ? 15 - (MR) * (NV) : 0)
