@@ -30,6 +30,7 @@ the bytes of the weights each fastrnn model holds: float32's parameters
 against int8's and bfloat16's packed weights (a quantized model keeps no
 float32 weights: the README's Memory paragraph).
 """
+import functools
 import json
 import math
 import os
@@ -88,6 +89,7 @@ def _ort_quantized(case, state_dict, x, threads, tmp):
     return infer
 
 
+@functools.cache
 def _ort_reduce_range():
     """Whether ONNX Runtime's quantized model gets 7-bit weights: on an x86
     CPU without int8 dot products (AVX-512 VNNI, or AVX-VNNI, which numpy's

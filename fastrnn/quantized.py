@@ -862,12 +862,16 @@ _QUANT_DOC = """
     scale per output row; False: per weight tensor). Inference only."""
 
 
-def _size_bound_reason(owner, weight_dtype):
-    """Why input and hidden sizes stop at _quant.MAX_K, for an error message
-    (a bad weight_dtype is reported first)."""
+def _check_size(owner, name, value, weight_dtype):
+    """Refuse an input or hidden size past _quant.MAX_K before any allocation,
+    saying whose bound it is (a bad weight_dtype is reported first)."""
+    if not (isinstance(value, numbers.Integral) and value > _quant.MAX_K):
+        return
     if _check_weight_dtype(owner, weight_dtype) == "bfloat16":
-        return "(the bound of int8's int32 sums, which the bfloat16 kernels share)"
-    return "for int8 products (int32 sums)"
+        reason = "(the bound of int8's int32 sums, which the bfloat16 kernels share)"
+    else:
+        reason = "for int8 products (int32 sums)"
+    raise ValueError(f"{owner}: {name} must be at most {_quant.MAX_K} {reason}, got {value}")
 
 
 def _quantized_class(base, mixin):
@@ -878,10 +882,7 @@ def _quantized_class(base, mixin):
         except TypeError:
             sizes = {}    # the float class's constructor reports it
         for size in ("input_size", "hidden_size"):
-            value = sizes.get(size)
-            if isinstance(value, numbers.Integral) and value > _quant.MAX_K:
-                raise ValueError(f"{name}: {size} must be at most {_quant.MAX_K} "
-                                 f"{_size_bound_reason(name, weight_dtype)}, got {value}")
+            _check_size(name, size, sizes.get(size), weight_dtype)
         base.__init__(self, *args, **kwargs)
         self._init_quantized(weight_dtype, per_channel)
 
@@ -918,10 +919,7 @@ class QuantizedLinear(_ReducedWeights, Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
                  per_channel: bool = True) -> None:
-        if isinstance(in_features, numbers.Integral) and in_features > _quant.MAX_K:
-            raise ValueError(f"QuantizedLinear: in_features must be at most {_quant.MAX_K} "
-                             f"{_size_bound_reason('QuantizedLinear', weight_dtype)}, got "
-                             f"{in_features}")
+        _check_size("QuantizedLinear", "in_features", in_features, weight_dtype)
         super().__init__(in_features, out_features, bias, dtype, seed)
         cfg = self._config
         if cfg["dtype"] != np.float32:
