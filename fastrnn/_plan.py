@@ -345,8 +345,10 @@ def unit_split_allowed():
 
 def window_steps(B, N, dtype):
     """Steps per window of a long inference (N: the input projection's
-    columns, every direction's)."""
-    return max(MIN_WINDOW_STEPS, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
+    columns, every direction's), at most BLAS' int range of rows (a float64
+    window's projection is one BLAS call: _forward's _window_projection)."""
+    steps = max(MIN_WINDOW_STEPS, WINDOW_BYTES // max(1, B * N * np.dtype(dtype).itemsize))
+    return min(steps, max(1, v.BLAS_INT_MAX // max(1, B)))
 
 
 def _tuning(threads=None):
@@ -354,7 +356,7 @@ def _tuning(threads=None):
     caller read it; None: read here)."""
     return (MIN_PARALLEL_WORK, UNIT_SPLIT_MIN_MACS, UNIT_SPLIT_MIN_WORK, UNIT_SPLIT_MAX_ROWS,
             UNIT_SPLIT_MIN_BYTES, WINDOW_BYTES, MIN_WINDOW_STEPS, FOLD_MAX_BYTES,
-            FLOAT64_WINDOWS_MIN_BYTES,
+            FLOAT64_WINDOWS_MIN_BYTES, v.BLAS_INT_MAX,
             _parallel.get_num_threads() if threads is None else threads)
 
 

@@ -165,6 +165,10 @@ def test_blas_int_limit_paths(kind, batch_first, monkeypatch):
     lengths = rng.integers(1, T + 1, size=B)
     expected = layer(x, lengths=lengths)
     monkeypatch.setattr(_validation, "BLAS_INT_MAX", 8)
+    # the plan depends on the limit (a plan cached before it must not be taken)
+    plan = _plan.forward_plan(layer, T, B, batch_first=batch_first, train=False,
+                              has_lengths=True)
+    assert plan.time_major == batch_first
     got = layer(x, lengths=lengths)
     np.testing.assert_array_equal(got[0], expected[0])
     for g, e in zip(np.atleast_1d(got[1]), np.atleast_1d(expected[1])):
@@ -172,6 +176,33 @@ def test_blas_int_limit_paths(kind, batch_first, monkeypatch):
     monkeypatch.setattr(_validation, "BLAS_INT_MAX", 5)
     with pytest.raises(ValueError, match="batch size 6|batch size 7"):
         layer(x, lengths=lengths)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_float64_time_windows_keep_to_the_blas_int_limit(kind, batch_first, monkeypatch):
+    """A float64 bidirectional layer's time windows project a window's rows
+    in one BLAS call: the window takes at most BLAS' int range of rows
+    (steps * B), however many steps the window bytes allow; the numbers are
+    the whole sequence's."""
+    rng = np.random.default_rng(4)
+    layer = make_layer(kind, 4, 5, bidirectional=True, batch_first=batch_first,
+                       dtype="float64", seed=3)
+    T, B = 9, 6
+    x = rng.standard_normal((B, T, 4) if batch_first else (T, B, 4))
+    lengths = rng.integers(1, T + 1, size=B)
+    monkeypatch.setattr(_plan, "WINDOW_BYTES", 1 << 40)   # one call, not windows
+    expected = layer(x, lengths=lengths)
+    monkeypatch.setattr(_plan, "WINDOW_BYTES", 1)
+    monkeypatch.setattr(_plan, "FLOAT64_WINDOWS_MIN_BYTES", 0)
+    monkeypatch.setattr(_validation, "BLAS_INT_MAX", 13)   # two rows of 6, not four
+    plan = _plan.forward_plan(layer, T, B, batch_first=batch_first, train=False,
+                              has_lengths=True)
+    assert plan.window == 2
+    got = layer(x, lengths=lengths)
+    np.testing.assert_array_equal(got[0], expected[0])
+    for g, e in zip(np.atleast_1d(got[1]), np.atleast_1d(expected[1])):
+        np.testing.assert_array_equal(g, e)
 
 
 @pytest.mark.parametrize("kind", KINDS)
