@@ -427,7 +427,7 @@ class RecurrentEngine(RecurrentWeights):
         lean path of small calls, and inference in parts of the batch
         (``Plan.stack``)."""
         threads = _parallel.get_num_threads()
-        key = ("runner", threads)
+        key = ("runner",) + _plan._tuning(threads)   # (runner_limits reads the tuning)
         runner = params.cache.get(key)
         if runner is None:
             w_ih, w_hh = self._weights(params)[:2]

@@ -357,6 +357,15 @@ def check_parameter_memory(owner, nbytes, config):
                           f"{v.bytes_text(memory)} of memory")
 
 
+def config_value(value):
+    """A setting as an attribute reads it: a list (a zoneout pair, an
+    activation with its parameters, per-direction specs) as a copy, since the
+    kernels' settings were derived from it at construction and an in-place
+    change (``layer.zoneout[0] = 0.9``) would reach the copies, saves and
+    exports but not the layer's own calls."""
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
 class Module:
     """Base of every public class: configuration and named parameters.
 
@@ -402,7 +411,7 @@ class Module:
         if name in d.get("_names", ()) and d.get("_params") is not None:
             return d["_params"].views[name]
         if name in d.get("_config", ()):
-            return d["_config"][name]
+            return config_value(d["_config"][name])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value):

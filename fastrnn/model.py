@@ -209,14 +209,15 @@ class Sequential:
     def _owners(self):
         """The modules holding the layers' parameters (a wrapper's layer
         within), each once; kept while ``layers`` holds the same objects
-        (it is a public list: it may be changed in place)."""
+        (it is a public list: it may be changed in place) and the wrappers
+        the same layers (``Stateful.layer`` may be replaced)."""
         layers = tuple(self.layers)
+        key = layers + tuple(map(_recurrent, layers))
         cached = self.__dict__.get("_owners_of")
-        if cached is not None and cached[0] == layers:
+        if cached is not None and cached[0] == key:
             return cached[1]
-        owners = {id(layer): layer for layer in map(_recurrent, layers)
-                  if isinstance(layer, Module)}
-        self._owners_of = (layers, list(owners.values()))
+        owners = {id(layer): layer for layer in key[len(layers):] if isinstance(layer, Module)}
+        self._owners_of = (key, list(owners.values()))
         return self._owners_of[1]
 
     # --- parameters ---------------------------------------------------------

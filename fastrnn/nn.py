@@ -23,8 +23,8 @@ from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import backward as _backward
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import (Module, call_parameters, check_parameter_memory, dropout_mask,
-                             fill_drawn, filled_later)
+from fastrnn._module import (Module, call_parameters, check_parameter_memory, config_value,
+                             dropout_mask, fill_drawn, filled_later)
 from fastrnn.masking import flip_index
 from fastrnn._validation import shape_str
 
@@ -180,7 +180,7 @@ class _Stateless:
         # only reached when ordinary lookup fails
         config = self.__dict__.get("_config", {})
         if name in config:
-            return config[name]
+            return config_value(config[name])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value):

@@ -1127,3 +1127,57 @@ def test_a_cell_reads_a_denormal_state_as_the_layer_does(cls):
     for g, w in zip(got, flat(want)):
         np.testing.assert_array_equal(g, w[0])
     assert not got[0].any()
+
+
+def test_a_setting_read_as_an_attribute_is_a_copy():
+    """A list-valued setting (a zoneout pair, an activation with its
+    parameters) changed in place through the attribute changes nothing: the
+    layer's kernels were set from it at construction, and its copies, saves
+    and repr read it (they computed something else than the layer did)."""
+    import copy
+    import pickle
+    x = np.random.default_rng(0).standard_normal((6, 2, 3)).astype(np.float32)
+    lstm = LSTM(3, 4, zoneout=(0.1, 0.2), seed=0)
+    lstm.zoneout[0] = 0.9
+    assert lstm.zoneout == [0.1, 0.2] and "0.9" not in repr(lstm)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(lstm))(x)[0], lstm(x)[0])
+    gru = GRU(3, 4, activation=("leaky_relu", 0.1), seed=0)
+    gru.activation[1] = 0.5
+    assert gru.activation == ["leaky_relu", 0.1]
+    np.testing.assert_array_equal(copy.copy(gru)(3 * x)[0], gru(3 * x)[0])
+
+
+def test_a_layers_lean_path_follows_the_tuning(monkeypatch):
+    """A layer called before the tuning changes takes the route a fresh
+    layer takes after it (its lean-path runner was kept by thread count
+    only: a forced plan never ran on a layer called before)."""
+    from fastrnn import _parallel, _plan
+    from fastrnn._engine import RecurrentEngine
+    general = []
+    run = RecurrentEngine._run
+    monkeypatch.setattr(RecurrentEngine, "_run",
+                        lambda self, *a, **kw: (general.append(1), run(self, *a, **kw))[1])
+    monkeypatch.setattr(_parallel, "_threads", 2)
+    x = np.random.default_rng(1).standard_normal((10, 8, 16)).astype(np.float32)
+    layer = GRU(16, 64, seed=0)
+    expected = layer(x)[0]
+    assert not general                       # small: the lean path
+    monkeypatch.setattr(_plan, "MIN_PARALLEL_WORK", 0)
+    assert len(_plan.forward_plan(layer, 10, 8, batch_first=False, train=False,
+                                  has_lengths=False).parts) == 2
+    got = layer(x)[0]
+    assert general                           # the plan's parts
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_models_owners_follow_a_wrappers_new_layer():
+    """Replacing a Stateful wrapper's layer makes the model pin, lock, save
+    and snapshot the new layer, not the one it held when first called."""
+    gru_a = GRU(3, 4, batch_first=True, seed=1)
+    gru_b = GRU(3, 4, batch_first=True, seed=2)
+    wrapper = fastrnn.Stateful(gru_a)
+    model = fastrnn.Sequential([wrapper, fastrnn.LastStep(), fastrnn.Linear(4, 2, seed=3)])
+    model.predict(np.ones((1, 5, 3), np.float32))
+    wrapper.layer = gru_b
+    owners = model._owners()
+    assert any(o is gru_b for o in owners) and not any(o is gru_a for o in owners)
