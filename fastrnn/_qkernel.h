@@ -76,6 +76,25 @@
 #define FASTRNN_Q_NV 2
 #endif
 
+#if defined(__AVX2__)
+/* The AVX2 tiles' output (int8 and bfloat16): y[0..n) = add[0..n) + p
+ * (add NULL: p) for n > 0 columns, at most 8: a whole vector with plain
+ * loads and stores, masked ones only at a row's end. A masked store
+ * (vmaskmovps) takes ~4 ns on an AMD EPYC (Zen 3) against 0.35 ns for a
+ * plain one (a loop of each, 2026-12-07). */
+static inline void fastrnn_q_put8(float* y, const float* add, __m256 p, ptrdiff_t n,
+                                  __m256i lane) {
+    if (n >= 8) {
+        if (add != NULL) p = _mm256_add_ps(_mm256_loadu_ps(add), p);
+        _mm256_storeu_ps(y, p);
+        return;
+    }
+    __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), lane);
+    if (add != NULL) p = _mm256_add_ps(_mm256_maskload_ps(add, mask), p);
+    _mm256_maskstore_ps(y, mask, p);
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 /* the first min(left, 16) lanes (a row's last values, a tile's last columns) */
 static inline __mmask16 fastrnn_row_mask(ptrdiff_t left) {
@@ -393,13 +412,9 @@ static inline void fastrnn_q_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
     y = o->y + m * o->ldy + col0;
     add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
     for (k = 0; k < 4 && left > 8 * k; k++) {
-        ptrdiff_t n = left - 8 * k;
-        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), lane);
         p = _mm256_mul_ps(_mm256_cvtepi32_ps(v[k]),
                           _mm256_mul_ps(sr, _mm256_loadu_ps(o->cs + col0 + 8 * k)));
-        if (add != NULL)
-            p = _mm256_add_ps(_mm256_maskload_ps(add + 8 * k, mask), p);
-        _mm256_maskstore_ps(y + 8 * k, mask, p);
+        fastrnn_q_put8(y + 8 * k, add == NULL ? NULL : add + 8 * k, p, left - 8 * k, lane);
     }
 }
 
@@ -1007,14 +1022,8 @@ static inline void fastrnn_b_emit(const fastrnn_q_out* o, ptrdiff_t m, ptrdiff_t
     float* y = o->y + m * o->ldy + col0;
     const float* add = o->add == NULL ? NULL : o->add + m * o->ld_add + col0;
     v[0] = v0; v[1] = v1; v[2] = v2; v[3] = v3;
-    for (k = 0; k < 4 && left > 8 * k; k++) {
-        ptrdiff_t n = left - 8 * k;
-        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), lane);
-        __m256 p = v[k];
-        if (add != NULL)
-            p = _mm256_add_ps(_mm256_maskload_ps(add + 8 * k, mask), p);
-        _mm256_maskstore_ps(y + 8 * k, mask, p);
-    }
+    for (k = 0; k < 4 && left > 8 * k; k++)
+        fastrnn_q_put8(y + 8 * k, add == NULL ? NULL : add + 8 * k, v[k], left - 8 * k, lane);
 }
 #define B_LOADW(v) __m256i wp##v = _mm256_loadu_si256(                                      \
     (const __m256i*)(panel + ((v) / 2) * bstride + kp * 64 + ((v) % 2) * 32));              \
