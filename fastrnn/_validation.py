@@ -291,8 +291,12 @@ def as_float_array(owner, name, value, dtype, own_copy=False):
     np.asarray keeps the number of dimensions; np.ascontiguousarray would make
     a 0-D input 1-D.
     """
-    arr = np.asarray(to_numpy(owner, name, value), dtype=dtype, order="C")
-    if own_copy and (arr is value or not arr.flags.owndata):
+    values = to_numpy(owner, name, value)
+    arr = np.asarray(values, dtype=dtype, order="C")
+    # the caller's memory unless converted here or built from a list: an
+    # array-like's __array__ (xarray, pint) may hand out its own buffer
+    if own_copy and (not arr.flags.owndata
+                     or (arr is values and not isinstance(value, (list, tuple)))):
         arr = arr.copy()
     return arr
 

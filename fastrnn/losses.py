@@ -105,7 +105,8 @@ class Loss:
         elements' values, the divisor of their mean and the gradient of the
         sum. ``sample_weight`` and ``mask`` (of shape (B,) or (B, T), the
         leading axes of the elements) multiply the values; ``mask`` also
-        takes masked elements out of the count (Keras' rule for both)."""
+        takes masked elements out of the count (Keras' rule for both). An
+        element weighted 0 adds 0, whatever its value (NaN included)."""
         values, norm, grad = self._elements(pred, target)
         weight = None
         if mask is not None:
@@ -120,8 +121,11 @@ class Loss:
         if weight is None:
             count = values.size if norm is None else float(norm.sum())
             return float(values.sum()), count, grad
-        values = values * weight
-        grad = grad * _expand(np.broadcast_to(weight, values.shape), grad.ndim)
+        # an element that does not count is 0, not 0 times its value: a
+        # target left NaN at a masked step must not turn the sum into NaN
+        values = np.where(weight != 0, values * weight, values.dtype.type(0))
+        weight = _expand(np.broadcast_to(weight, values.shape), grad.ndim)
+        grad = np.where(weight != 0, grad * weight, grad.dtype.type(0))
         count = values.size if norm is None else float(norm.sum())
         return float(values.sum()), count, grad
 

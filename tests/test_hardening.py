@@ -1181,3 +1181,29 @@ def test_a_models_owners_follow_a_wrappers_new_layer():
     wrapper.layer = gru_b
     owners = model._owners()
     assert any(o is gru_b for o in owners) and not any(o is gru_a for o in owners)
+
+
+def test_training_keeps_its_own_copy_of_an_array_likes_buffer():
+    """An input whose __array__ hands out its own buffer (xarray, pint) is
+    copied for training as an ndarray is: the caller changing that buffer
+    between forward_train and backprop does not change the gradients."""
+    class ArrayLike:
+        def __init__(self, data):
+            self.data = data
+
+        def __array__(self, dtype=None, copy=None):
+            return self.data
+
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    for make in (lambda: LSTM(3, 4, seed=0), lambda: GRUCell(3, 4, seed=0)):
+        grads = []
+        for reuse in (False, True):
+            module = make()
+            given = ArrayLike(x.copy() if isinstance(module, LSTM) else x[0].copy())
+            out, backprop = module.forward_train(given)
+            if reuse:
+                given.data.fill(100.0)
+            backprop(np.ones_like(out[0] if isinstance(module, LSTM) else out))
+            grads.append({k: g.copy() for k, g in module.grads.items()})
+        for name, g in grads[0].items():
+            np.testing.assert_array_equal(grads[1][name], g)

@@ -339,3 +339,46 @@ def test_bce_names_a_refused_target_as_given():
     float32's rounding showed 1.1 as 1.100000023841858."""
     with pytest.raises(ValueError, match=r"got 1\.1 among the targets that count"):
         fastrnn.BCEWithLogitsLoss()(np.zeros((1, 1), np.float32), np.array([[1.1]]))
+
+
+@pytest.mark.parametrize("loss", [fastrnn.MSELoss(), fastrnn.L1Loss(), fastrnn.HuberLoss(),
+                                  fastrnn.BCEWithLogitsLoss()])
+def test_a_nan_target_where_nothing_counts_adds_nothing(loss):
+    """A target left NaN (a missing value) at a masked step or in a row
+    weighted 0 adds 0 to the sum and its gradient, as a finite one does
+    (0 times NaN had made the loss and then every weight NaN)."""
+    rng = np.random.default_rng(0)
+    pred = rng.standard_normal((4, 5, 2)).astype(np.float32)
+    target = rng.uniform(0, 1, (4, 5, 2)).astype(np.float32)
+    mask = np.ones((4, 5), bool)
+    mask[1, 3:] = False
+    weight = np.array([1.0, 2.0, 0.0, 0.5], np.float32)
+    holed = target.copy()
+    holed[1, 3:] = np.nan
+    holed[2] = np.nan
+    for args in ((None, mask), (weight, mask)):
+        expected = loss._terms(pred, target, *args)
+        got = loss._terms(pred, holed if args[0] is not None else np.where(
+            mask[..., None], target, np.nan).astype(np.float32), *args)
+        assert got[0] == expected[0] and got[1] == expected[1]
+        np.testing.assert_array_equal(got[2], expected[2])
+
+
+def test_fit_with_nan_targets_at_masked_steps_trains_as_with_finite_ones():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 5, 3)).astype(np.float32)
+    x[1, 3:] = 0.0                        # masked by Masking(0.0)
+    y = rng.standard_normal((4, 5, 1)).astype(np.float32)
+    holed = y.copy()
+    holed[1, 3:] = np.nan
+    models = []
+    for target in (y, holed):
+        model = fastrnn.Sequential([fastrnn.Masking(0.0),
+                                    fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                    fastrnn.Linear(4, 1, seed=1)])
+        model.compile("mse", "sgd")
+        assert np.isfinite(model.evaluate(x, target))
+        model.fit(x, target, epochs=2, verbose=0, shuffle=False)
+        models.append(model.state_dict())
+    for name, value in models[0].items():
+        np.testing.assert_array_equal(models[1][name], value)
