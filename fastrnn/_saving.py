@@ -52,7 +52,8 @@ from fastrnn import losses as losses_module
 from fastrnn import metrics as metrics_module
 from fastrnn import optim
 from fastrnn._validation import shape_str
-from fastrnn._module import holding, ln_names, ln_parameter_sizes, parameters_filled_later
+from fastrnn._module import (Module, holding, ln_names, ln_parameter_sizes,
+                             parameters_filled_later)
 from fastrnn._version import __version__
 from fastrnn.batching import FitPass
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
@@ -293,7 +294,9 @@ def _training_state(model):
     training = {"loss": loss_entry, "metrics": metric_entries, **clip,
                 "optimizer": {"class": type(opt).__name__, "config": opt.get_config(),
                               "step_count": opt.step_count, "scalars": scalars,
-                              "schedules": [s.state_dict() for s in opt.schedules]}}
+                              "schedules": [s.state_dict() for s in opt.schedules],
+                              # the layers it trains, in its order (the others frozen)
+                              "layers": positions}}
     return training, arrays
 
 
@@ -797,7 +800,7 @@ _Described = namedtuple("_Described", ["kind", "specs", "wrappers", "random", "t
 _Training = namedtuple("_Training", ["loss", "metrics", "clip_grad_norm", "clip_grad_value",
                                      "optimizer"])
 _OptimizerSpec = namedtuple("_OptimizerSpec", ["cls", "config", "instance", "step_count",
-                                               "scalars", "schedules"])
+                                               "scalars", "schedules", "layers"])
 
 
 def _check_config(config):
@@ -1086,10 +1089,18 @@ def _check_training(section):
 
 def _check_optimizer(section):
     expected = {"class", "config", "step_count", "scalars", "schedules"}
-    if not isinstance(section, dict) or set(section) != expected:
+    # ("layers", the positions of the layers it trains, since 2026-12-07: a
+    # file without it had the optimizer train every layer)
+    if not isinstance(section, dict) or not expected <= set(section) <= expected | {"layers"}:
         got = sorted(section) if isinstance(section, dict) else type(section).__name__
-        raise _BadFile(f"its optimizer should be an object of {sorted(expected)}, got "
-                       f"{_brief.repr(got)}")
+        raise _BadFile(f"its optimizer should be an object of {sorted(expected)} (and "
+                       f"'layers'), got {_brief.repr(got)}")
+    layers = section.get("layers")
+    if layers is not None and not (
+            isinstance(layers, list) and all(type(i) is int and i >= 0 for i in layers)
+            and len(set(layers)) == len(layers)):
+        raise _BadFile(f"its optimizer's layers should be a list of distinct layer positions, "
+                       f"got {_brief.repr(layers)}")
     name = section["class"]
     cls = _OPTIMIZERS.get(name) if isinstance(name, str) else None
     if cls is None:
@@ -1112,7 +1123,7 @@ def _check_optimizer(section):
         raise _BadFile(f"its optimizer's schedules should be a list, got "
                        f"{_brief.repr(section['schedules'])}")
     return _OptimizerSpec(cls, section["config"], instance, section["step_count"], scalars,
-                          section["schedules"])
+                          section["schedules"], layers)
 
 
 def _match_slots(specs, optimizer, slots):
@@ -1181,7 +1192,19 @@ def _restore_training(read, model, layers, training, per_slot):
     if spec is None:
         return
     opt = spec.cls(None, **spec.config)
-    opt.add(model)
+    if spec.layers is None:
+        opt.add(model)
+    else:   # only the layers it trained: the others stay frozen
+        trains = [i < len(layers) and isinstance(_recurrent(layers[i]), Module)
+                  for i in spec.layers]
+        if not all(trains):
+            raise _BadFile(f"its optimizer trains layer {spec.layers[trains.index(False)]}, "
+                           f"which holds no parameters (the model has {len(layers)} layers)")
+        untrained = sorted({i for i, _ in per_slot} - set(spec.layers))
+        if untrained:
+            raise _BadFile(f"it holds optimizer arrays of layer {untrained[0]}, which its "
+                           f"optimizer does not train")
+        opt.add([layers[i] for i in spec.layers])
     states = []
     positions = {}
     for i, layer in enumerate(layers):

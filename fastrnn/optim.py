@@ -132,6 +132,34 @@ class Optimizer:
         self._quantized = []    # inference-only modules given: step refuses
         self.add(params)
 
+    # the state arrays a first step does not start (SGD's momentum buffer,
+    # the first gradient): added at their first use
+    _lazy_slots = ()
+
+    def __setattr__(self, name, value):
+        """A hyper-parameter set after construction is checked as the
+        constructor checks it (a bad one set by hand had failed in the
+        middle of fit, or been saved in a file that loading refused), and
+        the parameters' state follows a change of the arrays it keeps: those
+        no longer used are dropped (a file with them is refused), new ones
+        start as a first step starts them."""
+        if (name == "lr" or "_state" not in self.__dict__ or type(self).__module__ != __name__
+                or name not in self.get_config()):
+            # (the constructor's own settings too; a subclass of another module:
+            # its constructor may not take its get_config())
+            object.__setattr__(self, name, value)
+            return
+        fresh = type(self)(None, **{**self.get_config(), name: value})
+        object.__setattr__(self, name, getattr(fresh, name))
+        keep = set(self.slots()) | set(self._scalar_slots)
+        for state in self._state:
+            arrays = [value for value in state.values() if isinstance(value, np.ndarray)]
+            for slot in [slot for slot in state if slot not in keep]:
+                del state[slot]
+            for slot in self.slots():
+                if arrays and slot not in state and slot not in self._lazy_slots:
+                    state[slot] = np.zeros_like(arrays[0])
+
     @property
     def lr(self) -> float:
         """The learning rate: a finite number >= 0, checked when set (a NaN
@@ -366,9 +394,9 @@ class Optimizer:
         except (TypeError, ValueError):
             self.schedules = old_schedules
             raise
-        for key, value in vars(fresh).items():
+        for key, value in vars(fresh).items():   # (checked together: fresh's)
             if key not in ("_modules", "_state", "step_count", "schedules", "_quantized"):
-                setattr(self, key, value)
+                object.__setattr__(self, key, value)
         self.step_count = int(step_count)
         for state, new in zip(self._state, new_states):
             state.clear()
@@ -399,6 +427,8 @@ class SGD(Optimizer):
     def get_config(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
                 "weight_decay": self.weight_decay, "nesterov": self.nesterov}
+
+    _lazy_slots = ("momentum_buffer",)   # the first gradient, as PyTorch starts it
 
     def slots(self):
         return ("momentum_buffer",) if self.momentum else ()
@@ -677,6 +707,16 @@ class LRScheduler:
                 "epoch": self.epoch, "base_lr": self.base_lr}
 
     # callback protocol
+    def on_train_begin(self, model: Sequential) -> None:
+        # a schedule of another optimizer (the model's before a save and load,
+        # whose schedules came back on the loaded optimizer) stepped a rate
+        # that fit does not use, unseen
+        if getattr(model, "optimizer", self.optimizer) is not self.optimizer:
+            raise ValueError(
+                f"{type(self).__name__}: its optimizer is not the model's, so this fit "
+                f"would step a learning rate it does not use; pass model.optimizer.schedules "
+                f"(a loaded model's schedules come back on its own optimizer)")
+
     def on_epoch_end(self, model: Sequential, epoch: int, logs: dict[str, float]) -> None:
         self.step()
 

@@ -448,6 +448,10 @@ def _edit(path, value):
     return edit
 
 
+def _drop_optimizer_layers(config):   # a file saved before the optimizer named its layers
+    del config["training"]["optimizer"]["layers"]
+
+
 def _drop_scalars(config):
     del config["training"]["optimizer"]["scalars"]["2.bias"]
 
@@ -526,6 +530,22 @@ V2_CASES = {
         _v2(edit=_edit(["training", "optimizer"], {"class": "Adam"})),
         r"its optimizer should be an object of \['class', 'config', 'scalars', 'schedules', "
         r"'step_count'\]"),
+    "optimizer_layers_not_positions": (
+        _v2(edit=_edit_optimizer(layers=["0"])),
+        r"its optimizer's layers should be a list of distinct layer positions, got \['0'\]"),
+    "optimizer_layers_repeated": (
+        _v2(edit=_edit_optimizer(layers=[0, 0, 2])),
+        r"its optimizer's layers should be a list of distinct layer positions, got \[0, 0, 2\]"),
+    "optimizer_trains_a_layer_without_parameters": (
+        _v2(edit=_edit_optimizer(layers=[0, 1, 2])),
+        r"its optimizer trains layer 1, which holds no parameters \(the model has 3 layers\)"),
+    "optimizer_trains_a_layer_past_the_model": (
+        _v2(edit=_edit_optimizer(layers=[0, 2, 3])),
+        r"its optimizer trains layer 3, which holds no parameters \(the model has 3 layers\)"),
+    "optimizer_arrays_of_a_layer_it_does_not_train": (
+        _v2(edit=_edit_optimizer(layers=[2])),
+        r"it holds optimizer arrays of layer 0, which its optimizer does not train"),
+    "optimizer_layers_absent": (_v2(edit=_drop_optimizer_layers), None),
     "schedule_unknown_class": (
         _v2(edit=_edit(["training", "optimizer", "schedules", 0, "class"], "Warmup")),
         r"its optimizer state is bad: .*schedules\[0\] names an unknown schedule 'Warmup'"),

@@ -524,3 +524,48 @@ def test_include_optimizer_is_a_bool_and_an_npz_is_told_apart_from_safetensors(t
     with pytest.raises(ValueError, match=r"is not a valid safetensors file: it is a zip file "
                                          r"\(an .npz"):
         fastrnn.load_state_dict_file(tmp_path / "m.npz")
+
+
+def test_a_resumed_model_keeps_its_frozen_layers_frozen(tmp_path):
+    """A model whose optimizer trains only some layers (the others frozen)
+    resumes with an optimizer of those layers only: the run continues as
+    the uninterrupted one, the frozen layers unchanged (a loaded optimizer
+    had trained every layer)."""
+    x, y = _data(16)
+
+    def frozen(seed=0):
+        model = _model(seed=seed)
+        model.compile("mse", optim.Adam(lr=0.05))
+        model.optimizer = optim.Adam([model[4]], lr=0.05)   # the head only
+        return model
+
+    whole, part = frozen(), frozen()
+    before = whole.state_dict()
+    whole.fit(x, y, epochs=4, batch_size=8, verbose=0)
+    part.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    part.save(tmp_path / "part.npz")
+    resumed = fastrnn.load(tmp_path / "part.npz")
+    assert [m is resumed[4] for m in resumed.optimizer._modules] == [True]
+    resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=8, verbose=0)
+    assert _same(resumed, whole)
+    after = whole.state_dict()
+    assert all(np.array_equal(after[k], before[k]) for k in before if not k.startswith("4."))
+
+
+def test_fit_refuses_a_schedule_of_another_optimizer(tmp_path):
+    """The pre-save model's schedule passed to the loaded model's fit would
+    step an optimizer that fit does not use: refused before the first epoch."""
+    x, y = _data(8)
+    model = _model()
+    model.compile("mse", optim.Adam(lr=0.05))
+    schedule = optim.StepLR(model.optimizer, step_size=1, gamma=0.5)
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[schedule])
+    model.save(tmp_path / "m.npz")
+    loaded = fastrnn.load(tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="StepLR: its optimizer is not the model's"):
+        loaded.fit(x, y, epochs=2, initial_epoch=1, batch_size=4, verbose=0,
+                   callbacks=[schedule])
+    assert _same(loaded, fastrnn.load(tmp_path / "m.npz"))   # (refused before any step)
+    loaded.fit(x, y, epochs=2, initial_epoch=1, batch_size=4, verbose=0,
+               callbacks=loaded.optimizer.schedules)
+    assert loaded.optimizer.lr == 0.05 * 0.5 * 0.5

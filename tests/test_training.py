@@ -1885,3 +1885,42 @@ def test_linear_trains_on_scipys_blas_held_at_one_thread(monkeypatch):
         model.train_step(x, y)
         forward = [((10, 4), (4, 3))] if dtype == "float64" else []
         assert calls == forward + [((3, 10), (10, 4)), ((10, 3), (3, 4))]
+
+
+def test_a_hyper_parameter_set_after_construction_is_checked_and_the_state_follows(tmp_path):
+    """Settings changed by hand are checked as the constructor checks them
+    (they had been taken, then failed in the middle of fit or made a file
+    loading refused), and a change of the arrays a parameter's state keeps
+    drops the unused ones and starts the new ones as a first step does: the
+    model still trains, saves and loads."""
+    sgd, adam, rms = optim.SGD(momentum=0.9, nesterov=True), optim.Adam(), optim.RMSprop()
+    for opt, name, value, error, message in (
+            (sgd, "momentum", -0.5, ValueError, "SGD: momentum must lie in"),
+            (sgd, "momentum", 0.0, ValueError, "SGD: nesterov needs momentum > 0"),
+            (adam, "betas", (0.9, 1.5), ValueError, "Adam: betas must lie in"),
+            (adam, "eps", "1e-8", TypeError, "Adam: eps must be a number, got '1e-8'"),
+            (rms, "centered", "yes", TypeError, "RMSprop: centered must be a bool")):
+        before = getattr(opt, name)
+        with pytest.raises(error, match=message):
+            setattr(opt, name, value)
+        assert getattr(opt, name) == before
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 5, 3)), rng.standard_normal((8, 2))
+    for make, name, value in ((lambda: optim.SGD(lr=0.01, momentum=0.9), "momentum", 0.0),
+                              (lambda: optim.SGD(lr=0.01), "momentum", 0.9),
+                              (lambda: optim.Adam(lr=0.01), "amsgrad", True),
+                              (lambda: optim.Adam(lr=0.01, amsgrad=True), "amsgrad", False),
+                              (lambda: optim.RMSprop(lr=0.01), "momentum", 0.9),
+                              (lambda: optim.RMSprop(lr=0.01), "centered", True)):
+        model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                    fastrnn.LastStep(), fastrnn.Linear(4, 2, seed=1)])
+        model.compile("mse", make())
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        setattr(model.optimizer, name, value)
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        model.save(tmp_path / "m.npz")
+        loaded = fastrnn.load(tmp_path / "m.npz")
+        assert getattr(loaded.optimizer, name) == value
+        for a, b in zip(model.optimizer.state_dict()["state"],
+                        loaded.optimizer.state_dict()["state"]):
+            assert set(a) == set(b)
