@@ -153,7 +153,7 @@ class Optimizer:
         object.__setattr__(self, name, getattr(fresh, name))
         keep = set(self.slots()) | set(self._scalar_slots)
         for state in self._state:
-            arrays = [value for value in state.values() if isinstance(value, np.ndarray)]
+            arrays = [item for item in state.values() if isinstance(item, np.ndarray)]
             for slot in [slot for slot in state if slot not in keep]:
                 del state[slot]
             for slot in self.slots():
