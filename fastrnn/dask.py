@@ -4,11 +4,14 @@
 whatever scheduler is active: threads, processes, or a ``distributed``
 cluster. The model is one task of the graph that every block's task depends
 on, so a cluster ships it to each worker once, not once per block; blocks
-are scored with the inference path, the results equal to ``model.predict``
-on the whole array. The model in the graph is a copy taken when ``predict``
-is called: every block is scored with those weights, even if the model is
-trained or loaded meanwhile (a local scheduler's blocks read the live model,
-some before a load and some after). A model holding a ``Stateful`` layer is
+are scored with the inference path, the results those of
+``model.predict`` on the whole array (bit for bit in float32; in float64,
+whose products are BLAS calls whose rounding depends on the rows in a
+call, to rounding: 6e-17 measured). The model in the graph is a copy taken
+when ``predict`` is called: every block is scored with those weights, even
+if the model is trained or loaded meanwhile (without the copy a local
+scheduler's blocks would read the live model, some before a load and some
+after). A model holding a ``Stateful`` layer is
 refused: it carries its state from one batch to the next, but the blocks are
 scored in any order, on any worker, so no state could carry across them. To
 use a real cluster, connect a client first::
