@@ -137,6 +137,10 @@ def predict(model: Sequential | RNN | GRU | LSTM, x: Any, batch_size: int | None
     if not isinstance(x, da.Array):
         raise TypeError(f"fastrnn.dask.predict: x must be a dask array, got {type(x).__name__}"
                         f" (for a numpy array, call model.predict)")
+    if isinstance(getattr(x, "_meta", None), np.ma.MaskedArray):   # (else refused per block)
+        raise TypeError("fastrnn.dask.predict: x is a masked dask array, whose mask fastrnn "
+                        "does not read; pass dask.array.ma.filled(x, value), and a Masking "
+                        "layer where the model should skip those steps")
     # (ml_dtypes' bfloat16 and kin: each block converts, as predict does)
     if v.ml_dtypes_values(np.zeros(0, x.dtype)).dtype.kind not in "fiu":
         raise TypeError(f"fastrnn.dask.predict: x must have a real numeric dtype, got {x.dtype}")

@@ -55,6 +55,9 @@ def test_bad_arguments():
         fdask.predict(model, np.zeros((2, 3, 2)))
     with pytest.raises(TypeError, match="model must be a fastrnn Sequential"):
         fdask.predict(fastrnn.Linear(2, 1), da.zeros((2, 3, 2)))
+    x = da.zeros((4, 3, 2), chunks=2)   # refused when the graph is made, not per block
+    with pytest.raises(TypeError, match="fastrnn.dask.predict: x is a masked dask array"):
+        fdask.predict(model, da.ma.masked_array(x, mask=x > 0))
     with pytest.raises(ValueError, match="expected 5 x 2 = 10 columns, got 3"):
         import pandas as pd
         fdask.predict_dataframe(model, dd.from_pandas(pd.DataFrame(np.zeros((4, 3))),
