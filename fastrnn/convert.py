@@ -130,8 +130,11 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     # what a call runs: a subclass that redefines any of it computes its own way
     for method in ("__call__", "_call_impl", "forward", "permute_hidden", "check_forward_args",
                    "check_input", "check_hidden_size", "get_expected_hidden_size"):
-        if getattr(type(module), method, None) is not getattr(base, method, None):
-            raise TypeError(f"from_torch: {v.qualified_name(module)} overrides torch.nn.{name}."
+        # (or replaces it on the instance: a monkey patch, accelerate's hooks)
+        if getattr(type(module), method, None) is not getattr(base, method, None) \
+                or method in vars(module):
+            how = "replaces on the instance" if method in vars(module) else "overrides"
+            raise TypeError(f"from_torch: {v.qualified_name(module)} {how} torch.nn.{name}."
                             f"{method}; only torch's own computation converts (its weights "
                             f"can: build a torch.nn.{name} and load its state_dict)")
     dtypes = {p.dtype for p in module.parameters()}
@@ -148,7 +151,10 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
             raise ValueError(f"from_torch: RNN has mode={module.mode!r}; expected 'RNN_TANH' or "
                              f"'RNN_RELU'")
         kwargs["nonlinearity"] = modes[module.mode]
-    elif name == "RNNCell":
+    elif name == "RNNCell":   # (its forward raises for any other)
+        if module.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"from_torch: RNNCell has nonlinearity={module.nonlinearity!r}; "
+                             f"expected 'tanh' or 'relu'")
         kwargs["nonlinearity"] = module.nonlinearity
     if name in _LAYERS:
         kwargs.update(num_layers=module.num_layers, batch_first=bool(module.batch_first),
@@ -231,6 +237,37 @@ def _keras_refuse(layer, name, reason):
     raise ValueError(f"from_keras: {type(layer).__name__} {name}: {reason}")
 
 
+def _keras_root(cls):
+    return cls.__module__.partition(".")[0]
+
+
+def _keras_kind(layer):
+    """The Keras class name a layer converts by, once it (and an RNN
+    layer's cell) is Keras' own class: a subclass, even one keeping the
+    name, may compute its own way (a GRU whose call doubles its input had
+    converted as a plain GRU)."""
+    cell = getattr(layer, "cell", None) if type(layer).__name__ in ("SimpleRNN", "GRU",
+                                                                     "LSTM") else None
+    for obj in (layer, cell):
+        if obj is not None and _keras_root(type(obj)) not in ("keras", "tf_keras", "tensorflow"):
+            base = next((c for c in type(obj).__mro__
+                         if _keras_root(c) in ("keras", "tf_keras", "tensorflow")), object)
+            raise TypeError(f"from_keras: {v.qualified_name(obj)} subclasses Keras' "
+                            f"{base.__name__}; only Keras' own classes convert (their weights "
+                            f"can: build Keras' {base.__name__} and set its weights)")
+    return type(layer).__name__
+
+
+def _keras2(layer):
+    """Whether a layer is Keras 2's (tf_keras, TensorFlow's own keras before
+    2.16, or the keras package 2.x), whose hard_sigmoid differs."""
+    root = _keras_root(type(layer))
+    if root != "keras":
+        return True
+    import keras
+    return str(getattr(keras, "__version__", "3")).startswith("2.")
+
+
 def _keras_plain_weights(layer):
     """Refuse a layer whose weights are not the plain float ones get_weights'
     positions give (what fastrnn reads): Keras' LoRA adds lora_a @ lora_b to
@@ -250,10 +287,14 @@ def _keras_direction(layer, backward=False):
     one Keras SimpleRNN / GRU / LSTM layer (``backward``: a Bidirectional's
     reverse half, which Keras runs with go_backwards=True; otherwise
     go_backwards is kept in the config, for a Reversed wrapper)."""
-    kind = type(layer).__name__
+    kind = _keras_kind(layer)
     if kind not in ("SimpleRNN", "GRU", "LSTM"):
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU or LSTM inside, got {kind}")
     cfg = layer.get_config()
+    if cfg.get("time_major"):   # (Keras 2: inputs (T, B, D); fastrnn reads (B, T, D))
+        _keras_refuse(layer, "time_major=True", "Keras 3 has no such option and fastrnn "
+                      "converts batch-major layers: convert it with time_major=False and "
+                      "transpose the input, or pass the converted layer x.transpose(1, 0, 2)")
     options = {}
     for key in ("activation",) if kind == "SimpleRNN" else ("activation",
                                                             "recurrent_activation"):
@@ -261,7 +302,10 @@ def _keras_direction(layer, backward=False):
         if not isinstance(value, str) or value not in _KERAS_ACTIVATIONS:
             _keras_refuse(layer, f"{key}={value!r}", f"fastrnn implements Keras' "
                           f"{', '.join(sorted(_KERAS_ACTIVATIONS))}")
-        options["nonlinearity" if kind == "SimpleRNN" else key] = _KERAS_ACTIVATIONS[value]
+        spec = _KERAS_ACTIVATIONS[value]
+        if value == "hard_sigmoid" and _keras2(layer):   # Keras 2's: clip(0.2 x + 0.5)
+            spec = ("hard_sigmoid", 0.2, 0.5)
+        options["nonlinearity" if kind == "SimpleRNN" else key] = spec
     if backward and not cfg.get("go_backwards"):
         _keras_refuse(layer, "go_backwards=False", "a Bidirectional's backward layer must run "
                       "backwards")
@@ -379,6 +423,8 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional, "
                         f"Sequential or functional Model, got {type(layer).__module__}.{kind} "
                         f"(not a Keras object){hint}")
+    if kind in ("SimpleRNN", "GRU", "LSTM", "Bidirectional", "Sequential", "Functional"):
+        kind = _keras_kind(layer)   # (others are refused below, as not convertible)
     dtype = check_dtype("from_keras", dtype)   # named here, not by the layer built from it
     if kind == "Sequential":
         return _keras_model(layer.layers, dtype)
@@ -506,7 +552,7 @@ def _keras_model(keras_layers, dtype):
     activations = {"linear": None, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
     layers = []
     for sub in keras_layers:
-        kind = type(sub).__name__
+        kind = _keras_kind(sub)
         if kind == "InputLayer":
             continue
         if kind == "Masking":

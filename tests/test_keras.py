@@ -209,3 +209,61 @@ def test_a_functional_model_off_one_chain_is_refused_by_name():
 
     with pytest.raises(TypeError, match=r"from_keras: expected a Keras .*, got Subclassed"):
         fastrnn.from_keras(Subclassed())
+
+
+def test_from_keras_refuses_a_subclass_that_keeps_the_name():
+    """A subclass named as Keras' layer may compute its own way (this one
+    doubles its input): refused, as one of another name is, and so is an
+    RNN layer whose cell is a subclass."""
+    class GRU(keras.layers.GRU):
+        def call(self, sequences, initial_state=None, mask=None, training=False):
+            return super().call(2 * sequences, initial_state=initial_state, mask=mask,
+                                training=training)
+
+    layer = GRU(4, return_sequences=True)
+    layer(np.zeros((1, 2, 3), np.float32))
+    with pytest.raises(TypeError, match=r"from_keras: .*GRU subclasses Keras' GRU"):
+        fastrnn.from_keras(layer)
+    with pytest.raises(TypeError, match=r"from_keras: .*GRU subclasses Keras' GRU"):
+        fastrnn.from_keras(keras.Sequential([keras.Input((2, 3)), layer]))
+
+    class Cell(keras.layers.GRUCell):
+        pass
+
+    wrapped = keras.layers.GRU(4, return_sequences=True)
+    wrapped.cell = Cell(4)
+    with pytest.raises(TypeError, match=r"from_keras: .*Cell subclasses Keras' GRUCell"):
+        fastrnn.from_keras(wrapped)
+
+
+def _as_keras2(layer, **config):
+    """``layer`` as a Keras 2 (tf_keras) layer of the same weights would
+    present itself: its class from the tf_keras package, ``config`` added to
+    its get_config() (without tf_keras installed)."""
+    base = type(layer)
+
+    class Keras2(base):
+        def get_config(self):
+            return {**base.get_config(self), **config}
+
+    Keras2.__name__ = Keras2.__qualname__ = base.__name__
+    Keras2.__module__ = "tf_keras.src.layers.rnn." + base.__name__.lower()
+    layer.__class__ = Keras2
+    return layer
+
+
+def test_from_keras_reads_keras_2s_hard_sigmoid_and_refuses_time_major():
+    """Keras 2's hard_sigmoid is clip(0.2 x + 0.5, 0, 1), not Keras 3's
+    x / 6 (a tf_keras GRU was 0.2 off); its time_major=True layers read (T,
+    B, D) and are refused by name (they converted as batch-major ones)."""
+    layer = keras.layers.GRU(5, return_sequences=True, recurrent_activation="hard_sigmoid")
+    layer(np.zeros((1, 2, 3), np.float32))
+    converted = fastrnn.from_keras(_as_keras2(layer))
+    assert converted.recurrent_activation == ["hard_sigmoid", 0.2, 0.5]
+    keras3 = keras.layers.GRU(5, return_sequences=True, recurrent_activation="hard_sigmoid")
+    keras3(np.zeros((1, 2, 3), np.float32))
+    assert fastrnn.from_keras(keras3).recurrent_activation == "hard_sigmoid"
+    lstm = keras.layers.LSTM(5, return_sequences=True)
+    lstm(np.zeros((1, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="from_keras: LSTM time_major=True: "):
+        fastrnn.from_keras(_as_keras2(lstm, time_major=True))

@@ -475,3 +475,23 @@ def test_torch_dtypes_name_the_dtype():
     with pytest.raises(ValueError, match=r"LSTM: dtype must be 'float32' or 'float64', "
                                          r"got torch\.float16"):
         fastrnn.LSTM(3, 4, dtype=torch.float16)
+
+
+def test_from_torch_refuses_a_forward_replaced_on_the_instance_and_a_bad_nonlinearity():
+    """A forward set on the instance (a monkey patch, accelerate's hooks)
+    changes the computation as a subclass's does; an RNNCell whose
+    nonlinearity was set to what torch cannot run (it raises) is refused
+    rather than converted to fastrnn's gate option of that name."""
+    gru = torch.nn.GRU(3, 4)
+    forward = gru.forward
+    gru.forward = lambda x, hx=None: forward(2 * x, hx)
+    with pytest.raises(TypeError, match=r"from_torch: .*GRU replaces on the instance "
+                                        r"torch\.nn\.GRU\.forward"):
+        fastrnn.from_torch(gru)
+    del gru.forward
+    fastrnn.from_torch(gru)
+    cell = torch.nn.RNNCell(3, 4)
+    cell.nonlinearity = "sigmoid"
+    with pytest.raises(ValueError, match="from_torch: RNNCell has nonlinearity='sigmoid'; "
+                                         "expected 'tanh' or 'relu'"):
+        fastrnn.from_torch(cell)
