@@ -114,6 +114,15 @@ class Callback:
         """A validation batch ends: ``logs`` hold the running values."""
 
 
+def _check_verbose(owner, verbose):
+    """0 or 1 (a bool too), as Keras' callbacks take it: anything else had
+    been kept and read as true or false."""
+    if isinstance(verbose, (bool, np.bool_)) or (isinstance(verbose, numbers.Integral)
+                                                 and verbose in (0, 1)):
+        return int(verbose)
+    raise ValueError(f"{owner}: verbose must be 0 or 1, got {verbose!r}")
+
+
 def _takes_logs(method):
     """Whether on_train_begin / on_train_end take (model, logs)."""
     try:
@@ -221,6 +230,8 @@ class _MonitorCallback(Callback):
         if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) \
                 or math.isnan(min_delta):
             raise TypeError(f"{owner}: min_delta must be a number, got {min_delta!r}")
+        if math.isinf(min_delta):   # (no change could ever count as one)
+            raise ValueError(f"{owner}: min_delta must be finite, got {min_delta}")
         if baseline is not None and (isinstance(baseline, bool)
                                      or not isinstance(baseline, numbers.Real)):
             raise TypeError(f"{owner}: {baseline_name} must be a number or None, got "
@@ -328,7 +339,7 @@ class EarlyStopping(_MonitorCallback):
                                             start_from_epoch, minimum=0)
         self.restore_best_weights = v.check_bool("EarlyStopping", "restore_best_weights",
                                                  restore_best_weights)
-        self.verbose = verbose
+        self.verbose = _check_verbose(type(self).__name__, verbose)
         self.best = self.best_epoch = self.best_weights = self.stopped_epoch = None
         self.wait = 0
 
@@ -417,7 +428,7 @@ class ModelCheckpoint(_MonitorCallback):
         self.save_best_only = v.check_bool("ModelCheckpoint", "save_best_only", save_best_only)
         self.include_optimizer = v.check_bool("ModelCheckpoint", "include_optimizer",
                                               include_optimizer)
-        self.verbose = verbose
+        self.verbose = _check_verbose(type(self).__name__, verbose)
         self.best = self.baseline
 
     def on_epoch_end(self, model, epoch, logs):
@@ -480,12 +491,12 @@ class ReduceLROnPlateau(_MonitorCallback):
                 raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
         if not 0 <= factor < 1:
             raise ValueError(f"{owner}: factor must lie in [0, 1) (a reduction), got {factor}")
-        if min_lr < 0:
-            raise ValueError(f"{owner}: min_lr must be >= 0, got {min_lr}")
+        if not 0 <= min_lr < math.inf:   # (an infinite one never lets a reduction happen)
+            raise ValueError(f"{owner}: min_lr must be a finite number >= 0, got {min_lr}")
         self.factor, self.min_lr = float(factor), float(min_lr)
         self.patience = v.check_int(owner, "patience", patience, minimum=0)
         self.cooldown = v.check_int(owner, "cooldown", cooldown, minimum=0)
-        self.verbose = verbose
+        self.verbose = _check_verbose(type(self).__name__, verbose)
         self.best, self.wait, self.cooldown_counter = None, 0, 0
 
     def on_train_begin(self, model):
@@ -555,7 +566,7 @@ class LearningRateScheduler(Callback):
             raise TypeError(f"LearningRateScheduler: schedule must be callable, got "
                             f"{type(schedule).__name__}")
         self.schedule = schedule
-        self.verbose = verbose
+        self.verbose = _check_verbose(type(self).__name__, verbose)
         self._arity = _arity(schedule)
 
     def on_epoch_begin(self, model, epoch, logs):

@@ -202,6 +202,8 @@ class BinaryAccuracy(Metric):
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
             raise TypeError(f"BinaryAccuracy: threshold must be a number, got "
                             f"{type(threshold).__name__}")
+        if math.isnan(threshold):   # (every comparison with it is false)
+            raise ValueError("BinaryAccuracy: threshold must be a number, got NaN")
         self.threshold = float(threshold)
         super().__init__(name)
 

@@ -496,3 +496,24 @@ def test_auto_mode_maximises_accuracies():
     assert stop._sign == -1.0
     for combo in itertools.product(["loss", "val_loss", "mae"], ["min"]):
         assert fastrnn.EarlyStopping(monitor=combo[0], mode=combo[1])
+
+
+def test_settings_that_would_be_read_otherwise_than_meant_are_refused(tmp_path):
+    """verbose other than 0 or 1 (kept and read as true or false), an
+    infinite min_delta or min_lr (nothing could ever count as a change or
+    lower the rate) and a NaN threshold (every comparison false)."""
+    C = fastrnn.callbacks
+    for make in (lambda verbose: C.EarlyStopping(verbose=verbose),
+                 lambda verbose: C.ModelCheckpoint(str(tmp_path / "m.npz"), verbose=verbose),
+                 lambda verbose: C.ReduceLROnPlateau(verbose=verbose),
+                 lambda verbose: C.LearningRateScheduler(lambda epoch, lr: lr, verbose=verbose)):
+        for bad in ("yes", 2, 0.5, None):
+            with pytest.raises(ValueError, match=r"verbose must be 0 or 1, got "):
+                make(bad)
+        assert make(True).verbose == 1 and make(0).verbose == 0
+    with pytest.raises(ValueError, match="EarlyStopping: min_delta must be finite, got inf"):
+        C.EarlyStopping(min_delta=float("inf"))
+    with pytest.raises(ValueError, match="ReduceLROnPlateau: min_lr must be a finite number"):
+        C.ReduceLROnPlateau(min_lr=float("inf"))
+    with pytest.raises(ValueError, match="BinaryAccuracy: threshold must be a number, got NaN"):
+        fastrnn.metrics.BinaryAccuracy(threshold=float("nan"))
