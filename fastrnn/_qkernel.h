@@ -77,9 +77,10 @@
 #endif
 
 #if defined(__AVX2__)
-/* The AVX2 tiles' output (int8 and bfloat16): y[0..n) = add[0..n) + p
- * (add NULL: p) for n > 0 columns, at most 8: a whole vector with plain
- * loads and stores, masked ones only at a row's end. A masked store
+/* The AVX2 tiles' output (int8 and bfloat16), 8 columns of it: with n > 0
+ * the columns left in the row, y[j] = add[j] + p[j] (add NULL: p[j]) for j
+ * < min(n, 8): a whole vector with plain loads and stores, masked ones only
+ * at a row's end. A masked store
  * (vmaskmovps) takes ~4 ns on an AMD EPYC (Zen 3) against 0.35 ns for a
  * plain one (a loop of each, 2026-12-07). */
 static inline void fastrnn_q_put8(float* y, const float* add, __m256 p, ptrdiff_t n,

@@ -1094,7 +1094,7 @@ def _check_optimizer(section):
     if not isinstance(section, dict) or not expected <= set(section) <= expected | {"layers"}:
         got = sorted(section) if isinstance(section, dict) else type(section).__name__
         raise _BadFile(f"its optimizer should be an object of {sorted(expected)} (and "
-                       f"'layers'), got {_brief.repr(got)}")
+                       f"optionally 'layers'), got {_brief.repr(got)}")
     layers = section.get("layers")
     if layers is not None and not (
             isinstance(layers, list) and all(type(i) is int and i >= 0 for i in layers)
@@ -1203,8 +1203,9 @@ def _restore_training(read, model, layers, training, per_slot):
         untrained = sorted({i for i, _ in per_slot} - set(spec.layers))
         if untrained:
             raise _BadFile(f"it holds optimizer arrays of layer {untrained[0]}, which its "
-                           f"optimizer does not train")
+                           f"optimizer does not train (it trains layers {spec.layers})")
         opt.add([layers[i] for i in spec.layers])
+        opt._quantized.extend(optim._quantized_in(model))   # (its step refuses them, as add's)
     states = []
     positions = {}
     for i, layer in enumerate(layers):

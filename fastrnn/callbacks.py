@@ -120,7 +120,8 @@ def _check_verbose(owner, verbose):
     if isinstance(verbose, (bool, np.bool_)) or (isinstance(verbose, numbers.Integral)
                                                  and verbose in (0, 1)):
         return int(verbose)
-    raise ValueError(f"{owner}: verbose must be 0 or 1, got {verbose!r}")
+    raise (ValueError if isinstance(verbose, numbers.Integral) else TypeError)(
+        f"{owner}: verbose must be 0 or 1, got {verbose!r}")
 
 
 def _takes_logs(method):

@@ -225,7 +225,7 @@ def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     return module.eval()
 
 
-# --- Keras 3 -------------------------------------------------------------------------
+# --- Keras (3; Keras 2's tf_keras layers too) ------------------------------------------
 # Keras' activations that fastrnn's gate options compute (Keras 3's
 # hard_sigmoid is fastrnn's default one; its leaky_relu's slope is 0.2)
 _KERAS_ACTIVATIONS = {"tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu", "linear": "linear",
@@ -292,9 +292,9 @@ def _keras_direction(layer, backward=False):
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU or LSTM inside, got {kind}")
     cfg = layer.get_config()
     if cfg.get("time_major"):   # (Keras 2: inputs (T, B, D); fastrnn reads (B, T, D))
-        _keras_refuse(layer, "time_major=True", "Keras 3 has no such option and fastrnn "
-                      "converts batch-major layers: convert it with time_major=False and "
-                      "transpose the input, or pass the converted layer x.transpose(1, 0, 2)")
+        _keras_refuse(layer, "time_major=True", "fastrnn converts batch-major Keras layers "
+                      "(Keras 3 has no time_major): convert the layer built with "
+                      "time_major=False, and give the result x.transpose(1, 0, 2)")
     options = {}
     for key in ("activation",) if kind == "SimpleRNN" else ("activation",
                                                             "recurrent_activation"):
@@ -365,7 +365,10 @@ def _keras_stateful_batch(layer):
 
 
 def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
-    """A fastrnn layer or model equal to a Keras 3 recurrent layer or model.
+    """A fastrnn layer or model equal to a Keras 3 recurrent layer or model
+    (Keras 2's tf_keras layers too, with Keras 2's hard_sigmoid). Keras'
+    own classes only: a subclass, even one keeping the name, may compute
+    its own way and is refused, as is Keras 2's ``time_major=True``.
 
     Parameters
     ----------
@@ -552,7 +555,10 @@ def _keras_model(keras_layers, dtype):
     activations = {"linear": None, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
     layers = []
     for sub in keras_layers:
-        kind = _keras_kind(sub)
+        kind = type(sub).__name__
+        if kind in ("InputLayer", "Masking", "Embedding", "Dense", "Dropout", "SimpleRNN",
+                    "GRU", "LSTM", "Bidirectional"):
+            kind = _keras_kind(sub)   # (another is refused below, by its name)
         if kind == "InputLayer":
             continue
         if kind == "Masking":

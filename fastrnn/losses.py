@@ -123,9 +123,10 @@ class Loss:
             return float(values.sum()), count, grad
         # an element that does not count is 0, not 0 times its value: a
         # target left NaN at a masked step must not turn the sum into NaN
-        values = np.where(weight != 0, values * weight, values.dtype.type(0))
-        weight = _expand(np.broadcast_to(weight, values.shape), grad.ndim)
-        grad = np.where(weight != 0, grad * weight, grad.dtype.type(0))
+        with np.errstate(invalid="ignore"):   # (inf * 0 where it is thrown away)
+            values = np.where(weight != 0, values * weight, values.dtype.type(0))
+            weight = _expand(np.broadcast_to(weight, values.shape), grad.ndim)
+            grad = np.where(weight != 0, grad * weight, grad.dtype.type(0))
         count = values.size if norm is None else float(norm.sum())
         return float(values.sum()), count, grad
 

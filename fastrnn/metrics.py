@@ -203,7 +203,7 @@ class BinaryAccuracy(Metric):
             raise TypeError(f"BinaryAccuracy: threshold must be a number, got "
                             f"{type(threshold).__name__}")
         if math.isnan(threshold):   # (every comparison with it is false)
-            raise ValueError("BinaryAccuracy: threshold must be a number, got NaN")
+            raise ValueError("BinaryAccuracy: threshold must not be NaN, got nan")
         self.threshold = float(threshold)
         super().__init__(name)
 

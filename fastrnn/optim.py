@@ -150,15 +150,16 @@ class Optimizer:
             object.__setattr__(self, name, value)
             return
         fresh = type(self)(None, **{**self.get_config(), name: value})
-        object.__setattr__(self, name, getattr(fresh, name))
-        keep = set(self.slots()) | set(self._scalar_slots)
-        for state in self._state:
-            arrays = [item for item in state.values() if isinstance(item, np.ndarray)]
-            for slot in [slot for slot in state if slot not in keep]:
-                del state[slot]
-            for slot in self.slots():
-                if arrays and slot not in state and slot not in self._lazy_slots:
-                    state[slot] = np.zeros_like(arrays[0])
+        with holding(self._modules):   # (a step meanwhile holds them from start to swap)
+            object.__setattr__(self, name, getattr(fresh, name))
+            keep = set(self.slots()) | set(self._scalar_slots)
+            for state in self._state:
+                arrays = [item for item in state.values() if isinstance(item, np.ndarray)]
+                for slot in [slot for slot in state if slot not in keep]:
+                    del state[slot]
+                for slot in self.slots():
+                    if arrays and slot not in state and slot not in self._lazy_slots:
+                        state[slot] = np.zeros_like(arrays[0])
 
     @property
     def lr(self) -> float:

@@ -1171,8 +1171,10 @@ def test_a_layers_lean_path_follows_the_tuning(monkeypatch):
 
 
 def test_a_models_owners_follow_a_wrappers_new_layer():
-    """Replacing a Stateful wrapper's layer makes the model pin, lock, save
-    and snapshot the new layer, not the one it held when first called."""
+    """Replacing a Stateful wrapper's layer makes the model's owners (the
+    modules its calls pin and its loads, saves and snapshots lock) the new
+    layer, not the one it held when first called; its state_dict the new
+    layer's."""
     gru_a = GRU(3, 4, batch_first=True, seed=1)
     gru_b = GRU(3, 4, batch_first=True, seed=2)
     wrapper = fastrnn.Stateful(gru_a)
@@ -1181,6 +1183,7 @@ def test_a_models_owners_follow_a_wrappers_new_layer():
     wrapper.layer = gru_b
     owners = model._owners()
     assert any(o is gru_b for o in owners) and not any(o is gru_a for o in owners)
+    np.testing.assert_array_equal(model.state_dict()["0.weight_hh_l0"], gru_b.weight_hh_l0)
 
 
 def test_training_keeps_its_own_copy_of_an_array_likes_buffer():

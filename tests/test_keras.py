@@ -267,3 +267,25 @@ def test_from_keras_reads_keras_2s_hard_sigmoid_and_refuses_time_major():
     lstm(np.zeros((1, 2, 3), np.float32))
     with pytest.raises(ValueError, match="from_keras: LSTM time_major=True: "):
         fastrnn.from_keras(_as_keras2(lstm, time_major=True))
+
+
+def test_from_keras_names_a_custom_layer_in_a_model_as_not_convertible():
+    """A layer of another kind in a model keeps its message (the list of
+    kinds fastrnn imports); a subclass of a kind it imports is refused as one."""
+    class Scale(keras.layers.Layer):
+        def call(self, x):
+            return 2 * x
+
+    model = keras.Sequential([keras.Input((4, 3)), keras.layers.GRU(5, return_sequences=True),
+                              Scale(name="scale")])
+    with pytest.raises(TypeError, match="from_keras: Scale layer 'scale': fastrnn imports Keras"):
+        fastrnn.from_keras(model)
+
+    class Dense(keras.layers.Dense):
+        def call(self, x):
+            return super().call(x) * 3
+
+    inputs = keras.Input((4, 3))
+    model = keras.Model(inputs, Dense(2)(keras.layers.GRU(5)(inputs)))
+    with pytest.raises(TypeError, match=r"from_keras: .*Dense subclasses Keras' Dense"):
+        fastrnn.from_keras(model)

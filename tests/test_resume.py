@@ -569,3 +569,21 @@ def test_fit_refuses_a_schedule_of_another_optimizer(tmp_path):
     loaded.fit(x, y, epochs=2, initial_epoch=1, batch_size=4, verbose=0,
                callbacks=loaded.optimizer.schedules)
     assert loaded.optimizer.lr == 0.05 * 0.5 * 0.5
+
+
+def test_a_reloaded_optimizer_still_refuses_to_step_a_quantized_layer(tmp_path):
+    """A model holding a quantized layer beside trained ones: the reloaded
+    optimizer (of the trained layers only) refuses to step, as the saved one
+    did, naming the quantized layer."""
+    from fastrnn import quantized
+    x, y = _data(8)
+    model = fastrnn.Sequential([quantized.quantize(fastrnn.GRU(3, 4, batch_first=True, seed=0)),
+                                fastrnn.GRU(4, 4, batch_first=True, seed=1),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 2, seed=2)])
+    model.compile("mse", optim.Adam(lr=0.01))
+    model.save(tmp_path / "m.npz")
+    loaded = fastrnn.load(tmp_path / "m.npz")
+    with pytest.raises(TypeError, match="QuantizedGRU: an optimizer's step is not available"):
+        loaded.optimizer.step()
+    with pytest.raises(TypeError, match="QuantizedGRU: training is not available"):
+        loaded.fit(x, y, epochs=1, batch_size=4, verbose=0)
