@@ -28,6 +28,15 @@ _own_input = contextvars.ContextVar("fastrnn_own_input", default=False)
 _NOTHING = contextlib.nullcontext()
 
 
+def input_own_after(layers) -> bool:
+    """Whether the output of ``layers`` (a Sequential's first ones) is the
+    model's own values: once one of them computed values. A layer that
+    passes its input on (Masking, Dropout at inference, LastStep,
+    ZeroMasked: ``_passes_values``) leaves the caller's (a quantized model
+    starting with Masking had let an inf the caller gave through as NaN)."""
+    return any(not getattr(layer, "_passes_values", False) for layer in layers)
+
+
 def state_is_own() -> bool:
     """Whether the running layer call's hx is a carried state."""
     return _own_state.get()

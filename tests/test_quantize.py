@@ -2492,3 +2492,18 @@ def test_unit_weights_are_kept_for_one_split_and_checked_when_given(monkeypatch)
         _quant.forward_units(kernel, x=x.reshape(30, 7), h=h, c=c, out=out,
                              bounds=[0, 128, 200], window_bytes=1 << 20, wait_ns=10 ** 9,
                              part_weights=three)
+
+
+@pytest.mark.parametrize("first", [fastrnn.Masking, lambda: fastrnn.Dropout(0.5)])
+def test_a_layer_passing_the_callers_values_on_does_not_make_them_the_models_own(first):
+    """A quantized model starting with Masking or Dropout refuses the
+    caller's inf as one without them does, in a call and in a Stream (it had
+    taken it as a lower layer's overflow and given NaN)."""
+    x = np.ones((1, 3, 4), F32)
+    x[0, 1, 0] = np.inf
+    model = fastrnn.quantize(fastrnn.Sequential([first(),
+                                                 fastrnn.LSTM(4, 5, batch_first=True, seed=0)]))
+    with pytest.raises(ValueError, match="QuantizedLSTM: input has non-finite values"):
+        model(x)
+    with pytest.raises(ValueError, match="QuantizedLSTM: input has non-finite values"):
+        fastrnn.Stream(model).step(x[0, 1])
