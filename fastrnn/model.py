@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import numbers
 import os
@@ -39,10 +40,20 @@ from fastrnn.layers import _RNNBase
 from fastrnn.losses import BCEWithLogitsLoss, CrossEntropyLoss, get_loss
 from fastrnn.nn import Embedding, LastStep, Linear, MergeDirections
 from fastrnn.optim import _check_number, clip_grad_norm, clip_grad_value, get_optimizer
-from fastrnn.wrappers import Stateful, _recurrent
+from fastrnn.wrappers import Stateful, _recurrent, states_kept
 
 __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
            "load_state_dict_file"]
+
+
+def _states_kept_on_error(method):
+    """A Sequential method that leaves every Stateful's carried state as it
+    was when it raises (``wrappers.states_kept``)."""
+    @functools.wraps(method)
+    def kept(self, *args, **kwargs):
+        with states_kept(self.layers):
+            return method(self, *args, **kwargs)
+    return kept
 
 
 class Sequential:
@@ -314,6 +325,7 @@ class Sequential:
                                                    for layer in self.layers)
 
     # --- inference ----------------------------------------------------------
+    @_states_kept_on_error
     def __call__(self, x: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
         """Inference on one batch (dropout off); x as for ``predict``.
         ``mask`` (N, T) of bool: Keras' mask for the recurrent layers (see
@@ -394,6 +406,7 @@ class Sequential:
             if hasattr(layer, "reset_state"):
                 layer.reset_state()
 
+    @_states_kept_on_error
     def predict(self, x: Any, batch_size: int | None = None,
                 steps: int | None = None) -> np.ndarray | list[np.ndarray]:
         """Inference (dropout off) over x, in batches.
@@ -602,6 +615,7 @@ class Sequential:
         value, _, _, _, _ = self._train_batch(batch, batch.sample_weight)
         return value
 
+    @_states_kept_on_error
     def _train_batch(self, batch, sample_weight):
         """One step; returns (value, total, count, output, the batch with the
         output's mask)."""
@@ -719,6 +733,7 @@ class Sequential:
                              f"{shape_str(y.shape)}: expected the same shape past the {axes}")
         self.loss._check_target_dtype(owner, "validation y", y_val)
 
+    @_states_kept_on_error
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None,
                  sample_weight: ArrayLike | None = None, steps: int | None = None,
                  callbacks: list[Any] | None = None,

@@ -12,6 +12,8 @@ layer's own names, the wrapper's options in the JSON description (a
 """
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,26 @@ def _wrappers(layer):
     while isinstance(layer, _Wrapper):
         yield layer
         layer = layer.layer
+
+
+@contextlib.contextmanager
+def states_kept(layers):
+    """Each ``Stateful`` among ``layers`` (or within their wrappers) as it
+    was if the block raises: a model call, train step or predict that fails
+    after one carried its state on (a later layer, the loss, a batch of
+    another size) leaves none of them moved, as a Stateful's own failed
+    call does."""
+    held = [w for layer in layers for w in _wrappers(layer) if isinstance(w, Stateful)]
+    if not held:
+        yield
+        return
+    saved = [(w, w._state, w._carried, w._batch_size) for w in held]
+    try:
+        yield
+    except BaseException:
+        for w, state, carried, size in saved:
+            w._state, w._carried, w._batch_size = state, carried, size
+        raise
 
 
 def _recurrent(layer):

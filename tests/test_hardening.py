@@ -1210,3 +1210,29 @@ def test_training_keeps_its_own_copy_of_an_array_likes_buffer():
             grads.append({k: g.copy() for k, g in module.grads.items()})
         for name, g in grads[0].items():
             np.testing.assert_array_equal(grads[1][name], g)
+
+
+def test_a_failed_model_call_leaves_a_stateful_layers_state_as_it_was():
+    """A train step whose loss raises, or a predict refused at its second
+    batch, after a Stateful layer ran: its carried state stays as before the
+    call (it had moved on by the failed batch, so a retry continued from
+    the wrong state)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    y = rng.standard_normal((4, 1)).astype(np.float32)
+
+    def model():
+        return fastrnn.Sequential([fastrnn.Stateful(GRU(3, 4, batch_first=True, seed=0)),
+                                   fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)]
+                                  ).compile(loss="mse", optimizer="sgd")
+
+    expected = model().train_step(x, y)
+    failing = model()
+    with pytest.raises(ValueError, match="MSELoss: pred and target must have the same shape"):
+        failing.train_step(x, y[:, [0, 0]])
+    assert failing.layers[0].state is None
+    assert failing.train_step(x, y) == expected
+    before = failing.layers[0].state
+    with pytest.raises(ValueError, match="Stateful: expected a batch of 4 sequences"):
+        failing.predict(np.concatenate([x, x[:2]]), batch_size=4)
+    np.testing.assert_array_equal(failing.layers[0].state, before)
