@@ -28,13 +28,17 @@ _own_input = contextvars.ContextVar("fastrnn_own_input", default=False)
 _NOTHING = contextlib.nullcontext()
 
 
-def input_own_after(layers) -> bool:
-    """Whether the output of ``layers`` (a Sequential's first ones) is the
-    model's own values: once one of them computed values. A layer that
-    passes its input on (Masking, Dropout at inference, LastStep,
-    ZeroMasked: ``_passes_values``) leaves the caller's (a quantized model
-    starting with Masking had let an inf the caller gave through as NaN)."""
-    return any(not getattr(layer, "_passes_values", False) for layer in layers)
+def own_inputs(layers) -> list:
+    """Per layer of a Sequential, whether its input is the model's own
+    values: once a layer before it computed values. A layer that passes its
+    input on (Masking, Dropout at inference, LastStep, ZeroMasked:
+    ``_passes_values``) leaves the caller's (a quantized model starting with
+    Masking had let an inf the caller gave through as NaN)."""
+    owns, own = [], False
+    for layer in layers:
+        owns.append(own)
+        own = own or not getattr(layer, "_passes_values", False)
+    return owns
 
 
 def state_is_own() -> bool:

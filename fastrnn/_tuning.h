@@ -92,8 +92,9 @@
  * sums run one chain over every row): each element's chain of float32
  * additions runs over a group's rows, and the groups' totals are added
  * after (the first group's chain starts from the gradient itself). One
- * chain over all T * B rows lost precision in proportion to them, and a sum of equal terms stopped growing at 2^24 of
- * them (a bias gradient of 25.2 M rows of 1 was 16 777 216); with groups
+ * chain over all T * B rows lost precision in proportion to them, and a sum
+ * of equal terms stopped growing at 2^24 of them (a bias gradient of 25.2 M
+ * rows of 1 was 16 777 216); with groups
  * the error grows with the group's length plus the groups' count. 16
  * blocks: the added pass over the group's gradient columns costs one
  * multiply-add per 4096 a weight. */

@@ -237,6 +237,12 @@ def _keras_refuse(layer, name, reason):
     raise ValueError(f"from_keras: {type(layer).__name__} {name}: {reason}")
 
 
+_KERAS_ROOTS = ("keras", "tf_keras", "tensorflow")
+# the Keras classes fastrnn converts, known by their names
+_KERAS_CONVERTED = {"SimpleRNN", "GRU", "LSTM", "Bidirectional", "Sequential", "Functional",
+                    "InputLayer", "Masking", "Embedding", "Dense", "Dropout"}
+
+
 def _keras_root(cls):
     return cls.__module__.partition(".")[0]
 
@@ -245,17 +251,20 @@ def _keras_kind(layer):
     """The Keras class name a layer converts by, once it (and an RNN
     layer's cell) is Keras' own class: a subclass, even one keeping the
     name, may compute its own way (a GRU whose call doubles its input had
-    converted as a plain GRU)."""
-    cell = getattr(layer, "cell", None) if type(layer).__name__ in ("SimpleRNN", "GRU",
-                                                                     "LSTM") else None
+    converted as a plain GRU). A name fastrnn does not convert comes back
+    as it is, for the caller to refuse by it."""
+    kind = type(layer).__name__
+    if kind not in _KERAS_CONVERTED:
+        return kind
+    cell = getattr(layer, "cell", None) if kind in ("SimpleRNN", "GRU", "LSTM") else None
     for obj in (layer, cell):
-        if obj is not None and _keras_root(type(obj)) not in ("keras", "tf_keras", "tensorflow"):
-            base = next((c for c in type(obj).__mro__
-                         if _keras_root(c) in ("keras", "tf_keras", "tensorflow")), object)
+        if obj is not None and _keras_root(type(obj)) not in _KERAS_ROOTS:
+            base = next((c for c in type(obj).__mro__ if _keras_root(c) in _KERAS_ROOTS),
+                        object)
             raise TypeError(f"from_keras: {v.qualified_name(obj)} subclasses Keras' "
                             f"{base.__name__}; only Keras' own classes convert (their weights "
                             f"can: build Keras' {base.__name__} and set its weights)")
-    return type(layer).__name__
+    return kind
 
 
 def _keras2(layer):
@@ -419,15 +428,13 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
         ``zero_output_for_mask=True``.
     """
     kind = type(layer).__name__
-    if not any(cls.__module__.partition(".")[0] in ("keras", "tf_keras", "tensorflow")
-               for cls in type(layer).__mro__):   # (a torch or fastrnn LSTM has no get_config)
+    if not any(_keras_root(cls) in _KERAS_ROOTS for cls in type(layer).__mro__):   # (a torch or fastrnn LSTM has no get_config)
         hint = ("; for a PyTorch module use fastrnn.from_torch"
                 if type(layer).__module__.startswith("torch") else "")
         raise TypeError(f"from_keras: expected a Keras SimpleRNN, GRU, LSTM, Bidirectional, "
                         f"Sequential or functional Model, got {type(layer).__module__}.{kind} "
                         f"(not a Keras object){hint}")
-    if kind in ("SimpleRNN", "GRU", "LSTM", "Bidirectional", "Sequential", "Functional"):
-        kind = _keras_kind(layer)   # (others are refused below, as not convertible)
+    kind = _keras_kind(layer)
     dtype = check_dtype("from_keras", dtype)   # named here, not by the layer built from it
     if kind == "Sequential":
         return _keras_model(layer.layers, dtype)
@@ -555,10 +562,7 @@ def _keras_model(keras_layers, dtype):
     activations = {"linear": None, "relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
     layers = []
     for sub in keras_layers:
-        kind = type(sub).__name__
-        if kind in ("InputLayer", "Masking", "Embedding", "Dense", "Dropout", "SimpleRNN",
-                    "GRU", "LSTM", "Bidirectional"):
-            kind = _keras_kind(sub)   # (another is refused below, by its name)
+        kind = _keras_kind(sub)
         if kind == "InputLayer":
             continue
         if kind == "Masking":

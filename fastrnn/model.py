@@ -32,7 +32,7 @@ from fastrnn import optim as optim_module
 from fastrnn._engine import _training_buffers, input_grads
 from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
                              holding, on_one_set, restoring_copy)
-from fastrnn._own_values import input_own_after, own_values
+from fastrnn._own_values import own_inputs, own_values
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
                                ProgressBar)
@@ -372,10 +372,11 @@ class Sequential:
             mask, lengths, ragged = (valid if mask is None else mask & valid), None, lengths
         backprops = []
         given, carried = mask, False   # (masking.seq_call, masking.carries_steps)
+        # past the first layer that computes, the input is the model's own (a
+        # quantized layer lets an overflow in it propagate, as float32 does)
+        owns = own_inputs(self.layers)
         for k, layer in enumerate(self.layers):
-            # past the first layer that computes, the input is the model's own
-            # (a quantized layer lets an overflow in it propagate, as float32 does)
-            with own_values(layer, input=True if input_own_after(self.layers[:k]) else None):
+            with own_values(layer, input=True if owns[k] else None):
                 if masked:
                     from fastrnn.masking import carries_steps, seq_call
                     x, backprop, mask = seq_call(layer, x, mask, train, carried, given,

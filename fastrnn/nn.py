@@ -222,7 +222,7 @@ class Dropout(_Stateless):
     seed : None, int or numpy.random.Generator
         Source of the masks.
     """
-    _passes_values = True   # (the caller's values, or zeros: _own_values.input_own_after)
+    _passes_values = True   # (the caller's values, or zeros: _own_values.own_inputs)
 
     def __init__(self, p: float = 0.5, seed: int | np.random.Generator | None = None) -> None:
         self._config = {"p": v.check_dropout("Dropout", p)}
@@ -297,7 +297,7 @@ class LastStep(_Stateless):
     (Keras' ``zero_output_for_mask``, whose last output is the zeroed step
     T - 1), step T - 1.
     """
-    _passes_values = True   # (the caller's values, or zeros: _own_values.input_own_after)
+    _passes_values = True   # (the caller's values, or zeros: _own_values.own_inputs)
 
     _takes_mask = True
 
@@ -504,7 +504,7 @@ class Masking(_Stateless):
     ----------
     mask_value : float, default 0.0
     """
-    _passes_values = True   # (the caller's values, or zeros: _own_values.input_own_after)
+    _passes_values = True   # (the caller's values, or zeros: _own_values.own_inputs)
     _makes_mask = True
 
     def __init__(self, mask_value: float = 0.0) -> None:
@@ -551,7 +551,7 @@ class ZeroMasked(_Stateless):
         whose output runs in reversed order while the mask passed on stays
         in the input's (as Keras passes it).
     """
-    _passes_values = True   # (the caller's values, or zeros: _own_values.input_own_after)
+    _passes_values = True   # (the caller's values, or zeros: _own_values.own_inputs)
     _takes_mask = True
 
     def __init__(self, reverse: bool = False) -> None:

@@ -17,7 +17,7 @@ from numpy.typing import ArrayLike
 from fastrnn import _validation as v
 from fastrnn._locks import CallLock, ForkSafeLock
 from fastrnn._module import on_one_set
-from fastrnn._own_values import input_own_after, own_values
+from fastrnn._own_values import own_inputs, own_values
 from fastrnn.layers import GRU, LSTM, RNN, _RNNBase
 from fastrnn.masking import carries_steps, mask_for
 from fastrnn.model import Sequential
@@ -242,11 +242,11 @@ class Stream(CallLock):
             x = x[None]
         new_state, new_last = list(self._state), list(self._last)
         k, mask = 0, None
+        owns = own_inputs(self.model.layers)
         for i, layer in enumerate(self.model.layers):
             if getattr(layer, "_makes_mask", False):   # as masking.seq_call does
                 mask = layer._seq_mask(x)
-            with own_values(layer, input=True if input_own_after(self.model.layers[:i])
-                            else None):   # as Sequential's call
+            with own_values(layer, input=True if owns[i] else None):   # as Sequential's call
                 if isinstance(layer, (_RNNBase, _Wrapper)):
                     layer = self._recurrent[k]   # a Stateful's layer, from the stream's state
                     batch_first = layer._config["batch_first"]
