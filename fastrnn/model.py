@@ -1065,8 +1065,10 @@ class Sequential:
                 if val is not None:
                     if stateful:   # (fixed by the first batch, an iterable's too)
                         val_batch_size = stateful_size or stateful[0].batch_size or batch_size
-                    val_logs = self._evaluate_source(owner, val, val_batch_size, validation_steps,
-                                                     callbacks, look_ahead=epoch + 1 < epochs)
+                    with states_kept(self.layers):   # (as evaluate, if it raises)
+                        val_logs = self._evaluate_source(owner, val, val_batch_size,
+                                                         validation_steps, callbacks,
+                                                         look_ahead=epoch + 1 < epochs)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
                     if isinstance(val, batching.IterableData) and val.ran_out \
                             and epoch + 1 < epochs and not self.stop_training:
@@ -1582,8 +1584,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         In the file's order. Read-only arrays viewing the memory-mapped
         file (copy one to change it; ``load_state_dict`` copies them into
         the parameters), except BF16 tensors, converted to float32. Of a
-        fastrnn model file, the weights only (its ``optimizer/`` tensors are
-        left out), so a Sequential's file loads into a Sequential.
+        fastrnn model file, the weights only (its ``optimizer/`` tensors and
+        ``pytorch_cannot_compute`` notes are left out), so a Sequential's
+        file loads into a Sequential.
 
     Raises
     ------

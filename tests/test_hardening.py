@@ -1236,3 +1236,32 @@ def test_a_failed_model_call_leaves_a_stateful_layers_state_as_it_was():
     with pytest.raises(ValueError, match="Stateful: expected a batch of 4 sequences"):
         failing.predict(np.concatenate([x, x[:2]]), batch_size=4)
     np.testing.assert_array_equal(failing.layers[0].state, before)
+
+
+def test_a_validation_that_raises_inside_fit_leaves_a_stateful_layers_state_as_it_was():
+    """fit's validation runs the Stateful layer batch by batch; a validation
+    batch that raises (here a callback at the end of the first one) leaves
+    its carried state where that epoch's training left it, as evaluate does
+    (it had moved on by the validation batches that ran)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 6, 3)).astype(np.float32)
+    y = rng.standard_normal((8, 1)).astype(np.float32)
+
+    def model():
+        return fastrnn.Sequential([fastrnn.Stateful(GRU(3, 4, batch_first=True, seed=0)),
+                                   fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)]
+                                  ).compile(loss="mse", optimizer="sgd")
+
+    trained = model()
+    trained.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    after_training = trained.layers[0].state
+
+    class Failing(fastrnn.Callback):
+        def on_test_batch_end(self, model, batch, logs):
+            raise RuntimeError("stop in validation")
+
+    failing = model()
+    with pytest.raises(RuntimeError, match="stop in validation"):
+        failing.fit(x, y, batch_size=4, shuffle=False, verbose=0, validation_data=(x, y),
+                    callbacks=[Failing()])
+    np.testing.assert_array_equal(failing.layers[0].state, after_training)
