@@ -95,6 +95,10 @@ _MAX_HEADER_BYTES = 8 << 20      # a safetensors header: its JSON configuration 
 _SAFETENSORS_DEPTH = 3             # {name: {"shape": [...]}}: a safetensors header's nesting
 SAFETENSORS_SUFFIX = ".safetensors"
 _OPTIMIZER_PREFIX = "optimizer/"
+# a safetensors tensor beside the weights of a layer PyTorch's module of the
+# same name cannot compute (its UTF-8 reason): PyTorch's strict
+# load_state_dict refuses the file instead of computing something else
+_NOT_PYTORCH = "pytorch_cannot_compute"
 # safetensors dtypes: numpy's little-endian equivalent (None: none), and bytes per value
 _ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (None, 2),
               "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
@@ -103,7 +107,7 @@ _ST_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (
               "F8_E8M0": (None, 1), "C64": (None, 8)}
 # what each array's dtype is written as; uint16 arrays are bfloat16 bit patterns (a
 # bfloat16 layer's weights), written as BF16 for other readers
-_ST_CODES = {"float64": "F64", "float32": "F32", "int8": "I8", "uint16": "BF16"}
+_ST_CODES = {"float64": "F64", "float32": "F32", "int8": "I8", "uint16": "BF16", "uint8": "U8"}
 # the dtypes a weight may have besides float32 and float64: a quantized layer's int8
 # weights, or its bfloat16 ones as uint16 bit patterns (BF16 in safetensors)
 _REDUCED_DTYPES = (np.dtype("int8"), np.dtype("uint16"))
@@ -325,7 +329,7 @@ def save_model(model, path, include_optimizer=True):
         if include_optimizer and model.optimizer is not None:
             config["training"], optimizer_arrays = _training_state(model)
             arrays.update(optimizer_arrays)
-    _write(path, config, arrays)
+    _write(path, config, arrays, _torch_refusals(model.layers))
 
 
 def save_layer(layer, path):
@@ -342,7 +346,21 @@ def save_layer(layer, path):
               "layers": [_layer_entry(layer)], "random": _random_states(None, [layer])}
     arrays = {f"weights/0.{k}": val for k, val in layer.state_dict().items()}
     _refuse_non_finite("fastrnn.save", arrays)
-    _write(path, config, arrays)
+    _write(path, config, arrays, _torch_refusals([layer]))
+
+
+def _torch_refusals(layers):
+    """{index: why PyTorch cannot compute it} of the recurrent layers whose
+    PyTorch namesakes would take their weights and compute otherwise."""
+    from fastrnn.convert import torch_refusal    # (convert imports the layers' modules)
+    refusals = {}
+    for i, layer in enumerate(layers):
+        inner = _recurrent(layer)
+        if type(inner) in (RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell):
+            reason = torch_refusal(inner)
+            if reason is not None:
+                refusals[i] = reason
+    return refusals
 
 
 def is_safetensors_path(path):
@@ -351,16 +369,16 @@ def is_safetensors_path(path):
     return os.fsdecode(os.fspath(path)).lower().endswith(SAFETENSORS_SUFFIX)
 
 
-def _write(path, config, arrays):
+def _write(path, config, arrays, torch_refusals):
     """Write `config` and `arrays` (named as in the .npz) to `path`, in the
     container its extension calls for, through a temporary file renamed
-    over it."""
+    over it (a safetensors file marks the layers of `torch_refusals`)."""
     path = os.fsdecode(os.fspath(path))
     if not path:
         raise ValueError("save: the path to write is empty")
     if is_safetensors_path(path):
         def write(f):
-            _write_safetensors(f, config, arrays)
+            _write_safetensors(f, config, arrays, torch_refusals)
     else:
         def write(f):
             np.savez(f, **arrays, config=np.array(json.dumps(config)))
@@ -390,14 +408,17 @@ def _write(path, config, arrays):
         raise
 
 
-def _write_safetensors(f, config, arrays):
+def _write_safetensors(f, config, arrays, torch_refusals):
     """The safetensors file: weights under PyTorch's names (a single layer's
-    without the layer index), optimizer arrays under 'optimizer/'."""
+    without the layer index), optimizer arrays under 'optimizer/', and for
+    each layer of `torch_refusals` its reason under _NOT_PYTORCH."""
     single = config["kind"] == "layer"
     header = {"__metadata__": {"format": "pt", "fastrnn": json.dumps(config)}}
     tensors = []
     end = 0
-    for key, value in arrays.items():
+    marks = {f"weights/{i}.{_NOT_PYTORCH}":
+             np.frombuffer(reason.encode(), np.uint8) for i, reason in torch_refusals.items()}
+    for key, value in {**arrays, **marks}.items():
         if key.startswith("weights/"):
             name = key[len("weights/"):]
             if single:
@@ -681,6 +702,12 @@ def _release(mapping):
         pass
 
 
+def _is_mark(name):
+    """Whether a safetensors tensor's name is a layer's _NOT_PYTORCH note."""
+    index, dot, rest = name.rpartition(".")
+    return rest == _NOT_PYTORCH and (not dot or (index.isascii() and index.isdigit()))
+
+
 def _read_safetensors(sequential_cls, f, size):
     """The checks and reads of `load` on an open safetensors file."""
     metadata, tensors, start = _safetensors_header(f, size)
@@ -696,6 +723,8 @@ def _read_safetensors(sequential_cls, f, size):
     single = isinstance(config, dict) and config.get("kind") == "layer"
     weights, slots = {}, {}
     for name, tensor in tensors.items():
+        if _is_mark(name) and tensor.code == "U8" and len(tensor.shape) == 1:
+            continue                          # a note for PyTorch, not a weight
         optimizer = name.startswith(_OPTIMIZER_PREFIX)
         if tensor.code not in ("F32", "F64") and (optimizer or tensor.code not in ("I8",
                                                                                     "BF16")):
@@ -772,11 +801,11 @@ def read_state_dict(path, owner="fastrnn.load_state_dict_file"):
                 if _ST_DTYPES[tensor.code][0] is None and tensor.code != "BF16":
                     raise _BadFile(f"tensor {_brief.repr(name)} holds {tensor.code} data, "
                                    f"which numpy does not represent")
-            skip = _OPTIMIZER_PREFIX if "fastrnn" in metadata else None
+            ours = "fastrnn" in metadata     # (its optimizer's arrays and marks: not weights)
             mapping = _mapped(f, size)
             state = {}
             for name, tensor in tensors.items():
-                if skip and name.startswith(skip):
+                if ours and (name.startswith(_OPTIMIZER_PREFIX) or _is_mark(name)):
                     continue
                 if tensor.code == "BF16":      # the upper half of a float32
                     bits = _tensor_view(mapping, start, tensor._replace(code="U16"))

@@ -179,45 +179,51 @@ def from_torch(module: Any) -> RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell:
     return result
 
 
+def torch_refusal(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> str | None:
+    """Why PyTorch's module of the same class cannot compute a fastrnn layer
+    or cell (an option it lacks, named), or None if it can."""
+    name = type(layer).__name__
+    cfg = layer._config
+    if cfg.get("layer_norm"):
+        return f"{name} has layer_norm=True; PyTorch's {name} has no layer normalisation"
+    if not cfg.get("reset_after", True):
+        return f"{name} has reset_after=False; PyTorch has only the reset-after GRU"
+    for key, value in _gate_options.repr_options(cfg):
+        # (an LSTM's cell_activation given as its activation is the default's)
+        if key == "cell_activation" and value == cfg.get("activation", "tanh"):
+            continue
+        if key != "nonlinearity" or value not in ("tanh", "relu"):
+            return f"{name} has {key}={value!r}; PyTorch has no such option"
+    # the training options PyTorch lacks (it would neither learn the initial
+    # state nor drop weights in training)
+    for key, value in _training_options.repr_options(cfg)[:1]:
+        return f"{name} has {key}={value!r}; PyTorch has no such option"
+    return None
+
+
 def to_torch(layer: RNN | GRU | LSTM | RNNCell | GRUCell | LSTMCell) -> Any:
     """The PyTorch module equal to a fastrnn layer or cell (same class name,
     configuration, dtype and weights), in eval mode, as fastrnn's calls
     are: a stacked layer's ``dropout`` applies in torch's training mode
     only (call ``.train()`` on it to train there)."""
     name = _class_name("to_torch", layer, {**_LAYERS, **_CELLS}, "RNN, GRU, LSTM or cell")
-    # where to_onnx takes the layer, the refusals point at it
-    onnx_hint = (" (export it with to_onnx instead)" if name in _LAYERS
-                 and not layer._config.get("zoneout") and not layer._config.get("proj_size")
-                 else "")
-    if layer._config.get("layer_norm"):
-        raise ValueError(f"to_torch: {name} has layer_norm=True; PyTorch's {name} has no "
-                         f"layer normalisation")
+    refusal = torch_refusal(layer)
+    if refusal is not None:
+        # where to_onnx takes the layer, the refusals point at it
+        hint = ""
+        if name in _LAYERS and not layer._config.get("zoneout") \
+                and not layer._config.get("proj_size") and "layer_norm" not in refusal:
+            hint = (" (export it for inference with to_onnx instead)"
+                    if _training_options.repr_options(layer._config)
+                    else " (export it with to_onnx instead)")
+        raise ValueError(f"to_torch: {refusal}{hint}")
     torch = _torch()
     cfg = dict(layer._config)
-    cfg.pop("layer_norm", None)
-    if not cfg.pop("reset_after", True):
-        raise ValueError(f"to_torch: {name} has reset_after=False; PyTorch has only the "
-                         f"reset-after GRU{onnx_hint}")
-    # gate options PyTorch lacks: refused by name unless at their defaults
-    for key, value in _gate_options.repr_options(cfg):
-        # (an LSTM's cell_activation given as its activation is the default's)
-        if key == "cell_activation" and value == cfg.get("activation", "tanh"):
-            continue
-        if key != "nonlinearity" or value not in ("tanh", "relu"):
-            raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
-                             f"option{onnx_hint}")
-    for key, _ in _gate_options.DEFAULTS:
+    for key, _ in (*_gate_options.DEFAULTS, *_training_options.DEFAULTS):
         if key != "nonlinearity":
             cfg.pop(key, None)
-    # the training options PyTorch lacks (it would neither learn the initial
-    # state nor drop weights in training): refused by name unless at their defaults
-    refused = _training_options.repr_options(cfg)
-    if refused:
-        key, value = refused[0]
-        raise ValueError(f"to_torch: {name} has {key}={value!r}; PyTorch has no such "
-                         f"option{onnx_hint.replace('export it', 'export it for inference')}")
-    for key, _ in _training_options.DEFAULTS:
-        cfg.pop(key, None)
+    cfg.pop("layer_norm", None)
+    cfg.pop("reset_after", None)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.pop("dtype").name]
     size = (cfg.pop("input_size"), cfg.pop("hidden_size"))
     module = getattr(torch.nn, name)(*size, dtype=dtype, **cfg)

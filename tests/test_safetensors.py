@@ -59,7 +59,10 @@ def test_a_layer_round_trips_under_its_state_dict_names(name, tmp_path):
     fastrnn.save(layer, path)
     header, _ = _header(path)
     metadata = header.pop("__metadata__")
-    assert list(header) == list(layer.state_dict())          # exactly the module's names
+    # exactly the module's names (and a note where PyTorch's would compute otherwise)
+    marked = name == "gru_reset_before"
+    assert list(header) == list(layer.state_dict()) + ["pytorch_cannot_compute"] * marked
+    header.pop("pytorch_cannot_compute", None)
     assert metadata["format"] == "pt" and json.loads(metadata["fastrnn"])["kind"] == "layer"
     loaded = fastrnn.load(path)
     assert type(loaded) is type(layer) and repr(loaded) == repr(layer)
@@ -246,6 +249,52 @@ def test_a_sequential_file_loads_strictly_into_nn_sequential(tmp_path):
              if not k.startswith("optimizer/")}
     module.load_state_dict(state, strict=True)
     np.testing.assert_array_equal(module[3].weight.detach().numpy(), model[3].weight)
+
+
+NOT_PYTORCH = {
+    "reset_before": (lambda: fastrnn.GRU(3, 5, reset_after=False, seed=0),
+                     "GRU has reset_after=False; PyTorch has only the reset-after GRU"),
+    "zoneout": (lambda: fastrnn.LSTM(3, 5, zoneout=0.1, seed=0),
+                "LSTM has zoneout=0.1; PyTorch has no such option"),
+    "coupled_gates": (lambda: fastrnn.LSTMCell(3, 5, input_forget=True, seed=0),
+                      "LSTMCell has input_forget=True; PyTorch has no such option"),
+    "weight_dropout": (lambda: fastrnn.RNN(3, 5, weight_dropout=0.2, seed=0),
+                       "RNN has weight_dropout=0.2; PyTorch has no such option"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_PYTORCH))
+def test_a_file_of_a_layer_pytorch_cannot_compute_is_refused_there(case, tmp_path):
+    """The weights keep PyTorch's names, but a note beside them (its reason)
+    makes PyTorch's strict load_state_dict refuse the file: it took the
+    weights of a GRU with reset_after=False and computed the reset-after
+    GRU. fastrnn reads the file as before."""
+    torch = _torch()
+    from safetensors.torch import load_file
+    make, reason = NOT_PYTORCH[case]
+    layer = make()
+    name = type(layer).__name__
+    module = getattr(torch.nn, name)(3, 5)
+    layer.save(tmp_path / "l.safetensors")
+    tensors = load_file(tmp_path / "l.safetensors")
+    assert bytes(tensors["pytorch_cannot_compute"].numpy()).decode() == reason
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\).*"pytorch_cannot_compute"'):
+        module.load_state_dict(tensors, strict=True)
+    loaded = fastrnn.load(tmp_path / "l.safetensors")
+    assert repr(loaded) == repr(layer)
+    _same_weights(loaded, layer)
+    state = load_state_dict_file(tmp_path / "l.safetensors")
+    assert sorted(state) == sorted(layer.state_dict())
+    if name.endswith("Cell"):
+        return                                   # (a Sequential takes sequence layers)
+    # a wrapped layer is marked too
+    model = fastrnn.Sequential([fastrnn.Stateful(make()) if case == "zoneout" else make()])
+    model.save(tmp_path / "m.safetensors")
+    tensors = load_file(tmp_path / "m.safetensors")
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\).*"0.pytorch_cannot_compute"'):
+        torch.nn.Sequential(module).load_state_dict(tensors, strict=True)
+    _same_weights(fastrnn.load(tmp_path / "m.safetensors"), model)
+    assert sorted(load_state_dict_file(tmp_path / "m.safetensors")) == sorted(model.state_dict())
 
 
 def test_a_pytorch_file_loads_here(tmp_path):
