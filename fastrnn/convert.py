@@ -1234,8 +1234,16 @@ def _onnx_check_caller_inputs(graph, plans, initializers, numpy_helper):
             if op not in ("Constant", "ConstantOfShape"):
                 return False
             values = [a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR]
-            if not values:   # ConstantOfShape's default value is a zero
-                return zeros_ok and op == "ConstantOfShape"
+            if not values:   # ConstantOfShape's default value is a zero; a Constant's
+                # value_float(s) / value_int(s) (then broadcast by an Expand) are numbers
+                scalars = [x for a in node.attribute for x in (
+                    [a.f] if a.name == "value_float" and a.type == a.FLOAT else
+                    a.floats if a.name == "value_floats" and a.type == a.FLOATS else
+                    [a.i] if a.name == "value_int" and a.type == a.INT else
+                    a.ints if a.name == "value_ints" and a.type == a.INTS else [None])]
+                if op == "ConstantOfShape":
+                    return zeros_ok
+                return zeros_ok and bool(scalars) and all(x == 0 for x in scalars)
             tensor = values[0]
         else:
             return False

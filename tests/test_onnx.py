@@ -155,6 +155,36 @@ def test_from_onnx_refuses_a_state_or_lengths_fixed_in_the_model(op, slot, label
         fastrnn.from_onnx(fastrnn.to_onnx(learned))
 
 
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_from_onnx_takes_a_zero_state_made_by_a_constant_number(value):
+    """A state from Constant(value_float=0) broadcast by an Expand (as some
+    exporters write zeros) was refused as computed in the graph; zeros
+    import (the layer's own start, ONNX Runtime's numbers when it is
+    installed), any other number is still refused by name."""
+    from onnx import TensorProto, helper, numpy_helper
+    model = _node_model("GRU", extra_inputs=["", "", "h0"])
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["zero"], value_float=value))
+    model.graph.node.insert(1, helper.make_node("Expand", ["zero", "shape"], ["h0"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 1, 2]), "shape"))
+    if value:
+        with pytest.raises(ValueError, match=r"input initial_h \('h0'\) is computed in the "
+                                             r"graph"):
+            fastrnn.from_onnx(model)
+        return
+    layer, = fastrnn.from_onnx(model)
+    plain, = fastrnn.from_onnx(_node_model("GRU"))
+    x = np.random.default_rng(1).standard_normal((4, 1, 3)).astype(np.float32)
+    np.testing.assert_array_equal(layer(x)[0], plain(x)[0])
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"X": x})
+    np.testing.assert_allclose(layer(x)[0], y[:, 0], rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("op,attrs,extra,message", [
     # clip, input_forget=1, any ONNX activation and P import (tests/test_gate_options*.py);
     # what is still refused:
