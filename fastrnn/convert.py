@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 import stat
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -297,6 +298,24 @@ def _keras_plain_weights(layer):
                       "convert the float model (fastrnn.quantize quantizes the result)")
 
 
+def _keras_precision(layer, dtype):
+    """Warn where Keras computes a layer in a lower precision than the
+    converted one will (a mixed-precision policy's float16 or bfloat16, or
+    float64 converted to float32): the same weights, other numbers."""
+    computes = str(getattr(layer, "compute_dtype", None) or "float32")
+    if computes not in ("float16", "bfloat16", "float64") or computes == dtype.name:
+        return
+    policy = getattr(getattr(layer, "dtype_policy", None), "name", computes)
+    if computes == "float64":
+        how = "pass dtype='float64' to compute as it does"
+    else:
+        how = (f"fastrnn has no {computes} arithmetic, so the outputs differ from Keras' by "
+               f"{computes} rounding (about 1e-3 of their size)")
+    warnings.warn(f"from_keras: {type(layer).__name__} {layer.name!r} computes in {computes} "
+                  f"in Keras (dtype policy {policy!r}); the converted layer computes in "
+                  f"{dtype.name} from the same weights: {how}", stacklevel=3)
+
+
 def _keras_direction(layer, backward=False):
     """(fastrnn class name, weights by PyTorch name without suffix, config) of
     one Keras SimpleRNN / GRU / LSTM layer (``backward``: a Bidirectional's
@@ -442,6 +461,8 @@ def from_keras(layer: Any, dtype: DTypeLike = "float32") -> Any:
                         f"(not a Keras object){hint}")
     kind = _keras_kind(layer)
     dtype = check_dtype("from_keras", dtype)   # named here, not by the layer built from it
+    if kind not in ("Sequential", "Functional"):   # (a model's: each layer's, as it converts)
+        _keras_precision(layer, dtype)
     if kind == "Sequential":
         return _keras_model(layer.layers, dtype)
     if kind == "Functional":
@@ -575,6 +596,7 @@ def _keras_model(keras_layers, dtype):
             layers.append(Masking(float(sub.mask_value)))
         elif kind == "Embedding":
             _keras_plain_weights(sub)
+            _keras_precision(sub, dtype)
             table = sub.get_weights()[0]
             emb = Embedding(table.shape[0], table.shape[1], mask_zero=bool(sub.mask_zero),
                             dtype=dtype)
@@ -587,6 +609,7 @@ def _keras_model(keras_layers, dtype):
                 _keras_refuse(sub, f"activation={act!r}", f"expected one of "
                               f"{sorted(activations)}")
             _keras_plain_weights(sub)
+            _keras_precision(sub, dtype)
             weights = sub.get_weights()
             dense = Linear(weights[0].shape[0], weights[0].shape[1],
                            bias=bool(cfg.get("use_bias", True)), dtype=dtype)

@@ -289,3 +289,37 @@ def test_from_keras_names_a_custom_layer_in_a_model_as_not_convertible():
     model = keras.Model(inputs, Dense(2)(keras.layers.GRU(5)(inputs)))
     with pytest.raises(TypeError, match=r"from_keras: .*Dense subclasses Keras' Dense"):
         fastrnn.from_keras(model)
+
+
+def test_from_keras_says_where_keras_computes_in_another_precision():
+    """A mixed-precision layer computes in float16 in Keras from float32
+    weights; the converted one computes in float32 (5e-4 off here), which
+    passed unsaid. A float64 layer converted to float32 likewise. Each is a
+    warning naming the layer; a float64 conversion of it says nothing."""
+    import warnings
+    x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+    mixed = keras_layer("GRU", dtype="mixed_float16", name="mixed_gru")
+    expected = np.asarray(mixed(x)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"GRU 'mixed_gru' computes in float16 in Keras "
+                                         r"\(dtype policy 'mixed_float16'\); the converted "
+                                         r"layer computes in float32"):
+        converted = fastrnn.from_keras(mixed)
+    difference = np.abs(converted(x)[0] - expected).max()
+    assert 1e-5 < difference < 5e-3
+    wide = keras_layer("LSTM", dtype="float64", name="wide")
+    wide(x.astype(np.float64))
+    with pytest.warns(UserWarning, match=r"LSTM 'wide' computes in float64 .* pass "
+                                         r"dtype='float64'"):
+        fastrnn.from_keras(wide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastrnn.from_keras(wide, dtype="float64")
+        plain = keras_layer("GRU")
+        plain(x)
+        fastrnn.from_keras(plain)
+    model = keras.Sequential([keras.Input((5, 3)), keras_layer("GRU", dtype="mixed_float16"),
+                              keras.layers.Dense(2, dtype="mixed_float16", name="head")])
+    with pytest.warns(UserWarning) as record:
+        fastrnn.from_keras(model)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and "Dense 'head' computes in float16" in messages[1]
