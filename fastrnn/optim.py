@@ -143,13 +143,14 @@ class Optimizer:
         the parameters' state follows a change of the arrays it keeps: those
         no longer used are dropped (a file with them is refused), new ones
         start as a first step starts them."""
-        if (name == "lr" or "_state" not in self.__dict__ or type(self).__module__ != __name__
-                or name not in self.get_config()):
-            # (the constructor's own settings too; a subclass of another module:
-            # its constructor may not take its get_config())
+        # a subclass of another module is checked as the class of this one it
+        # extends (its own constructor may not take its get_config())
+        base = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__)
+        if (name == "lr" or "_state" not in self.__dict__ or base is Optimizer
+                or name not in base.get_config(self)):   # (the constructor's own settings too)
             object.__setattr__(self, name, value)
             return
-        fresh = type(self)(None, **{**self.get_config(), name: value})
+        fresh = base(None, **{**base.get_config(self), name: value})
         with holding(self._modules):   # (a step meanwhile holds them from start to swap)
             object.__setattr__(self, name, getattr(fresh, name))
             keep = set(self.slots()) | set(self._scalar_slots)

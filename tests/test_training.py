@@ -1924,3 +1924,30 @@ def test_a_hyper_parameter_set_after_construction_is_checked_and_the_state_follo
         for a, b in zip(model.optimizer.state_dict()["state"],
                         loaded.optimizer.state_dict()["state"]):
             assert set(a) == set(b)
+
+
+class _UsersAdam(optim.Adam):
+    """A subclass of another module than fastrnn.optim, with its own
+    constructor."""
+    def __init__(self, params=None, lr=0.01):
+        super().__init__(params, lr=lr)
+
+
+def test_a_hyper_parameter_set_on_a_subclass_of_another_module_is_checked_too():
+    """A user's subclass of Adam took amsgrad=True set by hand unchecked and
+    without its state following: the next step raised KeyError
+    ('max_exp_avg_sq'); betas=(0.9, 1.5) was taken. Now checked as the
+    fastrnn class it extends checks it."""
+    opt = _UsersAdam()
+    with pytest.raises(ValueError, match="Adam: betas must lie in"):
+        opt.betas = (0.9, 1.5)
+    assert opt.betas == (0.9, 0.999)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((8, 5, 3)), rng.standard_normal((8, 2))
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 2, seed=1)])
+    model.compile("mse", opt)
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    opt.amsgrad = True
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert all("max_exp_avg_sq" in state for state in opt.state_dict()["state"])
