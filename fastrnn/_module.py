@@ -99,6 +99,18 @@ def filled_later():
     return getattr(_filling, "later", False)
 
 
+@contextlib.contextmanager
+def weights_reduced(fraction):
+    """Within: the modules built are quantized ones, whose weights take
+    ``fraction`` of float32's bytes (see check_parameter_memory)."""
+    before = getattr(_filling, "reduced", None)
+    _filling.reduced = fraction
+    try:
+        yield
+    finally:
+        _filling.reduced = before
+
+
 def sealed(storage):
     """``storage``'s values in an array that numpy will not make writeable: a
     view of a read-only memoryview of it (numpy refuses ``flags.writeable =
@@ -344,17 +356,23 @@ def check_parameter_memory(owner, nbytes, config):
     storage alone would be allocated (many small ones succeed one by one
     until the system kills the process; num_layers = 10**7 asked for 630 GiB
     so, an hour into the allocations). ``config``: (name, value) of the
-    sizes and options to name in the message."""
+    sizes and options to name in the message. A quantized module filled
+    later (quantize, a file) needs its reduced weights only: its float
+    storages and gradients stay untouched zeros (no memory)."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):   # (no sysconf: Windows)
         return
-    if memory > 0 and 2 * nbytes > memory:
+    reduced = getattr(_filling, "reduced", None)
+    if reduced is not None and filled_later():
+        need, what = int(nbytes * reduced), "its reduced weights need"
+    else:
+        need, what = 2 * nbytes, "its parameters and their gradients need"
+    if memory > 0 and need > memory:
         given = ", ".join(f"{name}={value}" if isinstance(value, (bool, str)) else
                           f"{name}={v.int_str(value)}" for name, value in config)
-        raise MemoryError(f"{owner}({given}): its parameters and their gradients need "
-                          f"{v.bytes_text(2 * nbytes)}, more than this machine's "
-                          f"{v.bytes_text(memory)} of memory")
+        raise MemoryError(f"{owner}({given}): {what} {v.bytes_text(need)}, more than this "
+                          f"machine's {v.bytes_text(memory)} of memory")
 
 
 def config_value(value):

@@ -7,6 +7,7 @@ what was got.
 import math
 import numbers
 import os
+import reprlib
 
 import numpy as np
 
@@ -56,7 +57,10 @@ def check_choice(owner, name, value, choices):
     for another str), each message listing the choices."""
     listed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
     if not isinstance(value, str):
-        raise TypeError(f"{owner}: {name} must be a str ({listed}), got {type(value).__name__}")
+        # (a class given, np.int8 or torch.qint8: itself, not "type")
+        got = (f"the class {value.__module__}.{value.__qualname__}" if isinstance(value, type) else
+               f"{type(value).__name__} {reprlib.repr(value)}")
+        raise TypeError(f"{owner}: {name} must be a str ({listed}), got {got}")
     if value not in choices:
         raise ValueError(f"{owner}: {name} must be {listed}, got {value!r}")
     return value

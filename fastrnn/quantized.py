@@ -82,6 +82,7 @@ comparison and testing).
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import numbers
@@ -96,8 +97,9 @@ from fastrnn import _kernels, _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._engine import padding_mask, steps_run, valid_steps
 from fastrnn._kernels import forward as _forward
-from fastrnn._module import (LoadResult, call_parameters, filled_later, holding, sealed,
-                             latest_parameters, parameters_filled_later, set_parameters)
+from fastrnn._module import (LoadResult, Module, call_parameters, filled_later, holding, sealed,
+                             latest_parameters, parameters_filled_later, set_parameters,
+                             weights_reduced)
 from fastrnn._own_values import input_is_own, state_is_own
 from fastrnn._validation import as_array, shape_str
 from fastrnn.cells import GRUCell, LSTMCell, RNNCell
@@ -862,6 +864,13 @@ _QUANT_DOC = """
     scale per output row; False: per weight tensor). Inference only."""
 
 
+# a reduced weight's bytes per float32 weight's (an unknown weight_dtype:
+# the float guard, then its own refusal)
+def _weight_fraction(weight_dtype):
+    return {"int8": 0.25, "bfloat16": 0.5}.get(weight_dtype) \
+        if isinstance(weight_dtype, str) else None
+
+
 def _check_size(owner, name, value, weight_dtype):
     """Refuse an input or hidden size past _quant.MAX_K before any allocation,
     saying whose bound it is (a bad weight_dtype is reported first)."""
@@ -883,7 +892,8 @@ def _quantized_class(base, mixin):
             sizes = {}    # the float class's constructor reports it
         for size in ("input_size", "hidden_size"):
             _check_size(name, size, sizes.get(size), weight_dtype)
-        base.__init__(self, *args, **kwargs)
+        with weights_reduced(_weight_fraction(weight_dtype)):
+            base.__init__(self, *args, **kwargs)
         self._init_quantized(weight_dtype, per_channel)
 
     name = "Quantized" + base.__name__
@@ -920,7 +930,8 @@ class QuantizedLinear(_ReducedWeights, Linear):
                  dtype: Any = "float32", seed: Any = None, *, weight_dtype: str = "int8",
                  per_channel: bool = True) -> None:
         _check_size("QuantizedLinear", "in_features", in_features, weight_dtype)
-        super().__init__(in_features, out_features, bias, dtype, seed)
+        with weights_reduced(_weight_fraction(weight_dtype)):
+            super().__init__(in_features, out_features, bias, dtype, seed)
         cfg = self._config
         if cfg["dtype"] != np.float32:
             raise ValueError(f"QuantizedLinear: quantized layers compute in float32, got "
@@ -1028,9 +1039,15 @@ def _quantize_module(owner, module, dtype, per_channel):
     if config["dtype"] != "float32":
         raise ValueError(f"{owner}: quantize needs a float32 model, got a {config['dtype']} "
                          f"{type(module).__name__}")
+    state = module.state_dict()
+    for name, value in state.items():   # (named here: the new layer's load does not know whose)
+        if not np.isfinite(value).all():
+            raise ValueError(f"{owner}: {type(module).__name__}'s {name} has non-finite "
+                             f"values (NaN or inf), which cannot be quantized (training "
+                             f"diverged?)")
     with parameters_filled_later():   # (no initial values drawn: the next line loads them)
         quantized = cls(**config, weight_dtype=dtype, per_channel=per_channel)
-    quantized.load_state_dict(module.state_dict())
+    quantized.load_state_dict(state)
     return quantized
 
 
@@ -1043,8 +1060,9 @@ def quantize(model: Any, dtype: str = "int8", per_channel: bool = True) -> Any:
         A float32 model. In a ``Sequential`` every recurrent layer (inside
         ``Reversed`` or ``Stateful`` too: new wrappers with the same options,
         a ``Stateful`` starting from the initial state) and ``Linear`` is
-        quantized; the other layers (Dropout, LastStep, activations, ...) are
-        shared with the original, as ``model[1:]`` shares them. A model with
+        quantized; an ``Embedding`` is copied (float32, as it was); the layers
+        without weights (Dropout, LastStep, activations, ...) are shared with
+        the original, as ``model[1:]`` shares them. A model with
         a layer quantized already is refused (quantize the float32 one).
     dtype : {'int8', 'bfloat16'}, default 'int8'
         The weights' type. int8: symmetric, in [-127, 127]; the products run
@@ -1103,9 +1121,14 @@ def _quantize_layers(model, dtype, per_channel):
         if isinstance(_recurrent(layer), QUANTIZED_CLASSES):
             raise TypeError(f"quantize: layer {i} of the Sequential ({layer!r}) is "
                             f"quantized already; quantize the float32 model")
-        quantizes = type(_recurrent(layer)) in _QUANTIZED
-        layers.append(_quantize_wrapped(f"quantize: layer {i}", layer, dtype, per_channel)
-                      if quantizes else layer)
+        if type(_recurrent(layer)) in _QUANTIZED:
+            layers.append(_quantize_wrapped(f"quantize: layer {i}", layer, dtype, per_channel))
+        elif isinstance(layer, Module) and layer._names:
+            # a layer with weights it keeps in float (an Embedding): a copy, so
+            # that training or loading either model leaves the other as it was
+            layers.append(copy.deepcopy(layer))
+        else:
+            layers.append(layer)
     return layers
 
 

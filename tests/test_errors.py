@@ -1170,3 +1170,39 @@ def test_ints_of_thousands_of_digits_are_described_in_messages():
         fastrnn.LSTM(10**5000, 3)
     with pytest.raises(ValueError, match="tbptt: steps must be >= 1, got -12345$"):
         fastrnn.tbptt(fastrnn.GRU(3, 4), np.zeros((4, 1, 3), np.float32), -12345)
+
+
+def test_a_quantized_model_is_held_to_its_reduced_weights_bytes(monkeypatch, tmp_path):
+    """The memory check counted a quantized layer as float32 parameters with
+    float32 gradients (8 bytes a weight): a quantized file or quantize()
+    whose int8 weights fit was refused. Filled at once (quantize, a file),
+    it needs its int8 (or bfloat16) weights only; built directly it still
+    draws float32 weights first, and is checked as a float layer."""
+    import os
+    if not hasattr(os, "sysconf"):
+        pytest.skip("no sysconf: the check needs the machine's memory")
+    lstm = fastrnn.LSTM(1, 1000, seed=0)          # 16 MB of float32 weights
+    fastrnn.quantize(lstm).save(tmp_path / "int8.npz")
+    fastrnn.quantize(lstm, dtype="bfloat16").save(tmp_path / "bf16.npz")
+    page = os.sysconf("SC_PAGE_SIZE")
+    real = os.sysconf
+
+    def machine_of(nbytes):
+        return lambda name: nbytes // page if name == "SC_PHYS_PAGES" else real(name)
+
+    monkeypatch.setattr(os, "sysconf", machine_of(12 << 20))
+    with pytest.raises(MemoryError, match=r"LSTM\(input_size=1, hidden_size=1000\): its "
+                                          r"parameters and their gradients need"):
+        fastrnn.LSTM(1, 1000)
+    with pytest.raises(MemoryError, match=r"QuantizedLSTM\(input_size=1, hidden_size=1000\): "
+                                          r"its parameters and their gradients need"):
+        fastrnn.quantized.QuantizedLSTM(1, 1000)
+    x = np.ones((3, 2, 1), np.float32)
+    for dtype in ("int8", "bfloat16"):
+        q = fastrnn.quantize(lstm, dtype=dtype)
+        loaded = fastrnn.load(tmp_path / f"{dtype.replace('float', 'f')[:4]}.npz")
+        np.testing.assert_array_equal(loaded(x)[0], q(x)[0])
+    monkeypatch.setattr(os, "sysconf", machine_of(3 << 20))
+    with pytest.raises(MemoryError, match=r"QuantizedLSTM\(input_size=1, hidden_size=1000\): "
+                                          r"its reduced weights need 3.8"):
+        fastrnn.load(tmp_path / "int8.npz")

@@ -877,8 +877,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"quantize: dtype must be 'int8' or "
                                          r"'bfloat16', got 'int4'"):
         fastrnn.quantize(lstm, dtype="int4")
-    with pytest.raises(TypeError, match="quantize: dtype must be a str.*got int"):
+    with pytest.raises(TypeError, match="quantize: dtype must be a str.*got int 8"):
         fastrnn.quantize(lstm, dtype=8)
+    # a class given names itself (the message said "got type")
+    with pytest.raises(TypeError, match=r"quantize: dtype must be a str \('int8' or "
+                                        r"'bfloat16'\), got the class numpy\.int8$"):
+        fastrnn.quantize(lstm, dtype=np.int8)
     with pytest.raises(TypeError, match="quantize: per_channel must be a bool, got str"):
         fastrnn.quantize(lstm, per_channel="yes")
     with pytest.raises(TypeError, match=r"quantize: cannot quantize a fastrnn\.nn\.Dropout;"):
@@ -2507,3 +2511,49 @@ def test_a_layer_passing_the_callers_values_on_does_not_make_them_the_models_own
         model(x)
     with pytest.raises(ValueError, match="QuantizedLSTM: input has non-finite values"):
         fastrnn.Stream(model).step(x[0, 1])
+
+
+def test_a_quantized_sequential_has_its_own_embedding():
+    """quantize kept the float model's Embedding object: training the float
+    model changed the quantized one's outputs (a mix of new embeddings and
+    old int8 weights), and loading into the quantized one wrote the float
+    one's table. Now a copy."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 10, (4, 6))
+    y = rng.standard_normal((4, 1)).astype(np.float32)
+    model = fastrnn.Sequential([fastrnn.Embedding(10, 4, seed=0),
+                                fastrnn.LSTM(4, 8, batch_first=True, seed=1),
+                                fastrnn.LastStep(), fastrnn.Linear(8, 1, seed=2)])
+    q = fastrnn.quantize(model)
+    np.testing.assert_array_equal(q[0].weight, model[0].weight)
+    served = q(ids).copy()
+    model.compile(loss="mse", optimizer="adam")
+    model.fit(ids, y, epochs=2, verbose=0)
+    np.testing.assert_array_equal(q(ids), served)
+    table = model[0].weight.copy()
+    state = q.state_dict()
+    state["0.weight"] = np.zeros_like(state["0.weight"])
+    q.load_state_dict(state)
+    np.testing.assert_array_equal(model[0].weight, table)
+    assert q[2] is model[2]                      # a layer without weights is shared
+
+
+def test_quantize_names_the_layer_whose_weights_are_not_finite():
+    """A Sequential with one layer's weights overflowed (trained alone with
+    an absurd rate) was refused as "QuantizedLSTM: weight_ih_l0 has
+    non-finite values ... after conversion to float32": neither quantize
+    nor which layer. Now both."""
+    rng = np.random.default_rng(0)
+    model = fastrnn.Sequential([fastrnn.LSTM(3, 4, batch_first=True, seed=0),
+                                fastrnn.LSTM(4, 4, batch_first=True, seed=1),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=2)])
+    model.compile(loss="mse", optimizer="sgd")
+    model.optimizer = fastrnn.optim.SGD(model[1], lr=1e38)   # the others frozen
+    x = rng.standard_normal((8, 5, 3)).astype(np.float32)
+    y = (rng.standard_normal((8, 1)) * 1e3).astype(np.float32)
+    with np.errstate(all="ignore"):
+        model.fit(x, y, epochs=3, verbose=0)
+    assert not np.isfinite(model[1].weight_ih_l0).all() and np.isfinite(model[0].weight_ih_l0).all()
+    with pytest.raises(ValueError, match=r"^quantize: layer 1: LSTM's \w+ has non-finite "
+                                         r"values \(NaN or inf\), which cannot be quantized"):
+        fastrnn.quantize(model)
