@@ -369,7 +369,7 @@ def is_safetensors_path(path):
     return os.fsdecode(os.fspath(path)).lower().endswith(SAFETENSORS_SUFFIX)
 
 
-def _write(path, config, arrays, torch_refusals):
+def _write(path, config, arrays, torch_refusals=None):
     """Write `config` and `arrays` (named as in the .npz) to `path`, in the
     container its extension calls for, through a temporary file renamed
     over it (a safetensors file marks the layers of `torch_refusals`)."""
@@ -378,7 +378,7 @@ def _write(path, config, arrays, torch_refusals):
         raise ValueError("save: the path to write is empty")
     if is_safetensors_path(path):
         def write(f):
-            _write_safetensors(f, config, arrays, torch_refusals)
+            _write_safetensors(f, config, arrays, torch_refusals or {})
     else:
         def write(f):
             np.savez(f, **arrays, config=np.array(json.dumps(config)))
