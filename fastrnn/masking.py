@@ -396,7 +396,8 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
     the call's own (the caller's ``mask``, a ragged batch's lengths).
     ``lengths``: a ragged batch's, which a ``Reversed`` (and a
     ``ZeroMasked(reverse=True)`` after it) takes beside the mask, to reverse
-    each sequence within its length (as if alone).
+    each sequence within its length (as if alone), and a LastStep taking
+    "step T - 1" takes as each row's (its step ``lengths[b] - 1``).
     """
     from fastrnn.layers import _RNNBase
     if getattr(layer, "_makes_mask", False):
@@ -422,6 +423,12 @@ def seq_call(layer: Any, x: np.ndarray, mask: np.ndarray | None, train: bool,
     kwargs = mask_for(layer, mask, carried)
     if lengths is not None and "mask" in kwargs and (
             _reverses(layer) or getattr(layer, "_flips_steps", False)):
+        kwargs["lengths"] = lengths
+    elif lengths is not None and carried is True and mask is not None \
+            and getattr(layer, "_takes_mask", False) and "mask" not in kwargs:
+        # a LastStep where Keras' rule takes step T - 1: of a ragged batch's
+        # row, its own last step (lengths[b] - 1), not the padding after it,
+        # as if the sequence were alone
         kwargs["lengths"] = lengths
     if train:
         y, backprop = layer._seq_train(x, **kwargs)

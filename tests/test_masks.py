@@ -854,3 +854,43 @@ def test_a_ragged_batch_through_a_reversed_layer_and_a_mask_is_each_sequence_alo
     per_step = [steps.evaluate(s[None], t[None]) * len(s) for s, t in zip(data, targets)]
     np.testing.assert_allclose(steps.evaluate(data, targets),
                                sum(per_step) / sum(map(len, data)), rtol=1e-12)
+
+
+def _ragged_models():
+    return {
+        "masking_zeromasked": fastrnn.Sequential([
+            fastrnn.Masking(0.0), fastrnn.GRU(3, 4, batch_first=True, seed=0),
+            fastrnn.ZeroMasked(), fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)]),
+        "embedding_bidirectional_zeromasked": fastrnn.Sequential([
+            fastrnn.Embedding(10, 3, mask_zero=True, seed=0),
+            fastrnn.GRU(3, 4, batch_first=True, bidirectional=True, seed=1),
+            fastrnn.ZeroMasked(), fastrnn.LastStep(bidirectional=True),
+            fastrnn.Linear(8, 1, seed=2)]),
+        "masking_reversed_bidirectional": fastrnn.Sequential([
+            fastrnn.Masking(0.0), fastrnn.Reversed(fastrnn.GRU(
+                3, 4, batch_first=True, bidirectional=True, seed=0), keep_order=False),
+            fastrnn.LastStep(), fastrnn.Linear(8, 1, seed=1)]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_ragged_models()))
+def test_a_ragged_sequence_after_zeromasked_gives_what_it_gives_alone(name):
+    """After ZeroMasked (Keras' zero_output_for_mask) or a Reversed
+    bidirectional layer, a LastStep takes step T - 1 (Keras' rule); in a
+    ragged batch that step of a short sequence was padding fastrnn added:
+    its result was the head's bias alone (zeros), depending on the batch it
+    was in. Each sequence's own last step now, as predicted alone."""
+    model = _ragged_models()[name]
+    rng = np.random.default_rng(0)
+    if name.startswith("embedding"):
+        seqs = [np.array([3, 4]), np.array([5, 0, 6, 7, 8]), np.array([2, 9, 0])]
+    else:
+        seqs = [rng.standard_normal((n, 3)).astype(np.float32) + 1 for n in (2, 5, 3)]
+        seqs[2][2] = 0.0                       # a masked step of its own, at its end
+    together = model.predict(seqs, batch_size=3)
+    for i, seq in enumerate(seqs):
+        np.testing.assert_allclose(together[i], model.predict([seq])[0], rtol=1e-6, atol=1e-7)
+    y = rng.standard_normal((3, 1)).astype(np.float32)
+    model.compile("mse", "sgd")
+    np.testing.assert_allclose(model.evaluate(seqs, y, batch_size=3),
+                               model.evaluate(seqs, y, batch_size=1), rtol=1e-6)
