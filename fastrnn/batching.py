@@ -201,6 +201,7 @@ class ArrayData:
     def __init__(self, owner, model, x, y=None, sample_weight=None,
                  names=("x", "y", "sample_weight")):
         self.owner = owner
+        self.weights_dtype = np.dtype(model._dtype() or np.float32)
         x_name, y_name, w_name = names
         ragged = _as_sequence_list(x, owner, x_name)
         self.ragged = ragged is not None
@@ -313,6 +314,10 @@ class ArrayData:
                              f"{shape_str(w.shape)}")
         if not np.isfinite(w).all():
             raise ValueError(f"{owner}: {name} must be finite")
+        dtype = self.weights_dtype
+        if w.size and np.abs(w).max() > np.finfo(dtype).max:   # (the loss casts them to it)
+            raise ValueError(f"{owner}: {name} holds {np.abs(w).max():g}, beyond {dtype.name}'s "
+                             f"range (the model's dtype: at most {np.finfo(dtype).max:g})")
         return w
 
     def __len__(self):

@@ -942,7 +942,8 @@ class Sequential:
             validation_steps = v.check_int(owner, "validation_steps", validation_steps)
         if class_weight is not None and sample_weight is not None:
             raise ValueError(f"{owner}: pass class_weight or sample_weight, not both")
-        table = None if class_weight is None else _class_weight_table(owner, class_weight)
+        table = None if class_weight is None else _class_weight_table(
+            owner, class_weight, np.dtype(self._dtype() or np.float32))
         source = batching.make(owner, self, x, y, sample_weight)
         iterable = isinstance(source, batching.IterableData)
         if iterable and batch_size is not None:
@@ -1432,7 +1433,7 @@ class _LossMean:
 
 
 # --- class weights -------------------------------------------------------------------------
-def _class_weight_table(owner, class_weight):
+def _class_weight_table(owner, class_weight, dtype):
     if not isinstance(class_weight, Mapping):
         raise TypeError(f"{owner}: class_weight must be a dict of class index to weight, got "
                         f"{type(class_weight).__name__}")
@@ -1449,6 +1450,10 @@ def _class_weight_table(owner, class_weight):
             raise TypeError(f"{owner}: class_weight[{key}] must be a number, got {weight!r}")
         if not math.isfinite(weight):
             raise ValueError(f"{owner}: class_weight[{key}] must be finite, got {weight}")
+        if abs(weight) > float(np.finfo(dtype).max):   # (the loss casts the weights to it)
+            raise ValueError(f"{owner}: class_weight[{key}] is {weight:g}, beyond "
+                             f"{dtype.name}'s range (the model's dtype: at most "
+                             f"{np.finfo(dtype).max:g})")
     # (classes, their weights), the classes sorted: a dense table of
     # max(class) + 1 weights took 76 MB for a class 10**7
     classes = np.array(sorted(int(key) for key in class_weight), np.int64)

@@ -1265,3 +1265,32 @@ def test_a_validation_that_raises_inside_fit_leaves_a_stateful_layers_state_as_i
         failing.fit(x, y, batch_size=4, shuffle=False, verbose=0, validation_data=(x, y),
                     callbacks=[Failing()])
     np.testing.assert_array_equal(failing.layers[0].state, after_training)
+
+
+def test_sample_and_class_weights_beyond_the_models_float_range_are_refused():
+    """A weight of 1e39 passed the finite check (in float64) and became inf
+    in the float32 loss: one step turned every parameter NaN. Refused up
+    front for arrays, an iterable's (x, y, weight) batches and class_weight;
+    the model stays as it was."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 5, 3)).astype(np.float32)
+    y = rng.standard_normal((4, 1)).astype(np.float32)
+    model = fastrnn.Sequential([GRU(3, 4, batch_first=True, seed=0), fastrnn.LastStep(),
+                                fastrnn.Linear(4, 1, seed=1)]).compile("mse", "sgd")
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"Sequential.fit: sample_weight holds 1e\+39, beyond "
+                                         r"float32's range"):
+        model.fit(x, y, sample_weight=np.array([1, 1, 1, 1e39]), verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.fit: class_weight\[0\] is 1e\+39, beyond "
+                                         r"float32's range"):
+        model.fit(x, np.zeros((4, 1), np.int64), class_weight={0: 1e39}, verbose=0)
+    with pytest.raises(ValueError, match=r"Sequential.fit: sample_weight of x batch 0 holds "
+                                         r"1e\+39, beyond float32's range"):
+        model.fit([(x, y, np.array([1, 1, 1, 1e39]))], verbose=0)
+    # (and the loss itself, whoever gives it the weights)
+    with pytest.raises(ValueError, match=r"MSELoss: a sample weight \(sample_weight or "
+                                         r"class_weight\) of 1e\+39 overflows float32"):
+        fastrnn.MSELoss()._terms(y, y, sample_weight=np.array([1, 1, 1, 1e39]))
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[key])
+    model.fit(x, y, sample_weight=np.array([1, 1, 1, 2.0]), verbose=0)
