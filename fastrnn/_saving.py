@@ -286,7 +286,7 @@ def _training_state(model):
                     value = (value if rows is None else value[rows]).copy()
                     problem = opt._bad_values(slot, value)
                     if problem:   # loading would refuse it: the file at the path stays
-                        raise ValueError(f"{owner}: the optimizer's {slot} of {name} (layer "
+                        raise DivergedError(f"{owner}: the optimizer's {slot} of {name} (layer "
                                          f"{i}) {problem}, which a model file cannot hold; "
                                          f"nothing was written")
                     arrays[f"optimizer/{i}.{name}.{slot}"] = value
@@ -304,13 +304,19 @@ def _training_state(model):
     return training, arrays
 
 
+class DivergedError(ValueError):
+    """save's refusal of weights (or optimizer moments) no file can hold:
+    NaN or inf, from a run that diverged (ModelCheckpoint skips such an
+    epoch)."""
+
+
 def _refuse_non_finite(owner, arrays):
     """A weight with NaN or inf makes a file that loading refuses: say so
     before writing (an existing file, a checkpoint of a run that diverged
     since, stays as it was)."""
     for key, value in arrays.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise ValueError(f"{owner}: {key.removeprefix('weights/')} has non-finite values "
+            raise DivergedError(f"{owner}: {key.removeprefix('weights/')} has non-finite values "
                              f"(NaN or inf), which a model file cannot hold (loading refuses "
                              f"them); nothing was written (training diverged? lower the "
                              f"learning rate or clip the gradients)")

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastrnn import _validation as v
+from fastrnn._saving import DivergedError
 
 if TYPE_CHECKING:
     from fastrnn.model import Sequential
@@ -407,6 +408,10 @@ class ModelCheckpoint(_MonitorCallback):
         Save only when the monitored value beats the best so far (kept
         across ``fit`` calls, as Keras does). A NaN value never does, not
         even the first (Keras saves a NaN first epoch, diverged weights).
+        The best is taken once its file is written (a save that failed
+        leaves the one before). Weights holding NaN or inf are never saved
+        (a warning; the file stays as it was, and fit goes on, as
+        TerminateOnNaN stops it).
     mode : {'auto', 'min', 'max'}, default 'auto'
     initial_value_threshold : float, optional
         The best value to beat at first.
@@ -439,6 +444,7 @@ class ModelCheckpoint(_MonitorCallback):
             raise ValueError(f"ModelCheckpoint: cannot format filepath {self.filepath!r} with "
                              f"epoch and the logged values {sorted(logs)}: "
                              f"{type(exc).__name__}: {exc}") from None
+        current = None
         if self.save_best_only:
             current = self._current(model, logs)
             best = "None" if self.best is None else f"{self.best:.5f}"
@@ -449,13 +455,21 @@ class ModelCheckpoint(_MonitorCallback):
             if self.verbose:
                 print(f"Epoch {epoch + 1}: {self.monitor} improved from {best} to "
                       f"{current:.5f}, saving model to {path}")
-            self.best = current
         elif self.verbose:
             print(f"Epoch {epoch + 1}: saving model to {path}")
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        model.save(path, include_optimizer=self.include_optimizer)
+        try:
+            model.save(path, include_optimizer=self.include_optimizer)
+        except DivergedError as exc:
+            # (Keras saves them; fit would lose its History to the error, as
+            # TerminateOnNaN stops it gracefully)
+            warnings.warn(f"ModelCheckpoint: epoch {epoch + 1} not saved, the run diverged "
+                          f"({exc})", RuntimeWarning, stacklevel=2)
+            return
+        if current is not None:   # (the best is the one on disk: set once it is written)
+            self.best = current
 
 
 class ReduceLROnPlateau(_MonitorCallback):

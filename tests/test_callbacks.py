@@ -518,3 +518,44 @@ def test_settings_that_would_be_read_otherwise_than_meant_are_refused(tmp_path):
         C.ReduceLROnPlateau(min_lr=float("inf"))
     with pytest.raises(ValueError, match="BinaryAccuracy: threshold must not be NaN"):
         fastrnn.metrics.BinaryAccuracy(threshold=float("nan"))
+
+
+def test_model_checkpoint_skips_a_diverged_epoch_and_keeps_the_best_it_wrote(tmp_path,
+                                                                              monkeypatch):
+    """A run diverging under TerminateOnNaN and a ModelCheckpoint ended in
+    save's ValueError out of fit (no History, no on_train_end): the epoch is
+    now skipped with a warning. And save_best_only took an epoch's value as
+    the best before writing it: a save that failed left a best no file
+    held, so a later, better epoch was not saved."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 5, 3)).astype(np.float32)
+    y = (rng.standard_normal((40, 1)) * 1e3).astype(np.float32)
+    model = fastrnn.Sequential([fastrnn.RNN(3, 6, batch_first=True, seed=0, nonlinearity="relu"),
+                                fastrnn.LastStep(), fastrnn.Linear(6, 1, seed=1)], seed=2)
+    model.compile(loss="mse", optimizer=optim.SGD(lr=10.0))      # diverges in epoch 1
+    ended = []
+    with pytest.warns(RuntimeWarning, match=r"ModelCheckpoint: epoch 1 not saved, the run "
+                                            r"diverged \(Sequential.save: .* non-finite"):
+        history = model.fit(x, y, epochs=5, batch_size=8, verbose=0, callbacks=[
+            fastrnn.TerminateOnNaN(), fastrnn.ModelCheckpoint(tmp_path / "c.npz", monitor="loss"),
+            fastrnn.LambdaCallback(on_train_end=lambda logs: ended.append(1))])
+    assert len(history.history["loss"]) == 1 and ended == [1]
+    assert not (tmp_path / "c.npz").exists()
+
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)])
+    model.compile(loss="mse", optimizer="sgd")
+    checkpoint = fastrnn.ModelCheckpoint(tmp_path / "best.npz", monitor="loss",
+                                         save_best_only=True, mode="min")
+    checkpoint.on_epoch_end(model, 0, {"loss": 1.0})
+    saved = model.save
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(model, "save", failing)
+    with pytest.raises(OSError):
+        checkpoint.on_epoch_end(model, 1, {"loss": 0.5})
+    assert checkpoint.best == 1.0                  # the value of the file on disk
+    monkeypatch.setattr(model, "save", saved)
+    checkpoint.on_epoch_end(model, 2, {"loss": 0.7})
+    assert checkpoint.best == 0.7
