@@ -48,10 +48,15 @@ __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
 
 def _states_kept_on_error(method):
     """A Sequential method that leaves every Stateful's carried state as it
-    was when it raises (``wrappers.states_kept``)."""
+    was when it raises before its optimizer step took effect
+    (``wrappers.states_kept``; the step count moves with the weights, in
+    one commit)."""
     @functools.wraps(method)
     def kept(self, *args, **kwargs):
-        with states_kept(self.layers):
+        optimizer = getattr(self, "optimizer", None)
+        count = getattr(optimizer, "step_count", None)
+        with states_kept(self.layers,
+                         lambda: getattr(optimizer, "step_count", None) != count):
             return method(self, *args, **kwargs)
     return kept
 

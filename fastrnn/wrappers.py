@@ -49,12 +49,14 @@ def _wrappers(layer):
 
 
 @contextlib.contextmanager
-def states_kept(layers):
+def states_kept(layers, stepped=None):
     """Each ``Stateful`` among ``layers`` (or within their wrappers) as it
     was if the block raises: a model call, train step or predict that fails
     after one carried its state on (a later layer, the loss, a batch of
     another size) leaves none of them moved, as a Stateful's own failed
-    call does."""
+    call does. Unless ``stepped()`` says the block's optimizer step took
+    effect (an interrupt after it): the states stay with the weights they
+    came with."""
     held = [w for layer in layers for w in _wrappers(layer) if isinstance(w, Stateful)]
     if not held:
         yield
@@ -63,8 +65,9 @@ def states_kept(layers):
     try:
         yield
     except BaseException:
-        for w, state, carried, size in saved:
-            w._state, w._carried, w._batch_size = state, carried, size
+        if stepped is None or not stepped():
+            for w, state, carried, size in saved:
+                w._state, w._carried, w._batch_size = state, carried, size
         raise
 
 

@@ -1294,3 +1294,42 @@ def test_sample_and_class_weights_beyond_the_models_float_range_are_refused():
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(value, before[key])
     model.fit(x, y, sample_weight=np.array([1, 1, 1, 2.0]), verbose=0)
+
+
+def test_an_interrupt_after_the_optimizer_step_keeps_the_stateful_state_it_came_with():
+    """A train step interrupted after its optimizer step took effect (the
+    weights and moments committed) had its Stateful states rolled back to
+    before the batch: weights of one step, states of the other. Now they
+    stay with the step; an interrupt before the commit still leaves both."""
+    import sys
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 2)).astype(np.float32)
+    y = rng.standard_normal((2, 1)).astype(np.float32)
+
+    def model():
+        return fastrnn.Sequential([fastrnn.Stateful(GRU(2, 3, batch_first=True, seed=0)),
+                                   fastrnn.LastStep(), fastrnn.Linear(3, 1, seed=1)]
+                                  ).compile("mse", fastrnn.optim.SGD(lr=0.01))
+
+    reference = model()
+    reference.train_step(x, y)
+    for where, stepped in (("return", True), ("call", False)):
+        m = model()
+
+        def interrupt(frame, event, arg):
+            if event == where and frame.f_code.co_name == "_commit":
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+        sys.setprofile(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                m.train_step(x, y)
+        finally:
+            sys.setprofile(None)
+        assert m.optimizer.step_count == int(stepped)
+        if stepped:
+            np.testing.assert_array_equal(m[0].state, reference[0].state)
+            np.testing.assert_array_equal(m[2].weight, reference[2].weight)
+        else:
+            assert m[0].state is None
+            np.testing.assert_array_equal(m[2].weight, model()[2].weight)
