@@ -284,6 +284,16 @@ def add_at_once(pairs):
                       maxlen=0)
 
 
+def set_at_once(items):
+    """``obj.name = value`` for every (obj, name, value) of ``items`` in one
+    pass of C calls, which no signal handler can split (as ``_commit``): a
+    learning-rate schedule's epoch and its optimizer's rate move together.
+    Written into the objects' ``__dict__``: no property or __setattr__ runs."""
+    collections.deque(map(operator.setitem, [obj.__dict__ for obj, _, _ in items],
+                          [name for _, name, _ in items], [value for _, _, value in items]),
+                      maxlen=0)
+
+
 def set_with_parameters(obj, name, value):
     """``obj.name = value``, at once or with the sets of the
     ``changing_together`` around (the caller holds its modules' locks)."""

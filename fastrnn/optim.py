@@ -20,7 +20,7 @@ import numpy as np
 
 from fastrnn import _backward   # (the portable build: adam_update's bits)
 from fastrnn import _validation as v
-from fastrnn._module import changing_together, holding, set_with_parameters
+from fastrnn._module import changing_together, holding, set_at_once, set_with_parameters
 
 if TYPE_CHECKING:
     from fastrnn._module import Module
@@ -695,8 +695,9 @@ class LRScheduler:
                 f"{lr:.6g} from the current {self.optimizer.lr:.6g}, which something else "
                 f"changed (by hand, ReduceLROnPlateau, another schedule) below what this "
                 f"schedule's formula allows; nothing was changed")
-        self.epoch += 1
-        self.optimizer.lr = lr
+        # (checked above as the lr setter checks it; a Ctrl-C between the two
+        # had left the schedule an epoch ahead of the rate, saved so)
+        set_at_once([(self, "epoch", self.epoch + 1), (self.optimizer, "_lr", float(lr))])
         return lr
 
     def get_config(self) -> dict[str, Any]:

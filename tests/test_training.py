@@ -1951,3 +1951,40 @@ def test_a_hyper_parameter_set_on_a_subclass_of_another_module_is_checked_too():
     opt.amsgrad = True
     model.fit(x, y, epochs=1, batch_size=4, verbose=0)
     assert all("max_exp_avg_sq" in state for state in opt.state_dict()["state"])
+
+
+def test_an_interrupted_schedule_step_moves_the_epoch_and_the_rate_together():
+    """A Ctrl-C inside LRScheduler.step between its epoch's count and the
+    rate's set (the lr property's checks) left the schedule an epoch ahead
+    of the rate: a chained StepLR lost that decay for good, and save kept
+    the pair. Interrupted at each Python call or return within the step,
+    the two now move together or not at all."""
+    import sys
+
+    def interrupted_at(k):
+        opt = optim.SGD(lr=1.0)
+        schedule = optim.StepLR(opt, step_size=1, gamma=0.5)
+        events = [0]
+        here = sys._getframe().f_code
+
+        def profile(frame, event, arg):
+            # (within the step: not this function's own calls around it)
+            if frame.f_code is not here and event in ("call", "return", "c_call", "c_return"):
+                events[0] += 1
+                if events[0] == k:
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+        sys.setprofile(profile)
+        try:
+            schedule.step()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        return schedule, opt, events[0]
+
+    _, _, total = interrupted_at(10**9)
+    assert total > 3
+    for k in range(1, total + 1):
+        schedule, opt, _ = interrupted_at(k)
+        assert opt.lr == 0.5 ** schedule.epoch, (k, schedule.epoch, opt.lr)
