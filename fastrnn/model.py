@@ -31,7 +31,7 @@ from fastrnn import metrics as metrics_module
 from fastrnn import optim as optim_module
 from fastrnn._engine import _training_buffers, input_grads
 from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
-                             holding, on_one_set, restoring_copy)
+                             holding, on_one_set, restoring_copy, run_pinned)
 from fastrnn._own_values import own_inputs, own_values
 from fastrnn._validation import shape_str
 from fastrnn.callbacks import (Callback, CallbackList, EarlyStopping, History,  # noqa: F401
@@ -462,7 +462,10 @@ class Sequential:
             if not source.ragged and (batch_size is None or len(source) <= batch_size):
                 return self._infer(source.x)
             batches = source.batches(batch_size or len(source))
-        outputs = [(self._infer(batch.x, batch.lengths), batch.lengths) for batch in batches]
+        # every batch with the weights of one moment (a training thread's
+        # steps meanwhile had given rows of several versions in one result)
+        outputs = run_pinned(self._owners(), lambda: [
+            (self._infer(batch.x, batch.lengths), batch.lengths) for batch in batches])
         if not outputs:
             raise ValueError(f"{owner}: x gave no batches")
         if all(lengths is None or out.ndim < 3 for out, lengths in outputs) \
@@ -786,7 +789,8 @@ class Sequential:
                              f"batches (each batch is as the iterable gives it)")
         callbacks = CallbackList(owner, callbacks, self)
         callbacks.set_model()
-        logs = self._evaluate_source(owner, source, batch_size, steps, callbacks)
+        logs = run_pinned(self._owners(), lambda: self._evaluate_source(
+            owner, source, batch_size, steps, callbacks))   # (one moment's weights, as predict)
         if isinstance(source, batching.IterableData) and steps is not None \
                 and source.taken < steps:
             warnings.warn(f"{owner}: x ran out of batches after {source.taken} of "

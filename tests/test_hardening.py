@@ -1333,3 +1333,32 @@ def test_an_interrupt_after_the_optimizer_step_keeps_the_stateful_state_it_came_
         else:
             assert m[0].state is None
             np.testing.assert_array_equal(m[2].weight, model()[2].weight)
+
+
+def test_a_batched_predict_or_evaluate_computes_with_one_moments_weights():
+    """predict in batches (and evaluate) ran each batch as its own call:
+    weights loaded (or stepped by a training thread) meanwhile gave one
+    result rows of several versions. Now the whole call has the weights of
+    its start; here the new ones come between two batches of a generator."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 5, 3)).astype(np.float32)
+    y = rng.standard_normal((8, 1)).astype(np.float32)
+
+    def model(seed):
+        return fastrnn.Sequential([GRU(3, 4, batch_first=True, seed=seed), fastrnn.LastStep(),
+                                   fastrnn.Linear(4, 1, seed=seed + 1)]).compile("mse", "sgd")
+
+    served, other = model(0), model(5)
+    expected = served.predict(x)
+    expected_loss = served.evaluate(x, y)
+
+    def batches(with_targets):
+        for start in (0, 4):
+            if start:   # new weights between the two batches
+                served.load_state_dict(other.state_dict())
+            yield (x[start:start + 4], y[start:start + 4]) if with_targets \
+                else x[start:start + 4]
+
+    np.testing.assert_array_equal(served.predict(batches(False)), expected)
+    served.load_state_dict(model(0).state_dict())
+    assert served.evaluate(batches(True)) == pytest.approx(expected_loss, rel=1e-6)
