@@ -657,20 +657,20 @@ class Sequential:
         return value, total, count, out, batch
 
     # --- metrics ------------------------------------------------------------
-    def _reset_metrics(self):
-        if self._metrics is not None:
-            for metric, _ in self._metrics:
-                metric.reset_state()
-
-    def _update_metrics(self, batch, out, sample_weight):
+    # Each pass that reports metrics (a fit epoch, an evaluate, a validation)
+    # keeps its own Metric objects in ``tracked`` ([None] until its first
+    # batch builds them): an evaluate from another thread, or from a callback,
+    # had reset and fed the epoch's shared ones.
+    def _update_metrics(self, batch, out, sample_weight, tracked):
         """Update every metric with the batch's counted steps only."""
         if not self._metric_specs:
             return
         y = batch.y
-        if self._metrics is None:
+        if tracked[0] is None:
             logits = isinstance(self.loss, BCEWithLogitsLoss)
-            self._metrics = [(metrics_module.get(identifier, y, out, logits), weighted)
-                             for identifier, weighted in self._metric_specs]
+            tracked[0] = [(metrics_module.get(identifier, y, out, logits), weighted)
+                          for identifier, weighted in self._metric_specs]
+            self._metrics = tracked[0]   # (their names and directions, for the callbacks)
         keep = batch.mask
         if isinstance(self.loss, CrossEntropyLoss) and y.dtype.kind in "iu":
             ignored = y != self.loss.ignore_index
@@ -686,13 +686,14 @@ class Sequential:
             y, out = y[keep], out[keep]
             if not len(y):
                 return
-        for metric, weighted in self._metrics:
+        for metric, weighted in tracked[0]:
             metric.update_state(y, out, sample_weight if weighted else None)
 
-    def _metric_results(self):
-        if self._metrics is None:
+    @staticmethod
+    def _metric_results(tracked):
+        if tracked[0] is None:
             return {}
-        return {metric.name: float(metric.result()) for metric, _ in self._metrics}
+        return {metric.name: float(metric.result()) for metric, _ in tracked[0]}
 
     # --- evaluate -----------------------------------------------------------
     @staticmethod
@@ -810,7 +811,7 @@ class Sequential:
             batches = source.batches(steps, from_start=True, look_ahead=look_ahead)
         else:
             batches = source.batches(batch_size or len(source), steps=steps)
-        self._reset_metrics()
+        tracked = [None]
         callbacks.call("on_test_begin", {})
         running = callbacks.wants("on_test_batch_end")
         mean = _LossMean(self.loss.reduction)
@@ -822,14 +823,14 @@ class Sequential:
                 total, count, _ = self.loss._terms(out, batch.y, batch.sample_weight,
                                                    batch.mask)
             mean.add(total, count, len(batch.x))
-            self._update_metrics(batch, out, batch.sample_weight)
+            self._update_metrics(batch, out, batch.sample_weight, tracked)
             if running:
                 callbacks.call("on_test_batch_end", step,
-                               {"loss": mean.result(), **self._metric_results()})
+                               {"loss": mean.result(), **self._metric_results(tracked)})
         if not mean.batches:
             raise ValueError(f"{owner}: the data gave no batches to evaluate (a generator "
                              f"already consumed?)")
-        logs = {"loss": mean.result(), **self._metric_results()}
+        logs = {"loss": mean.result(), **self._metric_results(tracked)}
         callbacks.call("on_test_end", logs)
         return logs
 
@@ -1033,7 +1034,7 @@ class Sequential:
 
         try:
             for epoch in range(initial_epoch, epochs):
-                self._reset_metrics()
+                tracked = [None]
                 callbacks.call("on_epoch_begin", epoch, {})
                 bar.start_epoch(epoch)
                 batches = (source.batches(steps_per_epoch) if iterable else
@@ -1051,9 +1052,9 @@ class Sequential:
                     with _naming_batch(owner, iterable, "x", step):
                         _, total, count, out, batch = self._train_batch(batch, weight)
                     mean.add(total, count, len(batch.x))
-                    self._update_metrics(batch, out, weight)
+                    self._update_metrics(batch, out, weight, tracked)
                     if running:
-                        batch_logs = {"loss": mean.result(), **self._metric_results()}
+                        batch_logs = {"loss": mean.result(), **self._metric_results(tracked)}
                         callbacks.call("on_train_batch_end", step, batch_logs)
                         bar.update(step + 1, batch_logs)
                     bar.seen = step + 1
@@ -1071,7 +1072,7 @@ class Sequential:
                     next_batch = source.unfinished(batch_size)
                     self._fit_pass = None if next_batch is None else batching.FitPass(
                         len(source), batch_size, next_batch, pass_start[0])
-                logs = {"loss": mean.result(), **self._metric_results()}
+                logs = {"loss": mean.result(), **self._metric_results(tracked)}
                 if val is not None:
                     if stateful:   # (fixed by the first batch, an iterable's too)
                         val_batch_size = stateful_size or stateful[0].batch_size or batch_size

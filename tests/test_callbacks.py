@@ -559,3 +559,30 @@ def test_model_checkpoint_skips_a_diverged_epoch_and_keeps_the_best_it_wrote(tmp
     monkeypatch.setattr(model, "save", saved)
     checkpoint.on_epoch_end(model, 2, {"loss": 0.7})
     assert checkpoint.best == 0.7
+
+
+def test_an_evaluate_during_fit_leaves_the_epochs_metrics_alone():
+    """evaluate (from a callback, or from another thread while fit runs)
+    reset and fed the Metric objects fit's epoch was accumulating: History's
+    mae came out of other data (and a concurrent evaluate's own result of
+    fit's batches). Each pass now keeps its own."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 5, 3)).astype(np.float32)
+    y = rng.standard_normal((12, 1)).astype(np.float32)
+    x_other, y_other = x[:4] * 3, y[:4] + 5
+
+    def fitted(callbacks):
+        model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                    fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)])
+        model.compile("mse", optim.SGD(lr=0.01), metrics=["mae"])
+        return model, model.fit(x, y, epochs=2, batch_size=4, shuffle=False, verbose=0,
+                                validation_data=(x, y), callbacks=callbacks)
+
+    _, plain = fitted([])
+    seen = []
+    probe = fastrnn.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(
+        probe.model.evaluate(x_other, y_other, return_dict=True)["mae"]))
+    model, probed = fitted([probe])
+    assert probed.history == plain.history
+    evaluated = model.evaluate(x_other, y_other, return_dict=True)["mae"]
+    assert len(seen) == 6 and seen[-1] == pytest.approx(evaluated, rel=1e-6)
