@@ -92,6 +92,7 @@ _RATIO_SLACK = 4096                # weights deflate to ~1:1), beyond this many 
 _READ_CHUNK = 1 << 20              # bytes read from a member at a time
 _MAX_HEADER_BYTES = 8 << 20      # a safetensors header: its JSON configuration (escaped)
                                    # and ~100 bytes per tensor
+_MAX_NDIM = 64                     # numpy's most dimensions
 _SAFETENSORS_DEPTH = 3             # {name: {"shape": [...]}}: a safetensors header's nesting
 SAFETENSORS_SUFFIX = ".safetensors"
 _OPTIMIZER_PREFIX = "optimizer/"
@@ -399,9 +400,15 @@ def _write(path, config, arrays, torch_refusals=None):
     tmp = os.path.join(os.path.dirname(target), f".{uuid.uuid4().hex[:16]}.tmp")
     created = False
     try:
-        with open(tmp, "xb") as f:
-            created = True
+        # created no more readable than the file it replaces (a 0600 model had
+        # sat in a 0644 temporary file while written); a new one as open() makes it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666 if mode is None else mode & 0o777)
+        created = True
+        with open(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())   # the data on disk before the rename makes it the file
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, target)
@@ -649,10 +656,13 @@ def _safetensors_header(f, size):
         if not isinstance(code, str) or code not in _ST_DTYPES:
             raise _BadFile(f"tensor {shown} has the unknown dtype {_brief.repr(code)} "
                            f"(safetensors' are {', '.join(_ST_DTYPES)})")
-        if not isinstance(shape, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-            raise _BadFile(f"tensor {shown} should have a shape of integers >= 0, got "
-                           f"{_brief.repr(shape)}")
+        # (each size bounded before any product: thousands of digits each, JSON
+        # allows, multiplied in quadratic time: 198 s for an 8 MB header)
+        if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63
+                for n in shape):
+            raise _BadFile(f"tensor {shown} should have a shape of at most {_MAX_NDIM} "
+                           f"integers in [0, 2**63), got {_brief.repr(shape)}")
         if not (isinstance(span, list) and len(span) == 2
                 and all(isinstance(n, int) and not isinstance(n, bool) for n in span)
                 and 0 <= span[0] <= span[1]):
@@ -809,16 +819,19 @@ def read_state_dict(path, owner="fastrnn.load_state_dict_file"):
                                    f"which numpy does not represent")
             ours = "fastrnn" in metadata     # (its optimizer's arrays and marks: not weights)
             mapping = _mapped(f, size)
-            state = {}
-            for name, tensor in tensors.items():
-                if ours and (name.startswith(_OPTIMIZER_PREFIX) or _is_mark(name)):
-                    continue
+            # copies: views of the mapping changed with a file copied over this
+            # one later, and one cut shorter killed the process (SIGBUS) when read
+            def copied(tensor):   # (no view of the mapping outlives this)
                 if tensor.code == "BF16":      # the upper half of a float32
                     bits = _tensor_view(mapping, start, tensor._replace(code="U16"))
-                    state[name] = (bits.astype("<u4") << 16).view("<f4")
-                else:
-                    state[name] = _tensor_view(mapping, start, tensor)
-            return state   # the views hold the mapping; the last one closes it
+                    return (bits.astype("<u4") << 16).view("<f4")
+                return _tensor_view(mapping, start, tensor).copy()
+
+            try:
+                return {name: copied(tensor) for name, tensor in tensors.items()
+                        if not (ours and (name.startswith(_OPTIMIZER_PREFIX) or _is_mark(name)))}
+            finally:
+                _release(mapping)
         except _BadFile as exc:
             raise ValueError(refused + str(exc)) from None
         except (OSError, ValueError, OverflowError, struct.error) as exc:
@@ -846,6 +859,14 @@ def _check_config(config):
     fmt = config.get("format")
     if fmt not in (FORMAT, FORMAT_1):
         got = _brief.repr(fmt) if "format" in config else "nothing"
+        newer = (isinstance(fmt, str) and fmt.startswith("fastrnn/")
+                 and fmt[8:].isascii() and fmt[8:].isdigit() and int(fmt[8:]) > 2)
+        if newer:   # (a later fastrnn's: say so, not "not a model file")
+            version = config.get("fastrnn_version")
+            by = f" {_brief.repr(version)}" if isinstance(version, str) else ""
+            raise _BadFile(f"it was written by a newer fastrnn{by} in format {got}, which "
+                           f"this fastrnn {__version__} (format {FORMAT!r}) does not read; "
+                           f"upgrade fastrnn to load it")
         raise _BadFile(f"it is not a fastrnn model file (its 'format' should be {FORMAT!r} "
                        f"or {FORMAT_1!r}, got {got})")
     kind = "Sequential" if fmt == FORMAT_1 else config.get("kind")

@@ -1596,9 +1596,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Returns
     -------
     dict of str to ndarray
-        In the file's order. Read-only arrays viewing the memory-mapped
-        file (copy one to change it; ``load_state_dict`` copies them into
-        the parameters), except BF16 tensors, converted to float32. Of a
+        In the file's order. Arrays of their own, copied from the
+        memory-mapped file (a file written over it later changes none of
+        them), BF16 tensors converted to float32. Of a
         fastrnn model file, the weights only (its ``optimizer/`` tensors and
         ``pytorch_cannot_compute`` notes are left out), so a Sequential's
         file loads into a Sequential.

@@ -322,3 +322,18 @@ def test_an_empty_or_padded_build_variable_is_read_as_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.split() == ["baseline", "baseline"], done.stderr
+
+
+def test_a_plot_path_through_a_dangling_link_keeps_the_link(tmp_path):
+    """The check that a plot can be written created the file through a
+    dangling symbolic link, then removed the link itself (not the file it
+    made): the plot became a file of its own and an empty target was left.
+    Now it probes the link's target, and both stay as they were."""
+    from fastrnn.examples._cli import writable_path
+    link, target = tmp_path / "loss.png", tmp_path / "plots" / "run.png"
+    target.parent.mkdir()
+    os.symlink(target, link)
+    assert writable_path(str(link)) == str(link)
+    assert os.path.islink(link) and not target.exists()
+    plain = tmp_path / "plain.png"
+    assert writable_path(str(plain)) == str(plain) and not plain.exists()

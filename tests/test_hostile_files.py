@@ -325,6 +325,11 @@ CASES = {
                                        _good_arrays()),
                      r"its 'format' should be 'fastrnn/2' or 'fastrnn.Sequential/1', got "
                      r"'keras'"),
+    # a later fastrnn's format says so, with the version that wrote it
+    "newer_format": (lambda path: _npz(path, dict(_config(_entries(_model())), format="fastrnn/3",
+                                                  fastrnn_version="0.2.0"), _good_arrays()),
+                     r"it was written by a newer fastrnn '0.2.0' in format 'fastrnn/3', which "
+                     r"this fastrnn [0-9.]+ \(format 'fastrnn/2'\) does not read; upgrade"),
     "no_config": (lambda path: _zip(path, _good_members()[1:]),
                   r"it has no configuration \(member 'config.npy'\)"),
     "layers_a_dict": (lambda path: _npz(path, dict(_config([]), layers={"0": 1}), {}),
@@ -859,9 +864,11 @@ ST_CASES = {
     "st_dtype_integer": (_st(_st_tensor("2.bias", dtype="I32")),
                          r"tensor '2.bias' holds I32 data; weights must be F32 or F64"),
     "st_negative_shape": (_st(_st_tensor("2.bias", shape=[-2])),
-                          r"tensor '2.bias' should have a shape of integers >= 0, got \[-2\]"),
+                          r"tensor '2.bias' should have a shape of at most 64 integers in "
+                          r"\[0, 2\*\*63\), got \[-2\]"),
     "st_shape_a_string": (_st(_st_tensor("2.bias", shape="2")),
-                          r"tensor '2.bias' should have a shape of integers >= 0, got '2'"),
+                          r"tensor '2.bias' should have a shape of at most 64 integers in "
+                          r"\[0, 2\*\*63\), got '2'"),
     "st_shape_lies": (_st(_st_tensor("2.bias", shape=[100000, 100000])),
                       r"tensor '2.bias' is \(100000, 100000\) of F32 \(40,000,000,000 bytes\), "
                       r"but spans 8 bytes"),
@@ -992,3 +999,22 @@ def test_the_corpus_files_fail_only_where_intended(tmp_path):
     loaded = fastrnn.load(tmp_path / "m.npz")
     expected = _model()
     assert all(np.array_equal(loaded.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
+def test_a_safetensors_shape_of_huge_sizes_is_refused_at_once(tmp_path):
+    """A shape of many sizes of thousands of digits each (JSON allows them)
+    was multiplied before any bound: an 8 MB header took 198 s to refuse,
+    time quadratic in the file's size (and one with a size 0 among them
+    passed, as 0 bytes). Each size is bounded first."""
+    path = tmp_path / "huge.safetensors"
+    header = {"__metadata__": {"format": "pt"},
+              "w": {"dtype": "F32", "shape": [10 ** 4000] * 100 + [0], "data_offsets": [0, 0]}}
+    _st_write(path, header, b"")
+    for read in (fastrnn.load, fastrnn.load_state_dict_file):
+        with pytest.raises(ValueError, match=r"tensor 'w' should have a shape of at most 64 "
+                                             r"integers in \[0, 2\*\*63\)"):
+            read(path)
+    header["w"]["shape"] = [1] * 65
+    _st_write(path, header, b"")
+    with pytest.raises(ValueError, match=r"a shape of at most 64 integers"):
+        fastrnn.load_state_dict_file(path)

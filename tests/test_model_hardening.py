@@ -828,3 +828,33 @@ def test_a_stateful_model_refuses_a_partial_last_batch_before_any_step():
                                      fastrnn.LastStep()]).compile(loss="mse", optimizer="sgd")
         single.fit(x, y[:, :1].repeat(3, axis=1), shuffle=False, verbose=0,
                    validation_data=(x, y[:, :1].repeat(3, axis=1)))
+
+
+def test_a_file_replaced_is_never_more_readable_while_written_and_is_synced(tmp_path,
+                                                                              monkeypatch):
+    """The temporary file took the default permissions (0644) while the
+    whole model was written into it, and only then the replaced file's
+    0600; and nothing was synced before the rename (after a system crash
+    the name could point at data not yet on disk)."""
+    layer = fastrnn.GRU(2, 3, seed=0)
+    private = tmp_path / "private.safetensors"
+    layer.save(private)
+    os.chmod(private, 0o600)
+    seen, synced = [], []
+    chmod, fsync = os.chmod, os.fsync
+
+    def watching_chmod(path, mode, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            seen.append((os.stat(path).st_mode & 0o777, os.stat(path).st_size))
+        return chmod(path, mode, *args, **kwargs)
+
+    def watching_fsync(fd):
+        synced.append(os.fstat(fd).st_size)
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "chmod", watching_chmod)
+    monkeypatch.setattr(os, "fsync", watching_fsync)
+    layer.save(private)
+    assert seen and seen[0][0] == 0o600 and seen[0][1] == os.stat(private).st_size
+    assert synced == [os.stat(private).st_size]
+    assert os.stat(private).st_mode & 0o777 == 0o600

@@ -90,12 +90,15 @@ def writable_path(text):
         if tex is not None and shutil.which(tex) is None:
             raise argparse.ArgumentTypeError(f"a .pgf plot needs {tex} (matplotlib's "
                                              f"pgf.texsystem), which is not installed here")
-    existed = os.path.exists(text)
+    # the file the plot will be written to: through a symbolic link, its
+    # target (the probe of a dangling link had removed the link itself)
+    target = os.path.realpath(text)
+    existed = os.path.exists(target)
     try:
-        with open(text, "ab"):
+        with open(target, "ab"):
             pass
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
     if not existed:
-        os.remove(text)
+        os.remove(target)
     return text
