@@ -56,8 +56,8 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
     sequences : list of array-like of shape (T_i, ...)
         The trailing shapes must agree.
     dtype : dtype, optional
-        Of the result; by default the sequences' common type. A value it
-        cannot hold is refused (an integer out of its range, a fraction or
+        Of the result; by default the sequences' common type (int64 and
+        float32 ones meet in float64). A value it cannot hold is refused (an integer out of its range, a fraction or
         NaN into integers, an integer a float type rounds, a float that
         overflows); floats rounded to a narrower float are not.
 
@@ -97,7 +97,15 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
                              f"{shape_str(arrays[0].shape)}")
     lengths = np.array([len(a) for a in arrays], np.int64)
     if dtype is None:
-        return _pad(arrays, lengths, np.result_type(*arrays)), lengths
+        # the common type, checked as a given one: integers with floats (or
+        # uint64 with int64) meet in float64, which rounds past 2**53
+        dtype = np.result_type(*arrays)
+        for i, a in enumerate(arrays):
+            if a.dtype != dtype:
+                _check_cast(a, dtype, f"sequences[{i}]",
+                            " (the sequences' common type: pad them apart, or pass a dtype "
+                            "that holds every value)")
+        return _pad(arrays, lengths, dtype), lengths
     given = dtype
     try:
         dtype = np.dtype(dtype)
@@ -115,7 +123,7 @@ def _ml_float(dtype):
     return dtype.kind == "V" and dtype.type.__module__ == "ml_dtypes" and "float" in dtype.name
 
 
-def _check_cast(a, dtype, name):
+def _check_cast(a, dtype, name, why=""):
     """Refuse a value of ``a`` that ``dtype`` would change: an integer out
     of range (int8's 300 wraps to 44), a fraction or NaN into integers, an
     integer that floats round (an id from 2**24 on in float32: the
@@ -135,7 +143,7 @@ def _check_cast(a, dtype, name):
     if bad.any():
         index = tuple(int(k) for k in np.argwhere(bad)[0])
         raise ValueError(f"pad: {name}{list(index)} is {a[index].item()!r}, which dtype "
-                         f"{dtype} cannot hold (it would become {cast[index].item()!r})")
+                         f"{dtype}{why} cannot hold (it would become {cast[index].item()!r})")
 
 
 def _pad(arrays, lengths, dtype):

@@ -245,6 +245,12 @@ class _Activation(_Stateless):
     def __init__(self) -> None:
         self._config = {}
 
+    @staticmethod
+    def _floats(x):
+        """Integer features in floating point, as Dropout scales them (numpy
+        computes tanh of int8 in float16: 1.6e-4 off)."""
+        return x if x.dtype.kind == "f" else x.astype(np.result_type(x.dtype, np.float32))
+
     def _seq_train(self, x):
         y = self._seq_infer(x)
         return y, lambda dy: dy * self._derivative(x, y)
@@ -265,7 +271,7 @@ class Tanh(_Activation):
     """tanh(x), elementwise."""
 
     def _seq_infer(self, x):
-        return np.tanh(x)
+        return np.tanh(self._floats(x))
 
     def _derivative(self, x, y):
         return 1 - y * y
@@ -275,7 +281,7 @@ class Sigmoid(_Activation):
     """1 / (1 + exp(-x)), elementwise."""
 
     def _seq_infer(self, x):
-        return expit(x)  # no overflow warning at large |x|
+        return expit(self._floats(x))  # no overflow warning at large |x|
 
     def _derivative(self, x, y):
         return y * (1 - y)

@@ -169,6 +169,21 @@ def test_pad_refuses_a_value_its_dtype_would_change(values, dtype, shown):
         batching.pad([np.array([1] * len(values)), np.array(values)], dtype)
 
 
+def test_pad_checks_the_common_type_as_a_given_one():
+    """Without a dtype, int64 with float32 sequences (or uint64 with int64)
+    met in float64 and 2**60 + 1 became 2**60 silently, where the same data
+    with dtype=float64 was refused."""
+    ids, features = np.array([[2**60 + 1]], np.int64), np.array([[0.5], [0.25]], np.float32)
+    with pytest.raises(ValueError, match=r"pad: sequences\[0\]\[0, 0\] is 1152921504606846977, "
+                                         r"which dtype float64 \(the sequences' common type: "
+                                         r"pad them apart"):
+        batching.pad([ids, features])
+    with pytest.raises(ValueError, match=r"is 9007199254740993, which dtype float64"):
+        batching.pad([np.array([2**53 + 1], np.uint64), np.array([1], np.int64)])
+    padded, _ = batching.pad([np.array([[3]], np.int64), features])   # what float64 holds
+    assert padded.dtype == np.float64 and padded[0, 0, 0] == 3
+
+
 def test_pad_keeps_what_its_dtype_holds():
     """Rounding to a narrower float is what asking for it means; inf and
     NaN stay; integral floats become integers."""

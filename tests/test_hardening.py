@@ -1362,3 +1362,18 @@ def test_a_batched_predict_or_evaluate_computes_with_one_moments_weights():
     np.testing.assert_array_equal(served.predict(batches(False)), expected)
     served.load_state_dict(model(0).state_dict())
     assert served.evaluate(batches(True)) == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_tanh_and_sigmoid_compute_integer_features_in_float32_or_wider():
+    """numpy computes tanh of int8 or uint8 in float16 (1.6e-4 off; a
+    uint8 image through Tanh then Linear came out 1,000 times further off
+    than as float32); integers now go to floating point as Dropout takes
+    them: float32, or float64 for 32- and 64-bit ones."""
+    for dtype, expected in (("int8", np.float32), ("uint8", np.float32), ("int16", np.float32),
+                            ("int64", np.float64)):
+        x = np.array([1, 0, 1], dtype)
+        for layer, exact in ((fastrnn.Tanh(), np.tanh), (fastrnn.Sigmoid(),
+                                                           lambda z: 1 / (1 + np.exp(-z)))):
+            y = layer(x)
+            assert y.dtype == expected, (dtype, layer)
+            np.testing.assert_allclose(y, exact(x.astype(np.float64)), rtol=1e-7)
