@@ -109,9 +109,16 @@ def test_layers_beyond_memory_are_refused_before_allocating(cls):
         pytest.skip("no sysconf: the check needs the machine's memory")
     with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=16, hidden_size=32, "
                                           rf"num_layers=1000000000\): its parameters and their "
-                                          rf"gradients need [0-9.]+ TiB, more than this "
+                                          rf"gradients need [0-9.]+ TiB \(with [0-9.]+ TiB of "
+                                          rf"objects for its layers\), more than this "
                                           rf"machine's [0-9.]+ [GT]iB of memory"):
         cls(16, 32, num_layers=10**9)
+    # the layers' Python objects count: 10**7 layers of size 1 passed as 0.3
+    # GiB of parameters, then grew to 57 GiB (killed by the system)
+    with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=1, hidden_size=1, "
+                                          rf"num_layers=100000000\): .* \(with [0-9.]+ GiB of "
+                                          rf"objects for its layers\)"):
+        cls(1, 1, num_layers=10**8)   # (600 GB of objects: refused on any machine)
     with pytest.raises(MemoryError, match=rf"{cls.__name__}\(input_size=16, hidden_size=2000000, "
                                           rf"bidirectional=True, dtype=float64\): its "
                                           rf"parameters and their gradients need [0-9.]+ TiB"):
