@@ -274,6 +274,9 @@ def _masked_refused(owner, name, verb):
                      f"call takes them")
 
 
+LEAN_COPY_MAX = 1 << 20   # elements plain_numbers converts for the lean paths
+
+
 def plain_numbers(value, dtype):
     """An ndarray of real numbers as the lean paths take it (C-contiguous, of
     ``dtype``): a strided view (``x[:, t]`` of batch-first data) or another
@@ -282,7 +285,9 @@ def plain_numbers(value, dtype):
     the 1-3 us call). Anything else unchanged (the general path checks it)."""
     if type(value) is not np.ndarray or (value.dtype is dtype and value.flags.c_contiguous):
         return value   # (checked first: the common call pays only this)
-    if value.dtype.kind in "fiu":
+    # a large one goes to the general path as it is, which checks its sizes
+    # before converting (a broadcast view of 2**31 rows was copied first: 48 GiB)
+    if value.dtype.kind in "fiu" and value.size <= LEAN_COPY_MAX:
         return np.asarray(value, dtype=dtype, order="C")   # (0-D stays 0-D)
     return value
 

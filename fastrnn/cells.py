@@ -161,6 +161,9 @@ class _CellBase(RecurrentEngine):
         owner = type(self).__name__
         cfg = self._config
         dtype, D = cfg["dtype"], cfg["input_size"]
+        if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == D \
+                and x.shape[0] > v.BLAS_INT_MAX:   # (before a broadcast view's copy)
+            raise ValueError(f"{owner}: batch size {x.shape[0]} does not fit a 32-bit BLAS int")
         x = v.as_float_array(owner, "input", x, dtype, own_copy)
         if x.ndim not in (1, 2) or x.shape[-1] != D:
             raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "

@@ -228,6 +228,11 @@ class _RNNBase(RecurrentEngine):
         dtype = cfg["dtype"]
         dirs = self._dirs
 
+        if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] == cfg["input_size"]:
+            # (before the conversion: a broadcast view's copy took 8 GiB first)
+            too_big = x.shape[0 if cfg["batch_first"] else 1]
+            if too_big > v.BLAS_INT_MAX:
+                raise ValueError(f"{owner}: batch size {too_big} does not fit a 32-bit BLAS int")
         x = v.as_float_array(owner, "input", x, dtype, own_copy)
         layout = "(B, T, {0}) or (T, {0})" if cfg["batch_first"] else "(T, B, {0}) or (T, {0})"
         if x.ndim not in (2, 3) or x.shape[-1] != cfg["input_size"]:

@@ -1213,3 +1213,24 @@ def test_a_quantized_model_is_held_to_its_reduced_weights_bytes(monkeypatch, tmp
     with pytest.raises(MemoryError, match=r"QuantizedLSTM\(input_size=1, hidden_size=1000\): "
                                           r"its reduced weights need 3.8"):
         fastrnn.load(tmp_path / "int8.npz")
+
+
+def test_a_batch_past_blas_int_is_refused_before_the_input_is_copied():
+    """A broadcast view of 2**31 + 1 rows (4 bytes of memory) was converted
+    to a contiguous array before its batch size was checked: numpy's
+    "Unable to allocate 48 GiB", or 8 GiB and 73 s before the ValueError.
+    Now refused first, allocating nothing of that size."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        for call, x in (
+                (fastrnn.GRU(3, 4, batch_first=True), np.broadcast_to(np.float32(1),
+                                                                      (2**31 + 1, 2, 3))),
+                (fastrnn.LSTM(3, 4), np.broadcast_to(np.float32(1), (2, 2**31 + 1, 3))),
+                (fastrnn.GRUCell(3, 4), np.broadcast_to(np.float32(1), (2**31 + 1, 3)))):
+            with pytest.raises(ValueError, match=r"batch size 2147483649 does not fit a 32-bit "
+                                                 r"BLAS int"):
+                call(x)
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
