@@ -11,7 +11,9 @@ batch-first, (B, T, features).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import numbers
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -227,6 +229,13 @@ class Dropout(_Stateless):
     def __init__(self, p: float = 0.5, seed: int | np.random.Generator | None = None) -> None:
         self._config = {"p": v.check_dropout("Dropout", p)}
         self._rng = v.check_seed("Dropout", seed)
+
+    def __copy__(self):
+        # its own generator, as a layer's copy has (copy.copy handed it this
+        # one: training either advanced both, the copy's masks changed)
+        twin = Dropout(self._config["p"])
+        twin._rng = copy.deepcopy(self._rng)
+        return twin
 
     def _seq_infer(self, x):
         return x
@@ -514,9 +523,9 @@ class Masking(_Stateless):
     _makes_mask = True
 
     def __init__(self, mask_value: float = 0.0) -> None:
-        if isinstance(mask_value, (bool, np.bool_)) or not isinstance(mask_value,
-                                                                       (int, float, np.number)):
-            raise TypeError(f"Masking: mask_value must be a number, got {mask_value!r}")
+        # (a numpy complex is an np.number: float() dropped its imaginary part)
+        if isinstance(mask_value, (bool, np.bool_)) or not isinstance(mask_value, numbers.Real):
+            raise TypeError(f"Masking: mask_value must be a real number, got {mask_value!r}")
         self._config = {"mask_value": float(mask_value)}
 
     def _check(self, x):

@@ -1377,3 +1377,15 @@ def test_tanh_and_sigmoid_compute_integer_features_in_float32_or_wider():
             y = layer(x)
             assert y.dtype == expected, (dtype, layer)
             np.testing.assert_allclose(y, exact(x.astype(np.float64)), rtol=1e-7)
+
+
+def test_a_copied_dropout_has_its_own_generator():
+    """copy.copy(Dropout) shared the original's generator (a layer's copy
+    has its own): training the original changed the copy's masks."""
+    import copy
+    layer = fastrnn.Dropout(0.5, seed=0)
+    twin = copy.copy(layer)
+    expected = copy.deepcopy(layer)._seq_train(np.ones((4, 8)))[0]
+    layer._seq_train(np.ones((4, 8)))            # the original trains first
+    np.testing.assert_array_equal(twin._seq_train(np.ones((4, 8)))[0], expected)
+    assert twin.p == 0.5 and type(twin) is fastrnn.Dropout

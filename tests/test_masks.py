@@ -291,8 +291,12 @@ def test_embedding_and_masking_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"Sequential: expected x of shape \(N, T\) \(integer "
                                          r"ids: samples, steps\), got \(2, 3, 1\)"):
         model(np.zeros((2, 3, 1), int))
-    with pytest.raises(TypeError, match="Masking: mask_value must be a number"):
+    with pytest.raises(TypeError, match="Masking: mask_value must be a real number"):
         fastrnn.Masking("0")
+    # a numpy complex was taken, its imaginary part dropped (masking steps of 1.0)
+    with pytest.raises(TypeError, match=r"Masking: mask_value must be a real number, got "
+                                        r"np.complex64\(1\+2j\)"):
+        fastrnn.Masking(np.complex64(1 + 2j))
     with pytest.raises(ValueError, match=r"Sequential: expected mask of shape \(2, 3\)"):
         model(np.zeros((2, 3), int), mask=np.ones((3, 2), bool))
 
