@@ -335,8 +335,11 @@ def state_arrays(owner, arg, value, names, expected, dtype, full_shape=None,
         parts = (None,) * len(names)
     elif len(names) > 1:
         if not isinstance(value, (tuple, list)) or len(value) != len(names):
+            got = (f"a {type(value).__name__} of {len(value)} item"
+                   f"{'' if len(value) == 1 else 's'}" if isinstance(value, (tuple, list))
+                   else type(value).__name__)
             raise TypeError(f"{owner}: {arg} must be a tuple ({', '.join(names)}) of arrays of "
-                            f"{expected_text()}, got {type(value).__name__}")
+                            f"{expected_text()}, got {got}")
         parts = value
     else:
         if isinstance(value, (tuple, list)):

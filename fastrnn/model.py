@@ -254,6 +254,8 @@ class Sequential:
                             f"got {type(state_dict).__name__}")
         parts = [{} for _ in self.layers]
         for key, value in state_dict.items():
+            if not isinstance(key, str):   # (unexpected, as a layer reports it)
+                continue
             index, dot, name = key.partition(".")
             if dot and index.isascii() and index.isdigit() and str(int(index)) == index \
                     and int(index) < len(self.layers):

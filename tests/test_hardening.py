@@ -1389,3 +1389,22 @@ def test_a_copied_dropout_has_its_own_generator():
     layer._seq_train(np.ones((4, 8)))            # the original trains first
     np.testing.assert_array_equal(twin._seq_train(np.ones((4, 8)))[0], expected)
     assert twin.p == 0.5 and type(twin) is fastrnn.Dropout
+
+
+def test_load_state_dict_and_state_tuples_say_what_they_got():
+    """A Sequential's load_state_dict with a key that is not a str raised a
+    bare AttributeError ('int' object has no attribute 'partition'), where a
+    layer reports it as unexpected; an LSTM state of one or three arrays was
+    "must be a tuple (h_0, c_0) ..., got tuple"."""
+    model = fastrnn.Sequential([fastrnn.Linear(2, 1, seed=0)])
+    state = {**model.state_dict(), 5: np.zeros(1)}
+    with pytest.raises(ValueError, match=r"Sequential: load_state_dict: missing keys \[\], "
+                                         r"unexpected keys \[5\]"):
+        model.load_state_dict(state)
+    assert model.load_state_dict(state, strict=False).unexpected_keys == [5]
+    lstm = fastrnn.LSTM(3, 4)
+    x, h = np.zeros((2, 2, 3), np.float32), np.zeros((1, 2, 4), np.float32)
+    for hx, got in (((h,), "a tuple of 1 item"), ([h, h, h], "a list of 3 items")):
+        with pytest.raises(TypeError, match=rf"LSTM: hx must be a tuple \(h_0, c_0\) of arrays "
+                                            rf"of shape \(1, 2, 4\), got {got}$"):
+            lstm(x, hx)
