@@ -92,8 +92,15 @@ class _Wrapper:
 
     def __setattr__(self, name, value):
         # what reads fall through to is set there too (the layer checks it), not
-        # shadowed on the wrapper while the layer computes with the old value
-        if name.startswith("_") or name in type(self)._own:
+        # shadowed on the wrapper while the layer computes with the old value;
+        # the wrapper's own settings checked as its constructor checks them, and
+        # a read-only one (Stateful.batch_size) refused, not set on the layer
+        if name == "layer":
+            value = _check_inner(type(self).__name__, value)
+        elif name == "keep_order":
+            value = v.check_bool(type(self).__name__, name, value)
+        if name.startswith("_") or name in type(self)._own \
+                or isinstance(getattr(type(self), name, None), property):
             object.__setattr__(self, name, value)
         else:
             setattr(self.layer, name, value)
@@ -179,8 +186,8 @@ class Reversed(_Wrapper):
     _own = ("layer", "keep_order")
 
     def __init__(self, layer: Any, keep_order: bool = True) -> None:
-        self.layer = _check_inner("Reversed", layer)
-        self.keep_order = v.check_bool("Reversed", "keep_order", keep_order)
+        self.layer = layer                     # (checked by __setattr__)
+        self.keep_order = keep_order
 
     def _repr_extra(self):
         return "" if self.keep_order else ", keep_order=False"
@@ -291,7 +298,7 @@ class Stateful(CallLock, _Wrapper):
     """
 
     def __init__(self, layer: Any, batch_size: int | None = None) -> None:
-        self.layer = _check_inner("Stateful", layer)
+        self.layer = layer                     # (checked by __setattr__)
         self._batch_size = None if batch_size is None else \
             v.check_int("Stateful", "batch_size", batch_size)
         self._state = None

@@ -1408,3 +1408,26 @@ def test_load_state_dict_and_state_tuples_say_what_they_got():
         with pytest.raises(TypeError, match=rf"LSTM: hx must be a tuple \(h_0, c_0\) of arrays "
                                             rf"of shape \(1, 2, 4\), got {got}$"):
             lstm(x, hx)
+
+
+def test_a_wrappers_settings_set_later_are_checked_as_at_construction():
+    """Stateful.batch_size = 3 was passed on to the wrapped layer as a
+    stray attribute (the Stateful kept 2); Reversed.keep_order = "no" was
+    stored and acted as True; wrapper.layer took a str, or a Stateful inside
+    a Reversed, which the constructors refuse (both failed later, inside)."""
+    gru = GRU(3, 4, batch_first=True)
+    stateful = fastrnn.Stateful(gru, batch_size=2)
+    with pytest.raises(AttributeError, match="batch_size"):
+        stateful.batch_size = 3
+    assert stateful.batch_size == 2 and "batch_size" not in vars(gru)
+    reversed_ = fastrnn.Reversed(GRU(3, 4, batch_first=True))
+    with pytest.raises(TypeError, match="Reversed: keep_order must be a bool, got str"):
+        reversed_.keep_order = "no"
+    assert reversed_.keep_order is True
+    with pytest.raises(TypeError, match="Reversed"):
+        reversed_.layer = "abc"
+    with pytest.raises(TypeError, match="Stateful"):
+        reversed_.layer = fastrnn.Stateful(GRU(3, 4, batch_first=True))
+    reversed_.keep_order = False                 # what the constructor takes, taken
+    reversed_.layer = GRU(3, 5, batch_first=True)
+    assert repr(reversed_) == "Reversed(GRU(3, 5, batch_first=True), keep_order=False)"
