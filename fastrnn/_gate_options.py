@@ -37,9 +37,20 @@ ACTIVATIONS = {
 
 def _is_spec_tuple(value):
     """(name, alpha[, beta]), not a list of per-direction specs: a name, then
-    no names or lists (any count, so that a wrong one is told as such)."""
+    no names or lists (any count, so that a wrong one is told as such). A
+    number written as a str ("0.1") is a parameter, refused as one (it was
+    taken for a second direction's name)."""
     return (isinstance(value, (tuple, list)) and len(value) >= 1 and isinstance(value[0], str)
-            and not any(isinstance(p, (str, tuple, list)) for p in value[1:]))
+            and not any(isinstance(p, (tuple, list)) or (isinstance(p, str) and not _numeric(p))
+                        for p in value[1:]))
+
+
+def _numeric(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def activation(owner, name, spec):

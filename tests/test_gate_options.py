@@ -425,3 +425,17 @@ def test_a_saved_model_keeps_its_layers_options(tmp_path):
     loaded = fastrnn.load(path)
     np.testing.assert_array_equal(loaded(x), model(x))
     assert repr(loaded[0]) == repr(lstm)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_activation_parameter_written_as_a_str_is_refused_as_a_parameter(bidirectional):
+    """("leaky_relu", "0.1") was read as a list of two directions' specs:
+    "needs 2 specs on a bidirectional layer" on a unidirectional layer, and
+    "unknown activation '0.1'" on a bidirectional one. A number in a str is
+    the parameter it looks like; two names are still two directions."""
+    with pytest.raises(TypeError, match=r"RNN: nonlinearity: 'leaky_relu''s alpha must be a "
+                                        r"number, got str '0.1'"):
+        fastrnn.RNN(3, 4, nonlinearity=("leaky_relu", "0.1"), bidirectional=bidirectional)
+    if bidirectional:
+        layer = fastrnn.RNN(3, 4, nonlinearity=("tanh", "relu"), bidirectional=True)
+        assert layer.nonlinearity == ["tanh", "relu"]
