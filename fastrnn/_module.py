@@ -551,6 +551,7 @@ class Module:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{owner}: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
+        strict = v.check_bool(f"{owner}.load_state_dict", "strict", strict)
         names = self._names
         for name in names:
             if name in state_dict:

@@ -116,6 +116,8 @@ class _RNNBase(RecurrentEngine):
                  ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         if mask is not None:   # Keras' step masks: fastrnn.masking packs and scatters
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
+        if zero_output_for_mask is not False:   # (no mask: nothing to zero, but checked)
+            v.check_bool(type(self).__name__, "zero_output_for_mask", zero_output_for_mask)
         params = call_parameters(self)   # one parameter set for the whole call
         if self._lends_buffers:   # training's buffers go once the layer is used outside it
             _training_buffers.release(self)
@@ -181,6 +183,8 @@ class _RNNBase(RecurrentEngine):
         """
         if mask is not None:
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=True)
+        if zero_output_for_mask is not False:   # (no mask: nothing to zero, but checked)
+            v.check_bool(type(self).__name__, "zero_output_for_mask", zero_output_for_mask)
         params = call_parameters(self)   # one parameter set for the whole call
         call = self._prepare(params, x, hx, lengths, own_copy=True)
         tape = None

@@ -252,6 +252,7 @@ class Sequential:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Sequential: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
+        strict = v.check_bool("Sequential.load_state_dict", "strict", strict)
         parts = [{} for _ in self.layers]
         for key, value in state_dict.items():
             if not isinstance(key, str):   # (unexpected, as a layer reports it)

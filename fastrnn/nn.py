@@ -198,6 +198,7 @@ class _Stateless:
         return {}
 
     def load_state_dict(self, state_dict: Mapping[str, ArrayLike], strict: bool = True) -> None:
+        strict = v.check_bool(f"{type(self).__name__}.load_state_dict", "strict", strict)
         if strict and state_dict:
             raise ValueError(f"{type(self).__name__}: has no parameters, got keys "
                              f"{list(state_dict)}")
@@ -617,6 +618,9 @@ class MergeDirections(_Stateless):
     """
 
     def __init__(self, mode: str | None = "sum") -> None:
+        if mode is not None and not isinstance(mode, str):   # (np.array("sum") compared equal)
+            raise TypeError(f"MergeDirections: mode must be 'sum', 'mul', 'ave', 'concat' or "
+                            f"None, got {type(mode).__name__} {mode!r}")
         if mode not in ("sum", "mul", "ave", "concat", None):
             raise ValueError(f"MergeDirections: mode must be 'sum', 'mul', 'ave', 'concat' or "
                              f"None, got {mode!r}")

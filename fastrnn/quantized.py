@@ -445,6 +445,7 @@ class _ReducedWeights:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{owner}: load_state_dict expects a mapping of name to array, "
                             f"got {type(state_dict).__name__}")
+        strict = v.check_bool(f"{owner}.load_state_dict", "strict", strict)
         layout = self._params.layout
         expected = self._expected_keys(state_dict)
         known = set(expected)
@@ -777,6 +778,8 @@ class _QuantizedLayer(_Quantized):
                  ) -> tuple[np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray]]:
         if mask is not None:   # fastrnn.masking runs the layer with lengths
             return self._masked(x, hx, lengths, mask, zero_output_for_mask, train=False)
+        if zero_output_for_mask is not False:   # (no mask: nothing to zero, but checked)
+            v.check_bool(type(self).__name__, "zero_output_for_mask", zero_output_for_mask)
         params = call_parameters(self)   # one parameter set for the whole call
         if lengths is None:
             # the lean path of small calls (_quant.QRunner), then the plain call

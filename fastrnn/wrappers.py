@@ -233,8 +233,7 @@ class Reversed(_Wrapper):
     def __call__(self, x: ArrayLike, hx: Any = None, lengths: ArrayLike | None = None, *,
                  mask: ArrayLike | None = None, zero_output_for_mask: bool = False) -> Any:
         flip, x, lengths, mask = self._flipper(x, lengths, mask)
-        extra = {} if mask is None else {"mask": mask,
-                                         "zero_output_for_mask": zero_output_for_mask}
+        extra = {"mask": mask, "zero_output_for_mask": zero_output_for_mask}
         out, state = self.layer(flip(x), hx, lengths, **extra)
         return (flip(out) if self.keep_order else out), state
 
@@ -242,8 +241,7 @@ class Reversed(_Wrapper):
                       *, mask: ArrayLike | None = None, zero_output_for_mask: bool = False
                       ) -> tuple[Any, Callable[..., Any]]:
         flip, x, lengths, mask = self._flipper(x, lengths, mask)
-        extra = {} if mask is None else {"mask": mask,
-                                         "zero_output_for_mask": zero_output_for_mask}
+        extra = {"mask": mask, "zero_output_for_mask": zero_output_for_mask}
         (out, state), inner = self.layer.forward_train(flip(x), hx, lengths, **extra)
         keep = self.keep_order
 
@@ -371,8 +369,7 @@ class Stateful(CallLock, _Wrapper):
     def __call__(self, x: ArrayLike, *, lengths: ArrayLike | None = None,
                  mask: ArrayLike | None = None, zero_output_for_mask: bool = False) -> Any:
         x = self._batch(x)
-        extra = {} if mask is None else {"mask": mask,
-                                         "zero_output_for_mask": zero_output_for_mask}
+        extra = {"mask": mask, "zero_output_for_mask": zero_output_for_mask}
         with self._lock, own_values(self, state=getattr(self, "_carried", False)):
             out, state = self.layer(x, self._state, lengths, **extra)
             self._keep(state)
@@ -382,8 +379,7 @@ class Stateful(CallLock, _Wrapper):
                       mask: ArrayLike | None = None, zero_output_for_mask: bool = False
                       ) -> tuple[Any, Callable[..., Any]]:
         x = self._batch(x)
-        extra = {} if mask is None else {"mask": mask,
-                                         "zero_output_for_mask": zero_output_for_mask}
+        extra = {"mask": mask, "zero_output_for_mask": zero_output_for_mask}
         with self._lock:
             (out, state), backprop = self.layer.forward_train(x, self._state, lengths, **extra)
             self._keep(state)

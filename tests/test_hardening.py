@@ -1431,3 +1431,27 @@ def test_a_wrappers_settings_set_later_are_checked_as_at_construction():
     reversed_.keep_order = False                 # what the constructor takes, taken
     reversed_.layer = GRU(3, 5, batch_first=True)
     assert repr(reversed_) == "Reversed(GRU(3, 5, batch_first=True), keep_order=False)"
+
+
+def test_flags_are_checked_as_the_other_bool_arguments():
+    """load_state_dict's strict was read by truthiness ("False" strict,
+    None or [] not); zero_output_for_mask="garbage" passed unchecked without
+    a mask; MergeDirections(np.array("sum")) was taken (it compares equal)."""
+    lstm = fastrnn.LSTM(3, 4, seed=0)
+    part = {"weight_ih_l0": lstm.weight_ih_l0}
+    model = fastrnn.Sequential([fastrnn.Linear(2, 1)])
+    for owner, load in (("LSTM", lstm.load_state_dict), ("Sequential", model.load_state_dict),
+                        ("QuantizedLSTM", fastrnn.quantize(lstm).load_state_dict),
+                        ("Dropout", fastrnn.Dropout(0.5).load_state_dict)):
+        for strict in ("False", None):
+            with pytest.raises(TypeError, match=rf"{owner}.load_state_dict: strict must be a "
+                                                rf"bool"):
+                load(part, strict=strict)
+    x = np.zeros((5, 2, 3), np.float32)
+    for call in (lstm, lstm.forward_train, fastrnn.Reversed(fastrnn.LSTM(3, 4)),
+                 fastrnn.quantize(lstm)):
+        with pytest.raises(TypeError, match=r"zero_output_for_mask must be a bool, got str"):
+            call(x, zero_output_for_mask="garbage")
+    lstm(x, zero_output_for_mask=True)            # (a bool: nothing masked, nothing zeroed)
+    with pytest.raises(TypeError, match=r"MergeDirections: mode must be .* got ndarray"):
+        fastrnn.MergeDirections(np.array("sum"))
