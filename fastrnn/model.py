@@ -46,17 +46,34 @@ __all__ = ["Sequential", "History", "Callback", "EarlyStopping", "load", "save",
            "load_state_dict_file"]
 
 
+def _own_metric(metric):
+    """A pass's own Metric, reset: a copy of an object given to compile
+    (each pass had reset and fed that one object, so two at once mixed)."""
+    metric = copy.deepcopy(metric)
+    metric.reset_state()
+    return metric
+
+
 def _states_kept_on_error(method):
     """A Sequential method that leaves every Stateful's carried state as it
-    was when it raises before its optimizer step took effect
-    (``wrappers.states_kept``; the step count moves with the weights, in
-    one commit)."""
+    was when it raises (``wrappers.states_kept``)."""
     @functools.wraps(method)
     def kept(self, *args, **kwargs):
-        optimizer = getattr(self, "optimizer", None)
-        count = getattr(optimizer, "step_count", None)
-        with states_kept(self.layers,
-                         lambda: getattr(optimizer, "step_count", None) != count):
+        with states_kept(self.layers):
+            return method(self, *args, **kwargs)
+    return kept
+
+
+def _states_kept_until_the_step(method):
+    """A training step that leaves every Stateful's carried state as it was
+    when it raises before its optimizer step took effect (its step count
+    moves with the weights, in one commit): after it, the states stay with
+    the weights they came with."""
+    @functools.wraps(method)
+    def kept(self, *args, **kwargs):
+        optimizer = self.optimizer
+        count = optimizer.step_count
+        with states_kept(self.layers, lambda: optimizer.step_count != count):
             return method(self, *args, **kwargs)
     return kept
 
@@ -627,7 +644,7 @@ class Sequential:
         value, _, _, _, _ = self._train_batch(batch, batch.sample_weight)
         return value
 
-    @_states_kept_on_error
+    @_states_kept_until_the_step
     def _train_batch(self, batch, sample_weight):
         """One step; returns (value, total, count, output, the batch with the
         output's mask)."""
@@ -671,7 +688,7 @@ class Sequential:
         y = batch.y
         if tracked[0] is None:
             logits = isinstance(self.loss, BCEWithLogitsLoss)
-            tracked[0] = [(metrics_module.get(identifier, y, out, logits), weighted)
+            tracked[0] = [(_own_metric(metrics_module.get(identifier, y, out, logits)), weighted)
                           for identifier, weighted in self._metric_specs]
             self._metrics = tracked[0]   # (their names and directions, for the callbacks)
         keep = batch.mask

@@ -234,8 +234,10 @@ class Dropout(_Stateless):
     def __copy__(self):
         # its own generator, as a layer's copy has (copy.copy handed it this
         # one: training either advanced both, the copy's masks changed)
-        twin = Dropout(self._config["p"])
-        twin._rng = copy.deepcopy(self._rng)
+        twin = object.__new__(type(self))      # (a subclass stays one)
+        twin.__dict__.update(self.__dict__)
+        twin.__dict__["_config"] = dict(self._config)
+        twin.__dict__["_rng"] = copy.deepcopy(self._rng)
         return twin
 
     def _seq_infer(self, x):

@@ -579,6 +579,16 @@ def test_an_evaluate_during_fit_leaves_the_epochs_metrics_alone():
                                 validation_data=(x, y), callbacks=callbacks)
 
     _, plain = fitted([])
+    # a Metric object given to compile: each pass its own copy, reset (the
+    # object itself had gone on adding up across epochs once reset went)
+    model = fastrnn.Sequential([fastrnn.GRU(3, 4, batch_first=True, seed=0),
+                                fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)])
+    model.compile("mse", optim.SGD(lr=0.01), metrics=[fastrnn.metrics.MeanAbsoluteError()])
+    given = model.fit(x, y, epochs=2, batch_size=4, shuffle=False, verbose=0,
+                      validation_data=(x, y))
+    assert given.history == {key.replace("mae", "mean_absolute_error"): value
+                             for key, value in plain.history.items()}
+    assert model.evaluate(x, y) == model.evaluate(x, y)
     seen = []
     probe = fastrnn.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(
         probe.model.evaluate(x_other, y_other, return_dict=True)["mae"]))

@@ -1333,6 +1333,18 @@ def test_an_interrupt_after_the_optimizer_step_keeps_the_stateful_state_it_came_
         else:
             assert m[0].state is None
             np.testing.assert_array_equal(m[2].weight, model()[2].weight)
+    # a predict that fails is rolled back, whatever steps came meanwhile
+    m = model()
+    m.train_step(x, y)
+    before = m[0].state
+
+    def batches():
+        yield x
+        m.optimizer.step()                       # another thread's step, meanwhile
+        yield np.zeros((2, 3, 5), np.float32)    # refused
+    with pytest.raises(ValueError):
+        m.predict(batches())
+    np.testing.assert_array_equal(m[0].state, before)
 
 
 def test_a_batched_predict_or_evaluate_computes_with_one_moments_weights():
@@ -1389,6 +1401,11 @@ def test_a_copied_dropout_has_its_own_generator():
     layer._seq_train(np.ones((4, 8)))            # the original trains first
     np.testing.assert_array_equal(twin._seq_train(np.ones((4, 8)))[0], expected)
     assert twin.p == 0.5 and type(twin) is fastrnn.Dropout
+
+    class Scaled(fastrnn.Dropout):              # a subclass's copy is one
+        def _seq_infer(self, x):
+            return 2 * x
+    assert type(copy.copy(Scaled(0.5))) is Scaled
 
 
 def test_load_state_dict_and_state_tuples_say_what_they_got():
