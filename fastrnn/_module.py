@@ -384,7 +384,8 @@ def check_parameter_memory(owner, nbytes, config, objects=0):
     if memory > 0 and need > memory:
         given = ", ".join(f"{name}={value}" if isinstance(value, (bool, str)) else
                           f"{name}={v.int_str(value)}" for name, value in config)
-        counted = f" (with {v.bytes_text(objects)} of objects for its layers)" if objects else ""
+        counted = (f" (with {v.bytes_text(objects)} of objects for its layers)"
+                   if objects > need // 100 else "")   # (said where it counts)
         raise MemoryError(f"{owner}({given}): {what} {v.bytes_text(need)}{counted}, more than "
                           f"this machine's {v.bytes_text(memory)} of memory")
 

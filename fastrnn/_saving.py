@@ -63,7 +63,7 @@ from fastrnn.nn import (Dropout, Embedding, LastStep, Linear, Masking, MergeDire
 from fastrnn.quantized import (QuantizedGRU, QuantizedGRUCell, QuantizedLinear,
                                QuantizedLSTM, QuantizedLSTMCell, QuantizedRNN,
                                QuantizedRNNCell, QUANTIZED_CLASSES, SCALE)
-from fastrnn.wrappers import Reversed, Stateful, _recurrent
+from fastrnn.wrappers import Reversed, Stateful, _recurrent, _wrappers
 
 FORMAT = "fastrnn/2"
 FORMAT_1 = "fastrnn.Sequential/1"     # read, no longer written
@@ -365,6 +365,9 @@ def _torch_refusals(layers):
         inner = _recurrent(layer)
         if type(inner) in (RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell):
             reason = torch_refusal(inner)
+            if reason is None and any(isinstance(w, Reversed) for w in _wrappers(layer)):
+                reason = (f"{type(inner).__name__} runs in a Reversed (reading each sequence "
+                          f"from its end); PyTorch's reads it from its start")
             if reason is not None:
                 refusals[i] = reason
     return refusals
@@ -859,8 +862,9 @@ def _check_config(config):
     fmt = config.get("format")
     if fmt not in (FORMAT, FORMAT_1):
         got = _brief.repr(fmt) if "format" in config else "nothing"
-        newer = (isinstance(fmt, str) and fmt.startswith("fastrnn/")
-                 and fmt[8:].isascii() and fmt[8:].isdigit() and int(fmt[8:]) > 2)
+        number = fmt[8:].lstrip("0") if isinstance(fmt, str) else ""
+        newer = (fmt.startswith("fastrnn/") and number.isascii() and number.isdigit()
+                 and (len(number) > 1 or number > "2"))   # (no int(): 4300 digits at most)
         if newer:   # (a later fastrnn's: say so, not "not a model file")
             version = config.get("fastrnn_version")
             by = f" {_brief.repr(version)}" if isinstance(version, str) else ""

@@ -57,7 +57,7 @@ def check_choice(owner, name, value, choices):
     for another str), each message listing the choices."""
     listed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
     if not isinstance(value, str):
-        # (a class given, np.int8 or torch.qint8: itself, not "type")
+        # (a class given, np.int8: itself, not "type")
         got = (f"the class {value.__module__}.{value.__qualname__}" if isinstance(value, type) else
                f"{type(value).__name__} {reprlib.repr(value)}")
         raise TypeError(f"{owner}: {name} must be a str ({listed}), got {got}")

@@ -56,8 +56,9 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
     sequences : list of array-like of shape (T_i, ...)
         The trailing shapes must agree.
     dtype : dtype, optional
-        Of the result; by default the sequences' common type (int64 and
-        float32 ones meet in float64). A value it cannot hold is refused (an integer out of its range, a fraction or
+        Of the result; by default the sequences' common type (int64
+        and float32 ones meet in float64). A value it cannot hold is
+        refused (an integer out of its range, a fraction or
         NaN into integers, an integer a float type rounds, a float that
         overflows); floats rounded to a narrower float are not.
 
@@ -102,9 +103,7 @@ def pad(sequences: Sequence[ArrayLike], dtype: DTypeLike | None = None
         dtype = np.result_type(*arrays)
         for i, a in enumerate(arrays):
             if a.dtype != dtype:
-                _check_cast(a, dtype, f"sequences[{i}]",
-                            " (the sequences' common type: pad them apart, or pass a dtype "
-                            "that holds every value)")
+                _check_cast(a, dtype, f"sequences[{i}]", ", the sequences' common type,")
         return _pad(arrays, lengths, dtype), lengths
     given = dtype
     try:

@@ -301,9 +301,16 @@ def _keras_plain_weights(layer):
 def _keras_precision(layer, dtype):
     """Warn where Keras computes a layer in a lower precision than the
     converted one will (a mixed-precision policy's float16 or bfloat16, or
-    float64 converted to float32): the same weights, other numbers."""
-    computes = str(getattr(layer, "compute_dtype", None) or "float32")
-    if computes not in ("float16", "bfloat16", "float64") or computes == dtype.name:
+    float64 converted to float32): the same weights, other numbers. A
+    Bidirectional's own layers may have a policy of their own."""
+    for part in (layer, getattr(layer, "forward_layer", None),
+                 getattr(layer, "backward_layer", None)):
+        computes = str(getattr(part, "compute_dtype", None) or "float32")
+        if part is not None and computes in ("float16", "bfloat16", "float64") \
+                and computes != dtype.name:
+            layer = part
+            break
+    else:
         return
     policy = getattr(getattr(layer, "dtype_policy", None), "name", computes)
     if computes == "float64":

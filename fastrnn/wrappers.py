@@ -97,7 +97,10 @@ class _Wrapper:
         # a read-only one (Stateful.batch_size) refused, not set on the layer
         if name == "layer":
             value = _check_inner(type(self).__name__, value)
-        elif name == "keep_order":
+            if "layer" in self.__dict__ and isinstance(self, Stateful):
+                # (the carried state was the old layer's: the next call starts afresh)
+                self._state, self._carried = None, False
+        elif name == "keep_order" and name in type(self)._own:
             value = v.check_bool(type(self).__name__, name, value)
         if name.startswith("_") or name in type(self)._own \
                 or isinstance(getattr(type(self), name, None), property):

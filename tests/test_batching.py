@@ -175,8 +175,8 @@ def test_pad_checks_the_common_type_as_a_given_one():
     with dtype=float64 was refused."""
     ids, features = np.array([[2**60 + 1]], np.int64), np.array([[0.5], [0.25]], np.float32)
     with pytest.raises(ValueError, match=r"pad: sequences\[0\]\[0, 0\] is 1152921504606846977, "
-                                         r"which dtype float64 \(the sequences' common type: "
-                                         r"pad them apart"):
+                                         r"which dtype float64, the sequences' common type, "
+                                         r"cannot hold"):
         batching.pad([ids, features])
     with pytest.raises(ValueError, match=r"is 9007199254740993, which dtype float64"):
         batching.pad([np.array([2**53 + 1], np.uint64), np.array([1], np.int64)])

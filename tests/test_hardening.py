@@ -1445,6 +1445,14 @@ def test_a_wrappers_settings_set_later_are_checked_as_at_construction():
         reversed_.layer = "abc"
     with pytest.raises(TypeError, match="Stateful"):
         reversed_.layer = fastrnn.Stateful(GRU(3, 4, batch_first=True))
+    gru = GRU(3, 4, batch_first=True)
+    stateful = fastrnn.Stateful(gru)
+    stateful.keep_order = False                  # not a Stateful's: the layer's, as before
+    assert vars(gru)["keep_order"] is False
+    stateful(np.zeros((2, 3, 3), np.float32))
+    stateful.layer = GRU(3, 6, batch_first=True)   # the old layer's state goes with it
+    assert stateful.state is None
+    assert stateful(np.zeros((2, 3, 3), np.float32))[0].shape == (2, 3, 6)
     reversed_.keep_order = False                 # what the constructor takes, taken
     reversed_.layer = GRU(3, 5, batch_first=True)
     assert repr(reversed_) == "Reversed(GRU(3, 5, batch_first=True), keep_order=False)"

@@ -330,6 +330,11 @@ CASES = {
                                                   fastrnn_version="0.2.0"), _good_arrays()),
                      r"it was written by a newer fastrnn '0.2.0' in format 'fastrnn/3', which "
                      r"this fastrnn [0-9.]+ \(format 'fastrnn/2'\) does not read; upgrade"),
+    # (more digits than Python's int() takes: said all the same)
+    "newer_format_of_many_digits": (
+        lambda path: _npz(path, dict(_config(_entries(_model())), format="fastrnn/" + "9" * 5000),
+                          _good_arrays()),
+        r"it was written by a newer fastrnn '[0-9.]+' in format 'fastrnn/999"),
     "no_config": (lambda path: _zip(path, _good_members()[1:]),
                   r"it has no configuration \(member 'config.npy'\)"),
     "layers_a_dict": (lambda path: _npz(path, dict(_config([]), layers={"0": 1}), {}),

@@ -323,3 +323,9 @@ def test_from_keras_says_where_keras_computes_in_another_precision():
         fastrnn.from_keras(model)
     messages = [str(w.message) for w in record]
     assert len(messages) == 2 and "Dense 'head' computes in float16" in messages[1]
+    # a Bidirectional's own layers under a float32 wrapper
+    bidirectional = keras.layers.Bidirectional(keras_layer("GRU", dtype="mixed_float16",
+                                                           name="inner"))
+    bidirectional(x)
+    with pytest.warns(UserWarning, match=r"GRU 'forward_inner' computes in float16"):
+        fastrnn.from_keras(bidirectional)

@@ -304,6 +304,25 @@ def test_a_file_of_a_layer_pytorch_cannot_compute_is_refused_there(case, tmp_pat
     assert sorted(load_state_dict_file(tmp_path / "m.safetensors")) == sorted(model.state_dict())
 
 
+def test_a_reversed_layers_file_is_refused_by_pytorch():
+    """A Reversed GRU's weights loaded strictly into PyTorch's GRU, which
+    reads the sequence from its start: marked as a layer PyTorch cannot
+    compute."""
+    torch = _torch()
+    from safetensors.torch import load_file
+    import tempfile, os
+    model = fastrnn.Sequential([fastrnn.Reversed(fastrnn.GRU(3, 5, seed=0))])
+    with tempfile.TemporaryDirectory() as where:
+        path = os.path.join(where, "r.safetensors")
+        model.save(path)
+        tensors = load_file(path)
+        assert bytes(tensors["0.pytorch_cannot_compute"].numpy()).decode().startswith(
+            "GRU runs in a Reversed")
+        with pytest.raises(RuntimeError, match=r"Unexpected key"):
+            torch.nn.Sequential(torch.nn.GRU(3, 5)).load_state_dict(tensors, strict=True)
+        _same_weights(fastrnn.load(path), model)
+
+
 def test_a_pytorch_file_loads_here(tmp_path):
     torch = _torch()
     from safetensors.torch import save_file
