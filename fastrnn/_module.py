@@ -83,32 +83,31 @@ _filling = threading.local()
 
 
 @contextlib.contextmanager
-def parameters_filled_later():
-    """Within: new modules' parameters start as zeros, for a caller that
-    loads every one of them before any use."""
-    before = getattr(_filling, "later", False)
-    _filling.later = True
+def _building(name, value):
+    """Within: this thread's modules are built with ``_filling.name = value``."""
+    before = getattr(_filling, name, None)
+    setattr(_filling, name, value)
     try:
         yield
     finally:
-        _filling.later = before
+        setattr(_filling, name, before)
+
+
+def parameters_filled_later():
+    """Within: new modules' parameters start as zeros, for a caller that
+    loads every one of them before any use."""
+    return _building("later", True)
 
 
 def filled_later():
     """Whether modules built now will have every parameter loaded at once."""
-    return getattr(_filling, "later", False)
+    return bool(getattr(_filling, "later", False))
 
 
-@contextlib.contextmanager
 def weights_reduced(fraction):
     """Within: the modules built are quantized ones, whose weights take
     ``fraction`` of float32's bytes (see check_parameter_memory)."""
-    before = getattr(_filling, "reduced", None)
-    _filling.reduced = fraction
-    try:
-        yield
-    finally:
-        _filling.reduced = before
+    return _building("reduced", fraction)
 
 
 def sealed(storage):

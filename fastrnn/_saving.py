@@ -863,8 +863,8 @@ def _check_config(config):
     if fmt not in (FORMAT, FORMAT_1):
         got = _brief.repr(fmt) if "format" in config else "nothing"
         number = fmt[8:].lstrip("0") if isinstance(fmt, str) else ""
-        newer = (fmt.startswith("fastrnn/") and number.isascii() and number.isdigit()
-                 and (len(number) > 1 or number > "2"))   # (no int(): 4300 digits at most)
+        newer = (isinstance(fmt, str) and fmt.startswith("fastrnn/") and number.isascii()
+                 and number.isdigit() and (len(number) > 1 or number > "2"))   # (no int())
         if newer:   # (a later fastrnn's: say so, not "not a model file")
             version = config.get("fastrnn_version")
             by = f" {_brief.repr(version)}" if isinstance(version, str) else ""

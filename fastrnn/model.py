@@ -71,9 +71,9 @@ def _states_kept_until_the_step(method):
     the weights they came with."""
     @functools.wraps(method)
     def kept(self, *args, **kwargs):
-        optimizer = self.optimizer
-        count = optimizer.step_count
-        with states_kept(self.layers, lambda: optimizer.step_count != count):
+        optimizer = self.optimizer   # (not yet checked: _bind refuses a wrong one)
+        count = getattr(optimizer, "step_count", None)
+        with states_kept(self.layers, lambda: getattr(optimizer, "step_count", None) != count):
             return method(self, *args, **kwargs)
     return kept
 
@@ -528,7 +528,9 @@ class Sequential:
             ``evaluate``: names ('accuracy', 'mae', 'rmse', ... see
             fastrnn.metrics), ``fastrnn.metrics.Metric`` objects or functions
             ``fn(y_true, y_pred)``. Not weighted by ``sample_weight`` or
-            ``class_weight`` (Keras' rule).
+            ``class_weight`` (Keras' rule). Each pass (an epoch, a
+            validation, an ``evaluate``) computes with its own reset copy of
+            a Metric object given, which itself stays as it was.
         weighted_metrics : list, optional
             Metrics that are weighted by them.
 

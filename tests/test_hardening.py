@@ -1212,6 +1212,13 @@ def test_training_keeps_its_own_copy_of_an_array_likes_buffer():
             np.testing.assert_array_equal(grads[1][name], g)
 
 
+def _stateful_model(features, hidden, optimizer="sgd"):
+    """Stateful GRU -> LastStep -> Linear, compiled (the Stateful tests' model)."""
+    return fastrnn.Sequential([fastrnn.Stateful(GRU(features, hidden, batch_first=True, seed=0)),
+                               fastrnn.LastStep(), fastrnn.Linear(hidden, 1, seed=1)]
+                              ).compile(loss="mse", optimizer=optimizer)
+
+
 def test_a_failed_model_call_leaves_a_stateful_layers_state_as_it_was():
     """A train step whose loss raises, or a predict refused at its second
     batch, after a Stateful layer ran: its carried state stays as before the
@@ -1222,9 +1229,7 @@ def test_a_failed_model_call_leaves_a_stateful_layers_state_as_it_was():
     y = rng.standard_normal((4, 1)).astype(np.float32)
 
     def model():
-        return fastrnn.Sequential([fastrnn.Stateful(GRU(3, 4, batch_first=True, seed=0)),
-                                   fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)]
-                                  ).compile(loss="mse", optimizer="sgd")
+        return _stateful_model(3, 4)
 
     expected = model().train_step(x, y)
     failing = model()
@@ -1248,9 +1253,7 @@ def test_a_validation_that_raises_inside_fit_leaves_a_stateful_layers_state_as_i
     y = rng.standard_normal((8, 1)).astype(np.float32)
 
     def model():
-        return fastrnn.Sequential([fastrnn.Stateful(GRU(3, 4, batch_first=True, seed=0)),
-                                   fastrnn.LastStep(), fastrnn.Linear(4, 1, seed=1)]
-                                  ).compile(loss="mse", optimizer="sgd")
+        return _stateful_model(3, 4)
 
     trained = model()
     trained.fit(x, y, batch_size=4, shuffle=False, verbose=0)
@@ -1307,9 +1310,7 @@ def test_an_interrupt_after_the_optimizer_step_keeps_the_stateful_state_it_came_
     y = rng.standard_normal((2, 1)).astype(np.float32)
 
     def model():
-        return fastrnn.Sequential([fastrnn.Stateful(GRU(2, 3, batch_first=True, seed=0)),
-                                   fastrnn.LastStep(), fastrnn.Linear(3, 1, seed=1)]
-                                  ).compile("mse", fastrnn.optim.SGD(lr=0.01))
+        return _stateful_model(2, 3, fastrnn.optim.SGD(lr=0.01))
 
     reference = model()
     reference.train_step(x, y)
