@@ -292,15 +292,19 @@ def plain_numbers(value, dtype):
     return value
 
 
-def as_float_array(owner, name, value, dtype, own_copy=False):
+def as_float_array(owner, name, value, dtype, own_copy=False, check_shape=None):
     """A C-contiguous array of the layer's dtype (a copy only if needed, or
     always one of our own with ``own_copy``: never the caller's memory, which
     they may change later; a torch tensor's .numpy() shares it).
+    ``check_shape(shape)`` runs before any conversion (a broadcast view of
+    2**31 rows, refused for its batch size, was copied first: 48 GiB).
 
     np.asarray keeps the number of dimensions; np.ascontiguousarray would make
     a 0-D input 1-D.
     """
     values = to_numpy(owner, name, value)
+    if check_shape is not None:
+        check_shape(values.shape)
     arr = np.asarray(values, dtype=dtype, order="C")
     # the caller's memory unless converted here or built from a list: an
     # array-like's __array__ (xarray, pint) may hand out its own buffer

@@ -161,18 +161,18 @@ class _CellBase(RecurrentEngine):
         owner = type(self).__name__
         cfg = self._config
         dtype, D = cfg["dtype"], cfg["input_size"]
-        if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == D \
-                and x.shape[0] > v.BLAS_INT_MAX:   # (before a broadcast view's copy)
-            raise ValueError(f"{owner}: batch size {x.shape[0]} does not fit a 32-bit BLAS int")
-        x = v.as_float_array(owner, "input", x, dtype, own_copy)
-        if x.ndim not in (1, 2) or x.shape[-1] != D:
-            raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
-                             f"got {shape_str(x.shape)}")
+        def check_shape(shape):
+            if len(shape) not in (1, 2) or shape[-1] != D:
+                raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
+                                 f"got {shape_str(shape)}")
+            if len(shape) == 2 and shape[0] > v.BLAS_INT_MAX:
+                raise ValueError(f"{owner}: batch size {shape[0]} does not fit a 32-bit BLAS "
+                                 f"int")
+
+        x = v.as_float_array(owner, "input", x, dtype, own_copy, check_shape)
         batched = x.ndim == 2
         x = x.reshape(-1, D)
         B = x.shape[0]
-        if B > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
         h, c = self._state(params, hx, B, batched)
         return x, B, batched, h, c
 

@@ -232,26 +232,26 @@ class _RNNBase(RecurrentEngine):
         dtype = cfg["dtype"]
         dirs = self._dirs
 
-        if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[-1] == cfg["input_size"]:
-            # (before the conversion: a broadcast view's copy took 8 GiB first)
-            too_big = x.shape[0 if cfg["batch_first"] else 1]
-            if too_big > v.BLAS_INT_MAX:
-                raise ValueError(f"{owner}: batch size {too_big} does not fit a 32-bit BLAS int")
-        x = v.as_float_array(owner, "input", x, dtype, own_copy)
-        layout = "(B, T, {0}) or (T, {0})" if cfg["batch_first"] else "(T, B, {0}) or (T, {0})"
-        if x.ndim not in (2, 3) or x.shape[-1] != cfg["input_size"]:
-            raise ValueError(f"{owner}: expected input of shape "
-                             f"{layout.format(cfg['input_size'])}, got {shape_str(x.shape)}")
+        def check_shape(shape):
+            layout = ("(B, T, {0}) or (T, {0})" if cfg["batch_first"]
+                      else "(T, B, {0}) or (T, {0})")
+            if len(shape) not in (2, 3) or shape[-1] != cfg["input_size"]:
+                raise ValueError(f"{owner}: expected input of shape "
+                                 f"{layout.format(cfg['input_size'])}, got {shape_str(shape)}")
+            steps, batch = (shape[:2][::-1] if cfg["batch_first"] else shape[:2]) \
+                if len(shape) == 3 else (shape[0], 1)
+            if steps == 0:
+                raise ValueError(f"{owner}: expected at least one time step, got input of "
+                                 f"shape {shape_str(shape)}")
+            if batch > v.BLAS_INT_MAX:
+                raise ValueError(f"{owner}: batch size {batch} does not fit a 32-bit BLAS int")
+
+        x = v.as_float_array(owner, "input", x, dtype, own_copy, check_shape)
         batched = x.ndim == 3
         batch_first = cfg["batch_first"] and batched
         if not batched:
             x = x[:, None, :]
         T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
-        if T == 0:
-            raise ValueError(f"{owner}: expected at least one time step, got input of shape "
-                             f"{shape_str(x.shape if batched else x.shape[::2])}")
-        if B > v.BLAS_INT_MAX:
-            raise ValueError(f"{owner}: batch size {B} does not fit a 32-bit BLAS int")
         if lengths is not None:
             if not batched:
                 raise ValueError(f"{owner}: lengths needs batched input; for one unbatched "

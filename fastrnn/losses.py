@@ -113,16 +113,8 @@ class Loss:
             mask = _expand(mask.astype(grad.dtype, copy=False), values.ndim)
             norm = np.broadcast_to(mask, values.shape) if norm is None else norm * mask
             weight = mask
-        if sample_weight is not None:
-            with np.errstate(over="ignore"):   # (said just below)
-                cast = sample_weight.astype(grad.dtype, copy=False)
-            if not np.isfinite(cast).all():    # (1e39 passed float64's check as inf here)
-                big = sample_weight[~np.isfinite(cast)].flat[0]
-                raise ValueError(f"{type(self).__name__}: a sample weight (sample_weight or "
-                                 f"class_weight) of {big:g} overflows {grad.dtype}, the "
-                                 f"model's dtype; weights must lie within "
-                                 f"+-{np.finfo(grad.dtype).max:g}")
-            sample_weight = _expand(cast, values.ndim)
+        if sample_weight is not None:   # (within the model's float range: fit checks them)
+            sample_weight = _expand(sample_weight.astype(grad.dtype, copy=False), values.ndim)
             weight = sample_weight if weight is None else weight * sample_weight
         # (a padded step's or weightless row's: any)
         self._refuse_targets(target, weight, grad.dtype)
