@@ -222,6 +222,23 @@ class _RNNBase(RecurrentEngine):
 
         return (np.swapaxes(out, 0, 1) if swap else out), backprop_seq
 
+    def _check_input_shape(self, shape):
+        """Refuse a call's input shape (before any conversion or copy: a
+        broadcast view of 2**31 rows is 4 bytes until copied)."""
+        owner = type(self).__name__
+        cfg = self._config
+        layout = "(B, T, {0}) or (T, {0})" if cfg["batch_first"] else "(T, B, {0}) or (T, {0})"
+        if len(shape) not in (2, 3) or shape[-1] != cfg["input_size"]:
+            raise ValueError(f"{owner}: expected input of shape "
+                             f"{layout.format(cfg['input_size'])}, got {shape_str(shape)}")
+        steps, batch = (shape[:2][::-1] if cfg["batch_first"] else shape[:2]) \
+            if len(shape) == 3 else (shape[0], 1)
+        if steps == 0:
+            raise ValueError(f"{owner}: expected at least one time step, got input of "
+                             f"shape {shape_str(shape)}")
+        if batch > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: batch size {batch} does not fit a 32-bit BLAS int")
+
     def _prepare(self, params, x, hx, lengths, own_copy=False):
         """Validate and convert a call's arguments; allocate its outputs and
         its state arrays (from the parameter set ``params`` when the initial
@@ -232,21 +249,7 @@ class _RNNBase(RecurrentEngine):
         dtype = cfg["dtype"]
         dirs = self._dirs
 
-        def check_shape(shape):
-            layout = ("(B, T, {0}) or (T, {0})" if cfg["batch_first"]
-                      else "(T, B, {0}) or (T, {0})")
-            if len(shape) not in (2, 3) or shape[-1] != cfg["input_size"]:
-                raise ValueError(f"{owner}: expected input of shape "
-                                 f"{layout.format(cfg['input_size'])}, got {shape_str(shape)}")
-            steps, batch = (shape[:2][::-1] if cfg["batch_first"] else shape[:2]) \
-                if len(shape) == 3 else (shape[0], 1)
-            if steps == 0:
-                raise ValueError(f"{owner}: expected at least one time step, got input of "
-                                 f"shape {shape_str(shape)}")
-            if batch > v.BLAS_INT_MAX:
-                raise ValueError(f"{owner}: batch size {batch} does not fit a 32-bit BLAS int")
-
-        x = v.as_float_array(owner, "input", x, dtype, own_copy, check_shape)
+        x = v.as_float_array(owner, "input", x, dtype, own_copy, self._check_input_shape)
         batched = x.ndim == 3
         batch_first = cfg["batch_first"] and batched
         if not batched:

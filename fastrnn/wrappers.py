@@ -202,9 +202,9 @@ class Reversed(_Wrapper):
         """A function flipping arrays laid out as x, and the flipped mask."""
         owner = "Reversed"
         x = v.to_numpy(owner, "input", x)
-        if x.ndim not in (2, 3):
-            raise ValueError(f"{owner}: expected input with 2 or 3 dimensions, got "
-                             f"{v.shape_str(x.shape)}")
+        # the layer's refusals first: the flips below copy x (a broadcast
+        # view of 2**31 rows, refused for its batch size, was copied whole)
+        _recurrent(self)._check_input_shape(x.shape)
         batched = x.ndim == 3
         time_axis = 1 if batched and _recurrent(self).batch_first else 0
         T = x.shape[time_axis]

@@ -1227,7 +1227,12 @@ def test_a_batch_past_blas_int_is_refused_before_the_input_is_copied():
                 (fastrnn.GRU(3, 4, batch_first=True), np.broadcast_to(np.float32(1),
                                                                       (2**31 + 1, 2, 3))),
                 (fastrnn.LSTM(3, 4), np.broadcast_to(np.float32(1), (2, 2**31 + 1, 3))),
-                (fastrnn.GRUCell(3, 4), np.broadcast_to(np.float32(1), (2**31 + 1, 3)))):
+                (fastrnn.GRUCell(3, 4), np.broadcast_to(np.float32(1), (2**31 + 1, 3))),
+                # a Reversed flipped (copied) it before its layer refused it
+                (fastrnn.Reversed(fastrnn.GRU(3, 4)),
+                 np.broadcast_to(np.float32(1), (2, 2**31 + 1, 3))),
+                (fastrnn.Reversed(fastrnn.GRU(3, 4)).forward_train,
+                 np.broadcast_to(np.float32(1), (2, 2**31 + 1, 3)))):
             with pytest.raises(ValueError, match=r"batch size 2147483649 does not fit a 32-bit "
                                                  r"BLAS int"):
                 call(x)
