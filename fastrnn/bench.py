@@ -54,12 +54,14 @@ median over the rounds, each speed-up the median of the rounds' own
 (:func:`paired_ratio`).
 """
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -691,10 +693,41 @@ def build_parser(prog="fastrnn bench"):
     return result
 
 
+@contextlib.contextmanager
+def _termination_as_exit():
+    """SIGTERM and SIGHUP raise SystemExit while the bench runs (where their
+    action is the default one and this is the main thread), so that its
+    cleanup runs: ``subprocess.run`` kills the measuring child, the temporary
+    directory goes. Killed by them, the bench had left its child measuring on
+    for minutes, orphaned, and its temporary files behind."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    try:
+        for name in ("SIGTERM", "SIGHUP"):
+            number = getattr(signal, name, None)
+            if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+                previous[number] = signal.signal(number, stop)
+    except ValueError:     # not the main thread: signals stay as they are
+        pass
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv=None, prog="fastrnn bench"):
     """Run the benchmark with the command-line arguments ``argv`` (default
     ``sys.argv[1:]``) and print its tables."""
     args = build_parser(prog).parse_args(argv)
+    with _termination_as_exit():
+        return _run(args)
+
+
+def _run(args):
+    """main's work on the parsed ``args``."""
     cases = [c for c in CASES if (c.name in QUICK if args.quick
                                   else args.cases is None or c.name in args.cases)]
     if args.dtype in ("int8", "bfloat16"):

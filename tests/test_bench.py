@@ -2,7 +2,11 @@
 case for real, with a peer whose install is broken; the rounds of --rounds
 with a stand-in for the processes."""
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -281,3 +285,46 @@ def test_training_table_has_the_steps_peak_time(monkeypatch, capsys):
     peak_ms = 3 * 629_145_600 / (50e9 * 2) * 1e3
     assert float(train[4]) == pytest.approx(peak_ms, abs=5e-4)
     assert float(train[5]) == pytest.approx(20.0 / peak_ms, abs=5e-3)
+
+
+def _children(pid):
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_bench_terminated_stops_its_measuring_child_and_removes_its_files(tmp_path):
+    """SIGTERM (what `kill` and process managers send) ended the bench at
+    once, without its cleanup: the child measuring a case ran on for
+    minutes, orphaned, and the temporary directory stayed. Now SIGTERM
+    raises SystemExit in the bench: the child is killed, the files go."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    bench_run = subprocess.Popen(
+        [sys.executable, "-m", "fastrnn", "bench", "--cases", "b64-h512", "--repeats", "1000"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(bench_run.pid):
+            assert bench_run.poll() is None, bench_run.stderr.read()
+            assert time.monotonic() < deadline, "no measuring child started"
+            time.sleep(0.05)
+        (child,) = _children(bench_run.pid)
+        time.sleep(0.5)
+        bench_run.send_signal(signal.SIGTERM)
+        assert bench_run.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not os.path.exists(f"/proc/{child}")
+        assert not list(tmp_path.glob("fastrnn-bench-*"))
+    finally:
+        if bench_run.poll() is None:
+            bench_run.kill()
+            bench_run.wait()
