@@ -605,6 +605,14 @@ def rounds_note(rounds):
             if rounds > 1 else "")
 
 
+def field(value, width, spec=".3f"):
+    """``value`` formatted by ``spec``, right-aligned in a column of
+    ``width`` characters and always after a space: a value too wide for its
+    column widens it rather than run into the one before (a peer's 2664.408
+    ms had filled its 8 characters and printed as "27.4222664.408")."""
+    return " " + format(value, spec).rjust(width - 1)
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -613,6 +621,17 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _count_up_to(maximum):
+    """A positive int at most ``maximum`` (--repeats, --rounds: a mistyped
+    10**30 ran for ever, 10**400 ended in a child's OverflowError)."""
+    def parse(text):
+        value = _positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected at most {maximum:,}, got {text!r}")
+        return value
+    return parse
 
 
 def _thread_count(text):
@@ -680,11 +699,11 @@ def build_parser(prog="fastrnn bench"):
     selection.add_argument("--cases", type=_case_names, metavar="NAMES",
                            help="comma-separated names of the cases to run, from the list "
                                 "below (default: every case)")
-    result.add_argument("--repeats", type=_positive_int, default=20, metavar="N",
+    result.add_argument("--repeats", type=_count_up_to(100_000), default=20, metavar="N",
                         help="timed calls per library and case for inference (default 20); "
                              "half as many for a training step, a fifth for a heavy case, "
                              "at least 4")
-    result.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
+    result.add_argument("--rounds", type=_count_up_to(100), default=1, metavar="N",
                         help="processes per library and case (default 1), the libraries in "
                              "turn, their order rotated each round; each time printed is the "
                              "median over the rounds, each speed-up the median of the rounds' "
@@ -787,13 +806,13 @@ def _run(args):
         errs = " ".join(f"{n} {e:.1e}" for n, e in errors.items())
         peak_ms = case_flops(case) / (peak * 1e9 * args.threads) * 1e3
         limit = infer_ms.get("limit")
-        print(f"{case.name:<20}{infer_ms['fastrnn']:>9.3f}"
-              + "".join(f"{infer_ms.get(p, float('nan')):>8.3f}{'*' if p in wrong else ' '}"
+        print(f"{case.name:<20}{field(infer_ms['fastrnn'], 9)}"
+              + "".join(field(infer_ms.get(p, float("nan")), 8) + ("*" if p in wrong else " ")
                         for p in peers)
-              + f"{speedup:>8.2f}x"
-              + (f"{limit:>8.3f}{infer_ms['fastrnn'] / limit:>7.2f}" if limit else
+              + field(speedup, 8, ".2f") + "x"
+              + (field(limit, 8) + field(infer_ms["fastrnn"] / limit, 7, ".2f") if limit else
                  f"{'-':>8}{'-':>7}")
-              + f"{peak_ms:>8.3f}{infer_ms['fastrnn'] / peak_ms:>7.2f}" * with_peak
+              + (field(peak_ms, 8) + field(infer_ms["fastrnn"] / peak_ms, 7, ".2f")) * with_peak
               + f"  {errs}", flush=True)
         if train_ms:
             train_rows.append((case, train_ms,
@@ -814,12 +833,12 @@ def _run(args):
         ratios = {p: [] for p in train_peers}
         for case, ms, train_rounds in train_rows:
             peak_ms = train_flops(case) / (peak * 1e9 * args.threads) * 1e3
-            line = f"{case.name:<20}{ms['fastrnn']:>9.3f}"
+            line = f"{case.name:<20}{field(ms['fastrnn'], 9)}"
             for p in train_peers:
                 ratios[p].append(paired_ratio(train_rounds, [p], "fastrnn"))
-                line += f"{ms[p]:>9.3f}{ratios[p][-1]:>6.2f}x"
-            print(line + f"{peak_ms:>9.3f}{ms['fastrnn'] / peak_ms:>7.2f}" * with_peak,
-                  flush=True)
+                line += field(ms[p], 9) + field(ratios[p][-1], 6, ".2f") + "x"
+            print(line + (field(peak_ms, 9) + field(ms["fastrnn"] / peak_ms, 7, ".2f"))
+                  * with_peak, flush=True)
         for p, r in ratios.items():
             r = [ratio for ratio in r if not math.isnan(ratio)]   # (a peer left out)
             if r:

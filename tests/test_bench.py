@@ -328,3 +328,33 @@ def test_a_bench_terminated_stops_its_measuring_child_and_removes_its_files(tmp_
         if bench_run.poll() is None:
             bench_run.kill()
             bench_run.wait()
+
+
+def test_table_columns_stay_apart_when_a_time_fills_its_column(monkeypatch, capsys):
+    """A peer's 2664.408 ms filled its 8-character column and printed as
+    "27.4222664.408" after fastrnn's time: every number now comes after a
+    space, widening its column where it must (float32, training, int8)."""
+    def fake_case(case, dtype, threads, repeats, peers, rounds=1):
+        return ({"fastrnn": 27.422, "torch": 2664.408, "limit": 12345.678},
+                {"fastrnn": 123456.789, "torch": 2664.408}, {"fastrnn": 1e-7, "torch": 1e-7},
+                {"infer": {"fastrnn": [27.422], "torch": [2664.408]},
+                 "train": {"fastrnn": [123456.789], "torch": [2664.408]}})
+
+    def fake_q_case(case, threads, repeats, libraries, rounds=1):
+        return ({lib: {"infer": 123456.789, "rounds": [123456.789], "weight_mb": 0.1}
+                 for lib in libraries}, {lib: (1e-3, 1e-4) for lib in libraries})
+
+    monkeypatch.setattr(bench, "available", lambda module: module == "torch")
+    monkeypatch.setattr(bench, "_installed_version", lambda module: "0")
+    monkeypatch.setattr(bench, "run_case", fake_case)
+    monkeypatch.setattr(bench_quantized, "run_case", fake_q_case)
+    monkeypatch.setattr(bench_quantized, "_int8_peak_line", lambda: 2.0)
+    bench.main(["--cases", "b32-h128"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("b32-h128 ")]
+    assert rows[0][1:5] == ["27.422", "2664.408", "97.16x", "12345.678"]
+    assert rows[1][1:4] == ["123456.789", "2664.408", "0.02x"]
+    bench.main(["--dtype", "int8", "--cases", "b32-h128"])
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
+              if line.startswith("b32-h128 ")]
+    assert row[1:4] == ["123456.789"] * 3

@@ -135,6 +135,9 @@ def test_bench_unknown_case_is_an_error(capsys, cases):
                                   ["--threads", "99999999999999999999"],   # (was a traceback)
                                   ["--repeats", "0"], ["--rounds", "0"],
                                   ["--rounds", "two"], ["--cases", ""],
+                                  # (10**30 ran for ever, 10**400 ended in a traceback)
+                                  ["--repeats", str(10**30)], ["--repeats", str(10**400)],
+                                  ["--rounds", str(10**30)],
                                   ["--quick", "--cases", "b32-h128"],
                                   ["--dtype", "float16"]])
 def test_bench_rejects_bad_options(capsys, argv):
@@ -189,19 +192,22 @@ def test_python_m_fastrnn_bench_help_names_itself(tmp_path):
     ("sunspots", ["--plot", "loss.xyz"], "--plot: expected a file name ending in one of .eps"),
     ("sunspots", ["--plot", "noext"], "--plot: expected a file name ending in one of .eps"),
     ("sunspots", ["--plot", "/proc/loss.png"], "--plot: cannot write '/proc/loss.png'"),
-    ("adding", ["--epochs", "x"], "--epochs: expected an integer >= 1, got 'x'"),
+    ("adding", ["--epochs", "x"], "--epochs: expected an integer from 1 to 100000, got 'x'"),
     ("adding", ["--seed", "-1"], "--seed: expected an integer >= 0, got '-1'"),
     ("charlm", ["--hidden", "-5"], "--hidden: expected an integer from 1 to 4096, got '-5'"),
-    ("charlm", ["--epochs", "0"], "--epochs: expected an integer >= 1, got '0'"),
-    ("sunspots", ["--epochs", "1.5"], "--epochs: expected an integer >= 1, got '1.5'"),
+    ("charlm", ["--epochs", "0"], "--epochs: expected an integer from 1 to 100000, got '0'"),
+    ("sunspots", ["--epochs", "1.5"], "--epochs: expected an integer from 1 to 100000, got '1.5'"),
     ("sunspots", ["--seed", "-2"], "--seed: expected an integer >= 0, got '-2'"),
     ("layernorm", ["--steps", "0"], "--steps: expected an integer from 2 to 10000, got '0'"),
-    ("layernorm", ["--epochs", "-1"], "--epochs: expected an integer >= 1, got '-1'"),
+    ("layernorm", ["--epochs", "-1"], "--epochs: expected an integer from 1 to 100000, got '-1'"),
     ("layernorm", ["--seeds", "0,a"], "--seeds: expected comma-separated integers >= 0, "
                                       "got '0,a'"),
     ("regularise", ["--seeds", "0,1,0"], "--seeds: expected distinct seeds, got '0,1,0' "
                                          "(repeats 0)"),
     ("layernorm", ["--kinds", "RNN"], "--kinds: expected LSTM and/or GRU, got 'RNN'"),
+    # a mistyped --epochs trained for ever
+    ("sunspots", ["--epochs", str(10**30)], "--epochs: expected an integer from 1 to 100000"),
+    ("regularise", ["--epochs", "100001"], "--epochs: expected an integer from 1 to 100000"),
 ])
 def test_an_example_refuses_a_bad_option_by_name(command, argv, message, capsys):
     """A usage error (exit status 2) naming the option, before any work."""

@@ -21,7 +21,7 @@ def int_at_least(minimum, maximum=None):
     return parse
 
 
-positive_int = int_at_least(1)
+epochs = int_at_least(1, 100_000)   # a mistyped 10**30 trained for ever
 seed = int_at_least(0)   # numpy's generators take seeds >= 0
 
 

@@ -165,7 +165,7 @@ def cli(argv=None):
                         help="training sequences (default 200)")
     parser.add_argument("--noise", type=_cli.float_in(0.0, 1e6, True), default=1.0,
                         help="standard deviation of the training targets' noise (default 1)")
-    parser.add_argument("--epochs", type=_cli.positive_int, default=40,
+    parser.add_argument("--epochs", type=_cli.epochs, default=40,
                         help="training epochs (default 40)")
     parser.add_argument("--rate", type=_cli.float_in(0.0, 1.0, False), default=0.5,
                         help="every regulariser's rate p, in (0, 1) (default 0.5)")

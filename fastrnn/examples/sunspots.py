@@ -88,7 +88,7 @@ def _save_plot(history, path):
 
 def cli(argv=None, prog="fastrnn sunspots"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=_cli.positive_int, default=50,
+    parser.add_argument("--epochs", type=_cli.epochs, default=50,
                         help="training epochs (default 50)")
     parser.add_argument("--plot", type=_cli.writable_path, default="sunspots_loss.png",
                         help="where to save the loss plot, replacing a file there ('' for "
