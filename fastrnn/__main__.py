@@ -137,6 +137,9 @@ def cli(argv=None):
         return _exit_status(run(rest))
     except SystemExit as exit:  # a command's argparse: --help (0) or a usage error (2)
         return _exit_status(exit.code)
+    except KeyboardInterrupt:    # Ctrl-C: the shell's status for SIGINT, no traceback
+        print(f"fastrnn {name}: interrupted", file=sys.stderr)
+        return 130
     except MemoryError as exc:
         # options each within their bounds can ask together for more than the
         # machine has (adding --steps 10000 --hidden 4096: 39 GiB at once)

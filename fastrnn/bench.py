@@ -609,8 +609,17 @@ def field(value, width, spec=".3f"):
     """``value`` formatted by ``spec``, right-aligned in a column of
     ``width`` characters and always after a space: a value too wide for its
     column widens it rather than run into the one before (a peer's 2664.408
-    ms had filled its 8 characters and printed as "27.4222664.408")."""
-    return " " + format(value, spec).rjust(width - 1)
+    ms had filled its 8 characters and printed as "27.4222664.408"). NaN,
+    a library or ratio the case has not, is "-"."""
+    text = "-" if isinstance(value, float) and math.isnan(value) else format(value, spec)
+    return " " + text.rjust(width - 1)
+
+
+def ratio_field(value, width):
+    """A ratio as "1.23x" in a column of ``width`` characters ("-" for NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return field(value, width)
+    return field(value, width - 1, ".2f") + "x"
 
 
 def _positive_int(text):
@@ -809,7 +818,7 @@ def _run(args):
         print(f"{case.name:<20}{field(infer_ms['fastrnn'], 9)}"
               + "".join(field(infer_ms.get(p, float("nan")), 8) + ("*" if p in wrong else " ")
                         for p in peers)
-              + field(speedup, 8, ".2f") + "x"
+              + ratio_field(speedup, 9)
               + (field(limit, 8) + field(infer_ms["fastrnn"] / limit, 7, ".2f") if limit else
                  f"{'-':>8}{'-':>7}")
               + (field(peak_ms, 8) + field(infer_ms["fastrnn"] / peak_ms, 7, ".2f")) * with_peak
@@ -836,7 +845,7 @@ def _run(args):
             line = f"{case.name:<20}{field(ms['fastrnn'], 9)}"
             for p in train_peers:
                 ratios[p].append(paired_ratio(train_rounds, [p], "fastrnn"))
-                line += field(ms[p], 9) + field(ratios[p][-1], 6, ".2f") + "x"
+                line += field(ms[p], 9) + ratio_field(ratios[p][-1], 7)
             print(line + (field(peak_ms, 9) + field(ms["fastrnn"] / peak_ms, 7, ".2f"))
                   * with_peak, flush=True)
         for p, r in ratios.items():

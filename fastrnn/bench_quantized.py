@@ -239,6 +239,8 @@ def main(args, cases):
         print("ORT-q: 7-bit weights (quantize_dynamic's reduce_range), as ONNX Runtime "
               "advises on a CPU without VNNI")
     peak = _int8_peak_line()
+    print("'-': a peer without that quantized layer (PyTorch's dynamic quantization has no "
+          "RNN; ONNX Runtime quantizes LSTM nodes only)")
     print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"
           f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}{'peak':>9}{'int8/pk':>8}"
           f"{'peer/pk':>8}  {'f32 err':>17}  {'int8 err':>17}"
@@ -273,8 +275,8 @@ def main(args, cases):
         field = bench.field
         print(f"{case.name:<20}"
               + "".join(field(ms(lib), 9) for lib in ("f32", "int8", "bf16", "torch-q", "ORT-q"))
-              + f"{field(speed, 8, '.2f')}x{field(speed_bf16, 8, '.2f')}x"
-              + f"{field(vs_peer, 9, '.2f')}x{field(peak_ms, 9)}"
+              + bench.ratio_field(speed, 9) + bench.ratio_field(speed_bf16, 9)
+              + bench.ratio_field(vs_peer, 10) + field(peak_ms, 9)
               + f"{field(ms('int8') / peak_ms, 8, '.2f')}{field(peer_peak, 8, '.2f')}  "
               f"{err('f32'):>17}  {err('int8'):>17}  {err('bf16'):>17}  "
               f"{err('torch-q'):>17}  {err('ORT-q'):>17}  {weights:>21}", flush=True)

@@ -343,3 +343,42 @@ def test_a_plot_path_through_a_dangling_link_keeps_the_link(tmp_path):
     assert os.path.islink(link) and not target.exists()
     plain = tmp_path / "plain.png"
     assert writable_path(str(plain)) == str(plain) and not plain.exists()
+
+
+def test_a_plot_path_that_is_not_a_regular_file_is_refused_before_the_run(tmp_path, capsys):
+    """--plot naming a FIFO hung the check (opening it waited for a reader);
+    /dev/full (a device) passed it and failed after the run."""
+    fifo = tmp_path / "loss.png"
+    os.mkfifo(fifo)
+    status, out, err = run(["sunspots", "--plot", str(fifo)], capsys)
+    assert status == 2 and out == ""
+    assert f"--plot: {str(fifo)!r} is not a regular file" in err
+    if os.path.exists("/dev/full"):
+        link = tmp_path / "full.png"
+        link.symlink_to("/dev/full")
+        status, out, err = run(["sunspots", "--plot", str(link)], capsys)
+        assert status == 2 and "is not a regular file" in err
+
+
+def test_a_plot_that_cannot_be_written_after_the_run_is_an_error_not_a_traceback(
+        tmp_path, capsys, monkeypatch):
+    """A failure to write the plot once the run is done (a full disk, a
+    directory removed meanwhile) ended in matplotlib's traceback."""
+    def full_disk(epochs, plot, seed):     # (main's plot written last, after the run)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sunspots, "main", full_disk)
+    path = str(tmp_path / "loss.png")
+    status, out, err = run(["sunspots", "--epochs", "1", "--plot", path], capsys)
+    assert status == 1 and out == ""
+    assert err == (f"fastrnn sunspots: error: cannot write the loss plot {path!r}: "
+                   f"No space left on device\n")
+
+
+def test_ctrl_c_ends_a_command_with_status_130_and_no_traceback(capsys, monkeypatch):
+    """Ctrl-C printed a 37-line KeyboardInterrupt traceback (the bench's child
+    and files were cleaned up: subprocess.run and the temporary directory)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adding_problem, "main", interrupted)
+    status, out, err = run(["adding", "--epochs", "1"], capsys)
+    assert (status, out, err) == (130, "", "fastrnn adding: interrupted\n")

@@ -46,3 +46,16 @@ def test_a_plot_path_in_a_missing_directory_is_an_argument_error(tmp_path, capsy
         sunspots.cli(["--plot", str(tmp_path / "missing" / "loss.png"), "--epochs", "1"])
     assert exit_info.value.code == 2
     assert "argument --plot: the directory" in capsys.readouterr().err
+
+
+def test_the_adding_problems_gradient_ratio_compares_disjoint_windows():
+    """Its first and last 10 steps overlapped below 20 steps and were the
+    same steps at 10 or fewer: the ratio read 1.00 (no decay) for any cell.
+    Now the first and last half of so short a sequence."""
+    from fastrnn.examples import adding_problem
+    rng = np.random.default_rng(0)
+    x, y = adding_problem.make_data(64, 6, rng)
+    model = adding_problem.build("RNN", 8, 0)
+    model.compile(loss="mse", optimizer="sgd")
+    ratio = adding_problem.early_gradient_ratio(model, x, y)
+    assert np.isfinite(ratio) and abs(ratio - 1) > 1e-3

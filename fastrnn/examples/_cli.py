@@ -94,6 +94,10 @@ def writable_path(text):
     # target (the probe of a dangling link had removed the link itself)
     target = os.path.realpath(text)
     existed = os.path.exists(target)
+    if existed and not os.path.isfile(target):
+        # (opening a FIFO to probe it waited for a reader for ever; a device
+        # such as /dev/full failed only when the plot was saved, after the run)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular file")
     try:
         with open(target, "ab"):
             pass

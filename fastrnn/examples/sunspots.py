@@ -96,7 +96,11 @@ def cli(argv=None, prog="fastrnn sunspots"):
     parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and shuffling (default 0)")
     args = parser.parse_args(argv)
-    main(args.epochs, args.plot, args.seed)
+    try:
+        main(args.epochs, args.plot, args.seed)
+    except OSError as exc:    # the plot, checked before the run, not written after it
+        parser.exit(1, f"{prog}: error: cannot write the loss plot {args.plot!r}: "
+                       f"{exc.strerror or exc}\n")
 
 
 def demo_cli(argv=None):
