@@ -29,6 +29,7 @@ from fastrnn import _validation as v
 from fastrnn import batching
 from fastrnn import metrics as metrics_module
 from fastrnn import optim as optim_module
+from fastrnn import _engine
 from fastrnn._engine import _training_buffers, input_grads
 from fastrnn._module import (LoadResult, Module, _refuse_quantized_entry, changing_together,
                              holding, on_one_set, restoring_copy, run_pinned)
@@ -1381,9 +1382,12 @@ def _infer_with_lengths(layer, x, lengths):
 
 
 def _release_training_buffers(layers):
+    released = 0
     for layer in map(_recurrent, layers):      # (the layer inside any wrappers)
         if getattr(layer, "_lends_buffers", False):
-            _training_buffers.release(layer)
+            released += _training_buffers.release(layer)
+    if released >= _engine.TRIM_AFTER_BYTES:
+        _engine.trim_heap()
 
 
 @contextlib.contextmanager
