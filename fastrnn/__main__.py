@@ -5,7 +5,9 @@ command's options. :func:`cli` returns the exit status (0 done, 2 a usage
 error) rather than exiting, so it can be called from Python.
 """
 import argparse
+import os
 import platform
+import signal
 import sys
 import time
 
@@ -137,9 +139,6 @@ def cli(argv=None):
         return _exit_status(run(rest))
     except SystemExit as exit:  # a command's argparse: --help (0) or a usage error (2)
         return _exit_status(exit.code)
-    except KeyboardInterrupt:    # Ctrl-C: the shell's status for SIGINT, no traceback
-        print(f"fastrnn {name}: interrupted", file=sys.stderr)
-        return 130
     except MemoryError as exc:
         # options each within their bounds can ask together for more than the
         # machine has (adding --steps 10000 --hidden 4096: 39 GiB at once)
@@ -148,5 +147,25 @@ def cli(argv=None):
         return 1
 
 
+def run_command():
+    """The ``fastrnn`` command: :func:`cli` with ``sys.argv``, its status the
+    process's. Ctrl-C ends it with one line, not a traceback, and by SIGINT
+    itself, as Python ends (so a shell loop around it stops too); output cut
+    short by a closed pipe (``fastrnn bench | head``) ends it quietly."""
+    try:
+        return cli()
+    except KeyboardInterrupt:
+        print("fastrnn: interrupted", file=sys.stderr)
+        if os.name == "posix":
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        return 130
+    except BrokenPipeError:
+        # the reader is gone: no more output, and none at exit (Python's
+        # flush of stdout would raise again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_command())

@@ -709,11 +709,13 @@ def build_parser(prog="fastrnn bench"):
                            help="comma-separated names of the cases to run, from the list "
                                 "below (default: every case)")
     result.add_argument("--repeats", type=_count_up_to(100_000), default=20, metavar="N",
-                        help="timed calls per library and case for inference (default 20); "
+                        help="timed calls per library and case for inference (default 20, "
+                             "at most 100,000); "
                              "half as many for a training step, a fifth for a heavy case, "
                              "at least 4")
     result.add_argument("--rounds", type=_count_up_to(100), default=1, metavar="N",
-                        help="processes per library and case (default 1), the libraries in "
+                        help="processes per library and case (default 1, at most 100), the "
+                             "libraries in "
                              "turn, their order rotated each round; each time printed is the "
                              "median over the rounds, each speed-up the median of the rounds' "
                              "own ratios (where the machine's speed drifts, every library then "

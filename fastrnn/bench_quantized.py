@@ -127,7 +127,10 @@ def measure(case_name, library, threads, repeats, output_path):
     case = next(c for c in bench.CASES if c.name == case_name)
     fastrnn.set_num_threads(threads)
     weight_mb = None
-    with threadpool_limits(threads, user_api="blas"), tempfile.TemporaryDirectory() as tmp:
+    # (its files in the bench's own temporary directory, the working one:
+    # a child killed when the bench is stopped cannot remove its own)
+    with threadpool_limits(threads, user_api="blas"), \
+            tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp:
         if library == "reference":
             state_dict, x = bench.case_data(case, "float64")
             try:
@@ -239,8 +242,8 @@ def main(args, cases):
         print("ORT-q: 7-bit weights (quantize_dynamic's reduce_range), as ONNX Runtime "
               "advises on a CPU without VNNI")
     peak = _int8_peak_line()
-    print("'-': a peer without that quantized layer (PyTorch's dynamic quantization has no "
-          "RNN; ONNX Runtime quantizes LSTM nodes only)")
+    print("'-': a peer not installed or without that quantized layer (PyTorch's dynamic "
+          "quantization has no RNN; ONNX Runtime quantizes LSTM nodes only)")
     print(f"{'case':<20}{'f32':>9}{'int8':>9}{'bf16':>9}{'torch-q':>9}{'ORT-q':>9}"
           f"{'int8/f32':>9}{'bf16/f32':>9}{'int8/peer':>10}{'peak':>9}{'int8/pk':>8}"
           f"{'peer/pk':>8}  {'f32 err':>17}  {'int8 err':>17}"

@@ -3,8 +3,10 @@ subcommand's own ``--help``. Nothing here trains a model or runs a benchmark:
 the heavy entry points are replaced by a function that fails the test."""
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -352,7 +354,14 @@ def test_a_plot_path_that_is_not_a_regular_file_is_refused_before_the_run(tmp_pa
     /dev/full (a device) passed it and failed after the run."""
     fifo = tmp_path / "loss.png"
     os.mkfifo(fifo)
-    status, out, err = run(["sunspots", "--plot", str(fifo)], capsys)
+    # (a reader after 10 s lets a check that opens the FIFO go on, to fail
+    # below, rather than hang)
+    watchdog = threading.Timer(10, lambda: os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)))
+    watchdog.start()
+    try:
+        status, out, err = run(["sunspots", "--plot", str(fifo)], capsys)
+    finally:
+        watchdog.cancel()
     assert status == 2 and out == ""
     assert f"--plot: {str(fifo)!r} is not a regular file" in err
     if os.path.exists("/dev/full"):
@@ -365,22 +374,40 @@ def test_a_plot_path_that_is_not_a_regular_file_is_refused_before_the_run(tmp_pa
 def test_a_plot_that_cannot_be_written_after_the_run_is_an_error_not_a_traceback(
         tmp_path, capsys, monkeypatch):
     """A failure to write the plot once the run is done (a full disk, a
-    directory removed meanwhile) ended in matplotlib's traceback."""
-    def full_disk(epochs, plot, seed):     # (main's plot written last, after the run)
+    directory removed meanwhile) ended in matplotlib's traceback. Only the
+    plot's own failure is reported so."""
+    def full_disk(history, path):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(sunspots, "main", full_disk)
+    monkeypatch.setattr(sunspots, "main", lambda epochs, plot, seed: (None, 0.0, 0.0))
+    monkeypatch.setattr(sunspots, "_save_plot", full_disk)
     path = str(tmp_path / "loss.png")
     status, out, err = run(["sunspots", "--epochs", "1", "--plot", path], capsys)
-    assert status == 1 and out == ""
+    assert (status, out) == (1, "")
     assert err == (f"fastrnn sunspots: error: cannot write the loss plot {path!r}: "
                    f"No space left on device\n")
 
+    def pipe_closed(epochs, plot, seed):    # (an OSError of the run, not of the plot)
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sunspots, "main", pipe_closed)
+    with pytest.raises(BrokenPipeError):
+        cli(["sunspots", "--epochs", "1", "--plot", path])
 
-def test_ctrl_c_ends_a_command_with_status_130_and_no_traceback(capsys, monkeypatch):
-    """Ctrl-C printed a 37-line KeyboardInterrupt traceback (the bench's child
-    and files were cleaned up: subprocess.run and the temporary directory)."""
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(adding_problem, "main", interrupted)
-    status, out, err = run(["adding", "--epochs", "1"], capsys)
-    assert (status, out, err) == (130, "", "fastrnn adding: interrupted\n")
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_ctrl_c_ends_the_command_by_sigint_with_one_line_and_no_traceback(tmp_path):
+    """Ctrl-C printed a 37-line KeyboardInterrupt traceback. The command now
+    says it was interrupted and ends by SIGINT itself, as Python does (so
+    that a shell loop around it stops too: a status of 130 would not)."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "fastrnn", "adding", "--epochs", "1000"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert command.stdout.readline().startswith("adding problem")   # training begun
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    assert command.returncode == -signal.SIGINT
+    assert err == "fastrnn: interrupted\n"

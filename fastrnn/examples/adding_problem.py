@@ -89,7 +89,7 @@ def cli(argv=None):
     parser.add_argument("--hidden", type=_cli.int_at_least(1, 4096), default=32,
                         help="hidden size (default 32)")
     parser.add_argument("--epochs", type=_cli.epochs, default=12,
-                        help="training epochs (default 12)")
+                        help="training epochs (default 12, at most 100,000)")
     parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and data (default 0)")
     args = parser.parse_args(argv)

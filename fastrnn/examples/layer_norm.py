@@ -86,7 +86,7 @@ def cli(argv=None):
     parser.add_argument("--hidden", type=_cli.int_at_least(1, 4096), default=32,
                         help="hidden size (default 32)")
     parser.add_argument("--epochs", type=_cli.epochs, default=8,
-                        help="training epochs (default 8)")
+                        help="training epochs (default 8, at most 100,000)")
     parser.add_argument("--kinds", default="LSTM", help="LSTM, GRU or LSTM,GRU (default LSTM)")
     parser.add_argument("--seeds", type=_cli.seed_list, default="0",
                         help="comma-separated seeds (default 0)")

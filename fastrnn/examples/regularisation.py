@@ -166,7 +166,7 @@ def cli(argv=None):
     parser.add_argument("--noise", type=_cli.float_in(0.0, 1e6, True), default=1.0,
                         help="standard deviation of the training targets' noise (default 1)")
     parser.add_argument("--epochs", type=_cli.epochs, default=40,
-                        help="training epochs (default 40)")
+                        help="training epochs (default 40, at most 100,000)")
     parser.add_argument("--rate", type=_cli.float_in(0.0, 1.0, False), default=0.5,
                         help="every regulariser's rate p, in (0, 1) (default 0.5)")
     parser.add_argument("--lr", type=_cli.float_in(0.0, float("inf"), False), default=3e-3,

@@ -89,18 +89,20 @@ def _save_plot(history, path):
 def cli(argv=None, prog="fastrnn sunspots"):
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=_cli.epochs, default=50,
-                        help="training epochs (default 50)")
+                        help="training epochs (default 50, at most 100,000)")
     parser.add_argument("--plot", type=_cli.writable_path, default="sunspots_loss.png",
                         help="where to save the loss plot, replacing a file there ('' for "
                              "none; default sunspots_loss.png in the current directory)")
     parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="random seed of the weights and shuffling (default 0)")
     args = parser.parse_args(argv)
-    try:
-        main(args.epochs, args.plot, args.seed)
-    except OSError as exc:    # the plot, checked before the run, not written after it
-        parser.exit(1, f"{prog}: error: cannot write the loss plot {args.plot!r}: "
-                       f"{exc.strerror or exc}\n")
+    history = main(args.epochs, "", args.seed)[0]
+    if args.plot:
+        try:
+            print(_save_plot(history, args.plot))
+        except OSError as exc:    # checked before the run, it could not be written after it
+            parser.exit(1, f"{prog}: error: cannot write the loss plot {args.plot!r}: "
+                           f"{exc.strerror or exc}\n")
 
 
 def demo_cli(argv=None):
