@@ -411,3 +411,22 @@ def test_ctrl_c_ends_the_command_by_sigint_with_one_line_and_no_traceback(tmp_pa
             command.wait()
     assert command.returncode == -signal.SIGINT
     assert err == "fastrnn: interrupted\n"
+
+
+def test_output_cut_short_by_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """`fastrnn bench | head -1`: the reader gone, printing raised
+    BrokenPipeError, a traceback (and another at exit, flushing stdout)."""
+    code = ("import sys\n"
+            "from fastrnn import __main__ as main\n"
+            "def cli():\n"
+            "    while True:\n"
+            "        print('a line of a long table' * 10)\n"
+            "main.cli = cli\n"
+            "sys.exit(main.run_command())\n")
+    reader = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.read(100)
+    reader.stdout.close()            # as head does after its first line
+    err = reader.stderr.read()
+    assert reader.wait(timeout=60) == 1
+    assert err == b""
