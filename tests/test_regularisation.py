@@ -69,7 +69,7 @@ def test_the_command_is_listed_and_refuses_bad_options(capsys, monkeypatch):
     assert "  regularise  example 5:" in capsys.readouterr().out
     for argv, message in [(["--rate", "0"], "--rate: expected a number in (0.0, 1.0)"),
                           (["--rate", "1"], "--rate: expected a number in (0.0, 1.0)"),
-                          (["--epochs", "0"], "--epochs: expected an integer >= 1"),
+                          (["--epochs", "0"], "--epochs: expected an integer from 1 to 100000"),
                           (["--steps", "1"], "--steps: expected an integer from 2 to 10000"),
                           (["--regularisers", "zoneout,dropconnect"],
                            "unknown regulariser 'dropconnect'"),
