@@ -182,13 +182,10 @@ def cli(argv=None):
         if name not in REGULARISERS or name == "none":
             parser.error(f"--regularisers: unknown regulariser {name!r} (expected "
                          + ", ".join(list(REGULARISERS)[1:]) + ")")
-    if len(set(names)) < len(names):    # as --seeds and layernorm's --kinds
-        parser.error(f"--regularisers: expected distinct regularisers, got "
-                     f"{args.regularisers!r}")
     seeds = args.seeds
     main(args.kind, args.hidden, args.steps, n_train=args.train, noise=args.noise,
          epochs=args.epochs, rate=args.rate, lr=args.lr,
-         regularisers=("none", *names), seeds=seeds)
+         regularisers=("none", *dict.fromkeys(names)), seeds=seeds)
 
 
 if __name__ == "__main__":
