@@ -75,6 +75,7 @@ import fastrnn
 from fastrnn import _parallel, _plan
 from fastrnn import _validation as v
 from fastrnn._kernels import forward as _forward
+from fastrnn.examples import _cli   # (the command lines' integer option types)
 
 Case = namedtuple("Case", "name cell B T D H layers bidirectional train heavy")
 
@@ -622,31 +623,10 @@ def ratio_field(value, width):
     return field(value, width - 1, ".2f") + "x"
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _count_up_to(maximum):
-    """A positive int at most ``maximum`` (--repeats, --rounds: a mistyped
-    10**30 ran for ever, 10**400 ended in a child's OverflowError)."""
-    def parse(text):
-        value = _positive_int(text)
-        if value > maximum:
-            raise argparse.ArgumentTypeError(f"expected at most {maximum:,}, got {text!r}")
-        return value
-    return parse
-
-
 def _thread_count(text):
     """--threads: 1 to fastrnn's cap (the peers and their BLAS are given the
     same count, which they may not cap)."""
-    value = _positive_int(text)
+    value = _cli.int_at_least(1)(text)
     if value > _parallel.MAX_THREADS:
         raise argparse.ArgumentTypeError(f"expected at most {_parallel.MAX_THREADS} (fastrnn's "
                                          f"thread cap), got {text!r}")
@@ -708,12 +688,12 @@ def build_parser(prog="fastrnn bench"):
     selection.add_argument("--cases", type=_case_names, metavar="NAMES",
                            help="comma-separated names of the cases to run, from the list "
                                 "below (default: every case)")
-    result.add_argument("--repeats", type=_count_up_to(100_000), default=20, metavar="N",
+    result.add_argument("--repeats", type=_cli.int_at_least(1, 100_000), default=20, metavar="N",
                         help="timed calls per library and case for inference (default 20, "
                              "at most 100,000); "
                              "half as many for a training step, a fifth for a heavy case, "
                              "at least 4")
-    result.add_argument("--rounds", type=_count_up_to(100), default=1, metavar="N",
+    result.add_argument("--rounds", type=_cli.int_at_least(1, 100), default=1, metavar="N",
                         help="processes per library and case (default 1, at most 100), the "
                              "libraries in "
                              "turn, their order rotated each round; each time printed is the "

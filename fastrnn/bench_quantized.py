@@ -275,12 +275,12 @@ def main(args, cases):
         weights = "/".join(f"{results[lib]['weight_mb']:.2f}" for lib in ("f32", "int8", "bf16"))
         peak_ms = bench.case_flops(case) / (peak * 1e9 * args.threads) * 1e3
         peer_peak = min(peer_ms) / peak_ms if peer_ms else float("nan")
-        field = bench.field
+        field, ratio_field = bench.field, bench.ratio_field
         print(f"{case.name:<20}"
               + "".join(field(ms(lib), 9) for lib in ("f32", "int8", "bf16", "torch-q", "ORT-q"))
-              + bench.ratio_field(speed, 9) + bench.ratio_field(speed_bf16, 9)
-              + bench.ratio_field(vs_peer, 10) + field(peak_ms, 9)
-              + f"{field(ms('int8') / peak_ms, 8, '.2f')}{field(peer_peak, 8, '.2f')}  "
+              + ratio_field(speed, 9) + ratio_field(speed_bf16, 9) + ratio_field(vs_peer, 10)
+              + field(peak_ms, 9) + field(ms("int8") / peak_ms, 8, ".2f")
+              + field(peer_peak, 8, ".2f") + "  "
               f"{err('f32'):>17}  {err('int8'):>17}  {err('bf16'):>17}  "
               f"{err('torch-q'):>17}  {err('ORT-q'):>17}  {weights:>21}", flush=True)
     for name, ratios in (("int8", own), ("bfloat16", own_bf16)):

@@ -157,19 +157,21 @@ class _CellBase(RecurrentEngine):
         return self._results(h, c, batched), _CellBackprop(self, Backprop(self, call, tape),
                                                             batched, B)
 
+    def _check_input_shape(self, shape):
+        """Refuse a call's input shape (before any conversion or copy: a
+        broadcast view of 2**31 rows is 4 bytes until copied)."""
+        owner, D = type(self).__name__, self._config["input_size"]
+        if len(shape) not in (1, 2) or shape[-1] != D:
+            raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
+                             f"got {shape_str(shape)}")
+        if len(shape) == 2 and shape[0] > v.BLAS_INT_MAX:
+            raise ValueError(f"{owner}: batch size {shape[0]} does not fit a 32-bit BLAS int")
+
     def _prepare(self, params, x, hx, own_copy=False):
         owner = type(self).__name__
         cfg = self._config
         dtype, D = cfg["dtype"], cfg["input_size"]
-        def check_shape(shape):
-            if len(shape) not in (1, 2) or shape[-1] != D:
-                raise ValueError(f"{owner}: expected input of shape (B, {D}) or ({D},), "
-                                 f"got {shape_str(shape)}")
-            if len(shape) == 2 and shape[0] > v.BLAS_INT_MAX:
-                raise ValueError(f"{owner}: batch size {shape[0]} does not fit a 32-bit BLAS "
-                                 f"int")
-
-        x = v.as_float_array(owner, "input", x, dtype, own_copy, check_shape)
+        x = v.as_float_array(owner, "input", x, dtype, own_copy, self._check_input_shape)
         batched = x.ndim == 2
         x = x.reshape(-1, D)
         B = x.shape[0]
